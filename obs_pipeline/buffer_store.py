@@ -1,0 +1,290 @@
+"""All Redis operations of the buffer and the drain, each one round trip and atomic.
+
+Ingest: queue entry, status, id cache, buffered record and overlays in one MULTI/EXEC.
+Drain: claim into a processing list under a lease (never pop-and-pray), acknowledge with a
+write fenced by that lease, remember committed batches by commit LSN until the replica has
+replayed them, then clean their caches in one Lua call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import redis
+
+from obs_pipeline.keys import SiteKeys
+
+REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
+
+# Claim: move up to N entries to the processing list (retries that are due first, then the
+# oldest of the buffer, from its right end), but only for the lease holder. A non-empty processing list is returned as it is: that batch was
+# claimed by a drain that did not acknowledge it (it crashed or lost its link) and is retried
+# first, in its original order.
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASE_LOST') end
+local held = redis.call('LRANGE', KEYS[2], 0, -1)
+if #held > 0 then return {1, held} end
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, v in ipairs(due) do
+  redis.call('ZREM', KEYS[4], v)
+  redis.call('LPUSH', KEYS[2], v)
+  out[#out + 1] = v
+end
+for i = #out + 1, tonumber(ARGV[2]) do
+  local v = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
+  if not v then break end
+  out[#out + 1] = v
+end
+return {0, out}
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Clean every committed batch whose commit LSN the replica has replayed (score <= ARGV[2]).
+# Each record of a batch: {"c": [[model, id], ...] created, "o": [[model, id], ...] overlaid,
+# "t": [tx_id, ...]}. Only the batch's own contributions are removed: another pending
+# transaction's overlay of the same record stays.
+_CLEAN_REPLICATED = """
+local prefix = ARGV[1]
+local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local ids = {}
+for _, raw in ipairs(done) do
+  local batch = cjson.decode(raw)
+  local touched = {}
+  for _, r in ipairs(batch.c) do
+    redis.call('DEL', prefix .. 'buffered:' .. r[1] .. ':' .. r[2], prefix .. 'cache:ids:' .. r[1] .. ':' .. r[2])
+    touched[#touched + 1] = r
+  end
+  for _, r in ipairs(batch.o) do
+    local key = prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]
+    local mark = '{"tx":' .. cjson.encode(r[3]) .. ','
+    for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
+      if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
+    end
+    touched[#touched + 1] = r
+  end
+  for _, r in ipairs(touched) do
+    if redis.call('EXISTS', prefix .. 'buffered:' .. r[1] .. ':' .. r[2]) == 0
+       and redis.call('EXISTS', prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]) == 0 then
+      redis.call('SREM', prefix .. 'index:' .. r[1], r[2])
+    end
+  end
+  for _, tx in ipairs(batch.t) do
+    local key = prefix .. 'transaction:' .. tx
+    local v = redis.call('GET', key)
+    if v then
+      v = string.gsub(v, '"status":"applied"', '"status":"replicated"', 1)
+      redis.call('SET', key, v, 'EX', ARGV[3])
+    end
+    ids[#ids + 1] = tx
+  end
+  redis.call('ZREM', KEYS[1], raw)
+end
+if #ids > 0 then
+  redis.call('HINCRBY', KEYS[2], 'replicated_total', #ids)
+  redis.call('PUBLISH', KEYS[3], cjson.encode({event = 'replicated', transaction_ids = ids}))
+end
+return {#done, ids}
+"""
+
+
+class LeaseLost(RuntimeError):
+    """Another drain owns the site now; this one must stop touching the processing list."""
+
+
+@dataclass
+class CacheWrites:
+    """What ingest writes beside the queue entry, built by the ingest module."""
+    created: list[tuple[str, str, str]] = field(default_factory=list)   # (model, id, record JSON)
+    overlays: list[tuple[str, str, str]] = field(default_factory=list)  # (model, id, overlay JSON)
+
+
+@dataclass
+class Claim:
+    entries: list[str]   # raw JSON, oldest first
+    reclaimed: bool      # left over by a drain that did not acknowledge it
+
+
+@dataclass
+class Outcome:
+    """What the drain decided for a claimed batch, written at acknowledgement."""
+    statuses: list[tuple[str, str]] = field(default_factory=list)       # (tx_id, status JSON)
+    applied_ids: list[str] = field(default_factory=list)
+    retry: list[tuple[float, str]] = field(default_factory=list)         # (due epoch, tx JSON)
+    dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
+    hold: dict[str, str] = field(default_factory=dict)    # created id -> holder tx ("!" + tx if dead)
+    release: list[str] = field(default_factory=list)      # created ids no longer held
+    cleanup: dict[str, list] = field(default_factory=lambda: {"c": [], "o": [], "t": []})
+    commit_lsn: int | None = None
+
+
+def overlay_entry(transaction_id: str, operation: str, data: dict[str, Any], step_id: str) -> str:
+    """A read-buffer list entry; starts with the transaction id so cleanup can find its own."""
+    return '{"tx":' + json.dumps(transaction_id) + ',' + json.dumps(
+        {"op": operation, "data": data, "step": step_id}, separators=(",", ":"))[1:]
+
+
+class BufferStore:
+    def __init__(self, client: redis.Redis, site: str):
+        self.redis = client
+        self.keys = SiteKeys(site)
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._clean = client.register_script(_CLEAN_REPLICATED)
+
+    # --- ingest -----------------------------------------------------------------------------
+    def buffer(self, transaction_id: str, tx_json: str, caches: CacheWrites) -> None:
+        """Queue entry, status and caches in one MULTI/EXEC: all of it or nothing."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lpush(k.buffer, tx_json)
+        pipe.set(k.transaction(transaction_id), tx_json)
+        for model, rid, record in caches.created:
+            pipe.set(k.cached_id(model, rid), record)
+            pipe.set(k.buffered(model, rid), record)
+            pipe.sadd(k.model_index(model), rid)
+        for model, rid, entry in caches.overlays:
+            pipe.rpush(k.read_buffer(model, rid), entry)
+            pipe.sadd(k.model_index(model), rid)
+        pipe.execute()
+
+    def status_json(self, transaction_id: str) -> str | None:
+        raw = self.redis.get(self.keys.transaction(transaction_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    # --- lease ------------------------------------------------------------------------------
+    def acquire_lease(self, ttl_s: float) -> str | None:
+        token = uuid.uuid4().hex
+        ok = self.redis.set(self.keys.lease, token, nx=True, px=int(ttl_s * 1000))
+        return token if ok else None
+
+    def renew_lease(self, token: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.keys.lease], args=[token, int(ttl_s * 1000)]))
+
+    def release_lease(self, token: str) -> None:
+        self._release(keys=[self.keys.lease], args=[token])
+
+    def lease_holder(self) -> str | None:
+        raw = self.redis.get(self.keys.lease)
+        return raw.decode() if raw else None
+
+    # --- drain ------------------------------------------------------------------------------
+    def claim(self, token: str, batch_size: int) -> Claim:
+        k = self.keys
+        try:
+            reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
+                                             args=[token, batch_size, time.time()])
+        except redis.ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
+            raise
+        entries = [e.decode() if isinstance(e, bytes) else e for e in entries]
+        if reclaimed:  # LRANGE of processing lists newest first
+            entries.reverse()
+        return Claim(entries=entries, reclaimed=bool(reclaimed))
+
+    def mark_processing(self, statuses: Iterable[tuple[str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for tx_id, tx_json in statuses:
+            pipe.set(self.keys.transaction(tx_id), tx_json)
+        pipe.execute()
+
+    def acknowledge(self, token: str, outcome: Outcome) -> None:
+        """After main committed: drop the processing list and record every outcome, atomically,
+        but only while this drain still holds the lease (else another drain owns the batch)."""
+        k = self.keys
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(k.lease)
+                held = pipe.get(k.lease)
+                if (held.decode() if held else None) != token:
+                    raise LeaseLost(f"the drain lease of site {k.site} expired before acknowledgement")
+                pipe.multi()
+                pipe.delete(k.processing)
+                applied_ids = outcome.applied_ids
+                for tx_id, status_json in outcome.statuses:
+                    pipe.set(k.transaction(tx_id), status_json)
+                if outcome.release:
+                    pipe.hdel(k.held_ids, *outcome.release)
+                if outcome.hold:
+                    pipe.hset(k.held_ids, mapping=outcome.hold)
+                for due, tx_json in outcome.retry:
+                    pipe.zadd(k.retry, {tx_json: due})
+                for _, failed_json in outcome.dead:
+                    pipe.lpush(k.failed, failed_json)
+                if outcome.commit_lsn is not None and any(outcome.cleanup.values()):
+                    record = dict(outcome.cleanup, at=time.time(), lsn=outcome.commit_lsn)
+                    pipe.zadd(k.awaiting_replication, {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
+                if applied_ids:
+                    pipe.hincrby(k.stats, "applied_total", len(applied_ids))
+                    pipe.hset(k.stats, "last_applied_at", time.time())
+                    pipe.publish(k.events, json.dumps({"event": "applied", "transaction_ids": applied_ids}))
+                if outcome.dead:
+                    pipe.hincrby(k.stats, "dead_lettered_total", len(outcome.dead))
+                pipe.execute()
+            except redis.WatchError:
+                raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
+
+    def clean_replicated(self, replay_lsn: int) -> list[str]:
+        """Clean caches of every committed batch the replica has replayed; returns their tx ids."""
+        k = self.keys
+        _, ids = self._clean(keys=[k.awaiting_replication, k.stats, k.events],
+                             args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S])
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    def awaiting_replication(self) -> tuple[int, int | None]:
+        """(batches not yet replayed, lowest commit LSN among them)."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(k.awaiting_replication)
+        pipe.zrange(k.awaiting_replication, 0, 0, withscores=True)
+        count, lowest = pipe.execute()
+        return count, int(lowest[0][1]) if lowest else None
+
+    # --- health -----------------------------------------------------------------------------
+    def depths(self) -> dict[str, Any]:
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(k.buffer)
+        pipe.llen(k.processing)
+        pipe.llen(k.failed)
+        pipe.zcard(k.retry)
+        pipe.zcard(k.awaiting_replication)
+        pipe.lindex(k.buffer, -1)
+        pipe.hgetall(k.stats)
+        buffer, processing, failed, retry, awaiting, oldest, stats = pipe.execute()
+        return {
+            "buffer": buffer, "processing": processing, "failed": failed, "retry": retry,
+            "awaiting_replication": awaiting, "oldest_entry": oldest,
+            "stats": {a.decode(): b.decode() for a, b in stats.items()},
+        }
+
+    def holders(self, ids: list[str]) -> dict[str, str]:
+        """Which of these ids are created by a transaction that is waiting to retry or dead."""
+        if not ids:
+            return {}
+        values = self.redis.hmget(self.keys.held_ids, ids)
+        return {i: v.decode() for i, v in zip(ids, values) if v is not None}
+
+    def has_work(self) -> bool:
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(k.buffer)
+        pipe.llen(k.processing)
+        pipe.zcard(k.awaiting_replication)
+        pipe.zcount(k.retry, "-inf", time.time())
+        return any(pipe.execute())

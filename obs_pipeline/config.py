@@ -1,0 +1,55 @@
+"""Settings from the environment, read when asked for, never at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or wrong; the message says which variable to set."""
+
+
+DEFAULT_SITE = "observatory"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MODELS = "obs_pipeline.models:Base"
+
+
+@dataclass(frozen=True)
+class Settings:
+    site: str = DEFAULT_SITE
+    redis_url: str = DEFAULT_REDIS_URL
+    main_db_url: str | None = None
+    replica_db_url: str | None = None
+    models: str = DEFAULT_MODELS
+    spool_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        settings = cls(
+            site=env.get("OBS_SITE") or DEFAULT_SITE,
+            redis_url=env.get("OBS_REDIS_URL") or DEFAULT_REDIS_URL,
+            main_db_url=env.get("OBS_MAIN_DB_URL") or None,
+            replica_db_url=env.get("OBS_REPLICA_DB_URL") or None,
+            models=env.get("OBS_MODELS") or DEFAULT_MODELS,
+            spool_dir=env.get("OBS_SPOOL_DIR") or None,
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    def require_main(self) -> str:
+        if not self.main_db_url:
+            raise ConfigError(
+                "OBS_MAIN_DB_URL is not set: the drain needs the main database "
+                "(e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
+            )
+        return self.main_db_url
+
+    def require_replica(self) -> str:
+        if not self.replica_db_url:
+            raise ConfigError(
+                "OBS_REPLICA_DB_URL is not set: replication tracking and smart queries need the "
+                "site's read replica (e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
+            )
+        return self.replica_db_url

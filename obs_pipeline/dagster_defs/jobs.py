@@ -1,0 +1,97 @@
+"""Job `drain_buffer`: drain batches while there is work (up to a time budget), then make sure
+everything committed is replayed by the replica and its caches are cleaned.
+
+Each batch is reported as an asset materialization of the main database; each replication
+pass as one of the site replica. Transient failures (main unreachable) surface as op retries
+with exponential backoff; a crashed run is retried by the instance's run retries.
+"""
+
+
+from dagster import (
+    AssetKey,
+    AssetMaterialization,
+    Backoff,
+    Config,
+    Jitter,
+    OpExecutionContext,
+    RetryPolicy,
+    RetryRequested,
+    in_process_executor,
+    job,
+    op,
+)
+
+from obs_pipeline.apply import TransientError
+from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.drain import BatchReport, DrainBusy, DrainConfig
+
+SITE_TAG = "obs_pipeline/site"
+MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
+REPLICA_ASSET = AssetKey(["obs_pipeline", "site_replica"])
+TRANSIENT_RETRIES = 8
+
+
+class DrainRunConfig(Config):
+    budget_s: float = 120.0
+    batch_size: int = 500
+    lease_ttl_s: float = 60.0
+    replication_timeout_s: float = 10.0
+    retry_base_s: float = 5.0
+
+
+def _drain_config(config: DrainRunConfig) -> DrainConfig:
+    return DrainConfig(batch_size=config.batch_size, lease_ttl_s=config.lease_ttl_s,
+                       replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s)
+
+
+def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
+    meta = {"site": site, **{k: v for k, v in report.metadata().items() if not isinstance(v, dict)}}
+    meta["rows_per_model"] = report.rows_per_model
+    if report.writes_after_fold:
+        meta["fold_ratio"] = round(report.writes_before_fold / report.writes_after_fold, 3)
+    asset = MAIN_ASSET if report.transactions else REPLICA_ASSET
+    context.log_event(AssetMaterialization(asset_key=asset, metadata=meta,
+                                           description=f"{report.applied} applied, {report.replicated} replicated"))
+    for dead in report.dead_lettered:
+        context.log.warning(f"dead-lettered {dead['transaction_id']}: {dead['reason']}")
+
+
+@op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
+def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
+    """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
+    drain = obs_pipeline.drain(_drain_config(config))
+    site = drain.settings.site
+
+    def on_transient(error: str, backoff: float) -> None:
+        raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=min(2 ** context.retry_number, 60)) \
+            from TransientError(error)
+
+    try:
+        summary = drain.run(until_empty=True, budget_s=config.budget_s, lease_wait_s=config.lease_ttl_s,
+                            on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
+    except DrainBusy as busy:
+        context.log.info(str(busy))
+        return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease"}
+    finally:
+        drain.close()
+    context.log.info(f"drained {summary.applied} transactions in {summary.batches} batches "
+                     f"({summary.stopped_because})")
+    return summary.__dict__
+
+
+@op
+def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline: ObsPipelineResource) -> None:
+    """Record how far the replica is behind, for the UI."""
+    store = obs_pipeline.buffer_store()
+    depths = store.depths()
+    context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata={
+        "site": store.keys.site,
+        "awaiting_replication_batches": depths["awaiting_replication"],
+        "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
+        "applied_this_run": drained.get("applied", 0),
+    }))
+
+
+@job(executor_def=in_process_executor, tags={"obs_pipeline/kind": "drain"})
+def drain_buffer():
+    report_replication(drain_batches())

@@ -1,0 +1,37 @@
+"""One ConfigurableResource for the pipeline's external systems.
+
+Every field falls back to the OBS_* environment variables when left unset, read when a run
+or sensor asks, so `defs` loads on a machine where nothing is configured yet.
+"""
+
+
+from typing import Optional
+
+import redis
+from dagster import ConfigurableResource
+
+from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.config import Settings
+from obs_pipeline.drain import Drain, DrainConfig
+
+
+class ObsPipelineResource(ConfigurableResource):
+    """The site's Redis buffer, the main database and the site replica."""
+
+    site: Optional[str] = None
+    redis_url: Optional[str] = None
+    main_db_url: Optional[str] = None
+    replica_db_url: Optional[str] = None
+    models: Optional[str] = None
+
+    def settings(self) -> Settings:
+        return Settings.from_env(site=self.site, redis_url=self.redis_url, main_db_url=self.main_db_url,
+                                 replica_db_url=self.replica_db_url, models=self.models)
+
+    def buffer_store(self) -> BufferStore:
+        settings = self.settings()
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        return BufferStore(client, settings.site)
+
+    def drain(self, config: DrainConfig) -> Drain:
+        return Drain(self.settings(), config)

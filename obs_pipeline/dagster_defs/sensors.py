@@ -1,0 +1,27 @@
+"""Sensor `buffer_sensor`: launches `drain_buffer` when the site has work and no drain run is
+in flight for it (the run queue's per-site limit and the drain lease back this up)."""
+
+
+from dagster import DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
+
+from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
+from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+
+IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+             DagsterRunStatus.STARTED]
+
+
+@sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
+def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
+    store = obs_pipeline.buffer_store()
+    try:
+        if not store.has_work():
+            return SkipReason(f"site {store.keys.site}: buffer empty, nothing awaiting replication")
+    finally:
+        store.redis.close()
+    site = store.keys.site
+    running = context.instance.get_run_records(
+        filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT, tags={SITE_TAG: site}), limit=1)
+    if running:
+        return SkipReason(f"site {site}: drain run {running[0].dagster_run.run_id} is in flight")
+    return RunRequest(tags={SITE_TAG: site})

@@ -1,0 +1,323 @@
+"""The drain as plain functions: claim -> apply -> acknowledge -> await replay -> clean.
+
+Used by the Dagster job and by `obs-pipeline drain`. One drain per site holds the lease;
+a claimed batch stays in the processing list until main has committed it, so a drain that
+dies leaves it to the next one, which skips what already committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from obs_pipeline.apply import MainDatabase, ReplicaDatabase, TransientError, int_to_lsn, make_engine
+from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
+from obs_pipeline.config import Settings
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.wire import Transaction, created_ids, referenced_ids, validate
+
+log = logging.getLogger("obs_pipeline.drain")
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    batch_size: int = 500
+    lease_ttl_s: float = 60.0
+    replication_timeout_s: float = 10.0   # per batch; on timeout caches stay, a later pass cleans
+    idle_poll_s: float = 0.2
+    backoff_initial_s: float = 0.5        # transient errors: pause, retry the same batch
+    backoff_max_s: float = 30.0
+    retry_base_s: float = 5.0             # permanent errors: 5 s, 10 s, 20 s ... (+ jitter)
+
+
+@dataclass
+class BatchReport:
+    transactions: int = 0
+    applied: int = 0
+    already_applied: int = 0
+    retried: int = 0
+    held: int = 0
+    dead_lettered: list[dict[str, Any]] = field(default_factory=list)
+    reclaimed: bool = False
+    rows_per_model: dict[str, int] = field(default_factory=dict)
+    writes_before_fold: int = 0
+    writes_after_fold: int = 0
+    round_trips: int = 0
+    commit_lsn: str | None = None
+    replay_lsn: str | None = None
+    replicated: int = 0
+    replication_wait_s: float = 0.0
+    duration_s: float = 0.0
+
+    def metadata(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "dead_lettered"} | {
+            "dead_lettered": len(self.dead_lettered)}
+
+
+@dataclass
+class DrainSummary:
+    batches: int = 0
+    applied: int = 0
+    dead_lettered: int = 0
+    replicated: int = 0
+    transient_errors: int = 0
+    stopped_because: str = ""
+
+
+class DrainBusy(RuntimeError):
+    """Another drain holds the site's lease."""
+
+
+class Drain:
+    def __init__(self, settings: Settings, config: DrainConfig = DrainConfig()):
+        self.settings = settings
+        self.config = config
+        self.registry = ModelRegistry.from_path(settings.models)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self.store = BufferStore(self.redis, settings.site)
+        self.main = MainDatabase(make_engine(settings.require_main()), self.registry, settings.site)
+        self.replica = ReplicaDatabase(make_engine(settings.require_replica()))
+        self.token: str | None = None
+
+    def close(self) -> None:
+        if self.token:
+            self.store.release_lease(self.token)
+            self.token = None
+        self.main.engine.dispose()
+        self.replica.engine.dispose()
+        self.redis.close()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self, *, until_empty: bool = True, budget_s: float | None = None, lease_wait_s: float = 0.0,
+            on_batch: Callable[[BatchReport], None] | None = None,
+            on_transient: Callable[[str, float], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> DrainSummary:
+        """Drain until the buffer is empty (`until_empty`), the budget is spent, or asked to stop."""
+        summary = DrainSummary()
+        start = time.monotonic()
+        self.acquire(lease_wait_s)
+        backoff = self.config.backoff_initial_s
+        try:
+            while True:
+                if should_stop():
+                    summary.stopped_because = "asked to stop"
+                    break
+                if budget_s is not None and time.monotonic() - start >= budget_s:
+                    summary.stopped_because = "time budget spent"
+                    break
+                try:
+                    report = self.step()
+                except TransientError as error:
+                    summary.transient_errors += 1
+                    log.warning("main unreachable (%s); retrying the same batch in %.1f s", error, backoff)
+                    if on_transient:
+                        on_transient(str(error), backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.backoff_max_s)
+                    continue
+                backoff = self.config.backoff_initial_s
+                if report is None:
+                    if until_empty and self._settled():
+                        summary.stopped_because = "buffer empty"
+                        break
+                    time.sleep(self.config.idle_poll_s)
+                    continue
+                summary.batches += 1
+                summary.applied += report.applied
+                summary.dead_lettered += len(report.dead_lettered)
+                summary.replicated += report.replicated
+                if on_batch:
+                    on_batch(report)
+        finally:
+            if self.token:
+                self.store.release_lease(self.token)
+                self.token = None
+        return summary
+
+    def acquire(self, wait_s: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.token = self.store.acquire_lease(self.config.lease_ttl_s)
+            if self.token:
+                return
+            if time.monotonic() >= deadline:
+                raise DrainBusy(f"another drain holds the lease of site {self.settings.site!r} "
+                                f"(key {self.store.keys.lease}); it expires {self.config.lease_ttl_s:.0f} s "
+                                "after that drain stops renewing it")
+            time.sleep(0.5)
+
+    def _settled(self) -> bool:
+        """Nothing left to claim now, and nothing committed waits for the replica."""
+        depths = self.store.depths()
+        due = self.redis.zcount(self.store.keys.retry, "-inf", time.time())
+        return not (depths["buffer"] or depths["processing"] or due or depths["awaiting_replication"])
+
+    # --- one batch ----------------------------------------------------------------------------
+    def step(self) -> BatchReport | None:
+        """One cycle; None when there was nothing to claim and nothing to clean."""
+        if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
+            self.token = None
+            self.acquire()
+        began = time.monotonic()
+        claim = self.store.claim(self.token, self.config.batch_size)
+        if not claim.entries:
+            cleaned = self._clean(wait_for=None)
+            if not cleaned[1]:
+                return None
+            return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
+                               duration_s=time.monotonic() - began)
+        report = BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed)
+        outcome = Outcome()
+        txs = self._parse(claim.entries, outcome, report)
+        txs = self._hold_dependents(txs, outcome, report)
+        self.store.mark_processing((t.transaction_id, _status_json(t, "processing")) for t in txs)
+        result = self.main.apply_batch(txs)
+        self._record_result(result, outcome, report)
+        self.store.acknowledge(self.token, outcome)
+        if outcome.commit_lsn is not None:
+            wait_began = time.monotonic()
+            replay, ids = self._clean(wait_for=outcome.commit_lsn)
+            report.replication_wait_s = time.monotonic() - wait_began
+            report.replay_lsn, report.replicated = replay, len(ids)
+        report.duration_s = time.monotonic() - began
+        return report
+
+    def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
+        """The buffer is a trust boundary: anything malformed is dead-lettered with the reason."""
+        txs, seen = [], set()
+        for raw in entries:
+            try:
+                tx = validate(Transaction.from_json(raw), self.registry)
+            except InvalidTransaction as error:
+                tx_id = _guess_id(raw)
+                entry = _failed_entry(raw, str(error), kind="invalid")
+                outcome.dead.append((tx_id, entry))
+                if tx_id:
+                    outcome.statuses.append((tx_id, entry))
+                report.dead_lettered.append({"transaction_id": tx_id, "reason": str(error)})
+                continue
+            if tx.transaction_id in seen:  # pushed twice: apply once
+                continue
+            seen.add(tx.transaction_id)
+            txs.append(tx)
+        return txs
+
+    def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
+        """A transaction that uses an id created by one waiting to retry waits behind it; behind a
+        dead-lettered one it is dead-lettered too, as blocked."""
+        refs = sorted({i for t in txs for i in referenced_ids(t)})
+        holders = self.store.holders(refs)
+        if not holders:
+            return txs
+        ready = []
+        for tx in txs:
+            holder = next((holders[i] for i in referenced_ids(tx) if i in holders), None)
+            if holder is None or holder.lstrip("!") == tx.transaction_id:
+                ready.append(tx)
+                continue
+            created = created_ids(tx)
+            if holder.startswith("!"):
+                self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
+                holders.update(dict.fromkeys(created, "!" + tx.transaction_id))
+            else:
+                outcome.retry.append((time.time() + 1.0, tx.to_json()))
+                outcome.hold.update(dict.fromkeys(created, tx.transaction_id))
+                holders.update(dict.fromkeys(created, tx.transaction_id))
+                report.held += 1
+        return ready
+
+    def _record_result(self, result, outcome: Outcome, report: BatchReport) -> None:
+        done = result.applied + result.already_applied
+        for tx in done:
+            outcome.statuses.append((tx.transaction_id, _status_json(tx, "applied")))
+            outcome.applied_ids.append(tx.transaction_id)
+            outcome.release.extend(created_ids(tx))
+            _add_cleanup(outcome, tx, self.registry)
+        outcome.commit_lsn = result.commit_lsn
+        dead_now: dict[str, str] = {}
+        for tx, reason in result.failed:
+            blocker = reason.removeprefix("blocked by ") if reason.startswith("blocked by ") else None
+            if blocker and blocker in dead_now or (not blocker and tx.retry_count >= tx.max_retries):
+                self._dead_letter(tx, reason, outcome, report, kind="blocked" if blocker else "permanent")
+                dead_now[tx.transaction_id] = reason
+                continue
+            if not blocker:
+                tx.retry_count += 1
+                delay = self.config.retry_base_s * 2 ** (tx.retry_count - 1) * random.uniform(0.8, 1.2)
+            else:
+                delay = self.config.retry_base_s  # behind its blocker, without spending a retry
+            tx.metadata = {**tx.metadata, "last_error": reason}
+            outcome.retry.append((time.time() + delay, tx.to_json()))
+            outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))
+            outcome.hold.update(dict.fromkeys(created_ids(tx), tx.transaction_id))
+            report.retried += 1
+        report.applied = len(result.applied)
+        report.already_applied = len(result.already_applied)
+        report.rows_per_model = result.rows_per_model
+        report.writes_before_fold, report.writes_after_fold = result.writes_before_fold, result.writes_after_fold
+        report.round_trips = result.round_trips
+        report.commit_lsn = int_to_lsn(result.commit_lsn) if result.commit_lsn is not None else None
+
+    def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str) -> None:
+        entry = _failed_entry(tx.to_dict(), reason, kind=kind)
+        outcome.dead.append((tx.transaction_id, entry))
+        outcome.statuses.append((tx.transaction_id, entry))
+        outcome.hold.update(dict.fromkeys(created_ids(tx), "!" + tx.transaction_id))
+        report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
+
+    def _clean(self, wait_for: int | None) -> tuple[str | None, list[str]]:
+        """Wait (bounded) for the replica to replay `wait_for`, then clean what it has replayed."""
+        count, lowest = self.store.awaiting_replication()
+        if not count:
+            return None, []
+        if wait_for is not None:
+            replay = self.replica.wait_for_replay(wait_for, self.config.replication_timeout_s)
+        else:
+            try:
+                replay = self.replica.replay_lsn()
+            except Exception as error:  # replica down: caches stay, a later pass cleans
+                log.warning("replica unreachable (%s); caches kept", error)
+                replay = None
+        if replay is None or replay < lowest:
+            return (int_to_lsn(replay) if replay is not None else None), []
+        return int_to_lsn(replay), self.store.clean_replicated(replay)
+
+
+def _add_cleanup(outcome: Outcome, tx: Transaction, registry: ModelRegistry) -> None:
+    outcome.cleanup["t"].append(tx.transaction_id)
+    for step in tx.steps:
+        spec = registry.model(step.model_class)
+        if step.operation in ("create", "bulk_create"):
+            outcome.cleanup["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
+        else:
+            outcome.cleanup["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
+
+
+def _status_json(tx: Transaction, status: str) -> str:
+    tx.status = status
+    return tx.to_json()
+
+
+def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
+    now = time.time()
+    doc = dict(tx) if isinstance(tx, dict) else {"raw": tx}
+    doc["status"] = "failed"
+    doc["failure"] = {"reason": reason, "kind": kind, "attempts": doc.get("retry_count", 0) + 1
+                      if isinstance(doc.get("retry_count"), int) else 1,
+                      "failed_at": now, "first_failed_at": doc.get("metadata", {}).get("first_failed_at", now)
+                      if isinstance(doc.get("metadata"), dict) else now}
+    return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+def _guess_id(raw: str) -> str | None:
+    try:
+        tx_id = json.loads(raw).get("transaction_id")
+    except (ValueError, AttributeError):
+        return None
+    return tx_id if isinstance(tx_id, str) and 0 < len(tx_id) <= 200 else None

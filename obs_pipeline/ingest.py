@@ -1,0 +1,210 @@
+"""What observing scripts import: build a transaction, validate it, buffer it in Redis.
+
+    buf = TransactionBuffer.from_env()
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {...})          # obs["id"] is usable at once
+    buf.wait(tx.transaction_id, until="replicated")
+
+Leaving the block validates the whole transaction and buffers it atomically, in one round
+trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
+from obs_pipeline.config import Settings
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.query import SmartQuery
+from obs_pipeline.spool import Spool
+from obs_pipeline.wire import STATUSES, Step, Transaction, new_transaction, normalize_values, record_id, validate
+
+__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction"]
+
+_ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
+
+
+class TransactionBuilder:
+    """One buffered transaction under construction; `tx` in `with buf.transaction() as tx`."""
+
+    def __init__(self, buffer: "TransactionBuffer", endpoint: str, metadata: dict[str, Any] | None):
+        self._buffer = buffer
+        self._tx = new_transaction(endpoint, buffer.site, buffer.max_retries, metadata)
+        self._created: dict[str, str] = {}  # id -> step_id that creates it
+        self.committed = False
+
+    @property
+    def transaction_id(self) -> str:
+        return self._tx.transaction_id
+
+    def create(self, model: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Add a create step; returns the record with its pre-generated id."""
+        return self._add_creates("create", model, [data])[0]
+
+    def bulk_create(self, model: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not isinstance(rows, list) or not rows:
+            raise InvalidTransaction(f"bulk_create of {model} needs a non-empty list of rows")
+        return self._add_creates("bulk_create", model, rows)
+
+    def update(self, model: str, record_id_: Any, values: dict[str, Any]) -> None:
+        spec = self._buffer.registry.model(model)
+        rid = self._existing_id(spec.name, record_id_)
+        data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}")
+        if not data:
+            raise InvalidTransaction(f"update of {model} {rid} sets no column")
+        self._add_step("update", spec.name, data, {spec.primary_key: rid})
+
+    def delete(self, model: str, record_id_: Any) -> None:
+        spec = self._buffer.registry.model(model)
+        rid = self._existing_id(spec.name, record_id_)
+        self._add_step("delete", spec.name, {}, {spec.primary_key: rid})
+
+    # --- internals ----------------------------------------------------------------------------
+    def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
+        spec = self._buffer.registry.model(model)
+        out = []
+        for row in rows:
+            row = dict(_as_dict(row, model))
+            if spec.generated_id and row.get(spec.primary_key) is None:
+                row[spec.primary_key] = str(uuid.uuid4())
+            out.append(normalize_values(spec, row, creating=True, where=f"create of {model}"))
+        step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
+        for row in out:
+            self._created[str(row[spec.primary_key])] = step.step_id
+        return [dict(r) for r in out]
+
+    def _add_step(self, operation: str, model: str, data: Any, conditions: dict[str, Any]) -> Step:
+        used = list(conditions.values())
+        for row in data if isinstance(data, list) else [data]:
+            used.extend(row.values())
+        deps = sorted({self._created[str(v)] for v in used if str(v) in self._created})
+        step = Step(step_id=f"step{len(self._tx.steps) + 1}", operation=operation, model_class=model,
+                    data=data, conditions=conditions, dependencies=deps)
+        self._tx.steps.append(step)
+        return step
+
+    def _existing_id(self, model: str, value: Any) -> Any:
+        spec = self._buffer.registry.model(model)
+        rid = record_id(spec, value, f"{model} id")
+        if str(rid) not in self._created:
+            self._buffer._require_exists(model, rid)
+        return rid
+
+    def _commit(self) -> None:
+        if not self._tx.steps:
+            raise InvalidTransaction(f"transaction {self.transaction_id} ({self._tx.endpoint}) has no steps")
+        validate(self._tx, self._buffer.registry)
+        self._buffer._buffer_transaction(self._tx)
+        self.committed = True
+
+    def __enter__(self) -> "TransactionBuilder":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._commit()
+
+
+class TransactionBuffer:
+    def __init__(self, redis_url: str | None = None, site: str | None = None, replica_url: str | None = None,
+                 *, models: str | None = None, max_retries: int = 3, spool_dir: str | None = None,
+                 settings: Settings | None = None):
+        settings = settings or Settings.from_env(redis_url=redis_url, site=site, replica_db_url=replica_url,
+                                                 models=models, spool_dir=spool_dir)
+        self.settings = settings
+        self.site = settings.site
+        self.max_retries = max_retries
+        self.registry = ModelRegistry.from_path(settings.models)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.store = BufferStore(self.redis, self.site)
+        self.spool = Spool(settings.spool_dir, self.site)
+        self.query = SmartQuery(self.store, self.registry, settings.replica_db_url)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "TransactionBuffer":
+        return cls(**overrides)
+
+    def close(self) -> None:
+        self.query.close()
+        self.redis.close()
+
+    # --- writing ------------------------------------------------------------------------------
+    def transaction(self, endpoint: str = "transaction", metadata: dict[str, Any] | None = None) -> TransactionBuilder:
+        return TransactionBuilder(self, endpoint, metadata)
+
+    def update(self, model: str, record_id_: Any, values: dict[str, Any], endpoint: str = "update") -> str:
+        with self.transaction(endpoint=endpoint) as tx:
+            tx.update(model, record_id_, values)
+        return tx.transaction_id
+
+    def delete(self, model: str, record_id_: Any, endpoint: str = "delete") -> str:
+        with self.transaction(endpoint=endpoint) as tx:
+            tx.delete(model, record_id_)
+        return tx.transaction_id
+
+    def _buffer_transaction(self, tx: Transaction) -> None:
+        tx_json = tx.to_json()
+        caches = CacheWrites()
+        for step in tx.steps:
+            spec = self.registry.model(step.model_class)
+            if step.operation in ("create", "bulk_create"):
+                for row in step.records():
+                    caches.created.append((spec.name, str(row[spec.primary_key]),
+                                           json.dumps(row, separators=(",", ":"))))
+            else:
+                caches.overlays.append((spec.name, str(step.conditions[spec.primary_key]),
+                                        overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))
+        self.spool.buffer(self.store, tx.transaction_id, tx_json, caches)
+
+    # --- reading ------------------------------------------------------------------------------
+    def status(self, transaction_id: str) -> str | None:
+        raw = self.store.status_json(transaction_id)
+        if raw is None:
+            return "pending" if self.spool.holds(transaction_id) else None
+        try:
+            return json.loads(raw).get("status")
+        except ValueError:
+            return None
+
+    def wait(self, transaction_id: str, until: str = "replicated", timeout: float = 30.0) -> bool:
+        """True once the transaction reached `until` (or later); False on timeout or failure."""
+        if until not in _ORDER:
+            raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            status = self.status(transaction_id)
+            if status in _ORDER and _ORDER[status] >= _ORDER[until]:
+                return True
+            if status == "failed" or time.monotonic() >= deadline:
+                return False
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    def get(self, model: str, record_id_: Any) -> dict[str, Any] | None:
+        return self.query.get(model, record_id_)
+
+    def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self.query.search(model, filters or {})
+
+    def search_frame(self, model: str, filters: dict[str, Any] | None = None):
+        """`search` as a pandas DataFrame (pandas is imported only here)."""
+        return self.query.search_frame(model, filters or {})
+
+    def _require_exists(self, model: str, rid: Any) -> None:
+        if self.settings.replica_db_url is None:
+            return  # cannot know without a replica; the drain will tell
+        if self.query.get(model, rid) is None:
+            raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
+
+
+def _as_dict(value: Any, model: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidTransaction(f"{model} values must be a dict, not {type(value).__name__}")
+    return value

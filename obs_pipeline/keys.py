@@ -1,0 +1,90 @@
+"""Every Redis key the pipeline uses, in one place.
+
+The first six names are fixed by the contract (shared with the existing producer and with
+operators' shells); the rest are this project's own and are listed in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    site: str
+
+    @property
+    def prefix(self) -> str:
+        return f"site:{self.site}:"
+
+    # --- contract (seed 000 / 001 layout) -------------------------------------------------
+    @property
+    def buffer(self) -> str:
+        """List: producers LPUSH transaction JSON, the drain claims from the right."""
+        return f"{self.prefix}transaction_buffer"
+
+    def transaction(self, transaction_id: str) -> str:
+        """String: the transaction JSON with its current `status`."""
+        return f"{self.prefix}transaction:{transaction_id}"
+
+    def cached_id(self, model: str, record_id: str) -> str:
+        return f"{self.prefix}cache:ids:{model}:{record_id}"
+
+    def buffered(self, model: str, record_id: str) -> str:
+        """String: the record as created by a buffered transaction."""
+        return f"{self.prefix}buffered:{model}:{record_id}"
+
+    def read_buffer(self, model: str, record_id: str) -> str:
+        """Hash: transaction_id -> pending update/delete of the record by that transaction."""
+        return f"{self.prefix}read_buffer:{model}:{record_id}"
+
+    @property
+    def failed(self) -> str:
+        """List: dead-lettered transaction JSON with `failure` details."""
+        return f"{self.prefix}failed_transactions"
+
+    # --- this project's own ---------------------------------------------------------------
+    @property
+    def processing(self) -> str:
+        """List: the batch the lease holder has claimed and not yet committed."""
+        return f"{self.prefix}processing"
+
+    @property
+    def lease(self) -> str:
+        """String with PX expiry: token of the drain that owns the site."""
+        return f"{self.prefix}drain_lease"
+
+    @property
+    def awaiting_replication(self) -> str:
+        """Sorted set: committed batches scored by commit LSN, until the replica replays them."""
+        return f"{self.prefix}awaiting_replication"
+
+    @property
+    def retry(self) -> str:
+        """Sorted set: transactions that failed permanently, scored by next attempt time."""
+        return f"{self.prefix}retry"
+
+    @property
+    def held_ids(self) -> str:
+        """Hash: id -> transaction that creates it and is waiting to retry ("!" + id if dead-lettered).
+        Transactions that use such an id are held back behind it."""
+        return f"{self.prefix}held_ids"
+
+    def model_index(self, model: str) -> str:
+        """Set: ids of records of `model` with buffered state (creates or overlays)."""
+        return f"{self.prefix}index:{model}"
+
+    @property
+    def stats(self) -> str:
+        """Hash: drain counters and last-run facts for `obs-pipeline status`."""
+        return f"{self.prefix}stats"
+
+    @property
+    def sequence(self) -> str:
+        """Counter: orders overlays of one record across ingest processes."""
+        return f"{self.prefix}sequence"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: `applied` / `replicated` announcements, published after commit."""
+        return f"{self.prefix}events"

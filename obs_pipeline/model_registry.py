@@ -1,0 +1,250 @@
+"""Which models may be written, and how each column's values are checked and converted.
+
+Built once from the declarative base named by `OBS_MODELS`. Ingest uses it to reject bad
+input before anything is buffered; the drain uses it again on whatever it reads from Redis
+(a trust boundary) and to turn JSON values into bound parameters. Nothing from a payload
+ever becomes SQL text: only mapped tables and columns found here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.sql import sqltypes
+
+
+class InvalidTransaction(ValueError):
+    """Bad input: nothing was buffered (at ingest) or the transaction is dead-lettered (drain)."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "json" | "any"
+    required: bool  # must be given on create
+    primary_key: bool
+    foreign_key: str | None  # "table.column" it references
+
+    def check(self, value: Any) -> Any:
+        """Return the JSON form of `value`, or raise ValueError saying what is wrong."""
+        if value is None:
+            if self.required or self.primary_key:
+                raise ValueError("may not be null")
+            return None
+        return _TO_JSON[self.kind](value)
+
+    def to_python(self, value: Any) -> Any:
+        """JSON form -> the Python value bound to the statement."""
+        if value is None:
+            return None
+        return _TO_PYTHON[self.kind](value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    table: sa.Table
+    columns: dict[str, ColumnSpec]
+    primary_key: str
+    generated_id: bool  # uuid primary key: ingest pre-generates it
+
+    def column(self, name: str) -> ColumnSpec:
+        try:
+            return self.columns[name]
+        except KeyError:
+            raise InvalidTransaction(
+                f"{self.name} has no column {name!r} (columns: {', '.join(self.columns)})"
+            ) from None
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData):
+        self.models = models
+        self.metadata = metadata
+        self.table_order = {t.name: i for i, t in enumerate(metadata.sorted_tables)}
+
+    @classmethod
+    def from_base(cls, base: Any) -> "ModelRegistry":
+        models = {}
+        for mapper in base.registry.mappers:
+            table = mapper.local_table
+            if not isinstance(table, sa.Table) or len(table.primary_key.columns) != 1:
+                continue
+            models[mapper.class_.__name__] = _model_spec(mapper.class_.__name__, table)
+        return cls(models, base.metadata)
+
+    @classmethod
+    def from_path(cls, path: str) -> "ModelRegistry":
+        """`module:Base`, as in OBS_MODELS."""
+        module_name, _, attr = path.partition(":")
+        if not module_name or not attr:
+            raise InvalidTransaction(f"OBS_MODELS={path!r} is not of the form module:Base")
+        try:
+            base = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidTransaction(f"OBS_MODELS={path!r} cannot be loaded: {exc}") from exc
+        return cls.from_base(base)
+
+    def model(self, name: Any) -> ModelSpec:
+        spec = self.models.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise InvalidTransaction(
+                f"unknown model {name!r} (known: {', '.join(sorted(self.models))})"
+            )
+        return spec
+
+    def model_for_table(self, table_name: str) -> ModelSpec | None:
+        for spec in self.models.values():
+            if spec.table.name == table_name:
+                return spec
+        return None
+
+
+def _model_spec(name: str, table: sa.Table) -> ModelSpec:
+    columns = {}
+    for column in table.columns:
+        kind = _kind(column.type)
+        has_default = column.default is not None or column.server_default is not None
+        fk = next(iter(column.foreign_keys), None)
+        columns[column.key] = ColumnSpec(
+            name=column.key,
+            kind=kind,
+            required=not column.nullable and not has_default and not column.primary_key,
+            primary_key=column.primary_key,
+            foreign_key=fk.target_fullname if fk is not None else None,
+        )
+    pk = next(iter(table.primary_key.columns))
+    return ModelSpec(
+        name=name,
+        table=table,
+        columns=columns,
+        primary_key=pk.key,
+        generated_id=columns[pk.key].kind == "uuid",
+    )
+
+
+def _kind(type_: sqltypes.TypeEngine) -> str:
+    if isinstance(type_, sqltypes.Uuid) or type(type_).__name__ == "UUID":
+        return "uuid"
+    if isinstance(type_, sqltypes.Boolean):
+        return "bool"
+    if isinstance(type_, sqltypes.Integer):
+        return "int"
+    if isinstance(type_, (sqltypes.Float, sqltypes.Numeric)):
+        return "float"
+    if isinstance(type_, sqltypes.DateTime):
+        return "datetime"
+    if isinstance(type_, sqltypes.Date):
+        return "date"
+    if isinstance(type_, sqltypes.String):
+        return "str"
+    if isinstance(type_, sqltypes.JSON):
+        return "json"
+    return "any"
+
+
+# --- value conversion ---------------------------------------------------------------------
+
+def _uuid_json(value: Any) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a UUID")
+
+
+def _int_json(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{value!r} is not an integer")
+
+
+def _float_json(value: Any) -> float | int:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{value!r} is not a number")
+
+
+def _str_json(value: Any) -> str:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text may not contain NUL characters")
+        return value
+    raise ValueError(f"{value!r} is not a string")
+
+
+def _bool_json(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _parse_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 datetime") from None
+    else:
+        raise ValueError(f"{value!r} is not an ISO-8601 datetime")
+    # Naive times are taken as UTC: the site clock and the wire format are UTC.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _datetime_json(value: Any) -> str:
+    return _parse_datetime(value).isoformat()
+
+
+def _parse_date(value: Any) -> dt.date:
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not an ISO-8601 date")
+
+
+def _json_json(value: Any) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"value is not JSON-serialisable: {exc}") from None
+    return value
+
+
+_TO_JSON: dict[str, Callable[[Any], Any]] = {
+    "uuid": _uuid_json,
+    "int": _int_json,
+    "float": _float_json,
+    "str": _str_json,
+    "bool": _bool_json,
+    "datetime": _datetime_json,
+    "date": lambda v: _parse_date(v).isoformat(),
+    "json": _json_json,
+    "any": _json_json,
+}
+
+_TO_PYTHON: dict[str, Callable[[Any], Any]] = {
+    "uuid": uuid.UUID,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "datetime": _parse_datetime,
+    "date": _parse_date,
+    "json": lambda v: v,
+    "any": lambda v: v,
+}

@@ -1,0 +1,40 @@
+"""The pipeline's own table on main, and `db init`.
+
+`obs_pipeline_applied` records each applied transaction id in the same database transaction
+as its rows: a batch reclaimed after a crash skips what already committed (effectively once).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from obs_pipeline.model_registry import ModelRegistry
+
+pipeline_metadata = sa.MetaData()
+
+applied_transactions = sa.Table(
+    "obs_pipeline_applied",
+    pipeline_metadata,
+    sa.Column("transaction_id", sa.Text, primary_key=True),
+    sa.Column("site", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("obs_pipeline_applied_at", "applied_at"),
+)
+
+
+def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
+    """Create the models' tables and the pipeline's own; harmless when they exist."""
+    with engine.begin() as conn:
+        registry.metadata.create_all(conn)
+        pipeline_metadata.create_all(conn)
+
+
+def prune_applied(conn: sa.Connection, older_than_days: float) -> int:
+    """Drop applied-id records older than any batch that could still be reclaimed."""
+    result = conn.execute(
+        applied_transactions.delete().where(
+            applied_transactions.c.applied_at < sa.func.now() - sa.text("make_interval(secs => :s)").bindparams(
+                s=older_than_days * 86400)
+        )
+    )
+    return result.rowcount

