@@ -94,13 +94,16 @@ class Drain:
         self.redis.close()
 
     # --- the loop -----------------------------------------------------------------------------
-    def run(self, *, until_empty: bool = True, budget_s: float | None = None, lease_wait_s: float = 0.0,
+    def run(self, *, until_empty: bool = True, idle_exit_s: float = 0.0, budget_s: float | None = None,
+            lease_wait_s: float = 0.0,
             on_batch: Callable[[BatchReport], None] | None = None,
             on_transient: Callable[[str, float], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> DrainSummary:
-        """Drain until the buffer is empty (`until_empty`), the budget is spent, or asked to stop."""
+        """Drain until the buffer has been empty for `idle_exit_s` (`until_empty`), the budget is
+        spent, or asked to stop. The idle grace keeps one run draining under sustained load."""
         summary = DrainSummary()
         start = time.monotonic()
+        idle_since: float | None = None
         self.acquire(lease_wait_s)
         backoff = self.config.backoff_initial_s
         try:
@@ -124,10 +127,13 @@ class Drain:
                 backoff = self.config.backoff_initial_s
                 if report is None:
                     if until_empty and self._settled():
-                        summary.stopped_because = "buffer empty"
-                        break
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since >= idle_exit_s:
+                            summary.stopped_because = "buffer empty"
+                            break
                     time.sleep(self.config.idle_poll_s)
                     continue
+                idle_since = None
                 summary.batches += 1
                 summary.applied += report.applied
                 summary.dead_lettered += len(report.dead_lettered)

@@ -32,7 +32,8 @@ TRANSIENT_RETRIES = 8
 
 
 class DrainRunConfig(Config):
-    budget_s: float = 120.0
+    budget_s: float = 300.0      # then the run ends and the sensor launches a fresh one
+    idle_exit_s: float = 5.0     # keep draining while work keeps arriving
     batch_size: int = 500
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0
@@ -67,7 +68,7 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
             from TransientError(error)
 
     try:
-        summary = drain.run(until_empty=True, budget_s=config.budget_s, lease_wait_s=config.lease_ttl_s,
+        summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=config.budget_s, lease_wait_s=config.lease_ttl_s,
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:
         context.log.info(str(busy))

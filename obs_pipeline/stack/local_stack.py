@@ -203,13 +203,15 @@ class LocalStack:
             cfg = self._load()
         except StackError:
             cfg = None
-        ports = (cfg or {}).get("ports", {})
+        cfg = cfg if isinstance(cfg, dict) else None
+        ports = (cfg or {}).get("ports") or {}
         out = {name: {"running": False, "port": ports.get(name), "pid": None} for name in SERVICES}
         out["replica"]["replay_lsn"] = None
         out["proxy"]["latency_ms"] = int((cfg or {}).get("main_latency_ms") or 0)
-        if cfg is None:
+        try:
+            main, replica, redis = self._services(cfg, None)
+        except (KeyError, TypeError, ValueError):  # hand-edited stack.json: report "not running"
             return out
-        main, replica, redis = self._services(cfg, None)
         for name, pid in (("main", main.pid), ("replica", replica.pid), ("redis", redis.pid),
                           ("proxy", proxy_pid(self._proxy_pidfile))):
             out[name].update(running=pid is not None, pid=pid)
@@ -228,7 +230,7 @@ class LocalStack:
             "OBS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
             "OBS_MAIN_DB_URL": f"postgresql+psycopg2://postgres@{HOST}:{self._upstream_port(cfg)}/obs",
             "OBS_REPLICA_DB_URL": f"postgresql+psycopg2://postgres@{HOST}:{ports['replica']}/obs",
-            "OBS_DAGSTER_PG_URL": f"postgresql://postgres@{HOST}:{ports['main']}/dagster",
+            "OBS_DAGSTER_PG_URL": f"postgresql+psycopg2://postgres@{HOST}:{ports['main']}/dagster",
         }
 
     @property

@@ -50,8 +50,11 @@ class PgServer:
         self.log, self.ctl_log, self.run_user = log, ctl_log, run_user
 
     # --- running pg tools -------------------------------------------------
-    def _tool(self, name: str, args: list[str], what: str, timeout: float = 120) -> None:
-        """Run a pg tool as the run user; output goes to ctl_log (pipes can hang on pg_ctl's daemon)."""
+    def _tool(self, name: str, args: list[str], what: str, timeout: float = 120, log: Path | None = None) -> None:
+        """Run a pg tool as the run user; output goes to ctl_log (pipes can hang on pg_ctl's daemon).
+
+        `log` is the file whose last line explains a failure (the server log for start).
+        """
         cmd = [str(pg_bin_dir() / name), *args]
         with open(self.ctl_log, "ab") as out:
             out.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -61,9 +64,10 @@ class PgServer:
                                       env=clean_env(), cwd=self.datadir.parent, check=False,
                                       **user_kwargs(self.run_user))
             except subprocess.TimeoutExpired:
-                raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s", self.ctl_log) from None
+                raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s",
+                                    log or self.ctl_log) from None
         if proc.returncode != 0:
-            raise service_error(f"{self.role} PostgreSQL: {what} failed (exit {proc.returncode})", self.ctl_log)
+            raise service_error(f"{self.role} PostgreSQL: {what} failed (exit {proc.returncode})", log or self.ctl_log)
 
     def _options(self) -> str:
         return f"-p {self.port} -c listen_addresses={HOST} -c unix_socket_directories=''"
@@ -146,7 +150,7 @@ class PgServer:
             chown(self.log, self.run_user)
             self._tool("pg_ctl", ["-D", str(self.datadir), "-w", "-t", str(READY_TIMEOUT), "-l", str(self.log),
                                   "-o", self._options(), "start"], f"start on {HOST}:{self.port}",
-                       timeout=READY_TIMEOUT + 30)
+                       timeout=READY_TIMEOUT + 30, log=self.log)
         if not wait_until(lambda: self.query("SELECT 1") == (1,), READY_TIMEOUT, 0.1):
             raise service_error(f"{self.role} PostgreSQL not accepting connections on {HOST}:{self.port} "
                                 f"after {READY_TIMEOUT}s", self.log)

@@ -84,7 +84,8 @@ class RedisServer:
             proc = subprocess.run([str(redis_server_path()), str(self.conf)], stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=out, cwd=self.folder, env=clean_env(), timeout=30, check=False)
         if proc.returncode != 0:
-            raise service_error(f"redis-server failed to start on {HOST}:{self.port} (exit {proc.returncode})", self.log)
+            raise service_error(f"redis-server failed to start on {HOST}:{self.port} (exit {proc.returncode})",
+                                self.log)
         if not wait_until(self._ping, READY_TIMEOUT, 0.05):
             raise service_error(f"redis not answering PING on {HOST}:{self.port} after {READY_TIMEOUT}s", self.log)
 

@@ -1,0 +1,289 @@
+"""`obs-pipeline`: the local stack, the schema, the drain, health, dead letters, the simulator.
+
+Exit status 0 on success; otherwise one line on stderr saying what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STACK_DIR = ".obs-stack"
+
+
+def _stack(args: argparse.Namespace):
+    from obs_pipeline.stack import LocalStack
+
+    return LocalStack(Path(args.dir or os.environ.get("OBS_STACK_DIR") or DEFAULT_STACK_DIR))
+
+
+def _settings(**overrides: Any):
+    from obs_pipeline.config import Settings
+
+    return Settings.from_env(**overrides)
+
+
+# --- stack ----------------------------------------------------------------------------------
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    if args.action == "up":
+        stack.up(main_latency_ms=args.main_latency_ms)
+        print(f"local stack up in {stack.directory}; `eval \"$(obs-pipeline stack env)\"` to use it", file=sys.stderr)
+    elif args.action == "down":
+        stack.down()
+    elif args.action == "status":
+        print(json.dumps(stack.status(), indent=2))
+    elif args.action in ("stop", "start"):  # fault drills: stop/start one service
+        if not args.service:
+            raise SystemExit(f"obs-pipeline: error: `stack {args.action}` needs a service: main, replica, redis or proxy")
+        if args.action == "stop":
+            stack.stop_service(args.service, mode=args.mode)
+        else:
+            stack.start_service(args.service)
+    elif args.action == "env":
+        env = dict(stack.env())
+        env.setdefault("OBS_SITE", os.environ.get("OBS_SITE", "observatory"))
+        env.setdefault("OBS_MODELS", os.environ.get("OBS_MODELS", "obs_pipeline.models:Base"))
+        for name, value in env.items():
+            print(f"export {name}={value}")
+    return 0
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+def cmd_db_init(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from obs_pipeline.apply import make_engine
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.schema import create_schema
+
+    settings = _settings()
+    registry = ModelRegistry.from_path(settings.models)
+    engine = make_engine(settings.require_main())
+    try:
+        create_schema(engine, registry)
+        if args.demo_data:
+            with engine.begin() as conn:
+                conn.execute(sa.text(
+                    "INSERT INTO obs_unit (id, name) SELECT n, 'obs unit ' || n FROM generate_series(1, 200) n "
+                    "ON CONFLICT (id) DO NOTHING"))
+    finally:
+        engine.dispose()
+    print(f"schema ready on main ({len(registry.models)} models)" + (", demo obs units 1-200" if args.demo_data else ""),
+          file=sys.stderr)
+    return 0
+
+
+# --- drain ----------------------------------------------------------------------------------
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from obs_pipeline.drain import Drain, DrainConfig
+
+    drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, lease_ttl_s=args.lease_ttl,
+                                           replication_timeout_s=args.replication_timeout))
+
+    def on_batch(report) -> None:
+        print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
+
+    try:
+        summary = drain.run(until_empty=args.once, lease_wait_s=args.lease_ttl if args.once else 0.0,
+                            on_batch=on_batch if args.verbose else None)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        drain.close()
+    print(f"drained {summary.applied} transactions in {summary.batches} batches, "
+          f"{summary.dead_lettered} dead-lettered ({summary.stopped_because})", file=sys.stderr)
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from obs_pipeline.apply import make_engine
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.health import health_report
+
+    settings = _settings()
+    store = BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site)
+    main = make_engine(settings.main_db_url) if settings.main_db_url else None
+    replica = make_engine(settings.replica_db_url) if settings.replica_db_url else None
+    report = health_report(store, main, replica)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        buf, proc, lag = report["transaction_buffer"], report["background_processor"], report["replication_lag"]
+        print(f"site {report['site']}: {report['status']}" + (f" ({'; '.join(report['problems'])})"
+                                                               if report["problems"] else ""))
+        print(f"  buffer {buf['size']}, processing {buf['processing']}, retrying {buf['retrying']}, "
+              f"failed {buf['failed']}, oldest pending {buf['oldest_pending_seconds']} s")
+        print(f"  drain {proc['status']}, last run {proc['last_run']}, processed {proc['transactions_processed']}")
+        print(f"  replication lag {lag.get('seconds')} s, {lag.get('bytes')} bytes "
+              f"(main {lag.get('main_lsn')}, replica {lag.get('replica_lsn')}, "
+              f"{lag.get('awaiting_batches')} batches awaiting)")
+    return 0
+
+
+# --- failed ---------------------------------------------------------------------------------
+
+def cmd_failed(args: argparse.Namespace) -> int:
+    import redis
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.dead_letters import DeadLetters
+
+    settings = _settings()
+    letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site))
+    if args.action == "list":
+        for letter in letters.list():
+            s = letter.summary()
+            print(f"{s['transaction_id']}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}")
+    elif args.action == "show":
+        print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
+    elif args.action == "retry":
+        if args.all == bool(args.id):
+            raise SystemExit("obs-pipeline: error: give one transaction id or --all")
+        ids = letters.retry(None if args.all else [args.id])
+        print(f"requeued {len(ids)} transaction(s)", file=sys.stderr)
+    elif args.action == "discard":
+        letters.discard(_one_id(args))
+    return 0
+
+
+def _one_id(args: argparse.Namespace) -> str:
+    if not args.id:
+        raise SystemExit(f"obs-pipeline: error: `failed {args.action}` needs a transaction id")
+    return args.id
+
+
+# --- simulate / dev ---------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline.simulate import simulate
+
+    buffer = TransactionBuffer.from_env()
+    try:
+        result = simulate(buffer, rate=args.rate, count=args.count, duration_s=args.duration, files=args.files,
+                          seed=args.seed, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        buffer.close()
+    print(f"buffered {result.observations} observations ({result.transactions} transactions)", file=sys.stderr)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from obs_pipeline.dev import run_dev
+
+    return run_dev(_stack(args), port=args.port, simulate_rate=args.rate if args.simulate else None,
+                   main_latency_ms=args.main_latency_ms)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from obs_pipeline.bench import run_bench
+
+    return run_bench(args)
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obs-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stack = sub.add_parser("stack", help="local PostgreSQL main + streaming replica + Redis")
+    stack.add_argument("action", choices=["up", "down", "status", "env", "stop", "start"])
+    stack.add_argument("service", nargs="?", choices=["main", "replica", "redis", "proxy"],
+                       help="for stop/start: one service (fault drills)")
+    stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"], help="for stop")
+    stack.add_argument("--dir", help=f"state folder (default $OBS_STACK_DIR or ./{DEFAULT_STACK_DIR})")
+    stack.add_argument("--main-latency-ms", type=int, default=None,
+                       help="put main behind a proxy delaying each direction by N ms (0 removes it)")
+    stack.set_defaults(func=cmd_stack)
+
+    db = sub.add_parser("db", help="schema on main")
+    db.add_argument("action", choices=["init"])
+    db.add_argument("--demo-data", action="store_true", help="also insert obs units 1-200")
+    db.set_defaults(func=cmd_db_init)
+
+    dev = sub.add_parser("dev", help="stack up, db init, Dagster webserver + daemon with the sensor on")
+    dev.add_argument("--dir")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--simulate", action="store_true", help="also run `obs-pipeline simulate`")
+    dev.add_argument("--rate", type=float, default=1.0, help="observations per second for --simulate")
+    dev.add_argument("--main-latency-ms", type=int, default=None)
+    dev.set_defaults(func=cmd_dev)
+
+    drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
+    drain.add_argument("--once", action="store_true", help="return when the buffer is empty and replicated")
+    drain.add_argument("--batch-size", type=int, default=500)
+    drain.add_argument("--lease-ttl", type=float, default=60.0)
+    drain.add_argument("--replication-timeout", type=float, default=10.0)
+    drain.set_defaults(func=cmd_drain)
+
+    status = sub.add_parser("status", help="health report")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    failed = sub.add_parser("failed", help="the dead-letter list")
+    failed.add_argument("action", choices=["list", "show", "retry", "discard"])
+    failed.add_argument("id", nargs="?")
+    failed.add_argument("--all", action="store_true")
+    failed.set_defaults(func=cmd_failed)
+
+    sim = sub.add_parser("simulate", help="an observing script buffering observations")
+    sim.add_argument("--rate", type=float, default=1.0, help="observations per second")
+    sim.add_argument("--count", type=int, default=None)
+    sim.add_argument("--duration", type=float, default=None, help="seconds")
+    sim.add_argument("--files", type=int, default=3, help="files per observation")
+    sim.add_argument("--seed", type=int, default=None)
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", help="benchmarks on the local stack")
+    bench.add_argument("--dir", help="stack folder for the benchmark (default: a fresh temporary one)")
+    bench.add_argument("--out", default="bench-results", help="folder for results.json and the chart")
+    bench.add_argument("--quick", action="store_true", help="a small smoke run")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit:
+        raise
+    except Exception as error:  # one line for the operator; -v for the traceback
+        if args.verbose:
+            raise
+        print(f"obs-pipeline: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    import redis
+
+    if isinstance(error, redis.ConnectionError):
+        return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The dead-letter list: list, show, retry (in the original order, dependents after the
+transaction they depend on) and discard. Used by `obs-pipeline failed` and a Dagster job."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+from obs_pipeline.buffer_store import BufferStore
+
+
+class UnknownTransaction(LookupError):
+    pass
+
+
+@dataclass
+class DeadLetter:
+    raw: str
+    doc: dict[str, Any]
+
+    @property
+    def transaction_id(self) -> str | None:
+        tx_id = self.doc.get("transaction_id")
+        return tx_id if isinstance(tx_id, str) else None
+
+    @property
+    def reason(self) -> str:
+        return str(self.doc.get("failure", {}).get("reason", "?"))
+
+    def summary(self) -> dict[str, Any]:
+        failure = self.doc.get("failure", {})
+        return {"transaction_id": self.transaction_id, "endpoint": self.doc.get("endpoint"),
+                "reason": self.reason, "kind": failure.get("kind"), "attempts": failure.get("attempts"),
+                "failed_at": failure.get("failed_at")}
+
+
+class DeadLetters:
+    def __init__(self, store: BufferStore):
+        self.store = store
+        self.keys = store.keys
+
+    def list(self) -> list[DeadLetter]:
+        """Oldest failure first."""
+        raws = self.store.redis.lrange(self.keys.failed, 0, -1)
+        out = []
+        for raw in reversed(raws):
+            raw = raw.decode()
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                doc = {"raw": raw, "failure": {"reason": "unreadable entry"}}
+            out.append(DeadLetter(raw, doc))
+        return out
+
+    def get(self, transaction_id: str) -> DeadLetter:
+        for letter in self.list():
+            if letter.transaction_id == transaction_id:
+                return letter
+        raise UnknownTransaction(f"no dead-lettered transaction {transaction_id!r} at site {self.keys.site} "
+                                 "(see `obs-pipeline failed list`)")
+
+    def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
+        """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
+        letters = self.list()
+        if transaction_ids is None:
+            chosen = [letter for letter in letters if letter.transaction_id]
+        else:
+            wanted = set(transaction_ids)
+            for tx_id in transaction_ids:
+                self.get(tx_id)
+            # what they blocked, transitively: it failed only because of them
+            changed = True
+            while changed:
+                changed = False
+                for letter in letters:
+                    blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
+                    if blocker in wanted and letter.transaction_id not in wanted:
+                        wanted.add(letter.transaction_id)
+                        changed = True
+            chosen = [letter for letter in letters if letter.transaction_id in wanted]
+        ordered = _blockers_first(chosen)
+        with self.store.redis.pipeline(transaction=True) as pipe:
+            for letter in ordered:
+                pipe.lrem(self.keys.failed, 1, letter.raw)
+            # RPUSH puts an entry at the consuming end: push the last-to-run first.
+            for letter in reversed(ordered):
+                doc = {k: v for k, v in letter.doc.items() if k != "failure"}
+                doc.update(status="pending", retry_count=0)
+                tx_json = json.dumps(doc, separators=(",", ":"))
+                pipe.rpush(self.keys.buffer, tx_json)
+                pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
+                created = _created_ids(doc)
+                if created:
+                    pipe.hdel(self.keys.held_ids, *created)
+            pipe.execute()
+        return [letter.transaction_id for letter in ordered]
+
+    def discard(self, transaction_id: str) -> None:
+        """Drop it for good, with its status and caches; what it blocked stays dead-lettered."""
+        letter = self.get(transaction_id)
+        k = self.keys
+        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.lrem(k.failed, 1, letter.raw)
+        pipe.delete(k.transaction(transaction_id))
+        for step in letter.doc.get("steps", []):
+            model = step.get("model_class")
+            if step.get("operation") in ("create", "bulk_create"):
+                rows = step["data"] if isinstance(step.get("data"), list) else [step.get("data") or {}]
+                for row in rows:
+                    if "id" in row:
+                        pipe.delete(k.buffered(model, str(row["id"])), k.cached_id(model, str(row["id"])))
+                        pipe.srem(k.model_index(model), str(row["id"]))
+        pipe.execute()
+
+
+def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
+    """Original order (oldest first), but a transaction always after the one that blocked it."""
+    by_id = {letter.transaction_id: letter for letter in letters}
+    ordered, placed = [], set()
+
+    def place(letter: DeadLetter) -> None:
+        if letter.transaction_id in placed:
+            return
+        placed.add(letter.transaction_id)
+        blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
+        if blocker in by_id:
+            place(by_id[blocker])
+        ordered.append(letter)
+
+    for letter in letters:
+        place(letter)
+    return ordered
+
+
+def _created_ids(doc: dict[str, Any]) -> list[str]:
+    ids = []
+    for step in doc.get("steps", []):
+        if isinstance(step, dict) and step.get("operation") in ("create", "bulk_create"):
+            data = step.get("data")
+            for row in data if isinstance(data, list) else [data]:
+                if isinstance(row, dict) and "id" in row:
+                    ids.append(str(row["id"]))
+    return ids
+
+
+__all__ = ["DeadLetters", "DeadLetter", "UnknownTransaction"]

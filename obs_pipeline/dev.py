@@ -1,0 +1,87 @@
+"""`obs-pipeline dev`: the whole system on one machine, stopped by Ctrl-C.
+
+Stack up, schema and demo obs units on main, then the Dagster webserver and daemon (the
+daemon runs `buffer_sensor`, which launches `drain_buffer` runs) with DAGSTER_HOME in the
+stack folder and Dagster's storage in the `dagster` database on main.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
+
+
+def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Dagster processes: stack URLs, OBS_* defaults, DAGSTER_HOME."""
+    env = dict(os.environ if base is None else base)
+    env.update(stack.env())
+    env.setdefault("OBS_SITE", "observatory")
+    home = home or Path(stack.directory) / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DAGSTER_YAML, home / "dagster.yaml")
+    env["DAGSTER_HOME"] = str(home)
+    return env
+
+
+def _script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> list[subprocess.Popen]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    common = ["-m", "obs_pipeline.definitions"]
+    daemon = subprocess.Popen([_script("dagster-daemon"), "run", *common], env=env,
+                              stdout=open(log_dir / "dagster-daemon.log", "ab"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    web = subprocess.Popen([_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *common], env=env,
+                           stdout=open(log_dir / "dagster-webserver.log", "ab"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    return [daemon, web]
+
+
+def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in processes:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
+    was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \
+        if (Path(stack.directory) / "stack.json").exists() else False
+    stack.up(main_latency_ms=main_latency_ms)
+    env = dagster_environment(stack)
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env, check=True)
+    logs = Path(stack.directory) / "logs"
+    processes = start_dagster(env, port, logs)
+    if simulate_rate:
+        processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
+                                           str(simulate_rate)], env=env, start_new_session=True))
+    print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
+    print(f"In another shell: eval \"$(obs-pipeline stack env --dir {stack.directory})\"; Ctrl-C stops everything.",
+          flush=True)
+    try:
+        while all(p.poll() is None for p in processes[:2]):
+            time.sleep(1)
+        failed = next(p for p in processes[:2] if p.poll() is not None)
+        print(f"obs-pipeline: error: {failed.args[0]} exited with {failed.returncode}; see {logs}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_processes(processes)
+        if not was_up:
+            stack.down()

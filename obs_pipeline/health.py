@@ -1,0 +1,91 @@
+"""The health report of seed 000's /health example, for `obs-pipeline status` and Dagster."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.buffer_store import BufferStore
+
+
+def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
+                  stale_after_s: float = 300.0) -> dict[str, Any]:
+    depths = store.depths()
+    stats = depths["stats"]
+    oldest = _entry_age(store.redis.lindex(store.keys.processing, -1) or depths["oldest_entry"])
+    last_applied = float(stats["last_applied_at"]) if "last_applied_at" in stats else None
+    lag = replication_lag(store, main, replica)
+    problems = []
+    if depths["failed"]:
+        problems.append(f"{depths['failed']} dead-lettered")
+    if oldest is not None and oldest > stale_after_s:
+        problems.append(f"oldest pending transaction is {oldest:.0f} s old")
+    if lag.get("error"):
+        problems.append(lag["error"])
+    return {
+        "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),
+        "problems": problems,
+        "site": store.keys.site,
+        "transaction_buffer": {
+            "size": depths["buffer"],
+            "processing": depths["processing"],
+            "retrying": depths["retry"],
+            "failed": depths["failed"],
+            "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
+        },
+        "background_processor": {
+            "status": "running" if store.lease_holder() else "idle",
+            "last_run": _iso(last_applied),
+            "transactions_processed": int(stats.get("applied_total", 0)),
+            "transactions_replicated": int(stats.get("replicated_total", 0)),
+            "dead_lettered_total": int(stats.get("dead_lettered_total", 0)),
+        },
+        "replication_lag": lag,
+    }
+
+
+def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None) -> dict[str, Any]:
+    """Lag of our own data: bytes between main's flush LSN and the replica's replay LSN, and the
+    age of the oldest committed batch the replica has not replayed yet (0 when none waits)."""
+    count, _ = store.awaiting_replication()
+    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
+    seconds = max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
+    out: dict[str, Any] = {"seconds": round(seconds, 3), "awaiting_batches": count}
+    try:
+        main_lsn = _scalar(main, "SELECT pg_current_wal_flush_lsn()::text") if main is not None else None
+        replica_lsn = _scalar(replica, "SELECT pg_last_wal_replay_lsn()::text") if replica is not None else None
+    except sa.exc.SQLAlchemyError as error:
+        out["error"] = f"database unreachable: {str(getattr(error, 'orig', error)).strip().splitlines()[0]}"
+        return out
+    out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
+    if main_lsn and replica_lsn:
+        out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
+    return out
+
+
+def _scalar(engine: sa.Engine, sql: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar()
+
+
+def _entry_age(raw: bytes | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(json.loads(raw)["timestamp"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (dt.datetime.now(dt.timezone.utc) - stamp).total_seconds())
+
+
+def _iso(epoch: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat() if epoch else None
+
+

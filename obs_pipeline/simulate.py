@@ -1,0 +1,71 @@
+"""An observing script: observations start, record files, and finish, at a given rate.
+
+Each observation is three buffered transactions, as at the telescope: start (the executed
+obs unit and its data package), files (a bulk create), finish (an update of the start's
+record, usually while it is still buffered).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from obs_pipeline.ingest import TransactionBuffer
+
+
+@dataclass
+class SimulationResult:
+    observations: int = 0
+    transactions: int = 0
+    last_transaction_id: str | None = None
+
+
+def known_obs_units(buffer: TransactionBuffer) -> list[int]:
+    engine = buffer.query.engine
+    if engine is None:
+        return []
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.text("SELECT id FROM obs_unit ORDER BY id LIMIT 1000"))]
+
+
+def observe_once(buffer: TransactionBuffer, obs_unit_id: int, files: int, rng: random.Random) -> list[str]:
+    """Start, record files, finish: returns the three transaction ids."""
+    start = dt.datetime.now(dt.timezone.utc)
+    with buffer.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": obs_unit_id, "start_time": start, "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": f"obs_{obs_unit_id}_{start:%Y%m%dT%H%M%S%f}",
+                                           "executed_obs_unit_id": obs["id"]})
+    with buffer.transaction(endpoint="record_files") as files_tx:
+        files_tx.bulk_create("RawDataFile", [{"name": f"{pkg['name']}_{i:03d}.fits", "raw_data_package_id": pkg["id"]}
+                                             for i in range(files)])
+    status = "completed" if rng.random() > 0.05 else "aborted"
+    finish = buffer.update("ExecutedObsUnit", obs["id"],
+                           {"status": status, "end_time": dt.datetime.now(dt.timezone.utc)},
+                           endpoint="finish_observation")
+    return [tx.transaction_id, files_tx.transaction_id, finish]
+
+
+def simulate(buffer: TransactionBuffer, *, rate: float, count: int | None, duration_s: float | None,
+             files: int = 3, seed: int | None = None, echo=print) -> SimulationResult:
+    units = known_obs_units(buffer)
+    if not units:
+        raise RuntimeError("no ObsUnit rows on the replica: run `obs-pipeline db init --demo-data` first")
+    rng = random.Random(seed)
+    result = SimulationResult()
+    began = time.monotonic()
+    interval = 1.0 / rate if rate > 0 else 0.0
+    while (count is None or result.observations < count) and (
+            duration_s is None or time.monotonic() - began < duration_s):
+        ids = observe_once(buffer, rng.choice(units), files, rng)
+        result.observations += 1
+        result.transactions += len(ids)
+        result.last_transaction_id = ids[-1]
+        if echo and result.observations % max(1, int(rate * 10) or 1) == 0:
+            echo(f"{result.observations} observations buffered ({result.transactions} transactions)")
+        next_at = began + result.observations * interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    return result

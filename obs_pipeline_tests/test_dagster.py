@@ -1,0 +1,116 @@
+"""The Dagster layer on the real stack: definitions, the job in process, the sensor, the daemon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import sqlalchemy as sa
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SkipReason,
+    build_sensor_context,
+    instance_for_test,
+)
+
+from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, SITE_TAG, drain_buffer
+from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.dagster_defs.sensors import buffer_sensor
+from obs_pipeline.definitions import defs
+from obs_pipeline.dev import _script, dagster_environment, stop_processes
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.examples import seed_example_json
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+@pytest.fixture
+def resource(settings) -> ObsPipelineResource:
+    return ObsPipelineResource(site=settings.site, redis_url=settings.redis_url, main_db_url=settings.main_db_url,
+                               replica_db_url=settings.replica_db_url)
+
+
+def test_definitions_load():
+    job = defs.resolve_job_def("drain_buffer")
+    assert job.executor_def.name == "in_process"
+    assert defs.resolve_sensor_def("buffer_sensor").default_status == DefaultSensorStatus.RUNNING
+
+
+def test_job_in_process_applies_replicates_and_reports_each_batch(settings, resource, redis_client, replica_engine):
+    raw, tx, ids = seed_example_json(settings.site)
+    redis_client.lpush(SiteKeys(settings.site).buffer, raw)
+
+    result = drain_buffer.execute_in_process(
+        resources={"obs_pipeline": resource},
+        run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0}}}})
+
+    assert result.success
+    batches = [m for m in result.asset_materializations_for_node("drain_batches") if m.asset_key == MAIN_ASSET]
+    assert len(batches) == 1
+    meta = {k: v.value for k, v in batches[0].metadata.items()}
+    assert meta["transactions"] == 1 and meta["applied"] == 1 and meta["replicated"] == 1
+    assert meta["rows_per_model"] == {"ExecutedObsUnit": 1, "RawDataPackage": 1, "RawDataFile": 2}
+    assert meta["commit_lsn"] and meta["replay_lsn"] and meta["duration_s"] > 0
+    with replica_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file WHERE raw_data_package_id = :p"),
+                            {"p": ids["uuid-2"]}).scalar_one() == 2
+    assert json.loads(redis_client.get(SiteKeys(settings.site).transaction(tx["transaction_id"])))["status"] \
+        == "replicated"
+
+
+def test_sensor_requests_a_run_only_when_there_is_work_and_none_in_flight(settings, resource, redis_client):
+    with instance_for_test() as instance:
+        context = build_sensor_context(instance=instance, resources={"obs_pipeline": resource})
+        assert isinstance(buffer_sensor(context), SkipReason)
+
+        redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+        request = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(request, RunRequest)
+        assert request.tags[SITE_TAG] == settings.site
+
+        instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+
+
+@pytest.mark.slow
+def test_daemon_sensor_launches_a_run_that_drains(stack, settings, redis_client, replica_engine, tmp_path,
+                                                 monkeypatch):
+    """The real dagster-daemon, with the project's dagster.yaml (PostgreSQL storage on main)."""
+    env = dagster_environment(stack, home=tmp_path / "dagster_home")
+    env["OBS_SITE"] = settings.site
+    daemon = subprocess.Popen([_script("dagster-daemon"), "run", "-m", "obs_pipeline.definitions"], env=env,
+                              stdout=open(tmp_path / "daemon.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        raw, tx, ids = seed_example_json(settings.site)
+        redis_client.lpush(SiteKeys(settings.site).buffer, raw)
+        status_key = SiteKeys(settings.site).transaction(tx["transaction_id"])
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status = redis_client.get(status_key)
+            if status and json.loads(status)["status"] == "replicated":
+                break
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("not replicated within 180 s; daemon log:\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+        monkeypatch.setenv("OBS_DAGSTER_PG_URL", env["OBS_DAGSTER_PG_URL"])
+        instance = DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+        runs = []
+        while time.monotonic() < deadline and not any(r.status == DagsterRunStatus.SUCCESS for r in runs):
+            runs = instance.get_runs(filters=RunsFilter(job_name="drain_buffer", tags={SITE_TAG: settings.site}))
+            time.sleep(0.5)
+        assert any(r.status == DagsterRunStatus.SUCCESS for r in runs), [r.status for r in runs]
+        instance.dispose()
+    finally:
+        stop_processes([daemon])
+    with replica_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1

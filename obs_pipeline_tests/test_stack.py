@@ -1,0 +1,278 @@
+"""The local stack on real processes: PostgreSQL main + streaming replica + Redis + latency proxy.
+
+The module imports the `stack` fixture itself, so it gets its own session stack even when
+conftest.py provides one: its stop/down/latency tests never disturb other test modules.
+Tests share that stack and put back whatever they stop.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from obs_pipeline.stack import LocalStack, StackError
+from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
+from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+from obs_pipeline_tests.stack_fixtures import stack  # noqa: F401 - session fixture
+
+WAIT = 30  # seconds for anything that polls
+
+
+def run(url: str, sql: str, **params):
+    """Execute one statement in its own autocommit connection; returns the first column of the first row."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(sql), params)
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+def eventually(predicate, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:  # noqa: BLE001 - e.g. table not replicated yet, server restarting
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def redis_client(stack) -> redis.Redis:  # noqa: F811
+    return redis.Redis.from_url(stack.env()["OBS_REDIS_URL"], socket_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def probe(stack):  # noqa: F811
+    """A table on main to write marker rows into; returns a function that inserts one and returns its key."""
+    run(stack.main_direct_url, "CREATE TABLE IF NOT EXISTS stack_probe (k text PRIMARY KEY)")
+
+    def insert(url: str | None = None) -> str:
+        key = uuid.uuid4().hex
+        run(url or stack.main_direct_url, "INSERT INTO stack_probe VALUES (:k)", k=key)
+        return key
+
+    return insert
+
+
+def on_replica(stack, key: str) -> bool:  # noqa: F811
+    url = stack.env()["OBS_REPLICA_DB_URL"]
+    return eventually(lambda: run(url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1)
+
+
+def test_never_set_up_dir(tmp_path):
+    local = LocalStack(tmp_path / "nothing")
+    with pytest.raises(StackError, match=r"no local stack in .*nothing: run `obs-pipeline stack up` first"):
+        local.env()
+    with pytest.raises(StackError):
+        local.start_service("main")
+    status = local.status()
+    assert set(status) == {"main", "replica", "redis", "proxy"}
+    assert not any(s["running"] for s in status.values())
+    local.down()  # harmless
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_services_accept_connections(stack):  # noqa: F811
+    env = stack.env()
+    assert set(env) == {"OBS_REDIS_URL", "OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL", "OBS_DAGSTER_PG_URL"}
+    assert run(env["OBS_MAIN_DB_URL"], "SELECT 1") == 1
+    assert run(stack.main_direct_url, "SELECT current_database()") == "obs"
+    # dagster-postgres builds a SQLAlchemy engine from it: it must name the psycopg2 driver
+    assert run(env["OBS_DAGSTER_PG_URL"], "SELECT current_database()") == "dagster"
+    assert run(env["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
+    assert run(env["OBS_MAIN_DB_URL"], "SHOW fsync") == "on"
+    assert redis_client(stack).ping()
+    status = stack.status()
+    assert all(status[name]["running"] for name in ("main", "replica", "redis"))
+    assert not status["proxy"]["running"] and status["proxy"]["latency_ms"] == 0
+    ports = [status[name]["port"] for name in status]
+    assert len(set(ports)) == 4 and not {5432, 6379} & set(ports)
+    assert redis_client(stack).config_get("appendonly")["appendonly"] == "yes"
+
+
+def test_row_on_main_reaches_replica(stack, probe):  # noqa: F811
+    key = probe()
+    assert on_replica(stack, key)
+    assert stack.status()["replica"]["replay_lsn"]
+
+
+def test_up_again_is_a_fast_noop(stack):  # noqa: F811
+    pids = {name: s["pid"] for name, s in stack.status().items()}
+    started = time.monotonic()
+    stack.up()
+    assert time.monotonic() - started < 2
+    assert {name: s["pid"] for name, s in stack.status().items()} == pids
+
+
+def test_saved_port_taken_by_another_process(stack):  # noqa: F811
+    port = stack.status()["redis"]["port"]
+    stack.stop_service("redis")
+    squatter = socket.socket()
+    try:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        with pytest.raises(StackError, match=f"port {port} saved for redis in .*stack.json is in use"):
+            stack.up()
+    finally:
+        squatter.close()
+        stack.up()
+    assert redis_client(stack).ping()
+
+
+def test_stop_and_start_redis_and_replica(stack, probe):  # noqa: F811
+    client = redis_client(stack)
+    client.set("stack:survivor", "yes")
+    stack.stop_service("redis")
+    assert not stack.status()["redis"]["running"]
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(stack.env()["OBS_REDIS_URL"], socket_timeout=1, retry=None).ping()
+    stack.start_service("redis")
+    assert redis_client(stack).get("stack:survivor") == b"yes"
+
+    stack.stop_service("replica")
+    assert not stack.status()["replica"]["running"]
+    key = probe()  # written while the replica is down: the slot keeps the WAL for it
+    assert run(stack.main_direct_url, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'obs_replica'") == 1
+    stack.start_service("replica")
+    assert on_replica(stack, key)
+
+
+def test_redis_appendfsync_always_survives_kill(stack):  # noqa: F811
+    LocalStack(stack.directory, redis_appendfsync="always").up()
+    try:
+        assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "always"
+        redis_client(stack).set("stack:fsynced", "1")
+        stack.stop_service("redis", mode="kill")
+        stack.start_service("redis")
+        assert redis_client(stack).get("stack:fsynced") == b"1"
+    finally:
+        LocalStack(stack.directory, redis_appendfsync="everysec").up()
+    assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "everysec"
+
+
+def test_main_crash_and_restart(stack, probe):  # noqa: F811
+    before = probe()
+    stack.stop_service("main", mode="immediate")
+    assert not stack.status()["main"]["running"]
+    stack.start_service("main")
+    assert run(stack.main_direct_url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=before) == 1
+    assert on_replica(stack, probe())
+
+
+def test_down_stops_everything_and_up_keeps_data(stack, probe):  # noqa: F811
+    key = probe()
+    assert on_replica(stack, key)
+    redis_client(stack).set("stack:kept", "across-down")
+    before = stack.status()
+    stack.down()
+    after = stack.status()
+    assert not any(s["running"] for s in after.values())
+    for name in ("main", "replica", "redis"):
+        assert not pid_alive(before[name]["pid"])
+        assert port_is_free(before[name]["port"])
+    stack.down()  # twice is harmless
+    stack.up()
+    env = stack.env()
+    assert run(stack.main_direct_url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1
+    assert run(env["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1
+    assert redis_client(stack).get("stack:kept") == b"across-down"
+    assert on_replica(stack, probe())
+
+
+def _best_round_trip(url: str) -> float:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            timings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                conn.execute(sa.text("SELECT 1")).scalar()
+                timings.append(time.perf_counter() - started)
+            return min(timings)
+    finally:
+        engine.dispose()
+
+
+def test_latency_proxy_delays_main_and_carries_replication(stack, probe):  # noqa: F811
+    main_port = stack.status()["main"]["port"]
+    wal_sender_port = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+    try:
+        stack.up(main_latency_ms=100)
+        env, status = stack.env(), stack.status()
+        proxy = status["proxy"]
+        assert proxy["running"] and proxy["latency_ms"] == 100
+        assert f":{proxy['port']}/obs" in env["OBS_MAIN_DB_URL"]
+        assert f":{main_port}/dagster" in env["OBS_DAGSTER_PG_URL"]  # dagster never goes through the proxy
+        assert _best_round_trip(env["OBS_MAIN_DB_URL"]) >= 0.19
+        assert _best_round_trip(stack.main_direct_url) < 0.1
+        assert run(env["OBS_REPLICA_DB_URL"], wal_sender_port) == proxy["port"]
+        assert on_replica(stack, probe(env["OBS_MAIN_DB_URL"]))
+        stack.up()  # None keeps the saved latency and the running proxy
+        assert stack.status()["proxy"]["pid"] == proxy["pid"]
+    finally:
+        stack.up(main_latency_ms=0)
+    assert not stack.status()["proxy"]["running"]
+    assert f":{main_port}/obs" in stack.env()["OBS_MAIN_DB_URL"]
+    assert run(stack.env()["OBS_REPLICA_DB_URL"], wal_sender_port) == main_port
+    assert on_replica(stack, probe())
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_proxy_pipelines_delay_without_capping_throughput(tmp_path):
+    """40 chunks through a 100 ms proxy: ~0.2 s + send time, not 40 x 0.1 s of serial sleeps."""
+    server, echo_port = _echo_server()
+    listen_port = pick_free_ports(1)[0]
+    pidfile = tmp_path / "proxy.pid"
+    start_proxy(listen_port, echo_port, 100, pidfile, tmp_path / "proxy.log")
+    payload = [bytes([i]) * 65536 for i in range(40)]
+    received = bytearray()
+    try:
+        with socket.create_connection(("127.0.0.1", listen_port)) as client:
+            client.settimeout(10)
+            started = time.perf_counter()
+
+            def send():
+                for chunk in payload:
+                    client.sendall(chunk)
+                    time.sleep(0.005)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            first = None
+            while len(received) < 40 * 65536:
+                received += client.recv(1 << 20)
+                first = first or time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            sender.join()
+    finally:
+        stop_proxy(pidfile)
+        server.close()
+    assert bytes(received) == b"".join(payload)
+    assert first >= 0.19  # delayed in both directions
+    assert elapsed < 3.0  # pipelined: serial per-chunk sleeping would take >= 4 s
+    assert not pidfile.exists()
