@@ -28,6 +28,7 @@ from obs_pipeline.wire import STATUSES, Step, Transaction, new_transaction, norm
 __all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
+_WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)
 
 
 class TransactionBuilder:
@@ -164,28 +165,82 @@ class TransactionBuffer:
 
     # --- reading ------------------------------------------------------------------------------
     def status(self, transaction_id: str) -> str | None:
-        raw = self.store.status_json(transaction_id)
+        """"pending" | "processing" | "applied" | "replicated" | "failed", or None for an unknown id.
+        A transaction spooled while Redis is unreachable is "pending"."""
+        try:
+            raw = self.store.status_json(transaction_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if self.spool.holds(transaction_id):
+                return "pending"
+            raise
         if raw is None:
             return "pending" if self.spool.holds(transaction_id) else None
         try:
             return json.loads(raw).get("status")
-        except ValueError:
+        except (ValueError, AttributeError):
             return None
 
     def wait(self, transaction_id: str, until: str = "replicated", timeout: float = 30.0) -> bool:
-        """True once the transaction reached `until` (or later); False on timeout or failure."""
+        """True once the transaction reached `until` (or later); False on timeout or failure.
+
+        Listens to the site's events channel (the drain publishes `applied` / `replicated` after
+        each commit / replay): subscribe first, then read the status, then sleep on the channel.
+        Messages can be missed (a reconnect, a channel without subscribers for a moment), so the
+        status is read again at least every `_WAIT_RECHECK_S`; without pub/sub it is plain polling.
+        """
         if until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            status = self.status(transaction_id)
-            if status in _ORDER and _ORDER[status] >= _ORDER[until]:
-                return True
-            if status == "failed" or time.monotonic() >= deadline:
-                return False
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.1)
+        deadline = time.monotonic() + max(0.0, timeout)
+        pubsub = self._subscribe()
+        try:
+            while True:
+                status = self.status(transaction_id)
+                if status in _ORDER and _ORDER[status] >= _ORDER[until]:
+                    return True
+                remaining = deadline - time.monotonic()
+                if status == "failed" or remaining <= 0:
+                    return False
+                self._sleep_until_event(pubsub, transaction_id, min(_WAIT_RECHECK_S, remaining))
+        finally:
+            if pubsub is not None:
+                try:
+                    pubsub.close()
+                except redis.RedisError:
+                    pass
+
+    def _subscribe(self) -> "redis.client.PubSub | None":
+        """A subscription to the events channel, confirmed by the server; None if Redis refuses."""
+        pubsub = self.redis.pubsub()
+        try:
+            pubsub.subscribe(self.store.keys.events)
+            confirm_by = time.monotonic() + 1.0
+            while time.monotonic() < confirm_by:
+                message = pubsub.get_message(timeout=max(0.0, confirm_by - time.monotonic()))
+                if message is not None and message.get("type") == "subscribe":
+                    return pubsub
+        except (redis.RedisError, OSError):
+            pass
+        try:
+            pubsub.close()
+        except redis.RedisError:
+            pass
+        return None
+
+    @staticmethod
+    def _sleep_until_event(pubsub: "redis.client.PubSub | None", transaction_id: str, seconds: float) -> None:
+        """Return when an event names the transaction, or after `seconds`."""
+        end = time.monotonic() + seconds
+        if pubsub is None:
+            time.sleep(min(0.05, seconds))  # polling fallback
+            return
+        needle = transaction_id.encode()
+        try:
+            while (left := end - time.monotonic()) > 0:
+                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
+                if message is not None and message.get("type") == "message" and needle in message["data"]:
+                    return
+        except (redis.RedisError, OSError):
+            time.sleep(max(0.0, min(0.05, end - time.monotonic())))
 
     def get(self, model: str, record_id_: Any) -> dict[str, Any] | None:
         return self.query.get(model, record_id_)
@@ -200,7 +255,12 @@ class TransactionBuffer:
     def _require_exists(self, model: str, rid: Any) -> None:
         if self.settings.replica_db_url is None:
             return  # cannot know without a replica; the drain will tell
-        if self.query.get(model, rid) is None:
+        try:
+            found = self.query.get(model, rid) is not None
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the spool and the replica
+            spec = self.registry.model(model)
+            found = self.spool.creates(model, str(rid)) or bool(self.query._replica_rows(spec, [str(rid)]))
+        if not found:
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
 

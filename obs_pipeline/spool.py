@@ -53,6 +53,16 @@ class Spool:
             with self.path.open() as f:
                 return any(json.loads(line)["id"] == tx_id for line in f if line.strip())
 
+    def creates(self, model: str, record_id: str) -> bool:
+        """Does a spooled transaction create this record? (Ingest checks updates against it
+        while Redis is down.)"""
+        with self._lock:
+            if not self.path.exists():
+                return False
+            with self.path.open() as f:
+                return any([model, record_id] == c[:2] for line in f if line.strip()
+                           for c in json.loads(line)["created"])
+
     def pending(self) -> int:
         with self._lock:
             if not self.path.exists():

@@ -30,14 +30,14 @@ def stack_urls(stack):  # noqa: F811
 
 @pytest.fixture(scope="session")
 def main_engine(stack_urls):
-    engine = sa.create_engine(stack_urls["OBS_MAIN_DB_URL"])
+    engine = sa.create_engine(stack_urls["OBS_MAIN_DB_URL"], pool_pre_ping=True)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture(scope="session")
 def replica_engine(stack_urls):
-    engine = sa.create_engine(stack_urls["OBS_REPLICA_DB_URL"], connect_args={"options": "-c timezone=UTC"})
+    engine = sa.create_engine(stack_urls["OBS_REPLICA_DB_URL"], pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
     yield engine
     engine.dispose()
 

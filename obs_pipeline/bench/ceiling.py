@@ -1,0 +1,85 @@
+"""The PostgreSQL ceiling: the backlog's rows written with COPY in one transaction.
+
+Nothing writes these rows faster through libpq, so the drain's rows/s as a fraction of this
+says how much the drain leaves on the table. Same tables, same foreign keys, same row
+shapes as seed 000's example (1 ExecutedObsUnit, 1 RawDataPackage, 2 RawDataFile per
+transaction). The clock runs from the first COPY to COMMIT returning (the rows are built in
+memory first); the time until the replica has replayed the commit is reported beside it.
+Then the rows are deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import psycopg2
+import sqlalchemy as sa
+
+from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.bench.context import OBS_UNITS, BenchContext, median
+from obs_pipeline.bench.ingest import ROWS_PER_SEED_TX
+
+
+def _libpq_url(sqlalchemy_url: str) -> str:
+    return sa.make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _copy_buffers(n: int) -> dict[str, io.StringIO]:
+    units, packages, files = [], [], []
+    for i in range(n):
+        obs, pkg = uuid.uuid4(), uuid.uuid4()
+        unit = 1 + i % OBS_UNITS
+        units.append(f"{obs}\t{unit}\t2025-01-01T00:00:00Z\trunning\n")
+        packages.append(f"{pkg}\tobs_{unit}_package\t{obs}\n")
+        files.append(f"{uuid.uuid4()}\tfile1.fits\t{pkg}\n{uuid.uuid4()}\tfile2.fits\t{pkg}\n")
+    return {"executed_obs_unit (id, obs_unit_id, start_time, status)": io.StringIO("".join(units)),
+            "raw_data_package (id, name, executed_obs_unit_id)": io.StringIO("".join(packages)),
+            "raw_data_file (id, name, raw_data_package_id)": io.StringIO("".join(files))}
+
+
+def copy_once(ctx: BenchContext, main_url: str, n: int) -> dict:
+    buffers = _copy_buffers(n)
+    conn = psycopg2.connect(_libpq_url(main_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")  # connected and warm before the clock starts
+            conn.commit()
+            began = time.perf_counter()
+            for target, data in buffers.items():
+                cur.copy_expert(f"COPY {target} FROM STDIN", data)
+            conn.commit()
+            committed = time.perf_counter() - began
+            cur.execute("SELECT pg_current_wal_flush_lsn()::text")
+            lsn = lsn_to_int(cur.fetchone()[0])
+            conn.commit()
+        while True:
+            with ctx.replica.connect() as rconn:
+                replay = rconn.execute(sa.text("SELECT pg_last_wal_replay_lsn()::text")).scalar()
+            if replay and lsn_to_int(replay) >= lsn:
+                break
+            time.sleep(0.002)
+        replayed = time.perf_counter() - began
+        with conn.cursor() as cur:
+            for table in ("raw_data_file", "raw_data_package", "executed_obs_unit"):
+                cur.execute(f"DELETE FROM {table}")
+            conn.commit()
+    finally:
+        conn.close()
+    rows = n * ROWS_PER_SEED_TX
+    return {"rows": rows, "commit_s": committed, "replayed_s": replayed,
+            "rows_per_s": rows / committed, "tx_equivalent_per_s": n / committed}
+
+
+def measure_ceiling(ctx: BenchContext, main_url: str, n: int, repeats: int) -> dict:
+    """Median of `repeats` COPY runs of `n` seed transactions' rows."""
+    runs = [copy_once(ctx, main_url, n) for _ in range(repeats)]
+    ctx.truncate()
+    out = {"transactions": n, "rows": n * ROWS_PER_SEED_TX, "repeats": repeats,
+           "rows_per_s": median([r["rows_per_s"] for r in runs]),
+           "tx_equivalent_per_s": median([r["tx_equivalent_per_s"] for r in runs]),
+           "commit_s": median([r["commit_s"] for r in runs]),
+           "replayed_s": median([r["replayed_s"] for r in runs]),
+           "repeats_rows_per_s": [round(r["rows_per_s"]) for r in runs]}
+    return out

@@ -1,0 +1,113 @@
+"""Fast unit tests of pure logic: folding, the wire format's checks, error sorting."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg2
+import pytest
+from sqlalchemy import exc
+
+from obs_pipeline.apply import fold, int_to_lsn, is_transient, lsn_to_int
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, steps_in_order, validate
+from obs_pipeline_tests.examples import seed_example
+
+REGISTRY = ModelRegistry.from_path("obs_pipeline.models:Base")
+
+
+def w(op, rid, **values):
+    return RowWrite("ExecutedObsUnit", op, rid, values)
+
+
+def test_fold_create_then_updates_becomes_one_insert():
+    out = fold([w("insert", "a", status="running", obs_unit_id=1), w("update", "a", status="done"),
+                w("update", "a", end_time="t")])
+    assert out == [w("insert", "a", status="done", obs_unit_id=1, end_time="t")]
+
+
+def test_fold_updates_merge_and_delete_wins():
+    assert fold([w("update", "a", status="x"), w("update", "a", end_time="t")]) == [
+        w("update", "a", status="x", end_time="t")]
+    assert fold([w("update", "a", status="x"), w("delete", "a")]) == [w("delete", "a")]
+    assert fold([w("insert", "a", status="x"), w("delete", "a")]) == []
+
+
+def test_fold_refuses_recreate_after_delete_and_double_insert():
+    assert fold([w("delete", "a"), w("insert", "a", status="x")]) is None
+    assert fold([w("insert", "a", status="x"), w("insert", "a", status="y")]) is None
+
+
+def test_fold_keeps_first_touch_order_of_rows():
+    out = fold([w("insert", "b", status="1"), w("insert", "a", status="1"), w("update", "b", status="2")])
+    assert [x.record_id for x in out] == ["b", "a"]
+
+
+def test_lsn_round_trip():
+    assert lsn_to_int("0/3000060") == 0x3000060
+    assert lsn_to_int("1A/FF") == (0x1A << 32) + 0xFF
+    assert int_to_lsn(lsn_to_int("16/B374D848")) == "16/B374D848"
+
+
+def _dbapi_error(pgcode):
+    orig = psycopg2.Error("boom")
+    error = exc.DBAPIError("stmt", {}, orig)
+    error.orig = type("E", (), {"pgcode": pgcode, "__str__": lambda s: "boom"})()
+    return error
+
+
+@pytest.mark.parametrize("code,transient", [("08006", True), ("57P01", True), ("25006", True), ("40001", True),
+                                            ("23503", False), ("23505", False), ("22P02", False), (None, False)])
+def test_error_sorting(code, transient):
+    assert is_transient(_dbapi_error(code)) is transient
+
+
+def test_connection_errors_are_transient():
+    assert is_transient(exc.OperationalError("stmt", {}, psycopg2.OperationalError("server closed the connection")))
+    assert is_transient(ConnectionRefusedError())
+
+
+def test_seed_example_validates_and_orders_steps():
+    doc, ids = seed_example()
+    tx = validate(Transaction.from_dict(doc), REGISTRY)
+    assert [s.step_id for s in steps_in_order(tx)] == ["step1", "step2", "step3"]
+    assert created_ids(tx) == set(ids.values())
+    assert referenced_ids(tx) == set()
+
+
+def test_dependencies_are_reordered_and_checked():
+    doc, _ = seed_example()
+    doc["steps"] = list(reversed(doc["steps"]))
+    tx = validate(Transaction.from_dict(doc), REGISTRY)
+    assert [s.step_id for s in steps_in_order(tx)] == ["step1", "step2", "step3"]
+    doc["steps"][0]["dependencies"] = ["nope"]
+    with pytest.raises(InvalidTransaction, match="depends on unknown step 'nope'"):
+        validate(Transaction.from_dict(doc), REGISTRY)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.pop("transaction_id"), "transaction_id is missing"),
+    (lambda d: d.update(steps=[]), "non-empty list"),
+    (lambda d: d["steps"][0].update(operation="upsert"), "operation 'upsert'"),
+    (lambda d: d["steps"][0].update(model_class="Telescope"), "unknown model 'Telescope'"),
+    (lambda d: d["steps"][0].update(model_class="ObsUnit; DROP TABLE obs_unit"), "unknown model"),
+    (lambda d: d["steps"][0]["data"].update(colour="red"), "no column 'colour'"),
+    (lambda d: d["steps"][0]["data"].update(obs_unit_id="1"), "is not an integer"),
+    (lambda d: d["steps"][0]["data"].update(id="uuid-1"), "is not a UUID"),
+    (lambda d: d["steps"][0]["data"].update(status="a\x00b"), "NUL"),
+    (lambda d: d["steps"][2].update(data={}), "bulk_create needs"),
+    (lambda d: d["steps"][0].update(operation="update", conditions={}), "needs conditions"),
+    (lambda d: d.update(retry_count=-1), "retry_count"),
+])
+def test_malformed_transactions_are_rejected_with_a_reason(mutate, message):
+    doc, _ = seed_example()
+    mutate(doc)
+    with pytest.raises(InvalidTransaction, match=message.replace("(", r"\(")):
+        validate(Transaction.from_json(json.dumps(doc)), REGISTRY)
+
+
+def test_unknown_extra_fields_are_ignored():
+    doc, _ = seed_example()
+    doc["priority"] = "high"
+    doc["steps"][0]["comment"] = "x"
+    assert validate(Transaction.from_dict(doc), REGISTRY).transaction_id == doc["transaction_id"]

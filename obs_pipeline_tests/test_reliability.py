@@ -1,0 +1,217 @@
+"""Nothing lost, nothing doubled: faults injected into real processes on the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.drain import Drain, DrainBusy, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.conftest import wait_for_replica
+from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+def cli_env(settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OBS_SITE=settings.site, OBS_REDIS_URL=settings.redis_url, OBS_MAIN_DB_URL=settings.main_db_url,
+               OBS_REPLICA_DB_URL=settings.replica_db_url)
+    return env
+
+
+def assert_queues_empty(redis_client, site: str) -> None:
+    k = SiteKeys(site)
+    assert redis_client.llen(k.buffer) == 0
+    assert redis_client.llen(k.processing) == 0
+    assert redis_client.zcard(k.retry) == 0
+    assert redis_client.llen(k.failed) == 0, redis_client.lrange(k.failed, 0, 2)
+    assert redis_client.zcard(k.awaiting_replication) == 0
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_drain_at_random_moments_loses_and_doubles_nothing(settings, redis_client, main_engine):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 2000, finish_every=2)  # 3,000 transactions
+    buf.close()
+    rng = random.Random(20261122)
+    env = cli_env(settings)
+    cmd = [sys.executable, "-m", "obs_pipeline.cli", "drain", "--once", "--batch-size", "20", "--lease-ttl", "1.5"]
+    stats = SiteKeys(settings.site).stats
+    kills = left_claimed = 0
+    for _ in range(20):
+        # Kill at a random point of the claim/apply/acknowledge/replay/clean cycle: after a random
+        # number of newly applied transactions, plus a few random milliseconds.
+        start = int(redis_client.hget(stats, "applied_total") or 0)
+        target = start + rng.randint(1, 120)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while proc.poll() is None and int(redis_client.hget(stats, "applied_total") or 0) < target:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        left_claimed += redis_client.llen(SiteKeys(settings.site).processing) > 0
+    assert kills == 20  # every trial interrupted a drain at work
+    assert left_claimed >= 3  # ... and several left a claimed batch for the next drain to reclaim
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
+def test_a_second_drain_never_works_the_same_site_concurrently(settings):
+    first, second = Drain(settings), Drain(settings)
+    try:
+        first.acquire()
+        with pytest.raises(DrainBusy, match="another drain holds the lease"):
+            second.acquire(wait_s=0)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.slow
+def test_main_stopped_for_30_s_mid_drain(stack, settings, redis_client, main_engine, replica_engine):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 600, finish_every=1)
+    buf.close()
+    drain = Drain(settings, DrainConfig(batch_size=25, backoff_max_s=2.0, replication_timeout_s=2.0))
+    batches, transient = [], []
+    worker = threading.Thread(target=lambda: drain.run(
+        until_empty=True, budget_s=240, on_batch=batches.append, on_transient=lambda e, b: transient.append(e)))
+    worker.start()
+    try:
+        while not batches:
+            time.sleep(0.01)
+        stack.stop_service("main", mode="immediate")
+        time.sleep(30)
+    finally:
+        stack.start_service("main")
+    worker.join(timeout=240)
+    drain.close()
+    assert not worker.is_alive()
+    assert transient, "the outage was not noticed"
+    wait_for_replica(main_engine, replica_engine)
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
+@pytest.mark.parametrize("how", ["restart", "kill_after_fsync"])
+def test_redis_restart_between_buffering_and_draining_loses_nothing(stack, settings, redis_client, main_engine, how):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 300)
+    buf.close()
+    if how == "kill_after_fsync":
+        time.sleep(1.5)  # appendfsync everysec: what is a second old is on disk
+    try:
+        stack.stop_service("redis", mode="fast" if how == "restart" else "kill")
+    finally:
+        stack.start_service("redis")
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
+def test_replica_down_keeps_caches_and_applied_status_until_it_replays(stack, settings, redis_client, main_engine):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 50)
+    keys = SiteKeys(settings.site)
+    drain = Drain(settings, DrainConfig(replication_timeout_s=0.5))
+    try:
+        stack.stop_service("replica")
+        drain.run(until_empty=True, budget_s=4)
+        assert buf.status(observations[0].start_tx) == "applied"
+        assert redis_client.exists(keys.buffered("ExecutedObsUnit", observations[0].obs_id)) == 1
+        # nothing of a transaction not yet replicated may expire
+        for key in [keys.buffered("ExecutedObsUnit", observations[-1].obs_id),
+                    keys.cached_id("RawDataPackage", observations[-1].package_id),
+                    keys.transaction(observations[-1].start_tx), keys.read_buffer("ExecutedObsUnit", observations[0].obs_id)]:
+            assert redis_client.ttl(key) == -1, key
+        assert redis_client.zcard(keys.awaiting_replication) >= 1
+    finally:
+        stack.start_service("replica")
+    drain.run(until_empty=True, budget_s=60)
+    drain.close()
+    assert buf.status(observations[0].start_tx) == "replicated"
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", observations[0].obs_id)) == 0
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
+    assert_applied_exactly_once(main_engine, observations)
+    buf.close()
+
+
+def test_poison_transaction_is_dead_lettered_with_its_dependents_and_retry_all_applies_them(
+        settings, redis_client, main_engine):
+    buf = TransactionBuffer(settings=settings)
+    good = buffer_observations(buf, 333, finish_every=2)  # 500 transactions
+    with buf.transaction(endpoint="start_observation") as poison:  # obs unit 999 does not exist on main
+        bad = poison.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})
+        bad_pkg = poison.create("RawDataPackage", {"name": "poison", "executed_obs_unit_id": bad["id"]})
+    with buf.transaction(endpoint="record_files") as files:
+        files.bulk_create("RawDataFile", [{"name": "p.fits", "raw_data_package_id": bad_pkg["id"]}])
+    finish = buf.update("ExecutedObsUnit", bad["id"], {"status": "completed"})
+    good += buffer_observations(buf, 333, finish_every=2)
+    keys = SiteKeys(settings.site)
+
+    drain_until_settled(settings, retry_base_s=0.05)
+
+    assert_applied_exactly_once(main_engine, good)
+    failed = {e["transaction_id"]: e for e in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {poison.transaction_id, files.transaction_id, finish}
+    assert "ForeignKeyViolation" in failed[poison.transaction_id]["failure"]["reason"]
+    assert failed[poison.transaction_id]["failure"]["attempts"] == 4  # first try + max_retries 3
+    assert failed[files.transaction_id]["failure"]["reason"] == f"blocked by {poison.transaction_id}"
+    assert failed[finish]["failure"]["reason"].startswith("blocked by ")
+    assert buf.status(poison.transaction_id) == "failed"
+
+    with main_engine.begin() as conn:  # the operator fixes the cause
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (999, 'late unit')"))
+    listed = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "list"], env=cli_env(settings),
+                            capture_output=True, text=True, check=True).stdout
+    assert poison.transaction_id in listed and "blocked by" in listed
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", "--all"], env=cli_env(settings),
+                   check=True)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": bad["id"]}).scalar_one() == "completed"
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file WHERE raw_data_package_id = :p"),
+                            {"p": bad_pkg["id"]}).scalar_one() == 1
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
+def test_redis_down_during_ingest_spools_and_pushes_in_order(stack, settings, redis_client, main_engine):
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 20)
+    try:
+        stack.stop_service("redis", mode="kill")
+        began = time.monotonic()
+        during = buffer_observations(buf, 30)  # start, then finish depending on it: order matters
+        assert time.monotonic() - began < 10
+        assert buf.spool.pending() == 30 + 15
+        assert buf.status(during[0].start_tx) == "pending"
+    finally:
+        stack.start_service("redis")
+    after = buffer_observations(buf, 10)  # flushes the spool first, then buffers these
+    assert buf.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    expected = [t for o in during + after for t in (o.start_tx, o.finish_tx) if t]
+    assert [t for t in queue if t in set(expected)] == expected
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + during + after)
+    buf.close()
