@@ -192,7 +192,8 @@ class BufferStore:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
             raise
-        entries = [e.decode() if isinstance(e, bytes) else e for e in entries]
+        # surrogateescape: bytes that are not UTF-8 survive to be dead-lettered, not crash the drain
+        entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
         if reclaimed:  # LRANGE of processing lists newest first
             entries.reverse()
         return Claim(entries=entries, reclaimed=bool(reclaimed))

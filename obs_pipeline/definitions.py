@@ -1,13 +1,25 @@
 """`defs`: what Dagster loads (workspace.yaml points here)."""
 
-from dagster import Definitions
+from dagster import AssetSpec, Definitions
 
-from obs_pipeline.dagster_defs.jobs import drain_buffer
+from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, REPLICA_ASSET, drain_buffer
+from obs_pipeline.dagster_defs.operations import (
+    no_dead_letters,
+    prune_applied_transactions,
+    prune_schedule,
+    retry_dead_letters,
+)
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
 
 defs = Definitions(
-    jobs=[drain_buffer],
+    assets=[
+        AssetSpec(MAIN_ASSET, description="Buffered transactions committed to the main database"),
+        AssetSpec(REPLICA_ASSET, description="Committed transactions replayed by the site replica, caches cleaned"),
+    ],
+    jobs=[drain_buffer, retry_dead_letters, prune_applied_transactions],
     sensors=[buffer_sensor],
+    schedules=[prune_schedule],
+    asset_checks=[no_dead_letters],
     resources={"obs_pipeline": ObsPipelineResource()},
 )

@@ -200,13 +200,14 @@ class Drain:
         for raw in entries:
             try:
                 tx = validate(Transaction.from_json(raw), self.registry)
-            except InvalidTransaction as error:
+            except Exception as error:  # noqa: BLE001 - whatever the payload does, it must not stop the drain
+                reason = str(error) if isinstance(error, InvalidTransaction) else f"unreadable: {error!r}"
                 tx_id = _guess_id(raw)
-                entry = _failed_entry(raw, str(error), kind="invalid")
+                entry = _failed_entry(raw, reason, kind="invalid")
                 outcome.dead.append((tx_id, entry))
                 if tx_id:
                     outcome.statuses.append((tx_id, entry))
-                report.dead_lettered.append({"transaction_id": tx_id, "reason": str(error)})
+                report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
             if tx.transaction_id in seen:  # pushed twice: apply once
                 continue

@@ -10,6 +10,7 @@ with exponential backoff; a crashed run is retried by the instance's run retries
 from dagster import (
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     Backoff,
     Config,
     Jitter,
@@ -38,6 +39,7 @@ class DrainRunConfig(Config):
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0
     retry_base_s: float = 5.0
+    transient_retry_wait_s: float = 2.0  # op retry after main was unreachable: 2, 4, 8 ... s (max 60)
 
 
 def _drain_config(config: DrainRunConfig) -> DrainConfig:
@@ -54,7 +56,10 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
     context.log_event(AssetMaterialization(asset_key=asset, metadata=meta,
                                            description=f"{report.applied} applied, {report.replicated} replicated"))
     for dead in report.dead_lettered:
-        context.log.warning(f"dead-lettered {dead['transaction_id']}: {dead['reason']}")
+        context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata={
+            "dead_lettered": str(dead["transaction_id"]), "reason": dead["reason"], "site": site}))
+        context.log.warning(f"dead-lettered {dead['transaction_id']}: {dead['reason']} "
+                            f"(`obs-pipeline failed show {dead['transaction_id']}`)")
 
 
 @op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
@@ -64,8 +69,8 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
     site = drain.settings.site
 
     def on_transient(error: str, backoff: float) -> None:
-        raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=min(2 ** context.retry_number, 60)) \
-            from TransientError(error)
+        wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
+        raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=config.budget_s, lease_wait_s=config.lease_ttl_s,

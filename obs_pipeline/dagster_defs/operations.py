@@ -1,0 +1,76 @@
+"""Operator jobs: requeue dead-lettered transactions from the UI, and prune applied-id
+records on main (kept a week: far longer than any batch can wait to be reclaimed)."""
+
+from typing import List
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    Config,
+    DefaultScheduleStatus,
+    OpExecutionContext,
+    ScheduleDefinition,
+    asset_check,
+    in_process_executor,
+    job,
+    op,
+)
+
+from obs_pipeline.apply import make_engine
+from obs_pipeline.dagster_defs.jobs import MAIN_ASSET
+from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.dead_letters import DeadLetters
+from obs_pipeline.schema import prune_applied
+
+
+class RetryDeadLettersConfig(Config):
+    transaction_ids: List[str] = []
+    all: bool = False
+
+
+@op
+def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersConfig,
+                         obs_pipeline: ObsPipelineResource) -> None:
+    """Requeue in the original order, dependents after what they depend on (see dead_letters.py)."""
+    if config.all == bool(config.transaction_ids):
+        raise ValueError("set either `all: true` or a list of `transaction_ids`")
+    letters = DeadLetters(obs_pipeline.buffer_store())
+    ids = letters.retry(None if config.all else config.transaction_ids)
+    context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
+
+
+@job(executor_def=in_process_executor)
+def retry_dead_letters():
+    requeue_dead_letters()
+
+
+class PruneConfig(Config):
+    older_than_days: float = 7.0
+
+
+@op
+def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> None:
+    engine = make_engine(obs_pipeline.settings().require_main())
+    try:
+        with engine.begin() as conn:
+            removed = prune_applied(conn, config.older_than_days)
+    finally:
+        engine.dispose()
+    context.log.info(f"pruned {removed} applied-transaction records older than {config.older_than_days} days")
+
+
+@job(executor_def=in_process_executor)
+def prune_applied_transactions():
+    prune_applied_records()
+
+
+prune_schedule = ScheduleDefinition(job=prune_applied_transactions, cron_schedule="17 3 * * *",
+                                    default_status=DefaultScheduleStatus.RUNNING)
+
+
+@asset_check(asset=MAIN_ASSET, description="No dead-lettered transactions wait for an operator")
+def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
+    letters = DeadLetters(obs_pipeline.buffer_store()).list()
+    return AssetCheckResult(
+        passed=not letters, severity=AssetCheckSeverity.WARN,
+        metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})

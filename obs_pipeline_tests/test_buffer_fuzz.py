@@ -1,0 +1,100 @@
+"""The buffer is a trust boundary: garbage pushed into it never crashes the drain, never
+reaches main, and is always dead-lettered with a reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from obs_pipeline.config import Settings
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.examples import seed_example
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10)
+
+# Values that are wrong for the column at that path (never a valid replacement).
+WRONG = {
+    "id": st.sampled_from(["uuid-1", "", "not-a-uuid", 12, None, [], {}]),
+    "obs_unit_id": st.one_of(st.text(max_size=5), st.floats(), st.booleans(), st.just(2 ** 40), st.just(987654),
+                             st.lists(st.integers(), max_size=2)),
+    "start_time": st.one_of(st.text(max_size=8).filter(lambda t: not t[:4].isdigit()), st.integers(), st.none()),
+    "status": st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=2), st.just("a\x00b")),
+    "name": st.one_of(st.integers(), st.none(), st.just({"$gt": ""})),
+    "executed_obs_unit_id": st.one_of(st.just(str(uuid.UUID(int=7))), st.text(max_size=5), st.integers()),
+}
+
+
+@st.composite
+def garbage(draw):
+    kind = draw(st.sampled_from(["bytes", "json", "wrong_value", "missing", "unknown_column", "unknown_model",
+                                 "injection", "bad_operation", "bad_dependency", "bad_steps"]))
+    doc, _ = seed_example()
+    doc["max_retries"] = 0  # what the database refuses is dead-lettered at once here
+    steps = doc["steps"]
+    if kind == "bytes":
+        return draw(st.binary(max_size=60)) + b"\xff"
+    if kind == "json":
+        value = draw(json_values)
+        return json.dumps(value if not isinstance(value, dict) else {**value, "steps": "x"})
+    if kind == "wrong_value":
+        index = draw(st.sampled_from([0, 1]))
+        column = draw(st.sampled_from([c for c in steps[index]["data"] if c in WRONG]))
+        steps[index]["data"][column] = draw(WRONG[column])
+    elif kind == "missing":
+        column = draw(st.sampled_from(["obs_unit_id", "start_time", "status"]))
+        del steps[0]["data"][column]
+    elif kind == "unknown_column":
+        steps[draw(st.sampled_from([0, 1]))]["data"][draw(st.text(min_size=1, max_size=10).filter(
+            lambda c: c not in ("id", "name", "obs_unit_id", "start_time", "end_time", "status",
+                                "executed_obs_unit_id")))] = 1
+    elif kind == "unknown_model":
+        steps[0]["model_class"] = draw(st.text(max_size=12).filter(lambda m: m not in (
+            "ObsUnit", "ExecutedObsUnit", "RawDataPackage", "RawDataFile")))
+    elif kind == "injection":
+        steps[0]["model_class"] = "ExecutedObsUnit; DROP TABLE obs_unit; --"
+        steps[1]["data"]['name", "x") VALUES (1); DROP TABLE obs_unit; --'] = "x"
+    elif kind == "bad_operation":
+        steps[0]["operation"] = draw(st.one_of(st.text(max_size=8), st.integers(), st.none()))
+    elif kind == "bad_dependency":
+        steps[2]["dependencies"] = [draw(st.text(max_size=6).filter(lambda d: d not in ("step1", "step2", "step3")))]
+    elif kind == "bad_steps":
+        doc["steps"] = draw(st.one_of(st.just([]), st.lists(json_values.filter(lambda v: not isinstance(v, dict)),
+                                                            min_size=1, max_size=3)))
+    return json.dumps(doc)
+
+
+@pytest.mark.usefixtures("clean_db")
+@hsettings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payloads=st.lists(garbage(), min_size=10, max_size=40))
+def test_garbage_in_the_buffer_is_dead_lettered_and_never_reaches_main(stack_urls, redis_client, main_engine,
+                                                                       payloads):
+    site = f"fuzz{uuid.uuid4().hex[:8]}"
+    keys = SiteKeys(site)
+    pipe = redis_client.pipeline()
+    for payload in payloads:
+        pipe.lpush(keys.buffer, payload)
+    pipe.execute()
+    drain = Drain(Settings(site=site, redis_url=stack_urls["OBS_REDIS_URL"], main_db_url=stack_urls["OBS_MAIN_DB_URL"],
+                           replica_db_url=stack_urls["OBS_REPLICA_DB_URL"]), DrainConfig(batch_size=7))
+    try:
+        summary = drain.run(until_empty=True, budget_s=60)
+    finally:
+        drain.close()
+    assert summary.stopped_because == "buffer empty"
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert len(failed) == len(payloads)
+    assert all(f["failure"]["reason"].strip() for f in failed)
+    assert redis_client.llen(keys.buffer) == redis_client.llen(keys.processing) == 0
+    with main_engine.connect() as conn:
+        for table in ("executed_obs_unit", "raw_data_package", "raw_data_file", "obs_pipeline_applied"):
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 0, table
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_unit")).scalar_one() == 4

@@ -1,0 +1,85 @@
+"""Operators' view in Dagster: dead letters as events and a failing check, the retry job,
+main outages as op retries, and pruning of applied-id records."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from dagster import AssetObservation, DagsterEventType
+
+from obs_pipeline.dagster_defs.jobs import drain_buffer
+from obs_pipeline.dagster_defs.operations import no_dead_letters, prune_applied_transactions, retry_dead_letters
+from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.examples import seed_example
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+FAST = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "retry_base_s": 0.05,
+                                             "transient_retry_wait_s": 0.5}}}}
+
+
+@pytest.fixture
+def resource(settings) -> ObsPipelineResource:
+    return ObsPipelineResource(site=settings.site, redis_url=settings.redis_url, main_db_url=settings.main_db_url,
+                               replica_db_url=settings.replica_db_url)
+
+
+def test_dead_letter_is_an_event_fails_the_check_and_the_retry_job_requeues_it(
+        settings, resource, redis_client, main_engine):
+    doc, ids = seed_example(settings.site, obs_unit_id=4242)  # no such obs unit on main yet
+    doc["max_retries"] = 0
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST)
+    assert result.success
+    observations = [e.event_specific_data.asset_observation for e in result.all_events
+                    if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    assert isinstance(observations[0], AssetObservation)
+    assert observations[0].metadata["dead_lettered"].value == doc["transaction_id"]
+    assert "ForeignKeyViolation" in observations[0].metadata["reason"].value
+    assert not no_dead_letters(obs_pipeline=resource).passed
+
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (4242, 'fixed')"))
+    assert retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource},
+        run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}}).success
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file WHERE raw_data_package_id = :p"),
+                            {"p": ids["uuid-2"]}).scalar_one() == 2
+    assert no_dead_letters(obs_pipeline=resource).passed
+
+
+@pytest.mark.slow
+def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, resource, redis_client, main_engine):
+    doc, ids = seed_example(settings.site)
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+    stack.stop_service("main")
+    restarter = threading.Timer(4.0, lambda: stack.start_service("main"))
+    restarter.start()
+    try:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST)
+    finally:
+        restarter.join()
+    assert result.success
+    retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    assert retries, "the outage should surface as op retries"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+    assert redis_client.llen(SiteKeys(settings.site).failed) == 0
+
+
+def test_prune_removes_only_old_applied_records(resource, main_engine):
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('old', 's', now() - interval '10 days'), ('new', 's', now() - interval '1 day')"))
+    assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    with main_engine.connect() as conn:
+        left = [r[0] for r in conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied"))]
+    assert left == ["new"]
