@@ -19,7 +19,8 @@ DEFAULT_STACK_DIR = ".obs-stack"
 def _stack(args: argparse.Namespace):
     from obs_pipeline.stack import LocalStack
 
-    return LocalStack(Path(args.dir or os.environ.get("OBS_STACK_DIR") or DEFAULT_STACK_DIR))
+    return LocalStack(Path(args.dir or os.environ.get("OBS_STACK_DIR") or DEFAULT_STACK_DIR),
+                      redis_appendfsync=getattr(args, "redis_appendfsync", None))
 
 
 def _settings(**overrides: Any):
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status", "env", "stop", "start"])
     stack.add_argument("service", nargs="?", choices=["main", "replica", "redis", "proxy"],
                        help="for stop/start: one service (fault drills)")
+    stack.add_argument("--redis-appendfsync", choices=["everysec", "always"], default=None,
+                       help="Redis AOF fsync policy (default everysec; always: no buffered write lost on power loss)")
     stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"], help="for stop")
     stack.add_argument("--dir", help=f"state folder (default $OBS_STACK_DIR or ./{DEFAULT_STACK_DIR})")
     stack.add_argument("--main-latency-ms", type=int, default=None,
