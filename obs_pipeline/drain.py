@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import redis
 
-from obs_pipeline.apply import MainDatabase, ReplicaDatabase, TransientError, int_to_lsn, make_engine
+from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, int_to_lsn, make_engine
 from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -182,8 +182,9 @@ class Drain:
         outcome = Outcome()
         txs = self._parse(claim.entries, outcome, report)
         txs = self._hold_dependents(txs, outcome, report)
-        self.store.mark_processing((t.transaction_id, _status_json(t, "processing")) for t in txs)
-        result = self.main.apply_batch(txs)
+        if txs:
+            self.store.mark_processing((t.transaction_id, _status_json(t, "processing")) for t in txs)
+        result = self.main.apply_batch(txs) if txs else BatchResult()  # garbage only: main not needed
         self._record_result(result, outcome, report)
         self.store.acknowledge(self.token, outcome)
         if outcome.commit_lsn is not None:

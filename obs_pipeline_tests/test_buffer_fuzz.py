@@ -98,3 +98,21 @@ def test_garbage_in_the_buffer_is_dead_lettered_and_never_reaches_main(stack_url
         for table in ("executed_obs_unit", "raw_data_package", "raw_data_file", "obs_pipeline_applied"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 0, table
         assert conn.execute(sa.text("SELECT count(*) FROM obs_unit")).scalar_one() == 4
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_garbage_is_dead_lettered_even_while_main_is_down(stack, settings, redis_client):
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, b"\xff not json", json.dumps({"transaction_id": "x", "steps": []}))
+    stack.stop_service("main")
+    try:
+        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
+        try:
+            drain.acquire()
+            report = drain.step()
+        finally:
+            drain.close()
+    finally:
+        stack.start_service("main")
+    assert len(report.dead_lettered) == 2
+    assert redis_client.llen(keys.failed) == 2 and redis_client.llen(keys.processing) == 0
