@@ -59,7 +59,14 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
+    # Ctrl-C, and `kill` from a service manager, stop everything (even where SIGINT was ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \
         if (Path(stack.directory) / "stack.json").exists() else False
     stack.up(main_latency_ms=main_latency_ms)
