@@ -313,8 +313,16 @@ def _status_json(tx: Transaction, status: str) -> str:
 
 
 def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
+    """The dead letter: the transaction as it was (the raw text only if it is no JSON object)
+    plus `failure`, so `obs-pipeline failed show ID` finds it and an operator can fix it."""
     now = time.time()
-    doc = dict(tx) if isinstance(tx, dict) else {"raw": tx}
+    if isinstance(tx, str):
+        try:
+            parsed = json.loads(tx)
+        except ValueError:
+            parsed = None
+        tx = parsed if isinstance(parsed, dict) else {"raw": tx}
+    doc = dict(tx)
     doc["status"] = "failed"
     doc["failure"] = {"reason": reason, "kind": kind, "attempts": doc.get("retry_count", 0) + 1
                       if isinstance(doc.get("retry_count"), int) else 1,

@@ -1,0 +1,83 @@
+"""`obs-pipeline` as operators use it: exit status, one-line errors, the health report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.examples import seed_example
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    return subprocess.run([sys.executable, "-m", "obs_pipeline.cli", *args], env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def env(settings) -> dict[str, str]:
+    return {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url, "OBS_MAIN_DB_URL": settings.main_db_url,
+            "OBS_REPLICA_DB_URL": settings.replica_db_url}
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_drain_without_main_url_refuses_with_a_clear_line(env):
+    del env["OBS_MAIN_DB_URL"]
+    assert "OBS_MAIN_DB_URL is not set" in one_line_error(cli("drain", "--once", env=env))
+
+
+def test_redis_unreachable_is_one_actionable_line(env):
+    env["OBS_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    assert "Redis unreachable" in one_line_error(cli("status", env=env))
+
+
+def test_stack_env_on_a_folder_without_a_stack(tmp_path):
+    assert "run `obs-pipeline stack up` first" in one_line_error(cli("stack", "env", "--dir", str(tmp_path / "none")))
+
+
+def test_stack_env_prints_export_lines(stack):
+    out = cli("stack", "env", "--dir", str(stack.directory)).stdout
+    names = {line.split("=")[0].removeprefix("export ") for line in out.splitlines()}
+    assert {"OBS_REDIS_URL", "OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL", "OBS_SITE", "OBS_MODELS"} <= names
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["transaction_buffer"]["size"] == 1
+    assert report["transaction_buffer"]["oldest_pending_seconds"] > 0
+    assert {"status", "last_run", "transactions_processed"} <= set(report["background_processor"])
+    assert {"seconds", "main_lsn", "replica_lsn", "bytes"} <= set(report["replication_lag"])
+    assert cli("drain", "--once", env=env).returncode == 0
+    after = json.loads(cli("status", "--json", env=env).stdout)
+    assert after["transaction_buffer"]["size"] == 0
+    assert after["background_processor"]["transactions_processed"] == 1
+    assert after["status"] == "healthy"
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_failed_show_discard_and_unknown_ids(env, redis_client, settings):
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+    assert cli("drain", "--once", env=env).returncode == 0
+    shown = json.loads(cli("failed", "show", doc["transaction_id"], env=env).stdout)
+    assert "unknown model 'Telescope'" in shown["failure"]["reason"]
+    assert "no dead-lettered transaction 'nope'" in one_line_error(cli("failed", "show", "nope", env=env))
+    assert "needs a transaction id" in one_line_error(cli("failed", "discard", env=env))
+    assert cli("failed", "discard", doc["transaction_id"], env=env).returncode == 0
+    assert cli("failed", "list", env=env).stdout == ""
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["transaction_buffer"]["failed"] == 0
