@@ -1,9 +1,11 @@
 """Applying batches of buffered transactions to main, and reading LSNs.
 
-Fast path: the whole batch in one database transaction, writes to one row folded into one,
-multi-row statements grouped by table, so the round trips do not grow with the batch.
-If that fails for a reason in the data, the slow path applies the batch again one
-transaction per savepoint, so a poison transaction is isolated and the others still commit.
+Fast path, one round trip per batch: BEGIN, the applied-id records, the batch's writes folded
+per row as multi-row statements, COMMIT, and the flush LSN read after COMMIT completed, all
+in one SQL script. A batch holding a transaction that already committed (reclaimed after a
+crash) fails on the applied-id key, and a batch holding bad data fails on it: both take the
+careful path, which skips what committed and isolates poison transactions by bisection under
+savepoints (O(log B) round trips each), holding back the transactions that use their ids.
 Errors are sorted: transient ones (link, timeouts, read-only main) leave the batch to be
 retried as it is; permanent ones are charged to the transaction that caused them.
 """
@@ -11,19 +13,20 @@ retried as it is; permanent ones are charged to the transaction that caused them
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg2
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 
+from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.model_registry import ModelRegistry
-from obs_pipeline.schema import applied_transactions
-from obs_pipeline.wire import RowWrite, Transaction, referenced_ids, created_ids, row_writes
+from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, row_writes
 
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
-_TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03", "HY")
+_TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
+_FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
 
 
 class TransientError(RuntimeError):
@@ -41,6 +44,10 @@ class BatchResult:
     writes_after_fold: int = 0
     round_trips: int = 0
     slow_path: bool = False
+
+    def add_rows(self, rows: dict[str, int]) -> None:
+        for model, n in rows.items():
+            self.rows_per_model[model] = self.rows_per_model.get(model, 0) + n
 
 
 def make_engine(url: str, **kwargs: Any) -> sa.Engine:
@@ -66,16 +73,15 @@ def int_to_lsn(value: int) -> str:
 
 
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError,
-                          exc.DisconnectionError, ConnectionError, TimeoutError, OSError)):
-        code = getattr(getattr(error, "orig", None), "pgcode", None)
-        return code is None or code.startswith(_TRANSIENT_SQLSTATES)
-    if isinstance(error, exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        code = getattr(error.orig, "pgcode", None) or ""
+    orig = getattr(error, "orig", None) or error
+    code = getattr(orig, "pgcode", None)
+    if code:
         return code.startswith(_TRANSIENT_SQLSTATES)
-    return False
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(orig, (psycopg2.OperationalError, psycopg2.InterfaceError, exc.OperationalError,
+                             exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError,
+                             ConnectionError, TimeoutError, OSError))
 
 
 def describe(error: BaseException) -> str:
@@ -85,140 +91,126 @@ def describe(error: BaseException) -> str:
     return f"{type(orig).__name__}: {text[0] if text else ''}".strip()
 
 
-class RoundTripCounter:
-    """Counts statements sent to the server (each execute is one round trip with psycopg2)."""
-
-    def __init__(self, engine: sa.Engine):
-        self.count = 0
-        event.listen(engine, "before_cursor_execute", self._on_execute)
-        event.listen(engine, "begin", self._on_execute)
-        event.listen(engine, "commit", self._on_execute)
-        event.listen(engine, "rollback", self._on_execute)
-
-    def _on_execute(self, *args: Any, **kwargs: Any) -> None:
-        self.count += 1
-
-
 class MainDatabase:
     def __init__(self, engine: sa.Engine, registry: ModelRegistry, site: str):
         self.engine = engine
         self.registry = registry
         self.site = site
-        self.round_trips = RoundTripCounter(engine)
+        self.sql = BatchSql(registry, engine.dialect)
+        self.round_trips = 0  # scripts sent to main; each is one round trip
+        self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
 
     def apply_batch(self, transactions: list[Transaction]) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all."""
-        before = self.round_trips.count
+        before = self.round_trips
         try:
-            result = self._apply(transactions)
+            raw = self.engine.raw_connection()
         except exc.SQLAlchemyError as error:
+            raise TransientError(describe(error)) from error
+        self._carry = []
+        try:
+            conn = raw.driver_connection
+            conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
+            with conn.cursor() as cur:
+                result = self._apply(cur, transactions)
+        except psycopg2.Error as error:
             if is_transient(error):
+                raw.invalidate()
                 raise TransientError(describe(error)) from error
             raise
-        except OSError as error:
-            raise TransientError(describe(error)) from error
-        result.round_trips = self.round_trips.count - before
+        finally:
+            raw.close()
+        result.round_trips = self.round_trips - before
         return result
 
-    def _apply(self, transactions: list[Transaction]) -> BatchResult:
-        with self.engine.connect() as conn:
+    def _run(self, cur: Any, parts: list[bytes]) -> None:
+        parts, self._carry = self._carry + parts, []
+        self.round_trips += 1
+        cur.execute(b";\n".join(parts))
+
+    def _rollback(self, cur: Any, parts: list[bytes]) -> None:
+        try:
+            self._run(cur, parts)
+        except psycopg2.Error as error:
+            if is_transient(error):
+                raise
+            raise RuntimeError(f"could not roll back on main: {describe(error)}") from error
+
+    def _apply(self, cur: Any, txs: list[Transaction]) -> BatchResult:
+        result = BatchResult()
+        writes = [w for tx in txs for w in row_writes(tx, self.registry)]
+        folded = fold(writes)
+        if folded is not None:
+            statements, rows = self.sql.writes(cur, folded)
             try:
-                result = BatchResult()
-                with conn.begin():
-                    todo = self._skip_applied(conn, transactions, result)
-                    writes = [w for tx in todo for w in row_writes(tx, self.registry)]
-                    folded = fold(writes)
-                    if folded is None:
-                        raise _NeedsSlowPath()
-                    result.writes_before_fold, result.writes_after_fold = len(writes), len(folded)
-                    result.rows_per_model = self._execute_writes(conn, folded)
-                    result.applied = todo
-                    self._record_applied(conn, result.applied)
-            except (exc.DBAPIError, _NeedsSlowPath) as error:
-                if isinstance(error, exc.DBAPIError) and is_transient(error):
-                    raise
-                # The batch rolled back whole; apply it again, one savepoint per transaction.
-                result = BatchResult(slow_path=True)
-                with conn.begin():
-                    todo = self._skip_applied(conn, transactions, result)
-                    self._write_one_by_one(conn, todo, result)
-                    self._record_applied(conn, result.applied)
-            if result.applied or result.already_applied:
-                # Read after COMMIT returned: the flush LSN covers our commit record.
-                lsn = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar_one()
-                conn.rollback()
-                result.commit_lsn = lsn_to_int(lsn)
-        return result
-
-    def _skip_applied(self, conn: sa.Connection, txs: list[Transaction], result: BatchResult) -> list[Transaction]:
-        """Drop transactions an earlier attempt already committed (effectively once)."""
-        c = applied_transactions.c
-        ids = [t.transaction_id for t in txs]
-        done = {r[0] for r in conn.execute(sa.select(c.transaction_id).where(c.transaction_id.in_(ids)))}
-        result.already_applied = [t for t in txs if t.transaction_id in done]
-        return [t for t in txs if t.transaction_id not in done]
-
-    def _record_applied(self, conn: sa.Connection, txs: list[Transaction]) -> None:
-        if txs:
-            conn.execute(applied_transactions.insert(),
-                         [{"transaction_id": t.transaction_id, "site": self.site} for t in txs])
-
-    def _execute_writes(self, conn: sa.Connection, writes: list[RowWrite]) -> dict[str, int]:
-        """Multi-row statements per table: inserts parents first, updates, deletes children first."""
-        inserts, updates, deletes = defaultdict(list), defaultdict(list), defaultdict(list)
-        rows_per_model: dict[str, int] = defaultdict(int)
-        for w in writes:
-            model = self.registry.model(w.model)
-            values = {name: model.columns[name].to_python(v) for name, v in w.values.items()}
-            if w.operation == "insert":
-                inserts[(model.name, tuple(sorted(values)))].append(values)
-            elif w.operation == "update":
-                values["_pk"] = model.columns[model.primary_key].to_python(w.record_id)
-                updates[(model.name, tuple(sorted(values)))].append(values)
-            else:
-                deletes[model.name].append(model.columns[model.primary_key].to_python(w.record_id))
-            rows_per_model[model.name] += 1
-        rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.name, 0)  # noqa: E731
-        for (name, _), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
-            conn.execute(self.registry.model(name).table.insert(), rows)
-        for (name, columns), rows in updates.items():
-            model = self.registry.model(name)
-            table = model.table
-            stmt = (table.update()
-                    .where(table.c[model.primary_key] == sa.bindparam("_pk"))
-                    .values({c: sa.bindparam(c) for c in columns if c != "_pk"}))
-            conn.execute(stmt, rows)
-        for name, ids in sorted(deletes.items(), key=lambda kv: -rank(kv[0])):
-            model = self.registry.model(name)
-            conn.execute(model.table.delete().where(model.table.c[model.primary_key].in_(ids)))
-        return dict(rows_per_model)
-
-    def _write_one_by_one(self, conn: sa.Connection, txs: list[Transaction], result: BatchResult) -> None:
-        """One savepoint per transaction: a failing one is rolled back alone, and every later
-        transaction that uses an id it creates is held back with it (never applied before it)."""
-        blocked: dict[str, str] = {}  # id -> transaction that failed to create it
-        for tx in txs:
-            blocker = next((blocked[i] for i in referenced_ids(tx) if i in blocked), None)
-            if blocker is not None:
-                result.failed.append((tx, f"blocked by {blocker}"))
-                blocked.update(dict.fromkeys(created_ids(tx), blocker))
-                continue
-            try:
-                with conn.begin_nested():
-                    rows = self._execute_writes(conn, list(row_writes(tx, self.registry)))
-                result.applied.append(tx)
-                for model, n in rows.items():
-                    result.rows_per_model[model] = result.rows_per_model.get(model, 0) + n
-            except exc.DBAPIError as error:
+                applied = self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site)
+                self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
+            except psycopg2.Error as error:
                 if is_transient(error):
                     raise
-                result.failed.append((tx, describe(error)))
-                blocked.update(dict.fromkeys(created_ids(tx), tx.transaction_id))
-        result.writes_before_fold = result.writes_after_fold = sum(result.rows_per_model.values())
+                self._rollback(cur, [b"ROLLBACK"])
+            else:
+                result.applied, result.rows_per_model = txs, rows
+                result.writes_before_fold, result.writes_after_fold = len(writes), len(folded)
+                result.commit_lsn = lsn_to_int(cur.fetchone()[0])
+                return result
+        return self._apply_carefully(cur, txs)
 
+    def _apply_carefully(self, cur: Any, txs: list[Transaction]) -> BatchResult:
+        result = BatchResult(slow_path=True)
+        ids = [t.transaction_id for t in txs]
+        self._run(cur, [b"BEGIN", cur.mogrify(
+            "SELECT transaction_id FROM obs_pipeline_applied WHERE transaction_id = ANY(%s)", (ids,))])
+        done = {r[0] for r in cur.fetchall()}
+        result.already_applied = [t for t in txs if t.transaction_id in done]
+        self._bisect(cur, [t for t in txs if t.transaction_id not in done], result, blocked={})
+        tail = [b"COMMIT", _FLUSH_LSN]
+        if result.applied:
+            tail.insert(0, self.sql.record_applied(cur, [t.transaction_id for t in result.applied], self.site))
+        self._run(cur, tail)
+        lsn = cur.fetchone()[0]
+        if result.applied or result.already_applied:
+            result.commit_lsn = lsn_to_int(lsn)
+        return result
 
-class _NeedsSlowPath(Exception):
-    """The batch cannot be folded (a row deleted then re-created): apply it step by step."""
+    def _bisect(self, cur: Any, txs: list[Transaction], result: BatchResult, blocked: dict[str, str]) -> None:
+        """Apply `txs` in order under a savepoint; on a data error split in halves until the
+        poison transactions are alone. A transaction that uses an id created by a failed one is
+        held back with it ("blocked by ..."), never applied before it."""
+        ready = []
+        for tx in txs:
+            blocker = next((blocked[i] for i in referenced_ids(tx) if i in blocked), None)
+            if blocker is None:
+                ready.append(tx)
+            else:
+                result.failed.append((tx, f"blocked by {blocker}"))
+                blocked.update(dict.fromkeys(created_ids(tx), blocker))
+        if not ready:
+            return
+        writes = [w for tx in ready for w in row_writes(tx, self.registry)]
+        folded = fold(writes)
+        if folded is not None or len(ready) == 1:
+            statements, rows = (self.sql.writes(cur, folded) if folded is not None
+                                else self.sql.writes_in_order(cur, writes))
+            try:
+                self._run(cur, [b"SAVEPOINT obs_part", *statements, b"RELEASE SAVEPOINT obs_part"])
+            except psycopg2.Error as error:
+                if is_transient(error):
+                    raise
+                self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
+                if len(ready) == 1:
+                    result.failed.append((ready[0], describe(error)))
+                    blocked.update(dict.fromkeys(created_ids(ready[0]), ready[0].transaction_id))
+                    return
+            else:
+                result.applied.extend(ready)
+                result.add_rows(rows)
+                result.writes_before_fold += len(writes)
+                result.writes_after_fold += len(folded) if folded is not None else len(writes)
+                return
+        middle = len(ready) // 2
+        self._bisect(cur, ready[:middle], result, blocked)
+        self._bisect(cur, ready[middle:], result, blocked)
 
 
 def fold(writes: list[RowWrite]) -> list[RowWrite] | None:

@@ -19,6 +19,7 @@ import redis
 from obs_pipeline.keys import SiteKeys
 
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
+CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
 # oldest of the buffer, from its right end), but only for the lease holder. A non-empty processing list is returned as it is: that batch was
@@ -59,7 +60,7 @@ return 0
 # transaction's overlay of the same record stays.
 _CLEAN_REPLICATED = """
 local prefix = ARGV[1]
-local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 local ids = {}
 for _, raw in ipairs(done) do
   local batch = cjson.decode(raw)
@@ -74,6 +75,7 @@ for _, raw in ipairs(done) do
     for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
       if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
     end
+    if redis.call('EXISTS', key) == 0 then redis.call('SREM', prefix .. 'overlaid:' .. r[1], r[2]) end
     touched[#touched + 1] = r
   end
   for _, r in ipairs(touched) do
@@ -127,7 +129,7 @@ class Outcome:
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
     hold: dict[str, str] = field(default_factory=dict)    # created id -> holder tx ("!" + tx if dead)
     release: list[str] = field(default_factory=list)      # created ids no longer held
-    cleanup: dict[str, list] = field(default_factory=lambda: {"c": [], "o": [], "t": []})
+    cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
 
 
@@ -160,6 +162,7 @@ class BufferStore:
         for model, rid, entry in caches.overlays:
             pipe.rpush(k.read_buffer(model, rid), entry)
             pipe.sadd(k.model_index(model), rid)
+            pipe.sadd(k.overlay_index(model), rid)
         pipe.execute()
 
     def status_json(self, transaction_id: str) -> str | None:
@@ -227,9 +230,14 @@ class BufferStore:
                     pipe.zadd(k.retry, {tx_json: due})
                 for _, failed_json in outcome.dead:
                     pipe.lpush(k.failed, failed_json)
-                if outcome.commit_lsn is not None and any(outcome.cleanup.values()):
-                    record = dict(outcome.cleanup, at=time.time(), lsn=outcome.commit_lsn)
-                    pipe.zadd(k.awaiting_replication, {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
+                if outcome.commit_lsn is not None and outcome.cleanup:
+                    now = time.time()
+                    for part in range(0, len(outcome.cleanup), CLEANUP_CHUNK):
+                        chunk = outcome.cleanup[part:part + CLEANUP_CHUNK]
+                        record = {key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")}
+                        record.update(at=now, lsn=outcome.commit_lsn)
+                        pipe.zadd(k.awaiting_replication,
+                                  {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
                 if applied_ids:
                     pipe.hincrby(k.stats, "applied_total", len(applied_ids))
                     pipe.hset(k.stats, "last_applied_at", time.time())
@@ -243,9 +251,13 @@ class BufferStore:
     def clean_replicated(self, replay_lsn: int) -> list[str]:
         """Clean caches of every committed batch the replica has replayed; returns their tx ids."""
         k = self.keys
-        _, ids = self._clean(keys=[k.awaiting_replication, k.stats, k.events],
-                             args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S])
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+        cleaned: list[str] = []
+        while True:  # one chunk per call, so ingest never waits long behind a cleanup
+            count, ids = self._clean(keys=[k.awaiting_replication, k.stats, k.events],
+                                     args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S, 1])
+            cleaned.extend(i.decode() if isinstance(i, bytes) else i for i in ids)
+            if not count:
+                return cleaned
 
     def awaiting_replication(self) -> tuple[int, int | None]:
         """(batches not yet replayed, lowest commit LSN among them)."""

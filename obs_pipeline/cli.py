@@ -257,7 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks on the local stack")
     bench.add_argument("--dir", help="stack folder for the benchmark (default: a fresh temporary one)")
     bench.add_argument("--out", default="bench-results", help="folder for results.json and the chart")
-    bench.add_argument("--quick", action="store_true", help="a small smoke run")
+    bench.add_argument("--quick", action="store_true", help="a small smoke run (about a minute, for the test suite)")
+    bench.add_argument("--batch-size", type=int, default=None, help="drain batch size (default 500, the drain's)")
+    bench.add_argument("--backlog", type=int, default=0, metavar="N",
+                       help="also the long-outage mode: buffer N transactions with nothing draining, then drain")
+    bench.add_argument("--profile", action="store_true",
+                       help="cProfile one extra drain run at 0 ms and at the far round trip (not counted); "
+                            "top functions in <out>/drain_profile_<rtt>ms.txt")
+    bench.add_argument("--skip-dagster", action="store_true", help="skip the burst through the Dagster daemon")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -188,8 +188,11 @@ class Drain:
         self._record_result(result, outcome, report)
         self.store.acknowledge(self.token, outcome)
         if outcome.commit_lsn is not None:
+            # A full claim means more work is waiting: clean what the replica has already
+            # replayed and go on (replay overlaps the next batch); otherwise wait for this one.
+            full = len(claim.entries) >= self.config.batch_size
             wait_began = time.monotonic()
-            replay, ids = self._clean(wait_for=outcome.commit_lsn)
+            replay, ids = self._clean(wait_for=None if full else outcome.commit_lsn)
             report.replication_wait_s = time.monotonic() - wait_began
             report.replay_lsn, report.replicated = replay, len(ids)
         report.duration_s = time.monotonic() - began
@@ -298,13 +301,16 @@ class Drain:
 
 
 def _add_cleanup(outcome: Outcome, tx: Transaction, registry: ModelRegistry) -> None:
-    outcome.cleanup["t"].append(tx.transaction_id)
+    """What to clean once the replica has replayed this transaction: its creates' caches, its
+    own overlays, its status."""
+    record: dict[str, list] = {"c": [], "o": [], "t": [tx.transaction_id]}
+    outcome.cleanup.append(record)
     for step in tx.steps:
         spec = registry.model(step.model_class)
         if step.operation in ("create", "bulk_create"):
-            outcome.cleanup["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
+            record["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
         else:
-            outcome.cleanup["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
+            record["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
 
 
 def _status_json(tx: Transaction, status: str) -> str:

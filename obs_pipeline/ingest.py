@@ -100,7 +100,7 @@ class TransactionBuilder:
     def _commit(self) -> None:
         if not self._tx.steps:
             raise InvalidTransaction(f"transaction {self.transaction_id} ({self._tx.endpoint}) has no steps")
-        validate(self._tx, self._buffer.registry)
+        validate(self._tx, self._buffer.registry, values_checked=True)  # each step was checked when added
         self._buffer._buffer_transaction(self._tx)
         self.committed = True
 
@@ -191,6 +191,9 @@ class TransactionBuffer:
         if until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
         deadline = time.monotonic() + max(0.0, timeout)
+        status = self.status(transaction_id)  # already there: no subscription needed
+        if status in _ORDER and _ORDER[status] >= _ORDER[until]:
+            return True
         pubsub = self._subscribe()
         try:
             while True:

@@ -35,7 +35,8 @@ class SiteKeys:
         return f"{self.prefix}buffered:{model}:{record_id}"
 
     def read_buffer(self, model: str, record_id: str) -> str:
-        """Hash: transaction_id -> pending update/delete of the record by that transaction."""
+        """List: pending updates/deletes of the record in buffering order, each entry JSON starting
+        with `{"tx":<transaction id>,` so cleanup removes exactly one transaction's contribution."""
         return f"{self.prefix}read_buffer:{model}:{record_id}"
 
     @property
@@ -73,6 +74,11 @@ class SiteKeys:
     def model_index(self, model: str) -> str:
         """Set: ids of records of `model` with buffered state (creates or overlays)."""
         return f"{self.prefix}index:{model}"
+
+    def overlay_index(self, model: str) -> str:
+        """Set: ids of records of `model` with a non-empty read buffer; `search` reads only these
+        read buffers instead of one per indexed id."""
+        return f"{self.prefix}overlaid:{model}"
 
     @property
     def stats(self) -> str:

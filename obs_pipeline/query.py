@@ -2,21 +2,27 @@
 
 Order of reads, and why a reader never sees a record vanish or go back in time:
 
-1. One Lua script reads the model's index and, for each id, the buffered create and the
-   pending overlays, atomically: no cleanup can run half-way through it, so a record is never
-   seen without an overlay that was cleaned together with it.
-2. Then one replica statement. Whatever the caches no longer held at step 1 had been replayed
-   by the replica before it was cleaned, so the later replica read has it (or something newer).
+1. One Lua script reads, atomically, the buffered creates of the model (through its index
+   `index:{model}`) and the pending overlays (through `overlaid:{model}`, the ids whose read
+   buffer is not empty). No cleanup runs half-way through it, so a record is never seen
+   without an overlay that was cleaned together with it, and an id cleaned between reading
+   the index and reading its record cannot happen.
+2. Then one replica statement. Whatever the caches no longer held at step 1 was replayed by
+   the replica before it was cleaned, so the later replica read has it, or something newer.
 
 Merging, per id: a pending delete hides the record; a buffered create is the record (the
-replica copy, if any, is not newer); otherwise the replica row. Pending updates are applied
-on top per column, in buffering order. Overlays that the replica already replayed are applied
-again harmlessly: an update sets values, it does not add to them.
+replica copy, if there is one, can only be newer by writes buffered after step 1); otherwise
+the replica row. Pending updates are applied on top, per column, in buffering order. An
+overlay the replica has already replayed is applied again harmlessly: updates set values.
+Hence each column shows a value at least as new as at step 1, and step 1 comes after every
+earlier read of the same reader: reads are monotonic (as long as the drain applies one
+record's transactions in buffering order, which it does).
 
-Filters: equality, a list for "any of", None for IS NULL, and `{op: value}` comparisons
-(`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered columns). The replica runs them as
-SQL, buffered records are checked in Python with the same semantics (text compared by code
-point, as `COLLATE "C"` does). Unknown columns or operators raise InvalidTransaction.
+Filters: equality, a list for "any of" (None in it matches null), None for IS NULL, and
+`{op: value}` comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered
+columns). The replica runs them as SQL; buffered records are tested in Python with the same
+semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does).
+Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import datetime as dt
 import decimal
 import json
 import operator
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import sqlalchemy as sa
@@ -40,74 +47,70 @@ _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
 _ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "uuid"}
-_PREFILTER_KINDS = {"int", "str", "uuid", "bool"}  # JSON forms compare exactly in Lua too
 _UTC = dt.timezone.utc
 
-# Buffered state of records of one model, read atomically (see the module docstring).
-# ARGV[1] key prefix, ARGV[2] model, ARGV[3] prefilter JSON or '', ARGV[4..] ids (none: the whole
-# index of the model). Returns one JSON array: [[id, created record or null, [overlay, ...]], ...];
-# ids with no buffered state left are omitted. Prefilter {column: [allowed JSON values]}: a created
-# record with no overlay whose value is none of them is left out (the answer stays a superset of
-# the matches; Python applies the exact filters).
+# The buffered state of records of one model, read atomically (see the module docstring).
+# ARGV[1] key prefix, ARGV[2] model, ARGV[3..] ids (none: the whole model, through its indexes).
+# Returns {records, overlays}: a JSON array of the created records still buffered (each holds
+# its own id), and a JSON array of [id, [overlay, ...]] for the ids with pending overlays.
+# The script holds Redis while it runs, so it does as little as it can: raw JSON is passed
+# through, never decoded; the records come from one native SORT ... GET over the model index
+# (one GET per id if the prefix holds SORT's `*` or `->`), and only the read buffers of
+# the ids in the overlay index are read.
 _READ_BUFFERED = """
 local prefix, model = ARGV[1], ARGV[2]
 local created = prefix .. 'buffered:' .. model .. ':'
 local overlaid = prefix .. 'read_buffer:' .. model .. ':'
-local pf = nil
-if ARGV[3] ~= '' then pf = cjson.decode(ARGV[3]) end
-local ids
-if #ARGV > 3 then
-  ids = {}
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+local recs, ovls = {}, {}
+local function overlays_of(id)
+  local o = redis.call('LRANGE', overlaid .. id, 0, -1)
+  if #o > 0 then ovls[#ovls + 1] = '[' .. cjson.encode(id) .. ',[' .. table.concat(o, ',') .. ']]' end
+end
+if #ARGV > 2 then
+  for i = 3, #ARGV do
+    local rec = redis.call('GET', created .. ARGV[i])
+    if rec then recs[#recs + 1] = rec end
+    overlays_of(ARGV[i])
+  end
 else
-  ids = redis.call('SMEMBERS', prefix .. 'index:' .. model)
-end
-local function keep(raw)
-  local doc = cjson.decode(raw)
-  for col, allowed in pairs(pf) do
-    local v, ok = doc[col], false
-    for _, a in ipairs(allowed) do
-      if v == a then ok = true break end
-    end
-    if not ok then return false end
+  local index = prefix .. 'index:' .. model
+  local found
+  if string.find(created, '*', 1, true) or string.find(created, '->', 1, true) then
+    found = {}
+    for _, id in ipairs(redis.call('SMEMBERS', index)) do found[#found + 1] = redis.call('GET', created .. id) end
+  else
+    found = redis.call('SORT', index, 'BY', 'nosort', 'GET', created .. '*')
   end
-  return true
-end
-local out = {}
-for _, id in ipairs(ids) do
-  local rec = redis.call('GET', created .. id)
-  local ovl = redis.call('LRANGE', overlaid .. id, 0, -1)
-  if (rec or #ovl > 0) and (pf == nil or #ovl > 0 or keep(rec)) then
-    out[#out + 1] = '[' .. cjson.encode(id) .. ',' .. (rec or 'null') .. ',[' .. table.concat(ovl, ',') .. ']]'
+  for _, rec in ipairs(found) do
+    if rec then recs[#recs + 1] = rec end
   end
+  for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'overlaid:' .. model)) do overlays_of(id) end
 end
-return '[' .. table.concat(out, ',') .. ']'
+return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']'}
 """
 
 
 @dataclass
 class Buffered:
-    """What the caches hold for one record."""
-    created: dict[str, Any] | None          # the record as created, while its create is buffered
-    overlays: list[dict[str, Any]] = field(default_factory=list)  # pending updates/deletes, in order
+    """What the caches held, at one instant, for records of one model."""
+    created: dict[str, dict[str, Any]]         # id -> record as created, while its create is buffered
+    overlays: dict[str, list[dict[str, Any]]]  # id -> pending updates/deletes, in buffering order
 
-    @property
-    def deleted(self) -> bool:
-        return any(o.get("op") == "delete" for o in self.overlays)
-
-    def touches(self, columns: set[str]) -> bool:
-        return any(columns.intersection(o.get("data") or ()) for o in self.overlays)
+    def deleted(self, rid: str) -> bool:
+        return any(o.get("op") == "delete" for o in self.overlays.get(rid, ()))
 
 
 @dataclass
 class _Filters:
     sql: list[Any]                                       # clauses for the replica
     tests: list[Callable[[dict[str, Any]], bool]]        # the same, on JSON-form rows
-    prefilter: dict[str, list[Any]]                      # equality sets for the Lua script
     columns: set[str]
 
     def match(self, row: dict[str, Any]) -> bool:
-        return all(test(row) for test in self.tests)
+        for test in self.tests:
+            if not test(row):
+                return False
+        return True
 
 
 class SmartQuery:
@@ -116,18 +119,23 @@ class SmartQuery:
         self.registry = registry
         self.replica_url = replica_url
         self._engine: sa.Engine | None = None
+        self._engine_lock = threading.Lock()
         self._read = store.redis.register_script(_READ_BUFFERED)
 
     @property
     def engine(self) -> sa.Engine | None:
-        if self._engine is None and self.replica_url:
+        if self._engine is not None or not self.replica_url:
+            return self._engine
+        with self._engine_lock:  # readers in several threads share one pool
+            if self._engine is not None:
+                return self._engine
             kwargs: dict[str, Any] = {}
             if self.replica_url.startswith("postgresql"):
                 kwargs["connect_args"] = {"options": "-c timezone=UTC", "connect_timeout": 5}
             # Autocommit: one statement, one snapshot, no ROLLBACK round trip per read.
             self._engine = sa.create_engine(self.replica_url, pool_size=2, max_overflow=4, pool_pre_ping=True,
                                             isolation_level="AUTOCOMMIT", **kwargs)
-        return self._engine
+            return self._engine
 
     def close(self) -> None:
         if self._engine is not None:
@@ -140,52 +148,55 @@ class SmartQuery:
         value = record_id(spec, record_id_, f"get of {spec.name}")
         rid = str(value)
         self._require_replica()
-        state = self.buffered(spec, [rid]).get(rid)          # 1. caches
-        if state is not None and state.deleted:
+        state = self.buffered(spec, [rid])                   # 1. caches
+        if state.deleted(rid):
             return None
-        if state is not None and state.created is not None:
-            return _overlay(spec, state.created, state.overlays)
+        overlays = state.overlays.get(rid, [])
+        created = next(iter(state.created.values()), None)
+        if created is not None:
+            return _merge(spec, created, overlays)
         pk = spec.table.c[spec.primary_key]
-        rows = self._select(spec, sa.select(spec.table).where(pk == _pk(spec, value)))  # 2.
-        base = rows.get(rid)
+        base = self._select(spec, sa.select(spec.table).where(pk == _pk(spec, value))).get(rid)  # 2. replica
         if base is None:
             return None
-        return _overlay(spec, base, state.overlays) if state is not None else base
+        return _merge(spec, base, overlays) if overlays else base
 
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         spec = self.registry.model(model)
         compiled = _compile(spec, filters or {})
         self._require_replica()
-        buffered = self.buffered(spec, None, compiled.prefilter)   # 1. caches
+        state = self.buffered(spec, None)                    # 1. caches
+        hidden = {rid for rid in state.overlays if state.deleted(rid)}
+        datetimes = _datetime_columns(spec)
         out: dict[str, dict[str, Any]] = {}
-        by_id: list[str] = []        # overlay-only records whose overlays may change a filtered column
-        overlaid: dict[str, Buffered] = {}
-        hidden: set[str] = set()
-        for rid, state in buffered.items():
-            if state.deleted:
-                hidden.add(rid)
-            elif state.created is not None:
-                row = _overlay(spec, state.created, state.overlays)
-                if compiled.match(row):
+        match = compiled.match
+        for rid, record in state.created.items():
+            overlays = state.overlays.get(rid)
+            if overlays is None:  # filters hold on the record as stored: merge only what matches
+                if match(record):
+                    out[rid] = _merge(spec, record, (), datetimes)
+            elif rid not in hidden:
+                row = _merge(spec, record, overlays, datetimes)
+                if match(row):
                     out[rid] = row
-            else:
-                overlaid[rid] = state
-                if compiled.sql and state.touches(compiled.columns):
-                    by_id.append(rid)
+        # Records on the replica with pending updates: if an update sets a filtered column, the
+        # replica row may match only once updated, so fetch those by id too and test in Python.
+        by_id = [rid for rid, overlays in state.overlays.items()
+                 if rid not in state.created and rid not in hidden and compiled.sql
+                 and any(compiled.columns.intersection(o.get("data") or ()) for o in overlays)]
         stmt = sa.select(spec.table)
         if compiled.sql:
             where = sa.and_(*compiled.sql)
             if by_id:
-                pk = spec.table.c[spec.primary_key]
-                where = sa.or_(where, pk.in_([_pk(spec, i) for i in by_id]))
+                where = sa.or_(where, spec.table.c[spec.primary_key].in_([_pk(spec, i) for i in by_id]))
             stmt = stmt.where(where)
         recheck = set(by_id)
-        for rid, row in self._select(spec, stmt).items():      # 2. replica
-            if rid in hidden or rid in buffered and buffered[rid].created is not None:
+        for rid, row in self._select(spec, stmt).items():     # 2. replica
+            if rid in hidden or rid in state.created:
                 continue
-            state = overlaid.get(rid)
-            if state is not None:
-                row = _overlay(spec, row, state.overlays)
+            overlays = state.overlays.get(rid)
+            if overlays:
+                row = _merge(spec, row, overlays, datetimes)
             if rid in recheck and not compiled.match(row):
                 continue
             out[rid] = row
@@ -198,22 +209,29 @@ class SmartQuery:
 
         spec = self.registry.model(model)
         rows = self.search(model, filters)
-        data = {}
-        for name, column in spec.columns.items():
-            values = [row[name] for row in rows]
-            data[name] = _series(pd, column, values)
+        data = {name: _series(pd, column, [row[name] for row in rows]) for name, column in spec.columns.items()}
         return pd.DataFrame(data, columns=list(spec.columns))
 
     # --- internals ----------------------------------------------------------------------------
-    def buffered(self, spec: ModelSpec, ids: list[str] | None,
-                 prefilter: dict[str, list[Any]] | None = None) -> dict[str, Buffered]:
-        """id -> buffered state, for these ids or (None) every id in the model's index."""
+    def buffered(self, spec: ModelSpec, ids: list[str] | None) -> Buffered:
+        """What the caches hold for these ids or (None) for every id in the model's index."""
         if ids is not None and not ids:
+            return Buffered({}, {})
+        records, overlays = self._read(args=[self.store.keys.prefix, spec.name, *(ids or ())])
+        pk = spec.primary_key
+        created = {}
+        for record in json.loads(records):
+            if isinstance(record, dict) and record.get(pk) is not None:
+                created[str(record[pk])] = record
+        return Buffered(created, {str(rid): entries for rid, entries in json.loads(overlays)})
+
+    def _replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Rows of these ids on the replica alone, id -> row (ingest uses it when Redis is down)."""
+        if not ids:
             return {}
-        raw = self._read(args=[self.store.keys.prefix, spec.name,
-                               json.dumps(prefilter, separators=(",", ":")) if prefilter else "", *(ids or ())])
-        entries = json.loads(raw)
-        return {str(rid): Buffered(created, overlays) for rid, created, overlays in entries}
+        self._require_replica()
+        pk = spec.table.c[spec.primary_key]
+        return self._select(spec, sa.select(spec.table).where(pk.in_([_pk(spec, i) for i in ids])))
 
     def _require_replica(self) -> None:
         if not self.replica_url:
@@ -223,7 +241,7 @@ class SmartQuery:
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
         names = [c.key for c in spec.table.columns]
         convert = [_FROM_DB.get(spec.columns[n].kind, _same) for n in names]
-        pk_index = names.index(spec.primary_key)
+        pk = spec.primary_key
         for attempt in (1, 2):
             try:
                 with self.engine.connect() as conn:
@@ -236,26 +254,31 @@ class SmartQuery:
         out = {}
         for row in rows:
             record = {n: (None if v is None else f(v)) for n, f, v in zip(names, convert, row)}
-            out[str(record[names[pk_index]])] = record
+            out[str(record[pk])] = record
         return out
 
 
 # --- merging --------------------------------------------------------------------------------
 
-def _overlay(spec: ModelSpec, record: dict[str, Any], overlays: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every column of the model, pending updates applied per column, datetimes in UTC."""
-    merged = {name: record.get(name) for name in spec.columns}
+def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
+           datetimes: list[str] | None = None) -> dict[str, Any]:
+    """Every column of the model in order, pending updates applied per column, datetimes in UTC."""
+    merged = dict.fromkeys(spec.columns)
+    merged.update(record)
     for entry in overlays:
         if entry.get("op") == "update":
-            for name, value in (entry.get("data") or {}).items():
-                if name in merged:
-                    merged[name] = value
-    for name, column in spec.columns.items():
-        if column.kind == "datetime":
-            value = merged[name]
-            if isinstance(value, str) and not value.endswith("+00:00"):
-                merged[name] = _utc_iso(value)
+            merged.update(entry.get("data") or ())
+    if len(merged) != len(spec.columns):  # a key that is no column (a foreign writer): drop it
+        merged = {name: merged[name] for name in spec.columns}
+    for name in _datetime_columns(spec) if datetimes is None else datetimes:
+        value = merged[name]
+        if value.__class__ is str and value[-6:] != "+00:00":
+            merged[name] = _utc_iso(value)
     return merged
+
+
+def _datetime_columns(spec: ModelSpec) -> list[str]:
+    return [name for name, column in spec.columns.items() if column.kind == "datetime"]
 
 
 def _utc_iso(value: str) -> str:
@@ -315,12 +338,12 @@ def _parse_utc(value: Any) -> dt.datetime:
 
 
 def _compile(spec: ModelSpec, filters: Any) -> _Filters:
-    """Check the filters (unknown columns and operators are errors) and build the SQL clauses,
-    the Python tests that agree with them, and the equality prefilter for the Lua script."""
+    """Check the filters (unknown columns and operators are errors) and build the SQL clauses
+    and the Python tests that agree with them (one test per column, parsing a value once)."""
     if not isinstance(filters, dict):
         raise InvalidTransaction(f"search filters on {spec.name} must be a dict of column -> value, "
                                  f"not {type(filters).__name__}")
-    compiled = _Filters([], [], {}, set())
+    compiled = _Filters([], [], set())
     for name, condition in filters.items():
         col = spec.column(name)
         if col.kind == "json":
@@ -331,20 +354,27 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
             if isinstance(condition, dict):
                 if not condition:
                     raise InvalidTransaction(f"search on {spec.name}.{name}: empty comparison {{}}")
+                ops = []
                 for op, value in condition.items():
-                    _comparison(spec, name, col, column, key, op, value, compiled)
+                    ops.extend(_comparison(spec, name, col, column, key, op, value, compiled))
+                if ops:
+                    compiled.tests.append(_test(name, key, ops))
             elif isinstance(condition, (list, tuple, set, frozenset)):
                 values = [col.check(v) for v in condition if v is not None]
                 with_null = any(v is None for v in condition)
-                targets = {key(v) for v in values}
                 clause = column.in_([col.to_python(v) for v in values])
                 compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
-                compiled.tests.append(lambda row, n=name, k=key, t=targets, z=with_null:
-                                      (z if row.get(n) is None else k(row[n]) in t))
-                if not with_null and col.kind in _PREFILTER_KINDS:
-                    compiled.prefilter[name] = values
+                targets = {key(v) for v in values}
+                if key is _same:
+                    targets |= {None} if with_null else set()
+                    compiled.tests.append(lambda row, n=name, t=frozenset(targets): row.get(n) in t)
+                else:
+                    compiled.tests.append(lambda row, n=name, k=key, t=targets, z=with_null:
+                                          (z if row.get(n) is None else k(row[n]) in t))
             else:
-                _comparison(spec, name, col, column, key, "==", condition, compiled)
+                ops = _comparison(spec, name, col, column, key, "==", condition, compiled)
+                if ops:
+                    compiled.tests.append(_test(name, key, ops))
         except ValueError as error:
             if isinstance(error, InvalidTransaction):
                 raise
@@ -352,8 +382,29 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
     return compiled
 
 
+def _test(name: str, key: Callable[[Any], Any], ops: list[tuple[Callable[[Any, Any], bool], Any]]
+          ) -> Callable[[dict[str, Any]], bool]:
+    """A row test for comparisons of one column (never true for null)."""
+    if key is _same and len(ops) == 1 and ops[0][0] is operator.eq:
+        target = ops[0][1]
+        return lambda row: row.get(name) == target
+
+    def test(row: dict[str, Any]) -> bool:
+        value = row.get(name)
+        if value is None:
+            return False
+        value = key(value)
+        for compare, target in ops:
+            if not compare(value, target):
+                return False
+        return True
+    return test
+
+
 def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: Callable[[Any], Any], op: Any,
-                value: Any, compiled: _Filters) -> None:
+                value: Any, compiled: _Filters) -> list[tuple[Callable[[Any, Any], bool], Any]]:
+    """Add the SQL clause; return the (compare, target) pair for the Python test, or none for
+    a null check (its test is added here)."""
     if op not in _COMPARISONS:
         raise InvalidTransaction(f"search on {spec.name}.{name}: unknown operator {op!r} "
                                  f"(use one of {', '.join(_COMPARISONS)})")
@@ -363,24 +414,21 @@ def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: C
         compiled.sql.append(column.is_(None) if op == "==" else column.is_not(None))
         compiled.tests.append((lambda row, n=name: row.get(n) is None) if op == "==" else
                               (lambda row, n=name: row.get(n) is not None))
-        return
+        return []
     if op not in ("==", "!=") and col.kind not in _ORDERED_KINDS:
         raise InvalidTransaction(f"search on {spec.name}.{name}: {op} needs an ordered column "
                                  f"({col.kind} is not); use == or a list")
     checked = col.check(value)
-    target, compare = key(checked), _COMPARISONS[op]
-    bound = col.to_python(checked)
+    compare = _COMPARISONS[op]
     sql_column = column.collate("C") if col.kind == "str" and op not in ("==", "!=") else column
-    compiled.sql.append(compare(sql_column, bound))
-    compiled.tests.append(lambda row, n=name, k=key, t=target, c=compare:
-                          row.get(n) is not None and c(k(row[n]), t))
-    if op == "==" and col.kind in _PREFILTER_KINDS:
-        compiled.prefilter[name] = [checked]
+    compiled.sql.append(compare(sql_column, col.to_python(checked)))
+    return [(compare, key(checked))]
 
 
 def _series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
-    if column.kind == "datetime":
-        return pd.to_datetime(pd.Series(values, dtype="object"), utc=True, format="ISO8601")
+    if column.kind == "datetime":  # microseconds, as PostgreSQL keeps them, whatever pandas would infer
+        return pd.to_datetime(pd.Series(values, dtype="object"), utc=True, format="ISO8601").astype(
+            pd.DatetimeTZDtype(unit="us", tz="UTC"))
     if column.kind in ("uuid", "str"):
         return pd.Series(values, dtype="string")
     if column.kind == "int":
@@ -390,5 +438,5 @@ def _series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
     if column.kind == "bool":
         return pd.Series(values, dtype="boolean")
     if column.kind == "date":
-        return pd.to_datetime(pd.Series(values, dtype="object"), format="ISO8601")
+        return pd.to_datetime(pd.Series(values, dtype="object"), format="ISO8601").astype("datetime64[us]")
     return pd.Series(values, dtype="object")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,8 @@ def _rss_kb(pid: int) -> int | None:
 
 def run_drain(ctx: BenchContext, settings: Settings, batch_size: int, *, profile: str | None = None,
               sample_s: float = 0.1, while_running: Callable[[subprocess.Popen], None] | None = None) -> dict:
-    """One drain run in a child process; returns its figures plus sampled RSS [(t, MB)]."""
+    """One drain run in a child process; returns its figures plus samples [(s since the run began,
+    drain RSS MiB, Redis used_memory MiB)] taken by a thread while `while_running(proc)` runs here."""
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         result_path = Path(tmp) / "result.json"
         cfg = {"settings": dataclasses.asdict(settings), "batch_size": batch_size, "profile": profile,
@@ -40,25 +42,33 @@ def run_drain(ctx: BenchContext, settings: Settings, batch_size: int, *, profile
         with open(ctx.work_dir / "drain_child.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "obs_pipeline.bench.drain_child", json.dumps(cfg)],
                                     stdout=log, stderr=subprocess.STDOUT)
-            samples: list[tuple[float, float]] = []
-            began = time.monotonic()
+            samples: list[tuple[float, float, float]] = []
+            sampler = threading.Thread(target=_sample, args=(ctx, proc, sample_s, samples), daemon=True)
+            sampler.start()
             try:
                 if while_running:
                     while_running(proc)
-                while proc.poll() is None:
-                    rss = _rss_kb(proc.pid)
-                    if rss is not None:
-                        samples.append((round(time.monotonic() - began, 2), round(rss / 1024, 1)))
-                    time.sleep(sample_s)
+                proc.wait()
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+                sampler.join()
         if proc.returncode != 0 or not result_path.exists():
             raise RuntimeError(f"the drain child exited with {proc.returncode}; see {ctx.work_dir / 'drain_child.log'}")
         result = json.loads(result_path.read_text())
-    result["rss_samples_mb"] = samples
+    # only samples taken while Drain.run ran (not the child's start-up), timed from its start
+    start = result["run_started_at"]
+    result["samples"] = [(round(t - start, 2), rss, redis_mb) for t, rss, redis_mb in samples if t >= start]
     return result
+
+
+def _sample(ctx: BenchContext, proc: subprocess.Popen, every_s: float, out: list) -> None:
+    while proc.poll() is None:
+        rss = _rss_kb(proc.pid)
+        if rss is not None:
+            out.append((time.time(), round(rss / 1024, 1), round(ctx.used_memory() / 2**20, 1)))
+        time.sleep(every_s)
 
 
 def summarize(result: dict, expected_tx: int, expected_rows: int, rows_on_main: int, batch_size: int) -> dict:
@@ -88,9 +98,11 @@ def summarize(result: dict, expected_tx: int, expected_rows: int, rows_on_main: 
         "dead_lettered": result["summary"]["dead_lettered"],
         "complete": applied == expected_tx and rows_on_main == expected_rows
         and result["summary"]["replicated"] >= expected_tx,
-        "peak_rss_mb": round(result["ru_maxrss_kb"] / 1024, 1),
+        "peak_rss_mb": round(result["peak_rss_kb"] / 1024, 1),
+        "peak_rss_measure": "VmHWM of the drain process (/proc/self/status at the end of its run)",
+        "ru_maxrss_mb": round(result["ru_maxrss_kb"] / 1024, 1),
         "rss_before_run_mb": round(result["rss_before_run_kb"] / 1024, 1),
-        "rss_samples_mb": result["rss_samples_mb"],
+        "samples_t_rss_redis_mb": result["samples"],
     }
 
 
@@ -99,5 +111,5 @@ def median_run(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["tx_per_s"])
     chosen = dict(ordered[len(ordered) // 2])
     chosen["repeats_tx_per_s"] = [round(r["tx_per_s"], 1) for r in runs]
-    chosen.pop("rss_samples_mb", None)  # keeps results.json small; the long-outage mode keeps its series
+    chosen.pop("samples_t_rss_redis_mb", None)  # keeps results.json small; the long-outage mode keeps its series
     return chosen

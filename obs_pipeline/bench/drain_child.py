@@ -1,6 +1,6 @@
 """One drain run in its own process: `python -m obs_pipeline.bench.drain_child CONFIG_JSON`.
 
-Its own process so that its peak memory (getrusage ru_maxrss) is the drain's alone and the
+Its own process so that its peak memory (VmHWM, see `_peak_rss_kb`) is the drain's alone and the
 parent can sample its RSS over time, and so the drain gets a core of its own while the
 parent ingests (long-outage mode). It times `Drain.run(until_empty=True)` - from the first
 claim to everything replicated and cleaned, connecting to main included - and splits the
@@ -21,6 +21,16 @@ from collections import defaultdict
 def _rss_kb() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def _peak_rss_kb() -> int:
+    """VmHWM: the peak RSS of this process image. Not getrusage's ru_maxrss, which on Linux keeps
+    the forking parent's RSS across fork+exec (a bench parent of 300 MB makes a child "peak" at 300)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _timed(obj, name: str, spent: dict[str, float]) -> None:
@@ -57,6 +67,7 @@ def main(argv: list[str]) -> int:
                         "dur": r.duration_s, "replicated": r.replicated, "dead": len(r.dead_lettered)})
 
     rss_before = _rss_kb()
+    run_started_at = time.time()
     profiler = cProfile.Profile() if cfg.get("profile") else None
     began = time.perf_counter()
     if profiler:
@@ -71,7 +82,9 @@ def main(argv: list[str]) -> int:
     if profiler:
         profiler.dump_stats(cfg["profile"])
     result = {"elapsed_s": elapsed, "summary": summary.__dict__, "batches": batches, "spent_s": dict(spent),
-              "rss_before_run_kb": rss_before, "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+              "rss_before_run_kb": rss_before,
+              "run_started_at": run_started_at, "peak_rss_kb": _peak_rss_kb(),
+              "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     with open(cfg["result"], "w") as fh:
         json.dump(result, fh)
     return 0

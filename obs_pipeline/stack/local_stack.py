@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import os
 from pathlib import Path
 
@@ -122,8 +123,12 @@ class LocalStack:
         if pg_bin_is_from_wheel() and not (pg_dir / "main" / "PG_VERSION").exists():
             open_tree(bin_dir.parent)  # once, before initdb: share/ and lib/ must be readable too
 
-    def _check_ports(self, wanted: dict[str, int]) -> None:
+    def _check_ports(self, wanted: dict[str, int], grace_s: float = 5.0) -> None:
+        """A process that was just killed can hold its port a moment longer: wait a little."""
         for name, port in wanted.items():
+            deadline = time.monotonic() + grace_s
+            while not port_is_free(port) and time.monotonic() < deadline:
+                time.sleep(0.05)
             if not port_is_free(port):
                 raise StackError(f"port {port} saved for {name} in {self.config_path} is in use by another "
                                  f"process; stop that process or delete {self.directory} to start afresh")

@@ -1,0 +1,107 @@
+"""Rendering row writes into one SQL script, so a whole batch costs one round trip.
+
+Statement shapes come from SQLAlchemy Core over the mapped tables (compiled once per table
+and column set); values are quoted by psycopg2's own `mogrify`, the same client-side
+quoting psycopg2 applies to every bound parameter. Nothing from a payload becomes SQL text
+except through that quoting: table and column names come from the model registry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+from psycopg2.extras import Json
+
+from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.schema import applied_transactions
+from obs_pipeline.wire import RowWrite
+
+
+class BatchSql:
+    def __init__(self, registry: ModelRegistry, dialect: sa.Dialect):
+        self.registry = registry
+        self.dialect = dialect
+        self._templates: dict[tuple, tuple[str, str]] = {}
+
+    def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
+        """Statements for the writes: multi-row inserts parents first, then updates, then
+        deletes children first; and the number of rows per model."""
+        inserts, updates, deletes = defaultdict(list), defaultdict(list), defaultdict(list)
+        rows_per_model: dict[str, int] = defaultdict(int)
+        for w in writes:
+            model = self.registry.model(w.model)
+            values = {name: _bindable(model.columns[name].kind, model.columns[name].to_python(v))
+                      for name, v in w.values.items()}
+            if w.operation == "insert":
+                inserts[(model.name, tuple(sorted(values)))].append(values)
+            elif w.operation == "update":
+                values["_pk"] = _bindable(model.columns[model.primary_key].kind, w.record_id)
+                updates[(model.name, tuple(sorted(values)))].append(values)
+            else:
+                deletes[model.name].append({"_pk": _bindable(model.columns[model.primary_key].kind, w.record_id)})
+            rows_per_model[model.name] += 1
+        rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.name, 0)  # noqa: E731
+        out = []
+        for (name, columns), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
+            head, row = self._template("insert", name, columns)
+            out.append(head.encode() + b",".join(cursor.mogrify(row, r) for r in rows))
+        for (name, columns), rows in updates.items():
+            _, stmt = self._template("update", name, columns)
+            out.extend(cursor.mogrify(stmt, r) for r in rows)
+        for name, rows in sorted(deletes.items(), key=lambda kv: -rank(kv[0])):
+            _, stmt = self._template("delete", name, ())
+            out.extend(cursor.mogrify(stmt, r) for r in rows)
+        return out, dict(rows_per_model)
+
+    def writes_in_order(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
+        """One statement per write, in the transaction's own order (for a lone transaction whose
+        writes cannot be folded, e.g. a row deleted and created again)."""
+        out: list[bytes] = []
+        rows: dict[str, int] = defaultdict(int)
+        for w in writes:
+            statements, counted = self.writes(cursor, [w])
+            out.extend(statements)
+            rows[w.model] += counted[w.model]
+        return out, dict(rows)
+
+    def record_applied(self, cursor: Any, transaction_ids: list[str], site: str) -> bytes:
+        head, row = self._template("applied", "", ("site", "transaction_id"))
+        return head.encode() + b",".join(cursor.mogrify(row, {"transaction_id": t, "site": site})
+                                         for t in transaction_ids)
+
+    def _template(self, kind: str, model_name: str, columns: tuple[str, ...]) -> tuple[str, str]:
+        key = (kind, model_name, columns)
+        if key not in self._templates:
+            self._templates[key] = self._compile(kind, model_name, columns)
+        return self._templates[key]
+
+    def _compile(self, kind: str, model_name: str, columns: tuple[str, ...]) -> tuple[str, str]:
+        if kind == "applied":
+            table, pk = applied_transactions, None
+        else:
+            model = self.registry.model(model_name)
+            table, pk = model.table, model.table.c[model.primary_key]
+        if kind in ("insert", "applied"):
+            stmt = sa.insert(table).values({c: sa.bindparam(c) for c in columns})
+            sql = str(stmt.compile(dialect=self.dialect))
+            head, _, row = sql.partition(" VALUES ")
+            return head + " VALUES ", row
+        if kind == "update":
+            stmt = sa.update(table).where(pk == sa.bindparam("_pk")).values(
+                {c: sa.bindparam(c) for c in columns if c != "_pk"})
+        else:
+            stmt = sa.delete(table).where(pk == sa.bindparam("_pk"))
+        return "", str(stmt.compile(dialect=self.dialect))
+
+
+def _bindable(kind: str, value: Any) -> Any:
+    """psycopg2 quotes str/int/float/bool/datetime itself; a uuid goes as its text (an untyped
+    literal PostgreSQL casts to the column's type) and JSON as Json."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if kind in ("json", "any") and isinstance(value, (dict, list)):
+        return Json(value)
+    return value

@@ -1,0 +1,140 @@
+"""From results to table rows, comparisons and chart points (targets beside the figures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from obs_pipeline.bench.report import row
+
+
+def _ok(section: Any) -> bool:
+    return isinstance(section, dict) and "error" not in section
+
+
+def _ge(value: Any, target: float) -> bool | None:
+    return None if value is None else value >= target
+
+
+def _split(drain: dict) -> str:
+    """Where a drain run's time went: apply_batch on main; claim, mark, holders, acknowledge and
+    clean on Redis; polling the replica; the rest is the drain's own Python (parse, validate, JSON)."""
+    spent = drain["time_split_s"]
+    main, wait = spent.get("apply_batch", 0.0), spent.get("wait_for_replay", 0.0)
+    redis = sum(v for k, v in spent.items() if k not in ("apply_batch", "wait_for_replay"))
+    rest = drain["elapsed_s"] - main - wait - redis
+    return " / ".join(f"{v:.2f}" for v in (main, redis, wait, rest, drain["elapsed_s"]))
+
+
+def build_rows(results: dict) -> tuple[list[dict], dict]:
+    rows: list[dict] = []
+    comparison: dict[str, dict] = {}
+    far = str(results.get("far_rtt_ms", 250))
+    far_is_250 = far == "250"
+    ingest = results.get("ingest")
+    if _ok(ingest):
+        rows += [row("ingest", "latency p50", ingest["p50_ms"], "ms"),
+                 row("ingest", "latency p99", ingest["p99_ms"], "ms", "<= 1 ms", ingest["p99_ms"] <= 1.0),
+                 row("ingest", "throughput, one process", ingest["throughput_tx_s"], "tx/s", ">= 5,000",
+                     _ge(ingest["throughput_tx_s"], 5000))]
+    for key, drain in results.get("drain", {}).items():
+        if not _ok(drain):
+            continue
+        rtt = key.split("_")[0]
+        way = "no proxy" if rtt == "0" else f"proxy {int(rtt) / 2:g} ms each way"
+        label = f"drain @{rtt} ms RTT ({way}), batch {drain['batch_size']}"
+        target, met = "", None
+        if key == "0":
+            target, met = ">= 5,000", _ge(drain["tx_per_s"], 5000)
+        elif rtt == far and far_is_250:
+            target, met = ">= 1,000", _ge(drain["tx_per_s"], 1000)
+        rows += [row(label, f"transactions/s (n={drain['transactions']:,}"
+                            + (f", median of {drain['repeats']})" if drain.get("repeats", 1) > 1 else ")"),
+                     drain["tx_per_s"], "tx/s", target, met),
+                 row(label, "rows/s", drain["rows_per_s"], "rows/s"),
+                 row(label, "round trips to main per batch (median / max)",
+                     f"{drain['round_trips_per_batch_median']:g} / {drain['round_trips_per_batch_max']}",
+                     target="constant in batch size"),
+                 row(label, "time: main / Redis / replica wait / rest / total", _split(drain), "s"),
+                 row(label, "peak RSS of the drain process (VmHWM)", drain["peak_rss_mb"], "MiB")]
+        if not drain["complete"]:
+            rows.append(row(label, "all rows on main and replicated", False))
+    drain0 = results.get("drain", {}).get("0")
+    if _ok(drain0):
+        rows.append(row("redis", "INFO used_memory delta / N, per buffered tx", drain0["redis_bytes_per_tx"], "bytes"))
+        rows.append(row("redis", "queue entry (transaction JSON)", drain0["queue_entry_bytes"], "bytes"))
+    fold = results.get("fold")
+    if _ok(fold):
+        rows += [row("fold (start+files+finish)", "fold ratio writes before/after", fold["fold_ratio"], "x",
+                     "> 1"), row("fold (start+files+finish)", "transactions/s @0 ms", fold["tx_per_s"], "tx/s")]
+    for key, ceiling in results.get("ceiling", {}).items():
+        if not _ok(ceiling):
+            continue
+        drain = results.get("drain", {}).get(key)
+        fraction = drain["rows_per_s"] / ceiling["rows_per_s"] if _ok(drain) else None
+        comparison.setdefault(key, {})["fraction_of_copy"] = fraction
+        label = f"COPY ceiling @{key} ms"
+        rows += [row(label, "rows/s, one transaction (same rows)", ceiling["rows_per_s"], "rows/s"),
+                 row(label, "= transactions/s equivalent", ceiling["tx_equivalent_per_s"], "tx/s"),
+                 row(label, "drain as fraction of COPY", None if fraction is None else 100 * fraction, "%",
+                     ">= 50%" if key == "0" else "", None if fraction is None or key != "0" else fraction >= 0.5)]
+    for key, base in results.get("baseline", {}).items():
+        if not _ok(base):
+            continue
+        drain = results.get("drain", {}).get(key)
+        ratio = drain["tx_per_s"] / base["tx_per_s"] if _ok(drain) and base["tx_per_s"] else None
+        comparison.setdefault(key, {}).update(ours_tx_s=drain["tx_per_s"] if _ok(drain) else None,
+                                              baseline_tx_s=base["tx_per_s"], ratio=ratio)
+        target = ">= 100x" if key == "0" else ">= 1,000x" if key == "250" else ""
+        met = None if ratio is None or not target else ratio >= (100 if key == "0" else 1000)
+        label = f"seed 000 loop @{key} ms"
+        rows += [row(label, f"transactions/s (n={base['transactions']})", base["tx_per_s"], "tx/s"),
+                 row(label, "ours / baseline", ratio, "x", target, met)]
+        if not base["complete"]:
+            rows.append(row(label, "all rows on main", False))
+    burst = results.get("dagster_burst")
+    if _ok(burst):
+        label = f"Dagster burst @{burst['rtt_ms']} ms"
+        rows += [row(label, "replicated", f"{burst['replicated']:,} / {burst['transactions']:,}"),
+                 row(label, "buffering to replicated p50", burst["p50_s"], "s"),
+                 row(label, "buffering to replicated p99", burst["p99_s"], "s"),
+                 row(label, "first buffered to last replicated", burst["last_s"], "s", "<= 60 s",
+                     None if burst["last_s"] is None else burst["complete"] and burst["last_s"] <= 60),
+                 row(label, "burst start to first picked up (sensor + queue + launch)", burst["picked_up_s"], "s"),
+                 row(label, "daemon cold start to first replicated", burst["cold_start_s"], "s")]
+    outage = results.get("outage")
+    if _ok(outage):
+        label = f"long outage, backlog {outage['backlog']:,}"
+        rss = outage["drain_rss_mb_first_last_max"] or [None, None, None]
+        rows += [row(label, "Redis used_memory with the backlog", outage["redis_used_memory_backlog_mb"], "MiB"),
+                 row(label, "Redis bytes per buffered transaction", outage["redis_bytes_per_tx"], "bytes"),
+                 row(label, "drain transactions/s", outage["drain"]["tx_per_s"], "tx/s"),
+                 row(label, "drain RSS first / last / max sample", f"{rss[0]} / {rss[1]} / {rss[2]}", "MiB",
+                     "flat"),
+                 row(label, "ingest p99 while draining", outage["ingest_while_draining"].get("p99_ms"), "ms",
+                     "<= 1 ms"),
+                 row(label, "backlog drained and replicated", outage["drain"]["complete"])]
+    return rows, comparison
+
+
+def chart_points(results: dict) -> tuple[dict[str, dict[int, float]], list[str]]:
+    points: dict[str, dict[int, float]] = {"ours": {}, "ours, large batch": {}, "seed 000 loop (baseline)": {},
+                                           "COPY ceiling": {}}
+    large = None
+    for key, drain in results.get("drain", {}).items():
+        if _ok(drain):
+            name = "ours, large batch" if key.endswith("_large_batch") else "ours"
+            points[name][int(key.split("_")[0])] = drain["tx_per_s"]
+            large = drain["batch_size"] if key.endswith("_large_batch") else large
+    if large:
+        points[f"ours, batch {large}"] = points.pop("ours, large batch")
+    for key, base in results.get("baseline", {}).items():
+        if _ok(base):
+            points["seed 000 loop (baseline)"][int(key)] = base["tx_per_s"]
+    for key, ceiling in results.get("ceiling", {}).items():
+        if _ok(ceiling):
+            points["COPY ceiling"][int(key)] = ceiling["tx_equivalent_per_s"]
+    notes = [f"{k} ms RTT: ours {v['ratio']:,.0f}x the seed 000 loop" for k, v in
+             sorted(results.get("comparison", {}).items(), key=lambda kv: int(kv[0])) if v.get("ratio")]
+    notes.append(f"{results['batch_size']}-transaction batches unless said; RTT = 2 x the proxy's one-way delay; "
+                 "COPY ceiling = same rows in one COPY transaction")
+    return points, notes

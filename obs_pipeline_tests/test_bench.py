@@ -1,0 +1,72 @@
+"""`obs-pipeline bench --quick`: the whole benchmark, small, on its own fresh stack.
+
+Checks the shape and sanity of what it writes, never a speed: these machines are 2 noisy
+cores, so the figures are reported against targets, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_section(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "bench", "--quick", "--backlog", "2000",
+                           "--out", str(out)], capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["errors"] == []
+    assert results["quick"] is True and "bench --out" in results["command"]
+
+    machine = results["machine"]
+    assert machine["nproc"] >= 1 and machine["cpu_model"] and machine["postgresql"] and machine["redis"]
+
+    ingest = results["ingest"]
+    assert 0 < ingest["p50_ms"] <= ingest["p99_ms"]
+    assert _positive(ingest["throughput_tx_s"])
+
+    far = str(results["far_rtt_ms"])
+    assert int(far) > 0
+    for rtt in ("0", far):
+        drain = results["drain"][rtt]
+        assert drain["complete"], drain
+        assert _positive(drain["tx_per_s"]) and _positive(drain["rows_per_s"])
+        assert drain["rows"] == 4 * drain["transactions"]
+        assert _positive(drain["round_trips_per_batch_median"])
+        assert _positive(drain["peak_rss_mb"])
+        assert _positive(results["ceiling"][rtt]["rows_per_s"])
+        baseline = results["baseline"][rtt]
+        assert baseline["complete"], baseline
+        assert _positive(baseline["tx_per_s"])
+        assert _positive(results["comparison"][rtt]["ratio"])
+        assert _positive(results["comparison"][rtt]["fraction_of_copy"])
+    assert results["drain"]["0"]["batch_size"] == results["batch_size"]
+    assert _positive(results["drain"]["0"]["redis_bytes_per_tx"])
+
+    fold = results["fold"]
+    assert fold["complete"] and fold["fold_ratio"] > 1.0  # finishes folded into their starts
+
+    burst = results["dagster_burst"]
+    assert burst["complete"] and burst["replicated"] == burst["transactions"] > 0
+    assert 0 < burst["p50_s"] <= burst["p99_s"] and _positive(burst["last_s"])
+
+    outage = results["outage"]
+    assert outage["backlog"] == 2000 and outage["drain"]["complete"]
+    assert _positive(outage["redis_bytes_per_tx"]) and outage["samples_t_rss_redis_mb"]
+    assert _positive(outage["ingest_while_draining"]["p99_ms"])
+
+    assert results["table"] and all(r["shown"] for r in results["table"])
+    for chart in ("throughput_vs_rtt.png", "backlog_memory.png"):
+        assert (out / chart).read_bytes()[:8] == PNG_MAGIC
+    assert "ingest" in proc.stdout and "seed 000 loop" in proc.stdout  # the table was printed

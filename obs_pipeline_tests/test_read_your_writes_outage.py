@@ -1,0 +1,142 @@
+"""Issue 4: an observation starts, records files and finishes while main is unreachable;
+get and search show it, finished, with its files, at every step. Once main is back and the
+drain has run, the same answers come from the replica and the read caches are empty.
+
+Two ways main is unreachable: the drain does not run at all, or it runs against a stopped
+main (transient errors, retried). The `stack` fixture is shared by the whole session: main is
+always started again, and the replica streaming again, before the test ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline_tests.conftest import wait_for_replica
+from obs_pipeline_tests.test_smart_query import cache_keys
+from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+START = "2025-03-01T23:59:00Z"
+END = "2025-03-02T00:09:30Z"
+
+
+def observe_and_check(buf: TransactionBuffer) -> dict:
+    """Start -> files -> finish, checking reads after each step; returns the final answers."""
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": START, "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+    assert [r["id"] for r in buf.search("ExecutedObsUnit", {"obs_unit_id": 123, "status": "running"})] == [obs["id"]]
+    assert buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]}) == []
+
+    with buf.transaction(endpoint="record_files") as tx:
+        files = tx.bulk_create("RawDataFile", [{"name": f"obs_123_{i:03d}.fits", "raw_data_package_id": pkg["id"]}
+                                               for i in range(3)])
+    assert sorted(r["name"] for r in buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]})) == \
+        [f["name"] for f in files]
+    assert buf.get("RawDataFile", files[2]["id"])["raw_data_package_id"] == pkg["id"]
+
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": END}, endpoint="finish_observation")
+    buf.delete("RawDataFile", files[1]["id"], endpoint="discard_bad_file")
+    return answers(buf, obs["id"], pkg["id"])
+
+
+def answers(buf: TransactionBuffer, obs_id: str, pkg_id: str) -> dict:
+    got = {
+        "obs": buf.get("ExecutedObsUnit", obs_id),
+        "by_unit": buf.search("ExecutedObsUnit", {"obs_unit_id": 123}),
+        "completed_in_window": buf.search("ExecutedObsUnit", {
+            "status": "completed", "end_time": {">=": "2025-03-02T00:00:00Z", "<": "2025-03-02T01:00:00Z"}}),
+        "still_running": buf.search("ExecutedObsUnit", {"status": "running"}),
+        "package": buf.get("RawDataPackage", pkg_id),
+        "files": buf.search("RawDataFile", {"raw_data_package_id": pkg_id}),
+    }
+    assert got["obs"] == {"id": obs_id, "obs_unit_id": 123, "start_time": "2025-03-01T23:59:00+00:00",
+                          "end_time": "2025-03-02T00:09:30+00:00", "status": "completed"}
+    assert got["by_unit"] == [got["obs"]] and got["completed_in_window"] == [got["obs"]]
+    assert got["still_running"] == []
+    assert [f["name"] for f in sorted(got["files"], key=lambda f: f["name"])] == \
+        ["obs_123_000.fits", "obs_123_002.fits"]
+    return got
+
+
+def test_observation_while_the_drain_does_not_run(settings, redis_client):
+    buf = TransactionBuffer(settings=settings)
+    try:
+        before = observe_and_check(buf)
+        assert cache_keys(redis_client, settings.site)  # all of it is still only in Redis
+        drain_until_empty(settings)
+        assert answers(buf, before["obs"]["id"], before["package"]["id"]) == before
+        assert cache_keys(redis_client, settings.site) == []
+    finally:
+        buf.close()
+
+
+def test_observation_while_the_drain_runs_against_a_stopped_main(stack, settings, redis_client, main_engine,
+                                                                  replica_engine):
+    buf = TransactionBuffer(settings=settings)
+    drain = Drain(settings, DrainConfig(batch_size=10, backoff_initial_s=0.2, backoff_max_s=0.5,
+                                        idle_poll_s=0.05))
+    errors: list[str] = []
+    stop = threading.Event()
+    result = {}
+
+    def run_drain() -> None:
+        result["summary"] = drain.run(until_empty=True, budget_s=120, should_stop=stop.is_set,
+                                      on_transient=lambda error, _: errors.append(error))
+
+    worker = threading.Thread(target=run_drain)
+    stack.stop_service("main")
+    try:
+        worker.start()
+        before = observe_and_check(buf)
+        time.sleep(2.0)  # let the drain hit the stopped main a few times
+        assert errors, "the drain never noticed that main is down"
+        assert answers(buf, before["obs"]["id"], before["package"]["id"]) == before  # still from the caches
+    finally:
+        stack.start_service("main")  # also waits until the replica streams again
+        main_engine.dispose()        # pooled connections died with the old main
+    try:
+        worker.join(timeout=90)
+        assert not worker.is_alive(), "the drain did not finish once main was back"
+        assert result["summary"].stopped_because == "buffer empty", result["summary"]
+        assert result["summary"].transient_errors >= 1
+        wait_for_replica(main_engine, replica_engine)
+        assert answers(buf, before["obs"]["id"], before["package"]["id"]) == before
+        assert cache_keys(redis_client, settings.site) == []
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        drain.close()
+        buf.close()
+
+
+def test_status_and_wait_while_redis_is_down(stack, settings):
+    """A transaction spooled because Redis is down is "pending"; wait() times out cleanly (no
+    pub/sub to listen to: it polls) and works again once Redis is back and the spool flushed."""
+    buf = TransactionBuffer(settings=settings)
+    stack.stop_service("redis")
+    try:
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 900, "name": "spooled"})
+        renamed = buf.update("ObsUnit", 1, {"name": "renamed"})  # checked against the replica alone
+        assert buf.status(tx.transaction_id) == "pending" and buf.status(renamed) == "pending"
+        began = time.monotonic()
+        assert not buf.wait(tx.transaction_id, until="applied", timeout=0.5)
+        assert time.monotonic() - began < 3
+    finally:
+        stack.start_service("redis")
+    try:
+        assert buf.spool.flush()
+        drain_until_empty(settings)
+        assert buf.wait(tx.transaction_id, timeout=5) and buf.wait(renamed, timeout=5)
+        assert buf.get("ObsUnit", 900) == {"id": 900, "name": "spooled"}
+        assert buf.get("ObsUnit", 1) == {"id": 1, "name": "renamed"}
+    finally:
+        buf.close()
