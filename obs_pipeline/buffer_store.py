@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import redis
 
@@ -42,6 +42,24 @@ for i = #out + 1, tonumber(ARGV[2]) do
   out[#out + 1] = v
 end
 return {0, out}
+"""
+
+# Set the status of transactions whose status key exists, in place: our status JSON (and the
+# existing system's) carries the transaction-level "status" before "steps", so the first match
+# is the right one, and no transaction is re-serialised. Returns the ids that have no key yet
+# (pushed by a producer that writes only the queue entry).
+_SET_STATUS = """
+local missing = {}
+for i = 3, #ARGV do
+  local key = ARGV[1] .. 'transaction:' .. ARGV[i]
+  local v = redis.call('GET', key)
+  if v then
+    redis.call('SET', key, (string.gsub(v, '"status":"%a+"', '"status":"' .. ARGV[2] .. '"', 1)))
+  else
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+return missing
 """
 
 _RENEW = """
@@ -147,6 +165,7 @@ class BufferStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._clean = client.register_script(_CLEAN_REPLICATED)
+        self._set_status = client.register_script(_SET_STATUS)
 
     # --- ingest -----------------------------------------------------------------------------
     def buffer(self, transaction_id: str, tx_json: str, caches: CacheWrites) -> None:
@@ -201,11 +220,15 @@ class BufferStore:
             entries.reverse()
         return Claim(entries=entries, reclaimed=bool(reclaimed))
 
-    def mark_processing(self, statuses: Iterable[tuple[str, str]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for tx_id, tx_json in statuses:
-            pipe.set(self.keys.transaction(tx_id), tx_json)
-        pipe.execute()
+    def mark_processing(self, transaction_ids: list[str], full_json: Callable[[str], str]) -> None:
+        """Status "processing": in place where the status key exists, else the full JSON."""
+        missing = self._set_status(args=[self.keys.prefix, "processing", *transaction_ids])
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for tx_id in missing:
+                tx_id = tx_id.decode() if isinstance(tx_id, bytes) else tx_id
+                pipe.set(self.keys.transaction(tx_id), full_json(tx_id))
+            pipe.execute()
 
     def acknowledge(self, token: str, outcome: Outcome) -> None:
         """After main committed: drop the processing list and record every outcome, atomically,
@@ -220,6 +243,8 @@ class BufferStore:
                 pipe.multi()
                 pipe.delete(k.processing)
                 applied_ids = outcome.applied_ids
+                if applied_ids:  # keys exist: mark_processing wrote them
+                    self._set_status(args=[k.prefix, "applied", *applied_ids], client=pipe)
                 for tx_id, status_json in outcome.statuses:
                     pipe.set(k.transaction(tx_id), status_json)
                 if outcome.release:

@@ -9,6 +9,8 @@ from typing import Any
 
 
 from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.model_registry import InvalidTransaction
+from obs_pipeline.wire import Transaction
 
 
 class UnknownTransaction(LookupError):
@@ -88,7 +90,7 @@ class DeadLetters:
             for letter in reversed(ordered):
                 doc = {k: v for k, v in letter.doc.items() if k != "failure"}
                 doc.update(status="pending", retry_count=0)
-                tx_json = json.dumps(doc, separators=(",", ":"))
+                tx_json = _canonical_json(doc)
                 pipe.rpush(self.keys.buffer, tx_json)
                 pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
                 created = _created_ids(doc)
@@ -113,6 +115,15 @@ class DeadLetters:
                         pipe.delete(k.buffered(model, str(row["id"])), k.cached_id(model, str(row["id"])))
                         pipe.srem(k.model_index(model), str(row["id"]))
         pipe.execute()
+
+
+def _canonical_json(doc: dict[str, Any]) -> str:
+    """Our own serialisation where the document parses (the drain relies on its field order);
+    the document as it is otherwise (it will be dead-lettered again, with the reason)."""
+    try:
+        return Transaction.from_dict(doc).to_json()
+    except (InvalidTransaction, TypeError, ValueError):
+        return json.dumps(doc, separators=(",", ":"))
 
 
 def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:

@@ -183,7 +183,8 @@ class Drain:
         txs = self._parse(claim.entries, outcome, report)
         txs = self._hold_dependents(txs, outcome, report)
         if txs:
-            self.store.mark_processing((t.transaction_id, _status_json(t, "processing")) for t in txs)
+            by_id = {t.transaction_id: t for t in txs}
+            self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
         result = self.main.apply_batch(txs) if txs else BatchResult()  # garbage only: main not needed
         self._record_result(result, outcome, report)
         self.store.acknowledge(self.token, outcome)
@@ -246,7 +247,6 @@ class Drain:
     def _record_result(self, result, outcome: Outcome, report: BatchReport) -> None:
         done = result.applied + result.already_applied
         for tx in done:
-            outcome.statuses.append((tx.transaction_id, _status_json(tx, "applied")))
             outcome.applied_ids.append(tx.transaction_id)
             outcome.release.extend(created_ids(tx))
             _add_cleanup(outcome, tx, self.registry)

@@ -128,3 +128,19 @@ def test_ingest_import_is_light():
     code = "import sys, obs_pipeline.ingest; print(sorted(m for m in ('dagster', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_status_changes_touch_only_the_transaction_status(settings, redis_client):
+    """Statuses are rewritten in place by Lua; a step's own `status` column and an endpoint
+    that contains the same text must stay as they were."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint='odd "status":"pending" endpoint') as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "pending"})
+    drain_until_empty(settings)
+    doc = json.loads(redis_client.get(SiteKeys(settings.site).transaction(tx.transaction_id)))
+    assert doc["status"] == "replicated"
+    assert doc["endpoint"] == 'odd "status":"pending" endpoint'
+    assert doc["steps"][0]["data"]["status"] == "pending"
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "pending"
+    buf.close()
