@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
     drain.add_argument("--once", action="store_true", help="return when the buffer is empty and replicated")
-    drain.add_argument("--batch-size", type=int, default=500)
+    drain.add_argument("--batch-size", type=int, default=2000)
     drain.add_argument("--lease-ttl", type=float, default=60.0)
     drain.add_argument("--replication-timeout", type=float, default=10.0)
     drain.set_defaults(func=cmd_drain)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", help="stack folder for the benchmark (default: a fresh temporary one)")
     bench.add_argument("--out", default="bench-results", help="folder for results.json and the chart")
     bench.add_argument("--quick", action="store_true", help="a small smoke run (about a minute, for the test suite)")
-    bench.add_argument("--batch-size", type=int, default=None, help="drain batch size (default 500, the drain's)")
+    bench.add_argument("--batch-size", type=int, default=None, help="drain batch size (default 2000, the drain's)")
     bench.add_argument("--backlog", type=int, default=0, metavar="N",
                        help="also the long-outage mode: buffer N transactions with nothing draining, then drain")
     bench.add_argument("--profile", action="store_true",

@@ -27,7 +27,7 @@ log = logging.getLogger("obs_pipeline.drain")
 
 @dataclass(frozen=True)
 class DrainConfig:
-    batch_size: int = 500
+    batch_size: int = 2000
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0   # per batch; on timeout caches stay, a later pass cleans
     idle_poll_s: float = 0.2

@@ -21,7 +21,7 @@ from obs_pipeline.bench.context import BenchContext
 from obs_pipeline.bench.table import build_rows, chart_points
 from obs_pipeline.stack import LocalStack
 
-DEFAULT_BATCH = 500  # DrainConfig's and the Dagster job's default
+DEFAULT_BATCH = 2000  # DrainConfig's and the Dagster job's default
 
 
 @dataclass(frozen=True)

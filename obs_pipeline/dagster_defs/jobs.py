@@ -35,7 +35,7 @@ TRANSIENT_RETRIES = 8
 class DrainRunConfig(Config):
     budget_s: float = 300.0      # then the run ends and the sensor launches a fresh one
     idle_exit_s: float = 5.0     # keep draining while work keeps arriving
-    batch_size: int = 500
+    batch_size: int = 2000
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0
     retry_base_s: float = 5.0
