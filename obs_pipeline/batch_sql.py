@@ -8,7 +8,6 @@ except through that quoting: table and column names come from the model registry
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -33,8 +32,8 @@ class BatchSql:
         rows_per_model: dict[str, int] = defaultdict(int)
         for w in writes:
             model = self.registry.model(w.model)
-            values = {name: _bindable(model.columns[name].kind, model.columns[name].to_python(v))
-                      for name, v in w.values.items()}
+            columns = model.columns
+            values = {name: _bindable(columns[name].kind, v) for name, v in w.values.items()}
             if w.operation == "insert":
                 inserts[(model.name, tuple(sorted(values)))].append(values)
             elif w.operation == "update":
@@ -98,10 +97,9 @@ class BatchSql:
 
 
 def _bindable(kind: str, value: Any) -> Any:
-    """psycopg2 quotes str/int/float/bool/datetime itself; a uuid goes as its text (an untyped
-    literal PostgreSQL casts to the column's type) and JSON as Json."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
+    """Values arrive validated, in their JSON form. psycopg2 quotes str/int/float/bool itself;
+    uuids and ISO-8601 datetimes/dates go as text, an untyped literal that PostgreSQL casts to
+    the column's type (no parse-and-format round trip in Python); JSON goes as Json."""
     if kind in ("json", "any") and isinstance(value, (dict, list)):
         return Json(value)
     return value

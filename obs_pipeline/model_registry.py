@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -151,9 +152,14 @@ def _kind(type_: sqltypes.TypeEngine) -> str:
 
 # --- value conversion ---------------------------------------------------------------------
 
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid_json(value: Any) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, str) and CANONICAL_UUID.fullmatch(value):  # fast path: already canonical
+        return value
     if isinstance(value, str):
         try:
             return str(uuid.UUID(value))

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
+from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec
 
 OPERATIONS = ("create", "update", "delete", "bulk_create")
 STATUSES = ("pending", "processing", "applied", "replicated", "failed")
@@ -278,13 +278,7 @@ def referenced_ids(tx: Transaction) -> set[str]:
 
 
 def _looks_like_uuid(value: str) -> bool:
-    if len(value) != 36:
-        return False
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    return len(value) == 36 and CANONICAL_UUID.fullmatch(value) is not None  # ids are canonical after validation
 
 
 def new_transaction(endpoint: str, site: str, max_retries: int = DEFAULT_MAX_RETRIES,
