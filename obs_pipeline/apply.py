@@ -105,7 +105,7 @@ class MainDatabase:
         before = self.round_trips
         try:
             raw = self.engine.raw_connection()
-        except exc.SQLAlchemyError as error:
+        except (exc.SQLAlchemyError, psycopg2.Error, OSError) as error:  # main unreachable
             raise TransientError(describe(error)) from error
         self._carry = []
         try:

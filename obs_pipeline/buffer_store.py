@@ -137,7 +137,7 @@ for _, raw in ipairs(done) do
   end
   redis.call('ZREM', KEYS[1], raw)
 end
-if #ids > 0 then
+if #ids > 0 and ARGV[5] ~= 'discard' then
   redis.call('HINCRBY', KEYS[2], 'replicated_total', #ids)
   redis.call('PUBLISH', KEYS[3], cjson.encode({event = 'replicated', transaction_ids = ids}))
 end
@@ -298,10 +298,21 @@ class BufferStore:
         cleaned: list[str] = []
         while True:  # one chunk per call, so ingest never waits long behind a cleanup
             count, ids = self._clean(keys=[k.awaiting_replication, k.stats, k.events],
-                                     args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S, 1])
+                                     args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S, 1, "replicated"])
             cleaned.extend(i.decode() if isinstance(i, bytes) else i for i in ids)
             if not count:
                 return cleaned
+
+    def forget(self, cleanup: dict[str, list]) -> None:
+        """Remove a discarded transaction's caches, own overlays and index entries with the same
+        script that cleans replicated ones (no event, no counter): nothing of it stays visible."""
+        k = self.keys
+        scratch = f"{k.prefix}discarding:{uuid.uuid4().hex}"
+        self.redis.zadd(scratch, {json.dumps(dict(cleanup, at=time.time(), lsn=0)): 0})
+        try:
+            self._clean(keys=[scratch, k.stats, k.events], args=[k.prefix, 0, REPLICATED_STATUS_TTL_S, 1, "discard"])
+        finally:
+            self.redis.delete(scratch)
 
     def awaiting_replication(self) -> tuple[int, int | None]:
         """(batches not yet replayed, lowest commit LSN among them)."""

@@ -100,21 +100,24 @@ class DeadLetters:
         return [letter.transaction_id for letter in ordered]
 
     def discard(self, transaction_id: str) -> None:
-        """Drop it for good, with its status and caches; what it blocked stays dead-lettered."""
+        """Drop it for good, with its status, caches and overlays; what it blocked stays
+        dead-lettered (retry or discard those too)."""
         letter = self.get(transaction_id)
-        k = self.keys
-        pipe = self.store.redis.pipeline(transaction=True)
-        pipe.lrem(k.failed, 1, letter.raw)
-        pipe.delete(k.transaction(transaction_id))
-        for step in letter.doc.get("steps", []):
-            model = step.get("model_class")
+        cleanup: dict[str, list] = {"c": [], "o": [], "t": []}
+        for step in letter.doc.get("steps", []) if isinstance(letter.doc.get("steps"), list) else []:
+            if not isinstance(step, dict) or not isinstance(step.get("model_class"), str):
+                continue
+            model = step["model_class"]
             if step.get("operation") in ("create", "bulk_create"):
-                rows = step["data"] if isinstance(step.get("data"), list) else [step.get("data") or {}]
-                for row in rows:
-                    if "id" in row:
-                        pipe.delete(k.buffered(model, str(row["id"])), k.cached_id(model, str(row["id"])))
-                        pipe.srem(k.model_index(model), str(row["id"]))
+                rows = step.get("data") if isinstance(step.get("data"), list) else [step.get("data")]
+                cleanup["c"].extend([model, str(r["id"])] for r in rows if isinstance(r, dict) and "id" in r)
+            elif isinstance(step.get("conditions"), dict) and "id" in step["conditions"]:
+                cleanup["o"].append([model, str(step["conditions"]["id"]), transaction_id])
+        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.lrem(self.keys.failed, 1, letter.raw)
+        pipe.delete(self.keys.transaction(transaction_id))
         pipe.execute()
+        self.store.forget(cleanup)
 
 
 def _canonical_json(doc: dict[str, Any]) -> str:

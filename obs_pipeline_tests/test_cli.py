@@ -81,3 +81,33 @@ def test_failed_show_discard_and_unknown_ids(env, redis_client, settings):
     assert cli("failed", "list", env=env).stdout == ""
     report = json.loads(cli("status", "--json", env=env).stdout)
     assert report["transaction_buffer"]["failed"] == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_discard_removes_its_overlays_and_keeps_others(env, settings, redis_client):
+    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.ingest import TransactionBuffer
+
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain = Drain(settings, DrainConfig())
+    drain.run(until_empty=True, budget_s=30)
+    drain.close()
+    assert buf.status(start.transaction_id) == "replicated"
+    # two pending updates of the replicated record; the first can never be applied
+    bad = buf.update("ExecutedObsUnit", obs["id"], {"status": "bad"})
+    good = buf.update("ExecutedObsUnit", obs["id"], {"end_time": "2025-01-01T01:00:00Z"})
+    keys = SiteKeys(settings.site)
+    entries = redis_client.lrange(keys.buffer, 0, -1)
+    redis_client.delete(keys.buffer)
+    redis_client.rpush(keys.failed, json.dumps({**json.loads(entries[1]), "failure": {"reason": "test"}}))
+    redis_client.lpush(keys.buffer, entries[0])  # only `good` stays queued
+    assert cli("failed", "discard", bad, env=env).returncode == 0
+    record = buf.get("ExecutedObsUnit", obs["id"])
+    assert record["status"] == "running" and record["end_time"] == "2025-01-01T01:00:00+00:00"
+    assert [e["id"] for e in buf.search("ExecutedObsUnit", {"status": "running"})] == [obs["id"]]
+    assert redis_client.llen(keys.read_buffer("ExecutedObsUnit", obs["id"])) == 1
+    assert buf.status(good) == "pending"
+    buf.close()

@@ -88,7 +88,8 @@ def test_observation_while_the_drain_runs_against_a_stopped_main(stack, settings
     result = {}
 
     def run_drain() -> None:
-        result["summary"] = drain.run(until_empty=True, budget_s=120, should_stop=stop.is_set,
+        # idle grace: the drain may start before the first transaction is buffered
+        result["summary"] = drain.run(until_empty=True, idle_exit_s=1.0, budget_s=120, should_stop=stop.is_set,
                                       on_transient=lambda error, _: errors.append(error))
 
     worker = threading.Thread(target=run_drain)
