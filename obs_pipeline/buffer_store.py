@@ -20,6 +20,7 @@ from obs_pipeline.keys import SiteKeys
 
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
 CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
+STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
 # oldest of the buffer, from its right end), but only for the lease holder. A non-empty processing list is returned as it is: that batch was
@@ -130,7 +131,7 @@ for _, raw in ipairs(done) do
     local key = prefix .. 'transaction:' .. tx
     local v = redis.call('GET', key)
     if v then
-      v = string.gsub(v, '"status":"applied"', '"status":"replicated"', 1)
+      v = string.gsub(v, '"status":"%a+"', '"status":"replicated"', 1)
       redis.call('SET', key, v, 'EX', ARGV[3])
     end
     ids[#ids + 1] = tx
@@ -239,13 +240,22 @@ class BufferStore:
             entries.reverse()
         return Claim(entries=entries, reclaimed=bool(reclaimed))
 
+    def set_status(self, transaction_ids: list[str], status: str) -> list[str]:
+        """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
+        behind it; returns the ids that have no status key."""
+        missing: list[str] = []
+        for part in range(0, len(transaction_ids), STATUS_CHUNK):
+            chunk = transaction_ids[part:part + STATUS_CHUNK]
+            missing.extend(m.decode() if isinstance(m, bytes) else m
+                           for m in self._set_status(args=[self.keys.prefix, status, *chunk]))
+        return missing
+
     def mark_processing(self, transaction_ids: list[str], full_json: Callable[[str], str]) -> None:
         """Status "processing": in place where the status key exists, else the full JSON."""
-        missing = self._set_status(args=[self.keys.prefix, "processing", *transaction_ids])
+        missing = self.set_status(transaction_ids, "processing")
         if missing:
             pipe = self.redis.pipeline(transaction=False)
             for tx_id in missing:
-                tx_id = tx_id.decode() if isinstance(tx_id, bytes) else tx_id
                 pipe.set(self.keys.transaction(tx_id), full_json(tx_id))
             pipe.execute()
 
@@ -262,8 +272,6 @@ class BufferStore:
                 pipe.multi()
                 pipe.delete(k.processing)
                 applied_ids = outcome.applied_ids
-                if applied_ids:  # keys exist: mark_processing wrote them
-                    self._set_status(args=[k.prefix, "applied", *applied_ids], client=pipe)
                 for tx_id, status_json in outcome.statuses:
                     pipe.set(k.transaction(tx_id), status_json)
                 if outcome.release:
@@ -291,6 +299,9 @@ class BufferStore:
                 pipe.execute()
             except redis.WatchError:
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
+        # After the fenced write, in chunks: a crash here only skips "applied" (the cleanup sets
+        # "replicated" over whatever status it finds).
+        self.set_status(outcome.applied_ids, "applied")
 
     def clean_replicated(self, replay_lsn: int) -> list[str]:
         """Clean caches of every committed batch the replica has replayed; returns their tx ids."""

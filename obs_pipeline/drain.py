@@ -238,6 +238,7 @@ class Drain:
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
                 holders.update(dict.fromkeys(created, "!" + tx.transaction_id))
             else:
+                tx.metadata = {**tx.metadata, "held_by": holder}
                 outcome.retry.append((time.time() + 1.0, tx.to_json()))
                 outcome.hold.update(dict.fromkeys(created, tx.transaction_id))
                 holders.update(dict.fromkeys(created, tx.transaction_id))
@@ -248,7 +249,8 @@ class Drain:
         done = result.applied + result.already_applied
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
-            outcome.release.extend(created_ids(tx))
+            if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
+                outcome.release.extend(created_ids(tx))  # only these ever put ids in held_ids
             _add_cleanup(outcome, tx, self.registry)
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}

@@ -29,7 +29,21 @@ def ingest_phase(ctx: BenchContext, n: int, repeats: int) -> dict:
             "repeats_p99_ms": [round(r["p99_ms"], 3) for r in runs],
             "repeats_tx_s": [round(r["throughput_tx_s"]) for r in runs],
             "measured": "the whole `with buf.transaction()` block of seed 000's example (build, validate, "
-                        "one MULTI/EXEC), one process, back to back"}
+                        "one Lua call), one process, back to back"}
+
+
+def ingest_fsync_always_phase(ctx: BenchContext, n: int) -> dict:
+    """The cost of `appendfsync always` (no buffered write lost on power loss): the same ingest
+    with Redis fsyncing its AOF on every write, then back to the stack's `everysec`."""
+    before = ctx.redis.config_get("appendfsync").get("appendfsync", "everysec")
+    ctx.redis.config_set("appendfsync", "always")
+    try:
+        settings = ctx.phase("ingest_always")
+        result = measure_ingest(settings, n)
+        ctx.forget_site(settings.site)
+    finally:
+        ctx.redis.config_set("appendfsync", before)
+    return result
 
 
 def drain_phase(ctx: BenchContext, n: int, batch_size: int, repeats: int, name: str,

@@ -117,6 +117,8 @@ def _measure_all(ctx: BenchContext, sizes: Sizes, batch: int, args: Any, results
 
     profile = ctx.work_dir / "drain.prof" if getattr(args, "profile", False) else None
     results["ingest"] = _section(ctx, errors, "ingest", lambda: phases.ingest_phase(ctx, sizes.ingest_n, sizes.repeats))
+    results["ingest_fsync_always"] = _section(ctx, errors, "ingest with appendfsync always", lambda: (
+        phases.ingest_fsync_always_phase(ctx, sizes.ingest_n)))
     results["drain"]["0"] = _section(ctx, errors, "drain at 0 ms", lambda: phases.drain_phase(
         ctx, sizes.drain_n, batch, sizes.repeats, "drain0", profile=profile))
     if profile and profile.exists():

@@ -36,6 +36,11 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
                  row("ingest", "latency p99", ingest["p99_ms"], "ms", "<= 1 ms", ingest["p99_ms"] <= 1.0),
                  row("ingest", "throughput, one process", ingest["throughput_tx_s"], "tx/s", ">= 5,000",
                      _ge(ingest["throughput_tx_s"], 5000))]
+    always = results.get("ingest_fsync_always")
+    if _ok(always):
+        rows += [row("ingest, appendfsync always", "latency p50", always["p50_ms"], "ms"),
+                 row("ingest, appendfsync always", "latency p99", always["p99_ms"], "ms"),
+                 row("ingest, appendfsync always", "throughput, one process", always["throughput_tx_s"], "tx/s")]
     for key, drain in results.get("drain", {}).items():
         if not _ok(drain):
             continue
