@@ -3,7 +3,6 @@ reaches main, and is always dead-lettered with a reason."""
 
 from __future__ import annotations
 
-import copy
 import json
 import uuid
 
@@ -15,6 +14,7 @@ from obs_pipeline.config import Settings
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
+from obs_pipeline_tests.workload import drain_one_batch
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -106,12 +106,7 @@ def test_garbage_is_dead_lettered_even_while_main_is_down(stack, settings, redis
     redis_client.lpush(keys.buffer, b"\xff not json", json.dumps({"transaction_id": "x", "steps": []}))
     stack.stop_service("main")
     try:
-        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
-        try:
-            drain.acquire()
-            report = drain.step()
-        finally:
-            drain.close()
+        report = drain_one_batch(settings, replication_timeout_s=0.2)
     finally:
         stack.start_service("main")
     assert len(report.dead_lettered) == 2

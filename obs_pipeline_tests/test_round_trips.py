@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import TransactionBuffer
-from obs_pipeline_tests.workload import buffer_observations
+from obs_pipeline_tests.workload import buffer_observations, drain_one_batch
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -15,12 +14,7 @@ def one_batch(settings, observations: int) -> tuple[int, float]:
     buf = TransactionBuffer(settings=settings)
     buffer_observations(buf, observations, finish_every=1)  # start + finish per observation
     buf.close()
-    drain = Drain(settings, DrainConfig(batch_size=10_000))
-    try:
-        drain.acquire()
-        report = drain.step()
-    finally:
-        drain.close()
+    report = drain_one_batch(settings, batch_size=10_000)
     assert report.applied == 2 * observations
     return report.round_trips, report.writes_before_fold / report.writes_after_fold
 
@@ -45,12 +39,7 @@ def test_a_poison_transaction_costs_logarithmic_round_trips(settings, main_engin
                                           "status": "running"})
     buffer_observations(buf, 100, finish_every=0)
     buf.close()
-    drain = Drain(settings, DrainConfig(batch_size=10_000))
-    try:
-        drain.acquire()
-        report = drain.step()
-    finally:
-        drain.close()
+    report = drain_one_batch(settings, batch_size=10_000)
     assert report.applied == 200 and report.retried == 1
     # fast try, rollback, careful BEGIN, 2 scripts per bisection level (log2 201 < 8), COMMIT
     assert report.round_trips <= 3 + 2 * 8 + 1, report.round_trips

@@ -53,6 +53,16 @@ def assert_applied_exactly_once(engine: sa.Engine, observations: list[Observatio
     assert applied == expected_txs
 
 
+def drain_one_batch(settings, **config):
+    """One claim/apply/acknowledge/clean cycle under the lease; its BatchReport."""
+    drain = Drain(settings, DrainConfig(**config))
+    try:
+        drain.acquire()
+        return drain.step()
+    finally:
+        drain.close()
+
+
 def drain_until_settled(settings, timeout_s: float = 120, **config) -> None:
     """Run drains until nothing is buffered, processing, retrying or awaiting replication."""
     import time
