@@ -21,21 +21,25 @@ from obs_pipeline.keys import SiteKeys
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
 CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
 STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
+CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
-# oldest of the buffer, from its right end), but only for the lease holder. A non-empty processing list is returned as it is: that batch was
+# oldest of the buffer, from its right end), but only for the lease holder. A batch is claimed
+# in chunks; ARGV[4] = 'extend' continues one (no reclaim check, no retries). A non-empty processing list is returned as it is: that batch was
 # claimed by a drain that did not acknowledge it (it crashed or lost its link) and is retried
 # first, in its original order.
 _CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASE_LOST') end
-local held = redis.call('LRANGE', KEYS[2], 0, -1)
-if #held > 0 then return {1, held} end
 local out = {}
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, v in ipairs(due) do
-  redis.call('ZREM', KEYS[4], v)
-  redis.call('LPUSH', KEYS[2], v)
-  out[#out + 1] = v
+if ARGV[4] ~= 'extend' then
+  local held = redis.call('LRANGE', KEYS[2], 0, -1)
+  if #held > 0 then return {1, held} end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
+  for _, v in ipairs(due) do
+    redis.call('ZREM', KEYS[4], v)
+    redis.call('LPUSH', KEYS[2], v)
+    out[#out + 1] = v
+  end
 end
 for i = #out + 1, tonumber(ARGV[2]) do
   local v = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
@@ -226,10 +230,22 @@ class BufferStore:
 
     # --- drain ------------------------------------------------------------------------------
     def claim(self, token: str, batch_size: int) -> Claim:
+        """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls (one call for
+        a whole batch held Redis long enough to stall ingest). A processing list left by a drain
+        that did not acknowledge comes back whole, first."""
+        entries, reclaimed = self._claim_chunk(token, min(batch_size, CLAIM_CHUNK), extend=False)
+        while not reclaimed and len(entries) < batch_size and len(entries) % CLAIM_CHUNK == 0 and entries:
+            more, _ = self._claim_chunk(token, min(CLAIM_CHUNK, batch_size - len(entries)), extend=True)
+            entries.extend(more)
+            if not more:
+                break
+        return Claim(entries=entries, reclaimed=reclaimed)
+
+    def _claim_chunk(self, token: str, count: int, extend: bool) -> tuple[list[str], bool]:
         k = self.keys
         try:
             reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
-                                             args=[token, batch_size, time.time()])
+                                             args=[token, count, time.time(), "extend" if extend else "first"])
         except redis.ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
@@ -238,7 +254,7 @@ class BufferStore:
         entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
         if reclaimed:  # LRANGE of processing lists newest first
             entries.reverse()
-        return Claim(entries=entries, reclaimed=bool(reclaimed))
+        return entries, bool(reclaimed)
 
     def set_status(self, transaction_ids: list[str], status: str) -> list[str]:
         """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
