@@ -48,15 +48,27 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> list[subproc
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM each process group, wait, then SIGKILL whatever is left in the groups: children
+    (Dagster's code servers) can outlive a leader that exited promptly."""
     for proc in processes:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for proc in processes:
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            pass
+    time.sleep(0.5)
+    for proc in processes:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone already
 
 
 def _interrupt(signum, frame):  # noqa: ARG001
