@@ -56,11 +56,8 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
                     "keepalives_interval": 5, "keepalives_count": 3}
     if not url.startswith("postgresql"):
         connect_args = {}
-    engine = sa.create_engine(
-        url, connect_args=connect_args, pool_size=2, max_overflow=2, pool_recycle=3600,
-        insertmanyvalues_page_size=10_000, executemany_batch_page_size=10_000, **kwargs,
-    )
-    return engine
+    return sa.create_engine(url, connect_args=connect_args, pool_size=2, max_overflow=2, pool_recycle=3600,
+                            **kwargs)
 
 
 def lsn_to_int(lsn: str) -> int:

@@ -376,6 +376,8 @@ class BufferStore:
         return {i: v.decode() for i, v in zip(ids, values) if v is not None}
 
     def has_work(self) -> bool:
+        """Something to claim now (queued, left in processing, a retry that is due), or committed
+        batches waiting for the replica. One round trip; the sensor and the drain ask it."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(k.buffer)

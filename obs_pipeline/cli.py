@@ -141,9 +141,11 @@ def cmd_failed(args: argparse.Namespace) -> int:
 
     from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
 
     settings = _settings()
-    letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site))
+    letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site),
+                          ModelRegistry.from_path(settings.models))
     if args.action == "list":
         for letter in letters.list():
             s = letter.summary()

@@ -9,8 +9,8 @@ from typing import Any
 
 
 from obs_pipeline.buffer_store import BufferStore
-from obs_pipeline.model_registry import InvalidTransaction
-from obs_pipeline.wire import Transaction
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.wire import Transaction, cache_footprint, created_ids, validate
 
 
 class UnknownTransaction(LookupError):
@@ -39,8 +39,9 @@ class DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, store: BufferStore):
+    def __init__(self, store: BufferStore, registry: ModelRegistry):
         self.store = store
+        self.registry = registry
         self.keys = store.keys
 
     def list(self) -> list[DeadLetter]:
@@ -90,10 +91,11 @@ class DeadLetters:
             for letter in reversed(ordered):
                 doc = {k: v for k, v in letter.doc.items() if k != "failure"}
                 doc.update(status="pending", retry_count=0)
-                tx_json = _canonical_json(doc)
+                tx = _parse(doc)
+                tx_json = _canonical_json(doc, tx)
                 pipe.rpush(self.keys.buffer, tx_json)
                 pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
-                created = _created_ids(doc)
+                created = created_ids(tx) if tx is not None else ()
                 if created:
                     pipe.hdel(self.keys.held_ids, *created)
             pipe.execute()
@@ -103,30 +105,30 @@ class DeadLetters:
         """Drop it for good, with its status, caches and overlays; what it blocked stays
         dead-lettered (retry or discard those too)."""
         letter = self.get(transaction_id)
-        cleanup: dict[str, list] = {"c": [], "o": [], "t": []}
-        for step in letter.doc.get("steps", []) if isinstance(letter.doc.get("steps"), list) else []:
-            if not isinstance(step, dict) or not isinstance(step.get("model_class"), str):
-                continue
-            model = step["model_class"]
-            if step.get("operation") in ("create", "bulk_create"):
-                rows = step.get("data") if isinstance(step.get("data"), list) else [step.get("data")]
-                cleanup["c"].extend([model, str(r["id"])] for r in rows if isinstance(r, dict) and "id" in r)
-            elif isinstance(step.get("conditions"), dict) and "id" in step["conditions"]:
-                cleanup["o"].append([model, str(step["conditions"]["id"]), transaction_id])
+        tx = _parse(letter.doc)
+        try:  # a transaction that does not validate was never cached: nothing more to remove
+            footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
+        except InvalidTransaction:
+            footprint = None
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.lrem(self.keys.failed, 1, letter.raw)
         pipe.delete(self.keys.transaction(transaction_id))
         pipe.execute()
-        self.store.forget(cleanup)
+        if footprint:
+            self.store.forget(footprint)
 
 
-def _canonical_json(doc: dict[str, Any]) -> str:
+def _parse(doc: dict[str, Any]) -> Transaction | None:
+    try:
+        return Transaction.from_dict(doc)
+    except (InvalidTransaction, TypeError, ValueError):
+        return None
+
+
+def _canonical_json(doc: dict[str, Any], tx: Transaction | None) -> str:
     """Our own serialisation where the document parses (the drain relies on its field order);
     the document as it is otherwise (it will be dead-lettered again, with the reason)."""
-    try:
-        return Transaction.from_dict(doc).to_json()
-    except (InvalidTransaction, TypeError, ValueError):
-        return json.dumps(doc, separators=(",", ":"))
+    return tx.to_json() if tx is not None else json.dumps(doc, separators=(",", ":"))
 
 
 def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
@@ -146,17 +148,3 @@ def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
     for letter in letters:
         place(letter)
     return ordered
-
-
-def _created_ids(doc: dict[str, Any]) -> list[str]:
-    ids = []
-    for step in doc.get("steps", []):
-        if isinstance(step, dict) and step.get("operation") in ("create", "bulk_create"):
-            data = step.get("data")
-            for row in data if isinstance(data, list) else [data]:
-                if isinstance(row, dict) and "id" in row:
-                    ids.append(str(row["id"]))
-    return ids
-
-
-__all__ = ["DeadLetters", "DeadLetter", "UnknownTransaction"]

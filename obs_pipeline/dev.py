@@ -30,7 +30,7 @@ def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | 
     return env
 
 
-def _script(name: str) -> str:
+def dagster_script(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
 
@@ -38,10 +38,10 @@ def _script(name: str) -> str:
 def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> list[subprocess.Popen]:
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["-m", "obs_pipeline.definitions"]
-    daemon = subprocess.Popen([_script("dagster-daemon"), "run", *common], env=env,
+    daemon = subprocess.Popen([dagster_script("dagster-daemon"), "run", *common], env=env,
                               stdout=open(log_dir / "dagster-daemon.log", "ab"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    web = subprocess.Popen([_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *common], env=env,
+    web = subprocess.Popen([dagster_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *common], env=env,
                            stdout=open(log_dir / "dagster-webserver.log", "ab"), stderr=subprocess.STDOUT,
                            start_new_session=True)
     return [daemon, web]

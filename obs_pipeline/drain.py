@@ -17,10 +17,10 @@ from typing import Any, Callable
 import redis
 
 from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, int_to_lsn, make_engine
-from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
+from obs_pipeline.buffer_store import BufferStore, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, created_ids, referenced_ids, validate
+from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
 
 log = logging.getLogger("obs_pipeline.drain")
 
@@ -160,9 +160,7 @@ class Drain:
 
     def _settled(self) -> bool:
         """Nothing left to claim now, and nothing committed waits for the replica."""
-        depths = self.store.depths()
-        due = self.redis.zcount(self.store.keys.retry, "-inf", time.time())
-        return not (depths["buffer"] or depths["processing"] or due or depths["awaiting_replication"])
+        return not self.store.has_work()
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:
@@ -251,7 +249,7 @@ class Drain:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
                 outcome.release.extend(created_ids(tx))  # only these ever put ids in held_ids
-            _add_cleanup(outcome, tx, self.registry)
+            outcome.cleanup.append(cache_footprint(tx, self.registry))
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
         for tx, reason in result.failed:
@@ -300,19 +298,6 @@ class Drain:
         if replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)
-
-
-def _add_cleanup(outcome: Outcome, tx: Transaction, registry: ModelRegistry) -> None:
-    """What to clean once the replica has replayed this transaction: its creates' caches, its
-    own overlays, its status."""
-    record: dict[str, list] = {"c": [], "o": [], "t": [tx.transaction_id]}
-    outcome.cleanup.append(record)
-    for step in tx.steps:
-        spec = registry.model(step.model_class)
-        if step.operation in ("create", "bulk_create"):
-            record["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
-        else:
-            record["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
 
 
 def _status_json(tx: Transaction, status: str) -> str:

@@ -262,7 +262,7 @@ class TransactionBuffer:
             found = self.query.get(model, rid) is not None
         except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the spool and the replica
             spec = self.registry.model(model)
-            found = self.spool.creates(model, str(rid)) or bool(self.query._replica_rows(spec, [str(rid)]))
+            found = self.spool.creates(model, str(rid)) or bool(self.query.replica_rows(spec, [str(rid)]))
         if not found:
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 

@@ -225,7 +225,7 @@ class SmartQuery:
                 created[str(record[pk])] = record
         return Buffered(created, {str(rid): entries for rid, entries in json.loads(overlays)})
 
-    def _replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
+    def replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Rows of these ids on the replica alone, id -> row (ingest uses it when Redis is down)."""
         if not ids:
             return {}

@@ -260,6 +260,20 @@ def row_writes(tx: Transaction, registry: ModelRegistry) -> Iterator[RowWrite]:
             yield RowWrite(model.name, step.operation, rid, step.data if step.operation == "update" else {})
 
 
+def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]:
+    """What ingest put in Redis for this transaction besides its queue entry: the created
+    records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]) and its
+    status ("t"). Removed once the replica has replayed it, or when it is discarded."""
+    record: dict[str, list] = {"c": [], "o": [], "t": [tx.transaction_id]}
+    for step in tx.steps:
+        spec = registry.model(step.model_class)
+        if step.operation in ("create", "bulk_create"):
+            record["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
+        else:
+            record["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
+    return record
+
+
 def created_ids(tx: Transaction) -> set[str]:
     """Ids this transaction creates (as strings): others that reference them depend on it."""
     return {str(w.get("id")) for s in tx.steps if s.operation in ("create", "bulk_create")

@@ -19,7 +19,6 @@ from dagster import (
 from obs_pipeline.apply import make_engine
 from obs_pipeline.dagster_defs.jobs import MAIN_ASSET
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import DeadLetters
 from obs_pipeline.schema import prune_applied
 
 
@@ -34,7 +33,7 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     """Requeue in the original order, dependents after what they depend on (see dead_letters.py)."""
     if config.all == bool(config.transaction_ids):
         raise ValueError("set either `all: true` or a list of `transaction_ids`")
-    letters = DeadLetters(obs_pipeline.buffer_store())
+    letters = obs_pipeline.dead_letters()
     ids = letters.retry(None if config.all else config.transaction_ids)
     context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
 
@@ -70,7 +69,7 @@ prune_schedule = ScheduleDefinition(job=prune_applied_transactions, cron_schedul
 
 @asset_check(asset=MAIN_ASSET, description="No dead-lettered transactions wait for an operator")
 def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
-    letters = DeadLetters(obs_pipeline.buffer_store()).list()
+    letters = obs_pipeline.dead_letters().list()
     return AssetCheckResult(
         passed=not letters, severity=AssetCheckSeverity.WARN,
         metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})

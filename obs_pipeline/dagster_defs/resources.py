@@ -12,6 +12,8 @@ from dagster import ConfigurableResource
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import Settings
+from obs_pipeline.dead_letters import DeadLetters
+from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.drain import Drain, DrainConfig
 
 
@@ -32,6 +34,9 @@ class ObsPipelineResource(ConfigurableResource):
         settings = self.settings()
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         return BufferStore(client, settings.site)
+
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.buffer_store(), ModelRegistry.from_path(self.settings().models))
 
     def drain(self, config: DrainConfig) -> Drain:
         return Drain(self.settings(), config)
