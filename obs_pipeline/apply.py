@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 from obs_pipeline.batch_sql import BatchSql
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, row_writes
 
@@ -58,15 +59,6 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
         connect_args = {}
     return sa.create_engine(url, connect_args=connect_args, pool_size=2, max_overflow=2, pool_recycle=3600,
                             **kwargs)
-
-
-def lsn_to_int(lsn: str) -> int:
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def is_transient(error: BaseException) -> bool:

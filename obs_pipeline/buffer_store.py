@@ -17,6 +17,7 @@ from typing import Any, Callable
 import redis
 
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.lsn import int_to_lsn
 
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
 CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
@@ -24,27 +25,38 @@ STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
 CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
-# oldest of the buffer, from its right end), but only for the lease holder. A batch is claimed
-# in chunks; ARGV[4] = 'extend' continues one (no reclaim check, no retries). A non-empty processing list is returned as it is: that batch was
-# claimed by a drain that did not acknowledge it (it crashed or lost its link) and is retried
-# first, in its original order.
+# oldest of the buffer, from its right end), but only for the lease holder. ARGV[4] says how:
+# 'first' returns a non-empty processing list as it is instead (a batch claimed by a drain that
+# did not acknowledge it: it crashed or lost its link; retried first, in its original order);
+# 'next' claims the following batch while the previous one is still in the processing list
+# (the drain prefetches it while main applies that one); 'extend' continues a claim in chunks.
 _CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASE_LOST') end
 local out = {}
-if ARGV[4] ~= 'extend' then
+local want = tonumber(ARGV[2])
+if ARGV[4] == 'first' then
   local held = redis.call('LRANGE', KEYS[2], 0, -1)
   if #held > 0 then return {1, held} end
-  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[2]))
-  for _, v in ipairs(due) do
-    redis.call('ZREM', KEYS[4], v)
-    redis.call('LPUSH', KEYS[2], v)
-    out[#out + 1] = v
+end
+if ARGV[4] ~= 'extend' then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, want)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[4], unpack(due))
+    redis.call('LPUSH', KEYS[2], unpack(due))
+    out = due
   end
 end
-for i = #out + 1, tonumber(ARGV[2]) do
-  local v = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
-  if not v then break end
-  out[#out + 1] = v
+local n = want - #out
+if n > 0 then
+  -- the n oldest entries sit at the right end; LRANGE lists them newest first
+  local taken = redis.call('LRANGE', KEYS[3], -n, -1)
+  if #taken > 0 then
+    redis.call('LTRIM', KEYS[3], 0, -#taken - 1)
+    local oldest_first = {}
+    for i = #taken, 1, -1 do oldest_first[#oldest_first + 1] = taken[i] end
+    redis.call('LPUSH', KEYS[2], unpack(oldest_first))
+    for _, v in ipairs(oldest_first) do out[#out + 1] = v end
+  end
 end
 return {0, out}
 """
@@ -54,16 +66,19 @@ return {0, out}
 # is the right one, and no transaction is re-serialised. Returns the ids that have no key yet
 # (pushed by a producer that writes only the queue entry).
 _SET_STATUS = """
-local missing = {}
-for i = 3, #ARGV do
-  local key = ARGV[1] .. 'transaction:' .. ARGV[i]
-  local v = redis.call('GET', key)
+local keys = {}
+for i = 3, #ARGV do keys[#keys + 1] = ARGV[1] .. 'transaction:' .. ARGV[i] end
+local values = redis.call('MGET', unpack(keys))
+local writes, missing = {}, {}
+for i, v in ipairs(values) do
   if v then
-    redis.call('SET', key, (string.gsub(v, '"status":"%a+"', '"status":"' .. ARGV[2] .. '"', 1)))
+    writes[#writes + 1] = keys[i]
+    writes[#writes + 1] = (string.gsub(v, '"status":"%a+"', '"status":"' .. ARGV[2] .. '"', 1))
   else
-    missing[#missing + 1] = ARGV[i]
+    missing[#missing + 1] = ARGV[i + 2]
   end
 end
+if #writes > 0 then redis.call('MSET', unpack(writes)) end
 return missing
 """
 
@@ -72,22 +87,39 @@ return missing
 _BUFFER = """
 local p = ARGV[1]
 redis.call('LPUSH', p .. 'transaction_buffer', ARGV[3])
-redis.call('SET', p .. 'transaction:' .. ARGV[2], ARGV[3])
+local sets = {p .. 'transaction:' .. ARGV[2], ARGV[3]}
+local index, overlaid = {}, {}
+local function add(t, m, id)
+  if not t[m] then t[m] = {} end
+  t[m][#t[m] + 1] = id
+end
 local i = 5
 for _ = 1, tonumber(ARGV[4]) do
   local m, id = ARGV[i], ARGV[i + 1]
-  redis.call('SET', p .. 'cache:ids:' .. m .. ':' .. id, ARGV[i + 2])
-  redis.call('SET', p .. 'buffered:' .. m .. ':' .. id, ARGV[i + 2])
-  redis.call('SADD', p .. 'index:' .. m, id)
+  sets[#sets + 1] = p .. 'cache:ids:' .. m .. ':' .. id
+  sets[#sets + 1] = ARGV[i + 2]
+  sets[#sets + 1] = p .. 'buffered:' .. m .. ':' .. id
+  sets[#sets + 1] = ARGV[i + 2]
+  add(index, m, id)
   i = i + 3
 end
 while i <= #ARGV do
   local m, id = ARGV[i], ARGV[i + 1]
   redis.call('RPUSH', p .. 'read_buffer:' .. m .. ':' .. id, ARGV[i + 2])
-  redis.call('SADD', p .. 'index:' .. m, id)
-  redis.call('SADD', p .. 'overlaid:' .. m, id)
+  add(index, m, id)
+  add(overlaid, m, id)
   i = i + 3
 end
+-- unpack() takes at most a few thousand values: a large bulk_create goes in parts
+local function call_in_parts(command, key, values)
+  for from = 1, #values, 1000 do
+    local part = {unpack(values, from, math.min(from + 999, #values))}
+    if key then redis.call(command, key, unpack(part)) else redis.call(command, unpack(part)) end
+  end
+end
+call_in_parts('MSET', nil, sets)
+for m, ids in pairs(index) do call_in_parts('SADD', p .. 'index:' .. m, ids) end
+for m, ids in pairs(overlaid) do call_in_parts('SADD', p .. 'overlaid:' .. m, ids) end
 return 1
 """
 
@@ -102,20 +134,31 @@ return 0
 """
 
 # Clean every committed batch whose commit LSN the replica has replayed (score <= ARGV[2]).
-# Each record of a batch: {"c": [[model, id], ...] created, "o": [[model, id], ...] overlaid,
-# "t": [tx_id, ...]}. Only the batch's own contributions are removed: another pending
-# transaction's overlay of the same record stays.
+# Each record of a batch: {"c": [[model, id], ...] created, "o": [[model, id, tx], ...]
+# overlaid, "t": [tx_id, ...], "lsn_text": commit LSN}. Only the batch's own contributions are
+# removed: another pending transaction's overlay of the same record stays, and so does the
+# index entry of a record that still has one. Statuses become a short "replicated" record
+# (the transaction itself is on the replica now). Commands take many keys at once: in
+# Redis's Lua every redis.call costs more than the work of a small command.
 _CLEAN_REPLICATED = """
 local prefix = ARGV[1]
 local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 local ids = {}
 for _, raw in ipairs(done) do
   local batch = cjson.decode(raw)
-  local touched = {}
-  for _, r in ipairs(batch.c) do
-    redis.call('DEL', prefix .. 'buffered:' .. r[1] .. ':' .. r[2], prefix .. 'cache:ids:' .. r[1] .. ':' .. r[2])
-    touched[#touched + 1] = r
+  local touched = {}  -- model -> ids whose index entry may go
+  local function touch(m, id)
+    if not touched[m] then touched[m] = {} end
+    touched[m][#touched[m] + 1] = id
   end
+  local dels = {}
+  for _, r in ipairs(batch.c) do
+    dels[#dels + 1] = prefix .. 'buffered:' .. r[1] .. ':' .. r[2]
+    dels[#dels + 1] = prefix .. 'cache:ids:' .. r[1] .. ':' .. r[2]
+    touch(r[1], r[2])
+    if #dels >= 1000 then redis.call('DEL', unpack(dels)); dels = {} end
+  end
+  if #dels > 0 then redis.call('DEL', unpack(dels)) end
   for _, r in ipairs(batch.o) do
     local key = prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]
     local mark = '{"tx":' .. cjson.encode(r[3]) .. ','
@@ -123,26 +166,32 @@ for _, raw in ipairs(done) do
       if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
     end
     if redis.call('EXISTS', key) == 0 then redis.call('SREM', prefix .. 'overlaid:' .. r[1], r[2]) end
-    touched[#touched + 1] = r
+    touch(r[1], r[2])
   end
-  for _, r in ipairs(touched) do
-    if redis.call('EXISTS', prefix .. 'buffered:' .. r[1] .. ':' .. r[2]) == 0
-       and redis.call('EXISTS', prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]) == 0 then
-      redis.call('SREM', prefix .. 'index:' .. r[1], r[2])
+  for m, list in pairs(touched) do
+    for from = 1, #list, 1000 do
+      local part = {unpack(list, from, math.min(from + 999, #list))}
+      local still = redis.call('SMISMEMBER', prefix .. 'overlaid:' .. m, unpack(part))
+      local gone = {}
+      for j, id in ipairs(part) do
+        -- a record stays indexed while it is still buffered (created again) or overlaid
+        if still[j] == 0 and (batch.o[1] == nil or redis.call('EXISTS', prefix .. 'buffered:' .. m .. ':' .. id) == 0) then
+          gone[#gone + 1] = id
+        end
+      end
+      if #gone > 0 then redis.call('SREM', prefix .. 'index:' .. m, unpack(gone)) end
     end
   end
-  for _, tx in ipairs(batch.t) do
-    local key = prefix .. 'transaction:' .. tx
-    local v = redis.call('GET', key)
-    if v then
-      v = string.gsub(v, '"status":"%a+"', '"status":"replicated"', 1)
-      redis.call('SET', key, v, 'EX', ARGV[3])
+  if ARGV[5] ~= 'discard' then
+    local tail = ',"status":"replicated","commit_lsn":' .. cjson.encode(batch.lsn_text or '') .. '}'
+    for _, tx in ipairs(batch.t) do
+      redis.call('SET', prefix .. 'transaction:' .. tx, '{"transaction_id":' .. cjson.encode(tx) .. tail, 'EX', ARGV[3])
+      ids[#ids + 1] = tx
     end
-    ids[#ids + 1] = tx
   end
   redis.call('ZREM', KEYS[1], raw)
 end
-if #ids > 0 and ARGV[5] ~= 'discard' then
+if #ids > 0 then
   redis.call('HINCRBY', KEYS[2], 'replicated_total', #ids)
   redis.call('PUBLISH', KEYS[3], cjson.encode({event = 'replicated', transaction_ids = ids}))
 end
@@ -178,6 +227,7 @@ class Outcome:
     release: list[str] = field(default_factory=list)      # created ids no longer held
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
+    claimed: int = 0  # entries of the batch in the processing list (the oldest there)
 
 
 def overlay_entry(transaction_id: str, operation: str, data: dict[str, Any], step_id: str) -> str:
@@ -229,23 +279,25 @@ class BufferStore:
         return raw.decode() if raw else None
 
     # --- drain ------------------------------------------------------------------------------
-    def claim(self, token: str, batch_size: int) -> Claim:
+    def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
         """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls (one call for
         a whole batch held Redis long enough to stall ingest). A processing list left by a drain
-        that did not acknowledge comes back whole, first."""
-        entries, reclaimed = self._claim_chunk(token, min(batch_size, CLAIM_CHUNK), extend=False)
+        that did not acknowledge comes back whole, first. `after_unacknowledged`: this drain's
+        previous batch is still in the processing list (being applied); claim the next one."""
+        entries, reclaimed = self._claim_chunk(token, min(batch_size, CLAIM_CHUNK),
+                                               "next" if after_unacknowledged else "first")
         while not reclaimed and len(entries) < batch_size and len(entries) % CLAIM_CHUNK == 0 and entries:
-            more, _ = self._claim_chunk(token, min(CLAIM_CHUNK, batch_size - len(entries)), extend=True)
+            more, _ = self._claim_chunk(token, min(CLAIM_CHUNK, batch_size - len(entries)), "extend")
             entries.extend(more)
             if not more:
                 break
         return Claim(entries=entries, reclaimed=reclaimed)
 
-    def _claim_chunk(self, token: str, count: int, extend: bool) -> tuple[list[str], bool]:
+    def _claim_chunk(self, token: str, count: int, mode: str) -> tuple[list[str], bool]:
         k = self.keys
         try:
             reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
-                                             args=[token, count, time.time(), "extend" if extend else "first"])
+                                             args=[token, count, time.time(), mode])
         except redis.ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
@@ -276,8 +328,11 @@ class BufferStore:
             pipe.execute()
 
     def acknowledge(self, token: str, outcome: Outcome) -> None:
-        """After main committed: drop the processing list and record every outcome, atomically,
-        but only while this drain still holds the lease (else another drain owns the batch)."""
+        """After main committed: drop the batch from the processing list (its oldest
+        `outcome.claimed` entries; a prefetched next batch stays) and record every outcome,
+        atomically, but only while this drain still holds the lease (else another drain owns
+        the batch). Statuses become "applied" separately (`set_status`), unless the replica
+        has replayed the commit already and the cleanup makes them "replicated"."""
         k = self.keys
         with self.redis.pipeline(transaction=True) as pipe:
             try:
@@ -286,7 +341,7 @@ class BufferStore:
                 if (held.decode() if held else None) != token:
                     raise LeaseLost(f"the drain lease of site {k.site} expired before acknowledgement")
                 pipe.multi()
-                pipe.delete(k.processing)
+                pipe.ltrim(k.processing, 0, -outcome.claimed - 1)
                 applied_ids = outcome.applied_ids
                 for tx_id, status_json in outcome.statuses:
                     pipe.set(k.transaction(tx_id), status_json)
@@ -303,7 +358,7 @@ class BufferStore:
                     for part in range(0, len(outcome.cleanup), CLEANUP_CHUNK):
                         chunk = outcome.cleanup[part:part + CLEANUP_CHUNK]
                         record = {key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")}
-                        record.update(at=now, lsn=outcome.commit_lsn)
+                        record.update(at=now, lsn=outcome.commit_lsn, lsn_text=int_to_lsn(outcome.commit_lsn))
                         pipe.zadd(k.awaiting_replication,
                                   {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
                 if applied_ids:
@@ -315,9 +370,6 @@ class BufferStore:
                 pipe.execute()
             except redis.WatchError:
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
-        # After the fenced write, in chunks: a crash here only skips "applied" (the cleanup sets
-        # "replicated" over whatever status it finds).
-        self.set_status(outcome.applied_ids, "applied")
 
     def clean_replicated(self, replay_lsn: int) -> list[str]:
         """Clean caches of every committed batch the replica has replayed; returns their tx ids."""
@@ -367,6 +419,9 @@ class BufferStore:
             "awaiting_replication": awaiting, "oldest_entry": oldest,
             "stats": {a.decode(): b.decode() for a, b in stats.items()},
         }
+
+    def holds_any(self) -> bool:
+        return bool(self.redis.hlen(self.keys.held_ids))
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

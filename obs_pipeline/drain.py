@@ -11,13 +11,15 @@ import json
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import redis
 
-from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, int_to_lsn, make_engine
+from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
 from obs_pipeline.buffer_store import BufferStore, Outcome
+from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
@@ -74,6 +76,15 @@ class DrainBusy(RuntimeError):
     """Another drain holds the site's lease."""
 
 
+@dataclass
+class _Batch:
+    """A claimed batch, parsed: what is left to do with it, and what to report."""
+    entries: list[str]
+    report: BatchReport
+    outcome: Outcome
+    transactions: list[Transaction] = field(default_factory=list)
+
+
 class Drain:
     def __init__(self, settings: Settings, config: DrainConfig = DrainConfig()):
         self.settings = settings
@@ -84,11 +95,15 @@ class Drain:
         self.main = MainDatabase(make_engine(settings.require_main()), self.registry, settings.site)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica()))
         self.token: str | None = None
+        self._prefetched: _Batch | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
     def close(self) -> None:
+        self._prefetched = None
         if self.token:
             self.store.release_lease(self.token)
             self.token = None
+        self._worker.shutdown(wait=True)
         self.main.engine.dispose()
         self.replica.engine.dispose()
         self.redis.close()
@@ -141,6 +156,7 @@ class Drain:
                 if on_batch:
                     on_batch(report)
         finally:
+            self._prefetched = None  # left in the processing list for the next run
             if self.token:
                 self.store.release_lease(self.token)
                 self.token = None
@@ -164,38 +180,68 @@ class Drain:
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:
-        """One cycle; None when there was nothing to claim and nothing to clean."""
+        """One cycle; None when there was nothing to claim and nothing to clean.
+
+        While main applies a full batch (in a worker thread: the driver releases the GIL while
+        it waits), this thread claims and parses the next one and cleans what the replica has
+        replayed, so Python, Redis and PostgreSQL work at the same time. The prefetched batch
+        waits in the processing list behind this one; if anything fails it is forgotten here
+        and the next claim takes both back from the processing list, as after a crash."""
         if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
             self.token = None
+            self._prefetched = None
             self.acquire()
         began = time.monotonic()
-        claim = self.store.claim(self.token, self.config.batch_size)
-        if not claim.entries:
+        batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
+        if not batch.entries:
             cleaned = self._clean(wait_for=None)
             if not cleaned[1]:
                 return None
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
                                duration_s=time.monotonic() - began)
-        report = BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed)
-        outcome = Outcome()
-        txs = self._parse(claim.entries, outcome, report)
-        txs = self._hold_dependents(txs, outcome, report)
+        report, outcome = batch.report, batch.outcome
+        full = len(batch.entries) >= self.config.batch_size
+        txs = self._hold_dependents(batch.transactions, outcome, report)
         if txs:
             by_id = {t.transaction_id: t for t in txs}
             self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
-        result = self.main.apply_batch(txs) if txs else BatchResult()  # garbage only: main not needed
-        self._record_result(result, outcome, report)
-        self.store.acknowledge(self.token, outcome)
+        applying = self._worker.submit(self.main.apply_batch, txs) if txs else None  # garbage only: main not needed
+        try:
+            if full:
+                self._prefetched = self._claim(after_unacknowledged=True)
+                self._clean(wait_for=None)
+        except BaseException:
+            if applying:
+                wait([applying])  # let main finish this batch; the next claim sorts out what committed
+            self._prefetched = None  # its entries stay in the processing list
+            raise
+        try:
+            result = applying.result() if applying else BatchResult()
+            self._record_result(result, outcome, report)
+            self.store.acknowledge(self.token, outcome)
+        except BaseException:
+            self._prefetched = None  # reclaimed from the processing list together with this batch
+            raise
         if outcome.commit_lsn is not None:
             # A full claim means more work is waiting: clean what the replica has already
             # replayed and go on (replay overlaps the next batch); otherwise wait for this one.
-            full = len(claim.entries) >= self.config.batch_size
+            # What the replica has replayed skips "applied" and becomes "replicated" at once.
             wait_began = time.monotonic()
             replay, ids = self._clean(wait_for=None if full else outcome.commit_lsn)
             report.replication_wait_s = time.monotonic() - wait_began
             report.replay_lsn, report.replicated = replay, len(ids)
+            cleaned = set(ids)
+            self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
+
+    def _claim(self, after_unacknowledged: bool) -> "_Batch":
+        claim = self.store.claim(self.token, self.config.batch_size, after_unacknowledged)
+        batch = _Batch(entries=claim.entries, report=BatchReport(transactions=len(claim.entries),
+                                                                 reclaimed=claim.reclaimed),
+                       outcome=Outcome(claimed=len(claim.entries)))
+        batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
+        return batch
 
     def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """The buffer is a trust boundary: anything malformed is dead-lettered with the reason."""
@@ -221,6 +267,8 @@ class Drain:
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """A transaction that uses an id created by one waiting to retry waits behind it; behind a
         dead-lettered one it is dead-lettered too, as blocked."""
+        if not self.store.holds_any():  # the usual case: nothing waits to retry or is dead
+            return txs
         refs = sorted({i for t in txs for i in referenced_ids(t)})
         holders = self.store.holders(refs)
         if not holders:

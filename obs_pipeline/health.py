@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 
 

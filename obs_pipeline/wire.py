@@ -210,6 +210,13 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
 
 def steps_in_order(tx: Transaction) -> list[Step]:
     """Steps sorted so each comes after its dependencies (stable); bad graphs raise."""
+    seen: set[str] = set()
+    for step in tx.steps:  # the usual case, and every builder-made transaction: already in order
+        if not seen.issuperset(step.dependencies) or step.step_id in seen:
+            break
+        seen.add(step.step_id)
+    else:
+        return list(tx.steps)
     by_id = {s.step_id: s for s in tx.steps}
     for step in tx.steps:
         for dep in step.dependencies:

@@ -10,7 +10,7 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 
-from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions, create_schema

@@ -8,7 +8,8 @@ import psycopg2
 import pytest
 from sqlalchemy import exc
 
-from obs_pipeline.apply import fold, int_to_lsn, is_transient, lsn_to_int
+from obs_pipeline.apply import fold, is_transient
+from obs_pipeline.lsn import int_to_lsn, lsn_to_int
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, steps_in_order, validate
 from obs_pipeline_tests.examples import seed_example

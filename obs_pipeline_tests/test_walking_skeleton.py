@@ -131,16 +131,25 @@ def test_ingest_import_is_light():
 
 
 def test_status_changes_touch_only_the_transaction_status(settings, redis_client):
-    """Statuses are rewritten in place by Lua; a step's own `status` column and an endpoint
-    that contains the same text must stay as they were."""
+    """Statuses are rewritten in place by Lua while the transaction waits; a step's own
+    `status` column and an endpoint that contains the same text must stay as they were. Once
+    replicated, the status key shrinks to a short record (the rows are on the replica)."""
     buf = TransactionBuffer(settings=settings)
     with buf.transaction(endpoint='odd "status":"pending" endpoint') as tx:
         obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
                                             "status": "pending"})
-    drain_until_empty(settings)
-    doc = json.loads(redis_client.get(SiteKeys(settings.site).transaction(tx.transaction_id)))
-    assert doc["status"] == "replicated"
+    key = SiteKeys(settings.site).transaction(tx.transaction_id)
+    assert buf.store.set_status([tx.transaction_id, "no-such-transaction"], "processing") == ["no-such-transaction"]
+    doc = json.loads(redis_client.get(key))
+    assert doc["status"] == "processing"
     assert doc["endpoint"] == 'odd "status":"pending" endpoint'
     assert doc["steps"][0]["data"]["status"] == "pending"
+    assert redis_client.get(SiteKeys(settings.site).transaction("no-such-transaction")) is None
+
+    drain_until_empty(settings)
+    doc = json.loads(redis_client.get(key))
+    assert doc["status"] == "replicated" and doc["transaction_id"] == tx.transaction_id
+    assert doc["commit_lsn"].count("/") == 1 and "steps" not in doc
+    assert 0 < redis_client.ttl(key) <= 7 * 24 * 3600
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "pending"
     buf.close()

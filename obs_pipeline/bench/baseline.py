@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from obs_pipeline import models
-from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.config import Settings
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.model_registry import ModelRegistry

@@ -17,7 +17,7 @@ import uuid
 import psycopg2
 import sqlalchemy as sa
 
-from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.bench.context import OBS_UNITS, BenchContext, median
 from obs_pipeline.bench.ingest import ROWS_PER_SEED_TX
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from obs_pipeline.apply import lsn_to_int
+from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions, create_schema

@@ -1,0 +1,130 @@
+"""The drain's batch pipeline on the real stack: the next batch is claimed while main applies
+the current one, inserts travel as one array per column, and Redis work goes in few commands.
+Each test checks that nothing is lost or doubled when that machinery is cut short."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.apply import TransientError
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+def statuses(redis_client, site: str, ids: list[str]) -> list[str]:
+    keys = SiteKeys(site)
+    return [json.loads(raw)["status"] for raw in redis_client.mget([keys.transaction(i) for i in ids])]
+
+
+def test_the_next_batch_is_claimed_while_main_applies_and_survives_a_drain_that_dies(settings, redis_client,
+                                                                                   main_engine):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 30, finish_every=0)
+    buf.close()
+    keys = SiteKeys(settings.site)
+
+    first = Drain(settings, DrainConfig(batch_size=10))
+    first.acquire()
+    report = first.step()
+    assert report.applied == 10
+    # the second batch was claimed during the first one's apply: it waits in the processing
+    # list, its statuses untouched until its own turn
+    claimed = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.processing, 0, -1)]
+    assert sorted(claimed) == sorted(o.start_tx for o in observations[10:20])
+    assert set(statuses(redis_client, settings.site, claimed)) == {"pending"}
+    assert set(statuses(redis_client, settings.site, [o.start_tx for o in observations[:10]])) <= {"applied",
+                                                                                                 "replicated"}
+    first.close()  # the drain goes away with a batch claimed and not applied
+
+    second = Drain(settings, DrainConfig(batch_size=10))
+    second.acquire()
+    reclaimed = second.step()
+    assert reclaimed.reclaimed and reclaimed.applied == 10
+    second.close()
+    drain_until_settled(settings, batch_size=10)
+    assert_applied_exactly_once(main_engine, observations)
+    assert redis_client.llen(keys.processing) == 0 and redis_client.llen(keys.buffer) == 0
+
+
+def test_a_failed_apply_gives_back_the_prefetched_batch_with_its_own(settings, redis_client, main_engine):
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 40, finish_every=2)  # 60 transactions
+    buf.close()
+    drain = Drain(settings, DrainConfig(batch_size=10))
+    real_apply, calls = drain.main.apply_batch, []
+
+    def link_drops_on_the_second_batch(txs):
+        calls.append(len(txs))
+        if len(calls) == 2:
+            raise TransientError("server closed the connection unexpectedly")
+        return real_apply(txs)
+
+    drain.main.apply_batch = link_drops_on_the_second_batch
+    drain.acquire()
+    assert drain.step().applied == 10
+    with pytest.raises(TransientError):
+        drain.step()
+    # the failed batch and the one prefetched behind it are both still claimed, and both come back
+    assert redis_client.llen(SiteKeys(settings.site).processing) == 20
+    report = drain.step()
+    assert report.reclaimed and report.transactions == 20 and report.applied == 20
+    drain.close()
+    drain_until_settled(settings, batch_size=10)
+    assert_applied_exactly_once(main_engine, observations)
+
+
+def test_a_bulk_create_of_thousands_of_rows_is_buffered_applied_and_cleaned(settings, redis_client, main_engine,
+                                                                           replica_engine):
+    """Lua's unpack() takes a few thousand values at most: the scripts go in parts."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="big_package") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "big", "executed_obs_unit_id": obs["id"]})
+        files = tx.bulk_create("RawDataFile", [{"name": f"f{i:05d}.fits", "raw_data_package_id": pkg["id"]}
+                                               for i in range(3000)])
+    keys = SiteKeys(settings.site)
+    assert redis_client.scard(keys.model_index("RawDataFile")) == 3000
+    assert buf.get("RawDataFile", files[2999]["id"])["name"] == "f02999.fits"
+    drain_until_settled(settings)
+    assert buf.wait(tx.transaction_id, until="replicated", timeout=30)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 3000
+    assert redis_client.scard(keys.model_index("RawDataFile")) == 0
+    assert not redis_client.exists(keys.buffered("RawDataFile", files[0]["id"]),
+                                   keys.cached_id("RawDataFile", files[2999]["id"]))
+    assert buf.get("RawDataFile", files[2999]["id"])["name"] == "f02999.fits"  # now from the replica
+    buf.close()
+
+
+ODD_TEXT = ['say "hi"', "back\\slash", "{braces}", "a,b", "NULL", "null", "", " lead and trail ", "it's",
+            "line\nbreak", "tab\there", "ünïcödé ✓", "\\\"", "}", "{", "(1,2)"]
+
+
+def test_text_values_arrive_exactly_through_the_array_encoding(settings, main_engine):
+    """Inserts travel as one PostgreSQL array literal per column: quoting, NULL and the array
+    syntax's own characters must come out as they went in."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00+02:00",
+                                            "status": "NULL"})
+        pkg = tx.create("RawDataPackage", {"name": 'pkg "quoted"', "executed_obs_unit_id": obs["id"]})
+        tx.bulk_create("RawDataFile", [{"name": name, "raw_data_package_id": pkg["id"]} for name in ODD_TEXT])
+    buf.close()
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        names = sorted(conn.execute(sa.text("SELECT name FROM raw_data_file")).scalars())
+        status, end_time, start = conn.execute(sa.text(
+            "SELECT status, end_time, extract(epoch FROM start_time) FROM executed_obs_unit")).one()
+        package = conn.execute(sa.text("SELECT name FROM raw_data_package")).scalar_one()
+    assert names == sorted(ODD_TEXT)
+    assert status == "NULL" and end_time is None  # the text "NULL" is text; a missing value is NULL
+    assert float(start) == 1735682400.0  # 2025-01-01T00:00:00+02:00
+    assert package == 'pkg "quoted"'
