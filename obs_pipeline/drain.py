@@ -25,6 +25,7 @@ from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
 
 log = logging.getLogger("obs_pipeline.drain")
+DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ class Drain:
         self.registry = ModelRegistry.from_path(settings.models)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
-        self.main = MainDatabase(make_engine(settings.require_main()), self.registry, settings.site)
-        self.replica = ReplicaDatabase(make_engine(settings.require_replica()))
+        self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
+        self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))
         self.token: str | None = None
         self._prefetched: _Batch | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
@@ -104,7 +105,7 @@ class Drain:
             self.store.release_lease(self.token)
             self.token = None
         self._worker.shutdown(wait=True)
-        self.main.engine.dispose()
+        self.main.close()
         self.replica.engine.dispose()
         self.redis.close()
 
@@ -193,8 +194,8 @@ class Drain:
             self.acquire()
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
-        if not batch.entries:
-            cleaned = self._clean(wait_for=None)
+        if not batch.entries:  # nothing new: clean what waits for the replica, waiting a little for it
+            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
             if not cleaned[1]:
                 return None
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
@@ -209,7 +210,7 @@ class Drain:
         try:
             if full:
                 self._prefetched = self._claim(after_unacknowledged=True)
-                self._clean(wait_for=None)
+                report.replicated += len(self._clean(wait_for=None)[1])  # earlier batches
         except BaseException:
             if applying:
                 wait([applying])  # let main finish this batch; the next claim sorts out what committed
@@ -223,13 +224,17 @@ class Drain:
             self._prefetched = None  # reclaimed from the processing list together with this batch
             raise
         if outcome.commit_lsn is not None:
-            # A full claim means more work is waiting: clean what the replica has already
-            # replayed and go on (replay overlaps the next batch); otherwise wait for this one.
-            # What the replica has replayed skips "applied" and becomes "replicated" at once.
+            # A full claim means more work is waiting: if the replica has replayed this commit
+            # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
+            # and go on - the next batch's overlap cleans it. A last batch waits for its replay.
             wait_began = time.monotonic()
-            replay, ids = self._clean(wait_for=None if full else outcome.commit_lsn)
+            if full and not self._replayed(outcome.commit_lsn):
+                replay, ids = None, []
+            else:
+                replay, ids = self._clean(wait_for=None if full else outcome.commit_lsn)
             report.replication_wait_s = time.monotonic() - wait_began
-            report.replay_lsn, report.replicated = replay, len(ids)
+            report.replay_lsn = replay
+            report.replicated += len(ids)
             cleaned = set(ids)
             self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
@@ -330,13 +335,21 @@ class Drain:
         outcome.hold.update(dict.fromkeys(created_ids(tx), "!" + tx.transaction_id))
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
-    def _clean(self, wait_for: int | None) -> tuple[str | None, list[str]]:
-        """Wait (bounded) for the replica to replay `wait_for`, then clean what it has replayed."""
+    def _replayed(self, lsn: int) -> bool:
+        try:
+            replay = self.replica.replay_lsn()
+        except Exception:  # noqa: BLE001 - replica down: caches stay, a later pass cleans
+            return False
+        return replay is not None and replay >= lsn
+
+    def _clean(self, wait_for: int | None, timeout_s: float | None = None) -> tuple[str | None, list[str]]:
+        """Wait (bounded) for the replica to replay `wait_for` (0: the oldest commit still
+        awaiting it), then clean what it has replayed."""
         count, lowest = self.store.awaiting_replication()
         if not count:
             return None, []
         if wait_for is not None:
-            replay = self.replica.wait_for_replay(wait_for, self.config.replication_timeout_s)
+            replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s or self.config.replication_timeout_s)
         else:
             try:
                 replay = self.replica.replay_lsn()

@@ -29,15 +29,27 @@ class Spool:
     def __init__(self, directory: str | os.PathLike | None, site: str):
         self.directory = Path(directory) if directory else default_spool_dir()
         self.path = self.directory / f"{site}.jsonl"
+        self._path_str = str(self.path)
         self.offset_path = self.directory / f"{site}.offset"
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._store: BufferStore | None = None
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
-        """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first."""
+        """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first.
+
+        With nothing spooled, threads buffer concurrently (no lock): a transaction spooled by
+        one thread is on disk before its `with` block returns, so anything that uses its ids
+        later finds the spool file and queues behind it."""
+        self._store = store
+        if not os.path.exists(self._path_str):
+            try:
+                store.buffer(tx_id, tx_json, caches)
+            except (redis.ConnectionError, redis.TimeoutError):
+                with self._lock:
+                    self._append(tx_id, tx_json, caches)
+            return
         with self._lock:
-            self._store = store
             if self.path.exists() and not self._flush_locked(store):
                 self._append(tx_id, tx_json, caches)
                 return

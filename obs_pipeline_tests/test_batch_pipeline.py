@@ -128,3 +128,17 @@ def test_text_values_arrive_exactly_through_the_array_encoding(settings, main_en
     assert status == "NULL" and end_time is None  # the text "NULL" is text; a missing value is NULL
     assert float(start) == 1735682400.0  # 2025-01-01T00:00:00+02:00
     assert package == 'pkg "quoted"'
+
+
+def test_threads_share_one_buffer_and_every_transaction_lands_once(settings, redis_client, main_engine):
+    """Ingest takes no lock while nothing is spooled: threads of one script buffer concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = TransactionBuffer(settings=settings)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        per_thread = list(pool.map(lambda unit: buffer_observations(buf, 25, finish_every=3), range(4)))
+    buf.close()
+    observations = [o for chunk in per_thread for o in chunk]
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 100 + sum(1 for o in observations if o.finish_tx)
+    drain_until_settled(settings, batch_size=30)
+    assert_applied_exactly_once(main_engine, observations)

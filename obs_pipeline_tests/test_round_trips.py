@@ -45,3 +45,60 @@ def test_a_poison_transaction_costs_logarithmic_round_trips(settings, main_engin
     assert report.round_trips <= 3 + 2 * 8 + 1, report.round_trips
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 200
+
+
+def test_the_drain_session_is_reused_without_a_rollback_per_batch(settings, main_engine):
+    """A pool's reset-on-check-in ROLLBACK would be a second round trip to main per batch; the
+    drain's session must end each batch idle, its last statement the batch script."""
+    import sqlalchemy as sa
+
+    from obs_pipeline.drain import DRAIN_APPLICATION_NAME, Drain, DrainConfig
+
+    buf = TransactionBuffer(settings=settings)
+    buffer_observations(buf, 30, finish_every=0)
+    buf.close()
+    drain = Drain(settings, DrainConfig(batch_size=10))
+    drain.acquire()
+    sessions = sa.text("SELECT pid, state, query FROM pg_stat_activity WHERE application_name = :name "
+                       "AND datname = current_database()")
+    try:
+        seen = []
+        for _ in range(3):
+            assert drain.step().applied == 10
+            with main_engine.connect() as conn:
+                seen.append(conn.execute(sessions, {"name": DRAIN_APPLICATION_NAME}).all())
+    finally:
+        drain.close()
+    assert all(len(s) == 1 for s in seen), seen
+    assert len({s[0].pid for s in seen}) == 1  # one session, kept across batches
+    for (pid, state, query), in seen:
+        assert state == "idle" and query.startswith("BEGIN;\nINSERT INTO obs_pipeline_applied"), query[:80]
+
+
+def test_a_session_cut_short_inside_a_transaction_is_not_reused(settings, main_engine):
+    import sqlalchemy as sa
+
+    from obs_pipeline.drain import Drain
+
+    buf = TransactionBuffer(settings=settings)
+    buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    drain = Drain(settings)
+    real_apply = drain.main._apply
+
+    def interrupted(cur, txs):
+        cur.execute("BEGIN; SELECT 1")
+        raise KeyboardInterrupt  # e.g. the operator's Ctrl-C between two scripts
+
+    drain.main._apply = interrupted
+    drain.acquire()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            drain.step()
+        drain.main._apply = real_apply
+        report = drain.step()  # a fresh session: the half-open transaction did not leak into it
+        assert report.reclaimed and report.applied == 3
+    finally:
+        drain.close()
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3

@@ -3,13 +3,14 @@
 The measured unit is seed 000's "Example Complete Transaction" written the way the README
 tells scripts to: `with buf.transaction() as tx:` create ExecutedObsUnit, create
 RawDataPackage, bulk_create two RawDataFile. Its latency is the whole `with` block (build,
-validate, one MULTI/EXEC to Redis), because that is what the script waits for.
+validate, one Lua call to Redis), because that is what the script waits for.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from obs_pipeline.bench.context import OBS_UNITS, percentile
@@ -60,6 +61,31 @@ def measure_ingest(settings: Settings, n: int, keep_going: Callable[[], bool] = 
         "max_ms": max(latencies) * 1000 if latencies else float("nan"),
         "throughput_tx_s": len(latencies) / elapsed if elapsed and not pause_s else None,
     }
+
+
+def measure_ingest_threads(settings: Settings, n: int, threads: int) -> dict:
+    """One process whose `threads` threads buffer `n` seed transactions in all through one
+    TransactionBuffer (a script that records from several instruments at once). Each thread
+    waits for Redis on its own, so one's round trip overlaps another's Python work."""
+    buf = TransactionBuffer(settings=settings)
+    latencies: list[float] = []
+
+    def worker(count: int) -> None:
+        for i in range(count):
+            t0 = time.perf_counter()
+            seed_transaction(buf, 1 + i % OBS_UNITS)
+            latencies.append(time.perf_counter() - t0)
+
+    try:
+        seed_transaction(buf, 1)
+        began = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(worker, [n // threads] * threads))
+        elapsed = time.perf_counter() - began
+    finally:
+        buf.close()
+    return {"threads": threads, "transactions": len(latencies), "throughput_tx_s": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000}
 
 
 def buffer_seed_backlog(settings: Settings, n: int, progress: Callable[[int], None] | None = None) -> dict:

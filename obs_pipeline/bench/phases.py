@@ -12,17 +12,25 @@ from pathlib import Path
 from obs_pipeline.bench.baseline import measure_baseline
 from obs_pipeline.bench.context import BenchContext, median
 from obs_pipeline.bench.drain import median_run, run_drain, summarize
-from obs_pipeline.bench.ingest import ROWS_PER_SEED_TX, buffer_observations, buffer_seed_backlog, measure_ingest
+from obs_pipeline.bench.ingest import (ROWS_PER_SEED_TX, buffer_observations, buffer_seed_backlog, measure_ingest,
+                                       measure_ingest_threads)
 from obs_pipeline.keys import SiteKeys
 
+INGEST_THREADS = 4  # the threaded ingest figure: one process, this many threads
 
-def ingest_phase(ctx: BenchContext, n: int, repeats: int) -> dict:
-    runs = []
+
+def ingest_phase(ctx: BenchContext, n: int, repeats: int, threads: int = INGEST_THREADS) -> dict:
+    runs, threaded = [], []
     for _ in range(repeats):
         settings = ctx.phase("ingest")
         runs.append(measure_ingest(settings, n))
+        threaded.append(measure_ingest_threads(settings, n, threads))
         ctx.forget_site(settings.site)
-    return {"transactions_per_repeat": n, "repeats": repeats,
+    return {"threaded": {"threads": threads, "throughput_tx_s": median([r["throughput_tx_s"] for r in threaded]),
+                         "p50_ms": median([r["p50_ms"] for r in threaded]),
+                         "p99_ms": median([r["p99_ms"] for r in threaded]),
+                         "repeats_tx_s": [round(r["throughput_tx_s"]) for r in threaded]},
+            "transactions_per_repeat": n, "repeats": repeats,
             "p50_ms": median([r["p50_ms"] for r in runs]), "p99_ms": median([r["p99_ms"] for r in runs]),
             "max_ms": max(r["max_ms"] for r in runs),
             "throughput_tx_s": median([r["throughput_tx_s"] for r in runs]),
