@@ -1,7 +1,7 @@
 """Applying batches of buffered transactions to main, and reading LSNs.
 
 Fast path, one round trip per batch: BEGIN, the applied-id records, the batch's writes folded
-per row as multi-row statements, COMMIT, and the flush LSN read after COMMIT completed, all
+per row into one statement per table and column set (see batch_sql.py), COMMIT, and the flush LSN read after COMMIT completed, all
 in one SQL script. A batch holding a transaction that already committed (reclaimed after a
 crash) fails on the applied-id key, and a batch holding bad data fails on it: both take the
 careful path, which skips what committed and isolates poison transactions by bisection under

@@ -208,7 +208,8 @@ class Drain:
             self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
         applying = self._worker.submit(self.main.apply_batch, txs) if txs else None  # garbage only: main not needed
         try:
-            if full:
+            if full and not batch.report.reclaimed:  # (a reclaimed batch may hold a prefetched one:
+                # claiming more behind it at every failed attempt would grow it without bound)
                 self._prefetched = self._claim(after_unacknowledged=True)
                 report.replicated += len(self._clean(wait_for=None)[1])  # earlier batches
         except BaseException:

@@ -184,6 +184,11 @@ def _str_json(value: Any) -> str:
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError("text may not contain NUL characters")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no database can store it
+                raise ValueError(f"{value!r} is not valid Unicode text (a lone surrogate)") from None
         return value
     raise ValueError(f"{value!r} is not a string")
 

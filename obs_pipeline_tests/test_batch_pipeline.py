@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.apply import TransientError
 from obs_pipeline.drain import Drain, DrainConfig
-from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
 
@@ -60,19 +60,22 @@ def test_a_failed_apply_gives_back_the_prefetched_batch_with_its_own(settings, r
     drain = Drain(settings, DrainConfig(batch_size=10))
     real_apply, calls = drain.main.apply_batch, []
 
-    def link_drops_on_the_second_batch(txs):
+    def link_drops_on_batches_2_to_4(txs):
         calls.append(len(txs))
-        if len(calls) == 2:
+        if 2 <= len(calls) <= 4:
             raise TransientError("server closed the connection unexpectedly")
         return real_apply(txs)
 
-    drain.main.apply_batch = link_drops_on_the_second_batch
+    drain.main.apply_batch = link_drops_on_batches_2_to_4
     drain.acquire()
     assert drain.step().applied == 10
-    with pytest.raises(TransientError):
-        drain.step()
-    # the failed batch and the one prefetched behind it are both still claimed, and both come back
-    assert redis_client.llen(SiteKeys(settings.site).processing) == 20
+    for _ in range(3):
+        with pytest.raises(TransientError):
+            drain.step()
+        # the failed batch and the one prefetched behind it are both still claimed, and no more:
+        # a retried batch claims nothing behind it, so failures do not grow it
+        assert redis_client.llen(SiteKeys(settings.site).processing) == 20
+    assert calls == [10, 10, 20, 20]
     report = drain.step()
     assert report.reclaimed and report.transactions == 20 and report.applied == 20
     drain.close()
@@ -141,4 +144,44 @@ def test_threads_share_one_buffer_and_every_transaction_lands_once(settings, red
     observations = [o for chunk in per_thread for o in chunk]
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 100 + sum(1 for o in observations if o.finish_tx)
     drain_until_settled(settings, batch_size=30)
+    assert_applied_exactly_once(main_engine, observations)
+
+
+def test_array_literals_round_trip_any_text_through_postgresql(main_engine):
+    """Property: whatever text (no NUL, no lone surrogate: validation refuses both) goes into an array literal comes
+    back out of PostgreSQL's array parser unchanged, NULL as NULL."""
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    from obs_pipeline.batch_sql import _array_literal
+
+    texts = st.lists(st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))),
+                     min_size=1, max_size=20)
+    with main_engine.connect() as conn:
+        @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(values=texts)
+        def round_trip(values):
+            back = conn.execute(sa.text("SELECT unnest(CAST(:a AS TEXT[]))"), {"a": _array_literal(values)}).scalars()
+            assert list(back) == values
+
+        round_trip()
+
+
+def test_a_lone_surrogate_is_refused_at_ingest_and_dead_lettered_from_a_raw_producer(settings, redis_client,
+                                                                                    main_engine):
+    """JSON can spell "\\ud800", UTF-8 cannot: such text would stop every batch it is in."""
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(InvalidTransaction, match="lone surrogate"):
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 7, "name": "bad \ud800 name"})
+    keys = SiteKeys(settings.site)
+    assert redis_client.llen(keys.buffer) == 0
+    raw = json.dumps({"transaction_id": "raw-surrogate", "steps": [
+        {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 7, "name": "bad \ud800"}}]})
+    redis_client.lpush(keys.buffer, raw)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    drain_until_settled(settings)
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [f["transaction_id"] for f in failed] == ["raw-surrogate"]
+    assert "lone surrogate" in failed[0]["failure"]["reason"]
     assert_applied_exactly_once(main_engine, observations)
