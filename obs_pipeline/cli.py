@@ -85,10 +85,11 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 # --- drain ----------------------------------------------------------------------------------
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
     drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, lease_ttl_s=args.lease_ttl,
-                                           replication_timeout_s=args.replication_timeout))
+                                           replication_timeout_s=args.replication_timeout,
+                                           niceness=BACKGROUND_NICENESS))
 
     def on_batch(report) -> None:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -26,6 +27,7 @@ from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referen
 
 log = logging.getLogger("obs_pipeline.drain")
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
+BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class DrainConfig:
     backoff_initial_s: float = 0.5        # transient errors: pause, retry the same batch
     backoff_max_s: float = 30.0
     retry_base_s: float = 5.0             # permanent errors: 5 s, 10 s, 20 s ... (+ jitter)
+    niceness: int | None = None           # run's CPU priority (the CLI and Dagster: 10), so scripts
+    #                                       buffering on the same machine come first; None: unchanged
 
 
 @dataclass
@@ -118,6 +122,9 @@ class Drain:
         """Drain until the buffer has been empty for `idle_exit_s` (`until_empty`), the budget is
         spent, or asked to stop. The idle grace keeps one run draining under sustained load."""
         summary = DrainSummary()
+        if self.config.niceness is not None:
+            # this thread's priority; the apply worker, started by this thread later, inherits it
+            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), self.config.niceness))
         start = time.monotonic()
         idle_since: float | None = None
         self.acquire(lease_wait_s)

@@ -111,3 +111,34 @@ def test_discard_removes_its_overlays_and_keeps_others(env, settings, redis_clie
     assert redis_client.llen(keys.read_buffer("ExecutedObsUnit", obs["id"])) == 1
     assert buf.status(good) == "pending"
     buf.close()
+
+
+def test_the_cli_drain_runs_behind_the_scripts_at_a_lower_cpu_priority(settings, monkeypatch):
+    """Observing scripts, Redis and the replica share the site machine with the drain; when
+    the CPU is short, a catching-up drain is what should wait."""
+    import os
+
+    from obs_pipeline import cli
+    from obs_pipeline.drain import BACKGROUND_NICENESS, Drain
+
+    seen = []
+    real_run = Drain.run
+
+    def run_and_look(self, **kwargs):
+        summary = real_run(self, **kwargs)
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+        return summary
+
+    monkeypatch.setattr(Drain, "run", run_and_look)
+    for name, value in (("OBS_SITE", settings.site), ("OBS_REDIS_URL", settings.redis_url),
+                        ("OBS_MAIN_DB_URL", settings.main_db_url), ("OBS_REPLICA_DB_URL", settings.replica_db_url)):
+        monkeypatch.setenv(name, value)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    import threading
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(code=cli.main(["drain", "--once"])))
+    worker.start()  # a thread of its own: on Linux a niceness belongs to the thread that set it
+    worker.join(60)
+    assert result.get("code") == 0
+    assert seen == [max(before, BACKGROUND_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the test's own thread is untouched

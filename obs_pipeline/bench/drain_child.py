@@ -48,11 +48,12 @@ def _timed(obj, name: str, spent: dict[str, float]) -> None:
 
 def main(argv: list[str]) -> int:
     from obs_pipeline.config import Settings
-    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
     cfg = json.loads(argv[0])
     drain = Drain(Settings(**cfg["settings"]), DrainConfig(batch_size=cfg["batch_size"],
-                                                           replication_timeout_s=cfg.get("replication_timeout_s", 30.0)))
+                                                           replication_timeout_s=cfg.get("replication_timeout_s", 30.0),
+                                                           niceness=BACKGROUND_NICENESS))  # as the CLI and Dagster run it
     spent: dict[str, float] = defaultdict(float)
     for obj, name in ((drain.store, "claim"), (drain.store, "mark_processing"), (drain.store, "holders"),
                       (drain.main, "apply_batch"), (drain.store, "acknowledge"),

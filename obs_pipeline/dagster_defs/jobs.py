@@ -24,7 +24,7 @@ from dagster import (
 
 from obs_pipeline.apply import TransientError
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.drain import BatchReport, DrainBusy, DrainConfig
+from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, DrainConfig
 
 SITE_TAG = "obs_pipeline/site"
 MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
@@ -44,7 +44,8 @@ class DrainRunConfig(Config):
 
 def _drain_config(config: DrainRunConfig) -> DrainConfig:
     return DrainConfig(batch_size=config.batch_size, lease_ttl_s=config.lease_ttl_s,
-                       replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s)
+                       replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s,
+                       niceness=BACKGROUND_NICENESS)  # the run worker is a process of its own
 
 
 def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
