@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 import redis
 
+from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
 
+MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
 CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
 STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
@@ -261,6 +263,14 @@ class BufferStore:
     def status_json(self, transaction_id: str) -> str | None:
         raw = self.redis.get(self.keys.transaction(transaction_id))
         return raw.decode() if isinstance(raw, bytes) else raw
+
+    def require_redis(self, at_least: tuple[int, int] = MINIMUM_REDIS) -> None:
+        """Refuse an old Redis with one clear line, not a Lua error in the middle of a batch."""
+        version = str(self.redis.info("server").get("redis_version", "0"))
+        found = tuple(int(part) for part in (version.split(".") + ["0", "0"])[:2] if part.isdigit())
+        if found < at_least:
+            raise ConfigError(f"the site's Redis is {version}; obs-pipeline needs Redis "
+                              f"{at_least[0]}.{at_least[1]} or newer (its scripts use SMISMEMBER)")
 
     # --- lease ------------------------------------------------------------------------------
     def acquire_lease(self, ttl_s: float) -> str | None:

@@ -127,6 +127,7 @@ class Drain:
             os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), self.config.niceness))
         start = time.monotonic()
         idle_since: float | None = None
+        self.store.require_redis()
         self.acquire(lease_wait_s)
         backoff = self.config.backoff_initial_s
         try:

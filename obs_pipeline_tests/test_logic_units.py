@@ -112,3 +112,20 @@ def test_unknown_extra_fields_are_ignored():
     doc["priority"] = "high"
     doc["steps"][0]["comment"] = "x"
     assert validate(Transaction.from_dict(doc), REGISTRY).transaction_id == doc["transaction_id"]
+
+
+def test_an_old_redis_is_refused_with_one_clear_line():
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.config import ConfigError
+
+    class OldRedis:
+        def register_script(self, script):
+            return None
+
+        def info(self, section):
+            return {"redis_version": "6.0.16"}
+
+    with pytest.raises(ConfigError, match=r"^the site's Redis is 6\.0\.16; obs-pipeline needs Redis 6\.2 or newer"):
+        BufferStore(OldRedis(), "site").require_redis()
+    OldRedis.info = lambda self, section: {"redis_version": "7.0.15"}
+    BufferStore(OldRedis(), "site").require_redis()  # no error
