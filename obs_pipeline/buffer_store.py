@@ -185,7 +185,8 @@ for _, raw in ipairs(done) do
     end
   end
   if ARGV[5] ~= 'discard' then
-    local tail = ',"status":"replicated","commit_lsn":' .. cjson.encode(batch.lsn_text or '') .. '}'
+    local lsn = string.match(batch.lsn_text or '', '^%x+/%x+$') or ''  -- written as is: cjson would escape the '/'
+    local tail = ',"status":"replicated","commit_lsn":"' .. lsn .. '"}'
     for _, tx in ipairs(batch.t) do
       redis.call('SET', prefix .. 'transaction:' .. tx, '{"transaction_id":' .. cjson.encode(tx) .. tail, 'EX', ARGV[3])
       ids[#ids + 1] = tx

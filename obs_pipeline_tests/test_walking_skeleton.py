@@ -150,6 +150,7 @@ def test_status_changes_touch_only_the_transaction_status(settings, redis_client
     doc = json.loads(redis_client.get(key))
     assert doc["status"] == "replicated" and doc["transaction_id"] == tx.transaction_id
     assert doc["commit_lsn"].count("/") == 1 and "steps" not in doc
+    assert redis_client.get(key).endswith(b'"commit_lsn":"' + doc["commit_lsn"].encode() + b'"}')  # no "\/" 
     assert 0 < redis_client.ttl(key) <= 7 * 24 * 3600
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "pending"
     buf.close()
