@@ -88,6 +88,7 @@ class _Batch:
     report: BatchReport
     outcome: Outcome
     transactions: list[Transaction] = field(default_factory=list)
+    footprints: dict[str, dict[str, list]] = field(default_factory=dict)  # tx id -> its cache keys
 
 
 class Drain:
@@ -227,7 +228,7 @@ class Drain:
             raise
         try:
             result = applying.result() if applying else BatchResult()
-            self._record_result(result, outcome, report)
+            self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
         except BaseException:
             self._prefetched = None  # reclaimed from the processing list together with this batch
@@ -255,6 +256,8 @@ class Drain:
                                                                  reclaimed=claim.reclaimed),
                        outcome=Outcome(claimed=len(claim.entries)))
         batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
+        # worked out now, while main applies the previous batch, not after this one commits
+        batch.footprints = {tx.transaction_id: cache_footprint(tx, self.registry) for tx in batch.transactions}
         return batch
 
     def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
@@ -305,13 +308,14 @@ class Drain:
                 report.held += 1
         return ready
 
-    def _record_result(self, result, outcome: Outcome, report: BatchReport) -> None:
+    def _record_result(self, result, outcome: Outcome, report: BatchReport,
+                       footprints: dict[str, dict[str, list]]) -> None:
         done = result.applied + result.already_applied
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
                 outcome.release.extend(created_ids(tx))  # only these ever put ids in held_ids
-            outcome.cleanup.append(cache_footprint(tx, self.registry))
+            outcome.cleanup.append(footprints.get(tx.transaction_id) or cache_footprint(tx, self.registry))
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
         for tx, reason in result.failed:
