@@ -185,3 +185,29 @@ def test_a_lone_surrogate_is_refused_at_ingest_and_dead_lettered_from_a_raw_prod
     assert [f["transaction_id"] for f in failed] == ["raw-surrogate"]
     assert "lone surrogate" in failed[0]["failure"]["reason"]
     assert_applied_exactly_once(main_engine, observations)
+
+
+def test_a_prefetched_transaction_that_depends_on_a_failed_one_is_held_back(settings, redis_client):
+    """The next batch is parsed before the current one's outcome is known: whether one of its
+    transactions must wait behind a transaction that just failed is decided at its own turn."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="poison") as poison:
+        obs = poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})  # no such obs unit: FK violation
+    buffer_observations(buf, 9, finish_every=0)      # batch 1: the poison and 9 good ones
+    dependent = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    buffer_observations(buf, 9, finish_every=0)      # batch 2: the dependent and 9 good ones
+    drain = Drain(settings, DrainConfig(batch_size=10))
+    drain.acquire()
+    try:
+        first = drain.step()
+        assert first.retried == 1 and first.applied == 9
+        assert buf.status(dependent) == "pending"  # prefetched during the first batch's apply
+        second = drain.step()
+        assert second.held == 1 and second.applied == 9
+        assert buf.status(dependent) == "pending"
+        assert buf.status(poison.transaction_id) == "pending"
+        assert redis_client.zcard(SiteKeys(settings.site).retry) == 2
+    finally:
+        drain.close()
+        buf.close()
