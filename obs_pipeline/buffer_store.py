@@ -368,7 +368,12 @@ class BufferStore:
                     now = time.time()
                     for part in range(0, len(outcome.cleanup), CLEANUP_CHUNK):
                         chunk = outcome.cleanup[part:part + CLEANUP_CHUNK]
-                        record = {key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")}
+                        # Chunks of one batch share a score, and a sorted set orders equal scores by
+                        # the member's bytes: "n" first keeps them in batch order, so a record's
+                        # create is never cleaned after an update of it (a reader in between would
+                        # see the buffered create without that update).
+                        record = {"n": f"{part:09d}"}
+                        record.update({key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")})
                         record.update(at=now, lsn=outcome.commit_lsn, lsn_text=int_to_lsn(outcome.commit_lsn))
                         pipe.zadd(k.awaiting_replication,
                                   {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})

@@ -211,3 +211,22 @@ def test_a_prefetched_transaction_that_depends_on_a_failed_one_is_held_back(sett
     finally:
         drain.close()
         buf.close()
+
+
+def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_client):
+    """The chunks of one batch share a score (its commit LSN); a sorted set orders them by their
+    bytes. Were that order not the batch's, an update's overlay could be cleaned before the
+    record's create, and a reader in between would see the create without the update."""
+    from obs_pipeline.buffer_store import CLEANUP_CHUNK, BufferStore, Outcome
+
+    store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)
+    first_id, later_id = "ffffffff-0000-4000-8000-000000000000", "00000000-0000-4000-8000-000000000000"
+    cleanup = [{"c": [["ExecutedObsUnit", first_id if i == 0 else f"{i:08d}-0000-4000-8000-000000000001"]],
+                "o": [], "t": [f"tx{i}"]} for i in range(CLEANUP_CHUNK)]
+    cleanup.append({"c": [["ExecutedObsUnit", later_id]], "o": [], "t": ["tx-last"]})  # sorts first by bytes
+    store.acknowledge(token, Outcome(commit_lsn=1234, cleanup=cleanup, claimed=0))
+    members = [json.loads(m) for m in redis_client.zrange(SiteKeys(settings.site).awaiting_replication, 0, -1)]
+    assert [m["t"][0] for m in members] == ["tx0", "tx-last"]
+    assert store.clean_replicated(1234)[:2] == ["tx0", "tx1"]
+    store.release_lease(token)
