@@ -238,10 +238,12 @@ class Drain:
             # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
             # and go on - the next batch's overlap cleans it. A last batch waits for its replay.
             wait_began = time.monotonic()
-            if full and not self._replayed(outcome.commit_lsn):
-                replay, ids = None, []
+            if not full:
+                replay, ids = self._clean(wait_for=outcome.commit_lsn)
+            elif (replayed := self._replay_lsn()) is not None and replayed >= outcome.commit_lsn:
+                replay, ids = self._clean(wait_for=None, replayed=replayed)
             else:
-                replay, ids = self._clean(wait_for=None if full else outcome.commit_lsn)
+                replay, ids = None, []
             report.replication_wait_s = time.monotonic() - wait_began
             report.replay_lsn = replay
             report.replicated += len(ids)
@@ -348,27 +350,24 @@ class Drain:
         outcome.hold.update(dict.fromkeys(created_ids(tx), "!" + tx.transaction_id))
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
-    def _replayed(self, lsn: int) -> bool:
+    def _replay_lsn(self) -> int | None:
         try:
-            replay = self.replica.replay_lsn()
-        except Exception:  # noqa: BLE001 - replica down: caches stay, a later pass cleans
-            return False
-        return replay is not None and replay >= lsn
+            return self.replica.replay_lsn()
+        except Exception as error:  # noqa: BLE001 - replica down: caches stay, a later pass cleans
+            log.warning("replica unreachable (%s); caches kept", error)
+            return None
 
-    def _clean(self, wait_for: int | None, timeout_s: float | None = None) -> tuple[str | None, list[str]]:
+    def _clean(self, wait_for: int | None, timeout_s: float | None = None,
+               replayed: int | None = None) -> tuple[str | None, list[str]]:
         """Wait (bounded) for the replica to replay `wait_for` (0: the oldest commit still
-        awaiting it), then clean what it has replayed."""
+        awaiting it), then clean what it has replayed (`replayed`: just read, no need to ask)."""
         count, lowest = self.store.awaiting_replication()
         if not count:
             return None, []
         if wait_for is not None:
             replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s or self.config.replication_timeout_s)
         else:
-            try:
-                replay = self.replica.replay_lsn()
-            except Exception as error:  # replica down: caches stay, a later pass cleans
-                log.warning("replica unreachable (%s); caches kept", error)
-                replay = None
+            replay = replayed if replayed is not None else self._replay_lsn()
         if replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)
