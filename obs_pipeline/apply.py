@@ -1,8 +1,8 @@
 """Applying batches of buffered transactions to main, and reading LSNs.
 
 Fast path, one round trip per batch: BEGIN, the applied-id records, the batch's writes folded
-per row into one statement per table and column set (see batch_sql.py), COMMIT, and the flush LSN read after COMMIT completed, all
-in one SQL script. A batch holding a transaction that already committed (reclaimed after a
+per row into one statement per table and column set (see batch_sql.py), COMMIT, and the
+flush LSN read after COMMIT completed, all in one SQL script. A batch holding a transaction that already committed (reclaimed after a
 crash) fails on the applied-id key, and a batch holding bad data fails on it: both take the
 careful path, which skips what committed and isolates poison transactions by bisection under
 savepoints (O(log B) round trips each), holding back the transactions that use their ids.
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 import sqlalchemy as sa
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import exc
 
 from obs_pipeline.batch_sql import BatchSql

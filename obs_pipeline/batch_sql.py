@@ -29,7 +29,7 @@ class BatchSql:
     def __init__(self, registry: ModelRegistry, dialect: sa.Dialect):
         self.registry = registry
         self.dialect = dialect
-        self._templates: dict[tuple, tuple[str, str]] = {}
+        self._templates: dict[tuple, str] = {}
 
     def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
         """Statements for the writes: multi-row inserts parents first, then updates, then
@@ -53,10 +53,10 @@ class BatchSql:
         for (name, columns), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
             out.append(self._unnest_insert(cursor, name, columns, rows))
         for (name, columns), rows in updates.items():
-            _, stmt = self._template("update", name, columns)
+            stmt = self._template("update", name, columns)
             out.extend(cursor.mogrify(stmt, r) for r in rows)
         for name, rows in sorted(deletes.items(), key=lambda kv: -rank(kv[0])):
-            _, stmt = self._template("delete", name, ())
+            stmt = self._template("delete", name, ())
             out.extend(cursor.mogrify(stmt, r) for r in rows)
         return out, dict(rows_per_model)
 
@@ -76,16 +76,16 @@ class BatchSql:
                                    [{"site": site, "transaction_id": t} for t in transaction_ids])
 
     def _unnest_insert(self, cursor: Any, model_name: str, columns: tuple[str, ...], rows: list[dict]) -> bytes:
-        sql, _ = self._template("unnest", model_name, columns)
+        sql = self._template("unnest", model_name, columns)
         return cursor.mogrify(sql, {f"c{i}": _array_literal([r[c] for r in rows]) for i, c in enumerate(columns)})
 
-    def _template(self, kind: str, model_name: str, columns: tuple[str, ...]) -> tuple[str, str]:
+    def _template(self, kind: str, model_name: str, columns: tuple[str, ...]) -> str:
         key = (kind, model_name, columns)
         if key not in self._templates:
             self._templates[key] = self._compile(kind, model_name, columns)
         return self._templates[key]
 
-    def _compile(self, kind: str, model_name: str, columns: tuple[str, ...]) -> tuple[str, str]:
+    def _compile(self, kind: str, model_name: str, columns: tuple[str, ...]) -> str:
         if not model_name:  # the effectively-once record
             table, pk = applied_transactions, None
         else:
@@ -94,13 +94,13 @@ class BatchSql:
         if kind == "unnest":
             arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(table.c[c].type)) for i, c in enumerate(columns)]
             rows = sa.select(sa.text("*")).select_from(sa.func.unnest(*arrays).alias("batch"))
-            return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect)), ""
+            return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
         if kind == "update":
             stmt = sa.update(table).where(pk == sa.bindparam("_pk")).values(
                 {c: sa.bindparam(c) for c in columns if c != "_pk"})
         else:
             stmt = sa.delete(table).where(pk == sa.bindparam("_pk"))
-        return "", str(stmt.compile(dialect=self.dialect))
+        return str(stmt.compile(dialect=self.dialect))
 
 
 def _array_literal(values: list[Any]) -> str:

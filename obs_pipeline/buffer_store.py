@@ -84,9 +84,25 @@ if #writes > 0 then redis.call('MSET', unpack(writes)) end
 return missing
 """
 
+# Prepended to the scripts that may pass thousands of values to one command (a large
+# bulk_create): Lua's unpack() takes a few thousand values at most. Returns the replies of
+# the parts, concatenated when they are lists; no call for an empty list.
+_IN_PARTS = """
+local function call_in_parts(command, key, values)
+  local replies = {}
+  for from = 1, #values, 1000 do
+    local part = {unpack(values, from, math.min(from + 999, #values))}
+    local reply
+    if key then reply = redis.call(command, key, unpack(part)) else reply = redis.call(command, unpack(part)) end
+    if type(reply) == 'table' then for _, r in ipairs(reply) do replies[#replies + 1] = r end end
+  end
+  return replies
+end
+"""
+
 # Ingest: ARGV = prefix, transaction id, transaction JSON, number of creates, then (model, id,
 # record JSON) per create and (model, id, overlay entry) per update/delete.
-_BUFFER = """
+_BUFFER = _IN_PARTS + """
 local p = ARGV[1]
 redis.call('LPUSH', p .. 'transaction_buffer', ARGV[3])
 local sets = {p .. 'transaction:' .. ARGV[2], ARGV[3]}
@@ -112,13 +128,6 @@ while i <= #ARGV do
   add(overlaid, m, id)
   i = i + 3
 end
--- unpack() takes at most a few thousand values: a large bulk_create goes in parts
-local function call_in_parts(command, key, values)
-  for from = 1, #values, 1000 do
-    local part = {unpack(values, from, math.min(from + 999, #values))}
-    if key then redis.call(command, key, unpack(part)) else redis.call(command, unpack(part)) end
-  end
-end
 call_in_parts('MSET', nil, sets)
 for m, ids in pairs(index) do call_in_parts('SADD', p .. 'index:' .. m, ids) end
 for m, ids in pairs(overlaid) do call_in_parts('SADD', p .. 'overlaid:' .. m, ids) end
@@ -142,7 +151,7 @@ return 0
 # index entry of a record that still has one. Statuses become a short "replicated" record
 # (the transaction itself is on the replica now). Commands take many keys at once: in
 # Redis's Lua every redis.call costs more than the work of a small command.
-_CLEAN_REPLICATED = """
+_CLEAN_REPLICATED = _IN_PARTS + """
 local prefix = ARGV[1]
 local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 local ids = {}
@@ -158,9 +167,8 @@ for _, raw in ipairs(done) do
     dels[#dels + 1] = prefix .. 'buffered:' .. r[1] .. ':' .. r[2]
     dels[#dels + 1] = prefix .. 'cache:ids:' .. r[1] .. ':' .. r[2]
     touch(r[1], r[2])
-    if #dels >= 1000 then redis.call('DEL', unpack(dels)); dels = {} end
   end
-  if #dels > 0 then redis.call('DEL', unpack(dels)) end
+  call_in_parts('DEL', nil, dels)
   for _, r in ipairs(batch.o) do
     local key = prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]
     local mark = '{"tx":' .. cjson.encode(r[3]) .. ','
@@ -171,18 +179,15 @@ for _, raw in ipairs(done) do
     touch(r[1], r[2])
   end
   for m, list in pairs(touched) do
-    for from = 1, #list, 1000 do
-      local part = {unpack(list, from, math.min(from + 999, #list))}
-      local still = redis.call('SMISMEMBER', prefix .. 'overlaid:' .. m, unpack(part))
-      local gone = {}
-      for j, id in ipairs(part) do
-        -- a record stays indexed while it is still buffered (created again) or overlaid
-        if still[j] == 0 and (batch.o[1] == nil or redis.call('EXISTS', prefix .. 'buffered:' .. m .. ':' .. id) == 0) then
-          gone[#gone + 1] = id
-        end
+    local still = call_in_parts('SMISMEMBER', prefix .. 'overlaid:' .. m, list)
+    local gone = {}
+    for j, id in ipairs(list) do
+      -- a record stays indexed while it is still buffered (created again) or overlaid
+      if still[j] == 0 and (batch.o[1] == nil or redis.call('EXISTS', prefix .. 'buffered:' .. m .. ':' .. id) == 0) then
+        gone[#gone + 1] = id
       end
-      if #gone > 0 then redis.call('SREM', prefix .. 'index:' .. m, unpack(gone)) end
     end
+    call_in_parts('SREM', prefix .. 'index:' .. m, gone)
   end
   if ARGV[5] ~= 'discard' then
     local lsn = string.match(batch.lsn_text or '', '^%x+/%x+$') or ''  -- written as is: cjson would escape the '/'

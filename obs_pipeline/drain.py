@@ -20,8 +20,8 @@ import redis
 
 from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
 from obs_pipeline.buffer_store import BufferStore, Outcome
-from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.config import Settings
+from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
 
@@ -84,7 +84,6 @@ class DrainBusy(RuntimeError):
 @dataclass
 class _Batch:
     """A claimed batch, parsed: what is left to do with it, and what to report."""
-    entries: list[str]
     report: BatchReport
     outcome: Outcome
     transactions: list[Transaction] = field(default_factory=list)
@@ -203,14 +202,14 @@ class Drain:
             self.acquire()
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
-        if not batch.entries:  # nothing new: clean what waits for the replica, waiting a little for it
+        if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
             cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
             if not cleaned[1]:
                 return None
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
                                duration_s=time.monotonic() - began)
         report, outcome = batch.report, batch.outcome
-        full = len(batch.entries) >= self.config.batch_size
+        full = batch.outcome.claimed >= self.config.batch_size
         txs = self._hold_dependents(batch.transactions, outcome, report)
         if txs:
             by_id = {t.transaction_id: t for t in txs}
@@ -254,8 +253,7 @@ class Drain:
 
     def _claim(self, after_unacknowledged: bool) -> "_Batch":
         claim = self.store.claim(self.token, self.config.batch_size, after_unacknowledged)
-        batch = _Batch(entries=claim.entries, report=BatchReport(transactions=len(claim.entries),
-                                                                 reclaimed=claim.reclaimed),
+        batch = _Batch(report=BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed),
                        outcome=Outcome(claimed=len(claim.entries)))
         batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
         # worked out now, while main applies the previous batch, not after this one commits
@@ -317,7 +315,7 @@ class Drain:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
                 outcome.release.extend(created_ids(tx))  # only these ever put ids in held_ids
-            outcome.cleanup.append(footprints.get(tx.transaction_id) or cache_footprint(tx, self.registry))
+            outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
         for tx, reason in result.failed:

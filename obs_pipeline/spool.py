@@ -29,7 +29,6 @@ class Spool:
     def __init__(self, directory: str | os.PathLike | None, site: str):
         self.directory = Path(directory) if directory else default_spool_dir()
         self.path = self.directory / f"{site}.jsonl"
-        self._path_str = str(self.path)
         self.offset_path = self.directory / f"{site}.offset"
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
@@ -42,7 +41,7 @@ class Spool:
         one thread is on disk before its `with` block returns, so anything that uses its ids
         later finds the spool file and queues behind it."""
         self._store = store
-        if not os.path.exists(self._path_str):
+        if not os.path.exists(self.path):
             try:
                 store.buffer(tx_id, tx_json, caches)
             except (redis.ConnectionError, redis.TimeoutError):
