@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 import redis
 
+from obs_pipeline import json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.query import SmartQuery
 from obs_pipeline.spool import Spool
-from obs_pipeline.wire import STATUSES, Step, Transaction, new_transaction, normalize_values, record_id, validate
+from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
+                               validate)
 
 __all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction"]
 
@@ -73,7 +74,7 @@ class TransactionBuilder:
         for row in rows:
             row = dict(_as_dict(row, model))
             if spec.generated_id and row.get(spec.primary_key) is None:
-                row[spec.primary_key] = str(uuid.uuid4())
+                row[spec.primary_key] = new_uuid()
             out.append(normalize_values(spec, row, creating=True, where=f"create of {model}"))
         step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
         for row in out:
@@ -156,8 +157,7 @@ class TransactionBuffer:
             spec = self.registry.model(step.model_class)
             if step.operation in ("create", "bulk_create"):
                 for row in step.records():
-                    caches.created.append((spec.name, str(row[spec.primary_key]),
-                                           json.dumps(row, separators=(",", ":"))))
+                    caches.created.append((spec.name, str(row[spec.primary_key]), json_codec.dumps(row)))
             else:
                 caches.overlays.append((spec.name, str(step.conditions[spec.primary_key]),
                                         overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))

@@ -1,0 +1,41 @@
+"""Compact JSON for the hot paths (every transaction at ingest and in the drain), via orjson.
+
+orjson parses and writes our transactions 3-15x faster than `json`, but differs at the edges,
+where the stdlib's behaviour is kept: a number of 20+ digits (orjson reads integers beyond 64
+bits as floats, losing digits, and writes none), NaN and Infinity (orjson reads none; it
+writes them as null, so ingest refuses them in values and metadata first), keys that are
+not strings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+# Digits -> "0", everything else -> " ": a run of 20 digits becomes a plain substring search
+# (2 us for a 1 KB transaction; a regex took 24, more than the parse it guards).
+_DIGITS_AS_ZERO = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_TWENTY_DIGITS = b"0" * 20
+
+
+def loads(raw: str | bytes) -> Any:
+    """json.loads, faster. Falls back to it for anything orjson refuses or would read lossily,
+    so malformed input gets the stdlib's error message."""
+    data = raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8", "surrogatepass")
+    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+def dumps(value: Any) -> str:
+    """json.dumps(value, separators=(",", ":")), faster; non-ASCII as UTF-8. NaN and infinity
+    become null (orjson cannot refuse them): ingest refuses them before anything is written."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, a key that is not a string, ...
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
