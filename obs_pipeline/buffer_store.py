@@ -65,8 +65,8 @@ return {0, out}
 
 # Set the status of transactions whose status key exists, in place: our status JSON (and the
 # existing system's) carries the transaction-level "status" before "steps", so the first match
-# is the right one, and no transaction is re-serialised. Returns the ids that have no key yet
-# (pushed by a producer that writes only the queue entry).
+# is the right one, and no transaction is re-serialised. "replicated" is final: never turned
+# back. Returns the ids that have no key yet (pushed by a producer that writes only the queue entry).
 _SET_STATUS = """
 local keys = {}
 for i = 3, #ARGV do keys[#keys + 1] = ARGV[1] .. 'transaction:' .. ARGV[i] end
@@ -74,8 +74,11 @@ local values = redis.call('MGET', unpack(keys))
 local writes, missing = {}, {}
 for i, v in ipairs(values) do
   if v then
-    writes[#writes + 1] = keys[i]
-    writes[#writes + 1] = (string.gsub(v, '"status":"%a+"', '"status":"' .. ARGV[2] .. '"', 1))
+    local first, last, current = string.find(v, '"status":"(%a+)"')
+    if first and current ~= 'replicated' then
+      writes[#writes + 1] = keys[i]
+      writes[#writes + 1] = string.sub(v, 1, first - 1) .. '"status":"' .. ARGV[2] .. '"' .. string.sub(v, last + 1)
+    end
   else
     missing[#missing + 1] = ARGV[i + 2]
   end

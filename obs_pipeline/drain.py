@@ -7,6 +7,7 @@ dies leaves it to the next one, which skips what already committed.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
 
 log = logging.getLogger("obs_pipeline.drain")
+_GC_GEN0_THRESHOLD = 50_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 
@@ -130,6 +132,10 @@ class Drain:
         self.store.require_redis()
         self.acquire(lease_wait_s)
         backoff = self.config.backoff_initial_s
+        gc_thresholds = gc.get_threshold()
+        # A batch makes ~50 objects per transaction and frees them by reference counting; the
+        # cyclic collector's pass every 700 allocations cost 8% of the drain's CPU for nothing.
+        gc.set_threshold(_GC_GEN0_THRESHOLD, *gc_thresholds[1:])
         try:
             while True:
                 if should_stop():
@@ -165,6 +171,7 @@ class Drain:
                 if on_batch:
                     on_batch(report)
         finally:
+            gc.set_threshold(*gc_thresholds)
             self._prefetched = None  # left in the processing list for the next run
             if self.token:
                 self.store.release_lease(self.token)
@@ -211,11 +218,11 @@ class Drain:
         report, outcome = batch.report, batch.outcome
         full = batch.outcome.claimed >= self.config.batch_size
         txs = self._hold_dependents(batch.transactions, outcome, report)
-        if txs:
-            by_id = {t.transaction_id: t for t in txs}
-            self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
         applying = self._worker.submit(self.main.apply_batch, txs) if txs else None  # garbage only: main not needed
         try:
+            if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
+                by_id = {t.transaction_id: t for t in txs}
+                self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
             if full and not batch.report.reclaimed:  # (a reclaimed batch may hold a prefetched one:
                 # claiming more behind it at every failed attempt would grow it without bound)
                 self._prefetched = self._claim(after_unacknowledged=True)

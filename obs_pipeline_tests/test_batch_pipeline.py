@@ -230,3 +230,42 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
     assert [m["t"][0] for m in members] == ["tx0", "tx-last"]
     assert store.clean_replicated(1234)[:2] == ["tx0", "tx1"]
     store.release_lease(token)
+
+
+def test_a_status_never_turns_back_from_replicated(settings, redis_client):
+    """A transaction pushed twice is cleaned ("replicated") after its first copy; its second copy
+    passing through a later batch must not make it "processing" or "applied" again."""
+    from obs_pipeline.buffer_store import BufferStore
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 2, finish_every=0)
+    buf.close()
+    replicated, pending = observations[0].start_tx, observations[1].start_tx
+    keys = SiteKeys(settings.site)
+    redis_client.set(keys.transaction(replicated), json.dumps(
+        {"transaction_id": replicated, "status": "replicated", "commit_lsn": "0/1"}))
+    store = BufferStore(redis_client, settings.site)
+    assert store.set_status([replicated, pending, "never-buffered"], "processing") == ["never-buffered"]
+    assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "processing"]
+    store.set_status([replicated, pending], "applied")
+    assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "applied"]
+    full = json.loads(redis_client.get(keys.transaction(pending)))
+    assert full["steps"] and full["transaction_id"] == pending  # the rest of the JSON untouched
+
+
+def test_the_drain_raises_the_collectors_threshold_only_while_it_runs(settings, main_engine):
+    import gc
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 5)
+    buf.close()
+    before = gc.get_threshold()
+    during = []
+    drain = Drain(settings, DrainConfig())
+    try:
+        drain.run(until_empty=True, on_batch=lambda report: during.append(gc.get_threshold()))
+    finally:
+        drain.close()
+    assert during and all(t[0] > before[0] for t in during)
+    assert gc.get_threshold() == before
+    assert_applied_exactly_once(main_engine, observations)
