@@ -30,23 +30,30 @@ class BatchSql:
         self.registry = registry
         self.dialect = dialect
         self._templates: dict[tuple, str] = {}
+        # models with JSON columns: only their values need wrapping before binding
+        self._with_json = {m.name for m in registry.models.values()
+                           if any(c.kind in ("json", "any") for c in m.columns.values())}
 
     def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
         """Statements for the writes: multi-row inserts parents first, then updates, then
         deletes children first; and the number of rows per model."""
         inserts, updates, deletes = defaultdict(list), defaultdict(list), defaultdict(list)
         rows_per_model: dict[str, int] = defaultdict(int)
+        column_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # in row order -> sorted, once per shape
         for w in writes:
             model = self.registry.model(w.model)
-            columns = model.columns
-            values = {name: _bindable(columns[name].kind, v) for name, v in w.values.items()}
+            values = w.values
+            if model.name in self._with_json:
+                values = {name: _bindable(model.columns[name].kind, v) for name, v in values.items()}
             if w.operation == "insert":
-                inserts[(model.name, tuple(sorted(values)))].append(values)
+                shape = tuple(values)
+                columns = column_sets.get(shape) or column_sets.setdefault(shape, tuple(sorted(shape)))
+                inserts[(model.name, columns)].append(values)
             elif w.operation == "update":
-                values["_pk"] = _bindable(model.columns[model.primary_key].kind, w.record_id)
+                values = {**values, "_pk": w.record_id}
                 updates[(model.name, tuple(sorted(values)))].append(values)
             else:
-                deletes[model.name].append({"_pk": _bindable(model.columns[model.primary_key].kind, w.record_id)})
+                deletes[model.name].append({"_pk": w.record_id})
             rows_per_model[model.name] += 1
         rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.name, 0)  # noqa: E731
         out = []
@@ -105,9 +112,15 @@ class BatchSql:
 
 def _array_literal(values: list[Any]) -> str:
     """A PostgreSQL array literal of the values' text forms ('{"a","b",NULL}'), which the cast
-    in the statement turns into the column's type; it goes to psycopg2 as one string."""
-    return "{" + ",".join("NULL" if v is None else '"' + _text(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-                          for v in values) + "}"
+    in the statement turns into the column's type; it goes to psycopg2 as one string. Quotes
+    and backslashes are escaped; a column with neither (uuids, times, most names) skips that."""
+    texts = [v if v.__class__ is str else (None if v is None else _text(v)) for v in values]
+    if None not in texts:
+        whole = "".join(texts)
+        if "\\" not in whole and '"' not in whole:
+            return '{"' + '","'.join(texts) + '"}'
+    return "{" + ",".join("NULL" if t is None else '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for t in texts) + "}"
 
 
 def _text(value: Any) -> str:
