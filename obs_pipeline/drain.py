@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -104,17 +104,13 @@ class Drain:
         self.token: str | None = None
         self._prefetched: _Batch | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
-        self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-settle")
-        self._settling: Future | None = None  # a full batch's _settle, running while the next one is applied
 
     def close(self) -> None:
         self._prefetched = None
-        self._finish_settling()
         if self.token:
             self.store.release_lease(self.token)
             self.token = None
         self._worker.shutdown(wait=True)
-        self._settler.shutdown(wait=True)
         self.main.close()
         self.replica.engine.dispose()
         self.redis.close()
@@ -177,7 +173,6 @@ class Drain:
         finally:
             gc.set_threshold(*gc_thresholds)
             self._prefetched = None  # left in the processing list for the next run
-            summary.replicated += self._finish_settling()
             if self.token:
                 self.store.release_lease(self.token)
                 self.token = None
@@ -215,11 +210,10 @@ class Drain:
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
-            settled = self._join_settling()
             cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
-            if not cleaned[1] and not settled:
+            if not cleaned[1]:
                 return None
-            return BatchReport(replay_lsn=cleaned[0], replicated=settled + len(cleaned[1]),
+            return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
                                duration_s=time.monotonic() - began)
         report, outcome = batch.report, batch.outcome
         full = batch.outcome.claimed >= self.config.batch_size
@@ -232,8 +226,7 @@ class Drain:
             if full and not batch.report.reclaimed:  # (a reclaimed batch may hold a prefetched one:
                 # claiming more behind it at every failed attempt would grow it without bound)
                 self._prefetched = self._claim(after_unacknowledged=True)
-                report.replicated += self._join_settling()  # earlier batches
-                report.replicated += len(self._clean(wait_for=None)[1])
+                report.replicated += len(self._clean(wait_for=None)[1])  # earlier batches
         except BaseException:
             if applying:
                 wait([applying])  # let main finish this batch; the next claim sorts out what committed
@@ -247,46 +240,23 @@ class Drain:
             self._prefetched = None  # reclaimed from the processing list together with this batch
             raise
         if outcome.commit_lsn is not None:
-            report.replicated += self._join_settling()  # cleanups run one at a time, in commit order
-            if full:  # more is waiting: settle this batch in the background while the next one applies
-                self._settling = self._settler.submit(self._settle, outcome.commit_lsn, outcome.applied_ids, False)
-            else:  # the last batch for now: wait for its replay
-                wait_began = time.monotonic()
-                report.replay_lsn, ids = self._settle(outcome.commit_lsn, outcome.applied_ids, True)
-                report.replication_wait_s = time.monotonic() - wait_began
-                report.replicated += len(ids)
+            # A full claim means more work is waiting: if the replica has replayed this commit
+            # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
+            # and go on - the next batch's overlap cleans it. A last batch waits for its replay.
+            wait_began = time.monotonic()
+            if not full:
+                replay, ids = self._clean(wait_for=outcome.commit_lsn)
+            elif (replayed := self._replay_lsn()) is not None and replayed >= outcome.commit_lsn:
+                replay, ids = self._clean(wait_for=None, replayed=replayed)
+            else:
+                replay, ids = None, []
+            report.replication_wait_s = time.monotonic() - wait_began
+            report.replay_lsn = replay
+            report.replicated += len(ids)
+            cleaned = set(ids)
+            self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
-
-    def _settle(self, commit_lsn: int, applied_ids: list[str], wait_for_replay: bool) -> tuple[str | None, list[str]]:
-        """After a commit: if the replica has replayed it (waiting, bounded, if asked), clean the
-        caches, which makes the transactions "replicated" (skipping "applied"); else "applied"."""
-        if wait_for_replay:
-            replay, ids = self._clean(wait_for=commit_lsn)
-        elif (replayed := self._replay_lsn()) is not None and replayed >= commit_lsn:
-            replay, ids = self._clean(wait_for=None, replayed=replayed)
-        else:
-            replay, ids = None, []
-        cleaned = set(ids)
-        self.store.set_status([i for i in applied_ids if i not in cleaned], "applied")
-        return replay, ids
-
-    def _join_settling(self) -> int:
-        """Wait for the previous full batch's _settle (before any other cleanup: chunks are
-        cleaned in commit order); how many transactions it made "replicated". Its error, if
-        any, is raised here."""
-        if self._settling is None:
-            return 0
-        settling, self._settling = self._settling, None
-        return len(settling.result()[1])
-
-    def _finish_settling(self) -> int:
-        """Before the lease goes: no cleanup of ours may run beside another drain's."""
-        try:
-            return self._join_settling()
-        except Exception as error:  # noqa: BLE001 - caches stay; the next cleanup takes them
-            log.warning("cleaning the last batch failed (%s); the next run cleans it", error)
-            return 0
 
     def _claim(self, after_unacknowledged: bool) -> "_Batch":
         claim = self.store.claim(self.token, self.config.batch_size, after_unacknowledged)

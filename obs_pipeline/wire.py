@@ -255,7 +255,7 @@ def steps_in_order(tx: Transaction) -> list[Step]:
 
 class RowWrite(NamedTuple):
     """One row-level write of a validated transaction, values still in JSON form. (A tuple: a
-    batch makes one per row, and a frozen dataclass took four times as long to build.)"""
+    batch makes one per row, and a frozen dataclass is slow to build.)"""
     model: str
     operation: str  # "insert" | "update" | "delete"
     record_id: Any
