@@ -2,10 +2,11 @@
 
 Fast path, one round trip per batch: BEGIN, the applied-id records, the batch's writes folded
 per row into one statement per table and column set (see batch_sql.py), COMMIT, and the
-flush LSN read after COMMIT completed, all in one SQL script. A batch holding a transaction that already committed (reclaimed after a
-crash) fails on the applied-id key, and a batch holding bad data fails on it: both take the
-careful path, which skips what committed and isolates poison transactions by bisection under
-savepoints (O(log B) round trips each), holding back the transactions that use their ids.
+flush LSN read after COMMIT completed, all in one SQL script. A batch holding a transaction
+that already committed (reclaimed after a crash) fails on the applied-id key, and a batch
+holding bad data fails on it: both take the careful path, which skips what committed and
+isolates poison transactions by bisection under savepoints (O(log B) round trips each),
+holding back the transactions that use their ids.
 Errors are sorted: transient ones (link, timeouts, read-only main) leave the batch to be
 retried as it is; permanent ones are charged to the transaction that caused them.
 """

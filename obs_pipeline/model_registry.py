@@ -248,7 +248,8 @@ def _parse_date(value: Any) -> dt.date:
     raise ValueError(f"{value!r} is not an ISO-8601 date")
 
 
-def _json_json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """`value` if the stdlib can write it as strict JSON (no NaN), else ValueError."""
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -264,8 +265,8 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "bool": _bool_json,
     "datetime": _datetime_json,
     "date": lambda v: _parse_date(v).isoformat(),
-    "json": _json_json,
-    "any": _json_json,
+    "json": json_value,
+    "any": json_value,
 }
 
 _TO_PYTHON: dict[str, Callable[[Any], Any]] = {

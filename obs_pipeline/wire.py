@@ -8,13 +8,12 @@ into row writes in dependency order, with values converted for binding.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
 from obs_pipeline import json_codec
-from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec
+from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec, json_value
 
 OPERATIONS = ("create", "update", "delete", "bulk_create")
 STATUSES = ("pending", "processing", "applied", "replicated", "failed")
@@ -332,11 +331,10 @@ _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # top two bi
 
 def _checked_metadata(metadata: Any) -> dict[str, Any]:
     """Refused at the start of a transaction, not in the middle of buffering it (the stdlib
-    judges: the fast writer would turn NaN into null and datetimes into text silently)."""
+    judges, as for JSON columns: the fast writer would turn NaN into null and datetimes into text silently)."""
     if not isinstance(metadata, dict):
         raise InvalidTransaction(f"metadata must be a dict, not {type(metadata).__name__}")
     try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidTransaction(f"metadata is not JSON-serialisable: {exc}") from None
-    return metadata
+        return json_value(metadata)
+    except ValueError as exc:
+        raise InvalidTransaction(f"metadata: {exc}") from None

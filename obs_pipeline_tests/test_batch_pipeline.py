@@ -235,16 +235,18 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
 def test_a_status_never_turns_back_from_replicated(settings, redis_client):
     """A transaction pushed twice is cleaned ("replicated") after its first copy; its second copy
     passing through a later batch must not make it "processing" or "applied" again."""
-    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.buffer_store import BufferStore, Outcome
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 2, finish_every=0)
     buf.close()
     replicated, pending = observations[0].start_tx, observations[1].start_tx
     keys = SiteKeys(settings.site)
-    redis_client.set(keys.transaction(replicated), json.dumps(
-        {"transaction_id": replicated, "status": "replicated", "commit_lsn": "0/1"}))
     store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)  # the first copy committed and cleaned: its short "replicated" record
+    store.acknowledge(token, Outcome(commit_lsn=1234, cleanup=[{"c": [], "o": [], "t": [replicated]}], claimed=0))
+    assert store.clean_replicated(1234) == [replicated]
+    store.release_lease(token)
     assert store.set_status([replicated, pending, "never-buffered"], "processing") == ["never-buffered"]
     assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "processing"]
     store.set_status([replicated, pending], "applied")
