@@ -3,7 +3,7 @@
 Ingest: queue entry, status, id cache, buffered record and overlays in one Lua call.
 Drain: claim into a processing list under a lease (never pop-and-pray), acknowledge with a
 write fenced by that lease, remember committed batches by commit LSN until the replica has
-replayed them, then clean their caches in one Lua call.
+replayed them, then clean their caches, a MULTI/EXEC per chunk of 50 transactions.
 """
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ from typing import Any, Callable
 
 import redis
 
+from obs_pipeline import json_codec
 from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
+from obs_pipeline.wire import STATUS_OFFSET, status_header, status_slot
 
 MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
-CLEANUP_CHUNK = 50  # transactions per cleanup record: one Lua call holds Redis for a few ms at most
+CLEANUP_CHUNK = 50  # transactions per cleanup record: one MULTI/EXEC holds Redis for a ms at most
 STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
 CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
+CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
+_STATUS_OPENING = status_header("pending")[:STATUS_OFFSET]  # '{"status":"'
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
 # oldest of the buffer, from its right end), but only for the lease holder. ARGV[4] says how:
@@ -48,42 +52,47 @@ if ARGV[4] ~= 'extend' then
     out = due
   end
 end
-local n = want - #out
-if n > 0 then
-  -- the n oldest entries sit at the right end; LRANGE lists them newest first
-  local taken = redis.call('LRANGE', KEYS[3], -n, -1)
-  if #taken > 0 then
-    redis.call('LTRIM', KEYS[3], 0, -#taken - 1)
-    local oldest_first = {}
-    for i = #taken, 1, -1 do oldest_first[#oldest_first + 1] = taken[i] end
-    redis.call('LPUSH', KEYS[2], unpack(oldest_first))
-    for _, v in ipairs(oldest_first) do out[#out + 1] = v end
-  end
+-- the oldest entries sit at the right end; each LMOVE goes to the AOF as the command alone,
+-- where LRANGE + LTRIM + LPUSH wrote every entry (1.2 kB each) into it once more
+for _ = #out + 1, want do
+  local entry = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
+  if not entry then break end
+  out[#out + 1] = entry
 end
 return {0, out}
 """
 
-# Set the status of transactions whose status key exists, in place: our status JSON (and the
-# existing system's) carries the transaction-level "status" before "steps", so the first match
-# is the right one, and no transaction is re-serialised. "replicated" is final: never turned
-# back. Returns the ids that have no key yet (pushed by a producer that writes only the queue entry).
+# Set the status of transactions whose status key exists, in place. Our transaction JSON starts
+# with a fixed-width status slot (wire.STATUS_SLOT): one GETRANGE checks that header and one
+# SETRANGE writes the slot, a few bytes, where rewriting the whole transaction copied it four
+# times (into Lua, back, into the key, into the AOF). Any other layout (the existing system's,
+# a dead letter) is rewritten whole; its first "status" is the transaction's own, which comes
+# before "steps". "replicated" is final: never turned back. ARGV = prefix, status, its slot,
+# the header's opening; then the ids. Returns the ids that have no status key yet (pushed by a
+# producer that writes only the queue entry).
 _SET_STATUS = """
-local keys = {}
-for i = 3, #ARGV do keys[#keys + 1] = ARGV[1] .. 'transaction:' .. ARGV[i] end
-local values = redis.call('MGET', unpack(keys))
-local writes, missing = {}, {}
-for i, v in ipairs(values) do
-  if v then
-    local first, last, current = string.find(v, '"status":"(%a+)"')
-    if first and current ~= 'replicated' then
-      writes[#writes + 1] = keys[i]
-      writes[#writes + 1] = string.sub(v, 1, first - 1) .. '"status":"' .. ARGV[2] .. '"' .. string.sub(v, last + 1)
+local prefix, status, slot, opening = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local width = #opening + #slot + 1
+local missing = {}
+for i = 5, #ARGV do
+  local key = prefix .. 'transaction:' .. ARGV[i]
+  local head = redis.pcall('GETRANGE', key, 0, width - 1)
+  if type(head) ~= 'string' then
+    -- not a string key: leave it alone
+  elseif #head == width and string.sub(head, 1, #opening) == opening and string.sub(head, width) == ',' then
+    if string.match(head, '^(%a+)"', #opening + 1) ~= 'replicated' then
+      redis.call('SETRANGE', key, #opening, slot)
     end
+  elseif head == '' and redis.call('EXISTS', key) == 0 then
+    missing[#missing + 1] = ARGV[i]
   else
-    missing[#missing + 1] = ARGV[i + 2]
+    local v = redis.call('GET', key)
+    local first, last, current = string.find(v, '"status"%s*:%s*"(%a+)"')
+    if first and current ~= 'replicated' then
+      redis.call('SET', key, string.sub(v, 1, first - 1) .. '"status":"' .. status .. '"' .. string.sub(v, last + 1))
+    end
   end
 end
-if #writes > 0 then redis.call('MSET', unpack(writes)) end
 return missing
 """
 
@@ -127,7 +136,6 @@ end
 while i <= #ARGV do
   local m, id = ARGV[i], ARGV[i + 1]
   redis.call('RPUSH', p .. 'read_buffer:' .. m .. ':' .. id, ARGV[i + 2])
-  add(index, m, id)
   add(overlaid, m, id)
   i = i + 3
 end
@@ -147,66 +155,42 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# Clean every committed batch whose commit LSN the replica has replayed (score <= ARGV[2]).
-# Each record of a batch: {"c": [[model, id], ...] created, "o": [[model, id, tx], ...]
-# overlaid, "t": [tx_id, ...], "lsn_text": commit LSN}. Only the batch's own contributions are
-# removed: another pending transaction's overlay of the same record stays, and so does the
-# index entry of a record that still has one. Statuses become a short "replicated" record
-# (the transaction itself is on the replica now). Commands take many keys at once: in
-# Redis's Lua every redis.call costs more than the work of a small command.
-_CLEAN_REPLICATED = _IN_PARTS + """
-local prefix = ARGV[1]
-local done = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
-local ids = {}
-for _, raw in ipairs(done) do
-  local batch = cjson.decode(raw)
-  local touched = {}  -- model -> ids whose index entry may go
-  local function touch(m, id)
-    if not touched[m] then touched[m] = {} end
-    touched[m][#touched[m] + 1] = id
+# A chunk's cleanup is one MULTI/EXEC of native multi-key commands (DEL, SREM, SET), built in
+# Python from its record in `awaiting_replication`: a Lua script paid for each key twice (as a
+# Lua string, then as a Redis argument) and cost twice the Redis time. Only two small parts
+# need logic inside Redis, as scripts queued in the same MULTI:
+#
+# The chunk's own overlays: only entries tagged with its transactions leave a read buffer (an
+# update buffered later by another transaction stays); an emptied read buffer leaves the
+# overlay index (and the model index, which held overlaid ids too before it held only creates,
+# unless the record is buffered). ARGV = prefix, then (model, id, the overlay_mark of its
+# transaction) per overlay.
+_CLEAN_OVERLAYS = """
+local p = ARGV[1]
+for i = 2, #ARGV, 3 do
+  local m, id, mark = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = p .. 'read_buffer:' .. m .. ':' .. id
+  for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
   end
-  local dels = {}
-  for _, r in ipairs(batch.c) do
-    dels[#dels + 1] = prefix .. 'buffered:' .. r[1] .. ':' .. r[2]
-    dels[#dels + 1] = prefix .. 'cache:ids:' .. r[1] .. ':' .. r[2]
-    touch(r[1], r[2])
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', p .. 'overlaid:' .. m, id)
+    if redis.call('EXISTS', p .. 'buffered:' .. m .. ':' .. id) == 0 then redis.call('SREM', p .. 'index:' .. m, id) end
   end
-  call_in_parts('DEL', nil, dels)
-  for _, r in ipairs(batch.o) do
-    local key = prefix .. 'read_buffer:' .. r[1] .. ':' .. r[2]
-    local mark = '{"tx":' .. cjson.encode(r[3]) .. ','
-    for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
-      if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
-    end
-    if redis.call('EXISTS', key) == 0 then redis.call('SREM', prefix .. 'overlaid:' .. r[1], r[2]) end
-    touch(r[1], r[2])
-  end
-  for m, list in pairs(touched) do
-    local still = call_in_parts('SMISMEMBER', prefix .. 'overlaid:' .. m, list)
-    local gone = {}
-    for j, id in ipairs(list) do
-      -- a record stays indexed while it is still buffered (created again) or overlaid
-      if still[j] == 0 and (batch.o[1] == nil or redis.call('EXISTS', prefix .. 'buffered:' .. m .. ':' .. id) == 0) then
-        gone[#gone + 1] = id
-      end
-    end
-    call_in_parts('SREM', prefix .. 'index:' .. m, gone)
-  end
-  if ARGV[5] ~= 'discard' then
-    local lsn = string.match(batch.lsn_text or '', '^%x+/%x+$') or ''  -- written as is: cjson would escape the '/'
-    local tail = ',"status":"replicated","commit_lsn":"' .. lsn .. '"}'
-    for _, tx in ipairs(batch.t) do
-      redis.call('SET', prefix .. 'transaction:' .. tx, '{"transaction_id":' .. cjson.encode(tx) .. tail, 'EX', ARGV[3])
-      ids[#ids + 1] = tx
-    end
-  end
-  redis.call('ZREM', KEYS[1], raw)
 end
-if #ids > 0 then
-  redis.call('HINCRBY', KEYS[2], 'replicated_total', #ids)
-  redis.call('PUBLISH', KEYS[3], cjson.encode({event = 'replicated', transaction_ids = ids}))
+return 1
+"""
+
+# The chunk's last command: drop its record; only the cleaner that removed it counts its
+# transactions and announces them (a drain that lost its lease may clean the same chunk: the
+# rest is idempotent). KEYS = awaiting_replication, stats, events; ARGV = record, count, event.
+_FINISH_CLEANUP = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'replicated_total', ARGV[2])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
 end
-return {#done, ids}
+return 1
 """
 
 
@@ -241,21 +225,29 @@ class Outcome:
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
 
 
+def replicated_status(transaction_id: str, commit_lsn: str) -> str:
+    """What a status key holds once the replica has replayed the transaction: the rows are on
+    the replica, so only this short record stays (for a week)."""
+    return (status_header("replicated") + '"transaction_id":' + json.dumps(transaction_id)
+            + ',"commit_lsn":' + json.dumps(commit_lsn) + "}")
+
+
 def overlay_entry(transaction_id: str, operation: str, data: dict[str, Any], step_id: str) -> str:
-    """A read-buffer list entry; starts with the transaction id so cleanup can find its own."""
-    return '{"tx":' + json.dumps(transaction_id) + ',' + json.dumps(
+    """A read-buffer list entry; starts with its overlay_mark so cleanup can find its own."""
+    return overlay_mark(transaction_id) + json.dumps(
         {"op": operation, "data": data, "step": step_id}, separators=(",", ":"))[1:]
+
+
+def overlay_mark(transaction_id: str) -> str:
+    return '{"tx":' + json.dumps(transaction_id) + ","
 
 
 class BufferStore:
     def __init__(self, client: redis.Redis, site: str):
         self.redis = client
         self.keys = SiteKeys(site)
-        self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self._clean = client.register_script(_CLEAN_REPLICATED)
-        self._set_status = client.register_script(_SET_STATUS)
         self._buffer = client.register_script(_BUFFER)
 
     # --- ingest -----------------------------------------------------------------------------
@@ -279,7 +271,7 @@ class BufferStore:
         found = tuple(int(part) for part in (version.split(".") + ["0", "0"])[:2] if part.isdigit())
         if found < at_least:
             raise ConfigError(f"the site's Redis is {version}; obs-pipeline needs Redis "
-                              f"{at_least[0]}.{at_least[1]} or newer (its scripts use SMISMEMBER)")
+                              f"{at_least[0]}.{at_least[1]} or newer (the claim uses LMOVE)")
 
     # --- lease ------------------------------------------------------------------------------
     def acquire_lease(self, ttl_s: float) -> str | None:
@@ -300,42 +292,57 @@ class BufferStore:
     # --- drain ------------------------------------------------------------------------------
     def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
         """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls (one call for
-        a whole batch held Redis long enough to stall ingest). A processing list left by a drain
-        that did not acknowledge comes back whole, first. `after_unacknowledged`: this drain's
-        previous batch is still in the processing list (being applied); claim the next one."""
-        entries, reclaimed = self._claim_chunk(token, min(batch_size, CLAIM_CHUNK),
-                                               "next" if after_unacknowledged else "first")
-        while not reclaimed and len(entries) < batch_size and len(entries) % CLAIM_CHUNK == 0 and entries:
-            more, _ = self._claim_chunk(token, min(CLAIM_CHUNK, batch_size - len(entries)), "extend")
-            entries.extend(more)
-            if not more:
-                break
-        return Claim(entries=entries, reclaimed=reclaimed)
+        a whole batch held Redis long enough to stall ingest): the first alone, the rest in one
+        round trip. A processing list left by a drain that did not acknowledge comes back whole,
+        first. `after_unacknowledged`: this drain's previous batch is still in the processing
+        list (being applied); claim the next one."""
+        first = self._claim_calls(token, [min(batch_size, CLAIM_CHUNK)], "next" if after_unacknowledged else "first")
+        reclaimed, entries = first[0]
+        if not reclaimed and len(entries) == CLAIM_CHUNK < batch_size:
+            rest = batch_size - CLAIM_CHUNK
+            counts = [CLAIM_CHUNK] * (rest // CLAIM_CHUNK) + ([rest % CLAIM_CHUNK] if rest % CLAIM_CHUNK else [])
+            for _, more in self._claim_calls(token, counts, "extend"):
+                entries.extend(more)
+        return Claim(entries=entries, reclaimed=bool(reclaimed))
 
-    def _claim_chunk(self, token: str, count: int, mode: str) -> tuple[list[str], bool]:
+    def _claim_calls(self, token: str, counts: list[int], mode: str) -> list[tuple[int, list[str]]]:
         k = self.keys
         try:
-            reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
-                                             args=[token, count, time.time(), mode])
+            replies = self._eval_each(_CLAIM, [([k.lease, k.processing, k.buffer, k.retry], [token, n, time.time(), mode])
+                                               for n in counts])
         except redis.ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
             raise
-        # surrogateescape: bytes that are not UTF-8 survive to be dead-lettered, not crash the drain
-        entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
-        if reclaimed:  # LRANGE of processing lists newest first
-            entries.reverse()
-        return entries, bool(reclaimed)
+        out = []
+        for reclaimed, entries in replies:
+            # surrogateescape: bytes that are not UTF-8 survive to be dead-lettered, not crash the drain
+            entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
+            if reclaimed:  # LRANGE of processing lists newest first
+                entries.reverse()
+            out.append((reclaimed, entries))
+        return out
 
     def set_status(self, transaction_ids: list[str], status: str) -> list[str]:
         """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
-        behind it; returns the ids that have no status key."""
-        missing: list[str] = []
-        for part in range(0, len(transaction_ids), STATUS_CHUNK):
-            chunk = transaction_ids[part:part + STATUS_CHUNK]
-            missing.extend(m.decode() if isinstance(m, bytes) else m
-                           for m in self._set_status(args=[self.keys.prefix, status, *chunk]))
-        return missing
+        behind one, all calls in one round trip; returns the ids that have no status key."""
+        args = [self.keys.prefix, status, status_slot(status), _STATUS_OPENING]
+        calls = [([], args + transaction_ids[part:part + STATUS_CHUNK])
+                 for part in range(0, len(transaction_ids), STATUS_CHUNK)]
+        return [m.decode() if isinstance(m, bytes) else m for missing in self._eval_each(_SET_STATUS, calls)
+                for m in missing]
+
+    def _eval_each(self, script: str, calls: list[tuple[list, list]]) -> list[Any]:
+        """The script once per (keys, args), in one round trip. Redis serves other clients
+        between the calls (it reads a pipeline 16 kB at a time), so each call stays a short
+        stall; the body travels with each call (EVAL), so a restarted Redis never answers
+        NOSCRIPT."""
+        if not calls:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.eval(script, len(keys), *keys, *args)
+        return pipe.execute()
 
     def mark_processing(self, transaction_ids: list[str], full_json: Callable[[str], str]) -> None:
         """Status "processing": in place where the status key exists, else the full JSON."""
@@ -382,7 +389,7 @@ class BufferStore:
                         # see the buffered create without that update).
                         record = {"n": f"{part:09d}"}
                         record.update({key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")})
-                        record.update(at=now, lsn=outcome.commit_lsn, lsn_text=int_to_lsn(outcome.commit_lsn))
+                        record.update(at=now, lsn=outcome.commit_lsn)
                         pipe.zadd(k.awaiting_replication,
                                   {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
                 if applied_ids:
@@ -396,26 +403,67 @@ class BufferStore:
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
 
     def clean_replicated(self, replay_lsn: int) -> list[str]:
-        """Clean caches of every committed batch the replica has replayed; returns their tx ids."""
+        """Clean the caches of every committed chunk the replica has replayed (score <= replay
+        LSN), in commit and batch order; returns the transaction ids that became "replicated".
+        Each chunk is a MULTI/EXEC of its own, so ingest never waits long behind a cleanup; the
+        chunks of one pass share a round trip."""
         k = self.keys
         cleaned: list[str] = []
-        while True:  # one chunk per call, so ingest never waits long behind a cleanup
-            count, ids = self._clean(keys=[k.awaiting_replication, k.stats, k.events],
-                                     args=[k.prefix, replay_lsn, REPLICATED_STATUS_TTL_S, 1, "replicated"])
-            cleaned.extend(i.decode() if isinstance(i, bytes) else i for i in ids)
-            if not count:
+        while True:
+            due = self.redis.zrangebyscore(k.awaiting_replication, "-inf", replay_lsn, start=0, num=CLEAN_PASS)
+            if due:
+                records = [json_codec.loads(member) for member in due]
+                for record, done in zip(records, self._clean_chunks(list(zip(records, due)))):
+                    if done:
+                        cleaned.extend(record["t"])
+            if len(due) < CLEAN_PASS:
                 return cleaned
 
     def forget(self, cleanup: dict[str, list]) -> None:
-        """Remove a discarded transaction's caches, own overlays and index entries with the same
-        script that cleans replicated ones (no event, no counter): nothing of it stays visible."""
+        """Remove a discarded transaction's caches, own overlays and index entries the way a
+        replicated chunk is cleaned, without its status, counter or event: nothing of it stays
+        visible."""
+        self._clean_chunks([(cleanup, None)])
+
+    def _clean_chunks(self, chunks: list[tuple[dict[str, Any], bytes | None]]) -> list[bool]:
+        """Clean chunks ({"c": [[model, id]...] created, "o": [[model, id, tx]...] overlaid, "t":
+        [tx...], "lsn"}), each in one MULTI/EXEC, all in one round trip. With its record in
+        `awaiting_replication` a chunk's statuses become "replicated" and the record goes; without
+        (None: a discarded transaction) only its caches go. True per chunk whose record this
+        call removed."""
         k = self.keys
-        scratch = f"{k.prefix}discarding:{uuid.uuid4().hex}"
-        self.redis.zadd(scratch, {json.dumps(dict(cleanup, at=time.time(), lsn=0)): 0})
-        try:
-            self._clean(keys=[scratch, k.stats, k.events], args=[k.prefix, 0, REPLICATED_STATUS_TTL_S, 1, "discard"])
-        finally:
-            self.redis.delete(scratch)
+        pipe = self.redis.pipeline(transaction=False)  # MULTI/EXEC per chunk, spelled out
+        for record, member in chunks:
+            pipe.execute_command("MULTI")
+            created = record.get("c") or ()
+            if created:
+                pipe.execute_command("DEL", *[key for model, rid in created
+                                              for key in (k.buffered(model, rid), k.cached_id(model, rid))])
+                by_model: dict[str, list[str]] = {}
+                for model, rid in created:
+                    by_model.setdefault(model, []).append(rid)
+                for model, ids in by_model.items():
+                    pipe.execute_command("SREM", k.model_index(model), *ids)
+            if record.get("o"):
+                pipe.execute_command("EVAL", _CLEAN_OVERLAYS, 0, k.prefix, *[
+                    part for model, rid, tx_id in record["o"] for part in (model, rid, overlay_mark(tx_id))])
+            if member is not None:
+                ids = record.get("t") or []
+                lsn = int_to_lsn(int(record.get("lsn") or 0))
+                for tx_id in ids:
+                    pipe.execute_command("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
+                                         "EX", REPLICATED_STATUS_TTL_S)
+                event = json.dumps({"event": "replicated", "transaction_ids": ids}, separators=(",", ":"))
+                pipe.execute_command("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
+                                     member, len(ids), event)
+            pipe.execute_command("EXEC")
+        done = []
+        for (_, member), reply in zip(chunks, [r for r in pipe.execute() if isinstance(r, list)]):
+            failed = next((r for r in reply if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
+            done.append(member is not None and reply[-1] == 1)
+        return done
 
     def awaiting_replication(self) -> tuple[int, int | None]:
         """(batches not yet replayed, lowest commit LSN among them)."""

@@ -76,7 +76,8 @@ class SiteKeys:
         return f"{self.prefix}held_ids"
 
     def model_index(self, model: str) -> str:
-        """Set: ids of records of `model` with buffered state (creates or overlays)."""
+        """Set: ids of records of `model` whose create is buffered (`search` reads their records
+        through it); records with pending updates or deletes are in `overlay_index`."""
         return f"{self.prefix}index:{model}"
 
     def overlay_index(self, model: str) -> str:

@@ -271,3 +271,81 @@ def test_the_drain_raises_the_collectors_threshold_only_while_it_runs(settings, 
     assert during and all(t[0] > before[0] for t in during)
     assert gc.get_threshold() == before
     assert_applied_exactly_once(main_engine, observations)
+
+
+def test_a_status_changes_in_place_in_its_slot_and_other_layouts_are_rewritten(settings, redis_client):
+    """Our status keys start with a fixed-width status slot, changed in place (the rest of the
+    JSON stays byte for byte); a key in another layout (the existing system's producer writes
+    its own) is rewritten, and both read back as the status asked for."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.wire import STATUS_HEADER_LEN
+
+    buf = TransactionBuffer(settings=settings)
+    ours = buffer_observations(buf, 1, finish_every=0)[0].start_tx
+    buf.close()
+    keys = SiteKeys(settings.site)
+    foreign = "0c1e4b1e-0000-4000-8000-00000000f0e1"
+    foreign_json = json.dumps({"transaction_id": foreign, "endpoint": "e", "status": "pending", "steps": [
+        {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"status": "pending"}}]})
+    redis_client.set(keys.transaction(foreign), foreign_json)
+    before = redis_client.get(keys.transaction(ours))
+    assert before.startswith(b'{"status":"pending"   ,') and len(before.split(b",")[0]) + 1 == STATUS_HEADER_LEN
+    store = BufferStore(redis_client, settings.site)
+    for status in ("processing", "applied"):
+        assert store.set_status([ours, foreign], status) == []
+        after = redis_client.get(keys.transaction(ours))
+        assert after[STATUS_HEADER_LEN:] == before[STATUS_HEADER_LEN:] and len(after) == len(before)
+        assert statuses(redis_client, settings.site, [ours, foreign]) == [status, status]
+    doc = json.loads(redis_client.get(keys.transaction(foreign)))
+    assert doc["steps"][0]["data"]["status"] == "pending" and doc["endpoint"] == "e"
+
+
+def test_a_claim_larger_than_one_lua_call_keeps_the_buffer_order(settings, redis_client):
+    """A batch is claimed in CLAIM_CHUNK-entry calls sent together: oldest first, nothing
+    claimed twice or skipped, the rest left in the buffer in order."""
+    from obs_pipeline.buffer_store import CLAIM_CHUNK, BufferStore
+
+    keys = SiteKeys(settings.site)
+    entries = [json.dumps({"transaction_id": f"tx{i:05d}"}) for i in range(2 * CLAIM_CHUNK + 37)]
+    for entry in entries:
+        redis_client.lpush(keys.buffer, entry)  # as producers do: the oldest ends up at the right
+    store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)
+    claim = store.claim(token, 2 * CLAIM_CHUNK + 10)
+    assert claim.entries == entries[:2 * CLAIM_CHUNK + 10] and not claim.reclaimed
+    assert redis_client.lrange(keys.processing, 0, -1)[::-1] == [e.encode() for e in claim.entries]
+    rest = store.claim(token, 5 * CLAIM_CHUNK, after_unacknowledged=True)
+    assert rest.entries == entries[2 * CLAIM_CHUNK + 10:]
+    assert redis_client.llen(keys.buffer) == 0
+    store.release_lease(token)
+
+
+def test_a_chunk_cleaned_twice_is_counted_and_announced_once(settings, redis_client):
+    """A drain that lost its lease may clean the chunk the new lease holder cleans: the caches go
+    either way, but only one of them counts the transactions replicated and announces them."""
+    from obs_pipeline.buffer_store import BufferStore, Outcome
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    keys = SiteKeys(settings.site)
+    store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)
+    ids = [o.start_tx for o in observations]
+    cleanup = [{"c": [["ExecutedObsUnit", o.obs_id], ["RawDataPackage", o.package_id]], "o": [], "t": [o.start_tx]}
+               for o in observations]
+    store.acknowledge(token, Outcome(commit_lsn=77, cleanup=cleanup, claimed=0))
+    member = redis_client.zrange(keys.awaiting_replication, 0, -1)[0]
+    record = json.loads(member)
+    events = redis_client.pubsub()
+    events.subscribe(keys.events)
+    assert events.get_message(timeout=5)["type"] == "subscribe"
+    assert store._clean_chunks([(record, member), (record, member)]) == [True, False]
+    assert int(redis_client.hget(keys.stats, "replicated_total")) == 3
+    assert statuses(redis_client, settings.site, ids) == ["replicated"] * 3
+    assert not redis_client.exists(*[keys.buffered("ExecutedObsUnit", o.obs_id) for o in observations])
+    assert not redis_client.sismember(keys.model_index("RawDataPackage"), observations[0].package_id)
+    announced = [json.loads(m["data"]) for m in iter(lambda: events.get_message(timeout=1), None)]
+    assert announced == [{"event": "replicated", "transaction_ids": ids}]
+    events.close()
+    store.release_lease(token)

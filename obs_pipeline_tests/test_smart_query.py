@@ -224,7 +224,8 @@ def test_replicating_one_update_keeps_another_transactions_pending_overlay(buf, 
     assert current() == expected                          # replica (update 1) + overlay of update 2
     assert ids_of(buf.search("ExecutedObsUnit", {"status": "completed"})) == [obs["id"]]
     assert buf.search("ExecutedObsUnit", {"status": "stopping"}) == []
-    assert redis_client.sismember(keys.model_index("ExecutedObsUnit"), obs["id"])
+    assert redis_client.sismember(keys.overlay_index("ExecutedObsUnit"), obs["id"])  # found by search through it
+    assert not redis_client.sismember(keys.model_index("ExecutedObsUnit"), obs["id"])  # its create is replicated
     drain_steps(settings, 1)
     assert current() == expected
     assert cache_keys(redis_client, settings.site) == []
