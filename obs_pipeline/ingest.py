@@ -71,24 +71,29 @@ class TransactionBuilder:
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
         spec = self._buffer.registry.model(model)
+        pk, where = spec.primary_key, f"create of {model}"
         out = []
         for row in rows:
-            row = dict(_as_dict(row, model))
-            if spec.generated_id and row.get(spec.primary_key) is None:
-                row[spec.primary_key] = new_uuid()
-            out.append(normalize_values(spec, row, creating=True, where=f"create of {model}"))
+            row = _as_dict(row, model)
+            if spec.generated_id and row.get(pk) is None:
+                row = {**row, pk: new_uuid()}
+            out.append(normalize_values(spec, row, creating=True, where=where))
         step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
         for row in out:
-            self._created[str(row[spec.primary_key])] = step.step_id
-        return [dict(r) for r in out]
+            self._created[str(row[pk])] = step.step_id
+        return [dict(r) for r in out]  # the caller's copies: the buffered rows stay as validated
 
     def _add_step(self, operation: str, model: str, data: Any, conditions: dict[str, Any]) -> Step:
-        used = list(conditions.values())
-        for row in data if isinstance(data, list) else [data]:
-            used.extend(row.values())
-        deps = sorted({self._created[str(v)] for v in used if str(v) in self._created})
+        created = self._created
+        deps: set[str] = set()
+        if created:  # a step depends on the steps that create the ids it uses
+            for row in (*(data if isinstance(data, list) else [data]), conditions):
+                for value in row.values():
+                    step_id = created.get(value if value.__class__ is str else str(value))
+                    if step_id is not None:
+                        deps.add(step_id)
         step = Step(step_id=f"step{len(self._tx.steps) + 1}", operation=operation, model_class=model,
-                    data=data, conditions=conditions, dependencies=deps)
+                    data=data, conditions=conditions, dependencies=sorted(deps))
         self._tx.steps.append(step)
         return step
 

@@ -154,3 +154,21 @@ def test_status_changes_touch_only_the_transaction_status(settings, redis_client
     assert 0 < redis_client.ttl(key) <= 7 * 24 * 3600
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "pending"
     buf.close()
+
+
+def test_ingest_after_redis_forgot_its_scripts_buffers_once(settings, redis_client):
+    """Ingest calls its script by SHA on the thread's own connection; a Redis that lost its
+    scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the call loads the script and
+    buffers the transaction once, not spooled and not twice."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as first:
+        first.create("ObsUnit", {"id": 900, "name": "before"})
+    redis_client.script_flush()
+    with buf.transaction() as second:
+        second.create("ObsUnit", {"id": 901, "name": "after"})
+    keys = SiteKeys(settings.site)
+    queued = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)]
+    assert queued == [second.transaction_id, first.transaction_id]
+    assert buf.status(second.transaction_id) == "pending" and buf.spool.pending() == 0
+    assert json.loads(redis_client.get(keys.buffered("ObsUnit", "901")))["name"] == "after"
+    buf.close()
