@@ -228,8 +228,8 @@ class Outcome:
 def replicated_status(transaction_id: str, commit_lsn: str) -> str:
     """What a status key holds once the replica has replayed the transaction: the rows are on
     the replica, so only this short record stays (for a week)."""
-    return (status_header("replicated") + '"transaction_id":' + json.dumps(transaction_id)
-            + ',"commit_lsn":' + json.dumps(commit_lsn) + "}")
+    return (status_header("replicated") + '"transaction_id":' + json_codec.dumps(transaction_id)
+            + ',"commit_lsn":"' + commit_lsn + '"}')  # an LSN is hex digits and a slash
 
 
 def overlay_entry(transaction_id: str, operation: str, data: dict[str, Any], step_id: str) -> str:
@@ -402,11 +402,11 @@ class BufferStore:
                         record.update({key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")})
                         record.update(at=now, lsn=outcome.commit_lsn)
                         pipe.zadd(k.awaiting_replication,
-                                  {json.dumps(record, separators=(",", ":")): outcome.commit_lsn})
+                                  {json_codec.dumps(record): outcome.commit_lsn})
                 if applied_ids:
                     pipe.hincrby(k.stats, "applied_total", len(applied_ids))
                     pipe.hset(k.stats, "last_applied_at", time.time())
-                    pipe.publish(k.events, json.dumps({"event": "applied", "transaction_ids": applied_ids}))
+                    pipe.publish(k.events, json_codec.dumps({"event": "applied", "transaction_ids": applied_ids}))
                 if outcome.dead:
                     pipe.hincrby(k.stats, "dead_lettered_total", len(outcome.dead))
                 pipe.execute()
@@ -464,7 +464,7 @@ class BufferStore:
                 for tx_id in ids:
                     pipe.execute_command("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
                                          "EX", REPLICATED_STATUS_TTL_S)
-                event = json.dumps({"event": "replicated", "transaction_ids": ids}, separators=(",", ":"))
+                event = json_codec.dumps({"event": "replicated", "transaction_ids": ids})
                 pipe.execute_command("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
                                      member, len(ids), event)
             pipe.execute_command("EXEC")
