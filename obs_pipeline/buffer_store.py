@@ -20,7 +20,7 @@ from obs_pipeline import json_codec
 from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
-from obs_pipeline.wire import STATUS_OFFSET, status_header, status_slot
+from obs_pipeline.wire import STATUS_OPENING, status_header, status_slot
 
 MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
@@ -28,7 +28,6 @@ CLEANUP_CHUNK = 50  # transactions per cleanup record: one MULTI/EXEC holds Redi
 STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
 CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
 CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
-_STATUS_OPENING = status_header("pending")[:STATUS_OFFSET]  # '{"status":"'
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
 # oldest of the buffer, from its right end), but only for the lease holder. ARGV[4] says how:
@@ -246,6 +245,7 @@ class BufferStore:
     def __init__(self, client: redis.Redis, site: str):
         self.redis = client
         self.keys = SiteKeys(site)
+        self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._buffer = client.register_script(_BUFFER)
@@ -302,58 +302,46 @@ class BufferStore:
 
     # --- drain ------------------------------------------------------------------------------
     def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
-        """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls (one call for
-        a whole batch held Redis long enough to stall ingest): the first alone, the rest in one
-        round trip. A processing list left by a drain that did not acknowledge comes back whole,
-        first. `after_unacknowledged`: this drain's previous batch is still in the processing
-        list (being applied); claim the next one."""
-        first = self._claim_calls(token, [min(batch_size, CLAIM_CHUNK)], "next" if after_unacknowledged else "first")
-        reclaimed, entries = first[0]
-        if not reclaimed and len(entries) == CLAIM_CHUNK < batch_size:
-            rest = batch_size - CLAIM_CHUNK
-            counts = [CLAIM_CHUNK] * (rest // CLAIM_CHUNK) + ([rest % CLAIM_CHUNK] if rest % CLAIM_CHUNK else [])
-            for _, more in self._claim_calls(token, counts, "extend"):
-                entries.extend(more)
-        return Claim(entries=entries, reclaimed=bool(reclaimed))
+        """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls, one round
+        trip each (one call for a whole batch held Redis long enough to stall ingest; calls sent
+        together would run back to back). A processing list left by a drain that did not
+        acknowledge comes back whole, first. `after_unacknowledged`: this drain's previous batch
+        is still in the processing list (being applied); claim the next one."""
+        entries, reclaimed = self._claim_chunk(token, min(batch_size, CLAIM_CHUNK),
+                                               "next" if after_unacknowledged else "first")
+        while not reclaimed and len(entries) < batch_size and len(entries) % CLAIM_CHUNK == 0 and entries:
+            more, _ = self._claim_chunk(token, min(CLAIM_CHUNK, batch_size - len(entries)), "extend")
+            entries.extend(more)
+            if not more:
+                break
+        return Claim(entries=entries, reclaimed=reclaimed)
 
-    def _claim_calls(self, token: str, counts: list[int], mode: str) -> list[tuple[int, list[str]]]:
+    def _claim_chunk(self, token: str, count: int, mode: str) -> tuple[list[str], bool]:
         k = self.keys
         try:
-            replies = self._eval_each(_CLAIM, [([k.lease, k.processing, k.buffer, k.retry], [token, n, time.time(), mode])
-                                               for n in counts])
+            reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
+                                             args=[token, count, time.time(), mode])
         except redis.ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None
             raise
-        out = []
-        for reclaimed, entries in replies:
-            # surrogateescape: bytes that are not UTF-8 survive to be dead-lettered, not crash the drain
-            entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
-            if reclaimed:  # LRANGE of processing lists newest first
-                entries.reverse()
-            out.append((reclaimed, entries))
-        return out
+        # surrogateescape: bytes that are not UTF-8 survive to be dead-lettered, not crash the drain
+        entries = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else e for e in entries]
+        if reclaimed:  # LRANGE of processing lists newest first
+            entries.reverse()
+        return entries, bool(reclaimed)
 
     def set_status(self, transaction_ids: list[str], status: str) -> list[str]:
         """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
-        behind one, all calls in one round trip; returns the ids that have no status key."""
-        args = [self.keys.prefix, status, status_slot(status), _STATUS_OPENING]
-        calls = [([], args + transaction_ids[part:part + STATUS_CHUNK])
-                 for part in range(0, len(transaction_ids), STATUS_CHUNK)]
-        return [m.decode() if isinstance(m, bytes) else m for missing in self._eval_each(_SET_STATUS, calls)
-                for m in missing]
-
-    def _eval_each(self, script: str, calls: list[tuple[list, list]]) -> list[Any]:
-        """The script once per (keys, args), in one round trip. Redis serves other clients
-        between the calls (it reads a pipeline 16 kB at a time), so each call stays a short
-        stall; the body travels with each call (EVAL), so a restarted Redis never answers
-        NOSCRIPT."""
-        if not calls:
-            return []
+        behind one; returns the ids that have no status key. The calls share one round trip:
+        Redis runs back to back those that arrive in one read of the connection (16 kB), then
+        serves other clients, and a call of 200 ids is about 9 kB, so ingest waits behind two
+        at most. The body travels with each call (EVAL): a restarted Redis never says NOSCRIPT."""
+        args = [self.keys.prefix, status, status_slot(status), STATUS_OPENING]
         pipe = self.redis.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.eval(script, len(keys), *keys, *args)
-        return pipe.execute()
+        for part in range(0, len(transaction_ids), STATUS_CHUNK):
+            pipe.eval(_SET_STATUS, 0, *args, *transaction_ids[part:part + STATUS_CHUNK])
+        return [m.decode() if isinstance(m, bytes) else m for missing in pipe.execute() for m in missing]
 
     def mark_processing(self, transaction_ids: list[str], full_json: Callable[[str], str]) -> None:
         """Status "processing": in place where the status key exists, else the full JSON."""

@@ -23,9 +23,10 @@ DEFAULT_MAX_RETRIES = 3
 # with spaces (JSON whitespace): `{"status":"pending"   ,"transaction_id":...`. The drain then
 # changes a status in place with one SETRANGE of 11 bytes instead of rewriting the whole
 # transaction (buffer_store.py checks the header before it writes; other layouts are rewritten).
-STATUS_OFFSET = len('{"status":"')                                # where the slot starts
-STATUS_SLOT = max(len(s) for s in STATUSES) + 1                   # the value, its closing quote, spaces
-STATUS_HEADER_LEN = STATUS_OFFSET + STATUS_SLOT + 1               # ... and the comma after it
+STATUS_OPENING = '{"status":"'
+STATUS_OFFSET = len(STATUS_OPENING)                    # where the slot starts
+STATUS_SLOT = max(len(s) for s in STATUSES) + 1        # the value, its closing quote, spaces
+STATUS_HEADER_LEN = STATUS_OFFSET + STATUS_SLOT + 1    # ... and the comma after it
 
 
 def status_slot(status: str) -> str:
@@ -34,7 +35,7 @@ def status_slot(status: str) -> str:
 
 
 def status_header(status: str) -> str:
-    return '{"status":"' + status_slot(status) + ","
+    return STATUS_OPENING + status_slot(status) + ","
 
 
 @dataclass
