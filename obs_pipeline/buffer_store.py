@@ -335,7 +335,7 @@ class BufferStore:
         """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
         behind one; returns the ids that have no status key. The calls share one round trip:
         Redis runs back to back those that arrive in one read of the connection (16 kB), then
-        serves other clients, and a call of 200 ids is about 9 kB, so ingest waits behind two
+        serves other clients, and a call of 200 ids is about 10 kB, so ingest waits behind two
         at most. The body travels with each call (EVAL): a restarted Redis never says NOSCRIPT."""
         args = [self.keys.prefix, status, status_slot(status), STATUS_OPENING]
         pipe = self.redis.pipeline(transaction=False)
@@ -410,11 +410,10 @@ class BufferStore:
         cleaned: list[str] = []
         while True:
             due = self.redis.zrangebyscore(k.awaiting_replication, "-inf", replay_lsn, start=0, num=CLEAN_PASS)
-            if due:
-                records = [json_codec.loads(member) for member in due]
-                for record, done in zip(records, self._clean_chunks(list(zip(records, due)))):
-                    if done:
-                        cleaned.extend(record["t"])
+            chunks = [(json_codec.loads(member), member) for member in due]
+            for (record, _), done in zip(chunks, self._clean_chunks(chunks)):
+                if done:
+                    cleaned.extend(record["t"])
             if len(due) < CLEAN_PASS:
                 return cleaned
 
@@ -430,8 +429,11 @@ class BufferStore:
         `awaiting_replication` a chunk's statuses become "replicated" and the record goes; without
         (None: a discarded transaction) only its caches go. True per chunk whose record this
         call removed."""
+        if not chunks:
+            return []
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)  # MULTI/EXEC per chunk, spelled out
+        exec_at = []  # where each chunk's EXEC reply (the list of its commands' replies) will be
         for record, member in chunks:
             pipe.execute_command("MULTI")
             created = record.get("c") or ()
@@ -456,8 +458,10 @@ class BufferStore:
                 pipe.execute_command("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
                                      member, len(ids), event)
             pipe.execute_command("EXEC")
+            exec_at.append(len(pipe) - 1)
+        replies = pipe.execute()
         done = []
-        for (_, member), reply in zip(chunks, [r for r in pipe.execute() if isinstance(r, list)]):
+        for (_, member), reply in zip(chunks, (replies[i] for i in exec_at)):
             failed = next((r for r in reply if isinstance(r, Exception)), None)
             if failed is not None:
                 raise failed
