@@ -43,6 +43,8 @@ class DrainConfig:
     retry_base_s: float = 5.0             # permanent errors: 5 s, 10 s, 20 s ... (+ jitter)
     niceness: int | None = None           # run's CPU priority (the CLI and Dagster: 10), so scripts
     #                                       buffering on the same machine come first; None: unchanged
+    aof_check_s: float | None = 30.0      # how often to see whether Redis's AOF is worth compacting
+    #                                       (BufferStore.compact_aof); None: leave it to Redis
 
 
 @dataclass
@@ -76,6 +78,7 @@ class DrainSummary:
     dead_lettered: int = 0
     replicated: int = 0
     transient_errors: int = 0
+    aof_compactions: int = 0
     stopped_because: str = ""
 
 
@@ -127,7 +130,7 @@ class Drain:
         if self.config.niceness is not None:
             # this thread's priority; the apply worker, started by this thread later, inherits it
             os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), self.config.niceness))
-        start = time.monotonic()
+        start = aof_checked = time.monotonic()
         idle_since: float | None = None
         self.store.require_redis()
         self.acquire(lease_wait_s)
@@ -141,6 +144,9 @@ class Drain:
                 if should_stop():
                     summary.stopped_because = "asked to stop"
                     break
+                if self.config.aof_check_s is not None and time.monotonic() - aof_checked >= self.config.aof_check_s:
+                    aof_checked = time.monotonic()
+                    summary.aof_compactions += self._compact_aof()
                 if budget_s is not None and time.monotonic() - start >= budget_s:
                     summary.stopped_because = "time budget spent"
                     break
@@ -160,6 +166,8 @@ class Drain:
                         idle_since = idle_since or time.monotonic()
                         if time.monotonic() - idle_since >= idle_exit_s:
                             summary.stopped_because = "buffer empty"
+                            if self.config.aof_check_s is not None:
+                                summary.aof_compactions += self._compact_aof()
                             break
                     time.sleep(self.config.idle_poll_s)
                     continue
@@ -354,6 +362,16 @@ class Drain:
         outcome.statuses.append((tx.transaction_id, entry))
         outcome.hold.update(dict.fromkeys(created_ids(tx), "!" + tx.transaction_id))
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
+
+    def _compact_aof(self) -> int:
+        try:
+            asked = self.store.compact_aof()
+        except redis.RedisError as error:  # never a reason to stop draining
+            log.warning("could not check Redis's AOF (%s)", error)
+            return 0
+        if asked:
+            log.info("asked Redis to compact its append-only file (BGREWRITEAOF): it is mostly history now")
+        return int(asked)
 
     def _replay_lsn(self) -> int | None:
         try:

@@ -65,6 +65,11 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert outage["backlog"] == 2000 and outage["drain"]["complete"]
     assert _positive(outage["redis_bytes_per_tx"]) and outage["samples_t_rss_redis_mb"]
     assert _positive(outage["ingest_while_draining"]["p99_ms"])
+    assert _positive(outage["buffering_ingest_ms"]["p99"])
+    for phase in ("buffering", "draining"):  # what Redis itself saw, read back from the server
+        seen = outage[f"redis_while_{phase}"]
+        assert seen["threshold_ms"] == 20 and seen["forks"] >= 0 and _positive(seen["aof_size_mb"])
+        assert all(e["max_ms"] >= 20 for e in seen["latency_events"].values())
 
     assert results["table"] and all(r["shown"] for r in results["table"])
     for chart in ("throughput_vs_rtt.png", "backlog_memory.png"):

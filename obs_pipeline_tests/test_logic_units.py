@@ -129,3 +129,48 @@ def test_an_old_redis_is_refused_with_one_clear_line():
         BufferStore(OldRedis(), "site").require_redis()
     OldRedis.info = lambda self, section: {"redis_version": "7.0.15"}
     BufferStore(OldRedis(), "site").require_redis()  # no error
+
+
+@pytest.mark.parametrize("persistence, used_memory, asks", [
+    ({"aof_enabled": 1, "aof_current_size": 900 * 2**20}, 100 * 2**20, True),    # 9x the data: history
+    ({"aof_enabled": 1, "aof_current_size": 700 * 2**20}, 100 * 2**20, False),   # 7x: not yet worth a fork
+    ({"aof_enabled": 1, "aof_current_size": 60 * 2**20}, 1 * 2**20, False),      # under 64 MB
+    ({"aof_enabled": 0, "aof_current_size": 0}, 1, False),                        # AOF off
+    ({"aof_enabled": 1, "aof_current_size": 2**30, "aof_rewrite_in_progress": 1}, 1, False),
+    ({"aof_enabled": 1, "aof_current_size": 2**30, "rdb_bgsave_in_progress": 1}, 1, False),
+])
+def test_the_aof_is_compacted_only_when_the_file_is_mostly_history(persistence, used_memory, asks):
+    from obs_pipeline.buffer_store import BufferStore
+
+    class Redis:
+        asked = 0
+
+        def register_script(self, script):
+            return None
+
+        def info(self, section):
+            return persistence if section == "persistence" else {"used_memory": used_memory}
+
+        def bgrewriteaof(self):
+            Redis.asked += 1
+
+    assert BufferStore(Redis(), "site").compact_aof() is asks
+    assert Redis.asked == int(asks)
+
+
+def test_a_redis_that_refuses_bgrewriteaof_is_left_to_its_own_schedule():
+    import redis as redis_py
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    class ManagedRedis:
+        def register_script(self, script):
+            return None
+
+        def info(self, section):
+            return {"aof_enabled": 1, "aof_current_size": 2**31} if section == "persistence" else {"used_memory": 1}
+
+        def bgrewriteaof(self):
+            raise redis_py.ResponseError("unknown command 'BGREWRITEAOF'")
+
+    assert BufferStore(ManagedRedis(), "site").compact_aof() is False

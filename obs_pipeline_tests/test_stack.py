@@ -161,6 +161,15 @@ def test_redis_appendfsync_always_survives_kill(stack):  # noqa: F811
     assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "everysec"
 
 
+def test_redis_rewrites_its_aof_on_its_own_only_as_a_backstop(stack):  # noqa: F811
+    from obs_pipeline.stack.redis_server import AOF_REWRITE
+    client = redis_client(stack)
+    assert client.config_get("auto-aof-rewrite-percentage")["auto-aof-rewrite-percentage"] == "1000"
+    client.config_set("auto-aof-rewrite-percentage", 100)  # as a Redis with the defaults
+    LocalStack(stack.directory).up()  # `up` on a running stack puts the settings back
+    assert {name: client.config_get(name)[name] for name in AOF_REWRITE} == AOF_REWRITE
+
+
 def test_main_crash_and_restart(stack, probe):  # noqa: F811
     before = probe()
     stack.stop_service("main", mode="immediate")

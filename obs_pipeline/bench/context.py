@@ -106,6 +106,44 @@ class BenchContext:
         if batch:
             self.redis.unlink(*batch)
 
+    def start_redis_watch(self, threshold_ms: int = 20) -> None:
+        """Have Redis log every event (command, fork, AOF write or fsync) slower than threshold_ms."""
+        self.redis.config_set("latency-monitor-threshold", threshold_ms)
+        self.redis.execute_command("LATENCY", "RESET")
+        self._slowlog_was = self.redis.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+        self.redis.config_set("slowlog-log-slower-than", threshold_ms * 1000 // 4)
+        self.redis.slowlog_reset()
+        self._watch = (threshold_ms, self.redis.info("stats"))
+
+    def redis_watch(self) -> dict:
+        """What Redis saw since start_redis_watch: its slow events and AOF rewrites, which tell
+        whether an ingest stall was Redis busy with a command, a fork or the disk."""
+        threshold_ms, before = self._watch
+        events = {}
+        for name, _at, latest_ms, max_ms in self.redis.execute_command("LATENCY", "LATEST"):
+            name = name.decode() if isinstance(name, bytes) else name
+            history = self.redis.execute_command("LATENCY", "HISTORY", name)  # one sample per second
+            events[name] = {"seconds_with_event": len(history), "max_ms": max_ms,
+                            "sum_of_per_second_max_ms": sum(int(ms) for _t, ms in history)}
+        self.redis.config_set("latency-monitor-threshold", 0)
+        slow: dict[str, list[float]] = {}
+        for entry in self.redis.slowlog_get(128):
+            command = entry["command"].decode(errors="replace") if isinstance(entry["command"], bytes) else entry["command"]
+            words = command.split(" ")
+            name = " ".join(words[:2]) if words[0].upper() in ("EVALSHA", "EVAL") else words[0]
+            slow.setdefault(name[:60], []).append(entry["duration"] / 1000)
+        self.redis.config_set("slowlog-log-slower-than", self._slowlog_was)
+        info = {**self.redis.info("persistence"), **self.redis.info("stats")}
+        return {"threshold_ms": threshold_ms, "latency_events": events,
+                "slowlog_ms_by_command (last 128, over threshold/4)": {
+                    name: {"count": len(ms), "max_ms": max(ms), "median_ms": median(ms)} for name, ms in slow.items()},
+                "forks": int(info["total_forks"]) - int(before["total_forks"]),
+                "latest_fork_ms": int(info["latest_fork_usec"]) / 1000,
+                "aof_size_mb": int(info["aof_current_size"]) / 2**20,
+                "aof_last_rewrite_s": int(info["aof_last_rewrite_time_sec"]),
+                "aof_last_cow_mb": int(info["aof_last_cow_size"]) / 2**20,
+                "aof_delayed_fsync": int(info["aof_delayed_fsync"])}
+
     def used_memory(self) -> int:
         return int(self.redis.info("memory")["used_memory"])
 

@@ -124,7 +124,15 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
                      "flat"),
                  row(label, "ingest p99 while draining", outage["ingest_while_draining"].get("p99_ms"), "ms",
                      "<= 1 ms"),
-                 row(label, "backlog drained and replicated", outage["drain"]["complete"])]
+                 row(label, "ingest max while buffering / while draining",
+                     f"{outage['buffering_ingest_ms']['max']:.0f} / {outage['ingest_while_draining'].get('max_ms'):.0f}",
+                     "ms")]
+        for phase in ("buffering", "draining"):
+            seen = outage[f"redis_while_{phase}"]
+            events = ", ".join(f"{name} {e['max_ms']} ms" for name, e in sorted(seen["latency_events"].items()))
+            rows.append(row(label, f"Redis while {phase}: forks; worst events over {seen['threshold_ms']} ms",
+                            f"{seen['forks']}; {events or 'none'}", ""))
+        rows.append(row(label, "backlog drained and replicated", outage["drain"]["complete"]))
     return rows, comparison
 
 
