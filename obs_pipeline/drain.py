@@ -43,8 +43,8 @@ class DrainConfig:
     retry_base_s: float = 5.0             # permanent errors: 5 s, 10 s, 20 s ... (+ jitter)
     niceness: int | None = None           # run's CPU priority (the CLI and Dagster: 10), so scripts
     #                                       buffering on the same machine come first; None: unchanged
-    aof_check_s: float | None = 30.0      # how often to see whether Redis's AOF is worth compacting
-    #                                       (BufferStore.compact_aof); None: leave it to Redis
+    aof_check_s: float | None = 30.0      # how often, when idle, to see whether Redis's AOF is worth
+    #                                       compacting (BufferStore.compact_aof); None: leave it to Redis
 
 
 @dataclass
@@ -144,9 +144,6 @@ class Drain:
                 if should_stop():
                     summary.stopped_because = "asked to stop"
                     break
-                if self.config.aof_check_s is not None and time.monotonic() - aof_checked >= self.config.aof_check_s:
-                    aof_checked = time.monotonic()
-                    summary.aof_compactions += self._compact_aof()
                 if budget_s is not None and time.monotonic() - start >= budget_s:
                     summary.stopped_because = "time budget spent"
                     break
@@ -161,7 +158,10 @@ class Drain:
                     backoff = min(backoff * 2, self.config.backoff_max_s)
                     continue
                 backoff = self.config.backoff_initial_s
-                if report is None:
+                if report is None:  # idle: the moment for a rewrite, with no deletes to copy on write
+                    if self.config.aof_check_s is not None and time.monotonic() - aof_checked >= self.config.aof_check_s:
+                        aof_checked = time.monotonic()
+                        summary.aof_compactions += self._compact_aof()
                     if until_empty and self._settled():
                         idle_since = idle_since or time.monotonic()
                         if time.monotonic() - idle_since >= idle_exit_s:
