@@ -236,6 +236,28 @@ def test_poison_transaction_is_dead_lettered_with_its_dependents_and_retry_all_a
     buf.close()
 
 
+def test_a_reply_slower_than_ingests_polling_is_still_read(settings, redis_client):
+    """Ingest polls for Redis's reply for a fraction of a millisecond, then blocks: a Redis busy
+    for 300 ms with another client's script answers late, and the transaction is buffered once."""
+    from obs_pipeline import buffer_store
+    busy = "local t = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1] - t[1]) * 1e6 + n[2] - t[2] > 300000"
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as warm_up:  # connect first, so only the reply can be late
+        warm_up.create("ObsUnit", {"id": 901, "name": "warm-up"})
+    blocker = threading.Thread(target=redis_client.eval, args=(busy, 0))
+    blocker.start()
+    time.sleep(0.05)
+    began = time.monotonic()
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 902, "name": "late reply"})
+    waited = time.monotonic() - began
+    blocker.join()
+    buf.close()
+    assert waited > 0.1 > buffer_store.REPLY_SPIN_S
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
+    assert queue == [tx.transaction_id, warm_up.transaction_id]
+
+
 def test_redis_down_during_ingest_spools_and_pushes_in_order(stack, settings, redis_client, main_engine):
     buf = TransactionBuffer(settings=settings)
     before = buffer_observations(buf, 20)
