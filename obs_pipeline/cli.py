@@ -89,7 +89,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, lease_ttl_s=args.lease_ttl,
                                            replication_timeout_s=args.replication_timeout,
-                                           niceness=BACKGROUND_NICENESS))
+                                           niceness=BACKGROUND_NICENESS,
+                                           aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s))
 
     def on_batch(report) -> None:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--batch-size", type=int, default=2000)
     drain.add_argument("--lease-ttl", type=float, default=60.0)
     drain.add_argument("--replication-timeout", type=float, default=10.0)
+    drain.add_argument("--no-aof-compaction", action="store_true",
+                       help="never ask Redis to rewrite its AOF when idle (leave it to Redis's own schedule)")
     drain.set_defaults(func=cmd_drain)
 
     status = sub.add_parser("status", help="health report")

@@ -142,3 +142,19 @@ def test_the_cli_drain_runs_behind_the_scripts_at_a_lower_cpu_priority(settings,
     assert result.get("code") == 0
     assert seen == [max(before, BACKGROUND_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the test's own thread is untouched
+
+
+@pytest.mark.parametrize("flags, check_every_s", [([], 30.0), (["--no-aof-compaction"], None)])
+def test_the_cli_drain_compacts_the_aof_unless_told_not_to(settings, monkeypatch, flags, check_every_s):
+    from obs_pipeline import cli
+    from obs_pipeline.drain import Drain
+
+    seen = []
+    real_run = Drain.run
+    monkeypatch.setattr(Drain, "run", lambda self, **kwargs: (seen.append(self.config.aof_check_s),
+                                                              real_run(self, **kwargs))[1])
+    for name, value in (("OBS_SITE", settings.site), ("OBS_REDIS_URL", settings.redis_url),
+                        ("OBS_MAIN_DB_URL", settings.main_db_url), ("OBS_REPLICA_DB_URL", settings.replica_db_url)):
+        monkeypatch.setenv(name, value)
+    assert cli.main(["drain", "--once", *flags]) == 0
+    assert seen == [check_every_s]

@@ -82,3 +82,11 @@ def test_prune_removes_only_old_applied_records(resource, main_engine):
     with main_engine.connect() as conn:
         left = [r[0] for r in conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied"))]
     assert left == ["new"]
+
+
+def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
+    from obs_pipeline.dagster_defs.jobs import DrainRunConfig, _drain_config
+    from obs_pipeline.drain import DrainConfig
+
+    assert _drain_config(DrainRunConfig()).aof_check_s == DrainConfig.aof_check_s
+    assert _drain_config(DrainRunConfig(aof_compaction=False)).aof_check_s is None

@@ -40,12 +40,14 @@ class DrainRunConfig(Config):
     replication_timeout_s: float = 10.0
     retry_base_s: float = 5.0
     transient_retry_wait_s: float = 2.0  # op retry after main was unreachable: 2, 4, 8 ... s (max 60)
+    aof_compaction: bool = True  # ask Redis to rewrite its AOF when idle and the file is mostly history
 
 
 def _drain_config(config: DrainRunConfig) -> DrainConfig:
     return DrainConfig(batch_size=config.batch_size, lease_ttl_s=config.lease_ttl_s,
                        replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s,
-                       niceness=BACKGROUND_NICENESS)  # the run worker is a process of its own
+                       niceness=BACKGROUND_NICENESS,  # the run worker is a process of its own
+                       aof_check_s=DrainConfig.aof_check_s if config.aof_compaction else None)
 
 
 def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
