@@ -103,6 +103,8 @@ def test_daemon_sensor_launches_a_run_that_drains(stack, settings, redis_client,
             pytest.fail("not replicated within 180 s; daemon log:\n" + (tmp_path / "daemon.log").read_text()[-3000:])
         monkeypatch.setenv("OBS_DAGSTER_PG_URL", env["OBS_DAGSTER_PG_URL"])
         instance = DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+        # the queue is read every second: a burst waits for the sensor's tick, not also 5 s for it
+        assert instance.run_coordinator.inst_data.config_dict["dequeue_interval_seconds"] == 1
         runs = []
         while time.monotonic() < deadline and not any(r.status == DagsterRunStatus.SUCCESS for r in runs):
             runs = instance.get_runs(filters=RunsFilter(job_name="drain_buffer", tags={SITE_TAG: settings.site}))
