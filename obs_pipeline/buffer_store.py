@@ -529,25 +529,24 @@ class BufferStore:
         values = self.redis.hmget(self.keys.held_ids, ids)
         return {i: v.decode() for i, v in zip(ids, values) if v is not None}
 
-    def compact_aof(self, min_file_bytes: int | None = None, file_per_memory: float | None = None) -> bool:
+    def compact_aof(self) -> bool:
         """Ask Redis to rewrite its append-only file (BGREWRITEAOF) once the file is mostly
-        history: at least `min_file_bytes` and `file_per_memory` times Redis's memory.
+        history: at least AOF_COMPACT_MIN_BYTES and AOF_COMPACT_FILE_PER_MEMORY times Redis's data.
 
         A rewrite forks Redis, and the fork stops it (and every ingest) for a time that grows
         with its memory: 39-90 ms with 1.5 GB buffered, measured. Redis's own trigger fires as
-        the file grows, which during an outage is while the backlog is large; this one fires
-        when the buffer has drained and the fork costs little (Redis itself should rewrite rarely: see the
-        local stack's redis.conf). False if it did not ask: not
-        worth it yet, a rewrite or save already running, AOF off, or the command refused."""
+        the file grows, which during an outage is while the backlog is large; the drain calls
+        this when it is idle, when the fork costs little (Redis itself should rewrite rarely:
+        see the local stack's redis.conf). False if it did not ask: not worth it yet, a rewrite
+        or save already running, AOF off, or the command refused."""
         try:
             info = self.redis.info("persistence")
             if (not info.get("aof_enabled") or info.get("aof_rewrite_in_progress")
                     or info.get("aof_rewrite_scheduled") or info.get("rdb_bgsave_in_progress")):
                 return False
             size = int(info.get("aof_current_size", 0))
-            ratio = AOF_COMPACT_FILE_PER_MEMORY if file_per_memory is None else file_per_memory
-            if (size < (AOF_COMPACT_MIN_BYTES if min_file_bytes is None else min_file_bytes)
-                    or size < ratio * int(self.redis.info("memory")["used_memory"])):
+            if (size < AOF_COMPACT_MIN_BYTES
+                    or size < AOF_COMPACT_FILE_PER_MEMORY * int(self.redis.info("memory")["used_memory"])):
                 return False
             self.redis.bgrewriteaof()
         except redis.ResponseError:  # a managed Redis may not allow it: its own schedule applies
