@@ -110,15 +110,15 @@ class BenchContext:
         """Have Redis log every event (command, fork, AOF write or fsync) slower than threshold_ms."""
         self.redis.config_set("latency-monitor-threshold", threshold_ms)
         self.redis.execute_command("LATENCY", "RESET")
-        self._slowlog_was = self.redis.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+        slowlog_was = self.redis.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
         self.redis.config_set("slowlog-log-slower-than", threshold_ms * 1000 // 4)
         self.redis.slowlog_reset()
-        self._watch = (threshold_ms, self.redis.info("stats"))
+        self._watch = (threshold_ms, slowlog_was, self.redis.info("stats"))
 
     def redis_watch(self) -> dict:
         """What Redis saw since start_redis_watch: its slow events and AOF rewrites, which tell
         whether an ingest stall was Redis busy with a command, a fork or the disk."""
-        threshold_ms, before = self._watch
+        threshold_ms, slowlog_was, before = self._watch
         events = {}
         for name, _at, latest_ms, max_ms in self.redis.execute_command("LATENCY", "LATEST"):
             name = name.decode() if isinstance(name, bytes) else name
@@ -132,7 +132,7 @@ class BenchContext:
             words = command.split(" ")
             name = " ".join(words[:2]) if words[0].upper() in ("EVALSHA", "EVAL") else words[0]
             slow.setdefault(name[:60], []).append(entry["duration"] / 1000)
-        self.redis.config_set("slowlog-log-slower-than", self._slowlog_was)
+        self.redis.config_set("slowlog-log-slower-than", slowlog_was)
         info = {**self.redis.info("persistence"), **self.redis.info("stats")}
         return {"threshold_ms": threshold_ms, "latency_events": events,
                 "slowlog_ms_by_command (last 128, over threshold/4)": {
