@@ -45,7 +45,11 @@ def test_quick_bench_writes_every_section(tmp_path):
         assert drain["rows"] == 4 * drain["transactions"]
         assert _positive(drain["round_trips_per_batch_median"])
         assert _positive(drain["peak_rss_mb"])
+        cpu = drain["cpu"]["us_per_tx"]  # the drain, Redis and main all worked during the run
+        assert all(_positive(cpu[name]) for name in ("drain", "redis", "main")), drain["cpu"]
+        assert 0 < drain["cpu"]["machine_busy_cores"] <= drain["cpu"]["cores"]
         assert _positive(results["ceiling"][rtt]["rows_per_s"])
+        assert _positive(results["ceiling"][rtt]["cpu"]["us_per_tx"]["main"])
         baseline = results["baseline"][rtt]
         assert baseline["complete"], baseline
         assert _positive(baseline["tx_per_s"])

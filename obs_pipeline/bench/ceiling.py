@@ -4,8 +4,9 @@ Nothing writes these rows faster through libpq, so the drain's rows/s as a fract
 says how much the drain leaves on the table. Same tables, same foreign keys, same row
 shapes as seed 000's example (1 ExecutedObsUnit, 1 RawDataPackage, 2 RawDataFile per
 transaction). The clock runs from the first COPY to COMMIT returning (the rows are built in
-memory first); the time until the replica has replayed the commit is reported beside it.
-Then the rows are deleted.
+memory first); the time until the replica has replayed the commit is reported beside it, and
+so is the CPU main spent per transaction meanwhile (beside the drain's: what main pays for the
+same rows either way). Then the rows are deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sqlalchemy as sa
 
 from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.bench.context import OBS_UNITS, BenchContext, median
+from obs_pipeline.bench.cpu import stack_meter
+from obs_pipeline.bench.drain import cpu_per_tx
 from obs_pipeline.bench.ingest import ROWS_PER_SEED_TX
 
 
@@ -41,16 +44,19 @@ def _copy_buffers(n: int) -> dict[str, io.StringIO]:
 
 def copy_once(ctx: BenchContext, main_url: str, n: int) -> dict:
     buffers = _copy_buffers(n)
+    meter = stack_meter(ctx.stack)
     conn = psycopg2.connect(_libpq_url(main_url))
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")  # connected and warm before the clock starts
             conn.commit()
+            cpu_before = meter.snapshot()
             began = time.perf_counter()
             for target, data in buffers.items():
                 cur.copy_expert(f"COPY {target} FROM STDIN", data)
             conn.commit()
             committed = time.perf_counter() - began
+            cpu = cpu_per_tx(meter.since(cpu_before, committed), n)
             cur.execute("SELECT pg_current_wal_flush_lsn()::text")
             lsn = lsn_to_int(cur.fetchone()[0])
             conn.commit()
@@ -69,7 +75,7 @@ def copy_once(ctx: BenchContext, main_url: str, n: int) -> dict:
         conn.close()
     rows = n * ROWS_PER_SEED_TX
     return {"rows": rows, "commit_s": committed, "replayed_s": replayed,
-            "rows_per_s": rows / committed, "tx_equivalent_per_s": n / committed}
+            "rows_per_s": rows / committed, "tx_equivalent_per_s": n / committed, "cpu": cpu}
 
 
 def measure_ceiling(ctx: BenchContext, main_url: str, n: int, repeats: int) -> dict:
@@ -81,5 +87,6 @@ def measure_ceiling(ctx: BenchContext, main_url: str, n: int, repeats: int) -> d
            "tx_equivalent_per_s": median([r["tx_equivalent_per_s"] for r in runs]),
            "commit_s": median([r["commit_s"] for r in runs]),
            "replayed_s": median([r["replayed_s"] for r in runs]),
-           "repeats_rows_per_s": [round(r["rows_per_s"]) for r in runs]}
+           "repeats_rows_per_s": [round(r["rows_per_s"]) for r in runs],
+           "cpu": sorted(runs, key=lambda r: r["rows_per_s"])[len(runs) // 2]["cpu"]}  # the median run's
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from obs_pipeline.bench.context import BenchContext, median
+from obs_pipeline.bench.cpu import stack_meter
 from obs_pipeline.config import Settings
 
 
@@ -38,7 +39,7 @@ def run_drain(ctx: BenchContext, settings: Settings, batch_size: int, *, profile
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         result_path = Path(tmp) / "result.json"
         cfg = {"settings": dataclasses.asdict(settings), "batch_size": batch_size, "profile": profile,
-               "result": str(result_path)}
+               "result": str(result_path), "service_pids": stack_meter(ctx.stack).service_pids}
         with open(ctx.work_dir / "drain_child.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "obs_pipeline.bench.drain_child", json.dumps(cfg)],
                                     stdout=log, stderr=subprocess.STDOUT)
@@ -103,7 +104,16 @@ def summarize(result: dict, expected_tx: int, expected_rows: int, rows_on_main: 
         "ru_maxrss_mb": round(result["ru_maxrss_kb"] / 1024, 1),
         "rss_before_run_mb": round(result["rss_before_run_kb"] / 1024, 1),
         "samples_t_rss_redis_mb": result["samples"],
+        "cpu": cpu_per_tx(result["cpu"], applied),
     }
+
+
+def cpu_per_tx(cpu: dict, transactions: int) -> dict:
+    """CPU microseconds per transaction of each process tree, and the machine's busy and stolen cores."""
+    per_tx = {name: round(1e6 * s / transactions, 1) if transactions else None for name, s in cpu["services_s"].items()}
+    return {"us_per_tx": per_tx, "us_per_tx_all": round(sum(v for v in per_tx.values() if v), 1),
+            "machine_busy_cores": cpu["machine_busy_cores"], "machine_steal_cores": cpu["machine_steal_cores"],
+            "cores": cpu["cores"]}
 
 
 def median_run(runs: list[dict]) -> dict:

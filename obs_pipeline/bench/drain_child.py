@@ -5,13 +5,15 @@ parent can sample its RSS over time, and so the drain gets a core of its own whi
 parent ingests (long-outage mode). It times `Drain.run(until_empty=True)` - from the first
 claim to everything replicated and cleaned, connecting to main included - and splits the
 time between the drain's stages by wrapping them (timing only; behaviour unchanged).
-The result goes to the file named in the config, as JSON.
+It also reads the CPU time the drain and the stack's services spent during the run
+(`bench.cpu`). The result goes to the file named in the config, as JSON.
 """
 
 from __future__ import annotations
 
 import cProfile
 import json
+import os
 import resource
 import sys
 import time
@@ -47,6 +49,7 @@ def _timed(obj, name: str, spent: dict[str, float]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from obs_pipeline.bench.cpu import CpuMeter
     from obs_pipeline.config import Settings
     from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
@@ -70,6 +73,8 @@ def main(argv: list[str]) -> int:
     rss_before = _rss_kb()
     run_started_at = time.time()
     profiler = cProfile.Profile() if cfg.get("profile") else None
+    meter = CpuMeter({"drain": os.getpid(), **cfg.get("service_pids", {})})
+    cpu_before = meter.snapshot()
     began = time.perf_counter()
     if profiler:
         profiler.enable()
@@ -79,10 +84,12 @@ def main(argv: list[str]) -> int:
         if profiler:
             profiler.disable()
         elapsed = time.perf_counter() - began
+        cpu = meter.since(cpu_before, elapsed)
         drain.close()
     if profiler:
         profiler.dump_stats(cfg["profile"])
     result = {"elapsed_s": elapsed, "summary": summary.__dict__, "batches": batches, "spent_s": dict(spent),
+              "cpu": cpu,
               "rss_before_run_kb": rss_before,
               "run_started_at": run_started_at, "peak_rss_kb": _peak_rss_kb(),
               "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}

@@ -25,6 +25,26 @@ def _split(drain: dict) -> str:
     return " / ".join(f"{v:.2f}" for v in (main, redis, wait, rest, drain["elapsed_s"]))
 
 
+def _cpu_rows(label: str, cpu: dict) -> list[dict]:
+    """Where the cores went during a drain run: CPU per transaction of each process, and the machine."""
+    us = cpu["us_per_tx"]
+    names = [n for n in ("drain", "redis", "main", "replica", "proxy") if us.get(n) is not None]
+    return [row(label, f"CPU per transaction: {' / '.join(names)} / sum",
+                " / ".join(f"{us[n]:.0f}" for n in names) + f" / {cpu['us_per_tx_all']:.0f} us", ""),
+            row(label, f"cores busy / stolen by the host (of {cpu['cores']})",
+                f"{cpu['machine_busy_cores']:.2f} / {cpu['machine_steal_cores']:.2f}", "")]
+
+
+def _main_cpu_rows(label: str, ceiling: dict, drain: dict | None) -> list[dict]:
+    """Main's CPU per transaction under COPY and under the drain: what main pays for the same rows."""
+    copy_us = (ceiling.get("cpu") or {}).get("us_per_tx", {}).get("main")
+    drain_us = ((drain or {}).get("cpu") or {}).get("us_per_tx", {}).get("main") if _ok(drain) else None
+    if copy_us is None:
+        return []
+    value = f"{copy_us:.0f} / {drain_us:.0f} us" if drain_us is not None else f"{copy_us:.0f} / - us"
+    return [row(label, "main's CPU per transaction: COPY / drain", value, "")]
+
+
 def build_rows(results: dict) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     comparison: dict[str, dict] = {}
@@ -68,6 +88,8 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
                      target="constant in batch size"),
                  row(label, "time: main / Redis / replica wait / rest / total", _split(drain), "s"),
                  row(label, "peak RSS of the drain process (VmHWM)", drain["peak_rss_mb"], "MiB")]
+        if drain.get("cpu"):
+            rows += _cpu_rows(label, drain["cpu"])
         if not drain["complete"]:
             rows.append(row(label, "all rows on main and replicated", False))
     drain0 = results.get("drain", {}).get("0")
@@ -87,6 +109,7 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
         label = f"COPY ceiling @{key} ms"
         rows += [row(label, "rows/s, one transaction (same rows)", ceiling["rows_per_s"], "rows/s"),
                  row(label, "= transactions/s equivalent", ceiling["tx_equivalent_per_s"], "tx/s"),
+                 *_main_cpu_rows(label, ceiling, drain),
                  row(label, "drain as fraction of COPY", None if fraction is None else 100 * fraction, "%",
                      ">= 50%" if key == "0" else "", None if fraction is None or key != "0" else fraction >= 0.5)]
     for key, base in results.get("baseline", {}).items():

@@ -1,0 +1,93 @@
+"""Where a measured run's CPU went: the stack's processes and the machine, read from /proc.
+
+The bench runs everything on one machine, so a throughput figure alone cannot say whether the
+drain waits on main, on Redis, or on the cores they share. This reads, before and after a run,
+the CPU time of each service's process tree (its own time, what its ended children spent -
+PostgreSQL's finished backends - and its live children's) and the machine's busy and steal
+time (steal: time the hypervisor gave this VM's cores to someone else). Clock ticks: 10 ms.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, own ticks, ticks of its ended children) for every process we may read."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        # after the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based
+        out[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+    return out
+
+
+def tree_cpu_s(root: int, stats: dict[int, tuple[int, int, int]] | None = None) -> float:
+    """CPU seconds of `root`, its ended children and its live descendants."""
+    stats = _proc_stats() if stats is None else stats
+    if root not in stats:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        _, own, ended = stats[pid]
+        ticks += own + ended
+        todo.extend(children.get(pid, ()))
+    return ticks * TICK_S
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, steal) ticks summed over all cores since boot, from the `cpu` line of /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+@dataclass
+class CpuSnapshot:
+    services_s: dict[str, float]
+    busy_ticks: int
+    steal_ticks: int
+
+
+class CpuMeter:
+    """`meter = CpuMeter({"main": pid, ...}); before = meter.snapshot(); ...; meter.since(before)`."""
+
+    def __init__(self, service_pids: dict[str, int | None]):
+        self.service_pids = {name: pid for name, pid in service_pids.items() if pid}
+
+    def snapshot(self) -> CpuSnapshot:
+        stats = _proc_stats()
+        busy, steal = machine_ticks()
+        return CpuSnapshot({name: tree_cpu_s(pid, stats) for name, pid in self.service_pids.items()}, busy, steal)
+
+    def since(self, before: CpuSnapshot, elapsed_s: float) -> dict:
+        """CPU seconds per service since `before`, and the machine's cores busy and stolen (on average)."""
+        after = self.snapshot()
+        cores = os.cpu_count() or 1
+        return {"services_s": {name: round(after.services_s[name] - before.services_s.get(name, 0.0), 3)
+                               for name in after.services_s},
+                "machine_busy_cores": round((after.busy_ticks - before.busy_ticks) * TICK_S / elapsed_s, 2)
+                if elapsed_s else None,
+                "machine_steal_cores": round((after.steal_ticks - before.steal_ticks) * TICK_S / elapsed_s, 2)
+                if elapsed_s else None,
+                "cores": cores, "elapsed_s": round(elapsed_s, 3)}
+
+
+def stack_meter(stack) -> CpuMeter:
+    """A meter over the local stack's main, replica and Redis (and the proxy, when one runs)."""
+    status = stack.status()
+    return CpuMeter({name: status[name]["pid"] for name in ("main", "replica", "redis", "proxy")})
