@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import hiredis
 import redis
 
 from obs_pipeline import json_codec
@@ -455,34 +456,33 @@ class BufferStore:
         if not chunks:
             return []
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)  # MULTI/EXEC per chunk, spelled out
+        commands: list[tuple] = []  # MULTI/EXEC per chunk, spelled out
         exec_at = []  # where each chunk's EXEC reply (the list of its commands' replies) will be
         for record, member in chunks:
-            pipe.execute_command("MULTI")
+            commands.append(("MULTI",))
             created = record.get("c") or ()
             if created:
-                pipe.execute_command("DEL", *[key for model, rid in created
-                                              for key in (k.buffered(model, rid), k.cached_id(model, rid))])
+                commands.append(("DEL", *[key for model, rid in created
+                                          for key in (k.buffered(model, rid), k.cached_id(model, rid))]))
                 by_model: dict[str, list[str]] = {}
                 for model, rid in created:
                     by_model.setdefault(model, []).append(rid)
                 for model, ids in by_model.items():
-                    pipe.execute_command("SREM", k.model_index(model), *ids)
+                    commands.append(("SREM", k.model_index(model), *ids))
             if record.get("o"):
-                pipe.execute_command("EVAL", _CLEAN_OVERLAYS, 0, k.prefix, *[
-                    part for model, rid, tx_id in record["o"] for part in (model, rid, overlay_mark(tx_id))])
+                commands.append(("EVAL", _CLEAN_OVERLAYS, 0, k.prefix, *[
+                    part for model, rid, tx_id in record["o"] for part in (model, rid, overlay_mark(tx_id))]))
             if member is not None:
                 ids = record.get("t") or []
                 lsn = int_to_lsn(int(record.get("lsn") or 0))
-                for tx_id in ids:
-                    pipe.execute_command("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
-                                         "EX", REPLICATED_STATUS_TTL_S)
+                commands.extend(("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
+                                 "EX", REPLICATED_STATUS_TTL_S) for tx_id in ids)
                 event = json_codec.dumps({"event": "replicated", "transaction_ids": ids})
-                pipe.execute_command("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
-                                     member, len(ids), event)
-            pipe.execute_command("EXEC")
-            exec_at.append(len(pipe) - 1)
-        replies = pipe.execute()
+                commands.append(("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
+                                 member, len(ids), event))
+            commands.append(("EXEC",))
+            exec_at.append(len(commands) - 1)
+        replies = self._send_all(commands)
         done = []
         for (_, member), reply in zip(chunks, (replies[i] for i in exec_at)):
             failed = next((r for r in reply if isinstance(r, Exception)), None)
@@ -490,6 +490,30 @@ class BufferStore:
                 raise failed
             done.append(member is not None and reply[-1] == 1)
         return done
+
+    def _send_all(self, commands: list[tuple]) -> list[Any]:
+        """The replies of `commands`, sent in one write packed by hiredis, read in order. redis-py's
+        pipeline packs each argument in Python and runs a callback per reply; for the cleanup's
+        dozen arguments per transaction that was a sixth of the drain's main thread (py-spy). A
+        lost connection goes the pipeline's way, with its reconnect and retry: every command
+        sent here may run twice (deletes, SETs of the final status, a FINISH that removes its
+        record once)."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+            return [conn.read_response() for _ in commands]
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return pipe.execute()
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            pool.release(conn)
 
     def awaiting_replication(self) -> tuple[int, int | None]:
         """(batches not yet replayed, lowest commit LSN among them)."""

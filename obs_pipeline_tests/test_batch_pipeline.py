@@ -349,3 +349,46 @@ def test_a_chunk_cleaned_twice_is_counted_and_announced_once(settings, redis_cli
     assert announced == [{"event": "replicated", "transaction_ids": ids}]
     events.close()
     store.release_lease(token)
+
+
+def test_the_cleanup_survives_a_connection_redis_dropped_and_an_error_reply_leaves_none_unread(settings,
+                                                                                             redis_client):
+    """The cleanup sends its commands packed by hiredis on a pooled connection. One that Redis
+    has closed (a restart, a timeout) is retried through redis-py's pipeline and its reconnect;
+    an error reply raises, and the connection with replies left unread is not reused."""
+    import redis
+
+    from obs_pipeline.buffer_store import BufferStore, Outcome
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.wire import Transaction, cache_footprint
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    keys = SiteKeys(settings.site)
+    registry = ModelRegistry.from_path(settings.models)
+    txs = [Transaction.from_json(e) for e in redis_client.lrange(keys.buffer, 0, -1)]
+    cached = [keys.buffered(m, rid) for tx in txs for m, rid in cache_footprint(tx, registry)["c"]]
+    assert len(cached) == 3 * 4 and redis_client.exists(*cached) == len(cached)
+
+    client = redis.Redis.from_url(settings.redis_url)
+    store = BufferStore(client, settings.site)
+    token = store.acquire_lease(30)
+    store.acknowledge(token, Outcome(commit_lsn=1234, claimed=0,
+                                     cleanup=[cache_footprint(tx, registry) for tx in txs]))
+    redis_client.client_kill_filter(_id=client.client_id())  # the pooled connection, closed by Redis
+    assert sorted(store.clean_replicated(1234)) == sorted(o.start_tx for o in observations)
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert redis_client.exists(*cached) == 0
+    assert statuses(redis_client, settings.site, [o.start_tx for o in observations]) == ["replicated"] * 3
+
+    # dropped mid-request: Redis closes the connection after the first reply, before the rest ran
+    counter = keys.prefix + "counter"
+    replies = store._send_all([("CLIENT", "KILL", "ID", client.client_id(), "SKIPME", "no"), ("INCR", counter), ("GET", counter)])
+    assert replies[1:] == [1, b"1"]  # sent again on a new connection: the INCR ran once
+    with pytest.raises(redis.ResponseError):
+        store._send_all([("SET", keys.prefix + "probe", "x"), ("INCR", keys.prefix + "probe"), ("PING",)])
+    assert client.get(keys.prefix + "probe") == b"x" and client.ping()  # no stale reply read as this one's
+    client.delete(keys.prefix + "probe", counter)
+    store.release_lease(token)
+    client.close()

@@ -31,6 +31,8 @@ def test_quick_bench_writes_every_section(tmp_path):
 
     machine = results["machine"]
     assert machine["nproc"] >= 1 and machine["cpu_model"] and machine["postgresql"] and machine["redis"]
+    cal = machine["calibration"]
+    assert 0 < cal["redis_ping_p50_us"] <= cal["redis_ping_p99_us"] and _positive(cal["python_loop_ns_per_iteration"])
 
     ingest = results["ingest"]
     assert 0 < ingest["p50_ms"] <= ingest["p99_ms"]

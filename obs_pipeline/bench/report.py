@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,30 @@ def machine_facts(ctx) -> dict[str, Any]:
         "postgresql": pg,
         "redis": ctx.redis.info("server")["redis_version"],
         "os": f"{platform.system()} {platform.release()}",
+        "calibration": calibration(ctx.redis),
     }
+
+
+def calibration(redis_client, pings: int = 2000, loop: int = 1_000_000) -> dict[str, float]:
+    """Two readings that make runs on different machines comparable: a loopback Redis PING
+    (what every ingest and every drain call pays on top of its work: the VM's wake-ups) and a
+    pure-Python loop (the interpreter's speed). Hosts of one kind have differed 4x in the first."""
+    times = []
+    for _ in range(pings):
+        t0 = time.perf_counter()
+        redis_client.ping()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(loop):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return {"redis_ping_p50_us": round(times[len(times) // 2] * 1e6, 1),
+            "redis_ping_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
+            "python_loop_ns_per_iteration": round(best / loop * 1e9, 1)}
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -70,7 +94,13 @@ def render_table(rows: list[dict], machine: dict, command: str) -> str:
     lines = [f"obs-pipeline bench: {command}",
              f"machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
              f"{machine['os']}; Python {machine['python']}, PostgreSQL {machine['postgresql']}, "
-             f"Redis {machine['redis']}", ""]
+             f"Redis {machine['redis']}"]
+    cal = machine.get("calibration")
+    if cal:
+        lines.append(f"calibration: loopback Redis PING p50 {cal['redis_ping_p50_us']:.0f} us, "
+                     f"p99 {cal['redis_ping_p99_us']:.0f} us; Python loop {cal['python_loop_ns_per_iteration']:.0f} ns "
+                     "per iteration")
+    lines.append("")
     widths = [max(len(r[k]) for r in rows + [{"section": "section", "metric": "metric", "shown": "value",
                                                 "target": "target"}]) for k in ("section", "metric", "shown", "target")]
     header = ("section", "metric", "value", "target", "met")
