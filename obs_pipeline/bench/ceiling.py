@@ -20,8 +20,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.bench.context import OBS_UNITS, BenchContext, median
-from obs_pipeline.bench.cpu import stack_meter
-from obs_pipeline.bench.drain import cpu_per_tx
+from obs_pipeline.bench.cpu import cpu_per_tx, stack_meter
 from obs_pipeline.bench.ingest import ROWS_PER_SEED_TX
 
 

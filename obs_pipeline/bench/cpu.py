@@ -91,3 +91,11 @@ def stack_meter(stack) -> CpuMeter:
     """A meter over the local stack's main, replica and Redis (and the proxy, when one runs)."""
     status = stack.status()
     return CpuMeter({name: status[name]["pid"] for name in ("main", "replica", "redis", "proxy")})
+
+
+def cpu_per_tx(cpu: dict, transactions: int) -> dict:
+    """CPU microseconds per transaction of each process tree, and the machine's busy and stolen cores."""
+    per_tx = {name: round(1e6 * s / transactions, 1) if transactions else None for name, s in cpu["services_s"].items()}
+    return {"us_per_tx": per_tx, "us_per_tx_all": round(sum(v for v in per_tx.values() if v), 1),
+            "machine_busy_cores": cpu["machine_busy_cores"], "machine_steal_cores": cpu["machine_steal_cores"],
+            "cores": cpu["cores"]}

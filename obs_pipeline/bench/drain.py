@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from obs_pipeline.bench.context import BenchContext, median
-from obs_pipeline.bench.cpu import stack_meter
+from obs_pipeline.bench.cpu import cpu_per_tx, stack_meter
 from obs_pipeline.config import Settings
 
 
@@ -106,14 +106,6 @@ def summarize(result: dict, expected_tx: int, expected_rows: int, rows_on_main: 
         "samples_t_rss_redis_mb": result["samples"],
         "cpu": cpu_per_tx(result["cpu"], applied),
     }
-
-
-def cpu_per_tx(cpu: dict, transactions: int) -> dict:
-    """CPU microseconds per transaction of each process tree, and the machine's busy and stolen cores."""
-    per_tx = {name: round(1e6 * s / transactions, 1) if transactions else None for name, s in cpu["services_s"].items()}
-    return {"us_per_tx": per_tx, "us_per_tx_all": round(sum(v for v in per_tx.values() if v), 1),
-            "machine_busy_cores": cpu["machine_busy_cores"], "machine_steal_cores": cpu["machine_steal_cores"],
-            "cores": cpu["cores"]}
 
 
 def median_run(runs: list[dict]) -> dict:
