@@ -384,7 +384,8 @@ def test_the_cleanup_survives_a_connection_redis_dropped_and_an_error_reply_leav
 
     # dropped mid-request: Redis closes the connection after the first reply, before the rest ran
     counter = keys.prefix + "counter"
-    replies = store._send_all([("CLIENT", "KILL", "ID", client.client_id(), "SKIPME", "no"), ("INCR", counter), ("GET", counter)])
+    kill_itself = ("CLIENT", "KILL", "ID", client.client_id(), "SKIPME", "no")
+    replies = store._send_all([kill_itself, ("INCR", counter), ("GET", counter)])
     assert replies[1:] == [1, b"1"]  # sent again on a new connection: the INCR ran once
     with pytest.raises(redis.ResponseError):
         store._send_all([("SET", keys.prefix + "probe", "x"), ("INCR", keys.prefix + "probe"), ("PING",)])

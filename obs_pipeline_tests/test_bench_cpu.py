@@ -32,8 +32,12 @@ def test_a_tree_counts_the_cpu_of_children_that_ended():
             time.sleep(0.05)
         spent = tree_cpu_s(proc.pid) - before
         assert 0.4 <= spent < 3.0, spent  # the burner's half second, whether running or reaped
-        time.sleep(0.3)
-        assert tree_cpu_s(proc.pid) - before < spent + 0.3  # ...and counted once after it ended
+        children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+        while open(children).read().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not open(children).read().strip()  # the burner has ended and been reaped
+        after = tree_cpu_s(proc.pid) - before
+        assert 0.4 <= after < spent + 0.3, (spent, after)  # ...and its time still counted, once
     finally:
         proc.kill()
         proc.wait()

@@ -41,8 +41,8 @@ def _main_cpu_rows(label: str, ceiling: dict, drain: dict | None) -> list[dict]:
     drain_us = ((drain or {}).get("cpu") or {}).get("us_per_tx", {}).get("main") if _ok(drain) else None
     if copy_us is None:
         return []
-    value = f"{copy_us:.0f} / {drain_us:.0f} us" if drain_us is not None else f"{copy_us:.0f} / - us"
-    return [row(label, "main's CPU per transaction: COPY / drain", value, "")]
+    drain_text = "-" if drain_us is None else f"{drain_us:.0f}"
+    return [row(label, "main's CPU per transaction: COPY / drain", f"{copy_us:.0f} / {drain_text} us", "")]
 
 
 def build_rows(results: dict) -> tuple[list[dict], dict]:
