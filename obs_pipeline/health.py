@@ -27,6 +27,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
     if lag.get("error"):
         problems.append(lag["error"])
+    memory = redis_memory(store)
+    if memory["full_percent"] is not None and memory["full_percent"] >= REDIS_FULL_WARNING_PERCENT:
+        problems.append(f"Redis is {memory['full_percent']:.0f}% full (maxmemory {memory['maxmemory_bytes']:,} bytes): "
+                        "beyond it ingest spools to disk and the drain cannot claim; raise maxmemory")
     return {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),
         "problems": problems,
@@ -46,7 +50,20 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
             "dead_lettered_total": int(stats.get("dead_lettered_total", 0)),
         },
         "replication_lag": lag,
+        "redis_memory": memory,
     }
+
+
+REDIS_FULL_WARNING_PERCENT = 90
+
+
+def redis_memory(store: BufferStore) -> dict[str, Any]:
+    """Redis's memory against its `maxmemory` (0: no limit, `full_percent` None). A full Redis
+    refuses writes: ingest spools them to disk, but the drain's claim is a write too."""
+    info = store.redis.info("memory")
+    used, limit = int(info["used_memory"]), int(info.get("maxmemory", 0))
+    return {"used_bytes": used, "maxmemory_bytes": limit,
+            "full_percent": round(100 * used / limit, 1) if limit else None}
 
 
 def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None) -> dict[str, Any]:

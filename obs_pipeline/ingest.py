@@ -283,7 +283,7 @@ class TransactionBuffer:
         except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the spool and the replica
             spec = self.registry.model(model)
             found = self.spool.creates(model, str(rid)) or bool(self.query.replica_rows(spec, [str(rid)]))
-        if not found:
+        if not found and not self.spool.creates(model, str(rid)):  # spooled while Redis was full
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
 

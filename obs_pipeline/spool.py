@@ -1,4 +1,5 @@
-"""When Redis does not answer, ingest still succeeds: the transaction goes to a local spool.
+"""When Redis does not answer, or is full, ingest still succeeds: the transaction goes to a
+local spool.
 
 Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
 before any newer transaction, by the next ingest call or by a background thread that retries
@@ -18,6 +19,9 @@ import redis
 from obs_pipeline.buffer_store import BufferStore, CacheWrites
 
 RETRY_INTERVAL_S = 1.0
+# Redis cannot take the transaction now: down, too slow, or full (`maxmemory` reached under
+# `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing).
+REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
 
 def default_spool_dir() -> Path:
@@ -44,7 +48,7 @@ class Spool:
         if not os.path.exists(self.path):
             try:
                 store.buffer(tx_id, tx_json, caches)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_CANNOT_TAKE_IT:
                 with self._lock:
                     self._append(tx_id, tx_json, caches)
             return
@@ -54,7 +58,7 @@ class Spool:
                 return
             try:
                 store.buffer(tx_id, tx_json, caches)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_CANNOT_TAKE_IT:
                 self._append(tx_id, tx_json, caches)
 
     def holds(self, tx_id: str) -> bool:
@@ -111,7 +115,7 @@ class Spool:
                                      overlays=[tuple(o) for o in entry["overlays"]])
                 store.buffer(entry["id"], entry["tx"], caches)
                 self._write_offset(index + 1)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except REDIS_CANNOT_TAKE_IT:
             return False
         self.path.unlink()
         self.offset_path.unlink(missing_ok=True)

@@ -278,3 +278,34 @@ def test_redis_down_during_ingest_spools_and_pushes_in_order(stack, settings, re
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + during + after)
     buf.close()
+
+
+def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(settings, redis_client, main_engine):
+    """A Redis at its `maxmemory` (noeviction) refuses the MULTI/EXEC as a whole: ingest spools
+    the transactions to disk, nothing of them is half-written, the health report says what to
+    do, and once Redis has room they are pushed in order and applied once."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.health import health_report
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 5)
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)
+    try:
+        during = buffer_observations(buf, 6)
+        assert buf.spool.pending() == 6 + 3
+        assert buf.status(during[0].start_tx) == "pending"
+        assert not redis_client.exists(keys.transaction(during[0].start_tx))
+        assert not redis_client.keys(f"{keys.prefix}buffered:ExecutedObsUnit:{during[0].obs_id}")
+        problems = health_report(BufferStore(redis_client, settings.site), None, None)["problems"]
+        assert any("Redis is" in p and "full" in p and "raise maxmemory" in p for p in problems), problems
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    after = buffer_observations(buf, 4)  # pushes the spool first, then these
+    assert buf.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    expected = [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
+    assert queue == expected
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + during + after)
+    buf.close()
