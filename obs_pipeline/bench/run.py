@@ -75,6 +75,7 @@ def run_bench(args: Any) -> int:
         stack.up(main_latency_ms=0)
         ctx = BenchContext(stack, work, quick=bool(args.quick))
         try:
+            results["settle_s"] = ctx.settle()
             results["machine"] = _machine(ctx)
             _measure_all(ctx, sizes, batch, args, results, errors, out)
         finally:
