@@ -281,9 +281,9 @@ def test_redis_down_during_ingest_spools_and_pushes_in_order(stack, settings, re
 
 
 def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(settings, redis_client, main_engine):
-    """A Redis at its `maxmemory` (noeviction) refuses the MULTI/EXEC as a whole: ingest spools
-    the transactions to disk, nothing of them is half-written, the health report says what to
-    do, and once Redis has room they are pushed in order and applied once."""
+    """A Redis at its `maxmemory` (noeviction) refuses ingest's script at its first write: ingest
+    spools the transactions to disk, nothing of them is half-written, the health report says
+    what to do, and once Redis has room they are pushed in order and applied once."""
     from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.health import health_report
     keys = SiteKeys(settings.site)

@@ -157,9 +157,9 @@ def test_status_changes_touch_only_the_transaction_status(settings, redis_client
 
 
 def test_ingest_after_redis_forgot_its_scripts_buffers_once(settings, redis_client):
-    """A Redis that lost its scripts (restarted, SCRIPT FLUSH) would answer NOSCRIPT to a call by
-    SHA: ingest buffers the next transaction once, not spooled and not twice (it sends no
-    script now; this keeps any that comes back honest)."""
+    """Ingest calls its script by SHA on the thread's own connection; a Redis that lost its
+    scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the call loads the script and
+    buffers the transaction once, not spooled and not twice."""
     buf = TransactionBuffer(settings=settings)
     with buf.transaction() as first:
         first.create("ObsUnit", {"id": 900, "name": "before"})
