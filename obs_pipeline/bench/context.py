@@ -51,8 +51,8 @@ class BenchContext:
     def settle(self) -> float:
         """Let a stack that has just been made stop writing before anything is timed: flush the
         kernel's dirty pages (initdb's, pg_basebackup's), so that Redis's AOF fsyncs do not queue
-        behind them, and checkpoint main. The first ingests of a fresh stack were 2-4x slower
-        than later ones without this. Returns the seconds it took."""
+        behind them, and checkpoint main. Returns the seconds it took (0.03-0.04 s in this
+        session's runs: the stack had little left to write by then)."""
         began = time.monotonic()
         os.sync()
         with self.direct.connect() as conn:
