@@ -297,6 +297,9 @@ def _one_line(error: BaseException) -> str:
 
     if isinstance(error, redis.ConnectionError):
         return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
+    if isinstance(error, redis.exceptions.OutOfMemoryError):
+        return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
+                "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")
     text = str(getattr(error, "orig", None) or error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

@@ -29,7 +29,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(lag["error"])
     memory = redis_memory(store)
     if memory["full_percent"] is not None and memory["full_percent"] >= REDIS_FULL_WARNING_PERCENT:
-        problems.append(f"Redis is {memory['full_percent']:.0f}% full (maxmemory {memory['maxmemory_bytes']:,} bytes): "
+        how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"
+        problems.append(f"Redis is {how_full} (maxmemory {memory['maxmemory_bytes']:,} bytes): "
                         "beyond it ingest spools to disk and the drain cannot claim; raise maxmemory")
     return {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
 
@@ -158,3 +159,20 @@ def test_the_cli_drain_compacts_the_aof_unless_told_not_to(settings, monkeypatch
         monkeypatch.setenv(name, value)
     assert cli.main(["drain", "--once", *flags]) == 0
     assert seen == [check_every_s]
+
+
+def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing(env, settings, redis_client):
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 950, "name": "waits for room"})
+    buf.close()
+    keys = SiteKeys(settings.site)
+    queued = redis_client.lrange(keys.buffer, 0, -1)
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)
+    try:
+        line = one_line_error(cli("drain", "--once", env=env))
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    assert "Redis is full" in line and "raise maxmemory" in line, line
+    assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
