@@ -263,7 +263,7 @@ class BufferStore:
         """Queue entry, status and caches in one Lua call: atomic, one round trip, one command
         to pack and parse. Measured against a MULTI/EXEC of the same commands packed by
         hiredis: that cost Redis ~20 us less per call, but this thread 13-17 us more (seven
-        replies to read), and four threads sharing a buffer (the GIL) 25 % of their throughput.
+        replies to read), and four threads sharing a buffer (the GIL) a quarter of their throughput.
         A full Redis (maxmemory) refuses the script at its first write, so nothing is written,
         and this raises OutOfMemoryError (the spool takes the transaction)."""
         args = [self.keys.prefix, transaction_id, tx_json, len(caches.created)]

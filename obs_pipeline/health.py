@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 
+REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
+
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
                   stale_after_s: float = 300.0) -> dict[str, Any]:
@@ -53,9 +55,6 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         "replication_lag": lag,
         "redis_memory": memory,
     }
-
-
-REDIS_FULL_WARNING_PERCENT = 90
 
 
 def redis_memory(store: BufferStore) -> dict[str, Any]:
