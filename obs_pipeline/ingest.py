@@ -280,10 +280,9 @@ class TransactionBuffer:
             return  # cannot know without a replica; the drain will tell
         try:
             found = self.query.get(model, rid) is not None
-        except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the spool and the replica
-            spec = self.registry.model(model)
-            found = self.spool.creates(model, str(rid)) or bool(self.query.replica_rows(spec, [str(rid)]))
-        if not found and not self.spool.creates(model, str(rid)):  # spooled while Redis was full
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the replica, then the spool
+            found = bool(self.query.replica_rows(self.registry.model(model), [str(rid)]))
+        if not found and not self.spool.creates(model, str(rid)):  # spooled: Redis was down or full
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
 
