@@ -34,7 +34,6 @@ CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the
 CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
 AOF_COMPACT_MIN_BYTES = 64 * 2**20  # compact_aof: an AOF this big (Redis's default rewrite minimum)
 AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
-_OUT_OF_MEMORY = "OOM command not allowed"  # in Redis's reply at its maxmemory
 
 # Claim: move up to N entries to the processing list (retries that are due first, then the
 # oldest of the buffer, from its right end), but only for the lease holder. ARGV[4] says how:
@@ -200,6 +199,13 @@ return 1
 """
 
 
+def redis_is_full(error: BaseException) -> bool:
+    """Redis at its `maxmemory` refused a write: OutOfMemoryError, or, from inside a Lua script
+    on Redis 6, the same reply wrapped in the script's error."""
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or (
+        isinstance(error, redis.ResponseError) and "OOM command not allowed" in str(error))
+
+
 class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
@@ -272,24 +278,27 @@ class BufferStore:
         for triple in caches.overlays:
             args.extend(triple)
         try:
-            conn = self.redis.connection  # a single-connection client's own (ingest keeps one per thread)
-            if conn is None:
-                self._buffer(args=args)
-                return
-            # The script call on the connection itself, packed by hiredis: redis-py's per-call
-            # machinery (retry wrapper, option filtering, reply callbacks) cost 20-30 us here, a
-            # tenth of an ingest, and its packer, in Python, 4 us more. Errors are the same: a
-            # lost connection raises ConnectionError (the spool takes the transaction).
-            try:
-                conn.send_packed_command([hiredis.pack_command(("EVALSHA", self._buffer.sha, 0, *args))])
-                self._await_reply(conn)
-                conn.read_response()
-            except redis.exceptions.NoScriptError:  # a restarted Redis: the Script object loads it again
-                self._buffer(args=args)
+            self._call_buffer_script(args)
         except redis.ResponseError as error:
-            if _OUT_OF_MEMORY in str(error) and not isinstance(error, redis.exceptions.OutOfMemoryError):
+            if redis_is_full(error) and not isinstance(error, redis.exceptions.OutOfMemoryError):
                 raise redis.exceptions.OutOfMemoryError(str(error)) from error  # Redis 6 wraps it in the script's error
             raise
+
+    def _call_buffer_script(self, args: list[Any]) -> None:
+        """The script call on the connection itself, packed by hiredis: redis-py's per-call
+        machinery (retry wrapper, option filtering, reply callbacks) cost 20-30 us here, a tenth
+        of an ingest, and its packer, in Python, 4 us more. Errors are the same: a lost
+        connection raises ConnectionError (the spool takes the transaction)."""
+        conn = self.redis.connection  # a single-connection client's own (ingest keeps one per thread)
+        if conn is None:
+            self._buffer(args=args)
+            return
+        try:
+            conn.send_packed_command([hiredis.pack_command(("EVALSHA", self._buffer.sha, 0, *args))])
+            self._await_reply(conn)
+            conn.read_response()
+        except redis.exceptions.NoScriptError:  # a restarted Redis: the Script object loads it again
+            self._buffer(args=args)
 
     def _await_reply(self, conn: Any) -> None:
         """Poll for the reply for up to REPLY_SPIN_S, yielding the CPU between polls, before the

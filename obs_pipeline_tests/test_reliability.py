@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainBusy, DrainConfig
+from obs_pipeline.health import health_report
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -284,8 +285,6 @@ def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(
     """A Redis at its `maxmemory` (noeviction) refuses ingest's script at its first write: ingest
     spools the transactions to disk, nothing of them is half-written, the health report says
     what to do, and once Redis has room they are pushed in order and applied once."""
-    from obs_pipeline.buffer_store import BufferStore
-    from obs_pipeline.health import health_report
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     before = buffer_observations(buf, 5)
