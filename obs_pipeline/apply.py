@@ -47,6 +47,7 @@ class BatchResult:
     writes_after_fold: int = 0
     round_trips: int = 0
     slow_path: bool = False
+    apply_s: float = 0.0  # from sending the first script to reading the last reply
 
     def add_rows(self, rows: dict[str, int]) -> None:
         for model, n in rows.items():
@@ -103,6 +104,7 @@ class MainDatabase:
         self.application_name = application_name
         self.sql = BatchSql(registry, self.dialect)
         self.round_trips = 0  # scripts sent to main; each is one round trip
+        self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
         self._conn: Any = None
 
@@ -117,7 +119,22 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
+            self.round_trip_s = self._time_round_trip(self._conn)
         return self._conn
+
+    @staticmethod
+    def _time_round_trip(conn: Any, samples: int = 3) -> float:
+        """An empty query's round trip, the least of `samples`: what each batch pays for the link
+        whatever its size (the drain sizes far batches by it). Once per session: at 250 ms,
+        0.75 s per drain run; the least, because one slow reply on a busy machine would make a
+        near main look far."""
+        best = float("inf")
+        with conn.cursor() as cur:
+            for _ in range(samples):
+                began = time.perf_counter()
+                cur.execute(b"SELECT 1")
+                best = min(best, time.perf_counter() - began)
+        return best
 
     def apply_batch(self, transactions: list[Transaction]) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all."""
@@ -125,8 +142,10 @@ class MainDatabase:
         self._carry = []
         try:
             conn = self._connection()
+            began = time.perf_counter()
             with conn.cursor() as cur:
                 result = self._apply(cur, transactions)
+            result.apply_s = time.perf_counter() - began
         except psycopg2.Error as error:
             if is_transient(error):
                 self.close()  # a new session next time

@@ -87,7 +87,8 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
-    drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, lease_ttl_s=args.lease_ttl,
+    drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, max_batch_size=args.max_batch_size,
+                                           lease_ttl_s=args.lease_ttl,
                                            replication_timeout_s=args.replication_timeout,
                                            niceness=BACKGROUND_NICENESS,
                                            aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s))
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
     drain.add_argument("--once", action="store_true", help="return when the buffer is empty and replicated")
-    drain.add_argument("--batch-size", type=int, default=2000)
+    drain.add_argument("--batch-size", type=int, default=2000, help="transactions per batch (default 2000)")
+    drain.add_argument("--max-batch-size", type=int, default=None,
+                       help="where main is far, batches grow up to this (default 10000, or --batch-size if larger)")
     drain.add_argument("--lease-ttl", type=float, default=60.0)
     drain.add_argument("--replication-timeout", type=float, default=10.0)
     drain.add_argument("--no-aof-compaction", action="store_true",

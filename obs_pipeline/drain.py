@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -30,11 +31,15 @@ log = logging.getLogger("obs_pipeline.drain")
 _GC_GEN0_THRESHOLD = 50_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
+ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
+FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS ~205 MiB there
 
 
 @dataclass(frozen=True)
 class DrainConfig:
-    batch_size: int = 2000
+    batch_size: int = 2000                # transactions per batch; the size where main is near
+    max_batch_size: int | None = None     # where main is far, batches grow up to this (batch_size_for);
+    #                                       None: FAR_BATCH_SIZE, or batch_size if that is larger
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0   # per batch; on timeout caches stay, a later pass cleans
     idle_poll_s: float = 0.2
@@ -45,6 +50,32 @@ class DrainConfig:
     #                                       buffering on the same machine come first; None: unchanged
     aof_check_s: float | None = 30.0      # how often, when idle, to see whether Redis's AOF is worth
     #                                       compacting (BufferStore.compact_aof); None: leave it to Redis
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of transactions >= 1, not {self.batch_size!r}")
+        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int)
+                                                or self.max_batch_size < self.batch_size):
+            raise ValueError(f"max_batch_size must be a whole number >= batch_size ({self.batch_size}), "
+                             f"not {self.max_batch_size!r}")
+
+    @property
+    def largest_batch(self) -> int:
+        return self.max_batch_size if self.max_batch_size is not None else max(FAR_BATCH_SIZE, self.batch_size)
+
+
+def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int, least: int, most: int) -> int:
+    """The batch size at which main's round trip is at most ROUND_TRIP_SHARE of a batch's apply,
+    from the last full batch (`transactions` applied in `apply_s`). A batch costs one round trip
+    plus a time per transaction, so where main is far, larger batches make the link cheap; where
+    it is near, `least` already does. Rounded up to hundreds, within [least, most]."""
+    if not round_trip_s or transactions <= 0:
+        return least
+    per_transaction = (apply_s - round_trip_s) / transactions
+    if per_transaction <= 0:  # the batch cost no more than the round trip: as large as allowed
+        return most
+    wanted = round_trip_s * (1 - ROUND_TRIP_SHARE) / (ROUND_TRIP_SHARE * per_transaction)
+    return max(least, min(most, math.ceil(round(wanted) / 100) * 100))
 
 
 @dataclass
@@ -60,6 +91,8 @@ class BatchReport:
     writes_before_fold: int = 0
     writes_after_fold: int = 0
     round_trips: int = 0
+    batch_size: int = 0        # what was claimed for: grows from batch_size where main is far
+    main_round_trip_ms: float | None = None
     commit_lsn: str | None = None
     replay_lsn: str | None = None
     replicated: int = 0
@@ -91,6 +124,7 @@ class _Batch:
     """A claimed batch, parsed: what is left to do with it, and what to report."""
     report: BatchReport
     outcome: Outcome
+    size: int = 0  # entries asked for: a claim this full means more wait
     transactions: list[Transaction] = field(default_factory=list)
     footprints: dict[str, dict[str, list]] = field(default_factory=dict)  # tx id -> its cache keys
 
@@ -105,6 +139,7 @@ class Drain:
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))
         self.token: str | None = None
+        self.batch_size = config.batch_size  # the next claim's; see _resize
         self._prefetched: _Batch | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
@@ -224,7 +259,7 @@ class Drain:
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
                                duration_s=time.monotonic() - began)
         report, outcome = batch.report, batch.outcome
-        full = batch.outcome.claimed >= self.config.batch_size
+        full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
         applying = self._worker.submit(self.main.apply_batch, txs) if txs else None  # garbage only: main not needed
         try:
@@ -242,6 +277,8 @@ class Drain:
             raise
         try:
             result = applying.result() if applying else BatchResult()
+            if full and not result.slow_path:
+                self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
         except BaseException:
@@ -266,10 +303,22 @@ class Drain:
         report.duration_s = time.monotonic() - began
         return report
 
+    def _resize(self, result: BatchResult) -> None:
+        """Size the next claims by the last full batch, applied on the fast path (a bisected one
+        says nothing of the link)."""
+        size = batch_size_for(self.main.round_trip_s, result.apply_s, len(result.applied),
+                              self.config.batch_size, self.config.largest_batch)
+        if size != self.batch_size:
+            log.info("batch size %d -> %d (main's round trip %.1f ms, the last batch applied in %.0f ms)",
+                     self.batch_size, size, (self.main.round_trip_s or 0) * 1000, result.apply_s * 1000)
+            self.batch_size = size
+
     def _claim(self, after_unacknowledged: bool) -> "_Batch":
-        claim = self.store.claim(self.token, self.config.batch_size, after_unacknowledged)
-        batch = _Batch(report=BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed),
-                       outcome=Outcome(claimed=len(claim.entries)))
+        size = self.batch_size
+        claim = self.store.claim(self.token, size, after_unacknowledged)
+        batch = _Batch(report=BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed,
+                                          batch_size=size),
+                       outcome=Outcome(claimed=len(claim.entries)), size=size)
         batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
         # worked out now, while main applies the previous batch, not after this one commits
         batch.footprints = {tx.transaction_id: cache_footprint(tx, self.registry) for tx in batch.transactions}
@@ -354,6 +403,8 @@ class Drain:
         report.rows_per_model = result.rows_per_model
         report.writes_before_fold, report.writes_after_fold = result.writes_before_fold, result.writes_after_fold
         report.round_trips = result.round_trips
+        if self.main.round_trip_s is not None:
+            report.main_round_trip_ms = round(self.main.round_trip_s * 1000, 2)
         report.commit_lsn = int_to_lsn(result.commit_lsn) if result.commit_lsn is not None else None
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str) -> None:

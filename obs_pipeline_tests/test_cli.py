@@ -176,3 +176,19 @@ def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing
         redis_client.config_set("maxmemory", limit)
     assert "Redis is full" in line and "raise maxmemory" in line, line
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch_size must be a whole number of transactions >= 1, not 0"),
+    (["--batch-size", "5000", "--max-batch-size", "100"],
+     "max_batch_size must be a whole number >= batch_size (5000), not 100"),
+])
+def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, redis_client, flags, message):
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 951, "name": "stays buffered"})
+    buf.close()
+    keys = SiteKeys(settings.site)
+    queued = redis_client.lrange(keys.buffer, 0, -1)
+    assert one_line_error(cli("drain", "--once", *flags, env=env)) == f"obs-pipeline: error: {message}"
+    assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)

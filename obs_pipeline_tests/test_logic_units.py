@@ -174,3 +174,50 @@ def test_a_redis_that_refuses_bgrewriteaof_is_left_to_its_own_schedule():
             raise redis_py.ResponseError("unknown command 'BGREWRITEAOF'")
 
     assert BufferStore(ManagedRedis(), "site").compact_aof() is False
+
+
+# --- batch sizing by main's round trip ---------------------------------------------------------
+
+def test_batches_stay_at_their_size_where_main_is_near_and_grow_where_it_is_far():
+    from obs_pipeline.drain import batch_size_for
+
+    # 2,000 transactions in 0.2 s: 100 us each. Near (0.2 ms round trip): no reason to grow.
+    assert batch_size_for(0.0002, 0.2, 2000, least=2000, most=10_000) == 2000
+    # 50 ms: the round trip is a fifth of the apply at 4 x 0.05 / 100 us = 2,000 transactions
+    assert batch_size_for(0.05, 0.25, 2000, least=1000, most=10_000) == 2000
+    # 250 ms with 2,000 costing 0.25 s + 0.2 s: 10,000 wanted, 8,000 allowed
+    assert batch_size_for(0.25, 0.45, 2000, least=2000, most=8000) == 8000
+    # rounded up to hundreds
+    assert batch_size_for(0.01, 0.11, 1000, least=100, most=10_000) == 400
+
+
+@pytest.mark.parametrize("round_trip, apply_s, transactions, expected", [
+    (None, 0.5, 2000, 2000),    # never connected (nothing measured): the configured size
+    (0.25, 0.5, 0, 2000),       # nothing applied: no figure per transaction
+    (0.25, 0.24, 2000, 10_000),  # the batch cost no more than its round trip: the largest allowed
+])
+def test_batch_sizing_without_a_usable_measurement(round_trip, apply_s, transactions, expected):
+    from obs_pipeline.drain import batch_size_for
+
+    assert batch_size_for(round_trip, apply_s, transactions, least=2000, most=10_000) == expected
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"batch_size": 0}, "batch_size must be a whole number of transactions >= 1, not 0"),
+    ({"batch_size": "2000"}, "batch_size must be a whole number of transactions >= 1, not '2000'"),
+    ({"batch_size": 5000, "max_batch_size": 2000}, "max_batch_size must be a whole number >= batch_size (5000), not 2000"),
+])
+def test_a_bad_batch_size_is_one_clear_error(config, message):
+    from obs_pipeline.drain import DrainConfig
+
+    with pytest.raises(ValueError) as raised:
+        DrainConfig(**config)
+    assert str(raised.value) == message
+
+
+def test_the_largest_batch_defaults_to_the_far_size_or_the_batch_size_if_larger():
+    from obs_pipeline.drain import FAR_BATCH_SIZE, DrainConfig
+
+    assert DrainConfig().largest_batch == FAR_BATCH_SIZE == 10_000
+    assert DrainConfig(batch_size=20_000).largest_batch == 20_000
+    assert DrainConfig(batch_size=100, max_batch_size=100).largest_batch == 100

@@ -102,3 +102,59 @@ def test_a_session_cut_short_inside_a_transaction_is_not_reused(settings, main_e
         drain.close()
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3
+
+
+def _drain_recording_batch_sizes(settings, config) -> list[tuple[int, float | None]]:
+    from obs_pipeline.drain import Drain
+
+    seen = []
+    drain = Drain(settings, config)
+    try:
+        drain.run(until_empty=True, on_batch=lambda r: seen.append((r.batch_size, r.main_round_trip_ms))
+                  if r.transactions else None)
+    finally:
+        drain.close()
+    return seen
+
+
+def test_batches_grow_where_main_is_far_and_nothing_is_lost_or_doubled(settings, main_engine, tmp_path):
+    """Behind a real proxy of 20 ms each way, a batch of 100 costs a 40 ms round trip plus about
+    10 ms of work: the drain grows its batches to the cap and applies each transaction once."""
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 1500, finish_every=0)
+    buf.close()
+    main = sa.engine.make_url(settings.main_db_url)
+    port, pidfile = pick_free_ports(1)[0], tmp_path / "proxy.pid"
+    start_proxy(port, main.port, 20, pidfile, tmp_path / "proxy.log")
+    try:
+        far = dataclasses.replace(settings, main_db_url=main.set(port=port).render_as_string(hide_password=False))
+        seen = _drain_recording_batch_sizes(far, DrainConfig(batch_size=100, max_batch_size=400))
+    finally:
+        stop_proxy(pidfile)
+    sizes = [size for size, _ in seen]
+    assert sizes[0] == 100 and max(sizes) == 400 and all(100 <= s <= 400 for s in sizes), sizes
+    assert all(rtt is not None and rtt >= 40 for _, rtt in seen), seen
+    assert len(sizes) < 1500 / 100  # fewer batches than at the fixed size
+    assert_applied_exactly_once(main_engine, observations)
+
+
+def test_batches_keep_their_size_where_main_is_near(settings, main_engine):
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 600, finish_every=0)
+    buf.close()
+    seen = _drain_recording_batch_sizes(settings, DrainConfig(batch_size=100, max_batch_size=400))
+    assert [size for size, _ in seen] == [100] * 6, seen
+    assert all(rtt is not None and rtt < 40 for _, rtt in seen), seen
+    assert_applied_exactly_once(main_engine, observations)

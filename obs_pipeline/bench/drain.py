@@ -32,13 +32,14 @@ def _rss_kb(pid: int) -> int | None:
         return None
 
 
-def run_drain(ctx: BenchContext, settings: Settings, batch_size: int, *, profile: str | None = None,
-              sample_s: float = 0.1, while_running: Callable[[subprocess.Popen], None] | None = None) -> dict:
+def run_drain(ctx: BenchContext, settings: Settings, batch_size: int, *, max_batch_size: int | None = None,
+              profile: str | None = None, sample_s: float = 0.1, while_running: Callable[[subprocess.Popen], None] | None = None) -> dict:
     """One drain run in a child process; returns its figures plus samples [(s since the run began,
     drain RSS MiB, Redis used_memory MiB)] taken by a thread while `while_running(proc)` runs here."""
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         result_path = Path(tmp) / "result.json"
-        cfg = {"settings": dataclasses.asdict(settings), "batch_size": batch_size, "profile": profile,
+        cfg = {"settings": dataclasses.asdict(settings), "batch_size": batch_size,
+               "max_batch_size": max_batch_size, "profile": profile,
                "result": str(result_path), "service_pids": stack_meter(ctx.stack).service_pids}
         with open(ctx.work_dir / "drain_child.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "obs_pipeline.bench.drain_child", json.dumps(cfg)],
@@ -82,6 +83,8 @@ def summarize(result: dict, expected_tx: int, expected_rows: int, rows_on_main: 
     round_trips = [b["rt"] for b in work]
     return {
         "batch_size": batch_size,
+        "largest_batch_claimed": max((b["size"] for b in work), default=batch_size),
+        "main_round_trip_ms": next((b["main_rtt_ms"] for b in work if b.get("main_rtt_ms") is not None), None),
         "transactions": applied,
         "rows": rows,
         "elapsed_s": round(elapsed, 3),

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
 
     cfg = json.loads(argv[0])
     drain = Drain(Settings(**cfg["settings"]), DrainConfig(batch_size=cfg["batch_size"],
+                                                           max_batch_size=cfg.get("max_batch_size"),
                                                            replication_timeout_s=cfg.get("replication_timeout_s", 30.0),
                                                            niceness=BACKGROUND_NICENESS))  # as the CLI and Dagster run it
     spent: dict[str, float] = defaultdict(float)
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> int:
         batches.append({"tx": r.transactions, "applied": r.applied + r.already_applied,
                         "rows": sum(r.rows_per_model.values()), "before": r.writes_before_fold,
                         "after": r.writes_after_fold, "rt": r.round_trips, "wait": r.replication_wait_s,
-                        "dur": r.duration_s, "replicated": r.replicated, "dead": len(r.dead_lettered)})
+                        "dur": r.duration_s, "replicated": r.replicated, "dead": len(r.dead_lettered),
+                        "size": r.batch_size, "main_rtt_ms": r.main_round_trip_ms})
 
     rss_before = _rss_kb()
     run_started_at = time.time()

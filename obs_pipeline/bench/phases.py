@@ -55,7 +55,7 @@ def ingest_fsync_always_phase(ctx: BenchContext, n: int) -> dict:
 
 
 def drain_phase(ctx: BenchContext, n: int, batch_size: int, repeats: int, name: str,
-                profile: Path | None = None) -> dict:
+                profile: Path | None = None, max_batch_size: int | None = None) -> dict:
     """Buffer n seed transactions, then time one drain run until all replicated; median of repeats.
     With `profile`, one more run under cProfile (not counted: the profiler slows it)."""
     runs, memory = [], []
@@ -66,8 +66,9 @@ def drain_phase(ctx: BenchContext, n: int, batch_size: int, repeats: int, name: 
         per_tx = (ctx.used_memory() - before) / n
         entry = ctx.redis.lindex(SiteKeys(settings.site).buffer, 0) or b""
         profiled = str(profile) if profile and i == repeats else None
-        result = run_drain(ctx, settings, batch_size, profile=profiled)
+        result = run_drain(ctx, settings, batch_size, max_batch_size=max_batch_size, profile=profiled)
         figures = summarize(result, n, n * ROWS_PER_SEED_TX, ctx.model_rows(), batch_size)
+        figures["max_batch_size"] = max_batch_size
         figures["buffering_tx_per_s"] = n / backlog["elapsed_s"]
         figures["queue_entry_bytes"] = len(entry)
         if not profiled:

@@ -133,7 +133,7 @@ def throughput_chart(path: Path, points: dict[str, dict[int, float]], title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"ours": ("tab:blue", "o", "-"), "ours, large batch": ("tab:cyan", "s", "-"),
+    styles = {"ours": ("tab:blue", "o", "-"), "ours, batch fixed": ("tab:cyan", "s", "-"),
               "seed 000 loop (baseline)": ("tab:red", "v", "-"), "COPY ceiling": ("tab:gray", "", "--")}
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
     for name, series in points.items():
@@ -141,7 +141,7 @@ def throughput_chart(path: Path, points: dict[str, dict[int, float]], title: str
             continue
         xs = sorted(series)
         ys = [max(series[x], 1e-3) for x in xs]
-        color, marker, line = styles.get(name) or (styles["ours, large batch"] if name.startswith("ours, batch")
+        color, marker, line = styles.get(name) or (styles["ours, batch fixed"] if name.startswith("ours, batch")
                                                    else ("black", "x", ":"))
         ax.plot(xs, ys, line, marker=marker, color=color, label=name)
         if name != "COPY ceiling":

@@ -31,16 +31,15 @@ class Sizes:
     drain_n: int = 20_000
     fold_observations: int = 3_000
     rtts_ms: tuple[int, ...] = (50, 250)          # besides 0; the last is the "far" one
-    far_n: dict[int, int] = field(default_factory=lambda: {50: 10_000, 250: 5_000})
-    large_batch: int | None = 5_000               # also run at the far round trip
-    large_batch_n: int = 10_000
+    far_n: dict[int, int] = field(default_factory=lambda: {50: 10_000, 250: 20_000})
+    fixed_batch_at_far: bool = True               # the far drain again with batches that may not grow
     baseline_n: dict[int, int] = field(default_factory=lambda: {0: 300, 50: 50, 250: 20})
     dagster_n: int = 10_000
 
 
 FULL = Sizes()
 QUICK = Sizes(ingest_n=300, repeats=1, drain_n=1_000, fold_observations=100, rtts_ms=(40,), far_n={40: 1_000},
-              large_batch=None, baseline_n={0: 20, 40: 5}, dagster_n=200)
+              fixed_batch_at_far=False, baseline_n={0: 20, 40: 5}, dagster_n=200)
 
 
 def command_line(args: Any) -> str:
@@ -144,10 +143,10 @@ def _measure_all(ctx: BenchContext, sizes: Sizes, batch: int, args: Any, results
             ctx, sizes.far_n[rtt], batch, 1, f"drain{rtt}", profile=far_profile))
         if far_profile and far_profile.exists():
             phases.profile_summary(far_profile, out / f"drain_profile_{rtt}ms.txt")
-        if rtt == sizes.rtts_ms[-1] and sizes.large_batch:
-            results["drain"][f"{key}_large_batch"] = _section(
-                ctx, errors, f"drain at {rtt} ms, batch {sizes.large_batch}", lambda: phases.drain_phase(
-                    ctx, sizes.large_batch_n, sizes.large_batch, 1, f"drain{rtt}b"))
+        if rtt == sizes.rtts_ms[-1] and sizes.fixed_batch_at_far:
+            results["drain"][f"{key}_fixed_batch"] = _section(
+                ctx, errors, f"drain at {rtt} ms, batch fixed at {batch}", lambda: phases.drain_phase(
+                    ctx, sizes.far_n[rtt], batch, 1, f"drain{rtt}f", max_batch_size=batch))
         results["ceiling"][key] = _section(ctx, errors, f"COPY ceiling at {rtt} ms", lambda: measure_ceiling(
             ctx, ctx.stack.env()["OBS_MAIN_DB_URL"], sizes.far_n[rtt], 1))
         results["baseline"][key] = _section(ctx, errors, f"seed 000 loop at {rtt} ms", lambda: phases.baseline_phase(

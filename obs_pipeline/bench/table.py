@@ -15,6 +15,14 @@ def _ge(value: Any, target: float) -> bool | None:
     return None if value is None else value >= target
 
 
+def _batches(drain: dict) -> str:
+    """"batch 2000", "batch fixed at 2000", or "batches 2000 growing to 10000" as claimed."""
+    least, largest = drain["batch_size"], drain.get("largest_batch_claimed", drain["batch_size"])
+    if drain.get("max_batch_size") == least:
+        return f"batch fixed at {least}"
+    return f"batches {least} growing to {largest}" if largest > least else f"batch {least}"
+
+
 def _split(drain: dict) -> str:
     """Where a drain run's time went: apply_batch on main; claim, mark, holders, acknowledge and
     clean on Redis; polling the replica; the rest is the drain's own Python (parse, validate, JSON)."""
@@ -73,7 +81,7 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
             continue
         rtt = key.split("_")[0]
         way = "no proxy" if rtt == "0" else f"proxy {int(rtt) / 2:g} ms each way"
-        label = f"drain @{rtt} ms RTT ({way}), batch {drain['batch_size']}"
+        label = f"drain @{rtt} ms RTT ({way}), {_batches(drain)}"
         target, met = "", None
         if key == "0":
             target, met = ">= 5,000", _ge(drain["tx_per_s"], 5000)
@@ -88,6 +96,9 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
                      target="constant in batch size"),
                  row(label, "time: main / Redis / replica wait / rest / total", _split(drain), "s"),
                  row(label, "peak RSS of the drain process (VmHWM)", drain["peak_rss_mb"], "MiB")]
+        if drain.get("main_round_trip_ms") is not None:
+            rows.append(row(label, "main's round trip as the drain measured it (least of 3 SELECT 1)",
+                            drain["main_round_trip_ms"], "ms"))
         if drain.get("cpu"):
             rows += _cpu_rows(label, drain["cpu"])
         if not drain["complete"]:
@@ -160,16 +171,14 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
 
 
 def chart_points(results: dict) -> tuple[dict[str, dict[int, float]], list[str]]:
-    points: dict[str, dict[int, float]] = {"ours": {}, "ours, large batch": {}, "seed 000 loop (baseline)": {},
-                                           "COPY ceiling": {}}
-    large = None
+    fixed = f"ours, batch fixed at {results['batch_size']}"
+    points: dict[str, dict[int, float]] = {"ours": {}, fixed: {}, "seed 000 loop (baseline)": {}, "COPY ceiling": {}}
     for key, drain in results.get("drain", {}).items():
         if _ok(drain):
-            name = "ours, large batch" if key.endswith("_large_batch") else "ours"
+            name = fixed if key.endswith("_fixed_batch") else "ours"
             points[name][int(key.split("_")[0])] = drain["tx_per_s"]
-            large = drain["batch_size"] if key.endswith("_large_batch") else large
-    if large:
-        points[f"ours, batch {large}"] = points.pop("ours, large batch")
+    if not points[fixed]:
+        del points[fixed]
     for key, base in results.get("baseline", {}).items():
         if _ok(base):
             points["seed 000 loop (baseline)"][int(key)] = base["tx_per_s"]
@@ -178,6 +187,6 @@ def chart_points(results: dict) -> tuple[dict[str, dict[int, float]], list[str]]
             points["COPY ceiling"][int(key)] = ceiling["tx_equivalent_per_s"]
     notes = [f"{k} ms RTT: ours {v['ratio']:,.0f}x the seed 000 loop" for k, v in
              sorted(results.get("comparison", {}).items(), key=lambda kv: int(kv[0])) if v.get("ratio")]
-    notes.append(f"{results['batch_size']}-transaction batches unless said; RTT = 2 x the proxy's one-way delay; "
+    notes.append(f"batches of {results['batch_size']}, growing where main is far, unless said; RTT = 2 x the proxy's one-way delay; "
                  "COPY ceiling = same rows in one COPY transaction")
     return points, notes

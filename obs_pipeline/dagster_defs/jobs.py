@@ -36,6 +36,7 @@ class DrainRunConfig(Config):
     budget_s: float = 300.0      # then the run ends and the sensor launches a fresh one
     idle_exit_s: float = 5.0     # keep draining while work keeps arriving
     batch_size: int = 2000
+    max_batch_size: int | None = None  # where main is far, batches grow up to this (None: 10000)
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0
     retry_base_s: float = 5.0
@@ -44,7 +45,8 @@ class DrainRunConfig(Config):
 
 
 def _drain_config(config: DrainRunConfig) -> DrainConfig:
-    return DrainConfig(batch_size=config.batch_size, lease_ttl_s=config.lease_ttl_s,
+    return DrainConfig(batch_size=config.batch_size, max_batch_size=config.max_batch_size,
+                       lease_ttl_s=config.lease_ttl_s,
                        replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s,
                        niceness=BACKGROUND_NICENESS,  # the run worker is a process of its own
                        aof_check_s=DrainConfig.aof_check_s if config.aof_compaction else None)
