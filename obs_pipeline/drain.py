@@ -32,6 +32,8 @@ _GC_GEN0_THRESHOLD = 50_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
+FAR_ROUND_TRIP_S = 0.005  # below this (a LAN), batches keep their size: nothing to win, and a busy
+#                           machine's scheduling would make the measure noise
 FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS ~205 MiB there
 
 
@@ -68,8 +70,9 @@ def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int
     """The batch size at which main's round trip is at most ROUND_TRIP_SHARE of a batch's apply,
     from the last full batch (`transactions` applied in `apply_s`). A batch costs one round trip
     plus a time per transaction, so where main is far, larger batches make the link cheap; where
-    it is near, `least` already does. Rounded up to hundreds, within [least, most]."""
-    if not round_trip_s or transactions <= 0:
+    it is near (under FAR_ROUND_TRIP_S), `least` already does. Rounded up to hundreds, within
+    [least, most]."""
+    if round_trip_s is None or round_trip_s < FAR_ROUND_TRIP_S or transactions <= 0:
         return least
     per_transaction = (apply_s - round_trip_s) / transactions
     if per_transaction <= 0:  # the batch cost no more than the round trip: as large as allowed

@@ -183,6 +183,9 @@ def test_batches_stay_at_their_size_where_main_is_near_and_grow_where_it_is_far(
 
     # 2,000 transactions in 0.2 s: 100 us each. Near (0.2 ms round trip): no reason to grow.
     assert batch_size_for(0.0002, 0.2, 2000, least=2000, most=10_000) == 2000
+    # under 5 ms a batch keeps its size even where the rule would grow it (a tiny batch, a busy machine)
+    assert batch_size_for(0.004, 0.005, 10, least=10, most=10_000) == 10
+    assert batch_size_for(0.005, 0.006, 10, least=10, most=10_000) == 200
     # 50 ms: the round trip is a fifth of the apply at 4 x 0.05 / 100 us = 2,000 transactions
     assert batch_size_for(0.05, 0.25, 2000, least=1000, most=10_000) == 2000
     # 250 ms with 2,000 costing 0.25 s + 0.2 s: 10,000 wanted, 8,000 allowed

@@ -31,7 +31,7 @@ class Sizes:
     drain_n: int = 20_000
     fold_observations: int = 3_000
     rtts_ms: tuple[int, ...] = (50, 250)          # besides 0; the last is the "far" one
-    far_n: dict[int, int] = field(default_factory=lambda: {50: 10_000, 250: 20_000})
+    far_n: dict[int, int] = field(default_factory=lambda: {50: 10_000, 250: 50_000})
     fixed_batch_at_far: bool = True               # the far drain again with batches that may not grow
     baseline_n: dict[int, int] = field(default_factory=lambda: {0: 300, 50: 50, 250: 20})
     dagster_n: int = 10_000
