@@ -161,13 +161,18 @@ def test_the_cli_drain_compacts_the_aof_unless_told_not_to(settings, monkeypatch
     assert seen == [check_every_s]
 
 
-def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing(env, settings, redis_client):
+def buffer_one_and_see_the_queue(settings, redis_client, obs_unit_id: int) -> tuple[SiteKeys, list]:
+    """One transaction buffered; the site's keys and its queue as it is now."""
     buf = TransactionBuffer(settings=settings)
     with buf.transaction() as tx:
-        tx.create("ObsUnit", {"id": 950, "name": "waits for room"})
+        tx.create("ObsUnit", {"id": obs_unit_id, "name": "stays buffered"})
     buf.close()
     keys = SiteKeys(settings.site)
-    queued = redis_client.lrange(keys.buffer, 0, -1)
+    return keys, redis_client.lrange(keys.buffer, 0, -1)
+
+
+def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing(env, settings, redis_client):
+    keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 950)
     limit = redis_client.config_get("maxmemory")["maxmemory"]
     redis_client.config_set("maxmemory", 1)
     try:
@@ -184,11 +189,6 @@ def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing
      "max_batch_size must be a whole number >= batch_size (5000), not 100"),
 ])
 def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, redis_client, flags, message):
-    buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as tx:
-        tx.create("ObsUnit", {"id": 951, "name": "stays buffered"})
-    buf.close()
-    keys = SiteKeys(settings.site)
-    queued = redis_client.lrange(keys.buffer, 0, -1)
+    keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 951)
     assert one_line_error(cli("drain", "--once", *flags, env=env)) == f"obs-pipeline: error: {message}"
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
