@@ -598,11 +598,16 @@ class BufferStore:
 
     def has_work(self) -> bool:
         """Something to claim now (queued, left in processing, a retry that is due), or committed
-        batches waiting for the replica. One round trip; the sensor and the drain ask it."""
+        batches waiting for the replica. One round trip; the sensor asks it."""
+        return any(self.work().values())
+
+    def work(self) -> dict[str, int]:
+        """What is left for a drain, in one round trip: entries queued and left in processing,
+        retries that are due, committed batches waiting for the replica."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(k.buffer)
         pipe.llen(k.processing)
-        pipe.zcard(k.awaiting_replication)
         pipe.zcount(k.retry, "-inf", time.time())
-        return any(pipe.execute())
+        pipe.zcard(k.awaiting_replication)
+        return dict(zip(("buffer", "processing", "due_retries", "awaiting_replication"), pipe.execute()))

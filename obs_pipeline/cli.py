@@ -98,6 +98,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     try:
         summary = drain.run(until_empty=args.once, lease_wait_s=args.lease_ttl if args.once else 0.0,
+                            replica_patience_s=args.replication_timeout,
                             on_batch=on_batch if args.verbose else None)
     except KeyboardInterrupt:
         return 130
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=cmd_dev)
 
     drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
-    drain.add_argument("--once", action="store_true", help="return when the buffer is empty and replicated")
+    drain.add_argument("--once", action="store_true",
+                       help="return when the buffer is empty and replicated (or the replica has replayed "
+                            "nothing for --replication-timeout: a later drain cleans those caches)")
     drain.add_argument("--batch-size", type=int, default=2000, help="transactions per batch (default 2000)")
     drain.add_argument("--max-batch-size", type=int, default=None,
                        help="where main is far, batches grow up to this (default 10000, or --batch-size if larger)")

@@ -158,12 +158,17 @@ class Drain:
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self, *, until_empty: bool = True, idle_exit_s: float = 0.0, budget_s: float | None = None,
-            lease_wait_s: float = 0.0,
+            lease_wait_s: float = 0.0, replica_patience_s: float | None = None,
             on_batch: Callable[[BatchReport], None] | None = None,
             on_transient: Callable[[str, float], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> DrainSummary:
         """Drain until the buffer has been empty for `idle_exit_s` (`until_empty`), the budget is
-        spent, or asked to stop. The idle grace keeps one run draining under sustained load."""
+        spent, or asked to stop. The idle grace keeps one run draining under sustained load.
+
+        Empty means applied, replicated and cleaned; with `replica_patience_s`, also applied
+        with only the replica's replay missing, once it has made no progress for that long (a
+        replica that is down would otherwise hold `drain --once` for ever). Its caches stay
+        until a later drain sees the replay."""
         summary = DrainSummary()
         if self.config.niceness is not None:
             # this thread's priority; the apply worker, started by this thread later, inherits it
@@ -200,10 +205,11 @@ class Drain:
                     if self.config.aof_check_s is not None and time.monotonic() - aof_checked >= self.config.aof_check_s:
                         aof_checked = time.monotonic()
                         summary.aof_compactions += self._compact_aof()
-                    if until_empty and self._settled():
+                    if until_empty:
                         idle_since = idle_since or time.monotonic()
-                        if time.monotonic() - idle_since >= idle_exit_s:
-                            summary.stopped_because = "buffer empty"
+                        stopped = self._stop_reason(time.monotonic() - idle_since, idle_exit_s, replica_patience_s)
+                        if stopped:
+                            summary.stopped_because = stopped
                             if self.config.aof_check_s is not None:
                                 summary.aof_compactions += self._compact_aof()
                             break
@@ -236,9 +242,20 @@ class Drain:
                                 "after that drain stops renewing it")
             time.sleep(0.5)
 
-    def _settled(self) -> bool:
-        """Nothing left to claim now, and nothing committed waits for the replica."""
-        return not self.store.has_work()
+    def _stop_reason(self, idle_s: float, idle_exit_s: float, replica_patience_s: float | None) -> str:
+        """Why an idle drain that runs until empty may stop now ("" if it may not): nothing is
+        left, or all that is left waits for a replica that has not replayed anything for
+        `replica_patience_s`."""
+        if idle_s < idle_exit_s:
+            return ""
+        work = self.store.work()
+        if not any(work.values()):
+            return "buffer empty"
+        claimable = work["buffer"] or work["processing"] or work["due_retries"]
+        if claimable or replica_patience_s is None or idle_s < replica_patience_s:
+            return ""
+        return (f"buffer empty; {work['awaiting_replication']} committed batch(es) still await the replica, "
+                f"which replayed nothing for {idle_s:.0f} s: their caches stay until a later drain sees the replay")
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:

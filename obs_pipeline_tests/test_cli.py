@@ -192,3 +192,35 @@ def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, r
     keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 951)
     assert one_line_error(cli("drain", "--once", *flags, env=env)) == f"obs-pipeline: error: {message}"
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_drain_once_returns_while_the_replica_is_down_and_a_later_one_cleans(stack, env, settings, redis_client,
+                                                                            main_engine):
+    """`drain --once` must come back when the buffer is empty even if the replica cannot
+    replay (it used to wait for ever): the rows are on main, the caches stay until a later
+    drain sees the replay."""
+    import sqlalchemy as sa
+
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    keys = SiteKeys(settings.site)
+    stack.stop_service("replica")
+    try:
+        result = cli("drain", "--once", "--replication-timeout", "2", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "drained 1 transactions" in result.stderr and "still await the replica" in result.stderr
+        assert buf.status(tx.transaction_id) == "applied"
+        assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"])) == 1
+        with main_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                                {"i": obs["id"]}).scalar_one() == 1
+    finally:
+        stack.start_service("replica")
+    again = cli("drain", "--once", env=env)
+    assert again.returncode == 0 and "(buffer empty)" in again.stderr, again.stderr
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"]), keys.awaiting_replication) == 0
+    buf.close()
