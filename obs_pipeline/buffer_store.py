@@ -118,11 +118,15 @@ end
 """
 
 # Ingest: ARGV = prefix, transaction id, transaction JSON, number of creates, then (model, id,
-# record JSON) per create and (model, id, overlay entry) per update/delete.
+# record JSON) per create and (model, id, overlay entry) per update/delete. A transaction whose
+# status key exists is there already (a push retried after a reply that timed out, a spool line
+# pushed again after a crash): it is left as it is, or it would be queued twice and its caches,
+# perhaps cleaned since, written back. Returns 1 if buffered, 0 if it was there already.
 _BUFFER = _IN_PARTS + """
 local p = ARGV[1]
+if not redis.call('SET', p .. 'transaction:' .. ARGV[2], ARGV[3], 'NX') then return 0 end
 redis.call('LPUSH', p .. 'transaction_buffer', ARGV[3])
-local sets = {p .. 'transaction:' .. ARGV[2], ARGV[3]}
+local sets = {}
 local index, overlaid = {}, {}
 local function add(t, m, id)
   if not t[m] then t[m] = {} end
@@ -271,7 +275,8 @@ class BufferStore:
         hiredis: that cost Redis ~20 us less per call, but this thread 13-17 us more (seven
         replies to read), and four threads sharing a buffer (the GIL) a quarter of their throughput.
         A full Redis (maxmemory) refuses the script at its first write, so nothing is written,
-        and this raises OutOfMemoryError (the spool takes the transaction)."""
+        and this raises OutOfMemoryError (the spool takes the transaction). A transaction
+        already buffered (its status key exists) is left as it is: pushing one again is harmless."""
         args = [self.keys.prefix, transaction_id, tx_json, len(caches.created)]
         for triple in caches.created:
             args.extend(triple)

@@ -3,8 +3,9 @@ local spool.
 
 Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
 before any newer transaction, by the next ingest call or by a background thread that retries
-every second. A crash while pushing can push one line twice; the drain skips a transaction
-id that is already applied, so nothing is doubled.
+every second. A crash while pushing can push one line twice, and a push whose reply timed out
+may have been buffered after all: the buffer script leaves a transaction that is already in
+Redis as it is, so nothing is doubled.
 """
 
 from __future__ import annotations

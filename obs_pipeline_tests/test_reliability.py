@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from obs_pipeline.buffer_store import BufferStore
@@ -307,4 +308,59 @@ def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(
     assert queue == expected
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + during + after)
+    buf.close()
+
+
+def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redis_client, main_engine, monkeypatch):
+    """A crash between pushing a spooled transaction and recording that it was pushed makes the
+    next flush push it again: it must not be queued twice."""
+    from obs_pipeline.spool import Spool
+
+    real_buffer, down = BufferStore.buffer, threading.Event()
+
+    def buffer_unless_down(self, *args):
+        if down.is_set():
+            raise redis.ConnectionError("Redis is down (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    buf = TransactionBuffer(settings=settings)
+    down.set()
+    spooled = buffer_observations(buf, 3)  # 3 starts + 2 finishes, all in the spool
+    assert buf.spool.pending() == 5
+    down.clear()
+    real_offset = Spool._write_offset
+    monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):
+        buf.spool.flush()  # the first line reached Redis; its offset did not reach the disk
+    monkeypatch.setattr(Spool, "_write_offset", real_offset)
+    assert buf.spool.flush() and buf.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
+    assert sorted(queue) == sorted(t for o in spooled for t in (o.start_tx, o.finish_tx) if t)
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
+    buf.close()
+
+
+def test_a_transaction_pushed_again_after_it_replicated_changes_nothing(settings, redis_client, monkeypatch):
+    """A push retried after its reply timed out (the script ran) arrives when the transaction
+    may be long replicated and its record updated since: it must not come back as pending nor
+    bring its buffered create back over the newer row."""
+    pushed = []
+    real_buffer = BufferStore.buffer
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (pushed.append(args), real_buffer(self, *args))[1])
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    assert buf.status(start.transaction_id) == buf.status(finish) == "replicated"
+    keys = SiteKeys(settings.site)
+    before = sorted(redis_client.scan_iter(match=f"{keys.prefix}*"))
+    real_buffer(buf.store, *pushed[0])  # the start, pushed again
+    assert sorted(redis_client.scan_iter(match=f"{keys.prefix}*")) == before
+    assert redis_client.llen(keys.buffer) == 0
+    assert buf.status(start.transaction_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "completed"
     buf.close()
