@@ -132,7 +132,7 @@ class TransactionBuffer:
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
-        self.spool = Spool(settings.spool_dir, self.site)
+        self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
         self.query = SmartQuery(self.store, self.registry, settings.replica_db_url)
 
     @classmethod

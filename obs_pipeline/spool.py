@@ -31,13 +31,15 @@ def default_spool_dir() -> Path:
 
 
 class Spool:
-    def __init__(self, directory: str | os.PathLike | None, site: str):
+    def __init__(self, directory: str | os.PathLike | None, site: str, flush_store: BufferStore):
+        """`flush_store`: what the background flusher pushes with. A store on a connection pool,
+        never a thread's own connection: that thread may be sending on it at the same time."""
         self.directory = Path(directory) if directory else default_spool_dir()
         self.path = self.directory / f"{site}.jsonl"
         self.offset_path = self.directory / f"{site}.offset"
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
-        self._store: BufferStore | None = None
+        self._flush_store = flush_store
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first.
@@ -45,7 +47,6 @@ class Spool:
         With nothing spooled, threads buffer concurrently (no lock): a transaction spooled by
         one thread is on disk before its `with` block returns, so anything that uses its ids
         later finds the spool file and queues behind it."""
-        self._store = store
         if not os.path.exists(self.path):
             try:
                 store.buffer(tx_id, tx_json, caches)
@@ -85,11 +86,10 @@ class Spool:
                 return 0
             return max(0, _count_lines(self.path) - self._offset())
 
-    def flush(self, store: BufferStore | None = None) -> bool:
+    def flush(self) -> bool:
         """Push everything spooled; True when the spool is empty."""
         with self._lock:
-            store = store or self._store
-            return store is not None and self._flush_locked(store)
+            return self._flush_locked(self._flush_store)
 
     # --- internals ----------------------------------------------------------------------------
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:

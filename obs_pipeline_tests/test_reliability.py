@@ -364,3 +364,41 @@ def test_a_transaction_pushed_again_after_it_replicated_changes_nothing(settings
     assert buf.status(start.transaction_id) == "replicated"
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "completed"
     buf.close()
+
+
+def test_the_spool_is_pushed_on_a_pooled_connection_never_on_a_scripts_own(settings, redis_client, monkeypatch):
+    """Each thread of a script buffers on a connection of its own, without a lock. The spool's
+    background flusher must not push on one of those: two threads sending on one socket at
+    once would garble both requests."""
+    real_buffer, down = BufferStore.buffer, threading.Event()
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (_ for _ in ()).throw(
+        redis.ConnectionError("Redis is down (test)")) if down.is_set() else real_buffer(self, *args))
+    buf = TransactionBuffer(settings=settings)
+    used_from: list[str] = []
+    owner: dict = {}
+
+    def script() -> None:  # a script's thread: spools one observation on its own connection
+        store = buf._store_of_this_thread()
+        conn = store.redis.connection
+        real_send = conn.send_packed_command
+        conn.send_packed_command = lambda *a, **k: (used_from.append(threading.current_thread().name),
+                                                    real_send(*a, **k))[1]
+        owner["name"] = threading.current_thread().name
+        down.set()
+        buffer_observations(buf, 1, finish_every=0)
+        down.clear()
+        spooled.set()
+        flushed.wait(30)  # alive, its connection still its own, while the spool is pushed
+
+    spooled, flushed = threading.Event(), threading.Event()
+    worker = threading.Thread(target=script, name="script-thread")
+    worker.start()
+    try:
+        assert spooled.wait(30) and buf.spool.pending() == 1
+        assert buf.spool.flush() and buf.spool.pending() == 0  # as the flusher thread does
+    finally:
+        flushed.set()
+        worker.join(30)
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 1
+    assert set(used_from) <= {owner["name"]}, used_from
+    buf.close()
