@@ -215,12 +215,12 @@ class MainDatabase:
         held back with it ("blocked by ..."), never applied before it."""
         ready = []
         for tx in txs:
-            blocker = next((blocked[i] for i in referenced_ids(tx) if i in blocked), None)
+            blocker = next((blocked[i] for i in referenced_ids(tx, self.registry) if i in blocked), None)
             if blocker is None:
                 ready.append(tx)
             else:
                 result.failed.append((tx, f"blocked by {blocker}"))
-                blocked.update(dict.fromkeys(created_ids(tx), blocker))
+                blocked.update(dict.fromkeys(created_ids(tx, self.registry), blocker))
         if not ready:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]
@@ -236,7 +236,7 @@ class MainDatabase:
                 self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
                 if len(ready) == 1:
                     result.failed.append((ready[0], describe(error)))
-                    blocked.update(dict.fromkeys(created_ids(ready[0]), ready[0].transaction_id))
+                    blocked.update(dict.fromkeys(created_ids(ready[0], self.registry), ready[0].transaction_id))
                     return
             else:
                 result.applied.extend(ready)

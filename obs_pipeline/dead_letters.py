@@ -95,7 +95,7 @@ class DeadLetters:
                 tx_json = _canonical_json(doc, tx)
                 pipe.rpush(self.keys.buffer, tx_json)
                 pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
-                created = created_ids(tx) if tx is not None else ()
+                created = created_ids(tx, self.registry) if tx is not None else ()
                 if created:
                     pipe.hdel(self.keys.held_ids, *created)
             pipe.execute()

@@ -370,17 +370,17 @@ class Drain:
         dead-lettered one it is dead-lettered too, as blocked."""
         if not self.store.holds_any():  # the usual case: nothing waits to retry or is dead
             return txs
-        refs = sorted({i for t in txs for i in referenced_ids(t)})
+        refs = sorted({i for t in txs for i in referenced_ids(t, self.registry)})
         holders = self.store.holders(refs)
         if not holders:
             return txs
         ready = []
         for tx in txs:
-            holder = next((holders[i] for i in referenced_ids(tx) if i in holders), None)
+            holder = next((holders[i] for i in referenced_ids(tx, self.registry) if i in holders), None)
             if holder is None or holder.lstrip("!") == tx.transaction_id:
                 ready.append(tx)
                 continue
-            created = created_ids(tx)
+            created = created_ids(tx, self.registry)
             if holder.startswith("!"):
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
                 holders.update(dict.fromkeys(created, "!" + tx.transaction_id))
@@ -398,7 +398,7 @@ class Drain:
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
-                outcome.release.extend(created_ids(tx))  # only these ever put ids in held_ids
+                outcome.release.extend(created_ids(tx, self.registry))  # only these ever put ids in held_ids
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
@@ -416,7 +416,7 @@ class Drain:
             tx.metadata = {**tx.metadata, "last_error": reason}
             outcome.retry.append((time.time() + delay, tx.to_json()))
             outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))
-            outcome.hold.update(dict.fromkeys(created_ids(tx), tx.transaction_id))
+            outcome.hold.update(dict.fromkeys(created_ids(tx, self.registry), tx.transaction_id))
             report.retried += 1
         report.applied = len(result.applied)
         report.already_applied = len(result.already_applied)
@@ -431,7 +431,7 @@ class Drain:
         entry = _failed_entry(tx.to_dict(), reason, kind=kind)
         outcome.dead.append((tx.transaction_id, entry))
         outcome.statuses.append((tx.transaction_id, entry))
-        outcome.hold.update(dict.fromkeys(created_ids(tx), "!" + tx.transaction_id))
+        outcome.hold.update(dict.fromkeys(created_ids(tx, self.registry), "!" + tx.transaction_id))
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
     def _compact_aof(self) -> int:

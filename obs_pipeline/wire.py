@@ -307,21 +307,52 @@ def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]
     return record
 
 
-def created_ids(tx: Transaction) -> set[str]:
-    """Ids this transaction creates (as strings): others that reference them depend on it."""
-    return {str(w.get("id")) for s in tx.steps if s.operation in ("create", "bulk_create")
-            for w in s.records() if isinstance(w, dict) and "id" in w}
+def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
+    """The rows this transaction creates, as `record_key`s: others that use them depend on it."""
+    out = set()
+    for step in tx.steps:
+        model = _model_of(step, registry)
+        if model is not None and step.operation in ("create", "bulk_create"):
+            table, pk = model.table.name, model.primary_key
+            out.update(record_key(table, row[pk]) for row in step.records() if isinstance(row, dict) and pk in row)
+    return out
 
 
-def referenced_ids(tx: Transaction) -> set[str]:
-    """Ids this transaction uses but may not create: foreign-key-like values and conditions."""
+def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
+    """The rows this transaction uses but does not create, as `record_key`s: those it updates
+    or deletes, those its foreign-key columns point at, and any UUID among its other values
+    (a reference the schema does not declare)."""
     refs = set()
     for step in tx.steps:
-        refs.update(str(v) for v in step.conditions.values())
+        model = _model_of(step, registry)
+        if model is None:
+            continue
+        table, pk = model.table.name, model.primary_key
+        refs.update(record_key(table, v) for v in step.conditions.values())
         for row in step.records() if step.operation in ("create", "bulk_create") else [step.data]:
-            if isinstance(row, dict):
-                refs.update(v for k, v in row.items() if k != "id" and isinstance(v, str) and _looks_like_uuid(v))
-    return refs - created_ids(tx)
+            if not isinstance(row, dict):
+                continue
+            for column, value in row.items():
+                spec = model.columns.get(column)
+                if value is None or column == pk:
+                    continue
+                if spec is not None and spec.foreign_key:
+                    refs.add(record_key(spec.foreign_key.partition(".")[0], value))
+                elif isinstance(value, str) and _looks_like_uuid(value):
+                    refs.add(value)
+    return refs - created_ids(tx, registry)
+
+
+def record_key(table: str, value: Any) -> str:
+    """How dependency tracking (and the drain's `held_ids`) names a row: a UUID alone, unique
+    across tables; any other key with its table, so that obs unit 5 and another table's row 5
+    are not taken for one another."""
+    text = str(value)
+    return text if _looks_like_uuid(text) else f"{table}:{text}"
+
+
+def _model_of(step: Step, registry: ModelRegistry) -> ModelSpec | None:
+    return registry.models.get(step.model_class) if isinstance(step.model_class, str) else None
 
 
 def _looks_like_uuid(value: str) -> bool:

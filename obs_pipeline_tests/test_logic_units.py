@@ -72,8 +72,8 @@ def test_seed_example_validates_and_orders_steps():
     doc, ids = seed_example()
     tx = validate(Transaction.from_dict(doc), REGISTRY)
     assert [s.step_id for s in steps_in_order(tx)] == ["step1", "step2", "step3"]
-    assert created_ids(tx) == set(ids.values())
-    assert referenced_ids(tx) == set()
+    assert created_ids(tx, REGISTRY) == set(ids.values())
+    assert referenced_ids(tx, REGISTRY) == {"obs_unit:123"}  # its obs unit, by foreign key
 
 
 def test_dependencies_are_reordered_and_checked():
@@ -224,3 +224,44 @@ def test_the_largest_batch_defaults_to_the_far_size_or_the_batch_size_if_larger(
     assert DrainConfig().largest_batch == FAR_BATCH_SIZE == 10_000
     assert DrainConfig(batch_size=20_000).largest_batch == 20_000
     assert DrainConfig(batch_size=100, max_batch_size=100).largest_batch == 100
+
+
+def test_dependencies_follow_each_models_key_and_foreign_keys_and_keep_tables_apart():
+    """A schema of its own (OBS_MODELS): primary keys not named `id`, integer keys in two
+    tables. A row is named by its table and key, so that instrument 5 and run 5 are not taken
+    for one another; UUIDs stand alone, as they are unique anyway."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import DeclarativeBase
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Instrument(Base):
+        __tablename__ = "instrument"
+        code = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.Text, nullable=False)
+
+    class Run(Base):
+        __tablename__ = "run"
+        run_no = sa.Column(sa.Integer, primary_key=True)
+        instrument_code = sa.Column(sa.Integer, sa.ForeignKey("instrument.code"), nullable=False)
+        note = sa.Column(sa.Text)
+
+    registry = ModelRegistry.from_base(Base)
+
+    def tx(*steps):
+        return validate(Transaction.from_dict({"transaction_id": "t", "steps": [
+            {"step_id": f"s{i}", **step} for i, step in enumerate(steps)]}), registry)
+
+    creates_instrument = tx({"operation": "create", "model_class": "Instrument", "data": {"code": 5, "name": "cam"}})
+    creates_run = tx({"operation": "create", "model_class": "Run", "data": {"run_no": 5, "instrument_code": 5}})
+    updates_run = tx({"operation": "update", "model_class": "Run", "conditions": {"run_no": 5},
+                      "data": {"note": "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}})
+    assert created_ids(creates_instrument, registry) == {"instrument:5"}
+    assert referenced_ids(creates_instrument, registry) == set()
+    assert created_ids(creates_run, registry) == {"run:5"}
+    assert referenced_ids(creates_run, registry) == {"instrument:5"}  # not run 5, which it creates
+    assert referenced_ids(updates_run, registry) == {"run:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}
+    both = tx({"operation": "create", "model_class": "Instrument", "data": {"code": 6, "name": "spec"}},
+              {"operation": "create", "model_class": "Run", "data": {"run_no": 9, "instrument_code": 6}})
+    assert referenced_ids(both, registry) == set()  # what it creates itself is no dependency

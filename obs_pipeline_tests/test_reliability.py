@@ -402,3 +402,40 @@ def test_the_spool_is_pushed_on_a_pooled_connection_never_on_a_scripts_own(setti
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 1
     assert set(used_from) <= {owner["name"]}, used_from
     buf.close()
+
+
+def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_behind_it(
+        settings, redis_client, main_engine):
+    """Dependencies by foreign key, integer keys included: an execution of obs unit 950 waits
+    behind the transaction that creates obs unit 950 and is dead-lettered with it as `blocked
+    by`, instead of failing on its own foreign key until its retries are spent."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as unit:
+        unit.create("ObsUnit", {"id": 950, "name": "poison"})
+    with buf.transaction() as execution:
+        execution.create("ExecutedObsUnit", {"obs_unit_id": 950, "start_time": "2025-01-01T00:00:00Z",
+                                             "status": "running"})
+    independent = buffer_observations(buf, 2, finish_every=0)
+    keys = SiteKeys(settings.site)
+    with main_engine.begin() as conn:  # main refuses this unit's name: a permanent error
+        conn.execute(sa.text("ALTER TABLE obs_unit ADD CONSTRAINT test_no_poison CHECK (name <> 'poison')"))
+    try:
+        drain_until_settled(settings, retry_base_s=0.05)
+        failed = {e["transaction_id"]: e["failure"] for e in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+        assert set(failed) == {unit.transaction_id, execution.transaction_id}
+        assert "CheckViolation" in failed[unit.transaction_id]["reason"]
+        assert failed[execution.transaction_id]["reason"] == f"blocked by {unit.transaction_id}"
+        assert failed[execution.transaction_id]["attempts"] == 1  # held, not retried on its own
+    finally:
+        with main_engine.begin() as conn:  # the operator fixes the cause
+            conn.execute(sa.text("ALTER TABLE obs_unit DROP CONSTRAINT IF EXISTS test_no_poison"))
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", unit.transaction_id],
+                   env=cli_env(settings), check=True)  # requeues what it blocked too, after it
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE obs_unit_id = 950")).scalar_one() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                            {"ids": [o.obs_id for o in independent]}).scalar_one() == 2
+    assert buf.status(unit.transaction_id) == buf.status(execution.transaction_id) == "replicated"
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
