@@ -101,7 +101,7 @@ class Scenario:
             self.buf.delete("ExecutedObsUnit", rid)
             del self.model[rid]
         elif kind == "drain_step":
-            self.drain.config = DrainConfig(batch_size=args[0])
+            self.drain.batch_size = args[0]  # what the next claim takes
             self.drain.step()
         elif kind == "drain_all":
             self.drain_all()

@@ -90,7 +90,7 @@ BAD_INPUTS = [
                                                               "status": "running"}), "not an ISO-8601 datetime"),
     ("missing required column", lambda tx: tx.create("RawDataPackage", {"name": "p"}),
      "missing required column(s) executed_obs_unit_id"),
-    ("not JSON-serialisable", lambda tx: tx.create("RawDataPackage", {"name": object(),
+    ("an object where text belongs", lambda tx: tx.create("RawDataPackage", {"name": object(),
                                                                       "executed_obs_unit_id": None}),
      "is not a string"),
     ("update of unknown id", lambda tx: tx.update("ExecutedObsUnit", "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21",

@@ -1,0 +1,35 @@
+"""A schema of a site's own, for the tests of `OBS_MODELS`: an integer key not called `id`, a
+foreign key to it, and column types the built-in schema does not have (JSON, float, bool)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Text
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Instrument(Base):
+    __tablename__ = "custom_instrument"
+
+    code: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    settings: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class Exposure(Base):
+    __tablename__ = "custom_exposure"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    instrument_code: Mapped[int] = mapped_column(ForeignKey("custom_instrument.code"), nullable=False)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    seconds: Mapped[float] = mapped_column(Float, nullable=False)
+    ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
