@@ -205,8 +205,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} -h`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="obs-pipeline", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="obs-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

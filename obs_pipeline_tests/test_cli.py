@@ -38,6 +38,16 @@ def test_drain_without_main_url_refuses_with_a_clear_line(env):
     assert "OBS_MAIN_DB_URL is not set" in one_line_error(cli("drain", "--once", env=env))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["failed"], "the following arguments are required: action"),
+    (["drain", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["stack", "explode"], "argument action: invalid choice: 'explode'"),
+])
+def test_a_usage_error_is_one_line_too(args, message):
+    line = one_line_error(cli(*args))
+    assert line.startswith("obs-pipeline") and message in line and "-h" in line, line
+
+
 def test_redis_unreachable_is_one_actionable_line(env):
     env["OBS_REDIS_URL"] = "redis://127.0.0.1:1/0"
     assert "Redis unreachable" in one_line_error(cli("status", env=env))
