@@ -110,7 +110,7 @@ def test_up_again_is_a_fast_noop(stack):  # noqa: F811
     pids = {name: s["pid"] for name, s in stack.status().items()}
     started = time.monotonic()
     stack.up()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # nothing restarted (a PostgreSQL start alone takes longer)
     assert {name: s["pid"] for name, s in stack.status().items()} == pids
 
 
