@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +98,18 @@ def cmd_drain(args: argparse.Namespace) -> int:
     def on_batch(report) -> None:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
 
+    # A service manager stops a drain with SIGTERM: finish the batch in hand, release the lease
+    # (the next drain need not wait it out) and exit 0. Ctrl-C stops at once, as before.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         summary = drain.run(until_empty=args.once, lease_wait_s=args.lease_ttl if args.once else 0.0,
-                            replica_patience_s=args.replication_timeout,
+                            replica_patience_s=args.replication_timeout, should_stop=stop.is_set,
                             on_batch=on_batch if args.verbose else None)
     except KeyboardInterrupt:
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         drain.close()
     print(f"drained {summary.applied} transactions in {summary.batches} batches, "
           f"{summary.dead_lettered} dead-lettered ({summary.stopped_because})", file=sys.stderr)

@@ -1,0 +1,411 @@
+"""`obs-pipeline` operations as an operator runs them, each a real process: the stack, `db init`,
+a long-running `drain` stopped by a signal, `status`, `simulate`, the Dagster workspace, and
+`dev`, the main job."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+import sqlalchemy as sa
+
+from obs_pipeline.dev import dagster_script
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.stack import LocalStack
+from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
+from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
+from obs_pipeline_tests.examples import seed_example_json
+from obs_pipeline_tests.test_cli import cli, env  # noqa: F401  (env is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_TABLES = {"obs_unit", "executed_obs_unit", "raw_data_package", "raw_data_file"}
+WAIT = 180  # seconds for anything that polls a process on a shared 2-core machine
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The test's environment without OBS_* and DAGSTER_HOME, plus `extra`."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("OBS_") and k != "DAGSTER_HOME"}
+    return {**kept, **extra}
+
+
+def start_cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`obs-pipeline ARGS` in the background, SIGINT at its default as in a terminal (a shell
+    that ran pytest in the background may have it ignored), output in `log`."""
+    return subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", *args], env=base_env(**env),
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return f"(no {path})"
+
+
+def until(predicate, timeout: float = WAIT, interval: float = 0.2, alive: subprocess.Popen | None = None,
+          log: Path | None = None) -> bool:
+    """Poll `predicate` (exceptions count as "not yet"); fail at once if `alive` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:  # noqa: BLE001 - e.g. a server still starting
+            pass
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"{alive.args[3:]} exited with {alive.returncode}:\n" + (tail(log) if log else ""))
+        time.sleep(interval)
+    return False
+
+
+def sql_one(url: str, sql: str, **params):
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(sql), params)
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+def tables(url: str) -> set[str]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+# --- 1. the stack -----------------------------------------------------------------------------
+
+def test_stack_up_status_env_down_through_the_cli(tmp_path):
+    """A second stack, in a fresh folder, driven only through `obs-pipeline stack ...`."""
+    folder = str(tmp_path / "stack")
+    try:
+        up = cli("stack", "up", "--dir", folder)
+        assert up.returncode == 0, up.stderr
+        assert "local stack up in" in up.stderr
+
+        status = cli("stack", "status", "--dir", folder)
+        assert status.returncode == 0, status.stderr
+        running = json.loads(status.stdout)
+        for name in ("main", "replica", "redis"):
+            assert running[name]["running"] is True and pid_alive(running[name]["pid"]), running
+        assert running["proxy"]["running"] is False and running["proxy"]["latency_ms"] == 0  # no latency asked
+        assert running["replica"]["replay_lsn"]
+
+        printed = cli("stack", "env", "--dir", folder)
+        assert printed.returncode == 0, printed.stderr
+        exported = dict(line.removeprefix("export ").split("=", 1) for line in printed.stdout.splitlines())
+        assert exported["OBS_SITE"] == "observatory"  # OBS_* are not in cli()'s environment
+        assert f":{running['redis']['port']}/" in exported["OBS_REDIS_URL"]
+        assert f":{running['main']['port']}/obs" in exported["OBS_MAIN_DB_URL"]
+        assert f":{running['replica']['port']}/obs" in exported["OBS_REPLICA_DB_URL"]
+        client = redis_lib.Redis.from_url(exported["OBS_REDIS_URL"], socket_timeout=5)
+        assert client.ping()
+        client.close()
+        assert sql_one(exported["OBS_MAIN_DB_URL"], "SELECT pg_is_in_recovery()") is False
+        assert sql_one(exported["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
+
+        down = cli("stack", "down", "--dir", folder)
+        assert down.returncode == 0, down.stderr
+        stopped = json.loads(cli("stack", "status", "--dir", folder).stdout)
+        assert not any(s["running"] for s in stopped.values()), stopped
+        for name in ("main", "replica", "redis"):
+            assert not pid_alive(running[name]["pid"]), f"{name} (pid {running[name]['pid']}) outlived `down`"
+            assert port_is_free(running[name]["port"])
+    finally:
+        LocalStack(folder).down()
+
+
+# --- 2. db init -------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_database(stack, stack_urls):
+    """An empty database on the session stack's main (the replica gets it by replication);
+    yields (main URL, replica URL) for it, dropped afterwards."""
+    name = f"init_{uuid.uuid4().hex[:10]}"
+    sql_one(stack.main_direct_url, f'CREATE DATABASE "{name}"')
+    main = sa.engine.make_url(stack_urls["OBS_MAIN_DB_URL"]).set(database=name)
+    replica = sa.engine.make_url(stack_urls["OBS_REPLICA_DB_URL"]).set(database=name)
+    try:
+        yield main.render_as_string(hide_password=False), replica.render_as_string(hide_password=False)
+    finally:
+        sql_one(stack.main_direct_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_db_init_creates_the_schema_that_reaches_the_replica_and_runs_again_harmlessly(fresh_database, env):
+    main_url, replica_url = fresh_database
+    env = {**env, "OBS_MAIN_DB_URL": main_url, "OBS_REPLICA_DB_URL": replica_url}
+    assert tables(main_url) == set()
+
+    first = cli("db", "init", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.strip() == "schema ready on main (4 models)"
+    assert tables(main_url) == MODEL_TABLES | {"obs_pipeline_applied"}
+    assert until(lambda: tables(replica_url) == MODEL_TABLES | {"obs_pipeline_applied"}, 60), tables(replica_url)
+    assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 0
+
+    demo = cli("db", "init", "--demo-data", env=env)
+    assert demo.returncode == 0, demo.stderr
+    assert "demo obs units 1-200" in demo.stderr
+    ids = "SELECT count(*) FROM obs_unit WHERE id BETWEEN 1 AND 200"
+    assert sql_one(main_url, ids) == 200 == sql_one(main_url, "SELECT count(*) FROM obs_unit")
+    assert until(lambda: sql_one(replica_url, ids) == 200, 60)
+
+    sql_one(main_url, "UPDATE obs_unit SET name = 'renamed by hand' WHERE id = 7")
+    sql_one(main_url, "INSERT INTO obs_pipeline_applied (transaction_id, site) VALUES ('kept', 'x')")
+    again = cli("db", "init", "--demo-data", env=env)
+    assert again.returncode == 0, again.stderr
+    assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 200
+    assert sql_one(main_url, "SELECT name FROM obs_unit WHERE id = 7") == "renamed by hand"
+    assert sql_one(main_url, "SELECT count(*) FROM obs_pipeline_applied") == 1
+
+
+def test_db_init_demo_data_on_the_shared_database_keeps_what_is_there(clean_db, env, main_engine, replica_engine):
+    """The session's own `obs` database (already set up, with the fixture's obs units): `db init
+    --demo-data` adds units 1-200 and changes none of the existing rows; the test then puts the
+    obs units back as `clean_db` left them."""
+    main_url, replica_url = env["OBS_MAIN_DB_URL"], env["OBS_REPLICA_DB_URL"]
+    try:
+        result = cli("db", "init", "--demo-data", env=env)
+        assert result.returncode == 0, result.stderr
+        assert tables(main_url) >= MODEL_TABLES | {"obs_pipeline_applied"}
+        wait_for_replica(main_engine, replica_engine)
+        for url in (main_url, replica_url):
+            assert sql_one(url, "SELECT count(*) FROM obs_unit") == 200
+            assert sql_one(url, "SELECT min(id) || '-' || max(id) FROM obs_unit") == "1-200"
+            assert sql_one(url, "SELECT name FROM obs_unit WHERE id = 123") == "unit 123"  # the fixture's, kept
+            assert sql_one(url, "SELECT name FROM obs_unit WHERE id = 4") == "obs unit 4"
+        assert cli("db", "init", "--demo-data", env=env).returncode == 0
+        assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 200
+    finally:
+        keep = ", ".join(str(i) for i in OBS_UNIT_IDS)
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"DELETE FROM obs_unit WHERE id NOT IN ({keep})"))
+        wait_for_replica(main_engine, replica_engine)
+
+
+# --- 3. drain, running until stopped ------------------------------------------------------------
+
+def buffer_start(buf: TransactionBuffer, obs_unit_id: int = 1) -> str:
+    with buf.transaction() as tx:
+        tx.create("ExecutedObsUnit", {"obs_unit_id": obs_unit_id, "start_time": "2025-01-01T00:00:00Z",
+                                      "status": "running"})
+    return tx.transaction_id
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_drain_without_once_drains_before_and_after_it_started_and_stops_on_sigint(env, settings, redis_client,
+                                                                                  main_engine, tmp_path):
+    buf = TransactionBuffer(settings=settings)
+    keys = SiteKeys(settings.site)
+    log = tmp_path / "drain.log"
+    before = buffer_start(buf)
+    drain = start_cli("drain", env=env, log=log)
+    try:
+        assert buf.wait(before, "replicated", timeout=WAIT), tail(log)
+        after = buffer_start(buf, obs_unit_id=2)
+        assert buf.wait(after, "replicated", timeout=WAIT), tail(log)
+        assert drain.poll() is None, tail(log)  # an empty buffer does not end it
+        assert redis_client.exists(keys.lease) == 1  # it holds the site while it runs
+        third = buffer_start(buf, obs_unit_id=3)
+        assert buf.wait(third, "replicated", timeout=WAIT), tail(log)
+        assert drain.poll() is None, tail(log)
+
+        drain.send_signal(signal.SIGINT)
+        assert drain.wait(timeout=120) == 130, tail(log)  # cmd_drain: KeyboardInterrupt -> 130
+    finally:
+        if drain.poll() is None:
+            os.killpg(drain.pid, signal.SIGKILL)
+            drain.wait()
+        buf.close()
+    assert redis_client.exists(keys.lease, keys.processing) == 0
+    assert "Traceback" not in tail(log)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_client, tmp_path):
+    """A service manager (systemd, supervisord) stops a long-running drain with SIGTERM, as
+    dev.py says of its own processes; the next drain should not wait out the lease."""
+    buf = TransactionBuffer(settings=settings)
+    keys = SiteKeys(settings.site)
+    log = tmp_path / "drain.log"
+    drain = start_cli("drain", env=env, log=log)
+    try:
+        assert buf.wait(buffer_start(buf), "replicated", timeout=WAIT), tail(log)
+        assert redis_client.exists(keys.lease) == 1
+        drain.send_signal(signal.SIGTERM)
+        code = drain.wait(timeout=120)
+    finally:
+        if drain.poll() is None:
+            os.killpg(drain.pid, signal.SIGKILL)
+            drain.wait()
+        buf.close()
+    assert code == 0 and "(asked to stop)" in tail(log), tail(log)  # a clean stop, said so
+    assert redis_client.exists(keys.lease, keys.processing) == 0
+
+
+# --- 4. status, as text -----------------------------------------------------------------------
+
+def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env, settings, redis_client):
+    keys = SiteKeys(settings.site)
+    for _ in range(2):
+        redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
+    result = cli("status", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(rf"site {settings.site}: (healthy|degraded|unhealthy).*", lines[0]), lines
+    assert any(re.fullmatch(r"\s*buffer 2, processing 0, retrying 0, failed 0, oldest pending [0-9.]+ s", line)
+               for line in lines), lines
+    assert any(re.fullmatch(r"\s*replication lag [0-9.]+ s, [0-9]+ bytes \(main [0-9A-F]+/[0-9A-F]+, "
+                            r"replica [0-9A-F]+/[0-9A-F]+, [0-9]+ batches awaiting\)", line)
+               for line in lines), lines
+
+
+# --- 5. simulate --------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("clean_db")
+def test_simulate_buffers_what_it_reports_and_a_drain_applies_it(env, settings, redis_client, main_engine,
+                                                                replica_engine, tmp_path):
+    env = {**env, "OBS_SPOOL_DIR": str(tmp_path / "spool")}
+    result = cli("simulate", "--count", "4", "--rate", "20", "--seed", "7", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "buffered 4 observations (12 transactions)" in result.stderr  # start, files, finish each
+    keys = SiteKeys(settings.site)
+    assert redis_client.llen(keys.buffer) == 12
+    spooled = tmp_path / "spool" / f"{settings.site}.jsonl"
+    assert not spooled.exists() or spooled.stat().st_size == 0  # Redis was up: nothing spooled
+
+    drained = cli("drain", "--once", env=env)
+    assert drained.returncode == 0, drained.stderr
+    assert "drained 12 transactions" in drained.stderr and "0 dead-lettered" in drained.stderr
+    assert redis_client.llen(keys.buffer) == 0
+    wait_for_replica(main_engine, replica_engine)
+    for engine in (main_engine, replica_engine):
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT obs_unit_id, status, end_time FROM executed_obs_unit")).all()
+            files = conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one()
+        assert len(rows) == 4 and files == 12  # 3 files per observation by default
+        assert all(r.obs_unit_id in OBS_UNIT_IDS and r.status in ("completed", "aborted") and r.end_time
+                   for r in rows), rows
+
+
+# --- 6. the Dagster workspace -----------------------------------------------------------------------
+
+def test_workspace_yaml_loads_the_definitions(tmp_path):
+    result = subprocess.run([dagster_script("dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                            cwd=REPO, env=base_env(DAGSTER_HOME=str(tmp_path)), capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Validation successful for code location obs_pipeline.definitions" in output, output[-3000:]
+
+
+# --- 7. dev, the main job ---------------------------------------------------------------------------
+
+def descendants(pid: int) -> set[int]:
+    """Live processes below `pid` (by parent pid, through new sessions too)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def with_environment(name: str, value: str) -> set[int]:
+    """Live processes started with NAME=VALUE in their environment."""
+    wanted = f"{name}={value}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0") and pid_alive(int(entry.name)):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def webserver_answers(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
+        return response.status == 200 and "dagster_webserver_version" in json.loads(response.read())
+
+
+def replicated(client: redis_lib.Redis, key: str) -> bool:
+    raw = client.get(key)
+    return raw is not None and json.loads(raw)["status"] == "replicated"
+
+
+@pytest.mark.slow
+def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything(tmp_path):
+    folder = tmp_path / "dev_stack"
+    port = pick_free_ports(1)[0]
+    log = tmp_path / "dev.log"
+    dagster_home = str(folder / "dagster_home")  # dev.py: DAGSTER_HOME in the stack folder
+    dev = start_cli("dev", "--dir", str(folder), "--port", str(port), env={}, log=log)
+    started: set[int] = set()
+    try:
+        assert until(lambda: webserver_answers(port), WAIT, 1.0, alive=dev, log=log), \
+            f"no Dagster UI on port {port}:\n{tail(log)}\n{tail(folder / 'logs' / 'dagster-webserver.log')}"
+        assert f"Dagster UI: http://127.0.0.1:{port}" in log.read_text()
+        stack = LocalStack(folder)
+        services = stack.status()
+        assert all(services[name]["running"] for name in ("main", "replica", "redis")), services
+
+        client = redis_lib.Redis.from_url(stack.env()["OBS_REDIS_URL"], socket_timeout=5)
+        raw, tx, _ = seed_example_json("observatory")  # dev's site; obs unit 123 is in its demo data
+        client.lpush(SiteKeys("observatory").buffer, raw)
+        status_key = SiteKeys("observatory").transaction(tx["transaction_id"])
+        assert until(lambda: replicated(client, status_key), WAIT, 0.5, alive=dev, log=log), \
+            f"not replicated within {WAIT} s; daemon log:\n{tail(folder / 'logs' / 'dagster-daemon.log')}"
+        client.close()
+        assert sql_one(stack.env()["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM executed_obs_unit") == 1
+
+        started = descendants(dev.pid) | with_environment("DAGSTER_HOME", dagster_home)
+        assert len(with_environment("DAGSTER_HOME", dagster_home)) >= 2  # at least the daemon and the webserver
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+
+        # everything dev started is gone: Dagster's processes and, as dev brought the stack up, the stack
+        assert until(lambda: not any(pid_alive(p) for p in started), 30), [p for p in started if pid_alive(p)]
+        assert with_environment("DAGSTER_HOME", dagster_home) == set()
+        assert not any(s["running"] for s in stack.status().values()), stack.status()
+        for name in ("main", "replica", "redis"):
+            assert not pid_alive(services[name]["pid"]), f"{name} outlived dev"
+        assert until(lambda: port_is_free(port), 30)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+        for pid in started | with_environment("DAGSTER_HOME", dagster_home):
+            for kill in (os.killpg, os.kill):  # its group if it leads one, and itself
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        LocalStack(folder).down()
