@@ -99,9 +99,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
 
     # A service manager stops a drain with SIGTERM: finish the batch in hand, release the lease
-    # (the next drain need not wait it out) and exit 0. Ctrl-C stops at once, as before.
+    # (the next drain need not wait it out) and exit 0. Ctrl-C stops at once, as before. (Only
+    # the main thread may take signals: called from another, the caller's handlers stay.)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set()) if on_main_thread else None
     try:
         summary = drain.run(until_empty=args.once, lease_wait_s=args.lease_ttl if args.once else 0.0,
                             replica_patience_s=args.replication_timeout, should_stop=stop.is_set,
@@ -109,7 +111,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         drain.close()
     print(f"drained {summary.applied} transactions in {summary.batches} batches, "
           f"{summary.dead_lettered} dead-lettered ({summary.stopped_because})", file=sys.stderr)
