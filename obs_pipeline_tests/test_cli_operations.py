@@ -27,6 +27,7 @@ from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
 from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
 from obs_pipeline_tests.test_cli import cli, env  # noqa: F401  (env is a fixture)
+from obs_pipeline_tests.test_stack import run as run_sql
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_TABLES = {"obs_unit", "executed_obs_unit", "raw_data_package", "raw_data_file"}
@@ -70,16 +71,6 @@ def until(predicate, timeout: float = WAIT, interval: float = 0.2, alive: subpro
     return False
 
 
-def sql_one(url: str, sql: str, **params):
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(sa.text(sql), params)
-            return result.scalar() if result.returns_rows else None
-    finally:
-        engine.dispose()
-
-
 def tables(url: str) -> set[str]:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
@@ -116,8 +107,8 @@ def test_stack_up_status_env_down_through_the_cli(tmp_path):
         client = redis_lib.Redis.from_url(exported["OBS_REDIS_URL"], socket_timeout=5)
         assert client.ping()
         client.close()
-        assert sql_one(exported["OBS_MAIN_DB_URL"], "SELECT pg_is_in_recovery()") is False
-        assert sql_one(exported["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
+        assert run_sql(exported["OBS_MAIN_DB_URL"], "SELECT pg_is_in_recovery()") is False
+        assert run_sql(exported["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
 
         down = cli("stack", "down", "--dir", folder)
         assert down.returncode == 0, down.stderr
@@ -137,13 +128,13 @@ def fresh_database(stack, stack_urls):
     """An empty database on the session stack's main (the replica gets it by replication);
     yields (main URL, replica URL) for it, dropped afterwards."""
     name = f"init_{uuid.uuid4().hex[:10]}"
-    sql_one(stack.main_direct_url, f'CREATE DATABASE "{name}"')
+    run_sql(stack.main_direct_url, f'CREATE DATABASE "{name}"')
     main = sa.engine.make_url(stack_urls["OBS_MAIN_DB_URL"]).set(database=name)
     replica = sa.engine.make_url(stack_urls["OBS_REPLICA_DB_URL"]).set(database=name)
     try:
         yield main.render_as_string(hide_password=False), replica.render_as_string(hide_password=False)
     finally:
-        sql_one(stack.main_direct_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_sql(stack.main_direct_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_db_init_creates_the_schema_that_reaches_the_replica_and_runs_again_harmlessly(fresh_database, env):
@@ -156,22 +147,22 @@ def test_db_init_creates_the_schema_that_reaches_the_replica_and_runs_again_harm
     assert first.stderr.strip() == "schema ready on main (4 models)"
     assert tables(main_url) == MODEL_TABLES | {"obs_pipeline_applied"}
     assert until(lambda: tables(replica_url) == MODEL_TABLES | {"obs_pipeline_applied"}, 60), tables(replica_url)
-    assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 0
+    assert run_sql(main_url, "SELECT count(*) FROM obs_unit") == 0
 
     demo = cli("db", "init", "--demo-data", env=env)
     assert demo.returncode == 0, demo.stderr
     assert "demo obs units 1-200" in demo.stderr
     ids = "SELECT count(*) FROM obs_unit WHERE id BETWEEN 1 AND 200"
-    assert sql_one(main_url, ids) == 200 == sql_one(main_url, "SELECT count(*) FROM obs_unit")
-    assert until(lambda: sql_one(replica_url, ids) == 200, 60)
+    assert run_sql(main_url, ids) == 200 == run_sql(main_url, "SELECT count(*) FROM obs_unit")
+    assert until(lambda: run_sql(replica_url, ids) == 200, 60)
 
-    sql_one(main_url, "UPDATE obs_unit SET name = 'renamed by hand' WHERE id = 7")
-    sql_one(main_url, "INSERT INTO obs_pipeline_applied (transaction_id, site) VALUES ('kept', 'x')")
+    run_sql(main_url, "UPDATE obs_unit SET name = 'renamed by hand' WHERE id = 7")
+    run_sql(main_url, "INSERT INTO obs_pipeline_applied (transaction_id, site) VALUES ('kept', 'x')")
     again = cli("db", "init", "--demo-data", env=env)
     assert again.returncode == 0, again.stderr
-    assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 200
-    assert sql_one(main_url, "SELECT name FROM obs_unit WHERE id = 7") == "renamed by hand"
-    assert sql_one(main_url, "SELECT count(*) FROM obs_pipeline_applied") == 1
+    assert run_sql(main_url, "SELECT count(*) FROM obs_unit") == 200
+    assert run_sql(main_url, "SELECT name FROM obs_unit WHERE id = 7") == "renamed by hand"
+    assert run_sql(main_url, "SELECT count(*) FROM obs_pipeline_applied") == 1
 
 
 def test_db_init_demo_data_on_the_shared_database_keeps_what_is_there(clean_db, env, main_engine, replica_engine):
@@ -185,12 +176,12 @@ def test_db_init_demo_data_on_the_shared_database_keeps_what_is_there(clean_db, 
         assert tables(main_url) >= MODEL_TABLES | {"obs_pipeline_applied"}
         wait_for_replica(main_engine, replica_engine)
         for url in (main_url, replica_url):
-            assert sql_one(url, "SELECT count(*) FROM obs_unit") == 200
-            assert sql_one(url, "SELECT min(id) || '-' || max(id) FROM obs_unit") == "1-200"
-            assert sql_one(url, "SELECT name FROM obs_unit WHERE id = 123") == "unit 123"  # the fixture's, kept
-            assert sql_one(url, "SELECT name FROM obs_unit WHERE id = 4") == "obs unit 4"
+            assert run_sql(url, "SELECT count(*) FROM obs_unit") == 200
+            assert run_sql(url, "SELECT min(id) || '-' || max(id) FROM obs_unit") == "1-200"
+            assert run_sql(url, "SELECT name FROM obs_unit WHERE id = 123") == "unit 123"  # the fixture's, kept
+            assert run_sql(url, "SELECT name FROM obs_unit WHERE id = 4") == "obs unit 4"
         assert cli("db", "init", "--demo-data", env=env).returncode == 0
-        assert sql_one(main_url, "SELECT count(*) FROM obs_unit") == 200
+        assert run_sql(main_url, "SELECT count(*) FROM obs_unit") == 200
     finally:
         keep = ", ".join(str(i) for i in OBS_UNIT_IDS)
         with main_engine.begin() as conn:
@@ -384,7 +375,7 @@ def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything
         assert until(lambda: replicated(client, status_key), WAIT, 0.5, alive=dev, log=log), \
             f"not replicated within {WAIT} s; daemon log:\n{tail(folder / 'logs' / 'dagster-daemon.log')}"
         client.close()
-        assert sql_one(stack.env()["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM executed_obs_unit") == 1
+        assert run_sql(stack.env()["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM executed_obs_unit") == 1
 
         started = descendants(dev.pid) | with_environment("DAGSTER_HOME", dagster_home)
         assert len(with_environment("DAGSTER_HOME", dagster_home)) >= 2  # at least the daemon and the webserver
