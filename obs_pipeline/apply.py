@@ -30,6 +30,9 @@ from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
 _FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
+# What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
+# string with ValueError, an encoder a lone surrogate): that transaction's error, never the drain's.
+_UNWRITABLE = (ValueError, TypeError, KeyError, UnicodeError, OverflowError)
 
 
 class TransientError(RuntimeError):
@@ -176,11 +179,17 @@ class MainDatabase:
         result = BatchResult()
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
         folded = fold(writes)
+        script = None
         if folded is not None:
-            statements, rows = self.sql.writes(cur, folded)
             try:
-                applied = self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site)
-                self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
+                statements, rows = self.sql.writes(cur, folded)
+                script = [b"BEGIN", self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site),
+                          *statements, b"COMMIT", _FLUSH_LSN]
+            except _UNWRITABLE:
+                pass  # a value SQL cannot carry: the careful path finds whose it is
+        if script is not None:
+            try:
+                self._run(cur, script)
             except psycopg2.Error as error:
                 if is_transient(error):
                     raise
@@ -195,7 +204,9 @@ class MainDatabase:
     def _apply_carefully(self, cur: Any, txs: list[Transaction]) -> BatchResult:
         result = BatchResult(slow_path=True)
         ids = [t.transaction_id for t in txs]
-        self._run(cur, [b"BEGIN", cur.mogrify(
+        # Deferred constraints are checked now, inside each savepoint, not at COMMIT: a violation
+        # found there could not be pinned on a transaction, and the batch would fail for ever.
+        self._run(cur, [b"BEGIN", b"SET CONSTRAINTS ALL IMMEDIATE", cur.mogrify(
             "SELECT transaction_id FROM obs_pipeline_applied WHERE transaction_id = ANY(%s)", (ids,))])
         done = {r[0] for r in cur.fetchall()}
         result.already_applied = [t for t in txs if t.transaction_id in done]
@@ -225,25 +236,37 @@ class MainDatabase:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]
         folded = fold(writes)
-        if folded is not None or len(ready) == 1:
-            statements, rows = (self.sql.writes(cur, folded) if folded is not None
-                                else self.sql.writes_in_order(cur, writes))
+        # Several transactions: folded, or split. One alone: folded, and if that fails, its
+        # writes in its own order (the folded form puts a table's inserts before its deletes,
+        # which a unique key or a self-referencing foreign key may refuse).
+        forms = [folded] if folded is not None else []
+        if len(ready) == 1:
+            forms.append(None)
+        error = None
+        for form in forms:
+            try:
+                statements, rows = (self.sql.writes(cur, form) if form is not None
+                                    else self.sql.writes_in_order(cur, writes))
+            except _UNWRITABLE as unwritable:
+                error = f"cannot be written as SQL: {unwritable!r}"
+                continue
             try:
                 self._run(cur, [b"SAVEPOINT obs_part", *statements, b"RELEASE SAVEPOINT obs_part"])
-            except psycopg2.Error as error:
-                if is_transient(error):
+            except psycopg2.Error as failure:
+                if is_transient(failure):
                     raise
                 self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
-                if len(ready) == 1:
-                    result.failed.append((ready[0], describe(error)))
-                    blocked.update(dict.fromkeys(created_ids(ready[0], self.registry), ready[0].transaction_id))
-                    return
-            else:
-                result.applied.extend(ready)
-                result.add_rows(rows)
-                result.writes_before_fold += len(writes)
-                result.writes_after_fold += len(folded) if folded is not None else len(writes)
-                return
+                error = describe(failure)
+                continue
+            result.applied.extend(ready)
+            result.add_rows(rows)
+            result.writes_before_fold += len(writes)
+            result.writes_after_fold += len(form) if form is not None else len(writes)
+            return
+        if len(ready) == 1:
+            result.failed.append((ready[0], error or "could not be applied"))
+            blocked.update(dict.fromkeys(created_ids(ready[0], self.registry), ready[0].transaction_id))
+            return
         middle = len(ready) // 2
         self._bisect(cur, ready[:middle], result, blocked)
         self._bisect(cur, ready[middle:], result, blocked)
@@ -252,26 +275,32 @@ class MainDatabase:
 def fold(writes: list[RowWrite]) -> list[RowWrite] | None:
     """Net effect per row, in first-touch order; None if a row is deleted then re-created.
 
-    insert+update -> insert with merged values; update+update -> one update; insert+delete ->
-    nothing; update+delete -> delete.
+    insert+update -> insert with merged values; update+update -> one update; update+delete ->
+    delete; insert+delete -> both, the delete after every insert (the batch SQL runs a table's
+    deletes after all inserts): main must still see the insert, which it may refuse (a key that
+    exists already), or a refused create would be reported applied.
     """
-    net: dict[tuple[str, Any], RowWrite | None] = {}
+    net: dict[tuple[str, Any], RowWrite] = {}
+    deleted_after_insert: dict[tuple[str, Any], RowWrite] = {}
     for w in writes:
         key = (w.model, str(w.record_id))
-        prev = net.get(key, ...)
-        if prev is ...:
+        prev = net.get(key)
+        if prev is None:
             net[key] = w
-        elif prev is None or prev.operation == "delete":
+        elif prev.operation == "delete" or key in deleted_after_insert:
             if w.operation == "insert":
                 return None
-            net[key] = prev  # update/delete of a deleted row: stays deleted
+            # update/delete of a deleted row: stays deleted
         elif w.operation == "update":
             net[key] = RowWrite(w.model, prev.operation, w.record_id, {**prev.values, **w.values})
         elif w.operation == "delete":
-            net[key] = None if prev.operation == "insert" else w
+            if prev.operation == "insert":
+                deleted_after_insert[key] = w
+            else:
+                net[key] = w
         else:  # insert of a row already written in this batch: let the database say so
             return None
-    return [w for w in net.values() if w is not None]
+    return [*net.values(), *deleted_after_insert.values()]
 
 
 class ReplicaDatabase:

@@ -50,10 +50,11 @@ class BatchSql:
                 columns = column_sets.get(shape) or column_sets.setdefault(shape, tuple(sorted(shape)))
                 inserts[(model.name, columns)].append(values)
             elif w.operation == "update":
-                values = {**values, "_pk": w.record_id}
-                updates[(model.name, tuple(sorted(values)))].append(values)
+                columns = tuple(sorted(values))
+                updates[(model.name, columns)].append(
+                    {"pk": w.record_id, **{f"v{i}": values[c] for i, c in enumerate(columns)}})
             else:
-                deletes[model.name].append({"_pk": w.record_id})
+                deletes[model.name].append({"pk": w.record_id})
             rows_per_model[model.name] += 1
         rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.name, 0)  # noqa: E731
         out = []
@@ -102,11 +103,13 @@ class BatchSql:
             arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(table.c[c].type)) for i, c in enumerate(columns)]
             rows = sa.select(sa.text("*")).select_from(sa.func.unnest(*arrays).alias("batch"))
             return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
+        # Values bind by position (v0, v1, ...), never by column name: a name with a space or a
+        # % in it would be escaped in the compiled statement and no longer match its parameter.
         if kind == "update":
-            stmt = sa.update(table).where(pk == sa.bindparam("_pk")).values(
-                {c: sa.bindparam(c) for c in columns if c != "_pk"})
+            stmt = sa.update(table).where(pk == sa.bindparam("pk")).values(
+                {table.c[c]: sa.bindparam(f"v{i}") for i, c in enumerate(columns)})
         else:
-            stmt = sa.delete(table).where(pk == sa.bindparam("_pk"))
+            stmt = sa.delete(table).where(pk == sa.bindparam("pk"))
         return str(stmt.compile(dialect=self.dialect))
 
 
@@ -138,7 +141,9 @@ def _text(value: Any) -> str:
 def _bindable(kind: str, value: Any) -> Any:
     """Values arrive validated, in their JSON form. psycopg2 quotes str/int/float/bool itself;
     uuids and ISO-8601 datetimes/dates go as text, an untyped literal that PostgreSQL casts to
-    the column's type (no parse-and-format round trip in Python); JSON goes as Json."""
-    if kind in ("json", "any") and isinstance(value, (dict, list)):
+    the column's type (no parse-and-format round trip in Python). A JSON column's value goes as
+    Json, whatever it is: the string "42" is the JSON text "42", not the number 42. A column of
+    a type this project does not know takes objects and lists as JSON, the rest as its text."""
+    if value is not None and (kind == "json" or kind == "any" and isinstance(value, (dict, list))):
         return Json(value)
     return value

@@ -25,7 +25,7 @@ from obs_pipeline.buffer_store import BufferStore, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, created_ids, referenced_ids, validate
+from obs_pipeline.wire import Transaction, cache_footprint, created_ids, is_storable_id, referenced_ids, validate
 
 log = logging.getLogger("obs_pipeline.drain")
 _GC_GEN0_THRESHOLD = 50_000
@@ -79,6 +79,15 @@ def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int
         return most
     wanted = round_trip_s * (1 - ROUND_TRIP_SHARE) / (ROUND_TRIP_SHARE * per_transaction)
     return max(least, min(most, math.ceil(round(wanted) / 100) * 100))
+
+
+RETRY_DELAY_MAX_S = 3600.0  # a producer's own retry_count/max_retries may be large: an hour at most
+
+
+def retry_delay(base_s: float, attempt: int) -> float:
+    """Exponential backoff with jitter for the `attempt`-th retry (1, 2, ...): base, 2x, 4x ...,
+    at most RETRY_DELAY_MAX_S."""
+    return min(base_s * 2.0 ** min(attempt - 1, 64), RETRY_DELAY_MAX_S) * random.uniform(0.8, 1.2)
 
 
 @dataclass
@@ -410,7 +419,7 @@ class Drain:
                 continue
             if not blocker:
                 tx.retry_count += 1
-                delay = self.config.retry_base_s * 2 ** (tx.retry_count - 1) * random.uniform(0.8, 1.2)
+                delay = retry_delay(self.config.retry_base_s, tx.retry_count)
             else:
                 delay = self.config.retry_base_s  # behind its blocker, without spending a retry
             tx.metadata = {**tx.metadata, "last_error": reason}
@@ -496,4 +505,4 @@ def _guess_id(raw: str) -> str | None:
         tx_id = json.loads(raw).get("transaction_id")
     except (ValueError, AttributeError):
         return None
-    return tx_id if isinstance(tx_id, str) and 0 < len(tx_id) <= 200 else None
+    return tx_id if is_storable_id(tx_id) else None

@@ -249,11 +249,19 @@ def _parse_date(value: Any) -> dt.date:
 
 
 def json_value(value: Any) -> Any:
-    """`value` if the stdlib can write it as strict JSON (no NaN), else ValueError."""
+    """`value` if the stdlib can write it as strict JSON (no NaN) holding text a database can
+    store (no NUL, no lone surrogate, in keys or values), else ValueError."""
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"value is not JSON-serialisable: {exc}") from None
+    if "\x00" in text:
+        raise ValueError("text may not contain NUL characters")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text is not valid Unicode (a lone surrogate)") from None
     return value
 
 

@@ -97,8 +97,9 @@ class Transaction:
         if not isinstance(doc, dict):
             raise InvalidTransaction("a transaction must be a JSON object")
         tx_id = doc.get("transaction_id")
-        if not isinstance(tx_id, str) or not tx_id or len(tx_id) > 200:
-            raise InvalidTransaction("transaction_id is missing or not a non-empty string")
+        if not is_storable_id(tx_id):
+            raise InvalidTransaction("transaction_id is missing or not a non-empty string of at most 200 "
+                                     "characters without NUL or lone surrogates")
         steps = doc.get("steps")
         if not isinstance(steps, list) or not steps:
             raise InvalidTransaction(f"transaction {tx_id}: `steps` must be a non-empty list")
@@ -121,6 +122,20 @@ class Transaction:
             steps=[_step_from_dict(tx_id, i, s) for i, s in enumerate(steps)],
             metadata=metadata,
         )
+
+
+def is_storable_id(value: Any) -> bool:
+    """A transaction id that PostgreSQL (the applied-id record) and Redis (key names) can both
+    hold: 1-200 characters, no NUL, valid Unicode. Anything else from a producer would stop
+    the drain at every attempt, so it is refused and the entry dead-lettered without it."""
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or "\x00" in value:
+        return False
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def _is_int(value: Any) -> bool:

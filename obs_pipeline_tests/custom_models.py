@@ -1,5 +1,6 @@
 """A schema of a site's own, for the tests of `OBS_MODELS`: an integer key not called `id`, a
-foreign key to it, and column types the built-in schema does not have (JSON, float, bool)."""
+foreign key to it checked at commit (deferred), column types the built-in schema does not have
+(JSON, float, bool), and a column whose name needs quoting."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Text
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -28,8 +29,15 @@ class Exposure(Base):
     __tablename__ = "custom_exposure"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    instrument_code: Mapped[int] = mapped_column(ForeignKey("custom_instrument.code"), nullable=False)
+    instrument_code: Mapped[int] = mapped_column(
+        ForeignKey("custom_instrument.code", deferrable=True, initially="DEFERRED"), nullable=False)
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     seconds: Mapped[float] = mapped_column(Float, nullable=False)
     ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Note(Base):
+    __table__ = Table("custom_note", Base.metadata,
+                      Column("id", UUID(as_uuid=True), primary_key=True),
+                      Column("odd name %", Text, nullable=True))

@@ -393,3 +393,71 @@ def test_the_cleanup_survives_a_connection_redis_dropped_and_an_error_reply_leav
     client.delete(keys.prefix + "probe", counter)
     store.release_lease(token)
     client.close()
+
+
+def test_transaction_ids_no_database_or_redis_key_can_hold_are_dead_lettered_and_the_drain_goes_on(
+        settings, redis_client, main_engine):
+    """A producer's id with a NUL, a lone surrogate, or a byte that is not UTF-8: psycopg2
+    cannot quote the first for the applied-id record, Redis key names cannot carry the others.
+    Each stopped every drain run at the same batch; now each is dead-lettered without its id."""
+    keys = SiteKeys(settings.site)
+    step = {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 77, "name": "x"}}
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "nul\u0000id", "steps": [step]}))
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "lone\udc80", "steps": [step]}))
+    redis_client.lpush(keys.buffer, b'{"transaction_id":"byte\xff","steps":[]}')
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    drain_until_settled(settings)
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert len(failed) == 3
+    assert all("transaction_id is missing or not a non-empty string" in f["failure"]["reason"] for f in failed)
+    assert_applied_exactly_once(main_engine, observations)
+
+
+def test_a_value_the_batch_sql_cannot_carry_fails_its_transaction_not_the_drain(settings, redis_client, main_engine,
+                                                                              monkeypatch):
+    """Whatever validation lets through, building a batch's SQL may still refuse a value (psycopg2
+    raises ValueError for a NUL). That is the transaction's error: the others of its batch are
+    applied, it is retried and dead-lettered with the reason, and the drain goes on."""
+    from obs_pipeline import batch_sql
+
+    real = batch_sql._array_literal
+
+    def refuse_boom(values):
+        if "boom" in values:
+            raise ValueError("A string literal cannot contain NUL (0x00) characters.")
+        return real(values)
+
+    monkeypatch.setattr(batch_sql, "_array_literal", refuse_boom)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 10, finish_every=0)
+    with buf.transaction() as bad:
+        bad.create("ObsUnit", {"id": 78, "name": "boom"})
+    after = buffer_observations(buf, 10, finish_every=0)
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = [json.loads(e) for e in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
+    assert [f["transaction_id"] for f in failed] == [bad.transaction_id]
+    assert failed[0]["failure"]["reason"].startswith("cannot be written as SQL: ValueError(")
+    assert_applied_exactly_once(main_engine, before + after)
+
+
+def test_a_create_that_main_refuses_is_not_hidden_by_a_delete_of_the_same_row_in_the_batch(
+        settings, redis_client, main_engine):
+    """Obs unit 1 exists on main. A producer creates it again, then deletes it, in one batch.
+    Folded to nothing, both were reported applied and the row stayed; now main sees the create,
+    refuses it, and both are dead-lettered (the delete uses the row the create makes)."""
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, step: dict) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [{"step_id": "s1", **step}]}))
+
+    push("create-again", {"operation": "create", "model_class": "ObsUnit", "data": {"id": 1, "name": "again"}})
+    push("delete-it", {"operation": "delete", "model_class": "ObsUnit", "conditions": {"id": 1}})
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {"create-again", "delete-it"}
+    assert "UniqueViolation" in failed["create-again"] and failed["delete-it"] == "blocked by create-again"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 1")).scalar_one() == "unit 1"

@@ -31,7 +31,10 @@ def test_fold_updates_merge_and_delete_wins():
     assert fold([w("update", "a", status="x"), w("update", "a", end_time="t")]) == [
         w("update", "a", status="x", end_time="t")]
     assert fold([w("update", "a", status="x"), w("delete", "a")]) == [w("delete", "a")]
-    assert fold([w("insert", "a", status="x"), w("delete", "a")]) == []
+    # main must still see a create that is deleted in the same batch: it may refuse it
+    assert fold([w("insert", "a", status="x"), w("update", "a", end_time="t"), w("delete", "a"),
+                 w("update", "a", status="y")]) == [w("insert", "a", status="x", end_time="t"), w("delete", "a")]
+    assert fold([w("insert", "a", status="x"), w("delete", "a"), w("insert", "a", status="x")]) is None
 
 
 def test_fold_refuses_recreate_after_delete_and_double_insert():
@@ -265,3 +268,14 @@ def test_dependencies_follow_each_models_key_and_foreign_keys_and_keep_tables_ap
     both = tx({"operation": "create", "model_class": "Instrument", "data": {"code": 6, "name": "spec"}},
               {"operation": "create", "model_class": "Run", "data": {"run_no": 9, "instrument_code": 6}})
     assert referenced_ids(both, registry) == set()  # what it creates itself is no dependency
+
+
+def test_retry_delays_double_with_jitter_and_stop_at_an_hour():
+    """A producer may set its own retry_count and max_retries: 2 ** 1100 seconds overflowed a
+    float and stopped the drain at that transaction, every run."""
+    from obs_pipeline.drain import RETRY_DELAY_MAX_S, retry_delay
+
+    for n, base in ((1, 5.0), (2, 10.0), (3, 20.0)):
+        assert 0.8 * base <= retry_delay(5.0, n) <= 1.2 * base
+    for n in (12, 1100, 10**6):
+        assert 0.8 * RETRY_DELAY_MAX_S <= retry_delay(5.0, n) <= 1.2 * RETRY_DELAY_MAX_S
