@@ -41,3 +41,10 @@ class Note(Base):
     __table__ = Table("custom_note", Base.metadata,
                       Column("id", UUID(as_uuid=True), primary_key=True),
                       Column("odd name %", Text, nullable=True))
+
+
+class Slot(Base):
+    __tablename__ = "custom_slot"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    label: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
