@@ -285,3 +285,21 @@ buf.close()
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["changed_after_import"] * 3
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_unix_socket_redis_url_buffers_drains_and_reads(stack, settings, redis_client):
+    """OBS_REDIS_URL may be `unix://`: a script on Redis's own host skips TCP. The local stack's
+    Redis listens on a socket in its folder too; ingest, the drain and reads all work through it."""
+    import dataclasses
+
+    socket = stack.status()["redis"]["socket"]
+    assert socket and os.path.exists(socket), stack.status()["redis"]
+    local = dataclasses.replace(settings, redis_url=f"unix://{socket}")
+    buf = TransactionBuffer(settings=local)
+    tx_id, obs_id = buffer_one_observation(buf)
+    assert redis_client.exists(SiteKeys(settings.site).transaction(tx_id)) == 1  # the same Redis
+    drain_until_settled(local)
+    assert buf.status(tx_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"
+    buf.close()

@@ -203,7 +203,8 @@ class LocalStack:
                 raise errors[0]
 
     def status(self) -> dict:
-        """Running/port/pid per service (replica: replay_lsn, proxy: latency_ms); cheap and never raises."""
+        """Running/port/pid per service (replica: replay_lsn, proxy: latency_ms, redis: its Unix socket);
+        cheap and never raises."""
         try:
             cfg = self._load()
         except StackError:
@@ -211,6 +212,7 @@ class LocalStack:
         cfg = cfg if isinstance(cfg, dict) else None
         ports = (cfg or {}).get("ports") or {}
         out = {name: {"running": False, "port": ports.get(name), "pid": None} for name in SERVICES}
+        out["redis"]["socket"] = None
         out["replica"]["replay_lsn"] = None
         out["proxy"]["latency_ms"] = int((cfg or {}).get("main_latency_ms") or 0)
         try:
@@ -220,6 +222,8 @@ class LocalStack:
         for name, pid in (("main", main.pid), ("replica", replica.pid), ("redis", redis.pid),
                           ("proxy", proxy_pid(self._proxy_pidfile))):
             out[name].update(running=pid is not None, pid=pid)
+        socket = redis.socket
+        out["redis"]["socket"] = str(socket) if socket and out["redis"]["running"] and socket.is_socket() else None
         if out["replica"]["running"]:
             try:
                 out["replica"]["replay_lsn"] = replica.replay_lsn()

@@ -30,6 +30,7 @@ APPENDFSYNC_CHOICES = ("always", "everysec", "no")
 # the rewrite when the buffer is small and the fork is cheap (BufferStore.compact_aof).
 AOF_REWRITE = {"auto-aof-rewrite-percentage": "1000", "auto-aof-rewrite-min-size": str(2**30)}
 READY_TIMEOUT = 60
+SOCKET_PATH_MAX = 100  # bytes; the kernel's limit for a Unix socket path is 107
 
 
 def _quote(path: Path) -> str:
@@ -45,6 +46,8 @@ class RedisServer:
         self.folder, self.port, self.log, self.appendfsync = folder, port, log, appendfsync
         self.conf = folder / "redis.conf"
         self.pidfile = folder / "redis.pid"
+        socket = folder / "redis.sock"  # scripts on this host may use it: OBS_REDIS_URL=unix://...
+        self.socket = socket if len(str(socket).encode()) <= SOCKET_PATH_MAX else None
 
     def client(self, timeout: float = 2) -> redis.Redis:
         """Control connection without redis-py's retries (they would stall SHUTDOWN and readiness polls)."""
@@ -69,6 +72,7 @@ class RedisServer:
             f"pidfile {_quote(self.pidfile)}",
             f"logfile {_quote(self.log)}",
             f"dir {_quote(self.folder)}",
+            *([f"unixsocket {_quote(self.socket)}", "unixsocketperm 700"] if self.socket else []),
             "appendonly yes",
             'appendfilename "appendonly.aof"',
             f"appendfsync {self.appendfsync}",
