@@ -223,7 +223,8 @@ def test_drain_without_once_drains_before_and_after_it_started_and_stops_on_sigi
             os.killpg(drain.pid, signal.SIGKILL)
             drain.wait()
         buf.close()
-    assert redis_client.exists(keys.lease, keys.processing) == 0
+    left = {"lease_pttl": redis_client.pttl(keys.lease), "processing": redis_client.lrange(keys.processing, 0, -1)}
+    assert left == {"lease_pttl": -2, "processing": []}, (left, tail(log))
     assert "Traceback" not in tail(log)
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3
