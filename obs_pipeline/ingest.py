@@ -276,13 +276,18 @@ class TransactionBuffer:
         return self.query.search_frame(model, filters or {})
 
     def _require_exists(self, model: str, rid: Any) -> None:
+        """An update or delete must name a record that is buffered or on the replica. While
+        Redis does not answer, a record that is on neither the replica nor the spool may still
+        be buffered there (the observation started before Redis went away): the call is let
+        through to the spool, as every call is then, rather than refused."""
         if self.settings.replica_db_url is None:
             return  # cannot know without a replica; the drain will tell
         try:
-            found = self.query.get(model, rid) is not None
-        except (redis.ConnectionError, redis.TimeoutError):  # Redis down: the replica, then the spool
-            found = bool(self.query.replica_rows(self.registry.model(model), [str(rid)]))
-        if not found and not self.spool.creates(model, str(rid)):  # spooled: Redis was down or full
+            if self.query.get(model, rid) is not None:
+                return
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        if not self.spool.creates(model, str(rid)):  # spooled: Redis was down or full
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
 

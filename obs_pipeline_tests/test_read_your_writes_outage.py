@@ -141,3 +141,32 @@ def test_status_and_wait_while_redis_is_down(stack, settings):
         assert buf.get("ObsUnit", 1) == {"id": 1, "name": "renamed"}
     finally:
         buf.close()
+
+
+def test_an_observation_started_before_redis_went_away_can_still_be_finished(stack, settings, main_engine):
+    """The start is buffered in Redis; Redis then goes away before the finish. The finish
+    cannot be checked against Redis, and the record is not on the replica yet: it used to be
+    refused ("neither buffered nor on the replica") and the finish lost. It is spooled instead
+    and applied after the start."""
+    import sqlalchemy as sa
+
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    stack.stop_service("redis")  # a clean stop: the start is in its AOF
+    try:
+        finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed",
+                                                            "end_time": "2025-01-01T00:10:00Z"})
+        assert buf.spool.pending() == 1 and buf.status(finish) == "pending"
+    finally:
+        stack.start_service("redis")
+    try:
+        assert buf.spool.flush()
+        drain_until_empty(settings)
+        assert buf.wait(finish, timeout=10)
+        with main_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                                {"i": obs["id"]}).scalar_one() == "completed"
+    finally:
+        buf.close()
