@@ -6,14 +6,21 @@ before any newer transaction, by the next ingest call or by a background thread 
 every second. A crash while pushing can push one line twice, and a push whose reply timed out
 may have been buffered after all: the buffer script leaves a transaction that is already in
 Redis as it is, so nothing is doubled.
+
+Every script of a site on one host shares the site's spool file: appending and pushing hold
+an exclusive `flock` on `{site}.lock` beside it (and a thread lock within a process), or one
+process's push could delete a line another had just appended.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import redis
 
@@ -37,6 +44,7 @@ class Spool:
         self.directory = Path(directory) if directory else default_spool_dir()
         self.path = self.directory / f"{site}.jsonl"
         self.offset_path = self.directory / f"{site}.offset"
+        self.lock_path = self.directory / f"{site}.lock"
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._flush_store = flush_store
@@ -51,10 +59,10 @@ class Spool:
             try:
                 store.buffer(tx_id, tx_json, caches)
             except REDIS_CANNOT_TAKE_IT:
-                with self._lock:
+                with self._locked():
                     self._append(tx_id, tx_json, caches)
             return
-        with self._lock:
+        with self._locked():
             if self.path.exists() and not self._flush_locked(store):
                 self._append(tx_id, tx_json, caches)
                 return
@@ -64,62 +72,85 @@ class Spool:
                 self._append(tx_id, tx_json, caches)
 
     def holds(self, tx_id: str) -> bool:
-        with self._lock:
-            if not self.path.exists():
-                return False
-            with self.path.open() as f:
-                return any(json.loads(line)["id"] == tx_id for line in f if line.strip())
+        if not self.path.exists():
+            return False
+        with self._locked(shared=True):
+            return any(entry["id"] == tx_id for entry in self._entries())
 
     def creates(self, model: str, record_id: str) -> bool:
         """Does a spooled transaction create this record? (Ingest checks updates against it
         while Redis is down.)"""
-        with self._lock:
-            if not self.path.exists():
-                return False
-            with self.path.open() as f:
-                return any([model, record_id] == c[:2] for line in f if line.strip()
-                           for c in json.loads(line)["created"])
+        if not self.path.exists():
+            return False
+        with self._locked(shared=True):
+            return any([model, record_id] == c[:2] for entry in self._entries() for c in entry["created"])
 
     def pending(self) -> int:
-        with self._lock:
-            if not self.path.exists():
-                return 0
-            return max(0, _count_lines(self.path) - self._offset())
+        if not self.path.exists():
+            return 0
+        with self._locked(shared=True):
+            return max(0, len(self._entries()) - self._offset())
 
     def flush(self) -> bool:
         """Push everything spooled; True when the spool is empty."""
-        with self._lock:
+        with self._locked():
             return self._flush_locked(self._flush_store)
 
     # --- internals ----------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self, shared: bool = False) -> Iterator[None]:
+        """This process's threads (the thread lock), then every process of the site on this host
+        (flock on the lock file; released when its descriptor closes, a crash included)."""
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
+        """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""
+        line = (json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
+                + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (line + "\n").encode())
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
         self._start_flusher()
 
+    def _entries(self) -> list[dict]:
+        """The spooled transactions. A last line without its newline is one a crash cut short
+        while it was written: its call never returned, so it is not a spooled transaction."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")
+        return [json.loads(line) for line in lines[:-1] if line.strip()]
+
     def _flush_locked(self, store: BufferStore) -> bool:
         if not self.path.exists():
             return True
-        done = self._offset()
-        with self.path.open() as f:
-            lines = [line for line in f if line.strip()]
+        entries = self._entries()
         try:
-            for index in range(done, len(lines)):
-                entry = json.loads(lines[index])
+            for index in range(self._offset(), len(entries)):
+                entry = entries[index]
                 caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
                                      overlays=[tuple(o) for o in entry["overlays"]])
                 store.buffer(entry["id"], entry["tx"], caches)
                 self._write_offset(index + 1)
         except REDIS_CANNOT_TAKE_IT:
             return False
-        self.path.unlink()
+        # the offset first: a crash between the two leaves a spool pushed again from its start
+        # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
         self.offset_path.unlink(missing_ok=True)
+        self.path.unlink()
         return True
 
     def _offset(self) -> int:
@@ -144,8 +175,3 @@ class Spool:
         while not stop.wait(RETRY_INTERVAL_S):
             if self.flush():
                 return
-
-
-def _count_lines(path: Path) -> int:
-    with path.open() as f:
-        return sum(1 for line in f if line.strip())

@@ -439,3 +439,65 @@ def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_
     assert buf.status(unit.transaction_id) == buf.status(execution.transaction_id) == "replicated"
     assert_queues_empty(redis_client, settings.site)
     buf.close()
+
+
+def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settings, redis_client, tmp_path):
+    """Two observing scripts of one site on one host spool to the same file. While one pushes
+    the spool to Redis, the other spools a new line: that line must survive the push (the
+    pushing script deleted the file it had read, with the new line in it)."""
+    from obs_pipeline.buffer_store import CacheWrites
+    from obs_pipeline.spool import Spool
+
+    store = BufferStore(redis_client, settings.site)
+    pushed_one, go = threading.Event(), threading.Event()
+
+    class SlowStore:  # pushes like the real store; holds on after the first push
+        def buffer(self, *args):
+            store.buffer(*args)
+            pushed_one.set()
+            assert go.wait(30)
+
+    class DownStore:
+        def buffer(self, *args):
+            raise redis.ConnectionError("Redis is down (test)")
+
+    def line(tx_id: str) -> tuple:
+        doc = {"transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                                   "data": {"id": 1, "name": tx_id}}]}
+        return tx_id, json.dumps(doc), CacheWrites()
+
+    first, second = Spool(tmp_path, settings.site, flush_store=SlowStore()), Spool(tmp_path, settings.site, flush_store=store)
+    for tx_id in ("a1", "a2"):
+        first.buffer(DownStore(), *line(tx_id))
+    second.buffer(DownStore(), *line("b1"))
+    assert first.pending() == second.pending() == 3
+    pusher = threading.Thread(target=first.flush)
+    pusher.start()
+    assert pushed_one.wait(30)
+    spooler = threading.Thread(target=second.buffer, args=(DownStore(), *line("b2")))
+    spooler.start()
+    time.sleep(0.3)
+    assert spooler.is_alive()  # waits for the push to finish
+    go.set()
+    pusher.join(30)
+    spooler.join(30)
+    assert second.pending() == 1
+    assert second.flush() and second.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == ["a1", "a2", "b1", "b2"]
+
+
+def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
+    """A crash in the middle of writing a spool line: that call never returned, so the line is
+    no spooled transaction; it must not stop every later push with a JSON error."""
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    doc = {"transaction_id": "whole", "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                                 "data": {"id": 1, "name": "x"}}]}
+    spool.path.parent.mkdir(parents=True, exist_ok=True)
+    spool.path.write_text(json.dumps({"id": "whole", "tx": json.dumps(doc), "created": [], "overlays": []})
+                          + "\n" + '{"id": "cut", "tx": "{\\"transa')
+    assert spool.pending() == 1
+    assert spool.flush() and not spool.path.exists()
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)] == ["whole"]
