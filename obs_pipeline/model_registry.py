@@ -32,13 +32,15 @@ class ColumnSpec:
     required: bool  # must be given on create
     primary_key: bool
     foreign_key: str | None  # "table.column" it references
+    int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
     # made once per column (no dispatch on `kind` per call): it runs for every value of every
     # transaction, at ingest and in the drain.
     check: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "check", _checker(_TO_JSON[self.kind], nullable=not (self.required or self.primary_key)))
+        convert = _int_of(self.int_bits) if self.kind == "int" else _TO_JSON[self.kind]
+        object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
 
     def to_python(self, value: Any) -> Any:
         """JSON form -> the Python value bound to the statement."""
@@ -137,6 +139,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             required=not column.nullable and not has_default and not column.primary_key,
             primary_key=column.primary_key,
             foreign_key=fk.target_fullname if fk is not None else None,
+            int_bits=_int_bits(column.type),
         )
     pk = next(iter(table.primary_key.columns))
     return ModelSpec(
@@ -146,6 +149,14 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
         primary_key=pk.key,
         generated_id=columns[pk.key].kind == "uuid",
     )
+
+
+def _int_bits(type_: sqltypes.TypeEngine) -> int:
+    if isinstance(type_, sqltypes.BigInteger):
+        return 64
+    if isinstance(type_, sqltypes.SmallInteger):
+        return 16
+    return 32 if isinstance(type_, sqltypes.Integer) else 64
 
 
 def _kind(type_: sqltypes.TypeEngine) -> str:
@@ -190,6 +201,18 @@ def _int_json(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise ValueError(f"{value!r} is not an integer")
+
+
+def _int_of(bits: int) -> Callable[[Any], int]:
+    """An integer that fits the column (PostgreSQL refuses the rest, later, in the drain)."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def check(value: Any) -> int:
+        value = _int_json(value)
+        if not low <= value <= high:
+            raise ValueError(f"{value!r} is out of range for a {bits}-bit integer column")
+        return value
+    return check
 
 
 def _float_json(value: Any) -> float | int:

@@ -36,8 +36,9 @@ def test_integers_beyond_64_bits_keep_every_digit():
     big = 123456789012345678901234567890
     assert json_codec.loads(f'{{"n": {big}, "m": -{big}}}') == {"n": big, "m": -big}
     assert json_codec.loads(f'[{2**64 - 1}, {2**64}]') == [2**64 - 1, 2**64]
+    assert json_codec.loads(f'[{-2**63}, {-2**63 - 1}]') == [-2**63, -2**63 - 1]  # 19 digits, below int64
     assert json_codec.dumps({"n": big}) == f'{{"n":{big}}}'
-    # twenty digits inside a string only send the parse to the stdlib; the result is the same
+    # a long run of digits inside a string only sends the parse to the stdlib; the result is the same
     assert json_codec.loads('{"name": "run_20251231235959000001"}') == {"name": "run_20251231235959000001"}
 
 

@@ -86,6 +86,8 @@ BAD_INPUTS = [
      "no column 'colour'"),
     ("wrong type", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": "abc", "start_time": "2025-01-01T00:00:00Z",
                                                             "status": "running"}), "is not an integer"),
+    ("integer beyond the column", lambda tx: tx.create("ObsUnit", {"id": 2**31, "name": "x"}),
+     "2147483648 is out of range for a 32-bit integer column"),
     ("bad datetime", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "yesterday",
                                                               "status": "running"}), "not an ISO-8601 datetime"),
     ("missing required column", lambda tx: tx.create("RawDataPackage", {"name": "p"}),
