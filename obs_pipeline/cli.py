@@ -160,10 +160,10 @@ def cmd_failed(args: argparse.Namespace) -> int:
     settings = _settings()
     letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site),
                           ModelRegistry.from_path(settings.models))
-    if args.action == "list":
-        for letter in letters.list():
+    if args.action == "list":  # an entry without a usable id is named by its place: #N
+        for place, letter in enumerate(letters.list(), start=1):
             s = letter.summary()
-            print(f"{s['transaction_id']}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}")
+            print(f"{s['transaction_id'] or f'#{place}'}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}")
     elif args.action == "show":
         print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
     elif args.action == "retry":
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     failed = sub.add_parser("failed", help="the dead-letter list")
     failed.add_argument("action", choices=["list", "show", "retry", "discard"])
-    failed.add_argument("id", nargs="?")
+    failed.add_argument("id", nargs="?", help="a transaction id, or #N from `failed list` for an entry without one")
     failed.add_argument("--all", action="store_true")
     failed.set_defaults(func=cmd_failed)
 

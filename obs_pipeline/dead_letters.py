@@ -10,7 +10,7 @@ from typing import Any
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, created_ids, validate
+from obs_pipeline.wire import Transaction, cache_footprint, created_ids, is_storable_id, validate
 
 
 class UnknownTransaction(LookupError):
@@ -24,8 +24,9 @@ class DeadLetter:
 
     @property
     def transaction_id(self) -> str | None:
+        """None for an entry whose id is missing or unusable (`#N` of the list names it)."""
         tx_id = self.doc.get("transaction_id")
-        return tx_id if isinstance(tx_id, str) else None
+        return tx_id if is_storable_id(tx_id) else None
 
     @property
     def reason(self) -> str:
@@ -57,11 +58,15 @@ class DeadLetters:
             out.append(DeadLetter(raw, doc))
         return out
 
-    def get(self, transaction_id: str) -> DeadLetter:
-        for letter in self.list():
-            if letter.transaction_id == transaction_id:
+    def get(self, ref: str) -> DeadLetter:
+        """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id)."""
+        letters = self.list()
+        if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
+            return letters[int(ref[1:]) - 1]
+        for letter in letters:
+            if letter.transaction_id == ref:
                 return letter
-        raise UnknownTransaction(f"no dead-lettered transaction {transaction_id!r} at site {self.keys.site} "
+        raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 
     def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
@@ -101,18 +106,26 @@ class DeadLetters:
             pipe.execute()
         return [letter.transaction_id for letter in ordered]
 
-    def discard(self, transaction_id: str) -> None:
-        """Drop it for good, with its status, caches and overlays; what it blocked stays
-        dead-lettered (retry or discard those too)."""
-        letter = self.get(transaction_id)
+    def discard(self, ref: str) -> None:
+        """Drop it for good (by id, or `#N` of the list), with its status, caches, overlays and
+        its marks in `held_ids`; what it blocked stays dead-lettered (retry or discard those too)."""
+        letter = self.get(ref)
         tx = _parse(letter.doc)
         try:  # a transaction that does not validate was never cached: nothing more to remove
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
         except InvalidTransaction:
             footprint = None
+        marks = []  # rows it had marked dead in held_ids: left there, every batch looked them up
+        if tx is not None:
+            rows = sorted(created_ids(tx, self.registry))
+            held = self.store.redis.hmget(self.keys.held_ids, rows) if rows else []
+            marks = [row for row, by in zip(rows, held) if by == ("!" + tx.transaction_id).encode()]
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.lrem(self.keys.failed, 1, letter.raw)
-        pipe.delete(self.keys.transaction(transaction_id))
+        if letter.transaction_id:
+            pipe.delete(self.keys.transaction(letter.transaction_id))
+        if marks:
+            pipe.hdel(self.keys.held_ids, *marks)
         pipe.execute()
         if footprint:
             self.store.forget(footprint)

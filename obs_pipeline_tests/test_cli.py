@@ -234,3 +234,40 @@ def test_drain_once_returns_while_the_replica_is_down_and_a_later_one_cleans(sta
     assert buf.status(tx.transaction_id) == "replicated"
     assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"]), keys.awaiting_replication) == 0
     buf.close()
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place(env, redis_client, settings):
+    """Garbage from a producer is dead-lettered with no id (or one that cannot be typed); an
+    operator must still be able to look at it and remove it, or the site stays degraded."""
+    keys = SiteKeys(settings.site)
+    for raw in (b"not json at all", b'["a", "list"]', json.dumps({"transaction_id": "nul\u0000id", "steps": []})):
+        redis_client.lpush(keys.buffer, raw)
+    assert cli("drain", "--once", env=env).returncode == 0
+    listed = cli("failed", "list", env=env).stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["#1", "#2", "#3"], listed
+    assert json.loads(cli("failed", "show", "#2", env=env).stdout)["failure"]["kind"] == "invalid"
+    assert "no dead-lettered transaction '#4'" in one_line_error(cli("failed", "show", "#4", env=env))
+    for _ in range(3):
+        assert cli("failed", "discard", "#1", env=env).returncode == 0
+    assert redis_client.llen(keys.failed) == 0
+    assert json.loads(cli("status", "--json", env=env).stdout)["status"] == "healthy"
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, redis_client, settings):
+    """A dead-lettered transaction marks the rows it creates as dead, so that dependents are
+    blocked. Discarded, it must take the marks with it: while any mark stays, every batch looks
+    up the references of every transaction it holds."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as poison:
+        poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
+                                          "status": "running"})  # no such obs unit
+    buf.close()
+    keys = SiteKeys(settings.site)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert redis_client.llen(keys.failed) == 1 and redis_client.hlen(keys.held_ids) == 1
+    assert cli("failed", "discard", poison.transaction_id, env=env).returncode == 0
+    assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
