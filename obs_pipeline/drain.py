@@ -21,7 +21,7 @@ from typing import Any, Callable
 import redis
 
 from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
-from obs_pipeline.buffer_store import BufferStore, Outcome
+from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -201,6 +201,11 @@ class Drain:
                     break
                 try:
                     report = self.step()
+                except LeaseLost as lost:  # another drain works the site now: leave it to that one
+                    log.warning("%s; stopping", lost)
+                    summary.stopped_because = "another drain took the lease"
+                    self.token = None
+                    break
                 except TransientError as error:
                     summary.transient_errors += 1
                     log.warning("main unreachable (%s); retrying the same batch in %.1f s", error, backoff)
@@ -305,7 +310,7 @@ class Drain:
             self._prefetched = None  # its entries stay in the processing list
             raise
         try:
-            result = applying.result() if applying else BatchResult()
+            result = self._await_apply(applying) if applying else BatchResult()
             if full and not result.slow_path:
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
@@ -331,6 +336,15 @@ class Drain:
             self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
+
+    def _await_apply(self, applying) -> BatchResult:
+        """Main's answer, renewing the lease while it takes long: a batch bisected over a far
+        link (many poison transactions, 250 ms a round trip) can outlast the lease, and another
+        drain would take the site while this one still applies."""
+        while not wait([applying], timeout=self.config.lease_ttl_s / 3).done:
+            if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
+                raise LeaseLost(f"the drain lease of site {self.settings.site} was taken while main applied a batch")
+        return applying.result()
 
     def _resize(self, result: BatchResult) -> None:
         """Size the next claims by the last full batch, applied on the fast path (a bisected one

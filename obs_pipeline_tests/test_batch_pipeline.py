@@ -5,6 +5,7 @@ Each test checks that nothing is lost or doubled when that machinery is cut shor
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -461,3 +462,52 @@ def test_a_create_that_main_refuses_is_not_hidden_by_a_delete_of_the_same_row_in
     assert "UniqueViolation" in failed["create-again"] and failed["delete-it"] == "blocked by create-again"
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 1")).scalar_one() == "unit 1"
+
+
+def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
+    """A batch bisected over a far link can take minutes; the lease (here 1 s) must not lapse
+    meanwhile, or the acknowledgement finds it gone and the work is done again."""
+    from obs_pipeline.apply import MainDatabase
+
+    real = MainDatabase.apply_batch
+    monkeypatch.setattr(MainDatabase, "apply_batch", lambda self, txs: (time.sleep(2.5), real(self, txs))[1])
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    drain = Drain(settings, DrainConfig(lease_ttl_s=1.0))
+    try:
+        drain.acquire()
+        report = drain.step()
+    finally:
+        drain.close()
+    assert report.applied == 3
+    assert all(TransactionBuffer(settings=settings).status(o.start_tx) in ("applied", "replicated") for o in observations)
+
+
+def test_a_drain_whose_lease_another_took_stops_and_leaves_the_batch_to_it(settings, redis_client, main_engine,
+                                                                          monkeypatch):
+    from obs_pipeline.apply import MainDatabase
+
+    keys = SiteKeys(settings.site)
+    real = MainDatabase.apply_batch
+
+    def slow_apply(self, txs):
+        redis_client.set(keys.lease, "another-drain", px=60_000)  # it took the site meanwhile
+        time.sleep(1.5)
+        return real(self, txs)
+
+    monkeypatch.setattr(MainDatabase, "apply_batch", slow_apply)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    drain = Drain(settings, DrainConfig(lease_ttl_s=1.5))
+    try:
+        summary = drain.run(until_empty=True, budget_s=60)
+    finally:
+        drain.close()
+    assert summary.stopped_because == "another drain took the lease"
+    assert redis_client.get(keys.lease) == b"another-drain" and redis_client.llen(keys.processing) == 3
+    redis_client.delete(keys.lease)  # the other drain is gone; the next one takes the batch back
+    monkeypatch.setattr(MainDatabase, "apply_batch", real)
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
