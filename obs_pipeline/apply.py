@@ -25,7 +25,7 @@ from sqlalchemy import exc
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
-from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, row_writes
+from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
 
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
@@ -231,7 +231,7 @@ class MainDatabase:
                 ready.append(tx)
             else:
                 result.failed.append((tx, f"blocked by {blocker}"))
-                blocked.update(dict.fromkeys(created_ids(tx, self.registry), blocker))
+                claim_rows(blocked, written_ids(tx, self.registry), blocker)
         if not ready:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]
@@ -265,7 +265,7 @@ class MainDatabase:
             return
         if len(ready) == 1:
             result.failed.append((ready[0], error or "could not be applied"))
-            blocked.update(dict.fromkeys(created_ids(ready[0], self.registry), ready[0].transaction_id))
+            claim_rows(blocked, written_ids(ready[0], self.registry), ready[0].transaction_id)
             return
         middle = len(ready) // 2
         self._bisect(cur, ready[:middle], result, blocked)

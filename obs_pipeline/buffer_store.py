@@ -203,6 +203,26 @@ return 1
 """
 
 
+# held_ids: row -> the transaction waiting to retry that writes it ("!" + id once dead). _HOLD
+# marks rows, never one that another transaction holds (wire.claim_rows is the same rule);
+# _UNHOLD removes a transaction's own marks only. ARGV: (row, value) pairs / (row, owner) pairs.
+_HOLD = """
+for i = 1, #ARGV, 2 do
+  local owner = string.gsub(ARGV[i + 1], '^!', '')
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if not current or string.gsub(current, '^!', '') == owner then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+_UNHOLD = """
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if current == ARGV[i + 1] or current == '!' .. ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 1
+"""
+
+
 def redis_is_full(error: BaseException) -> bool:
     """Redis at its `maxmemory` refused a write: OutOfMemoryError, or, from inside a Lua script
     on Redis 6, the same reply wrapped in the script's error."""
@@ -234,8 +254,8 @@ class Outcome:
     applied_ids: list[str] = field(default_factory=list)
     retry: list[tuple[float, str]] = field(default_factory=list)         # (due epoch, tx JSON)
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
-    hold: dict[str, str] = field(default_factory=dict)    # created id -> holder tx ("!" + tx if dead)
-    release: list[str] = field(default_factory=list)      # created ids no longer held
+    hold: dict[str, str] = field(default_factory=dict)     # row -> holder tx ("!" + tx if dead), see _HOLD
+    release: dict[str, str] = field(default_factory=dict)  # row -> the tx whose mark on it goes, see _UNHOLD
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
@@ -420,9 +440,9 @@ class BufferStore:
                 for tx_id, status_json in outcome.statuses:
                     pipe.set(k.transaction(tx_id), status_json)
                 if outcome.release:
-                    pipe.hdel(k.held_ids, *outcome.release)
+                    pipe.eval(_UNHOLD, 1, k.held_ids, *[x for pair in outcome.release.items() for x in pair])
                 if outcome.hold:
-                    pipe.hset(k.held_ids, mapping=outcome.hold)
+                    pipe.eval(_HOLD, 1, k.held_ids, *[x for pair in outcome.hold.items() for x in pair])
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
                 for _, failed_json in outcome.dead:
@@ -569,6 +589,12 @@ class BufferStore:
 
     def holds_any(self) -> bool:
         return bool(self.redis.hlen(self.keys.held_ids))
+
+    def unhold(self, rows_of: dict[str, set[str]]) -> None:
+        """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs."""
+        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
+        if args:
+            self.redis.eval(_UNHOLD, 1, self.keys.held_ids, *args)
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

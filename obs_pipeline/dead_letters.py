@@ -10,7 +10,7 @@ from typing import Any
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, created_ids, is_storable_id, validate
+from obs_pipeline.wire import Transaction, cache_footprint, is_storable_id, validate, written_ids
 
 
 class UnknownTransaction(LookupError):
@@ -100,10 +100,9 @@ class DeadLetters:
                 tx_json = _canonical_json(doc, tx)
                 pipe.rpush(self.keys.buffer, tx_json)
                 pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
-                created = created_ids(tx, self.registry) if tx is not None else ()
-                if created:
-                    pipe.hdel(self.keys.held_ids, *created)
             pipe.execute()
+        self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
+                           for letter in ordered if (tx := _parse(letter.doc)) is not None})
         return [letter.transaction_id for letter in ordered]
 
     def discard(self, ref: str) -> None:
@@ -115,18 +114,13 @@ class DeadLetters:
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
         except InvalidTransaction:
             footprint = None
-        marks = []  # rows it had marked dead in held_ids: left there, every batch looked them up
-        if tx is not None:
-            rows = sorted(created_ids(tx, self.registry))
-            held = self.store.redis.hmget(self.keys.held_ids, rows) if rows else []
-            marks = [row for row, by in zip(rows, held) if by == ("!" + tx.transaction_id).encode()]
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.lrem(self.keys.failed, 1, letter.raw)
         if letter.transaction_id:
             pipe.delete(self.keys.transaction(letter.transaction_id))
-        if marks:
-            pipe.hdel(self.keys.held_ids, *marks)
         pipe.execute()
+        if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
+            self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)})
         if footprint:
             self.store.forget(footprint)
 

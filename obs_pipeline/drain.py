@@ -25,7 +25,7 @@ from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, created_ids, is_storable_id, referenced_ids, validate
+from obs_pipeline.wire import Transaction, cache_footprint, claim_rows, is_storable_id, referenced_ids, validate, written_ids
 
 log = logging.getLogger("obs_pipeline.drain")
 _GC_GEN0_THRESHOLD = 50_000
@@ -399,19 +399,20 @@ class Drain:
             return txs
         ready = []
         for tx in txs:
-            holder = next((holders[i] for i in referenced_ids(tx, self.registry) if i in holders), None)
-            if holder is None or holder.lstrip("!") == tx.transaction_id:
+            holder = next((holders[i] for i in referenced_ids(tx, self.registry)
+                           if i in holders and holders[i].lstrip("!") != tx.transaction_id), None)
+            if holder is None:
                 ready.append(tx)
                 continue
-            created = created_ids(tx, self.registry)
+            written = written_ids(tx, self.registry)
             if holder.startswith("!"):
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
-                holders.update(dict.fromkeys(created, "!" + tx.transaction_id))
+                claim_rows(holders, written, "!" + tx.transaction_id)
             else:
                 tx.metadata = {**tx.metadata, "held_by": holder}
                 outcome.retry.append((time.time() + 1.0, tx.to_json()))
-                outcome.hold.update(dict.fromkeys(created, tx.transaction_id))
-                holders.update(dict.fromkeys(created, tx.transaction_id))
+                claim_rows(outcome.hold, written, tx.transaction_id)
+                claim_rows(holders, written, tx.transaction_id)
                 report.held += 1
         return ready
 
@@ -421,7 +422,8 @@ class Drain:
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
-                outcome.release.extend(created_ids(tx, self.registry))  # only these ever put ids in held_ids
+                # only these ever put rows in held_ids
+                outcome.release.update(dict.fromkeys(written_ids(tx, self.registry), tx.transaction_id))
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
@@ -439,7 +441,7 @@ class Drain:
             tx.metadata = {**tx.metadata, "last_error": reason}
             outcome.retry.append((time.time() + delay, tx.to_json()))
             outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))
-            outcome.hold.update(dict.fromkeys(created_ids(tx, self.registry), tx.transaction_id))
+            claim_rows(outcome.hold, written_ids(tx, self.registry), tx.transaction_id)
             report.retried += 1
         report.applied = len(result.applied)
         report.already_applied = len(result.already_applied)
@@ -454,7 +456,7 @@ class Drain:
         entry = _failed_entry(tx.to_dict(), reason, kind=kind)
         outcome.dead.append((tx.transaction_id, entry))
         outcome.statuses.append((tx.transaction_id, entry))
-        outcome.hold.update(dict.fromkeys(created_ids(tx, self.registry), "!" + tx.transaction_id))
+        claim_rows(outcome.hold, written_ids(tx, self.registry), "!" + tx.transaction_id)
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
     def _compact_aof(self) -> int:

@@ -333,6 +333,28 @@ def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     return out
 
 
+def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
+    """The rows this transaction writes (creates, updates or deletes), as `record_key`s. While it
+    waits to retry, later transactions that use any of them wait behind it: an update held
+    back by a failure must not be overtaken by a newer update of the same row."""
+    out = created_ids(tx, registry)
+    for step in tx.steps:
+        model = _model_of(step, registry)
+        if model is not None and step.operation in ("update", "delete"):
+            out.update(record_key(model.table.name, v) for v in step.conditions.values())
+    return out
+
+
+def claim_rows(holders: dict[str, str], rows: set[str], value: str) -> None:
+    """Mark `rows` as held by `value` (a transaction id, "!" + id once dead-lettered), but never
+    a row another transaction holds: the first to fail on a row keeps it, and those behind it
+    stay behind it. (buffer_store's _HOLD applies the same rule in Redis.)"""
+    owner = value.lstrip("!")
+    for row in rows:
+        if holders.get(row, owner).lstrip("!") == owner:
+            holders[row] = value
+
+
 def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     """The rows this transaction uses but does not create, as `record_key`s: those it updates
     or deletes, those its foreign-key columns point at, and any UUID among its other values

@@ -279,3 +279,25 @@ def test_retry_delays_double_with_jitter_and_stop_at_an_hour():
         assert 0.8 * base <= retry_delay(5.0, n) <= 1.2 * base
     for n in (12, 1100, 10**6):
         assert 0.8 * RETRY_DELAY_MAX_S <= retry_delay(5.0, n) <= 1.2 * RETRY_DELAY_MAX_S
+
+
+def test_a_row_held_by_one_transaction_is_never_taken_by_another():
+    from obs_pipeline.wire import claim_rows
+
+    holders = {"r1": "tx1", "r2": "!tx9"}
+    claim_rows(holders, {"r1", "r2", "r3"}, "tx2")          # behind tx1 and tx9: only r3 is free
+    assert holders == {"r1": "tx1", "r2": "!tx9", "r3": "tx2"}
+    claim_rows(holders, {"r1", "r3"}, "!tx1")               # tx1 dead-lettered: its own row only
+    assert holders == {"r1": "!tx1", "r2": "!tx9", "r3": "tx2"}
+
+
+def test_a_transaction_writes_what_it_creates_updates_and_deletes():
+    from obs_pipeline.wire import written_ids
+
+    doc, ids = seed_example()
+    doc["steps"].append({"step_id": "step4", "operation": "update", "model_class": "ObsUnit",
+                         "conditions": {"id": 5}, "data": {"name": "renamed"}})
+    doc["steps"].append({"step_id": "step5", "operation": "delete", "model_class": "RawDataFile",
+                         "conditions": {"id": "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}})
+    tx = validate(Transaction.from_dict(doc), REGISTRY)
+    assert written_ids(tx, REGISTRY) == set(ids.values()) | {"obs_unit:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}

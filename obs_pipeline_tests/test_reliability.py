@@ -21,7 +21,8 @@ from obs_pipeline.health import health_report
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
-from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
+from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
+                                         drain_until_settled)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -501,3 +502,39 @@ def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settin
     assert spool.pending() == 1
     assert spool.flush() and not spool.path.exists()
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)] == ["whole"]
+
+
+@pytest.mark.parametrize("same_batch", [False, True])
+def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_the_row(
+        settings, redis_client, main_engine, same_batch):
+    """Two updates of one replicated record: the first fails (its obs unit does not exist yet),
+    the second is fine. The second must wait behind the first: applied first, it was later
+    overwritten by the first's retry (the older write won), and reads went back to the first's
+    values when the second was cleaned. Once the cause is fixed, retrying the first applies
+    both, in order."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "aborted"})
+    if not same_batch:  # the first fails and waits to retry; the second comes in a later batch
+        assert drain_one_batch(settings, retry_base_s=1.0).retried == 1
+    second = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings, retry_base_s=0.05)
+    keys = SiteKeys(settings.site)
+    failed = {f["transaction_id"]: f["failure"]["reason"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {first, second} and failed[second] == f"blocked by {first}", failed
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "completed"  # the latest write, still
+    with main_engine.begin() as conn:  # the operator fixes the cause and retries the first
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first], env=cli_env(settings),
+                   check=True)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).one() == (31337, "completed")
+    assert buf.status(first) == buf.status(second) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
