@@ -75,9 +75,13 @@ class TransactionBuilder:
         out = []
         for row in rows:
             row = _as_dict(row, model)
-            if spec.generated_id and row.get(pk) is None:
+            given = not (spec.generated_id and row.get(pk) is None)
+            if not given:
                 row = {**row, pk: new_uuid()}
-            out.append(normalize_values(spec, row, creating=True, where=where))
+            row = normalize_values(spec, row, creating=True, where=where)
+            if given and pk in row:  # a key of the caller's: main would refuse a second one, later
+                self._require_new(spec.name, row[pk], out)
+            out.append(row)
         step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
         for row in out:
             self._created[str(row[pk])] = step.step_id
@@ -96,6 +100,12 @@ class TransactionBuilder:
                     data=data, conditions=conditions, dependencies=sorted(deps))
         self._tx.steps.append(step)
         return step
+
+    def _require_new(self, model: str, rid: Any, pending: list[dict[str, Any]]) -> None:
+        pk = self._buffer.registry.model(model).primary_key
+        if str(rid) in self._created or any(r[pk] == rid for r in pending):
+            raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
+        self._buffer._require_absent(model, rid)
 
     def _existing_id(self, model: str, value: Any) -> Any:
         spec = self._buffer.registry.model(model)
@@ -274,6 +284,21 @@ class TransactionBuffer:
     def search_frame(self, model: str, filters: dict[str, Any] | None = None):
         """`search` as a pandas DataFrame (pandas is imported only here)."""
         return self.query.search_frame(model, filters or {})
+
+    def _require_absent(self, model: str, rid: Any) -> None:
+        """A create with a key the caller gives (an integer id, say) must not name a record that
+        is buffered or on the replica: main would refuse it, and until then the buffered copy
+        would hide the real row from reads. Unchecked without a replica, or while Redis does
+        not answer (as for updates)."""
+        if self.settings.replica_db_url is None:
+            return
+        try:
+            found = self.query.get(model, rid) is not None
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        if found or self.spool.creates(model, str(rid)):
+            raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
+                                     "update it, or create it with another key")
 
     def _require_exists(self, model: str, rid: Any) -> None:
         """An update or delete must name a record that is buffered or on the replica. While

@@ -86,6 +86,9 @@ BAD_INPUTS = [
      "no column 'colour'"),
     ("wrong type", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": "abc", "start_time": "2025-01-01T00:00:00Z",
                                                             "status": "running"}), "is not an integer"),
+    ("the same key twice in one transaction", lambda tx: tx.bulk_create("ObsUnit", [{"id": 601, "name": "a"},
+                                                                                   {"id": 601, "name": "b"}]),
+     "ObsUnit 601 is created twice in this transaction"),
     ("integer beyond the column", lambda tx: tx.create("ObsUnit", {"id": 2**31, "name": "x"}),
      "2147483648 is out of range for a 32-bit integer column"),
     ("bad datetime", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "yesterday",
@@ -113,6 +116,24 @@ def test_bad_input_raises_clear_error_and_buffers_nothing(settings, redis_client
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_create_of_a_key_that_exists_is_refused_at_once(settings, redis_client):
+    """Obs unit 1 is on the replica, obs unit 700 only buffered: creating either again is an
+    error now, not a dead letter later (main's unique key) with the buffered copy hiding the
+    real row from reads meanwhile. A key that is free is fine."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 700, "name": "buffered"})
+    for key in (1, 700):
+        with pytest.raises(InvalidTransaction, match=f"ObsUnit {key} exists already"):
+            with buf.transaction() as again:
+                again.create("ObsUnit", {"id": key, "name": "again"})
+    with buf.transaction() as fresh:
+        fresh.create("ObsUnit", {"id": 701, "name": "new"})
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 2
     buf.close()
 
 
