@@ -380,6 +380,9 @@ class Drain:
                 outcome.dead.append((tx_id, entry))
                 if tx_id:
                     outcome.statuses.append((tx_id, entry))
+                    # what it would have written is dead too: a later update of a row it creates
+                    # is blocked with it, not applied to no row (and lost once it is fixed)
+                    claim_rows(outcome.hold, _rows_written_by(raw, self.registry), "!" + tx_id)
                 report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
             if tx.transaction_id in seen:  # pushed twice: apply once
@@ -391,10 +394,13 @@ class Drain:
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """A transaction that uses an id created by one waiting to retry waits behind it; behind a
         dead-lettered one it is dead-lettered too, as blocked."""
-        if not self.store.holds_any():  # the usual case: nothing waits to retry or is dead
+        if not outcome.hold and not self.store.holds_any():  # the usual case: nothing waits or is dead
             return txs
         refs = sorted({i for t in txs for i in referenced_ids(t, self.registry)})
         holders = self.store.holders(refs)
+        for row in refs:  # rows this batch's own invalid entries would have written
+            if row in outcome.hold and row not in holders:
+                holders[row] = outcome.hold[row]
         if not holders:
             return txs
         ready = []
@@ -514,6 +520,14 @@ def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
                       "failed_at": now, "first_failed_at": doc.get("metadata", {}).get("first_failed_at", now)
                       if isinstance(doc.get("metadata"), dict) else now}
     return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
+    """The rows an entry that failed validation would have written, as far as it can be read."""
+    try:
+        return written_ids(Transaction.from_json(raw), registry)
+    except Exception:  # noqa: BLE001 - unreadable: nothing to name
+        return set()
 
 
 def _guess_id(raw: str) -> str | None:

@@ -511,3 +511,26 @@ def test_a_drain_whose_lease_another_took_stops_and_leaves_the_batch_to_it(setti
     monkeypatch.setattr(MainDatabase, "apply_batch", real)
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, observations)
+
+
+def test_an_update_of_a_row_whose_create_was_invalid_is_blocked_with_it(settings, redis_client):
+    """A producer's create is dead-lettered as invalid; its next transaction updates that row.
+    Applied, the update touched no row and was reported done, and it was lost once the create
+    had been fixed and retried. It is blocked with the create instead, in one batch or two."""
+    from obs_pipeline_tests.examples import seed_example
+
+    keys = SiteKeys(settings.site)
+    for split in (False, True):
+        doc, ids = seed_example(settings.site)
+        doc["steps"][0]["data"]["status"] = 5  # not text: invalid
+        update = {"transaction_id": f"update-{split}", "steps": [{
+            "step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+            "conditions": {"id": ids["uuid-1"]}, "data": {"status": "completed"}}]}
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+        if split:
+            drain_until_settled(settings)
+        redis_client.lpush(keys.buffer, json.dumps(update))
+        drain_until_settled(settings)
+        failed = {f["transaction_id"]: f["failure"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+        assert failed[doc["transaction_id"]]["kind"] == "invalid"
+        assert failed[update["transaction_id"]]["reason"] == f"blocked by {doc['transaction_id']}"
