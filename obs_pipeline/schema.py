@@ -29,12 +29,20 @@ def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
         pipeline_metadata.create_all(conn)
 
 
-def prune_applied(conn: sa.Connection, older_than_days: float) -> int:
-    """Drop applied-id records older than any batch that could still be reclaimed."""
+PRUNE_MIN_DAYS = 1.0  # a batch claimed and applied but not yet acknowledged must still find its records
+
+
+def prune_applied(conn: sa.Connection, older_than_days: float, site: str) -> int:
+    """Drop this site's applied-id records older than any batch that could still be reclaimed
+    (other sites that share main keep theirs: one may have been down for longer)."""
+    if not older_than_days >= PRUNE_MIN_DAYS:
+        raise ValueError(f"older_than_days must be at least {PRUNE_MIN_DAYS:g}, not {older_than_days!r}: "
+                         "a reclaimed batch skips what is recorded, and would apply again what is not")
     result = conn.execute(
         applied_transactions.delete().where(
+            applied_transactions.c.site == site,
             applied_transactions.c.applied_at < sa.func.now() - sa.text("make_interval(secs => :s)").bindparams(
-                s=older_than_days * 86400)
+                s=older_than_days * 86400),
         )
     )
     return result.rowcount

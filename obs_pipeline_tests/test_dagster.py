@@ -21,6 +21,7 @@ from dagster import (
 
 from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.dagster_defs import sensors
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
 from obs_pipeline.definitions import defs
 from obs_pipeline.dev import dagster_script, dagster_environment, stop_processes
@@ -64,7 +65,8 @@ def test_job_in_process_applies_replicates_and_reports_each_batch(settings, reso
         == "replicated"
 
 
-def test_sensor_requests_a_run_only_when_there_is_work_and_none_in_flight(settings, resource, redis_client):
+def test_sensor_requests_a_run_only_when_there_is_work_and_none_in_flight(settings, resource, redis_client,
+                                                                              monkeypatch):
     with instance_for_test() as instance:
         context = build_sensor_context(instance=instance, resources={"obs_pipeline": resource})
         assert isinstance(buffer_sensor(context), SkipReason)
@@ -74,9 +76,17 @@ def test_sensor_requests_a_run_only_when_there_is_work_and_none_in_flight(settin
         assert isinstance(request, RunRequest)
         assert request.tags[SITE_TAG] == settings.site
 
-        instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
         skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
         assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+
+        # a run that failed (its op retries spent): not relaunched at once, every tick, for ever
+        instance.report_run_failed(run)
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(skip, SkipReason) and f"{run.run_id} failed; the next in" in skip.skip_message
+        monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # the pause over
+        assert isinstance(buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource})),
+                          RunRequest)
 
 
 @pytest.mark.slow

@@ -4,11 +4,12 @@ main outages as op retries, and pruning of applied-id records."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import pytest
 import sqlalchemy as sa
-from dagster import AssetObservation, DagsterEventType
+from dagster import AssetObservation, DagsterEventType, DagsterInstance
 
 from obs_pipeline.dagster_defs.jobs import drain_buffer
 from obs_pipeline.dagster_defs.operations import no_dead_letters, prune_applied_transactions, retry_dead_letters
@@ -38,8 +39,9 @@ def test_dead_letter_is_an_event_fails_the_check_and_the_retry_job_requeues_it(
     observations = [e.event_specific_data.asset_observation for e in result.all_events
                     if e.event_type == DagsterEventType.ASSET_OBSERVATION]
     assert isinstance(observations[0], AssetObservation)
-    assert observations[0].metadata["dead_lettered"].value == doc["transaction_id"]
-    assert "ForeignKeyViolation" in observations[0].metadata["reason"].value
+    assert observations[0].metadata["dead_lettered"].value == 1
+    listed = observations[0].metadata["transactions"].value
+    assert listed.startswith(doc["transaction_id"] + ": ") and "ForeignKeyViolation" in listed
     assert not no_dead_letters(obs_pipeline=resource).passed
 
     with main_engine.begin() as conn:
@@ -74,14 +76,41 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
-def test_prune_removes_only_old_applied_records(resource, main_engine):
+def test_prune_removes_only_this_sites_old_applied_records(settings, resource, main_engine):
+    """Several sites may share main; one that was down longer than the week keeps its records
+    (a batch it reclaims skips what they say was applied)."""
     with main_engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
-                             "('old', 's', now() - interval '10 days'), ('new', 's', now() - interval '1 day')"))
+                             "('old', :s, now() - interval '10 days'), ('new', :s, now() - interval '1 day'), "
+                             "('other-old', 'another-site', now() - interval '10 days')"), {"s": settings.site})
     assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
     with main_engine.connect() as conn:
-        left = [r[0] for r in conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied"))]
-    assert left == ["new"]
+        left = sorted(r[0] for r in conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")))
+    assert left == ["new", "other-old"]
+    refused = prune_applied_transactions.execute_in_process(
+        resources={"obs_pipeline": resource}, raise_on_error=False,
+        run_config={"ops": {"prune_applied_records": {"config": {"older_than_days": 0}}}})
+    assert not refused.success  # 0 days would forget what a reclaimed batch needs
+
+
+def test_a_batch_of_many_dead_letters_is_one_observation_and_one_warning(settings, resource, redis_client):
+    """Each Dagster event is a connection to its storage on main, a second or so over the real
+    link: 60 dead letters must not be 120 events."""
+    keys = SiteKeys(settings.site)
+    for i in range(60):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": f"bad-{i}", "steps": "none"}))
+    with DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST,
+                                                 instance=instance)
+        assert result.success
+        warnings = [e for e in instance.all_logs(result.run_id)
+                    if e.level == logging.WARNING and "dead-lettered" in (e.user_message or "")]
+    observations = [e.event_specific_data.asset_observation for e in result.all_events
+                    if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    assert len(observations) == 1 and observations[0].metadata["dead_lettered"].value == 60
+    assert observations[0].metadata["transactions"].value.endswith("... and 10 more")
+    assert len(warnings) == 1 and warnings[0].user_message.startswith("dead-lettered 60 transaction(s): bad-")
+    assert redis_client.llen(keys.failed) == 60
 
 
 def test_the_drain_runs_aof_compaction_is_a_run_config_switch():

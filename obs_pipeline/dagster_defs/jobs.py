@@ -6,6 +6,7 @@ pass as one of the site replica. Transient failures (main unreachable) surface a
 with exponential backoff; a crashed run is retried by the instance's run retries.
 """
 
+import time
 
 from dagster import (
     AssetKey,
@@ -52,7 +53,13 @@ def _drain_config(config: DrainRunConfig) -> DrainConfig:
                        aof_check_s=DrainConfig.aof_check_s if config.aof_compaction else None)
 
 
+DEAD_LETTERS_LISTED = 50  # per batch, in its observation and warning (the count is always whole)
+
+
 def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
+    """One materialization per batch, and one observation and one warning for all the batch's
+    dead letters: each Dagster event is a new connection to its storage, on main, far away
+    (about a second at 250 ms), so one per dead letter could stall the drain for minutes."""
     meta = {"site": site, **{k: v for k, v in report.metadata().items() if not isinstance(v, dict)}}
     meta["rows_per_model"] = report.rows_per_model
     if report.writes_after_fold:
@@ -60,11 +67,14 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
     asset = MAIN_ASSET if report.transactions else REPLICA_ASSET
     context.log_event(AssetMaterialization(asset_key=asset, metadata=meta,
                                            description=f"{report.applied} applied, {report.replicated} replicated"))
-    for dead in report.dead_lettered:
+    if report.dead_lettered:
+        listed = [f"{d['transaction_id']}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
+        more = len(report.dead_lettered) - len(listed)
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata={
-            "dead_lettered": str(dead["transaction_id"]), "reason": dead["reason"], "site": site}))
-        context.log.warning(f"dead-lettered {dead['transaction_id']}: {dead['reason']} "
-                            f"(`obs-pipeline failed show {dead['transaction_id']}`)")
+            "site": site, "dead_lettered": len(report.dead_lettered), "transactions": "\n".join(listed)
+            + (f"\n... and {more} more" if more else "")}))
+        context.log.warning(f"dead-lettered {len(report.dead_lettered)} transaction(s): " + "; ".join(listed)
+                            + (f"; and {more} more" if more else "") + " (`obs-pipeline failed list`)")
 
 
 @op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
@@ -77,8 +87,14 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
+    # The budget is the run's, not this attempt's: every op retry (a link down) would start it
+    # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.
+    record = context.instance.get_run_record_by_id(context.run_id)
+    started = record.start_time if record is not None and record.start_time else time.time()
+    budget_s = max(0.0, config.budget_s - (time.time() - started))
     try:
-        summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=config.budget_s, lease_wait_s=config.lease_ttl_s,
+        summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=budget_s,
+                            lease_wait_s=config.lease_ttl_s,
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:
         context.log.info(str(busy))

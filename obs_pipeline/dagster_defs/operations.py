@@ -49,13 +49,15 @@ class PruneConfig(Config):
 
 @op
 def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> None:
-    engine = make_engine(obs_pipeline.settings().require_main())
+    settings = obs_pipeline.settings()
+    engine = make_engine(settings.require_main())
     try:
         with engine.begin() as conn:
-            removed = prune_applied(conn, config.older_than_days)
+            removed = prune_applied(conn, config.older_than_days, settings.site)
     finally:
         engine.dispose()
-    context.log.info(f"pruned {removed} applied-transaction records older than {config.older_than_days} days")
+    context.log.info(f"pruned {removed} applied-transaction records of site {settings.site} "
+                     f"older than {config.older_than_days} days")
 
 
 @job(executor_def=in_process_executor)
