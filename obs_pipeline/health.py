@@ -13,6 +13,7 @@ from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
+REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
@@ -29,6 +30,12 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
     if lag.get("error"):
         problems.append(lag["error"])
+    elif lag["seconds"] > REPLICA_STUCK_AFTER_S:
+        problems.append(f"the replica has not replayed a batch committed {lag['seconds']:.0f} s ago "
+                        f"({lag['awaiting_batches']} waiting; their caches are kept): check its WAL receiver "
+                        "(pg_stat_wal_receiver) and that replay is not paused")
+    elif lag.get("replica_lsn") is None and replica is not None:
+        problems.append("the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary")
     memory = redis_memory(store)
     if memory["full_percent"] is not None and memory["full_percent"] >= REDIS_FULL_WARNING_PERCENT:
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"

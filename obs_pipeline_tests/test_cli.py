@@ -271,3 +271,25 @@ def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, red
     assert redis_client.llen(keys.failed) == 1 and redis_client.hlen(keys.held_ids) == 1
     assert cli("failed", "discard", poison.transaction_id, env=env).returncode == 0
     assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
+
+
+def test_a_replica_that_stopped_replaying_makes_the_site_degraded(settings, redis_client, main_engine,
+                                                                  replica_engine):
+    """Caches are cleaned only after replay: a replica that accepts connections but replays
+    nothing (its WAL receiver broken, replay paused, or a primary named as the replica) must
+    show in the health report, not leave it "healthy" while Redis fills."""
+    import time
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.health import health_report
+
+    store = BufferStore(redis_client, settings.site)
+    assert health_report(store, main_engine, replica_engine)["status"] == "healthy"
+    record = {"n": "000000000", "c": [], "o": [], "t": [], "at": time.time() - 600, "lsn": 2**62}
+    redis_client.zadd(store.keys.awaiting_replication, {json.dumps(record): 2**62})
+    report = health_report(store, main_engine, replica_engine)
+    assert report["status"] == "degraded"
+    assert any("has not replayed a batch committed 600 s ago" in p for p in report["problems"]), report["problems"]
+    redis_client.delete(store.keys.awaiting_replication)
+    wrong = health_report(store, main_engine, main_engine)  # a primary given as the replica
+    assert wrong["status"] == "degraded" and any("may name a primary" in p for p in wrong["problems"])
