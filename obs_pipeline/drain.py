@@ -81,6 +81,7 @@ def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int
     return max(least, min(most, math.ceil(round(wanted) / 100) * 100))
 
 
+HELD_RECHECK_MAX_S = 30.0  # a transaction held behind another is looked at again at least this often
 RETRY_DELAY_MAX_S = 3600.0  # a producer's own retry_count/max_retries may be large: an hour at most
 
 
@@ -415,8 +416,11 @@ class Drain:
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
                 claim_rows(holders, written, "!" + tx.transaction_id)
             else:
-                tx.metadata = {**tx.metadata, "held_by": holder}
-                outcome.retry.append((time.time() + 1.0, tx.to_json()))
+                # looked at again in 1 s, then 2, 4 ... 30: a holder may wait an hour to retry, and
+                # a claim every second would keep the drain (and a Dagster run) busy all that time
+                held = int(tx.metadata.get("held_count", 0)) + 1 if _is_count(tx.metadata.get("held_count")) else 1
+                tx.metadata = {**tx.metadata, "held_by": holder, "held_count": held}
+                outcome.retry.append((time.time() + min(2.0 ** (held - 1), HELD_RECHECK_MAX_S), tx.to_json()))
                 claim_rows(outcome.hold, written, tx.transaction_id)
                 claim_rows(holders, written, tx.transaction_id)
                 report.held += 1
@@ -528,6 +532,10 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
         return written_ids(Transaction.from_json(raw), registry)
     except Exception:  # noqa: BLE001 - unreadable: nothing to name
         return set()
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64
 
 
 def _guess_id(raw: str) -> str | None:

@@ -534,3 +534,31 @@ def test_an_update_of_a_row_whose_create_was_invalid_is_blocked_with_it(settings
         failed = {f["transaction_id"]: f["failure"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
         assert failed[doc["transaction_id"]]["kind"] == "invalid"
         assert failed[update["transaction_id"]]["reason"] == f"blocked by {doc['transaction_id']}"
+
+
+def test_a_held_transaction_is_looked_at_again_ever_more_rarely(settings, redis_client):
+    """Held behind a transaction that retries in 30 s (or an hour), a dependent put back for
+    1 s each time kept the drain claiming it every second; it waits 1, 2, 4 ... s now."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as poison:
+        obs = poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})  # no such obs unit
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    keys = SiteKeys(settings.site)
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1  # the poison waits a minute to retry
+        dependent = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        waits = []
+        for _ in range(3):
+            waiting = {m: 0 for m in redis_client.zrange(keys.retry, 0, -1) if json.loads(m)["transaction_id"] == dependent}
+            if waiting:
+                redis_client.zadd(keys.retry, waiting)  # due now
+            assert drain.step().held == 1
+            entry, due = next((m, s) for m, s in redis_client.zrange(keys.retry, 0, -1, withscores=True)
+                              if json.loads(m)["transaction_id"] == dependent)
+            waits.append(round(due - time.time()))
+    finally:
+        drain.close()
+        buf.close()
+    assert waits == [1, 2, 4], waits
