@@ -590,11 +590,12 @@ class BufferStore:
     def holds_any(self) -> bool:
         return bool(self.redis.hlen(self.keys.held_ids))
 
-    def unhold(self, rows_of: dict[str, set[str]]) -> None:
-        """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs."""
+    def unhold(self, rows_of: dict[str, set[str]], pipe: Any = None) -> None:
+        """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs
+        (queued on `pipe` if given, to run in its MULTI)."""
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
-            self.redis.eval(_UNHOLD, 1, self.keys.held_ids, *args)
+            (pipe or self.redis).eval(_UNHOLD, 1, self.keys.held_ids, *args)
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

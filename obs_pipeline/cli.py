@@ -109,6 +109,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
                             replica_patience_s=args.replication_timeout, should_stop=stop.is_set,
                             on_batch=on_batch if args.verbose else None)
     except KeyboardInterrupt:
+        print("obs-pipeline: interrupted; a batch it had claimed stays in processing for the next drain",
+              file=sys.stderr)
         return 130
     finally:
         if on_main_thread:

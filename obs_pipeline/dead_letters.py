@@ -75,9 +75,13 @@ class DeadLetters:
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id]
         else:
-            wanted = set(transaction_ids)
-            for tx_id in transaction_ids:
-                self.get(tx_id)
+            wanted = set()
+            for ref in transaction_ids:
+                letter = self.get(ref)
+                if letter.transaction_id is None:
+                    raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
+                                             f"retried: `obs-pipeline failed show {ref}`, then discard it")
+                wanted.add(letter.transaction_id)
             # what they blocked, transitively: it failed only because of them
             changed = True
             while changed:
@@ -100,9 +104,11 @@ class DeadLetters:
                 tx_json = _canonical_json(doc, tx)
                 pipe.rpush(self.keys.buffer, tx_json)
                 pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
+            # their dead marks go in the same MULTI: a drain claiming them in between would find
+            # them still marked and dead-letter a dependent as blocked again
+            self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
+                               for letter in ordered if (tx := _parse(letter.doc)) is not None}, pipe)
             pipe.execute()
-        self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
-                           for letter in ordered if (tx := _parse(letter.doc)) is not None})
         return [letter.transaction_id for letter in ordered]
 
     def discard(self, ref: str) -> None:

@@ -248,6 +248,7 @@ def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place
     assert [line.split("\t")[0] for line in listed] == ["#1", "#2", "#3"], listed
     assert json.loads(cli("failed", "show", "#2", env=env).stdout)["failure"]["kind"] == "invalid"
     assert "no dead-lettered transaction '#4'" in one_line_error(cli("failed", "show", "#4", env=env))
+    assert "has no usable transaction id and cannot be retried" in one_line_error(cli("failed", "retry", "#1", env=env))
     for _ in range(3):
         assert cli("failed", "discard", "#1", env=env).returncode == 0
     assert redis_client.llen(keys.failed) == 0

@@ -226,6 +226,7 @@ def test_drain_without_once_drains_before_and_after_it_started_and_stops_on_sigi
     left = {"lease_pttl": redis_client.pttl(keys.lease), "processing": redis_client.lrange(keys.processing, 0, -1)}
     assert left == {"lease_pttl": -2, "processing": []}, (left, tail(log))
     assert "Traceback" not in tail(log)
+    assert tail(log).strip().splitlines()[-1].startswith("obs-pipeline: interrupted")  # one line says so
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3
 
