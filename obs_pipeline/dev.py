@@ -48,8 +48,10 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> list[subproc
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
-    """SIGTERM each process group, wait, then SIGKILL whatever is left in the groups: children
-    (Dagster's code servers) can outlive a leader that exited promptly."""
+    """SIGTERM each process group and wait, up to `timeout`, until each group is empty, then
+    SIGKILL whatever is left: a group holds children too (Dagster's code servers, and the run
+    worker of a drain, which needs the time to finish its batch and record how its run ended;
+    killed at once, the run stays STARTED and the sensor waits for monitoring to give up on it)."""
     for proc in processes:
         _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -58,10 +60,21 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    time.sleep(0.5)
+    while time.monotonic() < deadline and any(_group_alive(proc.pid) for proc in processes):
+        time.sleep(0.1)
     for proc in processes:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -81,18 +94,19 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     signal.signal(signal.SIGTERM, _interrupt)
     was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \
         if (Path(stack.directory) / "stack.json").exists() else False
-    stack.up(main_latency_ms=main_latency_ms)
-    env = dagster_environment(stack)
-    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env, check=True)
     logs = Path(stack.directory) / "logs"
-    processes = start_dagster(env, port, logs)
-    if simulate_rate:
-        processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
-                                           str(simulate_rate)], env=env, start_new_session=True))
-    print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
-    print(f"In another shell: eval \"$(obs-pipeline stack env --dir {stack.directory})\"; Ctrl-C stops everything.",
-          flush=True)
-    try:
+    processes: list[subprocess.Popen] = []
+    try:  # from the first step on: a Ctrl-C while the stack starts still takes it down
+        stack.up(main_latency_ms=main_latency_ms)
+        env = dagster_environment(stack)
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env, check=True)
+        processes.extend(start_dagster(env, port, logs))
+        if simulate_rate:
+            processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
+                                               str(simulate_rate)], env=env, start_new_session=True))
+        print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
+        print(f"In another shell: eval \"$(obs-pipeline stack env --dir {stack.directory})\"; Ctrl-C stops "
+              "everything.", flush=True)
         while all(p.poll() is None for p in processes[:2]):
             time.sleep(1)
         failed = next(p for p in processes[:2] if p.poll() is not None)
@@ -101,6 +115,10 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C must not cut the cleanup short and leave processes behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping (up to 20 s: a drain run finishes its batch) ...", file=sys.stderr, flush=True)
         stop_processes(processes)
         if not was_up:
             stack.down()
