@@ -285,3 +285,32 @@ def test_proxy_pipelines_delay_without_capping_throughput(tmp_path):
     assert first >= 0.19  # delayed in both directions
     assert elapsed < 3.0  # pipelined: serial per-chunk sleeping would take >= 4 s
     assert not pidfile.exists()
+
+
+def test_a_server_is_known_by_its_own_address_not_by_its_binarys_name(stack, tmp_path, monkeypatch):  # noqa: F811
+    """OBS_REDIS_SERVER may name a build not called redis-server (valkey-server, say): `status`
+    and `down` must still find it (they looked for "redis-server" in its command line, took it
+    for stopped and left it running). And a stale pid file naming another stack's Redis is not
+    this stack's Redis."""
+    import os
+
+    from obs_pipeline.stack.binaries import redis_server_path
+    from obs_pipeline.stack.redis_server import RedisServer
+
+    renamed = tmp_path / "kv-server"
+    renamed.symlink_to(redis_server_path())
+    monkeypatch.setenv("OBS_REDIS_SERVER", str(renamed))
+    server = RedisServer(tmp_path / "redis", pick_free_ports(1)[0], tmp_path / "redis.log")
+    server.folder.mkdir()
+    server.start()
+    pid = server.pid
+    try:
+        assert pid is not None and server.running
+        server.stop()
+        assert not pid_alive(pid) and not server.running
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, 9)
+    other = stack.status()["redis"]["pid"]  # another Redis, alive, on another port
+    server.pidfile.write_text(f"{other}\n")
+    assert server.pid is None and not server.running

@@ -80,7 +80,8 @@ class PgServer:
     @property
     def pid(self) -> int | None:
         pid = read_pid(self.datadir / "postmaster.pid")
-        return pid if pid_alive(pid, "postgres") else None
+        # this data directory's postmaster ("postgres -D <dir>"), not any postgres a stale pid may name now
+        return pid if pid_alive(pid, f"-D {self.datadir}") else None
 
     @property
     def running(self) -> bool:

@@ -21,10 +21,16 @@ from .osutil import pid_alive
 def proxy_pid(pidfile: Path) -> int | None:
     """Pid of the live proxy recorded in `pidfile`, else None."""
     try:
-        pid = int(json.loads(pidfile.read_text())["pid"])
+        info = json.loads(pidfile.read_text())
+        pid, title = int(info["pid"]), _title(info["listen"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if pid_alive(pid, "latency_proxy") else None
+    return pid if pid_alive(pid, title) else None
+
+
+def _title(listen: str) -> str:
+    """This proxy's command line, not another stack's proxy that a stale pid may name now."""
+    return f"latency_proxy --listen {listen} "
 
 
 def proxy_delay_ms(pidfile: Path) -> float | None:
@@ -59,10 +65,11 @@ def stop_proxy(pidfile: Path, mode: str = "fast") -> None:
     """SIGTERM (or SIGKILL for "kill"/"immediate") the proxy and wait until it is gone."""
     pid = proxy_pid(pidfile)
     if pid is not None:
+        title = _title(json.loads(pidfile.read_text())["listen"])
         os.kill(pid, signal.SIGTERM if mode == "fast" else signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while pid_alive(pid, "latency_proxy") and time.monotonic() < deadline:
+        while pid_alive(pid, title) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if pid_alive(pid, "latency_proxy"):
+        if pid_alive(pid, title):
             os.kill(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)

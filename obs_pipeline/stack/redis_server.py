@@ -57,7 +57,14 @@ class RedisServer:
     @property
     def pid(self) -> int | None:
         pid = read_pid(self.pidfile)
-        return pid if pid_alive(pid, "redis-server") else None
+        return pid if pid_alive(pid, self._title) else None
+
+    @property
+    def _title(self) -> str:
+        """What this server's process title holds, whatever its binary is called (redis-server,
+        valkey-server ...): the address it listens on. A stale pid now naming another process,
+        or another stack's Redis, does not."""
+        return f"{HOST}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -121,5 +128,5 @@ class RedisServer:
                 os.kill(pid, signal.SIGTERM)  # SIGTERM is also a graceful, AOF-flushing shutdown
         else:
             os.kill(pid, signal.SIGKILL)
-        if not wait_until(lambda: not pid_alive(pid, "redis-server"), READY_TIMEOUT, 0.05):
+        if not wait_until(lambda: not pid_alive(pid, self._title), READY_TIMEOUT, 0.05):
             raise service_error(f"redis (pid {pid}) did not stop within {READY_TIMEOUT}s", self.log)
