@@ -314,3 +314,25 @@ def test_a_server_is_known_by_its_own_address_not_by_its_binarys_name(stack, tmp
     other = stack.status()["redis"]["pid"]  # another Redis, alive, on another port
     server.pidfile.write_text(f"{other}\n")
     assert server.pid is None and not server.running
+
+
+def test_a_stack_folder_pg_ctl_cannot_pass_on_is_refused_in_one_line(tmp_path):
+    with pytest.raises(StackError, match=r"has \$ in its path") as info:
+        LocalStack(tmp_path / "price$5").up()
+    assert "\n" not in str(info.value) and not (tmp_path / "price$5").exists()
+
+
+def test_a_first_up_cut_short_during_initdb_is_redone_by_the_next(tmp_path):
+    """initdb writes PG_VERSION early: a first `up` killed meanwhile left a data directory that
+    counted as initialized (and lacked the stack's settings). It is built aside and renamed
+    whole now; what a cut-short run leaves aside is wiped by the next `up`."""
+    stack = LocalStack(tmp_path / "stack")
+    leftover = stack.directory / "postgres" / "main.partial"
+    leftover.mkdir(parents=True)
+    (leftover / "PG_VERSION").write_text("18\n")  # as far as that initdb got
+    try:
+        stack.up()
+        assert run(stack.main_direct_url, "SHOW hot_standby_feedback") == "on"  # the stack's settings
+        assert not leftover.exists()
+    finally:
+        stack.down()

@@ -79,13 +79,28 @@ async def _handle(client_r, client_w, target: tuple[str, int], delay: float) -> 
 
 
 async def _serve(sock: socket.socket, target: tuple[str, int], delay: float) -> None:
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, target, delay), sock=sock)
+    connections: set[asyncio.Task] = set()
+
+    async def handle(reader, writer) -> None:
+        task = asyncio.current_task()
+        connections.add(task)
+        try:
+            await _handle(reader, writer, target, delay)
+        finally:
+            connections.discard(task)
+
+    server = await asyncio.start_server(handle, sock=sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    # Close the connections ourselves: from Python 3.12.1 the server's wait_closed() waits for
+    # every one, and the replica's WAL stream never ends by itself (a stop became a SIGKILL).
+    server.close()
+    for task in list(connections):
+        task.cancel()
+    await asyncio.gather(*connections, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

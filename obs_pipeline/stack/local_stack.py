@@ -119,7 +119,7 @@ class LocalStack:
         chown(self.logs_dir, user)
         open_prefixes(self.directory)
         bin_dir = pg_bin_dir()
-        open_prefixes(bin_dir)
+        open_prefixes(bin_dir, readable=True)
         if pg_bin_is_from_wheel() and not (pg_dir / "main" / "PG_VERSION").exists():
             open_tree(bin_dir.parent)  # once, before initdb: share/ and lib/ must be readable too
 
@@ -153,6 +153,10 @@ class LocalStack:
         """
         if main_latency_ms is not None and int(main_latency_ms) < 0:
             raise ValueError("main_latency_ms must be >= 0")
+        unsafe = sorted(set('"$`\\') & set(str(self.directory)))
+        if unsafe:  # pg_ctl starts the server through a shell, with the paths in double quotes
+            raise StackError(f"the stack folder {self.directory} has {' '.join(unsafe)} in its path, which "
+                             "PostgreSQL's pg_ctl cannot pass on: choose another folder (--dir)")
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._locked():
             cfg = self._load()

@@ -155,15 +155,15 @@ def chown(path: Path, user: str | None) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-_O_RX = stat.S_IROTH | stat.S_IXOTH
-
-
-def open_prefixes(path: Path) -> None:
-    """chmod o+rx `path` and every parent dir so another user can traverse to it (root only)."""
+def open_prefixes(path: Path, readable: bool = False) -> None:
+    """chmod o+x `path` and every parent dir so another user can traverse to it (root only);
+    o+r on `path` itself too if `readable`. Traversing needs no listing: /root, say, is not
+    made world-readable."""
     for folder in [path, *path.parents]:
+        wanted = stat.S_IXOTH | (stat.S_IROTH if readable and folder == path else 0)
         mode = folder.stat().st_mode
-        if mode & _O_RX != _O_RX:
-            folder.chmod(mode | _O_RX)
+        if mode & wanted != wanted:
+            folder.chmod(mode | wanted)
 
 
 def open_tree(root: Path) -> None:

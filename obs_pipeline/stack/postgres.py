@@ -103,16 +103,27 @@ class PgServer:
 
     # --- lifecycle ----------------------------------------------------------
     def init_primary(self) -> None:
-        """initdb with trust auth and append our replication-friendly settings."""
-        self._tool("initdb", ["-D", str(self.datadir), "--auth=trust", "-U", "postgres", "--encoding=UTF8",
+        """initdb with trust auth and our replication-friendly settings, into a temp dir renamed
+        when complete: initdb writes PG_VERSION early, and a first `up` cut short (a reboot, a
+        kill) left a directory taken for initialized, or one without our settings."""
+        tmp = self.datadir.with_name(self.datadir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if self.datadir.exists():
+            if any(self.datadir.iterdir()):
+                raise StackError(f"{self.datadir} holds no complete PostgreSQL data directory (no PG_VERSION): "
+                                 "move it away, then `obs-pipeline stack up` again")
+            self.datadir.rmdir()
+        self._tool("initdb", ["-D", str(tmp), "--auth=trust", "-U", "postgres", "--encoding=UTF8",
                               "--no-locale"], "initdb")
-        with open(self.datadir / "postgresql.conf", "a") as conf:
+        with open(tmp / "postgresql.conf", "a") as conf:
             conf.write(SERVER_CONF)
-        hba = self.datadir / "pg_hba.conf"
+        hba = tmp / "pg_hba.conf"
         if not any(line.split()[:2] == ["host", "replication"] and "127.0.0.1/32" in line and "trust" in line
                    for line in hba.read_text().splitlines()):
             with open(hba, "a") as fh:
                 fh.write(HBA_REPLICATION)
+        tmp.rename(self.datadir)
 
     def clone_from(self, primary: "PgServer") -> None:
         """pg_basebackup a hot standby with its own slot, into a temp dir renamed when complete.
