@@ -336,3 +336,17 @@ def test_a_first_up_cut_short_during_initdb_is_redone_by_the_next(tmp_path):
         assert not leftover.exists()
     finally:
         stack.down()
+
+
+def test_the_users_pg_variables_for_another_server_do_not_reach_the_stacks_connections(stack, monkeypatch):  # noqa: F811
+    """A user with PGSSLMODE=require or PGTARGETSESSIONATTRS=read-write set for the real
+    database: the stack's own control connections must not take them up (the replica, read
+    only, would never answer "read-write"; a server without SSL never "require")."""
+    from obs_pipeline.stack.postgres import PgServer
+
+    monkeypatch.setenv("PGSSLMODE", "require")
+    monkeypatch.setenv("PGTARGETSESSIONATTRS", "read-write")
+    replica = stack.status()["replica"]
+    server = PgServer("replica", stack.directory / "postgres" / "replica", replica["port"],
+                      stack.log_path("replica"), stack.log_path("replica"), None)
+    assert server.query("SELECT pg_is_in_recovery()") == (True,)

@@ -88,7 +88,12 @@ class PgServer:
         return self.pid is not None
 
     def connect(self, dbname: str = "postgres", timeout: int = 3):
-        return psycopg2.connect(host=HOST, port=self.port, user="postgres", dbname=dbname, connect_timeout=timeout)
+        """A control connection. Its options are all given: libpq would fill the rest from the
+        user's PG* variables (PGSSLMODE=require, PGTARGETSESSIONATTRS=read-write ...), set for
+        another server, and the stack would wait for ever on a server that refuses them."""
+        return psycopg2.connect(host=HOST, port=self.port, user="postgres", dbname=dbname, connect_timeout=timeout,
+                                sslmode="disable", gssencmode="disable", target_session_attrs="any",
+                                channel_binding="disable", options="")
 
     def query(self, sql: str, dbname: str = "postgres", timeout: int = 3):
         """First row of `sql` (autocommit), for the small control queries the stack needs."""
