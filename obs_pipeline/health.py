@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.lsn import lsn_to_int
+from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
@@ -30,7 +30,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
     if lag.get("error"):
         problems.append(lag["error"])
-    elif lag["seconds"] > REPLICA_STUCK_AFTER_S:
+    elif lag["seconds"] > REPLICA_STUCK_AFTER_S and lag.get("replica_behind_oldest_batch"):
         problems.append(f"the replica has not replayed a batch committed {lag['seconds']:.0f} s ago "
                         f"({lag['awaiting_batches']} waiting; their caches are kept): check its WAL receiver "
                         "(pg_stat_wal_receiver) and that replay is not paused")
@@ -76,19 +76,22 @@ def redis_memory(store: BufferStore) -> dict[str, Any]:
 def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None) -> dict[str, Any]:
     """Lag of our own data: bytes between main's flush LSN and the replica's replay LSN, and the
     age of the oldest committed batch the replica has not replayed yet (0 when none waits)."""
-    count, _ = store.awaiting_replication()
+    count, lowest = store.awaiting_replication()
     oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
     seconds = max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
     out: dict[str, Any] = {"seconds": round(seconds, 3), "awaiting_batches": count}
     try:
         main_lsn = _scalar(main, "SELECT pg_current_wal_flush_lsn()::text") if main is not None else None
-        replica_lsn = _scalar(replica, "SELECT pg_last_wal_replay_lsn()::text") if replica is not None else None
+        replica_lsn = _scalar(replica, REPLAY_LSN_SQL) if replica is not None else None
     except sa.exc.SQLAlchemyError as error:
         out["error"] = f"database unreachable: {str(getattr(error, 'orig', error)).strip().splitlines()[0]}"
         return out
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
     if main_lsn and replica_lsn:
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
+    # the replica itself is late only if it has not reached the oldest waiting commit; if it
+    # has, the batch merely waits for a drain to clean it
+    out["replica_behind_oldest_batch"] = bool(count) and (replica_lsn is None or lsn_to_int(replica_lsn) < lowest)
     return out
 
 

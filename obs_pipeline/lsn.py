@@ -8,3 +8,9 @@ def lsn_to_int(lsn: str) -> int:
 
 def int_to_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# How far a standby has replayed main's WAL; NULL on a server that is not in recovery. (Alone,
+# pg_last_wal_replay_lsn() answers on a primary too once it has crash-recovered: the static
+# end of that recovery, which would pass for a replica's position.)
+REPLAY_LSN_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END"

@@ -292,5 +292,9 @@ def test_a_replica_that_stopped_replaying_makes_the_site_degraded(settings, redi
     assert report["status"] == "degraded"
     assert any("has not replayed a batch committed 600 s ago" in p for p in report["problems"]), report["problems"]
     redis_client.delete(store.keys.awaiting_replication)
+    replayed = {**record, "lsn": 1}  # as old, but replayed: it only waits for a drain to clean it
+    redis_client.zadd(store.keys.awaiting_replication, {json.dumps(replayed): 1})
+    assert not any("has not replayed" in p for p in health_report(store, main_engine, replica_engine)["problems"])
+    redis_client.delete(store.keys.awaiting_replication)
     wrong = health_report(store, main_engine, main_engine)  # a primary given as the replica
     assert wrong["status"] == "degraded" and any("may name a primary" in p for p in wrong["problems"])

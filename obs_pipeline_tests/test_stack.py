@@ -171,12 +171,22 @@ def test_redis_rewrites_its_aof_on_its_own_only_as_a_backstop(stack):  # noqa: F
 
 
 def test_main_crash_and_restart(stack, probe):  # noqa: F811
+    from obs_pipeline.apply import ReplicaDatabase
+
     before = probe()
     stack.stop_service("main", mode="immediate")
     assert not stack.status()["main"]["running"]
     stack.start_service("main")
     assert run(stack.main_direct_url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=before) == 1
     assert on_replica(stack, probe())
+    # A primary that crash-recovered answers pg_last_wal_replay_lsn() with the end of that
+    # recovery: named as the replica by mistake, it must still read as no replica (None).
+    engine = sa.create_engine(stack.main_direct_url)
+    try:
+        assert run(stack.main_direct_url, "SELECT pg_last_wal_replay_lsn() IS NOT NULL") is True
+        assert ReplicaDatabase(engine).replay_lsn() is None
+    finally:
+        engine.dispose()
 
 
 def test_down_stops_everything_and_up_keeps_data(stack, probe):  # noqa: F811
