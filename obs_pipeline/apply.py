@@ -23,7 +23,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import exc
 
 from obs_pipeline.batch_sql import BatchSql
-from obs_pipeline.lsn import lsn_to_int
+from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
 
@@ -31,8 +31,9 @@ from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids,
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
 _FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
-# string with ValueError, an encoder a lone surrogate): that transaction's error, never the drain's.
-_UNWRITABLE = (ValueError, TypeError, KeyError, UnicodeError, OverflowError)
+# string with ValueError, an encoder a lone surrogate), should one pass validation: that
+# transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
+_UNWRITABLE = (ValueError, UnicodeError, OverflowError)
 
 
 class TransientError(RuntimeError):
@@ -179,27 +180,24 @@ class MainDatabase:
         result = BatchResult()
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
         folded = fold(writes)
-        script = None
-        if folded is not None:
-            try:
-                statements, rows = self.sql.writes(cur, folded)
-                script = [b"BEGIN", self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site),
-                          *statements, b"COMMIT", _FLUSH_LSN]
-            except _UNWRITABLE:
-                pass  # a value SQL cannot carry: the careful path finds whose it is
-        if script is not None:
-            try:
-                self._run(cur, script)
-            except psycopg2.Error as error:
-                if is_transient(error):
-                    raise
-                self._rollback(cur, [b"ROLLBACK"])
-            else:
-                result.applied, result.rows_per_model = txs, rows
-                result.writes_before_fold, result.writes_after_fold = len(writes), len(folded)
-                result.commit_lsn = lsn_to_int(cur.fetchone()[0])
-                return result
-        return self._apply_carefully(cur, txs)
+        if folded is None:
+            return self._apply_carefully(cur, txs)
+        try:
+            statements, rows = self.sql.writes(cur, folded)
+            applied = self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site)
+        except _UNWRITABLE:  # a value SQL cannot carry: the careful path finds whose it is
+            return self._apply_carefully(cur, txs)
+        try:
+            self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
+        except psycopg2.Error as error:
+            if is_transient(error):
+                raise
+            self._rollback(cur, [b"ROLLBACK"])
+            return self._apply_carefully(cur, txs)
+        result.applied, result.rows_per_model = txs, rows
+        result.writes_before_fold, result.writes_after_fold = len(writes), len(folded)
+        result.commit_lsn = lsn_to_int(cur.fetchone()[0])
+        return result
 
     def _apply_carefully(self, cur: Any, txs: list[Transaction]) -> BatchResult:
         result = BatchResult(slow_path=True)
@@ -235,45 +233,46 @@ class MainDatabase:
         if not ready:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]
-        folded = fold(writes)
-        # Several transactions: folded, or split. One alone: folded, and if that fails, its
-        # writes in its own order (the folded form puts a table's inserts before its deletes,
-        # which a unique key or a self-referencing foreign key may refuse).
-        forms = [folded] if folded is not None else []
-        if len(ready) == 1:
-            forms.append(None)
-        error = None
-        for form in forms:
+        alone = len(ready) == 1
+        # Several transactions go folded (or split if they cannot be); one alone goes in its own
+        # step order: folding puts a table's inserts before its deletes, which a unique key or a
+        # self-referencing foreign key may refuse.
+        folded = None if alone else fold(writes)
+        if alone or folded is not None:
             try:
-                statements, rows = (self.sql.writes(cur, form) if form is not None
-                                    else self.sql.writes_in_order(cur, writes))
+                statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
             except _UNWRITABLE as unwritable:
-                error = f"cannot be written as SQL: {unwritable!r}"
-                continue
-            try:
-                self._run(cur, [b"SAVEPOINT obs_part", *statements, b"RELEASE SAVEPOINT obs_part"])
-            except psycopg2.Error as failure:
-                if is_transient(failure):
-                    raise
-                self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
-                error = describe(failure)
-                continue
-            result.applied.extend(ready)
-            result.add_rows(rows)
-            result.writes_before_fold += len(writes)
-            result.writes_after_fold += len(form) if form is not None else len(writes)
-            return
-        if len(ready) == 1:
-            result.failed.append((ready[0], error or "could not be applied"))
-            claim_rows(blocked, written_ids(ready[0], self.registry), ready[0].transaction_id)
-            return
+                if alone:
+                    return self._fail(ready[0], f"cannot be written as SQL: {unwritable!r}", result, blocked)
+            else:
+                try:
+                    self._run(cur, [b"SAVEPOINT obs_part", *statements, b"RELEASE SAVEPOINT obs_part"])
+                except psycopg2.Error as failure:
+                    if is_transient(failure):
+                        raise
+                    self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
+                    if alone:
+                        return self._fail(ready[0], describe(failure), result, blocked)
+                else:
+                    result.applied.extend(ready)
+                    result.add_rows(rows)
+                    result.writes_before_fold += len(writes)
+                    result.writes_after_fold += len(writes) if alone else len(folded)
+                    return
         middle = len(ready) // 2
         self._bisect(cur, ready[:middle], result, blocked)
         self._bisect(cur, ready[middle:], result, blocked)
 
 
+    def _fail(self, tx: Transaction, reason: str, result: BatchResult, blocked: dict[str, str]) -> None:
+        """A transaction that failed alone: the rows it writes block those that use them."""
+        result.failed.append((tx, reason))
+        claim_rows(blocked, written_ids(tx, self.registry), tx.transaction_id)
+
+
 def fold(writes: list[RowWrite]) -> list[RowWrite] | None:
-    """Net effect per row, in first-touch order; None if a row is deleted then re-created.
+    """Net effect per row, in first-touch order (a row deleted after its insert: the delete at
+    the end); None if a row is deleted then re-created.
 
     insert+update -> insert with merged values; update+update -> one update; update+delete ->
     delete; insert+delete -> both, the delete after every insert (the batch SQL runs a table's
@@ -311,7 +310,7 @@ class ReplicaDatabase:
 
     def replay_lsn(self) -> int | None:
         with self.engine.connect() as conn:
-            lsn = conn.execute(sa.text("SELECT pg_last_wal_replay_lsn()::text")).scalar()
+            lsn = conn.execute(sa.text(REPLAY_LSN_SQL)).scalar()
         return lsn_to_int(lsn) if lsn else None
 
     def wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
@@ -330,11 +329,3 @@ class ReplicaDatabase:
                 return seen
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-
-    def lag(self) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.text(
-                "SELECT pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text,"
-                " extract(epoch from now() - pg_last_xact_replay_timestamp())")).one()
-        return {"replica_lsn": row[0], "receive_lsn": row[1],
-                "seconds_since_last_replayed_commit": float(row[2]) if row[2] is not None else None}

@@ -255,7 +255,7 @@ class Outcome:
     retry: list[tuple[float, str]] = field(default_factory=list)         # (due epoch, tx JSON)
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
     hold: dict[str, str] = field(default_factory=dict)     # row -> holder tx ("!" + tx if dead), see _HOLD
-    release: dict[str, str] = field(default_factory=dict)  # row -> the tx whose mark on it goes, see _UNHOLD
+    release: dict[str, set[str]] = field(default_factory=dict)  # tx -> its rows whose marks go, see unhold
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
@@ -439,8 +439,7 @@ class BufferStore:
                 applied_ids = outcome.applied_ids
                 for tx_id, status_json in outcome.statuses:
                     pipe.set(k.transaction(tx_id), status_json)
-                if outcome.release:
-                    pipe.eval(_UNHOLD, 1, k.held_ids, *[x for pair in outcome.release.items() for x in pair])
+                self.unhold(outcome.release, pipe)
                 if outcome.hold:
                     pipe.eval(_HOLD, 1, k.held_ids, *[x for pair in outcome.hold.items() for x in pair])
                 for due, tx_json in outcome.retry:

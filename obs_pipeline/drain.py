@@ -393,23 +393,27 @@ class Drain:
         return txs
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
-        """A transaction that uses an id created by one waiting to retry waits behind it; behind a
+        """A transaction that uses a row written by one waiting to retry waits behind it, unless
+        that one is in this batch ahead of it (the batch keeps their order); behind a
         dead-lettered one it is dead-lettered too, as blocked."""
         if not outcome.hold and not self.store.holds_any():  # the usual case: nothing waits or is dead
             return txs
-        refs = sorted({i for t in txs for i in referenced_ids(t, self.registry)})
+        refs_of = {t.transaction_id: referenced_ids(t, self.registry) for t in txs}
+        refs = sorted(set().union(*refs_of.values()))
         holders = self.store.holders(refs)
         for row in refs:  # rows this batch's own invalid entries would have written
             if row in outcome.hold and row not in holders:
                 holders[row] = outcome.hold[row]
         if not holders:
             return txs
-        ready = []
+        ready, ahead = [], set()
         for tx in txs:
-            holder = next((holders[i] for i in referenced_ids(tx, self.registry)
-                           if i in holders and holders[i].lstrip("!") != tx.transaction_id), None)
+            holder = next((holders[i] for i in refs_of[tx.transaction_id]
+                           if i in holders and holders[i] != tx.transaction_id and holders[i] not in ahead
+                           and holders[i] != "!" + tx.transaction_id), None)
             if holder is None:
                 ready.append(tx)
+                ahead.add(tx.transaction_id)
                 continue
             written = written_ids(tx, self.registry)
             if holder.startswith("!"):
@@ -418,7 +422,7 @@ class Drain:
             else:
                 # looked at again in 1 s, then 2, 4 ... 30: a holder may wait an hour to retry, and
                 # a claim every second would keep the drain (and a Dagster run) busy all that time
-                held = int(tx.metadata.get("held_count", 0)) + 1 if _is_count(tx.metadata.get("held_count")) else 1
+                held = min(tx.metadata.get("held_count", 0), 5) + 1 if _is_count(tx.metadata.get("held_count")) else 1
                 tx.metadata = {**tx.metadata, "held_by": holder, "held_count": held}
                 outcome.retry.append((time.time() + min(2.0 ** (held - 1), HELD_RECHECK_MAX_S), tx.to_json()))
                 claim_rows(outcome.hold, written, tx.transaction_id)
@@ -433,7 +437,7 @@ class Drain:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
                 # only these ever put rows in held_ids
-                outcome.release.update(dict.fromkeys(written_ids(tx, self.registry), tx.transaction_id))
+                outcome.release[tx.transaction_id] = written_ids(tx, self.registry)
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
@@ -535,7 +539,7 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _guess_id(raw: str) -> str | None:

@@ -114,8 +114,9 @@ class Spool:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""
         line = (json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
                 + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
+            _cut_torn_tail(fd)
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]
@@ -126,7 +127,8 @@ class Spool:
 
     def _entries(self) -> list[dict]:
         """The spooled transactions. A last line without its newline is one a crash cut short
-        while it was written: its call never returned, so it is not a spooled transaction."""
+        while it was written: its call never returned, so it is not a spooled transaction (and
+        the next append cuts it off, see _cut_torn_tail)."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -175,3 +177,20 @@ class Spool:
         while not stop.wait(RETRY_INTERVAL_S):
             if self.flush():
                 return
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """Truncate the file after its last newline: a line a crash cut short must not have the
+    next one appended to it (both would then be unreadable, the next one's call returned)."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    block, end = 65536, size
+    while end > 0:
+        start = max(0, end - block)
+        found = os.pread(fd, end - start, start).rfind(b"\n")
+        if found >= 0:
+            os.ftruncate(fd, start + found + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)

@@ -128,8 +128,8 @@ def is_storable_id(value: Any) -> bool:
     """A transaction id that PostgreSQL (the applied-id record) and Redis (key names) can both
     hold: 1-200 characters, no NUL, valid Unicode. Anything else from a producer would stop
     the drain at every attempt, so it is refused and the entry dead-lettered without it."""
-    if not isinstance(value, str) or not 0 < len(value) <= 200 or "\x00" in value:
-        return False
+    if not isinstance(value, str) or not 0 < len(value) <= 200 or "\x00" in value or value.startswith("!"):
+        return False  # (held_ids marks a dead-lettered holder with a leading "!")
     if not value.isascii():
         try:
             value.encode("utf-8")
@@ -349,9 +349,9 @@ def claim_rows(holders: dict[str, str], rows: set[str], value: str) -> None:
     """Mark `rows` as held by `value` (a transaction id, "!" + id once dead-lettered), but never
     a row another transaction holds: the first to fail on a row keeps it, and those behind it
     stay behind it. (buffer_store's _HOLD applies the same rule in Redis.)"""
-    owner = value.lstrip("!")
+    owner = value.removeprefix("!")
     for row in rows:
-        if holders.get(row, owner).lstrip("!") == owner:
+        if holders.get(row, owner).removeprefix("!") == owner:
             holders[row] = value
 
 

@@ -301,3 +301,11 @@ def test_a_transaction_writes_what_it_creates_updates_and_deletes():
                          "conditions": {"id": "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}})
     tx = validate(Transaction.from_dict(doc), REGISTRY)
     assert written_ids(tx, REGISTRY) == set(ids.values()) | {"obs_unit:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}
+
+
+def test_a_transaction_id_must_be_text_a_key_can_hold_and_not_a_dead_mark():
+    from obs_pipeline.wire import is_storable_id
+
+    assert is_storable_id("58b0b150-666d-4179-8f20-d38f8246e22f") and is_storable_id("legacy-42")
+    for bad in ("", "x" * 201, "nul\x00", "lone\udc80", "!looks-dead", 42, None):
+        assert not is_storable_id(bad), bad

@@ -490,7 +490,9 @@ def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settin
 
 def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
     """A crash in the middle of writing a spool line: that call never returned, so the line is
-    no spooled transaction; it must not stop every later push with a JSON error."""
+    no spooled transaction; it must not stop every later push with a JSON error, nor swallow
+    the next line spooled after it."""
+    from obs_pipeline.buffer_store import CacheWrites
     from obs_pipeline.spool import Spool
 
     spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
@@ -500,8 +502,17 @@ def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settin
     spool.path.write_text(json.dumps({"id": "whole", "tx": json.dumps(doc), "created": [], "overlays": []})
                           + "\n" + '{"id": "cut", "tx": "{\\"transa')
     assert spool.pending() == 1
+
+    class DownStore:
+        def buffer(self, *args):
+            raise redis.ConnectionError("Redis is down (test)")
+
+    after = {"transaction_id": "after", "steps": doc["steps"]}  # spooled next: not glued onto the fragment
+    spool.buffer(DownStore(), "after", json.dumps(after), CacheWrites())
+    assert spool.pending() == 2
     assert spool.flush() and not spool.path.exists()
-    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)] == ["whole"]
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
+    assert queue == ["after", "whole"]
 
 
 @pytest.mark.parametrize("same_batch", [False, True])
@@ -537,4 +548,36 @@ def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_
     assert buf.status(first) == buf.status(second) == "replicated"
     assert redis_client.hlen(keys.held_ids) == 0
     assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
+def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(settings, redis_client, main_engine):
+    """The holder of a row and the transaction held behind it come due together and are
+    applied in one batch: both release the row. Releases were kept per row, the second
+    overwrote the first, and the row stayed held by a transaction that was done: every later
+    update of it waited for ever."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        second = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        assert drain.step().held == 1
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        order = {first: 0, second: 1}
+        redis_client.zadd(keys.retry, {m: order[json.loads(m)["transaction_id"]] for m in redis_client.zrange(keys.retry, 0, -1)})
+        assert drain.step().applied == 2
+    finally:
+        drain.close()
+    assert redis_client.hlen(keys.held_ids) == 0, redis_client.hgetall(keys.held_ids)
+    third = buf.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+    assert buf.status(third) == "replicated"
     buf.close()
