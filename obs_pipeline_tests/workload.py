@@ -75,6 +75,20 @@ def drain_until_settled(settings, timeout_s: float = 120, **config) -> None:
             if not drain.redis.zcard(drain.store.keys.retry):
                 return
             time.sleep(0.2)
-        raise AssertionError("drain did not settle in time")
+        raise AssertionError(f"drain did not settle in time: {_drain_state(drain)}")
     finally:
         drain.close()
+
+
+def _drain_state(drain) -> dict:
+    """What is left, for the failure message: each retry (due in s, id, metadata), held_ids,
+    the lease holder and the queues' lengths."""
+    import json
+    import time
+
+    keys = drain.store.keys
+    retry = [(round(due - time.time(), 2), json.loads(m).get("transaction_id"), json.loads(m).get("metadata"))
+             for m, due in drain.redis.zrange(keys.retry, 0, -1, withscores=True)]
+    return {"retry": retry, "held_ids": drain.redis.hgetall(keys.held_ids), "lease": drain.store.lease_holder(),
+            "buffer": drain.redis.llen(keys.buffer), "processing": drain.redis.llen(keys.processing),
+            "failed": drain.redis.llen(keys.failed)}
