@@ -220,7 +220,7 @@ class MainDatabase:
 
     def _bisect(self, cur: Any, txs: list[Transaction], result: BatchResult, blocked: dict[str, str]) -> None:
         """Apply `txs` in order under a savepoint; on a data error split in halves until the
-        poison transactions are alone. A transaction that uses an id created by a failed one is
+        poison transactions are alone. A transaction that uses a row written by a failed one is
         held back with it ("blocked by ..."), never applied before it."""
         ready = []
         for tx in txs:
