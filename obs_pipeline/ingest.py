@@ -175,6 +175,12 @@ class TransactionBuffer:
             if step.operation in ("create", "bulk_create"):
                 for row in step.records():
                     caches.created.append((spec.name, str(row[spec.primary_key]), json_codec.dumps(row)))
+                    # A key of the caller's may be created again after a buffered delete of it:
+                    # the create goes into the read buffer too, in order, so that reads know it
+                    # comes after that delete (and keep it when the first create is cleaned).
+                    if not spec.generated_id:
+                        caches.overlays.append((spec.name, str(row[spec.primary_key]), overlay_entry(
+                            tx.transaction_id, "create", row, step.step_id)))
             else:
                 caches.overlays.append((spec.name, str(step.conditions[spec.primary_key]),
                                         overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))

@@ -10,9 +10,11 @@ Order of reads, and why a reader never sees a record vanish or go back in time:
 2. Then one replica statement. Whatever the caches no longer held at step 1 was replayed by
    the replica before it was cleaned, so the later replica read has it, or something newer.
 
-Merging, per id: a pending delete hides the record; a buffered create is the record (the
-replica copy, if there is one, can only be newer by writes buffered after step 1); otherwise
-the replica row. Pending updates are applied on top, per column, in buffering order. An
+Merging, per id: a pending delete hides the record, unless a create of the same key (one of
+the caller's, not generated) comes after it in the read buffer; a buffered create is the
+record (the replica copy, if there is one, can only be newer by writes buffered after step
+1); otherwise the replica row. Pending updates are applied on top, per column, in buffering
+order; a create in the read buffer starts the record again. An
 overlay the replica has already replayed is applied again harmlessly: updates set values.
 Hence each column shows a value at least as new as at step 1, and step 1 comes after every
 earlier read of the same reader: reads are monotonic (as long as the drain applies one
@@ -97,7 +99,14 @@ class Buffered:
     overlays: dict[str, list[dict[str, Any]]]  # id -> pending updates/deletes, in buffering order
 
     def deleted(self, rid: str) -> bool:
-        return any(o.get("op") == "delete" for o in self.overlays.get(rid, ()))
+        """A pending delete hides the record unless a create of the same key comes after it."""
+        for entry in reversed(self.overlays.get(rid, ())):
+            op = entry.get("op")
+            if op == "delete":
+                return True
+            if op == "create":
+                return False
+        return False
 
 
 @dataclass
@@ -223,7 +232,13 @@ class SmartQuery:
         for record in json.loads(records):
             if isinstance(record, dict) and record.get(pk) is not None:
                 created[str(record[pk])] = record
-        return Buffered(created, {str(rid): entries for rid, entries in json.loads(overlays)})
+        pending = {str(rid): entries for rid, entries in json.loads(overlays)}
+        for rid, entries in pending.items():
+            if rid not in created:  # its buffered record went with the cleanup of an earlier create of the key
+                made = next((e.get("data") for e in entries if e.get("op") == "create"), None)
+                if isinstance(made, dict):
+                    created[rid] = made
+        return Buffered(created, pending)
 
     def replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Rows of these ids on the replica alone, id -> row (ingest uses it when Redis is down)."""
@@ -266,7 +281,11 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
     merged = dict.fromkeys(spec.columns)
     merged.update(record)
     for entry in overlays:
-        if entry.get("op") == "update":
+        op = entry.get("op")
+        if op == "update":
+            merged.update(entry.get("data") or ())
+        elif op == "create":  # the key created again after a delete: nothing before it counts
+            merged = dict.fromkeys(spec.columns)
             merged.update(entry.get("data") or ())
     if len(merged) != len(spec.columns):  # a key that is no column (a foreign writer): drop it
         merged = {name: merged[name] for name in spec.columns}

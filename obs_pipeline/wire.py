@@ -310,13 +310,15 @@ def row_writes(tx: Transaction, registry: ModelRegistry) -> Iterator[RowWrite]:
 
 def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]:
     """What ingest put in Redis for this transaction besides its queue entry: the created
-    records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]) and its
-    status ("t"). Removed once the replica has replayed it, or when it is discarded."""
+    records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]; the creates
+    of a model whose key is not generated have one too) and its status ("t"). Removed once the replica has replayed it, or when it is discarded."""
     record: dict[str, list] = {"c": [], "o": [], "t": [tx.transaction_id]}
     for step in tx.steps:
         spec = registry.model(step.model_class)
         if step.operation in ("create", "bulk_create"):
             record["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
+            if not spec.generated_id:  # ingest put a create entry in the read buffer too
+                record["o"].extend([spec.name, str(r[spec.primary_key]), tx.transaction_id] for r in step.records())
         else:
             record["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
     return record

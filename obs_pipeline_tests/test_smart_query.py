@@ -295,6 +295,35 @@ def test_integer_primary_keys(buf, settings):
         drain_until_empty(settings)
 
 
+
+def test_a_key_deleted_and_created_again_shows_the_new_record(buf, settings, redis_client):
+    """An integer key is the caller's: a buffered delete, then a create with the same key. The
+    pending delete must not hide the new record, and cleaning the first create must not take
+    the second one's buffered record with it."""
+    def check(expected_1: dict, expected_500: dict) -> None:
+        assert buf.get("ObsUnit", 1) == expected_1
+        assert buf.get("ObsUnit", 500) == expected_500
+        assert buf.search("ObsUnit", {"id": [1, 500]}) == [expected_1, expected_500]
+        assert buf.search("ObsUnit", {"name": expected_500["name"]}) == [expected_500]
+
+    buf.delete("ObsUnit", 1)                                 # on the replica (clean_db)
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 1, "name": "unit 1 again"})
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 500, "name": "first"})
+    buf.delete("ObsUnit", 500)
+    with buf.transaction() as tx:
+        tx.create("ObsUnit", {"id": 500, "name": "second"})
+    buf.update("ObsUnit", 500, {"name": "second, renamed"})  # refused while the record was hidden
+    one, five = {"id": 1, "name": "unit 1 again"}, {"id": 500, "name": "second, renamed"}
+    check(one, five)
+    for _ in range(6):  # one transaction at a time: each state in between, from caches and replica
+        drain_steps(settings, 1)
+        check(one, five)
+    drain_until_empty(settings)
+    check(one, five)
+    assert cache_keys(redis_client, settings.site) == []
+
 CHECKS_AFTER_CLEANUP = {
     "get: overlay on a replicated row": lambda buf, r: buf.get("ExecutedObsUnit", r["obs"])["status"] == "completed",
     "search by the overlaid column": lambda buf, r: [x["id"] for x in buf.search(
