@@ -176,16 +176,16 @@ class SmartQuery:
         self._require_replica()
         state = self.buffered(spec, None)                    # 1. caches
         hidden = {rid for rid in state.overlays if state.deleted(rid)}
-        datetimes = _datetime_columns(spec)
+        datetimes, floats = _datetime_columns(spec), _float_columns(spec)
         out: dict[str, dict[str, Any]] = {}
         match = compiled.match
         for rid, record in state.created.items():
             overlays = state.overlays.get(rid)
             if overlays is None:  # filters hold on the record as stored: merge only what matches
                 if match(record):
-                    out[rid] = _merge(spec, record, (), datetimes)
+                    out[rid] = _merge(spec, record, (), datetimes, floats)
             elif rid not in hidden:
-                row = _merge(spec, record, overlays, datetimes)
+                row = _merge(spec, record, overlays, datetimes, floats)
                 if match(row):
                     out[rid] = row
         # Records on the replica with pending updates: if an update sets a filtered column, the
@@ -205,7 +205,7 @@ class SmartQuery:
                 continue
             overlays = state.overlays.get(rid)
             if overlays:
-                row = _merge(spec, row, overlays, datetimes)
+                row = _merge(spec, row, overlays, datetimes, floats)
             if rid in recheck and not compiled.match(row):
                 continue
             out[rid] = row
@@ -276,8 +276,9 @@ class SmartQuery:
 # --- merging --------------------------------------------------------------------------------
 
 def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
-           datetimes: list[str] | None = None) -> dict[str, Any]:
-    """Every column of the model in order, pending updates applied per column, datetimes in UTC."""
+           datetimes: list[str] | None = None, floats: list[str] | None = None) -> dict[str, Any]:
+    """Every column of the model in order, pending updates applied per column, datetimes in UTC,
+    floats as floats (JSON may hold 30 for 30.0; the replica gives a float)."""
     merged = dict.fromkeys(spec.columns)
     merged.update(record)
     for entry in overlays:
@@ -293,11 +294,18 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
         value = merged[name]
         if value.__class__ is str and value[-6:] != "+00:00":
             merged[name] = _utc_iso(value)
+    for name in _float_columns(spec) if floats is None else floats:
+        if merged[name].__class__ is int:
+            merged[name] = float(merged[name])
     return merged
 
 
 def _datetime_columns(spec: ModelSpec) -> list[str]:
     return [name for name, column in spec.columns.items() if column.kind == "datetime"]
+
+
+def _float_columns(spec: ModelSpec) -> list[str]:
+    return [name for name, column in spec.columns.items() if column.kind == "float"]
 
 
 def _utc_iso(value: str) -> str:

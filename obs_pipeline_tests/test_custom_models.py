@@ -190,3 +190,26 @@ def test_a_transaction_that_frees_a_unique_value_and_takes_it_again_is_applied(c
         assert conn.execute(sa.text("SELECT id::text FROM custom_slot WHERE label = :l"), {"l": label}).all() == [
             (new["id"],)]
     buf.close()
+
+
+def test_a_float_column_reads_as_a_float_whether_buffered_or_replicated(custom_schema):
+    """A float column given an integer (valid JSON for a number) is a float on the replica:
+    reads of the buffered record must give the same type, not an int that becomes a float
+    once replicated."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    code = random.randrange(10**6, 10**9)
+    with buf.transaction() as tx:
+        tx.create("Instrument", {"code": code, "name": "cam"})
+        made = tx.bulk_create("Exposure", [{"instrument_code": code, "started": "2025-01-01T00:00:00Z",
+                                            "seconds": 30} for _ in range(2)])
+    buf.update("Exposure", made[1]["id"], {"seconds": 45})
+    for _ in range(2):  # buffered, then from the replica
+        rows = buf.search("Exposure", {"instrument_code": code})
+        got = sorted((r["seconds"], type(r["seconds"])) for r in rows)
+        assert got == [(30.0, float), (45.0, float)]
+        assert type(buf.get("Exposure", made[0]["id"])["seconds"]) is float
+        assert type(buf.get("Exposure", made[1]["id"])["seconds"]) is float
+        drain_until_settled(custom_schema)
+    buf.close()
