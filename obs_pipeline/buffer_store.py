@@ -485,11 +485,12 @@ class BufferStore:
             if len(due) < CLEAN_PASS:
                 return cleaned
 
-    def forget(self, cleanup: dict[str, list]) -> None:
-        """Remove a discarded transaction's caches, own overlays and index entries the way a
-        replicated chunk is cleaned, without its status, counter or event: nothing of it stays
-        visible."""
-        self._clean_chunks([(cleanup, None)])
+    def forget(self, cleanup: dict[str, list], pipe: Any) -> None:
+        """Queue on `pipe` (in the discard's MULTI) the removal of a discarded transaction's
+        caches, own overlays and index entries, the way a replicated chunk is cleaned, without
+        its status, counter or event: nothing of it stays visible."""
+        for command in self._chunk_commands(cleanup, None):
+            pipe.execute_command(*command)
 
     def _clean_chunks(self, chunks: list[tuple[dict[str, Any], bytes | None]]) -> list[bool]:
         """Clean chunks ({"c": [[model, id]...] created, "o": [[model, id, tx]...] overlaid, "t":
@@ -499,31 +500,11 @@ class BufferStore:
         call removed."""
         if not chunks:
             return []
-        k = self.keys
         commands: list[tuple] = []  # MULTI/EXEC per chunk, spelled out
         exec_at = []  # where each chunk's EXEC reply (the list of its commands' replies) will be
         for record, member in chunks:
             commands.append(("MULTI",))
-            created = record.get("c") or ()
-            if created:
-                commands.append(("DEL", *[key for model, rid in created
-                                          for key in (k.buffered(model, rid), k.cached_id(model, rid))]))
-                by_model: dict[str, list[str]] = {}
-                for model, rid in created:
-                    by_model.setdefault(model, []).append(rid)
-                for model, ids in by_model.items():
-                    commands.append(("SREM", k.model_index(model), *ids))
-            if record.get("o"):
-                commands.append(("EVAL", _CLEAN_OVERLAYS, 0, k.prefix, *[
-                    part for model, rid, tx_id in record["o"] for part in (model, rid, overlay_mark(tx_id))]))
-            if member is not None:
-                ids = record.get("t") or []
-                lsn = int_to_lsn(int(record.get("lsn") or 0))
-                commands.extend(("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
-                                 "EX", REPLICATED_STATUS_TTL_S) for tx_id in ids)
-                event = json_codec.dumps({"event": "replicated", "transaction_ids": ids})
-                commands.append(("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
-                                 member, len(ids), event))
+            commands.extend(self._chunk_commands(record, member))
             commands.append(("EXEC",))
             exec_at.append(len(commands) - 1)
         replies = self._send_all(commands)
@@ -534,6 +515,32 @@ class BufferStore:
                 raise failed
             done.append(member is not None and reply[-1] == 1)
         return done
+
+    def _chunk_commands(self, record: dict[str, Any], member: bytes | None) -> list[tuple]:
+        """The commands of one chunk's cleanup, to run inside a MULTI (see _clean_chunks)."""
+        k = self.keys
+        commands: list[tuple] = []
+        created = record.get("c") or ()
+        if created:
+            commands.append(("DEL", *[key for model, rid in created
+                                      for key in (k.buffered(model, rid), k.cached_id(model, rid))]))
+            by_model: dict[str, list[str]] = {}
+            for model, rid in created:
+                by_model.setdefault(model, []).append(rid)
+            for model, ids in by_model.items():
+                commands.append(("SREM", k.model_index(model), *ids))
+        if record.get("o"):
+            commands.append(("EVAL", _CLEAN_OVERLAYS, 0, k.prefix, *[
+                part for model, rid, tx_id in record["o"] for part in (model, rid, overlay_mark(tx_id))]))
+        if member is not None:
+            ids = record.get("t") or []
+            lsn = int_to_lsn(int(record.get("lsn") or 0))
+            commands.extend(("SET", k.transaction(tx_id), replicated_status(tx_id, lsn),
+                             "EX", REPLICATED_STATUS_TTL_S) for tx_id in ids)
+            event = json_codec.dumps({"event": "replicated", "transaction_ids": ids})
+            commands.append(("EVAL", _FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
+                             member, len(ids), event))
+        return commands
 
     def _send_all(self, commands: list[tuple]) -> list[Any]:
         """The replies of `commands`, sent in one write packed by hiredis, read in order. redis-py's

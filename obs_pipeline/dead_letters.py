@@ -120,15 +120,17 @@ class DeadLetters:
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
         except InvalidTransaction:
             footprint = None
+        # all in one MULTI: a discard that died after removing the letter left its dead marks (every
+        # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.lrem(self.keys.failed, 1, letter.raw)
         if letter.transaction_id:
             pipe.delete(self.keys.transaction(letter.transaction_id))
-        pipe.execute()
         if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
-            self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)})
+            self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
         if footprint:
-            self.store.forget(footprint)
+            self.store.forget(footprint, pipe)
+        pipe.execute()
 
 
 def _parse(doc: dict[str, Any]) -> Transaction | None:
