@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -45,9 +46,9 @@ class DeadLetters:
         self.registry = registry
         self.keys = store.keys
 
-    def list(self) -> list[DeadLetter]:
-        """Oldest failure first."""
-        raws = self.store.redis.lrange(self.keys.failed, 0, -1)
+    def list(self, client: Any = None) -> list[DeadLetter]:
+        """Oldest failure first (read on `client`: a pipeline that WATCHes the list)."""
+        raws = (client or self.store.redis).lrange(self.keys.failed, 0, -1)
         out = []
         for raw in reversed(raws):
             raw = raw.decode()
@@ -58,9 +59,9 @@ class DeadLetters:
             out.append(DeadLetter(raw, doc))
         return out
 
-    def get(self, ref: str) -> DeadLetter:
+    def get(self, ref: str, letters: list[DeadLetter] | None = None) -> DeadLetter:
         """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id)."""
-        letters = self.list()
+        letters = self.list() if letters is None else letters
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]
         for letter in letters:
@@ -71,13 +72,35 @@ class DeadLetters:
 
     def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
         """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
-        letters = self.list()
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids))
+
+    def discard(self, ref: str) -> None:
+        """Drop it for good (by id, or `#N` of the list), with its status, caches, overlays and
+        its marks in `held_ids`; what it blocked stays dead-lettered (retry or discard those too)."""
+        self._while_unchanged(lambda pipe: self._discard(pipe, ref))
+
+    def _while_unchanged(self, act: Any) -> Any:
+        """Run `act(pipe)`: it reads the list on `pipe`, which WATCHes it, then queues its writes in
+        one MULTI. If the list changed in between (another operator's retry or discard of the same
+        letter, a dead letter the drain added), nothing is written and it reads again: acting on
+        what it read then would requeue a discarded letter, requeue one twice, or delete the
+        status and caches of one queued again."""
+        while True:
+            with self.store.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.failed)
+                    return act(pipe)
+                except redis.WatchError:
+                    continue
+
+    def _retry(self, pipe: Any, transaction_ids: list[str] | None) -> list[str]:
+        letters = self.list(pipe)
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id]
         else:
             wanted = set()
             for ref in transaction_ids:
-                letter = self.get(ref)
+                letter = self.get(ref, letters)
                 if letter.transaction_id is None:
                     raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
                                              f"retried: `obs-pipeline failed show {ref}`, then discard it")
@@ -93,28 +116,26 @@ class DeadLetters:
                         changed = True
             chosen = [letter for letter in letters if letter.transaction_id in wanted]
         ordered = _blockers_first(chosen)
-        with self.store.redis.pipeline(transaction=True) as pipe:
-            for letter in ordered:
-                pipe.lrem(self.keys.failed, 1, letter.raw)
-            # RPUSH puts an entry at the consuming end: push the last-to-run first.
-            for letter in reversed(ordered):
-                doc = {k: v for k, v in letter.doc.items() if k != "failure"}
-                doc.update(status="pending", retry_count=0)
-                tx = _parse(doc)
-                tx_json = _canonical_json(doc, tx)
-                pipe.rpush(self.keys.buffer, tx_json)
-                pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
-            # their dead marks go in the same MULTI: a drain claiming them in between would find
-            # them still marked and dead-letter a dependent as blocked again
-            self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
-                               for letter in ordered if (tx := _parse(letter.doc)) is not None}, pipe)
-            pipe.execute()
+        pipe.multi()
+        for letter in ordered:
+            pipe.lrem(self.keys.failed, 1, letter.raw)
+        # RPUSH puts an entry at the consuming end: push the last-to-run first.
+        for letter in reversed(ordered):
+            doc = {k: v for k, v in letter.doc.items() if k != "failure"}
+            doc.update(status="pending", retry_count=0)
+            tx = _parse(doc)
+            tx_json = _canonical_json(doc, tx)
+            pipe.rpush(self.keys.buffer, tx_json)
+            pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
+        # their dead marks go in the same MULTI: a drain claiming them in between would find
+        # them still marked and dead-letter a dependent as blocked again
+        self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
+                           for letter in ordered if (tx := _parse(letter.doc)) is not None}, pipe)
+        pipe.execute()
         return [letter.transaction_id for letter in ordered]
 
-    def discard(self, ref: str) -> None:
-        """Drop it for good (by id, or `#N` of the list), with its status, caches, overlays and
-        its marks in `held_ids`; what it blocked stays dead-lettered (retry or discard those too)."""
-        letter = self.get(ref)
+    def _discard(self, pipe: Any, ref: str) -> None:
+        letter = self.get(ref, self.list(pipe))
         tx = _parse(letter.doc)
         try:  # a transaction that does not validate was never cached: nothing more to remove
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
@@ -122,7 +143,7 @@ class DeadLetters:
             footprint = None
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
-        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.multi()
         pipe.lrem(self.keys.failed, 1, letter.raw)
         if letter.transaction_id:
             pipe.delete(self.keys.transaction(letter.transaction_id))

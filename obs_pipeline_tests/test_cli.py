@@ -322,6 +322,52 @@ def dead_letters_of(settings, client):
     return DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
 
 
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("first, then", [("discard", "retry"), ("retry", "discard"), ("retry", "retry")])
+def test_two_operators_acting_on_one_dead_letter_at_once_do_it_once(settings, redis_client, monkeypatch,
+                                                                   first, then):
+    """`failed retry` and `failed discard` (or the Dagster retry job) on the same letter at the
+    same moment: the one that read the list before the other changed it must not act on what
+    it read. Found by review: a retry after a discard requeued the discarded transaction (main
+    got it, without its caches); a discard after a retry deleted the status and caches of a
+    transaction queued again (and main still got it); two retries queued it twice."""
+    import redis as redis_lib
+
+    from obs_pipeline.dead_letters import UnknownTransaction
+
+    tx_id, obs_id = dead_poison(settings)
+    keys = SiteKeys(settings.site)
+    other = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url))
+    ours = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url))
+    execute = redis_lib.client.Pipeline.execute
+    armed = [True]
+
+    def execute_after_the_other(pipe, *args, **kwargs):
+        """The other operator acts just before ours reaches Redis with what it read."""
+        if armed[0] and pipe.transaction and pipe.connection_pool is ours.store.redis.connection_pool:
+            armed[0] = False
+            getattr(other, first)([tx_id] if first == "retry" else tx_id)
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_after_the_other)
+    try:
+        getattr(ours, then)([tx_id] if then == "retry" else tx_id)
+    except UnknownTransaction:
+        pass  # it was gone from the list by then: the right answer
+    assert not armed[0]
+    monkeypatch.undo()
+    queued = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)]
+    assert redis_client.llen(keys.failed) == 0
+    if first == "discard":
+        assert queued == [] and redis_client.get(keys.transaction(tx_id)) is None
+        assert redis_client.get(keys.buffered("ExecutedObsUnit", obs_id)) is None
+    else:
+        assert queued == [tx_id]
+        assert json.loads(redis_client.get(keys.transaction(tx_id)))["status"] == "pending"
+        assert redis_client.get(keys.buffered("ExecutedObsUnit", obs_id)) is not None
+    assert redis_client.hlen(keys.held_ids) == 0
+
+
 class Killed(BaseException):
     """The operator's command dies here (kill -9, a lost link): nothing more reaches Redis."""
 
