@@ -284,7 +284,10 @@ class Drain:
         if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
             self.token = None
             self._prefetched = None
-            self.acquire()
+            try:
+                self.acquire()
+            except DrainBusy as busy:  # it expired and another drain took it: that one works the site
+                raise LeaseLost(str(busy)) from None
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it

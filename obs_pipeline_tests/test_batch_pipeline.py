@@ -562,3 +562,31 @@ def test_a_held_transaction_is_looked_at_again_ever_more_rarely(settings, redis_
         drain.close()
         buf.close()
     assert waits == [1, 2, 4], waits
+
+
+def test_a_drain_whose_lease_expired_between_batches_and_was_taken_stops(settings, redis_client, main_engine):
+    """The lease lapsed between two batches (the drain paused longer than its TTL) and another
+    drain took it: this one stops as "another drain took the lease", leaving the rest to it,
+    not with an error (it raised DrainBusy, which only the first acquire expects)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 4, finish_every=0)
+    buf.close()
+
+    def another_takes_the_lease(report):
+        redis_client.set(keys.lease, "another-drain", px=60_000)
+
+    drain = Drain(settings, DrainConfig(batch_size=1, max_batch_size=1))
+    try:
+        summary = drain.run(until_empty=True, budget_s=60, on_batch=another_takes_the_lease)
+    finally:
+        drain.close()
+    assert summary.stopped_because == "another drain took the lease" and summary.applied == 1
+    assert redis_client.get(keys.lease) == b"another-drain"
+    redis_client.delete(keys.lease)  # the other drain is gone; the next one drains the rest
+    drain_until_settled(settings)
+    check = TransactionBuffer(settings=settings)
+    assert all(check.status(o.start_tx) == "replicated" for o in observations)
+    check.close()
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 4
