@@ -257,7 +257,12 @@ def _parse_datetime(value: Any) -> dt.datetime:
 
 
 def _datetime_json(value: Any) -> str:
-    return _parse_datetime(value).isoformat()
+    """In UTC: a `timestamp without time zone` column drops the offset of what it is given
+    (02:00+02:00 would be stored as 02:00), and reads take its values as UTC."""
+    try:
+        return _parse_datetime(value).astimezone(dt.timezone.utc).isoformat()
+    except OverflowError:
+        raise ValueError(f"{value!r} is outside years 1-9999 once in UTC") from None
 
 
 def _parse_date(value: Any) -> dt.date:

@@ -1,6 +1,6 @@
 """A schema of a site's own, for the tests of `OBS_MODELS`: an integer key not called `id`, a
 foreign key to it checked at commit (deferred), column types the built-in schema does not have
-(JSON, float, bool), and a column whose name needs quoting."""
+(JSON, float, bool, a timestamp without time zone), and a column whose name needs quoting."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class Exposure(Base):
     seconds: Mapped[float] = mapped_column(Float, nullable=False)
     ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    logged: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # timestamp without time zone
 
 
 class Note(Base):

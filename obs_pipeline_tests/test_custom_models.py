@@ -58,15 +58,20 @@ def test_a_schema_of_its_own_from_db_init_to_the_replica(custom, main_engine, re
     with buf.transaction() as tx:
         tx.create("Instrument", {"code": code, "name": "cam", "settings": {"gain": 2.5, "modes": ["a", "b"]}})
         exposure = tx.create("Exposure", {"instrument_code": code, "started": "2025-01-01T02:00:00+02:00",
-                                          "seconds": 1.5, "ok": True})
+                                          "seconds": 1.5, "ok": True, "logged": "2025-01-01T02:00:00+02:00"})
     note = buf.update("Exposure", exposure["id"], {"note": "after", "ok": False})
     expected = {"id": exposure["id"], "instrument_code": code, "started": "2025-01-01T00:00:00+00:00",
-                "seconds": 1.5, "ok": False, "note": "after"}
+                "seconds": 1.5, "ok": False, "note": "after", "logged": "2025-01-01T00:00:00+00:00"}
     assert buf.get("Exposure", exposure["id"]) == expected  # buffered, with its overlay
     drained = cli("drain", "--once", env=env)
     assert drained.returncode == 0 and "drained 2 transactions" in drained.stderr, drained.stderr
     assert buf.status(tx.transaction_id) == buf.status(note) == "replicated"
     with main_engine.connect() as conn:
+        # a timestamp without time zone keeps the instant in UTC: PostgreSQL drops an offset
+        # written to it (02:00+02:00 was stored as 02:00, and read back as 02:00 UTC)
+        logged = conn.execute(sa.text("SELECT logged::text FROM custom_exposure WHERE id = :i"),
+                              {"i": exposure["id"]}).scalar_one()
+        assert logged == "2025-01-01 00:00:00"
         row = conn.execute(sa.text("SELECT i.settings::text, e.seconds, e.ok, e.note FROM custom_exposure e "
                                    "JOIN custom_instrument i ON i.code = e.instrument_code WHERE e.id = :i"),
                            {"i": exposure["id"]}).one()

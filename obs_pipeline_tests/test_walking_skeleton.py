@@ -93,6 +93,9 @@ BAD_INPUTS = [
      "2147483648 is out of range for a 32-bit integer column"),
     ("bad datetime", lambda tx: tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "yesterday",
                                                               "status": "running"}), "not an ISO-8601 datetime"),
+    ("datetime beyond year 1 in UTC", lambda tx: tx.create("ExecutedObsUnit", {
+        "obs_unit_id": 1, "start_time": "0001-01-01T00:00:00+01:00", "status": "running"}),
+     "'0001-01-01T00:00:00+01:00' is outside years 1-9999 once in UTC"),
     ("missing required column", lambda tx: tx.create("RawDataPackage", {"name": "p"}),
      "missing required column(s) executed_obs_unit_id"),
     ("an object where text belongs", lambda tx: tx.create("RawDataPackage", {"name": object(),
