@@ -163,9 +163,14 @@ def cmd_failed(args: argparse.Namespace) -> int:
     letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site),
                           ModelRegistry.from_path(settings.models))
     if args.action == "list":  # an entry without a usable id is named by its place: #N
-        for place, letter in enumerate(letters.list(), start=1):
+        listed = letters.list()
+        ids = {letter.transaction_id for letter in listed}
+        for place, letter in enumerate(listed, start=1):
             s = letter.summary()
-            print(f"{s['transaction_id'] or f'#{place}'}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}")
+            blocker = s["reason"].removeprefix("blocked by ") if s["reason"].startswith("blocked by ") else None
+            hint = (f" ({blocker} is no longer dead-lettered: retry or discard this one)"
+                    if blocker is not None and blocker not in ids else "")
+            print(f"{s['transaction_id'] or f'#{place}'}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}{hint}")
     elif args.action == "show":
         print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
     elif args.action == "retry":

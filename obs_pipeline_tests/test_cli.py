@@ -264,14 +264,20 @@ def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, red
 
     buf = TransactionBuffer(settings=settings)
     with buf.transaction() as poison:
-        poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
-                                          "status": "running"})  # no such obs unit
+        obs = poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})  # no such obs unit
+    dependent = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
     buf.close()
     keys = SiteKeys(settings.site)
     drain_until_settled(settings, retry_base_s=0.05)
-    assert redis_client.llen(keys.failed) == 1 and redis_client.hlen(keys.held_ids) == 1
+    assert redis_client.llen(keys.failed) == 2 and redis_client.hlen(keys.held_ids) == 1
     assert cli("failed", "discard", poison.transaction_id, env=env).returncode == 0
-    assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
+    assert redis_client.llen(keys.failed) == 1 and redis_client.hlen(keys.held_ids) == 0
+    # what it blocked stays, and the list says why it may go now
+    listed = cli("failed", "list", env=env).stdout.strip().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(dependent), listed
+    assert listed[0].endswith(f"blocked by {poison.transaction_id} ({poison.transaction_id} is no longer "
+                              "dead-lettered: retry or discard this one)"), listed
 
 
 def test_a_replica_that_stopped_replaying_makes_the_site_degraded(settings, redis_client, main_engine,
