@@ -419,9 +419,14 @@ class Drain:
                 ahead.add(tx.transaction_id)
                 continue
             written = written_ids(tx, self.registry)
+            # Its marks go only on rows nobody holds: a row held by another stays that one's in
+            # this batch's outcome too, or its holder, failing later in the batch, could not mark
+            # it dead there (claim_rows keeps the first mark) and this one would wait for ever.
+            value = ("!" if holder.startswith("!") else "") + tx.transaction_id
+            claim_rows(holders, written, value)
+            written = {row for row in written if holders.get(row) == value}
             if holder.startswith("!"):
-                self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked")
-                claim_rows(holders, written, "!" + tx.transaction_id)
+                self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked", rows=written)
             else:
                 # looked at again in 1 s, then 2, 4 ... 30: a holder may wait an hour to retry, and
                 # a claim every second would keep the drain (and a Dagster run) busy all that time
@@ -429,7 +434,6 @@ class Drain:
                 tx.metadata = {**tx.metadata, "held_by": holder, "held_count": held}
                 outcome.retry.append((time.time() + min(2.0 ** (held - 1), HELD_RECHECK_MAX_S), tx.to_json()))
                 claim_rows(outcome.hold, written, tx.transaction_id)
-                claim_rows(holders, written, tx.transaction_id)
                 report.held += 1
         return ready
 
@@ -469,11 +473,12 @@ class Drain:
             report.main_round_trip_ms = round(self.main.round_trip_s * 1000, 2)
         report.commit_lsn = int_to_lsn(result.commit_lsn) if result.commit_lsn is not None else None
 
-    def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str) -> None:
+    def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
+                     rows: set[str] | None = None) -> None:
         entry = _failed_entry(tx.to_dict(), reason, kind=kind)
         outcome.dead.append((tx.transaction_id, entry))
         outcome.statuses.append((tx.transaction_id, entry))
-        claim_rows(outcome.hold, written_ids(tx, self.registry), "!" + tx.transaction_id)
+        claim_rows(outcome.hold, written_ids(tx, self.registry) if rows is None else rows, "!" + tx.transaction_id)
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
     def _compact_aof(self) -> int:

@@ -581,3 +581,44 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
     drain_until_settled(settings)
     assert buf.status(third) == "replicated"
     buf.close()
+
+
+def test_a_holder_dead_lettered_in_the_batch_of_one_it_holds_back_still_blocks_it(settings, redis_client, main_engine):
+    """The held transaction comes due just before its holder's last retry, and both are claimed
+    in one batch, the held one first. It was held again, marking the row as its own in the
+    batch's outcome; the holder, dead-lettered next, could then not turn its mark into a dead
+    one: held_ids kept naming it as waiting to retry, and the held update was looked at again
+    every 30 s for ever (the retry zset never emptied) instead of being dead-lettered as blocked."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+
+    def due_in_order(*ids):
+        order = {tx_id: n for n, tx_id in enumerate(ids)}
+        members = redis_client.zrange(keys.retry, 0, -1)
+        redis_client.zadd(keys.retry, {m: order.get(json.loads(m)["transaction_id"], 1e12) for m in members})
+
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        second = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        assert drain.step().held == 1
+        for _ in range(2):  # the first's retries 2 and 3, alone
+            due_in_order(first)
+            assert drain.step().retried == 1
+        due_in_order(second, first)  # the held one due just before its holder's last attempt
+        report = drain.step()
+        assert report.held == 1 and [d["transaction_id"] for d in report.dead_lettered] == [first]
+        assert redis_client.hget(keys.held_ids, f"{obs['id']}") == f"!{first}".encode()
+        due_in_order(second)
+        report = drain.step()
+        assert [d["reason"] for d in report.dead_lettered] == [f"blocked by {first}"]
+    finally:
+        drain.close()
+    assert redis_client.zcard(keys.retry) == 0
+    buf.close()
