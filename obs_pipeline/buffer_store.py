@@ -222,6 +222,23 @@ end
 return 1
 """
 
+# A transaction held behind another waits in the retry zset at +inf, its member also at the end
+# of parked:{holder}. _UNPARK makes those of each given holder due, in the order they were held
+# (and those of the next holder after them): they come back together, oldest first, so a newer
+# one never goes before an older one that waits for the same row. ZADD XX: only members still
+# there. ARGV = the key of parked:{holder} for each holder (in order), after a start score.
+_UNPARK = """
+local score = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  for _, member in ipairs(redis.call('LRANGE', ARGV[i], 0, -1)) do
+    redis.call('ZADD', KEYS[1], 'XX', score, member)
+    score = score + 0.001
+  end
+  redis.call('DEL', ARGV[i])
+end
+return 1
+"""
+
 
 def redis_is_full(error: BaseException) -> bool:
     """Redis at its `maxmemory` refused a write: OutOfMemoryError, or, from inside a Lua script
@@ -256,6 +273,8 @@ class Outcome:
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
     hold: dict[str, str] = field(default_factory=dict)     # row -> holder tx ("!" + tx if dead), see _HOLD
     release: dict[str, set[str]] = field(default_factory=dict)  # tx -> its rows whose marks go, see unhold
+    park: list[tuple[str, str]] = field(default_factory=list)  # (holder, tx JSON): held behind it, see _UNPARK
+    unpark: list[str] = field(default_factory=list)  # applied or dead: those parked behind them come due
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
@@ -444,6 +463,11 @@ class BufferStore:
                     pipe.eval(_HOLD, 1, k.held_ids, *[x for pair in outcome.hold.items() for x in pair])
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
+                for holder, tx_json in outcome.park:  # parked before any release of this batch
+                    pipe.zadd(k.retry, {tx_json: "+inf"})
+                    pipe.rpush(k.parked(holder), tx_json)
+                if outcome.unpark:
+                    pipe.eval(_UNPARK, 1, k.retry, time.time(), *[k.parked(h) for h in outcome.unpark])
                 for _, failed_json in outcome.dead:
                     pipe.lpush(k.failed, failed_json)
                 if outcome.commit_lsn is not None and outcome.cleanup:

@@ -81,7 +81,6 @@ def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int
     return max(least, min(most, math.ceil(round(wanted) / 100) * 100))
 
 
-HELD_RECHECK_MAX_S = 30.0  # a transaction held behind another is looked at again at least this often
 RETRY_DELAY_MAX_S = 3600.0  # a producer's own retry_count/max_retries may be large: an hour at most
 
 
@@ -428,11 +427,11 @@ class Drain:
             if holder.startswith("!"):
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked", rows=written)
             else:
-                # looked at again in 1 s, then 2, 4 ... 30: a holder may wait an hour to retry, and
-                # a claim every second would keep the drain (and a Dagster run) busy all that time
-                held = min(tx.metadata.get("held_count", 0), 5) + 1 if _is_count(tx.metadata.get("held_count")) else 1
-                tx.metadata = {**tx.metadata, "held_by": holder, "held_count": held}
-                outcome.retry.append((time.time() + min(2.0 ** (held - 1), HELD_RECHECK_MAX_S), tx.to_json()))
+                # parked until its holder is applied or dead-lettered, then due with the others
+                # parked behind it, in the order they were held: rechecked each on its own
+                # schedule, a newer one could come due first and be applied before an older one
+                tx.metadata = {**tx.metadata, "held_by": holder}
+                outcome.park.append((holder, tx.to_json()))
                 claim_rows(outcome.hold, written, tx.transaction_id)
                 report.held += 1
         return ready
@@ -443,8 +442,9 @@ class Drain:
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
             if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
-                # only these ever put rows in held_ids
+                # only these ever put rows in held_ids, or have others parked behind them
                 outcome.release[tx.transaction_id] = written_ids(tx, self.registry)
+                outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
@@ -479,6 +479,7 @@ class Drain:
         outcome.dead.append((tx.transaction_id, entry))
         outcome.statuses.append((tx.transaction_id, entry))
         claim_rows(outcome.hold, written_ids(tx, self.registry) if rows is None else rows, "!" + tx.transaction_id)
+        outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
 
     def _compact_aof(self) -> int:
@@ -544,10 +545,6 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
         return written_ids(Transaction.from_json(raw), registry)
     except Exception:  # noqa: BLE001 - unreadable: nothing to name
         return set()
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _guess_id(raw: str) -> str | None:

@@ -75,6 +75,11 @@ class SiteKeys:
         Transactions that use such an id are held back behind it."""
         return f"{self.prefix}held_ids"
 
+    def parked(self, holder: str) -> str:
+        """List: the retry-zset members (transaction JSON) held behind `holder`, in the order they
+        were held; scored +inf in the retry zset until `holder` is applied or dead-lettered."""
+        return f"{self.prefix}parked:{holder}"
+
     def model_index(self, model: str) -> str:
         """Set: ids of records of `model` whose create is buffered (`search` reads their records
         through it); records with pending updates or deletes are in `overlay_index`."""

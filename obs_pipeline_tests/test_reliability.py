@@ -622,3 +622,49 @@ def test_a_holder_dead_lettered_in_the_batch_of_one_it_holds_back_still_blocks_i
         drain.close()
     assert redis_client.zcard(keys.retry) == 0
     buf.close()
+
+
+def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
+    """Two updates of a row wait behind an older failing one. They were looked at again each on
+    its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
+    applied, the newer, held for less long, came due first and was applied before the older,
+    which then overwrote it: main kept the older write."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+
+    def due_now(tx_id):
+        for m in redis_client.zrange(keys.retry, 0, -1):
+            if json.loads(m)["transaction_id"] == tx_id:
+                redis_client.zadd(keys.retry, {m: 0})
+
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
+        assert drain.step().held == 1
+        for _ in range(2):  # the older is looked at while the first still waits: held again
+            due_now(older)
+            assert drain.step().held == 1
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        assert drain.step().held == 1
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        due_now(first)
+        assert drain.step().applied == 1
+    finally:
+        drain.close()
+    drain_until_settled(settings, retry_base_s=60)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "newer"
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "newer"
+    assert buf.status(older) == buf.status(newer) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
