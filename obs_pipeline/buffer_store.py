@@ -222,17 +222,25 @@ end
 return 1
 """
 
-# A transaction held behind another waits in the retry zset at +inf, its member also at the end
-# of parked:{holder}. _UNPARK makes those of each given holder due, in the order they were held
-# (and those of the next holder after them): they come back together, oldest first, so a newer
-# one never goes before an older one that waits for the same row. ZADD XX: only members still
-# there. ARGV = the key of parked:{holder} for each holder (in order), after a start score.
+# A transaction held behind another waits in the retry zset at +inf, and at the end of
+# parked:{holder} as [its member, its id, the rows it writes]. _UNPARK makes those of each given
+# holder due, in the order they were held, and each takes the marks of its rows that are free
+# (the _HOLD rule): the next waiter for a row holds it, so a transaction claimed meanwhile (the
+# batch prefetched while the holder was applied) waits behind it instead of overtaking it. ZADD
+# XX: only members still there. ARGV = a start score, then parked:{holder} keys in order.
 _UNPARK = """
 local score = tonumber(ARGV[1])
 for i = 2, #ARGV do
-  for _, member in ipairs(redis.call('LRANGE', ARGV[i], 0, -1)) do
-    redis.call('ZADD', KEYS[1], 'XX', score, member)
-    score = score + 0.001
+  for _, item in ipairs(redis.call('LRANGE', ARGV[i], 0, -1)) do
+    local entry = cjson.decode(item)
+    if redis.call('ZSCORE', KEYS[1], entry[1]) then
+      redis.call('ZADD', KEYS[1], 'XX', score, entry[1])
+      score = score + 0.001
+      for _, row in ipairs(entry[3]) do
+        local current = redis.call('HGET', KEYS[2], row)
+        if not current or string.gsub(current, '^!', '') == entry[2] then redis.call('HSET', KEYS[2], row, entry[2]) end
+      end
+    end
   end
   redis.call('DEL', ARGV[i])
 end
@@ -273,7 +281,7 @@ class Outcome:
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
     hold: dict[str, str] = field(default_factory=dict)     # row -> holder tx ("!" + tx if dead), see _HOLD
     release: dict[str, set[str]] = field(default_factory=dict)  # tx -> its rows whose marks go, see unhold
-    park: list[tuple[str, str]] = field(default_factory=list)  # (holder, tx JSON): held behind it, see _UNPARK
+    park: list[tuple[str, str, set[str], str]] = field(default_factory=list)  # (holder, tx id, its rows, tx JSON), see _UNPARK
     unpark: list[str] = field(default_factory=list)  # applied or dead: those parked behind them come due
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
@@ -463,11 +471,11 @@ class BufferStore:
                     pipe.eval(_HOLD, 1, k.held_ids, *[x for pair in outcome.hold.items() for x in pair])
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
-                for holder, tx_json in outcome.park:  # parked before any release of this batch
+                for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
                     pipe.zadd(k.retry, {tx_json: "+inf"})
-                    pipe.rpush(k.parked(holder), tx_json)
+                    pipe.rpush(k.parked(holder), json.dumps([tx_json, tx_id, sorted(rows)]))
                 if outcome.unpark:
-                    pipe.eval(_UNPARK, 1, k.retry, time.time(), *[k.parked(h) for h in outcome.unpark])
+                    pipe.eval(_UNPARK, 2, k.retry, k.held_ids, time.time(), *[k.parked(h) for h in outcome.unpark])
                 for _, failed_json in outcome.dead:
                     pipe.lpush(k.failed, failed_json)
                 if outcome.commit_lsn is not None and outcome.cleanup:
@@ -619,6 +627,15 @@ class BufferStore:
 
     def holds_any(self) -> bool:
         return bool(self.redis.hlen(self.keys.held_ids))
+
+    def waited_on(self, holders: list[str]) -> set[str]:
+        """Which of these transactions have others parked behind them."""
+        if not holders:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for holder in holders:
+            pipe.exists(self.keys.parked(holder))
+        return {h for h, n in zip(holders, pipe.execute()) if n}
 
     def unhold(self, rows_of: dict[str, set[str]], pipe: Any = None) -> None:
         """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs

@@ -395,9 +395,9 @@ class Drain:
         return txs
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
-        """A transaction that uses a row written by one waiting to retry waits behind it, unless
-        that one is in this batch ahead of it (the batch keeps their order); behind a
-        dead-lettered one it is dead-lettered too, as blocked."""
+        """A transaction that uses a row written by one waiting to retry is parked behind it,
+        unless that one is in this batch ahead of it with nothing parked behind it (the batch
+        keeps their order); behind a dead-lettered one it is dead-lettered too, as blocked."""
         if not outcome.hold and not self.store.holds_any():  # the usual case: nothing waits or is dead
             return txs
         refs_of = {t.transaction_id: referenced_ids(t, self.registry) for t in txs}
@@ -408,10 +408,15 @@ class Drain:
                 holders[row] = outcome.hold[row]
         if not holders:
             return txs
+        in_batch = {t.transaction_id for t in txs}
+        # a holder with others parked behind it lets nothing through, not even from behind it
+        # in the batch: those parked go first
+        waited_on = self.store.waited_on(sorted({h for h in holders.values() if h in in_batch}))
         ready, ahead = [], set()
         for tx in txs:
             holder = next((holders[i] for i in refs_of[tx.transaction_id]
-                           if i in holders and holders[i] != tx.transaction_id and holders[i] not in ahead
+                           if i in holders and holders[i] != tx.transaction_id
+                           and (holders[i] not in ahead or holders[i] in waited_on)
                            and holders[i] != "!" + tx.transaction_id), None)
             if holder is None:
                 ready.append(tx)
@@ -430,9 +435,8 @@ class Drain:
                 # parked until its holder is applied or dead-lettered, then due with the others
                 # parked behind it, in the order they were held: rechecked each on its own
                 # schedule, a newer one could come due first and be applied before an older one
-                tx.metadata = {**tx.metadata, "held_by": holder}
-                outcome.park.append((holder, tx.to_json()))
-                claim_rows(outcome.hold, written, tx.transaction_id)
+                self._park(tx, holder, written, outcome)
+                waited_on.add(holder)
                 report.held += 1
         return ready
 
@@ -454,16 +458,15 @@ class Drain:
                 self._dead_letter(tx, reason, outcome, report, kind="blocked" if blocker else "permanent")
                 dead_now[tx.transaction_id] = reason
                 continue
-            if not blocker:
-                tx.retry_count += 1
-                delay = retry_delay(self.config.retry_base_s, tx.retry_count)
-            else:
-                delay = self.config.retry_base_s  # behind its blocker, without spending a retry
             tx.metadata = {**tx.metadata, "last_error": reason}
-            outcome.retry.append((time.time() + delay, tx.to_json()))
             outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))
-            claim_rows(outcome.hold, written_ids(tx, self.registry), tx.transaction_id)
             report.retried += 1
+            if blocker:  # parked behind its blocker, without spending a retry, with what it holds back
+                self._park(tx, blocker, written_ids(tx, self.registry), outcome)
+                continue
+            tx.retry_count += 1
+            outcome.retry.append((time.time() + retry_delay(self.config.retry_base_s, tx.retry_count), tx.to_json()))
+            claim_rows(outcome.hold, written_ids(tx, self.registry), tx.transaction_id)
         report.applied = len(result.applied)
         report.already_applied = len(result.already_applied)
         report.rows_per_model = result.rows_per_model
@@ -472,6 +475,15 @@ class Drain:
         if self.main.round_trip_s is not None:
             report.main_round_trip_ms = round(self.main.round_trip_s * 1000, 2)
         report.commit_lsn = int_to_lsn(result.commit_lsn) if result.commit_lsn is not None else None
+
+    def _park(self, tx: Transaction, holder: str, claim: set[str], outcome: Outcome) -> None:
+        """Wait behind `holder` until it is applied or dead-lettered, then come due with the others
+        parked behind it, in the order they were parked, taking the marks of the rows it writes
+        (see buffer_store._UNPARK): rechecked each on its own schedule, a newer one could come
+        due first and overtake an older one. `claim`: the rows it marks now."""
+        tx.metadata = {**tx.metadata, "held_by": holder}
+        outcome.park.append((holder, tx.transaction_id, written_ids(tx, self.registry), tx.to_json()))
+        claim_rows(outcome.hold, claim, tx.transaction_id)
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
                      rows: set[str] | None = None) -> None:

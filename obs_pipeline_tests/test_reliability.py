@@ -552,7 +552,7 @@ def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_
 
 
 def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(settings, redis_client, main_engine):
-    """The holder of a row and the transaction held behind it come due together and are
+    """Two updates parked behind a failing one come due together once it is applied, and are
     applied in one batch: both release the row. Releases were kept per row, the second
     overwrote the first, and the row stayed held by a transaction that was done: every later
     update of it waited for ever."""
@@ -567,12 +567,14 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
     try:
         drain.acquire()
         assert drain.step().retried == 1
-        second = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-        assert drain.step().held == 1
+        buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        buf.update("ExecutedObsUnit", obs["id"], {"status": "checked"})
+        assert drain.step().held == 2
         with main_engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
-        order = {first: 0, second: 1}
-        redis_client.zadd(keys.retry, {m: order[json.loads(m)["transaction_id"]] for m in redis_client.zrange(keys.retry, 0, -1)})
+        redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
+                                       if json.loads(m)["transaction_id"] == first})
+        assert drain.step().applied == 1  # the first; the two parked behind it come due
         assert drain.step().applied == 2
     finally:
         drain.close()
@@ -580,6 +582,9 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
     third = buf.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
     drain_until_settled(settings)
     assert buf.status(third) == "replicated"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "aborted"
     buf.close()
 
 
@@ -666,5 +671,43 @@ def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "newer"
     assert buf.status(older) == buf.status(newer) == "replicated"
     assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
+def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_it(settings, redis_client, main_engine):
+    """An update parked behind a failing one, then a newer update of the row claimed in the same
+    batch as the failing one's retry (found in review): the newer went through behind its holder,
+    and the older, released after, overwrote it. It now waits behind what was parked first, and
+    the first waiter released takes the row's mark, so a batch claimed meanwhile waits too."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
+        assert drain.step().held == 1
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})  # claimed with first, behind it
+        redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
+                                       if json.loads(m)["transaction_id"] == first})
+        report = drain.step()
+        assert report.applied == 1 and report.held == 1
+        assert older.encode() in redis_client.hvals(keys.held_ids), redis_client.hgetall(keys.held_ids)
+    finally:
+        drain.close()
+    drain_until_settled(settings, retry_base_s=60)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "newer"
+    assert buf.status(first) == buf.status(older) == buf.status(newer) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0 and not redis_client.keys(keys.prefix + "parked:*")
     assert_queues_empty(redis_client, settings.site)
     buf.close()
