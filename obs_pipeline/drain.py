@@ -432,9 +432,6 @@ class Drain:
             if holder.startswith("!"):
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked", rows=written)
             else:
-                # parked until its holder is applied or dead-lettered, then due with the others
-                # parked behind it, in the order they were held: rechecked each on its own
-                # schedule, a newer one could come due first and be applied before an older one
                 self._park(tx, holder, written, outcome)
                 waited_on.add(holder)
                 report.held += 1
