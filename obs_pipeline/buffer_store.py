@@ -221,6 +221,14 @@ for i = 1, #ARGV, 2 do
 end
 return 1
 """
+# _REVIVE turns a requeued dead letter's dead marks into live holds: what uses its rows waits
+# behind it again instead of being dead-lettered or overtaking it. ARGV: (row, owner) pairs.
+_REVIVE = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == '!' .. ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
 
 # A transaction held behind another waits in the retry zset at +inf, and at the end of
 # parked:{holder} as [its member, its id, the rows it writes]. _UNPARK makes those of each given
@@ -259,6 +267,12 @@ class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
 
+class HoldsChanged(RuntimeError):
+    """A dead mark that dead-lettered one of the batch's transactions as blocked changed (an
+    operator retried or discarded its holder) while main applied the batch: nothing is
+    acknowledged, and the batch is claimed again from the processing list, as after a crash."""
+
+
 @dataclass
 class CacheWrites:
     """What ingest writes beside the queue entry, built by the ingest module."""
@@ -286,6 +300,8 @@ class Outcome:
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
+    dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
+    #                                          dead-lettered a transaction as blocked: checked at acknowledgement
 
 
 def replicated_status(transaction_id: str, commit_lsn: str) -> str:
@@ -455,12 +471,19 @@ class BufferStore:
         the batch). Statuses become "applied" separately (`set_status`), unless the replica
         has replayed the commit already and the cleanup makes them "replicated"."""
         k = self.keys
+        rows = sorted(outcome.dead_marks)
         with self.redis.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(k.lease)
+                pipe.watch(*([k.lease, k.held_ids] if rows else [k.lease]))
                 held = pipe.get(k.lease)
                 if (held.decode() if held else None) != token:
                     raise LeaseLost(f"the drain lease of site {k.site} expired before acknowledgement")
+                # blocked by a dead transaction that an operator has requeued (or discarded) since:
+                # acknowledged, it would stay dead-lettered behind one that applies
+                if rows and [v.decode() if v else None for v in pipe.hmget(k.held_ids, rows)] != [
+                        outcome.dead_marks[row] for row in rows]:
+                    raise HoldsChanged(f"a dead letter of site {k.site} was retried or discarded while main "
+                                       "applied transactions it blocks: claiming the batch again")
                 pipe.multi()
                 pipe.ltrim(k.processing, 0, -outcome.claimed - 1)
                 applied_ids = outcome.applied_ids
@@ -499,6 +522,9 @@ class BufferStore:
                     pipe.hincrby(k.stats, "dead_lettered_total", len(outcome.dead))
                 pipe.execute()
             except redis.WatchError:
+                if rows and self.lease_holder() == token:
+                    raise HoldsChanged(f"the holds of site {k.site} changed during acknowledgement: "
+                                       "claiming the batch again") from None
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
 
     def clean_replicated(self, replay_lsn: int) -> list[str]:
@@ -643,6 +669,13 @@ class BufferStore:
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
             (pipe or self.redis).eval(_UNHOLD, 1, self.keys.held_ids, *args)
+
+    def revive(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
+        """Queue on `pipe`: these requeued transactions' dead marks (tx id -> its rows) become
+        live holds again, see _REVIVE."""
+        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
+        if args:
+            pipe.eval(_REVIVE, 1, self.keys.held_ids, *args)
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

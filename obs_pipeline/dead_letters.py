@@ -122,14 +122,17 @@ class DeadLetters:
         # RPUSH puts an entry at the consuming end: push the last-to-run first.
         for letter in reversed(ordered):
             doc = {k: v for k, v in letter.doc.items() if k != "failure"}
+            # last_error: once applied, the drain releases its holds and what is parked behind it
             doc.update(status="pending", retry_count=0)
+            if isinstance(doc.get("metadata") or {}, dict):  # (an invalid one stays as it was)
+                doc["metadata"] = {**(doc.get("metadata") or {}), "last_error": letter.reason}
             tx = _parse(doc)
             tx_json = _canonical_json(doc, tx)
             pipe.rpush(self.keys.buffer, tx_json)
             pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
-        # their dead marks go in the same MULTI: a drain claiming them in between would find
-        # them still marked and dead-letter a dependent as blocked again
-        self.store.unhold({letter.transaction_id: written_ids(tx, self.registry)
+        # their dead marks become live holds in the same MULTI: what uses their rows waits behind
+        # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged)
+        self.store.revive({letter.transaction_id: written_ids(tx, self.registry)
                            for letter in ordered if (tx := _parse(letter.doc)) is not None}, pipe)
         pipe.execute()
         return [letter.transaction_id for letter in ordered]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import redis
 
 from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
-from obs_pipeline.buffer_store import BufferStore, LeaseLost, Outcome
+from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -206,6 +206,9 @@ class Drain:
                     summary.stopped_because = "another drain took the lease"
                     self.token = None
                     break
+                except HoldsChanged as changed:  # the batch waits in processing: claimed again at once
+                    log.info("%s", changed)
+                    continue
                 except TransientError as error:
                     summary.transient_errors += 1
                     log.warning("main unreachable (%s); retrying the same batch in %.1f s", error, backoff)
@@ -403,6 +406,7 @@ class Drain:
         refs_of = {t.transaction_id: referenced_ids(t, self.registry) for t in txs}
         refs = sorted(set().union(*refs_of.values()))
         holders = self.store.holders(refs)
+        in_redis = dict(holders)  # what acknowledge checks again: an operator may requeue a dead holder
         for row in refs:  # rows this batch's own invalid entries would have written
             if row in outcome.hold and row not in holders:
                 holders[row] = outcome.hold[row]
@@ -414,14 +418,17 @@ class Drain:
         waited_on = self.store.waited_on(sorted({h for h in holders.values() if h in in_batch}))
         ready, ahead = [], set()
         for tx in txs:
-            holder = next((holders[i] for i in refs_of[tx.transaction_id]
-                           if i in holders and holders[i] != tx.transaction_id
-                           and (holders[i] not in ahead or holders[i] in waited_on)
-                           and holders[i] != "!" + tx.transaction_id), None)
-            if holder is None:
+            row = next((i for i in refs_of[tx.transaction_id]
+                        if i in holders and holders[i] != tx.transaction_id
+                        and (holders[i] not in ahead or holders[i] in waited_on)
+                        and holders[i] != "!" + tx.transaction_id), None)
+            if row is None:
                 ready.append(tx)
                 ahead.add(tx.transaction_id)
                 continue
+            holder = holders[row]
+            if holder.startswith("!") and in_redis.get(row) == holder:
+                outcome.dead_marks[row] = holder
             written = written_ids(tx, self.registry)
             # Its marks go only on rows nobody holds: a row held by another stays that one's in
             # this batch's outcome too, or its holder, failing later in the batch, could not mark

@@ -371,7 +371,8 @@ def test_two_operators_acting_on_one_dead_letter_at_once_do_it_once(settings, re
         assert queued == [tx_id]
         assert json.loads(redis_client.get(keys.transaction(tx_id)))["status"] == "pending"
         assert redis_client.get(keys.buffered("ExecutedObsUnit", obs_id)) is not None
-    assert redis_client.hlen(keys.held_ids) == 0
+    # discarded: no mark left; requeued: its dead mark is a live hold until it is applied
+    assert redis_client.hvals(keys.held_ids) == ([] if first == "discard" else [tx_id.encode()])
 
 
 class Killed(BaseException):
@@ -420,3 +421,48 @@ def test_a_discard_that_dies_after_its_first_write_can_be_finished(settings, red
     assert redis_client.hlen(keys.held_ids) == 0
     assert redis_client.get(keys.buffered("ExecutedObsUnit", obs_id)) is None
     assert redis_client.get(keys.transaction(tx_id)) is None
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_blocker_retried_while_the_drain_applies_its_dependent_takes_the_dependent_along(
+        settings, redis_client, main_engine, monkeypatch):
+    """Found by review: the drain reads the dead marks before main applies a batch and writes its
+    decisions after. An operator's `failed retry` of a dead transaction in between requeued it,
+    but its update, read as blocked by it, was dead-lettered after it ("blocked by" a transaction
+    that then applied), the update never reached main, and its dead mark on the row then
+    dead-lettered every later update of that row. Now the retry keeps the marks as live holds
+    and the drain, seeing a mark it decided on change, claims the batch again."""
+    import sqlalchemy as sa
+
+    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    tx_id, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    finish = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
+    with main_engine.begin() as conn:  # the operator fixes the cause ...
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    drain = Drain(settings, DrainConfig(retry_base_s=0.05))
+    acknowledge = drain.store.acknowledge
+    retried = []
+
+    def retried_while_main_applied(token, outcome):  # ... and retries it while the update is applied
+        if not retried:
+            retried.extend(dead_letters_of(settings, redis_client).retry([tx_id]))
+        return acknowledge(token, outcome)
+
+    monkeypatch.setattr(drain.store, "acknowledge", retried_while_main_applied)
+    try:
+        drain.run(until_empty=True, budget_s=30)
+    finally:
+        drain.close()
+    assert retried == [tx_id]
+    drain_until_settled(settings, retry_base_s=0.05)
+    keys = SiteKeys(settings.site)
+    assert redis_client.lrange(keys.failed, 0, -1) == [] and redis_client.hlen(keys.held_ids) == 0
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs_id}).scalar_one() == "completed"
+    assert buf.status(tx_id) == buf.status(finish) == "replicated"
+    assert not redis_client.keys(keys.prefix + "parked:*")
+    buf.close()
