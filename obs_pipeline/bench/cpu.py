@@ -48,12 +48,12 @@ def tree_cpu_s(root: int, stats: dict[int, tuple[int, int, int]] | None = None) 
     return ticks * TICK_S
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, steal) ticks summed over all cores since boot, from the `cpu` line of /proc/stat."""
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, all) ticks summed over all cores since boot, from the `cpu` line of /proc/stat."""
     with open("/proc/stat") as fh:
         values = [int(v) for v in fh.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
-    return user + nice + system + irq + softirq, steal
+    return user + nice + system + irq + softirq, steal, sum(values[:8])
 
 
 @dataclass
@@ -61,6 +61,7 @@ class CpuSnapshot:
     services_s: dict[str, float]
     busy_ticks: int
     steal_ticks: int
+    all_ticks: int
 
 
 class CpuMeter:
@@ -71,19 +72,23 @@ class CpuMeter:
 
     def snapshot(self) -> CpuSnapshot:
         stats = _proc_stats()
-        busy, steal = machine_ticks()
-        return CpuSnapshot({name: tree_cpu_s(pid, stats) for name, pid in self.service_pids.items()}, busy, steal)
+        busy, steal, all_ticks = machine_ticks()
+        return CpuSnapshot({name: tree_cpu_s(pid, stats) for name, pid in self.service_pids.items()}, busy, steal,
+                           all_ticks)
 
     def since(self, before: CpuSnapshot, elapsed_s: float) -> dict:
-        """CPU seconds per service since `before`, and the machine's cores busy and stolen (on average)."""
+        """CPU seconds per service since `before`, and the machine's cores busy and stolen (on
+        average): shares of all the ticks counted meanwhile, times the cores (ticks over wall
+        time came out above the core count in short runs: the counters move in steps)."""
         after = self.snapshot()
         cores = os.cpu_count() or 1
+        ticks = after.all_ticks - before.all_ticks
         return {"services_s": {name: round(after.services_s[name] - before.services_s.get(name, 0.0), 3)
                                for name in after.services_s},
-                "machine_busy_cores": round((after.busy_ticks - before.busy_ticks) * TICK_S / elapsed_s, 2)
-                if elapsed_s else None,
-                "machine_steal_cores": round((after.steal_ticks - before.steal_ticks) * TICK_S / elapsed_s, 2)
-                if elapsed_s else None,
+                "machine_busy_cores": round(cores * (after.busy_ticks - before.busy_ticks) / ticks, 2)
+                if ticks > 0 else None,
+                "machine_steal_cores": round(cores * (after.steal_ticks - before.steal_ticks) / ticks, 2)
+                if ticks > 0 else None,
                 "cores": cores, "elapsed_s": round(elapsed_s, 3)}
 
 
