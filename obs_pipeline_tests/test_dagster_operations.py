@@ -119,3 +119,26 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
 
     assert _drain_config(DrainRunConfig()).aof_check_s == DrainConfig.aof_check_s
     assert _drain_config(DrainRunConfig(aof_compaction=False)).aof_check_s is None
+
+
+@pytest.mark.parametrize("op_config, unset, message", [
+    ({"batch_size": 0}, None, "batch_size must be a whole number of transactions >= 1, not 0"),
+    ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
+])
+def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, resource, redis_client, monkeypatch,
+                                                                      op_config, unset, message):
+    """A mistake in the run config or the OBS_* settings is not fixed by waiting: the run fails
+    at once, its failure saying what is wrong (it was retried three times, 15 s or so, and the
+    run's failure said only "Exceeded max_retries of 3"), and nothing is claimed."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    if unset:
+        monkeypatch.delenv("OBS_MAIN_DB_URL", raising=False)
+        resource = ObsPipelineResource(**{**resource.__dict__, unset: None})
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, raise_on_error=False,
+                                             run_config={"ops": {"drain_batches": {"config": op_config}}})
+    assert not result.success
+    assert not [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    assert message in failure.event_specific_data.error.message
+    assert redis_client.llen(keys.buffer) == 1 and not redis_client.exists(keys.processing, keys.lease)

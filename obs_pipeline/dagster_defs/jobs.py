@@ -14,6 +14,7 @@ from dagster import (
     AssetObservation,
     Backoff,
     Config,
+    Failure,
     Jitter,
     OpExecutionContext,
     RetryPolicy,
@@ -23,7 +24,10 @@ from dagster import (
     op,
 )
 
+import sqlalchemy as sa
+
 from obs_pipeline.apply import TransientError
+from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, DrainConfig
 
@@ -80,7 +84,10 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
 @op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
-    drain = obs_pipeline.drain(_drain_config(config))
+    try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
+        drain = obs_pipeline.drain(_drain_config(config))
+    except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
+        raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
     site = drain.settings.site
 
     def on_transient(error: str, backoff: float) -> None:
@@ -99,6 +106,8 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
     except DrainBusy as busy:
         context.log.info(str(busy))
         return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease"}
+    except ConfigError as error:  # a Redis too old for the claim
+        raise Failure(description=str(error), allow_retries=False) from error
     finally:
         drain.close()
     context.log.info(f"drained {summary.applied} transactions in {summary.batches} batches "
