@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -37,7 +38,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     stack = _stack(args)
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)
-        print(f"local stack up in {stack.directory}; `eval \"$(obs-pipeline stack env)\"` to use it", file=sys.stderr)
+        print(f"local stack up in {stack.directory}; `eval \"$(obs-pipeline stack env --dir "
+              f"{shlex.quote(str(stack.directory))})\"` to use it", file=sys.stderr)
     elif args.action == "down":
         stack.down()
     elif args.action == "status":

@@ -57,6 +57,14 @@ def test_stack_env_on_a_folder_without_a_stack(tmp_path):
     assert "run `obs-pipeline stack up` first" in one_line_error(cli("stack", "env", "--dir", str(tmp_path / "none")))
 
 
+def test_stack_up_names_the_env_command_for_its_folder(stack):
+    """`stack up --dir D` tells the operator how to use the stack: that command must find it (it
+    said `stack env` without the folder, which looks in ./.obs-stack)."""
+    result = cli("stack", "up", "--dir", str(stack.directory))
+    assert result.returncode == 0, result.stderr
+    assert f"obs-pipeline stack env --dir {stack.directory}" in result.stderr, result.stderr
+
+
 def test_stack_env_prints_export_lines(stack):
     out = cli("stack", "env", "--dir", str(stack.directory)).stdout
     names = {line.split("=")[0].removeprefix("export ") for line in out.splitlines()}
