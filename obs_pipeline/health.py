@@ -80,19 +80,31 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
     seconds = max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
     out: dict[str, Any] = {"seconds": round(seconds, 3), "awaiting_batches": count}
+    errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
+    main_lsn = replica_lsn = None
     try:
         main_lsn = _scalar(main, "SELECT pg_current_wal_flush_lsn()::text") if main is not None else None
+    except sa.exc.SQLAlchemyError as error:
+        errors.append(f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
+    try:
         replica_lsn = _scalar(replica, REPLAY_LSN_SQL) if replica is not None else None
     except sa.exc.SQLAlchemyError as error:
-        out["error"] = f"database unreachable: {str(getattr(error, 'orig', error)).strip().splitlines()[0]}"
-        return out
+        errors.append(f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
+    if errors:
+        out["error"] = "; ".join(errors)
+        return out
     if main_lsn and replica_lsn:
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
     # the replica itself is late only if it has not reached the oldest waiting commit; if it
     # has, the batch merely waits for a drain to clean it
     out["replica_behind_oldest_batch"] = bool(count) and (replica_lsn is None or lsn_to_int(replica_lsn) < lowest)
     return out
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _scalar(engine: sa.Engine, sql: str) -> Any:

@@ -474,3 +474,17 @@ def test_a_blocker_retried_while_the_drain_applies_its_dependent_takes_the_depen
     assert buf.status(tx_id) == buf.status(finish) == "replicated"
     assert not redis_client.keys(keys.prefix + "parked:*")
     buf.close()
+
+
+def test_status_with_the_replica_down_names_it_and_still_shows_main(stack, env):
+    """With the replica stopped, `status` said only "database unreachable: ... port N ..." and
+    dropped main's LSN, read a moment before; the operator could not tell which database was down."""
+    stack.stop_service("replica")
+    try:
+        result = cli("status", "--json", env=env)
+    finally:
+        stack.start_service("replica")
+    report = json.loads(result.stdout)
+    assert report["status"] == "unhealthy"
+    assert report["replication_lag"]["main_lsn"] and report["replication_lag"]["replica_lsn"] is None
+    assert len(report["problems"]) == 1 and report["problems"][0].startswith("replica unreachable (OBS_REPLICA_DB_URL): ")
