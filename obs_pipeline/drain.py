@@ -60,6 +60,8 @@ class DrainConfig:
                                                 or self.max_batch_size < self.batch_size):
             raise ValueError(f"max_batch_size must be a whole number >= batch_size ({self.batch_size}), "
                              f"not {self.max_batch_size!r}")
+        if not self.lease_ttl_s >= 0.001:  # SET PX takes whole milliseconds, at least 1
+            raise ValueError(f"lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not {self.lease_ttl_s!r}")
 
     @property
     def largest_batch(self) -> int:
