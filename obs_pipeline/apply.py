@@ -13,6 +13,7 @@ retried as it is; permanent ones are charged to the transaction that caused them
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import exc
 
 from obs_pipeline.batch_sql import BatchSql
+from obs_pipeline.config import ConfigError
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
@@ -83,6 +85,20 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(orig, (psycopg2.OperationalError, psycopg2.InterfaceError, exc.OperationalError,
                              exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError,
                              ConnectionError, TimeoutError, OSError))
+
+
+# What main says when it refuses a connection for the URL itself (psycopg2 gives a failed connect
+# no SQLSTATE: 28P01, 28000, 3D000). "starting up", "too many clients" and the like stay transient.
+_REFUSED_BY_CONFIGURATION = re.compile(r'FATAL:\s+(password authentication failed|role ".*" does not exist'
+                                       r'|database ".*" does not exist|no pg_hba\.conf entry)')
+
+
+def refused_by_configuration(error: BaseException) -> bool:
+    """A connect that main refused for its role, password or database: a wrong URL, which no
+    retry fixes."""
+    orig = getattr(error, "orig", None) or error
+    return (isinstance(orig, psycopg2.OperationalError) and not getattr(orig, "pgcode", None)
+            and _REFUSED_BY_CONFIGURATION.search(str(orig)) is not None)
 
 
 def describe(error: BaseException) -> str:
@@ -151,6 +167,10 @@ class MainDatabase:
                 result = self._apply(cur, transactions)
             result.apply_s = time.perf_counter() - began
         except psycopg2.Error as error:
+            if refused_by_configuration(error):  # not an outage: retrying would never end
+                self.close()
+                raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
+                                  "check OBS_MAIN_DB_URL") from error
             if is_transient(error):
                 self.close()  # a new session next time
                 raise TransientError(describe(error)) from error
@@ -190,6 +210,10 @@ class MainDatabase:
         try:
             self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
+            if refused_by_configuration(error):  # not an outage: retrying would never end
+                self.close()
+                raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
+                                  "check OBS_MAIN_DB_URL") from error
             if is_transient(error):
                 raise
             self._rollback(cur, [b"ROLLBACK"])

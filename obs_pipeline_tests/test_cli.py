@@ -489,3 +489,24 @@ def test_status_with_the_replica_down_names_it_and_still_shows_main(stack, env):
     assert report["status"] == "unhealthy"
     assert report["replication_lag"]["main_lsn"] and report["replication_lag"]["replica_lsn"] is None
     assert len(report["problems"]) == 1 and report["problems"][0].startswith("replica unreachable (OBS_REPLICA_DB_URL): ")
+
+
+@pytest.mark.parametrize("wrong", ["role", "database"])
+def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, settings, redis_client, wrong):
+    """Main answering "role/database does not exist" is a wrong OBS_MAIN_DB_URL, not an outage:
+    `drain --once` retried it as transient, backing off for ever (and Dagster for minutes, then
+    again every minute). It stops with one line; the transaction stays buffered."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(env["OBS_MAIN_DB_URL"])
+    url = url.set(username="no_such_role") if wrong == "role" else url.set(database="no_such_database")
+    env["OBS_MAIN_DB_URL"] = url.render_as_string(hide_password=False)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "drain", "--once"], env={**base, **env},
+                            capture_output=True, text=True, timeout=60)
+    line = one_line_error(result)
+    assert "OBS_MAIN_DB_URL" in line and f"no_such_{wrong}" in line and "does not exist" in line, line
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
+    assert not redis_client.exists(keys.lease)

@@ -124,6 +124,7 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
 @pytest.mark.parametrize("op_config, unset, message", [
     ({"batch_size": 0}, None, "batch_size must be a whole number of transactions >= 1, not 0"),
     ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
+    ({}, "main role", 'role "no_such_role" does not exist'),
 ])
 def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, resource, redis_client, monkeypatch,
                                                                       op_config, unset, message):
@@ -132,7 +133,11 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     run's failure said only "Exceeded max_retries of 3"), and nothing is claimed."""
     keys = SiteKeys(settings.site)
     redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
-    if unset:
+    if unset == "main role":  # main refuses the role: a wrong URL, not an outage
+        url = sa.engine.make_url(settings.main_db_url).set(username="no_such_role")
+        resource = ObsPipelineResource(**{**resource.__dict__,
+                                          "main_db_url": url.render_as_string(hide_password=False)})
+    elif unset:
         monkeypatch.delenv("OBS_MAIN_DB_URL", raising=False)
         resource = ObsPipelineResource(**{**resource.__dict__, unset: None})
     result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, raise_on_error=False,
@@ -141,4 +146,5 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert not [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
     failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
     assert message in failure.event_specific_data.error.message
-    assert redis_client.llen(keys.buffer) == 1 and not redis_client.exists(keys.processing, keys.lease)
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # left for a later drain
+    assert not redis_client.exists(keys.lease)
