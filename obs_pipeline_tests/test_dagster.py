@@ -126,3 +126,19 @@ def test_daemon_sensor_launches_a_run_that_drains(stack, settings, redis_client,
     with replica_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
                             {"i": ids["uuid-1"]}).scalar_one() == 1
+
+
+def test_a_drain_run_launched_by_hand_counts_as_in_flight(settings, resource, redis_client):
+    """A run of drain_buffer started from the launchpad has no site tag (only the sensor's runs
+    have one): the sensor took the site for idle and launched a second run beside it, which
+    waited out the lease and ended, to be followed by another, as long as the first one ran."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    with instance_for_test() as instance:
+        by_hand = instance.create_run_for_job(drain_buffer, status=DagsterRunStatus.STARTED)
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(skip, SkipReason) and by_hand.run_id in skip.skip_message
+        # another site's run (its own tag) does not hold this one back
+        instance.report_run_failed(by_hand)
+        instance.create_run_for_job(drain_buffer, tags={SITE_TAG: "another-site"}, status=DagsterRunStatus.STARTED)
+        assert isinstance(buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource})),
+                          RunRequest)

@@ -24,8 +24,10 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
     finally:
         store.redis.close()
     site = store.keys.site
-    running = context.instance.get_run_records(
-        filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT, tags={SITE_TAG: site}), limit=1)
+    # a run launched by hand (the launchpad) has no site tag: it may be draining this site too
+    running = [r for r in context.instance.get_run_records(
+        filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
+        if r.dagster_run.tags.get(SITE_TAG, site) == site]
     if running:
         return SkipReason(f"site {site}: drain run {running[0].dagster_run.run_id} is in flight")
     last = context.instance.get_run_records(
