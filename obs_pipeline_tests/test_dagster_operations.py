@@ -148,3 +148,31 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert message in failure.event_specific_data.error.message
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # left for a later drain
     assert not redis_client.exists(keys.lease)
+
+
+def test_each_drain_and_retry_run_evaluates_the_no_dead_letters_check(settings, resource, redis_client, main_engine):
+    """Nothing evaluated the check but an operator's click: it said nothing (or "passed", from an
+    old click) while dead letters waited. Each drain run and each retry run evaluate it now."""
+    def evaluations(result):
+        return [e.event_specific_data for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+
+    doc, ids = seed_example(settings.site, obs_unit_id=4243)  # no such obs unit on main yet
+    doc["max_retries"] = 0
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+    with DagsterInstance.ephemeral() as instance:
+        drained = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST,
+                                                  instance=instance)
+        [check] = evaluations(drained)
+        assert check.check_name == "no_dead_letters" and check.asset_key == no_dead_letters.check_key.asset_key
+        assert not check.passed and check.metadata["failed"].value == 1
+        [record] = instance.event_log_storage.get_asset_check_execution_history(no_dead_letters.check_key, limit=5)
+        assert record.run_id == drained.run_id and record.status.value == "FAILED"  # what the UI shows
+
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (4243, 'fixed')"))
+    retried = retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource}, run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}})
+    assert [c.passed for c in evaluations(retried)] == [True]
+    assert [c.passed for c in evaluations(drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
+                                                                          run_config=FAST))] == [True]

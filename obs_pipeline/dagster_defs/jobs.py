@@ -9,6 +9,8 @@ with exponential backoff; a crashed run is retried by the instance's run retries
 import time
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
     AssetKey,
     AssetMaterialization,
     AssetObservation,
@@ -35,6 +37,14 @@ SITE_TAG = "obs_pipeline/site"
 MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
 REPLICA_ASSET = AssetKey(["obs_pipeline", "site_replica"])
 TRANSIENT_RETRIES = 8
+DEAD_LETTER_CHECK = "no_dead_letters"  # operations.no_dead_letters, on MAIN_ASSET
+
+
+def dead_letter_check(failed: int) -> AssetCheckEvaluation:
+    """The no_dead_letters check's result, logged by the runs that change the dead-letter list:
+    nothing else evaluates it (the asset is not materialized by an asset job)."""
+    return AssetCheckEvaluation(asset_key=MAIN_ASSET, check_name=DEAD_LETTER_CHECK, passed=not failed,
+                                severity=AssetCheckSeverity.WARN, metadata={"failed": failed})
 
 
 class DrainRunConfig(Config):
@@ -126,6 +136,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
         "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
         "applied_this_run": drained.get("applied", 0),
     }))
+    context.log_event(dead_letter_check(depths["failed"]))
+    store.redis.close()
 
 
 @job(executor_def=in_process_executor, tags={"obs_pipeline/kind": "drain"})

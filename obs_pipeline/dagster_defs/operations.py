@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from obs_pipeline.apply import make_engine
-from obs_pipeline.dagster_defs.jobs import MAIN_ASSET
+from obs_pipeline.dagster_defs.jobs import DEAD_LETTER_CHECK, MAIN_ASSET, dead_letter_check
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.schema import prune_applied
 
@@ -36,6 +36,7 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     letters = obs_pipeline.dead_letters()
     ids = letters.retry(None if config.all else config.transaction_ids)
     context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
+    context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
 
 
 @job(executor_def=in_process_executor)
@@ -69,7 +70,7 @@ prune_schedule = ScheduleDefinition(job=prune_applied_transactions, cron_schedul
                                     default_status=DefaultScheduleStatus.RUNNING)
 
 
-@asset_check(asset=MAIN_ASSET, description="No dead-lettered transactions wait for an operator")
+@asset_check(asset=MAIN_ASSET, name=DEAD_LETTER_CHECK, description="No dead-lettered transactions wait for an operator")
 def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
     letters = obs_pipeline.dead_letters().list()
     return AssetCheckResult(
