@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "top functions in <out>/drain_profile_<rtt>ms.txt")
     bench.add_argument("--skip-dagster", action="store_true", help="skip the burst through the Dagster daemon")
     bench.set_defaults(func=cmd_bench)
+    for command in sub.choices.values():  # also after the command, where one adds it to a line that failed
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="on error, the traceback instead of one line")
     return parser
 
 

@@ -48,6 +48,17 @@ def test_a_usage_error_is_one_line_too(args, message):
     assert line.startswith("obs-pipeline") and message in line and "-h" in line, line
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_v_gives_the_traceback_before_or_after_the_command(env, where):
+    """Every error line says `-v` gives the traceback; after the command (where one adds it to the
+    line that failed) it was a usage error: "unrecognized arguments: -v"."""
+    del env["OBS_MAIN_DB_URL"]
+    args = ["-v", "drain", "--once"] if where == "before" else ["drain", "--once", "-v"]
+    result = cli(*args, env=env)
+    assert result.returncode != 0 and "Traceback" in result.stderr, result.stderr
+    assert "ConfigError: OBS_MAIN_DB_URL is not set" in result.stderr
+
+
 def test_redis_unreachable_is_one_actionable_line(env):
     env["OBS_REDIS_URL"] = "redis://127.0.0.1:1/0"
     assert "Redis unreachable" in one_line_error(cli("status", env=env))
