@@ -134,8 +134,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings()
     store = BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site)
-    main = make_engine(settings.main_db_url) if settings.main_db_url else None
-    replica = make_engine(settings.replica_db_url) if settings.replica_db_url else None
+    main = make_engine(settings.require_main()) if settings.main_db_url else None
+    replica = make_engine(settings.require_replica()) if settings.replica_db_url else None
     report = health_report(store, main, replica)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -44,7 +44,7 @@ class Settings:
                 "OBS_MAIN_DB_URL is not set: the drain needs the main database "
                 "(e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
             )
-        return self.main_db_url
+        return _postgresql_url("OBS_MAIN_DB_URL", self.main_db_url)
 
     def require_replica(self) -> str:
         if not self.replica_db_url:
@@ -52,4 +52,19 @@ class Settings:
                 "OBS_REPLICA_DB_URL is not set: replication tracking and smart queries need the "
                 "site's read replica (e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
             )
-        return self.replica_db_url
+        return _postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
+
+
+def _postgresql_url(name: str, url: str) -> str:
+    """The URL if SQLAlchemy can read it and it names PostgreSQL; otherwise one line naming the
+    variable (never the URL: it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError(f"{name} is not a database URL (e.g. postgresql+psycopg2://user@host:5432/obs)") from None
+    if backend != "postgresql":
+        raise ConfigError(f"{name} must name PostgreSQL (postgresql+psycopg2://...), not {backend}")
+    return url

@@ -59,6 +59,20 @@ def test_v_gives_the_traceback_before_or_after_the_command(env, where):
     assert "ConfigError: OBS_MAIN_DB_URL is not set" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["status"], ["drain", "--once"]])
+@pytest.mark.parametrize("name, value, message", [
+    ("OBS_MAIN_DB_URL", "garbage", "OBS_MAIN_DB_URL is not a database URL"),
+    ("OBS_REPLICA_DB_URL", "garbage", "OBS_REPLICA_DB_URL is not a database URL"),
+    ("OBS_REPLICA_DB_URL", "mysql://u:secret@host/db", "OBS_REPLICA_DB_URL must name PostgreSQL"),
+])
+def test_a_malformed_database_url_names_its_variable(env, command, name, value, message):
+    """It said "Could not parse SQLAlchemy URL from given URL string" (which of the two?) or "No
+    module named 'MySQLdb'"; the line names the variable, and never prints a password."""
+    env[name] = value
+    line = one_line_error(cli(*command, env=env))
+    assert message in line and "secret" not in line, line
+
+
 def test_redis_unreachable_is_one_actionable_line(env):
     env["OBS_REDIS_URL"] = "redis://127.0.0.1:1/0"
     assert "Redis unreachable" in one_line_error(cli("status", env=env))
