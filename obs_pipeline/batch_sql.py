@@ -35,8 +35,9 @@ class BatchSql:
                            if any(c.kind in ("json", "any") for c in m.columns.values())}
 
     def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
-        """Statements for the writes: multi-row inserts parents first, then updates, then
-        deletes children first; and the number of rows per model."""
+        """Statements for the writes: multi-row inserts parents first, one check per table that
+        every row to update exists, the updates, then deletes children first; and the number of
+        rows per model."""
         inserts, updates, deletes = defaultdict(list), defaultdict(list), defaultdict(list)
         rows_per_model: dict[str, int] = defaultdict(int)
         column_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # in row order -> sorted, once per shape
@@ -60,6 +61,12 @@ class BatchSql:
         out = []
         for (name, columns), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
             out.append(self._unnest_insert(cursor, name, columns, rows))
+        updated: dict[str, list] = defaultdict(list)
+        for (name, _), rows in updates.items():
+            updated[name].extend(r["pk"] for r in rows)
+        for name, keys in updated.items():  # after the inserts, before any delete
+            out.append(cursor.mogrify(self._template("exists", name, ()), {
+                "keys": _array_literal(keys), "table": self.registry.model(name).table.name}))
         for (name, columns), rows in updates.items():
             stmt = self._template("update", name, columns)
             out.extend(cursor.mogrify(stmt, r) for r in rows)
@@ -103,6 +110,15 @@ class BatchSql:
             arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(table.c[c].type)) for i, c in enumerate(columns)]
             rows = sa.select(sa.text("*")).select_from(sa.func.unnest(*arrays).alias("batch"))
             return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
+        if kind == "exists":
+            # An update that would find no row is an error of its transaction, not a write lost
+            # in silence (a delete that finds none has its result: the row is gone). One check
+            # per table and batch; the cast of the message raises it, naming the first missing key.
+            quote = self.dialect.identifier_preparer
+            name, key = quote.format_table(table).replace("%", "%%"), quote.quote(pk.name).replace("%", "%%")
+            return (f"SELECT CAST('no ' || %(table)s || ' row ' || batch.key || ' to update' AS integer) "
+                    f"FROM unnest(CAST(%(keys)s AS {pk.type.compile(dialect=self.dialect)}[])) AS batch(key) "
+                    f"WHERE NOT EXISTS (SELECT 1 FROM {name} WHERE {name}.{key} = batch.key) LIMIT 1")
         # Values bind by position (v0, v1, ...), never by column name: a name with a space or a
         # % in it would be escaped in the compiled statement and no longer match its parameter.
         if kind == "update":

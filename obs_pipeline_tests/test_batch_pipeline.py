@@ -586,3 +586,28 @@ def test_a_drain_whose_lease_expired_between_batches_and_was_taken_stops(setting
     check.close()
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 4
+
+
+def test_an_update_of_a_row_main_does_not_have_is_dead_lettered_not_counted_applied(settings, redis_client,
+                                                                                    main_engine):
+    """A producer's update of a row that exists nowhere (pushed raw, or buffered with no replica
+    to check against) updated 0 rows, and was reported applied: the write was lost without a
+    word. It is now a failure of that transaction, retried and then dead-lettered with the
+    table and the key, while the transactions beside it in the batch apply."""
+    keys = SiteKeys(settings.site)
+    missing = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
+    step = {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+            "data": {"status": "done"}, "conditions": {"id": missing}}
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=1)
+    buf.close()
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "ghost-update", "steps": [step]}))
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [f["transaction_id"] for f in failed] == ["ghost-update"]
+    assert f"no executed_obs_unit row {missing} to update" in failed[0]["failure"]["reason"], failed[0]["failure"]
+    assert "\n" not in failed[0]["failure"]["reason"]
+    assert_applied_exactly_once(main_engine, observations)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = 'ghost-update'")
+                            ).scalar_one() == 0
