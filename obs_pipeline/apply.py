@@ -167,7 +167,7 @@ class MainDatabase:
                 result = self._apply(cur, transactions)
             result.apply_s = time.perf_counter() - began
         except psycopg2.Error as error:
-            if refused_by_configuration(error):  # not an outage: retrying would never end
+            if refused_by_configuration(error):  # at connect: not an outage, retrying would never end
                 self.close()
                 raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
                                   "check OBS_MAIN_DB_URL") from error
@@ -210,10 +210,6 @@ class MainDatabase:
         try:
             self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
-            if refused_by_configuration(error):  # not an outage: retrying would never end
-                self.close()
-                raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
-                                  "check OBS_MAIN_DB_URL") from error
             if is_transient(error):
                 raise
             self._rollback(cur, [b"ROLLBACK"])
