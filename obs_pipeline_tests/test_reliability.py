@@ -524,10 +524,7 @@ def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_
     values when the second was cleaned. Once the cause is fixed, retrying the first applies
     both, in order."""
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as start:
-        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                               "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "aborted"})
     if not same_batch:  # the first fails and waits to retry; the second comes in a later batch
         assert drain_one_batch(settings, retry_base_s=1.0).retried == 1
@@ -558,10 +555,7 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
     update of it waited for ever."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as start:
-        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                               "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
@@ -596,10 +590,7 @@ def test_a_holder_dead_lettered_in_the_batch_of_one_it_holds_back_still_blocks_i
     every 30 s for ever (the retry zset never emptied) instead of being dead-lettered as blocked."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as start:
-        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                               "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
     drain = Drain(settings, DrainConfig(retry_base_s=60))
 
@@ -636,10 +627,7 @@ def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings
     which then overwrote it: main kept the older write."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as start:
-        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                               "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
 
@@ -682,10 +670,7 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
     the first waiter released takes the row's mark, so a batch claimed meanwhile waits too."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as start:
-        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                               "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
@@ -711,3 +696,12 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
     assert redis_client.hlen(keys.held_ids) == 0 and not redis_client.keys(keys.prefix + "parked:*")
     assert_queues_empty(redis_client, settings.site)
     buf.close()
+
+
+def replicated_observation(settings, buf: TransactionBuffer) -> dict:
+    """An executed obs unit created, drained and replicated: a row whose updates the tests hold back."""
+    with buf.transaction() as start:
+        obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+    drain_until_settled(settings)
+    return obs
