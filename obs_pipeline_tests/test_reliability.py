@@ -566,8 +566,7 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
         assert drain.step().held == 2
         with main_engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
-        redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
-                                       if json.loads(m)["transaction_id"] == first})
+        due_now(redis_client, keys, first)
         assert drain.step().applied == 1  # the first; the two parked behind it come due
         assert drain.step().applied == 2
     finally:
@@ -631,24 +630,19 @@ def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings
     first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
 
-    def due_now(tx_id):
-        for m in redis_client.zrange(keys.retry, 0, -1):
-            if json.loads(m)["transaction_id"] == tx_id:
-                redis_client.zadd(keys.retry, {m: 0})
-
     try:
         drain.acquire()
         assert drain.step().retried == 1
         older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
         assert drain.step().held == 1
         for _ in range(2):  # the older is looked at while the first still waits: held again
-            due_now(older)
+            due_now(redis_client, keys, older)
             assert drain.step().held == 1
         newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
         assert drain.step().held == 1
         with main_engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
-        due_now(first)
+        due_now(redis_client, keys, first)
         assert drain.step().applied == 1
     finally:
         drain.close()
@@ -681,8 +675,7 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
         with main_engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
         newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})  # claimed with first, behind it
-        redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
-                                       if json.loads(m)["transaction_id"] == first})
+        due_now(redis_client, keys, first)
         report = drain.step()
         assert report.applied == 1 and report.held == 1
         assert older.encode() in redis_client.hvals(keys.held_ids), redis_client.hgetall(keys.held_ids)
@@ -705,3 +698,9 @@ def replicated_observation(settings, buf: TransactionBuffer) -> dict:
                                                "status": "running"})
     drain_until_settled(settings)
     return obs
+
+
+def due_now(redis_client, keys: SiteKeys, tx_id: str) -> None:
+    """Make this transaction's entry in the retry set due now, whatever its score was."""
+    redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
+                                   if json.loads(m)["transaction_id"] == tx_id})
