@@ -123,6 +123,7 @@ class MainDatabase:
         self.site = site
         self.application_name = application_name
         self.sql = BatchSql(registry, self.dialect)
+        self.refusable = refusable_columns(registry)  # what fold must not hide from main
         self.round_trips = 0  # scripts sent to main; each is one round trip
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
@@ -199,7 +200,7 @@ class MainDatabase:
     def _apply(self, cur: Any, txs: list[Transaction]) -> BatchResult:
         result = BatchResult()
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
-        folded = fold(writes)
+        folded = fold(writes, self.refusable)
         if folded is None:
             return self._apply_carefully(cur, txs)
         try:
@@ -257,7 +258,7 @@ class MainDatabase:
         # Several transactions go folded (or split if they cannot be); one alone goes in its own
         # step order: folding puts a table's inserts before its deletes, which a unique key or a
         # self-referencing foreign key may refuse.
-        folded = None if alone else fold(writes)
+        folded = None if alone else fold(writes, self.refusable)
         if alone or folded is not None:
             try:
                 statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
@@ -290,36 +291,79 @@ class MainDatabase:
         claim_rows(blocked, written_ids(tx, self.registry), tx.transaction_id)
 
 
-def fold(writes: list[RowWrite]) -> list[RowWrite] | None:
-    """Net effect per row, in first-touch order (a row deleted after its insert: the delete at
-    the end); None if a row is deleted then re-created.
+def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None
+         ) -> list[RowWrite] | None:
+    """Net effect per row, in first-touch order (a row deleted after its insert or update: the
+    delete at the end); None where folding would hide from main a write it may refuse, so the
+    batch goes the careful way (each transaction under its own savepoint when need be).
 
-    insert+update -> insert with merged values; update+update -> one update; update+delete ->
-    delete; insert+delete -> both, the delete after every insert (the batch SQL runs a table's
-    deletes after all inserts): main must still see the insert, which it may refuse (a key that
-    exists already), or a refused create would be reported applied.
+    insert+update -> insert with merged values; update+update -> one update; insert or
+    update+delete -> both, the delete after every insert and update (the batch SQL runs a
+    table's deletes last): main must still see the write, which it may refuse (a key that
+    exists already, a foreign key, a row to update that is not there), or a refused write would
+    be reported applied. None for: a row written again after its delete (re-created, or updated:
+    no row), an insert of a row already written, and an update by another transaction that
+    changes a value main may refuse (`refusable`, see refusable_columns) - merged, main would
+    never see the earlier value, and the transaction that wrote it would be applied, its other
+    writes with it, though main refuses it.
     """
     net: dict[tuple[str, Any], RowWrite] = {}
-    deleted_after_insert: dict[tuple[str, Any], RowWrite] = {}
+    deleted_after: dict[tuple[str, Any], RowWrite] = {}
     for w in writes:
         key = (w.model, str(w.record_id))
         prev = net.get(key)
         if prev is None:
             net[key] = w
-        elif prev.operation == "delete" or key in deleted_after_insert:
-            if w.operation == "insert":
+        elif prev.operation == "delete" or key in deleted_after:
+            if w.operation != "delete":
                 return None
-            # update/delete of a deleted row: stays deleted
+            # a delete of a deleted row: stays deleted
         elif w.operation == "update":
-            net[key] = RowWrite(w.model, prev.operation, w.record_id, {**prev.values, **w.values})
+            if w.tx != prev.tx and refusable and _overwrites_refusable(prev.values, w.values, refusable.get(w.model)):
+                return None
+            net[key] = RowWrite(w.model, prev.operation, w.record_id, {**prev.values, **w.values},
+                                prev.tx if prev.tx == w.tx else None)
         elif w.operation == "delete":
-            if prev.operation == "insert":
-                deleted_after_insert[key] = w
-            else:
-                net[key] = w
+            deleted_after[key] = w
         else:  # insert of a row already written in this batch: let the database say so
             return None
-    return [*net.values(), *deleted_after_insert.values()]
+    return [*net.values(), *deleted_after.values()]
+
+
+def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],
+                          refusable: tuple[frozenset[str], frozenset[str]] | None) -> bool:
+    if refusable is None:
+        return False
+    constrained, not_null = refusable
+    for column, value in after.items():
+        if column in before:
+            old = before[column]
+            if old != value and (column in constrained or old is None and column in not_null):
+                return True
+    return False
+
+
+def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """Per model: the columns whose valid values main may still refuse (a foreign key, a unique
+    or check constraint, a length or precision limit, a type this project does not know), and
+    the NOT NULL ones (a column with a default may be given a null, which main refuses)."""
+    out = {}
+    for spec in registry.models.values():
+        table = spec.table
+        checked = any(isinstance(c, sa.CheckConstraint) for c in table.constraints)
+        unique = {col.key for c in table.constraints if isinstance(c, sa.UniqueConstraint) for col in c.columns}
+        unique |= {col.key for i in table.indexes if i.unique for col in i.columns}
+        constrained = set()
+        for column in table.columns:
+            type_ = column.type
+            if (checked or column.foreign_keys or column.unique or column.key in unique
+                    or spec.columns[column.key].kind == "any" or isinstance(type_, sa.Enum)
+                    or isinstance(type_, sa.String) and type_.length is not None
+                    or isinstance(type_, sa.Numeric) and not isinstance(type_, sa.Float) and type_.precision is not None
+                    or isinstance(type_, sa.REAL)):
+                constrained.add(column.key)
+        out[spec.name] = (frozenset(constrained), frozenset(c.key for c in table.columns if not c.nullable))
+    return out
 
 
 class ReplicaDatabase:

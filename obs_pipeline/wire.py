@@ -295,17 +295,19 @@ class RowWrite(NamedTuple):
     operation: str  # "insert" | "update" | "delete"
     record_id: Any
     values: dict[str, Any]
+    tx: str | None = ""  # the transaction writing it (None: folded from several)
 
 
 def row_writes(tx: Transaction, registry: ModelRegistry) -> Iterator[RowWrite]:
+    tx_id = tx.transaction_id
     for step in steps_in_order(tx):
         model = registry.model(step.model_class)
         if step.operation in ("create", "bulk_create"):
             for row in step.records():
-                yield RowWrite(model.name, "insert", row[model.primary_key], row)
+                yield RowWrite(model.name, "insert", row[model.primary_key], row, tx_id)
         else:
             rid = step.conditions[model.primary_key]
-            yield RowWrite(model.name, step.operation, rid, step.data if step.operation == "update" else {})
+            yield RowWrite(model.name, step.operation, rid, step.data if step.operation == "update" else {}, tx_id)
 
 
 def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]:

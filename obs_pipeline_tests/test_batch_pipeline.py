@@ -464,6 +464,50 @@ def test_a_create_that_main_refuses_is_not_hidden_by_a_delete_of_the_same_row_in
         assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 1")).scalar_one() == "unit 1"
 
 
+def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_batch(
+        settings, redis_client, main_engine):
+    """Folded per row, main saw only the net row: a transaction whose write it refuses was
+    reported applied when a later one in the batch overwrote that value or deleted the row, and
+    an update of a row deleted before it in the batch was dropped and reported applied. Every
+    transaction must be applied whole, as it would be on its own, or not at all."""
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, operation: str, model: str, rid, data: dict | None = None) -> None:
+        step = {"step_id": "s1", "operation": operation, "model_class": model, "data": data or {}}
+        if operation == "create":
+            step["data"] = {"id": rid, **data}
+        else:
+            step["conditions"] = {"id": rid}
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [step]}))
+
+    start = {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
+    obs, ghost = "0b5e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21", "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
+    push("doomed", "create", "ObsUnit", 990, {"name": "doomed"})
+    drain_until_settled(settings)
+    # one batch: an update main refuses (no obs unit 31337) overwritten by the next transaction;
+    # an update of a row that exists nowhere, then its delete; a delete, then an update
+    push("start", "create", "ExecutedObsUnit", obs, start)
+    push("refused", "update", "ExecutedObsUnit", obs, {"obs_unit_id": 31337, "status": "refused"})
+    push("repoint", "update", "ExecutedObsUnit", obs, {"obs_unit_id": 2})
+    push("ghost-update", "update", "ExecutedObsUnit", ghost, {"status": "done"})
+    push("ghost-delete", "delete", "ExecutedObsUnit", ghost)
+    push("delete", "delete", "ObsUnit", 990)
+    push("update-deleted", "update", "ObsUnit", 990, {"name": "gone"})
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {"refused", "repoint", "ghost-update", "ghost-delete", "update-deleted"}, failed
+    assert "ForeignKeyViolation" in failed["refused"] and failed["repoint"] == "blocked by refused"
+    assert f"no executed_obs_unit row {ghost} to update" in failed["ghost-update"]
+    assert failed["ghost-delete"] == "blocked by ghost-update"
+    assert "no obs_unit row 990 to update" in failed["update-deleted"]
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit")).all() == [(1, "running")]
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_unit WHERE id = 990")).scalar_one() == 0
+        applied = {t for (t,) in conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied"))}
+    assert applied == {"doomed", "start", "delete"}
+
+
 def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
     """A batch bisected over a far link can take minutes; the lease (here 1 s) must not lapse
     meanwhile, or the acknowledgement finds it gone and the work is done again."""

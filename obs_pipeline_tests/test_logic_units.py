@@ -30,11 +30,31 @@ def test_fold_create_then_updates_becomes_one_insert():
 def test_fold_updates_merge_and_delete_wins():
     assert fold([w("update", "a", status="x"), w("update", "a", end_time="t")]) == [
         w("update", "a", status="x", end_time="t")]
-    assert fold([w("update", "a", status="x"), w("delete", "a")]) == [w("delete", "a")]
-    # main must still see a create that is deleted in the same batch: it may refuse it
+    # main must still see a create or update of a row deleted in the same batch: it may refuse it
+    assert fold([w("update", "a", status="x"), w("delete", "a")]) == [w("update", "a", status="x"), w("delete", "a")]
     assert fold([w("insert", "a", status="x"), w("update", "a", end_time="t"), w("delete", "a"),
-                 w("update", "a", status="y")]) == [w("insert", "a", status="x", end_time="t"), w("delete", "a")]
+                 w("delete", "a")]) == [w("insert", "a", status="x", end_time="t"), w("delete", "a")]
     assert fold([w("insert", "a", status="x"), w("delete", "a"), w("insert", "a", status="x")]) is None
+    # an update of a row deleted before it finds no row: not folded away
+    assert fold([w("insert", "a", status="x"), w("delete", "a"), w("update", "a", status="y")]) is None
+    assert fold([w("delete", "a"), w("update", "a", status="y")]) is None
+
+
+def test_fold_never_hides_a_value_main_may_refuse_behind_another_transactions_update():
+    refusable = {"ExecutedObsUnit": (frozenset({"obs_unit_id"}), frozenset({"obs_unit_id", "status"}))}
+    t1, t2 = "t1", "t2"
+    start = RowWrite("ExecutedObsUnit", "insert", "a", {"obs_unit_id": 31337, "status": "running"}, t1)
+    # another transaction changing the foreign key: main must see t1's value first
+    assert fold([start, RowWrite("ExecutedObsUnit", "update", "a", {"obs_unit_id": 1}, t2)], refusable) is None
+    # the same transaction, or a column main takes whatever passed validation: folded
+    same = fold([start, RowWrite("ExecutedObsUnit", "update", "a", {"obs_unit_id": 1}, t1)], refusable)
+    assert same == [RowWrite("ExecutedObsUnit", "insert", "a", {"obs_unit_id": 1, "status": "running"}, t1)]
+    finish = fold([start, RowWrite("ExecutedObsUnit", "update", "a", {"status": "done"}, t2),
+                   RowWrite("ExecutedObsUnit", "update", "a", {"obs_unit_id": 31337}, t2)], refusable)
+    assert finish == [RowWrite("ExecutedObsUnit", "insert", "a", {"obs_unit_id": 31337, "status": "done"}, None)]
+    # a null main refuses in a NOT NULL column (one with a default may be given one)
+    nulled = RowWrite("ExecutedObsUnit", "insert", "a", {"obs_unit_id": 1, "status": None}, t1)
+    assert fold([nulled, RowWrite("ExecutedObsUnit", "update", "a", {"status": "x"}, t2)], refusable) is None
 
 
 def test_fold_refuses_recreate_after_delete_and_double_insert():
