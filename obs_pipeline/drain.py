@@ -329,9 +329,13 @@ class Drain:
         if outcome.commit_lsn is not None:
             # A full claim means more work is waiting: if the replica has replayed this commit
             # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
-            # and go on - the next batch's overlap cleans it. A last batch waits for its replay.
+            # and go on - the next batch's overlap cleans it. A last batch is marked applied, then
+            # waits for its replay.
             wait_began = time.monotonic()
-            if not full:
+            marked = not full
+            if marked:  # main has committed them: "applied" now, not once the wait below ends (up
+                # to replication_timeout_s with a replica that lags or is down)
+                self.store.set_status(outcome.applied_ids, "applied")
                 replay, ids = self._clean(wait_for=outcome.commit_lsn)
             elif (replayed := self._replay_lsn()) is not None and replayed >= outcome.commit_lsn:
                 replay, ids = self._clean(wait_for=None, replayed=replayed)
@@ -340,8 +344,9 @@ class Drain:
             report.replication_wait_s = time.monotonic() - wait_began
             report.replay_lsn = replay
             report.replicated += len(ids)
-            cleaned = set(ids)
-            self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
+            if not marked:
+                cleaned = set(ids)
+                self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
 

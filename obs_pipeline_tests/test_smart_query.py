@@ -452,6 +452,34 @@ def test_wait_wakes_on_events(buf, settings):
     assert buf.wait(tx_id, until="applied", timeout=0)
 
 
+def test_status_is_applied_once_main_committed_while_the_replica_lags(buf, settings, main_engine, replica_engine):
+    """The last batch of a drain (not full) waits for the replica to replay it before it is
+    cleaned. Its transactions are committed on main meanwhile: they read "applied", and
+    wait(until="applied") returns, however long the replica lags (they read "processing"
+    until the wait ended, replication_timeout_s later)."""
+    _, _, _, tx_id = start_observation(buf, files=0)
+    drain = Drain(settings, DrainConfig(replication_timeout_s=60))
+    stepping = threading.Thread(target=drain.step)
+    with replica_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    try:
+        drain.acquire()
+        stepping.start()
+        assert buf.wait(tx_id, until="applied", timeout=20)
+        assert buf.status(tx_id) == "applied"
+        assert stepping.is_alive()  # still waiting for the paused replica
+        with main_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                                {"t": tx_id}).scalar_one() == 1
+    finally:
+        with replica_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+        if stepping.ident is not None:
+            stepping.join(120)
+        drain.close()
+    assert buf.status(tx_id) == "replicated"
+
+
 def test_wait_rechecks_status_when_an_event_is_missed(buf, settings, redis_client):
     _, _, _, tx_id = start_observation(buf, files=0)
     key = SiteKeys(settings.site).transaction(tx_id)
