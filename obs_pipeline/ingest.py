@@ -224,8 +224,10 @@ class TransactionBuffer:
         Messages can be missed (a reconnect, a channel without subscribers for a moment), so the
         status is read again at least every `_WAIT_RECHECK_S`; without pub/sub it is plain polling.
         """
-        if until not in _ORDER:
+        if not isinstance(until, str) or until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+            raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
         deadline = time.monotonic() + max(0.0, timeout)
         status = self.status(transaction_id)  # already there: no subscription needed
         if status in _ORDER and _ORDER[status] >= _ORDER[until]:

@@ -515,6 +515,19 @@ def test_wait_times_out_on_unknown_and_fails_fast_on_failed(buf, settings, redis
         buf.wait(tx_id, until="done")
 
 
+@pytest.mark.parametrize("until, timeout, message", [
+    (["replicated"], 1.0, "until must be one of .* not \\['replicated'\\]"),
+    ("applied", None, "timeout must be a number of seconds, not None"),
+    ("applied", "5", "timeout must be a number of seconds, not '5'"),
+    ("applied", float("nan"), "timeout must be a number of seconds, not nan"),
+])
+def test_wait_refuses_bad_arguments_in_one_line(buf, until, timeout, message):
+    _, _, _, tx_id = start_observation(buf, files=0)
+    with pytest.raises(ValueError, match=message) as refused:
+        buf.wait(tx_id, until=until, timeout=timeout)
+    assert "\n" not in str(refused.value)
+
+
 # --- many buffered records ---------------------------------------------------------------------
 
 def test_search_with_ten_thousand_buffered_records_is_correct(buf, settings):
