@@ -287,11 +287,11 @@ class TransactionBuffer:
         return self.query.get(model, record_id_)
 
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return self.query.search(model, filters or {})
+        return self.query.search(model, filters)
 
     def search_frame(self, model: str, filters: dict[str, Any] | None = None):
         """`search` as a pandas DataFrame (pandas is imported only here)."""
-        return self.query.search_frame(model, filters or {})
+        return self.query.search_frame(model, filters)
 
     def _require_absent(self, model: str, rid: Any) -> None:
         """A create with a key the caller gives (an integer id, say) must not name a record that

@@ -172,7 +172,7 @@ class SmartQuery:
 
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         spec = self.registry.model(model)
-        compiled = _compile(spec, filters or {})
+        compiled = _compile(spec, {} if filters is None else filters)
         self._require_replica()
         state = self.buffered(spec, None)                    # 1. caches
         hidden = {rid for rid in state.overlays if state.deleted(rid)}

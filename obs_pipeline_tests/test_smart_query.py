@@ -113,6 +113,8 @@ def test_filters_equality_any_of_null_and_time_windows(buf, settings):
     ({"start_time": {">=": "yesterday"}}, "not an ISO-8601 datetime"),
     ({"start_time": {"<": None}}, "matches nothing"),
     ("obs_unit_id = 1", "must be a dict"),
+    ([], "must be a dict of column -> value, not list"),  # not "no filter": every record
+    ("", "must be a dict of column -> value, not str"),
 ])
 def test_bad_filters_raise_invalid_transaction(buf, filters, message):
     start_observation(buf, files=0)
