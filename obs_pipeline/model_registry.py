@@ -67,6 +67,10 @@ class ModelSpec:
     columns: dict[str, ColumnSpec]
     primary_key: str
     generated_id: bool  # uuid primary key: ingest pre-generates it
+    # column -> the JSON form of its constant default (a Python scalar `default=`, or a literal
+    # `server_default=`): what main stores for a create that leaves the column out. Ingest puts
+    # it in such a create, so that the buffered record reads as the replicated row will.
+    defaults: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Callable[[Any], Any]] = field(init=False, repr=False, compare=False)  # name -> check
     required_on_create: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -142,13 +146,53 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             int_bits=_int_bits(column.type),
         )
     pk = next(iter(table.primary_key.columns))
+    defaults = {}
+    for column in table.columns:
+        value = _constant_default(column, columns[column.key])
+        if value is not _NO_DEFAULT:
+            defaults[column.key] = value
     return ModelSpec(
         name=name,
         table=table,
         columns=columns,
         primary_key=pk.key,
         generated_id=columns[pk.key].kind == "uuid",
+        defaults=defaults,
     )
+
+
+_NO_DEFAULT = object()
+_PG_BOOLEANS = {"t": True, "true": True, "y": True, "yes": True, "on": True, "1": True,
+                "f": False, "false": False, "n": False, "no": False, "off": False, "0": False}
+
+
+def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
+    """The JSON form of the value main stores when a create leaves `column` out, if it is a
+    constant: a Python scalar default, or a server default given as a plain string (a literal,
+    which PostgreSQL casts to the column's type). An SQL expression (now(), a sequence) or a
+    callable cannot be known before main runs it: _NO_DEFAULT."""
+    try:
+        if column.default is not None:
+            if not getattr(column.default, "is_scalar", False):
+                return _NO_DEFAULT
+            return spec.check(column.default.arg)
+        server = column.server_default
+        if server is None or not isinstance(getattr(server, "arg", None), str):
+            return _NO_DEFAULT
+        text = server.arg
+        if spec.kind == "int":
+            return spec.check(int(text.strip()))
+        if spec.kind == "float":
+            return spec.check(float(text.strip()))
+        if spec.kind == "bool":
+            return spec.check(_PG_BOOLEANS[text.strip().lower()])
+        if spec.kind == "json":
+            return spec.check(json.loads(text))
+        if spec.kind in ("str", "uuid", "datetime", "date"):
+            return spec.check(text)  # 'now', 'today' and the like fail the check: not constants
+    except (ValueError, KeyError, TypeError):
+        pass
+    return _NO_DEFAULT
 
 
 def _int_bits(type_: sqltypes.TypeEngine) -> int:

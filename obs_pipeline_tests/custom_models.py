@@ -1,6 +1,7 @@
 """A schema of a site's own, for the tests of `OBS_MODELS`: an integer key not called `id`, a
 foreign key to it checked at commit (deferred), column types the built-in schema does not have
-(JSON, float, bool, a timestamp without time zone), and a column whose name needs quoting."""
+(JSON, float, bool, a timestamp without time zone), a column whose name needs quoting, and
+columns with defaults (constant ones, Python-side and server-side, and one main computes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text, func
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,3 +50,16 @@ class Slot(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     label: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+
+
+class Task(Base):
+    __tablename__ = "custom_task"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    title: Mapped[str | None] = mapped_column(Text, nullable=True)
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default="new")
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="3")
+    urgent: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    tries: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    queued: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                    server_default=func.now())
