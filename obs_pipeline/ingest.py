@@ -11,7 +11,6 @@ trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -80,10 +79,6 @@ class TransactionBuilder:
             if not given:
                 row = {**row, pk: new_uuid()}
             row = normalize_values(spec, row, creating=True, where=where)
-            if spec.defaults:  # what main would store for the columns left out: read it so at once
-                for name, value in spec.defaults.items():
-                    if name not in row:
-                        row[name] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
                 self._require_new(spec.name, row[pk], out)
             out.append(row)

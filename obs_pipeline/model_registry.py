@@ -68,8 +68,9 @@ class ModelSpec:
     primary_key: str
     generated_id: bool  # uuid primary key: ingest pre-generates it
     # column -> the JSON form of its constant default (a Python scalar `default=`, or a literal
-    # `server_default=`): what main stores for a create that leaves the column out. Ingest puts
-    # it in such a create, so that the buffered record reads as the replicated row will.
+    # `server_default=`): what main stores for a create that leaves the column out. Creates get
+    # it when their values are checked (wire.normalize_values), at ingest and in the drain, so
+    # that the buffered record reads as the replicated row will.
     defaults: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Callable[[Any], Any]] = field(init=False, repr=False, compare=False)  # name -> check
     required_on_create: frozenset[str] = field(init=False, repr=False, compare=False)

@@ -7,6 +7,7 @@ into row writes in dependency order, with values converted for binding.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -201,6 +202,11 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
     if creating and not model.required_on_create <= out.keys():
         missing = [c for c in model.columns if c in model.required_on_create and c not in out]
         raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {', '.join(missing)}")
+    if creating and model.defaults:  # the constant defaults of the columns left out (ModelSpec.defaults):
+        # buffered, the record reads as main will store it; the insert carries them explicitly
+        for name, value in model.defaults.items():
+            if name not in out:
+                out[name] = copy.deepcopy(value) if value.__class__ in (dict, list) else value
     return out
 
 

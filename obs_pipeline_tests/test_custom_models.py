@@ -227,6 +227,32 @@ def test_columns_left_to_their_constant_defaults_read_alike_buffered_or_replicat
     buf.close()
 
 
+def test_a_producers_create_that_leaves_out_a_column_with_a_python_default_is_applied(custom_schema, redis_client):
+    """An existing producer pushes only the queue entry; its create leaves out `tries`, whose
+    default (default=0) is SQLAlchemy's, not the database's. The drain's insert named the
+    column's default as a parameter it did not have: KeyError 'tries' out of the apply, the
+    batch back in the processing list, and every drain after it stopped on the same batch."""
+    import json
+    import uuid
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    task_id = str(uuid.uuid4())
+    tx_id = str(uuid.uuid4())
+    redis_client.lpush(SiteKeys(custom_schema.site).buffer, json.dumps({
+        "transaction_id": tx_id, "endpoint": "producer", "site": custom_schema.site, "status": "pending",
+        "steps": [{"step_id": "step1", "operation": "create", "model_class": "Task",
+                   "data": {"id": task_id, "title": "pushed"}}]}))
+    drain_until_settled(custom_schema)
+    buf = TransactionBuffer(settings=custom_schema)
+    assert buf.status(tx_id) == "replicated"
+    assert {k: buf.get("Task", task_id)[k] for k in ("title", "state", "tries")} == \
+        {"title": "pushed", "state": "new", "tries": 0}
+    assert redis_client.llen(SiteKeys(custom_schema.site).failed) == 0
+    buf.close()
+
+
 def test_a_float_column_reads_as_a_float_whether_buffered_or_replicated(custom_schema):
     """A float column given an integer (valid JSON for a number) is a float on the replica:
     reads of the buffered record must give the same type, not an int that becomes a float
