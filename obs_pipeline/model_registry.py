@@ -167,6 +167,25 @@ _PG_BOOLEANS = {"t": True, "true": True, "y": True, "yes": True, "on": True, "1"
                 "f": False, "false": False, "n": False, "no": False, "off": False, "0": False}
 
 
+_QUOTED_LITERAL = re.compile(r"'((?:[^']|'')*)'(?:\s*::\s*[a-z_ ]+)?", re.IGNORECASE)
+_BARE_LITERAL = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?|true|false", re.IGNORECASE)
+
+
+def _literal_server_default(arg: Any) -> str | None:
+    """The text of a server default that is a literal: a plain string (server_default="new"), or
+    SQL text that is a quoted string, a number or a boolean (text("'new'"), text("0")); None
+    for anything PostgreSQL computes."""
+    if isinstance(arg, str):
+        return arg
+    if not isinstance(arg, sa.TextClause):
+        return None
+    sql = arg.text.strip()
+    quoted = _QUOTED_LITERAL.fullmatch(sql)
+    if quoted:
+        return quoted.group(1).replace("''", "'")
+    return sql if _BARE_LITERAL.fullmatch(sql) else None
+
+
 def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
     """The JSON form of the value main stores when a create leaves `column` out, if it is a
     constant: a Python scalar default, or a server default given as a plain string (a literal,
@@ -177,10 +196,9 @@ def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
             if not getattr(column.default, "is_scalar", False):
                 return _NO_DEFAULT
             return spec.check(column.default.arg)
-        server = column.server_default
-        if server is None or not isinstance(getattr(server, "arg", None), str):
+        text = _literal_server_default(getattr(column.server_default, "arg", None))
+        if text is None:
             return _NO_DEFAULT
-        text = server.arg
         if spec.kind == "int":
             return spec.check(int(text.strip()))
         if spec.kind == "float":

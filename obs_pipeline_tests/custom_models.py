@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text, func
+from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text, func, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,6 +60,8 @@ class Task(Base):
     state: Mapped[str] = mapped_column(Text, nullable=False, server_default="new")
     priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="3")
     urgent: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    kind: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'it''s'"))
+    weight: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("1.5"))
     tries: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     queued: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                     server_default=func.now())

@@ -209,7 +209,7 @@ def test_columns_left_to_their_constant_defaults_read_alike_buffered_or_replicat
     with buf.transaction() as tx:
         task = tx.create("Task", {"title": "t"})
         given = tx.create("Task", {"title": "g", "state": "given", "priority": 1, "tries": 2})
-    constant = {"state": "new", "priority": 3, "urgent": False, "tries": 0}
+    constant = {"state": "new", "priority": 3, "urgent": False, "tries": 0, "kind": "it's", "weight": 1.5}
 
     def check() -> None:
         got = buf.get("Task", task["id"])
