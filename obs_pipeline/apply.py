@@ -124,6 +124,8 @@ class MainDatabase:
         self.application_name = application_name
         self.sql = BatchSql(registry, self.dialect)
         self.refusable = refusable_columns(registry)  # what fold must not hide from main
+        # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
+        self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
         self.round_trips = 0  # scripts sent to main; each is one round trip
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
@@ -200,7 +202,7 @@ class MainDatabase:
     def _apply(self, cur: Any, txs: list[Transaction]) -> BatchResult:
         result = BatchResult()
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
-        folded = fold(writes, self.refusable)
+        folded = fold(writes, self.refusable, self.kept_updates)
         if folded is None:
             return self._apply_carefully(cur, txs)
         try:
@@ -258,7 +260,7 @@ class MainDatabase:
         # Several transactions go folded (or split if they cannot be); one alone goes in its own
         # step order: folding puts a table's inserts before its deletes, which a unique key or a
         # self-referencing foreign key may refuse.
-        folded = None if alone else fold(writes, self.refusable)
+        folded = None if alone else fold(writes, self.refusable, self.kept_updates)
         if alone or folded is not None:
             try:
                 statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
@@ -291,8 +293,8 @@ class MainDatabase:
         claim_rows(blocked, written_ids(tx, self.registry), tx.transaction_id)
 
 
-def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None
-         ) -> list[RowWrite] | None:
+def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,
+         kept_updates: frozenset[str] | None = None) -> list[RowWrite] | None:
     """Net effect per row, in first-touch order (a row deleted after its insert or update: the
     delete at the end); None where folding would hide from main a write it may refuse, so the
     batch goes the careful way (each transaction under its own savepoint when need be).
@@ -306,9 +308,13 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
     changes a value main may refuse (`refusable`, see refusable_columns) - merged, main would
     never see the earlier value, and the transaction that wrote it would be applied, its other
     writes with it, though main refuses it.
+
+    `kept_updates`: models with an onupdate main evaluates (an SQL expression, in an UPDATE
+    only): a row's updates stay an update after its insert (merged with one another).
     """
     net: dict[tuple[str, Any], RowWrite] = {}
     deleted_after: dict[tuple[str, Any], RowWrite] = {}
+    updated_after: dict[tuple[str, Any], RowWrite] = {}
     for w in writes:
         key = (w.model, str(w.record_id))
         prev = net.get(key)
@@ -318,6 +324,16 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
             if w.operation != "delete":
                 return None
             # a delete of a deleted row: stays deleted
+        elif w.operation == "update" and kept_updates and prev.operation == "insert" and w.model in kept_updates:
+            later = updated_after.get(key)
+            if later is None:
+                updated_after[key] = w
+            elif w.tx != later.tx and refusable and _overwrites_refusable(later.values, w.values,
+                                                                           refusable.get(w.model)):
+                return None
+            else:
+                updated_after[key] = RowWrite(w.model, "update", w.record_id, {**later.values, **w.values},
+                                              later.tx if later.tx == w.tx else None)
         elif w.operation == "update":
             if w.tx != prev.tx and refusable and _overwrites_refusable(prev.values, w.values, refusable.get(w.model)):
                 return None
@@ -327,7 +343,7 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
             deleted_after[key] = w
         else:  # insert of a row already written in this batch: let the database say so
             return None
-    return [*net.values(), *deleted_after.values()]
+    return [*net.values(), *updated_after.values(), *deleted_after.values()]
 
 
 def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],

@@ -72,6 +72,15 @@ class ModelSpec:
     # it when their values are checked (wire.normalize_values), at ingest and in the drain, so
     # that the buffered record reads as the replicated row will.
     defaults: dict[str, Any] = field(default_factory=dict)
+    # What SQLAlchemy computes in Python when it writes a row (see _python_side): column -> a
+    # function of the row's checked values giving the value for a create that leaves the column
+    # out (a callable `default=`) or an update that does not set it (an `onupdate=` constant or
+    # callable). Filled like `defaults` (wire.normalize_values); empty for most models.
+    computed_defaults: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
+    onupdates: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
+    # An `onupdate=` that is an SQL expression (func.now()): main evaluates it in an UPDATE, so
+    # the drain never folds this model's updates into the insert of the same row.
+    main_onupdate: bool = False
     checks: dict[str, Callable[[Any], Any]] = field(init=False, repr=False, compare=False)  # name -> check
     required_on_create: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -152,6 +161,15 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
         value = _constant_default(column, columns[column.key])
         if value is not _NO_DEFAULT:
             defaults[column.key] = value
+    computed, onupdates = {}, {}
+    for column in table.columns:
+        if column.key not in defaults:
+            default = _python_side(column, columns, column.default, "default")
+            if default is not None:
+                computed[column.key] = default
+        onupdate = _python_side(column, columns, column.onupdate, "onupdate")
+        if onupdate is not None:
+            onupdates[column.key] = onupdate
     return ModelSpec(
         name=name,
         table=table,
@@ -159,7 +177,71 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
         primary_key=pk.key,
         generated_id=columns[pk.key].kind == "uuid",
         defaults=defaults,
+        computed_defaults=computed,
+        onupdates=onupdates,
+        main_onupdate=any(c.onupdate is not None and not (c.onupdate.is_scalar or c.onupdate.is_callable)
+                          for c in table.columns),
     )
+
+
+class _OutsideSqlAlchemy(AttributeError):
+    pass
+
+
+class _RowContext:
+    """What a default taking SQLAlchemy's execution context (`def f(context)`) gets outside
+    SQLAlchemy: the row's parameters, as Python values (`get_current_parameters()`,
+    `current_parameters`), and `current_column`. The rest of a context (its connection, its
+    dialect) exists only inside an execution: asking for it raises."""
+
+    def __init__(self, row: dict[str, Any], columns: dict[str, ColumnSpec], column: sa.Column):
+        self._row, self._columns, self.current_column = row, columns, column
+
+    @property
+    def current_parameters(self) -> dict[str, Any]:
+        return {name: self._columns[name].to_python(value) for name, value in self._row.items()}
+
+    def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
+        return self.current_parameters
+
+    def __getattr__(self, name: str) -> Any:
+        raise _OutsideSqlAlchemy(name)
+
+
+def _python_side(column: sa.Column, columns: dict[str, ColumnSpec], default: Any,
+                 what: str) -> Callable[[dict[str, Any]], Any] | None:
+    """How to evaluate, outside SQLAlchemy, a `default=`/`onupdate=` that SQLAlchemy computes in
+    Python when it writes a row: a constant, or a callable. None for no default, and for one
+    main evaluates (an SQL expression such as func.now(), a sequence): SQLAlchemy renders that
+    into the batch's insert and update statements, and a buffered record reads it as null (an
+    onupdate: the previous value) until the row is replicated.
+
+    Evaluated where a create or update is checked (wire.normalize_values): at ingest, when the
+    script records the observation, so that the buffered record reads as main will store it and
+    a `datetime.now` default is the observation's time, not the drain's; and by the drain's own
+    check, for an existing producer's entry that left the column out. A default for a create
+    that leaves the column out, an onupdate for an update that does not set it, as the ORM does.
+    A callable taking SQLAlchemy's execution context gets a _RowContext: one computed from the
+    row's values works as under SQLAlchemy; one that needs more (the connection) cannot be
+    evaluated outside SQLAlchemy, and says so in a ValueError naming the column: that create or
+    update is refused at ingest, or dead-lettered by the drain with that line, and the rest goes
+    on (refusing the model at load would stop even the writes that give the column)."""
+    if default is None or not (default.is_scalar or default.is_callable):
+        return None
+    if default.is_scalar:
+        value = default.arg
+        return lambda row: value
+    function = default.arg  # SQLAlchemy's: always takes the context (it wraps one that takes none)
+
+    def evaluate(row: dict[str, Any]) -> Any:
+        try:
+            return function(_RowContext(row, columns, column))
+        except _OutsideSqlAlchemy as missing:
+            raise ValueError(f"its {what} needs SQLAlchemy's execution context (context.{missing}), which "
+                             "exists only inside SQLAlchemy: give the column a value") from None
+        except Exception as error:  # noqa: BLE001 - the site's code: its failure is this write's
+            raise ValueError(f"its {what} raised {error!r}") from None
+    return evaluate
 
 
 _NO_DEFAULT = object()

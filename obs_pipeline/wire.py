@@ -207,7 +207,22 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
         for name, value in model.defaults.items():
             if name not in out:
                 out[name] = copy.deepcopy(value) if value.__class__ in (dict, list) else value
+    if creating and model.computed_defaults:  # a callable default, as SQLAlchemy would call it
+        _fill(model, out, model.computed_defaults, where)
+    elif not creating and out and model.onupdates:  # an onupdate, for an update that does not set it
+        _fill(model, out, model.onupdates, where)
     return out
+
+
+def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where: str) -> None:
+    """Evaluate what SQLAlchemy computes in Python for the columns `out` leaves out (see
+    model_registry._python_side): the statements then carry it like any value."""
+    for name, compute in computed.items():
+        if name not in out:
+            try:
+                out[name] = model.checks[name](compute(out))
+            except ValueError as exc:
+                raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
 
 
 def record_id(model: ModelSpec, value: Any, where: str) -> str | int:

@@ -1,12 +1,14 @@
 """A schema of a site's own, for the tests of `OBS_MODELS`: an integer key not called `id`, a
 foreign key to it checked at commit (deferred), column types the built-in schema does not have
 (JSON, float, bool, a timestamp without time zone), a column whose name needs quoting, and
-columns with defaults (constant ones, Python-side and server-side, and one main computes)."""
+columns with defaults (constant ones, Python-side and server-side, and one main computes), and
+columns whose default or onupdate SQLAlchemy computes (a callable, one taking its execution
+context, an SQL expression)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Column, DateTime, Float, ForeignKey, Integer, Table, Text, func, text
@@ -65,3 +67,34 @@ class Task(Base):
     tries: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     queued: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                     server_default=func.now())
+
+
+def _slug(context: Any) -> str:
+    """A default that takes SQLAlchemy's execution context and reads the row's parameters."""
+    return f"{context.get_current_parameters()['title']}-slug"
+
+
+class Entry(Base):
+    __tablename__ = "custom_entry"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                              default=lambda: datetime.now(timezone.utc))
+    token: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False, default=uuid.uuid4)
+    slug: Mapped[str] = mapped_column(Text, nullable=False, default=_slug)
+    stamped: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=func.now())
+    updated: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                     onupdate=datetime.utcnow)
+    touched: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                     onupdate=func.now())
+    revised: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, onupdate=True)
+
+
+class Ticket(Base):
+    """A default that needs SQLAlchemy's execution context for more than the row (its connection)."""
+    __tablename__ = "custom_ticket"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    serial: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=lambda context: context.connection.scalar(text("SELECT 1")))

@@ -52,7 +52,7 @@ def test_a_schema_of_its_own_from_db_init_to_the_replica(custom, main_engine, re
     env = {"OBS_SITE": custom.site, "OBS_REDIS_URL": custom.redis_url, "OBS_MAIN_DB_URL": custom.main_db_url,
            "OBS_REPLICA_DB_URL": custom.replica_db_url, "OBS_MODELS": MODELS}
     init = cli("db", "init", env=env)
-    assert init.returncode == 0 and "5 models" in init.stderr, init.stderr
+    assert init.returncode == 0 and "7 models" in init.stderr, init.stderr
     code = random.randrange(10**6, 10**9)
     buf = TransactionBuffer(settings=custom)
     with buf.transaction() as tx:
@@ -273,4 +273,155 @@ def test_a_float_column_reads_as_a_float_whether_buffered_or_replicated(custom_s
         assert type(buf.get("Exposure", made[0]["id"])["seconds"]) is float
         assert type(buf.get("Exposure", made[1]["id"])["seconds"]) is float
         drain_until_settled(custom_schema)
+    buf.close()
+
+
+def _entry_on_main(main_engine, entry_id: str) -> dict:
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM custom_entry WHERE id = :i"), {"i": entry_id}).mappings().one()
+    return dict(row)
+
+
+def _instant(value):
+    import datetime as dt
+
+    return None if value is None else dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def test_columns_sqlalchemy_computes_land_as_the_orm_would_write_them(custom_schema, main_engine, redis_client):
+    """A site's model with a callable default (a lambda, uuid.uuid4, one that reads the row from
+    SQLAlchemy's execution context), an SQL-expression default (func.now()) and onupdates (a
+    callable, func.now(), a constant). The drain's statements named the Python-side ones as
+    parameters the batch did not have: KeyError 'created' (then 'updated') out of the apply,
+    the batch back in the processing list, every later drain stopped on it. Now a callable is
+    evaluated when the script records the create or update (the buffered record reads as main
+    will store it) and main evaluates the SQL expressions, on a later update as well as on an
+    update folded with the create into the same batch."""
+    import datetime as dt
+    import json
+    import uuid
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    before = dt.datetime.now(dt.timezone.utc)
+    with buf.transaction() as tx:
+        entry = tx.create("Entry", {"title": "a"})
+        folded = tx.create("Entry", {"title": "f", "slug": "given"})
+    made = buf.get("Entry", entry["id"])
+    assert {k: made[k] for k in entry} == entry and {"created", "token", "slug", "revised"} <= entry.keys()
+    assert before <= _instant(made["created"]) <= dt.datetime.now(dt.timezone.utc)
+    assert str(uuid.UUID(made["token"])) == made["token"] != buf.get("Entry", folded["id"])["token"]
+    assert (made["slug"], made["revised"], made["updated"], made["touched"]) == ("a-slug", False, None, None)
+    assert made["stamped"] is None  # main's now(): not known before main runs it
+    assert buf.get("Entry", folded["id"])["slug"] == "given"
+    buf.update("Entry", folded["id"], {"title": "f2"})  # in the same batch as its create: folded
+    drain_until_settled(custom_schema)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert redis_client.llen(SiteKeys(custom_schema.site).failed) == 0
+    on_main = _entry_on_main(main_engine, entry["id"])
+    assert (on_main["created"], str(on_main["token"]), on_main["slug"]) == \
+        (_instant(made["created"]), made["token"], "a-slug")
+    assert on_main["stamped"] is not None and (on_main["updated"], on_main["touched"], on_main["revised"]) == \
+        (None, None, False)
+    replicated = buf.get("Entry", entry["id"])
+    assert {k: replicated[k] for k in ("created", "token", "slug", "revised")} == \
+        {k: made[k] for k in ("created", "token", "slug", "revised")}
+    assert replicated["stamped"] is not None
+    f = _entry_on_main(main_engine, folded["id"])
+    assert (f["title"], f["slug"], f["revised"]) == ("f2", "given", True)
+    assert f["updated"] is not None and f["touched"] is not None
+
+    changed = buf.update("Entry", entry["id"], {"title": "b"})
+    pending = buf.get("Entry", entry["id"])
+    assert (pending["title"], pending["revised"]) == ("b", True)
+    assert _instant(pending["updated"]) >= _instant(made["created"])
+    assert pending["touched"] is None  # main's now(), on main
+    drain_until_settled(custom_schema)
+    assert buf.status(changed) == "replicated"
+    on_main = _entry_on_main(main_engine, entry["id"])
+    assert (on_main["title"], on_main["revised"], on_main["updated"]) == ("b", True, _instant(pending["updated"]))
+    assert on_main["touched"] is not None and on_main["created"] == _instant(made["created"])
+    replicated = buf.get("Entry", entry["id"])
+    assert (replicated["updated"], replicated["revised"]) == (pending["updated"], True)
+    assert replicated["touched"] is not None
+    assert redis_client.llen(SiteKeys(custom_schema.site).failed) == 0, [
+        json.loads(e)["failure"] for e in redis_client.lrange(SiteKeys(custom_schema.site).failed, 0, -1)]
+    buf.close()
+
+
+def test_a_producers_create_and_update_leaving_out_computed_columns_are_applied(custom_schema, redis_client,
+                                                                               main_engine):
+    """An existing producer pushes only the queue entries, leaving out the columns SQLAlchemy
+    would compute: the drain fills the callable default and onupdate when it checks them."""
+    import json
+    import uuid
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(custom_schema.site)
+    entry_id = str(uuid.uuid4())
+
+    def push(operation: str, data: dict, conditions: dict | None = None) -> str:
+        tx_id = str(uuid.uuid4())
+        redis_client.lpush(keys.buffer, json.dumps({
+            "transaction_id": tx_id, "endpoint": "producer", "site": custom_schema.site,
+            "steps": [{"step_id": "step1", "operation": operation, "model_class": "Entry", "data": data,
+                       "conditions": conditions or {}}]}))
+        return tx_id
+
+    created = push("create", {"id": entry_id, "title": "p"})
+    drain_until_settled(custom_schema)
+    buf = TransactionBuffer(settings=custom_schema)
+    assert buf.status(created) == "replicated"
+    row = _entry_on_main(main_engine, entry_id)
+    assert None not in (row["created"], row["token"], row["stamped"]) and row["slug"] == "p-slug"
+    assert (row["updated"], row["touched"], row["revised"]) == (None, None, False)
+    updated = push("update", {"title": "q"}, {"id": entry_id})
+    drain_until_settled(custom_schema)
+    assert buf.status(updated) == "replicated"
+    row = _entry_on_main(main_engine, entry_id)
+    assert row["title"] == "q" and row["revised"] is True
+    assert row["updated"] is not None and row["touched"] is not None
+    got = buf.get("Entry", entry_id)
+    assert got["updated"] is not None and got["touched"] is not None
+    assert redis_client.llen(keys.failed) == 0
+    buf.close()
+
+
+def test_a_default_that_needs_more_than_the_row_from_sqlalchemys_context_is_one_clear_line(
+        custom_schema, redis_client, main_engine):
+    """A default that uses SQLAlchemy's execution context beyond the row (its connection) cannot
+    be evaluated outside SQLAlchemy: a create leaving it out is refused at ingest, naming the
+    column, and an existing producer's such create is dead-lettered with that line; the drain
+    goes on with what follows (it stopped on a KeyError before). Given, the column is written."""
+    import json
+    import uuid
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(custom_schema.site)
+    buf = TransactionBuffer(settings=custom_schema)
+    with pytest.raises(InvalidTransaction, match=r"Ticket\.serial: its default needs SQLAlchemy's execution context"):
+        with buf.transaction() as tx:
+            tx.create("Ticket", {})
+    assert not list(redis_client.scan_iter(match=f"site:{custom_schema.site}:*"))
+    with buf.transaction() as given:
+        ticket = given.create("Ticket", {"serial": 7})
+    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
+    for tx_id, data in ((bad, {"id": str(uuid.uuid4())}), (good, {"id": str(uuid.uuid4()), "serial": 8})):
+        redis_client.lpush(keys.buffer, json.dumps({
+            "transaction_id": tx_id, "endpoint": "producer", "site": custom_schema.site,
+            "steps": [{"step_id": "step1", "operation": "create", "model_class": "Ticket", "data": data}]}))
+    drain_until_settled(custom_schema)
+    assert buf.status(given.transaction_id) == buf.status(good) == "replicated"
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [f["transaction_id"] for f in failed] == [bad]
+    assert "Ticket.serial: its default needs SQLAlchemy's execution context" in failed[0]["failure"]["reason"]
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT serial FROM custom_ticket WHERE id = :i"),
+                            {"i": ticket["id"]}).scalar_one() == 7
     buf.close()
