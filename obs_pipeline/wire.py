@@ -238,8 +238,7 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
     if values_checked:
         steps_in_order(tx)
         return tx
-    seen: set[str] = set()
-    for index, step in enumerate(steps_in_order(tx)):
+    for step in steps_in_order(tx):
         where = f"transaction {tx.transaction_id}, step {step.step_id}"
         model = registry.model(step.model_class) if isinstance(step.model_class, str) else None
         if model is None:
@@ -264,9 +263,6 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
                 step.data = normalize_values(model, step.data, creating=False, where=where)
             elif step.data:
                 raise InvalidTransaction(f"{where}: a delete takes no `data`")
-        if step.step_id in seen:
-            raise InvalidTransaction(f"{where}: step id {step.step_id!r} appears twice")
-        seen.add(step.step_id)
     return tx
 
 
@@ -279,7 +275,12 @@ def steps_in_order(tx: Transaction) -> list[Step]:
         seen.add(step.step_id)
     else:
         return list(tx.steps)
-    by_id = {s.step_id: s for s in tx.steps}
+    by_id: dict[str, Step] = {}
+    for step in tx.steps:  # (a second step of one id would be left out of the order: never applied)
+        if step.step_id in by_id:
+            raise InvalidTransaction(f"transaction {tx.transaction_id}, step {step.step_id}: "
+                                     f"step id {step.step_id!r} appears twice")
+        by_id[step.step_id] = step
     for step in tx.steps:
         for dep in step.dependencies:
             if dep not in by_id:
