@@ -54,7 +54,7 @@ class DeadLetters:
             raw = raw.decode()
             try:
                 doc = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 doc = {"raw": raw, "failure": {"reason": "unreadable entry"}}
             out.append(DeadLetter(raw, doc))
         return out

@@ -550,7 +550,7 @@ def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
     if isinstance(tx, str):
         try:
             parsed = json.loads(tx)
-        except ValueError:
+        except (ValueError, RecursionError):  # kept as the raw text
             parsed = None
         tx = parsed if isinstance(parsed, dict) else {"raw": tx}
     doc = dict(tx)
@@ -573,6 +573,6 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
 def _guess_id(raw: str) -> str | None:
     try:
         tx_id = json.loads(raw).get("transaction_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return tx_id if is_storable_id(tx_id) else None

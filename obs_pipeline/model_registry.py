@@ -428,6 +428,8 @@ def json_value(value: Any) -> Any:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"value is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise ValueError("value is nested too deeply (more than about 1,000 levels)") from None
     if "\x00" in text:
         raise ValueError("text may not contain NUL characters")
     if not text.isascii():

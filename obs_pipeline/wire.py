@@ -91,6 +91,8 @@ class Transaction:
             doc = json_codec.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidTransaction(f"not valid JSON: {exc}") from None
+        except RecursionError:  # the stdlib's parser (orjson's refuses past 1,024 levels)
+            raise InvalidTransaction("not valid JSON: nested too deeply (more than about 1,000 levels)") from None
         return cls.from_dict(doc)
 
     @classmethod

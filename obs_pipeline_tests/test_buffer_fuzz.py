@@ -152,3 +152,21 @@ def test_a_step_id_given_twice_is_dead_lettered_not_left_out(settings, redis_cli
     with main_engine.connect() as conn:
         assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
         assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 2 * len(good)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_json_nested_too_deeply_is_dead_lettered_and_the_drain_goes_on(settings, redis_client, main_engine):
+    """The stdlib's parser raises RecursionError, not ValueError, past about 1,000 levels, and
+    the drain read entries with it to name and keep what it dead-letters: each such entry
+    stopped every drain run at its batch. 1,010 levels: orjson parses it, then the step is bad.
+    Each is kept as its raw text: the stdlib writes the dead letter."""
+    deep = "[" * 100_000
+    deep_steps = '{"transaction_id": "deep-steps", "steps": ' + "[" * 5_000 + "]" * 5_000 + "}"
+    orjson_deep = '{"transaction_id": "orjson-deep", "steps": [' + "[" * 1_010 + "]" * 1_010 + "]}"
+    failed, good = _drain_raw(settings, redis_client, deep, deep_steps, orjson_deep)
+    assert len(failed) == 3
+    assert all("nested too deeply" in f["failure"]["reason"] for f in failed[:2])
+    assert failed[2]["failure"]["reason"] == "transaction orjson-deep, step 1: a step must be a JSON object"
+    assert [f["raw"] for f in failed] == [deep, deep_steps, orjson_deep]  # as the stdlib cannot read them
+    with main_engine.connect() as conn:
+        assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
