@@ -166,8 +166,14 @@ def _parse(doc: dict[str, Any]) -> Transaction | None:
 
 def _canonical_json(doc: dict[str, Any], tx: Transaction | None) -> str:
     """Our own serialisation where the document parses (the drain relies on its field order);
-    the document as it is otherwise (it will be dead-lettered again, with the reason)."""
-    return tx.to_json() if tx is not None else json.dumps(doc, separators=(",", ":"))
+    the document as it is otherwise (it will be dead-lettered again, with the reason): metadata
+    that is not strict JSON may not be writable our way."""
+    if tx is not None:
+        try:
+            return tx.to_json()
+        except (TypeError, ValueError, RecursionError):
+            pass
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:

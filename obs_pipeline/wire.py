@@ -240,6 +240,11 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
     if values_checked:
         steps_in_order(tx)
         return tx
+    if tx.metadata:  # as at ingest: it is written back with every status, and must stay writable
+        try:
+            json_value(tx.metadata)
+        except ValueError as exc:
+            raise InvalidTransaction(f"transaction {tx.transaction_id}: metadata: {exc}") from None
     for step in steps_in_order(tx):
         where = f"transaction {tx.transaction_id}, step {step.step_id}"
         model = registry.model(step.model_class) if isinstance(step.model_class, str) else None

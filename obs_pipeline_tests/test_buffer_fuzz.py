@@ -10,9 +10,12 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import Settings
+from obs_pipeline.dead_letters import DeadLetters
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline_tests.examples import seed_example
 from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
 
@@ -170,3 +173,35 @@ def test_json_nested_too_deeply_is_dead_lettered_and_the_drain_goes_on(settings,
     assert [f["raw"] for f in failed] == [deep, deep_steps, orjson_deep]  # as the stdlib cannot read them
     with main_engine.connect() as conn:
         assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_metadata_ingest_would_refuse_is_dead_lettered_not_a_stopped_drain(settings, redis_client, main_engine):
+    """Ingest refuses metadata that is not strict JSON; the drain took a raw producer's as it
+    came, and wrote it back with the transaction's status (orjson, then the stdlib for what
+    orjson cannot write). NaN beside an integer beyond 64 bits, or 1,010 levels of nesting,
+    made that write raise: every drain run stopped at the batch, its main commit never
+    acknowledged. Now such metadata is dead-lettered with the reason, as at ingest, and what
+    uses its rows is blocked with it."""
+    nan, nan_ids = seed_example(settings.site)
+    nan_json = json.dumps({**nan, "metadata": {"seeing": float("nan"), "exposure_ns": 2 ** 70}})
+    finish = {"transaction_id": str(uuid.uuid4()), "steps": [  # what it created is dead with it
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": nan_ids["uuid-1"]}, "data": {"status": "completed"}}]}
+    deep, _ = seed_example(settings.site)
+    deep_json = json.dumps(deep)[:-1] + ', "metadata": {"x": ' + "[" * 1_010 + "]" * 1_010 + "}}"
+    failed, good = _drain_raw(settings, redis_client, nan_json, json.dumps(finish), deep_json)
+    assert [f["failure"]["reason"] for f in failed] == [
+        f"transaction {nan['transaction_id']}: metadata: value is not JSON-serialisable: "
+        "Out of range float values are not JSON compliant",
+        f"transaction {deep['transaction_id']}: metadata: value is nested too deeply (more than about 1,000 levels)",
+        f"blocked by {nan['transaction_id']}"]
+    assert [f.get("transaction_id") for f in failed] == [nan["transaction_id"], None, finish["transaction_id"]]
+    assert failed[1]["raw"] == deep_json  # the stdlib, which writes dead letters, cannot read it
+    with main_engine.connect() as conn:
+        assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
+    # an operator's retry requeues it as it is (our own writing of it raised the same error)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    assert letters.retry([nan["transaction_id"]]) == [nan["transaction_id"], finish["transaction_id"]]
+    requeued = json.loads(redis_client.lindex(SiteKeys(settings.site).buffer, -1))
+    assert requeued["transaction_id"] == nan["transaction_id"] and requeued["metadata"]["exposure_ns"] == 2 ** 70
