@@ -60,13 +60,14 @@ class DeadLetters:
         return out
 
     def get(self, ref: str, letters: list[DeadLetter] | None = None) -> DeadLetter:
-        """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id)."""
+        """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id). An id
+        comes first: a producer's may be "#2" too, and `failed list` shows it as it is."""
         letters = self.list() if letters is None else letters
-        if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
-            return letters[int(ref[1:]) - 1]
         for letter in letters:
             if letter.transaction_id == ref:
                 return letter
+        if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
+            return letters[int(ref[1:]) - 1]
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 

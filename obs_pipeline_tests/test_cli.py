@@ -290,6 +290,24 @@ def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
+    """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
+    is: `failed discard '#2'` discarded the second letter of the list instead, another
+    transaction, lost, while the one named stayed."""
+    keys = SiteKeys(settings.site)
+    step = {"step_id": "s1", "operation": "create", "model_class": "NoSuchModel", "data": {}}
+    for raw in (b"not json at all", json.dumps({"transaction_id": "keep-me", "steps": [step]}),
+                json.dumps({"transaction_id": "#2", "steps": [step]})):
+        redis_client.lpush(keys.buffer, raw)
+    assert cli("drain", "--once", env=env).returncode == 0
+    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me", "#2"]
+    assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "#2"
+    assert cli("failed", "discard", "#2", env=env).returncode == 0
+    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me"]
+    assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "keep-me"  # now its place
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, redis_client, settings):
     """A dead-lettered transaction marks the rows it creates as dead, so that dependents are
     blocked. Discarded, it must take the marks with it: while any mark stays, every batch looks
