@@ -396,6 +396,9 @@ class Drain:
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
                     claim_rows(outcome.hold, _rows_written_by(raw, self.registry), "!" + tx_id)
+                    # a requeued dead letter that is still invalid: those parked behind it (its live
+                    # holds again, see DeadLetters.retry) come due, to be blocked with it
+                    outcome.unpark.append(tx_id)
                 report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
             if tx.transaction_id in seen:  # pushed twice: apply once

@@ -205,3 +205,30 @@ def test_metadata_ingest_would_refuse_is_dead_lettered_not_a_stopped_drain(setti
     assert letters.retry([nan["transaction_id"]]) == [nan["transaction_id"], finish["transaction_id"]]
     requeued = json.loads(redis_client.lindex(SiteKeys(settings.site).buffer, -1))
     assert requeued["transaction_id"] == nan["transaction_id"] and requeued["metadata"]["exposure_ns"] == 2 ** 70
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_retried_invalid_transaction_dead_lettered_again_takes_what_it_blocked_along(settings, redis_client,
+                                                                                      main_engine):
+    """`failed retry` of a transaction that does not validate (nothing about it changed) requeues
+    it and what it blocked, its dead marks live holds again. The drain dead-letters it again at
+    parse, but only the dead-lettering of a valid one let go of what was parked behind it: its
+    dependent, parked behind it in that batch, waited in `retry` for ever."""
+    keys = SiteKeys(settings.site)
+    bad, ids = seed_example(settings.site)
+    bad["steps"][0]["data"]["no_such_column"] = 1
+    finish = {"transaction_id": str(uuid.uuid4()), "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": ids["uuid-1"]}, "data": {"status": "completed"}}]}
+    failed, good = _drain_raw(settings, redis_client, json.dumps(bad), json.dumps(finish))
+    reasons = [f["failure"]["reason"] for f in failed]
+    assert reasons[1] == f"blocked by {bad['transaction_id']}" and "no_such_column" in reasons[0]
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    assert letters.retry([bad["transaction_id"]]) == [bad["transaction_id"], finish["transaction_id"]]
+    drain_until_settled(settings, timeout_s=30)
+    assert redis_client.zcard(keys.retry) == 0
+    again = [json.loads(e) for e in reversed(redis_client.lrange(keys.failed, 0, -1))]
+    assert [(f["transaction_id"], f["failure"]["reason"]) for f in again] == [
+        (bad["transaction_id"], reasons[0]), (finish["transaction_id"], reasons[1])]
+    with main_engine.connect() as conn:
+        assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
