@@ -160,6 +160,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.dead_letters import DeadLetters
     from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.wire import one_line
 
     settings = _settings()
     letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site),
@@ -172,7 +173,9 @@ def cmd_failed(args: argparse.Namespace) -> int:
             blocker = s["reason"].removeprefix("blocked by ") if s["reason"].startswith("blocked by ") else None
             hint = (f" ({blocker} is no longer dead-lettered: retry or discard this one)"
                     if blocker is not None and blocker not in ids else "")
-            print(f"{s['transaction_id'] or f'#{place}'}\t{s['endpoint']}\t{s['kind']}\t{s['reason']}{hint}")
+            # one line each, printable: the fields are a producer's text
+            print("\t".join(one_line(field) for field in (s["transaction_id"] or f"#{place}", s["endpoint"], s["kind"],
+                                                          s["reason"] + hint)))
     elif args.action == "show":
         print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
     elif args.action == "retry":

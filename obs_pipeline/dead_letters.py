@@ -11,7 +11,7 @@ import redis
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, is_storable_id, validate, written_ids
+from obs_pipeline.wire import Transaction, cache_footprint, is_storable_id, one_line, validate, written_ids
 
 
 class UnknownTransaction(LookupError):
@@ -65,6 +65,9 @@ class DeadLetters:
         letters = self.list() if letters is None else letters
         for letter in letters:
             if letter.transaction_id == ref:
+                return letter
+        for letter in letters:  # as `failed list` shows it: a tab or newline in it escaped
+            if letter.transaction_id is not None and one_line(letter.transaction_id) == ref:
                 return letter
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]

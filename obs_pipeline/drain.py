@@ -25,7 +25,8 @@ from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outc
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, claim_rows, is_storable_id, referenced_ids, validate, written_ids
+from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line, referenced_ids,
+                               validate, written_ids)
 
 log = logging.getLogger("obs_pipeline.drain")
 _GC_GEN0_THRESHOLD = 50_000
@@ -387,7 +388,8 @@ class Drain:
             try:
                 tx = validate(Transaction.from_json(raw), self.registry)
             except Exception as error:  # noqa: BLE001 - whatever the payload does, it must not stop the drain
-                reason = str(error) if isinstance(error, InvalidTransaction) else f"unreadable: {error!r}"
+                # one printable line: it may quote a producer's text (a step id with a newline, a lone surrogate)
+                reason = one_line(error) if isinstance(error, InvalidTransaction) else f"unreadable: {error!r}"
                 tx_id = _guess_id(raw)
                 entry = _failed_entry(raw, reason, kind="invalid")
                 outcome.dead.append((tx_id, entry))

@@ -141,6 +141,16 @@ def is_storable_id(value: Any) -> bool:
     return True
 
 
+def one_line(value: Any) -> str:
+    """A producer's text (an endpoint, a step id, a reason that quotes one) as one printable line:
+    control characters and lone surrogates escaped. A lone surrogate cannot be printed or stored
+    as UTF-8, and a newline or tab would break a line of `failed list`."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

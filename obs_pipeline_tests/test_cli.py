@@ -308,6 +308,29 @@ def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_failed_list_prints_a_producers_text_as_one_printable_line(env, redis_client, settings):
+    """A raw producer's endpoint, step id or transaction id may hold a lone surrogate, a newline or
+    a tab. `failed list` stopped at the first letter holding a surrogate ("'utf-8' codec can't
+    encode character"), for as long as it was listed, and a newline split a letter over lines.
+    Now each letter is one line, its text escaped, and the id as shown finds it."""
+    keys = SiteKeys(settings.site)
+    step = {"step_id": "s\udc80\nx", "operation": "create", "model_class": "ObsUnit", "data": {"id": 5, "name": 7}}
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "tab\tid", "endpoint": "end\ud800\npoint",
+                                                "steps": [step]}))
+    redis_client.lpush(keys.buffer, b"not json at all")
+    assert cli("drain", "--once", env=env).returncode == 0
+    listed = cli("failed", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t") for line in listed.stdout.splitlines()] == [
+        ["tab\\tid", "end\\ud800\\npoint", "invalid",
+         "transaction tab\\tid, step s\\udc80\\nx: ObsUnit.name: 7 is not a string"],
+        ["#2", "None", "invalid", "not valid JSON: Expecting value: line 1 column 1 (char 0)"]]
+    assert json.loads(cli("failed", "show", "tab\\tid", env=env).stdout)["transaction_id"] == "tab\tid"
+    assert cli("failed", "discard", "tab\\tid", env=env).returncode == 0
+    assert cli("failed", "list", env=env).stdout.splitlines()[0].startswith("#1\t")
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, redis_client, settings):
     """A dead-lettered transaction marks the rows it creates as dead, so that dependents are
     blocked. Discarded, it must take the marks with it: while any mark stays, every batch looks
