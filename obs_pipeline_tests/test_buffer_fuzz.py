@@ -232,3 +232,18 @@ def test_a_retried_invalid_transaction_dead_lettered_again_takes_what_it_blocked
         (bad["transaction_id"], reasons[0]), (finish["transaction_id"], reasons[1])]
     with main_engine.connect() as conn:
         assert sorted(conn.execute(sa.text("SELECT id::text FROM executed_obs_unit")).scalars()) == sorted(good)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_an_unknown_model_is_dead_lettered_naming_its_transaction_and_step(settings, redis_client):
+    """Every other reason a raw producer's transaction is refused for names it and the step; an
+    unknown model said only "unknown model 'Nope' (known: ...)"."""
+    tx, _ = seed_example(settings.site)
+    tx["steps"][1]["model_class"] = "RawDataPackages"
+    untyped, _ = seed_example(settings.site)
+    untyped["steps"][2]["model_class"] = ["RawDataFile"]
+    failed, _ = _drain_raw(settings, redis_client, json.dumps(tx), json.dumps(untyped))
+    assert [f["failure"]["reason"] for f in failed] == [
+        f"transaction {tx['transaction_id']}, step step2: unknown model 'RawDataPackages' "
+        "(known: ExecutedObsUnit, ObsUnit, RawDataFile, RawDataPackage)",
+        f"transaction {untyped['transaction_id']}, step step3: model_class must be a string"]
