@@ -101,11 +101,19 @@ def refused_by_configuration(error: BaseException) -> bool:
             and _REFUSED_BY_CONFIGURATION.search(str(orig)) is not None)
 
 
+# how main words the failed cast of batch_sql's "exists" check: the message is the reason
+_MISSING_ROW = re.compile(r'invalid input syntax for type integer: "(no .* row .* to update)"')
+
+
 def describe(error: BaseException) -> str:
     """One line an operator can act on."""
     orig = getattr(error, "orig", None) or error
     text = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {text[0] if text else ''}".strip()
+    first = text[0] if text else ""
+    missing = _MISSING_ROW.fullmatch(first)
+    if missing:
+        return missing.group(1)
+    return f"{type(orig).__name__}: {first}".strip()
 
 
 class MainDatabase:

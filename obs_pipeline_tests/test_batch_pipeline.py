@@ -498,9 +498,9 @@ def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_b
               for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
     assert set(failed) == {"refused", "repoint", "ghost-update", "ghost-delete", "update-deleted"}, failed
     assert "ForeignKeyViolation" in failed["refused"] and failed["repoint"] == "blocked by refused"
-    assert f"no executed_obs_unit row {ghost} to update" in failed["ghost-update"]
+    assert failed["ghost-update"] == f"no executed_obs_unit row {ghost} to update"
     assert failed["ghost-delete"] == "blocked by ghost-update"
-    assert "no obs_unit row 990 to update" in failed["update-deleted"]
+    assert failed["update-deleted"] == "no obs_unit row 990 to update"
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit")).all() == [(1, "running")]
         assert conn.execute(sa.text("SELECT count(*) FROM obs_unit WHERE id = 990")).scalar_one() == 0
@@ -649,7 +649,7 @@ def test_an_update_of_a_row_main_does_not_have_is_dead_lettered_not_counted_appl
     drain_until_settled(settings, retry_base_s=0.05)
     failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
     assert [f["transaction_id"] for f in failed] == ["ghost-update"]
-    assert f"no executed_obs_unit row {missing} to update" in failed[0]["failure"]["reason"], failed[0]["failure"]
+    assert failed[0]["failure"]["reason"] == f"no executed_obs_unit row {missing} to update", failed[0]["failure"]
     assert "\n" not in failed[0]["failure"]["reason"]
     assert_applied_exactly_once(main_engine, observations)
     with main_engine.connect() as conn:
