@@ -263,6 +263,21 @@ def redis_is_full(error: BaseException) -> bool:
         isinstance(error, redis.ResponseError) and "OOM command not allowed" in str(error))
 
 
+class RedisRefusesWrites(redis.ResponseError):
+    """Redis refuses every write for now, and the script it refused kept nothing (the check is
+    made at each write, so it refuses the first): it cannot persist (MISCONF: an RDB save or an
+    AOF write failed, a full disk say) or it is a read-only replica (READONLY: a failover)."""
+
+
+def redis_refuses_writes(error: BaseException) -> bool:
+    """MISCONF or READONLY, on their own or, from inside a Lua script on Redis 6, wrapped in the
+    script's error."""
+    if isinstance(error, (RedisRefusesWrites, redis.exceptions.ReadOnlyError)):
+        return True
+    text = str(error) if isinstance(error, redis.ResponseError) else ""
+    return text.startswith(("MISCONF ", "READONLY ")) or "-MISCONF " in text or "-READONLY " in text
+
+
 class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
@@ -338,7 +353,9 @@ class BufferStore:
         hiredis: that cost Redis ~20 us less per call, but this thread 13-17 us more (seven
         replies to read), and four threads sharing a buffer (the GIL) a quarter of their throughput.
         A full Redis (maxmemory) refuses the script at its first write, so nothing is written,
-        and this raises OutOfMemoryError (the spool takes the transaction). A transaction
+        and this raises OutOfMemoryError; one that cannot persist or is a read-only replica
+        refuses it likewise, and this raises RedisRefusesWrites (the spool takes the
+        transaction in both cases). A transaction
         already buffered (its status key exists) is left as it is: pushing one again is harmless."""
         args = [self.keys.prefix, transaction_id, tx_json, len(caches.created)]
         for triple in caches.created:
@@ -350,6 +367,8 @@ class BufferStore:
         except redis.ResponseError as error:
             if redis_is_full(error) and not isinstance(error, redis.exceptions.OutOfMemoryError):
                 raise redis.exceptions.OutOfMemoryError(str(error)) from error  # Redis 6 wraps it in the script's error
+            if redis_refuses_writes(error) and not isinstance(error, RedisRefusesWrites):
+                raise RedisRefusesWrites(str(error)) from error
             raise
 
     def _call_buffer_script(self, args: list[Any]) -> None:

@@ -1,4 +1,4 @@
-"""When Redis does not answer, or is full, ingest still succeeds: the transaction goes to a
+"""When Redis does not answer, is full or refuses writes for a while, ingest still succeeds: the transaction goes to a
 local spool.
 
 Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
@@ -24,12 +24,14 @@ from typing import Iterator
 
 import redis
 
-from obs_pipeline.buffer_store import BufferStore, CacheWrites
+from obs_pipeline.buffer_store import BufferStore, CacheWrites, RedisRefusesWrites
 
 RETRY_INTERVAL_S = 1.0
-# Redis cannot take the transaction now: down, too slow, or full (`maxmemory` reached under
-# `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing).
-REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+# Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
+# `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
+# or refusing writes for a while (it cannot persist, or it is a replica after a failover).
+REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
+                        RedisRefusesWrites)
 
 
 def default_spool_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from obs_pipeline.drain import Drain, DrainBusy, DrainConfig
 from obs_pipeline.health import health_report
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.stack.osutil import pick_free_ports, wait_until
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
                                          drain_until_settled)
@@ -307,6 +309,57 @@ def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(
     queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
     expected = [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
     assert queue == expected
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + during + after)
+    buf.close()
+
+
+@contextlib.contextmanager
+def redis_refusing_writes(redis_client, how: str, scratch):
+    """Redis refuses writes until the block ends: it cannot persist (MISCONF: its RDB save
+    failed, as on a full disk; here its folder is gone) or it is a replica (READONLY, as after
+    a failover; here of a master that does not answer, so it keeps its data)."""
+    if how == "readonly":
+        redis_client.execute_command("REPLICAOF", "127.0.0.1", str(pick_free_ports(1)[0]))
+        try:
+            yield
+        finally:
+            redis_client.execute_command("REPLICAOF", "NO", "ONE")
+        return
+    saved = redis_client.config_get("dir")["dir"], redis_client.config_get("save")["save"]
+    gone = scratch / "redis-dir-gone"
+    gone.mkdir()
+    try:
+        redis_client.config_set("save", "3600 1")  # MISCONF needs save points (stop-writes-on-bgsave-error)
+        redis_client.config_set("dir", str(gone))
+        gone.rmdir()
+        redis_client.bgsave()
+        assert wait_until(lambda: redis_client.info("persistence")["rdb_last_bgsave_status"] == "err", 30)
+        yield
+    finally:
+        redis_client.config_set("dir", saved[0])
+        redis_client.config_set("save", saved[1])  # no save points: writes are taken again
+
+
+@pytest.mark.parametrize("how", ["misconf", "readonly"])
+def test_a_redis_that_refuses_writes_for_a_while_has_ingest_spool_them(settings, redis_client, main_engine,
+                                                                        tmp_path, how):
+    """A Redis that cannot persist (MISCONF) or has become a replica (READONLY) refuses ingest's
+    script at its first write, as a full one does. Ingest raised its ResponseError, and the
+    observation was lost; now the calls succeed via the spool, nothing of them is in Redis, and
+    once Redis takes writes again they are pushed in order and applied once."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 2)
+    with redis_refusing_writes(redis_client, how, tmp_path):
+        during = buffer_observations(buf, 4)
+        assert buf.spool.pending() == 4 + 2
+        assert buf.status(during[0].start_tx) == "pending"
+        assert not redis_client.exists(keys.transaction(during[0].start_tx))
+    after = buffer_observations(buf, 2)  # pushes the spool first, then these
+    assert buf.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + during + after)
     buf.close()
