@@ -23,11 +23,11 @@ from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.query import SmartQuery
-from obs_pipeline.spool import Spool
+from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
                                validate)
 
-__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction"]
+__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
 _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)

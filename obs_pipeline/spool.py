@@ -34,6 +34,14 @@ REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.excepti
                         RedisRefusesWrites)
 
 
+class SpoolError(OSError):
+    """Redis could not take a transaction and the spool could not either: nothing of it was kept."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def default_spool_dir() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "obs-pipeline" / "spool"
@@ -56,22 +64,35 @@ class Spool:
 
         With nothing spooled, threads buffer concurrently (no lock): a transaction spooled by
         one thread is on disk before its `with` block returns, so anything that uses its ids
-        later finds the spool file and queues behind it."""
-        if not os.path.exists(self.path):
-            try:
-                store.buffer(tx_id, tx_json, caches)
-            except REDIS_CANNOT_TAKE_IT:
+        later finds the spool file and queues behind it.
+
+        A spool that cannot take the transaction (its folder cannot be written, the disk is
+        full, fsync fails) raises SpoolError, one line, and keeps nothing of it: a line that
+        a later push would find is written whole and fsync'd, or not at all."""
+        why = "transactions spooled before it go first"
+        try:
+            if not os.path.exists(self.path):
+                try:
+                    store.buffer(tx_id, tx_json, caches)
+                    return
+                except REDIS_CANNOT_TAKE_IT as error:
+                    why = "Redis cannot take it: " + _one_line(error)
                 with self._locked():
                     self._append(tx_id, tx_json, caches)
-            return
-        with self._locked():
-            if self.path.exists() and not self._flush_locked(store):
-                self._append(tx_id, tx_json, caches)
                 return
-            try:
-                store.buffer(tx_id, tx_json, caches)
-            except REDIS_CANNOT_TAKE_IT:
-                self._append(tx_id, tx_json, caches)
+            with self._locked():
+                if self.path.exists() and not self._flush_locked(store):
+                    why = "Redis cannot take the transactions spooled before it"
+                    self._append(tx_id, tx_json, caches)
+                    return
+                try:
+                    store.buffer(tx_id, tx_json, caches)
+                except REDIS_CANNOT_TAKE_IT as error:
+                    why = "Redis cannot take it: " + _one_line(error)
+                    self._append(tx_id, tx_json, caches)
+        except OSError as error:  # the spool's own files: Redis's errors are not OSErrors
+            raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
+                             f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
 
     def holds(self, tx_id: str) -> bool:
         if not self.path.exists():
@@ -119,10 +140,20 @@ class Spool:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             _cut_torn_tail(fd)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                # the call fails: a whole line left behind (fsync failed after the write) would
+                # be pushed later all the same, and the script, told it failed, may buffer it again
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
         finally:
             os.close(fd)
         self._start_flusher()

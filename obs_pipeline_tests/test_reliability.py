@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -363,6 +364,45 @@ def test_a_redis_that_refuses_writes_for_a_while_has_ingest_spool_them(settings,
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + during + after)
     buf.close()
+
+
+def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_nothing_of_it(
+        settings, redis_client, tmp_path, monkeypatch):
+    """Redis does not answer and the spool cannot take the transaction either: its folder cannot
+    be made (a file is in the way), or fsync fails after the line was written. The call raised
+    the bare OSError ('[Errno 20] Not a directory: ...'), and after the failed fsync the line
+    stayed in the spool: the transaction the script was told had failed was pushed later all
+    the same. Now one line that says the transaction was not buffered and why, and no line."""
+    from obs_pipeline.ingest import SpoolError
+
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    (tmp_path / "a-file").write_text("")
+    blocked = TransactionBuffer(settings=dataclasses.replace(down, spool_dir=str(tmp_path / "a-file" / "spool")))
+    with pytest.raises(SpoolError) as refused:
+        with blocked.transaction() as tx:
+            tx.create("ObsUnit", {"id": 960, "name": "no spool folder"})
+    message = str(refused.value)
+    assert "\n" not in message and f"transaction {tx.transaction_id} was not buffered" in message, message
+    assert "Redis cannot take it" in message and "Not a directory" in message and "OBS_SPOOL_DIR" in message, message
+    blocked.close()
+
+    buf = TransactionBuffer(settings=down)
+    with buf.transaction() as spooled:
+        spooled.create("ObsUnit", {"id": 961, "name": "spooled"})
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(SpoolError, match="Input/output error") as refused:
+        with buf.transaction() as failed:
+            failed.create("ObsUnit", {"id": 962, "name": "fsync failed"})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert "\n" not in str(refused.value)
+    assert buf.spool.pending() == 1 and not buf.spool.holds(failed.transaction_id)
+    buf.close()
+    up = TransactionBuffer(settings=settings)  # the same spool, Redis answering: pushes what it holds
+    assert up.spool.flush()
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
+    assert queue == [spooled.transaction_id]
+    up.close()
 
 
 def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redis_client, main_engine, monkeypatch):
