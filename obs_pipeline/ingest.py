@@ -203,6 +203,7 @@ class TransactionBuffer:
     def status(self, transaction_id: str) -> str | None:
         """"pending" | "processing" | "applied" | "replicated" | "failed", or None for an unknown id.
         A transaction spooled while Redis is unreachable is "pending"."""
+        spooled = self.spool.exists()
         try:
             raw = self.store.status_json(transaction_id)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -210,7 +211,13 @@ class TransactionBuffer:
                 return "pending"
             raise
         if raw is None:
-            return "pending" if self.spool.holds(transaction_id) else None
+            if self.spool.holds(transaction_id):
+                return "pending"
+            if not spooled:
+                return None
+            raw = self.store.status_json(transaction_id)  # pushed from the spool after Redis was asked
+            if raw is None:
+                return None
         try:
             return json.loads(raw).get("status")
         except (ValueError, AttributeError):
@@ -300,11 +307,15 @@ class TransactionBuffer:
         not answer (as for updates)."""
         if self.settings.replica_db_url is None:
             return
+        spooled = self.spool.exists()
         try:
             found = self.query.get(model, rid) is not None
+            if not found and spooled:  # see _require_exists
+                found = (self.spool.creates(model, str(rid))
+                         or self.query.get(model, rid) is not None)  # pushed from the spool since
         except (redis.ConnectionError, redis.TimeoutError):
             return
-        if found or self.spool.creates(model, str(rid)):
+        if found:
             raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
                                      "update it, or create it with another key")
 
@@ -312,16 +323,24 @@ class TransactionBuffer:
         """An update or delete must name a record that is buffered or on the replica. While
         Redis does not answer, a record that is on neither the replica nor the spool may still
         be buffered there (the observation started before Redis went away): the call is let
-        through to the spool, as every call is then, rather than refused."""
+        through to the spool, as every call is then, rather than refused.
+
+        Redis is asked before the spool (reading the spool costs a pass over it), and a spooled
+        transaction moves into Redis only: one pushed between the two looks, by the spool's
+        flusher or another script, is missed by both, so Redis is asked again then. So it is
+        in status() and _require_absent()."""
         if self.settings.replica_db_url is None:
             return  # cannot know without a replica; the drain will tell
+        spooled = self.spool.exists()
         try:
             if self.query.get(model, rid) is not None:
                 return
+            if spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
+                            or self.query.get(model, rid) is not None):  # pushed from the spool since
+                return
         except (redis.ConnectionError, redis.TimeoutError):
             return
-        if not self.spool.creates(model, str(rid)):  # spooled: Redis was down or full
-            raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
+        raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

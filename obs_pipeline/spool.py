@@ -94,6 +94,10 @@ class Spool:
             raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
                              f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
 
+    def exists(self) -> bool:
+        """Is anything spooled? (A stat: the file is removed once pushed.)"""
+        return self.path.exists()
+
     def holds(self, tx_id: str) -> bool:
         if not self.path.exists():
             return False

@@ -13,8 +13,11 @@ import threading
 import time
 
 import pytest
+import redis
 
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.model_registry import InvalidTransaction
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.test_smart_query import cache_keys
@@ -170,3 +173,54 @@ def test_an_observation_started_before_redis_went_away_can_still_be_finished(sta
                                 {"i": obs["id"]}).scalar_one() == "completed"
     finally:
         buf.close()
+
+
+def test_a_spool_pushed_between_looking_in_redis_and_in_the_spool_is_still_found(settings, main_engine, monkeypatch):
+    """Redis is back, and the spool's flusher (or another script of the site) pushes the spool
+    just after the script asked Redis about one of its transactions and before it looked in the
+    spool: it was found in neither. status() said None (an unknown id), the finish of an
+    observation whose start was spooled was refused ('neither buffered nor on the replica'), and
+    a create of an integer key spooled already was let through (main refuses it later)."""
+    import sqlalchemy as sa
+
+    real_buffer, down = BufferStore.buffer, threading.Event()
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (_ for _ in ()).throw(
+        redis.ConnectionError("Redis is down (test)")) if down.is_set() else real_buffer(self, *args))
+    buf = TransactionBuffer(settings=settings)
+
+    def pushed_after(real):  # Redis answers, then the spool is pushed, as its flusher does
+        def look(*args):
+            found = real(*args)
+            if buf.spool.pending():
+                assert buf.spool.flush()
+            return found
+        return look
+
+    def spooled(build):
+        down.set()
+        with buf.transaction() as tx:
+            made = build(tx)
+        down.clear()
+        assert buf.spool.pending() == 1
+        return tx.transaction_id, made
+
+    monkeypatch.setattr(buf.store, "status_json", pushed_after(buf.store.status_json))
+    monkeypatch.setattr(buf.query, "get", pushed_after(buf.query.get))
+    def start(tx):
+        return tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})
+
+    first, _ = spooled(start)
+    assert buf.status(first) == "pending"
+    _, obs = spooled(start)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": END})
+    spooled(lambda tx: tx.create("ObsUnit", {"id": 990, "name": "spooled"}))
+    with pytest.raises(InvalidTransaction, match="exists already"):
+        with buf.transaction() as again:
+            again.create("ObsUnit", {"id": 990, "name": "twice"})
+    drain_until_empty(settings)
+    assert buf.wait(finish, until="applied", timeout=10)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "completed"
+        assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 990")).scalar_one() == "spooled"
+    buf.close()
