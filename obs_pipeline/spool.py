@@ -183,7 +183,12 @@ class Spool:
                 caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
                                      overlays=[tuple(o) for o in entry["overlays"]])
                 store.buffer(entry["id"], entry["tx"], caches)
-                self._write_offset(index + 1)
+                try:
+                    self._write_offset(index + 1)
+                except OSError:
+                    # a full disk, say: this line is pushed again by the next flush, which is
+                    # harmless, while stopping here would stop every script until there is room
+                    pass
         except REDIS_CANNOT_TAKE_IT:
             return False
         # the offset first: a crash between the two leaves a spool pushed again from its start

@@ -436,6 +436,31 @@ def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redi
     buf.close()
 
 
+def test_a_spool_whose_progress_cannot_be_written_is_still_pushed(settings, redis_client, main_engine, monkeypatch):
+    """Redis is back and the spool is pushed, but the script's disk is full: the offset (how far
+    the spool is pushed) cannot be written. The push stopped there, and with it every call of
+    every script of the site (each found the spool and failed on it, though Redis could take
+    them all). A line pushed again is harmless, so the push goes on; the spool is removed."""
+    from obs_pipeline.spool import Spool
+
+    real_buffer, down = BufferStore.buffer, threading.Event()
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (_ for _ in ()).throw(
+        redis.ConnectionError("Redis is down (test)")) if down.is_set() else real_buffer(self, *args))
+    buf = TransactionBuffer(settings=settings)
+    down.set()
+    spooled = buffer_observations(buf, 2)  # 2 starts + 1 finish
+    down.clear()
+    monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    after = buffer_observations(buf, 1)  # pushes the spool first, then this
+    assert buf.spool.pending() == 0 and not buf.spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in spooled + after for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled + after)
+    buf.close()
+
+
 def test_a_transaction_pushed_again_after_it_replicated_changes_nothing(settings, redis_client, monkeypatch):
     """A push retried after its reply timed out (the script ran) arrives when the transaction
     may be long replicated and its record updated since: it must not come back as pending nor
