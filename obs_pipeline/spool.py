@@ -99,10 +99,10 @@ class Spool:
         return self.path.exists()
 
     def holds(self, tx_id: str) -> bool:
-        if not self.path.exists():
+        if not isinstance(tx_id, str) or not self.path.exists():  # spooled ids are strings
             return False
         with self._locked(shared=True):
-            return any(entry["id"] == tx_id for entry in self._entries())
+            return any(json.loads(line)["id"] == tx_id for line in self._lines(json.dumps(tx_id)))
 
     def creates(self, model: str, record_id: str) -> bool:
         """Does a spooled transaction create this record? (Ingest checks updates against it
@@ -110,13 +110,14 @@ class Spool:
         if not self.path.exists():
             return False
         with self._locked(shared=True):
-            return any([model, record_id] == c[:2] for entry in self._entries() for c in entry["created"])
+            return any([model, record_id] == c[:2] for line in self._lines(json.dumps(record_id))
+                       for c in json.loads(line)["created"])
 
     def pending(self) -> int:
         if not self.path.exists():
             return 0
         with self._locked(shared=True):
-            return max(0, len(self._entries()) - self._offset())
+            return max(0, sum(1 for _ in self._lines()) - self._offset())
 
     def flush(self) -> bool:
         """Push everything spooled; True when the spool is empty."""
@@ -162,24 +163,36 @@ class Spool:
             os.close(fd)
         self._start_flusher()
 
-    def _entries(self) -> list[dict]:
-        """The spooled transactions. A last line without its newline is one a crash cut short
-        while it was written: its call never returned, so it is not a spooled transaction (and
-        the next append cuts it off, see _cut_torn_tail)."""
+    def _lines(self, containing: str | None = None) -> Iterator[bytes]:
+        """The spooled transactions, one JSON line each, unparsed: a long outage spools tens of
+        thousands, every call looks at the spool, and parsing them all each time made each call
+        cost more than the last (0.1 s with 5,000 spooled). `containing`: only lines with this
+        text (a pre-filter; the caller parses them and compares).
+
+        A last line without its newline is one a crash cut short while it was written: its
+        call never returned, so it is not a spooled transaction (and the next append cuts it
+        off, see _cut_torn_tail)."""
+        needle = containing.encode() if containing is not None else None
         try:
-            text = self.path.read_text()
+            file = open(self.path, "rb")
         except FileNotFoundError:
-            return []
-        lines = text.split("\n")
-        return [json.loads(line) for line in lines[:-1] if line.strip()]
+            return
+        with file:
+            for line in file:
+                if not line.endswith(b"\n"):
+                    return
+                if line.strip() and (needle is None or needle in line):
+                    yield line
 
     def _flush_locked(self, store: BufferStore) -> bool:
         if not self.path.exists():
             return True
-        entries = self._entries()
+        offset = self._offset()
         try:
-            for index in range(self._offset(), len(entries)):
-                entry = entries[index]
+            for index, line in enumerate(self._lines()):
+                if index < offset:
+                    continue
+                entry = json.loads(line)  # only the lines pushed now are parsed
                 caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
                                      overlays=[tuple(o) for o in entry["overlays"]])
                 store.buffer(entry["id"], entry["tx"], caches)
