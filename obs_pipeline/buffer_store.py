@@ -382,7 +382,11 @@ class BufferStore:
             return
         try:
             conn.send_packed_command([hiredis.pack_command(("EVALSHA", self._buffer.sha, 0, *args))])
-            self._await_reply(conn)
+            try:
+                self._await_reply(conn)
+            except BaseException:  # a KeyboardInterrupt, say: the reply is still to come, and the
+                conn.disconnect()  # next call would read it as its own (redis-py's reads do this too)
+                raise
             conn.read_response()
         except redis.exceptions.NoScriptError:  # a restarted Redis: the Script object loads it again
             self._buffer(args=args)

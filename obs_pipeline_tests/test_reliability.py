@@ -264,6 +264,37 @@ def test_a_reply_slower_than_ingests_polling_is_still_read(settings, redis_clien
     assert queue == [tx.transaction_id, warm_up.transaction_id]
 
 
+def test_a_call_interrupted_while_it_waits_for_its_reply_leaves_no_reply_for_the_next(settings, redis_client,
+                                                                                       monkeypatch):
+    """Ctrl-C in a notebook while ingest polls for Redis's reply: the reply stayed unread on the
+    thread's connection, and the next call read it as its own. So the next call, refused by a
+    full Redis, said it had buffered its transaction (the refusal went to the call after it):
+    the transaction was in neither Redis nor the spool, lost."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    buffer_observations(buf, 1, finish_every=0)  # connected
+    real_await = BufferStore._await_reply
+
+    def interrupted(self, conn):
+        monkeypatch.setattr(BufferStore, "_await_reply", real_await)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BufferStore, "_await_reply", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        buffer_observations(buf, 1, finish_every=0)  # sent, so buffered; its reply not read
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)
+    try:
+        refused = buffer_observations(buf, 1, finish_every=0)
+        assert buf.spool.pending() == 1 and buf.status(refused[0].start_tx) == "pending"
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    assert buf.spool.flush()
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)]
+    assert len(queue) == 3 and queue[0] == refused[0].start_tx
+    buf.close()
+
+
 def test_redis_down_during_ingest_spools_and_pushes_in_order(stack, settings, redis_client, main_engine):
     buf = TransactionBuffer(settings=settings)
     before = buffer_observations(buf, 20)
