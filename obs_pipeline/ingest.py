@@ -204,6 +204,8 @@ class TransactionBuffer:
         """"pending" | "processing" | "applied" | "replicated" | "failed", or None for an unknown id.
         A transaction spooled while Redis is unreachable is "pending"."""
         spooled = self.spool.exists()
+        if spooled:  # a script that only waits after an outage: its spool is pushed all the same
+            self.spool.start_flusher()
         try:
             raw = self.store.status_json(transaction_id)
         except (redis.ConnectionError, redis.TimeoutError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -27,6 +28,10 @@ import redis
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, RedisRefusesWrites
 
 RETRY_INTERVAL_S = 1.0
+# The flusher's wait after an unexpected failure (Redis refusing the push with NOPERM, say, or the
+# spool unreadable) doubles from RETRY_INTERVAL_S up to this.
+MAX_RETRY_INTERVAL_S = 30.0
+log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
 # or refusing writes for a while (it cannot persist, or it is a replica after a failover).
@@ -56,7 +61,8 @@ class Spool:
         self.offset_path = self.directory / f"{site}.offset"
         self.lock_path = self.directory / f"{site}.lock"
         self._lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        self._flusher_lock = threading.Lock()  # guards _flusher_running (never held around a push)
+        self._flusher_running = False
         self._flush_store = flush_store
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
@@ -221,17 +227,55 @@ class Spool:
         tmp.write_text(str(value))
         os.replace(tmp, self.offset_path)
 
+    def start_flusher(self) -> None:
+        """Make sure the background flusher runs (it stops once the spool is empty)."""
+        self._start_flusher()
+
     def _start_flusher(self) -> None:
-        if self._flusher is not None and self._flusher.is_alive():
-            return
-        self._flusher = threading.Thread(target=self._flush_until_empty, name="obs-spool-flusher", daemon=True)
-        self._flusher.start()
+        with self._flusher_lock:
+            if self._flusher_running:
+                return
+            self._flusher_running = True
+        try:
+            threading.Thread(target=self._flush_until_empty, name="obs-spool-flusher", daemon=True).start()
+        except BaseException:
+            with self._flusher_lock:
+                self._flusher_running = False
+            raise
 
     def _flush_until_empty(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(RETRY_INTERVAL_S):
-            if self.flush():
-                return
+        """Push the spool until it is gone. Never dies of a failure: Redis not answering is
+        retried every RETRY_INTERVAL_S; anything else (a ResponseError such as NOPERM, an
+        OSError reading the spool) is logged once per distinct failure and retried with a
+        wait that doubles up to MAX_RETRY_INTERVAL_S. It stops only once the spool is empty,
+        checked under the flag that _start_flusher sets, so a line appended as it stops
+        always has a flusher."""
+        stop, delay, last_failure = threading.Event(), RETRY_INTERVAL_S, None
+        try:
+            while True:
+                stop.wait(delay)
+                try:
+                    empty = self.flush()
+                except Exception as error:  # noqa: BLE001 -- the thread must survive it
+                    failure = f"{type(error).__name__}: {_one_line(error)}"
+                    if failure != last_failure:
+                        log.warning("cannot push the spool %s (retrying): %s", self.path, failure)
+                        last_failure = failure
+                    delay = min(max(delay, RETRY_INTERVAL_S) * 2, MAX_RETRY_INTERVAL_S)
+                    continue
+                delay = RETRY_INTERVAL_S
+                if empty:
+                    if last_failure is not None:
+                        log.info("the spool %s is pushed again after: %s", self.path, last_failure)
+                        last_failure = None
+                    with self._flusher_lock:
+                        if not self.path.exists():
+                            self._flusher_running = False
+                            return
+        except BaseException:
+            with self._flusher_lock:
+                self._flusher_running = False
+            raise
 
 
 def _cut_torn_tail(fd: int) -> None:

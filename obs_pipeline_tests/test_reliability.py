@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -587,6 +588,51 @@ def test_the_spool_is_pushed_on_a_pooled_connection_never_on_a_scripts_own(setti
         worker.join(30)
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 1
     assert set(used_from) <= {owner["name"]}, used_from
+    buf.close()
+
+
+@pytest.mark.parametrize("failure", ["noperm", "unreadable"])
+def test_the_spools_flusher_survives_an_unexpected_failure_and_still_pushes_the_spool(
+        settings, redis_client, main_engine, monkeypatch, caplog, failure):
+    """The background flusher retried only Redis not answering: any other failure of a push
+    (Redis refusing it with NOPERM, an OSError reading the spool) ended the thread, and it
+    started again only when something new was spooled, so a script that only waited after an
+    outage never saw its spooled transactions pushed. Now it logs one warning per distinct
+    failure, backs off and goes on. (Nothing here calls status(), which starts a flusher.)"""
+    from obs_pipeline import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 0.05)
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    real_buffer, real_lines, down = BufferStore.buffer, spool_module.Spool._lines, threading.Event()
+    down.set()
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (_ for _ in ()).throw(
+        redis.ConnectionError("Redis is down (test)")) if down.is_set() else real_buffer(self, *args))
+    buf = TransactionBuffer(settings=settings)
+    spooled = buffer_observations(buf, 3)
+    assert buf.spool.pending() == 3 + 2
+    injected = []
+
+    def fail_three_times() -> None:
+        injected.append(1)
+        if failure == "noperm":
+            raise redis.ResponseError("NOPERM this user has no permissions to run the 'evalsha' command (test)")
+        raise OSError(5, "Input/output error (test)")
+
+    down.clear()  # Redis answers again; the next three pushes fail otherwise
+    if failure == "noperm":
+        monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: fail_three_times() if len(injected) < 3
+                            else real_buffer(self, *args))
+    else:
+        monkeypatch.setattr(spool_module.Spool, "_lines", lambda self, containing=None: fail_three_times()
+                            if containing is None and len(injected) < 3 else real_lines(self, containing))
+    assert wait_until(lambda: len(injected) == 3, 30)
+    assert wait_until(lambda: buf.spool.pending() == 0, 30), "the flusher died of the failure"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
+    assert len(warnings) == 1 and ("NOPERM" if failure == "noperm" else "Input/output error") in warnings[0], warnings
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
     buf.close()
 
 
