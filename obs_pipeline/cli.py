@@ -132,11 +132,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.health import health_report
 
+    from obs_pipeline.spool import Spool
+
     settings = _settings()
     store = BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site)
     main = make_engine(settings.require_main()) if settings.main_db_url else None
     replica = make_engine(settings.require_replica()) if settings.replica_db_url else None
-    report = health_report(store, main, replica)
+    spool = Spool(settings.spool_dir, settings.site, flush_store=store)
+    try:
+        report = health_report(store, main, replica, spool=spool)
+    except redis.ConnectionError as error:  # one line, with what waits in this host's spool
+        pending = spool.pending()
+        if not pending:
+            raise
+        raise RuntimeError(f"{_one_line(error)} ({pending} transaction(s) wait in the local spool {spool.path})") \
+            from error
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -149,7 +159,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  replication lag {lag.get('seconds')} s, {lag.get('bytes')} bytes "
               f"(main {lag.get('main_lsn')}, replica {lag.get('replica_lsn')}, "
               f"{lag.get('awaiting_batches')} batches awaiting)")
+        local = report["local_spool"]
+        print(f"  local spool {local['pending']}, oldest {local['oldest_seconds']} s ({local['file']})")
     return 0
+
+
+# --- spool ----------------------------------------------------------------------------------
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    """What a script spooled on this host while Redis could not take it (OBS_SPOOL_DIR, OBS_SITE):
+    `spool` shows it, `spool push` pushes it to Redis in order (a script that ended during an
+    outage leaves it behind)."""
+    import redis
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.spool import Spool
+
+    settings = _settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    spool = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(client, settings.site))
+    try:
+        if args.action == "show":
+            summary = spool.summary()
+            oldest = summary["oldest_seconds"]
+            print(f"{summary['file']}: {summary['pending']} transaction(s) waiting"
+                  + (f", the oldest {oldest:.0f} s old" if oldest is not None else ""))
+            return 0
+        try:
+            pushed = spool.push()
+        except Exception as error:
+            left = spool.pending()
+            raise RuntimeError(f"{_one_line(error)} ({left} transaction(s) still wait in the spool {spool.path})") \
+                from error
+        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} is empty",
+              file=sys.stderr)
+        return 0
+    finally:
+        client.close()
 
 
 # --- failed ---------------------------------------------------------------------------------
@@ -280,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="health report")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    spool = sub.add_parser("spool", help="what scripts on this host spooled while Redis could not take it")
+    spool.add_argument("action", nargs="?", default="show", choices=["show", "push"],
+                       help="show (default): the spool file, how many wait, the oldest one's age; "
+                            "push: push them to Redis in order")
+    spool.set_defaults(func=cmd_spool)
 
     failed = sub.add_parser("failed", help="the dead-letter list")
     failed.add_argument("action", choices=["list", "show", "retry", "discard"])

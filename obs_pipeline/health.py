@@ -11,13 +11,16 @@ import sqlalchemy as sa
 
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.spool import Spool
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
-                  stale_after_s: float = 300.0) -> dict[str, Any]:
+                  stale_after_s: float = 300.0, spool: Spool | None = None) -> dict[str, Any]:
+    """`spool`: this host's spool of the site (`obs-pipeline status` passes the one OBS_SPOOL_DIR
+    names): transactions waiting there while Redis answers need `obs-pipeline spool push`."""
     depths = store.depths()
     stats = depths["stats"]
     oldest = _entry_age(store.redis.lindex(store.keys.processing, -1) or depths["oldest_entry"])
@@ -41,7 +44,13 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"
         problems.append(f"Redis is {how_full} (maxmemory {memory['maxmemory_bytes']:,} bytes): "
                         "beyond it ingest spools to disk and the drain cannot claim; raise maxmemory")
-    return {
+    local_spool = spool.summary() if spool is not None else None
+    if local_spool and local_spool["pending"]:
+        oldest = local_spool["oldest_seconds"]
+        problems.append(f"{local_spool['pending']} transaction(s) wait in the local spool {local_spool['file']}"
+                        + (f" (oldest {oldest:.0f} s old)" if oldest is not None else "")
+                        + ": run `obs-pipeline spool push` (on this host, with the same OBS_SPOOL_DIR)")
+    report = {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),
         "problems": problems,
         "site": store.keys.site,
@@ -62,6 +71,9 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         "replication_lag": lag,
         "redis_memory": memory,
     }
+    if local_spool is not None:
+        report["local_spool"] = local_spool
+    return report
 
 
 def redis_memory(store: BufferStore) -> dict[str, Any]:

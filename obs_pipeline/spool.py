@@ -14,11 +14,15 @@ process's push could delete a line another had just appended.
 
 from __future__ import annotations
 
+import atexit
+import datetime as dt
 import fcntl
 import json
 import logging
 import os
 import threading
+import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +35,8 @@ RETRY_INTERVAL_S = 1.0
 # The flusher's wait after an unexpected failure (Redis refusing the push with NOPERM, say, or the
 # spool unreadable) doubles from RETRY_INTERVAL_S up to this.
 MAX_RETRY_INTERVAL_S = 30.0
+# At interpreter exit, a script's spool is pushed if Redis takes it within this (see push_at_exit).
+EXIT_PUSH_S = 2.0
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
@@ -130,6 +136,43 @@ class Spool:
         with self._locked():
             return self._flush_locked(self._flush_store)
 
+    def push(self) -> int:
+        """Push everything spooled, in order (`obs-pipeline spool push`); how many were pushed.
+        Raises what stopped it (Redis not answering, say); what it pushed before stays pushed."""
+        with self._locked():
+            return self._push_locked(self._flush_store)
+
+    def summary(self) -> dict:
+        """The spool file, how many transactions wait in it and the oldest one's age (seconds,
+        from its transaction's timestamp; None when none waits or it has no readable one)."""
+        pending, oldest = 0, None
+        if self.path.exists():
+            with self._locked(shared=True):
+                offset = self._offset()
+                for index, line in enumerate(self._lines()):
+                    if index < offset:
+                        continue
+                    if pending == 0:
+                        oldest = _age_of(line)
+                    pending += 1
+        return {"file": str(self.path), "pending": pending,
+                "oldest_seconds": round(oldest, 3) if oldest is not None else None}
+
+    def push_at_exit(self, within_s: float) -> None:
+        """Best effort at interpreter exit: push the spool, waiting at most `within_s` (Redis
+        may not answer: a script's exit must not hang on it). What is not pushed stays."""
+        if not self.path.exists():
+            return
+        pusher = threading.Thread(target=self._push_quietly, name="obs-spool-exit-push", daemon=True)
+        pusher.start()
+        pusher.join(within_s)
+
+    def _push_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as error:  # noqa: BLE001 -- at exit: the spool stays for later
+            log.warning("the spool %s was not pushed at exit: %s", self.path, _one_line(error))
+
     # --- internals ----------------------------------------------------------------------------
     @contextmanager
     def _locked(self, shared: bool = False) -> Iterator[None]:
@@ -191,30 +234,35 @@ class Spool:
                     yield line
 
     def _flush_locked(self, store: BufferStore) -> bool:
-        if not self.path.exists():
-            return True
-        offset = self._offset()
         try:
-            for index, line in enumerate(self._lines()):
-                if index < offset:
-                    continue
-                entry = json.loads(line)  # only the lines pushed now are parsed
-                caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
-                                     overlays=[tuple(o) for o in entry["overlays"]])
-                store.buffer(entry["id"], entry["tx"], caches)
-                try:
-                    self._write_offset(index + 1)
-                except OSError:
-                    # a full disk, say: this line is pushed again by the next flush, which is
-                    # harmless, while stopping here would stop every script until there is room
-                    pass
+            self._push_locked(store)
         except REDIS_CANNOT_TAKE_IT:
             return False
+        return True
+
+    def _push_locked(self, store: BufferStore) -> int:
+        if not self.path.exists():
+            return 0
+        offset, pushed = self._offset(), 0
+        for index, line in enumerate(self._lines()):
+            if index < offset:
+                continue
+            entry = json.loads(line)  # only the lines pushed now are parsed
+            caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
+                                 overlays=[tuple(o) for o in entry["overlays"]])
+            store.buffer(entry["id"], entry["tx"], caches)
+            pushed += 1
+            try:
+                self._write_offset(index + 1)
+            except OSError:
+                # a full disk, say: this line is pushed again by the next flush, which is
+                # harmless, while stopping here would stop every script until there is room
+                pass
         # the offset first: a crash between the two leaves a spool pushed again from its start
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
         self.offset_path.unlink(missing_ok=True)
         self.path.unlink()
-        return True
+        return pushed
 
     def _offset(self) -> int:
         try:
@@ -236,6 +284,7 @@ class Spool:
             if self._flusher_running:
                 return
             self._flusher_running = True
+            _push_at_exit(self)
         try:
             threading.Thread(target=self._flush_until_empty, name="obs-spool-flusher", daemon=True).start()
         except BaseException:
@@ -276,6 +325,40 @@ class Spool:
             with self._flusher_lock:
                 self._flusher_running = False
             raise
+
+
+_AT_EXIT: "weakref.WeakSet[Spool]" = weakref.WeakSet()
+
+
+def _push_at_exit(spool: Spool) -> None:
+    """Have `spool` pushed at interpreter exit (once its flusher has been started: something
+    was spooled, or found spooled)."""
+    if not _AT_EXIT:
+        atexit.unregister(_push_all_at_exit)
+        atexit.register(_push_all_at_exit)
+    _AT_EXIT.add(spool)
+
+
+def _push_all_at_exit() -> None:
+    """One budget of EXIT_PUSH_S for every spool of the process: a script's exit never waits
+    longer than that for a Redis that does not answer."""
+    deadline = time.monotonic() + EXIT_PUSH_S
+    for spool in list(_AT_EXIT):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        spool.push_at_exit(left)
+
+
+def _age_of(line: bytes) -> float | None:
+    """Seconds since a spooled transaction's timestamp (ISO-8601, UTC when it has no offset)."""
+    try:
+        stamp = dt.datetime.fromisoformat(json.loads(json.loads(line)["tx"])["timestamp"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (dt.datetime.now(dt.timezone.utc) - stamp).total_seconds())
 
 
 def _cut_torn_tail(fd: int) -> None:

@@ -26,7 +26,7 @@ from obs_pipeline.stack import LocalStack
 from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
 from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
-from obs_pipeline_tests.test_cli import cli, env  # noqa: F401  (env is a fixture)
+from obs_pipeline_tests.test_cli import cli, env, one_line_error  # noqa: F401  (env is a fixture)
 from obs_pipeline_tests.test_stack import run as run_sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,6 +268,94 @@ def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env,
     assert any(re.fullmatch(r"\s*replication lag [0-9.]+ s, [0-9]+ bytes \(main [0-9A-F]+/[0-9A-F]+, "
                             r"replica [0-9A-F]+/[0-9A-F]+, [0-9]+ batches awaiting\)", line)
                for line in lines), lines
+
+
+# --- 4b. a spool a script left behind ------------------------------------------------------------
+
+SPOOLING_SCRIPT = """
+import json, sys
+import redis
+from obs_pipeline import spool as spool_module
+from obs_pipeline.config import Settings
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline_tests.workload import buffer_observations
+spool_module.RETRY_INTERVAL_S = 600  # its flusher never pushes it: only the push at exit may
+settings = Settings(**json.loads(sys.argv[1]))
+buf = TransactionBuffer(settings=settings)
+spooled = buffer_observations(buf, 2)  # Redis refuses writes: 2 starts and a finish spooled
+assert buf.spool.pending() == 3, buf.spool.pending()
+print(json.dumps([[o.obs_id, o.package_id, o.start_tx, o.finish_tx] for o in spooled]))
+if sys.argv[2] == "takes-writes-at-exit":
+    redis.Redis.from_url(settings.redis_url).execute_command("REPLICAOF", "NO", "ONE")
+buf.close()
+"""
+
+
+def run_spooling_script(settings, at_exit: str) -> list:
+    from obs_pipeline_tests.workload import Observation
+
+    done = subprocess.run([sys.executable, "-c", SPOOLING_SCRIPT, json.dumps(settings.__dict__), at_exit],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [Observation(*o) for o in json.loads(done.stdout)]
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_spool_left_by_a_script_that_ended_during_an_outage_is_reported_and_pushed_by_the_cli(
+        env, settings, redis_client, main_engine, tmp_path):
+    """A script that ends while Redis refuses writes leaves its spool on disk: nothing pushed it
+    until another script of the site ran on the host, and `status` did not show it. Now
+    `spool` shows it, `status` is degraded while Redis answers and it waits, and `spool push`
+    pushes it in order; the drain applies each once."""
+    from obs_pipeline_tests.test_reliability import assert_queues_empty, redis_refusing_writes
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, drain_until_settled
+
+    keys, env = SiteKeys(settings.site), {**env, "OBS_SPOOL_DIR": settings.spool_dir}
+    with redis_refusing_writes(redis_client, "readonly", tmp_path):
+        spooled = run_spooling_script(settings, "still-refusing-at-exit")
+        shown = cli("spool", env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert re.fullmatch(rf"\S+/{settings.site}\.jsonl: 3 transaction\(s\) waiting, the oldest [0-9]+ s old\n",
+                            shown.stdout), shown.stdout
+        refused = cli("spool", "push", env=env)
+        assert "3 transaction(s) still wait in the spool" in one_line_error(refused), refused.stderr
+    assert redis_client.llen(keys.buffer) == 0  # nothing pushed it: the script is gone
+    status = cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["status"] == "degraded" and report["local_spool"]["pending"] == 3, report
+    assert any("3 transaction(s) wait in the local spool" in p and "run `obs-pipeline spool push`" in p
+               for p in report["problems"]), report["problems"]
+    pushed = cli("spool", "push", env=env)
+    assert pushed.returncode == 0 and pushed.stderr.startswith("pushed 3 spooled transaction(s)"), pushed.stderr
+    assert cli("spool", env=env).stdout.endswith(": 0 transaction(s) waiting\n")
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
+    assert cli("spool", "push", env=env).stderr.startswith("pushed 0 spooled transaction(s)")
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["local_spool"]["pending"] == 0 and not any("spool" in p for p in report["problems"]), report
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
+    assert_queues_empty(redis_client, settings.site)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, settings, redis_client, main_engine,
+                                                                          tmp_path):
+    """The spool is pushed at interpreter exit (within EXIT_PUSH_S) when Redis takes it then:
+    a script that spooled and ended at once left it on disk."""
+    from obs_pipeline.spool import Spool
+    from obs_pipeline_tests.test_reliability import redis_refusing_writes
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, drain_until_settled
+
+    with redis_refusing_writes(redis_client, "readonly", tmp_path):
+        spooled = run_spooling_script(settings, "takes-writes-at-exit")
+    assert Spool(settings.spool_dir, settings.site, flush_store=None).summary()["pending"] == 0
+    queue = [json.loads(e)["transaction_id"] for e in
+             reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
 
 
 # --- 5. simulate --------------------------------------------------------------------------------
