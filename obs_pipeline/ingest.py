@@ -194,9 +194,12 @@ class TransactionBuffer:
         their round trips still overlap."""
         store = getattr(self._thread, "store", None)
         if store is None:
+            if self.spool.redis_failed_recently():
+                return self.store  # the spool takes the transaction without trying Redis
             try:
                 client = redis.Redis(connection_pool=self.redis.connection_pool, single_connection_client=True)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                self.spool.note_redis_failure(error)
                 return self.store  # Redis is down: the spool takes the transaction; try again next time
             store = self._thread.store = BufferStore(client, self.site)
         return store
@@ -208,6 +211,8 @@ class TransactionBuffer:
         spooled = self.spool.exists()
         if spooled:  # a script that only waits after an outage: its spool is pushed all the same
             self.spool.start_flusher()
+            if self.spool.redis_failed_recently() and self.spool.holds(transaction_id):
+                return "pending"  # Redis did not answer a moment ago: not asked again
         try:
             raw = self.store.status_json(transaction_id)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -312,6 +317,8 @@ class TransactionBuffer:
         if self.settings.replica_db_url is None:
             return
         spooled = self.spool.exists()
+        if spooled and self.spool.redis_failed_recently():
+            return  # unchecked, as while Redis does not answer (see _require_exists)
         try:
             found = self.query.get(model, rid) is not None
             if not found and spooled:  # see _require_exists
@@ -336,6 +343,8 @@ class TransactionBuffer:
         if self.settings.replica_db_url is None:
             return  # cannot know without a replica; the drain will tell
         spooled = self.spool.exists()
+        if spooled and self.spool.redis_failed_recently():
+            return  # Redis did not answer a moment ago: the call goes to the spool without asking it
         try:
             if self.query.get(model, rid) is not None:
                 return

@@ -35,6 +35,11 @@ RETRY_INTERVAL_S = 1.0
 # The flusher's wait after an unexpected failure (Redis refusing the push with NOPERM, say, or the
 # spool unreadable) doubles from RETRY_INTERVAL_S up to this.
 MAX_RETRY_INTERVAL_S = 30.0
+# After Redis did not answer in time (a hang costs a call about 10 s: its connect and reply timeouts),
+# calls append to the spool without trying Redis for this long, and reads of what they spooled
+# skip it too; the flusher retries Redis meanwhile (a PING, outside the spool's lock), and its
+# first push that goes through ends the wait at once. Each failure of the flusher starts it anew.
+REDIS_RETRY_AFTER_S = 5.0
 # At interpreter exit, a script's spool is pushed if Redis takes it within this (see push_at_exit).
 EXIT_PUSH_S = 2.0
 log = logging.getLogger(__name__)
@@ -69,6 +74,7 @@ class Spool:
         self._lock = threading.Lock()
         self._flusher_lock = threading.Lock()  # guards _flusher_running (never held around a push)
         self._flusher_running = False
+        self._redis_failed_at: float | None = None  # monotonic; see REDIS_RETRY_AFTER_S
         self._flush_store = flush_store
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
@@ -83,16 +89,21 @@ class Spool:
         a later push would find is written whole and fsync'd, or not at all."""
         why = "transactions spooled before it go first"
         try:
-            if not os.path.exists(self.path):
+            if not os.path.exists(self.path) and not self.redis_failed_recently():
                 try:
                     store.buffer(tx_id, tx_json, caches)
                     return
                 except REDIS_CANNOT_TAKE_IT as error:
                     why = "Redis cannot take it: " + _one_line(error)
+                    self.note_redis_failure(error)
                 with self._locked():
                     self._append(tx_id, tx_json, caches)
                 return
             with self._locked():
+                if self.redis_failed_recently():
+                    why = "Redis did not answer a moment ago: the spool's flusher retries it"
+                    self._append(tx_id, tx_json, caches)
+                    return
                 if self.path.exists() and not self._flush_locked(store):
                     why = "Redis cannot take the transactions spooled before it"
                     self._append(tx_id, tx_json, caches)
@@ -101,10 +112,23 @@ class Spool:
                     store.buffer(tx_id, tx_json, caches)
                 except REDIS_CANNOT_TAKE_IT as error:
                     why = "Redis cannot take it: " + _one_line(error)
+                    self.note_redis_failure(error)
                     self._append(tx_id, tx_json, caches)
         except OSError as error:  # the spool's own files: Redis's errors are not OSErrors
             raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
                              f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
+
+    def redis_failed_recently(self) -> bool:
+        """Did Redis not answer (its connection or reply timed out) within the last
+        REDIS_RETRY_AFTER_S, with nothing pushed since? Calls then spool without trying it."""
+        failed_at = self._redis_failed_at
+        return failed_at is not None and time.monotonic() - failed_at < REDIS_RETRY_AFTER_S
+
+    def note_redis_failure(self, error: BaseException) -> None:
+        """Only a timeout counts: it is what costs a call (a refused connection or a full Redis
+        answers at once, and a call right after Redis is back should find it)."""
+        if isinstance(error, redis.TimeoutError):
+            self._redis_failed_at = time.monotonic()
 
     def exists(self) -> bool:
         """Is anything spooled? (A stat: the file is removed once pushed.)"""
@@ -236,7 +260,8 @@ class Spool:
     def _flush_locked(self, store: BufferStore) -> bool:
         try:
             self._push_locked(store)
-        except REDIS_CANNOT_TAKE_IT:
+        except REDIS_CANNOT_TAKE_IT as error:
+            self.note_redis_failure(error)
             return False
         return True
 
@@ -262,6 +287,7 @@ class Spool:
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
         self.offset_path.unlink(missing_ok=True)
         self.path.unlink()
+        self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed
 
     def _offset(self) -> int:
@@ -303,6 +329,16 @@ class Spool:
         try:
             while True:
                 stop.wait(delay)
+                try:
+                    # Redis asked first outside the spool's lock: a push that hangs on it holds
+                    # the lock, and every call of the script waits for it
+                    self._flush_store.redis.ping()
+                except REDIS_CANNOT_TAKE_IT as error:
+                    self.note_redis_failure(error)
+                    delay = RETRY_INTERVAL_S
+                    continue
+                except Exception:  # noqa: BLE001 -- the push below says what it is
+                    pass
                 try:
                     empty = self.flush()
                 except Exception as error:  # noqa: BLE001 -- the thread must survive it

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -634,6 +635,79 @@ def test_the_spools_flusher_survives_an_unexpected_failure_and_still_pushes_the_
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, spooled)
     buf.close()
+
+
+@contextlib.contextmanager
+def silent_redis():
+    """A port that accepts connections and reads what is sent but never answers (a hung
+    Redis); yields (url, requests): each chunk of bytes received, as it arrives."""
+    server = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+    conns: list[socket.socket] = []
+
+    def read(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                requests.append(chunk)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                conns.append(conn)
+                threading.Thread(target=read, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0", requests
+    finally:
+        server.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+def test_after_redis_did_not_answer_calls_spool_without_waiting_for_it_again(settings, redis_client, main_engine,
+                                                                             monkeypatch):
+    """A Redis that accepts connections but never answers cost each call its timeouts (about
+    10 s: the call asked it before spooling, and an update asked it whether the record exists).
+    Now, for REDIS_RETRY_AFTER_S after it did not answer, calls go to the spool without asking
+    it (the flusher retries it); order is kept, and status() and an update of a spooled create
+    still find it. Counted as requests reaching the socket, not as time."""
+    from obs_pipeline import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # its flusher stays out of the count
+    monkeypatch.setattr(spool_module, "REDIS_RETRY_AFTER_S", 600.0)  # no clock in the test: the wait outlasts it
+    with silent_redis() as (url, requests):
+        buf = TransactionBuffer(settings=dataclasses.replace(settings, redis_url=url))
+        first = buffer_observations(buf, 1, finish_every=0)  # waits for Redis once, then spooled
+        assert requests, "the first call never reached the socket"
+        reached = len(requests)
+        later = buffer_observations(buf, 3)  # 3 starts, 2 finishes: updates of spooled creates
+        assert buf.status(later[0].start_tx) == "pending" and buf.status(later[2].finish_tx) == "pending"
+        assert len(requests) == reached, "a call asked the silent Redis again"
+        assert buf.spool.pending() == 1 + 3 + 2
+    buf.close()
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 0.05)
+    up = TransactionBuffer(settings=settings)  # Redis answering, the same spool (its flusher starts)
+    assert up.spool.flush() and up.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in first + later for t in (o.start_tx, o.finish_tx) if t]
+    # the flusher's first push that goes through ends the wait: calls go to Redis again at once
+    real_buffer, timed_out = BufferStore.buffer, []
+    monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (timed_out.append(1), (_ for _ in ()).throw(
+        redis.TimeoutError("Timeout reading from socket (test)")))[1] if not timed_out else real_buffer(self, *args))
+    again = buffer_observations(up, 1, finish_every=0)  # times out: spooled, and the flusher pushes it
+    assert timed_out and wait_until(lambda: not up.spool.exists(), 30)
+    assert not up.spool.redis_failed_recently()
+    last = buffer_observations(up, 1, finish_every=0)
+    assert not up.spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue[-2:] == [again[0].start_tx, last[0].start_tx]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, first + later + again + last)
+    up.close()
 
 
 def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_behind_it(
