@@ -3,7 +3,9 @@ local spool.
 
 Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
 before any newer transaction, by the next ingest call or by a background thread that retries
-every second. A crash while pushing can push one line twice, and a push whose reply timed out
+every second (and survives any failure), at interpreter exit if Redis takes it within
+EXIT_PUSH_S, or by `obs-pipeline spool push` for a spool a script left behind. After Redis
+did not answer in time, calls spool without asking it for REDIS_RETRY_AFTER_S. A crash while pushing can push one line twice, and a push whose reply timed out
 may have been buffered after all: the buffer script leaves a transaction that is already in
 Redis as it is, so nothing is doubled.
 
