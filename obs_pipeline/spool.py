@@ -165,6 +165,8 @@ class Spool:
     def push(self) -> int:
         """Push everything spooled, in order (`obs-pipeline spool push`); how many were pushed.
         Raises what stopped it (Redis not answering, say); what it pushed before stays pushed."""
+        if not self.path.exists():  # nothing spooled: no folder or lock file made for it
+            return 0
         with self._locked():
             return self._push_locked(self._flush_store)
 
