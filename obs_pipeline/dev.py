@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -84,14 +85,24 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass  # the whole group is gone already
 
 
+def _say(line: str) -> None:
+    """A line on stderr, unless the terminal is gone (hung up: EIO), which must not stop the cleanup."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
-    # Ctrl-C, and `kill` from a service manager, stop everything (even where SIGINT was ignored).
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C, `kill` from a service manager, and the terminal closing (SIGHUP: its processes
+    # are in sessions of their own and would outlive it) stop everything (even where SIGINT
+    # was ignored).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \
         if (Path(stack.directory) / "stack.json").exists() else False
     logs = Path(stack.directory) / "logs"
@@ -116,9 +127,9 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         return 0
     finally:
         # a second Ctrl-C must not cut the cleanup short and leave processes behind
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stopping (up to 20 s: a drain run finishes its batch) ...", file=sys.stderr, flush=True)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        _say("stopping (up to 20 s: a drain run finishes its batch) ...")
         stop_processes(processes)
         if not was_up:
             stack.down()

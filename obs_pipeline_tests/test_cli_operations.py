@@ -4,16 +4,21 @@ a long-running `drain` stopped by a signal, `status`, `simulate`, the Dagster wo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import redis as redis_lib
@@ -489,6 +494,79 @@ def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything
             dev.wait()
         for pid in started | with_environment("DAGSTER_HOME", dagster_home):
             for kill in (os.killpg, os.kill):  # its group if it leads one, and itself
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        LocalStack(folder).down()
+
+
+def start_in_terminal(*args: str, log: Path) -> tuple[subprocess.Popen, Callable[[], None]]:
+    """`obs-pipeline ARGS` in a terminal of its own (a pty it controls, as a login shell's
+    command), what it prints copied into `log`; returns it and a function that closes the
+    terminal (hangs it up)."""
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", *args], env=base_env(), stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    closing = threading.Event()
+
+    def copy() -> None:  # never blocked in a read: the terminal hangs up only once no call holds it
+        with open(log, "ab") as out:
+            while not closing.is_set():
+                if select.select([master], [], [], 0.1)[0]:
+                    try:
+                        out.write(os.read(master, 4096))
+                    except OSError:
+                        return
+                    out.flush()
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+
+    def close() -> None:
+        closing.set()
+        copier.join()
+        os.close(master)
+
+    return proc, close
+
+
+@pytest.mark.slow
+def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_path):
+    """Closing the terminal (or a dropped ssh session) hangs `dev` up: SIGHUP, and its output
+    can no longer be written. It died at once and left the Dagster daemon, its webserver and the
+    stack running, so the next `dev` failed on its own port ('dagster-webserver exited with 3')
+    beside a second daemon."""
+    folder = tmp_path / "dev_stack"
+    port = pick_free_ports(1)[0]
+    dagster_home = str(folder / "dagster_home")
+    started: set[int] = set()
+    try:
+        for attempt in ("first", "second"):
+            log = tmp_path / f"dev-{attempt}.log"
+            dev, close_terminal = start_in_terminal("dev", "--dir", str(folder), "--port", str(port), log=log)
+            assert until(lambda: webserver_answers(port), WAIT, 1.0, alive=dev, log=log), tail(log)
+            services = LocalStack(folder).status()
+            started = descendants(dev.pid) | with_environment("DAGSTER_HOME", dagster_home) | {
+                services[name]["pid"] for name in ("main", "replica", "redis")}
+            close_terminal()  # the terminal window closes
+            dev.wait(timeout=WAIT)
+            assert until(lambda: not any(pid_alive(p) for p in started), 30), \
+                [p for p in started if pid_alive(p)]
+            assert not any(s["running"] for s in LocalStack(folder).status().values())
+            assert until(lambda: port_is_free(port), 30)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+        for pid in started | with_environment("DAGSTER_HOME", dagster_home):
+            for kill in (os.killpg, os.kill):
                 try:
                     kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
