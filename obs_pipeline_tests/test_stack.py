@@ -247,6 +247,23 @@ def test_latency_proxy_delays_main_and_carries_replication(stack, probe):  # noq
     assert on_replica(stack, probe())
 
 
+@pytest.mark.parametrize("latency", [-5, 10**6, 99999999999, 2.5, "abc", float("nan")])
+def test_a_main_latency_no_link_has_is_refused_before_anything_changes(stack, latency):  # noqa: F811
+    """A huge latency was saved, the proxy started with it, and the replica (which streams
+    through it) never connected: `up` failed after a minute with 'replica not streaming', and so
+    did every later `up`, with Redis not started."""
+    saved, pids = stack.config_path.read_text(), {name: s["pid"] for name, s in stack.status().items()}
+    try:
+        with pytest.raises(ValueError, match=r"^main latency must be a whole number of milliseconds from 0 to "
+                                             r"5000 \(each way; 0 removes the proxy\), not "):
+            stack.up(main_latency_ms=latency)
+        assert stack.config_path.read_text() == saved
+        assert {name: s["pid"] for name, s in stack.status().items()} == pids
+    finally:
+        if stack.config_path.read_text() != saved:
+            stack.up(main_latency_ms=0)
+
+
 def _echo_server() -> tuple[socket.socket, int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

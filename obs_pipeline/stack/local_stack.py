@@ -25,6 +25,22 @@ from .redis_server import APPENDFSYNC_CHOICES, RedisServer
 
 SERVICES = ("main", "replica", "redis", "proxy")
 DATABASES = ("obs", "dagster")
+# Each way. More is no real link (a geostationary hop is about 300 ms), and the replica, which
+# streams through the proxy, could not connect within the wait for it: a larger value was saved
+# and every `up` then failed after a minute with 'replica not streaming'.
+MAX_MAIN_LATENCY_MS = 5000
+
+
+def _checked_latency(value) -> int:
+    """main_latency_ms as an int from 0 to MAX_MAIN_LATENCY_MS, or ValueError in one line."""
+    try:
+        latency = int(value)
+    except (TypeError, ValueError, OverflowError):
+        latency = None
+    if latency is None or latency != value or not 0 <= latency <= MAX_MAIN_LATENCY_MS:
+        raise ValueError(f"main latency must be a whole number of milliseconds from 0 to {MAX_MAIN_LATENCY_MS} "
+                         f"(each way; 0 removes the proxy), not {value!r}")
+    return latency
 
 
 class LocalStack:
@@ -151,8 +167,8 @@ class LocalStack:
         main_latency_ms: None keeps the saved setting, 0 removes the proxy, N > 0 routes the
         drain's main URL and the replica's WAL stream through an N ms (each way) proxy.
         """
-        if main_latency_ms is not None and int(main_latency_ms) < 0:
-            raise ValueError("main_latency_ms must be >= 0")
+        if main_latency_ms is not None:
+            main_latency_ms = _checked_latency(main_latency_ms)
         unsafe = sorted(set('"$`\\') & set(str(self.directory)))
         if unsafe:  # pg_ctl starts the server through a shell, with the paths in double quotes
             raise StackError(f"the stack folder {self.directory} has {' '.join(unsafe)} in its path, which "
