@@ -7,6 +7,7 @@ Tests share that stack and put back whatever they stop.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -122,8 +123,13 @@ def test_saved_port_taken_by_another_process(stack):  # noqa: F811
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", port))
         squatter.listen(1)
-        with pytest.raises(StackError, match=f"port {port} saved for redis in .*stack.json is in use"):
+        with pytest.raises(StackError, match=f"port {port} saved for redis in .*stack.json is in use") as refused:
             stack.up()
+        # who holds it, and what to do that keeps the data (it said: delete the stack's folder)
+        assert f"in use by pid {os.getpid()} (" in str(refused.value), refused.value
+        assert "delete" not in str(refused.value)
+        assert f"give redis another free port in that file, then `obs-pipeline stack up --dir {stack.directory}`" \
+            in str(refused.value)
     finally:
         squatter.close()
         stack.up()

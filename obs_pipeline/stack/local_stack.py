@@ -19,7 +19,7 @@ from pathlib import Path
 from .binaries import pg_bin_dir, pg_bin_is_from_wheel
 from .errors import StackError
 from .proxy_process import proxy_delay_ms, proxy_pid, start_proxy, stop_proxy
-from .osutil import chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_is_free
+from .osutil import chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_holder, port_is_free
 from .postgres import HOST, PgServer
 from .redis_server import APPENDFSYNC_CHOICES, RedisServer
 
@@ -145,9 +145,11 @@ class LocalStack:
             deadline = time.monotonic() + grace_s
             while not port_is_free(port) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not port_is_free(port):
-                raise StackError(f"port {port} saved for {name} in {self.config_path} is in use by another "
-                                 f"process; stop that process or delete {self.directory} to start afresh")
+            if not port_is_free(port):  # the folder holds the buffer and main: never suggest deleting it
+                holder = port_holder(port) or "another process"
+                raise StackError(f"port {port} saved for {name} in {self.config_path} is in use by {holder}: stop "
+                                 f"it, or give {name} another free port in that file, then `obs-pipeline stack up "
+                                 f"--dir {self.directory}` again")
 
     def _upstream_port(self, cfg: dict) -> int:
         """Where the replica (and the drain) reach main: through the proxy when latency is configured."""
