@@ -79,7 +79,9 @@ def test_redis_unreachable_is_one_actionable_line(env):
 
 
 def test_stack_env_on_a_folder_without_a_stack(tmp_path):
-    assert "run `obs-pipeline stack up` first" in one_line_error(cli("stack", "env", "--dir", str(tmp_path / "none")))
+    """The hint names the folder: `stack up` alone would set up a stack in ./.obs-stack instead."""
+    line = one_line_error(cli("stack", "env", "--dir", str(tmp_path / "none")))
+    assert f"run `obs-pipeline stack up --dir {tmp_path / 'none'}` first" in line, line
 
 
 def test_stack_up_names_the_env_command_for_its_folder(stack):

@@ -72,7 +72,7 @@ def on_replica(stack, key: str) -> bool:  # noqa: F811
 
 def test_never_set_up_dir(tmp_path):
     local = LocalStack(tmp_path / "nothing")
-    with pytest.raises(StackError, match=r"no local stack in .*nothing: run `obs-pipeline stack up` first"):
+    with pytest.raises(StackError, match=r"no local stack in .*nothing: run `obs-pipeline stack up --dir .*nothing` first"):
         local.env()
     with pytest.raises(StackError):
         local.start_service("main")

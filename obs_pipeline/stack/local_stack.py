@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 import os
+import shlex
 from pathlib import Path
 
 from .binaries import pg_bin_dir, pg_bin_is_from_wheel
@@ -84,7 +85,8 @@ class LocalStack:
     def _require(self) -> dict:
         cfg = self._load()
         if cfg is None:
-            raise StackError(f"no local stack in {self.directory}: run `obs-pipeline stack up` first")
+            raise StackError(f"no local stack in {self.directory}: run `obs-pipeline stack up --dir "
+                             f"{shlex.quote(str(self.directory))}` first")
         return cfg
 
     @contextlib.contextmanager
