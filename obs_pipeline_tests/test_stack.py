@@ -195,6 +195,42 @@ def test_main_crash_and_restart(stack, probe):  # noqa: F811
         engine.dispose()
 
 
+def test_up_after_kill_9_comes_back_though_a_stale_pid_names_another_live_process(stack, probe):  # noqa: F811
+    """Every server SIGKILLed leaves its pidfile; after a reboot the pid in main's postmaster.pid
+    may name another live process of the same user. PostgreSQL takes that for a server running
+    on the folder and refused to start: `up` failed with 'HINT: Is another postmaster (PID N)
+    running in data directory ...?' until one found and removed the file by hand."""
+    import subprocess
+
+    from obs_pipeline.stack.osutil import user_kwargs
+
+    key = probe()
+    assert on_replica(stack, key)
+    redis_client(stack).set("stack:kept", "across-kill-9")
+    redis_client(stack).execute_command("BGREWRITEAOF")  # on disk whatever the fsync timing
+    assert eventually(lambda: redis_client(stack).info("persistence")["aof_rewrite_in_progress"] == 0)
+    stand_in = subprocess.Popen(["sleep", "300"], **user_kwargs(stack._pg_user(create=False)))
+    try:
+        before = stack.status()
+        for name in ("replica", "main", "redis"):
+            os.kill(before[name]["pid"], 9)
+        assert eventually(lambda: not any(pid_alive(before[n]["pid"]) for n in ("main", "replica", "redis")))
+        lock = stack.directory / "postgres" / "main" / "postmaster.pid"
+        lines = lock.read_text().splitlines(keepends=True)
+        lock.write_text("".join([f"{stand_in.pid}\n", *lines[1:]]))  # the reused pid
+        stack.up()
+        env = stack.env()
+        assert run(stack.main_direct_url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1
+        assert run(env["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1
+        assert redis_client(stack).get("stack:kept") == b"across-kill-9"
+        assert on_replica(stack, probe())
+        assert stand_in.poll() is None  # not touched
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        stack.up()
+
+
 def test_down_stops_everything_and_up_keeps_data(stack, probe):  # noqa: F811
     key = probe()
     assert on_replica(stack, key)

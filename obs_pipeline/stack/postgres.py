@@ -8,6 +8,7 @@ socket-path limit.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -163,6 +164,7 @@ class PgServer:
     def start(self) -> None:
         """Start (if stopped) and wait until it accepts TCP connections."""
         if not self.running:
+            self._set_aside_stale_lock()
             self.log.touch(exist_ok=True)
             chown(self.log, self.run_user)
             self._tool("pg_ctl", ["-D", str(self.datadir), "-w", "-t", str(READY_TIMEOUT), "-l", str(self.log),
@@ -171,6 +173,24 @@ class PgServer:
         if not wait_until(lambda: self.query("SELECT 1") == (1,), READY_TIMEOUT, 0.1):
             raise service_error(f"{self.role} PostgreSQL not accepting connections on {HOST}:{self.port} "
                                 f"after {READY_TIMEOUT}s", self.log)
+
+    def _set_aside_stale_lock(self) -> None:
+        """Move aside a postmaster.pid whose pid is not this folder's postmaster yet answers kill(0):
+        a killed server not reaped yet (a zombie: PID 1 in a container may never reap it), or a
+        reused pid (after a reboot). PostgreSQL takes either for a server running on the folder
+        and refuses to start ('Is another postmaster (PID N) running ...?'). Its own interlock on
+        the shared memory still refuses a second server if one does run here."""
+        lock = self.datadir / "postmaster.pid"
+        pid = read_pid(lock)
+        if pid is None or pid_alive(pid, f"-D {self.datadir}"):
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # a dead pid: PostgreSQL itself takes the file for stale
+        except PermissionError:
+            return  # another user's process: so does PostgreSQL
+        lock.replace(lock.with_name("postmaster.pid.stale"))
 
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop -m fast|smart|immediate; harmless if already stopped."""
