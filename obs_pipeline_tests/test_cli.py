@@ -84,6 +84,17 @@ def test_stack_env_on_a_folder_without_a_stack(tmp_path):
     assert f"run `obs-pipeline stack up --dir {tmp_path / 'none'}` first" in line, line
 
 
+def test_stack_up_in_a_folder_it_cannot_use_is_one_line_saying_so(tmp_path):
+    """It said '[Errno 17] File exists: ...' or '[Errno 20] Not a directory: ...'."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    line = one_line_error(cli("stack", "up", "--dir", str(afile)))
+    assert f"the stack folder {afile} is a file, not a folder: choose another folder (--dir)" in line, line
+    line = one_line_error(cli("stack", "up", "--dir", str(afile / "sub")))
+    assert f"cannot create the stack folder {afile / 'sub'} (Not a directory): choose another folder" in line, line
+    assert afile.read_text() == "mine"
+
+
 def test_stack_up_names_the_env_command_for_its_folder(stack):
     """`stack up --dir D` tells the operator how to use the stack: that command must find it (it
     said `stack env` without the folder, which looks in ./.obs-stack)."""

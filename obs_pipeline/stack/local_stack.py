@@ -177,7 +177,7 @@ class LocalStack:
         if unsafe:  # pg_ctl starts the server through a shell, with the paths in double quotes
             raise StackError(f"the stack folder {self.directory} has {' '.join(unsafe)} in its path, which "
                              "PostgreSQL's pg_ctl cannot pass on: choose another folder (--dir)")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_folder()
         with self._locked():
             cfg = self._load()
             if cfg is None:
@@ -209,6 +209,18 @@ class LocalStack:
             replica.start()
             replica.wait_streaming(upstream)
             redis.start()
+
+    def _make_folder(self) -> None:
+        """The state folder, or StackError in one line (it said '[Errno 17] File exists: ...')."""
+        hint = "choose another folder (--dir)"
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StackError(f"the stack folder {self.directory} is a file, not a folder: {hint}")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StackError(f"cannot create the stack folder {self.directory} ({exc.strerror}): {hint}") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise StackError(f"the stack folder {self.directory} is not writable: {hint}")
 
     def down(self) -> None:
         """Fast-stop replica, proxy, main and redis; harmless if already down or never set up."""
