@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from obs_pipeline.stack.errors import StackError
+from obs_pipeline.stack.osutil import port_holder, port_is_free
+
 DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -101,6 +104,10 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     # Ctrl-C, `kill` from a service manager, and the terminal closing (SIGHUP: its processes
     # are in sessions of their own and would outlive it) stop everything (even where SIGINT
     # was ignored).
+    if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
+        holder = port_holder(port) or "another process"
+        raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "
+                         "stop it, or choose another port with --port")
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \

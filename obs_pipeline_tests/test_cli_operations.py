@@ -572,3 +572,28 @@ def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_
                 except (ProcessLookupError, PermissionError):
                     pass
         LocalStack(folder).down()
+
+
+def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(tmp_path):
+    """It brought the stack up, printed the UI's address, started a daemon, and then said only
+    'dagster-webserver exited with 3; see <logs>' (a second `dev` beside a running one did so)."""
+    import socket
+
+    folder = tmp_path / "dev_stack"
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    port = squatter.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), "--port",
+                                 str(port)], env=base_env(), capture_output=True, text=True, timeout=WAIT)
+    finally:
+        squatter.close()
+        LocalStack(folder).down()
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"obs-pipeline: error: port {port} for the Dagster UI is in use by pid {os.getpid()} ("), \
+        lines[0]
+    assert lines[0].endswith("(another `obs-pipeline dev`?): stop it, or choose another port with --port"), lines[0]
+    assert not (folder / "stack.json").exists()
