@@ -73,6 +73,11 @@ def cmd_db_init(args: argparse.Namespace) -> int:
     registry = ModelRegistry.from_path(settings.models)
     engine = make_engine(settings.require_main())
     try:
+        try:
+            engine.connect().close()
+        except sa.exc.OperationalError as error:  # the one line must say which server and what to do
+            raise RuntimeError(f"main unreachable ({_one_line(error)}); is OBS_MAIN_DB_URL right and the stack "
+                               "up (`obs-pipeline stack status`)?") from error
         create_schema(engine, registry)
         if args.demo_data:
             with engine.begin() as conn:

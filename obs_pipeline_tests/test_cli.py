@@ -78,6 +78,14 @@ def test_redis_unreachable_is_one_actionable_line(env):
     assert "Redis unreachable" in one_line_error(cli("status", env=env))
 
 
+def test_db_init_with_main_down_is_one_actionable_line(env):
+    """It said only 'connection to server at "127.0.0.1", port 1 failed: Connection refused'."""
+    env["OBS_MAIN_DB_URL"] = "postgresql+psycopg2://postgres@127.0.0.1:1/obs"
+    line = one_line_error(cli("db", "init", env=env))
+    assert line.startswith("obs-pipeline: error: main unreachable (connection to server at"), line
+    assert line.endswith("; is OBS_MAIN_DB_URL right and the stack up (`obs-pipeline stack status`)?"), line
+
+
 def test_stack_env_on_a_folder_without_a_stack(tmp_path):
     """The hint names the folder: `stack up` alone would set up a stack in ./.obs-stack instead."""
     line = one_line_error(cli("stack", "env", "--dir", str(tmp_path / "none")))
