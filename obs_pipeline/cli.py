@@ -53,6 +53,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
             stack.start_service(args.service)
     elif args.action == "env":
         env = dict(stack.env())
+        stopped = [name for name, s in stack.status().items()
+                   if not s["running"] and (name != "proxy" or s["latency_ms"])]
+        if stopped:  # the lines still print (for a shell's profile), but what uses them would fail or spool
+            print(f"obs-pipeline: note: {', '.join(stopped)} of the local stack in {stack.directory} not running: "
+                  f"`obs-pipeline stack up --dir {shlex.quote(str(stack.directory))}`", file=sys.stderr)
         env.setdefault("OBS_SITE", os.environ.get("OBS_SITE", "observatory"))
         env.setdefault("OBS_MODELS", os.environ.get("OBS_MODELS", "obs_pipeline.models:Base"))
         for name, value in env.items():

@@ -564,6 +564,21 @@ def test_a_blocker_retried_while_the_drain_applies_its_dependent_takes_the_depen
     buf.close()
 
 
+def test_stack_env_with_a_service_down_still_prints_and_says_so(stack):
+    """It printed the lines and exit 0 without a word: a script run with them spooled to disk
+    (Redis down) or failed on the replica, and nothing said the stack was not up."""
+    stack.stop_service("redis")
+    try:
+        result = cli("stack", "env", "--dir", str(stack.directory))
+    finally:
+        stack.start_service("redis")
+    assert result.returncode == 0 and "export OBS_REDIS_URL=" in result.stdout, result.stderr
+    assert result.stderr.splitlines() == [
+        f"obs-pipeline: note: redis of the local stack in {stack.directory} not running: "
+        f"`obs-pipeline stack up --dir {stack.directory}`"], result.stderr
+    assert cli("stack", "env", "--dir", str(stack.directory)).stderr == ""
+
+
 def test_status_with_the_replica_down_names_it_and_still_shows_main(stack, env):
     """With the replica stopped, `status` said only "database unreachable: ... port N ..." and
     dropped main's LSN, read a moment before; the operator could not tell which database was down."""
