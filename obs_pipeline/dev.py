@@ -117,7 +117,8 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     try:  # from the first step on: a Ctrl-C while the stack starts still takes it down
         stack.up(main_latency_ms=main_latency_ms)
         env = dagster_environment(stack)
-        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env, check=True)
+        if subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env).returncode:
+            return 1  # it said why, in one line
         processes.extend(start_dagster(env, port, logs))
         if simulate_rate:
             processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",

@@ -597,3 +597,21 @@ def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(
         lines[0]
     assert lines[0].endswith("(another `obs-pipeline dev`?): stop it, or choose another port with --port"), lines[0]
     assert not (folder / "stack.json").exists()
+
+
+def test_dev_whose_db_init_fails_says_why_once_and_stops_what_it_started(tmp_path):
+    """db init's own line was followed by "Command '[...'db', 'init', '--demo-data']' returned
+    non-zero exit status 1.", an error line that says nothing more."""
+    folder = tmp_path / "dev_stack"
+    port = pick_free_ports(1)[0]
+    try:
+        result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), "--port",
+                                 str(port)], env=base_env(OBS_MODELS="nosuch_module:Base"), capture_output=True,
+                                text=True, timeout=WAIT)
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert result.returncode == 1
+        assert errors == ["obs-pipeline: error: OBS_MODELS='nosuch_module:Base' cannot be loaded: "
+                          "No module named 'nosuch_module'"], result.stderr
+        assert not any(s["running"] for s in LocalStack(folder).status().values())  # dev brought it up
+    finally:
+        LocalStack(folder).down()
