@@ -39,16 +39,17 @@ def dagster_script(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> list[subprocess.Popen]:
+def start_dagster(env: dict[str, str], port: int, log_dir: Path, started: list[subprocess.Popen]) -> None:
+    """Start the daemon, then the webserver, each appended to `started` as soon as it runs: a
+    Ctrl-C while the second starts must still find the first to stop."""
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["-m", "obs_pipeline.definitions"]
-    daemon = subprocess.Popen([dagster_script("dagster-daemon"), "run", *common], env=env,
-                              stdout=open(log_dir / "dagster-daemon.log", "ab"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    web = subprocess.Popen([dagster_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *common], env=env,
-                           stdout=open(log_dir / "dagster-webserver.log", "ab"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
-    return [daemon, web]
+    started.append(subprocess.Popen([dagster_script("dagster-daemon"), "run", *common], env=env,
+                                    stdout=open(log_dir / "dagster-daemon.log", "ab"), stderr=subprocess.STDOUT,
+                                    start_new_session=True))
+    started.append(subprocess.Popen([dagster_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
+                                     *common], env=env, stdout=open(log_dir / "dagster-webserver.log", "ab"),
+                                    stderr=subprocess.STDOUT, start_new_session=True))
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
@@ -119,7 +120,7 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         env = dagster_environment(stack)
         if subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env).returncode:
             return 1  # it said why, in one line
-        processes.extend(start_dagster(env, port, logs))
+        start_dagster(env, port, logs, processes)
         if simulate_rate:
             processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
                                                str(simulate_rate)], env=env, start_new_session=True))

@@ -615,3 +615,34 @@ def test_dev_whose_db_init_fails_says_why_once_and_stops_what_it_started(tmp_pat
         assert not any(s["running"] for s in LocalStack(folder).status().values())  # dev brought it up
     finally:
         LocalStack(folder).down()
+
+
+def test_a_ctrl_c_as_the_webserver_starts_still_stops_the_daemon(stack, monkeypatch):  # noqa: F811
+    """dev kept the daemon and the webserver it started in locals until both had started: a
+    Ctrl-C while the webserver's process was being created left the daemon running, unseen."""
+    import obs_pipeline.dev as dev
+
+    real_popen, launched = subprocess.Popen, []
+
+    def popen(args, *rest, **kwargs):
+        if "dagster-webserver" in str(args[0]):
+            raise KeyboardInterrupt  # Ctrl-C arrives here
+        proc = real_popen(args, *rest, **kwargs)
+        launched.append(proc)
+        return proc
+
+    handlers = {sig: signal.getsignal(sig) for sig in dev.STOP_SIGNALS}
+    monkeypatch.setattr(dev.subprocess, "Popen", popen)
+    try:
+        assert dev.run_dev(stack, port=pick_free_ports(1)[0], simulate_rate=None, main_latency_ms=None) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        monkeypatch.undo()
+    daemons = [p for p in launched if "dagster-daemon" in str(p.args[0])]
+    try:
+        assert len(daemons) == 1
+        assert daemons[0].poll() is not None, "the daemon outlived dev"
+    finally:
+        dev.stop_processes(daemons)
+    assert all(stack.status()[name]["running"] for name in ("main", "replica", "redis"))  # was up before dev
