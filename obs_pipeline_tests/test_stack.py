@@ -176,6 +176,42 @@ def test_redis_rewrites_its_aof_on_its_own_only_as_a_backstop(stack):  # noqa: F
     assert {name: client.config_get(name)[name] for name in AOF_REWRITE} == AOF_REWRITE
 
 
+def test_redis_loading_a_large_aof_is_waited_for_not_reported_dead(tmp_path, monkeypatch):
+    """A Redis restarted on a large AOF (a long outage's backlog) answers LOADING until it has
+    read the file. `up` gave up after READY_TIMEOUT with 'redis not answering PING', and an `up`
+    meanwhile failed on 'LOADING Redis is loading the dataset in memory'. (READY_TIMEOUT is made
+    shorter than the load here, instead of an AOF of GBs.)"""
+    import subprocess
+
+    from obs_pipeline.stack import redis_server
+    from obs_pipeline.stack.binaries import redis_server_path
+    from obs_pipeline.stack.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis", pick_free_ports(1)[0], tmp_path / "redis.log")
+    server.folder.mkdir()
+    server.start()
+    try:
+        with server.client(timeout=60) as conn:
+            conn.execute_command("DEBUG", "POPULATE", 1_000_000, "k", 100)
+            conn.execute_command("BGREWRITEAOF")
+            assert eventually(lambda: conn.info("persistence")["aof_rewrite_in_progress"] == 0, 120)
+        server.stop()
+        monkeypatch.setattr(redis_server, "READY_TIMEOUT", 0.2)
+        server.start()
+        with server.client() as conn:
+            assert conn.dbsize() == 1_000_000
+        server.stop("kill")
+        assert eventually(lambda: port_is_free(server.port))
+        # started by hand, as a first `up` would, then a second `up` while it loads
+        subprocess.run([str(redis_server_path()), str(server.conf)], cwd=server.folder, check=True)
+        assert eventually(lambda: server.pid is not None)
+        server.start()
+        with server.client() as conn:
+            assert conn.dbsize() == 1_000_000
+    finally:
+        server.stop("kill")
+
+
 def test_main_crash_and_restart(stack, probe):  # noqa: F811
     from obs_pipeline.apply import ReplicaDatabase
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import redis
@@ -97,6 +98,7 @@ class RedisServer:
         rewrite settings updated."""
         self._write_conf()
         if self.running:
+            self._wait_ready()  # it may be loading its AOF still (a `stack up` right after another)
             with self.client() as conn:
                 for name, value in {"appendfsync": self.appendfsync, **AOF_REWRITE}.items():
                     if conn.config_get(name).get(name) != value:
@@ -108,8 +110,26 @@ class RedisServer:
         if proc.returncode != 0:
             raise service_error(f"redis-server failed to start on {HOST}:{self.port} (exit {proc.returncode})",
                                 self.log)
-        if not wait_until(self._ping, READY_TIMEOUT, 0.05):
-            raise service_error(f"redis not answering PING on {HOST}:{self.port} after {READY_TIMEOUT}s", self.log)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Until PING is answered. A Redis loading its AOF answers LOADING meanwhile, for as long as
+        the file takes (a backlog of 1,000,000 transactions is GBs): that is waited out while it
+        lives; READY_TIMEOUT is for a server that does not answer at all."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                if self._ping():
+                    return
+            except redis.BusyLoadingError:
+                if self.pid is None:
+                    raise service_error(f"redis on {HOST}:{self.port} exited while loading its AOF", self.log) from None
+                deadline = time.monotonic() + READY_TIMEOUT
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                raise service_error(f"redis not answering PING on {HOST}:{self.port} after {READY_TIMEOUT}s", self.log)
+            time.sleep(0.05)
 
     def stop(self, mode: str = "fast") -> None:
         """"fast": SHUTDOWN (AOF is flushed, no data lost); "kill"/"immediate": SIGKILL, crash-like."""
