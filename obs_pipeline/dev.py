@@ -8,6 +8,7 @@ stack folder and Dagster's storage in the `dagster` database on main.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -125,8 +126,8 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
             processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
                                                str(simulate_rate)], env=env, start_new_session=True))
         print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
-        print(f"In another shell: eval \"$(obs-pipeline stack env --dir {stack.directory})\"; Ctrl-C stops "
-              "everything.", flush=True)
+        print(f"In another shell: eval \"$(obs-pipeline stack env --dir {shlex.quote(str(stack.directory))})\"; "
+              "Ctrl-C stops everything.", flush=True)
         while all(p.poll() is None for p in processes[:2]):
             time.sleep(1)
         failed = next(p for p in processes[:2] if p.poll() is not None)

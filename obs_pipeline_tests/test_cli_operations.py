@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -646,3 +647,22 @@ def test_a_ctrl_c_as_the_webserver_starts_still_stops_the_daemon(stack, monkeypa
     finally:
         dev.stop_processes(daemons)
     assert all(stack.status()[name]["running"] for name in ("main", "replica", "redis"))  # was up before dev
+
+
+def test_dev_in_a_folder_with_a_space_prints_a_stack_env_command_that_works(tmp_path):
+    """dev printed `eval "$(obs-pipeline stack env --dir <folder>)"` unquoted: with a space in
+    the folder's name the shell split it, and the command failed ('unrecognized arguments')."""
+    folder = tmp_path / "my stack"
+    log = tmp_path / "dev.log"
+    dev = start_cli("dev", "--dir", str(folder), "--port", str(pick_free_ports(1)[0]), env={}, log=log)
+    try:
+        assert until(lambda: "In another shell: " in log.read_text(), WAIT, 0.5, alive=dev, log=log), tail(log)
+        hint = re.search(r'eval "\$\((obs-pipeline stack env [^)]*)\)"', log.read_text()).group(1)
+        args = shlex.split(hint)
+        assert args[:3] == ["obs-pipeline", "stack", "env"], hint
+        result = cli(*args[1:])
+        assert result.returncode == 0 and "export OBS_REDIS_URL=" in result.stdout, hint + result.stderr
+    finally:
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+        LocalStack(folder).down()
