@@ -112,8 +112,9 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
                          "stop it, or choose another port with --port")
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
-    was_up = all(s.get("running") for name, s in stack.status().items() if name != "proxy") \
-        if (Path(stack.directory) / "stack.json").exists() else False
+    # what runs already is the operator's (a stack up, scripts using its Redis): dev stops only what it starts
+    ran_before = {name for name, s in stack.status().items() if s.get("running")} \
+        if (Path(stack.directory) / "stack.json").exists() else set()
     logs = Path(stack.directory) / "logs"
     processes: list[subprocess.Popen] = []
     try:  # from the first step on: a Ctrl-C while the stack starts still takes it down
@@ -141,5 +142,9 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
             signal.signal(sig, signal.SIG_IGN)
         _say("stopping (up to 20 s: a drain run finishes its batch) ...")
         stop_processes(processes)
-        if not was_up:
+        if not ran_before:
             stack.down()
+        else:
+            for name in ("replica", "proxy", "main", "redis"):  # down's order
+                if name not in ran_before and stack.status()[name]["running"]:
+                    stack.stop_service(name)

@@ -666,3 +666,26 @@ def test_dev_in_a_folder_with_a_space_prints_a_stack_env_command_that_works(tmp_
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=WAIT) == 0, tail(log)
         LocalStack(folder).down()
+
+
+def test_dev_on_a_stack_partly_up_stops_only_what_it_started(stack):  # noqa: F811
+    """With one service of the operator's stack stopped (the replica had died), dev started it
+    and then, on Ctrl-C, took the whole stack down: the main and Redis that scripts were using."""
+    log = Path(stack.directory) / "logs" / "dev-partly-up.log"
+    before = stack.status()
+    stack.stop_service("replica")
+    dev = start_cli("dev", "--dir", str(stack.directory), "--port", str(pick_free_ports(1)[0]), env={}, log=log)
+    try:
+        assert until(lambda: "In another shell: " in log.read_text(), WAIT, 0.5, alive=dev, log=log), tail(log)
+        assert stack.status()["replica"]["running"]
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+        after = stack.status()
+        assert not after["replica"]["running"]  # dev started it
+        for name in ("main", "redis"):
+            assert after[name]["pid"] == before[name]["pid"], name  # the operator's, untouched
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
+        stack.up()
