@@ -103,6 +103,13 @@ def test_stack_up_in_a_folder_it_cannot_use_is_one_line_saying_so(tmp_path):
     assert afile.read_text() == "mine"
 
 
+def test_stack_start_proxy_without_a_latency_names_the_command_that_sets_one(stack):
+    """It said 'run `up(main_latency_ms=N)` first', the Python API, to an operator at the shell."""
+    line = one_line_error(cli("stack", "start", "proxy", "--dir", str(stack.directory)))
+    assert line == ("obs-pipeline: error: no latency proxy configured: run `obs-pipeline stack up --main-latency-ms N "
+                    f"--dir {stack.directory}` first"), line
+
+
 def test_stack_up_names_the_env_command_for_its_folder(stack):
     """`stack up --dir D` tells the operator how to use the stack: that command must find it (it
     said `stack env` without the folder, which looks in ./.obs-stack)."""

@@ -307,7 +307,8 @@ class LocalStack:
             raise ValueError(f"unknown service {name!r}; expected one of {SERVICES}")
         cfg = self._require()
         if name == "proxy" and not cfg.get("main_latency_ms"):
-            raise StackError("no latency proxy configured: run `up(main_latency_ms=N)` first")
+            raise StackError("no latency proxy configured: run `obs-pipeline stack up --main-latency-ms N --dir "
+                             f"{shlex.quote(str(self.directory))}` first")
         with self._locked():
             main, replica, redis = self._services(cfg, self._pg_user(create=True))
             running = {"main": main.running, "replica": replica.running, "redis": redis.running,
