@@ -689,3 +689,18 @@ def test_dev_on_a_stack_partly_up_stops_only_what_it_started(stack):  # noqa: F8
             os.killpg(dev.pid, signal.SIGKILL)
             dev.wait()
         stack.up()
+
+
+def test_dev_in_a_folder_that_is_a_file_says_so_in_one_line(tmp_path):
+    """dev's cleanup (stack down) failed on the file too, and its line replaced the reason:
+    'unreadable <file>/stack.json: [Errno 20] Not a directory'."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(afile), "--port",
+                             str(pick_free_ports(1)[0])], env=base_env(), capture_output=True, text=True,
+                            timeout=WAIT)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 1 and errors == [
+        f"obs-pipeline: error: the stack folder {afile} is a file, not a folder: choose another folder (--dir)"], \
+        result.stderr
+    assert afile.read_text() == "mine"

@@ -72,7 +72,7 @@ class LocalStack:
     def _load(self) -> dict | None:
         try:
             return json.loads(self.config_path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no stack here (the "folder" may be a file)
             return None
         except (OSError, ValueError) as exc:
             raise StackError(f"unreadable {self.config_path}: {exc}") from exc
