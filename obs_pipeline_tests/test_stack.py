@@ -267,6 +267,31 @@ def test_up_after_kill_9_comes_back_though_a_stale_pid_names_another_live_proces
         stack.up()
 
 
+def test_a_replica_of_a_main_made_anew_is_one_line_and_kept(tmp_path):
+    """With main's data folder deleted, `up` made a new main and started the old replica, which
+    can never stream from it ('database system identifier differs'): it failed after 60 s with
+    'replica not streaming ...: waiting for WAL to become available'. Now at once, saying what
+    to do; the replica (the old main's last copy) is not touched."""
+    import shutil
+
+    local = LocalStack(tmp_path / "stack")
+    local.up()
+    local.down()
+    replica_dir = local.directory / "postgres" / "replica"
+    shutil.rmtree(local.directory / "postgres" / "main")
+    try:
+        with pytest.raises(StackError, match=r"^the replica in .* is a copy of another main .*: stop it "
+                                             r"\(`obs-pipeline stack stop replica --dir .*`\), move .* away "
+                                             r"\(it holds that main's data\), then `obs-pipeline stack up --dir "):
+            local.up()
+        assert (replica_dir / "PG_VERSION").is_file() and not local.status()["replica"]["running"]
+        shutil.move(replica_dir, tmp_path / "old-replica")
+        local.up()  # as the line says: a fresh clone
+        assert run(local.env()["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
+    finally:
+        local.down()
+
+
 def test_down_stops_everything_and_up_keeps_data(stack, probe):  # noqa: F811
     key = probe()
     assert on_replica(stack, key)

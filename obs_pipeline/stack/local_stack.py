@@ -199,6 +199,13 @@ class LocalStack:
 
             if not main.initialized:
                 main.init_primary()
+            ids = (replica.system_identifier, main.system_identifier) if replica.initialized else (None, None)
+            if None not in ids and ids[0] != ids[1]:
+                folder = shlex.quote(str(self.directory))
+                raise StackError(f"the replica in {replica.datadir} is a copy of another main (main's data folder was "
+                                 f"made anew): stop it (`obs-pipeline stack stop replica --dir {folder}`), move "
+                                 f"{replica.datadir} away (it holds that main's data), then `obs-pipeline stack up "
+                                 f"--dir {folder}` clones it afresh")
             main.start()
             main.ensure_databases(list(DATABASES))
             if not replica.initialized:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg2
@@ -77,6 +78,16 @@ class PgServer:
     @property
     def initialized(self) -> bool:
         return (self.datadir / "PG_VERSION").is_file()
+
+    @property
+    def system_identifier(self) -> int | None:
+        """The cluster's identity, set by initdb and kept by its copies: the first 8 bytes of
+        global/pg_control (native byte order); None if unreadable."""
+        try:
+            with open(self.datadir / "global" / "pg_control", "rb") as fh:
+                return int.from_bytes(fh.read(8), sys.byteorder)
+        except OSError:
+            return None
 
     @property
     def pid(self) -> int | None:
