@@ -103,13 +103,13 @@ def _interrupt(signum, frame):  # noqa: ARG001
 
 
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
-    # Ctrl-C, `kill` from a service manager, and the terminal closing (SIGHUP: its processes
-    # are in sessions of their own and would outlive it) stop everything (even where SIGINT
-    # was ignored).
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"
         raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "
                          "stop it, or choose another port with --port")
+    # Ctrl-C, `kill` from a service manager, and the terminal closing (SIGHUP: its processes
+    # are in sessions of their own and would outlive it) stop everything (even where SIGINT
+    # was ignored).
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     # what runs already is the operator's (a stack up, scripts using its Redis): dev stops only what it starts

@@ -151,7 +151,7 @@ class LocalStack:
                 holder = port_holder(port) or "another process"
                 raise StackError(f"port {port} saved for {name} in {self.config_path} is in use by {holder}: stop "
                                  f"it, or give {name} another free port in that file, then `obs-pipeline stack up "
-                                 f"--dir {self.directory}` again")
+                                 f"--dir {shlex.quote(str(self.directory))}` again")
 
     def _upstream_port(self, cfg: dict) -> int:
         """Where the replica (and the drain) reach main: through the proxy when latency is configured."""
