@@ -449,6 +449,20 @@ def replicated(client: redis_lib.Redis, key: str) -> bool:
 
 
 @pytest.mark.slow
+def kill_what_dev_left(dev: subprocess.Popen | None, started: set[int], dagster_home: str, folder: Path) -> None:
+    """A dev test's cleanup whatever it asserted: dev, what it started, and its stack."""
+    if dev is not None and dev.poll() is None:
+        os.killpg(dev.pid, signal.SIGKILL)
+        dev.wait()
+    for pid in started | with_environment("DAGSTER_HOME", dagster_home):
+        for kill in (os.killpg, os.kill):  # its group if it leads one, and itself
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    LocalStack(folder).down()
+
+
 def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything(tmp_path):
     """The README's first command: the UI answers, a transaction pushed to its Redis is drained
     through the daemon's sensor and run, and Ctrl-C (twice, even) stops all it started."""
@@ -490,16 +504,7 @@ def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything
             assert not pid_alive(services[name]["pid"]), f"{name} outlived dev"
         assert until(lambda: port_is_free(port), 30)
     finally:
-        if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait()
-        for pid in started | with_environment("DAGSTER_HOME", dagster_home):
-            for kill in (os.killpg, os.kill):  # its group if it leads one, and itself
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        LocalStack(folder).down()
+        kill_what_dev_left(dev, started, dagster_home, folder)
 
 
 def start_in_terminal(*args: str, log: Path) -> tuple[subprocess.Popen, Callable[[], None]]:
@@ -548,6 +553,7 @@ def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_
     port = pick_free_ports(1)[0]
     dagster_home = str(folder / "dagster_home")
     started: set[int] = set()
+    dev = None
     try:
         for attempt in ("first", "second"):
             log = tmp_path / f"dev-{attempt}.log"
@@ -563,16 +569,7 @@ def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_
             assert not any(s["running"] for s in LocalStack(folder).status().values())
             assert until(lambda: port_is_free(port), 30)
     finally:
-        if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait()
-        for pid in started | with_environment("DAGSTER_HOME", dagster_home):
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        LocalStack(folder).down()
+        kill_what_dev_left(dev, started, dagster_home, folder)
 
 
 def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(tmp_path):
