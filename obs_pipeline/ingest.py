@@ -314,19 +314,7 @@ class TransactionBuffer:
         is buffered or on the replica: main would refuse it, and until then the buffered copy
         would hide the real row from reads. Unchecked without a replica, or while Redis does
         not answer (as for updates)."""
-        if self.settings.replica_db_url is None:
-            return
-        spooled = self.spool.exists()
-        if spooled and self.spool.redis_failed_recently():
-            return  # unchecked, as while Redis does not answer (see _require_exists)
-        try:
-            found = self.query.get(model, rid) is not None
-            if not found and spooled:  # see _require_exists
-                found = (self.spool.creates(model, str(rid))
-                         or self.query.get(model, rid) is not None)  # pushed from the spool since
-        except (redis.ConnectionError, redis.TimeoutError):
-            return
-        if found:
+        if self.settings.replica_db_url is not None and self._is_known(model, rid):
             raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
                                      "update it, or create it with another key")
 
@@ -334,26 +322,29 @@ class TransactionBuffer:
         """An update or delete must name a record that is buffered or on the replica. While
         Redis does not answer, a record that is on neither the replica nor the spool may still
         be buffered there (the observation started before Redis went away): the call is let
-        through to the spool, as every call is then, rather than refused.
+        through to the spool, as every call is then, rather than refused. Without a replica it
+        cannot be known: the drain will tell."""
+        if self.settings.replica_db_url is not None and self._is_known(model, rid) is False:
+            raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
+
+    def _is_known(self, model: str, rid: Any) -> bool | None:
+        """Is the record buffered, spooled or on the replica? None when that cannot be known:
+        Redis does not answer, or did not a moment ago (spool.REDIS_RETRY_AFTER_S).
 
         Redis is asked before the spool (reading the spool costs a pass over it), and a spooled
         transaction moves into Redis only: one pushed between the two looks, by the spool's
-        flusher or another script, is missed by both, so Redis is asked again then. So it is
-        in status() and _require_absent()."""
-        if self.settings.replica_db_url is None:
-            return  # cannot know without a replica; the drain will tell
+        flusher or another script, is missed by both, so Redis is asked again then (as in
+        status())."""
         spooled = self.spool.exists()
         if spooled and self.spool.redis_failed_recently():
-            return  # Redis did not answer a moment ago: the call goes to the spool without asking it
+            return None
         try:
             if self.query.get(model, rid) is not None:
-                return
-            if spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
-                            or self.query.get(model, rid) is not None):  # pushed from the spool since
-                return
+                return True
+            return spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
+                                or self.query.get(model, rid) is not None)  # pushed from the spool since
         except (redis.ConnectionError, redis.TimeoutError):
-            return
-        raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
+            return None
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

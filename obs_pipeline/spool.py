@@ -238,7 +238,7 @@ class Spool:
                 raise
         finally:
             os.close(fd)
-        self._start_flusher()
+        self.start_flusher()
 
     def _lines(self, containing: str | None = None) -> Iterator[bytes]:
         """The spooled transactions, one JSON line each, unparsed: a long outage spools tens of
@@ -307,9 +307,6 @@ class Spool:
 
     def start_flusher(self) -> None:
         """Make sure the background flusher runs (it stops once the spool is empty)."""
-        self._start_flusher()
-
-    def _start_flusher(self) -> None:
         with self._flusher_lock:
             if self._flusher_running:
                 return
@@ -327,7 +324,7 @@ class Spool:
         retried every RETRY_INTERVAL_S; anything else (a ResponseError such as NOPERM, an
         OSError reading the spool) is logged once per distinct failure and retried with a
         wait that doubles up to MAX_RETRY_INTERVAL_S. It stops only once the spool is empty,
-        checked under the flag that _start_flusher sets, so a line appended as it stops
+        checked under the flag that start_flusher sets, so a line appended as it stops
         always has a flusher."""
         stop, delay, last_failure = threading.Event(), RETRY_INTERVAL_S, None
         try:

@@ -257,14 +257,12 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
             raise InvalidTransaction(f"transaction {tx.transaction_id}: metadata: {exc}") from None
     for step in steps_in_order(tx):
         where = f"transaction {tx.transaction_id}, step {step.step_id}"
-        model = registry.models.get(step.model_class) if isinstance(step.model_class, str) else None
-        if model is None:  # (registry.model's message, with where: a dead letter's reason says which step)
-            if not isinstance(step.model_class, str):
-                raise InvalidTransaction(f"{where}: model_class must be a string")
-            try:
-                registry.model(step.model_class)
-            except InvalidTransaction as exc:
-                raise InvalidTransaction(f"{where}: {exc}") from None
+        if not isinstance(step.model_class, str):
+            raise InvalidTransaction(f"{where}: model_class must be a string")
+        try:
+            model = registry.model(step.model_class)
+        except InvalidTransaction as exc:  # with where: a dead letter's reason says which step
+            raise InvalidTransaction(f"{where}: {exc}") from None
         if step.operation in ("create", "bulk_create"):
             rows = []
             for row in step.records():
