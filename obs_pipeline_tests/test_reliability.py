@@ -859,13 +859,7 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
     overwrote the first, and the row stayed held by a transaction that was done: every later
     update of it waited for ever."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
-        assert drain.step().retried == 1
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, first, drain):
         buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
         buf.update("ExecutedObsUnit", obs["id"], {"status": "checked"})
         assert drain.step().held == 2
@@ -874,8 +868,6 @@ def test_two_held_transactions_of_one_row_applied_together_leave_no_hold_behind(
         due_now(redis_client, keys, first)
         assert drain.step().applied == 1  # the first; the two parked behind it come due
         assert drain.step().applied == 2
-    finally:
-        drain.close()
     assert redis_client.hlen(keys.held_ids) == 0, redis_client.hgetall(keys.held_ids)
     third = buf.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
     drain_until_settled(settings)
@@ -930,14 +922,7 @@ def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings
     applied, the newer, held for less long, came due first and was applied before the older,
     which then overwrote it: main kept the older write."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-
-    try:
-        drain.acquire()
-        assert drain.step().retried == 1
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, first, drain):
         older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
         assert drain.step().held == 1
         for _ in range(2):  # the older is looked at while the first still waits: held again
@@ -949,8 +934,6 @@ def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings
             conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
         due_now(redis_client, keys, first)
         assert drain.step().applied == 1
-    finally:
-        drain.close()
     drain_until_settled(settings, retry_base_s=60)
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
@@ -968,13 +951,7 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
     and the older, released after, overwrote it. It now waits behind what was parked first, and
     the first waiter released takes the row's mark, so a batch claimed meanwhile waits too."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
-        assert drain.step().retried == 1
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, first, drain):
         older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
         assert drain.step().held == 1
         with main_engine.begin() as conn:
@@ -984,8 +961,6 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
         report = drain.step()
         assert report.applied == 1 and report.held == 1
         assert older.encode() in redis_client.hvals(keys.held_ids), redis_client.hgetall(keys.held_ids)
-    finally:
-        drain.close()
     drain_until_settled(settings, retry_base_s=60)
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
@@ -994,6 +969,23 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
     assert redis_client.hlen(keys.held_ids) == 0 and not redis_client.keys(keys.prefix + "parked:*")
     assert_queues_empty(redis_client, settings.site)
     buf.close()
+
+
+@contextlib.contextmanager
+def an_update_failing_on_a_missing_obs_unit(settings):
+    """A replicated observation whose update (to obs unit 31337, not there yet) has failed once
+    and waits in retry, and the drain that tried it, holding the lease: the tests hold later
+    updates of the row behind that update."""
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        yield buf, obs, first, drain
+    finally:
+        drain.close()
 
 
 def replicated_observation(settings, buf: TransactionBuffer) -> dict:
