@@ -334,24 +334,31 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
             # a delete of a deleted row: stays deleted
         elif w.operation == "update" and kept_updates and prev.operation == "insert" and w.model in kept_updates:
             later = updated_after.get(key)
-            if later is None:
-                updated_after[key] = w
-            elif w.tx != later.tx and refusable and _overwrites_refusable(later.values, w.values,
-                                                                           refusable.get(w.model)):
+            merged = w if later is None else _merged(later, w, refusable)
+            if merged is None:
                 return None
-            else:
-                updated_after[key] = RowWrite(w.model, "update", w.record_id, {**later.values, **w.values},
-                                              later.tx if later.tx == w.tx else None)
+            updated_after[key] = merged
         elif w.operation == "update":
-            if w.tx != prev.tx and refusable and _overwrites_refusable(prev.values, w.values, refusable.get(w.model)):
+            merged = _merged(prev, w, refusable)
+            if merged is None:
                 return None
-            net[key] = RowWrite(w.model, prev.operation, w.record_id, {**prev.values, **w.values},
-                                prev.tx if prev.tx == w.tx else None)
+            net[key] = merged
         elif w.operation == "delete":
             deleted_after[key] = w
         else:  # insert of a row already written in this batch: let the database say so
             return None
     return [*net.values(), *updated_after.values(), *deleted_after.values()]
+
+
+def _merged(prev: RowWrite, update: RowWrite,
+            refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None) -> RowWrite | None:
+    """`update` merged into the earlier write of its row; None when that would hide from main a
+    value of another transaction that main may refuse (see fold)."""
+    if update.tx != prev.tx and refusable and _overwrites_refusable(prev.values, update.values,
+                                                                    refusable.get(update.model)):
+        return None
+    return RowWrite(update.model, prev.operation, update.record_id, {**prev.values, **update.values},
+                    prev.tx if prev.tx == update.tx else None)
 
 
 def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],
