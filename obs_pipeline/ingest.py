@@ -22,12 +22,12 @@ from obs_pipeline import json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.query import SmartQuery
+from obs_pipeline.query import RedisUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
                                validate)
 
-__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError"]
+__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError", "RedisUnreadable"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
 _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)
@@ -145,7 +145,7 @@ class TransactionBuffer:
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
         if self.spool.exists():  # left by a script that ended during an outage: pushed in the background
             self.spool.start_flusher()
-        self.query = SmartQuery(self.store, self.registry, settings.replica_db_url)
+        self.query = SmartQuery(self.store, self.registry, settings.replica_db_url, self.spool)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "TransactionBuffer":

@@ -37,9 +37,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy import exc
 
+from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
 from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec
@@ -92,6 +94,10 @@ return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') ..
 """
 
 
+class RedisUnreadable(redis.ConnectionError):
+    """A read needs what is buffered in the site's Redis, and Redis does not answer."""
+
+
 @dataclass
 class Buffered:
     """What the caches held, at one instant, for records of one model."""
@@ -123,10 +129,12 @@ class _Filters:
 
 
 class SmartQuery:
-    def __init__(self, store: BufferStore, registry: ModelRegistry, replica_url: str | None):
+    def __init__(self, store: BufferStore, registry: ModelRegistry, replica_url: str | None,
+                 spool: spool_module.Spool | None = None):
         self.store = store
         self.registry = registry
         self.replica_url = replica_url
+        self.spool = spool  # ingest's: its circuit breaker (see _read_redis)
         self._engine: sa.Engine | None = None
         self._engine_lock = threading.Lock()
         self._read = store.redis.register_script(_READ_BUFFERED)
@@ -226,7 +234,7 @@ class SmartQuery:
         """What the caches hold for these ids or (None) for every id in the model's index."""
         if ids is not None and not ids:
             return Buffered({}, {})
-        records, overlays = self._read(args=[self.store.keys.prefix, spec.name, *(ids or ())])
+        records, overlays = self._read_redis(spec, ids)
         pk = spec.primary_key
         created = {}
         for record in json.loads(records):
@@ -239,6 +247,23 @@ class SmartQuery:
                 if isinstance(made, dict):
                     created[rid] = made
         return Buffered(created, pending)
+
+    def _read_redis(self, spec: ModelSpec, ids: list[str] | None) -> list[Any]:
+        """The buffered state, from Redis. After Redis did not answer in time, it is not asked
+        again for spool.REDIS_RETRY_AFTER_S (ingest's breaker: a hung Redis cost every read its
+        socket timeout); a read that times out starts that wait as ingest's calls do."""
+        spool = self.spool
+        if spool is not None and spool.redis_failed_recently():
+            raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "
+                                  f"which did not answer a moment ago; it is asked again within "
+                                  f"{spool_module.REDIS_RETRY_AFTER_S:g} s")
+        try:
+            return self._read(args=[self.store.keys.prefix, spec.name, *(ids or ())])
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            if spool is not None:
+                spool.note_redis_failure(error)
+            raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "
+                                  f"which does not answer: {' '.join(str(error).split())}") from error
 
     def replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Rows of these ids on the replica alone, id -> row (ingest uses it when Redis is down)."""

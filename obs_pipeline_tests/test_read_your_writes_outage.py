@@ -9,8 +9,10 @@ always started again, and the replica streaming again, before the test ends.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import uuid
 
 import pytest
 import redis
@@ -18,7 +20,7 @@ import redis
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.model_registry import InvalidTransaction
-from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.ingest import RedisUnreadable, TransactionBuffer
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.test_smart_query import cache_keys
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
@@ -224,3 +226,36 @@ def test_a_spool_pushed_between_looking_in_redis_and_in_the_spool_is_still_found
                             {"i": obs["id"]}).scalar_one() == "completed"
         assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 990")).scalar_one() == "spooled"
     buf.close()
+
+
+def test_after_redis_did_not_answer_reads_fail_at_once_instead_of_waiting_for_it_again(settings, monkeypatch):
+    """A Redis that accepts connections but never answers cost every get and search its socket
+    timeout (5 s each), and ingest's breaker was not consulted. Now the read that times out
+    fails with one line and starts that breaker (spool.REDIS_RETRY_AFTER_S): the reads after it
+    fail at once without asking Redis, and ingest's calls spool without asking it either.
+    Counted as requests reaching the socket."""
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline_tests.test_reliability import silent_redis
+    from obs_pipeline_tests.workload import buffer_observations
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # its flusher stays out of the count
+    monkeypatch.setattr(spool_module, "REDIS_RETRY_AFTER_S", 600.0)  # no clock in the test
+    with silent_redis() as (url, requests):
+        buf = TransactionBuffer(settings=dataclasses.replace(settings, redis_url=url))
+        buf.redis.connection_pool.connection_kwargs["socket_timeout"] = 0.5  # a shorter hang, the same failure
+        with pytest.raises(RedisUnreadable, match=r"^reading ExecutedObsUnit needs what is buffered in the site's "
+                                                  r"Redis \(OBS_REDIS_URL\), which does not answer: Timeout"):
+            buf.get("ExecutedObsUnit", str(uuid.uuid4()))
+        time.sleep(0.2)
+        reached = len(requests)
+        assert reached, "the first read never reached the socket"
+        for read in (lambda: buf.get("ExecutedObsUnit", str(uuid.uuid4())),
+                     lambda: buf.search("RawDataFile", {}),
+                     lambda: buf.search_frame("ExecutedObsUnit", {"obs_unit_id": 1})):
+            with pytest.raises(RedisUnreadable, match="which did not answer a moment ago; it is asked again within"):
+                read()
+        buffer_observations(buf, 1, finish_every=0)  # ingest: spooled without waiting either
+        time.sleep(0.2)
+        assert len(requests) == reached, "a read asked the silent Redis again"
+        assert buf.spool.pending() == 1
+        buf.close()
