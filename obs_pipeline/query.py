@@ -59,7 +59,8 @@ _UTC = dt.timezone.utc
 # its own id), and a JSON array of [id, [overlay, ...]] for the ids with pending overlays.
 # The script holds Redis while it runs, so it does as little as it can: raw JSON is passed
 # through, never decoded; the records come from one native SORT ... GET over the model index
-# (one GET per id if the prefix holds SORT's `*` or `->`), and only the read buffers of
+# (one GET per id if the prefix holds SORT's `*` or `->`, or if Redis is full: SORT may write,
+# and Redis at its maxmemory refuses it), and only the read buffers of
 # the ids in the overlay index are read.
 _READ_BUFFERED = """
 local prefix, model = ARGV[1], ARGV[2]
@@ -79,11 +80,12 @@ if #ARGV > 2 then
 else
   local index = prefix .. 'index:' .. model
   local found
-  if string.find(created, '*', 1, true) or string.find(created, '->', 1, true) then
+  if not (string.find(created, '*', 1, true) or string.find(created, '->', 1, true)) then
+    found = redis.pcall('SORT', index, 'BY', 'nosort', 'GET', created .. '*')
+  end
+  if not found or found.err then  -- SORT may write (STORE): a full Redis refuses it, not GET
     found = {}
     for _, id in ipairs(redis.call('SMEMBERS', index)) do found[#found + 1] = redis.call('GET', created .. id) end
-  else
-    found = redis.call('SORT', index, 'BY', 'nosort', 'GET', created .. '*')
   end
   for _, rec in ipairs(found) do
     if rec then recs[#recs + 1] = rec end

@@ -259,3 +259,25 @@ def test_after_redis_did_not_answer_reads_fail_at_once_instead_of_waiting_for_it
         assert len(requests) == reached, "a read asked the silent Redis again"
         assert buf.spool.pending() == 1
         buf.close()
+
+
+def test_search_works_while_redis_is_full(settings, redis_client):
+    """A Redis at its `maxmemory` refuses SORT (it may write, with STORE), which search used to
+    read a model's buffered creates: every search failed with 'OOM command not allowed' while
+    Redis was full, though a search writes nothing. It reads them one GET each then."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": START, "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+        tx.bulk_create("RawDataFile", [{"name": f"f{i}.fits", "raw_data_package_id": pkg["id"]} for i in range(2)])
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": END})
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)
+    try:
+        assert [(r["id"], r["status"]) for r in buf.search("ExecutedObsUnit", {"obs_unit_id": 123})] == \
+            [(obs["id"], "completed")]
+        assert sorted(r["name"] for r in buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]})) == \
+            ["f0.fits", "f1.fits"]
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    buf.close()
