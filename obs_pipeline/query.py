@@ -10,6 +10,14 @@ Order of reads, and why a reader never sees a record vanish or go back in time:
 2. Then one replica statement. Whatever the caches no longer held at step 1 was replayed by
    the replica before it was cleaned, so the later replica read has it, or something newer.
 
+Transactions in ingest's local spool (Redis could not take them: down, full, not answering)
+are read first, before step 1, and go on top of the caches: while anything is spooled, ingest
+appends behind it, so nothing in Redis is newer. Step 1 also tells which of them have a status
+key in Redis by then (pushed since, perhaps cleaned too): those are left out, Redis or the
+replica has them. While Redis does not answer, `get` answers from the spool alone for a record
+a spooled transaction created or deleted (Redis can hold nothing newer of it); any other read
+raises RedisUnreadable, one line.
+
 Merging, per id: a pending delete hides the record, unless a create of the same key (one of
 the caller's, not generated) comes after it in the read buffer; a buffered create is the
 record (the replica copy, if there is one, can only be newer by writes buffered after step
@@ -54,9 +62,10 @@ _ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "uuid"}
 _UTC = dt.timezone.utc
 
 # The buffered state of records of one model, read atomically (see the module docstring).
-# ARGV[1] key prefix, ARGV[2] model, ARGV[3..] ids (none: the whole model, through its indexes).
-# Returns {records, overlays}: a JSON array of the created records still buffered (each holds
-# its own id), and a JSON array of [id, [overlay, ...]] for the ids with pending overlays.
+# ARGV[1] key prefix, ARGV[2] model, ARGV[3..] ids (none: the whole model, through its indexes);
+# KEYS: status keys of spooled transactions. Returns {records, overlays, known}: a JSON array of
+# the created records still buffered (each holds its own id), a JSON array of [id, [overlay, ...]]
+# for the ids with pending overlays, and 1 or 0 per KEYS, for a status key that exists or not.
 # The script holds Redis while it runs, so it does as little as it can: raw JSON is passed
 # through, never decoded; the records come from one native SORT ... GET over the model index
 # (one GET per id if the prefix holds SORT's `*` or `->`, or if Redis is full: SORT may write,
@@ -92,7 +101,9 @@ else
   end
   for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'overlaid:' .. model)) do overlays_of(id) end
 end
-return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']'}
+local known = {}
+for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
+return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']', known}
 """
 
 
@@ -233,10 +244,18 @@ class SmartQuery:
 
     # --- internals ----------------------------------------------------------------------------
     def buffered(self, spec: ModelSpec, ids: list[str] | None) -> Buffered:
-        """What the caches hold for these ids or (None) for every id in the model's index."""
+        """What the caches hold for these ids or (None) for every id in the model's index, and
+        on top what the spool holds for them (see the module docstring)."""
         if ids is not None and not ids:
             return Buffered({}, {})
-        records, overlays = self._read_redis(spec, ids)
+        spooled = self._spooled(spec, ids)  # before Redis: a line pushed in between is known there
+        try:
+            records, overlays, known = self._read_redis(spec, ids, [tx["id"] for tx in spooled])
+        except RedisUnreadable:
+            alone = _with_spooled(Buffered({}, {}), spooled)
+            if ids is not None and all(rid in alone.created or alone.deleted(rid) for rid in ids):
+                return alone  # created or deleted by a spooled transaction: Redis holds nothing newer
+            raise
         pk = spec.primary_key
         created = {}
         for record in json.loads(records):
@@ -248,9 +267,25 @@ class SmartQuery:
                 made = next((e.get("data") for e in entries if e.get("op") == "create"), None)
                 if isinstance(made, dict):
                     created[rid] = made
-        return Buffered(created, pending)
+        return _with_spooled(Buffered(created, pending), [tx for tx, there in zip(spooled, known) if not there])
 
-    def _read_redis(self, spec: ModelSpec, ids: list[str] | None) -> list[Any]:
+    def _spooled(self, spec: ModelSpec, ids: list[str] | None) -> list[dict[str, Any]]:
+        """The spooled transactions, not pushed yet, that write these ids (None: any record of
+        the model), oldest first, each {"id", "created": [(id, record JSON)], "overlays": [(id,
+        overlay JSON)]} with only those writes."""
+        if self.spool is None or not self.spool.exists():
+            return []
+        wanted = None if ids is None else set(ids)
+        out = []
+        for tx in self.spool.unpushed(json.dumps(ids[0] if wanted is not None and len(wanted) == 1 else spec.name)):
+            writes = {part: [(rid, value) for model, rid, value in tx[part]
+                             if model == spec.name and (wanted is None or rid in wanted)]
+                      for part in ("created", "overlays")}
+            if writes["created"] or writes["overlays"]:
+                out.append({"id": tx["id"], **writes})
+        return out
+
+    def _read_redis(self, spec: ModelSpec, ids: list[str] | None, spooled_tx_ids: list[str]) -> list[Any]:
         """The buffered state, from Redis. After Redis did not answer in time, it is not asked
         again for spool.REDIS_RETRY_AFTER_S (ingest's breaker: a hung Redis cost every read its
         socket timeout); a read that times out starts that wait as ingest's calls do."""
@@ -260,7 +295,8 @@ class SmartQuery:
                                   f"which did not answer a moment ago; it is asked again within "
                                   f"{spool_module.REDIS_RETRY_AFTER_S:g} s")
         try:
-            return self._read(args=[self.store.keys.prefix, spec.name, *(ids or ())])
+            return self._read(keys=[self.store.keys.transaction(t) for t in spooled_tx_ids],
+                              args=[self.store.keys.prefix, spec.name, *(ids or ())])
         except (redis.ConnectionError, redis.TimeoutError) as error:
             if spool is not None:
                 spool.note_redis_failure(error)
@@ -301,6 +337,16 @@ class SmartQuery:
 
 
 # --- merging --------------------------------------------------------------------------------
+
+def _with_spooled(state: Buffered, spooled: list[dict[str, Any]]) -> Buffered:
+    """Spooled transactions on top of `state`, in spool order: they come after it."""
+    for tx in spooled:
+        for rid, record in tx["created"]:
+            state.created[rid] = json.loads(record)
+        for rid, entry in tx["overlays"]:
+            state.overlays.setdefault(rid, []).append(json.loads(entry))
+    return state
+
 
 def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
            datetimes: list[str] | None = None, floats: list[str] | None = None) -> dict[str, Any]:

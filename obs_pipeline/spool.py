@@ -151,6 +151,18 @@ class Spool:
             return any([model, record_id] == c[:2] for line in self._lines(json.dumps(record_id))
                        for c in json.loads(line)["created"])
 
+    def unpushed(self, containing: str | None = None) -> list[dict]:
+        """The spooled transactions not pushed yet, oldest first, each {"id", "tx", "created",
+        "overlays"} as appended; `containing`: only lines holding this text (reads look for a
+        model's or a record's writes here while Redis cannot take them)."""
+        if not self.path.exists():
+            return []
+        needle = containing.encode() if containing is not None else None
+        with self._locked(shared=True):
+            offset = self._offset()  # counted over every line, as the push counts them
+            return [json.loads(line) for index, line in enumerate(self._lines())
+                    if index >= offset and (needle is None or needle in line)]
+
     def pending(self) -> int:
         if not self.path.exists():
             return 0

@@ -281,3 +281,103 @@ def test_search_works_while_redis_is_full(settings, redis_client):
     finally:
         redis_client.config_set("maxmemory", limit)
     buf.close()
+
+
+def test_what_went_to_the_spool_is_read_back_while_redis_is_full_or_down(stack, settings, redis_client):
+    """Read your writes while Redis cannot take them. A script whose transactions went to the
+    spool (Redis full, then stopped) read none of them back: get said None for the observation
+    it had just created, search left it out, an update or delete of a record buffered before
+    did not show, and a key deleted in the spool could not be created again ('exists already').
+    Now the spool goes on top of the caches. While Redis is down, get answers for a record the
+    spool created or deleted; any other read says in one line that it needs Redis. Once the
+    spool is pushed and drained, the same answers come from the replica."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:  # in Redis
+        before = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})
+        tx.create("ObsUnit", {"id": 990, "name": "buffered"})
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)  # full: ingest's script is refused, the spool takes it
+    try:
+        with buf.transaction() as tx:
+            obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": START, "status": "running"})
+            pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+            files = tx.bulk_create("RawDataFile", [{"name": f"f{i}.fits", "raw_data_package_id": pkg["id"]}
+                                                   for i in range(3)])
+        buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": END})
+        buf.update("ExecutedObsUnit", before["id"], {"status": "aborted"})
+        buf.delete("RawDataFile", files[1]["id"])
+        buf.delete("ObsUnit", 990)
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 990, "name": "again"})
+        assert buf.spool.pending() == 6
+
+        def check() -> None:
+            done = buf.get("ExecutedObsUnit", obs["id"])
+            assert done == {"id": obs["id"], "obs_unit_id": 123, "start_time": "2025-03-01T23:59:00+00:00",
+                            "end_time": "2025-03-02T00:09:30+00:00", "status": "completed"}
+            assert buf.search("ExecutedObsUnit", {"obs_unit_id": 123}) == [done]
+            assert buf.search("ExecutedObsUnit", {"status": "running"}) == []
+            assert buf.get("ExecutedObsUnit", before["id"])["status"] == "aborted"
+            assert buf.search("ExecutedObsUnit", {"status": "aborted"}) == [buf.get("ExecutedObsUnit", before["id"])]
+            assert sorted(f["name"] for f in buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]})) == \
+                ["f0.fits", "f2.fits"]
+            assert buf.get("RawDataFile", files[1]["id"]) is None
+            assert buf.get("ObsUnit", 990) == {"id": 990, "name": "again"}
+            assert buf.search("ObsUnit", {"name": "again"}) == [{"id": 990, "name": "again"}]
+
+        check()
+        stack.stop_service("redis")
+        try:
+            assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "completed"  # created in the spool
+            assert buf.get("RawDataFile", files[1]["id"]) is None  # deleted in the spool
+            assert buf.get("ObsUnit", 990) == {"id": 990, "name": "again"}  # deleted and created again there
+            for read in (lambda: buf.get("ExecutedObsUnit", before["id"]),  # only updated in the spool
+                         lambda: buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]})):
+                with pytest.raises(RedisUnreadable, match=r"^reading \w+ needs what is buffered in the site's Redis "
+                                                          r"\(OBS_REDIS_URL\), which does not answer: \S"):
+                    read()
+        finally:
+            stack.start_service("redis")
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    try:
+        assert buf.spool.flush()
+        check()  # now from Redis
+        drain_until_empty(settings)
+        assert cache_keys(redis_client, settings.site) == []
+        check()  # now from the replica
+    finally:
+        buf.close()
+
+
+def test_a_spool_pushed_while_a_read_looks_neither_hides_nor_rolls_back_a_write(settings, redis_client, monkeypatch):
+    """The spool's flusher pushes the spool between a read's look at the spool and its look at
+    Redis, and the script buffers a newer update of the same record right after: the read must
+    show the newer update, not the spooled one applied again on top of it (nor miss either)."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = [tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})["id"]
+               for _ in range(2)]
+    read_redis, armed = buf.query._read_redis, []
+
+    def pushed_first(*args):
+        if armed:
+            armed.clear()
+            assert buf.spool.flush()
+            buf.update("ExecutedObsUnit", args[1][0] if args[1] else obs[1], {"status": "completed"})
+        return read_redis(*args)
+
+    monkeypatch.setattr(buf.query, "_read_redis", pushed_first)
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    for rid, read in ((obs[0], lambda: buf.get("ExecutedObsUnit", obs[0])),
+                      (obs[1], lambda: buf.search("ExecutedObsUnit", {"id": obs[1]})[0])):
+        redis_client.config_set("maxmemory", 1)
+        try:
+            buf.update("ExecutedObsUnit", rid, {"status": "paused"})
+        finally:
+            redis_client.config_set("maxmemory", limit)
+        assert buf.spool.pending() == 1
+        armed.append(1)
+        assert read()["status"] == "completed"
+        assert not armed and not buf.spool.exists()
+    buf.close()
