@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import json
 import operator
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -318,7 +320,8 @@ class SmartQuery:
 
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
         names = [c.key for c in spec.table.columns]
-        convert = [_FROM_DB.get(spec.columns[n].kind, _same) for n in names]
+        forms = dict(_read_forms(spec.table))
+        convert = [forms.get(n) or _FROM_DB.get(spec.columns[n].kind, _same) for n in names]
         pk = spec.primary_key
         for attempt in (1, 2):
             try:
@@ -370,7 +373,50 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
     for name in _float_columns(spec) if floats is None else floats:
         if merged[name].__class__ is int:
             merged[name] = float(merged[name])
+    for name, form in _read_forms(spec.table):
+        if merged[name] is not None:
+            merged[name] = form(merged[name])
     return merged
+
+
+@functools.lru_cache(maxsize=None)
+def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    """Columns the replica gives in another form than their JSON: a time of day (a
+    datetime.time) and a single-precision float (PostgreSQL keeps about 7 digits). Buffered
+    and replicated values are both brought to what the replica shows."""
+    forms = []
+    for column in table.columns:
+        type_ = column.type
+        if isinstance(type_, sa.Time):
+            forms.append((column.key, functools.partial(_time_of_day, zone=bool(type_.timezone))))
+        elif isinstance(type_, sa.Float) and (isinstance(type_, sa.REAL) or (type_.precision or 53) <= 24):
+            forms.append((column.key, _single_float))
+    return tuple(forms)
+
+
+def _time_of_day(value: Any, zone: bool) -> Any:
+    """ISO text; `time` without a zone drops one given (text Python cannot parse is left as is)."""
+    if isinstance(value, str):
+        try:
+            value = dt.time.fromisoformat(value)
+        except ValueError:
+            return value
+    if not isinstance(value, dt.time):
+        return value
+    return (value if zone else value.replace(tzinfo=None)).isoformat()
+
+
+def _single_float(value: Any) -> Any:
+    """As `real` keeps it: single precision, shown with the fewest digits that give it back."""
+    try:
+        single = struct.unpack("f", struct.pack("f", value))[0]
+    except (OverflowError, struct.error, TypeError):  # beyond `real` (main refuses it), or not a number
+        return value
+    for digits in range(1, 10):
+        shown = float(f"{single:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", shown))[0] == single:
+            return shown
+    return single
 
 
 def _datetime_columns(spec: ModelSpec) -> list[str]:
