@@ -22,12 +22,13 @@ from obs_pipeline import json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.query import RedisUnreadable, SmartQuery
+from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
                                validate)
 
-__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError", "RedisUnreadable"]
+__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError", "RedisUnreadable",
+           "ReplicaUnreadable"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
 _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)
@@ -322,14 +323,15 @@ class TransactionBuffer:
         """An update or delete must name a record that is buffered or on the replica. While
         Redis does not answer, a record that is on neither the replica nor the spool may still
         be buffered there (the observation started before Redis went away): the call is let
-        through to the spool, as every call is then, rather than refused. Without a replica it
-        cannot be known: the drain will tell."""
+        through to the spool, as every call is then, rather than refused; so is one while the
+        replica cannot be read. Without a replica it cannot be known: the drain will tell."""
         if self.settings.replica_db_url is not None and self._is_known(model, rid) is False:
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
 
     def _is_known(self, model: str, rid: Any) -> bool | None:
         """Is the record buffered, spooled or on the replica? None when that cannot be known:
-        Redis does not answer, or did not a moment ago (spool.REDIS_RETRY_AFTER_S).
+        Redis does not answer, or did not a moment ago (spool.REDIS_RETRY_AFTER_S), or the
+        replica cannot be read (the write is buffered unchecked rather than lost).
 
         Redis is asked before the spool (reading the spool costs a pass over it), and a spooled
         transaction moves into Redis only: one pushed between the two looks, by the spool's
@@ -343,7 +345,7 @@ class TransactionBuffer:
                 return True
             return spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
                                 or self.query.get(model, rid) is not None)  # pushed from the spool since
-        except (redis.ConnectionError, redis.TimeoutError):
+        except (redis.ConnectionError, redis.TimeoutError, ReplicaUnreadable):
             return None
 
 

@@ -113,6 +113,18 @@ class RedisUnreadable(redis.ConnectionError):
     """A read needs what is buffered in the site's Redis, and Redis does not answer."""
 
 
+class ReplicaUnreadable(exc.OperationalError):
+    """A read needs the site's replica, and it cannot be read (down, refusing, cancelling): the
+    driver's error in one line, SQLAlchemy's own message runs over several."""
+
+    def __init__(self, line: str, error: exc.OperationalError):
+        super().__init__(error.statement, error.params, error.orig, hide_parameters=True)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
 @dataclass
 class Buffered:
     """What the caches held, at one instant, for records of one model."""
@@ -331,7 +343,8 @@ class SmartQuery:
             except exc.OperationalError as error:
                 # A hot standby may cancel a query that conflicts with replay: try once more.
                 if attempt == 2 or getattr(error.orig, "pgcode", None) != "40001":
-                    raise
+                    raise ReplicaUnreadable(f"reading {spec.name} needs the site's replica (OBS_REPLICA_DB_URL), which "
+                                            f"cannot be read: {' '.join(str(error.orig).split())}", error) from error
         out = {}
         for row in rows:
             record = {n: (None if v is None else f(v)) for n, f, v in zip(names, convert, row)}

@@ -381,3 +381,34 @@ def test_a_spool_pushed_while_a_read_looks_neither_hides_nor_rolls_back_a_write(
         assert read()["status"] == "completed"
         assert not armed and not buf.spool.exists()
     buf.close()
+
+
+def test_while_the_replica_is_down_updates_are_buffered_and_reads_say_why_in_one_line(stack, settings):
+    """The site's replica stopped (a restart, a full disk). An update of a record that is on the
+    replica only (the finish of an observation whose start has replicated) checks that the
+    record exists, through a read: the update failed with the replica's connection error and
+    was not buffered. It is buffered now, unchecked, as while Redis does not answer; and a read
+    that needs the replica raises ReplicaUnreadable, one line, instead of SQLAlchemy's several."""
+    from obs_pipeline.ingest import ReplicaUnreadable
+
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})
+    stack.stop_service("replica")
+    try:
+        renamed = buf.update("ObsUnit", 1, {"name": "renamed"})  # on the replica only
+        assert buf.status(renamed) == "pending"
+        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"  # buffered: no replica needed
+        for read in (lambda: buf.get("ObsUnit", 2), lambda: buf.search("ObsUnit", {"name": "unit 2"})):
+            with pytest.raises(ReplicaUnreadable) as error:
+                read()
+            assert str(error.value).startswith("reading ObsUnit needs the site's replica (OBS_REPLICA_DB_URL), "
+                                               "which cannot be read: ") and "\n" not in str(error.value)
+    finally:
+        stack.start_service("replica")
+    try:
+        drain_until_empty(settings)
+        assert buf.wait(renamed, timeout=10)
+        assert buf.get("ObsUnit", 1) == {"id": 1, "name": "renamed"}
+    finally:
+        buf.close()
