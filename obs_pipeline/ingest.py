@@ -216,7 +216,8 @@ class TransactionBuffer:
                 return "pending"  # Redis did not answer a moment ago: not asked again
         try:
             raw = self.store.status_json(transaction_id)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            self.spool.note_redis_failure(error)  # a timeout: the next calls and reads do not wait for it again
             if self.spool.holds(transaction_id):
                 return "pending"
             raise

@@ -248,6 +248,12 @@ def test_after_redis_did_not_answer_reads_fail_at_once_instead_of_waiting_for_it
             buf.get("ExecutedObsUnit", str(uuid.uuid4()))
         time.sleep(0.2)
         reached = len(requests)
+        monkeypatch.setattr(buf.spool, "_redis_failed_at", None)  # the wait over: a wait() that times out starts it too
+        with pytest.raises(redis.TimeoutError):
+            buf.wait(str(uuid.uuid4()), timeout=30)
+        time.sleep(0.2)
+        assert len(requests) > reached, "wait() never reached the socket"
+        reached = len(requests)
         assert reached, "the first read never reached the socket"
         for read in (lambda: buf.get("ExecutedObsUnit", str(uuid.uuid4())),
                      lambda: buf.search("RawDataFile", {}),
