@@ -107,7 +107,8 @@ class BatchSql:
             model = self.registry.model(model_name)
             table, pk = model.table, model.table.c[model.primary_key]
         if kind == "unnest":
-            arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(table.c[c].type)) for i, c in enumerate(columns)]
+            arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(_element_type(table.c[c].type)))
+                      for i, c in enumerate(columns)]
             rows = sa.select(sa.text("*")).select_from(sa.func.unnest(*arrays).alias("batch"))
             return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
         if kind == "exists":
@@ -127,6 +128,18 @@ class BatchSql:
         else:
             stmt = sa.delete(table).where(pk == sa.bindparam("pk"))
         return str(stmt.compile(dialect=self.dialect))
+
+
+def _element_type(type_: sa.types.TypeEngine) -> sa.types.TypeEngine:
+    """The type an array literal of a column's values is cast to: the column's own, but TEXT
+    for text of limited length (VARCHAR(n), CHAR(n), a non-native enum's VARCHAR, behind a
+    TypeDecorator too). An explicit cast to those cuts a longer value short without a word;
+    the INSERT's own assignment to the column refuses it ("value too long"), as an UPDATE and
+    the ORM's statements do."""
+    column_type = getattr(type_, "impl_instance", type_)  # a TypeDecorator's: the column's own
+    if isinstance(column_type, sa.String) and not (isinstance(column_type, sa.Enum) and column_type.native_enum):
+        return sa.Text()
+    return type_
 
 
 def _array_literal(values: list[Any]) -> str:

@@ -33,13 +33,14 @@ class ColumnSpec:
     primary_key: bool
     foreign_key: str | None  # "table.column" it references
     int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
+    max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
     # made once per column (no dispatch on `kind` per call): it runs for every value of every
     # transaction, at ingest and in the drain.
     check: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        convert = _int_of(self.int_bits) if self.kind == "int" else _TO_JSON[self.kind]
+        convert = _convert(self.kind, self.int_bits, self.max_length)
         object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
 
     def to_python(self, value: Any) -> Any:
@@ -47,6 +48,14 @@ class ColumnSpec:
         if value is None:
             return None
         return _TO_PYTHON[self.kind](value)
+
+
+def _convert(kind: str, int_bits: int, max_length: int | None) -> Callable[[Any], Any]:
+    if kind == "int":
+        return _int_of(int_bits)
+    if kind == "str" and max_length is not None:
+        return _str_of(max_length)
+    return _TO_JSON[kind]
 
 
 def _checker(convert: Callable[[Any], Any], nullable: bool) -> Callable[[Any], Any]:
@@ -154,6 +163,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             primary_key=column.primary_key,
             foreign_key=fk.target_fullname if fk is not None else None,
             int_bits=_int_bits(column.type),
+            max_length=_max_length(column.type),
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}
@@ -304,6 +314,12 @@ def _int_bits(type_: sqltypes.TypeEngine) -> int:
     return 32 if isinstance(type_, sqltypes.Integer) else 64
 
 
+def _max_length(type_: sqltypes.TypeEngine) -> int | None:
+    if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
+        return type_.length or (1 if isinstance(type_, sqltypes.CHAR) else None)  # CHAR alone is CHAR(1)
+    return None
+
+
 def _kind(type_: sqltypes.TypeEngine) -> str:
     if isinstance(type_, sqltypes.Uuid) or type(type_).__name__ == "UUID":
         return "uuid"
@@ -379,6 +395,17 @@ def _str_json(value: Any) -> str:
                 raise ValueError(f"{value!r} is not valid Unicode text (a lone surrogate)") from None
         return value
     raise ValueError(f"{value!r} is not a string")
+
+
+def _str_of(length: int) -> Callable[[Any], str]:
+    """Text that fits a VARCHAR(n) or CHAR(n) column: PostgreSQL refuses longer text, but for
+    trailing spaces."""
+    def check(value: Any) -> str:
+        value = _str_json(value)
+        if len(value) > length and value[length:].strip(" "):
+            raise ValueError(f"text of {len(value)} characters is longer than the column's {length}")
+        return value
+    return check
 
 
 def _bool_json(value: Any) -> bool:

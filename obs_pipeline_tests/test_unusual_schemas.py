@@ -1,0 +1,90 @@
+"""`OBS_MODELS` with column types and layouts the built-in schema does not have
+(unusual_models.py): each is written to main as the ORM would write it, reads the same buffered
+and replicated, and a value main cannot take is refused at ingest or dead-lettered with one
+line, never stopping the drain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.workload import drain_until_settled
+
+MODELS = "obs_pipeline_tests.unusual_models:Base"
+
+
+@pytest.fixture
+def odd(settings, main_engine, replica_engine):
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.schema import create_schema
+    from obs_pipeline_tests.conftest import wait_for_replica
+    from obs_pipeline_tests.unusual_models import SCHEMA
+
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+    create_schema(main_engine, ModelRegistry.from_path(MODELS))
+    wait_for_replica(main_engine, replica_engine)
+    return dataclasses.replace(settings, models=MODELS)
+
+
+def _push(redis_client, settings, steps: list[dict]) -> str:
+    """An existing producer's transaction: the queue entry alone."""
+    tx_id = str(uuid.uuid4())
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps({
+        "transaction_id": tx_id, "endpoint": "producer", "site": settings.site, "steps": steps}))
+    return tx_id
+
+
+def _failed(redis_client, settings) -> dict[str, str]:
+    return {f["transaction_id"]: f["failure"]["reason"]
+            for f in map(json.loads, redis_client.lrange(SiteKeys(settings.site).failed, 0, -1))}
+
+
+def _sample_on_main(main_engine, sample_id: str, columns: str = "*") -> dict | None:
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text(f"SELECT {columns} FROM odd_sample WHERE id = :i"),
+                           {"i": sample_id}).mappings().first()
+    return None if row is None else dict(row)
+
+
+def test_text_longer_than_its_column_is_refused_not_cut_short(odd, redis_client, main_engine):
+    """VARCHAR(5), CHAR(3), and a site's TypeDecorator over VARCHAR(4). The batch insert cast its
+    array of values to VARCHAR(5)[], and an explicit cast cuts text short without a word: main
+    stored "abcde" for "abcdefgh" and the transaction was reported replicated, where the ORM's
+    statement, and our own UPDATE, are refused ("value too long"). Now ingest refuses such text
+    in one line where it knows the length, and otherwise main's refusal dead-letters it, the
+    rest of the batch applied."""
+    buf = TransactionBuffer(settings=odd)
+    for column, value in (("code", "abcdefgh"), ("flag", "abcd")):
+        with pytest.raises(InvalidTransaction, match=rf"Sample\.{column}: text of {len(value)} characters is "
+                                                     r"longer than the column's \d$"):
+            with buf.transaction() as tx:
+                tx.create("Sample", {column: value})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    with buf.transaction() as fits:
+        fitting = fits.create("Sample", {"code": "abcde", "flag": "abc", "label": "abcd"})
+    with buf.transaction() as long_label:  # a TypeDecorator's length is main's to check
+        too_long = long_label.create("Sample", {"label": "abcdefgh"})
+    ids = {name: str(uuid.uuid4()) for name in ("code", "flag", "good")}
+    pushed = {name: _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                                "data": {"id": ids[name], **data}}])
+              for name, data in (("code", {"code": "abcdefgh"}), ("flag", {"flag": "abcd"}), ("good", {"code": "xy"}))}
+    drain_until_settled(odd, retry_base_s=0.05)
+    failed = _failed(redis_client, odd)
+    assert set(failed) == {pushed["code"], pushed["flag"], long_label.transaction_id}, failed
+    assert "longer than the column's 5" in failed[pushed["code"]]
+    assert "longer than the column's 3" in failed[pushed["flag"]]
+    assert "value too long for type character varying(4)" in failed[long_label.transaction_id]
+    assert all("\n" not in reason for reason in failed.values())
+    for sample_id in (ids["code"], ids["flag"], too_long["id"]):
+        assert _sample_on_main(main_engine, sample_id) is None
+    assert buf.status(pushed["good"]) == buf.status(fits.transaction_id) == "replicated"
+    assert _sample_on_main(main_engine, fitting["id"], "code, flag, label") == {"code": "abcde", "flag": "abc",
+                                                                                "label": "abcd"}
+    buf.close()
