@@ -34,13 +34,14 @@ class ColumnSpec:
     foreign_key: str | None  # "table.column" it references
     int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
+    padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
     # made once per column (no dispatch on `kind` per call): it runs for every value of every
     # transaction, at ingest and in the drain.
     check: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        convert = _convert(self.kind, self.int_bits, self.max_length)
+        convert = _convert(self.kind, self.int_bits, self.max_length, self.padded)
         object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
 
     def to_python(self, value: Any) -> Any:
@@ -50,11 +51,11 @@ class ColumnSpec:
         return _TO_PYTHON[self.kind](value)
 
 
-def _convert(kind: str, int_bits: int, max_length: int | None) -> Callable[[Any], Any]:
+def _convert(kind: str, int_bits: int, max_length: int | None, padded: bool) -> Callable[[Any], Any]:
     if kind == "int":
         return _int_of(int_bits)
     if kind == "str" and max_length is not None:
-        return _str_of(max_length)
+        return _str_of(max_length, padded)
     return _TO_JSON[kind]
 
 
@@ -164,6 +165,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             foreign_key=fk.target_fullname if fk is not None else None,
             int_bits=_int_bits(column.type),
             max_length=_max_length(column.type),
+            padded=isinstance(column.type, sqltypes.CHAR),
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}
@@ -397,14 +399,16 @@ def _str_json(value: Any) -> str:
     raise ValueError(f"{value!r} is not a string")
 
 
-def _str_of(length: int) -> Callable[[Any], str]:
-    """Text that fits a VARCHAR(n) or CHAR(n) column: PostgreSQL refuses longer text, but for
-    trailing spaces."""
+def _str_of(length: int, padded: bool) -> Callable[[Any], str]:
+    """Text that fits a VARCHAR(n) or CHAR(n) column, as PostgreSQL stores it: longer text is
+    refused, but for trailing spaces, which it drops; CHAR(n) pads it with spaces to n."""
     def check(value: Any) -> str:
         value = _str_json(value)
-        if len(value) > length and value[length:].strip(" "):
-            raise ValueError(f"text of {len(value)} characters is longer than the column's {length}")
-        return value
+        if len(value) > length:
+            if value[length:].strip(" "):
+                raise ValueError(f"text of {len(value)} characters is longer than the column's {length}")
+            value = value[:length]
+        return value.ljust(length) if padded else value
     return check
 
 

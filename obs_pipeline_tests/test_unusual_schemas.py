@@ -88,3 +88,30 @@ def test_text_longer_than_its_column_is_refused_not_cut_short(odd, redis_client,
     assert _sample_on_main(main_engine, fitting["id"], "code, flag, label") == {"code": "abcde", "flag": "abc",
                                                                                 "label": "abcd"}
     buf.close()
+
+
+def test_char_n_reads_the_same_buffered_and_replicated(odd, main_engine, redis_client):
+    """PostgreSQL pads a CHAR(n) column's text with spaces to n, and drops a VARCHAR(n)'s
+    trailing spaces beyond n: the buffered record read "ab" and then, replicated, "ab ". A
+    CHAR(n) key is found and updated by its text with or without the padding."""
+    import random
+
+    buf = TransactionBuffer(settings=odd)
+    key = f"{random.randrange(100):02d}"
+    with buf.transaction() as tx:
+        made = tx.create("Sample", {"flag": "ab", "code": "abcde   "})
+        tx.create("Code", {"code": key})
+    reads = []
+    for _ in range(2):  # buffered, then replicated
+        got = buf.get("Sample", made["id"])
+        found = [r["id"] for r in buf.search("Sample", {"flag": "ab", "id": [made["id"]]})]
+        reads.append((got["flag"], got["code"], found))
+        drain_until_settled(odd)
+    assert reads[0] == reads[1] == ("ab ", "abcde", [made["id"]])
+    assert _sample_on_main(main_engine, made["id"], "flag, code") == {"flag": "ab ", "code": "abcde"}
+    assert buf.get("Code", key) == buf.get("Code", key + "  ") == {"code": key + "  ", "note": None}
+    updated = buf.update("Code", key, {"note": "x"})
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(updated) == "replicated", _failed(redis_client, odd)
+    assert buf.get("Code", key) == {"code": key + "  ", "note": "x"}
+    buf.close()
