@@ -388,7 +388,7 @@ def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str]
         for column in table.columns:
             type_ = column.type
             if (checked or column.foreign_keys or column.unique or column.key in unique
-                    or spec.columns[column.key].kind == "any" or isinstance(type_, sa.Enum)
+                    or spec.columns[column.key].kind in ("any", "array") or isinstance(type_, sa.Enum)
                     or isinstance(type_, sa.String) and type_.length is not None
                     or isinstance(type_, sa.Numeric) and not isinstance(type_, sa.Float) and type_.precision is not None
                     or isinstance(type_, sa.REAL)):

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg2.extras import Json
 
-from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.model_registry import ColumnSpec, ModelRegistry
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite
 
@@ -30,9 +30,9 @@ class BatchSql:
         self.registry = registry
         self.dialect = dialect
         self._templates: dict[tuple, str] = {}
-        # models with JSON columns: only their values need wrapping before binding
+        # models with JSON or array columns: only their values need converting before binding
         self._with_json = {m.name for m in registry.models.values()
-                           if any(c.kind in ("json", "any") for c in m.columns.values())}
+                           if any(c.kind in ("json", "array", "any") for c in m.columns.values())}
 
     def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
         """Statements for the writes: multi-row inserts parents first, one check per table that
@@ -45,7 +45,7 @@ class BatchSql:
             model = self.registry.model(w.model)
             values = w.values
             if model.name in self._with_json:
-                values = {name: _bindable(model.columns[name].kind, v) for name, v in values.items()}
+                values = {name: _bindable(model.columns[name], v) for name, v in values.items()}
             if w.operation == "insert":
                 shape = tuple(values)
                 columns = column_sets.get(shape) or column_sets.setdefault(shape, tuple(sorted(shape)))
@@ -107,9 +107,15 @@ class BatchSql:
             model = self.registry.model(model_name)
             table, pk = model.table, model.table.c[model.primary_key]
         if kind == "unnest":
-            arrays = [sa.cast(sa.bindparam(f"c{i}"), sa.ARRAY(_element_type(table.c[c].type)))
-                      for i, c in enumerate(columns)]
-            rows = sa.select(sa.text("*")).select_from(sa.func.unnest(*arrays).alias("batch"))
+            # An array column's values go as the text of their array literals (PostgreSQL has no
+            # arrays of arrays: unnest would flatten them), each cast back to its type.
+            types = [table.c[c].type for c in columns]
+            names = [f"c{i}" for i in range(len(columns))]
+            arrays = [sa.cast(sa.bindparam(n), sa.ARRAY(sa.Text() if isinstance(t, sa.ARRAY) else _element_type(t)))
+                      for n, t in zip(names, types)]
+            batch = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="batch")
+            rows = sa.select(*[sa.cast(batch.c[n], t) if isinstance(t, sa.ARRAY) else batch.c[n]
+                               for n, t in zip(names, types)])
             return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
         if kind == "exists":
             # An update that would find no row is an error of its transaction, not a write lost
@@ -167,12 +173,29 @@ def _text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _bindable(kind: str, value: Any) -> Any:
+def _bindable(column: ColumnSpec, value: Any) -> Any:
     """Values arrive validated, in their JSON form. psycopg2 quotes str/int/float/bool itself;
     uuids and ISO-8601 datetimes/dates go as text, an untyped literal that PostgreSQL casts to
     the column's type (no parse-and-format round trip in Python). A JSON column's value goes as
-    Json, whatever it is: the string "42" is the JSON text "42", not the number 42. A column of
-    a type this project does not know takes objects and lists as JSON, the rest as its text."""
-    if value is not None and (kind == "json" or kind == "any" and isinstance(value, (dict, list))):
+    Json, whatever it is: the string "42" is the JSON text "42", not the number 42. An array
+    column's list goes as the text of its array literal. A column of a type this project does
+    not know takes objects and lists as JSON, the rest as its text."""
+    kind = column.kind
+    if value is None:
+        return None
+    if kind == "array":
+        return _pg_array(value, column.item == "json")
+    if kind == "json" or kind == "any" and isinstance(value, (dict, list)):
         return Json(value)
     return value
+
+
+def _pg_array(value: Any, json_items: bool) -> str:
+    """A list as PostgreSQL's array literal: every element quoted ('{"1",NULL,"a \\"b\\""}'),
+    the lists in it as further dimensions; a JSON element as its JSON text."""
+    if isinstance(value, list):
+        return "{" + ",".join(_pg_array(v, json_items) for v in value) + "}"
+    if value is None:
+        return "NULL"
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False) if json_items else _text(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -28,20 +28,24 @@ class InvalidTransaction(ValueError):
 @dataclass(frozen=True)
 class ColumnSpec:
     name: str
-    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "json" | "any"
+    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "json" | "array" | "any"
     required: bool  # must be given on create
     primary_key: bool
     foreign_key: str | None  # "table.column" it references
     int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
+    item: str | None = None  # an array's element kind (int_bits and max_length are its elements')
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
     # made once per column (no dispatch on `kind` per call): it runs for every value of every
     # transaction, at ingest and in the drain.
     check: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        convert = _convert(self.kind, self.int_bits, self.max_length, self.padded)
+        if self.kind == "array":
+            convert = _array_of(_convert(self.item or "any", self.int_bits, self.max_length, self.padded))
+        else:
+            convert = _convert(self.kind, self.int_bits, self.max_length, self.padded)
         object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
 
     def to_python(self, value: Any) -> Any:
@@ -155,6 +159,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
     columns = {}
     for column in table.columns:
         kind = _kind(column.type)
+        item = column.type.item_type if kind == "array" else None  # the element's type sizes it
         has_default = column.default is not None or column.server_default is not None
         fk = next(iter(column.foreign_keys), None)
         columns[column.key] = ColumnSpec(
@@ -163,9 +168,10 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             required=not column.nullable and not has_default and not column.primary_key,
             primary_key=column.primary_key,
             foreign_key=fk.target_fullname if fk is not None else None,
-            int_bits=_int_bits(column.type),
-            max_length=_max_length(column.type),
-            padded=isinstance(column.type, sqltypes.CHAR),
+            int_bits=_int_bits(item if item is not None else column.type),
+            max_length=_max_length(item if item is not None else column.type),
+            padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
+            item=_kind(item) if item is not None else None,
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}
@@ -323,6 +329,8 @@ def _max_length(type_: sqltypes.TypeEngine) -> int | None:
 
 
 def _kind(type_: sqltypes.TypeEngine) -> str:
+    if isinstance(type_, sqltypes.ARRAY):
+        return "array"
     if isinstance(type_, sqltypes.Uuid) or type(type_).__name__ == "UUID":
         return "uuid"
     if isinstance(type_, sqltypes.Boolean):
@@ -412,6 +420,18 @@ def _str_of(length: int, padded: bool) -> Callable[[Any], str]:
     return check
 
 
+def _array_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    """A list of values of the element's kind, or null; lists in it are further dimensions."""
+    def check(value: Any) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list")
+        try:
+            return [None if v is None else check(v) if isinstance(v, (list, tuple)) else item(v) for v in value]
+        except RecursionError:
+            raise ValueError("the list is nested too deeply") from None
+    return check
+
+
 def _bool_json(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -492,5 +512,6 @@ _TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "datetime": _parse_datetime,
     "date": _parse_date,
     "json": lambda v: v,
+    "array": lambda v: v,
     "any": lambda v: v,
 }

@@ -44,6 +44,7 @@ import json
 import operator
 import struct
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -458,11 +459,27 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _array_from_db(value: Any) -> Any:
+    """An array's elements in their JSON form, as buffered (a uuid as text, a time as ISO text)."""
+    if isinstance(value, list):
+        return [_array_from_db(v) for v in value]
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        return _datetime_from_db(value)
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return value
+
+
 _FROM_DB: dict[str, Callable[[Any], Any]] = {
     "uuid": str,
     "datetime": _datetime_from_db,
     "date": lambda v: v.isoformat() if isinstance(v, dt.date) else v,
     "float": lambda v: float(v) if isinstance(v, decimal.Decimal) else v,
+    "array": _array_from_db,
 }
 
 
@@ -505,8 +522,8 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
     compiled = _Filters([], [], set())
     for name, condition in filters.items():
         col = spec.column(name)
-        if col.kind == "json":
-            raise InvalidTransaction(f"search on {spec.name}.{name}: JSON columns cannot be filtered on")
+        if col.kind in ("json", "array"):
+            raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
         column, key = spec.table.c[name], _key(col)
         compiled.columns.add(name)
         try:

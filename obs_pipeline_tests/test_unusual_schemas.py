@@ -115,3 +115,47 @@ def test_char_n_reads_the_same_buffered_and_replicated(odd, main_engine, redis_c
     assert buf.status(updated) == "replicated", _failed(redis_client, odd)
     assert buf.get("Code", key) == {"code": key + "  ", "note": "x"}
     buf.close()
+
+
+TRICKY = ['a"b', "c,d", "{e}", None, "ü\\", "NULL", "", " sp ", "'q'"]
+
+
+def test_array_columns_are_written_as_the_orm_writes_them_and_read_back_the_same(odd, redis_client, main_engine):
+    """TEXT[] with quotes, commas, braces, backslashes, NULLs and the text "NULL"; a 2-D
+    INTEGER[]; UUID[]. Ingest took them, but every create was dead-lettered, "cannot be written
+    as SQL: ValueError('Do not nest ARRAY types ...')" (the batch insert's cast asked SQLAlchemy
+    for an array of arrays), and every update as a "malformed array literal" (its list went as
+    JSON text). Now both are written as the ORM writes them and read back the same, buffered or
+    replicated; a wrong element is refused at ingest, and an array main refuses
+    (sub-arrays of different lengths) is dead-lettered, the rest applied."""
+    buf = TransactionBuffer(settings=odd)
+    ref = str(uuid.uuid4())
+    with buf.transaction() as tx:
+        one = tx.create("Sample", {"tags": TRICKY, "counts": [[1, 2], [3, None]], "refs": [ref, None]})
+        two = tx.create("Sample", {"tags": [], "counts": None})
+    folded = buf.update("Sample", two["id"], {"tags": ["x", None], "counts": [7]})  # into the insert
+    with pytest.raises(InvalidTransaction, match=r"Sample\.counts: 'x' is not an integer$"):
+        with buf.transaction() as bad:
+            bad.create("Sample", {"counts": [1, "x"]})
+    ragged = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                        "data": {"id": str(uuid.uuid4()), "counts": [[1, 2], [3]]}}])
+    buffered = {s["id"]: buf.get("Sample", s["id"]) for s in (one, two)}
+    assert (buffered[one["id"]]["tags"], buffered[one["id"]]["counts"]) == (TRICKY, [[1, 2], [3, None]])
+    assert (buffered[two["id"]]["tags"], buffered[two["id"]]["counts"]) == (["x", None], [7])
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(tx.transaction_id) == buf.status(folded) == "replicated"
+    failed = _failed(redis_client, odd)
+    assert list(failed) == [ragged] and "malformed array literal" in failed[ragged], failed
+    on_main = _sample_on_main(main_engine, one["id"], "tags, counts, refs::text[] AS refs")
+    assert on_main == {"tags": TRICKY, "counts": [[1, 2], [3, None]], "refs": [ref, None]}
+    assert _sample_on_main(main_engine, two["id"], "tags, counts") == {"tags": ["x", None], "counts": [7]}
+    assert {i: buf.get("Sample", i) for i in buffered} == buffered  # now from the replica
+
+    changed = buf.update("Sample", one["id"], {"tags": TRICKY[::-1], "refs": [], "counts": None})  # an UPDATE
+    pending = buf.get("Sample", one["id"])
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(changed) == "replicated"
+    assert _sample_on_main(main_engine, one["id"], "tags, counts, refs::text[] AS refs") == {
+        "tags": TRICKY[::-1], "counts": None, "refs": []}
+    assert buf.get("Sample", one["id"]) == pending
+    buf.close()
