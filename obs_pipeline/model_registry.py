@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import re
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -390,6 +391,9 @@ def _float_json(value: Any) -> float | int:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{value!r} is not a finite number (JSON has no NaN or infinity)")
+        if isinstance(value, int) and not -sys.float_info.max <= value <= sys.float_info.max:
+            # (reads give a float column's values as floats: this one has none)
+            raise ValueError("the integer is beyond the range of a float (about 1.8e308)")
         return value
     raise ValueError(f"{value!r} is not a number")
 

@@ -159,3 +159,18 @@ def test_array_columns_are_written_as_the_orm_writes_them_and_read_back_the_same
         "tags": TRICKY[::-1], "counts": None, "refs": []}
     assert buf.get("Sample", one["id"]) == pending
     buf.close()
+
+
+def test_a_float_columns_integer_beyond_a_float_is_refused_at_ingest(odd, redis_client):
+    """JSON's integers have no size: 10**400 for a float column was buffered, and every `search`
+    and `get` of the model then raised OverflowError (reads give a float column's values as
+    floats), until the drain dead-lettered it and an operator discarded it."""
+    buf = TransactionBuffer(settings=odd)
+    with buf.transaction() as tx:
+        kept = tx.create("Sample", {"seconds": 10**300})
+    with pytest.raises(InvalidTransaction, match=r"Sample\.seconds: the integer is beyond the range of a float"):
+        with buf.transaction() as bad:
+            bad.create("Sample", {"seconds": -10**400})
+    assert [r["id"] for r in buf.search("Sample", {"seconds": {">": 1e299}})] == [kept["id"]]  # (it raised)
+    assert buf.get("Sample", kept["id"])["seconds"] == 1e300
+    buf.close()
