@@ -9,6 +9,7 @@ ever becomes SQL text: only mapped tables and columns found here.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import importlib
 import json
 import math
@@ -395,6 +396,10 @@ def _float_json(value: Any) -> float | int:
             # (reads give a float column's values as floats: this one has none)
             raise ValueError("the integer is beyond the range of a float (about 1.8e308)")
         return value
+    if isinstance(value, decimal.Decimal):  # what the ORM gives a Numeric column: JSON and reads keep a float
+        if value.is_finite() and decimal.Decimal(repr(float(value))) == value:
+            return float(value)
+        raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
     raise ValueError(f"{value!r} is not a number")
 
 

@@ -174,3 +174,23 @@ def test_a_float_columns_integer_beyond_a_float_is_refused_at_ingest(odd, redis_
     assert [r["id"] for r in buf.search("Sample", {"seconds": {">": 1e299}})] == [kept["id"]]  # (it raised)
     assert buf.get("Sample", kept["id"])["seconds"] == 1e300
     buf.close()
+
+
+def test_a_numeric_column_takes_a_decimal_that_a_float_holds(odd, main_engine):
+    """The ORM's value for a Numeric column is a Decimal; ingest refused every Decimal as "not a
+    number". One that a float holds exactly is taken (reads give floats, buffered and
+    replicated); one with more digits is refused, saying why."""
+    from decimal import Decimal
+
+    buf = TransactionBuffer(settings=odd)
+    with buf.transaction() as tx:
+        made = tx.create("Sample", {"amount": Decimal("12.30")})
+    with pytest.raises(InvalidTransaction, match=r"Sample\.amount: Decimal\('0\.12345678901234567890'\) has no "
+                                                 r"exact float"):
+        with buf.transaction() as bad:
+            bad.create("Sample", {"amount": Decimal("0.12345678901234567890")})
+    assert buf.get("Sample", made["id"])["amount"] == 12.3
+    drain_until_settled(odd)
+    assert _sample_on_main(main_engine, made["id"], "amount") == {"amount": Decimal("12.30")}
+    assert buf.get("Sample", made["id"])["amount"] == 12.3
+    buf.close()
