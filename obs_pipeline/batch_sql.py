@@ -57,7 +57,7 @@ class BatchSql:
             else:
                 deletes[model.name].append({"pk": w.record_id})
             rows_per_model[model.name] += 1
-        rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.name, 0)  # noqa: E731
+        rank = lambda name: self.registry.table_order.get(self.registry.model(name).table.fullname, 0)  # noqa: E731
         out = []
         for (name, columns), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
             out.append(self._unnest_insert(cursor, name, columns, rows))

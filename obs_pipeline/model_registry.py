@@ -33,7 +33,7 @@ class ColumnSpec:
     kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "json" | "array" | "any"
     required: bool  # must be given on create
     primary_key: bool
-    foreign_key: str | None  # "table.column" it references
+    foreign_key: str | None  # the table it references, with its schema if it has one ("x.station")
     int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
@@ -118,7 +118,7 @@ class ModelRegistry:
     def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData):
         self.models = models
         self.metadata = metadata
-        self.table_order = {t.name: i for i, t in enumerate(metadata.sorted_tables)}
+        self.table_order = {t.fullname: i for i, t in enumerate(metadata.sorted_tables)}
 
     @classmethod
     def from_base(cls, base: Any) -> "ModelRegistry":
@@ -169,7 +169,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             kind=kind,
             required=not column.nullable and not has_default and not column.primary_key,
             primary_key=column.primary_key,
-            foreign_key=fk.target_fullname if fk is not None else None,
+            foreign_key=_referenced_table(fk) if fk is not None else None,
             int_bits=_int_bits(item if item is not None else column.type),
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
@@ -322,6 +322,16 @@ def _int_bits(type_: sqltypes.TypeEngine) -> int:
     if isinstance(type_, sqltypes.SmallInteger):
         return 16
     return 32 if isinstance(type_, sqltypes.Integer) else 64
+
+
+def _referenced_table(fk: sa.ForeignKey) -> str:
+    """The fullname of the table a foreign key points at, as dependency tracking names its rows
+    (wire.record_key): "x.station" for a table in schema x, not "x" (the first part of the
+    key's "x.station.number")."""
+    try:
+        return fk.column.table.fullname
+    except sa.exc.SQLAlchemyError:  # its table is not in the metadata: the key as written
+        return fk.target_fullname.rpartition(".")[0]
 
 
 def _max_length(type_: sqltypes.TypeEngine) -> int | None:

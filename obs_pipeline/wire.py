@@ -374,7 +374,7 @@ def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is not None and step.operation in ("create", "bulk_create"):
-            table, pk = model.table.name, model.primary_key
+            table, pk = model.table.fullname, model.primary_key
             out.update(record_key(table, row[pk]) for row in step.records() if isinstance(row, dict) and pk in row)
     return out
 
@@ -387,7 +387,7 @@ def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is not None and step.operation in ("update", "delete"):
-            out.update(record_key(model.table.name, v) for v in step.conditions.values())
+            out.update(record_key(model.table.fullname, v) for v in step.conditions.values())
     return out
 
 
@@ -410,7 +410,7 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
         model = _model_of(step, registry)
         if model is None:
             continue
-        table, pk = model.table.name, model.primary_key
+        table, pk = model.table.fullname, model.primary_key
         refs.update(record_key(table, v) for v in step.conditions.values())
         for row in step.records() if step.operation in ("create", "bulk_create") else [step.data]:
             if not isinstance(row, dict):
@@ -420,7 +420,7 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
                 if value is None or column == pk:
                     continue
                 if spec is not None and spec.foreign_key:
-                    refs.add(record_key(spec.foreign_key.partition(".")[0], value))
+                    refs.add(record_key(spec.foreign_key, value))
                 elif isinstance(value, str) and _looks_like_uuid(value):
                     refs.add(value)
     return refs - created_ids(tx, registry)

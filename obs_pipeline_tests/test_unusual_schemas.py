@@ -194,3 +194,35 @@ def test_a_numeric_column_takes_a_decimal_that_a_float_holds(odd, main_engine):
     assert _sample_on_main(main_engine, made["id"], "amount") == {"amount": Decimal("12.30")}
     assert buf.get("Sample", made["id"])["amount"] == 12.3
     buf.close()
+
+
+def test_a_row_of_a_table_in_another_schema_holds_back_what_references_it(odd, redis_client, main_engine):
+    """Tables in a PostgreSQL schema of their own (`schema=` on the table), with an integer key
+    the site gives and a foreign key to their own table. Dependency tracking named a referenced
+    row by the first part of the key's target, "odd_schema.station.number": "odd_schema:5",
+    where the row's own writes are "station:5". A station that used a parent whose create
+    failed was not held back with it: it failed on its own (a foreign key violation) and was
+    dead-lettered with that reason, and `failed retry` of the parent left it behind. Now it is
+    dead-lettered as blocked by the parent's transaction; self-references apply as written."""
+    import random
+
+    buf = TransactionBuffer(settings=odd)
+    n = random.randrange(10**6, 10**9)
+    with buf.transaction() as first:
+        first.create("Station", {"number": n, "name": f"s{n}"})
+        first.create("Station", {"number": n + 1, "name": f"c{n}", "parent_number": n})  # its own table
+    drain_until_settled(odd)
+    assert buf.status(first.transaction_id) == "replicated"
+    assert buf.get("Station", n + 1) == {"number": n + 1, "name": f"c{n}", "parent_number": n}
+    with buf.transaction() as parent:
+        parent.create("Station", {"number": n + 2, "name": f"s{n}"})  # main refuses: the name is taken
+    with buf.transaction() as child:
+        child.create("Station", {"number": n + 3, "name": f"d{n}", "parent_number": n + 2})
+    drain_until_settled(odd, retry_base_s=0.05)
+    failed = _failed(redis_client, odd)
+    assert "UniqueViolation" in failed[parent.transaction_id]
+    assert failed[child.transaction_id] == f"blocked by {parent.transaction_id}"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM odd_schema.station WHERE number >= :n"),
+                            {"n": n}).scalar_one() == 2
+    buf.close()
