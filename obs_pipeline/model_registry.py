@@ -30,7 +30,8 @@ class InvalidTransaction(ValueError):
 @dataclass(frozen=True)
 class ColumnSpec:
     name: str
-    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "json" | "array" | "any"
+    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "time" | "timetz" | "json"
+    #       | "array" | "any"
     required: bool  # must be given on create
     primary_key: bool
     foreign_key: str | None  # the table it references, with its schema if it has one ("x.station")
@@ -309,7 +310,7 @@ def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
             return spec.check(_PG_BOOLEANS[text.strip().lower()])
         if spec.kind == "json":
             return spec.check(json.loads(text))
-        if spec.kind in ("str", "uuid", "datetime", "date"):
+        if spec.kind in ("str", "uuid", "datetime", "date", "time", "timetz"):
             return spec.check(text)  # 'now', 'today' and the like fail the check: not constants
     except (ValueError, KeyError, TypeError):
         pass
@@ -355,6 +356,8 @@ def _kind(type_: sqltypes.TypeEngine) -> str:
         return "datetime"
     if isinstance(type_, sqltypes.Date):
         return "date"
+    if isinstance(type_, sqltypes.Time):
+        return "timetz" if type_.timezone else "time"
     if isinstance(type_, sqltypes.String):
         return "str"
     if isinstance(type_, sqltypes.JSON):
@@ -491,6 +494,23 @@ def _parse_date(value: Any) -> dt.date:
     raise ValueError(f"{value!r} is not an ISO-8601 date")
 
 
+def _parse_time(value: Any, with_zone: bool) -> dt.time:
+    """A time of day, as PostgreSQL stores it: without its offset in a TIME column (PostgreSQL
+    drops it), with one in a TIME WITH TIME ZONE column (UTC if none is given)."""
+    if isinstance(value, dt.time):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = dt.time.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 time of day") from None
+    else:
+        raise ValueError(f"{value!r} is not an ISO-8601 time of day")
+    if not with_zone:
+        return parsed.replace(tzinfo=None)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
 def json_value(value: Any) -> Any:
     """`value` if the stdlib can write it as strict JSON (no NaN) holding text a database can
     store (no NUL, no lone surrogate, in keys or values), else ValueError."""
@@ -518,6 +538,8 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "bool": _bool_json,
     "datetime": _datetime_json,
     "date": lambda v: _parse_date(v).isoformat(),
+    "time": lambda v: _parse_time(v, False).isoformat(),
+    "timetz": lambda v: _parse_time(v, True).isoformat(),
     "json": json_value,
     "any": json_value,
 }
@@ -530,6 +552,8 @@ _TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "bool": bool,
     "datetime": _parse_datetime,
     "date": _parse_date,
+    "time": lambda v: _parse_time(v, False),
+    "timetz": lambda v: _parse_time(v, True),
     "json": lambda v: v,
     "array": lambda v: v,
     "any": lambda v: v,

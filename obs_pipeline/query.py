@@ -61,7 +61,7 @@ from obs_pipeline.wire import record_id
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
-_ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "uuid"}
+_ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "time", "timetz", "uuid"}
 _UTC = dt.timezone.utc
 
 # The buffered state of records of one model, read atomically (see the module docstring).
@@ -503,6 +503,8 @@ def _key(column: ColumnSpec) -> Callable[[Any], Any]:
         return _parse_utc
     if column.kind == "date":
         return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
+    if column.kind in ("time", "timetz"):
+        return lambda v: dt.time.fromisoformat(v) if isinstance(v, str) else v
     if column.kind == "float":
         return float
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any

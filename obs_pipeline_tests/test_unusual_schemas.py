@@ -226,3 +226,28 @@ def test_a_row_of_a_table_in_another_schema_holds_back_what_references_it(odd, r
         assert conn.execute(sa.text("SELECT count(*) FROM odd_schema.station WHERE number >= :n"),
                             {"n": n}).scalar_one() == 2
     buf.close()
+
+
+def test_a_time_column_takes_what_the_orm_takes_and_reads_the_same_buffered_and_replicated(odd, redis_client,
+                                                                                            main_engine):
+    """A TIME column was a column of unknown type: a datetime.time (what the ORM takes) was
+    refused as not JSON-serialisable, text went through as given ("08:00+02:00"), and reads of
+    the replicated row gave a datetime.time object where the buffered record gave that text."""
+    import datetime as dt
+
+    buf = TransactionBuffer(settings=odd)
+    with buf.transaction() as tx:
+        late = tx.create("Sample", {"at": dt.time(12, 30, 15, 250000)})
+        early = tx.create("Sample", {"at": "08:00+02:00"})  # PostgreSQL drops the offset of a TIME
+    with pytest.raises(InvalidTransaction, match=r"Sample\.at: '25:00' is not an ISO-8601 time of day$"):
+        with buf.transaction() as bad:
+            bad.create("Sample", {"at": "25:00"})
+    reads = []
+    for _ in range(2):  # buffered, then replicated
+        found = buf.search("Sample", {"at": {">=": "09:00"}, "id": [late["id"], early["id"]]})
+        reads.append(({i: buf.get("Sample", i)["at"] for i in (late["id"], early["id"])}, [r["id"] for r in found]))
+        drain_until_settled(odd)
+    assert reads[0] == reads[1] == ({late["id"]: "12:30:15.250000", early["id"]: "08:00:00"}, [late["id"]])
+    assert _sample_on_main(main_engine, late["id"], "at") == {"at": dt.time(12, 30, 15, 250000)}
+    assert _failed(redis_client, odd) == {}
+    buf.close()
