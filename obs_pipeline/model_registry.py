@@ -39,6 +39,8 @@ class ColumnSpec:
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
     item: str | None = None  # an array's element kind (int_bits and max_length are its elements')
+    # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
+    choices: dict[Any, str] | None = field(default=None, compare=False)
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
     # made once per column (no dispatch on `kind` per call): it runs for every value of every
     # transaction, at ingest and in the drain.
@@ -47,6 +49,8 @@ class ColumnSpec:
     def __post_init__(self) -> None:
         if self.kind == "array":
             convert = _array_of(_convert(self.item or "any", self.int_bits, self.max_length, self.padded))
+        elif self.choices is not None:
+            convert = _one_of(self.choices)
         else:
             convert = _convert(self.kind, self.int_bits, self.max_length, self.padded)
         object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
@@ -175,6 +179,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             item=_kind(item) if item is not None else None,
+            choices=_enum_choices(column.type),
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}
@@ -335,6 +340,17 @@ def _referenced_table(fk: sa.ForeignKey) -> str:
         return fk.target_fullname.rpartition(".")[0]
 
 
+def _enum_choices(type_: sqltypes.TypeEngine) -> dict[Any, str] | None:
+    """An Enum column's labels, and its Python enum's members mapped to theirs, as SQLAlchemy
+    maps them (the member names, or what `values_callable` gives, in the members' order)."""
+    if not isinstance(type_, sqltypes.Enum):
+        return None
+    choices: dict[Any, str] = {label: label for label in type_.enums}
+    if type_.enum_class is not None:
+        choices.update(zip(type_.enum_class.__members__.values(), type_.enums))
+    return choices
+
+
 def _max_length(type_: sqltypes.TypeEngine) -> int | None:
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
         return type_.length or (1 if isinstance(type_, sqltypes.CHAR) else None)  # CHAR alone is CHAR(1)
@@ -451,6 +467,19 @@ def _array_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
             return [None if v is None else check(v) if isinstance(v, (list, tuple)) else item(v) for v in value]
         except RecursionError:
             raise ValueError("the list is nested too deeply") from None
+    return check
+
+
+def _one_of(choices: dict[Any, str]) -> Callable[[Any], str]:
+    """An enum's label. Main refuses anything else for a native enum, later, in the drain; a
+    non-native enum's column would store it, for the ORM to fail on when it reads the row."""
+    labels = ", ".join(dict.fromkeys(choices.values()))
+
+    def check(value: Any) -> str:
+        try:
+            return choices[value]
+        except (KeyError, TypeError):  # (TypeError: unhashable, a list say)
+            raise ValueError(f"{value!r} is not one of the enum's labels ({labels})") from None
     return check
 
 

@@ -251,3 +251,25 @@ def test_a_time_column_takes_what_the_orm_takes_and_reads_the_same_buffered_and_
     assert _sample_on_main(main_engine, late["id"], "at") == {"at": dt.time(12, 30, 15, 250000)}
     assert _failed(redis_client, odd) == {}
     buf.close()
+
+
+def test_an_enum_takes_its_labels_and_refuses_the_rest_at_ingest(odd, redis_client, main_engine):
+    """A native enum and a non-native one (VARCHAR, no CHECK constraint). Any text was taken:
+    main refused it for the native enum only in the drain, and stored it in the other's column,
+    where the ORM fails to read the row ("not among the defined enum values")."""
+    buf = TransactionBuffer(settings=odd)
+    for column in ("mood", "grade"):
+        with pytest.raises(InvalidTransaction, match=rf"Sample\.{column}: 'bogus' is not one of the enum's labels "):
+            with buf.transaction() as tx:
+                tx.create("Sample", {column: "bogus"})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    with buf.transaction() as good:
+        made = good.create("Sample", {"mood": "busy", "grade": "low"})
+    bad = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                     "data": {"id": str(uuid.uuid4()), "grade": "lo"}}])
+    drain_until_settled(odd)
+    assert buf.status(good.transaction_id) == "replicated"
+    assert _failed(redis_client, odd) == {
+        bad: f"transaction {bad}, step s: Sample.grade: 'lo' is not one of the enum's labels (low, high)"}
+    assert _sample_on_main(main_engine, made["id"], "mood::text, grade") == {"mood": "busy", "grade": "low"}
+    buf.close()
