@@ -31,7 +31,7 @@ class InvalidTransaction(ValueError):
 class ColumnSpec:
     name: str
     kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "time" | "timetz" | "json"
-    #       | "array" | "any"
+    #       | "array" | "binary" | "any"
     required: bool  # must be given on create
     primary_key: bool
     foreign_key: str | None  # the table it references, with its schema if it has one ("x.station")
@@ -360,6 +360,8 @@ def _max_length(type_: sqltypes.TypeEngine) -> int | None:
 def _kind(type_: sqltypes.TypeEngine) -> str:
     if isinstance(type_, sqltypes.ARRAY):
         return "array"
+    if isinstance(type_, sqltypes._Binary):
+        return "binary"
     if isinstance(type_, sqltypes.Uuid) or type(type_).__name__ == "UUID":
         return "uuid"
     if isinstance(type_, sqltypes.Boolean):
@@ -540,6 +542,12 @@ def _parse_time(value: Any, with_zone: bool) -> dt.time:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
+def _binary_json(value: Any) -> Any:
+    """Bytes have no JSON form, and text would reach main as bytes the script did not mean: a
+    binary column can only be left out or null."""
+    raise ValueError(f"{type(value).__name__} values cannot be buffered for a binary column: leave it out or null")
+
+
 def json_value(value: Any) -> Any:
     """`value` if the stdlib can write it as strict JSON (no NaN) holding text a database can
     store (no NUL, no lone surrogate, in keys or values), else ValueError."""
@@ -570,6 +578,7 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "time": lambda v: _parse_time(v, False).isoformat(),
     "timetz": lambda v: _parse_time(v, True).isoformat(),
     "json": json_value,
+    "binary": _binary_json,
     "any": json_value,
 }
 
@@ -585,5 +594,6 @@ _TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "timetz": lambda v: _parse_time(v, True),
     "json": lambda v: v,
     "array": lambda v: v,
+    "binary": lambda v: v,
     "any": lambda v: v,
 }
