@@ -93,6 +93,8 @@ def cmd_db_init(args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"schema ready on main ({len(registry.models)} models)" + (", demo obs units 1-200" if args.demo_data else ""),
           file=sys.stderr)
+    for name, why in sorted(registry.refused.items()):  # told now, not at the first write
+        print(f"model {name!r} cannot be written through obs-pipeline: {why}", file=sys.stderr)
     return 0
 
 

@@ -120,20 +120,29 @@ class ModelSpec:
 
 
 class ModelRegistry:
-    def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData):
+    def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData, refused: dict[str, str] | None = None):
         self.models = models
         self.metadata = metadata
+        self.refused = refused or {}  # mapped classes that cannot be written here -> why
         self.table_order = {t.fullname: i for i, t in enumerate(metadata.sorted_tables)}
 
     @classmethod
     def from_base(cls, base: Any) -> "ModelRegistry":
-        models = {}
+        models, refused = {}, {}
         for mapper in base.registry.mappers:
-            table = mapper.local_table
-            if not isinstance(table, sa.Table) or len(table.primary_key.columns) != 1:
-                continue
-            models[mapper.class_.__name__] = _model_spec(mapper.class_.__name__, table)
-        return cls(models, base.metadata)
+            name, table = mapper.class_.__name__, mapper.local_table
+            if not isinstance(table, sa.Table):
+                refused[name] = "it is not mapped to one table"
+            elif len(table.primary_key.columns) != 1:
+                refused[name] = (f"its primary key has {len(table.primary_key.columns)} columns "
+                                 f"({', '.join(c.key for c in table.primary_key.columns)}); one is needed")
+            elif mapper.inherits is not None and not mapper.concrete or mapper.polymorphic_on is not None:
+                # the ORM writes the parent's table too, or the discriminator column: rows written
+                # here without them would be rows of another class, or of none
+                refused[name] = "it is mapped with inheritance, whose rows the ORM writes in ways this does not"
+            else:
+                models[name] = _model_spec(name, table)
+        return cls(models, base.metadata, refused)
 
     @classmethod
     def from_path(cls, path: str) -> "ModelRegistry":
@@ -150,6 +159,8 @@ class ModelRegistry:
     def model(self, name: Any) -> ModelSpec:
         spec = self.models.get(name) if isinstance(name, str) else None
         if spec is None:
+            if isinstance(name, str) and name in self.refused:
+                raise InvalidTransaction(f"model {name!r} cannot be written through obs-pipeline: {self.refused[name]}")
             raise InvalidTransaction(
                 f"unknown model {name!r} (known: {', '.join(sorted(self.models))})"
             )
