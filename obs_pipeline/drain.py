@@ -128,6 +128,7 @@ class DrainSummary:
     transient_errors: int = 0
     aof_compactions: int = 0
     stopped_because: str = ""
+    replica_stalled: bool = False  # stopped with committed batches the replica has not replayed
 
 
 class DrainBusy(RuntimeError):
@@ -230,6 +231,7 @@ class Drain:
                         stopped = self._stop_reason(time.monotonic() - idle_since, idle_exit_s, replica_patience_s)
                         if stopped:
                             summary.stopped_because = stopped
+                            summary.replica_stalled = stopped != "buffer empty"
                             if self.config.aof_check_s is not None:
                                 summary.aof_compactions += self._compact_aof()
                             break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 
@@ -26,6 +27,7 @@ from obs_pipeline.dagster_defs.sensors import buffer_sensor
 from obs_pipeline.definitions import defs
 from obs_pipeline.dev import dagster_script, dagster_environment, stop_processes
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -142,3 +144,76 @@ def test_a_drain_run_launched_by_hand_counts_as_in_flight(settings, resource, re
         instance.create_run_for_job(drain_buffer, tags={SITE_TAG: "another-site"}, status=DagsterRunStatus.STARTED)
         assert isinstance(buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource})),
                           RunRequest)
+
+
+def _sensor(instance, resource):
+    return buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+
+
+@pytest.mark.slow
+def test_with_the_replica_down_a_run_ends_saying_so_and_the_sensor_waits_for_it(
+        stack, settings, resource, redis_client, main_engine, replica_engine):
+    """A run polled a replica that was down for its whole budget (300 s), then the sensor
+    launched the next one, for as long as the replica stayed down. It ends now once the replica
+    has replayed nothing for replication_timeout_s, with a warning saying why, and the sensor
+    launches no run until the replica has replayed what waits for it."""
+    raw, tx, ids = seed_example_json(settings.site)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, raw)
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 2, "budget_s": 60}}}}
+    stack.stop_service("replica")
+    try:
+        with instance_for_test() as instance:
+            began = time.monotonic()
+            result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                     instance=instance)
+            assert result.success and time.monotonic() - began < 30
+            drained = result.output_for_node("drain_batches")
+            assert drained["applied"] == 1 and "1 committed batch(es) still await the replica" in \
+                drained["stopped_because"]
+            [warning] = [e.user_message for e in instance.all_logs(result.run_id)
+                         if e.level == logging.WARNING and "drained" in (e.user_message or "")]
+            assert "which replayed nothing for" in warning
+            skip = _sensor(instance, resource)
+            assert isinstance(skip, SkipReason), skip
+            assert "1 committed batch(es) await the replica, which does not answer" in skip.skip_message
+    finally:
+        stack.start_service("replica")
+    assert json.loads(redis_client.get(keys.transaction(tx["transaction_id"])))["status"] == "applied"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+    wait_for_replica(main_engine, replica_engine)
+    with instance_for_test() as instance:
+        assert isinstance(_sensor(instance, resource), RunRequest)  # replayed now: a run cleans
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                               instance=instance).success
+    assert json.loads(redis_client.get(keys.transaction(tx["transaction_id"])))["status"] == "replicated"
+    assert not redis_client.exists(keys.awaiting_replication)
+
+
+def test_the_sensor_waits_for_a_replica_that_lags_behind_what_waits_for_it(settings, resource, redis_client,
+                                                                          replica_engine):
+    """The replica answers but has not replayed the oldest committed batch (replay paused): a
+    run could only wait for it, so the sensor says where the replica is and launches none."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
+                                                   "budget_s": 30}}}}
+    with replica_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    try:
+        with instance_for_test() as instance:
+            drained = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                      instance=instance)
+            assert drained.output_for_node("drain_batches")["replica_stalled"]
+            skip = _sensor(instance, resource)
+            assert isinstance(skip, SkipReason), skip
+            assert "1 committed batch(es) await the replica, which has replayed up to " in skip.skip_message
+    finally:
+        with replica_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+    deadline = time.monotonic() + 30
+    with instance_for_test() as instance:
+        while not isinstance(_sensor(instance, resource), RunRequest):
+            assert time.monotonic() < deadline, "the sensor launched no run after the replica replayed"
+            time.sleep(0.1)

@@ -53,7 +53,8 @@ class DrainRunConfig(Config):
     batch_size: int = 2000
     max_batch_size: int | None = None  # where main is far, batches grow up to this (None: 10000)
     lease_ttl_s: float = 60.0
-    replication_timeout_s: float = 10.0
+    replication_timeout_s: float = 10.0  # also: the run ends once only the replica's replay is
+    #                                      missing and it has replayed nothing for this long
     retry_base_s: float = 5.0
     transient_retry_wait_s: float = 2.0  # op retry after main was unreachable: 2, 4, 8 ... s (max 60)
     aof_compaction: bool = True  # ask Redis to rewrite its AOF when idle and the file is mostly history
@@ -111,7 +112,7 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
     budget_s = max(0.0, config.budget_s - (time.time() - started))
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=budget_s,
-                            lease_wait_s=config.lease_ttl_s,
+                            lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:
         context.log.info(str(busy))
@@ -120,8 +121,8 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         raise Failure(description=str(error), allow_retries=False) from error
     finally:
         drain.close()
-    context.log.info(f"drained {summary.applied} transactions in {summary.batches} batches "
-                     f"({summary.stopped_because})")
+    (context.log.warning if summary.replica_stalled else context.log.info)(
+        f"drained {summary.applied} transactions in {summary.batches} batches ({summary.stopped_because})")
     return summary.__dict__
 
 

@@ -8,8 +8,10 @@ or sensor asks, so `defs` loads on a machine where nothing is configured yet.
 from typing import Optional
 
 import redis
+import sqlalchemy as sa
 from dagster import ConfigurableResource
 
+from obs_pipeline.apply import ReplicaDatabase, make_engine
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import Settings
 from obs_pipeline.dead_letters import DeadLetters
@@ -40,3 +42,13 @@ class ObsPipelineResource(ConfigurableResource):
 
     def drain(self, config: DrainConfig) -> Drain:
         return Drain(self.settings(), config)
+
+    def replica_replay_lsn(self) -> int | None:
+        """How far the replica has replayed; None if it does not answer or reports no position."""
+        engine = make_engine(self.settings().require_replica(), "obs-pipeline sensor")
+        try:
+            return ReplicaDatabase(engine).replay_lsn()
+        except sa.exc.SQLAlchemyError:
+            return None
+        finally:
+            engine.dispose()

@@ -1,14 +1,18 @@
 """Sensor `buffer_sensor`: launches `drain_buffer` when the site has work and no drain run is
 in flight for it (the run queue's per-site limit and the drain lease back this up), and not
 again within FAILED_RUN_PAUSE_S of a failed one: a run fails only once its op retries are
-spent, so the cause (no main URL, a full Redis...) will not be gone a second later."""
+spent, so the cause (no main URL, a full Redis...) will not be gone a second later. When all
+that is left is committed batches the replica has not replayed, it waits for the replica: a
+run could only wait too (a replica that is down would otherwise get a run every few seconds)."""
 
 import time
 
 from dagster import DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
 
+from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.lsn import int_to_lsn
 
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
@@ -19,11 +23,14 @@ FAILED_RUN_PAUSE_S = 60.0
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
     try:
-        if not store.has_work():
-            return SkipReason(f"site {store.keys.site}: buffer empty, nothing awaiting replication")
+        work = store.work()
+        claimable = work["buffer"] or work["processing"] or work["due_retries"]
+        lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
     finally:
         store.redis.close()
     site = store.keys.site
+    if not any(work.values()):
+        return SkipReason(f"site {site}: buffer empty, nothing awaiting replication")
     # a run launched by hand (the launchpad) has no site tag: it may be draining this site too
     running = [r for r in context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
@@ -37,4 +44,15 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if wait > 0:
             return SkipReason(f"site {site}: drain run {last[0].dagster_run.run_id} failed; "
                               f"the next in {wait:.0f} s (see that run's log)")
+    if lowest is not None:
+        try:
+            replayed = obs_pipeline.replica_replay_lsn()
+        except ConfigError:  # the run fails on it, saying so in one line
+            replayed = lowest
+        if replayed is None or replayed < lowest:
+            where = ("does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
+                     if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
+                     f"{int_to_lsn(lowest)}")
+            return SkipReason(f"site {site}: {work['awaiting_replication']} committed batch(es) await the replica, "
+                              f"which {where}; a drain starts to clean their caches once it replays them")
     return RunRequest(tags={SITE_TAG: site})
