@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import sqlalchemy as sa
-from dagster import AssetObservation, DagsterEventType, DagsterInstance
+from dagster import AssetObservation, DagsterEventType, DagsterInstance, instance_for_test
 
 from obs_pipeline.dagster_defs.jobs import drain_buffer
 from obs_pipeline.dagster_defs.operations import no_dead_letters, prune_applied_transactions, retry_dead_letters
@@ -148,6 +148,39 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert message in failure.event_specific_data.error.message
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # left for a later drain
     assert not redis_client.exists(keys.lease)
+
+
+@pytest.mark.parametrize("tags, op_config, message", [
+    ({}, {"budget_s": 1000}, "budget_s 1000 s + lease_ttl_s + replication_timeout_s (70 s: a lease wait, the batch "
+     "in hand) outlasts the run's max runtime of 900 s (run_monitoring.max_runtime_seconds in dagster.yaml), after "
+     "which monitoring kills it mid-batch: lower budget_s to 830 or less"),
+    ({"dagster/max_runtime": "200"}, {}, "outlasts the run's max runtime of 200 s (the run's dagster/max_runtime "
+     "tag), after which monitoring kills it mid-batch: lower budget_s to 130 or less"),
+    ({}, {"budget_s": 850, "lease_ttl_s": 600, "replication_timeout_s": 300},
+     "lower lease_ttl_s and replication_timeout_s, or raise the max runtime"),
+])
+def test_a_budget_the_run_cannot_live_through_is_refused_in_one_line(settings, resource, redis_client,
+                                                                     tags, op_config, message):
+    """Run monitoring kills a run past its max runtime (900 s in dagster.yaml, or the run's
+    dagster/max_runtime tag): a budget_s of 1000 was accepted, and the run was killed mid-batch,
+    failed, and its batch waited out the lease. It fails at once now, saying what to lower."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    with instance_for_test(overrides={"run_monitoring": {"enabled": True, "max_runtime_seconds": 900}}) as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                                 tags=tags, raise_on_error=False,
+                                                 run_config={"ops": {"drain_batches": {"config": op_config}}})
+        assert not result.success
+        assert not [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+        assert message in failure.event_specific_data.error.message
+        assert "\n" not in failure.event_specific_data.error.message.strip()
+        assert redis_client.llen(keys.buffer) == 1 and not redis_client.exists(keys.processing, keys.lease)
+        # what fits runs
+        fits = {"ops": {"drain_batches": {"config": {"budget_s": 60, "idle_exit_s": 0}}}}
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                               tags=tags, run_config=fits).success
+    assert redis_client.llen(keys.buffer) == 0
 
 
 def test_each_drain_and_retry_run_evaluates_the_no_dead_letters_check(settings, resource, redis_client, main_engine):

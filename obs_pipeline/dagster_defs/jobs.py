@@ -68,6 +68,39 @@ def _drain_config(config: DrainRunConfig) -> DrainConfig:
                        aof_check_s=DrainConfig.aof_check_s if config.aof_compaction else None)
 
 
+MAX_RUNTIME_TAGS = ("dagster/max_runtime", "dagster/max_runtime_seconds")  # what run monitoring reads
+
+
+def _max_runtime(context: OpExecutionContext) -> tuple[float, str] | None:
+    """How long run monitoring lets this run live, and what says so (None: no limit)."""
+    if not context.instance.run_monitoring_enabled:
+        return None
+    tag = next((t for t in MAX_RUNTIME_TAGS if context.run.tags.get(t)), None)
+    if tag is None:
+        seconds = float(context.instance.run_monitoring_max_runtime_seconds or 0)
+        return (seconds, "run_monitoring.max_runtime_seconds in dagster.yaml") if seconds else None
+    try:
+        seconds = float(context.run.tags[tag])
+    except ValueError:  # monitoring ignores it too
+        return None
+    return (seconds, f"the run's {tag} tag") if seconds else None
+
+
+def _check_budget(config: DrainRunConfig, max_runtime: tuple[float, str] | None) -> None:
+    """A run may outlast its budget by a lease wait and the batch in hand; past its max runtime,
+    monitoring kills it mid-batch (the run fails, its batch waits for the lease to expire)."""
+    if max_runtime is None:
+        return
+    limit, source = max_runtime
+    beyond = config.lease_ttl_s + config.replication_timeout_s
+    if config.budget_s + beyond > limit:
+        fix = (f"lower budget_s to {limit - beyond:g} or less" if limit > beyond
+               else "lower lease_ttl_s and replication_timeout_s, or raise the max runtime")
+        raise ValueError(f"budget_s {config.budget_s:g} s + lease_ttl_s + replication_timeout_s ({beyond:g} s: a "
+                         f"lease wait, the batch in hand) outlasts the run's max runtime of {limit:g} s ({source}), "
+                         f"after which monitoring kills it mid-batch: {fix}")
+
+
 DEAD_LETTERS_LISTED = 50  # per batch, in its observation and warning (the count is always whole)
 
 
@@ -96,6 +129,7 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
+        _check_budget(config, _max_runtime(context))
         drain = obs_pipeline.drain(_drain_config(config))
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
