@@ -63,6 +63,9 @@ class DrainConfig:
                              f"not {self.max_batch_size!r}")
         if not self.lease_ttl_s >= 0.001:  # SET PX takes whole milliseconds, at least 1
             raise ValueError(f"lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not {self.lease_ttl_s!r}")
+        for name in ("replication_timeout_s", "retry_base_s"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ValueError(f"{name} must be 0 or more seconds, not {getattr(self, name)!r}")
 
     @property
     def largest_batch(self) -> int:

@@ -259,6 +259,7 @@ def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing
     (["--batch-size", "5000", "--max-batch-size", "100"],
      "max_batch_size must be a whole number >= batch_size (5000), not 100"),
     (["--lease-ttl", "0"], "lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not 0.0"),
+    (["--replication-timeout", "-1"], "replication_timeout_s must be 0 or more seconds, not -1.0"),
 ])
 def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, redis_client, flags, message):
     keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 951)

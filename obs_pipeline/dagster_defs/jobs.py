@@ -86,9 +86,14 @@ def _max_runtime(context: OpExecutionContext) -> tuple[float, str] | None:
     return (seconds, f"the run's {tag} tag") if seconds else None
 
 
-def _check_budget(config: DrainRunConfig, max_runtime: tuple[float, str] | None) -> None:
-    """A run may outlast its budget by a lease wait and the batch in hand; past its max runtime,
+def _check_run_config(config: DrainRunConfig, max_runtime: tuple[float, str] | None) -> None:
+    """Times that make no sense, in one line (a budget of 0 drains nothing, run after run). A
+    run may outlast its budget by a lease wait and the batch in hand; past its max runtime,
     monitoring kills it mid-batch (the run fails, its batch waits for the lease to expire)."""
+    for name, positive in (("budget_s", True), ("transient_retry_wait_s", True), ("idle_exit_s", False)):
+        value = getattr(config, name)
+        if not (value > 0 if positive else value >= 0):  # NaN too
+            raise ValueError(f"{name} must be {'more than 0' if positive else '0 or more'} seconds, not {value:g}")
     if max_runtime is None:
         return
     limit, source = max_runtime
@@ -129,7 +134,7 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
-        _check_budget(config, _max_runtime(context))
+        _check_run_config(config, _max_runtime(context))
         drain = obs_pipeline.drain(_drain_config(config))
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
