@@ -20,6 +20,7 @@ from dagster import (
     instance_for_test,
 )
 
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs import sensors
@@ -217,3 +218,27 @@ def test_the_sensor_waits_for_a_replica_that_lags_behind_what_waits_for_it(setti
         while not isinstance(_sensor(instance, resource), RunRequest):
             assert time.monotonic() < deadline, "the sensor launched no run after the replica replayed"
             time.sleep(0.1)
+
+
+def test_a_drain_outside_dagster_holding_the_lease_gets_no_run_beside_it(settings, resource, redis_client):
+    """`obs-pipeline drain` running beside Dagster holds the site's lease: the sensor launched a
+    run at every tick with work, which waited out the lease (60 s), ended green with an info
+    line, and was followed by the next, for as long as that drain ran."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
+    store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)
+    with instance_for_test() as instance:
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason)
+        assert "the drain lease is held outside this Dagster's runs" in skip.skip_message
+        # a run launched by hand all the same waits for the lease, then warns that it drained nothing
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance,
+            run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "lease_ttl_s": 0.5}}}})
+        assert result.success and result.output_for_node("drain_batches")["applied"] == 0
+        warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+        assert any(w.startswith("nothing drained: another drain holds the lease") for w in warnings), warnings
+        store.release_lease(token)
+        assert isinstance(_sensor(instance, resource), RunRequest)
+    assert redis_client.llen(keys.buffer) == 1

@@ -153,8 +153,8 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=budget_s,
                             lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
-    except DrainBusy as busy:
-        context.log.info(str(busy))
+    except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
+        context.log.warning(f"nothing drained: {busy}")
         return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease"}
     except ConfigError as error:  # a Redis too old for the claim
         raise Failure(description=str(error), allow_retries=False) from error

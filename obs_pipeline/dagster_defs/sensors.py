@@ -1,9 +1,10 @@
 """Sensor `buffer_sensor`: launches `drain_buffer` when the site has work and no drain run is
 in flight for it (the run queue's per-site limit and the drain lease back this up), and not
 again within FAILED_RUN_PAUSE_S of a failed one: a run fails only once its op retries are
-spent, so the cause (no main URL, a full Redis...) will not be gone a second later. When all
-that is left is committed batches the replica has not replayed, it waits for the replica: a
-run could only wait too (a replica that is down would otherwise get a run every few seconds)."""
+spent, so the cause (no main URL, a full Redis...) will not be gone a second later. Nor while
+another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
+committed batches the replica has not replayed: a run could only wait for them (a replica
+that is down would otherwise get a run every few seconds)."""
 
 import time
 
@@ -26,6 +27,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         work = store.work()
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
+        lease_ms = store.redis.pttl(store.keys.lease)  # -2: nobody holds it
     finally:
         store.redis.close()
     site = store.keys.site
@@ -44,6 +46,10 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if wait > 0:
             return SkipReason(f"site {site}: drain run {last[0].dagster_run.run_id} failed; "
                               f"the next in {wait:.0f} s (see that run's log)")
+    if lease_ms != -2:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
+        return SkipReason(f"site {site}: the drain lease is held outside this Dagster's runs in flight "
+                          f"(`obs-pipeline drain`, or a run that died), for {max(lease_ms, 0) / 1000:.0f} s more "
+                          "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
             replayed = obs_pipeline.replica_replay_lsn()
