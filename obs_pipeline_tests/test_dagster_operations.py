@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
-from dagster import AssetObservation, DagsterEventType, DagsterInstance, instance_for_test
+from dagster import AssetObservation, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
 
 from obs_pipeline.dagster_defs.jobs import drain_buffer
 from obs_pipeline.dagster_defs.operations import no_dead_letters, prune_applied_transactions, retry_dead_letters
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.dev import dagster_environment
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
 
@@ -74,6 +76,49 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
                             {"i": ids["uuid-1"]}).scalar_one() == 1
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
+
+
+@pytest.mark.slow
+def test_a_run_rides_out_main_down_with_dagsters_storage_on_it(stack, settings, resource, redis_client, main_engine,
+                                                             tmp_path, monkeypatch):
+    """Dagster's storage is on main (dagster.yaml). With main down for 20 s mid-run, the op
+    retry's own event could not be written: the run failed (the sensor waited 60 s before the
+    next), and a budget spent during the outage would have failed it too. The drain now retries
+    the batch itself while the storage does not answer, and the run ends once main is back."""
+    env = dagster_environment(stack, home=tmp_path / "dagster_home")
+    monkeypatch.setenv("OBS_DAGSTER_PG_URL", env["OBS_DAGSTER_PG_URL"])
+    doc, ids = seed_example(settings.site)
+    keys = SiteKeys(settings.site)
+
+    def outage():
+        time.sleep(3)  # the run is idle, waiting for work
+        stack.stop_service("main")
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+        time.sleep(20)  # the budget (10 s) is spent meanwhile
+        stack.start_service("main")
+
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    outage_thread = threading.Thread(target=outage)
+    outage_thread.start()
+    try:
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance, raise_on_error=False,
+            run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 60, "budget_s": 10}}}})
+    finally:
+        outage_thread.join()
+    try:
+        assert result.success
+        assert result.output_for_node("drain_batches")["stopped_because"] == "time budget spent"
+        assert instance.get_run_record_by_id(result.run_id).dagster_run.status == DagsterRunStatus.SUCCESS
+        # its budget spent, it left the batch for the next run, which applies it once
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                               run_config=FAST).success
+    finally:
+        instance.dispose()
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0
 
 
 def test_prune_removes_only_this_sites_old_applied_records(settings, resource, main_engine):

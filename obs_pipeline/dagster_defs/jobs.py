@@ -3,7 +3,9 @@ everything committed is replayed by the replica and its caches are cleaned.
 
 Each batch is reported as an asset materialization of the main database; each replication
 pass as one of the site replica. Transient failures (main unreachable) surface as op retries
-with exponential backoff; a crashed run is retried by the instance's run retries.
+with exponential backoff, unless Dagster's storage (on main) is down too: then the drain
+retries the batch itself and the run goes on once main is back. A crashed run is retried by
+the instance's run retries.
 """
 
 import time
@@ -106,6 +108,16 @@ def _check_run_config(config: DrainRunConfig, max_runtime: tuple[float, str] | N
                          f"after which monitoring kills it mid-batch: {fix}")
 
 
+def _storage_answers(context: OpExecutionContext) -> bool:
+    """Whether Dagster's own storage answers. It is on main (dagster.yaml): while main is down,
+    every event the run writes, an op retry's included, fails the run after a few seconds."""
+    try:
+        context.instance.get_run_record_by_id(context.run_id)
+    except Exception:  # noqa: BLE001 - DagsterPostgresException, OperationalError, ...
+        return False
+    return True
+
+
 DEAD_LETTERS_LISTED = 50  # per batch, in its observation and warning (the count is always whole)
 
 
@@ -141,6 +153,11 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
     site = drain.settings.site
 
     def on_transient(error: str, backoff: float) -> None:
+        if not _storage_answers(context):  # the op retry's own event would fail the run: the drain
+            # retries the batch itself, and the run goes on once main is back
+            context.log.warning(f"main unreachable ({error}), and Dagster's storage with it: "
+                                f"retrying the batch in {backoff:.1f} s")
+            return
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
@@ -148,9 +165,13 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
     # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.
     record = context.instance.get_run_record_by_id(context.run_id)
     started = record.start_time if record is not None and record.start_time else time.time()
-    budget_s = max(0.0, config.budget_s - (time.time() - started))
+    deadline = time.monotonic() + max(0.0, config.budget_s - (time.time() - started))
+
+    def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
+        return time.monotonic() >= deadline and _storage_answers(context)
+
     try:
-        summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, budget_s=budget_s,
+        summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
                             lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
@@ -160,6 +181,8 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         raise Failure(description=str(error), allow_retries=False) from error
     finally:
         drain.close()
+    if summary.stopped_because == "asked to stop":  # by budget_spent, the only one who asks
+        summary.stopped_because = "time budget spent"
     (context.log.warning if summary.replica_stalled else context.log.info)(
         f"drained {summary.applied} transactions in {summary.batches} batches ({summary.stopped_because})")
     return summary.__dict__
