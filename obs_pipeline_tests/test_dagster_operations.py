@@ -138,6 +138,24 @@ def test_prune_removes_only_this_sites_old_applied_records(settings, resource, m
     assert not refused.success  # 0 days would forget what a reclaimed batch needs
 
 
+@pytest.mark.parametrize("job, op_config, message", [
+    (retry_dead_letters, {"requeue_dead_letters": {"config": {}}},
+     "set either `all: true` or a list of `transaction_ids`"),
+    (retry_dead_letters, {"requeue_dead_letters": {"config": {"transaction_ids": ["no-such-id"]}}},
+     "no dead-lettered transaction 'no-such-id' at site "),
+    (prune_applied_transactions, {"prune_applied_records": {"config": {"older_than_days": 0}}},
+     "older_than_days must be at least 1"),
+])
+def test_an_operator_jobs_mistake_fails_it_with_its_reason_on_top(resource, job, op_config, message):
+    """A mistyped id or a bad config in the retry or prune job failed its run with 'Error
+    occurred while executing op ...' on top, the reason only in the exception's cause below."""
+    result = job.execute_in_process(resources={"obs_pipeline": resource}, raise_on_error=False,
+                                    run_config={"ops": op_config})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    assert message in failure.event_specific_data.error.message
+
+
 def test_a_batch_of_many_dead_letters_is_one_observation_and_one_warning(settings, resource, redis_client):
     """Each Dagster event is a connection to its storage on main, a second or so over the real
     link: 60 dead letters must not be 120 events."""

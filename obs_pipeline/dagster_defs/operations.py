@@ -8,6 +8,7 @@ from dagster import (
     AssetCheckSeverity,
     Config,
     DefaultScheduleStatus,
+    Failure,
     OpExecutionContext,
     ScheduleDefinition,
     asset_check,
@@ -19,6 +20,7 @@ from dagster import (
 from obs_pipeline.apply import make_engine
 from obs_pipeline.dagster_defs.jobs import DEAD_LETTER_CHECK, MAIN_ASSET, dead_letter_check
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.dead_letters import UnknownTransaction
 from obs_pipeline.schema import prune_applied
 
 
@@ -32,9 +34,12 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
                          obs_pipeline: ObsPipelineResource) -> None:
     """Requeue in the original order, dependents after what they depend on (see dead_letters.py)."""
     if config.all == bool(config.transaction_ids):
-        raise ValueError("set either `all: true` or a list of `transaction_ids`")
+        raise Failure(description="set either `all: true` or a list of `transaction_ids`")
     letters = obs_pipeline.dead_letters()
-    ids = letters.retry(None if config.all else config.transaction_ids)
+    try:
+        ids = letters.retry(None if config.all else config.transaction_ids)
+    except UnknownTransaction as error:  # a mistyped id: its line, not a wrapped traceback
+        raise Failure(description=str(error)) from error
     context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
     context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
 
@@ -55,6 +60,8 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
     try:
         with engine.begin() as conn:
             removed = prune_applied(conn, config.older_than_days, settings.site)
+    except ValueError as error:  # too few days: its line, not a wrapped traceback
+        raise Failure(description=str(error)) from error
     finally:
         engine.dispose()
     context.log.info(f"pruned {removed} applied-transaction records of site {settings.site} "
