@@ -153,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     spool = Spool(settings.spool_dir, settings.site, flush_store=store)
     try:
         report = health_report(store, main, replica, spool=spool)
-    except redis.ConnectionError as error:  # one line, with what waits in this host's spool
+    except (redis.ConnectionError, redis.TimeoutError) as error:  # one line, with what waits in this host's spool
         pending = spool.pending()
         if not pending:
             raise
@@ -401,6 +401,9 @@ def _one_line(error: BaseException) -> str:
 
     if isinstance(error, redis.ConnectionError):
         return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
+    if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer
+        return (f"Redis did not answer in time ({error}); is it hung or overloaded? Is OBS_REDIS_URL right "
+                "(`obs-pipeline stack status`)?")
     if redis_is_full(error):  # also a claim script refused mid-run
         return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
                 "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")

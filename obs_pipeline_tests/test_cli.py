@@ -620,3 +620,29 @@ def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, 
     assert "OBS_MAIN_DB_URL" in line and f"no_such_{wrong}" in line and "does not exist" in line, line
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
     assert not redis_client.exists(keys.lease)
+
+
+SPOOLED = {"id": "tx-1", "tx": "{}", "created": [], "overlays": []}
+
+
+def spooled_by_a_script(directory, site: str):
+    """The spool file of `site` in `directory`, holding one line as a script spools it."""
+    path = directory / f"{site}.jsonl"
+    path.write_text(json.dumps(SPOOLED) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["spool", "push"]])
+def test_a_redis_that_does_not_answer_is_one_line_naming_redis(command, tmp_path):
+    """A Redis that accepts connections but never answers (hung, swapping, SIGSTOPped) made every
+    command say only "Timeout reading from socket": not which server, nor what to check; `status`
+    dropped the count of what waits in this host's spool, which it gives for a Redis that is down."""
+    from obs_pipeline_tests.test_reliability import silent_redis
+
+    spooled_by_a_script(tmp_path, "observatory")
+    with silent_redis() as (url, _):
+        line = one_line_error(cli(*command, env={"OBS_REDIS_URL": url, "OBS_SPOOL_DIR": str(tmp_path)}))
+    assert line.startswith("obs-pipeline: error: Redis did not answer in time (Timeout"), line
+    assert "OBS_REDIS_URL" in line, line
+    if command != ["failed", "list"]:
+        assert "1 transaction(s)" in line and str(tmp_path) in line, line
