@@ -137,6 +137,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 # --- status ---------------------------------------------------------------------------------
 
+# `status` exits by the site's health: 0 healthy, 3 degraded (an operator should look: dead
+# letters, an old backlog, a full Redis, a local spool), 4 unhealthy (main or the replica does not
+# answer). 1 is any error that left no report (Redis down), 2 a usage error, as for every command.
+STATUS_EXIT = {"healthy": 0, "degraded": 3, "unhealthy": 4}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
@@ -173,7 +179,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{lag.get('awaiting_batches')} batches awaiting)")
         local = report["local_spool"]
         print(f"  local spool {local['pending']}, oldest {local['oldest_seconds']} s ({local['file']})")
-    return 0
+    code = STATUS_EXIT[report["status"]]
+    if code:  # for a monitoring script: the exit status, and one line on stderr saying why
+        print(f"obs-pipeline: site {report['site']} is {report['status']}: {'; '.join(report['problems'])}",
+              file=sys.stderr)
+    return code
 
 
 # --- spool ----------------------------------------------------------------------------------

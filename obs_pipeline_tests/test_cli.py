@@ -587,18 +587,44 @@ def test_stack_env_with_a_service_down_still_prints_and_says_so(stack):
     assert cli("stack", "env", "--dir", str(stack.directory)).stderr == ""
 
 
-def test_status_with_the_replica_down_names_it_and_still_shows_main(stack, env):
+@pytest.mark.parametrize("down", ["replica", "main"])
+def test_status_with_a_database_down_names_it_still_shows_the_other_and_exits_4(stack, env, down):
     """With the replica stopped, `status` said only "database unreachable: ... port N ..." and
-    dropped main's LSN, read a moment before; the operator could not tell which database was down."""
-    stack.stop_service("replica")
+    dropped main's LSN, read a moment before; the operator could not tell which database was down.
+    And it exited 0, as for a healthy site: a monitoring script could not see the outage."""
+    stack.stop_service(down)
     try:
         result = cli("status", "--json", env=env)
+        text = cli("status", env=env)
     finally:
-        stack.start_service("replica")
+        stack.start_service(down)
     report = json.loads(result.stdout)
+    other = "main" if down == "replica" else "replica"
     assert report["status"] == "unhealthy"
-    assert report["replication_lag"]["main_lsn"] and report["replication_lag"]["replica_lsn"] is None
-    assert len(report["problems"]) == 1 and report["problems"][0].startswith("replica unreachable (OBS_REPLICA_DB_URL): ")
+    assert report["replication_lag"][f"{other}_lsn"] and report["replication_lag"][f"{down}_lsn"] is None
+    variable = f"OBS_{down.upper()}_DB_URL"
+    assert len(report["problems"]) == 1 and report["problems"][0].startswith(f"{down} unreachable ({variable}): ")
+    for each in (result, text):
+        assert each.returncode == 4
+        assert one_line_error(each).startswith(f"obs-pipeline: site {env['OBS_SITE']} is unhealthy: {down} unreachable")
+    assert text.stdout.startswith(f"site {env['OBS_SITE']}: unhealthy ({down} unreachable ({variable}): ")
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, settings):
+    """A monitoring script can rely on the exit status: it was 0 whatever the report said (a
+    dead letter waiting for an operator, an unreachable database)."""
+    healthy = cli("status", env=env)
+    assert healthy.returncode == 0 and healthy.stderr == "", healthy.stderr
+    redis_client.lpush(SiteKeys(settings.site).buffer, b"not json at all")
+    assert cli("drain", "--once", env=env).returncode == 0
+    for args in (["status"], ["status", "--json"]):
+        degraded = cli(*args, env=env)
+        assert degraded.returncode == 3, degraded.stderr
+        assert one_line_error(degraded) == f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered"
+    assert json.loads(degraded.stdout)["status"] == "degraded"
+    assert cli("failed", "discard", "#1", env=env).returncode == 0
+    assert cli("status", env=env).returncode == 0
 
 
 @pytest.mark.parametrize("wrong", ["role", "database"])

@@ -266,9 +266,9 @@ def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env,
     for _ in range(2):
         redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
     result = cli("status", env=env)
-    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.fullmatch(rf"site {settings.site}: (healthy|degraded|unhealthy).*", lines[0]), lines
+    assert result.returncode == {"healthy": 0, "degraded": 3, "unhealthy": 4}[lines[0].split()[2]], result.stderr
     assert any(re.fullmatch(r"\s*buffer 2, processing 0, retrying 0, failed 0, oldest pending [0-9.]+ s", line)
                for line in lines), lines
     assert any(re.fullmatch(r"\s*replication lag [0-9.]+ s, [0-9]+ bytes \(main [0-9A-F]+/[0-9A-F]+, "
@@ -327,7 +327,7 @@ def test_a_spool_left_by_a_script_that_ended_during_an_outage_is_reported_and_pu
         assert "3 transaction(s) still wait in the spool" in one_line_error(refused), refused.stderr
     assert redis_client.llen(keys.buffer) == 0  # nothing pushed it: the script is gone
     status = cli("status", "--json", env=env)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 3, status.stderr  # degraded
     report = json.loads(status.stdout)
     assert report["status"] == "degraded" and report["local_spool"]["pending"] == 3, report
     assert any("3 transaction(s) wait in the local spool" in p and "run `obs-pipeline spool push`" in p
