@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sqlalchemy as sa
+from sqlalchemy import orm
 from sqlalchemy.sql import sqltypes
 
 
@@ -152,8 +153,14 @@ class ModelRegistry:
             raise InvalidTransaction(f"OBS_MODELS={path!r} is not of the form module:Base")
         try:
             base = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidTransaction(f"OBS_MODELS={path!r} cannot be loaded: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the module's own error too (a SyntaxError, a failing import in it)
+            first = str(exc).strip().splitlines()
+            raise InvalidTransaction(f"OBS_MODELS={path!r} cannot be loaded: "
+                                     f"{first[0] if first else type(exc).__name__}") from exc
+        if not isinstance(getattr(base, "registry", None), orm.registry) or not isinstance(
+                getattr(base, "metadata", None), sa.MetaData):
+            raise InvalidTransaction(f"OBS_MODELS={path!r} is not a SQLAlchemy declarative base: give the class "
+                                     "your models derive from, as module:Base (e.g. obs_pipeline.models:Base)")
         return cls.from_base(base)
 
     def model(self, name: Any) -> ModelSpec:

@@ -672,3 +672,25 @@ def test_a_redis_that_does_not_answer_is_one_line_naming_redis(command, tmp_path
     assert "OBS_REDIS_URL" in line, line
     if command != ["failed", "list"]:
         assert "1 transaction(s)" in line and str(tmp_path) in line, line
+
+
+@pytest.mark.usefixtures("clean_db")  # the replica has the schema
+@pytest.mark.parametrize("command", [["failed", "list"], ["drain", "--once"], ["db", "init"]])
+@pytest.mark.parametrize("models, message", [
+    ("os:path", "OBS_MODELS='os:path' is not a SQLAlchemy declarative base: give the class your models derive "
+                "from, as module:Base (e.g. obs_pipeline.models:Base)"),
+    ("site_models_raising:Base", "OBS_MODELS='site_models_raising:Base' cannot be loaded: needs SITE_CONFIG set"),
+    ("site_models_bad_syntax:Base", "OBS_MODELS='site_models_bad_syntax:Base' cannot be loaded: invalid syntax"),
+])
+def test_a_wrong_obs_models_is_one_line_naming_it_and_changes_nothing(env, settings, redis_client, tmp_path,
+                                                                     command, models, message):
+    """OBS_MODELS naming something that is not a declarative base said "module 'posixpath' has no
+    attribute 'registry'"; a models module failing at its import said only its own error ("needs
+    SITE_CONFIG set", "invalid syntax (...)"), neither naming the variable to fix."""
+    (tmp_path / "site_models_raising.py").write_text('raise RuntimeError("needs SITE_CONFIG set")\n')
+    (tmp_path / "site_models_bad_syntax.py").write_text("def broken(:\n")
+    keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 952)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    line = one_line_error(cli(*command, env={**env, "OBS_MODELS": models, "PYTHONPATH": path}))
+    assert line.startswith(f"obs-pipeline: error: {message}"), line
+    assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
