@@ -103,11 +103,13 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
-    drain = Drain(_settings(), DrainConfig(batch_size=args.batch_size, max_batch_size=args.max_batch_size,
-                                           lease_ttl_s=args.lease_ttl,
-                                           replication_timeout_s=args.replication_timeout,
-                                           niceness=BACKGROUND_NICENESS,
-                                           aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s))
+    settings = _settings()
+    settings.require_redis()
+    drain = Drain(settings, DrainConfig(batch_size=args.batch_size, max_batch_size=args.max_batch_size,
+                                        lease_ttl_s=args.lease_ttl,
+                                        replication_timeout_s=args.replication_timeout,
+                                        niceness=BACKGROUND_NICENESS,
+                                        aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s))
 
     def on_batch(report) -> None:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
@@ -153,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from obs_pipeline.spool import Spool
 
     settings = _settings()
-    store = BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site)
+    store = BufferStore(redis.Redis.from_url(settings.require_redis(), socket_timeout=5), settings.site)
     main = make_engine(settings.require_main()) if settings.main_db_url else None
     replica = make_engine(settings.require_replica()) if settings.replica_db_url else None
     spool = Spool(settings.spool_dir, settings.site, flush_store=store)
@@ -198,7 +200,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     from obs_pipeline.spool import Spool
 
     settings = _settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=5)
     spool = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(client, settings.site))
     try:
         if args.action == "show":
@@ -231,8 +233,8 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from obs_pipeline.wire import one_line
 
     settings = _settings()
-    letters = DeadLetters(BufferStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings.site),
-                          ModelRegistry.from_path(settings.models))
+    client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5)
+    letters = DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
     if args.action == "list":  # an entry without a usable id is named by its place: #N
         listed = letters.list()
         ids = {letter.transaction_id for letter in listed}
@@ -268,6 +270,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from obs_pipeline.ingest import TransactionBuffer
     from obs_pipeline.simulate import simulate
 
+    settings = _settings()
+    settings.require_redis()
     buffer = TransactionBuffer.from_env()
     try:
         result = simulate(buffer, rate=args.rate, count=args.count, duration_s=args.duration, files=args.files,

@@ -54,6 +54,26 @@ class Settings:
             )
         return _postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
 
+    def require_redis(self) -> str:
+        """The Redis URL if redis-py can read it; otherwise one line naming OBS_REDIS_URL (never
+        the URL: it may hold a password). A database that is not a number is refused too:
+        redis-py would quietly use database 0, another site's keys perhaps."""
+        from urllib.parse import unquote, urlparse
+
+        from redis.connection import parse_url
+
+        example = "e.g. redis://127.0.0.1:6379/0, or unix:///path/to/redis.sock"
+        try:
+            parse_url(self.redis_url)
+            parsed = urlparse(self.redis_url)
+        except ValueError as error:
+            raise ConfigError(f"OBS_REDIS_URL is not a Redis URL ({error}): {example}") from None
+        database = unquote(parsed.path).replace("/", "")
+        if parsed.scheme != "unix" and database and not database.isdigit():
+            raise ConfigError(f"OBS_REDIS_URL names the database {database!r}: Redis databases are numbers "
+                              f"({example})")
+        return self.redis_url
+
 
 def _postgresql_url(name: str, url: str) -> str:
     """The URL if SQLAlchemy can read it and it names PostgreSQL; otherwise one line naming the
