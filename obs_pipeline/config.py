@@ -25,6 +25,13 @@ class Settings:
     models: str = DEFAULT_MODELS
     spool_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        # A URL naming no driver means psycopg2, the one installed; to SQLAlchemy 2.1 it means psycopg 3
+        for name in ("main_db_url", "replica_db_url"):
+            url = getattr(self, name)
+            if url and url.startswith("postgresql://"):
+                object.__setattr__(self, name, "postgresql+psycopg2://" + url.removeprefix("postgresql://"))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ

@@ -696,6 +696,31 @@ def test_a_wrong_obs_models_is_one_line_naming_it_and_changes_nothing(env, setti
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_database_urls_without_a_driver_work(env, settings, redis_client, main_engine):
+    """`postgresql://user@host/db`, the plain form, means psycopg 3 to SQLAlchemy 2.1, which is not
+    installed: `status`, `db init` and `drain` stopped with "No module named 'psycopg'", naming
+    neither the variable nor the fix. It means psycopg2, the driver obs-pipeline installs."""
+    import sqlalchemy as sa
+
+    for name in ("OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL"):
+        env[name] = sa.engine.make_url(env[name]).set(drivername="postgresql").render_as_string(hide_password=False)
+        assert env[name].startswith("postgresql://")
+    keys, _ = buffer_one_and_see_the_queue(settings, redis_client, 953)
+    for command in (["db", "init"], ["drain", "--once"], ["status", "--json"]):
+        result = cli(*command, env=env)
+        assert result.returncode == 0, (command, result.stderr)
+    assert json.loads(result.stdout)["replication_lag"]["replica_lsn"]
+    assert redis_client.llen(keys.buffer) == 0
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 953")).scalar_one() == "stays buffered"
+    buf = TransactionBuffer(redis_url=env["OBS_REDIS_URL"], site=settings.site, replica_url=env["OBS_REPLICA_DB_URL"])
+    try:  # a script's smart queries read the replica by the same URL
+        assert buf.get("ObsUnit", 1) == {"id": 1, "name": "unit 1"}
+    finally:
+        buf.close()
+
+
 @pytest.mark.usefixtures("clean_db")  # the replica has the schema
 @pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["drain", "--once"], ["spool", "push"]])
 @pytest.mark.parametrize("url, message", [
