@@ -272,6 +272,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings.require_redis()
+    settings.require_replica()  # it picks its obs units there (without it: "no ObsUnit rows on the replica")
     buffer = TransactionBuffer.from_env()
     try:
         result = simulate(buffer, rate=args.rate, count=args.count, duration_s=args.duration, files=args.files,

@@ -740,3 +740,12 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     assert line.startswith(f"obs-pipeline: error: {message}") and "secret" not in line, line
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
     assert spool.read_text() == json.dumps(SPOOLED) + "\n"
+
+
+def test_simulate_without_a_replica_url_says_so(env, settings, redis_client):
+    """It said "no ObsUnit rows on the replica: run `obs-pipeline db init --demo-data` first", which
+    does not help: the replica was not named at all."""
+    del env["OBS_REPLICA_DB_URL"]
+    line = one_line_error(cli("simulate", "--count", "1", env=env))
+    assert line.startswith("obs-pipeline: error: OBS_REPLICA_DB_URL is not set"), line
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
