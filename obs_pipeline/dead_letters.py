@@ -79,8 +79,9 @@ class DeadLetters:
         return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids))
 
     def discard(self, ref: str) -> None:
-        """Drop it for good (by id, or `#N` of the list), with its status, caches, overlays and
-        its marks in `held_ids`; what it blocked stays dead-lettered (retry or discard those too)."""
+        """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
+        caches, overlays and its marks in `held_ids`; what it blocked stays dead-lettered (retry or
+        discard those too)."""
         self._while_unchanged(lambda pipe: self._discard(pipe, ref))
 
     def _while_unchanged(self, act: Any) -> Any:
@@ -142,7 +143,12 @@ class DeadLetters:
         return [letter.transaction_id for letter in ordered]
 
     def _discard(self, pipe: Any, ref: str) -> None:
-        letter = self.get(ref, self.list(pipe))
+        letters = self.list(pipe)
+        letter = self.get(ref, letters)
+        # every letter of the transaction: one pushed twice by a producer is listed twice, and a copy
+        # left behind would be requeued by a later `retry --all`, applying what the operator discarded
+        copies = [other for other in letters if other.transaction_id is not None
+                  and other.transaction_id == letter.transaction_id] or [letter]
         tx = _parse(letter.doc)
         try:  # a transaction that does not validate was never cached: nothing more to remove
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
@@ -151,7 +157,8 @@ class DeadLetters:
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
         pipe.multi()
-        pipe.lrem(self.keys.failed, 1, letter.raw)
+        for copy in copies:
+            pipe.lrem(self.keys.failed, 1, copy.raw)
         if letter.transaction_id:
             pipe.delete(self.keys.transaction(letter.transaction_id))
         if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up

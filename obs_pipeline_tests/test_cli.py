@@ -742,6 +742,35 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     assert spool.read_text() == json.dumps(SPOOLED) + "\n"
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, redis_client, settings, main_engine):
+    """A producer that pushes a transaction again (its LPUSH retried after a timeout) can have it
+    dead-lettered twice. `failed discard ID` removed one letter: the id stayed listed, and a later
+    `failed retry --all`, once the cause was fixed, had main apply the transaction the operator
+    had discarded."""
+    import sqlalchemy as sa
+
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    doc, ids = seed_example(settings.site, obs_unit_id=31337)  # no such obs unit: fails on main
+    for _ in range(2):  # pushed again later, by a producer that does not know it was taken
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+        drain_until_settled(settings, retry_base_s=0.05)
+    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == \
+        [doc["transaction_id"]] * 2
+    assert cli("failed", "discard", doc["transaction_id"], env=env).returncode == 0
+    assert cli("failed", "list", env=env).stdout == ""
+    with main_engine.begin() as conn:  # the cause is fixed; the operator retries what is left
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 0
+    assert redis_client.hlen(keys.held_ids) == 0 and redis_client.llen(keys.failed) == 0
+
+
 def test_simulate_without_a_replica_url_says_so(env, settings, redis_client):
     """It said "no ObsUnit rows on the replica: run `obs-pipeline db init --demo-data` first", which
     does not help: the replica was not named at all."""
