@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `obs-pipeline failed list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush of stdout would fail)
+        return 141  # as a shell reports a tool that SIGPIPE stopped
     except SystemExit:
         raise
     except Exception as error:  # one line for the operator; -v for the traceback

@@ -742,6 +742,22 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     assert spool.read_text() == json.dumps(SPOOLED) + "\n"
 
 
+def test_failed_list_into_head_stops_quietly(env, settings, redis_client):
+    """`obs-pipeline failed list | head` on a long list (what an operator types when thousands are
+    dead-lettered) printed "obs-pipeline: error: [Errno 32] Broken pipe" and Python's "Exception
+    ignored ... BrokenPipeError" lines once head had its lines."""
+    keys = SiteKeys(settings.site)
+    letter = {"transaction_id": None, "endpoint": "flood", "steps": [],
+              "failure": {"reason": "x" * 200, "kind": "invalid"}}
+    redis_client.lpush(keys.failed, *[json.dumps({**letter, "transaction_id": f"tx-{i:05d}"}) for i in range(3000)])
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    done = subprocess.run(f"{sys.executable} -m obs_pipeline.cli failed list | head -2; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", env={**base, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines() == [f"tx-{i:05d}\tflood\tinvalid\t{'x' * 200}" for i in range(2)], done.stdout
+    assert done.stderr == "" and done.returncode == 141, done.stderr
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, redis_client, settings, main_engine):
     """A producer that pushes a transaction again (its LPUSH retried after a timeout) can have it
