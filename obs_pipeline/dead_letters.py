@@ -18,6 +18,13 @@ class UnknownTransaction(LookupError):
     pass
 
 
+class ListKeepsChanging(RuntimeError):
+    """The dead-letter list changed every time a retry or discard read it: nothing was changed."""
+
+
+READS = 20  # a retry or discard reads the list at most this often before it gives up, saying why
+
+
 @dataclass
 class DeadLetter:
     raw: str
@@ -76,7 +83,8 @@ class DeadLetters:
 
     def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
         """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
-        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids))
+        prepared: dict[str, tuple[str, set[str] | None]] = {}  # kept across reads, see _retry
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared))
 
     def discard(self, ref: str) -> None:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
@@ -89,16 +97,24 @@ class DeadLetters:
         one MULTI. If the list changed in between (another operator's retry or discard of the same
         letter, a dead letter the drain added), nothing is written and it reads again: acting on
         what it read then would requeue a discarded letter, requeue one twice, or delete the
-        status and caches of one queued again."""
-        while True:
+        status and caches of one queued again. A drain that dead-letters as it goes may change it
+        at every read: after READS of them it gives up with one line (it read again for ever)."""
+        for _ in range(READS):
             with self.store.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(self.keys.failed)
                     return act(pipe)
                 except redis.WatchError:
                     continue
+        raise ListKeepsChanging(f"the dead-letter list of site {self.keys.site} changed each of the {READS} times "
+                                "this read it (a drain is dead-lettering as it goes); nothing was changed: stop the "
+                                "drain for a moment (the Dagster sensor, `obs-pipeline drain`), then run it again")
 
-    def _retry(self, pipe: Any, transaction_ids: list[str] | None) -> list[str]:
+    def _retry(self, pipe: Any, transaction_ids: list[str] | None,
+               prepared: dict[str, tuple[str, set[str] | None]]) -> list[str]:
+        """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
+        read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
+        a drain dead-lettering every batch changed the list before every one of them ended)."""
         letters = self.list(pipe)
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id]
@@ -123,23 +139,31 @@ class DeadLetters:
         ordered = _blockers_first(chosen)
         pipe.multi()
         _remove(pipe, self.keys.failed, letters, ordered)
+        for letter in ordered:
+            if letter.raw not in prepared:
+                prepared[letter.raw] = self._requeued(letter)
         # RPUSH puts an entry at the consuming end: push the last-to-run first.
         for letter in reversed(ordered):
-            doc = {k: v for k, v in letter.doc.items() if k != "failure"}
-            # last_error: once applied, the drain releases its holds and what is parked behind it
-            doc.update(status="pending", retry_count=0)
-            if isinstance(doc.get("metadata") or {}, dict):  # (an invalid one stays as it was)
-                doc["metadata"] = {**(doc.get("metadata") or {}), "last_error": letter.reason}
-            tx = _parse(doc)
-            tx_json = _canonical_json(doc, tx)
+            tx_json = prepared[letter.raw][0]
             pipe.rpush(self.keys.buffer, tx_json)
             pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
         # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged)
-        self.store.revive({letter.transaction_id: written_ids(tx, self.registry)
-                           for letter in ordered if (tx := _parse(letter.doc)) is not None}, pipe)
+        self.store.revive({letter.transaction_id: rows for letter in ordered
+                           if (rows := prepared[letter.raw][1]) is not None}, pipe)
         pipe.execute()
         return [letter.transaction_id for letter in ordered]
+
+    def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None]:
+        """The JSON that requeues the letter, and the rows it writes (None: it does not parse)."""
+        doc = {k: v for k, v in letter.doc.items() if k != "failure"}
+        # last_error: once applied, the drain releases its holds and what is parked behind it
+        doc.update(status="pending", retry_count=0)
+        if isinstance(doc.get("metadata") or {}, dict):  # (an invalid one stays as it was)
+            doc["metadata"] = {**(doc.get("metadata") or {}), "last_error": letter.reason}
+        original = _parse(letter.doc)
+        return (_canonical_json(doc, _parse(doc)),
+                written_ids(original, self.registry) if original is not None else None)
 
     def _discard(self, pipe: Any, ref: str) -> None:
         letters = self.list(pipe)

@@ -827,3 +827,58 @@ def test_retry_all_of_thousands_of_dead_letters_keeps_redis_answering(env, setti
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, observations)
     assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_retry_all_while_a_drain_dead_letters_as_it_goes_ends(env, settings, redis_client, main_engine):
+    """`failed retry --all` WATCHes the list and reads it again if it changed. Reading and preparing
+    4,500 letters took over a second, and a drain dead-lettering a producer's garbage every batch
+    changed the list before every read ended: the command never ended (it read again for minutes,
+    at full CPU). It must end: having requeued every letter, or with one line saying why not,
+    having changed nothing; then, the drain stopped, a retry requeues them and each applies once."""
+    import signal
+    import threading
+
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3000)  # 4,500 transactions, then dead-lettered as the drain does
+    buf.close()
+    queued = list(reversed(redis_client.lrange(keys.buffer, 0, -1)))
+    failure = {"reason": "a cause since fixed", "kind": "permanent", "attempts": 4, "failed_at": 0}
+    redis_client.lpush(keys.failed, *[json.dumps({**json.loads(raw), "status": "failed", "failure": failure})
+                                      for raw in queued])
+    redis_client.delete(keys.buffer)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    drain = subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "drain"], env={**base, **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+
+    def garbage() -> None:  # a producer's bad entries, dead-lettered by the running drain every batch
+        while not stop.wait(0.02):
+            redis_client.lpush(keys.buffer, b"not json at all")
+
+    flood = threading.Thread(target=garbage)
+    flood.start()
+    try:
+        result = cli("failed", "retry", "--all", env=env)
+    finally:
+        stop.set()
+        flood.join()
+        drain.send_signal(signal.SIGTERM)
+        drain.wait(60)
+    if result.returncode != 0:  # it gave up: one line, and nothing changed
+        assert one_line_error(result) == (
+            f"obs-pipeline: error: the dead-letter list of site {settings.site} changed each of the 20 times this "
+            "read it (a drain is dead-lettering as it goes); nothing was changed: stop the drain for a moment "
+            "(the Dagster sensor, `obs-pipeline drain`), then run it again")
+        assert not [e for e in redis_client.lrange(keys.buffer, 0, -1) if e != b"not json at all"]
+        assert redis_client.llen(keys.failed) > 4500
+        result = cli("failed", "retry", "--all", env=env)  # the drain stopped
+    assert result.returncode == 0 and result.stderr == "requeued 4500 transaction(s)\n", result.stderr
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+    letters = [json.loads(raw) for raw in redis_client.lrange(keys.failed, 0, -1)]
+    assert letters and all(letter.get("raw") == "not json at all" for letter in letters)
+    assert redis_client.hlen(keys.held_ids) == 0
