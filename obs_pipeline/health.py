@@ -31,6 +31,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(f"{depths['failed']} dead-lettered")
     if oldest is not None and oldest > stale_after_s:
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
+    unset = [name for name, engine in (("OBS_MAIN_DB_URL", main), ("OBS_REPLICA_DB_URL", replica)) if engine is None]
+    if unset:  # "healthy" would claim what was not looked at (a monitor run without the site's environment)
+        problems.append(f"replication not checked: {' and '.join(unset)} not set "
+                        "(`eval \"$(obs-pipeline stack env)\"` for the local stack)")
     if lag.get("error"):
         problems.append(lag["error"])
     elif lag["seconds"] > REPLICA_STUCK_AFTER_S and lag.get("replica_behind_oldest_batch"):

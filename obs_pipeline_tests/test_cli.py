@@ -882,3 +882,17 @@ def test_retry_all_while_a_drain_dead_letters_as_it_goes_ends(env, settings, red
     letters = [json.loads(raw) for raw in redis_client.lrange(keys.failed, 0, -1)]
     assert letters and all(letter.get("raw") == "not json at all" for letter in letters)
     assert redis_client.hlen(keys.held_ids) == 0
+
+
+@pytest.mark.parametrize("unset", [["OBS_MAIN_DB_URL"], ["OBS_REPLICA_DB_URL"], ["OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL"]])
+def test_status_without_the_database_urls_does_not_say_healthy(env, unset):
+    """Run without the site's database URLs (a monitor's cron job, a shell without `stack env`),
+    `status` said "healthy" and exited 0 with main or the replica never asked: a site whose main
+    was down looked fine."""
+    for name in unset:
+        del env[name]
+    result = cli("status", env=env)
+    assert result.returncode == 3, result.stderr
+    problem = f"replication not checked: {' and '.join(unset)} not set"
+    assert result.stdout.startswith(f"site {env['OBS_SITE']}: degraded ({problem}"), result.stdout
+    assert one_line_error(result).startswith(f"obs-pipeline: site {env['OBS_SITE']} is degraded: {problem}")
