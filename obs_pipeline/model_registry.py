@@ -37,6 +37,7 @@ class ColumnSpec:
     primary_key: bool
     foreign_key: str | None  # the table it references, with its schema if it has one ("x.station")
     int_bits: int = 64       # an integer column's size in PostgreSQL: values beyond it are refused at once
+    float_bits: int = 64     # a float column's: 32 for REAL, whose range (about 3.4e38) is far smaller
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
     item: str | None = None  # an array's element kind (int_bits and max_length are its elements')
@@ -49,11 +50,12 @@ class ColumnSpec:
 
     def __post_init__(self) -> None:
         if self.kind == "array":
-            convert = _array_of(_convert(self.item or "any", self.int_bits, self.max_length, self.padded))
+            convert = _array_of(_convert(self.item or "any", self.int_bits, self.float_bits, self.max_length,
+                                         self.padded))
         elif self.choices is not None:
             convert = _one_of(self.choices)
         else:
-            convert = _convert(self.kind, self.int_bits, self.max_length, self.padded)
+            convert = _convert(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded)
         object.__setattr__(self, "check", _checker(convert, nullable=not (self.required or self.primary_key)))
 
     def to_python(self, value: Any) -> Any:
@@ -63,9 +65,12 @@ class ColumnSpec:
         return _TO_PYTHON[self.kind](value)
 
 
-def _convert(kind: str, int_bits: int, max_length: int | None, padded: bool) -> Callable[[Any], Any]:
+def _convert(kind: str, int_bits: int, float_bits: int, max_length: int | None,
+             padded: bool) -> Callable[[Any], Any]:
     if kind == "int":
         return _int_of(int_bits)
+    if kind == "float" and float_bits == 32:
+        return _single_float_json
     if kind == "str" and max_length is not None:
         return _str_of(max_length, padded)
     return _TO_JSON[kind]
@@ -194,6 +199,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             primary_key=column.primary_key,
             foreign_key=_referenced_table(fk) if fk is not None else None,
             int_bits=_int_bits(item if item is not None else column.type),
+            float_bits=32 if is_single_precision(item if item is not None else column.type) else 64,
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             item=_kind(item) if item is not None else None,
@@ -348,6 +354,12 @@ def _int_bits(type_: sqltypes.TypeEngine) -> int:
     return 32 if isinstance(type_, sqltypes.Integer) else 64
 
 
+def is_single_precision(type_: sqltypes.TypeEngine) -> bool:
+    """REAL, or FLOAT(p) with p <= 24, which PostgreSQL makes a REAL."""
+    return isinstance(type_, sqltypes.Float) and not isinstance(type_, sqltypes.Double) and (
+        isinstance(type_, sqltypes.REAL) or (type_.precision or 53) <= 24)
+
+
 def _referenced_table(fk: sa.ForeignKey) -> str:
     """The fullname of the table a foreign key points at, as dependency tracking names its rows
     (wire.record_key): "x.station" for a table in schema x, not "x" (the first part of the
@@ -450,6 +462,25 @@ def _float_json(value: Any) -> float | int:
             return float(value)
         raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
     raise ValueError(f"{value!r} is not a number")
+
+
+# Main reads a REAL's value from its text (the repr the drain sends) and refuses one that rounds
+# to infinity or, not being 0, to 0 ("value out of range"): at or beyond halfway past REAL's
+# largest value, at or below halfway to its smallest.
+_SINGLE_OVERFLOW = decimal.Decimal(2 ** 128 - 2 ** 103)
+_SINGLE_UNDERFLOW = decimal.Decimal(2.0 ** -150)
+
+
+def _single_float_json(value: Any) -> float | int:
+    """A number a REAL column takes: the drain would otherwise have main refuse the whole
+    transaction, hours after the script could have been told."""
+    value = _float_json(value)
+    if value and not 1.5e-45 < abs(value) < 3.4e38:  # (most values: no exact look needed)
+        size = decimal.Decimal(repr(abs(value)))
+        if size >= _SINGLE_OVERFLOW or size <= _SINGLE_UNDERFLOW:
+            raise ValueError(f"{value!r} is out of range for a REAL (single-precision) column: PostgreSQL takes "
+                             "0 and magnitudes from about 1e-45 to 3.4e38")
+    return value
 
 
 def _str_json(value: Any) -> str:

@@ -55,7 +55,7 @@ from sqlalchemy import exc
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
-from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec
+from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, is_single_precision
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -403,7 +403,7 @@ def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]
         type_ = column.type
         if isinstance(type_, sa.Time):
             forms.append((column.key, functools.partial(_time_of_day, zone=bool(type_.timezone))))
-        elif isinstance(type_, sa.Float) and (isinstance(type_, sa.REAL) or (type_.precision or 53) <= 24):
+        elif is_single_precision(type_):
             forms.append((column.key, _single_float))
     return tuple(forms)
 

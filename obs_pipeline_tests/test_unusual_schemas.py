@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import struct
 import uuid
 
 import pytest
@@ -174,6 +175,54 @@ def test_a_float_columns_integer_beyond_a_float_is_refused_at_ingest(odd, redis_
             bad.create("Sample", {"seconds": -10**400})
     assert [r["id"] for r in buf.search("Sample", {"seconds": {">": 1e299}})] == [kept["id"]]  # (it raised)
     assert buf.get("Sample", kept["id"])["seconds"] == 1e300
+    buf.close()
+
+
+FLOAT4_MAX = 3.4028234663852886e38  # REAL's largest value
+
+
+def _single(value: float) -> float:
+    """`value` as a REAL holds it."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def test_a_real_columns_number_beyond_single_precision_is_refused_at_ingest(odd, redis_client, main_engine,
+                                                                          replica_engine):
+    """REAL (and FLOAT(24), which PostgreSQL makes a REAL) holds magnitudes up to about 3.4e38,
+    and none nearer 0 than about 1e-45 but 0 itself. Ingest took any float: main refused the
+    insert ("value out of range: overflow" / "underflow") and the drain dead-lettered the whole
+    transaction. Now ingest refuses it in one line, as the drain's check does a producer's; a
+    number main rounds into the range (to the largest value, to the smallest) is taken."""
+    buf = TransactionBuffer(settings=odd)
+    refused = [("ratio", 1e39), ("ratio", -1e39), ("ratio", 10**39), ("ratio", 1e-50), ("ratio", -7e-46),
+               ("ratio", 3.402823567797337e38), ("levels", [1.0, None, 1e39])]
+    for column, value in refused:
+        with pytest.raises(InvalidTransaction, match=rf"^create of Sample: Sample\.{column}: \S+ is out of range for "
+                                                     r"a REAL \(single-precision\) column: PostgreSQL takes 0 and "
+                                                     r"magnitudes from about 1e-45 to 3\.4e38$"):
+            with buf.transaction() as tx:
+                tx.create("Sample", {column: value, "code": "r"})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    inside = [FLOAT4_MAX, -3.4028235677973366e38, 3.40282356e38, 1e-45, -7.1e-46, 0.0, 3 * 10**38]
+    with buf.transaction() as tx:
+        made = [tx.create("Sample", {"ratio": v}) for v in inside]
+        levels = tx.create("Sample", {"levels": [FLOAT4_MAX, 1e-45, None]})
+    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                        "data": {"id": str(uuid.uuid4()), "ratio": 1e39}}])
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: Sample.ratio: 1e+39 is out of range "
+                                                  "for a REAL (single-precision) column: PostgreSQL takes 0 and "
+                                                  "magnitudes from about 1e-45 to 3.4e38"}
+    stored = [FLOAT4_MAX, -FLOAT4_MAX, FLOAT4_MAX, 1e-45, -1e-45, 0.0, 3e38]  # as main rounds them
+    for engine in (main_engine, replica_engine):
+        with engine.connect() as conn:
+            got = dict(conn.execute(sa.text("SELECT id::text, ratio::float8 FROM odd_sample WHERE id::text = ANY(:i)"),
+                                    {"i": [r["id"] for r in made]}).all())
+            got_levels = conn.execute(sa.text("SELECT levels::float8[] FROM odd_sample WHERE id = :i"),
+                                      {"i": levels["id"]}).scalar_one()
+        assert [got[r["id"]] for r in made] == [_single(v) for v in stored]
+        assert got_levels == [FLOAT4_MAX, _single(1e-45), None]
     buf.close()
 
 

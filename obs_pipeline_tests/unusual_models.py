@@ -1,6 +1,6 @@
 """A site's schema with column types and layouts the built-in one does not have, for
 test_unusual_schemas.py: text of limited length (VARCHAR(n), CHAR(n) also as a primary key, a non-native enum),
-arrays, a float, a decimal, a time of day, a native enum, binary data, a TypeDecorator, and
+arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day, a native enum, binary data, a TypeDecorator, and
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
 self-referencing foreign key; and models this cannot write (a primary key of two columns,
 inheritance)."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import (ARRAY, CHAR, Enum, Float, ForeignKey, Integer, LargeBinary, Numeric, String, Text, Time,
-                        TypeDecorator, Uuid)
+from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, LargeBinary, Numeric, String, Text,
+                        Time, TypeDecorator, Uuid)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "odd_schema"
@@ -38,6 +38,8 @@ class Sample(Base):
     counts: Mapped[list | None] = mapped_column(ARRAY(Integer), nullable=True)
     refs: Mapped[list | None] = mapped_column(ARRAY(Uuid), nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ratio: Mapped[float | None] = mapped_column(REAL, nullable=True)
+    levels: Mapped[list | None] = mapped_column(ARRAY(Float(precision=24)), nullable=True)
     amount: Mapped[object | None] = mapped_column(Numeric(10, 2), nullable=True)
     at: Mapped[object | None] = mapped_column(Time, nullable=True)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
