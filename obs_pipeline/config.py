@@ -62,24 +62,38 @@ class Settings:
         return _postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
 
     def require_redis(self) -> str:
-        """The Redis URL if redis-py can read it; otherwise one line naming OBS_REDIS_URL (never
-        the URL: it may hold a password). A database that is not a number is refused too:
+        """The Redis URL if redis-py can read it; otherwise one line naming OBS_REDIS_URL and its
+        value, with any password hidden. A database that is not a number is refused too:
         redis-py would quietly use database 0, another site's keys perhaps."""
         from urllib.parse import unquote, urlparse
 
         from redis.connection import parse_url
 
         example = "e.g. redis://127.0.0.1:6379/0, or unix:///path/to/redis.sock"
+        shown = _without_password(self.redis_url)
         try:
             parse_url(self.redis_url)
             parsed = urlparse(self.redis_url)
         except ValueError as error:
-            raise ConfigError(f"OBS_REDIS_URL is not a Redis URL ({error}): {example}") from None
+            raise ConfigError(f"OBS_REDIS_URL={shown!r} is not a Redis URL ({error}): {example}") from None
         database = unquote(parsed.path).replace("/", "")
         if parsed.scheme != "unix" and database and not database.isdigit():
-            raise ConfigError(f"OBS_REDIS_URL names the database {database!r}: Redis databases are numbers "
-                              f"({example})")
+            raise ConfigError(f"OBS_REDIS_URL={shown!r} names the database {database!r}: Redis databases are "
+                              f"numbers ({example})")
         return self.redis_url
+
+
+def _without_password(url: str) -> str:
+    """`url` fit to print: what comes before its host's @ (user and password) and a
+    `password=` parameter are replaced by ***."""
+    import re
+
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return scheme + separator + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 def _postgresql_url(name: str, url: str) -> str:

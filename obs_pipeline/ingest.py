@@ -20,15 +20,15 @@ import redis
 
 from obs_pipeline import json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
-from obs_pipeline.config import Settings
+from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
                                validate)
 
-__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "SpoolError", "RedisUnreadable",
-           "ReplicaUnreadable"]
+__all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "ConfigError", "SpoolError",
+           "RedisUnreadable", "ReplicaUnreadable"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
 _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)
@@ -140,7 +140,7 @@ class TransactionBuffer:
         self.site = settings.site
         self.max_retries = max_retries
         self.registry = ModelRegistry.from_path(settings.models)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)

@@ -724,9 +724,11 @@ def test_database_urls_without_a_driver_work(env, settings, redis_client, main_e
 @pytest.mark.usefixtures("clean_db")  # the replica has the schema
 @pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["drain", "--once"], ["spool", "push"]])
 @pytest.mark.parametrize("url, message", [
-    ("localhost:6379", "OBS_REDIS_URL is not a Redis URL (Redis URL must specify one of the following schemes"),
-    ("redis://u:secret@127.0.0.1:notaport/0", "OBS_REDIS_URL is not a Redis URL (Port could not be cast to integer"),
-    ("redis://{host}/obs", "OBS_REDIS_URL names the database 'obs': Redis databases are numbers"),
+    ("localhost:6379", "OBS_REDIS_URL='localhost:6379' is not a Redis URL (Redis URL must specify one of the "
+                       "following schemes"),
+    ("redis://u:secret@127.0.0.1:notaport/0", "OBS_REDIS_URL='redis://***@127.0.0.1:notaport/0' is not a Redis URL "
+                                              "(Port could not be cast to integer"),
+    ("redis://{host}/obs", "OBS_REDIS_URL='redis://{host}/obs' names the database 'obs': Redis databases are numbers"),
 ])
 def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, settings, redis_client, tmp_path,
                                                                          command, url, message):
@@ -735,7 +737,8 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     reported, and `drain` drained, whatever site keys database 0 holds."""
     spool = spooled_by_a_script(tmp_path, settings.site)
     keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 954)
-    redis_url = url.format(host=env["OBS_REDIS_URL"].removeprefix("redis://").split("/")[0])
+    host = env["OBS_REDIS_URL"].removeprefix("redis://").split("/")[0]
+    redis_url, message = url.format(host=host), message.format(host=host)
     line = one_line_error(cli(*command, env={**env, "OBS_REDIS_URL": redis_url, "OBS_SPOOL_DIR": str(tmp_path)}))
     assert line.startswith(f"obs-pipeline: error: {message}") and "secret" not in line, line
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 import obs_pipeline.apply
-from obs_pipeline.config import Settings
+from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
@@ -107,6 +108,35 @@ def test_transaction_buffer_keyword_form_uses_its_arguments_without_any_environm
             buf.delete("RawDataFile", str(uuid.uuid4()))
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("localhost:6379", r"OBS_REDIS_URL='localhost:6379' is not a Redis URL \(Redis URL must specify one of the "
+                       r"following schemes \(redis://, rediss://, unix://\)\)"),
+    ("redis://u:secret@127.0.0.1:notaport/0", r"OBS_REDIS_URL='redis://\*\*\*@127\.0\.0\.1:notaport/0' is not a "
+                                              r"Redis URL \(Port could not be cast to integer value as 'notaport'\)"),
+    ("redis://{host}/obs", r"OBS_REDIS_URL='redis://{host}/obs' names the database 'obs': Redis databases are "
+                           r"numbers \("),
+])
+def test_a_malformed_redis_url_is_one_line_naming_it_and_buffers_nothing(stack_urls, site, redis_client, tmp_path,
+                                                                         monkeypatch, url, message):
+    """TransactionBuffer() and from_env() with a malformed OBS_REDIS_URL gave an observing
+    script redis-py's bare ValueError ("Port could not be cast to integer value as ...": which
+    setting?), and with a database that is not a number (/obs) buffered into database 0, where
+    every site's keys are. Now one line names the variable, its value (no password) and the
+    form it takes, and nothing is buffered or spooled."""
+    host = stack_urls["OBS_REDIS_URL"].removeprefix("redis://").split("/")[0]
+    url, message = url.format(host=host), message.format(host=re.escape(host))
+    clear_obs_environment(monkeypatch)
+    monkeypatch.setenv("OBS_SITE", site)
+    monkeypatch.setenv("OBS_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("OBS_REDIS_URL", url)
+    for build in (TransactionBuffer.from_env, lambda: TransactionBuffer(redis_url=url, site=site)):
+        with pytest.raises(ConfigError, match=rf"^{message}.*e\.g\. redis://127\.0\.0\.1:6379/0, or "
+                                              r"unix:///path/to/redis\.sock\)?$") as refused:
+            buffer_one_observation(build())
+        assert "\n" not in str(refused.value) and "secret" not in str(refused.value)
+    assert site_keys(redis_client, site) == [] and not (tmp_path / "spool").exists()
 
 
 # --- 2. unknown transactions ----------------------------------------------------------------------
@@ -268,7 +298,7 @@ def test_no_module_reads_the_environment_at_import_time(tmp_path):
     code = """
 import os
 import obs_pipeline.ingest, obs_pipeline.config, obs_pipeline.drain, obs_pipeline.definitions
-from obs_pipeline.config import Settings
+from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.ingest import TransactionBuffer
 os.environ["OBS_SITE"] = "changed_after_import"
