@@ -591,6 +591,23 @@ def _parse_time(value: Any, with_zone: bool) -> dt.time:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
+# A TIME WITH TIME ZONE's offset, as PostgreSQL takes it: whole seconds, under 16 hours either way
+_TIMETZ_OFFSET_LIMIT = dt.timedelta(hours=16)
+
+
+def _timetz_json(value: Any) -> str:
+    """A time of day with its offset, which main must take: Python's go up to ±23:59:59.999999."""
+    parsed = _parse_time(value, True)
+    offset = parsed.utcoffset()
+    if offset is None:  # a ZoneInfo: no offset without a date, and main would take its own zone's
+        raise ValueError(f"{value!r} has a time zone whose offset depends on the date: give a fixed offset "
+                         "(+01:00) for a TIME WITH TIME ZONE column")
+    if offset.microseconds or not -_TIMETZ_OFFSET_LIMIT < offset < _TIMETZ_OFFSET_LIMIT:
+        raise ValueError(f"{value!r} has an offset PostgreSQL refuses: a TIME WITH TIME ZONE takes offsets of "
+                         "whole seconds within ±15:59:59")
+    return parsed.isoformat()
+
+
 def _binary_json(value: Any) -> Any:
     """Bytes have no JSON form, and text would reach main as bytes the script did not mean: a
     binary column can only be left out or null."""
@@ -625,7 +642,7 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "datetime": _datetime_json,
     "date": lambda v: _parse_date(v).isoformat(),
     "time": lambda v: _parse_time(v, False).isoformat(),
-    "timetz": lambda v: _parse_time(v, True).isoformat(),
+    "timetz": _timetz_json,
     "json": json_value,
     "binary": _binary_json,
     "any": json_value,

@@ -303,6 +303,55 @@ def test_a_time_column_takes_what_the_orm_takes_and_reads_the_same_buffered_and_
     buf.close()
 
 
+def _reads_and_replica(buf, odd, replica_engine, column: str, ids: list[str]) -> tuple[list, list]:
+    """`column` of the records, as reads give it while buffered and once replicated; and as the
+    replica holds it."""
+    reads = []
+    for _ in range(2):
+        reads.append([buf.get("Sample", i)[column] for i in ids])
+        drain_until_settled(odd, retry_base_s=0.05)
+    assert reads[0] == reads[1], reads
+    with replica_engine.connect() as conn:
+        held = dict(conn.execute(sa.text(f"SELECT id::text, {column} FROM odd_sample WHERE id::text = ANY(:i)"),
+                                 {"i": ids}).all())
+    return reads[0], [held[i] for i in ids]
+
+
+def test_a_time_with_time_zone_takes_only_offsets_main_takes(odd, redis_client, replica_engine):
+    """Python's offsets go to ±23:59:59.999999, PostgreSQL's to ±15:59:59 in whole seconds: ingest
+    took "12:30+16:00" for a TIME WITH TIME ZONE, and main refused it in the drain ("time zone
+    displacement out of range"), dead-lettering the transaction; a time whose ZoneInfo has no
+    offset without a date was buffered without one, for main to give it its session's zone. Now
+    ingest refuses them in one line; offsets just inside go all the way to the replica."""
+    import datetime as dt
+    import zoneinfo
+
+    buf = TransactionBuffer(settings=odd)
+    refused = ["12:30+16:00", "12:30-23:00", "12:30+05:30:15.5",
+               dt.time(12, 30, tzinfo=zoneinfo.ZoneInfo("Asia/Tokyo"))]
+    for value in refused:
+        with pytest.raises(InvalidTransaction, match=rf"^create of Sample: Sample\.at_zone: {re.escape(repr(value))} "
+                                                     r"has (an offset PostgreSQL refuses|a time zone whose offset "
+                                                     r"depends on the date)[^\n]*$"):
+            with buf.transaction() as tx:
+                tx.create("Sample", {"at_zone": value})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    inside = ["12:30+15:59:59", "12:30-15:59:59",
+              dt.time(1, 2, 3, tzinfo=dt.timezone(dt.timedelta(hours=5, seconds=15)))]
+    with buf.transaction() as tx:
+        ids = [tx.create("Sample", {"at_zone": v})["id"] for v in inside]
+    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                        "data": {"id": str(uuid.uuid4()), "at_zone": "12:30+16:00"}}])
+    reads, held = _reads_and_replica(buf, odd, replica_engine, "at_zone", ids)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert reads == ["12:30:00+15:59:59", "12:30:00-15:59:59", "01:02:03+05:00:15"]
+    assert [t.isoformat() for t in held] == reads
+    assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: Sample.at_zone: '12:30+16:00' has an "
+                                                  "offset PostgreSQL refuses: a TIME WITH TIME ZONE takes offsets of "
+                                                  "whole seconds within ±15:59:59"}
+    buf.close()
+
+
 def test_an_enum_takes_its_labels_and_refuses_the_rest_at_ingest(odd, redis_client, main_engine):
     """A native enum and a non-native one (VARCHAR, no CHECK constraint). Any text was taken:
     main refused it for the native enum only in the drain, and stored it in the other's column,

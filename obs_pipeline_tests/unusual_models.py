@@ -1,6 +1,6 @@
 """A site's schema with column types and layouts the built-in one does not have, for
 test_unusual_schemas.py: text of limited length (VARCHAR(n), CHAR(n) also as a primary key, a non-native enum),
-arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day, a native enum, binary data, a TypeDecorator, and
+arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day (also with its time zone), a native enum, binary data, a TypeDecorator, and
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
 self-referencing foreign key; and models this cannot write (a primary key of two columns,
 inheritance)."""
@@ -42,6 +42,7 @@ class Sample(Base):
     levels: Mapped[list | None] = mapped_column(ARRAY(Float(precision=24)), nullable=True)
     amount: Mapped[object | None] = mapped_column(Numeric(10, 2), nullable=True)
     at: Mapped[object | None] = mapped_column(Time, nullable=True)
+    at_zone: Mapped[object | None] = mapped_column(Time(timezone=True), nullable=True)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     label: Mapped[str | None] = mapped_column(Label, nullable=True)
 
