@@ -31,8 +31,8 @@ class InvalidTransaction(ValueError):
 @dataclass(frozen=True)
 class ColumnSpec:
     name: str
-    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "time" | "timetz" | "json"
-    #       | "array" | "binary" | "any"
+    kind: str  # "uuid" | "int" | "float" | "str" | "bool" | "datetime" | "date" | "time" | "timetz"
+    #       | "interval" | "json" | "array" | "binary" | "any"
     required: bool  # must be given on create
     primary_key: bool
     foreign_key: str | None  # the table it references, with its schema if it has one ("x.station")
@@ -406,6 +406,8 @@ def _kind(type_: sqltypes.TypeEngine) -> str:
         return "date"
     if isinstance(type_, sqltypes.Time):
         return "timetz" if type_.timezone else "time"
+    if isinstance(type_, sqltypes._AbstractInterval):  # sa.Interval, postgresql.INTERVAL
+        return "interval"
     if isinstance(type_, sqltypes.String):
         return "str"
     if isinstance(type_, sqltypes.JSON):
@@ -608,6 +610,40 @@ def _timetz_json(value: Any) -> str:
     return parsed.isoformat()
 
 
+# ISO-8601 duration text of weeks, days, hours, minutes and (to the microsecond) seconds, each
+# with its own sign as PostgreSQL reads it: what a timedelta is, and what `interval_text` writes.
+_DURATION = re.compile(r"P(?!$)(?:([-+]?\d+)W)?(?:([-+]?\d+)D)?"
+                       r"(?:T(?=[-+\d])(?:([-+]?\d+)H)?(?:([-+]?\d+)M)?(?:([-+]?\d+(?:\.\d{1,6})?)S)?)?")
+
+
+def _parse_interval(value: Any) -> dt.timedelta:
+    if isinstance(value, dt.timedelta):
+        return value
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration: give a datetime.timedelta, or ISO-8601 duration text of "
+                         "weeks, days, hours, minutes and seconds (P1DT2H30M, PT0.5S)")
+    weeks, days, hours, minutes, seconds = (decimal.Decimal(f or 0) for f in match.groups())
+    try:
+        return dt.timedelta(weeks=int(weeks), days=int(days), hours=int(hours), minutes=int(minutes),
+                            seconds=int(seconds), microseconds=int(seconds % 1 * 1_000_000))
+    except OverflowError:
+        raise ValueError(f"{value!r} is beyond a timedelta's ±999999999 days") from None
+
+
+def interval_text(value: dt.timedelta) -> str:
+    """The JSON form of an interval: ISO-8601 text, which main takes as the ORM's timedelta
+    (its days, then the rest as a time of day) and reads give back, buffered or replicated."""
+    hours, rest = divmod(value.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    fraction = f".{value.microseconds:06d}".rstrip("0") if value.microseconds else ""
+    time = "".join(f"{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M")) if n)
+    time += f"{seconds}{fraction}S" if seconds or fraction else ""
+    if not (value.days or time):
+        return "PT0S"
+    return "P" + (f"{value.days}D" if value.days else "") + (f"T{time}" if time else "")
+
+
 def _binary_json(value: Any) -> Any:
     """Bytes have no JSON form, and text would reach main as bytes the script did not mean: a
     binary column can only be left out or null."""
@@ -643,6 +679,7 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "date": lambda v: _parse_date(v).isoformat(),
     "time": lambda v: _parse_time(v, False).isoformat(),
     "timetz": _timetz_json,
+    "interval": lambda v: interval_text(_parse_interval(v)),
     "json": json_value,
     "binary": _binary_json,
     "any": json_value,
@@ -658,6 +695,7 @@ _TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "date": _parse_date,
     "time": lambda v: _parse_time(v, False),
     "timetz": lambda v: _parse_time(v, True),
+    "interval": _parse_interval,
     "json": lambda v: v,
     "array": lambda v: v,
     "binary": lambda v: v,

@@ -55,13 +55,14 @@ from sqlalchemy import exc
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
-from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, is_single_precision
+from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
+                                         is_single_precision)
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
-_ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "time", "timetz", "uuid"}
+_ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "time", "timetz", "interval", "uuid"}
 _UTC = dt.timezone.utc
 
 # The buffered state of records of one model, read atomically (see the module docstring).
@@ -469,6 +470,8 @@ def _array_from_db(value: Any) -> Any:
         return _datetime_from_db(value)
     if isinstance(value, (dt.date, dt.time)):
         return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return interval_text(value)
     if isinstance(value, decimal.Decimal):
         return float(value)
     return value
@@ -479,6 +482,7 @@ _FROM_DB: dict[str, Callable[[Any], Any]] = {
     "datetime": _datetime_from_db,
     "date": lambda v: v.isoformat() if isinstance(v, dt.date) else v,
     "float": lambda v: float(v) if isinstance(v, decimal.Decimal) else v,
+    "interval": lambda v: interval_text(v) if isinstance(v, dt.timedelta) else v,
     "array": _array_from_db,
 }
 
@@ -507,6 +511,8 @@ def _key(column: ColumnSpec) -> Callable[[Any], Any]:
         return lambda v: dt.time.fromisoformat(v) if isinstance(v, str) else v
     if column.kind == "float":
         return float
+    if column.kind == "interval":
+        return column.to_python
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
 
 

@@ -352,6 +352,54 @@ def test_a_time_with_time_zone_takes_only_offsets_main_takes(odd, redis_client, 
     buf.close()
 
 
+def test_an_interval_takes_a_timedelta_and_reads_the_same_buffered_and_replicated(odd, redis_client, main_engine,
+                                                                                    replica_engine):
+    """An Interval column was a column of unknown type: a datetime.timedelta (what the ORM takes)
+    was refused as not JSON-serialisable, and any text was buffered, for main to refuse what it
+    could not read ("bogus", dead-lettered in the drain) and reads to give that text while
+    buffered and a timedelta once replicated. Now it takes a timedelta, or ISO-8601 duration
+    text, as ISO-8601 text that main stores as the ORM would and reads give back, buffered or
+    replicated (an update's too); anything else is refused at ingest in one line."""
+    import datetime as dt
+
+    buf = TransactionBuffer(settings=odd)
+    for value in ("bogus", "1 mon", "P1M", 3600, "PT0.1234567S", "P999999999DT24H"):
+        with pytest.raises(InvalidTransaction, match=rf"^create of Sample: Sample\.span: {re.escape(repr(value))} is "
+                                                     r"(not a duration: give a datetime\.timedelta, or ISO-8601 "
+                                                     r"duration text|beyond a timedelta's)[^\n]*$"):
+            with buf.transaction() as tx:
+                tx.create("Sample", {"span": value})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    inside = [dt.timedelta(hours=1, microseconds=5), dt.timedelta(seconds=-1.5), dt.timedelta.max, dt.timedelta.min,
+              "PT24H", "P1W"]
+    with buf.transaction() as tx:
+        ids = [tx.create("Sample", {"span": v})["id"] for v in inside]
+    day = [r["id"] for r in buf.search("Sample", {"span": dt.timedelta(days=1), "id": ids})]
+    longer = [r["id"] for r in buf.search("Sample", {"span": {">": "PT1H"}, "id": ids})]
+    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                        "data": {"id": str(uuid.uuid4()), "span": "bogus"}}])
+    reads, held = _reads_and_replica(buf, odd, replica_engine, "span", ids)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert reads == ["PT1H0.000005S", "P-1DT23H59M58.5S", "P999999999DT23H59M59.999999S", "P-999999999D", "P1D",
+                     "P7D"]
+    assert held == [dt.timedelta(hours=1, microseconds=5), dt.timedelta(seconds=-1.5), dt.timedelta.max,
+                    dt.timedelta.min, dt.timedelta(days=1), dt.timedelta(weeks=1)]
+    assert day == [r["id"] for r in buf.search("Sample", {"span": dt.timedelta(days=1), "id": ids})] == [ids[4]]
+    assert sorted(longer) == sorted(r["id"] for r in buf.search("Sample", {"span": {">": "PT1H"}, "id": ids})) \
+        == sorted([ids[0], ids[2], ids[4], ids[5]])
+    assert list(_failed(redis_client, odd)) == [pushed]
+    assert _failed(redis_client, odd)[pushed].startswith(f"transaction {pushed}, step s: Sample.span: 'bogus' is not "
+                                                         "a duration: give a datetime.timedelta")
+
+    updated = buf.update("Sample", ids[0], {"span": dt.timedelta(minutes=-90)})  # an UPDATE on main
+    assert buf.get("Sample", ids[0])["span"] == "P-1DT22H30M"
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(updated) == "replicated"
+    assert buf.get("Sample", ids[0])["span"] == "P-1DT22H30M"
+    assert _sample_on_main(main_engine, ids[0], "span") == {"span": dt.timedelta(minutes=-90)}
+    buf.close()
+
+
 def test_an_enum_takes_its_labels_and_refuses_the_rest_at_ingest(odd, redis_client, main_engine):
     """A native enum and a non-native one (VARCHAR, no CHECK constraint). Any text was taken:
     main refused it for the native enum only in the drain, and stored it in the other's column,

@@ -1,6 +1,6 @@
 """A site's schema with column types and layouts the built-in one does not have, for
 test_unusual_schemas.py: text of limited length (VARCHAR(n), CHAR(n) also as a primary key, a non-native enum),
-arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day (also with its time zone), a native enum, binary data, a TypeDecorator, and
+arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day (also with its time zone), an interval, a native enum, binary data, a TypeDecorator, and
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
 self-referencing foreign key; and models this cannot write (a primary key of two columns,
 inheritance)."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, LargeBinary, Numeric, String, Text,
-                        Time, TypeDecorator, Uuid)
+from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, Interval, LargeBinary, Numeric, String,
+                        Text, Time, TypeDecorator, Uuid)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "odd_schema"
@@ -43,6 +43,7 @@ class Sample(Base):
     amount: Mapped[object | None] = mapped_column(Numeric(10, 2), nullable=True)
     at: Mapped[object | None] = mapped_column(Time, nullable=True)
     at_zone: Mapped[object | None] = mapped_column(Time(timezone=True), nullable=True)
+    span: Mapped[object | None] = mapped_column(Interval, nullable=True)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     label: Mapped[str | None] = mapped_column(Label, nullable=True)
 
