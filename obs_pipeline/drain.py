@@ -153,7 +153,7 @@ class Drain:
         self.settings = settings
         self.config = config
         self.registry = ModelRegistry.from_path(settings.models)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+        self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))

@@ -193,6 +193,7 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
     ({"retry_base_s": -5}, None, "retry_base_s must be 0 or more seconds, not -5.0"),
     ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
     ({}, "main role", 'role "no_such_role" does not exist'),
+    ({}, "redis database name", "names the database 'obs': Redis databases are numbers"),
 ])
 def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, resource, redis_client, monkeypatch,
                                                                       op_config, unset, message):
@@ -205,6 +206,8 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
         url = sa.engine.make_url(settings.main_db_url).set(username="no_such_role")
         resource = ObsPipelineResource(**{**resource.__dict__,
                                           "main_db_url": url.render_as_string(hide_password=False)})
+    elif unset == "redis database name":  # redis-py would quietly drain database 0
+        resource = ObsPipelineResource(**{**resource.__dict__, "redis_url": settings.redis_url.rsplit("/", 1)[0] + "/obs"})
     elif unset:
         monkeypatch.delenv("OBS_MAIN_DB_URL", raising=False)
         resource = ObsPipelineResource(**{**resource.__dict__, unset: None})

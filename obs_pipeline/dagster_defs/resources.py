@@ -34,7 +34,7 @@ class ObsPipelineResource(ConfigurableResource):
 
     def buffer_store(self) -> BufferStore:
         settings = self.settings()
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         return BufferStore(client, settings.site)
 
     def dead_letters(self) -> DeadLetters:
