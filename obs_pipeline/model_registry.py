@@ -542,16 +542,20 @@ def _bool_json(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean")
 
 
-def _parse_datetime(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        parsed = value
-    elif isinstance(value, str):
+def _iso(value: Any, type_: type, what: str) -> Any:
+    """`value` if it is a `type_`, or parsed from ISO-8601 text; else one line naming `what`."""
+    if isinstance(value, type_):
+        return value
+    if isinstance(value, str):
         try:
-            parsed = dt.datetime.fromisoformat(value)
+            return type_.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not an ISO-8601 datetime") from None
-    else:
-        raise ValueError(f"{value!r} is not an ISO-8601 datetime")
+            pass
+    raise ValueError(f"{value!r} is not an ISO-8601 {what}")
+
+
+def _parse_datetime(value: Any) -> dt.datetime:
+    parsed = _iso(value, dt.datetime, "datetime")
     # Naive times are taken as UTC: the site clock and the wire format are UTC.
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
@@ -566,28 +570,15 @@ def _datetime_json(value: Any) -> str:
 
 
 def _parse_date(value: Any) -> dt.date:
-    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
-        return value
-    if isinstance(value, str):
-        try:
-            return dt.date.fromisoformat(value)
-        except ValueError:
-            pass
-    raise ValueError(f"{value!r} is not an ISO-8601 date")
+    if isinstance(value, dt.datetime):  # a date too, to isinstance: the time of day would be dropped
+        raise ValueError(f"{value!r} is not an ISO-8601 date")
+    return _iso(value, dt.date, "date")
 
 
 def _parse_time(value: Any, with_zone: bool) -> dt.time:
     """A time of day, as PostgreSQL stores it: without its offset in a TIME column (PostgreSQL
     drops it), with one in a TIME WITH TIME ZONE column (UTC if none is given)."""
-    if isinstance(value, dt.time):
-        parsed = value
-    elif isinstance(value, str):
-        try:
-            parsed = dt.time.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an ISO-8601 time of day") from None
-    else:
-        raise ValueError(f"{value!r} is not an ISO-8601 time of day")
+    parsed = _iso(value, dt.time, "time of day")
     if not with_zone:
         return parsed.replace(tzinfo=None)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
