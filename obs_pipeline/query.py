@@ -31,7 +31,8 @@ record's transactions in buffering order, which it does).
 Filters: equality, a list for "any of" (None in it matches null), None for IS NULL, and
 `{op: value}` comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered
 columns). The replica runs them as SQL; buffered records are tested in Python with the same
-semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does).
+semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does, a
+`time with time zone` by instant then offset, a `real` at single precision: see _key).
 Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
@@ -501,19 +502,47 @@ def _pk(spec: ModelSpec, value: Any) -> Any:
 
 # --- filters --------------------------------------------------------------------------------
 
-def _key(column: ColumnSpec) -> Callable[[Any], Any]:
+def _key(column: ColumnSpec, type_: sa.types.TypeEngine) -> Callable[[Any], Any]:
     """JSON form -> a value that compares like the database compares the column."""
     if column.kind == "datetime":
         return _parse_utc
     if column.kind == "date":
         return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
-    if column.kind in ("time", "timetz"):
-        return lambda v: dt.time.fromisoformat(v) if isinstance(v, str) else v
+    if column.kind == "time":
+        return _time_order
+    if column.kind == "timetz":
+        return _timetz_order
     if column.kind == "float":
-        return float
+        return _as_real if is_single_precision(type_) else float
     if column.kind == "interval":
         return column.to_python
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
+
+
+def _as_real(value: Any) -> float:
+    """A number as a `real` column holds it (single precision), as the double PostgreSQL
+    compares it as. Filter values are taken so too (in SQL as well): 0.1 finds the row that
+    reads 0.1, which PostgreSQL would not (`real '0.1' = 0.1` is false)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except (OverflowError, struct.error):  # beyond `real`: no row holds it, compare as it is
+        return float(value)
+
+
+def _time_order(value: Any) -> dt.time:
+    """`time` holds no offset: one in a buffered value is dropped, as PostgreSQL drops it."""
+    parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
+    return parsed.replace(tzinfo=None)
+
+
+def _timetz_order(value: Any) -> tuple[int, int]:
+    """`time with time zone` as PostgreSQL orders it: by instant, then by offset, so that
+    12:00+02 and 10:00+00 are not equal and 12:00+02 sorts first (Python's time calls them
+    equal). A time without an offset is in UTC, as ingest buffers it."""
+    parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
+    offset = (parsed.utcoffset() or dt.timedelta(0)) // dt.timedelta(microseconds=1)
+    micros = ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
+    return micros - offset, -offset
 
 
 def _parse_utc(value: Any) -> dt.datetime:
@@ -532,7 +561,8 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
         col = spec.column(name)
         if col.kind in ("json", "array"):
             raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
-        column, key = spec.table.c[name], _key(col)
+        column = spec.table.c[name]
+        key = _key(col, column.type)
         compiled.columns.add(name)
         try:
             if isinstance(condition, dict):
@@ -546,7 +576,7 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
             elif isinstance(condition, (list, tuple, set, frozenset)):
                 values = [col.check(v) for v in condition if v is not None]
                 with_null = any(v is None for v in condition)
-                clause = column.in_([col.to_python(v) for v in values])
+                clause = column.in_([_bound(col, key, v) for v in values])
                 compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
                 targets = {key(v) for v in values}
                 if key is _same:
@@ -605,8 +635,14 @@ def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: C
     checked = col.check(value)
     compare = _COMPARISONS[op]
     sql_column = column.collate("C") if col.kind == "str" and op not in ("==", "!=") else column
-    compiled.sql.append(compare(sql_column, col.to_python(checked)))
+    compiled.sql.append(compare(sql_column, _bound(col, key, checked)))
     return [(compare, key(checked))]
+
+
+def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:
+    """A filter value bound to the replica's statement: for a `real` column, at single
+    precision, as the Python test takes it (see _as_real)."""
+    return key(value) if key is _as_real else col.to_python(value)
 
 
 def _series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
