@@ -52,6 +52,7 @@ from typing import Any, Callable
 import redis
 import sqlalchemy as sa
 from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql
 
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
@@ -398,8 +399,8 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
 @functools.lru_cache(maxsize=None)
 def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
     """Columns the replica gives in another form than their JSON: a time of day (a
-    datetime.time) and a single-precision float (PostgreSQL keeps about 7 digits). Buffered
-    and replicated values are both brought to what the replica shows."""
+    datetime.time), a single-precision float (PostgreSQL keeps about 7 digits), and numbers in
+    `jsonb`. Buffered and replicated values are both brought to what the replica shows."""
     forms = []
     for column in table.columns:
         type_ = column.type
@@ -407,7 +408,25 @@ def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]
             forms.append((column.key, functools.partial(_time_of_day, zone=bool(type_.timezone))))
         elif is_single_precision(type_):
             forms.append((column.key, _single_float))
+        elif isinstance(type_, postgresql.JSONB):
+            forms.append((column.key, _jsonb_form))
     return tuple(forms)
+
+
+def _jsonb_form(value: Any) -> Any:
+    """A JSON value as `jsonb` keeps it: numbers are `numeric`, so a float written with an
+    exponent (1e+16 and up) comes back an integer (10000000000000000; 1.5e+300 is not even
+    equal to the float), and -0.0 is 0.0. Keys and the rest are as given."""
+    if value.__class__ is float:
+        if value == 0.0:
+            return 0.0
+        text = repr(value)
+        return int(decimal.Decimal(text)) if "e+" in text else value
+    if isinstance(value, dict):
+        return {k: _jsonb_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonb_form(v) for v in value]
+    return value
 
 
 def _time_of_day(value: Any, zone: bool) -> Any:

@@ -8,8 +8,9 @@ import dataclasses
 import uuid
 
 import pytest
-from sqlalchemy import REAL, Time
-from sqlalchemy.dialects.postgresql import UUID
+import sqlalchemy as sa
+from sqlalchemy import JSON, REAL, Time
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import TransactionBuffer
@@ -32,6 +33,8 @@ class Reading(Base):
     at: Mapped[object] = mapped_column(Time, nullable=True)
     gain: Mapped[float] = mapped_column(REAL, nullable=True)
     at_zone: Mapped[object] = mapped_column(Time(timezone=True), nullable=True)
+    doc: Mapped[object] = mapped_column(JSON, nullable=True)
+    doc_b: Mapped[object] = mapped_column(JSONB, nullable=True)
 
 
 @pytest.fixture
@@ -76,4 +79,30 @@ def test_filters_on_time_and_real_columns_match_the_same_rows_buffered_and_repli
     replicated = {str(f): [r["id"] for r in buf.search("Reading", {"id": rid, **f})] for f in FILTERS}
     assert buffered == replicated
     assert replicated[str({"gain": 0.1})] == [rid]  # the value the row reads as finds it
+    buf.close()
+
+
+
+DOCS = [None, 1e16, 1.5e300, -0.0, 1e-7, 100.0, 10**30, "text", [1.0, 2e20, None, {"b": 1, "a": -1.25e17}]]
+
+
+def test_json_columns_read_the_same_buffered_and_replicated(forms, main_engine):
+    """`jsonb` keeps numbers as `numeric`: a float buffered as 1.5e+300 came back the integer
+    15000...0 (not equal to it), 1e+16 as 10000000000000000. A JSON null is written as SQL
+    NULL (the ORM, none_as_null=False, would write JSON null): it reads None in both states."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        rows = tx.bulk_create("Reading", [{"doc": doc, "doc_b": doc} for doc in DOCS])
+    ids = [row["id"] for row in rows]
+    buffered = [buf.get("Reading", rid) for rid in ids]
+    drain_until_empty(forms)
+    replicated = [buf.get("Reading", rid) for rid in ids]
+    assert [(r["doc"], r["doc_b"]) for r in buffered] == [(r["doc"], r["doc_b"]) for r in replicated]
+    assert [[type(r["doc_b"]) for r in rows] for rows in (buffered, replicated)] == [
+        [type(None), int, int, float, float, float, int, str, list]] * 2
+    assert replicated[0]["doc"] is None and replicated[2]["doc"] == 1.5e300  # `json` keeps the text
+    with main_engine.connect() as conn:
+        nulls = conn.execute(sa.text("SELECT doc IS NULL, doc_b IS NULL FROM read_forms_reading WHERE id = :i"),
+                             {"i": ids[0]}).one()
+    assert tuple(nulls) == (True, True)
     buf.close()
