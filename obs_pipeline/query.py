@@ -399,8 +399,9 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
 @functools.lru_cache(maxsize=None)
 def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
     """Columns the replica gives in another form than their JSON: a time of day (a
-    datetime.time), a single-precision float (PostgreSQL keeps about 7 digits), and numbers in
-    `jsonb`. Buffered and replicated values are both brought to what the replica shows."""
+    datetime.time), a single-precision float (PostgreSQL keeps about 7 digits), a decimal
+    rounded to its column's scale, and numbers in `jsonb`. Buffered and replicated values are
+    both brought to what the replica shows."""
     forms = []
     for column in table.columns:
         type_ = column.type
@@ -408,6 +409,8 @@ def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]
             forms.append((column.key, functools.partial(_time_of_day, zone=bool(type_.timezone))))
         elif is_single_precision(type_):
             forms.append((column.key, _single_float))
+        elif _numeric_places(type_) is not None:
+            forms.append((column.key, functools.partial(_rounded, places=_numeric_places(type_))))
         elif isinstance(type_, postgresql.JSONB):
             forms.append((column.key, _jsonb_form))
     return tuple(forms)
@@ -427,6 +430,26 @@ def _jsonb_form(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonb_form(v) for v in value]
     return value
+
+
+def _numeric_places(type_: sa.types.TypeEngine) -> decimal.Decimal | None:
+    """The places a NUMERIC(p, s) column keeps (Decimal('0.01') for s = 2; NUMERIC(p) keeps
+    none); None for a NUMERIC that rounds nothing, and for a float."""
+    if not isinstance(type_, sa.Numeric) or isinstance(type_, sa.Float):
+        return None
+    scale = type_.scale if type_.scale is not None else 0 if type_.precision is not None else None
+    return None if scale is None else decimal.Decimal(1).scaleb(-scale)
+
+
+def _rounded(value: Any, places: decimal.Decimal) -> Any:
+    """A number as a NUMERIC(p, s) column keeps it: its decimal text rounded to s places, half
+    away from zero, as PostgreSQL rounds (1.235 -> 1.24); read as a float like the column's
+    other values (psycopg2 gives the replica's as a Decimal)."""
+    try:
+        exact = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
+        return float(exact.quantize(places, decimal.ROUND_HALF_UP))
+    except (decimal.InvalidOperation, ValueError, TypeError):  # beyond the column (main refuses it), or not a number
+        return value
 
 
 def _time_of_day(value: Any, zone: bool) -> Any:
@@ -521,6 +544,12 @@ def _pk(spec: ModelSpec, value: Any) -> Any:
 
 # --- filters --------------------------------------------------------------------------------
 
+def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The key of a filter's value: the row's, but a NUMERIC(p, s) column's rows are rounded
+    to s places and the value is not (PostgreSQL compares `amount >= 1.234` as given)."""
+    return float if column.kind == "float" and _numeric_places(type_) is not None else key
+
+
 def _key(column: ColumnSpec, type_: sa.types.TypeEngine) -> Callable[[Any], Any]:
     """JSON form -> a value that compares like the database compares the column."""
     if column.kind == "datetime":
@@ -532,7 +561,10 @@ def _key(column: ColumnSpec, type_: sa.types.TypeEngine) -> Callable[[Any], Any]
     if column.kind == "timetz":
         return _timetz_order
     if column.kind == "float":
-        return _as_real if is_single_precision(type_) else float
+        if is_single_precision(type_):
+            return _as_real
+        places = _numeric_places(type_)
+        return float if places is None else functools.partial(_rounded, places=places)
     if column.kind == "interval":
         return column.to_python
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
@@ -582,6 +614,7 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
             raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
         column = spec.table.c[name]
         key = _key(col, column.type)
+        value_key = _value_key(col, column.type, key)
         compiled.columns.add(name)
         try:
             if isinstance(condition, dict):
@@ -589,15 +622,15 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
                     raise InvalidTransaction(f"search on {spec.name}.{name}: empty comparison {{}}")
                 ops = []
                 for op, value in condition.items():
-                    ops.extend(_comparison(spec, name, col, column, key, op, value, compiled))
+                    ops.extend(_comparison(spec, name, col, column, value_key, op, value, compiled))
                 if ops:
                     compiled.tests.append(_test(name, key, ops))
             elif isinstance(condition, (list, tuple, set, frozenset)):
                 values = [col.check(v) for v in condition if v is not None]
                 with_null = any(v is None for v in condition)
-                clause = column.in_([_bound(col, key, v) for v in values])
+                clause = column.in_([_bound(col, value_key, v) for v in values])
                 compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
-                targets = {key(v) for v in values}
+                targets = {value_key(v) for v in values}
                 if key is _same:
                     targets |= {None} if with_null else set()
                     compiled.tests.append(lambda row, n=name, t=frozenset(targets): row.get(n) in t)
@@ -605,7 +638,7 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
                     compiled.tests.append(lambda row, n=name, k=key, t=targets, z=with_null:
                                           (z if row.get(n) is None else k(row[n]) in t))
             else:
-                ops = _comparison(spec, name, col, column, key, "==", condition, compiled)
+                ops = _comparison(spec, name, col, column, value_key, "==", condition, compiled)
                 if ops:
                     compiled.tests.append(_test(name, key, ops))
         except ValueError as error:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import JSON, REAL, Time
+from sqlalchemy import JSON, REAL, Numeric, Time
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -35,6 +35,7 @@ class Reading(Base):
     at_zone: Mapped[object] = mapped_column(Time(timezone=True), nullable=True)
     doc: Mapped[object] = mapped_column(JSON, nullable=True)
     doc_b: Mapped[object] = mapped_column(JSONB, nullable=True)
+    amount: Mapped[object] = mapped_column(Numeric(10, 2), nullable=True)
 
 
 @pytest.fixture
@@ -105,4 +106,30 @@ def test_json_columns_read_the_same_buffered_and_replicated(forms, main_engine):
         nulls = conn.execute(sa.text("SELECT doc IS NULL, doc_b IS NULL FROM read_forms_reading WHERE id = :i"),
                              {"i": ids[0]}).one()
     assert tuple(nulls) == (True, True)
+    buf.close()
+
+
+AMOUNTS = [1.234, 1.235, -1.235, 2.5, 12, 0.005]
+
+
+def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms):
+    """NUMERIC(10, 2) keeps 1.234 as 1.23 (1.235 as 1.24, half away from zero): buffered, a
+    record read 1.234 and {"amount": 1.234} found it; replicated, 1.23, and it did not."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        rows = tx.bulk_create("Reading", [{"amount": amount} for amount in AMOUNTS])
+    ids = [row["id"] for row in rows]
+    filters = [1.234, 1.23, {">=": 1.234}, {"<": 1.235}, {">": 1.235}, [1.24, 0.01], 0.005, {"<=": -1.24}]
+
+    def read() -> tuple[list, dict]:
+        amounts = [buf.get("Reading", rid)["amount"] for rid in ids]
+        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Reading", {"id": ids, "amount": f}))
+                 for f in filters}
+        return amounts, found
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01]
     buf.close()
