@@ -404,16 +404,34 @@ def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]
     both brought to what the replica shows."""
     forms = []
     for column in table.columns:
-        type_ = column.type
-        if isinstance(type_, sa.Time):
-            forms.append((column.key, functools.partial(_time_of_day, zone=bool(type_.timezone))))
-        elif is_single_precision(type_):
-            forms.append((column.key, _single_float))
-        elif _numeric_places(type_) is not None:
-            forms.append((column.key, functools.partial(_rounded, places=_numeric_places(type_))))
-        elif isinstance(type_, postgresql.JSONB):
-            forms.append((column.key, _jsonb_form))
+        form = _read_form(column.type)
+        if form is not None:
+            forms.append((column.key, form))
     return tuple(forms)
+
+
+def _read_form(type_: sa.types.TypeEngine) -> Callable[[Any], Any] | None:
+    """The read form of one type's values (an array's: its elements'), or None for none."""
+    if isinstance(type_, sa.ARRAY):
+        form = _read_form(type_.item_type)
+        return None if form is None else functools.partial(_each, form=form)
+    if isinstance(type_, sa.Time):
+        return functools.partial(_time_of_day, zone=bool(type_.timezone))
+    if is_single_precision(type_):
+        return _single_float
+    places = _numeric_places(type_)
+    if places is not None:
+        return functools.partial(_rounded, places=places)
+    if isinstance(type_, postgresql.JSONB):
+        return _jsonb_form
+    return None
+
+
+def _each(value: Any, form: Callable[[Any], Any]) -> Any:
+    """An array's elements in their read form; lists in it are further dimensions."""
+    if not isinstance(value, list):
+        return value
+    return [None if v is None else _each(v, form) if isinstance(v, list) else form(v) for v in value]
 
 
 def _jsonb_form(value: Any) -> Any:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import JSON, REAL, Numeric, Time
+from sqlalchemy import ARRAY, JSON, REAL, Numeric, Time
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +36,9 @@ class Reading(Base):
     doc: Mapped[object] = mapped_column(JSON, nullable=True)
     doc_b: Mapped[object] = mapped_column(JSONB, nullable=True)
     amount: Mapped[object] = mapped_column(Numeric(10, 2), nullable=True)
+    gains: Mapped[object] = mapped_column(ARRAY(REAL), nullable=True)
+    amounts: Mapped[object] = mapped_column(ARRAY(Numeric(10, 2), dimensions=2), nullable=True)
+    times: Mapped[object] = mapped_column(ARRAY(Time(timezone=True)), nullable=True)
 
 
 @pytest.fixture
@@ -132,4 +135,20 @@ def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms)
     replicated = read()
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01]
+    buf.close()
+
+
+def test_array_elements_read_the_same_buffered_and_replicated(forms):
+    """An array's elements read as the element type's values do: REAL, NUMERIC(p, s) and time
+    elements read as given while buffered and in PostgreSQL's form once replicated."""
+    buf = TransactionBuffer(settings=forms)
+    values = {"gains": [0.123456789, None, 30],
+              "amounts": [[1.234, None], [1.235, 2]], "times": ["12:30", "23:59:59.5+02:00"]}
+    with buf.transaction() as tx:
+        rid = tx.create("Reading", values)["id"]
+    buffered = buf.get("Reading", rid)
+    drain_until_empty(forms)
+    replicated = buf.get("Reading", rid)
+    assert {k: buffered[k] for k in values} == {k: replicated[k] for k in values}, (buffered, replicated)
+    assert replicated["gains"] == [0.12345679, None, 30.0]
     buf.close()
