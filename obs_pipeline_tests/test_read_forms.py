@@ -1,6 +1,8 @@
 """Columns whose values the replica gives in another form than the buffered JSON: a time of
-day (psycopg2 gives a datetime.time) and a single-precision float (PostgreSQL keeps about 7
-digits). A record must read the same while buffered and once replicated."""
+day (psycopg2 gives a datetime.time), a single-precision float (PostgreSQL keeps about 7
+digits), a NUMERIC(p, s) (rounded to s places), numbers in `jsonb`, and arrays of these. A
+record must read the same while buffered and once replicated, and a search filter must
+match it in both states alike."""
 
 from __future__ import annotations
 
