@@ -57,7 +57,8 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
     """SIGTERM each process group and wait, up to `timeout`, until each group is empty, then
     SIGKILL whatever is left: a group holds children too (Dagster's code servers, and the run
     worker of a drain, which needs the time to finish its batch and record how its run ended;
-    killed at once, the run stays STARTED and the sensor waits for monitoring to give up on it)."""
+    killed at once, the run stays STARTED until the next daemon's sensor finds its lease free and
+    the run quiet for 75 s, and marks it failed)."""
     for proc in processes:
         _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

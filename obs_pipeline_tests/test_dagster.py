@@ -10,6 +10,7 @@ import time
 import pytest
 import sqlalchemy as sa
 from dagster import (
+    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -242,3 +243,45 @@ def test_a_drain_outside_dagster_holding_the_lease_gets_no_run_beside_it(setting
         store.release_lease(token)
         assert isinstance(_sensor(instance, resource), RunRequest)
     assert redis_client.llen(keys.buffer) == 1
+
+
+@pytest.mark.parametrize("run_retries", [False, True])
+def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(settings, resource, redis_client,
+                                                                           monkeypatch, run_retries):
+    """A run whose worker died with its host (a reboot, the daemon's process group killed)
+    stayed STARTED: the sensor skipped it as in flight, and the queue's per-site limit held any
+    new run, until monitoring's max runtime (900 s). With the drain lease free and the run quiet
+    for DEAD_RUN_QUIET_S, the sensor now marks it failed; run retries or the sensor relaunch."""
+    monkeypatch.setattr(sensors, "DEAD_RUN_QUIET_S", 1.0)
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    store = BufferStore(redis_client, settings.site)
+    with instance_for_test(overrides={"run_retries": {"enabled": run_retries, "max_retries": 3}}) as instance:
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        skip = _sensor(instance, resource)  # just started: alive
+        assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+        token = store.acquire_lease(30)
+        time.sleep(1.5)
+        skip = _sensor(instance, resource)  # quiet, but holding the lease: alive (draining a long batch)
+        assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+        store.release_lease(token)
+        instance.report_engine_event("still here", run)
+        skip = _sensor(instance, resource)  # the lease between op retries, but it logs: alive
+        assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+
+        time.sleep(1.5)  # lease free and quiet: its worker is gone
+        decision = _sensor(instance, resource)
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+        [failure] = [e.dagster_event.message for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
+        assert "its worker is gone" in failure
+        if run_retries:  # the instance relaunches it, not the sensor beside it
+            assert isinstance(decision, SkipReason) and "run retries relaunch it" in decision.skip_message
+        else:  # no failed-run pause: the run failed on no cause of its own
+            assert isinstance(decision, RunRequest) and decision.tags[SITE_TAG] == settings.site
+            assert isinstance(_sensor(instance, resource), RunRequest)
+            # its retry inherits its tags; when that fails on a cause of its own, the pause holds
+            retry = instance.create_run_for_job(drain_buffer, tags=instance.get_run_by_id(run.run_id).tags,
+                                                status=DagsterRunStatus.STARTED)
+            instance.report_run_failed(retry)
+            skip = _sensor(instance, resource)
+            assert isinstance(skip, SkipReason) and f"{retry.run_id} failed; the next in" in skip.skip_message

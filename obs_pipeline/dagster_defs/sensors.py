@@ -4,11 +4,18 @@ again within FAILED_RUN_PAUSE_S of a failed one: a run fails only once its op re
 spent, so the cause (no main URL, a full Redis...) will not be gone a second later. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
-that is down would otherwise get a run every few seconds)."""
+that is down would otherwise get a run every few seconds).
+
+A run whose worker died with its host (a reboot, the daemon's whole process group killed)
+stays STARTED: nothing is left to report it, and the run queue's per-site limit would hold
+every new run behind it until run monitoring's max runtime (900 s). Once the drain lease is
+free and the run has logged nothing for DEAD_RUN_QUIET_S, the sensor marks it failed (run
+retries relaunch it; else the sensor does at once). The lease fences a run wrongly taken for
+dead: it cannot drain beside the next one."""
 
 import time
 
-from dagster import DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
+from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
 
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
@@ -18,6 +25,28 @@ from obs_pipeline.lsn import int_to_lsn
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
 FAILED_RUN_PAUSE_S = 60.0
+# A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
+# with the lease free, and its worker is gone.
+DEAD_RUN_QUIET_S = 75.0
+WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instance's run retries relaunch
+# its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
+WORKER_GONE_TAG = "obs_pipeline/worker_gone"
+
+
+def _quiet_for(instance: DagsterInstance, record) -> float:
+    """Seconds since the run last logged anything (or started, or was created)."""
+    events = instance.get_records_for_run(record.dagster_run.run_id, limit=1, ascending=False).records
+    last = max([e.event_log_entry.timestamp for e in events]
+               + [record.start_time or 0.0, record.create_timestamp.timestamp()])
+    return time.time() - last
+
+
+def _dead_runs(instance: DagsterInstance, running: list, lease_free: bool) -> list:
+    """The STARTED runs whose worker is gone: the lease is free and they have logged nothing for long."""
+    if not lease_free:
+        return []
+    return [r for r in running if r.dagster_run.status == DagsterRunStatus.STARTED
+            and _quiet_for(instance, r) > DEAD_RUN_QUIET_S]
 
 
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
@@ -37,11 +66,25 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
     running = [r for r in context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
         if r.dagster_run.tags.get(SITE_TAG, site) == site]
+    dead = _dead_runs(context.instance, running, lease_free=lease_ms == -2)
+    for record in dead:  # tagged first: the failed-run pause is for runs that failed on a cause
+        context.instance.add_run_tags(record.dagster_run.run_id, {WORKER_GONE_TAG: record.dagster_run.run_id})
+        context.instance.report_run_failed(record.dagster_run, (
+            f"obs-pipeline: marked failed by buffer_sensor: its worker is gone (the drain lease of site {site} "
+            f"is free and the run logged nothing for over {DEAD_RUN_QUIET_S:.0f} s: killed, or its host "
+            "restarted); the next drain reclaims its batch"))
+    retried = [r.dagster_run.run_id for r in dead
+               if context.instance.get_run_by_id(r.dagster_run.run_id).tags.get(WILL_RETRY_TAG) == "true"]
+    if retried:
+        return SkipReason(f"site {site}: drain run {retried[0]} had died (lease free, nothing logged); "
+                          "marked it failed, and run retries relaunch it")
+    running = [r for r in running if r not in dead]
     if running:
         return SkipReason(f"site {site}: drain run {running[0].dagster_run.run_id} is in flight")
     last = context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, tags={SITE_TAG: site}), limit=1)
-    if last and last[0].dagster_run.status == DagsterRunStatus.FAILURE and last[0].end_time:
+    if last and last[0].dagster_run.status == DagsterRunStatus.FAILURE and last[0].end_time \
+            and last[0].dagster_run.tags.get(WORKER_GONE_TAG) != last[0].dagster_run.run_id:
         wait = FAILED_RUN_PAUSE_S - (time.time() - last[0].end_time)
         if wait > 0:
             return SkipReason(f"site {site}: drain run {last[0].dagster_run.run_id} failed; "
