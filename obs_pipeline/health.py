@@ -28,7 +28,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     lag = replication_lag(store, main, replica)
     problems = []
     if depths["failed"]:
-        problems.append(f"{depths['failed']} dead-lettered")
+        problems.append(f"{depths['failed']} dead-lettered: see `obs-pipeline failed list` and `failed show ID`, "
+                        "then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`")
     if oldest is not None and oldest > stale_after_s:
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
     unset = [name for name, engine in (("OBS_MAIN_DB_URL", main), ("OBS_REPLICA_DB_URL", replica)) if engine is None]

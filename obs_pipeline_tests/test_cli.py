@@ -621,7 +621,9 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     for args in (["status"], ["status", "--json"]):
         degraded = cli(*args, env=env)
         assert degraded.returncode == 3, degraded.stderr
-        assert one_line_error(degraded) == f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered"
+        assert one_line_error(degraded) == (  # with what to do, as the other problems say
+            f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered: see `obs-pipeline failed list` and "
+            "`failed show ID`, then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`")
     assert json.loads(degraded.stdout)["status"] == "degraded"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
     assert cli("status", env=env).returncode == 0
