@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -300,6 +301,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 
+def _port(text: str) -> int:
+    """A TCP port a server can listen on: 0 would give it a random one, not the address printed."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a whole number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: give a whole number from 1 to 65535")
+    return port
+
+
+def _rate(text: str) -> float:
+    """Observations per second: a finite number above 0 (inf and nan broke the pacing after the
+    first observation was buffered; 0 and below buffered flat out)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (0 < rate < math.inf):
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: give observations per second, a finite number above 0 "
+                                         "(e.g. 0.2 or 50)")
+    return rate
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line, like every other error (argparse prints the usage first)."""
 
@@ -331,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="stack up, db init, Dagster webserver + daemon with the sensor on")
     dev.add_argument("--dir")
-    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--port", type=_port, default=3000)
     dev.add_argument("--simulate", action="store_true", help="also run `obs-pipeline simulate`")
-    dev.add_argument("--rate", type=float, default=1.0, help="observations per second for --simulate")
+    dev.add_argument("--rate", type=_rate, default=1.0, help="observations per second for --simulate")
     dev.add_argument("--main-latency-ms", type=int, default=None)
     dev.set_defaults(func=cmd_dev)
 
@@ -367,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     failed.set_defaults(func=cmd_failed)
 
     sim = sub.add_parser("simulate", help="an observing script buffering observations")
-    sim.add_argument("--rate", type=float, default=1.0, help="observations per second")
+    sim.add_argument("--rate", type=_rate, default=1.0, help="observations per second")
     sim.add_argument("--count", type=int, default=None)
     sim.add_argument("--duration", type=float, default=None, help="seconds")
     sim.add_argument("--files", type=int, default=3, help="files per observation")

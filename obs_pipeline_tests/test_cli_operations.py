@@ -367,6 +367,43 @@ def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, s
 # --- 5. simulate --------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("rate", ["inf", "nan", "0", "-1"])
+def test_simulate_at_a_rate_that_is_no_rate_is_a_usage_line_and_buffers_nothing(env, settings, redis_client, rate):
+    """inf and nan buffered an observation, then stopped on 'cannot convert float ... to integer'
+    (exit 1); 0 and -1 buffered flat out, with no pacing at all."""
+    result = cli("simulate", "--count", "2", "--rate", rate, env=env)
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == (f"obs-pipeline simulate: error: argument --rate: invalid rate '{rate}': give "
+                                      "observations per second, a finite number above 0 (e.g. 0.2 or 50) "
+                                      "(see `obs-pipeline simulate -h`)")
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "0"], "argument --port: invalid port 0: give a whole number from 1 to 65535"),
+    (["--port", "70000"], "argument --port: invalid port 70000: give a whole number from 1 to 65535"),
+    (["--simulate", "--rate", "nan"], "argument --rate: invalid rate 'nan': give observations per second"),
+])
+def test_dev_with_a_port_or_rate_that_cannot_be_is_a_usage_line_before_anything_starts(tmp_path, args, message):
+    """--port 0 brought the stack and Dagster up on a port the webserver picked at random while
+    it printed http://127.0.0.1:0; 70000 said 'bind(): port must be 0-65535' (exit 1); --rate nan
+    started everything, then the simulator stopped on it."""
+    if args != ["--port", "70000"]:  # unchecked, these start the whole system: ask the parser alone
+        from obs_pipeline.cli import build_parser
+
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["dev", "--dir", str(tmp_path / "dev_stack"), *args])
+        assert exited.value.code == 2
+        return
+    folder = tmp_path / "dev_stack"
+    result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), *args],
+                            env=base_env(), capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    line = one_line_error(result)
+    assert line.startswith(f"obs-pipeline dev: error: {message}") and line.endswith("(see `obs-pipeline dev -h`)"), line
+    assert not folder.exists()
+
+@pytest.mark.usefixtures("clean_db")
 def test_simulate_buffers_what_it_reports_and_a_drain_applies_it(env, settings, redis_client, main_engine,
                                                                 replica_engine, tmp_path):
     env = {**env, "OBS_SPOOL_DIR": str(tmp_path / "spool")}
