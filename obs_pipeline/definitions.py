@@ -7,6 +7,7 @@ from obs_pipeline.dagster_defs.operations import (
     no_dead_letters,
     prune_applied_transactions,
     prune_schedule,
+    replica_replays,
     retry_dead_letters,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
@@ -20,6 +21,6 @@ defs = Definitions(
     jobs=[drain_buffer, retry_dead_letters, prune_applied_transactions],
     sensors=[buffer_sensor],
     schedules=[prune_schedule],
-    asset_checks=[no_dead_letters],
+    asset_checks=[no_dead_letters, replica_replays],
     resources={"obs_pipeline": ObsPipelineResource()},
 )

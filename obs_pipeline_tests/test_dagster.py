@@ -22,7 +22,8 @@ from dagster import (
 )
 
 from obs_pipeline.buffer_store import BufferStore
-from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, SITE_TAG, drain_buffer
+from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, REPLICA_ASSET, SITE_TAG, drain_buffer
+from obs_pipeline.dagster_defs.operations import replica_replays
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs import sensors
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
@@ -285,3 +286,59 @@ def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(setti
             instance.report_run_failed(retry)
             skip = _sensor(instance, resource)
             assert isinstance(skip, SkipReason) and f"{retry.run_id} failed; the next in" in skip.skip_message
+
+
+def _replica_events(result) -> tuple[list, list, list]:
+    """The run's materializations and observations of the site replica, and its replica_replays evaluations."""
+    materialized = [e for e in result.all_events if e.event_type == DagsterEventType.ASSET_MATERIALIZATION
+                    and e.event_specific_data.materialization.asset_key == REPLICA_ASSET]
+    observed = [e.event_specific_data.asset_observation for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_OBSERVATION
+                and e.event_specific_data.asset_observation.asset_key == REPLICA_ASSET]
+    checks = [e.event_specific_data for e in result.all_events if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION
+              and e.event_specific_data.check_name == "replica_replays"]
+    return materialized, observed, checks
+
+
+def test_a_replica_that_replays_nothing_is_not_reported_as_materialized(settings, resource, redis_client,
+                                                                        replica_engine):
+    """With replay paused the run materialized site_replica all the same (no description, its
+    batch awaiting): the UI showed a fresh replica. It is now an observation saying why, and
+    the replica_replays check fails; a run once the replica replays materializes it again."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
+                                                   "budget_s": 30}}}}
+    with replica_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    try:
+        with instance_for_test() as instance:
+            stalled = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                      instance=instance)
+    finally:
+        with replica_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+    materialized, observed, [check] = _replica_events(stalled)
+    assert not materialized
+    assert "1 committed batch(es) still await the replica" in observed[0].description
+    assert not check.passed and "still await the replica" in check.description
+    assert check.metadata["awaiting_replication_batches"].value == 1
+
+    wait_for_replica_to_clean = time.monotonic() + 30
+    while True:
+        with instance_for_test() as instance:
+            cleaned = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                      instance=instance)
+        if not cleaned.output_for_node("drain_batches")["replica_stalled"]:
+            break
+        assert time.monotonic() < wait_for_replica_to_clean, "the replica replayed nothing after its resume"
+    materialized, observed, [check] = _replica_events(cleaned)
+    assert materialized and not observed and check.passed
+
+    # evaluated on demand: as `status` judges it, a batch unreplayed for long fails it
+    assert replica_replays(obs_pipeline=resource).passed
+    store = BufferStore(redis_client, settings.site)
+    record = {"n": "000000000", "c": [], "o": [], "t": [], "at": time.time() - 600, "lsn": 2**62}
+    redis_client.zadd(store.keys.awaiting_replication, {json.dumps(record): 2**62})
+    stuck = replica_replays(obs_pipeline=resource)
+    assert not stuck.passed and "has not replayed a batch committed 600 s ago" in stuck.description
+    redis_client.zrem(store.keys.awaiting_replication, json.dumps(record))

@@ -40,6 +40,7 @@ MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
 REPLICA_ASSET = AssetKey(["obs_pipeline", "site_replica"])
 TRANSIENT_RETRIES = 8
 DEAD_LETTER_CHECK = "no_dead_letters"  # operations.no_dead_letters, on MAIN_ASSET
+REPLICA_CHECK = "replica_replays"  # operations.replica_replays, on REPLICA_ASSET
 
 
 def dead_letter_check(failed: int) -> AssetCheckEvaluation:
@@ -190,15 +191,27 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
 
 @op
 def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline: ObsPipelineResource) -> None:
-    """Record how far the replica is behind, for the UI."""
+    """Record how far the replica is behind, for the UI. A run that ended because the replica
+    replayed nothing is no materialization of it (the UI would show a fresh, healthy replica):
+    an observation, and the replica_replays check failing, saying so."""
     store = obs_pipeline.buffer_store()
     depths = store.depths()
-    context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata={
+    metadata = {
         "site": store.keys.site,
         "awaiting_replication_batches": depths["awaiting_replication"],
         "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
         "applied_this_run": drained.get("applied", 0),
-    }))
+    }
+    stalled = drained.get("replica_stalled", False)
+    if stalled:
+        context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
+                                           description=drained.get("stopped_because", "the replica replays nothing")))
+    else:
+        context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
+    context.log_event(AssetCheckEvaluation(
+        asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not stalled, severity=AssetCheckSeverity.WARN,
+        description=drained.get("stopped_because") if stalled else None,
+        metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
     context.log_event(dead_letter_check(depths["failed"]))
     store.redis.close()
 

@@ -18,9 +18,16 @@ from dagster import (
 )
 
 from obs_pipeline.apply import make_engine
-from obs_pipeline.dagster_defs.jobs import DEAD_LETTER_CHECK, MAIN_ASSET, dead_letter_check
+from obs_pipeline.dagster_defs.jobs import (
+    DEAD_LETTER_CHECK,
+    MAIN_ASSET,
+    REPLICA_ASSET,
+    REPLICA_CHECK,
+    dead_letter_check,
+)
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import UnknownTransaction
+from obs_pipeline.health import REPLICA_STUCK_AFTER_S, replication_lag
 from obs_pipeline.schema import prune_applied
 
 
@@ -83,3 +90,27 @@ def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
     return AssetCheckResult(
         passed=not letters, severity=AssetCheckSeverity.WARN,
         metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})
+
+
+@asset_check(asset=REPLICA_ASSET, name=REPLICA_CHECK,
+             description="The site replica replays what main committed (as `obs-pipeline status` judges it)")
+def replica_replays(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
+    """Evaluated here on demand, and by every drain_buffer run (failing when it ended because the
+    replica replayed nothing). A batch just committed is not yet replayed: it fails only past
+    REPLICA_STUCK_AFTER_S, or with a database that does not answer."""
+    settings = obs_pipeline.settings()
+    store = obs_pipeline.buffer_store()
+    main, replica = make_engine(settings.require_main()), make_engine(settings.require_replica())
+    try:
+        lag = replication_lag(store, main, replica)
+    finally:
+        store.redis.close()
+        main.dispose()
+        replica.dispose()
+    stuck = bool(lag.get("error")) or (lag["seconds"] > REPLICA_STUCK_AFTER_S and lag["replica_behind_oldest_batch"])
+    return AssetCheckResult(
+        passed=not stuck, severity=AssetCheckSeverity.WARN,
+        description=lag.get("error") or (f"the replica has not replayed a batch committed {lag['seconds']:.0f} s ago"
+                                         if stuck else None),
+        metadata={"awaiting_replication_batches": lag["awaiting_batches"], "seconds": lag["seconds"],
+                  "replica_lsn": lag.get("replica_lsn") or ""})
