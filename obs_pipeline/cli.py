@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from obs_pipeline.apply import make_engine
     from obs_pipeline.buffer_store import BufferStore
-    from obs_pipeline.health import health_report
+    from obs_pipeline.health import health_report, spool_unreadable
 
     from obs_pipeline.spool import Spool
 
@@ -163,7 +163,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         report = health_report(store, main, replica, spool=spool)
     except (redis.ConnectionError, redis.TimeoutError) as error:  # one line, with what waits in this host's spool
-        pending = spool.pending()
+        try:
+            pending = spool.pending()
+        except OSError as unreadable:
+            raise RuntimeError(f"{_one_line(error)}; and {spool_unreadable(spool, unreadable)}") from error
         if not pending:
             raise
         raise RuntimeError(f"{_one_line(error)} ({pending} transaction(s) wait in the local spool {spool.path})") \
@@ -181,7 +184,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"(main {lag.get('main_lsn')}, replica {lag.get('replica_lsn')}, "
               f"{lag.get('awaiting_batches')} batches awaiting)")
         local = report["local_spool"]
-        print(f"  local spool {local['pending']}, oldest {local['oldest_seconds']} s ({local['file']})")
+        print(f"  local spool {local['pending']}, oldest {local['oldest_seconds']} s ({local['file']})"
+              if not local.get("error") else f"  local spool: {local['error']}")
     code = STATUS_EXIT[report["status"]]
     if code:  # for a monitoring script: the exit status, and one line on stderr saying why
         print(f"obs-pipeline: site {report['site']} is {report['status']}: {'; '.join(report['problems'])}",

@@ -49,8 +49,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"
         problems.append(f"Redis is {how_full} (maxmemory {memory['maxmemory_bytes']:,} bytes): "
                         "beyond it ingest spools to disk and the drain cannot claim; raise maxmemory")
-    local_spool = spool.summary() if spool is not None else None
-    if local_spool and local_spool["pending"]:
+    local_spool = _spool_summary(spool) if spool is not None else None
+    if local_spool and local_spool.get("error"):
+        problems.append(local_spool["error"])
+    elif local_spool and local_spool["pending"]:
         oldest = local_spool["oldest_seconds"]
         problems.append(f"{local_spool['pending']} transaction(s) wait in the local spool {local_spool['file']}"
                         + (f" (oldest {oldest:.0f} s old)" if oldest is not None else "")
@@ -79,6 +81,23 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     if local_spool is not None:
         report["local_spool"] = local_spool
     return report
+
+
+def _spool_summary(spool: Spool) -> dict[str, Any]:
+    """The spool's summary, or why it cannot be read (another user's spool: its files are 0600):
+    the rest of the report still stands, and the operator learns what to do."""
+    try:
+        return spool.summary()
+    except OSError as error:
+        return {"file": str(spool.path), "pending": None, "oldest_seconds": None,
+                "error": spool_unreadable(spool, error)}
+
+
+def spool_unreadable(spool: Spool, error: OSError) -> str:
+    """One line: which spool file cannot be read, why, and what to do."""
+    return (f"the local spool cannot be read ({error.strerror or error}: {error.filename or spool.path}): run "
+            "`obs-pipeline status` as the user the observing scripts run as, or set OBS_SPOOL_DIR to their "
+            "spool folder, or give this user read and write access to it")
 
 
 def redis_memory(store: BufferStore) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -343,6 +344,47 @@ def test_a_spool_left_by_a_script_that_ended_during_an_outage_is_reported_and_pu
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, spooled)
     assert_queues_empty(redis_client, settings.site)
+
+
+def _obeying_file_permissions() -> list[str]:
+    """A command prefix under which file permissions apply: root bypasses them (CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: a file root may not read cannot be made")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def test_status_with_a_spool_it_may_not_read_says_what_to_do_and_reports_the_rest(env, settings, tmp_path):
+    """Another user's spool (its lock file 0600, as the spool makes it): status stopped with
+    "obs-pipeline: error: [Errno 13] Permission denied: '.../site.lock'" (exit 1), no report of
+    Redis, main or the replica, nothing saying what to do."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    (folder / f"{settings.site}.jsonl").write_text("")
+    lock = folder / f"{settings.site}.lock"
+    lock.touch()
+    lock.chmod(0)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+
+    def status(*args: str, **changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*_obeying_file_permissions(), sys.executable, "-m", "obs_pipeline.cli", "status", *args],
+                              env={**base, **env, "OBS_SPOOL_DIR": str(folder), **changes},
+                              capture_output=True, text=True, timeout=120)
+
+    unreadable = (f"the local spool cannot be read (Permission denied: {lock}): run `obs-pipeline status` as the "
+                  "user the observing scripts run as, or set OBS_SPOOL_DIR to their spool folder, or give this user "
+                  "read and write access to it")
+    text = status()
+    assert text.returncode == 3, text.stderr
+    assert one_line_error(text) == f"obs-pipeline: site {settings.site} is degraded: {unreadable}"
+    assert text.stdout.startswith(f"site {settings.site}: degraded ({unreadable})\n  buffer 0, processing 0"), text.stdout
+    report = json.loads(status("--json").stdout)
+    assert report["local_spool"]["error"] == unreadable and report["replication_lag"]["replica_lsn"], report
+    down = status(OBS_REDIS_URL="redis://127.0.0.1:1/0")  # Redis down too: one line saying both
+    assert down.returncode == 1 and down.stdout == ""
+    line = one_line_error(down)
+    assert line.startswith("obs-pipeline: error: Redis unreachable (") and line.endswith(f"; and {unreadable}"), line
 
 
 @pytest.mark.usefixtures("clean_db")
