@@ -32,6 +32,7 @@ from obs_pipeline.dev import dagster_script, dagster_environment, stop_processes
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
+from obs_pipeline_tests.workload import replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -202,19 +203,13 @@ def test_the_sensor_waits_for_a_replica_that_lags_behind_what_waits_for_it(setti
     redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
     config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
                                                    "budget_s": 30}}}}
-    with replica_engine.connect() as conn:
-        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
-    try:
-        with instance_for_test() as instance:
-            drained = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
-                                                      instance=instance)
-            assert drained.output_for_node("drain_batches")["replica_stalled"]
-            skip = _sensor(instance, resource)
-            assert isinstance(skip, SkipReason), skip
-            assert "1 committed batch(es) await the replica, which has replayed up to " in skip.skip_message
-    finally:
-        with replica_engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        drained = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                  instance=instance)
+        assert drained.output_for_node("drain_batches")["replica_stalled"]
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason), skip
+        assert "1 committed batch(es) await the replica, which has replayed up to " in skip.skip_message
     deadline = time.monotonic() + 30
     with instance_for_test() as instance:
         while not isinstance(_sensor(instance, resource), RunRequest):
@@ -308,15 +303,9 @@ def test_a_replica_that_replays_nothing_is_not_reported_as_materialized(settings
     redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
     config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
                                                    "budget_s": 30}}}}
-    with replica_engine.connect() as conn:
-        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
-    try:
-        with instance_for_test() as instance:
-            stalled = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
-                                                      instance=instance)
-    finally:
-        with replica_engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        stalled = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                  instance=instance)
     materialized, observed, [check] = _replica_events(stalled)
     assert not materialized
     assert "1 committed batch(es) still await the replica" in observed[0].description

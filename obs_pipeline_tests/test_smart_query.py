@@ -18,6 +18,7 @@ from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import site_keys
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
+from obs_pipeline_tests.workload import replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -462,20 +463,17 @@ def test_status_is_applied_once_main_committed_while_the_replica_lags(buf, setti
     _, _, _, tx_id = start_observation(buf, files=0)
     drain = Drain(settings, DrainConfig(replication_timeout_s=60))
     stepping = threading.Thread(target=drain.step)
-    with replica_engine.connect() as conn:
-        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
     try:
-        drain.acquire()
-        stepping.start()
-        assert buf.wait(tx_id, until="applied", timeout=20)
-        assert buf.status(tx_id) == "applied"
-        assert stepping.is_alive()  # still waiting for the paused replica
-        with main_engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
-                                {"t": tx_id}).scalar_one() == 1
+        with replay_paused(replica_engine):
+            drain.acquire()
+            stepping.start()
+            assert buf.wait(tx_id, until="applied", timeout=20)
+            assert buf.status(tx_id) == "applied"
+            assert stepping.is_alive()  # still waiting for the paused replica
+            with main_engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                                    {"t": tx_id}).scalar_one() == 1
     finally:
-        with replica_engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
         if stepping.ident is not None:
             stepping.join(120)
         drain.close()

@@ -4,6 +4,8 @@ each exactly once."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -92,3 +94,16 @@ def _drain_state(drain) -> dict:
     return {"retry": retry, "held_ids": drain.redis.hgetall(keys.held_ids), "lease": drain.store.lease_holder(),
             "buffer": drain.redis.llen(keys.buffer), "processing": drain.redis.llen(keys.processing),
             "failed": drain.redis.llen(keys.failed)}
+
+
+@contextlib.contextmanager
+def replay_paused(replica_engine: sa.Engine) -> Iterator[None]:
+    """The replica stops replaying WAL inside the block (it still receives it), as a stuck or
+    lagging replica would; replay resumes on the way out, whatever happened."""
+    with replica_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    try:
+        yield
+    finally:
+        with replica_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
