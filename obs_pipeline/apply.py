@@ -13,6 +13,7 @@ retried as it is; permanent ones are charged to the transaction that caused them
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.config import ConfigError
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
+
+log = logging.getLogger("obs_pipeline.drain")
 
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
@@ -47,6 +51,8 @@ class BatchResult:
     applied: list[Transaction] = field(default_factory=list)
     already_applied: list[Transaction] = field(default_factory=list)
     failed: list[tuple[Transaction, str]] = field(default_factory=list)  # (tx, reason)
+    # an id applied already with other steps: a producer reused it; (tx, reason), never applied
+    reused_ids: list[tuple[Transaction, str]] = field(default_factory=list)
     commit_lsn: int | None = None
     rows_per_model: dict[str, int] = field(default_factory=dict)
     writes_before_fold: int = 0
@@ -138,6 +144,8 @@ class MainDatabase:
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
         self._conn: Any = None
+        self.records_digest = True  # main's obs_pipeline_applied has steps_digest (see _connection)
+        self._warned_no_digest = False
 
     def close(self) -> None:
         if self._conn is not None:
@@ -151,7 +159,24 @@ class MainDatabase:
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
             self.round_trip_s = self._time_round_trip(self._conn)
+            self.records_digest = self._has_digest_column(self._conn)
         return self._conn
+
+    def _has_digest_column(self, conn: Any) -> bool:
+        """Whether obs_pipeline_applied records the steps' digest: a table made by a version
+        before it does not, until `obs-pipeline db init` adds the column. Until then the drain
+        records ids alone, and an id reused for other steps is skipped as done, as it was then;
+        said once per drain, not a reason to stop draining."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                        "AND attname = 'steps_digest' AND NOT attisdropped)", (applied_transactions.name,))
+            present = bool(cur.fetchone()[0])
+        if not present and not self._warned_no_digest:
+            self._warned_no_digest = True
+            log.warning("main's %s has no steps_digest column (made by an earlier version): a transaction id a "
+                        "producer reuses for other steps cannot be told from a reclaimed one and is skipped as "
+                        "applied; run `obs-pipeline db init` to add the column", applied_transactions.name)
+        return present
 
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3) -> float:
@@ -215,7 +240,7 @@ class MainDatabase:
             return self._apply_carefully(cur, txs)
         try:
             statements, rows = self.sql.writes(cur, folded)
-            applied = self.sql.record_applied(cur, [t.transaction_id for t in txs], self.site)
+            applied = self.sql.record_applied(cur, txs, self.site, self.records_digest)
         except _UNWRITABLE:  # a value SQL cannot carry: the careful path finds whose it is
             return self._apply_carefully(cur, txs)
         try:
@@ -233,16 +258,35 @@ class MainDatabase:
     def _apply_carefully(self, cur: Any, txs: list[Transaction]) -> BatchResult:
         result = BatchResult(slow_path=True)
         ids = [t.transaction_id for t in txs]
+        digest = "steps_digest" if self.records_digest else "NULL"
         # Deferred constraints are checked now, inside each savepoint, not at COMMIT: a violation
         # found there could not be pinned on a transaction, and the batch would fail for ever.
         self._run(cur, [b"BEGIN", b"SET CONSTRAINTS ALL IMMEDIATE", cur.mogrify(
-            "SELECT transaction_id FROM obs_pipeline_applied WHERE transaction_id = ANY(%s)", (ids,))])
-        done = {r[0] for r in cur.fetchall()}
-        result.already_applied = [t for t in txs if t.transaction_id in done]
-        self._bisect(cur, [t for t in txs if t.transaction_id not in done], result, blocked={})
+            f"SELECT transaction_id, {digest}, applied_at FROM obs_pipeline_applied "
+            "WHERE transaction_id = ANY(%s)", (ids,))])
+        done = {r[0]: r[1:] for r in cur.fetchall()}
+        blocked: dict[str, str] = {}
+        fresh: dict[str, Transaction] = {}  # the first of each id not applied before
+        for tx in txs:
+            tx_id = tx.transaction_id
+            if tx_id in done:
+                recorded, applied_at = done[tx_id]
+                if recorded is None or tx.steps_digest is None or recorded == tx.steps_digest:
+                    result.already_applied.append(tx)  # the same transaction, claimed again
+                    continue
+                reason = reused_id_reason(applied_at)
+            elif tx_id in fresh:  # (the drain keeps one of each id and steps)
+                reason = reused_id_reason(None)
+            else:
+                fresh[tx_id] = tx
+                continue
+            # never applied: those using the rows it writes wait with it, as behind any failed one
+            result.reused_ids.append((tx, reason))
+            claim_rows(blocked, written_ids(tx, self.registry), tx_id)
+        self._bisect(cur, list(fresh.values()), result, blocked)
         tail = [b"COMMIT", _FLUSH_LSN]
         if result.applied:
-            tail.insert(0, self.sql.record_applied(cur, [t.transaction_id for t in result.applied], self.site))
+            tail.insert(0, self.sql.record_applied(cur, result.applied, self.site, self.records_digest))
         self._run(cur, tail)
         lsn = cur.fetchone()[0]
         if result.applied or result.already_applied:
@@ -255,7 +299,8 @@ class MainDatabase:
         held back with it ("blocked by ..."), never applied before it."""
         ready = []
         for tx in txs:
-            blocker = next((blocked[i] for i in referenced_ids(tx, self.registry) if i in blocked), None)
+            blocker = next((blocked[i] for i in referenced_ids(tx, self.registry)
+                            if i in blocked and blocked[i] != tx.transaction_id), None)  # (an id reused in the batch)
             if blocker is None:
                 ready.append(tx)
             else:
@@ -299,6 +344,15 @@ class MainDatabase:
         """A transaction that failed alone: the rows it writes block those that use them."""
         result.failed.append((tx, reason))
         claim_rows(blocked, written_ids(tx, self.registry), tx.transaction_id)
+
+
+def reused_id_reason(applied_at: Any) -> str:
+    """Why a transaction whose id names another with other steps is dead-lettered (`applied_at`:
+    when that one was applied; None: it is ahead in the same batch): what happened, what to do."""
+    other = (f"was applied already at {applied_at:%Y-%m-%d %H:%M:%S %Z}".rstrip() if applied_at is not None
+             else "names another transaction ahead of it in the same batch")
+    return (f"its transaction_id {other} with other steps: a producer reused the id. Nothing of this one was "
+            "applied; push its steps again under a new transaction_id, then discard this entry")
 
 
 def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,

@@ -22,7 +22,7 @@ from psycopg2.extras import Json
 
 from obs_pipeline.model_registry import ColumnSpec, ModelRegistry
 from obs_pipeline.schema import applied_transactions
-from obs_pipeline.wire import RowWrite
+from obs_pipeline.wire import RowWrite, Transaction
 
 
 class BatchSql:
@@ -86,9 +86,14 @@ class BatchSql:
             rows[w.model] += counted[w.model]
         return out, dict(rows)
 
-    def record_applied(self, cursor: Any, transaction_ids: list[str], site: str) -> bytes:
-        return self._unnest_insert(cursor, "", ("site", "transaction_id"),
-                                   [{"site": site, "transaction_id": t} for t in transaction_ids])
+    def record_applied(self, cursor: Any, transactions: list[Transaction], site: str, with_digest: bool = True) -> bytes:
+        """The effectively-once records of these transactions; `with_digest` False for a table
+        made before the steps' digest was recorded (MainDatabase says so once)."""
+        if not with_digest:
+            return self._unnest_insert(cursor, "", ("site", "transaction_id"),
+                                       [{"site": site, "transaction_id": t.transaction_id} for t in transactions])
+        return self._unnest_insert(cursor, "", ("site", "transaction_id", "steps_digest"), [
+            {"site": site, "transaction_id": t.transaction_id, "steps_digest": t.steps_digest} for t in transactions])
 
     def _unnest_insert(self, cursor: Any, model_name: str, columns: tuple[str, ...], rows: list[dict]) -> bytes:
         sql = self._template("unnest", model_name, columns)

@@ -408,9 +408,9 @@ class Drain:
                     outcome.unpark.append(tx_id)
                 report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
-            if tx.transaction_id in seen:  # pushed twice: apply once
+            if (tx.transaction_id, tx.steps_digest) in seen:  # pushed twice: applied once
                 continue
-            seen.add(tx.transaction_id)
+            seen.add((tx.transaction_id, tx.steps_digest))  # (one id with other steps: see MainDatabase)
             txs.append(tx)
         return txs
 
@@ -473,6 +473,9 @@ class Drain:
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
         dead_now: dict[str, str] = {}
+        for tx, reason in result.reused_ids:  # no retry makes it right; its status is the applied one's
+            self._dead_letter(tx, reason, outcome, report, kind="reused_id", status=False)
+            dead_now[tx.transaction_id] = reason
         for tx, reason in result.failed:
             blocker = reason.removeprefix("blocked by ") if reason.startswith("blocked by ") else None
             if blocker and blocker in dead_now or (not blocker and tx.retry_count >= tx.max_retries):
@@ -507,10 +510,12 @@ class Drain:
         claim_rows(outcome.hold, claim, tx.transaction_id)
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
-                     rows: set[str] | None = None) -> None:
+                     rows: set[str] | None = None, status: bool = True) -> None:
+        """`status` False for an id that names another transaction too (reused): its status stays that one's."""
         entry = _failed_entry(tx.to_dict(), reason, kind=kind)
         outcome.dead.append((tx.transaction_id, entry))
-        outcome.statuses.append((tx.transaction_id, entry))
+        if status:
+            outcome.statuses.append((tx.transaction_id, entry))
         claim_rows(outcome.hold, written_ids(tx, self.registry) if rows is None else rows, "!" + tx.transaction_id)
         outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})

@@ -2,6 +2,8 @@
 
 `obs_pipeline_applied` records each applied transaction id in the same database transaction
 as its rows: a batch reclaimed after a crash skips what already committed (effectively once).
+With the id goes the digest of the transaction's steps as pushed: an id that comes back with
+other steps is a producer reusing it, dead-lettered, not skipped as done (it would be lost).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ applied_transactions = sa.Table(
     sa.Column("transaction_id", sa.Text, primary_key=True),
     sa.Column("site", sa.Text, nullable=False),
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("steps_digest", sa.Text, nullable=True),  # json_codec.digest of the steps; NULL: recorded before it was
     sa.Index("obs_pipeline_applied_at", "applied_at"),
 )
 
 
 def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
-    """Create the models' tables and the pipeline's own; harmless when they exist."""
+    """Create the models' tables and the pipeline's own; harmless when they exist. A table of
+    the pipeline's made by an earlier version gets the columns added since."""
     with engine.begin() as conn:
         registry.metadata.create_all(conn)
         pipeline_metadata.create_all(conn)
+        conn.execute(sa.text(f"ALTER TABLE {applied_transactions.name} ADD COLUMN IF NOT EXISTS steps_digest text"))
 
 
 PRUNE_MIN_DAYS = 1.0  # a batch claimed and applied but not yet acknowledged must still find its records

@@ -65,6 +65,9 @@ class Transaction:
     max_retries: int = DEFAULT_MAX_RETRIES
     steps: list[Step] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # What the steps were as pushed (json_codec.digest), set by from_json: the drain records it
+    # with the applied id, to tell an id a producer reused for other steps from this one claimed again.
+    steps_digest: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Shallow on purpose: `dataclasses.asdict` deep-copies every value and was 40% of the
@@ -93,7 +96,9 @@ class Transaction:
             raise InvalidTransaction(f"not valid JSON: {exc}") from None
         except RecursionError:  # the stdlib's parser (orjson's refuses past 1,024 levels)
             raise InvalidTransaction("not valid JSON: nested too deeply (more than about 1,000 levels)") from None
-        return cls.from_dict(doc)
+        tx = cls.from_dict(doc)
+        tx.steps_digest = json_codec.digest(doc["steps"])
+        return tx
 
     @classmethod
     def from_dict(cls, doc: Any) -> "Transaction":

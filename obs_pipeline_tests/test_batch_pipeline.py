@@ -655,3 +655,104 @@ def test_an_update_of_a_row_main_does_not_have_is_dead_lettered_not_counted_appl
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = 'ghost-update'")
                             ).scalar_one() == 0
+
+
+def _obs_units(main_engine, ids: list[int]) -> dict[int, str]:
+    with main_engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id = ANY(:ids)"), {"ids": ids}).all())
+
+
+def test_an_id_a_producer_reuses_for_other_steps_is_dead_lettered_not_skipped_as_applied(
+        settings, redis_client, main_engine):
+    """A producer that makes ids from a counter starts again at 1 after a restart: the second
+    "obs-1" was skipped as already applied, its observation lost without a word. Now it is
+    dead-lettered saying so, in a later batch or in the same one; the first keeps its status and
+    rows, a transaction using a row the second creates waits with it (blocked), and the same
+    transaction pushed again (a producer's retry, a reclaim) is still applied once, quietly."""
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, unit: int, name: str, **spacing) -> None:
+        step = {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": unit, "name": name}}
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [step]}, **spacing))
+
+    def failed() -> dict[str, dict]:
+        return {f["transaction_id"]: f["failure"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+
+    push("obs-1", 901, "first")
+    drain_until_settled(settings)
+    assert json.loads(redis_client.get(keys.transaction("obs-1")))["status"] == "replicated"
+
+    push("obs-1", 902, "second, after a restart")  # reused in a later batch
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "uses-902", "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ObsUnit", "conditions": {"id": 902},
+         "data": {"name": "renamed"}}]}))
+    push("obs-1", 901, "first", indent=2)  # the first again, spelled otherwise: not a reuse
+    push("obs-7", 907, "seventh")
+    push("obs-7", 908, "another seventh")  # reused within one batch
+    drain_until_settled(settings, retry_base_s=0.05)
+
+    letters = failed()
+    assert set(letters) == {"obs-1", "uses-902", "obs-7"}, letters
+    for tx_id in ("obs-1", "obs-7"):
+        assert letters[tx_id]["kind"] == "reused_id"
+        assert "a producer reused the id" in letters[tx_id]["reason"]
+        assert "push its steps again under a new transaction_id" in letters[tx_id]["reason"]
+    assert "applied already at 20" in letters["obs-1"]["reason"]  # when the first was applied
+    assert letters["uses-902"]["reason"] == "blocked by obs-1"
+    shown = {f["transaction_id"]: f for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert shown["obs-1"]["steps"][0]["data"] == {"id": 902, "name": "second, after a restart"}
+    assert shown["obs-7"]["steps"][0]["data"] == {"id": 908, "name": "another seventh"}
+    assert _obs_units(main_engine, [901, 902, 907, 908]) == {901: "first", 907: "seventh"}
+    for tx_id in ("obs-1", "obs-7"):  # the applied one's status, not "failed"
+        assert json.loads(redis_client.get(keys.transaction(tx_id)))["status"] == "replicated"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id IN "
+                                    "('obs-1', 'obs-7')")).scalar_one() == 2
+
+    # the operator's way out, as the reason says: the steps under a new id, the entry discarded
+    push("obs-1-again", 902, "second, after a restart")
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.model_registry import ModelRegistry
+    letters_api = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    letters_api.discard("obs-1")
+    letters_api.retry(["uses-902"])
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert set(failed()) == {"obs-7"}
+    assert _obs_units(main_engine, [901, 902]) == {901: "first", 902: "renamed"}
+
+
+def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
+        settings, redis_client, main_engine, caplog):
+    """An obs_pipeline_applied made by an earlier version has no steps_digest: the drain must
+    not stop on it (it records ids alone, as then, and says once what to run); `db init`
+    (create_schema) adds the column, and reuse is caught from then on."""
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.schema import create_schema
+
+    keys = SiteKeys(settings.site)
+    push = lambda tx_id, unit, name: redis_client.lpush(keys.buffer, json.dumps({  # noqa: E731
+        "transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                            "data": {"id": unit, "name": name}}]}))
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE obs_pipeline_applied DROP COLUMN steps_digest"))
+    try:
+        push("old-1", 911, "recorded without digest")
+        with caplog.at_level("WARNING", logger="obs_pipeline.drain"):
+            drain_until_settled(settings)
+        assert sum("no steps_digest column" in r.getMessage() and "obs-pipeline db init" in r.getMessage()
+                   for r in caplog.records) == 1
+        assert _obs_units(main_engine, [911]) == {911: "recorded without digest"}
+    finally:
+        create_schema(main_engine, ModelRegistry.from_path(settings.models))
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT steps_digest FROM obs_pipeline_applied WHERE transaction_id = 'old-1'")
+                            ).scalar_one() is None
+    push("old-1", 912, "reuse of an id recorded without digest")  # cannot be told: skipped, as before
+    push("new-1", 913, "recorded with digest")
+    drain_until_settled(settings)
+    push("new-1", 914, "reuse")
+    drain_until_settled(settings)
+    assert {f["transaction_id"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))} == {"new-1"}
+    assert _obs_units(main_engine, [911, 912, 913, 914]) == {911: "recorded without digest",
+                                                             913: "recorded with digest"}

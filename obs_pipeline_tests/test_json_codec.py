@@ -75,3 +75,22 @@ def test_new_uuid_is_a_canonical_random_uuid4():
     assert len(seen) == 2000
     variants = {new_uuid()[19] for _ in range(400)}
     assert variants == set("89ab")  # all four variant digits occur: the random bits stay random
+
+
+def test_the_steps_digest_names_what_the_steps_say_not_how_they_are_spelled():
+    """The drain tells a reclaimed transaction from an id reused for other steps by this digest:
+    key order and spacing must not matter, any value must."""
+    doc = seed_example()[0]
+    steps = doc["steps"]
+    respelled = json.loads(json.dumps(doc, indent=3, sort_keys=True))
+    reordered = [dict(reversed(list(step.items()))) for step in steps]
+    assert Transaction.from_json(json.dumps(doc)).steps_digest == Transaction.from_json(
+        json.dumps(respelled)).steps_digest == json_codec.digest(reordered) == json_codec.digest(steps)
+    changed = json.loads(json.dumps(steps))
+    changed[-1]["data"][0]["name"] = "file1.fitz"
+    assert json_codec.digest(changed) != json_codec.digest(steps)
+    assert json_codec.digest([1]) != json_codec.digest([1.0]) != json_codec.digest(["1"])
+    # what orjson cannot write goes the stdlib's way, still one digest per value
+    assert json_codec.digest(["\ud800", 2 ** 70]) == json_codec.digest(["\ud800", 2 ** 70])
+    assert json_codec.digest(["\ud800", 2 ** 70]) != json_codec.digest(["\ud801", 2 ** 70])
+    assert len(json_codec.digest(steps)) == 16
