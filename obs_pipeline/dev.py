@@ -7,6 +7,7 @@ stack folder and Dagster's storage in the `dagster` database on main.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -103,7 +104,29 @@ def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
+def hold_dev_lock(directory: Path):
+    """One `dev` per stack folder: a second would start a second Dagster daemon on the same
+    DAGSTER_HOME (two sensors launching runs), and the first, stopped, would take the stack
+    down under it. An flock held as long as this process lives (a `kill -9` leaves nothing to
+    clean), with the holder's pid in the file for the message."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / "dev.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise StackError(f"another `obs-pipeline dev` runs on {directory}" + (f" (pid {holder})" if holder else "")
+                         + ": stop it (Ctrl-C in its terminal), or give this one another --dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
+    lock = hold_dev_lock(Path(stack.directory))  # held until everything is stopped
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"
         raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "
@@ -149,3 +172,4 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
             for name in ("replica", "proxy", "main", "redis"):  # down's order
                 if name not in ran_before and stack.status()[name]["running"]:
                     stack.stop_service(name)
+        lock.close()

@@ -568,6 +568,17 @@ def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything
         client.close()
         assert run_sql(stack.env()["OBS_REPLICA_DB_URL"], "SELECT count(*) FROM executed_obs_unit") == 1
 
+        # a second dev on this folder (another port): it started a second daemon on the same
+        # DAGSTER_HOME, and the first, stopped, took the stack down under it
+        second = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), "--port",
+                                 str(pick_free_ports(1)[0])], env=base_env(), capture_output=True, text=True,
+                                timeout=WAIT)
+        assert second.returncode == 1 and second.stdout == "", second.stdout + second.stderr
+        assert second.stderr.splitlines() == [
+            f"obs-pipeline: error: another `obs-pipeline dev` runs on {folder} (pid {dev.pid}): stop it (Ctrl-C in "
+            "its terminal), or give this one another --dir"], second.stderr
+        assert with_environment("DAGSTER_HOME", dagster_home) <= descendants(dev.pid) and webserver_answers(port)
+
         started = descendants(dev.pid) | with_environment("DAGSTER_HOME", dagster_home)
         assert len(with_environment("DAGSTER_HOME", dagster_home)) >= 2  # at least the daemon and the webserver
         dev.send_signal(signal.SIGINT)
