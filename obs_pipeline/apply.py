@@ -352,7 +352,7 @@ def reused_id_reason(applied_at: Any) -> str:
     other = (f"was applied already at {applied_at:%Y-%m-%d %H:%M:%S %Z}".rstrip() if applied_at is not None
              else "names another transaction ahead of it in the same batch")
     return (f"its transaction_id {other} with other steps: a producer reused the id. Nothing of this one was "
-            "applied; push its steps again under a new transaction_id, then discard this entry")
+            "applied; `obs-pipeline failed retry` requeues it under a new transaction_id")
 
 
 def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,

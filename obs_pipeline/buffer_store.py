@@ -693,6 +693,13 @@ class BufferStore:
         if args:
             (pipe or self.redis).eval(_UNHOLD, 1, self.keys.held_ids, *args)
 
+    def hold(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
+        """Queue on `pipe`: these transactions (tx id -> its rows) hold the rows nobody else
+        holds, see _HOLD."""
+        args = [x for tx_id, rows in rows_of.items() for row in sorted(rows) for x in (row, tx_id)]
+        if args:
+            pipe.eval(_HOLD, 1, self.keys.held_ids, *args)
+
     def revive(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these requeued transactions' dead marks (tx id -> its rows) become
         live holds again, see _REVIVE."""

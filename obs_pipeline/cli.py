@@ -256,8 +256,11 @@ def cmd_failed(args: argparse.Namespace) -> int:
     elif args.action == "retry":
         if args.all == bool(args.id):
             raise SystemExit("obs-pipeline: error: give one transaction id or --all")
+        listed = {letter.transaction_id for letter in letters.list()}
         ids = letters.retry(None if args.all else [args.id])
-        print(f"requeued {len(ids)} transaction(s)", file=sys.stderr)
+        renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
+        print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
+                                                       f"{', '.join(renamed)}" if renamed else ""), file=sys.stderr)
     elif args.action == "discard":
         letters.discard(_one_id(args))
     return 0

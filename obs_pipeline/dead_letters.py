@@ -11,7 +11,8 @@ import redis
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import Transaction, cache_footprint, is_storable_id, one_line, validate, written_ids
+from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, new_uuid, one_line, validate,
+                               written_ids)
 
 
 class UnknownTransaction(LookupError):
@@ -39,6 +40,13 @@ class DeadLetter:
     @property
     def reason(self) -> str:
         return str(self.doc.get("failure", {}).get("reason", "?"))
+
+    @property
+    def reused_id(self) -> bool:
+        """Dead-lettered because a producer reused its id for other steps (see apply.py): its
+        status and caches are the applied transaction's, and it is requeued under a new id."""
+        failure = self.doc.get("failure")
+        return isinstance(failure, dict) and failure.get("kind") == "reused_id"
 
     def summary(self) -> dict[str, Any]:
         failure = self.doc.get("failure", {})
@@ -144,26 +152,37 @@ class DeadLetters:
                 prepared[letter.raw] = self._requeued(letter)
         # RPUSH puts an entry at the consuming end: push the last-to-run first.
         for letter in reversed(ordered):
-            tx_json = prepared[letter.raw][0]
+            tx_json, _, tx_id = prepared[letter.raw]
             pipe.rpush(self.keys.buffer, tx_json)
-            pipe.set(self.keys.transaction(letter.transaction_id), tx_json)
+            pipe.set(self.keys.transaction(tx_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
-        # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged)
+        # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged); one
+        # requeued under a new id takes its marks over
         self.store.revive({letter.transaction_id: rows for letter in ordered
-                           if (rows := prepared[letter.raw][1]) is not None}, pipe)
+                           if (rows := prepared[letter.raw][1]) is not None and not letter.reused_id}, pipe)
+        renamed = {letter.transaction_id: (prepared[letter.raw][2], prepared[letter.raw][1] or set())
+                   for letter in ordered if letter.reused_id}
+        if renamed:
+            self.store.unhold({old: rows for old, (_, rows) in renamed.items()}, pipe)
+            self.store.hold({new: rows for new, rows in renamed.values()}, pipe)
         pipe.execute()
-        return [letter.transaction_id for letter in ordered]
+        return [prepared[letter.raw][2] for letter in ordered]
 
-    def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None]:
-        """The JSON that requeues the letter, and the rows it writes (None: it does not parse)."""
+    def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:
+        """The JSON that requeues the letter, the rows it writes (None: it does not parse), and
+        its id: a new one where a producer had reused the id (that one names an applied
+        transaction; the original goes into metadata as `reused_id`)."""
         doc = {k: v for k, v in letter.doc.items() if k != "failure"}
         # last_error: once applied, the drain releases its holds and what is parked behind it
         doc.update(status="pending", retry_count=0)
         if isinstance(doc.get("metadata") or {}, dict):  # (an invalid one stays as it was)
             doc["metadata"] = {**(doc.get("metadata") or {}), "last_error": letter.reason}
+        if letter.reused_id:
+            doc["transaction_id"] = new_uuid()
+            doc["metadata"] = {**doc["metadata"], "reused_id": letter.transaction_id}
         original = _parse(letter.doc)
         return (_canonical_json(doc, _parse(doc)),
-                written_ids(original, self.registry) if original is not None else None)
+                written_ids(original, self.registry) if original is not None else None, doc["transaction_id"])
 
     def _discard(self, pipe: Any, ref: str) -> None:
         letters = self.list(pipe)
@@ -182,11 +201,11 @@ class DeadLetters:
         pipe.multi()
         for copy in copies:
             pipe.lrem(self.keys.failed, 1, copy.raw)
-        if letter.transaction_id:
+        if letter.transaction_id and not letter.reused_id:  # (a reused id's are the applied one's)
             pipe.delete(self.keys.transaction(letter.transaction_id))
         if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
             self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
-        if footprint:
+        if footprint and not letter.reused_id:
             self.store.forget(footprint, pipe)
         pipe.execute()
 

@@ -14,6 +14,7 @@ from obs_pipeline.apply import TransientError
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.test_cli import cli
 from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -696,7 +697,7 @@ def test_an_id_a_producer_reuses_for_other_steps_is_dead_lettered_not_skipped_as
     for tx_id in ("obs-1", "obs-7"):
         assert letters[tx_id]["kind"] == "reused_id"
         assert "a producer reused the id" in letters[tx_id]["reason"]
-        assert "push its steps again under a new transaction_id" in letters[tx_id]["reason"]
+        assert letters[tx_id]["reason"].endswith("`obs-pipeline failed retry` requeues it under a new transaction_id")
     assert "applied already at 20" in letters["obs-1"]["reason"]  # when the first was applied
     assert letters["uses-902"]["reason"] == "blocked by obs-1"
     shown = {f["transaction_id"]: f for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
@@ -709,17 +710,25 @@ def test_an_id_a_producer_reuses_for_other_steps_is_dead_lettered_not_skipped_as
         assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id IN "
                                     "('obs-1', 'obs-7')")).scalar_one() == 2
 
-    # the operator's way out, as the reason says: the steps under a new id, the entry discarded
-    push("obs-1-again", 902, "second, after a restart")
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.buffer_store import BufferStore
-    from obs_pipeline.model_registry import ModelRegistry
-    letters_api = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
-    letters_api.discard("obs-1")
-    letters_api.retry(["uses-902"])
+    # the operator's way out, as the reason says: requeued under a new id, with what it blocked
+    cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
+    requeued = cli("failed", "retry", "obs-1", env=cli_env)
+    assert requeued.returncode == 0, requeued.stderr
+    line = requeued.stderr.strip()
+    assert line.startswith("requeued 2 transaction(s); under new ids, as a producer had reused theirs: "), line
+    new_id = line.rsplit(": ", 1)[1]
     drain_until_settled(settings, retry_base_s=0.05)
     assert set(failed()) == {"obs-7"}
-    assert _obs_units(main_engine, [901, 902]) == {901: "first", 902: "renamed"}
+    assert _obs_units(main_engine, [901, 902]) == {901: "first", 902: "renamed"}  # in order: created, then renamed
+    assert json.loads(redis_client.get(keys.transaction(new_id)))["status"] == "replicated"
+    assert json.loads(redis_client.get(keys.transaction("obs-1")))["status"] == "replicated"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :i"),
+                            {"i": new_id}).scalar_one() == 1
+    # discarded instead: the applied one's status stays
+    assert cli("failed", "discard", "obs-7", env=cli_env).returncode == 0
+    assert failed() == {} and redis_client.hlen(keys.held_ids) == 0
+    assert json.loads(redis_client.get(keys.transaction("obs-7")))["status"] == "replicated"
 
 
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
