@@ -13,6 +13,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
+    DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
@@ -23,7 +24,7 @@ from dagster import (
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, REPLICA_ASSET, SITE_TAG, drain_buffer
-from obs_pipeline.dagster_defs.operations import replica_replays
+from obs_pipeline.dagster_defs.operations import HISTORY_JOBS, replica_replays
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs import sensors
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
@@ -47,6 +48,10 @@ def test_definitions_load():
     job = defs.resolve_job_def("drain_buffer")
     assert job.executor_def.name == "in_process"
     assert defs.resolve_sensor_def("buffer_sensor").default_status == DefaultSensorStatus.RUNNING
+    # every job's runs are pruned, by a schedule that runs from the start
+    assert {j.name for j in defs.get_repository_def().get_all_jobs()} <= set(HISTORY_JOBS)
+    history = defs.resolve_schedule_def("prune_run_history_schedule")
+    assert history.job_name == "prune_run_history" and history.default_status == DefaultScheduleStatus.RUNNING
 
 
 def test_job_in_process_applies_replicates_and_reports_each_batch(settings, resource, redis_client, replica_engine):

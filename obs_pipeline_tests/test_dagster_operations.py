@@ -1,5 +1,5 @@
 """Operators' view in Dagster: dead letters as events and a failing check, the retry job,
-main outages as op retries, and pruning of applied-id records."""
+main outages as op retries, pruning of applied-id records, and of Dagster's own history."""
 
 from __future__ import annotations
 
@@ -7,15 +7,36 @@ import json
 import logging
 import threading
 import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from dagster import AssetObservation, DagsterEventType, DagsterInstance, DagsterRunStatus, instance_for_test
+from dagster import (
+    AssetObservation,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    FilesystemIOManager,
+    instance_for_test,
+    job,
+    op,
+)
+from dagster._core.definitions.run_request import InstigatorType
+from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
+from obs_pipeline.dagster_defs import operations
 from obs_pipeline.dagster_defs.jobs import drain_buffer
-from obs_pipeline.dagster_defs.operations import no_dead_letters, prune_applied_transactions, retry_dead_letters
+from obs_pipeline.dagster_defs.operations import (
+    no_dead_letters,
+    prune_applied_transactions,
+    prune_run_history,
+    retry_dead_letters,
+)
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dev import dagster_environment
+from obs_pipeline.dev import DAGSTER_YAML, dagster_environment
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
 
@@ -145,6 +166,8 @@ def test_prune_removes_only_this_sites_old_applied_records(settings, resource, m
      "no dead-lettered transaction 'no-such-id' at site "),
     (prune_applied_transactions, {"prune_applied_records": {"config": {"older_than_days": 0}}},
      "older_than_days must be at least 1"),
+    (prune_run_history, {"delete_old_runs": {"config": {"older_than_days": 0}}},
+     "older_than_days must be at least 1, not 0: the last day's runs are what an operator looks at"),
 ])
 def test_an_operator_jobs_mistake_fails_it_with_its_reason_on_top(resource, job, op_config, message):
     """A mistyped id or a bad config in the retry or prune job failed its run with 'Error
@@ -281,3 +304,148 @@ def test_each_drain_and_retry_run_evaluates_the_no_dead_letters_check(settings, 
     assert [c.passed for c in evaluations(retried)] == [True]
     assert [c.passed for c in evaluations(drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
                                                                           run_config=FAST))] == [True]
+
+
+# --- Dagster's own history ---------------------------------------------------------------------
+
+@pytest.fixture
+def site_instance(stack, tmp_path, monkeypatch):
+    """A Dagster instance as a site has it (the project's dagster.yaml, storage on main), in a
+    database of its own: once the prune's clock moves on, the session's other runs would be old too."""
+    env = dagster_environment(stack, home=tmp_path / "dagster_home")
+    url = sa.engine.make_url(env["OBS_DAGSTER_PG_URL"])
+    name = f"dagster_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    monkeypatch.setenv("OBS_DAGSTER_PG_URL", url.set(database=name).render_as_string(hide_password=False))
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    try:
+        yield instance
+    finally:
+        instance.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def age_the_runs_so_far(monkeypatch, days: float) -> None:
+    """The prune's clock moves `days` on from now: runs created so far are that old, later ones
+    younger (its cutoff and PostgreSQL's timestamps come from this host's clock: a margin of 1 s)."""
+    time.sleep(1)
+    now = datetime.now(timezone.utc)
+    time.sleep(1)
+    monkeypatch.setattr(operations, "_now", lambda: now + timedelta(days=days))
+
+
+@op
+def another_op():
+    pass
+
+
+@job
+def another_job():  # another code location's, in the same instance
+    another_op()
+
+
+def origin(job_def) -> RemoteJobOrigin:
+    """Where the run queue loads a queued run's job from (a queued run must say)."""
+    location = InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="obs_pipeline.definitions"))
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_def.name)
+
+
+def prune_history(instance, **config):
+    return prune_run_history.execute_in_process(instance=instance, raise_on_error=False,
+                                                run_config={"ops": {"delete_old_runs": {"config": config}}})
+
+
+def logged(instance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if e.user_message.startswith("deleted ")]
+
+
+def test_prune_run_history_deletes_old_finished_runs_with_their_events_and_outputs(resource, site_instance,
+                                                                                   monkeypatch):
+    """Run records, their event logs on main and their pickled outputs on the site machine grew
+    for ever, a drain run or more a minute."""
+    instance = site_instance
+    drained = drain_buffer.execute_in_process(resources={"obs_pipeline": resource, "io_manager": FilesystemIOManager()},
+                                              instance=instance, run_config=FAST)
+    outputs = Path(instance.storage_directory()) / drained.run_id
+    assert (outputs / "drain_batches" / "result").is_file()  # where the fs io manager puts them
+    assert (outputs / "compute_logs").is_dir()  # and the compute log manager the run's stdout and stderr
+    assert instance.all_logs(drained.run_id)
+    S = DagsterRunStatus
+    old = [drained.run_id] + [instance.create_run_for_job(j, status=s).run_id for j, s in [
+        (retry_dead_letters, S.FAILURE), (prune_applied_transactions, S.CANCELED), (prune_run_history, S.SUCCESS)]]
+    in_flight = [instance.create_run_for_job(drain_buffer, status=s, remote_job_origin=origin(drain_buffer)).run_id
+                 for s in (S.QUEUED, S.NOT_STARTED, S.STARTING, S.STARTED, S.CANCELING)]
+    not_ours = instance.create_run_for_job(another_job, status=S.SUCCESS).run_id
+    age_the_runs_so_far(monkeypatch, days=30)
+    recent = instance.create_run_for_job(drain_buffer, status=S.SUCCESS).run_id
+
+    result = prune_history(instance)
+    assert result.success
+    assert [r for r in old if instance.get_run_record_by_id(r)] == []
+    assert instance.all_logs(drained.run_id) == [] and not outputs.exists()
+    kept = [*in_flight, not_ours, recent, result.run_id]
+    assert [r for r in kept if instance.get_run_record_by_id(r) is None] == []
+    [message] = logged(instance, result.run_id)
+    assert message.startswith("deleted 4 finished run(s) older than 30 days (created before ")
+    assert "stopped" not in message
+
+
+def test_prune_run_history_stops_at_its_caps_oldest_first_and_a_bad_config_changes_nothing(site_instance,
+                                                                                           monkeypatch):
+    """One run must not go on for ever (run monitoring would fail it at 900 s): it stops at
+    max_runs or budget_s, saying so, and the next run goes on where it stopped."""
+    instance = site_instance
+    monkeypatch.setattr(operations, "HISTORY_CHUNK", 1)  # and the record queries follow the deletions
+    runs = [instance.create_run_for_job(drain_buffer, status=DagsterRunStatus.SUCCESS).run_id for _ in range(5)]
+    folders = [Path(instance.storage_directory()) / r for r in runs]
+    for folder in folders:
+        (folder / "drain_batches").mkdir(parents=True)
+        (folder / "drain_batches" / "result").write_bytes(b"pickled")
+    age_the_runs_so_far(monkeypatch, days=30)
+
+    def left() -> list[str]:
+        return [r for r in runs if instance.get_run_record_by_id(r)]
+
+    for config, message in [
+        ({"older_than_days": 0.5}, "older_than_days must be at least 1, not 0.5: "),
+        ({"max_runs": 0}, "max_runs must be at least 1, not 0"),
+        ({"budget_s": 0}, "budget_s must be more than 0 seconds, not 0"),
+        ({"budget_s": 800}, "budget_s 800 s + 120 s (the run's start and end, the deletion in hand) outlasts the "
+         "run's max runtime of 900 s (run_monitoring.max_runtime_seconds in dagster.yaml), after which monitoring "
+         "fails it: lower budget_s to 780 or less"),
+    ]:
+        refused = prune_history(instance, **config)
+        assert not refused.success
+        failure = next(e for e in refused.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+        assert message in failure.event_specific_data.error.message
+        assert "\n" not in failure.event_specific_data.error.message.strip()
+        assert left() == runs and all(f.exists() for f in folders)
+
+    capped = prune_history(instance, max_runs=2)
+    assert capped.success and left() == runs[2:]  # the oldest first
+    assert [f.exists() for f in folders] == [False, False, True, True, True]
+    [message] = logged(instance, capped.run_id)
+    assert message.startswith("deleted 2 finished run(s) ")
+    assert message.endswith("; stopped at max_runs (2), the rest are left for the next run")
+
+    spent = prune_history(instance, budget_s=0.001)  # one a run at least
+    assert spent.success and left() == runs[3:]
+    assert logged(instance, spent.run_id)[0].endswith("stopped at budget_s (0.001 s), the rest are left for the next run")
+
+    rest = prune_history(instance)
+    assert rest.success and left() == [] and not any(f.exists() for f in folders)
+    assert logged(instance, rest.run_id)[0].startswith("deleted 2 finished run(s) ")
+    assert prune_history(instance).success  # the refused and capped prune runs are recent: kept
+    assert instance.get_run_record_by_id(capped.run_id) is not None
+
+
+def test_the_instance_keeps_schedule_and_sensor_ticks_for_a_bounded_time(site_instance):
+    """Dagster keeps every tick but skipped sensor ticks for ever. One number of days for the
+    sensor's ticks: the daemon purges each number after each tick, a DELETE on main."""
+    assert set(site_instance.get_tick_retention_settings(InstigatorType.SENSOR).values()) == {7}
+    assert set(site_instance.get_tick_retention_settings(InstigatorType.SCHEDULE).values()) == {90}
+    assert (Path(__file__).parents[1] / "dagster.yaml").read_text() == DAGSTER_YAML.read_text()  # the image's copy

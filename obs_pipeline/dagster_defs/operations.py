@@ -1,15 +1,22 @@
-"""Operator jobs: requeue dead-lettered transactions from the UI, and prune applied-id
-records on main (kept a week: far longer than any batch can wait to be reclaimed)."""
+"""Operator jobs: requeue dead-lettered transactions from the UI, prune applied-id records on
+main (kept a week: far longer than any batch can wait to be reclaimed), and prune Dagster's
+own history of this project's runs (kept 30 days), which the sensor's runs would grow for ever."""
 
+import os
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
 from typing import List
 
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     Config,
+    DagsterRunStatus,
     DefaultScheduleStatus,
     Failure,
     OpExecutionContext,
+    RunsFilter,
     ScheduleDefinition,
     asset_check,
     in_process_executor,
@@ -23,6 +30,7 @@ from obs_pipeline.dagster_defs.jobs import (
     MAIN_ASSET,
     REPLICA_ASSET,
     REPLICA_CHECK,
+    _max_runtime,
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
@@ -82,6 +90,108 @@ def prune_applied_transactions():
 
 prune_schedule = ScheduleDefinition(job=prune_applied_transactions, cron_schedule="17 3 * * *",
                                     default_status=DefaultScheduleStatus.RUNNING)
+
+
+# Runs of these jobs are pruned: every job of `defs` (test_dagster checks it), with the implicit
+# asset job that runs a check evaluated from the UI. Other jobs' runs in the instance are left alone.
+HISTORY_JOBS = ("drain_buffer", "retry_dead_letters", "prune_applied_transactions", "prune_run_history",
+                "__ASSET_JOB")
+FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+HISTORY_CHUNK = 100  # run records read at a time
+HISTORY_MIN_DAYS = 1.0
+HISTORY_MARGIN_S = 120.0  # the run's own start and end, and the deletion in hand, beyond budget_s
+
+
+class PruneHistoryConfig(Config):
+    older_than_days: float = 30.0
+    max_runs: int = 500       # deleted per run at most; the next run goes on
+    budget_s: float = 600.0   # then the run ends, within run monitoring's max runtime (900 s)
+
+
+def _now() -> datetime:
+    """The clock that ages runs (tests move it)."""
+    return datetime.now(timezone.utc)
+
+
+def _check_history_config(config: PruneHistoryConfig, max_runtime: tuple[float, str] | None) -> None:
+    """A config that would delete what an operator still looks at, or outlast the run's max
+    runtime (monitoring would fail the run mid-deletion, every hour), in one line."""
+    if not config.older_than_days >= HISTORY_MIN_DAYS:  # NaN too
+        raise ValueError(f"older_than_days must be at least {HISTORY_MIN_DAYS:g}, not {config.older_than_days:g}: "
+                         "the last day's runs are what an operator looks at when something fails")
+    if config.max_runs < 1:
+        raise ValueError(f"max_runs must be at least 1, not {config.max_runs}")
+    if not config.budget_s > 0:
+        raise ValueError(f"budget_s must be more than 0 seconds, not {config.budget_s:g}")
+    if max_runtime is not None and config.budget_s + HISTORY_MARGIN_S > max_runtime[0]:
+        limit, source = max_runtime
+        raise ValueError(f"budget_s {config.budget_s:g} s + {HISTORY_MARGIN_S:g} s (the run's start and end, the "
+                         f"deletion in hand) outlasts the run's max runtime of {limit:g} s ({source}), after which "
+                         f"monitoring fails it: lower budget_s to {max(limit - HISTORY_MARGIN_S, 0):g} or less")
+
+
+def _remove_run_folder(context: OpExecutionContext, run_id: str) -> None:
+    """<storage>/<run_id> on this machine: the fs io manager's pickled outputs
+    (<run_id>/<op>/result) and the default compute log manager's stdout/stderr."""
+    folder = os.path.join(context.instance.storage_directory(), run_id)
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:  # a run that stored nothing here (or another host's run)
+        pass
+    except OSError as error:  # its record is gone: no later run will try again
+        context.log.warning(f"could not remove {folder}: {error}")
+
+
+def _old_run_ids(instance, cutoff: datetime):
+    """Finished runs of HISTORY_JOBS created before cutoff, oldest first for each job. The caller
+    deletes each before the next query, which so finds the next ones (a cursor would name a
+    deleted run)."""
+    for job_name in HISTORY_JOBS:
+        while True:
+            records = instance.get_run_records(RunsFilter(job_name=job_name, statuses=FINISHED, created_before=cutoff),
+                                               limit=HISTORY_CHUNK, ascending=True)
+            yield from (record.dagster_run.run_id for record in records)
+            if len(records) < HISTORY_CHUNK:
+                break
+
+
+@op
+def delete_old_runs(context: OpExecutionContext, config: PruneHistoryConfig) -> None:
+    """Old finished runs, with their events (instance.delete_run) and local folder. Each deletion
+    is several connections to the storage on main, about 9 s at 250 ms each way: a run stops at
+    max_runs or budget_s, and the next hour's goes on. Runs in flight or queued are never touched."""
+    try:
+        _check_history_config(config, _max_runtime(context))
+    except ValueError as error:  # its line, not a wrapped traceback
+        raise Failure(description=str(error)) from error
+    cutoff = _now() - timedelta(days=config.older_than_days)
+    deadline = time.monotonic() + config.budget_s
+    deleted, stopped = 0, None
+    for run_id in _old_run_ids(context.instance, cutoff):
+        if deleted >= config.max_runs:
+            stopped = f"max_runs ({config.max_runs})"
+        elif deleted and time.monotonic() >= deadline:  # at least one a run: it makes progress
+            stopped = f"budget_s ({config.budget_s:g} s)"
+        if stopped:
+            break
+        context.instance.delete_run(run_id)
+        _remove_run_folder(context, run_id)
+        deleted += 1
+    done = (f"deleted {deleted} finished run(s) older than {config.older_than_days:g} days (created before "
+            f"{cutoff:%Y-%m-%d %H:%M} UTC), with their events and local folders")
+    if stopped:  # a warning: said every hour, runs come faster than they go
+        context.log.warning(f"{done}; stopped at {stopped}, the rest are left for the next run")
+    else:
+        context.log.info(done)
+
+
+@job(executor_def=in_process_executor)
+def prune_run_history():
+    delete_old_runs()
+
+
+history_schedule = ScheduleDefinition(job=prune_run_history, cron_schedule="47 * * * *",
+                                      default_status=DefaultScheduleStatus.RUNNING)
 
 
 @asset_check(asset=MAIN_ASSET, name=DEAD_LETTER_CHECK, description="No dead-lettered transactions wait for an operator")
