@@ -119,17 +119,15 @@ class Transaction:
         if not isinstance(metadata, dict):
             raise InvalidTransaction(f"transaction {tx_id}: `metadata` must be an object")
         status = doc.get("status", "pending")
-        return cls(
-            transaction_id=tx_id,
-            endpoint=str(doc.get("endpoint") or ""),
-            site=str(doc.get("site") or ""),
-            timestamp=str(doc.get("timestamp") or ""),
-            status=status if status in STATUSES else "pending",
-            retry_count=retry_count,
-            max_retries=max_retries,
-            steps=[_step_from_dict(tx_id, i, s) for i, s in enumerate(steps)],
-            metadata=metadata,
-        )
+        endpoint = str(doc.get("endpoint") or "")
+        site = str(doc.get("site") or "")
+        timestamp = str(doc.get("timestamp") or "")
+        parsed = []  # (a loop: a comprehension here would make tx_id a cell, paid by every call)
+        for index, step in enumerate(steps):
+            parsed.append(_step_from_dict(tx_id, index, step))
+        # positional, as in _step_from_dict: keywords cost two conversions of a dict per call
+        return cls(tx_id, endpoint, site, timestamp, status if status in STATUSES else "pending", retry_count,
+                   max_retries, parsed, metadata)
 
 
 def is_storable_id(value: Any) -> bool:
@@ -160,6 +158,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _all_are(kind: type, items: list) -> bool:
+    """all(isinstance(i, kind) for i in items), without a generator's cost (the drain checks
+    the rows and dependencies of every step)."""
+    for item in items:
+        if not isinstance(item, kind):
+            return False
+    return True
+
+
 def _step_from_dict(tx_id: str, index: int, doc: Any) -> Step:
     if not isinstance(doc, dict):
         raise InvalidTransaction(f"{_where(tx_id, index)}: a step must be a JSON object")
@@ -168,7 +175,7 @@ def _step_from_dict(tx_id: str, index: int, doc: Any) -> Step:
     if data is None:
         data = {}
     if operation == "bulk_create":
-        if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        if not isinstance(data, list) or not data or not _all_are(dict, data):
             raise InvalidTransaction(f"{_where(tx_id, index)}: bulk_create needs `data` as a non-empty list of objects")
     elif operation not in OPERATIONS:
         raise InvalidTransaction(f"{_where(tx_id, index)}: operation {operation!r} is not one of {', '.join(OPERATIONS)}")
@@ -178,19 +185,15 @@ def _step_from_dict(tx_id: str, index: int, doc: Any) -> Step:
     dependencies = doc.get("dependencies") or []
     if not isinstance(conditions, dict):
         raise InvalidTransaction(f"{_where(tx_id, index)}: `conditions` must be an object")
-    if not isinstance(dependencies, list) or (dependencies and not all(isinstance(d, str) for d in dependencies)):
+    if not isinstance(dependencies, list) or not _all_are(str, dependencies):
         raise InvalidTransaction(f"{_where(tx_id, index)}: `dependencies` must be a list of step ids")
     step_id = doc.get("step_id")
     expected = doc.get("expected_result")
-    return Step(
-        step_id=str(step_id) if step_id is not None else f"step{index + 1}",
-        operation=operation,
-        model_class=doc.get("model_class"),  # checked against the registry in validate()
-        data=data,
-        conditions=conditions,
-        dependencies=dependencies,
-        expected_result=str(expected) if expected is not None else None,
-    )
+    # Step(step_id, operation, model_class, data, conditions, dependencies, expected_result), positional:
+    # keyword arguments to a class cost two conversions of a dict per call. (model_class is
+    # checked against the registry in validate().)
+    return Step(str(step_id) if step_id is not None else f"step{index + 1}", operation, doc.get("model_class"),
+                data, conditions, dependencies, str(expected) if expected is not None else None)
 
 
 def _where(tx_id: str, index: int) -> str:
@@ -205,11 +208,12 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
     checks = model.checks
     out = {}
     for name, value in values.items():
-        check = checks.get(name)
-        if check is None:
+        try:
+            check = checks[name]
+        except KeyError:
             raise InvalidTransaction(
                 f"{where}: {model.name} has no column {name!r} (columns: {', '.join(model.columns)})"
-            )
+            ) from None
         if not creating and name == model.primary_key:
             raise InvalidTransaction(f"{where}: the id of {model.name} cannot be changed by an update")
         try:
@@ -217,8 +221,7 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
         except ValueError as exc:
             raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
     if creating and not model.required_on_create <= out.keys():
-        missing = [c for c in model.columns if c in model.required_on_create and c not in out]
-        raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {', '.join(missing)}")
+        raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {_missing(model, out)}")
     if creating and model.defaults:  # the constant defaults of the columns left out (ModelSpec.defaults):
         # buffered, the record reads as main will store it; the insert carries them explicitly
         for name, value in model.defaults.items():
@@ -229,6 +232,12 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
     elif not creating and out and model.onupdates:  # an onupdate, for an update that does not set it
         _fill(model, out, model.onupdates, where)
     return out
+
+
+def _missing(model: ModelSpec, out: dict[str, Any]) -> str:
+    """(Apart from normalize_values: a comprehension there would make `model` and `out` cells,
+    created at every call.)"""
+    return ", ".join(c for c in model.columns if c in model.required_on_create and c not in out)
 
 
 def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where: str) -> None:
@@ -300,6 +309,12 @@ def steps_in_order(tx: Transaction) -> list[Step]:
         seen.add(step.step_id)
     else:
         return list(tx.steps)
+    return _sorted_steps(tx)
+
+
+def _sorted_steps(tx: Transaction) -> list[Step]:
+    """steps_in_order's sort. (A function of its own: its closure's six cells were made at every
+    call of steps_in_order, sorted or not.)"""
     by_id: dict[str, Step] = {}
     for step in tx.steps:  # (a second step of one id would be left out of the order: never applied)
         if step.step_id in by_id:
@@ -361,16 +376,20 @@ def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]
     """What ingest put in Redis for this transaction besides its queue entry: the created
     records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]; the creates
     of a model whose key is not generated have one too) and its status ("t"). Removed once the replica has replayed it, or when it is discarded."""
-    record: dict[str, list] = {"c": [], "o": [], "t": [tx.transaction_id]}
-    for step in tx.steps:
+    tx_id = tx.transaction_id
+    created: list[list[str]] = []
+    overlays: list[list[str]] = []
+    for step in tx.steps:  # (loops, not generators: these run for every transaction the drain claims)
         spec = registry.model(step.model_class)
         if step.operation in ("create", "bulk_create"):
-            record["c"].extend([spec.name, str(r[spec.primary_key])] for r in step.records())
-            if not spec.generated_id:  # ingest put a create entry in the read buffer too
-                record["o"].extend([spec.name, str(r[spec.primary_key]), tx.transaction_id] for r in step.records())
+            name, pk, overlaid = spec.name, spec.primary_key, not spec.generated_id
+            for row in step.records():
+                created.append([name, str(row[pk])])
+                if overlaid:  # ingest put a create entry in the read buffer too
+                    overlays.append([name, str(row[pk]), tx_id])
         else:
-            record["o"].append([spec.name, str(step.conditions[spec.primary_key]), tx.transaction_id])
-    return record
+            overlays.append([spec.name, str(step.conditions[spec.primary_key]), tx_id])
+    return {"c": created, "o": overlays, "t": [tx_id]}
 
 
 def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
