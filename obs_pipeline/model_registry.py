@@ -564,23 +564,24 @@ def _parse_datetime(value: Any) -> dt.datetime:
 
 
 # What _datetime_json writes: UTC, to the second or to the microsecond (isoformat leaves out a
-# fraction of 0).
-_CANONICAL_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.(?!0{6})[0-9]{6})?\+00:00")
+# fraction of 0); or the same with Z for +00:00.
+_CANONICAL_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.(?!0{6})[0-9]{6})?(?:\+00:00|Z)")
 
 
 def _datetime_json(value: Any) -> str:
     """In UTC: a `timestamp without time zone` column drops the offset of what it is given
     (02:00+02:00 would be stored as 02:00), and reads take its values as UTC.
 
-    Text already in that form (every datetime the drain reads from a transaction ingest wrote)
-    is only checked to be a real date and time, not written again: 1.2 us a value instead of
-    4.0 (isoformat() of an aware datetime alone takes 2.8)."""
+    Text already in that form (every datetime the drain reads from a transaction ingest wrote),
+    or in it but for a Z, is only checked to be a real date and time, not written again: 1.2 us
+    a value instead of 4.0 (isoformat() of an aware datetime alone takes 2.8)."""
     if value.__class__ is str and _CANONICAL_UTC.fullmatch(value):
         try:
             dt.datetime.fromisoformat(value)  # (not the 30th of February)
-            return value
         except ValueError:
             pass  # refused below, with the usual message
+        else:
+            return value if value[-1] != "Z" else value[:-1] + "+00:00"
     try:
         return _parse_datetime(value).astimezone(dt.timezone.utc).isoformat()
     except OverflowError:
