@@ -97,8 +97,9 @@ class TransactionBuilder:
                     step_id = created.get(value if value.__class__ is str else str(value))
                     if step_id is not None:
                         deps.add(step_id)
-        step = Step(step_id=f"step{len(self._tx.steps) + 1}", operation=operation, model_class=model,
-                    data=data, conditions=conditions, dependencies=sorted(deps))
+        # Step(step_id, operation, model_class, data, conditions, dependencies): positional, as
+        # keyword arguments to a class cost a dict built and unpacked per call
+        step = Step(f"step{len(self._tx.steps) + 1}", operation, model, data, conditions, sorted(deps))
         self._tx.steps.append(step)
         return step
 

@@ -468,14 +468,10 @@ def _looks_like_uuid(value: str) -> bool:
 
 def new_transaction(endpoint: str, site: str, max_retries: int = DEFAULT_MAX_RETRIES,
                     metadata: dict[str, Any] | None = None) -> Transaction:
-    return Transaction(
-        transaction_id=new_uuid(),
-        endpoint=endpoint,
-        site=site,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(),
-        max_retries=max_retries,
-        metadata=_checked_metadata(metadata) if metadata else {},
-    )
+    # Transaction(transaction_id, endpoint, site, timestamp, status, retry_count, max_retries, steps,
+    # metadata), positional as in from_dict
+    return Transaction(new_uuid(), endpoint, site, dt.datetime.now(dt.timezone.utc).isoformat(), "pending", 0,
+                       max_retries, [], _checked_metadata(metadata) if metadata else {})
 
 
 def new_uuid() -> str:
