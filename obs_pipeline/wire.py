@@ -205,19 +205,24 @@ def _where(tx_id: str, index: int) -> str:
 
 def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool, where: str) -> dict[str, Any]:
     """Check each value against its column; return the JSON form. Raises InvalidTransaction."""
-    checks = model.checks
+    converters = model.converters
     out = {}
     for name, value in values.items():
         try:
-            check = checks[name]
+            convert = converters[name]
         except KeyError:
             raise InvalidTransaction(
                 f"{where}: {model.name} has no column {name!r} (columns: {', '.join(model.columns)})"
             ) from None
         if not creating and name == model.primary_key:
             raise InvalidTransaction(f"{where}: the id of {model.name} cannot be changed by an update")
+        if value is None:  # ColumnSpec.check's test, made here (see ModelSpec.converters)
+            if name in model.not_null:
+                raise InvalidTransaction(f"{where}: {model.name}.{name}: may not be null")
+            out[name] = None
+            continue
         try:
-            out[name] = check(value)
+            out[name] = convert(value)
         except ValueError as exc:
             raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
     if creating and not model.required_on_create <= out.keys():
@@ -246,7 +251,7 @@ def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where
     for name, compute in computed.items():
         if name not in out:
             try:
-                out[name] = model.checks[name](compute(out))
+                out[name] = model.columns[name].check(compute(out))
             except ValueError as exc:
                 raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
 
