@@ -174,20 +174,22 @@ class TransactionBuffer:
     def _buffer_transaction(self, tx: Transaction) -> None:
         tx_json = tx.to_json()
         caches = CacheWrites()
+        created, overlays = caches.created, caches.overlays
         for step in tx.steps:
             spec = self.registry.model(step.model_class)
+            name, pk = spec.name, spec.primary_key
             if step.operation in ("create", "bulk_create"):
                 for row in step.records():
-                    caches.created.append((spec.name, str(row[spec.primary_key]), json_codec.dumps(row)))
+                    created.append((name, str(row[pk]), json_codec.dumps(row)))
                     # A key of the caller's may be created again after a buffered delete of it:
                     # the create goes into the read buffer too, in order, so that reads know it
                     # comes after that delete (and keep it when the first create is cleaned).
                     if not spec.generated_id:
-                        caches.overlays.append((spec.name, str(row[spec.primary_key]), overlay_entry(
-                            tx.transaction_id, "create", row, step.step_id)))
+                        overlays.append((name, str(row[pk]), overlay_entry(tx.transaction_id, "create", row,
+                                                                            step.step_id)))
             else:
-                caches.overlays.append((spec.name, str(step.conditions[spec.primary_key]),
-                                        overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))
+                overlays.append((name, str(step.conditions[pk]),
+                                 overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))
         self.spool.buffer(self._store_of_this_thread(), tx.transaction_id, tx_json, caches)
 
     def _store_of_this_thread(self) -> BufferStore:

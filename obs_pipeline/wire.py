@@ -39,6 +39,9 @@ def status_header(status: str) -> str:
     return STATUS_OPENING + status_slot(status) + ","
 
 
+_STATUS_HEADERS = {s: status_header(s) for s in STATUSES}  # to_json's, made once
+
+
 @dataclass
 class Step:
     step_id: str
@@ -85,7 +88,8 @@ class Transaction:
         """Compact JSON with the status first, in its fixed-width slot (see STATUS_SLOT)."""
         body = self.to_dict()
         del body["status"]
-        return status_header(self.status) + json_codec.dumps(body)[1:]
+        header = _STATUS_HEADERS.get(self.status) or status_header(self.status)
+        return header + json_codec.dumps(body)[1:]
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> "Transaction":
