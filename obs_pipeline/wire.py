@@ -286,14 +286,13 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
             model = registry.model(step.model_class)
         except InvalidTransaction as exc:  # with where: a dead letter's reason says which step
             raise InvalidTransaction(f"{where}: {exc}") from None
-        if step.operation in ("create", "bulk_create"):
+        if step.operation == "create":  # (from_dict made its data a dict, a bulk_create's a list of dicts)
+            step.data = _new_row(model, step.data, where)
+        elif step.operation == "bulk_create":
             rows = []
-            for row in step.records():
-                row = normalize_values(model, row, creating=True, where=where)
-                if model.primary_key not in row:
-                    raise InvalidTransaction(f"{where}: {model.name} needs a pre-generated {model.primary_key}")
-                rows.append(row)
-            step.data = rows if step.operation == "bulk_create" else rows[0]
+            for row in step.data:
+                rows.append(_new_row(model, row, where))
+            step.data = rows
         else:
             if set(step.conditions) != {model.primary_key}:
                 raise InvalidTransaction(
@@ -307,6 +306,14 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
             elif step.data:
                 raise InvalidTransaction(f"{where}: a delete takes no `data`")
     return tx
+
+
+def _new_row(model: ModelSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A create's row, checked and normalised (its key was made at ingest)."""
+    row = normalize_values(model, row, creating=True, where=where)
+    if model.primary_key not in row:
+        raise InvalidTransaction(f"{where}: {model.name} needs a pre-generated {model.primary_key}")
+    return row
 
 
 def steps_in_order(tx: Transaction) -> list[Step]:
