@@ -44,11 +44,11 @@ class ColumnSpec:
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
-    # made once per column (no dispatch on `kind` per call): it runs for every value of every
-    # transaction, at ingest and in the drain.
+    # made once per column (no dispatch on `kind` per call).
     check: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
     # check without its test for None (which `check` refuses, or gives back if the column is
-    # nullable): what wire.normalize_values calls, having tested for None itself
+    # nullable): what wire.normalize_values calls, having tested for None itself, for every
+    # value of every transaction, at ingest and in the drain
     convert: Callable[[Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
