@@ -104,12 +104,13 @@ def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-def hold_dev_lock(directory: Path):
+def hold_dev_lock(stack):
     """One `dev` per stack folder: a second would start a second Dagster daemon on the same
     DAGSTER_HOME (two sensors launching runs), and the first, stopped, would take the stack
     down under it. An flock held as long as this process lives (a `kill -9` leaves nothing to
     clean), with the holder's pid in the file for the message."""
-    directory.mkdir(parents=True, exist_ok=True)
+    stack.make_folder()  # a folder that cannot be one is said as `stack up` says it
+    directory = Path(stack.directory)
     lock = open(directory / "dev.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,7 +127,7 @@ def hold_dev_lock(directory: Path):
 
 
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
-    lock = hold_dev_lock(Path(stack.directory))  # held until everything is stopped
+    lock = hold_dev_lock(stack)  # held until everything is stopped
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"
         raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "

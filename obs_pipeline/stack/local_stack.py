@@ -177,7 +177,7 @@ class LocalStack:
         if unsafe:  # pg_ctl starts the server through a shell, with the paths in double quotes
             raise StackError(f"the stack folder {self.directory} has {' '.join(unsafe)} in its path, which "
                              "PostgreSQL's pg_ctl cannot pass on: choose another folder (--dir)")
-        self._make_folder()
+        self.make_folder()
         with self._locked():
             cfg = self._load()
             if cfg is None:
@@ -217,7 +217,7 @@ class LocalStack:
             replica.wait_streaming(upstream)
             redis.start()
 
-    def _make_folder(self) -> None:
+    def make_folder(self) -> None:
         """The state folder, or StackError in one line (it said '[Errno 17] File exists: ...')."""
         hint = "choose another folder (--dir)"
         if self.directory.exists() and not self.directory.is_dir():
