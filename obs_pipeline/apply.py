@@ -36,6 +36,8 @@ log = logging.getLogger("obs_pipeline.drain")
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
 _FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
+_HAS_DIGEST_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
+                   f"'{applied_transactions.name}') AND attname = 'steps_digest' AND NOT attisdropped)").encode()
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
 # string with ValueError, an encoder a lone surrogate), should one pass validation: that
 # transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
@@ -158,39 +160,31 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s = self._time_round_trip(self._conn)
-            self.records_digest = self._has_digest_column(self._conn)
+            self.round_trip_s, self.records_digest = self._time_round_trip(self._conn)
+            if not self.records_digest and not self._warned_no_digest:
+                self._warned_no_digest = True
+                log.warning("main's %s has no steps_digest column (made by an earlier version): a transaction id "
+                            "a producer reuses for other steps cannot be told from a reclaimed one and is skipped "
+                            "as applied; run `obs-pipeline db init` to add the column", applied_transactions.name)
         return self._conn
 
-    def _has_digest_column(self, conn: Any) -> bool:
-        """Whether obs_pipeline_applied records the steps' digest: a table made by a version
-        before it does not, until `obs-pipeline db init` adds the column. Until then the drain
-        records ids alone, and an id reused for other steps is skipped as done, as it was then;
-        said once per drain, not a reason to stop draining."""
-        with conn.cursor() as cur:
-            cur.execute("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                        "AND attname = 'steps_digest' AND NOT attisdropped)", (applied_transactions.name,))
-            present = bool(cur.fetchone()[0])
-        if not present and not self._warned_no_digest:
-            self._warned_no_digest = True
-            log.warning("main's %s has no steps_digest column (made by an earlier version): a transaction id a "
-                        "producer reuses for other steps cannot be told from a reclaimed one and is skipped as "
-                        "applied; run `obs-pipeline db init` to add the column", applied_transactions.name)
-        return present
-
     @staticmethod
-    def _time_round_trip(conn: Any, samples: int = 3) -> float:
-        """An empty query's round trip, the least of `samples`: what each batch pays for the link
-        whatever its size (the drain sizes far batches by it). Once per session: at 250 ms,
+    def _time_round_trip(conn: Any, samples: int = 3) -> tuple[float, bool]:
+        """A near-empty query's round trip, the least of `samples`: what each batch pays for the
+        link whatever its size (the drain sizes far batches by it). Once per session: at 250 ms,
         0.75 s per drain run; the least, because one slow reply on a busy machine would make a
-        near main look far."""
-        best = float("inf")
+        near main look far. The query asks the catalog whether obs_pipeline_applied records the
+        steps' digest (a table made before it does not, until `obs-pipeline db init` adds the
+        column; until then ids are recorded alone, as then): a question each session needs
+        answered, asked in a round trip it makes anyway."""
+        best, present = float("inf"), False
         with conn.cursor() as cur:
             for _ in range(samples):
                 began = time.perf_counter()
-                cur.execute(b"SELECT 1")
+                cur.execute(_HAS_DIGEST_SQL)
                 best = min(best, time.perf_counter() - began)
-        return best
+                present = bool(cur.fetchone()[0])
+        return best, present
 
     def apply_batch(self, transactions: list[Transaction]) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all."""

@@ -89,10 +89,8 @@ class BatchSql:
     def record_applied(self, cursor: Any, transactions: list[Transaction], site: str, with_digest: bool = True) -> bytes:
         """The effectively-once records of these transactions; `with_digest` False for a table
         made before the steps' digest was recorded (MainDatabase says so once)."""
-        if not with_digest:
-            return self._unnest_insert(cursor, "", ("site", "transaction_id"),
-                                       [{"site": site, "transaction_id": t.transaction_id} for t in transactions])
-        return self._unnest_insert(cursor, "", ("site", "transaction_id", "steps_digest"), [
+        columns = ("site", "transaction_id", "steps_digest") if with_digest else ("site", "transaction_id")
+        return self._unnest_insert(cursor, "", columns, [
             {"site": site, "transaction_id": t.transaction_id, "steps_digest": t.steps_digest} for t in transactions])
 
     def _unnest_insert(self, cursor: Any, model_name: str, columns: tuple[str, ...], rows: list[dict]) -> bytes:
