@@ -55,6 +55,10 @@ class BatchResult:
     failed: list[tuple[Transaction, str]] = field(default_factory=list)  # (tx, reason)
     # an id applied already with other steps: a producer reused it; (tx, reason), never applied
     reused_ids: list[tuple[Transaction, str]] = field(default_factory=list)
+    # behind one of those, in this batch: (tx, "blocked by <id>"), dead-lettered with it. Not in
+    # `failed`: the id may also be the fresh transaction's, ahead in the batch, which may only be
+    # retrying, and what waits behind that one is parked, not dead-lettered.
+    dead_blocked: list[tuple[Transaction, str]] = field(default_factory=list)
     commit_lsn: int | None = None
     rows_per_model: dict[str, int] = field(default_factory=dict)
     writes_before_fold: int = 0
@@ -276,7 +280,7 @@ class MainDatabase:
                 continue
             # never applied: those using the rows it writes wait with it, as behind any failed one
             result.reused_ids.append((tx, reason))
-            claim_rows(blocked, written_ids(tx, self.registry), tx_id)
+            claim_rows(blocked, written_ids(tx, self.registry), "!" + tx_id)  # ("!": dead, as in held_ids)
         self._bisect(cur, list(fresh.values()), result, blocked)
         tail = [b"COMMIT", _FLUSH_LSN]
         if result.applied:
@@ -290,16 +294,20 @@ class MainDatabase:
     def _bisect(self, cur: Any, txs: list[Transaction], result: BatchResult, blocked: dict[str, str]) -> None:
         """Apply `txs` in order under a savepoint; on a data error split in halves until the
         poison transactions are alone. A transaction that uses a row written by a failed one is
-        held back with it ("blocked by ..."), never applied before it."""
+        held back with it ("blocked by ..."), never applied before it; behind a reused id's
+        transaction ("!" + id in `blocked`), dead-lettered with it."""
         ready = []
         for tx in txs:
-            blocker = next((blocked[i] for i in referenced_ids(tx, self.registry)
-                            if i in blocked and blocked[i] != tx.transaction_id), None)  # (an id reused in the batch)
+            blocker = next((blocked[i] for i in referenced_ids(tx, self.registry)  # (not by an id reused in the batch)
+                            if i in blocked and blocked[i].removeprefix("!") != tx.transaction_id), None)
             if blocker is None:
                 ready.append(tx)
+                continue
+            if blocker.startswith("!"):
+                result.dead_blocked.append((tx, f"blocked by {blocker[1:]}"))
             else:
                 result.failed.append((tx, f"blocked by {blocker}"))
-                claim_rows(blocked, written_ids(tx, self.registry), blocker)
+            claim_rows(blocked, written_ids(tx, self.registry), blocker)
         if not ready:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]

@@ -472,15 +472,16 @@ class Drain:
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
-        dead_now: dict[str, str] = {}
         for tx, reason in result.reused_ids:  # no retry makes it right; its status is the applied one's
             self._dead_letter(tx, reason, outcome, report, kind="reused_id", status=False)
-            dead_now[tx.transaction_id] = reason
+        for tx, reason in result.dead_blocked:
+            self._dead_letter(tx, reason, outcome, report, kind="blocked")
+        dead_now: set[str] = set()  # ids dead-lettered by failing (not a reused id: that may name one retrying)
         for tx, reason in result.failed:
             blocker = reason.removeprefix("blocked by ") if reason.startswith("blocked by ") else None
             if blocker and blocker in dead_now or (not blocker and tx.retry_count >= tx.max_retries):
                 self._dead_letter(tx, reason, outcome, report, kind="blocked" if blocker else "permanent")
-                dead_now[tx.transaction_id] = reason
+                dead_now.add(tx.transaction_id)
                 continue
             tx.metadata = {**tx.metadata, "last_error": reason}
             outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))

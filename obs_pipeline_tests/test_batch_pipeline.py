@@ -731,6 +731,45 @@ def test_an_id_a_producer_reuses_for_other_steps_is_dead_lettered_not_skipped_as
     assert json.loads(redis_client.get(keys.transaction("obs-7")))["status"] == "replicated"
 
 
+def test_a_reused_id_in_a_batch_dead_letters_what_uses_its_rows_and_parks_what_waits_on_the_first(
+        settings, redis_client, main_engine):
+    """Two transactions "obs-9" in one batch: the first fails for now (it updates a row that
+    does not exist yet), the second, other steps under the same id, is dead-lettered as reused.
+    What uses the first's row waits for it and is applied when it is; what uses the second's is
+    dead-lettered with it. Both were "blocked by obs-9", and both were dead-lettered."""
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, *steps: dict) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
+            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
+
+    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
+                                 "data": {"id": unit, "name": name}}
+    rename = lambda unit, name: {"operation": "update", "model_class": "ObsUnit",  # noqa: E731
+                                 "conditions": {"id": unit}, "data": {"name": name}}
+    push("obs-9", create(921, "first"), rename(930, "not there yet"))
+    push("uses-921", rename(921, "first, renamed"))
+    push("obs-9", create(922, "second, the id reused"))
+    push("uses-922", rename(922, "never"))
+    drain = Drain(settings, DrainConfig(retry_base_s=0.5))
+    try:
+        drain.acquire()
+        drain.step()
+    finally:
+        drain.close()
+    letters = {f["transaction_id"]: f["failure"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert {tx_id: f["kind"] for tx_id, f in letters.items()} == {"obs-9": "reused_id", "uses-922": "blocked"}, letters
+    assert letters["uses-922"]["reason"] == "blocked by obs-9"
+    assert _obs_units(main_engine, [921, 922]) == {}
+
+    push("makes-930", create(930, "now there"))
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert _obs_units(main_engine, [921, 922, 930]) == {921: "first, renamed", 930: "not there yet"}
+    assert set(map(lambda e: json.loads(e)["transaction_id"], redis_client.lrange(keys.failed, 0, -1))) == {
+        "obs-9", "uses-922"}
+    assert statuses(redis_client, settings.site, ["obs-9", "uses-921"]) == ["replicated", "replicated"]
+
+
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
         settings, redis_client, main_engine, caplog):
     """An obs_pipeline_applied made by an earlier version has no steps_digest: the drain must
