@@ -40,6 +40,9 @@ class ColumnSpec:
     float_bits: int = 64     # a float column's: 32 for REAL, whose range (about 3.4e38) is far smaller
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
+    # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
+    # than p - s digits before the point: refused at once
+    numeric: tuple[int, int] | None = None
     item: str | None = None  # an array's element kind (int_bits and max_length are its elements')
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
@@ -54,11 +57,12 @@ class ColumnSpec:
     def __post_init__(self) -> None:
         if self.kind == "array":
             convert = _array_of(_convert(self.item or "any", self.int_bits, self.float_bits, self.max_length,
-                                         self.padded))
+                                         self.padded, self.numeric))
         elif self.choices is not None:
             convert = _one_of(self.choices)
         else:
-            convert = _convert(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded)
+            convert = _convert(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
+                               self.numeric)
         object.__setattr__(self, "convert", convert)
         object.__setattr__(self, "check", _checker(convert, nullable=not self.not_null))
 
@@ -74,7 +78,9 @@ class ColumnSpec:
 
 
 def _convert(kind: str, int_bits: int, float_bits: int, max_length: int | None,
-             padded: bool) -> Callable[[Any], Any]:
+             padded: bool, numeric: tuple[int, int] | None = None) -> Callable[[Any], Any]:
+    if kind == "float" and numeric is not None:
+        return _numeric_of(*numeric)
     if kind == "int":
         return _int_of(int_bits)
     if kind == "float" and float_bits == 32:
@@ -215,6 +221,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             float_bits=32 if is_single_precision(item if item is not None else column.type) else 64,
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
+            numeric=_numeric_size(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
             choices=_enum_choices(column.type),
         )
@@ -359,6 +366,15 @@ def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
     return _NO_DEFAULT
 
 
+def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:
+    """(precision, scale) of NUMERIC(p, s) / NUMERIC(p) (scale 0); None for NUMERIC alone, which
+    takes any size, and for Float, whose precision counts bits."""
+    type_ = getattr(type_, "impl_instance", type_)  # a TypeDecorator's: the column's own
+    if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) and type_.precision:
+        return type_.precision, type_.scale or 0
+    return None
+
+
 def _int_bits(type_: sqltypes.TypeEngine) -> int:
     if isinstance(type_, sqltypes.BigInteger):
         return 64
@@ -499,6 +515,26 @@ def _single_float_json(value: Any) -> float | int:
             raise ValueError(f"{value!r} is out of range for a REAL (single-precision) column: PostgreSQL takes "
                              "0 and magnitudes from about 1e-45 to 3.4e38")
     return value
+
+
+def _numeric_of(precision: int, scale: int) -> Callable[[Any], float | int]:
+    """A number a NUMERIC(p, s) column takes: main rounds the text the drain sends (repr) to s
+    places, half away from zero, and refuses one that then needs more than p - s digits before
+    the point ("numeric field overflow"). Refused at once, not dead-lettered hours after the
+    script could have been told. The value is kept as given: main rounds it, reads round it
+    alike (query.py)."""
+    step = decimal.Decimal(1).scaleb(-scale)
+    limit = decimal.Decimal(1).scaleb(precision - scale)
+    exact = decimal.Context(prec=precision + abs(scale) + 330)  # enough for any float: quantize alone rounds
+
+    def check(value: Any) -> float | int:
+        value = _float_json(value)
+        if abs(decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)) >= limit:
+            places = f"{scale} decimal place{'s' if scale != 1 else ''}" if scale >= 0 else f"{-scale} zeros"
+            raise ValueError(f"{value!r} is out of range for a NUMERIC({precision}, {scale}) column: PostgreSQL "
+                             f"takes magnitudes below {limit:,f} once rounded to {places}".replace(".000000 ", " "))
+        return value
+    return check
 
 
 def _str_json(value: Any) -> str:

@@ -226,6 +226,70 @@ def test_a_real_columns_number_beyond_single_precision_is_refused_at_ingest(odd,
     buf.close()
 
 
+def test_a_numeric_columns_number_beyond_its_precision_is_refused_at_ingest(odd, redis_client, main_engine):
+    """NUMERIC(10, 2) holds magnitudes below 1e8 once rounded to 2 places (99999999.995 rounds
+    to 1e8). Ingest took any number: main refused the write ("numeric field overflow") and the
+    drain dead-lettered the whole transaction, hours after the script could have been told.
+    Now ingest refuses it in one line, as the drain's check does a producer's; what main rounds
+    into the range is taken, as given. The boundary is main's own: checked against its cast
+    for values either side of it, for several sizes, a negative scale among them."""
+    from decimal import Decimal
+
+    from obs_pipeline.model_registry import ColumnSpec
+
+    buf = TransactionBuffer(settings=odd)
+    refused = [("amount", 1e8), ("amount", 99999999.995), ("amount", -10**8), ("amount", Decimal("100000000.00")),
+               ("tallies", [1.5, None, 999.95])]
+    for column, value in refused:
+        with pytest.raises(InvalidTransaction, match=rf"^create of Sample: Sample\.{column}: \S+ is out of range for "
+                                                     r"a NUMERIC\((10, 2|4, 1)\) column: PostgreSQL takes magnitudes "
+                                                     r"below (100,000,000|1,000) once rounded to (2 decimal places|"
+                                                     r"1 decimal place)$"):
+            with buf.transaction() as tx:
+                tx.create("Sample", {column: value, "code": "r"})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    inside = [99999999.994, -99999999.994, 0.005, 10**8 - 1, 1e-30]
+    with buf.transaction() as tx:
+        made = [tx.create("Sample", {"amount": v}) for v in inside]
+        tallies = tx.create("Sample", {"tallies": [999.94, None, -0.05]})
+    assert [buf.get("Sample", r["id"])["amount"] for r in made] == [99999999.99, -99999999.99, 0.01, 99999999.0, 0.0]
+    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                        "data": {"id": str(uuid.uuid4()), "amount": 1e8}}])
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: Sample.amount: 100000000.0 is out "
+                                                  "of range for a NUMERIC(10, 2) column: PostgreSQL takes magnitudes "
+                                                  "below 100,000,000 once rounded to 2 decimal places"}
+    assert [_sample_on_main(main_engine, r["id"], "amount")["amount"] for r in made] == [
+        Decimal("99999999.99"), Decimal("-99999999.99"), Decimal("0.01"), Decimal("99999999.00"), Decimal("0.00")]
+    assert _sample_on_main(main_engine, tallies["id"], "tallies")["tallies"] == [Decimal("999.9"), None,
+                                                                                   Decimal("-0.1")]
+    buf.close()
+
+    def main_takes(conn, text: str, precision: int, scale: int) -> bool:
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.text(f"SELECT CAST(CAST(:t AS text) AS numeric({precision}, {scale}))"), {"t": text})
+            return True
+        except sa.exc.DataError as error:
+            assert "numeric field overflow" in str(error), error
+            return False
+
+    with main_engine.connect() as conn, conn.begin():
+        for precision, scale in [(5, 2), (3, 0), (1, 0), (4, -2), (6, 6), (20, 10)]:
+            check = ColumnSpec(name="n", kind="float", required=False, primary_key=False, foreign_key=None,
+                               numeric=(precision, scale)).check
+            limit, half = 10 ** (precision - scale), 10.0 ** -scale / 2
+            for value in [limit, limit - half, limit - half * 1.0001, limit - 2 * half, -(limit - half), 10 * limit,
+                          half, half * 0.999, 0.0, -0.0, 1e-30, 1e300, 12, 2.675, -2.675, 0.30000000000000004]:
+                for value in {value, float(value)}:
+                    try:
+                        ours = check(value) is value
+                    except ValueError:
+                        ours = False
+                    assert ours == main_takes(conn, repr(value), precision, scale), (precision, scale, value)
+
+
 def test_a_numeric_column_takes_a_decimal_that_a_float_holds(odd, main_engine):
     """The ORM's value for a Numeric column is a Decimal; ingest refused every Decimal as "not a
     number". One that a float holds exactly is taken (reads give floats, buffered and
