@@ -43,7 +43,7 @@ class ColumnSpec:
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
-    item: str | None = None  # an array's element kind (int_bits and max_length are its elements')
+    item: str | None = None  # an array's element kind (int_bits, max_length ... choices are its elements')
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
@@ -56,8 +56,8 @@ class ColumnSpec:
 
     def __post_init__(self) -> None:
         if self.kind == "array":
-            convert = _array_of(_convert(self.item or "any", self.int_bits, self.float_bits, self.max_length,
-                                         self.padded, self.numeric))
+            convert = _array_of(_one_of(self.choices) if self.choices is not None else _convert(
+                self.item or "any", self.int_bits, self.float_bits, self.max_length, self.padded, self.numeric))
         elif self.choices is not None:
             convert = _one_of(self.choices)
         else:
@@ -223,7 +223,7 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             numeric=_numeric_size(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
-            choices=_enum_choices(column.type),
+            choices=_enum_choices(item if item is not None else column.type),
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}

@@ -486,6 +486,31 @@ def test_an_enum_takes_its_labels_and_refuses_the_rest_at_ingest(odd, redis_clie
     buf.close()
 
 
+def test_an_array_of_an_enum_takes_its_labels_and_reads_the_same_buffered_and_replicated(
+        odd, redis_client, main_engine):
+    """ARRAY(Enum): an element that is not a label, or a member of its Python enum, is refused at
+    once, as for an enum column; the labels reach main as an array of the enum and read back as
+    a list of labels, buffered and replicated alike."""
+    buf = TransactionBuffer(settings=odd)
+    with pytest.raises(InvalidTransaction, match=r"Sample\.moods: 'bogus' is not one of the enum's labels "
+                                                 r"\(calm, busy\)$"):
+        with buf.transaction() as tx:
+            tx.create("Sample", {"moods": ["calm", "bogus"]})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    with buf.transaction() as good:
+        made = good.create("Sample", {"moods": ["busy", None, "calm"]})
+    bad = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                     "data": {"id": str(uuid.uuid4()), "moods": ["calmish"]}}])
+    buffered = buf.get("Sample", made["id"])["moods"]
+    drain_until_settled(odd)
+    assert buf.status(good.transaction_id) == "replicated"
+    assert _failed(redis_client, odd) == {
+        bad: f"transaction {bad}, step s: Sample.moods: 'calmish' is not one of the enum's labels (calm, busy)"}
+    assert _sample_on_main(main_engine, made["id"], "moods::text[] AS moods") == {"moods": ["busy", None, "calm"]}
+    assert buffered == buf.get("Sample", made["id"])["moods"] == ["busy", None, "calm"]
+    buf.close()
+
+
 def test_a_binary_column_is_refused_at_ingest_saying_why(odd, redis_client, main_engine):
     """Bytes have no JSON form: they were refused as "not JSON-serialisable", but text was taken
     and reached main as the bytes of its escape format ("\\x41" stored one byte, A, and the

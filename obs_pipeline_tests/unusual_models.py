@@ -42,6 +42,7 @@ class Sample(Base):
     levels: Mapped[list | None] = mapped_column(ARRAY(Float(precision=24)), nullable=True)
     amount: Mapped[object | None] = mapped_column(Numeric(10, 2), nullable=True)
     tallies: Mapped[list | None] = mapped_column(ARRAY(Numeric(4, 1)), nullable=True)
+    moods: Mapped[list | None] = mapped_column(ARRAY(Enum("calm", "busy", name="odd_mood")), nullable=True)
     at: Mapped[object | None] = mapped_column(Time, nullable=True)
     at_zone: Mapped[object | None] = mapped_column(Time(timezone=True), nullable=True)
     span: Mapped[object | None] = mapped_column(Interval, nullable=True)
