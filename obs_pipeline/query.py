@@ -321,14 +321,6 @@ class SmartQuery:
             raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "
                                   f"which does not answer: {' '.join(str(error).split())}") from error
 
-    def replica_rows(self, spec: ModelSpec, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Rows of these ids on the replica alone, id -> row (ingest uses it when Redis is down)."""
-        if not ids:
-            return {}
-        self._require_replica()
-        pk = spec.table.c[spec.primary_key]
-        return self._select(spec, sa.select(spec.table).where(pk.in_([_pk(spec, i) for i in ids])))
-
     def _require_replica(self) -> None:
         if not self.replica_url:
             raise ConfigError("OBS_REPLICA_DB_URL is not set: smart queries (get/search) need the site's read "
