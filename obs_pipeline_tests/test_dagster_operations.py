@@ -381,7 +381,9 @@ def test_prune_run_history_deletes_old_finished_runs_with_their_events_and_outpu
                  for s in (S.QUEUED, S.NOT_STARTED, S.STARTING, S.STARTED, S.CANCELING)]
     not_ours = instance.create_run_for_job(another_job, status=S.SUCCESS).run_id
     age_the_runs_so_far(monkeypatch, days=30)
-    recent = instance.create_run_for_job(drain_buffer, status=S.SUCCESS).run_id
+    # a recent drain run evaluates the checks again: the old one no longer holds their latest state
+    recent = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                             run_config=FAST).run_id
 
     result = prune_history(instance)
     assert result.success
@@ -392,6 +394,48 @@ def test_prune_run_history_deletes_old_finished_runs_with_their_events_and_outpu
     [message] = logged(instance, result.run_id)
     assert message.startswith("deleted 4 finished run(s) older than 30 days (created before ")
     assert "stopped" not in message
+
+
+def test_prune_run_history_keeps_the_runs_holding_an_idle_sites_latest_materializations_and_checks(
+        settings, resource, redis_client, site_instance, monkeypatch):
+    """A site idle for a month (a telescope in maintenance): its last drain run was deleted with
+    the rest, and the UI showed its assets never materialized and the dead-letter check never
+    evaluated, a dead letter waiting for an operator among what went. That run is kept until a
+    newer run holds the assets' and checks' latest state; the old runs around it still go (the
+    record queries step past a kept run: with one record a query, they found it for ever)."""
+    from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, REPLICA_ASSET
+
+    instance = site_instance
+    monkeypatch.setattr(operations, "HISTORY_CHUNK", 1)
+    S = DagsterRunStatus
+    before = instance.create_run_for_job(drain_buffer, status=S.SUCCESS).run_id
+
+    def drain_one() -> str:
+        doc, _ = seed_example(settings.site)
+        redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+        run = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance, run_config=FAST)
+        assert run.success
+        return run.run_id
+
+    def holders() -> set[str]:
+        return {instance.get_latest_materialization_event(key).run_id for key in (MAIN_ASSET, REPLICA_ASSET)} | {
+            instance.get_latest_asset_check_evaluation_record(key).run_id
+            for key in no_dead_letters.check_keys | operations.replica_replays.check_keys}
+
+    last_work = drain_one()
+    assert holders() == {last_work}
+    after = [instance.create_run_for_job(drain_buffer, status=S.SUCCESS).run_id for _ in range(2)]
+    age_the_runs_so_far(monkeypatch, days=30)
+
+    assert prune_history(instance).success
+    assert [r for r in [before, last_work, *after] if instance.get_run_record_by_id(r)] == [last_work]
+    assert holders() == {last_work}
+
+    newer = drain_one()
+    age_the_runs_so_far(monkeypatch, days=30)  # the newer run is old too, but holds the latest state now
+    assert prune_history(instance).success
+    assert instance.get_run_record_by_id(last_work) is None and instance.get_run_record_by_id(newer)
+    assert holders() == {newer}
 
 
 def test_prune_run_history_stops_at_its_caps_oldest_first_and_a_bad_config_changes_nothing(site_instance,

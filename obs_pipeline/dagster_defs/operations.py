@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from typing import List
 
 from dagster import (
+    AssetCheckKey,
     AssetCheckResult,
     AssetCheckSeverity,
     Config,
@@ -142,15 +143,33 @@ def _remove_run_folder(context: OpExecutionContext, run_id: str) -> None:
         context.log.warning(f"could not remove {folder}: {error}")
 
 
-def _old_run_ids(instance, cutoff: datetime):
-    """Finished runs of HISTORY_JOBS created before cutoff, oldest first for each job. The caller
-    deletes each before the next query, which so finds the next ones (a cursor would name a
-    deleted run)."""
+def _runs_holding_latest_state(instance) -> set[str]:
+    """The runs whose events are the project's assets' last materializations and its checks'
+    last evaluations. Deleted with an idle site's old runs, the UI would show its assets never
+    materialized, and a failing check (a dead letter still waiting for an operator) never
+    evaluated."""
+    held = {event.run_id for key in (MAIN_ASSET, REPLICA_ASSET)
+            if (event := instance.get_latest_materialization_event(key)) is not None}
+    for check_key in (AssetCheckKey(MAIN_ASSET, DEAD_LETTER_CHECK), AssetCheckKey(REPLICA_ASSET, REPLICA_CHECK)):
+        if (record := instance.get_latest_asset_check_evaluation_record(check_key)) is not None:
+            held.add(record.run_id)
+    return held
+
+
+def _old_run_ids(instance, cutoff: datetime, keep: set[str]):
+    """Finished runs of HISTORY_JOBS created before cutoff, oldest first for each job, but those
+    in `keep`. The caller deletes each before the next query, which so finds the next ones
+    after the last kept one (a cursor naming a deleted run would find nothing)."""
     for job_name in HISTORY_JOBS:
+        after = None
         while True:
             records = instance.get_run_records(RunsFilter(job_name=job_name, statuses=FINISHED, created_before=cutoff),
-                                               limit=HISTORY_CHUNK, ascending=True)
-            yield from (record.dagster_run.run_id for record in records)
+                                               limit=HISTORY_CHUNK, ascending=True, cursor=after)
+            for record in records:
+                if record.dagster_run.run_id in keep:
+                    after = record.dagster_run.run_id
+                else:
+                    yield record.dagster_run.run_id
             if len(records) < HISTORY_CHUNK:
                 break
 
@@ -159,7 +178,8 @@ def _old_run_ids(instance, cutoff: datetime):
 def delete_old_runs(context: OpExecutionContext, config: PruneHistoryConfig) -> None:
     """Old finished runs, with their events (instance.delete_run) and local folder. Each deletion
     is several connections to the storage on main, about 9 s at 250 ms each way: a run stops at
-    max_runs or budget_s, and the next hour's goes on. Runs in flight or queued are never touched."""
+    max_runs or budget_s, and the next hour's goes on. Runs in flight or queued are never touched,
+    nor those holding the assets' and checks' latest state."""
     try:
         _check_history_config(config, _max_runtime(context))
     except ValueError as error:  # its line, not a wrapped traceback
@@ -167,7 +187,7 @@ def delete_old_runs(context: OpExecutionContext, config: PruneHistoryConfig) -> 
     cutoff = _now() - timedelta(days=config.older_than_days)
     deadline = time.monotonic() + config.budget_s
     deleted, stopped = 0, None
-    for run_id in _old_run_ids(context.instance, cutoff):
+    for run_id in _old_run_ids(context.instance, cutoff, _runs_holding_latest_state(context.instance)):
         if deleted >= config.max_runs:
             stopped = f"max_runs ({config.max_runs})"
         elif deleted and time.monotonic() >= deadline:  # at least one a run: it makes progress
