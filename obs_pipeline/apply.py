@@ -438,18 +438,18 @@ def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str]
     for spec in registry.models.values():
         table = spec.table
         checked = any(isinstance(c, sa.CheckConstraint) for c in table.constraints)
-        unique = {col.key for c in table.constraints if isinstance(c, sa.UniqueConstraint) for col in c.columns}
-        unique |= {col.key for i in table.indexes if i.unique for col in i.columns}
+        unique = {col for c in table.constraints if isinstance(c, sa.UniqueConstraint) for col in c.columns}
+        unique |= {col for i in table.indexes if i.unique for col in i.columns}
         constrained = set()
-        for column in table.columns:
+        for key, column in spec.sql_columns.items():  # (values are keyed by attribute)
             type_ = column.type
-            if (checked or column.foreign_keys or column.unique or column.key in unique
-                    or spec.columns[column.key].kind in ("any", "array") or isinstance(type_, sa.Enum)
+            if (checked or column.foreign_keys or column.unique or column in unique
+                    or spec.columns[key].kind in ("any", "array") or isinstance(type_, sa.Enum)
                     or isinstance(type_, sa.String) and type_.length is not None
                     or isinstance(type_, sa.Numeric) and not isinstance(type_, sa.Float) and type_.precision is not None
                     or isinstance(type_, sa.REAL)):
-                constrained.add(column.key)
-        out[spec.name] = (frozenset(constrained), frozenset(c.key for c in table.columns if not c.nullable))
+                constrained.add(key)
+        out[spec.name] = (frozenset(constrained), frozenset(k for k, c in spec.sql_columns.items() if not c.nullable))
     return out
 
 

@@ -105,21 +105,22 @@ class BatchSql:
 
     def _compile(self, kind: str, model_name: str, columns: tuple[str, ...]) -> str:
         if not model_name:  # the effectively-once record
-            table, pk = applied_transactions, None
-        else:
+            table, pk, sql_columns = applied_transactions, None, applied_transactions.c
+        else:  # (a model's values are keyed by attribute, whose column may be named otherwise)
             model = self.registry.model(model_name)
-            table, pk = model.table, model.table.c[model.primary_key]
+            table, pk, sql_columns = model.table, model.sql_columns[model.primary_key], model.sql_columns
+        targets = [sql_columns[c] for c in columns]
         if kind == "unnest":
             # An array column's values go as the text of their array literals (PostgreSQL has no
             # arrays of arrays: unnest would flatten them), each cast back to its type.
-            types = [table.c[c].type for c in columns]
+            types = [c.type for c in targets]
             names = [f"c{i}" for i in range(len(columns))]
             arrays = [sa.cast(sa.bindparam(n), sa.ARRAY(sa.Text() if isinstance(t, sa.ARRAY) else _element_type(t)))
                       for n, t in zip(names, types)]
             batch = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="batch")
             rows = sa.select(*[sa.cast(batch.c[n], t) if isinstance(t, sa.ARRAY) else batch.c[n]
                                for n, t in zip(names, types)])
-            return str(sa.insert(table).from_select(list(columns), rows).compile(dialect=self.dialect))
+            return str(sa.insert(table).from_select(targets, rows).compile(dialect=self.dialect))
         if kind == "exists":
             # An update that would find no row is an error of its transaction, not a write lost
             # in silence (a delete that finds none has its result: the row is gone). One check
@@ -133,7 +134,7 @@ class BatchSql:
         # % in it would be escaped in the compiled statement and no longer match its parameter.
         if kind == "update":
             stmt = sa.update(table).where(pk == sa.bindparam("pk")).values(
-                {table.c[c]: sa.bindparam(f"v{i}") for i, c in enumerate(columns)})
+                {c: sa.bindparam(f"v{i}") for i, c in enumerate(targets)})
         else:
             stmt = sa.delete(table).where(pk == sa.bindparam("pk"))
         return str(stmt.compile(dialect=self.dialect))

@@ -122,14 +122,22 @@ class ModelSpec:
     # An `onupdate=` that is an SQL expression (func.now()): main evaluates it in an UPDATE, so
     # the drain never folds this model's updates into the insert of the same row.
     main_onupdate: bool = False
+    # attribute -> its column in `table`. The script names the mapped attribute, as with the ORM;
+    # `mapped_column("obs_unit_id")` for `obs_id` names the column otherwise (its Column.key too),
+    # so statements and replica reads go through this, never `table.c[attribute]`.
+    sql_columns: dict[str, sa.Column] = field(default_factory=dict)
     # name -> ColumnSpec.convert, and the columns that may not be null: ColumnSpec.check in two
     # parts, so that normalize_values makes one call a value, not two (the wrapper testing for
     # None was ~500 instructions a value, in every transaction at ingest and in the drain)
     converters: dict[str, Callable[[Any], Any]] = field(init=False, repr=False, compare=False)
     not_null: frozenset[str] = field(init=False, repr=False, compare=False)
     required_on_create: frozenset[str] = field(init=False, repr=False, compare=False)
+    attributes: tuple[str, ...] = field(init=False, repr=False, compare=False)  # sql_columns' keys, made once
 
     def __post_init__(self) -> None:
+        if not self.sql_columns:
+            object.__setattr__(self, "sql_columns", {c.key: c for c in self.table.columns})
+        object.__setattr__(self, "attributes", tuple(self.sql_columns))
         object.__setattr__(self, "converters", {name: c.convert for name, c in self.columns.items()})
         object.__setattr__(self, "not_null", frozenset(name for name, c in self.columns.items() if c.not_null))
         object.__setattr__(self, "required_on_create", frozenset(
@@ -166,7 +174,12 @@ class ModelRegistry:
                 # here without them would be rows of another class, or of none
                 refused[name] = "it is mapped with inheritance, whose rows the ORM writes in ways this does not"
             else:
-                models[name] = _model_spec(name, table)
+                keys = _attributes(mapper, table)
+                converting = _converting_type(table, keys)
+                if converting is not None:
+                    refused[name] = converting
+                else:
+                    models[name] = _model_spec(name, table, keys)
         return cls(models, base.metadata, refused)
 
     @classmethod
@@ -204,15 +217,52 @@ class ModelRegistry:
         return None
 
 
-def _model_spec(name: str, table: sa.Table) -> ModelSpec:
+def _attributes(mapper: orm.Mapper, table: sa.Table) -> dict[sa.Column, str]:
+    """Each column's mapped attribute, which the script names as it would with the ORM (a
+    column the mapper leaves out keeps its key)."""
+    out = {}
+    for column in table.columns:
+        try:
+            out[column] = mapper.get_property_by_column(column).key
+        except orm.exc.UnmappedColumnError:
+            out[column] = column.key
+    return out
+
+
+# What a type of the site's own (a TypeDecorator, a UserDefinedType) may define to change the
+# values SQLAlchemy binds or reads; the generic ones, in sqlalchemy.sql.type_api, change nothing.
+_CONVERSIONS = ("process_bind_param", "process_result_value", "bind_processor", "result_processor",
+                "bind_expression", "column_expression")
+
+
+def _converting_type(table: sa.Table, keys: dict[sa.Column, str]) -> str | None:
+    """Why the model cannot be written, if a column's type (an array's element's) converts
+    values where SQLAlchemy binds or reads them: the ORM writes process_bind_param(value) and
+    reads process_result_value(row), and obs-pipeline buffers JSON, writes it with its own
+    statements and merges reads of both. A type whose kind this project knows (sa.Interval) is
+    converted here; a pure impl wrapper (impl = String(4)) converts nothing and is kept."""
+    for column in table.columns:
+        type_ = column.type.item_type if isinstance(column.type, sqltypes.ARRAY) else column.type
+        if not isinstance(type_, (sa.TypeDecorator, sa.types.UserDefinedType)) or _kind(type_) != "any":
+            continue
+        for method in _CONVERSIONS:
+            owner = next(c for c in type(type_).__mro__ if method in vars(c))
+            if owner.__module__ != "sqlalchemy.sql.type_api":
+                return (f"its attribute {keys[column]!r} is of a type ({type(type_).__name__}) with its own {method}, "
+                        "which the ORM applies and obs-pipeline would not (it buffers, writes and reads values as given)")
+    return None
+
+
+def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> ModelSpec:
     columns = {}
     for column in table.columns:
+        key = keys[column]
         kind = _kind(column.type)
         item = column.type.item_type if kind == "array" else None  # the element's type sizes it
         has_default = column.default is not None or column.server_default is not None
         fk = next(iter(column.foreign_keys), None)
-        columns[column.key] = ColumnSpec(
-            name=column.key,
+        columns[key] = ColumnSpec(
+            name=key,
             kind=kind,
             required=not column.nullable and not has_default and not column.primary_key,
             primary_key=column.primary_key,
@@ -228,29 +278,30 @@ def _model_spec(name: str, table: sa.Table) -> ModelSpec:
     pk = next(iter(table.primary_key.columns))
     defaults = {}
     for column in table.columns:
-        value = _constant_default(column, columns[column.key])
+        value = _constant_default(column, columns[keys[column]])
         if value is not _NO_DEFAULT:
-            defaults[column.key] = value
+            defaults[keys[column]] = value
     computed, onupdates = {}, {}
     for column in table.columns:
-        if column.key not in defaults:
-            default = _python_side(column, columns, column.default, "default")
+        if keys[column] not in defaults:
+            default = _python_side(column, columns, keys, column.default, "default")
             if default is not None:
-                computed[column.key] = default
-        onupdate = _python_side(column, columns, column.onupdate, "onupdate")
+                computed[keys[column]] = default
+        onupdate = _python_side(column, columns, keys, column.onupdate, "onupdate")
         if onupdate is not None:
-            onupdates[column.key] = onupdate
+            onupdates[keys[column]] = onupdate
     return ModelSpec(
         name=name,
         table=table,
         columns=columns,
-        primary_key=pk.key,
-        generated_id=columns[pk.key].kind == "uuid",
+        primary_key=keys[pk],
+        generated_id=columns[keys[pk]].kind == "uuid",
         defaults=defaults,
         computed_defaults=computed,
         onupdates=onupdates,
         main_onupdate=any(c.onupdate is not None and not (c.onupdate.is_scalar or c.onupdate.is_callable)
                           for c in table.columns),
+        sql_columns={key: column for column, key in keys.items()},
     )
 
 
@@ -264,12 +315,14 @@ class _RowContext:
     `current_parameters`), and `current_column`. The rest of a context (its connection, its
     dialect) exists only inside an execution: asking for it raises."""
 
-    def __init__(self, row: dict[str, Any], columns: dict[str, ColumnSpec], column: sa.Column):
-        self._row, self._columns, self.current_column = row, columns, column
+    def __init__(self, row: dict[str, Any], columns: dict[str, ColumnSpec], column: sa.Column,
+                 column_keys: dict[str, str]):
+        self._row, self._columns, self.current_column, self._keys = row, columns, column, column_keys
 
     @property
     def current_parameters(self) -> dict[str, Any]:
-        return {name: self._columns[name].to_python(value) for name, value in self._row.items()}
+        """Keyed by column (Column.key), as SQLAlchemy's are, not by attribute."""
+        return {self._keys[name]: self._columns[name].to_python(value) for name, value in self._row.items()}
 
     def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
         return self.current_parameters
@@ -278,7 +331,7 @@ class _RowContext:
         raise _OutsideSqlAlchemy(name)
 
 
-def _python_side(column: sa.Column, columns: dict[str, ColumnSpec], default: Any,
+def _python_side(column: sa.Column, columns: dict[str, ColumnSpec], keys: dict[sa.Column, str], default: Any,
                  what: str) -> Callable[[dict[str, Any]], Any] | None:
     """How to evaluate, outside SQLAlchemy, a `default=`/`onupdate=` that SQLAlchemy computes in
     Python when it writes a row: a constant, or a callable. None for no default, and for one
@@ -302,10 +355,11 @@ def _python_side(column: sa.Column, columns: dict[str, ColumnSpec], default: Any
         value = default.arg
         return lambda row: value
     function = default.arg  # SQLAlchemy's: always takes the context (it wraps one that takes none)
+    column_keys = {key: c.key for c, key in keys.items()}
 
     def evaluate(row: dict[str, Any]) -> Any:
         try:
-            return function(_RowContext(row, columns, column))
+            return function(_RowContext(row, columns, column, column_keys))
         except _OutsideSqlAlchemy as missing:
             raise ValueError(f"its {what} needs SQLAlchemy's execution context (context.{missing}), which "
                              "exists only inside SQLAlchemy: give the column a value") from None

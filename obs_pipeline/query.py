@@ -203,7 +203,7 @@ class SmartQuery:
         created = next(iter(state.created.values()), None)
         if created is not None:
             return _merge(spec, created, overlays)
-        pk = spec.table.c[spec.primary_key]
+        pk = spec.sql_columns[spec.primary_key]
         base = self._select(spec, sa.select(spec.table).where(pk == _pk(spec, value))).get(rid)  # 2. replica
         if base is None:
             return None
@@ -236,7 +236,7 @@ class SmartQuery:
         if compiled.sql:
             where = sa.and_(*compiled.sql)
             if by_id:
-                where = sa.or_(where, spec.table.c[spec.primary_key].in_([_pk(spec, i) for i in by_id]))
+                where = sa.or_(where, spec.sql_columns[spec.primary_key].in_([_pk(spec, i) for i in by_id]))
             stmt = stmt.where(where)
         recheck = set(by_id)
         for rid, row in self._select(spec, stmt).items():     # 2. replica
@@ -327,8 +327,8 @@ class SmartQuery:
                               "replica (e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)")
 
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
-        names = [c.key for c in spec.table.columns]
-        forms = dict(_read_forms(spec.table))
+        names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them
+        forms = dict(_read_forms(spec))
         convert = [forms.get(n) or _FROM_DB.get(spec.columns[n].kind, _same) for n in names]
         pk = spec.primary_key
         for attempt in (1, 2):
@@ -382,23 +382,28 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
     for name in _float_columns(spec) if floats is None else floats:
         if merged[name].__class__ is int:
             merged[name] = float(merged[name])
-    for name, form in _read_forms(spec.table):
+    for name, form in _read_forms(spec):
         if merged[name] is not None:
             merged[name] = form(merged[name])
     return merged
 
 
+def _read_forms(spec: ModelSpec) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    """(attribute, read form) of the model's columns that have one (see _table_read_forms)."""
+    return _table_read_forms(spec.table, spec.attributes)
+
+
 @functools.lru_cache(maxsize=None)
-def _read_forms(table: sa.Table) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+def _table_read_forms(table: sa.Table, keys: tuple[str, ...]) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
     """Columns the replica gives in another form than their JSON: a time of day (a
     datetime.time), a single-precision float (PostgreSQL keeps about 7 digits), a decimal
     rounded to its column's scale, and numbers in `jsonb`. Buffered and replicated values are
     both brought to what the replica shows."""
     forms = []
-    for column in table.columns:
+    for column, key in zip(table.columns, keys):  # keys: the columns' attributes, in the table's order
         form = _read_form(column.type)
         if form is not None:
-            forms.append((column.key, form))
+            forms.append((key, form))
     return tuple(forms)
 
 
@@ -622,7 +627,7 @@ def _compile(spec: ModelSpec, filters: Any) -> _Filters:
         col = spec.column(name)
         if col.kind in ("json", "array"):
             raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
-        column = spec.table.c[name]
+        column = spec.sql_columns[name]
         key = _key(col, column.type)
         value_key = _value_key(col, column.type, key)
         compiled.columns.add(name)

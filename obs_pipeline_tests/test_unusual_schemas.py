@@ -554,12 +554,133 @@ def test_a_model_that_cannot_be_written_is_refused_with_its_reason(odd, redis_cl
     buf.close()
 
 
+@pytest.mark.parametrize("model, attribute, type_name", [("Word", "word", "Lower"), ("Packed", "values", "JsonText")])
+def test_a_type_that_converts_what_it_binds_is_refused_with_its_reason(odd, redis_client, main_engine, model,
+                                                                      attribute, type_name):
+    """A TypeDecorator with its own process_bind_param (and process_result_value): the ORM
+    writes what it gives. The model was taken, and the drain wrote the value as given: main
+    stored "ABC" where the ORM stores "abc", and a producer or an ORM reading the row got
+    other data than the ORM would have written; for JsonText ('{"a": 1}' through the ORM),
+    main stored the drain's own JSON text '{"a":1}', an array of it ["x"] where the ORM writes
+    ['"x"'], and every read of the replicated row raised JSONDecodeError (process_result_value
+    on it). Such a model is now refused at `db init` and at every write with one line; a
+    producer's entry is dead-lettered with it. (A pure impl wrapper, Label, is still written:
+    test_text_longer_than_its_column_is_refused_not_cut_short.)"""
+    buf = TransactionBuffer(settings=odd)
+    line = (f"model '{model}' cannot be written through obs-pipeline: its attribute '{attribute}' is of a type "
+            f"({type_name}) with its own process_bind_param, which the ORM applies and obs-pipeline would not "
+            "(it buffers, writes and reads values as given)")
+    some_id = str(uuid.uuid4())
+
+    def create() -> None:
+        with buf.transaction() as tx:
+            tx.create(model, {attribute: ["x"]})
+    for write in (create, lambda: buf.update(model, some_id, {attribute: ["x"]}), lambda: buf.delete(model, some_id),
+                  lambda: buf.get(model, some_id)):
+        with pytest.raises(InvalidTransaction) as refused:
+            write()
+        assert str(refused.value).endswith(line) and "\n" not in str(refused.value), refused.value
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": model,
+                                        "data": {"id": some_id, attribute: ["ABC"]}}])
+    drain_until_settled(odd)
+    assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: {line}"}
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM odd_{model.lower()} WHERE id = :i"),
+                            {"i": some_id}).scalar_one() == 0
+    buf.close()
+
+
 def test_db_init_names_the_models_that_cannot_be_written(odd):
     from obs_pipeline_tests.test_cli import cli
 
     env = {"OBS_SITE": odd.site, "OBS_REDIS_URL": odd.redis_url, "OBS_MAIN_DB_URL": odd.main_db_url,
            "OBS_REPLICA_DB_URL": odd.replica_db_url, "OBS_MODELS": MODELS}
     init = cli("db", "init", env=env)
-    assert init.returncode == 0 and "(3 models)" in init.stderr, init.stderr
+    assert init.returncode == 0 and "(5 models)" in init.stderr, init.stderr
     assert "model 'Reading' cannot be written through obs-pipeline: its primary key has 2 columns" in init.stderr
     assert "model 'Alarm' cannot be written through obs-pipeline: it is mapped with inheritance" in init.stderr
+    assert ("model 'Word' cannot be written through obs-pipeline: its attribute 'word' is of a type (Lower) with its "
+            "own process_bind_param") in init.stderr
+
+
+def _unit_on_main(main_engine, number: int) -> dict | None:
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM odd_unit WHERE unit_number = :n"), {"n": number}).mappings().first()
+    return None if row is None else dict(row)
+
+
+def test_attributes_whose_columns_are_named_otherwise_are_written_and_read_as_the_orm_does(
+        odd, redis_client, main_engine):
+    """`low: Mapped[int] = mapped_column("high", ...)`: the script names the attribute, as with
+    the ORM, and main's column is named otherwise. Columns were known by their names alone:
+    {"number": ...} was refused ("no column 'number'"), and {"low": 1} was taken and written to
+    main's column "low", which the ORM reads as `high`, without a word. Now the attributes are
+    the columns, as the ORM's: creates, a folded and a plain update, a delete, a default
+    computed from SQLAlchemy's (column-keyed) parameters, a foreign key holding back what uses
+    a failed row, a missing row to update; reads and filters the same buffered and replicated."""
+    import random
+
+    from sqlalchemy.orm import Session
+
+    from obs_pipeline_tests.unusual_models import Unit
+
+    buf = TransactionBuffer(settings=odd)
+    n = random.randrange(10**6, 10**9)
+    with pytest.raises(InvalidTransaction, match=r"^create of Unit: Unit has no column 'unit_number' \(columns: "
+                                                 r"number, title, low, high, parent, ratio, kind, slug\)$"):
+        with buf.transaction() as bad:
+            bad.create("Unit", {"unit_number": n, "title": "x"})
+    assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
+    with buf.transaction() as tx:
+        tx.create("Unit", {"number": n, "title": f"p{n}", "low": 1, "high": 9, "ratio": 0.1})
+        tx.create("Unit", {"number": n + 1, "title": f"c{n}", "parent": n, "low": 2})
+        visit = tx.create("Visit", {"unit": n + 1, "at": "08:30"})
+    folded = buf.update("Unit", n + 1, {"high": 7})  # into its insert
+    reads = []
+    for _ in range(2):  # buffered, then replicated
+        reads.append(([buf.get("Unit", n), buf.get("Unit", n + 1), buf.get("Visit", visit["id"])],
+                      sorted(r["number"] for r in buf.search("Unit", {"low": {">=": 1}, "number": [n, n + 1]})),
+                      [r["number"] for r in buf.search("Unit", {"high": 9, "parent": None, "number": [n, n + 1]})],
+                      [r["id"] for r in buf.search("Visit", {"unit": n + 1, "at": {">": "08:00"}})]))
+        drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(tx.transaction_id) == buf.status(folded) == "replicated", _failed(redis_client, odd)
+    assert reads[0] == reads[1], reads
+    assert reads[0] == ([{"number": n, "title": f"p{n}", "low": 1, "high": 9, "parent": None, "ratio": 0.1,
+                          "kind": "plain", "slug": f"p{n}-slug"},
+                         {"number": n + 1, "title": f"c{n}", "low": 2, "high": 7, "parent": n, "ratio": None,
+                          "kind": "plain", "slug": f"c{n}-slug"},
+                         {"id": visit["id"], "unit": n + 1, "at": "08:30:00"}],
+                        [n, n + 1], [n], [visit["id"]])
+    with Session(main_engine) as session:  # what the ORM writes for the same attributes
+        session.add(Unit(number=n + 2, title=f"o{n}", low=1, high=9, ratio=0.1))
+        session.commit()
+    ours, orms = _unit_on_main(main_engine, n), _unit_on_main(main_engine, n + 2)
+    assert (ours["high"], ours["low"], ours["unit_slug"], orms["unit_slug"]) == (1, 9, f"p{n}-slug", f"o{n}-slug")
+    same = lambda row: {k: v for k, v in row.items() if k not in ("unit_number", "unit_title", "unit_slug")}  # noqa
+    assert same(ours) == same(orms)
+    assert buf.get("Unit", n + 2) == {**reads[0][0][0], "number": n + 2, "title": f"o{n}", "slug": f"o{n}-slug"}
+
+    changed = buf.update("Unit", n, {"low": 3, "title": f"q{n}"})  # an UPDATE on main
+    gone = buf.delete("Visit", visit["id"])
+    pending = buf.get("Unit", n)
+    with pytest.raises(InvalidTransaction, match=rf"^Unit {n + 5} is neither buffered nor on the replica$"):
+        buf.update("Unit", n + 5, {"low": 1})
+    missing = _push(redis_client, odd, [{"step_id": "s", "operation": "update", "model_class": "Unit",
+                                         "conditions": {"number": n + 5}, "data": {"low": 1}}])  # main says so
+    with buf.transaction() as taken:  # main refuses it (the title is taken): what uses it waits with it
+        taken.create("Unit", {"number": n + 3, "title": f"c{n}"})
+    with buf.transaction() as child:
+        child.create("Unit", {"number": n + 4, "title": f"d{n}", "parent": n + 3})
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(changed) == buf.status(gone) == "replicated"
+    assert buf.get("Unit", n) == pending == {**reads[0][0][0], "low": 3, "title": f"q{n}"}
+    assert buf.get("Visit", visit["id"]) is None
+    assert (_unit_on_main(main_engine, n)["high"], _unit_on_main(main_engine, n)["unit_title"]) == (3, f"q{n}")
+    failed = _failed(redis_client, odd)
+    assert failed.keys() == {missing, taken.transaction_id, child.transaction_id}, failed
+    assert failed[missing].endswith(f"no odd_unit row {n + 5} to update")
+    assert "UniqueViolation" in failed[taken.transaction_id]
+    assert failed[child.transaction_id] == f"blocked by {taken.transaction_id}"
+    assert _unit_on_main(main_engine, n + 3) is None and _unit_on_main(main_engine, n + 4) is None
+    buf.close()

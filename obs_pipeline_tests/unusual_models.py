@@ -2,15 +2,18 @@
 test_unusual_schemas.py: text of limited length (VARCHAR(n), CHAR(n) also as a primary key, a non-native enum),
 arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day (also with its time zone), an interval, a native enum, binary data, a TypeDecorator, and
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
-self-referencing foreign key; and models this cannot write (a primary key of two columns,
-inheritance)."""
+self-referencing foreign key; attributes whose columns are named otherwise (mapped_column("name", ...));
+and models this cannot write (a primary key of two columns, inheritance, a type that converts values as
+SQLAlchemy binds or reads them)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, Interval, LargeBinary, Numeric, String,
                         Text, Time, TypeDecorator, Uuid)
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "odd_schema"
@@ -87,3 +90,73 @@ class Event(Base):
 
 class Alarm(Event):
     __mapper_args__ = {"polymorphic_identity": "alarm"}
+
+
+def _slug(context) -> str:
+    """A default computed from the row, as SQLAlchemy gives it: keyed by column, not attribute."""
+    return f"{context.get_current_parameters()['unit_title']}-slug"
+
+
+class Unit(Base):
+    """Attributes whose columns are named otherwise, as `mapped_column("name", ...)` makes them
+    (the script, like the ORM, uses the attribute): two named after each other's columns, a
+    key the site gives, a foreign key to its own table, a REAL (read in a form of its own), a
+    name that needs quoting, a constant and a computed default, a unique column."""
+    __tablename__ = "odd_unit"
+
+    number: Mapped[int] = mapped_column("unit_number", Integer, primary_key=True, autoincrement=False)
+    title: Mapped[str] = mapped_column("unit_title", String(20), nullable=False, unique=True)
+    low: Mapped[int | None] = mapped_column("high", Integer, nullable=True)
+    high: Mapped[int | None] = mapped_column("low", Integer, nullable=True)
+    parent: Mapped[int | None] = mapped_column("parent_number", ForeignKey("odd_unit.unit_number"), nullable=True)
+    ratio: Mapped[float | None] = mapped_column("unit ratio %", REAL, nullable=True)
+    kind: Mapped[str] = mapped_column("unit_kind", Text, default="plain")
+    slug: Mapped[str | None] = mapped_column("unit_slug", Text, default=_slug)
+
+
+class Visit(Base):
+    """A generated uuid key whose column is named otherwise, and a foreign key to Unit."""
+    __tablename__ = "odd_visit"
+
+    id: Mapped[uuid.UUID] = mapped_column("visit_id", Uuid, primary_key=True)
+    unit: Mapped[int | None] = mapped_column("unit_number", ForeignKey("odd_unit.unit_number"), nullable=True)
+    at: Mapped[object | None] = mapped_column("visited_at", Time, nullable=True)
+
+
+class Lower(TypeDecorator):
+    """Text stored lower-cased: the ORM writes process_bind_param's value."""
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else value.lower()
+
+
+class JsonText(TypeDecorator):
+    """A value stored as its JSON text, read back decoded."""
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: object, dialect: Dialect) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> object:
+        return None if value is None else json.loads(value)
+
+
+class Word(Base):
+    """A TypeDecorator that converts what it binds."""
+    __tablename__ = "odd_word"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    word: Mapped[str | None] = mapped_column(Lower, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Packed(Base):
+    """A TypeDecorator that converts what it binds and what it reads, in an array and alone."""
+    __tablename__ = "odd_packed"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    values: Mapped[list | None] = mapped_column(ARRAY(JsonText), nullable=True)
+    value: Mapped[object | None] = mapped_column(JsonText, nullable=True)
