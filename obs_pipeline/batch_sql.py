@@ -177,6 +177,9 @@ def _text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+_JSON_NULL = Json(None)  # JSON `null`, as the ORM writes None for a JSON column (none_as_null=False)
+
+
 def _bindable(column: ColumnSpec, value: Any) -> Any:
     """Values arrive validated, in their JSON form. psycopg2 quotes str/int/float/bool itself;
     uuids and ISO-8601 datetimes/dates go as text, an untyped literal that PostgreSQL casts to
@@ -186,7 +189,7 @@ def _bindable(column: ColumnSpec, value: Any) -> Any:
     not know takes objects and lists as JSON, the rest as its text."""
     kind = column.kind
     if value is None:
-        return None
+        return _JSON_NULL if column.json_null else None
     if kind == "array":
         return _pg_array(value, column.item == "json")
     if kind == "json" or kind == "any" and isinstance(value, (dict, list)):

@@ -43,6 +43,9 @@ class ColumnSpec:
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
+    # JSON/JSONB whose None the ORM writes as JSON `null` (none_as_null=False, SQLAlchemy's
+    # default): None is a value there, taken by a NOT NULL column too
+    json_null: bool = False
     item: str | None = None  # an array's element kind (int_bits, max_length ... choices are its elements')
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
@@ -68,7 +71,7 @@ class ColumnSpec:
 
     @property
     def not_null(self) -> bool:
-        return self.required or self.primary_key
+        return (self.required or self.primary_key) and not self.json_null
 
     def to_python(self, value: Any) -> Any:
         """JSON form -> the Python value bound to the statement."""
@@ -274,6 +277,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             numeric=_numeric_size(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
             choices=_enum_choices(item if item is not None else column.type),
+            json_null=kind == "json" and not column.type.none_as_null,
         )
     pk = next(iter(table.primary_key.columns))
     defaults = {}

@@ -37,6 +37,8 @@ class Reading(Base):
     at_zone: Mapped[object] = mapped_column(Time(timezone=True), nullable=True)
     doc: Mapped[object] = mapped_column(JSON, nullable=True)
     doc_b: Mapped[object] = mapped_column(JSONB, nullable=True)
+    doc_sql_null: Mapped[object] = mapped_column(JSON(none_as_null=True), nullable=True)
+    settings: Mapped[object] = mapped_column(JSONB, nullable=False, server_default=sa.text("'{}'"))
     amount: Mapped[object] = mapped_column(Numeric(10, 2), nullable=True)
     gains: Mapped[object] = mapped_column(ARRAY(REAL), nullable=True)
     amounts: Mapped[object] = mapped_column(ARRAY(Numeric(10, 2), dimensions=2), nullable=True)
@@ -94,8 +96,8 @@ DOCS = [None, 1e16, 1.5e300, -0.0, 1e-7, 100.0, 10**30, "text", [1.0, 2e20, None
 
 def test_json_columns_read_the_same_buffered_and_replicated(forms, main_engine):
     """`jsonb` keeps numbers as `numeric`: a float buffered as 1.5e+300 came back the integer
-    15000...0 (not equal to it), 1e+16 as 10000000000000000. A JSON null is written as SQL
-    NULL (the ORM, none_as_null=False, would write JSON null): it reads None in both states."""
+    15000...0 (not equal to it), 1e+16 as 10000000000000000. A None is written as JSON null,
+    as the ORM writes it (test_a_json_null_is_written...): it reads None in both states."""
     buf = TransactionBuffer(settings=forms)
     with buf.transaction() as tx:
         rows = tx.bulk_create("Reading", [{"doc": doc, "doc_b": doc} for doc in DOCS])
@@ -110,7 +112,43 @@ def test_json_columns_read_the_same_buffered_and_replicated(forms, main_engine):
     with main_engine.connect() as conn:
         nulls = conn.execute(sa.text("SELECT doc IS NULL, doc_b IS NULL FROM read_forms_reading WHERE id = :i"),
                              {"i": ids[0]}).one()
-    assert tuple(nulls) == (True, True)
+    assert tuple(nulls) == (False, False)
+    buf.close()
+
+
+def test_a_json_null_is_written_as_the_orm_writes_it(forms, main_engine, redis_client):
+    """A None given for a `JSON`/`JSONB` column: the ORM writes JSON `null` (none_as_null=False,
+    SQLAlchemy's default), or SQL NULL where the type says none_as_null=True. The drain wrote SQL
+    NULL always: main's `IS NULL` found the site's rows and not the ORM's, and a NOT NULL column
+    with a default refused the whole transaction. Created and updated, each row on main is
+    compared with the one the ORM writes; both read None, buffered and replicated."""
+    from sqlalchemy.orm import Session
+
+    values = {"doc": None, "doc_b": None, "doc_sql_null": None, "settings": None}
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        created = tx.create("Reading", values)["id"]
+        updated = tx.create("Reading", {"doc": {"a": 1}, "doc_b": [1], "doc_sql_null": 2, "settings": {"b": 2}})["id"]
+    drain_until_empty(forms)  # then an UPDATE of its own, not folded into the insert
+    buf.update("Reading", updated, values)
+    buffered = [buf.get("Reading", rid) for rid in (created, updated)]
+    drain_until_empty(forms)
+    assert not redis_client.llen(f"site:{forms.site}:failed_transactions")
+    by_orm = uuid.uuid4()
+    with Session(main_engine) as session:
+        session.add(Reading(id=by_orm, **values))
+        session.commit()
+
+    def on_main(rid) -> tuple:
+        with main_engine.connect() as conn:
+            return tuple(conn.execute(sa.text(
+                "SELECT doc IS NULL, doc::text, doc_b IS NULL, doc_b::text, doc_sql_null IS NULL, settings::text "
+                "FROM read_forms_reading WHERE id = :i"), {"i": str(rid)}).one())
+
+    assert on_main(by_orm) == (False, "null", False, "null", True, "null")
+    assert on_main(created) == on_main(updated) == on_main(by_orm)
+    replicated = [buf.get("Reading", rid) for rid in (created, updated)]
+    assert [{k: r[k] for k in values} for r in buffered + replicated] == [values] * 4
     buf.close()
 
 
