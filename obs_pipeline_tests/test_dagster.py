@@ -288,6 +288,29 @@ def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(setti
             assert isinstance(skip, SkipReason) and f"{retry.run_id} failed; the next in" in skip.skip_message
 
 
+def test_a_run_waiting_for_a_dead_workers_longer_lease_is_not_taken_for_dead(settings, resource, redis_client,
+                                                                            monkeypatch):
+    """A run relaunched behind a dead worker waits quietly for its lease, lease_ttl_s: with one
+    beyond DEAD_RUN_QUIET_S in its config, a tick just after the lease expired (the run takes it
+    within 0.5 s) marked the live run failed. Its quiet limit is its lease_ttl_s and a margin."""
+    monkeypatch.setattr(sensors, "DEAD_RUN_QUIET_S", 1.0)
+    monkeypatch.setattr(sensors, "LEASE_WAIT_MARGIN_S", 0.5)
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    with instance_for_test() as instance:
+        run = instance.create_run_for_job(
+            drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED,
+            run_config={"ops": {"drain_batches": {"config": {"lease_ttl_s": 2.5}}}})
+        time.sleep(1.5)  # quiet beyond DEAD_RUN_QUIET_S, the lease free: still within its lease wait
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+        time.sleep(2)  # and beyond it: gone
+        _sensor(instance, resource)
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+        [failure] = [e.dagster_event.message for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
+        assert "logged nothing for over 3 s" in failure
+
+
 def _replica_events(result) -> tuple[list, list, list]:
     """The run's materializations and observations of the site replica, and its replica_replays evaluations."""
     materialized = [e for e in result.all_events if e.event_type == DagsterEventType.ASSET_MATERIALIZATION

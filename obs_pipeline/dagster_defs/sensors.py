@@ -28,6 +28,9 @@ FAILED_RUN_PAUSE_S = 60.0
 # A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
 # with the lease free, and its worker is gone.
 DEAD_RUN_QUIET_S = 75.0
+# A run relaunched behind a dead worker waits quietly for its lease to expire (lease_ttl_s), then
+# takes it within a poll (0.5 s): past this margin beyond its lease_ttl_s, it is not waiting.
+LEASE_WAIT_MARGIN_S = 15.0
 WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instance's run retries relaunch
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
@@ -41,12 +44,23 @@ def _quiet_for(instance: DagsterInstance, record) -> float:
     return time.time() - last
 
 
+def _quiet_limit(run) -> float:
+    """How long a live run may be quiet with the lease free: an op retry's wait, or, with a
+    lease_ttl_s beyond it in its config, its wait for a dead worker's lease, which a tick in the
+    poll after the lease expired would otherwise take for a dead run."""
+    try:
+        lease_ttl_s = float(run.run_config["ops"]["drain_batches"]["config"]["lease_ttl_s"])
+    except (KeyError, TypeError, ValueError):  # the default's (60 s) is within DEAD_RUN_QUIET_S
+        return DEAD_RUN_QUIET_S
+    return max(DEAD_RUN_QUIET_S, lease_ttl_s + LEASE_WAIT_MARGIN_S)
+
+
 def _dead_runs(instance: DagsterInstance, running: list, lease_free: bool) -> list:
     """The STARTED runs whose worker is gone: the lease is free and they have logged nothing for long."""
     if not lease_free:
         return []
     return [r for r in running if r.dagster_run.status == DagsterRunStatus.STARTED
-            and _quiet_for(instance, r) > DEAD_RUN_QUIET_S]
+            and _quiet_for(instance, r) > _quiet_limit(r.dagster_run)]
 
 
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
@@ -71,7 +85,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         context.instance.add_run_tags(record.dagster_run.run_id, {WORKER_GONE_TAG: record.dagster_run.run_id})
         context.instance.report_run_failed(record.dagster_run, (
             f"obs-pipeline: marked failed by buffer_sensor: its worker is gone (the drain lease of site {site} "
-            f"is free and the run logged nothing for over {DEAD_RUN_QUIET_S:.0f} s: killed, or its host "
+            f"is free and the run logged nothing for over {_quiet_limit(record.dagster_run):.0f} s: killed, or its host "
             "restarted); the next drain reclaims its batch"))
     retried = [r.dagster_run.run_id for r in dead
                if context.instance.get_run_by_id(r.dagster_run.run_id).tags.get(WILL_RETRY_TAG) == "true"]
