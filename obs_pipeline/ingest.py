@@ -46,6 +46,7 @@ class TransactionBuilder:
         self._live: set[tuple[str, str]] = set()
         self._deleted: set[tuple[str, str]] = set()
         self.committed = False
+        self._ended = False
 
     @property
     def transaction_id(self) -> str:
@@ -99,6 +100,8 @@ class TransactionBuilder:
         return out
 
     def _add_step(self, operation: str, model: str, data: Any, conditions: dict[str, Any]) -> Step:
+        if self._ended:
+            self._refuse_ended()
         created = self._created
         deps: set[str] = set()
         if created:  # a step depends on the steps that create the ids it uses
@@ -135,10 +138,19 @@ class TransactionBuilder:
         self._buffer._buffer_transaction(self._tx)
         self.committed = True
 
+    def _refuse_ended(self) -> None:
+        """A step added after the block, or a second block, would be kept nowhere (the id is
+        buffered once): the script would believe it recorded."""
+        raise InvalidTransaction(f"transaction {self.transaction_id} has ended with its `with` block: "
+                                 "start a new one with buf.transaction()")
+
     def __enter__(self) -> "TransactionBuilder":
+        if self._ended:
+            self._refuse_ended()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._ended = True
         if exc_type is None:
             self._commit()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -193,6 +194,31 @@ def test_exception_inside_block_buffers_nothing(settings, redis_client):
             tx.create("ObsUnit", {"id": 78, "name": "x"})
             raise RuntimeError("script failed half-way")
     assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+@pytest.mark.parametrize("ended_by", ["commit", "exception"])
+def test_a_transaction_whose_block_has_ended_refuses_more_steps(settings, redis_client, ended_by):
+    """`tx.create` after the block returned a record with an id and buffered nothing, and a
+    second `with tx:` was dropped as a duplicate of the first: the script believed its
+    observation recorded. Both now raise InvalidTransaction in one line."""
+    buf = TransactionBuffer(settings=settings)
+    tx = buf.transaction()
+    with pytest.raises(RuntimeError) if ended_by == "exception" else contextlib.nullcontext():
+        with tx:
+            tx.create("ObsUnit", {"id": 880, "name": "in the block"})
+            if ended_by == "exception":
+                raise RuntimeError("script failed half-way")
+    before = site_keys(redis_client, settings.site)
+    with pytest.raises(InvalidTransaction, match="has ended") as info:
+        tx.create("ObsUnit", {"id": 881, "name": "after the block"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(InvalidTransaction, match="has ended"):
+        with tx:
+            tx.create("ObsUnit", {"id": 882, "name": "in the block again"})
+    with pytest.raises(InvalidTransaction, match="has ended"):
+        tx.delete("ObsUnit", 880)
+    assert site_keys(redis_client, settings.site) == before
     buf.close()
 
 
