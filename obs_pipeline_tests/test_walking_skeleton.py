@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 
@@ -193,6 +194,24 @@ def test_exception_inside_block_buffers_nothing(settings, redis_client):
         with buf.transaction() as tx:
             tx.create("ObsUnit", {"id": 78, "name": "x"})
             raise RuntimeError("script failed half-way")
+    assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    (None, "endpoint must be a string, not NoneType"),
+    (5, "endpoint must be a string, not int"),
+    (["start"], "endpoint must be a string, not list"),
+    (b"start", "endpoint must be a string, not bytes"),
+])
+def test_an_endpoint_that_is_not_text_is_refused_and_buffers_nothing(settings, redis_client, endpoint, message):
+    """The wire format's `endpoint` is text (the existing system's model reads a str). Ingest
+    buffered `"endpoint": null`, a number or a list as they came, and bytes raised a bare
+    TypeError from the JSON writer."""
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(InvalidTransaction, match=re.escape(message)):
+        with buf.transaction(endpoint=endpoint) as tx:
+            tx.create("ObsUnit", {"id": 883, "name": "x"})
     assert site_keys(redis_client, settings.site) == []
     buf.close()
 
