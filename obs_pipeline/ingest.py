@@ -41,7 +41,12 @@ class TransactionBuilder:
         self._buffer = buffer
         self._tx = new_transaction(endpoint, buffer.site, buffer.max_retries, metadata)
         self._created: dict[str, str] = {}  # id -> step_id that creates it
+        # (model, id) created and deleted in this block: an update or delete must name a record
+        # of its own model that is still there, as outside a block (main refuses it, later)
+        self._live: set[tuple[str, str]] = set()
+        self._deleted: set[tuple[str, str]] = set()
         self.committed = False
+        self._ended = False
 
     @property
     def transaction_id(self) -> str:
@@ -68,6 +73,7 @@ class TransactionBuilder:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
         self._add_step("delete", spec.name, {}, {spec.primary_key: rid})
+        self._deleted.add((spec.name, str(rid)))
 
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
@@ -89,9 +95,13 @@ class TransactionBuilder:
         step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
         for row in out:
             self._created[str(row[pk])] = step.step_id
+            self._live.add((spec.name, str(row[pk])))
+            self._deleted.discard((spec.name, str(row[pk])))  # there again
         return out
 
     def _add_step(self, operation: str, model: str, data: Any, conditions: dict[str, Any]) -> Step:
+        if self._ended:
+            self._refuse_ended()
         created = self._created
         deps: set[str] = set()
         if created:  # a step depends on the steps that create the ids it uses
@@ -115,7 +125,9 @@ class TransactionBuilder:
     def _existing_id(self, model: str, value: Any) -> Any:
         spec = self._buffer.registry.model(model)
         rid = record_id(spec, value, f"{model} id")
-        if str(rid) not in self._created:
+        if (model, str(rid)) in self._deleted:
+            raise InvalidTransaction(f"{model} {rid} is deleted earlier in this transaction")
+        if (model, str(rid)) not in self._live:
             self._buffer._require_exists(model, rid)
         return rid
 
@@ -126,10 +138,19 @@ class TransactionBuilder:
         self._buffer._buffer_transaction(self._tx)
         self.committed = True
 
+    def _refuse_ended(self) -> None:
+        """A step added after the block, or a second block, would be kept nowhere (the id is
+        buffered once): the script would believe it recorded."""
+        raise InvalidTransaction(f"transaction {self.transaction_id} has ended with its `with` block: "
+                                 "start a new one with buf.transaction()")
+
     def __enter__(self) -> "TransactionBuilder":
+        if self._ended:
+            self._refuse_ended()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._ended = True
         if exc_type is None:
             self._commit()
 

@@ -486,8 +486,8 @@ def new_transaction(endpoint: str, site: str, max_retries: int = DEFAULT_MAX_RET
                     metadata: dict[str, Any] | None = None) -> Transaction:
     # Transaction(transaction_id, endpoint, site, timestamp, status, retry_count, max_retries, steps,
     # metadata), positional as in from_dict
-    return Transaction(new_uuid(), endpoint, site, dt.datetime.now(dt.timezone.utc).isoformat(), "pending", 0,
-                       max_retries, [], _checked_metadata(metadata) if metadata else {})
+    return Transaction(new_uuid(), _checked_endpoint(endpoint), site, dt.datetime.now(dt.timezone.utc).isoformat(),
+                       "pending", 0, max_retries, [], _checked_metadata(metadata) if metadata else {})
 
 
 def new_uuid() -> str:
@@ -498,6 +498,14 @@ def new_uuid() -> str:
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # top two bits 10
+
+
+def _checked_endpoint(endpoint: Any) -> str:
+    """The wire format's `endpoint` is text (the existing system's model reads a str): refused
+    at the start of a transaction, as metadata is, not buffered as null, a number or a list."""
+    if not isinstance(endpoint, str):
+        raise InvalidTransaction(f"endpoint must be a string, not {type(endpoint).__name__}")
+    return endpoint
 
 
 def _checked_metadata(metadata: Any) -> dict[str, Any]:

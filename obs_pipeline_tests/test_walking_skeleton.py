@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import subprocess
 import sys
 
@@ -122,6 +124,52 @@ def test_bad_input_raises_clear_error_and_buffers_nothing(settings, redis_client
     buf.close()
 
 
+def _start(tx) -> tuple[dict, dict]:
+    obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+    return obs, tx.create("RawDataPackage", {"name": "p", "executed_obs_unit_id": obs["id"]})
+
+
+def _update_the_package_id_as_an_observation(tx):
+    _, pkg = _start(tx)
+    tx.update("ExecutedObsUnit", pkg["id"], {"status": "completed"})
+
+
+def _update_after_delete(tx):
+    obs, _ = _start(tx)
+    tx.delete("ExecutedObsUnit", obs["id"])
+    tx.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+
+
+def _delete_twice(tx):
+    _, pkg = _start(tx)
+    tx.delete("RawDataPackage", pkg["id"])
+    tx.delete("RawDataPackage", pkg["id"])
+
+
+IN_BLOCK_MISSING = [
+    ("another model's id created in the block", _update_the_package_id_as_an_observation,
+     "neither buffered nor on the replica"),
+    ("update after a delete in the block", _update_after_delete, "is deleted earlier in this transaction"),
+    ("delete after a delete in the block", _delete_twice, "is deleted earlier in this transaction"),
+]
+
+
+@pytest.mark.parametrize("name,action,message", IN_BLOCK_MISSING, ids=[b[0] for b in IN_BLOCK_MISSING])
+def test_an_update_or_delete_in_a_block_of_a_record_that_is_not_there_is_refused(settings, redis_client, name,
+                                                                                  action, message):
+    """tx.update/tx.delete took any id created earlier in the block, whatever its model, and
+    one deleted earlier in it: the whole transaction (its good creates too) was buffered, and
+    the drain dead-lettered it ("no executed_obs_unit row ... to update"). The contract refuses
+    an update or delete of a record neither buffered nor on the replica, inside a block too."""
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(InvalidTransaction, match=message) as info:
+        with buf.transaction(endpoint="bad") as tx:
+            action(tx)
+    assert "\n" not in str(info.value)
+    assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_create_of_a_key_that_exists_is_refused_at_once(settings, redis_client):
     """Obs unit 1 is on the replica, obs unit 700 only buffered: creating either again is an
@@ -147,6 +195,49 @@ def test_exception_inside_block_buffers_nothing(settings, redis_client):
             tx.create("ObsUnit", {"id": 78, "name": "x"})
             raise RuntimeError("script failed half-way")
     assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    (None, "endpoint must be a string, not NoneType"),
+    (5, "endpoint must be a string, not int"),
+    (["start"], "endpoint must be a string, not list"),
+    (b"start", "endpoint must be a string, not bytes"),
+])
+def test_an_endpoint_that_is_not_text_is_refused_and_buffers_nothing(settings, redis_client, endpoint, message):
+    """The wire format's `endpoint` is text (the existing system's model reads a str). Ingest
+    buffered `"endpoint": null`, a number or a list as they came, and bytes raised a bare
+    TypeError from the JSON writer."""
+    buf = TransactionBuffer(settings=settings)
+    with pytest.raises(InvalidTransaction, match=re.escape(message)):
+        with buf.transaction(endpoint=endpoint) as tx:
+            tx.create("ObsUnit", {"id": 883, "name": "x"})
+    assert site_keys(redis_client, settings.site) == []
+    buf.close()
+
+
+@pytest.mark.parametrize("ended_by", ["commit", "exception"])
+def test_a_transaction_whose_block_has_ended_refuses_more_steps(settings, redis_client, ended_by):
+    """`tx.create` after the block returned a record with an id and buffered nothing, and a
+    second `with tx:` was dropped as a duplicate of the first: the script believed its
+    observation recorded. Both now raise InvalidTransaction in one line."""
+    buf = TransactionBuffer(settings=settings)
+    tx = buf.transaction()
+    with pytest.raises(RuntimeError) if ended_by == "exception" else contextlib.nullcontext():
+        with tx:
+            tx.create("ObsUnit", {"id": 880, "name": "in the block"})
+            if ended_by == "exception":
+                raise RuntimeError("script failed half-way")
+    before = site_keys(redis_client, settings.site)
+    with pytest.raises(InvalidTransaction, match="has ended") as info:
+        tx.create("ObsUnit", {"id": 881, "name": "after the block"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(InvalidTransaction, match="has ended"):
+        with tx:
+            tx.create("ObsUnit", {"id": 882, "name": "in the block again"})
+    with pytest.raises(InvalidTransaction, match="has ended"):
+        tx.delete("ObsUnit", 880)
+    assert site_keys(redis_client, settings.site) == before
     buf.close()
 
 
