@@ -767,6 +767,11 @@ def _binary_json(value: Any) -> Any:
     raise ValueError(f"{type(value).__name__} values cannot be buffered for a binary column: leave it out or null")
 
 
+# \u0000 in JSON text, not a literal backslash before "u0000" (written "\\u0000"): jsonb and
+# PostgreSQL's text refuse the NUL, and main refused the whole transaction in the drain.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def json_value(value: Any) -> Any:
     """`value` if the stdlib can write it as strict JSON (no NaN) holding text a database can
     store (no NUL, no lone surrogate, in keys or values), else ValueError."""
@@ -776,7 +781,7 @@ def json_value(value: Any) -> Any:
         raise ValueError(f"value is not JSON-serialisable: {exc}") from None
     except RecursionError:
         raise ValueError("value is nested too deeply (more than about 1,000 levels)") from None
-    if "\x00" in text:
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):  # (json.dumps writes a NUL as the escape)
         raise ValueError("text may not contain NUL characters")
     if not text.isascii():
         try:

@@ -15,7 +15,7 @@ from sqlalchemy import ARRAY, JSON, REAL, Numeric, Time
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -149,6 +149,38 @@ def test_a_json_null_is_written_as_the_orm_writes_it(forms, main_engine, redis_c
     assert on_main(created) == on_main(updated) == on_main(by_orm)
     replicated = [buf.get("Reading", rid) for rid in (created, updated)]
     assert [{k: r[k] for k in values} for r in buffered + replicated] == [values] * 4
+    buf.close()
+
+
+def test_a_nul_in_a_json_value_is_refused_at_ingest_and_a_backslash_u0000_is_text(forms, main_engine,
+                                                                                   redis_client):
+    """jsonb (and PostgreSQL's text) cannot hold a NUL: ingest's check for one never fired, as
+    json.dumps writes it as the escape \\u0000, and main refused the whole transaction in the
+    drain. Now it is refused at once, and a producer's entry dead-lettered with that line; the
+    six characters backslash-u-0-0-0-0 are text like any other."""
+    import json
+
+    buf = TransactionBuffer(settings=forms)
+    for doc in ({"note": "a\x00b"}, ["\x00"], {"k\x00": 1}):
+        with pytest.raises(InvalidTransaction, match=r"^create of Reading: Reading\.doc_b: text may not contain NUL "
+                                                     r"characters$"):
+            with buf.transaction() as tx:
+                tx.create("Reading", {"doc_b": doc})
+    assert not redis_client.keys(f"site:{forms.site}:*")
+    with buf.transaction() as tx:
+        rid = tx.create("Reading", {"doc_b": {"note": "\\u0000 and \\\\u0000"}})["id"]
+    bad = str(uuid.uuid4())
+    redis_client.lpush(f"site:{forms.site}:transaction_buffer", json.dumps({"transaction_id": bad, "steps": [
+        {"step_id": "s", "operation": "create", "model_class": "Reading", "data": {"id": str(uuid.uuid4()),
+                                                                                   "doc_b": {"n": "\x00"}}}]}))
+    drain_until_empty(forms)
+    failed = [json.loads(e) for e in redis_client.lrange(f"site:{forms.site}:failed_transactions", 0, -1)]
+    assert [(f["transaction_id"], f["failure"]["reason"]) for f in failed] == [
+        (bad, f"transaction {bad}, step s: Reading.doc_b: text may not contain NUL characters")]
+    with main_engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT doc_b->>'note' FROM read_forms_reading WHERE id = :i"),
+                              {"i": rid}).scalar_one()
+    assert stored == "\\u0000 and \\\\u0000" == buf.get("Reading", rid)["doc_b"]["note"]
     buf.close()
 
 
