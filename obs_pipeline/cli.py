@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import threading
+from typing import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,32 @@ def _port(text: str) -> int:
     return port
 
 
+def _whole(least: int, what: str) -> Callable[[str], int]:
+    """A whole number of at least `least` (--count -1 buffered nothing and exited 0; --files -1
+    said only that a bulk_create needs a list of rows)."""
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = least - 1
+        if number < least:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}: give {what}, a whole number of {least} or more")
+        return number
+    parse.__name__ = "number"  # (what argparse names in its own messages)
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """A duration above 0 (-1 buffered nothing and exited 0)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: give seconds, a finite number above 0")
+    return seconds
+
+
 def _rate(text: str) -> float:
     """Observations per second: a finite number above 0 (inf and nan broke the pacing after the
     first observation was buffered; 0 and below buffered flat out)."""
@@ -400,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="an observing script buffering observations")
     sim.add_argument("--rate", type=_rate, default=1.0, help="observations per second")
-    sim.add_argument("--count", type=int, default=None)
-    sim.add_argument("--duration", type=float, default=None, help="seconds")
-    sim.add_argument("--files", type=int, default=3, help="files per observation")
+    sim.add_argument("--count", type=_whole(1, "observations"), default=None)
+    sim.add_argument("--duration", type=_seconds, default=None, help="seconds")
+    sim.add_argument("--files", type=_whole(1, "files per observation"), default=3, help="files per observation")
     sim.add_argument("--seed", type=int, default=None)
     sim.set_defaults(func=cmd_simulate)
 

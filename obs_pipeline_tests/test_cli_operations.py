@@ -422,6 +422,23 @@ def test_simulate_at_a_rate_that_is_no_rate_is_a_usage_line_and_buffers_nothing(
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--count", "-1"], "argument --count: invalid number '-1': give observations, a whole number of 1 or more"),
+    (["--count", "two"], "argument --count: invalid number 'two': give observations, a whole number of 1 or more"),
+    (["--duration", "-1"], "argument --duration: invalid duration '-1': give seconds, a finite number above 0"),
+    (["--files", "-1"], "argument --files: invalid number '-1': give files per observation, a whole number of 1 "
+                        "or more"),
+])
+def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(env, settings, redis_client, args,
+                                                                              message):
+    """--count -1 and --duration -1 buffered nothing and exited 0, as if done; --files -1 said
+    only that a bulk_create needs a non-empty list of rows."""
+    result = cli("simulate", "--count", "2", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == f"obs-pipeline simulate: error: {message} (see `obs-pipeline simulate -h`)"
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
+
+
+@pytest.mark.parametrize("args, message", [
     (["--port", "0"], "argument --port: invalid port 0: give a whole number from 1 to 65535"),
     (["--port", "70000"], "argument --port: invalid port 70000: give a whole number from 1 to 65535"),
     (["--simulate", "--rate", "nan"], "argument --rate: invalid rate 'nan': give observations per second"),
