@@ -667,10 +667,12 @@ class BufferStore:
         pipe.zcard(k.awaiting_replication)
         pipe.lindex(k.buffer, -1)
         pipe.hgetall(k.stats)
-        buffer, processing, failed, retry, awaiting, oldest, stats = pipe.execute()
+        pipe.zrange(k.retry, 0, 0, withscores=True)
+        buffer, processing, failed, retry, awaiting, oldest, stats, first_retry = pipe.execute()
         return {
             "buffer": buffer, "processing": processing, "failed": failed, "retry": retry,
             "awaiting_replication": awaiting, "oldest_entry": oldest,
+            "first_retry_due": first_retry[0][1] if first_retry else None,  # (epoch seconds)
             "stats": {a.decode(): b.decode() for a, b in stats.items()},
         }
 

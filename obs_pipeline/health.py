@@ -32,6 +32,11 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         "then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`")
     if oldest is not None and oldest > stale_after_s:
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
+    overdue = time.time() - depths["first_retry_due"] if depths["first_retry_due"] is not None else None
+    if overdue is not None and overdue > stale_after_s:  # with only retries left, nothing else says the drain is gone
+        problems.append(f"{depths['retry']} transaction(s) wait to be retried, the first due {overdue:.0f} s ago: "
+                        "no drain has taken it (is `obs-pipeline drain`, or Dagster's daemon with buffer_sensor, "
+                        "running?)")
     unset = [name for name, engine in (("OBS_MAIN_DB_URL", main), ("OBS_REPLICA_DB_URL", replica)) if engine is None]
     if unset:  # "healthy" would claim what was not looked at (a monitor run without the site's environment)
         problems.append(f"replication not checked: {' and '.join(unset)} not set "
@@ -67,6 +72,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
             "retrying": depths["retry"],
             "failed": depths["failed"],
             "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
+            # how long the first retry has been due (0 while none is): a drain takes it within a batch
+            "retry_overdue_seconds": round(max(overdue, 0.0), 3) if overdue is not None else None,
         },
         "background_processor": {
             "status": "running" if store.lease_holder() else "idle",

@@ -384,6 +384,46 @@ def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, red
                               "dead-lettered: retry or discard this one)"), listed
 
 
+def test_retries_left_waiting_with_no_drain_make_the_site_degraded(settings, redis_client, main_engine,
+                                                                   replica_engine):
+    """With the drain stopped and only a retrying transaction left (the buffer empty, so no
+    "oldest pending"), the site read "healthy" for ever. Now the first retry, due and not taken,
+    makes it degraded, saying what to check; a drain that takes it (and schedules it again)
+    clears it."""
+    import time
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.health import health_report
+
+    missing = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps({"transaction_id": "update-of-nothing", "steps": [
+        {"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit", "data": {"status": "done"},
+         "conditions": {"id": missing}}]}))
+
+    def drain_once(retry_base_s: float) -> None:
+        drain = Drain(settings, DrainConfig(retry_base_s=retry_base_s))
+        try:
+            drain.acquire()
+            drain.step()
+        finally:
+            drain.close()
+
+    drain_once(0.05)  # it fails, and is due again within 0.1 s
+    store = BufferStore(redis_client, settings.site)
+    time.sleep(1.2)
+    report = health_report(store, main_engine, replica_engine, stale_after_s=1.0)
+    assert report["status"] == "degraded", report
+    [problem] = [p for p in report["problems"] if "retried" in p]
+    assert problem.startswith("1 transaction(s) wait to be retried, the first due 1 s ago: no drain has taken it")
+    assert report["transaction_buffer"]["retry_overdue_seconds"] > 1.0
+    assert report["transaction_buffer"]["oldest_pending_seconds"] is None  # what said nothing before
+    drain_once(30)  # taken, failed again, due in 30 s
+    report = health_report(store, main_engine, replica_engine, stale_after_s=1.0)
+    assert report["status"] == "healthy", report
+    assert report["transaction_buffer"]["retry_overdue_seconds"] == 0.0
+
+
 def test_a_replica_that_stopped_replaying_makes_the_site_degraded(settings, redis_client, main_engine,
                                                                   replica_engine):
     """Caches are cleaned only after replay: a replica that accepts connections but replays
