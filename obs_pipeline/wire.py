@@ -505,6 +505,11 @@ def _checked_endpoint(endpoint: Any) -> str:
     at the start of a transaction, as metadata is, not buffered as null, a number or a list."""
     if not isinstance(endpoint, str):
         raise InvalidTransaction(f"endpoint must be a string, not {type(endpoint).__name__}")
+    if not endpoint.isascii() or "\x00" in endpoint:  # (a lone surrogate: the JSON writer failed at the end)
+        try:
+            json_value(endpoint)
+        except ValueError as exc:
+            raise InvalidTransaction(f"endpoint {endpoint!r}: {exc}") from None
     return endpoint
 
 

@@ -203,6 +203,8 @@ def test_exception_inside_block_buffers_nothing(settings, redis_client):
     (5, "endpoint must be a string, not int"),
     (["start"], "endpoint must be a string, not list"),
     (b"start", "endpoint must be a string, not bytes"),
+    ("start\x00", "endpoint 'start\\x00': text may not contain NUL characters"),
+    ("start\ud800", "endpoint 'start\\ud800': text is not valid Unicode (a lone surrogate)"),
 ])
 def test_an_endpoint_that_is_not_text_is_refused_and_buffers_nothing(settings, redis_client, endpoint, message):
     """The wire format's `endpoint` is text (the existing system's model reads a str). Ingest
