@@ -43,6 +43,12 @@ def _push(redis_client, settings, steps: list[dict]) -> str:
     return tx_id
 
 
+def _push_sample(redis_client, settings, **values) -> str:
+    """A producer's create of one Sample, with these values."""
+    return _push(redis_client, settings, [{"step_id": "s", "operation": "create", "model_class": "Sample",
+                                          "data": {"id": str(uuid.uuid4()), **values}}])
+
+
 def _failed(redis_client, settings) -> dict[str, str]:
     return {f["transaction_id"]: f["failure"]["reason"]
             for f in map(json.loads, redis_client.lrange(SiteKeys(settings.site).failed, 0, -1))}
@@ -139,8 +145,7 @@ def test_array_columns_are_written_as_the_orm_writes_them_and_read_back_the_same
     with pytest.raises(InvalidTransaction, match=r"Sample\.counts: 'x' is not an integer$"):
         with buf.transaction() as bad:
             bad.create("Sample", {"counts": [1, "x"]})
-    ragged = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                        "data": {"id": str(uuid.uuid4()), "counts": [[1, 2], [3]]}}])
+    ragged = _push_sample(redis_client, odd, counts=[[1, 2], [3]])
     buffered = {s["id"]: buf.get("Sample", s["id"]) for s in (one, two)}
     assert (buffered[one["id"]]["tags"], buffered[one["id"]]["counts"]) == (TRICKY, [[1, 2], [3, None]])
     assert (buffered[two["id"]]["tags"], buffered[two["id"]]["counts"]) == (["x", None], [7])
@@ -207,8 +212,7 @@ def test_a_real_columns_number_beyond_single_precision_is_refused_at_ingest(odd,
     with buf.transaction() as tx:
         made = [tx.create("Sample", {"ratio": v}) for v in inside]
         levels = tx.create("Sample", {"levels": [FLOAT4_MAX, 1e-45, None]})
-    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                        "data": {"id": str(uuid.uuid4()), "ratio": 1e39}}])
+    pushed = _push_sample(redis_client, odd, ratio=1e39)
     drain_until_settled(odd, retry_base_s=0.05)
     assert buf.status(tx.transaction_id) == "replicated"
     assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: Sample.ratio: 1e+39 is out of range "
@@ -253,8 +257,7 @@ def test_a_numeric_columns_number_beyond_its_precision_is_refused_at_ingest(odd,
         made = [tx.create("Sample", {"amount": v}) for v in inside]
         tallies = tx.create("Sample", {"tallies": [999.94, None, -0.05]})
     assert [buf.get("Sample", r["id"])["amount"] for r in made] == [99999999.99, -99999999.99, 0.01, 99999999.0, 0.0]
-    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                        "data": {"id": str(uuid.uuid4()), "amount": 1e8}}])
+    pushed = _push_sample(redis_client, odd, amount=1e8)
     drain_until_settled(odd, retry_base_s=0.05)
     assert buf.status(tx.transaction_id) == "replicated"
     assert _failed(redis_client, odd) == {pushed: f"transaction {pushed}, step s: Sample.amount: 100000000.0 is out "
@@ -404,8 +407,7 @@ def test_a_time_with_time_zone_takes_only_offsets_main_takes(odd, redis_client, 
               dt.time(1, 2, 3, tzinfo=dt.timezone(dt.timedelta(hours=5, seconds=15)))]
     with buf.transaction() as tx:
         ids = [tx.create("Sample", {"at_zone": v})["id"] for v in inside]
-    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                        "data": {"id": str(uuid.uuid4()), "at_zone": "12:30+16:00"}}])
+    pushed = _push_sample(redis_client, odd, at_zone="12:30+16:00")
     reads, held = _reads_and_replica(buf, odd, replica_engine, "at_zone", ids)
     assert buf.status(tx.transaction_id) == "replicated"
     assert reads == ["12:30:00+15:59:59", "12:30:00-15:59:59", "01:02:03+05:00:15"]
@@ -440,8 +442,7 @@ def test_an_interval_takes_a_timedelta_and_reads_the_same_buffered_and_replicate
         ids = [tx.create("Sample", {"span": v})["id"] for v in inside]
     day = [r["id"] for r in buf.search("Sample", {"span": dt.timedelta(days=1), "id": ids})]
     longer = [r["id"] for r in buf.search("Sample", {"span": {">": "PT1H"}, "id": ids})]
-    pushed = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                        "data": {"id": str(uuid.uuid4()), "span": "bogus"}}])
+    pushed = _push_sample(redis_client, odd, span="bogus")
     reads, held = _reads_and_replica(buf, odd, replica_engine, "span", ids)
     assert buf.status(tx.transaction_id) == "replicated"
     assert reads == ["PT1H0.000005S", "P-1DT23H59M58.5S", "P999999999DT23H59M59.999999S", "P-999999999D", "P1D",
@@ -476,8 +477,7 @@ def test_an_enum_takes_its_labels_and_refuses_the_rest_at_ingest(odd, redis_clie
     assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
     with buf.transaction() as good:
         made = good.create("Sample", {"mood": "busy", "grade": "low"})
-    bad = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                     "data": {"id": str(uuid.uuid4()), "grade": "lo"}}])
+    bad = _push_sample(redis_client, odd, grade="lo")
     drain_until_settled(odd)
     assert buf.status(good.transaction_id) == "replicated"
     assert _failed(redis_client, odd) == {
@@ -499,8 +499,7 @@ def test_an_array_of_an_enum_takes_its_labels_and_reads_the_same_buffered_and_re
     assert not list(redis_client.scan_iter(match=f"site:{odd.site}:*"))
     with buf.transaction() as good:
         made = good.create("Sample", {"moods": ["busy", None, "calm"]})
-    bad = _push(redis_client, odd, [{"step_id": "s", "operation": "create", "model_class": "Sample",
-                                     "data": {"id": str(uuid.uuid4()), "moods": ["calmish"]}}])
+    bad = _push_sample(redis_client, odd, moods=["calmish"])
     buffered = buf.get("Sample", made["id"])["moods"]
     drain_until_settled(odd)
     assert buf.status(good.transaction_id) == "replicated"
