@@ -189,8 +189,15 @@ class DeadLetters:
         letter = self.get(ref, letters)
         # every letter of the transaction: one pushed twice by a producer is listed twice, and a copy
         # left behind would be requeued by a later `retry --all`, applying what the operator discarded
-        copies = [other for other in letters if other.transaction_id is not None
-                  and other.transaction_id == letter.transaction_id] or [letter]
+        namesakes = [other for other in letters if other.transaction_id is not None
+                     and other.transaction_id == letter.transaction_id] or [letter]
+        copies = [other for other in namesakes if other.doc.get("steps") == letter.doc.get("steps")]
+        if len(copies) < len(namesakes) and not _by_place(ref, letter):
+            # a producer reused the id: which one the operator means is theirs to say
+            places = ", ".join(f"#{letters.index(other) + 1}" for other in namesakes)
+            raise UnknownTransaction(f"{len(namesakes)} dead letters under transaction id {ref!r} hold different "
+                                     f"steps (a producer reused the id): discard one by its place in `obs-pipeline "
+                                     f"failed list` ({places}), after `failed show #N`")
         tx = _parse(letter.doc)
         try:  # a transaction that does not validate was never cached: nothing more to remove
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
@@ -208,6 +215,11 @@ class DeadLetters:
         if footprint and not letter.reused_id:
             self.store.forget(footprint, pipe)
         pipe.execute()
+
+
+def _by_place(ref: str, letter: DeadLetter) -> bool:
+    """Whether `ref` named `letter` by its place (#N), not by its id (see DeadLetters.get)."""
+    return letter.transaction_id is None or ref not in (letter.transaction_id, one_line(letter.transaction_id))
 
 
 def _remove(pipe: Any, key: str, letters: list[DeadLetter], removed: list[DeadLetter]) -> None:

@@ -770,6 +770,41 @@ def test_a_reused_id_in_a_batch_dead_letters_what_uses_its_rows_and_parks_what_w
     assert statuses(redis_client, settings.site, ["obs-9", "uses-921"]) == ["replicated", "replicated"]
 
 
+def test_discarding_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_place_takes_one(
+        settings, redis_client, main_engine):
+    """A producer's reused id can leave two dead letters under one id with other steps (the
+    first failing for good, the second reused). `failed discard <id>` dropped both: the
+    operator lost an observation they had not looked at. It is now refused in one line naming
+    their places; `failed discard #N` drops that one alone."""
+    keys = SiteKeys(settings.site)
+    cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
+    missing = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
+    for steps in ([{"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit",
+                    "conditions": {"id": missing}, "data": {"status": "done"}}],
+                  [{"step_id": "s", "operation": "create", "model_class": "ObsUnit",
+                    "data": {"id": 931, "name": "the id reused"}}]):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "obs-3", "max_retries": 0, "steps": steps}))
+    drain_until_settled(settings)
+
+    def letters() -> list[tuple[str, str]]:
+        return [(f["transaction_id"], f["failure"]["kind"])
+                for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
+
+    assert sorted(letters()) == [("obs-3", "permanent"), ("obs-3", "reused_id")]
+    refused = cli("failed", "discard", "obs-3", env=cli_env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("obs-pipeline: error: 2 dead letters under transaction id 'obs-3' hold different steps "
+                                      "(a producer reused the id): discard one by its place in `obs-pipeline failed "
+                                      "list` (#1, #2), after `failed show #N`"), refused.stderr
+    assert len(letters()) == 2
+    listed = cli("failed", "list", env=cli_env).stdout.splitlines()
+    place = next(n for n, line in enumerate(listed, 1) if "\treused_id\t" in line)
+    assert cli("failed", "discard", f"#{place}", env=cli_env).returncode == 0
+    assert letters() == [("obs-3", "permanent")]
+    assert cli("failed", "discard", "obs-3", env=cli_env).returncode == 0
+    assert letters() == [] and _obs_units(main_engine, [931]) == {}
+
+
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
         settings, redis_client, main_engine, caplog):
     """An obs_pipeline_applied made by an earlier version has no steps_digest: the drain must
