@@ -14,9 +14,8 @@ import shlex
 import signal
 import sys
 import threading
-from typing import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_STACK_DIR = ".obs-stack"
 
@@ -331,32 +330,25 @@ def _whole(least: int, what: str) -> Callable[[str], int]:
         if number < least:
             raise argparse.ArgumentTypeError(f"invalid number {text!r}: give {what}, a whole number of {least} or more")
         return number
-    parse.__name__ = "number"  # (what argparse names in its own messages)
     return parse
 
 
-def _seconds(text: str) -> float:
-    """A duration above 0 (-1 buffered nothing and exited 0)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (0 < seconds < math.inf):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: give seconds, a finite number above 0")
-    return seconds
+def _above_0(what: str, give: str) -> Callable[[str], float]:
+    """A finite number above 0: a rate (inf and nan broke the pacing after the first observation
+    was buffered; 0 and below buffered flat out), a duration (-1 buffered nothing and exited 0)."""
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not (0 < number < math.inf):
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: give {give}")
+        return number
+    return parse
 
 
-def _rate(text: str) -> float:
-    """Observations per second: a finite number above 0 (inf and nan broke the pacing after the
-    first observation was buffered; 0 and below buffered flat out)."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = math.nan
-    if not (0 < rate < math.inf):
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: give observations per second, a finite number above 0 "
-                                         "(e.g. 0.2 or 50)")
-    return rate
+_rate = _above_0("rate", "observations per second, a finite number above 0 (e.g. 0.2 or 50)")
+_seconds = _above_0("duration", "seconds, a finite number above 0")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -590,7 +590,7 @@ def _numeric_of(precision: int, scale: int) -> Callable[[Any], float | int]:
         if abs(decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)) >= limit:
             places = f"{scale} decimal place{'s' if scale != 1 else ''}" if scale >= 0 else f"{-scale} zeros"
             raise ValueError(f"{value!r} is out of range for a NUMERIC({precision}, {scale}) column: PostgreSQL "
-                             f"takes magnitudes below {limit:,f} once rounded to {places}".replace(".000000 ", " "))
+                             f"takes magnitudes below {limit:,f} once rounded to {places}")
         return value
     return check
 
