@@ -127,46 +127,56 @@ class DeadLetters:
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id]
         else:
-            wanted = set()
+            chosen, wanted, taken = [], set(), set()  # taken: id() of the chosen letters
             for ref in transaction_ids:
-                letter = self.get(ref, letters)
-                if letter.transaction_id is None:
+                copies = self._meant(ref, letters, "retry")
+                if copies[0].transaction_id is None:
                     raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
                                              f"retried: `obs-pipeline failed show {ref}`, then discard it")
-                wanted.add(letter.transaction_id)
+                chosen += [copy for copy in copies if id(copy) not in taken]
+                taken.update(map(id, copies))
+                wanted.add(copies[0].transaction_id)
             # what they blocked, transitively: it failed only because of them
             changed = True
             while changed:
                 changed = False
                 for letter in letters:
                     blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
-                    if blocker in wanted and letter.transaction_id not in wanted:
+                    if blocker in wanted and id(letter) not in taken:
+                        chosen.append(letter)
+                        taken.add(id(letter))
                         wanted.add(letter.transaction_id)
                         changed = True
-            chosen = [letter for letter in letters if letter.transaction_id in wanted]
         ordered = _blockers_first(chosen)
+        # a letter pushed twice by a producer is requeued once; its copies leave the list with it
+        requeued, of_id = [], {}
+        for letter in ordered:
+            namesakes = of_id.setdefault(letter.transaction_id, [])
+            if not any(_copies(letter, other) for other in namesakes):
+                namesakes.append(letter)
+                requeued.append(letter)
         pipe.multi()
         _remove(pipe, self.keys.failed, letters, ordered)
-        for letter in ordered:
+        for letter in requeued:
             if letter.raw not in prepared:
                 prepared[letter.raw] = self._requeued(letter)
         # RPUSH puts an entry at the consuming end: push the last-to-run first.
-        for letter in reversed(ordered):
+        for letter in reversed(requeued):
             tx_json, _, tx_id = prepared[letter.raw]
             pipe.rpush(self.keys.buffer, tx_json)
             pipe.set(self.keys.transaction(tx_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
         # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged); one
         # requeued under a new id takes its marks over
-        self.store.revive({letter.transaction_id: rows for letter in ordered
+        self.store.revive({letter.transaction_id: rows for letter in requeued
                            if (rows := prepared[letter.raw][1]) is not None and not letter.reused_id}, pipe)
         renamed = {letter.transaction_id: (prepared[letter.raw][2], prepared[letter.raw][1] or set())
-                   for letter in ordered if letter.reused_id}
+                   for letter in requeued if letter.reused_id}
         if renamed:
             self.store.unhold({old: rows for old, (_, rows) in renamed.items()}, pipe)
             self.store.hold({new: rows for new, rows in renamed.values()}, pipe)
         pipe.execute()
-        return [prepared[letter.raw][2] for letter in ordered]
+        return [prepared[letter.raw][2] for letter in requeued]
 
     def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:
         """The JSON that requeues the letter, the rows it writes (None: it does not parse), and
@@ -184,20 +194,26 @@ class DeadLetters:
         return (_canonical_json(doc, _parse(doc)),
                 written_ids(original, self.registry) if original is not None else None, doc["transaction_id"])
 
-    def _discard(self, pipe: Any, ref: str) -> None:
-        letters = self.list(pipe)
+    def _meant(self, ref: str, letters: list[DeadLetter], action: str) -> list[DeadLetter]:
+        """The letter `ref` names, with its copies: one pushed twice by a producer is listed twice, and a
+        copy left behind would be requeued by a later `retry --all` (applying what the operator
+        discarded) or stay listed after its retry. Letters of the id with other steps (a producer
+        reused the id) are not copies: which one the operator means is theirs to say, by place."""
         letter = self.get(ref, letters)
-        # every letter of the transaction: one pushed twice by a producer is listed twice, and a copy
-        # left behind would be requeued by a later `retry --all`, applying what the operator discarded
         namesakes = [other for other in letters if other.transaction_id is not None
                      and other.transaction_id == letter.transaction_id] or [letter]
-        copies = [other for other in namesakes if other.doc.get("steps") == letter.doc.get("steps")]
+        copies = [other for other in namesakes if _copies(other, letter)]
         if len(copies) < len(namesakes) and not _by_place(ref, letter):
-            # a producer reused the id: which one the operator means is theirs to say
             places = ", ".join(f"#{letters.index(other) + 1}" for other in namesakes)
             raise UnknownTransaction(f"{len(namesakes)} dead letters under transaction id {ref!r} hold different "
-                                     f"steps (a producer reused the id): discard one by its place in `obs-pipeline "
+                                     f"steps (a producer reused the id): {action} one by its place in `obs-pipeline "
                                      f"failed list` ({places}), after `failed show #N`")
+        return copies
+
+    def _discard(self, pipe: Any, ref: str) -> None:
+        letters = self.list(pipe)
+        copies = self._meant(ref, letters, "discard")
+        letter = copies[0]
         tx = _parse(letter.doc)
         try:  # a transaction that does not validate was never cached: nothing more to remove
             footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
@@ -256,18 +272,28 @@ def _canonical_json(doc: dict[str, Any], tx: Transaction | None) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
+def _copies(letter: DeadLetter, other: DeadLetter) -> bool:
+    """The same transaction, dead-lettered twice (a producer pushed it twice)."""
+    return letter is other or (letter.transaction_id is not None and letter.transaction_id == other.transaction_id
+                               and letter.doc.get("steps") == other.doc.get("steps"))
+
+
 def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
-    """Original order (oldest first), but a transaction always after the one that blocked it."""
-    by_id = {letter.transaction_id: letter for letter in letters}
-    ordered, placed = [], set()
+    """Original order (oldest first), but a transaction always after the one that blocked it
+    (after each letter of its id: a producer may have reused it)."""
+    by_id: dict[str | None, list[DeadLetter]] = {}
+    for letter in letters:
+        by_id.setdefault(letter.transaction_id, []).append(letter)
+    ordered: list[DeadLetter] = []
+    placed: set[int] = set()
 
     def place(letter: DeadLetter) -> None:
-        if letter.transaction_id in placed:
+        if id(letter) in placed:
             return
-        placed.add(letter.transaction_id)
+        placed.add(id(letter))
         blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
-        if blocker in by_id:
-            place(by_id[blocker])
+        for first in by_id.get(blocker, []) if blocker is not None else []:
+            place(first)
         ordered.append(letter)
 
     for letter in letters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -803,6 +804,68 @@ def test_discarding_by_an_id_two_letters_share_with_other_steps_is_refused_and_b
     assert letters() == [("obs-3", "permanent")]
     assert cli("failed", "discard", "obs-3", env=cli_env).returncode == 0
     assert letters() == [] and _obs_units(main_engine, [931]) == {}
+
+
+def _two_letters_under_one_id(settings, redis_client) -> tuple[str, Callable[[], list[tuple[str, str]]]]:
+    """Dead-letter "obs-4" twice with other steps (a producer reused the id): the first updates an
+    ExecutedObsUnit that is not there (for good: no retries), the second creates ObsUnit 932."""
+    keys = SiteKeys(settings.site)
+    missing = "5b0c7e2a-91d4-4c3e-8a55-2f6d9e1c4b70"
+    for steps in ([{"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit",
+                    "conditions": {"id": missing}, "data": {"status": "done"}}],
+                  [{"step_id": "s", "operation": "create", "model_class": "ObsUnit",
+                    "data": {"id": 932, "name": "the id reused"}}]):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "obs-4", "max_retries": 0, "steps": steps}))
+    drain_until_settled(settings)
+
+    def letters() -> list[tuple[str, str]]:
+        return [(f["transaction_id"], f["failure"]["kind"])
+                for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
+
+    assert sorted(letters()) == [("obs-4", "permanent"), ("obs-4", "reused_id")]
+    return missing, letters
+
+
+def test_retrying_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_place_takes_that_one(
+        settings, redis_client, main_engine):
+    """`failed retry #N` of one of two letters under one id requeued the other one (the first of
+    the id in the list) and left #N dead-lettered; by id it took one of them unasked. By id it is
+    now refused in one line naming their places, as discard is, and #N requeues that letter."""
+    _, letters = _two_letters_under_one_id(settings, redis_client)
+    cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
+    refused = cli("failed", "retry", "obs-4", env=cli_env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("obs-pipeline: error: 2 dead letters under transaction id 'obs-4' hold different steps "
+                                      "(a producer reused the id): retry one by its place in `obs-pipeline failed "
+                                      "list` (#1, #2), after `failed show #N`"), refused.stderr
+    assert sorted(letters()) == [("obs-4", "permanent"), ("obs-4", "reused_id")]
+    listed = cli("failed", "list", env=cli_env).stdout.splitlines()
+    place = next(n for n, line in enumerate(listed, 1) if "\treused_id\t" in line)
+    assert cli("failed", "retry", f"#{place}", env=cli_env).returncode == 0
+    assert letters() == [("obs-4", "permanent")]
+    drain_until_settled(settings)
+    assert _obs_units(main_engine, [932]) == {932: "the id reused"}
+    assert letters() == [("obs-4", "permanent")]
+
+
+def test_retry_all_requeues_each_letter_two_share_an_id_with(settings, redis_client, main_engine):
+    """`failed retry --all` requeued one letter per id: of two a producer's reused id left, the
+    second stayed dead-lettered, and the operator was told "requeued 1"."""
+    missing, letters = _two_letters_under_one_id(settings, redis_client)
+    with main_engine.begin() as conn:  # the cause of the first is fixed
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (933, 'for obs-4')"))
+        conn.execute(sa.text("INSERT INTO executed_obs_unit (id, obs_unit_id, start_time, status) "
+                             "VALUES (:id, 933, now(), 'running')"), {"id": missing})
+    cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
+    result = cli("failed", "retry", "--all", env=cli_env)
+    assert result.returncode == 0 and result.stderr.startswith("requeued 2 transaction(s)"), result.stderr
+    assert letters() == []
+    drain_until_settled(settings)
+    assert letters() == []
+    assert _obs_units(main_engine, [932]) == {932: "the id reused"}
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
+                            {"id": missing}).scalar_one() == "done"
 
 
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(

@@ -832,6 +832,35 @@ def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, re
     assert redis_client.hlen(keys.held_ids) == 0 and redis_client.llen(keys.failed) == 0
 
 
+
+@pytest.mark.usefixtures("clean_db")
+def test_retry_of_a_transaction_dead_lettered_twice_requeues_it_once_and_lists_neither(
+        env, redis_client, settings, main_engine):
+    """`failed retry ID` of a transaction dead-lettered twice (a producer pushed it again)
+    requeued one letter and left the other listed: "retry" said done while `failed list` still
+    showed it, and a later `retry --all` requeued it again."""
+    import sqlalchemy as sa
+
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    doc, ids = seed_example(settings.site, obs_unit_id=31338)  # no such obs unit: fails on main
+    for _ in range(2):
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+        drain_until_settled(settings, retry_base_s=0.05)
+    assert redis_client.llen(keys.failed) == 2
+    with main_engine.begin() as conn:  # the cause is fixed
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31338, 'late unit')"))
+    retried = cli("failed", "retry", doc["transaction_id"], env=env)
+    assert retried.returncode == 0 and retried.stderr == "requeued 1 transaction(s)\n", retried.stderr
+    assert cli("failed", "list", env=env).stdout == ""
+    assert redis_client.llen(keys.buffer) == 1
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+    assert redis_client.hlen(keys.held_ids) == 0 and redis_client.llen(keys.failed) == 0
+
 def test_simulate_without_a_replica_url_says_so(env, settings, redis_client):
     """It said "no ObsUnit rows on the replica: run `obs-pipeline db init --demo-data` first", which
     does not help: the replica was not named at all."""
