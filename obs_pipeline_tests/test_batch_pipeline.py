@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -771,59 +772,54 @@ def test_a_reused_id_in_a_batch_dead_letters_what_uses_its_rows_and_parks_what_w
     assert statuses(redis_client, settings.site, ["obs-9", "uses-921"]) == ["replicated", "replicated"]
 
 
+def _two_letters_under_one_id(settings, redis_client, tx_id: str,
+                              unit: int) -> tuple[str, Callable[[], list[tuple[str, str]]]]:
+    """Dead-letter `tx_id` twice with other steps (a producer reused the id): the first updates an
+    ExecutedObsUnit that is not there (for good: no retries), the second creates ObsUnit `unit`.
+    Returns the missing row's id and a reader of the letters' (id, kind)."""
+    keys = SiteKeys(settings.site)
+    missing = str(uuid.uuid4())
+    for steps in ([{"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit",
+                    "conditions": {"id": missing}, "data": {"status": "done"}}],
+                  [{"step_id": "s", "operation": "create", "model_class": "ObsUnit",
+                    "data": {"id": unit, "name": "the id reused"}}]):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "max_retries": 0, "steps": steps}))
+    drain_until_settled(settings)
+
+    def letters() -> list[tuple[str, str]]:
+        return [(f["transaction_id"], f["failure"]["kind"])
+                for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
+
+    assert sorted(letters()) == [(tx_id, "permanent"), (tx_id, "reused_id")]
+    return missing, letters
+
+
+def _refused_by_id_then_the_reused_one_by_place(action: str, tx_id: str, letters, cli_env: dict) -> None:
+    """`failed <action> <tx_id>` is refused in one line, changing nothing; `failed <action> #N` of
+    the reused_id letter succeeds."""
+    refused = cli("failed", action, tx_id, env=cli_env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"obs-pipeline: error: 2 dead letters under transaction id '{tx_id}' hold different "
+                                      f"steps (a producer reused the id): {action} one by its place in `obs-pipeline "
+                                      "failed list` (#1, #2), after `failed show #N`"), refused.stderr
+    assert sorted(letters()) == [(tx_id, "permanent"), (tx_id, "reused_id")]
+    listed = cli("failed", "list", env=cli_env).stdout.splitlines()
+    place = next(n for n, line in enumerate(listed, 1) if "\treused_id\t" in line)
+    assert cli("failed", action, f"#{place}", env=cli_env).returncode == 0
+
+
 def test_discarding_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_place_takes_one(
         settings, redis_client, main_engine):
     """A producer's reused id can leave two dead letters under one id with other steps (the
     first failing for good, the second reused). `failed discard <id>` dropped both: the
     operator lost an observation they had not looked at. It is now refused in one line naming
     their places; `failed discard #N` drops that one alone."""
-    keys = SiteKeys(settings.site)
+    _, letters = _two_letters_under_one_id(settings, redis_client, "obs-3", 931)
     cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
-    missing = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
-    for steps in ([{"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit",
-                    "conditions": {"id": missing}, "data": {"status": "done"}}],
-                  [{"step_id": "s", "operation": "create", "model_class": "ObsUnit",
-                    "data": {"id": 931, "name": "the id reused"}}]):
-        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "obs-3", "max_retries": 0, "steps": steps}))
-    drain_until_settled(settings)
-
-    def letters() -> list[tuple[str, str]]:
-        return [(f["transaction_id"], f["failure"]["kind"])
-                for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
-
-    assert sorted(letters()) == [("obs-3", "permanent"), ("obs-3", "reused_id")]
-    refused = cli("failed", "discard", "obs-3", env=cli_env)
-    assert refused.returncode == 1
-    assert refused.stderr.strip() == ("obs-pipeline: error: 2 dead letters under transaction id 'obs-3' hold different steps "
-                                      "(a producer reused the id): discard one by its place in `obs-pipeline failed "
-                                      "list` (#1, #2), after `failed show #N`"), refused.stderr
-    assert len(letters()) == 2
-    listed = cli("failed", "list", env=cli_env).stdout.splitlines()
-    place = next(n for n, line in enumerate(listed, 1) if "\treused_id\t" in line)
-    assert cli("failed", "discard", f"#{place}", env=cli_env).returncode == 0
+    _refused_by_id_then_the_reused_one_by_place("discard", "obs-3", letters, cli_env)
     assert letters() == [("obs-3", "permanent")]
     assert cli("failed", "discard", "obs-3", env=cli_env).returncode == 0
     assert letters() == [] and _obs_units(main_engine, [931]) == {}
-
-
-def _two_letters_under_one_id(settings, redis_client) -> tuple[str, Callable[[], list[tuple[str, str]]]]:
-    """Dead-letter "obs-4" twice with other steps (a producer reused the id): the first updates an
-    ExecutedObsUnit that is not there (for good: no retries), the second creates ObsUnit 932."""
-    keys = SiteKeys(settings.site)
-    missing = "5b0c7e2a-91d4-4c3e-8a55-2f6d9e1c4b70"
-    for steps in ([{"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit",
-                    "conditions": {"id": missing}, "data": {"status": "done"}}],
-                  [{"step_id": "s", "operation": "create", "model_class": "ObsUnit",
-                    "data": {"id": 932, "name": "the id reused"}}]):
-        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "obs-4", "max_retries": 0, "steps": steps}))
-    drain_until_settled(settings)
-
-    def letters() -> list[tuple[str, str]]:
-        return [(f["transaction_id"], f["failure"]["kind"])
-                for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
-
-    assert sorted(letters()) == [("obs-4", "permanent"), ("obs-4", "reused_id")]
-    return missing, letters
 
 
 def test_retrying_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_place_takes_that_one(
@@ -831,17 +827,9 @@ def test_retrying_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_
     """`failed retry #N` of one of two letters under one id requeued the other one (the first of
     the id in the list) and left #N dead-lettered; by id it took one of them unasked. By id it is
     now refused in one line naming their places, as discard is, and #N requeues that letter."""
-    _, letters = _two_letters_under_one_id(settings, redis_client)
+    _, letters = _two_letters_under_one_id(settings, redis_client, "obs-4", 932)
     cli_env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url}
-    refused = cli("failed", "retry", "obs-4", env=cli_env)
-    assert refused.returncode == 1
-    assert refused.stderr.strip() == ("obs-pipeline: error: 2 dead letters under transaction id 'obs-4' hold different steps "
-                                      "(a producer reused the id): retry one by its place in `obs-pipeline failed "
-                                      "list` (#1, #2), after `failed show #N`"), refused.stderr
-    assert sorted(letters()) == [("obs-4", "permanent"), ("obs-4", "reused_id")]
-    listed = cli("failed", "list", env=cli_env).stdout.splitlines()
-    place = next(n for n, line in enumerate(listed, 1) if "\treused_id\t" in line)
-    assert cli("failed", "retry", f"#{place}", env=cli_env).returncode == 0
+    _refused_by_id_then_the_reused_one_by_place("retry", "obs-4", letters, cli_env)
     assert letters() == [("obs-4", "permanent")]
     drain_until_settled(settings)
     assert _obs_units(main_engine, [932]) == {932: "the id reused"}
@@ -851,7 +839,7 @@ def test_retrying_by_an_id_two_letters_share_with_other_steps_is_refused_and_by_
 def test_retry_all_requeues_each_letter_two_share_an_id_with(settings, redis_client, main_engine):
     """`failed retry --all` requeued one letter per id: of two a producer's reused id left, the
     second stayed dead-lettered, and the operator was told "requeued 1"."""
-    missing, letters = _two_letters_under_one_id(settings, redis_client)
+    missing, letters = _two_letters_under_one_id(settings, redis_client, "obs-4", 932)
     with main_engine.begin() as conn:  # the cause of the first is fixed
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (933, 'for obs-4')"))
         conn.execute(sa.text("INSERT INTO executed_obs_unit (id, obs_unit_id, start_time, status) "
