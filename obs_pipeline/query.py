@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import enum
 import functools
 import json
 import operator
@@ -329,7 +330,7 @@ class SmartQuery:
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
         names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them
         forms = dict(_read_forms(spec))
-        convert = [forms.get(n) or _FROM_DB.get(spec.columns[n].kind, _same) for n in names]
+        convert = [forms.get(n) or _from_db(spec.columns[n]) for n in names]
         pk = spec.primary_key
         for attempt in (1, 2):
             try:
@@ -543,6 +544,19 @@ _FROM_DB: dict[str, Callable[[Any], Any]] = {
     "interval": lambda v: interval_text(v) if isinstance(v, dt.timedelta) else v,
     "array": _array_from_db,
 }
+
+
+def _from_db(column: ColumnSpec) -> Callable[[Any], Any]:
+    """A replica value -> its JSON form, as buffered. SQLAlchemy reads an Enum of a Python enum
+    class as the class's members (an array's elements too): they read as their labels."""
+    if column.choices is not None and any(isinstance(choice, enum.Enum) for choice in column.choices):
+        label = functools.partial(_label, labels=column.choices)
+        return functools.partial(_each, form=label) if column.kind == "array" else label
+    return _FROM_DB.get(column.kind, _same)
+
+
+def _label(value: Any, labels: dict[Any, str]) -> Any:
+    return labels.get(value, value) if isinstance(value, enum.Enum) else value
 
 
 def _sort_key(spec: ModelSpec) -> Callable[[str], Any]:

@@ -7,11 +7,12 @@ match it in both states alike."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import uuid
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import ARRAY, JSON, REAL, Numeric, Time
+from sqlalchemy import ARRAY, JSON, REAL, Enum, Numeric, Time
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,6 +45,21 @@ class Reading(Base):
     amounts: Mapped[object] = mapped_column(ARRAY(Numeric(10, 2), dimensions=2), nullable=True)
     times: Mapped[object] = mapped_column(ARRAY(Time(timezone=True)), nullable=True)
 
+
+
+class Band(enum.Enum):
+    low = "l"
+    high = "h"
+
+
+class Graded(Base):
+    """Enums of a Python enum class: the ORM's select gives its members, not labels."""
+    __tablename__ = "read_forms_graded"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    band: Mapped[object] = mapped_column(Enum(Band, name="read_forms_band"), nullable=True)
+    plain: Mapped[object] = mapped_column(Enum(Band, name="read_forms_plain", native_enum=False), nullable=True)
+    bands: Mapped[object] = mapped_column(ARRAY(Enum(Band, name="read_forms_band")), nullable=True)
 
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
@@ -223,4 +239,26 @@ def test_array_elements_read_the_same_buffered_and_replicated(forms):
     replicated = buf.get("Reading", rid)
     assert {k: buffered[k] for k in values} == {k: replicated[k] for k in values}, (buffered, replicated)
     assert replicated["gains"] == [0.12345679, None, 30.0]
+    buf.close()
+
+
+def test_enum_of_a_python_enum_class_reads_its_label_buffered_and_replicated(forms):
+    """An Enum(SomeEnum) column read as the label while buffered, and as the enum's member
+    once replicated (SQLAlchemy's select converts it): a record changed type after the drain,
+    was no longer JSON, and search_frame showed "Band.high"."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        rid = tx.create("Graded", {"band": Band.high, "plain": "low", "bands": [Band.low, None, "high"]})["id"]
+
+    def read() -> tuple:
+        return (buf.get("Graded", rid), buf.search("Graded", {"id": rid, "band": Band.high}),
+                buf.search("Graded", {"id": rid, "plain": ["low"]}),
+                buf.search_frame("Graded", {"id": rid})[["band", "plain"]].values.tolist())
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated[0] == {"id": rid, "band": "high", "plain": "low", "bands": ["low", None, "high"]}
+    assert replicated[3] == [["high", "low"]]
     buf.close()
