@@ -58,8 +58,8 @@ from sqlalchemy.dialects import postgresql
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
-from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
-                                         is_single_precision)
+from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, _parse_interval,
+                                         interval_text, is_single_precision)
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -413,8 +413,11 @@ def _read_form(type_: sa.types.TypeEngine) -> Callable[[Any], Any] | None:
     if isinstance(type_, sa.ARRAY):
         form = _read_form(type_.item_type)
         return None if form is None else functools.partial(_each, form=form)
+    step = _fraction_step(type_)
     if isinstance(type_, sa.Time):
-        return functools.partial(_time_of_day, zone=bool(type_.timezone))
+        return functools.partial(_time_of_day, zone=bool(type_.timezone), step=step)
+    if step is not None:
+        return functools.partial(_datetime_rounded if isinstance(type_, sa.DateTime) else _interval_rounded, step=step)
     if is_single_precision(type_):
         return _single_float
     places = _numeric_places(type_)
@@ -468,8 +471,10 @@ def _rounded(value: Any, places: decimal.Decimal) -> Any:
         return value
 
 
-def _time_of_day(value: Any, zone: bool) -> Any:
-    """ISO text; `time` without a zone drops one given (text Python cannot parse is left as is)."""
+def _time_of_day(value: Any, zone: bool, step: int | None = None) -> Any:
+    """ISO text; `time` without a zone drops one given (text Python cannot parse is left as is);
+    a TIME(p)'s seconds rounded to p places (23:59:59.6 in a TIME(0) reads 00:00:00, as
+    psycopg2 reads PostgreSQL's 24:00:00)."""
     if isinstance(value, str):
         try:
             value = dt.time.fromisoformat(value)
@@ -477,7 +482,57 @@ def _time_of_day(value: Any, zone: bool) -> Any:
             return value
     if not isinstance(value, dt.time):
         return value
+    if step is not None:
+        micros = ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+        micros = _round_micros(micros, step) % _DAY_US
+        value = dt.time(micros // 3_600_000_000, micros // 60_000_000 % 60, micros // 1_000_000 % 60,
+                        micros % 1_000_000, tzinfo=value.tzinfo)
     return (value if zone else value.replace(tzinfo=None)).isoformat()
+
+
+_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=_UTC)  # PostgreSQL counts a timestamp's microseconds from here
+_DAY_US = 86_400_000_000
+
+
+def _fraction_step(type_: sa.types.TypeEngine) -> int | None:
+    """The microseconds to which a TIMESTAMP(p), TIME(p) or INTERVAL(p) column rounds its
+    seconds (10 ** (6 - p)); None for one that keeps all six places."""
+    if isinstance(type_, sa.Interval):  # (a TypeDecorator: PostgreSQL's INTERVAL(second_precision))
+        places = type_.second_precision
+    elif isinstance(type_, (sa.DateTime, sa.Time, postgresql.INTERVAL)):
+        places = getattr(type_, "precision", None)
+    else:
+        return None
+    return None if places is None or places >= 6 else 10 ** (6 - places)
+
+
+def _round_micros(micros: int, step: int) -> int:
+    """Half away from zero, as PostgreSQL rounds the microseconds it keeps to a precision."""
+    rounded = (abs(micros) + step // 2) // step * step
+    return rounded if micros >= 0 else -rounded
+
+
+def _datetime_rounded(value: Any, step: int) -> Any:
+    """A TIMESTAMP(p)'s value (ISO text, or the replica's datetime) as ISO text in UTC, its
+    seconds rounded to p places as PostgreSQL stores it: counted from 2000-01-01, so that
+    1999-12-31T23:59:59.5 rounds to :59 in a TIMESTAMP(0) and 2000-01-01T00:00:00.5 to :01."""
+    try:
+        parsed = _parse_utc(value)
+        micros = (parsed - _PG_EPOCH) // dt.timedelta(microseconds=1)
+        return (_PG_EPOCH + dt.timedelta(microseconds=_round_micros(micros, step))).isoformat()
+    except (ValueError, TypeError, OverflowError):  # not a datetime, or rounded beyond year 9999: as it is
+        return _datetime_from_db(value)
+
+
+def _interval_rounded(value: Any, step: int) -> Any:
+    """An INTERVAL(p)'s value (ISO text, or the replica's timedelta) as ISO text, its seconds
+    rounded to p places: the time after the days, as main keeps the timedelta it is given."""
+    try:
+        parsed = _parse_interval(value)
+        rest = parsed.seconds * 1_000_000 + parsed.microseconds
+        return interval_text(dt.timedelta(days=parsed.days, microseconds=_round_micros(rest, step)))
+    except (ValueError, TypeError, OverflowError):
+        return value
 
 
 def _single_float(value: Any) -> Any:
@@ -575,27 +630,32 @@ def _pk(spec: ModelSpec, value: Any) -> Any:
 
 def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The key of a filter's value: the row's, but a NUMERIC(p, s) column's rows are rounded
-    to s places and the value is not (PostgreSQL compares `amount >= 1.234` as given)."""
-    return float if column.kind == "float" and _numeric_places(type_) is not None else key
+    to s places, and a TIMESTAMP(p)'s, TIME(p)'s or INTERVAL(p)'s seconds to p places, and the
+    value is not (PostgreSQL compares `amount >= 1.234` as given)."""
+    if column.kind == "float" and _numeric_places(type_) is not None:
+        return float
+    return _key(column, type_, rounded=False) if _fraction_step(type_) is not None else key
 
 
-def _key(column: ColumnSpec, type_: sa.types.TypeEngine) -> Callable[[Any], Any]:
-    """JSON form -> a value that compares like the database compares the column."""
+def _key(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -> Callable[[Any], Any]:
+    """JSON form -> a value that compares like the database compares the column; `rounded`:
+    a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places."""
+    step = _fraction_step(type_) if rounded else None
     if column.kind == "datetime":
-        return _parse_utc
+        return _parse_utc if step is None else lambda v: _parse_utc(_datetime_rounded(v, step))
     if column.kind == "date":
         return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
     if column.kind == "time":
-        return _time_order
+        return functools.partial(_time_order, step=step)
     if column.kind == "timetz":
-        return _timetz_order
+        return functools.partial(_timetz_order, step=step)
     if column.kind == "float":
         if is_single_precision(type_):
             return _as_real
         places = _numeric_places(type_)
         return float if places is None else functools.partial(_rounded, places=places)
     if column.kind == "interval":
-        return column.to_python
+        return column.to_python if step is None else lambda v: column.to_python(_interval_rounded(v, step))
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
 
 
@@ -609,20 +669,22 @@ def _as_real(value: Any) -> float:
         return float(value)
 
 
-def _time_order(value: Any) -> dt.time:
-    """`time` holds no offset: one in a buffered value is dropped, as PostgreSQL drops it."""
+def _time_order(value: Any, step: int | None = None) -> int:
+    """`time` holds no offset: one in a buffered value is dropped, as PostgreSQL drops it. The
+    microseconds of the day, rounded to `step` as a TIME(p) keeps them: 23:59:59.6 in a
+    TIME(0) is 24:00:00, after every other time (psycopg2 reads it as 00:00:00)."""
     parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
-    return parsed.replace(tzinfo=None)
+    micros = ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
+    return micros if step is None else _round_micros(micros, step)
 
 
-def _timetz_order(value: Any) -> tuple[int, int]:
+def _timetz_order(value: Any, step: int | None = None) -> tuple[int, int]:
     """`time with time zone` as PostgreSQL orders it: by instant, then by offset, so that
     12:00+02 and 10:00+00 are not equal and 12:00+02 sorts first (Python's time calls them
     equal). A time without an offset is in UTC, as ingest buffers it."""
     parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
     offset = (parsed.utcoffset() or dt.timedelta(0)) // dt.timedelta(microseconds=1)
-    micros = ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
-    return micros - offset, -offset
+    return _time_order(parsed, step) - offset, -offset
 
 
 def _parse_utc(value: Any) -> dt.datetime:

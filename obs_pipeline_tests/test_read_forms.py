@@ -13,7 +13,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import ARRAY, JSON, REAL, Enum, Numeric, Time
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, TIME, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
@@ -60,6 +60,16 @@ class Graded(Base):
     band: Mapped[object] = mapped_column(Enum(Band, name="read_forms_band"), nullable=True)
     plain: Mapped[object] = mapped_column(Enum(Band, name="read_forms_plain", native_enum=False), nullable=True)
     bands: Mapped[object] = mapped_column(ARRAY(Enum(Band, name="read_forms_band")), nullable=True)
+
+
+class Coarse(Base):
+    """Times kept to whole seconds: PostgreSQL rounds the fraction it is given."""
+    __tablename__ = "read_forms_coarse"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    at: Mapped[object] = mapped_column(TIMESTAMP(timezone=True, precision=0), nullable=True)
+    of_day: Mapped[object] = mapped_column(TIME(precision=0), nullable=True)
+    span: Mapped[object] = mapped_column(INTERVAL(precision=0), nullable=True)
 
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
@@ -261,4 +271,37 @@ def test_enum_of_a_python_enum_class_reads_its_label_buffered_and_replicated(for
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == {"id": rid, "band": "high", "plain": "low", "bands": ["low", None, "high"]}
     assert replicated[3] == [["high", "low"]]
+    buf.close()
+
+
+COARSE = [("2025-01-01T00:00:00.6Z", "12:00:00.6", "PT1.6S"),
+          ("1999-12-31T23:59:59.5Z", "23:59:59.6", "P-1DT23H59M59.5S"),  # (before PostgreSQL's epoch: down)
+          ("2000-01-01T00:00:00.5Z", "00:00:00.4", "P1DT23H59M59.5S")]
+
+
+def test_timestamp_time_and_interval_of_a_precision_read_and_filter_the_same_buffered_and_replicated(forms):
+    """TIMESTAMP(0), TIME(0) and INTERVAL(0) keep whole seconds, rounded half away from zero:
+    buffered, a record read 00:00:00.6 and {"at": "...00:00:01Z"} missed it; replicated, it
+    read 00:00:01 and that filter found it. A TIME(0)'s 23:59:59.6 is 24:00:00, after every
+    other time, though psycopg2 reads it 00:00:00."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        ids = [tx.create("Coarse", {"at": at, "of_day": of_day, "span": span})["id"] for at, of_day, span in COARSE]
+    filters = [{"at": "2025-01-01T00:00:01Z"}, {"at": "2025-01-01T00:00:00.6Z"}, {"at": {">": "2025-01-01T00:00:00.7Z"}},
+               {"at": ["1999-12-31T23:59:59Z", "2000-01-01T00:00:01Z"]}, {"of_day": "12:00:01"},
+               {"of_day": {"<": "00:00:00.1"}}, {"of_day": "00:00:00"}, {"of_day": {">": "23:59:59"}},
+               {"span": "PT2S"}, {"span": {">=": "P2D"}}, {"span": "PT0S"}, {"span": {">": "PT1.6S"}}]
+
+    def read() -> tuple[list, dict]:
+        rows = [{k: v for k, v in buf.get("Coarse", rid).items() if k != "id"} for rid in ids]
+        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Coarse", {"id": ids, **f})) for f in filters}
+        return rows, found
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated[0] == [{"at": "2025-01-01T00:00:01+00:00", "of_day": "12:00:01", "span": "PT2S"},
+                             {"at": "1999-12-31T23:59:59+00:00", "of_day": "00:00:00", "span": "PT0S"},
+                             {"at": "2000-01-01T00:00:01+00:00", "of_day": "00:00:00", "span": "P2D"}]
     buf.close()
