@@ -733,7 +733,7 @@ _DURATION = re.compile(r"P(?!$)(?:([-+]?\d+)W)?(?:([-+]?\d+)D)?"
                        r"(?:T(?=[-+\d])(?:([-+]?\d+)H)?(?:([-+]?\d+)M)?(?:([-+]?\d+(?:\.\d{1,6})?)S)?)?")
 
 
-def _parse_interval(value: Any) -> dt.timedelta:
+def parse_interval(value: Any) -> dt.timedelta:
     if isinstance(value, dt.timedelta):
         return value
     match = _DURATION.fullmatch(value) if isinstance(value, str) else None
@@ -801,7 +801,7 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "date": lambda v: _parse_date(v).isoformat(),
     "time": lambda v: _parse_time(v, False).isoformat(),
     "timetz": _timetz_json,
-    "interval": lambda v: interval_text(_parse_interval(v)),
+    "interval": lambda v: interval_text(parse_interval(v)),
     "json": json_value,
     "binary": _binary_json,
     "any": json_value,
@@ -817,7 +817,7 @@ _TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "date": _parse_date,
     "time": lambda v: _parse_time(v, False),
     "timetz": lambda v: _parse_time(v, True),
-    "interval": _parse_interval,
+    "interval": parse_interval,
     "json": lambda v: v,
     "array": lambda v: v,
     "binary": lambda v: v,

@@ -58,8 +58,8 @@ from sqlalchemy.dialects import postgresql
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
-from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, _parse_interval,
-                                         interval_text, is_single_precision)
+from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
+                                         is_single_precision, parse_interval)
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -528,7 +528,7 @@ def _interval_rounded(value: Any, step: int) -> Any:
     """An INTERVAL(p)'s value (ISO text, or the replica's timedelta) as ISO text, its seconds
     rounded to p places: the time after the days, as main keeps the timedelta it is given."""
     try:
-        parsed = _parse_interval(value)
+        parsed = parse_interval(value)
         rest = parsed.seconds * 1_000_000 + parsed.microseconds
         return interval_text(dt.timedelta(days=parsed.days, microseconds=_round_micros(rest, step)))
     except (ValueError, TypeError, OverflowError):
