@@ -359,3 +359,31 @@ def test_a_replica_that_replays_nothing_is_not_reported_as_materialized(settings
     stuck = replica_replays(obs_pipeline=resource)
     assert not stuck.passed and "has not replayed a batch committed 600 s ago" in stuck.description
     redis_client.zrem(store.keys.awaiting_replication, json.dumps(record))
+
+
+def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_tick(settings, resource, redis_client,
+                                                                                    monkeypatch):
+    """The tick that marked a dead run failed skipped for the run retries, but the next tick
+    (a second later; their daemon looks every 5 s) launched a run of its own: two runs queued
+    for the site, one after the other. Until the retry exists, or the pause is over, it skips."""
+    monkeypatch.setattr(sensors, "DEAD_RUN_QUIET_S", 1.0)
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    with instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 3}}) as instance:
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        time.sleep(1.5)  # lease free and quiet: its worker is gone
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason) and "run retries relaunch it" in skip.skip_message
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+        skip = _sensor(instance, resource)  # the next tick, before the retry daemon's
+        assert isinstance(skip, SkipReason) and "run retries relaunch it" in skip.skip_message, skip
+        # the retry daemon relaunches it: in flight
+        retry = instance.create_run_for_job(drain_buffer, tags=instance.get_run_by_id(run.run_id).tags,
+                                            status=DagsterRunStatus.STARTED)
+        instance.add_run_tags(run.run_id, {"dagster/auto_retry_run_id": retry.run_id})
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason) and f"{retry.run_id} is in flight" in skip.skip_message
+        # a run whose retry the daemon gave up on (will_retry false): the sensor launches one
+        instance.report_run_failed(retry)
+        instance.add_run_tags(retry.run_id, {"dagster/will_retry": "false"})
+        monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)
+        assert isinstance(_sensor(instance, resource), RunRequest)

@@ -32,6 +32,7 @@ DEAD_RUN_QUIET_S = 75.0
 # takes it within a poll (0.5 s): past this margin beyond its lease_ttl_s, it is not waiting.
 LEASE_WAIT_MARGIN_S = 15.0
 WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instance's run retries relaunch
+AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"  # on that run once its retry is created
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
 
@@ -61,6 +62,12 @@ def _dead_runs(instance: DagsterInstance, running: list, lease_free: bool) -> li
         return []
     return [r for r in running if r.dagster_run.status == DagsterRunStatus.STARTED
             and _quiet_for(instance, r) > _quiet_limit(r.dagster_run)]
+
+
+def _retry_pending(run) -> bool:
+    """A failed run that run retries will relaunch but have not yet: their daemon looks every 5 s,
+    and a run launched by the sensor meanwhile would be a second one, queued behind the retry."""
+    return run.tags.get(WILL_RETRY_TAG) == "true" and not run.tags.get(AUTO_RETRY_RUN_ID_TAG)
 
 
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
@@ -97,11 +104,13 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         return SkipReason(f"site {site}: drain run {running[0].dagster_run.run_id} is in flight")
     last = context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, tags={SITE_TAG: site}), limit=1)
-    if last and last[0].dagster_run.status == DagsterRunStatus.FAILURE and last[0].end_time \
-            and last[0].dagster_run.tags.get(WORKER_GONE_TAG) != last[0].dagster_run.run_id:
-        wait = FAILED_RUN_PAUSE_S - (time.time() - last[0].end_time)
-        if wait > 0:
-            return SkipReason(f"site {site}: drain run {last[0].dagster_run.run_id} failed; "
+    if last and last[0].dagster_run.status == DagsterRunStatus.FAILURE and last[0].end_time:
+        failed, wait = last[0].dagster_run, FAILED_RUN_PAUSE_S - (time.time() - last[0].end_time)
+        if _retry_pending(failed) and wait > 0:
+            return SkipReason(f"site {site}: drain run {failed.run_id} failed, and run retries relaunch it "
+                              f"(the sensor does if they have not in {wait:.0f} s)")
+        if failed.tags.get(WORKER_GONE_TAG) != failed.run_id and wait > 0:
+            return SkipReason(f"site {site}: drain run {failed.run_id} failed; "
                               f"the next in {wait:.0f} s (see that run's log)")
     if lease_ms != -2:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
         return SkipReason(f"site {site}: the drain lease is held outside this Dagster's runs in flight "
