@@ -387,3 +387,32 @@ def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_t
         instance.add_run_tags(retry.run_id, {"dagster/will_retry": "false"})
         monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)
         assert isinstance(_sensor(instance, resource), RunRequest)
+
+
+def test_a_run_that_never_had_the_lease_does_not_report_the_replica_healthy(settings, resource, redis_client,
+                                                                           replica_engine):
+    """A run that waited for the lease in vain drained nothing and never asked the replica, yet
+    materialized site_replica and passed replica_replays: a replica that a run before had found
+    replaying nothing showed fresh and healthy. It is an observation now, and the check keeps
+    its last evaluation."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
+                                                   "budget_s": 30, "lease_ttl_s": 0.5}}}}
+    store = BufferStore(redis_client, settings.site)
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        stalled = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                  instance=instance)
+        [check] = _replica_events(stalled)[2]
+        assert not check.passed
+        token = store.acquire_lease(30)
+        try:
+            busy = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                   instance=instance)
+        finally:
+            store.release_lease(token)
+        assert busy.output_for_node("drain_batches")["stopped_because"] == "another drain holds the lease"
+        materialized, observed, checks = _replica_events(busy)
+        assert not materialized and not checks
+        assert observed[0].description == "another drain holds the lease"
+        [record] = instance.event_log_storage.get_asset_check_execution_history(replica_replays.check_key, limit=1)
+        assert record.run_id == stalled.run_id and record.status.value == "FAILED"  # what the UI shows

@@ -177,7 +177,7 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
         context.log.warning(f"nothing drained: {busy}")
-        return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease"}
+        return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease", "lease_busy": True}
     except ConfigError as error:  # a Redis too old for the claim
         raise Failure(description=str(error), allow_retries=False) from error
     finally:
@@ -193,7 +193,9 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
 def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline: ObsPipelineResource) -> None:
     """Record how far the replica is behind, for the UI. A run that ended because the replica
     replayed nothing is no materialization of it (the UI would show a fresh, healthy replica):
-    an observation, and the replica_replays check failing, saying so."""
+    an observation, and the replica_replays check failing, saying so. A run that never had the
+    lease did not look at the replica: an observation, and no evaluation of the check (a pass
+    would hide the failure of the run before it)."""
     store = obs_pipeline.buffer_store()
     depths = store.depths()
     metadata = {
@@ -202,16 +204,17 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
         "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
         "applied_this_run": drained.get("applied", 0),
     }
-    stalled = drained.get("replica_stalled", False)
-    if stalled:
+    stalled, busy = drained.get("replica_stalled", False), drained.get("lease_busy", False)
+    if stalled or busy:
         context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
                                            description=drained.get("stopped_because", "the replica replays nothing")))
     else:
         context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
-    context.log_event(AssetCheckEvaluation(
-        asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not stalled, severity=AssetCheckSeverity.WARN,
-        description=drained.get("stopped_because") if stalled else None,
-        metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
+    if not busy:
+        context.log_event(AssetCheckEvaluation(
+            asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not stalled, severity=AssetCheckSeverity.WARN,
+            description=drained.get("stopped_because") if stalled else None,
+            metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
     context.log_event(dead_letter_check(depths["failed"]))
     store.redis.close()
 
