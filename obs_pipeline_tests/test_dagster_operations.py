@@ -493,3 +493,41 @@ def test_the_instance_keeps_schedule_and_sensor_ticks_for_a_bounded_time(site_in
     assert set(site_instance.get_tick_retention_settings(InstigatorType.SENSOR).values()) == {7}
     assert set(site_instance.get_tick_retention_settings(InstigatorType.SCHEDULE).values()) == {90}
     assert (Path(__file__).parents[1] / "dagster.yaml").read_text() == DAGSTER_YAML.read_text()  # the image's copy
+
+
+def test_a_run_whose_op_was_retried_counts_what_every_attempt_drained(settings, resource, redis_client, monkeypatch):
+    """Main unreachable after a first batch: the op retry started a new summary, and the run's
+    output, its log line and report_replication's applied_this_run counted the last attempt
+    alone (1 of 2 applied). They count the whole run now."""
+    from obs_pipeline.apply import MainDatabase, TransientError
+
+    keys = SiteKeys(settings.site)
+    ids = []
+    for _ in range(2):
+        doc, _ = seed_example(settings.site)
+        ids.append(doc["transaction_id"])
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+    apply_batch, calls = MainDatabase.apply_batch, []
+
+    def second_call_finds_main_unreachable(self, transactions):
+        calls.append(len(transactions))
+        if len(calls) == 2:
+            raise TransientError("server closed the connection unexpectedly")
+        return apply_batch(self, transactions)
+
+    monkeypatch.setattr(MainDatabase, "apply_batch", second_call_finds_main_unreachable)
+    with DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance,
+            run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "batch_size": 1,
+                                                             "transient_retry_wait_s": 0.1}}}})
+        assert result.success
+        assert [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        drained = result.output_for_node("drain_batches")
+        assert drained["applied"] == 2 and drained["batches"] >= 2, drained
+        [replica] = [e.event_specific_data.materialization for e in result.all_events
+                     if e.event_type == DagsterEventType.ASSET_MATERIALIZATION and e.step_key == "report_replication"]
+        assert replica.metadata["applied_this_run"].value == 2
+        assert any(f"drained 2 transactions in {drained['batches']} batches" in (e.user_message or "")
+                   for e in instance.all_logs(result.run_id))
+    assert all(json.loads(redis_client.get(keys.transaction(i)))["status"] == "replicated" for i in ids)

@@ -18,6 +18,7 @@ from dagster import (
     AssetObservation,
     Backoff,
     Config,
+    DagsterEventType,
     Failure,
     Jitter,
     OpExecutionContext,
@@ -143,9 +144,31 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
                             + (f"; and {more} more" if more else "") + " (`obs-pipeline failed list`)")
 
 
+SUMMED = ("batches", "applied", "dead_lettered", "replicated")  # over the op's attempts
+
+
+def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
+    """What this op's earlier attempts drained, from their batches' materializations (one each):
+    an op retry (main unreachable) starts a new summary, and the run's output, log line and
+    applied_this_run counted its last attempt alone. Read once, on a retry only."""
+    totals = dict.fromkeys(SUMMED, 0)
+    if not context.retry_number:
+        return totals
+    step_key = str(context.op_handle)  # the step key of a top-level op
+    for entry in context.instance.all_logs(context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION):
+        if entry.step_key != step_key or entry.asset_materialization is None:
+            continue
+        totals["batches"] += 1
+        for name in SUMMED[1:]:
+            value = entry.asset_materialization.metadata.get(name)
+            totals[name] += int(value.value) if value is not None and value.value is not None else 0
+    return totals
+
+
 @op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
+    earlier = _earlier_attempts(context)
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
         _check_run_config(config, _max_runtime(context))
         drain = obs_pipeline.drain(_drain_config(config))
@@ -177,11 +200,13 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
     except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
         context.log.warning(f"nothing drained: {busy}")
-        return {"batches": 0, "applied": 0, "stopped_because": "another drain holds the lease", "lease_busy": True}
+        return {**earlier, "stopped_because": "another drain holds the lease", "lease_busy": True}
     except ConfigError as error:  # a Redis too old for the claim
         raise Failure(description=str(error), allow_retries=False) from error
     finally:
         drain.close()
+    for name, value in earlier.items():
+        setattr(summary, name, getattr(summary, name) + value)
     if summary.stopped_because == "asked to stop":  # by budget_spent, the only one who asks
         summary.stopped_because = "time budget spent"
     (context.log.warning if summary.replica_stalled else context.log.info)(
