@@ -531,3 +531,33 @@ def test_a_run_whose_op_was_retried_counts_what_every_attempt_drained(settings, 
         assert any(f"drained 2 transactions in {drained['batches']} batches" in (e.user_message or "")
                    for e in instance.all_logs(result.run_id))
     assert all(json.loads(redis_client.get(keys.transaction(i)))["status"] == "replicated" for i in ids)
+
+
+def test_a_retry_run_that_finds_the_list_changing_fails_saying_what_to_do(settings, resource, redis_client,
+                                                                         monkeypatch):
+    """The sensor's drain runs dead-letter as they go: a retry_dead_letters run that found the
+    list changed at each of its reads failed with "Error occurred while executing op", the
+    reason (stop the drain a moment, nothing was changed) only in the cause below."""
+    from obs_pipeline.dead_letters import DeadLetters
+
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.failed, json.dumps({**seed_example(settings.site)[0],
+                                                "failure": {"reason": "x", "kind": "permanent"}}))
+    read = DeadLetters.list
+
+    def a_drain_dead_letters_meanwhile(self, client=None):
+        letters = read(self, client)
+        redis_client.lpush(keys.failed, json.dumps({"transaction_id": f"bad-{uuid.uuid4()}",
+                                                    "failure": {"reason": "unreadable", "kind": "invalid"}}))
+        return letters
+
+    monkeypatch.setattr(DeadLetters, "list", a_drain_dead_letters_meanwhile)
+    result = retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource}, raise_on_error=False,
+        run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message
+    assert f"the dead-letter list of site {settings.site} changed each of the 20 times" in message, message
+    assert "Error occurred while executing op" not in message
+    assert redis_client.llen(keys.buffer) == 0 and redis_client.llen(keys.failed) == 21  # nothing requeued

@@ -35,7 +35,7 @@ from obs_pipeline.dagster_defs.jobs import (
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import UnknownTransaction
+from obs_pipeline.dead_letters import ListKeepsChanging, UnknownTransaction
 from obs_pipeline.health import REPLICA_STUCK_AFTER_S, replication_lag
 from obs_pipeline.schema import prune_applied
 
@@ -54,7 +54,8 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     letters = obs_pipeline.dead_letters()
     try:
         ids = letters.retry(None if config.all else config.transaction_ids)
-    except UnknownTransaction as error:  # a mistyped id: its line, not a wrapped traceback
+    except (UnknownTransaction, ListKeepsChanging) as error:  # a mistyped id, or a list the drain's runs
+        # change at every read (nothing changed: stop the sensor a moment): its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
     context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
     context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
