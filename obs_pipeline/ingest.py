@@ -83,6 +83,7 @@ class TransactionBuilder:
         spec = self._buffer.registry.model(model)
         pk, where = spec.primary_key, f"create of {model}"
         out = []
+        given_uuids = None  # keys given for a generated-id model: overlaid as integer keys are
         for row in rows:
             row = _as_dict(row, model)
             given = not (spec.generated_id and row.get(pk) is None)
@@ -91,8 +92,16 @@ class TransactionBuilder:
             row = normalize_values(spec, row, creating=True, where=where)
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
                 self._require_new(spec.name, row[pk], out)
+                if spec.generated_id:
+                    given_uuids = given_uuids or []
+                    given_uuids.append(str(row[pk]))
             out.append(row)
         step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
+        if given_uuids:  # (once the step is in: a refused row leaves nothing behind)
+            tx = self._tx
+            if tx.overlaid_creates is None:
+                tx.overlaid_creates = {}
+            tx.overlaid_creates.setdefault(spec.name, []).extend(given_uuids)
         for row in out:
             self._created[str(row[pk])] = step.step_id
             self._live.add((spec.name, str(row[pk])))
@@ -199,18 +208,22 @@ class TransactionBuffer:
         tx_json = tx.to_json()
         caches = CacheWrites()
         created, overlays = caches.created, caches.overlays
+        given_keys = tx.overlaid_creates
         for step in tx.steps:
             spec = self.registry.model(step.model_class)
             name, pk = spec.name, spec.primary_key
             if step.operation in ("create", "bulk_create"):
+                # A key of the caller's may be created again after a buffered delete of it: the
+                # create goes into the read buffer too, in order, so that reads know it comes
+                # after that delete (and keep it when the first create is cleaned). A generated
+                # key is new: only the uuids given (tx.overlaid_creates, for cache_footprint).
+                every = not spec.generated_id
+                given = set(given_keys.get(name) or ()) if given_keys and not every else None
                 for row in step.records():
-                    created.append((name, str(row[pk]), json_codec.dumps(row)))
-                    # A key of the caller's may be created again after a buffered delete of it:
-                    # the create goes into the read buffer too, in order, so that reads know it
-                    # comes after that delete (and keep it when the first create is cleaned).
-                    if not spec.generated_id:
-                        overlays.append((name, str(row[pk]), overlay_entry(tx.transaction_id, "create", row,
-                                                                            step.step_id)))
+                    rid = str(row[pk])
+                    created.append((name, rid, json_codec.dumps(row)))
+                    if every or given and rid in given:
+                        overlays.append((name, rid, overlay_entry(tx.transaction_id, "create", row, step.step_id)))
             else:
                 overlays.append((name, str(step.conditions[pk]),
                                  overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))

@@ -18,8 +18,8 @@ replica has them. While Redis does not answer, `get` answers from the spool alon
 a spooled transaction created or deleted (Redis can hold nothing newer of it); any other read
 raises RedisUnreadable, one line.
 
-Merging, per id: a pending delete hides the record, unless a create of the same key (one of
-the caller's, not generated) comes after it in the read buffer; a buffered create is the
+Merging, per id: a pending delete hides the record, unless a create of the same key (a key
+the caller gave, not one ingest generated) comes after it in the read buffer; a buffered create is the
 record (the replica copy, if there is one, can only be newer by writes buffered after step
 1); otherwise the replica row. Pending updates are applied on top, per column, in buffering
 order; a create in the read buffer starts the record again. An

@@ -68,6 +68,10 @@ class Transaction:
     max_retries: int = DEFAULT_MAX_RETRIES
     steps: list[Step] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # {model: [id, ...]}: rows of a generated-id model created with a key the caller gave, which
+    # ingest overlaid like an integer key's (see cache_footprint); None for the rest. Not a step
+    # field: cache bookkeeping, outside steps_digest.
+    overlaid_creates: dict[str, list[str]] | None = None
     # What the steps were as pushed (json_codec.digest), set by from_json: the drain records it
     # with the applied id, to tell an id a producer reused for other steps from this one claimed again.
     steps_digest: str | None = field(default=None, compare=False)
@@ -75,7 +79,7 @@ class Transaction:
     def to_dict(self) -> dict[str, Any]:
         """Shallow on purpose: `dataclasses.asdict` deep-copies every value and was 40% of the
         drain's CPU. Values are shared with this transaction, so serialise, don't mutate."""
-        return {
+        doc = {
             "status": self.status, "transaction_id": self.transaction_id, "endpoint": self.endpoint,
             "site": self.site, "timestamp": self.timestamp, "retry_count": self.retry_count,
             "max_retries": self.max_retries, "metadata": self.metadata,
@@ -83,6 +87,9 @@ class Transaction:
                        "data": s.data, "conditions": s.conditions, "dependencies": s.dependencies,
                        "expected_result": s.expected_result} for s in self.steps],
         }
+        if self.overlaid_creates:  # only ingest's transactions with a given uuid key carry it
+            doc["overlaid_creates"] = self.overlaid_creates
+        return doc
 
     def to_json(self) -> str:
         """Compact JSON with the status first, in its fixed-width slot (see STATUS_SLOT)."""
@@ -126,12 +133,15 @@ class Transaction:
         endpoint = str(doc.get("endpoint") or "")
         site = str(doc.get("site") or "")
         timestamp = str(doc.get("timestamp") or "")
+        overlaid = doc.get("overlaid_creates")
+        if overlaid is not None and not _is_id_lists(overlaid):
+            raise InvalidTransaction(f"transaction {tx_id}: `overlaid_creates` must be an object of lists of ids")
         parsed = []  # (a loop: a comprehension here would make tx_id a cell, paid by every call)
         for index, step in enumerate(steps):
             parsed.append(_step_from_dict(tx_id, index, step))
         # positional, as in _step_from_dict: keywords cost two conversions of a dict per call
         return cls(tx_id, endpoint, site, timestamp, status if status in STATUSES else "pending", retry_count,
-                   max_retries, parsed, metadata)
+                   max_retries, parsed, metadata, overlaid or None)
 
 
 def is_storable_id(value: Any) -> bool:
@@ -160,6 +170,16 @@ def one_line(value: Any) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id_lists(value: Any) -> bool:
+    """`overlaid_creates`' shape: {model: [id, ...]}, names and ids as text."""
+    if not isinstance(value, dict):
+        return False
+    for model, ids in value.items():
+        if not isinstance(model, str) or not isinstance(ids, list) or not _all_are(str, ids):
+            return False
+    return True
 
 
 def _all_are(kind: type, items: list) -> bool:
@@ -390,15 +410,27 @@ def row_writes(tx: Transaction, registry: ModelRegistry) -> Iterator[RowWrite]:
 
 def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]:
     """What ingest put in Redis for this transaction besides its queue entry: the created
-    records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]; the creates
-    of a model whose key is not generated have one too) and its status ("t"). Removed once the replica has replayed it, or when it is discarded."""
+    records ("c": [model, id]), its own overlays ("o": [model, id, transaction id]; a create
+    whose key the caller gave has one too: every create of a model whose key is not generated,
+    and those listed in `overlaid_creates`) and its status ("t"). Removed once the replica has
+    replayed it, or when it is discarded."""
     tx_id = tx.transaction_id
     created: list[list[str]] = []
     overlays: list[list[str]] = []
+    given_keys = tx.overlaid_creates
     for step in tx.steps:  # (loops, not generators: these run for every transaction the drain claims)
         spec = registry.model(step.model_class)
         if step.operation in ("create", "bulk_create"):
             name, pk, overlaid = spec.name, spec.primary_key, not spec.generated_id
+            given = given_keys.get(name) if given_keys and not overlaid else None
+            if given:  # (a loop of its own: generated keys, the usual case, pay nothing for it)
+                given = set(given)
+                for row in step.records():
+                    rid = str(row[pk])
+                    created.append([name, rid])
+                    if rid in given:
+                        overlays.append([name, rid, tx_id])
+                continue
             for row in step.records():
                 created.append([name, str(row[pk])])
                 if overlaid:  # ingest put a create entry in the read buffer too

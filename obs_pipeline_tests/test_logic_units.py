@@ -329,3 +329,37 @@ def test_a_transaction_id_must_be_text_a_key_can_hold_and_not_a_dead_mark():
     assert is_storable_id("58b0b150-666d-4179-8f20-d38f8246e22f") and is_storable_id("legacy-42")
     for bad in ("", "x" * 201, "nul\x00", "lone\udc80", "!looks-dead", 42, None):
         assert not is_storable_id(bad), bad
+
+
+def test_overlaid_creates_survive_every_rewrite_and_are_cleaned_as_listed():
+    """Which given uuid keys ingest overlaid (`overlaid_creates`) must reach every path that
+    cleans a transaction's caches: the drain's parse, a retry or park (to_json), a dead letter
+    requeued or discarded. Only the listed rows get an overlay to clean."""
+    from types import SimpleNamespace
+
+    from obs_pipeline.dead_letters import DeadLetter, DeadLetters, _parse
+    from obs_pipeline.drain import _failed_entry
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline.wire import cache_footprint
+
+    doc, ids = seed_example()
+    doc["overlaid_creates"] = {"RawDataFile": [ids["uuid-4"]]}
+    tx = validate(Transaction.from_json(json.dumps(doc)), REGISTRY)
+    overlays = [["RawDataFile", ids["uuid-4"], doc["transaction_id"]]]
+    assert cache_footprint(tx, REGISTRY)["o"] == overlays
+    assert len(cache_footprint(tx, REGISTRY)["c"]) == 4
+    again = Transaction.from_json(tx.to_json())
+    assert again.overlaid_creates == doc["overlaid_creates"]
+    raw = _failed_entry(tx.to_dict(), "boom", kind="permanent")
+    letter = DeadLetter(raw, json.loads(raw))
+    assert cache_footprint(validate(_parse(letter.doc), REGISTRY), REGISTRY)["o"] == overlays  # discard
+    letters = DeadLetters(SimpleNamespace(keys=SiteKeys("s")), REGISTRY)
+    requeued, _, _ = letters._requeued(letter)
+    assert cache_footprint(validate(Transaction.from_json(requeued), REGISTRY), REGISTRY)["o"] == overlays
+    # without the field (every other producer, a generated key): nothing in the JSON, no overlay
+    del doc["overlaid_creates"]
+    plain = Transaction.from_json(json.dumps(doc))
+    assert "overlaid_creates" not in plain.to_json() and cache_footprint(plain, REGISTRY)["o"] == []
+    for bad in ([ids["uuid-4"]], {"RawDataFile": ids["uuid-4"]}, {"RawDataFile": [1]}):
+        with pytest.raises(InvalidTransaction, match="overlaid_creates"):
+            Transaction.from_dict({**doc, "overlaid_creates": bad})

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainConfig
@@ -352,6 +353,46 @@ def test_what_went_to_the_spool_is_read_back_while_redis_is_full_or_down(stack, 
         drain_until_empty(settings)
         assert cache_keys(redis_client, settings.site) == []
         check()  # now from the replica
+    finally:
+        buf.close()
+
+
+def test_a_generated_key_deleted_and_created_again_with_it_given_through_the_spool(settings, redis_client,
+                                                                                 main_engine):
+    """The delete and the create again of a uuid key, both spooled (Redis full): the spooled
+    transaction keeps which create was overlaid, so that once pushed and drained its overlay is
+    cleaned with it."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": START, "status": "running"})
+    drain_until_empty(settings)
+    expected = {"id": obs["id"], "obs_unit_id": 1, "start_time": "2025-03-02T00:09:30+00:00", "end_time": None,
+                "status": "again"}
+
+    def check() -> None:
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+        assert buf.search("ExecutedObsUnit", {"status": "again"}) == [expected]
+        assert buf.search("ExecutedObsUnit", {"obs_unit_id": 123}) == []
+
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)  # full: the spool takes them
+    try:
+        buf.delete("ExecutedObsUnit", obs["id"])
+        with buf.transaction() as tx:
+            tx.create("ExecutedObsUnit", {"id": obs["id"], "obs_unit_id": 1, "start_time": END, "status": "again"})
+        assert buf.spool.pending() == 2
+        check()  # from the spool
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    try:
+        assert buf.spool.flush()
+        check()  # from Redis
+        drain_until_empty(settings)
+        assert cache_keys(redis_client, settings.site) == []
+        check()  # from the replica
+        with main_engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit")).all()
+        assert rows == [(obs["id"], "again")]
     finally:
         buf.close()
 

@@ -327,6 +327,60 @@ def test_a_key_deleted_and_created_again_shows_the_new_record(buf, settings, red
     check(one, five)
     assert cache_keys(redis_client, settings.site) == []
 
+
+@pytest.mark.parametrize("first", ["replicated", "buffered"])
+def test_a_generated_key_deleted_and_created_again_with_it_given_shows_the_new_record(
+        buf, settings, redis_client, main_engine, replica_engine, first):
+    """A uuid key is generated, but a script may give it: delete an observation (replicated, or
+    still buffered), then create it again under the same id. Its pending delete must not hide
+    the new record, at any stage until it is replicated, and the create's overlay is cleaned."""
+    with buf.transaction() as tx:  # (no package: main would refuse the delete)
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": T0, "status": "running"})
+    if first == "replicated":
+        drain_until_empty(settings)
+    buf.delete("ExecutedObsUnit", obs["id"])
+    assert buf.get("ExecutedObsUnit", obs["id"]) is None
+    given = obs["id"] if first == "replicated" else uuid.UUID(obs["id"])  # as text, or as a UUID
+    with buf.transaction() as tx:
+        again = tx.create("ExecutedObsUnit", {"id": given, "obs_unit_id": 1, "start_time": "2025-01-02T00:00:00Z",
+                                              "status": "again"})
+    assert again["id"] == obs["id"]
+    expected = {"id": obs["id"], "obs_unit_id": 1, "start_time": "2025-01-02T00:00:00+00:00", "end_time": None,
+                "status": "again"}
+    def check(stage: str) -> None:
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected, stage
+        assert buf.search("ExecutedObsUnit", {"id": obs["id"]}) == [expected], stage
+        assert buf.search("ExecutedObsUnit", {"status": "again"}) == [expected], stage
+        assert buf.search("ExecutedObsUnit", {"obs_unit_id": 1}) == [expected], stage
+        assert buf.search("ExecutedObsUnit", {"obs_unit_id": 123}) == [], stage  # not the deleted one
+        assert buf.search("ExecutedObsUnit", {"status": "running"}) == [], stage
+
+    check("buffered")
+    keys = SiteKeys(settings.site)
+    read_buffer = keys.read_buffer("ExecutedObsUnit", obs["id"])
+    assert [json.loads(e)["op"] for e in redis_client.lrange(read_buffer, 0, -1)] == ["delete", "create"]
+    pending = 2 if first == "replicated" else 3
+    with replay_paused(replica_engine):  # applied on main, the replica behind: caches kept
+        drain = Drain(settings, DrainConfig(batch_size=1, replication_timeout_s=0.3))
+        try:
+            drain.acquire()
+            drain.step()
+        finally:
+            drain.close()
+        check("first applied, not replayed")
+    for step in range(pending):  # one transaction at a time, each state in between
+        drain_steps(settings, 1)
+        check(f"after drain step {step + 1}")
+    drain_until_empty(settings)
+    check("drained")
+    assert [k for k in cache_keys(redis_client, settings.site) if obs["id"] in k] == []
+    assert not redis_client.sismember(keys.overlay_index("ExecutedObsUnit"), obs["id"])
+    assert not redis_client.sismember(keys.model_index("ExecutedObsUnit"), obs["id"])
+    assert cache_keys(redis_client, settings.site) == []
+    with main_engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id::text, obs_unit_id, status FROM executed_obs_unit")).all()
+    assert rows == [(obs["id"], 1, "again")]
+
 CHECKS_AFTER_CLEANUP = {
     "get: overlay on a replicated row": lambda buf, r: buf.get("ExecutedObsUnit", r["obs"])["status"] == "completed",
     "search by the overlaid column": lambda buf, r: [x["id"] for x in buf.search(
