@@ -163,14 +163,23 @@ class Drain:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
     def close(self) -> None:
+        """Release the lease and close every connection. A lease that cannot be released (Redis
+        gone) expires by its TTL: the rest is closed anyway (a Dagster op retry makes a new
+        Drain in the same process; each such failure left a connection to main open), and the
+        error that ended the run, if one did, is not replaced by this one."""
         self._prefetched = None
-        if self.token:
-            self.store.release_lease(self.token)
+        try:
+            if self.token:
+                self.store.release_lease(self.token)
+        except redis.RedisError as exc:
+            log.warning("could not release the drain lease of site %s (%s); it expires within %.0f s",
+                        self.settings.site, one_line(exc), self.config.lease_ttl_s)
+        finally:
             self.token = None
-        self._worker.shutdown(wait=True)
-        self.main.close()
-        self.replica.engine.dispose()
-        self.redis.close()
+            self._worker.shutdown(wait=True)
+            self.main.close()
+            self.replica.engine.dispose()
+            self.redis.close()
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self, *, until_empty: bool = True, idle_exit_s: float = 0.0, budget_s: float | None = None,

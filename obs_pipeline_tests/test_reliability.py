@@ -91,6 +91,45 @@ def test_a_second_drain_never_works_the_same_site_concurrently(settings):
         second.close()
 
 
+
+def test_a_drain_whose_lease_cannot_be_released_still_closes_its_connection_to_main(
+        settings, redis_client, main_engine, monkeypatch, caplog):
+    """Drain.close() released the lease first: with Redis gone at that moment, its error
+    skipped the rest, and the connection to main stayed open (a Dagster op retry makes a new
+    Drain in the same process), the error replacing whatever had ended the run. The lease
+    now expires by its TTL, and the next drain takes it then."""
+    buf = TransactionBuffer(redis_url=settings.redis_url, site=settings.site)
+    try:
+        buffer_observations(buf, 1)
+    finally:
+        buf.close()
+    drain = Drain(settings, DrainConfig(lease_ttl_s=3.0))
+    drain.acquire()
+    assert drain.step() is not None  # main was connected to
+    backend = drain.main._conn.get_backend_pid()
+
+    def redis_gone(token: str) -> None:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(drain.store, "release_lease", redis_gone)
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        drain.close()  # does not raise
+    assert redis_client.pttl(SiteKeys(settings.site).lease) > 0  # still held, for its TTL
+    assert any("could not release the drain lease" in r.getMessage() and "expires within 3 s" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert wait_until(lambda: _backend_gone(main_engine, backend), timeout=10), "the drain's connection to main stayed open"
+    nxt = Drain(settings)
+    try:
+        nxt.acquire(wait_s=10)  # once the lease expired
+    finally:
+        nxt.close()
+
+
+def _backend_gone(main_engine, pid: int) -> bool:
+    with main_engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                            {"pid": pid}).scalar_one() == 0
+
 @pytest.mark.slow
 def test_main_stopped_for_30_s_mid_drain(stack, settings, redis_client, main_engine, replica_engine):
     buf = TransactionBuffer(settings=settings)

@@ -54,11 +54,13 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     letters = obs_pipeline.dead_letters()
     try:
         ids = letters.retry(None if config.all else config.transaction_ids)
+        context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
+        context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
     except (UnknownTransaction, ListKeepsChanging) as error:  # a mistyped id, or a list the drain's runs
         # change at every read (nothing changed: stop the sensor a moment): its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
-    context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
-    context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+    finally:
+        letters.store.redis.close()
 
 
 @job(executor_def=in_process_executor)
@@ -217,7 +219,11 @@ history_schedule = ScheduleDefinition(job=prune_run_history, cron_schedule="47 *
 
 @asset_check(asset=MAIN_ASSET, name=DEAD_LETTER_CHECK, description="No dead-lettered transactions wait for an operator")
 def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
-    letters = obs_pipeline.dead_letters().list()
+    dead_letters = obs_pipeline.dead_letters()
+    try:
+        letters = dead_letters.list()
+    finally:
+        dead_letters.store.redis.close()
     return AssetCheckResult(
         passed=not letters, severity=AssetCheckSeverity.WARN,
         metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})
