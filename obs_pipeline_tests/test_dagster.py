@@ -155,6 +155,30 @@ def test_a_drain_run_launched_by_hand_counts_as_in_flight(settings, resource, re
                           RunRequest)
 
 
+
+def test_an_idle_tick_says_what_waits_to_retry_later(settings, resource, redis_client):
+    """With only a retry not yet due, the tick's line was "buffer empty, nothing awaiting
+    replication", as if the site had nothing left; it now says how many wait and when."""
+    import re
+
+    from obs_pipeline.drain import Drain, DrainConfig
+
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps({"transaction_id": "waits-1", "steps": [
+        {"step_id": "s", "operation": "update", "model_class": "ObsUnit", "conditions": {"id": 9931},
+         "data": {"name": "not there yet"}}]}))
+    drain = Drain(settings, DrainConfig(retry_base_s=100))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+    finally:
+        drain.close()
+    with instance_for_test() as instance:
+        skip = _sensor(instance, resource)
+    assert isinstance(skip, SkipReason), skip
+    match = re.search(r"buffer empty, nothing awaiting replication; 1 transaction\(s\) wait to retry, "
+                      r"the next due in (\d+) s$", skip.skip_message)
+    assert match and 60 <= int(match.group(1)) <= 120, skip.skip_message
+
 def _sensor(instance, resource):
     return buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
 

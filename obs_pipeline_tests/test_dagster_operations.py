@@ -142,6 +142,21 @@ def test_a_run_rides_out_main_down_with_dagsters_storage_on_it(stack, settings, 
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0
 
 
+
+def test_a_dead_letter_without_an_id_is_named_as_such_in_the_runs_event(settings, resource, redis_client):
+    """A producer's entry without a usable transaction_id was listed as "None: <reason>" in
+    the run's observation and warning (both made of the same lines); `failed list` names it by
+    its place."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps({"steps": [
+        {"step_id": "s", "operation": "create", "model_class": "ObsUnit", "data": {"id": 9932, "name": "no id"}}]}))
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST)
+    assert result.success
+    observations = [e.event_specific_data.asset_observation for e in result.all_events
+                    if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    listed = observations[0].metadata["transactions"].value
+    assert listed.startswith("(no usable transaction_id, `obs-pipeline failed list` shows it as #N): "
+                             "transaction_id is missing"), listed
+
 def test_prune_removes_only_this_sites_old_applied_records(settings, resource, main_engine):
     """Several sites may share main; one that was down longer than the week keeps its records
     (a batch it reclaims skips what they say was applied)."""

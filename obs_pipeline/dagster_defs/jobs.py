@@ -121,6 +121,7 @@ def _storage_answers(context: OpExecutionContext) -> bool:
 
 
 DEAD_LETTERS_LISTED = 50  # per batch, in its observation and warning (the count is always whole)
+NO_ID = "(no usable transaction_id, `obs-pipeline failed list` shows it as #N)"  # a producer's entry
 
 
 def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
@@ -135,7 +136,7 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
     context.log_event(AssetMaterialization(asset_key=asset, metadata=meta,
                                            description=f"{report.applied} applied, {report.replicated} replicated"))
     if report.dead_lettered:
-        listed = [f"{d['transaction_id']}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
+        listed = [f"{d['transaction_id'] or NO_ID}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
         more = len(report.dead_lettered) - len(listed)
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata={
             "site": site, "dead_lettered": len(report.dead_lettered), "transactions": "\n".join(listed)

@@ -70,6 +70,18 @@ def _retry_pending(run) -> bool:
     return run.tags.get(WILL_RETRY_TAG) == "true" and not run.tags.get(AUTO_RETRY_RUN_ID_TAG)
 
 
+def _retries_not_due(store) -> str:
+    """What waits to retry later, for an idle tick's line: "buffer empty" alone read as if the
+    site had nothing left, while main's refusals wait their back-off (up to an hour)."""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.zcard(store.keys.retry)
+    pipe.zrange(store.keys.retry, 0, 0, withscores=True)
+    count, first = pipe.execute()
+    if not count:
+        return ""
+    return f"; {count} transaction(s) wait to retry, the next due in {max(0.0, first[0][1] - time.time()):.0f} s"
+
+
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
@@ -78,11 +90,12 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
         lease_ms = store.redis.pttl(store.keys.lease)  # -2: nobody holds it
+        later = _retries_not_due(store) if not any(work.values()) else ""
     finally:
         store.redis.close()
     site = store.keys.site
     if not any(work.values()):
-        return SkipReason(f"site {site}: buffer empty, nothing awaiting replication")
+        return SkipReason(f"site {site}: buffer empty, nothing awaiting replication{later}")
     # a run launched by hand (the launchpad) has no site tag: it may be draining this site too
     running = [r for r in context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
