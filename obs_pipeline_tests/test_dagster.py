@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 
@@ -159,8 +160,6 @@ def test_a_drain_run_launched_by_hand_counts_as_in_flight(settings, resource, re
 def test_an_idle_tick_says_what_waits_to_retry_later(settings, resource, redis_client):
     """With only a retry not yet due, the tick's line was "buffer empty, nothing awaiting
     replication", as if the site had nothing left; it now says how many wait and when."""
-    import re
-
     from obs_pipeline.drain import Drain, DrainConfig
 
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps({"transaction_id": "waits-1", "steps": [
@@ -412,6 +411,30 @@ def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_t
         monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)
         assert isinstance(_sensor(instance, resource), RunRequest)
 
+
+
+def test_a_run_that_spent_its_budget_while_the_replica_replays_nothing_fails_the_check(
+        settings, resource, redis_client, main_engine, replica_engine, monkeypatch):
+    """Under steady work a run ends by its budget and never idles, so it never saw the replica
+    replay nothing: each such run materialized site_replica and passed replica_replays while
+    `status` called the replica stuck. It now judges as `status` does (a committed batch not
+    replayed for REPLICA_STUCK_AFTER_S, here 1 s)."""
+    from obs_pipeline.dagster_defs import jobs
+
+    monkeypatch.setattr(jobs, "REPLICA_STUCK_AFTER_S", 1.0)
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 5, "budget_s": 2.5}}}}
+    with replay_paused(replica_engine):
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config)
+    assert result.output_for_node("drain_batches")["stopped_because"] == "time budget spent"
+    materialized, observed, [check] = _replica_events(result)
+    assert not materialized and not check.passed
+    assert re.fullmatch(r"the replica has not replayed a batch committed \d+ s ago", check.description), check.description
+    assert observed[0].description == check.description
+    wait_for_replica(main_engine, replica_engine)  # replaying again: the next run finds it healthy
+    healthy = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config)
+    materialized, observed, [check] = _replica_events(healthy)
+    assert materialized and not observed and check.passed
 
 def test_a_run_that_never_had_the_lease_does_not_report_the_replica_healthy(settings, resource, redis_client,
                                                                            replica_engine):

@@ -8,6 +8,7 @@ retries the batch itself and the run goes on once main is back. A crashed run is
 the instance's run retries.
 """
 
+import json
 import time
 
 from dagster import (
@@ -32,9 +33,11 @@ from dagster import (
 import sqlalchemy as sa
 
 from obs_pipeline.apply import TransientError
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, DrainConfig
+from obs_pipeline.health import REPLICA_STUCK_AFTER_S
 
 SITE_TAG = "obs_pipeline/site"
 MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
@@ -230,19 +233,39 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
         "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
         "applied_this_run": drained.get("applied", 0),
     }
-    stalled, busy = drained.get("replica_stalled", False), drained.get("lease_busy", False)
-    if stalled or busy:
-        context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
-                                           description=drained.get("stopped_because", "the replica replays nothing")))
-    else:
-        context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
-    if not busy:
-        context.log_event(AssetCheckEvaluation(
-            asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not stalled, severity=AssetCheckSeverity.WARN,
-            description=drained.get("stopped_because") if stalled else None,
-            metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
-    context.log_event(dead_letter_check(depths["failed"]))
-    store.redis.close()
+    busy = drained.get("lease_busy", False)
+    try:
+        why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
+        if why is None and not busy:
+            why = _replica_stuck(store, obs_pipeline)
+        if why or busy:
+            context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
+                                               description=why or drained.get("stopped_because")))
+        else:
+            context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
+        if not busy:
+            context.log_event(AssetCheckEvaluation(
+                asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not why, severity=AssetCheckSeverity.WARN,
+                description=why, metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
+        context.log_event(dead_letter_check(depths["failed"]))
+    finally:
+        store.redis.close()
+
+
+def _replica_stuck(store: BufferStore, obs_pipeline: ObsPipelineResource) -> str | None:
+    """Why the replica needs a look, as `status` and the on-demand check judge it (a committed
+    batch it has not replayed for REPLICA_STUCK_AFTER_S), or None. A run that ends by its budget
+    under steady work never idles, so it never sees the replica replay nothing: each such run
+    reported a stopped replica fresh and healthy."""
+    count, lowest = store.awaiting_replication()
+    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0) if count else []
+    age = time.time() - json.loads(oldest[0])["at"] if oldest else 0.0
+    if age <= REPLICA_STUCK_AFTER_S:
+        return None
+    replayed = obs_pipeline.replica_replay_lsn()
+    if replayed is not None and replayed >= lowest:  # replayed: the batch only waits for a drain to clean it
+        return None
+    return f"the replica has not replayed a batch committed {age:.0f} s ago"
 
 
 @job(executor_def=in_process_executor, tags={"obs_pipeline/kind": "drain"})
