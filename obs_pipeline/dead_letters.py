@@ -91,7 +91,7 @@ class DeadLetters:
 
     def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
         """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
-        prepared: dict[str, tuple[str, set[str] | None]] = {}  # kept across reads, see _retry
+        prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
         return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared))
 
     def discard(self, ref: str) -> None:
@@ -119,7 +119,7 @@ class DeadLetters:
                                 "drain for a moment (the Dagster sensor, `obs-pipeline drain`), then run it again")
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
-               prepared: dict[str, tuple[str, set[str] | None]]) -> list[str]:
+               prepared: dict[str, tuple[str, set[str] | None, str]]) -> list[str]:
         """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
         a drain dead-lettering every batch changed the list before every one of them ended)."""
@@ -168,13 +168,21 @@ class DeadLetters:
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
         # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged); one
         # requeued under a new id takes its marks over
-        self.store.revive({letter.transaction_id: rows for letter in requeued
-                           if (rows := prepared[letter.raw][1]) is not None and not letter.reused_id}, pipe)
-        renamed = {letter.transaction_id: (prepared[letter.raw][2], prepared[letter.raw][1] or set())
-                   for letter in requeued if letter.reused_id}
+        # (unions by old id: letters of one id with other steps each bring their own rows)
+        revived: dict[str, set[str]] = {}
+        released: dict[str, set[str]] = {}
+        renamed: dict[str, set[str]] = {}
+        for letter in requeued:
+            _, rows, tx_id = prepared[letter.raw]
+            if letter.reused_id:
+                released.setdefault(letter.transaction_id, set()).update(rows or ())
+                renamed[tx_id] = rows or set()
+            elif rows is not None:
+                revived.setdefault(letter.transaction_id, set()).update(rows)
+        self.store.revive(revived, pipe)
         if renamed:
-            self.store.unhold({old: rows for old, (_, rows) in renamed.items()}, pipe)
-            self.store.hold({new: rows for new, rows in renamed.values()}, pipe)
+            self.store.unhold(released, pipe)
+            self.store.hold(renamed, pipe)
         pipe.execute()
         return [prepared[letter.raw][2] for letter in requeued]
 

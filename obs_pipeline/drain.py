@@ -169,6 +169,17 @@ class Drain:
         error that ended the run, if one did, is not replaced by this one."""
         self._prefetched = None
         try:
+            self._release_lease()
+        finally:
+            self._worker.shutdown(wait=True)
+            self.main.close()
+            self.replica.engine.dispose()
+            self.redis.close()
+
+    def _release_lease(self) -> None:
+        """At the end of a run and at close. With Redis gone the lease expires by its TTL: said,
+        not raised, so that the error that ended the run, if one did, is the one reported."""
+        try:
             if self.token:
                 self.store.release_lease(self.token)
         except redis.RedisError as exc:
@@ -176,10 +187,6 @@ class Drain:
                         self.settings.site, one_line(exc), self.config.lease_ttl_s)
         finally:
             self.token = None
-            self._worker.shutdown(wait=True)
-            self.main.close()
-            self.replica.engine.dispose()
-            self.redis.close()
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self, *, until_empty: bool = True, idle_exit_s: float = 0.0, budget_s: float | None = None,
@@ -259,9 +266,7 @@ class Drain:
         finally:
             gc.set_threshold(*gc_thresholds)
             self._prefetched = None  # left in the processing list for the next run
-            if self.token:
-                self.store.release_lease(self.token)
-                self.token = None
+            self._release_lease()
         return summary
 
     def acquire(self, wait_s: float = 0.0) -> None:

@@ -856,6 +856,31 @@ def test_retry_all_requeues_each_letter_two_share_an_id_with(settings, redis_cli
                             {"id": missing}).scalar_one() == "done"
 
 
+
+def test_retry_all_of_two_reused_letters_under_one_id_leaves_no_dead_mark(settings, redis_client, main_engine):
+    """A producer reused an applied id twice, each time for other steps: two `reused_id` letters
+    under one id. `retry --all` moved their dead marks to the new ids keyed by the old id, so
+    the first letter's mark stayed in held_ids for ever: every later write of its row was
+    dead-lettered "blocked by" an id no longer listed."""
+    keys = SiteKeys(settings.site)
+    for unit, name in ((944, "applied"), (945, "reused once"), (946, "reused twice")):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "obs-44", "steps": [
+            {"step_id": "s", "operation": "create", "model_class": "ObsUnit", "data": {"id": unit, "name": name}}]}))
+        drain_until_settled(settings)
+    assert [json.loads(f)["failure"]["kind"] for f in redis_client.lrange(keys.failed, 0, -1)] == ["reused_id"] * 2
+    result = cli("failed", "retry", "--all", env={"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url})
+    assert result.returncode == 0 and result.stderr.startswith("requeued 2 transaction(s)"), result.stderr
+    drain_until_settled(settings)
+    assert _obs_units(main_engine, [944, 945, 946]) == {944: "applied", 945: "reused once", 946: "reused twice"}
+    assert redis_client.hgetall(keys.held_ids) == {}
+    for unit in (945, 946):  # and their rows take later writes
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": f"renames-{unit}", "steps": [
+            {"step_id": "s", "operation": "update", "model_class": "ObsUnit", "conditions": {"id": unit},
+             "data": {"name": "renamed"}}]}))
+    drain_until_settled(settings)
+    assert redis_client.llen(keys.failed) == 0
+    assert _obs_units(main_engine, [945, 946]) == {945: "renamed", 946: "renamed"}
+
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
         settings, redis_client, main_engine, caplog):
     """An obs_pipeline_applied made by an earlier version has no steps_digest: the drain must

@@ -96,34 +96,44 @@ def test_a_drain_whose_lease_cannot_be_released_still_closes_its_connection_to_m
         settings, redis_client, main_engine, monkeypatch, caplog):
     """Drain.close() released the lease first: with Redis gone at that moment, its error
     skipped the rest, and the connection to main stayed open (a Dagster op retry makes a new
-    Drain in the same process), the error replacing whatever had ended the run. The lease
-    now expires by its TTL, and the next drain takes it then."""
+    Drain in the same process). The lease is now left to expire by its TTL, saying so."""
     buf = TransactionBuffer(redis_url=settings.redis_url, site=settings.site)
     try:
         buffer_observations(buf, 1)
     finally:
         buf.close()
-    drain = Drain(settings, DrainConfig(lease_ttl_s=3.0))
+    drain = Drain(settings, DrainConfig(lease_ttl_s=60.0))
     drain.acquire()
     assert drain.step() is not None  # main was connected to
     backend = drain.main._conn.get_backend_pid()
-
-    def redis_gone(token: str) -> None:
-        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
-
-    monkeypatch.setattr(drain.store, "release_lease", redis_gone)
+    monkeypatch.setattr(drain.store, "release_lease", _redis_gone)
     with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
         drain.close()  # does not raise
     assert redis_client.pttl(SiteKeys(settings.site).lease) > 0  # still held, for its TTL
-    assert any("could not release the drain lease" in r.getMessage() and "expires within 3 s" in r.getMessage()
+    assert any("could not release the drain lease" in r.getMessage() and "expires within 60 s" in r.getMessage()
                for r in caplog.records), caplog.text
     assert wait_until(lambda: _backend_gone(main_engine, backend), timeout=10), "the drain's connection to main stayed open"
-    nxt = Drain(settings)
-    try:
-        nxt.acquire(wait_s=10)  # once the lease expired
-    finally:
-        nxt.close()
 
+
+def test_a_run_that_fails_with_redis_gone_at_its_end_reports_its_own_error(settings, monkeypatch):
+    """run() released the lease in its `finally`: with Redis gone then, the ConnectionError of
+    the release replaced the error that had ended the run."""
+    drain = Drain(settings, DrainConfig(lease_ttl_s=60.0))
+    try:
+        def step() -> None:
+            monkeypatch.setattr(drain.store, "release_lease", _redis_gone)
+            raise RuntimeError("the run's own error")
+
+        monkeypatch.setattr(drain, "step", step)
+        with pytest.raises(RuntimeError, match="the run's own error"):
+            drain.run(until_empty=True, budget_s=30)
+    finally:
+        monkeypatch.undo()
+        drain.close()
+
+
+def _redis_gone(token: str) -> None:
+    raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
 
 def _backend_gone(main_engine, pid: int) -> bool:
     with main_engine.connect() as conn:

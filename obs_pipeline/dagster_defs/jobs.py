@@ -226,15 +226,15 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     lease did not look at the replica: an observation, and no evaluation of the check (a pass
     would hide the failure of the run before it)."""
     store = obs_pipeline.buffer_store()
-    depths = store.depths()
-    metadata = {
-        "site": store.keys.site,
-        "awaiting_replication_batches": depths["awaiting_replication"],
-        "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
-        "applied_this_run": drained.get("applied", 0),
-    }
     busy = drained.get("lease_busy", False)
     try:
+        depths = store.depths()
+        metadata = {
+            "site": store.keys.site,
+            "awaiting_replication_batches": depths["awaiting_replication"],
+            "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
+            "applied_this_run": drained.get("applied", 0),
+        }
         why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
         if why is None and not busy:
             why = _replica_stuck(store, obs_pipeline)
