@@ -120,8 +120,7 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     """Lag of our own data: bytes between main's flush LSN and the replica's replay LSN, and the
     age of the oldest committed batch the replica has not replayed yet (0 when none waits)."""
     count, lowest = store.awaiting_replication()
-    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
-    seconds = max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
+    seconds = oldest_batch_age_s(store)
     out: dict[str, Any] = {"seconds": round(seconds, 3), "awaiting_batches": count}
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
     main_lsn = replica_lsn = None
@@ -139,10 +138,21 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
         return out
     if main_lsn and replica_lsn:
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
-    # the replica itself is late only if it has not reached the oldest waiting commit; if it
-    # has, the batch merely waits for a drain to clean it
-    out["replica_behind_oldest_batch"] = bool(count) and (replica_lsn is None or lsn_to_int(replica_lsn) < lowest)
+    out["replica_behind_oldest_batch"] = replica_behind(count, lowest,
+                                                        lsn_to_int(replica_lsn) if replica_lsn else None)
     return out
+
+
+def oldest_batch_age_s(store: BufferStore) -> float:
+    """Age of the oldest committed batch still awaiting the replica (0 when none waits)."""
+    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
+    return max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
+
+
+def replica_behind(count: int, lowest: int, replayed: int | None) -> bool:
+    """The replica itself is late only if it has not reached the oldest waiting commit; if it
+    has, the batch merely waits for a drain to clean it."""
+    return bool(count) and (replayed is None or replayed < lowest)
 
 
 def _first_line(error: BaseException) -> str:

@@ -8,7 +8,6 @@ retries the batch itself and the run goes on once main is back. A crashed run is
 the instance's run retries.
 """
 
-import json
 import time
 
 from dagster import (
@@ -37,7 +36,7 @@ from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, DrainConfig
-from obs_pipeline.health import REPLICA_STUCK_AFTER_S
+from obs_pipeline.health import REPLICA_STUCK_AFTER_S, oldest_batch_age_s, replica_behind
 
 SITE_TAG = "obs_pipeline/site"
 MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
@@ -257,13 +256,11 @@ def _replica_stuck(store: BufferStore, obs_pipeline: ObsPipelineResource) -> str
     batch it has not replayed for REPLICA_STUCK_AFTER_S), or None. A run that ends by its budget
     under steady work never idles, so it never sees the replica replay nothing: each such run
     reported a stopped replica fresh and healthy."""
-    count, lowest = store.awaiting_replication()
-    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0) if count else []
-    age = time.time() - json.loads(oldest[0])["at"] if oldest else 0.0
+    age = oldest_batch_age_s(store)
     if age <= REPLICA_STUCK_AFTER_S:
         return None
-    replayed = obs_pipeline.replica_replay_lsn()
-    if replayed is not None and replayed >= lowest:  # replayed: the batch only waits for a drain to clean it
+    count, lowest = store.awaiting_replication()
+    if not replica_behind(count, lowest, obs_pipeline.replica_replay_lsn()):
         return None
     return f"the replica has not replayed a batch committed {age:.0f} s ago"
 

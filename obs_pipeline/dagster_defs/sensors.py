@@ -73,13 +73,11 @@ def _retry_pending(run) -> bool:
 def _retries_not_due(store) -> str:
     """What waits to retry later, for an idle tick's line: "buffer empty" alone read as if the
     site had nothing left, while main's refusals wait their back-off (up to an hour)."""
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.zcard(store.keys.retry)
-    pipe.zrange(store.keys.retry, 0, 0, withscores=True)
-    count, first = pipe.execute()
-    if not count:
+    depths = store.depths()
+    if not depths["retry"]:
         return ""
-    return f"; {count} transaction(s) wait to retry, the next due in {max(0.0, first[0][1] - time.time()):.0f} s"
+    due_in = max(0.0, depths["first_retry_due"] - time.time())
+    return f"; {depths['retry']} transaction(s) wait to retry, the next due in {due_in:.0f} s"
 
 
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
