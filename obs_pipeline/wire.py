@@ -135,7 +135,7 @@ class Transaction:
         timestamp = str(doc.get("timestamp") or "")
         overlaid = doc.get("overlaid_creates")
         if overlaid is not None and not _is_id_lists(overlaid):
-            raise InvalidTransaction(f"transaction {tx_id}: `overlaid_creates` must be an object of lists of ids")
+            overlaid = None  # a producer's own field of that name: ingest wrote no overlay for it
         parsed = []  # (a loop: a comprehension here would make tx_id a cell, paid by every call)
         for index, step in enumerate(steps):
             parsed.append(_step_from_dict(tx_id, index, step))

@@ -223,6 +223,7 @@ def test_bare_lpush_with_unknown_extra_fields_is_applied_and_replicated_with_the
     doc, ids = seed_example(settings.site, obs_unit_id=2)
     doc["priority"] = 5
     doc["producer"] = {"name": "legacy", "version": "0.9"}
+    doc["overlaid_creates"] = ["a", "name", "ingest uses in another shape"]
     for step in doc["steps"]:
         step["hint"] = "x"
         step["timeout_ms"] = 250
