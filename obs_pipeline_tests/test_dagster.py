@@ -405,11 +405,21 @@ def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_t
         instance.add_run_tags(run.run_id, {"dagster/auto_retry_run_id": retry.run_id})
         skip = _sensor(instance, resource)
         assert isinstance(skip, SkipReason) and f"{retry.run_id} is in flight" in skip.skip_message
-        # a run whose retry the daemon gave up on (will_retry false): the sensor launches one
+        # it fails too, and run retries give up (will_retry false): no retry to wait for, only
+        # the failed-run pause, then the sensor launches one
         instance.report_run_failed(retry)
         instance.add_run_tags(retry.run_id, {"dagster/will_retry": "false"})
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason) and f"drain run {retry.run_id} failed; the next in" in skip.skip_message, skip
         monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)
         assert isinstance(_sensor(instance, resource), RunRequest)
+        # run retries said they would relaunch it but have not within the pause: the sensor does
+        instance.add_run_tags(retry.run_id, {"dagster/will_retry": "true"})
+        assert isinstance(_sensor(instance, resource), RunRequest)
+        monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 60.0)  # within it, it waits for them
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason) and f"drain run {retry.run_id} failed, and run retries relaunch it" \
+            in skip.skip_message, skip
 
 
 
