@@ -263,6 +263,20 @@ def redis_is_full(error: BaseException) -> bool:
         isinstance(error, redis.ResponseError) and "OOM command not allowed" in str(error))
 
 
+def redis_trouble(error: BaseException) -> str | None:
+    """One line an operator can act on when Redis is unreachable, hung or full; None for any
+    other error. redis-py's own is a page of stack that names no setting."""
+    if isinstance(error, redis.ConnectionError):
+        return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
+    if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer
+        return (f"Redis did not answer in time ({error}); is it hung or overloaded? Is OBS_REDIS_URL right "
+                "(`obs-pipeline stack status`)?")
+    if redis_is_full(error):  # also a claim script refused mid-run
+        return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
+                "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")
+    return None
+
+
 class RedisRefusesWrites(redis.ResponseError):
     """Redis refuses every write for now, and the script it refused kept nothing (the check is
     made at each write, so it refuses the first): it cannot persist (MISCONF: an RDB save or an

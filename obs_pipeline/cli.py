@@ -464,18 +464,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    import redis
+    from obs_pipeline.buffer_store import redis_trouble
 
-    from obs_pipeline.buffer_store import redis_is_full
-
-    if isinstance(error, redis.ConnectionError):
-        return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
-    if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer
-        return (f"Redis did not answer in time ({error}); is it hung or overloaded? Is OBS_REDIS_URL right "
-                "(`obs-pipeline stack status`)?")
-    if redis_is_full(error):  # also a claim script refused mid-run
-        return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
-                "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")
+    trouble = redis_trouble(error)
+    if trouble:
+        return trouble
     text = str(getattr(error, "orig", None) or error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

@@ -99,6 +99,45 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
+def test_redis_down_fails_the_tick_and_the_run_in_one_line_and_loses_nothing(stack, settings, resource, redis_client,
+                                                                               main_engine):
+    """With the site's Redis down, the sensor's tick and the run failed on redis-py's own error
+    (a page of stack naming no setting; the run's said "Exceeded max_retries of 3"). Each says
+    in one line which site's Redis and what to check; the run after Redis is back drains all."""
+    from dagster import build_sensor_context
+
+    from obs_pipeline.dagster_defs.sensors import SiteRedisTrouble, buffer_sensor
+
+    doc, ids = seed_example(settings.site)
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+    stack.stop_service("redis")  # a clean stop: the entry is in its AOF
+    try:
+        with instance_for_test() as instance:
+            with pytest.raises(SiteRedisTrouble) as tick:
+                buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST,
+                                                 raise_on_error=False)
+    finally:
+        stack.start_service("redis")
+    expected = f"site {settings.site}: Redis unreachable ("
+    assert str(tick.value).startswith(expected) and "is OBS_REDIS_URL right" in str(tick.value), tick.value
+    assert tick.value.__cause__ is None and len(str(tick.value).splitlines()) == 1
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    description = failure.event_specific_data.user_failure_data.description
+    assert description.startswith(expected) and "is OBS_REDIS_URL right" in description, description
+    retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    assert len(retries) == 3  # the op's retry policy still waits for Redis to come back
+
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                            {"t": doc["transaction_id"]}).scalar_one() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file WHERE raw_data_package_id = :p"),
+                            {"p": ids["uuid-2"]}).scalar_one() == 2
+    assert redis_client.llen(SiteKeys(settings.site).failed) == 0
+
+
 @pytest.mark.slow
 def test_a_run_rides_out_main_down_with_dagsters_storage_on_it(stack, settings, resource, redis_client, main_engine,
                                                              tmp_path, monkeypatch):

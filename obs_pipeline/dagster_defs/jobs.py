@@ -29,10 +29,11 @@ from dagster import (
     op,
 )
 
+import redis
 import sqlalchemy as sa
 
 from obs_pipeline.apply import TransientError
-from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.buffer_store import BufferStore, redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, DrainConfig
@@ -206,6 +207,12 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         return {**earlier, "stopped_because": "another drain holds the lease", "lease_busy": True}
     except ConfigError as error:  # a Redis too old for the claim
         raise Failure(description=str(error), allow_retries=False) from error
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as error:
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        # the op retries, then the run fails on this line (it said "Exceeded max_retries of 3")
+        raise Failure(description=f"site {site}: {trouble}") from error
     finally:
         drain.close()
     for name, value in earlier.items():

@@ -17,6 +17,7 @@ import time
 
 from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
 
+from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
@@ -35,6 +36,10 @@ WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instanc
 AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"  # on that run once its retry is created
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
+
+
+class SiteRedisTrouble(Exception):
+    """The tick could not read the site's Redis: it fails, saying why in one line."""
 
 
 def _quiet_for(instance: DagsterInstance, record) -> float:
@@ -83,15 +88,20 @@ def _retries_not_due(store) -> str:
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
+    site = store.keys.site
     try:
         work = store.work()
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
         lease_ms = store.redis.pttl(store.keys.lease)  # -2: nobody holds it
         later = _retries_not_due(store) if not any(work.values()) else ""
+    except Exception as error:
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise SiteRedisTrouble(f"site {site}: {trouble}") from None  # a red tick; the next looks again
     finally:
         store.redis.close()
-    site = store.keys.site
     if not any(work.values()):
         return SkipReason(f"site {site}: buffer empty, nothing awaiting replication{later}")
     # a run launched by hand (the launchpad) has no site tag: it may be draining this site too
