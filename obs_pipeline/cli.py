@@ -39,7 +39,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     stack = _stack(args)
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)
-        print(f"local stack up in {stack.directory}; `eval \"$(obs-pipeline stack env --dir "
+        from obs_pipeline.dev import own_command
+
+        print(f"local stack up in {stack.directory}; `eval \"$({own_command()} stack env --dir "
               f"{shlex.quote(str(stack.directory))})\"` to use it", file=sys.stderr)
     elif args.action == "down":
         stack.down()
@@ -47,7 +49,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         print(json.dumps(stack.status(), indent=2))
     elif args.action in ("stop", "start"):  # fault drills: stop/start one service
         if not args.service:
-            raise SystemExit(f"obs-pipeline: error: `stack {args.action}` needs a service: main, replica, redis or proxy")
+            args.usage(f"`stack {args.action}` needs a service: main, replica, redis or proxy")
         if args.action == "stop":
             stack.stop_service(args.service, mode=args.mode)
         else:
@@ -106,11 +108,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings.require_redis()
-    drain = Drain(settings, DrainConfig(batch_size=args.batch_size, max_batch_size=args.max_batch_size,
-                                        lease_ttl_s=args.lease_ttl,
-                                        replication_timeout_s=args.replication_timeout,
-                                        niceness=BACKGROUND_NICENESS,
-                                        aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s))
+    try:
+        config = DrainConfig(batch_size=args.batch_size, max_batch_size=args.max_batch_size,
+                             lease_ttl_s=args.lease_ttl, replication_timeout_s=args.replication_timeout,
+                             niceness=BACKGROUND_NICENESS,
+                             aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s)
+    except ValueError as error:
+        args.usage(str(error))
+    drain = Drain(settings, config)
 
     def on_batch(report) -> None:
         print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
@@ -268,7 +273,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
 
 def _one_id(args: argparse.Namespace) -> str:
     if not args.id:
-        raise SystemExit(f"obs-pipeline: error: `failed {args.action}` needs a transaction id")
+        args.usage(f"`failed {args.action}` needs a transaction id")
     return args.id
 
 
@@ -351,6 +356,16 @@ _rate = _above_0("rate", "observations per second, a finite number above 0 (e.g.
 _seconds = _above_0("duration", "seconds, a finite number above 0")
 
 
+def _latency_ms(text: str) -> int:
+    """--main-latency-ms, refused as a usage error (5001 exited 1, "abc" 2)."""
+    from obs_pipeline.stack.local_stack import checked_latency
+
+    try:
+        return checked_latency(int(text) if text.lstrip("-").isdigit() else text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line, like every other error (argparse prints the usage first)."""
 
@@ -371,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Redis AOF fsync policy (default everysec; always: no buffered write lost on power loss)")
     stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"], help="for stop")
     stack.add_argument("--dir", help=f"state folder (default $OBS_STACK_DIR or ./{DEFAULT_STACK_DIR})")
-    stack.add_argument("--main-latency-ms", type=int, default=None,
+    stack.add_argument("--main-latency-ms", type=_latency_ms, default=None,
                        help="put main behind a proxy delaying each direction by N ms (0 removes it)")
     stack.set_defaults(func=cmd_stack)
 
@@ -385,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=_port, default=3000)
     dev.add_argument("--simulate", action="store_true", help="also run `obs-pipeline simulate`")
     dev.add_argument("--rate", type=_rate, default=1.0, help="observations per second for --simulate")
-    dev.add_argument("--main-latency-ms", type=int, default=None)
+    dev.add_argument("--main-latency-ms", type=_latency_ms, default=None)
     dev.set_defaults(func=cmd_dev)
 
     drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
@@ -438,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-dagster", action="store_true", help="skip the burst through the Dagster daemon")
     bench.set_defaults(func=cmd_bench)
     for command in sub.choices.values():  # also after the command, where one adds it to a line that failed
+        command.set_defaults(usage=command.error)  # for checks made after parsing: one line, exit 2
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="on error, the traceback instead of one line")
     return parser

@@ -36,9 +36,16 @@ def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | 
     return env
 
 
-def dagster_script(name: str) -> str:
+def installed_script(name: str) -> str:
+    """A console script of this installation (its venv's bin is often not on PATH)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def own_command() -> str:
+    """This installation's `obs-pipeline` as a shell can run it, for the hints printed: one
+    naming it bare ran nothing outside the venv (or another installation's)."""
+    return shlex.quote(installed_script("obs-pipeline"))
 
 
 def start_dagster(env: dict[str, str], port: int, log_dir: Path, started: list[subprocess.Popen]) -> None:
@@ -46,10 +53,10 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path, started: list[s
     Ctrl-C while the second starts must still find the first to stop."""
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["-m", "obs_pipeline.definitions"]
-    started.append(subprocess.Popen([dagster_script("dagster-daemon"), "run", *common], env=env,
+    started.append(subprocess.Popen([installed_script("dagster-daemon"), "run", *common], env=env,
                                     stdout=open(log_dir / "dagster-daemon.log", "ab"), stderr=subprocess.STDOUT,
                                     start_new_session=True))
-    started.append(subprocess.Popen([dagster_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
+    started.append(subprocess.Popen([installed_script("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
                                      *common], env=env, stdout=open(log_dir / "dagster-webserver.log", "ab"),
                                     stderr=subprocess.STDOUT, start_new_session=True))
 
@@ -152,7 +159,7 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
             processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
                                                str(simulate_rate)], env=env, start_new_session=True))
         print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
-        print(f"In another shell: eval \"$(obs-pipeline stack env --dir {shlex.quote(str(stack.directory))})\"; "
+        print(f"In another shell: eval \"$({own_command()} stack env --dir {shlex.quote(str(stack.directory))})\"; "
               "Ctrl-C stops everything.", flush=True)
         while all(p.poll() is None for p in processes[:2]):
             time.sleep(1)

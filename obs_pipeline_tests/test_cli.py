@@ -263,7 +263,9 @@ def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing
 ])
 def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, redis_client, flags, message):
     keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 951)
-    assert one_line_error(cli("drain", "--once", *flags, env=env)) == f"obs-pipeline: error: {message}"
+    result = cli("drain", "--once", *flags, env=env)
+    assert result.returncode == 2, result.stderr  # a usage error, as `--batch-size x` is
+    assert one_line_error(result) == f"obs-pipeline drain: error: {message} (see `obs-pipeline drain -h`)"
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
 
 

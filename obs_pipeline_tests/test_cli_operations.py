@@ -9,7 +9,6 @@ import json
 import os
 import re
 import select
-import shlex
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 
-from obs_pipeline.dev import dagster_script
+from obs_pipeline.dev import installed_script
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.stack import LocalStack
@@ -439,6 +438,27 @@ def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(
 
 
 @pytest.mark.parametrize("args, message", [
+    (["stack", "stop"], "obs-pipeline stack: error: `stack stop` needs a service: main, replica, redis or proxy"),
+    (["stack", "up", "--main-latency-ms", "5001"], "obs-pipeline stack: error: argument --main-latency-ms: main "
+     "latency must be a whole number of milliseconds from 0 to 5000 (each way; 0 removes the proxy), not 5001"),
+    (["stack", "up", "--main-latency-ms", "1.5"], "obs-pipeline stack: error: argument --main-latency-ms: main "
+     "latency must be a whole number of milliseconds from 0 to 5000 (each way; 0 removes the proxy), not '1.5'"),
+    (["dev", "--main-latency-ms", "-1"], "obs-pipeline dev: error: argument --main-latency-ms: main "
+     "latency must be a whole number of milliseconds from 0 to 5000 (each way; 0 removes the proxy), not -1"),
+    (["failed", "show"], "obs-pipeline failed: error: `failed show` needs a transaction id"),
+    (["failed", "discard"], "obs-pipeline failed: error: `failed discard` needs a transaction id"),
+])
+def test_a_command_line_missing_or_misgiving_an_argument_is_a_usage_error(tmp_path, env, args, message):
+    """The README says a usage error exits 2; these exited 1 (`--main-latency-ms abc` exited 2,
+    5001 exited 1), so a wrapper could not tell a mistyped line from a failure."""
+    folder = tmp_path / "not_made"
+    result = cli(*args, *(["--dir", str(folder)] if args[0] in ("stack", "dev") else []), env=env)
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == f"{message} (see `obs-pipeline {args[0]} -h`)"
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("args, message", [
     (["--port", "0"], "argument --port: invalid port 0: give a whole number from 1 to 65535"),
     (["--port", "70000"], "argument --port: invalid port 70000: give a whole number from 1 to 65535"),
     (["--simulate", "--rate", "nan"], "argument --rate: invalid rate 'nan': give observations per second"),
@@ -491,7 +511,7 @@ def test_simulate_buffers_what_it_reports_and_a_drain_applies_it(env, settings, 
 # --- 6. the Dagster workspace -----------------------------------------------------------------------
 
 def test_workspace_yaml_loads_the_definitions(tmp_path):
-    result = subprocess.run([dagster_script("dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+    result = subprocess.run([installed_script("dagster"), "definitions", "validate", "-w", "workspace.yaml"],
                             cwd=REPO, env=base_env(DAGSTER_HOME=str(tmp_path)), capture_output=True, text=True,
                             timeout=300)
     output = result.stdout + result.stderr
@@ -755,17 +775,19 @@ def test_a_ctrl_c_as_the_webserver_starts_still_stops_the_daemon(stack, monkeypa
 
 def test_dev_in_a_folder_with_a_space_prints_a_stack_env_command_that_works(tmp_path):
     """dev printed `eval "$(obs-pipeline stack env --dir <folder>)"` unquoted: with a space in
-    the folder's name the shell split it, and the command failed ('unrecognized arguments')."""
+    the folder's name the shell split it, and the command failed ('unrecognized arguments').
+    And it named `obs-pipeline` bare: in a shell without the venv on PATH the eval ran nothing,
+    said nothing, and later commands used the default Redis (another one on the machine)."""
     folder = tmp_path / "my stack"
     log = tmp_path / "dev.log"
     dev = start_cli("dev", "--dir", str(folder), "--port", str(pick_free_ports(1)[0]), env={}, log=log)
     try:
         assert until(lambda: "In another shell: " in log.read_text(), WAIT, 0.5, alive=dev, log=log), tail(log)
-        hint = re.search(r'eval "\$\((obs-pipeline stack env [^)]*)\)"', log.read_text()).group(1)
-        args = shlex.split(hint)
-        assert args[:3] == ["obs-pipeline", "stack", "env"], hint
-        result = cli(*args[1:])
-        assert result.returncode == 0 and "export OBS_REDIS_URL=" in result.stdout, hint + result.stderr
+        hint = re.search(r'In another shell: (eval "\$\(.*\)")', log.read_text()).group(1)
+        shell = subprocess.run(["bash", "-c", f'set -e; {hint}; echo "$OBS_REDIS_URL"'], capture_output=True,
+                               text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=60)
+        port = json.loads((folder / "stack.json").read_text())["ports"]["redis"]
+        assert shell.stdout.strip() == f"redis://127.0.0.1:{port}/0", hint + shell.stderr
     finally:
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=WAIT) == 0, tail(log)

@@ -30,7 +30,7 @@ from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs import sensors
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
 from obs_pipeline.definitions import defs
-from obs_pipeline.dev import dagster_script, dagster_environment, stop_processes
+from obs_pipeline.dev import installed_script, dagster_environment, stop_processes
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
@@ -107,7 +107,7 @@ def test_daemon_sensor_launches_a_run_that_drains(stack, settings, redis_client,
     """The real dagster-daemon, with the project's dagster.yaml (PostgreSQL storage on main)."""
     env = dagster_environment(stack, home=tmp_path / "dagster_home")
     env["OBS_SITE"] = settings.site
-    daemon = subprocess.Popen([dagster_script("dagster-daemon"), "run", "-m", "obs_pipeline.definitions"], env=env,
+    daemon = subprocess.Popen([installed_script("dagster-daemon"), "run", "-m", "obs_pipeline.definitions"], env=env,
                               stdout=open(tmp_path / "daemon.log", "wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:

@@ -32,7 +32,7 @@ DATABASES = ("obs", "dagster")
 MAX_MAIN_LATENCY_MS = 5000
 
 
-def _checked_latency(value) -> int:
+def checked_latency(value) -> int:
     """main_latency_ms as an int from 0 to MAX_MAIN_LATENCY_MS, or ValueError in one line."""
     try:
         latency = int(value)
@@ -172,7 +172,7 @@ class LocalStack:
         drain's main URL and the replica's WAL stream through an N ms (each way) proxy.
         """
         if main_latency_ms is not None:
-            main_latency_ms = _checked_latency(main_latency_ms)
+            main_latency_ms = checked_latency(main_latency_ms)
         unsafe = sorted(set('"$`\\') & set(str(self.directory)))
         if unsafe:  # pg_ctl starts the server through a shell, with the paths in double quotes
             raise StackError(f"the stack folder {self.directory} has {' '.join(unsafe)} in its path, which "
