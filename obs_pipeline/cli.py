@@ -151,6 +151,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 STATUS_EXIT = {"healthy": 0, "degraded": 3, "unhealthy": 4}
 
 
+def _age(value: float | None) -> str:
+    """An age for the text report: "none" where there is nothing to age (it printed "None s")."""
+    return "none" if value is None else f"{value} s"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
@@ -183,13 +188,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"site {report['site']}: {report['status']}" + (f" ({'; '.join(report['problems'])})"
                                                                if report["problems"] else ""))
         print(f"  buffer {buf['size']}, processing {buf['processing']}, retrying {buf['retrying']}, "
-              f"failed {buf['failed']}, oldest pending {buf['oldest_pending_seconds']} s")
-        print(f"  drain {proc['status']}, last run {proc['last_run']}, processed {proc['transactions_processed']}")
-        print(f"  replication lag {lag.get('seconds')} s, {lag.get('bytes')} bytes "
+              f"failed {buf['failed']}, oldest pending {_age(buf['oldest_pending_seconds'])}")
+        print(f"  drain {proc['status']}, last run {proc['last_run'] or 'never'}, processed {proc['transactions_processed']}")
+        print(f"  replication lag {_age(lag.get('seconds'))}, {lag.get('bytes')} bytes "
               f"(main {lag.get('main_lsn')}, replica {lag.get('replica_lsn')}, "
               f"{lag.get('awaiting_batches')} batches awaiting)")
         local = report["local_spool"]
-        print(f"  local spool {local['pending']}, oldest {local['oldest_seconds']} s ({local['file']})"
+        print(f"  local spool {local['pending']}, oldest {_age(local['oldest_seconds'])} ({local['file']})"
               if not local.get("error") else f"  local spool: {local['error']}")
     code = STATUS_EXIT[report["status"]]
     if code:  # for a monitoring script: the exit status, and one line on stderr saying why

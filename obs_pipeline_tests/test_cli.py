@@ -658,6 +658,7 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     dead letter waiting for an operator, an unreachable database)."""
     healthy = cli("status", env=env)
     assert healthy.returncode == 0 and healthy.stderr == "", healthy.stderr
+    assert "oldest pending none" in healthy.stdout and "None" not in healthy.stdout, healthy.stdout  # was "None s"
     redis_client.lpush(SiteKeys(settings.site).buffer, b"not json at all")
     assert cli("drain", "--once", env=env).returncode == 0
     for args in (["status"], ["status", "--json"]):
