@@ -265,14 +265,17 @@ def cmd_failed(args: argparse.Namespace) -> int:
         print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
     elif args.action == "retry":
         if args.all == bool(args.id):
-            raise SystemExit("obs-pipeline: error: give one transaction id or --all")
+            args.usage("give one transaction id or --all")
         listed = {letter.transaction_id for letter in letters.list()}
         ids = letters.retry(None if args.all else [args.id])
         renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
         print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
                                                        f"{', '.join(renamed)}" if renamed else ""), file=sys.stderr)
     elif args.action == "discard":
-        letters.discard(_one_id(args))
+        ref = _one_id(args)
+        removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)
+        print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else ""),
+              file=sys.stderr)
     return 0
 
 

@@ -94,11 +94,11 @@ class DeadLetters:
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
         return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared))
 
-    def discard(self, ref: str) -> None:
+    def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
         caches, overlays and its marks in `held_ids`; what it blocked stays dead-lettered (retry or
-        discard those too)."""
-        self._while_unchanged(lambda pipe: self._discard(pipe, ref))
+        discard those too). Returns how many letters went (copies of one push are several)."""
+        return self._while_unchanged(lambda pipe: self._discard(pipe, ref))
 
     def _while_unchanged(self, act: Any) -> Any:
         """Run `act(pipe)`: it reads the list on `pipe`, which WATCHes it, then queues its writes in
@@ -218,7 +218,7 @@ class DeadLetters:
                                      f"failed list` ({places}), after `failed show #N`")
         return copies
 
-    def _discard(self, pipe: Any, ref: str) -> None:
+    def _discard(self, pipe: Any, ref: str) -> int:
         letters = self.list(pipe)
         copies = self._meant(ref, letters, "discard")
         letter = copies[0]
@@ -239,6 +239,7 @@ class DeadLetters:
         if footprint and not letter.reused_id:
             self.store.forget(footprint, pipe)
         pipe.execute()
+        return len(copies)
 
 
 def _by_place(ref: str, letter: DeadLetter) -> bool:

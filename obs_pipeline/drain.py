@@ -276,9 +276,10 @@ class Drain:
             if self.token:
                 return
             if time.monotonic() >= deadline:
+                left_ms = self.store.redis.pttl(self.store.keys.lease)  # that drain's TTL, not ours
                 raise DrainBusy(f"another drain holds the lease of site {self.settings.site!r} "
-                                f"(key {self.store.keys.lease}); it expires {self.config.lease_ttl_s:.0f} s "
-                                "after that drain stops renewing it")
+                                f"(key {self.store.keys.lease}); it expires in {max(left_ms, 0) / 1000:.0f} s "
+                                "unless that drain renews it")
             time.sleep(0.5)
 
     def _stop_reason(self, idle_s: float, idle_exit_s: float, replica_patience_s: float | None) -> str:

@@ -96,11 +96,6 @@ class SiteKeys:
         return f"{self.prefix}stats"
 
     @property
-    def sequence(self) -> str:
-        """Counter: orders overlays of one record across ingest processes."""
-        return f"{self.prefix}sequence"
-
-    @property
     def events(self) -> str:
         """Pub/sub channel: `applied` / `replicated` announcements, published after commit."""
         return f"{self.prefix}events"

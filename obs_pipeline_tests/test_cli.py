@@ -149,7 +149,8 @@ def test_failed_show_discard_and_unknown_ids(env, redis_client, settings):
     assert "unknown model 'Telescope'" in shown["failure"]["reason"]
     assert "no dead-lettered transaction 'nope'" in one_line_error(cli("failed", "show", "nope", env=env))
     assert "needs a transaction id" in one_line_error(cli("failed", "discard", env=env))
-    assert cli("failed", "discard", doc["transaction_id"], env=env).returncode == 0
+    discarded = cli("failed", "discard", doc["transaction_id"], env=env)
+    assert discarded.returncode == 0 and discarded.stderr == f"discarded {doc['transaction_id']}\n", discarded.stderr
     assert cli("failed", "list", env=env).stdout == ""
     report = json.loads(cli("status", "--json", env=env).stdout)
     assert report["transaction_buffer"]["failed"] == 0
@@ -823,7 +824,9 @@ def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, re
         drain_until_settled(settings, retry_base_s=0.05)
     assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == \
         [doc["transaction_id"]] * 2
-    assert cli("failed", "discard", doc["transaction_id"], env=env).returncode == 0
+    discarded = cli("failed", "discard", doc["transaction_id"], env=env)
+    assert discarded.returncode == 0, discarded.stderr
+    assert discarded.stderr == f"discarded {doc['transaction_id']} (2 letters: copies of one push)\n", discarded.stderr
     assert cli("failed", "list", env=env).stdout == ""
     with main_engine.begin() as conn:  # the cause is fixed; the operator retries what is left
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
