@@ -350,37 +350,43 @@ def steps_in_order(tx: Transaction) -> list[Step]:
 
 def _sorted_steps(tx: Transaction) -> list[Step]:
     """steps_in_order's sort. (A function of its own: its closure's six cells were made at every
-    call of steps_in_order, sorted or not.)"""
-    by_id: dict[str, Step] = {}
-    for step in tx.steps:  # (a second step of one id would be left out of the order: never applied)
-        if step.step_id in by_id:
-            raise InvalidTransaction(f"transaction {tx.transaction_id}, step {step.step_id}: "
-                                     f"step id {step.step_id!r} appears twice")
-        by_id[step.step_id] = step
+    call of steps_in_order, sorted or not.)
+
+    Steps may share a step id: seed 000's builder takes one from its caller
+    (`step_id="create_file"` for each file, say) and its executor applies the steps in their
+    order, so such a producer's transaction is applied as listed. A dependency on a shared id
+    waits for every step of that id (but a step never waits for itself)."""
+    by_id: dict[str, list[int]] = {}
+    for index, step in enumerate(tx.steps):
+        by_id.setdefault(step.step_id, []).append(index)
     for step in tx.steps:
         for dep in step.dependencies:
             if dep not in by_id:
                 raise InvalidTransaction(
                     f"transaction {tx.transaction_id}, step {step.step_id}: depends on unknown step {dep!r}"
                 )
+    steps = tx.steps
     ordered, done, visiting = [], set(), set()
 
-    def visit(step: Step) -> None:
-        if step.step_id in done:
+    def visit(index: int) -> None:
+        if index in done:
             return
-        if step.step_id in visiting:
+        step = steps[index]
+        if index in visiting:
             raise InvalidTransaction(
                 f"transaction {tx.transaction_id}: steps depend on each other in a cycle at {step.step_id!r}"
             )
-        visiting.add(step.step_id)
+        visiting.add(index)
         for dep in step.dependencies:
-            visit(by_id[dep])
-        visiting.discard(step.step_id)
-        done.add(step.step_id)
+            for other in by_id[dep]:
+                if other != index:
+                    visit(other)
+        visiting.discard(index)
+        done.add(index)
         ordered.append(step)
 
-    for step in tx.steps:
-        visit(step)
+    for index in range(len(steps)):
+        visit(index)
     return ordered
 
 

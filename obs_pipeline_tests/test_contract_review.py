@@ -1,0 +1,119 @@
+"""A black-box review against shared/contract.md: only the contract's names are used (the
+environment variables, obs_pipeline.ingest, the wire format and Redis keys of section 4, and the
+`obs-pipeline` command). Each test names the contract line it holds the project to."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.ingest import TransactionBuffer
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+OBS_PIPELINE = str(Path(sys.executable).parent / "obs-pipeline")  # the console script (contract section 6)
+
+
+@pytest.fixture
+def env(settings) -> dict[str, str]:
+    return {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url, "OBS_MAIN_DB_URL": settings.main_db_url,
+            "OBS_REPLICA_DB_URL": settings.replica_db_url, "OBS_SPOOL_DIR": settings.spool_dir}
+
+
+@pytest.fixture
+def buf(env, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("OBS_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    buffer = TransactionBuffer.from_env()
+    yield buffer
+    buffer.close()
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    return subprocess.run([OBS_PIPELINE, *args], env={**base, **env}, capture_output=True, text=True, timeout=180)
+
+
+def drain_once(env: dict[str, str]) -> None:
+    result = run("drain", "--once", env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def push(redis_client, site: str, doc: dict) -> str:
+    """What an existing producer does: LPUSH the transaction JSON, nothing else (contract section 4)."""
+    redis_client.lpush(f"site:{site}:transaction_buffer", json.dumps(doc))
+    return doc["transaction_id"]
+
+
+def dead_letters(redis_client, site: str) -> list[dict]:
+    return [json.loads(e) for e in redis_client.lrange(f"site:{site}:failed_transactions", 0, -1)]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# --- section 4: an existing producer's transactions are drained like any other ------------------
+
+def test_a_producers_steps_sharing_a_step_id_are_applied_in_their_order(env, settings, redis_client, main_engine, buf):
+    """Contract section 4: a producer that only LPUSHes seed-000 transactions "must be drained like
+    any other". Seed 000's builder takes a step_id from its caller (`step_id="create_observation"`),
+    and its executor applies the steps in their order, so a producer that names each file's step
+    `create_file` worked there. Here the transaction was dead-lettered: "step id 'create_file'
+    appears twice". Without dependencies naming it, a shared step id is unambiguous."""
+    obs, pkg, files = new_id(), new_id(), [new_id(), new_id(), new_id()]
+    tx_id = push(redis_client, settings.site, {
+        "transaction_id": new_id(), "endpoint": "create_observation_with_files", "site": settings.site,
+        "timestamp": "2025-01-01T00:00:00Z", "status": "pending", "retry_count": 0, "steps": [
+            {"step_id": "create_observation", "operation": "create", "model_class": "ExecutedObsUnit",
+             "data": {"id": obs, "obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"}},
+            {"step_id": "create_package", "operation": "create", "model_class": "RawDataPackage",
+             "data": {"id": pkg, "name": "pkg", "executed_obs_unit_id": obs}, "dependencies": ["create_observation"]},
+            *({"step_id": "create_file", "operation": "create", "model_class": "RawDataFile",
+               "data": {"id": f, "name": f"f{i}.fits", "raw_data_package_id": pkg}, "dependencies": ["create_package"]}
+              for i, f in enumerate(files)),
+            {"step_id": "create_file", "operation": "update", "model_class": "ExecutedObsUnit",
+             "data": {"status": "completed"}, "conditions": {"id": obs}, "dependencies": ["create_observation"]},
+        ]})
+
+    drain_once(env)
+
+    assert dead_letters(redis_client, settings.site) == []
+    assert buf.status(tx_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs)["status"] == "completed"
+    assert sorted(f["id"] for f in buf.search("RawDataFile", {"raw_data_package_id": pkg})) == sorted(files)
+
+
+def test_a_dependency_on_a_shared_step_id_waits_for_every_step_of_that_id(env, settings, redis_client, buf):
+    """The fix's other half: a dependency naming a step id that several steps share waits for all
+    of them (here two packages, listed after the files that use them)."""
+    obs, pkgs, files = new_id(), [new_id(), new_id()], [new_id(), new_id()]
+    tx_id = push(redis_client, settings.site, {
+        "transaction_id": new_id(), "endpoint": "e", "site": settings.site, "timestamp": "2025-01-01T00:00:00Z",
+        "steps": [
+            {"step_id": "file", "operation": "create", "model_class": "RawDataFile",
+             "data": {"id": files[0], "name": "a", "raw_data_package_id": pkgs[0]}, "dependencies": ["pkg"]},
+            {"step_id": "file", "operation": "create", "model_class": "RawDataFile",
+             "data": {"id": files[1], "name": "b", "raw_data_package_id": pkgs[1]}, "dependencies": ["pkg"]},
+            {"step_id": "pkg", "operation": "create", "model_class": "RawDataPackage",
+             "data": {"id": pkgs[0], "name": "p0", "executed_obs_unit_id": obs}, "dependencies": ["obs"]},
+            {"step_id": "pkg", "operation": "create", "model_class": "RawDataPackage",
+             "data": {"id": pkgs[1], "name": "p1", "executed_obs_unit_id": obs}, "dependencies": ["obs"]},
+            {"step_id": "obs", "operation": "create", "model_class": "ExecutedObsUnit",
+             "data": {"id": obs, "obs_unit_id": 2, "start_time": "2025-01-01T00:00:00Z", "status": "running"}},
+        ]})
+
+    drain_once(env)
+
+    assert dead_letters(redis_client, settings.site) == []
+    assert buf.status(tx_id) == "replicated"
+    assert {f["raw_data_package_id"] for f in buf.search("RawDataFile", {"id": files})} == set(pkgs)
