@@ -280,6 +280,20 @@ def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where
                 raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
 
 
+def without_own_key(model: ModelSpec, values: Any, rid: str | int) -> Any:
+    """An update's values without the record's own key where they repeat it unchanged: a whole
+    record passed back (as `get` returned it, or a producer sending the full row) changes no
+    key. A key that differs stays, for normalize_values to refuse."""
+    pk = model.primary_key
+    if not isinstance(values, dict) or values.get(pk) is None:
+        return values
+    try:
+        same = model.columns[pk].check(values[pk]) == rid
+    except ValueError:
+        return values
+    return {k: v for k, v in values.items() if k != pk} if same else values
+
+
 def record_id(model: ModelSpec, value: Any, where: str) -> str | int:
     try:
         return model.columns[model.primary_key].check(value)
@@ -320,6 +334,7 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
                 )
             step.conditions = {model.primary_key: record_id(model, step.conditions[model.primary_key], where)}
             if step.operation == "update":
+                step.data = without_own_key(model, step.data, step.conditions[model.primary_key])
                 if not step.data:
                     raise InvalidTransaction(f"{where}: an update needs at least one column in `data`")
                 step.data = normalize_values(model, step.data, creating=False, where=where)

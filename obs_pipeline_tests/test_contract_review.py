@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -56,6 +56,11 @@ def push(redis_client, site: str, doc: dict) -> str:
 
 def dead_letters(redis_client, site: str) -> list[dict]:
     return [json.loads(e) for e in redis_client.lrange(f"site:{site}:failed_transactions", 0, -1)]
+
+
+def snapshot(redis_client, site: str) -> dict[bytes, bytes]:
+    """Every key of the site with its serialized value (DUMP): equal snapshots, nothing changed."""
+    return {key: redis_client.dump(key) for key in redis_client.scan_iter(match=f"site:{site}:*", count=1000)}
 
 
 def new_id() -> str:
@@ -117,3 +122,58 @@ def test_a_dependency_on_a_shared_step_id_waits_for_every_step_of_that_id(env, s
     assert dead_letters(redis_client, settings.site) == []
     assert buf.status(tx_id) == "replicated"
     assert {f["raw_data_package_id"] for f in buf.search("RawDataFile", {"id": files})} == set(pkgs)
+
+
+def test_a_minimal_producer_transaction_is_drained(env, settings, redis_client, buf):
+    """Only transaction_id and steps; no status, retry_count, max_retries, metadata, timestamp;
+    steps without step_id, dependencies or conditions, listed children first; a naive datetime
+    (pydantic's `datetime.utcnow()`): applied, parents first, the datetime read as UTC."""
+    obs, pkg, file_ = new_id(), new_id(), new_id()
+    tx_id = push(redis_client, settings.site, {"transaction_id": new_id(), "steps": [
+        {"operation": "create", "model_class": "RawDataFile", "data": {"id": file_, "name": "f", "raw_data_package_id": pkg}},
+        {"operation": "create", "model_class": "RawDataPackage", "data": {"id": pkg, "name": "p", "executed_obs_unit_id": obs}},
+        {"operation": "create", "model_class": "ExecutedObsUnit",
+         "data": {"id": obs, "obs_unit_id": 3, "start_time": "2025-01-01T00:00:00", "status": "running"}},
+    ]})
+
+    drain_once(env)
+
+    assert dead_letters(redis_client, settings.site) == []
+    assert buf.status(tx_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs)["start_time"] == "2025-01-01T00:00:00+00:00"
+    assert buf.get("RawDataFile", file_)["raw_data_package_id"] == pkg
+
+
+# --- section 3: an update that passes back the whole record ---------------------------------------
+
+def test_an_update_with_the_records_own_unchanged_id_is_taken(env, settings, redis_client, buf):
+    """Contract section 3: `get` returns "the latest state" as a dict with column names as keys,
+    and `update(model, id, values)` sets columns. Passing back what `get` returned, changed,
+    is the obvious way to finish an observation; it was refused ("the id of ExecutedObsUnit
+    cannot be changed by an update"), though the id is not changed. A producer's update step
+    whose `data` repeats the record's id was dead-lettered for the same reason. An update that
+    does change the id is still refused."""
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    record = buf.get("ExecutedObsUnit", obs["id"])
+    record.update(status="completed", end_time="2025-01-01T01:00:00Z")
+    finish = buf.update("ExecutedObsUnit", obs["id"], record)
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "completed"
+
+    before = snapshot(redis_client, settings.site)
+    with pytest.raises(InvalidTransaction, match="cannot be changed"):
+        buf.update("ExecutedObsUnit", obs["id"], {"id": new_id(), "status": "x"})
+    assert snapshot(redis_client, settings.site) == before
+
+    producer = push(redis_client, settings.site, {"transaction_id": new_id(), "steps": [
+        {"step_id": "finish", "operation": "update", "model_class": "ExecutedObsUnit",
+         "data": {"id": obs["id"].upper(), "status": "archived"}, "conditions": {"id": obs["id"]}}]})
+
+    drain_once(env)
+
+    assert dead_letters(redis_client, settings.site) == []
+    assert [buf.status(t) for t in (tx.transaction_id, finish, producer)] == ["replicated"] * 3
+    assert buf.get("ExecutedObsUnit", obs["id"]) == {**record, "status": "archived",
+                                                    "end_time": "2025-01-01T01:00:00+00:00",
+                                                    "start_time": "2025-01-01T00:00:00+00:00"}
