@@ -637,8 +637,8 @@ def test_status_with_a_database_down_names_it_still_shows_the_other_and_exits_4(
     And it exited 0, as for a healthy site: a monitoring script could not see the outage."""
     stack.stop_service(down)
     try:
-        result = cli("status", "--json", env=env)
-        text = cli("status", env=env)
+        result = cli("status", "--json", "--check", env=env)
+        text = cli("status", "--check", env=env)
     finally:
         stack.start_service(down)
     report = json.loads(result.stdout)
@@ -655,22 +655,25 @@ def test_status_with_a_database_down_names_it_still_shows_the_other_and_exits_4(
 
 @pytest.mark.usefixtures("clean_db")
 def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, settings):
-    """A monitoring script can rely on the exit status: it was 0 whatever the report said (a
-    dead letter waiting for an operator, an unreachable database)."""
-    healthy = cli("status", env=env)
+    """A monitoring script can rely on `status --check`'s exit status: it was 0 whatever the
+    report said (a dead letter waiting for an operator, an unreachable database). Without
+    --check the report given is a success, exit 0 (a script with `set -e` stopped at every
+    dead letter), with the same line on stderr."""
+    healthy = cli("status", "--check", env=env)
     assert healthy.returncode == 0 and healthy.stderr == "", healthy.stderr
+    healthy = cli("status", env=env)
     assert "oldest pending none" in healthy.stdout and "None" not in healthy.stdout, healthy.stdout  # was "None s"
     redis_client.lpush(SiteKeys(settings.site).buffer, b"not json at all")
     assert cli("drain", "--once", env=env).returncode == 0
-    for args in (["status"], ["status", "--json"]):
+    for args in (["status"], ["status", "--json"], ["status", "--check"], ["status", "--json", "--check"]):
         degraded = cli(*args, env=env)
-        assert degraded.returncode == 3, degraded.stderr
-        assert one_line_error(degraded) == (  # with what to do, as the other problems say
+        assert degraded.returncode == (3 if "--check" in args else 0), degraded.stderr
+        assert degraded.stderr.splitlines() == [  # with what to do, as the other problems say
             f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered: see `obs-pipeline failed list` and "
-            "`failed show ID`, then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`")
+            "`failed show ID`, then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"]
     assert json.loads(degraded.stdout)["status"] == "degraded"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
-    assert cli("status", env=env).returncode == 0
+    assert cli("status", "--check", env=env).returncode == 0
 
 
 @pytest.mark.parametrize("wrong", ["role", "database"])
@@ -971,7 +974,7 @@ def test_status_without_the_database_urls_does_not_say_healthy(env, unset):
     was down looked fine."""
     for name in unset:
         del env[name]
-    result = cli("status", env=env)
+    result = cli("status", "--check", env=env)
     assert result.returncode == 3, result.stderr
     problem = f"replication not checked: {' and '.join(unset)} not set"
     assert result.stdout.startswith(f"site {env['OBS_SITE']}: degraded ({problem}"), result.stdout

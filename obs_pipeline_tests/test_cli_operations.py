@@ -265,7 +265,7 @@ def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env,
     keys = SiteKeys(settings.site)
     for _ in range(2):
         redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
-    result = cli("status", env=env)
+    result = cli("status", "--check", env=env)
     lines = result.stdout.splitlines()
     assert re.fullmatch(rf"site {settings.site}: (healthy|degraded|unhealthy).*", lines[0]), lines
     assert result.returncode == {"healthy": 0, "degraded": 3, "unhealthy": 4}[lines[0].split()[2]], result.stderr
@@ -326,7 +326,7 @@ def test_a_spool_left_by_a_script_that_ended_during_an_outage_is_reported_and_pu
         refused = cli("spool", "push", env=env)
         assert "3 transaction(s) still wait in the spool" in one_line_error(refused), refused.stderr
     assert redis_client.llen(keys.buffer) == 0  # nothing pushed it: the script is gone
-    status = cli("status", "--json", env=env)
+    status = cli("status", "--json", "--check", env=env)
     assert status.returncode == 3, status.stderr  # degraded
     report = json.loads(status.stdout)
     assert report["status"] == "degraded" and report["local_spool"]["pending"] == 3, report
@@ -374,7 +374,7 @@ def test_status_with_a_spool_it_may_not_read_says_what_to_do_and_reports_the_res
     unreadable = (f"the local spool cannot be read (Permission denied: {lock}): run `obs-pipeline status` as the "
                   "user the observing scripts run as, or set OBS_SPOOL_DIR to their spool folder, or give this user "
                   "read and write access to it")
-    text = status()
+    text = status("--check")
     assert text.returncode == 3, text.stderr
     assert one_line_error(text) == f"obs-pipeline: site {settings.site} is degraded: {unreadable}"
     assert text.stdout.startswith(f"site {settings.site}: degraded ({unreadable})\n  buffer 0, processing 0"), text.stdout
