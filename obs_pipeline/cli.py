@@ -253,6 +253,8 @@ def cmd_failed(args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5)
     letters = DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
     if args.action == "list":  # an entry without a usable id is named by its place: #N
+        if args.id or args.all:  # (an id was ignored: the whole list printed, as if it were that letter)
+            args.usage("`failed list` lists them all: `failed show ID` shows one")
         listed = letters.list()
         ids = {letter.transaction_id for letter in listed}
         for place, letter in enumerate(listed, start=1):

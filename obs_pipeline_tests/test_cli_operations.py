@@ -448,6 +448,7 @@ def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(
     (["failed", "show"], "obs-pipeline failed: error: `failed show` needs a transaction id"),
     (["failed", "discard"], "obs-pipeline failed: error: `failed discard` needs a transaction id"),
     (["failed", "retry"], "obs-pipeline failed: error: give one transaction id or --all"),
+    (["failed", "list", "obs-1"], "obs-pipeline failed: error: `failed list` lists them all: `failed show ID` shows one"),
 ])
 def test_a_command_line_missing_or_misgiving_an_argument_is_a_usage_error(tmp_path, env, args, message):
     """The README says a usage error exits 2; these exited 1 (`--main-latency-ms abc` exited 2,
