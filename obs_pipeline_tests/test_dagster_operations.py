@@ -19,6 +19,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     FilesystemIOManager,
+    RunRequest,
     instance_for_test,
     job,
     op,
@@ -99,33 +100,47 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
-def test_redis_down_fails_the_tick_and_the_run_in_one_line_and_loses_nothing(stack, settings, resource, redis_client,
-                                                                               main_engine):
+@pytest.mark.parametrize("trouble", ["down", "full"])
+def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_nothing(
+        stack, settings, resource, redis_client, main_engine, trouble):
     """With the site's Redis down, the sensor's tick and the run failed on redis-py's own error
-    (a page of stack naming no setting; the run's said "Exceeded max_retries of 3"). Each says
-    in one line which site's Redis and what to check; the run after Redis is back drains all."""
+    (a page of stack naming no setting; the run's said "Exceeded max_retries of 3"), and so did
+    the run with Redis full (its claim is a write). Each says in one line which site's Redis and
+    what to do; the run after Redis is back drains all, once."""
     from dagster import build_sensor_context
 
     from obs_pipeline.dagster_defs.sensors import SiteRedisTrouble, buffer_sensor
 
     doc, ids = seed_example(settings.site)
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
-    stack.stop_service("redis")  # a clean stop: the entry is in its AOF
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    if trouble == "down":
+        stack.stop_service("redis")  # a clean stop: the entry is in its AOF
+        expected, hint = f"site {settings.site}: Redis unreachable (", "is OBS_REDIS_URL right"
+    else:
+        redis_client.config_set("maxmemory", 1)
+        expected, hint = f"site {settings.site}: Redis is full (its maxmemory is reached)", "raise maxmemory"
     try:
         with instance_for_test() as instance:
-            with pytest.raises(SiteRedisTrouble) as tick:
-                buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+            context = build_sensor_context(instance=instance, resources={"obs_pipeline": resource})
+            if trouble == "down":
+                with pytest.raises(SiteRedisTrouble) as tick:
+                    buffer_sensor(context)
+                assert str(tick.value).startswith(expected) and hint in str(tick.value), tick.value
+                assert tick.value.__cause__ is None and len(str(tick.value).splitlines()) == 1
+            else:  # reading needs no room: the tick launches the run, which says why it cannot claim
+                assert isinstance(buffer_sensor(context), RunRequest)
         result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST,
                                                  raise_on_error=False)
     finally:
-        stack.start_service("redis")
-    expected = f"site {settings.site}: Redis unreachable ("
-    assert str(tick.value).startswith(expected) and "is OBS_REDIS_URL right" in str(tick.value), tick.value
-    assert tick.value.__cause__ is None and len(str(tick.value).splitlines()) == 1
+        if trouble == "down":
+            stack.start_service("redis")
+        else:
+            redis_client.config_set("maxmemory", limit)
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     description = failure.event_specific_data.user_failure_data.description
-    assert description.startswith(expected) and "is OBS_REDIS_URL right" in description, description
+    assert description.startswith(expected) and hint in description, description
     retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
     assert len(retries) == 3  # the op's retry policy still waits for Redis to come back
 
