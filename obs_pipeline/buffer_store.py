@@ -446,6 +446,11 @@ class BufferStore:
     def release_lease(self, token: str) -> None:
         self._release(keys=[self.keys.lease], args=[token])
 
+    def lease_left_s(self) -> float | None:
+        """Seconds until the drain lease expires unless its holder renews it; None when free."""
+        left_ms = self.redis.pttl(self.keys.lease)  # -2: no such key
+        return None if left_ms == -2 else max(left_ms, 0) / 1000
+
     def lease_holder(self) -> str | None:
         raw = self.redis.get(self.keys.lease)
         return raw.decode() if raw else None

@@ -39,7 +39,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     stack = _stack(args)
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)
-        from obs_pipeline.dev import own_command
+        from obs_pipeline.config import own_command
 
         print(f"local stack up in {stack.directory}; `eval \"$({own_command()} stack env --dir "
               f"{shlex.quote(str(stack.directory))})\"` to use it", file=sys.stderr)
@@ -145,9 +145,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 # --- status ---------------------------------------------------------------------------------
 
-# `status` exits by the site's health: 0 healthy, 3 degraded (an operator should look: dead
-# letters, an old backlog, a full Redis, a local spool), 4 unhealthy (main or the replica does not
-# answer). 1 is any error that left no report (Redis down), 2 a usage error, as for every command.
+# `status --check` exits by the site's health: 0 healthy, 3 degraded (an operator should look:
+# dead letters, an old backlog, a full Redis, a local spool), 4 unhealthy (main or the replica does
+# not answer); `status` exits 0 once it printed the report. 1 is any error that left no report
+# (Redis down), 2 a usage error, as for every command.
 STATUS_EXIT = {"healthy": 0, "degraded": 3, "unhealthy": 4}
 
 
@@ -190,8 +191,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  buffer {buf['size']}, processing {buf['processing']}, retrying {buf['retrying']}, "
               f"failed {buf['failed']}, oldest pending {_age(buf['oldest_pending_seconds'])}")
         print(f"  drain {proc['status']}, last run {proc['last_run'] or 'never'}, processed {proc['transactions_processed']}")
-        print(f"  replication lag {_age(lag.get('seconds'))}, {lag.get('bytes')} bytes "
-              f"(main {lag.get('main_lsn')}, replica {lag.get('replica_lsn')}, "
+        print(f"  replication lag {_age(lag.get('seconds'))}, {lag.get('bytes', 'unknown')} bytes "
+              f"(main {lag.get('main_lsn') or 'none'}, replica {lag.get('replica_lsn') or 'none'}, "
               f"{lag.get('awaiting_batches')} batches awaiting)")
         local = report["local_spool"]
         print(f"  local spool {local['pending']}, oldest {_age(local['oldest_seconds'])} ({local['file']})"
@@ -284,8 +285,8 @@ def cmd_failed(args: argparse.Namespace) -> int:
 
 
 def _one_id(args: argparse.Namespace) -> str:
-    if not args.id:
-        args.usage(f"`failed {args.action}` needs a transaction id")
+    if not args.id or args.all:  # (--all was ignored: `discard ID --all` acted on one letter)
+        args.usage(f"`failed {args.action}` takes one transaction id")
     return args.id
 
 
@@ -373,7 +374,11 @@ def _latency_ms(text: str) -> int:
     from obs_pipeline.stack.local_stack import checked_latency
 
     try:
-        return checked_latency(int(text) if text.lstrip("-").isdigit() else text)
+        value: int | str = int(text)
+    except ValueError:
+        value = text  # refused below, quoted as given
+    try:
+        return checked_latency(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Mapping
 
 
@@ -14,6 +17,23 @@ class ConfigError(RuntimeError):
 DEFAULT_SITE = "observatory"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODELS = "obs_pipeline.models:Base"
+
+
+def installed_script(name: str) -> str:
+    """A console script of this installation (its venv's bin is often not on PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def own_command() -> str:
+    """This installation's `obs-pipeline` as a shell can run it, for the hints printed: one
+    naming it bare ran nothing outside the venv (or another installation's)."""
+    return shlex.quote(installed_script("obs-pipeline"))
+
+
+def stack_env_hint() -> str:
+    """How to set the OBS_* variables for the local stack, for messages that miss one."""
+    return f'`eval "$({own_command()} stack env)"`'
 
 
 @dataclass(frozen=True)
@@ -49,7 +69,7 @@ class Settings:
         if not self.main_db_url:
             raise ConfigError(
                 "OBS_MAIN_DB_URL is not set: the drain needs the main database "
-                "(e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
+                f"(e.g. {stack_env_hint()} for the local stack)"
             )
         return _postgresql_url("OBS_MAIN_DB_URL", self.main_db_url)
 
@@ -57,7 +77,7 @@ class Settings:
         if not self.replica_db_url:
             raise ConfigError(
                 "OBS_REPLICA_DB_URL is not set: replication tracking and smart queries need the "
-                "site's read replica (e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)"
+                f"site's read replica (e.g. {stack_env_hint()} for the local stack)"
             )
         return _postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
 

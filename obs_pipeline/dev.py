@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from obs_pipeline.config import installed_script, own_command
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.osutil import port_holder, port_is_free
 
@@ -34,18 +35,6 @@ def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | 
     shutil.copyfile(DAGSTER_YAML, home / "dagster.yaml")
     env["DAGSTER_HOME"] = str(home)
     return env
-
-
-def installed_script(name: str) -> str:
-    """A console script of this installation (its venv's bin is often not on PATH)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def own_command() -> str:
-    """This installation's `obs-pipeline` as a shell can run it, for the hints printed: one
-    naming it bare ran nothing outside the venv (or another installation's)."""
-    return shlex.quote(installed_script("obs-pipeline"))
 
 
 def start_dagster(env: dict[str, str], port: int, log_dir: Path, started: list[subprocess.Popen]) -> None:

@@ -276,9 +276,11 @@ class Drain:
             if self.token:
                 return
             if time.monotonic() >= deadline:
-                left_ms = self.store.redis.pttl(self.store.keys.lease)  # that drain's TTL, not ours
+                left_s = self.store.lease_left_s()  # that drain's TTL, not ours
+                if left_s is None:  # released since: take it
+                    continue
                 raise DrainBusy(f"another drain holds the lease of site {self.settings.site!r} "
-                                f"(key {self.store.keys.lease}); it expires in {max(left_ms, 0) / 1000:.0f} s "
+                                f"(key {self.store.keys.lease}); it expires in {left_s:.0f} s "
                                 "unless that drain renews it")
             time.sleep(0.5)
 

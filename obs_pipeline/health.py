@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.config import stack_env_hint
 from obs_pipeline.spool import Spool
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
@@ -40,7 +41,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     unset = [name for name, engine in (("OBS_MAIN_DB_URL", main), ("OBS_REPLICA_DB_URL", replica)) if engine is None]
     if unset:  # "healthy" would claim what was not looked at (a monitor run without the site's environment)
         problems.append(f"replication not checked: {' and '.join(unset)} not set "
-                        "(`eval \"$(obs-pipeline stack env)\"` for the local stack)")
+                        f"({stack_env_hint()} for the local stack)")
     if lag.get("error"):
         problems.append(lag["error"])
     elif lag["seconds"] > REPLICA_STUCK_AFTER_S and lag.get("replica_behind_oldest_batch"):

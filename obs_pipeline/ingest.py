@@ -25,7 +25,7 @@ from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
-                               validate, without_own_key)
+                               validate)
 
 __all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "ConfigError", "SpoolError",
            "RedisUnreadable", "ReplicaUnreadable"]
@@ -64,8 +64,8 @@ class TransactionBuilder:
     def update(self, model: str, record_id_: Any, values: dict[str, Any]) -> None:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
-        data = normalize_values(spec, without_own_key(spec, _as_dict(values, model), rid), creating=False,
-                                where=f"update of {model} {rid}")
+        data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}",
+                                record=rid)
         if not data:
             raise InvalidTransaction(f"update of {model} {rid} sets no column")
         self._add_step("update", spec.name, data, {spec.primary_key: rid})

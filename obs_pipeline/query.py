@@ -57,7 +57,7 @@ from sqlalchemy.dialects import postgresql
 
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore
-from obs_pipeline.config import ConfigError
+from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
                                          is_single_precision, parse_interval)
 from obs_pipeline.wire import record_id
@@ -325,7 +325,7 @@ class SmartQuery:
     def _require_replica(self) -> None:
         if not self.replica_url:
             raise ConfigError("OBS_REPLICA_DB_URL is not set: smart queries (get/search) need the site's read "
-                              "replica (e.g. `eval \"$(obs-pipeline stack env)\"` for the local stack)")
+                              f"replica (e.g. {stack_env_hint()} for the local stack)")
 
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
         names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them

@@ -227,8 +227,11 @@ def _where(tx_id: str, index: int) -> str:
 
 # --- validation against the models --------------------------------------------------------
 
-def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool, where: str) -> dict[str, Any]:
-    """Check each value against its column; return the JSON form. Raises InvalidTransaction."""
+def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool, where: str,
+                     record: str | int | None = None) -> dict[str, Any]:
+    """Check each value against its column; return the JSON form. Raises InvalidTransaction.
+    `record`: the id an update is of. Its values may repeat it unchanged (a record as `get`
+    returned it, passed back; a producer sending the whole row): left out, as it changes nothing."""
     converters = model.converters
     out = {}
     for name, value in values.items():
@@ -239,6 +242,8 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
                 f"{where}: {model.name} has no column {name!r} (columns: {', '.join(model.columns)})"
             ) from None
         if not creating and name == model.primary_key:
+            if record is not None and _is_key(model, value, record):
+                continue
             raise InvalidTransaction(f"{where}: the id of {model.name} cannot be changed by an update")
         if value is None:  # ColumnSpec.check's test, made here (see ModelSpec.converters)
             if name in model.not_null:
@@ -263,6 +268,14 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
     return out
 
 
+def _is_key(model: ModelSpec, value: Any, record: str | int) -> bool:
+    """`value` names the record `record` (an upper-case uuid does too)."""
+    try:
+        return value is not None and model.columns[model.primary_key].check(value) == record
+    except ValueError:
+        return False
+
+
 def _missing(model: ModelSpec, out: dict[str, Any]) -> str:
     """(Apart from normalize_values: a comprehension there would make `model` and `out` cells,
     created at every call.)"""
@@ -278,20 +291,6 @@ def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where
                 out[name] = model.columns[name].check(compute(out))
             except ValueError as exc:
                 raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
-
-
-def without_own_key(model: ModelSpec, values: Any, rid: str | int) -> Any:
-    """An update's values without the record's own key where they repeat it unchanged: a whole
-    record passed back (as `get` returned it, or a producer sending the full row) changes no
-    key. A key that differs stays, for normalize_values to refuse."""
-    pk = model.primary_key
-    if not isinstance(values, dict) or values.get(pk) is None:
-        return values
-    try:
-        same = model.columns[pk].check(values[pk]) == rid
-    except ValueError:
-        return values
-    return {k: v for k, v in values.items() if k != pk} if same else values
 
 
 def record_id(model: ModelSpec, value: Any, where: str) -> str | int:
@@ -334,10 +333,10 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
                 )
             step.conditions = {model.primary_key: record_id(model, step.conditions[model.primary_key], where)}
             if step.operation == "update":
-                step.data = without_own_key(model, step.data, step.conditions[model.primary_key])
+                step.data = normalize_values(model, step.data, creating=False, where=where,
+                                             record=step.conditions[model.primary_key])
                 if not step.data:
                     raise InvalidTransaction(f"{where}: an update needs at least one column in `data`")
-                step.data = normalize_values(model, step.data, creating=False, where=where)
             elif step.data:
                 raise InvalidTransaction(f"{where}: a delete takes no `data`")
     return tx
@@ -355,7 +354,7 @@ def steps_in_order(tx: Transaction) -> list[Step]:
     """Steps sorted so each comes after its dependencies (stable); bad graphs raise."""
     seen: set[str] = set()
     for step in tx.steps:  # the usual case, and every builder-made transaction: already in order
-        if not seen.issuperset(step.dependencies) or step.step_id in seen:
+        if not seen.issuperset(step.dependencies):
             break
         seen.add(step.step_id)
     else:
@@ -370,7 +369,8 @@ def _sorted_steps(tx: Transaction) -> list[Step]:
     Steps may share a step id: seed 000's builder takes one from its caller
     (`step_id="create_file"` for each file, say) and its executor applies the steps in their
     order, so such a producer's transaction is applied as listed. A dependency on a shared id
-    waits for every step of that id (but a step never waits for itself)."""
+    means the steps of that id listed before the dependent one (all the others if none is: a
+    producer may list children first); a step that depends on its own id alone is a cycle."""
     by_id: dict[str, list[int]] = {}
     for index, step in enumerate(tx.steps):
         by_id.setdefault(step.step_id, []).append(index)
@@ -393,9 +393,13 @@ def _sorted_steps(tx: Transaction) -> list[Step]:
             )
         visiting.add(index)
         for dep in step.dependencies:
-            for other in by_id[dep]:
-                if other != index:
-                    visit(other)
+            meant = [other for other in by_id[dep] if other < index] or [
+                other for other in by_id[dep] if other != index]
+            if not meant:  # its own id, and no other step has it
+                raise InvalidTransaction(
+                    f"transaction {tx.transaction_id}: steps depend on each other in a cycle at {step.step_id!r}")
+            for other in meant:
+                visit(other)
         visiting.discard(index)
         done.add(index)
         ordered.append(step)

@@ -25,7 +25,7 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 
-from obs_pipeline.dev import installed_script
+from obs_pipeline.config import installed_script
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.stack import LocalStack
@@ -445,8 +445,9 @@ def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(
      "latency must be a whole number of milliseconds from 0 to 5000 (each way; 0 removes the proxy), not '1.5'"),
     (["dev", "--main-latency-ms", "-1"], "obs-pipeline dev: error: argument --main-latency-ms: main "
      "latency must be a whole number of milliseconds from 0 to 5000 (each way; 0 removes the proxy), not -1"),
-    (["failed", "show"], "obs-pipeline failed: error: `failed show` needs a transaction id"),
-    (["failed", "discard"], "obs-pipeline failed: error: `failed discard` needs a transaction id"),
+    (["failed", "show"], "obs-pipeline failed: error: `failed show` takes one transaction id"),
+    (["failed", "discard"], "obs-pipeline failed: error: `failed discard` takes one transaction id"),
+    (["failed", "discard", "obs-1", "--all"], "obs-pipeline failed: error: `failed discard` takes one transaction id"),
     (["failed", "retry"], "obs-pipeline failed: error: give one transaction id or --all"),
     (["failed", "list", "obs-1"], "obs-pipeline failed: error: `failed list` lists them all: `failed show ID` shows one"),
 ])

@@ -30,7 +30,8 @@ from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dagster_defs import sensors
 from obs_pipeline.dagster_defs.sensors import buffer_sensor
 from obs_pipeline.definitions import defs
-from obs_pipeline.dev import installed_script, dagster_environment, stop_processes
+from obs_pipeline.config import installed_script
+from obs_pipeline.dev import dagster_environment, stop_processes
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json

@@ -11,7 +11,7 @@ from sqlalchemy import exc
 from obs_pipeline.apply import fold, is_transient
 from obs_pipeline.lsn import int_to_lsn, lsn_to_int
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import RowWrite, Transaction, created_ids, referenced_ids, steps_in_order, validate
+from obs_pipeline.wire import RowWrite, Step, Transaction, created_ids, referenced_ids, steps_in_order, validate
 from obs_pipeline_tests.examples import seed_example
 
 REGISTRY = ModelRegistry.from_path("obs_pipeline.models:Base")
@@ -107,6 +107,35 @@ def test_dependencies_are_reordered_and_checked():
     doc["steps"][0]["dependencies"] = ["nope"]
     with pytest.raises(InvalidTransaction, match="depends on unknown step 'nope'"):
         validate(Transaction.from_dict(doc), REGISTRY)
+
+
+def _order(*steps: tuple[str, list[str]]) -> list[int]:
+    """steps_in_order of steps given as (step_id, dependencies), as their listed places."""
+    tx = Transaction("t", "e", "s", "", steps=[
+        Step(step_id, "create", "ObsUnit", {"n": place}, {}, deps, None) for place, (step_id, deps) in enumerate(steps)])
+    return [step.data["n"] for step in steps_in_order(tx)]
+
+
+@pytest.mark.parametrize("steps, order", [
+    # a producer reusing a step id (seed 000's builder takes it from its caller): as listed
+    ([("file", []), ("file", ["file"]), ("file", ["file"])], [0, 1, 2]),
+    ([("x", []), ("y", ["x"]), ("x", ["y"])], [0, 1, 2]),  # a dependency means the steps listed before
+    ([("f", ["f"]), ("f", [])], [1, 0]),  # none listed before it: the other steps of that id
+    # children listed first: each waits for its parents (both packages of one id)
+    ([("file", ["pkg"]), ("pkg", ["obs"]), ("pkg", ["obs"]), ("obs", [])], [3, 1, 2, 0]),
+])
+def test_steps_sharing_an_id_keep_their_listed_order_where_it_is_valid(steps, order):
+    assert _order(*steps) == order
+
+
+@pytest.mark.parametrize("steps", [
+    [("a", ["b"]), ("b", ["a"])],
+    [("a", ["a"])],  # its own id, and no other step has it
+    [("a", []), ("b", ["c"]), ("c", ["b"])],
+])
+def test_steps_that_depend_on_each_other_in_a_cycle_are_refused(steps):
+    with pytest.raises(InvalidTransaction, match="steps depend on each other in a cycle"):
+        _order(*steps)
 
 
 @pytest.mark.parametrize("mutate,message", [

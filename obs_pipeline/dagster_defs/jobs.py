@@ -29,7 +29,6 @@ from dagster import (
     op,
 )
 
-import redis
 import sqlalchemy as sa
 
 from obs_pipeline.apply import TransientError
@@ -207,7 +206,7 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         return {**earlier, "stopped_because": "another drain holds the lease", "lease_busy": True}
     except ConfigError as error:  # a Redis too old for the claim
         raise Failure(description=str(error), allow_retries=False) from error
-    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as error:
+    except Exception as error:  # Redis down, not answering or full: one line, and op retries
         trouble = redis_trouble(error)
         if trouble is None:
             raise

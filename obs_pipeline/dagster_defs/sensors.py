@@ -93,7 +93,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         work = store.work()
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
-        lease_ms = store.redis.pttl(store.keys.lease)  # -2: nobody holds it
+        lease_left_s = store.lease_left_s()  # None: nobody holds it
         later = _retries_not_due(store) if not any(work.values()) else ""
     except Exception as error:
         trouble = redis_trouble(error)
@@ -108,7 +108,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
     running = [r for r in context.instance.get_run_records(
         filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
         if r.dagster_run.tags.get(SITE_TAG, site) == site]
-    dead = _dead_runs(context.instance, running, lease_free=lease_ms == -2)
+    dead = _dead_runs(context.instance, running, lease_free=lease_left_s is None)
     for record in dead:  # tagged first: the failed-run pause is for runs that failed on a cause
         context.instance.add_run_tags(record.dagster_run.run_id, {WORKER_GONE_TAG: record.dagster_run.run_id})
         context.instance.report_run_failed(record.dagster_run, (
@@ -133,9 +133,9 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if failed.tags.get(WORKER_GONE_TAG) != failed.run_id and wait > 0:
             return SkipReason(f"site {site}: drain run {failed.run_id} failed; "
                               f"the next in {wait:.0f} s (see that run's log)")
-    if lease_ms != -2:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
+    if lease_left_s is not None:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
         return SkipReason(f"site {site}: the drain lease is held outside this Dagster's runs in flight "
-                          f"(`obs-pipeline drain`, or a run that died), for {max(lease_ms, 0) / 1000:.0f} s more "
+                          f"(`obs-pipeline drain`, or a run that died), for {lease_left_s:.0f} s more "
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
