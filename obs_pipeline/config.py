@@ -1,4 +1,5 @@
-"""Settings from the environment, read when asked for, never at import time."""
+"""Settings from the environment, read when asked for, never at import time; and how messages
+name this installation's `obs-pipeline` when they tell an operator to set them."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import copy
 import datetime as dt
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from obs_pipeline import json_codec
 from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec, json_value
@@ -242,7 +242,7 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
                 f"{where}: {model.name} has no column {name!r} (columns: {', '.join(model.columns)})"
             ) from None
         if not creating and name == model.primary_key:
-            if record is not None and _is_key(model, value, record):
+            if record is not None and _names(convert, value, record):
                 continue
             raise InvalidTransaction(f"{where}: the id of {model.name} cannot be changed by an update")
         if value is None:  # ColumnSpec.check's test, made here (see ModelSpec.converters)
@@ -268,10 +268,10 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
     return out
 
 
-def _is_key(model: ModelSpec, value: Any, record: str | int) -> bool:
-    """`value` names the record `record` (an upper-case uuid does too)."""
+def _names(convert: Callable[[Any], Any], value: Any, record: str | int) -> bool:
+    """`value`, a key column's, names the record `record` (an upper-case uuid does too)."""
     try:
-        return value is not None and model.columns[model.primary_key].check(value) == record
+        return value is not None and convert(value) == record
     except ValueError:
         return False
 
@@ -393,12 +393,11 @@ def _sorted_steps(tx: Transaction) -> list[Step]:
             )
         visiting.add(index)
         for dep in step.dependencies:
-            meant = [other for other in by_id[dep] if other < index] or [
-                other for other in by_id[dep] if other != index]
-            if not meant:  # its own id, and no other step has it
-                raise InvalidTransaction(
-                    f"transaction {tx.transaction_id}: steps depend on each other in a cycle at {step.step_id!r}")
-            for other in meant:
+            places = by_id[dep]
+            earlier = [other for other in places if other < index]
+            # none listed before: the others of that id (children listed first); its own id
+            # alone: itself, which `visiting` refuses as a cycle
+            for other in earlier or [other for other in places if other != index] or [index]:
                 visit(other)
         visiting.discard(index)
         done.add(index)
