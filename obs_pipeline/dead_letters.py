@@ -98,7 +98,12 @@ class DeadLetters:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
         caches, overlays and its marks in `held_ids`; what it blocked stays dead-lettered (retry or
         discard those too). Returns how many letters went (copies of one push are several)."""
-        return self._while_unchanged(lambda pipe: self._discard(pipe, ref))
+        return self.discard_each([ref])[0]
+
+    def discard_each(self, refs: list[str]) -> list[int]:
+        """`discard` of each, all named in one reading of the list and dropped in one MULTI: one
+        that names no letter changes nothing (UnknownTransaction), not the ones before it."""
+        return self._while_unchanged(lambda pipe: self._discard(pipe, refs))
 
     def _while_unchanged(self, act: Any) -> Any:
         """Run `act(pipe)`: it reads the list on `pipe`, which WATCHes it, then queues its writes in
@@ -218,28 +223,33 @@ class DeadLetters:
                                      f"failed list` ({places}), after `failed show #N`")
         return copies
 
-    def _discard(self, pipe: Any, ref: str) -> int:
+    def _discard(self, pipe: Any, refs: list[str]) -> list[int]:
         letters = self.list(pipe)
-        copies = self._meant(ref, letters, "discard")
-        letter = copies[0]
-        tx = _parse(letter.doc)
-        try:  # a transaction that does not validate was never cached: nothing more to remove
-            footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
-        except InvalidTransaction:
-            footprint = None
+        meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
+        removed, taken = [], set()  # taken: id() of the letters already queued for removal
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
         pipe.multi()
-        for copy in copies:
-            pipe.lrem(self.keys.failed, 1, copy.raw)
-        if letter.transaction_id and not letter.reused_id:  # (a reused id's are the applied one's)
-            pipe.delete(self.keys.transaction(letter.transaction_id))
-        if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
-            self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
-        if footprint and not letter.reused_id:
-            self.store.forget(footprint, pipe)
+        for copies in meant:
+            letter = copies[0]
+            if id(letter) in taken:  # named twice (by its id and by its place)
+                continue
+            taken.update(map(id, copies))
+            removed += copies
+            tx = _parse(letter.doc)
+            try:  # a transaction that does not validate was never cached: nothing more to remove
+                footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
+            except InvalidTransaction:
+                footprint = None
+            if letter.transaction_id and not letter.reused_id:  # (a reused id's are the applied one's)
+                pipe.delete(self.keys.transaction(letter.transaction_id))
+            if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
+                self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
+            if footprint and not letter.reused_id:
+                self.store.forget(footprint, pipe)
+        _remove(pipe, self.keys.failed, letters, removed)
         pipe.execute()
-        return len(copies)
+        return [len(copies) for copies in meant]
 
 
 def _by_place(ref: str, letter: DeadLetter) -> bool:

@@ -481,6 +481,24 @@ def dead_letters_of(settings, client):
     return DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
 
 
+def test_discarding_many_letters_at_once_keeps_the_others_in_their_order(settings, redis_client):
+    """More than ten letters go by writing the list anew (as a large retry does): the ones not
+    named stay, oldest first, and each named one's status goes with it."""
+    keys = SiteKeys(settings.site)
+    ids = []
+    for unit in range(14):
+        doc, _ = seed_example(settings.site, obs_unit_id=unit)
+        doc["failure"] = {"reason": "test", "kind": "permanent"}
+        redis_client.lpush(keys.failed, json.dumps(doc))  # the drain pushes the newest at the head
+        redis_client.set(keys.transaction(doc["transaction_id"]), json.dumps(doc))
+        ids.append(doc["transaction_id"])
+    letters = dead_letters_of(settings, redis_client)
+    named = ids[1:13:2] + ids[2:13:2]  # twelve of fourteen, out of order
+    assert letters.discard_each(named) == [1] * 12
+    assert [letter.transaction_id for letter in letters.list()] == [ids[0], ids[13]]
+    assert [bool(redis_client.exists(keys.transaction(i))) for i in ids] == [True] + [False] * 12 + [True]
+
+
 @pytest.mark.usefixtures("clean_db")
 @pytest.mark.parametrize("first, then", [("discard", "retry"), ("retry", "discard"), ("retry", "retry")])
 def test_two_operators_acting_on_one_dead_letter_at_once_do_it_once(settings, redis_client, monkeypatch,

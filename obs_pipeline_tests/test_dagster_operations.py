@@ -31,6 +31,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from obs_pipeline.dagster_defs import operations
 from obs_pipeline.dagster_defs.jobs import drain_buffer
 from obs_pipeline.dagster_defs.operations import (
+    discard_dead_letters,
     no_dead_letters,
     prune_applied_transactions,
     prune_run_history,
@@ -233,6 +234,10 @@ def test_prune_removes_only_this_sites_old_applied_records(settings, resource, m
      "set either `all: true` or a list of `transaction_ids`"),
     (retry_dead_letters, {"requeue_dead_letters": {"config": {"transaction_ids": ["no-such-id"]}}},
      "no dead-lettered transaction 'no-such-id' at site "),
+    (discard_dead_letters, {"drop_dead_letters": {"config": {"transaction_ids": []}}},
+     "list the `transaction_ids` to discard (`obs-pipeline failed list` shows them)"),
+    (discard_dead_letters, {"drop_dead_letters": {"config": {"transaction_ids": ["no-such-id"]}}},
+     "no dead-lettered transaction 'no-such-id' at site "),
     (prune_applied_transactions, {"prune_applied_records": {"config": {"older_than_days": 0}}},
      "older_than_days must be at least 1"),
     (prune_run_history, {"delete_old_runs": {"config": {"older_than_days": 0}}},
@@ -373,6 +378,49 @@ def test_each_drain_and_retry_run_evaluates_the_no_dead_letters_check(settings, 
     assert [c.passed for c in evaluations(retried)] == [True]
     assert [c.passed for c in evaluations(drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
                                                                           run_config=FAST))] == [True]
+
+
+def test_the_discard_job_drops_the_letters_named_all_or_none_and_evaluates_the_check(
+        settings, resource, redis_client, main_engine):
+    """Operators work dead letters in the UI; discarding one took the CLI. The job drops every
+    letter named, with its status, caches and dead marks, in one MULTI: a list with an id not in
+    the dead-letter list fails the run and drops none (not the ids before it)."""
+    keys = SiteKeys(settings.site)
+    docs = []
+    for unit in (4244, 4245):  # no such obs units on main: both dead-lettered
+        doc, _ = seed_example(settings.site, obs_unit_id=unit)
+        doc["max_retries"] = 0
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+        docs.append(doc)
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    first, second = (doc["transaction_id"] for doc in docs)
+    assert redis_client.llen(keys.failed) == 2 and redis_client.hlen(keys.held_ids) > 0
+
+    def discard(ids):
+        return discard_dead_letters.execute_in_process(
+            resources={"obs_pipeline": resource}, raise_on_error=False,
+            run_config={"ops": {"drop_dead_letters": {"config": {"transaction_ids": ids}}}})
+
+    def check_passed(result):
+        return [e.event_specific_data.passed for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+
+    refused = discard([first, "no-such-id"])
+    assert not refused.success
+    assert redis_client.llen(keys.failed) == 2 and redis_client.exists(keys.transaction(first))
+
+    dropped = discard([first])
+    assert dropped.success and check_passed(dropped) == [False]  # the second is still listed
+    assert not redis_client.exists(keys.transaction(first)) and redis_client.exists(keys.transaction(second))
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [second]
+
+    dropped = discard([second, "#1"])  # one letter named twice, by its id and by its place
+    assert dropped.success and check_passed(dropped) == [True]
+    assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
+    assert not redis_client.exists(keys.transaction(second))
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    with main_engine.connect() as conn:  # discarded: neither reached main
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 0
 
 
 # --- Dagster's own history ---------------------------------------------------------------------

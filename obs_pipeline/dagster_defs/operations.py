@@ -1,4 +1,4 @@
-"""Operator jobs: requeue dead-lettered transactions from the UI, prune applied-id records on
+"""Operator jobs: requeue or discard dead-lettered transactions from the UI, prune applied-id records on
 main (kept a week: far longer than any batch can wait to be reclaimed), and prune Dagster's
 own history of this project's runs (kept 30 days), which the sensor's runs would grow for ever."""
 
@@ -68,6 +68,34 @@ def retry_dead_letters():
     requeue_dead_letters()
 
 
+class DiscardDeadLettersConfig(Config):
+    transaction_ids: List[str]  # no `all`: each letter dropped for good is one an operator has read
+
+
+@op
+def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersConfig,
+                      obs_pipeline: ObsPipelineResource) -> None:
+    """`obs-pipeline failed discard` of each, in one MULTI: an id not listed changes nothing."""
+    if not config.transaction_ids:
+        raise Failure(description="list the `transaction_ids` to discard (`obs-pipeline failed list` shows them)")
+    letters = obs_pipeline.dead_letters()
+    try:
+        counts = letters.discard_each(config.transaction_ids)
+        context.log.info("discarded " + ", ".join(
+            ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
+            for ref, n in zip(config.transaction_ids, counts)))
+        context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+    except (UnknownTransaction, ListKeepsChanging) as error:  # as in requeue_dead_letters
+        raise Failure(description=str(error)) from error
+    finally:
+        letters.store.redis.close()
+
+
+@job(executor_def=in_process_executor)
+def discard_dead_letters():
+    drop_dead_letters()
+
+
 class PruneConfig(Config):
     older_than_days: float = 7.0
 
@@ -98,7 +126,8 @@ prune_schedule = ScheduleDefinition(job=prune_applied_transactions, cron_schedul
 
 # Runs of these jobs are pruned: every job of `defs` (test_dagster checks it), with the implicit
 # asset job that runs a check evaluated from the UI. Other jobs' runs in the instance are left alone.
-HISTORY_JOBS = ("drain_buffer", "retry_dead_letters", "prune_applied_transactions", "prune_run_history",
+HISTORY_JOBS = ("drain_buffer", "retry_dead_letters", "discard_dead_letters", "prune_applied_transactions",
+                "prune_run_history",
                 "__ASSET_JOB")
 FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 HISTORY_CHUNK = 100  # run records read at a time
