@@ -32,7 +32,8 @@ Filters: equality, a list for "any of" (None in it matches null), None for IS NU
 `{op: value}` comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered
 columns). The replica runs them as SQL; buffered records are tested in Python with the same
 semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does, a
-`time with time zone` by instant then offset, a `real` at single precision: see _key).
+native enum by its labels' declared order, a `time with time zone` by instant then offset,
+a `real` at single precision: see _key).
 Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
@@ -641,6 +642,8 @@ def _key(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -
     """JSON form -> a value that compares like the database compares the column; `rounded`:
     a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places."""
     step = _fraction_step(type_) if rounded else None
+    if _native_enum(type_):
+        return functools.partial(_enum_order, order={label: i for i, label in enumerate(type_.enums)})
     if column.kind == "datetime":
         return _parse_utc if step is None else lambda v: _parse_utc(_datetime_rounded(v, step))
     if column.kind == "date":
@@ -657,6 +660,17 @@ def _key(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -
     if column.kind == "interval":
         return column.to_python if step is None else lambda v: column.to_python(_interval_rounded(v, step))
     return _same  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
+
+
+def _native_enum(type_: sa.types.TypeEngine) -> bool:
+    """A PostgreSQL enum type: ordered by its labels' declared order, not as text (and no
+    collation applies to it); a non-native Enum is VARCHAR, ordered as text."""
+    return isinstance(type_, sa.Enum) and bool(type_.native_enum)
+
+
+def _enum_order(value: Any, order: dict[str, int]) -> int:
+    """A native enum's label -> its place in the declaration, as PostgreSQL compares them."""
+    return order.get(value, len(order))
 
 
 def _as_real(value: Any) -> float:
@@ -777,7 +791,8 @@ def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: C
                                  f"({col.kind} is not); use == or a list")
     checked = col.check(value)
     compare = _COMPARISONS[op]
-    sql_column = column.collate("C") if col.kind == "str" and op not in ("==", "!=") else column
+    as_text = col.kind == "str" and op not in ("==", "!=") and not _native_enum(column.type)
+    sql_column = column.collate("C") if as_text else column
     compiled.sql.append(compare(sql_column, _bound(col, key, checked)))
     return [(compare, key(checked))]
 

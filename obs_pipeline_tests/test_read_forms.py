@@ -274,6 +274,27 @@ def test_enum_of_a_python_enum_class_reads_its_label_buffered_and_replicated(for
     buf.close()
 
 
+def test_a_native_enum_is_ordered_by_its_labels_declared_order_buffered_and_replicated(forms):
+    """PostgreSQL orders a native enum by the order its labels were declared in (Band: low,
+    then high), a non-native one (VARCHAR) as text. `{"band": {"<": "high"}}` failed on the
+    replica with a raw ProgrammingError (`collations are not supported by type ...`: the
+    statement compared it COLLATE "C", as text), and buffered records were tested as text."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        ids = [tx.create("Graded", {"band": band, "plain": band})["id"] for band in ("low", "high")]
+    filters = [{"band": {"<": "high"}}, {"band": {">": "low"}}, {"band": {">=": "low", "<=": "high"}},
+               {"band": {"!=": "low"}}, {"band": ["high"]}, {"plain": {"<": "low"}}]
+
+    def read() -> dict:
+        return {str(f): sorted(ids.index(r["id"]) for r in buf.search("Graded", {"id": ids, **f})) for f in filters}
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated == {str(f): found for f, found in zip(filters, ([0], [1], [0, 1], [1], [1], [1]))}
+    buf.close()
+
+
 COARSE = [("2025-01-01T00:00:00.6Z", "12:00:00.6", "PT1.6S"),
           ("1999-12-31T23:59:59.5Z", "23:59:59.6", "P-1DT23H59M59.5S"),  # (before PostgreSQL's epoch: down)
           ("2000-01-01T00:00:00.5Z", "00:00:00.4", "P1DT23H59M59.5S")]
