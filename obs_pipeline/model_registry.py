@@ -66,6 +66,8 @@ class ColumnSpec:
         else:
             convert = _convert(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
                                self.numeric)
+        if self.kind == "float" and (self.primary_key or self.foreign_key):
+            convert = _float_key(convert, self.numeric)
         object.__setattr__(self, "convert", convert)
         object.__setattr__(self, "check", _checker(convert, nullable=not self.not_null))
 
@@ -554,6 +556,21 @@ def _float_json(value: Any) -> float | int:
             return float(value)
         raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
     raise ValueError(f"{value!r} is not a number")
+
+
+def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None) -> Callable[[Any], float]:
+    """A float column that names a row (its key, or a foreign key to one) takes the value main
+    stores: a float, rounded to a NUMERIC(p, s)'s s places. Records are filed under their key's
+    text, and the replica's row reads as "5.0" or "1.23": kept as given (5, 1.234), a buffered
+    record, its overlays and its replicated row went under different ids."""
+    step = None if numeric is None else decimal.Decimal(1).scaleb(-numeric[1])
+
+    def check(value: Any) -> float:
+        value = convert(value)
+        if step is not None:
+            value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP)
+        return float(value)
+    return check
 
 
 # Main reads a REAL's value from its text (the repr the drain sends) and refuses one that rounds

@@ -622,8 +622,8 @@ def _sort_key(spec: ModelSpec) -> Callable[[str], Any]:
 def _pk(spec: ModelSpec, value: Any) -> Any:
     """An id (as given, or the text form the index holds) -> the value bound to the statement."""
     column = spec.columns[spec.primary_key]
-    if column.kind == "int" and isinstance(value, str):
-        value = int(value)
+    if column.kind in ("int", "float") and isinstance(value, str):
+        value = int(value) if column.kind == "int" else float(value)
     return column.to_python(column.check(value))
 
 

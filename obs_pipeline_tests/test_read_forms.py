@@ -71,6 +71,14 @@ class Coarse(Base):
     of_day: Mapped[object] = mapped_column(TIME(precision=0), nullable=True)
     span: Mapped[object] = mapped_column(INTERVAL(precision=0), nullable=True)
 
+
+class Numbered(Base):
+    """A NUMERIC(10, 2) key the site gives: the replica gives it as a Decimal, read as a float."""
+    __tablename__ = "read_forms_numbered"
+
+    key: Mapped[object] = mapped_column(Numeric(10, 2), primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
     create_schema(main_engine, ModelRegistry.from_path(MODELS))
@@ -292,6 +300,35 @@ def test_a_native_enum_is_ordered_by_its_labels_declared_order_buffered_and_repl
     drain_until_empty(forms)
     replicated = read()
     assert buffered == replicated == {str(f): found for f, found in zip(filters, ([0], [1], [0, 1], [1], [1], [1]))}
+    buf.close()
+
+
+def test_a_numeric_key_names_its_record_the_same_buffered_and_replicated(forms):
+    """A NUMERIC key given as an integer (5), or with more places than the column keeps
+    (1.234): the buffered record was filed under "5" and "1.234", the replica's row under
+    "5.0" and "1.23". Once replicated, get(5) and get(1.234) said None, an update of either was
+    refused as unknown, and a search whose filter an update of such a row sets raised a bare
+    ValueError ('5.0' is not a number)."""
+    buf = TransactionBuffer(settings=forms)
+    base = uuid.uuid4().int % 10**6 * 10  # (rows stay from test to test: a fresh key each time)
+    keys, note = (base, base + 1.234), f"n{base}"
+    with buf.transaction() as tx:
+        made = [tx.create("Numbered", {"key": key, "note": note})["key"] for key in keys]
+    expected = [{"key": float(base), "note": note}, {"key": base + 1.23, "note": note}]
+
+    def read(note: str) -> tuple[list, list]:
+        return [buf.get("Numbered", key) for key in keys], buf.search("Numbered", {"note": note})
+
+    buffered = read(note)
+    drain_until_empty(forms)
+    assert buffered == read(note) == ([{**row, "note": note} for row in expected], expected)
+    assert made == [row["key"] for row in expected]
+    for key in keys:  # overlays on the replicated rows
+        buf.update("Numbered", key, {"note": note + "+"})
+    assert read(note + "+") == ([{**row, "note": note + "+"} for row in expected],) * 2
+    assert buf.search("Numbered", {"note": note}) == []
+    drain_until_empty(forms)
+    assert read(note + "+") == ([{**row, "note": note + "+"} for row in expected],) * 2
     buf.close()
 
 
