@@ -36,6 +36,13 @@ log = logging.getLogger("obs_pipeline.drain")
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
 _FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
+# Main set to `synchronous_commit = off` (for its database, a role, the server) returns from
+# COMMIT before flushing it: the flush LSN read next may come before the commit, the replica
+# replays past it without the rows, and the drain would clean caches the reads still need (and
+# let go of transactions a crash of main then loses). Each batch's transaction flushes its
+# commit locally then (this, just before COMMIT); a stronger setting (`remote_apply`) stays.
+_FLUSHED_COMMIT = (b"SELECT set_config('synchronous_commit', 'local', true) "
+                   b"WHERE current_setting('synchronous_commit') = 'off'")
 _HAS_DIGEST_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
                    f"'{applied_transactions.name}') AND attname = 'steps_digest' AND NOT attisdropped)").encode()
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
@@ -242,7 +249,7 @@ class MainDatabase:
         except _UNWRITABLE:  # a value SQL cannot carry: the careful path finds whose it is
             return self._apply_carefully(cur, txs)
         try:
-            self._run(cur, [b"BEGIN", applied, *statements, b"COMMIT", _FLUSH_LSN])
+            self._run(cur, [b"BEGIN", applied, *statements, _FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
             if is_transient(error):
                 raise
@@ -282,7 +289,7 @@ class MainDatabase:
             result.reused_ids.append((tx, reason))
             claim_rows(blocked, written_ids(tx, self.registry), "!" + tx_id)  # ("!": dead, as in held_ids)
         self._bisect(cur, list(fresh.values()), result, blocked)
-        tail = [b"COMMIT", _FLUSH_LSN]
+        tail = [_FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN]
         if result.applied:
             tail.insert(0, self.sql.record_applied(cur, result.applied, self.site, self.records_digest))
         self._run(cur, tail)
