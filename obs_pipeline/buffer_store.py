@@ -280,16 +280,20 @@ def redis_trouble(error: BaseException) -> str | None:
 class RedisRefusesWrites(redis.ResponseError):
     """Redis refuses every write for now, and the script it refused kept nothing (the check is
     made at each write, so it refuses the first): it cannot persist (MISCONF: an RDB save or an
-    AOF write failed, a full disk say) or it is a read-only replica (READONLY: a failover)."""
+    AOF write failed, a full disk say), it is a read-only replica (READONLY: a failover), or it
+    has fewer good replicas than its `min-replicas-to-write` (NOREPLICAS: a replica down or lagging)."""
+
+
+_REFUSED_WRITES = ("MISCONF ", "READONLY ", "NOREPLICAS ")
 
 
 def redis_refuses_writes(error: BaseException) -> bool:
-    """MISCONF or READONLY, on their own or, from inside a Lua script on Redis 6, wrapped in the
+    """MISCONF, READONLY or NOREPLICAS, on their own or, from inside a Lua script, wrapped in the
     script's error."""
     if isinstance(error, (RedisRefusesWrites, redis.exceptions.ReadOnlyError)):
         return True
     text = str(error) if isinstance(error, redis.ResponseError) else ""
-    return text.startswith(("MISCONF ", "READONLY ")) or "-MISCONF " in text or "-READONLY " in text
+    return text.startswith(_REFUSED_WRITES) or any("-" + code in text for code in _REFUSED_WRITES)
 
 
 class LeaseLost(RuntimeError):
@@ -367,9 +371,9 @@ class BufferStore:
         hiredis: that cost Redis ~20 us less per call, but this thread 13-17 us more (seven
         replies to read), and four threads sharing a buffer (the GIL) a quarter of their throughput.
         A full Redis (maxmemory) refuses the script at its first write, so nothing is written,
-        and this raises OutOfMemoryError; one that cannot persist or is a read-only replica
-        refuses it likewise, and this raises RedisRefusesWrites (the spool takes the
-        transaction in both cases). A transaction
+        and this raises OutOfMemoryError; one that cannot persist, is a read-only replica or
+        lacks the replicas of its `min-replicas-to-write` refuses it likewise, and this raises
+        RedisRefusesWrites (the spool takes the transaction in both cases). A transaction
         already buffered (its status key exists) is left as it is: pushing one again is harmless."""
         args = [self.keys.prefix, transaction_id, tx_json, len(caches.created)]
         for triple in caches.created:

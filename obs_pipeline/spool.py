@@ -47,7 +47,8 @@ EXIT_PUSH_S = 2.0
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
-# or refusing writes for a while (it cannot persist, or it is a replica after a failover).
+# or refusing writes for a while (it cannot persist, it is a replica after a failover, or it
+# lacks the replicas its `min-replicas-to-write` asks for).
 REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
                         RedisRefusesWrites)
 

@@ -400,8 +400,17 @@ def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(
 @contextlib.contextmanager
 def redis_refusing_writes(redis_client, how: str, scratch):
     """Redis refuses writes until the block ends: it cannot persist (MISCONF: its RDB save
-    failed, as on a full disk; here its folder is gone) or it is a replica (READONLY, as after
-    a failover; here of a master that does not answer, so it keeps its data)."""
+    failed, as on a full disk; here its folder is gone), it is a replica (READONLY, as after
+    a failover; here of a master that does not answer, so it keeps its data), or it has fewer
+    good replicas than its `min-replicas-to-write` (NOREPLICAS: its replica is down or lags;
+    here it has none)."""
+    if how == "noreplicas":
+        redis_client.config_set("min-replicas-to-write", 1)
+        try:
+            yield
+        finally:
+            redis_client.config_set("min-replicas-to-write", 0)
+        return
     if how == "readonly":
         redis_client.execute_command("REPLICAOF", "127.0.0.1", str(pick_free_ports(1)[0]))
         try:
@@ -424,10 +433,11 @@ def redis_refusing_writes(redis_client, how: str, scratch):
         redis_client.config_set("save", saved[1])  # no save points: writes are taken again
 
 
-@pytest.mark.parametrize("how", ["misconf", "readonly"])
+@pytest.mark.parametrize("how", ["misconf", "readonly", "noreplicas"])
 def test_a_redis_that_refuses_writes_for_a_while_has_ingest_spool_them(settings, redis_client, main_engine,
                                                                         tmp_path, how):
-    """A Redis that cannot persist (MISCONF) or has become a replica (READONLY) refuses ingest's
+    """A Redis that cannot persist (MISCONF), has become a replica (READONLY) or lacks the good
+    replicas its `min-replicas-to-write` asks for (NOREPLICAS) refuses ingest's
     script at its first write, as a full one does. Ingest raised its ResponseError, and the
     observation was lost; now the calls succeed via the spool, nothing of them is in Redis, and
     once Redis takes writes again they are pushed in order and applied once."""
