@@ -39,8 +39,9 @@ RETRY_INTERVAL_S = 1.0
 MAX_RETRY_INTERVAL_S = 30.0
 # After Redis did not answer in time (a hang costs a call about 10 s: its connect and reply timeouts),
 # calls append to the spool without trying Redis for this long, and reads of what they spooled
-# skip it too; the flusher retries Redis meanwhile (a PING, outside the spool's lock), and its
-# first push that goes through ends the wait at once. Each failure of the flusher starts it anew.
+# skip it too; the flusher retries Redis meanwhile (a PING, outside the spool's lock, during which
+# the wait lasts), and its first push that goes through ends the wait at once. Each failure of
+# the flusher starts it anew.
 REDIS_RETRY_AFTER_S = 5.0
 # At interpreter exit, a script's spool is pushed if Redis takes it within this (see push_at_exit).
 EXIT_PUSH_S = 2.0
@@ -78,6 +79,7 @@ class Spool:
         self._flusher_lock = threading.Lock()  # guards _flusher_running (never held around a push)
         self._flusher_running = False
         self._redis_failed_at: float | None = None  # monotonic; see REDIS_RETRY_AFTER_S
+        self._probing = False  # the flusher's PING of a Redis that did not answer is out
         self._flush_store = flush_store
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
@@ -123,9 +125,12 @@ class Spool:
 
     def redis_failed_recently(self) -> bool:
         """Did Redis not answer (its connection or reply timed out) within the last
-        REDIS_RETRY_AFTER_S, with nothing pushed since? Calls then spool without trying it."""
+        REDIS_RETRY_AFTER_S, or since while the flusher's PING still waits for it, with nothing
+        pushed since? Calls then spool without trying it. (That PING waits up to its 5 s reply
+        timeout, as long as this wait: the wait lapsed before the PING's timeout renewed it, and a
+        call then asked the hung Redis itself, holding the spool's lock.)"""
         failed_at = self._redis_failed_at
-        return failed_at is not None and time.monotonic() - failed_at < REDIS_RETRY_AFTER_S
+        return failed_at is not None and (self._probing or time.monotonic() - failed_at < REDIS_RETRY_AFTER_S)
 
     def note_redis_failure(self, error: BaseException) -> None:
         """Only a timeout counts: it is what costs a call (a refused connection or a full Redis
@@ -346,6 +351,7 @@ class Spool:
                 try:
                     # Redis asked first outside the spool's lock: a push that hangs on it holds
                     # the lock, and every call of the script waits for it
+                    self._probing = self._redis_failed_at is not None
                     self._flush_store.redis.ping()
                 except REDIS_CANNOT_TAKE_IT as error:
                     self.note_redis_failure(error)
@@ -353,6 +359,8 @@ class Spool:
                     continue
                 except Exception:  # noqa: BLE001 -- the push below says what it is
                     pass
+                finally:
+                    self._probing = False
                 try:
                     empty = self.flush()
                 except Exception as error:  # noqa: BLE001 -- the thread must survive it

@@ -769,6 +769,40 @@ def test_after_redis_did_not_answer_calls_spool_without_waiting_for_it_again(set
     up.close()
 
 
+def test_while_the_flusher_retries_a_hung_redis_no_call_waits_for_it(settings, redis_client, main_engine):
+    """A hung Redis (SIGSTOP: the kernel still accepts connections, nothing answers). After the
+    first call's timeout, calls spool without asking it while the flusher retries it. But the
+    flusher's PING waits for its reply timeout (5 s) and renewed the wait when it timed out, every
+    6 s (1 s apart, then 5 s), so the 5 s wait lapsed a second before each renewal: a call then
+    asked the hung Redis itself and waited 5 s, holding the spool's lock (and every call of the
+    site's scripts on this host with it). Now the wait lasts while the flusher's PING is out."""
+    from obs_pipeline import spool as spool_module
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 1, finish_every=0)  # this thread's connection, open before the hang
+    pid = redis_client.info("server")["process_id"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first = buffer_observations(buf, 1, finish_every=0)  # waits for the reply timeout, then spooled
+        assert buf.spool.redis_failed_recently() and buf.spool.pending() == 1
+        # the moment the wait would lapse (while the flusher's PING is out), or a while
+        wait_until(lambda: not buf.spool.redis_failed_recently(), spool_module.REDIS_RETRY_AFTER_S + 3, 0.02)
+        began = time.monotonic()
+        later = buffer_observations(buf, 2)  # 2 starts, 1 finish: an update of a spooled create
+        took = time.monotonic() - began
+        assert took < 1.0, f"3 calls took {took:.1f} s: one asked the hung Redis"
+        assert buf.spool.pending() == 1 + 2 + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_until(lambda: not buf.spool.exists(), 30)  # the flusher pushes it once Redis answers
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [t for o in before + first + later for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + first + later)
+    buf.close()
+
+
 def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_behind_it(
         settings, redis_client, main_engine):
     """Dependencies by foreign key, integer keys included: an execution of obs unit 950 waits
