@@ -281,7 +281,8 @@ class RedisRefusesWrites(redis.ResponseError):
     """Redis refuses every write for now, and the script it refused kept nothing (the check is
     made at each write, so it refuses the first): it cannot persist (MISCONF: an RDB save or an
     AOF write failed, a full disk say), it is a read-only replica (READONLY: a failover), or it
-    has fewer good replicas than its `min-replicas-to-write` (NOREPLICAS: a replica down or lagging)."""
+    has fewer good replicas than its `min-replicas-to-write` (NOREPLICAS: a replica down or lagging).
+    Or it refuses every command before running it, see redis_unavailable."""
 
 
 _REFUSED_WRITES = ("MISCONF ", "READONLY ", "NOREPLICAS ")
@@ -289,11 +290,25 @@ _REFUSED_WRITES = ("MISCONF ", "READONLY ", "NOREPLICAS ")
 
 def redis_refuses_writes(error: BaseException) -> bool:
     """MISCONF, READONLY or NOREPLICAS, on their own or, from inside a Lua script, wrapped in the
-    script's error."""
-    if isinstance(error, (RedisRefusesWrites, redis.exceptions.ReadOnlyError)):
+    script's error; or BUSY or MASTERDOWN (see redis_unavailable)."""
+    if isinstance(error, (RedisRefusesWrites, redis.exceptions.ReadOnlyError)) or _refuses_every_command(error):
         return True
     text = str(error) if isinstance(error, redis.ResponseError) else ""
     return text.startswith(_REFUSED_WRITES) or any("-" + code in text for code in _REFUSED_WRITES)
+
+
+def redis_unavailable(error: BaseException) -> bool:
+    """Redis cannot be asked for now, and what it refused did nothing: it is unreachable or does
+    not answer in time, or it answers every command with an error before running it (reads
+    then do as while it is down)."""
+    return isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or _refuses_every_command(error)
+
+
+def _refuses_every_command(error: BaseException) -> bool:
+    """BUSY: another client's script runs past `lua-time-limit`; MASTERDOWN: a replica cut off
+    from its master, with `replica-serve-stale-data no`."""
+    return isinstance(error, redis.exceptions.MasterDownError) or (
+        isinstance(error, redis.ResponseError) and str(error).startswith("BUSY "))
 
 
 class LeaseLost(RuntimeError):

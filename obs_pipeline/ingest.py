@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from obs_pipeline import json_codec
-from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry
+from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
@@ -257,7 +257,9 @@ class TransactionBuffer:
                 return "pending"  # Redis did not answer a moment ago: not asked again
         try:
             raw = self.store.status_json(transaction_id)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:
+            if not redis_unavailable(error):
+                raise
             self.spool.note_redis_failure(error)  # a timeout: the next calls and reads do not wait for it again
             if self.spool.holds(transaction_id):
                 return "pending"
@@ -387,8 +389,12 @@ class TransactionBuffer:
                 return True
             return spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
                                 or self.query.get(model, rid) is not None)  # pushed from the spool since
-        except (redis.ConnectionError, redis.TimeoutError, ReplicaUnreadable):
+        except ReplicaUnreadable:
             return None
+        except redis.RedisError as error:
+            if redis_unavailable(error):
+                return None
+            raise
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

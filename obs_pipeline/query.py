@@ -57,7 +57,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 
 from obs_pipeline import spool as spool_module
-from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
                                          is_single_precision, parse_interval)
@@ -317,7 +317,9 @@ class SmartQuery:
         try:
             return self._read(keys=[self.store.keys.transaction(t) for t in spooled_tx_ids],
                               args=[self.store.keys.prefix, spec.name, *(ids or ())])
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:
+            if not redis_unavailable(error):
+                raise
             if spool is not None:
                 spool.note_redis_failure(error)
             raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "

@@ -458,6 +458,78 @@ def test_a_redis_that_refuses_writes_for_a_while_has_ingest_spool_them(settings,
     buf.close()
 
 
+@contextlib.contextmanager
+def redis_refusing_every_command(redis_client, how: str):
+    """Redis answers every command with an error until the block ends: another client's script
+    runs past `lua-time-limit` (BUSY; here 0.1 s, the script loops until SCRIPT KILL), or it is a
+    replica cut off from its master with `replica-serve-stale-data no` (MASTERDOWN)."""
+    if how == "masterdown":
+        redis_client.config_set("replica-serve-stale-data", "no")
+        redis_client.execute_command("REPLICAOF", "127.0.0.1", str(pick_free_ports(1)[0]))
+        try:
+            yield
+        finally:
+            redis_client.execute_command("REPLICAOF", "NO", "ONE")
+            redis_client.config_set("replica-serve-stale-data", "yes")
+        return
+    limit = redis_client.config_get("lua-time-limit")["lua-time-limit"]
+    redis_client.config_set("lua-time-limit", 100)
+    looping = redis.Redis(connection_pool=redis_client.connection_pool, single_connection_client=True)
+    loop = threading.Thread(target=_eval_quietly, args=(looping, "while true do end"), daemon=True)
+    loop.start()
+    try:
+        assert wait_until(lambda: _busy(redis_client), 10)
+        yield
+    finally:
+        assert wait_until(lambda: _script_killed(redis_client), 10)
+        loop.join(10)
+        looping.close()
+        redis_client.config_set("lua-time-limit", limit)
+
+
+def _eval_quietly(client, script: str) -> None:
+    with contextlib.suppress(redis.ResponseError):
+        client.eval(script, 0)
+
+
+def _busy(client) -> bool:
+    try:
+        client.ping()
+    except redis.ResponseError as error:
+        return str(error).startswith("BUSY ")
+    return False
+
+
+def _script_killed(client) -> bool:
+    with contextlib.suppress(redis.ResponseError):  # NOTBUSY: the script has ended already
+        client.script_kill()
+    return client.ping()
+
+
+@pytest.mark.parametrize("how", ["busy", "masterdown"])
+def test_a_redis_that_refuses_every_command_for_a_while_has_ingest_spool_them(settings, redis_client, main_engine,
+                                                                               how):
+    """A Redis busy with another client's script past its time limit (BUSY), or a replica cut off
+    from its master that serves no stale data (MASTERDOWN), refuses every command before running
+    it. Ingest raised its ResponseError, the observation lost, and so did a finish's check and
+    status(); now they are handled as while Redis is down: the calls succeed via the spool,
+    status() answers from it, and once Redis answers the spool is pushed in order, applied once."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 2)
+    with redis_refusing_every_command(redis_client, how):
+        during = buffer_observations(buf, 4)  # 4 starts, 2 finishes: updates of spooled creates
+        assert buf.spool.pending() == 4 + 2
+        assert buf.status(during[0].start_tx) == "pending" and buf.status(during[0].finish_tx) == "pending"
+    after = buffer_observations(buf, 2)  # pushes the spool first, then these
+    assert buf.spool.pending() == 0
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + during + after)
+    buf.close()
+
+
 def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_nothing_of_it(
         settings, redis_client, tmp_path, monkeypatch):
     """Redis does not answer and the spool cannot take the transaction either: its folder cannot
