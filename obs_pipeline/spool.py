@@ -256,7 +256,13 @@ class Spool:
                 raise
         finally:
             os.close(fd)
-        self.start_flusher()
+        try:
+            self.start_flusher()
+        except RuntimeError as error:  # "can't start new thread": the line is spooled all the same, and
+            # a call that failed would be buffered again by its script; the next call, status(),
+            # the exit or `obs-pipeline spool push` pushes it
+            log.warning("no background flusher for the spool %s (%s): the next call pushes it",
+                        self.path, _one_line(error))
 
     def _lines(self, containing: str | None = None) -> Iterator[bytes]:
         """The spooled transactions, one JSON line each, unparsed: a long outage spools tens of

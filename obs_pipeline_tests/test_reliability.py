@@ -569,6 +569,37 @@ def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_no
     up.close()
 
 
+def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_pushed_once(
+        settings, redis_client, main_engine, monkeypatch):
+    """The process may start no more threads (a container's pids limit, say) when a transaction
+    is spooled: the line was written and fsync'd, then starting the background flusher raised
+    RuntimeError ("can't start new thread") out of the call, and a script told its observation
+    had failed buffers it again (applied twice). Now the call returns: the next call, status(),
+    the exit or `spool push` pushes it."""
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    buf = TransactionBuffer(settings=down)
+    real_start = threading.Thread.start
+
+    def start_unless_flusher(thread):
+        if thread.name == "obs-spool-flusher":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_unless_flusher)
+    spooled = buffer_observations(buf, 2)  # 2 starts + 1 finish, all in the spool
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert buf.spool.pending() == 3
+    buf.close()
+    up = TransactionBuffer(settings=settings)  # the same spool, Redis answering
+    after = buffer_observations(up, 1)  # pushes the spool first, then this
+    assert not up.spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in spooled + after for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled + after)
+    up.close()
+
+
 def test_a_long_redis_outage_does_not_make_each_call_read_the_whole_spool(settings, redis_client, main_engine,
                                                                            monkeypatch):
     """While Redis does not answer, every call first tries to push the spool, and status() looks
