@@ -272,7 +272,9 @@ class Spool:
 
         A last line without its newline is one a crash cut short while it was written: its
         call never returned, so it is not a spooled transaction (and the next append cuts it
-        off, see _cut_torn_tail)."""
+        off, see _cut_torn_tail). So is a line with a NUL byte, which JSON never holds: a power
+        loss during its fsync left blocks of it unwritten, read back as zeros (it stays, and is
+        skipped wherever later lines put it)."""
         needle = containing.encode() if containing is not None else None
         try:
             file = open(self.path, "rb")
@@ -282,7 +284,7 @@ class Spool:
             for line in file:
                 if not line.endswith(b"\n"):
                     return
-                if line.strip() and (needle is None or needle in line):
+                if line.strip() and (needle is None or needle in line) and b"\0" not in line:
                     yield line
 
     def _flush_locked(self, store: BufferStore) -> bool:

@@ -1016,6 +1016,38 @@ def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settin
     assert queue == ["after", "whole"]
 
 
+def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_a_transaction(
+        settings, redis_client, tmp_path):
+    """A power loss while a spool line is fsync'd can leave it whole in length, newline included,
+    with zeros where blocks were not written yet (a file system reads unwritten blocks as zeros):
+    that call never returned, so it is no transaction. It stopped every push with a JSON error
+    (every call of the site's scripts on the host raised it, and get() too), for good once a line
+    was spooled after it. Now it is skipped, as a line cut short is."""
+    from obs_pipeline.buffer_store import CacheWrites
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    doc = {"transaction_id": "whole", "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                                 "data": {"id": 1, "name": "x"}}]}
+    line = json.dumps({"id": "zeroed", "tx": json.dumps({**doc, "transaction_id": "zeroed"}), "created": [],
+                       "overlays": []})
+    spool.path.parent.mkdir(parents=True, exist_ok=True)
+    spool.path.write_bytes((json.dumps({"id": "whole", "tx": json.dumps(doc), "created": [], "overlays": []}) + "\n"
+                            + line[:20] + "\0" * (len(line) - 30) + line[-10:] + "\n").encode())
+
+    class DownStore:
+        def buffer(self, *args):
+            raise redis.ConnectionError("Redis is down (test)")
+
+    after = {"transaction_id": "after", "steps": doc["steps"]}  # spooled after it, after a restart
+    spool.buffer(DownStore(), "after", json.dumps(after), CacheWrites())
+    assert spool.pending() == 2 and not spool.holds("zeroed")
+    assert [tx["id"] for tx in spool.unpushed()] == ["whole", "after"]
+    assert spool.flush() and not spool.path.exists()
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
+    assert queue == ["after", "whole"]
+
+
 @pytest.mark.parametrize("same_batch", [False, True])
 def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_the_row(
         settings, redis_client, main_engine, same_batch):
