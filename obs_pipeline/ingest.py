@@ -21,11 +21,11 @@ import redis
 from obs_pipeline import json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
-from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
-                               validate)
+                               record_key, validate)
 
 __all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "ConfigError", "SpoolError",
            "RedisUnreadable", "ReplicaUnreadable"]
@@ -40,7 +40,9 @@ class TransactionBuilder:
     def __init__(self, buffer: "TransactionBuffer", endpoint: str, metadata: dict[str, Any] | None):
         self._buffer = buffer
         self._tx = new_transaction(endpoint, buffer.site, buffer.max_retries, metadata)
-        self._created: dict[str, str] = {}  # id -> step_id that creates it
+        # row -> step_id that creates it, the row named as the drain names it (wire.record_key:
+        # table and key, a UUID alone): Station 7 and Unit 7 are two rows
+        self._created: dict[str, str] = {}
         # (model, id) created and deleted in this block: an update or delete must name a record
         # of its own model that is still there, as outside a block (main refuses it, later)
         self._live: set[tuple[str, str]] = set()
@@ -68,12 +70,12 @@ class TransactionBuilder:
                                 record=rid)
         if not data:
             raise InvalidTransaction(f"update of {model} {rid} sets no column")
-        self._add_step("update", spec.name, data, {spec.primary_key: rid})
+        self._add_step("update", spec, data, {spec.primary_key: rid})
 
     def delete(self, model: str, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
-        self._add_step("delete", spec.name, {}, {spec.primary_key: rid})
+        self._add_step("delete", spec, {}, {spec.primary_key: rid})
         self._deleted.add((spec.name, str(rid)))
 
     # --- internals ----------------------------------------------------------------------------
@@ -97,38 +99,61 @@ class TransactionBuilder:
                     given_uuids = given_uuids or []
                     given_uuids.append(str(row[pk]))
             out.append(row)
-        step = self._add_step(operation, spec.name, out if operation == "bulk_create" else out[0], {})
+        step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {})
         if given_uuids:  # (once the step is in: a refused row leaves nothing behind)
             tx = self._tx
             if tx.overlaid_creates is None:
                 tx.overlaid_creates = {}
             tx.overlaid_creates.setdefault(spec.name, []).extend(given_uuids)
+        table = spec.table.fullname
         for row in out:
-            self._created[str(row[pk])] = step.step_id
-            self._live.add((spec.name, str(row[pk])))
-            self._deleted.discard((spec.name, str(row[pk])))  # there again
+            rid = str(row[pk])
+            self._created[rid if spec.generated_id else record_key(table, rid)] = step.step_id
+            self._live.add((spec.name, rid))
+            self._deleted.discard((spec.name, rid))  # there again
         return out
 
-    def _add_step(self, operation: str, model: str, data: Any, conditions: dict[str, Any]) -> Step:
+    def _add_step(self, operation: str, spec: ModelSpec, data: Any, conditions: dict[str, Any]) -> Step:
         if self._ended:
             self._refuse_ended()
-        created = self._created
-        deps: set[str] = set()
-        if created:  # a step depends on the steps that create the ids it uses
-            for row in (*(data if isinstance(data, list) else [data]), conditions):
-                for value in row.values():
-                    step_id = created.get(value if value.__class__ is str else str(value))
-                    if step_id is not None:
-                        deps.add(step_id)
+        deps = self._creators(spec, data, conditions) if self._created else ()
         # Step(step_id, operation, model_class, data, conditions, dependencies): positional, as
         # keyword arguments to a class cost a dict built and unpacked per call
-        step = Step(f"step{len(self._tx.steps) + 1}", operation, model, data, conditions, sorted(deps))
+        step = Step(f"step{len(self._tx.steps) + 1}", operation, spec.name, data, conditions, sorted(deps))
         self._tx.steps.append(step)
         return step
 
+    def _creators(self, spec: ModelSpec, data: Any, conditions: dict[str, Any]) -> set[str]:
+        """The steps that create the rows a step uses, as the drain counts uses
+        (wire.referenced_ids): the row it updates or deletes, the rows its foreign-key columns
+        point at, a UUID in any column. By table and key: a value 7 is Unit 7 only in a column
+        that points at Unit (it made Station 7's create a dependency too, or instead)."""
+        created, deps = self._created, set()
+        for value in conditions.values():
+            step_id = created.get(value if spec.generated_id else record_key(spec.table.fullname, value))
+            if step_id is not None:
+                deps.add(step_id)
+        columns = spec.columns
+        for row in data if isinstance(data, list) else (data,):
+            for column, value in row.items():
+                if value is None:
+                    continue
+                column = columns[column]
+                if column.kind == "uuid":  # canonical text once checked: a UUID names its row alone
+                    step_id = created.get(value)
+                elif column.foreign_key is not None:
+                    step_id = created.get(record_key(column.foreign_key, value))
+                elif value.__class__ is str and len(value) == 36 and CANONICAL_UUID.fullmatch(value):
+                    step_id = created.get(value)
+                else:
+                    continue
+                if step_id is not None:
+                    deps.add(step_id)
+        return deps
+
     def _require_new(self, model: str, rid: Any, pending: list[dict[str, Any]]) -> None:
         pk = self._buffer.registry.model(model).primary_key
-        if str(rid) in self._created or any(r[pk] == rid for r in pending):
+        if (model, str(rid)) in self._live or any(r[pk] == rid for r in pending):
             raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
         self._buffer._require_absent(model, rid)
 

@@ -683,3 +683,59 @@ def test_attributes_whose_columns_are_named_otherwise_are_written_and_read_as_th
     assert failed[child.transaction_id] == f"blocked by {taken.transaction_id}"
     assert _unit_on_main(main_engine, n + 3) is None and _unit_on_main(main_engine, n + 4) is None
     buf.close()
+
+
+def _count_on_main(main_engine, table: str, column: str, keys: list[int]) -> dict[int, int]:
+    """How many rows main holds of each key (each must be there exactly once)."""
+    with main_engine.connect() as conn:
+        counts = dict(conn.execute(sa.text(f"SELECT {column}, count(*) FROM {table} WHERE {column} = ANY(:k) "
+                                           f"GROUP BY {column}"), {"k": keys}).all())
+    return {k: counts.get(k, 0) for k in keys}
+
+
+def test_rows_of_two_models_with_the_same_integer_key_are_created_in_one_transaction(odd, redis_client, main_engine):
+    """Station 7 and Unit 7 are two rows. The builder knew the rows it created by their key
+    alone: the second create was refused as "Unit 7 is created twice in this transaction", and
+    a step's dependency went to whichever model's create of that key came last. Now rows are
+    named by table and key, as the drain names them (wire.record_key)."""
+    import random
+
+    buf = TransactionBuffer(settings=odd)
+    n = random.randrange(10**6, 10**9)
+    with buf.transaction() as tx:
+        tx.create("Unit", {"number": n, "title": f"u{n}"})
+        tx.create("Station", {"number": n, "name": f"s{n}"})
+        tx.create("Station", {"number": n + 1, "name": f"t{n}", "parent_number": n})  # station n's
+        visit = tx.create("Visit", {"unit": n})                                        # unit n's
+        tx.update("Unit", n, {"low": 5})
+        tx.update("Station", n, {"name": f"r{n}"})
+    stored = json.loads(redis_client.get(SiteKeys(odd.site).transaction(tx.transaction_id)))
+    assert [s["dependencies"] for s in stored["steps"]] == [[], [], ["step2"], ["step1"], ["step1"], ["step2"]]
+    for model in ("Unit", "Station"):  # still refused twice for one model
+        with pytest.raises(InvalidTransaction, match=rf"^{model} {n + 2} is created twice in this transaction$"):
+            with buf.transaction() as twice:
+                twice.create("Unit", {"number": n + 2, "title": f"v{n}"})
+                twice.create("Station", {"number": n + 2, "name": f"w{n}"})
+                twice.create(model, {"number": n + 2, "title" if model == "Unit" else "name": f"x{n}"})
+    with pytest.raises(InvalidTransaction, match=rf"^Station {n + 3} is neither buffered nor on the replica$"):
+        with buf.transaction() as other:  # a key created in the block as another model's
+            other.create("Unit", {"number": n + 3, "title": f"y{n}"})
+            other.update("Station", n + 3, {"name": f"z{n}"})
+    unit = {"number": n, "title": f"u{n}", "low": 5, "high": None, "parent": None, "ratio": None, "kind": "plain",
+            "slug": f"u{n}-slug"}
+    stations = [{"number": n, "name": f"r{n}", "parent_number": None},
+                {"number": n + 1, "name": f"t{n}", "parent_number": n}]
+    reads = []
+    for _ in range(2):  # buffered, then replicated
+        reads.append((buf.get("Unit", n), buf.get("Station", n), buf.get("Station", n + 1),
+                      buf.search("Unit", {"number": n}),
+                      sorted((r for r in buf.search("Station", {"number": [n, n + 1]})), key=lambda r: r["number"]),
+                      [r["id"] for r in buf.search("Visit", {"unit": n})]))
+        drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(tx.transaction_id) == "replicated", _failed(redis_client, odd)
+    assert reads[0] == reads[1] == (unit, stations[0], stations[1], [unit], stations, [visit["id"]]), reads
+    assert _count_on_main(main_engine, "odd_unit", "unit_number", [n, n + 2, n + 3]) == {n: 1, n + 2: 0, n + 3: 0}
+    assert _count_on_main(main_engine, "odd_schema.station", "number", [n, n + 1, n + 2]) == {n: 1, n + 1: 1, n + 2: 0}
+    assert _failed(redis_client, odd) == {}
+    buf.close()
+
