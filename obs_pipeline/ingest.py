@@ -44,9 +44,10 @@ class TransactionBuilder:
         # table and key, a UUID alone): Station 7 and Unit 7 are two rows
         self._created: dict[str, str] = {}
         # (model, id) created and deleted in this block: an update or delete must name a record
-        # of its own model that is still there, as outside a block (main refuses it, later)
+        # of its own model that is still there, as outside a block (main refuses it, later).
+        # _deleted: -> the step_id of the delete, which a create of that key again depends on
         self._live: set[tuple[str, str]] = set()
-        self._deleted: set[tuple[str, str]] = set()
+        self._deleted: dict[tuple[str, str], str] = {}
         self.committed = False
         self._ended = False
 
@@ -75,8 +76,8 @@ class TransactionBuilder:
     def delete(self, model: str, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
-        self._add_step("delete", spec, {}, {spec.primary_key: rid})
-        self._deleted.add((spec.name, str(rid)))
+        step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
+        self._deleted[(spec.name, str(rid))] = step.step_id
 
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
@@ -87,6 +88,7 @@ class TransactionBuilder:
         pk, where = spec.primary_key, f"create of {model}"
         out = []
         given_uuids = None  # keys given for a generated-id model: overlaid as integer keys are
+        again: list[str] = []  # the deletes earlier in the block of keys created again
         for row in rows:
             row = _as_dict(row, model)
             given = not (spec.generated_id and row.get(pk) is None)
@@ -94,12 +96,14 @@ class TransactionBuilder:
                 row = {**row, pk: new_uuid()}
             row = normalize_values(spec, row, creating=True, where=where)
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
-                self._require_new(spec.name, row[pk], out)
+                deleted_by = self._require_new(spec.name, row[pk], out)
+                if deleted_by is not None:
+                    again.append(deleted_by)
                 if spec.generated_id:
                     given_uuids = given_uuids or []
                     given_uuids.append(str(row[pk]))
             out.append(row)
-        step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {})
+        step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {}, again)
         if given_uuids:  # (once the step is in: a refused row leaves nothing behind)
             tx = self._tx
             if tx.overlaid_creates is None:
@@ -110,13 +114,17 @@ class TransactionBuilder:
             rid = str(row[pk])
             self._created[rid if spec.generated_id else record_key(table, rid)] = step.step_id
             self._live.add((spec.name, rid))
-            self._deleted.discard((spec.name, rid))  # there again
+            self._deleted.pop((spec.name, rid), None)  # there again
         return out
 
-    def _add_step(self, operation: str, spec: ModelSpec, data: Any, conditions: dict[str, Any]) -> Step:
+    def _add_step(self, operation: str, spec: ModelSpec, data: Any, conditions: dict[str, Any],
+                  after: list[str] | None = None) -> Step:
+        """`after`: step ids it depends on besides the creates of the rows it uses."""
         if self._ended:
             self._refuse_ended()
-        deps = self._creators(spec, data, conditions) if self._created else ()
+        deps = self._creators(spec, data, conditions) if self._created else set()
+        if after:
+            deps.update(after)
         # Step(step_id, operation, model_class, data, conditions, dependencies): positional, as
         # keyword arguments to a class cost a dict built and unpacked per call
         step = Step(f"step{len(self._tx.steps) + 1}", operation, spec.name, data, conditions, sorted(deps))
@@ -151,11 +159,21 @@ class TransactionBuilder:
                     deps.add(step_id)
         return deps
 
-    def _require_new(self, model: str, rid: Any, pending: list[dict[str, Any]]) -> None:
+    def _require_new(self, model: str, rid: Any, pending: list[dict[str, Any]]) -> str | None:
+        """A key of the caller's may be created once, unless the block deleted it before: a
+        transaction is its steps in order (seed 000's executor runs them so, in one database
+        transaction), and a later transaction may create a deleted key again too. Returns the
+        step id of that delete, or None."""
         pk = self._buffer.registry.model(model).primary_key
-        if (model, str(rid)) in self._live or any(r[pk] == rid for r in pending):
+        if any(r[pk] == rid for r in pending):
+            raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
+        deleted_by = self._deleted.get((model, str(rid)))
+        if deleted_by is not None:  # (the delete checked that it existed)
+            return deleted_by
+        if (model, str(rid)) in self._live:
             raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
         self._buffer._require_absent(model, rid)
+        return None
 
     def _existing_id(self, model: str, value: Any) -> Any:
         spec = self._buffer.registry.model(model)

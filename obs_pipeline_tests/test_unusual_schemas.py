@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
-from obs_pipeline_tests.workload import drain_until_settled
+from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
 
 MODELS = "obs_pipeline_tests.unusual_models:Base"
 
@@ -739,3 +739,60 @@ def test_rows_of_two_models_with_the_same_integer_key_are_created_in_one_transac
     assert _failed(redis_client, odd) == {}
     buf.close()
 
+
+
+def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, main_engine):
+    """A transaction is its steps in order (seed 000's executor runs them so, in one database
+    transaction): a key the block deleted may be created again in it, as it may by a later
+    transaction. It was refused as "exists already", the key checked as it stood before the
+    block. Replicated, buffered, or created in the block itself; the new row takes the deleted
+    one's unique title, so main takes it only after the delete. Read the same buffered and
+    replicated, and main holds each row once."""
+    import random
+
+    buf = TransactionBuffer(settings=odd)
+    n = random.randrange(10**6, 10**9)
+    with buf.transaction() as first:
+        first.create("Unit", {"number": n, "title": f"a{n}", "low": 1})
+    drain_until_settled(odd, retry_base_s=0.05)
+    assert buf.status(first.transaction_id) == "replicated"
+    with buf.transaction() as second:
+        second.create("Unit", {"number": n + 1, "title": f"b{n}", "low": 1})  # buffered only
+    with buf.transaction() as tx:
+        for key, title in ((n, f"a{n}"), (n + 1, f"b{n}")):
+            tx.delete("Unit", key)
+            tx.create("Unit", {"number": key, "title": title, "low": 2})
+        tx.create("Unit", {"number": n + 2, "title": f"c{n}", "low": 1})
+        tx.delete("Unit", n + 2)
+        tx.create("Unit", {"number": n + 2, "title": f"c{n}", "low": 2})
+        tx.update("Unit", n + 2, {"high": 3})  # the row created again
+        with pytest.raises(InvalidTransaction, match=rf"^Unit {n} is created twice in this transaction$"):
+            tx.create("Unit", {"number": n, "title": f"d{n}"})
+        with pytest.raises(InvalidTransaction, match=rf"^Unit {n + 3} is created twice in this transaction$"):
+            tx.bulk_create("Unit", [{"number": n + 3, "title": f"e{n}"}, {"number": n + 3, "title": f"f{n}"}])
+    stored = json.loads(redis_client.get(SiteKeys(odd.site).transaction(tx.transaction_id)))
+    assert [(s["operation"], s["dependencies"]) for s in stored["steps"]] == [
+        ("delete", []), ("create", ["step1"]), ("delete", []), ("create", ["step3"]),
+        ("create", []), ("delete", ["step5"]), ("create", ["step6"]), ("update", ["step7"])]
+    keys = [n, n + 1, n + 2]
+    expected = [{"number": k, "title": t, "low": 2, "high": 3 if k == n + 2 else None, "parent": None, "ratio": None,
+                 "kind": "plain", "slug": f"{t}-slug"} for k, t in zip(keys, (f"a{n}", f"b{n}", f"c{n}"))]
+    def read() -> tuple:
+        return ([buf.get("Unit", k) for k in keys],
+                sorted((r for r in buf.search("Unit", {"number": keys})), key=lambda r: r["number"]),
+                sorted(r["number"] for r in buf.search("Unit", {"low": 1, "number": keys})))
+
+    reads = [read()]  # buffered
+    drain_one_batch(odd, batch_size=1)
+    assert [buf.status(t.transaction_id) for t in (second, tx)] == ["replicated", "pending"]
+    reads.append(read())  # `second` cleaned, which must not take the key's new record with it
+    drain_until_settled(odd, retry_base_s=0.05)
+    reads.append(read())  # replicated
+    assert [buf.status(t.transaction_id) for t in (second, tx)] == ["replicated"] * 2, _failed(redis_client, odd)
+    assert reads[0] == reads[1] == reads[2] == (expected, expected, []), reads
+    assert _count_on_main(main_engine, "odd_unit", "unit_number", keys + [n + 3]) == {n: 1, n + 1: 1, n + 2: 1, n + 3: 0}
+    assert [_unit_on_main(main_engine, k)["low"] for k in keys] == [None, None, 3]  # (attribute `high`)
+    assert _failed(redis_client, odd) == {}
+    assert not [k for k in redis_client.scan_iter(match=f"site:{odd.site}:*")
+                if b":buffered:" in k or b":read_buffer:" in k or b":cache:" in k]
+    buf.close()
