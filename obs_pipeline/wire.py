@@ -500,15 +500,26 @@ def claim_rows(holders: dict[str, str], rows: set[str], value: str) -> None:
 def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     """The rows this transaction uses but does not create, as `record_key`s: those it updates
     or deletes, those its foreign-key columns point at, and any UUID among its other values
-    (a reference the schema does not declare)."""
-    refs = set()
+    (a reference the schema does not declare). A row it updates or deletes before a step of
+    its own (in listed order) creates it is used too: deleted and created again in one
+    transaction, it was another's row until then, which may be waiting to retry."""
+    refs: set[str] = set()
+    first: set[str] = set()  # rows it updates or deletes before it creates them
+    created: set[str] = set()
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is None:
             continue
         table, pk = model.table.fullname, model.primary_key
-        refs.update(record_key(table, v) for v in step.conditions.values())
-        for row in step.records() if step.operation in ("create", "bulk_create") else [step.data]:
+        creating = step.operation in ("create", "bulk_create")
+        for value in step.conditions.values():
+            key = record_key(table, value)
+            refs.add(key)
+            if not creating and key not in created:
+                first.add(key)
+        if creating:
+            created.update(record_key(table, row[pk]) for row in step.records() if isinstance(row, dict) and pk in row)
+        for row in step.records() if creating else [step.data]:
             if not isinstance(row, dict):
                 continue
             for column, value in row.items():
@@ -519,7 +530,7 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
                     refs.add(record_key(spec.foreign_key, value))
                 elif isinstance(value, str) and _looks_like_uuid(value):
                     refs.add(value)
-    return refs - created_ids(tx, registry)
+    return (refs - created) | first
 
 
 def record_key(table: str, value: Any) -> str:

@@ -317,6 +317,14 @@ def test_dependencies_follow_each_models_key_and_foreign_keys_and_keep_tables_ap
     both = tx({"operation": "create", "model_class": "Instrument", "data": {"code": 6, "name": "spec"}},
               {"operation": "create", "model_class": "Run", "data": {"run_no": 9, "instrument_code": 6}})
     assert referenced_ids(both, registry) == set()  # what it creates itself is no dependency
+    created_then_updated = tx({"operation": "create", "model_class": "Run", "data": {"run_no": 7, "instrument_code": 5}},
+                              {"operation": "update", "model_class": "Run", "conditions": {"run_no": 7},
+                               "data": {"note": "x"}})
+    assert referenced_ids(created_then_updated, registry) == {"instrument:5"}
+    # a row it deletes and then creates again is one it uses: another transaction's, until the delete
+    deleted_then_created = tx({"operation": "delete", "model_class": "Run", "conditions": {"run_no": 5}},
+                              {"operation": "create", "model_class": "Run", "data": {"run_no": 5, "instrument_code": 5}})
+    assert referenced_ids(deleted_then_created, registry) == {"run:5", "instrument:5"}
 
 
 def test_retry_delays_double_with_jitter_and_stop_at_an_hour():

@@ -796,3 +796,30 @@ def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, m
     assert not [k for k in redis_client.scan_iter(match=f"site:{odd.site}:*")
                 if b":buffered:" in k or b":read_buffer:" in k or b":cache:" in k]
     buf.close()
+
+
+def test_a_key_deleted_and_created_again_waits_behind_the_failing_transaction_that_wrote_it(
+        odd, redis_client, main_engine):
+    """A transaction that deletes a row and creates its key again uses that row, as one that
+    only deletes it does (README: "Uses means: updates or deletes it"). The drain counted the
+    row as its own (it creates it), so it was applied ahead of the failing create it deleted,
+    which then failed on the key for good; now it waits behind it and is dead-lettered with it."""
+    import random
+
+    buf = TransactionBuffer(settings=odd)
+    n = random.randrange(10**6, 10**9)
+    with buf.transaction() as first:
+        first.create("Unit", {"number": n, "title": f"a{n}"})
+    drain_until_settled(odd, retry_base_s=0.05)
+    with buf.transaction() as taken:  # main refuses it: the title is taken
+        taken.create("Unit", {"number": n + 1, "title": f"a{n}"})
+    with buf.transaction() as again:
+        again.delete("Unit", n + 1)
+        again.create("Unit", {"number": n + 1, "title": f"b{n}"})
+    drain_until_settled(odd, retry_base_s=0.05)
+    failed = _failed(redis_client, odd)
+    assert failed.keys() == {taken.transaction_id, again.transaction_id}, failed
+    assert "UniqueViolation" in failed[taken.transaction_id]
+    assert failed[again.transaction_id] == f"blocked by {taken.transaction_id}"
+    assert _count_on_main(main_engine, "odd_unit", "unit_number", [n, n + 1]) == {n: 1, n + 1: 0}
+    buf.close()
