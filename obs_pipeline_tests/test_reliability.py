@@ -442,13 +442,26 @@ def test_a_redis_that_refuses_writes_for_a_while_has_ingest_spool_them(settings,
     observation was lost; now the calls succeed via the spool, nothing of them is in Redis, and
     once Redis takes writes again they are pushed in order and applied once."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    before = buffer_observations(buf, 2)
-    with redis_refusing_writes(redis_client, how, tmp_path):
-        during = buffer_observations(buf, 4)
-        assert buf.spool.pending() == 4 + 2
+
+    def while_refused(buf, during) -> None:
         assert buf.status(during[0].start_tx) == "pending"
         assert not redis_client.exists(keys.transaction(during[0].start_tx))
+
+    _spooled_while(redis_refusing_writes(redis_client, how, tmp_path), while_refused, settings, redis_client,
+                   main_engine)
+
+
+def _spooled_while(refusing, check, settings, redis_client, main_engine) -> None:
+    """Observations buffered before, while `refusing` (a context manager) holds and after: those
+    of the middle are spooled (`check(buf, during)` runs then), then pushed in order by the first
+    call after it, and all are applied once."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 2)
+    with refusing:
+        during = buffer_observations(buf, 4)  # 4 starts, 2 finishes: updates of spooled creates
+        assert buf.spool.pending() == 4 + 2
+        check(buf, during)
     after = buffer_observations(buf, 2)  # pushes the spool first, then these
     assert buf.spool.pending() == 0
     queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
@@ -514,20 +527,11 @@ def test_a_redis_that_refuses_every_command_for_a_while_has_ingest_spool_them(se
     it. Ingest raised its ResponseError, the observation lost, and so did a finish's check and
     status(); now they are handled as while Redis is down: the calls succeed via the spool,
     status() answers from it, and once Redis answers the spool is pushed in order, applied once."""
-    keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    before = buffer_observations(buf, 2)
-    with redis_refusing_every_command(redis_client, how):
-        during = buffer_observations(buf, 4)  # 4 starts, 2 finishes: updates of spooled creates
-        assert buf.spool.pending() == 4 + 2
+    def while_refused(buf, during) -> None:
         assert buf.status(during[0].start_tx) == "pending" and buf.status(during[0].finish_tx) == "pending"
-    after = buffer_observations(buf, 2)  # pushes the spool first, then these
-    assert buf.spool.pending() == 0
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
-    assert queue == [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
-    drain_until_settled(settings)
-    assert_applied_exactly_once(main_engine, before + during + after)
-    buf.close()
+
+    _spooled_while(redis_refusing_every_command(redis_client, how), while_refused, settings, redis_client,
+                   main_engine)
 
 
 def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_nothing_of_it(
