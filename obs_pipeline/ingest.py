@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from obs_pipeline import json_codec
+from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec
@@ -225,6 +225,13 @@ class TransactionBuffer:
         if self.spool.exists():  # left by a script that ended during an outage: pushed in the background
             self.spool.start_flusher()
         self.query = SmartQuery(self.store, self.registry, settings.replica_db_url, self.spool)
+        forks.renew_in_forked_children(self)  # (the spool and the query renew themselves)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see obs_pipeline.forks): the threads' own connections are the
+        parent's sockets; the child's threads open their own. (The pooled client `self.redis`
+        renews its pool itself: redis-py checks the pid.)"""
+        self._thread = threading.local()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "TransactionBuffer":
@@ -276,7 +283,7 @@ class TransactionBuffer:
     def _store_of_this_thread(self) -> BufferStore:
         """A store on a connection of this thread's own: checking one out of redis-py's pool
         and back for each call cost 36 us, a tenth of an ingest. Threads keep one each, so
-        their round trips still overlap."""
+        their round trips still overlap. A forked child starts without them (_after_fork_in_child)."""
         store = getattr(self._thread, "store", None)
         if store is None:
             if self.spool.redis_failed_recently():

@@ -56,6 +56,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql
 
+from obs_pipeline import forks
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
@@ -171,6 +172,15 @@ class SmartQuery:
         self._engine: sa.Engine | None = None
         self._engine_lock = threading.Lock()
         self._read = store.redis.register_script(_READ_BUFFERED)
+        forks.renew_in_forked_children(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see obs_pipeline.forks): the engine's pooled connections are the
+        parent's; the child's pool starts empty, leaving them open for the parent (SQLAlchemy's
+        way for a child process: dispose(close=False))."""
+        self._engine_lock = threading.Lock()
+        if self._engine is not None:
+            self._engine.dispose(close=False)
 
     @property
     def engine(self) -> sa.Engine | None:

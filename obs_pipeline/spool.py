@@ -12,6 +12,12 @@ Redis as it is, so nothing is doubled.
 Every script of a site on one host shares the site's spool file: appending and pushing hold
 an exclusive `flock` on `{site}.lock` beside it (and a thread lock within a process), or one
 process's push could delete a line another had just appended.
+
+A child forked from a script (multiprocessing's fork start method) gets fresh thread locks and
+no flusher of its own until it spools (see obs_pipeline.forks): a lock another thread held at
+the fork would otherwise stay held for ever in the child. The `flock` is released explicitly,
+not by closing its descriptor: a child forked while it was held has a copy of that descriptor,
+which would keep it held for as long as the child lives.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Iterator
 
 import redis
 
+from obs_pipeline import forks
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, RedisRefusesWrites
 
 RETRY_INTERVAL_S = 1.0
@@ -81,6 +88,23 @@ class Spool:
         self._redis_failed_at: float | None = None  # monotonic; see REDIS_RETRY_AFTER_S
         self._probing = False  # the flusher's PING of a Redis that did not answer is out
         self._flush_store = flush_store
+        self._lock_fd: int | None = None  # the lock file's descriptor while _locked holds it
+        forks.renew_in_forked_children(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see obs_pipeline.forks): fresh locks, no flusher (the parent's
+        thread is not in the child; the next spooled line starts one), and the parent's copy
+        of the lock file's descriptor closed, never unlocked (the lock is the parent's)."""
+        self._lock = threading.Lock()
+        self._flusher_lock = threading.Lock()
+        self._flusher_running = False
+        self._probing = False
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first.
@@ -226,12 +250,20 @@ class Spool:
         (flock on the lock file; released when its descriptor closes, a crash included)."""
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            pid = os.getpid()
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)
+                self._lock_fd = None  # first: a child forked from now on does not close the number
+                try:
+                    # explicitly: a child forked meanwhile holds a copy of the descriptor, and
+                    # closing this one would not release the lock while that copy is open
+                    if os.getpid() == pid:  # (never a parent's lock, from a child)
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
 
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""

@@ -1233,3 +1233,231 @@ def due_now(redis_client, keys: SiteKeys, tx_id: str) -> None:
     """Make this transaction's entry in the retry set due now, whatever its score was."""
     redis_client.zadd(keys.retry, {m: 0 for m in redis_client.zrange(keys.retry, 0, -1)
                                    if json.loads(m)["transaction_id"] == tx_id})
+
+
+# --- forked children (multiprocessing's fork start method, as observing scripts use it) ------------
+
+def _forked(target, *args):
+    """Run target(conn, *args) in a child forked from this process; the child reports on `conn`
+    and ends with os._exit (never pytest's teardown). Returns the process and the parent's end."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+
+    def main() -> None:
+        try:
+            target(child_end, *args)
+        except BaseException:  # noqa: BLE001 -- told to the parent, which fails the test
+            import traceback
+
+            try:
+                child_end.send(("error", traceback.format_exc()))
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            os._exit(0)
+
+    proc = ctx.Process(target=main, name="forked-script", daemon=True)
+    proc.start()
+    child_end.close()
+    return proc, parent_end
+
+
+def _from_child(proc, conn, timeout: float, what: str):
+    """The child's next report within `timeout`, or the test fails (and the child is killed)."""
+    if not conn.poll(timeout):
+        proc.kill()
+        proc.join(10)
+        pytest.fail(f"the forked child did not report within {timeout:g} s: {what}")
+    try:
+        reply = conn.recv()
+    except EOFError:
+        proc.join(10)
+        pytest.fail(f"the forked child ended without reporting ({what}): exit code {proc.exitcode}")
+    if reply[0] == "error":
+        pytest.fail(f"the forked child failed ({what}):\n{reply[1]}")
+    return reply
+
+
+def _buffer_and_read_back(buf: TransactionBuffer, unit: int, count: int) -> tuple[list, list]:
+    """`count` observations of obs unit `unit` (every other one finished), buffered back to back,
+    each transaction's status read at once (its call returned: it is in Redis); then each record
+    read back (from Redis), and the obs unit's row (from the replica). Returns what was wrong."""
+    observations, wrong = [], []
+    for i in range(count):
+        obs = buffer_observations(buf, 1, finish_every=1 if i % 2 == 0 else 0, obs_unit_id=unit)[0]
+        for tx_id in (obs.start_tx, obs.finish_tx):
+            if tx_id and (status := buf.status(tx_id)) != "pending":
+                wrong.append(("status", tx_id, status))
+        observations.append(obs)
+    for obs in observations:
+        got = buf.get("ExecutedObsUnit", obs.obs_id)
+        expected = [obs.obs_id, unit, "completed" if obs.finish_tx else "running"]
+        if [(got or {}).get(k) for k in ("id", "obs_unit_id", "status")] != expected:
+            wrong.append(("get", obs.obs_id, got))
+        row = buf.get("ObsUnit", unit)
+        if (row or {}).get("name") != f"unit {unit}":
+            wrong.append(("replica", unit, row))
+    return observations, wrong
+
+
+def test_a_forked_child_and_its_parent_ingest_and_read_concurrently_without_crossing_replies(
+        settings, redis_client, main_engine):
+    """A script buffers (its thread's own Redis connection now exists) and reads (the replica's
+    pool holds a connection), then forks a worker; both buffer and read back their own records
+    at once. The child sent on its parent's sockets, so one process could read the other's
+    replies: a record, a status or a row of the other's, or garbage."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before, wrong = _buffer_and_read_back(buf, 1, 1)
+    assert not wrong and buf._thread.store is not None and buf.query._engine is not None
+
+    def child(conn) -> None:
+        conn.send(("connection", buf._store_of_this_thread().redis.client_id()))
+        assert conn.recv() == "go"
+        mine, wrong_ = _buffer_and_read_back(buf, 2, 400)
+        buf.close()  # the child's own connections: never the parent's
+        import gc
+
+        gc.collect()
+        conn.send(("done", mine, wrong_))
+
+    proc, conn = _forked(child)
+    try:
+        _, childs_client = _from_child(proc, conn, 20, "the Redis client id of its thread's connection")
+        assert childs_client != buf._store_of_this_thread().redis.client_id(), "the child sends on the parent's socket"
+        conn.send("go")
+        parents, wrong = _buffer_and_read_back(buf, 1, 400)
+        assert not wrong, (len(wrong), wrong[:3])
+        _, childs, childs_wrong = _from_child(proc, conn, 120, "buffering and reading back 400 observations")
+        assert not childs_wrong, (len(childs_wrong), childs_wrong[:3])
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+    after, wrong = _buffer_and_read_back(buf, 1, 2)  # the parent's connections, untouched by the child
+    assert not wrong, wrong
+    everything = before + parents + childs + after
+    expected = [t for o in everything for t in (o.start_tx, o.finish_tx) if t]
+    queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)]
+    assert len(queue) == len(expected) and set(queue) == set(expected)  # each buffered once
+    assert not buf.spool.exists()
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, everything)
+    buf.close()
+
+
+def test_a_child_forked_while_a_thread_holds_the_spools_locks_spools_and_pushes_its_transaction(
+        stack, settings, redis_client, main_engine):
+    """Redis is down: the parent spooled a transaction and its flusher runs. A child forked while
+    another thread holds the spool's thread locks (as the flusher does while it pushes) got
+    them copied held, for ever: its ingest hung; and its flusher flag copied set, so it never
+    started a flusher of its own. The parent keeps its lock held until the child's flusher has
+    pushed the spool: only the child can push it."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    before = buffer_observations(buf, 1, finish_every=0)  # this thread's connection, open before the fork
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_spools_locks() -> None:
+        with buf.spool._lock, buf.spool._flusher_lock:
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold_the_spools_locks, daemon=True)
+    proc = None
+    try:
+        stack.stop_service("redis", mode="kill")
+        spooled = buffer_observations(buf, 1, finish_every=0)
+        assert buf.spool.pending() == 1 and buf.spool._flusher_running
+        holder.start()
+        assert holding.wait(10)
+
+        def child(conn) -> None:
+            mine = buffer_observations(buf, 1, finish_every=0, obs_unit_id=2)
+            conn.send(("spooled", mine, buf.spool.pending()))
+            assert conn.recv() == "redis is up"
+            client = redis.Redis.from_url(settings.redis_url)
+            pushed = wait_until(lambda: not buf.spool.exists()
+                                and client.exists(keys.transaction(mine[0].start_tx)), 30, 0.05)
+            conn.send(("pushed", pushed))
+
+        proc, conn = _forked(child)
+        _, mine, pending = _from_child(proc, conn, 20, "its ingest waits for a lock copied held from the parent")
+        assert pending == 2
+        stack.start_service("redis")
+        conn.send("redis is up")
+        _, pushed = _from_child(proc, conn, 60, "its spool pushed once Redis is back")
+        assert pushed, "the child's flusher did not push its spool"
+    finally:
+        stack.start_service("redis")  # (nothing if it runs)
+        release.set()
+        if holder.ident is not None:
+            holder.join(10)
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+    assert wait_until(lambda: not buf.spool._flusher_running, 10)  # the parent's flusher found it pushed
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [o.start_tx for o in before + spooled + mine]  # in order, each once
+    after = buffer_observations(buf, 1, finish_every=0)  # the parent's own connection, on the restarted Redis
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before + spooled + mine + after)
+    buf.close()
+
+
+def test_a_child_forked_while_a_push_holds_the_spools_file_lock_does_not_keep_that_lock(
+        stack, settings, redis_client, main_engine):
+    """A child forked while a thread of its parent holds the site's spool lock (the `flock` on
+    `{site}.lock`, as a push does) inherits the lock file's descriptor. The parent released
+    the lock by closing its descriptor, which does not release it while the child's copy is
+    open: the child, waiting for the lock, then waited for ever (and so did every script of the
+    site on the host). The child waits for the parent's push, as any script does, no longer."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    holding, release = threading.Event(), threading.Event()
+
+    def push_in_progress() -> None:
+        with buf.spool._locked():
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=push_in_progress, daemon=True)
+    proc = None
+    try:
+        stack.stop_service("redis", mode="kill")
+        spooled = buffer_observations(buf, 1, finish_every=0)
+        holder.start()
+        assert holding.wait(10)
+
+        def child(conn) -> None:
+            mine = buffer_observations(buf, 1, finish_every=0, obs_unit_id=2)
+            conn.send(("spooled", mine))
+            conn.recv()  # alive, with whatever it inherited, until the parent has pushed
+
+        proc, conn = _forked(child)
+        assert not conn.poll(0.5), "the child did not wait for the parent's push"
+        release.set()
+        holder.join(10)
+        _, mine = _from_child(proc, conn, 20, "its ingest waits for the spool's file lock after the parent released it")
+        stack.start_service("redis")
+        pusher = threading.Thread(target=buf.spool.flush, daemon=True)
+        pusher.start()
+        pusher.join(20)
+        assert not pusher.is_alive(), "the parent cannot take its spool's lock again"
+        assert not buf.spool.exists()
+        conn.send("done")
+    finally:
+        stack.start_service("redis")
+        release.set()
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [o.start_tx for o in spooled + mine]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled + mine)
+    buf.close()
