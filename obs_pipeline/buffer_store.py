@@ -79,13 +79,18 @@ _SET_STATUS = """
 local prefix, status, slot, opening = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local width = #opening + #slot + 1
 local missing = {}
+-- a status never goes back: a copy of a transaction pushed twice passes through a later batch
+-- after the first was committed ("applied") or cleaned ("replicated")
+local function kept(current)
+  return current == 'replicated' or (current == 'applied' and status == 'processing')
+end
 for i = 5, #ARGV do
   local key = prefix .. 'transaction:' .. ARGV[i]
   local head = redis.pcall('GETRANGE', key, 0, width - 1)
   if type(head) ~= 'string' then
     -- not a string key: leave it alone
   elseif #head == width and string.sub(head, 1, #opening) == opening and string.sub(head, width) == ',' then
-    if string.match(head, '^(%a+)"', #opening + 1) ~= 'replicated' then
+    if not kept(string.match(head, '^(%a+)"', #opening + 1)) then
       redis.call('SETRANGE', key, #opening, slot)
     end
   elseif head == '' and redis.call('EXISTS', key) == 0 then
@@ -93,7 +98,7 @@ for i = 5, #ARGV do
   else
     local v = redis.call('GET', key)
     local first, last, current = string.find(v, '"status"%s*:%s*"(%a+)"')
-    if first and current ~= 'replicated' then
+    if first and not kept(current) then
       redis.call('SET', key, string.sub(v, 1, first - 1) .. '"status":"' .. status .. '"' .. string.sub(v, last + 1))
     end
   end

@@ -281,6 +281,26 @@ def test_the_drain_raises_the_collectors_threshold_only_while_it_runs(settings, 
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_a_status_never_turns_back_from_applied_to_processing(settings, redis_client):
+    """Found by review: a transaction pushed twice went from "applied" back to "processing" when
+    its second copy was claimed before the replica replayed the first (a script polling
+    status() saw it go backwards). Both layouts: our fixed slot, and a producer's own JSON."""
+    from obs_pipeline.buffer_store import BufferStore
+
+    buf = TransactionBuffer(settings=settings)
+    ours = buffer_observations(buf, 1, finish_every=0)[0].start_tx
+    buf.close()
+    keys = SiteKeys(settings.site)
+    foreign = "0c1e4b1e-0000-4000-8000-00000000f0e2"
+    redis_client.set(keys.transaction(foreign), json.dumps({"transaction_id": foreign, "status": "pending"}))
+    store = BufferStore(redis_client, settings.site)
+    store.set_status([ours, foreign], "applied")
+    store.mark_processing([ours, foreign], lambda tx_id: "{}")
+    assert statuses(redis_client, settings.site, [ours, foreign]) == ["applied", "applied"]
+    store.set_status([ours, foreign], "replicated")  # and on from there as before
+    assert statuses(redis_client, settings.site, [ours, foreign]) == ["replicated", "replicated"]
+
+
 def test_a_status_changes_in_place_in_its_slot_and_other_layouts_are_rewritten(settings, redis_client):
     """Our status keys start with a fixed-width status slot, changed in place (the rest of the
     JSON stays byte for byte); a key in another layout (the existing system's producer writes
