@@ -564,11 +564,13 @@ def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None) -
     text, and the replica's row reads as "5.0" or "1.23": kept as given (5, 1.234), a buffered
     record, its overlays and its replicated row went under different ids."""
     step = None if numeric is None else decimal.Decimal(1).scaleb(-numeric[1])
+    # as _numeric_of's: the default context's 28 digits refuse a NUMERIC(38, 10)'s 1e20 rounded
+    exact = None if numeric is None else decimal.Context(prec=numeric[0] + abs(numeric[1]) + 330)
 
     def check(value: Any) -> float:
         value = convert(value)
         if step is not None:
-            value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP)
+            value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)
         return float(value)
     return check
 

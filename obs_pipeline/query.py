@@ -473,13 +473,19 @@ def _numeric_places(type_: sa.types.TypeEngine) -> decimal.Decimal | None:
     return None if scale is None else decimal.Decimal(1).scaleb(-scale)
 
 
+# Digits enough for any float, or NUMERIC(1000, s), rounded to a scale PostgreSQL allows (1,000
+# places): decimal's default context holds 28, and a NUMERIC(38, 10)'s 1e20 rounded needs 31
+# (quantize refused it, and the replica's row read as its Decimal: under another key's text).
+_QUANTIZING = decimal.Context(prec=2400)
+
+
 def _rounded(value: Any, places: decimal.Decimal) -> Any:
     """A number as a NUMERIC(p, s) column keeps it: its decimal text rounded to s places, half
     away from zero, as PostgreSQL rounds (1.235 -> 1.24); read as a float like the column's
     other values (psycopg2 gives the replica's as a Decimal)."""
     try:
         exact = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
-        return float(exact.quantize(places, decimal.ROUND_HALF_UP))
+        return float(exact.quantize(places, decimal.ROUND_HALF_UP, context=_QUANTIZING))
     except (decimal.InvalidOperation, ValueError, TypeError):  # beyond the column (main refuses it), or not a number
         return value
 

@@ -79,6 +79,14 @@ class Numbered(Base):
     key: Mapped[object] = mapped_column(Numeric(10, 2), primary_key=True, autoincrement=False)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
+
+class WideNumbered(Base):
+    """A NUMERIC(38, 10) key: 28 digits before the point, 10 after (38 in all)."""
+    __tablename__ = "read_forms_wide_numbered"
+
+    key: Mapped[object] = mapped_column(Numeric(38, 10), primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
     create_schema(main_engine, ModelRegistry.from_path(MODELS))
@@ -300,6 +308,21 @@ def test_a_native_enum_is_ordered_by_its_labels_declared_order_buffered_and_repl
     drain_until_empty(forms)
     replicated = read()
     assert buffered == replicated == {str(f): found for f, found in zip(filters, ([0], [1], [0, 1], [1], [1], [1]))}
+    buf.close()
+
+
+def test_a_wide_numeric_key_is_taken_as_main_takes_it(forms):
+    """Found by review: a NUMERIC(38, 10) key of 1e20 (within the column's 28 digits before the
+    point) was rounded to its scale in decimal's default 28-digit context, which needs 31 here:
+    the create raised a bare decimal.InvalidOperation, not buffered, though main stores it."""
+    buf = TransactionBuffer(settings=forms)
+    # (rows stay from test to test: a fresh key, a float whose shortest text is its exact value)
+    key = float(10**20 + uuid.uuid4().int % 10**4 * 256 * 10**6)
+    with buf.transaction() as tx:
+        assert tx.create("WideNumbered", {"key": key, "note": "wide"})["key"] == key
+    buffered = buf.get("WideNumbered", key)
+    drain_until_empty(forms)
+    assert buffered == buf.get("WideNumbered", key) == {"key": key, "note": "wide"}
     buf.close()
 
 
