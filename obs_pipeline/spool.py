@@ -288,13 +288,7 @@ class Spool:
                 raise
         finally:
             os.close(fd)
-        try:
-            self.start_flusher()
-        except RuntimeError as error:  # "can't start new thread": the line is spooled all the same, and
-            # a call that failed would be buffered again by its script; the next call, status(),
-            # the exit or `obs-pipeline spool push` pushes it
-            log.warning("no background flusher for the spool %s (%s): the next call pushes it",
-                        self.path, _one_line(error))
+        self.start_flusher()
 
     def _lines(self, containing: str | None = None) -> Iterator[bytes]:
         """The spooled transactions, one JSON line each, unparsed: a long outage spools tens of
@@ -364,7 +358,11 @@ class Spool:
         os.replace(tmp, self.offset_path)
 
     def start_flusher(self) -> None:
-        """Make sure the background flusher runs (it stops once the spool is empty)."""
+        """Make sure the background flusher runs (it stops once the spool is empty). A process
+        that may start no more threads gets one warning instead: a call whose line was fsync'd
+        must not fail (its script would buffer the observation again, applied twice), nor may
+        status() or a new TransactionBuffer; the next call, the exit or `obs-pipeline spool
+        push` pushes the spool."""
         with self._flusher_lock:
             if self._flusher_running:
                 return
@@ -372,10 +370,13 @@ class Spool:
             _push_at_exit(self)
         try:
             threading.Thread(target=self._flush_until_empty, name="obs-spool-flusher", daemon=True).start()
-        except BaseException:
+        except BaseException as error:
             with self._flusher_lock:
                 self._flusher_running = False
-            raise
+            if not isinstance(error, RuntimeError):
+                raise
+            log.warning("no background flusher for the spool %s (%s): the next call pushes it",
+                        self.path, _one_line(error))
 
     def _flush_until_empty(self) -> None:
         """Push the spool until it is gone. Never dies of a failure: Redis not answering is

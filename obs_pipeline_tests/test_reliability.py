@@ -604,6 +604,30 @@ def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_p
     up.close()
 
 
+def test_status_and_a_new_buffer_answer_while_the_flusher_cannot_start(settings, monkeypatch):
+    """Found by review: while the process may start no more threads, status() of a spooled
+    transaction (and a TransactionBuffer made with a spool left) raised RuntimeError from
+    starting the flusher, though the buffering call had returned: a script polling status()
+    after its observation failed there. They answer as the call did: the spool holds it."""
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    real_start = threading.Thread.start
+
+    def start_unless_flusher(thread):
+        if thread.name == "obs-spool-flusher":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_unless_flusher)
+    buf = TransactionBuffer(settings=down)
+    spooled = buffer_observations(buf, 1, finish_every=0)
+    assert buf.status(spooled[0].start_tx) == "pending"
+    again = TransactionBuffer(settings=down)  # a spool is left: it starts the flusher
+    assert again.status(spooled[0].start_tx) == "pending"
+    assert buf.spool.pending() == 1
+    again.close()
+    buf.close()
+
+
 def test_a_long_redis_outage_does_not_make_each_call_read_the_whole_spool(settings, redis_client, main_engine,
                                                                            monkeypatch):
     """While Redis does not answer, every call first tries to push the spool, and status() looks
