@@ -501,12 +501,13 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     """The rows this transaction uses but does not create, as `record_key`s: those it updates
     or deletes, those its foreign-key columns point at, and any UUID among its other values
     (a reference the schema does not declare). A row it updates or deletes before a step of
-    its own (in listed order) creates it is used too: deleted and created again in one
-    transaction, it was another's row until then, which may be waiting to retry."""
+    its own creates it (in the order it is applied: steps_in_order) is used too: deleted and
+    created again in one transaction, it was another's row until then, which may be waiting
+    to retry."""
     refs: set[str] = set()
     first: set[str] = set()  # rows it updates or deletes before it creates them
     created: set[str] = set()
-    for step in tx.steps:
+    for step in steps_in_order(tx):
         model = _model_of(step, registry)
         if model is None:
             continue

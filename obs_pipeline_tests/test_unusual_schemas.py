@@ -798,13 +798,19 @@ def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, m
     buf.close()
 
 
+@pytest.mark.parametrize("listed", ["in order", "create first"])
 def test_a_key_deleted_and_created_again_waits_behind_the_failing_transaction_that_wrote_it(
-        odd, redis_client, main_engine):
+        odd, redis_client, main_engine, listed):
     """A transaction that deletes a row and creates its key again uses that row, as one that
     only deletes it does (README: "Uses means: updates or deletes it"). The drain counted the
     row as its own (it creates it), so it was applied ahead of the failing create it deleted,
-    which then failed on the key for good; now it waits behind it and is dead-lettered with it."""
+    which then failed on the key for good; now it waits behind it and is dead-lettered with it.
+    "create first": a producer's transaction that lists the create before the delete it depends
+    on (applied delete first, as its dependencies say; found by review: still counted as its own)."""
     import random
+
+    from obs_pipeline.buffer_store import BufferStore, CacheWrites
+    from obs_pipeline.wire import Step, new_transaction
 
     buf = TransactionBuffer(settings=odd)
     n = random.randrange(10**6, 10**9)
@@ -813,9 +819,15 @@ def test_a_key_deleted_and_created_again_waits_behind_the_failing_transaction_th
     drain_until_settled(odd, retry_base_s=0.05)
     with buf.transaction() as taken:  # main refuses it: the title is taken
         taken.create("Unit", {"number": n + 1, "title": f"a{n}"})
-    with buf.transaction() as again:
-        again.delete("Unit", n + 1)
-        again.create("Unit", {"number": n + 1, "title": f"b{n}"})
+    if listed == "in order":
+        with buf.transaction() as again:
+            again.delete("Unit", n + 1)
+            again.create("Unit", {"number": n + 1, "title": f"b{n}"})
+    else:
+        again = new_transaction("producer", odd.site)
+        again.steps = [Step("create", "create", "Unit", {"number": n + 1, "title": f"b{n}"}, {}, ["delete"]),
+                       Step("delete", "delete", "Unit", {}, {"number": n + 1}, [])]
+        BufferStore(redis_client, odd.site).buffer(again.transaction_id, again.to_json(), CacheWrites())
     drain_until_settled(odd, retry_base_s=0.05)
     failed = _failed(redis_client, odd)
     assert failed.keys() == {taken.transaction_id, again.transaction_id}, failed
