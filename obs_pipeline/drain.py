@@ -29,7 +29,14 @@ from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_stor
                                validate, written_ids)
 
 log = logging.getLogger("obs_pipeline.drain")
-GC_OBJECTS_PER_TRANSACTION = 25  # objects a claimed transaction keeps alive, parsed, until acknowledged (measured)
+# The cyclic collector's first threshold while draining. A parsed transaction keeps 25 objects
+# alive until it is acknowledged (measured), and two batches of 2,000 are alive at once (one
+# applying, one parsed behind it): at 50,000 the collector ran about once a batch, scanning them
+# with the GIL held (0.09-0.19 s of a 2 s drain of 20,000 at 0 ms); at this it did not run once.
+# They are freed by reference counting and make no cycles (a drain of 60,000 left none). Fixed,
+# not grown with far main's larger batches (where the drain waits on the link, not the CPU): it
+# also bounds what cyclic garbage (a caught error's frames) can pile up before a collection.
+GC_THRESHOLD = 200_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
@@ -85,15 +92,6 @@ def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int
         return most
     wanted = round_trip_s * (1 - ROUND_TRIP_SHARE) / (ROUND_TRIP_SHARE * per_transaction)
     return max(least, min(most, math.ceil(round(wanted) / 100) * 100))
-
-
-def gc_threshold_for(batch_size: int) -> int:
-    """The cyclic collector's first threshold while draining batches of `batch_size`: room for
-    twice the objects of the two batches alive at once (one applying, one parsed behind it).
-    Parsed transactions are freed by reference counting and make no cycles; at a fixed 50,000
-    the collector ran about once a batch of 2,000, scanning them with the GIL held: 0.09-0.19 s
-    of a 2 s drain of 20,000 at 0 ms. At this threshold it did not run once."""
-    return max(700, 2 * 2 * GC_OBJECTS_PER_TRANSACTION * batch_size)
 
 
 RETRY_DELAY_MAX_S = 3600.0  # a producer's own retry_count/max_retries may be large: an hour at most
@@ -169,7 +167,6 @@ class Drain:
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self._prefetched: _Batch | None = None
-        self._gc_thresholds: tuple[int, ...] | None = None  # the collector's own, while run() has raised them
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
     def close(self) -> None:
@@ -220,8 +217,8 @@ class Drain:
         self.store.require_redis()
         self.acquire(lease_wait_s)
         backoff = self.config.backoff_initial_s
-        self._gc_thresholds = gc_thresholds = gc.get_threshold()
-        gc.set_threshold(gc_threshold_for(self.batch_size), *gc_thresholds[1:])
+        gc_thresholds = gc.get_threshold()
+        gc.set_threshold(max(GC_THRESHOLD, gc_thresholds[0]), *gc_thresholds[1:])
         try:
             while True:
                 if should_stop():
@@ -273,7 +270,6 @@ class Drain:
                     on_batch(report)
         finally:
             gc.set_threshold(*gc_thresholds)
-            self._gc_thresholds = None
             self._prefetched = None  # left in the processing list for the next run
             self._release_lease()
         return summary
@@ -400,8 +396,6 @@ class Drain:
             log.info("batch size %d -> %d (main's round trip %.1f ms, the last batch applied in %.0f ms)",
                      self.batch_size, size, (self.main.round_trip_s or 0) * 1000, result.apply_s * 1000)
             self.batch_size = size
-            if self._gc_thresholds:
-                gc.set_threshold(gc_threshold_for(size), *self._gc_thresholds[1:])
 
     def _claim(self, after_unacknowledged: bool) -> "_Batch":
         size = self.batch_size

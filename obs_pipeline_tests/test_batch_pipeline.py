@@ -260,11 +260,11 @@ def test_a_status_never_turns_back_from_replicated(settings, redis_client):
 
 
 def test_the_drain_raises_the_collectors_threshold_only_while_it_runs(settings, main_engine):
-    """To its batches' size (gc_threshold_for), so that parsed batches are not scanned again and
-    again, and back to the process's own when it stops."""
+    """To GC_THRESHOLD, so that parsed batches are not scanned again and again, and back to the
+    process's own when it stops."""
     import gc
 
-    from obs_pipeline.drain import gc_threshold_for
+    from obs_pipeline.drain import GC_THRESHOLD
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 5)
@@ -276,7 +276,7 @@ def test_the_drain_raises_the_collectors_threshold_only_while_it_runs(settings, 
         drain.run(until_empty=True, on_batch=lambda report: during.append(gc.get_threshold()))
     finally:
         drain.close()
-    assert during and all(t == (gc_threshold_for(DrainConfig().batch_size), *before[1:]) for t in during)
+    assert during and all(t == (GC_THRESHOLD, *before[1:]) for t in during) and GC_THRESHOLD > before[0]
     assert gc.get_threshold() == before
     assert_applied_exactly_once(main_engine, observations)
 

@@ -578,7 +578,7 @@ def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_p
     """The process may start no more threads (a container's pids limit, say) when a transaction
     is spooled: the line was written and fsync'd, then starting the background flusher raised
     RuntimeError ("can't start new thread") out of the call, and a script told its observation
-    had failed buffers it again (applied twice). Now the call returns: the next call, status(),
+    had failed buffers it again (applied twice). Now the call returns: the next call,
     the exit or `spool push` pushes it."""
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
     buf = TransactionBuffer(settings=down)

@@ -107,24 +107,14 @@ def test_a_session_cut_short_inside_a_transaction_is_not_reused(settings, main_e
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 3
 
 
-def _drain_recording_batch_sizes(settings, config, gc_thresholds: list[int] | None = None
-                                 ) -> list[tuple[int, float | None]]:
-    """(batch size, main's round trip) of each batch; `gc_thresholds`: the collector's after each."""
-    import gc
-
+def _drain_recording_batch_sizes(settings, config) -> list[tuple[int, float | None]]:
     from obs_pipeline.drain import Drain
 
     seen = []
-
-    def on_batch(report) -> None:
-        if report.transactions:
-            seen.append((report.batch_size, report.main_round_trip_ms))
-            if gc_thresholds is not None:
-                gc_thresholds.append(gc.get_threshold()[0])
-
     drain = Drain(settings, config)
     try:
-        summary = drain.run(until_empty=True, budget_s=60, on_batch=on_batch)
+        summary = drain.run(until_empty=True, budget_s=60, on_batch=lambda r: seen.append(
+            (r.batch_size, r.main_round_trip_ms)) if r.transactions else None)
         assert summary.stopped_because == "buffer empty", summary
     finally:
         drain.close()
@@ -154,9 +144,8 @@ def _far_main(settings, tmp_path, one_way_ms: int):
 
 def test_batches_grow_where_main_is_far_and_nothing_is_lost_or_doubled(settings, main_engine, tmp_path):
     """Behind a real proxy of 20 ms each way, a batch of 100 costs a 40 ms round trip plus about
-    10 ms of work: the drain grows its batches to the cap and applies each transaction once. The
-    collector's threshold grows with them (room for the larger batches' objects)."""
-    from obs_pipeline.drain import DrainConfig, gc_threshold_for
+    10 ms of work: the drain grows its batches to the cap and applies each transaction once."""
+    from obs_pipeline.drain import DrainConfig
     from obs_pipeline_tests.workload import assert_applied_exactly_once
 
     buf = TransactionBuffer(settings=settings)
@@ -164,15 +153,13 @@ def test_batches_grow_where_main_is_far_and_nothing_is_lost_or_doubled(settings,
     buf.close()
     far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=20)
     try:
-        thresholds: list[int] = []
-        seen = _drain_recording_batch_sizes(far, DrainConfig(batch_size=100, max_batch_size=400), thresholds)
+        seen = _drain_recording_batch_sizes(far, DrainConfig(batch_size=100, max_batch_size=400))
     finally:
         link_down()
     sizes = [size for size, _ in seen]
     assert sizes[0] == 100 and max(sizes) == 400 and all(100 <= s <= 400 for s in sizes), sizes
     assert all(rtt is not None and rtt >= 40 for _, rtt in seen), seen
     assert len(sizes) < 1500 / 100  # fewer batches than at the fixed size
-    assert thresholds[-1] == gc_threshold_for(400) > gc_threshold_for(100), thresholds
     assert_applied_exactly_once(main_engine, observations)
 
 
