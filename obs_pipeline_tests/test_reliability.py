@@ -573,15 +573,10 @@ def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_no
     up.close()
 
 
-def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_pushed_once(
-        settings, redis_client, main_engine, monkeypatch):
-    """The process may start no more threads (a container's pids limit, say) when a transaction
-    is spooled: the line was written and fsync'd, then starting the background flusher raised
-    RuntimeError ("can't start new thread") out of the call, and a script told its observation
-    had failed buffers it again (applied twice). Now the call returns: the next call,
-    the exit or `spool push` pushes it."""
-    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
-    buf = TransactionBuffer(settings=down)
+@pytest.fixture
+def no_flusher_thread(monkeypatch):
+    """The process may start no more threads (a container's pids limit, say) for the spool's
+    flusher, until the function returned is called."""
     real_start = threading.Thread.start
 
     def start_unless_flusher(thread):
@@ -590,8 +585,20 @@ def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_p
         return real_start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start_unless_flusher)
+    return lambda: monkeypatch.setattr(threading.Thread, "start", real_start)
+
+
+def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_pushed_once(
+        settings, redis_client, main_engine, no_flusher_thread):
+    """The process may start no more threads (a container's pids limit, say) when a transaction
+    is spooled: the line was written and fsync'd, then starting the background flusher raised
+    RuntimeError ("can't start new thread") out of the call, and a script told its observation
+    had failed buffers it again (applied twice). Now the call returns: the next call,
+    the exit or `spool push` pushes it."""
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    buf = TransactionBuffer(settings=down)
     spooled = buffer_observations(buf, 2)  # 2 starts + 1 finish, all in the spool
-    monkeypatch.setattr(threading.Thread, "start", real_start)
+    no_flusher_thread()  # threads may start again
     assert buf.spool.pending() == 3
     buf.close()
     up = TransactionBuffer(settings=settings)  # the same spool, Redis answering
@@ -604,20 +611,12 @@ def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_p
     up.close()
 
 
-def test_status_and_a_new_buffer_answer_while_the_flusher_cannot_start(settings, monkeypatch):
+def test_status_and_a_new_buffer_answer_while_the_flusher_cannot_start(settings, no_flusher_thread):
     """Found by review: while the process may start no more threads, status() of a spooled
     transaction (and a TransactionBuffer made with a spool left) raised RuntimeError from
     starting the flusher, though the buffering call had returned: a script polling status()
     after its observation failed there. They answer as the call did: the spool holds it."""
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
-    real_start = threading.Thread.start
-
-    def start_unless_flusher(thread):
-        if thread.name == "obs-spool-flusher":
-            raise RuntimeError("can't start new thread")
-        return real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start_unless_flusher)
     buf = TransactionBuffer(settings=down)
     spooled = buffer_observations(buf, 1, finish_every=0)
     assert buf.status(spooled[0].start_tx) == "pending"
