@@ -249,7 +249,8 @@ class Spool:
         """This process's threads (the thread lock), then every process of the site on this host
         (flock on the lock file; released when its descriptor closes, a crash included)."""
         with self._lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self.directory.is_dir():
+                _make_durable_folder(self.directory)
             fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             pid = os.getpid()
             try:
@@ -269,7 +270,10 @@ class Spool:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""
         line = (json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
                 + "\n").encode()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND), False
+        except FileNotFoundError:
+            fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600), True
         try:
             _cut_torn_tail(fd)
             start = os.lseek(fd, 0, os.SEEK_END)
@@ -278,6 +282,8 @@ class Spool:
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                if created:  # the file's fsync does not make its name durable: its folder's does
+                    _fsync_folder(self.directory)
             except BaseException:
                 # the call fails: a whole line left behind (fsync failed after the write) would
                 # be pushed later all the same, and the script, told it failed, may buffer it again
@@ -342,6 +348,7 @@ class Spool:
         # the offset first: a crash between the two leaves a spool pushed again from its start
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
         self.offset_path.unlink(missing_ok=True)
+        _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
         self.path.unlink()
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed
@@ -475,3 +482,25 @@ def _cut_torn_tail(fd: int) -> None:
             return
         end = start
     os.ftruncate(fd, 0)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the creation or removal of a name in `folder` durable: a file's own fsync does not
+    cover its directory entry (POSIX; PostgreSQL and SQLite fsync the folder too), so after a
+    power loss a spool whose line was fsync'd could be missing as a whole."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable_folder(folder: Path) -> None:
+    """mkdir -p, each folder it creates made durable in its parent."""
+    missing = []
+    while not folder.exists():  # (a file in the way stops it: mkdir then says "Not a directory")
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_folder(new.parent)

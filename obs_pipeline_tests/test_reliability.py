@@ -1486,3 +1486,46 @@ def test_a_child_forked_while_a_push_holds_the_spools_file_lock_does_not_keep_th
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, spooled + mine)
     buf.close()
+
+
+def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_order(settings, redis_client, tmp_path,
+                                                                                  monkeypatch):
+    """A file's fsync does not make its name durable, only its folder's fsync does (POSIX): after
+    a power loss, the first line spooled in an outage, whose call returned, could be gone with
+    its file, or the spool's folder with it. And a push removes the progress file before the
+    spool: were only the second removal kept, a new spool would start past its first lines."""
+    from obs_pipeline.buffer_store import CacheWrites
+    from obs_pipeline.spool import Spool
+
+    synced: list[tuple[str, bool, bool]] = []  # (path, progress file there, spool there) at each fsync
+    real_fsync = os.fsync
+    spool = Spool(tmp_path / "spools" / "site", settings.site, flush_store=BufferStore(redis_client, settings.site))
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), spool.offset_path.exists(), spool.path.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+
+    class DownStore:
+        def buffer(self, *args):
+            raise redis.ConnectionError("Redis is down (test)")
+
+    def line(tx_id: str) -> tuple:
+        doc = {"transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                                   "data": {"id": 1, "name": tx_id}}]}
+        return tx_id, json.dumps(doc), CacheWrites()
+
+    spool.buffer(DownStore(), *line("first"))
+    folders = {str(tmp_path), str(tmp_path / "spools"), str(spool.directory)}
+    assert folders <= {path for path, _, _ in synced}  # each new folder in its parent, the file in its folder
+    assert [path for path, _, _ in synced].index(str(spool.path)) < [path for path, _, _ in synced].index(
+        str(spool.directory))  # the line first, then its file's name
+    synced.clear()
+    spool.buffer(DownStore(), *line("second"))
+    assert [path for path, _, _ in synced] == [str(spool.path)]  # an existing spool: its line alone
+    synced.clear()
+    assert spool.flush() and not spool.path.exists()
+    folder_syncs = [(offset, there) for path, offset, there in synced if path == str(spool.directory)]
+    assert folder_syncs == [(False, True)]  # between the progress file's removal and the spool's
+    assert len(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)) == 2
