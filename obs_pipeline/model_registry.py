@@ -43,6 +43,8 @@ class ColumnSpec:
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
+    # TIMESTAMP(p), TIME(p), INTERVAL(p): the microseconds main rounds their seconds to (fraction_step)
+    fraction_step: int | None = None
     # JSON/JSONB whose None the ORM writes as JSON `null` (none_as_null=False, SQLAlchemy's
     # default): None is a value there, taken by a NOT NULL column too
     json_null: bool = False
@@ -68,6 +70,8 @@ class ColumnSpec:
                                self.numeric)
         if self.kind == "float" and (self.primary_key or self.foreign_key):
             convert = _float_key(convert, self.numeric)
+        elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
+            convert = _fraction_key(convert, self.kind, self.fraction_step)
         object.__setattr__(self, "convert", convert)
         object.__setattr__(self, "check", _checker(convert, nullable=not self.not_null))
 
@@ -277,6 +281,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             numeric=_numeric_size(item if item is not None else column.type),
+            fraction_step=fraction_step(column.type),
             item=_kind(item) if item is not None else None,
             choices=_enum_choices(item if item is not None else column.type),
             json_null=kind == "json" and not column.type.none_as_null,
@@ -575,6 +580,23 @@ def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None) -
     return check
 
 
+def _fraction_key(convert: Callable[[Any], Any], kind: str, step: int) -> Callable[[Any], str]:
+    """A TIMESTAMP(p), TIME(p) or INTERVAL(p) column that names a row takes the value main
+    stores: its seconds rounded to p places. Records are filed under their key's text, and the
+    replica's row reads rounded (00:00:01): kept as given (00:00:00.6), a buffered record, its
+    overlays and its replicated row went under different ids."""
+    parse = {"datetime": dt.datetime.fromisoformat, "interval": parse_interval}.get(kind, dt.time.fromisoformat)
+    write = interval_text if kind == "interval" else _isoformat
+
+    def check(value: Any) -> str:
+        return write(round_seconds(parse(convert(value)), step))
+    return check
+
+
+def _isoformat(value: dt.datetime | dt.time) -> str:
+    return value.isoformat()
+
+
 # Main reads a REAL's value from its text (the repr the drain sends) and refuses one that rounds
 # to infinity or, not being 0, to 0 ("value out of range"): at or beyond halfway past REAL's
 # largest value, at or below halfway to its smallest.
@@ -778,6 +800,46 @@ def interval_text(value: dt.timedelta) -> str:
     if not (value.days or time):
         return "PT0S"
     return "P" + (f"{value.days}D" if value.days else "") + (f"T{time}" if time else "")
+
+
+PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # PostgreSQL counts a timestamp's microseconds from here
+_DAY_US = 86_400_000_000
+
+
+def fraction_step(type_: sqltypes.TypeEngine) -> int | None:
+    """The microseconds to which a TIMESTAMP(p), TIME(p) or INTERVAL(p) column rounds its
+    seconds (10 ** (6 - p)); None for one that keeps all six places."""
+    if isinstance(type_, sqltypes.Interval):  # (a TypeDecorator: PostgreSQL's INTERVAL(second_precision))
+        places = type_.second_precision
+    elif isinstance(type_, (sqltypes.DateTime, sqltypes.Time, sqltypes._AbstractInterval)):
+        places = getattr(type_, "precision", None)
+    else:
+        return None
+    return None if places is None or places >= 6 else 10 ** (6 - places)
+
+
+def round_micros(micros: int, step: int) -> int:
+    """Half away from zero, as PostgreSQL rounds the microseconds it keeps to a precision."""
+    rounded = (abs(micros) + step // 2) // step * step
+    return rounded if micros >= 0 else -rounded
+
+
+def round_seconds(value: Any, step: int) -> Any:
+    """An aware datetime, a time or a timedelta with its seconds rounded to `step` microseconds,
+    as PostgreSQL stores a TIMESTAMP(p), TIME(p) or INTERVAL(p): a timestamp counted from
+    2000-01-01 (1999-12-31T23:59:59.5 rounds to :59 in a TIMESTAMP(0), 2000-01-01T00:00:00.5 to
+    :01), a time within its day (a TIME(0)'s 23:59:59.6 is 24:00:00, which a time holds as
+    00:00:00, as psycopg2 reads it), an interval's time after its days."""
+    if isinstance(value, dt.datetime):
+        micros = (value - PG_EPOCH) // dt.timedelta(microseconds=1)
+        return PG_EPOCH + dt.timedelta(microseconds=round_micros(micros, step))
+    if isinstance(value, dt.timedelta):
+        rest = value.seconds * 1_000_000 + value.microseconds
+        return dt.timedelta(days=value.days, microseconds=round_micros(rest, step))
+    micros = ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+    micros = round_micros(micros, step) % _DAY_US
+    return dt.time(micros // 3_600_000_000, micros // 60_000_000 % 60, micros // 1_000_000 % 60,
+                   micros % 1_000_000, tzinfo=value.tzinfo)
 
 
 def _binary_json(value: Any) -> Any:

@@ -60,8 +60,9 @@ from obs_pipeline import forks
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
-from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, interval_text,
-                                         is_single_precision, parse_interval)
+from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, fraction_step,
+                                         interval_text, is_single_precision, parse_interval, round_micros,
+                                         round_seconds)
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -426,7 +427,7 @@ def _read_form(type_: sa.types.TypeEngine) -> Callable[[Any], Any] | None:
     if isinstance(type_, sa.ARRAY):
         form = _read_form(type_.item_type)
         return None if form is None else functools.partial(_each, form=form)
-    step = _fraction_step(type_)
+    step = fraction_step(type_)
     if isinstance(type_, sa.Time):
         return functools.partial(_time_of_day, zone=bool(type_.timezone), step=step)
     if step is not None:
@@ -502,33 +503,8 @@ def _time_of_day(value: Any, zone: bool, step: int | None = None) -> Any:
     if not isinstance(value, dt.time):
         return value
     if step is not None:
-        micros = ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
-        micros = _round_micros(micros, step) % _DAY_US
-        value = dt.time(micros // 3_600_000_000, micros // 60_000_000 % 60, micros // 1_000_000 % 60,
-                        micros % 1_000_000, tzinfo=value.tzinfo)
+        value = round_seconds(value, step)
     return (value if zone else value.replace(tzinfo=None)).isoformat()
-
-
-_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=_UTC)  # PostgreSQL counts a timestamp's microseconds from here
-_DAY_US = 86_400_000_000
-
-
-def _fraction_step(type_: sa.types.TypeEngine) -> int | None:
-    """The microseconds to which a TIMESTAMP(p), TIME(p) or INTERVAL(p) column rounds its
-    seconds (10 ** (6 - p)); None for one that keeps all six places."""
-    if isinstance(type_, sa.Interval):  # (a TypeDecorator: PostgreSQL's INTERVAL(second_precision))
-        places = type_.second_precision
-    elif isinstance(type_, (sa.DateTime, sa.Time, postgresql.INTERVAL)):
-        places = getattr(type_, "precision", None)
-    else:
-        return None
-    return None if places is None or places >= 6 else 10 ** (6 - places)
-
-
-def _round_micros(micros: int, step: int) -> int:
-    """Half away from zero, as PostgreSQL rounds the microseconds it keeps to a precision."""
-    rounded = (abs(micros) + step // 2) // step * step
-    return rounded if micros >= 0 else -rounded
 
 
 def _datetime_rounded(value: Any, step: int) -> Any:
@@ -536,9 +512,7 @@ def _datetime_rounded(value: Any, step: int) -> Any:
     seconds rounded to p places as PostgreSQL stores it: counted from 2000-01-01, so that
     1999-12-31T23:59:59.5 rounds to :59 in a TIMESTAMP(0) and 2000-01-01T00:00:00.5 to :01."""
     try:
-        parsed = _parse_utc(value)
-        micros = (parsed - _PG_EPOCH) // dt.timedelta(microseconds=1)
-        return (_PG_EPOCH + dt.timedelta(microseconds=_round_micros(micros, step))).isoformat()
+        return round_seconds(_parse_utc(value), step).isoformat()
     except (ValueError, TypeError, OverflowError):  # not a datetime, or rounded beyond year 9999: as it is
         return _datetime_from_db(value)
 
@@ -547,9 +521,7 @@ def _interval_rounded(value: Any, step: int) -> Any:
     """An INTERVAL(p)'s value (ISO text, or the replica's timedelta) as ISO text, its seconds
     rounded to p places: the time after the days, as main keeps the timedelta it is given."""
     try:
-        parsed = parse_interval(value)
-        rest = parsed.seconds * 1_000_000 + parsed.microseconds
-        return interval_text(dt.timedelta(days=parsed.days, microseconds=_round_micros(rest, step)))
+        return interval_text(round_seconds(parse_interval(value), step))
     except (ValueError, TypeError, OverflowError):
         return value
 
@@ -653,13 +625,13 @@ def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[An
     value is not (PostgreSQL compares `amount >= 1.234` as given)."""
     if column.kind == "float" and _numeric_places(type_) is not None:
         return float
-    return _key(column, type_, rounded=False) if _fraction_step(type_) is not None else key
+    return _key(column, type_, rounded=False) if fraction_step(type_) is not None else key
 
 
 def _key(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -> Callable[[Any], Any]:
     """JSON form -> a value that compares like the database compares the column; `rounded`:
     a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places."""
-    step = _fraction_step(type_) if rounded else None
+    step = fraction_step(type_) if rounded else None
     if _native_enum(type_):
         return functools.partial(_enum_order, order={label: i for i, label in enumerate(type_.enums)})
     if column.kind == "datetime":
@@ -707,7 +679,7 @@ def _time_order(value: Any, step: int | None = None) -> int:
     TIME(0) is 24:00:00, after every other time (psycopg2 reads it as 00:00:00)."""
     parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
     micros = ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
-    return micros if step is None else _round_micros(micros, step)
+    return micros if step is None else round_micros(micros, step)
 
 
 def _timetz_order(value: Any, step: int | None = None) -> tuple[int, int]:

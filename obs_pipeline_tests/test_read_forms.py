@@ -7,6 +7,7 @@ match it in both states alike."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import uuid
 
@@ -17,10 +18,12 @@ from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, TIME, TIMESTAMP, UUI
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
-from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.model_registry import ModelRegistry, interval_text
 from obs_pipeline.schema import create_schema
+from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
+from obs_pipeline_tests.workload import replay_paused
 
 MODELS = "obs_pipeline_tests.test_read_forms:Base"
 
@@ -77,6 +80,30 @@ class Numbered(Base):
     __tablename__ = "read_forms_numbered"
 
     key: Mapped[object] = mapped_column(Numeric(10, 2), primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
+class Stamped(Base):
+    """A TIMESTAMP(0) key the site gives: PostgreSQL keeps it to whole seconds."""
+    __tablename__ = "read_forms_stamped"
+
+    at: Mapped[object] = mapped_column(TIMESTAMP(timezone=True, precision=0), primary_key=True)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
+class Clocked(Base):
+    """A TIME(2) key: PostgreSQL keeps it to hundredths of a second."""
+    __tablename__ = "read_forms_clocked"
+
+    at: Mapped[object] = mapped_column(TIME(precision=2), primary_key=True)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
+class Spanned(Base):
+    """An INTERVAL(0) key: PostgreSQL keeps it to whole seconds."""
+    __tablename__ = "read_forms_spanned"
+
+    at: Mapped[object] = mapped_column(INTERVAL(precision=0), primary_key=True)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
 
@@ -385,4 +412,59 @@ def test_timestamp_time_and_interval_of_a_precision_read_and_filter_the_same_buf
     assert replicated[0] == [{"at": "2025-01-01T00:00:01+00:00", "of_day": "12:00:01", "span": "PT2S"},
                              {"at": "1999-12-31T23:59:59+00:00", "of_day": "00:00:00", "span": "PT0S"},
                              {"at": "2000-01-01T00:00:01+00:00", "of_day": "00:00:00", "span": "P2D"}]
+    buf.close()
+
+
+def _drain_unclean(settings, main_engine, replica_engine) -> None:
+    """One drain step applied on main while the replica did not replay it (its caches kept),
+    then the replica let replay it: the row is on the replica and still buffered, as between a
+    drain's replay and its cleanup."""
+    with replay_paused(replica_engine):
+        drain = Drain(settings, DrainConfig(replication_timeout_s=0.3))
+        try:
+            drain.acquire()
+            drain.step()
+        finally:
+            drain.close()
+    wait_for_replica(main_engine, replica_engine)
+
+
+def _fresh_seconds() -> int:
+    """(rows stay from test to test: a fresh key each time, within one day)"""
+    return uuid.uuid4().int % 80_000 + 1_000
+
+
+@pytest.mark.parametrize("model, given, stored", [
+    ("Stamped", lambda s: f"{dt.datetime(2025, 1, 1) + dt.timedelta(seconds=s)}.6Z",
+     lambda s: (dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=s + 1)).isoformat()),
+    ("Clocked", lambda s: f"{dt.time(s // 3600, s // 60 % 60, s % 60)}.456789",
+     lambda s: dt.time(s // 3600, s // 60 % 60, s % 60, 460_000).isoformat()),
+    ("Spanned", lambda s: f"PT{s}.6S", lambda s: interval_text(dt.timedelta(seconds=s + 1)))])
+def test_a_key_of_a_precision_names_its_record_the_same_buffered_and_replicated(forms, main_engine, replica_engine,
+                                                                               model, given, stored):
+    """A TIMESTAMP(0) key given as 00:00:00.6, a TIME(2) key as 12:00:00.456789, an INTERVAL(0)
+    key as PT1.6S: main keeps 00:00:01, 12:00:00.46 and PT2S, and the replica's row was filed under that text, the buffered
+    record under the key as given. Once replayed and before the cleanup, a search showed the
+    row twice; once cleaned, get(key as given) said None and an update of it was refused as
+    unknown. The key is now taken as main stores it, as a NUMERIC key is."""
+    buf = TransactionBuffer(settings=forms)
+    seconds = _fresh_seconds()
+    key, pk, note = given(seconds), "at", f"n{seconds}-{uuid.uuid4().hex[:6]}"
+    with buf.transaction() as tx:
+        made = tx.create(model, {pk: key, "note": note})
+    expected = {pk: stored(seconds), "note": note}
+
+    def read(note: str) -> tuple:
+        return buf.get(model, key), buf.search(model, {"note": note})
+
+    assert read(note) == (expected, [expected])
+    _drain_unclean(forms, main_engine, replica_engine)
+    assert read(note) == (expected, [expected])  # replayed, still buffered
+    drain_until_empty(forms)
+    assert read(note) == (expected, [expected])  # cleaned
+    buf.update(model, key, {"note": note + "+"})
+    assert read(note + "+") == ({**expected, "note": note + "+"}, [{**expected, "note": note + "+"}])
+    drain_until_empty(forms)
+    assert read(note + "+") == ({**expected, "note": note + "+"}, [{**expected, "note": note + "+"}])
+    assert made == expected  # what the create gave back names the row too
     buf.close()
