@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg2.extras import Json
 
-from obs_pipeline.model_registry import ColumnSpec, ModelRegistry
+from obs_pipeline.model_registry import ColumnSpec, ModelRegistry, is_single_precision
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction
 
@@ -132,12 +132,21 @@ class BatchSql:
                     f"WHERE NOT EXISTS (SELECT 1 FROM {name} WHERE {name}.{key} = batch.key) LIMIT 1")
         # Values bind by position (v0, v1, ...), never by column name: a name with a space or a
         # % in it would be escaped in the compiled statement and no longer match its parameter.
+        key = _key_param(pk)
         if kind == "update":
-            stmt = sa.update(table).where(pk == sa.bindparam("pk")).values(
+            stmt = sa.update(table).where(pk == key).values(
                 {c: sa.bindparam(f"v{i}") for i, c in enumerate(targets)})
         else:
-            stmt = sa.delete(table).where(pk == sa.bindparam("pk"))
+            stmt = sa.delete(table).where(pk == key)
         return str(stmt.compile(dialect=self.dialect))
+
+
+def _key_param(pk: sa.Column) -> Any:
+    """The key an update or delete names its row by: a REAL key cast to REAL, as the check that
+    the row exists casts it. Bound as given, 0.1 is a numeric that PostgreSQL compares with the
+    row's real as doubles (`real '0.1' = 0.1` is false): the update passed that check, changed
+    no row and was reported applied, the delete deleted nothing."""
+    return sa.cast(sa.bindparam("pk"), pk.type) if is_single_precision(pk.type) else sa.bindparam("pk")
 
 
 def _element_type(type_: sa.types.TypeEngine) -> sa.types.TypeEngine:

@@ -107,6 +107,14 @@ class Spanned(Base):
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
 
+class RealKeyed(Base):
+    """A REAL key: PostgreSQL keeps it at single precision (0.1 as 0.10000000149011612)."""
+    __tablename__ = "read_forms_real_keyed"
+
+    key: Mapped[float] = mapped_column(REAL, primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
 class WideNumbered(Base):
     """A NUMERIC(38, 10) key: 28 digits before the point, 10 after (38 in all)."""
     __tablename__ = "read_forms_wide_numbered"
@@ -467,4 +475,30 @@ def test_a_key_of_a_precision_names_its_record_the_same_buffered_and_replicated(
     drain_until_empty(forms)
     assert read(note + "+") == ({**expected, "note": note + "+"}, [{**expected, "note": note + "+"}])
     assert made == expected  # what the create gave back names the row too
+    buf.close()
+
+
+def test_an_update_or_delete_of_a_real_keyed_row_reaches_it_on_main(forms, main_engine, redis_client):
+    """A producer's update and delete of rows whose REAL keys are 0.1 past an integer (as the
+    rows read). The drain's statements bound the key as a numeric, which PostgreSQL compares with
+    the row's real as doubles: the update passed the check that its row exists (which casts the
+    keys to REAL), changed nothing and was reported applied; the delete deleted nothing."""
+    import json
+
+    buf = TransactionBuffer(settings=forms)
+    base = uuid.uuid4().int % 10**5 * 2  # (rows stay from test to test: fresh keys)
+    kept, gone = base + 0.1, base + 1.1
+    with buf.transaction() as tx:
+        tx.bulk_create("RealKeyed", [{"key": kept, "note": "a"}, {"key": gone, "note": "a"}])
+    drain_until_empty(forms)
+    for tx_id, step in ((str(uuid.uuid4()), {"operation": "update", "data": {"note": "b"}, "conditions": {"key": kept}}),
+                        (str(uuid.uuid4()), {"operation": "delete", "conditions": {"key": gone}})):
+        redis_client.lpush(f"site:{forms.site}:transaction_buffer", json.dumps(
+            {"transaction_id": tx_id, "steps": [{"step_id": "s", "model_class": "RealKeyed", **step}]}))
+    drain_until_empty(forms)
+    assert not redis_client.llen(f"site:{forms.site}:failed_transactions")
+    with main_engine.connect() as conn:
+        on_main = conn.execute(sa.text("SELECT key, note FROM read_forms_real_keyed "
+                                       "WHERE key IN (CAST(:k AS REAL), CAST(:g AS REAL))"), {"k": kept, "g": gone}).all()
+    assert [(round(k, 4), note) for k, note in on_main] == [(kept, "b")]
     buf.close()
