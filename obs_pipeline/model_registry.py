@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import re
+import struct
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class ColumnSpec:
             convert = _convert(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
                                self.numeric)
         if self.kind == "float" and (self.primary_key or self.foreign_key):
-            convert = _float_key(convert, self.numeric)
+            convert = _float_key(convert, self.numeric, self.float_bits)
         elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
             convert = _fraction_key(convert, self.kind, self.fraction_step)
         object.__setattr__(self, "convert", convert)
@@ -563,11 +564,14 @@ def _float_json(value: Any) -> float | int:
     raise ValueError(f"{value!r} is not a number")
 
 
-def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None) -> Callable[[Any], float]:
+def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None,
+               float_bits: int = 64) -> Callable[[Any], float]:
     """A float column that names a row (its key, or a foreign key to one) takes the value main
-    stores: a float, rounded to a NUMERIC(p, s)'s s places. Records are filed under their key's
-    text, and the replica's row reads as "5.0" or "1.23": kept as given (5, 1.234), a buffered
-    record, its overlays and its replicated row went under different ids."""
+    stores: a float, rounded to a NUMERIC(p, s)'s s places, or a REAL's single precision (as
+    it reads: 0.123456789 as 0.12345679). Records are filed under their key's text, and the
+    replica's row reads as "5.0", "1.23" or "0.12345679": kept as given (5, 1.234,
+    0.123456789), a buffered record, its overlays and its replicated row went under different
+    ids."""
     step = None if numeric is None else decimal.Decimal(1).scaleb(-numeric[1])
     # as _numeric_of's: the default context's 28 digits refuse a NUMERIC(38, 10)'s 1e20 rounded
     exact = None if numeric is None else decimal.Context(prec=numeric[0] + abs(numeric[1]) + 330)
@@ -576,7 +580,7 @@ def _float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None) -
         value = convert(value)
         if step is not None:
             value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)
-        return float(value)
+        return single_float(float(value)) if float_bits == 32 else float(value)
     return check
 
 
@@ -614,6 +618,16 @@ def _single_float_json(value: Any) -> float | int:
             raise ValueError(f"{value!r} is out of range for a REAL (single-precision) column: PostgreSQL takes "
                              "0 and magnitudes from about 1e-45 to 3.4e38")
     return value
+
+
+def single_float(value: float) -> float:
+    """As `real` keeps it: single precision, shown with the fewest digits that give it back."""
+    single = struct.unpack("f", struct.pack("f", value))[0]
+    for digits in range(1, 10):
+        shown = float(f"{single:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", shown))[0] == single:
+            return shown
+    return single
 
 
 def _numeric_of(precision: int, scale: int) -> Callable[[Any], float | int]:

@@ -62,7 +62,7 @@ from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, fraction_step,
                                          interval_text, is_single_precision, parse_interval, round_micros,
-                                         round_seconds)
+                                         round_seconds, single_float)
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -527,16 +527,11 @@ def _interval_rounded(value: Any, step: int) -> Any:
 
 
 def _single_float(value: Any) -> Any:
-    """As `real` keeps it: single precision, shown with the fewest digits that give it back."""
+    """As `real` keeps it (model_registry.single_float)."""
     try:
-        single = struct.unpack("f", struct.pack("f", value))[0]
+        return single_float(value)
     except (OverflowError, struct.error, TypeError):  # beyond `real` (main refuses it), or not a number
         return value
-    for digits in range(1, 10):
-        shown = float(f"{single:.{digits}g}")
-        if struct.unpack("f", struct.pack("f", shown))[0] == single:
-            return shown
-    return single
 
 
 def _datetime_columns(spec: ModelSpec) -> list[str]:
@@ -610,11 +605,14 @@ def _sort_key(spec: ModelSpec) -> Callable[[str], Any]:
 
 
 def _pk(spec: ModelSpec, value: Any) -> Any:
-    """An id (as given, or the text form the index holds) -> the value bound to the statement."""
+    """An id (as given, or the text form the index holds) -> the value bound to the statement;
+    a REAL key at single precision, as a filter's value (_as_real): bound as 0.1, it is not
+    the row's 0.1 (`real '0.1' = 0.1` is false), and get said None once replicated."""
     column = spec.columns[spec.primary_key]
     if column.kind in ("int", "float") and isinstance(value, str):
         value = int(value) if column.kind == "int" else float(value)
-    return column.to_python(column.check(value))
+    value = column.to_python(column.check(value))
+    return _as_real(value) if column.float_bits == 32 else value
 
 
 # --- filters --------------------------------------------------------------------------------
