@@ -75,6 +75,9 @@ class Transaction:
     # What the steps were as pushed (json_codec.digest), set by from_json: the drain records it
     # with the applied id, to tell an id a producer reused for other steps from this one claimed again.
     steps_digest: str | None = field(default=None, compare=False)
+    # (model, key as pushed, created) for each key whose text validate() changed (see _note_rekeyed):
+    # ingest filed its caches under that text. Not serialised: cache bookkeeping for this parse.
+    rekeyed: list[tuple[str, str, bool]] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Shallow on purpose: `dataclasses.asdict` deep-copies every value and was 40% of the
@@ -319,19 +322,29 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
             model = registry.model(step.model_class)
         except InvalidTransaction as exc:  # with where: a dead letter's reason says which step
             raise InvalidTransaction(f"{where}: {exc}") from None
+        pk = model.primary_key
         if step.operation == "create":  # (from_dict made its data a dict, a bulk_create's a list of dicts)
+            given = step.data.get(pk)
             step.data = _new_row(model, step.data, where)
+            if given is not step.data[pk]:
+                _note_rekeyed(tx, model.name, given, step.data[pk], True)
         elif step.operation == "bulk_create":
             rows = []
             for row in step.data:
+                given = row.get(pk)
                 rows.append(_new_row(model, row, where))
+                if given is not rows[-1][pk]:
+                    _note_rekeyed(tx, model.name, given, rows[-1][pk], True)
             step.data = rows
         else:
             if set(step.conditions) != {model.primary_key}:
                 raise InvalidTransaction(
                     f"{where}: {step.operation} needs conditions {{{model.primary_key!r}: ...}} and nothing else"
                 )
-            step.conditions = {model.primary_key: record_id(model, step.conditions[model.primary_key], where)}
+            given = step.conditions[pk]
+            step.conditions = {pk: record_id(model, given, where)}
+            if given is not step.conditions[pk]:
+                _note_rekeyed(tx, model.name, given, step.conditions[pk], False)
             if step.operation == "update":
                 step.data = normalize_values(model, step.data, creating=False, where=where,
                                              record=step.conditions[model.primary_key])
@@ -340,6 +353,17 @@ def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool =
             elif step.data:
                 raise InvalidTransaction(f"{where}: a delete takes no `data`")
     return tx
+
+
+def _note_rekeyed(tx: Transaction, model: str, given: Any, checked: Any, created: bool) -> None:
+    """A key whose text the check changed: an ingest of an earlier version filed the caches
+    under the key as it pushed it (a NUMERIC key 5 before d3f75e5, now 5.0; a TIMESTAMP(0)
+    key's 00:00:00.6, now 00:00:01), and the cleanup, named by the checked key, left them for
+    good (a search showed the row twice, and its stale values after later updates)."""
+    if given is not None and str(given) != str(checked):
+        if tx.rekeyed is None:
+            tx.rekeyed = []
+        tx.rekeyed.append((model, str(given), created))
 
 
 def _new_row(model: ModelSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -461,6 +485,10 @@ def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]
                     overlays.append([name, str(row[pk]), tx_id])
         else:
             overlays.append([spec.name, str(step.conditions[spec.primary_key]), tx_id])
+    for name, rid, made in tx.rekeyed or ():  # the caches of a key as an earlier ingest filed them
+        if made:
+            created.append([name, rid])
+        overlays.append([name, rid, tx_id])
     return {"c": created, "o": overlays, "t": [tx_id]}
 
 

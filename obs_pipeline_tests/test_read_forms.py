@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, TIME, TIMESTAMP, UUI
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
-from obs_pipeline.model_registry import ModelRegistry, interval_text, single_float
+from obs_pipeline.model_registry import ModelRegistry, _numeric_of, interval_text, single_float
 from obs_pipeline.schema import create_schema
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -537,4 +537,29 @@ def test_a_real_key_names_its_record_the_same_buffered_and_replicated(forms, mai
     drain_until_empty(forms)
     assert read(note + "+") == expected(note + "+")
     assert made == stored and stored[0] != keys[0]
+    buf.close()
+
+
+def test_caches_filed_under_a_key_form_of_an_earlier_version_are_cleaned(forms, redis_client, monkeypatch):
+    """A NUMERIC key buffered by ingest before d3f75e5 was filed under its text as given ("5");
+    the drain, checking the transaction now, names the key 5.0 and cleaned the caches under
+    "5.0" only: those under "5" stayed for good, and a search returned the row twice, its stale
+    buffered values too after a later update. The cleanup now also names the key as pushed."""
+    buf = TransactionBuffer(settings=forms)
+    key, note = uuid.uuid4().int % 10**6 * 10, f"old{uuid.uuid4().hex[:6]}"
+    # ingest as it was: the key's check without the key's rounding (model_registry._float_key)
+    monkeypatch.setitem(buf.registry.model("Numbered").converters, "key", _numeric_of(10, 2))
+    with buf.transaction() as tx:
+        tx.create("Numbered", {"key": key, "note": note})
+    monkeypatch.undo()
+    legacy = [f"site:{forms.site}:{kind}:Numbered:{key}" for kind in ("buffered", "cache:ids", "read_buffer")]
+    assert all(redis_client.exists(k) for k in legacy)  # filed under "5", not "5.0"
+    drain_until_empty(forms)
+    assert [k for k in legacy if redis_client.exists(k)] == []
+    assert not {str(key)} & {m.decode() for m in redis_client.smembers(f"site:{forms.site}:index:Numbered")}
+    assert buf.search("Numbered", {"note": note}) == [{"key": float(key), "note": note}]
+    buf.update("Numbered", key, {"note": note + "+"})
+    drain_until_empty(forms)
+    assert buf.search("Numbered", {"note": note}) == []
+    assert buf.search("Numbered", {"note": note + "+"}) == [{"key": float(key), "note": note + "+"}]
     buf.close()
