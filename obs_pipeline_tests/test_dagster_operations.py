@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
@@ -678,3 +680,41 @@ def test_a_retry_run_that_finds_the_list_changing_fails_saying_what_to_do(settin
     assert f"the dead-letter list of site {settings.site} changed each of the 20 times" in message, message
     assert "Error occurred while executing op" not in message
     assert redis_client.llen(keys.buffer) == 0 and redis_client.llen(keys.failed) == 21  # nothing requeued
+
+
+def test_a_terminated_drain_run_stops_and_its_op_is_not_retried(settings, resource, redis_client):
+    """Terminate (the UI's button) marks the run CANCELING and interrupts its worker (SIGINT).
+    With the in-process executor, drain_batches' RetryPolicy took that interrupt for a failure
+    and retried the op 2 s later (dagster-io/dagster#15026): the drain took the lease again and
+    the run went on draining, to end SUCCESS. It stops now, once, and the run ends CANCELED."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 20, "budget_s": 60}}}}
+    with instance_for_test() as instance:
+        def terminate():
+            deadline = time.monotonic() + 30
+            while not redis_client.exists(keys.lease):  # the drain has started
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            time.sleep(0.5)
+            [run] = instance.get_runs()
+            instance.report_run_canceling(run)  # what the run launcher's terminate() does, then the
+            os.kill(os.getpid(), signal.SIGINT)  # code server interrupts the run worker's main thread
+
+        terminator = threading.Thread(target=terminate)
+        began = time.monotonic()
+        terminator.start()
+        try:
+            result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                                     run_config=config, raise_on_error=False)
+        finally:
+            terminator.join()
+        took = time.monotonic() - began
+        events = [e.event_type for e in result.all_events if e.step_key == "drain_batches"]
+        assert DagsterEventType.STEP_UP_FOR_RETRY not in events, events
+        assert events.count(DagsterEventType.STEP_START) == 1
+        assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
+        assert took < 15, took  # not the idle 20 s of a retried attempt
+    assert not redis_client.exists(keys.lease)  # released: the next drain need not wait for it
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0  # drained before it

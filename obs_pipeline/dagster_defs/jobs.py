@@ -19,6 +19,7 @@ from dagster import (
     Backoff,
     Config,
     DagsterEventType,
+    DagsterExecutionInterruptedError,
     Failure,
     Jitter,
     OpExecutionContext,
@@ -168,9 +169,24 @@ def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
     return totals
 
 
+TERMINATED = ("interrupted (the run was terminated): the drain stopped and released its lease; a batch it had "
+              "claimed and not committed is taken back by the next drain")
+
+
 @op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
+    try:
+        return _drain_batches(context, config, obs_pipeline)
+    except (DagsterExecutionInterruptedError, KeyboardInterrupt) as interrupt:
+        # Terminate interrupts the run worker. Under the in-process executor the retry policy
+        # takes an interrupt for a failure and retries the op (dagster-io/dagster#15026): the
+        # drain started again and the run went on. A Failure without retries ends it; a run
+        # being terminated then ends CANCELED.
+        raise Failure(description=TERMINATED, allow_retries=False) from interrupt
+
+
+def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     earlier = _earlier_attempts(context)
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
         _check_run_config(config, _max_runtime(context))
