@@ -183,6 +183,46 @@ def _sensor(instance, resource):
     return buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
 
 
+def test_the_pause_after_failed_runs_doubles_with_each_in_a_row(settings, resource, redis_client):
+    """A cause that stays (OBS_MAIN_DB_URL missing from the daemon's environment, Redis full all
+    night) failed a run, and the sensor launched the next 60 s later, and so on: about 1,400 red
+    runs a day, more than prune_run_history deletes where main is far. The pause doubles with
+    each failed run in a row, up to 600 s; a run whose worker was gone, or a run that succeeded
+    (one launched by hand, without the site tag, once the cause was fixed), ends the streak."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+
+    def failed(**tags):
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site, **tags},
+                                          status=DagsterRunStatus.STARTED)
+        instance.report_run_failed(run)
+        return run
+
+    def next_in(run) -> int:
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason), skip
+        match = re.search(rf"drain run {run.run_id} failed(, the last \d+ drain runs in a row)?; the next in (\d+) s",
+                          skip.skip_message)
+        assert match, skip.skip_message
+        return int(match.group(2))
+
+    with instance_for_test() as instance:
+        waits = [next_in(failed()) for _ in range(6)]
+        for wait, expected in zip(waits, [60, 120, 240, 480, 600, 600]):
+            assert expected - 3 <= wait <= expected, waits
+        assert "the last 6 drain runs in a row" in _sensor(instance, resource).skip_message
+
+        gone = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        instance.add_run_tags(gone.run_id, {sensors.WORKER_GONE_TAG: gone.run_id})
+        instance.report_run_failed(gone)
+        assert isinstance(_sensor(instance, resource), RunRequest)  # no cause of its own
+        assert 57 <= next_in(failed()) <= 60  # a streak of one again
+
+        failed()
+        time.sleep(1.1)  # (this instance's storage keeps creation times to the second)
+        instance.create_run_for_job(drain_buffer, status=DagsterRunStatus.SUCCESS)  # by hand: no site tag
+        assert isinstance(_sensor(instance, resource), RunRequest)
+
+
 @pytest.mark.slow
 def test_with_the_replica_down_a_run_ends_saying_so_and_the_sensor_waits_for_it(
         stack, settings, resource, redis_client, main_engine, replica_engine):

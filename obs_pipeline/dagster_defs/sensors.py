@@ -1,7 +1,10 @@
 """Sensor `buffer_sensor`: launches `drain_buffer` when the site has work and no drain run is
 in flight for it (the run queue's per-site limit and the drain lease back this up), and not
 again within FAILED_RUN_PAUSE_S of a failed one: a run fails only once its op retries are
-spent, so the cause (no main URL, a full Redis...) will not be gone a second later. Nor while
+spent, so the cause (no main URL, a full Redis...) will not be gone a second later. The pause
+doubles with each failed run in a row, up to FAILED_RUN_PAUSE_MAX_S: a cause that stays (a
+setting missing from the daemon's environment, Redis full all night) made a failed run every
+minute or so, over a thousand a day in the UI, more than prune_run_history deletes. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
@@ -25,7 +28,9 @@ from obs_pipeline.lsn import int_to_lsn
 
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
-FAILED_RUN_PAUSE_S = 60.0
+FAILED_RUN_PAUSE_S = 60.0  # after a failed run; doubled for each failed run before it, in a row
+FAILED_RUN_PAUSE_MAX_S = 600.0
+FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 5th in a row the pause is the cap)
 # A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
 # with the lease free, and its worker is gone.
 DEAD_RUN_QUIET_S = 75.0
@@ -73,6 +78,29 @@ def _retry_pending(run) -> bool:
     """A failed run that run retries will relaunch but have not yet: their daemon looks every 5 s,
     and a run launched by the sensor meanwhile would be a second one, queued behind the retry."""
     return run.tags.get(WILL_RETRY_TAG) == "true" and not run.tags.get(AUTO_RETRY_RUN_ID_TAG)
+
+
+def _failed_run_pause(recent: list) -> tuple[float, int]:
+    """The pause after the site's last run, newest first in `recent`, and how many failed in a
+    row. A run whose worker was gone (the sensor marked it failed) failed on no cause of its own:
+    no pause after it, and it ends a streak."""
+    streak = 0
+    for record in recent:
+        run = record.dagster_run
+        if run.status != DagsterRunStatus.FAILURE or run.tags.get(WORKER_GONE_TAG) == run.run_id:
+            break
+        streak += 1
+    if not streak:
+        return 0.0, 0
+    return min(FAILED_RUN_PAUSE_S * 2 ** (streak - 1), FAILED_RUN_PAUSE_MAX_S), streak
+
+
+def _succeeded_since(instance: DagsterInstance, site: str, failed) -> bool:
+    """Whether a drain run of the site (a run launched by hand has no site tag) was created after
+    the failed one and succeeded: what failed the sensor's runs is fixed, no need to wait longer."""
+    later = instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, statuses=[DagsterRunStatus.SUCCESS],
+                                                        created_after=failed.create_timestamp), limit=20)
+    return any(r.dagster_run.tags.get(SITE_TAG, site) == site for r in later)
 
 
 def _retries_not_due(store) -> str:
@@ -124,15 +152,22 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
     if running:
         return SkipReason(f"site {site}: drain run {running[0].dagster_run.run_id} is in flight")
     last = context.instance.get_run_records(
-        filters=RunsFilter(job_name=drain_buffer.name, tags={SITE_TAG: site}), limit=1)
+        filters=RunsFilter(job_name=drain_buffer.name, tags={SITE_TAG: site}), limit=FAILED_RUNS_COUNTED)
     if last and last[0].dagster_run.status == DagsterRunStatus.FAILURE and last[0].end_time:
-        failed, wait = last[0].dagster_run, FAILED_RUN_PAUSE_S - (time.time() - last[0].end_time)
-        if _retry_pending(failed) and wait > 0:
+        failed, since = last[0].dagster_run, time.time() - last[0].end_time
+        if _retry_pending(failed) and FAILED_RUN_PAUSE_S - since > 0:  # their daemon looks every 5 s
             return SkipReason(f"site {site}: drain run {failed.run_id} failed, and run retries relaunch it "
-                              f"(the sensor does if they have not in {wait:.0f} s)")
-        if failed.tags.get(WORKER_GONE_TAG) != failed.run_id and wait > 0:
-            return SkipReason(f"site {site}: drain run {failed.run_id} failed; "
-                              f"the next in {wait:.0f} s (see that run's log)")
+                              f"(the sensor does if they have not in {FAILED_RUN_PAUSE_S - since:.0f} s)")
+        pause, streak = _failed_run_pause(last)
+        wait = pause - since
+        if wait > 0 and _succeeded_since(context.instance, site, last[0]):  # launched by hand, once fixed
+            wait = 0
+        if wait > 0:  # (none after a run whose worker was gone)
+            in_a_row = (f", the last {streak}{' or more' if streak == len(last) == FAILED_RUNS_COUNTED else ''} "
+                        "drain runs in a row" if streak > 1 else "")
+            return SkipReason(f"site {site}: drain run {failed.run_id} failed{in_a_row}; the next in {wait:.0f} s "
+                              f"(see that run's log; the pause doubles with each failed run, up to "
+                              f"{FAILED_RUN_PAUSE_MAX_S:.0f} s; a run launched by hand starts at once)")
     if lease_left_s is not None:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
         return SkipReason(f"site {site}: the drain lease is held outside this Dagster's runs in flight "
                           f"(`obs-pipeline drain`, or a run that died), for {lease_left_s:.0f} s more "
