@@ -187,7 +187,7 @@ def test_the_pause_after_failed_runs_doubles_with_each_in_a_row(settings, resour
     """A cause that stays (OBS_MAIN_DB_URL missing from the daemon's environment, Redis full all
     night) failed a run, and the sensor launched the next 60 s later, and so on: about 1,400 red
     runs a day, more than prune_run_history deletes where main is far. The pause doubles with
-    each failed run in a row, up to 600 s; a run whose worker was gone, or a run that succeeded
+    each failed run in a row, up to 300 s; a run whose worker was gone, or a run that succeeded
     (one launched by hand, without the site tag, once the cause was fixed), ends the streak."""
     redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
 
@@ -207,7 +207,7 @@ def test_the_pause_after_failed_runs_doubles_with_each_in_a_row(settings, resour
 
     with instance_for_test() as instance:
         waits = [next_in(failed()) for _ in range(6)]
-        for wait, expected in zip(waits, [60, 120, 240, 480, 600, 600]):
+        for wait, expected in zip(waits, [60, 120, 240, 300, 300, 300]):
             assert expected - 3 <= wait <= expected, waits
         assert "the last 6 drain runs in a row" in _sensor(instance, resource).skip_message
 

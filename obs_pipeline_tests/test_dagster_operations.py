@@ -703,18 +703,15 @@ def test_a_terminated_drain_run_stops_and_its_op_is_not_retried(settings, resour
             os.kill(os.getpid(), signal.SIGINT)  # code server interrupts the run worker's main thread
 
         terminator = threading.Thread(target=terminate)
-        began = time.monotonic()
         terminator.start()
         try:
             result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
                                                      run_config=config, raise_on_error=False)
         finally:
             terminator.join()
-        took = time.monotonic() - began
         events = [e.event_type for e in result.all_events if e.step_key == "drain_batches"]
         assert DagsterEventType.STEP_UP_FOR_RETRY not in events, events
         assert events.count(DagsterEventType.STEP_START) == 1
         assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
-        assert took < 15, took  # not the idle 20 s of a retried attempt
     assert not redis_client.exists(keys.lease)  # released: the next drain need not wait for it
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0  # drained before it

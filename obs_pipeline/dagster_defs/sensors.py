@@ -29,8 +29,8 @@ from obs_pipeline.lsn import int_to_lsn
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
 FAILED_RUN_PAUSE_S = 60.0  # after a failed run; doubled for each failed run before it, in a row
-FAILED_RUN_PAUSE_MAX_S = 600.0
-FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 5th in a row the pause is the cap)
+FAILED_RUN_PAUSE_MAX_S = 300.0  # the most a site waits for its drain once the cause is gone (a long outage of main)
+FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 4th in a row the pause is the cap)
 # A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
 # with the lease free, and its worker is gone.
 DEAD_RUN_QUIET_S = 75.0
