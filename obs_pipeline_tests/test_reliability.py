@@ -1529,3 +1529,103 @@ def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_orde
     folder_syncs = [(offset, there) for path, offset, there in synced if path == str(spool.directory)]
     assert folder_syncs == [(False, True)]  # between the progress file's removal and the spool's
     assert len(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)) == 2
+
+
+# A drain in a process of its own that SIGKILLs itself at one point of its cycle (argv[1]).
+# Batches of 10 with 3 transactions per cleanup chunk, so a batch's cleanup is several
+# MULTI/EXECs; the lease lives 1.5 s, so the next drain takes over soon after the death.
+_DRAIN_KILLED_AT = r"""
+import os, signal, sys, threading
+from obs_pipeline import apply, buffer_store
+from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.config import Settings
+from obs_pipeline.drain import Drain, DrainConfig
+
+point = sys.argv[1]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+buffer_store.CLEANUP_CHUNK = 3
+
+def wrap(name, before=None, after=None):
+    real = getattr(BufferStore, name)
+    def wrapped(self, *args, **kwargs):
+        if before and before(*args):
+            die()
+        out = real(self, *args, **kwargs)
+        if after and after(*args):
+            die()
+        return out
+    setattr(BufferStore, name, wrapped)
+
+if point == "claimed":  # the first batch in `processing`, not yet sent to main
+    wrap("claim", after=lambda *a: True)
+elif point == "applying":  # main has the whole script and commits it after the drain is gone
+    apply._FLUSHED_COMMIT = b"SELECT pg_sleep(3);\n" + apply._FLUSHED_COMMIT
+    real_run = apply.MainDatabase._run
+    def run(self, cur, parts):
+        threading.Timer(0.5, die).start()
+        return real_run(self, cur, parts)
+    apply.MainDatabase._run = run
+elif point == "committed":  # main committed the batch; its acknowledgement never reaches Redis
+    wrap("acknowledge", before=lambda *a: True)
+elif point == "acknowledged":  # acknowledged with its commit LSN; statuses not yet "applied"
+    wrap("acknowledge", after=lambda *a: True)
+elif point == "cleaning":  # the first chunk of a cleanup done, the next one's MULTI sent half
+    real_send = BufferStore._send_all
+    def send_all(self, commands):
+        if commands[0] != ("MULTI",):
+            return real_send(self, commands)
+        first_exec = commands.index(("EXEC",))
+        conn = self.redis.connection_pool.get_connection()
+        conn.send_packed_command(conn.pack_commands(commands[:first_exec + 4]))
+        for _ in range(first_exec + 1):
+            conn.read_response()  # the first chunk's EXEC has run
+        die()
+    BufferStore._send_all = send_all
+Drain(Settings.from_env(), DrainConfig(batch_size=10, lease_ttl_s=1.5, aof_check_s=None)).run(until_empty=True)
+"""
+
+
+@pytest.mark.parametrize("point", ["claimed", "applying", "committed", "acknowledged", "cleaning"])
+def test_a_drain_killed_at_each_point_of_its_cycle_loses_and_doubles_nothing(settings, redis_client, main_engine,
+                                                                            point):
+    """The kill -9 test above stops the drain at random moments; this one at each point of the
+    cycle in turn, and checks that it got there: after its claim; while main applies the batch
+    (main commits it after the drain died, and the next drain's apply waits on those uncommitted
+    ids, then skips them); after main's COMMIT, before the acknowledgement; after it (the commit
+    LSN is stored in the acknowledgement itself), before the statuses become "applied"; and in
+    the middle of a cleanup. The next drain finishes the work: every transaction applied and
+    counted once, every status "replicated", nothing left behind."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 30, finish_every=2)  # 45 transactions
+    buf.close()
+    keys = SiteKeys(settings.site)
+    killed = subprocess.run([sys.executable, "-c", _DRAIN_KILLED_AT, point], env=cli_env(settings),
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with main_engine.connect() as conn:
+        committed = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied")).scalar_one()
+    acknowledged = int(redis_client.hget(keys.stats, "applied_total") or 0)
+    if point == "claimed":
+        assert committed == 0 and redis_client.llen(keys.processing) == 10
+    elif point == "applying":
+        assert committed == 0 and redis_client.llen(keys.processing) >= 10  # the COMMIT is still to come
+    elif point == "committed":
+        assert committed == 10 and acknowledged == 0 and redis_client.llen(keys.processing) >= 10
+    elif point == "acknowledged":
+        assert committed >= 10 and acknowledged == committed
+        assert redis_client.zcard(keys.awaiting_replication) >= 1
+    else:
+        assert acknowledged >= 10 and 1 <= int(redis_client.hget(keys.stats, "replicated_total") or 0) < acknowledged
+    drain_until_settled(settings, batch_size=10)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    stats = redis_client.hgetall(keys.stats)
+    assert int(stats[b"applied_total"]) == int(stats[b"replicated_total"]) == len(ids)  # counted once
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {check.status(i) for i in ids} == {"replicated"}
+    finally:
+        check.close()
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
