@@ -320,6 +320,14 @@ class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
 
+class ProcessingChanged(RuntimeError):
+    """The processing list's oldest entry is not the batch's: Redis lost writes the drain made
+    (restarted from an AOF without its last second, a failover to a replica behind it) and came
+    back while the drain ran. Trimming the batch's count from the list would drop entries of
+    another batch without their outcome (main committed them: their statuses and caches stayed
+    for ever); nothing is acknowledged, and the list is claimed again whole, as after a crash."""
+
+
 class HoldsChanged(RuntimeError):
     """A dead mark that dead-lettered one of the batch's transactions as blocked changed (an
     operator retried or discarded its holder) while main applied the batch: nothing is
@@ -353,6 +361,7 @@ class Outcome:
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
+    oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
 
@@ -544,6 +553,11 @@ class BufferStore:
                 held = pipe.get(k.lease)
                 if (held.decode() if held else None) != token:
                     raise LeaseLost(f"the drain lease of site {k.site} expired before acknowledgement")
+                if outcome.oldest is not None:  # the LTRIM below drops the list's oldest `claimed` entries
+                    oldest = pipe.lindex(k.processing, -1)
+                    if oldest is None or oldest.decode("utf-8", "surrogateescape") != outcome.oldest:
+                        raise ProcessingChanged(f"the processing list of site {k.site} is not the one this drain "
+                                                "claimed (Redis lost its last writes?): claiming it again")
                 # blocked by a dead transaction that an operator has requeued (or discarded) since:
                 # acknowledged, it would stay dead-lettered behind one that applies
                 if rows and [v.decode() if v else None for v in pipe.hmget(k.held_ids, rows)] != [

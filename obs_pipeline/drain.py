@@ -21,7 +21,7 @@ from typing import Any, Callable
 import redis
 
 from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
-from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome
+from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -237,6 +237,9 @@ class Drain:
                 except HoldsChanged as changed:  # the batch waits in processing: claimed again at once
                     log.info("%s", changed)
                     continue
+                except ProcessingChanged as changed:  # so does what Redis kept of the list
+                    log.warning("%s", changed)
+                    continue
                 except TransientError as error:
                     summary.transient_errors += 1
                     log.warning("main unreachable (%s); retrying the same batch in %.1f s", error, backoff)
@@ -402,7 +405,8 @@ class Drain:
         claim = self.store.claim(self.token, size, after_unacknowledged)
         batch = _Batch(report=BatchReport(transactions=len(claim.entries), reclaimed=claim.reclaimed,
                                           batch_size=size),
-                       outcome=Outcome(claimed=len(claim.entries)), size=size)
+                       outcome=Outcome(claimed=len(claim.entries), oldest=claim.entries[0] if claim.entries else None),
+                       size=size)
         batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
         # worked out now, while main applies the previous batch, not after this one commits
         batch.footprints = {tx.transaction_id: cache_footprint(tx, self.registry) for tx in batch.transactions}

@@ -1629,3 +1629,61 @@ def test_a_drain_killed_at_each_point_of_its_cycle_loses_and_doubles_nothing(set
         check.close()
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
+
+
+def _aof_tail(stack):
+    """The AOF file that takes Redis's writes now: appendonly.aof (Redis 6), or in Redis 7's
+    appendonlydir the last `type i` file of its manifest."""
+    from pathlib import Path
+
+    folder = Path(stack.directory) / "redis"
+    if not (folder / "appendonlydir").exists():
+        return folder / "appendonly.aof"
+    lines = (folder / "appendonlydir" / "appendonly.aof.manifest").read_text().splitlines()
+    return folder / "appendonlydir" / [line.split()[1] for line in lines if line.split()[-2:] == ["type", "i"]][-1]
+
+
+def test_a_redis_that_comes_back_without_its_last_writes_mid_drain_loses_and_doubles_nothing(
+        stack, settings, redis_client, main_engine):
+    """Redis is killed while the drain runs and comes back from an AOF that lacks its last second
+    (appendfsync everysec): it forgot that the drain acknowledged a batch main has committed and
+    claimed the next one. The drain, still running, reconnects to it and goes on with what it
+    holds in memory (the batch it prefetched). Each transaction is applied once, and every one
+    is cleaned and "replicated" in the end."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 30, finish_every=2)  # 45 transactions
+    buf.close()
+    keys = SiteKeys(settings.site)
+    lost = {}
+
+    def on_batch(report) -> None:  # between two batches of the run
+        if report.applied and "kept" not in lost:  # the next batch was claimed meanwhile
+            time.sleep(1.5)  # appendfsync everysec: all of this is on disk
+            lost["aof"] = _aof_tail(stack)
+            lost["kept"] = lost["aof"].stat().st_size
+        elif report.applied and "restarted" not in lost:  # committed, acknowledged, the third claimed
+            assert redis_client.llen(keys.processing) == 10
+            stack.stop_service("redis", mode="kill")
+            assert _aof_tail(stack) == lost["aof"]
+            os.truncate(lost["aof"], lost["kept"])  # what Redis wrote since is lost
+            stack.start_service("redis")
+            lost["restarted"] = int(redis_client.hget(keys.stats, "applied_total"))
+
+    drain = Drain(settings, DrainConfig(batch_size=10, aof_check_s=None))
+    try:
+        summary = drain.run(until_empty=True, budget_s=60, on_batch=on_batch)
+    finally:
+        drain.close()
+    assert lost["restarted"] == 10  # Redis forgot the second batch's acknowledgement
+    assert summary.stopped_because == "buffer empty", summary
+    drain_until_settled(settings, batch_size=10)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {i: check.status(i) for i in ids if check.status(i) != "replicated"} == {}
+    finally:
+        check.close()
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
