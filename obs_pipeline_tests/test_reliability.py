@@ -1687,3 +1687,34 @@ def test_a_redis_that_comes_back_without_its_last_writes_mid_drain_loses_and_dou
         check.close()
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
+
+
+def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_retry(settings, redis_client,
+                                                                                  main_engine):
+    """Main cancels the batch's statement at its `statement_timeout` (SQLSTATE 57014): here the
+    drain's role has 0.3 s, and another session holds the obs unit's row lock (FOR UPDATE) that
+    each insert's foreign key check waits on, for 2 s. The transaction is rolled back, the batch
+    retried as it is, with backoff, no transaction charged a retry; once the lock goes, each is
+    applied once."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions
+    buf.close()
+    url = sa.engine.make_url(settings.main_db_url).update_query_dict({"options": "-c statement_timeout=300"})
+    timed = dataclasses.replace(settings, main_db_url=url.render_as_string(hide_password=False))
+    reports, transient = [], []
+    with main_engine.connect() as blocker:
+        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+        release = threading.Timer(2.0, blocker.commit)
+        release.start()
+        drain = Drain(timed, DrainConfig(batch_size=10, backoff_initial_s=0.2, backoff_max_s=0.4))
+        try:
+            summary = drain.run(until_empty=True, budget_s=60, on_batch=reports.append,
+                                on_transient=lambda error, backoff: transient.append(error))
+        finally:
+            drain.close()
+            release.join()
+    assert transient and all("QueryCanceled" in e and "statement timeout" in e for e in transient), transient
+    assert summary.stopped_because == "buffer empty", summary
+    assert sum(r.applied for r in reports) == 30 and not any(r.retried or r.dead_lettered for r in reports), reports
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
