@@ -1718,3 +1718,49 @@ def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_re
     assert sum(r.applied for r in reports) == 30 and not any(r.retried or r.dead_lettered for r in reports), reports
     assert_applied_exactly_once(main_engine, observations)
     assert_queues_empty(redis_client, settings.site)
+
+
+@pytest.mark.parametrize("path", ["fast", "careful"])
+def test_a_commit_whose_reply_never_came_back_is_skipped_when_the_batch_is_retried(settings, redis_client,
+                                                                                   main_engine, monkeypatch, path):
+    """The connection to main is lost right after its COMMIT (main ends the drain's session as
+    its next statement): the batch committed, the drain cannot know it, and retries it, with the
+    batch prefetched behind it, as a transient error. What committed is skipped, not applied
+    again, on the fast path and on the careful one (a poison transaction in the batch, charged one
+    attempt per real attempt: 4 in the end, as without the cut)."""
+    from obs_pipeline import apply
+    from obs_pipeline.apply import MainDatabase
+
+    buf = TransactionBuffer(settings=settings)
+    poison = None
+    if path == "careful":
+        with buf.transaction() as poison:  # no such obs unit: the batch takes the careful path
+            poison.create("ExecutedObsUnit", {"obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z",
+                                              "status": "running"})
+    observations = buffer_observations(buf, 20, finish_every=2)
+    buf.close()
+    real_run, cut = MainDatabase._run, []
+
+    def session_ended_after_commit(self, cur, parts):
+        # (the fast path's script stops at its first error: with a poison, cut the careful path's last one)
+        if not cut and parts[-2:] == [b"COMMIT", apply._FLUSH_LSN] and (parts[0] == b"BEGIN") == (path == "fast"):
+            cut.append(cur.connection.get_backend_pid())
+            parts = [*parts[:-1], b"SELECT pg_terminate_backend(pg_backend_pid())"]
+        return real_run(self, cur, parts)
+
+    monkeypatch.setattr(MainDatabase, "_run", session_ended_after_commit)
+    transient = []
+    drain = Drain(settings, DrainConfig(batch_size=10, backoff_initial_s=0.1, retry_base_s=0.05))
+    try:
+        drain.run(until_empty=True, budget_s=60, on_transient=lambda error, backoff: transient.append(error))
+    finally:
+        drain.close()
+    assert cut and len(transient) == 1, transient
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert_applied_exactly_once(main_engine, observations)
+    keys = SiteKeys(settings.site)
+    failed = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    if poison is not None:
+        assert [(f["transaction_id"], f["failure"]["attempts"]) for f in failed] == [(poison.transaction_id, 4)]
+        redis_client.delete(keys.failed)
+    assert_queues_empty(redis_client, settings.site)
