@@ -1531,9 +1531,10 @@ def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_orde
     assert len(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)) == 2
 
 
-# A drain in a process of its own that SIGKILLs itself at one point of its cycle (argv[1]).
-# Batches of 10 with 3 transactions per cleanup chunk, so a batch's cleanup is several
-# MULTI/EXECs; the lease lives 1.5 s, so the next drain takes over soon after the death.
+# A drain in a process of its own that SIGKILLs itself at one point of its cycle (argv[1]), or
+# the first time it gets there, SIGSTOPs itself (argv[2] "stop"). Batches of 10 with 3
+# transactions per cleanup chunk, so a batch's cleanup is several MULTI/EXECs; the lease lives
+# 1.5 s, so the next drain takes over soon after the death.
 _DRAIN_KILLED_AT = r"""
 import os, signal, sys, threading
 from obs_pipeline import apply, buffer_store
@@ -1541,8 +1542,11 @@ from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import Settings
 from obs_pipeline.drain import Drain, DrainConfig
 
-point = sys.argv[1]
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+point, stops = sys.argv[1], sys.argv[2:] == ["stop"]
+def die(stopped=[]):
+    if not stopped:
+        stopped.append(stops)
+        os.kill(os.getpid(), signal.SIGSTOP if stops else signal.SIGKILL)
 buffer_store.CLEANUP_CHUNK = 3
 
 def wrap(name, before=None, after=None):
@@ -1764,3 +1768,40 @@ def test_a_commit_whose_reply_never_came_back_is_skipped_when_the_batch_is_retri
         assert [(f["transaction_id"], f["failure"]["attempts"]) for f in failed] == [(poison.transaction_id, 4)]
         redis_client.delete(keys.failed)
     assert_queues_empty(redis_client, settings.site)
+
+
+@pytest.mark.parametrize("point", ["claimed", "committed"])
+def test_a_drain_paused_past_its_lease_mid_batch_leaves_the_batch_to_the_next_and_doubles_nothing(
+        settings, redis_client, main_engine, point):
+    """A drain process stopped (SIGSTOP: a VM paused, swapping) with a batch claimed, or
+    committed on main and not yet acknowledged, for longer than its 1.5 s lease. Another drain
+    takes the site and drains all of it; then the first one wakes up (SIGCONT) and goes on from
+    where it was: it applies nothing again, acknowledges nothing, and stops."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 30, finish_every=2)  # 45 transactions
+    buf.close()
+    keys = SiteKeys(settings.site)
+    first = subprocess.Popen([sys.executable, "-c", _DRAIN_KILLED_AT, point, "stop"], env=cli_env(settings),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T",
+                          timeout=60), "the first drain never got there"
+        with main_engine.connect() as conn:
+            committed = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied")).scalar_one()
+        assert committed == (10 if point == "committed" else 0) and redis_client.llen(keys.processing) >= 10
+        time.sleep(2)  # its lease lapses
+        drain_until_settled(settings, batch_size=10)  # the second drain
+    finally:
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert "lease" in err, err
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    assert int(redis_client.hget(keys.stats, "applied_total")) == len(ids)  # the first one acknowledged nothing
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {check.status(i) for i in ids} == {"replicated"}
+    finally:
+        check.close()
