@@ -530,7 +530,7 @@ class Drain:
     def _park(self, tx: Transaction, holder: str, claim: set[str], outcome: Outcome) -> None:
         """Wait behind `holder` until it is applied or dead-lettered, then come due with the others
         parked behind it, in the order they were parked, taking the marks of the rows it writes
-        (see buffer_store._UNPARK): rechecked each on its own schedule, a newer one could come
+        (see redis_scripts.UNPARK): rechecked each on its own schedule, a newer one could come
         due first and overtake an older one. `claim`: the rows it marks now."""
         tx.metadata = {**tx.metadata, "held_by": holder}
         outcome.park.append((holder, tx.transaction_id, written_ids(tx, self.registry), tx.to_json()))

@@ -518,7 +518,7 @@ def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
 def claim_rows(holders: dict[str, str], rows: set[str], value: str) -> None:
     """Mark `rows` as held by `value` (a transaction id, "!" + id once dead-lettered), but never
     a row another transaction holds: the first to fail on a row keeps it, and those behind it
-    stay behind it. (buffer_store's _HOLD applies the same rule in Redis.)"""
+    stay behind it. (redis_scripts.HOLD applies the same rule in Redis.)"""
     owner = value.removeprefix("!")
     for row in rows:
         if holders.get(row, owner).removeprefix("!") == owner:

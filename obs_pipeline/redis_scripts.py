@@ -1,0 +1,232 @@
+"""The Lua scripts the buffer and the drain run inside Redis (see buffer_store, which calls them).
+
+Each runs atomically: where a step must read Redis and write depending on what it read (a
+claim fenced by the lease, a status that never goes back, holds on rows), one script is one
+round trip and never half done. Plain multi-key commands stay in MULTI/EXEC, which Redis runs
+faster than a script that passes every key through Lua.
+"""
+
+# Claim: move up to N entries to the processing list (retries that are due first, then the
+# oldest of the buffer, from its right end), but only for the lease holder. ARGV[4] says how:
+# 'first' returns a non-empty processing list as it is instead (a batch claimed by a drain that
+# did not acknowledge it: it crashed or lost its link; retried first, in its original order);
+# 'next' claims the following batch while the previous one is still in the processing list
+# (the drain prefetches it while main applies that one); 'extend' continues a claim in chunks.
+CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASE_LOST') end
+local out = {}
+local want = tonumber(ARGV[2])
+if ARGV[4] == 'first' then
+  local held = redis.call('LRANGE', KEYS[2], 0, -1)
+  if #held > 0 then return {1, held} end
+end
+if ARGV[4] ~= 'extend' then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3], 'LIMIT', 0, want)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[4], unpack(due))
+    redis.call('LPUSH', KEYS[2], unpack(due))
+    out = due
+  end
+end
+-- the oldest entries sit at the right end; each LMOVE goes to the AOF as the command alone,
+-- where LRANGE + LTRIM + LPUSH wrote every entry (1.2 kB each) into it once more
+for _ = #out + 1, want do
+  local entry = redis.call('LMOVE', KEYS[3], KEYS[2], 'RIGHT', 'LEFT')
+  if not entry then break end
+  out[#out + 1] = entry
+end
+return {0, out}
+"""
+
+# Set the status of transactions whose status key exists, in place. Our transaction JSON starts
+# with a fixed-width status slot (wire.STATUS_SLOT): one GETRANGE checks that header and one
+# SETRANGE writes the slot, a few bytes, where rewriting the whole transaction copied it four
+# times (into Lua, back, into the key, into the AOF). Any other layout (the existing system's,
+# a dead letter) is rewritten whole; its first "status" is the transaction's own, which comes
+# before "steps". "replicated" is final: never turned back. ARGV = prefix, status, its slot,
+# the header's opening; then the ids. Returns the ids that have no status key yet (pushed by a
+# producer that writes only the queue entry).
+SET_STATUS = """
+local prefix, status, slot, opening = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local width = #opening + #slot + 1
+local missing = {}
+-- a status never goes back: a copy of a transaction pushed twice passes through a later batch
+-- after the first was committed ("applied") or cleaned ("replicated")
+local function kept(current)
+  return current == 'replicated' or (current == 'applied' and status == 'processing')
+end
+for i = 5, #ARGV do
+  local key = prefix .. 'transaction:' .. ARGV[i]
+  local head = redis.pcall('GETRANGE', key, 0, width - 1)
+  if type(head) ~= 'string' then
+    -- not a string key: leave it alone
+  elseif #head == width and string.sub(head, 1, #opening) == opening and string.sub(head, width) == ',' then
+    if not kept(string.match(head, '^(%a+)"', #opening + 1)) then
+      redis.call('SETRANGE', key, #opening, slot)
+    end
+  elseif head == '' and redis.call('EXISTS', key) == 0 then
+    missing[#missing + 1] = ARGV[i]
+  else
+    local v = redis.call('GET', key)
+    local first, last, current = string.find(v, '"status"%s*:%s*"(%a+)"')
+    if first and not kept(current) then
+      redis.call('SET', key, string.sub(v, 1, first - 1) .. '"status":"' .. status .. '"' .. string.sub(v, last + 1))
+    end
+  end
+end
+return missing
+"""
+
+# Prepended to the scripts that may pass thousands of values to one command (a large
+# bulk_create): Lua's unpack() takes a few thousand values at most. Returns the replies of
+# the parts, concatenated when they are lists; no call for an empty list.
+IN_PARTS = """
+local function call_in_parts(command, key, values)
+  local replies = {}
+  for from = 1, #values, 1000 do
+    local part = {unpack(values, from, math.min(from + 999, #values))}
+    local reply
+    if key then reply = redis.call(command, key, unpack(part)) else reply = redis.call(command, unpack(part)) end
+    if type(reply) == 'table' then for _, r in ipairs(reply) do replies[#replies + 1] = r end end
+  end
+  return replies
+end
+"""
+
+# Ingest: ARGV = prefix, transaction id, transaction JSON, number of creates, then (model, id,
+# record JSON) per create and (model, id, overlay entry) per update/delete. A transaction whose
+# status key exists is there already (a push retried after a reply that timed out, a spool line
+# pushed again after a crash): it is left as it is, or it would be queued twice and its caches,
+# perhaps cleaned since, written back. Returns 1 if buffered, 0 if it was there already.
+BUFFER = IN_PARTS + """
+local p = ARGV[1]
+if not redis.call('SET', p .. 'transaction:' .. ARGV[2], ARGV[3], 'NX') then return 0 end
+redis.call('LPUSH', p .. 'transaction_buffer', ARGV[3])
+local sets = {}
+local index, overlaid = {}, {}
+local function add(t, m, id)
+  if not t[m] then t[m] = {} end
+  t[m][#t[m] + 1] = id
+end
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do
+  local m, id = ARGV[i], ARGV[i + 1]
+  sets[#sets + 1] = p .. 'cache:ids:' .. m .. ':' .. id
+  sets[#sets + 1] = ARGV[i + 2]
+  sets[#sets + 1] = p .. 'buffered:' .. m .. ':' .. id
+  sets[#sets + 1] = ARGV[i + 2]
+  add(index, m, id)
+  i = i + 3
+end
+while i <= #ARGV do
+  local m, id = ARGV[i], ARGV[i + 1]
+  redis.call('RPUSH', p .. 'read_buffer:' .. m .. ':' .. id, ARGV[i + 2])
+  add(overlaid, m, id)
+  i = i + 3
+end
+call_in_parts('MSET', nil, sets)
+for m, ids in pairs(index) do call_in_parts('SADD', p .. 'index:' .. m, ids) end
+for m, ids in pairs(overlaid) do call_in_parts('SADD', p .. 'overlaid:' .. m, ids) end
+return 1
+"""
+
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# A chunk's cleanup is one MULTI/EXEC of native multi-key commands (DEL, SREM, SET), built in
+# Python from its record in `awaiting_replication`: a Lua script paid for each key twice (as a
+# Lua string, then as a Redis argument) and cost twice the Redis time. Only two small parts
+# need logic inside Redis, as scripts queued in the same MULTI:
+#
+# The chunk's own overlays: only entries tagged with its transactions leave a read buffer (an
+# update buffered later by another transaction stays); an emptied read buffer leaves the
+# overlay index (and the model index, which held overlaid ids too before it held only creates,
+# unless the record is buffered). ARGV = prefix, then (model, id, the overlay_mark of its
+# transaction) per overlay.
+CLEAN_OVERLAYS = """
+local p = ARGV[1]
+for i = 2, #ARGV, 3 do
+  local m, id, mark = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = p .. 'read_buffer:' .. m .. ':' .. id
+  for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if string.sub(v, 1, #mark) == mark then redis.call('LREM', key, 0, v) end
+  end
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', p .. 'overlaid:' .. m, id)
+    if redis.call('EXISTS', p .. 'buffered:' .. m .. ':' .. id) == 0 then redis.call('SREM', p .. 'index:' .. m, id) end
+  end
+end
+return 1
+"""
+
+# The chunk's last command: drop its record; only the cleaner that removed it counts its
+# transactions and announces them (a drain that lost its lease may clean the same chunk: the
+# rest is idempotent). KEYS = awaiting_replication, stats, events; ARGV = record, count, event.
+FINISH_CLEANUP = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'replicated_total', ARGV[2])
+  redis.call('PUBLISH', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
+
+# held_ids: row -> the transaction waiting to retry that writes it ("!" + id once dead). HOLD
+# marks rows, never one that another transaction holds (wire.claim_rows is the same rule);
+# UNHOLD removes a transaction's own marks only. ARGV: (row, value) pairs / (row, owner) pairs.
+HOLD = """
+for i = 1, #ARGV, 2 do
+  local owner = string.gsub(ARGV[i + 1], '^!', '')
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if not current or string.gsub(current, '^!', '') == owner then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+UNHOLD = """
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if current == ARGV[i + 1] or current == '!' .. ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 1
+"""
+# REVIVE turns a requeued dead letter's dead marks into live holds: what uses its rows waits
+# behind it again instead of being dead-lettered or overtaking it. ARGV: (row, owner) pairs.
+REVIVE = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == '!' .. ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# A transaction held behind another waits in the retry zset at +inf, and at the end of
+# parked:{holder} as [its member, its id, the rows it writes]. UNPARK makes those of each given
+# holder due, in the order they were held, and each takes the marks of its rows that are free
+# (the HOLD rule): the next waiter for a row holds it, so a transaction claimed meanwhile (the
+# batch prefetched while the holder was applied) waits behind it instead of overtaking it. ZADD
+# XX: only members still there. ARGV = a start score, then parked:{holder} keys in order.
+UNPARK = """
+local score = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  for _, item in ipairs(redis.call('LRANGE', ARGV[i], 0, -1)) do
+    local entry = cjson.decode(item)
+    if redis.call('ZSCORE', KEYS[1], entry[1]) then
+      redis.call('ZADD', KEYS[1], 'XX', score, entry[1])
+      score = score + 0.001
+      for _, row in ipairs(entry[3]) do
+        local current = redis.call('HGET', KEYS[2], row)
+        if not current or string.gsub(current, '^!', '') == entry[2] then redis.call('HSET', KEYS[2], row, entry[2]) end
+      end
+    end
+  end
+  redis.call('DEL', ARGV[i])
+end
+return 1
+"""
