@@ -971,11 +971,26 @@ def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_
     buf.close()
 
 
+class _RedisDown:
+    """A store whose Redis does not answer: the spool takes the transaction."""
+
+    def buffer(self, *args):
+        raise redis.ConnectionError("Redis is down (test)")
+
+
+def _spool_line(tx_id: str) -> tuple:
+    """A spool's buffer() arguments for a one-step transaction named tx_id."""
+    from obs_pipeline.buffer_store import CacheWrites
+
+    doc = {"transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                               "data": {"id": 1, "name": tx_id}}]}
+    return tx_id, json.dumps(doc), CacheWrites()
+
+
 def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settings, redis_client, tmp_path):
     """Two observing scripts of one site on one host spool to the same file. While one pushes
     the spool to Redis, the other spools a new line: that line must survive the push (the
     pushing script deleted the file it had read, with the new line in it)."""
-    from obs_pipeline.buffer_store import CacheWrites
     from obs_pipeline.spool import Spool
 
     store = BufferStore(redis_client, settings.site)
@@ -987,24 +1002,15 @@ def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settin
             pushed_one.set()
             assert go.wait(30)
 
-    class DownStore:
-        def buffer(self, *args):
-            raise redis.ConnectionError("Redis is down (test)")
-
-    def line(tx_id: str) -> tuple:
-        doc = {"transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
-                                                   "data": {"id": 1, "name": tx_id}}]}
-        return tx_id, json.dumps(doc), CacheWrites()
-
     first, second = Spool(tmp_path, settings.site, flush_store=SlowStore()), Spool(tmp_path, settings.site, flush_store=store)
     for tx_id in ("a1", "a2"):
-        first.buffer(DownStore(), *line(tx_id))
-    second.buffer(DownStore(), *line("b1"))
+        first.buffer(_RedisDown(), *_spool_line(tx_id))
+    second.buffer(_RedisDown(), *_spool_line("b1"))
     assert first.pending() == second.pending() == 3
     pusher = threading.Thread(target=first.flush)
     pusher.start()
     assert pushed_one.wait(30)
-    spooler = threading.Thread(target=second.buffer, args=(DownStore(), *line("b2")))
+    spooler = threading.Thread(target=second.buffer, args=(_RedisDown(), *_spool_line("b2")))
     spooler.start()
     time.sleep(0.3)
     assert spooler.is_alive()  # waits for the push to finish
@@ -1032,12 +1038,8 @@ def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settin
                           + "\n" + '{"id": "cut", "tx": "{\\"transa')
     assert spool.pending() == 1
 
-    class DownStore:
-        def buffer(self, *args):
-            raise redis.ConnectionError("Redis is down (test)")
-
     after = {"transaction_id": "after", "steps": doc["steps"]}  # spooled next: not glued onto the fragment
-    spool.buffer(DownStore(), "after", json.dumps(after), CacheWrites())
+    spool.buffer(_RedisDown(), "after", json.dumps(after), CacheWrites())
     assert spool.pending() == 2
     assert spool.flush() and not spool.path.exists()
     queue = [json.loads(e)["transaction_id"] for e in redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)]
@@ -1063,12 +1065,8 @@ def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_
     spool.path.write_bytes((json.dumps({"id": "whole", "tx": json.dumps(doc), "created": [], "overlays": []}) + "\n"
                             + line[:20] + "\0" * (len(line) - 30) + line[-10:] + "\n").encode())
 
-    class DownStore:
-        def buffer(self, *args):
-            raise redis.ConnectionError("Redis is down (test)")
-
     after = {"transaction_id": "after", "steps": doc["steps"]}  # spooled after it, after a restart
-    spool.buffer(DownStore(), "after", json.dumps(after), CacheWrites())
+    spool.buffer(_RedisDown(), "after", json.dumps(after), CacheWrites())
     assert spool.pending() == 2 and not spool.holds("zeroed")
     assert [tx["id"] for tx in spool.unpushed()] == ["whole", "after"]
     assert spool.flush() and not spool.path.exists()
@@ -1494,7 +1492,6 @@ def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_orde
     a power loss, the first line spooled in an outage, whose call returned, could be gone with
     its file, or the spool's folder with it. And a push removes the progress file before the
     spool: were only the second removal kept, a new spool would start past its first lines."""
-    from obs_pipeline.buffer_store import CacheWrites
     from obs_pipeline.spool import Spool
 
     synced: list[tuple[str, bool, bool]] = []  # (path, progress file there, spool there) at each fsync
@@ -1507,22 +1504,13 @@ def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_orde
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
 
-    class DownStore:
-        def buffer(self, *args):
-            raise redis.ConnectionError("Redis is down (test)")
-
-    def line(tx_id: str) -> tuple:
-        doc = {"transaction_id": tx_id, "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
-                                                   "data": {"id": 1, "name": tx_id}}]}
-        return tx_id, json.dumps(doc), CacheWrites()
-
-    spool.buffer(DownStore(), *line("first"))
+    spool.buffer(_RedisDown(), *_spool_line("first"))
     folders = {str(tmp_path), str(tmp_path / "spools"), str(spool.directory)}
     assert folders <= {path for path, _, _ in synced}  # each new folder in its parent, the file in its folder
     assert [path for path, _, _ in synced].index(str(spool.path)) < [path for path, _, _ in synced].index(
         str(spool.directory))  # the line first, then its file's name
     synced.clear()
-    spool.buffer(DownStore(), *line("second"))
+    spool.buffer(_RedisDown(), *_spool_line("second"))
     assert [path for path, _, _ in synced] == [str(spool.path)]  # an existing spool: its line alone
     synced.clear()
     assert spool.flush() and not spool.path.exists()
