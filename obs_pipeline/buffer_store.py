@@ -35,6 +35,11 @@ CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the
 CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
 AOF_COMPACT_MIN_BYTES = 64 * 2**20  # compact_aof: an AOF this big (Redis's default rewrite minimum)
 AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
+# Redis 6 refuses a command of more arguments than this: it resets the connection, which reads
+# as a Redis that went away (networking.c, "invalid multibulk length")
+MAX_COMMAND_ARGS = 1024 * 1024
+# ingest's script call (`buffer`): EVALSHA, its sha, 0, 4 arguments, then 3 per cache write
+MAX_CACHE_WRITES = (MAX_COMMAND_ARGS - 7) // 3
 
 
 def redis_is_full(error: BaseException) -> bool:

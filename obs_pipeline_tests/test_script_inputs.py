@@ -56,3 +56,34 @@ def test_pandas_nat_is_refused_in_one_line_naming_none_and_buffers_nothing(buf, 
     message = str(raised.value)
     assert "\n" not in message and "ExecutedObsUnit.end_time" in message and "give None" in message, message
     assert site_keys(redis_client, settings.site) == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("clean_db")
+def test_a_bulk_create_beyond_one_redis_call_is_refused_and_the_largest_that_fits_is_buffered(buf, settings,
+                                                                                              redis_client):
+    """Redis 6 takes at most 1,048,576 arguments per command and resets the connection beyond:
+    ingest took that for a Redis gone away and spooled the transaction, which every push sent
+    again, so that every later transaction of the site queued behind it in the spool for good
+    (its status 'pending', nothing in Redis). Now refused at once, one line; the largest
+    bulk_create that fits one call still goes to Redis, as does the next transaction."""
+    from obs_pipeline.buffer_store import MAX_CACHE_WRITES
+
+    package = "9c6e3a52-0000-4000-8000-000000000001"  # (no row: ingest does not check foreign keys)
+    rows = [{"name": f"f{i}.fits", "raw_data_package_id": package} for i in range(MAX_CACHE_WRITES + 1)]
+    with pytest.raises(InvalidTransaction) as raised:
+        with buf.transaction() as tx:
+            tx.bulk_create("RawDataFile", rows)
+    message = str(raised.value)
+    assert "\n" not in message and "split it into several transactions" in message, message
+    assert site_keys(redis_client, settings.site) == [] and not buf.spool.exists()
+
+    with buf.transaction() as largest:
+        largest.bulk_create("RawDataFile", rows[:MAX_CACHE_WRITES])
+    with buf.transaction() as after:
+        after.create("ExecutedObsUnit", OBS)
+    assert not buf.spool.exists()  # both went to Redis, not to the spool
+    queue = f"site:{settings.site}:transaction_buffer"
+    assert redis_client.llen(queue) == 2
+    assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == MAX_CACHE_WRITES
+    assert buf.status(largest.transaction_id) == buf.status(after.transaction_id) == "pending"
