@@ -87,3 +87,30 @@ def test_a_bulk_create_beyond_one_redis_call_is_refused_and_the_largest_that_fit
     assert redis_client.llen(queue) == 2
     assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == MAX_CACHE_WRITES
     assert buf.status(largest.transaction_id) == buf.status(after.transaction_id) == "pending"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("clean_db")
+def test_a_batch_of_large_bulk_creates_is_drained_and_its_caches_cleaned(buf, env, settings, redis_client,
+                                                                         replica_engine):
+    """Three bulk_creates of 180,000 rows each, drained in one batch: the cleanup of their chunk
+    was one DEL of 1,080,000 keys, which Redis 6 refuses (beyond 1,048,576 arguments) by
+    resetting the connection, so `drain --once` failed ('Redis unreachable') at every run, the
+    statuses stayed 'applied' and the caches for good. Now the cleanup's commands are split."""
+    import sqlalchemy as sa
+
+    ids = []
+    for n in range(3):
+        with buf.transaction() as tx:
+            obs = tx.create("ExecutedObsUnit", OBS)
+            package = tx.create("RawDataPackage", {"name": f"p{n}", "executed_obs_unit_id": obs["id"]})
+            tx.bulk_create("RawDataFile", [{"name": f"f{i}.fits", "raw_data_package_id": package["id"]}
+                                           for i in range(180_000)])
+        ids.append(tx.transaction_id)
+    drain_once(env)
+    assert [buf.status(i) for i in ids] == ["replicated"] * 3
+    assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == 0
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*", count=10_000))
+    assert redis_client.zcard(f"site:{settings.site}:awaiting_replication") == 0
+    with replica_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 540_000
