@@ -307,6 +307,7 @@ class TransactionBuffer:
     def status(self, transaction_id: str) -> str | None:
         """"pending" | "processing" | "applied" | "replicated" | "failed", or None for an unknown id.
         A transaction spooled while Redis is unreachable is "pending"."""
+        _require_id(transaction_id)
         spooled = self.spool.exists()
         if spooled:  # a script that only waits after an outage: its spool is pushed all the same
             self.spool.start_flusher()
@@ -342,6 +343,7 @@ class TransactionBuffer:
         Messages can be missed (a reconnect, a channel without subscribers for a moment), so the
         status is read again at least every `_WAIT_RECHECK_S`; without pub/sub it is plain polling.
         """
+        _require_id(transaction_id)
         if not isinstance(until, str) or until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
@@ -452,6 +454,14 @@ class TransactionBuffer:
             if redis_unavailable(error):
                 return None
             raise
+
+
+def _require_id(transaction_id: Any) -> None:
+    """status() and wait() take the id as text: given the builder itself (`buf.status(tx)`),
+    status answered None, as for an id never buffered, and wait() failed on 'encode'."""
+    if not isinstance(transaction_id, str):
+        raise ValueError(f"a transaction id is a string (tx.transaction_id, or what buf.update returned), "
+                         f"not {type(transaction_id).__name__}")
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

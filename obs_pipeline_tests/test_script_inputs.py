@@ -114,3 +114,16 @@ def test_a_batch_of_large_bulk_creates_is_drained_and_its_caches_cleaned(buf, en
     assert redis_client.zcard(f"site:{settings.site}:awaiting_replication") == 0
     with replica_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 540_000
+
+
+def test_status_and_wait_given_the_transaction_itself_say_to_give_its_id(buf):
+    """`buf.status(tx)` for `buf.status(tx.transaction_id)` answered None, as for an id never
+    buffered, and `buf.wait(tx)` raised AttributeError ('encode'); the id itself still works."""
+    with buf.transaction() as tx:
+        tx.create("ExecutedObsUnit", OBS)
+    for call in (lambda: buf.status(tx), lambda: buf.wait(tx, timeout=0.2), lambda: buf.wait(None, timeout=0.2)):
+        with pytest.raises(ValueError, match=r"^a transaction id is a string \(tx.transaction_id") as raised:
+            call()
+        assert "\n" not in str(raised.value)
+    assert buf.status(tx.transaction_id) == "pending"
+    assert buf.wait(tx.transaction_id, until="pending", timeout=0.2) is True
