@@ -13,6 +13,7 @@ import decimal
 import importlib
 import json
 import math
+import numbers
 import re
 import struct
 import sys
@@ -534,7 +535,17 @@ def _uuid_json(value: Any) -> str:
 def _int_json(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, numbers.Integral) and not _is_bool(value):  # numpy's integers (np.int64 from a DataFrame)
+        return int(value)
     raise ValueError(f"{value!r} is not an integer")
+
+
+def _is_bool(value: Any) -> bool:
+    """A bool, or numpy's (np.bool_, np.True_), which is no `bool` to isinstance; numpy is not imported."""
+    if isinstance(value, bool):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return getattr(dtype, "kind", None) == "b" and getattr(value, "shape", None) == ()
 
 
 def _int_of(bits: int) -> Callable[[Any], int]:
@@ -560,6 +571,13 @@ def _float_json(value: Any) -> float | int:
     if isinstance(value, decimal.Decimal):  # what the ORM gives a Numeric column: JSON and reads keep a float
         if value.is_finite() and decimal.Decimal(repr(float(value))) == value:
             return float(value)
+        raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
+    if isinstance(value, numbers.Real) and not _is_bool(value):  # numpy's np.float32, np.int64 (np.float64 is a float)
+        if isinstance(value, numbers.Integral):
+            return _float_json(int(value))
+        number = float(value)
+        if number == value or not math.isfinite(number):
+            return _float_json(number)
         raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
     raise ValueError(f"{value!r} is not a number")
 
@@ -704,6 +722,8 @@ def _one_of(choices: dict[Any, str]) -> Callable[[Any], str]:
 def _bool_json(value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    if _is_bool(value):  # numpy's np.True_
+        return bool(value)
     raise ValueError(f"{value!r} is not a boolean")
 
 

@@ -127,3 +127,59 @@ def test_status_and_wait_given_the_transaction_itself_say_to_give_its_id(buf):
         assert "\n" not in str(raised.value)
     assert buf.status(tx.transaction_id) == "pending"
     assert buf.wait(tx.transaction_id, until="pending", timeout=0.2) is True
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_numpy_integers_from_a_dataframe_are_taken_as_integers_and_read_back_as_written(buf, env):
+    """A value from a DataFrame or an array (np.int64) is no `int` to isinstance: an obs unit id
+    or a key taken from one was refused as 'np.int64(123) is not an integer'."""
+    np = pytest.importorskip("numpy")
+    units = np.array([123, 7001], dtype=np.int64)
+    with buf.transaction() as tx:
+        unit = tx.create("ObsUnit", {"id": units[1], "name": "from a frame"})
+        obs = tx.create("ExecutedObsUnit", {**OBS, "obs_unit_id": units[1]})
+    assert type(unit["id"]) is int and type(obs["obs_unit_id"]) is int  # the caller's copies too
+    buf.update("ObsUnit", np.int32(7001), {"name": "renamed"})
+    expected = {**OBS, "id": obs["id"], "obs_unit_id": 7001, "start_time": "2025-01-01T00:00:00+00:00", "end_time": None}
+    assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+    assert [r["id"] for r in buf.search("ExecutedObsUnit", {"obs_unit_id": units[1]})] == [obs["id"]]
+    drain_once(env)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+    assert buf.get("ObsUnit", np.uint16(7001)) == {"id": 7001, "name": "renamed"}
+    assert [r["id"] for r in buf.search("ExecutedObsUnit", {"obs_unit_id": [units[0], units[1]]})] == [obs["id"]]
+
+
+def test_numpy_floats_and_booleans_are_taken_in_a_schema_of_its_own(settings, env):
+    """np.float32 and np.bool_ (a DataFrame's float32 and bool columns) were refused as 'is not a
+    number' and 'is not a boolean'; a value a float does not hold exactly is still refused, as a
+    Decimal's is."""
+    import dataclasses
+    import fractions
+
+    np = pytest.importorskip("numpy")
+    models = "obs_pipeline_tests.custom_models:Base"
+    init = cli("db", "init", env={**env, "OBS_MODELS": models})
+    assert init.returncode == 0, init.stderr
+    buf = TransactionBuffer(settings=dataclasses.replace(settings, models=models))
+    try:
+        code = int(np.random.default_rng().integers(10**6, 10**9))
+        with buf.transaction() as tx:
+            tx.create("Instrument", {"code": code, "name": "cam"})
+            exposure = tx.create("Exposure", {"instrument_code": np.int64(code), "started": "2025-01-01T00:00:00Z",
+                                              "seconds": np.float32(1.25), "ok": np.bool_(True)})
+        expected = {"id": exposure["id"], "instrument_code": code, "started": "2025-01-01T00:00:00+00:00",
+                    "seconds": 1.25, "ok": True, "note": None, "logged": None}
+        assert buf.get("Exposure", exposure["id"]) == expected
+        assert [type(exposure[c]) for c in ("instrument_code", "seconds", "ok")] == [int, float, bool]
+        for value in (fractions.Fraction(1, 3), np.float32("nan"), np.array([1.5])):
+            with pytest.raises(InvalidTransaction, match="Exposure.seconds: .*(no exact float|not a finite|not a "
+                                                         "number)"):
+                buf.update("Exposure", exposure["id"], {"seconds": value})
+        with pytest.raises(InvalidTransaction, match="Exposure.instrument_code: np.True_ is not an integer"):
+            buf.update("Exposure", exposure["id"], {"instrument_code": np.bool_(True)})
+        drain_once({**env, "OBS_MODELS": models})
+        assert buf.status(tx.transaction_id) == "replicated"
+        assert buf.get("Exposure", exposure["id"]) == expected
+    finally:
+        buf.close()
