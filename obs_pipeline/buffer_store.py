@@ -107,6 +107,15 @@ def _parts(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _eval_pairs(target: Any, script: str, key: str, args: list[Any]) -> None:
+    """`script` (one key, ARGV in independent pairs: HOLD, UNHOLD, REVIVE) over `args`, in
+    calls within MAX_COMMAND_ARGS: the holds of two failed bulk_creates of 300,000 rows were one
+    call of 1.2 million arguments, which Redis refused by resetting the connection; in the
+    acknowledgement's WATCH that read as the lease lost, and the batch stayed 'processing'."""
+    for part in _parts(args, (MAX_COMMAND_ARGS - 4) // 2 * 2):
+        target.eval(script, 1, key, *part)
+
+
 class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
@@ -362,7 +371,7 @@ class BufferStore:
                     pipe.set(k.transaction(tx_id), status_json)
                 self.unhold(outcome.release, pipe)
                 if outcome.hold:
-                    pipe.eval(scripts.HOLD, 1, k.held_ids, *[x for pair in outcome.hold.items() for x in pair])
+                    _eval_pairs(pipe, scripts.HOLD, k.held_ids, [x for pair in outcome.hold.items() for x in pair])
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
                 for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
@@ -544,27 +553,27 @@ class BufferStore:
         (queued on `pipe` if given, to run in its MULTI)."""
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
-            (pipe or self.redis).eval(scripts.UNHOLD, 1, self.keys.held_ids, *args)
+            _eval_pairs(pipe or self.redis, scripts.UNHOLD, self.keys.held_ids, args)
 
     def hold(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these transactions (tx id -> its rows) hold the rows nobody else
         holds, see scripts.HOLD."""
         args = [x for tx_id, rows in rows_of.items() for row in sorted(rows) for x in (row, tx_id)]
         if args:
-            pipe.eval(scripts.HOLD, 1, self.keys.held_ids, *args)
+            _eval_pairs(pipe, scripts.HOLD, self.keys.held_ids, args)
 
     def revive(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these requeued transactions' dead marks (tx id -> its rows) become
         live holds again, see scripts.REVIVE."""
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
-            pipe.eval(scripts.REVIVE, 1, self.keys.held_ids, *args)
+            _eval_pairs(pipe, scripts.REVIVE, self.keys.held_ids, args)
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""
         if not ids:
             return {}
-        values = self.redis.hmget(self.keys.held_ids, ids)
+        values = [v for part in _parts(ids, MAX_COMMAND_ARGS - 2) for v in self.redis.hmget(self.keys.held_ids, part)]
         return {i: v.decode() for i, v in zip(ids, values) if v is not None}
 
     def compact_aof(self) -> bool:

@@ -183,3 +183,31 @@ def test_numpy_floats_and_booleans_are_taken_in_a_schema_of_its_own(settings, en
         assert buf.get("Exposure", exposure["id"]) == expected
     finally:
         buf.close()
+
+
+@pytest.mark.slow
+def test_the_holds_of_failed_large_bulk_creates_are_acknowledged_on_the_real_redis(settings):
+    """Two bulk_creates of 300,000 rows that main refuses (a foreign key, say) hold their 600,000
+    rows while they wait to retry. The acknowledgement sent those holds as one script call of
+    1.2 million arguments, beyond the 1,048,576 Redis 6 takes: Redis reset the connection, which
+    inside the acknowledgement's WATCH read as the lease lost, so the batch stayed 'processing'
+    and every drain run did the same (seen end to end with `drain --once`: 99 s a run). The
+    drain's reads of those holds (`holders`) went past the limit as well. Both are split now."""
+    import redis
+
+    from obs_pipeline.buffer_store import MAX_COMMAND_ARGS, BufferStore, Outcome
+
+    # (a client that waits: a million-argument call on a Redis that a test before this one left
+    # rewriting its AOF can take more than redis-py's default 5 s)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=120)
+    store = BufferStore(client, settings.site)
+    token = store.acquire_lease(120)
+    failed = {f"{n:08d}-0000-4000-8000-{i:012d}": f"tx{n}" for n in range(2) for i in range(300_000)}
+    store.acknowledge(token, Outcome(hold=failed))
+    assert client.hlen(f"site:{settings.site}:held_ids") == 600_000
+    rows = sorted(failed) + sorted(failed)[:MAX_COMMAND_ARGS - 600_000]  # more ids than one HMGET takes
+    assert store.holders(rows) == failed
+    store.unhold({"tx0": {row for row, tx in failed.items() if tx == "tx0"}})
+    assert client.hlen(f"site:{settings.site}:held_ids") == 300_000
+    client.delete(f"site:{settings.site}:held_ids")
+    client.close()
