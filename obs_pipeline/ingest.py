@@ -21,7 +21,8 @@ import redis
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import MAX_CACHE_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
-from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec
+from obs_pipeline.column_values import CANONICAL_UUID
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,

@@ -60,9 +60,9 @@ from obs_pipeline import forks
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
-from obs_pipeline.model_registry import (ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, fraction_step,
-                                         interval_text, is_single_precision, parse_interval, round_micros,
-                                         round_seconds, single_float)
+from obs_pipeline.column_values import (fraction_step, interval_text, parse_interval, round_micros, round_seconds,
+                                        single_float)
+from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelRegistry, ModelSpec, is_single_precision
 from obs_pipeline.wire import record_id
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -527,7 +527,7 @@ def _interval_rounded(value: Any, step: int) -> Any:
 
 
 def _single_float(value: Any) -> Any:
-    """As `real` keeps it (model_registry.single_float)."""
+    """As `real` keeps it (column_values.single_float)."""
     try:
         return single_float(value)
     except (OverflowError, struct.error, TypeError):  # beyond `real` (main refuses it), or not a number

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from obs_pipeline import json_codec
-from obs_pipeline.model_registry import CANONICAL_UUID, InvalidTransaction, ModelRegistry, ModelSpec, json_value
+from obs_pipeline.column_values import CANONICAL_UUID, json_value
+from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 
 OPERATIONS = ("create", "update", "delete", "bulk_create")
 STATUSES = ("pending", "processing", "applied", "replicated", "failed")

@@ -18,7 +18,8 @@ from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, TIME, TIMESTAMP, UUI
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
-from obs_pipeline.model_registry import ModelRegistry, _numeric_of, interval_text, single_float
+from obs_pipeline.column_values import interval_text, numeric_of, single_float
+from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -547,8 +548,8 @@ def test_caches_filed_under_a_key_form_of_an_earlier_version_are_cleaned(forms, 
     buffered values too after a later update. The cleanup now also names the key as pushed."""
     buf = TransactionBuffer(settings=forms)
     key, note = uuid.uuid4().int % 10**6 * 10, f"old{uuid.uuid4().hex[:6]}"
-    # ingest as it was: the key's check without the key's rounding (model_registry._float_key)
-    monkeypatch.setitem(buf.registry.model("Numbered").converters, "key", _numeric_of(10, 2))
+    # ingest as it was: the key's check without the key's rounding (column_values.float_key)
+    monkeypatch.setitem(buf.registry.model("Numbered").converters, "key", numeric_of(10, 2))
     with buf.transaction() as tx:
         tx.create("Numbered", {"key": key, "note": note})
     monkeypatch.undo()
