@@ -1,0 +1,220 @@
+"""Search filters, as SQL for the replica and as Python tests of buffered records.
+
+Filters: equality, a list for "any of" (None in it matches null), None for IS NULL, and
+`{op: value}` comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered
+columns). The replica runs them as SQL; buffered records are tested in Python with the same
+semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does, a
+native enum by its labels' declared order, a `time with time zone` by instant then offset,
+a `real` at single precision: see key_of).
+Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sqlalchemy as sa
+
+from obs_pipeline.column_values import fraction_step, round_micros
+from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelSpec, is_single_precision
+from obs_pipeline.read_forms import (as_real, datetime_rounded, interval_rounded, numeric_places, numeric_rounded,
+                                     parse_utc, unchanged)
+
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+_ORDERED_KINDS = {"int", "float", "str", "datetime", "date", "time", "timetz", "interval", "uuid"}
+_UTC = dt.timezone.utc
+
+
+@dataclass
+class Filters:
+    sql: list[Any]                                       # clauses for the replica
+    tests: list[Callable[[dict[str, Any]], bool]]        # the same, on JSON-form rows
+    columns: set[str]
+
+    def match(self, row: dict[str, Any]) -> bool:
+        for test in self.tests:
+            if not test(row):
+                return False
+        return True
+
+
+def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The key of a filter's value: the row's, but a NUMERIC(p, s) column's rows are rounded
+    to s places, and a TIMESTAMP(p)'s, TIME(p)'s or INTERVAL(p)'s seconds to p places, and the
+    value is not (PostgreSQL compares `amount >= 1.234` as given)."""
+    if column.kind == "float" and numeric_places(type_) is not None:
+        return float
+    return key_of(column, type_, rounded=False) if fraction_step(type_) is not None else key
+
+
+def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -> Callable[[Any], Any]:
+    """JSON form -> a value that compares like the database compares the column; `rounded`:
+    a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places."""
+    step = fraction_step(type_) if rounded else None
+    if _native_enum(type_):
+        return functools.partial(_enum_order, order={label: i for i, label in enumerate(type_.enums)})
+    if column.kind == "datetime":
+        return parse_utc if step is None else lambda v: parse_utc(datetime_rounded(v, step))
+    if column.kind == "date":
+        return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
+    if column.kind == "time":
+        return functools.partial(_time_order, step=step)
+    if column.kind == "timetz":
+        return functools.partial(_timetz_order, step=step)
+    if column.kind == "float":
+        if is_single_precision(type_):
+            return as_real
+        places = numeric_places(type_)
+        return float if places is None else functools.partial(numeric_rounded, places=places)
+    if column.kind == "interval":
+        return column.to_python if step is None else lambda v: column.to_python(interval_rounded(v, step))
+    return unchanged  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
+
+
+def _native_enum(type_: sa.types.TypeEngine) -> bool:
+    """A PostgreSQL enum type: ordered by its labels' declared order, not as text (and no
+    collation applies to it); a non-native Enum is VARCHAR, ordered as text."""
+    return isinstance(type_, sa.Enum) and bool(type_.native_enum)
+
+
+def _enum_order(value: Any, order: dict[str, int]) -> int:
+    """A native enum's label -> its place in the declaration, as PostgreSQL compares them."""
+    return order.get(value, len(order))
+
+
+def _time_order(value: Any, step: int | None = None) -> int:
+    """`time` holds no offset: one in a buffered value is dropped, as PostgreSQL drops it. The
+    microseconds of the day, rounded to `step` as a TIME(p) keeps them: 23:59:59.6 in a
+    TIME(0) is 24:00:00, after every other time (psycopg2 reads it as 00:00:00)."""
+    parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
+    micros = ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
+    return micros if step is None else round_micros(micros, step)
+
+
+def _timetz_order(value: Any, step: int | None = None) -> tuple[int, int]:
+    """`time with time zone` as PostgreSQL orders it: by instant, then by offset, so that
+    12:00+02 and 10:00+00 are not equal and 12:00+02 sorts first (Python's time calls them
+    equal). A time without an offset is in UTC, as ingest buffers it."""
+    parsed = dt.time.fromisoformat(value) if isinstance(value, str) else value
+    offset = (parsed.utcoffset() or dt.timedelta(0)) // dt.timedelta(microseconds=1)
+    return _time_order(parsed, step) - offset, -offset
+
+
+def compile_filters(spec: ModelSpec, filters: Any) -> Filters:
+    """Check the filters (unknown columns and operators are errors) and build the SQL clauses
+    and the Python tests that agree with them (one test per column, parsing a value once)."""
+    if not isinstance(filters, dict):
+        raise InvalidTransaction(f"search filters on {spec.name} must be a dict of column -> value, "
+                                 f"not {type(filters).__name__}")
+    compiled = Filters([], [], set())
+    for name, condition in filters.items():
+        col = spec.column(name)
+        if col.kind in ("json", "array"):
+            raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
+        column = spec.sql_columns[name]
+        key = key_of(col, column.type)
+        value_key = _value_key(col, column.type, key)
+        compiled.columns.add(name)
+        try:
+            if isinstance(condition, dict):
+                if not condition:
+                    raise InvalidTransaction(f"search on {spec.name}.{name}: empty comparison {{}}")
+                ops = []
+                for op, value in condition.items():
+                    ops.extend(_comparison(spec, name, col, column, value_key, op, value, compiled))
+                if ops:
+                    compiled.tests.append(_test(name, key, ops))
+            elif isinstance(condition, (list, tuple, set, frozenset)):
+                values = [col.check(v) for v in condition if v is not None]
+                with_null = any(v is None for v in condition)
+                clause = column.in_([_bound(col, value_key, v) for v in values])
+                compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
+                targets = {value_key(v) for v in values}
+                if key is unchanged:
+                    targets |= {None} if with_null else set()
+                    compiled.tests.append(lambda row, n=name, t=frozenset(targets): row.get(n) in t)
+                else:
+                    compiled.tests.append(lambda row, n=name, k=key, t=targets, z=with_null:
+                                          (z if row.get(n) is None else k(row[n]) in t))
+            else:
+                ops = _comparison(spec, name, col, column, value_key, "==", condition, compiled)
+                if ops:
+                    compiled.tests.append(_test(name, key, ops))
+        except ValueError as error:
+            if isinstance(error, InvalidTransaction):
+                raise
+            raise InvalidTransaction(f"search on {spec.name}.{name}: {error}") from None
+    return compiled
+
+
+def _test(name: str, key: Callable[[Any], Any], ops: list[tuple[Callable[[Any, Any], bool], Any]]
+          ) -> Callable[[dict[str, Any]], bool]:
+    """A row test for comparisons of one column (never true for null)."""
+    if key is unchanged and len(ops) == 1 and ops[0][0] is operator.eq:
+        target = ops[0][1]
+        return lambda row: row.get(name) == target
+
+    def test(row: dict[str, Any]) -> bool:
+        value = row.get(name)
+        if value is None:
+            return False
+        value = key(value)
+        for compare, target in ops:
+            if not compare(value, target):
+                return False
+        return True
+    return test
+
+
+def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: Callable[[Any], Any], op: Any,
+                value: Any, compiled: Filters) -> list[tuple[Callable[[Any, Any], bool], Any]]:
+    """Add the SQL clause; return the (compare, target) pair for the Python test, or none for
+    a null check (its test is added here)."""
+    if op not in _COMPARISONS:
+        raise InvalidTransaction(f"search on {spec.name}.{name}: unknown operator {op!r} "
+                                 f"(use one of {', '.join(_COMPARISONS)})")
+    if value is None:
+        if op not in ("==", "!="):
+            raise InvalidTransaction(f"search on {spec.name}.{name}: {op} null matches nothing; use == or !=")
+        compiled.sql.append(column.is_(None) if op == "==" else column.is_not(None))
+        compiled.tests.append((lambda row, n=name: row.get(n) is None) if op == "==" else
+                              (lambda row, n=name: row.get(n) is not None))
+        return []
+    if op not in ("==", "!=") and col.kind not in _ORDERED_KINDS:
+        raise InvalidTransaction(f"search on {spec.name}.{name}: {op} needs an ordered column "
+                                 f"({col.kind} is not); use == or a list")
+    checked = col.check(value)
+    compare = _COMPARISONS[op]
+    as_text = col.kind == "str" and op not in ("==", "!=") and not _native_enum(column.type)
+    sql_column = column.collate("C") if as_text else column
+    compiled.sql.append(compare(sql_column, _bound(col, key, checked)))
+    return [(compare, key(checked))]
+
+
+def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:
+    """A filter value bound to the replica's statement: for a `real` column, at single
+    precision, as the Python test takes it (see as_real)."""
+    return key(value) if key is as_real else col.to_python(value)
+
+
+def series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
+    if column.kind == "datetime":  # microseconds, as PostgreSQL keeps them, whatever pandas would infer
+        return pd.to_datetime(pd.Series(values, dtype="object"), utc=True, format="ISO8601").astype(
+            pd.DatetimeTZDtype(unit="us", tz="UTC"))
+    if column.kind in ("uuid", "str"):
+        return pd.Series(values, dtype="string")
+    if column.kind == "int":
+        return pd.Series(values, dtype="Int64")
+    if column.kind == "float":
+        return pd.Series(values, dtype="Float64")
+    if column.kind == "bool":
+        return pd.Series(values, dtype="boolean")
+    if column.kind == "date":
+        return pd.to_datetime(pd.Series(values, dtype="object"), format="ISO8601").astype("datetime64[us]")
+    return pd.Series(values, dtype="object")
