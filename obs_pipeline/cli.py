@@ -36,6 +36,9 @@ def _settings(**overrides: Any):
 # --- stack ----------------------------------------------------------------------------------
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    if args.service and args.action not in ("stop", "start"):  # `stack down replica` took the whole stack down
+        args.usage(f"`stack {args.action}` acts on the whole stack and takes no service: "
+                   f"`stack stop {args.service}` or `stack start {args.service}` act on one")
     stack = _stack(args)
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)

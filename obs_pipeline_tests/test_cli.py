@@ -124,6 +124,26 @@ def test_stack_up_names_the_env_command_for_its_folder(stack):
     assert f"obs-pipeline stack env --dir {stack.directory}" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("action", ["up", "down", "status", "env"])
+def test_a_service_named_to_a_whole_stack_action_is_a_usage_line_and_does_nothing(action, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """`stack down replica` (meant: `stack stop replica`, for a drill) took the whole stack down,
+    main and Redis that scripts were using: the service was accepted and ignored. (In process,
+    with the stack's methods replaced: it must never reach a real stack.)"""
+    from obs_pipeline import cli as cli_module
+    from obs_pipeline.stack import LocalStack
+
+    called = []
+    for method in ("up", "down", "status", "env", "stop_service", "start_service"):
+        monkeypatch.setattr(LocalStack, method, lambda self, *a, _m=method, **k: called.append(_m))
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main(["stack", action, "replica", "--dir", str(tmp_path)])
+    assert exited.value.code == 2 and called == [], called
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"obs-pipeline stack: error: `stack {action}` acts on the whole stack and takes no service: "
+                   "`stack stop replica` or `stack start replica` act on one (see `obs-pipeline stack -h`)"], err
+
+
 def test_stack_env_prints_export_lines(stack):
     out = cli("stack", "env", "--dir", str(stack.directory)).stdout
     names = {line.split("=")[0].removeprefix("export ") for line in out.splitlines()}
