@@ -40,6 +40,15 @@ def cmd_stack(args: argparse.Namespace) -> int:
         args.usage(f"`stack {args.action}` acts on the whole stack and takes no service: "
                    f"`stack stop {args.service}` or `stack start {args.service}` act on one")
     stack = _stack(args)
+    if args.action in ("status", "down") and not stack.config_path.is_file():
+        # a mistyped --dir, or the wrong working folder (./.obs-stack): `status` reported every service
+        # down, and `down` said nothing and exited 0, the real stack still up
+        from obs_pipeline.stack.errors import StackError
+
+        raise StackError(f"no local stack in {stack.directory}: " + (
+            "nothing stopped; give its folder with --dir (or OBS_STACK_DIR)" if args.action == "down" else
+            "give its folder with --dir (or OBS_STACK_DIR), or make one with `obs-pipeline stack up --dir "
+            f"{shlex.quote(str(stack.directory))}`"))
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)
         from obs_pipeline.config import own_command

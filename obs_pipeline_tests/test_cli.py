@@ -98,6 +98,20 @@ def test_stack_env_on_a_folder_without_a_stack(tmp_path):
     assert f"run `obs-pipeline stack up --dir {tmp_path / 'none'}` first" in line, line
 
 
+def test_stack_status_and_down_on_a_folder_without_a_stack_say_so(tmp_path):
+    """From the wrong working folder (./.obs-stack) or with a mistyped --dir, `stack status` printed
+    every service "running": false with exit 0 (the stack looked dead, and `stack up` would have
+    made a second one), and `stack down` exited 0 saying nothing, the real stack still up."""
+    folder = tmp_path / "typo"
+    line = one_line_error(cli("stack", "status", "--dir", str(folder)))
+    assert line == (f"obs-pipeline: error: no local stack in {folder}: give its folder with --dir (or OBS_STACK_DIR), "
+                    f"or make one with `obs-pipeline stack up --dir {folder}`"), line
+    line = one_line_error(cli("stack", "down", "--dir", str(folder)))
+    assert line == (f"obs-pipeline: error: no local stack in {folder}: nothing stopped; give its folder with --dir "
+                    "(or OBS_STACK_DIR)"), line
+    assert not folder.exists()
+
+
 def test_stack_up_in_a_folder_it_cannot_use_is_one_line_saying_so(tmp_path):
     """It said '[Errno 17] File exists: ...' or '[Errno 20] Not a directory: ...'."""
     afile = tmp_path / "afile"
