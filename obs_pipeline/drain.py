@@ -289,7 +289,8 @@ class Drain:
                     continue
                 raise DrainBusy(f"another drain holds the lease of site {self.settings.site!r} "
                                 f"(key {self.store.keys.lease}); it expires in {left_s:.0f} s "
-                                "unless that drain renews it")
+                                "unless that drain renews it: let it drain the site, or stop it (`obs-pipeline "
+                                "dev`, another `obs-pipeline drain`, Dagster's buffer_sensor) and run this again")
             time.sleep(0.5)
 
     def _stop_reason(self, idle_s: float, idle_exit_s: float, replica_patience_s: float | None) -> str:

@@ -734,6 +734,21 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     assert cli("status", "--check", env=env).returncode == 0
 
 
+def test_a_drain_beside_one_holding_the_lease_says_what_to_do(env, settings, redis_client):
+    """It said only "another drain holds the lease ...; it expires in 60 s unless that drain renews
+    it": not that this one did nothing, nor what the operator could do about it."""
+    keys = SiteKeys(settings.site)
+    redis_client.set(keys.lease, "another-drains-token", px=60_000)
+    try:
+        line = one_line_error(cli("drain", env=env))
+    finally:
+        assert redis_client.get(keys.lease) == b"another-drains-token"  # untouched
+        redis_client.delete(keys.lease)
+    assert line.startswith(f"obs-pipeline: error: another drain holds the lease of site '{settings.site}'"), line
+    assert line.endswith("unless that drain renews it: let it drain the site, or stop it (`obs-pipeline dev`, another "
+                         "`obs-pipeline drain`, Dagster's buffer_sensor) and run this again"), line
+
+
 @pytest.mark.parametrize("wrong", ["role", "database"])
 def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, settings, redis_client, wrong):
     """Main answering "role/database does not exist" is a wrong OBS_MAIN_DB_URL, not an outage:
