@@ -25,11 +25,25 @@ class SimulationResult:
 
 
 def known_obs_units(buffer: TransactionBuffer) -> list[int]:
+    """The obs units to observe, from the replica; its errors in one line that names it and says
+    what to do (they were psycopg2's alone: "connection to server ... failed", `relation "obs_unit"
+    does not exist`)."""
     engine = buffer.query.engine
     if engine is None:
         return []
-    with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.text("SELECT id FROM obs_unit ORDER BY id LIMIT 1000"))]
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.text("SELECT id FROM obs_unit ORDER BY id LIMIT 1000"))]
+    except sa.exc.ProgrammingError as error:
+        if getattr(error.orig, "pgcode", None) != "42P01":  # undefined_table
+            raise
+        raise RuntimeError("no obs_unit table on the replica (OBS_REPLICA_DB_URL): run `obs-pipeline db init "
+                           "--demo-data` first") from error
+    except sa.exc.OperationalError as error:
+        lines = str(error.orig or error).strip().splitlines()
+        raise RuntimeError(f"replica unreachable (OBS_REPLICA_DB_URL): {lines[0] if lines else type(error).__name__}; "
+                           "simulate picks its obs units there: is OBS_REPLICA_DB_URL right and the stack up "
+                           "(`obs-pipeline stack status`)?") from error
 
 
 def observe_once(buffer: TransactionBuffer, obs_unit_id: int, files: int, rng: random.Random) -> list[str]:

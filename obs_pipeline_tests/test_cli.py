@@ -952,6 +952,28 @@ def test_simulate_without_a_replica_url_says_so(env, settings, redis_client):
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
 
 
+@pytest.mark.parametrize("database, message", [
+    ("unreachable", "replica unreachable (OBS_REPLICA_DB_URL): connection to server at \"127.0.0.1\", port 1 failed: "
+                    "Connection refused"),
+    ("postgres", "no obs_unit table on the replica (OBS_REPLICA_DB_URL): run `obs-pipeline db init --demo-data` first"),
+])
+def test_simulate_with_a_replica_it_cannot_read_names_it_and_buffers_nothing(env, settings, redis_client, database,
+                                                                            message):
+    """With the replica down it said only 'connection to server at "127.0.0.1", port ... failed:
+    Connection refused' (which server? main is on loopback too), and on a database without the
+    schema `relation "obs_unit" does not exist`: neither said what to do."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(env["OBS_REPLICA_DB_URL"])
+    url = url.set(port=1) if database == "unreachable" else url.set(database=database)
+    env["OBS_REPLICA_DB_URL"] = url.render_as_string(hide_password=False)
+    line = one_line_error(cli("simulate", "--count", "1", env=env))
+    assert line.startswith(f"obs-pipeline: error: {message}"), line
+    if database == "unreachable":
+        assert line.endswith("is OBS_REPLICA_DB_URL right and the stack up (`obs-pipeline stack status`)?"), line
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_retry_all_of_thousands_of_dead_letters_keeps_redis_answering(env, settings, redis_client, main_engine):
     """`failed retry --all` removed each letter with an LREM, each a scan of the list, all in one
