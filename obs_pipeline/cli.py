@@ -491,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A terminal that is not UTF-8 (PYTHONIOENCODING=ascii, a Latin-1 locale): a producer's text it
+    # cannot show is escaped, as stderr's is; `failed list` stopped at the first such letter with
+    # "'ascii' codec can't encode character", the letters after it unseen
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

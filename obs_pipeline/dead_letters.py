@@ -84,6 +84,10 @@ class DeadLetters:
         for letter in letters:  # as `failed list` shows it: a tab or newline in it escaped
             if letter.transaction_id is not None and one_line(letter.transaction_id) == ref:
                 return letter
+        unescaped = _unescaped(ref)  # as a terminal that is not UTF-8 shows it: `obs-\xf1-1` for obs-ñ-1
+        for letter in letters if unescaped not in (None, ref) else ():
+            if letter.transaction_id == unescaped:
+                return letter
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
@@ -254,7 +258,21 @@ class DeadLetters:
 
 def _by_place(ref: str, letter: DeadLetter) -> bool:
     """Whether `ref` named `letter` by its place (#N), not by its id (see DeadLetters.get)."""
-    return letter.transaction_id is None or ref not in (letter.transaction_id, one_line(letter.transaction_id))
+    return letter.transaction_id is None or (ref not in (letter.transaction_id, one_line(letter.transaction_id))
+                                             and _unescaped(ref) != letter.transaction_id)
+
+
+def _unescaped(ref: str) -> str | None:
+    """`ref` with its backslash escapes read (`\\xf1`, `\\u20ac`, `\\t`), as `failed list` prints
+    what the terminal cannot show; None if it holds a malformed one."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # an unknown escape ("\\q") is kept as it is
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ref.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return None
 
 
 def _remove(pipe: Any, key: str, letters: list[DeadLetter], removed: list[DeadLetter]) -> None:

@@ -402,6 +402,26 @@ def test_failed_list_prints_a_producers_text_as_one_printable_line(env, redis_cl
     assert cli("failed", "list", env=env).stdout.splitlines()[0].startswith("#1\t")
 
 
+def test_failed_list_on_a_terminal_that_is_not_utf8_shows_every_letter_and_takes_ids_back(env, redis_client,
+                                                                                          settings):
+    """On an ASCII terminal (PYTHONIOENCODING=ascii; a Latin-1 one for text beyond it) `failed list`
+    printed the letters before the first one holding text it could not show, then stopped with
+    "'ascii' codec can't encode character '\\xf1'" and exit 1: the rest unseen, for as long as that
+    letter was listed. Now such text is escaped, and the id as printed finds the letter."""
+    keys = SiteKeys(settings.site)
+    letter = {"steps": [], "failure": {"reason": "r", "kind": "invalid"}}
+    redis_client.lpush(keys.failed, json.dumps({**letter, "transaction_id": "obs-\u00f1-1", "endpoint": "f\u00fcr"}),
+                       json.dumps({**letter, "transaction_id": "after-it", "endpoint": "e"}))
+    ascii_env = {**env, "PYTHONIOENCODING": "ascii"}
+    listed = cli("failed", "list", env=ascii_env)
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    assert listed.stdout.splitlines() == ["obs-\\xf1-1\tf\\xfcr\tinvalid\tr", "after-it\te\tinvalid\tr"]
+    shown = cli("failed", "show", "obs-\\xf1-1", env=ascii_env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["transaction_id"] == "obs-\u00f1-1", shown.stderr
+    assert cli("failed", "discard", "obs-\\xf1-1", env=ascii_env).returncode == 0
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == ["after-it"]
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, redis_client, settings):
     """A dead-lettered transaction marks the rows it creates as dead, so that dependents are
