@@ -306,17 +306,20 @@ def _one_id(args: argparse.Namespace) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from obs_pipeline.ingest import TransactionBuffer
-    from obs_pipeline.simulate import simulate
+    from obs_pipeline.simulate import SimulationResult, simulate
 
     settings = _settings()
     settings.require_redis()
     settings.require_replica()  # it picks its obs units there (without it: "no ObsUnit rows on the replica")
     buffer = TransactionBuffer.from_env()
+    result = SimulationResult()
     try:
-        result = simulate(buffer, rate=args.rate, count=args.count, duration_s=args.duration, files=args.files,
-                          seed=args.seed, echo=lambda m: print(m, file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
-        return 0
+        simulate(buffer, rate=args.rate, count=args.count, duration_s=args.duration, files=args.files,
+                 seed=args.seed, echo=lambda m: print(m, file=sys.stderr, flush=True), result=result)
+    except KeyboardInterrupt:  # (it exited 0 saying nothing: how much was buffered went unsaid)
+        print(f"obs-pipeline: stopped by Ctrl-C after buffering {result.observations} observations "
+              f"({result.transactions} transactions); the one in progress may be left unfinished", file=sys.stderr)
+        return 130
     finally:
         buffer.close()
     print(f"buffered {result.observations} observations ({result.transactions} transactions)", file=sys.stderr)

@@ -64,12 +64,14 @@ def observe_once(buffer: TransactionBuffer, obs_unit_id: int, files: int, rng: r
 
 
 def simulate(buffer: TransactionBuffer, *, rate: float, count: int | None, duration_s: float | None,
-             files: int = 3, seed: int | None = None, echo=print) -> SimulationResult:
+             files: int = 3, seed: int | None = None, echo=print,
+             result: SimulationResult | None = None) -> SimulationResult:
+    """`result`: filled in as it goes, so a caller stopped by Ctrl-C can still say what was buffered."""
     units = known_obs_units(buffer)
     if not units:
         raise RuntimeError("no ObsUnit rows on the replica: run `obs-pipeline db init --demo-data` first")
     rng = random.Random(seed)
-    result = SimulationResult()
+    result = SimulationResult() if result is None else result
     began = time.monotonic()
     interval = 1.0 / rate if rate > 0 else 0.0
     while (count is None or result.observations < count) and (

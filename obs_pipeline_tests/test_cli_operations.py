@@ -511,6 +511,29 @@ def test_simulate_buffers_what_it_reports_and_a_drain_applies_it(env, settings, 
                    for r in rows), rows
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_simulate_stopped_by_ctrl_c_says_what_it_buffered_and_exits_130(env, settings, redis_client, tmp_path):
+    """`simulate` without --count runs until Ctrl-C, and then exited 0 saying nothing: how many
+    observations it had buffered went unsaid, and the exit was not the 130 of every command."""
+    log = tmp_path / "simulate.log"
+    keys = SiteKeys(settings.site)
+    sim = start_cli("simulate", "--rate", "20", env={**env, "OBS_SPOOL_DIR": str(tmp_path / "spool")}, log=log)
+    try:
+        assert until(lambda: redis_client.llen(keys.buffer) >= 6, alive=sim, log=log), tail(log)
+        sim.send_signal(signal.SIGINT)
+        assert sim.wait(timeout=60) == 130, tail(log)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    said = re.fullmatch(r"obs-pipeline: stopped by Ctrl-C after buffering (\d+) observations \((\d+) transactions\); "
+                        r"the one in progress may be left unfinished", last)
+    assert said, last
+    observations, transactions = int(said[1]), int(said[2])
+    assert observations >= 2 and transactions == 3 * observations, last
+    assert transactions <= redis_client.llen(keys.buffer) <= transactions + 2  # + a start and files in progress
+
+
 # --- 6. the Dagster workspace -----------------------------------------------------------------------
 
 def test_workspace_yaml_loads_the_definitions(tmp_path):
