@@ -56,17 +56,21 @@ class TransactionBuilder:
     def transaction_id(self) -> str:
         return self._tx.transaction_id
 
-    def create(self, model: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Add a create step; returns the record with its pre-generated id."""
+    def create(self, model: str | type, data: dict[str, Any]) -> dict[str, Any]:
+        """Add a create step; returns the record with its pre-generated id. `model`: its name, or
+        its mapped class (here and in every call that names a model)."""
         return dict(self._add_creates("create", model, [data])[0])  # the caller's copy (see _add_creates)
 
-    def bulk_create(self, model: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def bulk_create(self, model: str | type, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not isinstance(model, str):
+            model = self._buffer.registry.model(model).name
         if not isinstance(rows, list) or not rows:
             raise InvalidTransaction(f"bulk_create of {model} needs a non-empty list of rows")
         return [dict(r) for r in self._add_creates("bulk_create", model, rows)]
 
-    def update(self, model: str, record_id_: Any, values: dict[str, Any]) -> None:
+    def update(self, model: str | type, record_id_: Any, values: dict[str, Any]) -> None:
         spec = self._buffer.registry.model(model)
+        model = spec.name
         rid = self._existing_id(spec.name, record_id_)
         data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}",
                                 record=rid)
@@ -74,7 +78,7 @@ class TransactionBuilder:
             raise InvalidTransaction(f"update of {model} {rid} sets no column")
         self._add_step("update", spec, data, {spec.primary_key: rid})
 
-    def delete(self, model: str, record_id_: Any) -> None:
+    def delete(self, model: str | type, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
         step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
@@ -86,6 +90,7 @@ class TransactionBuilder:
         validated. (Copied by create and bulk_create: a comprehension for one row cost more than
         its copy.)"""
         spec = self._buffer.registry.model(model)
+        model = spec.name
         pk, where = spec.primary_key, f"create of {model}"
         out = []
         given_uuids = None  # keys given for a generated-id model: overlaid as integer keys are

@@ -135,17 +135,20 @@ class ModelSpec:
 
 
 class ModelRegistry:
-    def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData, refused: dict[str, str] | None = None):
+    def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData, refused: dict[str, str] | None = None,
+                 classes: dict[type, str] | None = None):
         self.models = models
         self.metadata = metadata
         self.refused = refused or {}  # mapped classes that cannot be written here -> why
+        self.classes = classes or {}  # the mapped classes -> their model names (see model())
         self.table_order = {t.fullname: i for i, t in enumerate(metadata.sorted_tables)}
 
     @classmethod
     def from_base(cls, base: Any) -> "ModelRegistry":
-        models, refused = {}, {}
+        models, refused, classes = {}, {}, {}
         for mapper in base.registry.mappers:
             name, table = mapper.class_.__name__, mapper.local_table
+            classes[mapper.class_] = name
             if not isinstance(table, sa.Table):
                 refused[name] = "it is not mapped to one table"
             elif len(table.primary_key.columns) != 1:
@@ -162,7 +165,7 @@ class ModelRegistry:
                     refused[name] = converting
                 else:
                     models[name] = _model_spec(name, table, keys)
-        return cls(models, base.metadata, refused)
+        return cls(models, base.metadata, refused, classes)
 
     @classmethod
     def from_path(cls, path: str) -> "ModelRegistry":
@@ -183,6 +186,13 @@ class ModelRegistry:
         return cls.from_base(base)
 
     def model(self, name: Any) -> ModelSpec:
+        """A model by its name (the wire's model_class), or by its mapped class, as seed 000's
+        builder took it (`model_class=models.ExecutedObsUnit`)."""
+        if not isinstance(name, str) and isinstance(name, type):
+            if name not in self.classes:
+                raise InvalidTransaction(f"unknown model {name.__name__} ({name.__module__}): not a class of the "
+                                         f"declarative base in OBS_MODELS (known: {', '.join(sorted(self.models))})")
+            name = self.classes[name]
         spec = self.models.get(name) if isinstance(name, str) else None
         if spec is None:
             if isinstance(name, str) and name in self.refused:
