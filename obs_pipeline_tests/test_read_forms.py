@@ -21,10 +21,9 @@ from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.column_values import interval_text, numeric_of, single_float
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
-from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
-from obs_pipeline_tests.workload import replay_paused
+from obs_pipeline_tests.workload import drain_one_batch, replay_paused
 
 MODELS = "obs_pipeline_tests.test_read_forms:Base"
 
@@ -429,12 +428,7 @@ def _drain_unclean(settings, main_engine, replica_engine) -> None:
     then the replica let replay it: the row is on the replica and still buffered, as between a
     drain's replay and its cleanup."""
     with replay_paused(replica_engine):
-        drain = Drain(settings, DrainConfig(replication_timeout_s=0.3))
-        try:
-            drain.acquire()
-            drain.step()
-        finally:
-            drain.close()
+        drain_one_batch(settings, replication_timeout_s=0.3)
     wait_for_replica(main_engine, replica_engine)
 
 

@@ -9,14 +9,9 @@ import pytest
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline_tests.conftest import site_keys
 from obs_pipeline_tests.test_cli import cli
+from obs_pipeline_tests.test_contract_review import drain_once, env  # noqa: F401  (env: a fixture)
 
 OBS = {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
-
-
-@pytest.fixture
-def env(settings) -> dict[str, str]:
-    return {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url, "OBS_MAIN_DB_URL": settings.main_db_url,
-            "OBS_REPLICA_DB_URL": settings.replica_db_url, "OBS_SPOOL_DIR": settings.spool_dir}
 
 
 @pytest.fixture
@@ -24,11 +19,6 @@ def buf(settings):
     buffer = TransactionBuffer(settings=settings)
     yield buffer
     buffer.close()
-
-
-def drain_once(env: dict[str, str]) -> None:
-    result = cli("drain", "--once", env=env)
-    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.usefixtures("clean_db")
