@@ -8,7 +8,8 @@ holding bad data fails on it: both take the careful path, which skips what commi
 isolates poison transactions by bisection under savepoints (O(log B) round trips each),
 holding back the transactions that use their ids.
 Errors are sorted: transient ones (link, timeouts, read-only main) leave the batch to be
-retried as it is; permanent ones are charged to the transaction that caused them.
+retried; permanent ones are charged to the transaction that caused them. A statement or lock
+timeout is a StatementTimeout: the drain retries in smaller pieces (see Drain._apply).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger("obs_pipeline.drain")
 
 # SQLSTATE classes/codes that say "try the same thing later", not "this data is wrong".
 _TRANSIENT_SQLSTATES = ("08", "53", "57", "58", "40001", "40P01", "25006", "55P03")
+# ... of which main cancelled the statement: query_canceled (its statement_timeout, or a
+# pg_cancel_backend) and lock_not_available (its lock_timeout). The work itself may be what
+# takes too long: retried as it is, it would time out for ever.
+_TIMEOUT_SQLSTATES = ("57014", "55P03")
 _FLUSH_LSN = b"SELECT pg_current_wal_flush_lsn()::text"
 # Main set to `synchronous_commit = off` (for its database, a role, the server) returns from
 # COMMIT before flushing it: the flush LSN read next may come before the commit, the replica
@@ -55,6 +60,29 @@ class TransientError(RuntimeError):
     """Main is unreachable or refuses writes for now; retry the same batch later."""
 
 
+class StatementTimeout(TransientError):
+    """Main cancelled a statement of the batch: its statement_timeout or lock_timeout. A lock
+    that goes away, or work too large for the timeout: the drain retries in smaller pieces
+    (`piece`: how many transactions timed out together; `alone`: the one, if it was alone)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind  # "statement timeout", "lock timeout" or "statement cancelled"
+        self.piece = 0
+        self.alone: Transaction | None = None
+
+
+def timeout_kind(error: BaseException) -> str | None:
+    """What cancelled a statement on main ("statement timeout", ...), None if nothing did."""
+    orig = getattr(error, "orig", None) or error
+    code = getattr(orig, "pgcode", None)
+    if code not in _TIMEOUT_SQLSTATES:
+        return None
+    if code == "55P03":
+        return "lock timeout"
+    return "statement timeout" if "statement timeout" in str(orig) else "statement cancelled"
+
+
 @dataclass
 class BatchResult:
     applied: list[Transaction] = field(default_factory=list)
@@ -66,17 +94,32 @@ class BatchResult:
     # `failed`: the id may also be the fresh transaction's, ahead in the batch, which may only be
     # retrying, and what waits behind that one is parked, not dead-lettered.
     dead_blocked: list[tuple[Transaction, str]] = field(default_factory=list)
+    # timed out on main applied alone, too many times in a row (see Drain._apply): (tx, reason)
+    timed_out: list[tuple[Transaction, str]] = field(default_factory=list)
     commit_lsn: int | None = None
     rows_per_model: dict[str, int] = field(default_factory=dict)
     writes_before_fold: int = 0
     writes_after_fold: int = 0
     round_trips: int = 0
     slow_path: bool = False
+    pieces: int = 1  # main transactions it was applied in (more after a statement timeout)
     apply_s: float = 0.0  # from sending the first script to reading the last reply
 
     def add_rows(self, rows: dict[str, int]) -> None:
         for model, n in rows.items():
             self.rows_per_model[model] = self.rows_per_model.get(model, 0) + n
+
+    def add(self, other: "BatchResult") -> None:
+        """`other`, a later piece of the same batch, committed after this one."""
+        for name in ("applied", "already_applied", "failed", "reused_ids", "dead_blocked", "timed_out"):
+            getattr(self, name).extend(getattr(other, name))
+        self.commit_lsn = other.commit_lsn if other.commit_lsn is not None else self.commit_lsn
+        self.add_rows(other.rows_per_model)
+        self.writes_before_fold += other.writes_before_fold
+        self.writes_after_fold += other.writes_after_fold
+        self.round_trips += other.round_trips
+        self.slow_path = self.slow_path or other.slow_path
+        self.apply_s += other.apply_s
 
 
 # A far-away database: keepalives notice a dead link; a connect attempt gives up in 10 s.
@@ -197,15 +240,18 @@ class MainDatabase:
                 present = bool(cur.fetchone()[0])
         return best, present
 
-    def apply_batch(self, transactions: list[Transaction]) -> BatchResult:
-        """Commit every transaction of the batch that can be, each whole or not at all."""
+    def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
+        """Commit every transaction of the batch that can be, each whole or not at all.
+        `blocked`: rows written by transactions of earlier pieces of the batch that failed
+        (row -> holder, "!" + id if dead), as the careful path keeps them; those that use
+        them are held back, and the dict gains this piece's."""
         before = self.round_trips
         self._carry = []
         try:
             conn = self._connection()
             began = time.perf_counter()
             with conn.cursor() as cur:
-                result = self._apply(cur, transactions)
+                result = self._apply(cur, transactions, blocked)
             result.apply_s = time.perf_counter() - began
         except psycopg2.Error as error:
             if refused_by_configuration(error):  # at connect: not an outage, retrying would never end
@@ -214,6 +260,9 @@ class MainDatabase:
                                   "check OBS_MAIN_DB_URL") from error
             if is_transient(error):
                 self.close()  # a new session next time
+                kind = timeout_kind(error)
+                if kind is not None:
+                    raise StatementTimeout(describe(error), kind) from error
                 raise TransientError(describe(error)) from error
             raise
         except BaseException:
@@ -237,30 +286,32 @@ class MainDatabase:
                 raise
             raise RuntimeError(f"could not roll back on main: {describe(error)}") from error
 
-    def _apply(self, cur: Any, txs: list[Transaction]) -> BatchResult:
+    def _apply(self, cur: Any, txs: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         result = BatchResult()
+        if blocked and any(i in blocked for tx in txs for i in referenced_ids(tx, self.registry)):
+            return self._apply_carefully(cur, txs, blocked)  # it holds back those that use them
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
         folded = fold(writes, self.refusable, self.kept_updates)
         if folded is None:
-            return self._apply_carefully(cur, txs)
+            return self._apply_carefully(cur, txs, blocked)
         try:
             statements, rows = self.sql.writes(cur, folded)
             applied = self.sql.record_applied(cur, txs, self.site, self.records_digest)
         except _UNWRITABLE:  # a value SQL cannot carry: the careful path finds whose it is
-            return self._apply_carefully(cur, txs)
+            return self._apply_carefully(cur, txs, blocked)
         try:
             self._run(cur, [b"BEGIN", applied, *statements, _FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
             if is_transient(error):
                 raise
             self._rollback(cur, [b"ROLLBACK"])
-            return self._apply_carefully(cur, txs)
+            return self._apply_carefully(cur, txs, blocked)
         result.applied, result.rows_per_model = txs, rows
         result.writes_before_fold, result.writes_after_fold = len(writes), len(folded)
         result.commit_lsn = lsn_to_int(cur.fetchone()[0])
         return result
 
-    def _apply_carefully(self, cur: Any, txs: list[Transaction]) -> BatchResult:
+    def _apply_carefully(self, cur: Any, txs: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         result = BatchResult(slow_path=True)
         ids = [t.transaction_id for t in txs]
         digest = "steps_digest" if self.records_digest else "NULL"
@@ -270,7 +321,7 @@ class MainDatabase:
             f"SELECT transaction_id, {digest}, applied_at FROM obs_pipeline_applied "
             "WHERE transaction_id = ANY(%s)", (ids,))])
         done = {r[0]: r[1:] for r in cur.fetchall()}
-        blocked: dict[str, str] = {}
+        blocked = {} if blocked is None else blocked
         fresh: dict[str, Transaction] = {}  # the first of each id not applied before
         for tx in txs:
             tx_id = tx.transaction_id

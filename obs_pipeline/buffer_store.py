@@ -318,6 +318,33 @@ class BufferStore:
             entries.reverse()
         return entries, bool(reclaimed)
 
+    def timeouts(self) -> tuple[int | None, dict[str, int]]:
+        """What the drain keeps after statement timeouts on main (see SiteKeys.timeouts): the
+        piece size (None: batches whole) and, per transaction id, its timeouts alone in a row."""
+        piece, alone = None, {}
+        for field_, value in self.redis.hgetall(self.keys.timeouts).items():
+            name = field_.decode("utf-8", "surrogateescape")
+            try:
+                number = int(value)
+            except ValueError:  # not ours: ignored, rewritten at the next change
+                continue
+            if name == "piece" and number >= 1:
+                piece = number
+            elif name.startswith("alone:"):
+                alone[name.removeprefix("alone:")] = number
+        return piece, alone
+
+    def save_timeouts(self, piece: int | None, alone: dict[str, int]) -> None:
+        """Replace what `timeouts` reads; nothing to keep deletes the key."""
+        mapping: dict[str, int] = {f"alone:{tx_id}": count for tx_id, count in alone.items()}
+        if piece is not None:
+            mapping["piece"] = piece
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.timeouts)
+            if mapping:
+                pipe.hset(self.keys.timeouts, mapping=mapping)
+            pipe.execute()
+
     def set_status(self, transaction_ids: list[str], status: str) -> list[str]:
         """Rewrite statuses in place, STATUS_CHUNK per Lua call so that ingest never waits long
         behind one; returns the ids that have no status key. The calls share one round trip:

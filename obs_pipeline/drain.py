@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import redis
 
-from obs_pipeline.apply import BatchResult, MainDatabase, ReplicaDatabase, TransientError, make_engine
+from obs_pipeline.apply import (BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout, TransientError,
+                                make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
@@ -60,6 +61,8 @@ class DrainConfig:
     #                                       buffering on the same machine come first; None: unchanged
     aof_check_s: float | None = 30.0      # how often, when idle, to see whether Redis's AOF is worth
     #                                       compacting (BufferStore.compact_aof); None: leave it to Redis
+    timeout_attempts: int = 5             # a transaction that main cancels (statement or lock timeout)
+    #                                       this many times in a row, applied alone, is dead-lettered
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -70,6 +73,8 @@ class DrainConfig:
                              f"not {self.max_batch_size!r}")
         if not self.lease_ttl_s >= 0.001:  # SET PX takes whole milliseconds, at least 1
             raise ValueError(f"lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not {self.lease_ttl_s!r}")
+        if not isinstance(self.timeout_attempts, int) or self.timeout_attempts < 1:
+            raise ValueError(f"timeout_attempts must be a whole number >= 1, not {self.timeout_attempts!r}")
         for name in ("replication_timeout_s", "retry_base_s"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name} must be 0 or more seconds, not {getattr(self, name)!r}")
@@ -117,6 +122,7 @@ class BatchReport:
     writes_after_fold: int = 0
     round_trips: int = 0
     batch_size: int = 0        # what was claimed for: grows from batch_size where main is far
+    pieces: int = 1            # main transactions it was applied in: more after a statement timeout
     main_round_trip_ms: float | None = None
     commit_lsn: str | None = None
     replay_lsn: str | None = None
@@ -166,6 +172,13 @@ class Drain:
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
+        # After a statement or lock timeout on main (kept in Redis, see BufferStore.timeouts: a
+        # Dagster op retry or the next run makes a new Drain): how many transactions are applied
+        # per main transaction (None: the batch whole), and, per transaction, how many times in
+        # a row it timed out applied alone. Read at the first step.
+        self._piece: int | None = None
+        self._alone: dict[str, int] = {}
+        self._timeouts_read = False
         self._prefetched: _Batch | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
@@ -239,6 +252,19 @@ class Drain:
                     continue
                 except ProcessingChanged as changed:  # so does what Redis kept of the list
                     log.warning("%s", changed)
+                    continue
+                except StatementTimeout as timeout:  # main is there: it cancelled the batch's statement
+                    summary.transient_errors += 1
+                    alone = timeout.alone  # (step() halved the pieces, see _timed_out)
+                    log.warning("%s on main (%s); retrying the batch in pieces of %d transaction(s) in %.1f s%s",
+                                timeout.kind, timeout, self._piece or 1, backoff,
+                                "" if alone is None else
+                                f"; {alone.transaction_id} timed out alone ({self._alone.get(alone.transaction_id)} of "
+                                f"{self.config.timeout_attempts} times in a row before it is dead-lettered)")
+                    if on_transient:
+                        on_transient(str(timeout), backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.backoff_max_s)
                     continue
                 except TransientError as error:
                     summary.transient_errors += 1
@@ -324,6 +350,9 @@ class Drain:
                 self.acquire()
             except DrainBusy as busy:  # it expired and another drain took it: that one works the site
                 raise LeaseLost(str(busy)) from None
+        if not self._timeouts_read:
+            self._piece, self._alone = self.store.timeouts()
+            self._timeouts_read = True
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
@@ -335,7 +364,7 @@ class Drain:
         report, outcome = batch.report, batch.outcome
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
-        applying = self._worker.submit(self.main.apply_batch, txs) if txs else None  # garbage only: main not needed
+        applying = self._worker.submit(self._apply, txs) if txs else None  # garbage only: main not needed
         try:
             if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
                 by_id = {t.transaction_id: t for t in txs}
@@ -351,13 +380,17 @@ class Drain:
             raise
         try:
             result = self._await_apply(applying) if applying else BatchResult()
-            if full and not result.slow_path:
+            if full and not result.slow_path and result.pieces == 1:
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
-        except BaseException:
+        except BaseException as error:
             self._prefetched = None  # reclaimed from the processing list together with this batch
+            if isinstance(error, StatementTimeout):
+                self._timed_out(error)
             raise
+        if txs and (self._piece is not None or self._alone):
+            self._timeouts_passed()
         if outcome.commit_lsn is not None:
             # A full claim means more work is waiting: if the replica has replayed this commit
             # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
@@ -390,6 +423,74 @@ class Drain:
             if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
                 raise LeaseLost(f"the drain lease of site {self.settings.site} was taken while main applied a batch")
         return applying.result()
+
+    def _apply(self, txs: list[Transaction]) -> BatchResult:
+        """Main's answer for the batch (in the worker thread): whole, or after a statement or
+        lock timeout in pieces of `_piece` transactions, each its own main transaction, in
+        order. What a failed transaction of a piece writes holds back those of later pieces that
+        use it, as in one batch. A piece that times out raises StatementTimeout, saying its size
+        (step() halves the pieces, see _timed_out); the batch is claimed again from the
+        processing list, and what committed is skipped as after a crash. A transaction that
+        times out alone for the `timeout_attempts`-th time in a row is given up (`timed_out`:
+        dead-lettered, those that use its rows with it) and the rest goes on."""
+        piece = self._piece or len(txs)
+        results: list[BatchResult] = []
+        timed_out: list[tuple[Transaction, str]] = []
+        blocked: dict[str, str] = {}
+        for start in range(0, len(txs), piece):
+            part = txs[start:start + piece]
+            trial = dict(blocked)  # kept only if the piece commits
+            try:  # (the batch whole: called as ever, as a bench or test that wraps it expects)
+                results.append(self.main.apply_batch(part, trial) if piece < len(txs)
+                               else self.main.apply_batch(part))
+            except StatementTimeout as timeout:
+                timeout.piece = len(part)
+                timeout.alone = tx = part[0] if len(part) == 1 else None
+                if tx is None or self._alone.get(tx.transaction_id, 0) + 1 < self.config.timeout_attempts:
+                    raise
+                timed_out.append((tx, self._timeout_reason(timeout)))
+                claim_rows(trial, written_ids(tx, self.registry), "!" + tx.transaction_id)
+            blocked = trial
+        if len(results) == 1 and not timed_out:
+            return results[0]
+        merged = BatchResult(timed_out=timed_out, pieces=len(results))
+        for result in results:
+            merged.add(result)
+        return merged
+
+    def _timeout_reason(self, timeout: StatementTimeout) -> str:
+        """Why a transaction that timed out alone is dead-lettered: one line, what to do."""
+        tx_id = timeout.alone.transaction_id if timeout.alone is not None else "<id>"
+        role = self.main.url.username or "<the drain's role>"
+        if timeout.kind == "lock timeout":
+            fix = (f"a session on main holds a lock it needs: end it (pg_stat_activity, pg_locks) or raise "
+                   f"lock_timeout for the drain's role (ALTER ROLE {role} SET lock_timeout = ...)")
+        else:
+            fix = (f"it takes longer than main allows the drain's role: raise statement_timeout (ALTER ROLE {role} "
+                   "SET statement_timeout = ...), or end the session on main holding a lock it waits for "
+                   "(pg_stat_activity)")
+        return (f"{timeout.kind} on main {self.config.timeout_attempts} times in a row, applied alone ({timeout}): "
+                f"{fix}, then `obs-pipeline failed retry {tx_id}`")
+
+    def _timed_out(self, timeout: StatementTimeout) -> None:
+        """After a piece timed out: half as many transactions per piece from now on, down to one;
+        one that timed out alone counts it (see _apply). Kept in Redis for the next Drain."""
+        if timeout.piece:
+            self._piece = max(1, timeout.piece // 2)
+        if timeout.alone is not None:
+            tx_id = timeout.alone.transaction_id
+            self._alone[tx_id] = self._alone.get(tx_id, 0) + 1
+        self.store.save_timeouts(self._piece, self._alone)
+
+    def _timeouts_passed(self) -> None:
+        """A batch went through after timeouts: pieces twice as large next time, the batch whole
+        once they reach the claim size; every count of timeouts in a row ends."""
+        piece = self._piece * 2 if self._piece is not None else None
+        self._piece = piece if piece is not None and piece < self.batch_size else None
+        self._alone = {}
+        self.store.save_timeouts(self._piece, self._alone)
+        log.info("main applied the batch after statement timeouts; %s", "batches are applied whole again"
+                 if self._piece is None else f"next in pieces of {self._piece} transactions")
 
     def _resize(self, result: BatchResult) -> None:
         """Size the next claims by the last full batch, applied on the fast path (a bisected one
@@ -499,6 +600,8 @@ class Drain:
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[tx.transaction_id])
         outcome.commit_lsn = result.commit_lsn
+        for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
+            self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
         for tx, reason in result.reused_ids:  # no retry makes it right; its status is the applied one's
             self._dead_letter(tx, reason, outcome, report, kind="reused_id", status=False)
         for tx, reason in result.dead_blocked:
@@ -524,6 +627,7 @@ class Drain:
         report.rows_per_model = result.rows_per_model
         report.writes_before_fold, report.writes_after_fold = result.writes_before_fold, result.writes_after_fold
         report.round_trips = result.round_trips
+        report.pieces = result.pieces
         if self.main.round_trip_s is not None:
             report.main_round_trip_ms = round(self.main.round_trip_s * 1000, 2)
         report.commit_lsn = int_to_lsn(result.commit_lsn) if result.commit_lsn is not None else None
@@ -538,9 +642,10 @@ class Drain:
         claim_rows(outcome.hold, claim, tx.transaction_id)
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
-                     rows: set[str] | None = None, status: bool = True) -> None:
-        """`status` False for an id that names another transaction too (reused): its status stays that one's."""
-        entry = _failed_entry(tx.to_dict(), reason, kind=kind)
+                     rows: set[str] | None = None, status: bool = True, attempts: int | None = None) -> None:
+        """`status` False for an id that names another transaction too (reused): its status stays
+        that one's. `attempts`: how many times it was tried (by default, its retries and one)."""
+        entry = _failed_entry(tx.to_dict(), reason, kind=kind, attempts=attempts)
         outcome.dead.append((tx.transaction_id, entry))
         if status:
             outcome.statuses.append((tx.transaction_id, entry))
@@ -586,7 +691,7 @@ def _status_json(tx: Transaction, status: str) -> str:
     return tx.to_json()
 
 
-def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
+def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str, attempts: int | None = None) -> str:
     """The dead letter: the transaction as it was (the raw text only if it is no JSON object)
     plus `failure`, so `obs-pipeline failed show ID` finds it and an operator can fix it."""
     now = time.time()
@@ -598,8 +703,9 @@ def _failed_entry(tx: dict[str, Any] | str, reason: str, kind: str) -> str:
         tx = parsed if isinstance(parsed, dict) else {"raw": tx}
     doc = dict(tx)
     doc["status"] = "failed"
-    doc["failure"] = {"reason": reason, "kind": kind, "attempts": doc.get("retry_count", 0) + 1
-                      if isinstance(doc.get("retry_count"), int) else 1,
+    if attempts is None:
+        attempts = doc.get("retry_count", 0) + 1 if isinstance(doc.get("retry_count"), int) else 1
+    doc["failure"] = {"reason": reason, "kind": kind, "attempts": attempts,
                       "failed_at": now, "first_failed_at": doc.get("metadata", {}).get("first_failed_at", now)
                       if isinstance(doc.get("metadata"), dict) else now}
     return json.dumps(doc, separators=(",", ":"), default=str)

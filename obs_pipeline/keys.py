@@ -91,6 +91,13 @@ class SiteKeys:
         return f"{self.prefix}overlaid:{model}"
 
     @property
+    def timeouts(self) -> str:
+        """Hash, after statement or lock timeouts on main: `piece` -> how many transactions the
+        drain applies per main transaction; `alone:{id}` -> how many times in a row that
+        transaction timed out applied alone. Gone once batches go through whole again."""
+        return f"{self.prefix}timeouts"
+
+    @property
     def stats(self) -> str:
         """Hash: drain counters and last-run facts for `obs-pipeline status`."""
         return f"{self.prefix}stats"

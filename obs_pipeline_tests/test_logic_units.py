@@ -402,3 +402,28 @@ def test_overlaid_creates_survive_every_rewrite_and_are_cleaned_as_listed():
         theirs = validate(Transaction.from_dict({**doc, "overlaid_creates": other}), REGISTRY)
         assert theirs.overlaid_creates is None and cache_footprint(theirs, REGISTRY)["o"] == []
         assert "overlaid_creates" not in theirs.to_json()
+
+
+@pytest.mark.parametrize("code, text, kind", [
+    ("57014", "canceling statement due to statement timeout", "statement timeout"),
+    ("55P03", "canceling statement due to lock timeout", "lock timeout"),
+    ("57014", "canceling statement due to user request", "statement cancelled"),
+    ("57P01", "terminating connection due to administrator command", None),  # transient, not a timeout
+    ("23505", "duplicate key value violates unique constraint", None),
+])
+def test_what_cancelled_a_statement_on_main(code, text, kind):
+    from obs_pipeline.apply import is_transient, timeout_kind
+
+    class Error(Exception):
+        pgcode = code
+
+    assert timeout_kind(Error(text)) == kind
+    assert kind is None or is_transient(Error(text))  # retried, never charged to a transaction
+
+
+@pytest.mark.parametrize("attempts", [0, -1, 2.5, "5"])
+def test_timeout_attempts_is_a_whole_number_of_at_least_one(attempts):
+    from obs_pipeline.drain import DrainConfig
+
+    with pytest.raises(ValueError, match="timeout_attempts must be a whole number >= 1"):
+        DrainConfig(timeout_attempts=attempts)

@@ -1712,6 +1712,163 @@ def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_re
     assert_queues_empty(redis_client, settings.site)
 
 
+def _with_statement_timeout(settings, ms: int, setting: str = "statement_timeout"):
+    """The settings with main's URL giving the drain's sessions this statement_timeout (or
+    another `setting`, lock_timeout say)."""
+    url = sa.engine.make_url(settings.main_db_url).update_query_dict({"options": f"-c {setting}={ms}"})
+    return dataclasses.replace(settings, main_db_url=url.render_as_string(hide_password=False))
+
+
+@contextlib.contextmanager
+def _slow_file_inserts(main_engine, sleep_s: float, name: str | None = None):
+    """Inside the block, main takes `sleep_s` longer to insert each raw_data_file row (only the
+    row of that `name`, if given): a trigger that sleeps, dropped on the way out."""
+    condition = "TRUE" if name is None else f"NEW.name = '{name}'"
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
+        conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION obs_test_slow_file() RETURNS trigger LANGUAGE plpgsql AS "
+                             f"$$ BEGIN IF {condition} THEN PERFORM pg_sleep({sleep_s}); END IF; RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER obs_test_slow_file BEFORE INSERT ON raw_data_file "
+                             "FOR EACH ROW EXECUTE FUNCTION obs_test_slow_file()"))
+    try:
+        yield
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_slow_file()"))
+
+
+def test_a_batch_too_large_for_mains_statement_timeout_is_applied_in_smaller_pieces(settings, redis_client,
+                                                                                    main_engine, caplog):
+    """Main takes 10 ms to insert each file (a trigger) and the drain's role has a
+    statement_timeout of 0.3 s: a batch of 60 transactions (80 files, 0.8 s) never commits
+    whole. Retried as it was, it timed out for ever and nothing behind it drained, the log
+    saying "main unreachable". It is retried in halves, each piece its own commit, down to what
+    main applies in time: each transaction once, none charged a retry or dead-lettered. Once
+    batches go through again they grow back, to whole batches."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 40, finish_every=2)  # 60 transactions, 80 files
+    buf.close()
+    timed = _with_statement_timeout(settings, 300)
+    config = DrainConfig(batch_size=60, backoff_initial_s=0.05, backoff_max_s=0.2)
+    reports, transient = [], []
+    with _slow_file_inserts(main_engine, 0.01), caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        drain = Drain(timed, config)
+        try:
+            summary = drain.run(until_empty=True, budget_s=20, on_batch=reports.append,
+                                on_transient=lambda error, backoff: transient.append(error))
+        finally:
+            drain.close()
+    assert summary.stopped_because == "buffer empty", summary
+    assert transient and all("QueryCanceled" in e and "statement timeout" in e for e in transient), transient
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(m.startswith("statement timeout on main (QueryCanceled") and "in pieces of" in m for m in warned), warned
+    assert not any("unreachable" in m for m in warned), warned
+    assert sum(r.applied for r in reports) == 60 and not any(r.retried or r.dead_lettered for r in reports), reports
+    assert max(r.pieces for r in reports) > 1, reports
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    keys = SiteKeys(settings.site)
+    assert redis_client.exists(keys.timeouts)  # pieces of 30 next: a new Drain reads them
+    # the cause gone: the next batch goes in pieces of 30, then batches are whole again
+    more = buffer_observations(TransactionBuffer(settings=settings), 80, finish_every=2)  # 120 transactions
+    reports.clear()
+    drain = Drain(timed, config)
+    try:
+        drain.run(until_empty=True, budget_s=20, on_batch=reports.append)
+    finally:
+        drain.close()
+    assert [r.pieces for r in reports if r.transactions] == [2, 1], reports
+    assert not redis_client.exists(keys.timeouts)
+    assert_applied_exactly_once(main_engine, observations + more)
+    assert_queues_empty(redis_client, settings.site)
+
+
+def test_a_transaction_that_times_out_alone_is_dead_lettered_and_the_rest_drains(settings, redis_client,
+                                                                                 main_engine, caplog):
+    """One start transaction's file takes main 1 s to insert (a trigger), past the drain's
+    statement_timeout of 0.3 s however small the piece. Retried as it was, its batch timed out
+    for ever and the whole queue stalled behind it. Pieces halve down to it alone; after it
+    timed out alone `timeout_attempts` (3) times in a row it is dead-lettered with a reason to
+    act on, its finish (which updates its row) with it as blocked, and everything else, in its
+    batch and after, is applied once. With the cause gone, `failed retry` applies both once."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions, 10 per batch
+    buf.close()
+    slow, others = observations[6], observations[:6] + observations[7:]  # its start is the first batch's last
+    keys = SiteKeys(settings.site)
+    with _slow_file_inserts(main_engine, 1.0, name="f6_0.fits"), \
+            caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        drain = Drain(_with_statement_timeout(settings, 300),
+                      DrainConfig(batch_size=10, backoff_initial_s=0.05, backoff_max_s=0.1, timeout_attempts=3))
+        try:
+            summary = drain.run(until_empty=True, budget_s=20)
+        finally:
+            drain.close()
+        assert summary.stopped_because == "buffer empty", summary
+        failed = {f["transaction_id"]: f for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+        assert set(failed) == {slow.start_tx, slow.finish_tx}, failed
+        failure = failed[slow.start_tx]["failure"]
+        assert (failure["kind"], failure["attempts"]) == ("timeout", 3), failure
+        assert failure["reason"].startswith("statement timeout on main 3 times in a row, applied alone (QueryCanceled: "
+                                            "canceling statement due to statement timeout): "), failure
+        assert "ALTER ROLE" in failure["reason"] and "SET statement_timeout" in failure["reason"], failure
+        assert failure["reason"].endswith(f"then `obs-pipeline failed retry {slow.start_tx}`"), failure
+        assert "\n" not in failure["reason"]
+        assert failed[slow.finish_tx]["failure"]["reason"] == f"blocked by {slow.start_tx}"
+        alone = [m for m in (r.getMessage() for r in caplog.records) if f"{slow.start_tx} timed out alone" in m]
+        assert len(alone) == 2 and all(m.startswith("statement timeout on main") for m in alone), alone  # the 3rd: dead
+        assert_applied_exactly_once(main_engine, others)
+        check = TransactionBuffer(settings=settings)
+        try:
+            assert check.status(slow.start_tx) == check.status(slow.finish_tx) == "failed"
+        finally:
+            check.close()
+        assert BufferStore(redis_client, settings.site).timeouts()[1] == {}  # no count left once it is dead
+    retried = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", slow.start_tx],
+                             env=cli_env(settings), capture_output=True, text=True, timeout=60)
+    assert retried.returncode == 0, retried.stderr
+    drain_until_settled(settings, batch_size=10)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert check.status(slow.start_tx) == check.status(slow.finish_tx) == "replicated"
+    finally:
+        check.close()
+
+
+def test_a_lock_timeout_on_main_says_so_and_applies_everything_once_the_lock_goes(settings, redis_client,
+                                                                                  main_engine, caplog):
+    """Main's lock_timeout (SQLSTATE 55P03, 0.2 s for the drain's role) while another session
+    holds the obs unit's row lock for 1 s: said as a lock timeout (it was "main unreachable"),
+    the batch retried in smaller pieces, nothing charged a retry or dead-lettered; once the
+    lock goes, each transaction is applied once."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 10, finish_every=2)  # 15 transactions
+    buf.close()
+    reports, transient = [], []
+    with main_engine.connect() as blocker, caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+        release = threading.Timer(1.0, blocker.commit)
+        release.start()
+        drain = Drain(_with_statement_timeout(settings, 200, "lock_timeout"),
+                      DrainConfig(batch_size=10, backoff_initial_s=0.1, backoff_max_s=0.2))
+        try:
+            summary = drain.run(until_empty=True, budget_s=20, on_batch=reports.append,
+                                on_transient=lambda error, backoff: transient.append(error))
+        finally:
+            drain.close()
+            release.join()
+    assert summary.stopped_because == "buffer empty", summary
+    assert transient and all("LockNotAvailable" in e and "lock timeout" in e for e in transient), transient
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned and all(m.startswith("lock timeout on main (LockNotAvailable") for m in warned), warned
+    assert sum(r.applied for r in reports) == 15 and not any(r.retried or r.dead_lettered for r in reports), reports
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
 @pytest.mark.parametrize("path", ["fast", "careful"])
 def test_a_commit_whose_reply_never_came_back_is_skipped_when_the_batch_is_retried(settings, redis_client,
                                                                                    main_engine, monkeypatch, path):

@@ -63,6 +63,7 @@ class DrainRunConfig(Config):
     replication_timeout_s: float = 10.0  # also: the run ends once only the replica's replay is
     #                                      missing and it has replayed nothing for this long
     retry_base_s: float = 5.0
+    timeout_attempts: int = 5  # a transaction main cancels this many times in a row, applied alone, is dead-lettered
     transient_retry_wait_s: float = 2.0  # op retry after main was unreachable: 2, 4, 8 ... s (max 60)
     aof_compaction: bool = True  # ask Redis to rewrite its AOF when idle and the file is mostly history
 
@@ -71,6 +72,7 @@ def _drain_config(config: DrainRunConfig) -> DrainConfig:
     return DrainConfig(batch_size=config.batch_size, max_batch_size=config.max_batch_size,
                        lease_ttl_s=config.lease_ttl_s,
                        replication_timeout_s=config.replication_timeout_s, retry_base_s=config.retry_base_s,
+                       timeout_attempts=config.timeout_attempts,
                        niceness=BACKGROUND_NICENESS,  # the run worker is a process of its own
                        aof_check_s=DrainConfig.aof_check_s if config.aof_compaction else None)
 
