@@ -14,9 +14,11 @@ timeout is a StatementTimeout: the drain retries in smaller pieces (see Drain._a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,12 +249,44 @@ class MainDatabase:
         them are held back, and the dict gains this piece's."""
         before = self.round_trips
         self._carry = []
-        try:
-            conn = self._connection()
+        with self._session() as conn:
             began = time.perf_counter()
             with conn.cursor() as cur:
                 result = self._apply(cur, transactions, blocked)
             result.apply_s = time.perf_counter() - began
+        result.round_trips = self.round_trips - before
+        return result
+
+    def applied_already(self, transactions: list[Transaction]) -> BatchResult:
+        """Those of `transactions` that main has applied already (the same id with the same
+        steps, as the careful path tells them), with main's flush LSN, in one round trip: a
+        batch claimed again after a piece of it timed out skips what committed without trying
+        each piece again (three round trips each, minutes for a far main's batch)."""
+        result = BatchResult()
+        self._carry = []
+        with self._session() as conn, conn.cursor() as cur:
+            digest = "steps_digest" if self.records_digest else "NULL"  # (known once connected)
+            self._run(cur, [cur.mogrify(f"SELECT transaction_id, {digest}, pg_current_wal_flush_lsn()::text "
+                                        f"FROM {applied_transactions.name} WHERE transaction_id = ANY(%s)",
+                                        ([t.transaction_id for t in transactions],))])
+            rows = cur.fetchall()
+        recorded = {row[0]: row[1] for row in rows}
+        for tx in transactions:
+            if tx.transaction_id in recorded and (recorded[tx.transaction_id] is None or tx.steps_digest is None
+                                                  or recorded[tx.transaction_id] == tx.steps_digest):
+                result.already_applied.append(tx)
+        if result.already_applied:
+            result.commit_lsn = max(lsn_to_int(row[2]) for row in rows)
+        result.round_trips = 1
+        return result
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        """The connection, with main's errors sorted: transient ones close it and raise
+        TransientError (StatementTimeout for a timeout), a refused connect a ConfigError."""
+        try:
+            conn = self._connection()
+            yield conn
         except psycopg2.Error as error:
             if refused_by_configuration(error):  # at connect: not an outage, retrying would never end
                 self.close()
@@ -270,8 +304,6 @@ class MainDatabase:
             raise
         if conn.get_transaction_status() != TRANSACTION_STATUS_IDLE:
             self.close()
-        result.round_trips = self.round_trips - before
-        return result
 
     def _run(self, cur: Any, parts: list[bytes]) -> None:
         parts, self._carry = self._carry + parts, []

@@ -380,7 +380,7 @@ class Drain:
             raise
         try:
             result = self._await_apply(applying) if applying else BatchResult()
-            if full and not result.slow_path and result.pieces == 1:
+            if full and not result.slow_path and self._piece is None:  # (pieces say nothing of the link)
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
@@ -430,33 +430,43 @@ class Drain:
         order. What a failed transaction of a piece writes holds back those of later pieces that
         use it, as in one batch. A piece that times out raises StatementTimeout, saying its size
         (step() halves the pieces, see _timed_out); the batch is claimed again from the
-        processing list, and what committed is skipped as after a crash. A transaction that
+        processing list, and what committed is skipped (applied_already). A transaction that
         times out alone for the `timeout_attempts`-th time in a row is given up (`timed_out`:
         dead-lettered, those that use its rows with it) and the rest goes on."""
         piece = self._piece or len(txs)
-        results: list[BatchResult] = []
-        timed_out: list[tuple[Transaction, str]] = []
+        if piece >= len(txs):  # the batch whole, as ever (a bench or test that wraps apply_batch sees that call)
+            try:
+                return self.main.apply_batch(txs)
+            except StatementTimeout as timeout:
+                if not self._given_up(timeout, txs):
+                    raise
+                return BatchResult(timed_out=[(txs[0], self._timeout_reason(timeout))], pieces=0)
+        # claimed again after a piece timed out: what committed is skipped in one round trip
+        merged = self.main.applied_already(txs)
+        merged.pieces = 0
+        done = {id(tx) for tx in merged.already_applied}
+        txs = [tx for tx in txs if id(tx) not in done]
         blocked: dict[str, str] = {}
         for start in range(0, len(txs), piece):
             part = txs[start:start + piece]
             trial = dict(blocked)  # kept only if the piece commits
-            try:  # (the batch whole: called as ever, as a bench or test that wraps it expects)
-                results.append(self.main.apply_batch(part, trial) if piece < len(txs)
-                               else self.main.apply_batch(part))
+            try:
+                merged.add(self.main.apply_batch(part, trial))
+                merged.pieces += 1
             except StatementTimeout as timeout:
-                timeout.piece = len(part)
-                timeout.alone = tx = part[0] if len(part) == 1 else None
-                if tx is None or self._alone.get(tx.transaction_id, 0) + 1 < self.config.timeout_attempts:
+                if not self._given_up(timeout, part):
                     raise
-                timed_out.append((tx, self._timeout_reason(timeout)))
-                claim_rows(trial, written_ids(tx, self.registry), "!" + tx.transaction_id)
+                merged.timed_out.append((part[0], self._timeout_reason(timeout)))
+                claim_rows(trial, written_ids(part[0], self.registry), "!" + part[0].transaction_id)
             blocked = trial
-        if len(results) == 1 and not timed_out:
-            return results[0]
-        merged = BatchResult(timed_out=timed_out, pieces=len(results))
-        for result in results:
-            merged.add(result)
         return merged
+
+    def _given_up(self, timeout: StatementTimeout, part: list[Transaction]) -> bool:
+        """Whether the piece that timed out is one transaction that has now timed out alone
+        `timeout_attempts` times in a row; says the piece on the error for step()."""
+        timeout.piece = len(part)
+        timeout.alone = tx = part[0] if len(part) == 1 else None
+        return tx is not None and self._alone.get(tx.transaction_id, 0) + 1 >= self.config.timeout_attempts
 
     def _timeout_reason(self, timeout: StatementTimeout) -> str:
         """Why a transaction that timed out alone is dead-lettered: one line, what to do."""
