@@ -89,7 +89,7 @@ def test_a_session_cut_short_inside_a_transaction_is_not_reused(settings, main_e
     drain = Drain(settings)
     real_apply = drain.main._apply
 
-    def interrupted(cur, txs):
+    def interrupted(cur, txs, blocked=None):
         cur.execute("BEGIN; SELECT 1")
         raise KeyboardInterrupt  # e.g. the operator's Ctrl-C between two scripts
 
