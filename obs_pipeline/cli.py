@@ -118,6 +118,9 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
 
+    if args.max_batch_size is not None and args.max_batch_size < args.batch_size:  # (each alone is checked by its type)
+        args.usage(f"argument --max-batch-size: {args.max_batch_size} is below --batch-size {args.batch_size}: "
+                   f"give {args.batch_size} or more, or leave it out")
     settings = _settings()
     settings.require_redis()
     try:
@@ -341,51 +344,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 
-def _port(text: str) -> int:
-    """A TCP port a server can listen on: 0 would give it a random one, not the address printed."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a whole number from 1 to 65535") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {port}: give a whole number from 1 to 65535")
-    return port
+# Numeric options are checked where they are parsed: a bad value is one usage line naming the
+# option and what it takes (exit 2), before anything starts or any server is asked. Unchecked,
+# `drain --replication-timeout inf` waited for the replica for ever, `--rate nan` broke the pacing,
+# `--count -1` buffered nothing and exited 0, `--port 0` served on a random port, `bench
+# --batch-size 0` quietly benchmarked 2000.
+
+DAY_S = 86400.0  # the most a drain's timeouts take: a finite, Redis-safe lease (SET PX) and wait
 
 
-def _whole(least: int, what: str) -> Callable[[str], int]:
-    """A whole number of at least `least` (--count -1 buffered nothing and exited 0; --files -1
-    said only that a bulk_create needs a list of rows)."""
-    def parse(text: str) -> int:
+def _checked(convert: Callable[[str], Any], allowed: Callable[[Any], bool], give: str) -> Callable[[str], Any]:
+    """An argparse type: the text through `convert` (int or float), refused unless `allowed`
+    (a comparison, so NaN is refused too), the error saying what to `give`."""
+    def parse(text: str):
         try:
-            number = int(text)
-        except ValueError:
-            number = least - 1
-        if number < least:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}: give {what}, a whole number of {least} or more")
-        return number
+            value = convert(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not allowed(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give {give}")
+        return value
     return parse
 
 
-def _above_0(what: str, give: str) -> Callable[[str], float]:
-    """A finite number above 0: a rate (inf and nan broke the pacing after the first observation
-    was buffered; 0 and below buffered flat out), a duration (-1 buffered nothing and exited 0)."""
-    def parse(text: str) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            number = math.nan
-        if not (0 < number < math.inf):
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: give {give}")
-        return number
-    return parse
+def _whole(what: str, least: int, most: int | None = None) -> Callable[[str], int]:
+    """A whole number of `least` or more (and at most `most`)."""
+    if most is None:
+        return _checked(int, lambda n: n >= least, f"{what}, a whole number of {least} or more")
+    return _checked(int, lambda n: least <= n <= most, f"{what}, a whole number from {least} to {most}")
 
 
-_rate = _above_0("rate", "observations per second, a finite number above 0 (e.g. 0.2 or 50)")
-_seconds = _above_0("duration", "seconds, a finite number above 0")
+def _real(what: str, *, above: float | None = None, least: float | None = None,
+          most: float = math.inf) -> Callable[[str], float]:
+    """A finite number above `above` (or of `least` or more), at most `most`."""
+    if most < math.inf:
+        give = f"{what}, a number " + (f"above {above:g} and at most {most:g}" if above is not None
+                                       else f"from {least:g} to {most:g}")
+    else:
+        give = f"{what}, a finite number " + (f"above {above:g}" if above is not None else f"of {least:g} or more")
+    return _checked(float, lambda x: math.isfinite(x) and x <= most
+                    and (x > above if above is not None else x >= least), give)
+
+
+_port = _whole("a TCP port", 1, 65535)  # 0 would give the server a random one, not the address printed
+_rate = _real("observations per second", above=0)
+_lease_s = _real("seconds", least=0.001, most=DAY_S)  # SET PX takes whole milliseconds, at least 1
+_wait_s = _real("seconds", least=0, most=DAY_S)
 
 
 def _latency_ms(text: str) -> int:
-    """--main-latency-ms, refused as a usage error (5001 exited 1, "abc" 2)."""
+    """--main-latency-ms, refused as the stack refuses it (checked_latency), as a usage error."""
     from obs_pipeline.stack.local_stack import checked_latency
 
     try:
@@ -406,90 +414,129 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option says what it does and its default (a test walks the parser for it); every
+    numeric one has a checked type above."""
     parser = _Parser(prog="obs-pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="on error, the traceback instead of one line; log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    stack = sub.add_parser("stack", help="local PostgreSQL main + streaming replica + Redis")
-    stack.add_argument("action", choices=["up", "down", "status", "env", "stop", "start"])
+    def command(name: str, summary: str) -> argparse.ArgumentParser:  # the summary also heads its -h
+        return sub.add_parser(name, help=summary, description=summary)
+
+    stack_dir = f"the stack's state folder (default $OBS_STACK_DIR, else ./{DEFAULT_STACK_DIR})"
+    latency = ("put main behind a proxy delaying each direction by N ms, 0 to 5000 (0 removes it; "
+               "saved for later ups; default: as saved, first 0)")
+
+    stack = command("stack", "the local stack: PostgreSQL main + streaming replica + Redis")
+    stack.add_argument("action", choices=["up", "down", "status", "env", "stop", "start"],
+                       help="up: start it (set it up the first time); down: stop it, data kept; status: JSON of "
+                            "its services; env: export lines for it; stop/start: one service (fault drills)")
     stack.add_argument("service", nargs="?", choices=["main", "replica", "redis", "proxy"],
-                       help="for stop/start: one service (fault drills)")
+                       help="for stop/start: the one service")
     stack.add_argument("--redis-appendfsync", choices=["everysec", "always"], default=None,
-                       help="Redis AOF fsync policy (default everysec; always: no buffered write lost on power loss)")
-    stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"], help="for stop")
-    stack.add_argument("--dir", help=f"state folder (default $OBS_STACK_DIR or ./{DEFAULT_STACK_DIR})")
-    stack.add_argument("--main-latency-ms", type=_latency_ms, default=None,
-                       help="put main behind a proxy delaying each direction by N ms (0 removes it)")
+                       help="for up: Redis AOF fsync policy, saved for later ups (default: as saved, first everysec; "
+                            "always: no buffered write lost on power loss, about 0.5 ms more per ingest)")
+    stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"],
+                       help="for stop: fast, a clean shutdown (default); immediate or kill, a crash "
+                            "(PostgreSQL -m immediate, SIGKILL for Redis and the proxy)")
+    stack.add_argument("--dir", help=stack_dir)
+    stack.add_argument("--main-latency-ms", type=_latency_ms, default=None, metavar="N", help="for up: " + latency)
     stack.set_defaults(func=cmd_stack)
 
-    db = sub.add_parser("db", help="schema on main")
-    db.add_argument("action", choices=["init"])
+    db = command("db", "the schema on main")
+    db.add_argument("action", choices=["init"],
+                    help="init: create the models' tables and obs_pipeline_applied on main (the replica gets them "
+                         "by replication); safe to run again, and due after an upgrade")
     db.add_argument("--demo-data", action="store_true", help="also insert obs units 1-200")
     db.set_defaults(func=cmd_db_init)
 
-    dev = sub.add_parser("dev", help="stack up, db init, Dagster webserver + daemon with the sensor on")
-    dev.add_argument("--dir")
-    dev.add_argument("--port", type=_port, default=3000)
+    dev = command("dev", "stack up, db init, Dagster webserver + daemon with the sensor on; "
+                         "Ctrl-C stops what it started")
+    dev.add_argument("--dir", help=stack_dir)
+    dev.add_argument("--port", type=_port, default=3000, metavar="P",
+                     help="the Dagster UI's port on 127.0.0.1, 1 to 65535 (default 3000)")
     dev.add_argument("--simulate", action="store_true", help="also run `obs-pipeline simulate`")
-    dev.add_argument("--rate", type=_rate, default=1.0, help="observations per second for --simulate")
-    dev.add_argument("--main-latency-ms", type=_latency_ms, default=None)
+    dev.add_argument("--rate", type=_rate, default=1.0, metavar="R",
+                     help="for --simulate: observations per second, above 0 (default 1)")
+    dev.add_argument("--main-latency-ms", type=_latency_ms, default=None, metavar="N", help=latency)
     dev.set_defaults(func=cmd_dev)
 
-    drain = sub.add_parser("drain", help="drain the buffer into main (what the Dagster job runs)")
+    drain = command("drain", "drain the buffer into main (what the Dagster job runs); runs until SIGTERM or Ctrl-C")
     drain.add_argument("--once", action="store_true",
                        help="return when the buffer is empty and replicated (or the replica has replayed "
-                            "nothing for --replication-timeout: a later drain cleans those caches)")
-    drain.add_argument("--batch-size", type=int, default=2000, help="transactions per batch (default 2000)")
-    drain.add_argument("--max-batch-size", type=int, default=None,
-                       help="where main is far, batches grow up to this (default 10000, or --batch-size if larger)")
-    drain.add_argument("--lease-ttl", type=float, default=60.0)
-    drain.add_argument("--replication-timeout", type=float, default=10.0)
+                            "nothing for --replication-timeout: a later drain cleans those caches); waits up to "
+                            "--lease-ttl for another drain's lease")
+    drain.add_argument("--batch-size", type=_whole("transactions per batch", 1), default=2000, metavar="N",
+                       help="transactions per batch, 1 or more (default 2000)")
+    drain.add_argument("--max-batch-size", type=_whole("transactions per batch", 1), default=None, metavar="N",
+                       help="where main is far, batches grow up to this, at least --batch-size "
+                            "(default 10000, or --batch-size if larger)")
+    drain.add_argument("--lease-ttl", type=_lease_s, default=60.0, metavar="S",
+                       help="seconds the drain's lease outlives a drain that stopped renewing it, "
+                            f"0.001 to {DAY_S:g} (default 60)")
+    drain.add_argument("--replication-timeout", type=_wait_s, default=10.0, metavar="S",
+                       help=f"seconds a batch waits for the replica to replay it, 0 to {DAY_S:g} (default 10); "
+                            "later passes retry")
     drain.add_argument("--no-aof-compaction", action="store_true",
-                       help="never ask Redis to rewrite its AOF when idle (leave it to Redis's own schedule)")
+                       help="never ask Redis to rewrite its AOF when idle (default: ask, at most every 30 s, once "
+                            "the file is 64 MB and 8 times the data)")
     drain.set_defaults(func=cmd_drain)
 
-    status = sub.add_parser("status", help="health report")
-    status.add_argument("--json", action="store_true")
+    status = command("status", "the site's health report; exit 0 once printed (see --check)")
+    status.add_argument("--json", action="store_true", help="the report as JSON (default: a few lines of text)")
     status.add_argument("--check", action="store_true",
                         help="exit 3 for a degraded site, 4 for an unhealthy one (for a monitoring check)")
     status.set_defaults(func=cmd_status)
 
-    spool = sub.add_parser("spool", help="what scripts on this host spooled while Redis could not take it")
+    spool = command("spool", "what scripts on this host spooled while Redis could not take it ($OBS_SPOOL_DIR)")
     spool.add_argument("action", nargs="?", default="show", choices=["show", "push"],
                        help="show (default): the spool file, how many wait, the oldest one's age; "
                             "push: push them to Redis in order")
     spool.set_defaults(func=cmd_spool)
 
-    failed = sub.add_parser("failed", help="the dead-letter list")
-    failed.add_argument("action", choices=["list", "show", "retry", "discard"])
+    failed = command("failed", "the dead-letter list")
+    failed.add_argument("action", choices=["list", "show", "retry", "discard"],
+                        help="list: one line per letter; show ID: one letter's JSON; retry ID or --all: requeue, "
+                             "with what it blocked; discard ID: drop it")
     failed.add_argument("id", nargs="?", help="a transaction id, or #N from `failed list` for an entry without one")
-    failed.add_argument("--all", action="store_true")
+    failed.add_argument("--all", action="store_true", help="for retry: every letter")
     failed.set_defaults(func=cmd_failed)
 
-    sim = sub.add_parser("simulate", help="an observing script buffering observations")
-    sim.add_argument("--rate", type=_rate, default=1.0, help="observations per second")
-    sim.add_argument("--count", type=_whole(1, "observations"), default=None)
-    sim.add_argument("--duration", type=_seconds, default=None, help="seconds")
-    sim.add_argument("--files", type=_whole(1, "files per observation"), default=3, help="files per observation")
-    sim.add_argument("--seed", type=int, default=None)
+    sim = command("simulate", "an observing script buffering observations; without --count or --duration it runs "
+                              "until Ctrl-C")
+    sim.add_argument("--rate", type=_rate, default=1.0, metavar="R",
+                     help="observations per second, above 0 (default 1)")
+    sim.add_argument("--count", type=_whole("observations", 1), default=None, metavar="N",
+                     help="stop after N observations, 1 or more (default: no limit)")
+    sim.add_argument("--duration", type=_real("seconds", above=0), default=None, metavar="S",
+                     help="stop after S seconds, above 0 (default: no limit)")
+    sim.add_argument("--files", type=_whole("files per observation", 1), default=3, metavar="F",
+                     help="files per observation, 1 or more (default 3)")
+    sim.add_argument("--seed", type=int, default=None, metavar="S",
+                     help="seed of the random choices, any whole number, to repeat a run (default: a new one each run)")
     sim.set_defaults(func=cmd_simulate)
 
-    bench = sub.add_parser("bench", help="benchmarks on the local stack")
-    bench.add_argument("--dir", help="stack folder for the benchmark (default: a fresh temporary one)")
-    bench.add_argument("--out", default="bench-results", help="folder for results.json and the chart")
+    bench = command("bench", "benchmarks on a local stack (see README, Performance)")
+    bench.add_argument("--dir", help="stack folder for the benchmark, taken down at the end "
+                                     "(default: a fresh temporary one)")
+    bench.add_argument("--out", default="bench-results", metavar="DIR",
+                       help="folder for results.json and the chart (default ./bench-results)")
     bench.add_argument("--quick", action="store_true", help="a small smoke run (about a minute, for the test suite)")
-    bench.add_argument("--batch-size", type=int, default=None, help="drain batch size (default 2000, the drain's)")
-    bench.add_argument("--backlog", type=int, default=0, metavar="N",
-                       help="also the long-outage mode: buffer N transactions with nothing draining, then drain")
+    bench.add_argument("--batch-size", type=_whole("transactions per batch", 1), default=None, metavar="N",
+                       help="drain batch size, 1 or more (default 2000, the drain's)")
+    bench.add_argument("--backlog", type=_whole("transactions", 0), default=0, metavar="N",
+                       help="also the long-outage mode: buffer N transactions with nothing draining, then drain "
+                            "(default 0: not run)")
     bench.add_argument("--profile", action="store_true",
                        help="cProfile one extra drain run at 0 ms and at the far round trip (not counted); "
                             "top functions in <out>/drain_profile_<rtt>ms.txt")
     bench.add_argument("--skip-dagster", action="store_true", help="skip the burst through the Dagster daemon")
     bench.set_defaults(func=cmd_bench)
-    for command in sub.choices.values():  # also after the command, where one adds it to a line that failed
-        command.set_defaults(usage=command.error)  # for checks made after parsing: one line, exit 2
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                             help="on error, the traceback instead of one line")
+    for command_parser in sub.choices.values():  # also after the command, where one adds it to a line that failed
+        command_parser.set_defaults(usage=command_parser.error)  # for checks made after parsing: one line, exit 2
+        command_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help="on error, the traceback instead of one line; log at INFO")
     return parser
 
 

@@ -46,7 +46,7 @@ def test_drain_without_main_url_refuses_with_a_clear_line(env):
 
 @pytest.mark.parametrize("args, message", [
     (["failed"], "the following arguments are required: action"),
-    (["drain", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["drain", "--batch-size", "many"], "argument --batch-size: invalid value 'many': give transactions per batch"),
     (["stack", "explode"], "argument action: invalid choice: 'explode'"),
 ])
 def test_a_usage_error_is_one_line_too(args, message):
@@ -296,11 +296,15 @@ def test_a_drain_against_a_full_redis_is_one_actionable_line_and_changes_nothing
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "batch_size must be a whole number of transactions >= 1, not 0"),
+    (["--batch-size", "0"], "argument --batch-size: invalid value '0': give transactions per batch, a whole number "
+                            "of 1 or more"),
     (["--batch-size", "5000", "--max-batch-size", "100"],
-     "max_batch_size must be a whole number >= batch_size (5000), not 100"),
-    (["--lease-ttl", "0"], "lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not 0.0"),
-    (["--replication-timeout", "-1"], "replication_timeout_s must be 0 or more seconds, not -1.0"),
+     "argument --max-batch-size: 100 is below --batch-size 5000: give 5000 or more, or leave it out"),
+    (["--lease-ttl", "0"], "argument --lease-ttl: invalid value '0': give seconds, a number from 0.001 to 86400"),
+    (["--replication-timeout", "-1"],
+     "argument --replication-timeout: invalid value '-1': give seconds, a number from 0 to 86400"),
+    (["--replication-timeout", "inf"],  # was taken: the drain waited for the replica for ever
+     "argument --replication-timeout: invalid value 'inf': give seconds, a number from 0 to 86400"),
 ])
 def test_a_bad_batch_size_is_one_clear_line_and_changes_nothing(env, settings, redis_client, flags, message):
     keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 951)

@@ -414,17 +414,17 @@ def test_simulate_at_a_rate_that_is_no_rate_is_a_usage_line_and_buffers_nothing(
     (exit 1); 0 and -1 buffered flat out, with no pacing at all."""
     result = cli("simulate", "--count", "2", "--rate", rate, env=env)
     assert result.returncode == 2, result.stderr
-    assert one_line_error(result) == (f"obs-pipeline simulate: error: argument --rate: invalid rate '{rate}': give "
-                                      "observations per second, a finite number above 0 (e.g. 0.2 or 50) "
+    assert one_line_error(result) == (f"obs-pipeline simulate: error: argument --rate: invalid value '{rate}': give "
+                                      "observations per second, a finite number above 0 "
                                       "(see `obs-pipeline simulate -h`)")
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--count", "-1"], "argument --count: invalid number '-1': give observations, a whole number of 1 or more"),
-    (["--count", "two"], "argument --count: invalid number 'two': give observations, a whole number of 1 or more"),
-    (["--duration", "-1"], "argument --duration: invalid duration '-1': give seconds, a finite number above 0"),
-    (["--files", "-1"], "argument --files: invalid number '-1': give files per observation, a whole number of 1 "
+    (["--count", "-1"], "argument --count: invalid value '-1': give observations, a whole number of 1 or more"),
+    (["--count", "two"], "argument --count: invalid value 'two': give observations, a whole number of 1 or more"),
+    (["--duration", "-1"], "argument --duration: invalid value '-1': give seconds, a finite number above 0"),
+    (["--files", "-1"], "argument --files: invalid value '-1': give files per observation, a whole number of 1 "
                         "or more"),
 ])
 def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(env, settings, redis_client, args,
@@ -462,9 +462,9 @@ def test_a_command_line_missing_or_misgiving_an_argument_is_a_usage_error(tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--port", "0"], "argument --port: invalid port 0: give a whole number from 1 to 65535"),
-    (["--port", "70000"], "argument --port: invalid port 70000: give a whole number from 1 to 65535"),
-    (["--simulate", "--rate", "nan"], "argument --rate: invalid rate 'nan': give observations per second"),
+    (["--port", "0"], "argument --port: invalid value '0': give a TCP port, a whole number from 1 to 65535"),
+    (["--port", "70000"], "argument --port: invalid value '70000': give a TCP port, a whole number from 1 to 65535"),
+    (["--simulate", "--rate", "nan"], "argument --rate: invalid value 'nan': give observations per second"),
 ])
 def test_dev_with_a_port_or_rate_that_cannot_be_is_a_usage_line_before_anything_starts(tmp_path, args, message):
     """--port 0 brought the stack and Dagster up on a port the webserver picked at random while
