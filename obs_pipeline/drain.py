@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import redis
 
-from obs_pipeline.apply import (BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout, TransientError,
-                                make_engine)
+from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout,
+                                TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
@@ -41,8 +41,6 @@ GC_THRESHOLD = 200_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
-FAR_ROUND_TRIP_S = 0.005  # below this (a LAN), batches keep their size: nothing to win, and a busy
-#                           machine's scheduling would make the measure noise
 FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS ~205 MiB there
 
 
@@ -392,17 +390,20 @@ class Drain:
         if txs and (self._piece is not None or self._alone):
             self._timeouts_passed()
         if outcome.commit_lsn is not None:
-            # A full claim means more work is waiting: if the replica has replayed this commit
-            # already (a near main), clean it now, skipping "applied"; otherwise mark it applied
-            # and go on - the next batch's overlap cleans it. A last batch is marked applied, then
-            # waits for its replay.
+            # A full claim means more work is waiting: where main is near and the replica has
+            # replayed this commit already, clean it now, skipping "applied" (the drain is short
+            # of CPU there, not of time); otherwise mark it applied and go on - the next batch's
+            # overlap cleans it. Where main is far, cleaning now would hold back the next batch's
+            # round trip (a cleanup of 8,000 transactions takes about 0.4 s). A last batch is
+            # marked applied, then waits for its replay.
             wait_began = time.monotonic()
             marked = not full
             if marked:  # main has committed them: "applied" now, not once the wait below ends (up
                 # to replication_timeout_s with a replica that lags or is down)
                 self.store.set_status(outcome.applied_ids, "applied")
                 replay, ids = self._clean(wait_for=outcome.commit_lsn)
-            elif (replayed := self._replay_lsn()) is not None and replayed >= outcome.commit_lsn:
+            elif (not self._main_is_far() and (replayed := self._replay_lsn()) is not None
+                  and replayed >= outcome.commit_lsn):
                 replay, ids = self._clean(wait_for=None, replayed=replayed)
             else:
                 replay, ids = None, []
@@ -414,6 +415,9 @@ class Drain:
                 self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
+
+    def _main_is_far(self) -> bool:
+        return (self.main.round_trip_s or 0.0) >= FAR_ROUND_TRIP_S
 
     def _await_apply(self, applying) -> BatchResult:
         """Main's answer, renewing the lease while it takes long: a batch bisected over a far

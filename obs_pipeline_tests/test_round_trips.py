@@ -222,3 +222,128 @@ def test_a_link_that_drops_under_grown_batches_loses_nothing_and_doubles_nothing
     assert cut and max(sizes) == 400, sizes
     assert summary.transient_errors >= 1, summary
     assert_applied_exactly_once(main_engine, observations)
+
+
+def _drain_recording_order(settings, config) -> list[tuple[str, int]]:
+    """("apply", transactions) when a batch is sent to main, ("applied", transactions) when
+    main's answer is back, and ("clean", transactions) for each cleanup, in the order they
+    happened, over one drain run until empty."""
+    from obs_pipeline.drain import Drain
+
+    events: list[tuple[str, int]] = []
+    drain = Drain(settings, config)
+    apply_batch, clean_replicated = drain.main.apply_batch, drain.store.clean_replicated
+
+    def applying(txs):
+        events.append(("apply", len(txs)))
+        try:
+            return apply_batch(txs)
+        finally:
+            events.append(("applied", len(txs)))
+
+    def cleaning(replay):
+        cleaned = clean_replicated(replay)
+        events.append(("clean", len(cleaned)))
+        return cleaned
+
+    drain.main.apply_batch, drain.store.clean_replicated = applying, cleaning
+    try:
+        summary = drain.run(until_empty=True, budget_s=60)
+        assert summary.stopped_because == "buffer empty", summary
+    finally:
+        drain.close()
+    return events
+
+
+def _cleaned_when_sent(events: list[tuple[str, int]]) -> list[int]:
+    """How many transactions had been cleaned when each batch was sent to main."""
+    sent, cleaned = [], 0
+    for kind, count in events:
+        if kind == "apply":
+            sent.append(cleaned)
+        elif kind == "clean":
+            cleaned += count
+    return sent
+
+
+def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settings, main_engine, tmp_path):
+    """A cleanup (about 50 us a transaction in Redis, 0.4 s for a batch of 8,000) done between a
+    far main's commit and the next batch's send held back that batch's round trip: it is done
+    while main applies the next batch instead. Each batch is sent right after the last one's
+    acknowledgement; every cleanup happens while the next batch is out, and all is cleaned."""
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 500, finish_every=0)
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
+    try:
+        events = _drain_recording_order(far, DrainConfig(batch_size=100, max_batch_size=100))
+    finally:
+        link_down()
+    assert [count for kind, count in events if kind == "apply"] == [100] * 5, events
+    # batch k is cleaned while batch k + 1 is out, so when batch j is sent, at most the j - 2
+    # before the last are clean. Before, the replica (near, not behind the proxy) had replayed
+    # each commit at once and the drain cleaned it before sending the next: [0, 100, 200, ...]
+    sent = _cleaned_when_sent(events)
+    assert all(cleaned <= 100 * max(j - 2, 0) for j, cleaned in enumerate(sent, 1)), (sent, events)
+    assert sum(count for kind, count in events if kind == "clean") == 500, events
+    assert_applied_exactly_once(main_engine, observations)
+    assert {buf.status(obs.start_tx) for obs in observations} == {"replicated"}
+    assert not any(buf.store.work().values())
+    buf.close()
+
+
+def test_where_main_is_near_a_replayed_batch_is_cleaned_before_the_next_is_sent(settings, main_engine):
+    """Near main the drain is short of CPU, not of time: a batch the replica has replayed is
+    cleaned at once, skipping the `applied` status write."""
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 500, finish_every=0)
+    events = _drain_recording_order(settings, DrainConfig(batch_size=100))
+    assert [count for kind, count in events if kind == "apply"] == [100] * 5, events
+    sent = _cleaned_when_sent(events)  # a replica this close keeps up, mostly: [0, 100, 200, ...]
+    assert any(cleaned > 100 * max(j - 2, 0) for j, cleaned in enumerate(sent, 1)), (sent, events)
+    assert sum(count for kind, count in events if kind == "clean") == 500, events
+    assert_applied_exactly_once(main_engine, observations)
+    assert not any(buf.store.work().values())
+    buf.close()
+
+
+class _Cursor:
+    """A cursor whose replies take the given times (seconds), in turn; it counts its queries."""
+
+    def __init__(self, replies: list[float], clock: list[float]):
+        self.replies, self.clock, self.queries = list(replies), clock, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, sql):
+        self.queries += 1
+        self.clock[0] += self.replies.pop(0)
+
+    def fetchone(self):
+        return (True,)
+
+
+@pytest.mark.parametrize("replies, queries, least", [
+    ([0.0003, 0.0003, 0.0003], 1, 0.0003),  # near: one reply says it, the least can only be nearer
+    ([0.25, 0.251, 0.25], 2, 0.25),         # far: two replies that agree; a third would cost 0.25 s
+    ([0.040, 0.0003, 0.5], 2, 0.0003),      # a hiccup, then near
+    ([0.300, 0.250, 0.26], 3, 0.25),        # far replies that disagree: all three
+])
+def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, queries, least):
+    from obs_pipeline import apply
+
+    clock = [0.0]
+    monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
+    cursor = _Cursor(replies, clock)
+    conn = type("Conn", (), {"cursor": lambda self: cursor})()
+    round_trip, has_digest = apply.MainDatabase._time_round_trip(conn)
+    assert (cursor.queries, round_trip, has_digest) == (queries, pytest.approx(least), True)

@@ -97,7 +97,7 @@ def build_rows(results: dict) -> tuple[list[dict], dict]:
                  row(label, "time: main / Redis / replica wait / rest / total", _split(drain), "s"),
                  row(label, "peak RSS of the drain process (VmHWM)", drain["peak_rss_mb"], "MiB")]
         if drain.get("main_round_trip_ms") is not None:
-            rows.append(row(label, "main's round trip as the drain measured it (least of 3 catalog queries)",
+            rows.append(row(label, "main's round trip as the drain measured it (least of 1-3 catalog queries at connect)",
                             drain["main_round_trip_ms"], "ms"))
         if drain.get("cpu"):
             rows += _cpu_rows(label, drain["cpu"])
