@@ -211,6 +211,7 @@ class Drain:
             lease_wait_s: float = 0.0, replica_patience_s: float | None = None,
             on_batch: Callable[[BatchReport], None] | None = None,
             on_transient: Callable[[str, float], None] | None = None,
+            on_timeout: Callable[[str, float], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> DrainSummary:
         """Drain until the buffer has been empty for `idle_exit_s` (`until_empty`), the budget is
         spent, or asked to stop. The idle grace keeps one run draining under sustained load.
@@ -218,7 +219,13 @@ class Drain:
         Empty means applied, replicated and cleaned; with `replica_patience_s`, also applied
         with only the replica's replay missing, once it has made no progress for that long (a
         replica that is down would otherwise hold `drain --once` for ever). Its caches stay
-        until a later drain sees the replay."""
+        until a later drain sees the replay.
+
+        `on_transient(error, backoff)`: main unreachable, the same batch retried after `backoff`
+        s. `on_timeout(line, backoff)`: main cancelled a statement (its statement or lock
+        timeout), the batch retried in smaller pieces; this loop does that itself, so a caller
+        that retries on its own for `on_transient` (Dagster's op retries) only reports it. Left
+        out, timeouts go to `on_transient`."""
         summary = DrainSummary()
         if self.config.niceness is not None:
             # this thread's priority; the apply worker, started by this thread later, inherits it
@@ -254,12 +261,14 @@ class Drain:
                 except StatementTimeout as timeout:  # main is there: it cancelled the batch's statement
                     summary.transient_errors += 1
                     alone = timeout.alone  # (step() halved the pieces, see _timed_out)
-                    log.warning("%s on main (%s); retrying the batch in pieces of %d transaction(s) in %.1f s%s",
-                                timeout.kind, timeout, self._piece or 1, backoff,
-                                "" if alone is None else
-                                f"; {alone.transaction_id} timed out alone ({self._alone.get(alone.transaction_id)} of "
-                                f"{self.config.timeout_attempts} times in a row before it is dead-lettered)")
-                    if on_transient:
+                    line = (f"{timeout.kind} on main ({timeout}); retrying the batch in pieces of "
+                            f"{self._piece or 1} transaction(s) in {backoff:.1f} s" + ("" if alone is None else
+                            f"; {alone.transaction_id} timed out alone ({self._alone.get(alone.transaction_id)} of "
+                            f"{self.config.timeout_attempts} times in a row before it is dead-lettered)"))
+                    log.warning("%s", line)
+                    if on_timeout:
+                        on_timeout(line, backoff)
+                    elif on_transient:
                         on_transient(str(timeout), backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, self.config.backoff_max_s)

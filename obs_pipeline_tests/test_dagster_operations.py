@@ -715,3 +715,33 @@ def test_a_terminated_drain_run_stops_and_its_op_is_not_retried(settings, resour
         assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
     assert not redis_client.exists(keys.lease)  # released: the next drain need not wait for it
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0  # drained before it
+
+
+def test_a_statement_timeout_is_retried_in_pieces_within_the_run_not_as_op_retries(settings, resource, redis_client,
+                                                                                   main_engine):
+    """Main answers but cancels the batch (statement_timeout 0.3 s; a trigger makes each file
+    insert take 10 ms, so 60 transactions with 80 files take 0.8 s whole). The drain halves
+    its pieces itself, in the run. Each timeout was also an op retry, 2, 4, 8 ... s apart, and
+    the run failed after 8 of them: a batch of 2,000 takes 11 halvings to reach one transaction
+    and 5 timeouts alone to dead-letter it. Now: no op retry, a warning in the run's log per
+    timeout, the run succeeds with everything applied once."""
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, slow_file_inserts,
+                                             with_statement_timeout)
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 40, finish_every=2)  # 60 transactions, 80 files
+    buf.close()
+    timed = ObsPipelineResource(site=settings.site, redis_url=settings.redis_url,
+                                main_db_url=with_statement_timeout(settings, 300).main_db_url,
+                                replica_db_url=settings.replica_db_url)
+    with slow_file_inserts(main_engine, 0.01), DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": timed}, run_config=FAST,
+                                                 instance=instance)
+        warned = [e.user_message for e in instance.all_logs(result.run_id)
+                  if e.level == logging.WARNING and "statement timeout on main" in (e.user_message or "")]
+    assert result.success
+    assert not [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    assert warned and all("retrying the batch in pieces of" in m for m in warned), warned
+    assert_applied_exactly_once(main_engine, observations)
+    assert redis_client.llen(SiteKeys(settings.site).failed) == 0

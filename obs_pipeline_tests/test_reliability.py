@@ -27,7 +27,7 @@ from obs_pipeline.keys import SiteKeys
 from obs_pipeline.stack.osutil import pick_free_ports, wait_until
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
-                                         drain_until_settled)
+                                         drain_until_settled, slow_file_inserts, with_statement_timeout)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -1712,32 +1712,6 @@ def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_re
     assert_queues_empty(redis_client, settings.site)
 
 
-def _with_statement_timeout(settings, ms: int, setting: str = "statement_timeout"):
-    """The settings with main's URL giving the drain's sessions this statement_timeout (or
-    another `setting`, lock_timeout say)."""
-    url = sa.engine.make_url(settings.main_db_url).update_query_dict({"options": f"-c {setting}={ms}"})
-    return dataclasses.replace(settings, main_db_url=url.render_as_string(hide_password=False))
-
-
-@contextlib.contextmanager
-def _slow_file_inserts(main_engine, sleep_s: float, name: str | None = None):
-    """Inside the block, main takes `sleep_s` longer to insert each raw_data_file row (only the
-    row of that `name`, if given): a trigger that sleeps, dropped on the way out."""
-    condition = "TRUE" if name is None else f"NEW.name = '{name}'"
-    with main_engine.begin() as conn:
-        conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
-        conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION obs_test_slow_file() RETURNS trigger LANGUAGE plpgsql AS "
-                             f"$$ BEGIN IF {condition} THEN PERFORM pg_sleep({sleep_s}); END IF; RETURN NEW; END $$"))
-        conn.execute(sa.text("CREATE TRIGGER obs_test_slow_file BEFORE INSERT ON raw_data_file "
-                             "FOR EACH ROW EXECUTE FUNCTION obs_test_slow_file()"))
-    try:
-        yield
-    finally:
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
-            conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_slow_file()"))
-
-
 def test_a_batch_too_large_for_mains_statement_timeout_is_applied_in_smaller_pieces(settings, redis_client,
                                                                                     main_engine, caplog):
     """Main takes 10 ms to insert each file (a trigger) and the drain's role has a
@@ -1749,10 +1723,10 @@ def test_a_batch_too_large_for_mains_statement_timeout_is_applied_in_smaller_pie
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 40, finish_every=2)  # 60 transactions, 80 files
     buf.close()
-    timed = _with_statement_timeout(settings, 300)
+    timed = with_statement_timeout(settings, 300)
     config = DrainConfig(batch_size=60, backoff_initial_s=0.05, backoff_max_s=0.2)
     reports, transient = [], []
-    with _slow_file_inserts(main_engine, 0.01), caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+    with slow_file_inserts(main_engine, 0.01), caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
         drain = Drain(timed, config)
         try:
             summary = drain.run(until_empty=True, budget_s=20, on_batch=reports.append,
@@ -1797,9 +1771,9 @@ def test_a_transaction_that_times_out_alone_is_dead_lettered_and_the_rest_drains
     buf.close()
     slow, others = observations[6], observations[:6] + observations[7:]  # its start is the first batch's last
     keys = SiteKeys(settings.site)
-    with _slow_file_inserts(main_engine, 1.0, name="f6_0.fits"), \
+    with slow_file_inserts(main_engine, 1.0, name="f6_0.fits"), \
             caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-        drain = Drain(_with_statement_timeout(settings, 300),
+        drain = Drain(with_statement_timeout(settings, 300),
                       DrainConfig(batch_size=10, backoff_initial_s=0.05, backoff_max_s=0.1, timeout_attempts=3))
         reports = []
         try:
@@ -1855,7 +1829,7 @@ def test_a_lock_timeout_on_main_says_so_and_applies_everything_once_the_lock_goe
         blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
         release = threading.Timer(1.0, blocker.commit)
         release.start()
-        drain = Drain(_with_statement_timeout(settings, 200, "lock_timeout"),
+        drain = Drain(with_statement_timeout(settings, 200, "lock_timeout"),
                       DrainConfig(batch_size=10, backoff_initial_s=0.1, backoff_max_s=0.2))
         try:
             summary = drain.run(until_empty=True, budget_s=20, on_batch=reports.append,

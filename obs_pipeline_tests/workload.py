@@ -5,6 +5,7 @@ each exactly once."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -107,3 +108,29 @@ def replay_paused(replica_engine: sa.Engine) -> Iterator[None]:
     finally:
         with replica_engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+
+
+def with_statement_timeout(settings, ms: int, setting: str = "statement_timeout"):
+    """The settings with main's URL giving the drain's sessions this statement_timeout (or
+    another `setting`, lock_timeout say)."""
+    url = sa.engine.make_url(settings.main_db_url).update_query_dict({"options": f"-c {setting}={ms}"})
+    return dataclasses.replace(settings, main_db_url=url.render_as_string(hide_password=False))
+
+
+@contextlib.contextmanager
+def slow_file_inserts(main_engine, sleep_s: float, name: str | None = None):
+    """Inside the block, main takes `sleep_s` longer to insert each raw_data_file row (only the
+    row of that `name`, if given): a trigger that sleeps, dropped on the way out."""
+    condition = "TRUE" if name is None else f"NEW.name = '{name}'"
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
+        conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION obs_test_slow_file() RETURNS trigger LANGUAGE plpgsql AS "
+                             f"$$ BEGIN IF {condition} THEN PERFORM pg_sleep({sleep_s}); END IF; RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER obs_test_slow_file BEFORE INSERT ON raw_data_file "
+                             "FOR EACH ROW EXECUTE FUNCTION obs_test_slow_file()"))
+    try:
+        yield
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_slow_file()"))

@@ -218,7 +218,10 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
                             lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
-                            on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient)
+                            on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient,
+                            # main answers: the drain retries in smaller pieces within the run (op
+                            # retries would end the run after 8 halvings, red, and start the next)
+                            on_timeout=lambda line, backoff: context.log.warning(line))
     except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
         context.log.warning(f"nothing drained: {busy}")
         return {**earlier, "stopped_because": "another drain holds the lease", "lease_busy": True}
