@@ -69,13 +69,14 @@ class DrainConfig:
                                                 or self.max_batch_size < self.batch_size):
             raise ValueError(f"max_batch_size must be a whole number >= batch_size ({self.batch_size}), "
                              f"not {self.max_batch_size!r}")
-        if not self.lease_ttl_s >= 0.001:  # SET PX takes whole milliseconds, at least 1
-            raise ValueError(f"lease_ttl_s must be at least 0.001 s (the lease's Redis expiry), not {self.lease_ttl_s!r}")
+        if not 0.001 <= self.lease_ttl_s < math.inf:  # SET PX takes whole milliseconds, at least 1
+            raise ValueError(f"lease_ttl_s must be at least 0.001 s and finite (the lease's Redis expiry), "
+                             f"not {self.lease_ttl_s!r}")
         if not isinstance(self.timeout_attempts, int) or self.timeout_attempts < 1:
             raise ValueError(f"timeout_attempts must be a whole number >= 1, not {self.timeout_attempts!r}")
         for name in ("replication_timeout_s", "retry_base_s"):
-            if not getattr(self, name) >= 0:  # NaN too
-                raise ValueError(f"{name} must be 0 or more seconds, not {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too; inf would wait for ever
+                raise ValueError(f"{name} must be 0 or more seconds, and finite, not {getattr(self, name)!r}")
 
     @property
     def largest_batch(self) -> int:

@@ -288,8 +288,12 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
     ({"budget_s": 0}, None, "budget_s must be more than 0 seconds, not 0"),
     ({"transient_retry_wait_s": -2}, None, "transient_retry_wait_s must be more than 0 seconds, not -2"),
     ({"idle_exit_s": -1}, None, "idle_exit_s must be 0 or more seconds, not -1"),
-    ({"replication_timeout_s": -10}, None, "replication_timeout_s must be 0 or more seconds, not -10.0"),
-    ({"retry_base_s": -5}, None, "retry_base_s must be 0 or more seconds, not -5.0"),
+    ({"replication_timeout_s": -10}, None, "replication_timeout_s must be 0 or more seconds, and finite, not -10.0"),
+    ({"replication_timeout_s": float("inf")}, None,  # it waited for the replica for ever
+     "replication_timeout_s must be 0 or more seconds, and finite, not inf"),
+    ({"lease_ttl_s": float("inf")}, None,  # an OverflowError's traceback at the lease's SET PX
+     "lease_ttl_s must be at least 0.001 s and finite (the lease's Redis expiry), not inf"),
+    ({"retry_base_s": -5}, None, "retry_base_s must be 0 or more seconds, and finite, not -5.0"),
     ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
     ({}, "main role", 'role "no_such_role" does not exist'),
     ({}, "redis database name", "names the database 'obs': Redis databases are numbers"),
