@@ -1681,6 +1681,25 @@ def test_a_redis_that_comes_back_without_its_last_writes_mid_drain_loses_and_dou
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:read_buffer:*"))
 
 
+def _drain_while_the_obs_unit_is_locked(main_engine, settings, hold_s: float, config, budget_s: float):
+    """One drain run until empty while another session holds obs unit 1's row lock (FOR UPDATE,
+    which each insert's foreign key check waits on) for its first `hold_s` seconds; returns its
+    summary, batch reports and the transient errors it was told of."""
+    reports, transient = [], []
+    with main_engine.connect() as blocker:
+        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+        release = threading.Timer(hold_s, blocker.commit)
+        release.start()
+        drain = Drain(settings, config)
+        try:
+            summary = drain.run(until_empty=True, budget_s=budget_s, on_batch=reports.append,
+                                on_transient=lambda error, backoff: transient.append(error))
+        finally:
+            drain.close()
+            release.join()
+    return summary, reports, transient
+
+
 def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_retry(settings, redis_client,
                                                                                   main_engine):
     """Main cancels the batch's statement at its `statement_timeout` (SQLSTATE 57014): here the
@@ -1691,20 +1710,9 @@ def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_re
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions
     buf.close()
-    url = sa.engine.make_url(settings.main_db_url).update_query_dict({"options": "-c statement_timeout=300"})
-    timed = dataclasses.replace(settings, main_db_url=url.render_as_string(hide_password=False))
-    reports, transient = [], []
-    with main_engine.connect() as blocker:
-        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
-        release = threading.Timer(2.0, blocker.commit)
-        release.start()
-        drain = Drain(timed, DrainConfig(batch_size=10, backoff_initial_s=0.2, backoff_max_s=0.4))
-        try:
-            summary = drain.run(until_empty=True, budget_s=60, on_batch=reports.append,
-                                on_transient=lambda error, backoff: transient.append(error))
-        finally:
-            drain.close()
-            release.join()
+    summary, reports, transient = _drain_while_the_obs_unit_is_locked(
+        main_engine, with_statement_timeout(settings, 300), 2.0,
+        DrainConfig(batch_size=10, backoff_initial_s=0.2, backoff_max_s=0.4), budget_s=60)
     assert transient and all("QueryCanceled" in e and "statement timeout" in e for e in transient), transient
     assert summary.stopped_because == "buffer empty", summary
     assert sum(r.applied for r in reports) == 30 and not any(r.retried or r.dead_lettered for r in reports), reports
@@ -1824,19 +1832,10 @@ def test_a_lock_timeout_on_main_says_so_and_applies_everything_once_the_lock_goe
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 10, finish_every=2)  # 15 transactions
     buf.close()
-    reports, transient = [], []
-    with main_engine.connect() as blocker, caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
-        release = threading.Timer(1.0, blocker.commit)
-        release.start()
-        drain = Drain(with_statement_timeout(settings, 200, "lock_timeout"),
-                      DrainConfig(batch_size=10, backoff_initial_s=0.1, backoff_max_s=0.2))
-        try:
-            summary = drain.run(until_empty=True, budget_s=20, on_batch=reports.append,
-                                on_transient=lambda error, backoff: transient.append(error))
-        finally:
-            drain.close()
-            release.join()
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        summary, reports, transient = _drain_while_the_obs_unit_is_locked(
+            main_engine, with_statement_timeout(settings, 200, "lock_timeout"), 1.0,
+            DrainConfig(batch_size=10, backoff_initial_s=0.1, backoff_max_s=0.2), budget_s=20)
     assert summary.stopped_because == "buffer empty", summary
     assert transient and all("LockNotAvailable" in e and "lock timeout" in e for e in transient), transient
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
