@@ -224,20 +224,22 @@ def test_a_link_that_drops_under_grown_batches_loses_nothing_and_doubles_nothing
     assert_applied_exactly_once(main_engine, observations)
 
 
-def _drain_recording_order(settings, config) -> list[tuple[str, int]]:
+def _drain_recording_order(settings, config, main_engine, replica_engine) -> list[tuple[str, int]]:
     """("apply", transactions) when a batch is sent to main, ("applied", transactions) when
     main's answer is back, and ("clean", transactions) for each cleanup, in the order they
-    happened, over one drain run until empty."""
+    happened, over one drain run until empty. Whenever the drain asks how far the replica has
+    replayed, the replica has first caught up with main: the order does not hang on timing."""
     from obs_pipeline.drain import Drain
+    from obs_pipeline_tests.conftest import wait_for_replica
 
     events: list[tuple[str, int]] = []
     drain = Drain(settings, config)
-    apply_batch, clean_replicated = drain.main.apply_batch, drain.store.clean_replicated
+    apply_batch, clean_replicated, replay_lsn = drain.main.apply_batch, drain.store.clean_replicated, drain._replay_lsn
 
-    def applying(txs):
+    def applying(txs, *more):
         events.append(("apply", len(txs)))
         try:
-            return apply_batch(txs)
+            return apply_batch(txs, *more)
         finally:
             events.append(("applied", len(txs)))
 
@@ -246,6 +248,11 @@ def _drain_recording_order(settings, config) -> list[tuple[str, int]]:
         events.append(("clean", len(cleaned)))
         return cleaned
 
+    def replayed():
+        wait_for_replica(main_engine, replica_engine)
+        return replay_lsn()
+
+    drain._replay_lsn = replayed
     drain.main.apply_batch, drain.store.clean_replicated = applying, cleaning
     try:
         summary = drain.run(until_empty=True, budget_s=60)
@@ -266,7 +273,8 @@ def _cleaned_when_sent(events: list[tuple[str, int]]) -> list[int]:
     return sent
 
 
-def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settings, main_engine, tmp_path):
+def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settings, main_engine, replica_engine,
+                                                                          tmp_path):
     """A cleanup (about 50 us a transaction in Redis, 0.4 s for a batch of 8,000) done between a
     far main's commit and the next batch's send held back that batch's round trip: it is done
     while main applies the next batch instead. Each batch is sent right after the last one's
@@ -278,13 +286,14 @@ def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settin
     observations = buffer_observations(buf, 500, finish_every=0)
     far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
     try:
-        events = _drain_recording_order(far, DrainConfig(batch_size=100, max_batch_size=100))
+        events = _drain_recording_order(far, DrainConfig(batch_size=100, max_batch_size=100), main_engine,
+                                        replica_engine)
     finally:
         link_down()
     assert [count for kind, count in events if kind == "apply"] == [100] * 5, events
     # batch k is cleaned while batch k + 1 is out, so when batch j is sent, at most the j - 2
-    # before the last are clean. Before, the replica (near, not behind the proxy) had replayed
-    # each commit at once and the drain cleaned it before sending the next: [0, 100, 200, ...]
+    # before the last are clean. Before, the replica having replayed each commit (near, not
+    # behind the proxy), the drain cleaned it before sending the next: [0, 100, 200, 300, 400]
     sent = _cleaned_when_sent(events)
     assert all(cleaned <= 100 * max(j - 2, 0) for j, cleaned in enumerate(sent, 1)), (sent, events)
     assert sum(count for kind, count in events if kind == "clean") == 500, events
@@ -294,7 +303,8 @@ def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settin
     buf.close()
 
 
-def test_where_main_is_near_a_replayed_batch_is_cleaned_before_the_next_is_sent(settings, main_engine):
+def test_where_main_is_near_a_replayed_batch_is_cleaned_before_the_next_is_sent(settings, main_engine,
+                                                                                 replica_engine):
     """Near main the drain is short of CPU, not of time: a batch the replica has replayed is
     cleaned at once, skipping the `applied` status write."""
     from obs_pipeline.drain import DrainConfig
@@ -302,10 +312,9 @@ def test_where_main_is_near_a_replayed_batch_is_cleaned_before_the_next_is_sent(
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 500, finish_every=0)
-    events = _drain_recording_order(settings, DrainConfig(batch_size=100))
+    events = _drain_recording_order(settings, DrainConfig(batch_size=100), main_engine, replica_engine)
     assert [count for kind, count in events if kind == "apply"] == [100] * 5, events
-    sent = _cleaned_when_sent(events)  # a replica this close keeps up, mostly: [0, 100, 200, ...]
-    assert any(cleaned > 100 * max(j - 2, 0) for j, cleaned in enumerate(sent, 1)), (sent, events)
+    assert _cleaned_when_sent(events) == [0, 100, 200, 300, 400], events
     assert sum(count for kind, count in events if kind == "clean") == 500, events
     assert_applied_exactly_once(main_engine, observations)
     assert not any(buf.store.work().values())
