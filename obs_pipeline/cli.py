@@ -518,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     bench = command("bench", "benchmarks on a local stack (see README, Performance)")
-    bench.add_argument("--dir", help="stack folder for the benchmark, taken down at the end "
-                                     "(default: a fresh temporary one)")
+    bench.add_argument("--dir", help="stack folder for the benchmark, taken down at the end, its model tables "
+                                     "emptied: not a stack whose data you keep (default: a fresh temporary one)")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="folder for results.json and the chart (default ./bench-results)")
     bench.add_argument("--quick", action="store_true", help="a small smoke run (about a minute, for the test suite)")
