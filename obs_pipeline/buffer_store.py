@@ -40,6 +40,11 @@ AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
 MAX_COMMAND_ARGS = 1024 * 1024
 # ingest's script call (`buffer`): EVALSHA, its sha, 0, 4 arguments, then 3 per cache write
 MAX_CACHE_WRITES = (MAX_COMMAND_ARGS - 7) // 3
+# ...but Redis runs that call as one script, every other client waiting: 349,523 writes took
+# 3.5 s on a quick host and over 5 s on a slow one, past ingest's socket timeout (taken for a
+# Redis gone away: spooled) and near lua-time-limit. One transaction writes at most this many
+# records: about a second of Redis on a slow host.
+MAX_TRANSACTION_WRITES = 100_000
 
 
 def redis_is_full(error: BaseException) -> bool:

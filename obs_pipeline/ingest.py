@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from obs_pipeline import forks, json_codec
-from obs_pipeline.buffer_store import MAX_CACHE_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
+from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.column_values import CANONICAL_UUID
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
@@ -284,12 +284,13 @@ class TransactionBuffer:
             else:
                 overlays.append((name, str(step.conditions[pk]),
                                  overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))
-        if len(created) + len(overlays) > MAX_CACHE_WRITES:
-            # Redis would reset the connection: spooled as if Redis were down, it was pushed
-            # again and again, and every later transaction of the site waited behind it for good
+        if len(created) + len(overlays) > MAX_TRANSACTION_WRITES:
+            # Redis would reset the connection (beyond MAX_CACHE_WRITES), or run the script for
+            # seconds with every other script waiting: spooled as if Redis were down, it was
+            # pushed again and again, and later transactions of the site waited behind it
             raise InvalidTransaction(
                 f"transaction {tx.transaction_id} writes {len(created) + len(overlays):,} records, more than the "
-                f"{MAX_CACHE_WRITES:,} that fit in one Redis call (a create of a model whose key is not generated "
+                f"{MAX_TRANSACTION_WRITES:,} one transaction may (a create of a model whose key is not generated "
                 "counts twice): split it into several transactions")
         self.spool.buffer(self._store_of_this_thread(), tx.transaction_id, tx_json, caches)
 

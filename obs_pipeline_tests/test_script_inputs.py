@@ -55,12 +55,15 @@ def test_a_bulk_create_beyond_one_redis_call_is_refused_and_the_largest_that_fit
     """Redis 6 takes at most 1,048,576 arguments per command and resets the connection beyond:
     ingest took that for a Redis gone away and spooled the transaction, which every push sent
     again, so that every later transaction of the site queued behind it in the spool for good
-    (its status 'pending', nothing in Redis). Now refused at once, one line; the largest
-    bulk_create that fits one call still goes to Redis, as does the next transaction."""
-    from obs_pipeline.buffer_store import MAX_CACHE_WRITES
+    (its status 'pending', nothing in Redis). Below that, the largest call (349,523 writes)
+    took over 5 s on a slow host, past ingest's socket timeout: spooled too. Now refused at
+    once beyond MAX_TRANSACTION_WRITES, one line; the largest bulk_create allowed still goes to
+    Redis, as does the next transaction."""
+    from obs_pipeline.buffer_store import MAX_CACHE_WRITES, MAX_TRANSACTION_WRITES
 
     package = "9c6e3a52-0000-4000-8000-000000000001"  # (no row: ingest does not check foreign keys)
-    rows = [{"name": f"f{i}.fits", "raw_data_package_id": package} for i in range(MAX_CACHE_WRITES + 1)]
+    assert MAX_TRANSACTION_WRITES < MAX_CACHE_WRITES  # what fits in one Redis call
+    rows = [{"name": f"f{i}.fits", "raw_data_package_id": package} for i in range(MAX_TRANSACTION_WRITES + 1)]
     with pytest.raises(InvalidTransaction) as raised:
         with buf.transaction() as tx:
             tx.bulk_create("RawDataFile", rows)
@@ -69,13 +72,13 @@ def test_a_bulk_create_beyond_one_redis_call_is_refused_and_the_largest_that_fit
     assert site_keys(redis_client, settings.site) == [] and not buf.spool.exists()
 
     with buf.transaction() as largest:
-        largest.bulk_create("RawDataFile", rows[:MAX_CACHE_WRITES])
+        largest.bulk_create("RawDataFile", rows[:MAX_TRANSACTION_WRITES])
     with buf.transaction() as after:
         after.create("ExecutedObsUnit", OBS)
     assert not buf.spool.exists()  # both went to Redis, not to the spool
     queue = f"site:{settings.site}:transaction_buffer"
     assert redis_client.llen(queue) == 2
-    assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == MAX_CACHE_WRITES
+    assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == MAX_TRANSACTION_WRITES
     assert buf.status(largest.transaction_id) == buf.status(after.transaction_id) == "pending"
 
 
@@ -83,27 +86,33 @@ def test_a_bulk_create_beyond_one_redis_call_is_refused_and_the_largest_that_fit
 @pytest.mark.usefixtures("clean_db")
 def test_a_batch_of_large_bulk_creates_is_drained_and_its_caches_cleaned(buf, env, settings, redis_client,
                                                                          replica_engine):
-    """Three bulk_creates of 180,000 rows each, drained in one batch: the cleanup of their chunk
-    was one DEL of 1,080,000 keys, which Redis 6 refuses (beyond 1,048,576 arguments) by
-    resetting the connection, so `drain --once` failed ('Redis unreachable') at every run, the
-    statuses stayed 'applied' and the caches for good. Now the cleanup's commands are split."""
+    """Six transactions of 100,000 records each (the most one may write), 99,998 of them files,
+    drained in one batch: the cleanup of their chunk was one DEL of 1,199,976 keys, which Redis
+    6 refuses (beyond 1,048,576 arguments) by resetting the connection, so `drain --once`
+    failed ('Redis unreachable') at every run, the statuses stayed 'applied' and the caches for
+    good (seen with three of 180,000 files, before such transactions were refused at ingest).
+    Now the cleanup's commands are split."""
     import sqlalchemy as sa
 
+    from obs_pipeline.buffer_store import MAX_COMMAND_ARGS, MAX_TRANSACTION_WRITES
+
+    files = MAX_TRANSACTION_WRITES - 2
+    assert 6 * files * 2 > MAX_COMMAND_ARGS  # two keys a file to delete (three of 180,000: 1,080,000)
     ids = []
-    for n in range(3):
+    for n in range(6):
         with buf.transaction() as tx:
             obs = tx.create("ExecutedObsUnit", OBS)
             package = tx.create("RawDataPackage", {"name": f"p{n}", "executed_obs_unit_id": obs["id"]})
             tx.bulk_create("RawDataFile", [{"name": f"f{i}.fits", "raw_data_package_id": package["id"]}
-                                           for i in range(180_000)])
+                                           for i in range(files)])
         ids.append(tx.transaction_id)
     drain_once(env)
-    assert [buf.status(i) for i in ids] == ["replicated"] * 3
+    assert [buf.status(i) for i in ids] == ["replicated"] * 6
     assert redis_client.scard(f"site:{settings.site}:index:RawDataFile") == 0
     assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*", count=10_000))
     assert redis_client.zcard(f"site:{settings.site}:awaiting_replication") == 0
     with replica_engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 540_000
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file")).scalar_one() == 6 * files
 
 
 def test_status_and_wait_given_the_transaction_itself_say_to_give_its_id(buf):
