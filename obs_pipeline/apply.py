@@ -60,6 +60,12 @@ _HAS_DIGEST_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 
 _UNWRITABLE = (ValueError, UnicodeError, OverflowError)
 
 
+def same_steps(recorded_digest: str | None, tx: Transaction) -> bool:
+    """Whether an applied-id record is this transaction's: the same steps, or a digest missing
+    on either side (a table or a producer from before digests). Otherwise the id was reused."""
+    return recorded_digest is None or tx.steps_digest is None or recorded_digest == tx.steps_digest
+
+
 class TransientError(RuntimeError):
     """Main is unreachable or refuses writes for now; retry the same batch later."""
 
@@ -272,21 +278,23 @@ class MainDatabase:
         each piece again (three round trips each, minutes for a far main's batch)."""
         result = BatchResult()
         self._carry = []
-        with self._session() as conn, conn.cursor() as cur:
-            digest = "steps_digest" if self.records_digest else "NULL"  # (known once connected)
-            self._run(cur, [cur.mogrify(f"SELECT transaction_id, {digest}, pg_current_wal_flush_lsn()::text "
-                                        f"FROM {applied_transactions.name} WHERE transaction_id = ANY(%s)",
-                                        ([t.transaction_id for t in transactions],))])
+        with self._session() as conn, conn.cursor() as cur:  # (records_digest is known once connected)
+            self._run(cur, [self._records_of(cur, transactions, "pg_current_wal_flush_lsn()::text")])
             rows = cur.fetchall()
         recorded = {row[0]: row[1] for row in rows}
         for tx in transactions:
-            if tx.transaction_id in recorded and (recorded[tx.transaction_id] is None or tx.steps_digest is None
-                                                  or recorded[tx.transaction_id] == tx.steps_digest):
+            if tx.transaction_id in recorded and same_steps(recorded[tx.transaction_id], tx):
                 result.already_applied.append(tx)
         if result.already_applied:
             result.commit_lsn = max(lsn_to_int(row[2]) for row in rows)
         result.round_trips = 1
         return result
+
+    def _records_of(self, cur: Any, txs: list[Transaction], also: str) -> bytes:
+        """The query for the applied-id records of `txs`: (transaction_id, steps_digest, `also`)."""
+        digest = "steps_digest" if self.records_digest else "NULL"
+        return cur.mogrify(f"SELECT transaction_id, {digest}, {also} FROM {applied_transactions.name} "
+                           "WHERE transaction_id = ANY(%s)", ([t.transaction_id for t in txs],))
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[Any]:
@@ -353,13 +361,9 @@ class MainDatabase:
 
     def _apply_carefully(self, cur: Any, txs: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         result = BatchResult(slow_path=True)
-        ids = [t.transaction_id for t in txs]
-        digest = "steps_digest" if self.records_digest else "NULL"
         # Deferred constraints are checked now, inside each savepoint, not at COMMIT: a violation
         # found there could not be pinned on a transaction, and the batch would fail for ever.
-        self._run(cur, [b"BEGIN", b"SET CONSTRAINTS ALL IMMEDIATE", cur.mogrify(
-            f"SELECT transaction_id, {digest}, applied_at FROM obs_pipeline_applied "
-            "WHERE transaction_id = ANY(%s)", (ids,))])
+        self._run(cur, [b"BEGIN", b"SET CONSTRAINTS ALL IMMEDIATE", self._records_of(cur, txs, "applied_at")])
         done = {r[0]: r[1:] for r in cur.fetchall()}
         blocked = {} if blocked is None else blocked
         fresh: dict[str, Transaction] = {}  # the first of each id not applied before
@@ -367,7 +371,7 @@ class MainDatabase:
             tx_id = tx.transaction_id
             if tx_id in done:
                 recorded, applied_at = done[tx_id]
-                if recorded is None or tx.steps_digest is None or recorded == tx.steps_digest:
+                if same_steps(recorded, tx):
                     result.already_applied.append(tx)  # the same transaction, claimed again
                     continue
                 reason = reused_id_reason(applied_at)

@@ -454,7 +454,7 @@ class Drain:
             except StatementTimeout as timeout:
                 if not self._given_up(timeout, txs):
                     raise
-                return BatchResult(timed_out=[(txs[0], self._timeout_reason(timeout))], pieces=0)
+                return BatchResult(timed_out=[(txs[0], self._timeout_reason(timeout, txs[0]))], pieces=0)
         # claimed again after a piece timed out: what committed is skipped in one round trip
         merged = self.main.applied_already(txs)
         merged.pieces = 0
@@ -470,7 +470,7 @@ class Drain:
             except StatementTimeout as timeout:
                 if not self._given_up(timeout, part):
                     raise
-                merged.timed_out.append((part[0], self._timeout_reason(timeout)))
+                merged.timed_out.append((part[0], self._timeout_reason(timeout, part[0])))
                 claim_rows(trial, written_ids(part[0], self.registry), "!" + part[0].transaction_id)
             blocked = trial
         return merged
@@ -482,9 +482,8 @@ class Drain:
         timeout.alone = tx = part[0] if len(part) == 1 else None
         return tx is not None and self._alone.get(tx.transaction_id, 0) + 1 >= self.config.timeout_attempts
 
-    def _timeout_reason(self, timeout: StatementTimeout) -> str:
-        """Why a transaction that timed out alone is dead-lettered: one line, what to do."""
-        tx_id = timeout.alone.transaction_id if timeout.alone is not None else "<id>"
+    def _timeout_reason(self, timeout: StatementTimeout, tx: Transaction) -> str:
+        """Why `tx`, which timed out alone, is dead-lettered: one line, what to do."""
         role = self.main.url.username or "<the drain's role>"
         if timeout.kind == "lock timeout":
             fix = (f"a session on main holds a lock it needs: end it (pg_stat_activity, pg_locks) or raise "
@@ -494,7 +493,7 @@ class Drain:
                    "SET statement_timeout = ...), or end the session on main holding a lock it waits for "
                    "(pg_stat_activity)")
         return (f"{timeout.kind} on main {self.config.timeout_attempts} times in a row, applied alone ({timeout}): "
-                f"{fix}, then `obs-pipeline failed retry {tx_id}`")
+                f"{fix}, then `obs-pipeline failed retry {tx.transaction_id}`")
 
     def _timed_out(self, timeout: StatementTimeout) -> None:
         """After a piece timed out: half as many transactions per piece from now on, down to one;
