@@ -9,7 +9,7 @@ isolates poison transactions by bisection under savepoints (O(log B) round trips
 holding back the transactions that use their ids.
 Errors are sorted: transient ones (link, timeouts, read-only main) leave the batch to be
 retried; permanent ones are charged to the transaction that caused them. A statement or lock
-timeout is a StatementTimeout: the drain retries in smaller pieces (see Drain._apply).
+timeout is a StatementTimeout: the drain retries in smaller pieces (see timeout_pieces).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class BatchResult:
     # `failed`: the id may also be the fresh transaction's, ahead in the batch, which may only be
     # retrying, and what waits behind that one is parked, not dead-lettered.
     dead_blocked: list[tuple[Transaction, str]] = field(default_factory=list)
-    # timed out on main applied alone, too many times in a row (see Drain._apply): (tx, reason)
+    # timed out on main applied alone, too many times in a row (see timeout_pieces): (tx, reason)
     timed_out: list[tuple[Transaction, str]] = field(default_factory=list)
     commit_lsn: int | None = None
     rows_per_model: dict[str, int] = field(default_factory=dict)

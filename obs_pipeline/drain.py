@@ -26,6 +26,7 @@ from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outc
 from obs_pipeline.config import Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.timeout_pieces import TimeoutPieces
 from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line, referenced_ids,
                                validate, written_ids)
 
@@ -171,13 +172,7 @@ class Drain:
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
-        # After a statement or lock timeout on main (kept in Redis, see BufferStore.timeouts: a
-        # Dagster op retry or the next run makes a new Drain): how many transactions are applied
-        # per main transaction (None: the batch whole), and, per transaction, how many times in
-        # a row it timed out applied alone. Read at the first step.
-        self._piece: int | None = None
-        self._alone: dict[str, int] = {}
-        self._timeouts_read = False
+        self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)
         self._prefetched: _Batch | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
@@ -261,11 +256,7 @@ class Drain:
                     continue
                 except StatementTimeout as timeout:  # main is there: it cancelled the batch's statement
                     summary.transient_errors += 1
-                    alone = timeout.alone  # (step() halved the pieces, see _timed_out)
-                    line = (f"{timeout.kind} on main ({timeout}); retrying the batch in pieces of "
-                            f"{self._piece or 1} transaction(s) in {backoff:.1f} s" + ("" if alone is None else
-                            f"; {alone.transaction_id} timed out alone ({self._alone.get(alone.transaction_id)} of "
-                            f"{self.config.timeout_attempts} times in a row before it is dead-lettered)"))
+                    line = self.timeouts.retry_line(timeout, backoff)  # (step() halved the pieces)
                     log.warning("%s", line)
                     if on_timeout:
                         on_timeout(line, backoff)
@@ -358,9 +349,7 @@ class Drain:
                 self.acquire()
             except DrainBusy as busy:  # it expired and another drain took it: that one works the site
                 raise LeaseLost(str(busy)) from None
-        if not self._timeouts_read:
-            self._piece, self._alone = self.store.timeouts()
-            self._timeouts_read = True
+        self.timeouts.load()
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
@@ -372,7 +361,7 @@ class Drain:
         report, outcome = batch.report, batch.outcome
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
-        applying = self._worker.submit(self._apply, txs) if txs else None  # garbage only: main not needed
+        applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
         try:
             if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
                 by_id = {t.transaction_id: t for t in txs}
@@ -388,17 +377,17 @@ class Drain:
             raise
         try:
             result = self._await_apply(applying) if applying else BatchResult()
-            if full and not result.slow_path and self._piece is None:  # (pieces say nothing of the link)
+            if full and not result.slow_path and self.timeouts.piece is None:  # (pieces say nothing of the link)
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
         except BaseException as error:
             self._prefetched = None  # reclaimed from the processing list together with this batch
             if isinstance(error, StatementTimeout):
-                self._timed_out(error)
+                self.timeouts.timed_out(error)
             raise
-        if txs and (self._piece is not None or self._alone):
-            self._timeouts_passed()
+        if txs and self.timeouts.in_effect:
+            self.timeouts.passed(self.batch_size)
         if outcome.commit_lsn is not None:
             # A full claim means more work is waiting: where main is near and the replica has
             # replayed this commit already, clean it now, skipping "applied" (the drain is short
@@ -437,83 +426,6 @@ class Drain:
             if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
                 raise LeaseLost(f"the drain lease of site {self.settings.site} was taken while main applied a batch")
         return applying.result()
-
-    def _apply(self, txs: list[Transaction]) -> BatchResult:
-        """Main's answer for the batch (in the worker thread): whole, or after a statement or
-        lock timeout in pieces of `_piece` transactions, each its own main transaction, in
-        order. What a failed transaction of a piece writes holds back those of later pieces that
-        use it, as in one batch. A piece that times out raises StatementTimeout, saying its size
-        (step() halves the pieces, see _timed_out); the batch is claimed again from the
-        processing list, and what committed is skipped (applied_already). A transaction that
-        times out alone for the `timeout_attempts`-th time in a row is given up (`timed_out`:
-        dead-lettered, those that use its rows with it) and the rest goes on."""
-        piece = self._piece or len(txs)
-        if piece >= len(txs):  # the batch whole, as ever (a bench or test that wraps apply_batch sees that call)
-            try:
-                return self.main.apply_batch(txs)
-            except StatementTimeout as timeout:
-                if not self._given_up(timeout, txs):
-                    raise
-                return BatchResult(timed_out=[(txs[0], self._timeout_reason(timeout, txs[0]))], pieces=0)
-        # claimed again after a piece timed out: what committed is skipped in one round trip
-        merged = self.main.applied_already(txs)
-        merged.pieces = 0
-        done = {id(tx) for tx in merged.already_applied}
-        txs = [tx for tx in txs if id(tx) not in done]
-        blocked: dict[str, str] = {}
-        for start in range(0, len(txs), piece):
-            part = txs[start:start + piece]
-            trial = dict(blocked)  # kept only if the piece commits
-            try:
-                merged.add(self.main.apply_batch(part, trial))
-                merged.pieces += 1
-            except StatementTimeout as timeout:
-                if not self._given_up(timeout, part):
-                    raise
-                merged.timed_out.append((part[0], self._timeout_reason(timeout, part[0])))
-                claim_rows(trial, written_ids(part[0], self.registry), "!" + part[0].transaction_id)
-            blocked = trial
-        return merged
-
-    def _given_up(self, timeout: StatementTimeout, part: list[Transaction]) -> bool:
-        """Whether the piece that timed out is one transaction that has now timed out alone
-        `timeout_attempts` times in a row; says the piece on the error for step()."""
-        timeout.piece = len(part)
-        timeout.alone = tx = part[0] if len(part) == 1 else None
-        return tx is not None and self._alone.get(tx.transaction_id, 0) + 1 >= self.config.timeout_attempts
-
-    def _timeout_reason(self, timeout: StatementTimeout, tx: Transaction) -> str:
-        """Why `tx`, which timed out alone, is dead-lettered: one line, what to do."""
-        role = self.main.url.username or "<the drain's role>"
-        if timeout.kind == "lock timeout":
-            fix = (f"a session on main holds a lock it needs: end it (pg_stat_activity, pg_locks) or raise "
-                   f"lock_timeout for the drain's role (ALTER ROLE {role} SET lock_timeout = ...)")
-        else:
-            fix = (f"it takes longer than main allows the drain's role: raise statement_timeout (ALTER ROLE {role} "
-                   "SET statement_timeout = ...), or end the session on main holding a lock it waits for "
-                   "(pg_stat_activity)")
-        return (f"{timeout.kind} on main {self.config.timeout_attempts} times in a row, applied alone ({timeout}): "
-                f"{fix}, then `obs-pipeline failed retry {tx.transaction_id}`")
-
-    def _timed_out(self, timeout: StatementTimeout) -> None:
-        """After a piece timed out: half as many transactions per piece from now on, down to one;
-        one that timed out alone counts it (see _apply). Kept in Redis for the next Drain."""
-        if timeout.piece:
-            self._piece = max(1, timeout.piece // 2)
-        if timeout.alone is not None:
-            tx_id = timeout.alone.transaction_id
-            self._alone[tx_id] = self._alone.get(tx_id, 0) + 1
-        self.store.save_timeouts(self._piece, self._alone)
-
-    def _timeouts_passed(self) -> None:
-        """A batch went through after timeouts: pieces twice as large next time, the batch whole
-        once they reach the claim size; every count of timeouts in a row ends."""
-        piece = self._piece * 2 if self._piece is not None else None
-        self._piece = piece if piece is not None and piece < self.batch_size else None
-        self._alone = {}
-        self.store.save_timeouts(self._piece, self._alone)
-        log.info("main applied the batch after statement timeouts; %s", "batches are applied whole again"
-                 if self._piece is None else f"next in pieces of {self._piece} transactions")
 
     def _resize(self, result: BatchResult) -> None:
         """Size the next claims by the last full batch, applied on the fast path (a bisected one

@@ -427,3 +427,90 @@ def test_timeout_attempts_is_a_whole_number_of_at_least_one(attempts):
 
     with pytest.raises(ValueError, match="timeout_attempts must be a whole number >= 1"):
         DrainConfig(timeout_attempts=attempts)
+
+
+class _MainCancelling:
+    """A stand-in for main that cancels any batch of more than `most` transactions, and every
+    one holding a transaction of `slow`, as its statement_timeout would."""
+
+    def __init__(self, most: int, slow: set[str] = frozenset()):
+        from sqlalchemy.engine import make_url
+        self.most, self.slow, self.committed = most, slow, []
+        self.url = make_url("postgresql://drainer@main/obs")
+
+    def apply_batch(self, txs, blocked=None):
+        from obs_pipeline.apply import BatchResult, StatementTimeout
+        if len(txs) > self.most or any(tx.transaction_id in self.slow for tx in txs):
+            raise StatementTimeout("canceling statement due to statement timeout", "statement timeout")
+        self.committed.extend(tx.transaction_id for tx in txs)
+        return BatchResult(applied=list(txs))
+
+    def applied_already(self, txs):
+        from obs_pipeline.apply import BatchResult
+        return BatchResult(already_applied=[tx for tx in txs if tx.transaction_id in self.committed])
+
+
+class _TimeoutsKept:
+    def __init__(self):
+        self.saved = (None, {})
+
+    def timeouts(self):
+        return self.saved[0], dict(self.saved[1])
+
+    def save_timeouts(self, piece, alone):
+        self.saved = (piece, dict(alone))
+
+
+def _drain_with_retries(pieces, txs):
+    """What Drain.step does with TimeoutPieces: apply; on a timeout, halve and claim again."""
+    from obs_pipeline.apply import StatementTimeout
+    sizes = []
+    for _ in range(50):
+        pieces.load()
+        try:
+            result = pieces.apply(txs)
+        except StatementTimeout as timeout:
+            pieces.timed_out(timeout)
+            sizes.append(pieces.piece)
+            continue
+        if pieces.in_effect:
+            pieces.passed(batch_size=len(txs))
+        return result, sizes
+    raise AssertionError("never went through")
+
+
+def test_timeouts_halve_the_pieces_until_they_fit_then_double_back_to_whole_batches():
+    from obs_pipeline.timeout_pieces import TimeoutPieces
+    txs = [Transaction.from_json(json.dumps(seed_example()[0])) for _ in range(16)]
+    main, store = _MainCancelling(most=3), _TimeoutsKept()
+    result, sizes = _drain_with_retries(TimeoutPieces(store, main, REGISTRY, attempts=5), txs)
+    assert sizes == [8, 4, 2]  # 16 -> 8 -> 4 -> 2: the first size under main's limit
+    assert main.committed == [tx.transaction_id for tx in txs]  # each once, in order
+    assert [tx.transaction_id for tx in result.applied] == main.committed[-len(result.applied):]
+    assert store.saved == (4, {})  # one batch went through: pieces of 4 next time
+    # a new Drain (the next run) starts from what was kept: 4 is cancelled, 2 fits, then 4, 8, whole
+    nxt = [Transaction.from_json(json.dumps(seed_example()[0])) for _ in range(16)]
+    pieces = TimeoutPieces(store, main, REGISTRY, attempts=5)
+    _, sizes = _drain_with_retries(pieces, nxt)
+    assert sizes == [2] and store.saved == (4, {})
+    main.most = 100
+    for piece in (8, None):
+        _drain_with_retries(pieces, [Transaction.from_json(json.dumps(seed_example()[0])) for _ in range(16)])
+        assert store.saved == (piece, {})
+
+
+def test_a_transaction_timing_out_alone_is_given_up_after_its_attempts_and_the_rest_applied_once():
+    from obs_pipeline.timeout_pieces import TimeoutPieces
+    txs = [Transaction.from_json(json.dumps(seed_example()[0])) for _ in range(4)]
+    slow = txs[2].transaction_id
+    main, store = _MainCancelling(most=100, slow={slow}), _TimeoutsKept()
+    result, sizes = _drain_with_retries(TimeoutPieces(store, main, REGISTRY, attempts=3), txs)
+    # whole -> 2 (the first half commits) -> alone, counted twice; the 3rd time alone it is given up
+    assert sizes == [2, 1, 1, 1]
+    assert [tx.transaction_id for tx, _ in result.timed_out] == [slow]
+    reason = result.timed_out[0][1]
+    assert reason.startswith("statement timeout on main 3 times in a row, applied alone") and "ALTER ROLE drainer " \
+        f"SET statement_timeout" in reason and reason.endswith(f"`obs-pipeline failed retry {slow}`"), reason
+    assert sorted(main.committed) == sorted(tx.transaction_id for tx in txs if tx.transaction_id != slow)
+    assert len(main.committed) == 3
+    assert store.saved == (2, {})  # the batch went through: pieces doubled from 1, the count in a row ended
