@@ -23,7 +23,7 @@ import redis
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout,
                                 TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
-from obs_pipeline.config import Settings
+from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.timeout_pieces import TimeoutPieces
@@ -385,6 +385,8 @@ class Drain:
             self._prefetched = None  # reclaimed from the processing list together with this batch
             if isinstance(error, StatementTimeout):
                 self.timeouts.timed_out(error)
+            elif isinstance(error, ConfigError) and txs:  # main refused the login: nothing applies them
+                self.store.set_status(list(by_id), "pending")  # until the URL is fixed and a drain runs
             raise
         if txs and self.timeouts.in_effect:
             self.timeouts.passed(self.batch_size)

@@ -51,9 +51,10 @@ local prefix, status, slot, opening = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local width = #opening + #slot + 1
 local missing = {}
 -- a status never goes back: a copy of a transaction pushed twice passes through a later batch
--- after the first was committed ("applied") or cleaned ("replicated")
+-- after the first was committed ("applied") or cleaned ("replicated"), and a drain that main
+-- refused puts that batch's "processing" back to "pending"
 local function kept(current)
-  return current == 'replicated' or (current == 'applied' and status == 'processing')
+  return current == 'replicated' or (current == 'applied' and (status == 'processing' or status == 'pending'))
 end
 for i = 5, #ARGV do
   local key = prefix .. 'transaction:' .. ARGV[i]

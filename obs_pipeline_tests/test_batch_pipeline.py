@@ -238,7 +238,8 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
 
 def test_a_status_never_turns_back_from_replicated(settings, redis_client):
     """A transaction pushed twice is cleaned ("replicated") after its first copy; its second copy
-    passing through a later batch must not make it "processing" or "applied" again."""
+    passing through a later batch must not make it "processing" or "applied" again, nor an
+    applied one "processing" or "pending"."""
     from obs_pipeline.buffer_store import BufferStore, Outcome
 
     buf = TransactionBuffer(settings=settings)
@@ -254,6 +255,9 @@ def test_a_status_never_turns_back_from_replicated(settings, redis_client):
     assert store.set_status([replicated, pending, "never-buffered"], "processing") == ["never-buffered"]
     assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "processing"]
     store.set_status([replicated, pending], "applied")
+    assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "applied"]
+    # a drain that main refused puts its batch's "processing" back to "pending": never "applied"
+    store.set_status([replicated, pending], "pending")
     assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "applied"]
     full = json.loads(redis_client.get(keys.transaction(pending)))
     assert full["steps"] and full["transaction_id"] == pending  # the rest of the JSON untouched

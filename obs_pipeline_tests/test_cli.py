@@ -777,21 +777,32 @@ def test_a_drain_beside_one_holding_the_lease_says_what_to_do(env, settings, red
 def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, settings, redis_client, wrong):
     """Main answering "role/database does not exist" is a wrong OBS_MAIN_DB_URL, not an outage:
     `drain --once` retried it as transient, backing off for ever (and Dagster for minutes, then
-    again every minute). It stops with one line; the transaction stays buffered."""
+    again every minute). It stops with one line; the transactions stay buffered, their statuses
+    `pending`, not `processing` (which said a drain was applying them until the next run)."""
     import sqlalchemy as sa
+
+    from obs_pipeline.ingest import TransactionBuffer
 
     url = sa.engine.make_url(env["OBS_MAIN_DB_URL"])
     url = url.set(username="no_such_role") if wrong == "role" else url.set(database="no_such_database")
     env["OBS_MAIN_DB_URL"] = url.render_as_string(hide_password=False)
     keys = SiteKeys(settings.site)
-    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    buf = TransactionBuffer(settings=settings)
+    buffered = []
+    for n in range(3):
+        with buf.transaction() as tx:
+            tx.create("ExecutedObsUnit", {"obs_unit_id": n, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+        buffered.append(tx.transaction_id)
+    redis_client.lpush(keys.buffer, json.dumps(pushed := seed_example(settings.site)[0]))  # no status key of its own
     base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
     result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "drain", "--once"], env={**base, **env},
                             capture_output=True, text=True, timeout=60)
     line = one_line_error(result)
     assert "OBS_MAIN_DB_URL" in line and f"no_such_{wrong}" in line and "does not exist" in line, line
-    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 4
     assert not redis_client.exists(keys.lease)
+    assert [buf.status(tx_id) for tx_id in [*buffered, pushed["transaction_id"]]] == ["pending"] * 4
+    buf.close()
 
 
 SPOOLED = {"id": "tx-1", "tx": "{}", "created": [], "overlays": []}
