@@ -174,6 +174,8 @@ class Drain:
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)
         self._prefetched: _Batch | None = None
+        # a far full batch's ids, marked "applied" in the next step's overlap if not cleaned by then
+        self._unmarked: list[str] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
 
     def close(self) -> None:
@@ -183,6 +185,7 @@ class Drain:
         error that ended the run, if one did, is not replaced by this one."""
         self._prefetched = None
         try:
+            self._mark_applied_now()
             self._release_lease()
         finally:
             self._worker.shutdown(wait=True)
@@ -299,6 +302,7 @@ class Drain:
         finally:
             gc.set_threshold(*gc_thresholds)
             self._prefetched = None  # left in the processing list for the next run
+            self._mark_applied_now()
             self._release_lease()
         return summary
 
@@ -354,6 +358,7 @@ class Drain:
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
             cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
+            self._mark_applied(cleaned[1])
             if not cleaned[1]:
                 return None
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
@@ -369,7 +374,11 @@ class Drain:
             if full and not batch.report.reclaimed:  # (a reclaimed batch may hold a prefetched one:
                 # claiming more behind it at every failed attempt would grow it without bound)
                 self._prefetched = self._claim(after_unacknowledged=True)
-                report.replicated += len(self._clean(wait_for=None)[1])  # earlier batches
+                cleaned = self._clean(wait_for=None)[1]  # earlier batches
+                report.replicated += len(cleaned)
+            else:
+                cleaned = []
+            self._mark_applied(cleaned)
         except BaseException:
             if applying:
                 wait([applying])  # let main finish this batch; the next claim sorts out what committed
@@ -395,27 +404,46 @@ class Drain:
             # replayed this commit already, clean it now, skipping "applied" (the drain is short
             # of CPU there, not of time); otherwise mark it applied and go on - the next batch's
             # overlap cleans it. Where main is far, cleaning now would hold back the next batch's
-            # round trip (a cleanup of 8,000 transactions takes about 0.4 s). A last batch is
-            # marked applied, then waits for its replay.
+            # round trip (a cleanup of 8,000 transactions takes about 0.4 s), and so would marking
+            # it applied (0.07-0.1 s): the next batch's overlap does that, for those its cleanup
+            # has not made replicated. A last batch is marked applied, then waits for its replay.
             wait_began = time.monotonic()
-            marked = not full
+            marked, deferred = not full, full and self._main_is_far()
             if marked:  # main has committed them: "applied" now, not once the wait below ends (up
                 # to replication_timeout_s with a replica that lags or is down)
                 self.store.set_status(outcome.applied_ids, "applied")
                 replay, ids = self._clean(wait_for=outcome.commit_lsn)
-            elif (not self._main_is_far() and (replayed := self._replay_lsn()) is not None
-                  and replayed >= outcome.commit_lsn):
+            elif deferred:  # to the next step's overlap (_mark_applied)
+                replay, ids, self._unmarked = None, [], outcome.applied_ids
+            elif (replayed := self._replay_lsn()) is not None and replayed >= outcome.commit_lsn:
                 replay, ids = self._clean(wait_for=None, replayed=replayed)
             else:
                 replay, ids = None, []
             report.replication_wait_s = time.monotonic() - wait_began
             report.replay_lsn = replay
             report.replicated += len(ids)
-            if not marked:
+            if not marked and not deferred:
                 cleaned = set(ids)
                 self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
         return report
+
+    def _mark_applied(self, cleaned: list[str]) -> None:
+        """The last far batch's "applied", for those of its ids not in `cleaned` (replicated)."""
+        if self._unmarked:
+            done = set(cleaned)
+            left, self._unmarked = [i for i in self._unmarked if i not in done], []
+            if left:
+                self.store.set_status(left, "applied")
+
+    def _mark_applied_now(self) -> None:
+        """As the run ends, however it ends: a status left at "processing" would say a drain is
+        applying what main has committed (a replicated one stays replicated: SET_STATUS)."""
+        try:
+            self._mark_applied([])
+        except redis.RedisError as error:
+            self._unmarked = []
+            log.warning("could not mark the last batch applied (%s); the cleanup makes it replicated", one_line(error))
 
     def _main_is_far(self) -> bool:
         return (self.main.round_trip_s or 0.0) >= FAR_ROUND_TRIP_S

@@ -226,15 +226,17 @@ def test_a_link_that_drops_under_grown_batches_loses_nothing_and_doubles_nothing
 
 def _drain_recording_order(settings, config, main_engine, replica_engine) -> list[tuple[str, int]]:
     """("apply", transactions) when a batch is sent to main, ("applied", transactions) when
-    main's answer is back, and ("clean", transactions) for each cleanup, in the order they
-    happened, over one drain run until empty. Whenever the drain asks how far the replica has
-    replayed, the replica has first caught up with main: the order does not hang on timing."""
+    main's answer is back, ("clean", transactions) for each cleanup and ("status applied",
+    transactions) for each write of that status, in the order they happened, over one drain run
+    until empty. Whenever the drain asks how far the replica has replayed, the replica has
+    first caught up with main: the order does not hang on timing."""
     from obs_pipeline.drain import Drain
     from obs_pipeline_tests.conftest import wait_for_replica
 
     events: list[tuple[str, int]] = []
     drain = Drain(settings, config)
     apply_batch, clean_replicated, replay_lsn = drain.main.apply_batch, drain.store.clean_replicated, drain._replay_lsn
+    set_status = drain.store.set_status
 
     def applying(txs, *more):
         events.append(("apply", len(txs)))
@@ -252,8 +254,13 @@ def _drain_recording_order(settings, config, main_engine, replica_engine) -> lis
         wait_for_replica(main_engine, replica_engine)
         return replay_lsn()
 
+    def marking(ids, status):
+        if status == "applied":
+            events.append(("status applied", len(ids)))
+        return set_status(ids, status)
+
     drain._replay_lsn = replayed
-    drain.main.apply_batch, drain.store.clean_replicated = applying, cleaning
+    drain.main.apply_batch, drain.store.clean_replicated, drain.store.set_status = applying, cleaning, marking
     try:
         summary = drain.run(until_empty=True, budget_s=60)
         assert summary.stopped_because == "buffer empty", summary
@@ -297,9 +304,61 @@ def test_where_main_is_far_a_batch_is_sent_before_the_last_one_is_cleaned(settin
     sent = _cleaned_when_sent(events)
     assert all(cleaned <= 100 * max(j - 2, 0) for j, cleaned in enumerate(sent, 1)), (sent, events)
     assert sum(count for kind, count in events if kind == "clean") == 500, events
+    # nor is a batch marked `applied` between main's answer and the next send (0.07-0.1 s for
+    # 8,000): the next overlap marks what its cleanup has not made replicated, here nothing
+    assert ("status applied" not in [kind for kind, _ in events]), events
     assert_applied_exactly_once(main_engine, observations)
     assert {buf.status(obs.start_tx) for obs in observations} == {"replicated"}
     assert not any(buf.store.work().values())
+    buf.close()
+
+
+def test_where_main_is_far_and_the_replica_lags_every_committed_batch_is_marked_applied(settings, main_engine,
+                                                                                        tmp_path):
+    """A far full batch is marked `applied` in the next batch's overlap, not before it is sent;
+    with a replica that replays nothing, that mark is all it gets until a later drain: so it
+    must come, for the last full batch too, whether the run ends idle or is closed after a step,
+    never leaving a committed transaction at `processing`."""
+    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 300, finish_every=0)
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
+
+    def replica_stuck(drain):
+        drain._replay_lsn = lambda: None
+        drain.replica.wait_for_replay = lambda lsn, timeout_s: None
+
+    try:
+        drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
+        replica_stuck(drain)
+        try:  # three full batches, then an idle step
+            summary = drain.run(until_empty=True, replica_patience_s=0.5, budget_s=60)
+        finally:
+            drain.close()
+        assert summary.applied == 300 and summary.replicated == 0, summary
+        assert {buf.status(obs.start_tx) for obs in observations} == {"applied"}
+        more, last = (buffer_observations(buf, 100, finish_every=0) for _ in range(2))
+        drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
+        replica_stuck(drain)
+        try:
+            drain.acquire()
+            assert drain.step().applied == 100  # one full batch, its mark left to the next step
+            assert {buf.status(obs.start_tx) for obs in more} == {"processing"}
+            assert drain.step().applied == 100  # ... which marks it
+            assert {buf.status(obs.start_tx) for obs in more} == {"applied"}
+            assert {buf.status(obs.start_tx) for obs in last} == {"processing"}
+            assert drain.step() is None  # the idle step marks the last
+            assert {buf.status(obs.start_tx) for obs in last} == {"applied"}
+            again = buffer_observations(buf, 100, finish_every=0)
+            assert drain.step().applied == 100
+        finally:
+            drain.close()  # ... or the end of the run
+        assert {buf.status(obs.start_tx) for obs in again} == {"applied"}
+    finally:
+        link_down()
+    assert_applied_exactly_once(main_engine, observations + more + last + again)
     buf.close()
 
 
