@@ -121,6 +121,22 @@ def _eval_pairs(target: Any, script: str, key: str, args: list[Any]) -> None:
         target.eval(script, 1, key, *part)
 
 
+def _timeouts_of(raw: dict[bytes, bytes]) -> tuple[int | None, dict[str, int]]:
+    """The timeouts hash as BufferStore.timeouts gives it: (piece size or None, {id: count})."""
+    piece, alone = None, {}
+    for field_, value in raw.items():
+        name = field_.decode("utf-8", "surrogateescape")
+        try:
+            number = int(value)
+        except ValueError:  # not ours: ignored, rewritten at the next change
+            continue
+        if name == "piece" and number >= 1:
+            piece = number
+        elif name.startswith("alone:"):
+            alone[name.removeprefix("alone:")] = number
+    return piece, alone
+
+
 class LeaseLost(RuntimeError):
     """Another drain owns the site now; this one must stop touching the processing list."""
 
@@ -326,18 +342,7 @@ class BufferStore:
     def timeouts(self) -> tuple[int | None, dict[str, int]]:
         """What the drain keeps after statement timeouts on main (see SiteKeys.timeouts): the
         piece size (None: batches whole) and, per transaction id, its timeouts alone in a row."""
-        piece, alone = None, {}
-        for field_, value in self.redis.hgetall(self.keys.timeouts).items():
-            name = field_.decode("utf-8", "surrogateescape")
-            try:
-                number = int(value)
-            except ValueError:  # not ours: ignored, rewritten at the next change
-                continue
-            if name == "piece" and number >= 1:
-                piece = number
-            elif name.startswith("alone:"):
-                alone[name.removeprefix("alone:")] = number
-        return piece, alone
+        return _timeouts_of(self.redis.hgetall(self.keys.timeouts))
 
     def save_timeouts(self, piece: int | None, alone: dict[str, int]) -> None:
         """Replace what `timeouts` reads; nothing to keep deletes the key."""
@@ -560,12 +565,14 @@ class BufferStore:
         pipe.lindex(k.buffer, -1)
         pipe.hgetall(k.stats)
         pipe.zrange(k.retry, 0, 0, withscores=True)
-        buffer, processing, failed, retry, awaiting, oldest, stats, first_retry = pipe.execute()
+        pipe.hgetall(k.timeouts)
+        buffer, processing, failed, retry, awaiting, oldest, stats, first_retry, timeouts = pipe.execute()
         return {
             "buffer": buffer, "processing": processing, "failed": failed, "retry": retry,
             "awaiting_replication": awaiting, "oldest_entry": oldest,
             "first_retry_due": first_retry[0][1] if first_retry else None,  # (epoch seconds)
             "stats": {a.decode(): b.decode() for a, b in stats.items()},
+            "timeouts": _timeouts_of(timeouts),  # as `timeouts()` reads it, in this round trip
         }
 
     def holds_any(self) -> bool:

@@ -12,16 +12,20 @@ import sqlalchemy as sa
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
+from obs_pipeline.drain import DrainConfig
 from obs_pipeline.spool import Spool
+from obs_pipeline.wire import one_line
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
-                  stale_after_s: float = 300.0, spool: Spool | None = None) -> dict[str, Any]:
+                  stale_after_s: float = 300.0, spool: Spool | None = None,
+                  timeout_attempts: int = DrainConfig.timeout_attempts) -> dict[str, Any]:
     """`spool`: this host's spool of the site (`obs-pipeline status` passes the one OBS_SPOOL_DIR
-    names): transactions waiting there while Redis answers need `obs-pipeline spool push`."""
+    names): transactions waiting there while Redis answers need `obs-pipeline spool push`.
+    `timeout_attempts`: the drain's (DrainConfig), for the counts of `drain_timeouts`."""
     depths = store.depths()
     stats = depths["stats"]
     oldest = _entry_age(store.redis.lindex(store.keys.processing, -1) or depths["oldest_entry"])
@@ -88,7 +92,37 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     }
     if local_spool is not None:
         report["local_spool"] = local_spool
+    timeouts = drain_timeouts(*depths["timeouts"], timeout_attempts, main.url.username if main is not None else None)
+    if timeouts is not None:
+        report["drain_timeouts"] = timeouts
     return report
+
+
+def drain_timeouts(piece: int | None, alone: dict[str, int], attempts: int,
+                   role: str | None = None) -> dict[str, Any] | None:
+    """What the drain keeps after main cancelled its statements (BufferStore.timeouts), for an
+    operator: the piece size, the transactions that timed out alone with their counts of
+    `attempts` (the drain's timeout_attempts), and what to check on main (`role`: the drain's,
+    from OBS_MAIN_DB_URL); None while batches go whole and nothing is counted. Not a problem of
+    the report: the drain goes on by itself (a lock that passes), keeps the piece size while the
+    site is idle, and what it cannot get through shows as a dead letter or an old backlog."""
+    if piece is None and not alone:
+        return None
+    if piece is not None:
+        note = (f"batches applied in pieces of {piece} transaction{'' if piece == 1 else 's'} after "
+                "statement/lock timeouts on main (doubling at each batch that goes through, until whole again)")
+    else:
+        note = "main cancelled the drain's statements (statement/lock timeouts)"
+    if alone:
+        shown = sorted(alone.items(), key=lambda item: (-item[1], item[0]))[:5]
+        note += ("; timed out alone: " + ", ".join(f"{one_line(tx_id)} {count} of {attempts}" for tx_id, count in shown)
+                 + (f" and {len(alone) - len(shown)} more" if len(alone) > len(shown) else "")
+                 + f" times in a row (dead-lettered at {attempts})")
+    check = ("if it goes on: check main's statement_timeout and lock_timeout for the drain's role "
+             f"(ALTER ROLE {role or '<role>'} SET statement_timeout = ...), and pg_stat_activity on main for a "
+             "session holding a lock the drain waits for")
+    return {"piece": piece, "timed_out_alone": dict(alone), "timeout_attempts": attempts, "note": note,
+            "check": check}
 
 
 def _spool_summary(spool: Spool) -> dict[str, Any]:

@@ -9,10 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from obs_pipeline.apply import StatementTimeout
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
+from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
+                                         drain_until_settled, slow_file_inserts, with_statement_timeout)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -756,6 +761,68 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     assert json.loads(degraded.stdout)["status"] == "degraded"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
     assert cli("status", "--check", env=env).returncode == 0
+
+
+def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_without(env, redis_client, settings):
+    """After main cancelled the drain's statements (its statement_timeout or lock_timeout) the
+    drain applies batches in pieces and counts the transactions that timed out alone, in Redis;
+    `status` did not say so, and an operator could not tell why the drain was slow, nor that a
+    transaction was on its way to the dead letters. Two lines, what to check on main; the site
+    stays healthy (the drain goes on by itself). Nothing of it once the key is gone."""
+    store = BufferStore(redis_client, settings.site)
+    store.save_timeouts(4, {"tx-1": 2})
+    role = sa.engine.make_url(settings.main_db_url).username
+    text = cli("status", "--check", env=env)
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"site {settings.site}: healthy", text.stdout
+    assert lines[3:5] == [
+        "  drain timeouts: batches applied in pieces of 4 transactions after statement/lock timeouts on main "
+        "(doubling at each batch that goes through, until whole again); timed out alone: tx-1 2 of 5 times in a row "
+        "(dead-lettered at 5)",
+        "    if it goes on: check main's statement_timeout and lock_timeout for the drain's role "
+        f"(ALTER ROLE {role} SET statement_timeout = ...), and pg_stat_activity on main for a session holding a "
+        "lock the drain waits for"], text.stdout
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    shown = report["drain_timeouts"]
+    assert (shown["piece"], shown["timed_out_alone"], shown["timeout_attempts"]) == (4, {"tx-1": 2}, 5), shown
+    assert shown["note"] in lines[3] and shown["check"] in lines[4]
+    assert report["status"] == "healthy" and report["problems"] == [], report
+    store.save_timeouts(None, {})  # batches whole again: the drain deletes the key
+    assert not redis_client.exists(SiteKeys(settings.site).timeouts)
+    text = cli("status", env=env).stdout
+    assert len(text.splitlines()) == 5 and "timeout" not in text and "pieces" not in text, text
+    assert "drain_timeouts" not in json.loads(cli("status", "--json", env=env).stdout)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_shows_what_a_real_statement_timeout_left_until_batches_go_whole_again(env, settings, main_engine):
+    """A real drain on a real statement timeout (0.3 s for the drain's role; one file takes main
+    1 s to insert): the batch times out whole, then its slow transaction alone, twice. `status`
+    says pieces of 1 and that transaction's 2 of 5; once the cause is gone and a batch goes
+    through, the counts end and the pieces double (2); once batches go whole, nothing."""
+    buf = TransactionBuffer(settings=settings)
+    try:
+        observations = buffer_observations(buf, 2, finish_every=0)  # 2 transactions, one batch
+        slow = observations[1]
+        with slow_file_inserts(main_engine, 1.0, name="f1_0.fits"):
+            for _ in range(3):  # whole, then alone twice (the first piece commits)
+                with pytest.raises(StatementTimeout):
+                    drain_one_batch(with_statement_timeout(settings, 300), batch_size=10)
+        text = cli("status", env=env).stdout
+        assert ("  drain timeouts: batches applied in pieces of 1 transaction after statement/lock timeouts on main"
+                in text), text
+        assert f"; timed out alone: {slow.start_tx} 2 of 5 times in a row (dead-lettered at 5)\n" in text, text
+        drain_one_batch(settings, batch_size=10)  # the cause gone: it goes through
+        text = cli("status", env=env).stdout
+        assert "batches applied in pieces of 2 transactions after" in text and "timed out alone" not in text, text
+        more = buffer_observations(buf, 8, finish_every=0)
+    finally:
+        buf.close()
+    drain_until_settled(settings, batch_size=4)  # pieces of 2, then 4: whole batches
+    text = cli("status", env=env).stdout
+    assert "drain timeouts" not in text and "pieces" not in text, text
+    assert_applied_exactly_once(main_engine, observations + more)
 
 
 def test_a_drain_beside_one_holding_the_lease_says_what_to_do(env, settings, redis_client):
