@@ -267,7 +267,8 @@ def test_a_replica_of_a_main_made_anew_is_one_line_and_kept(tmp_path):
     """With main's data folder deleted, `up` made a new main and started the old replica, which
     can never stream from it ('database system identifier differs'): it failed after 60 s with
     'replica not streaming ...: waiting for WAL to become available'. Now at once, saying what
-    to do; the replica (the old main's last copy) is not touched."""
+    to do; the replica (the old main's last copy) is not touched. Redis is up all the same:
+    scripts buffer into it alone (it was started last, and stayed down)."""
     import shutil
 
     local = LocalStack(tmp_path / "stack")
@@ -281,6 +282,7 @@ def test_a_replica_of_a_main_made_anew_is_one_line_and_kept(tmp_path):
                                              r"\(it holds that main's data\), then `obs-pipeline stack up --dir "):
             local.up()
         assert (replica_dir / "PG_VERSION").is_file() and not local.status()["replica"]["running"]
+        assert local.status()["redis"]["running"] and redis_client(local).ping()
         shutil.move(replica_dir, tmp_path / "old-replica")
         local.up()  # as the line says: a fresh clone
         assert run(local.env()["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True

@@ -196,6 +196,9 @@ class LocalStack:
             self._check_ports(wanted)
             self._save(cfg)
             self._prepare_dirs(user)
+            # first: scripts buffer into Redis alone, and a PostgreSQL that cannot start (below)
+            # must not keep the site's buffer down with it
+            redis.start()
 
             if not main.initialized:
                 main.init_primary()
@@ -215,7 +218,6 @@ class LocalStack:
             replica.set_upstream(upstream)
             replica.start()
             replica.wait_streaming(upstream)
-            redis.start()
 
     def make_folder(self) -> None:
         """The state folder, or StackError in one line (it said '[Errno 17] File exists: ...')."""
