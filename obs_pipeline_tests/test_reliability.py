@@ -27,7 +27,8 @@ from obs_pipeline.keys import SiteKeys
 from obs_pipeline.stack.osutil import pick_free_ports, wait_until
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
-                                         drain_until_settled, slow_file_inserts, with_statement_timeout)
+                                         cancelled_once_while_sleeping, drain_until_settled, slow_file_inserts,
+                                         with_statement_timeout)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -1842,6 +1843,168 @@ def test_a_lock_timeout_on_main_says_so_and_applies_everything_once_the_lock_goe
     assert warned and all(m.startswith("lock timeout on main (LockNotAvailable") for m in warned), warned
     assert sum(r.applied for r in reports) == 15 and not any(r.retried or r.dead_lettered for r in reports), reports
     assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
+def test_an_administrators_cancel_of_the_drains_statement_on_main_is_retried_in_pieces_like_a_timeout(
+        settings, redis_client, main_engine, caplog):
+    """An administrator cancels the drain's batch statement on main (pg_cancel_backend of its
+    session, found in pg_stat_activity by its application_name, while a trigger makes each file
+    insert sleep: SQLSTATE 57014, "canceling statement due to user request"), once. Handled as
+    main's statement timeout is: said as a cancelled statement, the batch claimed again and
+    applied in pieces (halves), nothing charged a retry or dead-lettered; every transaction
+    applied on main exactly once, the buffer empty, and batches whole again after it."""
+    from obs_pipeline.drain import DRAIN_APPLICATION_NAME
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions, 40 files: one batch
+    buf.close()
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    keys = SiteKeys(settings.site)
+    reports, timeouts, transient = [], [], []
+    with slow_file_inserts(main_engine, 0.05), caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"), \
+            cancelled_once_while_sleeping(main_engine, DRAIN_APPLICATION_NAME) as cancelled:
+        drain = Drain(settings, DrainConfig(batch_size=30, backoff_initial_s=0.1, backoff_max_s=0.2))
+        try:
+            summary = drain.run(until_empty=True, budget_s=120, on_batch=reports.append,
+                                on_timeout=lambda line, backoff: timeouts.append(line),
+                                on_transient=lambda error, backoff: transient.append(error))
+        finally:
+            drain.close()
+    assert len(cancelled) == 1 and cancelled[0][1] is True, cancelled  # it was there, active, and cancelled
+    assert summary.stopped_because == "buffer empty", summary
+    assert len(timeouts) == 1 and not transient, (timeouts, transient)
+    assert timeouts[0].startswith("statement cancelled on main (QueryCanceled: canceling statement due to user "
+                                  "request); retrying the batch in pieces of 15 transaction(s) in "), timeouts
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [m for m in warned if "on main" in m] == timeouts, warned
+    assert not any("main unreachable" in m for m in warned), warned
+    # nothing had committed (the cancel came mid-batch): claimed again, applied in two halves
+    assert [(r.applied, r.already_applied, r.pieces, r.retried, r.dead_lettered)
+            for r in reports if r.transactions] == [(30, 0, 2, 0, [])], reports
+    assert_applied_exactly_once(main_engine, observations)
+    with main_engine.connect() as conn:
+        recorded = conn.execute(sa.text("SELECT transaction_id, count(*) FROM obs_pipeline_applied GROUP BY 1")).all()
+    assert sorted(recorded) == sorted((i, 1) for i in ids)
+    assert_queues_empty(redis_client, settings.site)  # (the failed list too: nothing dead-lettered)
+    assert not redis_client.exists(keys.timeouts)  # the next batch goes whole again
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {check.status(i) for i in ids} == {"replicated"}
+    finally:
+        check.close()
+
+
+@pytest.mark.parametrize("pieces_by", ["saved piece size", "statement timeouts"])
+def test_an_id_reused_in_a_batch_applied_in_pieces_applies_the_first_and_dead_letters_the_second(
+        settings, redis_client, main_engine, pieces_by):
+    """A producer reuses the id "reused-1" for two transactions with other steps (creating obs
+    units 951, then 952) in one batch of 12 that main applies in pieces, the two copies in
+    different pieces, with a transaction renaming 951 between them. As when the batch is
+    applied whole: the first pushed is applied, the second dead-lettered as reused (kind
+    reused_id; the id's status stays the applied one's), every other transaction applied once,
+    nothing lost or doubled.
+
+    Pieces come from the piece size a drain saved after earlier timeouts (6: the copies in the
+    first and the second half), or from main's statement_timeout (2 s) and one file insert
+    that sleeps past it until the second timeout: the batch whole times out, then its second
+    half of 6 (the first half, with the first copy, committed), and the batch claimed again
+    skips the first half (applied_already tells the first copy, applied, from the second, not)
+    and applies the rest in pieces of 3.
+
+    One difference from the whole batch: there the second copy's reason says its id "names
+    another transaction ahead of it in the same batch"; in a later piece the first has
+    committed, and it says the id "was applied already at <time>" (both true)."""
+    from obs_pipeline.wire import Transaction
+
+    keys = SiteKeys(settings.site)
+    pushed: dict[str, list[str]] = {}
+
+    def push(tx_id: str, *steps: dict) -> None:
+        raw = json.dumps({"transaction_id": tx_id, "steps": [{"step_id": f"s{n}", **step}
+                                                              for n, step in enumerate(steps)]})
+        pushed.setdefault(tx_id, []).append(raw)
+        redis_client.lpush(keys.buffer, raw)
+
+    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
+                                 "data": {"id": unit, "name": name}}
+    buf = TransactionBuffer(settings=settings)
+    try:
+        observations = buffer_observations(buf, 2)  # 0-2
+        push("reused-1", create(951, "first"))  # 3
+        observations += buffer_observations(buf, 2, finish_every=0)  # 4, 5
+        push("uses-951", {"operation": "update", "model_class": "ObsUnit", "conditions": {"id": 951},
+                          "data": {"name": "first, renamed"}})  # 6
+        push("reused-1", create(952, "second, the id reused"))  # 7
+        observations += buffer_observations(buf, 4, finish_every=0)  # 8-11 (file f2_0.fits: 10's alone)
+    finally:
+        buf.close()
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    buffered = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert len(buffered) == 12 and buffered[3] == buffered[7] == "reused-1" and buffered[6] == "uses-951", buffered
+    first, second = (Transaction.from_json(raw) for raw in pushed["reused-1"])
+    assert first.steps_digest != second.steps_digest
+
+    reports, timeouts = [], []
+    config = DrainConfig(batch_size=12, backoff_initial_s=0.05, backoff_max_s=0.1)
+    with contextlib.ExitStack() as slow:
+        if pieces_by == "saved piece size":
+            BufferStore(redis_client, settings.site).save_timeouts(6, {})
+            drain_settings = settings
+        else:
+            slow.enter_context(slow_file_inserts(main_engine, 30, name="f2_0.fits"))
+            drain_settings = with_statement_timeout(settings, 2000)
+
+        def timed_out(line: str, backoff: float) -> None:
+            timeouts.append(line)
+            if len(timeouts) == 2:
+                slow.close()  # the trigger goes: what is left goes through
+
+        drain = Drain(drain_settings, config)
+        try:
+            summary = drain.run(until_empty=True, budget_s=120, on_batch=reports.append, on_timeout=timed_out)
+        finally:
+            drain.close()
+    assert summary.stopped_because == "buffer empty", summary
+    reason = ("its transaction_id was applied already at 20", "with other steps: a producer reused the id. Nothing "
+              "of this one was applied; `obs-pipeline failed retry` requeues it under a new transaction_id")
+    done = [(r.applied, r.already_applied, r.pieces, r.retried, [d["transaction_id"] for d in r.dead_lettered])
+            for r in reports if r.transactions]
+    if pieces_by == "saved piece size":
+        assert timeouts == []
+        assert done == [(11, 0, 2, 0, ["reused-1"])], reports
+        assert BufferStore(redis_client, settings.site).timeouts() == (None, {})  # whole batches again
+    else:
+        assert [line.split("; ")[1].rsplit(" in ", 1)[0] for line in timeouts] == [
+            "retrying the batch in pieces of 6 transaction(s)", "retrying the batch in pieces of 3 transaction(s)"
+        ], timeouts
+        assert all(line.startswith("statement timeout on main (QueryCanceled") for line in timeouts), timeouts
+        # the first half (with the first copy) committed before the second half timed out: skipped
+        assert done == [(5, 6, 2, 0, ["reused-1"])], reports
+        assert BufferStore(redis_client, settings.site).timeouts() == (6, {})  # pieces of 6 next
+    # main: the first copy applied, once; the second not; every other transaction once
+    with main_engine.connect() as conn:
+        units = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id IN (951, 952)")).all())
+        recorded = conn.execute(sa.text("SELECT transaction_id, steps_digest FROM obs_pipeline_applied")).all()
+    assert units == {951: "first, renamed"}
+    assert sorted(i for i, _ in recorded) == sorted(ids + ["reused-1", "uses-951"])
+    assert dict(recorded)["reused-1"] == first.steps_digest
+    assert_applied_exactly_once(main_engine, observations, others=["reused-1", "uses-951"])
+    # the second copy dead-lettered as reused, as pushed
+    letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [(f["transaction_id"], f["failure"]["kind"]) for f in letters] == [("reused-1", "reused_id")], letters
+    assert [step["data"] for step in letters[0]["steps"]] == [{"id": 952, "name": "second, the id reused"}], letters
+    assert letters[0]["failure"]["reason"].startswith(reason[0]), letters
+    assert letters[0]["failure"]["reason"].endswith(reason[1]), letters
+    check = TransactionBuffer(settings=settings)
+    try:  # the id's status is the applied one's
+        assert {i: check.status(i) for i in ids + ["reused-1", "uses-951"]} == dict.fromkeys(
+            ids + ["reused-1", "uses-951"], "replicated")
+    finally:
+        check.close()
+    # what uses the second's row would be dead-lettered with it; the first's row is nobody's
+    assert redis_client.hgetall(keys.held_ids) == {b"obs_unit:952": b"!reused-1"}
+    redis_client.delete(keys.failed)
     assert_queues_empty(redis_client, settings.site)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -41,8 +41,10 @@ def buffer_observations(buf: TransactionBuffer, count: int, finish_every: int = 
     return out
 
 
-def assert_applied_exactly_once(engine: sa.Engine, observations: list[Observation], files: int = 2) -> None:
-    """Every observation once, with its files, finished ones completed; nothing else."""
+def assert_applied_exactly_once(engine: sa.Engine, observations: list[Observation], files: int = 2,
+                                others: Collection[str] = ()) -> None:
+    """Every observation once, with its files, finished ones completed; nothing else (but the
+    transactions `others`, whose ids count among those recorded applied)."""
     with engine.connect() as conn:
         rows = dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit")).all())
         pkg_files = dict(conn.execute(sa.text(
@@ -52,7 +54,7 @@ def assert_applied_exactly_once(engine: sa.Engine, observations: list[Observatio
     for o in observations:
         assert rows[o.obs_id] == ("completed" if o.finish_tx else "running"), o
         assert pkg_files[o.package_id] == files, o
-    expected_txs = len(observations) + sum(1 for o in observations if o.finish_tx)
+    expected_txs = len(observations) + sum(1 for o in observations if o.finish_tx) + len(others)
     assert applied == expected_txs
 
 
@@ -134,3 +136,39 @@ def slow_file_inserts(main_engine, sleep_s: float, name: str | None = None):
         with main_engine.begin() as conn:
             conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_slow_file ON raw_data_file"))
             conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_slow_file()"))
+
+
+@contextlib.contextmanager
+def cancelled_once_while_sleeping(main_engine, application_name: str, wait_s: float = 120) -> Iterator[list]:
+    """Inside the block, another session cancels (pg_cancel_backend, as an administrator would)
+    the statement of the session on main named `application_name`, once, the first time it is
+    seen active in pg_sleep (a trigger of slow_file_inserts: mid-batch). Yields a list that gets
+    (pid, what pg_cancel_backend returned); on the way out the watcher stops (within `wait_s` of
+    its start it gives up looking)."""
+    import threading
+    import time
+
+    cancelled: list[tuple[int, bool]] = []
+    done = threading.Event()
+    find = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name AND state = 'active' "
+                   "AND wait_event = 'PgSleep' AND pid <> pg_backend_pid() LIMIT 1")
+
+    def watch() -> None:
+        deadline = time.monotonic() + wait_s
+        with main_engine.connect() as conn:
+            while not done.is_set() and time.monotonic() < deadline:
+                pid = conn.execute(find, {"name": application_name}).scalar()
+                if pid is not None:
+                    ok = conn.execute(sa.text("SELECT pg_cancel_backend(:pid)"), {"pid": pid}).scalar_one()
+                    cancelled.append((pid, ok))
+                    return
+                conn.rollback()  # a fresh snapshot of pg_stat_activity each time
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, name="obs-test-canceller", daemon=True)
+    watcher.start()
+    try:
+        yield cancelled
+    finally:
+        done.set()
+        watcher.join(timeout=30)
