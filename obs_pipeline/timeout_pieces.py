@@ -114,6 +114,9 @@ class TimeoutPieces:
         if timeout.kind == "lock timeout":
             fix = (f"a session on main holds a lock it needs: end it (pg_stat_activity, pg_locks) or raise "
                    f"lock_timeout for the drain's role (ALTER ROLE {role} SET lock_timeout = ...)")
+        elif timeout.kind == "statement cancelled":  # no timeout: someone, or a tool, cancels the drain's session
+            fix = ("something on main cancels the drain's statements (pg_cancel_backend: an administrator, a "
+                   "watchdog that ends long queries; main's log names it): stop it for the drain's role")
         else:
             fix = (f"it takes longer than main allows the drain's role: raise statement_timeout (ALTER ROLE {role} "
                    "SET statement_timeout = ...), or end the session on main holding a lock it waits for "

@@ -514,3 +514,22 @@ def test_a_transaction_timing_out_alone_is_given_up_after_its_attempts_and_the_r
     assert sorted(main.committed) == sorted(tx.transaction_id for tx in txs if tx.transaction_id != slow)
     assert len(main.committed) == 3
     assert store.saved == (2, {})  # the batch went through: pieces doubled from 1, the count in a row ended
+
+
+@pytest.mark.parametrize("kind, advice", [
+    ("statement timeout", "raise statement_timeout (ALTER ROLE drainer SET statement_timeout = ...)"),
+    ("lock timeout", "holds a lock it needs: end it (pg_stat_activity, pg_locks) or raise lock_timeout"),
+    ("statement cancelled", "something on main cancels the drain's statements (pg_cancel_backend"),
+])
+def test_a_transaction_given_up_after_timeouts_is_told_what_to_do_for_what_cancelled_it(kind, advice):
+    """A statement that an administrator or a watchdog cancelled (57014 "due to user request")
+    is no timeout: raising statement_timeout would not help."""
+    from obs_pipeline.apply import StatementTimeout
+    from obs_pipeline.timeout_pieces import TimeoutPieces
+
+    tx = Transaction.from_json(json.dumps(seed_example()[0]))
+    reason = TimeoutPieces(_TimeoutsKept(), _MainCancelling(most=0), REGISTRY, attempts=5)._reason(
+        StatementTimeout("canceling statement", kind), tx)
+    assert reason.startswith(f"{kind} on main 5 times in a row, applied alone") and advice in reason, reason
+    assert reason.endswith(f"then `obs-pipeline failed retry {tx.transaction_id}`"), reason
+    assert ("statement_timeout" in reason) == (kind == "statement timeout"), reason
