@@ -510,7 +510,7 @@ def test_a_transaction_timing_out_alone_is_given_up_after_its_attempts_and_the_r
     assert [tx.transaction_id for tx, _ in result.timed_out] == [slow]
     reason = result.timed_out[0][1]
     assert reason.startswith("statement timeout on main 3 times in a row, applied alone") and "ALTER ROLE drainer " \
-        f"SET statement_timeout" in reason and reason.endswith(f"`obs-pipeline failed retry {slow}`"), reason
+        "SET statement_timeout" in reason and reason.endswith(f"`obs-pipeline failed retry {slow}`"), reason
     assert sorted(main.committed) == sorted(tx.transaction_id for tx in txs if tx.transaction_id != slow)
     assert len(main.committed) == 3
     assert store.saved == (2, {})  # the batch went through: pieces doubled from 1, the count in a row ended
