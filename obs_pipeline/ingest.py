@@ -368,7 +368,9 @@ class TransactionBuffer:
                 remaining = deadline - time.monotonic()
                 if status == "failed" or remaining <= 0:
                     return False
-                self._sleep_until_event(pubsub, transaction_id, min(_WAIT_RECHECK_S, remaining))
+                event = self._sleep_until_event(pubsub, transaction_id, min(_WAIT_RECHECK_S, remaining))
+                if event in _ORDER and _ORDER[event] >= _ORDER[until]:
+                    return True  # the drain's word: a far batch's status says `applied` a batch later
         finally:
             if pubsub is not None:
                 try:
@@ -395,20 +397,30 @@ class TransactionBuffer:
         return None
 
     @staticmethod
-    def _sleep_until_event(pubsub: "redis.client.PubSub | None", transaction_id: str, seconds: float) -> None:
-        """Return when an event names the transaction, or after `seconds`."""
+    def _sleep_until_event(pubsub: "redis.client.PubSub | None", transaction_id: str, seconds: float) -> str | None:
+        """The event ("applied", "replicated") once one names the transaction, or None after
+        `seconds`. The drain publishes "applied" with the commit's acknowledgement; where main
+        is far it writes the status a batch later (drain.py, _mark_applied)."""
         end = time.monotonic() + seconds
         if pubsub is None:
             time.sleep(min(0.05, seconds))  # polling fallback
-            return
+            return None
         needle = transaction_id.encode()
         try:
             while (left := end - time.monotonic()) > 0:
                 message = pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
-                if message is not None and message.get("type") == "message" and needle in message["data"]:
-                    return
+                if message is None or message.get("type") != "message" or needle not in message["data"]:
+                    continue  # (another transaction's id may hold this one's)
+                try:
+                    event = json.loads(message["data"])
+                except ValueError:
+                    return None  # not the drain's: read the status
+                ids = event.get("transaction_ids") if isinstance(event, dict) else None
+                if isinstance(ids, list) and transaction_id in ids:
+                    return event.get("event") if isinstance(event.get("event"), str) else None
         except (redis.RedisError, OSError):
             time.sleep(max(0.0, min(0.05, end - time.monotonic())))
+        return None
 
     def get(self, model: str, record_id_: Any) -> dict[str, Any] | None:
         return self.query.get(model, record_id_)

@@ -533,3 +533,27 @@ def test_a_transaction_given_up_after_timeouts_is_told_what_to_do_for_what_cance
     assert reason.startswith(f"{kind} on main 5 times in a row, applied alone") and advice in reason, reason
     assert reason.endswith(f"then `obs-pipeline failed retry {tx.transaction_id}`"), reason
     assert ("statement_timeout" in reason) == (kind == "statement timeout"), reason
+
+
+class _Channel:
+    """A stand-in for a pub/sub subscription that hands out the given messages, then nothing."""
+
+    def __init__(self, *payloads: bytes):
+        self.messages = [{"type": "message", "data": p} for p in payloads]
+
+    def get_message(self, ignore_subscribe_messages: bool, timeout: float):
+        return self.messages.pop(0) if self.messages else None
+
+
+@pytest.mark.parametrize("payloads, event", [
+    ([b'{"event": "applied", "transaction_ids": ["tx-1"]}'], "applied"),
+    ([b'{"event": "applied", "transaction_ids": ["tx-10"]}', b'{"event": "replicated", "transaction_ids": ["tx-1"]}'],
+     "replicated"),  # tx-10 holds "tx-1" but does not name it
+    ([b'{"event": "applied", "transaction_ids": ["tx-10"]}'], None),
+    ([b'{"event": "applied", "transaction_ids": "tx-1"}'], None),  # not a list: no substring match
+    ([b'not json but tx-1'], None),
+])
+def test_wait_takes_an_event_that_names_the_transaction_for_its_word(payloads, event):
+    from obs_pipeline.ingest import TransactionBuffer
+
+    assert TransactionBuffer._sleep_until_event(_Channel(*payloads), "tx-1", 0.05) == event

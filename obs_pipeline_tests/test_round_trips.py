@@ -362,6 +362,42 @@ def test_where_main_is_far_and_the_replica_lags_every_committed_batch_is_marked_
     buf.close()
 
 
+def test_where_main_is_far_wait_until_applied_returns_at_the_commit_not_when_the_status_follows(
+        settings, main_engine, tmp_path):
+    """A far full batch's status says `applied` only in the next batch's overlap; a script
+    waiting for `applied` is woken by the drain's "applied" event at the commit's
+    acknowledgement and takes its word, not the status's (it waited a batch longer, or, with
+    nothing after it and a replica that replays nothing, until its timeout)."""
+    import threading
+
+    from obs_pipeline.drain import Drain, DrainConfig
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 100, finish_every=0)
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
+    waited: dict[str, bool] = {}
+    waiters = [threading.Thread(target=lambda tx=obs.start_tx: waited.__setitem__(tx, buf.wait(tx, "applied", 20)))
+               for obs in observations[::25]]
+    drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
+    drain._replay_lsn = lambda: None  # a replica that replays nothing: no "replicated" to wake them
+    drain.replica.wait_for_replay = lambda lsn, timeout_s: None
+    try:
+        for waiter in waiters:
+            waiter.start()
+        time.sleep(0.5)  # subscribed and waiting
+        drain.acquire()
+        assert drain.step().applied == 100
+        for waiter in waiters:
+            waiter.join(10)  # well before their 20 s
+        assert waited == {obs.start_tx: True for obs in observations[::25]}, waited
+        assert {buf.status(obs.start_tx) for obs in observations} == {"processing"}  # the status follows later
+    finally:
+        drain.close()
+        link_down()
+    assert {buf.status(obs.start_tx) for obs in observations} == {"applied"}
+    buf.close()
+
+
 def test_where_main_is_near_a_replayed_batch_is_cleaned_before_the_next_is_sent(settings, main_engine,
                                                                                  replica_engine):
     """Near main the drain is short of CPU, not of time: a batch the replica has replayed is
