@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline_tests.workload import buffer_observations, drain_one_batch
@@ -395,6 +396,58 @@ def test_where_main_is_far_wait_until_applied_returns_at_the_commit_not_when_the
         drain.close()
         link_down()
     assert {buf.status(obs.start_tx) for obs in observations} == {"applied"}
+    buf.close()
+
+
+def test_a_far_drain_killed_before_it_marks_a_committed_batch_applied_loses_and_doubles_nothing(
+        settings, main_engine, tmp_path):
+    """Where main is far a full batch is marked `applied` in the next batch's overlap. A drain
+    killed before that (as kill -9 would: no lease released, nothing flushed), with the next
+    batch already sent and committed but not acknowledged, leaves the first batch's statuses at
+    `processing`; the next drain skips the committed second batch, cleans both once the
+    replica has replayed them (their statuses `replicated`), and applies the rest, each once."""
+    from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    class Killed(BaseException):
+        pass
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 300, finish_every=0)
+    first = [obs.start_tx for obs in observations[:100]]
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
+    try:
+        drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100, lease_ttl_s=2))
+        drain._mark_applied_now = drain._release_lease = lambda: None  # kill -9 runs no cleanup
+        marked, mark_processing = [], drain.store.mark_processing
+
+        def killed_at_the_second_batch(ids, full_json):
+            marked.append(len(ids))
+            if len(marked) == 2:  # sent to main already: the drain waits for its commit, then dies
+                raise Killed
+            return mark_processing(ids, full_json)
+
+        drain.store.mark_processing = killed_at_the_second_batch
+        with pytest.raises(Killed):
+            drain.run(until_empty=True, budget_s=60)
+        drain.main.close()
+        assert {buf.status(tx) for tx in first} == {"processing"}  # committed, acknowledged, not marked
+        with main_engine.connect() as conn:
+            committed = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied")).scalar_one()
+        assert committed == 200, committed  # the second batch too, not acknowledged
+        again = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
+        try:
+            summary = again.run(until_empty=True, lease_wait_s=10, budget_s=60)
+        finally:
+            again.close()
+    finally:
+        link_down()
+    assert summary.stopped_because == "buffer empty", summary
+    assert_applied_exactly_once(main_engine, observations)
+    assert {buf.status(obs.start_tx) for obs in observations} == {"replicated"}
+    keys = SiteKeys(settings.site)
+    assert not any(buf.store.work().values()) and not buf.store.redis.llen(keys.failed)
     buf.close()
 
 
