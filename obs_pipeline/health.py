@@ -120,7 +120,8 @@ def drain_timeouts(piece: int | None, alone: dict[str, int], attempts: int,
                  + f" times in a row (dead-lettered at {attempts})")
     check = ("if it goes on: check main's statement_timeout and lock_timeout for the drain's role "
              f"(ALTER ROLE {role or '<role>'} SET statement_timeout = ...), and pg_stat_activity on main for a "
-             "session holding a lock the drain waits for")
+             "session holding a lock the drain waits for; main's log names a session that cancels the drain's "
+             "statements (pg_cancel_backend)")
     return {"piece": piece, "timed_out_alone": dict(alone), "timeout_attempts": attempts, "note": note,
             "check": check}
 

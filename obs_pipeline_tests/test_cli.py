@@ -782,7 +782,8 @@ def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_witho
         "(dead-lettered at 5)",
         "    if it goes on: check main's statement_timeout and lock_timeout for the drain's role "
         f"(ALTER ROLE {role} SET statement_timeout = ...), and pg_stat_activity on main for a session holding a "
-        "lock the drain waits for"], text.stdout
+        "lock the drain waits for; main's log names a session that cancels the drain's statements "
+        "(pg_cancel_backend)"], text.stdout
     report = json.loads(cli("status", "--json", env=env).stdout)
     shown = report["drain_timeouts"]
     assert (shown["piece"], shown["timed_out_alone"], shown["timeout_attempts"]) == (4, {"tx-1": 2}, 5), shown
