@@ -412,7 +412,7 @@ class TransactionBuffer:
                 if message is None or message.get("type") != "message" or needle not in message["data"]:
                     continue  # (another transaction's id may hold this one's)
                 try:
-                    event = json.loads(message["data"])
+                    event = json_codec.loads(message["data"])
                 except ValueError:
                     return None  # not the drain's: read the status
                 ids = event.get("transaction_ids") if isinstance(event, dict) else None

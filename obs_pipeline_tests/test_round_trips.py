@@ -225,6 +225,12 @@ def test_a_link_that_drops_under_grown_batches_loses_nothing_and_doubles_nothing
     assert_applied_exactly_once(main_engine, observations)
 
 
+def _replica_replays_nothing(drain) -> None:
+    """As the drain sees it: the replica answers no replay position, now or after a wait."""
+    drain._replay_lsn = lambda: None
+    drain.replica.wait_for_replay = lambda lsn, timeout_s: None
+
+
 def _drain_recording_order(settings, config, main_engine, replica_engine) -> list[tuple[str, int]]:
     """("apply", transactions) when a batch is sent to main, ("applied", transactions) when
     main's answer is back, ("clean", transactions) for each cleanup and ("status applied",
@@ -327,13 +333,9 @@ def test_where_main_is_far_and_the_replica_lags_every_committed_batch_is_marked_
     observations = buffer_observations(buf, 300, finish_every=0)
     far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=10)
 
-    def replica_stuck(drain):
-        drain._replay_lsn = lambda: None
-        drain.replica.wait_for_replay = lambda lsn, timeout_s: None
-
     try:
         drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
-        replica_stuck(drain)
+        _replica_replays_nothing(drain)
         try:  # three full batches, then an idle step
             summary = drain.run(until_empty=True, replica_patience_s=0.5, budget_s=60)
         finally:
@@ -342,7 +344,7 @@ def test_where_main_is_far_and_the_replica_lags_every_committed_batch_is_marked_
         assert {buf.status(obs.start_tx) for obs in observations} == {"applied"}
         more, last = (buffer_observations(buf, 100, finish_every=0) for _ in range(2))
         drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
-        replica_stuck(drain)
+        _replica_replays_nothing(drain)
         try:
             drain.acquire()
             assert drain.step().applied == 100  # one full batch, its mark left to the next step
@@ -380,8 +382,7 @@ def test_where_main_is_far_wait_until_applied_returns_at_the_commit_not_when_the
     waiters = [threading.Thread(target=lambda tx=obs.start_tx: waited.__setitem__(tx, buf.wait(tx, "applied", 20)))
                for obs in observations[::25]]
     drain = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
-    drain._replay_lsn = lambda: None  # a replica that replays nothing: no "replicated" to wake them
-    drain.replica.wait_for_replay = lambda lsn, timeout_s: None
+    _replica_replays_nothing(drain)  # no "replicated" to wake them
     try:
         for waiter in waiters:
             waiter.start()
