@@ -7,6 +7,7 @@ dies leaves it to the next one, which skips what already committed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -381,7 +382,7 @@ class Drain:
             self._mark_applied(cleaned)
         except BaseException:
             if applying:
-                wait([applying])  # let main finish this batch; the next claim sorts out what committed
+                self._let_main_finish(applying)  # the next claim sorts out what committed
             self._prefetched = None  # its entries stay in the processing list
             raise
         try:
@@ -391,6 +392,8 @@ class Drain:
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
         except BaseException as error:
+            if applying:  # interrupted while main applies (Ctrl-C, Dagster ending the run)
+                self._let_main_finish(applying)
             self._prefetched = None  # reclaimed from the processing list together with this batch
             if isinstance(error, StatementTimeout):
                 self.timeouts.timed_out(error)
@@ -456,6 +459,16 @@ class Drain:
             if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
                 raise LeaseLost(f"the drain lease of site {self.settings.site} was taken while main applied a batch")
         return applying.result()
+
+    def _let_main_finish(self, applying) -> None:
+        """Before an error or an interrupt leaves step(), and run() lets go of the lease: main's
+        answer to the batch in flight, the lease renewed meanwhile. Let go at once, another drain
+        (the sensor's next run) claimed that batch and applied it beside this one, held off only by
+        the applied-ids key. A second Ctrl-C ends the wait."""
+        while not wait([applying], timeout=self.config.lease_ttl_s / 3).done:
+            with contextlib.suppress(redis.RedisError):
+                if self.token:
+                    self.store.renew_lease(self.token, self.config.lease_ttl_s)
 
     def _resize(self, result: BatchResult) -> None:
         """Size the next claims by the last full batch, applied on the fast path (a bisected one

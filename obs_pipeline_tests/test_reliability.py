@@ -1721,6 +1721,55 @@ def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_re
     assert_queues_empty(redis_client, settings.site)
 
 
+def test_a_drain_interrupted_while_main_applies_keeps_the_lease_until_main_answers(settings, redis_client,
+                                                                                 main_engine):
+    """Ctrl-C (or Dagster ending the run) while main applies a batch, here held up by another
+    session's row lock: the drain waits for main's answer before it lets go of the lease. It let
+    go at once, while its batch was still being applied, and another drain (the sensor's next
+    run) could claim that batch and apply it beside it. The interrupt still ends the run; the
+    next drain finds the batch applied: each transaction once."""
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 6, finish_every=2)  # 9 transactions
+    buf.close()
+    keys = SiteKeys(settings.site)
+    seen: dict = {}
+    main_thread = threading.main_thread().ident
+    drain = Drain(settings, DrainConfig(batch_size=100))
+
+    def interrupt_then_look(blocker) -> None:
+        def main_says(sql: str) -> int:
+            with main_engine.connect() as conn:  # (pg_stat_activity is read once per transaction)
+                return conn.execute(sa.text(sql)).scalar_one()
+
+        try:
+            assert wait_until(lambda: main_says("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                                                "'Lock' AND application_name = 'obs-pipeline drain'") > 0, timeout=30)
+            signal.pthread_kill(main_thread, signal.SIGINT)  # Ctrl-C, while the drain waits on main
+            time.sleep(1.0)
+            seen["lease"] = redis_client.get(keys.lease)
+            seen["token"] = drain.token
+            seen["applied"] = main_says("SELECT count(*) FROM obs_pipeline_applied")
+        finally:
+            blocker.commit()  # the lock goes: main applies the batch
+
+    with main_engine.connect() as blocker:
+        blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+        looker = threading.Thread(target=interrupt_then_look, args=(blocker,))
+        looker.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                drain.run(until_empty=True, budget_s=60)
+        finally:
+            looker.join()
+            drain.close()
+    assert seen["applied"] == 0, seen  # main was still applying when the lease was looked at
+    assert seen["token"] and seen["lease"] == seen["token"].encode(), seen
+    assert redis_client.get(keys.lease) is None  # let go once main answered
+    drain_until_settled(settings, batch_size=100)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+
+
 def test_a_batch_too_large_for_mains_statement_timeout_is_applied_in_smaller_pieces(settings, redis_client,
                                                                                     main_engine, caplog):
     """Main takes 10 ms to insert each file (a trigger) and the drain's role has a
