@@ -22,9 +22,11 @@ OBS_UNIT_IDS = (1, 2, 3, 123)
 @pytest.fixture(scope="session")
 def stack_urls(stack):  # noqa: F811
     env = stack.env()
-    engine = sa.create_engine(env["OBS_MAIN_DB_URL"])
+    engine, replica = sa.create_engine(env["OBS_MAIN_DB_URL"]), sa.create_engine(env["OBS_REPLICA_DB_URL"])
     create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
+    wait_for_replica(engine, replica)  # a session's first test may read the replica (ingest checks a key there)
     engine.dispose()
+    replica.dispose()
     return env
 
 
