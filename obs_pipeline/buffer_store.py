@@ -121,9 +121,10 @@ def _eval_pairs(target: Any, script: str, key: str, args: list[Any]) -> None:
         target.eval(script, 1, key, *part)
 
 
-def _timeouts_of(raw: dict[bytes, bytes]) -> tuple[int | None, dict[str, int]]:
-    """The timeouts hash as BufferStore.timeouts gives it: (piece size or None, {id: count})."""
-    piece, alone = None, {}
+def _timeouts_of(raw: dict[bytes, bytes]) -> tuple[int | None, dict[str, int], int | None]:
+    """The timeouts hash: (piece size or None, {id: count}, the drain's timeout_attempts or
+    None: a key written before the drain saved them)."""
+    piece, alone, attempts = None, {}, None
     for field_, value in raw.items():
         name = field_.decode("utf-8", "surrogateescape")
         try:
@@ -132,9 +133,11 @@ def _timeouts_of(raw: dict[bytes, bytes]) -> tuple[int | None, dict[str, int]]:
             continue
         if name == "piece" and number >= 1:
             piece = number
+        elif name == "attempts" and number >= 1:
+            attempts = number
         elif name.startswith("alone:"):
             alone[name.removeprefix("alone:")] = number
-    return piece, alone
+    return piece, alone, attempts
 
 
 class LeaseLost(RuntimeError):
@@ -342,13 +345,17 @@ class BufferStore:
     def timeouts(self) -> tuple[int | None, dict[str, int]]:
         """What the drain keeps after statement timeouts on main (see SiteKeys.timeouts): the
         piece size (None: batches whole) and, per transaction id, its timeouts alone in a row."""
-        return _timeouts_of(self.redis.hgetall(self.keys.timeouts))
+        piece, alone, _ = _timeouts_of(self.redis.hgetall(self.keys.timeouts))
+        return piece, alone
 
-    def save_timeouts(self, piece: int | None, alone: dict[str, int]) -> None:
-        """Replace what `timeouts` reads; nothing to keep deletes the key."""
+    def save_timeouts(self, piece: int | None, alone: dict[str, int], attempts: int | None = None) -> None:
+        """Replace what `timeouts` reads; nothing to keep deletes the key. `attempts`, the drain's
+        timeout_attempts, is kept beside them for `status` (a Dagster run config may set it)."""
         mapping: dict[str, int] = {f"alone:{tx_id}": count for tx_id, count in alone.items()}
         if piece is not None:
             mapping["piece"] = piece
+        if mapping and attempts is not None:
+            mapping["attempts"] = attempts
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.timeouts)
             if mapping:

@@ -25,7 +25,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                   timeout_attempts: int = DrainConfig.timeout_attempts) -> dict[str, Any]:
     """`spool`: this host's spool of the site (`obs-pipeline status` passes the one OBS_SPOOL_DIR
     names): transactions waiting there while Redis answers need `obs-pipeline spool push`.
-    `timeout_attempts`: the drain's (DrainConfig), for the counts of `drain_timeouts`."""
+    `timeout_attempts`: the drain's (DrainConfig), for the counts of `drain_timeouts` where the
+    drain did not save its own with them (a key written before it did)."""
     depths = store.depths()
     stats = depths["stats"]
     oldest = _entry_age(store.redis.lindex(store.keys.processing, -1) or depths["oldest_entry"])
@@ -92,7 +93,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     }
     if local_spool is not None:
         report["local_spool"] = local_spool
-    timeouts = drain_timeouts(*depths["timeouts"], timeout_attempts, main.url.username if main is not None else None)
+    piece, alone, attempts = depths["timeouts"]  # attempts: as the drain that saved them had it
+    timeouts = drain_timeouts(piece, alone, attempts or timeout_attempts, main.url.username if main is not None else None)
     if timeouts is not None:
         report["drain_timeouts"] = timeouts
     return report

@@ -94,7 +94,8 @@ class SiteKeys:
     def timeouts(self) -> str:
         """Hash, after statement or lock timeouts on main: `piece` -> how many transactions the
         drain applies per main transaction; `alone:{id}` -> how many times in a row that
-        transaction timed out applied alone. Gone once batches go through whole again."""
+        transaction timed out applied alone; `attempts` -> the drain's timeout_attempts, for
+        `status`. Gone once batches go through whole again."""
         return f"{self.prefix}timeouts"
 
     @property

@@ -81,7 +81,7 @@ class TimeoutPieces:
         if timeout.alone is not None:
             tx_id = timeout.alone.transaction_id
             self.alone[tx_id] = self.alone.get(tx_id, 0) + 1
-        self.store.save_timeouts(self.piece, self.alone)
+        self.store.save_timeouts(self.piece, self.alone, self.attempts)
 
     def passed(self, batch_size: int) -> None:
         """A batch went through while pieces were in effect: pieces twice as large next time,
@@ -89,7 +89,7 @@ class TimeoutPieces:
         piece = self.piece * 2 if self.piece is not None else None
         self.piece = piece if piece is not None and piece < batch_size else None
         self.alone = {}
-        self.store.save_timeouts(self.piece, self.alone)
+        self.store.save_timeouts(self.piece, self.alone, self.attempts)
         log.info("main applied the batch after statement timeouts; %s", "batches are applied whole again"
                  if self.piece is None else f"next in pieces of {self.piece} transactions")
 

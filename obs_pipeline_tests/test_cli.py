@@ -770,7 +770,7 @@ def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_witho
     transaction was on its way to the dead letters. Two lines, what to check on main; the site
     stays healthy (the drain goes on by itself). Nothing of it once the key is gone."""
     store = BufferStore(redis_client, settings.site)
-    store.save_timeouts(4, {"tx-1": 2})
+    store.save_timeouts(4, {"tx-1": 2})  # no attempts saved (as before the drain saved them): the default's 5
     role = sa.engine.make_url(settings.main_db_url).username
     text = cli("status", "--check", env=env)
     assert text.returncode == 0 and text.stderr == "", text.stderr
@@ -800,8 +800,10 @@ def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_witho
 def test_status_shows_what_a_real_statement_timeout_left_until_batches_go_whole_again(env, settings, main_engine):
     """A real drain on a real statement timeout (0.3 s for the drain's role; one file takes main
     1 s to insert): the batch times out whole, then its slow transaction alone, twice. `status`
-    says pieces of 1 and that transaction's 2 of 5; once the cause is gone and a batch goes
-    through, the counts end and the pieces double (2); once batches go whole, nothing."""
+    says pieces of 1 and that transaction's 2 of 3, the drain's own timeout_attempts (a Dagster
+    run config's, say: `status` said "of 5", the default, and "dead-lettered at 5" of one a
+    timeout away from it); once the cause is gone and a batch goes through, the counts end and
+    the pieces double (2); once batches go whole, nothing."""
     buf = TransactionBuffer(settings=settings)
     try:
         observations = buffer_observations(buf, 2, finish_every=0)  # 2 transactions, one batch
@@ -809,11 +811,12 @@ def test_status_shows_what_a_real_statement_timeout_left_until_batches_go_whole_
         with slow_file_inserts(main_engine, 1.0, name="f1_0.fits"):
             for _ in range(3):  # whole, then alone twice (the first piece commits)
                 with pytest.raises(StatementTimeout):
-                    drain_one_batch(with_statement_timeout(settings, 300), batch_size=10)
+                    drain_one_batch(with_statement_timeout(settings, 300), batch_size=10, timeout_attempts=3)
         text = cli("status", env=env).stdout
         assert ("  drain timeouts: batches applied in pieces of 1 transaction after statement/lock timeouts on main"
                 in text), text
-        assert f"; timed out alone: {slow.start_tx} 2 of 5 times in a row (dead-lettered at 5)\n" in text, text
+        assert f"; timed out alone: {slow.start_tx} 2 of 3 times in a row (dead-lettered at 3)\n" in text, text
+        assert json.loads(cli("status", "--json", env=env).stdout)["drain_timeouts"]["timeout_attempts"] == 3
         drain_one_batch(settings, batch_size=10)  # the cause gone: it goes through
         text = cli("status", env=env).stdout
         assert "batches applied in pieces of 2 transactions after" in text and "timed out alone" not in text, text

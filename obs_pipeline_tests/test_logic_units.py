@@ -457,7 +457,7 @@ class _TimeoutsKept:
     def timeouts(self):
         return self.saved[0], dict(self.saved[1])
 
-    def save_timeouts(self, piece, alone):
+    def save_timeouts(self, piece, alone, attempts=None):
         self.saved = (piece, dict(alone))
 
 
