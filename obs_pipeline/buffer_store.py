@@ -551,6 +551,17 @@ class BufferStore:
         finally:
             pool.release(conn)
 
+    def newest_committed_ids(self) -> list[str]:
+        """The transaction ids of the newest batch that awaits the replica's replay (its chunks
+        share its commit LSN, their score)."""
+        k = self.keys
+        newest = self.redis.zrange(k.awaiting_replication, -1, -1, withscores=True)
+        if not newest:
+            return []
+        score = newest[0][1]
+        return [tx_id for member in self.redis.zrangebyscore(k.awaiting_replication, score, score)
+                for tx_id in json_codec.loads(member).get("t") or ()]
+
     def awaiting_replication(self) -> tuple[int, int | None]:
         """(batches not yet replayed, lowest commit LSN among them)."""
         k = self.keys

@@ -234,6 +234,7 @@ class Drain:
         idle_since: float | None = None
         self.store.require_redis()
         self.acquire(lease_wait_s)
+        self._mark_left_applied()
         backoff = self.config.backoff_initial_s
         gc_thresholds = gc.get_threshold()
         gc.set_threshold(max(GC_THRESHOLD, gc_thresholds[0]), *gc_thresholds[1:])
@@ -438,6 +439,17 @@ class Drain:
             left, self._unmarked = [i for i in self._unmarked if i not in done], []
             if left:
                 self.store.set_status(left, "applied")
+
+    def _mark_left_applied(self) -> None:
+        """As a run starts: a far drain killed (kill -9, its machine lost) before it marked its
+        last full batch "applied" (left to the next step's overlap) left those statuses at
+        "processing" for as long as the replica had not replayed them (a replica down: hours).
+        Only that batch can be left so, the newest committed (earlier ones were marked in the
+        overlap before it was acknowledged); a status "applied" already, or "replicated", stays
+        as it is (SET_STATUS)."""
+        left = self.store.newest_committed_ids()
+        if left:
+            self.store.set_status(left, "applied")
 
     def _mark_applied_now(self) -> None:
         """As the run ends, however it ends: a status left at "processing" would say a drain is

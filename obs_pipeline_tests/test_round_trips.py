@@ -405,8 +405,10 @@ def test_a_far_drain_killed_before_it_marks_a_committed_batch_applied_loses_and_
     """Where main is far a full batch is marked `applied` in the next batch's overlap. A drain
     killed before that (as kill -9 would: no lease released, nothing flushed), with the next
     batch already sent and committed but not acknowledged, leaves the first batch's statuses at
-    `processing`; the next drain skips the committed second batch, cleans both once the
-    replica has replayed them (their statuses `replicated`), and applies the rest, each once."""
+    `processing`. The next drain marks them `applied` as it starts, though its replica replays
+    nothing (they stayed `processing` until a cleanup: with the replica down, for hours), and
+    skips the committed second batch; a drain that sees the replay cleans both (their statuses
+    `replicated`) and applies the rest, each once."""
     from obs_pipeline.drain import Drain, DrainConfig
     from obs_pipeline.keys import SiteKeys
     from obs_pipeline_tests.workload import assert_applied_exactly_once
@@ -437,6 +439,13 @@ def test_a_far_drain_killed_before_it_marks_a_committed_batch_applied_loses_and_
         with main_engine.connect() as conn:
             committed = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied")).scalar_one()
         assert committed == 200, committed  # the second batch too, not acknowledged
+        next_run = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
+        _replica_replays_nothing(next_run)
+        try:
+            next_run.run(until_empty=True, lease_wait_s=10, replica_patience_s=0.5, budget_s=60)
+        finally:
+            next_run.close()
+        assert {buf.status(tx) for tx in first} == {"applied"}
         again = Drain(far, DrainConfig(batch_size=100, max_batch_size=100))
         try:
             summary = again.run(until_empty=True, lease_wait_s=10, budget_s=60)
