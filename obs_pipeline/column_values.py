@@ -133,7 +133,9 @@ def float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None,
         value = convert(value)
         if step is not None:
             value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)
-        return single_float(float(value)) if float_bits == 32 else float(value)
+        # + 0.0: -0.0 as 0.0 (a NUMERIC has no negative zero, -0.001 in a NUMERIC(10, 2) is 0.00,
+        # and -0 = 0 for a REAL or a double too): filed under "-0.0", the row read "0.0"
+        return (single_float(float(value)) if float_bits == 32 else float(value)) + 0.0
     return check
 
 
