@@ -455,18 +455,15 @@ class TransactionBuffer:
         Redis does not answer, or did not a moment ago (spool.REDIS_RETRY_AFTER_S), or the
         replica cannot be read (the write is buffered unchecked rather than lost).
 
-        Redis is asked before the spool (reading the spool costs a pass over it), and a spooled
-        transaction moves into Redis only: one pushed between the two looks, by the spool's
-        flusher or another script, is missed by both, so Redis is asked again then (as in
-        status())."""
-        spooled = self.spool.exists()
-        if spooled and self.spool.redis_failed_recently():
+        As reads see it: the read puts the spool on top of the caches (a record the spool
+        created, or deleted, or deleted and created again), and looks at the spool before
+        Redis, so a line pushed in between is missed by neither. Asking the spool only whether
+        it created the record took one it deleted afterwards for known: an update of it was
+        spooled (and dead-lettered by main), and a create of its key again was refused."""
+        if self.spool.exists() and self.spool.redis_failed_recently():
             return None
         try:
-            if self.query.get(model, rid) is not None:
-                return True
-            return spooled and (self.spool.creates(model, str(rid))  # spooled: Redis was down or full
-                                or self.query.get(model, rid) is not None)  # pushed from the spool since
+            return self.query.get(model, rid) is not None
         except ReplicaUnreadable:
             return None
         except redis.RedisError as error:

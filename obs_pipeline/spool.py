@@ -172,15 +172,6 @@ class Spool:
         with self._locked(shared=True):
             return any(json.loads(line)["id"] == tx_id for line in self._lines(json.dumps(tx_id)))
 
-    def creates(self, model: str, record_id: str) -> bool:
-        """Does a spooled transaction create this record? (Ingest checks updates against it
-        while Redis is down.)"""
-        if not self.path.exists():
-            return False
-        with self._locked(shared=True):
-            return any([model, record_id] == c[:2] for line in self._lines(json.dumps(record_id))
-                       for c in json.loads(line)["created"])
-
     def unpushed(self, containing: str | None = None) -> list[dict]:
         """The spooled transactions not pushed yet, oldest first, each {"id", "tx", "created",
         "overlays"} as appended; `containing`: only lines holding this text (reads look for a

@@ -430,6 +430,45 @@ def test_a_spool_pushed_while_a_read_looks_neither_hides_nor_rolls_back_a_write(
     buf.close()
 
 
+def test_a_record_created_and_deleted_in_the_spool_is_gone_for_ingest_checks(settings, redis_client, main_engine):
+    """A record created and then deleted while Redis was full (both in the spool): get said None,
+    but ingest's checks asked only whether the spool had created it, not whether it was still
+    there. An update of it was spooled as of a known record (main refused it in the drain, hours
+    later: dead-lettered), and a create of its key again, which is valid, was refused ('exists
+    already'). Now the checks ask what reads see: the update is refused in one line, nothing is
+    spooled for it, and the create again goes through to main."""
+    buf = TransactionBuffer(settings=settings)
+    keys = BufferStore(redis_client, settings.site).keys
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)  # full: the spool takes them
+    try:
+        with buf.transaction() as tx:
+            obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})
+            tx.create("ObsUnit", {"id": 991, "name": "first"})
+        buf.delete("ExecutedObsUnit", obs["id"])
+        buf.delete("ObsUnit", 991)
+        assert buf.get("ExecutedObsUnit", obs["id"]) is None and buf.get("ObsUnit", 991) is None
+        with pytest.raises(InvalidTransaction,
+                           match=rf"^ExecutedObsUnit {obs['id']} is neither buffered nor on the replica$"):
+            buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 991, "name": "again"})
+        assert buf.spool.pending() == 4
+        assert buf.get("ObsUnit", 991) == {"id": 991, "name": "again"}
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    try:
+        assert buf.spool.flush()
+        drain_until_empty(settings)
+        assert redis_client.llen(keys.failed) == 0
+        with main_engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 991")).all() == [("again",)]
+            assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :id"),
+                                {"id": obs["id"]}).scalar_one() == 0
+    finally:
+        buf.close()
+
+
 def test_while_the_replica_is_down_updates_are_buffered_and_reads_say_why_in_one_line(stack, settings):
     """The site's replica stopped (a restart, a full disk). An update of a record that is on the
     replica only (the finish of an observation whose start has replicated) checks that the
