@@ -442,8 +442,10 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def json_value(value: Any) -> Any:
-    """`value` if the stdlib can write it as strict JSON (no NaN) holding text a database can
-    store (no NUL, no lone surrogate, in keys or values), else ValueError."""
+    """A copy of `value` as JSON reads it back, if the stdlib can write it as strict JSON (no
+    NaN) holding text a database can store (no NUL, no lone surrogate, in keys or values), else
+    ValueError. A copy: a script that changes its dict after the step (one dict reused for each
+    row) would change what is buffered, unchecked."""
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -457,7 +459,10 @@ def json_value(value: Any) -> Any:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("text is not valid Unicode (a lone surrogate)") from None
-    return value
+    return value if value is None or value.__class__ in _JSON_SCALARS else json.loads(text)
+
+
+_JSON_SCALARS = (str, int, float, bool)
 
 
 _TO_JSON: dict[str, Callable[[Any], Any]] = {

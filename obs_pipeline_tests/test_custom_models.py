@@ -120,6 +120,40 @@ def test_a_json_column_keeps_each_value_as_it_was_given(custom_schema, main_engi
     buf.close()
 
 
+def test_a_json_value_changed_by_the_script_after_its_step_is_buffered_as_it_was_checked(custom_schema,
+                                                                                       main_engine):
+    """Found by review: a JSON column's value and the transaction's metadata were kept as the
+    script's own objects until the `with` block ended. A script that reuses one dict for each
+    instrument's settings, changing it between creates, buffered every row with the last
+    contents (main stored them so), and what it put in after the check (a NaN) was never
+    checked. Each value is buffered as it was when its step was added and checked."""
+    import json
+
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    base = random.randrange(10**6, 10**9)
+    shared, metadata = {"gain": 1, "modes": ["a"]}, {"night": "first"}
+    with buf.transaction(metadata=metadata) as tx:
+        for i in range(3):
+            shared["gain"] = i + 1
+            shared["modes"].append(f"m{i}")
+            tx.create("Instrument", {"code": base + i, "name": "i", "settings": shared})
+        shared["gain"] = float("nan")  # after the last check: never checked
+        metadata["night"] = "changed"
+    expected = [{"gain": i + 1, "modes": ["a", *(f"m{j}" for j in range(i + 1))]} for i in range(3)]
+    assert [buf.get("Instrument", base + i)["settings"] for i in range(3)] == expected
+    raw = buf.store.redis.get(buf.store.keys.transaction(tx.transaction_id))
+    assert json.loads(raw)["metadata"] == {"night": "first"}
+    drain_until_settled(custom_schema)
+    assert buf.status(tx.transaction_id) == "replicated"
+    with main_engine.connect() as conn:
+        stored = dict(conn.execute(sa.text("SELECT code, settings::text FROM custom_instrument WHERE code = ANY(:c)"),
+                                   {"c": [base + i for i in range(3)]}).all())
+    assert [json.loads(stored[base + i]) for i in range(3)] == expected
+    buf.close()
+
+
 def test_a_column_whose_name_needs_quoting_is_created_and_updated(custom_schema, main_engine):
     from obs_pipeline_tests.workload import drain_until_settled
 
