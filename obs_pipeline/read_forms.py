@@ -105,10 +105,11 @@ _QUANTIZING = decimal.Context(prec=2400)
 def numeric_rounded(value: Any, places: decimal.Decimal) -> Any:
     """A number as a NUMERIC(p, s) column keeps it: its decimal text rounded to s places, half
     away from zero, as PostgreSQL rounds (1.235 -> 1.24); read as a float like the column's
-    other values (psycopg2 gives the replica's as a Decimal)."""
+    other values (psycopg2 gives the replica's as a Decimal). + 0.0: numeric has no negative
+    zero (-0.001 is 0.00), and -0.0 read so while buffered."""
     try:
         exact = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
-        return float(exact.quantize(places, decimal.ROUND_HALF_UP, context=_QUANTIZING))
+        return float(exact.quantize(places, decimal.ROUND_HALF_UP, context=_QUANTIZING)) + 0.0
     except (decimal.InvalidOperation, ValueError, TypeError):  # beyond the column (main refuses it), or not a number
         return value
 

@@ -261,12 +261,13 @@ def test_a_nul_in_a_json_value_is_refused_at_ingest_and_a_backslash_u0000_is_tex
     buf.close()
 
 
-AMOUNTS = [1.234, 1.235, -1.235, 2.5, 12, 0.005]
+AMOUNTS = [1.234, 1.235, -1.235, 2.5, 12, 0.005, -0.001]
 
 
 def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms):
     """NUMERIC(10, 2) keeps 1.234 as 1.23 (1.235 as 1.24, half away from zero): buffered, a
-    record read 1.234 and {"amount": 1.234} found it; replicated, 1.23, and it did not."""
+    record read 1.234 and {"amount": 1.234} found it; replicated, 1.23, and it did not. -0.001
+    is 0.00 (numeric has no negative zero): it read -0.0 while buffered, 0.0 once replicated."""
     buf = TransactionBuffer(settings=forms)
     with buf.transaction() as tx:
         rows = tx.bulk_create("Reading", [{"amount": amount} for amount in AMOUNTS])
@@ -283,7 +284,8 @@ def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms)
     drain_until_empty(forms)
     replicated = read()
     assert buffered == replicated, (buffered, replicated)
-    assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01]
+    assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01, 0.0]
+    assert [repr(a) for a in buffered[0]] == [repr(a) for a in replicated[0]], (buffered, replicated)  # -0.0 == 0.0
     buf.close()
 
 
