@@ -167,10 +167,11 @@ class Spool:
         return self.path.exists()
 
     def holds(self, tx_id: str) -> bool:
-        if not isinstance(tx_id, str) or not self.path.exists():  # spooled ids are strings
+        """Is the transaction spooled and not pushed yet? (A pushed one is Redis's to answer for:
+        the file keeps pushed lines until all are, and one of them may be replicated by then.)"""
+        if not isinstance(tx_id, str):  # spooled ids are strings
             return False
-        with self._locked(shared=True):
-            return any(json.loads(line)["id"] == tx_id for line in self._lines(json.dumps(tx_id)))
+        return any(entry["id"] == tx_id for entry in self.unpushed(json.dumps(tx_id)))
 
     def unpushed(self, containing: str | None = None) -> list[dict]:
         """The spooled transactions not pushed yet, oldest first, each {"id", "tx", "created",

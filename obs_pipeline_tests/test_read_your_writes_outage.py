@@ -469,6 +469,52 @@ def test_a_record_created_and_deleted_in_the_spool_is_gone_for_ingest_checks(set
         buf.close()
 
 
+def test_a_transaction_pushed_from_a_spool_still_holding_others_is_not_pending_while_redis_is_down(
+        stack, settings, redis_client, monkeypatch):
+    """Two transactions spooled while Redis was full; the flusher pushed the first and stopped
+    at the second (Redis refused it), so the spool file keeps both lines and its offset says the
+    first is pushed. The first drains and replicates; then Redis goes down. `status` of the first
+    said "pending" (the spool's lookup ignored the offset): a replicated transaction reported as
+    not yet sent. It is no longer the spool's to answer for: status says Redis cannot be read,
+    and only the second is "pending". Once Redis is back, the second is pushed and both drain."""
+    buf = TransactionBuffer(settings=settings)
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)  # full: the spool takes them
+    try:
+        with buf.transaction() as first:
+            first.create("ObsUnit", {"id": 981, "name": "pushed"})
+        with buf.transaction() as second:
+            second.create("ObsUnit", {"id": 982, "name": "still spooled"})
+        buffer = BufferStore.buffer
+
+        def refuse_the_second(store, tx_id, tx_json, caches):
+            if tx_id == second.transaction_id:
+                raise redis.ConnectionError("refused for the test")
+            return buffer(store, tx_id, tx_json, caches)
+
+        monkeypatch.setattr(BufferStore, "buffer", refuse_the_second)
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    assert not buf.spool.flush() and buf.spool.pending() == 1
+    drain_until_empty(settings)
+    assert buf.status(first.transaction_id) == "replicated"
+    stack.stop_service("redis")
+    try:
+        with pytest.raises(redis.ConnectionError):
+            buf.status(first.transaction_id)
+        assert buf.status(second.transaction_id) == "pending"
+    finally:
+        stack.start_service("redis")
+    monkeypatch.undo()
+    try:
+        assert buf.spool.flush()
+        drain_until_empty(settings)
+        assert buf.status(first.transaction_id) == buf.status(second.transaction_id) == "replicated"
+        assert buf.get("ObsUnit", 982) == {"id": 982, "name": "still spooled"}
+    finally:
+        buf.close()
+
+
 def test_while_the_replica_is_down_updates_are_buffered_and_reads_say_why_in_one_line(stack, settings):
     """The site's replica stopped (a restart, a full disk). An update of a record that is on the
     replica only (the finish of an observation whose start has replicated) checks that the
