@@ -223,6 +223,32 @@ def test_the_pause_after_failed_runs_doubles_with_each_in_a_row(settings, resour
         assert isinstance(_sensor(instance, resource), RunRequest)
 
 
+def test_a_run_by_hand_that_succeeded_between_failed_runs_ends_their_streak(settings, resource, redis_client):
+    """A run launched by hand (no site tag) that succeeds ends the streak of failed runs. The
+    sensor counted only its own runs: after three failed runs, one by hand that succeeded (the
+    cause fixed), and then one more failed run of the sensor's (another cause), it waited 300 s,
+    saying "the last 4 drain runs in a row" had failed; one had, since the success: 60 s."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+
+    def failed():
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site},
+                                          status=DagsterRunStatus.STARTED)
+        instance.report_run_failed(run)
+        return run
+
+    with instance_for_test() as instance:
+        for _ in range(3):
+            failed()
+        time.sleep(1.1)  # (this instance's storage keeps creation times to the second)
+        instance.create_run_for_job(drain_buffer, status=DagsterRunStatus.SUCCESS)  # by hand: no site tag
+        time.sleep(1.1)
+        run = failed()
+        skip = _sensor(instance, resource)
+    assert isinstance(skip, SkipReason), skip
+    match = re.search(rf"drain run {run.run_id} failed; the next in (\d+) s", skip.skip_message)
+    assert match and 57 <= int(match.group(1)) <= 60, skip.skip_message
+
+
 @pytest.mark.slow
 def test_with_the_replica_down_a_run_ends_saying_so_and_the_sensor_waits_for_it(
         stack, settings, resource, redis_client, main_engine, replica_engine):

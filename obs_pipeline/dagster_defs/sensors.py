@@ -17,6 +17,7 @@ retries relaunch it; else the sensor does at once). The lease fences a run wrong
 dead: it cannot drain beside the next one."""
 
 import time
+from datetime import timedelta
 
 from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
 
@@ -80,14 +81,16 @@ def _retry_pending(run) -> bool:
     return run.tags.get(WILL_RETRY_TAG) == "true" and not run.tags.get(AUTO_RETRY_RUN_ID_TAG)
 
 
-def _failed_run_pause(recent: list) -> tuple[float, int]:
+def _failed_run_pause(recent: list, succeeded: int | None = None) -> tuple[float, int]:
     """The pause after the site's last run, newest first in `recent`, and how many failed in a
     row. A run whose worker was gone (the sensor marked it failed) failed on no cause of its own:
-    no pause after it, and it ends a streak."""
+    no pause after it, and it ends a streak. So does a success (`succeeded`: the storage id of
+    the site's newest, by hand too, which is not in `recent`): the runs before it do not count."""
     streak = 0
     for record in recent:
         run = record.dagster_run
-        if run.status != DagsterRunStatus.FAILURE or run.tags.get(WORKER_GONE_TAG) == run.run_id:
+        if (run.status != DagsterRunStatus.FAILURE or run.tags.get(WORKER_GONE_TAG) == run.run_id
+                or (succeeded is not None and record.storage_id < succeeded)):
             break
         streak += 1
     if not streak:
@@ -95,12 +98,15 @@ def _failed_run_pause(recent: list) -> tuple[float, int]:
     return min(FAILED_RUN_PAUSE_S * 2 ** (streak - 1), FAILED_RUN_PAUSE_MAX_S), streak
 
 
-def _succeeded_since(instance: DagsterInstance, site: str, failed) -> bool:
-    """Whether a drain run of the site (a run launched by hand has no site tag) was created after
-    the failed one and succeeded: what failed the sensor's runs is fixed, no need to wait longer."""
+def _newest_success(instance: DagsterInstance, site: str, oldest) -> int | None:
+    """The storage id of the site's newest drain run (a run launched by hand has no site tag)
+    that succeeded, if created since the `oldest` run looked at: what failed the runs before it
+    is fixed, they end no streak. Counted by the sensor's runs alone, a run by hand that succeeded
+    between failed ones did not end their streak (4 in a row, 300 s, where 1 had failed since)."""
     later = instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, statuses=[DagsterRunStatus.SUCCESS],
-                                                        created_after=failed.create_timestamp), limit=20)
-    return any(r.dagster_run.tags.get(SITE_TAG, site) == site for r in later)
+                                                        created_after=oldest.create_timestamp - timedelta(seconds=1)),
+                                     limit=20)
+    return next((r.storage_id for r in later if r.dagster_run.tags.get(SITE_TAG, site) == site), None)
 
 
 def _retries_not_due(store) -> str:
@@ -159,9 +165,9 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
             return SkipReason(f"site {site}: drain run {failed.run_id} failed, and run retries relaunch it "
                               f"(the sensor does if they have not in {FAILED_RUN_PAUSE_S - since:.0f} s)")
         pause, streak = _failed_run_pause(last)
+        if pause - since > 0:  # unless a run succeeded since (launched by hand, once fixed)
+            pause, streak = _failed_run_pause(last, _newest_success(context.instance, site, last[-1]))
         wait = pause - since
-        if wait > 0 and _succeeded_since(context.instance, site, last[0]):  # launched by hand, once fixed
-            wait = 0
         if wait > 0:  # (none after a run whose worker was gone)
             in_a_row = (f", the last {streak}{' or more' if streak == len(last) == FAILED_RUNS_COUNTED else ''} "
                         "drain runs in a row" if streak > 1 else "")
