@@ -208,7 +208,7 @@ def _entry_age(raw: bytes | None) -> float | None:
         return None
     try:
         stamp = dt.datetime.fromisoformat(json.loads(raw)["timestamp"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # a producer's entry nested too deeply, too
         return None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.timezone.utc)

@@ -763,6 +763,29 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     assert cli("status", "--check", env=env).returncode == 0
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_status_with_a_deeply_nested_entry_next_in_line_still_reports(env, redis_client, settings):
+    """A producer's entry nested past the JSON parser's depth (the drain dead-letters it as
+    `nested too deeply`) at the head of the queue or in processing: `status` read its age and
+    exited 1 with `obs-pipeline: error: maximum recursion depth exceeded while decoding a JSON
+    array from a unicode string`, no report, until a drain had taken it."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, "[" * 100_000)
+    for where in ("buffer", "processing"):
+        for args in (["status"], ["status", "--json"]):
+            result = cli(*args, env=env)
+            assert result.returncode == 0 and result.stderr == "", (where, result.stderr)
+        report = json.loads(result.stdout)
+        assert report["status"] == "healthy", report["problems"]
+        assert report["transaction_buffer"]["oldest_pending_seconds"] is None
+        assert report["transaction_buffer"]["size" if where == "buffer" else "processing"] == 1
+        redis_client.lmove(keys.buffer, keys.processing, "RIGHT", "LEFT")
+    redis_client.lmove(keys.processing, keys.buffer, "RIGHT", "LEFT")
+    assert cli("drain", "--once", env=env).returncode == 0
+    assert "nested too deeply" in cli("failed", "list", env=env).stdout
+    assert cli("status", env=env).returncode == 0
+
+
 def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_without(env, redis_client, settings):
     """After main cancelled the drain's statements (its statement_timeout or lock_timeout) the
     drain applies batches in pieces and counts the transactions that timed out alone, in Redis;
