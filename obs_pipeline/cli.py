@@ -267,12 +267,16 @@ def cmd_failed(args: argparse.Namespace) -> int:
     from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline.wire import one_line
 
+    # the line first: a usage error is said before any setting is read or Redis asked
+    if args.action == "list" and (args.id or args.all):  # (an id was ignored: the whole list printed)
+        args.usage("`failed list` lists them all: `failed show ID` shows one")
+    if args.action == "retry" and args.all == bool(args.id):
+        args.usage("give one transaction id or --all")
+    ref = _one_id(args) if args.action in ("show", "discard") else None
     settings = _settings()
     client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5)
     letters = DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
     if args.action == "list":  # an entry without a usable id is named by its place: #N
-        if args.id or args.all:  # (an id was ignored: the whole list printed, as if it were that letter)
-            args.usage("`failed list` lists them all: `failed show ID` shows one")
         listed = letters.list()
         ids = {letter.transaction_id for letter in listed}
         for place, letter in enumerate(listed, start=1):
@@ -284,17 +288,14 @@ def cmd_failed(args: argparse.Namespace) -> int:
             print("\t".join(one_line(field) for field in (s["transaction_id"] or f"#{place}", s["endpoint"], s["kind"],
                                                           s["reason"] + hint)))
     elif args.action == "show":
-        print(json.dumps(letters.get(_one_id(args)).doc, indent=2))
+        print(json.dumps(letters.get(ref).doc, indent=2))
     elif args.action == "retry":
-        if args.all == bool(args.id):
-            args.usage("give one transaction id or --all")
         listed = {letter.transaction_id for letter in letters.list()}
         ids = letters.retry(None if args.all else [args.id])
         renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
         print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
                                                        f"{', '.join(renamed)}" if renamed else ""), file=sys.stderr)
     elif args.action == "discard":
-        ref = _one_id(args)
         removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)
         print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else ""),
               file=sys.stderr)

@@ -462,6 +462,20 @@ def test_a_command_line_missing_or_misgiving_an_argument_is_a_usage_error(tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
+    (["failed", "show"], "`failed show` takes one transaction id"),
+    (["failed", "retry"], "give one transaction id or --all"),
+    (["failed", "list", "obs-1"], "`failed list` lists them all: `failed show ID` shows one"),
+])
+def test_a_failed_command_line_misgiven_is_a_usage_error_before_the_settings_are_read(env, args, message):
+    """Found by review: `failed show` without an id read OBS_MODELS and asked Redis before it
+    looked at its own line; with a setting that does not load it exited 1 on that, not 2 with
+    the usage line, as the README says a usage error does before anything is asked."""
+    result = cli(*args, env={**env, "OBS_MODELS": "no_such_module_here:Base"})
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == f"obs-pipeline failed: error: {message} (see `obs-pipeline failed -h`)"
+
+
+@pytest.mark.parametrize("args, message", [
     (["--port", "0"], "argument --port: invalid value '0': give a TCP port, a whole number from 1 to 65535"),
     (["--port", "70000"], "argument --port: invalid value '70000': give a TCP port, a whole number from 1 to 65535"),
     (["--simulate", "--rate", "nan"], "argument --rate: invalid value 'nan': give observations per second"),
