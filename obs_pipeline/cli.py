@@ -76,7 +76,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         env.setdefault("OBS_SITE", os.environ.get("OBS_SITE", "observatory"))
         env.setdefault("OBS_MODELS", os.environ.get("OBS_MODELS", "obs_pipeline.models:Base"))
         for name, value in env.items():
-            print(f"export {name}={value}")
+            print(f"export {name}={shlex.quote(value)}")  # for eval: a site name may hold a space
     return 0
 
 

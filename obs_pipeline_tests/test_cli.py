@@ -169,6 +169,20 @@ def test_stack_env_prints_export_lines(stack):
     assert {"OBS_REDIS_URL", "OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL", "OBS_SITE", "OBS_MODELS"} <= names
 
 
+def test_stack_env_lines_give_a_shell_the_values_as_they_are(stack, tmp_path):
+    """Found by review: OBS_SITE and OBS_MODELS, taken from the caller's environment, were
+    printed unquoted: `eval "$(obs-pipeline stack env)"` split a site name with a space
+    ("export OBS_SITE=north dome": OBS_SITE=north, and `dome` exported empty) and ran what a
+    value held (`$(...)`). Each value is quoted for the shell now."""
+    site, models = "north dome $(touch pwned)", "my_models:Base"
+    out = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_SITE": site, "OBS_MODELS": models}).stdout
+    shell = subprocess.run(["bash", "-c", 'eval "$1" && printf "%s\\n" "$OBS_SITE" "$OBS_MODELS" "$OBS_REDIS_URL"',
+                            "-", out], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.splitlines() == [site, models, stack.env()["OBS_REDIS_URL"]]
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
