@@ -25,7 +25,10 @@ from typing import Any, Callable
 from sqlalchemy.sql import sqltypes
 
 def converter(kind: str, int_bits: int, float_bits: int, max_length: int | None,
-             padded: bool, numeric: tuple[int, int] | None = None) -> Callable[[Any], Any]:
+             padded: bool, numeric: tuple[int, int] | None = None,
+             interval_unit: int | None = None) -> Callable[[Any], Any]:
+    if kind == "interval" and interval_unit is not None:
+        return lambda value: interval_text(truncate_interval(parse_interval(value), interval_unit))
     if kind == "float" and numeric is not None:
         return numeric_of(*numeric)
     if kind == "int":
@@ -404,6 +407,29 @@ def fraction_step(type_: sqltypes.TypeEngine) -> int | None:
     else:
         return None
     return None if places is None or places >= 6 else 10 ** (6 - places)
+
+
+# What an INTERVAL of fields keeps of a time of day, by its last field: its microseconds cut to
+# whole hours or minutes, none of it (DAY), or nothing at all (YEAR, MONTH: no days either)
+_INTERVAL_UNITS = {"year": 0, "month": 0, "day": _DAY_US, "hour": 3_600_000_000, "minute": 60_000_000}
+
+
+def interval_unit(type_: sqltypes.TypeEngine) -> int | None:
+    """What PostgreSQL keeps of an INTERVAL of fields (`INTERVAL(fields="day")`, "hour to
+    minute"): its time of day cut to this many microseconds (0: no days or time either); None
+    for one without fields, or whose fields end in SECOND, which keeps it all."""
+    fields = getattr(type_, "fields", None) if isinstance(type_, sqltypes._AbstractInterval) else None
+    return _INTERVAL_UNITS.get(fields.split()[-1].lower()) if isinstance(fields, str) and fields.split() else None
+
+
+def truncate_interval(value: dt.timedelta, unit: int) -> dt.timedelta:
+    """A timedelta as an INTERVAL of fields keeps it (see interval_unit): its days, and its time
+    of day cut toward zero to `unit`, as PostgreSQL cuts the time of the text the drain sends
+    (days, then a time of day of 0 or more: interval_text)."""
+    if not unit:
+        return dt.timedelta(0)
+    rest = value.seconds * 1_000_000 + value.microseconds
+    return dt.timedelta(days=value.days, microseconds=rest - rest % unit)
 
 
 def round_micros(micros: int, step: int) -> int:

@@ -42,6 +42,9 @@ class ColumnSpec:
     numeric: tuple[int, int] | None = None
     # TIMESTAMP(p), TIME(p), INTERVAL(p): the microseconds main rounds their seconds to (fraction_step)
     fraction_step: int | None = None
+    # INTERVAL of fields (INTERVAL DAY, HOUR TO MINUTE): the microseconds main cuts its time of day
+    # to (column_values.interval_unit), an array's elements' too: taken so cut, as main stores it
+    interval_unit: int | None = None
     # JSON/JSONB whose None the ORM writes as JSON `null` (none_as_null=False, SQLAlchemy's
     # default): None is a value there, taken by a NOT NULL column too
     json_null: bool = False
@@ -59,12 +62,13 @@ class ColumnSpec:
     def __post_init__(self) -> None:
         if self.kind == "array":
             convert = values.array_of(values.one_of(self.choices) if self.choices is not None else values.converter(
-                self.item or "any", self.int_bits, self.float_bits, self.max_length, self.padded, self.numeric))
+                self.item or "any", self.int_bits, self.float_bits, self.max_length, self.padded, self.numeric,
+                self.interval_unit))
         elif self.choices is not None:
             convert = values.one_of(self.choices)
         else:
             convert = values.converter(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
-                               self.numeric)
+                               self.numeric, self.interval_unit)
         if self.kind == "float" and (self.primary_key or self.foreign_key):
             convert = values.float_key(convert, self.numeric, self.float_bits)
         elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
@@ -265,6 +269,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             numeric=_numeric_size(item if item is not None else column.type),
             fraction_step=values.fraction_step(column.type),
+            interval_unit=values.interval_unit(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
             choices=_enum_choices(item if item is not None else column.type),
             json_null=kind == "json" and not column.type.none_as_null,

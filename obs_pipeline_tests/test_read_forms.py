@@ -75,6 +75,17 @@ class Coarse(Base):
     span: Mapped[object] = mapped_column(INTERVAL(precision=0), nullable=True)
 
 
+class Fielded(Base):
+    """Intervals of fields: PostgreSQL keeps only those (INTERVAL DAY drops the time of day)."""
+    __tablename__ = "read_forms_fielded"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    days: Mapped[object] = mapped_column(INTERVAL(fields="day"), nullable=True)
+    minutes: Mapped[object] = mapped_column(INTERVAL(fields="hour to minute"), nullable=True)
+    years: Mapped[object] = mapped_column(INTERVAL(fields="year"), nullable=True)
+    hours: Mapped[object] = mapped_column(ARRAY(INTERVAL(fields="day to hour")), nullable=True)
+
+
 class Numbered(Base):
     """A NUMERIC(10, 2) key the site gives: the replica gives it as a Decimal, read as a float."""
     __tablename__ = "read_forms_numbered"
@@ -453,6 +464,35 @@ def test_timestamp_time_and_interval_of_a_precision_read_and_filter_the_same_buf
     assert replicated[0] == [{"at": "2025-01-01T00:00:01+00:00", "of_day": "12:00:01", "span": "PT2S"},
                              {"at": "1999-12-31T23:59:59+00:00", "of_day": "00:00:00", "span": "PT0S"},
                              {"at": "2000-01-01T00:00:01+00:00", "of_day": "00:00:00", "span": "P2D"}]
+    buf.close()
+
+
+def test_an_interval_of_fields_reads_and_filters_the_same_buffered_and_replicated(forms, main_engine):
+    """An INTERVAL of fields keeps only those, as PostgreSQL stores it: P1DT5H7M8.5S is P1D in
+    an INTERVAL DAY, P1DT5H7M in an INTERVAL HOUR TO MINUTE, nothing (PT0S) in an INTERVAL
+    YEAR. Ingest took the value as given: buffered, the record read P1DT5H7M8.5S and
+    {"days": "P1D"} missed it; replicated, it read P1D and that filter found it."""
+    buf = TransactionBuffer(settings=forms)
+    given = [dt.timedelta(days=1, hours=5, minutes=7, seconds=8.5), "P-1DT23H59M59S"]
+    with buf.transaction() as tx:
+        ids = [tx.create("Fielded", {"days": v, "minutes": v, "years": v, "hours": [v, None]})["id"] for v in given]
+    filters = [{"days": "P1D"}, {"days": "P-1D"}, {"minutes": "P1DT5H7M"}, {"minutes": {">": "P-1DT23H59M"}},
+               {"years": "PT0S"}, {"days": {">=": "P1DT1S"}}]
+
+    def read() -> tuple[list, dict]:
+        rows = [{k: v for k, v in buf.get("Fielded", rid).items() if k != "id"} for rid in ids]
+        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Fielded", {"id": ids, **f})) for f in filters}
+        return rows, found
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated[0] == [{"days": "P1D", "minutes": "P1DT5H7M", "years": "PT0S", "hours": ["P1DT5H", None]},
+                             {"days": "P-1D", "minutes": "P-1DT23H59M", "years": "PT0S", "hours": ["P-1DT23H", None]}]
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT days, minutes FROM read_forms_fielded WHERE id = :i"),
+                            {"i": ids[0]}).one() == (dt.timedelta(days=1), dt.timedelta(days=1, hours=5, minutes=7))
     buf.close()
 
 
