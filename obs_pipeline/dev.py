@@ -134,8 +134,12 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     # what runs already is the operator's (a stack up, scripts using its Redis): dev stops only what it starts
-    ran_before = {name for name, s in stack.status().items() if s.get("running")} \
-        if (Path(stack.directory) / "stack.json").exists() else set()
+    before = stack.status() if (Path(stack.directory) / "stack.json").exists() else {}
+    ran_before = {name for name, s in before.items() if s.get("running")}
+    if "replica" in ran_before and main_latency_ms not in (None, before["proxy"]["latency_ms"]):
+        # a new latency (saved) moves the operator's replica, which stays up, behind the proxy: that stays
+        # too (stopped, the replica streamed from nowhere, replication stopped until the next `stack up`)
+        ran_before.add("proxy")
     logs = Path(stack.directory) / "logs"
     processes: list[subprocess.Popen] = []
     try:  # from the first step on: a Ctrl-C while the stack starts still takes it down

@@ -857,6 +857,41 @@ def test_dev_on_a_stack_partly_up_stops_only_what_it_started(stack):  # noqa: F8
         stack.up()
 
 
+def test_dev_given_a_main_latency_on_a_stack_up_leaves_the_replica_streaming(stack, monkeypatch):  # noqa: F811
+    """`dev --main-latency-ms N` on the operator's running stack saved N and put its proxy between
+    main and the replica; on Ctrl-C dev stopped the proxy as a thing it had started, and the
+    operator's replica, left up, streamed from a port nobody listened on: replication stopped
+    (and `stack env`'s main URL led nowhere) until the next `stack up`."""
+    import obs_pipeline.dev as dev
+
+    real_popen = subprocess.Popen
+
+    def popen(args, *rest, **kwargs):
+        if "dagster-daemon" in str(args[0]):
+            raise KeyboardInterrupt  # Ctrl-C, the stack up and the schema on it
+        return real_popen(args, *rest, **kwargs)
+
+    before = stack.status()
+    assert not before["proxy"]["running"] and all(before[name]["running"] for name in ("main", "replica", "redis"))
+    handlers = {sig: signal.getsignal(sig) for sig in dev.STOP_SIGNALS}
+    monkeypatch.setattr(dev.subprocess, "Popen", popen)
+    try:
+        assert dev.run_dev(stack, port=pick_free_ports(1)[0], simulate_rate=None, main_latency_ms=100) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        monkeypatch.undo()
+    streaming = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+    try:
+        after = stack.status()
+        for name in ("main", "replica", "redis"):
+            assert after[name]["pid"] == before[name]["pid"], name  # the operator's, untouched
+        assert after["proxy"]["running"] and after["proxy"]["latency_ms"] == 100, after["proxy"]
+        assert until(lambda: run_sql(stack.env()["OBS_REPLICA_DB_URL"], streaming) == after["proxy"]["port"], 30)
+    finally:
+        stack.up(main_latency_ms=0)
+
+
 def test_dev_in_a_folder_that_is_a_file_says_so_in_one_line(tmp_path):
     """dev's cleanup (stack down) failed on the file too, and its line replaced the reason:
     'unreadable <file>/stack.json: [Errno 20] Not a directory'."""
