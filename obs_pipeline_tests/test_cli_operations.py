@@ -875,21 +875,22 @@ def test_dev_given_a_main_latency_on_a_stack_up_leaves_the_replica_streaming(sta
     assert not before["proxy"]["running"] and all(before[name]["running"] for name in ("main", "replica", "redis"))
     handlers = {sig: signal.getsignal(sig) for sig in dev.STOP_SIGNALS}
     monkeypatch.setattr(dev.subprocess, "Popen", popen)
-    try:
-        assert dev.run_dev(stack, port=pick_free_ports(1)[0], simulate_rate=None, main_latency_ms=100) == 0
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        monkeypatch.undo()
     streaming = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
     try:
+        try:
+            assert dev.run_dev(stack, port=pick_free_ports(1)[0], simulate_rate=None, main_latency_ms=100) == 0
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            monkeypatch.undo()
         after = stack.status()
         for name in ("main", "replica", "redis"):
             assert after[name]["pid"] == before[name]["pid"], name  # the operator's, untouched
         assert after["proxy"]["running"] and after["proxy"]["latency_ms"] == 100, after["proxy"]
         assert until(lambda: run_sql(stack.env()["OBS_REPLICA_DB_URL"], streaming) == after["proxy"]["port"], 30)
-    finally:
+    finally:  # the session's stack as it was, for the tests after this one
         stack.up(main_latency_ms=0)
+        assert until(lambda: run_sql(stack.env()["OBS_REPLICA_DB_URL"], streaming) == stack.status()["main"]["port"], 60)
 
 
 def test_dev_in_a_folder_that_is_a_file_says_so_in_one_line(tmp_path):
