@@ -505,15 +505,29 @@ def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
 
 
 def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
-    """The rows this transaction writes (creates, updates or deletes), as `record_key`s. While it
-    waits to retry, later transactions that use any of them wait behind it: an update held
-    back by a failure must not be overtaken by a newer update of the same row."""
-    out = created_ids(tx, registry)
+    """The rows this transaction writes (creates, updates or deletes), as `record_key`s, and the
+    `existence_key` of each it creates or deletes. While it waits to retry, later transactions
+    that use any of them wait behind it: an update held back by a failure must not be overtaken
+    by a newer update of the same row, nor a delete by a create of its key again."""
+    created = created_ids(tx, registry)
+    out = created | {existence_key(key) for key in created}
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is not None and step.operation in ("update", "delete"):
-            out.update(record_key(model.table.fullname, v) for v in step.conditions.values())
+            keys = [record_key(model.table.fullname, v) for v in step.conditions.values()]
+            out.update(keys)
+            if step.operation == "delete":
+                out.update(map(existence_key, keys))
     return out
+
+
+def existence_key(key: str) -> str:
+    """How a transaction that creates or deletes row `key` holds whether the row exists: a create
+    of that key waits behind such a transaction that is retrying (a delete of it: the key is
+    taken until the delete applies), but not behind an update of it, which may be what waits for
+    that create. (A record_key is a UUID, or a table's name and a key: only a table named
+    "exists ..." could meet it.)"""
+    return "exists " + key
 
 
 def claim_rows(holders: dict[str, str], rows: set[str], value: str) -> None:
@@ -532,7 +546,10 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     (a reference the schema does not declare). A row it updates or deletes before a step of
     its own creates it (in the order it is applied: steps_in_order) is used too: deleted and
     created again in one transaction, it was another's row until then, which may be waiting
-    to retry."""
+    to retry. And the `existence_key` of each row it creates: a key created again after
+    another transaction's delete waits behind that delete if it is retrying (it went to main
+    first, failed on the key, and was dead-lettered for that, not as blocked by the delete:
+    `failed retry` of the delete left it behind)."""
     refs: set[str] = set()
     first: set[str] = set()  # rows it updates or deletes before it creates them
     created: set[str] = set()
@@ -560,7 +577,7 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
                     refs.add(record_key(spec.foreign_key, value))
                 elif isinstance(value, str) and _looks_like_uuid(value):
                     refs.add(value)
-    return (refs - created) | first
+    return (refs - created) | first | {existence_key(key) for key in created}
 
 
 def record_key(table: str, value: Any) -> str:

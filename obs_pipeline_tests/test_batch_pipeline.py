@@ -495,6 +495,43 @@ def test_a_create_that_main_refuses_is_not_hidden_by_a_delete_of_the_same_row_in
         assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 1")).scalar_one() == "unit 1"
 
 
+def test_a_create_of_a_key_a_failing_transaction_deletes_waits_behind_it_and_is_retried_with_it(
+        settings, redis_client, main_engine):
+    """Obs unit 2 exists on main. One transaction deletes it and fails (its observation names obs
+    unit 31337, which main does not have); the next creates unit 2 again (ingest lets it: the key
+    is deleted in the buffer). The create was not held back (a row a transaction creates was never
+    one it "uses"): it went to main ahead of the delete, failed on the key, spent its own retries
+    and was dead-lettered as `UniqueViolation`, not as blocked by the delete; `failed retry` of the
+    delete, once fixed, did not take it along, and the unit created again was lost. Now it waits
+    behind the delete, is dead-lettered as blocked by it, and goes with it."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    start = {"id": str(uuid.uuid4()), "obs_unit_id": 31337, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "delete-and-observe", "steps": [
+        {"step_id": "s1", "operation": "delete", "model_class": "ObsUnit", "conditions": {"id": 2}},
+        {"step_id": "s2", "operation": "create", "model_class": "ExecutedObsUnit", "data": start}]}))
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "create-again", "steps": [
+        {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 2, "name": "again"}}]}))
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {"delete-and-observe", "create-again"}, failed
+    assert "ForeignKeyViolation" in failed["delete-and-observe"]
+    assert failed["create-again"] == "blocked by delete-and-observe", failed
+    with main_engine.begin() as conn:  # the operator's fix: the obs unit the observation names
+        assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 2")).scalar_one() == "unit 2"
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late')"))
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    assert letters.retry(["delete-and-observe"]) == ["delete-and-observe", "create-again"]
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert redis_client.llen(keys.failed) == 0
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM obs_unit WHERE id = 2")).scalar_one() == "again"
+        assert conn.execute(sa.text("SELECT obs_unit_id FROM executed_obs_unit")).all() == [(31337,)]
+
+
 def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_batch(
         settings, redis_client, main_engine):
     """Folded per row, main saw only the net row: a transaction whose write it refuses was

@@ -96,7 +96,8 @@ def test_seed_example_validates_and_orders_steps():
     tx = validate(Transaction.from_dict(doc), REGISTRY)
     assert [s.step_id for s in steps_in_order(tx)] == ["step1", "step2", "step3"]
     assert created_ids(tx, REGISTRY) == set(ids.values())
-    assert referenced_ids(tx, REGISTRY) == {"obs_unit:123"}  # its obs unit, by foreign key
+    # its obs unit, by foreign key, and whether the rows it creates exist (see existence_key)
+    assert referenced_ids(tx, REGISTRY) == {"obs_unit:123"} | {f"exists {i}" for i in ids.values()}
 
 
 def test_dependencies_are_reordered_and_checked():
@@ -310,21 +311,21 @@ def test_dependencies_follow_each_models_key_and_foreign_keys_and_keep_tables_ap
     updates_run = tx({"operation": "update", "model_class": "Run", "conditions": {"run_no": 5},
                       "data": {"note": "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}})
     assert created_ids(creates_instrument, registry) == {"instrument:5"}
-    assert referenced_ids(creates_instrument, registry) == set()
+    assert referenced_ids(creates_instrument, registry) == {"exists instrument:5"}  # behind a delete of it only
     assert created_ids(creates_run, registry) == {"run:5"}
-    assert referenced_ids(creates_run, registry) == {"instrument:5"}  # not run 5, which it creates
+    assert referenced_ids(creates_run, registry) == {"instrument:5", "exists run:5"}  # not run 5, which it creates
     assert referenced_ids(updates_run, registry) == {"run:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}
     both = tx({"operation": "create", "model_class": "Instrument", "data": {"code": 6, "name": "spec"}},
               {"operation": "create", "model_class": "Run", "data": {"run_no": 9, "instrument_code": 6}})
-    assert referenced_ids(both, registry) == set()  # what it creates itself is no dependency
+    assert referenced_ids(both, registry) == {"exists instrument:6", "exists run:9"}  # what it creates is not
     created_then_updated = tx({"operation": "create", "model_class": "Run", "data": {"run_no": 7, "instrument_code": 5}},
                               {"operation": "update", "model_class": "Run", "conditions": {"run_no": 7},
                                "data": {"note": "x"}})
-    assert referenced_ids(created_then_updated, registry) == {"instrument:5"}
+    assert referenced_ids(created_then_updated, registry) == {"instrument:5", "exists run:7"}
     # a row it deletes and then creates again is one it uses: another transaction's, until the delete
     deleted_then_created = tx({"operation": "delete", "model_class": "Run", "conditions": {"run_no": 5}},
                               {"operation": "create", "model_class": "Run", "data": {"run_no": 5, "instrument_code": 5}})
-    assert referenced_ids(deleted_then_created, registry) == {"run:5", "instrument:5"}
+    assert referenced_ids(deleted_then_created, registry) == {"run:5", "instrument:5", "exists run:5"}
 
 
 def test_retry_delays_double_with_jitter_and_stop_at_an_hour():
@@ -357,7 +358,9 @@ def test_a_transaction_writes_what_it_creates_updates_and_deletes():
     doc["steps"].append({"step_id": "step5", "operation": "delete", "model_class": "RawDataFile",
                          "conditions": {"id": "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}})
     tx = validate(Transaction.from_dict(doc), REGISTRY)
-    assert written_ids(tx, REGISTRY) == set(ids.values()) | {"obs_unit:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}
+    # and whether a row exists, where it creates or deletes it (see existence_key)
+    assert written_ids(tx, REGISTRY) == set(ids.values()) | {f"exists {i}" for i in ids.values()} | {
+        "obs_unit:5", "0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10", "exists 0b8a0c7e-55b4-4a8e-9a43-5a4d2c3e9f10"}
 
 
 def test_a_transaction_id_must_be_text_a_key_can_hold_and_not_a_dead_mark():

@@ -2052,7 +2052,7 @@ def test_an_id_reused_in_a_batch_applied_in_pieces_applies_the_first_and_dead_le
     finally:
         check.close()
     # what uses the second's row would be dead-lettered with it; the first's row is nobody's
-    assert redis_client.hgetall(keys.held_ids) == {b"obs_unit:952": b"!reused-1"}
+    assert redis_client.hgetall(keys.held_ids) == {b"obs_unit:952": b"!reused-1", b"exists obs_unit:952": b"!reused-1"}
     redis_client.delete(keys.failed)
     assert_queues_empty(redis_client, settings.site)
 
