@@ -379,7 +379,12 @@ class TransactionBuffer:
                     pass
 
     def _subscribe(self) -> "redis.client.PubSub | None":
-        """A subscription to the events channel, confirmed by the server; None if Redis refuses."""
+        """A subscription to the events channel, confirmed by the server; None if Redis refuses,
+        or did not answer a moment ago (spool.REDIS_RETRY_AFTER_S): not asked again, wait() polls
+        (a subscription's handshake with a hung Redis waited for its reply timeout, 5 s, whatever
+        the wait's own timeout)."""
+        if self.spool.redis_failed_recently():
+            return None
         pubsub = self.redis.pubsub()
         try:
             pubsub.subscribe(self.store.keys.events)
@@ -388,8 +393,8 @@ class TransactionBuffer:
                 message = pubsub.get_message(timeout=max(0.0, confirm_by - time.monotonic()))
                 if message is not None and message.get("type") == "subscribe":
                     return pubsub
-        except (redis.RedisError, OSError):
-            pass
+        except (redis.RedisError, OSError) as error:
+            self.spool.note_redis_failure(error)  # a timeout: the next calls do not wait for it again
         try:
             pubsub.close()
         except redis.RedisError:

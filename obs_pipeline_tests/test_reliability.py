@@ -901,6 +901,32 @@ def test_after_redis_did_not_answer_calls_spool_without_waiting_for_it_again(set
     up.close()
 
 
+def test_a_wait_after_redis_did_not_answer_keeps_its_timeout_without_asking_it(settings, monkeypatch):
+    """After Redis did not answer in time, status() of a spooled transaction answers "pending"
+    from the spool without asking it, but wait() then subscribed to the events channel on the
+    hung Redis all the same: its connection's handshake waited for the reply timeout, so
+    wait(timeout=0.5) returned after 5 s (after 10 s where its own status() timed out first).
+    Now it polls, as without pub/sub. Counted as requests reaching the socket, and as time."""
+    from obs_pipeline import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # its flusher stays out of the count
+    monkeypatch.setattr(spool_module, "REDIS_RETRY_AFTER_S", 600.0)  # no clock in the test: the wait outlasts it
+    with silent_redis() as (url, requests):
+        buf = TransactionBuffer(settings=dataclasses.replace(settings, redis_url=url))
+        spooled = buffer_observations(buf, 1, finish_every=0)  # waits for Redis once, then spooled
+        assert buf.spool.redis_failed_recently() and buf.spool.pending() == 1
+        time.sleep(0.2)
+        reached = len(requests)
+        began = time.monotonic()
+        assert buf.wait(spooled[0].start_tx, until="applied", timeout=0.5) is False
+        took = time.monotonic() - began
+        time.sleep(0.2)
+        assert len(requests) == reached, f"wait() asked the silent Redis: {requests[reached:]}"
+        assert took < 2.0, f"wait(timeout=0.5) took {took:.1f} s"
+        assert buf.status(spooled[0].start_tx) == "pending"
+    buf.close()
+
+
 def test_while_the_flusher_retries_a_hung_redis_no_call_waits_for_it(settings, redis_client, main_engine):
     """A hung Redis (SIGSTOP: the kernel still accepts connections, nothing answers). After the
     first call's timeout, calls spool without asking it while the flusher retries it. But the
