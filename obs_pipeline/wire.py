@@ -601,7 +601,7 @@ def new_transaction(endpoint: str, site: str, max_retries: int = DEFAULT_MAX_RET
     # Transaction(transaction_id, endpoint, site, timestamp, status, retry_count, max_retries, steps,
     # metadata), positional as in from_dict
     return Transaction(new_uuid(), _checked_endpoint(endpoint), site, dt.datetime.now(dt.timezone.utc).isoformat(),
-                       "pending", 0, max_retries, [], _checked_metadata(metadata) if metadata else {})
+                       "pending", 0, max_retries, [], {} if metadata is None else _checked_metadata(metadata))
 
 
 def new_uuid() -> str:

@@ -192,9 +192,10 @@ def test_an_update_with_the_records_own_unchanged_id_is_taken(env, settings, red
     (lambda b, o: b.delete("ExecutedObsUnit", 5), "is not a UUID"),
     (lambda b, o: b.update("ObsUnit", 99999, {"name": "x"}), "neither buffered nor on the replica"),
     (lambda b, o: b.transaction(metadata={"seeing": {1.5}}).__enter__(), "not JSON-serialisable"),
+    (lambda b, o: b.transaction(metadata=[]).__enter__(), "metadata must be a dict, not list"),  # was taken as {}
 ], ids=["unknown column", "wrong type", "null in a required column", "bad datetime", "unknown model",
         "another model's id", "delete of another model's id", "id of the wrong type", "unknown integer id",
-        "metadata not JSON"])
+        "metadata not JSON", "metadata an empty list"])
 def test_a_refused_update_or_delete_of_a_buffered_record_changes_no_key(settings, redis_client, buf, call, message):
     """Contract section 3: "InvalidTransaction ... is raised, and nothing is buffered". With a
     record already buffered (its caches, status and queue entry in Redis), a refused call
