@@ -641,7 +641,7 @@ def test_a_discard_that_dies_after_its_first_write_can_be_finished(settings, red
 
     tx_id, obs_id = dead_poison(settings)
     keys = SiteKeys(settings.site)
-    assert redis_client.hlen(keys.held_ids) == 1
+    assert redis_client.hlen(keys.held_ids) == 2  # the row it creates, and that row's existence
     letters = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url))
     execute, send = redis_lib.client.Pipeline.execute, redis_lib.connection.Connection.send_packed_command
     wrote = [False]
