@@ -64,9 +64,9 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     if local_spool and local_spool.get("error"):
         problems.append(local_spool["error"])
     elif local_spool and local_spool["pending"]:
-        oldest = local_spool["oldest_seconds"]
+        spooled_oldest = local_spool["oldest_seconds"]  # the spool's own: `oldest` stays the buffer's
         problems.append(f"{local_spool['pending']} transaction(s) wait in the local spool {local_spool['file']}"
-                        + (f" (oldest {oldest:.0f} s old)" if oldest is not None else "")
+                        + (f" (oldest {spooled_oldest:.0f} s old)" if spooled_oldest is not None else "")
                         + ": run `obs-pipeline spool push` (on this host, with the same OBS_SPOOL_DIR)")
     report = {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),

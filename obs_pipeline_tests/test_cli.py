@@ -802,6 +802,36 @@ def test_status_with_a_deeply_nested_entry_next_in_line_still_reports(env, redis
     assert cli("status", env=env).returncode == 0
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_status_oldest_pending_is_the_buffers_with_a_local_spool_waiting(env, redis_client, settings, tmp_path):
+    """`transaction_buffer.oldest_pending_seconds` is the age of the oldest transaction in Redis's
+    buffer (or processing list); the spool has its own, `local_spool.oldest_seconds`. With
+    transactions waiting in the local spool, status reported the spool's oldest age there
+    instead: an empty buffer showed `oldest pending 600.0 s`, and a buffer holding a transaction
+    two minutes old beside a spooled one ten minutes old showed ten minutes."""
+    import datetime as dt
+
+    def stamp(seconds_ago: float) -> str:
+        return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago)).isoformat()
+
+    spooled, _ = seed_example(settings.site)
+    spooled["timestamp"] = stamp(600)
+    (tmp_path / f"{settings.site}.jsonl").write_text(json.dumps(
+        {"id": spooled["transaction_id"], "tx": json.dumps(spooled), "created": [], "overlays": []}) + "\n")
+    env = {**env, "OBS_SPOOL_DIR": str(tmp_path)}
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["local_spool"]["pending"] == 1 and report["local_spool"]["oldest_seconds"] >= 600, report
+    assert report["transaction_buffer"]["size"] == 0
+    assert report["transaction_buffer"]["oldest_pending_seconds"] is None, report["transaction_buffer"]
+    assert "oldest pending none\n" in cli("status", env=env).stdout
+    buffered, _ = seed_example(settings.site)
+    buffered["timestamp"] = stamp(120)
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(buffered))
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert 120 <= report["transaction_buffer"]["oldest_pending_seconds"] < 300, report["transaction_buffer"]
+    assert report["local_spool"]["oldest_seconds"] >= 600, report["local_spool"]
+
+
 def test_status_shows_the_drains_pieces_after_timeouts_on_main_and_nothing_without(env, redis_client, settings):
     """After main cancelled the drain's statements (its statement_timeout or lock_timeout) the
     drain applies batches in pieces and counts the transactions that timed out alone, in Redis;
