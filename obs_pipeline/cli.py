@@ -210,7 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  drain timeouts: {report['drain_timeouts']['note']}\n    {report['drain_timeouts']['check']}")
         print(f"  replication lag {_age(lag.get('seconds'))}, {lag.get('bytes', 'unknown')} bytes "
               f"(main {lag.get('main_lsn') or 'none'}, replica {lag.get('replica_lsn') or 'none'}, "
-              f"{lag.get('awaiting_batches')} batches awaiting)")
+              f"{lag.get('awaiting_batches')} chunks awaiting replay)")
         local = report["local_spool"]
         print(f"  local spool {local['pending']}, oldest {_age(local['oldest_seconds'])} ({local['file']})"
               if not local.get("error") else f"  local spool: {local['error']}")

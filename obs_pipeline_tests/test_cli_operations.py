@@ -272,7 +272,7 @@ def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env,
     assert any(re.fullmatch(r"\s*buffer 2, processing 0, retrying 0, failed 0, oldest pending [0-9.]+ s", line)
                for line in lines), lines
     assert any(re.fullmatch(r"\s*replication lag [0-9.]+ s, [0-9]+ bytes \(main [0-9A-F]+/[0-9A-F]+, "
-                            r"replica [0-9A-F]+/[0-9A-F]+, [0-9]+ batches awaiting\)", line)
+                            r"replica [0-9A-F]+/[0-9A-F]+, [0-9]+ chunks awaiting replay\)", line)
                for line in lines), lines
 
 

@@ -268,7 +268,7 @@ def test_with_the_replica_down_a_run_ends_saying_so_and_the_sensor_waits_for_it(
                                                      instance=instance)
             assert result.success and time.monotonic() - began < 30
             drained = result.output_for_node("drain_batches")
-            assert drained["applied"] == 1 and "1 committed batch(es) still await the replica" in \
+            assert drained["applied"] == 1 and "1 chunk(s) of committed transactions still await the replica" in \
                 drained["stopped_because"]
             [warning] = [e.user_message for e in instance.all_logs(result.run_id)
                          if e.level == logging.WARNING and "drained" in (e.user_message or "")]
@@ -428,7 +428,7 @@ def test_a_replica_that_replays_nothing_is_not_reported_as_materialized(settings
                                                   instance=instance)
     materialized, observed, [check] = _replica_events(stalled)
     assert not materialized
-    assert "1 committed batch(es) still await the replica" in observed[0].description
+    assert "1 chunk(s) of committed transactions still await the replica" in observed[0].description
     assert not check.passed and "still await the replica" in check.description
     assert check.metadata["awaiting_replication_batches"].value == 1
 
