@@ -411,8 +411,9 @@ class BufferStore:
                 pipe.multi()
                 pipe.ltrim(k.processing, 0, -outcome.claimed - 1)
                 applied_ids = outcome.applied_ids
-                for tx_id, status_json in outcome.statuses:
-                    pipe.set(k.transaction(tx_id), status_json)
+                statuses = [x for pair in outcome.statuses for x in pair]
+                for part in range(0, len(statuses), 2 * STATUS_CHUNK):  # never over a committed one
+                    pipe.eval(scripts.SET_UNLESS_COMMITTED, 0, k.prefix, *statuses[part:part + 2 * STATUS_CHUNK])
                 self.unhold(outcome.release, pipe)
                 if outcome.hold:
                     _eval_pairs(pipe, scripts.HOLD, k.held_ids, [x for pair in outcome.hold.items() for x in pair])

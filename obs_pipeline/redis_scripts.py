@@ -78,6 +78,21 @@ end
 return missing
 """
 
+# The acknowledgement's whole statuses (a retry's "pending", a dead letter's "failed"): not over one
+# main has committed ("applied", "replicated"). A transaction pushed twice whose second copy is
+# dead-lettered as blocked (by a dead transaction that writes a row it uses) turned the first
+# copy's "replicated" into "failed". ARGV = prefix, then (id, status JSON) pairs.
+SET_UNLESS_COMMITTED = """
+local p = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local key = p .. 'transaction:' .. ARGV[i]
+  local v = redis.pcall('GET', key)
+  local current = type(v) == 'string' and string.match(v, '"status"%s*:%s*"(%a+)"')
+  if current ~= 'applied' and current ~= 'replicated' then redis.call('SET', key, ARGV[i + 1]) end
+end
+return 1
+"""
+
 # Prepended to the scripts that may pass thousands of values to one command (a large
 # bulk_create): Lua's unpack() takes a few thousand values at most. Returns the replies of
 # the parts, concatenated when they are lists; no call for an empty list.

@@ -1204,6 +1204,36 @@ def test_a_holder_dead_lettered_in_the_batch_of_one_it_holds_back_still_blocks_i
     buf.close()
 
 
+def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_replicated_status(
+        settings, redis_client, main_engine):
+    """A producer pushes an applied transaction again (its reply was lost, say) after a later
+    update of the same row was dead-lettered: the copy is dead-lettered as blocked by it. The
+    acknowledgement wrote the copy's dead letter over the status key whole: the transaction,
+    committed and replicated, read 'failed' (and its status key lost its week's TTL)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    copy = redis_client.get(keys.transaction(done))
+    drain_until_settled(settings)
+    assert buf.status(done) == "replicated"
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        for _ in range(3):
+            assert drain.step().retried == 1
+            due_now(redis_client, keys, first)
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+        redis_client.lpush(keys.buffer, copy)
+        assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
+    finally:
+        drain.close()
+    assert buf.status(done) == "replicated"
+    assert redis_client.ttl(keys.transaction(done)) > 0
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
