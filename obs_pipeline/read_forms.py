@@ -89,11 +89,12 @@ def _jsonb_form(value: Any) -> Any:
 
 def numeric_places(type_: sa.types.TypeEngine) -> decimal.Decimal | None:
     """The places a NUMERIC(p, s) column keeps (Decimal('0.01') for s = 2; NUMERIC(p) keeps
-    none); None for a NUMERIC that rounds nothing, and for a float."""
-    if not isinstance(type_, sa.Numeric) or isinstance(type_, sa.Float):
+    none); None for a NUMERIC that rounds nothing, and for a float. A scale without a precision
+    (Numeric(scale=2)) is plain NUMERIC, as SQLAlchemy writes it (PostgreSQL takes a scale only
+    after a precision): it rounds nothing, as model_registry's range check takes it."""
+    if not isinstance(type_, sa.Numeric) or isinstance(type_, sa.Float) or type_.precision is None:
         return None
-    scale = type_.scale if type_.scale is not None else 0 if type_.precision is not None else None
-    return None if scale is None else decimal.Decimal(1).scaleb(-scale)
+    return decimal.Decimal(1).scaleb(-(type_.scale or 0))
 
 
 # Digits enough for any float, or NUMERIC(1000, s), rounded to a scale PostgreSQL allows (1,000

@@ -133,6 +133,23 @@ class WideNumbered(Base):
     key: Mapped[object] = mapped_column(Numeric(38, 10), primary_key=True, autoincrement=False)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
+
+class Unscaled(Base):
+    """Numeric(scale=2) without a precision: SQLAlchemy writes it as plain NUMERIC (PostgreSQL
+    takes a scale only after a precision), which keeps every digit it is given."""
+    __tablename__ = "read_forms_unscaled"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    amount: Mapped[object] = mapped_column(Numeric(scale=2), nullable=True)
+
+
+class UnscaledKeyed(Base):
+    """A Numeric(scale=2) key: plain NUMERIC, as Unscaled's amount."""
+    __tablename__ = "read_forms_unscaled_keyed"
+
+    key: Mapped[object] = mapped_column(Numeric(scale=2), primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
     create_schema(main_engine, ModelRegistry.from_path(MODELS))
@@ -297,6 +314,52 @@ def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms)
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01, 0.0]
     assert [repr(a) for a in buffered[0]] == [repr(a) for a in replicated[0]], (buffered, replicated)  # -0.0 == 0.0
+    buf.close()
+
+
+def test_a_numeric_of_a_scale_without_a_precision_keeps_every_digit_buffered_and_replicated(forms, main_engine):
+    """Numeric(scale=2) is plain NUMERIC in PostgreSQL (SQLAlchemy writes no scale without a
+    precision): main keeps 1.234. Reads rounded it to 2 places all the same, buffered and
+    replicated (1.23, not what main holds), and filters matched otherwise buffered than
+    replicated: {"amount": 1.234} found the replica's row and not the buffered record (the
+    record was compared rounded, the row as stored), {"amount": 1.23} the other way round."""
+    buf = TransactionBuffer(settings=forms)
+    given = [1.234, 1.235, 0.001]
+    with buf.transaction() as tx:
+        ids = [tx.create("Unscaled", {"amount": amount})["id"] for amount in given]
+    filters = [1.234, 1.23, {">=": 1.234}, {"<": 1.235}, [1.24, 0.001], 0.0]
+
+    def read() -> tuple[list, dict]:
+        amounts = [buf.get("Unscaled", rid)["amount"] for rid in ids]
+        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Unscaled", {"id": ids, "amount": f}))
+                 for f in filters}
+        return amounts, found
+
+    buffered = read()
+    drain_until_empty(forms)
+    replicated = read()
+    assert buffered == replicated, (buffered, replicated)
+    with main_engine.connect() as conn:
+        on_main = [float(conn.execute(sa.text("SELECT amount FROM read_forms_unscaled WHERE id = :i"),
+                                      {"i": rid}).scalar_one()) for rid in ids]
+    assert replicated[0] == on_main == given
+    buf.close()
+
+
+def test_a_numeric_key_of_a_scale_without_a_precision_names_its_record_the_same_buffered_and_replicated(forms):
+    """A Numeric(scale=2) key of 1.234 (plain NUMERIC: main keeps 1.234): the buffered record,
+    filed under "1.234", read its key as 1.23, and the replica's row was read, and filed, under
+    "1.23": once replicated, get(1.234) said None."""
+    buf = TransactionBuffer(settings=forms)
+    key, note = uuid.uuid4().int % 10**6 * 10 + 1.234, f"u{uuid.uuid4().hex[:8]}"
+    with buf.transaction() as tx:
+        made = tx.create("UnscaledKeyed", {"key": key, "note": note})
+    expected = {"key": key, "note": note}
+    buffered = buf.get("UnscaledKeyed", key), buf.search("UnscaledKeyed", {"note": note})
+    drain_until_empty(forms)
+    replicated = buf.get("UnscaledKeyed", key), buf.search("UnscaledKeyed", {"note": note})
+    assert buffered == replicated == (expected, [expected]), (buffered, replicated)
+    assert made["key"] == key
     buf.close()
 
 
