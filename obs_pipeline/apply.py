@@ -206,6 +206,7 @@ class MainDatabase:
         self.refusable = refusable_columns(registry)  # what fold must not hide from main
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
+        self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
         self.round_trips = 0  # scripts sent to main; each is one round trip
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
@@ -339,7 +340,7 @@ class MainDatabase:
         if blocked and any(i in blocked for tx in txs for i in referenced_ids(tx, self.registry)):
             return self._apply_carefully(cur, txs, blocked)  # it holds back those that use them
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
-        folded = fold(writes, self.refusable, self.kept_updates)
+        folded = fold(writes, self.refusable, self.kept_updates, self.cascades)
         if folded is None:
             return self._apply_carefully(cur, txs, blocked)
         try:
@@ -417,7 +418,7 @@ class MainDatabase:
         # Several transactions go folded (or split if they cannot be); one alone goes in its own
         # step order: folding puts a table's inserts before its deletes, which a unique key or a
         # self-referencing foreign key may refuse.
-        folded = None if alone else fold(writes, self.refusable, self.kept_updates)
+        folded = None if alone else fold(writes, self.refusable, self.kept_updates, self.cascades)
         if alone or folded is not None:
             try:
                 statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
@@ -460,7 +461,8 @@ def reused_id_reason(applied_at: Any) -> str:
 
 
 def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,
-         kept_updates: frozenset[str] | None = None) -> list[RowWrite] | None:
+         kept_updates: frozenset[str] | None = None,
+         cascades: dict[str, frozenset[str]] | None = None) -> list[RowWrite] | None:
     """Net effect per row, in first-touch order (a row deleted after its insert or update: the
     delete at the end); None where folding would hide from main a write it may refuse, so the
     batch goes the careful way (each transaction under its own savepoint when need be).
@@ -477,11 +479,22 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
 
     `kept_updates`: models with an onupdate main evaluates (an SQL expression, in an UPDATE
     only): a row's updates stay an update after its insert (merged with one another).
+
+    `cascades` (see cascading_deletes): None for an insert or update of a model whose rows a
+    delete earlier in the batch may delete or change on main (ON DELETE CASCADE, SET NULL): sent
+    before that delete, it would be taken, then undone by it (a reading of an instrument deleted
+    before it, which main refuses in order, reported applied and gone).
     """
     net: dict[tuple[str, Any], RowWrite] = {}
     deleted_after: dict[tuple[str, Any], RowWrite] = {}
     updated_after: dict[tuple[str, Any], RowWrite] = {}
+    changed_by_delete: set[str] = set()  # models a delete earlier in the batch changes rows of
     for w in writes:
+        if w.operation == "delete":
+            if cascades and w.model in cascades:
+                changed_by_delete |= cascades[w.model]
+        elif w.model in changed_by_delete:
+            return None
         key = (w.model, str(w.record_id))
         prev = net.get(key)
         if prev is None:
@@ -530,6 +543,31 @@ def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],
             if old != value and (column in constrained or old is None and column in not_null):
                 return True
     return False
+
+
+def cascading_deletes(registry: ModelRegistry) -> dict[str, frozenset[str]]:
+    """Per model: the models whose rows main deletes or changes when one of its rows is deleted
+    (a foreign key ON DELETE CASCADE, SET NULL or SET DEFAULT; through the cascades' own)."""
+    by_table = {spec.table: spec.name for spec in registry.models.values()}
+    direct: dict[str, list[tuple[str, bool]]] = {}  # parent -> (child, whether its rows are deleted)
+    for spec in registry.models.values():
+        for constraint in spec.table.foreign_key_constraints:
+            action = (constraint.ondelete or "").upper()
+            parent = by_table.get(constraint.referred_table)
+            if parent is not None and action in ("CASCADE", "SET NULL", "SET DEFAULT"):
+                direct.setdefault(parent, []).append((spec.name, action == "CASCADE"))
+    out = {}
+    for model in direct:
+        reached: set[str] = set()
+        todo = [model]
+        while todo:
+            for child, deleted in direct.get(todo.pop(), ()):
+                if child not in reached:
+                    reached.add(child)
+                    if deleted:
+                        todo.append(child)
+        out[model] = frozenset(reached)
+    return out
 
 
 def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str], frozenset[str]]]:

@@ -3,7 +3,7 @@ foreign key to it checked at commit (deferred), column types the built-in schema
 (JSON, float, bool, a timestamp without time zone), a column whose name needs quoting, and
 columns with defaults (constant ones, Python-side and server-side, and one main computes), and
 columns whose default or onupdate SQLAlchemy computes (a callable, one taking its execution
-context, an SQL expression)."""
+context, an SQL expression), and a foreign key whose parent's delete cascades to its rows."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ class Exposure(Base):
     ok: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     logged: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # timestamp without time zone
+
+
+class Reading(Base):
+    """Deleted by main with its instrument (ON DELETE CASCADE)."""
+    __tablename__ = "custom_reading"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    instrument_code: Mapped[int] = mapped_column(ForeignKey("custom_instrument.code", ondelete="CASCADE"),
+                                                 nullable=False)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Note(Base):

@@ -52,7 +52,7 @@ def test_a_schema_of_its_own_from_db_init_to_the_replica(custom, main_engine, re
     env = {"OBS_SITE": custom.site, "OBS_REDIS_URL": custom.redis_url, "OBS_MAIN_DB_URL": custom.main_db_url,
            "OBS_REPLICA_DB_URL": custom.replica_db_url, "OBS_MODELS": MODELS}
     init = cli("db", "init", env=env)
-    assert init.returncode == 0 and "7 models" in init.stderr, init.stderr
+    assert init.returncode == 0 and "8 models" in init.stderr, init.stderr
     code = random.randrange(10**6, 10**9)
     buf = TransactionBuffer(settings=custom)
     with buf.transaction() as tx:
@@ -200,6 +200,42 @@ def test_a_deferred_foreign_key_violation_is_pinned_on_its_transaction(custom_sc
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM custom_exposure WHERE instrument_code = :c"),
                             {"c": code}).scalar_one() == 10
+    buf.close()
+
+
+def test_a_write_after_its_rows_cascading_delete_in_the_same_batch_is_not_applied_unseen(custom_schema,
+                                                                                          redis_client, main_engine):
+    """An instrument is deleted (its readings with it: ON DELETE CASCADE); later transactions
+    create a reading of it and update one of its readings. In order, main refuses both (no
+    instrument; no row to update). Before, the batch folded them with the delete last: main took
+    the insert and the update, then the cascade deleted both rows, and the two transactions
+    were reported replicated with nothing of theirs on main."""
+    import json
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    code = random.randrange(10**6, 10**9)
+    with buf.transaction() as setup:
+        setup.create("Instrument", {"code": code, "name": "cam"})
+        old = setup.create("Reading", {"instrument_code": code, "value": 1.0})
+    drain_until_settled(custom_schema)
+    with buf.transaction() as gone:
+        gone.delete("Instrument", code)
+    with buf.transaction() as late:
+        late.create("Reading", {"instrument_code": code, "value": 2.0})
+    updated = buf.update("Reading", old["id"], {"value": 3.0})
+    drain_until_settled(custom_schema, retry_base_s=0.05)
+    assert buf.status(gone.transaction_id) == "replicated"
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(SiteKeys(custom_schema.site).failed, 0, -1))}
+    assert [buf.status(late.transaction_id), buf.status(updated)] == ["failed", "failed"], failed
+    assert "ForeignKeyViolation" in failed[late.transaction_id]
+    assert failed[updated] == f"no custom_reading row {old['id']} to update"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM custom_reading WHERE instrument_code = :c"),
+                            {"c": code}).scalar_one() == 0
     buf.close()
 
 
