@@ -292,6 +292,21 @@ def test_a_nul_in_a_json_value_is_refused_at_ingest_and_a_backslash_u0000_is_tex
 AMOUNTS = [1.234, 1.235, -1.235, 2.5, 12, 0.005, -0.001]
 
 
+def _amounts_and_matches(buf, model: str, ids: list, filters: list) -> tuple[list, dict]:
+    """Each record's amount, and which of them each filter on the amount finds (by place)."""
+    amounts = [buf.get(model, rid)["amount"] for rid in ids]
+    found = {str(f): sorted(ids.index(r["id"]) for r in buf.search(model, {"id": ids, "amount": f}))
+             for f in filters}
+    return amounts, found
+
+
+def _rows_and_matches(buf, model: str, ids: list, filters: list[dict]) -> tuple[list, dict]:
+    """Each record without its id, and which of them each filter finds (by place)."""
+    rows = [{k: v for k, v in buf.get(model, rid).items() if k != "id"} for rid in ids]
+    found = {str(f): sorted(ids.index(r["id"]) for r in buf.search(model, {"id": ids, **f})) for f in filters}
+    return rows, found
+
+
 def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms):
     """NUMERIC(10, 2) keeps 1.234 as 1.23 (1.235 as 1.24, half away from zero): buffered, a
     record read 1.234 and {"amount": 1.234} found it; replicated, 1.23, and it did not. -0.001
@@ -301,16 +316,9 @@ def test_numeric_columns_read_and_filter_the_same_buffered_and_replicated(forms)
         rows = tx.bulk_create("Reading", [{"amount": amount} for amount in AMOUNTS])
     ids = [row["id"] for row in rows]
     filters = [1.234, 1.23, {">=": 1.234}, {"<": 1.235}, {">": 1.235}, [1.24, 0.01], 0.005, {"<=": -1.24}]
-
-    def read() -> tuple[list, dict]:
-        amounts = [buf.get("Reading", rid)["amount"] for rid in ids]
-        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Reading", {"id": ids, "amount": f}))
-                 for f in filters}
-        return amounts, found
-
-    buffered = read()
+    buffered = _amounts_and_matches(buf, "Reading", ids, filters)
     drain_until_empty(forms)
-    replicated = read()
+    replicated = _amounts_and_matches(buf, "Reading", ids, filters)
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == [1.23, 1.24, -1.24, 2.5, 12.0, 0.01, 0.0]
     assert [repr(a) for a in buffered[0]] == [repr(a) for a in replicated[0]], (buffered, replicated)  # -0.0 == 0.0
@@ -328,16 +336,9 @@ def test_a_numeric_of_a_scale_without_a_precision_keeps_every_digit_buffered_and
     with buf.transaction() as tx:
         ids = [tx.create("Unscaled", {"amount": amount})["id"] for amount in given]
     filters = [1.234, 1.23, {">=": 1.234}, {"<": 1.235}, [1.24, 0.001], 0.0]
-
-    def read() -> tuple[list, dict]:
-        amounts = [buf.get("Unscaled", rid)["amount"] for rid in ids]
-        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Unscaled", {"id": ids, "amount": f}))
-                 for f in filters}
-        return amounts, found
-
-    buffered = read()
+    buffered = _amounts_and_matches(buf, "Unscaled", ids, filters)
     drain_until_empty(forms)
-    replicated = read()
+    replicated = _amounts_and_matches(buf, "Unscaled", ids, filters)
     assert buffered == replicated, (buffered, replicated)
     with main_engine.connect() as conn:
         on_main = [float(conn.execute(sa.text("SELECT amount FROM read_forms_unscaled WHERE id = :i"),
@@ -514,15 +515,9 @@ def test_timestamp_time_and_interval_of_a_precision_read_and_filter_the_same_buf
                {"at": ["1999-12-31T23:59:59Z", "2000-01-01T00:00:01Z"]}, {"of_day": "12:00:01"},
                {"of_day": {"<": "00:00:00.1"}}, {"of_day": "00:00:00"}, {"of_day": {">": "23:59:59"}},
                {"span": "PT2S"}, {"span": {">=": "P2D"}}, {"span": "PT0S"}, {"span": {">": "PT1.6S"}}]
-
-    def read() -> tuple[list, dict]:
-        rows = [{k: v for k, v in buf.get("Coarse", rid).items() if k != "id"} for rid in ids]
-        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Coarse", {"id": ids, **f})) for f in filters}
-        return rows, found
-
-    buffered = read()
+    buffered = _rows_and_matches(buf, "Coarse", ids, filters)
     drain_until_empty(forms)
-    replicated = read()
+    replicated = _rows_and_matches(buf, "Coarse", ids, filters)
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == [{"at": "2025-01-01T00:00:01+00:00", "of_day": "12:00:01", "span": "PT2S"},
                              {"at": "1999-12-31T23:59:59+00:00", "of_day": "00:00:00", "span": "PT0S"},
@@ -541,15 +536,9 @@ def test_an_interval_of_fields_reads_and_filters_the_same_buffered_and_replicate
         ids = [tx.create("Fielded", {"days": v, "minutes": v, "years": v, "hours": [v, None]})["id"] for v in given]
     filters = [{"days": "P1D"}, {"days": "P-1D"}, {"minutes": "P1DT5H7M"}, {"minutes": {">": "P-1DT23H59M"}},
                {"years": "PT0S"}, {"days": {">=": "P1DT1S"}}]
-
-    def read() -> tuple[list, dict]:
-        rows = [{k: v for k, v in buf.get("Fielded", rid).items() if k != "id"} for rid in ids]
-        found = {str(f): sorted(ids.index(r["id"]) for r in buf.search("Fielded", {"id": ids, **f})) for f in filters}
-        return rows, found
-
-    buffered = read()
+    buffered = _rows_and_matches(buf, "Fielded", ids, filters)
     drain_until_empty(forms)
-    replicated = read()
+    replicated = _rows_and_matches(buf, "Fielded", ids, filters)
     assert buffered == replicated, (buffered, replicated)
     assert replicated[0] == [{"days": "P1D", "minutes": "P1DT5H7M", "years": "PT0S", "hours": ["P1DT5H", None]},
                              {"days": "P-1D", "minutes": "P-1DT23H59M", "years": "PT0S", "hours": ["P-1DT23H", None]}]
