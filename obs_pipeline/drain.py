@@ -336,8 +336,9 @@ class Drain:
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         if claimable or replica_patience_s is None or idle_s < replica_patience_s:
             return ""
-        return (f"buffer empty; {work['awaiting_replication']} chunk(s) of committed transactions still await the replica, "
-                f"which replayed nothing for {idle_s:.0f} s: their caches stay until a later drain sees the replay")
+        return (f"buffer empty; {work['awaiting_replication']} chunk(s) of committed transactions still await the "
+                f"replica, which replayed nothing for {idle_s:.0f} s: their caches stay until a later drain sees "
+                "the replay")
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:

@@ -51,8 +51,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(lag["error"])
     elif lag["seconds"] > REPLICA_STUCK_AFTER_S and lag.get("replica_behind_oldest_batch"):
         problems.append(f"the replica has not replayed a batch committed {lag['seconds']:.0f} s ago "
-                        f"({lag['awaiting_batches']} chunk(s) of committed transactions waiting; their caches are kept): check its WAL receiver "
-                        "(pg_stat_wal_receiver) and that replay is not paused")
+                        f"({lag['awaiting_batches']} chunk(s) of committed transactions waiting; their caches are "
+                        "kept): check its WAL receiver (pg_stat_wal_receiver) and that replay is not paused")
     elif lag.get("replica_lsn") is None and replica is not None:
         problems.append("the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary")
     memory = redis_memory(store)
@@ -94,7 +94,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     if local_spool is not None:
         report["local_spool"] = local_spool
     piece, alone, attempts = depths["timeouts"]  # attempts: as the drain that saved them had it
-    timeouts = drain_timeouts(piece, alone, attempts or timeout_attempts, main.url.username if main is not None else None)
+    role = main.url.username if main is not None else None
+    timeouts = drain_timeouts(piece, alone, attempts or timeout_attempts, role)
     if timeouts is not None:
         report["drain_timeouts"] = timeouts
     return report
