@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 from sqlalchemy.sql import sqltypes
 
+from obs_pipeline import json_codec
+
+
 def converter(kind: str, int_bits: int, float_bits: int, max_length: int | None,
              padded: bool, numeric: tuple[int, int] | None = None,
              interval_unit: int | None = None) -> Callable[[Any], Any]:
@@ -397,6 +400,15 @@ PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # PostgreSQL counts 
 _DAY_US = 86_400_000_000
 
 
+def numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:
+    """(precision, scale) of NUMERIC(p, s) / NUMERIC(p) (scale 0); None for NUMERIC alone, which
+    takes any size (a scale without a precision too: SQLAlchemy writes plain NUMERIC then), and
+    for Float, whose precision counts bits. Ingest's range check and reads' rounding both ask it."""
+    if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) and type_.precision:
+        return type_.precision, type_.scale or 0
+    return None
+
+
 def fraction_step(type_: sqltypes.TypeEngine) -> int | None:
     """The microseconds to which a TIMESTAMP(p), TIME(p) or INTERVAL(p) column rounds its
     seconds (10 ** (6 - p)); None for one that keeps all six places."""
@@ -485,7 +497,7 @@ def json_value(value: Any) -> Any:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("text is not valid Unicode (a lone surrogate)") from None
-    return value if value is None or value.__class__ in _JSON_SCALARS else json.loads(text)
+    return value if value is None or value.__class__ in _JSON_SCALARS else json_codec.loads(text)
 
 
 _JSON_SCALARS = (str, int, float, bool)

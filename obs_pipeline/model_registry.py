@@ -420,12 +420,8 @@ def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
 
 
 def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:
-    """(precision, scale) of NUMERIC(p, s) / NUMERIC(p) (scale 0); None for NUMERIC alone, which
-    takes any size, and for Float, whose precision counts bits."""
-    type_ = getattr(type_, "impl_instance", type_)  # a TypeDecorator's: the column's own
-    if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) and type_.precision:
-        return type_.precision, type_.scale or 0
-    return None
+    """column_values.numeric_size of the column's own type (a TypeDecorator's impl)."""
+    return values.numeric_size(getattr(type_, "impl_instance", type_))
 
 
 def _int_bits(type_: sqltypes.TypeEngine) -> int:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from obs_pipeline.column_values import fraction_step, interval_text, parse_interval, round_seconds, single_float
+from obs_pipeline.column_values import (fraction_step, interval_text, numeric_size, parse_interval, round_seconds,
+                                       single_float)
 from obs_pipeline.model_registry import ColumnSpec, ModelSpec, is_single_precision
 
 _UTC = dt.timezone.utc
@@ -89,12 +90,10 @@ def _jsonb_form(value: Any) -> Any:
 
 def numeric_places(type_: sa.types.TypeEngine) -> decimal.Decimal | None:
     """The places a NUMERIC(p, s) column keeps (Decimal('0.01') for s = 2; NUMERIC(p) keeps
-    none); None for a NUMERIC that rounds nothing, and for a float. A scale without a precision
-    (Numeric(scale=2)) is plain NUMERIC, as SQLAlchemy writes it (PostgreSQL takes a scale only
-    after a precision): it rounds nothing, as model_registry's range check takes it."""
-    if not isinstance(type_, sa.Numeric) or isinstance(type_, sa.Float) or type_.precision is None:
-        return None
-    return decimal.Decimal(1).scaleb(-(type_.scale or 0))
+    none); None for a NUMERIC that rounds nothing (a scale without a precision too), and for a
+    float: the size ingest's range check takes (column_values.numeric_size)."""
+    size = numeric_size(type_)
+    return None if size is None else decimal.Decimal(1).scaleb(-size[1])
 
 
 # Digits enough for any float, or NUMERIC(1000, s), rounded to a scale PostgreSQL allows (1,000
