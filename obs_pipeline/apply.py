@@ -52,8 +52,12 @@ FAR_ROUND_TRIP_S = 0.005  # main's round trip from which it counts as far (a LAN
 # commit locally then (this, just before COMMIT); a stronger setting (`remote_apply`) stays.
 _FLUSHED_COMMIT = (b"SELECT set_config('synchronous_commit', 'local', true) "
                    b"WHERE current_setting('synchronous_commit') = 'off'")
-_HAS_DIGEST_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
-                   f"'{applied_transactions.name}') AND attname = 'steps_digest' AND NOT attisdropped)").encode()
+# Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
+# has steps_digest, and whether "main" is a hot standby (the site's replica, or main demoted by a
+# failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one.
+_SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
+                f"'{applied_transactions.name}') AND attname = 'steps_digest' "
+                "AND NOT attisdropped), pg_is_in_recovery()").encode()
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
 # string with ValueError, an encoder a lone surrogate), should one pass validation: that
 # transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
@@ -165,6 +169,14 @@ _REFUSED_BY_CONFIGURATION = re.compile(r'FATAL:\s+(password authentication faile
                                        r'|database ".*" does not exist|no pg_hba\.conf entry)')
 
 
+def main_is_standby(url: sa.URL) -> str:
+    """Why a main URL naming a hot standby is refused: no retry fixes it until someone promotes
+    it, and the transactions are not at fault. One line, what to do."""
+    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
+    return (f"main at {where} is a read-only standby (pg_is_in_recovery): "
+            "point OBS_MAIN_DB_URL at the primary")
+
+
 def refused_by_configuration(error: BaseException) -> bool:
     """A connect that main refused for its role, password or database: a wrong URL, which no
     retry fixes."""
@@ -225,7 +237,11 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s, self.records_digest = self._time_round_trip(self._conn)
+            self.round_trip_s, self.records_digest, standby = self._time_round_trip(self._conn)
+            if standby:  # every batch would fail as "read-only" (transient): retried for ever
+                self.close()
+                raise ConfigError(f"{main_is_standby(self.url)}; "
+                                  "the transactions stay buffered until then")
             if not self.records_digest and not self._warned_no_digest:
                 self._warned_no_digest = True
                 log.warning("main's %s has no steps_digest column (made by an earlier version): a transaction id "
@@ -234,7 +250,7 @@ class MainDatabase:
         return self._conn
 
     @staticmethod
-    def _time_round_trip(conn: Any, samples: int = 3) -> tuple[float, bool]:
+    def _time_round_trip(conn: Any, samples: int = 3) -> tuple[float, bool, bool]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -243,19 +259,20 @@ class MainDatabase:
         0.5 s per drain run, where three samples took 0.75. The query asks the catalog whether
         obs_pipeline_applied records the steps' digest (a table made before it does not, until
         `obs-pipeline db init` adds the column; until then ids are recorded alone, as then): a
-        question each session needs answered, asked in a round trip it makes anyway."""
+        question each session needs answered, asked in a round trip it makes anyway; and so is
+        whether main is a hot standby (the third value)."""
         taken: list[float] = []
-        present = False
+        present = standby = False
         with conn.cursor() as cur:
             while len(taken) < samples:
                 began = time.perf_counter()
-                cur.execute(_HAS_DIGEST_SQL)
+                cur.execute(_SESSION_SQL)
                 taken.append(time.perf_counter() - began)
-                present = bool(cur.fetchone()[0])
+                present, standby = map(bool, cur.fetchone())
                 best = min(taken)
                 if best < FAR_ROUND_TRIP_S or (len(taken) >= 2 and max(taken[-2:]) <= 1.1 * min(taken[-2:])):
                     break
-        return min(taken), present
+        return min(taken), present, standby
 
     def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all.

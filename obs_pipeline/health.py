@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from obs_pipeline.apply import main_is_standby
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -18,6 +19,9 @@ from obs_pipeline.wire import one_line
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
+# Main's flush LSN, and whether it is a hot standby instead (the flush LSN raises 55000 there)
+MAIN_LSN_SQL = ("SELECT pg_is_in_recovery(), "
+                "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END")
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
@@ -164,9 +168,12 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
     main_lsn = replica_lsn = None
     try:
-        main_lsn = _scalar(main, "SELECT pg_current_wal_flush_lsn()::text") if main is not None else None
+        standby, main_lsn = _row(main, MAIN_LSN_SQL) if main is not None else (False, None)
     except sa.exc.SQLAlchemyError as error:
         errors.append(f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
+    else:
+        if standby:
+            errors.append(main_is_standby(main.url))
     try:
         replica_lsn = _scalar(replica, REPLAY_LSN_SQL) if replica is not None else None
     except sa.exc.SQLAlchemyError as error:
@@ -202,6 +209,11 @@ def _first_line(error: BaseException) -> str:
 def _scalar(engine: sa.Engine, sql: str) -> Any:
     with engine.connect() as conn:
         return conn.execute(sa.text(sql)).scalar()
+
+
+def _row(engine: sa.Engine, sql: str) -> tuple:
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text(sql)).one())
 
 
 def _entry_age(raw: bytes | None) -> float | None:

@@ -945,6 +945,63 @@ def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, 
     buf.close()
 
 
+def standby_as_main(env: dict[str, str]) -> str:
+    """`env` with OBS_MAIN_DB_URL naming the site's streaming replica, a hot standby (as after a
+    failover that demoted main, or a URL copied from the wrong line); the line that names it."""
+    env["OBS_MAIN_DB_URL"] = env["OBS_REPLICA_DB_URL"]
+    url = sa.engine.make_url(env["OBS_REPLICA_DB_URL"])
+    return (f"main at {url.host}:{url.port}/{url.database} is a read-only standby "
+            "(pg_is_in_recovery): point OBS_MAIN_DB_URL at the primary")
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("once", [True, False])
+def test_a_main_url_naming_a_standby_stops_the_drain_in_one_line_and_dead_letters_nothing(
+        env, settings, redis_client, main_engine, once):
+    """A hot standby refuses the batch's INSERT with 25006 (read_only_sql_transaction), which the
+    drain sorted as transient: `drain --once` said "main unreachable" and retried for ever, as
+    a service did. No retry fixes it, and the transactions are not at fault: the drain stops with
+    one line naming the standby and the fix, dead-letters nothing, releases its lease, leaves the
+    statuses `pending`; a drain against the real main then applies each exactly once."""
+    expected = standby_as_main(env)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=2)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+        command = [sys.executable, "-m", "obs_pipeline.cli", "drain", *(["--once"] if once else [])]
+        result = subprocess.run(command, env={**base, **env}, capture_output=True, text=True,
+                                timeout=60)
+        line = one_line_error(result)
+        stays = "the transactions stay buffered until then"
+        assert line == f"obs-pipeline: error: {expected}; {stays}", line
+        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
+        assert redis_client.llen(keys.failed) == 0 and redis_client.zcard(keys.retry) == 0
+        assert not redis_client.exists(keys.lease)
+        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
+        drain_until_settled(settings)
+        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    finally:
+        buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+    assert redis_client.llen(keys.failed) == 0
+
+
+def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env):
+    """It said "main unreachable (OBS_MAIN_DB_URL): recovery is in progress" (the flush LSN's
+    55000 on a standby): main answers, and the fix is the URL."""
+    expected = standby_as_main(env)
+    result = cli("status", "--json", "--check", env=env)
+    report = json.loads(result.stdout)
+    assert report["status"] == "unhealthy" and report["problems"] == [expected], report
+    lag = report["replication_lag"]
+    assert lag["main_lsn"] is None and lag["replica_lsn"]
+    assert result.returncode == 4
+    line = one_line_error(result)
+    assert line == f"obs-pipeline: site {env['OBS_SITE']} is unhealthy: {expected}", line
+
+
 SPOOLED = {"id": "tx-1", "tx": "{}", "created": [], "overlays": []}
 
 

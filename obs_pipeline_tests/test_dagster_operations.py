@@ -324,6 +324,44 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert not redis_client.exists(keys.lease)
 
 
+def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_nothing(
+        settings, resource, redis_client, main_engine):
+    """The standby refused the batch's INSERT with 25006, sorted as transient: the op was retried
+    8 times as "main unreachable", a minute or more, and the next run did the same. It fails at
+    once saying which server and what to do; the transactions stay buffered, `pending`, the
+    lease free, and a run against the real main applies each once."""
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=2)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    standby = ObsPipelineResource(**{**resource.__dict__, "main_db_url": settings.replica_db_url})
+    try:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": standby},
+                                                 run_config=FAST, raise_on_error=False)
+        assert not result.success
+        events = [e.event_type for e in result.all_events]
+        assert DagsterEventType.STEP_UP_FOR_RETRY not in events, events
+        failure = next(e for e in result.all_events
+                       if e.event_type == DagsterEventType.STEP_FAILURE).event_specific_data.error
+        url = sa.engine.make_url(settings.replica_db_url)
+        assert (f"main at {url.host}:{url.port}/{url.database} is a read-only standby "
+                "(pg_is_in_recovery): point OBS_MAIN_DB_URL at the primary; the transactions "
+                "stay buffered until then" in failure.message), failure
+        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
+        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
+                                               run_config=FAST).success
+        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    finally:
+        buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+    assert redis_client.llen(keys.failed) == 0
+
+
 @pytest.mark.parametrize("tags, op_config, message", [
     ({}, {"budget_s": 1000}, "budget_s 1000 s + lease_ttl_s + replication_timeout_s (70 s: a lease wait, the batch "
      "in hand) outlasts the run's max runtime of 900 s (run_monitoring.max_runtime_seconds in dagster.yaml), after "

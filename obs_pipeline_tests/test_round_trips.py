@@ -496,7 +496,7 @@ class _Cursor:
         self.clock[0] += self.replies.pop(0)
 
     def fetchone(self):
-        return (True,)
+        return (True, False)  # steps_digest there; not a standby
 
 
 @pytest.mark.parametrize("replies, queries, least", [
@@ -512,5 +512,6 @@ def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, qu
     monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
     cursor = _Cursor(replies, clock)
     conn = type("Conn", (), {"cursor": lambda self: cursor})()
-    round_trip, has_digest = apply.MainDatabase._time_round_trip(conn)
-    assert (cursor.queries, round_trip, has_digest) == (queries, pytest.approx(least), True)
+    round_trip, has_digest, standby = apply.MainDatabase._time_round_trip(conn)
+    assert (cursor.queries, round_trip, has_digest, standby) == (
+        queries, pytest.approx(least), True, False)
