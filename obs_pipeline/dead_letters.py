@@ -100,8 +100,9 @@ class DeadLetters:
 
     def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
-        caches, overlays and its marks in `held_ids`; what it blocked stays dead-lettered (retry or
-        discard those too). Returns how many letters went (copies of one push are several)."""
+        caches, overlays (unless another copy owns them: _owned_elsewhere) and its marks in
+        `held_ids`; what it blocked stays dead-lettered (retry or discard those too). Returns how
+        many letters went (copies of one push are several)."""
         return self.discard_each([ref])[0]
 
     def discard_each(self, refs: list[str]) -> list[int]:
@@ -230,6 +231,7 @@ class DeadLetters:
     def _discard(self, pipe: Any, refs: list[str]) -> list[int]:
         letters = self.list(pipe)
         meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
+        owned_elsewhere = self._owned_elsewhere(pipe, [copies[0] for copies in meant])
         removed, taken = [], set()  # taken: id() of the letters already queued for removal
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
@@ -245,15 +247,42 @@ class DeadLetters:
                 footprint = cache_footprint(validate(tx, self.registry), self.registry) if tx else None
             except InvalidTransaction:
                 footprint = None
-            if letter.transaction_id and not letter.reused_id:  # (a reused id's are the applied one's)
+            # a reused id's status and caches are the applied one's; a copy's may be too
+            its_own = not letter.reused_id and letter.transaction_id not in owned_elsewhere
+            if letter.transaction_id and its_own:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
             if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
                 self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
-            if footprint and not letter.reused_id:
+            if footprint and its_own:
                 self.store.forget(footprint, pipe)
         _remove(pipe, self.keys.failed, letters, removed)
         pipe.execute()
         return [len(copies) for copies in meant]
+
+    def _owned_elsewhere(self, pipe: Any, letters: list[DeadLetter]) -> set[str]:
+        """The ids of these letters whose status is not "failed": main applied a copy of the
+        transaction (a producer pushed it again, and the copy was dead-lettered as blocked: the
+        status stays "applied" or "replicated"), or a live copy waits or is in a batch. That
+        status and the caches are that copy's: a discard deleted them (status() said None for
+        good). WATCHed with the list: a status that changes before the MULTI has them read again."""
+        ids = sorted({letter.transaction_id for letter in letters
+                      if letter.transaction_id is not None and not letter.reused_id})
+        if not ids:
+            return set()
+        keys = [self.keys.transaction(tx_id) for tx_id in ids]
+        pipe.watch(*keys)
+        statuses = pipe.mget(keys)
+        return {tx_id for tx_id, raw in zip(ids, statuses) if _status(raw) not in (None, "failed")}
+
+
+def _status(raw: bytes | None) -> str | None:
+    """The status in a status key's JSON (None: no key, or one that does not read)."""
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        return None
+    status = doc.get("status") if isinstance(doc, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def _by_place(ref: str, letter: DeadLetter) -> bool:

@@ -234,7 +234,9 @@ def test_discard_removes_its_overlays_and_keeps_others(env, settings, redis_clie
     keys = SiteKeys(settings.site)
     entries = redis_client.lrange(keys.buffer, 0, -1)
     redis_client.delete(keys.buffer)
-    redis_client.rpush(keys.failed, json.dumps({**json.loads(entries[1]), "failure": {"reason": "test"}}))
+    letter = json.dumps({**json.loads(entries[1]), "status": "failed", "failure": {"reason": "test"}})
+    redis_client.rpush(keys.failed, letter)  # dead-lettered as the drain does it: its status too
+    redis_client.set(keys.transaction(bad), letter)
     redis_client.lpush(keys.buffer, entries[0])  # only `good` stays queued
     assert cli("failed", "discard", bad, env=env).returncode == 0
     record = buf.get("ExecutedObsUnit", obs["id"])
@@ -566,7 +568,7 @@ def test_discarding_many_letters_at_once_keeps_the_others_in_their_order(setting
     ids = []
     for unit in range(14):
         doc, _ = seed_example(settings.site, obs_unit_id=unit)
-        doc["failure"] = {"reason": "test", "kind": "permanent"}
+        doc.update(status="failed", failure={"reason": "test", "kind": "permanent"})
         redis_client.lpush(keys.failed, json.dumps(doc))  # the drain pushes the newest at the head
         redis_client.set(keys.transaction(doc["transaction_id"]), json.dumps(doc))
         ids.append(doc["transaction_id"])

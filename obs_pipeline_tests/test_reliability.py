@@ -29,6 +29,7 @@ from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
                                          cancelled_once_while_sleeping, drain_until_settled, slow_file_inserts,
                                          with_statement_timeout)
+from obs_pipeline_tests.workload import replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -1231,6 +1232,51 @@ def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_rep
         drain.close()
     assert buf.status(done) == "replicated"
     assert redis_client.ttl(keys.transaction(done)) > 0
+    buf.close()
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_discarding_a_copy_of_an_applied_transaction_keeps_its_status_and_caches(
+        settings, redis_client, main_engine, replica_engine, replayed):
+    """The copy of an applied transaction, dead-lettered as blocked (as above), stays listed. Its
+    `failed discard` deleted the id's status key, which is the applied transaction's: status()
+    said None for good and wait() timed out; before the replica replayed it, the discard also
+    removed its overlay, and reads went back to the replica's older row. Only the copy's letter
+    goes; the blocker's dead mark stays."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    copy = redis_client.get(keys.transaction(done))
+    status = "replicated" if replayed else "applied"
+    with contextlib.ExitStack() as paused:
+        if replayed:
+            drain_until_settled(settings)
+        else:  # applied on main, not replayed yet: its overlay is what reads show
+            paused.enter_context(replay_paused(replica_engine))
+        drain = Drain(settings, DrainConfig(retry_base_s=60, replication_timeout_s=0.2))
+        try:
+            drain.acquire()
+            if not replayed:
+                assert drain.step().applied == 1
+            first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
+            for _ in range(3):
+                assert drain.step().retried == 1
+                due_now(redis_client, keys, first)
+            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+            redis_client.lpush(keys.buffer, copy)
+            assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
+        finally:
+            drain.close()
+        assert buf.status(done) == status
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", done],
+                       env=cli_env(settings), check=True)
+        read = buf.get("ExecutedObsUnit", obs["id"])["status"]
+        assert (buf.status(done), read) == (status, "completed")
+        assert buf.wait(done, until=status, timeout=1)
+        letters = redis_client.lrange(keys.failed, 0, -1)
+        assert [json.loads(e)["transaction_id"] for e in letters] == [first]
+        assert set(redis_client.hvals(keys.held_ids)) == {f"!{first}".encode()}
     buf.close()
 
 
