@@ -606,12 +606,15 @@ class BufferStore:
             pipe.exists(self.keys.parked(holder))
         return {h for h, n in zip(holders, pipe.execute()) if n}
 
-    def unhold(self, rows_of: dict[str, set[str]], pipe: Any = None) -> None:
+    def unhold(self, rows_of: dict[str, set[str]], pipe: Any = None,
+               dead_only: bool = False) -> None:
         """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs
-        (queued on `pipe` if given, to run in its MULTI)."""
+        (queued on `pipe` if given, to run in its MULTI); `dead_only`: only their dead marks,
+        see scripts.UNHOLD_DEAD."""
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
-            _eval_pairs(pipe or self.redis, scripts.UNHOLD, self.keys.held_ids, args)
+            script = scripts.UNHOLD_DEAD if dead_only else scripts.UNHOLD
+            _eval_pairs(pipe or self.redis, script, self.keys.held_ids, args)
 
     def hold(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these transactions (tx id -> its rows) hold the rows nobody else

@@ -232,6 +232,7 @@ class DeadLetters:
         letters = self.list(pipe)
         meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
         owned_elsewhere = self._owned_elsewhere(pipe, [copies[0] for copies in meant])
+        still_dead = self._rows_still_dead(letters, meant)
         removed, taken = [], set()  # taken: id() of the letters already queued for removal
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
@@ -252,7 +253,8 @@ class DeadLetters:
             if letter.transaction_id and its_own:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
             if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
-                self.store.unhold({tx.transaction_id: written_ids(tx, self.registry)}, pipe)
+                rows = written_ids(tx, self.registry) - still_dead.get(tx.transaction_id, set())
+                self.store.unhold({tx.transaction_id: rows}, pipe, dead_only=True)
             if footprint and its_own:
                 self.store.forget(footprint, pipe)
         _remove(pipe, self.keys.failed, letters, removed)
@@ -273,6 +275,22 @@ class DeadLetters:
         pipe.watch(*keys)
         statuses = pipe.mget(keys)
         return {tx_id for tx_id, raw in zip(ids, statuses) if _status(raw) not in (None, "failed")}
+
+    def _rows_still_dead(self, letters: list[DeadLetter],
+                         meant: list[list[DeadLetter]]) -> dict[str, set[str]]:
+        """By id, the rows written by the letters that stay listed under the ids of those
+        discarded: a producer that reused an id left letters with other steps under it, whose
+        dead marks read alike ("!" + id), and a row one of them still holds stays held."""
+        gone = {id(letter) for copies in meant for letter in copies}
+        ids = {copies[0].transaction_id for copies in meant} - {None}
+        rows: dict[str, set[str]] = {}
+        for letter in letters:
+            if letter.transaction_id not in ids or id(letter) in gone:
+                continue
+            tx = _parse(letter.doc)
+            if tx is not None:
+                rows.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
+        return rows
 
 
 def _status(raw: bytes | None) -> str | None:

@@ -213,6 +213,17 @@ for i = 1, #ARGV, 2 do
 end
 return 1
 """
+# UNHOLD_DEAD removes a discarded dead letter's marks, only its dead ones ("!" + id): a live mark
+# of the same id is another transaction's, waiting to retry (a copy pushed again, or the first
+# of an id a producer reused). ARGV: (row, owner) pairs.
+UNHOLD_DEAD = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == '!' .. ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 1
+"""
 # REVIVE turns a requeued dead letter's dead marks into live holds: what uses its rows waits
 # behind it again instead of being dead-lettered or overtaking it. ARGV: (row, owner) pairs.
 REVIVE = """

@@ -1280,6 +1280,117 @@ def test_discarding_a_copy_of_an_applied_transaction_keeps_its_status_and_caches
     buf.close()
 
 
+@pytest.mark.parametrize("first_dead", [False, True])
+def test_discarding_a_reused_ids_letter_keeps_the_hold_of_the_first_transaction_of_that_id(
+        settings, redis_client, main_engine, first_dead):
+    """A producer reuses the id of an update that fails for now (its obs unit is not there yet)
+    for another update of the same row, in the same batch: the second is dead-lettered as
+    reused, and the row's mark is the first's, waiting to retry (or, its retries spent, dead
+    and listed too). `failed discard` of the reused one removed that mark (it released its rows
+    under the id they share): a newer update of the row was applied at once, and the first,
+    applied after the fix, overwrote it (main kept the older write). The discard releases only
+    the letter's own dead marks, and none on a row the other letter of the id writes."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    reused = json.loads(redis_client.get(keys.transaction(first)))
+    reused["steps"][0]["data"] = {"status": "reused"}
+    redis_client.lpush(keys.buffer, json.dumps(reused))
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        report = drain.step()
+        assert report.retried == 1, report
+        assert [d["transaction_id"] for d in report.dead_lettered] == [first], report
+        mark = first.encode()
+        if first_dead:  # two letters under the id: the reused one is named by its place
+            for _ in range(2):
+                due_now(redis_client, keys, first)
+                assert drain.step().retried == 1
+            due_now(redis_client, keys, first)
+            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+            mark = f"!{first}".encode()
+        letters = reversed(redis_client.lrange(keys.failed, 0, -1))  # oldest first, as listed
+        kinds = [json.loads(e)["failure"]["kind"] for e in letters]
+        assert kinds == (["reused_id", "permanent"] if first_dead else ["reused_id"])
+        named = "#1" if first_dead else first
+        assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): mark}
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", named],
+                       env=cli_env(settings), check=True)
+        assert redis_client.llen(keys.failed) == (1 if first_dead else 0)
+        assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): mark}
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        report = drain.step()
+        if first_dead:
+            assert [d["reason"] for d in report.dead_lettered] == [f"blocked by {first}"], report
+        else:
+            assert report.held == 1, report
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # the cause is fixed: the first goes, then the newer
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    if first_dead:
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first],
+                       env=cli_env(settings), check=True)
+    else:
+        due_now(redis_client, keys, first)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        row = conn.execute(query, {"i": obs["id"]}).one()
+    assert row == (31337, "newer")  # the older write first, the newer last
+    assert buf.status(first) == buf.status(newer) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+def test_discarding_a_letter_whose_copy_waits_to_retry_keeps_that_copys_hold_status_and_caches(
+        settings, redis_client, main_engine):
+    """A producer pushes a dead-lettered transaction again (all it knew was that its push timed
+    out): the copy, claimed, fails too and waits to retry; the row's mark is its live hold, and
+    the id's status ("pending") and overlay are its. `failed discard` of the first's letter
+    removed all three: status() said None, reads lost the update, and a newer update of the row
+    overtook the copy (main kept the older write)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    copy = redis_client.get(keys.transaction(first))
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        for _ in range(3):
+            assert drain.step().retried == 1
+            due_now(redis_client, keys, first)
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+        redis_client.lpush(keys.buffer, copy)
+        assert drain.step().retried == 1  # the copy: not blocked by its id's own dead mark
+        assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): first.encode()}
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", first],
+                       env=cli_env(settings), check=True)
+        assert redis_client.llen(keys.failed) == 0
+        read = buf.get("ExecutedObsUnit", obs["id"])["status"]
+        assert (buf.status(first), read) == ("pending", "first")
+        assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): first.encode()}
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        assert drain.step().held == 1
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # the cause is fixed: the copy goes, then the newer
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    due_now(redis_client, keys, first)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        row = conn.execute(query, {"i": obs["id"]}).one()
+    assert row == (31337, "newer")
+    assert buf.status(first) == buf.status(newer) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
