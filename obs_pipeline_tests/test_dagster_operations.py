@@ -787,3 +787,80 @@ def test_a_statement_timeout_is_retried_in_pieces_within_the_run_not_as_op_retri
     assert warned and all("retrying the batch in pieces of" in m for m in warned), warned
     assert_applied_exactly_once(main_engine, observations)
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
+
+
+def test_a_drain_run_terminated_while_main_applies_keeps_the_lease_until_main_answers(
+        settings, resource, redis_client, main_engine):
+    """Terminate (the UI's button) while main applies a batch, here held up by another
+    session's row lock: the run's drain waits for main's answer, renewing the lease, before it
+    lets go of it; meanwhile another drain (the sensor's next run) cannot claim that batch and
+    apply it beside this one. The run ends CANCELED, its drain_batches failure saying why; the
+    next drain finds the batch applied: each transaction once."""
+    from obs_pipeline.dagster_defs.jobs import TERMINATED
+    from obs_pipeline.drain import Drain, DrainBusy, DrainConfig
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
+                                             drain_until_settled)
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 6, finish_every=2)  # 9 transactions
+    buf.close()
+    keys = SiteKeys(settings.site)
+    seen: dict = {}
+    lease_ttl_s = 3  # the look below comes after it: the lease is there only if renewed
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "budget_s": 60,
+                                                   "lease_ttl_s": lease_ttl_s}}}}
+
+    def main_says(sql: str) -> int:
+        with main_engine.connect() as conn:
+            return conn.execute(sa.text(sql)).scalar_one()
+
+    def another_drain_claims() -> str:
+        other = Drain(settings, DrainConfig(lease_ttl_s=lease_ttl_s))
+        try:
+            other.acquire()
+            return "took the lease"
+        except DrainBusy:
+            return "busy"
+        finally:
+            other.close()
+
+    with instance_for_test() as instance:
+        def terminate_then_look(blocker) -> None:
+            try:
+                assert wait_until(lambda: main_says(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND application_name = 'obs-pipeline drain'") > 0, timeout=30)
+                [run] = instance.get_runs()
+                instance.report_run_canceling(run)  # the run launcher's terminate(), then the code
+                os.kill(os.getpid(), signal.SIGINT)  # server interrupts the worker's main thread
+                time.sleep(lease_ttl_s + 1.0)
+                seen["lease"] = redis_client.get(keys.lease)
+                seen["another drain"] = another_drain_claims()
+                seen["applied"] = main_says("SELECT count(*) FROM obs_pipeline_applied")
+            finally:
+                blocker.commit()  # the lock goes: main applies the batch
+
+        with main_engine.connect() as blocker:
+            blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+            looker = threading.Thread(target=terminate_then_look, args=(blocker,))
+            looker.start()
+            try:
+                result = drain_buffer.execute_in_process(
+                    resources={"obs_pipeline": resource}, instance=instance, run_config=config,
+                    raise_on_error=False)
+            finally:
+                looker.join()
+        assert seen["applied"] == 0, seen  # main was still applying when the lease was looked at
+        assert seen["lease"] is not None and seen["another drain"] == "busy", seen
+        assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
+        events = [e for e in result.all_events if e.step_key == "drain_batches"]
+        assert DagsterEventType.STEP_UP_FOR_RETRY not in [e.event_type for e in events]
+        [failure] = [e for e in events if e.event_type == DagsterEventType.STEP_FAILURE]
+        assert failure.event_specific_data.error.message.strip().endswith(TERMINATED), failure
+    assert not redis_client.exists(keys.lease)  # let go once main answered
+    drain_until_settled(settings, batch_size=100)
+    assert_applied_exactly_once(main_engine, observations)
+    for queue in (keys.buffer, keys.processing, keys.failed):
+        assert redis_client.llen(queue) == 0, queue
