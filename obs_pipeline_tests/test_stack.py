@@ -370,6 +370,32 @@ def test_a_main_latency_no_link_has_is_refused_before_anything_changes(stack, la
             stack.up(main_latency_ms=0)
 
 
+def test_an_up_that_fails_keeps_the_settings_it_was_given_out_of_the_stack(stack):  # noqa: F811
+    """`up --main-latency-ms 50` that fails (here main refuses to start) saved 50 all the same,
+    before it started anything: the next plain `up` put the proxy between main and the replica
+    and the drain's URL behind it, a latency the operator had asked for in a command that was
+    refused. The settings are saved only by an `up` that succeeds."""
+    saved = stack.config_path.read_text()
+    auto_conf = stack.directory / "postgres" / "main" / "postgresql.auto.conf"
+    original = auto_conf.read_text()
+    stack.stop_service("main")
+    try:
+        auto_conf.write_text(original + "shared_buffers = 'plenty'\n")  # main cannot start
+        with pytest.raises(StackError, match=r"^main PostgreSQL: start on .* failed"):
+            LocalStack(stack.directory, redis_appendfsync="always").up(main_latency_ms=50)
+        assert stack.config_path.read_text() == saved
+        auto_conf.write_text(original)  # the cause fixed, a plain `up`
+        stack.up()
+        assert not stack.status()["proxy"]["running"]
+        assert f":{stack.status()['main']['port']}/obs" in stack.env()["OBS_MAIN_DB_URL"]
+        assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "everysec"
+    finally:
+        auto_conf.write_text(original)
+        if stack.config_path.read_text() != saved:
+            LocalStack(stack.directory, redis_appendfsync="everysec").up(main_latency_ms=0)
+        stack.up()
+
+
 def _echo_server() -> tuple[socket.socket, int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

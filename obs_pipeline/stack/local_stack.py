@@ -26,6 +26,7 @@ from .redis_server import APPENDFSYNC_CHOICES, RedisServer
 
 SERVICES = ("main", "replica", "redis", "proxy")
 DATABASES = ("obs", "dagster")
+SETTINGS = {"main_latency_ms": 0, "redis_appendfsync": "everysec"}  # saved by `up`; a new stack's
 # Each way. More is no real link (a geostationary hop is about 300 ms), and the replica, which
 # streams through the proxy, could not connect within the wait for it: a larger value was saved
 # and every `up` then failed after a minute with 'replica not streaming'.
@@ -170,6 +171,7 @@ class LocalStack:
 
         main_latency_ms: None keeps the saved setting, 0 removes the proxy, N > 0 routes the
         drain's main URL and the replica's WAL stream through an N ms (each way) proxy.
+        Saved for later ups only if this one succeeds.
         """
         if main_latency_ms is not None:
             main_latency_ms = checked_latency(main_latency_ms)
@@ -182,7 +184,8 @@ class LocalStack:
             cfg = self._load()
             if cfg is None:
                 ports = dict(zip(SERVICES, pick_free_ports(len(SERVICES))))
-                cfg = {"version": 1, "ports": ports, "main_latency_ms": 0, "redis_appendfsync": "everysec"}
+                cfg = {"version": 1, "ports": ports, **SETTINGS}
+            kept = {name: cfg.get(name, default) for name, default in SETTINGS.items()}
             if main_latency_ms is not None:
                 cfg["main_latency_ms"] = int(main_latency_ms)
             if self._appendfsync is not None:
@@ -195,29 +198,38 @@ class LocalStack:
                 wanted["proxy"] = cfg["ports"]["proxy"]
             self._check_ports(wanted)
             self._save(cfg)
-            self._prepare_dirs(user)
-            # first: scripts buffer into Redis alone, and a PostgreSQL that cannot start (below)
-            # must not keep the site's buffer down with it
-            redis.start()
+            try:
+                self._start(cfg, user, main, replica, redis)
+            except BaseException:  # the settings as they were: a later plain `up` would use
+                self._save({**cfg, **kept})  # those of one that failed (a first one's ports stay)
+                raise
 
-            if not main.initialized:
-                main.init_primary()
-            ids = (replica.system_identifier, main.system_identifier) if replica.initialized else (None, None)
-            if None not in ids and ids[0] != ids[1]:
-                folder = shlex.quote(str(self.directory))
-                raise StackError(f"the replica in {replica.datadir} is a copy of another main (main's data folder was "
-                                 f"made anew): stop it (`obs-pipeline stack stop replica --dir {folder}`), move "
-                                 f"{replica.datadir} away (it holds that main's data), then `obs-pipeline stack up "
-                                 f"--dir {folder}` clones it afresh")
-            main.start()
-            main.ensure_databases(list(DATABASES))
-            if not replica.initialized:
-                replica.clone_from(main)
-            self._ensure_proxy(cfg)
-            upstream = self._upstream_port(cfg)
-            replica.set_upstream(upstream)
-            replica.start()
-            replica.wait_streaming(upstream)
+    def _start(self, cfg: dict, user: str | None, main: PgServer, replica: PgServer,
+               redis: RedisServer) -> None:
+        """What `up` starts, in order, once the ports are known to be free."""
+        self._prepare_dirs(user)
+        # first: scripts buffer into Redis alone, and a PostgreSQL that cannot start (below)
+        # must not keep the site's buffer down with it
+        redis.start()
+
+        if not main.initialized:
+            main.init_primary()
+        ids = (replica.system_identifier, main.system_identifier) if replica.initialized else (None, None)
+        if None not in ids and ids[0] != ids[1]:
+            folder = shlex.quote(str(self.directory))
+            raise StackError(f"the replica in {replica.datadir} is a copy of another main (main's data folder was "
+                             f"made anew): stop it (`obs-pipeline stack stop replica --dir {folder}`), move "
+                             f"{replica.datadir} away (it holds that main's data), then `obs-pipeline stack up "
+                             f"--dir {folder}` clones it afresh")
+        main.start()
+        main.ensure_databases(list(DATABASES))
+        if not replica.initialized:
+            replica.clone_from(main)
+        self._ensure_proxy(cfg)
+        upstream = self._upstream_port(cfg)
+        replica.set_upstream(upstream)
+        replica.start()
+        replica.wait_streaming(upstream)
 
     def make_folder(self) -> None:
         """The state folder, or StackError in one line (it said '[Errno 17] File exists: ...')."""
