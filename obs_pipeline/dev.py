@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from obs_pipeline.config import installed_script, own_command
+from obs_pipeline.config import Settings, installed_script, own_command
+from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.osutil import port_holder, port_is_free
 
@@ -123,6 +124,9 @@ def hold_dev_lock(stack):
 
 
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
+    # OBS_MODELS, which `db init` loads, before anything changes: one that did not load was refused
+    # once the stack was up (made, in a new folder) and a new --main-latency-ms saved
+    ModelRegistry.from_path(Settings.from_env().models)
     lock = hold_dev_lock(stack)  # held until everything is stopped
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"

@@ -764,22 +764,34 @@ def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(
     assert not (folder / "stack.json").exists()
 
 
-def test_dev_whose_db_init_fails_says_why_once_and_stops_what_it_started(tmp_path):
-    """db init's own line was followed by "Command '[...'db', 'init', '--demo-data']' returned
-    non-zero exit status 1.", an error line that says nothing more."""
-    folder = tmp_path / "dev_stack"
-    port = pick_free_ports(1)[0]
+def test_dev_with_models_that_do_not_load_is_one_line_before_anything_starts(tmp_path):
+    """OBS_MODELS that does not load, read by dev's `db init`: dev brought the stack up first (in
+    a new folder, made one), saved a new --main-latency-ms, then said why and took the stack
+    down. The next plain `stack up` put main behind a proxy at the latency of that refused
+    command. Now refused before anything starts, in the line db init said (it was followed by
+    "Command '[...'db', 'init', '--demo-data']' returned non-zero exit status 1.")."""
+    folder, new_folder = tmp_path / "dev_stack", tmp_path / "new_stack"
+    stack = LocalStack(folder)
+    stack.up()
+    stack.down()
+    saved = stack.config_path.read_text()
     try:
-        result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), "--port",
-                                 str(port)], env=base_env(OBS_MODELS="nosuch_module:Base"), capture_output=True,
-                                text=True, timeout=WAIT)
-        errors = [line for line in result.stderr.splitlines() if "error" in line]
-        assert result.returncode == 1
-        assert errors == ["obs-pipeline: error: OBS_MODELS='nosuch_module:Base' cannot be loaded: "
-                          "No module named 'nosuch_module'"], result.stderr
-        assert not any(s["running"] for s in LocalStack(folder).status().values())  # dev brought it up
+        results = [subprocess.run(
+            [sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(where), "--port",
+             str(pick_free_ports(1)[0]), "--main-latency-ms", "50"],
+            env=base_env(OBS_MODELS="nosuch_module:Base"), capture_output=True, text=True,
+            timeout=WAIT) for where in (folder, new_folder)]
+        assert stack.config_path.read_text() == saved  # "main_latency_ms": 0, as it was
+        assert not any(s["running"] for s in stack.status().values())
+        assert not new_folder.exists()
+        for result in results:
+            assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+            assert result.stderr.splitlines() == [
+                "obs-pipeline: error: OBS_MODELS='nosuch_module:Base' cannot be loaded: "
+                "No module named 'nosuch_module'"], result.stderr
     finally:
-        LocalStack(folder).down()
+        stack.down()
+        LocalStack(new_folder).down()
 
 
 def test_a_ctrl_c_as_the_webserver_starts_still_stops_the_daemon(stack, monkeypatch):  # noqa: F811
