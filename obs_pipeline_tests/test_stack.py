@@ -7,6 +7,7 @@ Tests share that stack and put back whatever they stop.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ import redis
 import sqlalchemy as sa
 
 from obs_pipeline.stack import LocalStack, StackError
-from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
+from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free, read_pid
 from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
 from obs_pipeline_tests.stack_fixtures import stack  # noqa: F401 - session fixture
 
@@ -394,6 +395,44 @@ def test_an_up_that_fails_keeps_the_settings_it_was_given_out_of_the_stack(stack
         if stack.config_path.read_text() != saved:
             LocalStack(stack.directory, redis_appendfsync="everysec").up(main_latency_ms=0)
         stack.up()
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda cfg: cfg["ports"].update(redis=str(cfg["ports"]["redis"])), "gives redis the port '"),
+    (lambda cfg: cfg["ports"].update(redis=70000), "the port 70000, not a whole number from 1 to "),
+    (lambda cfg: cfg["ports"].pop("proxy"), "gives proxy no port"),
+    (lambda cfg: cfg["ports"].update(redis=cfg["ports"]["main"]), "gives redis main's port "),
+    (lambda cfg: cfg.update(main_latency_ms=-5), "gives main_latency_ms -5, not a whole number "),
+], ids=["text", "out of range", "missing", "main's", "latency"])
+def test_a_stack_json_edited_wrong_is_one_line_saying_what_and_starts_nothing(tmp_path, edit, said):
+    """A port taken by another program is to be changed in stack.json (the line says so). A port
+    edited wrong said "'str' object cannot be interpreted as an integer", "bind(): port must be
+    0-65535." or "'proxy'" (a KeyError), naming neither the file nor the service; and one given
+    main's port started Redis on it, so main could not start, and that Redis, on a port no
+    longer its own, was left running where `down` did not find it."""
+    local = LocalStack(tmp_path / "stack")
+    local.up()
+    local.down()
+    good = json.loads(local.config_path.read_text())
+    cfg = json.loads(local.config_path.read_text())
+    edit(cfg)
+    local.config_path.write_text(json.dumps(cfg))
+    try:
+        for action in (local.up, local.env, local.down):
+            with pytest.raises(StackError) as refused:
+                action()
+            line = str(refused.value)
+            assert line.startswith(f"{local.config_path} ") and said in line, line
+            assert "\n" not in line
+            assert line.endswith(": fix it in that file"), line
+        assert not any(s["running"] for s in local.status().values())
+        assert all(port_is_free(port) for port in good["ports"].values())
+    finally:
+        local.config_path.write_text(json.dumps(good))
+        local.down()
+        stray = read_pid(local.directory / "redis" / "redis.pid")  # one that down no longer finds
+        if pid_alive(stray, "127.0.0.1:"):
+            os.kill(stray, 9)
 
 
 def _echo_server() -> tuple[socket.socket, int]:

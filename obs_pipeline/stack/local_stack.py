@@ -70,13 +70,48 @@ class LocalStack:
         """Log file of a service ("main", "replica", "redis", "proxy"); pg_ctl output is in pg_ctl.log."""
         return self.logs_dir / f"{name}.log"
 
-    def _load(self) -> dict | None:
+    def _read(self) -> dict | None:
         try:
             return json.loads(self.config_path.read_text())
         except (FileNotFoundError, NotADirectoryError):  # no stack here (the "folder" may be a file)
             return None
         except (OSError, ValueError) as exc:
             raise StackError(f"unreadable {self.config_path}: {exc}") from exc
+
+    def _load(self) -> dict | None:
+        """stack.json, checked: the operator edits it (a port another program took is moved
+        there), and a port edited wrong failed as "'str' object cannot be interpreted as an
+        integer" or "'proxy'", or, one service's given to another, started Redis on main's port
+        (main then could not start, and that Redis was no longer found by `down`)."""
+        cfg = self._read()
+        if cfg is None:
+            return None
+        ports = cfg.get("ports") if isinstance(cfg, dict) else None
+        ports = ports if isinstance(ports, dict) else {}
+        owner: dict[int, str] = {}
+        for name in SERVICES:
+            port = ports.get(name)
+            if port is None:
+                self._refuse(f"gives {name} no port")
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                self._refuse(f"gives {name} the port {port!r}, not a whole number from 1 to 65535")
+            if port in owner:
+                self._refuse(f"gives {name} {owner[port]}'s port {port} (each needs its own)")
+            owner[port] = name
+        latency = cfg.get("main_latency_ms", SETTINGS["main_latency_ms"])
+        try:
+            checked_latency(latency)
+        except ValueError:
+            self._refuse(f"gives main_latency_ms {latency!r}, not a whole number from 0 to "
+                         f"{MAX_MAIN_LATENCY_MS}")
+        appendfsync = cfg.get("redis_appendfsync", SETTINGS["redis_appendfsync"])
+        if appendfsync not in APPENDFSYNC_CHOICES:
+            self._refuse(f"gives redis_appendfsync {appendfsync!r}, not one of "
+                         f"{', '.join(APPENDFSYNC_CHOICES)}")
+        return cfg
+
+    def _refuse(self, what: str) -> None:
+        raise StackError(f"{self.config_path} {what}: fix it in that file")
 
     def _save(self, cfg: dict) -> None:
         tmp = self.config_path.with_suffix(".json.tmp")
@@ -263,7 +298,7 @@ class LocalStack:
         """Running/port/pid per service (replica: replay_lsn, proxy: latency_ms, redis: its Unix socket);
         cheap and never raises."""
         try:
-            cfg = self._load()
+            cfg = self._read()  # unchecked: what runs on the ports it gives is still worth a look
         except StackError:
             cfg = None
         cfg = cfg if isinstance(cfg, dict) else None
