@@ -11,7 +11,10 @@ trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
+import numbers
 import threading
 import time
 from typing import Any
@@ -222,7 +225,7 @@ class TransactionBuffer:
                                                  models=models, spool_dir=spool_dir)
         self.settings = settings
         self.site = settings.site
-        self.max_retries = max_retries
+        self.max_retries = _whole_number("max_retries", max_retries)
         self.registry = ModelRegistry.from_path(settings.models)
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
@@ -353,9 +356,7 @@ class TransactionBuffer:
         _require_id(transaction_id)
         if not isinstance(until, str) or until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
-            raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
-        deadline = time.monotonic() + max(0.0, timeout)
+        deadline = time.monotonic() + max(0.0, _seconds(timeout))
         status = self.status(transaction_id)  # already there: no subscription needed
         if status in _ORDER and _ORDER[status] >= _ORDER[until]:
             return True
@@ -483,6 +484,29 @@ def _require_id(transaction_id: Any) -> None:
     if not isinstance(transaction_id, str):
         raise ValueError(f"a transaction id is a string (tx.transaction_id, or what buf.update returned), "
                          f"not {type(transaction_id).__name__}")
+
+
+def _seconds(timeout: Any) -> float:
+    """wait()'s timeout as a float: any real number but a bool or NaN. numpy's scalars (np.int64
+    from a DataFrame or an array, np.float32), a Fraction or a Decimal are no int or float to
+    isinstance, and were refused."""
+    if isinstance(timeout, (numbers.Real, decimal.Decimal)) and not isinstance(timeout, bool):
+        try:
+            seconds = float(timeout)
+        except (ValueError, OverflowError):  # a signalling NaN, a Fraction beyond a float
+            seconds = math.nan
+        if not math.isnan(seconds):
+            return seconds
+    raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
+
+
+def _whole_number(name: str, value: Any) -> int:
+    """A count given to the buffer, as an int: np.int64 too. Anything else is refused at once:
+    2.5, -1 or True were written into every transaction's `max_retries` and the drain
+    dead-lettered each of them, and np.int64(3) failed every block's end with a TypeError."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

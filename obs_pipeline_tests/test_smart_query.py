@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 import uuid
@@ -601,6 +602,48 @@ def test_wait_refuses_bad_arguments_in_one_line(buf, until, timeout, message):
     with pytest.raises(ValueError, match=message) as refused:
         buf.wait(tx_id, until=until, timeout=timeout)
     assert "\n" not in str(refused.value)
+
+
+def test_wait_takes_any_real_number_of_seconds(buf):
+    """numpy's scalars (np.int64 from a DataFrame or an array, np.float32), a Fraction and a
+    Decimal are no int or float to isinstance: wait() refused them, 'timeout must be a number
+    of seconds, not np.int64(5)'."""
+    import decimal
+    import fractions
+
+    np = pytest.importorskip("numpy")
+    _, _, _, tx_id = start_observation(buf, files=0)
+    taken = (np.int64(5), np.float32(0.5), np.uint8(0), fractions.Fraction(1, 4), decimal.Decimal(1))
+    for timeout in taken:
+        assert buf.wait(tx_id, until="pending", timeout=timeout) is True
+    began = time.monotonic()
+    assert buf.wait(tx_id, until="replicated", timeout=np.float32(0.3)) is False  # waited that long
+    assert 0.29 <= time.monotonic() - began < 5
+    for timeout in (np.bool_(True), True, decimal.Decimal("NaN"), np.float64("nan"), "5"):
+        with pytest.raises(ValueError, match=r"^timeout must be a number of seconds, not ") as no:
+            buf.wait(tx_id, timeout=timeout)
+        assert "\n" not in str(no.value)
+
+
+def test_max_retries_takes_a_whole_number_and_refuses_the_rest_at_once(settings, redis_client):
+    """TransactionBuffer(max_retries=np.int64(2)) failed every block's end with 'Object of type
+    int64 is not JSON serializable'; 2.5, -1, "3" and True were buffered as every transaction's
+    `max_retries`, for the drain to dead-letter each one ('retry_count/max_retries must be
+    integers >= 0')."""
+    np = pytest.importorskip("numpy")
+    counted = TransactionBuffer(settings=settings, max_retries=np.int64(2))
+    try:
+        with counted.transaction() as tx:
+            tx.create("ObsUnit", {"id": 9001, "name": "counted"})
+        status_key = SiteKeys(settings.site).transaction(tx.transaction_id)
+        stored = json.loads(redis_client.get(status_key))
+        assert stored["max_retries"] == 2
+    finally:
+        counted.close()
+    for value in (2.5, -1, "3", True, None):
+        message = rf"^max_retries must be a whole number >= 0, not {re.escape(repr(value))}$"
+        with pytest.raises(ValueError, match=message):
+            TransactionBuffer(settings=settings, max_retries=value)
 
 
 # --- many buffered records ---------------------------------------------------------------------
