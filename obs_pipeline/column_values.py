@@ -519,6 +519,11 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "any": json_value,
 }
 
+def kind_check(kind: str) -> Callable[[Any], Any]:
+    """The check of a kind's values without any column's limits (length, bits, places)."""
+    return _TO_JSON[kind]
+
+
 TO_PYTHON: dict[str, Callable[[Any], Any]] = {
     "uuid": uuid.UUID,
     "int": int,

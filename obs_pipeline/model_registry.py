@@ -49,6 +49,10 @@ class ColumnSpec:
     # default): None is a value there, taken by a NOT NULL column too
     json_null: bool = False
     item: str | None = None  # an array's element kind (int_bits, max_length ... choices are its elements')
+    # a site's TypeDecorator (kind "any") over a type of a scalar kind: that kind. Its values are
+    # buffered as given (main casts them), but a filter's must be of it: the replica compares
+    # the column as its impl and refuses another type of value (`character varying = integer`)
+    impl_kind: str | None = None
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
@@ -271,6 +275,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             fraction_step=values.fraction_step(column.type),
             interval_unit=values.interval_unit(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
+            impl_kind=_impl_kind(column.type) if kind == "any" else None,
             choices=_enum_choices(item if item is not None else column.type),
             json_null=kind == "json" and not column.type.none_as_null,
         )
@@ -417,6 +422,20 @@ def _constant_default(column: sa.Column, spec: ColumnSpec) -> Any:
     except (ValueError, KeyError, TypeError):
         pass
     return _NO_DEFAULT
+
+
+# Kinds whose values have one JSON form, a filter's value can be checked against
+_SCALAR_KINDS = frozenset({"uuid", "int", "float", "str", "bool", "datetime", "date", "time", "timetz",
+                           "interval"})
+
+
+def _impl_kind(type_: sqltypes.TypeEngine) -> str | None:
+    """The scalar kind of a TypeDecorator's impl (String(4): "str"); None for another type, or
+    an impl this project does not know either (INET), or one of JSON, arrays or bytes."""
+    if not isinstance(type_, sa.TypeDecorator):
+        return None
+    kind = _kind(type_.impl_instance)
+    return kind if kind in _SCALAR_KINDS else None
 
 
 def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:

@@ -47,7 +47,7 @@ from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
-from obs_pipeline.read_filters import compile_filters, series
+from obs_pipeline.read_filters import compile_filters, refused_value, series
 from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns, from_db, read_forms, sort_key,
                                      utc_iso)
 from obs_pipeline.wire import record_id
@@ -221,7 +221,14 @@ class SmartQuery:
                 where = sa.or_(where, spec.sql_columns[spec.primary_key].in_([bound_key(spec, i) for i in by_id]))
             stmt = stmt.where(where)
         recheck = set(by_id)
-        for rid, row in self._select(spec, stmt).items():     # 2. replica
+        try:
+            replicated = self._select(spec, stmt)            # 2. replica
+        except (exc.ProgrammingError, exc.DataError) as error:
+            refused = refused_value(spec, compiled, error)
+            if refused is None:
+                raise
+            raise refused from None
+        for rid, row in replicated.items():
             if rid in hidden or rid in state.created:
                 continue
             overlays = state.overlays.get(rid)

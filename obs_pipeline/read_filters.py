@@ -14,12 +14,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sqlalchemy as sa
 
-from obs_pipeline.column_values import fraction_step, round_micros
+from obs_pipeline.column_values import fraction_step, kind_check, round_micros
 from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelSpec, is_single_precision
 from obs_pipeline.read_forms import (as_real, datetime_rounded, interval_rounded, numeric_places, numeric_rounded,
                                      parse_utc, unchanged)
@@ -36,6 +36,7 @@ class Filters:
     sql: list[Any]                                       # clauses for the replica
     tests: list[Callable[[dict[str, Any]], bool]]        # the same, on JSON-form rows
     columns: set[str]
+    unchecked: list[str] = field(default_factory=list)   # of types whose values only main knows
 
     def match(self, row: dict[str, Any]) -> bool:
         for test in self.tests:
@@ -121,6 +122,8 @@ def compile_filters(spec: ModelSpec, filters: Any) -> Filters:
         key = key_of(col, column.type)
         value_key = _value_key(col, column.type, key)
         compiled.columns.add(name)
+        if col.kind == "any" and col.impl_kind is None:
+            compiled.unchecked.append(name)
         try:
             if isinstance(condition, dict):
                 if not condition:
@@ -131,7 +134,7 @@ def compile_filters(spec: ModelSpec, filters: Any) -> Filters:
                 if ops:
                     compiled.tests.append(_test(name, key, ops))
             elif isinstance(condition, (list, tuple, set, frozenset)):
-                values = [col.check(v) for v in condition if v is not None]
+                values = [_checked(col, v) for v in condition if v is not None]
                 with_null = any(v is None for v in condition)
                 clause = column.in_([_bound(col, value_key, v) for v in values])
                 compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
@@ -189,12 +192,43 @@ def _comparison(spec: ModelSpec, name: str, col: ColumnSpec, column: Any, key: C
     if op not in ("==", "!=") and col.kind not in _ORDERED_KINDS:
         raise InvalidTransaction(f"search on {spec.name}.{name}: {op} needs an ordered column "
                                  f"({col.kind} is not); use == or a list")
-    checked = col.check(value)
+    checked = _checked(col, value)
     compare = _COMPARISONS[op]
     as_text = col.kind == "str" and op not in ("==", "!=") and not _native_enum(column.type)
     sql_column = column.collate("C") if as_text else column
     compiled.sql.append(compare(sql_column, _bound(col, key, checked)))
     return [(compare, key(checked))]
+
+
+def _checked(col: ColumnSpec, value: Any) -> Any:
+    """A filter's value as the column's check gives it; for a site's TypeDecorator over a known
+    type (kind "any", buffered as given), also of its impl's kind: the replica compares it as
+    that and refused another with a raw ProgrammingError (`character varying = integer`)."""
+    if col.impl_kind is not None:
+        kind_check(col.impl_kind)(value)
+    return col.check(value)
+
+
+# What the replica answers to a filter's value it cannot compare with a column: a data
+# exception (class 22: `invalid input syntax for type inet`), no such operator, a type mismatch,
+# an ambiguous operator; or no code at all, psycopg2's own refusal to send it (`can't adapt`)
+_REFUSED_VALUE_CODES = ("22", "42883", "42804", "42725")
+
+
+def refused_value(spec: ModelSpec, compiled: Filters, error: Exception
+                  ) -> InvalidTransaction | None:
+    """The replica's refusal of a search's statement as one line, if a filtered column of a
+    type only main knows can be to blame (the other columns' values were checked here); None
+    for any other error, which is not the filter's."""
+    if not compiled.unchecked or not isinstance(error, (sa.exc.ProgrammingError, sa.exc.DataError)):
+        return None
+    code = getattr(error.orig, "pgcode", None)
+    if code is not None and not code.startswith(_REFUSED_VALUE_CODES):
+        return None
+    first = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+    columns = ", ".join(f"{spec.name}.{name}" for name in compiled.unchecked)
+    return InvalidTransaction(f"search on {columns}: the replica cannot compare the filter's value "
+                              f"with the column: {first}")
 
 
 def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:

@@ -3,6 +3,7 @@ test_unusual_schemas.py: text of limited length (VARCHAR(n), CHAR(n) also as a p
 arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a decimal, a time of day (also with its time zone), an interval, a native enum, binary data, a TypeDecorator, and
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
 self-referencing foreign key; attributes whose columns are named otherwise (mapped_column("name", ...));
+a TypeDecorator over a type this project does not know (INET);
 and models this cannot write (a primary key of two columns, inheritance, a type that converts values as
 SQLAlchemy binds or reads them)."""
 
@@ -13,6 +14,7 @@ import uuid
 
 from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, Interval, LargeBinary, Numeric, String,
                         Text, Time, TypeDecorator, Uuid)
+from sqlalchemy.dialects.postgresql import INET
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -51,6 +53,20 @@ class Sample(Base):
     span: Mapped[object | None] = mapped_column(Interval, nullable=True)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     label: Mapped[str | None] = mapped_column(Label, nullable=True)
+
+
+class Address(TypeDecorator):
+    """A site's own type over a type this project does not know (PostgreSQL's INET)."""
+    impl = INET
+    cache_ok = True
+
+
+class Host(Base):
+    """A column of a type this project knows nothing of: its values are main's to check."""
+    __tablename__ = "odd_host"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    address: Mapped[str | None] = mapped_column(Address, nullable=True)
 
 
 class Code(Base):
