@@ -519,6 +519,24 @@ _TO_JSON: dict[str, Callable[[Any], Any]] = {
     "any": json_value,
 }
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Text with A-Z lower-cased and nothing else, as lower() (and so CITEXT) folds case in a
+    database of the C locale; any other locale lower-cases the rest too (unicode_lower)."""
+    return text.translate(_ASCII_LOWER)
+
+
+def unicode_lower(text: str) -> str:
+    """Each character lower-cased alone (Unicode's simple mapping), as lower() folds case in a
+    database of another locale (libc's towlower, PostgreSQL's builtin C.UTF-8). str.lower()
+    differs: İ becomes two characters, and Σ at a word's end ς."""
+    if text.isascii():
+        return text.lower()
+    return "".join("i" if c == "\u0130" else c.lower() for c in text)
+
+
 def kind_check(kind: str) -> Callable[[Any], Any]:
     """The check of a kind's values without any column's limits (length, bits, places)."""
     return _TO_JSON[kind]

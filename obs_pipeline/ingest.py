@@ -24,7 +24,7 @@ import redis
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
-from obs_pipeline.column_values import CANONICAL_UUID
+from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
@@ -47,10 +47,11 @@ class TransactionBuilder:
         # row -> step_id that creates it, the row named as the drain names it (wire.record_key:
         # table and key, a UUID alone): Station 7 and Unit 7 are two rows
         self._created: dict[str, str] = {}
-        # (model, id) created and deleted in this block: an update or delete must name a record
-        # of its own model that is still there, as outside a block (main refuses it, later).
-        # _deleted: -> the step_id of the delete, which a create of that key again depends on
-        self._live: set[tuple[str, str]] = set()
+        # Records created and deleted in this block, named by _record: an update or delete must
+        # name a record of its own model that is still there, as outside a block (main refuses
+        # it, later). _live: -> its key as created; _deleted: -> the step_id of the delete, which
+        # a create of that key again depends on
+        self._live: dict[tuple[str, str], Any] = {}
         self._deleted: dict[tuple[str, str], str] = {}
         self.committed = False
         self._ended = False
@@ -85,7 +86,7 @@ class TransactionBuilder:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_)
         step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
-        self._deleted[(spec.name, str(rid))] = step.step_id
+        self._deleted[self._record(spec, rid)] = step.step_id
 
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
@@ -98,6 +99,7 @@ class TransactionBuilder:
         out = []
         given_uuids = None  # keys given for a generated-id model: overlaid as integer keys are
         again: list[str] = []  # the deletes earlier in the block of keys created again
+        pending: set[tuple[str, str]] = set()  # the records of `out` whose key was given
         for row in rows:
             row = _as_dict(row, model)
             given = not (spec.generated_id and row.get(pk) is None)
@@ -105,7 +107,7 @@ class TransactionBuilder:
                 row = {**row, pk: new_uuid()}
             row = normalize_values(spec, row, creating=True, where=where)
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
-                deleted_by = self._require_new(spec.name, row[pk], out)
+                deleted_by = self._require_new(spec, row[pk], pending)
                 if deleted_by is not None:
                     again.append(deleted_by)
                 if spec.generated_id:
@@ -122,9 +124,17 @@ class TransactionBuilder:
         for row in out:
             rid = str(row[pk])
             self._created[rid if spec.generated_id else record_key(table, rid)] = step.step_id
-            self._live.add((spec.name, rid))
-            self._deleted.pop((spec.name, rid), None)  # there again
+            record = self._record(spec, row[pk])
+            self._live[record] = row[pk]
+            self._deleted.pop(record, None)  # there again
         return out
+
+    def _record(self, spec: ModelSpec, rid: Any) -> tuple[str, str]:
+        """How this block names a record: its model and key text; a CITEXT key lower-cased as
+        main compares it, so that 'ABC' and 'abc' are one record here too."""
+        if spec.columns[spec.primary_key].case_insensitive:
+            return spec.name, self._buffer._fold_case(str(rid))
+        return spec.name, str(rid)
 
     def _add_step(self, operation: str, spec: ModelSpec, data: Any, conditions: dict[str, Any],
                   after: list[str] | None = None) -> Step:
@@ -168,30 +178,34 @@ class TransactionBuilder:
                     deps.add(step_id)
         return deps
 
-    def _require_new(self, model: str, rid: Any, pending: list[dict[str, Any]]) -> str | None:
+    def _require_new(self, spec: ModelSpec, rid: Any, pending: set[tuple[str, str]]) -> str | None:
         """A key of the caller's may be created once, unless the block deleted it before: a
         transaction is its steps in order (seed 000's executor runs them so, in one database
         transaction), and a later transaction may create a deleted key again too. Returns the
-        step id of that delete, or None."""
-        pk = self._buffer.registry.model(model).primary_key
-        if any(r[pk] == rid for r in pending):
-            raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
-        deleted_by = self._deleted.get((model, str(rid)))
+        step id of that delete, or None. `pending`: the records of the step being added, to
+        which this one's is added."""
+        record = self._record(spec, rid)
+        if record in pending:
+            raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
+        pending.add(record)
+        deleted_by = self._deleted.get(record)
         if deleted_by is not None:  # (the delete checked that it existed)
             return deleted_by
-        if (model, str(rid)) in self._live:
-            raise InvalidTransaction(f"{model} {rid} is created twice in this transaction")
-        self._buffer._require_absent(model, rid)
+        if record in self._live:
+            raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
+        self._buffer._require_absent(spec.name, rid)
         return None
 
     def _existing_id(self, model: str, value: Any) -> Any:
+        """The key of the record an update or delete names, as that record has it."""
         spec = self._buffer.registry.model(model)
         rid = record_id(spec, value, f"{model} id")
-        if (model, str(rid)) in self._deleted:
+        record = self._record(spec, rid)
+        if record in self._deleted:
             raise InvalidTransaction(f"{model} {rid} is deleted earlier in this transaction")
-        if (model, str(rid)) not in self._live:
-            self._buffer._require_exists(model, rid)
-        return rid
+        if record in self._live:
+            return self._live[record]
+        return self._buffer._require_exists(model, rid)
 
     def _commit(self) -> None:
         if not self._tx.steps:
@@ -447,19 +461,43 @@ class TransactionBuffer:
             raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
                                      "update it, or create it with another key")
 
-    def _require_exists(self, model: str, rid: Any) -> None:
+    def _require_exists(self, model: str, rid: Any) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While
         Redis does not answer, a record that is on neither the replica nor the spool may still
         be buffered there (the observation started before Redis went away): the call is let
         through to the spool, as every call is then, rather than refused; so is one while the
-        replica cannot be read. Without a replica it cannot be known: the drain will tell."""
-        if self.settings.replica_db_url is not None and self._is_known(model, rid) is False:
+        replica cannot be read. Without a replica it cannot be known: the drain will tell.
+
+        Returns the record's key as it has it: a CITEXT key given in another case ('ABC')
+        names the record 'abc' as on main, and its update is filed under 'abc', where reads
+        merge it (filed under 'ABC', the record read without it until replicated)."""
+        if self.settings.replica_db_url is None:
+            return rid
+        record = self._known_record(model, rid)
+        if record is False:
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
+        spec = self.registry.model(model)
+        if record is None or not spec.columns[spec.primary_key].case_insensitive:
+            return rid
+        return record[spec.primary_key]
+
+    def _fold_case(self, text: str) -> str:
+        """CITEXT's text lower-cased as main compares it (SmartQuery.fold_case); A-Z alone
+        while the replica cannot be asked, or without one."""
+        try:
+            return self.query.fold_case()(text)
+        except (ReplicaUnreadable, ConfigError):
+            return ascii_lower(text)
 
     def _is_known(self, model: str, rid: Any) -> bool | None:
-        """Is the record buffered, spooled or on the replica? None when that cannot be known:
-        Redis does not answer, or did not a moment ago (spool.REDIS_RETRY_AFTER_S), or the
-        replica cannot be read (the write is buffered unchecked rather than lost).
+        record = self._known_record(model, rid)
+        return None if record is None else record is not False
+
+    def _known_record(self, model: str, rid: Any) -> dict[str, Any] | bool | None:
+        """The record, if it is buffered, spooled or on the replica; False if it is not; None
+        when that cannot be known: Redis does not answer, or did not a moment ago
+        (spool.REDIS_RETRY_AFTER_S), or the replica cannot be read (the write is buffered
+        unchecked rather than lost).
 
         As reads see it: the read puts the spool on top of the caches (a record the spool
         created, or deleted, or deleted and created again), and looks at the spool before
@@ -469,13 +507,14 @@ class TransactionBuffer:
         if self.spool.exists() and self.spool.redis_failed_recently():
             return None
         try:
-            return self.query.get(model, rid) is not None
+            record = self.query.get(model, rid)
         except ReplicaUnreadable:
             return None
         except redis.RedisError as error:
             if redis_unavailable(error):
                 return None
             raise
+        return False if record is None else record
 
 
 def _require_id(transaction_id: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 from sqlalchemy import orm
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import sqltypes
 
 from obs_pipeline import column_values as values
@@ -37,6 +38,9 @@ class ColumnSpec:
     float_bits: int = 64     # a float column's: 32 for REAL, whose range (about 3.4e38) is far smaller
     max_length: int | None = None  # a text column's length (VARCHAR(n), CHAR(n)): longer text is refused at once
     padded: bool = False  # CHAR(n): PostgreSQL stores, and reads give, its text padded with spaces to n
+    # CITEXT (PostgreSQL's extension): text kept as given, compared without case ('ABC' = 'abc'),
+    # in filters and as a key, buffered as on the replica
+    case_insensitive: bool = False
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
@@ -271,6 +275,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             float_bits=32 if is_single_precision(item if item is not None else column.type) else 64,
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
+            case_insensitive=isinstance(column.type, postgresql.CITEXT),
             numeric=_numeric_size(item if item is not None else column.type),
             fraction_step=values.fraction_step(column.type),
             interval_unit=values.interval_unit(item if item is not None else column.type),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import redis
 import sqlalchemy as sa
@@ -45,6 +45,7 @@ from sqlalchemy import exc
 from obs_pipeline import forks
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
+from obs_pipeline.column_values import ascii_lower, unicode_lower
 from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
 from obs_pipeline.read_filters import compile_filters, refused_value, series
@@ -141,6 +142,7 @@ class SmartQuery:
         self.spool = spool  # ingest's: its circuit breaker (see _read_redis)
         self._engine: sa.Engine | None = None
         self._engine_lock = threading.Lock()
+        self._fold_case: Callable[[str], str] | None = None  # see fold_case
         self._read = store.redis.register_script(_READ_BUFFERED)
         forks.renew_in_forked_children(self)
 
@@ -176,6 +178,8 @@ class SmartQuery:
     def get(self, model: str, record_id_: Any) -> dict[str, Any] | None:
         spec = self.registry.model(model)
         value = record_id(spec, record_id_, f"get of {spec.name}")
+        if spec.columns[spec.primary_key].case_insensitive:
+            return self._get_in_any_case(spec, value)
         rid = str(value)
         self._require_replica()
         state = self.buffered(spec, [rid])                   # 1. caches
@@ -193,7 +197,9 @@ class SmartQuery:
 
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         spec = self.registry.model(model)
-        compiled = compile_filters(spec, {} if filters is None else filters)
+        filters = {} if filters is None else filters
+        fold_case = self.fold_case() if _filters_citext(spec, filters) else None
+        compiled = compile_filters(spec, filters, fold_case)
         self._require_replica()
         state = self.buffered(spec, None)                    # 1. caches
         hidden = {rid for rid in state.overlays if state.deleted(rid)}
@@ -249,7 +255,32 @@ class SmartQuery:
         data = {name: series(pd, column, [row[name] for row in rows]) for name, column in spec.columns.items()}
         return pd.DataFrame(data, columns=list(spec.columns))
 
+    def fold_case(self) -> Callable[[str], str]:
+        """How the database lower-cases text, and so compares CITEXT: A-Z alone under the C
+        locale (ascii_lower), every letter under another (unicode_lower). Asked of the replica
+        once (main's copy: the same locale), by the one letter that tells them apart."""
+        if self._fold_case is None:
+            self._require_replica()
+            probe = sa.text("SELECT lower(chr(201)) = chr(233)")  # É -> é?
+            try:
+                with self.engine.connect() as conn:
+                    folds_every_letter = conn.execute(probe).scalar_one()
+            except exc.OperationalError as error:
+                line = ("comparing CITEXT needs the site's replica (OBS_REPLICA_DB_URL), which "
+                        f"cannot be read: {' '.join(str(error.orig).split())}")
+                raise ReplicaUnreadable(line, error) from error
+            self._fold_case = unicode_lower if folds_every_letter else ascii_lower
+        return self._fold_case
+
     # --- internals ----------------------------------------------------------------------------
+    def _get_in_any_case(self, spec: ModelSpec, key: str) -> dict[str, Any] | None:
+        """A CITEXT key names its record in any case, buffered as on main ('ABC' finds 'abc';
+        get said None for both): a search by the key, which reads every buffered record of the
+        model. The record under the key's own text first, if there are several."""
+        found = self.search(spec.name, {spec.primary_key: key})
+        exact = [row for row in found if row[spec.primary_key] == key]
+        return (exact or found or [None])[0]
+
     def buffered(self, spec: ModelSpec, ids: list[str] | None) -> Buffered:
         """What the caches hold for these ids or (None) for every id in the model's index, and
         on top what the spool holds for them (see the module docstring)."""
@@ -337,6 +368,12 @@ class SmartQuery:
             record = {n: (None if v is None else f(v)) for n, f, v in zip(names, convert, row)}
             out[str(record[pk])] = record
         return out
+
+
+def _filters_citext(spec: ModelSpec, filters: Any) -> bool:
+    """Do the filters name a CITEXT column (whose comparison needs SmartQuery.fold_case)?"""
+    return isinstance(filters, dict) and any(
+        name in spec.columns and spec.columns[name].case_insensitive for name in filters)
 
 
 # --- merging --------------------------------------------------------------------------------

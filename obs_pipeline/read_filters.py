@@ -5,7 +5,7 @@ Filters: equality, a list for "any of" (None in it matches null), None for IS NU
 columns). The replica runs them as SQL; buffered records are tested in Python with the same
 semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does, a
 native enum by its labels' declared order, a `time with time zone` by instant then offset,
-a `real` at single precision: see key_of).
+a `real` at single precision, CITEXT lower-cased as the database's lower() does: see key_of).
 Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
@@ -54,9 +54,16 @@ def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[An
     return key_of(column, type_, rounded=False) if fraction_step(type_) is not None else key
 
 
-def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True) -> Callable[[Any], Any]:
+def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True,
+           fold_case: Callable[[str], str] | None = None) -> Callable[[Any], Any]:
     """JSON form -> a value that compares like the database compares the column; `rounded`:
-    a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places."""
+    a row's, whose TIMESTAMP(p), TIME(p) or INTERVAL(p) seconds the column keeps to p places;
+    `fold_case`: how the database lower-cases CITEXT (ascii_lower, or unicode_lower), which it
+    compares lower-cased (by code point under COLLATE "C", which ordering filters use)."""
+    if column.case_insensitive:
+        if fold_case is None:
+            raise ValueError(f"{column.name} is CITEXT: compiled without the database's fold_case")
+        return fold_case
     step = fraction_step(type_) if rounded else None
     if _native_enum(type_):
         return functools.partial(_enum_order, order={label: i for i, label in enumerate(type_.enums)})
@@ -107,9 +114,11 @@ def _timetz_order(value: Any, step: int | None = None) -> tuple[int, int]:
     return _time_order(parsed, step) - offset, -offset
 
 
-def compile_filters(spec: ModelSpec, filters: Any) -> Filters:
+def compile_filters(spec: ModelSpec, filters: Any,
+                    fold_case: Callable[[str], str] | None = None) -> Filters:
     """Check the filters (unknown columns and operators are errors) and build the SQL clauses
-    and the Python tests that agree with them (one test per column, parsing a value once)."""
+    and the Python tests that agree with them (one test per column, parsing a value once).
+    `fold_case`: see key_of, needed for a CITEXT column."""
     if not isinstance(filters, dict):
         raise InvalidTransaction(f"search filters on {spec.name} must be a dict of column -> value, "
                                  f"not {type(filters).__name__}")
@@ -119,7 +128,7 @@ def compile_filters(spec: ModelSpec, filters: Any) -> Filters:
         if col.kind in ("json", "array"):
             raise InvalidTransaction(f"search on {spec.name}.{name}: {col.kind.upper()} columns cannot be filtered on")
         column = spec.sql_columns[name]
-        key = key_of(col, column.type)
+        key = key_of(col, column.type, fold_case=fold_case)
         value_key = _value_key(col, column.type, key)
         compiled.columns.add(name)
         if col.kind == "any" and col.impl_kind is None:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import ARRAY, JSON, REAL, Enum, Numeric, Time
-from sqlalchemy.dialects.postgresql import INTERVAL, JSONB, TIME, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import CITEXT, INTERVAL, JSONB, TIME, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
@@ -150,8 +150,26 @@ class UnscaledKeyed(Base):
     key: Mapped[object] = mapped_column(Numeric(scale=2), primary_key=True, autoincrement=False)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
+class Lettered(Base):
+    """CITEXT (PostgreSQL's extension): text kept as given, compared without case."""
+    __tablename__ = "read_forms_lettered"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tag: Mapped[object] = mapped_column(CITEXT, nullable=True)
+
+
+class Handled(Base):
+    """A CITEXT key the site gives: main takes 'ABC' for the row 'abc'."""
+    __tablename__ = "read_forms_handled"
+
+    name: Mapped[object] = mapped_column(CITEXT, primary_key=True)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
 @pytest.fixture
 def forms(settings, main_engine, replica_engine):
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS citext"))
     create_schema(main_engine, ModelRegistry.from_path(MODELS))
     wait_for_replica(main_engine, replica_engine)  # a first read of the replica needs the table
     return dataclasses.replace(settings, models=MODELS)
@@ -682,4 +700,121 @@ def test_caches_filed_under_a_key_form_of_an_earlier_version_are_cleaned(forms, 
     drain_until_empty(forms)
     assert buf.search("Numbered", {"note": note}) == []
     assert buf.search("Numbered", {"note": note + "+"}) == [{"key": float(key), "note": note + "+"}]
+    buf.close()
+
+
+# The stack's databases are of the C locale: lower(), and so CITEXT, folds A-Z alone
+CITEXT_FILTERS = [{"tag": "ABC"}, {"tag": "abc"}, {"tag": ["aBC", "x"]}, {"tag": {"!=": "ABC"}},
+                  {"tag": {"<": "ABD"}}, {"tag": {">=": "ABC", "<=": "abc"}}, {"tag": {">": "["}},
+                  {"tag": {"<": "a_"}}, {"tag": "ÀBC"}, {"tag": "àBC"}]
+
+
+def test_citext_compares_without_case_buffered_as_replicated(forms):
+    """CITEXT compares text lower-cased as the database's lower() does ('ABC' = 'abc'; by code
+    point under COLLATE "C", which ordering filters use): the replica found 'Abc' by "ABC",
+    a buffered record was compared as given and was not, and `{">": "["}` found it only
+    while buffered. Under the C locale only A-Z are lower-cased: "ÀBC" finds 'àbc' in
+    neither state, "àBC" in both."""
+    buf = TransactionBuffer(settings=forms)
+    with buf.transaction() as tx:
+        ids = [row["id"] for row in tx.bulk_create("Lettered", [{"tag": "Abc"}, {"tag": "àbc"}])]
+
+    def found() -> dict:
+        return {str(f): sorted(ids.index(r["id"]) for r in buf.search("Lettered", {"id": ids, **f}))
+                for f in CITEXT_FILTERS}
+    buffered = found()
+    drain_until_empty(forms)
+    replicated = found()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated[str({"tag": "ABC"})] == [0] and replicated[str({"tag": {">": "["}})] == [0, 1]
+    assert replicated[str({"tag": "ÀBC"})] == [] and replicated[str({"tag": "àBC"})] == [1]
+    assert [buf.get("Lettered", rid)["tag"] for rid in ids] == ["Abc", "àbc"]  # kept as given
+    buf.close()
+
+
+def test_a_citext_key_names_its_record_in_any_case_buffered_as_replicated(forms, redis_client):
+    """Main takes 'ABC' for the row of a CITEXT key 'abc'. get("ABC") said None, buffered and
+    replicated; a create of "ABC" was taken (and main refused it later, the transaction
+    dead-lettered), and so were two creates of one key in two cases in one block; an update by
+    "ABC" was refused as of no record. Now the key names its record in any case, buffered as
+    on main: get finds it, a create is refused at once, and an update is filed under the
+    record's own key, where reads merge it while it is buffered."""
+    buf = TransactionBuffer(settings=forms)
+    key = f"Key{uuid.uuid4().hex[:8]}"
+    with buf.transaction() as tx:
+        tx.create("Handled", {"name": key})
+    twice = rf"^Handled {key}X is created twice in this transaction$"
+    with pytest.raises(InvalidTransaction, match=twice):
+        with buf.transaction() as tx:
+            tx.create("Handled", {"name": key + "x"})
+            tx.create("Handled", {"name": key + "X"})
+    buf.update("Handled", key.upper(), {"note": "seen"})
+
+    def reads() -> list:
+        with pytest.raises(InvalidTransaction, match=rf"^Handled {key.lower()} exists already"):
+            with buf.transaction() as again:
+                again.create("Handled", {"name": key.lower()})
+        return [buf.get("Handled", k) for k in (key, key.upper(), key.lower())]
+    buffered = reads()
+    drain_until_empty(forms)
+    replicated = reads()
+    assert buffered == replicated == [{"name": key, "note": "seen"}] * 3, (buffered, replicated)
+    assert buf.get("Handled", key + "x") is None
+    with buf.transaction() as tx:  # the key deleted, and created again in another case
+        tx.delete("Handled", key.lower())
+        tx.create("Handled", {"name": key.upper(), "note": "again"})
+    buffered = [buf.get("Handled", k) for k in (key, key.upper())]
+    drain_until_empty(forms)
+    replicated = [buf.get("Handled", k) for k in (key, key.upper())]
+    again = {"name": key.upper(), "note": "again"}
+    assert buffered == replicated == [again, again], (buffered, replicated)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert not redis_client.llen(f"site:{forms.site}:failed_transactions")
+    buf.close()
+
+
+@pytest.fixture
+def unicode_forms(forms, main_engine, replica_engine):
+    """`forms` in a database of another locale than the stack's C: PostgreSQL's builtin
+    C.UTF-8, whose lower() folds every letter (as a libc locale's does), made once a session."""
+    database = "read_forms_unicode"
+    with main_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        made = sa.text("SELECT 1 FROM pg_database WHERE datname = :d")
+        if conn.execute(made, {"d": database}).scalar() is None:
+            conn.execute(sa.text(f"CREATE DATABASE {database} TEMPLATE template0 ENCODING 'UTF8' "
+                                 "LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8'"))
+    urls = {name: sa.make_url(getattr(forms, name)).set(database=database)
+            .render_as_string(hide_password=False) for name in ("main_db_url", "replica_db_url")}
+    engine = sa.create_engine(urls["main_db_url"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS citext"))
+        create_schema(engine, ModelRegistry.from_path(MODELS))
+    finally:
+        engine.dispose()
+    wait_for_replica(main_engine, replica_engine)  # (one WAL for every database of the cluster)
+    return dataclasses.replace(forms, **urls)
+
+
+UNICODE_CITEXT_FILTERS = [{"tag": "ÉMILE"}, {"tag": "istanbul"}, {"tag": "οδοσ"},
+                          {"tag": ["İSTANBUL", "ΟΔΟΣ"]}, {"tag": {"<": "éz"}}, {"tag": "i̇stanbul"}]
+
+
+def test_citext_folds_every_letter_where_the_database_does(unicode_forms):
+    """Where lower() folds every letter (a database of another locale than C), CITEXT does too,
+    one letter at a time: 'Émile' = 'ÉMILE', 'İstanbul' = 'istanbul', 'ΟΔΟΣ' = 'οδοσ'; buffered
+    records are compared alike (Python's str.lower() would make İ two letters, and a last Σ ς)."""
+    buf = TransactionBuffer(settings=unicode_forms)
+    with buf.transaction() as tx:
+        rows = tx.bulk_create("Lettered", [{"tag": tag} for tag in ("Émile", "İstanbul", "ΟΔΟΣ")])
+    ids = [row["id"] for row in rows]
+
+    def found() -> dict:
+        return {str(f): sorted(ids.index(r["id"]) for r in buf.search("Lettered", {"id": ids, **f}))
+                for f in UNICODE_CITEXT_FILTERS}
+    buffered = found()
+    drain_until_empty(unicode_forms)
+    replicated = found()
+    assert buffered == replicated, (buffered, replicated)
+    assert list(replicated.values()) == [[0], [1], [2], [1, 2], [0, 1], []]
     buf.close()
