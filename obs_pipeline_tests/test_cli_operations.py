@@ -918,3 +918,63 @@ def test_dev_in_a_folder_that_is_a_file_says_so_in_one_line(tmp_path):
         f"obs-pipeline: error: the stack folder {afile} is a file, not a folder: choose another folder (--dir)"], \
         result.stderr
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_dev_stopped_while_a_drain_run_applies_ends_it_canceled_and_the_next_sensor_does_not_pause(
+        stack, settings, main_engine, monkeypatch):  # noqa: F811
+    """SIGTERM to `dev` (Ctrl-C, a service manager) while its drain_buffer run applies a batch:
+    the run worker is interrupted with no termination request in Dagster, and the run ended
+    FAILURE. The next `dev`'s buffer_sensor took that for a failure with a cause and launched
+    no drain for 60 s (the failed-run pause). Now the run ends CANCELED, and the next tick
+    launches a drain at once; each transaction is applied once."""
+    from dagster import (DagsterInstance, DagsterRunStatus, RunRequest, RunsFilter,
+                         build_sensor_context)
+
+    from obs_pipeline.dagster_defs.jobs import SITE_TAG
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+    from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
+                                             drain_until_settled)
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 6, finish_every=2)  # 9 transactions
+    log = Path(stack.directory) / "logs" / "dev-stopped-mid-run.log"
+    waiting_drain = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND application_name = 'obs-pipeline drain'")
+    dev = None
+    try:
+        with main_engine.connect() as blocker:  # main's apply of the batch waits on this row lock
+            blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
+            dev = start_cli("dev", "--dir", str(stack.directory), "--port",
+                            str(pick_free_ports(1)[0]), env={"OBS_SITE": settings.site}, log=log)
+            main_url = stack.env()["OBS_MAIN_DB_URL"]
+            assert until(lambda: run_sql(main_url, waiting_drain) > 0, WAIT, 0.5, alive=dev,
+                         log=log), tail(Path(stack.directory) / "logs" / "dagster-daemon.log")
+            dev.send_signal(signal.SIGTERM)
+            time.sleep(2)
+            blocker.commit()  # main applies the batch; the run's drain lets go of its lease
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+        observations += buffer_observations(buf, 1, finish_every=0)  # work for the next sensor
+
+        monkeypatch.setenv("OBS_DAGSTER_PG_URL", stack.env()["OBS_DAGSTER_PG_URL"])
+        instance = DagsterInstance.from_config(str(Path(stack.directory) / "dagster_home"))
+        try:
+            [run] = instance.get_runs(filters=RunsFilter(job_name="drain_buffer",
+                                                         tags={SITE_TAG: settings.site}))
+            assert run.status == DagsterRunStatus.CANCELED, run.status
+            resource = ObsPipelineResource(site=settings.site, redis_url=settings.redis_url,
+                                           main_db_url=settings.main_db_url,
+                                           replica_db_url=settings.replica_db_url)
+            context = build_sensor_context(instance=instance, resources={"obs_pipeline": resource})
+            decision = buffer_sensor(context)
+            assert isinstance(decision, RunRequest), decision
+        finally:
+            instance.dispose()
+        drain_until_settled(settings)
+        assert_applied_exactly_once(main_engine, observations)
+    finally:
+        buf.close()
+        if dev is not None and dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()

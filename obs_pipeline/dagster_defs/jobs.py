@@ -20,6 +20,7 @@ from dagster import (
     Config,
     DagsterEventType,
     DagsterExecutionInterruptedError,
+    DagsterRunStatus,
     Failure,
     Jitter,
     OpExecutionContext,
@@ -185,7 +186,27 @@ def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipel
         # takes an interrupt for a failure and retries the op (dagster-io/dagster#15026): the
         # drain started again and the run went on. A Failure without retries ends it; a run
         # being terminated then ends CANCELED.
+        _cancel_if_stopped_from_outside(context)
         raise Failure(description=TERMINATED, allow_retries=False) from interrupt
+
+
+def _cancel_if_stopped_from_outside(context: OpExecutionContext) -> None:
+    """An interrupt that no termination request explains (the run is not CANCELING) is a signal
+    to the run worker's processes: `obs-pipeline dev` stopped (Ctrl-C, SIGTERM), the daemon's
+    service stopped. The run then ended FAILURE, and the next buffer_sensor took it for a
+    failure with a cause and launched no drain for 60 s. Reported canceling, it ends CANCELED.
+    Called once the drain has let go (main answered): a worker killed before that stays STARTED,
+    for the sensor to find dead."""
+    try:
+        run = context.instance.get_run_by_id(context.run_id)
+        if run is not None and run.status not in (DagsterRunStatus.CANCELING,
+                                                  DagsterRunStatus.CANCELED):
+            context.instance.report_run_canceling(run, message=(
+                "obs-pipeline: the run worker was interrupted without a termination request "
+                "(its daemon stopped: `obs-pipeline dev` stopped, or the daemon's service): "
+                "ending the run as canceled"))
+    except Exception:  # noqa: BLE001 - Dagster's storage (on main) down: the run cannot end at all
+        pass
 
 
 def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
