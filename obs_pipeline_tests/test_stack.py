@@ -397,6 +397,55 @@ def test_an_up_that_fails_keeps_the_settings_it_was_given_out_of_the_stack(stack
         stack.up()
 
 
+def _replica_upstream_port(stack) -> int:  # noqa: F811
+    """The port the replica's primary_conninfo names (main's, or the latency proxy's)."""
+    conf = (stack.directory / "postgres" / "replica" / "postgresql.auto.conf").read_text()
+    [line] = [ln for ln in conf.splitlines() if ln.startswith("primary_conninfo")]
+    return int(line.split("port=")[1].split()[0])
+
+
+@pytest.mark.parametrize("latency_before", [0, 100])
+def test_an_up_that_fails_leaves_the_running_services_as_they_were(
+        stack, latency_before, monkeypatch):  # noqa: F811
+    """`up --main-latency-ms 50 --redis-appendfsync always` that fails once the proxy has started
+    (here the replica cannot start) wrote the settings back, but left the proxy running at 50
+    (or restarted at 50 from 100), the replica's conninfo on it, and Redis's live appendfsync at
+    always, until the next `up`. A failed `up` now sets back what it changed in running services."""
+    import obs_pipeline.stack.postgres as postgres
+
+    replica_conf = stack.directory / "postgres" / "replica" / "postgresql.auto.conf"
+    try:
+        stack.up(main_latency_ms=latency_before)
+        before = stack.status()
+        saved, upstream = stack.config_path.read_text(), _replica_upstream_port(stack)
+        stack.stop_service("replica")
+        original = replica_conf.read_text()
+        replica_conf.write_text(original + "shared_buffers = 'plenty'\n")  # it cannot start
+        try:
+            # pg_ctl says "started" of a standby that exits: up waits for it READY_TIMEOUT
+            monkeypatch.setattr(postgres, "READY_TIMEOUT", 5)
+            with pytest.raises(StackError, match=r"^replica PostgreSQL not accepting connections"):
+                LocalStack(stack.directory, redis_appendfsync="always").up(main_latency_ms=50)
+            monkeypatch.undo()
+            after = stack.status()
+            assert stack.config_path.read_text() == saved
+            assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "everysec"
+            assert _replica_upstream_port(stack) == upstream
+            assert after["proxy"]["running"] == before["proxy"]["running"], after["proxy"]
+            if latency_before:
+                proxy = json.loads((stack.directory / "proxy.pid").read_text())
+                assert proxy["delay_ms"] == latency_before, proxy
+            for name in ("main", "redis"):
+                assert after[name]["pid"] == before[name]["pid"], name
+        finally:
+            replica_conf.write_text(original)
+        stack.up()
+        streaming = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+        assert run(stack.env()["OBS_REPLICA_DB_URL"], streaming) == upstream
+    finally:
+        LocalStack(stack.directory, redis_appendfsync="everysec").up(main_latency_ms=0)
+
+
 @pytest.mark.parametrize("edit, said", [
     (lambda cfg: cfg["ports"].update(redis=str(cfg["ports"]["redis"])), "gives redis the port '"),
     (lambda cfg: cfg["ports"].update(redis=70000), "the port 70000, not a whole number from 1 to "),

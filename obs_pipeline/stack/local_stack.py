@@ -232,12 +232,37 @@ class LocalStack:
             if cfg["main_latency_ms"] and proxy_pid(self._proxy_pidfile) is None:
                 wanted["proxy"] = cfg["ports"]["proxy"]
             self._check_ports(wanted)
+            running_proxy = proxy_pid(self._proxy_pidfile) is not None
+            proxy_before = proxy_delay_ms(self._proxy_pidfile) if running_proxy else None
             self._save(cfg)
             try:
                 self._start(cfg, user, main, replica, redis)
-            except BaseException:  # the settings as they were: a later plain `up` would use
-                self._save({**cfg, **kept})  # those of one that failed (a first one's ports stay)
+            except BaseException as error:  # the settings as they were: a later plain `up`
+                self._save({**cfg, **kept})  # would use a failed one's (a first one's ports stay)
+                try:
+                    self._set_back({**cfg, **kept}, proxy_before, user)
+                except Exception as failed:  # noqa: BLE001 - said in the one line, with what to do
+                    folder = shlex.quote(str(self.directory))
+                    raise StackError(f"{error}; and what this `up` changed in running services "
+                                     f"could not be set back ({failed}): run `obs-pipeline stack "
+                                     f"up --dir {folder}` once the cause is fixed") from error
                 raise
+
+    def _set_back(self, cfg: dict, proxy_before: float | None, user: str | None) -> None:
+        """After a failed `up`, running services as the saved settings `cfg` have them: the proxy
+        as it ran before (stopped, or at its latency), the replica's upstream, Redis's live
+        appendfsync. They kept what the refused command gave them until the next `up`."""
+        pidfile = self._proxy_pidfile
+        if proxy_pid(pidfile) is not None and proxy_delay_ms(pidfile) != proxy_before:
+            stop_proxy(pidfile)
+        if proxy_before is not None and proxy_pid(pidfile) is None:
+            start_proxy(cfg["ports"]["proxy"], cfg["ports"]["main"], int(proxy_before), pidfile,
+                        self.log_path("proxy"))
+        main, replica, redis = self._services(cfg, user)
+        if replica.initialized:
+            replica.set_upstream(self._upstream_port(cfg))
+        if redis.running:
+            redis.start()  # writes its config and sets appendfsync on the running server
 
     def _start(self, cfg: dict, user: str | None, main: PgServer, replica: PgServer,
                redis: RedisServer) -> None:
