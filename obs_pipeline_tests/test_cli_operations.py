@@ -764,6 +764,35 @@ def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(
     assert not (folder / "stack.json").exists()
 
 
+def test_a_port_holder_whose_command_line_has_a_newline_is_named_in_one_line(tmp_path):
+    """The holder's command line was pasted as it is: a `python -c` squatter with a program of
+    several lines broke the error's line, and the CLI, which prints an error's first line, cut
+    it inside the program: what to do (stop it, or choose another port) was lost. Its control
+    characters are now escaped, as `failed list` escapes a producer's text."""
+    program = "import socket, sys, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\n" \
+              "s.listen(1)\nprint(s.getsockname()[1], flush=True)\ntime.sleep(120)"
+    squatter = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    folder = tmp_path / "dev_stack"
+    try:
+        port = int(squatter.stdout.readline())
+        result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir",
+                                 str(folder), "--port", str(port)], env=base_env(),
+                                capture_output=True, text=True, timeout=WAIT)
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith(f"obs-pipeline: error: port {port} for the Dagster UI is in use by pid "
+                           f"{squatter.pid} ({sys.executable} -c import socket, sys, "
+                           "time\\ns = "), line
+    assert line.endswith(") (another `obs-pipeline dev`?): stop it, or choose another port "
+                         "with --port"), line
+    assert not (folder / "stack.json").exists()
+
+
 def test_dev_with_models_that_do_not_load_is_one_line_before_anything_starts(tmp_path):
     """OBS_MODELS that does not load, read by dev's `db init`: dev brought the stack up first (in
     a new folder, made one), saved a new --main-latency-ms, then said why and took the stack

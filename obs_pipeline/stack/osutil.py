@@ -69,7 +69,9 @@ def port_is_free(port: int) -> bool:
 
 def port_holder(port: int) -> str | None:
     """'pid N (command line)' of the process listening on loopback `port`, if /proc shows it
-    (Linux; another user's process is visible only to root), else None. Only for error lines."""
+    (Linux; another user's process is visible only to root), else None. Only for error lines:
+    the command line's control characters are escaped (a `python -c` program of several lines
+    broke the line, and the CLI, which prints an error's first line, lost what to do)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -88,6 +90,8 @@ def port_holder(port: int) -> str | None:
         try:
             if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                cmd = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                              for c in cmd)
                 return f"pid {entry.name} ({cmd[:120]})"
         except OSError:
             continue
