@@ -35,7 +35,15 @@ def _settings(**overrides: Any):
 
 # --- stack ----------------------------------------------------------------------------------
 
+STACK_FLAG_ACTIONS = {"main_latency_ms": "up", "redis_appendfsync": "up", "mode": "stop"}
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
+    for name, action in STACK_FLAG_ACTIONS.items():  # they were ignored: `stack start replica
+        # --main-latency-ms 100` started it, exit 0, the latency not applied nor said to be
+        if getattr(args, name) is not None and args.action != action:
+            flag = "--" + name.replace("_", "-")
+            args.usage(f"`stack {args.action}` takes no {flag}: it is for `stack {action}`")
     if args.service and args.action not in ("stop", "start"):  # `stack down replica` took the whole stack down
         args.usage(f"`stack {args.action}` acts on the whole stack and takes no service: "
                    f"`stack stop {args.service}` or `stack start {args.service}` act on one")
@@ -63,7 +71,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         if not args.service:
             args.usage(f"`stack {args.action}` needs a service: main, replica, redis or proxy")
         if args.action == "stop":
-            stack.stop_service(args.service, mode=args.mode)
+            stack.stop_service(args.service, mode=args.mode or "fast")
         else:
             stack.start_service(args.service)
     elif args.action == "env":
@@ -440,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--redis-appendfsync", choices=["everysec", "always"], default=None,
                        help="for up: Redis AOF fsync policy, saved for later ups (default: as saved, first everysec; "
                             "always: no buffered write lost on power loss, about 0.5 ms more per ingest)")
-    stack.add_argument("--mode", default="fast", choices=["fast", "immediate", "kill"],
+    stack.add_argument("--mode", default=None, choices=["fast", "immediate", "kill"],
                        help="for stop: fast, a clean shutdown (default); immediate or kill, a crash "
                             "(PostgreSQL -m immediate, SIGKILL for Redis and the proxy)")
     stack.add_argument("--dir", help=stack_dir)

@@ -163,6 +163,33 @@ def test_a_service_named_to_a_whole_stack_action_is_a_usage_line_and_does_nothin
                    "`stack stop replica` or `stack start replica` act on one (see `obs-pipeline stack -h`)"], err
 
 
+@pytest.mark.parametrize("args, flag, owner", [
+    (["start", "replica", "--main-latency-ms", "100"], "--main-latency-ms", "up"),
+    (["stop", "proxy", "--main-latency-ms", "100"], "--main-latency-ms", "up"),
+    (["env", "--redis-appendfsync", "always"], "--redis-appendfsync", "up"),
+    (["stop", "redis", "--redis-appendfsync", "always"], "--redis-appendfsync", "up"),
+    (["start", "redis", "--mode", "kill"], "--mode", "stop"),
+    (["up", "--mode", "immediate"], "--mode", "stop"),
+])
+def test_a_stack_flag_the_action_does_not_use_is_a_usage_line_and_does_nothing(
+        stack, args, flag, owner):
+    """`stack start replica --main-latency-ms 100` (the operator wanted main 100 ms away),
+    `stack stop redis --redis-appendfsync always`, `stack up --mode immediate`: each did its
+    action, ignored the flag and exited 0, and nothing said that the flag had done nothing."""
+    before, saved = stack.status(), stack.config_path.read_text()
+    try:
+        result = cli("stack", *args, "--dir", str(stack.directory))
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert result.stderr.splitlines() == [
+            f"obs-pipeline stack: error: `stack {args[0]}` takes no {flag}: it is for "
+            f"`stack {owner}` (see `obs-pipeline stack -h`)"], result.stderr
+        after = stack.status()
+        assert {n: s["pid"] for n, s in after.items()} == {n: s["pid"] for n, s in before.items()}
+        assert stack.config_path.read_text() == saved
+    finally:
+        stack.up()
+
+
 def test_stack_env_prints_export_lines(stack):
     out = cli("stack", "env", "--dir", str(stack.directory)).stdout
     names = {line.split("=")[0].removeprefix("export ") for line in out.splitlines()}
