@@ -404,15 +404,33 @@ def _replica_upstream_port(stack) -> int:  # noqa: F811
     return int(line.split("port=")[1].split()[0])
 
 
+def test_a_replica_that_exits_as_it_starts_is_said_at_once(stack):  # noqa: F811
+    """pg_ctl reports a standby that exits during startup as "server shut down because of
+    recovery target settings" and exits 0: `up` then waited READY_TIMEOUT (60 s) for it to
+    accept connections before it said why. Now the line comes as soon as the server is gone."""
+    replica_conf = stack.directory / "postgres" / "replica" / "postgresql.auto.conf"
+    stack.stop_service("replica")
+    original = replica_conf.read_text()
+    try:
+        replica_conf.write_text(original + "shared_buffers = 'plenty'\n")  # it cannot start
+        started = time.monotonic()
+        with pytest.raises(StackError, match=r"^replica PostgreSQL exited as it started on "
+                           r"127\.0\.0\.1:\d+: .*FATAL: .*contains errors"):
+            stack.up()
+        assert time.monotonic() - started < 20
+    finally:
+        replica_conf.write_text(original)
+        stack.up()
+    assert stack.status()["replica"]["running"]
+
+
 @pytest.mark.parametrize("latency_before", [0, 100])
 def test_an_up_that_fails_leaves_the_running_services_as_they_were(
-        stack, latency_before, monkeypatch):  # noqa: F811
+        stack, latency_before):  # noqa: F811
     """`up --main-latency-ms 50 --redis-appendfsync always` that fails once the proxy has started
     (here the replica cannot start) wrote the settings back, but left the proxy running at 50
     (or restarted at 50 from 100), the replica's conninfo on it, and Redis's live appendfsync at
     always, until the next `up`. A failed `up` now sets back what it changed in running services."""
-    import obs_pipeline.stack.postgres as postgres
-
     replica_conf = stack.directory / "postgres" / "replica" / "postgresql.auto.conf"
     try:
         stack.up(main_latency_ms=latency_before)
@@ -422,11 +440,8 @@ def test_an_up_that_fails_leaves_the_running_services_as_they_were(
         original = replica_conf.read_text()
         replica_conf.write_text(original + "shared_buffers = 'plenty'\n")  # it cannot start
         try:
-            # pg_ctl says "started" of a standby that exits: up waits for it READY_TIMEOUT
-            monkeypatch.setattr(postgres, "READY_TIMEOUT", 5)
-            with pytest.raises(StackError, match=r"^replica PostgreSQL not accepting connections"):
+            with pytest.raises(StackError, match=r"^replica PostgreSQL exited as it started"):
                 LocalStack(stack.directory, redis_appendfsync="always").up(main_latency_ms=50)
-            monkeypatch.undo()
             after = stack.status()
             assert stack.config_path.read_text() == saved
             assert redis_client(stack).config_get("appendfsync")["appendfsync"] == "everysec"

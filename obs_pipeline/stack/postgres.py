@@ -181,9 +181,19 @@ class PgServer:
             self._tool("pg_ctl", ["-D", str(self.datadir), "-w", "-t", str(READY_TIMEOUT), "-l", str(self.log),
                                   "-o", self._options(), "start"], f"start on {HOST}:{self.port}",
                        timeout=READY_TIMEOUT + 30, log=self.log)
-        if not wait_until(lambda: self.query("SELECT 1") == (1,), READY_TIMEOUT, 0.1):
-            raise service_error(f"{self.role} PostgreSQL not accepting connections on {HOST}:{self.port} "
+
+        def ready_or_gone() -> bool:
+            """pg_ctl says a standby that exits during startup shut down "because of recovery
+            target settings", and exits 0: its line came READY_TIMEOUT later, unless looked for."""
+            return not self.running or self.query("SELECT 1") == (1,)
+
+        address = f"{HOST}:{self.port}"
+        if not wait_until(ready_or_gone, READY_TIMEOUT, 0.1):
+            raise service_error(f"{self.role} PostgreSQL not accepting connections on {address} "
                                 f"after {READY_TIMEOUT}s", self.log)
+        if not self.running:
+            raise service_error(f"{self.role} PostgreSQL exited as it started on {address}",
+                                self.log)
 
     def _set_aside_stale_lock(self) -> None:
         """Move aside a postmaster.pid whose pid is not this folder's postmaster yet answers kill(0):
