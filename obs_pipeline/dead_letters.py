@@ -177,7 +177,9 @@ class DeadLetters:
             pipe.set(self.keys.transaction(tx_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
         # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged); one
-        # requeued under a new id takes its marks over
+        # requeued under a new id takes over its own dead marks only: a live mark of the id, or a
+        # dead one on a row another letter of the id still writes, is the first of the reused id's
+        # (it waits to retry, or stays listed), and the requeued one waits behind it
         # (unions by old id: letters of one id with other steps each bring their own rows)
         revived: dict[str, set[str]] = {}
         released: dict[str, set[str]] = {}
@@ -191,7 +193,9 @@ class DeadLetters:
                 revived.setdefault(letter.transaction_id, set()).update(rows)
         self.store.revive(revived, pipe)
         if renamed:
-            self.store.unhold(released, pipe)
+            still_dead = self._rows_still_dead(letters, ordered)
+            own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
+            self.store.unhold(own, pipe, dead_only=True)
             self.store.hold(renamed, pipe)
         pipe.execute()
         return [prepared[letter.raw][2] for letter in requeued]
@@ -232,7 +236,7 @@ class DeadLetters:
         letters = self.list(pipe)
         meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
         owned_elsewhere = self._owned_elsewhere(pipe, [copies[0] for copies in meant])
-        still_dead = self._rows_still_dead(letters, meant)
+        still_dead = self._rows_still_dead(letters, [copy for copies in meant for copy in copies])
         removed, taken = [], set()  # taken: id() of the letters already queued for removal
         # all in one MULTI: a discard that died after removing the letter left its dead marks (every
         # later transaction of its rows dead-lettered as blocked by it) and its caches for ever
@@ -277,12 +281,13 @@ class DeadLetters:
         return {tx_id for tx_id, raw in zip(ids, statuses) if _status(raw) not in (None, "failed")}
 
     def _rows_still_dead(self, letters: list[DeadLetter],
-                         meant: list[list[DeadLetter]]) -> dict[str, set[str]]:
+                         leaving: list[DeadLetter]) -> dict[str, set[str]]:
         """By id, the rows written by the letters that stay listed under the ids of those
-        discarded: a producer that reused an id left letters with other steps under it, whose
-        dead marks read alike ("!" + id), and a row one of them still holds stays held."""
-        gone = {id(letter) for copies in meant for letter in copies}
-        ids = {copies[0].transaction_id for copies in meant} - {None}
+        `leaving` (discarded or retried): a producer that reused an id left letters with other
+        steps under it, whose dead marks read alike ("!" + id), and a row one of them still
+        holds stays held."""
+        gone = {id(letter) for letter in leaving}
+        ids = {letter.transaction_id for letter in leaving} - {None}
         rows: dict[str, set[str]] = {}
         for letter in letters:
             if letter.transaction_id not in ids or id(letter) in gone:

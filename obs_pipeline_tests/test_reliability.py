@@ -1391,6 +1391,70 @@ def test_discarding_a_letter_whose_copy_waits_to_retry_keeps_that_copys_hold_sta
     buf.close()
 
 
+@pytest.mark.parametrize("first", ["waiting", "dead", "dead, retry --all"])
+def test_retrying_a_reused_ids_letter_keeps_the_first_transaction_of_that_id_ahead_of_it(
+        settings, redis_client, main_engine, first):
+    """As above, the reused update is dead-lettered while the first of the id waits to retry (or,
+    its retries spent, is listed too). `failed retry` of the reused letter removed the first's
+    mark of the row (live, or dead and still listed: it released its rows under the id they
+    share) and gave the row to the requeued one under its new id: that one was applied at once
+    (or together with the first, ahead of it) and the first, applied after it, overwrote it
+    (main kept the older write). The retry now releases only the letter's own dead marks, and
+    none on a row the first's letter still writes: the requeued one waits (or is blocked)
+    behind the first of the id."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first_id = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    reused = json.loads(redis_client.get(keys.transaction(first_id)))
+    reused["steps"][0]["data"] = {"status": "reused"}
+    redis_client.lpush(keys.buffer, json.dumps(reused))
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first_id]
+        mark = first_id.encode()
+        if first != "waiting":
+            for _ in range(2):
+                due_now(redis_client, keys, first_id)
+                assert drain.step().retried == 1
+            due_now(redis_client, keys, first_id)
+            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first_id]
+            mark = f"!{first_id}".encode()
+        letters = reversed(redis_client.lrange(keys.failed, 0, -1))  # oldest first, as listed
+        kinds = [json.loads(e)["failure"]["kind"] for e in letters]
+        assert kinds == (["reused_id"] if first == "waiting" else ["reused_id", "permanent"])
+        named = {"waiting": [first_id], "dead": ["#1"], "dead, retry --all": ["--all"]}[first]
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", *named],
+                       env=cli_env(settings), check=True)
+        if first == "dead, retry --all":  # requeued too: its mark is live again
+            mark = first_id.encode()
+        assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): mark}  # the first's
+        report = drain.step()
+        if first == "dead":
+            assert [d["reason"] for d in report.dead_lettered] == [f"blocked by {first_id}"], report
+        else:  # (both requeued, the reused one first as listed) it waits behind the first
+            assert (report.applied, report.held) == (0, 1), report
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # the cause is fixed: the first goes, then the reused
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    if first != "dead":
+        due_now(redis_client, keys, first_id)
+    else:
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first_id],
+                       env=cli_env(settings), check=True)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        row = conn.execute(query, {"i": obs["id"]}).one()
+    assert row == (31337, "reused")  # the first's write, then the reused one's
+    assert buf.status(first_id) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
