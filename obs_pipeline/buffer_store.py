@@ -24,7 +24,7 @@ from obs_pipeline import redis_scripts as scripts
 from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
-from obs_pipeline.wire import STATUS_OPENING, status_header, status_slot
+from obs_pipeline.wire import STATUS_OPENING, STATUS_SLOT, status_header, status_slot
 
 MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
@@ -119,6 +119,11 @@ def _eval_pairs(target: Any, script: str, key: str, args: list[Any]) -> None:
     acknowledgement's WATCH that read as the lease lost, and the batch stayed 'processing'."""
     for part in _parts(args, (MAX_COMMAND_ARGS - 4) // 2 * 2):
         target.eval(script, 1, key, *part)
+
+
+def _glob_escaped(text: str) -> str:
+    """`text` matched as it is by a Redis glob pattern (SCAN's MATCH)."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
 
 
 def _timeouts_of(raw: dict[bytes, bytes]) -> tuple[int | None, dict[str, int], int | None]:
@@ -629,6 +634,15 @@ class BufferStore:
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
             _eval_pairs(pipe, scripts.REVIVE, self.keys.held_ids, args)
+
+    def waits_to_retry(self, transaction_id: str) -> bool:
+        """Whether an entry of this id is in `retry` (waiting to retry, or parked): there once a
+        batch claimed its own, it is a copy a producer pushed again. Entries are our JSON, the
+        id right after the status slot (Transaction.to_json): a scan matches that prefix."""
+        prefix = f'{STATUS_OPENING}{"?" * STATUS_SLOT},"transaction_id":'
+        pattern = prefix + _glob_escaped(json_codec.dumps(transaction_id)) + ",*"
+        entries = self.redis.zscan_iter(self.keys.retry, match=pattern, count=1000)
+        return next(entries, None) is not None
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

@@ -566,6 +566,10 @@ class Drain:
             if holder.startswith("!") and in_redis.get(row) == holder:
                 outcome.dead_marks[row] = holder
             written = written_ids(tx, self.registry)
+            # rows a copy of it waiting to retry holds stay that one's, for the rest of this batch
+            # too: what uses them waits behind it (see _held_by_copy)
+            copy_holds = self._held_by_copy(tx, written) if holder.startswith("!") else set()
+            written -= copy_holds
             # Its marks go only on rows nobody holds: a row held by another stays that one's in
             # this batch's outcome too, or its holder, failing later in the batch, could not mark
             # it dead there (claim_rows keeps the first mark) and this one would wait for ever.
@@ -573,7 +577,8 @@ class Drain:
             claim_rows(holders, written, value)
             written = {row for row in written if holders.get(row) == value}
             if holder.startswith("!"):
-                self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked", rows=written)
+                self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked",
+                                  rows=written, copy_holds=copy_holds)
             else:
                 self._park(tx, holder, written, outcome)
                 waited_on.add(holder)
@@ -601,8 +606,9 @@ class Drain:
         for tx, reason in result.failed:
             blocker = reason.removeprefix("blocked by ") if reason.startswith("blocked by ") else None
             if blocker and blocker in dead_now or (not blocker and tx.retry_count >= tx.max_retries):
-                self._dead_letter(tx, reason, outcome, report, kind="blocked" if blocker else "permanent")
-                dead_now.add(tx.transaction_id)
+                kind = "blocked" if blocker else "permanent"
+                if not self._dead_letter(tx, reason, outcome, report, kind=kind):  # (else a copy
+                    dead_now.add(tx.transaction_id)  # holds its rows: what uses them waits)
                 continue
             tx.metadata = {**tx.metadata, "last_error": reason}
             outcome.statuses.append((tx.transaction_id, _status_json(tx, "pending")))
@@ -633,16 +639,35 @@ class Drain:
         claim_rows(outcome.hold, claim, tx.transaction_id)
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
-                     rows: set[str] | None = None, status: bool = True, attempts: int | None = None) -> None:
+                     rows: set[str] | None = None, status: bool = True, attempts: int | None = None,
+                     copy_holds: set[str] | None = None) -> bool:
         """`status` False for an id that names another transaction too (reused): its status stays
-        that one's. `attempts`: how many times it was tried (by default, its retries and one)."""
+        that one's. `attempts`: how many times it was tried (by default, its retries and one).
+        `copy_holds`: the rows a copy of it waiting to retry holds (None: _held_by_copy). Returns
+        whether one does: its holds and status stay its own."""
         entry = _failed_entry(tx.to_dict(), reason, kind=kind, attempts=attempts)
         outcome.dead.append((tx.transaction_id, entry))
-        if status:
-            outcome.statuses.append((tx.transaction_id, entry))
-        claim_rows(outcome.hold, written_ids(tx, self.registry) if rows is None else rows, "!" + tx.transaction_id)
+        rows = written_ids(tx, self.registry) if rows is None else rows
+        copy_holds = self._held_by_copy(tx, rows) if copy_holds is None else copy_holds
+        if status:  # while a copy waits, the id's status is its "pending" (this one may have been
+            # marked "processing" in this batch)
+            current = _status_json(tx, "pending") if copy_holds else entry
+            outcome.statuses.append((tx.transaction_id, current))
+        claim_rows(outcome.hold, rows - copy_holds, "!" + tx.transaction_id)
         outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
+        return bool(copy_holds)
+
+    def _held_by_copy(self, tx: Transaction, rows: set[str]) -> set[str]:
+        """Those of `rows` held live by a copy of `tx` that waits to retry or is parked: a producer
+        pushed it again (and the copy failed too, or this one was pushed while that one waited).
+        Marks and statuses are kept by id: dead-lettering this one turned that one's holds into
+        dead marks (what uses its rows was dead-lettered as blocked by a transaction still to be
+        applied) and its "pending" into "failed". Scans `retry` only where the id holds a live
+        mark of these rows (usually this one's own: it waited to retry too)."""
+        marks = self.store.holders(sorted(rows))
+        live = {row for row, mark in marks.items() if mark == tx.transaction_id}
+        return live if live and self.store.waits_to_retry(tx.transaction_id) else set()
 
     def _compact_aof(self) -> int:
         try:

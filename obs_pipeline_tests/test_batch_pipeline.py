@@ -236,6 +236,27 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
     store.release_lease(token)
 
 
+def test_a_waiting_copy_is_found_by_its_exact_id_whatever_its_characters(settings, redis_client):
+    """The drain asks whether a copy of a transaction it dead-letters waits in `retry` with a
+    scan matching the id at the start of our JSON. A producer's id may hold a glob pattern's
+    characters (`*`, `?`, `[`, a backslash), a quote, non-ASCII text: only that id matches, in
+    whatever status the entry was written."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.wire import Transaction
+
+    store = BufferStore(redis_client, settings.site)
+    step = {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 1}}
+    waiting = ["obs-1", "obs-[1]", 'a\\b"c', "obs-ñ-1"]
+    for n, tx_id in enumerate(waiting):
+        tx = Transaction.from_dict({"transaction_id": tx_id, "steps": [step]})
+        tx.status = ("pending", "processing")[n % 2]
+        redis_client.zadd(SiteKeys(settings.site).retry, {tx.to_json(): n})
+    assert all(store.waits_to_retry(tx_id) for tx_id in waiting)
+    others = ("obs-*", "obs-?", "obs-[1-9]", "obs-", "obs-1 ", "a\\b", 'b"c', "obs-ñ", "s1",
+              "pending")
+    assert [tx_id for tx_id in others if store.waits_to_retry(tx_id)] == []
+
+
 def test_a_status_never_turns_back_from_replicated(settings, redis_client):
     """A transaction pushed twice is cleaned ("replicated") after its first copy; its second copy
     passing through a later batch must not make it "processing" or "applied" again, nor an

@@ -1455,6 +1455,91 @@ def test_retrying_a_reused_ids_letter_keeps_the_first_transaction_of_that_id_ahe
     buf.close()
 
 
+@pytest.mark.parametrize("how", ["blocked", "blocked, newer in its batch", "retries spent",
+                                 "retries spent, newer in its batch"])
+def test_a_copy_dead_lettered_while_another_waits_to_retry_leaves_that_ones_hold_and_status(
+        settings, redis_client, main_engine, how):
+    """A producer pushes a transaction again while the first push fails for now and waits to
+    retry (the row's mark is its live hold, the id's status its "pending"). The copy is
+    dead-lettered: blocked by a dead letter of a row it uses; or, failing too, it waits to retry
+    beside the first, whose retries run out first. Marks and statuses are kept by id: the dead
+    letter turned the waiting one's hold into a dead mark and its status into "failed", and a
+    newer update of the row (later, or in the batch of the last attempt) was dead-lettered as
+    blocked by a transaction still to be applied. The waiting one keeps both, the newer update
+    waits behind it, and the dead copy's letter stays listed (retried, it is found applied and
+    changes nothing)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    copy = redis_client.get(keys.transaction(first))  # as it was pushed
+
+    def due_most_tried() -> None:  # the first push's entry, not the copy's
+        members = redis_client.zrange(keys.retry, 0, -1)
+        redis_client.zadd(keys.retry, {max(members, key=lambda m: json.loads(m)["retry_count"]): 0})
+
+    in_its_batch = how.endswith("in its batch")  # the newer update claimed with the copy's last try
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        if how.startswith("blocked"):  # a create of the obs unit the drain finds invalid (no name)
+            step = {"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                    "data": {"id": 31337}}
+            doomed = {"transaction_id": "doomed-unit", "steps": [step]}
+            redis_client.lpush(keys.buffer, json.dumps(doomed))
+            assert [d["transaction_id"] for d in drain.step().dead_lettered] == ["doomed-unit"]
+            redis_client.lpush(keys.buffer, copy)
+            if in_its_batch:  # held in the batch behind the copy, which holds the row there too
+                newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+            report = drain.step()
+            assert [d["reason"] for d in report.dead_lettered] == ["blocked by doomed-unit"], report
+            assert report.held == (1 if in_its_batch else 0), report
+        else:
+            due_most_tried()
+            assert drain.step().retried == 1
+            redis_client.lpush(keys.buffer, copy)
+            assert drain.step().retried == 1  # the copy, not held by its own id's mark
+            assert redis_client.zcard(keys.retry) == 2
+            due_most_tried()
+            assert drain.step().retried == 1
+            due_most_tried()
+            if in_its_batch:  # applied behind the first, held back with it
+                newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+            report = drain.step()
+            assert [d["transaction_id"] for d in report.dead_lettered] == [first], report
+        assert redis_client.zcard(keys.retry) == (2 if in_its_batch else 1)
+        assert redis_client.hget(keys.held_ids, obs["id"]) == first.encode()  # still live
+        assert buf.status(first) == "pending"
+        letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+        assert letters[0]["transaction_id"] == first  # the copy's, the newest
+        if not in_its_batch:
+            newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+            assert drain.step().held == 1  # behind the one still to be applied
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # the cause is fixed: the waiting one goes, then the newer
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    if how.startswith("blocked"):
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard",
+                        "doomed-unit"], env=cli_env(settings), check=True)
+    due_now(redis_client, keys, first)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert buf.status(first) == buf.status(newer) == "replicated"
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first],
+                   env=cli_env(settings), check=True)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        assert conn.execute(query, {"i": obs["id"]}).one() == (31337, "newer")
+        query = sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :i")
+        assert conn.execute(query, {"i": first}).scalar_one() == 1
+    assert buf.status(first) == "replicated"
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
