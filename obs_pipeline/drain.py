@@ -159,7 +159,9 @@ class _Batch:
     outcome: Outcome
     size: int = 0  # entries asked for: a claim this full means more wait
     transactions: list[Transaction] = field(default_factory=list)
-    footprints: dict[str, dict[str, list]] = field(default_factory=dict)  # tx id -> its cache keys
+    # (tx id, steps digest) -> its cache keys: a producer may reuse an id for other steps, and
+    # both may be in one batch (keyed by id alone, the second's replaced the first's)
+    footprints: dict[tuple[str, str | None], dict[str, list]] = field(default_factory=dict)
 
 
 class Drain:
@@ -502,7 +504,8 @@ class Drain:
                        size=size)
         batch.transactions = self._parse(claim.entries, batch.outcome, batch.report)
         # worked out now, while main applies the previous batch, not after this one commits
-        batch.footprints = {tx.transaction_id: cache_footprint(tx, self.registry) for tx in batch.transactions}
+        batch.footprints = {_one_of_batch(tx): cache_footprint(tx, self.registry)
+                            for tx in batch.transactions}
         return batch
 
     def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
@@ -527,9 +530,9 @@ class Drain:
                     outcome.unpark.append(tx_id)
                 report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
-            if (tx.transaction_id, tx.steps_digest) in seen:  # pushed twice: applied once
+            if _one_of_batch(tx) in seen:  # pushed twice: applied once
                 continue
-            seen.add((tx.transaction_id, tx.steps_digest))  # (one id with other steps: see MainDatabase)
+            seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             txs.append(tx)
         return txs
 
@@ -586,7 +589,7 @@ class Drain:
         return ready
 
     def _record_result(self, result, outcome: Outcome, report: BatchReport,
-                       footprints: dict[str, dict[str, list]]) -> None:
+                       footprints: dict[tuple[str, str | None], dict[str, list]]) -> None:
         done = result.applied + result.already_applied
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
@@ -594,7 +597,7 @@ class Drain:
                 # only these ever put rows in held_ids, or have others parked behind them
                 outcome.release[tx.transaction_id] = written_ids(tx, self.registry)
                 outcome.unpark.append(tx.transaction_id)
-            outcome.cleanup.append(footprints[tx.transaction_id])
+            outcome.cleanup.append(footprints[_one_of_batch(tx)])
         outcome.commit_lsn = result.commit_lsn
         for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
             self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
@@ -700,6 +703,11 @@ class Drain:
         if replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)
+
+
+def _one_of_batch(tx: Transaction) -> tuple[str, str | None]:
+    """What tells a batch's transactions apart: its id, and its steps (_parse keeps one of each)."""
+    return tx.transaction_id, tx.steps_digest
 
 
 def _status_json(tx: Transaction, status: str) -> str:

@@ -967,6 +967,45 @@ def test_retry_all_of_two_reused_letters_under_one_id_leaves_no_dead_mark(settin
     assert redis_client.llen(keys.failed) == 0
     assert _obs_units(main_engine, [945, 946]) == {945: "renamed", 946: "renamed"}
 
+
+def test_a_reused_id_in_the_batch_of_the_first_leaves_none_of_the_firsts_caches(
+        settings, redis_client, main_engine):
+    """A producer reuses the id of a buffered update, for an update of another row, before the
+    drain claims either: one batch holds both. The first is applied, the second dead-lettered as
+    reused. The batch's cache footprints were kept by transaction id, so the second's replaced
+    the first's: the cleanup removed the second's (it had none) and the first's overlay stayed
+    for good. Once a later update of the row had replicated, reads still showed the first's."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    try:
+        with buf.transaction() as start:
+            obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "status": "running",
+                                                   "start_time": "2025-01-01T00:00:00Z"})
+        drain_until_settled(settings)
+        first = buf.update("ExecutedObsUnit", obs["id"], {"status": "first"})
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": first, "steps": [
+            {"step_id": "s1", "operation": "update", "model_class": "ObsUnit",
+             "conditions": {"id": 2}, "data": {"name": "the id reused"}}]}))
+        drain_until_settled(settings)
+        letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+        assert [(f["transaction_id"], f["failure"]["kind"]) for f in letters] == [
+            (first, "reused_id")]
+        assert buf.status(first) == "replicated"
+        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "first"
+        later = buf.update("ExecutedObsUnit", obs["id"], {"status": "later"})
+        drain_until_settled(settings)
+        assert buf.status(later) == "replicated"
+        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "later"
+        assert buf.search("ExecutedObsUnit", {"status": "first"}) == []
+        assert redis_client.lrange(keys.read_buffer("ExecutedObsUnit", obs["id"]), 0, -1) == []
+    finally:
+        buf.close()
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "later"
+    assert _obs_units(main_engine, [2]) == {2: "unit 2"}
+
+
 def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrades_it(
         settings, redis_client, main_engine, caplog):
     """An obs_pipeline_applied made by an earlier version has no steps_digest: the drain must
