@@ -407,7 +407,8 @@ class MainDatabase:
             tail.insert(0, self.sql.record_applied(cur, result.applied, self.site, self.records_digest))
         self._run(cur, tail)
         lsn = cur.fetchone()[0]
-        if result.applied or result.already_applied:
+        # (a reused id's caches are cleaned once the replica has what applied the id: up to here)
+        if result.applied or result.already_applied or result.reused_ids:
             result.commit_lsn = lsn_to_int(lsn)
         return result
 

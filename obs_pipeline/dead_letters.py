@@ -44,7 +44,8 @@ class DeadLetter:
     @property
     def reused_id(self) -> bool:
         """Dead-lettered because a producer reused its id for other steps (see apply.py): its
-        status and caches are the applied transaction's, and it is requeued under a new id."""
+        status and caches are the applied transaction's (the drain cleans its own with those),
+        and it is requeued under a new id."""
         failure = self.doc.get("failure")
         return isinstance(failure, dict) and failure.get("kind") == "reused_id"
 

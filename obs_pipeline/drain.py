@@ -601,8 +601,17 @@ class Drain:
         outcome.commit_lsn = result.commit_lsn
         for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
             self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
+        not_applied = result.failed + result.timed_out + result.dead_blocked
+        unapplied = {tx.transaction_id for tx, _ in not_applied}
         for tx, reason in result.reused_ids:  # no retry makes it right; its status is the applied one's
             self._dead_letter(tx, reason, outcome, report, kind="reused_id", status=False)
+            if tx.transaction_id not in unapplied:
+                # Its id is applied (before, or by this batch): nothing of it ever will be under
+                # that id, so its caches go once the replica has the applied one, as that one's do
+                # (ingest buffered it, waiting to retry, and a producer's reuse was applied first:
+                # its overlays stayed for good). Not if the first of the id in this batch was not
+                # applied: the id's caches may be that one's, which may still be retried.
+                outcome.cleanup.append({**footprints[_one_of_batch(tx)], "t": []})
         for tx, reason in result.dead_blocked:
             self._dead_letter(tx, reason, outcome, report, kind="blocked")
         dead_now: set[str] = set()  # ids dead-lettered by failing (not a reused id: that may name one retrying)

@@ -1345,6 +1345,55 @@ def test_discarding_a_reused_ids_letter_keeps_the_hold_of_the_first_transaction_
     assert_queues_empty(redis_client, settings.site)
     buf.close()
 
+@pytest.mark.parametrize("then", ["discard", "retry"])
+def test_a_buffered_transaction_dead_lettered_as_reused_leaves_none_of_its_caches(
+        settings, redis_client, main_engine, then):
+    """An update fails for now (its obs unit is not there yet) and waits to retry; a producer
+    reuses its id for an update of another row, which is applied first. Due again, the first is
+    dead-lettered as reused: nothing of it is applied under that id. Its overlay stayed for good:
+    the applied one's cleanup removes that id's entries from its own row only, a discard leaves a
+    reused id's caches alone (they were taken for the applied one's), and a retry requeues it
+    under a new id, whose cleanup removes that new id's entries. Reads showed a status main never
+    had; after the retry, its value over a later update once that had replicated."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": first, "steps": [
+            {"step_id": "s1", "operation": "update", "model_class": "ObsUnit",
+             "conditions": {"id": 2}, "data": {"name": "the id reused"}}]}))
+        assert drain.step().applied == 1
+        with main_engine.begin() as conn:  # the first's cause is fixed: it comes due
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        due_now(redis_client, keys, first)
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+    finally:
+        drain.close()
+    drain_until_settled(settings)
+    letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [letter["failure"]["kind"] for letter in letters] == ["reused_id"]
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", then, first],
+                   env=cli_env(settings), check=True)
+    if then == "retry":
+        drain_until_settled(settings)
+        later = buf.update("ExecutedObsUnit", obs["id"], {"status": "later"})
+        drain_until_settled(settings)
+        assert buf.status(later) == "replicated"
+    expected = (31337, "later") if then == "retry" else (1, "running")
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        assert conn.execute(query, {"i": obs["id"]}).one() == expected
+    read = buf.get("ExecutedObsUnit", obs["id"])
+    assert (read["obs_unit_id"], read["status"]) == expected
+    assert redis_client.lrange(keys.read_buffer("ExecutedObsUnit", obs["id"]), 0, -1) == []
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
+
+
 def test_discarding_a_letter_whose_copy_waits_to_retry_keeps_that_copys_hold_status_and_caches(
         settings, redis_client, main_engine):
     """A producer pushes a dead-lettered transaction again (all it knew was that its push timed
