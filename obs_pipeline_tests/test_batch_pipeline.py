@@ -17,7 +17,8 @@ from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.test_cli import cli
-from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations, drain_until_settled
+from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
+                                         drain_one_batch, drain_until_settled)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -446,6 +447,102 @@ def test_the_cleanup_survives_a_connection_redis_dropped_and_an_error_reply_leav
     client.delete(keys.prefix + "probe", counter)
     store.release_lease(token)
     client.close()
+
+
+def test_a_cleanup_whose_reply_was_lost_runs_again_and_leaves_newer_writes_of_its_records(
+        settings, redis_client, main_engine, monkeypatch):
+    """The cleanup's connection drops after Redis ran it, before its reply: the drain sends it
+    again (redis-py's reconnect), so it runs twice. In between, newer transactions wrote the
+    records it cleans: a key deleted and created again in one transaction, another deleted and
+    created again by two, an update of a generated key. The second run deletes the created
+    records' keys whole (the newer create's buffered record with them), but only the cleaned
+    transaction's own overlays; a create of a key the caller gave is in the read buffer too, so
+    reads still show every newer write, and each is cleaned with its own transaction."""
+    import redis
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline_tests.test_smart_query import cache_keys
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as first:
+        obs = first.create("ExecutedObsUnit", {"obs_unit_id": 1, "status": "first",
+                                               "start_time": "2025-01-01T00:00:00Z"})
+        first.create("ObsUnit", {"id": 600, "name": "600 first"})
+        first.create("ObsUnit", {"id": 601, "name": "601 first"})
+
+    def write_newer() -> None:
+        with buf.transaction() as tx:
+            tx.delete("ObsUnit", 600)
+            tx.create("ObsUnit", {"id": 600, "name": "600 again"})
+        buf.delete("ObsUnit", 601)
+        with buf.transaction() as tx:
+            tx.create("ObsUnit", {"id": 601, "name": "601 again"})
+        buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+
+    real_send_all = BufferStore._send_all
+    lost = []
+
+    def send_all_reply_lost(self, commands):
+        if lost or ("MULTI",) not in commands:
+            return real_send_all(self, commands)
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()  # the one the cleanup takes next
+        send = conn.send_packed_command
+
+        def reply_lost(*args, **kwargs):
+            conn.disconnect()  # the replies with it
+            lost.append(True)
+            raise redis.ConnectionError("Connection closed by server. (test: before the reply)")
+
+        def send_then_drop(command, check_health=True):
+            send(command, check_health)
+            ran = wait_until(lambda: not redis_client.zcard(keys.awaiting_replication), 10)
+            assert ran, "Redis did not run the cleanup"
+            write_newer()
+            conn.read_response = reply_lost
+
+        conn.send_packed_command = send_then_drop
+        pool.release(conn)
+        try:
+            return real_send_all(self, commands)
+        finally:
+            for patched in ("send_packed_command", "read_response"):
+                conn.__dict__.pop(patched, None)
+
+    monkeypatch.setattr(BufferStore, "_send_all", send_all_reply_lost)
+    expected = {600: {"id": 600, "name": "600 again"}, 601: {"id": 601, "name": "601 again"}}
+
+    def check(stage: str) -> None:
+        assert {i: buf.get("ObsUnit", i) for i in expected} == expected, stage
+        assert buf.search("ObsUnit", {"id": list(expected)}) == list(expected.values()), stage
+        assert buf.search("ObsUnit", {"name": ["600 first", "601 first"]}) == [], stage
+        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "newer", stage
+        newer = buf.search("ExecutedObsUnit", {"status": "newer"})
+        assert [r["id"] for r in newer] == [obs["id"]], stage
+
+    try:
+        drain_one_batch(settings, batch_size=10)
+        assert lost, "the cleanup's reply was not lost"
+        assert buf.status(first.transaction_id) == "replicated"
+        # the second run took the newer create's buffered record: reads do without it
+        assert not redis_client.exists(keys.buffered("ObsUnit", "600"))
+        check("cleaned twice, newer writes buffered")
+        drain = Drain(settings, DrainConfig(batch_size=1))
+        try:
+            drain.acquire()
+            for step in range(4):  # one newer transaction at a time: each state in between
+                drain.step()
+                check(f"after drain step {step + 1}")
+        finally:
+            drain.close()
+        drain_until_settled(settings)
+        check("all replicated")
+    finally:
+        buf.close()
+    assert cache_keys(redis_client, settings.site) == []
+    assert _obs_units(main_engine, [600, 601]) == {600: "600 again", 601: "601 again"}
 
 
 def test_transaction_ids_no_database_or_redis_key_can_hold_are_dead_lettered_and_the_drain_goes_on(
