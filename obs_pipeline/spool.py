@@ -128,6 +128,8 @@ class Spool:
                 with self._locked():
                     self._append(tx_id, tx_json, caches)
                 return
+            if not self.redis_failed_recently():
+                self._ask_redis_outside_the_lock(store)
             with self._locked():
                 if self.redis_failed_recently():
                     why = "Redis did not answer a moment ago: the spool's flusher retries it"
@@ -146,6 +148,18 @@ class Spool:
         except OSError as error:  # the spool's own files: Redis's errors are not OSErrors
             raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
                              f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
+
+    def _ask_redis_outside_the_lock(self, store: BufferStore) -> None:
+        """A PING before a call pushes the spool under its lock. Another script of the site may
+        have found Redis hung and spool without asking it; this one does not know yet, and a
+        push that waited under the lock for the reply timeout held that script's calls as long.
+        A timeout here starts this process's wait, and the call then spools at once."""
+        try:
+            store.redis.ping()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            self.note_redis_failure(error)
+        except redis.RedisError:
+            pass  # it answered: the push says what it is
 
     def redis_failed_recently(self) -> bool:
         """Did Redis not answer (its connection or reply timed out) within the last

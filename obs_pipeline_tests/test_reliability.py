@@ -969,6 +969,56 @@ def test_while_the_flusher_retries_a_hung_redis_no_call_waits_for_it(settings, r
     buf.close()
 
 
+def test_a_script_that_finds_redis_hung_after_another_did_holds_none_of_its_calls(
+        settings, redis_client, main_engine):
+    """Two scripts of a site on one host share its spool. Redis hangs (SIGSTOP); the first
+    script's call times out, and its calls then spool without asking Redis. The second script
+    did not know yet: its next call found the spool and pushed it under the spool's lock,
+    waiting for the reply timeout (5 s) with the lock held, so the first script's calls waited
+    as long for the hung Redis. Now a call asks Redis outside the lock before it pushes."""
+    keys = SiteKeys(settings.site)
+    first, second = TransactionBuffer(settings=settings), TransactionBuffer(settings=settings)
+    before = buffer_observations(first, 1, finish_every=0)
+    theirs: list = []
+    ready, go = threading.Event(), threading.Event()
+
+    def second_script() -> None:  # its own thread, its connection open before the hang
+        theirs.extend(buffer_observations(second, 1, finish_every=0))
+        ready.set()
+        assert go.wait(60)
+        theirs.extend(buffer_observations(second, 1, finish_every=0))
+
+    asking = threading.Thread(target=second_script)
+    asking.start()
+    assert ready.wait(30)
+    pid = redis_client.info("server")["process_id"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        spooled = buffer_observations(first, 1, finish_every=0)  # waits for the reply timeout once
+        assert first.spool.redis_failed_recently() and first.spool.pending() == 1
+        go.set()
+        time.sleep(1.0)
+        assert asking.is_alive()  # the second script's call waits for the hung Redis
+        began = time.monotonic()
+        later = buffer_observations(first, 2)  # 2 starts, 1 finish
+        took = time.monotonic() - began
+        asking.join(30)
+        assert took < 1.0, f"the first script's 3 calls took {took:.1f} s: they waited too"
+        assert len(theirs) == 2 and first.spool.pending() == 1 + 3 + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_until(lambda: not first.spool.exists(), 30)  # pushed once Redis answers
+    queue = [json.loads(e)["transaction_id"] for e in
+             reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    everything = before + spooled + later + theirs
+    assert sorted(queue) == sorted(t for o in everything for t in (o.start_tx, o.finish_tx) if t)
+    assert queue.index(later[0].start_tx) < queue.index(later[0].finish_tx)
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, everything)
+    first.close()
+    second.close()
+
+
 def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_behind_it(
         settings, redis_client, main_engine):
     """Dependencies by foreign key, integer keys included: an execution of obs unit 950 waits
@@ -1006,8 +1056,15 @@ def test_a_transaction_that_uses_an_integer_key_created_by_a_poison_one_is_held_
     buf.close()
 
 
+class _NoRedis:
+    def ping(self):
+        raise redis.ConnectionError("Redis is down (test)")
+
+
 class _RedisDown:
     """A store whose Redis does not answer: the spool takes the transaction."""
+
+    redis = _NoRedis()
 
     def buffer(self, *args):
         raise redis.ConnectionError("Redis is down (test)")
