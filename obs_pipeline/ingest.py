@@ -245,6 +245,7 @@ class TransactionBuffer:
         self.store = BufferStore(self.redis, self.site)
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
+        self.spool.push_when_the_script_exits()  # what its forked children spool too
         if self.spool.exists():  # left by a script that ended during an outage: pushed in the background
             self.spool.start_flusher()
         self.query = SmartQuery(self.store, self.registry, settings.replica_db_url, self.spool)

@@ -234,6 +234,13 @@ class Spool:
         return {"file": str(self.path), "pending": pending,
                 "oldest_seconds": round(oldest, 3) if oldest is not None else None}
 
+    def push_when_the_script_exits(self) -> None:
+        """Have the spool pushed at interpreter exit (see push_at_exit), whoever spooled it: a
+        child forked from the script (multiprocessing) leaves without that push, so what it
+        spooled stayed on disk when the script itself had spooled nothing."""
+        with self._flusher_lock:
+            _push_at_exit(self)
+
     def push_at_exit(self, within_s: float) -> None:
         """Best effort at interpreter exit: push the spool, waiting at most `within_s` (Redis
         may not answer: a script's exit must not hang on it). What is not pushed stays."""
@@ -443,8 +450,8 @@ _AT_EXIT: "weakref.WeakSet[Spool]" = weakref.WeakSet()
 
 
 def _push_at_exit(spool: Spool) -> None:
-    """Have `spool` pushed at interpreter exit (once its flusher has been started: something
-    was spooled, or found spooled)."""
+    """Have `spool` pushed at interpreter exit, if anything is spooled then (a TransactionBuffer's
+    from the start; any other once its flusher has been started)."""
     if not _AT_EXIT:
         atexit.unregister(_push_all_at_exit)
         atexit.register(_push_all_at_exit)

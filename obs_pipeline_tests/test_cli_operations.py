@@ -405,6 +405,58 @@ def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, s
     assert_applied_exactly_once(main_engine, spooled)
 
 
+FORKED_SPOOLING_SCRIPT = """
+import json, multiprocessing, sys
+import redis
+from obs_pipeline import spool as spool_module
+from obs_pipeline.config import Settings
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline_tests.workload import buffer_observations
+spool_module.RETRY_INTERVAL_S = 600  # no flusher pushes it: only the push at exit may
+settings = Settings(**json.loads(sys.argv[1]))
+buf = TransactionBuffer(settings=settings)
+def observe(results):  # Redis refuses writes: 2 starts and a finish spooled by the child
+    spooled = buffer_observations(buf, 2)
+    results.put([[o.obs_id, o.package_id, o.start_tx, o.finish_tx] for o in spooled])
+fork = multiprocessing.get_context("fork")
+results = fork.SimpleQueue()
+child = fork.Process(target=observe, args=(results,))
+child.start()
+child.join()
+assert child.exitcode == 0, child.exitcode
+print(json.dumps(results.get()))
+assert buf.spool.pending() == 3, buf.spool.pending()
+redis.Redis.from_url(settings.redis_url).execute_command("REPLICAOF", "NO", "ONE")
+buf.close()
+"""
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_script_whose_forked_child_spooled_pushes_the_spool_at_exit(env, settings, redis_client,
+                                                                     main_engine, tmp_path):
+    """A script forks a child (multiprocessing) that buffers while Redis refuses writes: the
+    child spools, and ends (a child of multiprocessing leaves without the exit push, its
+    flusher with it). The script itself spooled nothing, so its exit did not push the spool
+    although Redis took writes again: the child's observations stayed on disk, pending,
+    until someone ran `spool push`. Now a TransactionBuffer's spool is pushed at exit."""
+    from obs_pipeline.spool import Spool
+    from obs_pipeline_tests.test_reliability import redis_refusing_writes
+    from obs_pipeline_tests.workload import (Observation, assert_applied_exactly_once,
+                                             drain_until_settled)
+
+    with redis_refusing_writes(redis_client, "readonly", tmp_path):
+        script = [sys.executable, "-c", FORKED_SPOOLING_SCRIPT, json.dumps(settings.__dict__)]
+        done = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    spooled = [Observation(*o) for o in json.loads(done.stdout)]
+    assert Spool(settings.spool_dir, settings.site, flush_store=None).summary()["pending"] == 0
+    queue = [json.loads(e)["transaction_id"] for e in
+             reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == [t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
+
+
 # --- 5. simulate --------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("clean_db")
