@@ -1337,6 +1337,38 @@ def test_discarding_a_copy_of_an_applied_transaction_keeps_its_status_and_caches
     buf.close()
 
 
+def _an_update_and_its_reused_id(buf, obs, drain, redis_client, first_dead: bool):
+    """An update of `obs` that fails for now (its obs unit 31337 is not there yet), and a
+    producer's reuse of its id for another update of the row ("reused"), pushed behind it: the
+    drain's first step dead-letters the reused one and the first waits to retry; `first_dead`:
+    its retries are then spent and it is dead-lettered too. Returns the id and the row's mark in
+    held_ids, the first's (live, or dead)."""
+    keys = SiteKeys(buf.site)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+    reused = json.loads(redis_client.get(keys.transaction(first)))
+    reused["steps"][0]["data"] = {"status": "reused"}
+    redis_client.lpush(keys.buffer, json.dumps(reused))
+    drain.acquire()
+    report = drain.step()
+    assert report.retried == 1, report
+    assert [d["transaction_id"] for d in report.dead_lettered] == [first], report
+    if not first_dead:
+        return first, first.encode()
+    for _ in range(2):
+        due_now(redis_client, keys, first)
+        assert drain.step().retried == 1
+    due_now(redis_client, keys, first)
+    assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+    return first, f"!{first}".encode()
+
+
+def _obs_unit_and_status(main_engine, record_id):
+    """(obs_unit_id, status) of an ExecutedObsUnit on main."""
+    with main_engine.connect() as conn:
+        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
+        return tuple(conn.execute(query, {"i": record_id}).one())
+
+
 @pytest.mark.parametrize("first_dead", [False, True])
 def test_discarding_a_reused_ids_letter_keeps_the_hold_of_the_first_transaction_of_that_id(
         settings, redis_client, main_engine, first_dead):
@@ -1350,24 +1382,10 @@ def test_discarding_a_reused_ids_letter_keeps_the_hold_of_the_first_transaction_
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
-    reused = json.loads(redis_client.get(keys.transaction(first)))
-    reused["steps"][0]["data"] = {"status": "reused"}
-    redis_client.lpush(keys.buffer, json.dumps(reused))
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
-        drain.acquire()
-        report = drain.step()
-        assert report.retried == 1, report
-        assert [d["transaction_id"] for d in report.dead_lettered] == [first], report
-        mark = first.encode()
-        if first_dead:  # two letters under the id: the reused one is named by its place
-            for _ in range(2):
-                due_now(redis_client, keys, first)
-                assert drain.step().retried == 1
-            due_now(redis_client, keys, first)
-            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
-            mark = f"!{first}".encode()
+        # two letters under the id if the first is dead: the reused one is named by its place
+        first, mark = _an_update_and_its_reused_id(buf, obs, drain, redis_client, first_dead)
         letters = reversed(redis_client.lrange(keys.failed, 0, -1))  # oldest first, as listed
         kinds = [json.loads(e)["failure"]["kind"] for e in letters]
         assert kinds == (["reused_id", "permanent"] if first_dead else ["reused_id"])
@@ -1393,9 +1411,7 @@ def test_discarding_a_reused_ids_letter_keeps_the_hold_of_the_first_transaction_
     else:
         due_now(redis_client, keys, first)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
-        row = conn.execute(query, {"i": obs["id"]}).one()
+    row = _obs_unit_and_status(main_engine, obs["id"])
     assert row == (31337, "newer")  # the older write first, the newer last
     assert buf.status(first) == buf.status(newer) == "replicated"
     assert redis_client.hlen(keys.held_ids) == 0
@@ -1487,9 +1503,7 @@ def test_discarding_a_letter_whose_copy_waits_to_retry_keeps_that_copys_hold_sta
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
     due_now(redis_client, keys, first)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
-        row = conn.execute(query, {"i": obs["id"]}).one()
+    row = _obs_unit_and_status(main_engine, obs["id"])
     assert row == (31337, "newer")
     assert buf.status(first) == buf.status(newer) == "replicated"
     assert redis_client.hlen(keys.held_ids) == 0
@@ -1511,22 +1525,10 @@ def test_retrying_a_reused_ids_letter_keeps_the_first_transaction_of_that_id_ahe
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    first_id = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
-    reused = json.loads(redis_client.get(keys.transaction(first_id)))
-    reused["steps"][0]["data"] = {"status": "reused"}
-    redis_client.lpush(keys.buffer, json.dumps(reused))
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
-        drain.acquire()
-        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first_id]
-        mark = first_id.encode()
-        if first != "waiting":
-            for _ in range(2):
-                due_now(redis_client, keys, first_id)
-                assert drain.step().retried == 1
-            due_now(redis_client, keys, first_id)
-            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first_id]
-            mark = f"!{first_id}".encode()
+        first_id, mark = _an_update_and_its_reused_id(buf, obs, drain, redis_client,
+                                                      first != "waiting")
         letters = reversed(redis_client.lrange(keys.failed, 0, -1))  # oldest first, as listed
         kinds = [json.loads(e)["failure"]["kind"] for e in letters]
         assert kinds == (["reused_id"] if first == "waiting" else ["reused_id", "permanent"])
@@ -1551,9 +1553,7 @@ def test_retrying_a_reused_ids_letter_keeps_the_first_transaction_of_that_id_ahe
         subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first_id],
                        env=cli_env(settings), check=True)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        query = sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i")
-        row = conn.execute(query, {"i": obs["id"]}).one()
+    row = _obs_unit_and_status(main_engine, obs["id"])
     assert row == (31337, "reused")  # the first's write, then the reused one's
     assert buf.status(first_id) == "replicated"
     assert redis_client.hlen(keys.held_ids) == 0
