@@ -391,12 +391,19 @@ def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, s
                                                                           tmp_path):
     """The spool is pushed at interpreter exit (within EXIT_PUSH_S) when Redis takes it then:
     a script that spooled and ended at once left it on disk."""
-    from obs_pipeline.spool import Spool
     from obs_pipeline_tests.test_reliability import redis_refusing_writes
-    from obs_pipeline_tests.workload import assert_applied_exactly_once, drain_until_settled
 
     with redis_refusing_writes(redis_client, "readonly", tmp_path):
         spooled = run_spooling_script(settings, "takes-writes-at-exit")
+    _assert_pushed_in_order_then_applied_once(settings, redis_client, main_engine, spooled)
+
+
+def _assert_pushed_in_order_then_applied_once(settings, redis_client, main_engine, spooled):
+    """Nothing left in the spool, the buffer holds the spooled observations' transactions in
+    their order, and a drain applies each once."""
+    from obs_pipeline.spool import Spool
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, drain_until_settled
+
     assert Spool(settings.spool_dir, settings.site, flush_store=None).summary()["pending"] == 0
     queue = [json.loads(e)["transaction_id"] for e in
              reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
@@ -439,22 +446,15 @@ def test_a_script_whose_forked_child_spooled_pushes_the_spool_at_exit(env, setti
     flusher with it). The script itself spooled nothing, so its exit did not push the spool
     although Redis took writes again: the child's observations stayed on disk, pending,
     until someone ran `spool push`. Now a TransactionBuffer's spool is pushed at exit."""
-    from obs_pipeline.spool import Spool
     from obs_pipeline_tests.test_reliability import redis_refusing_writes
-    from obs_pipeline_tests.workload import (Observation, assert_applied_exactly_once,
-                                             drain_until_settled)
+    from obs_pipeline_tests.workload import Observation
 
     with redis_refusing_writes(redis_client, "readonly", tmp_path):
         script = [sys.executable, "-c", FORKED_SPOOLING_SCRIPT, json.dumps(settings.__dict__)]
         done = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     spooled = [Observation(*o) for o in json.loads(done.stdout)]
-    assert Spool(settings.spool_dir, settings.site, flush_store=None).summary()["pending"] == 0
-    queue = [json.loads(e)["transaction_id"] for e in
-             reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
-    assert queue == [t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
-    drain_until_settled(settings)
-    assert_applied_exactly_once(main_engine, spooled)
+    _assert_pushed_in_order_then_applied_once(settings, redis_client, main_engine, spooled)
 
 
 # --- 5. simulate --------------------------------------------------------------------------------
