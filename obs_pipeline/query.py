@@ -14,9 +14,10 @@ Transactions in ingest's local spool (Redis could not take them: down, full, not
 are read first, before step 1, and go on top of the caches: while anything is spooled, ingest
 appends behind it, so nothing in Redis is newer. Step 1 also tells which of them have a status
 key in Redis by then (pushed since, perhaps cleaned too): those are left out, Redis or the
-replica has them. While Redis does not answer, `get` answers from the spool alone for a record
-a spooled transaction created or deleted (Redis can hold nothing newer of it); any other read
-raises RedisUnreadable, one line.
+replica has them. (More of them than one call takes are asked in further calls, in one
+MULTI/EXEC with step 1: still one instant.) While Redis does not answer, `get` answers from
+the spool alone for a record a spooled transaction created or deleted (Redis can hold nothing
+newer of it); any other read raises RedisUnreadable, one line.
 
 Merging, per id: a pending delete hides the record, unless a create of the same key (a key
 the caller gave, not one ingest generated) comes after it in the read buffer; a buffered create is the
@@ -97,6 +98,19 @@ end
 local known = {}
 for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
 return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']', known}
+"""
+
+
+# Status keys of spooled transactions asked per script call. A long outage may spool more than
+# the 1,048,576 arguments a call takes (Redis resets the connection beyond: every search of the
+# model failed, RedisUnreadable); the rest goes in calls of _KNOWN, in the same MULTI/EXEC.
+SPOOLED_KEYS_CHUNK = 10_000
+
+# 1 or 0 per KEYS, for a status key that exists or not (_READ_BUFFERED's `known`, continued).
+_KNOWN = """
+local known = {}
+for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
+return known
 """
 
 
@@ -332,9 +346,12 @@ class SmartQuery:
             raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "
                                   f"which did not answer a moment ago; it is asked again within "
                                   f"{spool_module.REDIS_RETRY_AFTER_S:g} s")
+        keys = [self.store.keys.transaction(t) for t in spooled_tx_ids]
+        args = [self.store.keys.prefix, spec.name, *(ids or ())]
         try:
-            return self._read(keys=[self.store.keys.transaction(t) for t in spooled_tx_ids],
-                              args=[self.store.keys.prefix, spec.name, *(ids or ())])
+            if len(keys) <= SPOOLED_KEYS_CHUNK:
+                return self._read(keys=keys, args=args)
+            return self._read_in_parts(keys, args)
         except redis.RedisError as error:
             if not redis_unavailable(error):
                 raise
@@ -342,6 +359,20 @@ class SmartQuery:
                 spool.note_redis_failure(error)
             raise RedisUnreadable(f"reading {spec.name} needs what is buffered in the site's Redis (OBS_REDIS_URL), "
                                   f"which does not answer: {' '.join(str(error).split())}") from error
+
+    def _read_in_parts(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """_READ_BUFFERED with the first SPOOLED_KEYS_CHUNK status keys, then _KNOWN with the rest,
+        in one MULTI/EXEC: Redis runs them back to back, so no push from the spool lands between
+        the caches read and a status key asked (it would be read twice, or not at all)."""
+        pipe = self.store.redis.pipeline(transaction=True)
+        for part in range(0, len(keys), SPOOLED_KEYS_CHUNK):
+            chunk = keys[part:part + SPOOLED_KEYS_CHUNK]
+            if part == 0:
+                pipe.eval(_READ_BUFFERED, len(chunk), *chunk, *args)
+            else:
+                pipe.eval(_KNOWN, len(chunk), *chunk)
+        (records, overlays, known), *rest = pipe.execute()
+        return [records, overlays, known + [flag for flags in rest for flag in flags]]
 
     def _require_replica(self) -> None:
         if not self.replica_url:
