@@ -24,6 +24,9 @@ class ListKeepsChanging(RuntimeError):
 
 
 READS = 20  # a retry or discard reads the list at most this often before it gives up, saying why
+# Letters per LPUSH when the list is written anew (_remove): one LPUSH of every letter kept passed
+# the 1,048,576 arguments Redis takes with a million letters (it resets the connection)
+REWRITE_CHUNK = 10_000
 
 
 @dataclass
@@ -331,7 +334,8 @@ def _unescaped(ref: str) -> str | None:
 def _remove(pipe: Any, key: str, letters: list[DeadLetter], removed: list[DeadLetter]) -> None:
     """Queue the removal of `removed` from the list that `letters` read (WATCHed: it is still that
     list). An LREM scans the list, so thousands of them held Redis, and every script's ingest, for
-    0.6-3.3 s (`retry --all` of 4,500, measured); past a few, the list is written anew without them."""
+    0.6-3.3 s (`retry --all` of 4,500, measured); past a few, the list is written anew without them,
+    REWRITE_CHUNK letters per LPUSH."""
     if len(removed) <= 10:
         for letter in removed:
             pipe.lrem(key, 1, letter.raw)
@@ -339,8 +343,8 @@ def _remove(pipe: Any, key: str, letters: list[DeadLetter], removed: list[DeadLe
     gone = {id(letter) for letter in removed}
     kept = [letter.raw for letter in letters if id(letter) not in gone]  # oldest first
     pipe.delete(key)
-    if kept:
-        pipe.lpush(key, *kept)  # the newest ends at the head, where the drain pushes
+    for part in range(0, len(kept), REWRITE_CHUNK):  # in the MULTI: the list changes at once
+        pipe.lpush(key, *kept[part:part + REWRITE_CHUNK])  # the newest ends at the head
 
 
 def _parse(doc: dict[str, Any]) -> Transaction | None:

@@ -13,9 +13,12 @@ import uuid
 
 import pytest
 
-from obs_pipeline import query
+from obs_pipeline import dead_letters, query
 from obs_pipeline.buffer_store import BufferStore, CacheWrites
 from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.test_cli import dead_letters_of, dead_poison
+from obs_pipeline_tests.workload import drain_until_settled
 
 OBS = {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
 OVER_ONE_CALL = 1_048_576 + 1_000  # more values than one Redis command takes
@@ -107,3 +110,52 @@ def test_a_search_with_more_spooled_than_one_redis_call_takes_reads_them_all(
     finally:
         buf.spool.path.unlink(missing_ok=True)
         buf.close()
+
+
+# --- a retry beside a million dead letters -------------------------------------------------------
+
+@pytest.mark.parametrize("others, chunk", [
+    (30, 4),
+    pytest.param(OVER_ONE_CALL, None, marks=pytest.mark.slow),
+])
+@pytest.mark.usefixtures("clean_db")
+def test_a_retry_beside_more_dead_letters_than_one_redis_call_takes_keeps_them_in_order(
+        settings, redis_client, monkeypatch, others, chunk):
+    """`failed retry X`, X having blocked 11 others, with 1,049,576 more letters listed (a
+    producer pushed as many unreadable entries, dead-lettered without an id): the retry writes
+    the list anew without the 12, and did so with one LPUSH of every letter kept, which Redis
+    refused by resetting the connection. Inside the retry's WATCH that read as the list changed:
+    it read the million letters again, 20 times (12.5 minutes), then said a drain was
+    dead-lettering as it went, with no drain running; nothing was requeued. Now the list is
+    written in LPUSHes of REWRITE_CHUNK letters, in the same MULTI.
+
+    (One read here: the list does not change, and 20 reads of a million letters take minutes.)"""
+    monkeypatch.setattr(dead_letters, "READS", 1)
+    if chunk:
+        monkeypatch.setattr(dead_letters, "REWRITE_CHUNK", chunk)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, "garbage from a producer, 0")
+    poison, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    blocked = [buf.update("ExecutedObsUnit", obs_id, {"status": f"update {n}"}) for n in range(11)]
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    garbage = redis_client.lindex(keys.failed, -1).decode()  # the oldest: dead-lettered as invalid
+    assert redis_client.llen(keys.failed) == 13 and '"raw":"garbage from a producer, 0"' in garbage
+    oldest_first = [garbage.replace("producer, 0", f"producer, {n}") for n in range(others)]
+    try:
+        for part in range(1, others, 10_000):
+            redis_client.lpush(keys.failed, *oldest_first[part:part + 10_000])
+
+        requeued = dead_letters_of(settings, redis_client).retry([poison])
+
+        assert requeued == [poison, *blocked]
+        assert redis_client.llen(keys.failed) == others
+        for part in range(0, others, 100_000):  # the others as they were: the newest at the head
+            size = min(100_000, others - part)
+            assert redis_client.lrange(keys.failed, -part - size, -part - 1) == [
+                letter.encode() for letter in reversed(oldest_first[part:part + size])]
+        assert redis_client.lrange(keys.buffer, 0, -1)[::-1] == [
+            redis_client.get(keys.transaction(tx_id)) for tx_id in requeued]
+    finally:
+        redis_client.delete(keys.failed, keys.buffer)
