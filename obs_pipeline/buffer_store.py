@@ -33,6 +33,7 @@ STATUS_CHUNK = 200  # statuses rewritten per Lua call, for the same reason
 REPLY_SPIN_S = 0.0002  # ingest polls this long for Redis's reply before it sleeps on the socket
 CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
 CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
+UNPARK_CHUNK = 1000  # parked transactions made due per Lua call, about 25 ms (scripts.UNPARK)
 AOF_COMPACT_MIN_BYTES = 64 * 2**20  # compact_aof: an AOF this big (Redis's default rewrite minimum)
 AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
 # Redis 6 refuses a command of more arguments than this: it resets the connection, which reads
@@ -393,7 +394,9 @@ class BufferStore:
         `outcome.claimed` entries; a prefetched next batch stays) and record every outcome,
         atomically, but only while this drain still holds the lease (else another drain owns
         the batch). Statuses become "applied" separately (`set_status`), unless the replica
-        has replayed the commit already and the cleanup makes them "replicated"."""
+        has replayed the commit already and the cleanup makes them "replicated". What was
+        parked behind a holder applied or dead-lettered here comes due in the same MULTI, or
+        the first UNPARK_CHUNK of it, the rest right after (finish_unparking)."""
         k = self.keys
         rows = sorted(outcome.dead_marks)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -427,8 +430,6 @@ class BufferStore:
                 for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
                     pipe.zadd(k.retry, {tx_json: "+inf"})
                     pipe.rpush(k.parked(holder), json.dumps([tx_json, tx_id, sorted(rows)]))
-                if outcome.unpark:
-                    pipe.eval(scripts.UNPARK, 2, k.retry, k.held_ids, time.time(), *[k.parked(h) for h in outcome.unpark])
                 for _, failed_json in outcome.dead:
                     pipe.lpush(k.failed, failed_json)
                 if outcome.commit_lsn is not None and outcome.cleanup:
@@ -450,12 +451,31 @@ class BufferStore:
                     pipe.publish(k.events, json_codec.dumps({"event": "applied", "transaction_ids": applied_ids}))
                 if outcome.dead:
                     pipe.hincrby(k.stats, "dead_lettered_total", len(outcome.dead))
-                pipe.execute()
+                if outcome.unpark:  # last, its reply last: what it left to make due
+                    self._unpark_step(pipe, outcome.unpark)
+                replies = pipe.execute()
+                unparking = replies[-1] if outcome.unpark else 0
             except redis.WatchError:
                 if rows and self.lease_holder() == token:
                     raise HoldsChanged(f"the holds of site {k.site} changed during acknowledgement: "
                                        "claiming the batch again") from None
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
+        if unparking:
+            self.finish_unparking()
+
+    def finish_unparking(self) -> None:
+        """Make due, UNPARK_CHUNK per call, what the acknowledgement of its holders left parked
+        (scripts.UNPARK; nothing to do costs one call). The drain calls it after each such
+        acknowledgement and as a run starts (one that died in between left the rest queued),
+        so it is done before the drain decides what its next batch waits behind."""
+        while self._unpark_step(self.redis, []):
+            pass
+
+    def _unpark_step(self, target: Any, holders: list[str]) -> Any:
+        """One UNPARK call on `target` (a pipeline queues it), `holders` queued first."""
+        k = self.keys
+        return target.eval(scripts.UNPARK, 4, k.retry, k.held_ids, k.unparking, k.unparking_score,
+                           k.prefix, time.time(), UNPARK_CHUNK, *holders)
 
     def clean_replicated(self, replay_lsn: int) -> list[str]:
         """Clean the caches of every committed chunk the replica has replayed (score <= replay

@@ -237,6 +237,7 @@ class Drain:
         self.store.require_redis()
         self.acquire(lease_wait_s)
         self._mark_left_applied()
+        self.store.finish_unparking()  # left by a drain that died while it made them due
         backoff = self.config.backoff_initial_s
         gc_thresholds = gc.get_threshold()
         gc.set_threshold(max(GC_THRESHOLD, gc_thresholds[0]), *gc_thresholds[1:])

@@ -80,6 +80,16 @@ class SiteKeys:
         were held; scored +inf in the retry zset until `holder` is applied or dead-lettered."""
         return f"{self.prefix}parked:{holder}"
 
+    @property
+    def unparking(self) -> str:
+        """List: holders applied or dead-lettered whose parked lists are still being made due,
+        oldest first (see redis_scripts.UNPARK); with `unparking_score`, the next due score."""
+        return f"{self.prefix}unparking"
+
+    @property
+    def unparking_score(self) -> str:
+        return f"{self.prefix}unparking_score"
+
     def model_index(self, model: str) -> str:
         """Set: ids of records of `model` whose create is buffered (`search` reads their records
         through it); records with pending updates or deletes are in `overlay_index`."""

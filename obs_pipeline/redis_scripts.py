@@ -234,26 +234,50 @@ return 1
 """
 
 # A transaction held behind another waits in the retry zset at +inf, and at the end of
-# parked:{holder} as [its member, its id, the rows it writes]. UNPARK makes those of each given
-# holder due, in the order they were held, and each takes the marks of its rows that are free
-# (the HOLD rule): the next waiter for a row holds it, so a transaction claimed meanwhile (the
-# batch prefetched while the holder was applied) waits behind it instead of overtaking it. ZADD
-# XX: only members still there. ARGV = a start score, then parked:{holder} keys in order.
+# parked:{holder} as [its member, its id, the rows it writes]. UNPARK makes those of each holder
+# in the `unparking` list due, holder after holder, in the order they were held, and each takes
+# the marks of its rows that are free (the HOLD rule): the next waiter for a row holds it, so a
+# transaction claimed meanwhile (the batch prefetched while the holder was applied) waits behind
+# it instead of overtaking it. ZADD XX: only members still there.
+# At most ARGV[3] entries per call: one call for 300,000 parked behind one holder held Redis for
+# 7 s, and every other client was answered BUSY after 5 s (lua-time-limit).
+# Each call drops from its lists what it made due, in the same call, and keeps the next score in
+# KEYS[4] (the next call's entries come after this one's), so calls one after the other do what
+# one did, and a drain that dies between them leaves the rest queued for the next one.
+# KEYS = retry, held_ids, unparking, its next score; ARGV = key prefix, now, the most entries
+# to make due, then holders to queue first (in order). Returns the holders still queued.
 UNPARK = """
-local score = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  for _, item in ipairs(redis.call('LRANGE', ARGV[i], 0, -1)) do
+local retry, held, queue, next_score = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+for i = 4, #ARGV do  -- (most have nothing parked behind them)
+  if redis.call('EXISTS', ARGV[1] .. 'parked:' .. ARGV[i]) == 1 then
+    redis.call('RPUSH', queue, ARGV[i])
+  end
+end
+local score = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', next_score) or 0))
+local budget = tonumber(ARGV[3])
+while budget > 0 do
+  local holder = redis.call('LINDEX', queue, 0)
+  if not holder then break end
+  local parked = ARGV[1] .. 'parked:' .. holder
+  local items = redis.call('LRANGE', parked, 0, budget - 1)
+  for _, item in ipairs(items) do
     local entry = cjson.decode(item)
-    if redis.call('ZSCORE', KEYS[1], entry[1]) then
-      redis.call('ZADD', KEYS[1], 'XX', score, entry[1])
+    if redis.call('ZSCORE', retry, entry[1]) then
+      redis.call('ZADD', retry, 'XX', score, entry[1])
       score = score + 0.001
       for _, row in ipairs(entry[3]) do
-        local current = redis.call('HGET', KEYS[2], row)
-        if not current or string.gsub(current, '^!', '') == entry[2] then redis.call('HSET', KEYS[2], row, entry[2]) end
+        local current = redis.call('HGET', held, row)
+        if not current or string.gsub(current, '^!', '') == entry[2] then
+          redis.call('HSET', held, row, entry[2])
+        end
       end
     end
   end
-  redis.call('DEL', ARGV[i])
+  budget = budget - #items
+  if #items > 0 then redis.call('LTRIM', parked, #items, -1) end
+  if redis.call('EXISTS', parked) == 0 then redis.call('LPOP', queue) end
 end
-return 1
+local left = redis.call('LLEN', queue)
+if left > 0 then redis.call('SET', next_score, score) else redis.call('DEL', next_score) end
+return left
 """

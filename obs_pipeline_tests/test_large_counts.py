@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 import uuid
 
 import pytest
+import redis
+import sqlalchemy as sa
 
-from obs_pipeline import dead_letters, query
-from obs_pipeline.buffer_store import BufferStore, CacheWrites
+from obs_pipeline import buffer_store, dead_letters, query
+from obs_pipeline.buffer_store import BufferStore, CacheWrites, Outcome
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.wire import Transaction, written_ids
 from obs_pipeline_tests.test_cli import dead_letters_of, dead_poison
+from obs_pipeline_tests.test_reliability import an_update_failing_on_a_missing_obs_unit, due_now
 from obs_pipeline_tests.workload import drain_until_settled
 
 OBS = {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
@@ -159,3 +166,129 @@ def test_a_retry_beside_more_dead_letters_than_one_redis_call_takes_keeps_them_i
             redis_client.get(keys.transaction(tx_id)) for tx_id in requeued]
     finally:
         redis_client.delete(keys.failed, keys.buffer)
+
+
+# --- hundreds of thousands parked behind one holder ----------------------------------------------
+
+def parked_behind(settings, tmp_path, drain, holder: str, obs_id: str, count: int,
+                  updates_at: set[int]) -> list[str]:
+    """`count` transactions parked behind `holder`, as the drain parks them (its acknowledgements,
+    10,000 a batch), each a package of the observation `obs_id`, which `holder` updates; those at
+    `updates_at` update its status instead (the row is the holder's: they hold nothing). Returns
+    their members of the retry set, in the order they were parked."""
+    registry = ModelRegistry.from_path(settings.models)
+
+    def write(down):
+        with down.transaction() as tx:
+            tx.create("RawDataPackage", {"name": "obs_123", "executed_obs_unit_id": obs_id})
+        down.update("ExecutedObsUnit", obs_id, {"status": "parked"})
+
+    templates = []
+    for line in written_while_redis_was_down(settings, tmp_path, write):
+        tx = Transaction.from_json(json.loads(line)["tx"])
+        tx.metadata = {**tx.metadata, "held_by": holder}
+        created = tx.steps[0].records()[0]["id"] if tx.steps[0].operation == "create" else None
+        templates.append((tx.to_json(), written_ids(tx, registry), tx.transaction_id, created))
+    members = []
+    for part in range(0, count, 10_000):
+        outcome = Outcome()
+        for n in range(part, min(count, part + 10_000)):
+            tx_json, rows, old_id, package = templates[n in updates_at]
+            tx_id = str(uuid.uuid4())
+            tx_json = tx_json.replace(old_id, tx_id)
+            if package:  # a package of its own, which it holds
+                new_package = str(uuid.uuid4())
+                tx_json = tx_json.replace(package, new_package)
+                rows = {row.replace(package, new_package) for row in rows}
+                outcome.hold.update(dict.fromkeys(rows, tx_id))
+            outcome.park.append((holder, tx_id, rows, tx_json))
+            members.append(tx_json)
+        drain.store.acknowledge(drain.token, outcome)
+    return members
+
+
+@pytest.mark.parametrize("parked, chunk", [
+    (7, 2),
+    pytest.param(300_000, None, marks=pytest.mark.slow),
+])
+@pytest.mark.usefixtures("clean_db")
+def test_transactions_parked_behind_a_holder_come_due_in_order_without_holding_redis(
+        settings, redis_client, main_engine, tmp_path, monkeypatch, parked, chunk):
+    """A holder applied at last, with 300,000 transactions parked behind it: one UNPARK script
+    made them all due, holding Redis 7 s, every other client answered BUSY after 5 s (ingest
+    spooled, reads failed). Now UNPARK_CHUNK per call, the first in the acknowledgement's MULTI,
+    the rest right after: each comes due after the one parked before it, and the first parked
+    that writes the holder's row takes its mark, as in one call."""
+    if chunk:
+        monkeypatch.setattr(buffer_store, "UNPARK_CHUNK", chunk)
+    keys = SiteKeys(settings.site)
+    updates_at = {3, parked - 5}
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, holder, drain):
+        members = parked_behind(settings, tmp_path, drain, holder, obs["id"], parked, updates_at)
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        due_now(redis_client, keys, holder)
+        waits, errors, done = [], [], threading.Event()
+
+        def another_client() -> None:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=60)
+            while not done.is_set():
+                began = time.monotonic()
+                try:
+                    client.ping()
+                except redis.RedisError as error:
+                    errors.append(str(error))
+                waits.append(time.monotonic() - began)
+                time.sleep(0.005)
+            client.close()
+
+        pinger = threading.Thread(target=another_client)
+        pinger.start()
+        try:
+            assert drain.step().applied == 1
+        finally:
+            done.set()
+            pinger.join()
+    try:
+        assert errors == [] and max(waits) < 2.0, (errors[:1], max(waits))
+        due = redis_client.zrange(keys.retry, 0, -1, withscores=True)
+        assert [member.decode() for member, _ in due] == members  # in the order they were parked
+        assert all(score < time.time() + parked for _, score in due)
+        first_update = json.loads(members[min(updates_at)])["transaction_id"]
+        assert redis_client.hget(keys.held_ids, obs["id"]) == first_update.encode()
+        assert not redis_client.exists(keys.parked(holder), keys.unparking, keys.unparking_score)
+    finally:
+        redis_client.delete(keys.retry, keys.held_ids)
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_drain_that_dies_while_it_makes_parked_transactions_due_leaves_the_rest_to_the_next(
+        settings, redis_client, main_engine, monkeypatch):
+    """The acknowledgement makes the first UNPARK_CHUNK due; a drain that dies before the rest
+    leaves them queued (`unparking`), and the next drain makes them due as it starts, after
+    those: the five updates parked behind the holder are applied in their order."""
+    monkeypatch.setattr(buffer_store, "UNPARK_CHUNK", 2)
+    keys = SiteKeys(settings.site)
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, holder, drain):
+        updates = [buf.update("ExecutedObsUnit", obs["id"], {"status": f"s{n}"}) for n in range(5)]
+        assert drain.step().held == 5
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        due_now(redis_client, keys, holder)
+
+        def dies(*_):
+            raise RuntimeError("the drain died here")
+
+        monkeypatch.setattr(drain.store, "finish_unparking", dies)
+        with pytest.raises(RuntimeError, match="died here"):
+            drain.step()
+    assert redis_client.lrange(keys.unparking, 0, -1) == [holder.encode()]
+    assert redis_client.llen(keys.parked(holder)) == 3
+    drain_until_settled(settings, retry_base_s=60)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "s4"
+    assert [buf.status(tx_id) for tx_id in updates] == ["replicated"] * 5
+    assert redis_client.hlen(keys.held_ids) == 0
+    assert not redis_client.exists(keys.parked(holder), keys.unparking, keys.unparking_score)
+    buf.close()
