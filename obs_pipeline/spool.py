@@ -2,9 +2,11 @@
 local spool.
 
 Each spooled transaction is one fsync'd JSON line. The spool is pushed to Redis, in order and
-before any newer transaction, by the next ingest call or by a background thread that retries
-every second (and survives any failure), at interpreter exit if Redis takes it within
-EXIT_PUSH_S, or by `obs-pipeline spool push` for a spool a script left behind. After Redis
+before any newer transaction, by a background thread that retries every second (and survives
+any failure), at interpreter exit if Redis takes it within EXIT_PUSH_S, or by `obs-pipeline
+spool push` for a spool a script left behind; the next ingest call pushes a slice of it too. A
+push holds the spool's lock a slice at a time (PUSH_SLICE_S): a call that finds lines still
+spooled after its slice appends its own behind them. After Redis
 did not answer in time, calls spool without asking it for REDIS_RETRY_AFTER_S. A crash while pushing can push one line twice, and a push whose reply timed out
 may have been buffered after all: the buffer script leaves a transaction that is already in
 Redis as it is, so nothing is doubled.
@@ -52,6 +54,14 @@ MAX_RETRY_INTERVAL_S = 30.0
 REDIS_RETRY_AFTER_S = 5.0
 # At interpreter exit, a script's spool is pushed if Redis takes it within this (see push_at_exit).
 EXIT_PUSH_S = 2.0
+# A push holds the spool's lock a slice at a time: lines for up to this long (and whatever the
+# line under way takes), then it lets the calls waiting for the lock in. Pushed whole under the
+# lock, a spool held every call of every script of the site on the host for all of it: about
+# 0.4 ms a line, tens of seconds after a long outage.
+PUSH_SLICE_S = 0.1
+# Between two slices a push waits this long without the lock: neither a thread lock nor a flock
+# is fair, and a push taking it back at once could keep a waiting call waiting all the same.
+PUSH_PAUSE_S = 0.002
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
@@ -89,6 +99,7 @@ class Spool:
         self._probing = False  # the flusher's PING of a Redis that did not answer is out
         self._flush_store = flush_store
         self._lock_fd: int | None = None  # the lock file's descriptor while _locked holds it
+        self._cursor = _PushCursor()  # where this process's push stopped (used under the lock)
         forks.renew_in_forked_children(self)
 
     def _after_fork_in_child(self) -> None:
@@ -99,6 +110,7 @@ class Spool:
         self._flusher_lock = threading.Lock()
         self._flusher_running = False
         self._probing = False
+        self._cursor.forget()  # a plain descriptor of the spool file: the child's copy is its own
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             try:
@@ -135,10 +147,15 @@ class Spool:
                     why = "Redis did not answer a moment ago: the spool's flusher retries it"
                     self._append(tx_id, tx_json, caches)
                     return
-                if self.path.exists() and not self._flush_locked(store):
-                    why = "Redis cannot take the transactions spooled before it"
-                    self._append(tx_id, tx_json, caches)
-                    return
+                if self.path.exists():
+                    try:  # one slice: a long push is left to the flusher, which pushes this too
+                        _, emptied = self._push_slice_locked(store)
+                    except REDIS_CANNOT_TAKE_IT as error:
+                        self.note_redis_failure(error)
+                        why, emptied = "Redis cannot take the transactions spooled before it", False
+                    if not emptied:
+                        self._append(tx_id, tx_json, caches)
+                        return
                 try:
                     store.buffer(tx_id, tx_json, caches)
                 except REDIS_CANNOT_TAKE_IT as error:
@@ -206,17 +223,20 @@ class Spool:
             return max(0, sum(1 for _ in self._lines()) - self._offset())
 
     def flush(self) -> bool:
-        """Push everything spooled; True when the spool is empty."""
-        with self._locked():
-            return self._flush_locked(self._flush_store)
+        """Push everything spooled, a slice at a time; True when the spool is empty."""
+        try:
+            self._push_in_slices(self._flush_store)
+        except REDIS_CANNOT_TAKE_IT as error:
+            self.note_redis_failure(error)
+            return False
+        return True
 
     def push(self) -> int:
         """Push everything spooled, in order (`obs-pipeline spool push`); how many were pushed.
         Raises what stopped it (Redis not answering, say); what it pushed before stays pushed."""
         if not self.path.exists():  # nothing spooled: no folder or lock file made for it
             return 0
-        with self._locked():
-            return self._push_locked(self._flush_store)
+        return self._push_in_slices(self._flush_store)
 
     def summary(self) -> dict:
         """The spool file, how many transactions wait in it and the oldest one's age (seconds,
@@ -326,45 +346,81 @@ class Spool:
         except FileNotFoundError:
             return
         with file:
-            for line in file:
-                if not line.endswith(b"\n"):
-                    return
-                if line.strip() and (needle is None or needle in line) and b"\0" not in line:
+            for line, _ in _counted_lines(file, 0):
+                if needle is None or needle in line:
                     yield line
 
-    def _flush_locked(self, store: BufferStore) -> bool:
-        try:
-            self._push_locked(store)
-        except REDIS_CANNOT_TAKE_IT as error:
-            self.note_redis_failure(error)
-            return False
-        return True
+    def _push_in_slices(self, store: BufferStore) -> int:
+        """Push the whole spool, taking the lock for one slice at a time; how many were pushed.
+        Lines appended between slices are pushed too, behind the others."""
+        pushed = 0
+        while True:
+            with self._locked():
+                count, emptied = self._push_slice_locked(store)
+            pushed += count
+            if emptied:
+                return pushed
+            time.sleep(PUSH_PAUSE_S)
 
-    def _push_locked(self, store: BufferStore) -> int:
-        if not self.path.exists():
-            return 0
-        offset, pushed = self._offset(), 0
-        for index, line in enumerate(self._lines()):
-            if index < offset:
-                continue
-            entry = json.loads(line)  # only the lines pushed now are parsed
-            caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
-                                 overlays=[tuple(o) for o in entry["overlays"]])
-            store.buffer(entry["id"], entry["tx"], caches)
-            pushed += 1
-            try:
-                self._write_offset(index + 1)
-            except OSError:
-                # a full disk, say: this line is pushed again by the next flush, which is
-                # harmless, while stopping here would stop every script until there is room
-                pass
+    def _push_slice_locked(self, store: BufferStore) -> tuple[int, bool]:
+        """Push the lines after the offset, in order, for up to PUSH_SLICE_S (the caller holds
+        the lock); how many, and whether the spool is all pushed, and then removed. The offset
+        is written after each line: a crash pushes one line again at most (harmless: the buffer
+        script leaves a transaction already in Redis as it is), and the next push, in any
+        process, goes on from there."""
+        cursor = self._cursor
+        try:
+            file = open(self.path, "rb")
+        except FileNotFoundError:
+            cursor.forget()
+            return 0, True
+        with file:
+            self._find_unpushed(cursor, file)
+            deadline, pushed = time.monotonic() + PUSH_SLICE_S, 0
+            for line, end in _counted_lines(file, cursor.position):
+                entry = json.loads(line)  # only the lines pushed now are parsed
+                caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
+                                     overlays=[tuple(o) for o in entry["overlays"]])
+                store.buffer(entry["id"], entry["tx"], caches)
+                pushed += 1
+                try:
+                    self._write_offset(cursor.index + 1)
+                    cursor.offset = cursor.index + 1
+                except OSError:
+                    # a full disk, say: this line is pushed again by the next push that does not
+                    # know it (harmless), while stopping here would stop every script until
+                    # there is room
+                    pass
+                cursor.index, cursor.position = cursor.index + 1, end
+                if time.monotonic() >= deadline:
+                    return pushed, False
+        cursor.forget()
         # the offset first: a crash between the two leaves a spool pushed again from its start
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
         self.offset_path.unlink(missing_ok=True)
         _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
         self.path.unlink()
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
-        return pushed
+        return pushed, True
+
+    def _find_unpushed(self, cursor: "_PushCursor", file) -> None:
+        """Point the cursor at the first line after the offset in `file` (the spool, opened
+        under the lock). Where the last slice of this process stopped, if the file and the
+        offset are as it left them; else counted from the start (another process pushed
+        meanwhile, or this is a new spool): reading the file from its start at every slice
+        made a long push cost the square of its length."""
+        offset = self._offset()
+        if (cursor.fd is not None and cursor.offset == offset
+                and _same_file(os.fstat(cursor.fd), os.fstat(file.fileno()))):
+            return
+        cursor.forget()
+        cursor.fd = os.dup(file.fileno())
+        cursor.offset, cursor.index, cursor.position = offset, 0, 0
+        if offset:
+            for _, end in _counted_lines(file, 0):  # counted over every line, as _lines counts
+                cursor.index, cursor.position = cursor.index + 1, end
+                if cursor.index == offset:
+                    break
 
     def _offset(self) -> int:
         try:
@@ -444,6 +500,41 @@ class Spool:
             with self._flusher_lock:
                 self._flusher_running = False
             raise
+
+
+class _PushCursor:
+    """Where this process's push stopped: after `index` lines, at byte `position` of the spool
+    file, whose offset it left at `offset`. `fd` keeps that file open, so that no new spool
+    file can have its inode (and be taken for it) while the cursor points into it."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.offset = self.index = self.position = 0
+
+    def forget(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _counted_lines(file, position: int) -> Iterator[tuple[bytes, int]]:
+    """The spooled transactions of `file` from byte `position` on, each with the position after
+    it, as Spool._lines says: a last line without its newline ends them, and blank lines and
+    lines with a NUL byte are skipped (not counted)."""
+    file.seek(position)
+    for line in file:
+        position += len(line)
+        if not line.endswith(b"\n"):
+            return
+        if line.strip() and b"\0" not in line:
+            yield line, position
+
+
+def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
 
 
 _AT_EXIT: "weakref.WeakSet[Spool]" = weakref.WeakSet()

@@ -803,7 +803,8 @@ def test_the_spools_flusher_survives_an_unexpected_failure_and_still_pushes_the_
 
     monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 0.05)
     caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
-    real_buffer, real_lines, down = BufferStore.buffer, spool_module.Spool._lines, threading.Event()
+    real_buffer, down = BufferStore.buffer, threading.Event()
+    real_lines = spool_module._counted_lines
     down.set()
     monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: (_ for _ in ()).throw(
         redis.ConnectionError("Redis is down (test)")) if down.is_set() else real_buffer(self, *args))
@@ -823,8 +824,8 @@ def test_the_spools_flusher_survives_an_unexpected_failure_and_still_pushes_the_
         monkeypatch.setattr(BufferStore, "buffer", lambda self, *args: fail_three_times() if len(injected) < 3
                             else real_buffer(self, *args))
     else:
-        monkeypatch.setattr(spool_module.Spool, "_lines", lambda self, containing=None: fail_three_times()
-                            if containing is None and len(injected) < 3 else real_lines(self, containing))
+        monkeypatch.setattr(spool_module, "_counted_lines", lambda file, at: fail_three_times()
+                            if len(injected) < 3 else real_lines(file, at))
     assert wait_until(lambda: len(injected) == 3, 30)
     assert wait_until(lambda: buf.spool.pending() == 0, 30), "the flusher died of the failure"
     warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
@@ -1105,14 +1106,139 @@ def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settin
     spooler = threading.Thread(target=second.buffer, args=(_RedisDown(), *_spool_line("b2")))
     spooler.start()
     time.sleep(0.3)
-    assert spooler.is_alive()  # waits for the push to finish
+    assert spooler.is_alive()  # waits for the push's slice to end (spool.PUSH_SLICE_S)
     go.set()
     pusher.join(30)
     spooler.join(30)
-    assert second.pending() == 1
+    # b2 was appended between two slices: that push took it too, or it waits for the next
+    assert second.pending() <= 1
     assert second.flush() and second.pending() == 0
     queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
     assert queue == ["a1", "a2", "b1", "b2"]
+
+
+def _write_spool(spool, tx_ids: list[str]) -> None:
+    """A spool holding one line per id, as the spool writes them (thousands at once: appending
+    them one fsync'd call at a time would take minutes)."""
+    lines = []
+    for tx_id in tx_ids:
+        _, tx_json, caches = _spool_line(tx_id)
+        lines.append(json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created,
+                                 "overlays": caches.overlays}) + "\n")
+    spool.directory.mkdir(parents=True, exist_ok=True)
+    spool.path.write_text("".join(lines))
+
+
+def test_a_call_during_a_long_push_of_the_spool_waits_about_one_slice_and_still_goes_behind_it(
+        settings, redis_client, tmp_path, monkeypatch):
+    """After a long outage, pushing the spool takes seconds (about 0.4 ms a line). The push held
+    the spool's lock throughout, and every call of every script of the site on the host waited
+    for all of it (1.9 s behind a 5,000-line push). It holds the lock a slice at a time
+    (spool.PUSH_SLICE_S): a call made meanwhile by another script waits about a slice, not the
+    push, and its transaction still lands behind everything spooled before it, each once."""
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline.spool import Spool
+
+    monkeypatch.setattr(spool_module, "PUSH_SLICE_S", 0.02, raising=False)
+    keys, count = SiteKeys(settings.site), 3000
+    store = BufferStore(redis_client, settings.site)
+    its_own_store = BufferStore(redis.Redis.from_url(settings.redis_url), settings.site)
+    pushing = Spool(tmp_path, settings.site, flush_store=store)
+    _write_spool(pushing, [f"old{i}" for i in range(count)])
+    timing: dict = {}
+
+    def push() -> None:
+        started = time.monotonic()
+        timing["pushed"] = pushing.push()
+        timing["push_s"] = time.monotonic() - started
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    try:
+        assert wait_until(lambda: redis_client.llen(keys.buffer) >= count // 10, 30)
+        other_script = Spool(tmp_path, settings.site, flush_store=store)
+        started = time.monotonic()
+        other_script.buffer(its_own_store, *_spool_line("late"))
+        waited = time.monotonic() - started
+        during_the_push = pusher.is_alive()
+    finally:
+        pusher.join(60)
+    assert not pusher.is_alive() and "push_s" in timing, timing
+    assert waited < 0.25 * timing["push_s"], (f"the call waited {waited:.2f} s behind a push of "
+                                              f"{timing['push_s']:.2f} s")
+    assert during_the_push  # (it was made while the push went on, and returned before its end)
+    assert wait_until(lambda: not pushing.exists(), 30)
+    queue = [json.loads(e)["transaction_id"]
+             for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [f"old{i}" for i in range(count)] + ["late"]
+
+
+# A push of the spool (argv[3], site and Redis from the environment) in a process of its own
+# that SIGKILLs itself, in slices of 5 ms: `between_slices`, as its slice number argv[2] is
+# about to start (its offset written, the lock held); `mid_slice`, once its line number argv[2]
+# is in Redis and before its offset is written.
+_SPOOL_PUSH_KILLED = r"""
+import os, signal, sys
+import redis
+from obs_pipeline import spool
+from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.spool import Spool
+
+where, at, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+spool.PUSH_SLICE_S = 0.005
+counted = [0]
+if where == "between_slices":
+    real_slice = Spool._push_slice_locked
+
+    def slice_unless_killed(self, *args):
+        counted[0] += 1
+        if counted[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_slice(self, *args)
+
+    Spool._push_slice_locked = slice_unless_killed
+else:
+    real_buffer = BufferStore.buffer
+
+    def buffer_then_killed(self, *args):
+        real_buffer(self, *args)
+        counted[0] += 1
+        if counted[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    BufferStore.buffer = buffer_then_killed
+site = os.environ["OBS_SITE"]
+store = BufferStore(redis.Redis.from_url(os.environ["OBS_REDIS_URL"]), site)
+Spool(folder, site, flush_store=store).push()
+"""
+
+
+@pytest.mark.parametrize("where", ["between_slices", "mid_slice"])
+def test_a_push_of_the_spool_killed_between_or_within_its_slices_loses_and_doubles_nothing(
+        settings, redis_client, tmp_path, where):
+    """kill -9 of a process pushing the spool in slices, after some slices: the offset written
+    after each line says how far it got, the lock dies with it, and the next push resumes there.
+    A line in Redis whose offset was not written yet is pushed again and buffered once."""
+    from obs_pipeline.spool import Spool
+
+    keys, count = SiteKeys(settings.site), 400
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    _write_spool(spool, [f"tx{i}" for i in range(count)])
+    at = 6 if where == "between_slices" else 150
+    argv = [sys.executable, "-c", _SPOOL_PUSH_KILLED, where, str(at), str(tmp_path)]
+    killed = subprocess.run(argv, env=cli_env(settings), capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    in_redis, offset = redis_client.llen(keys.buffer), int(spool.offset_path.read_text())
+    assert 0 < offset < count and spool.pending() == count - offset
+    if where == "between_slices":  # every line pushed has its offset written
+        assert in_redis == offset
+    else:  # the last line pushed has not
+        assert in_redis == at and offset == at - 1
+    assert spool.push() == count - offset and not spool.exists()
+    queue = [json.loads(e)["transaction_id"]
+             for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == [f"tx{i}" for i in range(count)]
 
 
 def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
