@@ -112,11 +112,7 @@ class Spool:
         self._probing = False
         self._cursor.forget()  # a plain descriptor of the spool file: the child's copy is its own
         fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(fd)
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first.
@@ -513,11 +509,16 @@ class _PushCursor:
 
     def forget(self) -> None:
         fd, self.fd = self.fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(fd)
+
+
+def _close_quietly(fd: int | None) -> None:
+    """Close a descriptor this process may still hold (a forked child's copy, say), if any."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _counted_lines(file, position: int) -> Iterator[tuple[bytes, int]]:

@@ -1405,17 +1405,23 @@ def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_rep
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
         drain.acquire()
-        for _ in range(3):
-            assert drain.step().retried == 1
-            due_now(redis_client, keys, first)
-        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
-        redis_client.lpush(keys.buffer, copy)
-        assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
+        _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
     finally:
         drain.close()
     assert buf.status(done) == "replicated"
     assert redis_client.ttl(keys.transaction(done)) > 0
     buf.close()
+
+
+def _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy):
+    """`first`'s retries are spent (dead-lettered), then a producer's `copy` of an applied
+    transaction writing its row is pushed, and dead-lettered as blocked by it."""
+    for _ in range(3):
+        assert drain.step().retried == 1
+        due_now(redis_client, keys, first)
+    assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+    redis_client.lpush(keys.buffer, copy)
+    assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
 
 
 @pytest.mark.parametrize("replayed", [True, False])
@@ -1443,12 +1449,7 @@ def test_discarding_a_copy_of_an_applied_transaction_keeps_its_status_and_caches
             if not replayed:
                 assert drain.step().applied == 1
             first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
-            for _ in range(3):
-                assert drain.step().retried == 1
-                due_now(redis_client, keys, first)
-            assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
-            redis_client.lpush(keys.buffer, copy)
-            assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
+            _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
         finally:
             drain.close()
         assert buf.status(done) == status
