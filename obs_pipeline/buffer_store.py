@@ -9,6 +9,7 @@ replayed them, then clean their caches, a MULTI/EXEC per chunk of 50 transaction
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import time
@@ -319,6 +320,26 @@ class BufferStore:
         return raw.decode() if raw else None
 
     # --- drain ------------------------------------------------------------------------------
+    def remember_link(self, round_trip_s: float, apply_s_per_transaction: float | None) -> None:
+        """What a full batch showed of main (Drain._resize), for the next run's first claims."""
+        fields = {"round_trip_s": repr(round_trip_s)}
+        if apply_s_per_transaction is not None:
+            fields["apply_s_per_transaction"] = repr(apply_s_per_transaction)
+        self.redis.hset(self.keys.link, mapping=fields)
+
+    def last_link(self) -> tuple[float, float | None] | None:
+        """(round trip, apply time per transaction or None) as the last run left them; None if
+        unknown or unreadable (a hand-edited key must not stop the drain: it only sizes claims)."""
+        round_trip, per_transaction = self.redis.hmget(self.keys.link, "round_trip_s", "apply_s_per_transaction")
+        try:
+            rt = float(round_trip) if round_trip is not None else math.nan
+            cost = float(per_transaction) if per_transaction is not None else None
+        except ValueError:
+            return None
+        if not 0 <= rt < math.inf or (cost is not None and not 0 <= cost < math.inf):
+            return None
+        return rt, cost
+
     def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
         """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls, one round
         trip each (one call for a whole batch held Redis long enough to stall ingest; calls sent

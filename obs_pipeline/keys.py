@@ -114,6 +114,12 @@ class SiteKeys:
         return f"{self.prefix}stats"
 
     @property
+    def link(self) -> str:
+        """Hash: what the drain's last full batch showed of main: `round_trip_s`, and where main
+        is far `apply_s_per_transaction`; the next run sizes its first claims by it."""
+        return f"{self.prefix}link"
+
+    @property
     def events(self) -> str:
         """Pub/sub channel: `applied` / `replicated` announcements, published after commit."""
         return f"{self.prefix}events"

@@ -58,6 +58,9 @@ def test_quick_bench_writes_every_section(tmp_path):
         assert _positive(results["comparison"][rtt]["ratio"])
         assert _positive(results["comparison"][rtt]["fraction_of_copy"])
     assert results["drain"]["0"]["batch_size"] == results["batch_size"]
+    first = results["drain"][far]["first_run"]  # the far drain is timed as the site's second run, beside its first
+    assert first["complete"] and _positive(first["tx_per_s"]) and "first_run" not in results["drain"]["0"]
+    assert any("the site's first run" in r["metric"] for r in results["table"])
     assert _positive(results["drain"]["0"]["redis_bytes_per_tx"])
 
     fold = results["fold"]

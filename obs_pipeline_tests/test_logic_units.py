@@ -258,6 +258,18 @@ def test_batch_sizing_without_a_usable_measurement(round_trip, apply_s, transact
     assert batch_size_for(round_trip, apply_s, transactions, least=2000, most=10_000) == expected
 
 
+def test_a_run_sizes_its_first_claims_by_the_link_its_last_run_saw():
+    from obs_pipeline.drain import batch_size_for, batch_size_for_link
+
+    # the figures batch_size_for works out of a batch, given as the last run left them
+    assert batch_size_for_link(0.25, 100e-6, least=2000, most=8000) == batch_size_for(
+        0.25, 0.45, 2000, least=2000, most=8000) == 8000
+    assert batch_size_for_link(0.01, 100e-6, least=100, most=10_000) == 400
+    assert batch_size_for_link(0.25, None, least=2000, most=10_000) == 2000   # no cost known
+    assert batch_size_for_link(0.0002, 100e-6, least=2000, most=10_000) == 2000  # near: its size
+    assert batch_size_for_link(0.25, -1e-6, least=2000, most=10_000) == 10_000  # cost no more than the link
+
+
 @pytest.mark.parametrize("config, message", [
     ({"batch_size": 0}, "batch_size must be a whole number of transactions >= 1, not 0"),
     ({"batch_size": "2000"}, "batch_size must be a whole number of transactions >= 1, not '2000'"),

@@ -164,6 +164,44 @@ def test_batches_grow_where_main_is_far_and_nothing_is_lost_or_doubled(settings,
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_sets_it_back(
+        settings, main_engine, redis_client, tmp_path):
+    """A far drain's run began at batch_size each time, its first two claims small (two round
+    trips more per run). The next run starts where the last one's link put it; where main has
+    come near, its first full batch sets it back, and the run after starts at batch_size."""
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    config = DrainConfig(batch_size=100, max_batch_size=400)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 1000, finish_every=0)
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=20)
+    try:
+        first = [size for size, _ in _drain_recording_batch_sizes(far, config)]
+        observations += buffer_observations(buf, 800, finish_every=0)
+        second = [size for size, _ in _drain_recording_batch_sizes(far, config)]
+    finally:
+        link_down()
+    observations += buffer_observations(buf, 1000, finish_every=0)
+    near = [size for size, _ in _drain_recording_batch_sizes(settings, config)]
+    observations += buffer_observations(buf, 300, finish_every=0)
+    after_near = [size for size, _ in _drain_recording_batch_sizes(settings, config)]
+    buf.close()
+    assert first[0] == 100 and max(first) == 400, first
+    assert second[:2] == [400, 400] and all(s == 400 for s in second), second
+    assert near[0] == 400 and near[-1] == 100, near
+    assert after_near == [100, 100, 100], after_near
+    assert_applied_exactly_once(main_engine, observations)
+    redis_client.hset(SiteKeys(settings.site).link, mapping={"round_trip_s": "0.04",  # edited by hand
+                                                             "apply_s_per_transaction": "fast"})
+    buf = TransactionBuffer(settings=settings)
+    more = buffer_observations(buf, 200, finish_every=0)
+    buf.close()
+    assert [size for size, _ in _drain_recording_batch_sizes(settings, config)] == [100, 100]
+    assert_applied_exactly_once(main_engine, observations + more)
+
+
 def test_batches_keep_their_size_where_main_is_near(settings, main_engine):
     from obs_pipeline.drain import DrainConfig
     from obs_pipeline_tests.workload import assert_applied_exactly_once

@@ -140,7 +140,7 @@ def _measure_all(ctx: BenchContext, sizes: Sizes, batch: int, args: Any, results
         key = str(rtt)
         far_profile = ctx.work_dir / f"drain_{rtt}.prof" if profile and rtt == sizes.rtts_ms[-1] else None
         results["drain"][key] = _section(ctx, errors, f"drain at {rtt} ms", lambda: phases.drain_phase(
-            ctx, sizes.far_n[rtt], batch, 1, f"drain{rtt}", profile=far_profile))
+            ctx, sizes.far_n[rtt], batch, 1, f"drain{rtt}", profile=far_profile, later_run=True))
         if far_profile and far_profile.exists():
             phases.profile_summary(far_profile, out / f"drain_profile_{rtt}ms.txt")
         if rtt == sizes.rtts_ms[-1] and sizes.fixed_batch_at_far:
