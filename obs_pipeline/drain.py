@@ -519,6 +519,7 @@ class Drain:
         one (main moved nearer, or a first run at the site)."""
         link = self.store.last_link()
         if link is not None:
+            self.main.last_run_round_trip_s = link[0]  # a first reply that agrees with it is enough
             size = batch_size_for_link(*link, self.config.batch_size, self.config.largest_batch)
             if size != self.batch_size:
                 log.info("batch size %d -> %d (the last run's link: main's round trip %.1f ms)",

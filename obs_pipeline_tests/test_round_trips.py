@@ -165,14 +165,19 @@ def test_batches_grow_where_main_is_far_and_nothing_is_lost_or_doubled(settings,
 
 
 def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_sets_it_back(
-        settings, main_engine, redis_client, tmp_path):
+        settings, main_engine, redis_client, tmp_path, monkeypatch):
     """A far drain's run began at batch_size each time, its first two claims small (two round
-    trips more per run). The next run starts where the last one's link put it; where main has
-    come near, its first full batch sets it back, and the run after starts at batch_size."""
+    trips more per run). The next run starts where the last one's link put it (and times main's
+    round trip against it); where main has come near, its first full batch sets it back, and
+    the run after starts at batch_size."""
+    from obs_pipeline.apply import MainDatabase
     from obs_pipeline.drain import DrainConfig
     from obs_pipeline.keys import SiteKeys
     from obs_pipeline_tests.workload import assert_applied_exactly_once
 
+    timed_against, time_round_trip = [], MainDatabase._time_round_trip
+    monkeypatch.setattr(MainDatabase, "_time_round_trip", staticmethod(
+        lambda conn, last_run_s=None: timed_against.append(last_run_s) or time_round_trip(conn, last_run_s=last_run_s)))
     config = DrainConfig(batch_size=100, max_batch_size=400)
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 1000, finish_every=0)
@@ -190,6 +195,7 @@ def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_set
     buf.close()
     assert first[0] == 100 and max(first) == 400, first
     assert second[:2] == [400, 400] and all(s == 400 for s in second), second
+    assert timed_against[0] is None and timed_against[1] >= 0.04, timed_against  # the first run's 40 ms
     assert near[0] == 400 and near[-1] == 100, near
     assert after_near == [100, 100, 100], after_near
     assert_applied_exactly_once(main_engine, observations)
@@ -537,19 +543,22 @@ class _Cursor:
         return (True, False)  # steps_digest there; not a standby
 
 
-@pytest.mark.parametrize("replies, queries, least", [
-    ([0.0003, 0.0003, 0.0003], 1, 0.0003),  # near: one reply says it, the least can only be nearer
-    ([0.25, 0.251, 0.25], 2, 0.25),         # far: two replies that agree; a third would cost 0.25 s
-    ([0.040, 0.0003, 0.5], 2, 0.0003),      # a hiccup, then near
-    ([0.300, 0.250, 0.26], 3, 0.25),        # far replies that disagree: all three
+@pytest.mark.parametrize("replies, queries, least, last_run", [
+    ([0.0003, 0.0003, 0.0003], 1, 0.0003, None),  # near: one reply says it, the least can only be nearer
+    ([0.25, 0.251, 0.25], 2, 0.25, None),         # far: two replies that agree; a third would cost 0.25 s
+    ([0.040, 0.0003, 0.5], 2, 0.0003, None),      # a hiccup, then near
+    ([0.300, 0.250, 0.26], 3, 0.25, None),        # far replies that disagree: all three
+    ([0.251, 0.25, 0.25], 1, 0.251, 0.252),       # far as the last run found it: one reply agrees
+    ([0.25, 0.251, 0.25], 2, 0.25, 0.0003),       # the last run found it near: two replies
+    ([0.300, 0.250, 0.26], 3, 0.25, 0.25),        # a first reply that disagrees with it: as before
 ])
-def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, queries, least):
+def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, queries, least, last_run):
     from obs_pipeline import apply
 
     clock = [0.0]
     monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
     cursor = _Cursor(replies, clock)
     conn = type("Conn", (), {"cursor": lambda self: cursor})()
-    round_trip, has_digest, standby = apply.MainDatabase._time_round_trip(conn)
+    round_trip, has_digest, standby = apply.MainDatabase._time_round_trip(conn, last_run_s=last_run)
     assert (cursor.queries, round_trip, has_digest, standby) == (
         queries, pytest.approx(least), True, False)
