@@ -302,6 +302,11 @@ class Spool:
         try:
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND), False
         except FileNotFoundError:
+            # an offset left behind counts the lines of a spool file moved aside or removed by
+            # hand, not this one's: kept, the next push skipped as many of this spool's lines
+            # (and removed it whole if it held fewer); its removal is made durable with the
+            # new file's name, by the folder's fsync below
+            self.offset_path.unlink(missing_ok=True)
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600), True
         try:
             _cut_torn_tail(fd)

@@ -1241,6 +1241,46 @@ def test_a_push_of_the_spool_killed_between_or_within_its_slices_loses_and_doubl
     assert queue == [f"tx{i}" for i in range(count)]
 
 
+def test_a_spool_moved_aside_during_a_push_leaves_no_offset_that_skips_the_next_spools_lines(
+        settings, redis_client, tmp_path):
+    """A push that Redis stopped partway (full: maxmemory reached) leaves the spool's offset
+    (how many lines were pushed). Moved aside by hand then (rotated, kept for later), the file
+    went, its offset stayed, and it counted the lines of the next spool file: the next push
+    took that file's first lines for pushed, and removed a file holding fewer, unpushed."""
+    from obs_pipeline.spool import Spool
+
+    keys = SiteKeys(settings.site)
+    store = BufferStore(redis_client, settings.site)
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+
+    class FullAfterFourLines:  # the real store; Redis is full from the fifth line on
+        redis = store.redis
+
+        def __init__(self):
+            self.pushed = 0
+
+        def buffer(self, *args):
+            if self.pushed == 4:
+                redis_client.config_set("maxmemory", 1)
+            store.buffer(*args)
+            self.pushed += 1
+
+    try:
+        pushing = Spool(tmp_path, settings.site, flush_store=FullAfterFourLines())
+        _write_spool(pushing, [f"old{i}" for i in range(10)])
+        assert not pushing.flush() and pushing.offset_path.read_text() == "4"
+        pushing.path.rename(tmp_path / "moved-aside.jsonl")  # its six unpushed lines are the operator's now
+        script = Spool(tmp_path, settings.site, flush_store=store)
+        for tx_id in ("new0", "new1", "new2"):
+            script.buffer(store, *_spool_line(tx_id))  # Redis full: spooled
+        assert [tx["id"] for tx in script.unpushed()] == ["new0", "new1", "new2"]
+    finally:
+        redis_client.config_set("maxmemory", limit)
+    assert script.flush() and not script.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == ["old0", "old1", "old2", "old3", "new0", "new1", "new2"]
+
+
 def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
     """A crash in the middle of writing a spool line: that call never returned, so the line is
     no spooled transaction; it must not stop every later push with a JSON error, nor swallow
