@@ -169,12 +169,45 @@ _REFUSED_BY_CONFIGURATION = re.compile(r'FATAL:\s+(password authentication faile
                                        r'|database ".*" does not exist|no pg_hba\.conf entry)')
 
 
-def main_is_standby(url: sa.URL) -> str:
-    """Why a main URL naming a hot standby is refused: no retry fixes it until someone promotes
-    it, and the transactions are not at fault. One line, what to do."""
+# What a standby with `hot_standby = off` answers every connect (57P03, which psycopg2 gives a
+# failed connect no SQLSTATE for). The same SQLSTATE's "starting up", "not yet accepting
+# connections" (a start, crash recovery, a hot standby not yet consistent) stay transient.
+_HOT_STANDBY_OFF = re.compile(r"FATAL:\s+the database system is not accepting connections\s+"
+                              r"DETAIL:\s+Hot standby mode is disabled")
+
+
+def main_is_standby(url: sa.URL, hot_standby: bool = True) -> str:
+    """Why a main URL naming a standby is refused: no retry fixes it until someone promotes it,
+    and the transactions are not at fault. One line, what to do. `hot_standby` False: one that
+    refuses every connection instead of every write (see hot_standby_off)."""
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
-    return (f"main at {where} is a read-only standby (pg_is_in_recovery): "
-            "point OBS_MAIN_DB_URL at the primary")
+    what = ("a read-only standby (pg_is_in_recovery)" if hot_standby else
+            'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
+    return f"main at {where} is {what}: point OBS_MAIN_DB_URL at the primary"
+
+
+def hot_standby_off(error: BaseException) -> bool:
+    """A connect refused by a standby with `hot_standby = off`: a standby until promoted, which
+    no retry fixes (it said "main unreachable" for ever)."""
+    orig = getattr(error, "orig", None) or error
+    return (isinstance(orig, psycopg2.OperationalError) and not getattr(orig, "pgcode", None)
+            and _HOT_STANDBY_OFF.search(str(orig)) is not None)
+
+
+def refuse_standby(engine: sa.Engine) -> None:
+    """ConfigError in main_is_standby's line where `engine` names a standby, asked before a
+    command writes to main (`db init`, the prune job): a hot one failed the first write with
+    "cannot execute ALTER TABLE in a read-only transaction", one with hot_standby off said main
+    was unreachable. Any other connect error is raised as it is."""
+    try:
+        with engine.connect() as conn:
+            in_recovery = conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar()
+    except exc.OperationalError as error:
+        if hot_standby_off(error):
+            raise ConfigError(main_is_standby(engine.url, hot_standby=False)) from error
+        raise
+    if in_recovery:
+        raise ConfigError(main_is_standby(engine.url))
 
 
 def refused_by_configuration(error: BaseException) -> bool:
@@ -331,6 +364,10 @@ class MainDatabase:
                 self.close()
                 raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
                                   "check OBS_MAIN_DB_URL") from error
+            if hot_standby_off(error):  # at connect, as a hot standby is refused once connected
+                self.close()
+                raise ConfigError(f"{main_is_standby(self.url, hot_standby=False)}; "
+                                  "the transactions stay buffered until then") from error
             if is_transient(error):
                 self.close()  # a new session next time
                 kind = timeout_kind(error)

@@ -93,7 +93,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_db_init(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
-    from obs_pipeline.apply import make_engine
+    from obs_pipeline.apply import make_engine, refuse_standby
     from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline.schema import create_schema
 
@@ -102,7 +102,7 @@ def cmd_db_init(args: argparse.Namespace) -> int:
     engine = make_engine(settings.require_main())
     try:
         try:
-            engine.connect().close()
+            refuse_standby(engine)  # a standby: one line, as the drain's, before anything is written
         except sa.exc.OperationalError as error:  # the one line must say which server and what to do
             raise RuntimeError(f"main unreachable ({_one_line(error)}); is OBS_MAIN_DB_URL right and the stack "
                                "up (`obs-pipeline stack status`)?") from error

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import main_is_standby
+from obs_pipeline.apply import hot_standby_off, main_is_standby
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -169,8 +169,9 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     main_lsn = replica_lsn = None
     try:
         standby, main_lsn = _row(main, MAIN_LSN_SQL) if main is not None else (False, None)
-    except sa.exc.SQLAlchemyError as error:
-        errors.append(f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
+    except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
+        errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
+                      else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
     else:
         if standby:
             errors.append(main_is_standby(main.url))

@@ -14,7 +14,7 @@ from obs_pipeline.lsn import lsn_to_int
 from obs_pipeline.config import Settings
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions, create_schema
-from obs_pipeline_tests.stack_fixtures import stack  # noqa: F401  (session fixture)
+from obs_pipeline_tests.stack_fixtures import cold_standby_url, stack, starting_standby_url  # noqa: F401
 
 OBS_UNIT_IDS = (1, 2, 3, 123)
 

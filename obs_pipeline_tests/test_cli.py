@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.apply import StatementTimeout
 from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
@@ -974,25 +975,30 @@ def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, 
     buf.close()
 
 
-def standby_as_main(env: dict[str, str]) -> str:
-    """`env` with OBS_MAIN_DB_URL naming the site's streaming replica, a hot standby (as after a
-    failover that demoted main, or a URL copied from the wrong line); the line that names it."""
-    env["OBS_MAIN_DB_URL"] = env["OBS_REPLICA_DB_URL"]
-    url = sa.engine.make_url(env["OBS_REPLICA_DB_URL"])
-    return (f"main at {url.host}:{url.port}/{url.database} is a read-only standby "
-            "(pg_is_in_recovery): point OBS_MAIN_DB_URL at the primary")
+@pytest.fixture(params=[True, False], ids=["hot standby", "hot_standby off"])
+def standby_as_main(request, env: dict[str, str]) -> str:
+    """`env` with OBS_MAIN_DB_URL naming a standby (as after a failover that demoted main, or a
+    URL copied from the wrong line): the site's streaming replica, a hot standby, or one with
+    hot_standby off, which refuses every connection; the line that names it."""
+    hot = request.param
+    env["OBS_MAIN_DB_URL"] = env["OBS_REPLICA_DB_URL"] if hot else request.getfixturevalue("cold_standby_url")
+    url = sa.engine.make_url(env["OBS_MAIN_DB_URL"])
+    what = ("a read-only standby (pg_is_in_recovery)" if hot else
+            'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
+    return f"main at {url.host}:{url.port}/{url.database} is {what}: point OBS_MAIN_DB_URL at the primary"
 
 
 @pytest.mark.usefixtures("clean_db")
 @pytest.mark.parametrize("once", [True, False])
 def test_a_main_url_naming_a_standby_stops_the_drain_in_one_line_and_dead_letters_nothing(
-        env, settings, redis_client, main_engine, once):
+        env, standby_as_main, settings, redis_client, main_engine, once):
     """A hot standby refuses the batch's INSERT with 25006 (read_only_sql_transaction), which the
     drain sorted as transient: `drain --once` said "main unreachable" and retried for ever, as
-    a service did. No retry fixes it, and the transactions are not at fault: the drain stops with
-    one line naming the standby and the fix, dead-letters nothing, releases its lease, leaves the
+    a service did; one with hot_standby off refuses the connect (57P03, sorted the same). No
+    retry fixes either, and the transactions are not at fault: the drain stops with one line
+    naming the standby and the fix, dead-letters nothing, releases its lease, leaves the
     statuses `pending`; a drain against the real main then applies each exactly once."""
-    expected = standby_as_main(env)
+    expected = standby_as_main
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 3, finish_every=2)
@@ -1017,10 +1023,11 @@ def test_a_main_url_naming_a_standby_stops_the_drain_in_one_line_and_dead_letter
     assert redis_client.llen(keys.failed) == 0
 
 
-def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env):
+def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env, standby_as_main):
     """It said "main unreachable (OBS_MAIN_DB_URL): recovery is in progress" (the flush LSN's
-    55000 on a standby): main answers, and the fix is the URL."""
-    expected = standby_as_main(env)
+    55000 on a hot standby), or "... the database system is not accepting connections" (one with
+    hot_standby off): main answers, and the fix is the URL."""
+    expected = standby_as_main
     result = cli("status", "--json", "--check", env=env)
     report = json.loads(result.stdout)
     assert report["status"] == "unhealthy" and report["problems"] == [expected], report
@@ -1029,6 +1036,42 @@ def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env):
     assert result.returncode == 4
     line = one_line_error(result)
     assert line == f"obs-pipeline: site {env['OBS_SITE']} is unhealthy: {expected}", line
+
+
+def test_a_main_still_starting_up_stays_an_outage_the_drain_waits_out(env, settings, starting_standby_url):
+    """The same SQLSTATE as hot_standby off (57P03), said while main starts or recovers from a
+    crash: it passes by itself, so the drain retries the batch and `status` says main is
+    unreachable, with main's words; neither takes it for a standby."""
+    import dataclasses
+
+    env["OBS_MAIN_DB_URL"] = starting_standby_url
+    buf = TransactionBuffer(settings=settings)
+    buffer_observations(buf, 1)
+    buf.close()
+    retried = []
+
+    def stop_at_the_first_retry(error: str, backoff: float) -> None:
+        retried.append(error)
+        raise KeyboardInterrupt
+
+    drain = Drain(dataclasses.replace(settings, main_db_url=starting_standby_url), DrainConfig())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            drain.run(until_empty=True, on_transient=stop_at_the_first_retry)
+    finally:
+        drain.close()
+    assert retried and "FATAL:  the database system is starting up" in retried[0], retried
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert [p.split(": ", 1)[0] for p in report["problems"]] == ["main unreachable (OBS_MAIN_DB_URL)"], report
+    assert "the database system is starting up" in report["problems"][0], report
+
+
+def test_db_init_on_a_standby_is_the_drains_one_line(env, standby_as_main):
+    """`db init` against a hot standby said "cannot execute ALTER TABLE in a read-only
+    transaction" (which server, and what to do?); against one with hot_standby off "main
+    unreachable (...): is OBS_MAIN_DB_URL right and the stack up". It is the drain's line, exit 1;
+    a standby takes no write."""
+    assert one_line_error(cli("db", "init", "--demo-data", env=env)) == f"obs-pipeline: error: {standby_as_main}"
 
 
 SPOOLED = {"id": "tx-1", "tx": "{}", "created": [], "overlays": []}

@@ -231,6 +231,25 @@ def test_prune_removes_only_this_sites_old_applied_records(settings, resource, m
     assert not refused.success  # 0 days would forget what a reclaimed batch needs
 
 
+@pytest.mark.parametrize("hot", [True, False], ids=["hot standby", "hot_standby off"])
+def test_the_prune_job_on_a_standby_fails_in_the_drains_one_line(settings, resource, request, hot):
+    """On a hot standby the DELETE failed with "cannot execute DELETE in a read-only transaction",
+    on one with hot_standby off the connect with "the database system is not accepting
+    connections", each under "Error occurred while executing op": which server, and what to do?"""
+    url = settings.replica_db_url if hot else request.getfixturevalue("cold_standby_url")
+    standby = ObsPipelineResource(**{**resource.__dict__, "main_db_url": url})
+    result = prune_applied_transactions.execute_in_process(resources={"obs_pipeline": standby},
+                                                           raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    where = sa.engine.make_url(url)
+    what = ("a read-only standby (pg_is_in_recovery)" if hot else
+            'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
+    assert failure.event_specific_data.error.message.startswith(
+        f"dagster._core.definitions.events.Failure: main at {where.host}:{where.port}/{where.database} is {what}: "
+        "point OBS_MAIN_DB_URL at the primary"), failure.event_specific_data.error.message
+
+
 @pytest.mark.parametrize("job, op_config, message", [
     (retry_dead_letters, {"requeue_dead_letters": {"config": {}}},
      "set either `all: true` or a list of `transaction_ids`"),
@@ -324,12 +343,14 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert not redis_client.exists(keys.lease)
 
 
+@pytest.mark.parametrize("hot", [True, False], ids=["hot standby", "hot_standby off"])
 def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_nothing(
-        settings, resource, redis_client, main_engine):
-    """The standby refused the batch's INSERT with 25006, sorted as transient: the op was retried
-    8 times as "main unreachable", a minute or more, and the next run did the same. It fails at
-    once saying which server and what to do; the transactions stay buffered, `pending`, the
-    lease free, and a run against the real main applies each once."""
+        settings, resource, redis_client, main_engine, request, hot):
+    """The standby refused the batch's INSERT with 25006 (one with hot_standby off, the connect:
+    57P03), sorted as transient: the op was retried 8 times as "main unreachable", a minute or
+    more, and the next run did the same. It fails at once saying which server and what to do;
+    the transactions stay buffered, `pending`, the lease free, and a run against the real main
+    applies each once."""
     from obs_pipeline.ingest import TransactionBuffer
     from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
 
@@ -337,7 +358,8 @@ def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 3, finish_every=2)
     ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
-    standby = ObsPipelineResource(**{**resource.__dict__, "main_db_url": settings.replica_db_url})
+    url = settings.replica_db_url if hot else request.getfixturevalue("cold_standby_url")
+    standby = ObsPipelineResource(**{**resource.__dict__, "main_db_url": url})
     try:
         result = drain_buffer.execute_in_process(resources={"obs_pipeline": standby},
                                                  run_config=FAST, raise_on_error=False)
@@ -346,10 +368,11 @@ def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_
         assert DagsterEventType.STEP_UP_FOR_RETRY not in events, events
         failure = next(e for e in result.all_events
                        if e.event_type == DagsterEventType.STEP_FAILURE).event_specific_data.error
-        url = sa.engine.make_url(settings.replica_db_url)
-        assert (f"main at {url.host}:{url.port}/{url.database} is a read-only standby "
-                "(pg_is_in_recovery): point OBS_MAIN_DB_URL at the primary; the transactions "
-                "stay buffered until then" in failure.message), failure
+        where = sa.engine.make_url(url)
+        what = ("a read-only standby (pg_is_in_recovery)" if hot else
+                'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
+        assert (f"main at {where.host}:{where.port}/{where.database} is {what}: point OBS_MAIN_DB_URL at the "
+                "primary; the transactions stay buffered until then" in failure.message), failure
         assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
         assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
         assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)

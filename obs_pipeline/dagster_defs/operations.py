@@ -25,7 +25,8 @@ from dagster import (
     op,
 )
 
-from obs_pipeline.apply import make_engine
+from obs_pipeline.apply import make_engine, refuse_standby
+from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
     DEAD_LETTER_CHECK,
     MAIN_ASSET,
@@ -105,9 +106,10 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
     settings = obs_pipeline.settings()
     engine = make_engine(settings.require_main())
     try:
+        refuse_standby(engine)
         with engine.begin() as conn:
             removed = prune_applied(conn, config.older_than_days, settings.site)
-    except ValueError as error:  # too few days: its line, not a wrapped traceback
+    except (ValueError, ConfigError) as error:  # too few days, main a standby: its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
     finally:
         engine.dispose()
