@@ -283,6 +283,46 @@ def test_a_bad_batch_size_is_one_clear_error(config, message):
     assert str(raised.value) == message
 
 
+def test_numpy_counts_and_seconds_are_taken_as_ints_and_floats():
+    """A batch size from a DataFrame or an array (np.int64) is no `int` to isinstance: it was
+    refused as 'batch_size must be a whole number ... not np.int64(500)'. Any Integral is taken,
+    as an int, and any real number of seconds as a float."""
+    import decimal
+
+    np = pytest.importorskip("numpy")
+    from obs_pipeline.drain import DrainConfig
+
+    config = DrainConfig(batch_size=np.int64(500), max_batch_size=np.int32(4000), timeout_attempts=np.uint8(3),
+                         niceness=np.int16(10), lease_ttl_s=np.float32(1.5), retry_base_s=np.int64(5),
+                         idle_poll_s=decimal.Decimal("0.25"), aof_check_s=np.float64(30))
+    counts = (config.batch_size, config.max_batch_size, config.timeout_attempts, config.niceness)
+    assert counts == (500, 4000, 3, 10) and {type(c) for c in counts} == {int}
+    seconds = (config.lease_ttl_s, config.retry_base_s, config.idle_poll_s, config.aof_check_s)
+    assert seconds == (1.5, 5.0, 0.25, 30.0) and {type(s) for s in seconds} == {float}
+    assert config.largest_batch == 4000
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"batch_size": True}, "batch_size must be a whole number of transactions >= 1, not True"),
+    ({"max_batch_size": 2500.0}, "max_batch_size must be a whole number >= batch_size (2000), not 2500.0"),
+    ({"niceness": 40}, "niceness must be a whole number from -20 to 19, not 40"),
+    ({"lease_ttl_s": "60"}, "lease_ttl_s must be at least 0.001 s and finite (the lease's Redis expiry), not '60'"),
+    ({"idle_poll_s": -0.2}, "idle_poll_s must be 0 or more seconds, and finite, not -0.2"),
+    ({"backoff_initial_s": float("nan")}, "backoff_initial_s must be 0 or more seconds, and finite, not nan"),
+    ({"backoff_max_s": False}, "backoff_max_s must be 0 or more seconds, and finite, not False"),
+    ({"aof_check_s": "30"}, "aof_check_s must be 0 or more seconds, and finite, or None, not '30'"),
+])
+def test_a_drain_setting_of_the_wrong_kind_is_refused_in_one_line_before_the_run(config, message):
+    """Each was taken, and failed the run later (time.sleep: 'sleep length must be
+    non-negative', with the lease held), or raised a TypeError comparing text with a float; a
+    bool was taken for a count."""
+    from obs_pipeline.drain import DrainConfig
+
+    with pytest.raises(ValueError) as raised:
+        DrainConfig(**config)
+    assert str(raised.value) == message
+
+
 def test_the_largest_batch_defaults_to_the_far_size_or_the_batch_size_if_larger():
     from obs_pipeline.drain import FAR_BATCH_SIZE, DrainConfig
 
