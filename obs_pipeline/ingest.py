@@ -75,7 +75,7 @@ class TransactionBuilder:
     def update(self, model: str | type, record_id_: Any, values: dict[str, Any]) -> None:
         spec = self._buffer.registry.model(model)
         model = spec.name
-        rid = self._existing_id(spec.name, record_id_)
+        rid = self._existing_id(spec.name, record_id_, f"update of {model}")
         data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}",
                                 record=rid)
         if not data:
@@ -84,7 +84,7 @@ class TransactionBuilder:
 
     def delete(self, model: str | type, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
-        rid = self._existing_id(spec.name, record_id_)
+        rid = self._existing_id(spec.name, record_id_, f"delete of {spec.name}")
         step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
         self._deleted[self._record(spec, rid)] = step.step_id
 
@@ -193,10 +193,10 @@ class TransactionBuilder:
             return deleted_by
         if record in self._live:
             raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
-        self._buffer._require_absent(spec.name, rid)
+        self._buffer._require_absent(spec.name, rid, f"create of {spec.name}")
         return None
 
-    def _existing_id(self, model: str, value: Any) -> Any:
+    def _existing_id(self, model: str, value: Any, where: str) -> Any:
         """The key of the record an update or delete names, as that record has it."""
         spec = self._buffer.registry.model(model)
         rid = record_id(spec, value, f"{model} id")
@@ -205,7 +205,7 @@ class TransactionBuilder:
             raise InvalidTransaction(f"{model} {rid} is deleted earlier in this transaction")
         if record in self._live:
             return self._live[record]
-        return self._buffer._require_exists(model, rid)
+        return self._buffer._require_exists(model, rid, where)
 
     def _commit(self) -> None:
         if not self._tx.steps:
@@ -453,16 +453,16 @@ class TransactionBuffer:
         """`search` as a pandas DataFrame (pandas is imported only here)."""
         return self.query.search_frame(model, filters)
 
-    def _require_absent(self, model: str, rid: Any) -> None:
+    def _require_absent(self, model: str, rid: Any, where: str) -> None:
         """A create with a key the caller gives (an integer id, say) must not name a record that
         is buffered or on the replica: main would refuse it, and until then the buffered copy
         would hide the real row from reads. Unchecked without a replica, or while Redis does
         not answer (as for updates)."""
-        if self.settings.replica_db_url is not None and self._is_known(model, rid):
+        if self.settings.replica_db_url is not None and self._is_known(model, rid, where):
             raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
                                      "update it, or create it with another key")
 
-    def _require_exists(self, model: str, rid: Any) -> Any:
+    def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While
         Redis does not answer, a record that is on neither the replica nor the spool may still
         be buffered there (the observation started before Redis went away): the call is let
@@ -474,7 +474,7 @@ class TransactionBuffer:
         merge it (filed under 'ABC', the record read without it until replicated)."""
         if self.settings.replica_db_url is None:
             return rid
-        record = self._known_record(model, rid)
+        record = self._known_record(model, rid, where)
         if record is False:
             raise InvalidTransaction(f"{model} {rid} is neither buffered nor on the replica")
         spec = self.registry.model(model)
@@ -490,11 +490,11 @@ class TransactionBuffer:
         except (ReplicaUnreadable, ConfigError):
             return ascii_lower(text)
 
-    def _is_known(self, model: str, rid: Any) -> bool | None:
-        record = self._known_record(model, rid)
+    def _is_known(self, model: str, rid: Any, where: str) -> bool | None:
+        record = self._known_record(model, rid, where)
         return None if record is None else record is not False
 
-    def _known_record(self, model: str, rid: Any) -> dict[str, Any] | bool | None:
+    def _known_record(self, model: str, rid: Any, where: str) -> dict[str, Any] | bool | None:
         """The record, if it is buffered, spooled or on the replica; False if it is not; None
         when that cannot be known: Redis does not answer, or did not a moment ago
         (spool.REDIS_RETRY_AFTER_S), or the replica cannot be read (the write is buffered
@@ -508,7 +508,7 @@ class TransactionBuffer:
         if self.spool.exists() and self.spool.redis_failed_recently():
             return None
         try:
-            record = self.query.get(model, rid)
+            record = self.query.get_checked(self.registry.model(model), rid, where)  # (`where`: see get_checked)
         except ReplicaUnreadable:
             return None
         except redis.RedisError as error:

@@ -250,8 +250,9 @@ def _converting_type(table: sa.Table, keys: dict[sa.Column, str]) -> str | None:
         if not isinstance(type_, (sa.TypeDecorator, sa.types.UserDefinedType)) or _kind(type_) != "any":
             continue
         for method in _CONVERSIONS:
-            owner = next(c for c in type(type_).__mro__ if method in vars(c))
-            if owner.__module__ != "sqlalchemy.sql.type_api":
+            # (a UserDefinedType has no process_bind_param: a TypeDecorator's hook)
+            owner = next((c for c in type(type_).__mro__ if method in vars(c)), None)
+            if owner is not None and owner.__module__ != "sqlalchemy.sql.type_api":
                 return (f"its attribute {keys[column]!r} is of a type ({type(type_).__name__}) with its own {method}, "
                         "which the ORM applies and obs-pipeline would not (it buffers, writes and reads values as given)")
     return None

@@ -49,7 +49,7 @@ from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.column_values import ascii_lower, unicode_lower
 from obs_pipeline.config import ConfigError, stack_env_hint
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
-from obs_pipeline.read_filters import compile_filters, refused_value, series
+from obs_pipeline.read_filters import compile_filters, refused_key, refused_value, series
 from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns, from_db, read_forms, sort_key,
                                      utc_iso)
 from obs_pipeline.wire import record_id
@@ -191,7 +191,12 @@ class SmartQuery:
     # --- public -------------------------------------------------------------------------------
     def get(self, model: str, record_id_: Any) -> dict[str, Any] | None:
         spec = self.registry.model(model)
-        value = record_id(spec, record_id_, f"get of {spec.name}")
+        where = f"get of {spec.name}"
+        return self.get_checked(spec, record_id(spec, record_id_, where), where)
+
+    def get_checked(self, spec: ModelSpec, value: Any, where: str) -> dict[str, Any] | None:
+        """`get` of a key already checked (wire.record_id); `where` (`update of Host`) begins
+        the line of a key the replica refuses."""
         if spec.columns[spec.primary_key].case_insensitive:
             return self._get_in_any_case(spec, value)
         rid = str(value)
@@ -204,7 +209,13 @@ class SmartQuery:
         if created is not None:
             return _merge(spec, created, overlays)
         pk = spec.sql_columns[spec.primary_key]
-        base = self._select(spec, sa.select(spec.table).where(pk == bound_key(spec, value))).get(rid)  # 2. replica
+        try:
+            base = self._select(spec, sa.select(spec.table).where(pk == bound_key(spec, value))).get(rid)  # 2. replica
+        except (exc.ProgrammingError, exc.DataError) as error:
+            refused = refused_key(spec, value, error, where)
+            if refused is None:
+                raise
+            raise refused from None
         if base is None:
             return None
         return _merge(spec, base, overlays) if overlays else base

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from obs_pipeline.column_values import fraction_step, kind_check, round_micros
 from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelSpec, is_single_precision
@@ -229,15 +230,48 @@ def refused_value(spec: ModelSpec, compiled: Filters, error: Exception
     """The replica's refusal of a search's statement as one line, if a filtered column of a
     type only main knows can be to blame (the other columns' values were checked here); None
     for any other error, which is not the filter's."""
-    if not compiled.unchecked or not isinstance(error, (sa.exc.ProgrammingError, sa.exc.DataError)):
+    first = _refusal(error) if compiled.unchecked else None
+    if first is None:
+        return None
+    columns = ", ".join(f"{spec.name}.{name}" for name in compiled.unchecked)
+    return InvalidTransaction(f"search on {columns}: the replica cannot compare the filter's value "
+                              f"with the column: {first}")
+
+
+def refused_key(spec: ModelSpec, value: Any, error: Exception, where: str) -> InvalidTransaction | None:
+    """The replica's refusal of a key of a type only main knows (kind "any": taken as given,
+    not checked here) as one line naming the model, the column and its type; None for any
+    other error. It was SQLAlchemy's page of it (`invalid input syntax for type inet`,
+    `operator does not exist: inet = integer`, `can't adapt type 'dict'`)."""
+    column = spec.columns[spec.primary_key]
+    first = _refusal(error) if column.kind == "any" else None
+    if first is None:
+        return None
+    type_ = spec.sql_columns[spec.primary_key].type
+    return InvalidTransaction(f"{where}: {spec.name}.{column.name} is of type {type_name(type_)}, which obs-pipeline "
+                              f"does not check, and the replica cannot compare the key {value!r} with it: {first}; "
+                              "give the key as the text PostgreSQL takes for that type")
+
+
+def _refusal(error: Exception) -> str | None:
+    """The first line of the replica's refusal of a value it cannot compare with a column, or
+    None for any other error."""
+    if not isinstance(error, (sa.exc.ProgrammingError, sa.exc.DataError)):
         return None
     code = getattr(error.orig, "pgcode", None)
     if code is not None and not code.startswith(_REFUSED_VALUE_CODES):
         return None
-    first = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
-    columns = ", ".join(f"{spec.name}.{name}" for name in compiled.unchecked)
-    return InvalidTransaction(f"search on {columns}: the replica cannot compare the filter's value "
-                              f"with the column: {first}")
+    return (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+
+
+def type_name(type_: sa.types.TypeEngine) -> str:
+    """A column type as a site reads it: its class, and the SQL type it is where that differs
+    (a TypeDecorator's or a UserDefinedType's: `Address (INET)`)."""
+    try:
+        sql = type_.compile(dialect=postgresql.dialect())
+    except Exception:  # noqa: BLE001 - a site's type that cannot say (get_col_spec missing)
+        return type(type_).__name__
+    return sql if sql == type(type_).__name__ else f"{type(type_).__name__} ({sql})"
 
 
 def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:
