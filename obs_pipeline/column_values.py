@@ -43,6 +43,16 @@ def converter(kind: str, int_bits: int, float_bits: int, max_length: int | None,
     return _TO_JSON[kind]
 
 
+def one_line_text(text: str) -> str:
+    """`text` folded onto one line if it runs over several (a pandas Series's repr does)."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def shown(value: Any) -> str:
+    """repr(value) for a one-line message."""
+    return one_line_text(repr(value))
+
+
 def checker(convert: Callable[[Any], Any], nullable: bool) -> Callable[[Any], Any]:
     if nullable:
         return lambda value: None if value is None else convert(value)

@@ -72,7 +72,7 @@ class Settings:
                 "OBS_MAIN_DB_URL is not set: the drain needs the main database "
                 f"(e.g. {stack_env_hint()} for the local stack)"
             )
-        return _postgresql_url("OBS_MAIN_DB_URL", self.main_db_url)
+        return postgresql_url("OBS_MAIN_DB_URL", self.main_db_url)
 
     def require_replica(self) -> str:
         if not self.replica_db_url:
@@ -80,7 +80,7 @@ class Settings:
                 "OBS_REPLICA_DB_URL is not set: replication tracking and smart queries need the "
                 f"site's read replica (e.g. {stack_env_hint()} for the local stack)"
             )
-        return _postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
+        return postgresql_url("OBS_REPLICA_DB_URL", self.replica_db_url)
 
     def require_redis(self) -> str:
         """The Redis URL if redis-py can read it; otherwise one line naming OBS_REDIS_URL and its
@@ -117,7 +117,7 @@ def _without_password(url: str) -> str:
     return scheme + separator + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
-def _postgresql_url(name: str, url: str) -> str:
+def postgresql_url(name: str, url: str) -> str:
     """The URL if SQLAlchemy can read it and it names PostgreSQL; otherwise one line naming the
     variable (never the URL: it may hold a password)."""
     from sqlalchemy.engine import make_url

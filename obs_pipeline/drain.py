@@ -26,6 +26,7 @@ import redis
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout,
                                 TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
+from obs_pipeline.column_values import shown
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -101,7 +102,7 @@ def _whole(value: Any, least: int, refusal: str, most: int | None = None) -> int
     if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
             and (most is None or value <= most)):
         return int(value)
-    raise ValueError(f"{refusal}, not {value!r}")
+    raise ValueError(f"{refusal}, not {shown(value)}")
 
 
 def _seconds(value: Any, refusal: str, least: float = 0.0) -> float:
@@ -114,7 +115,7 @@ def _seconds(value: Any, refusal: str, least: float = 0.0) -> float:
             seconds = math.nan
         if least <= seconds < math.inf:  # (not NaN)
             return seconds
-    raise ValueError(f"{refusal}, not {value!r}")
+    raise ValueError(f"{refusal}, not {shown(value)}")
 
 
 def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int, least: int, most: int) -> int:

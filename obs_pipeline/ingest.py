@@ -24,7 +24,7 @@ import redis
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
-from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower
+from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, shown
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
@@ -370,7 +370,7 @@ class TransactionBuffer:
         """
         _require_id(transaction_id)
         if not isinstance(until, str) or until not in _ORDER:
-            raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {until!r}")
+            raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {shown(until)}")
         deadline = time.monotonic() + max(0.0, _seconds(timeout))
         status = self.status(transaction_id)  # already there: no subscription needed
         if status in _ORDER and _ORDER[status] >= _ORDER[until]:
@@ -537,7 +537,7 @@ def _seconds(timeout: Any) -> float:
             seconds = math.nan
         if not math.isnan(seconds):
             return seconds
-    raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
+    raise ValueError(f"timeout must be a number of seconds, not {shown(timeout)}")
 
 
 def _whole_number(name: str, value: Any) -> int:
@@ -546,7 +546,7 @@ def _whole_number(name: str, value: Any) -> int:
     dead-lettered each of them, and np.int64(3) failed every block's end with a TypeError."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+    raise ValueError(f"{name} must be a whole number >= 0, not {shown(value)}")
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:

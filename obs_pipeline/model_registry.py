@@ -209,8 +209,8 @@ class ModelRegistry:
         if spec is None:
             if isinstance(name, str) and name in self.refused:
                 raise InvalidTransaction(f"model {name!r} cannot be written through obs-pipeline: {self.refused[name]}")
-            raise InvalidTransaction(
-                f"unknown model {name!r} (known: {', '.join(sorted(self.models))})"
+            raise InvalidTransaction(  # (a DataFrame given for the name: its repr folded onto the line)
+                f"unknown model {values.shown(name)} (known: {', '.join(sorted(self.models))})"
             )
         return spec
 

@@ -47,7 +47,7 @@ from obs_pipeline import forks
 from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.column_values import ascii_lower, unicode_lower
-from obs_pipeline.config import ConfigError, stack_env_hint
+from obs_pipeline.config import ConfigError, postgresql_url, stack_env_hint
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
 from obs_pipeline.read_filters import compile_filters, refused_key, refused_value, series
 from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns, from_db, read_forms, sort_key,
@@ -389,6 +389,8 @@ class SmartQuery:
         if not self.replica_url:
             raise ConfigError("OBS_REPLICA_DB_URL is not set: smart queries (get/search) need the site's read "
                               f"replica (e.g. {stack_env_hint()} for the local stack)")
+        if self._engine is None:  # (`postgres://...` raised SQLAlchemy's NoSuchModuleError, naming no variable)
+            postgresql_url("OBS_REPLICA_DB_URL", self.replica_url)
 
     def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
         names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them

@@ -1,11 +1,12 @@
 """Search filters, as SQL for the replica and as Python tests of buffered records.
 
-Filters: equality, a list for "any of" (None in it matches null), None for IS NULL, and
-`{op: value}` comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`; ordering only on ordered
-columns). The replica runs them as SQL; buffered records are tested in Python with the same
-semantics (datetimes compared as instants, text by code point as `COLLATE "C"` does, a
-native enum by its labels' declared order, a `time with time zone` by instant then offset,
-a `real` at single precision, CITEXT lower-cased as the database's lower() does: see key_of).
+Filters: equality, a list (or a set, a numpy array, a Series: _any_of) for "any of" (None in
+it matches null), None for IS NULL, and `{op: value}` comparisons (`==`, `!=`, `<`, `<=`,
+`>`, `>=`; ordering only on ordered columns). The replica runs them as SQL; buffered records
+are tested in Python with the same semantics (datetimes compared as instants, text by code
+point as `COLLATE "C"` does, a native enum by its labels' declared order, a `time with time
+zone` by instant then offset, a `real` at single precision, CITEXT lower-cased as the
+database's lower() does: see key_of).
 Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
@@ -14,13 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import operator
+from collections.abc import KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from obs_pipeline.column_values import fraction_step, kind_check, round_micros
+from obs_pipeline.column_values import fraction_step, kind_check, one_line_text, round_micros
 from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelSpec, is_single_precision
 from obs_pipeline.read_forms import (as_real, datetime_rounded, interval_rounded, numeric_places, numeric_rounded,
                                      parse_utc, unchanged)
@@ -143,7 +145,8 @@ def compile_filters(spec: ModelSpec, filters: Any,
                     ops.extend(_comparison(spec, name, col, column, value_key, op, value, compiled))
                 if ops:
                     compiled.tests.append(_test(name, key, ops))
-            elif isinstance(condition, (list, tuple, set, frozenset)):
+            elif _any_of(condition):
+                condition = list(condition)
                 values = [_checked(col, v) for v in condition if v is not None]
                 with_null = any(v is None for v in condition)
                 clause = column.in_([_bound(col, value_key, v) for v in values])
@@ -162,8 +165,17 @@ def compile_filters(spec: ModelSpec, filters: Any,
         except ValueError as error:
             if isinstance(error, InvalidTransaction):
                 raise
-            raise InvalidTransaction(f"search on {spec.name}.{name}: {error}") from None
+            raise InvalidTransaction(f"search on {spec.name}.{name}: {one_line_text(str(error))}") from None
     return compiled
+
+
+def _any_of(condition: Any) -> bool:
+    """Is a filter's value a collection, meaning "any of"? A list, tuple or set, and what a
+    script holds ids in besides: a range, a dict's keys or values, a 1-D numpy array, a pandas
+    Series or Index (refused as 'array([...]) is not an integer')."""
+    if isinstance(condition, (list, tuple, set, frozenset, range, KeysView, ValuesView)):
+        return True
+    return getattr(condition, "ndim", None) == 1 and callable(getattr(condition, "tolist", None))
 
 
 def _test(name: str, key: Callable[[Any], Any], ops: list[tuple[Callable[[Any, Any], bool], Any]]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from obs_pipeline import json_codec
-from obs_pipeline.column_values import CANONICAL_UUID, json_value
+from obs_pipeline.column_values import CANONICAL_UUID, json_value, one_line_text
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 
 OPERATIONS = ("create", "update", "delete", "bulk_create")
@@ -257,7 +257,7 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
         try:
             out[name] = convert(value)
         except ValueError as exc:
-            raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
+            raise InvalidTransaction(f"{where}: {model.name}.{name}: {one_line_text(str(exc))}") from None
     if creating and not model.required_on_create <= out.keys():
         raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {_missing(model, out)}")
     if creating and model.defaults:  # the constant defaults of the columns left out (ModelSpec.defaults):
@@ -294,14 +294,14 @@ def _fill(model: ModelSpec, out: dict[str, Any], computed: dict[str, Any], where
             try:
                 out[name] = model.columns[name].check(compute(out))
             except ValueError as exc:
-                raise InvalidTransaction(f"{where}: {model.name}.{name}: {exc}") from None
+                raise InvalidTransaction(f"{where}: {model.name}.{name}: {one_line_text(str(exc))}") from None
 
 
 def record_id(model: ModelSpec, value: Any, where: str) -> str | int:
     try:
         return model.columns[model.primary_key].check(value)
     except ValueError as exc:
-        raise InvalidTransaction(f"{where}: {model.name}.{model.primary_key}: {exc}") from None
+        raise InvalidTransaction(f"{where}: {model.name}.{model.primary_key}: {one_line_text(str(exc))}") from None
 
 
 def validate(tx: Transaction, registry: ModelRegistry, *, values_checked: bool = False) -> Transaction:

@@ -254,3 +254,81 @@ def test_a_model_given_as_its_mapped_class_is_taken_as_its_name(buf, env, settin
     message = str(raised.value)
     assert "\n" not in message and "not a class of the declarative base in OBS_MODELS" in message, message
     assert site_keys(redis_client, settings.site) == before
+
+
+def test_a_pandas_series_given_for_one_value_is_refused_in_one_line_and_buffers_nothing(buf, settings, redis_client):
+    """`df["id"]` for `row["id"]`: the error quoted the Series's repr, which runs over several
+    lines (so does a DataFrame's, a 2-D array's); each is one line now, nothing buffered."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame([{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", OBS)
+    before = site_keys(redis_client, settings.site)
+
+    def create(**values):
+        with buf.transaction() as refused:
+            refused.create("ExecutedObsUnit", {**OBS, **values})
+
+    calls = [
+        (lambda: create(obs_unit_id=frame["id"]), "ExecutedObsUnit.obs_unit_id: 0 1 1 2 Name: id, dtype: int64 is "
+                                                  "not an integer"),
+        (lambda: create(status=frame), "ExecutedObsUnit.status: id name 0 1 a 1 2 b is not a string"),
+        (lambda: buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": frame["id"]}), "is not an integer"),
+        (lambda: buf.update("ObsUnit", frame["id"], {"name": "x"}), "ObsUnit.id: 0 1 1 2 Name: id"),
+        (lambda: buf.get("ObsUnit", frame[["id"]].to_numpy()), "ObsUnit.id: array([[1], [2]]) is not an integer"),
+        (lambda: buf.search("ExecutedObsUnit", {"obs_unit_id": {">": frame["id"]}}), "is not an integer"),
+        (lambda: buf.get(frame, 1), "unknown model id name 0 1 a 1 2 b (known: "),
+        (lambda: buf.wait(tx.transaction_id, timeout=frame["id"]), "timeout must be a number of seconds, not 0 1"),
+        (lambda: TransactionBuffer(settings=settings, max_retries=frame["id"]), "max_retries must be a whole number"),
+    ]
+    for call, part in calls:
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert "\n" not in message and part in message, message
+    assert site_keys(redis_client, settings.site) == before
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_ids_held_in_an_array_a_series_a_range_or_a_dicts_keys_filter_as_any_of(buf, env):
+    """A search took "any of" only as a list, tuple or set: the ids a script holds in a numpy
+    array, a pandas Series or Index, a range or a dict's keys were refused ('array([1, 2]) is
+    not an integer', the Series's over several lines). The same records, buffered and
+    replicated."""
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    with buf.transaction() as tx:
+        ids = sorted(tx.create("ExecutedObsUnit", {**OBS, "obs_unit_id": unit})["id"] for unit in (1, 2, 3))
+    wanted = [np.array([1, 2]), pd.Series([1, 2]), pd.Index([1, 2]), range(1, 3), {1: "a", 2: "b"}.keys(),
+              {"a": 1, "b": 2}.values()]
+    for _ in ("buffered", "replicated"):
+        for units in wanted:
+            found = sorted(r["id"] for r in buf.search("ExecutedObsUnit", {"obs_unit_id": units}))
+            expected = sorted(r["id"] for r in buf.search("ExecutedObsUnit", {"obs_unit_id": [1, 2]}))
+            assert found == expected and len(found) == 2 and set(found) < set(ids), units
+        drain_once(env)
+        assert buf.status(tx.transaction_id) == "replicated"
+
+
+def test_a_replica_url_sqlalchemy_cannot_load_is_one_line_naming_the_variable(settings, redis_client):
+    """`postgres://` (SQLAlchemy knows only `postgresql://`) was taken until the first read:
+    get, and the key check of a create that gives its key, raised SQLAlchemy's
+    NoSuchModuleError ('Can't load plugin: sqlalchemy.dialects:postgres'), naming no
+    variable. Now the same ConfigError as for main's URL, nothing buffered."""
+    import dataclasses
+
+    from obs_pipeline.config import ConfigError
+
+    wrong = dataclasses.replace(settings, replica_db_url=settings.replica_db_url.replace("postgresql+psycopg2://",
+                                                                                         "postgres://"))
+    buffer = TransactionBuffer(settings=wrong)
+    try:
+        line = r"^OBS_REPLICA_DB_URL must name PostgreSQL \(postgresql\+psycopg2://\.\.\.\), not postgres$"
+        with pytest.raises(ConfigError, match=line):
+            buffer.get("ObsUnit", 123)
+        with pytest.raises(ConfigError, match=line):
+            with buffer.transaction() as tx:
+                tx.create("ObsUnit", {"id": 9001, "name": "given key"})
+        assert site_keys(redis_client, settings.site) == []
+    finally:
+        buffer.close()
