@@ -407,11 +407,37 @@ class SmartQuery:
                 if attempt == 2 or getattr(error.orig, "pgcode", None) != "40001":
                     raise ReplicaUnreadable(f"reading {spec.name} needs the site's replica (OBS_REPLICA_DB_URL), which "
                                             f"cannot be read: {' '.join(str(error.orig).split())}", error) from error
+            except exc.ProgrammingError as error:
+                missing = _missing_schema(spec, error)
+                if missing is None:
+                    raise
+                raise missing from None
         out = {}
         for row in rows:
             record = {n: (None if v is None else f(v)) for n, f, v in zip(names, convert, row)}
             out[str(record[pk])] = record
         return out
+
+
+_UNDEFINED_TABLE, _UNDEFINED_COLUMN = "42P01", "42703"
+
+
+def _missing_schema(spec: ModelSpec, error: exc.ProgrammingError) -> ConfigError | None:
+    """A model of OBS_MODELS whose table, or one of whose columns, the replica lacks (`db init`
+    not run since the model was added; a column added to the model, not to main's table), as
+    one line saying what to do; None for another error. It was SQLAlchemy's page of
+    UndefinedTable from every read of the model, and from a create that gives its key."""
+    code = getattr(error.orig, "pgcode", None)
+    if code not in (_UNDEFINED_TABLE, _UNDEFINED_COLUMN):
+        return None
+    first = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+    table = spec.table.fullname
+    if code == _UNDEFINED_TABLE:
+        return ConfigError(f"reading {spec.name}: the site's replica (OBS_REPLICA_DB_URL) has no table {table} "
+                           f"({first}): run `obs-pipeline db init` with this OBS_MODELS, which creates it on main")
+    return ConfigError(f"reading {spec.name}: the site's replica (OBS_REPLICA_DB_URL) lacks a column of its table "
+                       f"{table} that OBS_MODELS maps ({first}): add the column to the table on main (`db init` "
+                       "creates missing tables, not columns), or drop it from the model")
 
 
 def _filters_citext(spec: ModelSpec, filters: Any) -> bool:

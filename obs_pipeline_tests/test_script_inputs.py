@@ -332,3 +332,38 @@ def test_a_replica_url_sqlalchemy_cannot_load_is_one_line_naming_the_variable(se
         assert site_keys(redis_client, settings.site) == []
     finally:
         buffer.close()
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_model_whose_table_or_column_the_replica_lacks_is_one_line_saying_what_to_run(buf, settings, redis_client):
+    """A model added to OBS_MODELS without `db init` since (or a column added to a model, not to
+    its table): every get and search of it, and a create that gives its key (checked on the
+    replica), raised SQLAlchemy's page of UndefinedTable / UndefinedColumn. Now one line
+    naming the table and what to do, nothing buffered; the other models read as before."""
+    import dataclasses
+
+    from obs_pipeline.config import ConfigError
+
+    buffer = TransactionBuffer(settings=dataclasses.replace(settings, models="obs_pipeline_tests.unmigrated_models:Base"))
+    try:
+        no_table = (r"^reading Telescope: the site's replica \(OBS_REPLICA_DB_URL\) has no table unmigrated_telescope "
+                    r"\(relation \"unmigrated_telescope\" does not exist\): run `obs-pipeline db init` with this "
+                    r"OBS_MODELS, which creates it on main$")
+        no_column = (r"^reading ObsUnit: the site's replica \(OBS_REPLICA_DB_URL\) lacks a column of its table obs_unit "
+                     r"that OBS_MODELS maps \(column obs_unit.priority does not exist\): add the column")
+
+        def create_telescope():
+            with buffer.transaction() as tx:
+                tx.create("Telescope", {"id": 1, "name": "main"})
+
+        for call, line in ((lambda: buffer.get("Telescope", 1), no_table),
+                           (lambda: buffer.search("Telescope", {"name": "main"}), no_table),
+                           (create_telescope, no_table),
+                           (lambda: buffer.get("ObsUnit", 123), no_column),
+                           (lambda: buffer.search("ObsUnit", {}), no_column)):
+            with pytest.raises(ConfigError, match=line):
+                call()
+        assert site_keys(redis_client, settings.site) == []
+    finally:
+        buffer.close()
+    assert buf.get("ObsUnit", 123) == {"id": 123, "name": "unit 123"}
