@@ -208,7 +208,8 @@ def test_a_spool_pushed_between_looking_in_redis_and_in_the_spool_is_still_found
         return tx.transaction_id, made
 
     monkeypatch.setattr(buf.store, "status_json", pushed_after(buf.store.status_json))
-    monkeypatch.setattr(buf.query, "get", pushed_after(buf.query.get))
+    # (ingest's checks of a key read through get_checked)
+    monkeypatch.setattr(buf.query, "get_checked", pushed_after(buf.query.get_checked))
     def start(tx):
         return tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": START, "status": "running"})
 
