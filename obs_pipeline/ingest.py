@@ -54,6 +54,7 @@ class TransactionBuilder:
         self._live: dict[tuple[str, str], Any] = {}
         self._deleted: dict[tuple[str, str], str] = {}
         self.committed = False
+        self._entered = False  # steps are buffered when the `with` block ends: one is needed
         self._ended = False
 
     @property
@@ -141,6 +142,8 @@ class TransactionBuilder:
         """`after`: step ids it depends on besides the creates of the rows it uses."""
         if self._ended:
             self._refuse_ended()
+        if not self._entered:
+            self._refuse_outside()
         deps = self._creators(spec, data, conditions) if self._created else set()
         if after:
             deps.update(after)
@@ -220,9 +223,16 @@ class TransactionBuilder:
         raise InvalidTransaction(f"transaction {self.transaction_id} has ended with its `with` block: "
                                  "start a new one with buf.transaction()")
 
+    def _refuse_outside(self) -> None:
+        """`tx = buf.transaction(); tx.create(...)` returned the record with its id and buffered
+        nothing, ever: the block's end is what buffers a transaction."""
+        raise InvalidTransaction(f"transaction {self.transaction_id}: steps are added inside its `with` block, which "
+                                 "buffers them as it ends: write `with buf.transaction() as tx:` (nothing was buffered)")
+
     def __enter__(self) -> "TransactionBuilder":
         if self._ended:
             self._refuse_ended()
+        self._entered = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -248,6 +248,31 @@ def test_a_transaction_whose_block_has_ended_refuses_more_steps(settings, redis_
     buf.close()
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_steps_added_before_the_block_are_refused_and_the_block_then_buffers(settings, redis_client):
+    """`tx = buf.transaction(); tx.create(...)` without a `with` block returned the record with
+    its id and buffered nothing, ever (the block's end buffers a transaction): the script
+    believed its observation recorded. Now one line saying to use the block, nothing kept;
+    the same builder in a block then buffers as usual."""
+    buf = TransactionBuffer(settings=settings)
+    try:
+        tx = buf.transaction()
+        for call in (lambda: tx.create("ObsUnit", {"id": 884, "name": "outside"}),
+                     lambda: tx.bulk_create("ObsUnit", [{"id": 885, "name": "outside"}]),
+                     lambda: tx.update("ObsUnit", 123, {"name": "outside"}),
+                     lambda: tx.delete("ObsUnit", 123)):
+            with pytest.raises(InvalidTransaction, match=r"steps are added inside its `with` block") as info:
+                call()
+            assert "\n" not in str(info.value)
+        assert site_keys(redis_client, settings.site) == []
+        with tx:
+            tx.create("ObsUnit", {"id": 884, "name": "inside"})
+        assert buf.status(tx.transaction_id) == "pending"
+        assert buf.get("ObsUnit", 884) == {"id": 884, "name": "inside"}
+    finally:
+        buf.close()
+
+
 def test_ingest_import_is_light():
     code = "import sys, obs_pipeline.ingest; print(sorted(m for m in ('dagster', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
