@@ -292,7 +292,39 @@ def _iso(value: Any, type_: type, what: str) -> Any:
     raise ValueError(f"{value!r} is not an ISO-8601 {what}")
 
 
+def _is_datetime64(value: Any) -> bool:
+    """numpy's datetime64 (an element of a datetime column's array: `df["t"].to_numpy()[0]`),
+    which is no datetime to isinstance; numpy is not imported."""
+    dtype = getattr(value, "dtype", None)
+    return getattr(dtype, "kind", None) == "M" and getattr(value, "shape", None) == ()
+
+
+_BEYOND_MICROS = re.compile(r"\.[0-9]{6}([0-9]+)$")
+
+
+def _numpy_datetime(value: Any) -> dt.datetime:
+    """A datetime64 as a naive datetime (UTC, as naive times are), its nanoseconds rounded to
+    microseconds as main rounds them (half to even), as a pandas Timestamp's are. Its NaT is no
+    time at all; a year or a month alone is no datetime."""
+    if value != value:  # NaT equals nothing, itself included
+        raise ValueError(f"{value!r} is not a time (numpy's missing value): give None for no value")
+    text = str(value)
+    try:
+        parsed = dt.datetime.fromisoformat(text)  # (which cuts a fraction to microseconds)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO-8601 datetime") from None
+    beyond = _BEYOND_MICROS.search(text)
+    if beyond:
+        digits = beyond.group(1)
+        rest, half = int(digits), 5 * 10 ** (len(digits) - 1)
+        if rest > half or rest == half and parsed.microsecond % 2:
+            parsed += dt.timedelta(microseconds=1)
+    return parsed
+
+
 def _parse_datetime(value: Any) -> dt.datetime:
+    if _is_datetime64(value):
+        value = _numpy_datetime(value)
     parsed = _iso(value, dt.datetime, "datetime")
     if parsed.__class__ is not dt.datetime:  # a subclass: pandas' Timestamp, say
         parsed = _plain_datetime(parsed)
@@ -343,6 +375,13 @@ def _datetime_json(value: Any) -> str:
 def _parse_date(value: Any) -> dt.date:
     if isinstance(value, dt.datetime):  # a date too, to isinstance: the time of day would be dropped
         raise ValueError(f"{value!r} is not an ISO-8601 date")
+    if _is_datetime64(value):  # a day's ('2025-01-01') is its date; one with a time of day is refused
+        if value != value:
+            raise ValueError(f"{value!r} is not a date (numpy's missing value): give None for no value")
+        try:
+            return dt.date.fromisoformat(str(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 date") from None
     return _iso(value, dt.date, "date")
 
 

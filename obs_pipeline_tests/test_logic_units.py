@@ -612,3 +612,17 @@ def test_wait_takes_an_event_that_names_the_transaction_for_its_word(payloads, e
     from obs_pipeline.ingest import TransactionBuffer
 
     assert TransactionBuffer._sleep_until_event(_Channel(*payloads), "tx-1", 0.05) == event
+
+
+def test_a_date_column_takes_numpy_days_and_refuses_their_times_and_nat():
+    """A datetime64 of a day is its date (it was 'not an ISO-8601 date'); one with a time of
+    day would lose it, and NaT is no date: refused, the NaT saying to give None."""
+    np = pytest.importorskip("numpy")
+    from obs_pipeline.column_values import converter
+
+    date = converter("date", 64, 64, None, False)
+    assert date(np.datetime64("2025-01-02")) == "2025-01-02"
+    with pytest.raises(ValueError, match=r"is not an ISO-8601 date$"):
+        date(np.datetime64("2025-01-02T03"))
+    with pytest.raises(ValueError, match=r"is not a date \(numpy's missing value\): give None for no value$"):
+        date(np.datetime64("NaT"))

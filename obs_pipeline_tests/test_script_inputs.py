@@ -38,6 +38,35 @@ def test_a_pandas_timestamp_with_nanoseconds_reads_the_same_buffered_and_replica
     assert buf.get("ExecutedObsUnit", obs["id"]) == expected
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_numpy_datetimes_from_an_array_are_taken_as_a_pandas_timestamp_is(buf, env, settings, redis_client):
+    """An element of a datetime column's array (`df["t"].to_numpy()[0]`, np.datetime64) is no
+    datetime to isinstance: refused as "is not an ISO-8601 datetime", in writes and filters.
+    Taken now as its Timestamp is: naive as UTC, nanoseconds rounded as main rounds them; its
+    NaT refused saying to give None."""
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    times = pd.DataFrame({"t": pd.to_datetime(["2025-01-01 03:00:00.000000999", "2025-01-01 04:00:00.0000024"])})
+    start, end = times["t"].to_numpy()
+    assert isinstance(start, np.datetime64)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {**OBS, "start_time": start, "end_time": end})
+    expected = {**OBS, "id": obs["id"], "start_time": "2025-01-01T03:00:00.000001+00:00",
+                "end_time": "2025-01-01T04:00:00.000002+00:00"}
+    before = site_keys(redis_client, settings.site)
+    with pytest.raises(InvalidTransaction, match=r"ExecutedObsUnit.end_time: .*NaT.* is not a time \(numpy's missing "
+                                                 r"value\): give None for no value$"):
+        buf.update("ExecutedObsUnit", obs["id"], {"end_time": np.datetime64("NaT")})
+    assert site_keys(redis_client, settings.site) == before
+    for _ in ("buffered", "replicated"):
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+        found = buf.search("ExecutedObsUnit", {"start_time": {">=": np.datetime64("2025-01-01T03:00:00.000001"),
+                                                              "<": np.datetime64("2025-01-02")}})
+        assert [r["id"] for r in found] == [obs["id"]]
+        drain_once(env)
+        assert buf.status(tx.transaction_id) == "replicated"
+
+
 def test_pandas_nat_is_refused_in_one_line_naming_none_and_buffers_nothing(buf, settings, redis_client):
     pd = pytest.importorskip("pandas")
     with pytest.raises(InvalidTransaction) as raised:
