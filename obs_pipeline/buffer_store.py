@@ -104,6 +104,16 @@ def _refuses_every_command(error: BaseException) -> bool:
         isinstance(error, redis.ResponseError) and str(error).startswith("BUSY "))
 
 
+def _raise_as_cannot_take_it(error: redis.ResponseError) -> None:
+    """Raise a script's refusal by a full Redis (Redis 6 wraps it in the script's error) as
+    OutOfMemoryError, and one by a Redis refusing writes as RedisRefusesWrites: the spool takes
+    (or keeps) the transaction. Anything else is left to the caller."""
+    if redis_is_full(error) and not isinstance(error, redis.exceptions.OutOfMemoryError):
+        raise redis.exceptions.OutOfMemoryError(str(error)) from error
+    if redis_refuses_writes(error) and not isinstance(error, RedisRefusesWrites):
+        raise RedisRefusesWrites(str(error)) from error
+
+
 def _parts(items: list[Any], size: int) -> list[list[Any]]:
     """`items` in runs of at most `size`: a chunk of large transactions (six bulk_creates of
     100,000 rows) made a DEL of 1.2 million keys, which Redis refuses beyond MAX_COMMAND_ARGS by
@@ -243,10 +253,17 @@ class BufferStore:
         try:
             self._call_buffer_script(args)
         except redis.ResponseError as error:
-            if redis_is_full(error) and not isinstance(error, redis.exceptions.OutOfMemoryError):
-                raise redis.exceptions.OutOfMemoryError(str(error)) from error  # Redis 6 wraps it in the script's error
-            if redis_refuses_writes(error) and not isinstance(error, RedisRefusesWrites):
-                raise RedisRefusesWrites(str(error)) from error
+            _raise_as_cannot_take_it(error)
+            raise
+
+    def set_aside_spooled(self, transaction_id: str | None, letter: str) -> bool:
+        """Dead-letter a spooled line the buffer script cannot take (see spool.py), with the status
+        "failed" for a usable id that has none; False if it was already (scripts.SET_ASIDE_SPOOLED).
+        Redis full or refusing writes raises as `buffer` does: the push stops, and the line waits."""
+        try:
+            return bool(self.redis.eval(scripts.SET_ASIDE_SPOOLED, 0, self.keys.prefix, transaction_id or "", letter))
+        except redis.ResponseError as error:
+            _raise_as_cannot_take_it(error)
             raise
 
     def _call_buffer_script(self, args: list[Any]) -> None:

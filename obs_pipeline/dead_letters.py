@@ -19,6 +19,10 @@ class UnknownTransaction(LookupError):
     pass
 
 
+class CannotBeRetried(ValueError):
+    """A dead letter that requeued would only fail again the same way: nothing was changed."""
+
+
 class ListKeepsChanging(RuntimeError):
     """The dead-letter list changed every time a retry or discard read it: nothing was changed."""
 
@@ -51,6 +55,13 @@ class DeadLetter:
         and it is requeued under a new id."""
         failure = self.doc.get("failure")
         return isinstance(failure, dict) and failure.get("kind") == "reused_id"
+
+    @property
+    def refused_spool_line(self) -> bool:
+        """A spooled line the buffer script could not take for what it is (spool.py): it never
+        reached Redis as a transaction, and pushed again it would be refused again."""
+        failure = self.doc.get("failure")
+        return isinstance(failure, dict) and failure.get("kind") == "refused_spool_line"
 
     def summary(self) -> dict[str, Any]:
         failure = self.doc.get("failure", {})
@@ -139,7 +150,7 @@ class DeadLetters:
         a drain dead-lettering every batch changed the list before every one of them ended)."""
         letters = self.list(pipe)
         if transaction_ids is None:
-            chosen = [letter for letter in letters if letter.transaction_id]
+            chosen = [letter for letter in letters if letter.transaction_id and not letter.refused_spool_line]
         else:
             chosen, wanted, taken = [], set(), set()  # taken: id() of the chosen letters
             for ref in transaction_ids:
@@ -147,6 +158,10 @@ class DeadLetters:
                 if copies[0].transaction_id is None:
                     raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
                                              f"retried: `obs-pipeline failed show {ref}`, then discard it")
+                if copies[0].refused_spool_line:
+                    raise CannotBeRetried(f"dead letter {ref} is a spooled line Redis could not take, and cannot be "
+                                          f"retried: `obs-pipeline failed show {ref}` shows it and why; buffer its "
+                                          f"steps again if still wanted, then `obs-pipeline failed discard {ref}`")
                 chosen += [copy for copy in copies if id(copy) not in taken]
                 taken.update(map(id, copies))
                 wanted.add(copies[0].transaction_id)

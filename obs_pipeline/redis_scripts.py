@@ -146,6 +146,24 @@ for m, ids in pairs(overlaid) do call_in_parts('SADD', p .. 'overlaid:' .. m, id
 return 1
 """
 
+# A spooled line the buffer script cannot take for what it is (spool.py) goes to the dead-letter
+# list instead, with its status "failed" where its id is usable and has no status yet. A push that
+# crashed before recording its progress sets the line aside again: a status that is already this
+# kind of letter says it was, and nothing is listed twice. ARGV = prefix, the id or '', the letter.
+# Returns 1 if listed, 0 if it was already.
+SET_ASIDE_SPOOLED = """
+local p, id, letter = ARGV[1], ARGV[2], ARGV[3]
+if id ~= '' then
+  local key = p .. 'transaction:' .. id
+  local current = redis.pcall('GET', key)
+  if type(current) == 'string' and string.find(current, '"kind":"refused_spool_line"', 1, true) then return 0 end
+  if not current then redis.call('SET', key, letter) end
+end
+redis.call('LPUSH', p .. 'failed_transactions', letter)
+redis.call('HINCRBY', p .. 'stats', 'dead_lettered_total', 1)
+return 1
+"""
+
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0

@@ -41,6 +41,7 @@ import redis
 
 from obs_pipeline import forks
 from obs_pipeline.buffer_store import BufferStore, CacheWrites, RedisRefusesWrites
+from obs_pipeline.wire import is_storable_id, status_header
 
 RETRY_INTERVAL_S = 1.0
 # The flusher's wait after an unexpected failure (Redis refusing the push with NOPERM, say, or the
@@ -62,6 +63,16 @@ PUSH_SLICE_S = 0.1
 # Between two slices a push waits this long without the lock: neither a thread lock nor a flock
 # is fair, and a push taking it back at once could keep a waiting call waiting all the same.
 PUSH_PAUSE_S = 0.002
+# A spooled line the buffer script cannot take for what it is goes to the dead-letter list as a
+# letter of this kind (see Spool._set_aside); one longer than LETTER_LINE_BYTES is kept whole beside
+# the spool and the letter quotes its start: the letter must pass the proto-max-bulk-len (at least
+# 1 MB) that may have refused the line.
+REFUSED_KIND = "refused_spool_line"
+LETTER_LINE_BYTES = 256 * 1024
+LETTER_EXCERPT_CHARS = 2000
+# A line this long is checked against Redis's size limits before it is pushed (the least either
+# of proto-max-bulk-len and client-query-buffer-limit can be set to): see _over_a_size_limit.
+SIZE_LIMITS_FLOOR = 1024 * 1024
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
@@ -379,11 +390,11 @@ class Spool:
             self._find_unpushed(cursor, file)
             deadline, pushed = time.monotonic() + PUSH_SLICE_S, 0
             for line, end in _counted_lines(file, cursor.position):
-                entry = json.loads(line)  # only the lines pushed now are parsed
-                caches = CacheWrites(created=[tuple(c) for c in entry["created"]],
-                                     overlays=[tuple(o) for o in entry["overlays"]])
-                store.buffer(entry["id"], entry["tx"], caches)
-                pushed += 1
+                try:  # only the lines pushed now are parsed
+                    _buffer_line(store, line)
+                    pushed += 1
+                except _CannotBePushed as refused:
+                    self._set_aside(store, line, str(refused))
                 try:
                     self._write_offset(cursor.index + 1)
                     cursor.offset = cursor.index + 1
@@ -403,6 +414,48 @@ class Spool:
         self.path.unlink()
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed, True
+
+    def _set_aside(self, store: BufferStore, line: bytes, why: str) -> None:
+        """Move a line the buffer script cannot take for what it is out of the spool's way: into
+        the site's dead-letter list (kind `refused_spool_line`, the line in it; one too large for
+        a letter whole in `{site}.refused.jsonl` beside the spool, fsync'd first), so the push goes
+        on with the next line. It is not retried: pushed again, it would be refused again."""
+        tx_id = _usable_id(line)
+        ref = tx_id if tx_id is not None else "#N (its place in `obs-pipeline failed list`)"
+        text = line.decode("utf-8", "surrogateescape").rstrip("\n")
+        doc: dict = {"transaction_id": tx_id}
+        if len(line) <= LETTER_LINE_BYTES:
+            doc["spool_line"] = text
+        else:
+            doc["spool_line_file"] = str(self._keep_beside(line))
+            doc["spool_line_start"] = text[:LETTER_EXCERPT_CHARS]
+        doc["failure"] = {
+            "reason": f"the spooled line cannot be pushed to Redis: {why}; it cannot be retried (it would be refused "
+                      f"again): read it with `obs-pipeline failed show {ref}`, buffer its steps again if they are "
+                      f"still wanted, then `obs-pipeline failed discard {ref}`",
+            "kind": REFUSED_KIND, "attempts": 1, "failed_at": time.time()}
+        letter = status_header("failed") + json.dumps(doc, separators=(",", ":"))[1:]
+        if store.set_aside_spooled(tx_id, letter):
+            log.warning("a spooled transaction (%s) cannot be pushed to Redis (%s): moved to the dead-letter list of "
+                        "site %s; see `obs-pipeline failed show %s`", tx_id or "no usable id", why,
+                        store.keys.site, ref)
+
+    def _keep_beside(self, line: bytes) -> Path:
+        """Append `line` whole to `{site}.refused.jsonl` beside the spool, fsync'd (its name too)."""
+        path = self.directory / f"{self.path.stem}.refused.jsonl"
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            _cut_torn_tail(fd)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_folder(self.directory)
+        return path
 
     def _find_unpushed(self, cursor: "_PushCursor", file) -> None:
         """Point the cursor at the first line after the offset in `file` (the spool, opened
@@ -501,6 +554,76 @@ class Spool:
             with self._flusher_lock:
                 self._flusher_running = False
             raise
+
+
+class _CannotBePushed(ValueError):
+    """A spooled line the buffer script cannot take for what it is, however often it is pushed."""
+
+
+def _buffer_line(store: BufferStore, line: bytes) -> None:
+    """Buffer one spooled line. Raises _CannotBePushed for a line that is not the buffer script's
+    arguments (not JSON, another layout: a hand's edit, another version's line), whose text
+    cannot be sent (a lone surrogate: refused as it is packed, before anything is sent), or that
+    is over Redis's size limits (asked first, see _over_a_size_limit; or, where Redis does not
+    say them, "Protocol error: invalid bulk length"). Whatever Redis refuses for a while (down,
+    full, read-only, BUSY, NOPERM, a connection reset...) raises as it is: the push stops there
+    and is tried again later, in order."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError) as error:
+        raise _CannotBePushed(f"it is not JSON ({_one_line(error)})") from None
+    if not isinstance(entry, dict):
+        raise _CannotBePushed("it is not a JSON object")
+    tx_id, tx_json = entry.get("id"), entry.get("tx")
+    if not isinstance(tx_id, str) or not isinstance(tx_json, str):
+        raise _CannotBePushed('its "id" and "tx" are not both text (not a line this version spools)')
+    caches = {}
+    for name in ("created", "overlays"):
+        items = entry.get(name)
+        if not isinstance(items, list) or not all(
+                isinstance(item, list) and len(item) == 3 and all(isinstance(part, str) for part in item)
+                for item in items):
+            raise _CannotBePushed(f'its "{name}" is not a list of [model, id, JSON] (not a line this version spools)')
+        caches[name] = [tuple(item) for item in items]
+    if len(line) >= SIZE_LIMITS_FLOOR:
+        too_large = _over_a_size_limit(store, tx_json, caches)
+        if too_large:
+            raise _CannotBePushed(too_large)
+    try:
+        store.buffer(tx_id, tx_json, CacheWrites(**caches))
+    except UnicodeEncodeError as error:
+        raise _CannotBePushed(f"it holds text that cannot be sent as UTF-8 ({_one_line(error)})") from None
+    except redis.ResponseError as error:
+        if not str(error).startswith("Protocol error"):
+            raise
+        raise _CannotBePushed(f"Redis refuses it: {_one_line(error)} (larger than its proto-max-bulk-len?)") from None
+
+
+def _over_a_size_limit(store: BufferStore, tx_json: str, caches: dict) -> str | None:
+    """Why Redis would refuse this line for its size, asked before it is sent: sent, a command
+    over `proto-max-bulk-len` (one argument) or `client-query-buffer-limit` (the whole) has its
+    connection reset while it is written, which reads as Redis gone away, and the push stopped
+    there for good. None if it fits, or if Redis does not say its limits (CONFIG not allowed)."""
+    sizes = [len(tx_json.encode("utf-8", "surrogatepass"))] + [
+        len(part.encode("utf-8", "surrogatepass")) for items in caches.values() for item in items for part in item]
+    largest, total = max(sizes), sum(sizes)
+    for setting, size in (("proto-max-bulk-len", largest), ("client-query-buffer-limit", total)):
+        try:
+            limit = int(store.redis.config_get(setting).get(setting) or 0)
+        except redis.ResponseError:  # a managed Redis may not allow CONFIG
+            return None
+        if limit and size > limit:
+            return f"{size} bytes, over Redis's {setting} of {limit}"
+    return None
+
+
+def _usable_id(line: bytes) -> str | None:
+    """The spooled line's transaction id, if it has one a status key can be named by."""
+    try:
+        tx_id = json.loads(line).get("id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return tx_id if is_storable_id(tx_id) else None
 
 
 class _PushCursor:

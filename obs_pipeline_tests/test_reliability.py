@@ -1332,6 +1332,116 @@ def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_
     assert queue == ["after", "whole"]
 
 
+def test_a_spooled_line_the_buffer_script_cannot_take_is_dead_lettered_and_the_push_goes_on(
+        settings, redis_client, main_engine, monkeypatch, caplog):
+    """A spooled line that is not the buffer script's arguments (another version's layout, a
+    hand's edit) is refused each time it is pushed. It stopped the push at that line for good:
+    every later call of every script of the site raised its error or spooled behind it, until
+    someone edited the spool. Now it leaves the spool for the dead-letter list (kind
+    `refused_spool_line`, the line in it), the push goes on in order, the finish that depended
+    on it is never applied (dead-lettered: no row to update), and `failed retry` refuses it in
+    one line."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    real_buffer, down = BufferStore.buffer, threading.Event()
+
+    def buffer_unless_down(self, *args):
+        if down.is_set():
+            raise redis.ConnectionError("Redis is down (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    down.set()
+    before = buffer_observations(buf, 2, finish_every=1)
+    victim = buffer_observations(buf, 1, finish_every=1)[0]
+    after = buffer_observations(buf, 2, finish_every=1)
+    assert buf.spool.pending() == 5 * 2
+    lines = buf.spool.path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):  # the start as another layout has it: the transaction as an object
+        entry = json.loads(line)
+        if entry["id"] == victim.start_tx:
+            lines[i] = json.dumps({**entry, "tx": json.loads(entry["tx"])}) + "\n"
+    buf.spool.path.write_text("".join(lines))
+    down.clear()
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.spool"):
+        assert buf.spool.flush() and not buf.spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    expected = [t for o in before for t in (o.start_tx, o.finish_tx)] + [victim.finish_tx] + [
+        t for o in after for t in (o.start_tx, o.finish_tx)]
+    assert queue == expected  # in order, the refused line left out
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).list()
+    assert [letter.transaction_id for letter in letters] == [victim.start_tx]
+    refused = letters[0]
+    assert refused.doc["failure"]["kind"] == "refused_spool_line"
+    assert '"tx"' in refused.reason and "cannot be retried" in refused.reason
+    assert json.loads(refused.doc["spool_line"])["tx"]["transaction_id"] == victim.start_tx
+    assert buf.status(victim.start_tx) == "failed"
+    assert sum(victim.start_tx in r.getMessage() and "failed show" in r.getMessage()
+               for r in caplog.records) == 1, caplog.text
+
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert_applied_exactly_once(main_engine, before + after)
+    with main_engine.connect() as conn:  # nothing of the refused one, nor of the finish that depended on it
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": victim.obs_id}).scalar_one() == 0
+    failed = {e["transaction_id"]: e for e in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {victim.start_tx, victim.finish_tx}
+    assert "to update" in failed[victim.finish_tx]["failure"]["reason"]
+
+    retry = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", victim.start_tx],
+                           env=cli_env(settings), capture_output=True, text=True)
+    assert retry.returncode == 1 and len(retry.stderr.strip().splitlines()) == 1, retry.stderr
+    assert "cannot be retried" in retry.stderr and "failed discard" in retry.stderr
+    every = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", "--all"],
+                           env=cli_env(settings), capture_output=True, text=True, check=True)
+    assert "requeued 1 transaction(s)" in every.stderr and "1 spooled line(s)" in every.stderr, every.stderr
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [victim.start_tx]
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", victim.start_tx],
+                   env=cli_env(settings), check=True, capture_output=True)
+    assert redis_client.llen(keys.failed) == 0 and buf.status(victim.start_tx) is None
+    buf.close()
+
+
+def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_push_goes_on(
+        settings, redis_client, tmp_path):
+    """A line larger than Redis's `proto-max-bulk-len` (1 MB at least: a managed Redis's may be
+    that low), spooled while Redis was down, is refused however often it is pushed: "Protocol
+    error: invalid bulk length", or, as often, its connection reset while it is sent (read as
+    Redis gone away: the push stopped there for good). It is checked against the limit before it
+    is sent, and goes to the dead-letter list too, whole in a side file beside the spool (a letter
+    that held it would be refused alike); a crash before the push recorded that sets it aside
+    again, and it is listed once."""
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    big = {"transaction_id": "big", "metadata": {"observing_log": "x" * 1_100_000},
+           "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 1, "name": "b"}}]}
+    for tx_id, tx_json in (("a1", _spool_line("a1")[1]), ("big", json.dumps(big)), ("a2", _spool_line("a2")[1])):
+        spool.buffer(_RedisDown(), tx_id, tx_json, _spool_line(tx_id)[2])
+    limit = redis_client.config_get("proto-max-bulk-len")["proto-max-bulk-len"]
+    redis_client.config_set("proto-max-bulk-len", 1024 * 1024)
+    try:
+        spooled = spool.path.read_bytes()
+        assert spool.flush() and not spool.path.exists()
+        spool.path.write_bytes(spooled)  # as a push that crashed after setting big aside left it
+        spool._write_offset(1)
+        assert spool.flush() and not spool.path.exists()
+    finally:
+        redis_client.config_set("proto-max-bulk-len", limit)
+    keys = SiteKeys(settings.site)
+    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [letter["transaction_id"] for letter in letters] == ["big"]
+    assert "over Redis's proto-max-bulk-len of 1048576" in letters[0]["failure"]["reason"]
+    kept = letters[0]["spool_line_file"]
+    assert os.path.dirname(kept) == str(tmp_path)
+    with open(kept) as side:
+        assert json.loads(json.loads(side.readline())["tx"]) == big
+
+
 @pytest.mark.parametrize("same_batch", [False, True])
 def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_the_row(
         settings, redis_client, main_engine, same_batch):
