@@ -9,7 +9,9 @@ push holds the spool's lock a slice at a time (PUSH_SLICE_S): a call that finds 
 spooled after its slice appends its own behind them. After Redis
 did not answer in time, calls spool without asking it for REDIS_RETRY_AFTER_S. A crash while pushing can push one line twice, and a push whose reply timed out
 may have been buffered after all: the buffer script leaves a transaction that is already in
-Redis as it is, so nothing is doubled.
+Redis as it is, so nothing is doubled. A line the buffer script cannot take for what it is (see
+_buffer_line) would stop every push there for good: it goes to the site's dead-letter list
+instead (Spool._set_aside), and the push goes on with the next line.
 
 Every script of a site on one host shares the site's spool file: appending and pushing hold
 an exclusive `flock` on `{site}.lock` beside it (and a thread lock within a process), or one
