@@ -215,15 +215,16 @@ class Spool:
 
     def unpushed(self, containing: str | None = None) -> list[dict]:
         """The spooled transactions not pushed yet, oldest first, each {"id", "tx", "created",
-        "overlays"} as appended; `containing`: only lines holding this text (reads look for a
-        model's or a record's writes here while Redis cannot take them)."""
+        "overlays"} as appended (a line that is not one is skipped, see _readable); `containing`:
+        only lines holding this text (reads look for a model's or a record's writes here while
+        Redis cannot take them)."""
         if not self.path.exists():
             return []
         needle = containing.encode() if containing is not None else None
         with self._locked(shared=True):
             offset = self._offset()  # counted over every line, as the push counts them
-            return [json.loads(line) for index, line in enumerate(self._lines())
-                    if index >= offset and (needle is None or needle in line)]
+            return list(_readable(line for index, line in enumerate(self._lines())
+                                  if index >= offset and (needle is None or needle in line)))
 
     def pending(self) -> int:
         if not self.path.exists():
@@ -570,23 +571,9 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
     say them, "Protocol error: invalid bulk length"). Whatever Redis refuses for a while (down,
     full, read-only, BUSY, NOPERM, a connection reset...) raises as it is: the push stops there
     and is tried again later, in order."""
-    try:
-        entry = json.loads(line)
-    except (ValueError, RecursionError) as error:
-        raise _CannotBePushed(f"it is not JSON ({_one_line(error)})") from None
-    if not isinstance(entry, dict):
-        raise _CannotBePushed("it is not a JSON object")
-    tx_id, tx_json = entry.get("id"), entry.get("tx")
-    if not isinstance(tx_id, str) or not isinstance(tx_json, str):
-        raise _CannotBePushed('its "id" and "tx" are not both text (not a line this version spools)')
-    caches = {}
-    for name in ("created", "overlays"):
-        items = entry.get(name)
-        if not isinstance(items, list) or not all(
-                isinstance(item, list) and len(item) == 3 and all(isinstance(part, str) for part in item)
-                for item in items):
-            raise _CannotBePushed(f'its "{name}" is not a list of [model, id, JSON] (not a line this version spools)')
-        caches[name] = [tuple(item) for item in items]
+    entry = _spooled_entry(line)
+    tx_id, tx_json = entry["id"], entry["tx"]
+    caches = {name: [tuple(item) for item in entry[name]] for name in ("created", "overlays")}
     if len(line) >= SIZE_LIMITS_FLOOR:
         too_large = _over_a_size_limit(store, tx_json, caches)
         if too_large:
@@ -599,6 +586,36 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
         if not str(error).startswith("Protocol error"):
             raise
         raise _CannotBePushed(f"Redis refuses it: {_one_line(error)} (larger than its proto-max-bulk-len?)") from None
+
+
+def _spooled_entry(line: bytes) -> dict:
+    """The line as appended, {"id", "tx", "created", "overlays"}; _CannotBePushed, saying why, for
+    one that is not (not JSON, another layout: a hand's edit, another version's line)."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError) as error:
+        raise _CannotBePushed(f"it is not JSON ({_one_line(error)})") from None
+    if not isinstance(entry, dict):
+        raise _CannotBePushed("it is not a JSON object")
+    if not isinstance(entry.get("id"), str) or not isinstance(entry.get("tx"), str):
+        raise _CannotBePushed('its "id" and "tx" are not both text (not a line this version spools)')
+    for name in ("created", "overlays"):
+        items = entry.get(name)
+        if not isinstance(items, list) or not all(
+                isinstance(item, list) and len(item) == 3 and all(isinstance(part, str) for part in item)
+                for item in items):
+            raise _CannotBePushed(f'its "{name}" is not a list of [model, id, JSON] (not a line this version spools)')
+    return entry
+
+
+def _readable(lines: Iterator[bytes]) -> Iterator[dict]:
+    """The lines that are spooled transactions, parsed; one that is not is skipped (the push sets
+    it aside, see Spool._set_aside): a read that raised its error failed until it was pushed."""
+    for line in lines:
+        try:
+            yield _spooled_entry(line)
+        except _CannotBePushed:
+            continue
 
 
 def _over_a_size_limit(store: BufferStore, tx_json: str, caches: dict) -> str | None:

@@ -1442,6 +1442,36 @@ def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_pus
         assert json.loads(json.loads(side.readline())["tx"]) == big
 
 
+def test_reads_while_a_spooled_line_cannot_be_read_answer_from_the_others(settings, redis_client, monkeypatch):
+    """While Redis cannot take transactions, status() and get() read the spool. A line there that
+    is not the spool's (a hand's edit gone wrong: cut JSON with the record's id in it) made them
+    raise its JSON error until it was pushed (and the push then stopped at it). They skip it now,
+    as the push sets it aside."""
+    real_buffer, down = BufferStore.buffer, threading.Event()
+
+    def buffer_unless_down(self, *args):
+        if down.is_set():
+            raise redis.ConnectionError("Redis is down (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    buf = TransactionBuffer(settings=settings)
+    down.set()
+    spooled = buffer_observations(buf, 1, finish_every=0)[0]
+    with open(buf.spool.path, "rb+") as spool_file:  # a copy of the line, cut short by a hand
+        line = spool_file.readline()
+        spool_file.seek(0, os.SEEK_END)
+        spool_file.write(line[:len(line) // 2] + b"\n")
+    assert buf.status(spooled.start_tx) == "pending"
+    assert buf.get("ExecutedObsUnit", spooled.obs_id)["status"] == "running"
+    down.clear()
+    assert buf.spool.flush() and not buf.spool.exists()
+    assert buf.status(spooled.start_tx) == "pending"  # pushed; the cut copy dead-lettered
+    assert [json.loads(e)["failure"]["kind"] for e in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)] == [
+        "refused_spool_line"]
+    buf.close()
+
+
 @pytest.mark.parametrize("same_batch", [False, True])
 def test_an_update_held_back_by_a_failure_is_not_overtaken_by_a_newer_update_of_the_row(
         settings, redis_client, main_engine, same_batch):
