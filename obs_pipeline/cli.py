@@ -258,8 +258,10 @@ def cmd_spool(args: argparse.Namespace) -> int:
             left = spool.pending()
             raise RuntimeError(f"{_one_line(error)} ({left} transaction(s) still wait in the spool {spool.path})") \
                 from error
-        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} is empty",
-              file=sys.stderr)
+        aside = (f"; {spool.set_aside} line(s) Redis could not take moved to the dead-letter list (`obs-pipeline "
+                 "failed list`)" if spool.set_aside else "")
+        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} is empty"
+              + aside, file=sys.stderr)
         return 0
     finally:
         client.close()

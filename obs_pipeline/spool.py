@@ -113,6 +113,7 @@ class Spool:
         self._flush_store = flush_store
         self._lock_fd: int | None = None  # the lock file's descriptor while _locked holds it
         self._cursor = _PushCursor()  # where this process's push stopped (used under the lock)
+        self.set_aside = 0  # lines this process's pushes moved to the dead-letter list (_set_aside)
         forks.renew_in_forked_children(self)
 
     def _after_fork_in_child(self) -> None:
@@ -423,10 +424,10 @@ class Spool:
         the site's dead-letter list (kind `refused_spool_line`, the line in it; one too large for
         a letter whole in `{site}.refused.jsonl` beside the spool, fsync'd first), so the push goes
         on with the next line. It is not retried: pushed again, it would be refused again."""
-        tx_id = _usable_id(line)
-        ref = tx_id if tx_id is not None else "#N (its place in `obs-pipeline failed list`)"
+        tx_id, endpoint = _id_and_endpoint(line)
+        ref = tx_id if tx_id is not None else "#N"
         text = line.decode("utf-8", "surrogateescape").rstrip("\n")
-        doc: dict = {"transaction_id": tx_id}
+        doc: dict = {"transaction_id": tx_id, "endpoint": endpoint}
         if len(line) <= LETTER_LINE_BYTES:
             doc["spool_line"] = text
         else:
@@ -435,10 +436,12 @@ class Spool:
         doc["failure"] = {
             "reason": f"the spooled line cannot be pushed to Redis: {why}; it cannot be retried (it would be refused "
                       f"again): read it with `obs-pipeline failed show {ref}`, buffer its steps again if they are "
-                      f"still wanted, then `obs-pipeline failed discard {ref}`",
+                      f"still wanted, then `obs-pipeline failed discard {ref}`"
+                      + (" (#N: its place in `failed list`)" if tx_id is None else ""),
             "kind": REFUSED_KIND, "attempts": 1, "failed_at": time.time()}
         letter = status_header("failed") + json.dumps(doc, separators=(",", ":"))[1:]
         if store.set_aside_spooled(tx_id, letter):
+            self.set_aside += 1
             log.warning("a spooled transaction (%s) cannot be pushed to Redis (%s): moved to the dead-letter list of "
                         "site %s; see `obs-pipeline failed show %s`", tx_id or "no usable id", why,
                         store.keys.site, ref)
@@ -636,13 +639,20 @@ def _over_a_size_limit(store: BufferStore, tx_json: str, caches: dict) -> str | 
     return None
 
 
-def _usable_id(line: bytes) -> str | None:
-    """The spooled line's transaction id, if it has one a status key can be named by."""
+def _id_and_endpoint(line: bytes) -> tuple[str | None, str | None]:
+    """A refused line's transaction id, if it has one a status key can be named by, and its
+    transaction's endpoint, if that reads (`failed list` shows both)."""
     try:
-        tx_id = json.loads(line).get("id")
+        entry = json.loads(line)
+        tx_id = entry.get("id")
     except (ValueError, RecursionError, AttributeError):
-        return None
-    return tx_id if is_storable_id(tx_id) else None
+        return None, None
+    try:
+        tx = entry.get("tx")
+        endpoint = (json.loads(tx) if isinstance(tx, str) else tx).get("endpoint")
+    except (ValueError, RecursionError, AttributeError):
+        endpoint = None
+    return (tx_id if is_storable_id(tx_id) else None), (endpoint if isinstance(endpoint, str) else None)
 
 
 class _PushCursor:

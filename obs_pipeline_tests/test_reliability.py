@@ -1426,9 +1426,10 @@ def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_pus
     try:
         spooled = spool.path.read_bytes()
         assert spool.flush() and not spool.path.exists()
+        assert spool.set_aside == 1  # (`obs-pipeline spool push` says how many)
         spool.path.write_bytes(spooled)  # as a push that crashed after setting big aside left it
         spool._write_offset(1)
-        assert spool.flush() and not spool.path.exists()
+        assert spool.flush() and not spool.path.exists() and spool.set_aside == 1
     finally:
         redis_client.config_set("proto-max-bulk-len", limit)
     keys = SiteKeys(settings.site)
