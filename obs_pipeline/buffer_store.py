@@ -12,6 +12,7 @@ import json
 import math
 import os
 import select
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,6 +69,19 @@ def redis_trouble(error: BaseException) -> str | None:
         return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
                 "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")
     return None
+
+
+def lost_while_watching(error: redis.WatchError) -> BaseException | None:
+    """The ConnectionError or TimeoutError behind this WatchError; None for a real conflict (a
+    watched key changed). redis-py raises a connection reset or a socket timeout that happens
+    while a pipeline WATCHes keys, the EXEC's reply awaited included, as a WatchError, raised as
+    it handles that error (its `__context__`): taken for a conflict, a retry whose EXEC Redis
+    had applied read the list again and acted on what was left, and a drain whose
+    acknowledgement timed out said another drain had taken its lease. (Call it only on a
+    WatchError from a pipeline not run inside an `except` clause: there, a conflict's context
+    is the error being handled.)"""
+    lost = error.__context__
+    return lost if isinstance(lost, (redis.ConnectionError, redis.TimeoutError, socket.timeout)) else None
 
 
 class RedisRefusesWrites(redis.ResponseError):
@@ -493,7 +507,10 @@ class BufferStore:
                     self._unpark_step(pipe, outcome.unpark)
                 replies = pipe.execute()
                 unparking = replies[-1] if outcome.unpark else 0
-            except redis.WatchError:
+            except redis.WatchError as error:
+                lost = lost_while_watching(error)
+                if lost is not None:  # as any Redis error of a step: the run ends, and the next claims
+                    raise lost from None  # what the processing list holds (the EXEC may have run, or not)
                 if rows and self.lease_holder() == token:
                     raise HoldsChanged(f"the holds of site {k.site} changed during acknowledgement: "
                                        "claiming the batch again") from None

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from obs_pipeline.buffer_store import BufferStore
+from obs_pipeline.buffer_store import BufferStore, lost_while_watching
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, new_uuid, one_line, validate,
                                written_ids)
@@ -27,10 +27,21 @@ class ListKeepsChanging(RuntimeError):
     """The dead-letter list changed every time a retry or discard read it: nothing was changed."""
 
 
+class RedisLostMidChange(RuntimeError):
+    """The connection to Redis was lost, or Redis did not answer in time, while a retry or
+    discard WATCHed the list: before its MULTI was sent nothing changed; after, Redis may have
+    applied it (a `retry --all` of a million letters did, past the CLI's 5 s socket timeout).
+    Not tried again: reading the list anew acts on what is left, and says what it did then."""
+
+
 READS = 20  # a retry or discard reads the list at most this often before it gives up, saying why
 # Letters per LPUSH when the list is written anew (_remove): one LPUSH of every letter kept passed
 # the 1,048,576 arguments Redis takes with a million letters (it resets the connection)
 REWRITE_CHUNK = 10_000
+# The socket timeout a retry or discard gives its MULTI: the client's own plus this per argument
+# queued. Redis ran a retry of 50,000 letters (350,000 arguments) in 1.5 s, ~4 us each; a
+# million outlasted the CLI's 5 s, and Redis applied what the CLI was told had timed out.
+EXEC_S_PER_ARGUMENT = 20e-6
 
 
 @dataclass
@@ -111,7 +122,7 @@ class DeadLetters:
     def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
         """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
-        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared))
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared), "retry")
 
     def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
@@ -123,31 +134,51 @@ class DeadLetters:
     def discard_each(self, refs: list[str]) -> list[int]:
         """`discard` of each, all named in one reading of the list and dropped in one MULTI: one
         that names no letter changes nothing (UnknownTransaction), not the ones before it."""
-        return self._while_unchanged(lambda pipe: self._discard(pipe, refs))
+        return self._while_unchanged(lambda pipe: self._discard(pipe, refs), "discard")
 
-    def _while_unchanged(self, act: Any) -> Any:
+    def _while_unchanged(self, act: Any, action: str) -> Any:
         """Run `act(pipe)`: it reads the list on `pipe`, which WATCHes it, then queues its writes in
-        one MULTI. If the list changed in between (another operator's retry or discard of the same
-        letter, a dead letter the drain added), nothing is written and it reads again: acting on
-        what it read then would requeue a discarded letter, requeue one twice, or delete the
-        status and caches of one queued again. A drain that dead-letters as it goes may change it
-        at every read: after READS of them it gives up with one line (it read again for ever)."""
+        one MULTI, sent here. If the list changed in between (another operator's retry or discard
+        of the same letter, a dead letter the drain added), nothing is written and it reads again:
+        acting on what it read then would requeue a discarded letter, requeue one twice, or delete
+        the status and caches of one queued again. A drain that dead-letters as it goes may change
+        it at every read: after READS of them it gives up with one line (it read again for ever).
+        A connection lost meanwhile is said as such (RedisLostMidChange), never read again."""
         for _ in range(READS):
             with self.store.redis.pipeline(transaction=True) as pipe:
+                sent = False
                 try:
                     pipe.watch(self.keys.failed)
-                    return act(pipe)
-                except redis.WatchError:
-                    continue
+                    result = act(pipe)
+                    sent = True
+                    _execute_patiently(pipe)
+                    return result
+                except redis.WatchError as error:
+                    lost = lost_while_watching(error)
+                    if lost is None:
+                        continue
+                    raise self._lost_line(action, lost, sent) from lost
         raise ListKeepsChanging(f"the dead-letter list of site {self.keys.site} changed each of the {READS} times "
                                 "this read it (a drain is dead-lettering as it goes); nothing was changed: stop the "
                                 "drain for a moment (the Dagster sensor, `obs-pipeline drain`), then run it again")
+
+    def _lost_line(self, action: str, lost: BaseException, sent: bool) -> RedisLostMidChange:
+        """What the operator is told: once the MULTI is sent, whether Redis ran it cannot be known here."""
+        what = ("Redis did not answer in time" if isinstance(lost, (redis.TimeoutError, TimeoutError))
+                else "the connection to Redis was lost")
+        if not sent:
+            return RedisLostMidChange(f"{what} ({one_line(lost)}) while the {action} read the dead-letter list of "
+                                      f"site {self.keys.site}; nothing was changed: run it again")
+        return RedisLostMidChange(f"{what} ({one_line(lost)}) after the {action} was sent to it: Redis may have "
+                                  f"applied it; check `obs-pipeline failed list` (site {self.keys.site}) before "
+                                  "running it again")
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
                prepared: dict[str, tuple[str, set[str] | None, str]]) -> list[str]:
         """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
-        a drain dead-lettering every batch changed the list before every one of them ended)."""
+        a drain dead-lettering every batch changed the list before every one of them ended).
+        Queues its writes in `pipe`'s MULTI; _while_unchanged sends it."""
         letters = self.list(pipe)
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id and not letter.refused_spool_line]
@@ -216,7 +247,6 @@ class DeadLetters:
             own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
             self.store.unhold(own, pipe, dead_only=True)
             self.store.hold(renamed, pipe)
-        pipe.execute()
         return [prepared[letter.raw][2] for letter in requeued]
 
     def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:
@@ -252,6 +282,7 @@ class DeadLetters:
         return copies
 
     def _discard(self, pipe: Any, refs: list[str]) -> list[int]:
+        """As _retry: reads on `pipe`, queues the writes in its MULTI."""
         letters = self.list(pipe)
         meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
         owned_elsewhere = self._owned_elsewhere(pipe, [copies[0] for copies in meant])
@@ -281,7 +312,6 @@ class DeadLetters:
             if footprint and its_own:
                 self.store.forget(footprint, pipe)
         _remove(pipe, self.keys.failed, letters, removed)
-        pipe.execute()
         return [len(copies) for copies in meant]
 
     def _owned_elsewhere(self, pipe: Any, letters: list[DeadLetter]) -> set[str]:
@@ -315,6 +345,22 @@ class DeadLetters:
             if tx is not None:
                 rows.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
         return rows
+
+
+def _execute_patiently(pipe: Any) -> None:
+    """`pipe.execute()`, the socket timeout of its connection raised for it by EXEC_S_PER_ARGUMENT
+    per argument queued, then set back (a connection lost meanwhile gets the client's own anew).
+    (A redis-py without `update_current_socket_timeout` keeps the client's.)"""
+    conn = pipe.connection
+    own = getattr(conn, "socket_timeout", None)
+    if own is None or not hasattr(conn, "update_current_socket_timeout"):
+        pipe.execute()
+        return
+    conn.update_current_socket_timeout(own + EXEC_S_PER_ARGUMENT * sum(len(args) for args, _ in pipe.command_stack))
+    try:
+        pipe.execute()
+    finally:
+        conn.update_current_socket_timeout(own)
 
 
 def _status(raw: bytes | None) -> str | None:

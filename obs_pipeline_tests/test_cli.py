@@ -655,6 +655,130 @@ def test_two_operators_acting_on_one_dead_letter_at_once_do_it_once(settings, re
     assert set(redis_client.hvals(keys.held_ids)) == (set() if first == "discard" else {tx_id.encode()})
 
 
+def _letter_state(redis_client, keys, tx_id) -> tuple[int, list[str], str | None]:
+    """(letters of `tx_id` listed, ids queued in the buffer, its status)."""
+    listed = [raw for raw in redis_client.lrange(keys.failed, 0, -1) if json.loads(raw)["transaction_id"] == tx_id]
+    queued = [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)]
+    status = redis_client.get(keys.transaction(tx_id))
+    return len(listed), queued, json.loads(status)["status"] if status else None
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("action", ["retry", "discard"])
+def test_a_retry_or_discard_redis_applied_past_the_socket_timeout_says_so_and_acts_once(settings, redis_client,
+                                                                                       monkeypatch, action):
+    """`failed retry --all` of a million letters: Redis ran the MULTI, past the CLI's 5 s socket
+    timeout. redis-py raises a timeout while a pipeline WATCHes as a WatchError, which the retry
+    took for the list changed: it read the list again and acted on what was left (here: "no
+    dead-lettered transaction", the letter requeued); with a million, 20 reads, then "a drain is
+    dead-lettering as it goes". It must say Redis did not answer and that it may have applied it."""
+    import redis as redis_lib
+
+    from obs_pipeline.dead_letters import RedisLostMidChange
+    from obs_pipeline_tests.workload import exec_answered_late
+
+    tx_id, _ = dead_poison(settings)
+    keys = SiteKeys(settings.site)
+    ours = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url, socket_timeout=5))
+    execute = redis_lib.client.Pipeline.execute
+    armed = [True]
+
+    def execute_answered_late(pipe, *args, **kwargs):
+        if armed[0] and pipe.watching and pipe.connection_pool is ours.store.redis.connection_pool:
+            armed[0] = False
+            exec_answered_late(pipe)
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_answered_late)
+    with pytest.raises(RedisLostMidChange) as lost:
+        getattr(ours, action)([tx_id] if action == "retry" else tx_id)
+    monkeypatch.undo()
+    line = str(lost.value)
+    assert line.startswith("Redis did not answer in time (Timeout reading from ") and line.endswith(
+        f") after the {action} was sent to it: Redis may have applied it; check `obs-pipeline failed list` (site "
+        f"{settings.site}) before running it again"), line
+    redis_client.ping()  # (after the MULTI)
+    assert _letter_state(redis_client, keys, tx_id) == ((0, [tx_id], "pending") if action == "retry" else (0, [], None))
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_retry_gives_its_multi_a_socket_timeout_that_grows_with_it(settings, redis_client, monkeypatch):
+    """The CLI's client times out after 5 s, and Redis ran the MULTI of `retry --all` with a
+    million letters for longer: the retry waits for it in proportion to what it sends
+    (EXEC_S_PER_ARGUMENT, raised here so that a MULTI of one letter is given seconds), and the
+    connection has the client's own timeout again after it."""
+    import redis as redis_lib
+
+    from obs_pipeline import dead_letters
+    from obs_pipeline_tests.workload import HOLD_REDIS
+
+    tx_id, _ = dead_poison(settings)
+    keys = SiteKeys(settings.site)
+    ours = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url, socket_timeout=0.3))
+    monkeypatch.setattr(dead_letters, "EXEC_S_PER_ARGUMENT", 0.5)
+    execute = redis_lib.client.Pipeline.execute
+
+    def execute_held(pipe, *args, **kwargs):
+        if pipe.watching and pipe.connection_pool is ours.store.redis.connection_pool:
+            pipe.eval(HOLD_REDIS, 0, 1.0)  # Redis takes 1 s over this MULTI
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_held)
+    assert ours.retry([tx_id]) == [tx_id]
+    monkeypatch.undo()
+    assert _letter_state(redis_client, keys, tx_id) == (0, [tx_id], "pending")
+    with pytest.raises(redis_lib.TimeoutError):  # on the same pooled connection: 0.3 s again
+        ours.store.redis.eval(HOLD_REDIS, 0, 0.6)
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("moment", ["read", "exec"])
+def test_a_retry_whose_connection_redis_closed_says_so_and_is_not_sent_again(settings, redis_client, monkeypatch,
+                                                                            moment):
+    """The connection reset while the retry WATCHes the list, as it reads it or as it sends its
+    MULTI: redis-py raises that as a WatchError, and the retry read the list again and sent its
+    MULTI a second time, unsaid. Had Redis run the first (a reset after it, see above), the second
+    acted on what was left. It must stop with one line saying whether the MULTI was sent, and
+    having run nothing twice; run again, it requeues the letter once."""
+    import redis as redis_lib
+
+    from obs_pipeline.dead_letters import DeadLetters, RedisLostMidChange
+    from obs_pipeline_tests.workload import kill_connection
+
+    tx_id, _ = dead_poison(settings)
+    keys = SiteKeys(settings.site)
+    ours = dead_letters_of(settings, redis_lib.Redis.from_url(settings.redis_url, socket_timeout=5))
+    execute, read = redis_lib.client.Pipeline.execute, DeadLetters.list
+    armed = [True]
+
+    def execute_on_a_closed_connection(pipe, *args, **kwargs):
+        if moment == "exec" and armed[0] and pipe.watching and pipe.connection_pool is ours.store.redis.connection_pool:
+            armed[0] = False
+            kill_connection(redis_client, pipe)
+        return execute(pipe, *args, **kwargs)
+
+    def read_on_a_closed_connection(letters, client=None):
+        if moment == "read" and armed[0] and client is not None:
+            armed[0] = False
+            kill_connection(redis_client, client)
+        return read(letters, client)
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_on_a_closed_connection)
+    monkeypatch.setattr(DeadLetters, "list", read_on_a_closed_connection)
+    with pytest.raises(RedisLostMidChange) as lost:
+        ours.retry([tx_id])
+    monkeypatch.undo()
+    line = str(lost.value)
+    assert line.startswith("the connection to Redis was lost (") and "\n" not in line, line
+    assert line.endswith("after the retry was sent to it: Redis may have applied it; check `obs-pipeline failed "
+                         f"list` (site {settings.site}) before running it again" if moment == "exec" else
+                         f"while the retry read the dead-letter list of site {settings.site}; nothing was changed: "
+                         "run it again"), line
+    assert _letter_state(redis_client, keys, tx_id) == (1, [], "failed")  # Redis closed it before the MULTI came
+    assert ours.retry([tx_id]) == [tx_id]
+    assert _letter_state(redis_client, keys, tx_id) == (0, [tx_id], "pending")
+
+
 class Killed(BaseException):
     """The operator's command dies here (kill -9, a lost link): nothing more reaches Redis."""
 

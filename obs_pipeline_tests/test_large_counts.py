@@ -154,7 +154,11 @@ def test_a_retry_beside_more_dead_letters_than_one_redis_call_takes_keeps_them_i
         for part in range(1, others, 10_000):
             redis_client.lpush(keys.failed, *oldest_first[part:part + 10_000])
 
-        requeued = dead_letters_of(settings, redis_client).retry([poison])
+        cli_like = redis.Redis.from_url(settings.redis_url, socket_timeout=5)  # as `failed retry` has it
+        try:  # (its MULTI gets more: dead_letters.EXEC_S_PER_ARGUMENT)
+            requeued = dead_letters_of(settings, cli_like).retry([poison])
+        finally:
+            cli_like.close()
 
         assert requeued == [poison, *blocked]
         assert redis_client.llen(keys.failed) == others

@@ -101,6 +101,57 @@ def test_a_second_drain_never_works_the_same_site_concurrently(settings):
 
 
 
+@pytest.mark.parametrize("fault", ["answered late", "connection closed"])
+def test_a_drain_whose_acknowledgement_loses_redis_says_so_and_the_next_run_loses_and_doubles_nothing(
+        settings, redis_client, main_engine, monkeypatch, fault):
+    """The acknowledgement is a MULTI under WATCH on the lease: a socket timeout waiting for its
+    EXEC (Redis applied it) or a connection Redis closed (it did not) is raised by redis-py as a
+    WatchError, and the drain took it for its lease taken by another drain: it stopped, saying so,
+    its lease held till its TTL. It is a Redis error like any other (the run ends with it); the
+    next run finds the batch acknowledged or still in processing, and applies each once."""
+    from obs_pipeline_tests.workload import exec_answered_late, kill_connection
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 10, finish_every=2)  # 15 transactions, one batch
+    buf.close()
+    keys = SiteKeys(settings.site)
+    drain = Drain(settings, DrainConfig(lease_ttl_s=60.0))
+    execute = redis.client.Pipeline.execute
+    armed = [True]
+
+    def execute_losing_redis(pipe, *args, **kwargs):
+        if armed[0] and pipe.watching and pipe.connection_pool is drain.redis.connection_pool:
+            armed[0] = False
+            if fault == "answered late":
+                exec_answered_late(pipe)
+            else:
+                kill_connection(redis_client, pipe)
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute_losing_redis)
+    try:
+        drain.acquire()
+        with pytest.raises(redis.TimeoutError if fault == "answered late" else redis.ConnectionError):
+            drain.step()
+    finally:
+        monkeypatch.undo()
+        drain.close()
+    assert not armed[0]
+    redis_client.ping()  # (after the MULTI)
+    assert redis_client.llen(keys.processing) == (0 if fault == "answered late" else 15)  # applied, or not
+    assert redis_client.get(keys.lease) is None  # released as the run ended
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
+    assert int(redis_client.hget(keys.stats, "applied_total")) == len(ids)
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {check.status(i) for i in ids} == {"replicated"}
+    finally:
+        check.close()
+
+
 def test_a_drain_whose_lease_cannot_be_released_still_closes_its_connection_to_main(
         settings, redis_client, main_engine, monkeypatch, caplog):
     """Drain.close() released the lease first: with Redis gone at that moment, its error

@@ -172,3 +172,26 @@ def cancelled_once_while_sleeping(main_engine, application_name: str, wait_s: fl
     finally:
         done.set()
         watcher.join(timeout=30)
+
+
+# Holds Redis for ARGV[1] seconds (TIME advances inside a script; the spin cap bounds it anyway)
+HOLD_REDIS = """local function now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
+local start, spins = now(), 0
+while now() - start < tonumber(ARGV[1]) * 1000000 and spins < 50000000 do spins = spins + 1 end
+return spins"""
+
+
+def exec_answered_late(pipe, seconds: float = 1.5, timeout_s: float = 0.3) -> None:
+    """Make this WATCHing pipeline's MULTI, queued and not yet sent, hold Redis `seconds`, past a
+    socket timeout of `timeout_s` on its connection (this socket only): Redis applies all of it,
+    and the client times out waiting for the EXEC's reply, as a `retry --all` of a million letters
+    did past the CLI's 5 s."""
+    pipe.eval(HOLD_REDIS, 0, seconds)
+    pipe.connection.update_current_socket_timeout(timeout_s)
+
+
+def kill_connection(redis_client, pipe) -> None:
+    """Redis closes this WATCHing pipeline's connection (CLIENT KILL), as a restart or a reset link
+    would: what it sends next is lost."""
+    pipe.connection.send_command("CLIENT", "ID")
+    redis_client.client_kill_filter(_id=pipe.connection.read_response())

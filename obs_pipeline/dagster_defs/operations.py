@@ -36,7 +36,7 @@ from obs_pipeline.dagster_defs.jobs import (
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import ListKeepsChanging, UnknownTransaction
+from obs_pipeline.dead_letters import ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import REPLICA_STUCK_AFTER_S, replication_lag
 from obs_pipeline.schema import prune_applied
 
@@ -57,8 +57,9 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
         ids = letters.retry(None if config.all else config.transaction_ids)
         context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
-    except (UnknownTransaction, ListKeepsChanging) as error:  # a mistyped id, or a list the drain's runs
-        # change at every read (nothing changed: stop the sensor a moment): its line, not a wrapped traceback
+    except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped id, a list the
+        # drain's runs change at every read (nothing changed: stop the sensor a moment), Redis lost mid-way (it
+        # says whether the MULTI was sent): its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
     finally:
         letters.store.redis.close()
@@ -86,7 +87,7 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
             ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
             for ref, n in zip(config.transaction_ids, counts)))
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
-    except (UnknownTransaction, ListKeepsChanging) as error:  # as in requeue_dead_letters
+    except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # as in requeue_dead_letters
         raise Failure(description=str(error)) from error
     finally:
         letters.store.redis.close()
