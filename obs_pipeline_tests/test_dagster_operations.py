@@ -747,6 +747,25 @@ def test_a_retry_run_that_finds_the_list_changing_fails_saying_what_to_do(settin
     assert redis_client.llen(keys.buffer) == 0 and redis_client.llen(keys.failed) == 21  # nothing requeued
 
 
+def test_a_retry_run_of_a_spooled_line_redis_could_not_take_fails_in_its_line_and_keeps_it(
+        settings, resource, redis_client):
+    """A `refused_spool_line` letter cannot be retried (pushed again it is refused again): the
+    CLI says so in one line; the retry job failed with "Error occurred while executing op"."""
+    keys = SiteKeys(settings.site)
+    letter = {"transaction_id": "obs-1", "spool_line": "{not json",
+              "failure": {"reason": "the spooled line cannot be pushed to Redis", "kind": "refused_spool_line"}}
+    redis_client.lpush(keys.failed, json.dumps(letter))
+    result = retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource}, raise_on_error=False,
+        run_config={"ops": {"requeue_dead_letters": {"config": {"transaction_ids": ["obs-1"]}}}})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message
+    assert "dead letter obs-1 is a spooled line Redis could not take, and cannot be retried" in message, message
+    assert "Error occurred while executing op" not in message
+    assert redis_client.llen(keys.buffer) == 0 and redis_client.llen(keys.failed) == 1  # nothing requeued
+
+
 def test_a_terminated_drain_run_stops_and_its_op_is_not_retried(settings, resource, redis_client):
     """Terminate (the UI's button) marks the run CANCELING and interrupts its worker (SIGINT).
     With the in-process executor, drain_batches' RetryPolicy took that interrupt for a failure

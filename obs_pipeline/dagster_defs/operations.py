@@ -36,7 +36,7 @@ from obs_pipeline.dagster_defs.jobs import (
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import ListKeepsChanging, RedisLostMidChange, UnknownTransaction
+from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import REPLICA_STUCK_AFTER_S, replication_lag
 from obs_pipeline.schema import prune_applied
 
@@ -57,9 +57,9 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
         ids = letters.retry(None if config.all else config.transaction_ids)
         context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
-    except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped id, a list the
-        # drain's runs change at every read (nothing changed: stop the sensor a moment), Redis lost mid-way (it
-        # says whether the MULTI was sent): its line, not a wrapped traceback
+    except (UnknownTransaction, CannotBeRetried, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped
+        # id, a spooled line Redis refused, a list the drain's runs change at every read (nothing changed: stop
+        # the sensor a moment), Redis lost mid-way (it says whether the MULTI was sent): its line, not a traceback
         raise Failure(description=str(error)) from error
     finally:
         letters.store.redis.close()
