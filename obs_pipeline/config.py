@@ -18,6 +18,13 @@ class ConfigError(RuntimeError):
 DEFAULT_SITE = "observatory"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODELS = "obs_pipeline.models:Base"
+SITE_MAX_BYTES = 200  # its spool's `{site}.refused.jsonl` must fit a file name's 255 bytes
+# In a site name, these would make `site:{site}:*` (redis-cli --scan --pattern, KEYS) a pattern
+# matching other sites' keys too, or put one site's keys under another's prefix (':')
+_SITE_REFUSED_CHARACTERS = {":": "':', which ends the site's part of its Redis keys (site:{site}:...): site "
+                                 "'a' would hold site 'a:b''s keys under its prefix",
+                            "/": "'/', which cannot be in its spool's file name (OBS_SPOOL_DIR/{site}.jsonl)"}
+_SITE_GLOB_CHARACTERS = "*?[]\\"
 
 
 def installed_script(name: str) -> str:
@@ -47,6 +54,7 @@ class Settings:
     spool_dir: str | None = None
 
     def __post_init__(self) -> None:
+        refuse_site(self.site)
         # A URL naming no driver means psycopg2, the one installed; to SQLAlchemy 2.1 it means psycopg 3
         for name in ("main_db_url", "replica_db_url"):
             url = getattr(self, name)
@@ -55,8 +63,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """An empty variable is an unset one (OBS_SITE='' is `observatory`); an override None
+        too, but one given empty is refused (site='': no drain would reach its keys)."""
         env = os.environ if environ is None else environ
-        settings = cls(
+        fields = dict(
             site=env.get("OBS_SITE") or DEFAULT_SITE,
             redis_url=env.get("OBS_REDIS_URL") or DEFAULT_REDIS_URL,
             main_db_url=env.get("OBS_MAIN_DB_URL") or None,
@@ -64,7 +74,8 @@ class Settings:
             models=env.get("OBS_MODELS") or DEFAULT_MODELS,
             spool_dir=env.get("OBS_SPOOL_DIR") or None,
         )
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        # merged before constructing: a bad OBS_SITE must not refuse a site given instead of it
+        return cls(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
 
     def require_main(self) -> str:
         if not self.main_db_url:
@@ -102,6 +113,38 @@ class Settings:
             raise ConfigError(f"OBS_REDIS_URL={shown!r} names the database {database!r}: Redis databases are "
                               f"numbers ({example})")
         return self.redis_url
+
+
+def refuse_site(site: object) -> None:
+    """ConfigError, in one line, for a site name whose keys nothing would drain or that would
+    mix with another site's: an empty one (to every CLI and Dagster drain an empty OBS_SITE is
+    `observatory`, so keys `site::...` were buffered for ever), whitespace at either end or a
+    control character (invisible: a script's site and the drain's differ), ':', '/', a glob
+    character, or one too long for its spool's file name. Spaces within a name are fine."""
+    import unicodedata
+
+    if not isinstance(site, str):
+        raise ConfigError(f"the site name must be text (OBS_SITE, or site=), not {type(site).__name__}")
+    shown = repr(site) if len(site) <= 60 else repr(site[:60]) + f"... ({len(site)} characters)"
+    why = None
+    if not site:
+        why = ("is empty: no drain reads it (an empty OBS_SITE means 'observatory'); give the site's name, "
+               "or leave it out to use OBS_SITE")
+    elif site != site.strip():
+        why = "begins or ends with whitespace: the drain's OBS_SITE would name another site"
+    elif any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in site):
+        why = "holds a control, format or line-break character (shown escaped): the drain's OBS_SITE would differ"
+    elif any(c in _SITE_REFUSED_CHARACTERS for c in site):
+        why = "holds " + next(_SITE_REFUSED_CHARACTERS[c] for c in site if c in _SITE_REFUSED_CHARACTERS)
+    elif any(c in _SITE_GLOB_CHARACTERS for c in site):
+        why = ("holds a glob character (* ? [ ] \\): `redis-cli --scan --pattern 'site:{site}:*'` would match "
+               "other sites' keys too")
+    elif len(site.encode()) > SITE_MAX_BYTES:
+        why = (f"is {len(site.encode())} bytes long (UTF-8): at most {SITE_MAX_BYTES}, for its spool's file "
+               "name ({site}.refused.jsonl)")
+    if why:
+        raise ConfigError(f"site name {shown} {why} (OBS_SITE, or site= of TransactionBuffer or the Dagster "
+                          "resource)")
 
 
 def _without_password(url: str) -> str:
