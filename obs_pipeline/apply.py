@@ -176,14 +176,27 @@ _HOT_STANDBY_OFF = re.compile(r"FATAL:\s+the database system is not accepting co
                               r"DETAIL:\s+Hot standby mode is disabled")
 
 
+_COLD_STANDBY = 'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")'
+
+
+def _where(url: sa.URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
+
+
 def main_is_standby(url: sa.URL, hot_standby: bool = True) -> str:
     """Why a main URL naming a standby is refused: no retry fixes it until someone promotes it,
     and the transactions are not at fault. One line, what to do. `hot_standby` False: one that
     refuses every connection instead of every write (see hot_standby_off)."""
-    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
-    what = ("a read-only standby (pg_is_in_recovery)" if hot_standby else
-            'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
-    return f"main at {where} is {what}: point OBS_MAIN_DB_URL at the primary"
+    what = "a read-only standby (pg_is_in_recovery)" if hot_standby else _COLD_STANDBY
+    return f"main at {_where(url)} is {what}: point OBS_MAIN_DB_URL at the primary"
+
+
+def replica_hot_standby_off(url: sa.URL) -> str:
+    """Why the replica refuses every read: it streams main's WAL but answers no query until
+    `hot_standby = on`. It said "replica unreachable ... not accepting connections", which sent
+    an operator after a network or a server that was up; no wait fixes it."""
+    return (f"the replica at {_where(url)} (OBS_REPLICA_DB_URL) is {_COLD_STANDBY}: set hot_standby = on in its "
+            "postgresql.conf and restart it")
 
 
 def hot_standby_off(error: BaseException) -> bool:
@@ -658,10 +671,16 @@ class ReplicaDatabase:
 
     def __init__(self, engine: sa.Engine):
         self.engine = engine
+        self.refusal: str | None = None  # replica_hot_standby_off's line while the last ask was refused so
 
     def replay_lsn(self) -> int | None:
-        with self.engine.connect() as conn:
-            lsn = conn.execute(sa.text(REPLAY_LSN_SQL)).scalar()
+        try:
+            with self.engine.connect() as conn:
+                lsn = conn.execute(sa.text(REPLAY_LSN_SQL)).scalar()
+        except exc.SQLAlchemyError as error:
+            self.refusal = replica_hot_standby_off(self.engine.url) if hot_standby_off(error) else None
+            raise
+        self.refusal = None
         return lsn_to_int(lsn) if lsn else None
 
     def wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:

@@ -220,6 +220,7 @@ class Drain:
         self._unmarked: list[str] = []
         self._remembered_link: tuple[float, float | None] | None = None  # as last written (_resize)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
+        self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -382,7 +383,7 @@ class Drain:
             return ""
         return (f"buffer empty; {work['awaiting_replication']} chunk(s) of committed transactions still await the "
                 f"replica, which replayed nothing for {idle_s:.0f} s: their caches stay until a later drain sees "
-                "the replay")
+                "the replay" + (f"; {self.replica.refusal}" if self.replica.refusal else ""))
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:
@@ -759,8 +760,18 @@ class Drain:
         try:
             return self.replica.replay_lsn()
         except Exception as error:  # noqa: BLE001 - replica down: caches stay, a later pass cleans
-            log.warning("replica unreachable (%s); caches kept", error)
+            if not self._log_replica_refusal():
+                log.warning("replica unreachable (%s); caches kept", error)
             return None
+
+    def _log_replica_refusal(self) -> bool:
+        """Log the replica's refusal (ReplicaDatabase.refusal: hot_standby off) once while it
+        lasts, not at each idle poll; whether it refuses so. Batches still commit, unreplicated."""
+        refusal = self.replica.refusal
+        if refusal and refusal != self._replica_refusal_logged:
+            log.warning("%s; committed batches wait for its replay, their caches kept", refusal)
+        self._replica_refusal_logged = refusal
+        return refusal is not None
 
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
                replayed: int | None = None) -> tuple[str | None, list[str]]:
@@ -771,6 +782,7 @@ class Drain:
             return None, []
         if wait_for is not None:
             replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s or self.config.replication_timeout_s)
+            self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
         if replay is None or replay < lowest:

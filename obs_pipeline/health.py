@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import hot_standby_off, main_is_standby
+from obs_pipeline.apply import hot_standby_off, main_is_standby, replica_hot_standby_off
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -177,8 +177,9 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
             errors.append(main_is_standby(main.url))
     try:
         replica_lsn = _scalar(replica, REPLAY_LSN_SQL) if replica is not None else None
-    except sa.exc.SQLAlchemyError as error:
-        errors.append(f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
+    except sa.exc.SQLAlchemyError as error:  # (one with hot_standby off is up: it refuses every connect)
+        errors.append(replica_hot_standby_off(replica.url) if hot_standby_off(error)
+                      else f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
     if errors:
         out["error"] = "; ".join(errors)

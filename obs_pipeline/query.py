@@ -130,6 +130,17 @@ class ReplicaUnreadable(exc.OperationalError):
         return self.line
 
 
+def _unreadable(what: str, engine: sa.Engine, error: exc.OperationalError) -> ReplicaUnreadable:
+    """ReplicaUnreadable in one line: the driver's error, or what to do where the replica is a
+    standby with hot_standby off (it said "not accepting connections", as if it were down)."""
+    from obs_pipeline.apply import hot_standby_off, replica_hot_standby_off
+
+    if hot_standby_off(error):
+        return ReplicaUnreadable(f"{what} needs the site's replica, but {replica_hot_standby_off(engine.url)}", error)
+    return ReplicaUnreadable(f"{what} needs the site's replica (OBS_REPLICA_DB_URL), which cannot be read: "
+                             f"{' '.join(str(error.orig).split())}", error)
+
+
 @dataclass
 class Buffered:
     """What the caches held, at one instant, for records of one model."""
@@ -291,9 +302,7 @@ class SmartQuery:
                 with self.engine.connect() as conn:
                     folds_every_letter = conn.execute(probe).scalar_one()
             except exc.OperationalError as error:
-                line = ("comparing CITEXT needs the site's replica (OBS_REPLICA_DB_URL), which "
-                        f"cannot be read: {' '.join(str(error.orig).split())}")
-                raise ReplicaUnreadable(line, error) from error
+                raise _unreadable("comparing CITEXT", self.engine, error) from error
             self._fold_case = unicode_lower if folds_every_letter else ascii_lower
         return self._fold_case
 
@@ -405,8 +414,7 @@ class SmartQuery:
             except exc.OperationalError as error:
                 # A hot standby may cancel a query that conflicts with replay: try once more.
                 if attempt == 2 or getattr(error.orig, "pgcode", None) != "40001":
-                    raise ReplicaUnreadable(f"reading {spec.name} needs the site's replica (OBS_REPLICA_DB_URL), which "
-                                            f"cannot be read: {' '.join(str(error.orig).split())}", error) from error
+                    raise _unreadable(f"reading {spec.name}", self.engine, error) from error
             except exc.ProgrammingError as error:
                 missing = _missing_schema(spec, error)
                 if missing is None:

@@ -40,6 +40,10 @@ def known_obs_units(buffer: TransactionBuffer) -> list[int]:
         raise RuntimeError("no obs_unit table on the replica (OBS_REPLICA_DB_URL): run `obs-pipeline db init "
                            "--demo-data` first") from error
     except sa.exc.OperationalError as error:
+        from obs_pipeline.apply import hot_standby_off, replica_hot_standby_off
+
+        if hot_standby_off(error):
+            raise RuntimeError(f"{replica_hot_standby_off(engine.url)}; simulate picks its obs units there") from error
         lines = str(error.orig or error).strip().splitlines()
         raise RuntimeError(f"replica unreachable (OBS_REPLICA_DB_URL): {lines[0] if lines else type(error).__name__}; "
                            "simulate picks its obs units there: is OBS_REPLICA_DB_URL right and the stack up "
