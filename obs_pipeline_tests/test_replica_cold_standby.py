@@ -83,3 +83,32 @@ def test_reads_answer_from_the_buffer_and_say_what_to_do_for_the_rest(cold):
     with pytest.raises(ReplicaUnreadable) as unread:
         buf.search("ExecutedObsUnit", {"obs_unit_id": 1})
     assert str(unread.value) == expected
+
+
+def test_a_dagster_run_commits_and_the_sensor_says_what_to_do(cold):
+    """The run ends with the line in its stop reason; the sensor, which launches no run while
+    the replica has not replayed, said "does not answer or reports no replay position (is
+    OBS_REPLICA_DB_URL a primary?)"."""
+    from dagster import SkipReason, build_sensor_context, instance_for_test
+
+    from obs_pipeline.dagster_defs.jobs import drain_buffer
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    buf = TransactionBuffer(settings=cold)
+    with buf.transaction(endpoint="start_observation") as tx:
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+    resource = ObsPipelineResource(site=cold.site, redis_url=cold.redis_url, main_db_url=cold.main_db_url,
+                                   replica_db_url=cold.replica_db_url)
+    expected = refusal_line(cold.replica_db_url)
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 1, "budget_s": 60}}}}
+    with instance_for_test() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                 instance=instance)
+        assert result.success
+        drained = result.output_for_node("drain_batches")
+        assert drained["applied"] == 1 and drained["stopped_because"].endswith(expected), drained
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(skip, SkipReason), skip
+        assert f"which refuses every connection: {expected}" in skip.skip_message, skip.skip_message
+    assert buf.status(tx.transaction_id) == "applied"

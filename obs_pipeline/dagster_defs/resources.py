@@ -45,10 +45,15 @@ class ObsPipelineResource(ConfigurableResource):
 
     def replica_replay_lsn(self) -> int | None:
         """How far the replica has replayed; None if it does not answer or reports no position."""
-        engine = make_engine(self.settings().require_replica(), "obs-pipeline sensor")
+        return self.replica_position()[0]
+
+    def replica_position(self) -> tuple[int | None, str | None]:
+        """replica_replay_lsn, and what to do where the replica refuses every connection
+        (ReplicaDatabase.refusal: hot_standby off), for the sensor's skip reason."""
+        replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"))
         try:
-            return ReplicaDatabase(engine).replay_lsn()
+            return replica.replay_lsn(), None
         except sa.exc.SQLAlchemyError:
-            return None
+            return None, replica.refusal
         finally:
-            engine.dispose()
+            replica.engine.dispose()

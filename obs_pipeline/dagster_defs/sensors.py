@@ -180,11 +180,12 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
-            replayed = obs_pipeline.replica_replay_lsn()
+            replayed, refusal = obs_pipeline.replica_position()
         except ConfigError:  # the run fails on it, saying so in one line
-            replayed = lowest
+            replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
-            where = ("does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
+            where = (f"refuses every connection: {refusal}" if refusal else
+                     "does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
                      if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
                      f"{int_to_lsn(lowest)}")
             return SkipReason(f"site {site}: {work['awaiting_replication']} committed batch(es) await the replica, "
