@@ -724,11 +724,9 @@ def test_a_long_redis_outage_does_not_make_each_call_read_the_whole_spool(settin
     up.close()
 
 
-def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redis_client, main_engine, monkeypatch):
-    """A crash between pushing a spooled transaction and recording that it was pushed makes the
-    next flush push it again: it must not be queued twice."""
-    from obs_pipeline.spool import Spool
-
+def _buffering_fails_while_set(monkeypatch) -> threading.Event:
+    """An event: while it is set, BufferStore.buffer raises ConnectionError (Redis down to
+    ingest and to a push of the spool), the rest of Redis answering."""
     real_buffer, down = BufferStore.buffer, threading.Event()
 
     def buffer_unless_down(self, *args):
@@ -737,6 +735,15 @@ def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redi
         return real_buffer(self, *args)
 
     monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    return down
+
+
+def test_a_spool_line_pushed_again_after_a_crash_is_buffered_once(settings, redis_client, main_engine, monkeypatch):
+    """A crash between pushing a spooled transaction and recording that it was pushed makes the
+    next flush push it again: it must not be queued twice."""
+    from obs_pipeline.spool import Spool
+
+    down = _buffering_fails_while_set(monkeypatch)
     buf = TransactionBuffer(settings=settings)
     down.set()
     spooled = buffer_observations(buf, 3)  # 3 starts + 2 finishes, all in the spool
@@ -1395,14 +1402,7 @@ def test_a_spooled_line_the_buffer_script_cannot_take_is_dead_lettered_and_the_p
     from obs_pipeline.dead_letters import DeadLetters
     from obs_pipeline.model_registry import ModelRegistry
 
-    real_buffer, down = BufferStore.buffer, threading.Event()
-
-    def buffer_unless_down(self, *args):
-        if down.is_set():
-            raise redis.ConnectionError("Redis is down (test)")
-        return real_buffer(self, *args)
-
-    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    down = _buffering_fails_while_set(monkeypatch)
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     down.set()
@@ -1499,14 +1499,7 @@ def test_reads_while_a_spooled_line_cannot_be_read_answer_from_the_others(settin
     is not the spool's (a hand's edit gone wrong: cut JSON with the record's id in it) made them
     raise its JSON error until it was pushed (and the push then stopped at it). They skip it now,
     as the push sets it aside."""
-    real_buffer, down = BufferStore.buffer, threading.Event()
-
-    def buffer_unless_down(self, *args):
-        if down.is_set():
-            raise redis.ConnectionError("Redis is down (test)")
-        return real_buffer(self, *args)
-
-    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    down = _buffering_fails_while_set(monkeypatch)
     buf = TransactionBuffer(settings=settings)
     down.set()
     spooled = buffer_observations(buf, 1, finish_every=0)[0]
