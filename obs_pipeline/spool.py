@@ -623,19 +623,22 @@ def _readable(lines: Iterator[bytes]) -> Iterator[dict]:
 
 def _over_a_size_limit(store: BufferStore, tx_json: str, caches: dict) -> str | None:
     """Why Redis would refuse this line for its size, asked before it is sent: sent, a command
-    over `proto-max-bulk-len` (one argument) or `client-query-buffer-limit` (the whole) has its
-    connection reset while it is written, which reads as Redis gone away, and the push stopped
-    there for good. None if it fits, or if Redis does not say its limits (CONFIG not allowed)."""
-    sizes = [len(tx_json.encode("utf-8", "surrogatepass"))] + [
-        len(part.encode("utf-8", "surrogatepass")) for items in caches.values() for item in items for part in item]
-    largest, total = max(sizes), sum(sizes)
-    for setting, size in (("proto-max-bulk-len", largest), ("client-query-buffer-limit", total)):
+    with an argument over `proto-max-bulk-len`, or that with its CRLF is over
+    `client-query-buffer-limit`, has its connection reset while it is written, which reads as
+    Redis gone away, and the push stopped there for good. Both are of one argument: the query
+    buffer holds one large argument at a time (6.2 and 7.0 take two of 700 kB under a limit of
+    1 MB), and a line measured whole was dead-lettered though Redis takes it. None if it fits,
+    or if Redis does not say its limits (CONFIG not allowed)."""
+    largest = max([len(tx_json.encode("utf-8", "surrogatepass"))] + [
+        len(part.encode("utf-8", "surrogatepass")) for items in caches.values() for item in items for part in item])
+    for setting, size in (("proto-max-bulk-len", largest), ("client-query-buffer-limit", largest + 2)):
         try:
             limit = int(store.redis.config_get(setting).get(setting) or 0)
         except redis.ResponseError:  # a managed Redis may not allow CONFIG
             return None
         if limit and size > limit:
-            return f"{size} bytes, over Redis's {setting} of {limit}"
+            return (f"an argument of {largest} bytes" + (" and its CRLF" if size != largest else "")
+                    + f", over Redis's {setting} of {limit}")
     return None
 
 

@@ -1494,6 +1494,80 @@ def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_pus
         assert json.loads(json.loads(side.readline())["tx"]) == big
 
 
+def test_a_spooled_bulk_create_whose_arguments_together_pass_client_query_buffer_limit_is_pushed(
+        settings, redis_client, main_engine, monkeypatch):
+    """Redis measures `client-query-buffer-limit` against what its query buffer holds at once:
+    one argument (with its CRLF), never the arguments of a command together (6.2 and 7.0 take an
+    EVALSHA of two 700 kB arguments under a limit of 1 MB). A bulk_create spooled during an
+    outage, whose transaction and cache writes were 1.2 MB together but each far under the limit,
+    was dead-lettered as over it (`refused_spool_line`, which cannot be retried): an observation
+    lost that Redis takes whole, as it took the same call before the outage."""
+    real_buffer, down = BufferStore.buffer, threading.Event()
+
+    def buffer_unless_down(self, *args):
+        if down.is_set():
+            raise redis.ConnectionError("Redis is down (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    down.set()
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "big", "executed_obs_unit_id": obs["id"]})
+        tx.bulk_create("RawDataFile", [{"name": f"f{j}_" + "n" * 500 + ".fits", "raw_data_package_id": pkg["id"]}
+                                       for j in range(1000)])
+    entry = json.loads(buf.spool.path.read_bytes())
+    parts = [entry["tx"]] + [part for item in entry["created"] + entry["overlays"] for part in item]
+    sizes = [len(part.encode()) for part in parts]
+    assert max(sizes) < 1024 * 1024 < sum(sizes)  # each far under the limit, together over it
+    limit = redis_client.config_get("client-query-buffer-limit")["client-query-buffer-limit"]
+    redis_client.config_set("client-query-buffer-limit", 1024 * 1024)
+    try:
+        down.clear()
+        assert buf.spool.flush() and not buf.spool.exists()
+    finally:
+        redis_client.config_set("client-query-buffer-limit", limit)
+    assert [json.loads(e).get("failure", {}).get("reason") for e in redis_client.lrange(keys.failed, 0, -1)] == []
+    assert buf.spool.set_aside == 0 and buf.status(tx.transaction_id) == "pending"
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM raw_data_file WHERE raw_data_package_id = :p"),
+                            {"p": pkg["id"]}).scalar_one() == 1000
+    buf.close()
+
+
+def test_a_spooled_argument_that_with_its_crlf_passes_client_query_buffer_limit_is_set_aside(
+        settings, redis_client, tmp_path):
+    """Redis counts an argument's CRLF in its query buffer: under a `client-query-buffer-limit`
+    of 1 MB, an argument of 1 MB less one byte has its connection reset while it is sent. The
+    check before the push took it for one that fits, and every push stopped at it (read as Redis
+    gone away) for good; it is set aside as one too large."""
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    limit = 1024 * 1024
+    big = {"transaction_id": "edge", "metadata": {"observing_log": ""},
+           "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 1, "name": "b"}}]}
+    big["metadata"]["observing_log"] = "x" * (limit - 1 - len(json.dumps(big)))
+    assert len(json.dumps(big)) == limit - 1
+    for tx_id, tx_json in (("a1", _spool_line("a1")[1]), ("edge", json.dumps(big)), ("a2", _spool_line("a2")[1])):
+        spool.buffer(_RedisDown(), tx_id, tx_json, _spool_line(tx_id)[2])
+    before = redis_client.config_get("client-query-buffer-limit")["client-query-buffer-limit"]
+    redis_client.config_set("client-query-buffer-limit", limit)
+    try:
+        assert spool.flush() and not spool.path.exists() and spool.set_aside == 1
+    finally:
+        redis_client.config_set("client-query-buffer-limit", before)
+    keys = SiteKeys(settings.site)
+    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [letter["transaction_id"] for letter in letters] == ["edge"]
+    assert "over Redis's client-query-buffer-limit of 1048576" in letters[0]["failure"]["reason"]
+
+
 def test_reads_while_a_spooled_line_cannot_be_read_answer_from_the_others(settings, redis_client, monkeypatch):
     """While Redis cannot take transactions, status() and get() read the spool. A line there that
     is not the spool's (a hand's edit gone wrong: cut JSON with the record's id in it) made them
