@@ -191,8 +191,10 @@ class DeadLetters:
                                              f"retried: `obs-pipeline failed show {ref}`, then discard it")
                 if copies[0].refused_spool_line:
                     raise CannotBeRetried(f"dead letter {ref} is a spooled line Redis could not take, and cannot be "
-                                          f"retried: `obs-pipeline failed show {ref}` shows it and why; buffer its "
-                                          f"steps again if still wanted, then `obs-pipeline failed discard {ref}`")
+                                          f"retried: `obs-pipeline failed show {ref}` shows it and why; what was "
+                                          f"spooled after it went on without it, so check its rows as they are now, "
+                                          f"buffer the steps still wanted again, then `obs-pipeline failed discard "
+                                          f"{ref}`")
                 chosen += [copy for copy in copies if id(copy) not in taken]
                 taken.update(map(id, copies))
                 wanted.add(copies[0].transaction_id)

@@ -434,9 +434,12 @@ class Spool:
             doc["spool_line_file"] = str(self._keep_beside(line))
             doc["spool_line_start"] = text[:LETTER_EXCERPT_CHARS]
         doc["failure"] = {
+            # it holds no row, as a transaction the drain dead-letters does: a later update of a row
+            # it updates is applied without it, and its steps buffered again would overwrite that
             "reason": f"the spooled line cannot be pushed to Redis: {why}; it cannot be retried (it would be refused "
-                      f"again): read it with `obs-pipeline failed show {ref}`, buffer its steps again if they are "
-                      f"still wanted, then `obs-pipeline failed discard {ref}`"
+                      f"again), and what was spooled after it went on without it: read it with `obs-pipeline failed "
+                      f"show {ref}`, check its rows as they are now, buffer the steps still wanted again, then "
+                      f"`obs-pipeline failed discard {ref}`"
                       + (" (#N: its place in `failed list`)" if tx_id is None else ""),
             "kind": REFUSED_KIND, "attempts": 1, "failed_at": time.time()}
         letter = status_header("failed") + json.dumps(doc, separators=(",", ":"))[1:]

@@ -1568,6 +1568,54 @@ def test_a_spooled_argument_that_with_its_crlf_passes_client_query_buffer_limit_
     assert "over Redis's client-query-buffer-limit of 1048576" in letters[0]["failure"]["reason"]
 
 
+def test_a_later_update_of_a_row_a_refused_spooled_line_updates_is_applied_and_its_letter_says_so(
+        settings, redis_client, main_engine, monkeypatch):
+    """A refused spooled line holds no row, as a transaction the drain dead-letters does: a later
+    spooled update of a row it updated is pushed and applied without it (a row it created is
+    another matter: what uses it finds no row). Its letter told the operator to buffer its steps
+    again if still wanted, which writes the older values over the newer: it says now that later
+    writes went on without it, and to check its rows first."""
+    real_buffer, down = BufferStore.buffer, threading.Event()
+
+    def buffer_unless_down(self, *args):
+        if down.is_set():
+            raise redis.ConnectionError("Redis is down (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = buffer_observations(buf, 1, finish_every=0)[0]
+    drain_until_settled(settings)
+    assert buf.wait(obs.start_tx, "replicated", timeout=30)
+    down.set()
+    first = buf.update("ExecutedObsUnit", obs.obs_id, {"status": "completed", "end_time": "2025-01-01T01:00:00Z"})
+    later = buf.update("ExecutedObsUnit", obs.obs_id, {"status": "archived"})
+    lines = buf.spool.path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):  # the first as another layout has it: its transaction an object
+        entry = json.loads(line)
+        if entry["id"] == first:
+            lines[i] = json.dumps({**entry, "tx": json.loads(entry["tx"])}) + "\n"
+    buf.spool.path.write_text("".join(lines))
+    down.clear()
+    assert buf.spool.flush() and buf.spool.set_aside == 1
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status, end_time FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs.obs_id}).one() == ("archived", None)
+    assert buf.status(later) == "replicated" and buf.status(first) == "failed"
+    letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
+    assert [letter["transaction_id"] for letter in letters] == [first]
+    reason = letters[0]["failure"]["reason"]
+    assert "went on without it" in reason and "check" in reason, reason
+    from obs_pipeline.dead_letters import CannotBeRetried, DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    with pytest.raises(CannotBeRetried, match="went on without it, so check its rows"):
+        DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).retry([first])
+    buf.close()
+
+
 def test_reads_while_a_spooled_line_cannot_be_read_answer_from_the_others(settings, redis_client, monkeypatch):
     """While Redis cannot take transactions, status() and get() read the spool. A line there that
     is not the spool's (a hand's edit gone wrong: cut JSON with the record's id in it) made them
