@@ -270,12 +270,13 @@ class BufferStore:
             _raise_as_cannot_take_it(error)
             raise
 
-    def set_aside_spooled(self, transaction_id: str | None, letter: str) -> bool:
+    def set_aside_spooled(self, transaction_id: str | None, letter: str, line_digest: str) -> bool:
         """Dead-letter a spooled line the buffer script cannot take (see spool.py), with the status
         "failed" for a usable id that has none; False if it was already (scripts.SET_ASIDE_SPOOLED).
         Redis full or refusing writes raises as `buffer` does: the push stops, and the line waits."""
         try:
-            return bool(self.redis.eval(scripts.SET_ASIDE_SPOOLED, 0, self.keys.prefix, transaction_id or "", letter))
+            return bool(self.redis.eval(scripts.SET_ASIDE_SPOOLED, 0, self.keys.prefix, transaction_id or "", letter,
+                                        line_digest))
         except redis.ResponseError as error:
             _raise_as_cannot_take_it(error)
             raise

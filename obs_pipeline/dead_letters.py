@@ -308,6 +308,10 @@ class DeadLetters:
             its_own = not letter.reused_id and letter.transaction_id not in owned_elsewhere
             if letter.transaction_id and its_own:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
+            for copy in copies:  # a refused spooled line's mark goes with its letter
+                digest = copy.doc.get("spool_line_digest")
+                if copy.refused_spool_line and isinstance(digest, str):
+                    pipe.delete(self.keys.set_aside(digest))
             if tx is not None:  # its dead marks in held_ids: left there, every batch looked them up
                 rows = written_ids(tx, self.registry) - still_dead.get(tx.transaction_id, set())
                 self.store.unhold({tx.transaction_id: rows}, pipe, dead_only=True)

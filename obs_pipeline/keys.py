@@ -75,6 +75,12 @@ class SiteKeys:
         Transactions that use such an id are held back behind it."""
         return f"{self.prefix}held_ids"
 
+    def set_aside(self, line_digest: str) -> str:
+        """String: a spooled line set aside as a dead letter (spool.Spool._set_aside), by its
+        digest, while its letter is listed: a push that crashed before it recorded its progress
+        sets the line aside again, and lists it once."""
+        return f"{self.prefix}set_aside:{line_digest}"
+
     def parked(self, holder: str) -> str:
         """List: the retry-zset members (transaction JSON) held behind `holder`, in the order they
         were held; scored +inf in the retry zset until `holder` is applied or dead-lettered."""

@@ -148,11 +148,14 @@ return 1
 
 # A spooled line the buffer script cannot take for what it is (spool.py) goes to the dead-letter
 # list instead, with its status "failed" where its id is usable and has no status yet. A push that
-# crashed before recording its progress sets the line aside again: a status that is already this
-# kind of letter says it was, and nothing is listed twice. ARGV = prefix, the id or '', the letter.
-# Returns 1 if listed, 0 if it was already.
+# crashed before recording its progress sets the line aside again: its mark (set_aside:{digest},
+# deleted with the letter by `failed discard`) says it was, and nothing is listed twice (a status
+# said so only where there was none before: a line without a usable id, or whose id another
+# transaction has, was listed at every crash). ARGV = prefix, the id or '', the letter, the line's
+# digest. Returns 1 if listed, 0 if it was already.
 SET_ASIDE_SPOOLED = """
 local p, id, letter = ARGV[1], ARGV[2], ARGV[3]
+if not redis.call('SET', p .. 'set_aside:' .. ARGV[4], '1', 'NX') then return 0 end
 if id ~= '' then
   local key = p .. 'transaction:' .. id
   local current = redis.pcall('GET', key)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -427,7 +428,8 @@ class Spool:
         tx_id, endpoint = _id_and_endpoint(line)
         ref = tx_id if tx_id is not None else "#N"
         text = line.decode("utf-8", "surrogateescape").rstrip("\n")
-        doc: dict = {"transaction_id": tx_id, "endpoint": endpoint}
+        digest = hashlib.blake2b(line, digest_size=16).hexdigest()  # (names its mark: see SET_ASIDE_SPOOLED)
+        doc: dict = {"transaction_id": tx_id, "endpoint": endpoint, "spool_line_digest": digest}
         if len(line) <= LETTER_LINE_BYTES:
             doc["spool_line"] = text
         else:
@@ -443,7 +445,7 @@ class Spool:
                       + (" (#N: its place in `failed list`)" if tx_id is None else ""),
             "kind": REFUSED_KIND, "attempts": 1, "failed_at": time.time()}
         letter = status_header("failed") + json.dumps(doc, separators=(",", ":"))[1:]
-        if store.set_aside_spooled(tx_id, letter):
+        if store.set_aside_spooled(tx_id, letter, digest):
             self.set_aside += 1
             log.warning("a spooled transaction (%s) cannot be pushed to Redis (%s): moved to the dead-letter list of "
                         "site %s; see `obs-pipeline failed show %s`", tx_id or "no usable id", why,

@@ -1616,6 +1616,45 @@ def test_a_later_update_of_a_row_a_refused_spooled_line_updates_is_applied_and_i
     buf.close()
 
 
+def test_a_refused_spooled_line_set_aside_again_after_a_crash_is_listed_once(settings, redis_client, tmp_path):
+    """A push that crashed after a line was set aside, before it recorded its progress, sets the
+    line aside again. Only a status key that was that letter said so: a line without a usable id
+    (a hand's edit cut short) has none, and a line whose id already had a status (another
+    transaction's, a producer reusing the id) keeps that one, so each was listed again at every
+    such crash (one `#N` more to discard each time). Each line is listed once, and discarding
+    its letter leaves nothing of it behind."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    for tx_id in ("a1", "a2"):
+        spool.buffer(_RedisDown(), *_spool_line(tx_id))
+    first, last = spool.path.read_bytes().splitlines(keepends=True)
+    cut = first[:len(first) // 2] + b"\n"
+    reused = json.dumps({"id": "reused", "tx": {"transaction_id": "reused"}, "created": [], "overlays": []}) + "\n"
+    spooled = first + cut + reused.encode() + last
+    keys = SiteKeys(settings.site)
+    other = '{"status":"pending","transaction_id":"reused","steps":[]}'
+    redis_client.set(keys.transaction("reused"), other)  # an earlier transaction of the id
+    spool.path.write_bytes(spooled)
+    assert spool.flush() and spool.set_aside == 2
+    for crashed_after in (2, 3):  # as a push killed after setting each aside left the spool
+        spool.path.write_bytes(spooled)
+        spool._write_offset(crashed_after - 1)
+        assert spool.flush() and not spool.path.exists()
+    assert spool.set_aside == 2
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    assert [(letter.transaction_id, letter.refused_spool_line) for letter in letters.list()] == [
+        (None, True), ("reused", True)]
+    assert redis_client.get(keys.transaction("reused")).decode() == other  # the earlier one's, kept
+    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    letters.discard("#1")
+    letters.discard("#1")
+    assert letters.list() == [] and redis_client.get(keys.transaction("reused")).decode() == other
+    assert not list(redis_client.scan_iter(f"{keys.prefix}set_aside:*"))
+
+
 def test_reads_while_a_spooled_line_cannot_be_read_answer_from_the_others(settings, redis_client, monkeypatch):
     """While Redis cannot take transactions, status() and get() read the spool. A line there that
     is not the spool's (a hand's edit gone wrong: cut JSON with the record's id in it) made them
