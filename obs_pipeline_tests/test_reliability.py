@@ -1502,14 +1502,7 @@ def test_a_spooled_bulk_create_whose_arguments_together_pass_client_query_buffer
     outage, whose transaction and cache writes were 1.2 MB together but each far under the limit,
     was dead-lettered as over it (`refused_spool_line`, which cannot be retried): an observation
     lost that Redis takes whole, as it took the same call before the outage."""
-    real_buffer, down = BufferStore.buffer, threading.Event()
-
-    def buffer_unless_down(self, *args):
-        if down.is_set():
-            raise redis.ConnectionError("Redis is down (test)")
-        return real_buffer(self, *args)
-
-    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    down = _buffering_fails_while_set(monkeypatch)
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     down.set()
@@ -1575,14 +1568,7 @@ def test_a_later_update_of_a_row_a_refused_spooled_line_updates_is_applied_and_i
     another matter: what uses it finds no row). Its letter told the operator to buffer its steps
     again if still wanted, which writes the older values over the newer: it says now that later
     writes went on without it, and to check its rows first."""
-    real_buffer, down = BufferStore.buffer, threading.Event()
-
-    def buffer_unless_down(self, *args):
-        if down.is_set():
-            raise redis.ConnectionError("Redis is down (test)")
-        return real_buffer(self, *args)
-
-    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_down)
+    down = _buffering_fails_while_set(monkeypatch)
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = buffer_observations(buf, 1, finish_every=0)[0]
