@@ -389,8 +389,8 @@ class BufferStore:
     def _claim_chunk(self, token: str, count: int, mode: str) -> tuple[list[str], bool]:
         k = self.keys
         try:
-            reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry],
-                                             args=[token, count, time.time(), mode])
+            reclaimed, entries = self._claim(keys=[k.lease, k.processing, k.buffer, k.retry, k.last_claim],
+                                             args=[token, count, time.time(), mode, uuid.uuid4().hex])
         except redis.ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(f"the drain lease of site {k.site} is no longer ours") from None

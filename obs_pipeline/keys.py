@@ -55,6 +55,12 @@ class SiteKeys:
         return f"{self.prefix}processing"
 
     @property
+    def last_claim(self) -> str:
+        """String: the last claim call's token and how many entries it moved, so that the same
+        call sent again answers those instead of moving more (see redis_scripts.CLAIM)."""
+        return f"{self.prefix}last_claim"
+
+    @property
     def lease(self) -> str:
         """String with PX expiry: token of the drain that owns the site."""
         return f"{self.prefix}drain_lease"

@@ -12,9 +12,23 @@ faster than a script that passes every key through Lua.
 # did not acknowledge it: it crashed or lost its link; retried first, in its original order);
 # 'next' claims the following batch while the previous one is still in the processing list
 # (the drain prefetches it while main applies that one); 'extend' continues a claim in chunks.
+# ARGV[5], this call's own token: a client that retries (a Redis URL's `retry_on_timeout`) sends
+# the call again when its reply is lost, and Redis may have run it: run twice, it moved two
+# chunks, and the drain knew only the second (the first was trimmed unapplied at acknowledgement,
+# or overtaken). KEYS[5] keeps the last call's token and how many it moved, and the same call
+# again answers those (the newest of the processing list: only the claim pushes there).
 CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASE_LOST') end
 local out = {}
+local last = redis.call('GET', KEYS[5])
+if last then
+  local token, moved = string.match(last, '^(%S+) (%d+)$')
+  if token == ARGV[5] then
+    local newest_first = tonumber(moved) > 0 and redis.call('LRANGE', KEYS[2], 0, tonumber(moved) - 1) or {}
+    for i = #newest_first, 1, -1 do out[#out + 1] = newest_first[i] end
+    return {0, out}
+  end
+end
 local want = tonumber(ARGV[2])
 if ARGV[4] == 'first' then
   local held = redis.call('LRANGE', KEYS[2], 0, -1)
@@ -35,6 +49,7 @@ for _ = #out + 1, want do
   if not entry then break end
   out[#out + 1] = entry
 end
+redis.call('SET', KEYS[5], ARGV[5] .. ' ' .. #out)
 return {0, out}
 """
 

@@ -152,6 +152,59 @@ def test_a_drain_whose_acknowledgement_loses_redis_says_so_and_the_next_run_lose
         check.close()
 
 
+@pytest.mark.parametrize("mode", ["first", "extend", "next"])
+def test_a_claim_whose_reply_is_lost_and_that_redis_py_sends_again_loses_reorders_and_doubles_nothing(
+        settings, redis_client, main_engine, monkeypatch, mode):
+    """A Redis URL asking redis-py to retry (`?retry_on_timeout=yes`, or `retry_on_error=`; some
+    redis-py versions retry by default) has it send a command again after a socket timeout or a
+    reset connection, a claim script that Redis has already run included. A claim run twice
+    moved two chunks into `processing`, and the drain knew only the second: "first" finds the
+    list it filled and reclaims it whole; "extend" left a chunk in the list that the
+    acknowledgement trimmed as the batch's own, never applied; "next" applied a chunk of the
+    prefetched batch before the older one it skipped. The reply is lost here once, after Redis
+    ran the script."""
+    from obs_pipeline import buffer_store
+
+    monkeypatch.setattr(buffer_store, "CLAIM_CHUNK", 4)  # batches of 10: chunks of 4, 4, 2
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions, three batches
+    buf.close()
+    buffered = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    keys = SiteKeys(settings.site)
+    retrying = dataclasses.replace(settings, redis_url=settings.redis_url + "?retry_on_timeout=yes")
+    drain = Drain(retrying, DrainConfig(batch_size=10, lease_ttl_s=60.0))
+    sent: list[str] = []  # transaction ids in the order the drain sent them to main
+    apply = drain.timeouts.apply
+    monkeypatch.setattr(drain.timeouts, "apply", lambda txs: (sent.extend(t.transaction_id for t in txs), apply(txs))[1])
+    claims: list[str] = []  # the mode of each claim script Redis answered
+    send_and_read = redis.Redis._send_command_parse_response
+
+    def reply_lost_once(client, conn, command_name, *args, **options):
+        reply = send_and_read(client, conn, command_name, *args, **options)
+        if command_name == "EVALSHA" and args[1] == drain.store._claim.sha:
+            claims.append(args[3 + int(args[2]) + 3])  # ARGV[4]
+            if claims.count(mode) == 1 and claims[-1] == mode:
+                raise redis.TimeoutError("Timeout reading from socket")  # Redis ran it; redis-py retries
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_once)
+    try:
+        summary = drain.run(until_empty=True)
+    finally:
+        drain.close()
+    assert claims.count(mode) >= 2 and claims[claims.index(mode) + 1] == mode  # the lost one, sent again
+    assert summary.stopped_because == "buffer empty", summary
+    assert sent == buffered  # each once, in the order buffered
+    assert_applied_exactly_once(main_engine, observations)
+    assert_queues_empty(redis_client, settings.site)
+    assert int(redis_client.hget(keys.stats, "applied_total")) == len(buffered)
+    check = TransactionBuffer(settings=settings)
+    try:
+        assert {check.status(i) for i in buffered} == {"replicated"}
+    finally:
+        check.close()
+
+
 def test_a_drain_whose_lease_cannot_be_released_still_closes_its_connection_to_main(
         settings, redis_client, main_engine, monkeypatch, caplog):
     """Drain.close() released the lease first: with Redis gone at that moment, its error
