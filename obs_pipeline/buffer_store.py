@@ -332,9 +332,11 @@ class BufferStore:
 
     # --- lease ------------------------------------------------------------------------------
     def acquire_lease(self, ttl_s: float) -> str | None:
+        """A new token if the lease was free. A SET refused may be our own sent again (a client
+        that retries after a lost reply: Redis had set it), so the holder is read then."""
         token = uuid.uuid4().hex
         ok = self.redis.set(self.keys.lease, token, nx=True, px=int(ttl_s * 1000))
-        return token if ok else None
+        return token if ok or self.lease_holder() == token else None
 
     def renew_lease(self, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.keys.lease], args=[token, int(ttl_s * 1000)]))

@@ -152,6 +152,36 @@ def test_a_drain_whose_acknowledgement_loses_redis_says_so_and_the_next_run_lose
         check.close()
 
 
+def test_a_lease_whose_reply_is_lost_and_that_redis_py_sends_again_is_the_drains_own(settings, redis_client,
+                                                                                     monkeypatch):
+    """With a Redis URL asking redis-py to retry, a lease's SET NX whose reply was lost after
+    Redis set it is sent again and answered "not set" (the key is there: its own): the drain
+    said another drain held the site, and would have waited for its own lease's TTL."""
+    retrying = dataclasses.replace(settings, redis_url=settings.redis_url + "?retry_on_timeout=yes")
+    drain = Drain(retrying, DrainConfig(lease_ttl_s=60.0))
+    lease = SiteKeys(settings.site).lease
+    sets: list[str] = []
+    send_and_read = redis.Redis._send_command_parse_response
+
+    def reply_lost_once(client, conn, command_name, *args, **options):
+        reply = send_and_read(client, conn, command_name, *args, **options)
+        if command_name == "SET" and args[1] == lease:
+            sets.append(args[2])
+            if len(sets) == 1:
+                raise redis.TimeoutError("Timeout reading from socket")  # Redis set it; redis-py retries
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_once)
+    try:
+        drain.acquire(wait_s=0)
+        assert sets == [drain.token, drain.token]  # the lost one, sent again
+        assert redis_client.get(lease).decode() == drain.token
+    finally:
+        monkeypatch.undo()
+        drain.close()
+    assert redis_client.get(lease) is None  # released: it was the drain's own
+
+
 @pytest.mark.parametrize("mode", ["first", "extend", "next"])
 def test_a_claim_whose_reply_is_lost_and_that_redis_py_sends_again_loses_reorders_and_doubles_nothing(
         settings, redis_client, main_engine, monkeypatch, mode):
