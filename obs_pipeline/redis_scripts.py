@@ -166,10 +166,13 @@ return 1
 # crashed before recording its progress sets the line aside again: its mark (set_aside:{digest},
 # deleted with the letter by `failed discard`) says it was, and nothing is listed twice (a status
 # said so only where there was none before: a line without a usable id, or whose id another
-# transaction has, was listed at every crash). ARGV = prefix, the id or '', the letter, the line's
-# digest. Returns 1 if listed, 0 if it was already.
+# transaction has, was listed at every crash). The same call sent again (a client that retries
+# after a lost reply) finds its own letter, the same bytes (its failed_at), at the head of the
+# list: it answers as the first did. ARGV = prefix, the id or '', the letter, the line's digest.
+# Returns 1 if listed (by this call), 0 if it was already.
 SET_ASIDE_SPOOLED = """
 local p, id, letter = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('LINDEX', p .. 'failed_transactions', 0) == letter then return 1 end
 if not redis.call('SET', p .. 'set_aside:' .. ARGV[4], '1', 'NX') then return 0 end
 if id ~= '' then
   local key = p .. 'transaction:' .. id

@@ -1473,6 +1473,38 @@ def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_
     assert queue == ["after", "whole"]
 
 
+@pytest.mark.parametrize("tx_id", ["a-usable-id", None])
+def test_a_spooled_line_set_aside_whose_reply_is_lost_and_that_redis_py_sends_again_is_listed_once(
+        settings, redis_client, monkeypatch, tx_id):
+    """With a Redis URL asking redis-py to retry, the set-aside script whose reply was lost after
+    Redis ran it is sent again. A line with a usable id was answered "listed already" (its status
+    is the letter): the push neither counted it nor said so; one without was listed twice."""
+    keys = SiteKeys(settings.site)
+    client = redis.Redis.from_url(settings.redis_url + "?retry_on_timeout=yes")
+    store = BufferStore(client, settings.site)
+    letter = '{"status":"failed"   ,"transaction_id":null,"failure":{"kind":"refused_spool_line","failed_at":1}}'
+    evals: list[str] = []
+    send_and_read = redis.Redis._send_command_parse_response
+
+    def reply_lost_once(conn_client, conn, command_name, *args, **options):
+        reply = send_and_read(conn_client, conn, command_name, *args, **options)
+        if conn_client is client and command_name == "EVAL" and "refused_spool_line" in args[1]:
+            evals.append(args[1])
+            if len(evals) == 1:
+                raise redis.TimeoutError("Timeout reading from socket")  # Redis ran it; redis-py retries
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_once)
+    try:
+        assert store.set_aside_spooled(tx_id, letter, "digest-1") is True  # listed by this call
+    finally:
+        monkeypatch.undo()
+        client.close()
+    assert len(evals) == 2  # the lost one, sent again
+    assert redis_client.lrange(keys.failed, 0, -1) == [letter.encode()]
+    assert int(redis_client.hget(keys.stats, "dead_lettered_total")) == 1
+
+
 def test_a_spooled_line_the_buffer_script_cannot_take_is_dead_lettered_and_the_push_goes_on(
         settings, redis_client, main_engine, monkeypatch, caplog):
     """A spooled line that is not the buffer script's arguments (another version's layout, a
