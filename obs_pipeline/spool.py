@@ -38,7 +38,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import redis
 
@@ -76,6 +76,13 @@ LETTER_EXCERPT_CHARS = 2000
 # A line this long is checked against Redis's size limits before it is pushed (the least either
 # of proto-max-bulk-len and client-query-buffer-limit can be set to): see _over_a_size_limit.
 SIZE_LIMITS_FLOOR = 1024 * 1024
+# The offset file says how far pushes got in the spool file: "{lines} {end} {head}", how many lines
+# were pushed, the byte position where they end and a digest of the file's first bytes up to there
+# (OFFSET_HEAD_BYTES at most), so that it applies to the content it counted alone. A count alone
+# counted the lines of a file truncated in place since (`: > site.jsonl`, logrotate's copytruncate):
+# the next push took as many of its new lines for pushed. A bare count is an earlier version's,
+# read as it was.
+OFFSET_HEAD_BYTES = 4096
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
@@ -83,6 +90,16 @@ log = logging.getLogger(__name__)
 # lacks the replicas its `min-replicas-to-write` asks for).
 REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
                         RedisRefusesWrites)
+
+
+class _Offset(NamedTuple):
+    """An offset file's content (see OFFSET_HEAD_BYTES); `end` and `head` None in a bare count."""
+    lines: int
+    end: int | None = None
+    head: str | None = None
+
+
+_NO_OFFSET = _Offset(0)
 
 
 class SpoolError(OSError):
@@ -114,6 +131,7 @@ class Spool:
         self._flush_store = flush_store
         self._lock_fd: int | None = None  # the lock file's descriptor while _locked holds it
         self._cursor = _PushCursor()  # where this process's push stopped (used under the lock)
+        self._stale_offset_told: _Offset | None = None  # the stale offset last warned of (_offset_in)
         self.set_aside = 0  # lines this process's pushes moved to the dead-letter list (_set_aside)
         forks.renew_in_forked_children(self)
 
@@ -224,15 +242,13 @@ class Spool:
             return []
         needle = containing.encode() if containing is not None else None
         with self._locked(shared=True):
-            offset = self._offset()  # counted over every line, as the push counts them
-            return list(_readable(line for index, line in enumerate(self._lines())
-                                  if index >= offset and (needle is None or needle in line)))
+            return list(_readable(line for line in self._unpushed_lines() if needle is None or needle in line))
 
     def pending(self) -> int:
         if not self.path.exists():
             return 0
         with self._locked(shared=True):
-            return max(0, sum(1 for _ in self._lines()) - self._offset())
+            return sum(1 for _ in self._unpushed_lines())
 
     def flush(self) -> bool:
         """Push everything spooled, a slice at a time; True when the spool is empty."""
@@ -256,10 +272,7 @@ class Spool:
         pending, oldest = 0, None
         if self.path.exists():
             with self._locked(shared=True):
-                offset = self._offset()
-                for index, line in enumerate(self._lines()):
-                    if index < offset:
-                        continue
+                for line in self._unpushed_lines():
                     if pending == 0:
                         oldest = _age_of(line)
                     pending += 1
@@ -346,25 +359,28 @@ class Spool:
             os.close(fd)
         self.start_flusher()
 
-    def _lines(self, containing: str | None = None) -> Iterator[bytes]:
-        """The spooled transactions, one JSON line each, unparsed: a long outage spools tens of
-        thousands, every call looks at the spool, and parsing them all each time made each call
-        cost more than the last (0.1 s with 5,000 spooled). `containing`: only lines with this
-        text (a pre-filter; the caller parses them and compares).
+    def _unpushed_lines(self) -> Iterator[bytes]:
+        """The spooled transactions not pushed yet (after the offset, counted as the push counts
+        them; the caller holds the lock), one JSON line each, unparsed: a long outage spools tens
+        of thousands, every call looks at the spool, and parsing them all each time made each call
+        cost more than the last (0.1 s with 5,000 spooled).
 
         A last line without its newline is one a crash cut short while it was written: its
         call never returned, so it is not a spooled transaction (and the next append cuts it
         off, see _cut_torn_tail). So is a line with a NUL byte, which JSON never holds: a power
         loss during its fsync left blocks of it unwritten, read back as zeros (it stays, and is
         skipped wherever later lines put it)."""
-        needle = containing.encode() if containing is not None else None
         try:
             file = open(self.path, "rb")
         except FileNotFoundError:
             return
         with file:
-            for line, _ in _counted_lines(file, 0):
-                if needle is None or needle in line:
+            offset = self._offset_in(file)
+            if offset.end is not None:
+                yield from (line for line, _ in _counted_lines(file, offset.end))
+                return
+            for index, (line, _) in enumerate(_counted_lines(file, 0)):  # a bare count
+                if index >= offset.lines:
                     yield line
 
     def _push_in_slices(self, store: BufferStore) -> int:
@@ -400,15 +416,17 @@ class Spool:
                     pushed += 1
                 except _CannotBePushed as refused:
                     self._set_aside(store, line, str(refused))
+                head = cursor.head if cursor.position >= OFFSET_HEAD_BYTES else _head_digest(file, end)
+                progress = _Offset(cursor.index + 1, end, head)
                 try:
-                    self._write_offset(cursor.index + 1)
-                    cursor.offset = cursor.index + 1
+                    self._write_offset(progress)
+                    cursor.offset = progress
                 except OSError:
                     # a full disk, say: this line is pushed again by the next push that does not
                     # know it (harmless), while stopping here would stop every script until
                     # there is room
                     pass
-                cursor.index, cursor.position = cursor.index + 1, end
+                cursor.index, cursor.position, cursor.head = progress
                 if time.monotonic() >= deadline:
                     return pushed, False
         cursor.forget()
@@ -471,31 +489,63 @@ class Spool:
     def _find_unpushed(self, cursor: "_PushCursor", file) -> None:
         """Point the cursor at the first line after the offset in `file` (the spool, opened
         under the lock). Where the last slice of this process stopped, if the file and the
-        offset are as it left them; else counted from the start (another process pushed
-        meanwhile, or this is a new spool): reading the file from its start at every slice
-        made a long push cost the square of its length."""
-        offset = self._offset()
+        offset are as it left them (and the file was not truncated under it); else where the
+        offset says its lines end (another process pushed meanwhile, or this is a new spool),
+        or, for a bare count, counted from the start: reading the file from its start at every
+        slice made a long push cost the square of its length. A stale offset (_offset_in) is
+        removed: the lines now in the file are pushed from the first."""
+        offset = self._offset_in(file, remove_if_stale=True)
         if (cursor.fd is not None and cursor.offset == offset
-                and _same_file(os.fstat(cursor.fd), os.fstat(file.fileno()))):
+                and _same_file(os.fstat(cursor.fd), os.fstat(file.fileno()))
+                and _still_holds(file, cursor.position, cursor.head)):
             return
         cursor.forget()
         cursor.fd = os.dup(file.fileno())
-        cursor.offset, cursor.index, cursor.position = offset, 0, 0
-        if offset:
-            for _, end in _counted_lines(file, 0):  # counted over every line, as _lines counts
+        cursor.offset = offset
+        if offset.end is not None:
+            cursor.index, cursor.position, cursor.head = offset
+            return
+        cursor.index, cursor.position = 0, 0
+        if offset.lines:
+            for _, end in _counted_lines(file, 0):  # counted over every line, as the reads count
                 cursor.index, cursor.position = cursor.index + 1, end
-                if cursor.index == offset:
+                if cursor.index == offset.lines:
                     break
+        cursor.head = _head_digest(file, cursor.position)
 
-    def _offset(self) -> int:
+    def _offset_in(self, file, remove_if_stale: bool = False) -> _Offset:
+        """The offset, if it counts lines of `file` (the spool, opened under the lock) as it is
+        now; else none, with one warning: the file is shorter than where the counted lines end,
+        or begins otherwise (truncated in place since, and maybe spooled to again). Taken as it
+        was, it skipped as many of the new lines, and a file holding no more of them was removed
+        whole. `remove_if_stale` (the push, under the exclusive lock): remove it too."""
+        offset = self._read_offset()
+        if offset.end is None or _still_holds(file, offset.end, offset.head):
+            return offset
+        if offset != self._stale_offset_told:
+            self._stale_offset_told = offset
+            log.warning("the spool %s was truncated in place after %d of its lines were pushed (by hand, or "
+                        "logrotate's copytruncate?): its offset file %s counts lines it no longer holds and is "
+                        "ignored, the lines in it now are pushed from its first", self.path, offset.lines,
+                        self.offset_path)
+        if remove_if_stale:
+            self.offset_path.unlink(missing_ok=True)
+        return _NO_OFFSET
+
+    def _read_offset(self) -> _Offset:
+        """The offset file's content (see OFFSET_HEAD_BYTES); a bare count is an earlier version's."""
         try:
-            return int(self.offset_path.read_text() or 0)
+            fields = self.offset_path.read_text().split()
         except FileNotFoundError:
-            return 0
+            return _NO_OFFSET
+        if len(fields) <= 1:
+            return _Offset(int(fields[0]) if fields else 0)
+        lines, end, head = fields
+        return _Offset(int(lines), int(end), head)
 
-    def _write_offset(self, value: int) -> None:
+    def _write_offset(self, offset: _Offset) -> None:
         tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(str(value))
+        tmp.write_text(f"{offset.lines} {offset.end} {offset.head}")
         os.replace(tmp, self.offset_path)
 
     def start_flusher(self) -> None:
@@ -665,12 +715,15 @@ def _id_and_endpoint(line: bytes) -> tuple[str | None, str | None]:
 
 class _PushCursor:
     """Where this process's push stopped: after `index` lines, at byte `position` of the spool
-    file, whose offset it left at `offset`. `fd` keeps that file open, so that no new spool
-    file can have its inode (and be taken for it) while the cursor points into it."""
+    file (`head` the digest of its first bytes up to there, see OFFSET_HEAD_BYTES), whose offset
+    it left at `offset`. `fd` keeps that file open, so that no new spool file can have its inode
+    (and be taken for it) while the cursor points into it."""
 
     def __init__(self) -> None:
         self.fd: int | None = None
-        self.offset = self.index = self.position = 0
+        self.offset = _NO_OFFSET
+        self.index = self.position = 0
+        self.head = ""
 
     def forget(self) -> None:
         fd, self.fd = self.fd, None
@@ -688,8 +741,8 @@ def _close_quietly(fd: int | None) -> None:
 
 def _counted_lines(file, position: int) -> Iterator[tuple[bytes, int]]:
     """The spooled transactions of `file` from byte `position` on, each with the position after
-    it, as Spool._lines says: a last line without its newline ends them, and blank lines and
-    lines with a NUL byte are skipped (not counted)."""
+    it, as Spool._unpushed_lines says: a last line without its newline ends them, and blank lines
+    and lines with a NUL byte are skipped (not counted)."""
     file.seek(position)
     for line in file:
         position += len(line)
@@ -697,6 +750,17 @@ def _counted_lines(file, position: int) -> Iterator[tuple[bytes, int]]:
             return
         if line.strip() and b"\0" not in line:
             yield line, position
+
+
+def _head_digest(file, end: int) -> str:
+    """The digest of the file's first bytes up to `end` (OFFSET_HEAD_BYTES at most)."""
+    return hashlib.blake2b(os.pread(file.fileno(), min(end, OFFSET_HEAD_BYTES), 0), digest_size=16).hexdigest()
+
+
+def _still_holds(file, end: int, head: str) -> bool:
+    """Does the file still hold the lines counted up to `end`, which began as `head` says? (A
+    file truncated in place keeps its inode: shorter now, or spooled to again from its start.)"""
+    return os.fstat(file.fileno()).st_size >= end and _head_digest(file, end) == head
 
 
 def _same_file(one: os.stat_result, other: os.stat_result) -> bool:

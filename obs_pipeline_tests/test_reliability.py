@@ -1270,6 +1270,15 @@ def _write_spool(spool, tx_ids: list[str]) -> None:
     spool.path.write_text("".join(lines))
 
 
+def _write_offset_after(spool, lines: int) -> None:
+    """The spool's offset as a push that pushed its first `lines` lines (none blank) left it."""
+    from obs_pipeline import spool as spool_module
+
+    with open(spool.path, "rb") as file:
+        end = sum(len(line) for line in file.readlines()[:lines])
+        spool._write_offset(spool_module._Offset(lines, end, spool_module._head_digest(file, end)))
+
+
 def test_a_call_during_a_long_push_of_the_spool_waits_about_one_slice_and_still_goes_behind_it(
         settings, redis_client, tmp_path, monkeypatch):
     """After a long outage, pushing the spool takes seconds (about 0.4 ms a line). The push held
@@ -1370,7 +1379,7 @@ def test_a_push_of_the_spool_killed_between_or_within_its_slices_loses_and_doubl
     killed = subprocess.run(argv, env=cli_env(settings), capture_output=True, text=True,
                             timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    in_redis, offset = redis_client.llen(keys.buffer), int(spool.offset_path.read_text())
+    in_redis, offset = redis_client.llen(keys.buffer), int(spool.offset_path.read_text().split()[0])
     assert 0 < offset < count and spool.pending() == count - offset
     if where == "between_slices":  # every line pushed has its offset written
         assert in_redis == offset
@@ -1409,7 +1418,7 @@ def test_a_spool_moved_aside_during_a_push_leaves_no_offset_that_skips_the_next_
     try:
         pushing = Spool(tmp_path, settings.site, flush_store=FullAfterFourLines())
         _write_spool(pushing, [f"old{i}" for i in range(10)])
-        assert not pushing.flush() and pushing.offset_path.read_text() == "4"
+        assert not pushing.flush() and pushing.offset_path.read_text().split()[0] == "4"
         pushing.path.rename(tmp_path / "moved-aside.jsonl")  # its six unpushed lines are the operator's now
         script = Spool(tmp_path, settings.site, flush_store=store)
         for tx_id in ("new0", "new1", "new2"):
@@ -1420,6 +1429,81 @@ def test_a_spool_moved_aside_during_a_push_leaves_no_offset_that_skips_the_next_
     assert script.flush() and not script.exists()
     queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
     assert queue == ["old0", "old1", "old2", "old3", "new0", "new1", "new2"]
+
+
+@pytest.mark.parametrize("spooled_after, offset_written", [(2, True), (3, True), (3, False)])
+def test_a_spool_truncated_in_place_after_a_partial_push_has_its_new_lines_pushed(
+        settings, redis_client, main_engine, monkeypatch, caplog, spooled_after, offset_written):
+    """A push that Redis stopped partway (it hung) leaves the spool's offset: 3 of its 5 lines
+    pushed. The file then truncated in place, the same inode (an operator's `: > site.jsonl`,
+    logrotate's `copytruncate`), and new lines spooled while Redis still hangs (calls then spool
+    without a push), the offset counted the lines of the file's new content: the next push took
+    its first 3 lines for pushed and removed the file whole, as it held no more, though each of
+    their calls had returned (5 lines after 3 observations: it pushed their last 2 alone). The
+    offset applies only to the content it counted: one warning, and the new lines are pushed, in
+    order, each once. So with no offset written (a full disk), where the push's own process knows
+    how far it got in the file."""
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline.spool import Spool
+
+    # no push between the truncation and the lines spooled after it but the test's own: the
+    # flusher waits, and calls spool without asking Redis (as for 5 s after it hung)
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(spool_module, "REDIS_RETRY_AFTER_S", 3600.0)
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    keys, real_buffer = SiteKeys(settings.site), BufferStore.buffer
+    hung, taken, hangs_after = threading.Event(), [], [3]
+
+    def buffer_unless_hung(self, *args):  # Redis hangs (to buffering) again after `hangs_after` lines
+        if hung.is_set() or len(taken) == hangs_after[0]:
+            hung.set()
+            raise redis.TimeoutError("Timeout reading from socket (test)")
+        real_buffer(self, *args)
+        taken.append(args[0])
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer_unless_hung)
+    if not offset_written:
+        monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(
+            OSError(28, "No space left on device")))
+    buf = TransactionBuffer(settings=settings)
+    hung.set()
+    before = buffer_observations(buf, 3)  # 3 starts + 2 finishes, all spooled
+    assert buf.spool.pending() == 5
+    hung.clear()
+    assert not buf.spool.flush()  # 3 pushed, then Redis hangs again
+    assert buf.spool.pending() == (2 if offset_written else 5)
+    inode = os.stat(buf.spool.path).st_ino
+    os.truncate(buf.spool.path, 0)  # its 2 unpushed lines are the operator's now
+    after = buffer_observations(buf, spooled_after)  # 2 starts + 1 finish: as many lines as the offset counts
+    assert os.stat(buf.spool.path).st_ino == inode
+    new_txs = [t for o in after for t in (o.start_tx, o.finish_tx) if t]
+    read = [tx["id"] for tx in buf.spool.unpushed()], buf.spool.pending()
+    hangs_after[0] = None
+    hung.clear()
+    assert buf.spool.flush() and not buf.spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    assert queue == taken[:3] + new_txs
+    assert read == (new_txs, len(new_txs))  # reads of the spool ignored the offset too
+    warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
+    assert len(warnings) == offset_written and all("truncated" in w for w in warnings), warnings
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, before[:2] + after)  # (the third's start was cut off)
+    buf.close()
+
+
+def test_an_offset_in_the_format_of_an_earlier_version_still_counts_the_pushed_lines(settings, redis_client,
+                                                                                     tmp_path):
+    """A spool partly pushed by an earlier version, whose offset file holds the count alone (a
+    site upgraded during an outage): the lines it counts are not pushed again."""
+    from obs_pipeline.spool import Spool
+
+    spool = Spool(tmp_path, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    _write_spool(spool, [f"tx{i}" for i in range(5)])
+    spool.offset_path.write_text("2")
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx2", "tx3", "tx4"] and spool.pending() == 3
+    assert spool.push() == 3 and not spool.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == ["tx2", "tx3", "tx4"]
 
 
 def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
@@ -1594,7 +1678,7 @@ def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_pus
         assert spool.flush() and not spool.path.exists()
         assert spool.set_aside == 1  # (`obs-pipeline spool push` says how many)
         spool.path.write_bytes(spooled)  # as a push that crashed after setting big aside left it
-        spool._write_offset(1)
+        _write_offset_after(spool, 1)
         assert spool.flush() and not spool.path.exists() and spool.set_aside == 1
     finally:
         redis_client.config_set("proto-max-bulk-len", limit)
@@ -1742,7 +1826,7 @@ def test_a_refused_spooled_line_set_aside_again_after_a_crash_is_listed_once(set
     assert spool.flush() and spool.set_aside == 2
     for crashed_after in (2, 3):  # as a push killed after setting each aside left the spool
         spool.path.write_bytes(spooled)
-        spool._write_offset(crashed_after - 1)
+        _write_offset_after(spool, crashed_after - 1)
         assert spool.flush() and not spool.path.exists()
     assert spool.set_aside == 2
     letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
