@@ -76,12 +76,18 @@ LETTER_EXCERPT_CHARS = 2000
 # A line this long is checked against Redis's size limits before it is pushed (the least either
 # of proto-max-bulk-len and client-query-buffer-limit can be set to): see _over_a_size_limit.
 SIZE_LIMITS_FLOOR = 1024 * 1024
-# The offset file says how far pushes got in the spool file: "{lines} {end} {head}", how many lines
-# were pushed, the byte position where they end and a digest of the file's first bytes up to there
-# (OFFSET_HEAD_BYTES at most), so that it applies to the content it counted alone. A count alone
-# counted the lines of a file truncated in place since (`: > site.jsonl`, logrotate's copytruncate):
-# the next push took as many of its new lines for pushed. A bare count is an earlier version's,
-# read as it was.
+# The offset file `{site}.offset` says how many lines of the spool file pushes got through: a bare
+# count, as earlier versions write and read it (`int(text or 0)`: scripts of an earlier version may
+# run beside this one on the host during an upgrade, and another format made each of their calls
+# raise). `{site}.offset-check` beside it says which content that count counted: "{lines} {end}
+# {head}", the byte position where the lines end and a digest of the file's first bytes up to there
+# (OFFSET_HEAD_BYTES at most). A count alone counted the lines of a file truncated in place since
+# (`: > site.jsonl`, logrotate's copytruncate): the next push took as many of its new lines for
+# pushed. The check is written before the count, and used only while its `lines` is the count: a
+# crash between the two, or an earlier version's push (which writes the count alone), leaves them
+# unequal, and the count is read as earlier versions read it. (A check an earlier version's push left
+# behind, removing the count alone, whose `lines` its later count reaches, makes that count look
+# stale: its lines are pushed again, harmless, with the warning.)
 OFFSET_HEAD_BYTES = 4096
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
@@ -93,13 +99,14 @@ REDIS_CANNOT_TAKE_IT = (redis.ConnectionError, redis.TimeoutError, redis.excepti
 
 
 class _Offset(NamedTuple):
-    """An offset file's content (see OFFSET_HEAD_BYTES); `end` and `head` None in a bare count."""
+    """The offset (see OFFSET_HEAD_BYTES); `end` and `head` None without a check of its count."""
     lines: int
     end: int | None = None
     head: str | None = None
 
 
 _NO_OFFSET = _Offset(0)
+_UNREADABLE_OFFSET = _Offset(-1)  # an offset file that holds no count (garbage, zeros after a power loss)
 
 
 class SpoolError(OSError):
@@ -122,6 +129,7 @@ class Spool:
         self.directory = Path(directory) if directory else default_spool_dir()
         self.path = self.directory / f"{site}.jsonl"
         self.offset_path = self.directory / f"{site}.offset"
+        self.offset_check_path = self.directory / f"{site}.offset-check"
         self.lock_path = self.directory / f"{site}.lock"
         self._lock = threading.Lock()
         self._flusher_lock = threading.Lock()  # guards _flusher_running (never held around a push)
@@ -335,7 +343,7 @@ class Spool:
             # hand, not this one's: kept, the next push skipped as many of this spool's lines
             # (and removed it whole if it held fewer); its removal is made durable with the
             # new file's name, by the folder's fsync below
-            self.offset_path.unlink(missing_ok=True)
+            self._remove_offset()
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600), True
         try:
             _cut_torn_tail(fd)
@@ -432,7 +440,7 @@ class Spool:
         cursor.forget()
         # the offset first: a crash between the two leaves a spool pushed again from its start
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
-        self.offset_path.unlink(missing_ok=True)
+        self._remove_offset()
         _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
         self.path.unlink()
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
@@ -518,35 +526,59 @@ class Spool:
         now; else none, with one warning: the file is shorter than where the counted lines end,
         or begins otherwise (truncated in place since, and maybe spooled to again). Taken as it
         was, it skipped as many of the new lines, and a file holding no more of them was removed
-        whole. `remove_if_stale` (the push, under the exclusive lock): remove it too."""
+        whole. So an offset file that holds no count (garbage, zeros after a power loss): an
+        earlier version raised its ValueError from every call that looked at the spool; a line
+        pushed again is harmless. `remove_if_stale` (the push, under the exclusive lock): remove
+        it too."""
         offset = self._read_offset()
-        if offset.end is None or _still_holds(file, offset.end, offset.head):
+        if offset != _UNREADABLE_OFFSET and (offset.end is None or _still_holds(file, offset.end, offset.head)):
             return offset
         if offset != self._stale_offset_told:
             self._stale_offset_told = offset
-            log.warning("the spool %s was truncated in place after %d of its lines were pushed (by hand, or "
-                        "logrotate's copytruncate?): its offset file %s counts lines it no longer holds and is "
-                        "ignored, the lines in it now are pushed from its first", self.path, offset.lines,
-                        self.offset_path)
+            if offset == _UNREADABLE_OFFSET:
+                log.warning("the spool's offset file %s holds no count of pushed lines (damaged: a power loss?): it is "
+                            "ignored, and the lines of %s are pushed from its first (one pushed again is harmless)",
+                            self.offset_path, self.path)
+            else:
+                log.warning("the spool %s was truncated in place after %d of its lines were pushed (by hand, or "
+                            "logrotate's copytruncate?): its offset file %s counts lines it no longer holds and is "
+                            "ignored, the lines in it now are pushed from its first", self.path, offset.lines,
+                            self.offset_path)
         if remove_if_stale:
-            self.offset_path.unlink(missing_ok=True)
+            self._remove_offset()
         return _NO_OFFSET
 
     def _read_offset(self) -> _Offset:
-        """The offset file's content (see OFFSET_HEAD_BYTES); a bare count is an earlier version's."""
+        """The count, read as earlier versions read it, with where its lines end and how the file
+        began if the check file is of this count (see OFFSET_HEAD_BYTES); _UNREADABLE_OFFSET if
+        the offset file holds no count."""
         try:
-            fields = self.offset_path.read_text().split()
+            lines = int(self.offset_path.read_text() or 0)
         except FileNotFoundError:
             return _NO_OFFSET
-        if len(fields) <= 1:
-            return _Offset(int(fields[0]) if fields else 0)
-        lines, end, head = fields
-        return _Offset(int(lines), int(end), head)
+        except ValueError:  # (UnicodeDecodeError too)
+            return _UNREADABLE_OFFSET
+        if lines < 0:
+            return _UNREADABLE_OFFSET
+        try:
+            checked, end, head = self.offset_check_path.read_text().split()
+            if int(checked) != lines or int(end) < 0:
+                return _Offset(lines)
+        except (FileNotFoundError, ValueError):  # none, or not a check this version wrote whole
+            return _Offset(lines)
+        return _Offset(lines, int(end), head)
 
     def _write_offset(self, offset: _Offset) -> None:
-        tmp = self.offset_path.with_suffix(".tmp")
-        tmp.write_text(f"{offset.lines} {offset.end} {offset.head}")
-        os.replace(tmp, self.offset_path)
+        """The check first, then the count, each replaced whole: a crash between the two leaves
+        a check of another count, ignored."""
+        _replace_text(self.offset_check_path, f"{offset.lines} {offset.end} {offset.head}",
+                      self.directory / f"{self.offset_check_path.name}.tmp")
+        _replace_text(self.offset_path, str(offset.lines), self.offset_path.with_suffix(".tmp"))
+
+    def _remove_offset(self) -> None:
+        """The check first: a count left alone by a crash is read as earlier versions read it."""
+        self.offset_check_path.unlink(missing_ok=True)
+        self.offset_path.unlink(missing_ok=True)
 
     def start_flusher(self) -> None:
         """Make sure the background flusher runs (it stops once the spool is empty). A process
@@ -750,6 +782,12 @@ def _counted_lines(file, position: int) -> Iterator[tuple[bytes, int]]:
             return
         if line.strip() and b"\0" not in line:
             yield line, position
+
+
+def _replace_text(path: Path, text: str, tmp: Path) -> None:
+    """Write `path` anew through `tmp`: a reader finds the old text or the new, whole."""
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _head_digest(file, end: int) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -1379,7 +1380,7 @@ def test_a_push_of_the_spool_killed_between_or_within_its_slices_loses_and_doubl
     killed = subprocess.run(argv, env=cli_env(settings), capture_output=True, text=True,
                             timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    in_redis, offset = redis_client.llen(keys.buffer), int(spool.offset_path.read_text().split()[0])
+    in_redis, offset = redis_client.llen(keys.buffer), int(spool.offset_path.read_text())
     assert 0 < offset < count and spool.pending() == count - offset
     if where == "between_slices":  # every line pushed has its offset written
         assert in_redis == offset
@@ -1418,7 +1419,7 @@ def test_a_spool_moved_aside_during_a_push_leaves_no_offset_that_skips_the_next_
     try:
         pushing = Spool(tmp_path, settings.site, flush_store=FullAfterFourLines())
         _write_spool(pushing, [f"old{i}" for i in range(10)])
-        assert not pushing.flush() and pushing.offset_path.read_text().split()[0] == "4"
+        assert not pushing.flush() and pushing.offset_path.read_text() == "4"
         pushing.path.rename(tmp_path / "moved-aside.jsonl")  # its six unpushed lines are the operator's now
         script = Spool(tmp_path, settings.site, flush_store=store)
         for tx_id in ("new0", "new1", "new2"):
@@ -1504,6 +1505,86 @@ def test_an_offset_in_the_format_of_an_earlier_version_still_counts_the_pushed_l
     assert spool.push() == 3 and not spool.exists()
     queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
     assert queue == ["tx2", "tx3", "tx4"]
+
+
+def _earlier_versions_unpushed(spool) -> list[str]:
+    """The ids an earlier version's script reads as not pushed yet, as it reads them (its
+    Spool._offset and Spool.unpushed): every line counted, the offset file a bare count."""
+    offset = int(Path(spool.offset_path).read_text() or 0)
+    lines = [line for line in spool.path.read_bytes().splitlines() if line.strip()]
+    return [json.loads(line)["id"] for index, line in enumerate(lines) if index >= offset]
+
+
+def test_an_offset_this_version_writes_is_read_by_an_earlier_versions_scripts_during_an_upgrade(
+        settings, redis_client, tmp_path, caplog):
+    """Scripts of one site on one host share the spool, and the package upgraded while they run
+    leaves scripts of the earlier version running beside new ones. The earlier version reads the
+    offset file as `int(text or 0)`: one holding more than a count made each of its calls that
+    looked at the spool raise ValueError, an observing script's transaction refused. The count
+    stays alone in it; what this version checks it by is in a file of its own, used only while
+    it is of the same count: a crash between the two writes, or an earlier version's push (which
+    writes the count alone), leaves it of another count, and the count is read as before."""
+    from obs_pipeline.spool import Spool
+
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    store = BufferStore(redis_client, settings.site)
+
+    class DownAfterTwoLines:  # the real store; Redis does not answer from the third line on
+        redis = store.redis
+
+        def __init__(self):
+            self.pushed = 0
+
+        def buffer(self, *args):
+            if self.pushed == 2:
+                raise redis.ConnectionError("Redis is down (test)")
+            store.buffer(*args)
+            self.pushed += 1
+
+    spool = Spool(tmp_path, settings.site, flush_store=DownAfterTwoLines())
+    _write_spool(spool, [f"tx{i}" for i in range(5)])
+    assert not spool.flush()  # 2 pushed
+    assert _earlier_versions_unpushed(spool) == ["tx2", "tx3", "tx4"]
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx2", "tx3", "tx4"]
+    # an earlier version's push goes on (its count alone), or this one's crashed after its check
+    checked_two = spool.offset_check_path.read_text()
+    spool.offset_path.write_text("3")
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx3", "tx4"] and spool.pending() == 2
+    spool.offset_path.write_text("2")
+    spool.offset_check_path.write_text(checked_two.replace("2 ", "3 ", 1))  # a check of 3 lines, the count 2
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx2", "tx3", "tx4"]
+    spool.offset_check_path.write_bytes(b"\0" * 40)  # zeros after a power loss: no check
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx2", "tx3", "tx4"]
+    assert not [r for r in caplog.records if r.name == "obs_pipeline.spool"]  # no check taken for stale
+    spool._flush_store = store
+    assert spool.flush() and not spool.exists()
+    assert not spool.offset_path.exists() and not spool.offset_check_path.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == ["tx0", "tx1", "tx2", "tx3", "tx4"]
+
+
+@pytest.mark.parametrize("damaged", [b"\0" * 8, b"", b"4 1234 \xff-not-a-count", b"-3"])
+def test_a_damaged_offset_file_does_not_fail_the_calls_and_the_spool_is_pushed_from_its_first_line(
+        settings, redis_client, tmp_path, caplog, damaged):
+    """An offset file zero-filled by a power loss (its write replaced it, not fsync'd), or holding
+    anything but a count, raised ValueError from every call that looked at the spool, in every
+    script of the site on the host, until an operator removed it. It is taken for no offset, with
+    one warning (a line pushed again is harmless): the push removes it and pushes every line."""
+    from obs_pipeline.spool import Spool
+
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    store = BufferStore(redis_client, settings.site)
+    spool = Spool(tmp_path, settings.site, flush_store=store)
+    _write_spool(spool, [f"tx{i}" for i in range(3)])
+    spool.offset_path.write_bytes(damaged)
+    assert [tx["id"] for tx in spool.unpushed()] == ["tx0", "tx1", "tx2"] and spool.pending() == 3
+    assert spool.summary()["pending"] == 3
+    spool.buffer(store, *_spool_line("tx3"))  # a call: pushes the spool first, then this
+    assert not spool.exists() and not spool.offset_path.exists()
+    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1))]
+    assert queue == ["tx0", "tx1", "tx2", "tx3"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
+    assert len(warnings) == (damaged != b""), warnings  # an empty one is no offset, as it always was
 
 
 def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settings, redis_client, tmp_path):
@@ -2673,7 +2754,8 @@ def test_a_new_spool_and_its_folders_are_made_durable_and_removed_in_a_safe_orde
     spool = Spool(tmp_path / "spools" / "site", settings.site, flush_store=BufferStore(redis_client, settings.site))
 
     def recording_fsync(fd: int) -> None:
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), spool.offset_path.exists(), spool.path.exists()))
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), spool.offset_path.exists() or spool.offset_check_path.exists(),
+                       spool.path.exists()))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
