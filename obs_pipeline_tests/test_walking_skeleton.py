@@ -56,8 +56,9 @@ def test_seed_example_pushed_with_bare_lpush_is_applied_replicated_and_cleaned(
     assert applied == 1
     status = json.loads(redis_client.get(keys.transaction(tx["transaction_id"])))
     assert status["status"] == "replicated"
-    # Only the status (with its TTL) and the drain's counters remain.
-    assert site_keys(redis_client, settings.site) == sorted([keys.transaction(tx["transaction_id"]), keys.stats])
+    # Only the status (with its TTL), the drain's counters and its last claim's token remain.
+    assert site_keys(redis_client, settings.site) == sorted([keys.transaction(tx["transaction_id"]), keys.stats,
+                                                             keys.last_claim])
 
 
 def test_transaction_buffer_end_to_end(settings, redis_client, replica_engine):
