@@ -53,6 +53,30 @@ def shown(value: Any) -> str:
     return one_line_text(repr(value))
 
 
+def whole_number(value: Any, refusal: str, least: int = 0, most: int | None = None) -> int:
+    """A count given by a caller (ingest's max_retries, DrainConfig's sizes) as an int: any
+    Integral, np.int64 from a DataFrame or an array too (no `int` to isinstance), but a bool;
+    else ValueError starting with `refusal`."""
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+            and (most is None or value <= most)):
+        return int(value)
+    raise ValueError(f"{refusal}, not {shown(value)}")
+
+
+def seconds(value: Any, refusal: str, least: float = -math.inf, finite: bool = False) -> float:
+    """Seconds given by a caller (wait's timeout, DrainConfig's pauses) as a float: any real
+    number (np.float32, a Fraction, a Decimal), but a bool or NaN, at least `least`, and finite
+    if asked; else ValueError starting with `refusal`."""
+    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            as_float = float(value)
+        except (ValueError, OverflowError):  # a signalling NaN, a Fraction beyond a float
+            as_float = math.nan
+        if least <= as_float and (as_float < math.inf or not finite):  # (NaN is neither)
+            return as_float
+    raise ValueError(f"{refusal}, not {shown(value)}")
+
+
 def checker(convert: Callable[[Any], Any], nullable: bool) -> Callable[[Any], Any]:
     if nullable:
         return lambda value: None if value is None else convert(value)

@@ -8,12 +8,10 @@ dies leaves it to the next one, which skips what already committed.
 from __future__ import annotations
 
 import contextlib
-import decimal
 import gc
 import json
 import logging
 import math
-import numbers
 import os
 import random
 import time
@@ -26,7 +24,7 @@ import redis
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout,
                                 TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
-from obs_pipeline.column_values import shown
+from obs_pipeline.column_values import seconds, whole_number
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
@@ -72,22 +70,27 @@ class DrainConfig:
         is no `int` to isinstance and was refused; True was taken for 1. Anything else is
         refused here in one line, not by the run (a negative pause raised from time.sleep
         mid-run, the lease held)."""
-        self._set("batch_size", _whole(self.batch_size, 1, "batch_size must be a whole number of transactions >= 1"))
+        self._set("batch_size", whole_number(self.batch_size, "batch_size must be a whole number of transactions >= 1",
+                                             least=1))
         if self.max_batch_size is not None:
-            self._set("max_batch_size", _whole(self.max_batch_size, self.batch_size,
-                                               f"max_batch_size must be a whole number >= batch_size ({self.batch_size})"))
-        self._set("timeout_attempts", _whole(self.timeout_attempts, 1, "timeout_attempts must be a whole number >= 1"))
+            self._set("max_batch_size", whole_number(
+                self.max_batch_size, f"max_batch_size must be a whole number >= batch_size ({self.batch_size})",
+                least=self.batch_size))
+        self._set("timeout_attempts", whole_number(self.timeout_attempts, "timeout_attempts must be a whole number >= 1",
+                                                   least=1))
         if self.niceness is not None:
-            self._set("niceness", _whole(self.niceness, -20, "niceness must be a whole number from -20 to 19", 19))
+            self._set("niceness", whole_number(self.niceness, "niceness must be a whole number from -20 to 19",
+                                               least=-20, most=19))
         # SET PX takes whole milliseconds, at least 1
-        self._set("lease_ttl_s", _seconds(self.lease_ttl_s, "lease_ttl_s must be at least 0.001 s and finite "
-                                                            "(the lease's Redis expiry)", least=0.001))
+        self._set("lease_ttl_s", seconds(self.lease_ttl_s, "lease_ttl_s must be at least 0.001 s and finite "
+                                                           "(the lease's Redis expiry)", least=0.001, finite=True))
         for name in ("replication_timeout_s", "retry_base_s", "idle_poll_s", "backoff_initial_s", "backoff_max_s"):
             # (NaN too; inf would wait for ever)
-            self._set(name, _seconds(getattr(self, name), f"{name} must be 0 or more seconds, and finite"))
+            self._set(name, seconds(getattr(self, name), f"{name} must be 0 or more seconds, and finite",
+                                    least=0.0, finite=True))
         if self.aof_check_s is not None:
-            self._set("aof_check_s", _seconds(self.aof_check_s, "aof_check_s must be 0 or more seconds, and "
-                                                                "finite, or None"))
+            self._set("aof_check_s", seconds(self.aof_check_s, "aof_check_s must be 0 or more seconds, and "
+                                                               "finite, or None", least=0.0, finite=True))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # (frozen)
@@ -95,27 +98,6 @@ class DrainConfig:
     @property
     def largest_batch(self) -> int:
         return self.max_batch_size if self.max_batch_size is not None else max(FAR_BATCH_SIZE, self.batch_size)
-
-
-def _whole(value: Any, least: int, refusal: str, most: int | None = None) -> int:
-    """A count of DrainConfig's as an int: any Integral (np.int64 too), not a bool."""
-    if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
-            and (most is None or value <= most)):
-        return int(value)
-    raise ValueError(f"{refusal}, not {shown(value)}")
-
-
-def _seconds(value: Any, refusal: str, least: float = 0.0) -> float:
-    """Seconds of DrainConfig's as a float: any real number (np.float32, a Decimal), finite, at
-    least `least`; not a bool, nor text."""
-    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except (ValueError, OverflowError):  # a signalling NaN, a Fraction beyond a float
-            seconds = math.nan
-        if least <= seconds < math.inf:  # (not NaN)
-            return seconds
-    raise ValueError(f"{refusal}, not {shown(value)}")
 
 
 def batch_size_for(round_trip_s: float | None, apply_s: float, transactions: int, least: int, most: int) -> int:

@@ -11,10 +11,7 @@ trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`
 
 from __future__ import annotations
 
-import decimal
 import json
-import math
-import numbers
 import threading
 import time
 from typing import Any
@@ -24,7 +21,7 @@ import redis
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
 from obs_pipeline.config import ConfigError, Settings
-from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, shown
+from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, seconds, shown, whole_number
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.spool import Spool, SpoolError
@@ -249,7 +246,7 @@ class TransactionBuffer:
                                                  models=models, spool_dir=spool_dir)
         self.settings = settings
         self.site = settings.site
-        self.max_retries = _whole_number("max_retries", max_retries)
+        self.max_retries = whole_number(max_retries, "max_retries must be a whole number >= 0")
         self.registry = ModelRegistry.from_path(settings.models)
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
@@ -381,7 +378,7 @@ class TransactionBuffer:
         _require_id(transaction_id)
         if not isinstance(until, str) or until not in _ORDER:
             raise ValueError(f"until must be one of {', '.join(_ORDER)}, not {shown(until)}")
-        deadline = time.monotonic() + max(0.0, _seconds(timeout))
+        deadline = time.monotonic() + max(0.0, seconds(timeout, "timeout must be a number of seconds"))
         status = self.status(transaction_id)  # already there: no subscription needed
         if status in _ORDER and _ORDER[status] >= _ORDER[until]:
             return True
@@ -534,29 +531,6 @@ def _require_id(transaction_id: Any) -> None:
     if not isinstance(transaction_id, str):
         raise ValueError(f"a transaction id is a string (tx.transaction_id, or what buf.update returned), "
                          f"not {type(transaction_id).__name__}")
-
-
-def _seconds(timeout: Any) -> float:
-    """wait()'s timeout as a float: any real number but a bool or NaN. numpy's scalars (np.int64
-    from a DataFrame or an array, np.float32), a Fraction or a Decimal are no int or float to
-    isinstance, and were refused."""
-    if isinstance(timeout, (numbers.Real, decimal.Decimal)) and not isinstance(timeout, bool):
-        try:
-            seconds = float(timeout)
-        except (ValueError, OverflowError):  # a signalling NaN, a Fraction beyond a float
-            seconds = math.nan
-        if not math.isnan(seconds):
-            return seconds
-    raise ValueError(f"timeout must be a number of seconds, not {shown(timeout)}")
-
-
-def _whole_number(name: str, value: Any) -> int:
-    """A count given to the buffer, as an int: np.int64 too. Anything else is refused at once:
-    2.5, -1 or True were written into every transaction's `max_retries` and the drain
-    dead-lettered each of them, and np.int64(3) failed every block's end with a TypeError."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
-        return int(value)
-    raise ValueError(f"{name} must be a whole number >= 0, not {shown(value)}")
 
 
 def _as_dict(value: Any, model: str) -> dict[str, Any]:
