@@ -42,6 +42,11 @@ def cli_env(settings) -> dict[str, str]:
     return env
 
 
+def _queued_ids(redis_client, keys: SiteKeys) -> list[str]:
+    """The transaction ids in the site's buffer, oldest (the drain's next) first."""
+    return [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+
+
 def assert_queues_empty(redis_client, site: str) -> None:
     k = SiteKeys(site)
     assert redis_client.llen(k.buffer) == 0
@@ -534,7 +539,7 @@ def test_a_full_redis_refuses_ingest_and_the_spool_keeps_it_until_there_is_room(
         redis_client.config_set("maxmemory", limit)
     after = buffer_observations(buf, 4)  # pushes the spool first, then these
     assert buf.spool.pending() == 0
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     expected = [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
     assert queue == expected
     drain_until_settled(settings)
@@ -609,7 +614,7 @@ def _spooled_while(refusing, check, settings, redis_client, main_engine) -> None
         check(buf, during)
     after = buffer_observations(buf, 2)  # pushes the spool first, then these
     assert buf.spool.pending() == 0
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == [t for o in before + during + after for t in (o.start_tx, o.finish_tx) if t]
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + during + after)
@@ -1105,7 +1110,7 @@ def test_while_the_flusher_retries_a_hung_redis_no_call_waits_for_it(settings, r
     finally:
         os.kill(pid, signal.SIGCONT)
     assert wait_until(lambda: not buf.spool.exists(), 30)  # the flusher pushes it once Redis answers
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == [t for o in before + first + later for t in (o.start_tx, o.finish_tx) if t]
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, before + first + later)
@@ -1428,7 +1433,7 @@ def test_a_spool_moved_aside_during_a_push_leaves_no_offset_that_skips_the_next_
     finally:
         redis_client.config_set("maxmemory", limit)
     assert script.flush() and not script.exists()
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == ["old0", "old1", "old2", "old3", "new0", "new1", "new2"]
 
 
@@ -1482,7 +1487,7 @@ def test_a_spool_truncated_in_place_after_a_partial_push_has_its_new_lines_pushe
     hangs_after[0] = None
     hung.clear()
     assert buf.spool.flush() and not buf.spool.exists()
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == taken[:3] + new_txs
     assert read == (new_txs, len(new_txs))  # reads of the spool ignored the offset too
     warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
@@ -1699,7 +1704,7 @@ def test_a_spooled_line_the_buffer_script_cannot_take_is_dead_lettered_and_the_p
     down.clear()
     with caplog.at_level(logging.WARNING, logger="obs_pipeline.spool"):
         assert buf.spool.flush() and not buf.spool.exists()
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     expected = [t for o in before for t in (o.start_tx, o.finish_tx)] + [victim.finish_tx] + [
         t for o in after for t in (o.start_tx, o.finish_tx)]
     assert queue == expected  # in order, the refused line left out
@@ -1764,7 +1769,7 @@ def test_a_spooled_line_too_large_for_redis_is_kept_beside_the_spool_and_the_pus
     finally:
         redis_client.config_set("proto-max-bulk-len", limit)
     keys = SiteKeys(settings.site)
-    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    assert _queued_ids(redis_client, keys) == ["a1", "a2"]
     letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
     assert [letter["transaction_id"] for letter in letters] == ["big"]
     assert "over Redis's proto-max-bulk-len of 1048576" in letters[0]["failure"]["reason"]
@@ -1835,7 +1840,7 @@ def test_a_spooled_argument_that_with_its_crlf_passes_client_query_buffer_limit_
     finally:
         redis_client.config_set("client-query-buffer-limit", before)
     keys = SiteKeys(settings.site)
-    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    assert _queued_ids(redis_client, keys) == ["a1", "a2"]
     letters = [json.loads(e) for e in redis_client.lrange(keys.failed, 0, -1)]
     assert [letter["transaction_id"] for letter in letters] == ["edge"]
     assert "over Redis's client-query-buffer-limit of 1048576" in letters[0]["failure"]["reason"]
@@ -1914,7 +1919,7 @@ def test_a_refused_spooled_line_set_aside_again_after_a_crash_is_listed_once(set
     assert [(letter.transaction_id, letter.refused_spool_line) for letter in letters.list()] == [
         (None, True), ("reused", True)]
     assert redis_client.get(keys.transaction("reused")).decode() == other  # the earlier one's, kept
-    assert [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))] == ["a1", "a2"]
+    assert _queued_ids(redis_client, keys) == ["a1", "a2"]
     letters.discard("#1")
     letters.discard("#1")
     assert letters.list() == [] and redis_client.get(keys.transaction("reused")).decode() == other
@@ -2678,7 +2683,7 @@ def test_a_child_forked_while_a_thread_holds_the_spools_locks_spools_and_pushes_
                 proc.kill()
             proc.join(10)
     assert wait_until(lambda: not buf.spool._flusher_running, 10)  # the parent's flusher found it pushed
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == [o.start_tx for o in before + spooled + mine]  # in order, each once
     after = buffer_observations(buf, 1, finish_every=0)  # the parent's own connection, on the restarted Redis
     drain_until_settled(settings)
@@ -2734,7 +2739,7 @@ def test_a_child_forked_while_a_push_holds_the_spools_file_lock_does_not_keep_th
             if proc.is_alive():
                 proc.kill()
             proc.join(10)
-    queue = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    queue = _queued_ids(redis_client, keys)
     assert queue == [o.start_tx for o in spooled + mine]
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, spooled + mine)
@@ -3244,7 +3249,7 @@ def test_an_id_reused_in_a_batch_applied_in_pieces_applies_the_first_and_dead_le
     finally:
         buf.close()
     ids = [o.start_tx for o in observations] + [o.finish_tx for o in observations if o.finish_tx]
-    buffered = [json.loads(e)["transaction_id"] for e in reversed(redis_client.lrange(keys.buffer, 0, -1))]
+    buffered = _queued_ids(redis_client, keys)
     assert len(buffered) == 12 and buffered[3] == buffered[7] == "reused-1" and buffered[6] == "uses-951", buffered
     first, second = (Transaction.from_json(raw) for raw in pushed["reused-1"])
     assert first.steps_digest != second.steps_digest
