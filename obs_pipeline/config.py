@@ -117,7 +117,8 @@ def refuse_site(site: object) -> None:
     """ConfigError, in one line, for a site name whose keys nothing would drain or that would
     mix with another site's: an empty one (to every CLI and Dagster drain an empty OBS_SITE is
     `observatory`, so keys `site::...` were buffered for ever), whitespace at either end or a
-    control character (invisible: a script's site and the drain's differ), ':', '/', or one
+    control character (invisible: a script's site and the drain's differ), letters decomposed
+    (NFD, as macOS spells file names: they look like the composed ones), ':', '/', or one
     too long for its spool's file name. Spaces within a name, and glob characters (the code
     never makes a pattern of it: test_smart_query's odd site), are fine."""
     import unicodedata
@@ -135,6 +136,9 @@ def refuse_site(site: object) -> None:
         why = "holds a control, format or line-break character (shown escaped): the drain's OBS_SITE would differ"
     elif any(c in _SITE_REFUSED_CHARACTERS for c in site):
         why = "holds " + next(_SITE_REFUSED_CHARACTERS[c] for c in site if c in _SITE_REFUSED_CHARACTERS)
+    elif unicodedata.normalize("NFC", site) != site:
+        why = (f"is not in Unicode's composed form (NFC): write it {unicodedata.normalize('NFC', site)!r}, "
+               "as the drain's OBS_SITE most likely is (the two look alike but name different sites)")
     elif len(site.encode()) > SITE_MAX_BYTES:
         why = (f"is {len(site.encode())} bytes long (UTF-8): at most {SITE_MAX_BYTES}, for its spool's file "
                "name ({site}.refused.jsonl)")

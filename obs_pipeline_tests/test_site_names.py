@@ -29,6 +29,8 @@ REFUSED = [
     ("north\u200bdome", "holds a control, format or line-break character"),  # zero-width space
     ("north:dome", "holds ':', which ends the site's part of its Redis keys"),
     ("north/dome", "holds '/', which cannot be in its spool's file name"),
+    ("Pampa\u0301",  # "Pampá" decomposed (NFD, as macOS spells file names): looks like the NFC one
+     "is not in Unicode's composed form (NFC): write it 'Pampá'"),
     ("n" * (SITE_MAX_BYTES + 1), f"is {SITE_MAX_BYTES + 1} bytes long (UTF-8): at most {SITE_MAX_BYTES}"),
 ]
 
