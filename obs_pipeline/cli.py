@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for stop/start: the one service")
     stack.add_argument("--redis-appendfsync", choices=["everysec", "always"], default=None,
                        help="for up: Redis AOF fsync policy, saved for later ups (default: as saved, first everysec; "
-                            "always: no buffered write lost on power loss, about 0.5 ms more per ingest)")
+                            "always: no buffered write lost on power loss, each ingest waits for a disk fsync)")
     stack.add_argument("--mode", default=None, choices=["fast", "immediate", "kill"],
                        help="for stop: fast, a clean shutdown (default); immediate or kill, a crash "
                             "(PostgreSQL -m immediate, SIGKILL for Redis and the proxy)")

@@ -146,7 +146,8 @@ def _float_json(value: Any) -> float | int:
     if isinstance(value, decimal.Decimal):  # what the ORM gives a Numeric column: JSON and reads keep a float
         if value.is_finite() and decimal.Decimal(repr(float(value))) == value:
             return float(value)
-        raise ValueError(f"{value!r} has no exact float (a float column's values are buffered and read as floats)")
+        raise ValueError(f"{value!r} has more digits than a float keeps (a float column's values are buffered "
+                         "and read as floats)")
     if isinstance(value, numbers.Real) and not _is_bool(value):  # numpy's np.float32, np.int64 (np.float64 is a float)
         if isinstance(value, numbers.Integral):
             return _float_json(int(value))

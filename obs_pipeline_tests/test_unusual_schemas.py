@@ -295,15 +295,16 @@ def test_a_numeric_columns_number_beyond_its_precision_is_refused_at_ingest(odd,
 
 def test_a_numeric_column_takes_a_decimal_that_a_float_holds(odd, main_engine):
     """The ORM's value for a Numeric column is a Decimal; ingest refused every Decimal as "not a
-    number". One that a float holds exactly is taken (reads give floats, buffered and
-    replicated); one with more digits is refused, saying why."""
+    number". One whose digits a float gives back is taken (reads give floats, buffered and
+    replicated); one with more digits is refused, saying so ("has no exact float" said of
+    Decimal('0.1'), taken, that no float holds it exactly)."""
     from decimal import Decimal
 
     buf = TransactionBuffer(settings=odd)
     with buf.transaction() as tx:
         made = tx.create("Sample", {"amount": Decimal("12.30")})
-    with pytest.raises(InvalidTransaction, match=r"Sample\.amount: Decimal\('0\.12345678901234567890'\) has no "
-                                                 r"exact float"):
+    with pytest.raises(InvalidTransaction, match=r"Sample\.amount: Decimal\('0\.12345678901234567890'\) has more "
+                                                 r"digits than a float keeps"):
         with buf.transaction() as bad:
             bad.create("Sample", {"amount": Decimal("0.12345678901234567890")})
     assert buf.get("Sample", made["id"])["amount"] == 12.3
