@@ -57,6 +57,9 @@ class ColumnSpec:
     # buffered as given (main casts them), but a filter's must be of it: the replica compares
     # the column as its impl and refuses another type of value (`character varying = integer`)
     impl_kind: str | None = None
+    # INET or CIDR ("inet", "cidr"; a site's type over one too, an array's elements'): taken in
+    # the text main writes back (column_values.network_text), as keys are filed under their text
+    network: str | None = None
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
     # check(value) -> the JSON form of `value`, or ValueError saying what is wrong. A closure
@@ -69,14 +72,17 @@ class ColumnSpec:
 
     def __post_init__(self) -> None:
         if self.kind == "array":
-            convert = values.array_of(values.one_of(self.choices) if self.choices is not None else values.converter(
+            item = values.one_of(self.choices) if self.choices is not None else values.converter(
                 self.item or "any", self.int_bits, self.float_bits, self.max_length, self.padded, self.numeric,
-                self.interval_unit))
+                self.interval_unit)
+            convert = values.array_of(item if self.network is None else values.network_of(item, self.network == "cidr"))
         elif self.choices is not None:
             convert = values.one_of(self.choices)
         else:
             convert = values.converter(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
                                self.numeric, self.interval_unit)
+            if self.network is not None:
+                convert = values.network_of(convert, self.network == "cidr")
         if self.kind == "float" and (self.primary_key or self.foreign_key):
             convert = values.float_key(convert, self.numeric, self.float_bits)
         elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
@@ -282,6 +288,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             interval_unit=values.interval_unit(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
             impl_kind=_impl_kind(column.type) if kind == "any" else None,
+            network=_network(item if item is not None else column.type),
             choices=_enum_choices(item if item is not None else column.type),
             json_null=kind == "json" and not column.type.none_as_null,
         )
@@ -442,6 +449,15 @@ def _impl_kind(type_: sqltypes.TypeEngine) -> str | None:
         return None
     kind = _kind(type_.impl_instance)
     return kind if kind in _SCALAR_KINDS else None
+
+
+def _network(type_: sqltypes.TypeEngine) -> str | None:
+    """"inet" or "cidr" for PostgreSQL's INET or CIDR, or a site's TypeDecorator over one (see
+    ColumnSpec.network); None for another type."""
+    type_ = getattr(type_, "impl_instance", type_)
+    if isinstance(type_, postgresql.CIDR):
+        return "cidr"
+    return "inet" if isinstance(type_, postgresql.INET) else None
 
 
 def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:
