@@ -198,14 +198,15 @@ def _isoformat(value: dt.datetime | dt.time) -> str:
     return value.isoformat()
 
 
-def network_of(convert: Callable[[Any], Any], cidr: bool) -> Callable[[Any], Any]:
-    """An INET or CIDR column (an array's elements too) takes its text as main writes it back
-    (network_text): records are filed under their key's text, and the replica's row reads
-    10.0.0.3 where 10.0.0.3/32 was given (a search showed the row twice once replayed, get said
-    None); a value read one way buffered and another replicated, and filters missed it."""
+def network_of(convert: Callable[[Any], Any], type_: str) -> Callable[[Any], Any]:
+    """An INET, CIDR or MACADDR column (`type_`; an array's elements too) takes its text as main
+    writes it back (network_text): records are filed under their key's text, and the replica's
+    row reads 10.0.0.3 where 10.0.0.3/32 was given (a search showed the row twice once
+    replayed, get said None); a value read one way buffered and another replicated, and
+    filters missed it."""
     def check(value: Any) -> Any:
         value = convert(value)
-        return network_text(value, cidr) if value.__class__ is str else value
+        return network_text(value, type_) if value.__class__ is str else value
     return check
 
 
@@ -215,16 +216,30 @@ def network_of(convert: Callable[[Any], Any], cidr: bool) -> Callable[[Any], Any
 # refuses it, or reads it otherwise than ipaddress would.
 _NETWORK_TEXT = re.compile(r"[0-9A-Fa-f:.]+(?:/[0-9]{1,3})?")
 
+# macaddr's documented input forms, of two hex digits a byte (08:00:2b:01:02:03, 08-00-2b-01-02-03,
+# 08002b:010203, 08002b-010203, 0800.2b01.0203, 0800-2b01-0203, 08002b010203), in either case
+_MACADDR_TEXT = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}|[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}"
+                           r"|[0-9A-Fa-f]{6}[:-]?[0-9A-Fa-f]{6}|[0-9A-Fa-f]{4}([.-])[0-9A-Fa-f]{4}\1[0-9A-Fa-f]{4}")
+_NOT_HEX = re.compile(r"[^0-9A-Fa-f]")
 
-def network_text(text: str, cidr: bool) -> str:
-    """An address as PostgreSQL's inet_out (cidr_out) writes it: IPv4 dotted, IPv6 in lower
-    case with its longest run of two or more zero groups (the first of equals) as ::, and
-    ::a.b.c.d or ::ffff:a.b.c.d for an IPv4 address in IPv6; the mask length unless it covers
-    the whole address (always, for a CIDR). Text it would not take as ipaddress does (see
-    _NETWORK_TEXT, and an IPv6 mask length with leading zeros), and a CIDR with bits set right
-    of its mask, as given: main refuses them, as before."""
+
+def network_text(text: str, type_: str) -> str:
+    """An address as PostgreSQL writes it back (its inet_out, cidr_out or macaddr_out; `type_`
+    "inet", "cidr" or "macaddr"). A MAC address in lower case, its bytes parted by colons. An
+    IP address: IPv4 dotted, IPv6 in lower case with its longest run of two or more zero
+    groups (the first of equals) as ::, and ::a.b.c.d or ::ffff:a.b.c.d for an IPv4 address in
+    IPv6; the mask length unless it covers the whole address (always, for a CIDR). Text in
+    other forms than these read (see _NETWORK_TEXT and _MACADDR_TEXT; an IPv6 mask length with
+    leading zeros), and a CIDR with bits set right of its mask, is kept as given: main refuses
+    it, or reads its own shorthands otherwise, as before."""
+    if type_ == "macaddr":
+        if not _MACADDR_TEXT.fullmatch(text):
+            return text
+        digits = _NOT_HEX.sub("", text).lower()
+        return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
     if not _NETWORK_TEXT.fullmatch(text):
         return text
+    cidr = type_ == "cidr"
     try:
         if cidr:
             network = ipaddress.ip_network(text)

@@ -57,8 +57,9 @@ class ColumnSpec:
     # buffered as given (main casts them), but a filter's must be of it: the replica compares
     # the column as its impl and refuses another type of value (`character varying = integer`)
     impl_kind: str | None = None
-    # INET or CIDR ("inet", "cidr"; a site's type over one too, an array's elements'): taken in
-    # the text main writes back (column_values.network_text), as keys are filed under their text
+    # INET, CIDR or MACADDR ("inet", "cidr", "macaddr"; a site's type over one too, an array's
+    # elements'): taken in the text main writes back (column_values.network_text), as keys are
+    # filed under their text
     network: str | None = None
     # an enum's: what the ORM takes for it (its labels, and its Python enum's members) -> the label
     choices: dict[Any, str] | None = field(default=None, compare=False)
@@ -75,14 +76,14 @@ class ColumnSpec:
             item = values.one_of(self.choices) if self.choices is not None else values.converter(
                 self.item or "any", self.int_bits, self.float_bits, self.max_length, self.padded, self.numeric,
                 self.interval_unit)
-            convert = values.array_of(item if self.network is None else values.network_of(item, self.network == "cidr"))
+            convert = values.array_of(item if self.network is None else values.network_of(item, self.network))
         elif self.choices is not None:
             convert = values.one_of(self.choices)
         else:
             convert = values.converter(self.kind, self.int_bits, self.float_bits, self.max_length, self.padded,
                                self.numeric, self.interval_unit)
             if self.network is not None:
-                convert = values.network_of(convert, self.network == "cidr")
+                convert = values.network_of(convert, self.network)
         if self.kind == "float" and (self.primary_key or self.foreign_key):
             convert = values.float_key(convert, self.numeric, self.float_bits)
         elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
@@ -452,12 +453,20 @@ def _impl_kind(type_: sqltypes.TypeEngine) -> str | None:
 
 
 def _network(type_: sqltypes.TypeEngine) -> str | None:
-    """"inet" or "cidr" for PostgreSQL's INET or CIDR, or a site's TypeDecorator over one (see
+    """"inet", "cidr" or "macaddr" for PostgreSQL's INET, CIDR or MACADDR, a site's
+    TypeDecorator over one, or a site's UserDefinedType of that SQL type (see
     ColumnSpec.network); None for another type."""
     type_ = getattr(type_, "impl_instance", type_)
-    if isinstance(type_, postgresql.CIDR):
-        return "cidr"
-    return "inet" if isinstance(type_, postgresql.INET) else None
+    for name, class_ in (("cidr", postgresql.CIDR), ("inet", postgresql.INET), ("macaddr", postgresql.MACADDR)):
+        if isinstance(type_, class_):
+            return name
+    if isinstance(type_, sa.types.UserDefinedType):  # one that only names its SQL type
+        try:
+            name = str(type_.get_col_spec()).strip().lower()
+        except Exception:  # noqa: BLE001 - a site's type that cannot say
+            return None
+        return name if name in ("cidr", "inet", "macaddr") else None
+    return None
 
 
 def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:
