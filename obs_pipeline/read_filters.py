@@ -4,9 +4,9 @@ Filters: equality, a list (or a set, a numpy array, a Series: _any_of) for "any 
 it matches null), None for IS NULL, and `{op: value}` comparisons (`==`, `!=`, `<`, `<=`,
 `>`, `>=`; ordering only on ordered columns). The replica runs them as SQL; buffered records
 are tested in Python with the same semantics (datetimes compared as instants, text by code
-point as `COLLATE "C"` does, a native enum by its labels' declared order, a `time with time
-zone` by instant then offset, a `real` at single precision, CITEXT lower-cased as the
-database's lower() does: see key_of).
+point as `COLLATE "C"` does, CHAR(n) without its trailing spaces, a native enum by its labels'
+declared order, a `time with time zone` by instant then offset, a `real` at single precision,
+CITEXT lower-cased as the database's lower() does: see key_of).
 Unknown columns or operators raise InvalidTransaction, as do values of the wrong type.
 """
 
@@ -67,6 +67,8 @@ def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True,
         if fold_case is None:
             raise ValueError(f"{column.name} is CITEXT: compiled without the database's fold_case")
         return fold_case
+    if column.padded:
+        return _unpadded
     step = fraction_step(type_) if rounded else None
     if _native_enum(type_):
         return functools.partial(_enum_order, order={label: i for i, label in enumerate(type_.enums)})
@@ -86,6 +88,12 @@ def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True,
     if column.kind == "interval":
         return column.to_python if step is None else lambda v: column.to_python(interval_rounded(v, step))
     return unchanged  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
+
+
+def _unpadded(value: Any) -> Any:
+    """CHAR(n) text as PostgreSQL compares it, without its trailing spaces: "ab" sorts before
+    "ab\t" (compared padded, "ab " came after it, a tab being below a space)."""
+    return value.rstrip(" ") if value.__class__ is str else value
 
 
 def _native_enum(type_: sa.types.TypeEngine) -> bool:

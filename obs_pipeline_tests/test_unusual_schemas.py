@@ -125,6 +125,24 @@ def test_char_n_reads_the_same_buffered_and_replicated(odd, main_engine, redis_c
     buf.close()
 
 
+def test_char_n_orders_the_same_buffered_and_replicated(odd):
+    """PostgreSQL compares CHAR(n) text without its trailing spaces: "ab" sorts before "ab\t"
+    (a tab is below a space). Buffered records were compared padded ("ab " after "ab\t"), so
+    an ordering filter found neither buffered, and both once replicated."""
+    buf = TransactionBuffer(settings=odd)
+    with buf.transaction() as tx:
+        rows = tx.bulk_create("Sample", [{"flag": "ab"}, {"flag": "ab\t"}])
+    ids = [row["id"] for row in rows]
+    filters = [{"<": "ab\t"}, {">": "ab"}, {"<=": "ab"}, {">=": "ab\t"}, {">": "ab", "<": "ac"}]
+
+    def found() -> list[list[int]]:
+        return [sorted(ids.index(row["id"]) for row in buf.search("Sample", {"id": ids, "flag": f})) for f in filters]
+    buffered = found()
+    drain_until_settled(odd)
+    assert buffered == found() == [[0], [1], [0], [1], [1]]
+    buf.close()
+
+
 TRICKY = ['a"b', "c,d", "{e}", None, "ü\\", "NULL", "", " sp ", "'q'"]
 
 
