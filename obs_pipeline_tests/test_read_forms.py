@@ -921,11 +921,12 @@ def _mac_spellings(count: int) -> list[str]:
     pick = random.Random(20261205)
     out = []
     for _ in range(count):
-        digits = "".join(c.upper() if pick.random() < 0.5 else c for c in bytes(pick.randrange(256) for _ in range(6)).hex())
+        octets = bytes(pick.randrange(256) for _ in range(6)).hex()
+        digits = "".join(c.upper() if pick.random() < 0.5 else c for c in octets)
         pairs, quads = [digits[i:i + 2] for i in range(0, 12, 2)], [digits[i:i + 4] for i in range(0, 12, 4)]
-        out.append(pick.choice((":".join(pairs), "-".join(pairs), f"{digits[:6]}:{digits[6:]}", f"{digits[:6]}-{digits[6:]}",
-                                ".".join(quads), "-".join(quads), digits, ":".join(pairs[:3]) + "-" + ":".join(pairs[3:]),
-                                f"{quads[0]}.{quads[1]}-{quads[2]}")))
+        out.append(pick.choice((":".join(pairs), "-".join(pairs), f"{digits[:6]}:{digits[6:]}",
+                                f"{digits[:6]}-{digits[6:]}", ".".join(quads), "-".join(quads), digits,
+                                ":".join(pairs[:3]) + "-" + ":".join(pairs[3:]), f"{quads[0]}.{quads[1]}-{quads[2]}")))
     return out
 
 
@@ -954,7 +955,8 @@ def test_a_macaddr_key_names_its_record_the_same_buffered_and_replicated(forms, 
     cleaned, get of the key as given said None."""
     buf = TransactionBuffer(settings=forms)
     tail = uuid.uuid4().hex[:6]
-    given, stored, note = f"08-00-2B-{tail[:2].upper()}-{tail[2:4]}-{tail[4:].upper()}", f"08:00:2b:{tail[:2]}:{tail[2:4]}:{tail[4:]}", f"m{tail}"
+    given = f"08-00-2B-{tail[:2].upper()}-{tail[2:4]}-{tail[4:].upper()}"
+    stored, note = f"08:00:2b:{tail[:2]}:{tail[2:4]}:{tail[4:]}", f"m{tail}"
     with buf.transaction() as tx:
         made = tx.create("Carded", {"mac": given, "note": note})
     expected = {"mac": stored, "note": note}
