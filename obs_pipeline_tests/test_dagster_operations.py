@@ -103,6 +103,46 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
+def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_the_batch(settings, resource,
+                                                                                         redis_client, main_engine):
+    """A main the drain cannot reach while Dagster's storage answers (a wrong port in
+    OBS_MAIN_DB_URL, a firewall between them) spent the op's 8 retries, and the run failed on
+    Dagster's "Exceeded max_retries of 8", naming neither main nor what to check. The last
+    attempt fails in one line now; the transactions stay buffered, and a run against main
+    applies each once."""
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
+    unreachable = ObsPipelineResource(**{**resource.__dict__,
+                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"],
+                                                   "transient_retry_wait_s": 0.01}}}}
+    try:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, run_config=config,
+                                                 raise_on_error=False)
+        assert not result.success
+        assert len([e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]) == 8
+        [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+        message = failure.event_specific_data.error.message
+        assert f"site {settings.site}: main unreachable (" in message, message
+        assert f"port {closed.port} failed: Connection refused) at each of the run's 9 attempts; is OBS_MAIN_DB_URL " \
+               "right and main up? The transactions stay buffered for the next run" in message, message
+        assert "\n" not in message.strip()
+        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
+        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    finally:
+        buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+
+
 @pytest.mark.parametrize("trouble", ["down", "full"])
 def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_nothing(
         stack, settings, resource, redis_client, main_engine, trouble):

@@ -224,6 +224,12 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             context.log.warning(f"main unreachable ({error}), and Dagster's storage with it: "
                                 f"retrying the batch in {backoff:.1f} s")
             return
+        if context.retry_number >= TRANSIENT_RETRIES:  # a RetryRequested now fails the run on Dagster's
+            # "Exceeded max_retries of 8", which names neither main nor what to check
+            raise Failure(description=f"site {site}: main unreachable ({error}) at each of the run's "
+                                      f"{TRANSIENT_RETRIES + 1} attempts; is OBS_MAIN_DB_URL right and main up? "
+                                      "The transactions stay buffered for the next run",
+                          allow_retries=False) from TransientError(error)
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
