@@ -19,6 +19,8 @@ from obs_pipeline.wire import one_line
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
+# a server not in recovery has no replay position (REPLAY_LSN_SQL): no replay will ever clean a batch
+NO_REPLAY_POSITION = "the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary"
 # Main's flush LSN, and whether it is a hot standby instead (the flush LSN raises 55000 there)
 MAIN_LSN_SQL = ("SELECT pg_is_in_recovery(), "
                 "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END")
@@ -58,7 +60,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         f"({lag['awaiting_batches']} chunk(s) of committed transactions waiting; their caches are "
                         "kept): check its WAL receiver (pg_stat_wal_receiver) and that replay is not paused")
     elif lag.get("replica_lsn") is None and replica is not None:
-        problems.append("the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary")
+        problems.append(NO_REPLAY_POSITION)
     memory = redis_memory(store)
     if memory["full_percent"] is not None and memory["full_percent"] >= REDIS_FULL_WARNING_PERCENT:
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"

@@ -453,6 +453,23 @@ def test_a_replica_that_replays_nothing_is_not_reported_as_materialized(settings
     redis_client.zrem(store.keys.awaiting_replication, json.dumps(record))
 
 
+def test_the_replica_check_fails_where_the_replica_url_names_a_primary(settings, resource, redis_client):
+    """OBS_REPLICA_DB_URL naming main, a server not in recovery, gives no replay position: `status`
+    calls the site degraded at once, and no batch committed would ever be replayed and cleaned,
+    yet the check evaluated on demand passed (until a batch had waited 120 s)."""
+    from obs_pipeline.health import health_report
+
+    primary = ObsPipelineResource(**{**resource.__dict__, "replica_db_url": settings.main_db_url})
+    main = sa.create_engine(settings.main_db_url)
+    try:
+        [problem] = health_report(BufferStore(redis_client, settings.site), main, main)["problems"]
+    finally:
+        main.dispose()
+    check = replica_replays(obs_pipeline=primary)
+    assert not check.passed and check.description == problem, (check, problem)
+    assert replica_replays(obs_pipeline=resource).passed  # the real replica
+
+
 def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_tick(settings, resource, redis_client,
                                                                                     monkeypatch):
     """The tick that marked a dead run failed skipped for the run retries, but the next tick

@@ -37,7 +37,7 @@ from obs_pipeline.dagster_defs.jobs import (
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
-from obs_pipeline.health import REPLICA_STUCK_AFTER_S, replication_lag
+from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, replication_lag
 from obs_pipeline.schema import prune_applied
 
 
@@ -266,7 +266,9 @@ def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
 def replica_replays(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
     """Evaluated here on demand, and by every drain_buffer run (failing when it ended because the
     replica replayed nothing). A batch just committed is not yet replayed: it fails only past
-    REPLICA_STUCK_AFTER_S, or with a database that does not answer."""
+    REPLICA_STUCK_AFTER_S, with a database that does not answer, or with a "replica" that reports
+    no replay position (a primary: `status` is degraded at once, and nothing would ever be
+    replayed; the check passed until a batch had waited REPLICA_STUCK_AFTER_S)."""
     settings = obs_pipeline.settings()
     store = obs_pipeline.buffer_store()
     main, replica = make_engine(settings.require_main()), make_engine(settings.require_replica())
@@ -276,10 +278,11 @@ def replica_replays(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
         store.redis.close()
         main.dispose()
         replica.dispose()
+    unplaced = not lag.get("error") and lag.get("replica_lsn") is None
     stuck = bool(lag.get("error")) or (lag["seconds"] > REPLICA_STUCK_AFTER_S and lag["replica_behind_oldest_batch"])
     return AssetCheckResult(
-        passed=not stuck, severity=AssetCheckSeverity.WARN,
+        passed=not (stuck or unplaced), severity=AssetCheckSeverity.WARN,
         description=lag.get("error") or (f"the replica has not replayed a batch committed {lag['seconds']:.0f} s ago"
-                                         if stuck else None),
+                                         if stuck else NO_REPLAY_POSITION if unplaced else None),
         metadata={"awaiting_replication_batches": lag["awaiting_batches"], "seconds": lag["seconds"],
                   "replica_lsn": lag.get("replica_lsn") or ""})
