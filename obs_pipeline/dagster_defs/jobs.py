@@ -218,29 +218,38 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
     site = drain.settings.site
 
+    # The budget is the run's, not this attempt's: every op retry (a link down) would start it
+    # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.
+    record = context.instance.get_run_record_by_id(context.run_id)
+    started = record.start_time if record is not None and record.start_time else time.time()
+    deadline = time.monotonic() + max(0.0, config.budget_s - (time.time() - started))
+    # An op retry tries main and Redis once, whatever the budget: stopped before it tried, a retry
+    # that came after the budget ended the run green, "drained 0 transactions (time budget
+    # spent)", main or Redis unreachable all along, and the sensor launched the next at once.
+    # A try past the budget that fails too ends the run on its cause (below), not on more retries.
+    retry_try = {"owed": context.retry_number > 0, "past_budget": False}
+
+    def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
+        if retry_try["owed"]:  # (asked before the attempt's first batch)
+            retry_try["owed"], retry_try["past_budget"] = False, time.monotonic() >= deadline
+            return False
+        return time.monotonic() >= deadline and _storage_answers(context)
+
     def on_transient(error: str, backoff: float) -> None:
         if not _storage_answers(context):  # the op retry's own event would fail the run: the drain
             # retries the batch itself, and the run goes on once main is back
             context.log.warning(f"main unreachable ({error}), and Dagster's storage with it: "
                                 f"retrying the batch in {backoff:.1f} s")
             return
-        if context.retry_number >= TRANSIENT_RETRIES:  # a RetryRequested now fails the run on Dagster's
-            # "Exceeded max_retries of 8", which names neither main nor what to check
+        # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
+        # which names neither main nor what to check), or a retry's try past the budget failed too
+        if context.retry_number >= TRANSIENT_RETRIES or retry_try["past_budget"]:
             raise Failure(description=f"site {site}: main unreachable ({error}) at each of the run's "
-                                      f"{TRANSIENT_RETRIES + 1} attempts; is OBS_MAIN_DB_URL right and main up? "
+                                      f"{context.retry_number + 1} attempts; is OBS_MAIN_DB_URL right and main up? "
                                       "The transactions stay buffered for the next run",
                           allow_retries=False) from TransientError(error)
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
-
-    # The budget is the run's, not this attempt's: every op retry (a link down) would start it
-    # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.
-    record = context.instance.get_run_record_by_id(context.run_id)
-    started = record.start_time if record is not None and record.start_time else time.time()
-    deadline = time.monotonic() + max(0.0, config.budget_s - (time.time() - started))
-
-    def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
-        return time.monotonic() >= deadline and _storage_answers(context)
 
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
