@@ -161,6 +161,7 @@ class BatchReport:
 class DrainSummary:
     batches: int = 0
     applied: int = 0
+    already_applied: int = 0  # found committed on main already: an acknowledgement lost, or pushed twice
     dead_lettered: int = 0
     replicated: int = 0
     transient_errors: int = 0
@@ -324,6 +325,7 @@ class Drain:
                 idle_since = None
                 summary.batches += 1
                 summary.applied += report.applied
+                summary.already_applied += report.already_applied
                 summary.dead_lettered += len(report.dead_lettered)
                 summary.replicated += report.replicated
                 if on_batch:

@@ -762,6 +762,61 @@ def test_a_run_whose_op_was_retried_counts_what_every_attempt_drained(settings, 
     assert all(json.loads(redis_client.get(keys.transaction(i)))["status"] == "replicated" for i in ids)
 
 
+@pytest.mark.parametrize("lost", ["commit's answer", "acknowledgement"])
+def test_a_batch_committed_before_an_op_retry_is_counted_by_the_run(settings, resource, redis_client, main_engine,
+                                                                     monkeypatch, lost):
+    """Main committed a batch and then its answer was lost (the link dropped), or Redis dropped
+    the acknowledgement after it: the op retry found the batch applied on main and applied
+    nothing twice, but the run said "drained 0 transactions in 1 batches", applied_this_run 0,
+    of the batch it had committed. It counts what it found applied already now."""
+    import redis as redis_lib
+
+    from obs_pipeline.apply import MainDatabase, TransientError
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 4)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    calls = []
+    if lost == "commit's answer":
+        apply_batch = MainDatabase.apply_batch
+
+        def answer_lost(self, transactions, *args, **kwargs):
+            result = apply_batch(self, transactions, *args, **kwargs)
+            calls.append(len(transactions))
+            if len(calls) == 1:
+                raise TransientError("server closed the connection unexpectedly")
+            return result
+        monkeypatch.setattr(MainDatabase, "apply_batch", answer_lost)
+    else:
+        acknowledge = BufferStore.acknowledge
+
+        def acknowledgement_lost(self, token, outcome):
+            calls.append(outcome)
+            if len(calls) == 1:
+                raise redis_lib.ConnectionError("Connection closed by server.")
+            return acknowledge(self, token, outcome)
+        monkeypatch.setattr(BufferStore, "acknowledge", acknowledgement_lost)
+    with DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                                 run_config=FAST)
+        assert result.success
+        assert [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        drained = result.output_for_node("drain_batches")
+        assert (drained["applied"], drained.get("already_applied", 0)) == (0, len(ids)), drained
+        [replica] = [e.event_specific_data.materialization for e in result.all_events
+                     if e.event_type == DagsterEventType.ASSET_MATERIALIZATION and e.step_key == "report_replication"]
+        assert replica.metadata["applied_this_run"].value == 0
+        assert replica.metadata["already_applied_this_run"].value == len(ids)
+        assert any(f"drained 0 transactions in 1 batches, and found {len(ids)} applied already" in (e.user_message or "")
+                   for e in instance.all_logs(result.run_id))
+    assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+
+
 def test_a_retry_run_that_finds_the_list_changing_fails_saying_what_to_do(settings, resource, redis_client,
                                                                          monkeypatch):
     """The sensor's drain runs dead-letter as they go: a retry_dead_letters run that found the

@@ -151,7 +151,7 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
                             + (f"; and {more} more" if more else "") + " (`obs-pipeline failed list`)")
 
 
-SUMMED = ("batches", "applied", "dead_lettered", "replicated")  # over the op's attempts
+SUMMED = ("batches", "applied", "already_applied", "dead_lettered", "replicated")  # over the op's attempts
 
 
 def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
@@ -275,8 +275,13 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         setattr(summary, name, getattr(summary, name) + value)
     if summary.stopped_because == "asked to stop":  # by budget_spent, the only one who asks
         summary.stopped_because = "time budget spent"
+    # An attempt whose COMMIT's answer, or the acknowledgement after it, was lost leaves its batch
+    # to the next attempt, which finds it applied: counted as applied alone, the run said "drained
+    # 0 transactions" of a batch it had committed.
+    already = (f", and found {summary.already_applied} applied already (committed before their acknowledgement "
+               "was lost, or pushed twice)" if summary.already_applied else "")
     (context.log.warning if summary.replica_stalled else context.log.info)(
-        f"drained {summary.applied} transactions in {summary.batches} batches ({summary.stopped_because})")
+        f"drained {summary.applied} transactions in {summary.batches} batches{already} ({summary.stopped_because})")
     return summary.__dict__
 
 
@@ -296,6 +301,7 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
             "awaiting_replication_batches": depths["awaiting_replication"],
             "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
             "applied_this_run": drained.get("applied", 0),
+            "already_applied_this_run": drained.get("already_applied", 0),  # see _drain_batches
         }
         why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
         if why is None and not busy:
