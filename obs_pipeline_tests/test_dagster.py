@@ -338,6 +338,28 @@ def test_a_drain_outside_dagster_holding_the_lease_gets_no_run_beside_it(setting
     assert redis_client.llen(keys.buffer) == 1
 
 
+def test_a_run_being_canceled_that_holds_the_lease_is_named_by_the_sensor(settings, resource, redis_client):
+    """A terminated run keeps the lease until main answers the batch it has in flight (a row
+    lock can hold that for minutes): every tick meanwhile said the lease was "held outside this
+    Dagster's runs in flight (`obs-pipeline drain`, or a run that died)", sending the operator
+    after a drain that does not exist. It names the run being canceled now."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
+    store = BufferStore(redis_client, settings.site)
+    with instance_for_test() as instance:
+        run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        token = store.acquire_lease(30)  # its drain's, letting main finish
+        instance.report_run_canceling(run)
+        skip = _sensor(instance, resource)
+        assert isinstance(skip, SkipReason)
+        assert skip.skip_message.startswith(f"site {settings.site}: drain run {run.run_id} is being canceled and holds "
+                                            "the drain lease until main answers the batch it has in flight"), skip
+        store.release_lease(token)
+        instance.report_run_canceled(run)
+        assert isinstance(_sensor(instance, resource), RunRequest)  # it let go: the next starts at once
+    assert redis_client.llen(keys.buffer) == 1
+
+
 @pytest.mark.parametrize("run_retries", [False, True])
 def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(settings, resource, redis_client,
                                                                            monkeypatch, run_retries):

@@ -119,6 +119,14 @@ def _retries_not_due(store) -> str:
     return f"; {depths['retry']} transaction(s) wait to retry, the next due in {due_in:.0f} s"
 
 
+def _site_runs(instance: DagsterInstance, site: str, statuses: list) -> list:
+    """The site's drain runs in these statuses, newest first. A run launched by hand (the
+    launchpad) has no site tag: it may be draining this site too."""
+    return [r for r in instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, statuses=statuses),
+                                                limit=50)
+            if r.dagster_run.tags.get(SITE_TAG, site) == site]
+
+
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
@@ -138,10 +146,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         store.redis.close()
     if not any(work.values()):
         return SkipReason(f"site {site}: buffer empty, nothing awaiting replication{later}")
-    # a run launched by hand (the launchpad) has no site tag: it may be draining this site too
-    running = [r for r in context.instance.get_run_records(
-        filters=RunsFilter(job_name=drain_buffer.name, statuses=IN_FLIGHT), limit=50)
-        if r.dagster_run.tags.get(SITE_TAG, site) == site]
+    running = _site_runs(context.instance, site, IN_FLIGHT)
     dead = _dead_runs(context.instance, running, lease_free=lease_left_s is None)
     for record in dead:  # tagged first: the failed-run pause is for runs that failed on a cause
         context.instance.add_run_tags(record.dagster_run.run_id, {WORKER_GONE_TAG: record.dagster_run.run_id})
@@ -175,6 +180,11 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                               f"(see that run's log; the pause doubles with each failed run, up to "
                               f"{FAILED_RUN_PAUSE_MAX_S:.0f} s; a run launched by hand starts at once)")
     if lease_left_s is not None:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
+        canceling = _site_runs(context.instance, site, [DagsterRunStatus.CANCELING])
+        if canceling:  # terminated: it keeps the lease until main answers its batch in flight
+            return SkipReason(f"site {site}: drain run {canceling[0].dagster_run.run_id} is being canceled and holds the "
+                              f"drain lease until main answers the batch it has in flight ({lease_left_s:.0f} s more "
+                              "unless renewed); the next run starts once it lets go")
         return SkipReason(f"site {site}: the drain lease is held outside this Dagster's runs in flight "
                           f"(`obs-pipeline drain`, or a run that died), for {lease_left_s:.0f} s more "
                           "unless renewed; a run would only wait for it")
