@@ -201,6 +201,34 @@ def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_noth
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
+def test_redis_lost_after_the_drain_fails_the_report_in_one_line(settings, resource, redis_client, monkeypatch):
+    """Redis gone between the two ops (the drain done): report_replication failed the run on
+    redis-py's own error, a page of stack naming no setting, where every other step says which
+    site's Redis and what to check. It says so in that line now; what the drain did stands."""
+    import redis as redis_lib
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    doc, _ = seed_example(settings.site)
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+
+    def redis_gone(self):
+        raise redis_lib.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(BufferStore, "depths", redis_gone)  # (read by report_replication, not the drain)
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST,
+                                             raise_on_error=False)
+    assert not result.success and result.output_for_node("drain_batches")["applied"] == 1
+    [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    assert failure.step_key == "report_replication"
+    message = failure.event_specific_data.error.message
+    assert (f"site {settings.site}: Redis unreachable (Error 111 connecting to 127.0.0.1:6379. Connection refused.); "
+            "is OBS_REDIS_URL right" in message), message
+    assert "\n" not in message.strip()
+    assert json.loads(redis_client.get(SiteKeys(settings.site).transaction(doc["transaction_id"])))["status"] \
+        == "replicated"
+
+
 @pytest.mark.slow
 def test_a_run_rides_out_main_down_with_dagsters_storage_on_it(stack, settings, resource, redis_client, main_engine,
                                                              tmp_path, monkeypatch):

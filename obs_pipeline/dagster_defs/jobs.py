@@ -316,6 +316,11 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
                 asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not why, severity=AssetCheckSeverity.WARN,
                 description=why, metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
         context.log_event(dead_letter_check(depths["failed"]))
+    except Exception as error:  # Redis lost since the drain ended: its line, as drain_batches says it
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise Failure(description=f"site {store.keys.site}: {trouble}") from error
     finally:
         store.redis.close()
 
