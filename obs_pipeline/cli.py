@@ -161,8 +161,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
         drain.close()
-    print(f"drained {summary.applied} transactions in {summary.batches} batches, "
-          f"{summary.dead_lettered} dead-lettered ({summary.stopped_because})", file=sys.stderr)
+    print(f"{summary.drained_line()}, {summary.dead_lettered} dead-lettered ({summary.stopped_because})",
+          file=sys.stderr)
     return 0
 
 

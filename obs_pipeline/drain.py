@@ -169,6 +169,14 @@ class DrainSummary:
     stopped_because: str = ""
     replica_stalled: bool = False  # stopped with committed batches the replica has not replayed
 
+    def drained_line(self) -> str:
+        """What the run applied, for its last log line (the CLI's, the Dagster op's). What it found
+        committed already is said: counted as applied alone, a run that took a batch whose
+        acknowledgement was lost said "drained 0 transactions" of it."""
+        already = (f", and found {self.already_applied} applied already (committed before their acknowledgement "
+                   "was lost, or pushed twice)" if self.already_applied else "")
+        return f"drained {self.applied} transactions in {self.batches} batches{already}"
+
 
 class DrainBusy(RuntimeError):
     """Another drain holds the site's lease."""

@@ -1312,6 +1312,27 @@ def test_failed_list_into_head_stops_quietly(env, settings, redis_client):
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_a_cli_drain_counts_what_it_found_applied_already(env, redis_client, settings, main_engine):
+    """A transaction pushed again once applied (a producer's LPUSH retried after a timeout), or a
+    batch whose acknowledgement a killed drain lost, is found applied by the next drain, which
+    applies nothing twice. Its line said "drained 0 transactions in 1 batches" and no more, as
+    if the batch it had taken held nothing (the Dagster run's line says it since 5c3b583)."""
+    import sqlalchemy as sa
+
+    keys = SiteKeys(settings.site)
+    doc, ids = seed_example(settings.site)
+    for expected in ("drained 1 transactions in 1 batches, 0 dead-lettered",
+                     "drained 0 transactions in 1 batches, and found 1 applied already (committed before their "
+                     "acknowledgement was lost, or pushed twice), 0 dead-lettered"):
+        redis_client.lpush(keys.buffer, json.dumps(doc))  # the second time: pushed again, applied already
+        drained = cli("drain", "--once", env=env)
+        assert drained.returncode == 0 and expected in drained.stderr, drained.stderr
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, redis_client, settings, main_engine):
     """A producer that pushes a transaction again (its LPUSH retried after a timeout) can have it
     dead-lettered twice. `failed discard ID` removed one letter: the id stayed listed, and a later

@@ -275,13 +275,10 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         setattr(summary, name, getattr(summary, name) + value)
     if summary.stopped_because == "asked to stop":  # by budget_spent, the only one who asks
         summary.stopped_because = "time budget spent"
-    # An attempt whose COMMIT's answer, or the acknowledgement after it, was lost leaves its batch
-    # to the next attempt, which finds it applied: counted as applied alone, the run said "drained
-    # 0 transactions" of a batch it had committed.
-    already = (f", and found {summary.already_applied} applied already (committed before their acknowledgement "
-               "was lost, or pushed twice)" if summary.already_applied else "")
+    # (an attempt whose COMMIT's answer, or the acknowledgement after it, was lost leaves its batch
+    # to the next attempt, which finds it applied: the line says so)
     (context.log.warning if summary.replica_stalled else context.log.info)(
-        f"drained {summary.applied} transactions in {summary.batches} batches{already} ({summary.stopped_because})")
+        f"{summary.drained_line()} ({summary.stopped_because})")
     return summary.__dict__
 
 
