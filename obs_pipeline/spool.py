@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -346,7 +347,10 @@ class Spool:
             self._remove_offset()
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600), True
         try:
-            _cut_torn_tail(fd)
+            torn = _torn_tail(fd)
+            if torn is not None:
+                self._tell_torn_tail(fd, torn, "it is cut off, and the lines before it are kept")
+                os.ftruncate(fd, torn)  # (as _cut_torn_tail does, once said)
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
                 view = memoryview(line)
@@ -437,6 +441,10 @@ class Spool:
                 cursor.index, cursor.position, cursor.head = progress
                 if time.monotonic() >= deadline:
                     return pushed, False
+            torn = _torn_tail(file.fileno())
+            if torn is not None:
+                self._tell_torn_tail(file.fileno(), torn,
+                                     "it is removed with the spool, and the lines before it were pushed")
         cursor.forget()
         # the offset first: a crash between the two leaves a spool pushed again from its start
         # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
@@ -445,6 +453,19 @@ class Spool:
         self.path.unlink()
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed, True
+
+    def _tell_torn_tail(self, fd: int, start: int, fate: str) -> None:
+        """One warning for a last line cut short, as the append or push that finds it drops it.
+        Its call never returned (its script was killed in it, or the host lost power), so it is
+        no spooled transaction; dropped silently, nobody knew that an observation the script may
+        have taken for recorded was not."""
+        size = os.fstat(fd).st_size
+        named = re.match(rb'\{"id": "([^"\\]{1,200})"', os.pread(fd, 256, start))
+        which = f"transaction {named.group(1).decode('utf-8', 'replace')}" if named else "a transaction"
+        log.warning("the spool %s ends in a line cut short (%d bytes of %s): the script spooling it was killed, or the "
+                    "host lost power, before that call returned, so it is not spooled: %s. Check that script's last "
+                    "observation and buffer it again if it is missing",
+                    self.path, size - start, which, fate)
 
     def _set_aside(self, store: BufferStore, line: bytes, why: str) -> None:
         """Move a line the buffer script cannot take for what it is out of the spool's way: into
@@ -839,21 +860,28 @@ def _age_of(line: bytes) -> float | None:
     return max(0.0, (dt.datetime.now(dt.timezone.utc) - stamp).total_seconds())
 
 
-def _cut_torn_tail(fd: int) -> None:
-    """Truncate the file after its last newline: a line a crash cut short must not have the
-    next one appended to it (both would then be unreadable, the next one's call returned)."""
-    size = os.lseek(fd, 0, os.SEEK_END)
+def _torn_tail(fd: int) -> int | None:
+    """Where the file's last line starts if it has no newline (a crash cut it short while it was
+    written: see Spool._unpushed_lines), else None."""
+    size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return
+        return None
     block, end = 65536, size
     while end > 0:
         start = max(0, end - block)
         found = os.pread(fd, end - start, start).rfind(b"\n")
         if found >= 0:
-            os.ftruncate(fd, start + found + 1)
-            return
+            return start + found + 1
         end = start
-    os.ftruncate(fd, 0)
+    return 0
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """Truncate the file after its last newline: a line a crash cut short must not have the
+    next one appended to it (both would then be unreadable, the next one's call returned)."""
+    start = _torn_tail(fd)
+    if start is not None:
+        os.ftruncate(fd, start)
 
 
 def _fsync_folder(folder: Path) -> None:

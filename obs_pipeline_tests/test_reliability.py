@@ -1615,6 +1615,59 @@ def test_a_spool_line_cut_short_by_a_crash_is_not_taken_for_a_transaction(settin
     assert queue == ["after", "whole"]
 
 
+# An observing script (site from the environment, Redis at argv[1]: nothing listens there, spool
+# folder argv[2]) that spools three observations, prints each id once its call returned, and is
+# SIGKILLed in the middle of writing the fourth's line: half of it is on disk.
+_SCRIPT_KILLED_MID_APPEND = r"""
+import os, signal, sys
+from obs_pipeline.ingest import TransactionBuffer
+
+buf = TransactionBuffer(redis_url=sys.argv[1], spool_dir=sys.argv[2])
+for i in range(4):
+    if i == 3:
+        real_write = os.write
+
+        def half_then_killed(fd, data):
+            real_write(fd, bytes(data)[:len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        os.write = half_then_killed
+    with buf.transaction(endpoint="start_observation") as tx:
+        print(tx.transaction_id, flush=True)  # (the fourth's id, before the call that is killed)
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+"""
+
+
+@pytest.mark.parametrize("found_by", ["push", "next_append"])
+def test_a_script_killed_mid_append_loses_and_doubles_no_line_before_it_and_its_cut_line_is_warned_of(
+        settings, redis_client, tmp_path, caplog, found_by):
+    """kill -9 of a script while it writes a spool line: the lines spooled before it are pushed
+    once each, and its half line is dropped (its call never returned). It was dropped silently,
+    by the next append or by the push that removed the spool: nobody learnt that the script's
+    last observation, which it may have taken for recorded, was not. One warning names it."""
+    from obs_pipeline.spool import Spool
+
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    folder = tmp_path / "spool"
+    nothing_there = f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"
+    killed = subprocess.run([sys.executable, "-c", _SCRIPT_KILLED_MID_APPEND, nothing_there, str(folder)],
+                            env=cli_env(settings), capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    *spooled, cut = killed.stdout.split()
+    assert len(spooled) == 3
+    spool = Spool(folder, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    assert not spool.path.read_bytes().endswith(b"\n")  # (the half line is there)
+    assert [entry["id"] for entry in spool.unpushed()] == spooled
+    if found_by == "next_append":
+        spool.buffer(_RedisDown(), *_spool_line("after"))
+        spooled.append("after")
+    assert spool.push() == len(spooled) and not spool.exists()
+    assert _queued_ids(redis_client, SiteKeys(settings.site)) == spooled
+    warnings = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]
+    assert len(warnings) == 1 and "ends in a line cut short" in warnings[0] and f"transaction {cut}" in warnings[0], \
+        warnings
+
+
 def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_a_transaction(
         settings, redis_client, tmp_path):
     """A power loss while a spool line is fsync'd can leave it whole in length, newline included,
