@@ -27,6 +27,7 @@ which would keep it held for as long as the child lives.
 from __future__ import annotations
 
 import atexit
+import collections
 import datetime as dt
 import fcntl
 import hashlib
@@ -132,8 +133,12 @@ class Spool:
         self.offset_path = self.directory / f"{site}.offset"
         self.offset_check_path = self.directory / f"{site}.offset-check"
         self.lock_path = self.directory / f"{site}.lock"
-        self._lock = threading.Lock()
-        self._flusher_lock = threading.Lock()  # guards _flusher_running (never held around a push)
+        # Re-entrant, as is _flusher_lock: a signal handler that buffers runs in the thread it
+        # interrupted, maybe holding them (see _inside)
+        self._lock = threading.RLock()
+        self._holder: int | None = None  # the thread inside _locked (holding _lock and the flock)
+        self._here = threading.local()  # per thread: depth inside the spool, calls deferred (_inside)
+        self._flusher_lock = threading.RLock()  # guards _flusher_running (never held around a push)
         self._flusher_running = False
         self._redis_failed_at: float | None = None  # monotonic; see REDIS_RETRY_AFTER_S
         self._probing = False  # the flusher's PING of a Redis that did not answer is out
@@ -148,8 +153,10 @@ class Spool:
         """In a forked child (see obs_pipeline.forks): fresh locks, no flusher (the parent's
         thread is not in the child; the next spooled line starts one), and the parent's copy
         of the lock file's descriptor closed, never unlocked (the lock is the parent's)."""
-        self._lock = threading.Lock()
-        self._flusher_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._holder = None
+        self._here = threading.local()
+        self._flusher_lock = threading.RLock()
         self._flusher_running = False
         self._probing = False
         self._cursor.forget()  # a plain descriptor of the spool file: the child's copy is its own
@@ -157,6 +164,63 @@ class Spool:
         _close_quietly(fd)
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
+        """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first
+        (_buffer_now). A call made while this thread is inside the spool already (a signal
+        handler's: see _inside) is deferred until it leaves it."""
+        here = self._here
+        if getattr(here, "depth", 0):
+            here.deferred.append((store, tx_id, tx_json, caches))
+            return
+        with self._inside():
+            self._buffer_now(store, tx_id, tx_json, caches)
+
+    @contextmanager
+    def _inside(self) -> Iterator[None]:
+        """Mark this thread inside the spool (a buffer() call, or the lock held) for the block.
+
+        Python runs a signal handler in the main thread, between two steps of whatever it was
+        doing: an observing script's SIGTERM handler that buffers "aborted" ran inside the call
+        it interrupted. Holding the spool's lock (the flock, every script of the site on the host
+        waiting for it), it waited for that lock for ever: the script hung, and every other one
+        with it. And a line appended then would land inside the one being written, or a request
+        be sent on this thread's connection while that call waits for its reply. So a buffer()
+        made inside is kept until the outermost block ends, and made then (its call returned
+        before: the handler cannot wait for a call it interrupted); a read made inside reads
+        under the lock already held (_locked)."""
+        here = self._here
+        outermost = not getattr(here, "depth", 0)
+        if outermost:
+            here.depth = 0
+            if getattr(here, "deferred", None) is None:
+                # one queue per thread, never replaced: a handler run as a block ends, after its
+                # depth is 0 and before the queue is taken, would drop the calls queued in it
+                here.deferred, here.draining = collections.deque(), False
+        here.depth += 1
+        try:
+            yield
+        finally:
+            here.depth -= 1
+            if outermost and not here.draining:
+                self._buffer_deferred(here)
+
+    def _buffer_deferred(self, here: threading.local) -> None:
+        """Buffer the calls deferred inside (see _inside), in order, each deferred meanwhile too
+        (in this loop: the blocks of the calls it makes leave the queue to it, or each would
+        empty it from within the last, as deep as it is long). Their calls have returned: one
+        that fails is logged, as the flusher logs what it cannot push."""
+        deferred, here.draining = here.deferred, True
+        try:
+            while deferred:
+                store, tx_id, tx_json, caches = deferred.popleft()
+                try:
+                    self.buffer(store, tx_id, tx_json, caches)
+                except Exception as error:  # noqa: BLE001 -- its call returned: nothing else can say it
+                    log.error("transaction %s, buffered by a signal handler while its thread was spooling, was "
+                              "not kept: %s", tx_id, _one_line(error))
+        finally:
+            here.draining = False
+
+    def _buffer_now(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first.
 
         With nothing spooled, threads buffer concurrently (no lock): a transaction spooled by
@@ -314,24 +378,40 @@ class Spool:
     @contextmanager
     def _locked(self, shared: bool = False) -> Iterator[None]:
         """This process's threads (the thread lock), then every process of the site on this host
-        (flock on the lock file; released when its descriptor closes, a crash included)."""
-        with self._lock:
-            if not self.directory.is_dir():
-                _make_durable_folder(self.directory)
-            fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            pid = os.getpid()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        (flock on the lock file; released when its descriptor closes, a crash included).
+
+        Entered again by the thread that holds it (a signal handler's read, see _inside), it
+        reads under the lock held: another flock of the process waits for its own for ever. A
+        handler's push could land in the middle of the slice it interrupted, and is refused."""
+        me = threading.get_ident()
+        with self._inside():
+            if self._holder == me:
+                if not shared:
+                    raise RuntimeError(f"the spool {self.path} cannot be pushed from a signal handler that "
+                                       "interrupted its own thread's use of it: the flusher pushes it")
                 yield
-            finally:
-                self._lock_fd = None  # first: a child forked from now on does not close the number
+                return
+            with self._lock:
+                self._holder = me  # (before the flock: one not taken yet is taken by the handler's own)
                 try:
-                    # explicitly: a child forked meanwhile holds a copy of the descriptor, and
-                    # closing this one would not release the lock while that copy is open
-                    if os.getpid() == pid:  # (never a parent's lock, from a child)
-                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    if not self.directory.is_dir():
+                        _make_durable_folder(self.directory)
+                    fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                    pid = os.getpid()
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                        yield
+                    finally:
+                        self._lock_fd = None  # first: a child forked from now on does not close the number
+                        try:
+                            # explicitly: a child forked meanwhile holds a copy of the descriptor, and
+                            # closing this one would not release the lock while that copy is open
+                            if os.getpid() == pid:  # (never a parent's lock, from a child)
+                                fcntl.flock(fd, fcntl.LOCK_UN)
+                        finally:
+                            os.close(fd)
                 finally:
-                    os.close(fd)
+                    self._holder = None  # last: the flock is released
 
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""

@@ -1668,6 +1668,108 @@ def test_a_script_killed_mid_append_loses_and_doubles_no_line_before_it_and_its_
         warnings
 
 
+# An observing script (site from the environment, Redis at argv[1], spool folder argv[2]) whose
+# signal handler buffers the observation as aborted, as a script's SIGTERM handler does. With
+# nothing listening at argv[1], the signal comes while its main thread is inside the spool (argv[3]):
+# appending a line (the spool's lock held, the line fsync'd), pushing the spool before its next line
+# (the lock held), or reading it for status(). `anywhere`: a signal every 10 ms while it buffers
+# 300 observations (every 1 ms, 2,000, with Redis up), and more until the handler has buffered 20,
+# wherever the main thread is. It prints each
+# call's endpoint and id at its end, in the order the calls returned.
+_SCRIPT_SIGNALLED_INSIDE_THE_SPOOL = r"""
+import os, signal, sys
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.spool import Spool
+
+buf = TransactionBuffer(redis_url=sys.argv[1], spool_dir=sys.argv[2])
+where, redis_up = sys.argv[3], sys.argv[4] == "up"
+returned, busy, sent = [], [], []
+
+
+def observation(endpoint):
+    with buf.transaction(endpoint=endpoint) as tx:
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": endpoint})
+    returned.append(f"{endpoint} {tx.transaction_id}")  # (printed at the end: a print in a handler can interrupt one)
+    return tx.transaction_id
+
+
+def aborted(signum, frame):
+    if not busy:  # (one at a time, as a script's handler of one signal is)
+        busy.append(1)
+        observation("aborted")
+        busy.clear()
+
+
+def signalled_once(real):
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGALRM))  # (its handler runs as this returns)
+        return result
+    return call
+
+
+signal.signal(signal.SIGALRM, aborted)
+if where == "anywhere":
+    every = 0.001 if redis_up else 0.01  # (a spooled call takes milliseconds: its fsync)
+    signal.setitimer(signal.ITIMER_REAL, every, every)
+    own = 0
+    while own < (2000 if redis_up else 300) or len(returned) - own < 20:  # (and 20 of the handler's at least)
+        observation("next")
+        own += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+elif where == "appending":
+    os.fsync = signalled_once(os.fsync)
+    observation("start")
+else:
+    first = observation("start")
+    Spool._offset_in = signalled_once(Spool._offset_in)
+    if where == "pushing":
+        observation("next")
+    else:
+        assert buf.status(first) == "pending"
+print("\n".join(returned), flush=True)
+"""
+
+
+@pytest.mark.parametrize("where, redis_up", [("appending", False), ("pushing", False), ("reading", False),
+                                             ("anywhere", False), ("anywhere", True)])
+def test_a_signal_handler_that_buffers_while_its_thread_is_inside_the_spool_neither_hangs_nor_loses_it(
+        settings, redis_client, tmp_path, where, redis_up):
+    """A script's signal handler buffers the observation as aborted. Python runs it in the main
+    thread, inside whatever that thread was doing. Redis down, that was appending to the spool,
+    or pushing or reading it, with the spool's lock held: the handler's call waited for that lock
+    for ever, and the script hung, holding the flock that every script of the site on the host
+    takes to spool. Redis up, the interrupted call was waiting for Redis's reply, and the
+    handler's sent its own on the same connection: `RuntimeError: concurrent poll() invocation`
+    out of the script's call. Now it is buffered as the interrupted call leaves the spool: every
+    call is kept, once, in order."""
+    from obs_pipeline.spool import Spool
+
+    folder = tmp_path / "spool"
+    url = settings.redis_url if redis_up else f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"
+    try:
+        script = subprocess.run([sys.executable, "-c", _SCRIPT_SIGNALLED_INSIDE_THE_SPOOL, url, str(folder), where,
+                                 "up" if redis_up else "down"], env=cli_env(settings), capture_output=True,
+                                text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the script hung in its signal handler ({where})")
+    assert script.returncode == 0, script.stderr
+    printed = [line.split() for line in script.stdout.splitlines()]
+    spool = Spool(folder, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    assert spool.push() == (0 if redis_up else len(printed)) and not spool.exists()
+    queue = _queued_ids(redis_client, SiteKeys(settings.site))
+    if where == "anywhere":  # a handler's call returned before the call it interrupted, and is buffered after it
+        assert sorted(queue) == sorted(tx_id for _, tx_id in printed)
+        own = [tx_id for name, tx_id in printed if name == "next"]
+        assert [tx_id for tx_id in queue if tx_id in set(own)] == own
+        assert sum(name == "aborted" for name, _ in printed) >= 20, script.stdout
+        return
+    expected = ["start", "next", "aborted"] if where == "pushing" else ["start", "aborted"]
+    assert sorted(name for name, _ in printed) == sorted(expected), script.stdout
+    assert queue == [dict(printed)[name] for name in expected]
+
+
 def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_a_transaction(
         settings, redis_client, tmp_path):
     """A power loss while a spool line is fsync'd can leave it whole in length, newline included,
