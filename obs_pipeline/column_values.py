@@ -230,8 +230,8 @@ def network_text(text: str, type_: str) -> str:
     groups (the first of equals) as ::, and ::a.b.c.d or ::ffff:a.b.c.d for an IPv4 address in
     IPv6; the mask length unless it covers the whole address (always, for a CIDR). Text in
     other forms than these read (see _NETWORK_TEXT and _MACADDR_TEXT; an IPv6 mask length with
-    leading zeros), and a CIDR with bits set right of its mask, is kept as given: main refuses
-    it, or reads its own shorthands otherwise, as before."""
+    leading zeros) is kept as given: main refuses it, or reads its own shorthands otherwise, as
+    before. A CIDR with bits set right of its mask is a ValueError, as main refuses it."""
     if type_ == "macaddr":
         if not _MACADDR_TEXT.fullmatch(text):
             return text
@@ -242,7 +242,7 @@ def network_text(text: str, type_: str) -> str:
     cidr = type_ == "cidr"
     try:
         if cidr:
-            network = ipaddress.ip_network(text)
+            network = ipaddress.ip_network(text, strict=False)
             address, bits = network.network_address, network.prefixlen
         else:
             interface = ipaddress.ip_interface(text)
@@ -251,6 +251,9 @@ def network_text(text: str, type_: str) -> str:
         return text
     if address.version == 6 and "/0" in text and not text.endswith("/0"):
         return text  # PostgreSQL reads an IPv6 mask length of leading zeros (/064) as no number
+    if cidr and int(ipaddress.ip_network(text, strict=False).hostmask) & int(ipaddress.ip_address(text.split("/")[0])):
+        meant = network_text(str(network), "cidr")  # main refuses it; the drain dead-lettered it hours later
+        raise ValueError(f"{text!r} has bits set right of its mask: a CIDR names a network, such as {meant!r}")
     shown = str(address) if address.version == 4 else _ipv6_text(address.packed)
     return shown if bits == address.max_prefixlen and not cidr else f"{shown}/{bits}"
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.column_values import interval_text, numeric_of, single_float
+from obs_pipeline.keys import SiteKeys
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -942,11 +943,50 @@ def test_network_text_is_taken_as_main_writes_it(replica_engine, types, spelling
     query = sa.text(f"SELECT {columns} FROM unnest(CAST(:spellings AS text[])) WITH ORDINALITY AS s(v, n) ORDER BY n")
     with replica_engine.connect() as conn:
         written = conn.execute(query, {"spellings": spellings}).all()
-    wrong = [(text, type_, main, network_text(text, type_)) for text, row in zip(spellings, written)
-             for type_, main in zip(types, row) if network_text(text, type_) != (main or text)]
+    def taken(text: str, type_: str) -> str | None:  # None: refused, as main refuses it (a CIDR's host bits)
+        try:
+            return network_text(text, type_)
+        except ValueError:
+            return None
+
+    wrong = [(text, type_, main, taken(text, type_)) for text, row in zip(spellings, written)
+             for type_, main in zip(types, row) if taken(text, type_) != (main or text) and
+             not (taken(text, type_) is None and main is None)]
     assert wrong == []
     for column in range(len(types)):  # most spellings are taken, and written otherwise than given
         assert sum(row[column] is not None and row[column] != text for text, row in zip(spellings, written)) > 300
+
+
+def test_a_cidr_with_bits_set_right_of_its_mask_is_refused_at_ingest_in_one_line(forms, redis_client, replica_engine):
+    """A CIDR names a network: main refuses 10.0.0.3/24 ("Value has bits set to right of mask"),
+    so the transaction was buffered, and dead-lettered by the drain hours later. Ingest now
+    refuses it in one line, naming the network meant, and buffers nothing; the spellings
+    PostgreSQL takes (10.0.0.0/24) are taken, and so is any it refuses that ipaddress cannot
+    read either (left to main, as before)."""
+    from obs_pipeline.column_values import network_text
+
+    spellings = _address_spellings(2000)
+    with replica_engine.connect() as conn:
+        valid = conn.execute(sa.text("SELECT pg_input_is_valid(v, 'cidr') FROM unnest(CAST(:s AS text[])) "
+                                     "WITH ORDINALITY AS s(v, n) ORDER BY n"), {"s": spellings}).scalars().all()
+    refused = []
+    for text, ok in zip(spellings, valid):
+        try:
+            network_text(text, "cidr")
+        except ValueError as error:
+            refused.append((text, ok, str(error)))
+    assert refused and not [r for r in refused if r[1]]  # only what PostgreSQL refuses too
+    assert len(refused) > 100, len(refused)
+    buf = TransactionBuffer(settings=forms)
+    keys = SiteKeys(forms.site)
+    before = redis_client.llen(keys.buffer)
+    with pytest.raises(InvalidTransaction) as error:
+        with buf.transaction() as tx:
+            tx.create("Addressed", {"address": f"10.9.{uuid.uuid4().int % 250}.7", "net": "10.1.2.3/24"})
+    assert str(error.value) == ("create of Addressed: Addressed.net: '10.1.2.3/24' has bits set right of its mask: "
+                                "a CIDR names a network, such as '10.1.2.0/24'"), str(error.value)
+    assert redis_client.llen(keys.buffer) == before
+    buf.close()
 
 
 def test_a_macaddr_key_names_its_record_the_same_buffered_and_replicated(forms, main_engine, replica_engine):
