@@ -42,6 +42,7 @@ REWRITE_CHUNK = 10_000
 # queued. Redis ran a retry of 50,000 letters (350,000 arguments) in 1.5 s, ~4 us each; a
 # million outlasted the CLI's 5 s, and Redis applied what the CLI was told had timed out.
 EXEC_S_PER_ARGUMENT = 20e-6
+KINDS_READ = 1000  # the newest letters the health report reads to fit its advice to them (not_retryable)
 
 
 @dataclass
@@ -89,16 +90,7 @@ class DeadLetters:
 
     def list(self, client: Any = None) -> list[DeadLetter]:
         """Oldest failure first (read on `client`: a pipeline that WATCHes the list)."""
-        raws = (client or self.store.redis).lrange(self.keys.failed, 0, -1)
-        out = []
-        for raw in reversed(raws):
-            raw = raw.decode()
-            try:
-                doc = json.loads(raw)
-            except (ValueError, RecursionError):
-                doc = {"raw": raw, "failure": {"reason": "unreadable entry"}}
-            out.append(DeadLetter(raw, doc))
-        return out
+        return _letters((client or self.store.redis).lrange(self.keys.failed, 0, -1))
 
     def get(self, ref: str, letters: list[DeadLetter] | None = None) -> DeadLetter:
         """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id). An id
@@ -351,6 +343,29 @@ class DeadLetters:
             if tx is not None:
                 rows.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
         return rows
+
+
+def _letters(raws: list[bytes]) -> list[DeadLetter]:
+    """The list's entries as read (newest first), oldest first."""
+    out = []
+    for raw in reversed(raws):
+        text = raw.decode()
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError):
+            doc = {"raw": text, "failure": {"reason": "unreadable entry"}}
+        out.append(DeadLetter(text, doc))
+    return out
+
+
+def not_retryable(store: BufferStore, most: int = KINDS_READ) -> tuple[int, int, int]:
+    """For the health report's advice: of the newest `most` letters (a list of a million letters
+    is gigabytes, and a monitor runs `status` every minute), how many were read, how many are
+    refused spooled lines and how many have no usable id: `failed retry` refuses both."""
+    letters = _letters(store.redis.lrange(store.keys.failed, 0, most - 1))
+    refused = sum(letter.refused_spool_line for letter in letters)
+    idless = sum(letter.transaction_id is None and not letter.refused_spool_line for letter in letters)
+    return len(letters), refused, idless
 
 
 def _execute_patiently(pipe: Any) -> None:

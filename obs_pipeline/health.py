@@ -13,6 +13,7 @@ from obs_pipeline.apply import hot_standby_off, main_is_standby, replica_hot_sta
 from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
+from obs_pipeline.dead_letters import not_retryable
 from obs_pipeline.drain import DrainConfig
 from obs_pipeline.spool import Spool
 from obs_pipeline.wire import one_line
@@ -40,8 +41,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     lag = replication_lag(store, main, replica)
     problems = []
     if depths["failed"]:
-        problems.append(f"{depths['failed']} dead-lettered: see `obs-pipeline failed list` and `failed show ID`, "
-                        "then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`")
+        problems.append(dead_letters_problem(store, depths["failed"]))
     if oldest is not None and oldest > stale_after_s:
         problems.append(f"oldest pending transaction is {oldest:.0f} s old")
     overdue = time.time() - depths["first_retry_due"] if depths["first_retry_due"] is not None else None
@@ -105,6 +105,28 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     if timeouts is not None:
         report["drain_timeouts"] = timeouts
     return report
+
+
+def dead_letters_problem(store: BufferStore, failed: int) -> str:
+    """What to do about `failed` dead letters, for the kinds listed: `failed retry` refuses a
+    spooled line Redis could not take and a letter without a usable id (the advice said to retry
+    every one). Read among the newest letters only (dead_letters.not_retryable)."""
+    read, refused, idless = not_retryable(store)
+    retry = "`failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"
+    advice = f"{failed} dead-lettered: see `obs-pipeline failed list` and `failed show ID`"
+    if not refused and not idless:
+        return f"{advice}, then {retry}"
+    among = f" of the newest {read}" if read < failed else ""
+    if refused:
+        advice += (f"; {refused}{among} {'is a spooled line' if refused == 1 else 'are spooled lines'} Redis could "
+                   f"not take (refused_spool_line), which cannot be retried: check {'its' if refused == 1 else 'their'} "
+                   "rows as they are now, buffer the steps still wanted again, then `failed discard ID`")
+    if idless:
+        advice += (f"; {idless}{among} {'has' if idless == 1 else 'have'} no usable transaction id (#N in `failed "
+                   "list`) and cannot be retried: `failed discard #N`")
+    if failed > refused + idless:
+        advice += f"; the others: {retry}"
+    return advice
 
 
 def drain_timeouts(piece: int | None, alone: dict[str, int], attempts: int,

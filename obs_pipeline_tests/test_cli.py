@@ -927,9 +927,46 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
         assert degraded.returncode == (3 if "--check" in args else 0), degraded.stderr
         assert degraded.stderr.splitlines() == [  # with what to do, as the other problems say
             f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered: see `obs-pipeline failed list` and "
-            "`failed show ID`, then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"]
+            "`failed show ID`; 1 has no usable transaction id (#N in `failed list`) and cannot be retried: "
+            "`failed discard #N`"]
     assert json.loads(degraded.stdout)["status"] == "degraded"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
+    assert cli("status", "--check", env=env).returncode == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_advises_for_the_kinds_of_dead_letters_listed(env, redis_client, settings):
+    """`status` told an operator to `failed retry` every dead letter, but `failed retry` refuses a
+    spooled line Redis could not take (refused_spool_line: its steps must be buffered again, after
+    a look at its rows) and a letter without a usable id: followed, the advice failed each time.
+    Each step the advice gives now works, and the site ends healthy."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"  # dead-lettered by the drain, with its id
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    assert cli("drain", "--once", env=env).returncode == 0
+    spool_dir = Path(settings.spool_dir)  # a line of another layout (the transaction as an object)
+    spool_dir.mkdir(mode=0o700)
+    refused_id = "spooled-other-layout"
+    (spool_dir / f"{settings.site}.jsonl").write_text(
+        json.dumps({"id": refused_id, "tx": {"transaction_id": refused_id, "steps": []}}) + "\n")
+    env = {**env, "OBS_SPOOL_DIR": settings.spool_dir}
+    assert cli("spool", "push", env=env).returncode == 0
+    assert [line.split("\t")[:3] for line in cli("failed", "list", env=env).stdout.splitlines()] == [
+        [doc["transaction_id"], doc["endpoint"], "invalid"], [refused_id, "None", "refused_spool_line"]]
+    site = f"obs-pipeline: site {settings.site} is degraded: "
+    refused = ("1 is a spooled line Redis could not take (refused_spool_line), which cannot be retried: check its "
+               "rows as they are now, buffer the steps still wanted again, then `failed discard ID`")
+    assert cli("status", env=env).stderr.splitlines() == [
+        f"{site}2 dead-lettered: see `obs-pipeline failed list` and `failed show ID`; {refused}; the others: "
+        "`failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"]
+    assert "cannot be retried" in one_line_error(cli("failed", "retry", refused_id, env=env))
+    assert cli("failed", "retry", "--all", env=env).returncode == 0  # the other one, as advised
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [doc["transaction_id"]]
+    redis_client.delete(keys.buffer)  # (the example's timestamp is old: its age would be a problem too)
+    assert cli("status", env=env).stderr.splitlines() == [
+        f"{site}1 dead-lettered: see `obs-pipeline failed list` and `failed show ID`; {refused}"]
+    assert cli("failed", "discard", refused_id, env=env).returncode == 0
     assert cli("status", "--check", env=env).returncode == 0
 
 
