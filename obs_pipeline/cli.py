@@ -305,10 +305,16 @@ def cmd_failed(args: argparse.Namespace) -> int:
         ids = letters.retry(None if args.all else [args.id])
         renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
         refused = sum(letter.refused_spool_line for letter in before) if args.all else 0
+        # (they were left listed unsaid: "requeued 0 transaction(s)", and status still degraded)
+        idless = sum(letter.transaction_id is None and not letter.refused_spool_line for letter in before) \
+            if args.all else 0
         print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
                                                        f"{', '.join(renamed)}" if renamed else "")
               + (f"; {refused} spooled line(s) Redis could not take stay listed (they cannot be retried: "
-                 "`failed show`, then `failed discard` each)" if refused else ""), file=sys.stderr)
+                 "`failed show`, then `failed discard` each)" if refused else "")
+              + (f"; {idless} letter(s) without a usable transaction id stay listed (they cannot be retried: "
+                 "`failed show #N`, then `failed discard #N` each, #N as `failed list` shows it)" if idless else ""),
+              file=sys.stderr)
     elif args.action == "discard":
         removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)
         print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else ""),

@@ -178,15 +178,15 @@ class DeadLetters:
             chosen, wanted, taken = [], set(), set()  # taken: id() of the chosen letters
             for ref in transaction_ids:
                 copies = self._meant(ref, letters, "retry")
-                if copies[0].transaction_id is None:
-                    raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
-                                             f"retried: `obs-pipeline failed show {ref}`, then discard it")
-                if copies[0].refused_spool_line:
+                if copies[0].refused_spool_line:  # (first: one without a usable id was told only to discard it)
                     raise CannotBeRetried(f"dead letter {ref} is a spooled line Redis could not take, and cannot be "
                                           f"retried: `obs-pipeline failed show {ref}` shows it and why; what was "
                                           f"spooled after it went on without it, so check its rows as they are now, "
                                           f"buffer the steps still wanted again, then `obs-pipeline failed discard "
                                           f"{ref}`")
+                if copies[0].transaction_id is None:
+                    raise UnknownTransaction(f"dead letter {ref} has no usable transaction id and cannot be "
+                                             f"retried: `obs-pipeline failed show {ref}`, then discard it")
                 chosen += [copy for copy in copies if id(copy) not in taken]
                 taken.update(map(id, copies))
                 wanted.add(copies[0].transaction_id)

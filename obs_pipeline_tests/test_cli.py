@@ -415,6 +415,42 @@ def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, redis_client, settings):
+    """`failed retry --all` left the letters without a usable id listed without a word
+    ("requeued 1 transaction(s)"), the site still degraded; and `failed retry #N` of a spooled line
+    Redis could not take, without a usable id, said only to discard it, not that its steps may
+    have to be buffered again (what its letter and a retry by id say)."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    redis_client.lpush(keys.buffer, b"not json at all")
+    assert cli("drain", "--once", env=env).returncode == 0
+    spool_dir = Path(settings.spool_dir)
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / f"{settings.site}.jsonl").write_text("a hand's edit cut short\n")
+    env = {**env, "OBS_SPOOL_DIR": settings.spool_dir}
+    assert cli("spool", "push", env=env).returncode == 0
+    listed = [line.split("\t")[:3] for line in cli("failed", "list", env=env).stdout.splitlines()]
+    assert listed == [[doc["transaction_id"], doc["endpoint"], "invalid"], ["#2", "None", "invalid"],
+                      ["#3", "None", "refused_spool_line"]], listed
+    before = redis_client.lrange(keys.failed, 0, -1)
+    line = one_line_error(cli("failed", "retry", "#3", env=env))
+    assert line.startswith("obs-pipeline: error: dead letter #3 is a spooled line Redis could not take, and cannot be "
+                           "retried: `obs-pipeline failed show #3` shows it and why; "), line
+    assert "buffer the steps still wanted again" in line, line
+    assert "has no usable transaction id" in one_line_error(cli("failed", "retry", "#2", env=env))
+    assert redis_client.lrange(keys.failed, 0, -1) == before and redis_client.llen(keys.buffer) == 0
+    retried = cli("failed", "retry", "--all", env=env)
+    assert retried.returncode == 0 and retried.stderr.splitlines() == [
+        "requeued 1 transaction(s); 1 spooled line(s) Redis could not take stay listed (they cannot be retried: "
+        "`failed show`, then `failed discard` each); 1 letter(s) without a usable transaction id stay listed (they "
+        "cannot be retried: `failed show #N`, then `failed discard #N` each, #N as `failed list` shows it)"]
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [doc["transaction_id"]]
+    assert redis_client.lrange(keys.failed, 0, -1) == before[:2]  # (newest first: the two without an id)
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
     is: `failed discard '#2'` discarded the second letter of the list instead, another
