@@ -47,7 +47,7 @@ KINDS_READ = 1000  # the newest letters the health report reads to fit its advic
 
 @dataclass
 class DeadLetter:
-    raw: str
+    raw: bytes | str  # as listed: what LREM removes, exactly
     doc: dict[str, Any]
 
     @property
@@ -346,15 +346,17 @@ class DeadLetters:
 
 
 def _letters(raws: list[bytes]) -> list[DeadLetter]:
-    """The list's entries as read (newest first), oldest first."""
+    """The list's entries as read (newest first), oldest first. A byte that is not UTF-8 (a hand's
+    edit, another producer's list) is read as a lone surrogate, which `failed list` and `show`
+    escape: one such letter made every `failed` command exit with "'utf-8' codec can't decode"."""
     out = []
     for raw in reversed(raws):
-        text = raw.decode()
+        text = raw.decode("utf-8", "surrogateescape")
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError):
             doc = {"raw": text, "failure": {"reason": "unreadable entry"}}
-        out.append(DeadLetter(text, doc))
+        out.append(DeadLetter(raw, doc))
     return out
 
 

@@ -451,6 +451,33 @@ def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, re
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_a_dead_letter_that_is_not_utf8_is_listed_shown_and_discarded(env, redis_client, settings):
+    """A letter with bytes that are not UTF-8 (a hand's edit, a list another producer wrote) made
+    `failed list`, `show`, `retry` and `discard` of every letter exit 1 with "'utf-8' codec can't
+    decode byte 0xff ...", and `status`, which reads the letters for its advice: the list could
+    not be cleared with the tool. It is shown escaped and removed exactly, the others kept."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    assert cli("drain", "--once", env=env).returncode == 0
+    odd = b'{"transaction_id":"obs-\xff-1","endpoint":"caf\xe9","failure":{"reason":"by hand","kind":"invalid"}}'
+    redis_client.lpush(keys.failed, odd)
+    assert "2 dead-lettered" in cli("status", env=env).stderr
+    listed = cli("failed", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[:3] for line in listed.stdout.splitlines()] == [
+        [doc["transaction_id"], doc["endpoint"], "invalid"], ["#2", "caf\\udce9", "invalid"]], listed.stdout
+    assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "obs-\udcff-1"
+    discarded = cli("failed", "discard", "#2", env=env)
+    assert discarded.returncode == 0, discarded.stderr
+    assert redis_client.lrange(keys.failed, 0, -1) == [redis_client.lindex(keys.failed, 0)] and \
+        json.loads(redis_client.lindex(keys.failed, 0))["transaction_id"] == doc["transaction_id"]
+    assert cli("failed", "retry", doc["transaction_id"], env=env).returncode == 0
+    assert redis_client.llen(keys.failed) == 0 and redis_client.llen(keys.buffer) == 1
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
     is: `failed discard '#2'` discarded the second letter of the list instead, another
