@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from obs_pipeline import redis_scripts as scripts
 from obs_pipeline.buffer_store import BufferStore, lost_while_watching
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, new_uuid, one_line, validate,
@@ -42,7 +43,11 @@ REWRITE_CHUNK = 10_000
 # queued. Redis ran a retry of 50,000 letters (350,000 arguments) in 1.5 s, ~4 us each; a
 # million outlasted the CLI's 5 s, and Redis applied what the CLI was told had timed out.
 EXEC_S_PER_ARGUMENT = 20e-6
-KINDS_READ = 1000  # the newest letters the health report reads to fit its advice to them (not_retryable)
+# The health report fits its advice to the kinds of the newest KINDS_READ letters (not_retryable),
+# sent whole up to KIND_WHOLE_BYTES each, looked at in Redis up to KINDS_BYTES in all
+KINDS_READ = 1000
+KIND_WHOLE_BYTES = 16 * 1024
+KINDS_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -363,11 +368,17 @@ def _letters(raws: list[bytes]) -> list[DeadLetter]:
 def not_retryable(store: BufferStore, most: int = KINDS_READ) -> tuple[int, int, int]:
     """For the health report's advice: of the newest `most` letters (a list of a million letters
     is gigabytes, and a monitor runs `status` every minute), how many were read, how many are
-    refused spooled lines and how many have no usable id: `failed retry` refuses both."""
-    letters = _letters(store.redis.lrange(store.keys.failed, 0, most - 1))
-    refused = sum(letter.refused_spool_line for letter in letters)
-    idless = sum(letter.transaction_id is None and not letter.refused_spool_line for letter in letters)
-    return len(letters), refused, idless
+    refused spooled lines and how many have no usable id: `failed retry` refuses both. A letter
+    over KIND_WHOLE_BYTES is looked at in Redis (scripts.NEWEST_LETTERS): its kind, not its id."""
+    refused = idless = 0
+    read = store.redis.eval(scripts.NEWEST_LETTERS, 1, store.keys.failed, most, KIND_WHOLE_BYTES, KINDS_BYTES)
+    for code, raw in read:
+        letter = _letters([raw])[0] if code == b"W" else None
+        if code == b"R" or (letter is not None and letter.refused_spool_line):
+            refused += 1
+        elif letter is not None and letter.transaction_id is None:
+            idless += 1
+    return len(read), refused, idless
 
 
 def _execute_patiently(pipe: Any) -> None:

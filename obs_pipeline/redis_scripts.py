@@ -185,6 +185,31 @@ redis.call('HINCRBY', p .. 'stats', 'dead_lettered_total', 1)
 return 1
 """
 
+# The newest ARGV[1] dead letters of KEYS[1], for the health report's advice (dead_letters.
+# not_retryable), without sending it a bulk_create's letter of megabytes: each is {'W', letter}
+# if at most ARGV[2] bytes, else {'R', ''} where a refused spooled line's kind is in it or
+# {'L', ''}; it stops once ARGV[3] bytes were looked at (Redis waits meanwhile).
+NEWEST_LETTERS = """
+local most, whole, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, seen = {}, 0
+while #out < most and seen < budget do
+  local chunk = redis.call('LRANGE', KEYS[1], #out, math.min(#out + 99, most - 1))
+  if #chunk == 0 then break end
+  for _, letter in ipairs(chunk) do
+    seen = seen + #letter
+    if #letter <= whole then
+      out[#out + 1] = {'W', letter}
+    elseif string.find(letter, '"kind":"refused_spool_line"', 1, true) then
+      out[#out + 1] = {'R', ''}
+    else
+      out[#out + 1] = {'L', ''}
+    end
+    if seen >= budget then break end
+  end
+end
+return out
+"""
+
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0

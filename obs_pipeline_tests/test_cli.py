@@ -1034,6 +1034,33 @@ def test_status_advises_for_the_kinds_of_dead_letters_listed(env, redis_client, 
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_status_fits_its_advice_to_large_dead_letters_without_reading_them(env, redis_client, settings):
+    """The advice's kinds were read by sending status the newest 1,000 letters whole: a few
+    bulk_creates dead-lettered are tens of megabytes, for a monitor every minute, against the
+    CLI's 5 s socket timeout. A large letter's kind is looked at in Redis; the advice is the same."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    letter = {**doc, "metadata": {"padding": "x" * 4_000_000}, "status": "failed",
+              "failure": {"reason": "too large for main", "kind": "permanent"}}
+    redis_client.lpush(keys.failed, *[json.dumps({**letter, "transaction_id": f"large-{i}"}) for i in range(5)])
+    spool_dir = Path(settings.spool_dir)
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / f"{settings.site}.jsonl").write_text("y" * 100_000 + "\n")  # a hand's edit: refused, 100 KB
+    env = {**env, "OBS_SPOOL_DIR": settings.spool_dir}
+    assert cli("spool", "push", env=env).returncode == 0
+    assert len(redis_client.lindex(keys.failed, 0)) > 100_000  # the line is in its letter
+    before = redis_client.info("stats")["total_net_output_bytes"]
+    status = cli("status", env=env)
+    sent = redis_client.info("stats")["total_net_output_bytes"] - before
+    assert status.stderr.splitlines() == [
+        f"obs-pipeline: site {settings.site} is degraded: 6 dead-lettered: see `obs-pipeline failed list` and "
+        "`failed show ID`; 1 is a spooled line Redis could not take (refused_spool_line), which cannot be retried: "
+        "check its rows as they are now, buffer the steps still wanted again, then `failed discard ID`; the "
+        "others: `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"], status.stderr
+    assert sent < 1_000_000, sent
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_status_with_a_deeply_nested_entry_next_in_line_still_reports(env, redis_client, settings):
     """A producer's entry nested past the JSON parser's depth (the drain dead-letters it as
     `nested too deeply`) at the head of the queue or in processing: `status` read its age and
