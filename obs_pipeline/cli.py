@@ -260,8 +260,10 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 from error
         aside = (f"; {spool.set_aside} line(s) Redis could not take moved to the dead-letter list (`obs-pipeline "
                  "failed list`)" if spool.set_aside else "")
-        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} is empty"
-              + aside, file=sys.stderr)
+        # the file named: run as another user (sudo) or with another OBS_SPOOL_DIR it looked at its own,
+        # and "the spool of site S is empty" was said with the scripts' spool still waiting
+        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} in "
+              f"{spool.path} is empty" + aside, file=sys.stderr)
         return 0
     finally:
         client.close()

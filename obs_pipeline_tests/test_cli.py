@@ -477,6 +477,19 @@ def test_a_dead_letter_that_is_not_utf8_is_listed_shown_and_discarded(env, redis
     assert redis_client.llen(keys.failed) == 0 and redis_client.llen(keys.buffer) == 1
 
 
+def test_spool_push_names_the_spool_it_emptied(env, settings, tmp_path):
+    """Run as another user (sudo: its own default folder) or with another OBS_SPOOL_DIR, `spool
+    push` said "pushed 0 ...; the spool of site S is empty" while the scripts' spool, which
+    `status` had named, still waited: the line names the file it looked at."""
+    scripts_spool = spooled_by_a_script(tmp_path, settings.site)
+    elsewhere = tmp_path / "roots-own"
+    pushed = cli("spool", "push", env={**env, "OBS_SPOOL_DIR": str(elsewhere)})
+    assert pushed.returncode == 0 and pushed.stderr.splitlines() == [
+        f"pushed 0 spooled transaction(s) to Redis, in order; the spool of site {settings.site} in "
+        f"{elsewhere / (settings.site + '.jsonl')} is empty"], pushed.stderr
+    assert scripts_spool.exists()
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
