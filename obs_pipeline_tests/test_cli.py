@@ -1074,6 +1074,27 @@ def test_status_fits_its_advice_to_large_dead_letters_without_reading_them(env, 
     assert sent < 1_000_000, sent
 
 
+def test_status_for_a_redis_user_allowed_only_reads_still_reports(env, redis_client, settings):
+    """A monitor's Redis user may be allowed reads only: the kinds of the dead letters are read
+    by a script (EVAL), and status exited 1 with "this user has no permissions to run the 'eval'
+    command": the report stands, with the advice of old."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.failed, b"not json at all")
+    user, password = f"monitor-{settings.site}", "secret-of-the-monitor"
+    redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~site:{settings.site}:*",
+                                 "+@read", "+info", "+ping", "+hello", "+client")
+    try:
+        url = settings.redis_url.replace("redis://", f"redis://{user}:{password}@", 1)
+        status = cli("status", "--check", env={**env, "OBS_REDIS_URL": url})
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
+    assert status.returncode == 3 and status.stderr.splitlines() == [
+        f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered: see `obs-pipeline failed list` and "
+        "`failed show ID`, then `failed retry ID` (or `--all`) once the cause is fixed, or `failed discard ID`"], \
+        status.stderr
+    assert status.stdout.startswith(f"site {settings.site}: degraded"), status.stdout
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_status_with_a_deeply_nested_entry_next_in_line_still_reports(env, redis_client, settings):
     """A producer's entry nested past the JSON parser's depth (the drain dead-letters it as
