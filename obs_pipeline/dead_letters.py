@@ -62,26 +62,30 @@ class DeadLetter:
         return tx_id if is_storable_id(tx_id) else None
 
     @property
+    def failure(self) -> dict[str, Any]:
+        """Its `failure` ({} if it has none, or one that is no object: a hand's letter)."""
+        failure = self.doc.get("failure")
+        return failure if isinstance(failure, dict) else {}
+
+    @property
     def reason(self) -> str:
-        return str(self.doc.get("failure", {}).get("reason", "?"))
+        return str(self.failure.get("reason", "?"))
 
     @property
     def reused_id(self) -> bool:
         """Dead-lettered because a producer reused its id for other steps (see apply.py): its
         status and caches are the applied transaction's (the drain cleans its own with those),
         and it is requeued under a new id."""
-        failure = self.doc.get("failure")
-        return isinstance(failure, dict) and failure.get("kind") == "reused_id"
+        return self.failure.get("kind") == "reused_id"
 
     @property
     def refused_spool_line(self) -> bool:
         """A spooled line the buffer script could not take for what it is (spool.py): it never
         reached Redis as a transaction, and pushed again it would be refused again."""
-        failure = self.doc.get("failure")
-        return isinstance(failure, dict) and failure.get("kind") == "refused_spool_line"
+        return self.failure.get("kind") == "refused_spool_line"
 
     def summary(self) -> dict[str, Any]:
-        failure = self.doc.get("failure", {})
+        failure = self.failure
         return {"transaction_id": self.transaction_id, "endpoint": self.doc.get("endpoint"),
                 "reason": self.reason, "kind": failure.get("kind"), "attempts": failure.get("attempts"),
                 "failed_at": failure.get("failed_at")}
@@ -360,6 +364,9 @@ def _letters(raws: list[bytes]) -> list[DeadLetter]:
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):  # (JSON that is no object, `[1, 2]`, failed every command with
+            # "'list' object has no attribute 'get'")
             doc = {"raw": text, "failure": {"reason": "unreadable entry"}}
         out.append(DeadLetter(raw, doc))
     return out

@@ -491,6 +491,25 @@ def test_spool_push_names_the_spool_it_emptied(env, settings, tmp_path):
     assert scripts_spool.exists()
 
 
+def test_dead_letters_that_are_no_json_object_or_whose_failure_is_none_are_listed_and_discarded(
+        env, redis_client, settings):
+    """A letter that is JSON but no object (`[1, 2]`), or whose `failure` is no object (a hand's,
+    another producer's list), made every `failed` command, and `status`, exit 1 with "'list'
+    object has no attribute 'get'" ('str' ...): the list could not be cleared with the tool."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.failed, b"[1, 2]", json.dumps({"transaction_id": "by-hand", "failure": "just text"}))
+    status = cli("status", env=env)
+    assert status.returncode == 0 and "2 dead-lettered" in status.stderr, status.stderr
+    listed = cli("failed", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["#1", "by-hand"], listed.stdout
+    assert json.loads(cli("failed", "show", "#1", env=env).stdout)["raw"] == "[1, 2]"
+    assert cli("failed", "discard", "#1", env=env).returncode == 0
+    assert cli("failed", "retry", "by-hand", env=env).returncode == 0
+    assert redis_client.llen(keys.failed) == 0
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == ["by-hand"]
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
