@@ -277,6 +277,13 @@ class DeadLetters:
         namesakes = [other for other in letters if other.transaction_id is not None
                      and other.transaction_id == letter.transaction_id] or [letter]
         copies = [other for other in namesakes if _copies(other, letter)]
+        if len(copies) == len(namesakes) and letter.transaction_id is not None and _by_place(ref, letter):
+            # `failed list` names it by its id, never by this place: a place seen before a letter
+            # above it left the list (`discard #1`, then `discard #2`) named the next one, and
+            # dropped a transaction the operator never meant
+            raise UnknownTransaction(f"{ref} is the place of transaction {one_line(letter.transaction_id)!r}, "
+                                     f"which `obs-pipeline failed list` names by its id (places move as letters "
+                                     f"leave the list); nothing was changed: {action} it by its id")
         if len(copies) < len(namesakes) and not _by_place(ref, letter):
             places = ", ".join(f"#{letters.index(other) + 1}" for other in namesakes)
             raise UnknownTransaction(f"{len(namesakes)} dead letters under transaction id {ref!r} hold different "

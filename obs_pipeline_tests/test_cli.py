@@ -510,6 +510,28 @@ def test_dead_letters_that_are_no_json_object_or_whose_failure_is_none_are_liste
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == ["by-hand"]
 
 
+def test_a_place_that_moved_onto_a_transaction_listed_by_its_id_changes_nothing(env, redis_client, settings):
+    """`failed list` shows two letters without an id as #1 and #2, and a transaction by its id.
+    `failed discard #1`, then `failed discard #2`, as listed: the second named the transaction,
+    which had moved up to place 2, and dropped it. A place names only what the list shows by it."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"
+    redis_client.lpush(keys.buffer, b"garbage one", b"garbage two", json.dumps(doc))
+    assert cli("drain", "--once", env=env).returncode == 0
+    listed = [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()]
+    assert listed == ["#1", "#2", doc["transaction_id"]], listed
+    assert cli("failed", "discard", "#1", env=env).returncode == 0
+    before = redis_client.lrange(keys.failed, 0, -1)
+    for action in ("discard", "retry"):
+        assert one_line_error(cli("failed", action, "#2", env=env)) == (
+            f"obs-pipeline: error: #2 is the place of transaction '{doc['transaction_id']}', which `obs-pipeline "
+            f"failed list` names by its id (places move as letters leave the list); nothing was changed: {action} "
+            "it by its id")
+    assert redis_client.lrange(keys.failed, 0, -1) == before and redis_client.llen(keys.buffer) == 0
+    assert json.loads(redis_client.get(keys.transaction(doc["transaction_id"])))["status"] == "failed"
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
