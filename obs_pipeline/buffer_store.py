@@ -58,8 +58,11 @@ def redis_is_full(error: BaseException) -> bool:
 
 
 def redis_trouble(error: BaseException) -> str | None:
-    """One line an operator can act on when Redis is unreachable, hung or full; None for any
-    other error. redis-py's own is a page of stack that names no setting."""
+    """One line an operator can act on when Redis is unreachable, loading, hung or full; None for
+    any other error. redis-py's own is a page of stack that names no setting."""
+    if isinstance(error, redis.BusyLoadingError):  # (a ConnectionError: "is the stack up?" sent the operator astray)
+        return ("Redis is loading its data into memory (restarted; seconds per million keys) and answers nothing "
+                "until it is done; wait, then run this again (`obs-pipeline stack status`)")
     if isinstance(error, redis.ConnectionError):
         return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
     if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer

@@ -206,6 +206,15 @@ def test_redis_loading_a_large_aof_is_waited_for_not_reported_dead(tmp_path, mon
         # started by hand, as a first `up` would, then a second `up` while it loads
         subprocess.run([str(redis_server_path()), str(server.conf)], cwd=server.folder, check=True)
         assert eventually(lambda: server.pid is not None)
+        # what a command says meanwhile: its line was "Redis unreachable (...); is ... the stack up?"
+        from obs_pipeline.buffer_store import redis_trouble
+
+        with server.client() as conn:
+            with pytest.raises(redis.BusyLoadingError) as loading:
+                conn.ping()
+        assert redis_trouble(loading.value) == (
+            "Redis is loading its data into memory (restarted; seconds per million keys) and answers nothing "
+            "until it is done; wait, then run this again (`obs-pipeline stack status`)")
         server.start()
         with server.client() as conn:
             assert conn.dbsize() == 1_000_000
