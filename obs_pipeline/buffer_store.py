@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import hiredis
 import redis
@@ -48,6 +48,14 @@ MAX_CACHE_WRITES = (MAX_COMMAND_ARGS - 7) // 3
 # Redis gone away: spooled) and near lua-time-limit. One transaction writes at most this many
 # records: about a second of Redis on a slow host.
 MAX_TRANSACTION_WRITES = 100_000
+
+
+class Link(NamedTuple):
+    """What the last run's full batches showed of main (BufferStore.remember_link)."""
+    round_trip_s: float
+    apply_s_per_transaction: float | None
+    parse_s_per_transaction: float | None = None
+    round_trips: int | None = None
 
 
 def redis_is_full(error: BaseException) -> bool:
@@ -357,25 +365,34 @@ class BufferStore:
         return raw.decode() if raw else None
 
     # --- drain ------------------------------------------------------------------------------
-    def remember_link(self, round_trip_s: float, apply_s_per_transaction: float | None) -> None:
-        """What a full batch showed of main (Drain._resize), for the next run's first claims."""
+    def remember_link(self, round_trip_s: float, apply_s_per_transaction: float | None,
+                      parse_s_per_transaction: float | None = None, round_trips: int | None = None) -> None:
+        """What a full batch showed of main (Drain._resize), for the next run's first claims: main's
+        round trip, its time per transaction, and where main is far the drain's own time to parse
+        a claimed transaction and the round trips a batch took."""
         fields = {"round_trip_s": repr(round_trip_s)}
-        if apply_s_per_transaction is not None:
-            fields["apply_s_per_transaction"] = repr(apply_s_per_transaction)
+        for name, value in (("apply_s_per_transaction", apply_s_per_transaction),
+                            ("parse_s_per_transaction", parse_s_per_transaction), ("round_trips", round_trips)):
+            if value is not None:
+                fields[name] = repr(value)
         self.redis.hset(self.keys.link, mapping=fields)
 
-    def last_link(self) -> tuple[float, float | None] | None:
-        """(round trip, apply time per transaction or None) as the last run left them; None if
-        unknown or unreadable (a hand-edited key must not stop the drain: it only sizes claims)."""
-        round_trip, per_transaction = self.redis.hmget(self.keys.link, "round_trip_s", "apply_s_per_transaction")
-        try:
-            rt = float(round_trip) if round_trip is not None else math.nan
-            cost = float(per_transaction) if per_transaction is not None else None
-        except ValueError:
+    def last_link(self) -> Link | None:
+        """The link as the last run left it (remember_link); None if unknown or unreadable (a
+        hand-edited key must not stop the drain: it only sizes claims). A figure a run of an
+        earlier version did not leave, or one unreadable, is None."""
+        figures = []
+        for value in self.redis.hmget(self.keys.link, *Link._fields):
+            try:
+                number = float(value) if value is not None else None
+            except ValueError:
+                number = math.nan
+            figures.append(number if number is None or 0 <= number < math.inf else math.nan)
+        round_trip, cost, parse, trips = figures
+        if round_trip is None or math.isnan(round_trip) or (cost is not None and math.isnan(cost)):
             return None
-        if not 0 <= rt < math.inf or (cost is not None and not 0 <= cost < math.inf):
-            return None
-        return rt, cost
+        return Link(round_trip, cost, None if parse is None or math.isnan(parse) else parse,
+                    None if trips is None or math.isnan(trips) else int(trips))
 
     def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
         """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls, one round

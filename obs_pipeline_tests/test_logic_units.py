@@ -270,6 +270,19 @@ def test_a_run_sizes_its_first_claims_by_the_link_its_last_run_saw():
     assert batch_size_for_link(0.25, -1e-6, least=2000, most=10_000) == 10_000  # cost no more than the link
 
 
+def test_a_runs_first_claim_is_small_where_a_full_ones_parse_outlasts_a_batchs_round_trips():
+    from obs_pipeline.drain import first_claim_size
+
+    # 50 ms, 4,700 parsed at 60 us: 0.28 s against 2 round trips, 0.1 s -> start at batch_size
+    assert first_claim_size(4700, 2000, 0.05, 2, 60e-6) == 2000
+    # 250 ms, 10,000 at 40 us: 0.4 s against 0.5 s -> full-sized from the start
+    assert first_claim_size(10_000, 2000, 0.25, 2, 40e-6) == 10_000
+    assert first_claim_size(10_000, 2000, 0.25, 2, 60e-6) == 2000  # 0.6 s against 0.5 s
+    assert first_claim_size(2000, 2000, 0.05, 2, 1.0) == 2000  # no larger size to save on
+    assert first_claim_size(4700, 2000, 0.05, None, 60e-6) == 4700  # a link left by an earlier version
+    assert first_claim_size(4700, 2000, 0.05, 2, None) == 4700
+
+
 @pytest.mark.parametrize("config, message", [
     ({"batch_size": 0}, "batch_size must be a whole number of transactions >= 1, not 0"),
     ({"batch_size": "2000"}, "batch_size must be a whole number of transactions >= 1, not '2000'"),

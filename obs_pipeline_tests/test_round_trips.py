@@ -208,6 +208,35 @@ def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_set
     assert_applied_exactly_once(main_engine, observations + more)
 
 
+@pytest.mark.parametrize("parse_s, first_two", [(0.001, [100, 400]), (0.00001, [400, 400])])
+def test_a_run_starts_small_where_its_first_claims_parse_outlasts_a_batchs_round_trips(
+        settings, main_engine, redis_client, tmp_path, parse_s, first_two):
+    """A run's first claim is parsed before main has anything to do. Where the last run's figures
+    say a full claim's parse takes longer than a batch's round trips (400 transactions at 1 ms
+    each against 2 x 40 ms), the first claim is batch_size and the next, claimed while main
+    applies it, full-sized; where the parse is quick (4 ms), both are full-sized. The run leaves
+    its own figures for the next."""
+    from obs_pipeline.drain import DrainConfig
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import assert_applied_exactly_once
+
+    link = SiteKeys(settings.site).link
+    redis_client.hset(link, mapping={"round_trip_s": "0.04", "apply_s_per_transaction": "0.0001",
+                                     "parse_s_per_transaction": repr(parse_s), "round_trips": "2"})
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 1200, finish_every=0)
+    buf.close()
+    far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=20)
+    try:
+        sizes = [size for size, _ in _drain_recording_batch_sizes(far, DrainConfig(batch_size=100, max_batch_size=400))]
+    finally:
+        link_down()
+    assert sizes[:2] == first_two and all(s == 400 for s in sizes[1:]), sizes
+    assert_applied_exactly_once(main_engine, observations)
+    left = {k.decode(): float(v) for k, v in redis_client.hgetall(link).items()}
+    assert left["round_trips"] >= 1 and 0 < left["parse_s_per_transaction"] < 0.001, left  # measured, not ours
+
+
 def test_batches_keep_their_size_where_main_is_near(settings, main_engine):
     from obs_pipeline.drain import DrainConfig
     from obs_pipeline_tests.workload import assert_applied_exactly_once
