@@ -154,7 +154,8 @@ def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_noth
     """With the site's Redis down, the sensor's tick and the run failed on redis-py's own error
     (a page of stack naming no setting; the run's said "Exceeded max_retries of 3"), and so did
     the run with Redis full (its claim is a write). Each says in one line which site's Redis and
-    what to do; the run after Redis is back drains all, once."""
+    what to do, the run's failure too (its error said "Exceeded max_retries of 3", the line only
+    in the failure's description); the run after Redis is back drains all, once."""
     from dagster import build_sensor_context
 
     from obs_pipeline.dagster_defs.sensors import SiteRedisTrouble, buffer_sensor
@@ -189,6 +190,9 @@ def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_noth
     [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     description = failure.event_specific_data.user_failure_data.description
     assert description.startswith(expected) and hint in description, description
+    message = failure.event_specific_data.error.message
+    assert description in message, message
+    assert "\n" not in message.strip()
     retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
     assert len(retries) == 3  # the op's retry policy still waits for Redis to come back
 

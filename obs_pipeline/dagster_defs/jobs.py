@@ -176,7 +176,11 @@ TERMINATED = ("interrupted (the run was terminated): the drain stopped and relea
               "claimed and not committed is taken back by the next drain")
 
 
-@op(retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS))
+REDIS_RETRIES = 3  # drain_batches' retry policy: Redis down, not answering or full
+
+
+@op(retry_policy=RetryPolicy(max_retries=REDIS_RETRIES, delay=2, backoff=Backoff.EXPONENTIAL,
+                             jitter=Jitter.PLUS_MINUS))
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
     try:
@@ -267,8 +271,11 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         trouble = redis_trouble(error)
         if trouble is None:
             raise
-        # the op retries, then the run fails on this line (it said "Exceeded max_retries of 3")
-        raise Failure(description=f"site {site}: {trouble}") from error
+        # the op retries; the last attempt fails the run on this line without retries (a Failure
+        # past the retry policy's retries failed it on Dagster's "Exceeded max_retries of 3",
+        # which names neither Redis nor what to check, the line only in its description)
+        raise Failure(description=f"site {site}: {trouble}",
+                      allow_retries=context.retry_number < REDIS_RETRIES) from error
     finally:
         drain.close()
     for name, value in earlier.items():
