@@ -20,6 +20,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
+    Failure,
     FilesystemIOManager,
     RunRequest,
     instance_for_test,
@@ -418,6 +419,42 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert message in failure.event_specific_data.error.message
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # left for a later drain
     assert not redis_client.exists(keys.lease)
+
+
+@pytest.mark.parametrize("check", ["no_dead_letters", "replica_replays"])
+@pytest.mark.parametrize("trouble, message", [
+    ("redis down", "site {site}: Redis unreachable (Error 111 connecting to 127.0.0.1:{port}. Connection refused.); "
+                   "is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"),
+    ("redis database name", "OBS_REDIS_URL='{redis_url}' names the database 'obs': Redis databases are numbers"),
+    ("replica_db_url", "OBS_REPLICA_DB_URL is not set: replication tracking and smart queries need the site's read "
+                       "replica"),
+], ids=["redis down", "redis database name", "replica_db_url unset"])
+def test_a_check_evaluated_on_demand_that_cannot_judge_fails_in_one_line(settings, resource, redis_client, monkeypatch,
+                                                                         check, trouble, message):
+    """Evaluated from the UI with an OBS_* setting unset or wrong, or the site's Redis down, the
+    checks failed on the error's traceback (redis-py's ConnectionError, ConfigError), naming
+    neither the site nor what to check. They fail in the drain's one line now; nothing changes."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    port = pick_free_ports(1)[0]
+    url = {"redis down": f"redis://127.0.0.1:{port}/0",
+           "redis database name": settings.redis_url.rsplit("/", 1)[0] + "/obs"}.get(trouble)
+    if trouble == "replica_db_url":
+        monkeypatch.delenv("OBS_REPLICA_DB_URL", raising=False)
+        broken = ObsPipelineResource(**{**resource.__dict__, "replica_db_url": None})
+    else:
+        broken = ObsPipelineResource(**{**resource.__dict__, "redis_url": url})
+    if check == "no_dead_letters" and trouble == "replica_db_url":
+        assert no_dead_letters(obs_pipeline=broken).passed  # it needs no replica
+        return
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    with pytest.raises(Failure) as failed:
+        getattr(operations, check)(obs_pipeline=broken)
+    expected = message.format(site=settings.site, port=port, redis_url=url)
+    assert failed.value.description.startswith(expected), failed.value.description
+    assert "\n" not in failed.value.description
+    assert redis_client.llen(keys.buffer) == 1 and not redis_client.exists(keys.lease)
 
 
 @pytest.mark.parametrize("hot", [True, False], ids=["hot standby", "hot_standby off"])

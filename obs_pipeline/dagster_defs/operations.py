@@ -5,6 +5,7 @@ own history of this project's runs (kept 30 days), which the sensor's runs would
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import List
 
@@ -25,7 +26,10 @@ from dagster import (
     op,
 )
 
+import sqlalchemy as sa
+
 from obs_pipeline.apply import make_engine, refuse_standby
+from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
     DEAD_LETTER_CHECK,
@@ -249,13 +253,30 @@ history_schedule = ScheduleDefinition(job=prune_run_history, cron_schedule="47 *
                                       default_status=DefaultScheduleStatus.RUNNING)
 
 
+@contextmanager
+def _evaluated_or_one_line(obs_pipeline: ObsPipelineResource):
+    """A check evaluated from the UI that cannot judge (an OBS_* setting unset or wrong, the
+    site's Redis down, not answering or full) fails in the one line the drain's run gives: it
+    failed on the error's traceback, naming no setting. Not a failed check: no one looked."""
+    try:
+        yield
+    except (ValueError, ConfigError, sa.exc.ArgumentError) as error:  # as _drain_batches reads them
+        raise Failure(description=str(error).strip().splitlines()[0]) from error
+    except Exception as error:
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise Failure(description=f"site {obs_pipeline.settings().site}: {trouble}") from error
+
+
 @asset_check(asset=MAIN_ASSET, name=DEAD_LETTER_CHECK, description="No dead-lettered transactions wait for an operator")
 def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
-    dead_letters = obs_pipeline.dead_letters()
-    try:
-        letters = dead_letters.list()
-    finally:
-        dead_letters.store.redis.close()
+    with _evaluated_or_one_line(obs_pipeline):
+        dead_letters = obs_pipeline.dead_letters()
+        try:
+            letters = dead_letters.list()
+        finally:
+            dead_letters.store.redis.close()
     return AssetCheckResult(
         passed=not letters, severity=AssetCheckSeverity.WARN,
         metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})
@@ -269,15 +290,17 @@ def replica_replays(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
     REPLICA_STUCK_AFTER_S, with a database that does not answer, or with a "replica" that reports
     no replay position (a primary: `status` is degraded at once, and nothing would ever be
     replayed; the check passed until a batch had waited REPLICA_STUCK_AFTER_S)."""
-    settings = obs_pipeline.settings()
-    store = obs_pipeline.buffer_store()
-    main, replica = make_engine(settings.require_main()), make_engine(settings.require_replica())
-    try:
-        lag = replication_lag(store, main, replica)
-    finally:
-        store.redis.close()
-        main.dispose()
-        replica.dispose()
+    with _evaluated_or_one_line(obs_pipeline):
+        settings = obs_pipeline.settings()
+        main_url, replica_url = settings.require_main(), settings.require_replica()
+        store = obs_pipeline.buffer_store()
+        main, replica = make_engine(main_url), make_engine(replica_url)
+        try:
+            lag = replication_lag(store, main, replica)
+        finally:
+            store.redis.close()
+            main.dispose()
+            replica.dispose()
     unplaced = not lag.get("error") and lag.get("replica_lsn") is None
     stuck = bool(lag.get("error")) or (lag["seconds"] > REPLICA_STUCK_AFTER_S and lag["replica_behind_oldest_batch"])
     return AssetCheckResult(
