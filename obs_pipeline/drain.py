@@ -183,6 +183,7 @@ class DrainSummary:
     aof_compactions: int = 0
     stopped_because: str = ""
     replica_stalled: bool = False  # stopped with committed batches the replica has not replayed
+    lease_lost: str = ""  # how another drain took the lease mid-run ("another drain took the lease")
 
     def drained_line(self) -> str:
         """What the run applied, for its last log line (the CLI's, the Dagster op's). What it found
@@ -303,7 +304,7 @@ class Drain:
                     report = self.step()
                 except LeaseLost as lost:  # another drain works the site now: leave it to that one
                     log.warning("%s; stopping", lost)
-                    summary.stopped_because = "another drain took the lease"
+                    summary.stopped_because, summary.lease_lost = "another drain took the lease", str(lost)
                     self.token = None
                     break
                 except HoldsChanged as changed:  # the batch waits in processing: claimed again at once

@@ -581,3 +581,52 @@ def test_a_run_that_never_had_the_lease_does_not_report_the_replica_healthy(sett
         assert observed[0].description == "another drain holds the lease"
         [record] = instance.event_log_storage.get_asset_check_execution_history(replica_replays.check_key, limit=1)
         assert record.run_id == stalled.run_id and record.status.value == "FAILED"  # what the UI shows
+
+
+def test_a_run_that_lost_the_lease_mid_run_warns_and_does_not_report_the_replica(settings, resource, redis_client,
+                                                                                 main_engine, monkeypatch):
+    """Another drain took the lease while main applied the run's batch: the run said so only at
+    INFO ("drained 0 transactions in 0 batches (another drain took the lease)"), the drain's own
+    warning going to no Dagster log, and materialized site_replica and passed replica_replays as
+    if it had drained the site. It warns now, naming what happened, and reports the replica as a
+    run that never had the lease does; the batch is left to the drain that took it, applied once."""
+    from obs_pipeline.apply import MainDatabase
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    keys = SiteKeys(settings.site)
+    real = MainDatabase.apply_batch
+
+    def another_drain_takes_the_lease(self, txs, *args, **kwargs):
+        redis_client.set(keys.lease, "another-drain", px=60_000)
+        time.sleep(1.5)  # past a lease renewal (every lease_ttl_s / 3)
+        return real(self, txs, *args, **kwargs)
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    monkeypatch.setattr(MainDatabase, "apply_batch", another_drain_takes_the_lease)
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "lease_ttl_s": 1.5, "budget_s": 30}}}}
+    with instance_for_test() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                 instance=instance)
+        assert result.success
+        drained = result.output_for_node("drain_batches")
+        assert drained["stopped_because"] == "another drain took the lease", drained
+        warnings = [e.user_message for e in instance.all_logs(result.run_id)
+                    if e.level == logging.WARNING and e.user_message.startswith("drained ")]
+        assert warnings == [
+            f"drained 0 transactions in 0 batches, then stopped: another drain took the lease (the drain lease of "
+            f"site {settings.site} was taken while main applied a batch); that drain works the site now, the batch "
+            "in hand left to it (`obs-pipeline drain` beside Dagster, or this run paused longer than its "
+            "lease_ttl_s and taken for dead)"], warnings
+    materialized, observed, checks = _replica_events(result)
+    assert not materialized and not checks
+    assert observed[0].description == "another drain took the lease"
+    assert redis_client.get(keys.lease) == b"another-drain" and redis_client.llen(keys.processing) == 3
+
+    redis_client.delete(keys.lease)  # that drain is gone: the next run takes the batch back
+    monkeypatch.setattr(MainDatabase, "apply_batch", real)
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
+                                           run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0}}}}).success
+    assert_applied_exactly_once(main_engine, observations)

@@ -284,8 +284,14 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         summary.stopped_because = "time budget spent"
     # (an attempt whose COMMIT's answer, or the acknowledgement after it, was lost leaves its batch
     # to the next attempt, which finds it applied: the line says so)
-    (context.log.warning if summary.replica_stalled else context.log.info)(
-        f"{summary.drained_line()} ({summary.stopped_because})")
+    if summary.lease_lost:  # said at INFO, as if the run had drained the site: two drains met
+        context.log.warning(f"{summary.drained_line()}, then stopped: {summary.stopped_because} "
+                            f"({summary.lease_lost}); that drain works the site now, the batch in hand "
+                            "left to it (`obs-pipeline drain` beside Dagster, or this run paused longer than "
+                            "its lease_ttl_s and taken for dead)")
+    else:
+        (context.log.warning if summary.replica_stalled else context.log.info)(
+            f"{summary.drained_line()} ({summary.stopped_because})")
     return summary.__dict__
 
 
@@ -295,9 +301,10 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     replayed nothing is no materialization of it (the UI would show a fresh, healthy replica):
     an observation, and the replica_replays check failing, saying so. A run that never had the
     lease did not look at the replica: an observation, and no evaluation of the check (a pass
-    would hide the failure of the run before it)."""
+    would hide the failure of the run before it). Nor did one that lost it mid-run: it stopped
+    before its batches were replayed and cleaned, and the drain that took it goes on."""
     store = obs_pipeline.buffer_store()
-    busy = drained.get("lease_busy", False)
+    busy = drained.get("lease_busy", False) or bool(drained.get("lease_lost"))
     try:
         depths = store.depths()
         metadata = {
