@@ -454,8 +454,12 @@ class Drain:
             self._prefetched = None  # reclaimed from the processing list together with this batch
             if isinstance(error, StatementTimeout):
                 self.timeouts.timed_out(error)
-            elif isinstance(error, ConfigError) and txs:  # main refused the login: nothing applies them
-                self.store.set_status(list(by_id), "pending")  # until the URL is fixed and a drain runs
+            elif isinstance(error, (ConfigError, TransientError)) and txs:
+                # main refused the login (until the URL is fixed and a drain runs), or did not answer:
+                # nothing applies them meanwhile (a retry marks them again); "processing" said a drain
+                # did, after the Dagster run that gave up on main had failed, until the next run
+                with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
+                    self.store.set_status(list(by_id), "pending")
             raise
         if txs and self.timeouts.in_effect:
             self.timeouts.passed(self.batch_size)

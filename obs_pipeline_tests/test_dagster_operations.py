@@ -114,7 +114,8 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
     came after the run's budget (slow connects to a main that drops packets: 10 s each) stopped
     before it tried, and the run ended green, "drained 0 transactions (time budget spent)", the
     sensor launching the next at once. Either way the run fails in one line now; the transactions
-    stay buffered, and a run against main applies each once."""
+    stay buffered, "pending" (not "processing", which said a drain applied them, until the next
+    run), and a run against main applies each once."""
     from obs_pipeline.ingest import TransactionBuffer
     from obs_pipeline.stack.osutil import pick_free_ports
     from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
@@ -142,6 +143,8 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
         assert "\n" not in message.strip()
         assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
         assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+        # no drain applies them until the next run (they said "processing" until then)
+        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
         assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
         assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
     finally:
