@@ -152,22 +152,31 @@ def _materialize(context: OpExecutionContext, site: str, report: BatchReport) ->
 
 
 SUMMED = ("batches", "applied", "already_applied", "dead_lettered", "replicated")  # over the op's attempts
+RETRIED = "transient_errors"  # also summed: an attempt's, on the observation of main its op retry logs
 
 
 def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
-    """What this op's earlier attempts drained, from their batches' materializations (one each):
-    an op retry (main unreachable) starts a new summary, and the run's output, log line and
-    applied_this_run counted its last attempt alone. Read once, on a retry only."""
-    totals = dict.fromkeys(SUMMED, 0)
+    """What this op's earlier attempts drained, from their batches' materializations (one each),
+    and how often main failed them, from their op retries' observations: an op retry (main
+    unreachable) starts a new summary, and the run's output, log line and applied_this_run
+    counted its last attempt alone. Read once, on a retry only."""
+    totals = dict.fromkeys((*SUMMED, RETRIED), 0)
     if not context.retry_number:
         return totals
     step_key = str(context.op_handle)  # the step key of a top-level op
-    for entry in context.instance.all_logs(context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION):
-        if entry.step_key != step_key or entry.asset_materialization is None:
+    for entry in context.instance.all_logs(context.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION,
+                                                                    DagsterEventType.ASSET_OBSERVATION}):
+        if entry.step_key != step_key:
             continue
-        totals["batches"] += 1
-        for name in SUMMED[1:]:
-            value = entry.asset_materialization.metadata.get(name)
+        if entry.asset_materialization is not None:
+            totals["batches"] += 1
+            names, metadata = SUMMED[1:], entry.asset_materialization.metadata
+        elif entry.asset_observation is not None:  # (a batch's dead letters, or an op retry's)
+            names, metadata = (RETRIED,), entry.asset_observation.metadata
+        else:
+            continue
+        for name in names:
+            value = metadata.get(name)
             totals[name] += int(value.value) if value is not None and value.value is not None else 0
     return totals
 
@@ -232,6 +241,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     # spent)", main or Redis unreachable all along, and the sensor launched the next at once.
     # A try past the budget that fails too ends the run on its cause (below), not on more retries.
     retry_try = {"owed": context.retry_number > 0, "past_budget": False}
+    # as the drain's summary counts them, which an op retry loses: said on the retry's observation
+    transient = {"errors": 0}
 
     def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
         if retry_try["owed"]:  # (asked before the attempt's first batch)
@@ -239,7 +250,12 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             return False
         return time.monotonic() >= deadline and _storage_answers(context)
 
+    def on_timeout(line: str, backoff: float) -> None:
+        transient["errors"] += 1
+        context.log.warning(line)
+
     def on_transient(error: str, backoff: float) -> None:
+        transient["errors"] += 1
         if not _storage_answers(context):  # the op retry's own event would fail the run: the drain
             # retries the batch itself, and the run goes on once main is back
             context.log.warning(f"main unreachable ({error}), and Dagster's storage with it: "
@@ -253,6 +269,9 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
                                       "The transactions stay buffered for the next run",
                           allow_retries=False) from TransientError(error)
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
+        retry = f"op retry {context.retry_number + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
+        context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
+                                           metadata={"site": site, RETRIED: transient["errors"]}))
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
     try:
@@ -261,7 +280,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
                             on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient,
                             # main answers: the drain retries in smaller pieces within the run (op
                             # retries would end the run after 8 halvings, red, and start the next)
-                            on_timeout=lambda line, backoff: context.log.warning(line))
+                            on_timeout=on_timeout)
     except DrainBusy as busy:  # nothing drained: the operator who launched it should see why
         context.log.warning(f"nothing drained: {busy}")
         return {**earlier, "stopped_because": "another drain holds the lease", "lease_busy": True}
