@@ -617,9 +617,9 @@ def test_a_run_that_lost_the_lease_mid_run_warns_and_does_not_report_the_replica
                     if e.level == logging.WARNING and e.user_message.startswith("drained ")]
         assert warnings == [
             f"drained 0 transactions in 0 batches, then stopped: another drain took the lease (the drain lease of "
-            f"site {settings.site} was taken while main applied a batch); that drain works the site now, the batch "
-            "in hand left to it (`obs-pipeline drain` beside Dagster, or this run paused longer than its "
-            "lease_ttl_s and taken for dead)"], warnings
+            f"site {settings.site} was taken while main applied a batch); that drain works the site now and takes "
+            "back what this run had not acknowledged (`obs-pipeline drain` beside Dagster, or this run paused "
+            "longer than its lease_ttl_s and taken for dead)"], warnings
     materialized, observed, checks = _replica_events(result)
     assert not materialized and not checks
     assert observed[0].description == "another drain took the lease"

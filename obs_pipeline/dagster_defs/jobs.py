@@ -305,9 +305,9 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     # to the next attempt, which finds it applied: the line says so)
     if summary.lease_lost:  # said at INFO, as if the run had drained the site: two drains met
         context.log.warning(f"{summary.drained_line()}, then stopped: {summary.stopped_because} "
-                            f"({summary.lease_lost}); that drain works the site now, the batch in hand "
-                            "left to it (`obs-pipeline drain` beside Dagster, or this run paused longer than "
-                            "its lease_ttl_s and taken for dead)")
+                            f"({summary.lease_lost}); that drain works the site now and takes back what this "
+                            "run had not acknowledged (`obs-pipeline drain` beside Dagster, or this run paused "
+                            "longer than its lease_ttl_s and taken for dead)")
     else:
         (context.log.warning if summary.replica_stalled else context.log.info)(
             f"{summary.drained_line()} ({summary.stopped_because})")

@@ -257,7 +257,7 @@ history_schedule = ScheduleDefinition(job=prune_run_history, cron_schedule="47 *
 def _evaluated_or_one_line(obs_pipeline: ObsPipelineResource):
     """A check evaluated from the UI that cannot judge (an OBS_* setting unset or wrong, the
     site's Redis down, not answering or full) fails in the one line the drain's run gives: it
-    failed on the error's traceback, naming no setting. Not a failed check: no one looked."""
+    failed on the error's traceback, naming no setting. Not a failed check: nothing was judged."""
     try:
         yield
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:  # as _drain_batches reads them
