@@ -394,6 +394,10 @@ class BufferStore:
         return Link(round_trip, cost, None if parse is None or math.isnan(parse) else parse,
                     None if trips is None or math.isnan(trips) else int(trips))
 
+    def backlog(self) -> int:
+        """Transactions waiting to be claimed (the buffer list)."""
+        return self.redis.llen(self.keys.buffer)
+
     def claim(self, token: str, batch_size: int, after_unacknowledged: bool = False) -> Claim:
         """Up to `batch_size` entries, oldest first, in CLAIM_CHUNK-entry Lua calls, one round
         trip each (one call for a whole batch held Redis long enough to stall ingest; calls sent

@@ -273,14 +273,18 @@ def test_a_run_sizes_its_first_claims_by_the_link_its_last_run_saw():
 def test_a_runs_first_claim_is_small_where_a_full_ones_parse_outlasts_a_batchs_round_trips():
     from obs_pipeline.drain import first_claim_size
 
-    # 50 ms, 4,700 parsed at 60 us: 0.28 s against 2 round trips, 0.1 s -> start at batch_size
-    assert first_claim_size(4700, 2000, 0.05, 2, 60e-6) == 2000
-    # 250 ms, 10,000 at 40 us: 0.4 s against 0.5 s -> full-sized from the start
-    assert first_claim_size(10_000, 2000, 0.25, 2, 40e-6) == 10_000
-    assert first_claim_size(10_000, 2000, 0.25, 2, 60e-6) == 2000  # 0.6 s against 0.5 s
-    assert first_claim_size(2000, 2000, 0.05, 2, 1.0) == 2000  # no larger size to save on
-    assert first_claim_size(4700, 2000, 0.05, None, 60e-6) == 4700  # a link left by an earlier version
-    assert first_claim_size(4700, 2000, 0.05, 2, None) == 4700
+    # 50 ms, 4,700 parsed at 60 us: 0.28 s against 2 round trips, 0.1 s; 10,000 waiting take 3
+    # batches from 2,000 as from 4,700 -> start at batch_size
+    assert first_claim_size(4700, 2000, 0.05, 2, 60e-6, backlog=10_000) == 2000
+    assert first_claim_size(4700, 2000, 0.05, 2, 60e-6, backlog=9_000) == 4700  # 3 batches, not 2
+    # 250 ms, 50,000 waiting: from 2,000 a sixth batch of 10,000's 5 -> full-sized from the start
+    assert first_claim_size(10_000, 2000, 0.25, 1, 60e-6, backlog=50_000) == 10_000
+    assert first_claim_size(10_000, 2000, 0.25, 1, 60e-6, backlog=42_000) == 2000  # 5 batches either way
+    assert first_claim_size(10_000, 2000, 0.25, 2, 20e-6, backlog=42_000) == 10_000  # 0.2 s against 0.5 s
+    assert first_claim_size(2000, 2000, 0.05, 2, 1.0, backlog=10_000) == 2000  # no larger size to save on
+    assert first_claim_size(4700, 2000, 0.05, 2, 60e-6, backlog=1_500) == 4700  # one claim takes it all
+    assert first_claim_size(4700, 2000, 0.05, None, 60e-6, backlog=10_000) == 4700  # an earlier version's link
+    assert first_claim_size(4700, 2000, 0.05, 2, None, backlog=10_000) == 4700
 
 
 @pytest.mark.parametrize("config, message", [

@@ -208,14 +208,16 @@ def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_set
     assert_applied_exactly_once(main_engine, observations + more)
 
 
-@pytest.mark.parametrize("parse_s, first_two", [(0.001, [100, 400]), (0.00001, [400, 400])])
+@pytest.mark.parametrize("parse_s, backlog, first_two", [(0.001, 1300, [100, 400]), (0.001, 1200, [400, 400]),
+                                                        (0.00001, 1300, [400, 400])])
 def test_a_run_starts_small_where_its_first_claims_parse_outlasts_a_batchs_round_trips(
-        settings, main_engine, redis_client, tmp_path, parse_s, first_two):
+        settings, main_engine, redis_client, tmp_path, parse_s, backlog, first_two):
     """A run's first claim is parsed before main has anything to do. Where the last run's figures
     say a full claim's parse takes longer than a batch's round trips (400 transactions at 1 ms
-    each against 2 x 40 ms), the first claim is batch_size and the next, claimed while main
-    applies it, full-sized; where the parse is quick (4 ms), both are full-sized. The run leaves
-    its own figures for the next."""
+    each against 2 x 40 ms), and starting small adds no batch (1,300: 100 + 3 x 400, as 4 x
+    400), the first claim is batch_size and the next, claimed while main applies it,
+    full-sized; where it would add one (1,200: 3 x 400), or the parse is quick (4 ms), both are
+    full-sized. The run leaves its own figures for the next."""
     from obs_pipeline.drain import DrainConfig
     from obs_pipeline.keys import SiteKeys
     from obs_pipeline_tests.workload import assert_applied_exactly_once
@@ -224,7 +226,7 @@ def test_a_run_starts_small_where_its_first_claims_parse_outlasts_a_batchs_round
     redis_client.hset(link, mapping={"round_trip_s": "0.04", "apply_s_per_transaction": "0.0001",
                                      "parse_s_per_transaction": repr(parse_s), "round_trips": "2"})
     buf = TransactionBuffer(settings=settings)
-    observations = buffer_observations(buf, 1200, finish_every=0)
+    observations = buffer_observations(buf, backlog, finish_every=0)
     buf.close()
     far, link_down, _ = _far_main(settings, tmp_path, one_way_ms=20)
     try:
