@@ -52,6 +52,13 @@ FAR_ROUND_TRIP_S = 0.005  # main's round trip from which it counts as far (a LAN
 # commit locally then (this, just before COMMIT); a stronger setting (`remote_apply`) stays.
 _FLUSHED_COMMIT = (b"SELECT set_config('synchronous_commit', 'local', true) "
                    b"WHERE current_setting('synchronous_commit') = 'off'")
+# The careful path's check of deferred constraints at the end of each savepoint part, not at
+# COMMIT, where a violation could not be pinned on a transaction (the batch would fail for
+# ever). Made immediate for the whole transaction instead, they refused a transaction valid in
+# its own order (an exposure created before the instrument it names): set immediate inside a
+# savepoint rolled back at once, the check runs, and the constraints go back to their own mode
+# for the next part (its checks run again at COMMIT).
+_CHECK_DEFERRED = (b"SAVEPOINT obs_check", b"SET CONSTRAINTS ALL IMMEDIATE", b"ROLLBACK TO SAVEPOINT obs_check")
 # Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
 # has steps_digest, and whether "main" is a hot standby (the site's replica, or main demoted by a
 # failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one.
@@ -434,9 +441,7 @@ class MainDatabase:
 
     def _apply_carefully(self, cur: Any, txs: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         result = BatchResult(slow_path=True)
-        # Deferred constraints are checked now, inside each savepoint, not at COMMIT: a violation
-        # found there could not be pinned on a transaction, and the batch would fail for ever.
-        self._run(cur, [b"BEGIN", b"SET CONSTRAINTS ALL IMMEDIATE", self._records_of(cur, txs, "applied_at")])
+        self._run(cur, [b"BEGIN", self._records_of(cur, txs, "applied_at")])
         done = {r[0]: r[1:] for r in cur.fetchall()}
         blocked = {} if blocked is None else blocked
         fresh: dict[str, Transaction] = {}  # the first of each id not applied before
@@ -500,7 +505,7 @@ class MainDatabase:
                     return self._fail(ready[0], f"cannot be written as SQL: {unwritable!r}", result, blocked)
             else:
                 try:
-                    self._run(cur, [b"SAVEPOINT obs_part", *statements, b"RELEASE SAVEPOINT obs_part"])
+                    self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
                 except psycopg2.Error as failure:
                     if is_transient(failure):
                         raise

@@ -203,6 +203,52 @@ def test_a_deferred_foreign_key_violation_is_pinned_on_its_transaction(custom_sc
     buf.close()
 
 
+def test_a_transaction_valid_by_its_deferred_foreign_key_is_applied_beside_a_poison_one(custom_schema,
+                                                                                        redis_client, main_engine):
+    """One transaction creates an exposure, then the instrument it names: valid, as the foreign
+    key is checked at commit (initially deferred). Its batch also holds a poison transaction, so
+    it goes the careful way, where the drain made every constraint immediate to pin a violation
+    on its transaction: alone, in its own order, the exposure was refused (ForeignKeyViolation)
+    and the valid transaction was charged a retry, dead-lettered once it had none left. Now
+    deferred constraints are checked at the end of each transaction's savepoint, and are
+    deferred again for the next: both such transactions, one on either side of the poison one,
+    are applied in that batch, the poison one alone is dead-lettered."""
+    import json
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema, max_retries=0)
+    code = random.randrange(10**6, 10**9)
+
+    def exposure_then_instrument(code: int):
+        with buf.transaction() as tx:
+            exposure = tx.create("Exposure", {"instrument_code": code, "started": "2025-01-01T00:00:00Z",
+                                              "seconds": 1.0})
+            tx.create("Instrument", {"code": code, "name": "cam"})
+        return tx.transaction_id, exposure["id"]
+
+    first = exposure_then_instrument(code)
+    with buf.transaction() as poison:
+        poison.create("Exposure", {"instrument_code": code + 2, "started": "2025-01-01T00:00:00Z", "seconds": 1.0})
+    second = exposure_then_instrument(code + 1)  # after the poison one's savepoint: the modes are back
+    report = drain_one_batch(custom_schema, retry_base_s=0.05)
+    assert (report.transactions, report.applied) == (3, 2), report
+    drain_until_settled(custom_schema, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(SiteKeys(custom_schema.site).failed, 0, -1))}
+    assert list(failed) == [poison.transaction_id], failed
+    assert "ForeignKeyViolation" in failed[poison.transaction_id]
+    assert [buf.status(first[0]), buf.status(second[0])] == ["replicated", "replicated"]
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT instrument_code, id::text FROM custom_exposure WHERE instrument_code "
+                                    "BETWEEN :c AND :c + 2 ORDER BY 1"), {"c": code}).all() == [
+            (code, first[1]), (code + 1, second[1])]
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id IN (:a, :b)"),
+                            {"a": first[0], "b": second[0]}).scalar_one() == 2
+    buf.close()
+
+
 def test_a_write_after_its_rows_cascading_delete_in_the_same_batch_is_not_applied_unseen(custom_schema,
                                                                                           redis_client, main_engine):
     """An instrument is deleted (its readings with it: ON DELETE CASCADE); later transactions
