@@ -65,6 +65,11 @@ _CHECK_DEFERRED = (b"SAVEPOINT obs_check", b"SET CONSTRAINTS ALL IMMEDIATE", b"R
 _SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
                 f"'{applied_transactions.name}') AND attname = 'steps_digest' "
                 "AND NOT attisdropped), pg_is_in_recovery()").encode()
+# ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
+# as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
+_TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
+                  "WHERE tgrelid = to_regclass(n) AND NOT tgisinternal AND tgenabled <> 'D' AND tgtype & 1 = 1 "
+                  "AND tgtype & 20 <> 0))")  # (tgtype: 1 a row trigger, 4 on insert, 16 on update)
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
 # string with ValueError, an encoder a lone surrogate), should one pass validation: that
 # transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
@@ -272,6 +277,9 @@ class MainDatabase:
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
         self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
+        # models whose rows main runs triggers on as they are written: asked once per session
+        self._tables = {self.dialect.identifier_preparer.format_table(m.table): m.name for m in registry.models.values()}
+        self.unmerged: frozenset[str] | None = None
         self.round_trips = 0  # scripts sent to main; each is one round trip
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self.last_run_round_trip_s: float | None = None  # as the last drain run measured it (_time_round_trip)
@@ -291,8 +299,9 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s, self.records_digest, standby = self._time_round_trip(
-                self._conn, last_run_s=self.last_run_round_trip_s)
+            self.round_trip_s, self.records_digest, standby, triggered = self._time_round_trip(
+                self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables))
+            self.unmerged = frozenset(self._tables[name] for name in triggered or ()) or None
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url)}; "
@@ -305,7 +314,8 @@ class MainDatabase:
         return self._conn
 
     @staticmethod
-    def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None) -> tuple[float, bool, bool]:
+    def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
+                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -317,20 +327,25 @@ class MainDatabase:
         question each session needs answered, asked in a round trip it makes anyway; and so is
         whether main is a hot standby (the third value). `last_run_s`, the round trip the last
         drain run measured (the key `link`), counts as a far reply taken before: a first reply
-        within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run."""
+        within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run.
+        Of `tables` (the models'), it asks which main runs row triggers on (the fourth value)."""
         taken: list[float] = []
         present = standby = False
+        triggered = None
         with conn.cursor() as cur:
+            sql = cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL, (tables,)) if tables else _SESSION_SQL
             while len(taken) < samples:
                 began = time.perf_counter()
-                cur.execute(_SESSION_SQL)
+                cur.execute(sql)
                 taken.append(time.perf_counter() - began)
-                present, standby = map(bool, cur.fetchone())
+                row = cur.fetchone()
+                present, standby = bool(row[0]), bool(row[1])
+                triggered = row[2] if len(row) > 2 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby
+        return min(taken), present, standby, triggered
 
     def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all.
@@ -419,7 +434,7 @@ class MainDatabase:
         if blocked and any(i in blocked for tx in txs for i in referenced_ids(tx, self.registry)):
             return self._apply_carefully(cur, txs, blocked)  # it holds back those that use them
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
-        folded = fold(writes, self.refusable, self.kept_updates, self.cascades)
+        folded = fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged)
         if folded is None:
             return self._apply_carefully(cur, txs, blocked)
         try:
@@ -496,7 +511,7 @@ class MainDatabase:
         # Several transactions go folded (or split if they cannot be); one alone goes in its own
         # step order: folding puts a table's inserts before its deletes, which a unique key or a
         # self-referencing foreign key may refuse.
-        folded = None if alone else fold(writes, self.refusable, self.kept_updates, self.cascades)
+        folded = None if alone else fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged)
         if alone or folded is not None:
             try:
                 statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
@@ -540,7 +555,8 @@ def reused_id_reason(applied_at: Any) -> str:
 
 def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,
          kept_updates: frozenset[str] | None = None,
-         cascades: dict[str, frozenset[str]] | None = None) -> list[RowWrite] | None:
+         cascades: dict[str, frozenset[str]] | None = None,
+         unmerged: frozenset[str] | None = None) -> list[RowWrite] | None:
     """Net effect per row, in first-touch order (a row deleted after its insert or update: the
     delete at the end); None where folding would hide from main a write it may refuse, so the
     batch goes the careful way (each transaction under its own savepoint when need be).
@@ -562,10 +578,16 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
     delete earlier in the batch may delete or change on main (ON DELETE CASCADE, SET NULL): sent
     before that delete, it would be taken, then undone by it (a reading of an instrument deleted
     before it, which main refuses in order, reported applied and gone).
+
+    `unmerged`: models whose tables main runs row triggers on as rows are inserted or updated
+    (an audit trail, a revision count): each update of their rows stays a statement of its own,
+    after the row's insert or earlier update, in order (BatchSql.writes keeps the updates'
+    order), so the triggers see every write a transaction made, as it made it.
     """
     net: dict[tuple[str, Any], RowWrite] = {}
     deleted_after: dict[tuple[str, Any], RowWrite] = {}
     updated_after: dict[tuple[str, Any], RowWrite] = {}
+    kept: list[RowWrite] = []  # updates of unmerged models' rows after the row's first write, in order
     changed_by_delete: set[str] = set()  # models a delete earlier in the batch changes rows of
     for w in writes:
         if w.operation == "delete":
@@ -581,6 +603,8 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
             if w.operation != "delete":
                 return None
             # a delete of a deleted row: stays deleted
+        elif w.operation == "update" and unmerged and w.model in unmerged:
+            kept.append(w)
         elif w.operation == "update" and kept_updates and prev.operation == "insert" and w.model in kept_updates:
             later = updated_after.get(key)
             merged = w if later is None else _merged(later, w, refusable)
@@ -596,7 +620,7 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
             deleted_after[key] = w
         else:  # insert of a row already written in this batch: let the database say so
             return None
-    return [*net.values(), *updated_after.values(), *deleted_after.values()]
+    return [*net.values(), *updated_after.values(), *kept, *deleted_after.values()]
 
 
 def _merged(prev: RowWrite, update: RowWrite,

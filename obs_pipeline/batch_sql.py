@@ -36,9 +36,10 @@ class BatchSql:
 
     def writes(self, cursor: Any, writes: list[RowWrite]) -> tuple[list[bytes], dict[str, int]]:
         """Statements for the writes: multi-row inserts parents first, one check per table that
-        every row to update exists, the updates, then deletes children first; and the number of
-        rows per model."""
-        inserts, updates, deletes = defaultdict(list), defaultdict(list), defaultdict(list)
+        every row to update exists, the updates in their order (two of one row may follow each
+        other: fold's `unmerged`), then deletes children first; and the number of rows per model."""
+        inserts, deletes = defaultdict(list), defaultdict(list)
+        updates: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
         rows_per_model: dict[str, int] = defaultdict(int)
         column_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # in row order -> sorted, once per shape
         for w in writes:
@@ -52,8 +53,8 @@ class BatchSql:
                 inserts[(model.name, columns)].append(values)
             elif w.operation == "update":
                 columns = tuple(sorted(values))
-                updates[(model.name, columns)].append(
-                    {"pk": w.record_id, **{f"v{i}": values[c] for i, c in enumerate(columns)}})
+                updates.append((model.name, columns,
+                                {"pk": w.record_id, **{f"v{i}": values[c] for i, c in enumerate(columns)}}))
             else:
                 deletes[model.name].append({"pk": w.record_id})
             rows_per_model[model.name] += 1
@@ -62,14 +63,12 @@ class BatchSql:
         for (name, columns), rows in sorted(inserts.items(), key=lambda kv: rank(kv[0][0])):
             out.append(self._unnest_insert(cursor, name, columns, rows))
         updated: dict[str, list] = defaultdict(list)
-        for (name, _), rows in updates.items():
-            updated[name].extend(r["pk"] for r in rows)
+        for name, _, row in updates:
+            updated[name].append(row["pk"])
         for name, keys in updated.items():  # after the inserts, before any delete
             out.append(cursor.mogrify(self._template("exists", name, ()), {
                 "keys": _array_literal(keys), "table": self.registry.model(name).table.name}))
-        for (name, columns), rows in updates.items():
-            stmt = self._template("update", name, columns)
-            out.extend(cursor.mogrify(stmt, r) for r in rows)
+        out.extend(cursor.mogrify(self._template("update", name, columns), row) for name, columns, row in updates)
         for name, rows in sorted(deletes.items(), key=lambda kv: -rank(kv[0])):
             stmt = self._template("delete", name, ())
             out.extend(cursor.mogrify(stmt, r) for r in rows)

@@ -694,6 +694,50 @@ def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_b
     assert applied == {"doomed", "start", "delete"}
 
 
+def test_rows_main_runs_triggers_on_get_each_write_of_the_batch_in_order(settings, main_engine):
+    """Main keeps an audit trail of executed_obs_unit (a row trigger on update). Folded per row,
+    a start and its two updates in one batch were one insert: the trigger saw none of the
+    updates. The drain asks main which tables it runs row triggers on: their rows' updates stay
+    statements of their own, in the order the transactions made them (grouped by columns, the
+    later update of a row could go first and leave its earlier value)."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as first:
+        other = first.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                 "status": "running"})
+    drain_until_settled(settings)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE obs_test_audit (seq serial, id uuid, status text, end_time timestamptz)"))
+        conn.execute(sa.text("CREATE FUNCTION obs_test_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                             "INSERT INTO obs_test_audit (id, status, end_time) VALUES (NEW.id, NEW.status, "
+                             "NEW.end_time); RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER obs_test_audit AFTER UPDATE ON executed_obs_unit FOR EACH ROW "
+                             "EXECUTE FUNCTION obs_test_audit()"))
+    try:
+        done = {"end_time": "2025-01-01T01:00:00Z", "status": "completed"}
+        buf.update("ExecutedObsUnit", other["id"], done)  # (its columns, first)
+        with buf.transaction() as start:
+            obs = start.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                   "status": "running"})
+        buf.update("ExecutedObsUnit", obs["id"], {"status": "paused"})
+        buf.update("ExecutedObsUnit", obs["id"], {**done, "end_time": "2025-01-01T02:00:00Z"})
+        report = drain_one_batch(settings)
+        assert (report.transactions, report.applied) == (4, 4), report
+        with main_engine.connect() as conn:
+            audit = conn.execute(sa.text("SELECT id::text, status, end_time::text FROM obs_test_audit "
+                                         "ORDER BY seq")).all()
+            rows = dict(conn.execute(sa.text("SELECT id::text, status || ' ' || end_time::text FROM "
+                                             "executed_obs_unit")).all())
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS obs_test_audit"))
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_audit ON executed_obs_unit"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_audit()"))
+        buf.close()
+    assert audit == [(other["id"], "completed", "2025-01-01 01:00:00+00"), (obs["id"], "paused", None),
+                     (obs["id"], "completed", "2025-01-01 02:00:00+00")]
+    assert rows == {other["id"]: "completed 2025-01-01 01:00:00+00", obs["id"]: "completed 2025-01-01 02:00:00+00"}
+
+
 def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
     """A batch bisected over a far link can take minutes; the lease (here 1 s) must not lapse
     meanwhile, or the acknowledgement finds it gone and the work is done again."""

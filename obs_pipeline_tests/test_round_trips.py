@@ -177,7 +177,8 @@ def test_a_later_run_starts_at_the_size_the_last_run_grew_to_and_a_near_main_set
 
     timed_against, time_round_trip = [], MainDatabase._time_round_trip
     monkeypatch.setattr(MainDatabase, "_time_round_trip", staticmethod(
-        lambda conn, last_run_s=None: timed_against.append(last_run_s) or time_round_trip(conn, last_run_s=last_run_s)))
+        lambda conn, last_run_s=None, **kw: timed_against.append(last_run_s)
+        or time_round_trip(conn, last_run_s=last_run_s, **kw)))
     config = DrainConfig(batch_size=100, max_batch_size=400)
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 1000, finish_every=0)
@@ -590,6 +591,6 @@ def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, qu
     monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
     cursor = _Cursor(replies, clock)
     conn = type("Conn", (), {"cursor": lambda self: cursor})()
-    round_trip, has_digest, standby = apply.MainDatabase._time_round_trip(conn, last_run_s=last_run)
+    round_trip, has_digest, standby, _ = apply.MainDatabase._time_round_trip(conn, last_run_s=last_run)
     assert (cursor.queries, round_trip, has_digest, standby) == (
         queries, pytest.approx(least), True, False)
