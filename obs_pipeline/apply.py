@@ -26,6 +26,7 @@ import psycopg2
 import sqlalchemy as sa
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import exc
+from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.config import ConfigError
@@ -277,9 +278,11 @@ class MainDatabase:
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
         self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
-        # models whose rows main runs triggers on as they are written: asked once per session
+        # models each update of whose rows must reach main (fold's `unmerged`): those with an
+        # onupdate that reads the row, and those whose rows main runs triggers on (asked per session)
+        self._row_onupdates = frozenset(m.name for m in registry.models.values() if _onupdate_reads_row(m.table))
         self._tables = {self.dialect.identifier_preparer.format_table(m.table): m.name for m in registry.models.values()}
-        self.unmerged: frozenset[str] | None = None
+        self.unmerged: frozenset[str] | None = self._row_onupdates or None
         self.round_trips = 0  # scripts sent to main; each is one round trip
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self.last_run_round_trip_s: float | None = None  # as the last drain run measured it (_time_round_trip)
@@ -301,7 +304,7 @@ class MainDatabase:
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
             self.round_trip_s, self.records_digest, standby, triggered = self._time_round_trip(
                 self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables))
-            self.unmerged = frozenset(self._tables[name] for name in triggered or ()) or None
+            self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url)}; "
@@ -580,7 +583,8 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
     before it, which main refuses in order, reported applied and gone).
 
     `unmerged`: models whose tables main runs row triggers on as rows are inserted or updated
-    (an audit trail, a revision count): each update of their rows stays a statement of its own,
+    (an audit trail, a revision count), or with an onupdate main evaluates from the row
+    (`revision + 1`): each update of their rows stays a statement of its own,
     after the row's insert or earlier update, in order (BatchSql.writes keeps the updates'
     order), so the triggers see every write a transaction made, as it made it.
     """
@@ -644,6 +648,20 @@ def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],
             old = before[column]
             if old != value and (column in constrained or old is None and column in not_null):
                 return True
+    return False
+
+
+def _onupdate_reads_row(table: sa.Table) -> bool:
+    """Whether an onupdate main evaluates may read the row it updates (a column of it, or SQL
+    text, which cannot be looked into): each UPDATE changes the value again (`revision + 1`), so
+    two updates merged into one would count one. (func.now() reads none: merged, as before.)"""
+    for column in table.columns:
+        onupdate = column.onupdate
+        if onupdate is None or onupdate.is_scalar or onupdate.is_callable:
+            continue
+        arg = getattr(onupdate, "arg", None)
+        if isinstance(arg, sa.TextClause) or any(isinstance(e, sa.ColumnClause) for e in sa_visitors.iterate(arg)):
+            return True
     return False
 
 

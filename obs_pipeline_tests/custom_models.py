@@ -3,7 +3,8 @@ foreign key to it checked at commit (deferred), column types the built-in schema
 (JSON, float, bool, a timestamp without time zone), a column whose name needs quoting, and
 columns with defaults (constant ones, Python-side and server-side, and one main computes), and
 columns whose default or onupdate SQLAlchemy computes (a callable, one taking its execution
-context, an SQL expression), and a foreign key whose parent's delete cascades to its rows."""
+context, an SQL expression, one that reads the row), and a foreign key whose parent's delete
+cascades to its rows."""
 
 from __future__ import annotations
 
@@ -99,6 +100,15 @@ class Entry(Base):
     touched: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                      onupdate=func.now())
     revised: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, onupdate=True)
+
+
+class Counter(Base):
+    """A revision main counts in each UPDATE: an onupdate (SQL) that reads the row."""
+    __tablename__ = "custom_counter"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0, onupdate=text("revision + 1"))
 
 
 class Ticket(Base):

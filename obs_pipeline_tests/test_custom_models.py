@@ -52,7 +52,7 @@ def test_a_schema_of_its_own_from_db_init_to_the_replica(custom, main_engine, re
     env = {"OBS_SITE": custom.site, "OBS_REDIS_URL": custom.redis_url, "OBS_MAIN_DB_URL": custom.main_db_url,
            "OBS_REPLICA_DB_URL": custom.replica_db_url, "OBS_MODELS": MODELS}
     init = cli("db", "init", env=env)
-    assert init.returncode == 0 and "8 models" in init.stderr, init.stderr
+    assert init.returncode == 0 and "9 models" in init.stderr, init.stderr
     code = random.randrange(10**6, 10**9)
     buf = TransactionBuffer(settings=custom)
     with buf.transaction() as tx:
@@ -504,6 +504,33 @@ def test_a_producers_create_and_update_leaving_out_computed_columns_are_applied(
     got = buf.get("Entry", entry_id)
     assert got["updated"] is not None and got["touched"] is not None
     assert redis_client.llen(keys.failed) == 0
+    buf.close()
+
+
+def test_an_onupdate_that_reads_the_row_counts_every_update_of_the_batch(custom_schema, main_engine):
+    """Main counts a revision in each UPDATE (onupdate=text("revision + 1")). Folded, a create and
+    its two updates in one batch were an insert and one update (revision 1), and two updates of
+    another row one update (revision 1 more): each update of such a model now goes on its own,
+    in order, as it does for a transaction applied alone."""
+    import uuid
+
+    from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    with buf.transaction() as tx:
+        old = tx.create("Counter", {"label": "old"})
+    drain_until_settled(custom_schema)
+    with buf.transaction() as tx:
+        new = tx.create("Counter", {"label": "new"})
+    for label in ("a", "b"):
+        buf.update("Counter", new["id"], {"label": label})
+        buf.update("Counter", old["id"], {"label": label})
+    report = drain_one_batch(custom_schema)
+    assert (report.transactions, report.applied) == (5, 5), report
+    with main_engine.connect() as conn:
+        rows = dict(conn.execute(sa.text("SELECT id, label || ' ' || revision FROM custom_counter WHERE id IN "
+                                         "(:a, :b)"), {"a": old["id"], "b": new["id"]}).all())
+    assert rows == {uuid.UUID(old["id"]): "b 2", uuid.UUID(new["id"]): "b 2"}
     buf.close()
 
 
