@@ -56,10 +56,17 @@ _FLUSHED_COMMIT = (b"SELECT set_config('synchronous_commit', 'local', true) "
 # The careful path's check of deferred constraints at the end of each savepoint part, not at
 # COMMIT, where a violation could not be pinned on a transaction (the batch would fail for
 # ever). Made immediate for the whole transaction instead, they refused a transaction valid in
-# its own order (an exposure created before the instrument it names): set immediate inside a
-# savepoint rolled back at once, the check runs, and the constraints go back to their own mode
-# for the next part (its checks run again at COMMIT).
-_CHECK_DEFERRED = (b"SAVEPOINT obs_check", b"SET CONSTRAINTS ALL IMMEDIATE", b"ROLLBACK TO SAVEPOINT obs_check")
+# its own order (an exposure created before the instrument it names): each part's pending
+# checks run as it ends, then the initially deferred constraints are deferred again for the next
+# part (SET CONSTRAINTS has no "back to their own mode"; main names them, no round trip more).
+# A name that a constraint that cannot be deferred shares in its schema is left out: SET
+# CONSTRAINTS sets every constraint of the name, and refuses the lot for that one.
+_CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
+                   b"DO $obs$ DECLARE names text; BEGIN SELECT string_agg(DISTINCT format('%I.%I', n.nspname, "
+                   b"c.conname), ', ') INTO names FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                   b"WHERE c.condeferred AND NOT EXISTS (SELECT 1 FROM pg_constraint o WHERE o.connamespace = "
+                   b"c.connamespace AND o.conname = c.conname AND NOT o.condeferrable); IF names IS NOT NULL THEN "
+                   b"EXECUTE 'SET CONSTRAINTS ' || names || ' DEFERRED'; END IF; END $obs$")
 # Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
 # has steps_digest, and whether "main" is a hot standby (the site's replica, or main demoted by a
 # failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one.

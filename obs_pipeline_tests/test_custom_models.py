@@ -249,6 +249,57 @@ def test_a_transaction_valid_by_its_deferred_foreign_key_is_applied_beside_a_poi
     buf.close()
 
 
+def test_a_deferred_check_passed_by_its_part_is_not_run_again_by_a_later_one(custom_schema, redis_client,
+                                                                                    main_engine):
+    """A constraint trigger checked at commit refuses an exposure of a closed instrument. In
+    order, an exposure of an open instrument is applied, then the instrument is closed: both
+    valid. Beside a poison transaction, the careful path checked each part's deferred
+    constraints in a savepoint it rolled back, which left the checks pending, to run again at
+    the next part's check: the exposure's saw the instrument closed by that part, which was
+    blamed for it (RaiseException: instrument ... is closed), charged a retry, dead-lettered
+    with none left (and, with no part after it, the COMMIT failed, and the drain with it).
+    Each part's checks now run once, as it ends."""
+    import json
+
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema, max_retries=0)
+    code = random.randrange(10**6, 10**9)
+    with buf.transaction() as tx:
+        tx.create("Instrument", {"code": code, "name": "open"})
+    drain_until_settled(custom_schema)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("CREATE FUNCTION obs_test_open() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF "
+                             "(SELECT name FROM custom_instrument WHERE code = NEW.instrument_code) = 'closed' THEN "
+                             "RAISE EXCEPTION 'instrument % is closed', NEW.instrument_code; END IF; RETURN NULL; "
+                             "END $$"))
+        conn.execute(sa.text("CREATE CONSTRAINT TRIGGER obs_test_open AFTER INSERT ON custom_exposure DEFERRABLE "
+                             "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION obs_test_open()"))
+    try:
+        with buf.transaction() as exposure:
+            made = exposure.create("Exposure", {"instrument_code": code, "started": "2025-01-01T00:00:00Z",
+                                                "seconds": 1.0})
+        closed = buf.update("Instrument", code, {"name": "closed"})
+        with buf.transaction() as poison:
+            poison.create("Exposure", {"instrument_code": code + 1, "started": "2025-01-01T00:00:00Z", "seconds": 1.0})
+        report = drain_one_batch(custom_schema, retry_base_s=0.05)
+        drain_until_settled(custom_schema, retry_base_s=0.05)
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS obs_test_open ON custom_exposure"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS obs_test_open()"))
+    assert (report.transactions, report.applied) == (3, 2), report
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(SiteKeys(custom_schema.site).failed, 0, -1))}
+    assert list(failed) == [poison.transaction_id], failed
+    assert [buf.status(exposure.transaction_id), buf.status(closed)] == ["replicated", "replicated"]
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id::text FROM custom_exposure WHERE instrument_code = :c"),
+                            {"c": code}).all() == [(made["id"],)]
+    buf.close()
+
+
 def test_a_write_after_its_rows_cascading_delete_in_the_same_batch_is_not_applied_unseen(custom_schema,
                                                                                           redis_client, main_engine):
     """An instrument is deleted (its readings with it: ON DELETE CASCADE); later transactions
