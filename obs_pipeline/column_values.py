@@ -251,7 +251,7 @@ def network_text(text: str, type_: str) -> str:
         return text
     if address.version == 6 and "/0" in text and not text.endswith("/0"):
         return text  # PostgreSQL reads an IPv6 mask length of leading zeros (/064) as no number
-    if cidr and int(ipaddress.ip_network(text, strict=False).hostmask) & int(ipaddress.ip_address(text.split("/")[0])):
+    if cidr and ipaddress.ip_address(text.partition("/")[0]) != address:  # (strict=False masked its host bits)
         meant = network_text(str(network), "cidr")  # main refuses it; the drain dead-lettered it hours later
         raise ValueError(f"{text!r} has bits set right of its mask: a CIDR names a network, such as {meant!r}")
     shown = str(address) if address.version == 4 else _ipv6_text(address.packed)

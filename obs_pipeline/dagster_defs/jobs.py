@@ -240,22 +240,25 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     # that came after the budget ended the run green, "drained 0 transactions (time budget
     # spent)", main or Redis unreachable all along, and the sensor launched the next at once.
     # A try past the budget that fails too ends the run on its cause (below), not on more retries.
-    retry_try = {"owed": context.retry_number > 0, "past_budget": False}
+    retry_owed, retry_past_budget = context.retry_number > 0, False
     # as the drain's summary counts them, which an op retry loses: said on the retry's observation
-    transient = {"errors": 0}
+    transient_errors = 0
 
     def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
-        if retry_try["owed"]:  # (asked before the attempt's first batch)
-            retry_try["owed"], retry_try["past_budget"] = False, time.monotonic() >= deadline
+        nonlocal retry_owed, retry_past_budget
+        if retry_owed:  # (asked before the attempt's first batch)
+            retry_owed, retry_past_budget = False, time.monotonic() >= deadline
             return False
         return time.monotonic() >= deadline and _storage_answers(context)
 
     def on_timeout(line: str, backoff: float) -> None:
-        transient["errors"] += 1
+        nonlocal transient_errors
+        transient_errors += 1
         context.log.warning(line)
 
     def on_transient(error: str, backoff: float) -> None:
-        transient["errors"] += 1
+        nonlocal transient_errors
+        transient_errors += 1
         if not _storage_answers(context):  # the op retry's own event would fail the run: the drain
             # retries the batch itself, and the run goes on once main is back
             context.log.warning(f"main unreachable ({error}), and Dagster's storage with it: "
@@ -263,7 +266,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             return
         # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
         # which names neither main nor what to check), or a retry's try past the budget failed too
-        if context.retry_number >= TRANSIENT_RETRIES or retry_try["past_budget"]:
+        if context.retry_number >= TRANSIENT_RETRIES or retry_past_budget:
             raise Failure(description=f"site {site}: main unreachable ({error}) at each of the run's "
                                       f"{context.retry_number + 1} attempts; is OBS_MAIN_DB_URL right and main up? "
                                       "The transactions stay buffered for the next run",
@@ -271,7 +274,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
         retry = f"op retry {context.retry_number + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
-                                           metadata={"site": site, RETRIED: transient["errors"]}))
+                                           metadata={"site": site, RETRIED: transient_errors}))
         raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
     try:
