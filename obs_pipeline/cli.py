@@ -288,7 +288,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
     settings = _settings()
     client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5)
     letters = DeadLetters(BufferStore(client, settings.site), ModelRegistry.from_path(settings.models))
-    if args.action == "list":  # an entry without a usable id is named by its place: #N
+    if args.action == "list":  # an entry without a usable id is named by its place and digest: #N@digest
         listed = letters.list()
         ids = {letter.transaction_id for letter in listed}
         for place, letter in enumerate(listed, start=1):
@@ -297,8 +297,8 @@ def cmd_failed(args: argparse.Namespace) -> int:
             hint = (f" ({blocker} is no longer dead-lettered: retry or discard this one)"
                     if blocker is not None and blocker not in ids else "")
             # one line each, printable: the fields are a producer's text
-            print("\t".join(one_line(field) for field in (s["transaction_id"] or f"#{place}", s["endpoint"], s["kind"],
-                                                          s["reason"] + hint)))
+            name = s["transaction_id"] or f"#{place}@{letter.handle}"
+            print("\t".join(one_line(field) for field in (name, s["endpoint"], s["kind"], s["reason"] + hint)))
     elif args.action == "show":
         print(json.dumps(letters.get(ref).doc, indent=2))
     elif args.action == "retry":
@@ -315,7 +315,8 @@ def cmd_failed(args: argparse.Namespace) -> int:
               + (f"; {refused} spooled line(s) Redis could not take stay listed (they cannot be retried: "
                  "`failed show`, then `failed discard` each)" if refused else "")
               + (f"; {idless} letter(s) without a usable transaction id stay listed (they cannot be retried: "
-                 "`failed show #N`, then `failed discard #N` each, #N as `failed list` shows it)" if idless else ""),
+                 "`failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it)"
+                 if idless else ""),
               file=sys.stderr)
     elif args.action == "discard":
         removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)
@@ -524,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     failed.add_argument("action", choices=["list", "show", "retry", "discard"],
                         help="list: one line per letter; show ID: one letter's JSON; retry ID or --all: requeue, "
                              "with what it blocked; discard ID: drop it")
-    failed.add_argument("id", nargs="?", help="a transaction id, or #N from `failed list` for an entry without one")
+    failed.add_argument("id", nargs="?",
+                        help="a transaction id, or #N@digest as `failed list` shows an entry without one")
     failed.add_argument("--all", action="store_true", help="for retry: every letter")
     failed.set_defaults(func=cmd_failed)
 

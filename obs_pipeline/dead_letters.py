@@ -3,6 +3,7 @@ transaction they depend on) and discard. Used by `obs-pipeline failed` and a Dag
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ class RedisLostMidChange(RuntimeError):
     Not tried again: reading the list anew acts on what is left, and says what it did then."""
 
 
+HANDLE_CHARS = 8  # of a letter's digest in its handle (DeadLetter.handle)
 READS = 20  # a retry or discard reads the list at most this often before it gives up, saying why
 # Letters per LPUSH when the list is written anew (_remove): one LPUSH of every letter kept passed
 # the 1,048,576 arguments Redis takes with a million letters (it resets the connection)
@@ -61,6 +63,13 @@ class DeadLetter:
         """None for an entry whose id is missing or unusable (`#N` of the list names it)."""
         tx_id = self.doc.get("transaction_id")
         return tx_id if is_storable_id(tx_id) else None
+
+    @property
+    def handle(self) -> str:
+        """A digest of its bytes, shown beside the place of a letter without a usable id
+        (`#2@3f2a9c1e`): the place moves as letters above it leave the list, the digest does not."""
+        raw = self.raw if isinstance(self.raw, bytes) else self.raw.encode("utf-8", "surrogateescape")
+        return hashlib.sha1(raw).hexdigest()[:HANDLE_CHARS]
 
     @property
     def failure(self) -> dict[str, Any]:
@@ -103,8 +112,10 @@ class DeadLetters:
         return _letters((client or self.store.redis).lrange(self.keys.failed, 0, -1))
 
     def get(self, ref: str, letters: list[DeadLetter] | None = None) -> DeadLetter:
-        """By transaction id, or `#N`: the N-th of `list()` (an entry that had no usable id). An id
-        comes first: a producer's may be "#2" too, and `failed list` shows it as it is."""
+        """By transaction id, or `#N@digest` as `failed list` shows an entry that has no usable id
+        (`DeadLetter.handle`: one that left the list, or was never there, names nothing), or `#N`:
+        the N-th of `list()`. An id comes first: a producer's may be "#2" too, and `failed list`
+        shows it as it is."""
         letters = self.list() if letters is None else letters
         for letter in letters:
             if letter.transaction_id == ref:
@@ -116,6 +127,13 @@ class DeadLetters:
         for letter in letters if unescaped not in (None, ref) else ():
             if letter.transaction_id == unescaped:
                 return letter
+        place, _, digest = ref.partition("@")
+        if digest and place.startswith("#") and place[1:].isdigit():
+            for letter in letters:
+                if letter.transaction_id is None and letter.handle == digest:
+                    return letter
+            raise UnknownTransaction(f"no dead letter {ref!r} at site {self.keys.site}: it has left the list "
+                                     "(see `obs-pipeline failed list`)")
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "

@@ -122,8 +122,8 @@ def dead_letters_problem(store: BufferStore, failed: int) -> str:
                    f"not take (refused_spool_line), which cannot be retried: check {'its' if refused == 1 else 'their'} "
                    "rows as they are now, buffer the steps still wanted again, then `failed discard ID`")
     if idless:
-        advice += (f"; {idless}{among} {'has' if idless == 1 else 'have'} no usable transaction id (#N in `failed "
-                   "list`) and cannot be retried: `failed discard #N`")
+        advice += (f"; {idless}{among} {'has' if idless == 1 else 'have'} no usable transaction id "
+                   "(#N@digest in `failed list`) and cannot be retried: `failed discard #N@digest` as listed")
     if failed > refused + idless:
         advice += f"; the others: {retry}"
     return advice

@@ -41,6 +41,12 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def place_or_id(line: str) -> str:
+    """A `failed list` line's first field, `#N` for a letter shown as `#N@digest` (no usable id)."""
+    field = line.split("\t")[0]
+    return re.sub(r"^(#\d+)@[0-9a-f]{8}$", r"\1", field)
+
+
 def test_drain_without_main_url_refuses_with_a_clear_line(env):
     """The line says how to set it with this installation's command (a bare `obs-pipeline`
     ran nothing in a shell without the venv on PATH)."""
@@ -405,7 +411,7 @@ def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place
         redis_client.lpush(keys.buffer, raw)
     assert cli("drain", "--once", env=env).returncode == 0
     listed = cli("failed", "list", env=env).stdout.splitlines()
-    assert [line.split("\t")[0] for line in listed] == ["#1", "#2", "#3"], listed
+    assert [place_or_id(line) for line in listed] == ["#1", "#2", "#3"], listed
     assert json.loads(cli("failed", "show", "#2", env=env).stdout)["failure"]["kind"] == "invalid"
     assert "no dead-lettered transaction '#4'" in one_line_error(cli("failed", "show", "#4", env=env))
     assert "has no usable transaction id and cannot be retried" in one_line_error(cli("failed", "retry", "#1", env=env))
@@ -432,7 +438,7 @@ def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, re
     (spool_dir / f"{settings.site}.jsonl").write_text("a hand's edit cut short\n")
     env = {**env, "OBS_SPOOL_DIR": settings.spool_dir}
     assert cli("spool", "push", env=env).returncode == 0
-    listed = [line.split("\t")[:3] for line in cli("failed", "list", env=env).stdout.splitlines()]
+    listed = [[place_or_id(line), *line.split("\t")[1:3]] for line in cli("failed", "list", env=env).stdout.splitlines()]
     assert listed == [[doc["transaction_id"], doc["endpoint"], "invalid"], ["#2", "None", "invalid"],
                       ["#3", "None", "refused_spool_line"]], listed
     before = redis_client.lrange(keys.failed, 0, -1)
@@ -446,7 +452,7 @@ def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, re
     assert retried.returncode == 0 and retried.stderr.splitlines() == [
         "requeued 1 transaction(s); 1 spooled line(s) Redis could not take stay listed (they cannot be retried: "
         "`failed show`, then `failed discard` each); 1 letter(s) without a usable transaction id stay listed (they "
-        "cannot be retried: `failed show #N`, then `failed discard #N` each, #N as `failed list` shows it)"]
+        "cannot be retried: `failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it)"]
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [doc["transaction_id"]]
     assert redis_client.lrange(keys.failed, 0, -1) == before[:2]  # (newest first: the two without an id)
 
@@ -467,7 +473,7 @@ def test_a_dead_letter_that_is_not_utf8_is_listed_shown_and_discarded(env, redis
     assert "2 dead-lettered" in cli("status", env=env).stderr
     listed = cli("failed", "list", env=env)
     assert listed.returncode == 0, listed.stderr
-    assert [line.split("\t")[:3] for line in listed.stdout.splitlines()] == [
+    assert [[place_or_id(line), *line.split("\t")[1:3]] for line in listed.stdout.splitlines()] == [
         [doc["transaction_id"], doc["endpoint"], "invalid"], ["#2", "caf\\udce9", "invalid"]], listed.stdout
     assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "obs-\udcff-1"
     discarded = cli("failed", "discard", "#2", env=env)
@@ -502,7 +508,7 @@ def test_dead_letters_that_are_no_json_object_or_whose_failure_is_none_are_liste
     assert status.returncode == 0 and "2 dead-lettered" in status.stderr, status.stderr
     listed = cli("failed", "list", env=env)
     assert listed.returncode == 0, listed.stderr
-    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["#1", "by-hand"], listed.stdout
+    assert [place_or_id(line) for line in listed.stdout.splitlines()] == ["#1", "by-hand"], listed.stdout
     assert json.loads(cli("failed", "show", "#1", env=env).stdout)["raw"] == "[1, 2]"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
     assert cli("failed", "retry", "by-hand", env=env).returncode == 0
@@ -519,7 +525,7 @@ def test_a_place_that_moved_onto_a_transaction_listed_by_its_id_changes_nothing(
     doc["steps"][0]["model_class"] = "Telescope"
     redis_client.lpush(keys.buffer, b"garbage one", b"garbage two", json.dumps(doc))
     assert cli("drain", "--once", env=env).returncode == 0
-    listed = [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()]
+    listed = [place_or_id(line) for line in cli("failed", "list", env=env).stdout.splitlines()]
     assert listed == ["#1", "#2", doc["transaction_id"]], listed
     assert cli("failed", "discard", "#1", env=env).returncode == 0
     before = redis_client.lrange(keys.failed, 0, -1)
@@ -533,6 +539,30 @@ def test_a_place_that_moved_onto_a_transaction_listed_by_its_id_changes_nothing(
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_a_letter_without_an_id_is_named_by_its_digest_as_places_move(env, redis_client, settings):
+    """Three letters without an id, listed as #1, #2, #3. `failed discard #1`, then `failed
+    discard #2` as listed: the second dropped the third letter, which had moved up to place 2,
+    and left the one meant. `failed list` shows each with its digest (`#2@3f2a9c1e`), which
+    names that letter wherever it moves; once it has left the list it names nothing."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, b"garbage one", b"garbage two", b"garbage three")
+    assert cli("drain", "--once", env=env).returncode == 0
+    shown = [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()]
+    assert [re.fullmatch(r"#(\d)@[0-9a-f]{8}", name).group(1) for name in shown] == ["1", "2", "3"], shown
+    raws = [json.loads(cli("failed", "show", name, env=env).stdout)["raw"] for name in shown]
+    assert raws == ["garbage one", "garbage two", "garbage three"], raws
+    for name in shown[:2]:  # as listed before either went
+        discarded = cli("failed", "discard", name, env=env)
+        assert discarded.returncode == 0 and f"discarded {name}" in discarded.stderr, discarded.stderr
+    left = [json.loads(raw)["raw"] for raw in redis_client.lrange(keys.failed, 0, -1)]
+    assert left == ["garbage three"], left
+    before = redis_client.lrange(keys.failed, 0, -1)
+    assert one_line_error(cli("failed", "discard", shown[0], env=env)) == (
+        f"obs-pipeline: error: no dead letter '{shown[0]}' at site {settings.site}: it has left the list "
+        "(see `obs-pipeline failed list`)")
+    assert redis_client.lrange(keys.failed, 0, -1) == before
+
+
 def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis_client, settings):
     """A producer's transaction id may be any text, "#2" too, and `failed list` shows it as it
     is: `failed discard '#2'` discarded the second letter of the list instead, another
@@ -543,10 +573,10 @@ def test_a_dead_letter_whose_id_looks_like_a_place_is_found_by_its_id(env, redis
                 json.dumps({"transaction_id": "#2", "steps": [step]})):
         redis_client.lpush(keys.buffer, raw)
     assert cli("drain", "--once", env=env).returncode == 0
-    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me", "#2"]
+    assert [place_or_id(line) for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me", "#2"]
     assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "#2"
     assert cli("failed", "discard", "#2", env=env).returncode == 0
-    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me"]
+    assert [place_or_id(line) for line in cli("failed", "list", env=env).stdout.splitlines()] == ["#1", "keep-me"]
     assert json.loads(cli("failed", "show", "#2", env=env).stdout)["transaction_id"] == "keep-me"  # now its place
 
 
@@ -564,13 +594,13 @@ def test_failed_list_prints_a_producers_text_as_one_printable_line(env, redis_cl
     assert cli("drain", "--once", env=env).returncode == 0
     listed = cli("failed", "list", env=env)
     assert listed.returncode == 0, listed.stderr
-    assert [line.split("\t") for line in listed.stdout.splitlines()] == [
+    assert [[place_or_id(line), *line.split("\t")[1:]] for line in listed.stdout.splitlines()] == [
         ["tab\\tid", "end\\ud800\\npoint", "invalid",
          "transaction tab\\tid, step s\\udc80\\nx: ObsUnit.name: 7 is not a string"],
         ["#2", "None", "invalid", "not valid JSON: Expecting value: line 1 column 1 (char 0)"]]
     assert json.loads(cli("failed", "show", "tab\\tid", env=env).stdout)["transaction_id"] == "tab\tid"
     assert cli("failed", "discard", "tab\\tid", env=env).returncode == 0
-    assert cli("failed", "list", env=env).stdout.splitlines()[0].startswith("#1\t")
+    assert cli("failed", "list", env=env).stdout.splitlines()[0].startswith("#1@")
 
 
 def test_failed_list_on_a_terminal_that_is_not_utf8_shows_every_letter_and_takes_ids_back(env, redis_client,
@@ -1045,8 +1075,8 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
         assert degraded.returncode == (3 if "--check" in args else 0), degraded.stderr
         assert degraded.stderr.splitlines() == [  # with what to do, as the other problems say
             f"obs-pipeline: site {settings.site} is degraded: 1 dead-lettered: see `obs-pipeline failed list` and "
-            "`failed show ID`; 1 has no usable transaction id (#N in `failed list`) and cannot be retried: "
-            "`failed discard #N`"]
+            "`failed show ID`; 1 has no usable transaction id (#N@digest in `failed list`) and cannot be retried: "
+            "`failed discard #N@digest` as listed"]
     assert json.loads(degraded.stdout)["status"] == "degraded"
     assert cli("failed", "discard", "#1", env=env).returncode == 0
     assert cli("status", "--check", env=env).returncode == 0
@@ -1070,7 +1100,7 @@ def test_status_advises_for_the_kinds_of_dead_letters_listed(env, redis_client, 
         json.dumps({"id": refused_id, "tx": {"transaction_id": refused_id, "steps": []}}) + "\n")
     env = {**env, "OBS_SPOOL_DIR": settings.spool_dir}
     assert cli("spool", "push", env=env).returncode == 0
-    assert [line.split("\t")[:3] for line in cli("failed", "list", env=env).stdout.splitlines()] == [
+    assert [[place_or_id(line), *line.split("\t")[1:3]] for line in cli("failed", "list", env=env).stdout.splitlines()] == [
         [doc["transaction_id"], doc["endpoint"], "invalid"], [refused_id, "None", "refused_spool_line"]]
     site = f"obs-pipeline: site {settings.site} is degraded: "
     refused = ("1 is a spooled line Redis could not take (refused_spool_line), which cannot be retried: check its "
@@ -1552,7 +1582,7 @@ def test_discard_of_a_transaction_dead_lettered_twice_drops_both_letters(env, re
     for _ in range(2):  # pushed again later, by a producer that does not know it was taken
         redis_client.lpush(keys.buffer, json.dumps(doc))
         drain_until_settled(settings, retry_base_s=0.05)
-    assert [line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines()] == \
+    assert [place_or_id(line) for line in cli("failed", "list", env=env).stdout.splitlines()] == \
         [doc["transaction_id"]] * 2
     discarded = cli("failed", "discard", doc["transaction_id"], env=env)
     assert discarded.returncode == 0, discarded.stderr
@@ -1710,7 +1740,7 @@ def test_retry_all_while_a_drain_dead_letters_as_it_goes_ends(env, settings, red
         result = cli("failed", "retry", "--all", env=env)  # the drain stopped
     assert result.returncode == 0 and re.fullmatch(  # (the garbage stays listed, said: as many as it read then)
         r"requeued 4500 transaction\(s\)(; [0-9]+ letter\(s\) without a usable transaction id stay listed \(they cannot "
-        r"be retried: `failed show #N`, then `failed discard #N` each, #N as `failed list` shows it\))?\n",
+        r"be retried: `failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it\))?\n",
         result.stderr), result.stderr
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, observations)
