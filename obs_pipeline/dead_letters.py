@@ -111,6 +111,13 @@ class DeadLetters:
         """Oldest failure first (read on `client`: a pipeline that WATCHes the list)."""
         return _letters((client or self.store.redis).lrange(self.keys.failed, 0, -1))
 
+    def count_and_oldest(self) -> tuple[int, DeadLetter | None]:
+        """How many letters are listed, and the oldest, in one round trip without reading the
+        list: a backlog dead-lettered whole can be a million letters, gigabytes."""
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            count, oldest = pipe.llen(self.keys.failed).lindex(self.keys.failed, -1).execute()
+        return count, _letters([oldest])[0] if oldest is not None else None
+
     def get(self, ref: str, letters: list[DeadLetter] | None = None) -> DeadLetter:
         """By transaction id, or `#N@digest` as `failed list` shows an entry that has no usable id
         (`DeadLetter.handle`: one that left the list, or was never there, names nothing), or `#N`:

@@ -84,6 +84,21 @@ def test_dead_letter_is_an_event_fails_the_check_and_the_retry_job_requeues_it(
     assert no_dead_letters(obs_pipeline=resource).passed
 
 
+def test_the_dead_letter_check_counts_the_list_without_reading_it(settings, resource, redis_client):
+    """The check read every letter to count them: a backlog dead-lettered whole (a schema main
+    refuses, a million transactions of a long outage) sent Dagster's process gigabytes for two
+    figures. It asks Redis for the length and the oldest letter alone."""
+    keys = SiteKeys(settings.site)
+    for n in range(3):  # the oldest first: each pushed at the head
+        redis_client.lpush(keys.failed, json.dumps({"transaction_id": f"dead-{n}",
+                                                    "failure": {"reason": f"reason {n}", "kind": "invalid"}}))
+    redis_client.config_resetstat()
+    result = no_dead_letters(obs_pipeline=resource)
+    ranges = redis_client.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0)
+    assert (result.passed, result.metadata["failed"].value, result.metadata["first"].value, ranges) == (
+        False, 3, "reason 0", 0)
+
+
 @pytest.mark.slow
 def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, resource, redis_client, main_engine):
     doc, ids = seed_example(settings.site)

@@ -274,12 +274,11 @@ def no_dead_letters(obs_pipeline: ObsPipelineResource) -> AssetCheckResult:
     with _evaluated_or_one_line(obs_pipeline):
         dead_letters = obs_pipeline.dead_letters()
         try:
-            letters = dead_letters.list()
+            failed, oldest = dead_letters.count_and_oldest()
         finally:
             dead_letters.store.redis.close()
-    return AssetCheckResult(
-        passed=not letters, severity=AssetCheckSeverity.WARN,
-        metadata={"failed": len(letters), "first": letters[0].summary()["reason"] if letters else ""})
+    return AssetCheckResult(passed=not failed, severity=AssetCheckSeverity.WARN,
+                            metadata={"failed": failed, "first": oldest.reason if oldest else ""})
 
 
 @asset_check(asset=REPLICA_ASSET, name=REPLICA_CHECK,
