@@ -41,8 +41,9 @@ AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
 # Redis 6 refuses a command of more arguments than this: it resets the connection, which reads
 # as a Redis that went away (networking.c, "invalid multibulk length")
 MAX_COMMAND_ARGS = 1024 * 1024
-# ingest's script call (`buffer`): EVALSHA, its sha, 0, 4 arguments, then 3 per cache write
-MAX_CACHE_WRITES = (MAX_COMMAND_ARGS - 7) // 3
+# ingest's script call (`buffer`): EVALSHA, its sha, 0, 5 arguments, then 3 per cache write and
+# 2 per checked key (a create's, whose key of the caller's counts two cache writes)
+MAX_CACHE_WRITES = (MAX_COMMAND_ARGS - 8) // 4
 # ...but Redis runs that call as one script, every other client waiting: 349,523 writes took
 # 3.5 s on a quick host and over 5 s on a slow one, past ingest's socket timeout (taken for a
 # Redis gone away: spooled) and near lua-time-limit. One transaction writes at most this many
@@ -205,6 +206,20 @@ class CacheWrites:
     """What ingest writes beside the queue entry, built by the ingest module."""
     created: list[tuple[str, str, str]] = field(default_factory=list)   # (model, id, record JSON)
     overlays: list[tuple[str, str, str]] = field(default_factory=list)  # (model, id, overlay JSON)
+    # (model, id) of the creates whose key of the caller's ingest found free: the buffer script
+    # writes nothing unless each still is (scripts.BUFFER; a generated key cannot be taken)
+    checked: list[tuple[str, str]] = field(default_factory=list)
+
+
+class KeyTaken(ValueError):
+    """A create's key that ingest found free was taken before the transaction reached Redis:
+    another script buffered a create of it in between. Nothing of the transaction was buffered.
+    The line is the one ingest's own check gives."""
+
+    def __init__(self, model: str, record_id: str):
+        super().__init__(f"{model} {record_id} exists already (buffered or on the replica): update it, "
+                         "or create it with another key")
+        self.model, self.record_id = model, record_id
 
 
 @dataclass
@@ -269,17 +284,24 @@ class BufferStore:
         and this raises OutOfMemoryError; one that cannot persist, is a read-only replica or
         lacks the replicas of its `min-replicas-to-write` refuses it likewise, and this raises
         RedisRefusesWrites (the spool takes the transaction in both cases). A transaction
-        already buffered (its status key exists) is left as it is: pushing one again is harmless."""
-        args = [self.keys.prefix, transaction_id, tx_json, len(caches.created)]
+        already buffered (its status key exists) is left as it is: pushing one again is harmless.
+        One with a checked key (caches.checked) that another transaction took since ingest's
+        check raises KeyTaken, and nothing of it is written."""
+        args = [self.keys.prefix, transaction_id, tx_json, len(caches.created), len(caches.checked)]
+        for pair in caches.checked:
+            args.extend(pair)
         for triple in caches.created:
             args.extend(triple)
         for triple in caches.overlays:
             args.extend(triple)
         try:
-            self._call_buffer_script(args)
+            reply = self._call_buffer_script(args)
         except redis.ResponseError as error:
             _raise_as_cannot_take_it(error)
             raise
+        if isinstance(reply, list):  # a checked key taken since: nothing was written
+            raise KeyTaken(*(part.decode("utf-8", "surrogateescape") if isinstance(part, bytes) else str(part)
+                             for part in reply))
 
     def set_aside_spooled(self, transaction_id: str | None, letter: str, line_digest: str) -> bool:
         """Dead-letter a spooled line the buffer script cannot take (see spool.py), with the status
@@ -292,15 +314,14 @@ class BufferStore:
             _raise_as_cannot_take_it(error)
             raise
 
-    def _call_buffer_script(self, args: list[Any]) -> None:
+    def _call_buffer_script(self, args: list[Any]) -> Any:
         """The script call on the connection itself, packed by hiredis: redis-py's per-call
         machinery (retry wrapper, option filtering, reply callbacks) cost 20-30 us here, a tenth
         of an ingest, and its packer, in Python, 4 us more. Errors are the same: a lost
         connection raises ConnectionError (the spool takes the transaction)."""
         conn = self.redis.connection  # a single-connection client's own (ingest keeps one per thread)
         if conn is None:
-            self._buffer(args=args)
-            return
+            return self._buffer(args=args)
         try:
             conn.send_packed_command([hiredis.pack_command(("EVALSHA", self._buffer.sha, 0, *args))])
             try:
@@ -308,9 +329,9 @@ class BufferStore:
             except BaseException:  # a KeyboardInterrupt, say: the reply is still to come, and the
                 conn.disconnect()  # next call would read it as its own (redis-py's reads do this too)
                 raise
-            conn.read_response()
+            return conn.read_response()
         except redis.exceptions.NoScriptError:  # a restarted Redis: the Script object loads it again
-            self._buffer(args=args)
+            return self._buffer(args=args)
 
     def _await_reply(self, conn: Any) -> None:
         """Poll for the reply for up to REPLY_SPIN_S, yielding the CPU between polls, before the

@@ -19,7 +19,8 @@ from typing import Any
 import redis
 
 from obs_pipeline import forks, json_codec
-from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, overlay_entry, redis_unavailable
+from obs_pipeline.buffer_store import (MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, KeyTaken, overlay_entry,
+                                       redis_unavailable)
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, seconds, shown, whole_number
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
@@ -50,6 +51,9 @@ class TransactionBuilder:
         # a create of that key again depends on
         self._live: dict[tuple[str, str], Any] = {}
         self._deleted: dict[tuple[str, str], str] = {}
+        # (model, key) of the creates whose key of the caller's the check found free: the buffer
+        # script checks again that each still is, atomically with its writes (CacheWrites.checked)
+        self._checked: list[tuple[str, str]] = []
         self.committed = False
         self._entered = False  # steps are buffered when the `with` block ends: one is needed
         self._ended = False
@@ -98,6 +102,7 @@ class TransactionBuilder:
         given_uuids = None  # keys given for a generated-id model: overlaid as integer keys are
         again: list[str] = []  # the deletes earlier in the block of keys created again
         pending: set[tuple[str, str]] = set()  # the records of `out` whose key was given
+        checked: list[tuple[str, str]] = []  # those the check found free (see self._checked)
         for row in rows:
             row = _as_dict(row, model)
             given = not (spec.generated_id and row.get(pk) is None)
@@ -105,14 +110,17 @@ class TransactionBuilder:
                 row = {**row, pk: new_uuid()}
             row = normalize_values(spec, row, creating=True, where=where)
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
-                deleted_by = self._require_new(spec, row[pk], pending)
+                deleted_by, free = self._require_new(spec, row[pk], pending)
                 if deleted_by is not None:
                     again.append(deleted_by)
+                elif free:
+                    checked.append((spec.name, str(row[pk])))
                 if spec.generated_id:
                     given_uuids = given_uuids or []
                     given_uuids.append(str(row[pk]))
             out.append(row)
         step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {}, again)
+        self._checked.extend(checked)  # (once the step is in, as below)
         if given_uuids:  # (once the step is in: a refused row leaves nothing behind)
             tx = self._tx
             if tx.overlaid_creates is None:
@@ -178,23 +186,23 @@ class TransactionBuilder:
                     deps.add(step_id)
         return deps
 
-    def _require_new(self, spec: ModelSpec, rid: Any, pending: set[tuple[str, str]]) -> str | None:
+    def _require_new(self, spec: ModelSpec, rid: Any, pending: set[tuple[str, str]]) -> tuple[str | None, bool]:
         """A key of the caller's may be created once, unless the block deleted it before: a
         transaction is its steps in order (seed 000's executor runs them so, in one database
         transaction), and a later transaction may create a deleted key again too. Returns the
-        step id of that delete, or None. `pending`: the records of the step being added, to
-        which this one's is added."""
+        step id of that delete, or None; and whether the check found the key free (False where
+        it was not made). `pending`: the records of the step being added, to which this one's
+        is added."""
         record = self._record(spec, rid)
         if record in pending:
             raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
         pending.add(record)
         deleted_by = self._deleted.get(record)
         if deleted_by is not None:  # (the delete checked that it existed)
-            return deleted_by
+            return deleted_by, False
         if record in self._live:
             raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
-        self._buffer._require_absent(spec.name, rid, f"create of {spec.name}")
-        return None
+        return None, self._buffer._require_absent(spec.name, rid, f"create of {spec.name}")
 
     def _existing_id(self, model: str, value: Any, where: str) -> Any:
         """The key of the record an update or delete names, as that record has it."""
@@ -211,7 +219,7 @@ class TransactionBuilder:
         if not self._tx.steps:
             raise InvalidTransaction(f"transaction {self.transaction_id} ({self._tx.endpoint}) has no steps")
         validate(self._tx, self._buffer.registry, values_checked=True)  # each step was checked when added
-        self._buffer._buffer_transaction(self._tx)
+        self._buffer._buffer_transaction(self._tx, self._checked)
         self.committed = True
 
     def _refuse_ended(self) -> None:
@@ -286,9 +294,13 @@ class TransactionBuffer:
             tx.delete(model, record_id_)
         return tx.transaction_id
 
-    def _buffer_transaction(self, tx: Transaction) -> None:
+    def _buffer_transaction(self, tx: Transaction, checked: list[tuple[str, str]]) -> None:
+        """`checked`: the creates' keys found free (CacheWrites.checked). A transaction of another
+        script that buffered a create of one of them since the check makes the buffer script
+        refuse this one, with the check's own line: both passed the check, and the second
+        overwrote the first's caches (reads showed it until the drain dead-lettered it)."""
         tx_json = tx.to_json()
-        caches = CacheWrites()
+        caches = CacheWrites(checked=checked)
         created, overlays = caches.created, caches.overlays
         given_keys = tx.overlaid_creates
         for step in tx.steps:
@@ -317,7 +329,10 @@ class TransactionBuffer:
                 f"transaction {tx.transaction_id} writes {len(created) + len(overlays):,} records, more than the "
                 f"{MAX_TRANSACTION_WRITES:,} one transaction may (a create of a model whose key is not generated "
                 "counts twice): split it into several transactions")
-        self.spool.buffer(self._store_of_this_thread(), tx.transaction_id, tx_json, caches)
+        try:
+            self.spool.buffer(self._store_of_this_thread(), tx.transaction_id, tx_json, caches)
+        except KeyTaken as taken:
+            raise InvalidTransaction(str(taken)) from None
 
     def _store_of_this_thread(self) -> BufferStore:
         """A store on a connection of this thread's own: checking one out of redis-py's pool
@@ -460,14 +475,18 @@ class TransactionBuffer:
         """`search` as a pandas DataFrame (pandas is imported only here)."""
         return self.query.search_frame(model, filters)
 
-    def _require_absent(self, model: str, rid: Any, where: str) -> None:
+    def _require_absent(self, model: str, rid: Any, where: str) -> bool:
         """A create with a key the caller gives (an integer id, say) must not name a record that
         is buffered or on the replica: main would refuse it, and until then the buffered copy
         would hide the real row from reads. Unchecked without a replica, or while Redis does
-        not answer (as for updates)."""
-        if self.settings.replica_db_url is not None and self._is_known(model, rid, where):
-            raise InvalidTransaction(f"{model} {rid} exists already (buffered or on the replica): "
-                                     "update it, or create it with another key")
+        not answer (as for updates). True if the check found it free: the buffer script then
+        checks that it still is (another script may create it meanwhile)."""
+        if self.settings.replica_db_url is None:
+            return False
+        known = self._is_known(model, rid, where)
+        if known:
+            raise InvalidTransaction(str(KeyTaken(model, str(rid))))
+        return known is False
 
     def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While

@@ -124,14 +124,47 @@ local function call_in_parts(command, key, values)
 end
 """
 
-# Ingest: ARGV = prefix, transaction id, transaction JSON, number of creates, then (model, id,
-# record JSON) per create and (model, id, overlay entry) per update/delete. A transaction whose
-# status key exists is there already (a push retried after a reply that timed out, a spool line
-# pushed again after a crash): it is left as it is, or it would be queued twice and its caches,
-# perhaps cleaned since, written back. Returns 1 if buffered, 0 if it was there already.
+# Ingest: ARGV = prefix, transaction id, transaction JSON, number of creates, number of checked
+# keys, then (model, id) per checked key, (model, id, record JSON) per create and (model, id,
+# overlay entry) per update/delete. A transaction whose status key exists is there already (a
+# push retried after a reply that timed out, a spool line pushed again after a crash): it is
+# left as it is, or it would be queued twice and its caches, perhaps cleaned since, written back.
+# Checked keys: the creates with a key of the caller's that ingest found free (neither buffered
+# nor on the replica); between that check and this call another script may have buffered a
+# create of the same key, and this one's caches would overwrite it (reads showed the second,
+# the drain dead-lettered it hours later). So each must still be free as reads see it (the
+# last create or delete of its read buffer is a delete; without one, no record is buffered),
+# or nothing is written. (The replica's part of the check is not made again: only a create
+# buffered here adds the row there, and one buffered, applied, replayed and cleaned between the
+# check and this call, all of it, is left to the drain, as before.) Returns 1 if buffered, 0 if
+# it was there already, {model, id} of a checked key that is taken.
 BUFFER = IN_PARTS + """
 local p = ARGV[1]
-if not redis.call('SET', p .. 'transaction:' .. ARGV[2], ARGV[3], 'NX') then return 0 end
+local status = p .. 'transaction:' .. ARGV[2]
+local i = 6
+local checked = tonumber(ARGV[5])
+if checked > 0 then
+  if redis.call('EXISTS', status) == 1 then return 0 end  -- its own first push took the keys
+  local function taken(m, id)
+    local entries = redis.call('LRANGE', p .. 'read_buffer:' .. m .. ':' .. id, 0, -1)
+    for j = #entries, 1, -1 do
+      -- ingest's entries start {"tx":"...","op":"..."; another writer's are decoded
+      local op = string.match(entries[j], '^{"tx":"[^"]*","op":"(%a+)"')
+      if not op then
+        local ok, entry = pcall(cjson.decode, entries[j])
+        op = ok and type(entry) == 'table' and entry.op or nil
+      end
+      if op == 'delete' then return false end
+      if op == 'create' then return true end
+    end
+    return redis.call('EXISTS', p .. 'buffered:' .. m .. ':' .. id) == 1
+  end
+  for _ = 1, checked do
+    if taken(ARGV[i], ARGV[i + 1]) then return {ARGV[i], ARGV[i + 1]} end
+    i = i + 2
+  end
+end
+if not redis.call('SET', status, ARGV[3], 'NX') then return 0 end
 redis.call('LPUSH', p .. 'transaction_buffer', ARGV[3])
 local sets = {}
 local index, overlaid = {}, {}
@@ -139,7 +172,6 @@ local function add(t, m, id)
   if not t[m] then t[m] = {} end
   t[m][#t[m] + 1] = id
 end
-local i = 5
 for _ = 1, tonumber(ARGV[4]) do
   local m, id = ARGV[i], ARGV[i + 1]
   sets[#sets + 1] = p .. 'cache:ids:' .. m .. ':' .. id

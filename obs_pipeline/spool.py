@@ -45,7 +45,7 @@ from typing import Iterator, NamedTuple
 import redis
 
 from obs_pipeline import forks
-from obs_pipeline.buffer_store import BufferStore, CacheWrites, RedisRefusesWrites
+from obs_pipeline.buffer_store import BufferStore, CacheWrites, KeyTaken, RedisRefusesWrites
 from obs_pipeline.wire import is_storable_id, status_header
 
 RETRY_INTERVAL_S = 1.0
@@ -415,8 +415,10 @@ class Spool:
 
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""
-        line = (json.dumps({"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays})
-                + "\n").encode()
+        entry = {"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays}
+        if caches.checked:  # (only then: a line as earlier versions write it otherwise; they ignore it)
+            entry["checked"] = caches.checked
+        line = (json.dumps(entry) + "\n").encode()
         try:
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND), False
         except FileNotFoundError:
@@ -759,12 +761,14 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
     arguments (not JSON, another layout: a hand's edit, another version's line), whose text
     cannot be sent (a lone surrogate: refused as it is packed, before anything is sent), or that
     is over Redis's size limits (asked first, see _over_a_size_limit; or, where Redis does not
-    say them, "Protocol error: invalid bulk length"). Whatever Redis refuses for a while (down,
+    say them, "Protocol error: invalid bulk length"), or a create of a key it found free when it
+    was spooled that another transaction created since (KeyTaken: the buffer script refuses it
+    at every push, as main would). Whatever Redis refuses for a while (down,
     full, read-only, BUSY, NOPERM, a connection reset...) raises as it is: the push stops there
     and is tried again later, in order."""
     entry = _spooled_entry(line)
     tx_id, tx_json = entry["id"], entry["tx"]
-    caches = {name: [tuple(item) for item in entry[name]] for name in ("created", "overlays")}
+    caches = {name: [tuple(item) for item in entry.get(name, ())] for name in ("created", "overlays", "checked")}
     if len(line) >= SIZE_LIMITS_FLOOR:
         too_large = _over_a_size_limit(store, tx_json, caches)
         if too_large:
@@ -773,6 +777,9 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
         store.buffer(tx_id, tx_json, CacheWrites(**caches))
     except UnicodeEncodeError as error:
         raise _CannotBePushed(f"it holds text that cannot be sent as UTF-8 ({_one_line(error)})") from None
+    except KeyTaken as error:  # nothing of it was buffered
+        raise _CannotBePushed(f"{error} (its create's key was free when it was spooled, and another transaction "
+                              "created that key before the line was pushed)") from None
     except redis.ResponseError as error:
         if not str(error).startswith("Protocol error"):
             raise
@@ -780,7 +787,8 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
 
 
 def _spooled_entry(line: bytes) -> dict:
-    """The line as appended, {"id", "tx", "created", "overlays"}; _CannotBePushed, saying why, for
+    """The line as appended, {"id", "tx", "created", "overlays"} and perhaps "checked" (see
+    CacheWrites); _CannotBePushed, saying why, for
     one that is not (not JSON, another layout: a hand's edit, another version's line)."""
     try:
         entry = json.loads(line)
@@ -796,6 +804,11 @@ def _spooled_entry(line: bytes) -> dict:
                 isinstance(item, list) and len(item) == 3 and all(isinstance(part, str) for part in item)
                 for item in items):
             raise _CannotBePushed(f'its "{name}" is not a list of [model, id, JSON] (not a line this version spools)')
+    checked = entry.get("checked", [])  # (absent from a line of an earlier version, or without such keys)
+    if not isinstance(checked, list) or not all(
+            isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item)
+            for item in checked):
+        raise _CannotBePushed('its "checked" is not a list of [model, id] (not a line this version spools)')
     return entry
 
 
