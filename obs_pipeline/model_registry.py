@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import sqltypes
 
 from obs_pipeline import column_values as values
+from obs_pipeline.config import ConfigError
 
 
 class InvalidTransaction(ValueError):
@@ -188,20 +189,21 @@ class ModelRegistry:
 
     @classmethod
     def from_path(cls, path: str) -> "ModelRegistry":
-        """`module:Base`, as in OBS_MODELS."""
+        """`module:Base`, as in OBS_MODELS. One that does not load is a ConfigError, as every other
+        setting's: a wrong setting, not bad input to a script (InvalidTransaction)."""
         module_name, _, attr = path.partition(":")
         if not module_name or not attr:
-            raise InvalidTransaction(f"OBS_MODELS={path!r} is not of the form module:Base")
+            raise ConfigError(f"OBS_MODELS={path!r} is not of the form module:Base (e.g. obs_pipeline.models:Base)")
         try:
             base = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:  # noqa: BLE001 - the module's own error too (a SyntaxError, a failing import in it)
             first = str(exc).strip().splitlines()
-            raise InvalidTransaction(f"OBS_MODELS={path!r} cannot be loaded: "
-                                     f"{first[0] if first else type(exc).__name__}") from exc
+            raise ConfigError(f"OBS_MODELS={path!r} cannot be loaded: "
+                              f"{first[0] if first else type(exc).__name__}") from exc
         if not isinstance(getattr(base, "registry", None), orm.registry) or not isinstance(
                 getattr(base, "metadata", None), sa.MetaData):
-            raise InvalidTransaction(f"OBS_MODELS={path!r} is not a SQLAlchemy declarative base: give the class "
-                                     "your models derive from, as module:Base (e.g. obs_pipeline.models:Base)")
+            raise ConfigError(f"OBS_MODELS={path!r} is not a SQLAlchemy declarative base: give the class "
+                              "your models derive from, as module:Base (e.g. obs_pipeline.models:Base)")
         return cls.from_base(base)
 
     def model(self, name: Any) -> ModelSpec:

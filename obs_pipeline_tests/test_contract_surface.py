@@ -85,8 +85,8 @@ def test_transaction_buffer_from_env_reads_site_redis_replica_models_and_spool(
     finally:
         buf.close()
 
-    monkeypatch.setenv("OBS_MODELS", "obs_pipeline.models:NoSuchBase")
-    with pytest.raises(InvalidTransaction, match="NoSuchBase"):
+    monkeypatch.setenv("OBS_MODELS", "obs_pipeline.models:NoSuchBase")  # a setting's error, as OBS_REDIS_URL's
+    with pytest.raises(ConfigError, match="^OBS_MODELS='obs_pipeline.models:NoSuchBase' cannot be loaded"):
         TransactionBuffer.from_env()
 
 

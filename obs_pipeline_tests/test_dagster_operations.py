@@ -1095,3 +1095,50 @@ def test_a_drain_run_terminated_while_main_applies_keeps_the_lease_until_main_an
     assert_applied_exactly_once(main_engine, observations)
     for queue in (keys.buffer, keys.processing, keys.failed):
         assert redis_client.llen(queue) == 0, queue
+
+
+@pytest.mark.parametrize("models, message", [
+    ("obs_pipeline.models", "OBS_MODELS='obs_pipeline.models' is not of the form module:Base"),
+    ("nosuch_module:Base", "OBS_MODELS='nosuch_module:Base' cannot be loaded: No module named 'nosuch_module'"),
+    ("obs_pipeline.models:NoBase", "OBS_MODELS='obs_pipeline.models:NoBase' cannot be loaded: module "
+                                   "'obs_pipeline.models' has no attribute 'NoBase'"),
+    ("os:path", "OBS_MODELS='os:path' is not a SQLAlchemy declarative base"),
+], ids=["malformed", "no module", "no attribute", "not a base"])
+def test_a_wrong_obs_models_is_a_config_error_in_one_line_to_scripts_and_operator_jobs(
+        settings, resource, redis_client, monkeypatch, models, message):
+    """A bad OBS_MODELS raised InvalidTransaction, the error of bad input to a script, where every
+    other setting raises ConfigError; and the retry and discard jobs failed on its traceback
+    ("Error occurred while executing op"). A ConfigError now, one line naming OBS_MODELS, from
+    the registry, TransactionBuffer.from_env, each operator job and the check; nothing changes."""
+    from obs_pipeline.config import ConfigError
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    doc = seed_example(settings.site)[0]
+    redis_client.lpush(keys.failed, json.dumps({**doc, "failure": {"reason": "x", "kind": "permanent"}}))
+    monkeypatch.setenv("OBS_MODELS", models)
+    for make in (lambda: ModelRegistry.from_path(models),
+                 lambda: TransactionBuffer.from_env(site=settings.site, redis_url=settings.redis_url)):
+        with pytest.raises(ConfigError) as raised:
+            make()
+        assert not isinstance(raised.value, InvalidTransaction)
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value), str(raised.value)
+    broken = ObsPipelineResource(**{**resource.__dict__, "models": models})
+    for run_job, op_config in ((retry_dead_letters, {"requeue_dead_letters": {"config": {"all": True}}}),
+                               (discard_dead_letters, {"drop_dead_letters": {"config": {
+                                   "transaction_ids": [doc["transaction_id"]]}}}),
+                               (drain_buffer, FAST["ops"])):
+        result = run_job.execute_in_process(resources={"obs_pipeline": broken}, raise_on_error=False,
+                                        run_config={"ops": op_config})
+        assert not result.success
+        error = next(e for e in result.all_events
+                     if e.event_type == DagsterEventType.STEP_FAILURE).event_specific_data.error
+        assert error.message.startswith(f"dagster._core.definitions.events.Failure: {message}"), (run_job, error.message)
+        assert "Error occurred while executing op" not in error.message
+    with pytest.raises(Failure) as failed:
+        no_dead_letters(obs_pipeline=broken)
+    assert failed.value.description.startswith(message) and "\n" not in failed.value.description
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [
+        doc["transaction_id"]]
+    assert redis_client.llen(keys.buffer) == 0 and not redis_client.exists(keys.lease)

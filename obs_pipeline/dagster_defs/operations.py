@@ -45,6 +45,15 @@ from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, repli
 from obs_pipeline.schema import prune_applied
 
 
+def _dead_letters_or_one_line(obs_pipeline: ObsPipelineResource):
+    """The site's dead letters; an OBS_* setting wrong (OBS_MODELS that does not load, a bad
+    OBS_REDIS_URL) fails the run in its one line: it failed on the error's traceback."""
+    try:
+        return obs_pipeline.dead_letters()
+    except ConfigError as error:
+        raise Failure(description=str(error)) from error
+
+
 class RetryDeadLettersConfig(Config):
     transaction_ids: List[str] = []
     all: bool = False
@@ -56,7 +65,7 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     """Requeue in the original order, dependents after what they depend on (see dead_letters.py)."""
     if config.all == bool(config.transaction_ids):
         raise Failure(description="set either `all: true` or a list of `transaction_ids`")
-    letters = obs_pipeline.dead_letters()
+    letters = _dead_letters_or_one_line(obs_pipeline)
     try:
         ids = letters.retry(None if config.all else config.transaction_ids)
         context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
@@ -84,7 +93,7 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
     """`obs-pipeline failed discard` of each, in one MULTI: an id not listed changes nothing."""
     if not config.transaction_ids:
         raise Failure(description="list the `transaction_ids` to discard (`obs-pipeline failed list` shows them)")
-    letters = obs_pipeline.dead_letters()
+    letters = _dead_letters_or_one_line(obs_pipeline)
     try:
         counts = letters.discard_each(config.transaction_ids)
         context.log.info("discarded " + ", ".join(
