@@ -75,6 +75,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
         else:
             stack.start_service(args.service)
     elif args.action == "env":
+        from obs_pipeline.config import DEFAULT_SITE, refuse_site
+
+        # before anything prints: exports of a site every later command refuses (an empty one is
+        # `observatory` to them, as to Settings.from_env)
+        refuse_site(os.environ.get("OBS_SITE") or DEFAULT_SITE)
         env = dict(stack.env())
         stopped = [name for name, s in stack.status().items()
                    if not s["running"] and (name != "proxy" or s["latency_ms"])]

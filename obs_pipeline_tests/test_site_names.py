@@ -68,6 +68,20 @@ def test_the_cli_refuses_such_an_obs_site_in_one_line(settings, redis_client, na
     assert redis_client.dbsize() == before
 
 
+@pytest.mark.parametrize("name, why", [r for r in REFUSED if r[0] and "\x00" not in r[0]])
+def test_stack_env_refuses_such_an_obs_site_in_one_line_and_prints_no_exports(stack, name, why):
+    """`stack env` printed an OBS_SITE from the environment as given, exit 0: once eval'd, every
+    command after it refused the site. It refuses it now, in the same line, exporting nothing."""
+    result = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_SITE": name})
+    line = one_line_error(result)
+    assert line.startswith("obs-pipeline: error: site name ") and why in line, line
+    _assert_one_line(line)
+    assert result.stdout == ""
+    for fine in ("", "north dome", "Pampá"):  # an empty one is `observatory`, as to every command
+        result = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_SITE": fine})
+        assert result.returncode == 0 and "export OBS_SITE=" in result.stdout, result.stderr
+
+
 def test_an_empty_obs_site_is_observatory_and_a_bad_one_does_not_refuse_a_site_given_instead():
     assert Settings.from_env({"OBS_SITE": ""}).site == "observatory"
     assert Settings.from_env({"OBS_SITE": "north:dome"}, site="north").site == "north"
