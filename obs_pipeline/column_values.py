@@ -286,19 +286,23 @@ def _ipv4_inet_in(text: str) -> tuple[bytes, int]:
         if len(octets) != 4:
             raise _Refused
         bits = 32
-    if not octets or bits // 8 > len(octets):
+    if not octets or bits < 0 or bits // 8 > len(octets):  # (network_in refuses a negative one)
         raise _Refused
     return bytes(octets + [0] * (4 - len(octets))), bits
 
 
 def _decimal_bits(text: str, i: int, most: int) -> tuple[int, str]:
-    """The mask length's digits from text[i] to the end (nothing may follow them): (bits, "")."""
-    end = i
+    """The mask length's digits from text[i] to the end (nothing may follow them): (bits, "").
+    Read into a C int as PostgreSQL reads them, wrapping past 32 bits (/ and 5,000 nines is -1,
+    which it then takes for no mask length at all)."""
+    end, bits = i, 0
     while end < len(text) and text[end] in _DIGITS:
+        bits = (bits * 10 + ord(text[end]) - 48) & 0xFFFFFFFF
         end += 1
-    if end != len(text) or int(text[i:end]) > most:
+    bits = bits - (1 << 32) if bits >= 1 << 31 else bits
+    if end != len(text) or bits > most:
         raise _Refused
-    return int(text[i:end]), ""
+    return bits, ""
 
 
 def _ipv4_cidr_in(text: str) -> tuple[bytes, int]:
@@ -345,6 +349,8 @@ def _ipv4_cidr_in(text: str) -> tuple[bytes, int]:
         bits = max(bits, len(octets) * 8)
         if bits == 8 and first == 224:
             bits = 4
+    if bits < 0:  # (network_in refuses it)
+        raise _Refused
     return bytes(octets + [0] * (4 - len(octets))), bits
 
 
@@ -411,7 +417,8 @@ def _ipv6_in(text: str) -> tuple[bytes, int]:
 
 def _ipv6_bits(text: str) -> int | None:
     """PostgreSQL's getbits: a mask length of digits without leading zeros, up to 128."""
-    if not text or any(c not in _DIGITS for c in text) or len(text) > 1 and text[0] == "0" or int(text) > 128:
+    if not text or any(c not in _DIGITS for c in text) or len(text) > 1 and text[0] == "0" or len(text) > 3 \
+            or int(text) > 128:
         return None
     return int(text)
 

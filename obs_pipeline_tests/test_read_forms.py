@@ -1059,7 +1059,16 @@ def _mac_shorthand_spellings(count: int) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("types, spellings", [(("inet", "cidr"), _address_spellings(2000) + _shorthand_spellings(3000)),
+# mask lengths of many digits: leading zeros are read (/0024 is /24), a number past a C int wraps as
+# PostgreSQL reads it (/4294967304 is /8; / and 5,000 nines is -1, no mask length), never int()'s
+# own error past 4,300 digits
+_LONG_MASKS = ["1.2.3.4/0000000024", "10/00008", "1.2.3.4/" + "9" * 5000, "10/" + "0" * 5000 + "8", "::1/" + "1" * 50,
+               "::1/" + "0" * 5000, "1" * 5000, "0x" + "f" * 5000, "1.2.3.4/4294967296", "1.2.3.4/4294967295",
+               "10/4294967304", "10/4294967295", "10.1/4294967295", "1.2.3.4/2147483648"]
+
+
+@pytest.mark.parametrize("types, spellings", [(("inet", "cidr"),
+                                               _address_spellings(2000) + _shorthand_spellings(3000) + _LONG_MASKS),
                                               (("macaddr",), _mac_spellings(500) + _mac_shorthand_spellings(2000))],
                          ids=["inet cidr", "macaddr"])
 def test_a_network_spelling_is_taken_as_main_writes_it_or_refused_as_main_refuses_it(replica_engine, types,
