@@ -482,13 +482,15 @@ def _sscanf_hex(text: str, pattern: list[tuple[int | None, str]]) -> list[int] |
         sign = 1
         if i < n and left and text[i] in "+-":
             sign, i, left = (-1 if text[i] == "-" else 1), i + 1, left - 1
-        digits = ""
-        if i < n and left and text[i] == "0":
-            digits, i, left = "0", i + 1, left - 1
+        zero = i < n and left and text[i] == "0"  # (read as a digit: "0x" alone is 0)
+        if zero:
+            i, left = i + 1, left - 1
             if i < n and left and text[i] in "xX":
                 i, left = i + 1, left - 1
+        begin = i
         while i < n and left and text[i] in _HEX_DIGITS:
-            digits, i, left = digits + text[i], i + 1, left - 1
+            i, left = i + 1, left - 1
+        digits = "0" * zero + text[begin:i]
         if not digits:
             return None
         value = int(digits, 16)
