@@ -146,10 +146,12 @@ class DeadLetters:
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 
-    def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
-        """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
+    def retry(self, transaction_ids: list[str] | None = None, left: list[dict[str, Any]] | None = None) -> list[str]:
+        """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids.
+        `left`, given a list, gets each letter a retry of all leaves listed, from the same reading
+        of the list (see left_listed): an operator is told which, not only how many."""
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
-        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared), "retry")
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared, left), "retry")
 
     def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
@@ -201,7 +203,8 @@ class DeadLetters:
                                   "running it again")
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
-               prepared: dict[str, tuple[str, set[str] | None, str]]) -> list[str]:
+               prepared: dict[str, tuple[str, set[str] | None, str]],
+               left: list[dict[str, Any]] | None = None) -> list[str]:
         """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
         a drain dead-lettering every batch changed the list before every one of them ended).
@@ -209,6 +212,8 @@ class DeadLetters:
         letters = self.list(pipe)
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id and not letter.refused_spool_line]
+            if left is not None:  # (read again when the list changed: as this reading leaves it)
+                left[:] = left_listed(letters, chosen)
         else:
             chosen, wanted, taken = [], set(), set()  # taken: id() of the chosen letters
             for ref in transaction_ids:
@@ -483,6 +488,25 @@ def _remove(pipe: Any, key: str, letters: list[DeadLetter], removed: list[DeadLe
     pipe.delete(key)
     for part in range(0, len(kept), REWRITE_CHUNK):  # in the MULTI: the list changes at once
         pipe.lpush(key, *kept[part:part + REWRITE_CHUNK])  # the newest ends at the head
+
+
+def left_listed(letters: list[DeadLetter], requeued: list[DeadLetter]) -> list[dict[str, Any]]:
+    """The letters of `letters` (the list, oldest first) that a retry of all leaves, each named as
+    `failed list` shows it once `requeued` are gone (its id, or `#N@digest`, see DeadLetter.handle)
+    and why it cannot be retried."""
+    gone = {id(letter) for letter in requeued}
+    out = []
+    for place, letter in enumerate((letter for letter in letters if id(letter) not in gone), start=1):
+        ref = one_line(letter.transaction_id) if letter.transaction_id is not None else f"#{place}@{letter.handle}"
+        if letter.refused_spool_line:
+            why = (f"a spooled line Redis could not take, and would refuse again (`obs-pipeline failed show {ref}`: "
+                   "check its rows as they are now, buffer the steps still wanted again, then `obs-pipeline failed "
+                   f"discard {ref}`)")
+        else:
+            why = (f"no usable transaction id, so nothing to requeue it under (`obs-pipeline failed show {ref}`, then "
+                   f"`obs-pipeline failed discard {ref}`)")
+        out.append({"letter": ref, "transaction_id": letter.transaction_id, "why": why, "reason": letter.reason})
+    return out
 
 
 def _parse(doc: dict[str, Any]) -> Transaction | None:

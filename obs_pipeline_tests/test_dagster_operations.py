@@ -4,6 +4,7 @@ main outages as op retries, pruning of applied-id records, and of Dagster's own 
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import signal
@@ -1142,3 +1143,40 @@ def test_a_wrong_obs_models_is_a_config_error_in_one_line_to_scripts_and_operato
     assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [
         doc["transaction_id"]]
     assert redis_client.llen(keys.buffer) == 0 and not redis_client.exists(keys.lease)
+
+
+def test_a_retry_of_all_names_the_letters_it_leaves_and_why(settings, resource, redis_client):
+    """retry_dead_letters with `all: true` said only how many it requeued: the letters it left
+    listed (a spooled line Redis could not take, a letter without a usable id) went unnamed, the
+    check still failing on them, and the operator left to find them. Its output and its
+    metadata name each now, as `failed list` shows them after the run (by id, or `#N@digest`), and why."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    good = {**seed_example(settings.site)[0], "failure": {"reason": "x", "kind": "permanent"}}
+    spooled = {"transaction_id": "obs-1", "spool_line": "{not json",
+               "failure": {"reason": "the spooled line cannot be pushed to Redis", "kind": "refused_spool_line"}}
+    idless = {"endpoint": "e", "failure": {"reason": "unreadable", "kind": "invalid"}}
+    for doc in (spooled, good, idless):  # oldest first
+        redis_client.lpush(keys.failed, json.dumps(doc))
+    result = retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource}, run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}})
+    assert result.success
+    out = result.output_for_node("requeue_dead_letters")
+    assert out["requeued"] == [good["transaction_id"]]
+    handle = re.fullmatch(r"#2@([0-9a-f]{8})", out["left"][1]["letter"])
+    assert handle is not None, out["left"]
+    assert [(left["letter"], left["transaction_id"]) for left in out["left"]] == [
+        ("obs-1", "obs-1"), (f"#2@{handle.group(1)}", None)]
+    assert "a spooled line Redis could not take" in out["left"][0]["why"], out["left"]
+    assert "no usable transaction id" in out["left"][1]["why"], out["left"]
+    [output] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_OUTPUT]
+    metadata = output.event_specific_data.metadata
+    assert metadata["requeued"].value == 1 and metadata["left"].value == 2, metadata
+    lines = metadata["left_letters"].value.splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["obs-1", out["left"][1]["letter"]], lines
+    listed = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).list()
+    assert [letter.transaction_id for letter in listed] == ["obs-1", None]  # the places named
+    assert redis_client.llen(keys.buffer) == 1

@@ -61,15 +61,25 @@ class RetryDeadLettersConfig(Config):
 
 @op
 def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersConfig,
-                         obs_pipeline: ObsPipelineResource) -> None:
-    """Requeue in the original order, dependents after what they depend on (see dead_letters.py)."""
+                         obs_pipeline: ObsPipelineResource) -> dict:
+    """Requeue in the original order, dependents after what they depend on (see dead_letters.py).
+    With `all`, what it leaves listed (a spooled line Redis could not take, a letter without a
+    usable id) is named in its output and metadata, by id and place, and why: it said only how
+    many it requeued, the check still failing on letters nobody was told of."""
     if config.all == bool(config.transaction_ids):
         raise Failure(description="set either `all: true` or a list of `transaction_ids`")
     letters = _dead_letters_or_one_line(obs_pipeline)
+    left: list = []
     try:
-        ids = letters.retry(None if config.all else config.transaction_ids)
+        ids = letters.retry(None if config.all else config.transaction_ids, left=left)
         context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
+        lines = [f"{kept['letter']}: {kept['why']}" for kept in left]
+        if lines:
+            context.log.warning(f"{len(lines)} dead letter(s) stay listed, as they cannot be retried: "
+                                + "; ".join(lines))
+        context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines)})
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+        return {"requeued": ids, "left": left}
     except (UnknownTransaction, CannotBeRetried, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped
         # id, a spooled line Redis refused, a list the drain's runs change at every read (nothing changed: stop
         # the sensor a moment), Redis lost mid-way (it says whether the MULTI was sent): its line, not a traceback
