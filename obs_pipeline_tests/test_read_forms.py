@@ -938,7 +938,7 @@ def test_network_text_is_taken_as_main_writes_it(replica_engine, types, spelling
     the text PostgreSQL writes the value back in, for thousands of spellings; one PostgreSQL
     refuses is refused (test_a_network_spelling_is_taken_as_main_writes_it_or_refused_as_main_refuses_it
     holds the stricter check), never made into another."""
-    from obs_pipeline.column_values import network_text
+    from obs_pipeline.network_input import network_text
 
     columns = ", ".join(f"CASE WHEN pg_input_is_valid(v, '{t}') THEN CAST(v AS {t}) END" for t in types)
     query = sa.text(f"SELECT {columns} FROM unnest(CAST(:spellings AS text[])) WITH ORDINALITY AS s(v, n) ORDER BY n")
@@ -963,7 +963,7 @@ def test_a_cidr_with_bits_set_right_of_its_mask_is_refused_at_ingest_in_one_line
     so the transaction was buffered, and dead-lettered by the drain hours later. Ingest now
     refuses it in one line, naming the network meant, and buffers nothing; the spellings
     PostgreSQL takes (10.0.0.0/24) are taken."""
-    from obs_pipeline.column_values import network_text
+    from obs_pipeline.network_input import network_text
 
     spellings = _address_spellings(2000)
     with replica_engine.connect() as conn:
@@ -1078,7 +1078,7 @@ def test_a_network_spelling_is_taken_as_main_writes_it_or_refused_as_main_refuse
     main's text missing the buffered record. And a spelling main refuses was buffered, to be
     dead-lettered hours later. Each is now taken in the text the replica writes back, or refused
     (ValueError, one line) exactly where PostgreSQL refuses it."""
-    from obs_pipeline.column_values import network_text
+    from obs_pipeline.network_input import network_text
 
     columns = ", ".join(f"CASE WHEN pg_input_is_valid(v, '{t}') THEN CAST(v AS {t}) END" for t in types)
     query = sa.text(f"SELECT {columns} FROM unnest(CAST(:spellings AS text[])) WITH ORDINALITY AS s(v, n) ORDER BY n")
