@@ -8,6 +8,7 @@ record, usually while it is still buffered).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -78,14 +79,20 @@ def simulate(buffer: TransactionBuffer, *, rate: float, count: int | None, durat
     result = SimulationResult() if result is None else result
     began = time.monotonic()
     interval = 1.0 / rate if rate > 0 else 0.0
-    while (count is None or result.observations < count) and (
-            duration_s is None or time.monotonic() - began < duration_s):
+    ends_at = began + duration_s if duration_s is not None else math.inf
+    echo_every = max(1, int(min(rate * 10, 1e9)))  # (rate * 10 is inf for a rate near the float's top)
+    while (count is None or result.observations < count) and time.monotonic() < ends_at:
         ids = observe_once(buffer, rng.choice(units), files, rng)
         result.observations += 1
         result.transactions += len(ids)
         result.last_transaction_id = ids[-1]
-        if echo and result.observations % max(1, int(rate * 10) or 1) == 0:
+        if echo and result.observations % echo_every == 0:
             echo(f"{result.observations} observations buffered ({result.transactions} transactions)")
-        next_at = began + result.observations * interval
-        time.sleep(max(0.0, next_at - time.monotonic()))
+        if count is not None and result.observations >= count:
+            break  # done: the pause before a next observation would only delay the return
+        # until the next observation is due, or the duration ends, whichever comes first; in
+        # steps of an hour at most (time.sleep refuses a pause beyond time_t, a rate of 1e-300)
+        next_at = min(began + result.observations * interval, ends_at)
+        while (left := next_at - time.monotonic()) > 0:
+            time.sleep(min(left, 3600.0))
     return result

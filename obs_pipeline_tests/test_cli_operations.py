@@ -600,6 +600,35 @@ def test_simulate_stopped_by_ctrl_c_says_what_it_buffered_and_exits_130(env, set
     assert transactions <= redis_client.llen(keys.buffer) <= transactions + 2  # + a start and files in progress
 
 
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("args", [["--count", "1"], ["--duration", "3"]])
+def test_simulate_at_a_slow_rate_ends_at_its_count_or_duration_not_a_pause_later(env, settings, redis_client,
+                                                                               tmp_path, args):
+    """It slept out the pause after the last observation: `--count 1 --rate 0.02` buffered its
+    one observation, then waited 50 s before it returned; `--duration 3` waited the same 50 s."""
+    began = time.monotonic()
+    result = cli("simulate", "--rate", "0.02", *args, env={**env, "OBS_SPOOL_DIR": str(tmp_path / "spool")})
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stderr
+    assert "buffered 1 observations (3 transactions)" in result.stderr, result.stderr
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 3
+    assert took < 30, f"took {took:.0f} s"
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("rate, args", [("1e308", ["--count", "2"]), ("1e-300", ["--duration", "2"])])
+def test_simulate_at_an_extreme_rate_paces_without_an_overflow(env, settings, redis_client, tmp_path, rate, args):
+    """Any finite rate above 0 is taken, and these buffered an observation, then stopped on
+    'cannot convert float infinity to integer' (1e308: its echo's cadence) or 'timestamp out of
+    range for platform time_t' (1e-300: its pause), exit 1, the run cut short."""
+    result = cli("simulate", "--rate", rate, *args, env={**env, "OBS_SPOOL_DIR": str(tmp_path / "spool")})
+    assert result.returncode == 0, result.stderr
+    observations = 2 if args[0] == "--count" else 1
+    assert f"buffered {observations} observations ({3 * observations} transactions)" in result.stderr, result.stderr
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 3 * observations
+
+
 # --- 6. the Dagster workspace -----------------------------------------------------------------------
 
 def test_workspace_yaml_loads_the_definitions(tmp_path):
