@@ -35,6 +35,16 @@ def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
 
 
 PRUNE_MIN_DAYS = 1.0  # a batch claimed and applied but not yet acknowledged must still find its records
+# the most days a prune keeps, here and for the run history: beyond, a date before it cannot be computed
+# (main: "interval out of range", "timestamp out of range"; Python: timedelta's overflow); 100 years
+PRUNE_MAX_DAYS = 36500.0
+
+
+def too_many_days(older_than_days: float) -> str | None:
+    """Why `older_than_days` is too large to prune by, in one line, or None."""
+    if older_than_days > PRUNE_MAX_DAYS:
+        return f"older_than_days must be at most {PRUNE_MAX_DAYS:g} (100 years), not {older_than_days:g}"
+    return None
 
 
 def prune_applied(conn: sa.Connection, older_than_days: float, site: str) -> int:
@@ -43,6 +53,8 @@ def prune_applied(conn: sa.Connection, older_than_days: float, site: str) -> int
     if not older_than_days >= PRUNE_MIN_DAYS:
         raise ValueError(f"older_than_days must be at least {PRUNE_MIN_DAYS:g}, not {older_than_days!r}: "
                          "a reclaimed batch skips what is recorded, and would apply again what is not")
+    if too_many_days(older_than_days):
+        raise ValueError(too_many_days(older_than_days))
     result = conn.execute(
         applied_transactions.delete().where(
             applied_transactions.c.site == site,

@@ -4,6 +4,7 @@ main outages as op retries, pruning of applied-id records, and of Dagster's own 
 from __future__ import annotations
 
 import json
+import math
 import re
 import logging
 import os
@@ -360,6 +361,14 @@ def test_the_prune_job_on_a_standby_fails_in_the_drains_one_line(settings, resou
      "older_than_days must be at least 1"),
     (prune_run_history, {"delete_old_runs": {"config": {"older_than_days": 0}}},
      "older_than_days must be at least 1, not 0: the last day's runs are what an operator looks at"),
+    # beyond a date either can compute: 'interval out of range' from main (psycopg2's DataError
+    # under the op's traceback, the statement quoted), 'cannot convert float infinity to integer'
+    (prune_applied_transactions, {"prune_applied_records": {"config": {"older_than_days": math.inf}}},
+     "older_than_days must be at most 36500 (100 years), not inf"),
+    (prune_applied_transactions, {"prune_applied_records": {"config": {"older_than_days": 1e7}}},
+     "older_than_days must be at most 36500 (100 years), not 1e+07"),
+    (prune_run_history, {"delete_old_runs": {"config": {"older_than_days": math.inf}}},
+     "older_than_days must be at most 36500 (100 years), not inf"),
 ])
 def test_an_operator_jobs_mistake_fails_it_with_its_reason_on_top(resource, job, op_config, message):
     """A mistyped id or a bad config in the retry or prune job failed its run with 'Error

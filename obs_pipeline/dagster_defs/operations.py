@@ -42,7 +42,7 @@ from obs_pipeline.dagster_defs.jobs import (
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, replication_lag
-from obs_pipeline.schema import prune_applied
+from obs_pipeline.schema import prune_applied, too_many_days
 
 
 def _dead_letters_or_one_line(obs_pipeline: ObsPipelineResource):
@@ -178,6 +178,8 @@ def _check_history_config(config: PruneHistoryConfig, max_runtime: tuple[float, 
     if not config.older_than_days >= HISTORY_MIN_DAYS:  # NaN too
         raise ValueError(f"older_than_days must be at least {HISTORY_MIN_DAYS:g}, not {config.older_than_days:g}: "
                          "the last day's runs are what an operator looks at when something fails")
+    if too_many_days(config.older_than_days):
+        raise ValueError(too_many_days(config.older_than_days))
     if config.max_runs < 1:
         raise ValueError(f"max_runs must be at least 1, not {config.max_runs}")
     if not config.budget_s > 0:
