@@ -381,6 +381,25 @@ class BufferStore:
         left_ms = self.redis.pttl(self.keys.lease)  # -2: no such key
         return None if left_ms == -2 else max(left_ms, 0) / 1000
 
+    def processing_ids(self, chunk: int = 1000) -> set[str]:
+        """The transaction ids in the processing list (a batch claimed, maybe committed on main
+        and not acknowledged: a drain that reclaims it skips what obs_pipeline_applied records),
+        read `chunk` entries per call; an entry without a usable id is skipped."""
+        ids: set[str] = set()
+        start = 0
+        while True:
+            entries = self.redis.lrange(self.keys.processing, start, start + chunk - 1)
+            start += chunk
+            for raw in entries:
+                try:
+                    tx_id = json.loads(raw).get("transaction_id")
+                except (ValueError, AttributeError, RecursionError):
+                    continue
+                if isinstance(tx_id, str):
+                    ids.add(tx_id)
+            if len(entries) < chunk:
+                return ids
+
     def lease_holder(self) -> str | None:
         raw = self.redis.get(self.keys.lease)
         return raw.decode() if raw else None

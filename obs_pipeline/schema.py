@@ -8,6 +8,8 @@ other steps is a producer reusing it, dead-lettered, not skipped as done (it wou
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import sqlalchemy as sa
 
 from obs_pipeline.model_registry import ModelRegistry
@@ -47,17 +49,25 @@ def too_many_days(older_than_days: float) -> str | None:
     return None
 
 
-def prune_applied(conn: sa.Connection, older_than_days: float, site: str) -> int:
-    """Drop this site's applied-id records older than any batch that could still be reclaimed
-    (other sites that share main keep theirs: one may have been down for longer)."""
+def check_prune_days(older_than_days: float) -> None:
+    """A ValueError, one line, for an `older_than_days` prune_applied refuses."""
     if not older_than_days >= PRUNE_MIN_DAYS:
         raise ValueError(f"older_than_days must be at least {PRUNE_MIN_DAYS:g}, not {older_than_days!r}: "
                          "a reclaimed batch skips what is recorded, and would apply again what is not")
     if too_many_days(older_than_days):
         raise ValueError(too_many_days(older_than_days))
+
+
+def prune_applied(conn: sa.Connection, older_than_days: float, site: str, keep: Iterable[str] = ()) -> int:
+    """Drop this site's applied-id records older than any batch that could still be reclaimed
+    (other sites that share main keep theirs: one may have been down for longer). `keep`: the
+    ids in the site's processing list (BufferStore.processing_ids), kept however old: a drain
+    that died after COMMIT left them there, and the next would apply them again."""
+    check_prune_days(older_than_days)
     result = conn.execute(
         applied_transactions.delete().where(
             applied_transactions.c.site == site,
+            applied_transactions.c.transaction_id.not_in(sorted(set(keep))),
             applied_transactions.c.applied_at < sa.func.now() - sa.text("make_interval(secs => :s)").bindparams(
                 s=older_than_days * 86400),
         )

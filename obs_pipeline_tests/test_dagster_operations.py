@@ -329,6 +329,49 @@ def test_prune_removes_only_this_sites_old_applied_records(settings, resource, m
     assert not refused.success  # 0 days would forget what a reclaimed batch needs
 
 
+def test_prune_keeps_the_records_of_a_batch_still_in_processing(settings, resource, redis_client, main_engine):
+    """A drain that died between main's COMMIT and its acknowledgement leaves the batch in the
+    processing list, for the next drain to reclaim; its records say what to skip. A site whose
+    drain stayed down past older_than_days (Redis down for a week, the daemon's schedules
+    running) had them pruned: the reclaimed batch was applied again, and its creates
+    dead-lettered on their own primary keys."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["max_retries"] = 0
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    redis_client.lpush(keys.processing, json.dumps(doc))  # as the claim left it, unacknowledged
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                             "WHERE transaction_id = :t"), {"t": doc["transaction_id"]})
+    assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    with main_engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars().all()
+    assert kept == [doc["transaction_id"]]
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    assert redis_client.llen(keys.failed) == 0 and redis_client.llen(keys.processing) == 0
+
+
+
+def test_prune_with_the_sites_redis_down_fails_in_one_line_and_prunes_nothing(settings, resource, main_engine):
+    """It cannot know which records a batch left in processing still needs: it keeps them all."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('old', :s, now() - interval '10 days')"), {"s": settings.site})
+    down = ObsPipelineResource(**{**resource.__dict__, "redis_url": f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"})
+    result = prune_applied_transactions.execute_in_process(resources={"obs_pipeline": down}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message
+    assert message.startswith(f"dagster._core.definitions.events.Failure: site {settings.site}: Redis unreachable ("), \
+        message
+    assert "nothing pruned" in message.splitlines()[0], message
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars().all() == ["old"]
+
+
 @pytest.mark.parametrize("hot", [True, False], ids=["hot standby", "hot_standby off"])
 def test_the_prune_job_on_a_standby_fails_in_the_drains_one_line(settings, resource, request, hot):
     """On a hot standby the DELETE failed with "cannot execute DELETE in a read-only transaction",

@@ -1,5 +1,5 @@
 """Operator jobs: requeue or discard dead-lettered transactions from the UI, prune applied-id records on
-main (kept a week: far longer than any batch can wait to be reclaimed), and prune Dagster's
+main (kept a week, and those of a batch still in the processing list however old), and prune Dagster's
 own history of this project's runs (kept 30 days), which the sensor's runs would grow for ever."""
 
 import os
@@ -26,6 +26,7 @@ from dagster import (
     op,
 )
 
+import redis
 import sqlalchemy as sa
 
 from obs_pipeline.apply import make_engine, refuse_standby
@@ -42,7 +43,7 @@ from obs_pipeline.dagster_defs.jobs import (
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, replication_lag
-from obs_pipeline.schema import prune_applied, too_many_days
+from obs_pipeline.schema import check_prune_days, prune_applied, too_many_days
 
 
 def _dead_letters_or_one_line(obs_pipeline: ObsPipelineResource):
@@ -129,14 +130,26 @@ class PruneConfig(Config):
 def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> None:
     settings = obs_pipeline.settings()
     engine = make_engine(settings.require_main())
+    store = None
     try:
+        check_prune_days(config.older_than_days)  # before Redis is asked: a bad config is said as such
+        store = obs_pipeline.buffer_store()
         refuse_standby(engine)
+        try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
+            keep = store.processing_ids()
+        except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
+            why = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise Failure(description=f"site {settings.site}: {why}; nothing "
+                                      "pruned (the records of a batch left in its processing list are kept, and "
+                                      "that list could not be read)") from error
         with engine.begin() as conn:
-            removed = prune_applied(conn, config.older_than_days, settings.site)
+            removed = prune_applied(conn, config.older_than_days, settings.site, keep)
     except (ValueError, ConfigError) as error:  # too few days, main a standby: its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
     finally:
         engine.dispose()
+        if store is not None:
+            store.redis.close()
     context.log.info(f"pruned {removed} applied-transaction records of site {settings.site} "
                      f"older than {config.older_than_days} days")
 
