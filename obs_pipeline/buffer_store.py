@@ -710,12 +710,17 @@ class BufferStore:
         return [tx_id for member in self.redis.zrangebyscore(k.awaiting_replication, score, score)
                 for tx_id in json_codec.loads(member).get("t") or ()]
 
-    def awaiting_replication(self) -> tuple[int, int | None]:
-        """(batches not yet replayed, lowest commit LSN among them)."""
+    def awaiting_replication(self, after: int | None = None) -> tuple[int, int | None]:
+        """(batches not yet replayed, lowest commit LSN among them); `after`: the replica's replay
+        LSN, to leave out those it has replayed (they wait only for a drain to clean them)."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(k.awaiting_replication)
-        pipe.zrange(k.awaiting_replication, 0, 0, withscores=True)
+        if after is None:
+            pipe.zcard(k.awaiting_replication)
+            pipe.zrange(k.awaiting_replication, 0, 0, withscores=True)
+        else:
+            pipe.zcount(k.awaiting_replication, f"({after}", "+inf")
+            pipe.zrangebyscore(k.awaiting_replication, f"({after}", "+inf", start=0, num=1, withscores=True)
         count, lowest = pipe.execute()
         return count, int(lowest[0][1]) if lowest else None
 

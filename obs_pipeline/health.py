@@ -185,10 +185,10 @@ def redis_memory(store: BufferStore) -> dict[str, Any]:
 
 def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None) -> dict[str, Any]:
     """Lag of our own data: bytes between main's flush LSN and the replica's replay LSN, and the
-    age of the oldest committed batch the replica has not replayed yet (0 when none waits)."""
-    count, lowest = store.awaiting_replication()
-    seconds = oldest_batch_age_s(store)
-    out: dict[str, Any] = {"seconds": round(seconds, 3), "awaiting_batches": count}
+    age of the oldest committed batch the replica has not replayed yet (0 when none waits), with
+    how many chunks wait so; where its position is unknown, of every batch awaiting cleanup (one
+    replayed, waiting only for a drain to clean it, was counted as lag, the replica at main's LSN)."""
+    out: dict[str, Any] = {}
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
     main_lsn = replica_lsn = None
     try:
@@ -204,20 +204,25 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     except sa.exc.SQLAlchemyError as error:  # (one with hot_standby off is up: it refuses every connect)
         errors.append(replica_hot_standby_off(replica.url) if hot_standby_off(error)
                       else f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
+    replayed = lsn_to_int(replica_lsn) if replica_lsn else None
+    count, lowest = store.awaiting_replication(after=replayed)
+    out["seconds"], out["awaiting_batches"] = round(oldest_batch_age_s(store, after=replayed), 3), count
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
     if errors:
         out["error"] = "; ".join(errors)
         return out
     if main_lsn and replica_lsn:
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
-    out["replica_behind_oldest_batch"] = replica_behind(count, lowest,
-                                                        lsn_to_int(replica_lsn) if replica_lsn else None)
+    out["replica_behind_oldest_batch"] = replica_behind(count, lowest, replayed)
     return out
 
 
-def oldest_batch_age_s(store: BufferStore) -> float:
-    """Age of the oldest committed batch still awaiting the replica (0 when none waits)."""
-    oldest = store.redis.zrange(store.keys.awaiting_replication, 0, 0)
+def oldest_batch_age_s(store: BufferStore, after: int | None = None) -> float:
+    """Age of the oldest committed batch still awaiting the replica (0 when none waits); `after`:
+    the replica's replay LSN, to leave out the batches it has replayed."""
+    key = store.keys.awaiting_replication
+    oldest = (store.redis.zrange(key, 0, 0) if after is None
+              else store.redis.zrangebyscore(key, f"({after}", "+inf", start=0, num=1))
     return max(0.0, time.time() - json.loads(oldest[0])["at"]) if oldest else 0.0
 
 

@@ -17,6 +17,7 @@ from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.examples import seed_example
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
                                          drain_until_settled, slow_file_inserts, with_statement_timeout)
@@ -231,6 +232,35 @@ def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     assert after["transaction_buffer"]["size"] == 0
     assert after["background_processor"]["transactions_processed"] == 1
     assert after["status"] == "healthy"
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_lag_counts_only_the_batches_the_replica_has_not_replayed(env, redis_client, settings, main_engine,
+                                                                        replica_engine):
+    """A batch the replica has replayed waits only for a drain to clean its caches (a `drain
+    --once` whose replica caught up after its --replication-timeout). It was counted as lag: the
+    report said 'replication lag 500 s, 0 bytes (..., 1 chunks awaiting replay)' with the replica
+    at main's position, where the README has the age of the oldest batch not replayed."""
+    import time
+
+    from obs_pipeline.lsn import int_to_lsn, lsn_to_int
+
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (4343, 'a commit') ON CONFLICT DO NOTHING"))
+        replayed = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar_one()
+    wait_for_replica(main_engine, replica_engine)
+    keys = SiteKeys(settings.site)
+
+    def awaiting(lsn: int, age_s: float) -> None:  # a chunk as the drain's acknowledgement records it
+        record = {"n": "000000000", "c": [], "o": [], "t": [], "at": time.time() - age_s, "lsn": int_to_lsn(lsn)}
+        redis_client.zadd(keys.awaiting_replication, {json.dumps(record): lsn})
+
+    awaiting(lsn_to_int(replayed), 500)
+    lag = json.loads(cli("status", "--json", env=env).stdout)["replication_lag"]
+    assert (lag["seconds"], lag["awaiting_batches"], lag["replica_behind_oldest_batch"]) == (0, 0, False), lag
+    awaiting(lsn_to_int(replayed) + (1 << 40), 30)  # a commit the replica has not reached
+    lag = json.loads(cli("status", "--json", env=env).stdout)["replication_lag"]
+    assert 30 <= lag["seconds"] < 120 and lag["awaiting_batches"] == 1 and lag["replica_behind_oldest_batch"], lag
 
 
 @pytest.mark.usefixtures("clean_db")
