@@ -382,6 +382,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --batch-size 0` quietly benchmarked 2000.
 
 DAY_S = 86400.0  # the most a drain's timeouts take: a finite, Redis-safe lease (SET PX) and wait
+# the files of an observation are one transaction: at most buffer_store.MAX_TRANSACTION_WRITES rows (not
+# imported: the parser imports no Redis client); more was refused after its start had been buffered
+MAX_FILES = 100_000
 
 
 def _checked(convert: Callable[[str], Any], allowed: Callable[[Any], bool], give: str) -> Callable[[str], Any]:
@@ -543,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after N observations, 1 or more (default: no limit)")
     sim.add_argument("--duration", type=_real("seconds", above=0), default=None, metavar="S",
                      help="stop after S seconds, above 0 (default: no limit)")
-    sim.add_argument("--files", type=_whole("files per observation", 1), default=3, metavar="F",
-                     help="files per observation, 1 or more (default 3)")
+    sim.add_argument("--files", type=_whole("files per observation", 1, MAX_FILES), default=3, metavar="F",
+                     help=f"files per observation, 1 to {MAX_FILES} (default 3)")
     sim.add_argument("--seed", type=int, default=None, metavar="S",
                      help="seed of the random choices, any whole number, to repeat a run (default: a new one each run)")
     sim.set_defaults(func=cmd_simulate)

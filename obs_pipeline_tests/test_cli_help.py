@@ -176,7 +176,7 @@ OUT_OF_RANGE = [
     (["simulate", "--rate=-1"], "--rate", "give observations per second, a finite number above 0"),
     (["simulate", "--count=0"], "--count", "give observations, a whole number of 1 or more"),
     (["simulate", "--duration=0"], "--duration", "give seconds, a finite number above 0"),
-    (["simulate", "--files=0"], "--files", "give files per observation, a whole number of 1 or more"),
+    (["simulate", "--files=0"], "--files", "give files per observation, a whole number from 1 to 100000"),
 ]
 
 

@@ -476,8 +476,8 @@ def test_simulate_at_a_rate_that_is_no_rate_is_a_usage_line_and_buffers_nothing(
     (["--count", "-1"], "argument --count: invalid value '-1': give observations, a whole number of 1 or more"),
     (["--count", "two"], "argument --count: invalid value 'two': give observations, a whole number of 1 or more"),
     (["--duration", "-1"], "argument --duration: invalid value '-1': give seconds, a finite number above 0"),
-    (["--files", "-1"], "argument --files: invalid value '-1': give files per observation, a whole number of 1 "
-                        "or more"),
+    (["--files", "-1"], "argument --files: invalid value '-1': give files per observation, a whole number from 1 "
+                        "to 100000"),
 ])
 def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(env, settings, redis_client, args,
                                                                               message):
@@ -487,6 +487,23 @@ def test_simulate_with_a_count_duration_or_files_that_cannot_be_is_a_usage_line(
     assert result.returncode == 2, result.stderr
     assert one_line_error(result) == f"obs-pipeline simulate: error: {message} (see `obs-pipeline simulate -h`)"
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_simulate_with_more_files_than_a_transaction_may_write_is_a_usage_line_and_buffers_nothing(
+        env, settings, redis_client):
+    """The start was buffered, then the files' transaction refused ('... more than 100,000 records
+    ...'), exit 1: an observation left running for ever."""
+    result = cli("simulate", "--count", "1", "--files", "100001", env=env)
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == ("obs-pipeline simulate: error: argument --files: invalid value '100001': give "
+                                      "files per observation, a whole number from 1 to 100000 "
+                                      "(see `obs-pipeline simulate -h`)")
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 0
+    from obs_pipeline.buffer_store import MAX_TRANSACTION_WRITES
+    from obs_pipeline.cli import MAX_FILES
+
+    assert MAX_FILES == MAX_TRANSACTION_WRITES  # the parser's copy of ingest's limit
 
 
 @pytest.mark.parametrize("args, message", [
