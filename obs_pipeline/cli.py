@@ -104,6 +104,11 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 
     settings = _settings()
     registry = ModelRegistry.from_path(settings.models)
+    demo = registry.metadata.tables.get("obs_unit")
+    if args.demo_data and (demo is None or not {"id", "name"} <= set(demo.c.keys())):
+        # (the schema was made first, then the INSERT failed on 'relation "obs_unit" does not exist')
+        raise RuntimeError(f"--demo-data inserts obs units 1-200 into an obs_unit table (id, name), which the models "
+                           f"of OBS_MODELS ({settings.models}) do not have: leave --demo-data out; nothing was written")
     engine = make_engine(settings.require_main())
     try:
         try:

@@ -171,6 +171,21 @@ def test_db_init_creates_the_schema_that_reaches_the_replica_and_runs_again_harm
     assert run_sql(main_url, "SELECT count(*) FROM obs_pipeline_applied") == 1
 
 
+def test_db_init_demo_data_with_models_without_obs_unit_is_one_line_and_writes_nothing(fresh_database, env):
+    """A site's own models (OBS_MODELS) need not have the demo's obs_unit table: `db init
+    --demo-data` created their schema, then failed on psycopg2's 'relation "obs_unit" does not
+    exist', the line saying nothing of OBS_MODELS nor that the schema was made."""
+    main_url, replica_url = fresh_database
+    env = {**env, "OBS_MAIN_DB_URL": main_url, "OBS_REPLICA_DB_URL": replica_url,
+           "OBS_MODELS": "obs_pipeline_tests.custom_models:Base"}
+    result = cli("db", "init", "--demo-data", env=env)
+    assert one_line_error(result) == (
+        "obs-pipeline: error: --demo-data inserts obs units 1-200 into an obs_unit table (id, name), which the "
+        "models of OBS_MODELS (obs_pipeline_tests.custom_models:Base) do not have: leave --demo-data out; "
+        "nothing was written")
+    assert result.returncode == 1 and tables(main_url) == set()
+
+
 def test_db_init_demo_data_on_the_shared_database_keeps_what_is_there(clean_db, env, main_engine, replica_engine):
     """The session's own `obs` database (already set up, with the fixture's obs units): `db init
     --demo-data` adds units 1-200 and changes none of the existing rows; the test then puts the
