@@ -100,12 +100,11 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 
     from obs_pipeline.apply import make_engine, refuse_standby
     from obs_pipeline.model_registry import ModelRegistry
-    from obs_pipeline.schema import create_schema
+    from obs_pipeline.schema import create_schema, has_demo_obs_units
 
     settings = _settings()
     registry = ModelRegistry.from_path(settings.models)
-    demo = registry.metadata.tables.get("obs_unit")
-    if args.demo_data and (demo is None or not {"id", "name"} <= set(demo.c.keys())):
+    if args.demo_data and not has_demo_obs_units(registry):
         # (the schema was made first, then the INSERT failed on 'relation "obs_unit" does not exist')
         raise RuntimeError(f"--demo-data inserts obs units 1-200 into an obs_unit table (id, name), which the models "
                            f"of OBS_MODELS ({settings.models}) do not have: leave --demo-data out; nothing was written")

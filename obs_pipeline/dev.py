@@ -19,6 +19,7 @@ from pathlib import Path
 
 from obs_pipeline.config import Settings, installed_script, own_command
 from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.schema import SIMULATED_MODELS, can_simulate, has_demo_obs_units
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.osutil import port_holder, port_is_free
 
@@ -126,7 +127,11 @@ def hold_dev_lock(stack):
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
     # OBS_MODELS, which `db init` loads, before anything changes: one that did not load was refused
     # once the stack was up (made, in a new folder) and a new --main-latency-ms saved
-    ModelRegistry.from_path(Settings.from_env().models)
+    models = Settings.from_env().models
+    registry = ModelRegistry.from_path(models)
+    if simulate_rate and not can_simulate(registry):  # (the simulator failed once everything was up)
+        raise StackError(f"--simulate observes the demo models (obs_unit, {', '.join(SIMULATED_MODELS)}), which the "
+                         f"models of OBS_MODELS ({models}) do not have: leave --simulate out")
     lock = hold_dev_lock(stack)  # held until everything is stopped
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"
@@ -149,7 +154,10 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     try:  # from the first step on: a Ctrl-C while the stack starts still takes it down
         stack.up(main_latency_ms=main_latency_ms)
         env = dagster_environment(stack)
-        if subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", "--demo-data"], env=env).returncode:
+        # the demo's obs units where the models have their table: a site's own models failed here
+        # ('relation "obs_unit" does not exist') and dev with them
+        demo = ["--demo-data"] if has_demo_obs_units(registry) else []
+        if subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", *demo], env=env).returncode:
             return 1  # it said why, in one line
         start_dagster(env, port, logs, processes)
         if simulate_rate:

@@ -36,6 +36,21 @@ def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
         conn.execute(sa.text(f"ALTER TABLE {applied_transactions.name} ADD COLUMN IF NOT EXISTS steps_digest text"))
 
 
+SIMULATED_MODELS = ("ExecutedObsUnit", "RawDataPackage", "RawDataFile")  # what `simulate` buffers
+
+
+def has_demo_obs_units(registry: ModelRegistry) -> bool:
+    """Whether the models have the obs_unit table (id, name) that `db init --demo-data` fills
+    and `simulate` observes: a site's own models (OBS_MODELS) need not."""
+    table = registry.metadata.tables.get("obs_unit")
+    return table is not None and {"id", "name"} <= set(table.c.keys())
+
+
+def can_simulate(registry: ModelRegistry) -> bool:
+    """Whether `simulate` can observe with these models (obs_pipeline.models' own do)."""
+    return has_demo_obs_units(registry) and all(name in registry.models for name in SIMULATED_MODELS)
+
+
 PRUNE_MIN_DAYS = 1.0  # a batch claimed and applied but not yet acknowledged must still find its records
 # the most days a prune keeps, here and for the run history: beyond, a date before it cannot be computed
 # (main: "interval out of range", "timestamp out of range"; Python: timedelta's overflow); 100 years

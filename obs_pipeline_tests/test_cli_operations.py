@@ -906,6 +906,39 @@ def test_a_port_holder_whose_command_line_has_a_newline_is_named_in_one_line(tmp
     assert not (folder / "stack.json").exists()
 
 
+CUSTOM_MODELS = "obs_pipeline_tests.custom_models:Base"  # a site's own models: no obs_unit, no simulator's
+
+
+def test_dev_with_a_sites_own_models_makes_their_schema_and_serves_the_ui(tmp_path):
+    """dev ran `db init --demo-data` whatever OBS_MODELS named: with a site's own models it
+    failed on 'relation "obs_unit" does not exist' and took everything down again."""
+    folder, log = tmp_path / "dev_stack", tmp_path / "dev.log"
+    dev = start_cli("dev", "--dir", str(folder), "--port", str(pick_free_ports(1)[0]),
+                    env={"OBS_MODELS": CUSTOM_MODELS}, log=log)
+    try:
+        assert until(lambda: "In another shell: " in log.read_text(), WAIT, 0.5, alive=dev, log=log), tail(log)
+        main_url = LocalStack(folder).env()["OBS_MAIN_DB_URL"]
+        assert {"custom_instrument", "obs_pipeline_applied"} <= tables(main_url) and "obs_unit" not in tables(main_url)
+    finally:
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+        LocalStack(folder).down()
+
+
+def test_dev_simulating_with_models_the_simulator_cannot_use_is_one_line_before_anything_starts(tmp_path):
+    folder = tmp_path / "dev_stack"
+    result = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "dev", "--dir", str(folder), "--port",
+                             str(pick_free_ports(1)[0]), "--simulate"], env=base_env(OBS_MODELS=CUSTOM_MODELS),
+                            capture_output=True, text=True, timeout=WAIT)
+    LocalStack(folder).down()
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "obs-pipeline: error: --simulate observes the demo models (obs_unit, ExecutedObsUnit, RawDataPackage, "
+        f"RawDataFile), which the models of OBS_MODELS ({CUSTOM_MODELS}) do not have: leave --simulate out"], \
+        result.stderr
+    assert not (folder / "stack.json").exists()
+
+
 def test_dev_with_models_that_do_not_load_is_one_line_before_anything_starts(tmp_path):
     """OBS_MODELS that does not load, read by dev's `db init`: dev brought the stack up first (in
     a new folder, made one), saved a new --main-latency-ms, then said why and took the stack
