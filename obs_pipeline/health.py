@@ -36,7 +36,11 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     drain did not save its own with them (a key written before it did)."""
     depths = store.depths()
     stats = depths["stats"]
-    oldest = _entry_age(store.redis.lindex(store.keys.processing, -1) or depths["oldest_entry"])
+    # the processing list's oldest, else the buffer's: one without a readable timestamp (a producer's) does not
+    # stand for the whole backlog (it read 'none', healthy, an old transaction waiting behind it)
+    ages = [age for age in (_entry_age(store.redis.lindex(store.keys.processing, -1)),
+                            _entry_age(depths["oldest_entry"])) if age is not None]
+    oldest = max(ages) if ages else None
     last_applied = float(stats["last_applied_at"]) if "last_applied_at" in stats else None
     lag = replication_lag(store, main, replica)
     problems = []

@@ -1222,6 +1222,21 @@ def test_status_with_a_deeply_nested_entry_next_in_line_still_reports(env, redis
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_status_oldest_pending_is_read_past_a_processing_entry_without_a_timestamp(env, redis_client, settings):
+    """A producer's entry without a readable timestamp left in processing (its drain died)
+    stood for the whole backlog: 'oldest pending none' and healthy, with a transaction of
+    2025 waiting in the buffer behind it."""
+    keys = SiteKeys(settings.site)
+    stampless, _ = seed_example(settings.site)
+    del stampless["timestamp"]
+    redis_client.lpush(keys.processing, json.dumps(stampless))
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))  # of 2025-01-01
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["transaction_buffer"]["oldest_pending_seconds"] > 86400, report["transaction_buffer"]
+    assert any(p.startswith("oldest pending transaction is ") for p in report["problems"]), report["problems"]
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_status_oldest_pending_is_the_buffers_with_a_local_spool_waiting(env, redis_client, settings, tmp_path):
     """`transaction_buffer.oldest_pending_seconds` is the age of the oldest transaction in Redis's
     buffer (or processing list); the spool has its own, `local_spool.oldest_seconds`. With
