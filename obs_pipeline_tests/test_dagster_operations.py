@@ -4,10 +4,10 @@ main outages as op retries, pruning of applied-id records, and of Dagster's own 
 from __future__ import annotations
 
 import json
-import math
-import re
 import logging
+import math
 import os
+import re
 import signal
 import threading
 import time
