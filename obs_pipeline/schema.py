@@ -27,10 +27,18 @@ applied_transactions = sa.Table(
 )
 
 
+# create_schema's pg_advisory_xact_lock (per database): any fixed bigint does; this one is b"obs_pipe"
+SCHEMA_LOCK_KEY = int.from_bytes(b"obs_pipe", "big")
+
+
 def create_schema(engine: sa.Engine, registry: ModelRegistry) -> None:
     """Create the models' tables and the pipeline's own; harmless when they exist. A table of
-    the pipeline's made by an earlier version gets the columns added since."""
+    the pipeline's made by an earlier version gets the columns added since. One caller at a
+    time per database (a lock held until COMMIT): create_all checks, then creates, and of two
+    `db init`s at once (dev's and an operator's, two sites' drains) the second failed with
+    'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'."""
     with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
         registry.metadata.create_all(conn)
         pipeline_metadata.create_all(conn)
         conn.execute(sa.text(f"ALTER TABLE {applied_transactions.name} ADD COLUMN IF NOT EXISTS steps_digest text"))

@@ -210,6 +210,45 @@ def test_db_init_demo_data_on_the_shared_database_keeps_what_is_there(clean_db, 
         wait_for_replica(main_engine, replica_engine)
 
 
+def test_db_inits_at_the_same_moment_on_a_fresh_database_all_succeed(stack, stack_urls):  # noqa: F811
+    """`db init` by dev and by an operator at once (or two sites' drains setting up one main):
+    each checked that a table was missing, then created it, and all but one failed with
+    PostgreSQL's raw 'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'
+    (or 'relation ... already exists'). Rounds on fresh databases, as a round whose first caller
+    finished before the others looked would show nothing."""
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.schema import create_schema
+
+    registry = ModelRegistry.from_path("obs_pipeline.models:Base")
+    callers = 8
+    for _ in range(5):
+        name = f"init_{uuid.uuid4().hex[:10]}"
+        run_sql(stack.main_direct_url, f'CREATE DATABASE "{name}"')
+        main_url = sa.engine.make_url(stack_urls["OBS_MAIN_DB_URL"]).set(database=name)
+        engines = [sa.create_engine(main_url, poolclass=sa.pool.NullPool) for _ in range(callers)]
+        lined_up, errors = threading.Barrier(callers), []
+
+        def init(engine: sa.Engine) -> None:
+            try:
+                lined_up.wait(timeout=60)
+                create_schema(engine, registry)
+            except Exception as error:  # noqa: BLE001 - every caller's failure is reported
+                errors.append(" ".join(str(error).split())[:300])
+
+        threads = [threading.Thread(target=init, args=(engine,)) for engine in engines]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=WAIT)
+            assert errors == [], errors
+            assert tables(main_url.render_as_string(hide_password=False)) == MODEL_TABLES | {"obs_pipeline_applied"}
+        finally:
+            for engine in engines:
+                engine.dispose()
+            run_sql(stack.main_direct_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 # --- 3. drain, running until stopped ------------------------------------------------------------
 
 def buffer_start(buf: TransactionBuffer, obs_unit_id: int = 1) -> str:
