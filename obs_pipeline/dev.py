@@ -8,6 +8,7 @@ stack folder and Dagster's storage in the `dagster` database on main.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -21,10 +22,12 @@ from obs_pipeline.config import Settings, installed_script, own_command
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import SIMULATED_MODELS, can_simulate, has_demo_obs_units
 from obs_pipeline.stack.errors import StackError
-from obs_pipeline.stack.osutil import port_holder, port_is_free
+from obs_pipeline.stack.local_stack import SERVICES
+from obs_pipeline.stack.osutil import pid_alive, port_holder, port_is_free
 
 DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RECORD = "dev.json"  # in the stack folder: what the running `dev` started, for the next if it is killed
 
 
 def dagster_environment(stack, home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -66,21 +69,39 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    while time.monotonic() < deadline and any(_group_alive(proc.pid) for proc in processes):
-        time.sleep(0.1)
+    _wait_groups_then_kill([proc.pid for proc in processes], deadline)
     for proc in processes:
-        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
+def _wait_groups_then_kill(pgids: list[int], deadline: float) -> None:
+    while time.monotonic() < deadline and any(_group_alive(pgid) for pgid in pgids):
+        time.sleep(0.1)
+    for pgid in pgids:
+        _signal_group(pgid, signal.SIGKILL)
+
+
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. A zombie does not: the leftovers of a killed
+    `dev` are no children of ours, and where nothing reaps orphans (PID 1 in some containers
+    and VMs) a group of zombies would be waited on for the whole timeout."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc/self").is_dir():  # macOS: kill(0) is all we have
+        return True
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                return True
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -105,8 +126,9 @@ def _interrupt(signum, frame):  # noqa: ARG001
 def hold_dev_lock(stack):
     """One `dev` per stack folder: a second would start a second Dagster daemon on the same
     DAGSTER_HOME (two sensors launching runs), and the first, stopped, would take the stack
-    down under it. An flock held as long as this process lives (a `kill -9` leaves nothing to
-    clean), with the holder's pid in the file for the message."""
+    down under it. An flock held as long as this process lives (a `kill -9` leaves no stale
+    lock; what that `dev` started, in sessions of their own, lives on: see stop_leftovers), with
+    the holder's pid in the file for the message."""
     stack.make_folder()  # a folder that cannot be one is said as `stack up` says it
     directory = Path(stack.directory)
     lock = open(directory / "dev.lock", "a+")
@@ -124,6 +146,73 @@ def hold_dev_lock(stack):
     return lock
 
 
+def write_record(directory: Path, processes: list[subprocess.Popen], services: set[str]) -> None:
+    """Say in the stack folder what this `dev` started (its processes' groups, the stack's
+    services it brought up), for the next `dev` to stop if this one is killed (SIGKILL: no
+    cleanup). Written whole or not at all."""
+    record = {"pid": os.getpid(), "services": sorted(services),
+              "processes": [{"pid": p.pid, "command": _what(p)} for p in processes]}
+    temporary = directory / f".{RECORD}.{os.getpid()}"
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, directory / RECORD)
+
+
+def _what(proc: subprocess.Popen) -> str:
+    """What names the process in its command line: the script (dagster-daemon, ...), or `simulate`."""
+    args = [str(a) for a in proc.args]
+    return "obs_pipeline.cli simulate" if "simulate" in args else Path(args[0]).name
+
+
+def _command_line(pid: int) -> str:
+    if Path("/proc/self").is_dir():
+        return (Path(f"/proc/{pid}") / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+
+
+def _still_running(pid, command) -> bool:
+    """Whether the group a killed `dev` recorded still runs and is still that one: its leader
+    still that command (a pid can be reused, after a reboot say), or gone while the group's
+    other processes (a code server, a run worker) run on (a pid is not reused while a group
+    bears it)."""
+    if not isinstance(pid, int) or pid <= 1 or not isinstance(command, str) or not command:
+        return False
+    if not _group_alive(pid):
+        return False
+    try:
+        return not pid_alive(pid) or (os.getpgid(pid) == pid and command in _command_line(pid))
+    except OSError:  # the leader ended meanwhile: the group's others, if any, are its own
+        return _group_alive(pid)
+
+
+def stop_leftovers(directory: Path) -> set[str]:
+    """What a `dev` killed with SIGKILL left: its record names the Dagster daemon, webserver and
+    simulator it started (each in a session of its own, they run on; a new daemon beside them
+    was a second sensor on one DAGSTER_HOME) and the services it brought up. Stops those
+    processes that still run, saying so in one line, and returns the services: this `dev`
+    takes them down on Ctrl-C, as the killed one would have. Called with the lock held, so the
+    record's `dev` is gone."""
+    path = directory / RECORD
+    try:
+        record = json.loads(path.read_text())
+        processes, services = record["processes"], set(record["services"]) & set(SERVICES)
+        left = [(p["pid"], p["command"]) for p in processes if _still_running(p["pid"], p["command"])]
+        killed = record["pid"]
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, TypeError, KeyError) as error:  # not ours to act on: say so, and go on
+        _say(f"obs-pipeline dev: ignoring {path}, unreadable ({error}): stop anything it started by hand")
+        return set()
+    if left:
+        _say(f"obs-pipeline dev: stopping what an earlier `obs-pipeline dev` (pid {killed}) on {directory} left "
+             "running when it ended without cleaning up (kill -9?): "
+             + ", ".join(f"{command} (pid {pid})" for pid, command in left))
+        for pid, _command in left:
+            _signal_group(pid, signal.SIGTERM)
+        _wait_groups_then_kill([pid for pid, _command in left], time.monotonic() + 20.0)
+    path.unlink()
+    return services
+
+
 def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: int | None) -> int:
     # OBS_MODELS, which `db init` loads, before anything changes: one that did not load was refused
     # once the stack was up (made, in a new folder) and a new --main-latency-ms saved
@@ -133,6 +222,8 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         raise StackError(f"--simulate observes the demo models (obs_unit, {', '.join(SIMULATED_MODELS)}), which the "
                          f"models of OBS_MODELS ({models}) do not have: leave --simulate out")
     lock = hold_dev_lock(stack)  # held until everything is stopped
+    directory = Path(stack.directory)
+    adopted = stop_leftovers(directory)  # before the port check: the killed one's webserver holds its port
     if not port_is_free(port):  # before anything starts: the webserver would exit with 3 after the stack came up
         holder = port_holder(port) or "another process"
         raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "
@@ -144,14 +235,16 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         signal.signal(sig, _interrupt)
     # what runs already is the operator's (a stack up, scripts using its Redis): dev stops only what it starts
     before = stack.status() if (Path(stack.directory) / "stack.json").exists() else {}
-    ran_before = {name for name, s in before.items() if s.get("running")}
+    ran_before = {name for name, s in before.items() if s.get("running")} - adopted
     if "replica" in ran_before and main_latency_ms not in (None, before["proxy"]["latency_ms"]):
         # a new latency (saved) moves the operator's replica, which stays up, behind the proxy: that stays
         # too (stopped, the replica streamed from nowhere, replication stopped until the next `stack up`)
         ran_before.add("proxy")
-    logs = Path(stack.directory) / "logs"
+    logs = directory / "logs"
     processes: list[subprocess.Popen] = []
+    started_services = set(SERVICES) - ran_before
     try:  # from the first step on: a Ctrl-C while the stack starts still takes it down
+        write_record(directory, processes, started_services)
         stack.up(main_latency_ms=main_latency_ms)
         env = dagster_environment(stack)
         # the demo's obs units where the models have their table: a site's own models failed here
@@ -159,10 +252,14 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         demo = ["--demo-data"] if has_demo_obs_units(registry) else []
         if subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "db", "init", *demo], env=env).returncode:
             return 1  # it said why, in one line
-        start_dagster(env, port, logs, processes)
+        try:
+            start_dagster(env, port, logs, processes)
+        finally:  # what started, even if a Ctrl-C came between the two
+            write_record(directory, processes, started_services)
         if simulate_rate:
             processes.append(subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "simulate", "--rate",
                                                str(simulate_rate)], env=env, start_new_session=True))
+            write_record(directory, processes, started_services)
         print(f"Dagster UI: http://127.0.0.1:{port}  (sensor buffer_sensor is on; logs in {logs})", flush=True)
         print(f"In another shell: eval \"$({own_command()} stack env --dir {shlex.quote(str(stack.directory))})\"; "
               "Ctrl-C stops everything.", flush=True)
@@ -185,4 +282,5 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
             for name in ("replica", "proxy", "main", "redis"):  # down's order
                 if name not in ran_before and stack.status()[name]["running"]:
                     stack.stop_service(name)
+        (directory / RECORD).unlink(missing_ok=True)  # all it names is stopped
         lock.close()

@@ -891,6 +891,68 @@ def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_
         kill_what_dev_left(dev, started, dagster_home, folder)
 
 
+def group_leaders(dagster_home: str) -> set[int]:
+    """The process groups of Dagster processes on DAGSTER_HOME (dev starts the daemon and the
+    webserver each in a session of its own; their code servers and run workers join them)."""
+    leaders = set()
+    for pid in with_environment("DAGSTER_HOME", dagster_home):
+        try:
+            leaders.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    return leaders
+
+
+@pytest.mark.slow
+def test_dev_after_a_dev_killed_with_sigkill_stops_what_it_left_and_runs_one_daemon(tmp_path):
+    """`kill -9` of dev left its Dagster daemon and webserver running (sessions of their own)
+    and released its lock with it: the next `dev` started a second daemon (and webserver) on the
+    same DAGSTER_HOME, two sensors ticking for one site. Now the next `dev` stops what the killed
+    one recorded, says so in one line, and runs the only daemon; its Ctrl-C takes the stack down
+    as the killed one's would have."""
+    folder = tmp_path / "dev_stack"
+    dagster_home = str(folder / "dagster_home")
+    first_log, second_log = tmp_path / "dev-first.log", tmp_path / "dev-second.log"
+    first_port, second_port = pick_free_ports(2)
+    first = start_cli("dev", "--dir", str(folder), "--port", str(first_port), env={}, log=first_log)
+    dev, started = first, set()
+    try:
+        assert until(lambda: webserver_answers(first_port), WAIT, 1.0, alive=first, log=first_log), tail(first_log)
+        left = with_environment("DAGSTER_HOME", dagster_home)
+        assert len(group_leaders(dagster_home)) == 2, group_leaders(dagster_home)  # the daemon, the webserver
+        os.kill(first.pid, signal.SIGKILL)  # dev alone: what it started lives on
+        first.wait()
+        assert webserver_answers(first_port)
+        started = left | with_environment("DAGSTER_HOME", dagster_home)
+
+        dev = start_cli("dev", "--dir", str(folder), "--port", str(second_port), env={}, log=second_log)
+        assert until(lambda: webserver_answers(second_port), WAIT, 1.0, alive=dev, log=second_log), tail(second_log)
+        started |= with_environment("DAGSTER_HOME", dagster_home)
+        leaders = group_leaders(dagster_home)
+        assert len(leaders) == 2 and leaders <= descendants(dev.pid), \
+            f"Dagster process groups on {dagster_home}: {sorted(leaders)}, of the second dev: " \
+            f"{sorted(leaders & descendants(dev.pid))}"
+        assert not any(pid_alive(p) for p in left), [p for p in left if pid_alive(p)]
+        stopped = [line for line in second_log.read_text().splitlines() if "left running" in line]
+        assert len(stopped) == 1 and f"pid {first.pid}" in stopped[0], second_log.read_text()
+
+        stack = LocalStack(folder)
+        client = redis_lib.Redis.from_url(stack.env()["OBS_REDIS_URL"], socket_timeout=5)
+        raw, tx, _ = seed_example_json("observatory")
+        client.lpush(SiteKeys("observatory").buffer, raw)
+        status_key = SiteKeys("observatory").transaction(tx["transaction_id"])
+        assert until(lambda: replicated(client, status_key), WAIT, 0.5, alive=dev, log=second_log), \
+            tail(folder / "logs" / "dagster-daemon.log")
+        client.close()
+
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(timeout=WAIT) == 0, tail(second_log)
+        assert until(lambda: not any(pid_alive(p) for p in started), 30), [p for p in started if pid_alive(p)]
+        assert not any(s["running"] for s in stack.status().values()), stack.status()  # the killed dev's stack
+    finally:
+        kill_what_dev_left(dev, started, dagster_home, folder)
+
+
 def test_dev_on_a_port_another_program_holds_is_one_line_before_anything_starts(tmp_path):
     """It brought the stack up, printed the UI's address, started a daemon, and then said only
     'dagster-webserver exited with 3; see <logs>' (a second `dev` beside a running one did so)."""
