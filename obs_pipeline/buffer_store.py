@@ -564,9 +564,12 @@ class BufferStore:
                         record.update(at=now, lsn=outcome.commit_lsn)
                         pipe.zadd(k.awaiting_replication,
                                   {json_codec.dumps(record): outcome.commit_lsn})
+                # last_batch_at: every batch a drain ran, for the health report's last_run (a drain whose
+                # every transaction was dead-lettered read "last run never")
+                at = time.time()
+                pipe.hset(k.stats, mapping={"last_batch_at": at, **({"last_applied_at": at} if applied_ids else {})})
                 if applied_ids:
                     pipe.hincrby(k.stats, "applied_total", len(applied_ids))
-                    pipe.hset(k.stats, "last_applied_at", time.time())
                     pipe.publish(k.events, json_codec.dumps({"event": "applied", "transaction_ids": applied_ids}))
                 if outcome.dead:
                     pipe.hincrby(k.stats, "dead_lettered_total", len(outcome.dead))

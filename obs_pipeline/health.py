@@ -41,7 +41,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     ages = [age for age in (_entry_age(store.redis.lindex(store.keys.processing, -1)),
                             _entry_age(depths["oldest_entry"])) if age is not None]
     oldest = max(ages) if ages else None
-    last_applied = float(stats["last_applied_at"]) if "last_applied_at" in stats else None
+    # the last batch a drain ran (applied, dead-lettered or retried); last_applied_at where a drain
+    # of an earlier version wrote only that
+    last_batch = stats.get("last_batch_at", stats.get("last_applied_at"))
+    last_run = float(last_batch) if last_batch is not None else None
     lag = replication_lag(store, main, replica)
     problems = []
     if depths["failed"]:
@@ -93,7 +96,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         },
         "background_processor": {
             "status": "running" if store.lease_holder() else "idle",
-            "last_run": _iso(last_applied),
+            "last_run": _iso(last_run),
             "transactions_processed": int(stats.get("applied_total", 0)),
             "transactions_replicated": int(stats.get("replicated_total", 0)),
             "dead_lettered_total": int(stats.get("dead_lettered_total", 0)),

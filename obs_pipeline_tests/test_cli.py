@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -232,6 +234,22 @@ def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     assert after["transaction_buffer"]["size"] == 0
     assert after["background_processor"]["transactions_processed"] == 1
     assert after["status"] == "healthy"
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_status_last_run_is_the_drains_last_batch_even_one_that_only_dead_lettered(env, redis_client, settings):
+    """`last run` was the last time a batch applied something: a drain whose every transaction
+    main refused (dead-lettered) read "last run never", as if no drain ran at all."""
+    doc, _ = seed_example(settings.site, obs_unit_id=999_999)  # no such obs unit: main refuses it
+    doc["max_retries"] = 0  # dead-lettered by the first refusal
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
+    before = time.time()
+    assert cli("drain", "--once", env=env).returncode == 0
+    processor = json.loads(cli("status", "--json", env=env).stdout)["background_processor"]
+    assert (processor["transactions_processed"], processor["dead_lettered_total"]) == (0, 1), processor
+    assert processor["last_run"] is not None, processor
+    assert before - 1 <= dt.datetime.fromisoformat(processor["last_run"]).timestamp() <= time.time()
+    assert f"last run {processor['last_run']}," in cli("status", env=env).stdout
 
 
 @pytest.mark.usefixtures("clean_db")
