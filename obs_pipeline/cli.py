@@ -344,9 +344,15 @@ def _one_id(args: argparse.Namespace) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.schema import cannot_simulate
     from obs_pipeline.simulate import SimulationResult, simulate
 
     settings = _settings()
+    refusal = cannot_simulate(ModelRegistry.from_path(settings.models), settings.models, "simulate")
+    if refusal:  # before anything connects (it failed at the first block: "unknown model 'ExecutedObsUnit'")
+        raise RuntimeError(f"{refusal}: unset OBS_MODELS to simulate the built-in models (`obs-pipeline db init "
+                           "--demo-data` makes their schema)")
     settings.require_redis()
     settings.require_replica()  # it picks its obs units there (without it: "no ObsUnit rows on the replica")
     buffer = TransactionBuffer.from_env()

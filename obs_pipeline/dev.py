@@ -20,7 +20,7 @@ from pathlib import Path
 
 from obs_pipeline.config import Settings, installed_script, own_command
 from obs_pipeline.model_registry import ModelRegistry
-from obs_pipeline.schema import SIMULATED_MODELS, can_simulate, has_demo_obs_units
+from obs_pipeline.schema import cannot_simulate, has_demo_obs_units
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.local_stack import SERVICES
 from obs_pipeline.stack.osutil import pid_alive, port_holder, port_is_free
@@ -218,9 +218,9 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     # once the stack was up (made, in a new folder) and a new --main-latency-ms saved
     models = Settings.from_env().models
     registry = ModelRegistry.from_path(models)
-    if simulate_rate and not can_simulate(registry):  # (the simulator failed once everything was up)
-        raise StackError(f"--simulate observes the demo models (obs_unit, {', '.join(SIMULATED_MODELS)}), which the "
-                         f"models of OBS_MODELS ({models}) do not have: leave --simulate out")
+    refusal = cannot_simulate(registry, models, "--simulate") if simulate_rate else None
+    if refusal:  # (the simulator failed once everything was up)
+        raise StackError(f"{refusal}: leave --simulate out")
     lock = hold_dev_lock(stack)  # held until everything is stopped
     directory = Path(stack.directory)
     adopted = stop_leftovers(directory)  # before the port check: the killed one's webserver holds its port

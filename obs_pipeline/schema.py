@@ -59,6 +59,16 @@ def can_simulate(registry: ModelRegistry) -> bool:
     return has_demo_obs_units(registry) and all(name in registry.models for name in SIMULATED_MODELS)
 
 
+def cannot_simulate(registry: ModelRegistry, models: str, what: str) -> str | None:
+    """Why `what` (`simulate`, dev's `--simulate`) cannot observe with the models of OBS_MODELS
+    `models`, for its one line before it starts (else None): the simulator failed at its first
+    block, "unknown model 'ExecutedObsUnit'"."""
+    if can_simulate(registry):
+        return None
+    return (f"{what} observes the demo models (obs_unit, {', '.join(SIMULATED_MODELS)}), which the models of "
+            f"OBS_MODELS ({models}) do not have")
+
+
 PRUNE_MIN_DAYS = 1.0  # a batch claimed and applied but not yet acknowledged must still find its records
 # the most days a prune keeps, here and for the run history: beyond, a date before it cannot be computed
 # (main: "interval out of range", "timestamp out of range"; Python: timedelta's overflow); 100 years

@@ -1040,6 +1040,26 @@ def test_dev_simulating_with_models_the_simulator_cannot_use_is_one_line_before_
     assert not (folder / "stack.json").exists()
 
 
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("services", ["up", "unreachable"])
+def test_simulate_with_models_the_simulator_cannot_use_is_one_line_before_connecting(env, settings, redis_client,
+                                                                                   services):
+    """A site's own OBS_MODELS: simulate picked its obs units on the replica, then failed in its
+    first block ("unknown model 'ExecutedObsUnit'"), or with the replica or Redis down said that
+    instead, as if fixing them would help. Refused now by dev's check, before it connects."""
+    env = {**env, "OBS_MODELS": CUSTOM_MODELS}
+    if services == "unreachable":
+        for name in ("OBS_REDIS_URL", "OBS_REPLICA_DB_URL"):
+            env[name] = sa.engine.make_url(env[name]).set(port=1).render_as_string(hide_password=False)
+    result = cli("simulate", "--count", "1", env=env)
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    assert one_line_error(result) == (
+        "obs-pipeline: error: simulate observes the demo models (obs_unit, ExecutedObsUnit, RawDataPackage, "
+        f"RawDataFile), which the models of OBS_MODELS ({CUSTOM_MODELS}) do not have: unset OBS_MODELS to simulate "
+        "the built-in models (`obs-pipeline db init --demo-data` makes their schema)")
+    assert redis_client.keys(f"{SiteKeys(settings.site).prefix}*") == []
+
+
 def test_dev_with_models_that_do_not_load_is_one_line_before_anything_starts(tmp_path):
     """OBS_MODELS that does not load, read by dev's `db init`: dev brought the stack up first (in
     a new folder, made one), saved a new --main-latency-ms, then said why and took the stack
