@@ -205,9 +205,10 @@ class TransactionBuilder:
         return None, self._buffer._require_absent(spec.name, rid, f"create of {spec.name}")
 
     def _existing_id(self, model: str, value: Any, where: str) -> Any:
-        """The key of the record an update or delete names, as that record has it."""
+        """The key of the record an update or delete names, as that record has it. A key refused
+        as it is read says `where` too, as the call's other errors do (it read "Node id: ...")."""
         spec = self._buffer.registry.model(model)
-        rid = record_id(spec, value, f"{model} id")
+        rid = record_id(spec, value, where)
         record = self._record(spec, rid)
         if record in self._deleted:
             raise InvalidTransaction(f"{model} {rid} is deleted earlier in this transaction")

@@ -113,7 +113,8 @@ BAD_INPUTS = [
                                                   {"status": "done"}), "neither buffered nor on the replica"),
     ("delete of unknown id", lambda tx: tx.delete("RawDataFile", "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"),
      "neither buffered nor on the replica"),
-    ("bad id", lambda tx: tx.update("ExecutedObsUnit", "uuid-1", {"status": "done"}), "is not a UUID"),
+    ("bad id", lambda tx: tx.update("ExecutedObsUnit", "uuid-1", {"status": "done"}),  # as the call's other errors
+     "update of ExecutedObsUnit: ExecutedObsUnit.id: 'uuid-1' is not a UUID"),  # (it read "ExecutedObsUnit id: ...")
 ]
 
 
