@@ -280,6 +280,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
 
 # --- failed ---------------------------------------------------------------------------------
 
+LEFT_NAMED = 10  # letters `failed retry --all` names of those it leaves (a producer's garbage may be thousands)
+
+
 def cmd_failed(args: argparse.Namespace) -> int:
     import redis
 
@@ -311,21 +314,19 @@ def cmd_failed(args: argparse.Namespace) -> int:
     elif args.action == "show":
         print(json.dumps(letters.get(ref).doc, indent=2))
     elif args.action == "retry":
-        before = letters.list()
-        listed = {letter.transaction_id for letter in before}
-        ids = letters.retry(None if args.all else [args.id])
+        listed = {letter.transaction_id for letter in letters.list()}
+        left: list[dict[str, Any]] = []  # what --all leaves listed, as the retry's own reading found it
+        ids = letters.retry(None if args.all else [args.id], left=left)
         renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
-        refused = sum(letter.refused_spool_line for letter in before) if args.all else 0
-        # (they were left listed unsaid: "requeued 0 transaction(s)", and status still degraded)
-        idless = sum(letter.transaction_id is None and not letter.refused_spool_line for letter in before) \
-            if args.all else 0
+        # (they were left listed unsaid: "requeued 0 transaction(s)", and status still degraded; then
+        # counted from a read before the retry's, which a drain dead-lettering in between made wrong)
+        named = [f"{kept['letter']}: {kept['why']}" for kept in left[:LEFT_NAMED]]
         print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
                                                        f"{', '.join(renamed)}" if renamed else "")
-              + (f"; {refused} spooled line(s) Redis could not take stay listed (they cannot be retried: "
-                 "`failed show`, then `failed discard` each)" if refused else "")
-              + (f"; {idless} letter(s) without a usable transaction id stay listed (they cannot be retried: "
-                 "`failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it)"
-                 if idless else ""),
+              + (f"; {len(left)} dead letter(s) stay listed, as they cannot be retried: " + "; ".join(named)
+                 if left else "")
+              + (f"; and {len(left) - len(named)} more (`obs-pipeline failed list` shows them)"
+                 if len(left) > len(named) else ""),
               file=sys.stderr)
     elif args.action == "discard":
         removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)

@@ -497,12 +497,54 @@ def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, re
     assert "has no usable transaction id" in one_line_error(cli("failed", "retry", "#2", env=env))
     assert redis_client.lrange(keys.failed, 0, -1) == before and redis_client.llen(keys.buffer) == 0
     retried = cli("failed", "retry", "--all", env=env)
-    assert retried.returncode == 0 and retried.stderr.splitlines() == [
-        "requeued 1 transaction(s); 1 spooled line(s) Redis could not take stay listed (they cannot be retried: "
-        "`failed show`, then `failed discard` each); 1 letter(s) without a usable transaction id stay listed (they "
-        "cannot be retried: `failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it)"]
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [doc["transaction_id"]]
     assert redis_client.lrange(keys.failed, 0, -1) == before[:2]  # (newest first: the two without an id)
+    garbage, spooled = (line.split("\t")[0] for line in cli("failed", "list", env=env).stdout.splitlines())
+    assert retried.returncode == 0 and retried.stderr.splitlines() == [  # each named as `failed list` shows it now
+        f"requeued 1 transaction(s); 2 dead letter(s) stay listed, as they cannot be retried: {garbage}: no usable "
+        f"transaction id, so nothing to requeue it under (`obs-pipeline failed show {garbage}`, then `obs-pipeline "
+        f"failed discard {garbage}`); {spooled}: a spooled line Redis could not take, and would refuse again "
+        f"(`obs-pipeline failed show {spooled}`: check its rows as they are now, buffer the steps still wanted "
+        f"again, then `obs-pipeline failed discard {spooled}`)"], retried.stderr
+    assert (place_or_id(garbage), place_or_id(spooled)) == ("#1", "#2")
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_retry_all_names_the_letters_its_own_reading_of_the_list_left(env, redis_client, settings, monkeypatch,
+                                                                     capsys):
+    """`failed retry --all` counted the letters it left from a read of the list before the retry's
+    own: letters a drain dead-lettered in between stayed listed unsaid ("requeued 1
+    transaction(s)"), the site still degraded. It says how many the retry left and names them, as
+    `failed list` shows them then, and why each stays (as Dagster's retry_dead_letters does), the
+    first cli.LEFT_NAMED of them: a producer's garbage may be thousands."""
+    from obs_pipeline import cli as cli_module
+    from obs_pipeline.dead_letters import DeadLetters
+
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["steps"][0]["model_class"] = "Telescope"  # dead-lettered with its id: retried
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    assert cli("drain", "--once", env=env).returncode == 0
+    real_retry = DeadLetters.retry
+
+    def retry_after_a_drain(self, *args, **kwargs):  # a drain dead-letters garbage between the CLI's reads
+        redis_client.lpush(keys.buffer, *[f"not json at all {n}" for n in range(cli_module.LEFT_NAMED + 1)])
+        assert cli("drain", "--once", env=env).returncode == 0
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLetters, "retry", retry_after_a_drain)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_module.main(["failed", "retry", "--all"]) == 0
+    said = capsys.readouterr().err
+    listed = cli("failed", "list", env=env).stdout.splitlines()
+    assert [place_or_id(line) for line in listed] == [f"#{n}" for n in range(1, 12)], listed
+    named = "; ".join(f"{ref}: no usable transaction id, so nothing to requeue it under (`obs-pipeline failed show "
+                      f"{ref}`, then `obs-pipeline failed discard {ref}`)" for ref in [line.split("\t")[0]
+                                                                                  for line in listed][:10])
+    assert said.splitlines() == [f"requeued 1 transaction(s); 11 dead letter(s) stay listed, as they cannot be "
+                                 f"retried: {named}; and 1 more (`obs-pipeline failed list` shows them)"], said
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [doc["transaction_id"]]
 
 
 @pytest.mark.usefixtures("clean_db")
@@ -1801,10 +1843,14 @@ def test_retry_all_while_a_drain_dead_letters_as_it_goes_ends(env, settings, red
         assert not [e for e in redis_client.lrange(keys.buffer, 0, -1) if e != b"not json at all"]
         assert redis_client.llen(keys.failed) > 4500
         result = cli("failed", "retry", "--all", env=env)  # the drain stopped
-    assert result.returncode == 0 and re.fullmatch(  # (the garbage stays listed, said: as many as it read then)
-        r"requeued 4500 transaction\(s\)(; [0-9]+ letter\(s\) without a usable transaction id stay listed \(they cannot "
-        r"be retried: `failed show #N@digest`, then `failed discard #N@digest` each, as `failed list` shows it\))?\n",
-        result.stderr), result.stderr
+    said = re.fullmatch(  # (the garbage stays listed, said: as many as the retry read then, the first 10 named)
+        r"requeued 4500 transaction\(s\)(?:; ([0-9]+) dead letter\(s\) stay listed, as they cannot be retried: (.*))?\n",
+        result.stderr)
+    assert result.returncode == 0 and said, result.stderr
+    if said[1]:
+        left = int(said[1])
+        assert len(re.findall(r"#[0-9]+@[0-9a-f]{8}: no usable transaction id", said[2])) == min(left, 10), said[2]
+        assert said[2].endswith(f"; and {left - 10} more (`obs-pipeline failed list` shows them)") == (left > 10)
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, observations)
     letters = [json.loads(raw) for raw in redis_client.lrange(keys.failed, 0, -1)]

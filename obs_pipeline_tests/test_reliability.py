@@ -1888,7 +1888,11 @@ def test_a_spooled_line_the_buffer_script_cannot_take_is_dead_lettered_and_the_p
     assert "cannot be retried" in retry.stderr and "failed discard" in retry.stderr
     every = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", "--all"],
                            env=cli_env(settings), capture_output=True, text=True, check=True)
-    assert "requeued 1 transaction(s)" in every.stderr and "1 spooled line(s)" in every.stderr, every.stderr
+    start = victim.start_tx
+    assert every.stderr.splitlines() == [  # the refused line named, as it stays listed
+        f"requeued 1 transaction(s); 1 dead letter(s) stay listed, as they cannot be retried: {start}: a spooled "
+        f"line Redis could not take, and would refuse again (`obs-pipeline failed show {start}`: check its rows as "
+        f"they are now, buffer the steps still wanted again, then `obs-pipeline failed discard {start}`)"], every.stderr
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [victim.start_tx]
     subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", victim.start_tx],
                    env=cli_env(settings), check=True, capture_output=True)
