@@ -756,7 +756,6 @@ def replicated(client: redis_lib.Redis, key: str) -> bool:
     return raw is not None and json.loads(raw)["status"] == "replicated"
 
 
-@pytest.mark.slow
 def kill_what_dev_left(dev: subprocess.Popen | None, started: set[int], dagster_home: str, folder: Path) -> None:
     """A dev test's cleanup whatever it asserted: dev, what it started, and its stack."""
     if dev is not None and dev.poll() is None:
@@ -771,6 +770,7 @@ def kill_what_dev_left(dev: subprocess.Popen | None, started: set[int], dagster_
     LocalStack(folder).down()
 
 
+@pytest.mark.slow
 def test_dev_serves_the_ui_drains_through_the_daemon_and_ctrl_c_stops_everything(tmp_path):
     """The README's first command: the UI answers, a transaction pushed to its Redis is drained
     through the daemon's sensor and run, and Ctrl-C (twice, even) stops all it started."""
