@@ -126,10 +126,10 @@ class TransactionBuilder:
             if tx.overlaid_creates is None:
                 tx.overlaid_creates = {}
             tx.overlaid_creates.setdefault(spec.name, []).extend(given_uuids)
-        table = spec.table.fullname
+        table, folds = spec.table.fullname, spec.columns[pk].case_insensitive
         for row in out:
             rid = str(row[pk])
-            self._created[rid if spec.generated_id else record_key(table, rid)] = step.step_id
+            self._created[rid if spec.generated_id else record_key(table, rid, folds)] = step.step_id
             record = self._record(spec, row[pk])
             self._live[record] = row[pk]
             self._deleted.pop(record, None)  # there again
@@ -164,8 +164,9 @@ class TransactionBuilder:
         point at, a UUID in any column. By table and key: a value 7 is Unit 7 only in a column
         that points at Unit (it made Station 7's create a dependency too, or instead)."""
         created, deps = self._created, set()
+        folds = spec.columns[spec.primary_key].case_insensitive
         for value in conditions.values():
-            step_id = created.get(value if spec.generated_id else record_key(spec.table.fullname, value))
+            step_id = created.get(value if spec.generated_id else record_key(spec.table.fullname, value, folds))
             if step_id is not None:
                 deps.add(step_id)
         columns = spec.columns
@@ -177,7 +178,7 @@ class TransactionBuilder:
                 if column.kind == "uuid":  # canonical text once checked: a UUID names its row alone
                     step_id = created.get(value)
                 elif column.foreign_key is not None:
-                    step_id = created.get(record_key(column.foreign_key, value))
+                    step_id = created.get(record_key(column.foreign_key, value, column.foreign_key_folds))
                 elif value.__class__ is str and len(value) == 36 and CANONICAL_UUID.fullmatch(value):
                     step_id = created.get(value)
                 else:

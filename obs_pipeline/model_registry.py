@@ -42,6 +42,9 @@ class ColumnSpec:
     # CITEXT (PostgreSQL's extension): text kept as given, compared without case ('ABC' = 'abc'),
     # in filters and as a key, buffered as on the replica
     case_insensitive: bool = False
+    # A foreign key main compares without case (it, or the key it references, is CITEXT): its
+    # value names its row in any case, as dependency tracking names rows (wire.record_key)
+    foreign_key_folds: bool = False
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
@@ -286,6 +289,8 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             max_length=_max_length(item if item is not None else column.type),
             padded=isinstance(item if item is not None else column.type, sqltypes.CHAR),
             case_insensitive=isinstance(column.type, postgresql.CITEXT),
+            foreign_key_folds=fk is not None and (isinstance(column.type, postgresql.CITEXT)
+                                                  or _references_citext(fk)),
             numeric=_numeric_size(item if item is not None else column.type),
             fraction_step=values.fraction_step(column.type),
             interval_unit=values.interval_unit(item if item is not None else column.type),
@@ -488,6 +493,14 @@ def is_single_precision(type_: sqltypes.TypeEngine) -> bool:
     """REAL, or FLOAT(p) with p <= 24, which PostgreSQL makes a REAL."""
     return isinstance(type_, sqltypes.Float) and not isinstance(type_, sqltypes.Double) and (
         isinstance(type_, sqltypes.REAL) or (type_.precision or 53) <= 24)
+
+
+def _references_citext(fk: sa.ForeignKey) -> bool:
+    """Is the key a foreign key points at CITEXT (main then compares it without case)?"""
+    try:
+        return isinstance(fk.column.type, postgresql.CITEXT)
+    except sa.exc.SQLAlchemyError:  # its table is not in the metadata: not known
+        return False
 
 
 def _referenced_table(fk: sa.ForeignKey) -> str:

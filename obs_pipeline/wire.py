@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from obs_pipeline import json_codec
-from obs_pipeline.column_values import CANONICAL_UUID, json_value, one_line_text
+from obs_pipeline.column_values import CANONICAL_UUID, json_value, one_line_text, unicode_lower
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 
 OPERATIONS = ("create", "update", "delete", "bulk_create")
@@ -499,8 +499,9 @@ def created_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is not None and step.operation in ("create", "bulk_create"):
-            table, pk = model.table.fullname, model.primary_key
-            out.update(record_key(table, row[pk]) for row in step.records() if isinstance(row, dict) and pk in row)
+            table, pk, folds = model.table.fullname, model.primary_key, _key_folds(model)
+            out.update(record_key(table, row[pk], folds) for row in step.records()
+                       if isinstance(row, dict) and pk in row)
     return out
 
 
@@ -514,7 +515,7 @@ def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     for step in tx.steps:
         model = _model_of(step, registry)
         if model is not None and step.operation in ("update", "delete"):
-            keys = [record_key(model.table.fullname, v) for v in step.conditions.values()]
+            keys = [record_key(model.table.fullname, v, _key_folds(model)) for v in step.conditions.values()]
             out.update(keys)
             if step.operation == "delete":
                 out.update(map(existence_key, keys))
@@ -557,15 +558,16 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
         model = _model_of(step, registry)
         if model is None:
             continue
-        table, pk = model.table.fullname, model.primary_key
+        table, pk, folds = model.table.fullname, model.primary_key, _key_folds(model)
         creating = step.operation in ("create", "bulk_create")
         for value in step.conditions.values():
-            key = record_key(table, value)
+            key = record_key(table, value, folds)
             refs.add(key)
             if not creating and key not in created:
                 first.add(key)
         if creating:
-            created.update(record_key(table, row[pk]) for row in step.records() if isinstance(row, dict) and pk in row)
+            created.update(record_key(table, row[pk], folds) for row in step.records()
+                           if isinstance(row, dict) and pk in row)
         for row in step.records() if creating else [step.data]:
             if not isinstance(row, dict):
                 continue
@@ -574,18 +576,28 @@ def referenced_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
                 if value is None or column == pk:
                     continue
                 if spec is not None and spec.foreign_key:
-                    refs.add(record_key(spec.foreign_key, value))
+                    refs.add(record_key(spec.foreign_key, value, spec.foreign_key_folds))
                 elif isinstance(value, str) and _looks_like_uuid(value):
                     refs.add(value)
     return (refs - created) | first | {existence_key(key) for key in created}
 
 
-def record_key(table: str, value: Any) -> str:
+def record_key(table: str, value: Any, folds: bool = False) -> str:
     """How dependency tracking (and the drain's `held_ids`) names a row: a UUID alone, unique
     across tables; any other key with its table, so that obs unit 5 and another table's row 5
-    are not taken for one another."""
-    text = str(value)
+    are not taken for one another. `folds`: a key main compares without case (CITEXT), named
+    lower-cased, so that 'abc' names the row 'ABC' (a child naming its failed parent so in
+    another case went to main alone). Every letter is folded, as lower() does outside the C
+    locale: under it, where only A-Z fold, 'É' and 'é' are two rows taken for one, which at
+    worst holds a transaction behind another it did not need to wait for."""
+    text = unicode_lower(str(value)) if folds else str(value)
     return text if _looks_like_uuid(text) else f"{table}:{text}"
+
+
+def _key_folds(model: ModelSpec) -> bool:
+    """Does main compare the model's key without case (CITEXT)? See record_key."""
+    column = model.columns.get(model.primary_key)
+    return column is not None and column.case_insensitive
 
 
 def _model_of(step: Step, registry: ModelRegistry) -> ModelSpec | None:

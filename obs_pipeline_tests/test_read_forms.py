@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import uuid
 
 import pytest
@@ -24,7 +25,7 @@ from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
 from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
-from obs_pipeline_tests.workload import drain_one_batch, replay_paused
+from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled, replay_paused
 
 MODELS = "obs_pipeline_tests.test_read_forms:Base"
 
@@ -165,6 +166,22 @@ class Handled(Base):
 
     name: Mapped[object] = mapped_column(CITEXT, primary_key=True)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
+class Titled(Base):
+    """A CITEXT key the site gives, with a unique label main enforces (ingest does not)."""
+    __tablename__ = "read_forms_titled"
+
+    name: Mapped[object] = mapped_column(CITEXT, primary_key=True)
+    label: Mapped[object] = mapped_column(sa.Text, nullable=True, unique=True)
+
+
+class Subtitled(Base):
+    """A CITEXT foreign key: main takes 'abc' for the Titled row 'ABC'."""
+    __tablename__ = "read_forms_subtitled"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    titled_name: Mapped[object] = mapped_column(CITEXT, sa.ForeignKey("read_forms_titled.name"), nullable=True)
 
 
 class Addressed(Base):
@@ -791,6 +808,34 @@ def test_a_citext_key_names_its_record_in_any_case_buffered_as_replicated(forms,
     assert buffered == replicated == [again, again], (buffered, replicated)
     assert buf.status(tx.transaction_id) == "replicated"
     assert not redis_client.llen(f"site:{forms.site}:failed_transactions")
+    buf.close()
+
+
+@pytest.mark.parametrize("case", ["lower", "given"])
+def test_a_citext_foreign_key_in_another_case_holds_the_child_behind_its_failed_parent(forms, redis_client, case):
+    """A child whose CITEXT foreign key names a buffered parent's key in another case ('abc'
+    for 'ABC') depends on it as with the key in its own case: the parent dead-lettered (main
+    refuses its label, taken), the child is dead-lettered as blocked by it. It was named by
+    the key as given, so no dependency: the child went to main alone and failed there on its
+    own (or applied, against a row of that key in another case)."""
+    buf = TransactionBuffer(settings=forms)
+    key, label = f"Par{uuid.uuid4().hex[:8]}", f"label {uuid.uuid4().hex}"
+    with buf.transaction() as taken:
+        taken.create("Titled", {"name": key + "t", "label": label})
+    drain_until_empty(forms)
+    with buf.transaction() as parent:
+        parent.create("Titled", {"name": key, "label": label})  # main refuses: the label is taken
+    with buf.transaction() as child:
+        child.create("Subtitled", {"titled_name": key.lower() if case == "lower" else key})
+    drain_until_settled(forms, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(SiteKeys(forms.site).failed, 0, -1))}
+    assert "UniqueViolation" in failed[parent.transaction_id]
+    assert failed.get(child.transaction_id) == f"blocked by {parent.transaction_id}", failed.get(child.transaction_id)
+    with buf.transaction() as both:  # in one block too: the child's step depends on the parent's
+        both.create("Titled", {"name": key + "B"})
+        both.create("Subtitled", {"titled_name": key.lower() + "b" if case == "lower" else key + "B"})
+    assert [step.dependencies for step in both._tx.steps] == [[], ["step1"]]
     buf.close()
 
 
