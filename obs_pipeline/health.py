@@ -254,15 +254,33 @@ def _row(engine: sa.Engine, sql: str) -> tuple:
         return tuple(conn.execute(sa.text(sql)).one())
 
 
-def _entry_age(raw: bytes | None) -> float | None:
+def oldest_waiting(store: BufferStore) -> dict[str, dt.datetime | None]:
+    """The timestamps of the oldest entries still waiting, as the health report reads them: the
+    processing list's and the buffer's (the consuming end of each), by list name; a list that is
+    empty is left out, an entry without a readable timestamp is None. Two LINDEX, whatever the
+    backlog: reading every entry of a million costs a gigabyte."""
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.lindex(store.keys.processing, -1)
+    pipe.lindex(store.keys.buffer, -1)
+    return {where: entry_timestamp(raw) for where, raw in zip(("processing", "buffer"), pipe.execute())
+            if raw is not None}
+
+
+def entry_timestamp(raw: bytes | str | None) -> dt.datetime | None:
+    """A buffer entry's `timestamp` (UTC where it has no offset), or None if it has none readable."""
     if raw is None:
         return None
     try:
         stamp = dt.datetime.fromisoformat(json.loads(raw)["timestamp"])
     except (ValueError, KeyError, TypeError, RecursionError):  # a producer's entry nested too deeply, too
         return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return stamp.replace(tzinfo=dt.timezone.utc) if stamp.tzinfo is None else stamp
+
+
+def _entry_age(raw: bytes | None) -> float | None:
+    stamp = entry_timestamp(raw)
+    if stamp is None:
+        return None
     return max(0.0, (dt.datetime.now(dt.timezone.utc) - stamp).total_seconds())
 
 

@@ -8,6 +8,7 @@ other steps is a producer reusing it, dead-lettered, not skipped as done (it wou
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 import sqlalchemy as sa
@@ -91,18 +92,52 @@ def check_prune_days(older_than_days: float) -> None:
         raise ValueError(too_many_days(older_than_days))
 
 
-def prune_applied(conn: sa.Connection, older_than_days: float, site: str, keep: Iterable[str] = ()) -> int:
+def prune_applied(conn: sa.Connection, older_than_days: float, site: str, keep: Iterable[str] = (),
+                  before: datetime | None = None) -> int:
     """Drop this site's applied-id records older than any batch that could still be reclaimed
     (other sites that share main keep theirs: one may have been down for longer). `keep`: the
     ids in the site's processing list (BufferStore.processing_ids), kept however old: a drain
-    that died after COMMIT left them there, and the next would apply them again."""
+    that died after COMMIT left them there, and the next would apply them again. `before`
+    (prune_cutoff): none applied at or after it is dropped either, however old."""
     check_prune_days(older_than_days)
-    result = conn.execute(
-        applied_transactions.delete().where(
-            applied_transactions.c.site == site,
-            applied_transactions.c.transaction_id.not_in(sorted(set(keep))),
-            applied_transactions.c.applied_at < sa.func.now() - sa.text("make_interval(secs => :s)").bindparams(
-                s=older_than_days * 86400),
-        )
-    )
-    return result.rowcount
+    conditions = [
+        applied_transactions.c.site == site,
+        applied_transactions.c.transaction_id.not_in(sorted(set(keep))),
+        applied_transactions.c.applied_at < sa.func.now() - sa.text("make_interval(secs => :s)").bindparams(
+            s=older_than_days * 86400),
+    ]
+    if before is not None:
+        conditions.append(applied_transactions.c.applied_at < before)
+    return conn.execute(applied_transactions.delete().where(*conditions)).rowcount
+
+
+def prune_cutoff(older_than_days: float, waiting: dict[str, datetime | None]) -> tuple[datetime | None, str | None]:
+    """Where a prune must stop while transactions still wait (health.oldest_waiting: the oldest of
+    the processing list and of the buffer, by list): `older_than_days` before the oldest of them
+    where that is earlier than `older_than_days` before now, and why, for the operator; (None,
+    None) where now's cutoff stands. A copy of an applied transaction (a producer's retried push) waiting behind a
+    backlog older than the week was applied again once its record was pruned, its creates
+    dead-lettered on their own keys. Measured from the oldest waiting entry, not from now, the
+    window covers a copy pushed within `older_than_days` of its original's apply however long the
+    drain was down, and a producer's clock ahead of main's. An entry without a readable timestamp
+    may be of any age: the cutoff is then datetime.min (nothing is pruned) until the drain takes
+    it, at its next batch."""
+    named = {"processing": "processing list", "buffer": "buffer"}
+    unreadable = [named.get(where, where) for where, stamp in waiting.items() if stamp is None]
+    if unreadable:
+        return datetime.min.replace(tzinfo=timezone.utc), (
+            f"the oldest transaction waiting in the site's {' and '.join(unreadable)} has no readable timestamp: "
+            "its age is unknown, and it could be the copy of any transaction applied (the first prune after a "
+            "drain has taken it goes on)")
+    if not waiting:
+        return None, None
+    where, oldest = min(waiting.items(), key=lambda item: item[1])
+    try:
+        before = oldest - timedelta(days=older_than_days)
+    except OverflowError:  # a producer's year 1
+        before = datetime.min.replace(tzinfo=timezone.utc)
+    if before >= datetime.now(timezone.utc) - timedelta(days=older_than_days):
+        return None, None
+    return before, (f"the oldest transaction waiting in the site's {named.get(where, where)} is from "
+                    f"{oldest.isoformat()}: records applied {older_than_days:g} days before it or later are kept, "
+                    "as a copy of theirs waiting behind it must still find them")

@@ -353,6 +353,53 @@ def test_prune_keeps_the_records_of_a_batch_still_in_processing(settings, resour
 
 
 
+def _stamp(days_ago: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat()
+
+
+@pytest.mark.parametrize("backlog_days, pruned_old", [
+    (10.5, True),   # the backlog began before the original was applied
+    (9.0, True),    # after it: the copy waits behind entries newer than the original's record
+    (None, False),  # its oldest entry has no readable timestamp: nothing pruned
+], ids=["backlog from before the original", "backlog from after the original", "no readable timestamp"])
+def test_prune_keeps_the_record_of_a_transaction_whose_copy_waits_behind_an_old_backlog(
+        settings, resource, redis_client, main_engine, backlog_days, pruned_old):
+    """A transaction applied, then pushed again (a producer's retried push), its copy waiting in
+    the buffer behind a backlog older than older_than_days (the drain down for over a week, the
+    daily prune running before it caught up): its record was pruned, and the copy applied again,
+    its creates dead-lettered on their own keys. Records are kept older_than_days before the
+    oldest transaction still waiting, not only before now; where that one's age is unknown,
+    nothing is pruned."""
+    keys = SiteKeys(settings.site)
+    doc, _ = seed_example(settings.site)
+    doc["max_retries"], doc["timestamp"] = 0, _stamp(11)
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                             "WHERE transaction_id = :t"), {"t": doc["transaction_id"]})
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('long-ago', :s, now() - interval '30 days')"), {"s": settings.site})
+    backlog = {"transaction_id": "backlog-1", "max_retries": 0, "steps": [
+        {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 9951, "name": "late"}}]}
+    if backlog_days is not None:
+        backlog["timestamp"] = _stamp(backlog_days)
+    redis_client.lpush(keys.buffer, json.dumps(backlog), json.dumps(doc))  # the backlog oldest, then the copy
+
+    result = prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource})
+    assert result.success
+    with main_engine.connect() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    assert [json.loads(letter)["failure"]["reason"][:120] for letter in redis_client.lrange(keys.failed, 0, -1)] == []
+    assert redis_client.llen(keys.buffer) == 0
+    assert kept == {doc["transaction_id"]} | (set() if pruned_old else {"long-ago"})
+    said = result.output_for_node("prune_applied_records")
+    assert said["pruned"] == (1 if pruned_old else 0) and said["moved_back"], said
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_unit WHERE id = 9951")).scalar_one() == 1
+
+
 def test_prune_with_the_sites_redis_down_fails_in_one_line_and_prunes_nothing(settings, resource, main_engine):
     """It cannot know which records a batch left in processing still needs: it keeps them all."""
     from obs_pipeline.stack.osutil import pick_free_ports

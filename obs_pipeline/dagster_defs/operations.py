@@ -1,5 +1,6 @@
 """Operator jobs: requeue or discard dead-lettered transactions from the UI, prune applied-id records on
-main (kept a week, and those of a batch still in the processing list however old), and prune Dagster's
+main (kept a week, those of a batch still in the processing list however old, and a week before
+the oldest transaction still waiting), and prune Dagster's
 own history of this project's runs (kept 30 days), which the sensor's runs would grow for ever."""
 
 import os
@@ -42,8 +43,8 @@ from obs_pipeline.dagster_defs.jobs import (
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
-from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, replication_lag
-from obs_pipeline.schema import check_prune_days, prune_applied, too_many_days
+from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, oldest_waiting, replication_lag
+from obs_pipeline.schema import check_prune_days, prune_applied, prune_cutoff, too_many_days
 
 
 def _dead_letters_or_one_line(obs_pipeline: ObsPipelineResource):
@@ -127,7 +128,11 @@ class PruneConfig(Config):
 
 
 @op
-def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> None:
+def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> dict:
+    """The site's applied-id records older than `older_than_days`, but those of a batch in the
+    processing list, and none applied `older_than_days` before the oldest transaction still
+    waiting or later (schema.prune_cutoff): the log and the output say when that moved the cutoff
+    back, and why."""
     settings = obs_pipeline.settings()
     engine = make_engine(settings.require_main())
     store = None
@@ -137,21 +142,31 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
         refuse_standby(engine)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
             keep = store.processing_ids()
+            before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
         except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
             why = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise Failure(description=f"site {settings.site}: {why}; nothing "
                                       "pruned (the records of a batch left in its processing list are kept, and "
                                       "that list could not be read)") from error
         with engine.begin() as conn:
-            removed = prune_applied(conn, config.older_than_days, settings.site, keep)
+            removed = prune_applied(conn, config.older_than_days, settings.site, keep, before)
     except (ValueError, ConfigError) as error:  # too few days, main a standby: its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
     finally:
         engine.dispose()
         if store is not None:
             store.redis.close()
-    context.log.info(f"pruned {removed} applied-transaction records of site {settings.site} "
-                     f"older than {config.older_than_days} days")
+    done = (f"pruned {removed} applied-transaction records of site {settings.site} "
+            f"older than {config.older_than_days:g} days")
+    if why is None:
+        context.log.info(done)
+    elif before == datetime.min.replace(tzinfo=timezone.utc):
+        context.log.warning(f"pruned none of the applied-transaction records of site {settings.site}, as {why}")
+    else:
+        context.log.warning(f"{done} and applied before {before.isoformat()}: the cutoff moved back, as {why}")
+    cutoff = "" if before is None or before == datetime.min.replace(tzinfo=timezone.utc) else before.isoformat()
+    context.add_output_metadata({"pruned": removed, "cutoff_moved_back_to": cutoff, "moved_back": why or ""})
+    return {"pruned": removed, "cutoff_moved_back_to": cutoff or None, "moved_back": why}
 
 
 @job(executor_def=in_process_executor)
