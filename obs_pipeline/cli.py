@@ -314,12 +314,13 @@ def cmd_failed(args: argparse.Namespace) -> int:
     elif args.action == "show":
         print(json.dumps(letters.get(ref).doc, indent=2))
     elif args.action == "retry":
-        listed = {letter.transaction_id for letter in letters.list()}
         left: list[dict[str, Any]] = []  # what --all leaves listed, as the retry's own reading found it
-        ids = letters.retry(None if args.all else [args.id], left=left)
-        renamed = [tx_id for tx_id in ids if tx_id not in listed]  # (dead_letters: a reused id)
+        reused: list[dict[str, str]] = []  # requeued under new ids (a reused id), from that reading too
+        ids = letters.retry(None if args.all else [args.id], left=left, renamed=reused)
+        renamed = [one["transaction_id"] for one in reused]
         # (they were left listed unsaid: "requeued 0 transaction(s)", and status still degraded; then
-        # counted from a read before the retry's, which a drain dead-lettering in between made wrong)
+        # counted from a read before the retry's, which a drain dead-lettering in between made wrong;
+        # so were the new ids: such a letter, requeued under its own id, was said to be renamed)
         named = [f"{kept['letter']}: {kept['why']}" for kept in left[:LEFT_NAMED]]
         print(f"requeued {len(ids)} transaction(s)" + (f"; under new ids, as a producer had reused theirs: "
                                                        f"{', '.join(renamed)}" if renamed else "")

@@ -146,12 +146,17 @@ class DeadLetters:
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 
-    def retry(self, transaction_ids: list[str] | None = None, left: list[dict[str, Any]] | None = None) -> list[str]:
+    def retry(self, transaction_ids: list[str] | None = None, left: list[dict[str, Any]] | None = None,
+              renamed: list[dict[str, str]] | None = None) -> list[str]:
         """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids.
         `left`, given a list, gets each letter a retry of all leaves listed, from the same reading
-        of the list (see left_listed): an operator is told which, not only how many."""
+        of the list (see left_listed): an operator is told which, not only how many. `renamed`,
+        given a list, gets each one requeued under a new id, as a producer had reused its own
+        (`transaction_id`: the new one, `reused_id`), from that reading too: worked out from an
+        earlier read, a letter dead-lettered in between was said to be renamed."""
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
-        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared, left), "retry")
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared, left, renamed),
+                                     "retry")
 
     def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
@@ -204,7 +209,8 @@ class DeadLetters:
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
                prepared: dict[str, tuple[str, set[str] | None, str]],
-               left: list[dict[str, Any]] | None = None) -> list[str]:
+               left: list[dict[str, Any]] | None = None,
+               renamed_out: list[dict[str, str]] | None = None) -> list[str]:
         """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
         a drain dead-lettering every batch changed the list before every one of them ended).
@@ -281,6 +287,9 @@ class DeadLetters:
             own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
             self.store.unhold(own, pipe, dead_only=True)
             self.store.hold(renamed, pipe)
+        if renamed_out is not None:  # (read again when the list changed: as this reading requeues them)
+            renamed_out[:] = [{"transaction_id": prepared[letter.raw][2], "reused_id": letter.transaction_id}
+                              for letter in requeued if letter.reused_id]
         return [prepared[letter.raw][2] for letter in requeued]
 
     def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:

@@ -548,6 +548,45 @@ def test_retry_all_names_the_letters_its_own_reading_of_the_list_left(env, redis
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_retry_says_which_ids_are_new_from_its_own_reading_of_the_list(env, redis_client, settings, monkeypatch,
+                                                                       capsys):
+    """`failed retry --all` told which requeued ids were new ids for reused ones from a read of the
+    list before the retry's own: a letter a drain dead-lettered in between, requeued under its own
+    id, was said to be "under new ids, as a producer had reused theirs". DeadLetters.retry says
+    which (`renamed`), from the reading it requeues."""
+    from obs_pipeline import cli as cli_module
+    from obs_pipeline.dead_letters import DeadLetters
+
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, model: str, unit: int) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "max_retries": 0, "steps": [
+            {"step_id": "s1", "operation": "create", "model_class": model, "data": {"id": unit, "name": tx_id}}]}))
+
+    push("bad-first", "Telescope", 9971)  # an unknown model: dead-lettered under its id
+    push("reused-1", "ObsUnit", 9972)     # applied; its id comes back with other steps below
+    assert cli("drain", "--once", env=env).returncode == 0
+    real_retry = DeadLetters.retry
+
+    def retry_after_a_drain(self, *args, **kwargs):  # a drain dead-letters between the CLI's reads
+        push("bad-between", "Telescope", 9973)
+        push("reused-1", "ObsUnit", 9974)
+        assert cli("drain", "--once", env=env).returncode == 0
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLetters, "retry", retry_after_a_drain)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_module.main(["failed", "retry", "--all"]) == 0
+    said = capsys.readouterr().err
+    queued = [json.loads(entry) for entry in redis_client.lrange(keys.buffer, 0, -1)]
+    new_id = next(tx["transaction_id"] for tx in queued if tx.get("metadata", {}).get("reused_id") == "reused-1")
+    assert sorted(tx["transaction_id"] for tx in queued) == sorted(["bad-first", "bad-between", new_id])
+    assert said.splitlines() == [f"requeued 3 transaction(s); under new ids, as a producer had reused theirs: "
+                                 f"{new_id}"], said
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_a_dead_letter_that_is_not_utf8_is_listed_shown_and_discarded(env, redis_client, settings):
     """A letter with bytes that are not UTF-8 (a hand's edit, a list another producer wrote) made
     `failed list`, `show`, `retry` and `discard` of every letter exit 1 with "'utf-8' codec can't
