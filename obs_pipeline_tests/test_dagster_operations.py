@@ -1244,6 +1244,27 @@ def test_a_wrong_obs_models_is_a_config_error_in_one_line_to_scripts_and_operato
     assert redis_client.llen(keys.buffer) == 0 and not redis_client.exists(keys.lease)
 
 
+def test_a_retry_says_which_ids_are_new_for_reused_ones(settings, resource, redis_client):
+    """retry_dead_letters requeued a `reused_id` letter under a new id, listed among the others in
+    its output and log: which one was the reused id's, the operator could not tell. Its output
+    (`renamed`: the new id and the reused one), metadata and log say so, as `failed retry` does."""
+    keys = SiteKeys(settings.site)
+    plain = {**seed_example(settings.site)[0], "failure": {"reason": "x", "kind": "permanent"}}
+    reused = {"transaction_id": "obs-1", "steps": [{"step_id": "s1", "operation": "create", "model_class": "ObsUnit",
+                                                    "data": {"id": 9981, "name": "second"}}],
+              "failure": {"reason": "its transaction_id was applied already", "kind": "reused_id"}}
+    for doc in (plain, reused):
+        redis_client.lpush(keys.failed, json.dumps(doc))
+    result = retry_dead_letters.execute_in_process(
+        resources={"obs_pipeline": resource}, run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}})
+    assert result.success
+    out = result.output_for_node("requeue_dead_letters")
+    new_id = next(tx_id for tx_id in out["requeued"] if tx_id != plain["transaction_id"])
+    assert out.get("renamed") == [{"transaction_id": new_id, "reused_id": "obs-1"}], out
+    [output] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_OUTPUT]
+    assert output.event_specific_data.metadata["renamed"].value == f"{new_id} (for obs-1)"
+
+
 def test_a_retry_of_all_names_the_letters_it_leaves_and_why(settings, resource, redis_client):
     """retry_dead_letters with `all: true` said only how many it requeued: the letters it left
     listed (a spooled line Redis could not take, a letter without a usable id) went unnamed, the

@@ -67,21 +67,27 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     """Requeue in the original order, dependents after what they depend on (see dead_letters.py).
     With `all`, what it leaves listed (a spooled line Redis could not take, a letter without a
     usable id) is named in its output and metadata, by id and place, and why: it said only how
-    many it requeued, the check still failing on letters nobody was told of."""
+    many it requeued, the check still failing on letters nobody was told of. Those requeued under new
+    ids (a producer had reused theirs) are named with the id they replace (`renamed`)."""
     if config.all == bool(config.transaction_ids):
         raise Failure(description="set either `all: true` or a list of `transaction_ids`")
     letters = _dead_letters_or_one_line(obs_pipeline)
     left: list = []
+    renamed: list = []  # requeued under new ids (a producer reused theirs), from the retry's own reading
     try:
-        ids = letters.retry(None if config.all else config.transaction_ids, left=left)
-        context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}")
+        ids = letters.retry(None if config.all else config.transaction_ids, left=left, renamed=renamed)
+        new_ids = [f"{one['transaction_id']} (for {one['reused_id']})" for one in renamed]
+        context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}"
+                         + (f"; under new ids, as a producer had reused theirs: {', '.join(new_ids)}"
+                            if new_ids else ""))
         lines = [f"{kept['letter']}: {kept['why']}" for kept in left]
         if lines:
             context.log.warning(f"{len(lines)} dead letter(s) stay listed, as they cannot be retried: "
                                 + "; ".join(lines))
-        context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines)})
+        context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines),
+                                     "renamed": "\n".join(new_ids)})
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
-        return {"requeued": ids, "left": left}
+        return {"requeued": ids, "left": left, "renamed": renamed}
     except (UnknownTransaction, CannotBeRetried, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped
         # id, a spooled line Redis refused, a list the drain's runs change at every read (nothing changed: stop
         # the sensor a moment), Redis lost mid-way (it says whether the MULTI was sent): its line, not a traceback
