@@ -111,6 +111,9 @@ def prune_applied(conn: sa.Connection, older_than_days: float, site: str, keep: 
     return conn.execute(applied_transactions.delete().where(*conditions)).rowcount
 
 
+PRUNE_NOTHING = datetime.min.replace(tzinfo=timezone.utc)  # prune_cutoff's cutoff where nothing may be pruned
+
+
 def prune_cutoff(older_than_days: float, waiting: dict[str, datetime | None]) -> tuple[datetime | None, str | None]:
     """Where a prune must stop while transactions still wait (health.oldest_waiting: the oldest of
     the processing list and of the buffer, by list): `older_than_days` before the oldest of them
@@ -120,12 +123,12 @@ def prune_cutoff(older_than_days: float, waiting: dict[str, datetime | None]) ->
     dead-lettered on their own keys. Measured from the oldest waiting entry, not from now, the
     window covers a copy pushed within `older_than_days` of its original's apply however long the
     drain was down, and a producer's clock ahead of main's. An entry without a readable timestamp
-    may be of any age: the cutoff is then datetime.min (nothing is pruned) until the drain takes
+    may be of any age: the cutoff is then PRUNE_NOTHING (nothing is pruned) until the drain takes
     it, at its next batch."""
     named = {"processing": "processing list", "buffer": "buffer"}
     unreadable = [named.get(where, where) for where, stamp in waiting.items() if stamp is None]
     if unreadable:
-        return datetime.min.replace(tzinfo=timezone.utc), (
+        return PRUNE_NOTHING, (
             f"the oldest transaction waiting in the site's {' and '.join(unreadable)} has no readable timestamp: "
             "its age is unknown, and it could be the copy of any transaction applied (the first prune after a "
             "drain has taken it goes on)")
@@ -135,7 +138,7 @@ def prune_cutoff(older_than_days: float, waiting: dict[str, datetime | None]) ->
     try:
         before = oldest - timedelta(days=older_than_days)
     except OverflowError:  # a producer's year 1
-        before = datetime.min.replace(tzinfo=timezone.utc)
+        before = PRUNE_NOTHING
     if before >= datetime.now(timezone.utc) - timedelta(days=older_than_days):
         return None, None
     return before, (f"the oldest transaction waiting in the site's {named.get(where, where)} is from "

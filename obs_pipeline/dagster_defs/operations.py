@@ -44,7 +44,7 @@ from obs_pipeline.dagster_defs.jobs import (
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, oldest_waiting, replication_lag
-from obs_pipeline.schema import check_prune_days, prune_applied, prune_cutoff, too_many_days
+from obs_pipeline.schema import PRUNE_NOTHING, check_prune_days, prune_applied, prune_cutoff, too_many_days
 
 
 def _dead_letters_or_one_line(obs_pipeline: ObsPipelineResource):
@@ -166,11 +166,11 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
             f"older than {config.older_than_days:g} days")
     if why is None:
         context.log.info(done)
-    elif before == datetime.min.replace(tzinfo=timezone.utc):
+    elif before == PRUNE_NOTHING:
         context.log.warning(f"pruned none of the applied-transaction records of site {settings.site}, as {why}")
     else:
         context.log.warning(f"{done} and applied before {before.isoformat()}: the cutoff moved back, as {why}")
-    cutoff = "" if before is None or before == datetime.min.replace(tzinfo=timezone.utc) else before.isoformat()
+    cutoff = "" if before in (None, PRUNE_NOTHING) else before.isoformat()
     context.add_output_metadata({"pruned": removed, "cutoff_moved_back_to": cutoff, "moved_back": why or ""})
     return {"pruned": removed, "cutoff_moved_back_to": cutoff or None, "moved_back": why}
 
