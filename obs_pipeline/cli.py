@@ -314,9 +314,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
     elif args.action == "show":
         print(json.dumps(letters.get(ref).doc, indent=2))
     elif args.action == "retry":
-        left: list[dict[str, Any]] = []  # what --all leaves listed, as the retry's own reading found it
-        reused: list[dict[str, str]] = []  # requeued under new ids (a reused id), from that reading too
-        ids = letters.retry(None if args.all else [args.id], left=left, renamed=reused)
+        ids, left, reused = letters.requeue(None if args.all else [args.id])  # as its own reading found them
         renamed = [one["transaction_id"] for one in reused]
         # (they were left listed unsaid: "requeued 0 transaction(s)", and status still degraded; then
         # counted from a read before the retry's, which a drain dead-lettering in between made wrong;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -101,6 +101,13 @@ class DeadLetter:
                 "failed_at": failure.get("failed_at")}
 
 
+class Retried(NamedTuple):
+    """What a retry did, as its own reading of the list found it."""
+    ids: list[str]                 # requeued, in order (a reused id's under its new one)
+    left: list[dict[str, Any]]     # a retry of all: the letters it leaves listed, and why (left_listed)
+    renamed: list[dict[str, str]]  # requeued under a new id: {transaction_id: the new one, reused_id}
+
+
 class DeadLetters:
     def __init__(self, store: BufferStore, registry: ModelRegistry):
         self.store = store
@@ -146,17 +153,15 @@ class DeadLetters:
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 
-    def retry(self, transaction_ids: list[str] | None = None, left: list[dict[str, Any]] | None = None,
-              renamed: list[dict[str, str]] | None = None) -> list[str]:
-        """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids.
-        `left`, given a list, gets each letter a retry of all leaves listed, from the same reading
-        of the list (see left_listed): an operator is told which, not only how many. `renamed`,
-        given a list, gets each one requeued under a new id, as a producer had reused its own
-        (`transaction_id`: the new one, `reused_id`), from that reading too: worked out from an
-        earlier read, a letter dead-lettered in between was said to be renamed."""
+    def retry(self, transaction_ids: list[str] | None = None) -> list[str]:
+        """Requeue these (all when None) plus whatever they blocked, ahead of newer work; returns ids."""
+        return self.requeue(transaction_ids).ids
+
+    def requeue(self, transaction_ids: list[str] | None = None) -> "Retried":
+        """`retry`, saying also what it left listed and what it renamed, from its own reading of the
+        list: worked out from an earlier read, a letter dead-lettered in between was miscounted."""
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
-        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared, left, renamed),
-                                     "retry")
+        return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared), "retry")
 
     def discard(self, ref: str) -> int:
         """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
@@ -208,9 +213,7 @@ class DeadLetters:
                                   "running it again")
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
-               prepared: dict[str, tuple[str, set[str] | None, str]],
-               left: list[dict[str, Any]] | None = None,
-               renamed_out: list[dict[str, str]] | None = None) -> list[str]:
+               prepared: dict[str, tuple[str, set[str] | None, str]]) -> "Retried":
         """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
         a drain dead-lettering every batch changed the list before every one of them ended).
@@ -218,8 +221,6 @@ class DeadLetters:
         letters = self.list(pipe)
         if transaction_ids is None:
             chosen = [letter for letter in letters if letter.transaction_id and not letter.refused_spool_line]
-            if left is not None:  # (read again when the list changed: as this reading leaves it)
-                left[:] = left_listed(letters, chosen)
         else:
             chosen, wanted, taken = [], set(), set()  # taken: id() of the chosen letters
             for ref in transaction_ids:
@@ -287,10 +288,10 @@ class DeadLetters:
             own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
             self.store.unhold(own, pipe, dead_only=True)
             self.store.hold(renamed, pipe)
-        if renamed_out is not None:  # (read again when the list changed: as this reading requeues them)
-            renamed_out[:] = [{"transaction_id": prepared[letter.raw][2], "reused_id": letter.transaction_id}
-                              for letter in requeued if letter.reused_id]
-        return [prepared[letter.raw][2] for letter in requeued]
+        return Retried(ids=[prepared[letter.raw][2] for letter in requeued],
+                       left=left_listed(letters, chosen) if transaction_ids is None else [],
+                       renamed=[{"transaction_id": prepared[letter.raw][2], "reused_id": letter.transaction_id}
+                                for letter in requeued if letter.reused_id])
 
     def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:
         """The JSON that requeues the letter, the rows it writes (None: it does not parse), and

@@ -509,6 +509,24 @@ def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, re
     assert (place_or_id(garbage), place_or_id(spooled)) == ("#1", "#2")
 
 
+def retry_all_after(meanwhile, env: dict[str, str], monkeypatch) -> None:
+    """`failed retry --all` in this process, `meanwhile()` run just before the retry reads the list
+    (after anything the CLI reads first): what a drain does between the two."""
+    from obs_pipeline import cli as cli_module
+    from obs_pipeline.dead_letters import DeadLetters
+
+    real_requeue = DeadLetters.requeue
+
+    def requeue_after(self, *args, **kwargs):
+        meanwhile()
+        return real_requeue(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLetters, "requeue", requeue_after)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_module.main(["failed", "retry", "--all"]) == 0
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_retry_all_names_the_letters_its_own_reading_of_the_list_left(env, redis_client, settings, monkeypatch,
                                                                      capsys):
@@ -518,24 +536,17 @@ def test_retry_all_names_the_letters_its_own_reading_of_the_list_left(env, redis
     `failed list` shows them then, and why each stays (as Dagster's retry_dead_letters does), the
     first cli.LEFT_NAMED of them: a producer's garbage may be thousands."""
     from obs_pipeline import cli as cli_module
-    from obs_pipeline.dead_letters import DeadLetters
 
     keys = SiteKeys(settings.site)
     doc, _ = seed_example(settings.site)
     doc["steps"][0]["model_class"] = "Telescope"  # dead-lettered with its id: retried
     redis_client.lpush(keys.buffer, json.dumps(doc))
     assert cli("drain", "--once", env=env).returncode == 0
-    real_retry = DeadLetters.retry
-
-    def retry_after_a_drain(self, *args, **kwargs):  # a drain dead-letters garbage between the CLI's reads
+    def garbage_dead_lettered() -> None:  # by a drain, between the CLI's reads
         redis_client.lpush(keys.buffer, *[f"not json at all {n}" for n in range(cli_module.LEFT_NAMED + 1)])
         assert cli("drain", "--once", env=env).returncode == 0
-        return real_retry(self, *args, **kwargs)
 
-    monkeypatch.setattr(DeadLetters, "retry", retry_after_a_drain)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli_module.main(["failed", "retry", "--all"]) == 0
+    retry_all_after(garbage_dead_lettered, env, monkeypatch)
     said = capsys.readouterr().err
     listed = cli("failed", "list", env=env).stdout.splitlines()
     assert [place_or_id(line) for line in listed] == [f"#{n}" for n in range(1, 12)], listed
@@ -552,10 +563,8 @@ def test_retry_says_which_ids_are_new_from_its_own_reading_of_the_list(env, redi
                                                                        capsys):
     """`failed retry --all` told which requeued ids were new ids for reused ones from a read of the
     list before the retry's own: a letter a drain dead-lettered in between, requeued under its own
-    id, was said to be "under new ids, as a producer had reused theirs". DeadLetters.retry says
+    id, was said to be "under new ids, as a producer had reused theirs". DeadLetters.requeue says
     which (`renamed`), from the reading it requeues."""
-    from obs_pipeline import cli as cli_module
-    from obs_pipeline.dead_letters import DeadLetters
 
     keys = SiteKeys(settings.site)
 
@@ -566,18 +575,12 @@ def test_retry_says_which_ids_are_new_from_its_own_reading_of_the_list(env, redi
     push("bad-first", "Telescope", 9971)  # an unknown model: dead-lettered under its id
     push("reused-1", "ObsUnit", 9972)     # applied; its id comes back with other steps below
     assert cli("drain", "--once", env=env).returncode == 0
-    real_retry = DeadLetters.retry
-
-    def retry_after_a_drain(self, *args, **kwargs):  # a drain dead-letters between the CLI's reads
+    def dead_lettered_between() -> None:  # by a drain, between the CLI's reads
         push("bad-between", "Telescope", 9973)
         push("reused-1", "ObsUnit", 9974)
         assert cli("drain", "--once", env=env).returncode == 0
-        return real_retry(self, *args, **kwargs)
 
-    monkeypatch.setattr(DeadLetters, "retry", retry_after_a_drain)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli_module.main(["failed", "retry", "--all"]) == 0
+    retry_all_after(dead_lettered_between, env, monkeypatch)
     said = capsys.readouterr().err
     queued = [json.loads(entry) for entry in redis_client.lrange(keys.buffer, 0, -1)]
     new_id = next(tx["transaction_id"] for tx in queued if tx.get("metadata", {}).get("reused_id") == "reused-1")

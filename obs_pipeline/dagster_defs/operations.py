@@ -72,10 +72,8 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     if config.all == bool(config.transaction_ids):
         raise Failure(description="set either `all: true` or a list of `transaction_ids`")
     letters = _dead_letters_or_one_line(obs_pipeline)
-    left: list = []
-    renamed: list = []  # requeued under new ids (a producer reused theirs), from the retry's own reading
-    try:
-        ids = letters.retry(None if config.all else config.transaction_ids, left=left, renamed=renamed)
+    try:  # (what it left and renamed, as the retry's own reading found them)
+        ids, left, renamed = letters.requeue(None if config.all else config.transaction_ids)
         new_ids = [f"{one['transaction_id']} (for {one['reused_id']})" for one in renamed]
         context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}"
                          + (f"; under new ids, as a producer had reused theirs: {', '.join(new_ids)}"
@@ -150,8 +148,8 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
             keep = store.processing_ids()
             before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
         except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
-            why = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise Failure(description=f"site {settings.site}: {why}; nothing "
+            trouble = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise Failure(description=f"site {settings.site}: {trouble}; nothing "
                                       "pruned (the records of a batch left in its processing list are kept, and "
                                       "that list could not be read)") from error
         with engine.begin() as conn:
