@@ -1034,6 +1034,32 @@ def test_a_cidr_with_bits_set_right_of_its_mask_is_refused_at_ingest_in_one_line
     buf.close()
 
 
+
+@pytest.mark.parametrize("row, said", [
+    ({"net": 167772160}, "Addressed.net: 167772160 is not text: a CIDR value is given as text, such as '10.1.2.0/24'"),
+    ({"note": "x", "seen": [{"ip": "10.0.0.1"}]},
+     "Addressed.seen: {'ip': '10.0.0.1'} is not text: an INET value is given as text, such as '10.0.0.1'"),
+    ({"net": ["10.1.2.0/24"]}, "Addressed.net: ['10.1.2.0/24'] is not text: a CIDR value is given as text, "
+                               "such as '10.1.2.0/24'"),
+])
+def test_a_network_value_that_is_not_text_is_refused_at_ingest_in_one_line(forms, redis_client, row, said):
+    """An INET, CIDR or MACADDR value is text: a number, an object or a list (for one address)
+    was buffered as it was, and main refused it hours later, dead-lettering the transaction.
+    Ingest now refuses it in one line and buffers nothing."""
+    buf = TransactionBuffer(settings=forms)
+    keys = SiteKeys(forms.site)
+    before = redis_client.llen(keys.buffer)
+    with pytest.raises(InvalidTransaction) as error:
+        with buf.transaction() as tx:
+            tx.create("Addressed", {"address": f"10.8.{uuid.uuid4().int % 250}.7", **row})
+    assert str(error.value) == f"create of Addressed: {said}", str(error.value)
+    assert redis_client.llen(keys.buffer) == before
+    with pytest.raises(InvalidTransaction, match=r"^create of Carded: Carded.mac: 8 is not text: a MACADDR value"):
+        with buf.transaction() as tx:
+            tx.create("Carded", {"mac": 8})
+    assert redis_client.llen(keys.buffer) == before
+    buf.close()
+
 def _shorthand_spellings(count: int) -> list[str]:
     """PostgreSQL's own IPv4 shorthands (10/8, 10.1/16, a CIDR's classful 10 or 192.168, octets
     with leading zeros 010.0.0.1, a trailing dot, a CIDR in hex 0x0a01/16) and near misses; IPv6
