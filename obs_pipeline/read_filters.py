@@ -159,11 +159,15 @@ def compile_filters(spec: ModelSpec, filters: Any,
                 with_null = any(v is None for v in condition)
                 clause = column.in_([_bound(col, value_key, v) for v in values])
                 compiled.sql.append(sa.or_(clause, column.is_(None)) if with_null else clause)
-                targets = {value_key(v) for v in values}
-                if key is unchanged:
+                if key is unchanged and col.kind == "any":  # any JSON value, a dict or a list too
+                    found = _members([*values, *([None] if with_null else [])])
+                    compiled.tests.append(lambda row, n=name, f=found: f(row.get(n)))
+                elif key is unchanged:
+                    targets = {value_key(v) for v in values}
                     targets |= {None} if with_null else set()
                     compiled.tests.append(lambda row, n=name, t=frozenset(targets): row.get(n) in t)
                 else:
+                    targets = {value_key(v) for v in values}
                     compiled.tests.append(lambda row, n=name, k=key, t=targets, z=with_null:
                                           (z if row.get(n) is None else k(row[n]) in t))
             else:
@@ -184,6 +188,26 @@ def _any_of(condition: Any) -> bool:
     if isinstance(condition, (list, tuple, set, frozenset, range, KeysView, ValuesView)):
         return True
     return getattr(condition, "ndim", None) == 1 and callable(getattr(condition, "tolist", None))
+
+
+def _members(values: list[Any]) -> Callable[[Any], bool]:
+    """`value in values` for a column of a type only main knows, which holds, and is filtered
+    by, any JSON value: a set of them raised `TypeError: unhashable type` from every search
+    with a dict or a list among the filter's values or in a buffered record. Hashable values
+    are looked up by hash, the rest by equality (a dict or a list equals no hashable value)."""
+    table, rest = set(), []
+    for value in values:
+        try:
+            table.add(value)
+        except TypeError:
+            rest.append(value)
+
+    def contains(value: Any) -> bool:
+        try:
+            return value in table or value in rest
+        except TypeError:
+            return value in rest
+    return contains
 
 
 def _test(name: str, key: Callable[[Any], Any], ops: list[tuple[Callable[[Any, Any], bool], Any]]

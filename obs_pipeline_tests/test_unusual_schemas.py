@@ -647,6 +647,27 @@ def test_a_filter_value_a_columns_type_cannot_take_is_refused_in_one_line(odd):
     buf.close()
 
 
+def test_a_list_filter_on_a_column_of_a_type_only_main_knows_takes_any_json_value(odd):
+    """A column of a type obs-pipeline does not know (a TypeDecorator over INET) holds, and is
+    filtered by, any JSON value, a dict or a list too. An "any of" filter built a set of its
+    values and tested each buffered record by it: a list or dict among the values, or in a
+    buffered record (main refuses it later, and the dead letter stays visible), raised
+    `TypeError: unhashable type` from every such search. Now the values are looked up by
+    equality where they cannot be hashed, the replica says in one line what it cannot compare,
+    and a record holding such a value is simply not among the matches."""
+    buf = TransactionBuffer(settings=odd)
+    with buf.transaction() as tx:
+        good = tx.create("Host", {"address": "10.0.0.1"})
+        odd_one = tx.create("Host", {"address": {"not": "an address"}})  # main refuses it, later
+    ids = [good["id"], odd_one["id"]]
+    assert [r["id"] for r in buf.search("Host", {"id": ids, "address": ["10.0.0.1", None]})] == [good["id"]]
+    for values in ([{"a": 1}], [["10.0.0.1"]], ["10.0.0.1", {"a": 1}]):
+        with pytest.raises(InvalidTransaction, match=r"^search on Host\.address: the replica cannot compare the "
+                                                     r"filter's value with the column: "):
+            buf.search("Host", {"id": ids, "address": values})
+    buf.close()
+
+
 def test_db_init_names_the_models_that_cannot_be_written(odd):
     from obs_pipeline_tests.test_cli import cli
 
