@@ -325,9 +325,15 @@ def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:
 
 
 def series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
-    if column.kind == "datetime":  # microseconds, as PostgreSQL keeps them, whatever pandas would infer
-        return pd.to_datetime(pd.Series(values, dtype="object"), utc=True, format="ISO8601").astype(
-            pd.DatetimeTZDtype(unit="us", tz="UTC"))
+    # Datetimes and dates at microseconds, as PostgreSQL keeps them, built from Python's: pandas
+    # before 3.0 parses text to nanoseconds, years 1677-2262 only, and search_frame raised
+    # OutOfBoundsDatetime for a row of 9999-12-31 (ingest takes years 1-9999).
+    if column.kind == "datetime":
+        stamps = [None if v is None else parse_utc(v) for v in values]  # (naive: UTC, as to_datetime(utc=True))
+        return pd.Series(pd.array(stamps, dtype=pd.DatetimeTZDtype(unit="us", tz="UTC")))
+    if column.kind == "date":
+        days = [dt.datetime.fromisoformat(v) if isinstance(v, str) else v for v in values]
+        return pd.Series(pd.array(days, dtype="datetime64[us]"))
     if column.kind in ("uuid", "str"):
         return pd.Series(values, dtype="string")
     if column.kind == "int":
@@ -336,6 +342,4 @@ def series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:
         return pd.Series(values, dtype="Float64")
     if column.kind == "bool":
         return pd.Series(values, dtype="boolean")
-    if column.kind == "date":
-        return pd.to_datetime(pd.Series(values, dtype="object"), format="ISO8601").astype("datetime64[us]")
     return pd.Series(values, dtype="object")

@@ -643,3 +643,29 @@ def test_a_date_column_takes_numpy_days_and_refuses_their_times_and_nat():
         date(np.datetime64("2025-01-02T03"))
     with pytest.raises(ValueError, match=r"is not a date \(numpy's missing value\): give None for no value$"):
         date(np.datetime64("NaT"))
+
+
+def test_search_frame_takes_every_datetime_and_date_that_ingest_takes():
+    """Ingest takes years 1-9999 (an end time of 9999-12-31 for "open", say). pandas before 3.0
+    (pyproject allows 2.1 and up) parses text to nanoseconds, which hold years 1677-2262 only:
+    search_frame raised OutOfBoundsDatetime, a page of it, for any such row of the model. The
+    columns are built at microseconds, as PostgreSQL keeps them, under either pandas."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    pd = pytest.importorskip("pandas")
+    from obs_pipeline.read_filters import series
+
+    utc = dt.timezone.utc
+    stamps = series(pd, SimpleNamespace(kind="datetime"), ["0001-01-01T00:00:00", None,
+                                                           "9999-12-31T23:59:59.999999+00:00",
+                                                           "2025-01-01T00:00:00.500000+00:00"])
+    assert str(stamps.dtype) == "datetime64[us, UTC]"
+    assert [None if pd.isna(v) else v.to_pydatetime() for v in stamps] == [
+        dt.datetime(1, 1, 1, tzinfo=utc), None, dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=utc),
+        dt.datetime(2025, 1, 1, 0, 0, 0, 500000, tzinfo=utc)]
+    days = series(pd, SimpleNamespace(kind="date"), ["0001-01-01", "9999-12-31", None])
+    assert str(days.dtype) == "datetime64[us]"
+    assert [None if pd.isna(v) else v.date() for v in days] == [dt.date(1, 1, 1), dt.date(9999, 12, 31), None]
+    assert str(series(pd, SimpleNamespace(kind="datetime"), []).dtype) == "datetime64[us, UTC]"
+    assert str(series(pd, SimpleNamespace(kind="date"), []).dtype) == "datetime64[us]"
