@@ -12,11 +12,17 @@ replica's own text.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _DIGITS, _HEX_DIGITS = "0123456789", "0123456789abcdefABCDEF"
 _C_SPACE = " \t\n\v\f\r"  # C's isspace, which sscanf skips
 _NETWORK_EXAMPLES = {"inet": "192.168.0.1, 10.0.0.0/8 or 2001:db8::1/64", "cidr": "10.0.0.0/8, 10/8 or 2001:db8::/32",
                      "macaddr": "08:00:2b:01:02:03"}
+
+
+def _not_taken(value: Any, type_: str) -> ValueError:
+    what = "a MAC address" if type_ == "macaddr" else "an address"
+    return ValueError(f"{value!r} is not {what} PostgreSQL's {type_} takes (e.g. {_NETWORK_EXAMPLES[type_]})")
 
 
 _MACADDR_OUT = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")  # macaddr_out's text
@@ -26,7 +32,7 @@ class _Refused(ValueError):
     """Text PostgreSQL's input function refuses for that type."""
 
 
-def network_text(text: str, type_: str) -> str:
+def network_text(text: Any, type_: str) -> str:
     """An address as PostgreSQL writes it back (its inet_out, cidr_out or macaddr_out; `type_`
     "inet", "cidr" or "macaddr"), read as its input function reads it (network_in, macaddr_in,
     ported below): its shorthands too (a CIDR's 10/8 or classful 10 is 10.0.0.0/8, 010.0.0.1 is
@@ -34,15 +40,17 @@ def network_text(text: str, type_: str) -> str:
     by colons; an IPv4 address dotted; IPv6 in lower case with its longest run of two or more
     zero groups (the first of equals) as ::, and ::a.b.c.d or ::ffff:a.b.c.d for an IPv4 address
     in IPv6; the mask length unless it covers the whole address (always, for a CIDR). Text
-    PostgreSQL refuses, and a CIDR with bits set right of its mask, is a ValueError in one line:
+    PostgreSQL refuses, a value that is not text, and a CIDR with bits set right of its mask, is a
+    ValueError in one line:
     main would refuse the transaction, and the drain dead-letter it hours later."""
+    if not isinstance(text, str):  # a number, an object, a list: main refuses it hours later
+        raise _not_taken(text, type_)
     if type_ == "macaddr":
         if _MACADDR_OUT.fullmatch(text):  # as written back already (most values; 3x quicker than reading it)
             return text
         octets = _macaddr_in(text)
         if octets is None:
-            raise ValueError(f"{text!r} is not a MAC address PostgreSQL's macaddr takes "
-                             f"(e.g. {_NETWORK_EXAMPLES['macaddr']})")
+            raise _not_taken(text, type_)
         return ":".join(f"{octet:02x}" for octet in octets)
     cidr = type_ == "cidr"
     try:
@@ -51,8 +59,7 @@ def network_text(text: str, type_: str) -> str:
         else:
             packed, bits = _ipv4_cidr_in(text) if cidr else _ipv4_inet_in(text)
     except _Refused:
-        raise ValueError(f"{text!r} is not an address PostgreSQL's {type_} takes (e.g. {_NETWORK_EXAMPLES[type_]})") \
-            from None
+        raise _not_taken(text, type_) from None
     shown = ".".join(map(str, packed)) if len(packed) == 4 else _ipv6_text(packed)
     if cidr:
         size = len(packed) * 8

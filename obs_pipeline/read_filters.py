@@ -265,8 +265,9 @@ def _checked(col: ColumnSpec, value: Any) -> Any:
 
 # What the replica answers to a filter's value it cannot compare with a column: a data
 # exception (class 22: `invalid input syntax for type inet`), no such operator, a type mismatch,
-# an ambiguous operator; or no code at all, psycopg2's own refusal to send it (`can't adapt`)
-_REFUSED_VALUE_CODES = ("22", "42883", "42804", "42725")
+# an ambiguous operator, no such cast (a list, sent as an array, to a range: `cannot cast type
+# text[] to int4range`); or no code at all, psycopg2's own refusal to send it (`can't adapt`)
+_REFUSED_VALUE_CODES = ("22", "42883", "42804", "42725", "42846")
 
 
 def refused_value(spec: ModelSpec, compiled: Filters, error: Exception

@@ -1036,11 +1036,13 @@ def test_a_cidr_with_bits_set_right_of_its_mask_is_refused_at_ingest_in_one_line
 
 
 @pytest.mark.parametrize("row, said", [
-    ({"net": 167772160}, "Addressed.net: 167772160 is not text: a CIDR value is given as text, such as '10.1.2.0/24'"),
+    ({"net": 167772160}, "Addressed.net: 167772160 is not an address PostgreSQL's cidr takes (e.g. 10.0.0.0/8, 10/8 "
+                         "or 2001:db8::/32)"),
     ({"note": "x", "seen": [{"ip": "10.0.0.1"}]},
-     "Addressed.seen: {'ip': '10.0.0.1'} is not text: an INET value is given as text, such as '10.0.0.1'"),
-    ({"net": ["10.1.2.0/24"]}, "Addressed.net: ['10.1.2.0/24'] is not text: a CIDR value is given as text, "
-                               "such as '10.1.2.0/24'"),
+     "Addressed.seen: {'ip': '10.0.0.1'} is not an address PostgreSQL's inet takes (e.g. 192.168.0.1, 10.0.0.0/8 "
+     "or 2001:db8::1/64)"),
+    ({"net": ["10.1.2.0/24"]}, "Addressed.net: ['10.1.2.0/24'] is not an address PostgreSQL's cidr takes (e.g. "
+                               "10.0.0.0/8, 10/8 or 2001:db8::/32)"),
 ])
 def test_a_network_value_that_is_not_text_is_refused_at_ingest_in_one_line(forms, redis_client, row, said):
     """An INET, CIDR or MACADDR value is text: a number, an object or a list (for one address)
@@ -1054,7 +1056,7 @@ def test_a_network_value_that_is_not_text_is_refused_at_ingest_in_one_line(forms
             tx.create("Addressed", {"address": f"10.8.{uuid.uuid4().int % 250}.7", **row})
     assert str(error.value) == f"create of Addressed: {said}", str(error.value)
     assert redis_client.llen(keys.buffer) == before
-    with pytest.raises(InvalidTransaction, match=r"^create of Carded: Carded.mac: 8 is not text: a MACADDR value"):
+    with pytest.raises(InvalidTransaction, match=r"^create of Carded: Carded.mac: 8 is not a MAC address PostgreSQL's macaddr takes"):
         with buf.transaction() as tx:
             tx.create("Carded", {"mac": 8})
     assert redis_client.llen(keys.buffer) == before

@@ -14,7 +14,7 @@ import uuid
 
 from sqlalchemy import (ARRAY, CHAR, REAL, Enum, Float, ForeignKey, Integer, Interval, LargeBinary, Numeric, String,
                         Text, Time, TypeDecorator, Uuid)
-from sqlalchemy.dialects.postgresql import INET
+from sqlalchemy.dialects.postgresql import INET, INT4RANGE
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -62,11 +62,13 @@ class Address(TypeDecorator):
 
 
 class Host(Base):
-    """A column of a type this project knows nothing of: its values are main's to check."""
+    """A site's type over INET, read as PostgreSQL reads an address; and a column of a type this
+    project knows nothing of (a range): its values are main's to check."""
     __tablename__ = "odd_host"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     address: Mapped[str | None] = mapped_column(Address, nullable=True)
+    window: Mapped[object | None] = mapped_column(INT4RANGE, nullable=True)
 
 
 class Code(Base):
