@@ -365,8 +365,34 @@ class Spool:
         if not self.path.exists():
             return
         pusher = threading.Thread(target=self._push_quietly, name="obs-spool-exit-push", daemon=True)
-        pusher.start()
+        try:
+            pusher.start()
+        except RuntimeError:  # no thread may start (Python 3.12.0-3.12.1 at exit, a pids limit)
+            self._push_here(within_s)
+            return
         pusher.join(within_s)
+
+    def _push_here(self, within_s: float) -> None:
+        """push_at_exit in the exiting thread: slices until `within_s` is spent, on a connection
+        of their own whose timeouts are `within_s` (the flush store's wait 5 s for a hung Redis)."""
+        deadline = time.monotonic() + within_s
+        pool = self._flush_store.redis.connection_pool
+        client = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class,
+            **{**pool.connection_kwargs, "socket_timeout": within_s, "socket_connect_timeout": within_s}))
+        store = BufferStore(client, self._flush_store.keys.site)
+        try:
+            while time.monotonic() < deadline:
+                with self._locked():
+                    _, emptied = self._push_slice_locked(store)
+                if emptied:
+                    return
+        except REDIS_CANNOT_TAKE_IT:
+            pass  # the spool stays for later
+        except Exception as error:  # noqa: BLE001 -- at exit: the spool stays for later
+            log.warning("the spool %s was not pushed at exit: %s", self.path, _one_line(error))
+        finally:
+            client.close()
 
     def _push_quietly(self) -> None:
         try:
