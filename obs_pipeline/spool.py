@@ -369,8 +369,22 @@ class Spool:
             pusher.start()
         except RuntimeError:  # no thread may start (Python 3.12.0-3.12.1 at exit, a pids limit)
             self._push_here(within_s)
+        else:
+            pusher.join(within_s)
+        self._tell_what_stays()
+
+    def _tell_what_stays(self) -> None:
+        """One warning for what the exit leaves spooled: the script ended as if all were buffered,
+        its observations on this host's disk alone until someone pushes them. Counted without the
+        lock: a push hung on Redis may hold it, and the exit must not wait for it."""
+        try:
+            left = sum(1 for _ in self._unpushed_lines())
+        except OSError:  # unreadable: `obs-pipeline status` says so
             return
-        pusher.join(within_s)
+        if left:
+            log.warning("%d spooled transaction(s) stay in %s: Redis did not take them before the script exited. They "
+                        "are pushed when a script of site %s next runs on this host, or by `obs-pipeline spool push` "
+                        "(run as this user, with OBS_SPOOL_DIR=%s)", left, self.path, self.path.stem, self.directory)
 
     def _push_here(self, within_s: float) -> None:
         """push_at_exit in the exiting thread: slices until `within_s` is spent, on a connection

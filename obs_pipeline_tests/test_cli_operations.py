@@ -372,15 +372,22 @@ def run_spooling_script(settings, at_exit: str, told: list | None = None) -> lis
 def test_a_spool_left_by_a_script_that_ended_during_an_outage_is_reported_and_pushed_by_the_cli(
         env, settings, redis_client, main_engine, tmp_path):
     """A script that ends while Redis refuses writes leaves its spool on disk: nothing pushed it
-    until another script of the site ran on the host, and `status` did not show it. Now
-    `spool` shows it, `status` is degraded while Redis answers and it waits, and `spool push`
+    until another script of the site ran on the host, and neither the script nor `status` said
+    so. Now the script's exit says it in one line, `spool` shows it, `status` is degraded while Redis answers and it waits, and `spool push`
     pushes it in order; the drain applies each once."""
     from obs_pipeline_tests.test_reliability import assert_queues_empty, redis_refusing_writes
     from obs_pipeline_tests.workload import assert_applied_exactly_once, drain_until_settled
 
     keys, env = SiteKeys(settings.site), {**env, "OBS_SPOOL_DIR": settings.spool_dir}
+    told = []
     with redis_refusing_writes(redis_client, "readonly", tmp_path):
-        spooled = run_spooling_script(settings, "still-refusing-at-exit")
+        spooled = run_spooling_script(settings, "still-refusing-at-exit", told)
+        # the script says what it leaves behind (it said nothing: its observations only on this host's disk)
+        spool_file = Path(settings.spool_dir) / f"{settings.site}.jsonl"
+        assert told[0].splitlines() == [
+            f"3 spooled transaction(s) stay in {spool_file}: Redis did not take them before the script exited. They "
+            f"are pushed when a script of site {settings.site} next runs on this host, or by `obs-pipeline spool "
+            f"push` (run as this user, with OBS_SPOOL_DIR={settings.spool_dir})"], told[0]
         shown = cli("spool", env=env)
         assert shown.returncode == 0, shown.stderr
         assert re.fullmatch(rf"\S+/{settings.site}\.jsonl: 3 transaction\(s\) waiting, the oldest [0-9]+ s old\n",
