@@ -763,6 +763,12 @@ class Spool:
                 except REDIS_CANNOT_TAKE_IT as error:
                     self.note_redis_failure(error)
                     delay = RETRY_INTERVAL_S
+                    if isinstance(error, redis.AuthenticationError) and _one_line(error) != last_failure:
+                        # no outage: the script's OBS_REDIS_URL is refused, for as long as it runs
+                        last_failure = _one_line(error)
+                        log.warning("Redis refuses this script's user or password (OBS_REDIS_URL): %s; its transactions "
+                                    "stay spooled in %s, pushed once Redis takes them, or by a script or `obs-pipeline "
+                                    "spool push` with the right OBS_REDIS_URL", last_failure.rstrip("."), self.path)
                     continue
                 except Exception:  # noqa: BLE001 -- the push below says what it is
                     pass

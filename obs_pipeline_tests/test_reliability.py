@@ -984,6 +984,39 @@ def test_the_spools_flusher_survives_an_unexpected_failure_and_still_pushes_the_
     buf.close()
 
 
+def test_a_redis_refusing_the_scripts_user_or_password_is_said_once_and_the_spool_keeps_its_transactions(
+        settings, redis_client, main_engine, monkeypatch, caplog):
+    """Redis refusing the script's credentials (a wrong or missing password in OBS_REDIS_URL, a
+    user that does not exist: AuthenticationError, a redis.ConnectionError) was taken for Redis
+    down: every call returned, its transaction spooled, status() said "pending", and the flusher
+    retried every second for as long as the script ran, never saying why. Nothing told the
+    operator that the script's observations reached only this host's disk. Now the flusher says
+    it in one warning; the spool keeps them, and a script with the right URL pushes them in order."""
+    from obs_pipeline import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 0.05)
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
+    host_port = settings.redis_url.split("//", 1)[1]
+    refused = dataclasses.replace(settings, redis_url=f"redis://nobody:wrong@{host_port}")
+    buf = TransactionBuffer(settings=refused)
+    spooled = buffer_observations(buf, 2)  # 2 starts and a finish, spooled
+    assert buf.status(spooled[0].start_tx) == "pending" and buf.spool.pending() == 3
+    said = lambda: [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"]  # noqa: E731
+    assert wait_until(lambda: said(), 10), "nothing said why the spool is not pushed"
+    time.sleep(0.5)  # ten more tries of the flusher: still one warning
+    assert said() == [f"Redis refuses this script's user or password (OBS_REDIS_URL): invalid username-password pair "
+                      f"or user is disabled; its transactions stay spooled in {buf.spool.path}, pushed once Redis "
+                      f"takes them, or by a script or `obs-pipeline spool push` with the right OBS_REDIS_URL"], said()
+    buf.close()
+    up = TransactionBuffer(settings=settings)  # the right URL, the same spool
+    assert up.spool.flush() and up.spool.pending() == 0
+    assert _queued_ids(redis_client, SiteKeys(settings.site)) == [
+        t for o in spooled for t in (o.start_tx, o.finish_tx) if t]
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, spooled)
+    up.close()
+
+
 @contextlib.contextmanager
 def silent_redis():
     """A port that accepts connections and reads what is sent but never answers (a hung
