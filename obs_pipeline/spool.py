@@ -371,7 +371,6 @@ class Spool:
             self._push_here(within_s)
         else:
             pusher.join(within_s)
-        self._tell_what_stays()
 
     def _tell_what_stays(self) -> None:
         """One warning for what the exit leaves spooled: the script ended as if all were buffered,
@@ -979,13 +978,17 @@ def _push_at_exit(spool: Spool) -> None:
 
 def _push_all_at_exit() -> None:
     """One budget of EXIT_PUSH_S for every spool of the process: a script's exit never waits
-    longer than that for a Redis that does not answer."""
+    longer than that for a Redis that does not answer. Then what stays is said once per spool
+    file (two buffers of a site share one), pushed or not within the budget."""
     deadline = time.monotonic() + EXIT_PUSH_S
-    for spool in list(_AT_EXIT):
+    spools = list(_AT_EXIT)
+    for spool in spools:
         left = deadline - time.monotonic()
         if left <= 0:
-            return
+            break
         spool.push_at_exit(left)
+    for spool in {spool.path: spool for spool in spools}.values():
+        spool._tell_what_stays()
 
 
 def _age_of(line: bytes) -> float | None:
