@@ -406,6 +406,52 @@ def test_an_up_that_fails_keeps_the_settings_it_was_given_out_of_the_stack(stack
         stack.up()
 
 
+def test_a_main_that_cannot_start_is_said_with_the_reason_not_the_shutdown_line(stack):  # noqa: F811
+    """PostgreSQL that fails as it starts (a library it cannot load here; a full disk during its
+    recovery alike) logs the reason as FATAL, then 'database system is shut down': the line
+    quoted that last one, which says nothing of why."""
+    auto_conf = stack.directory / "postgres" / "main" / "postgresql.auto.conf"
+    original = auto_conf.read_text()
+    stack.stop_service("main")
+    try:
+        auto_conf.write_text(original + "shared_preload_libraries = 'no_such_lib'\n")
+        with pytest.raises(StackError, match=r'^main PostgreSQL: start on .* failed \(exit 1\): .*FATAL: +could '
+                                             r'not access file "no_such_lib"'):
+            stack.up()
+    finally:
+        auto_conf.write_text(original)
+        stack.up()
+
+
+def test_a_pg_tool_that_removes_what_it_made_is_said_with_its_error(tmp_path):
+    """initdb and pg_basebackup end a failure with 'removing data directory ...': the reason
+    (a full disk, here) is the FATAL or error line before it."""
+    from obs_pipeline.stack.errors import log_tail
+
+    log = tmp_path / "pg_ctl.log"
+    log.write_text("\n$ initdb -D main.partial\nrunning bootstrap script ... ok\n"
+                   "performing post-bootstrap initialization ... 2026-12-05 14:49:04.906 UTC [11467] FATAL:  could "
+                   'not write to file "base/4/1247": No space left on device\n'
+                   "2026-12-05 14:49:04.906 UTC [11467] STATEMENT:  CREATE DATABASE template0\n\t\n"
+                   "child process exited with exit code 1\n"
+                   'initdb: removing data directory "main.partial"\n')
+    assert "No space left on device" in log_tail(log)
+    log.write_text("\n$ pg_basebackup -D replica.partial\n"
+                   "pg_basebackup: error: could not write to file \"replica.partial/base/5/1259\": No space left "
+                   "on device\npg_basebackup: removing contents of data directory \"replica.partial\"\n")
+    assert log_tail(log).startswith("pg_basebackup: error: could not write")
+    log.write_text("[7] LOG:  received fast shutdown request\n[9] FATAL:  terminating connection due to "
+                   "administrator command\n[7] LOG:  database system is shut down\n")
+    assert log_tail(log) == "[7] LOG:  database system is shut down"  # a stop asked for: no reason to give
+    with open(log, "a") as fh:  # then a start that fails in its recovery
+        fh.write("[20] LOG:  redo starts at 0/2000028\n[21] FATAL:  could not write to file \"pg_wal/xlogtemp.21\": "
+                 "No space left on device\n[20] LOG:  shutting down due to startup process failure\n"
+                 "[20] LOG:  database system is shut down\n")
+    assert log_tail(log).startswith("[21] FATAL:  could not write to file")
+    log.write_text("\n$ pg_ctl stop\npg_ctl: PID file does not exist\n")
+    assert log_tail(log) == "pg_ctl: PID file does not exist"
+
+
 def _replica_upstream_port(stack) -> int:  # noqa: F811
     """The port the replica's primary_conninfo names (main's, or the latency proxy's)."""
     conf = (stack.directory / "postgres" / "replica" / "postgresql.auto.conf").read_text()
