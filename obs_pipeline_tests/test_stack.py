@@ -452,6 +452,34 @@ def test_a_pg_tool_that_removes_what_it_made_is_said_with_its_error(tmp_path):
     assert log_tail(log) == "pg_ctl: PID file does not exist"
 
 
+def test_a_replica_that_pauses_its_replay_is_one_line_saying_what_to_raise(stack, probe):  # noqa: F811
+    """main restarted with a max_connections above the replica's: the replica pauses its replay
+    ('hot standby is not possible because of insufficient parameter settings') and waits for
+    ever, and the drain's wait for the replica with it. `up` said 'local stack up'; a later
+    `up` or `stack start main` waited 60 s for a stream the paused replica never restarts, and
+    said 'replica not streaming'. Now the line names the setting, and what it says to do works."""
+    replica_conf = stack.directory / "postgres" / "replica" / "postgresql.conf"
+    original = replica_conf.read_text()
+    run(stack.main_direct_url, "ALTER SYSTEM SET max_connections = 250")
+    try:
+        stack.stop_service("main")
+        with pytest.raises(StackError, match=r"^replica PostgreSQL paused its replay at .*: max_connections = 200 is "
+                                             r"a lower setting than on the primary server, where its value was 250"):
+            stack.up()
+        replica_conf.write_text(original + "max_connections = 250\n")  # as the line says
+        stack.stop_service("replica")
+        stack.start_service("replica")
+        assert on_replica(stack, probe())
+    finally:
+        run(stack.main_direct_url, "ALTER SYSTEM RESET max_connections")
+        stack.stop_service("main")
+        stack.up()
+        replica_conf.write_text(original)
+        stack.stop_service("replica")
+        stack.up()
+    assert on_replica(stack, probe())
+
+
 def _replica_upstream_port(stack) -> int:  # noqa: F811
     """The port the replica's primary_conninfo names (main's, or the latency proxy's)."""
     conf = (stack.directory / "postgres" / "replica" / "postgresql.auto.conf").read_text()

@@ -289,7 +289,7 @@ class LocalStack:
         upstream = self._upstream_port(cfg)
         replica.set_upstream(upstream)
         replica.start()
-        replica.wait_streaming(upstream)
+        replica.wait_streaming(upstream, replayed=main.query("SELECT pg_current_wal_flush_lsn()::text")[0])
 
     def make_folder(self) -> None:
         """The state folder, or StackError in one line (it said '[Errno 17] File exists: ...')."""
@@ -408,4 +408,5 @@ class LocalStack:
                 replica.start()
             proxy_ok = not cfg.get("main_latency_ms") or proxy_pid(self._proxy_pidfile) is not None
             if main.running and replica.running and proxy_ok:
-                replica.wait_streaming(self._upstream_port(cfg))
+                replica.wait_streaming(self._upstream_port(cfg),
+                                       replayed=main.query("SELECT pg_current_wal_flush_lsn()::text")[0])

@@ -9,6 +9,7 @@ socket-path limit.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -237,9 +238,45 @@ class PgServer:
         row = self.query("SELECT status, sender_port FROM pg_stat_wal_receiver")
         return row[1] if row and row[0] == "streaming" else None
 
-    def wait_streaming(self, upstream_port: int, timeout: float = READY_TIMEOUT) -> None:
-        if not wait_until(lambda: self.streaming_port() == upstream_port, timeout, 0.1):
+    def replay_paused_at(self) -> str | None:
+        """The LSN a standby's replay is paused at (it waits there for ever), else None."""
+        row = self.query("SELECT pg_get_wal_replay_pause_state() = 'paused', pg_last_wal_replay_lsn()::text")
+        return row[1] if row and row[0] else None
+
+    def wait_streaming(self, upstream_port: int, timeout: float = READY_TIMEOUT, replayed: str = "0/0") -> None:
+        """Until it streams from upstream_port and has replayed up to `replayed` (main's flush LSN).
+        A replica that paused its replay (main runs with a max_connections above its own, say) is
+        said at once: it restarts no stream and replays nothing more, and it was 'up'."""
+        def done() -> bool:
+            if self.replay_paused_at() is not None:
+                return True
+            caught_up = self.query(f"SELECT pg_last_wal_replay_lsn() >= '{replayed}'::pg_lsn")
+            return self.streaming_port() == upstream_port and bool(caught_up and caught_up[0])
+
+        wait_until(done, timeout, 0.1)
+        paused_at = self.replay_paused_at()
+        if paused_at is not None:
+            raise StackError(f"replica PostgreSQL paused its replay at {paused_at}: {self._pause_reason()} "
+                             f"(log: {self.log})")
+        if self.streaming_port() != upstream_port:
             raise service_error(f"replica not streaming from {HOST}:{upstream_port} after {timeout:.0f}s", self.log)
+
+    def _pause_reason(self) -> str:
+        """What its log says main has more of, and what to do; or how to resume a pause asked for."""
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(0, 2)
+                fh.seek(max(0, fh.tell() - 65536))
+                lines = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        lower = [ln.split("DETAIL:", 1)[-1].strip().rstrip(".") for ln in lines
+                 if "is a lower setting than on the primary" in ln]
+        if lower:
+            folder = shlex.quote(str(self.datadir.parent.parent))  # the stack's: <folder>/postgres/replica
+            return (f"{lower[-1]}: set it at least that high in {self.datadir / 'postgresql.conf'}, then restart "
+                    f"the replica (`obs-pipeline stack stop replica --dir {folder}`, then `stack start replica`)")
+        return "SELECT pg_wal_replay_resume() on it resumes it"
 
     def replay_lsn(self) -> str | None:
         row = self.query("SELECT pg_last_wal_replay_lsn()::text", timeout=2)
