@@ -480,6 +480,20 @@ def test_a_replica_that_pauses_its_replay_is_one_line_saying_what_to_raise(stack
     assert on_replica(stack, probe())
 
 
+def test_a_log_whose_last_message_runs_over_several_lines_is_said_from_its_first(tmp_path):
+    """libpq's messages run over several lines, the later ones indented: a replica that did not
+    stream was said with 'no COPY in progress' or 'before or while processing the request.'."""
+    from obs_pipeline.stack.errors import log_tail
+
+    log = tmp_path / "replica.log"
+    log.write_text("2026-12-05 14:55:01.908 UTC [12673] LOG:  waiting for WAL to become available at 0/3000560\n"
+                   "2026-12-05 14:55:02.908 UTC [12682] FATAL:  could not receive data from WAL stream: server "
+                   "closed the connection unexpectedly\n\t\tThis probably means the server terminated abnormally\n"
+                   "\t\tbefore or while processing the request.\n\tno COPY in progress\n")
+    assert log_tail(log).startswith("2026-12-05 14:55:02.908 UTC [12682] FATAL:  could not receive data from WAL "
+                                    "stream: server closed the connection unexpectedly")
+
+
 def _replica_upstream_port(stack) -> int:  # noqa: F811
     """The port the replica's primary_conninfo names (main's, or the latency proxy's)."""
     conf = (stack.directory / "postgres" / "replica" / "postgresql.auto.conf").read_text()

@@ -21,9 +21,11 @@ def log_tail(path: Path, limit: int = 200) -> str:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
             fh.seek(max(0, fh.tell() - 8192))
-            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+            raw = [ln for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
+    # a message's first line: libpq's run over several, the later ones indented ('no COPY in progress')
+    lines = [ln.strip() for ln in raw if not ln[:1].isspace()] or [ln.strip() for ln in raw]
     if not lines:
         return ""
     if any(epilogue in lines[-1] for epilogue in EPILOGUES):
