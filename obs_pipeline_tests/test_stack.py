@@ -155,6 +155,28 @@ def test_stop_and_start_redis_and_replica(stack, probe):  # noqa: F811
     assert on_replica(stack, key)
 
 
+@pytest.mark.parametrize("name, said", [
+    ("replica", "`obs-pipeline stack up --dir .*` clones it afresh from main"),
+    ("main", "put it back: `obs-pipeline stack up --dir .*` would make a new, empty main"),
+])
+def test_starting_a_service_whose_data_folder_is_gone_is_one_line_saying_so(stack, probe, name, said):  # noqa: F811
+    """`stack start replica` with the replica's data folder gone said '[Errno 2] No such file or
+    directory: .../postgresql.auto.conf' (a FileNotFoundError from the Python API); `stack start
+    main` quoted the last line of main's log, 'database system is shut down', from its last stop."""
+    datadir = stack.directory / "postgres" / name
+    aside = datadir.with_name(name + ".aside")
+    stack.stop_service(name)
+    datadir.rename(aside)
+    try:
+        with pytest.raises(StackError, match=rf"^{name}'s data folder {datadir} is gone: {said}"):
+            stack.start_service(name)
+        assert not stack.status()[name]["running"]
+    finally:
+        aside.rename(datadir)
+        stack.up()
+    assert on_replica(stack, probe())
+
+
 def test_redis_appendfsync_always_survives_kill(stack):  # noqa: F811
     LocalStack(stack.directory, redis_appendfsync="always").up()
     try:

@@ -394,6 +394,13 @@ class LocalStack:
             main, replica, redis = self._services(cfg, self._pg_user(create=True))
             running = {"main": main.running, "replica": replica.running, "redis": redis.running,
                        "proxy": proxy_pid(self._proxy_pidfile) is not None}
+            server = {"main": main, "replica": replica}.get(name)
+            if server is not None and not server.running and not server.initialized:
+                folder = shlex.quote(str(self.directory))
+                raise StackError(f"{name}'s data folder {server.datadir} is gone: " + (
+                    f"`obs-pipeline stack up --dir {folder}` clones it afresh from main" if name == "replica" else
+                    f"put it back: `obs-pipeline stack up --dir {folder}` would make a new, empty main (the "
+                    "replica, a copy of this one, is then refused)"))
             if not running[name]:
                 self._check_ports({name: cfg["ports"][name]})
             if name == "redis":
