@@ -177,6 +177,27 @@ def test_starting_a_service_whose_data_folder_is_gone_is_one_line_saying_so(stac
     assert on_replica(stack, probe())
 
 
+def test_a_redis_that_exits_as_it_starts_is_said_at_once(stack):  # noqa: F811
+    """Redis that cannot read its AOF (damaged) exits as it starts: `up` polled PING for
+    READY_TIMEOUT (60 s), then said 'redis not answering PING ... after 60s', as of a hung server."""
+    client = redis_client(stack)
+    client.set("stack:kept-through-a-damaged-aof", "yes")
+    aof = stack.directory / "redis" / "appendonly.aof"
+    stack.stop_service("redis")
+    original = aof.read_bytes()
+    try:
+        aof.write_bytes(b"!not an AOF\r\n" + original)
+        started = time.monotonic()
+        with pytest.raises(StackError, match=r"^redis exited as it started on 127\.0\.0\.1:\d+: .*Bad file format "
+                                             r"reading the append only file"):
+            stack.up()
+        assert time.monotonic() - started < 20
+    finally:
+        aof.write_bytes(original)
+        stack.up()
+    assert redis_client(stack).get("stack:kept-through-a-damaged-aof") == b"yes"
+
+
 def test_redis_appendfsync_always_survives_kill(stack):  # noqa: F811
     LocalStack(stack.directory, redis_appendfsync="always").up()
     try:

@@ -104,6 +104,7 @@ class RedisServer:
                     if conn.config_get(name).get(name) != value:
                         conn.config_set(name, value)
             return
+        self.pidfile.unlink(missing_ok=True)  # stale: a pid in it from now on is this server's
         with open(self.log, "ab") as out:
             proc = subprocess.run([str(redis_server_path()), str(self.conf)], stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=out, cwd=self.folder, env=clean_env(), timeout=30, check=False)
@@ -126,10 +127,17 @@ class RedisServer:
                     raise service_error(f"redis on {HOST}:{self.port} exited while loading its AOF", self.log) from None
                 deadline = time.monotonic() + READY_TIMEOUT
             except (redis.RedisError, OSError):
-                pass
+                if self._exited():
+                    raise service_error(f"redis exited as it started on {HOST}:{self.port}", self.log) from None
             if time.monotonic() >= deadline:
                 raise service_error(f"redis not answering PING on {HOST}:{self.port} after {READY_TIMEOUT}s", self.log)
             time.sleep(0.05)
+
+    def _exited(self) -> bool:
+        """Its pidfile names a process that is gone: Redis exits at once on an AOF it cannot read
+        (it writes the file before it loads its data, and keeps it as it exits so)."""
+        pid = read_pid(self.pidfile)
+        return pid is not None and not pid_alive(pid, self._title)
 
     def stop(self, mode: str = "fast") -> None:
         """"fast": SHUTDOWN (AOF is flushed, no data lost); "kill"/"immediate": SIGKILL, crash-like."""
