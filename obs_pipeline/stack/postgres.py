@@ -239,8 +239,9 @@ class PgServer:
         return row[1] if row and row[0] == "streaming" else None
 
     def replay_paused_at(self) -> str | None:
-        """The LSN a standby's replay is paused at (it waits there for ever), else None."""
-        row = self.query("SELECT pg_get_wal_replay_pause_state() = 'paused', pg_last_wal_replay_lsn()::text")
+        """The LSN a standby's replay is paused at (it waits there for ever), else None.
+        pg_is_wal_replay_paused, not PostgreSQL 14's pause state: OBS_PG_BIN may be an older build."""
+        row = self.query("SELECT pg_is_wal_replay_paused(), pg_last_wal_replay_lsn()::text")
         return row[1] if row and row[0] else None
 
     def wait_streaming(self, upstream_port: int, timeout: float = READY_TIMEOUT, replayed: str = "0/0") -> None:
