@@ -537,6 +537,28 @@ def test_a_log_whose_last_message_runs_over_several_lines_is_said_from_its_first
                                     "stream: server closed the connection unexpectedly")
 
 
+def test_a_main_port_moved_in_stack_json_is_followed_by_the_running_proxy(stack, probe):  # noqa: F811
+    """main stopped, its port taken meanwhile, and moved in stack.json as the port-conflict line
+    says: the latency proxy, still running, forwarded to the old port, so the replica streamed
+    from nothing (`up` failed after 60 s), and the drain's URL reached whatever held that port."""
+    saved = stack.config_path.read_text()
+    try:
+        stack.up(main_latency_ms=20)
+        stack.stop_service("main")
+        cfg = json.loads(stack.config_path.read_text())
+        cfg["ports"]["main"] = pick_free_ports(1)[0]
+        stack.config_path.write_text(json.dumps(cfg))
+        stack.up()
+        assert json.loads((stack.directory / "proxy.pid").read_text())["target"] == f"127.0.0.1:{cfg['ports']['main']}"
+        key = probe(stack.env()["OBS_MAIN_DB_URL"])  # through the proxy, to main
+        assert run(stack.main_direct_url, "SELECT count(*) FROM stack_probe WHERE k = :k", k=key) == 1
+        assert on_replica(stack, key)
+    finally:
+        stack.stop_service("main")
+        stack.config_path.write_text(saved)
+        stack.up(main_latency_ms=0)
+
+
 def _replica_upstream_port(stack) -> int:  # noqa: F811
     """The port the replica's primary_conninfo names (main's, or the latency proxy's)."""
     conf = (stack.directory / "postgres" / "replica" / "postgresql.auto.conf").read_text()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .binaries import pg_bin_dir, pg_bin_is_from_wheel
 from .errors import StackError
-from .proxy_process import proxy_delay_ms, proxy_pid, start_proxy, stop_proxy
+from .proxy_process import proxy_delay_ms, proxy_pid, proxy_route, start_proxy, stop_proxy
 from .osutil import chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_holder, port_is_free
 from .postgres import HOST, PgServer
 from .redis_server import APPENDFSYNC_CHOICES, RedisServer
@@ -194,8 +194,11 @@ class LocalStack:
         return cfg["ports"]["proxy"] if cfg.get("main_latency_ms") else cfg["ports"]["main"]
 
     def _ensure_proxy(self, cfg: dict) -> None:
-        latency, pidfile = cfg.get("main_latency_ms") or 0, self._proxy_pidfile
-        if proxy_pid(pidfile) is not None and proxy_delay_ms(pidfile) != float(latency):
+        """The proxy at the latency and on the ports stack.json gives (an operator moves a port there)."""
+        latency, pidfile, ports = cfg.get("main_latency_ms") or 0, self._proxy_pidfile, cfg["ports"]
+        route = (str(ports["proxy"]), f"127.0.0.1:{ports['main']}")
+        if proxy_pid(pidfile) is not None and (proxy_delay_ms(pidfile) != float(latency)
+                                               or proxy_route(pidfile) != route):
             stop_proxy(pidfile)
         if latency and proxy_pid(pidfile) is None:
             start_proxy(cfg["ports"]["proxy"], cfg["ports"]["main"], latency, pidfile, self.log_path("proxy"))

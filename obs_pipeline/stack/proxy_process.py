@@ -41,6 +41,15 @@ def proxy_delay_ms(pidfile: Path) -> float | None:
         return None
 
 
+def proxy_route(pidfile: Path) -> tuple[str, str] | None:
+    """(listen, target) the running proxy was started with: stack.json's ports may have moved since."""
+    try:
+        info = json.loads(pidfile.read_text())
+        return str(info["listen"]), str(info["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def start_proxy(listen_port: int, target_port: int, delay_ms: int, pidfile: Path, log: Path) -> int:
     """Launch the proxy daemon; returns its pid once it is listening."""
     package_root = str(Path(__file__).resolve().parents[2])  # so `-m` works without an installed package
