@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.config import ConfigError
-from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
+from obs_pipeline.lsn import REPLAY_SQL, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
@@ -68,11 +68,13 @@ _CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
                    b"c.connamespace AND o.conname = c.conname AND NOT o.condeferrable); IF names IS NOT NULL THEN "
                    b"EXECUTE 'SET CONSTRAINTS ' || names || ' DEFERRED'; END IF; END $obs$")
 # Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
-# has steps_digest, and whether "main" is a hot standby (the site's replica, or main demoted by a
-# failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one.
+# has steps_digest, whether "main" is a hot standby (the site's replica, or main demoted by a
+# failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one,
+# and main's system identifier, which the replica's must be (ReplicaDatabase.replay_lsn).
 _SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
                 f"'{applied_transactions.name}') AND attname = 'steps_digest' "
-                "AND NOT attisdropped), pg_is_in_recovery()").encode()
+                "AND NOT attisdropped), pg_is_in_recovery(), "
+                "(SELECT system_identifier FROM pg_control_system())").encode()
 # ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
 # as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
 _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
@@ -219,6 +221,16 @@ def replica_hot_standby_off(url: sa.URL) -> str:
             "postgresql.conf and restart it")
 
 
+def replica_of_another_cluster(url: sa.URL, cluster: int, main: int | None) -> str:
+    """Why the replica's replay cannot be compared with main's commits: it is of another
+    cluster's WAL (its system identifier is not main's), or main, down, cannot say whose."""
+    where = f"the replica at {_where(url)} (OBS_REPLICA_DB_URL)"
+    if main is None:
+        return f"cannot tell whether {where} replays main's WAL: main does not answer"
+    return (f"{where} is a standby of another cluster (system identifier {cluster}, main's is {main}): point "
+            "OBS_REPLICA_DB_URL at the site's replica of main, or clone it afresh from main (pg_basebackup)")
+
+
 def hot_standby_off(error: BaseException) -> bool:
     """A connect refused by a standby with `hot_standby = off`: a standby until promoted, which
     no retry fixes (it said "main unreachable" for ever)."""
@@ -296,6 +308,7 @@ class MainDatabase:
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
         self._conn: Any = None
         self.records_digest = True  # main's obs_pipeline_applied has steps_digest (see _connection)
+        self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
         self._warned_no_digest = False
 
     def close(self) -> None:
@@ -309,8 +322,8 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s, self.records_digest, standby, triggered = self._time_round_trip(
-                self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables))
+            self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier = (
+                self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables)))
             self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
                 self.close()
@@ -325,7 +338,7 @@ class MainDatabase:
 
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
-                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None]:
+                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None, int | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -338,10 +351,11 @@ class MainDatabase:
         whether main is a hot standby (the third value). `last_run_s`, the round trip the last
         drain run measured (the key `link`), counts as a far reply taken before: a first reply
         within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run.
-        Of `tables` (the models'), it asks which main runs row triggers on (the fourth value)."""
+        Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
+        fifth is main's system identifier."""
         taken: list[float] = []
         present = standby = False
-        triggered = None
+        triggered = system_identifier = None
         with conn.cursor() as cur:
             sql = cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL, (tables,)) if tables else _SESSION_SQL
             while len(taken) < samples:
@@ -350,12 +364,20 @@ class MainDatabase:
                 taken.append(time.perf_counter() - began)
                 row = cur.fetchone()
                 present, standby = bool(row[0]), bool(row[1])
-                triggered = row[2] if len(row) > 2 else None
+                system_identifier = row[2] if len(row) > 2 else None
+                triggered = row[3] if len(row) > 3 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby, triggered
+        return min(taken), present, standby, triggered, system_identifier
+
+    def identify(self) -> int | None:
+        """Main's system identifier, starting a session if none is open (main's errors as a
+        batch's: TransientError, ConfigError)."""
+        with self._session():
+            pass
+        return self.system_identifier
 
     def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all.
@@ -723,18 +745,29 @@ def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str]
 class ReplicaDatabase:
     """The site's streaming replica: how far it has replayed main's WAL."""
 
-    def __init__(self, engine: sa.Engine):
+    def __init__(self, engine: sa.Engine, main_cluster: Callable[[], int | None] | None = None):
         self.engine = engine
         self.refusal: str | None = None  # replica_hot_standby_off's line while the last ask was refused so
+        # main's system identifier (None: main unknown), for a caller that compares the replay with
+        # main's commits: a standby of another cluster replays other WAL, whose positions, larger,
+        # passed for the replay of every commit (the drain cleaned caches that reads still needed)
+        self.main_cluster = main_cluster
 
     def replay_lsn(self) -> int | None:
+        """The replay position; None where there is none, or (with `main_cluster`) where it is
+        not of main's WAL, `refusal` saying why."""
         try:
             with self.engine.connect() as conn:
-                lsn = conn.execute(sa.text(REPLAY_LSN_SQL)).scalar()
+                lsn, cluster = conn.execute(sa.text(REPLAY_SQL)).one()
         except exc.SQLAlchemyError as error:
             self.refusal = replica_hot_standby_off(self.engine.url) if hot_standby_off(error) else None
             raise
         self.refusal = None
+        if lsn and self.main_cluster is not None:
+            main = self.main_cluster()
+            if main != cluster:
+                self.refusal = replica_of_another_cluster(self.engine.url, cluster, main)
+                return None
         return lsn_to_int(lsn) if lsn else None
 
     def wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:

@@ -219,7 +219,8 @@ class Drain:
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
-        self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME))
+        self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME),
+                                       main_cluster=self._main_cluster)
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)
@@ -230,6 +231,7 @@ class Drain:
         self._first_claim: int | None = None  # this run's first claim's size, if not batch_size (_size_by_last_run)
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
+        self._applying: Any = None  # the worker's apply in flight (its future), if any: see _main_cluster
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -426,6 +428,7 @@ class Drain:
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
         applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
+        self._applying = applying
         try:
             if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
                 by_id = {t.transaction_id: t for t in txs}
@@ -780,11 +783,24 @@ class Drain:
 
     def _replay_lsn(self) -> int | None:
         try:
-            return self.replica.replay_lsn()
+            replayed = self.replica.replay_lsn()
         except Exception as error:  # noqa: BLE001 - replica down: caches stay, a later pass cleans
             if not self._log_replica_refusal():
                 log.warning("replica unreachable (%s); caches kept", error)
             return None
+        self._log_replica_refusal()  # (a standby of another cluster)
+        return replayed
+
+    def _main_cluster(self) -> int | None:
+        """Main's system identifier, which the replica's must be for its replay to count
+        (ReplicaDatabase.main_cluster); None while main does not answer. Main is asked only if
+        no session has said it yet and no apply is in flight (the worker thread has the session)."""
+        if self.main.system_identifier is None and (self._applying is None or self._applying.done()):
+            try:
+                self.main.identify()
+            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
+                pass
+        return self.main.system_identifier
 
     def _log_replica_refusal(self) -> bool:
         """Log the replica's refusal (ReplicaDatabase.refusal: hot_standby off) once while it

@@ -14,3 +14,6 @@ def int_to_lsn(value: int) -> str:
 # pg_last_wal_replay_lsn() answers on a primary too once it has crash-recovered: the static
 # end of that recovery, which would pass for a replica's position.)
 REPLAY_LSN_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END"
+# ... and the replica's system identifier: a standby of another cluster has a replay position
+# too, of other WAL (see ReplicaDatabase.replay_lsn).
+REPLAY_SQL = REPLAY_LSN_SQL + ", (SELECT system_identifier FROM pg_control_system())"

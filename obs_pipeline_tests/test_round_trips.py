@@ -591,6 +591,6 @@ def test_main_s_round_trip_is_sampled_until_it_is_clear(monkeypatch, replies, qu
     monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
     cursor = _Cursor(replies, clock)
     conn = type("Conn", (), {"cursor": lambda self: cursor})()
-    round_trip, has_digest, standby, _ = apply.MainDatabase._time_round_trip(conn, last_run_s=last_run)
+    round_trip, has_digest, standby, *_ = apply.MainDatabase._time_round_trip(conn, last_run_s=last_run)
     assert (cursor.queries, round_trip, has_digest, standby) == (
         queries, pytest.approx(least), True, False)

@@ -1,0 +1,107 @@
+"""OBS_REPLICA_DB_URL naming a standby of another cluster (a replica re-created from another
+main's base backup, main moved to a new cluster by dump and restore while the site's replica
+still follows the old one, a URL copied from another site): its replay LSN says nothing of
+main's commits. Numerically larger, the drain took it for the replay of every batch and cleaned
+caches whose rows that replica never gets: reads at the site lost the records."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.schema import create_schema
+from obs_pipeline_tests.conftest import OBS_UNIT_IDS
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+FOREIGN_WAL_START = "000000010000000500000000"  # 5/0: past main's LSNs, and past 32 bits
+
+
+@pytest.fixture(scope="module")
+def foreign_standby_url(stack):
+    """The `obs` database on a hot standby of another primary (its own initdb, the schema and
+    obs units as on main), whose WAL starts at 5/0, far past main's."""
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST, PgServer
+
+    user = stack._pg_user(create=False)
+    folder = stack.directory / "postgres"
+    ports = pick_free_ports(2)
+    other = PgServer("other_main", folder / "other_main", ports[0], stack.log_path("other_main"),
+                     stack.log_path("pg_ctl"), user)
+    standby = PgServer("other_standby", folder / "other_standby", ports[1], stack.log_path("other_standby"),
+                       stack.log_path("pg_ctl"), user)
+    try:
+        other.init_primary()
+        other._tool("pg_resetwal", ["-l", FOREIGN_WAL_START, str(other.datadir)], "pg_resetwal")
+        other.start()
+        other.ensure_databases(["obs"])
+        engine = sa.create_engine(f"postgresql+psycopg2://postgres@{HOST}:{other.port}/obs")
+        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
+                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
+            target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()")).scalar()
+        engine.dispose()
+        standby.clone_from(other)
+        standby.set_upstream(other.port)
+        standby.start()
+        url = f"postgresql+psycopg2://postgres@{HOST}:{standby.port}/obs"
+        replica = sa.create_engine(url)
+
+        def replayed() -> bool:
+            with replica.connect() as conn:
+                return conn.execute(sa.text("SELECT pg_last_wal_replay_lsn() >= :t"), {"t": target}).scalar()
+
+        assert wait_until(replayed, 60), "the foreign standby did not replay its primary's schema"
+        replica.dispose()
+        yield url
+    finally:
+        standby.stop(mode="immediate")
+        other.stop(mode="immediate")
+
+
+def test_a_replica_of_another_cluster_never_has_the_drain_clean_caches_and_the_right_one_does(
+        settings, foreign_standby_url, main_engine, redis_client, caplog):
+    foreign = dataclasses.replace(settings, replica_db_url=foreign_standby_url)
+    buf = TransactionBuffer(settings=foreign)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    keys = SiteKeys(settings.site)
+    drain = Drain(foreign, DrainConfig(replication_timeout_s=0.5))
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        try:
+            summary = drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
+        finally:
+            drain.close()
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar() == 1
+    assert buf.get("ExecutedObsUnit", obs["id"]) is not None  # the site still reads it, from its caches
+    assert buf.status(tx.transaction_id) == "applied"
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"])) == 1
+    assert redis_client.zcard(keys.awaiting_replication) == 1
+    assert summary.replica_stalled and "another cluster" in summary.stopped_because, summary.stopped_because
+    said = [r.getMessage() for r in caplog.records if "another cluster" in r.getMessage()]
+    assert len(said) == 1 and "OBS_REPLICA_DB_URL" in said[0], said
+    buf.close()
+
+    buf = TransactionBuffer(settings=settings)  # the site's own replica: cleaned once, read from it
+    drain = Drain(settings, DrainConfig(replication_timeout_s=10))
+    try:
+        drain.run(until_empty=True, budget_s=30)
+    finally:
+        drain.close()
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"])) == 0
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+    assert int(redis_client.hget(keys.stats, "replicated_total")) == 1
+    buf.close()
