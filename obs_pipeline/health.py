@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import hot_standby_off, main_is_standby, replica_hot_standby_off
-from obs_pipeline.lsn import REPLAY_LSN_SQL, lsn_to_int
+from obs_pipeline.apply import hot_standby_off, main_is_standby, replica_hot_standby_off, replica_of_another_cluster
+from obs_pipeline.lsn import REPLAY_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
 from obs_pipeline.dead_letters import not_retryable
@@ -20,11 +20,13 @@ from obs_pipeline.wire import one_line
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
-# a server not in recovery has no replay position (REPLAY_LSN_SQL): no replay will ever clean a batch
+# a server not in recovery has no replay position (REPLAY_SQL): no replay will ever clean a batch
 NO_REPLAY_POSITION = "the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary"
-# Main's flush LSN, and whether it is a hot standby instead (the flush LSN raises 55000 there)
+# Main's flush LSN, and whether it is a hot standby instead (the flush LSN raises 55000 there), and
+# its system identifier, which the replica's must be (replica_of_another_cluster)
 MAIN_LSN_SQL = ("SELECT pg_is_in_recovery(), "
-                "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END")
+                "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END, "
+                "(SELECT system_identifier FROM pg_control_system())")
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
@@ -197,9 +199,9 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     replayed, waiting only for a drain to clean it, was counted as lag, the replica at main's LSN)."""
     out: dict[str, Any] = {}
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
-    main_lsn = replica_lsn = None
+    main_lsn = replica_lsn = main_cluster = replica_cluster = None
     try:
-        standby, main_lsn = _row(main, MAIN_LSN_SQL) if main is not None else (False, None)
+        standby, main_lsn, main_cluster = _row(main, MAIN_LSN_SQL) if main is not None else (False, None, None)
     except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
         errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
                       else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
@@ -207,11 +209,14 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
         if standby:
             errors.append(main_is_standby(main.url))
     try:
-        replica_lsn = _scalar(replica, REPLAY_LSN_SQL) if replica is not None else None
+        replica_lsn, replica_cluster = _row(replica, REPLAY_SQL) if replica is not None else (None, None)
     except sa.exc.SQLAlchemyError as error:  # (one with hot_standby off is up: it refuses every connect)
         errors.append(replica_hot_standby_off(replica.url) if hot_standby_off(error)
                       else f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
-    replayed = lsn_to_int(replica_lsn) if replica_lsn else None
+    foreign = None not in (replica_lsn, main_cluster) and replica_cluster != main_cluster
+    if foreign:  # its replay is of other WAL: it replays none of our batches (the drain cleans none)
+        errors.append(replica_of_another_cluster(replica.url, replica_cluster, main_cluster))
+    replayed = lsn_to_int(replica_lsn) if replica_lsn and not foreign else None
     count, lowest = store.awaiting_replication(after=replayed)
     out["seconds"], out["awaiting_batches"] = round(oldest_batch_age_s(store, after=replayed), 3), count
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
@@ -242,11 +247,6 @@ def replica_behind(count: int, lowest: int, replayed: int | None) -> bool:
 def _first_line(error: BaseException) -> str:
     lines = str(getattr(error, "orig", None) or error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
-
-
-def _scalar(engine: sa.Engine, sql: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(sql)).scalar()
 
 
 def _row(engine: sa.Engine, sql: str) -> tuple:

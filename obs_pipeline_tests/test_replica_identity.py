@@ -7,6 +7,7 @@ caches whose rows that replica never gets: reads at the site lost the records.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -105,3 +106,24 @@ def test_a_replica_of_another_cluster_never_has_the_drain_clean_caches_and_the_r
     assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
     assert int(redis_client.hget(keys.stats, "replicated_total")) == 1
     buf.close()
+
+
+def test_status_says_the_replica_is_of_another_cluster(settings, foreign_standby_url, redis_client):
+    """It said healthy, with no lag: the foreign replay position was past every batch, while
+    the drain (fixed) cleans none of them."""
+    from obs_pipeline_tests.test_cli import cli, one_line_error
+
+    env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url, "OBS_MAIN_DB_URL": settings.main_db_url,
+           "OBS_REPLICA_DB_URL": foreign_standby_url}
+    buf = TransactionBuffer(settings=dataclasses.replace(settings, replica_db_url=foreign_standby_url))
+    with buf.transaction(endpoint="start_observation") as tx:
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+    buf.close()
+    assert cli("drain", "--once", "--replication-timeout", "0.5", env=env).returncode == 0
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["status"] == "unhealthy", report
+    assert len(report["problems"]) == 1 and "is a standby of another cluster" in report["problems"][0], report
+    assert report["replication_lag"]["awaiting_batches"] == 1, report
+    line = one_line_error(cli("status", "--check", env=env))
+    assert line.startswith(f"obs-pipeline: site {settings.site} is unhealthy: the replica at ") and \
+        "OBS_REPLICA_DB_URL" in line, line
