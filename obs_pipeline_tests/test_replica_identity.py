@@ -18,7 +18,8 @@ from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import create_schema
-from obs_pipeline_tests.conftest import OBS_UNIT_IDS
+from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
+from obs_pipeline_tests.workload import replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -127,3 +128,48 @@ def test_status_says_the_replica_is_of_another_cluster(settings, foreign_standby
     line = one_line_error(cli("status", "--check", env=env))
     assert line.startswith(f"obs-pipeline: site {settings.site} is unhealthy: the replica at ") and \
         "OBS_REPLICA_DB_URL" in line, line
+
+
+def test_a_drain_that_cannot_ask_main_keeps_the_caches_until_it_can_then_cleans_them_once(
+        stack, settings, redis_client, main_engine, replica_engine):
+    """Whose WAL the replica replays is known from main's session: while main does not answer,
+    a run that has not reached it cleans nothing (caches kept, its stop reason says why), and the
+    next run that reaches it cleans them once."""
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    keys = SiteKeys(settings.site)
+    with replay_paused(replica_engine):
+        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
+        try:
+            drain.run(until_empty=True, replica_patience_s=0.5, budget_s=20)
+        finally:
+            drain.close()
+    assert buf.status(tx.transaction_id) == "applied"
+    wait_for_replica(main_engine, replica_engine)  # replayed now; only a drain's cleanup is missing
+    stack.stop_service("main")
+    try:
+        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
+        try:
+            summary = drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
+        finally:
+            drain.close()
+        assert "main does not answer" in summary.stopped_because, summary.stopped_because
+        assert buf.status(tx.transaction_id) == "applied"
+        assert redis_client.zcard(keys.awaiting_replication) == 1
+        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+    finally:
+        stack.start_service("main")
+    drain = Drain(settings, DrainConfig(replication_timeout_s=10))
+    try:
+        summary = drain.run(until_empty=True, budget_s=30)
+    finally:
+        drain.close()
+    assert summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"])) == 0
+    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+    assert int(redis_client.hget(keys.stats, "replicated_total")) == 1
+    buf.close()
