@@ -226,7 +226,7 @@ def replica_of_another_cluster(url: sa.URL, cluster: int, main: int | None) -> s
     cluster's WAL (its system identifier is not main's), or main, down, cannot say whose."""
     where = f"the replica at {_where(url)} (OBS_REPLICA_DB_URL)"
     if main is None:
-        return f"cannot tell whether {where} replays main's WAL: main does not answer"
+        return f"cannot tell whether {where} replays main's WAL until main answers"
     return (f"{where} is a standby of another cluster (system identifier {cluster}, main's is {main}): point "
             "OBS_REPLICA_DB_URL at the site's replica of main, or clone it afresh from main (pg_basebackup)")
 

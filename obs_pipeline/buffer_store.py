@@ -59,6 +59,9 @@ class Link(NamedTuple):
     round_trips: int | None = None
 
 
+MAIN_CLUSTER_FIELD = "main_system_identifier"  # in `stats`: see BufferStore.main_cluster
+
+
 def redis_is_full(error: BaseException) -> bool:
     """Redis at its `maxmemory` refused a write: OutOfMemoryError, or, from inside a Lua script
     on Redis 6, the same reply wrapped in the script's error."""
@@ -241,6 +244,7 @@ class Outcome:
     unpark: list[str] = field(default_factory=list)  # applied or dead: those parked behind them come due
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
+    main_cluster: int | None = None  # main's system identifier: the cluster whose WAL holds the commit
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
     oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
@@ -568,6 +572,8 @@ class BufferStore:
                 # every transaction was dead-lettered read "last run never")
                 at = time.time()
                 pipe.hset(k.stats, mapping={"last_batch_at": at, **({"last_applied_at": at} if applied_ids else {})})
+                if outcome.commit_lsn is not None and outcome.main_cluster is not None:  # with the chunks it names
+                    pipe.hset(k.stats, MAIN_CLUSTER_FIELD, outcome.main_cluster)
                 if applied_ids:
                     pipe.hincrby(k.stats, "applied_total", len(applied_ids))
                     pipe.publish(k.events, json_codec.dumps({"event": "applied", "transaction_ids": applied_ids}))
@@ -701,6 +707,12 @@ class BufferStore:
             raise
         finally:
             pool.release(conn)
+
+    def main_cluster(self) -> int | None:
+        """The system identifier of the main whose commits await the replica, as the last
+        acknowledgement of a commit recorded it; None if none did (a drain of an earlier version)."""
+        value = self.redis.hget(self.keys.stats, MAIN_CLUSTER_FIELD)
+        return int(value) if value is not None else None
 
     def newest_committed_ids(self) -> list[str]:
         """The transaction ids of the newest batch that awaits the replica's replay (its chunks

@@ -232,6 +232,7 @@ class Drain:
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._applying: Any = None  # the worker's apply in flight (its future), if any: see _main_cluster
+        self._cluster: int | None = None  # see _main_cluster
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -452,6 +453,8 @@ class Drain:
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
+            if outcome.commit_lsn is not None and outcome.main_cluster is not None:
+                self._cluster = outcome.main_cluster  # as acknowledge recorded it
         except BaseException as error:
             if applying:  # interrupted while main applies (Ctrl-C, Dagster ending the run)
                 self._let_main_finish(applying)
@@ -689,6 +692,7 @@ class Drain:
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[_one_of_batch(tx)])
         outcome.commit_lsn = result.commit_lsn
+        outcome.main_cluster = self.main.system_identifier
         for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
             self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
         not_applied = result.failed + result.timed_out + result.dead_blocked
@@ -792,15 +796,20 @@ class Drain:
         return replayed
 
     def _main_cluster(self) -> int | None:
-        """Main's system identifier, which the replica's must be for its replay to count
-        (ReplicaDatabase.main_cluster); None while main does not answer. Main is asked only if
-        no session has said it yet and no apply is in flight (the worker thread has the session)."""
-        if self.main.system_identifier is None and (self._applying is None or self._applying.done()):
+        """The system identifier of the main whose commits await the replica, which the
+        replica's must be for its replay to count (ReplicaDatabase.main_cluster): as the
+        acknowledgement of the last commit recorded it, so a drain cleans while main is down.
+        Batches no acknowledgement named (a drain of an earlier version) need main's own, asked
+        only while no apply is in flight (the worker thread has the session); None while main
+        does not answer."""
+        if self._cluster is None:
+            self._cluster = self.store.main_cluster()
+        if self._cluster is None and (self._applying is None or self._applying.done()):
             try:
-                self.main.identify()
+                self._cluster = self.main.identify()
             except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
                 pass
-        return self.main.system_identifier
+        return self._cluster
 
     def _log_replica_refusal(self) -> bool:
         """Log the replica's refusal (ReplicaDatabase.refusal: hot_standby off) once while it

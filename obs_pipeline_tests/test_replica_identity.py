@@ -13,7 +13,7 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.drain import Drain, DrainConfig, DrainSummary
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.model_registry import ModelRegistry
@@ -130,46 +130,87 @@ def test_status_says_the_replica_is_of_another_cluster(settings, foreign_standby
         "OBS_REPLICA_DB_URL" in line, line
 
 
-def test_a_drain_that_cannot_ask_main_keeps_the_caches_until_it_can_then_cleans_them_once(
-        stack, settings, redis_client, main_engine, replica_engine):
-    """Whose WAL the replica replays is known from main's session: while main does not answer,
-    a run that has not reached it cleans nothing (caches kept, its stop reason says why), and the
-    next run that reaches it cleans them once."""
+def _drain(settings, **run) -> DrainSummary:
+    drain = Drain(settings, DrainConfig(replication_timeout_s=run.pop("replication_timeout_s", 0.2)))
+    try:
+        return drain.run(until_empty=True, budget_s=30, **run)
+    finally:
+        drain.close()
+
+
+def _applied_not_cleaned(settings, replica_engine, main_engine) -> tuple[TransactionBuffer, str, str]:
+    """One transaction committed and acknowledged while replay was paused, then replayed: only
+    a drain's cleanup is missing. (buffer, its id, its record's id)"""
     buf = TransactionBuffer(settings=settings)
     with buf.transaction(endpoint="start_observation") as tx:
         obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
                                             "status": "running"})
-    keys = SiteKeys(settings.site)
     with replay_paused(replica_engine):
-        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
-        try:
-            drain.run(until_empty=True, replica_patience_s=0.5, budget_s=20)
-        finally:
-            drain.close()
+        _drain(settings, replica_patience_s=0.5)
     assert buf.status(tx.transaction_id) == "applied"
-    wait_for_replica(main_engine, replica_engine)  # replayed now; only a drain's cleanup is missing
+    wait_for_replica(main_engine, replica_engine)
+    return buf, tx.transaction_id, obs["id"]
+
+
+def test_while_main_is_down_the_drain_cleans_what_the_replica_of_the_recorded_main_replayed(
+        stack, settings, redis_client, main_engine, replica_engine):
+    """The acknowledgement records main's system identifier with the commits it names, so a
+    run that cannot reach main still cleans them once (it cleaned them before the identity check
+    too). Batches no acknowledgement named (a drain of an earlier version) wait for main's own
+    answer: nothing is cleaned while main does not answer, the stop reason says so, reads still
+    find the record, and the next run that reaches main cleans it once."""
+    keys = SiteKeys(settings.site)
+    recorded, recorded_tx, _ = _applied_not_cleaned(settings, replica_engine, main_engine)
+    assert redis_client.hget(keys.stats, "main_system_identifier") is not None
     stack.stop_service("main")
     try:
-        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
-        try:
-            summary = drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
-        finally:
-            drain.close()
-        assert "main does not answer" in summary.stopped_because, summary.stopped_because
-        assert buf.status(tx.transaction_id) == "applied"
-        assert redis_client.zcard(keys.awaiting_replication) == 1
-        assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+        summary = _drain(settings, replica_patience_s=1.0)
+        assert summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
+        assert recorded.status(recorded_tx) == "replicated"
     finally:
         stack.start_service("main")
-    drain = Drain(settings, DrainConfig(replication_timeout_s=10))
+
+    unrecorded, unrecorded_tx, unrecorded_obs = _applied_not_cleaned(settings, replica_engine, main_engine)
+    redis_client.hdel(keys.stats, "main_system_identifier")  # as a drain of an earlier version left it
+    stack.stop_service("main")
     try:
-        summary = drain.run(until_empty=True, budget_s=30)
+        summary = _drain(settings, replica_patience_s=1.0)
+        assert "replays main's WAL until main answers" in summary.stopped_because, summary.stopped_because
+        assert unrecorded.status(unrecorded_tx) == "applied"
+        assert redis_client.zcard(keys.awaiting_replication) == 1
+        assert unrecorded.get("ExecutedObsUnit", unrecorded_obs)["status"] == "running"
     finally:
-        drain.close()
+        stack.start_service("main")
+    summary = _drain(settings, replication_timeout_s=10)
     assert summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
-    assert buf.status(tx.transaction_id) == "replicated"
+    assert unrecorded.status(unrecorded_tx) == "replicated"
     assert redis_client.zcard(keys.awaiting_replication) == 0
-    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs["id"])) == 0
-    assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
-    assert int(redis_client.hget(keys.stats, "replicated_total")) == 1
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", unrecorded_obs)) == 0
+    assert unrecorded.get("ExecutedObsUnit", unrecorded_obs)["status"] == "running"
+    assert int(redis_client.hget(keys.stats, "replicated_total")) == 2
+    recorded.close()
+    unrecorded.close()
+
+
+def test_the_sensor_launches_no_run_for_a_replica_of_another_cluster(settings, foreign_standby_url):
+    """Its replay position, of other WAL and larger, passed for the replay of the oldest batch:
+    the sensor launched a run at each tick, each waiting replication_timeout_s to clean nothing."""
+    from dagster import SkipReason, build_sensor_context, instance_for_test
+
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    foreign = dataclasses.replace(settings, replica_db_url=foreign_standby_url)
+    buf = TransactionBuffer(settings=foreign)
+    with buf.transaction(endpoint="start_observation") as tx:
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+    _drain(foreign, replica_patience_s=0.5)
+    assert buf.status(tx.transaction_id) == "applied"
     buf.close()
+    resource = ObsPipelineResource(site=foreign.site, redis_url=foreign.redis_url, main_db_url=foreign.main_db_url,
+                                   replica_db_url=foreign.replica_db_url)
+    with instance_for_test() as instance:
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+    assert isinstance(skip, SkipReason), skip
+    assert "which replays other WAL: the replica at " in skip.skip_message, skip.skip_message
+    assert "is a standby of another cluster" in skip.skip_message, skip.skip_message

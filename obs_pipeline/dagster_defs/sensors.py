@@ -135,6 +135,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         work = store.work()
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
+        cluster = store.main_cluster() if lowest is not None else None
         lease_left_s = store.lease_left_s()  # None: nobody holds it
         later = _retries_not_due(store) if not any(work.values()) else ""
     except Exception as error:
@@ -190,11 +191,11 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
-            replayed, refusal = obs_pipeline.replica_position()
+            replayed, refusal = obs_pipeline.replica_position(cluster)
         except ConfigError:  # the run fails on it, saying so in one line
             replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
-            where = (f"refuses every connection: {refusal}" if refusal else
+            where = (refusal if refusal else
                      "does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
                      if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
                      f"{int_to_lsn(lowest)}")
