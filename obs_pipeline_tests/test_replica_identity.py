@@ -214,3 +214,14 @@ def test_the_sensor_launches_no_run_for_a_replica_of_another_cluster(settings, f
     assert isinstance(skip, SkipReason), skip
     assert "which replays other WAL: the replica at " in skip.skip_message, skip.skip_message
     assert "is a standby of another cluster" in skip.skip_message, skip.skip_message
+
+
+def test_the_replica_replays_check_fails_for_a_replica_of_another_cluster(settings, foreign_standby_url):
+    from obs_pipeline.dagster_defs.operations import replica_replays
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+
+    resource = ObsPipelineResource(site=settings.site, redis_url=settings.redis_url, main_db_url=settings.main_db_url,
+                                   replica_db_url=foreign_standby_url)
+    result = replica_replays(obs_pipeline=resource)
+    assert not result.passed
+    assert "is a standby of another cluster" in result.description, result.description
