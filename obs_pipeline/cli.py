@@ -249,33 +249,42 @@ def cmd_spool(args: argparse.Namespace) -> int:
     import redis
 
     from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.health import spool_unreadable
     from obs_pipeline.spool import Spool
 
     settings = _settings()
     client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=5)
     spool = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(client, settings.site))
     try:
-        if args.action == "show":
-            summary = spool.summary()
-            oldest = summary["oldest_seconds"]
-            print(f"{summary['file']}: {summary['pending']} transaction(s) waiting"
-                  + (f", the oldest {oldest:.0f} s old" if oldest is not None else ""))
-            return 0
-        try:
-            pushed = spool.push()
-        except Exception as error:
-            left = spool.pending()
-            raise RuntimeError(f"{_one_line(error)} ({left} transaction(s) still wait in the spool {spool.path})") \
-                from error
-        aside = (f"; {spool.set_aside} line(s) Redis could not take moved to the dead-letter list (`obs-pipeline "
-                 "failed list`)" if spool.set_aside else "")
-        # the file named: run as another user (sudo) or with another OBS_SPOOL_DIR it looked at its own,
-        # and "the spool of site S is empty" was said with the scripts' spool still waiting
-        print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} in "
-              f"{spool.path} is empty" + aside, file=sys.stderr)
-        return 0
+        return _spool_action(args, settings, spool)
+    except PermissionError as error:  # another user's spool (0600): it said "[Errno 13] Permission denied: ..."
+        raise RuntimeError(spool_unreadable(spool, error, "spool" if args.action == "show" else "spool push")) \
+            from None
     finally:
         client.close()
+
+
+def _spool_action(args: argparse.Namespace, settings: Any, spool: Any) -> int:
+    """`spool` or `spool push` (cmd_spool) on the site's spool."""
+    if args.action == "show":
+        summary = spool.summary()
+        oldest = summary["oldest_seconds"]
+        print(f"{summary['file']}: {summary['pending']} transaction(s) waiting"
+              + (f", the oldest {oldest:.0f} s old" if oldest is not None else ""))
+        return 0
+    try:
+        pushed = spool.push()
+    except Exception as error:
+        left = spool.pending()
+        raise RuntimeError(f"{_one_line(error)} ({left} transaction(s) still wait in the spool {spool.path})") \
+            from error
+    aside = (f"; {spool.set_aside} line(s) Redis could not take moved to the dead-letter list (`obs-pipeline "
+             "failed list`)" if spool.set_aside else "")
+    # the file named: run as another user (sudo) or with another OBS_SPOOL_DIR it looked at its own,
+    # and "the spool of site S is empty" was said with the scripts' spool still waiting
+    print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} in "
+          f"{spool.path} is empty" + aside, file=sys.stderr)
+    return 0
 
 
 # --- failed ---------------------------------------------------------------------------------

@@ -176,10 +176,10 @@ def _spool_summary(spool: Spool) -> dict[str, Any]:
                 "error": spool_unreadable(spool, error)}
 
 
-def spool_unreadable(spool: Spool, error: OSError) -> str:
-    """One line: which spool file cannot be read, why, and what to do."""
+def spool_unreadable(spool: Spool, error: OSError, command: str = "status") -> str:
+    """One line: which spool file cannot be read, why, and what to do (run `command` as whom)."""
     return (f"the local spool cannot be read ({error.strerror or error}: {error.filename or spool.path}): run "
-            "`obs-pipeline status` as the user the observing scripts run as, or set OBS_SPOOL_DIR to their "
+            f"`obs-pipeline {command}` as the user the observing scripts run as, or set OBS_SPOOL_DIR to their "
             "spool folder, or give this user read and write access to it")
 
 

@@ -456,6 +456,28 @@ def test_status_with_a_spool_it_may_not_read_says_what_to_do_and_reports_the_res
     assert line.startswith("obs-pipeline: error: Redis unreachable (") and line.endswith(f"; and {unreadable}"), line
 
 
+
+def test_spool_and_spool_push_with_a_spool_they_may_not_read_say_what_to_do(env, settings, tmp_path):
+    """Another user's spool (its lock file 0600, as the spool makes it): `spool` and `spool push`
+    stopped with "obs-pipeline: error: [Errno 13] Permission denied: '.../site.lock'", nothing
+    saying what to do (status said it already)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    (folder / f"{settings.site}.jsonl").write_text("")
+    lock = folder / f"{settings.site}.lock"
+    lock.touch()
+    lock.chmod(0)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
+    for command in (["spool"], ["spool", "push"]):
+        done = subprocess.run([*_obeying_file_permissions(), sys.executable, "-m", "obs_pipeline.cli", *command],
+                              env={**base, **env, "OBS_SPOOL_DIR": str(folder)}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and done.stdout == "", (command, done.stdout, done.stderr)
+        assert one_line_error(done) == (
+            f"obs-pipeline: error: the local spool cannot be read (Permission denied: {lock}): run "
+            f"`obs-pipeline {' '.join(command)}` as the user the observing scripts run as, or set OBS_SPOOL_DIR to "
+            "their spool folder, or give this user read and write access to it"), command
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, settings, redis_client, main_engine,
                                                                           tmp_path):
