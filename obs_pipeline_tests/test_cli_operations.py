@@ -424,16 +424,22 @@ def _obeying_file_permissions() -> list[str]:
     return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
 
 
-def test_status_with_a_spool_it_may_not_read_says_what_to_do_and_reports_the_rest(env, settings, tmp_path):
-    """Another user's spool (its lock file 0600, as the spool makes it): status stopped with
-    "obs-pipeline: error: [Errno 13] Permission denied: '.../site.lock'" (exit 1), no report of
-    Redis, main or the replica, nothing saying what to do."""
+def _another_users_spool(settings, tmp_path: Path) -> tuple[Path, Path]:
+    """A spool folder whose lock file this user may not open (0, as another user's 0600 is)."""
     folder = tmp_path / "spool"
     folder.mkdir()
     (folder / f"{settings.site}.jsonl").write_text("")
     lock = folder / f"{settings.site}.lock"
     lock.touch()
     lock.chmod(0)
+    return folder, lock
+
+
+def test_status_with_a_spool_it_may_not_read_says_what_to_do_and_reports_the_rest(env, settings, tmp_path):
+    """Another user's spool (its lock file 0600, as the spool makes it): status stopped with
+    "obs-pipeline: error: [Errno 13] Permission denied: '.../site.lock'" (exit 1), no report of
+    Redis, main or the replica, nothing saying what to do."""
+    folder, lock = _another_users_spool(settings, tmp_path)
     base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
 
     def status(*args: str, **changes: str) -> subprocess.CompletedProcess:
@@ -461,12 +467,7 @@ def test_spool_and_spool_push_with_a_spool_they_may_not_read_say_what_to_do(env,
     """Another user's spool (its lock file 0600, as the spool makes it): `spool` and `spool push`
     stopped with "obs-pipeline: error: [Errno 13] Permission denied: '.../site.lock'", nothing
     saying what to do (status said it already)."""
-    folder = tmp_path / "spool"
-    folder.mkdir()
-    (folder / f"{settings.site}.jsonl").write_text("")
-    lock = folder / f"{settings.site}.lock"
-    lock.touch()
-    lock.chmod(0)
+    folder, lock = _another_users_spool(settings, tmp_path)
     base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
     for command in (["spool"], ["spool", "push"]):
         done = subprocess.run([*_obeying_file_permissions(), sys.executable, "-m", "obs_pipeline.cli", *command],
