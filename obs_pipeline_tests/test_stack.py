@@ -7,6 +7,7 @@ Tests share that stack and put back whatever they stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -774,3 +775,42 @@ def test_the_users_pg_variables_for_another_server_do_not_reach_the_stacks_conne
     server = PgServer("replica", stack.directory / "postgres" / "replica", replica["port"],
                       stack.log_path("replica"), stack.log_path("replica"), None)
     assert server.query("SELECT pg_is_in_recovery()") == (True,)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A small tmpfs in tmp_path/"disk" and a function that fills it up; unmounted at the end.
+    Skipped where this user cannot mount (mounting needs root, or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here to fill a disk")
+
+    def fill() -> None:
+        with open(disk / "filler", "ab", buffering=0) as fh:
+            with contextlib.suppress(OSError):
+                while fh.write(b"\0" * 4096):
+                    pass
+        with pytest.raises(OSError):  # full indeed
+            (disk / "probe").write_bytes(b"\0" * 4096)
+        (disk / "probe").unlink(missing_ok=True)
+
+    try:
+        yield disk, fill
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_first_up_on_a_full_disk_is_one_line_naming_stack_json_and_leaves_no_temp_file(full_disk):
+    """_save on a full disk said a bare '[Errno 28] No space left on device' and left an empty
+    stack.json.tmp."""
+    disk, fill = full_disk
+    local = LocalStack(disk / "stack")
+    local.make_folder()
+    fill()
+    with pytest.raises(StackError, match=r"^cannot write .*/stack/stack\.json: No space left on device$"):
+        local.up()
+    assert sorted(p.name for p in local.directory.iterdir()) == [".stack.lock"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from .binaries import pg_bin_dir, pg_bin_is_from_wheel
 from .errors import StackError
 from .proxy_process import proxy_delay_ms, proxy_pid, proxy_route, start_proxy, stop_proxy
-from .osutil import chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_holder, port_is_free
+from .osutil import (chown, open_prefixes, open_tree, pg_run_user, pick_free_ports, port_holder, port_is_free,
+                     write_file)
 from .postgres import HOST, PgServer
 from .redis_server import APPENDFSYNC_CHOICES, RedisServer
 
@@ -114,9 +115,7 @@ class LocalStack:
         raise StackError(f"{self.config_path} {what}: fix it in that file")
 
     def _save(self, cfg: dict) -> None:
-        tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.config_path)
+        write_file(self.config_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     def _require(self) -> dict:
         cfg = self._load()

@@ -212,6 +212,35 @@ def open_tree(root: Path) -> None:
                 path.chmod(want)
 
 
+def write_file(path: Path, text: str) -> None:
+    """Replace `path` by `text` whole or not at all (a temp file in its folder, fsynced, renamed
+    over it, with the old file's mode and, as root, owner); on failure a StackError in one line
+    naming the file, and no temp file left: stack.json's save on a full disk said a bare '[Errno
+    28] No space left on device' and left an empty stack.json.tmp."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        try:
+            old = path.stat()
+        except FileNotFoundError:
+            old = None
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if old is None else old.st_mode & 0o777)
+        try:
+            if old is not None:
+                os.fchmod(fd, old.st_mode & 0o777)
+                if hasattr(os, "geteuid") and os.geteuid() == 0:  # the run user's file stays the run user's
+                    os.fchown(fd, old.st_uid, old.st_gid)
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StackError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """Our environment minus PG* variables, which would silently redirect libpq tools."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
