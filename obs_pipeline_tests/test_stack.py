@@ -814,3 +814,24 @@ def test_a_first_up_on_a_full_disk_is_one_line_naming_stack_json_and_leaves_no_t
     with pytest.raises(StackError, match=r"^cannot write .*/stack/stack\.json: No space left on device$"):
         local.up()
     assert sorted(p.name for p in local.directory.iterdir()) == [".stack.lock"]
+
+
+def test_a_redis_whose_pidfile_was_deleted_is_still_found_and_stopped(tmp_path):
+    """With redis/redis.pid deleted (by hand, a cleanup script) while Redis ran, `stack down`
+    stopped nothing and said nothing: Redis was left running, `status` said it was not."""
+    from obs_pipeline.stack.redis_server import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", pick_free_ports(1)[0], tmp_path / "redis.log")
+    server.start()
+    pid = server.pid
+    try:
+        server.pidfile.unlink()
+        assert server.pid == pid
+        server.stop()
+        assert not pid_alive(pid)
+        assert port_is_free(server.port)
+    finally:
+        if pid_alive(pid, f"127.0.0.1:{server.port}"):
+            os.kill(pid, 9)
+

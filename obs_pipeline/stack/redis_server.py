@@ -58,7 +58,20 @@ class RedisServer:
     @property
     def pid(self) -> int | None:
         pid = read_pid(self.pidfile)
-        return pid if pid_alive(pid, self._title) else None
+        return pid if pid_alive(pid, self._title) else self._pid_as_said()
+
+    def _pid_as_said(self) -> int | None:
+        """The pid the Redis on its port gives, if that Redis runs on this folder's config: its
+        pidfile deleted while it ran (by hand, a cleanup script), `down` stopped nothing and
+        said nothing, and `status` said it was not running."""
+        try:
+            with self.client(timeout=0.5) as conn:
+                info = conn.info("server")
+        except (redis.RedisError, OSError):
+            return None
+        pid = info.get("process_id")
+        ours = info.get("config_file") == str(self.conf) and isinstance(pid, int)
+        return pid if ours and pid_alive(pid, self._title) else None
 
     @property
     def _title(self) -> str:
