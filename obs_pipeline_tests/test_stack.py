@@ -835,3 +835,23 @@ def test_a_redis_whose_pidfile_was_deleted_is_still_found_and_stopped(tmp_path):
         if pid_alive(pid, f"127.0.0.1:{server.port}"):
             os.kill(pid, 9)
 
+
+def test_a_redis_that_exits_before_writing_its_pidfile_is_said_at_once(tmp_path):
+    """Its port taken by another program between the check and the start, Redis exits before it
+    writes its pidfile: `up` waited READY_TIMEOUT (60 s) and said 'not answering PING'."""
+    from obs_pipeline.stack.redis_server import RedisServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        (tmp_path / "redis").mkdir()
+        server = RedisServer(tmp_path / "redis", taken.getsockname()[1], tmp_path / "redis.log")
+        started = time.monotonic()
+        with pytest.raises(StackError, match=r"^redis exited as it started on 127\.0\.0\.1:\d+: "
+                                             r".*Failed listening on port \d+ \(TCP\)"):
+            server.start()
+        assert time.monotonic() - started < 20
+    finally:
+        taken.close()
+

@@ -148,9 +148,17 @@ class RedisServer:
 
     def _exited(self) -> bool:
         """Its pidfile names a process that is gone: Redis exits at once on an AOF it cannot read
-        (it writes the file before it loads its data, and keeps it as it exits so)."""
+        (it writes the file before it loads its data, and keeps it as it exits so). Without a
+        pidfile, no process is this server: one whose port was taken exits before it writes the
+        file (`up` waited READY_TIMEOUT for it). Unknown without /proc (macOS): not exited."""
         pid = read_pid(self.pidfile)
-        return pid is not None and not pid_alive(pid, self._title)
+        if pid is not None:
+            return not pid_alive(pid, self._title)
+        if not Path("/proc/self").is_dir():
+            return False
+        # its command line names its config until it has listened, then its address (its title)
+        return not any(pid_alive(int(entry.name), self._title) or pid_alive(int(entry.name), str(self.conf))
+                       for entry in Path("/proc").iterdir() if entry.name.isdigit())
 
     def stop(self, mode: str = "fast") -> None:
         """"fast": SHUTDOWN (AOF is flushed, no data lost); "kill"/"immediate": SIGKILL, crash-like."""
