@@ -855,3 +855,30 @@ def test_a_redis_that_exits_before_writing_its_pidfile_is_said_at_once(tmp_path)
     finally:
         taken.close()
 
+
+def test_stopping_a_proxy_that_exits_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """stop_proxy read the pidfile twice: a proxy exiting (and removing its pidfile) between the
+    reads made it raise FileNotFoundError; and one gone before the SIGTERM, ProcessLookupError."""
+    from obs_pipeline.stack import proxy_process
+
+    listen, target = pick_free_ports(2)
+    pidfile = tmp_path / "proxy.pid"
+    pid = start_proxy(listen, target, 5, pidfile, tmp_path / "proxy.log")
+    real_pid_alive = proxy_process.pid_alive
+
+    def exits_right_after_the_check(pid_, needle=None):
+        alive = real_pid_alive(pid_, needle)
+        if alive and pidfile.exists():
+            os.kill(pid_, 15)
+            assert eventually(lambda: not pidfile.exists() and not real_pid_alive(pid_, needle))
+        return alive
+
+    monkeypatch.setattr(proxy_process, "pid_alive", exits_right_after_the_check)
+    try:
+        stop_proxy(pidfile)
+    finally:
+        monkeypatch.undo()
+        if pid_alive(pid, f"--listen {listen} "):
+            os.kill(pid, 9)
+    assert not pidfile.exists() and not pid_alive(pid)
+

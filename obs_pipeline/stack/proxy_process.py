@@ -6,6 +6,7 @@ with `python -m` (which would make runpy warn and execute it twice).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,12 +21,17 @@ from .osutil import pid_alive
 
 def proxy_pid(pidfile: Path) -> int | None:
     """Pid of the live proxy recorded in `pidfile`, else None."""
+    recorded = _recorded(pidfile)
+    return recorded[0] if recorded and pid_alive(*recorded) else None
+
+
+def _recorded(pidfile: Path) -> tuple[int, str] | None:
+    """(pid, command-line title) the pidfile records, read once: the proxy removes it as it exits."""
     try:
         info = json.loads(pidfile.read_text())
-        pid, title = int(info["pid"]), _title(info["listen"])
+        return int(info["pid"]), _title(info["listen"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if pid_alive(pid, title) else None
 
 
 def _title(listen: str) -> str:
@@ -71,14 +77,17 @@ def start_proxy(listen_port: int, target_port: int, delay_ms: int, pidfile: Path
 
 
 def stop_proxy(pidfile: Path, mode: str = "fast") -> None:
-    """SIGTERM (or SIGKILL for "kill"/"immediate") the proxy and wait until it is gone."""
-    pid = proxy_pid(pidfile)
-    if pid is not None:
-        title = _title(json.loads(pidfile.read_text())["listen"])
-        os.kill(pid, signal.SIGTERM if mode == "fast" else signal.SIGKILL)
+    """SIGTERM (or SIGKILL for "kill"/"immediate") the proxy and wait until it is gone; one that
+    exits meanwhile is no error (it raised FileNotFoundError or ProcessLookupError)."""
+    recorded = _recorded(pidfile)
+    if recorded is not None and pid_alive(*recorded):
+        pid, title = recorded
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM if mode == "fast" else signal.SIGKILL)
         deadline = time.monotonic() + 10
         while pid_alive(pid, title) and time.monotonic() < deadline:
             time.sleep(0.02)
         if pid_alive(pid, title):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
