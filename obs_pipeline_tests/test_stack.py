@@ -882,3 +882,11 @@ def test_stopping_a_proxy_that_exits_meanwhile_is_no_error(tmp_path, monkeypatch
             os.kill(pid, 9)
     assert not pidfile.exists() and not pid_alive(pid)
 
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_main_latency_of_true_or_false_is_refused(value):
+    """checked_latency(True) was taken for 1 ms (True == 1), from the API or from stack.json."""
+    from obs_pipeline.stack.local_stack import checked_latency
+
+    with pytest.raises(ValueError, match=r"^main latency must be a whole number"):
+        checked_latency(value)

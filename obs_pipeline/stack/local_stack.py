@@ -35,12 +35,13 @@ MAX_MAIN_LATENCY_MS = 5000
 
 
 def checked_latency(value) -> int:
-    """main_latency_ms as an int from 0 to MAX_MAIN_LATENCY_MS, or ValueError in one line."""
+    """main_latency_ms as an int from 0 to MAX_MAIN_LATENCY_MS, or ValueError in one line
+    (True, equal to 1, was taken for 1 ms)."""
     try:
         latency = int(value)
     except (TypeError, ValueError, OverflowError):
         latency = None
-    if latency is None or latency != value or not 0 <= latency <= MAX_MAIN_LATENCY_MS:
+    if latency is None or isinstance(value, bool) or latency != value or not 0 <= latency <= MAX_MAIN_LATENCY_MS:
         raise ValueError(f"main latency must be a whole number of milliseconds from 0 to {MAX_MAIN_LATENCY_MS} "
                          f"(each way; 0 removes the proxy), not {value!r}")
     return latency
