@@ -67,7 +67,7 @@ class RedisServer:
         try:
             with self.client(timeout=0.5) as conn:
                 info = conn.info("server")
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError, ValueError, TypeError):  # (a port edited wrong in stack.json)
             return None
         pid = info.get("process_id")
         ours = info.get("config_file") == str(self.conf) and isinstance(pid, int)
