@@ -890,3 +890,47 @@ def test_a_main_latency_of_true_or_false_is_refused(value):
 
     with pytest.raises(ValueError, match=r"^main latency must be a whole number"):
         checked_latency(value)
+
+
+def test_a_main_that_crashes_in_its_shutdown_is_said_by_stop(tmp_path):
+    """A main that crashed during its shutdown checkpoint (a full disk: PANIC), pg_ctl still says
+    'server stopped' and exits 0: `stack down` exited 0 and said nothing, the cluster left to
+    recover at its next start. Made here by killing its checkpointer as it shuts down."""
+    import signal
+    import subprocess
+
+    from obs_pipeline.stack.osutil import chown, open_prefixes, pg_run_user
+    from obs_pipeline.stack.postgres import PgServer
+
+    user = pg_run_user()
+    if user:
+        chown(tmp_path, user)
+        open_prefixes(tmp_path)
+    server = PgServer("main", tmp_path / "main", pick_free_ports(1)[0], tmp_path / "main.log",
+                      tmp_path / "pg_ctl.log", user)
+    server.init_primary()
+    server.start()
+    try:
+        checkpointer = int(subprocess.run(["pgrep", "-P", str(server.pid), "-f", "checkpointer"],
+                                          capture_output=True, text=True, check=True).stdout.split()[0])
+        os.kill(checkpointer, signal.SIGSTOP)
+        raised = []
+
+        def stop() -> None:
+            try:
+                server.stop()
+            except StackError as error:
+                raised.append(str(error))
+
+        stopping = threading.Thread(target=stop)
+        stopping.start()
+        assert eventually(lambda: "received fast shutdown request" in server.log.read_text())
+        os.kill(checkpointer, signal.SIGKILL)
+        stopping.join(WAIT)
+        assert not server.running
+        assert len(raised) == 1 and raised[0].startswith("main PostgreSQL crashed as it stopped"), raised
+        server.start()  # it recovers from its WAL
+        server.stop()  # and stops cleanly then: no error
+    finally:
+        if server.running:
+            server.stop("immediate")

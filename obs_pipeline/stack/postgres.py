@@ -24,6 +24,7 @@ from .osutil import chown, clean_env, pid_alive, read_pid, user_kwargs, wait_unt
 HOST = "127.0.0.1"
 SLOT = "obs_replica"
 READY_TIMEOUT = 60
+SHUT_DOWN_STATES = (1, 2)  # pg_control's DB_SHUTDOWNED, DB_SHUTDOWNED_IN_RECOVERY (a standby)
 
 # Appended to the primary's postgresql.conf; the replica inherits it via pg_basebackup.
 SERVER_CONF = """
@@ -226,6 +227,20 @@ class PgServer:
         except StackError:
             if self.running:
                 raise
+        if mode != "immediate" and self._cluster_state() not in (None, *SHUT_DOWN_STATES):
+            raise StackError(f"{self.role} PostgreSQL crashed as it stopped (no shutdown checkpoint; a full disk?): "
+                             f"it is stopped, and recovers from its WAL at its next start (log: {self.log})")
+
+    def _cluster_state(self) -> int | None:
+        """pg_control's DBState (4 bytes after the identifier and two versions), None if unreadable.
+        pg_ctl says 'server stopped' and exits 0 for a server that crashed during its shutdown
+        checkpoint (a full disk): `stack down` said nothing."""
+        try:
+            with open(self.datadir / "global" / "pg_control", "rb") as fh:
+                fh.seek(16)
+                return int.from_bytes(fh.read(4), sys.byteorder)
+        except OSError:
+            return None
 
     def ensure_databases(self, names: list[str]) -> None:
         for name in names:
