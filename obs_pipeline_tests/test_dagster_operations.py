@@ -1300,3 +1300,59 @@ def test_a_retry_of_all_names_the_letters_it_leaves_and_why(settings, resource, 
     listed = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).list()
     assert [letter.transaction_id for letter in listed] == ["obs-1", None]  # the places named
     assert redis_client.llen(keys.buffer) == 1
+
+
+def _drain_buffer_of_defs():
+    """drain_buffer as the UI launches it (resources of `defs`, read from OBS_*): re-execution
+    needs a job it can rebuild."""
+    from obs_pipeline.definitions import defs
+    return defs.get_job_def("drain_buffer")
+
+
+def test_a_drain_run_re_executed_from_the_ui_applies_nothing_twice(settings, redis_client, main_engine, monkeypatch):
+    """The UI's re-execute: from failure (report_replication failed, Redis lost after the drain)
+    runs that op alone on the parent's output; all steps (of a run that succeeded) drains again.
+    Neither applies a transaction a second time, and the lease is free after each."""
+    from dagster import ReexecutionOptions, execute_job, reconstructable
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    for name, value in (("OBS_SITE", settings.site), ("OBS_REDIS_URL", settings.redis_url),
+                        ("OBS_MAIN_DB_URL", settings.main_db_url), ("OBS_REPLICA_DB_URL", settings.replica_db_url)):
+        monkeypatch.setenv(name, value)
+    keys = SiteKeys(settings.site)
+    first, _ = seed_example(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(first))
+    job_ = reconstructable(_drain_buffer_of_defs)
+
+    def applied() -> int:
+        with main_engine.connect() as conn:
+            return conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied")).scalar_one()
+
+    with instance_for_test() as instance:
+        with monkeypatch.context() as lost:
+            lost.setattr(BufferStore, "depths", lambda self: (_ for _ in ()).throw(
+                __import__("redis").ConnectionError("Error 111 connecting. Connection refused.")))
+            with execute_job(job_, instance, run_config=FAST, raise_on_error=False) as parent:
+                assert not parent.success and parent.output_for_node("drain_batches")["applied"] == 1
+        assert applied() == 1
+
+        second, _ = seed_example(settings.site)  # buffered after the parent drained
+        redis_client.lpush(keys.buffer, json.dumps(second))
+        with execute_job(job_, instance, reexecution_options=ReexecutionOptions.from_failure(
+                parent.run_id, instance)) as retried:
+            assert retried.success
+            steps = {e.step_key for e in retried.all_events if e.event_type == DagsterEventType.STEP_START}
+            assert steps == {"report_replication"}
+        assert applied() == 1 and redis_client.llen(keys.buffer) == 1  # nothing drained, nothing again
+
+        for _ in range(2):  # all steps of a run that succeeded: drains what is new, once
+            with execute_job(job_, instance, reexecution_options=ReexecutionOptions(
+                    parent_run_id=retried.run_id)) as again:
+                assert again.success, again
+        assert applied() == 2 and redis_client.llen(keys.buffer) == 0
+        assert not redis_client.exists(keys.lease)
+        assert redis_client.llen(keys.failed) == 0
+        for doc in (first, second):
+            assert json.loads(redis_client.get(keys.transaction(doc["transaction_id"])))["status"] == "replicated"
+
