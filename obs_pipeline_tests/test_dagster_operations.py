@@ -1356,3 +1356,38 @@ def test_a_drain_run_re_executed_from_the_ui_applies_nothing_twice(settings, red
         for doc in (first, second):
             assert json.loads(redis_client.get(keys.transaction(doc["transaction_id"])))["status"] == "replicated"
 
+
+@pytest.mark.parametrize("setting, message", [
+    ("main_db_url unset", "OBS_MAIN_DB_URL is not set"),
+    ("main role", 'main refuses the connection (OperationalError: connection to server at'),
+    ("main not postgresql", "OBS_MAIN_DB_URL must name PostgreSQL"),
+    ("main down", "main unreachable (OperationalError: connection to server at"),
+], ids=["main url unset", "main role", "main not postgresql", "main down"])
+def test_the_prune_job_with_a_wrong_main_setting_fails_in_one_line_and_prunes_nothing(
+        settings, resource, main_engine, monkeypatch, setting, message):
+    """The schedule's run in a daemon whose OBS_MAIN_DB_URL is unset or wrong: the run says so
+    on its first line, as drain_buffer does, not under 'Error occurred while executing op'."""
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('old', :s, now() - interval '10 days')"), {"s": settings.site})
+    monkeypatch.delenv("OBS_MAIN_DB_URL", raising=False)
+    if setting == "main_db_url unset":
+        url = None
+    elif setting == "main role":
+        url = sa.engine.make_url(settings.main_db_url).set(username="no_such_role").render_as_string(
+            hide_password=False)
+    elif setting == "main down":
+        from obs_pipeline.stack.osutil import pick_free_ports
+        url = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0]).render_as_string(
+            hide_password=False)
+    else:
+        url = "mysql://127.0.0.1/obs"
+    wrong = ObsPipelineResource(**{**resource.__dict__, "main_db_url": url})
+    result = prune_applied_transactions.execute_in_process(resources={"obs_pipeline": wrong}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    first = failure.event_specific_data.error.message.strip().splitlines()[0]
+    assert first.startswith("dagster._core.definitions.events.Failure: ") and message in first, \
+        failure.event_specific_data.error.message
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars().all() == ["old"]

@@ -30,7 +30,7 @@ from dagster import (
 import redis
 import sqlalchemy as sa
 
-from obs_pipeline.apply import make_engine, refuse_standby
+from obs_pipeline.apply import describe, make_engine, refuse_standby, refused_by_configuration
 from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
@@ -137,11 +137,11 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
     processing list, and none applied `older_than_days` before the oldest transaction still
     waiting or later (schema.prune_cutoff): the log and the output say when that moved the cutoff
     back, and why."""
-    settings = obs_pipeline.settings()
-    engine = make_engine(settings.require_main())
-    store = None
-    try:
-        check_prune_days(config.older_than_days)  # before Redis is asked: a bad config is said as such
+    engine = store = None
+    try:  # an OBS_* setting unset or wrong (the schedule's daemon): its line, as the drain's run says it
+        check_prune_days(config.older_than_days)  # before anything is asked: a bad config is said as such
+        settings = obs_pipeline.settings()
+        engine = make_engine(settings.require_main())
         store = obs_pipeline.buffer_store()
         refuse_standby(engine)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
@@ -156,8 +156,13 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
             removed = prune_applied(conn, config.older_than_days, settings.site, keep, before)
     except (ValueError, ConfigError) as error:  # too few days, main a standby: its line, not a wrapped traceback
         raise Failure(description=str(error)) from error
+    except sa.exc.OperationalError as error:  # main refused or lost: the DELETE's transaction did not commit
+        main = "main refuses the connection" if refused_by_configuration(error) else "main unreachable"
+        raise Failure(description=f"site {settings.site}: {main} ({describe(error)}); is OBS_MAIN_DB_URL right "
+                                  "and main up? Nothing pruned") from error
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
         if store is not None:
             store.redis.close()
     done = (f"pruned {removed} applied-transaction records of site {settings.site} "
