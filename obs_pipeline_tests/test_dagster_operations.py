@@ -1391,3 +1391,23 @@ def test_the_prune_job_with_a_wrong_main_setting_fails_in_one_line_and_prunes_no
         failure.event_specific_data.error.message
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars().all() == ["old"]
+
+
+@pytest.mark.parametrize("job, op_config", [
+    (retry_dead_letters, {"requeue_dead_letters": {"config": {"all": True}}}),
+    (retry_dead_letters, {"requeue_dead_letters": {"config": {"transaction_ids": ["some-id"]}}}),
+    (discard_dead_letters, {"drop_dead_letters": {"config": {"transaction_ids": ["some-id"]}}}),
+], ids=["retry all", "retry ids", "discard"])
+def test_a_dead_letter_job_with_the_sites_redis_down_fails_in_one_line(settings, resource, job, op_config):
+    """As the drain's run, the checks and the prune job say it: which site's Redis, and what to check."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    port = pick_free_ports(1)[0]
+    down = ObsPipelineResource(**{**resource.__dict__, "redis_url": f"redis://127.0.0.1:{port}/0"})
+    result = job.execute_in_process(resources={"obs_pipeline": down}, raise_on_error=False,
+                                    run_config={"ops": op_config})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    first = failure.event_specific_data.error.message.strip().splitlines()[0]
+    assert first.startswith(f"dagster._core.definitions.events.Failure: site {settings.site}: Redis unreachable ("), \
+        failure.event_specific_data.error.message

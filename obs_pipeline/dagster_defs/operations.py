@@ -90,6 +90,11 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
         # id, a spooled line Redis refused, a list the drain's runs change at every read (nothing changed: stop
         # the sensor a moment), Redis lost mid-way (it says whether the MULTI was sent): its line, not a traceback
         raise Failure(description=str(error)) from error
+    except Exception as error:  # Redis down, not answering or full: the drain's line (it failed on redis-py's
+        trouble = redis_trouble(error)  # traceback, naming no setting)
+        if trouble is None:
+            raise
+        raise Failure(description=f"site {letters.keys.site}: {trouble}") from error
     finally:
         letters.store.redis.close()
 
@@ -118,6 +123,11 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
         context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
     except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # as in requeue_dead_letters
         raise Failure(description=str(error)) from error
+    except Exception as error:  # as in requeue_dead_letters
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise Failure(description=f"site {letters.keys.site}: {trouble}") from error
     finally:
         letters.store.redis.close()
 
