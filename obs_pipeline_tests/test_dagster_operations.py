@@ -1411,3 +1411,51 @@ def test_a_dead_letter_job_with_the_sites_redis_down_fails_in_one_line(settings,
     first = failure.event_specific_data.error.message.strip().splitlines()[0]
     assert first.startswith(f"dagster._core.definitions.events.Failure: site {settings.site}: Redis unreachable ("), \
         failure.event_specific_data.error.message
+
+
+def test_a_drain_run_terminated_while_its_op_waits_to_retry_is_not_retried(settings, resource, redis_client):
+    """Terminate (the UI's button) while drain_batches waits for its op retry (main unreachable):
+    the run ends CANCELED once the wait is over, its drain not started again, the batch left
+    buffered, the lease free."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
+    unreachable = ObsPipelineResource(**{**resource.__dict__,
+                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": 60,
+                                                   "transient_retry_wait_s": 4}}}}
+    with instance_for_test() as instance:
+        def terminate():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                runs = instance.get_runs()
+                if runs and instance.all_logs(runs[0].run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY):
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            time.sleep(0.5)  # in the executor's wait, before the retry starts
+            instance.report_run_canceling(runs[0])
+            os.kill(os.getpid(), signal.SIGINT)
+
+        terminator = threading.Thread(target=terminate)
+        terminator.start()
+        try:
+            result = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
+                                                     run_config=config, raise_on_error=False)
+        finally:
+            terminator.join()
+        logs = [e for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
+        kinds = [e.dagster_event.event_type for e in logs]
+        assert DagsterEventType.STEP_UP_FOR_RETRY in kinds and DagsterEventType.RUN_CANCELING in kinds, kinds
+        after = kinds[kinds.index(DagsterEventType.RUN_CANCELING):]
+        # the retry that follows is interrupted before the drain starts: it neither claims nor asks main again
+        # (a second attempt that reached main would log its own op-retry observation or a materialization)
+        assert DagsterEventType.ASSET_OBSERVATION not in after and DagsterEventType.ASSET_MATERIALIZATION not in after
+        assert DagsterEventType.STEP_UP_FOR_RETRY not in after, after
+        assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
+    assert not redis_client.exists(keys.lease)
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
+    assert redis_client.llen(keys.failed) == 0
