@@ -30,7 +30,7 @@ from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.config import ConfigError
-from obs_pipeline.lsn import REPLAY_SQL, lsn_to_int
+from obs_pipeline.lsn import REPLAY_TIMELINE_SQL, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
@@ -70,11 +70,15 @@ _CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
 # Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
 # has steps_digest, whether "main" is a hot standby (the site's replica, or main demoted by a
 # failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one,
-# and main's system identifier, which the replica's must be (ReplicaDatabase.replay_lsn).
+# and main's system identifier, which the replica's must be (ReplicaDatabase.replay_lsn), and
+# the timeline main writes (a primary's stays until it restarts): a failover or a restore forks
+# one, and a replica that replays another timeline of the same cluster has other WAL at the same
+# LSNs. (Its WAL file name's first 8 hex digits: pg_control_checkpoint's lags a promotion.)
 _SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
                 f"'{applied_transactions.name}') AND attname = 'steps_digest' "
                 "AND NOT attisdropped), pg_is_in_recovery(), "
-                "(SELECT system_identifier FROM pg_control_system())").encode()
+                "(SELECT system_identifier FROM pg_control_system()), "
+                "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END").encode()
 # ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
 # as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
 _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
@@ -231,6 +235,18 @@ def replica_of_another_cluster(url: sa.URL, cluster: int, main: int | None) -> s
             "OBS_REPLICA_DB_URL at the site's replica of main, or clone it afresh from main (pg_basebackup)")
 
 
+def replica_on_another_timeline(url: sa.URL, replica: int, main: int | None) -> str:
+    """Why the replica's replay cannot be compared with main's commits: it replays another
+    timeline of main's cluster (a failover or a restore forked them; past the fork the same LSNs
+    are other WAL), or main, down, cannot say which it writes."""
+    where = f"the replica at {_where(url)} (OBS_REPLICA_DB_URL)"
+    if main is None:
+        return f"cannot tell whether {where} replays the timeline main writes until main answers"
+    return (f"{where} replays timeline {replica} of main's cluster, main writes timeline {main} (a failover or a "
+            "restore forked them): point OBS_REPLICA_DB_URL at a standby that follows main "
+            "(recovery_target_timeline = 'latest'), or clone it afresh from main (pg_basebackup)")
+
+
 def hot_standby_off(error: BaseException) -> bool:
     """A connect refused by a standby with `hot_standby = off`: a standby until promoted, which
     no retry fixes (it said "main unreachable" for ever)."""
@@ -309,6 +325,7 @@ class MainDatabase:
         self._conn: Any = None
         self.records_digest = True  # main's obs_pipeline_applied has steps_digest (see _connection)
         self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
+        self.timeline: int | None = None  # the timeline main writes, as its last session said (identify)
         self._warned_no_digest = False
 
     def close(self) -> None:
@@ -322,7 +339,7 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier = (
+            self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier, self.timeline = (
                 self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables)))
             self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
@@ -338,7 +355,8 @@ class MainDatabase:
 
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
-                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None, int | None]:
+                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None, int | None,
+                                                                   int | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -352,10 +370,10 @@ class MainDatabase:
         drain run measured (the key `link`), counts as a far reply taken before: a first reply
         within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run.
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
-        fifth is main's system identifier."""
+        fifth is main's system identifier, the sixth its timeline (None on a standby)."""
         taken: list[float] = []
         present = standby = False
-        triggered = system_identifier = None
+        triggered = system_identifier = timeline = None
         with conn.cursor() as cur:
             sql = cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL, (tables,)) if tables else _SESSION_SQL
             while len(taken) < samples:
@@ -365,12 +383,13 @@ class MainDatabase:
                 row = cur.fetchone()
                 present, standby = bool(row[0]), bool(row[1])
                 system_identifier = row[2] if len(row) > 2 else None
-                triggered = row[3] if len(row) > 3 else None
+                timeline = int(row[3][:8], 16) if len(row) > 3 and row[3] else None
+                triggered = row[4] if len(row) > 4 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby, triggered, system_identifier
+        return min(taken), present, standby, triggered, system_identifier, timeline
 
     def identify(self) -> int | None:
         """Main's system identifier, starting a session if none is open (main's errors as a
@@ -745,20 +764,24 @@ def refusable_columns(registry: ModelRegistry) -> dict[str, tuple[frozenset[str]
 class ReplicaDatabase:
     """The site's streaming replica: how far it has replayed main's WAL."""
 
-    def __init__(self, engine: sa.Engine, main_cluster: Callable[[], int | None] | None = None):
+    def __init__(self, engine: sa.Engine, main_cluster: Callable[[], int | None] | None = None,
+                 main_timeline: Callable[[], int | None] | None = None):
         self.engine = engine
         self.refusal: str | None = None  # replica_hot_standby_off's line while the last ask was refused so
         # main's system identifier (None: main unknown), for a caller that compares the replay with
         # main's commits: a standby of another cluster replays other WAL, whose positions, larger,
         # passed for the replay of every commit (the drain cleaned caches that reads still needed)
         self.main_cluster = main_cluster
+        # ... and the timeline main writes (None: unknown): so does a standby left on another
+        # timeline of main's cluster by a failover or a restore, past their fork
+        self.main_timeline = main_timeline
 
     def replay_lsn(self) -> int | None:
-        """The replay position; None where there is none, or (with `main_cluster`) where it is
-        not of main's WAL, `refusal` saying why."""
+        """The replay position; None where there is none, or (with `main_cluster`, `main_timeline`)
+        where it is not of main's WAL, `refusal` saying why."""
         try:
             with self.engine.connect() as conn:
-                lsn, cluster = conn.execute(sa.text(REPLAY_SQL)).one()
+                lsn, cluster, timeline = conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()
         except exc.SQLAlchemyError as error:
             self.refusal = replica_hot_standby_off(self.engine.url) if hot_standby_off(error) else None
             raise
@@ -767,6 +790,11 @@ class ReplicaDatabase:
             main = self.main_cluster()
             if main != cluster:
                 self.refusal = replica_of_another_cluster(self.engine.url, cluster, main)
+                return None
+        if lsn and self.main_timeline is not None:
+            main = self.main_timeline()
+            if main != timeline:
+                self.refusal = replica_on_another_timeline(self.engine.url, timeline, main)
                 return None
         return lsn_to_int(lsn) if lsn else None
 

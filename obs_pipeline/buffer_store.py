@@ -60,6 +60,7 @@ class Link(NamedTuple):
 
 
 MAIN_CLUSTER_FIELD = "main_system_identifier"  # in `stats`: see BufferStore.main_cluster
+MAIN_TIMELINE_FIELD = "main_timeline"  # in `stats`: see BufferStore.main_timeline
 
 
 def redis_is_full(error: BaseException) -> bool:
@@ -245,6 +246,7 @@ class Outcome:
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     main_cluster: int | None = None  # main's system identifier: the cluster whose WAL holds the commit
+    main_timeline: int | None = None  # ... and the timeline of that WAL main wrote it on
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
     oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
@@ -574,6 +576,8 @@ class BufferStore:
                 pipe.hset(k.stats, mapping={"last_batch_at": at, **({"last_applied_at": at} if applied_ids else {})})
                 if outcome.commit_lsn is not None and outcome.main_cluster is not None:  # with the chunks it names
                     pipe.hset(k.stats, MAIN_CLUSTER_FIELD, outcome.main_cluster)
+                    if outcome.main_timeline is not None:
+                        pipe.hset(k.stats, MAIN_TIMELINE_FIELD, outcome.main_timeline)
                 if applied_ids:
                     pipe.hincrby(k.stats, "applied_total", len(applied_ids))
                     pipe.publish(k.events, json_codec.dumps({"event": "applied", "transaction_ids": applied_ids}))
@@ -712,6 +716,12 @@ class BufferStore:
         """The system identifier of the main whose commits await the replica, as the last
         acknowledgement of a commit recorded it; None if none did (a drain of an earlier version)."""
         value = self.redis.hget(self.keys.stats, MAIN_CLUSTER_FIELD)
+        return int(value) if value is not None else None
+
+    def main_timeline(self) -> int | None:
+        """The timeline main wrote the last commit on that an acknowledgement recorded; None if
+        none did (a drain of an earlier version)."""
+        value = self.redis.hget(self.keys.stats, MAIN_TIMELINE_FIELD)
         return int(value) if value is not None else None
 
     def newest_committed_ids(self) -> list[str]:

@@ -220,7 +220,7 @@ class Drain:
         self.store = BufferStore(self.redis, settings.site)
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME),
-                                       main_cluster=self._main_cluster)
+                                       main_cluster=self._main_cluster, main_timeline=self._main_timeline)
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)
@@ -233,6 +233,7 @@ class Drain:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._applying: Any = None  # the worker's apply in flight (its future), if any: see _main_cluster
         self._cluster: int | None = None  # see _main_cluster
+        self._timeline: int | None = None  # see _main_timeline
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -692,7 +693,7 @@ class Drain:
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[_one_of_batch(tx)])
         outcome.commit_lsn = result.commit_lsn
-        outcome.main_cluster = self.main.system_identifier
+        outcome.main_cluster, outcome.main_timeline = self.main.system_identifier, self.main.timeline
         for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
             self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
         not_applied = result.failed + result.timed_out + result.dead_blocked
@@ -810,6 +811,24 @@ class Drain:
             except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
                 pass
         return self._cluster
+
+    def _main_timeline(self) -> int | None:
+        """The timeline main writes, which the replica must replay for its position to count
+        (ReplicaDatabase.main_timeline): as main's session said (a failover since the last commit
+        moves it: commits before the fork are on the new timeline's history too), else as the
+        acknowledgement of the last commit recorded it (main down), else main's own, asked as
+        _main_cluster does; None while main does not answer."""
+        if self.main.timeline is not None:
+            return self.main.timeline
+        if self._timeline is None:
+            self._timeline = self.store.main_timeline()
+        if self._timeline is None and (self._applying is None or self._applying.done()):
+            try:
+                self.main.identify()
+            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
+                pass
+            return self.main.timeline
+        return self._timeline
 
     def _log_replica_refusal(self) -> bool:
         """Log the replica's refusal (ReplicaDatabase.refusal: hot_standby off) once while it

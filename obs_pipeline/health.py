@@ -9,8 +9,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import hot_standby_off, main_is_standby, replica_hot_standby_off, replica_of_another_cluster
-from obs_pipeline.lsn import REPLAY_SQL, lsn_to_int
+from obs_pipeline.apply import (hot_standby_off, main_is_standby, replica_hot_standby_off, replica_of_another_cluster,
+                                replica_on_another_timeline)
+from obs_pipeline.lsn import REPLAY_TIMELINE_SQL, lsn_to_int
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
 from obs_pipeline.dead_letters import not_retryable
@@ -20,13 +21,15 @@ from obs_pipeline.wire import one_line
 
 REDIS_FULL_WARNING_PERCENT = 90  # of maxmemory: the health report warns from here
 REPLICA_STUCK_AFTER_S = 120.0    # a committed batch not replayed for this long: the replica needs a look
-# a server not in recovery has no replay position (REPLAY_SQL): no replay will ever clean a batch
+# a server not in recovery has no replay position (REPLAY_LSN_SQL): no replay will ever clean a batch
 NO_REPLAY_POSITION = "the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary"
 # Main's flush LSN, and whether it is a hot standby instead (the flush LSN raises 55000 there), and
-# its system identifier, which the replica's must be (replica_of_another_cluster)
+# its system identifier, which the replica's must be (replica_of_another_cluster), and the timeline
+# it writes, which the replica must replay (replica_on_another_timeline; see apply._SESSION_SQL)
 MAIN_LSN_SQL = ("SELECT pg_is_in_recovery(), "
                 "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END, "
-                "(SELECT system_identifier FROM pg_control_system())")
+                "(SELECT system_identifier FROM pg_control_system()), "
+                "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END")
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
@@ -199,9 +202,10 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     replayed, waiting only for a drain to clean it, was counted as lag, the replica at main's LSN)."""
     out: dict[str, Any] = {}
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
-    main_lsn = replica_lsn = main_cluster = replica_cluster = None
+    main_lsn = replica_lsn = main_cluster = replica_cluster = main_wal = replica_timeline = None
     try:
-        standby, main_lsn, main_cluster = _row(main, MAIN_LSN_SQL) if main is not None else (False, None, None)
+        standby, main_lsn, main_cluster, main_wal = (_row(main, MAIN_LSN_SQL) if main is not None
+                                                     else (False, None, None, None))
     except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
         errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
                       else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
@@ -209,13 +213,18 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
         if standby:
             errors.append(main_is_standby(main.url))
     try:
-        replica_lsn, replica_cluster = _row(replica, REPLAY_SQL) if replica is not None else (None, None)
+        replica_lsn, replica_cluster, replica_timeline = (_row(replica, REPLAY_TIMELINE_SQL) if replica is not None
+                                                          else (None, None, None))
     except sa.exc.SQLAlchemyError as error:  # (one with hot_standby off is up: it refuses every connect)
         errors.append(replica_hot_standby_off(replica.url) if hot_standby_off(error)
                       else f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
     foreign = None not in (replica_lsn, main_cluster) and replica_cluster != main_cluster
     if foreign:  # its replay is of other WAL: it replays none of our batches (the drain cleans none)
         errors.append(replica_of_another_cluster(replica.url, replica_cluster, main_cluster))
+    main_timeline = int(main_wal[:8], 16) if main_wal else None
+    if not foreign and None not in (replica_lsn, main_timeline) and replica_timeline != main_timeline:
+        foreign = True  # past their fork its replay is of other WAL too
+        errors.append(replica_on_another_timeline(replica.url, replica_timeline, main_timeline))
     replayed = lsn_to_int(replica_lsn) if replica_lsn and not foreign else None
     count, lowest = store.awaiting_replication(after=replayed)
     out["seconds"], out["awaiting_batches"] = round(oldest_batch_age_s(store, after=replayed), 3), count

@@ -17,3 +17,8 @@ REPLAY_LSN_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_l
 # ... and the replica's system identifier: a standby of another cluster has a replay position
 # too, of other WAL (see ReplicaDatabase.replay_lsn).
 REPLAY_SQL = REPLAY_LSN_SQL + ", (SELECT system_identifier FROM pg_control_system())"
+# ... and the timeline it replays, which main's must be (a failover or a restore forks one: the
+# same LSNs, other WAL): its WAL receiver's (NULL while it does not stream, or to a role without
+# pg_read_all_stats), else that of its last restartpoint (behind a timeline switch until the next).
+REPLAY_TIMELINE_SQL = (REPLAY_SQL + ", COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), "
+                       "(SELECT timeline_id FROM pg_control_checkpoint()))")

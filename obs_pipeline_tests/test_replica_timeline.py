@@ -1,0 +1,182 @@
+"""Main and the site's replica on diverged timelines of one cluster (same system identifier).
+
+A failover promotes a standby S (a new timeline, forked at F) and OBS_MAIN_DB_URL is pointed at
+it, while the site's replica R still follows the old primary M, which goes on taking writes: R's
+replay position on the old timeline runs far past F, so past the LSNs of S's commits, which R
+never receives. Compared as bare LSNs, the drain took them for replayed and cleaned the caches:
+reads at the site lost the records. (And the other way round: the old primary reused as main
+while R followed S past F.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline.model_registry import ModelRegistry
+from obs_pipeline.schema import create_schema
+from obs_pipeline_tests.conftest import OBS_UNIT_IDS
+
+
+def _replayed(url: str, target: str) -> bool:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT pg_last_wal_replay_lsn() >= CAST(:t AS pg_lsn)"),
+                                     {"t": target}).scalar())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def forked(stack):
+    """URLs by name: M ("old") with standbys R ("replica", by slot) and S; S promoted ("promoted",
+    timeline 2), and T ("follower"), a standby cloned from S. Each test makes the standby it
+    drains with replay past main's LSNs (_runs_ahead)."""
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST, PgServer
+
+    user = stack._pg_user(create=False)
+    folder = stack.directory / "postgres"
+    ports = pick_free_ports(4)
+    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
+               for name, port in zip(("tl_main", "tl_replica", "tl_standby", "tl_follower"), ports)]
+    m, r, s, t = servers
+    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
+    try:
+        m.init_primary()
+        m.start()
+        m.ensure_databases(["obs"])
+        engine = sa.create_engine(url[m])
+        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
+                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
+            conn.execute(sa.text("CREATE TABLE filler (x text)"))
+            target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+        r.clone_from(m)
+        r.set_upstream(m.port)
+        s._tool("pg_basebackup", ["-D", str(s.datadir), "-h", HOST, "-p", str(m.port), "-U", "postgres", "-R",
+                                  "-X", "stream", "--checkpoint=fast"], "pg_basebackup from tl_main")
+        s.set_upstream(m.port)
+        r.start()
+        s.start()
+        assert wait_until(lambda: _replayed(url[r], target) and _replayed(url[s], target), 60)
+        assert s.query("SELECT pg_promote(true, 60)") == (True,)
+        engine.dispose()
+        t.clone_from(s)
+        t.set_upstream(s.port)
+        t.start()
+        yield {"old": url[m], "promoted": url[s], "replica": url[r], "follower": url[t]}
+    finally:
+        for server in reversed(servers):
+            server.stop(mode="immediate")
+
+
+def _runs_ahead(writer: str, reader: str, main: str) -> None:
+    """`writer` (the primary `reader` streams from) writes until `reader` has replayed past
+    main's position by a megabyte or more: main's next commits are at LSNs it has replayed
+    other WAL at."""
+    from obs_pipeline.stack.osutil import wait_until
+
+    engines = [sa.create_engine(url) for url in (writer, main)]
+    try:
+        with engines[1].connect() as conn:
+            beyond = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn() + 1048576")).scalar()
+        while True:
+            with engines[0].begin() as conn:
+                conn.execute(sa.text("INSERT INTO filler SELECT repeat('x', 200) FROM generate_series(1, 20000)"))
+                target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+                if conn.execute(sa.text("SELECT CAST(:t AS pg_lsn) > CAST(:b AS pg_lsn)"),
+                                {"t": target, "b": beyond}).scalar():
+                    break
+        assert wait_until(lambda: _replayed(reader, target), 60)
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def _buffer_one(settings) -> tuple[TransactionBuffer, str, int]:
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    return buf, tx.transaction_id, obs["id"]
+
+
+def _assert_kept(buf, redis_client, settings, tx_id, obs_id, summary, caplog) -> None:
+    keys = SiteKeys(settings.site)
+    got = buf.get("ExecutedObsUnit", obs_id)
+    assert got is not None and got["status"] == "running", got  # the site still reads it
+    assert buf.status(tx_id) == "applied"
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs_id)) == 1
+    assert redis_client.zcard(keys.awaiting_replication) == 1
+    assert summary.replica_stalled and "timeline" in summary.stopped_because, summary.stopped_because
+    said = [r.getMessage() for r in caplog.records if "timeline" in r.getMessage()]
+    assert len(said) == 1 and "OBS_REPLICA_DB_URL" in said[0], said
+
+
+def _run(settings, caplog):
+    drain = Drain(settings, DrainConfig(replication_timeout_s=0.5))
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        try:
+            return drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
+        finally:
+            drain.close()
+
+
+def test_a_replica_left_on_the_old_timeline_after_a_failover_never_has_the_drain_clean_caches(
+        settings, forked, redis_client, caplog):
+    failed_over = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["replica"])
+    _runs_ahead(forked["old"], forked["replica"], main=forked["promoted"])  # M goes on, R replays it
+    buf, tx_id, obs_id = _buffer_one(failed_over)
+    summary = _run(failed_over, caplog)
+    engine = sa.create_engine(forked["promoted"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar() == 1
+    engine.dispose()
+    _assert_kept(buf, redis_client, failed_over, tx_id, obs_id, summary, caplog)
+    buf.close()
+
+    following = dataclasses.replace(failed_over, replica_db_url=forked["follower"])  # one that follows main
+    buf = TransactionBuffer(settings=following)
+    drain = Drain(following, DrainConfig(replication_timeout_s=10))
+    try:
+        summary = drain.run(until_empty=True, budget_s=30)
+    finally:
+        drain.close()
+    assert summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from the follower
+    buf.close()
+
+
+def test_the_old_primary_as_main_while_the_replica_follows_the_promoted_one_cleans_no_caches(
+        settings, forked, redis_client, caplog):
+    reused = dataclasses.replace(settings, main_db_url=forked["old"], replica_db_url=forked["follower"])
+    _runs_ahead(forked["promoted"], forked["follower"], main=forked["old"])  # S goes on, T replays it
+    buf, tx_id, obs_id = _buffer_one(reused)
+    summary = _run(reused, caplog)
+    _assert_kept(buf, redis_client, reused, tx_id, obs_id, summary, caplog)
+    buf.close()
+
+
+def test_status_says_the_replica_replays_another_timeline(settings, forked):
+    from obs_pipeline_tests.test_cli import cli
+
+    env = {"OBS_SITE": settings.site, "OBS_REDIS_URL": settings.redis_url, "OBS_MAIN_DB_URL": forked["promoted"],
+           "OBS_REPLICA_DB_URL": forked["replica"]}
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["status"] == "unhealthy", report
+    assert len(report["problems"]) == 1 and "replays timeline 1 of main's cluster, main writes timeline 2" in \
+        report["problems"][0], report
+    env["OBS_REPLICA_DB_URL"] = forked["follower"]
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert report["status"] == "healthy", report
