@@ -847,7 +847,8 @@ class Drain:
         if not count:
             return None, []
         if wait_for is not None:
-            replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s or self.config.replication_timeout_s)
+            timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s  # (0: one look)
+            replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s)
             self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
