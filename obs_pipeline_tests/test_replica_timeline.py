@@ -180,3 +180,25 @@ def test_status_says_the_replica_replays_another_timeline(settings, forked):
     env["OBS_REPLICA_DB_URL"] = forked["follower"]
     report = json.loads(cli("status", "--json", env=env).stdout)
     assert report["status"] == "healthy", report
+
+
+def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, forked, caplog):
+    """Its replay position on the old timeline passed for the replay of the oldest batch: the
+    sensor launched a run at each tick, each waiting replication_timeout_s to clean nothing."""
+    from dagster import SkipReason, build_sensor_context, instance_for_test
+
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    failed_over = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["replica"])
+    _runs_ahead(forked["old"], forked["replica"], main=forked["promoted"])
+    buf, tx_id, _ = _buffer_one(failed_over)
+    _run(failed_over, caplog)
+    assert buf.status(tx_id) == "applied"
+    buf.close()
+    resource = ObsPipelineResource(site=failed_over.site, redis_url=failed_over.redis_url,
+                                   main_db_url=failed_over.main_db_url, replica_db_url=failed_over.replica_db_url)
+    with instance_for_test() as instance:
+        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+    assert isinstance(skip, SkipReason), skip
+    assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, skip.skip_message

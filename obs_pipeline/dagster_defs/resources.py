@@ -47,13 +47,16 @@ class ObsPipelineResource(ConfigurableResource):
         """How far the replica has replayed; None if it does not answer or reports no position."""
         return self.replica_position()[0]
 
-    def replica_position(self, main_cluster: int | None = None) -> tuple[int | None, str | None]:
+    def replica_position(self, main_cluster: int | None = None,
+                         main_timeline: int | None = None) -> tuple[int | None, str | None]:
         """replica_replay_lsn, and for the sensor's skip reason what to do where the replica
         refuses every connection (ReplicaDatabase.refusal: hot_standby off) or, given
-        `main_cluster` (BufferStore.main_cluster), is a standby of another cluster: its replay
+        `main_cluster` (BufferStore.main_cluster), is a standby of another cluster, or given
+        `main_timeline` (BufferStore.main_timeline), replays another timeline: its replay
         position, of other WAL, launched a run at each tick that could clean nothing."""
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),
-                                  main_cluster=(lambda: main_cluster) if main_cluster is not None else None)
+                                  main_cluster=(lambda: main_cluster) if main_cluster is not None else None,
+                                  main_timeline=(lambda: main_timeline) if main_timeline is not None else None)
         try:
             replayed = replica.replay_lsn()
         except sa.exc.SQLAlchemyError:

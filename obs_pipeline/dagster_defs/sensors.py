@@ -136,6 +136,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
         cluster = store.main_cluster() if lowest is not None else None
+        timeline = store.main_timeline() if lowest is not None else None
         lease_left_s = store.lease_left_s()  # None: nobody holds it
         later = _retries_not_due(store) if not any(work.values()) else ""
     except Exception as error:
@@ -191,7 +192,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
-            replayed, refusal = obs_pipeline.replica_position(cluster)
+            replayed, refusal = obs_pipeline.replica_position(cluster, timeline)
         except ConfigError:  # the run fails on it, saying so in one line
             replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
