@@ -233,7 +233,8 @@ class Drain:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._applying: Any = None  # the worker's apply in flight (its future), if any: see _main_cluster
         self._cluster: int | None = None  # see _main_cluster
-        self._timeline: int | None = None  # see _main_timeline
+        self._timeline: int | None = None  # as the last acknowledgement recorded it: see _main_timeline
+        self._asked_timeline = False  # whether this run asked main for it (_main_timeline)
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -814,20 +815,21 @@ class Drain:
 
     def _main_timeline(self) -> int | None:
         """The timeline main writes, which the replica must replay for its position to count
-        (ReplicaDatabase.main_timeline): as main's session said (a failover since the last commit
-        moves it: commits before the fork are on the new timeline's history too), else as the
-        acknowledgement of the last commit recorded it (main down), else main's own, asked as
-        _main_cluster does; None while main does not answer."""
-        if self.main.timeline is not None:
-            return self.main.timeline
-        if self._timeline is None:
-            self._timeline = self.store.main_timeline()
-        if self._timeline is None and (self._applying is None or self._applying.done()):
+        (ReplicaDatabase.main_timeline): as main's session says, asked once per Drain if no batch
+        opened one (a failover since the last commit moves it; the commits before the fork are
+        on the new timeline too, and the recorded timeline held their caches until new work came),
+        else as the acknowledgement of the last commit recorded it (main down); None if neither."""
+        if self.main.timeline is None and not self._asked_timeline and (self._applying is None or
+                                                                        self._applying.done()):
+            self._asked_timeline = True
             try:
                 self.main.identify()
             except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
                 pass
+        if self.main.timeline is not None:
             return self.main.timeline
+        if self._timeline is None:
+            self._timeline = self.store.main_timeline()
         return self._timeline
 
     def _log_replica_refusal(self) -> bool:

@@ -202,3 +202,34 @@ def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, 
         skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
     assert isinstance(skip, SkipReason), skip
     assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, skip.skip_message
+
+
+def test_batches_recorded_on_an_earlier_timeline_are_cleaned_once_main_and_the_replica_share_one(
+        settings, main_engine, replica_engine, redis_client, clean_db):
+    """A failover with nothing buffered since: the commits awaiting the replica were recorded
+    with the old timeline, main and the replica (which followed it) are on the new one. The
+    drain asks main which it writes (once a run), not only the recorded one: the recorded one
+    held every such batch's caches until new work came, the line blaming the replica."""
+    from obs_pipeline_tests.conftest import wait_for_replica
+    from obs_pipeline_tests.workload import replay_paused
+
+    keys = SiteKeys(settings.site)
+    buf, tx_id, obs_id = _buffer_one(settings)
+    with replay_paused(replica_engine):
+        drain = Drain(settings, DrainConfig(replication_timeout_s=0.2))
+        try:
+            drain.run(until_empty=True, replica_patience_s=0.5, budget_s=30)
+        finally:
+            drain.close()
+    assert buf.status(tx_id) == "applied"
+    wait_for_replica(main_engine, replica_engine)
+    redis_client.hset(keys.stats, "main_timeline", 0)  # as recorded before a failover (main writes 1)
+    drain = Drain(settings, DrainConfig(replication_timeout_s=5))
+    try:
+        summary = drain.run(until_empty=True, replica_patience_s=2, budget_s=30)
+    finally:
+        drain.close()
+    assert summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"
+    buf.close()
