@@ -127,6 +127,10 @@ class ModelSpec:
     # An `onupdate=` that is an SQL expression (func.now()): main evaluates it in an UPDATE, so
     # the drain never folds this model's updates into the insert of the same row.
     main_onupdate: bool = False
+    # Columns main fills itself, refusing any value but DEFAULT (GENERATED ALWAYS AS (...)
+    # STORED, GENERATED ALWAYS AS IDENTITY): a create or update giving one is refused where its
+    # values are checked (wire.normalize_values), and they read None until replicated
+    generated: frozenset[str] = frozenset()
     # attribute -> its column in `table`. The script names the mapped attribute, as with the ORM;
     # `mapped_column("obs_unit_id")` for `obs_id` names the column otherwise (its Column.key too),
     # so statements and replica reads go through this, never `table.c[attribute]`.
@@ -327,7 +331,17 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
         main_onupdate=any(c.onupdate is not None and not (c.onupdate.is_scalar or c.onupdate.is_callable)
                           for c in table.columns),
         sql_columns={key: column for column, key in keys.items()},
+        generated=frozenset(keys[c] for c in table.columns if _main_fills(c)),
     )
+
+
+def _main_fills(column: sa.Column) -> str | None:
+    """How main fills `column` itself, refusing any value given for it; None if it takes one."""
+    if column.computed is not None:
+        return "GENERATED ALWAYS AS (...)"
+    if column.identity is not None and column.identity.always:
+        return "GENERATED ALWAYS AS IDENTITY"
+    return None
 
 
 class _OutsideSqlAlchemy(AttributeError):
