@@ -188,8 +188,14 @@ class ModelRegistry:
             else:
                 keys = _attributes(mapper, table)
                 converting = _converting_type(table, keys)
+                pk = next(iter(table.primary_key.columns))
                 if converting is not None:
                     refused[name] = converting
+                elif _main_fills(pk):
+                    # main would refuse every key given, and a row cannot be buffered without one
+                    refused[name] = (f"its primary key {keys[pk]!r} is {_main_fills(pk)}: main numbers its rows "
+                                     "itself, and a row's key must be known when it is buffered (give keys to an "
+                                     "Identity() BY DEFAULT key, or use a UUID key)")
                 else:
                     models[name] = _model_spec(name, table, keys)
         return cls(models, base.metadata, refused, classes)
