@@ -260,8 +260,8 @@ def normalize_values(model: ModelSpec, values: dict[str, Any], *, creating: bool
             raise InvalidTransaction(f"{where}: {model.name}.{name}: {one_line_text(str(exc))}") from None
     if model.generated and not model.generated.isdisjoint(out):
         name = next(c for c in out if c in model.generated)
-        raise InvalidTransaction(f"{where}: {model.name}.{name}: main computes this column (it is generated): "
-                                 "leave it out; it reads None until the row is replicated")
+        raise InvalidTransaction(f"{where}: {model.name}.{name}: main computes this column (GENERATED ALWAYS): "
+                                 "leave it out (of a record from get passed back to update too)")
     if creating and not model.required_on_create <= out.keys():
         raise InvalidTransaction(f"{where}: {model.name} is missing required column(s) {_missing(model, out)}")
     if creating and model.defaults:  # the constant defaults of the columns left out (ModelSpec.defaults):
