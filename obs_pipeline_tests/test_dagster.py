@@ -291,6 +291,26 @@ def test_with_the_replica_down_a_run_ends_saying_so_and_the_sensor_waits_for_it(
     assert not redis_client.exists(keys.awaiting_replication)
 
 
+@pytest.mark.parametrize("field, value, named", [
+    ("site", "a:b", "site name 'a:b' holds ':'"),
+    ("redis_url", "redis://127.0.0.1:6379/abc", "OBS_REDIS_URL='redis://127.0.0.1:6379/abc' names the database 'abc'"),
+])
+def test_a_bad_site_or_redis_url_fails_the_tick_in_one_line(settings, redis_client, field, value, named):
+    """A bad OBS_SITE or OBS_REDIS_URL (here the resource's own fields) fails the tick as Redis
+    down does (the README's sensor section): one line naming the setting, no chained error,
+    nothing in Redis touched."""
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    before = sorted(redis_client.keys("*"))
+    bad = ObsPipelineResource(**{"site": settings.site, "redis_url": settings.redis_url,
+                                 "main_db_url": settings.main_db_url, "replica_db_url": settings.replica_db_url,
+                                 field: value})
+    with instance_for_test() as instance, pytest.raises(Exception) as tick:
+        _sensor(instance, bad)
+    assert named in str(tick.value) and len(str(tick.value).splitlines()) == 1, tick.value
+    assert tick.value.__cause__ is None and tick.value.__suppress_context__ or tick.value.__context__ is None
+    assert sorted(redis_client.keys("*")) == before
+
+
 def test_the_sensor_waits_for_a_replica_that_lags_behind_what_waits_for_it(settings, resource, redis_client,
                                                                           replica_engine):
     """The replica answers but has not replayed the oldest committed batch (replay paused): a
