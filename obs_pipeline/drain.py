@@ -45,6 +45,9 @@ DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the re
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
 FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS ~205 MiB there
+# While the replica replays another timeline than main's session said, main is asked again at
+# most this often (a failover since that session; a new one costs main a connection)
+MAIN_TIMELINE_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,7 @@ class Drain:
         self._cluster: int | None = None  # see _main_cluster
         self._timeline: int | None = None  # as the last acknowledgement recorded it: see _main_timeline
         self._asked_timeline = False  # whether this run asked main for it (_main_timeline)
+        self._timeline_rechecked_at = -math.inf  # when main was last asked again for it (_main_timeline)
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -818,9 +822,18 @@ class Drain:
         (ReplicaDatabase.main_timeline): as main's session says, asked once per Drain if no batch
         opened one (a failover since the last commit moves it; the commits before the fork are
         on the new timeline too, and the recorded timeline held their caches until new work came),
-        else as the acknowledgement of the last commit recorded it (main down); None if neither."""
-        if self.main.timeline is None and not self._asked_timeline and (self._applying is None or
-                                                                        self._applying.done()):
+        else as the acknowledgement of the last commit recorded it (main down); None if neither.
+        Asked again in a new session, at most every MAIN_TIMELINE_RECHECK_S, while the replica
+        replays another timeline than the session said: main failed over since (an idle drain's
+        session predates it), and the commits before the fork are on the new timeline too (the
+        old held their caches until new work came, the log line blaming the replica)."""
+        idle = self._applying is None or self._applying.done()  # (the worker thread has the session)
+        recheck = (self.main.timeline is not None and self.replica.timeline not in (None, self.main.timeline)
+                   and time.monotonic() - self._timeline_rechecked_at >= MAIN_TIMELINE_RECHECK_S)
+        if idle and recheck:
+            self._timeline_rechecked_at = time.monotonic()
+            self.main.close()  # a new session says the timeline main writes now
+        if idle and (recheck or self.main.timeline is None and not self._asked_timeline):
             self._asked_timeline = True
             try:
                 self.main.identify()

@@ -233,3 +233,102 @@ def test_batches_recorded_on_an_earlier_timeline_are_cleaned_once_main_and_the_r
     assert buf.status(tx_id) == "replicated"
     assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"
     buf.close()
+
+
+@pytest.fixture
+def cascaded(stack, tmp_path):
+    """A failover to come, on servers of their own: M ("main") the primary, S ("standby") its
+    standby, R ("replica") a standby of S, which follows S onto its new timeline once S is
+    promoted; and P ("proxy"), a port forwarding to M, then (`fail_over`) to S: the address
+    OBS_MAIN_DB_URL names stays the same across the failover, as a DNS name or a VIP does."""
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST, PgServer
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+
+    user = stack._pg_user(create=False)
+    folder = stack.directory / "postgres"
+    *ports, proxy_port = pick_free_ports(4)
+    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
+               for name, port in zip(("fo_main", "fo_standby", "fo_replica"), ports)]
+    m, s, r = servers
+    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
+    pidfile, log = tmp_path / "proxy.json", tmp_path / "proxy.log"
+    try:
+        m.init_primary()
+        m.start()
+        m.ensure_databases(["obs"])
+        engine = sa.create_engine(url[m])
+        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
+                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
+            target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+        engine.dispose()
+        s.clone_from(m)
+        s.set_upstream(m.port)
+        s.start()
+        r.clone_from(s)  # (with a slot on S of its own)
+        r.set_upstream(s.port)
+        r.start()
+        assert wait_until(lambda: _replayed(url[r], target), 60)
+        start_proxy(proxy_port, m.port, 0, pidfile, log)
+
+        def fail_over() -> None:
+            """M stops (its last commits streamed to S first), S is promoted, P forwards to S."""
+            flushed = m.query("SELECT pg_current_wal_flush_lsn()::text")[0]
+            assert wait_until(lambda: _replayed(url[s], flushed), 60)
+            stop_proxy(pidfile)
+            m.stop()
+            assert s.query("SELECT pg_promote(true, 60)") == (True,)
+            start_proxy(proxy_port, s.port, 0, pidfile, log)
+
+        yield {"main": f"postgresql+psycopg2://postgres@{HOST}:{proxy_port}/obs", "replica": url[r],
+               "fail_over": fail_over}
+    finally:
+        stop_proxy(pidfile)
+        for server in reversed(servers):
+            server.stop(mode="immediate")
+
+
+def test_an_idle_drain_cleans_after_a_failover_of_main_with_no_new_work(settings, cascaded, redis_client, caplog):
+    """A long-running `obs-pipeline drain`: a batch committed on main M awaits the replica (its
+    replay paused); M fails over to S (same address) with nothing buffered since, and the replica,
+    following S, replays the batch on S's new timeline. The drain kept main's timeline as its
+    session on M said (1) and took the replica's (2) for another timeline: it kept the caches until
+    new work came, the log line blaming the replica. It asks main again now, and cleans."""
+    import threading
+    import time
+
+    from obs_pipeline.stack.osutil import wait_until
+
+    site = dataclasses.replace(settings, main_db_url=cascaded["main"], replica_db_url=cascaded["replica"])
+    replica = sa.create_engine(site.replica_db_url)
+    with replica.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    buf, tx_id, obs_id = _buffer_one(site)
+    drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
+    stop = threading.Event()
+    summary = []
+    worker = threading.Thread(target=lambda: summary.append(drain.run(until_empty=False, should_stop=stop.is_set)))
+    try:
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            worker.start()
+            assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
+            cascaded["fail_over"]()
+            with replica.connect() as conn:
+                conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+            began = time.monotonic()
+            replicated = wait_until(lambda: buf.status(tx_id) == "replicated", 45)
+            waited = time.monotonic() - began
+    finally:
+        stop.set()
+        worker.join(60)
+        drain.close()
+        replica.dispose()
+    blamed = [r.getMessage() for r in caplog.records if "timeline" in r.getMessage()]
+    assert replicated, f"not cleaned {waited:.0f} s after the failover; the drain said {blamed}"
+    assert not blamed  # (main asked again before the replica's other timeline was blamed)
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from the replica now
+    assert summary and summary[0].stopped_because == "asked to stop", summary
+    buf.close()
