@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 
 import pytest
 import sqlalchemy as sa
@@ -288,6 +289,7 @@ def cascaded(stack, tmp_path):
         stop_proxy(pidfile)
         for server in reversed(servers):
             server.stop(mode="immediate")
+            shutil.rmtree(server.datadir, ignore_errors=True)  # the next test's are made afresh
 
 
 def test_an_idle_drain_cleans_after_a_failover_of_main_with_no_new_work(settings, cascaded, redis_client, caplog):
@@ -331,4 +333,54 @@ def test_an_idle_drain_cleans_after_a_failover_of_main_with_no_new_work(settings
     assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
     assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from the replica now
     assert summary and summary[0].stopped_because == "asked to stop", summary
+    buf.close()
+
+
+def test_the_sensor_launches_a_run_after_a_failover_of_main_with_no_new_work(settings, cascaded, redis_client):
+    """The same failover, no drain running: the sensor knew main's timeline only as the last
+    acknowledgement recorded it (1), took the replica's (2) for another timeline and launched no
+    run, its skip reason blaming the replica, until new work came. It asks main where the two
+    differ now: a run is launched, and it cleans."""
+    from dagster import RunRequest, build_sensor_context, instance_for_test
+
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+    from obs_pipeline.lsn import REPLAY_TIMELINE_SQL
+    from obs_pipeline.stack.osutil import wait_until
+
+    site = dataclasses.replace(settings, main_db_url=cascaded["main"], replica_db_url=cascaded["replica"])
+    replica = sa.create_engine(site.replica_db_url)
+    with replica.connect() as conn:
+        conn.execute(sa.text("SELECT pg_wal_replay_pause()"))
+    buf, tx_id, obs_id = _buffer_one(site)
+    drain = Drain(site, DrainConfig(replication_timeout_s=0.2))
+    try:
+        drain.run(until_empty=True, replica_patience_s=0.5, budget_s=30)
+    finally:
+        drain.close()
+    assert buf.status(tx_id) == "applied"
+    cascaded["fail_over"]()
+
+    def on_timeline_2() -> bool:
+        with replica.connect() as conn:
+            return conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()[2] == 2
+
+    try:
+        with replica.connect() as conn:
+            conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
+        assert wait_until(on_timeline_2, 30)
+    finally:
+        replica.dispose()
+    resource = ObsPipelineResource(site=site.site, redis_url=site.redis_url, main_db_url=site.main_db_url,
+                                   replica_db_url=site.replica_db_url)
+    with instance_for_test() as instance:
+        tick = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+    assert isinstance(tick, RunRequest), tick.skip_message
+    drain = Drain(site, DrainConfig(replication_timeout_s=5))
+    try:
+        summary = drain.run(until_empty=True, replica_patience_s=2, budget_s=30)
+    finally:
+        drain.close()
+    assert summary.replicated == 1 and buf.status(tx_id) == "replicated", summary
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"
     buf.close()

@@ -13,10 +13,13 @@ from dagster import ConfigurableResource
 
 from obs_pipeline.apply import ReplicaDatabase, make_engine
 from obs_pipeline.buffer_store import BufferStore
-from obs_pipeline.config import Settings
+from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.dead_letters import DeadLetters
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.drain import Drain, DrainConfig
+
+# the timeline in the name of the WAL file main writes (None on a standby), as apply._SESSION_SQL asks it
+MAIN_TIMELINE_SQL = "SELECT CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END"
 
 
 class ObsPipelineResource(ConfigurableResource):
@@ -53,10 +56,19 @@ class ObsPipelineResource(ConfigurableResource):
         refuses every connection (ReplicaDatabase.refusal: hot_standby off) or, given
         `main_cluster` (BufferStore.main_cluster), is a standby of another cluster, or given
         `main_timeline` (BufferStore.main_timeline), replays another timeline: its replay
-        position, of other WAL, launched a run at each tick that could clean nothing."""
+        position, of other WAL, launched a run at each tick that could clean nothing. Where the
+        replica's timeline is not `main_timeline` (as the last acknowledgement recorded it), main
+        is asked: a failover since, with no new work, moved it (the run that cleans was never
+        launched, the skip reason blaming the replica)."""
+        def timeline() -> int | None:
+            if replica.timeline == main_timeline:
+                return main_timeline
+            now = self.main_timeline()
+            return now if now is not None else main_timeline
+
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),
                                   main_cluster=(lambda: main_cluster) if main_cluster is not None else None,
-                                  main_timeline=(lambda: main_timeline) if main_timeline is not None else None)
+                                  main_timeline=timeline if main_timeline is not None else None)
         try:
             replayed = replica.replay_lsn()
         except sa.exc.SQLAlchemyError:
@@ -64,3 +76,18 @@ class ObsPipelineResource(ConfigurableResource):
         finally:
             replica.engine.dispose()
         return replayed, f"replays other WAL: {replica.refusal}" if replica.refusal else None
+
+    def main_timeline(self) -> int | None:
+        """The timeline main writes now; None if it is not set, does not answer or is a standby."""
+        try:
+            engine = make_engine(self.settings().require_main(), "obs-pipeline sensor")
+        except ConfigError:
+            return None
+        try:
+            with engine.connect() as conn:
+                wal_file = conn.execute(sa.text(MAIN_TIMELINE_SQL)).scalar()
+        except sa.exc.SQLAlchemyError:
+            return None
+        finally:
+            engine.dispose()
+        return int(wal_file[:8], 16) if wal_file else None
