@@ -54,6 +54,7 @@ class TransactionBuilder:
         # (model, key) of the creates whose key of the caller's the check found free: the buffer
         # script checks again that each still is, atomically with its writes (CacheWrites.checked)
         self._checked: list[tuple[str, str]] = []
+        self._writes = 0  # records the steps so far write, as _buffer_transaction counts them
         self.committed = False
         self._entered = False  # steps are buffered when the `with` block ends: one is needed
         self._ended = False
@@ -82,12 +83,16 @@ class TransactionBuilder:
                                 record=rid)
         if not data:
             raise InvalidTransaction(f"update of {model} {rid} sets no column")
+        self._count_writes(1)
         self._add_step("update", spec, data, {spec.primary_key: rid})
+        self._writes += 1
 
     def delete(self, model: str | type, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
         rid = self._existing_id(spec.name, record_id_, f"delete of {spec.name}")
+        self._count_writes(1)
         step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
+        self._writes += 1
         self._deleted[self._record(spec, rid)] = step.step_id
 
     # --- internals ----------------------------------------------------------------------------
@@ -103,6 +108,7 @@ class TransactionBuilder:
         again: list[str] = []  # the deletes earlier in the block of keys created again
         pending: set[tuple[str, str]] = set()  # the records of `out` whose key was given
         checked: list[tuple[str, str]] = []  # those the check found free (see self._checked)
+        self._count_writes(len(rows) if spec.generated_id else 2 * len(rows))  # (at least) before rows are checked
         for row in rows:
             row = _as_dict(row, model)
             given = not (spec.generated_id and row.get(pk) is None)
@@ -119,8 +125,11 @@ class TransactionBuilder:
                     given_uuids = given_uuids or []
                     given_uuids.append(str(row[pk]))
             out.append(row)
+        writes = len(out) + (len(given_uuids or ()) if spec.generated_id else len(out))  # a key given: its overlay
+        self._count_writes(writes)
         step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {}, again)
         self._checked.extend(checked)  # (once the step is in, as below)
+        self._writes += writes
         if given_uuids:  # (once the step is in: a refused row leaves nothing behind)
             tx = self._tx
             if tx.overlaid_creates is None:
@@ -135,6 +144,14 @@ class TransactionBuilder:
             self._deleted.pop(record, None)  # there again
         return out
 
+    def _count_writes(self, more: int) -> None:
+        """Refuse the step that takes the transaction beyond MAX_TRANSACTION_WRITES, at its own
+        call: a bulk_create of a million rows was checked, copied and encoded whole (12.8 s,
+        1.1 GB) before the block's end refused it, and rows added in a loop grew without bound."""
+        if self._writes + more > MAX_TRANSACTION_WRITES:
+            self._require_open()  # (its line first: the step would be kept nowhere anyway)
+            raise InvalidTransaction(too_many_writes(self.transaction_id, self._writes + more))
+
     def _record(self, spec: ModelSpec, rid: Any) -> tuple[str, str]:
         """How this block names a record: its model and key text; a CITEXT key lower-cased as
         main compares it, so that 'ABC' and 'abc' are one record here too."""
@@ -145,10 +162,7 @@ class TransactionBuilder:
     def _add_step(self, operation: str, spec: ModelSpec, data: Any, conditions: dict[str, Any],
                   after: list[str] | None = None) -> Step:
         """`after`: step ids it depends on besides the creates of the rows it uses."""
-        if self._ended:
-            self._refuse_ended()
-        if not self._entered:
-            self._refuse_outside()
+        self._require_open()
         deps = self._creators(spec, data, conditions) if self._created else set()
         if after:
             deps.update(after)
@@ -157,6 +171,12 @@ class TransactionBuilder:
         step = Step(f"step{len(self._tx.steps) + 1}", operation, spec.name, data, conditions, sorted(deps))
         self._tx.steps.append(step)
         return step
+
+    def _require_open(self) -> None:
+        if self._ended:
+            self._refuse_ended()
+        if not self._entered:
+            self._refuse_outside()
 
     def _creators(self, spec: ModelSpec, data: Any, conditions: dict[str, Any]) -> set[str]:
         """The steps that create the rows a step uses, as the drain counts uses
@@ -327,10 +347,7 @@ class TransactionBuffer:
             # Redis would reset the connection (beyond MAX_CACHE_WRITES), or run the script for
             # seconds with every other script waiting: spooled as if Redis were down, it was
             # pushed again and again, and later transactions of the site waited behind it
-            raise InvalidTransaction(
-                f"transaction {tx.transaction_id} writes {len(created) + len(overlays):,} records, more than the "
-                f"{MAX_TRANSACTION_WRITES:,} one transaction may (a create of a model whose key is not generated "
-                "counts twice): split it into several transactions")
+            raise InvalidTransaction(too_many_writes(tx.transaction_id, len(created) + len(overlays)))
         try:
             self.spool.buffer(self._store_of_this_thread(), tx.transaction_id, tx_json, caches)
         except KeyTaken as taken:
@@ -544,6 +561,12 @@ class TransactionBuffer:
                 return None
             raise
         return False if record is None else record
+
+
+def too_many_writes(transaction_id: str, writes: int) -> str:
+    return (f"transaction {transaction_id} writes {writes:,} records, more than the {MAX_TRANSACTION_WRITES:,} one "
+            "transaction may (a create of a model whose key is not generated counts twice): split it into several "
+            "transactions")
 
 
 def _require_id(transaction_id: Any) -> None:
