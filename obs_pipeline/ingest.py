@@ -259,6 +259,11 @@ class TransactionBuilder:
     def __enter__(self) -> "TransactionBuilder":
         if self._ended:
             self._refuse_ended()
+        if self._entered:
+            # its end ended the transaction: the outer block's then buffered it, with the steps
+            # of an inner block whose exception the script caught
+            raise InvalidTransaction(f"transaction {self.transaction_id} is open already: add its steps in the "
+                                     "block already open, or start another with buf.transaction()")
         self._entered = True
         return self
 

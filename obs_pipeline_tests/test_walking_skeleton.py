@@ -250,6 +250,30 @@ def test_a_transaction_whose_block_has_ended_refuses_more_steps(settings, redis_
     buf.close()
 
 
+def test_a_block_entered_again_while_it_is_open_is_refused_and_buffers_nothing(settings, redis_client):
+    """`with tx:` inside its own open block (a helper given `tx` that opens the block again):
+    the inner block ended the transaction, and when its body raised and the script caught it,
+    the outer block's end buffered the transaction, the failed inner block's step included,
+    though an exception inside a block buffers nothing. Now the inner `with` is refused in one
+    line, and the outer block, ended by that, buffers nothing."""
+    buf = TransactionBuffer(settings=settings)
+    try:
+        with pytest.raises(InvalidTransaction, match="is open already") as info:
+            with buf.transaction() as tx:
+                tx.create("ObsUnit", {"id": 886, "name": "outer"})
+                try:
+                    with tx:
+                        tx.create("ObsUnit", {"id": 887, "name": "inner, failed"})
+                        raise RuntimeError("the helper failed")
+                except RuntimeError:
+                    pass
+        assert "\n" not in str(info.value)
+        assert site_keys(redis_client, settings.site) == []
+        assert buf.status(tx.transaction_id) is None
+    finally:
+        buf.close()
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_steps_added_before_the_block_are_refused_and_the_block_then_buffers(settings, redis_client):
     """`tx = buf.transaction(); tx.create(...)` without a `with` block returned the record with
