@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import redis
+from sqlalchemy import exc as sa_exc
 
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import (MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, KeyTaken, overlay_entry,
@@ -33,6 +34,7 @@ __all__ = ["TransactionBuffer", "TransactionBuilder", "InvalidTransaction", "Con
            "RedisUnreadable", "ReplicaUnreadable"]
 
 _ORDER = {s: i for i, s in enumerate(STATUSES[:4])}  # pending < processing < applied < replicated
+_UNKNOWN = object()  # _taken_among: Redis or the replica could not tell
 _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (events can be missed)
 
 
@@ -108,6 +110,7 @@ class TransactionBuilder:
         again: list[str] = []  # the deletes earlier in the block of keys created again
         pending: set[tuple[str, str]] = set()  # the records of `out` whose key was given
         checked: list[tuple[str, str]] = []  # those the check found free (see self._checked)
+        unknown: list[Any] = []  # given keys to look up in the caches and on the replica, together
         self._count_writes(len(rows) if spec.generated_id else 2 * len(rows))  # (at least) before rows are checked
         for row in rows:
             row = _as_dict(row, model)
@@ -116,15 +119,17 @@ class TransactionBuilder:
                 row = {**row, pk: new_uuid()}
             row = normalize_values(spec, row, creating=True, where=where)
             if given and pk in row:  # a key of the caller's: main would refuse a second one, later
-                deleted_by, free = self._require_new(spec, row[pk], pending)
+                deleted_by = self._require_new(spec, row[pk], pending)
                 if deleted_by is not None:
                     again.append(deleted_by)
-                elif free:
-                    checked.append((spec.name, str(row[pk])))
+                else:
+                    unknown.append(row[pk])
                 if spec.generated_id:
                     given_uuids = given_uuids or []
                     given_uuids.append(str(row[pk]))
             out.append(row)
+        if unknown:
+            checked.extend((spec.name, str(key)) for key in self._buffer._require_absent(spec, unknown, where))
         writes = len(out) + (len(given_uuids or ()) if spec.generated_id else len(out))  # a key given: its overlay
         self._count_writes(writes)
         step = self._add_step(operation, spec, out if operation == "bulk_create" else out[0], {}, again)
@@ -207,23 +212,23 @@ class TransactionBuilder:
                     deps.add(step_id)
         return deps
 
-    def _require_new(self, spec: ModelSpec, rid: Any, pending: set[tuple[str, str]]) -> tuple[str | None, bool]:
+    def _require_new(self, spec: ModelSpec, rid: Any, pending: set[tuple[str, str]]) -> str | None:
         """A key of the caller's may be created once, unless the block deleted it before: a
         transaction is its steps in order (seed 000's executor runs them so, in one database
         transaction), and a later transaction may create a deleted key again too. Returns the
-        step id of that delete, or None; and whether the check found the key free (False where
-        it was not made). `pending`: the records of the step being added, to which this one's
-        is added."""
+        step id of that delete, or None: then the caller asks whether it is buffered or on the
+        replica (TransactionBuffer._require_absent). `pending`: the records of the step being
+        added, to which this one's is added."""
         record = self._record(spec, rid)
         if record in pending:
             raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
         pending.add(record)
         deleted_by = self._deleted.get(record)
         if deleted_by is not None:  # (the delete checked that it existed)
-            return deleted_by, False
+            return deleted_by
         if record in self._live:
             raise InvalidTransaction(f"{spec.name} {rid} is created twice in this transaction")
-        return None, self._buffer._require_absent(spec.name, rid, f"create of {spec.name}")
+        return None
 
     def _existing_id(self, model: str, value: Any, where: str) -> Any:
         """The key of the record an update or delete names, as that record has it. A key refused
@@ -499,18 +504,48 @@ class TransactionBuffer:
         """`search` as a pandas DataFrame (pandas is imported only here)."""
         return self.query.search_frame(model, filters)
 
-    def _require_absent(self, model: str, rid: Any, where: str) -> bool:
+    def _require_absent(self, spec: ModelSpec, keys: list[Any], where: str) -> list[Any]:
         """A create with a key the caller gives (an integer id, say) must not name a record that
         is buffered or on the replica: main would refuse it, and until then the buffered copy
         would hide the real row from reads. Unchecked without a replica, or while Redis does
-        not answer (as for updates). True if the check found it free: the buffer script then
-        checks that it still is (another script may create it meanwhile)."""
+        not answer (as for updates). Returns the keys the check found free: the buffer script
+        then checks that they still are (another script may create one meanwhile). Several
+        (a bulk_create's) are looked up together, but CITEXT keys (get's search, each)."""
         if self.settings.replica_db_url is None:
-            return False
-        known = self._is_known(model, rid, where)
-        if known:
-            raise InvalidTransaction(str(KeyTaken(model, str(rid))))
-        return known is False
+            return []
+        if len(keys) > 1 and not spec.columns[spec.primary_key].case_insensitive:
+            taken = self._taken_among(spec, keys)
+            if taken is _UNKNOWN:
+                return []
+            if taken is not None:
+                if taken:
+                    raise InvalidTransaction(str(KeyTaken(spec.name, str(taken[0]))))
+                return keys
+        free = []
+        for key in keys:
+            known = self._is_known(spec.name, key, where)
+            if known:
+                raise InvalidTransaction(str(KeyTaken(spec.name, str(key))))
+            if known is False:
+                free.append(key)
+        return free
+
+    def _taken_among(self, spec: ModelSpec, keys: list[Any]) -> Any:
+        """query.taken_keys, as _known_record asks: the keys taken; _UNKNOWN where that cannot be
+        known (Redis does not answer, the replica cannot be read); None if the replica refuses
+        a key: then each is asked alone, whose line names it."""
+        if self.spool.exists() and self.spool.redis_failed_recently():
+            return _UNKNOWN
+        try:
+            return self.query.taken_keys(spec, keys)
+        except ReplicaUnreadable:
+            return _UNKNOWN
+        except (sa_exc.ProgrammingError, sa_exc.DataError):
+            return None
+        except redis.RedisError as error:
+            if redis_unavailable(error):
+                return _UNKNOWN
+            raise
 
     def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While

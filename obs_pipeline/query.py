@@ -231,6 +231,20 @@ class SmartQuery:
             return None
         return _merge(spec, base, overlays) if overlays else base
 
+    def taken_keys(self, spec: ModelSpec, values: list[Any]) -> list[Any]:
+        """Those of these keys (checked, not CITEXT) that get_checked would find: one read of the
+        caches and one query of the replica for all (a bulk_create's given keys, each looked up
+        alone, cost 2 ms a row)."""
+        rids = [str(v) for v in values]
+        self._require_replica()
+        state = self.buffered(spec, rids)
+        taken = {rid for rid in rids if rid in state.created and not state.deleted(rid)}
+        ask = [v for v, rid in zip(values, rids) if rid not in state.created and not state.deleted(rid)]
+        if ask:
+            pk = spec.sql_columns[spec.primary_key]
+            taken.update(self._select(spec, sa.select(spec.table).where(pk.in_([bound_key(spec, v) for v in ask]))))
+        return [v for v, rid in zip(values, rids) if rid in taken]
+
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         spec = self.registry.model(model)
         filters = {} if filters is None else filters
