@@ -35,6 +35,25 @@ def _replayed(url: str, target: str) -> bool:
         engine.dispose()
 
 
+def _primary_with_units(server, url: str, *more_sql: str) -> str:
+    """`server` started as a primary with the models' schema, OBS_UNIT_IDS' obs units and
+    `more_sql`; its flush LSN after them."""
+    server.init_primary()
+    server.start()
+    server.ensure_databases(["obs"])
+    engine = sa.create_engine(url)
+    try:
+        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
+                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
+            for sql in more_sql:
+                conn.execute(sa.text(sql))
+            return conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def forked(stack):
     """URLs by name: M ("old") with standbys R ("replica", by slot) and S; S promoted ("promoted",
@@ -51,16 +70,7 @@ def forked(stack):
     m, r, s, t = servers
     url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
     try:
-        m.init_primary()
-        m.start()
-        m.ensure_databases(["obs"])
-        engine = sa.create_engine(url[m])
-        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
-        with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
-                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
-            conn.execute(sa.text("CREATE TABLE filler (x text)"))
-            target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+        target = _primary_with_units(m, url[m], "CREATE TABLE filler (x text)")
         r.clone_from(m)
         r.set_upstream(m.port)
         s._tool("pg_basebackup", ["-D", str(s.datadir), "-h", HOST, "-p", str(m.port), "-U", "postgres", "-R",
@@ -70,7 +80,6 @@ def forked(stack):
         s.start()
         assert wait_until(lambda: _replayed(url[r], target) and _replayed(url[s], target), 60)
         assert s.query("SELECT pg_promote(true, 60)") == (True,)
-        engine.dispose()
         t.clone_from(s)
         t.set_upstream(s.port)
         t.start()
@@ -255,16 +264,7 @@ def cascaded(stack, tmp_path):
     url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
     pidfile, log = tmp_path / "proxy.json", tmp_path / "proxy.log"
     try:
-        m.init_primary()
-        m.start()
-        m.ensure_databases(["obs"])
-        engine = sa.create_engine(url[m])
-        create_schema(engine, ModelRegistry.from_path("obs_pipeline.models:Base"))
-        with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES " +
-                                 ", ".join(f"({i}, 'unit {i}')" for i in OBS_UNIT_IDS)))
-            target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
-        engine.dispose()
+        target = _primary_with_units(m, url[m])
         s.clone_from(m)
         s.set_upstream(m.port)
         s.start()
