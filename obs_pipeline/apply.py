@@ -30,7 +30,7 @@ from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.config import ConfigError
-from obs_pipeline.lsn import REPLAY_TIMELINE_SQL, lsn_to_int
+from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
@@ -77,8 +77,7 @@ _CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
 _SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
                 f"'{applied_transactions.name}') AND attname = 'steps_digest' "
                 "AND NOT attisdropped), pg_is_in_recovery(), "
-                "(SELECT system_identifier FROM pg_control_system()), "
-                "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END").encode()
+                "(SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION).encode()
 # ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
 # as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
 _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
@@ -383,7 +382,7 @@ class MainDatabase:
                 row = cur.fetchone()
                 present, standby = bool(row[0]), bool(row[1])
                 system_identifier = row[2] if len(row) > 2 else None
-                timeline = int(row[3][:8], 16) if len(row) > 3 and row[3] else None
+                timeline = timeline_of_wal_file(row[3]) if len(row) > 3 else None
                 triggered = row[4] if len(row) > 4 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []

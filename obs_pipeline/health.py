@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.apply import (hot_standby_off, main_is_standby, replica_hot_standby_off, replica_of_another_cluster,
                                 replica_on_another_timeline)
-from obs_pipeline.lsn import REPLAY_TIMELINE_SQL, lsn_to_int
+from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
 from obs_pipeline.dead_letters import not_retryable
@@ -28,8 +28,7 @@ NO_REPLAY_POSITION = "the replica reports no replay position: OBS_REPLICA_DB_URL
 # it writes, which the replica must replay (replica_on_another_timeline; see apply._SESSION_SQL)
 MAIN_LSN_SQL = ("SELECT pg_is_in_recovery(), "
                 "CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END, "
-                "(SELECT system_identifier FROM pg_control_system()), "
-                "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END")
+                "(SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION)
 
 
 def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine | None,
@@ -221,7 +220,7 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     foreign = None not in (replica_lsn, main_cluster) and replica_cluster != main_cluster
     if foreign:  # its replay is of other WAL: it replays none of our batches (the drain cleans none)
         errors.append(replica_of_another_cluster(replica.url, replica_cluster, main_cluster))
-    main_timeline = int(main_wal[:8], 16) if main_wal else None
+    main_timeline = timeline_of_wal_file(main_wal)
     if not foreign and None not in (replica_lsn, main_timeline) and replica_timeline != main_timeline:
         foreign = True  # past their fork its replay is of other WAL too
         errors.append(replica_on_another_timeline(replica.url, replica_timeline, main_timeline))

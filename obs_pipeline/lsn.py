@@ -22,3 +22,13 @@ REPLAY_SQL = REPLAY_LSN_SQL + ", (SELECT system_identifier FROM pg_control_syste
 # pg_read_all_stats), else that of its last restartpoint (behind a timeline switch until the next).
 REPLAY_TIMELINE_SQL = (REPLAY_SQL + ", COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), "
                        "(SELECT timeline_id FROM pg_control_checkpoint()))")
+
+# The timeline main writes, as the name of its current WAL file ("00000002000000000000001A": its
+# first 8 hex digits); NULL on a standby. pg_control_checkpoint()'s lags a promotion until the
+# next checkpoint, which would hide a failover's fork (see apply._SESSION_SQL).
+MAIN_TIMELINE_EXPRESSION = "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END"
+
+
+def timeline_of_wal_file(name: str | None) -> int | None:
+    """The timeline in a WAL file's name (MAIN_TIMELINE_EXPRESSION's answer), None for none."""
+    return int(name[:8], 16) if name else None

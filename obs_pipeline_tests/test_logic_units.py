@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import exc
 
 from obs_pipeline.apply import fold, is_transient
-from obs_pipeline.lsn import int_to_lsn, lsn_to_int
+from obs_pipeline.lsn import int_to_lsn, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import RowWrite, Step, Transaction, created_ids, referenced_ids, steps_in_order, validate
 from obs_pipeline_tests.examples import seed_example
@@ -71,6 +71,12 @@ def test_lsn_round_trip():
     assert lsn_to_int("0/3000060") == 0x3000060
     assert lsn_to_int("1A/FF") == (0x1A << 32) + 0xFF
     assert int_to_lsn(lsn_to_int("16/B374D848")) == "16/B374D848"
+
+
+def test_the_timeline_is_the_wal_file_name_s_first_8_hex_digits():
+    assert timeline_of_wal_file("0000001A000000030000004F") == 26
+    assert timeline_of_wal_file("000000010000000000000001") == 1
+    assert timeline_of_wal_file(None) is None  # a standby writes none
 
 
 def _dbapi_error(pgcode):

@@ -17,9 +17,8 @@ from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.dead_letters import DeadLetters
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, timeline_of_wal_file
 
-# the timeline in the name of the WAL file main writes (None on a standby), as apply._SESSION_SQL asks it
-MAIN_TIMELINE_SQL = "SELECT CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END"
 
 
 class ObsPipelineResource(ConfigurableResource):
@@ -85,9 +84,9 @@ class ObsPipelineResource(ConfigurableResource):
             return None
         try:
             with engine.connect() as conn:
-                wal_file = conn.execute(sa.text(MAIN_TIMELINE_SQL)).scalar()
+                wal_file = conn.execute(sa.text("SELECT " + MAIN_TIMELINE_EXPRESSION)).scalar()
         except sa.exc.SQLAlchemyError:
             return None
         finally:
             engine.dispose()
-        return int(wal_file[:8], 16) if wal_file else None
+        return timeline_of_wal_file(wal_file)
