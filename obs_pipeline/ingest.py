@@ -240,6 +240,7 @@ class TransactionBuilder:
             raise InvalidTransaction(f"{model} {rid} is deleted earlier in this transaction")
         if record in self._live:
             return self._live[record]
+        self._buffer._require_no_open_block_creates(record, rid, self, where)
         return self._buffer._require_exists(model, rid, where)
 
     def _commit(self) -> None:
@@ -270,10 +271,12 @@ class TransactionBuilder:
             raise InvalidTransaction(f"transaction {self.transaction_id} is open already: add its steps in the "
                                      "block already open, or start another with buf.transaction()")
         self._entered = True
+        self._buffer._open_blocks.add(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._ended = True
+        self._buffer._open_blocks.discard(self)
         if exc_type is None:
             self._commit()
 
@@ -291,6 +294,7 @@ class TransactionBuffer:
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
+        self._open_blocks: set[TransactionBuilder] = set()  # see _require_no_open_block_creates
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
         self.spool.push_when_the_script_exits()  # what its forked children spool too
         if self.spool.exists():  # left by a script that ended during an outage: pushed in the background
@@ -546,6 +550,20 @@ class TransactionBuffer:
             if redis_unavailable(error):
                 return _UNKNOWN
             raise
+
+    def _require_no_open_block_creates(self, record: tuple[str, str], rid: Any, asking: TransactionBuilder,
+                                       where: str) -> None:
+        """A record a still-open block created is buffered as that block ends: an update or delete
+        of it outside the block (buf.update, another block) would be buffered first, and main
+        has no such row yet (with a replica it was refused as "neither buffered nor on the
+        replica"; without one the drain retried it until the create was applied, or
+        dead-lettered it)."""
+        for block in list(self._open_blocks) if self._open_blocks else ():
+            if block is not asking and record in block._live:
+                verb = where.split(" ", 1)[0]
+                raise InvalidTransaction(f"{record[0]} {rid} is created by transaction {block.transaction_id}, whose "
+                                         f"`with` block is still open and buffers it as it ends: write the {verb} "
+                                         f"in that block (tx.{verb}); nothing was buffered")
 
     def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While

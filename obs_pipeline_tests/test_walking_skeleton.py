@@ -347,3 +347,44 @@ def test_ingest_after_redis_forgot_its_scripts_buffers_once(settings, redis_clie
     assert buf.status(second.transaction_id) == "pending" and buf.spool.pending() == 0
     assert json.loads(redis_client.get(keys.buffered("ObsUnit", "901")))["name"] == "after"
     buf.close()
+
+
+@pytest.mark.parametrize("replica", [True, False], ids=["with a replica", "without a replica"])
+@pytest.mark.parametrize("call", [
+    lambda buf, outer, rid: buf.update("ExecutedObsUnit", rid, {"status": "completed"}),
+    lambda buf, outer, rid: buf.delete("ExecutedObsUnit", rid),
+    lambda buf, outer, rid: _in_another_block(buf, rid),
+], ids=["buf.update", "buf.delete", "another block's tx.update"])
+def test_a_record_an_open_block_creates_is_written_in_that_block_not_beside_it(
+        settings, redis_client, main_engine, replica, call):
+    """`buf.update(...)` (or another block's step) of a record the still-open block created is
+    buffered as a transaction of its own before the block's end buffers the create: the drain
+    applied the update first, to no row, and dead-lettered it (without a replica it was taken;
+    with one, the line said the record was "neither buffered nor on the replica"). Now one line
+    naming the open transaction and what to write, nothing buffered; the block still buffers its
+    create, and the drain applies it once."""
+    import dataclasses
+
+    buf = TransactionBuffer(settings=settings if replica else dataclasses.replace(settings, replica_db_url=None))
+    try:
+        with buf.transaction() as tx:
+            obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})
+            with pytest.raises(InvalidTransaction, match=rf"ExecutedObsUnit {obs['id']} is created by transaction "
+                                                         rf"{tx.transaction_id}, whose `with` block is still open") as info:
+                call(buf, tx, obs["id"])
+            assert "\n" not in str(info.value)
+            assert site_keys(redis_client, settings.site) == []  # nothing buffered beside the block
+        assert len(redis_client.lrange(SiteKeys(settings.site).buffer, 0, -1)) == 1  # the block's transaction
+    finally:
+        buf.close()
+    drain_until_empty(settings)
+    assert redis_client.llen(SiteKeys(settings.site).failed) == 0
+    with main_engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"), {"id": obs["id"]}).all()
+    assert rows == [("running",)]
+
+
+def _in_another_block(buf, rid) -> None:
+    with buf.transaction() as other:
+        other.update("ExecutedObsUnit", rid, {"status": "completed"})
