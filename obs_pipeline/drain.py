@@ -214,6 +214,74 @@ class _Batch:
     footprints: dict[tuple[str, str | None], dict[str, list]] = field(default_factory=dict)
 
 
+class MainIdentity:
+    """Which cluster main is and which timeline it writes, as the drain knows them: the replica's
+    replay counts only where it replays that WAL (ReplicaDatabase.main_cluster, .main_timeline)."""
+
+    def __init__(self, main: MainDatabase, store: BufferStore, replica_timeline: Callable[[], int | None]):
+        self.main = main
+        self.store = store
+        self.replica_timeline = replica_timeline  # the timeline the replica replayed, as its last ask said
+        self.applying: Any = None  # the worker's apply in flight (its future), if any: see cluster()
+        self._cluster: int | None = None  # see cluster()
+        self._timeline: int | None = None  # as the last acknowledgement recorded it: see timeline()
+        self._asked_timeline = False  # whether this run asked main for it (timeline())
+        self._timeline_rechecked_at = -math.inf  # when main was last asked again for it (timeline())
+
+    def acknowledged(self, outcome: Outcome) -> None:
+        """After acknowledge: main's cluster as it recorded it, for the commit it names."""
+        if outcome.commit_lsn is not None and outcome.main_cluster is not None:
+            self._cluster = outcome.main_cluster
+
+    def _main_idle(self) -> bool:
+        """Whether main's session may be used here: not while the worker thread has it."""
+        return self.applying is None or self.applying.done()
+
+    def cluster(self) -> int | None:
+        """The system identifier of the main whose commits await the replica, which the
+        replica's must be for its replay to count (ReplicaDatabase.main_cluster): as the
+        acknowledgement of the last commit recorded it, so a drain cleans while main is down.
+        Batches no acknowledgement named (a drain of an earlier version) need main's own, asked
+        only while no apply is in flight (the worker thread has the session); None while main
+        does not answer."""
+        if self._cluster is None:
+            self._cluster = self.store.main_cluster()
+        if self._cluster is None and self._main_idle():
+            try:
+                self._cluster = self.main.identify()
+            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
+                pass
+        return self._cluster
+
+    def timeline(self) -> int | None:
+        """The timeline main writes, which the replica must replay for its position to count
+        (ReplicaDatabase.main_timeline): as main's session says, asked once per Drain if no batch
+        opened one (a failover since the last commit moves it; the commits before the fork are
+        on the new timeline too, and the recorded timeline held their caches until new work came),
+        else as the acknowledgement of the last commit recorded it (main down); None if neither.
+        Asked again in a new session, at most every MAIN_TIMELINE_RECHECK_S, while the replica
+        replays another timeline than the session said: main failed over since (an idle drain's
+        session predates it), and the commits before the fork are on the new timeline too (the
+        old held their caches until new work came, the log line blaming the replica)."""
+        idle = self._main_idle()
+        recheck = (self.main.timeline is not None and self.replica_timeline() not in (None, self.main.timeline)
+                   and time.monotonic() - self._timeline_rechecked_at >= MAIN_TIMELINE_RECHECK_S)
+        if idle and recheck:
+            self._timeline_rechecked_at = time.monotonic()
+            self.main.close()  # a new session says the timeline main writes now
+        if idle and (recheck or self.main.timeline is None and not self._asked_timeline):
+            self._asked_timeline = True
+            try:
+                self.main.identify()
+            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
+                pass
+        if self.main.timeline is not None:
+            return self.main.timeline
+        if self._timeline is None:
+            self._timeline = self.store.main_timeline()
+        return self._timeline
+
+
 class Drain:
     def __init__(self, settings: Settings, config: DrainConfig = DrainConfig()):
         self.settings = settings
@@ -222,8 +290,10 @@ class Drain:
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
+        self.main_identity = MainIdentity(self.main, self.store, replica_timeline=lambda: self.replica.timeline)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME),
-                                       main_cluster=self._main_cluster, main_timeline=self._main_timeline)
+                                       main_cluster=self.main_identity.cluster,
+                                       main_timeline=self.main_identity.timeline)
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)
@@ -234,11 +304,6 @@ class Drain:
         self._first_claim: int | None = None  # this run's first claim's size, if not batch_size (_size_by_last_run)
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
-        self._applying: Any = None  # the worker's apply in flight (its future), if any: see _main_cluster
-        self._cluster: int | None = None  # see _main_cluster
-        self._timeline: int | None = None  # as the last acknowledgement recorded it: see _main_timeline
-        self._asked_timeline = False  # whether this run asked main for it (_main_timeline)
-        self._timeline_rechecked_at = -math.inf  # when main was last asked again for it (_main_timeline)
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
 
     def close(self) -> None:
@@ -435,7 +500,7 @@ class Drain:
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
         applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
-        self._applying = applying
+        self.main_identity.applying = applying
         try:
             if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
                 by_id = {t.transaction_id: t for t in txs}
@@ -459,8 +524,7 @@ class Drain:
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
-            if outcome.commit_lsn is not None and outcome.main_cluster is not None:
-                self._cluster = outcome.main_cluster  # as acknowledge recorded it
+            self.main_identity.acknowledged(outcome)
         except BaseException as error:
             if applying:  # interrupted while main applies (Ctrl-C, Dagster ending the run)
                 self._let_main_finish(applying)
@@ -800,50 +864,6 @@ class Drain:
             return None
         self._log_replica_refusal()  # (a standby of another cluster)
         return replayed
-
-    def _main_cluster(self) -> int | None:
-        """The system identifier of the main whose commits await the replica, which the
-        replica's must be for its replay to count (ReplicaDatabase.main_cluster): as the
-        acknowledgement of the last commit recorded it, so a drain cleans while main is down.
-        Batches no acknowledgement named (a drain of an earlier version) need main's own, asked
-        only while no apply is in flight (the worker thread has the session); None while main
-        does not answer."""
-        if self._cluster is None:
-            self._cluster = self.store.main_cluster()
-        if self._cluster is None and (self._applying is None or self._applying.done()):
-            try:
-                self._cluster = self.main.identify()
-            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
-                pass
-        return self._cluster
-
-    def _main_timeline(self) -> int | None:
-        """The timeline main writes, which the replica must replay for its position to count
-        (ReplicaDatabase.main_timeline): as main's session says, asked once per Drain if no batch
-        opened one (a failover since the last commit moves it; the commits before the fork are
-        on the new timeline too, and the recorded timeline held their caches until new work came),
-        else as the acknowledgement of the last commit recorded it (main down); None if neither.
-        Asked again in a new session, at most every MAIN_TIMELINE_RECHECK_S, while the replica
-        replays another timeline than the session said: main failed over since (an idle drain's
-        session predates it), and the commits before the fork are on the new timeline too (the
-        old held their caches until new work came, the log line blaming the replica)."""
-        idle = self._applying is None or self._applying.done()  # (the worker thread has the session)
-        recheck = (self.main.timeline is not None and self.replica.timeline not in (None, self.main.timeline)
-                   and time.monotonic() - self._timeline_rechecked_at >= MAIN_TIMELINE_RECHECK_S)
-        if idle and recheck:
-            self._timeline_rechecked_at = time.monotonic()
-            self.main.close()  # a new session says the timeline main writes now
-        if idle and (recheck or self.main.timeline is None and not self._asked_timeline):
-            self._asked_timeline = True
-            try:
-                self.main.identify()
-            except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
-                pass
-        if self.main.timeline is not None:
-            return self.main.timeline
-        if self._timeline is None:
-            self._timeline = self.store.main_timeline()
-        return self._timeline
 
     def _log_replica_refusal(self) -> bool:
         """Log the replica's refusal (ReplicaDatabase.refusal: hot_standby off) once while it
