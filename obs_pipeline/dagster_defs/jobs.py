@@ -9,6 +9,8 @@ the instance's run retries.
 """
 
 import time
+from contextlib import contextmanager
+from typing import Callable
 
 from dagster import (
     AssetCheckEvaluation,
@@ -53,6 +55,20 @@ def dead_letter_check(failed: int) -> AssetCheckEvaluation:
     nothing else evaluates it (the asset is not materialized by an asset job)."""
     return AssetCheckEvaluation(asset_key=MAIN_ASSET, check_name=DEAD_LETTER_CHECK, passed=not failed,
                                 severity=AssetCheckSeverity.WARN, metadata={"failed": failed})
+
+
+@contextmanager
+def _redis_trouble_in_one_line(site: str | Callable[[], str]):
+    """Redis down, not answering or full fails the op or check in the drain's one line, naming
+    the site (`site`, or how to read it where the settings are read only on failure): it failed
+    on redis-py's traceback, naming no setting. Any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise Failure(description=f"site {site() if callable(site) else site}: {trouble}") from error
 
 
 class DrainRunConfig(Config):
@@ -328,32 +344,28 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     store = obs_pipeline.buffer_store()
     busy = drained.get("lease_busy", False) or bool(drained.get("lease_lost"))
     try:
-        depths = store.depths()
-        metadata = {
-            "site": store.keys.site,
-            "awaiting_replication_batches": depths["awaiting_replication"],
-            "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
-            "applied_this_run": drained.get("applied", 0),
-            "already_applied_this_run": drained.get("already_applied", 0),  # see _drain_batches
-        }
-        why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
-        if why is None and not busy:
-            why = _replica_stuck(store, obs_pipeline)
-        if why or busy:
-            context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
-                                               description=why or drained.get("stopped_because")))
-        else:
-            context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
-        if not busy:
-            context.log_event(AssetCheckEvaluation(
-                asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not why, severity=AssetCheckSeverity.WARN,
-                description=why, metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
-        context.log_event(dead_letter_check(depths["failed"]))
-    except Exception as error:  # Redis lost since the drain ended: its line, as drain_batches says it
-        trouble = redis_trouble(error)
-        if trouble is None:
-            raise
-        raise Failure(description=f"site {store.keys.site}: {trouble}") from error
+        with _redis_trouble_in_one_line(store.keys.site):  # Redis lost since the drain ended: as drain_batches says it
+            depths = store.depths()
+            metadata = {
+                "site": store.keys.site,
+                "awaiting_replication_batches": depths["awaiting_replication"],
+                "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
+                "applied_this_run": drained.get("applied", 0),
+                "already_applied_this_run": drained.get("already_applied", 0),  # see _drain_batches
+            }
+            why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
+            if why is None and not busy:
+                why = _replica_stuck(store, obs_pipeline)
+            if why or busy:
+                context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
+                                                   description=why or drained.get("stopped_because")))
+            else:
+                context.log_event(AssetMaterialization(asset_key=REPLICA_ASSET, metadata=metadata))
+            if not busy:
+                context.log_event(AssetCheckEvaluation(
+                    asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not why, severity=AssetCheckSeverity.WARN,
+                    description=why, metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
+            context.log_event(dead_letter_check(depths["failed"]))
     finally:
         store.redis.close()
 

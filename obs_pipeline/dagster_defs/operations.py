@@ -39,6 +39,7 @@ from obs_pipeline.dagster_defs.jobs import (
     REPLICA_ASSET,
     REPLICA_CHECK,
     _max_runtime,
+    _redis_trouble_in_one_line,
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
@@ -73,28 +74,24 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
         raise Failure(description="set either `all: true` or a list of `transaction_ids`")
     letters = _dead_letters_or_one_line(obs_pipeline)
     try:  # (what it left and renamed, as the retry's own reading found them)
-        ids, left, renamed = letters.requeue(None if config.all else config.transaction_ids)
-        new_ids = [f"{one['transaction_id']} (for {one['reused_id']})" for one in renamed]
-        context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}"
-                         + (f"; under new ids, as a producer had reused theirs: {', '.join(new_ids)}"
-                            if new_ids else ""))
-        lines = [f"{kept['letter']}: {kept['why']}" for kept in left]
-        if lines:
-            context.log.warning(f"{len(lines)} dead letter(s) stay listed, as they cannot be retried: "
-                                + "; ".join(lines))
-        context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines),
-                                     "renamed": "\n".join(new_ids)})
-        context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
-        return {"requeued": ids, "left": left, "renamed": renamed}
+        with _redis_trouble_in_one_line(letters.keys.site):  # Redis down, not answering or full: the drain's line
+            ids, left, renamed = letters.requeue(None if config.all else config.transaction_ids)
+            new_ids = [f"{one['transaction_id']} (for {one['reused_id']})" for one in renamed]
+            context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}"
+                             + (f"; under new ids, as a producer had reused theirs: {', '.join(new_ids)}"
+                                if new_ids else ""))
+            lines = [f"{kept['letter']}: {kept['why']}" for kept in left]
+            if lines:
+                context.log.warning(f"{len(lines)} dead letter(s) stay listed, as they cannot be retried: "
+                                    + "; ".join(lines))
+            context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines),
+                                         "renamed": "\n".join(new_ids)})
+            context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+            return {"requeued": ids, "left": left, "renamed": renamed}
     except (UnknownTransaction, CannotBeRetried, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped
         # id, a spooled line Redis refused, a list the drain's runs change at every read (nothing changed: stop
         # the sensor a moment), Redis lost mid-way (it says whether the MULTI was sent): its line, not a traceback
         raise Failure(description=str(error)) from error
-    except Exception as error:  # Redis down, not answering or full: the drain's line (it failed on redis-py's
-        trouble = redis_trouble(error)  # traceback, naming no setting)
-        if trouble is None:
-            raise
-        raise Failure(description=f"site {letters.keys.site}: {trouble}") from error
     finally:
         letters.store.redis.close()
 
@@ -116,18 +113,14 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
         raise Failure(description="list the `transaction_ids` to discard (`obs-pipeline failed list` shows them)")
     letters = _dead_letters_or_one_line(obs_pipeline)
     try:
-        counts = letters.discard_each(config.transaction_ids)
-        context.log.info("discarded " + ", ".join(
-            ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
-            for ref, n in zip(config.transaction_ids, counts)))
-        context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+        with _redis_trouble_in_one_line(letters.keys.site):  # as in requeue_dead_letters
+            counts = letters.discard_each(config.transaction_ids)
+            context.log.info("discarded " + ", ".join(
+                ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
+                for ref, n in zip(config.transaction_ids, counts)))
+            context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
     except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # as in requeue_dead_letters
         raise Failure(description=str(error)) from error
-    except Exception as error:  # as in requeue_dead_letters
-        trouble = redis_trouble(error)
-        if trouble is None:
-            raise
-        raise Failure(description=f"site {letters.keys.site}: {trouble}") from error
     finally:
         letters.store.redis.close()
 
@@ -327,14 +320,10 @@ def _evaluated_or_one_line(obs_pipeline: ObsPipelineResource):
     site's Redis down, not answering or full) fails in the one line the drain's run gives: it
     failed on the error's traceback, naming no setting. Not a failed check: nothing was judged."""
     try:
-        yield
+        with _redis_trouble_in_one_line(lambda: obs_pipeline.settings().site):
+            yield
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:  # as _drain_batches reads them
         raise Failure(description=str(error).strip().splitlines()[0]) from error
-    except Exception as error:
-        trouble = redis_trouble(error)
-        if trouble is None:
-            raise
-        raise Failure(description=f"site {obs_pipeline.settings().site}: {trouble}") from error
 
 
 @asset_check(asset=MAIN_ASSET, name=DEAD_LETTER_CHECK, description="No dead-lettered transactions wait for an operator")
