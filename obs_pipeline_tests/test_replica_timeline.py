@@ -214,6 +214,107 @@ def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, 
     assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, skip.skip_message
 
 
+def _counted_asks_of_main(monkeypatch) -> list:
+    """The calls to ObsPipelineResource.main_timeline (each a new connection to main), counted."""
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+
+    asked = []
+    ask = ObsPipelineResource.main_timeline
+
+    def counted(resource):
+        asked.append(1)
+        return ask(resource)
+
+    monkeypatch.setattr(ObsPipelineResource, "main_timeline", counted)
+    return asked
+
+
+def _recheck_after(monkeypatch, seconds: float) -> None:
+    """The sensor asks main again once `seconds` have passed since it last did (raising=False: a
+    sensor that asks at every tick has no such setting, and the counts say so)."""
+    monkeypatch.setattr("obs_pipeline.dagster_defs.sensors.MAIN_TIMELINE_RECHECK_S", seconds, raising=False)
+
+
+def _tick(instance, site, cursor: str | None):
+    """One evaluation of buffer_sensor as the daemon makes it, given the cursor the tick before
+    left: what it returned, and the cursor it leaves for the next."""
+    from dagster import build_sensor_context
+
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    resource = ObsPipelineResource(site=site.site, redis_url=site.redis_url, main_db_url=site.main_db_url,
+                                   replica_db_url=site.replica_db_url)
+    context = build_sensor_context(instance=instance, resources={"obs_pipeline": resource}, cursor=cursor)
+    return buffer_sensor(context), context.cursor
+
+
+def test_the_sensor_asks_main_again_only_every_30_s_while_the_replica_stays_on_another_timeline(
+        settings, forked, caplog, monkeypatch):
+    """A replica left on the old timeline for hours: the sensor asked main which timeline it
+    writes at every tick (minimum_interval_seconds=1), a new connection to a far main each. It
+    keeps main's answer in its cursor and asks again once MAIN_TIMELINE_RECHECK_S has passed,
+    as the drain does."""
+    from dagster import SkipReason, instance_for_test
+
+    failed_over = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["replica"])
+    buf, tx_id, _ = _buffer_one(failed_over)
+    _run(failed_over, caplog)
+    assert buf.status(tx_id) == "applied"
+    buf.close()
+    asked = _counted_asks_of_main(monkeypatch)
+    _recheck_after(monkeypatch, 3600.0)  # (a slow host's ticks stay within it)
+    cursor = None
+    with instance_for_test() as instance:
+        for _ in range(3):
+            skip, cursor = _tick(instance, failed_over, cursor)
+            assert isinstance(skip, SkipReason), skip
+            assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, \
+                skip.skip_message
+        assert len(asked) == 1, f"main asked {len(asked)} times in 3 ticks"
+        _recheck_after(monkeypatch, 0.0)  # as if it had passed since
+        skip, cursor = _tick(instance, failed_over, cursor)
+    assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, skip.skip_message
+    assert len(asked) == 2, f"main asked {len(asked)} times in 4 ticks"
+
+
+def test_the_sensor_launches_a_run_on_main_s_kept_answer_once_the_replica_replays(
+        settings, forked, redis_client, caplog, monkeypatch):
+    """Main's answer kept in the cursor counts as main's: a replica on that timeline, which the
+    last acknowledgement did not record (a failover since), gets a run once it replays the
+    batches, as when main was asked at every tick."""
+    from dagster import RunRequest, SkipReason, instance_for_test
+
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline_tests.workload import replay_paused
+
+    site = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["follower"])
+    follower, main = sa.create_engine(forked["follower"]), sa.create_engine(forked["promoted"])
+    asked = _counted_asks_of_main(monkeypatch)
+    _recheck_after(monkeypatch, 3600.0)  # (a slow host's wait for the replay stays within it)
+    try:
+        with instance_for_test() as instance:
+            with replay_paused(follower):
+                buf, tx_id, _ = _buffer_one(site)
+                _run(site, caplog)
+                assert buf.status(tx_id) == "applied"
+                buf.close()
+                # as recorded before a failover (main writes timeline 2, the follower replays it)
+                redis_client.hset(SiteKeys(site.site).stats, "main_timeline", 1)
+                skip, cursor = _tick(instance, site, None)
+                assert isinstance(skip, SkipReason), skip
+                assert "has replayed up to" in skip.skip_message, skip.skip_message
+            with main.connect() as conn:
+                committed = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+            assert wait_until(lambda: _replayed(forked["follower"], committed), 60)
+            run, cursor = _tick(instance, site, cursor)
+    finally:
+        follower.dispose()
+        main.dispose()
+    assert isinstance(run, RunRequest), run.skip_message
+    assert len(asked) == 1, f"main asked {len(asked)} times in 2 ticks"
+
+
 def test_batches_recorded_on_an_earlier_timeline_are_cleaned_once_main_and_the_replica_share_one(
         settings, main_engine, replica_engine, redis_client, clean_db):
     """A failover with nothing buffered since: the commits awaiting the replica were recorded

@@ -5,7 +5,7 @@ or sensor asks, so `defs` loads on a machine where nothing is configured yet.
 """
 
 
-from typing import Optional
+from typing import Callable, Optional
 
 import redis
 import sqlalchemy as sa
@@ -49,20 +49,21 @@ class ObsPipelineResource(ConfigurableResource):
         """How far the replica has replayed; None if it does not answer or reports no position."""
         return self.replica_position()[0]
 
-    def replica_position(self, main_cluster: int | None = None,
-                         main_timeline: int | None = None) -> tuple[int | None, str | None]:
+    def replica_position(self, main_cluster: int | None = None, main_timeline: int | None = None,
+                         ask_main: Callable[[], int | None] | None = None) -> tuple[int | None, str | None]:
         """replica_replay_lsn, and for the sensor's skip reason what to do where the replica
         refuses every connection (ReplicaDatabase.refusal: hot_standby off) or, given
         `main_cluster` (BufferStore.main_cluster), is a standby of another cluster, or given
         `main_timeline` (BufferStore.main_timeline), replays another timeline: its replay
         position, of other WAL, launched a run at each tick that could clean nothing. Where the
         replica's timeline is not `main_timeline` (as the last acknowledgement recorded it), main
-        is asked: a failover since, with no new work, moved it (the run that cleans was never
-        launched, the skip reason blaming the replica)."""
+        is asked, by `ask_main` if given (the sensor's keeps main's answer a while), else by
+        main_timeline: a failover since, with no new work, moved it (the run that cleans was
+        never launched, the skip reason blaming the replica)."""
         def timeline() -> int | None:
             if replica.timeline == main_timeline:
                 return main_timeline
-            now = self.main_timeline()
+            now = (ask_main or self.main_timeline)()
             return now if now is not None else main_timeline
 
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),

@@ -14,10 +14,17 @@ stays STARTED: nothing is left to report it, and the run queue's per-site limit 
 every new run behind it until run monitoring's max runtime (900 s). Once the drain lease is
 free and the run has logged nothing for DEAD_RUN_QUIET_S, the sensor marks it failed (run
 retries relaunch it; else the sensor does at once). The lease fences a run wrongly taken for
-dead: it cannot drain beside the next one."""
+dead: it cannot drain beside the next one.
 
+Where committed batches await a replica that reports another timeline than the last
+acknowledgement recorded, the sensor asks main which it writes (a failover since), at most every
+MAIN_TIMELINE_RECHECK_S as the drain does, keeping main's answer in its cursor: asked at every
+tick, a replica left on another timeline cost a far main a new connection a second, for hours."""
+
+import json
 import time
 from datetime import timedelta
+from typing import Callable
 
 from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunRequest, RunsFilter, SensorEvaluationContext, SkipReason, sensor
 
@@ -25,6 +32,7 @@ from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+from obs_pipeline.drain import MAIN_TIMELINE_RECHECK_S
 from obs_pipeline.lsn import int_to_lsn
 
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -127,6 +135,36 @@ def _site_runs(instance: DagsterInstance, site: str, statuses: list) -> list:
             if r.dagster_run.tags.get(SITE_TAG, site) == site]
 
 
+def _kept_main_timeline(cursor: str | None, recorded: int | None) -> tuple[bool, int | None]:
+    """Whether the cursor keeps an answer of main's asked less than MAIN_TIMELINE_RECHECK_S ago,
+    with the same timeline recorded, and that answer. A cursor of another shape (none yet, or
+    reset from the UI) keeps none."""
+    try:
+        kept = json.loads(cursor) if cursor else {}
+        answer, age = kept["main_timeline"], time.time() - float(kept["main_timeline_asked_at"])
+        fresh = (kept["recorded_timeline"] == recorded and (answer is None or type(answer) is int)
+                 and 0 <= age < MAIN_TIMELINE_RECHECK_S)  # (a clock set back: asked again)
+    except (ValueError, TypeError, KeyError):
+        return False, None
+    return fresh, answer
+
+
+def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource,
+                                         recorded: int | None) -> Callable[[], int | None]:
+    """How a tick learns the timeline main writes (ObsPipelineResource.replica_position asks only
+    where the replica's is not `recorded`): main's answer as the cursor keeps it, else main's
+    now, kept for the next ticks. A new one recorded since (new commits) asks main again."""
+    def ask() -> int | None:
+        fresh, answer = _kept_main_timeline(context.cursor, recorded)
+        if not fresh:
+            asked_at = time.time()
+            answer = obs_pipeline.main_timeline()
+            context.update_cursor(json.dumps({"main_timeline": answer, "main_timeline_asked_at": asked_at,
+                                              "recorded_timeline": recorded}))
+        return answer
+    return ask
+
+
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
@@ -192,7 +230,8 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
         try:
-            replayed, refusal = obs_pipeline.replica_position(cluster, timeline)
+            replayed, refusal = obs_pipeline.replica_position(
+                cluster, timeline, _main_timeline_at_most_every_recheck(context, obs_pipeline, timeline))
         except ConfigError:  # the run fails on it, saying so in one line
             replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
