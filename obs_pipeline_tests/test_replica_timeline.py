@@ -230,9 +230,8 @@ def _counted_asks_of_main(monkeypatch) -> list:
 
 
 def _recheck_after(monkeypatch, seconds: float) -> None:
-    """The sensor asks main again once `seconds` have passed since it last did (raising=False: a
-    sensor that asks at every tick has no such setting, and the counts say so)."""
-    monkeypatch.setattr("obs_pipeline.dagster_defs.sensors.MAIN_TIMELINE_RECHECK_S", seconds, raising=False)
+    """The sensor asks main again once `seconds` have passed since it last did."""
+    monkeypatch.setattr("obs_pipeline.dagster_defs.sensors.MAIN_TIMELINE_RECHECK_S", seconds)
 
 
 def _tick(instance, site, cursor: str | None):
