@@ -603,6 +603,33 @@ def test_a_run_that_never_had_the_lease_does_not_report_the_replica_healthy(sett
         assert record.run_id == stalled.run_id and record.status.value == "FAILED"  # what the UI shows
 
 
+def test_a_run_counts_the_chunks_awaiting_replay_as_status_does(settings, resource, redis_client, main_engine,
+                                                              replica_engine):
+    """`awaiting_replication_batches` on a run's report of site_replica counts what `status`
+    counts as `chunks awaiting replay` (the README says they count the same): a chunk the
+    replica has replayed, waiting only for a drain to clean its caches, is not one. It counted
+    every chunk waiting: 1 beside status's 0, here on a run that found the lease held."""
+    from obs_pipeline.health import health_report
+
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 0.5,
+                                                   "budget_s": 30, "lease_ttl_s": 0.5}}}}
+    store = BufferStore(redis_client, settings.site)
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config, instance=instance)
+    wait_for_replica(main_engine, replica_engine)  # replayed now; its caches wait for the next drain
+    assert health_report(store, main_engine, replica_engine)["replication_lag"]["awaiting_batches"] == 0
+    token = store.acquire_lease(30)
+    try:
+        with instance_for_test() as instance:
+            busy = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                   instance=instance)
+    finally:
+        store.release_lease(token)
+    [observed] = _replica_events(busy)[1]
+    assert observed.metadata["awaiting_replication_batches"].value == 0
+
+
 def test_a_run_that_lost_the_lease_mid_run_warns_and_does_not_report_the_replica(settings, resource, redis_client,
                                                                                  main_engine, monkeypatch):
     """Another drain took the lease while main applied the run's batch: the run said so only at

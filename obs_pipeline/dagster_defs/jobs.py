@@ -346,9 +346,10 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     try:
         with _redis_trouble_in_one_line(store.keys.site):  # Redis lost since the drain ended: as drain_batches says it
             depths = store.depths()
+            awaiting = _awaiting_replay(store, obs_pipeline) if depths["awaiting_replication"] else 0
             metadata = {
                 "site": store.keys.site,
-                "awaiting_replication_batches": depths["awaiting_replication"],
+                "awaiting_replication_batches": awaiting,
                 "buffer": depths["buffer"], "failed": depths["failed"], "retrying": depths["retry"],
                 "applied_this_run": drained.get("applied", 0),
                 "already_applied_this_run": drained.get("already_applied", 0),  # see _drain_batches
@@ -364,10 +365,22 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
             if not busy:
                 context.log_event(AssetCheckEvaluation(
                     asset_key=REPLICA_ASSET, check_name=REPLICA_CHECK, passed=not why, severity=AssetCheckSeverity.WARN,
-                    description=why, metadata={"awaiting_replication_batches": depths["awaiting_replication"]}))
+                    description=why, metadata={"awaiting_replication_batches": awaiting}))
             context.log_event(dead_letter_check(depths["failed"]))
     finally:
         store.redis.close()
+
+
+def _awaiting_replay(store: BufferStore, obs_pipeline: ObsPipelineResource) -> int:
+    """The chunks of committed transactions the replica has not replayed, as `status` counts them
+    (`chunks awaiting replay`): one it has replayed, waiting only for a drain to clean its caches,
+    is not one (it was counted, beside status's 0); where its position is unknown (it does not
+    answer, or replays other WAL), every chunk waiting is."""
+    try:
+        replayed = obs_pipeline.replica_position(store.main_cluster(), store.main_timeline())[0]
+    except ConfigError:  # no replica URL: nothing says what it replayed
+        replayed = None
+    return store.awaiting_replication(after=replayed)[0]
 
 
 def _replica_stuck(store: BufferStore, obs_pipeline: ObsPipelineResource) -> str | None:
