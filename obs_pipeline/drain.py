@@ -44,7 +44,7 @@ GC_THRESHOLD = 200_000
 DRAIN_APPLICATION_NAME = "obs-pipeline drain"  # its sessions on main and the replica
 BACKGROUND_NICENESS = 10  # what the CLI and Dagster run the drain at: behind the scripts, Redis and the replica
 ROUND_TRIP_SHARE = 0.2    # a far main's round trip may take at most this share of a batch's apply
-FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS ~205 MiB there
+FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's peak RSS 226 MiB there (bench)
 # While the replica replays another timeline than main's session said, main is asked again at
 # most this often (a failover since that session; a new one costs main a connection)
 MAIN_TIMELINE_RECHECK_S = 30.0
