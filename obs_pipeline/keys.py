@@ -88,8 +88,9 @@ class SiteKeys:
         return f"{self.prefix}set_aside:{line_digest}"
 
     def parked(self, holder: str) -> str:
-        """List: the retry-zset members (transaction JSON) held behind `holder`, in the order they
-        were held; scored +inf in the retry zset until `holder` is applied or dead-lettered."""
+        """List: what is held behind `holder`, in the order it was held, each entry a JSON array
+        [its retry-zset member (transaction JSON), its id, the rows it writes]; those members are
+        scored +inf in the retry zset until `holder` is applied or dead-lettered."""
         return f"{self.prefix}parked:{holder}"
 
     @property

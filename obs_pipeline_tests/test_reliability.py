@@ -3153,12 +3153,12 @@ def _drain_while_the_obs_unit_is_locked(main_engine, settings, hold_s: float, co
     return summary, reports, transient
 
 
-def test_a_statement_timeout_on_main_retries_the_batch_as_it_is_and_spends_no_retry(settings, redis_client,
+def test_a_statement_timeout_on_main_retries_the_batch_in_pieces_and_spends_no_retry(settings, redis_client,
                                                                                   main_engine):
     """Main cancels the batch's statement at its `statement_timeout` (SQLSTATE 57014): here the
     drain's role has 0.3 s, and another session holds the obs unit's row lock (FOR UPDATE) that
     each insert's foreign key check waits on, for 2 s. The transaction is rolled back, the batch
-    retried as it is, with backoff, no transaction charged a retry; once the lock goes, each is
+    retried in smaller pieces, with backoff, no transaction charged a retry; once the lock goes, each is
     applied once."""
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 20, finish_every=2)  # 30 transactions

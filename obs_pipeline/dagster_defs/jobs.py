@@ -75,7 +75,7 @@ class DrainRunConfig(Config):
     budget_s: float = 300.0      # then the run ends and the sensor launches a fresh one
     idle_exit_s: float = 5.0     # keep draining while work keeps arriving
     batch_size: int = 2000
-    max_batch_size: int | None = None  # where main is far, batches grow up to this (None: 10000)
+    max_batch_size: int | None = None  # where main is far, batches grow up to this (None: 10000, or batch_size if more)
     lease_ttl_s: float = 60.0
     replication_timeout_s: float = 10.0  # also: the run ends once only the replica's replay is
     #                                      missing and it has replayed nothing for this long
@@ -354,7 +354,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
                 "applied_this_run": drained.get("applied", 0),
                 "already_applied_this_run": drained.get("already_applied", 0),  # see _drain_batches
             }
-            why = (drained.get("stopped_because") or "the replica replays nothing") if drained.get("replica_stalled") else None
+            why = ((drained.get("stopped_because") or "the replica replays nothing")
+                   if drained.get("replica_stalled") else None)
             if why is None and not busy:
                 why = _replica_stuck(store, obs_pipeline)
             if why or busy:
