@@ -3,7 +3,7 @@
 Main is down in the only sense that matters to the buffer: nothing drains. Then one drain
 works the backlog off while this process keeps ingesting at a script's pace (one seed
 transaction every 10 ms) and times each one, so the figures answer: how much Redis does a
-night of buffering take, does the drain's memory stay flat (it holds one batch, never the
+night of buffering take, does the drain's memory stay flat (it holds two batches at most, never the
 backlog), and does ingest stay fast while the drain hammers the same Redis.
 """
 
