@@ -3,7 +3,7 @@
 The first six names are fixed by the contract (shared with the existing producer and with
 operators' shells); the rest are this project's own and are listed in the README.
 
-The Lua scripts in buffer_store.py and query.py build per-record names from `prefix` (they
+The Lua scripts in redis_scripts.py and query.py build per-record names from `prefix` (they
 run inside Redis): a name changed here must change there too. The integration tests check the
 keys those scripts write and delete through this class.
 """
