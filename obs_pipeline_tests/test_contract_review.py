@@ -12,7 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+import obs_pipeline.models
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -209,3 +211,50 @@ def test_a_refused_update_or_delete_of_a_buffered_record_changes_no_key(settings
         call(buf, obs["id"])
     assert "\n" not in str(info.value)
     assert snapshot(redis_client, settings.site) == before
+
+
+# --- section 2: the built-in schema, on main and on the replica ------------------------------------
+
+CONTRACT_SCHEMA = {  # contract section 2: class -> (table, {column: (type, nullable)}, {fk column: table})
+    "ObsUnit": ("obs_unit", {"id": ("integer", False), "name": ("text", False)}, {}),
+    "ExecutedObsUnit": ("executed_obs_unit", {
+        "id": ("uuid", False), "obs_unit_id": ("integer", False),
+        "start_time": ("timestamp with time zone", False), "end_time": ("timestamp with time zone", True),
+        "status": ("text", False)}, {"obs_unit_id": "obs_unit"}),
+    "RawDataPackage": ("raw_data_package", {
+        "id": ("uuid", False), "name": ("text", False), "executed_obs_unit_id": ("uuid", False)},
+        {"executed_obs_unit_id": "executed_obs_unit"}),
+    "RawDataFile": ("raw_data_file", {
+        "id": ("uuid", False), "name": ("text", False), "raw_data_package_id": ("uuid", False)},
+        {"raw_data_package_id": "raw_data_package"}),
+}
+
+
+def table_shape(engine, table: str) -> tuple[dict, list, dict]:
+    """A table's columns (type, nullable), primary key columns and foreign keys, as PostgreSQL has them."""
+    with engine.connect() as conn:
+        columns = {name: (kind, nullable == "YES") for name, kind, nullable in conn.execute(sa.text(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = :t"), {"t": table})}
+        keys = conn.execute(sa.text(
+            "SELECT a.attname, c.contype, c.confrelid::regclass::text FROM pg_constraint c "
+            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) "
+            "WHERE c.conrelid = CAST(:t AS regclass) AND c.contype IN ('p', 'f')"), {"t": table}).all()
+    return (columns, sorted(name for name, kind, _ in keys if kind == "p"),
+            {name: target for name, kind, target in keys if kind == "f"})
+
+
+@pytest.mark.parametrize("model", sorted(CONTRACT_SCHEMA))
+def test_the_built_in_schema_has_the_contracts_classes_tables_columns_and_keys(main_engine, replica_engine, model):
+    """Contract section 2: each class of obs_pipeline.models maps to its table, and `db init`'s
+    schema (create_schema, as the fixtures make it) has the contract's columns, types,
+    nullability, `id` primary key and foreign keys, on main and, by replication, on the replica.
+    More columns may be added."""
+    table, columns, foreign_keys = CONTRACT_SCHEMA[model]
+    assert getattr(obs_pipeline.models, model).__tablename__ == table
+    assert issubclass(getattr(obs_pipeline.models, model), obs_pipeline.models.Base)
+    for engine in (main_engine, replica_engine):
+        found, primary_key, found_foreign_keys = table_shape(engine, table)
+        assert {name: found.get(name) for name in columns} == columns, engine.url
+        assert primary_key == ["id"], engine.url
+        assert {name: found_foreign_keys.get(name) for name in foreign_keys} == foreign_keys, engine.url
