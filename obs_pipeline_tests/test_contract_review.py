@@ -258,3 +258,39 @@ def test_the_built_in_schema_has_the_contracts_classes_tables_columns_and_keys(m
         assert {name: found.get(name) for name in columns} == columns, engine.url
         assert primary_key == ["id"], engine.url
         assert {name: found_foreign_keys.get(name) for name in foreign_keys} == foreign_keys, engine.url
+
+
+# --- section 3: what the ingest API's calls return ------------------------------------------------
+
+def test_the_ingest_calls_return_what_the_contract_says(env, buf):
+    """Contract section 3, its return values taken literally: InvalidTransaction is a ValueError
+    (a script's `except ValueError` catches it); `tx.transaction_id`, an update's and a delete's
+    transaction ids are strings that `status` knows; a created record's "id" is a UUID string
+    usable at once; `get` of an unknown id is None; rows have the columns as keys, uuids and
+    datetimes as ISO strings, buffered and once replicated."""
+    assert issubclass(InvalidTransaction, ValueError)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+        files = tx.bulk_create("RawDataFile", [{"name": "file1.fits", "raw_data_package_id": pkg["id"]},
+                                               {"name": "file2.fits", "raw_data_package_id": pkg["id"]}])
+    assert isinstance(tx.transaction_id, str) and buf.status(tx.transaction_id) == "pending"
+    for record in (obs, pkg, *files):
+        assert isinstance(record["id"], str) and str(uuid.UUID(record["id"])) == record["id"]
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": "2025-01-01T01:00:00Z"})
+    gone = buf.delete("RawDataFile", files[1]["id"])
+    assert all(isinstance(t, str) and buf.status(t) == "pending" for t in (finish, gone))
+    assert buf.get("ExecutedObsUnit", new_id()) is None
+
+    expected = {"id": obs["id"], "obs_unit_id": 123, "start_time": "2025-01-01T00:00:00+00:00",
+                "end_time": "2025-01-01T01:00:00+00:00", "status": "completed"}
+    for _ in ("buffered", "replicated"):
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+        assert buf.search("ExecutedObsUnit", {"obs_unit_id": 123}) == [expected]
+        assert buf.search("RawDataFile", {"raw_data_package_id": pkg["id"]}) == [
+            {"id": files[0]["id"], "name": "file1.fits", "raw_data_package_id": pkg["id"]}]
+        assert buf.get("RawDataFile", files[1]["id"]) is None
+        drain_once(env)
+    assert [buf.status(t) for t in (tx.transaction_id, finish, gone)] == ["replicated"] * 3
+    assert buf.wait(gone, until="replicated", timeout=1.0) is True
