@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,51 @@ def test_the_ingest_calls_return_what_the_contract_says(env, buf):
         drain_once(env)
     assert [buf.status(t) for t in (tx.transaction_id, finish, gone)] == ["replicated"] * 3
     assert buf.wait(gone, until="replicated", timeout=1.0) is True
+
+
+# --- section 4: the wire format ingest writes -----------------------------------------------------
+
+SEED_TRANSACTION_FIELDS = {"transaction_id", "endpoint", "site", "timestamp", "status", "retry_count", "max_retries",
+                           "steps", "metadata"}
+SEED_STEP_FIELDS = {"step_id", "operation", "model_class", "data", "conditions", "dependencies", "expected_result"}
+
+
+def test_ingest_writes_seed_000s_transaction_json_to_the_buffer_and_the_status_key(settings, redis_client, buf):
+    """Contract section 4: what ingest LPUSHes and stores under `transaction:{id}` is seed 000's
+    transaction JSON, every field of it, so that the existing system's readers take it: ids as
+    UUID strings, datetimes as ISO-8601 strings, `data` a list for bulk_create, `conditions`
+    `{"id": ...}` for update and delete, dependencies as step ids."""
+    with buf.transaction(endpoint="start_observation", metadata={"night": "first"}) as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+        files = tx.bulk_create("RawDataFile", [{"name": "file1.fits", "raw_data_package_id": pkg["id"]},
+                                               {"name": "file2.fits", "raw_data_package_id": pkg["id"]}])
+        tx.update("ExecutedObsUnit", obs["id"], {"end_time": "2025-01-01T01:00:00Z"})
+        tx.delete("RawDataFile", files[1]["id"])
+    prefix = f"site:{settings.site}:"
+    queued = [json.loads(e) for e in redis_client.lrange(prefix + "transaction_buffer", 0, -1)]
+    assert redis_client.type(prefix + f"transaction:{tx.transaction_id}") == b"string"
+    stored = json.loads(redis_client.get(prefix + f"transaction:{tx.transaction_id}"))
+    assert len(queued) == 1
+    for doc in (queued[0], stored):
+        assert SEED_TRANSACTION_FIELDS <= set(doc), doc
+        assert (doc["transaction_id"], doc["endpoint"], doc["site"], doc["status"], doc["retry_count"],
+                doc["metadata"]) == (tx.transaction_id, "start_observation", settings.site, "pending", 0,
+                                     {"night": "first"})
+        assert isinstance(doc["max_retries"], int)
+        datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00"))
+        steps = doc["steps"]
+        assert all(SEED_STEP_FIELDS <= set(step) for step in steps), steps
+        assert [(s["operation"], s["model_class"]) for s in steps] == [
+            ("create", "ExecutedObsUnit"), ("create", "RawDataPackage"), ("bulk_create", "RawDataFile"),
+            ("update", "ExecutedObsUnit"), ("delete", "RawDataFile")]
+        assert len({s["step_id"] for s in steps}) == 5
+        assert all(set(s["dependencies"]) <= {t["step_id"] for t in steps} for s in steps)
+        assert steps[0]["data"]["id"] == obs["id"] and steps[1]["data"]["executed_obs_unit_id"] == obs["id"]
+        assert [row["id"] for row in steps[2]["data"]] == [f["id"] for f in files]
+        assert datetime.fromisoformat(steps[0]["data"]["start_time"].replace("Z", "+00:00")) == \
+            datetime(2025, 1, 1, tzinfo=timezone.utc)
+        assert steps[3]["conditions"] == {"id": obs["id"]} and steps[4]["conditions"] == {"id": files[1]["id"]}
+        assert datetime.fromisoformat(steps[3]["data"]["end_time"].replace("Z", "+00:00")) == \
+            datetime(2025, 1, 1, 1, tzinfo=timezone.utc)
