@@ -343,3 +343,26 @@ def test_ingest_writes_seed_000s_transaction_json_to_the_buffer_and_the_status_k
         assert steps[3]["conditions"] == {"id": obs["id"]} and steps[4]["conditions"] == {"id": files[1]["id"]}
         assert datetime.fromisoformat(steps[3]["data"]["end_time"].replace("Z", "+00:00")) == \
             datetime(2025, 1, 1, 1, tzinfo=timezone.utc)
+
+
+def test_the_record_caches_are_strings_of_the_records_json(settings, redis_client, buf):
+    """Contract section 4: `cache:ids:{model}:{id}` and `buffered:{model}:{id}` are strings
+    holding the created record's JSON (the existing system reads both); an update of a
+    buffered record goes to `read_buffer:{model}:{id}`, not into them."""
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        pkg = tx.create("RawDataPackage", {"name": "obs_123_package", "executed_obs_unit_id": obs["id"]})
+        files = tx.bulk_create("RawDataFile", [{"name": "file1.fits", "raw_data_package_id": pkg["id"]}])
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    prefix = f"site:{settings.site}:"
+    for model, record in (("ExecutedObsUnit", obs), ("RawDataFile", files[0])):
+        for kind in ("cache:ids", "buffered"):
+            key = f"{prefix}{kind}:{model}:{record['id']}"
+            assert redis_client.type(key) == b"string", key
+            stored = json.loads(redis_client.get(key))
+            assert stored["id"] == record["id"], key
+            assert {name: stored[name] for name in record if name != "start_time"} == \
+                {name: value for name, value in record.items() if name != "start_time"}, key
+    assert json.loads(redis_client.get(f"{prefix}buffered:ExecutedObsUnit:{obs['id']}"))["status"] == "running"
+    assert redis_client.exists(f"{prefix}read_buffer:ExecutedObsUnit:{obs['id']}") == 1
