@@ -16,6 +16,7 @@ from dagster import (
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    Definitions,
     RunRequest,
     RunsFilter,
     SkipReason,
@@ -47,9 +48,11 @@ def resource(settings) -> ObsPipelineResource:
 
 
 def test_definitions_load():
+    assert isinstance(defs, Definitions)  # contract section 5: obs_pipeline.definitions:defs
     job = defs.resolve_job_def("drain_buffer")
     assert job.executor_def.name == "in_process"
     assert defs.resolve_sensor_def("buffer_sensor").default_status == DefaultSensorStatus.RUNNING
+    assert defs.resolve_sensor_def("buffer_sensor").job_name == "drain_buffer"  # what it launches
     # every job's runs are pruned, by a schedule that runs from the start
     assert {j.name for j in defs.get_repository_def().get_all_jobs()} <= set(HISTORY_JOBS)
     history = defs.resolve_schedule_def("prune_run_history_schedule")
