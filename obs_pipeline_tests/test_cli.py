@@ -203,6 +203,7 @@ def test_a_stack_flag_the_action_does_not_use_is_a_usage_line_and_does_nothing(
 
 def test_stack_env_prints_export_lines(stack):
     out = cli("stack", "env", "--dir", str(stack.directory)).stdout
+    assert all(re.match(r"export [A-Z_]+=\S", line) for line in out.splitlines()), out  # contract section 1
     names = {line.split("=")[0].removeprefix("export ") for line in out.splitlines()}
     assert {"OBS_REDIS_URL", "OBS_MAIN_DB_URL", "OBS_REPLICA_DB_URL", "OBS_SITE", "OBS_MODELS"} <= names
 
