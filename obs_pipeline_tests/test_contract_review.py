@@ -366,3 +366,19 @@ def test_the_record_caches_are_strings_of_the_records_json(settings, redis_clien
                 {name: value for name, value in record.items() if name != "start_time"}, key
     assert json.loads(redis_client.get(f"{prefix}buffered:ExecutedObsUnit:{obs['id']}"))["status"] == "running"
     assert redis_client.exists(f"{prefix}read_buffer:ExecutedObsUnit:{obs['id']}") == 1
+
+
+# --- section 6: the dead-letter commands' exit status -------------------------------------------
+
+@pytest.mark.parametrize("command", [["failed", "show"], ["failed", "retry"], ["failed", "discard"]])
+def test_a_dead_letter_command_given_an_unknown_id_exits_non_zero_in_one_line(env, settings, redis_client, command):
+    """Contract section 6: "Exit status 0 on success, non-zero with a one-line reason on stderr
+    otherwise". An id that is not in the dead-letter list (a typo, another site's) is not a
+    success: an operator's `failed retry ID && echo retried` must not say it was retried."""
+    unknown = new_id()
+    before = snapshot(redis_client, settings.site)
+    result = run(*command, unknown, env=env)
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and unknown in lines[0], result.stderr
+    assert snapshot(redis_client, settings.site) == before
