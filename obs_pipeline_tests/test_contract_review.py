@@ -382,3 +382,27 @@ def test_a_dead_letter_command_given_an_unknown_id_exits_non_zero_in_one_line(en
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and unknown in lines[0], result.stderr
     assert snapshot(redis_client, settings.site) == before
+
+
+def test_lpushed_transactions_are_applied_oldest_first(env, settings, redis_client, buf):
+    """Contract section 4: producers LPUSH, the drain consumes from the right, so a producer's
+    transactions are applied in the order pushed: a create, then updates of it, then its
+    delete and its creation again under the same id, each its own transaction."""
+    obs = new_id()
+    create = {"step_id": "s", "operation": "create", "model_class": "ExecutedObsUnit",
+              "data": {"id": obs, "obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"}}
+    pushed = [push(redis_client, settings.site, {"transaction_id": new_id(), "steps": [step]}) for step in (
+        create,
+        {"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit", "data": {"status": "exposing"},
+         "conditions": {"id": obs}},
+        {"step_id": "s", "operation": "update", "model_class": "ExecutedObsUnit", "data": {"status": "completed"},
+         "conditions": {"id": obs}},
+        {"step_id": "s", "operation": "delete", "model_class": "ExecutedObsUnit", "data": {}, "conditions": {"id": obs}},
+        {**create, "data": {**create["data"], "status": "again"}},
+    )]
+
+    drain_once(env)
+
+    assert dead_letters(redis_client, settings.site) == []
+    assert [buf.status(t) for t in pushed] == ["replicated"] * len(pushed)
+    assert buf.get("ExecutedObsUnit", obs)["status"] == "again"
