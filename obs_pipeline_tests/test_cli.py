@@ -227,6 +227,7 @@ def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
     report = json.loads(cli("status", "--json", env=env).stdout)
     assert report["transaction_buffer"]["size"] == 1
+    assert report["transaction_buffer"]["failed"] == 0  # contract section 6: the seed's failed count
     assert report["transaction_buffer"]["oldest_pending_seconds"] > 0
     assert {"status", "last_run", "transactions_processed"} <= set(report["background_processor"])
     assert {"seconds", "main_lsn", "replica_lsn", "bytes"} <= set(report["replication_lag"])
@@ -246,8 +247,10 @@ def test_status_last_run_is_the_drains_last_batch_even_one_that_only_dead_letter
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))
     before = time.time()
     assert cli("drain", "--once", env=env).returncode == 0
-    processor = json.loads(cli("status", "--json", env=env).stdout)["background_processor"]
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    processor = report["background_processor"]
     assert (processor["transactions_processed"], processor["dead_lettered_total"]) == (0, 1), processor
+    assert report["transaction_buffer"]["failed"] == 1, report  # the dead letter, as the seed's report counts it
     assert processor["last_run"] is not None, processor
     assert before - 1 <= dt.datetime.fromisoformat(processor["last_run"]).timestamp() <= time.time()
     assert f"last run {processor['last_run']}," in cli("status", env=env).stdout
