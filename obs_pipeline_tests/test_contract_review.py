@@ -11,6 +11,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -406,3 +407,34 @@ def test_lpushed_transactions_are_applied_oldest_first(env, settings, redis_clie
     assert dead_letters(redis_client, settings.site) == []
     assert [buf.status(t) for t in pushed] == ["replicated"] * len(pushed)
     assert buf.get("ExecutedObsUnit", obs)["status"] == "again"
+
+
+# --- section 1: a password in OBS_REDIS_URL -------------------------------------------------------
+
+def test_a_redis_url_with_user_and_password_buffers_drains_and_reads(env, settings, redis_client, monkeypatch):
+    """Contract section 1: OBS_REDIS_URL carries the password. A Redis user of its own with a
+    password (special characters percent-encoded, as a URL takes them) is used by
+    TransactionBuffer.from_env() and by `drain --once`: buffered, drained, read replicated."""
+    user, password = f"script-{settings.site}", "p@ss:w/rd %x"
+    redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    try:
+        url = settings.redis_url.replace("redis://", f"redis://{quote(user, safe='')}:{quote(password, safe='')}@", 1)
+        with_password = {**env, "OBS_REDIS_URL": url}
+        for name in [k for k in os.environ if k.startswith("OBS_")]:
+            monkeypatch.delenv(name)
+        for name, value in with_password.items():
+            monkeypatch.setenv(name, value)
+        buf = TransactionBuffer.from_env()
+        try:
+            with buf.transaction(endpoint="start_observation") as tx:
+                obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                    "status": "running"})
+            assert redis_client.exists(f"site:{settings.site}:transaction:{tx.transaction_id}") == 1
+            assert user in {client["user"] for client in redis_client.client_list()}  # not the default user
+            drain_once(with_password)
+            assert buf.status(tx.transaction_id) == "replicated"
+            assert buf.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+        finally:
+            buf.close()
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
