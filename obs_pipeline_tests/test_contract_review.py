@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -438,3 +439,27 @@ def test_a_redis_url_with_user_and_password_buffers_drains_and_reads(env, settin
             buf.close()
     finally:
         redis_client.execute_command("ACL", "DELUSER", user)
+
+
+def test_every_key_a_cycle_writes_is_under_the_sites_prefix(env, settings, redis_client, buf):
+    """Contract section 1: "every Redis key starts with `site:{OBS_SITE}:`". Through a whole
+    cycle (buffering, a read, a drain that applies one transaction and dead-letters another,
+    `status`, `failed list`, a retry and its drain) no key outside the site's prefix appears."""
+    outside = {key for key in redis_client.scan_iter(count=1000) if not key.startswith(f"site:{settings.site}:".encode())}
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    buf.search("ExecutedObsUnit", {"obs_unit_id": 1})
+    refused = push(redis_client, settings.site, {"transaction_id": new_id(), "max_retries": 0, "steps": [
+        {"step_id": "s", "operation": "create", "model_class": "ExecutedObsUnit",
+         "data": {"id": new_id(), "obs_unit_id": 999_999, "start_time": "2025-01-01T00:00:00Z", "status": "x"}}]})
+    drain_once(env)
+    assert buf.status(refused) == "failed" and buf.status(tx.transaction_id) == "replicated"
+    for command in (["status", "--json"], ["failed", "list"], ["failed", "retry", refused]):
+        assert run(*command, env=env).returncode == 0, command
+    drain_once(env)
+    new = {key for key in redis_client.scan_iter(count=1000)
+           if not key.startswith(f"site:{settings.site}:".encode())} - outside
+    # (another test's site, such as a thread it left behind might still write, is not this cycle's)
+    assert {key for key in new if not re.match(rb"site:t[0-9a-f]{10}:", key)} == set()
