@@ -558,7 +558,7 @@ class TransactionBuffer:
         has no such row yet (with a replica it was refused as "neither buffered nor on the
         replica"; without one the drain retried it until the create was applied, or
         dead-lettered it)."""
-        for block in list(self._open_blocks) if self._open_blocks else ():
+        for block in list(self._open_blocks):  # (a copy: another thread's block may open or end meanwhile)
             if block is not asking and record in block._live:
                 verb = where.split(" ", 1)[0]
                 raise InvalidTransaction(f"{record[0]} {rid} is created by transaction {block.transaction_id}, whose "
