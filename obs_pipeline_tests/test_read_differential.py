@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline_tests.workload import drain_until_settled
@@ -282,6 +282,7 @@ def model_case(draw):
 def test_filters_on_rounded_folded_and_single_precision_columns_answer_the_same_after_the_drain(
         forms_models, settings, case):
     model, old, new, changes, queries = case
+    assume(not any(values and values.get("of_day") == _PAST_MIDNIGHT for _, values in changes))  # (known bug below)
     odd = dataclasses.replace(settings, models=forms_models, site=f"f{uuid.uuid4().hex[:10]}")
     buf = TransactionBuffer(settings=odd)
     try:
@@ -357,3 +358,28 @@ def test_a_dead_lettered_transactions_writes_are_read_until_it_is_discarded_or_r
         assert reads() == while_buffered
         assert cache_keys(redis_client, settings.site) == []
     buf.close()
+
+
+_PAST_MIDNIGHT = "23:59:59.6"  # in a TIME(0): 24:00:00 on main, which psycopg2 and the reads show as 00:00:00
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a buffered update's TIME(0) value that rounds to 24:00:00 is "
+                                       "filtered as the 00:00:00 reads show, the replica's row as 24:00:00")
+def test_an_update_to_a_time_that_rounds_past_midnight_is_filtered_the_same_after_the_drain(forms_models, settings):
+    """Found by the hypothesis test above (CI of 9b7b235): an update of a replicated Coarse row
+    sets of_day to 23:59:59.6; buffered, the merged row's value is read as 00:00:00 and a filter
+    of_day == 00:00:00 finds it; drained, main holds 24:00:00 and the replica's filter does not.
+    Pinned here and kept out of the hypothesis test until overlays are filtered on their values
+    as buffered, not as read."""
+    odd = dataclasses.replace(settings, models=forms_models, site=f"f{uuid.uuid4().hex[:10]}")
+    buf = TransactionBuffer(settings=odd)
+    try:
+        with buf.transaction() as tx:
+            [rid] = [row["id"] for row in tx.bulk_create("Coarse", [{}])]
+        drain_until_settled(odd)
+        buf.update("Coarse", rid, {"of_day": _PAST_MIDNIGHT})
+        was = buf.search("Coarse", {"id": [rid], "of_day": "00:00:00"})
+        drain_until_settled(odd)
+        assert was == buf.search("Coarse", {"id": [rid], "of_day": "00:00:00"})
+    finally:
+        buf.close()
