@@ -49,7 +49,7 @@ from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.column_values import ascii_lower, unicode_lower
 from obs_pipeline.config import ConfigError, postgresql_url, stack_env_hint
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
-from obs_pipeline.read_filters import compile_filters, refused_key, refused_value, series
+from obs_pipeline.read_filters import Filters, compile_filters, refused_key, refused_value, series
 from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns, from_db, read_forms, sort_key,
                                      utc_iso)
 from obs_pipeline.wire import record_id
@@ -262,23 +262,29 @@ class SmartQuery:
                 if match(record):
                     out[rid] = _merge(spec, record, (), datetimes, floats)
             elif rid not in hidden:
-                row = _merge(spec, record, overlays, datetimes, floats)
-                if match(row):
-                    out[rid] = row
-        # Records on the replica with pending updates: if an update sets a filtered column, the
-        # replica row may match only once updated, so fetch those by id too and test in Python.
+                row = _merged(spec, record, overlays, datetimes, floats)
+                if match(row):  # on the values as buffered, which main compares, not as read
+                    out[rid] = _in_read_form(spec, row)
+        # Records on the replica with pending updates: if an update sets a filtered column (or a
+        # create after a delete sets them all), the replica row may match only once updated, so
+        # fetch those by id too and test in Python.
         by_id = [rid for rid, overlays in state.overlays.items()
                  if rid not in state.created and rid not in hidden and compiled.sql
-                 and any(compiled.columns.intersection(o.get("data") or ()) for o in overlays)]
-        stmt = sa.select(spec.table)
+                 and any(o.get("op") == "create" or compiled.columns.intersection(o.get("data") or ())
+                         for o in overlays)]
+        # What the replica's SQL says of each filtered column, beside its row: the columns the
+        # buffer does not set are judged on main's values, not on their read form.
+        verdicts = compiled.verdicts() if by_id else []
+        stmt = sa.select(spec.table, *(clause.label(None) for _, clause in verdicts))
         if compiled.sql:
             where = sa.and_(*compiled.sql)
             if by_id:
                 where = sa.or_(where, spec.sql_columns[spec.primary_key].in_([bound_key(spec, i) for i in by_id]))
             stmt = stmt.where(where)
         recheck = set(by_id)
+        said: dict[str, tuple[Any, ...]] = {}
         try:
-            replicated = self._select(spec, stmt)            # 2. replica
+            replicated = self._select(spec, stmt, said)      # 2. replica
         except (exc.ProgrammingError, exc.DataError) as error:
             refused = refused_value(spec, compiled, error)
             if refused is None:
@@ -289,9 +295,10 @@ class SmartQuery:
                 continue
             overlays = state.overlays.get(rid)
             if overlays:
-                row = _merge(spec, row, overlays, datetimes, floats)
-            if rid in recheck and not compiled.match(row):
-                continue
+                row = _merged(spec, row, overlays, datetimes, floats)
+                if rid in recheck and not _matches_merged(compiled, row, overlays, verdicts, said[rid]):
+                    continue
+                row = _in_read_form(spec, row)
             out[rid] = row
         return [out[k] for k in sorted(out, key=sort_key(spec))]
 
@@ -415,7 +422,10 @@ class SmartQuery:
         if self._engine is None:  # (`postgres://...` raised SQLAlchemy's NoSuchModuleError, naming no variable)
             postgresql_url("OBS_REPLICA_DB_URL", self.replica_url)
 
-    def _select(self, spec: ModelSpec, stmt: sa.Select) -> dict[str, dict[str, Any]]:
+    def _select(self, spec: ModelSpec, stmt: sa.Select,
+                said: dict[str, tuple[Any, ...]] | None = None) -> dict[str, dict[str, Any]]:
+        """id -> row in read form; `said`: filled with id -> what the statement selects after
+        the table's columns (see search)."""
         names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them
         forms = dict(read_forms(spec))
         convert = [forms.get(n) or from_db(spec.columns[n]) for n in names]
@@ -435,9 +445,12 @@ class SmartQuery:
                     raise
                 raise missing from None
         out = {}
+        width = len(names)
         for row in rows:
             record = {n: (None if v is None else f(v)) for n, f, v in zip(names, convert, row)}
             out[str(record[pk])] = record
+            if said is not None and len(row) > width:
+                said[str(record[pk])] = tuple(row[width:])
         return out
 
 
@@ -482,8 +495,16 @@ def _with_spooled(state: Buffered, spooled: list[dict[str, Any]]) -> Buffered:
 
 def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
            datetimes: list[str] | None = None, floats: list[str] | None = None) -> dict[str, Any]:
+    """The merged row (see _merged) in its read form."""
+    return _in_read_form(spec, _merged(spec, record, overlays, datetimes, floats))
+
+
+def _merged(spec: ModelSpec, record: dict[str, Any], overlays: Any,
+            datetimes: list[str] | None = None, floats: list[str] | None = None) -> dict[str, Any]:
     """Every column of the model in order, pending updates applied per column, datetimes in UTC,
-    floats as floats (JSON may hold 30 for 30.0; the replica gives a float)."""
+    floats as floats (JSON may hold 30 for 30.0; the replica gives a float). Buffered values
+    are as buffered: filters test them so (main compares what it stores, and a TIME(0)'s
+    23:59:59.6 is 24:00:00 there, which the read form shows as 00:00:00)."""
     merged = dict.fromkeys(spec.columns)
     merged.update(record)
     for entry in overlays:
@@ -502,7 +523,38 @@ def _merge(spec: ModelSpec, record: dict[str, Any], overlays: Any,
     for name in float_columns(spec) if floats is None else floats:
         if merged[name].__class__ is int:
             merged[name] = float(merged[name])
-    for name, form in read_forms(spec):
-        if merged[name] is not None:
-            merged[name] = form(merged[name])
     return merged
+
+
+def _in_read_form(spec: ModelSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """A merged row's values as the replica shows them (read_forms), in place."""
+    for name, form in read_forms(spec):
+        if row[name] is not None:
+            row[name] = form(row[name])
+    return row
+
+
+def _matches_merged(compiled: Filters, row: dict[str, Any], overlays: list[dict[str, Any]],
+                    verdicts: list[tuple[str, Any]], said: tuple[Any, ...]) -> bool:
+    """Does a replica row merged with its pending writes match the filters as main would say?
+    Each filtered column the buffer sets is tested in Python on the buffered value; each it
+    leaves is taken from the replica's SQL verdict, selected with the row (its read form may
+    differ from what main compares: 24:00:00 reads as 00:00:00)."""
+    buffered = _buffered_columns(overlays)
+    for (name, _), replica_says in zip(verdicts, said):
+        if buffered is None or name in buffered:
+            if not compiled.match_columns(row, (name,)):
+                return False
+        elif not replica_says:  # false, or null (a comparison with a null column)
+            return False
+    return True
+
+
+def _buffered_columns(overlays: list[dict[str, Any]]) -> set[str] | None:
+    """The columns pending writes set, or None for all of them (a create after a delete)."""
+    names: set[str] = set()
+    for entry in overlays:
+        if entry.get("op") == "create":
+            return None
+        names.update(entry.get("data") or ())
+    return names

@@ -40,12 +40,25 @@ class Filters:
     tests: list[Callable[[dict[str, Any]], bool]]        # the same, on JSON-form rows
     columns: set[str]
     unchecked: list[str] = field(default_factory=list)   # of types whose values only main knows
+    column_sql: dict[str, list[Any]] = field(default_factory=dict)  # the clauses, by the column they test
+    column_tests: dict[str, list[Callable[[dict[str, Any]], bool]]] = field(default_factory=dict)
 
     def match(self, row: dict[str, Any]) -> bool:
         for test in self.tests:
             if not test(row):
                 return False
         return True
+
+    def match_columns(self, row: dict[str, Any], names: Any) -> bool:
+        """The tests of the named columns only: a merged row's columns that hold buffered
+        values (the replica's own are in their read form, which is not always what main
+        compares: a TIME(0)'s 24:00:00 reads 00:00:00)."""
+        return all(test(row) for name in names for test in self.column_tests.get(name, ()))
+
+    def verdicts(self) -> list[tuple[str, Any]]:
+        """(column, one SQL boolean of its clauses): what the replica says of each column's
+        filter on its own row, selected beside it."""
+        return [(name, sa.and_(*clauses)) for name, clauses in self.column_sql.items()]
 
 
 def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -142,6 +155,7 @@ def compile_filters(spec: ModelSpec, filters: Any,
         key = key_of(col, column.type, fold_case=fold_case)
         value_key = _value_key(col, column.type, key)
         compiled.columns.add(name)
+        first_sql, first_test = len(compiled.sql), len(compiled.tests)
         if col.kind == "any" and col.impl_kind is None:
             compiled.unchecked.append(name)
         try:
@@ -178,6 +192,8 @@ def compile_filters(spec: ModelSpec, filters: Any,
             if isinstance(error, InvalidTransaction):
                 raise
             raise InvalidTransaction(f"search on {spec.name}.{name}: {one_line_text(str(error))}") from None
+        compiled.column_sql[name] = compiled.sql[first_sql:]
+        compiled.column_tests[name] = compiled.tests[first_test:]
     return compiled
 
 

@@ -675,3 +675,30 @@ def test_search_frame_takes_every_datetime_and_date_that_ingest_takes():
     assert [None if pd.isna(v) else v.date() for v in days] == [dt.date(1, 1, 1), dt.date(9999, 12, 31), None]
     assert str(series(pd, SimpleNamespace(kind="datetime"), []).dtype) == "datetime64[us, UTC]"
     assert str(series(pd, SimpleNamespace(kind="date"), []).dtype) == "datetime64[us]"
+
+
+def test_filters_keep_each_columns_clauses_and_tests_apart():
+    """search judges a replica row merged with pending updates column by column: the columns
+    the buffer sets by their Python tests, the rest by the replica's SQL verdict (see
+    query._matches_merged). Each column's clauses and tests are its own, and all of them
+    together are the whole filter."""
+    from obs_pipeline.read_filters import compile_filters
+
+    spec = REGISTRY.model("ExecutedObsUnit")
+    compiled = compile_filters(spec, {"obs_unit_id": {">": 1, "<": 5}, "status": ["a", None],
+                                      "start_time": {"!=": None}})
+    assert {name: len(clauses) for name, clauses in compiled.column_sql.items()} == {
+        "obs_unit_id": 2, "status": 1, "start_time": 1}
+    assert {name: len(tests) for name, tests in compiled.column_tests.items()} == {
+        "obs_unit_id": 1, "status": 1, "start_time": 1}
+    assert [c for cs in compiled.column_sql.values() for c in cs] == compiled.sql
+    assert [t for ts in compiled.column_tests.values() for t in ts] == compiled.tests
+    assert [name for name, _ in compiled.verdicts()] == ["obs_unit_id", "status", "start_time"]
+    row = {"obs_unit_id": 9, "status": "a", "start_time": None}
+    assert compiled.match_columns(row, ["status"])
+    assert not compiled.match_columns(row, ["status", "obs_unit_id"])
+    assert not compiled.match_columns(row, ["start_time"])
+    assert not compiled.match(row)
+    assert compiled.match({"obs_unit_id": 3, "status": None, "start_time": "2025-01-01T00:00:00Z"})
+    assert str(compiled.verdicts()[0][1].compile()) == (
+        "executed_obs_unit.obs_unit_id > :obs_unit_id_1 AND executed_obs_unit.obs_unit_id < :obs_unit_id_2")

@@ -220,11 +220,11 @@ def test_readers_never_see_a_record_vanish_or_go_back_while_the_drain_cleans(
         seen: dict[str, dict[str, str]] = {}
         select = buf.query._select
 
-        def slow_select(spec, stmt):
+        def slow_select(spec, stmt, *said):
             # A slow replica or a descheduled reader: widen the gap between the cache read and
             # the replica read, so that the drain's replay -> clean falls inside it now and then.
             time.sleep(rng.uniform(0, 0.015))
-            rows = select(spec, stmt)
+            rows = select(spec, stmt, *said)
             time.sleep(rng.uniform(0, 0.015))
             return rows
 

@@ -410,11 +410,11 @@ def test_cleanup_between_the_cache_read_and_the_replica_read(buf, settings, monk
     original = type(buf.query)._select
     cleaned = []
 
-    def select_after_cleanup(self, spec, stmt):
+    def select_after_cleanup(self, spec, stmt, *said):
         if not cleaned:
             drain_until_empty(settings)
             cleaned.append(True)
-        return original(self, spec, stmt)
+        return original(self, spec, stmt, *said)
 
     monkeypatch.setattr(type(buf.query), "_select", select_after_cleanup)
     assert CHECKS_AFTER_CLEANUP[name](buf, records)
