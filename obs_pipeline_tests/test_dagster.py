@@ -577,6 +577,48 @@ def test_a_run_that_spent_its_budget_while_the_replica_replays_nothing_fails_the
     materialized, observed, [check] = _replica_events(healthy)
     assert materialized and not observed and check.passed
 
+def test_a_replica_of_another_cluster_is_called_stuck_though_its_position_is_past_the_batch(
+        settings, resource, redis_client, main_engine, replica_engine, monkeypatch):
+    """report_replication judged a batch stuck by the replica's replay position alone, with
+    no look at whose WAL it replays: a standby of another cluster (or on another timeline)
+    past the batch's commit LSN passed replica_replays, while `status` and the run's own
+    awaiting_replication_batches count said it replays none of it. Here the acknowledgement's
+    recorded cluster is made another's after the replica replayed the batch (its caches not
+    yet cleaned); the report runs after an op that answers as a run that spent its budget."""
+    from dagster import job, op
+    from obs_pipeline.buffer_store import MAIN_CLUSTER_FIELD
+    from obs_pipeline.dagster_defs import jobs
+
+    monkeypatch.setattr(jobs, "REPLICA_STUCK_AFTER_S", 0.0)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, seed_example_json(settings.site)[0])
+    config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 5, "budget_s": 2.5}}}}
+    with replay_paused(replica_engine):
+        drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config)
+    wait_for_replica(main_engine, replica_engine)
+    assert redis_client.zcard(keys.awaiting_replication) == 1
+
+    @op
+    def spent_its_budget() -> dict:
+        return {"stopped_because": "time budget spent", "applied": 1}
+
+    @job
+    def report_only():
+        jobs.report_replication(spent_its_budget())
+
+    def report() -> tuple[list, list]:
+        materialized, _, checks = _replica_events(report_only.execute_in_process(resources={"obs_pipeline": resource}))
+        return checks, materialized
+    [check], materialized = report()  # the replica replayed the batch: only its cleanup waits
+    assert check.passed and materialized
+    real = redis_client.hget(keys.stats, MAIN_CLUSTER_FIELD)
+    redis_client.hset(keys.stats, MAIN_CLUSTER_FIELD, int(real) + 1)
+    [check], materialized = report()
+    assert not check.passed and not materialized, check
+    assert re.fullmatch(r"the replica has not replayed a batch committed \d+ s ago", check.description), check
+    assert check.metadata["awaiting_replication_batches"].value == 1
+
+
 def test_a_run_that_never_had_the_lease_does_not_report_the_replica_healthy(settings, resource, redis_client,
                                                                            replica_engine):
     """A run that waited for the lease in vain drained nothing and never asked the replica, yet

@@ -346,7 +346,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     try:
         with _redis_trouble_in_one_line(store.keys.site):  # Redis lost since the drain ended: as drain_batches says it
             depths = store.depths()
-            awaiting = _awaiting_replay(store, obs_pipeline) if depths["awaiting_replication"] else 0
+            replayed = _replica_replayed(store, obs_pipeline) if depths["awaiting_replication"] else None
+            awaiting = store.awaiting_replication(after=replayed)[0] if depths["awaiting_replication"] else 0
             metadata = {
                 "site": store.keys.site,
                 "awaiting_replication_batches": awaiting,
@@ -356,8 +357,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
             }
             why = ((drained.get("stopped_because") or "the replica replays nothing")
                    if drained.get("replica_stalled") else None)
-            if why is None and not busy:
-                why = _replica_stuck(store, obs_pipeline)
+            if why is None and not busy and depths["awaiting_replication"]:
+                why = _replica_stuck(store, replayed)
             if why or busy:
                 context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
                                                    description=why or drained.get("stopped_because")))
@@ -372,28 +373,31 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
         store.redis.close()
 
 
-def _awaiting_replay(store: BufferStore, obs_pipeline: ObsPipelineResource) -> int:
-    """The chunks of committed transactions the replica has not replayed, as `status` counts them
-    (`chunks awaiting replay`): one it has replayed, waiting only for a drain to clean its caches,
-    is not one (it was counted, beside status's 0); where its position is unknown (it does not
-    answer, or replays other WAL), every chunk waiting is."""
+def _replica_replayed(store: BufferStore, obs_pipeline: ObsPipelineResource) -> int | None:
+    """How far the replica has replayed main's WAL, as `status` asks it: None where it does not
+    answer, or replays other WAL (a standby of another cluster, or on another timeline than
+    the last acknowledgement recorded, main not on it either), or no replica URL is set.
+    Asked once a report: for the chunks awaiting replay (`status`'s `chunks awaiting replay`:
+    one the replica has replayed, waiting only for a drain to clean it, is not one) and for
+    whether the replica is stuck (it read the bare position: a replica of another cluster past
+    the batch's LSN passed the check)."""
     try:
-        replayed = obs_pipeline.replica_position(store.main_cluster(), store.main_timeline())[0]
+        return obs_pipeline.replica_position(store.main_cluster(), store.main_timeline())[0]
     except ConfigError:  # no replica URL: nothing says what it replayed
-        replayed = None
-    return store.awaiting_replication(after=replayed)[0]
+        return None
 
 
-def _replica_stuck(store: BufferStore, obs_pipeline: ObsPipelineResource) -> str | None:
+def _replica_stuck(store: BufferStore, replayed: int | None) -> str | None:
     """Why the replica needs a look, as `status` and the on-demand check judge it (a committed
-    batch it has not replayed for REPLICA_STUCK_AFTER_S), or None. A run that ends by its budget
-    under steady work never idles, so it never sees the replica replay nothing: each such run
-    reported a stopped replica fresh and healthy."""
+    batch it has not replayed, `replayed` being _replica_replayed's answer, for
+    REPLICA_STUCK_AFTER_S), or None. A run that ends by its budget under steady work never
+    idles, so it never sees the replica replay nothing: each such run reported a stopped
+    replica fresh and healthy."""
     age = oldest_batch_age_s(store)
     if age <= REPLICA_STUCK_AFTER_S:
         return None
     count, lowest = store.awaiting_replication()
-    if not replica_behind(count, lowest, obs_pipeline.replica_replay_lsn()):
+    if not replica_behind(count, lowest, replayed):
         return None
     return f"the replica has not replayed a batch committed {age:.0f} s ago"
 
