@@ -75,7 +75,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         else:
             stack.start_service(args.service)
     elif args.action == "env":
-        from obs_pipeline.config import DEFAULT_SITE, refuse_site
+        from obs_pipeline.config import DEFAULT_MODELS, DEFAULT_SITE, refuse_site
 
         # before anything prints: exports of a site every later command refuses (an empty one is
         # `observatory` to them, as to Settings.from_env)
@@ -86,8 +86,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
         if stopped:  # the lines still print (for a shell's profile), but what uses them would fail or spool
             print(f"obs-pipeline: note: {', '.join(stopped)} of the local stack in {stack.directory} not running: "
                   f"`obs-pipeline stack up --dir {shlex.quote(str(stack.directory))}`", file=sys.stderr)
-        env.setdefault("OBS_SITE", os.environ.get("OBS_SITE", "observatory"))
-        env.setdefault("OBS_MODELS", os.environ.get("OBS_MODELS", "obs_pipeline.models:Base"))
+        # an empty one is the default to every command (Settings.from_env): exported as the
+        # default's name, as an unset one is (it printed `export OBS_SITE=''`)
+        env.setdefault("OBS_SITE", os.environ.get("OBS_SITE") or DEFAULT_SITE)
+        env.setdefault("OBS_MODELS", os.environ.get("OBS_MODELS") or DEFAULT_MODELS)
         for name, value in env.items():
             print(f"export {name}={shlex.quote(value)}")  # for eval: a site name may hold a space
     return 0

@@ -222,6 +222,19 @@ def test_stack_env_lines_give_a_shell_the_values_as_they_are(stack, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_stack_env_prints_the_defaults_for_an_empty_obs_site_and_obs_models(stack):
+    """An empty OBS_SITE or OBS_MODELS is the default to every command (Settings.from_env), but
+    `stack env` exported it as given, `export OBS_SITE=''`: once eval'd, a script or `redis-cli`
+    reading $OBS_SITE saw no site where every command used `observatory`. It prints the
+    defaults now, the lines an unset OBS_SITE and OBS_MODELS get."""
+    unset = cli("stack", "env", "--dir", str(stack.directory))
+    empty = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_SITE": "", "OBS_MODELS": ""})
+    assert empty.returncode == 0, empty.stderr
+    lines = empty.stdout.splitlines()
+    assert "export OBS_SITE=observatory" in lines and "export OBS_MODELS=obs_pipeline.models:Base" in lines, lines
+    assert empty.stdout == unset.stdout
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
