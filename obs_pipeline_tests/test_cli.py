@@ -1231,6 +1231,25 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     assert cli("status", "--check", env=env).returncode == 0
 
 
+def test_status_check_exits_3_when_the_replica_url_names_a_primary(env, settings):
+    """OBS_REPLICA_DB_URL naming a primary (here the stack's main) answers, but reports no replay
+    position: no replay will ever clean a batch's caches. `status` calls the site degraded and
+    says so, and `status --check` exits 3 (README, Operations)."""
+    from obs_pipeline.health import NO_REPLAY_POSITION
+
+    env = {**env, "OBS_REPLICA_DB_URL": settings.main_db_url}
+    for args in (["status"], ["status", "--check"], ["status", "--json", "--check"]):
+        result = cli(*args, env=env)
+        assert result.returncode == (3 if "--check" in args else 0), result.stderr
+        assert result.stderr.splitlines() == [f"obs-pipeline: site {settings.site} is degraded: {NO_REPLAY_POSITION}"]
+    assert NO_REPLAY_POSITION == "the replica reports no replay position: OBS_REPLICA_DB_URL may name a primary"
+    report = json.loads(result.stdout)
+    assert report["status"] == "degraded" and report["problems"] == [NO_REPLAY_POSITION], report
+    assert report["replication_lag"]["replica_lsn"] is None
+    text = cli("status", "--check", env=env).stdout
+    assert text.startswith(f"site {settings.site}: degraded ({NO_REPLAY_POSITION})\n"), text
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_status_advises_for_the_kinds_of_dead_letters_listed(env, redis_client, settings):
     """`status` told an operator to `failed retry` every dead letter, but `failed retry` refuses a
