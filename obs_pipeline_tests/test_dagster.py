@@ -565,8 +565,12 @@ def test_a_run_that_spent_its_budget_while_the_replica_replays_nothing_fails_the
     monkeypatch.setattr(jobs, "REPLICA_STUCK_AFTER_S", 0.0)  # any batch not replayed by the end
     redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
     config = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "replication_timeout_s": 5, "budget_s": 2.5}}}}
-    with replay_paused(replica_engine):
-        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config)
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config,
+                                                 instance=instance)
+        # the run's line, as README quotes it (a warning: the replica has not replayed the batch)
+        lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("drained ")]
+        assert lines == ["drained 1 transactions in 1 batches (time budget spent)"], lines
     assert result.output_for_node("drain_batches")["stopped_because"] == "time budget spent"
     materialized, observed, [check] = _replica_events(result)
     assert not materialized and not check.passed

@@ -129,8 +129,8 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
     OBS_MAIN_DB_URL, a firewall between them) spent the op's 8 retries, and the run failed on
     Dagster's "Exceeded max_retries of 8", naming neither main nor what to check; a retry that
     came after the run's budget (slow connects to a main that drops packets: 10 s each) stopped
-    before it tried, and the run ended green, "drained 0 transactions (time budget spent)", the
-    sensor launching the next at once. Either way the run fails in one line now; the transactions
+    before it tried, and the run ended green, "drained 0 transactions in 0 batches (time budget
+    spent)", the sensor launching the next at once. Either way the run fails in one line now; the transactions
     stay buffered, "pending" (not "processing", which said a drain applied them, until the next
     run), and a run against main applies each once."""
     from obs_pipeline.ingest import TransactionBuffer

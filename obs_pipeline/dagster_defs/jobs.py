@@ -253,8 +253,9 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     started = record.start_time if record is not None and record.start_time else time.time()
     deadline = time.monotonic() + max(0.0, config.budget_s - (time.time() - started))
     # An op retry tries main and Redis once, whatever the budget: stopped before it tried, a retry
-    # that came after the budget ended the run green, "drained 0 transactions (time budget
-    # spent)", main or Redis unreachable all along, and the sensor launched the next at once.
+    # that came after the budget ended the run green, "drained 0 transactions in 0 batches
+    # (time budget spent)", main or Redis unreachable all along, and the sensor launched the next
+    # at once.
     # A try past the budget that fails too ends the run on its cause (below), not on more retries.
     retry_owed, retry_past_budget = context.retry_number > 0, False
     # as the drain's summary counts them, which an op retry loses: said on the retry's observation
