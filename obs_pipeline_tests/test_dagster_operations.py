@@ -86,6 +86,55 @@ def test_dead_letter_is_an_event_fails_the_check_and_the_retry_job_requeues_it(
     assert no_dead_letters(obs_pipeline=resource).passed
 
 
+def test_a_batch_main_applied_nothing_of_is_an_observation_and_the_run_still_counts_it(
+        settings, resource, redis_client, monkeypatch):
+    """A batch whose every transaction main refused (dead-lettered) was a materialization of
+    main_database, "0 applied, 0 replicated": the UI said main's data changed. It is one
+    observation, saying what became of them, and an op retry after it (main unreachable)
+    still counts it in the run's summary, as every batch is counted."""
+    from obs_pipeline.apply import MainDatabase, TransientError
+    from obs_pipeline.dagster_defs.jobs import MAIN_ASSET
+
+    keys = SiteKeys(settings.site)
+    poison, _ = seed_example(settings.site, obs_unit_id=4242)  # no such obs unit: main refuses it
+    poison["max_retries"] = 0
+    good, _ = seed_example(settings.site)
+    for doc in (poison, good):  # (claimed oldest first)
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+    apply_batch, cut = MainDatabase.apply_batch, []
+
+    def main_unreachable_once_at_the_good_one(self, transactions, *args, **kwargs):
+        if not cut and any(t.transaction_id == good["transaction_id"] for t in transactions):
+            cut.append(True)
+            raise TransientError("server closed the connection unexpectedly")
+        return apply_batch(self, transactions, *args, **kwargs)
+
+    monkeypatch.setattr(MainDatabase, "apply_batch", main_unreachable_once_at_the_good_one)
+    with DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance,
+            run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "batch_size": 1, "retry_base_s": 0.05,
+                                                             "transient_retry_wait_s": 0.1}}}})
+        # (the result's own events are its last attempt's)
+        events = [e.dagster_event for e in instance.all_logs(result.run_id)
+                  if e.dagster_event and e.step_key == "drain_batches"]
+    assert result.success and cut
+    materialized = [e.event_specific_data.materialization for e in events
+                    if e.event_type == DagsterEventType.ASSET_MATERIALIZATION]
+    observed = [e.event_specific_data.asset_observation for e in events
+                if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    main = [m for m in materialized if m.asset_key == MAIN_ASSET]
+    assert [m.metadata["applied"].value for m in main] == [1], [m.metadata for m in main]
+    [nothing] = [o for o in observed if "applied" in o.metadata]  # the dead batch's own event
+    assert nothing.asset_key == MAIN_ASSET and nothing.description == "nothing applied: 1 dead-lettered"
+    assert (nothing.metadata["applied"].value, nothing.metadata["dead_lettered"].value) == (0, 1)
+    assert nothing.metadata["transactions"].value.startswith(poison["transaction_id"] + ": ")
+    drained = result.output_for_node("drain_batches")
+    assert (drained["applied"], drained["dead_lettered"], drained["transient_errors"]) == (1, 1, 1), drained
+    assert drained["batches"] == len(materialized) + 1, drained  # each batch's one event
+    assert redis_client.llen(keys.failed) == 1
+
+
 def test_the_dead_letter_check_counts_the_list_without_reading_it(settings, resource, redis_client):
     """The check read every letter to count them: a backlog dead-lettered whole (a schema main
     refuses, a million transactions of a long outage) sent Dagster's process gigabytes for two

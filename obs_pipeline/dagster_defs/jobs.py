@@ -1,11 +1,12 @@
 """Job `drain_buffer`: drain batches while there is work (up to a time budget), then make sure
 everything committed is replayed by the replica and its caches are cleaned.
 
-Each batch is reported as an asset materialization of the main database; each replication
-pass as one of the site replica. Transient failures (main unreachable) surface as op retries
-with exponential backoff, unless Dagster's storage (on main) is down too: then the drain
-retries the batch itself and the run goes on once main is back. A crashed run is retried by
-the instance's run retries.
+Each batch is reported as an asset materialization of the main database (one main committed
+none of, all dead-lettered say, as an observation of it); each replication pass as one of the
+site replica. Transient failures (main unreachable) surface as op retries with exponential
+backoff, unless Dagster's storage (on main) is down too: then the drain retries the batch
+itself and the run goes on once main is back. A crashed run is retried by the instance's run
+retries.
 """
 
 import time
@@ -146,24 +147,35 @@ DEAD_LETTERS_LISTED = 50  # per batch, in its observation and warning (the count
 NO_ID = "(no usable transaction_id, `obs-pipeline failed list` shows it as #N)"  # a producer's entry
 
 
-def _materialize(context: OpExecutionContext, site: str, report: BatchReport) -> None:
-    """One materialization per batch, and one observation and one warning for all the batch's
-    dead letters: each Dagster event is a new connection to its storage, on main, far away
+def _report_batch(context: OpExecutionContext, site: str, report: BatchReport) -> None:
+    """One event per batch: a materialization of main where main committed some of it (or found
+    it committed: an answer lost, which no event reported), else an observation saying why, as
+    a materialization said main's data changed; a pass that only cleaned, one of the replica.
+    Its dead letters: one observation (the batch's own, where main committed none) and one
+    warning for all: each Dagster event is a new connection to its storage, on main, far away
     (about a second at 250 ms), so one per dead letter could stall the drain for minutes."""
     meta = {"site": site, **{k: v for k, v in report.metadata().items() if not isinstance(v, dict)}}
     meta["rows_per_model"] = report.rows_per_model
     if report.writes_after_fold:
         meta["fold_ratio"] = round(report.writes_before_fold / report.writes_after_fold, 3)
-    asset = MAIN_ASSET if report.transactions else REPLICA_ASSET
-    context.log_event(AssetMaterialization(asset_key=asset, metadata=meta,
-                                           description=f"{report.applied} applied, {report.replicated} replicated"))
-    if report.dead_lettered:
-        listed = [f"{d['transaction_id'] or NO_ID}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
-        more = len(report.dead_lettered) - len(listed)
-        context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata={
-            "site": site, "dead_lettered": len(report.dead_lettered), "transactions": "\n".join(listed)
-            + (f"\n... and {more} more" if more else "")}))
-        context.log.warning(f"dead-lettered {len(report.dead_lettered)} transaction(s): " + "; ".join(listed)
+    dead = len(report.dead_lettered)
+    listed = [f"{d['transaction_id'] or NO_ID}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
+    more = dead - len(listed)
+    listing = {"site": site, "dead_lettered": dead,
+               "transactions": "\n".join(listed) + (f"\n... and {more} more" if more else "")}
+    if report.transactions and not (report.applied or report.already_applied):
+        why = ", ".join(f"{n} {what}" for n, what in ((dead, "dead-lettered"), (report.retried, "to retry"),
+                                                      (report.held, "parked")) if n)
+        context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata={**meta, **(listing if dead else {})},
+                                           description="nothing applied" + (f": {why}" if why else "")))
+    else:
+        context.log_event(AssetMaterialization(asset_key=MAIN_ASSET if report.transactions else REPLICA_ASSET,
+                                               metadata=meta,
+                                               description=f"{report.applied} applied, {report.replicated} replicated"))
+        if dead:
+            context.log_event(AssetObservation(asset_key=MAIN_ASSET, metadata=listing))
+    if dead:
+        context.log.warning(f"dead-lettered {dead} transaction(s): " + "; ".join(listed)
                             + (f"; and {more} more" if more else "") + " (`obs-pipeline failed list`)")
 
 
@@ -172,10 +184,10 @@ RETRIED = "transient_errors"  # also summed: an attempt's, on the observation of
 
 
 def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
-    """What this op's earlier attempts drained, from their batches' materializations (one each),
-    and how often main failed them, from their op retries' observations: an op retry (main
-    unreachable) starts a new summary, and the run's output, log line and applied_this_run
-    counted its last attempt alone. Read once, on a retry only."""
+    """What this op's earlier attempts drained, from their batches' events (one each, see
+    _report_batch), and how often main failed them, from their op retries' observations: an
+    op retry (main unreachable) starts a new summary, and the run's output, log line and
+    applied_this_run counted its last attempt alone. Read once, on a retry only."""
     totals = dict.fromkeys((*SUMMED, RETRIED), 0)
     if not context.retry_number:
         return totals
@@ -185,12 +197,17 @@ def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
         if entry.step_key != step_key:
             continue
         if entry.asset_materialization is not None:
-            totals["batches"] += 1
-            names, metadata = SUMMED[1:], entry.asset_materialization.metadata
-        elif entry.asset_observation is not None:  # (a batch's dead letters, or an op retry's)
-            names, metadata = (RETRIED,), entry.asset_observation.metadata
+            metadata = entry.asset_materialization.metadata
+        elif entry.asset_observation is not None:
+            metadata = entry.asset_observation.metadata
         else:
             continue
+        # a batch's event carries its counts (an observation: main committed none of it); other
+        # observations are an applied batch's dead letters, counted on its materialization, or
+        # an op retry's
+        batch = entry.asset_materialization is not None or "applied" in metadata
+        totals["batches"] += batch
+        names = SUMMED[1:] if batch else (RETRIED,)
         for name in names:
             value = metadata.get(name)
             totals[name] += int(value.value) if value is not None and value.value is not None else 0
@@ -297,7 +314,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
                             lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
-                            on_batch=lambda r: _materialize(context, site, r), on_transient=on_transient,
+                            on_batch=lambda r: _report_batch(context, site, r), on_transient=on_transient,
                             # main answers: the drain retries in smaller pieces within the run (op
                             # retries would end the run after 8 halvings, red, and start the next)
                             on_timeout=on_timeout)
