@@ -739,17 +739,23 @@ def no_flusher_thread(monkeypatch):
 
 
 def test_a_spooled_transaction_whose_flusher_cannot_start_is_still_spooled_and_pushed_once(
-        settings, redis_client, main_engine, no_flusher_thread):
+        settings, redis_client, main_engine, no_flusher_thread, caplog):
     """The process may start no more threads (a container's pids limit, say) when a transaction
     is spooled: the line was written and fsync'd, then starting the background flusher raised
     RuntimeError ("can't start new thread") out of the call, and a script told its observation
-    had failed buffers it again (applied twice). Now the call returns: the next call,
-    the exit or `spool push` pushes it."""
+    had failed buffers it again (applied twice). Now the call returns with one warning (the
+    script's only sign that nothing pushes the spool meanwhile): the next call, the exit or
+    `spool push` pushes it."""
+    caplog.set_level(logging.WARNING, logger="obs_pipeline.spool")
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
     buf = TransactionBuffer(settings=down)
     spooled = buffer_observations(buf, 2)  # 2 starts + 1 finish, all in the spool
     no_flusher_thread()  # threads may start again
     assert buf.spool.pending() == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "obs_pipeline.spool"
+              and r.levelno == logging.WARNING and "no background flusher" in r.getMessage()]
+    assert warned == [f"no background flusher for the spool {buf.spool.path} (can't start new thread): the next call "
+                      "pushes it"] * 3, caplog.text  # one for each spooled call
     buf.close()
     up = TransactionBuffer(settings=settings)  # the same spool, Redis answering
     after = buffer_observations(up, 1)  # pushes the spool first, then this
