@@ -313,8 +313,12 @@ class TransactionBuffer:
         return cls(**overrides)
 
     def close(self) -> None:
+        """Closes every connection of the buffer's pool, each thread's own included (in use
+        while its thread lives): redis-py before 5.0.1 left the pool connected at Redis.close(),
+        so they stayed open until garbage collection. A later call connects again, as before."""
         self.query.close()
         self.redis.close()
+        self.redis.connection_pool.disconnect()  # (in-use connections too: the threads' own)
 
     # --- writing ------------------------------------------------------------------------------
     def transaction(self, endpoint: str = "transaction", metadata: dict[str, Any] | None = None) -> TransactionBuilder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -941,6 +942,38 @@ def test_the_spool_is_pushed_on_a_pooled_connection_never_on_a_scripts_own(setti
         worker.join(30)
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 1
     assert set(used_from) <= {owner["name"]}, used_from
+    buf.close()
+
+
+def test_close_closes_the_connection_of_every_thread_that_buffered_and_a_later_call_opens_one_again(
+        settings, redis_client):
+    """Each thread buffers on a connection of its own (_store_of_this_thread). close() closes
+    them all, those of a thread pool still alive included: with redis-py 5.0.0, which
+    `redis>=5.0` admits, it closed none (its Redis.close() left the pool connected), and they
+    stayed open until garbage collection. A thread that buffers after close() is served as
+    the calling thread always was: on a new connection, which the next close() closes."""
+    buf = TransactionBuffer(settings=settings)
+    barrier = threading.Barrier(4)
+
+    def buffer_one(_) -> tuple[str, str]:  # (this thread's connection as CLIENT LIST names it, transaction id)
+        barrier.wait()  # four threads at once, each on its own connection
+        start = buffer_observations(buf, 1, finish_every=0)[0].start_tx
+        return "%s:%s" % buf._store_of_this_thread().redis.connection._sock.getsockname()[:2], start
+
+    def still_open(addresses: set[str]) -> set[str]:
+        return addresses & {client["addr"] for client in redis_client.client_list()}
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # its threads live on across close()
+        made = dict(pool.map(buffer_one, range(4)))
+        assert len(made) == 4 and still_open(set(made)) == set(made)
+        buf.close()
+        assert still_open(set(made)) == set()
+        after = dict(pool.map(buffer_one, range(4)))
+        assert [buf.status(tx) for tx in after.values()] == ["pending"] * 4
+        assert still_open(set(after)) == set(after)
+        buf.close()
+        assert still_open(set(after)) == set()
+    assert [buf.status(tx) for tx in made.values()] == ["pending"] * 4
     buf.close()
 
 
