@@ -11,6 +11,7 @@ trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -39,11 +40,18 @@ _WAIT_RECHECK_S = 0.5  # wait(): read the status again at least this often (even
 
 
 class TransactionBuilder:
-    """One buffered transaction under construction; `tx` in `with buf.transaction() as tx`."""
+    """One buffered transaction under construction; `tx` in `with buf.transaction() as tx`.
+
+    Threads may share one: each call adds its step whole under the block's lock, and the
+    block's end waits for a step being added. (Two threads adding at once got one step id,
+    and a step added as the block ended was left out, its call returning as if kept.)"""
 
     def __init__(self, buffer: "TransactionBuffer", endpoint: str, metadata: dict[str, Any] | None):
         self._buffer = buffer
         self._tx = new_transaction(endpoint, buffer.site, buffer.max_retries, metadata)
+        # re-entrant: a signal handler may add to the block its thread is adding to
+        self._lock = threading.RLock()
+        self._step_numbers = itertools.count(1)  # step1, step2, ...: one next() each, atomic
         # row -> step_id that creates it, the row named as the drain names it (wire.record_key:
         # table and key, a UUID alone): Station 7 and Unit 7 are two rows
         self._created: dict[str, str] = {}
@@ -68,34 +76,38 @@ class TransactionBuilder:
     def create(self, model: str | type, data: dict[str, Any]) -> dict[str, Any]:
         """Add a create step; returns the record with its pre-generated id. `model`: its name, or
         its mapped class (here and in every call that names a model)."""
-        return dict(self._add_creates("create", model, [data])[0])  # the caller's copy (see _add_creates)
+        with self._lock:
+            return dict(self._add_creates("create", model, [data])[0])  # the caller's copy (see _add_creates)
 
     def bulk_create(self, model: str | type, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(model, str):
             model = self._buffer.registry.model(model).name
         if not isinstance(rows, list) or not rows:
             raise InvalidTransaction(f"bulk_create of {model} needs a non-empty list of rows")
-        return [dict(r) for r in self._add_creates("bulk_create", model, rows)]
+        with self._lock:
+            return [dict(r) for r in self._add_creates("bulk_create", model, rows)]
 
     def update(self, model: str | type, record_id_: Any, values: dict[str, Any]) -> None:
         spec = self._buffer.registry.model(model)
         model = spec.name
-        rid = self._existing_id(spec.name, record_id_, f"update of {model}")
-        data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}",
-                                record=rid)
-        if not data:
-            raise InvalidTransaction(f"update of {model} {rid} sets no column")
-        self._count_writes(1)
-        self._add_step("update", spec, data, {spec.primary_key: rid})
-        self._writes += 1
+        with self._lock:
+            rid = self._existing_id(spec.name, record_id_, f"update of {model}")
+            data = normalize_values(spec, _as_dict(values, model), creating=False, where=f"update of {model} {rid}",
+                                    record=rid)
+            if not data:
+                raise InvalidTransaction(f"update of {model} {rid} sets no column")
+            self._count_writes(1)
+            self._add_step("update", spec, data, {spec.primary_key: rid})
+            self._writes += 1
 
     def delete(self, model: str | type, record_id_: Any) -> None:
         spec = self._buffer.registry.model(model)
-        rid = self._existing_id(spec.name, record_id_, f"delete of {spec.name}")
-        self._count_writes(1)
-        step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
-        self._writes += 1
-        self._deleted[self._record(spec, rid)] = step.step_id
+        with self._lock:
+            rid = self._existing_id(spec.name, record_id_, f"delete of {spec.name}")
+            self._count_writes(1)
+            step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
+            self._writes += 1
+            self._deleted[self._record(spec, rid)] = step.step_id
 
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
@@ -173,7 +185,7 @@ class TransactionBuilder:
             deps.update(after)
         # Step(step_id, operation, model_class, data, conditions, dependencies): positional, as
         # keyword arguments to a class cost a dict built and unpacked per call
-        step = Step(f"step{len(self._tx.steps) + 1}", operation, spec.name, data, conditions, sorted(deps))
+        step = Step(f"step{next(self._step_numbers)}", operation, spec.name, data, conditions, sorted(deps))
         self._tx.steps.append(step)
         return step
 
@@ -263,19 +275,21 @@ class TransactionBuilder:
                                  "buffers them as it ends: write `with buf.transaction() as tx:` (nothing was buffered)")
 
     def __enter__(self) -> "TransactionBuilder":
-        if self._ended:
-            self._refuse_ended()
-        if self._entered:
-            # its end ended the transaction: the outer block's then buffered it, with the steps
-            # of an inner block whose exception the script caught
-            raise InvalidTransaction(f"transaction {self.transaction_id} is open already: add its steps in the "
-                                     "block already open, or start another with buf.transaction()")
-        self._entered = True
+        with self._lock:
+            if self._ended:
+                self._refuse_ended()
+            if self._entered:
+                # its end ended the transaction: the outer block's then buffered it, with the steps
+                # of an inner block whose exception the script caught
+                raise InvalidTransaction(f"transaction {self.transaction_id} is open already: add its steps in the "
+                                         "block already open, or start another with buf.transaction()")
+            self._entered = True
         self._buffer._open_blocks.add(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._ended = True
+        with self._lock:  # after a step another thread is adding; any later one is refused as ended
+            self._ended = True
         self._buffer._open_blocks.discard(self)
         if exc_type is None:
             self._commit()

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.drain import Drain, DrainBusy, DrainConfig
 from obs_pipeline.health import health_report
-from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.stack.osutil import pick_free_ports, wait_until
 from obs_pipeline_tests.conftest import wait_for_replica
@@ -974,6 +974,87 @@ def test_close_closes_the_connection_of_every_thread_that_buffered_and_a_later_c
         buf.close()
         assert still_open(set(after)) == set()
     assert [buf.status(tx) for tx in made.values()] == ["pending"] * 4
+    buf.close()
+
+
+def test_a_block_whose_steps_several_threads_add_at_once_gets_distinct_step_ids_and_applies_every_step_once(
+        settings, main_engine, monkeypatch):
+    """Threads may share a block's `tx`. Its step id was taken from the number of steps so
+    far, and the step appended after: two threads adding at once got one id. Each call now
+    adds its step whole, under the block's lock. Here making a Step yields the thread, as the
+    scheduler may at any moment (without that, 8 threads x 100 creates left 28, 0 and 3
+    steps sharing an id in three runs)."""
+    from obs_pipeline import ingest
+
+    real_step = ingest.Step
+    monkeypatch.setattr(ingest, "Step", lambda *args: (time.sleep(0.0001), real_step(*args))[1])
+    buf = TransactionBuffer(settings=settings)
+    threads, each = 8, 25
+    barrier, added = threading.Barrier(threads), []
+
+    def add(thread: int) -> None:
+        barrier.wait()
+        for i in range(each):
+            obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})
+            pkg = tx.create("RawDataPackage", {"name": f"pkg{thread}-{i}", "executed_obs_unit_id": obs["id"]})
+            added.append((obs["id"], pkg["id"]))
+
+    with buf.transaction(endpoint="threads") as tx:
+        workers = [threading.Thread(target=add, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    steps = json.loads(buf.store.status_json(tx.transaction_id))["steps"]
+    ids = [step["step_id"] for step in steps]
+    assert len(steps) == 2 * threads * each and len(added) == threads * each
+    assert len(set(ids)) == len(ids), f"{len(ids) - len(set(ids))} steps share an id with another"
+    assert set(ids) == {f"step{n}" for n in range(1, len(steps) + 1)}
+    drain_until_settled(settings)
+    assert buf.status(tx.transaction_id) in ("applied", "replicated")
+    with main_engine.connect() as conn:
+        packages = dict(conn.execute(sa.text(
+            "SELECT id::text, executed_obs_unit_id::text FROM raw_data_package")).all())
+        observations = conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one()
+    assert packages == {pkg: obs for obs, pkg in added} and observations == threads * each
+    buf.close()
+
+
+def test_a_step_another_thread_is_adding_as_the_block_ends_is_buffered_with_it(settings, main_engine, monkeypatch):
+    """A step another thread was adding as the block ended was left out: the end buffered
+    the steps so far, and the step went in after, its call returning as if it were kept.
+    The end now waits for a step being added (one added after it is refused, as before)."""
+    from obs_pipeline import ingest
+
+    real_step, inside, go_on = ingest.Step, threading.Event(), threading.Event()
+
+    def step_held_in_the_adder(*args):
+        if threading.current_thread().name == "adder":
+            inside.set()
+            go_on.wait(10)
+        return real_step(*args)
+
+    monkeypatch.setattr(ingest, "Step", step_held_in_the_adder)
+    buf = TransactionBuffer(settings=settings)
+    added = []
+    with buf.transaction(endpoint="threads") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+        adder = threading.Thread(name="adder", target=lambda: added.append(tx.create(
+            "RawDataPackage", {"name": "pkg", "executed_obs_unit_id": obs["id"]})))
+        adder.start()
+        assert inside.wait(10)
+        threading.Timer(0.3, go_on.set).start()  # the adder finishes its step while the block ends
+    adder.join(10)
+    assert len(added) == 1
+    steps = json.loads(buf.store.status_json(tx.transaction_id))["steps"]
+    assert [step["model_class"] for step in steps] == ["ExecutedObsUnit", "RawDataPackage"]
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id::text FROM raw_data_package")).scalars().all() == [added[0]["id"]]
+    with pytest.raises(InvalidTransaction, match="has ended with its `with` block"):
+        tx.create("RawDataPackage", {"name": "late", "executed_obs_unit_id": obs["id"]})
     buf.close()
 
 
