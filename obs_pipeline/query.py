@@ -29,7 +29,9 @@ Hence each column shows a value at least as new as at step 1, and step 1 comes a
 earlier read of the same reader: reads are monotonic (as long as the drain applies one
 record's transactions in buffering order, which it does).
 
-Filters: read_filters. How values are shown, the same for both sources: read_forms.
+Filters: read_filters. How values are shown, the same for both sources: read_forms. A merged
+row is filtered before its read form, on its values as buffered (what main will compare); a
+replica row's columns that no pending write sets, by the replica's own SQL (search).
 """
 
 from __future__ import annotations
