@@ -431,6 +431,19 @@ class MainDatabase:
         result.round_trips = 1
         return result
 
+    def applied_among(self, transaction_ids: list[str], part: int = 10_000) -> set[str]:
+        """Which of these ids main's obs_pipeline_applied records, `part` per query: after a
+        failover, those of batches committed on the old timeline that reached the new one (an id
+        commits with its rows, a batch whole). Main's errors as a batch's."""
+        found: set[str] = set()
+        with self._session() as conn, conn.cursor() as cur:
+            for start in range(0, len(transaction_ids), part):
+                self.round_trips += 1
+                cur.execute(f"SELECT transaction_id FROM {applied_transactions.name} WHERE transaction_id = ANY(%s)",
+                            (transaction_ids[start:start + part],))
+                found.update(row[0] for row in cur.fetchall())
+        return found
+
     def _records_of(self, cur: Any, txs: list[Transaction], also: str) -> bytes:
         """The query for the applied-id records of `txs`: (transaction_id, steps_digest, `also`)."""
         digest = "steps_digest" if self.records_digest else "NULL"

@@ -26,7 +26,7 @@ from obs_pipeline import redis_scripts as scripts
 from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
-from obs_pipeline.wire import STATUS_OPENING, STATUS_SLOT, status_header, status_slot
+from obs_pipeline.wire import STATUS_HEADER_LEN, STATUS_OPENING, STATUS_SLOT, status_header, status_slot
 
 MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
@@ -251,6 +251,27 @@ class Outcome:
     oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
+
+
+def _pending_entry(raw: bytes | None) -> str | None:
+    """A transaction's status key (its whole JSON, "applied") as an entry to claim again,
+    "pending"; None if it holds no transaction (gone, or another record). Only the status
+    changes: the steps stay as pushed, so their digest is the one main recorded with the id."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "surrogateescape")
+    try:
+        doc = json_codec.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+        return None
+    slot = text[len(STATUS_OPENING):STATUS_HEADER_LEN - 1].rstrip(" ")
+    if (text.startswith(STATUS_OPENING) and text[STATUS_HEADER_LEN - 1:STATUS_HEADER_LEN] == ","
+            and slot.endswith('"') and slot[:-1].isalpha()):  # our layout: the slot alone changes
+        return status_header("pending") + text[STATUS_HEADER_LEN:]
+    doc["status"] = "pending"
+    return json_codec.dumps(doc)
 
 
 def replicated_status(transaction_id: str, commit_lsn: str) -> str:
@@ -568,6 +589,8 @@ class BufferStore:
                         record = {"n": f"{part:09d}"}
                         record.update({key: [x for tx in chunk for x in tx[key]] for key in ("c", "o", "t")})
                         record.update(at=now, lsn=outcome.commit_lsn)
+                        if outcome.main_timeline is not None:  # which WAL holds it: see requeue_lost
+                            record["tl"] = outcome.main_timeline
                         pipe.zadd(k.awaiting_replication,
                                   {json_codec.dumps(record): outcome.commit_lsn})
                 # last_batch_at: every batch a drain ran, for the health report's last_run (a drain whose
@@ -723,6 +746,69 @@ class BufferStore:
         none did (a drain of an earlier version)."""
         value = self.redis.hget(self.keys.stats, MAIN_TIMELINE_FIELD)
         return int(value) if value is not None else None
+
+    def chunks_off_timeline(self, timeline: int) -> list[tuple[dict[str, Any], bytes]]:
+        """The committed chunks awaiting the replica that were committed on another timeline than
+        `timeline` (a chunk without "tl", acknowledged by an earlier version, on the one `stats`
+        recorded), as (record, member), in commit and batch order."""
+        recorded = self.main_timeline()
+        found: list[tuple[dict[str, Any], bytes]] = []
+        start = 0
+        while True:
+            members = self.redis.zrange(self.keys.awaiting_replication, start, start + CLEAN_PASS * 10 - 1)
+            start += len(members)
+            for member in members:
+                record = json_codec.loads(member)
+                if record.get("tl", recorded) != timeline:
+                    found.append((record, member))
+            if len(members) < CLEAN_PASS * 10:
+                return found
+
+    def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
+                     kept: list[tuple[dict[str, Any], bytes]]) -> tuple[list[str], list[str]]:
+        """After main failed over to a timeline that lacks the commits of the `lost` chunks: put
+        their transactions back at the oldest end of the processing list, in their order (claimed
+        again first, before whatever waits there or in the buffer, as after a crash; an id main has
+        applied after all is skipped there), statuses "pending", and drop their records without
+        cleaning their caches (reads keep showing them until the new commit is replayed). The
+        `kept` chunks (main has their ids) are recorded as on `timeline`. One MULTI, fenced by the
+        lease, so a crash leaves all or nothing of it. Returns (ids requeued, ids whose transaction
+        JSON is gone, which cannot be)."""
+        k = self.keys
+        ids = list(dict.fromkeys(tx_id for record, _ in lost for tx_id in record.get("t") or ()))
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(k.lease, k.awaiting_replication, *(k.transaction(i) for i in ids))
+                    held = pipe.get(k.lease)
+                    if (held.decode() if held else None) != token:
+                        raise LeaseLost(f"the drain lease of site {k.site} is no longer ours")
+                    raws = [pipe.get(k.transaction(i)) for i in ids]
+                    entries, gone = [], []
+                    for tx_id, raw in zip(ids, raws):
+                        entry = _pending_entry(raw)
+                        (entries if entry is not None else gone).append(entry if entry is not None else tx_id)
+                    pipe.multi()
+                    for _, member in lost + kept:
+                        pipe.zrem(k.awaiting_replication, member)
+                    for record, member in kept:
+                        pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, "tl": timeline}): record["lsn"]})
+                    if entries:  # the first of them rightmost: the oldest end
+                        pipe.rpush(k.processing, *reversed(entries))
+                        for tx_id, entry in zip([i for i in ids if i not in set(gone)], entries):
+                            pipe.set(k.transaction(tx_id), entry)
+                        # counted again when applied again
+                        pipe.hincrby(k.stats, "applied_total", -len(entries))
+                        pipe.hincrby(k.stats, "lost_in_failover_total", len(entries))
+                    pipe.hset(k.stats, MAIN_TIMELINE_FIELD, timeline)
+                    pipe.execute()
+                    requeued = [i for i in ids if i not in set(gone)]
+                    return requeued, gone
+                except redis.WatchError as error:
+                    lost_link = lost_while_watching(error)
+                    if lost_link is not None:
+                        raise lost_link from None
+                    continue  # a status or a record changed meanwhile: read them again
 
     def newest_committed_ids(self) -> list[str]:
         """The transaction ids of the newest batch that awaits the replica's replay (its chunks

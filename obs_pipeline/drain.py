@@ -202,6 +202,11 @@ class DrainBusy(RuntimeError):
     """Another drain holds the site's lease."""
 
 
+class FailoverRequeued(RuntimeError):
+    """Transactions that a failover of main lost were put back in the processing list (see
+    Drain._settle_failover): the batch claimed waits there behind them, claimed again at once."""
+
+
 @dataclass
 class _Batch:
     """A claimed batch, parsed: what is left to do with it, and what to report."""
@@ -305,6 +310,7 @@ class Drain:
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
+        self._settled_timeline: int | None = None  # every waiting chunk is known on it (_settle_failover)
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -384,6 +390,8 @@ class Drain:
                     break
                 except HoldsChanged as changed:  # the batch waits in processing: claimed again at once
                     log.info("%s", changed)
+                    continue
+                except FailoverRequeued:  # (said as it was done) so do the lost ones, ahead of it
                     continue
                 except ProcessingChanged as changed:  # so does what Redis kept of the list
                     log.warning("%s", changed)
@@ -497,6 +505,11 @@ class Drain:
             return BatchReport(replay_lsn=cleaned[0], replicated=len(cleaned[1]),
                                duration_s=time.monotonic() - began)
         report, outcome = batch.report, batch.outcome
+        if batch.transactions:  # main's session before anything applies on it: which timeline it writes
+            self.main.identify()
+            if self._settle_failover():
+                self._prefetched = None
+                raise FailoverRequeued()
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
         applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
@@ -887,9 +900,58 @@ class Drain:
             self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
-        if replay is None or replay < lowest:
+        if not self._failover_settled() or replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)
+
+    def _failover_settled(self) -> bool:
+        """Whether chunks may be cleaned by a replay of main's timeline: each waiting one is known
+        to be on it (_settle_failover), or no session of main said one (main down: the recorded
+        one counts, as every chunk's). Settled here only while main's session is free."""
+        timeline = self.main.timeline
+        if timeline is None or timeline == self._settled_timeline:
+            return True
+        if not self.main_identity._main_idle():
+            return False
+        try:
+            self._settle_failover()
+        except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
+            return False
+        return self._settled_timeline == self.main.timeline
+
+    def _settle_failover(self) -> int:
+        """Before anything applies on main's session, or is cleaned by its timeline: the chunks
+        awaiting the replica that were committed on another timeline (main failed over since, or
+        was restored) are asked for on main. A failover to an asynchronous standby loses what main
+        had not sent it, and the new timeline's LSNs pass those commits' without them: their caches
+        were cleaned, and the rows were on neither server. Ids main has applied made it across (a
+        batch commits whole): those chunks count as on the new timeline. The rest are buffered
+        again, to apply first (BufferStore.requeue_lost). Returns how many; main's errors raise."""
+        timeline = self.main.timeline
+        if timeline is None or timeline == self._settled_timeline:
+            return 0
+        chunks = self.store.chunks_off_timeline(timeline)
+        requeued: list[str] = []
+        if chunks:
+            ids = sorted({tx_id for record, _ in chunks for tx_id in record.get("t") or ()})
+            present = self.main.applied_among(ids) if ids else set()
+            if self.main.timeline != timeline:  # a new session in between (main failed over again)
+                return 0
+            lost = [(r, m) for r, m in chunks if any(i not in present for i in r.get("t") or ())]
+            kept = [(r, m) for r, m in chunks if (r, m) not in lost]
+            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept)
+            if lost:
+                missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
+                log.warning("main now writes timeline %d: %d committed transaction(s) of %d batch(es) were not on it "
+                            "(an asynchronous failover lost them); buffered again, to apply first, their caches "
+                            "kept meanwhile%s", timeline, len(missing), len({r.get("lsn") for r, _ in lost}),
+                            f"; {len(gone)} could not be, their transaction JSON gone from Redis (their caches stay: "
+                            f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''})" if gone else "")
+            if requeued:
+                done = set(requeued)
+                self._unmarked = [i for i in self._unmarked if i not in done]  # "pending" now, not "applied"
+        self._settled_timeline = timeline
+        return len(requeued)
 
 
 def _one_of_batch(tx: Transaction) -> tuple[str, str | None]:

@@ -484,3 +484,197 @@ def test_the_sensor_launches_a_run_after_a_failover_of_main_with_no_new_work(set
     assert summary.replicated == 1 and buf.status(tx_id) == "replicated", summary
     assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"
     buf.close()
+
+
+@pytest.fixture
+def async_standby(stack):
+    """A failover to an asynchronous standby, on servers of their own: M ("main", timeline 1)
+    with S ("standby"), an asynchronous standby of it. `fail_over()` stops M, promotes S
+    (timeline 2, with what M had sent it) and clones T ("follower") from S, a standby that
+    follows it: the site's replica after the failover. Before it the site has no replica to
+    speak of ("nowhere", a closed port): the caches of what the drain commits on M stay."""
+    from types import SimpleNamespace
+
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST, PgServer
+
+    user = stack._pg_user(create=False)
+    folder = stack.directory / "postgres"
+    *ports, closed = pick_free_ports(4)
+    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
+               for name, port in zip(("af_main", "af_standby", "af_follower"), ports)]
+    m, s, t = servers
+    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
+    try:
+        target = _primary_with_units(m, url[m], "CREATE TABLE filler (x text)")
+        s.clone_from(m)
+        s.set_upstream(m.port)
+        s.start()
+        assert wait_until(lambda: _replayed(url[s], target), 60)
+
+        def fail_over() -> None:
+            m.stop(mode="immediate")
+            if not s.running:
+                s.start()
+            assert s.query("SELECT pg_promote(true, 60)") == (True,)
+            t.clone_from(s)
+            t.set_upstream(s.port)
+            t.start()
+
+        yield SimpleNamespace(main=url[m], standby=url[s], follower=url[t],
+                              nowhere=f"postgresql+psycopg2://postgres@{HOST}:{closed}/obs",
+                              stop_standby=lambda: s.stop(mode="immediate"),
+                              standby_has_main_s_wal=lambda: wait_until(lambda: _replayed(
+                                  url[s], m.query("SELECT pg_current_wal_flush_lsn()::text")[0]), 30),
+                              fail_over=fail_over)
+    finally:
+        for server in reversed(servers):
+            server.stop(mode="immediate")
+            shutil.rmtree(server.datadir, ignore_errors=True)  # the next test's are made afresh
+
+
+def _write_past(writer: str, reader: str, lsn: int) -> None:
+    """`writer` (the primary `reader` streams from) writes until its WAL is past `lsn`, and
+    `reader` has replayed it: a position on its timeline beyond a commit made on another."""
+    from obs_pipeline.lsn import int_to_lsn
+    from obs_pipeline.stack.osutil import wait_until
+
+    engine = sa.create_engine(writer)
+    try:
+        while True:
+            with engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO filler SELECT repeat('x', 200) FROM generate_series(1, 5000)"))
+                target = conn.execute(sa.text("SELECT pg_current_wal_flush_lsn()::text")).scalar()
+                if conn.execute(sa.text("SELECT CAST(:t AS pg_lsn) > CAST(:b AS pg_lsn)"),
+                                {"t": target, "b": int_to_lsn(lsn)}).scalar():
+                    break
+        assert wait_until(lambda: _replayed(reader, target), 60)
+    finally:
+        engine.dispose()
+
+
+def _drain_once(site, caplog, **config):
+    drain = Drain(site, DrainConfig(**config))
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        try:
+            return drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
+        finally:
+            drain.close()
+
+
+def _on_main(url: str, obs_id, tx_ids: list[str]) -> tuple[int, int, str | None]:
+    """(rows of the observation, applied-id records of `tx_ids`, its status) on `url`."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT count(*), max(status) FROM executed_obs_unit WHERE id = :i"),
+                                {"i": obs_id}).one()
+            recorded = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied "
+                                            "WHERE transaction_id = ANY(:ids)"), {"ids": tx_ids}).scalar()
+    finally:
+        engine.dispose()
+    return rows[0], recorded, rows[1]
+
+
+def _committed_on_m(settings, async_standby, caplog) -> tuple[TransactionBuffer, str, object, int]:
+    """One create buffered and committed on M, its caches kept (the site's replica unreachable):
+    (the buffer, its id, the record's id, its commit LSN)."""
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, tx_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(tx_id) == "applied"
+    keys = SiteKeys(settings.site)
+    (_, lsn), = buf.store.redis.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+    return buf, tx_id, obs_id, int(lsn)
+
+
+def _read(site, obs_id):
+    """The record as the site reads it (its replica now the follower)."""
+    reader = TransactionBuffer(settings=site)
+    try:
+        return reader.get("ExecutedObsUnit", obs_id)
+    finally:
+        reader.close()
+
+
+def _lost_line(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "not on it" in r.getMessage()]
+
+
+def test_a_batch_an_asynchronous_failover_lost_is_applied_again_on_the_new_main(
+        settings, async_standby, redis_client, caplog):
+    """M commits a batch that its asynchronous standby S never received (S is down); M fails, S
+    is promoted. The batch's commit LSN on timeline 1 is judged by timeline 2: once the site's
+    replica (following S) passed it, the drain cleaned its caches, and its rows were on neither
+    server (a read at the site said None). The drain asks the new main which of its ids it has
+    applied, and buffers the rest again, to apply first."""
+    async_standby.stop_standby()
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
+    assert summary.applied == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    keys = SiteKeys(settings.site)
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert redis_client.exists(keys.buffered("ExecutedObsUnit", obs_id)) == 0
+    assert _read(site, obs_id)["status"] == "running"  # from the follower
+    said = _lost_line(caplog)
+    assert len(said) == 1 and "main now writes timeline 2: 1 committed transaction(s) of 1 batch(es)" in said[0], said
+    stats = redis_client.hgetall(keys.stats)
+    assert int(stats[b"applied_total"]) == 1 and int(stats[b"lost_in_failover_total"]) == 1, stats
+    buf.close()
+
+
+def test_a_later_update_of_a_record_a_failover_lost_applies_after_its_create(
+        settings, async_standby, redis_client, caplog):
+    """The same, and an update of the lost record buffered after it, which a drain claimed while
+    main was down (the failover broke its session; the update waits in `processing`): it applies
+    after the create buffered again, not before it on no row (dead-lettered in the end)."""
+    async_standby.stop_standby()
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    update_id = buf.update("ExecutedObsUnit", obs_id, {"status": "done"})
+    async_standby.fail_over()  # (M is down: the drain's claim of the update fails to reach it)
+    down = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    drain = Drain(down, DrainConfig(backoff_initial_s=0.2))
+    try:
+        drain.run(until_empty=True, budget_s=1.0)
+    finally:
+        drain.close()
+    keys = SiteKeys(settings.site)
+    assert redis_client.llen(keys.processing) == 1 and buf.status(update_id) == "pending"
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [tx_id, update_id]) == (1, 2, "done")
+    assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
+    assert summary.applied == 2 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated" and buf.status(update_id) == "replicated"
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert _read(site, obs_id)["status"] == "done"  # from the follower
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    buf.close()
+
+
+def test_a_batch_that_reached_the_standby_before_the_failover_is_not_applied_again(
+        settings, async_standby, redis_client, caplog):
+    """The batch reached S before M failed: its ids are in S's obs_pipeline_applied. Nothing is
+    buffered again, nothing doubled, no warning: its caches are cleaned once the follower has it."""
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    assert async_standby.standby_has_main_s_wal()
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
+    assert summary.applied == 0 and summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    assert not _lost_line(caplog)
+    assert int(redis_client.hget(SiteKeys(settings.site).stats, "applied_total")) == 1
+    buf.close()
