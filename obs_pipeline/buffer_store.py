@@ -427,6 +427,13 @@ class BufferStore:
             if len(entries) < chunk:
                 return ids
 
+    def awaiting_ids(self) -> set[str]:
+        """The transaction ids of the committed chunks awaiting the replica: should main fail over
+        before it has them, the drain asks the new main for these (Drain._settle_failover), and
+        buffers again those it does not hold; a prune must keep their records."""
+        return {tx_id for member in self.redis.zrange(self.keys.awaiting_replication, 0, -1)
+                for tx_id in json_codec.loads(member).get("t") or ()}
+
     def lease_holder(self) -> str | None:
         raw = self.redis.get(self.keys.lease)
         return raw.decode() if raw else None

@@ -97,7 +97,9 @@ def prune_applied(conn: sa.Connection, older_than_days: float, site: str, keep: 
     """Drop this site's applied-id records older than any batch that could still be reclaimed
     (other sites that share main keep theirs: one may have been down for longer). `keep`: the
     ids in the site's processing list (BufferStore.processing_ids), kept however old: a drain
-    that died after COMMIT left them there, and the next would apply them again. `before`
+    that died after COMMIT left them there, and the next would apply them again; and those of
+    batches awaiting the replica (BufferStore.awaiting_ids): after a failover of main, an id it
+    does not hold is applied again (Drain._settle_failover). `before`
     (prune_cutoff): none applied at or after it is dropped either, however old."""
     check_prune_days(older_than_days)
     conditions = [

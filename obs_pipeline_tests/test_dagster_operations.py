@@ -402,6 +402,28 @@ def test_prune_keeps_the_records_of_a_batch_still_in_processing(settings, resour
 
 
 
+def test_prune_keeps_the_records_of_a_batch_still_awaiting_the_replica(settings, resource, redis_client, main_engine):
+    """A committed batch waits for the replica (down for longer than older_than_days): should main
+    fail over, the drain asks the new main which of its ids it holds, and buffers the others again
+    (Drain._settle_failover). Pruned, its ids read as lost: applied again, its creates were
+    dead-lettered on their own keys."""
+    keys = SiteKeys(settings.site)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('waits', :s, now() - interval '10 days'), ('done', :s, now() - interval '10 days')"),
+                     {"s": settings.site})
+    record = {"n": "000000000", "c": [], "o": [], "t": ["waits"], "at": 0, "lsn": 1, "tl": 1}
+    redis_client.zadd(keys.awaiting_replication, {json.dumps(record): 1})
+    try:
+        assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    finally:
+        redis_client.delete(keys.awaiting_replication)
+    with main_engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied WHERE site = :s"),
+                            {"s": settings.site}).scalars().all()
+    assert kept == ["waits"]
+
+
 def _stamp(days_ago: float) -> str:
     return (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat()
 

@@ -137,7 +137,7 @@ class PruneConfig(Config):
 @op
 def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """The site's applied-id records older than `older_than_days`, but those of a batch in the
-    processing list, and none applied `older_than_days` before the oldest transaction still
+    processing list or awaiting the replica (a failover of main is told by them), and none applied `older_than_days` before the oldest transaction still
     waiting or later (schema.prune_cutoff): the log and the output say when that moved the cutoff
     back, and why."""
     engine = store = None
@@ -148,7 +148,7 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
         store = obs_pipeline.buffer_store()
         refuse_standby(engine)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
-            keep = store.processing_ids()
+            keep = store.processing_ids() | store.awaiting_ids()
             before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
         except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
             trouble = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
