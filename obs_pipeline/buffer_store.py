@@ -790,27 +790,31 @@ class BufferStore:
                     held = pipe.get(k.lease)
                     if (held.decode() if held else None) != token:
                         raise LeaseLost(f"the drain lease of site {k.site} is no longer ours")
-                    raws = [pipe.get(k.transaction(i)) for i in ids]
-                    entries, gone = [], []
+                    entries: dict[str, str] = {}  # id -> its entry, in order
+                    gone = []
+                    raws = [raw for part in _parts(ids, MAX_COMMAND_ARGS - 1)
+                            for raw in pipe.mget([k.transaction(i) for i in part])] if ids else []
                     for tx_id, raw in zip(ids, raws):
                         entry = _pending_entry(raw)
-                        (entries if entry is not None else gone).append(entry if entry is not None else tx_id)
+                        if entry is None:
+                            gone.append(tx_id)
+                        else:
+                            entries[tx_id] = entry
                     pipe.multi()
                     for _, member in lost + kept:
                         pipe.zrem(k.awaiting_replication, member)
                     for record, member in kept:
                         pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, "tl": timeline}): record["lsn"]})
                     if entries:  # the first of them rightmost: the oldest end
-                        pipe.rpush(k.processing, *reversed(entries))
-                        for tx_id, entry in zip([i for i in ids if i not in set(gone)], entries):
+                        pipe.rpush(k.processing, *reversed(entries.values()))
+                        for tx_id, entry in entries.items():
                             pipe.set(k.transaction(tx_id), entry)
                         # counted again when applied again
                         pipe.hincrby(k.stats, "applied_total", -len(entries))
                         pipe.hincrby(k.stats, "lost_in_failover_total", len(entries))
                     pipe.hset(k.stats, MAIN_TIMELINE_FIELD, timeline)
                     pipe.execute()
-                    requeued = [i for i in ids if i not in set(gone)]
-                    return requeued, gone
+                    return list(entries), gone
                 except redis.WatchError as error:
                     lost_link = lost_while_watching(error)
                     if lost_link is not None:

@@ -937,8 +937,9 @@ class Drain:
             present = self.main.applied_among(ids) if ids else set()
             if self.main.timeline != timeline:  # a new session in between (main failed over again)
                 return 0
-            lost = [(r, m) for r, m in chunks if any(i not in present for i in r.get("t") or ())]
-            kept = [(r, m) for r, m in chunks if (r, m) not in lost]
+            lost, kept = [], []
+            for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
+                (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
             requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept)
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}

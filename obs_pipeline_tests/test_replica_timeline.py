@@ -678,3 +678,40 @@ def test_a_batch_that_reached_the_standby_before_the_failover_is_not_applied_aga
     assert not _lost_line(caplog)
     assert int(redis_client.hget(SiteKeys(settings.site).stats, "applied_total")) == 1
     buf.close()
+
+
+def test_requeue_lost_puts_the_lost_first_in_order_and_records_the_rest_on_the_new_timeline(settings, redis_client):
+    """Redis alone (BufferStore.requeue_lost): the lost chunks' transactions at the oldest end of
+    `processing`, in their order, ahead of what waits there; statuses "pending", the steps as
+    they were (another producer's layout too); a status key gone is named, not requeued; the
+    kept chunk recorded on the new timeline; nothing cleaned."""
+    from obs_pipeline import json_codec
+    from obs_pipeline.buffer_store import BufferStore
+
+    store = BufferStore(redis_client, settings.site)
+    keys = store.keys
+    token = store.acquire_lease(30)
+    ours = '{"status":"applied"   ,"transaction_id":"a","steps":[{"op":1}]}'
+    theirs = '{"transaction_id": "b", "steps": [{"op": 2}], "status": "applied"}'
+    redis_client.set(keys.transaction("a"), ours)
+    redis_client.set(keys.transaction("b"), theirs)
+    redis_client.set(keys.buffered("M", "1"), "{}")
+    redis_client.lpush(keys.processing, '{"transaction_id":"claimed after them"}')
+    lost = [({"n": "000000000", "c": [["M", "1"]], "o": [], "t": ["a", "b"], "at": 0, "lsn": 7, "tl": 1}, None),
+            ({"n": "000000000", "c": [], "o": [], "t": ["gone"], "at": 0, "lsn": 9, "tl": 1}, None)]
+    kept = [({"n": "000000000", "c": [], "o": [], "t": ["k"], "at": 0, "lsn": 5, "tl": 1}, None)]
+    for record, _ in lost + kept:
+        redis_client.zadd(keys.awaiting_replication, {json_codec.dumps(record): record["lsn"]})
+    lost = [(r, json_codec.dumps(r).encode()) for r, _ in lost]
+    kept = [(r, json_codec.dumps(r).encode()) for r, _ in kept]
+    assert store.requeue_lost(token, 2, lost, kept) == (["a", "b"], ["gone"])
+    claimed = store.claim(token, 10)
+    assert claimed.reclaimed and [json.loads(e)["transaction_id"] for e in claimed.entries] == [
+        "a", "b", "claimed after them"]
+    assert claimed.entries[0] == ours.replace('"applied"   ', '"pending"   ')
+    assert json.loads(claimed.entries[1]) == {**json.loads(theirs), "status": "pending"}
+    assert store.status_json("a") == claimed.entries[0]
+    assert [json_codec.loads(m) for m in redis_client.zrange(keys.awaiting_replication, 0, -1)] == [
+        {**kept[0][0], "tl": 2}]
+    assert redis_client.exists(keys.buffered("M", "1")) == 1
+    assert store.main_timeline() == 2
