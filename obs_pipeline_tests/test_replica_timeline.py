@@ -54,21 +54,30 @@ def _primary_with_units(server, url: str, *more_sql: str) -> str:
         engine.dispose()
 
 
+def _servers(stack, *names: str) -> tuple[list, dict, int]:
+    """PostgreSQL servers of a test's own in the stack's folder (not started), by name; their
+    URLs; and one more free port (a proxy's, or one that nothing listens on)."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.postgres import HOST, PgServer
+
+    user = stack._pg_user(create=False)
+    folder = stack.directory / "postgres"
+    *ports, spare = pick_free_ports(len(names) + 1)
+    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
+               for name, port in zip(names, ports)]
+    return servers, {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}, spare
+
+
 @pytest.fixture(scope="module")
 def forked(stack):
     """URLs by name: M ("old") with standbys R ("replica", by slot) and S; S promoted ("promoted",
     timeline 2), and T ("follower"), a standby cloned from S. Each test makes the standby it
     drains with replay past main's LSNs (_runs_ahead)."""
-    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
-    from obs_pipeline.stack.postgres import HOST, PgServer
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline.stack.postgres import HOST
 
-    user = stack._pg_user(create=False)
-    folder = stack.directory / "postgres"
-    ports = pick_free_ports(4)
-    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
-               for name, port in zip(("tl_main", "tl_replica", "tl_standby", "tl_follower"), ports)]
+    servers, url, _ = _servers(stack, "tl_main", "tl_replica", "tl_standby", "tl_follower")
     m, r, s, t = servers
-    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
     try:
         target = _primary_with_units(m, url[m], "CREATE TABLE filler (x text)")
         r.clone_from(m)
@@ -351,17 +360,12 @@ def cascaded(stack, tmp_path):
     standby, R ("replica") a standby of S, which follows S onto its new timeline once S is
     promoted; and P ("proxy"), a port forwarding to M, then (`fail_over`) to S: the address
     OBS_MAIN_DB_URL names stays the same across the failover, as a DNS name or a VIP does."""
-    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
-    from obs_pipeline.stack.postgres import HOST, PgServer
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline.stack.postgres import HOST
     from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
 
-    user = stack._pg_user(create=False)
-    folder = stack.directory / "postgres"
-    *ports, proxy_port = pick_free_ports(4)
-    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
-               for name, port in zip(("fo_main", "fo_standby", "fo_replica"), ports)]
+    servers, url, proxy_port = _servers(stack, "fo_main", "fo_standby", "fo_replica")
     m, s, r = servers
-    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
     pidfile, log = tmp_path / "proxy.json", tmp_path / "proxy.log"
     try:
         target = _primary_with_units(m, url[m])
@@ -495,16 +499,11 @@ def async_standby(stack):
     speak of ("nowhere", a closed port): the caches of what the drain commits on M stay."""
     from types import SimpleNamespace
 
-    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
-    from obs_pipeline.stack.postgres import HOST, PgServer
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline.stack.postgres import HOST
 
-    user = stack._pg_user(create=False)
-    folder = stack.directory / "postgres"
-    *ports, closed = pick_free_ports(4)
-    servers = [PgServer(name, folder / name, port, stack.log_path(name), stack.log_path("pg_ctl"), user)
-               for name, port in zip(("af_main", "af_standby", "af_follower"), ports)]
+    servers, url, closed = _servers(stack, "af_main", "af_standby", "af_follower")
     m, s, t = servers
-    url = {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}
     try:
         target = _primary_with_units(m, url[m], "CREATE TABLE filler (x text)")
         s.clone_from(m)
