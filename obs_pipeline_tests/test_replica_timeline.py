@@ -600,6 +600,15 @@ def _lost_line(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "not on it" in r.getMessage()]
 
 
+def _drain_on_the_new_main(settings, async_standby, caplog, lsn: int):
+    """After the failover: S written past the batch's LSN and replayed so by its follower T,
+    one drain with OBS_MAIN_DB_URL at S and the replica at T. Its settings and summary."""
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    return site, _drain_once(site, caplog, replication_timeout_s=10)
+
+
 def test_a_batch_an_asynchronous_failover_lost_is_applied_again_on_the_new_main(
         settings, async_standby, redis_client, caplog):
     """M commits a batch that its asynchronous standby S never received (S is down); M fails, S
@@ -610,10 +619,7 @@ def test_a_batch_an_asynchronous_failover_lost_is_applied_again_on_the_new_main(
     async_standby.stop_standby()
     buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
     async_standby.fail_over()
-    _write_past(async_standby.standby, async_standby.follower, lsn)
-    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
-    caplog.clear()
-    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    site, summary = _drain_on_the_new_main(settings, async_standby, caplog, lsn)
     assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
     assert summary.applied == 1 and summary.stopped_because == "buffer empty", summary
     assert buf.status(tx_id) == "replicated"
@@ -645,10 +651,7 @@ def test_a_later_update_of_a_record_a_failover_lost_applies_after_its_create(
         drain.close()
     keys = SiteKeys(settings.site)
     assert redis_client.llen(keys.processing) == 1 and buf.status(update_id) == "pending"
-    _write_past(async_standby.standby, async_standby.follower, lsn)
-    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
-    caplog.clear()
-    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    site, summary = _drain_on_the_new_main(settings, async_standby, caplog, lsn)
     assert _on_main(async_standby.standby, obs_id, [tx_id, update_id]) == (1, 2, "done")
     assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
     assert summary.applied == 2 and summary.stopped_because == "buffer empty", summary
@@ -666,10 +669,7 @@ def test_a_batch_that_reached_the_standby_before_the_failover_is_not_applied_aga
     buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
     assert async_standby.standby_has_main_s_wal()
     async_standby.fail_over()
-    _write_past(async_standby.standby, async_standby.follower, lsn)
-    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
-    caplog.clear()
-    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    _, summary = _drain_on_the_new_main(settings, async_standby, caplog, lsn)
     assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
     assert summary.applied == 0 and summary.replicated == 1 and summary.stopped_because == "buffer empty", summary
     assert buf.status(tx_id) == "replicated"
