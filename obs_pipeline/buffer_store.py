@@ -535,7 +535,12 @@ class BufferStore:
 
     def mark_processing(self, transaction_ids: list[str], full_json: Callable[[str], str]) -> None:
         """Status "processing": in place where the status key exists, else the full JSON."""
-        missing = self.set_status(transaction_ids, "processing")
+        self.mark_status(transaction_ids, "processing", full_json)
+
+    def mark_status(self, transaction_ids: list[str], status: str, full_json: Callable[[str], str]) -> None:
+        """`status` in place where the status key exists, else the full JSON (`full_json` giving
+        it with that status): a producer's entry pushed without a status key gets one."""
+        missing = self.set_status(transaction_ids, status)
         if missing:
             pipe = self.redis.pipeline(transaction=False)
             for tx_id in missing:

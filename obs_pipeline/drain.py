@@ -506,9 +506,18 @@ class Drain:
                                duration_s=time.monotonic() - began)
         report, outcome = batch.report, batch.outcome
         if batch.transactions:  # main's session before anything applies on it: which timeline it writes
-            self.main.identify()
-            if self._settle_failover():
-                self._prefetched = None
+            try:
+                self.main.identify()
+                requeued = self._settle_failover()
+            except (ConfigError, TransientError):
+                # as when main refuses or does not answer the apply (below): "pending", not what a
+                # drain marks as it applies; a producer's entry pushed without a status key gets
+                # one, as it did there (its status read None, as if never buffered)
+                with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
+                    by_id = {t.transaction_id: t for t in batch.transactions}
+                    self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
+                raise
+            if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
         full = batch.outcome.claimed >= batch.size
         txs = self._hold_dependents(batch.transactions, outcome, report)
