@@ -238,7 +238,7 @@ class MainIdentity:
         if outcome.commit_lsn is not None and outcome.main_cluster is not None:
             self._cluster = outcome.main_cluster
 
-    def _main_idle(self) -> bool:
+    def main_idle(self) -> bool:
         """Whether main's session may be used here: not while the worker thread has it."""
         return self.applying is None or self.applying.done()
 
@@ -251,7 +251,7 @@ class MainIdentity:
         does not answer."""
         if self._cluster is None:
             self._cluster = self.store.main_cluster()
-        if self._cluster is None and self._main_idle():
+        if self._cluster is None and self.main_idle():
             try:
                 self._cluster = self.main.identify()
             except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
@@ -268,7 +268,7 @@ class MainIdentity:
         replays another timeline than the session said: main failed over since (an idle drain's
         session predates it), and the commits before the fork are on the new timeline too (the
         old held their caches until new work came, the log line blaming the replica)."""
-        idle = self._main_idle()
+        idle = self.main_idle()
         recheck = (self.main.timeline is not None and self.replica_timeline() not in (None, self.main.timeline)
                    and time.monotonic() - self._timeline_rechecked_at >= MAIN_TIMELINE_RECHECK_S)
         if idle and recheck:
@@ -920,7 +920,7 @@ class Drain:
         timeline = self.main.timeline
         if timeline is None or timeline == self._settled_timeline:
             return True
-        if not self.main_identity._main_idle():
+        if not self.main_identity.main_idle():
             return False
         try:
             self._settle_failover()
