@@ -904,7 +904,9 @@ def test_an_inet_key_and_network_values_read_as_main_writes_them(forms, main_eng
     CIDR or INET[] value read one way buffered and another replicated, and a filter by main's
     text missed the buffered record. They are now taken as main writes them."""
     buf = TransactionBuffer(settings=forms)
-    a, b = uuid.uuid4().int % 250, uuid.uuid4().int % 250  # (rows stay from test to test: fresh keys)
+    # Fresh keys (rows stay from test to test), never 0: a zero group would join the run main
+    # writes as :: (2001:db8:38:0::1 is 2001:db8:38::1), which the texts below spell by hand.
+    a, b = 1 + uuid.uuid4().int % 250, 1 + uuid.uuid4().int % 250
     key, note = given(a, b), f"a{a}.{b}-{uuid.uuid4().hex[:6]}"
     net, seen = f"2001:DB8:{a:X}::/48", ["10.0.0.1/32", "::FFFF:1.2.3.4", None]
     with buf.transaction() as tx:
