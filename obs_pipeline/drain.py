@@ -903,6 +903,10 @@ class Drain:
         count, lowest = self.store.awaiting_replication()
         if not count:
             return None, []
+        # main's timeline, asked once per Drain if nothing else did: the replica's replay asks it,
+        # and a batch to apply, but not a run with none while the replica is down, which then left
+        # what a failover lost `applied` on neither server (_failover_settled buffers it again)
+        self.main_identity.timeline()
         if wait_for is not None:
             timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s  # (0: one look)
             replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s)

@@ -204,10 +204,7 @@ def test_status_says_the_replica_replays_another_timeline(settings, forked):
 def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, forked, caplog):
     """Its replay position on the old timeline passed for the replay of the oldest batch: the
     sensor launched a run at each tick, each waiting replication_timeout_s to clean nothing."""
-    from dagster import SkipReason, build_sensor_context, instance_for_test
-
-    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+    from dagster import SkipReason, instance_for_test
 
     failed_over = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["replica"])
     _runs_ahead(forked["old"], forked["replica"], main=forked["promoted"])
@@ -215,10 +212,8 @@ def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, 
     _run(failed_over, caplog)
     assert buf.status(tx_id) == "applied"
     buf.close()
-    resource = ObsPipelineResource(site=failed_over.site, redis_url=failed_over.redis_url,
-                                   main_db_url=failed_over.main_db_url, replica_db_url=failed_over.replica_db_url)
     with instance_for_test() as instance:
-        skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        skip, _ = _tick(instance, failed_over, None)
     assert isinstance(skip, SkipReason), skip
     assert "replays timeline 1 of main's cluster, main writes timeline 2" in skip.skip_message, skip.skip_message
 
@@ -445,10 +440,8 @@ def test_the_sensor_launches_a_run_after_a_failover_of_main_with_no_new_work(set
     acknowledgement recorded it (1), took the replica's (2) for another timeline and launched no
     run, its skip reason blaming the replica, until new work came. It asks main where the two
     differ now: a run is launched, and it cleans."""
-    from dagster import RunRequest, build_sensor_context, instance_for_test
+    from dagster import RunRequest, instance_for_test
 
-    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-    from obs_pipeline.dagster_defs.sensors import buffer_sensor
     from obs_pipeline.lsn import REPLAY_TIMELINE_SQL
     from obs_pipeline.stack.osutil import wait_until
 
@@ -475,10 +468,8 @@ def test_the_sensor_launches_a_run_after_a_failover_of_main_with_no_new_work(set
         assert wait_until(on_timeline_2, 30)
     finally:
         replica.dispose()
-    resource = ObsPipelineResource(site=site.site, redis_url=site.redis_url, main_db_url=site.main_db_url,
-                                   replica_db_url=site.replica_db_url)
     with instance_for_test() as instance:
-        tick = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        tick, _ = _tick(instance, site, None)
     assert isinstance(tick, RunRequest), tick.skip_message
     drain = Drain(site, DrainConfig(replication_timeout_s=5))
     try:
@@ -676,6 +667,85 @@ def test_a_batch_that_reached_the_standby_before_the_failover_is_not_applied_aga
     assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
     assert not _lost_line(caplog)
     assert int(redis_client.hget(SiteKeys(settings.site).stats, "applied_total")) == 1
+    buf.close()
+
+
+def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_main_is_idle(
+        settings, async_standby, redis_client, caplog):
+    """M wrote on for long after its asynchronous standby S stopped, then committed a batch; S is
+    promoted, the site's replica T follows it, and nothing new is written. T's position on the
+    new timeline stays below the lost batch's LSN (S forked well before it): the sensor asked main
+    its timeline, took the batch for one the replica had not replayed yet and launched no run
+    ("await the replica"), so nothing asked main for its ids, and the batch read `applied`,
+    on neither server, until new work came. Main writing another timeline than the last
+    acknowledgement recorded is a failover the drain must settle: a run is launched."""
+    from dagster import RunRequest, instance_for_test
+
+    from obs_pipeline.stack.osutil import wait_until
+
+    async_standby.stop_standby()
+    engine = sa.create_engine(async_standby.main)
+    try:
+        for _ in range(8):  # WAL that S never has, the batch's commit after it: 8 segments on
+            with engine.begin() as conn:  # (a promotion and a clone from S each start a new one)
+                conn.execute(sa.text("INSERT INTO filler VALUES ('x')"))
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_switch_wal()"))
+    finally:
+        engine.dispose()
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    async_standby.fail_over()
+    replica = sa.create_engine(async_standby.follower)
+
+    def replayed() -> int | None:
+        try:
+            with replica.connect() as conn:
+                return conn.execute(sa.text("SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")).scalar()
+        except sa.exc.OperationalError:  # (T still starting)
+            return None
+
+    try:
+        assert wait_until(lambda: replayed() is not None, 60)
+        assert int(replayed()) < lsn  # the premise: the lost batch's LSN is ahead of T
+    finally:
+        replica.dispose()
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    with instance_for_test() as instance:
+        tick, _ = _tick(instance, site, None)
+    assert isinstance(tick, RunRequest), tick.skip_message
+    assert tick.run_key == f"{site.site}:failover:1:2"  # (one run per failover)
+    assert buf.status(tx_id) == "applied"  # (until the run)
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
+    assert summary.applied == 1 and buf.status(tx_id) == "replicated", summary
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    buf.close()
+
+
+def test_a_run_settles_a_failover_that_lost_a_batch_while_the_site_s_replica_does_not_answer(
+        settings, async_standby, redis_client, caplog):
+    """The same lost batch, the site's replica down after the failover. The drain learnt main's
+    timeline only through the replica's replay (ReplicaDatabase.main_timeline) or a batch to
+    apply: a run with nothing to claim never asked main, left the lost batch `applied` and on
+    neither server, and the sensor's next run did the same. It asks main where batches await."""
+    from dagster import RunRequest, instance_for_test
+
+    async_standby.stop_standby()
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    async_standby.fail_over()
+    site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.nowhere)
+    with instance_for_test() as instance:
+        tick, _ = _tick(instance, site, None)
+    assert isinstance(tick, RunRequest), tick.skip_message
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
+    assert summary.applied == 1 and buf.status(tx_id) == "applied", summary  # (on S now, awaiting a replica)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    (record,) = [json.loads(m) for m in redis_client.zrange(SiteKeys(settings.site).awaiting_replication, 0, -1)]
+    assert record["tl"] == 2 and record["t"] == [tx_id], record
     buf.close()
 
 

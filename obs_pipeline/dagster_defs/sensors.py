@@ -19,8 +19,14 @@ dead: it cannot drain beside the next one.
 Where committed batches await a replica that reports another timeline than the last
 acknowledgement recorded, the sensor asks main which it writes (a failover since), at most every
 MAIN_TIMELINE_RECHECK_S as the drain does, keeping main's answer in its cursor: asked at every
-tick, a replica left on another timeline cost a far main a new connection a second, for hours."""
+tick, a replica left on another timeline cost a far main a new connection a second, for hours.
+It asks so too while they await a replica that has not replayed them: main writing another
+timeline than recorded is a failover, and a failover to an asynchronous standby loses commits
+whose LSNs the new timeline may not pass for long (it forked before them). Where batches were
+committed on another timeline than main's, a run settles it (Drain._settle_failover buffers
+again what main lost, and records the rest on main's): one per failover, by its run key."""
 
+import contextlib
 import json
 import time
 from datetime import timedelta
@@ -54,6 +60,21 @@ WORKER_GONE_TAG = "obs_pipeline/worker_gone"
 
 class SiteRedisTrouble(Exception):
     """The tick could not read the site's Redis: it fails, saying why in one line."""
+
+
+@contextlib.contextmanager
+def _reading(store):
+    """Reads of the site's Redis: its trouble a red tick in one line (the next looks again), the
+    connection closed after (a tick a second would otherwise hold one each)."""
+    try:
+        yield
+    except Exception as error:
+        trouble = redis_trouble(error)
+        if trouble is None:
+            raise
+        raise SiteRedisTrouble(f"site {store.keys.site}: {trouble}") from None
+    finally:
+        store.redis.close()
 
 
 def _quiet_for(instance: DagsterInstance, record) -> float:
@@ -154,13 +175,18 @@ def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_p
     """How a tick learns the timeline main writes (ObsPipelineResource.replica_position asks only
     where the replica's is not `recorded`): main's answer as the cursor keeps it, else main's
     now, kept for the next ticks. A new one recorded since (new commits) asks main again."""
+    answered: list[int | None] = []  # this tick's answer: asked at most once a tick
+
     def ask() -> int | None:
+        if answered:
+            return answered[0]
         fresh, answer = _kept_main_timeline(context.cursor, recorded)
         if not fresh:
             asked_at = time.time()
             answer = obs_pipeline.main_timeline()
             context.update_cursor(json.dumps({"main_timeline": answer, "main_timeline_asked_at": asked_at,
                                               "recorded_timeline": recorded}))
+        answered.append(answer)
         return answer
     return ask
 
@@ -169,7 +195,7 @@ def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_p
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
     site = store.keys.site
-    try:
+    with _reading(store):
         work = store.work()
         claimable = work["buffer"] or work["processing"] or work["due_retries"]
         lowest = store.awaiting_replication()[1] if work["awaiting_replication"] and not claimable else None
@@ -177,13 +203,6 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         timeline = store.main_timeline() if lowest is not None else None
         lease_left_s = store.lease_left_s()  # None: nobody holds it
         later = _retries_not_due(store) if not any(work.values()) else ""
-    except Exception as error:
-        trouble = redis_trouble(error)
-        if trouble is None:
-            raise
-        raise SiteRedisTrouble(f"site {site}: {trouble}") from None  # a red tick; the next looks again
-    finally:
-        store.redis.close()
     if not any(work.values()):
         return SkipReason(f"site {site}: buffer empty, nothing awaiting replication{later}")
     running = _site_runs(context.instance, site, IN_FLIGHT)
@@ -229,12 +248,18 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           f"(`obs-pipeline drain`, or a run that died), for {lease_left_s:.0f} s more "
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
+        main_now = _main_timeline_at_most_every_recheck(context, obs_pipeline, timeline)
         try:
-            replayed, refusal = obs_pipeline.replica_position(
-                cluster, timeline, _main_timeline_at_most_every_recheck(context, obs_pipeline, timeline))
+            replayed, refusal = obs_pipeline.replica_position(cluster, timeline, main_now)
         except ConfigError:  # the run fails on it, saying so in one line
             replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
+            moved = main_now() if timeline is not None else None  # (asked already where the replica's differs)
+            if moved is not None and moved != timeline:
+                with _reading(store):
+                    unsettled = store.chunks_off_timeline(moved)
+                if unsettled:  # one run per failover: the daemon drops a repeated run key
+                    return RunRequest(run_key=f"{site}:failover:{timeline}:{moved}", tags={SITE_TAG: site})
             where = (refusal if refusal else
                      "does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
                      if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
