@@ -963,16 +963,21 @@ def test_close_closes_the_connection_of_every_thread_that_buffered_and_a_later_c
     def still_open(addresses: set[str]) -> set[str]:
         return addresses & {client["addr"] for client in redis_client.client_list()}
 
+    def all_closed(addresses: set[str]) -> bool:
+        """Redis drops a client once it reads the closed socket: a CLIENT LIST just after may
+        still name it (1 of 3 runs failed so). Left open, they stay for as long as the threads."""
+        return wait_until(lambda: not still_open(addresses), 5)
+
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # its threads live on across close()
         made = dict(pool.map(buffer_one, range(4)))
         assert len(made) == 4 and still_open(set(made)) == set(made)
         buf.close()
-        assert still_open(set(made)) == set()
+        assert all_closed(set(made)), still_open(set(made))
         after = dict(pool.map(buffer_one, range(4)))
         assert [buf.status(tx) for tx in after.values()] == ["pending"] * 4
         assert still_open(set(after)) == set(after)
         buf.close()
-        assert still_open(set(after)) == set()
+        assert all_closed(set(after)), still_open(set(after))
     assert [buf.status(tx) for tx in made.values()] == ["pending"] * 4
     buf.close()
 
