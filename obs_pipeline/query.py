@@ -272,7 +272,7 @@ class SmartQuery:
         # fetch those by id too and test in Python.
         by_id = [rid for rid, overlays in state.overlays.items()
                  if rid not in state.created and rid not in hidden and compiled.sql
-                 and any(o.get("op") == "create" or compiled.columns.intersection(o.get("data") or ())
+                 and any(o.get("op") == "create" or not compiled.columns.isdisjoint(o.get("data") or ())
                          for o in overlays)]
         # What the replica's SQL says of each filtered column, beside its row: the columns the
         # buffer does not set are judged on main's values, not on their read form.

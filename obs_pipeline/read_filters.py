@@ -38,10 +38,14 @@ _UTC = dt.timezone.utc
 class Filters:
     sql: list[Any]                                       # clauses for the replica
     tests: list[Callable[[dict[str, Any]], bool]]        # the same, on JSON-form rows
-    columns: set[str]
     unchecked: list[str] = field(default_factory=list)   # of types whose values only main knows
     column_sql: dict[str, list[Any]] = field(default_factory=dict)  # the clauses, by the column they test
     column_tests: dict[str, list[Callable[[dict[str, Any]], bool]]] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> KeysView[str]:
+        """The filtered columns: column_sql's keys, so that the two cannot disagree."""
+        return self.column_sql.keys()
 
     def match(self, row: dict[str, Any]) -> bool:
         for test in self.tests:
@@ -146,7 +150,7 @@ def compile_filters(spec: ModelSpec, filters: Any,
     if not isinstance(filters, dict):
         raise InvalidTransaction(f"search filters on {spec.name} must be a dict of column -> value, "
                                  f"not {type(filters).__name__}")
-    compiled = Filters([], [], set())
+    compiled = Filters([], [])
     for name, condition in filters.items():
         col = spec.column(name)
         if col.kind in ("json", "array"):
@@ -154,7 +158,6 @@ def compile_filters(spec: ModelSpec, filters: Any,
         column = spec.sql_columns[name]
         key = key_of(col, column.type, fold_case=fold_case)
         value_key = _value_key(col, column.type, key)
-        compiled.columns.add(name)
         first_sql, first_test = len(compiled.sql), len(compiled.tests)
         if col.kind == "any" and col.impl_kind is None:
             compiled.unchecked.append(name)
