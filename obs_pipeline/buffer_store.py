@@ -427,12 +427,19 @@ class BufferStore:
             if len(entries) < chunk:
                 return ids
 
+    def _awaiting_records(self, start: int = 0, stop: int = -1) -> list[tuple[dict[str, Any], bytes]]:
+        """The chunk records of `awaiting_replication`'s members `start` to `stop` (ZRANGE's
+        indexes: commit and batch order), parsed, each with its member (what ZREM takes)."""
+        return [(json_codec.loads(member), member)
+                for member in self.redis.zrange(self.keys.awaiting_replication, start, stop)]
+
     def awaiting_ids(self) -> set[str]:
         """The transaction ids of the committed chunks awaiting the replica: should main fail over
         before it has them, the drain asks the new main for these (Drain._settle_failover), and
-        buffers again those it does not hold; a prune must keep their records."""
-        return {tx_id for member in self.redis.zrange(self.keys.awaiting_replication, 0, -1)
-                for tx_id in json_codec.loads(member).get("t") or ()}
+        buffers again those it does not hold; a prune must keep their records. One read of the
+        whole set: read in pages, a chunk the drain cleaned in between would move one not yet
+        read back into a page already read, and it would be missed."""
+        return {tx_id for record, _ in self._awaiting_records() for tx_id in record.get("t") or ()}
 
     def lease_holder(self) -> str | None:
         raw = self.redis.get(self.keys.lease)
@@ -767,13 +774,10 @@ class BufferStore:
         found: list[tuple[dict[str, Any], bytes]] = []
         start = 0
         while True:
-            members = self.redis.zrange(self.keys.awaiting_replication, start, start + CLEAN_PASS * 10 - 1)
-            start += len(members)
-            for member in members:
-                record = json_codec.loads(member)
-                if record.get("tl", recorded) != timeline:
-                    found.append((record, member))
-            if len(members) < CLEAN_PASS * 10:
+            chunks = self._awaiting_records(start, start + CLEAN_PASS * 10 - 1)
+            start += len(chunks)
+            found.extend(chunk for chunk in chunks if chunk[0].get("tl", recorded) != timeline)
+            if len(chunks) < CLEAN_PASS * 10:
                 return found
 
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
