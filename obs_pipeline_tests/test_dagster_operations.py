@@ -34,7 +34,7 @@ from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOr
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from obs_pipeline.dagster_defs import operations
-from obs_pipeline.dagster_defs.jobs import drain_buffer
+from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, drain_buffer
 from obs_pipeline.dagster_defs.operations import (
     discard_dead_letters,
     no_dead_letters,
@@ -70,7 +70,7 @@ def test_dead_letter_is_an_event_fails_the_check_and_the_retry_job_requeues_it(
                     if e.event_type == DagsterEventType.ASSET_OBSERVATION]
     assert isinstance(observations[0], AssetObservation)
     assert observations[0].metadata["dead_lettered"].value == 1
-    listed = observations[0].metadata["transactions"].value
+    listed = observations[0].metadata["dead_letters"].value
     assert listed.startswith(doc["transaction_id"] + ": ") and "ForeignKeyViolation" in listed
     assert not no_dead_letters(obs_pipeline=resource).passed
 
@@ -93,7 +93,6 @@ def test_a_batch_main_applied_nothing_of_is_an_observation_and_the_run_still_cou
     observation, saying what became of them, and an op retry after it (main unreachable)
     still counts it in the run's summary, as every batch is counted."""
     from obs_pipeline.apply import MainDatabase, TransientError
-    from obs_pipeline.dagster_defs.jobs import MAIN_ASSET
 
     keys = SiteKeys(settings.site)
     poison, _ = seed_example(settings.site, obs_unit_id=4242)  # no such obs unit: main refuses it
@@ -128,7 +127,8 @@ def test_a_batch_main_applied_nothing_of_is_an_observation_and_the_run_still_cou
     [nothing] = [o for o in observed if "applied" in o.metadata]  # the dead batch's own event
     assert nothing.asset_key == MAIN_ASSET and nothing.description == "nothing applied: 1 dead-lettered"
     assert (nothing.metadata["applied"].value, nothing.metadata["dead_lettered"].value) == (0, 1)
-    assert nothing.metadata["transactions"].value.startswith(poison["transaction_id"] + ": ")
+    assert nothing.metadata["transactions"].value == 1  # the count, as on a materialization
+    assert nothing.metadata["dead_letters"].value.startswith(poison["transaction_id"] + ": ")
     drained = result.output_for_node("drain_batches")
     assert (drained["applied"], drained["dead_lettered"], drained["transient_errors"]) == (1, 1, 1), drained
     assert drained["batches"] == len(materialized) + 1, drained  # each batch's one event
@@ -357,7 +357,7 @@ def test_a_dead_letter_without_an_id_is_named_as_such_in_the_runs_event(settings
     assert result.success
     observations = [e.event_specific_data.asset_observation for e in result.all_events
                     if e.event_type == DagsterEventType.ASSET_OBSERVATION]
-    listed = observations[0].metadata["transactions"].value
+    listed = observations[0].metadata["dead_letters"].value
     assert listed.startswith("(no usable transaction_id, `obs-pipeline failed list` shows it as #N): "
                              "transaction_id is missing"), listed
 
@@ -556,9 +556,50 @@ def test_a_batch_of_many_dead_letters_is_one_observation_and_one_warning(setting
     observations = [e.event_specific_data.asset_observation for e in result.all_events
                     if e.event_type == DagsterEventType.ASSET_OBSERVATION]
     assert len(observations) == 1 and observations[0].metadata["dead_lettered"].value == 60
-    assert observations[0].metadata["transactions"].value.endswith("... and 10 more")
+    assert observations[0].metadata["dead_letters"].value.endswith("... and 10 more")
     assert len(warnings) == 1 and warnings[0].user_message.startswith("dead-lettered 60 transaction(s): bad-")
     assert redis_client.llen(keys.failed) == 60
+
+
+def test_a_batch_dead_lettered_whole_counts_its_transactions_and_lists_them_under_their_own_key(
+        settings, resource, redis_client):
+    """The observation of a batch main committed none of took its dead letters' listing over its
+    metadata, the listing's `transactions` (a text) over the batch's count: the key was an int on
+    materializations and a text here, and the count was lost. The listing is `dead_letters`."""
+    keys = SiteKeys(settings.site)
+    for i in range(3):
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": f"all-dead-{i}", "steps": "none"}))
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST)
+    assert result.success
+    [observed] = [e.event_specific_data.asset_observation for e in result.all_events
+                  if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    assert observed.description == "nothing applied: 3 dead-lettered"
+    assert (observed.metadata["transactions"].value, observed.metadata["applied"].value,
+            observed.metadata["dead_lettered"].value) == (3, 0, 3), observed.metadata
+    listed = observed.metadata["dead_letters"].value.split("\n")
+    assert sorted(line.split(": ")[0] for line in listed) == [f"all-dead-{i}" for i in range(3)], listed
+    assert redis_client.llen(keys.failed) == 3
+
+
+def test_a_batch_applied_in_part_lists_its_dead_letters_beside_its_count(settings, resource, redis_client):
+    """Main applied some of the batch: its materialization counts it, and the observation after it
+    lists the dead letters under `dead_letters`; its `transactions`, as everywhere, the count."""
+    keys = SiteKeys(settings.site)
+    good, _ = seed_example(settings.site)
+    for doc in (good, {"transaction_id": "partly-dead", "steps": "none"}):
+        redis_client.lpush(keys.buffer, json.dumps(doc))
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST)
+    assert result.success
+    [materialized] = [e.event_specific_data.materialization for e in result.all_events
+                      if e.event_type == DagsterEventType.ASSET_MATERIALIZATION
+                      and e.event_specific_data.materialization.asset_key == MAIN_ASSET]
+    assert (materialized.metadata["transactions"].value, materialized.metadata["applied"].value,
+            materialized.metadata["dead_lettered"].value) == (2, 1, 1), materialized.metadata
+    [observed] = [e.event_specific_data.asset_observation for e in result.all_events
+                  if e.event_type == DagsterEventType.ASSET_OBSERVATION]
+    assert "applied" not in observed.metadata  # not a batch's own event: _earlier_attempts counts none of it
+    assert (observed.metadata["transactions"].value, observed.metadata["dead_lettered"].value) == (2, 1)
+    assert observed.metadata["dead_letters"].value.startswith("partly-dead: "), observed.metadata
 
 
 def test_the_drain_runs_aof_compaction_is_a_run_config_switch():

@@ -161,8 +161,10 @@ def _report_batch(context: OpExecutionContext, site: str, report: BatchReport) -
     dead = len(report.dead_lettered)
     listed = [f"{d['transaction_id'] or NO_ID}: {d['reason']}" for d in report.dead_lettered[:DEAD_LETTERS_LISTED]]
     more = dead - len(listed)
-    listing = {"site": site, "dead_lettered": dead,
-               "transactions": "\n".join(listed) + (f"\n... and {more} more" if more else "")}
+    # the listing has its own key: under `transactions` it took the batch's count's place, a text
+    # where the key is an int on every other event of a batch
+    listing = {"site": site, "transactions": report.transactions, "dead_lettered": dead,
+               "dead_letters": "\n".join(listed) + (f"\n... and {more} more" if more else "")}
     if report.transactions and not (report.applied or report.already_applied):
         why = ", ".join(f"{n} {what}" for n, what in ((dead, "dead-lettered"), (report.retried, "to retry"),
                                                       (report.held, "parked")) if n)
