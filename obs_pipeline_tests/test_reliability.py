@@ -32,6 +32,7 @@ from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_obs
                                          cancelled_once_while_sleeping, drain_until_settled, slow_file_inserts,
                                          with_statement_timeout)
 from obs_pipeline_tests.workload import replay_paused
+from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -1023,6 +1024,104 @@ def test_a_block_whose_steps_several_threads_add_at_once_gets_distinct_step_ids_
             "SELECT id::text, executed_obs_unit_id::text FROM raw_data_package")).all())
         observations = conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one()
     assert packages == {pkg: obs for obs, pkg in added} and observations == threads * each
+    buf.close()
+
+
+def test_threads_of_one_block_writing_one_key_and_their_own_buffer_each_step_once_and_apply_the_block_whole(
+        settings, main_engine, monkeypatch):
+    """Threads sharing a block's `tx`, behind a barrier, each: create one key given alike (one
+    create wins, the others are refused as created twice), update a record on the replica and
+    one the block created, create a key of its own and update it. The block is buffered with
+    every step once, ids distinct and each thread's steps in its order; reads inside the block
+    see none of it (it is buffered as it ends), reads after it the last update of each key in
+    step order, and the drain applies it whole, as the reads said. (Making a Step yields the
+    thread, as in the step-id test above.)"""
+    from obs_pipeline import ingest
+
+    real_step = ingest.Step
+    monkeypatch.setattr(ingest, "Step", lambda *args: (time.sleep(0.0001), real_step(*args))[1])
+    buf = TransactionBuffer(settings=settings)
+    on_replica, made_in_block, contested = 900, 901, 902
+    with buf.transaction(endpoint="before") as earlier:  # the record every thread updates: on the replica
+        earlier.create("ObsUnit", {"id": on_replica, "name": "before the block"})
+    drain_until_settled(settings)
+    before = buf.get("ObsUnit", on_replica)
+    assert before == {"id": on_replica, "name": "before the block"}, before
+
+    threads, each = 8, 10
+    barrier, won, refused, errors, seen_inside = threading.Barrier(threads), [], [], [], []
+
+    def write(thread: int) -> None:
+        try:
+            barrier.wait()
+            try:
+                tx.create("ObsUnit", {"id": contested, "name": f"contested by {thread}"})
+                won.append(thread)
+            except InvalidTransaction as refusal:
+                refused.append(str(refusal))
+            for i in range(each):
+                tx.update("ObsUnit", on_replica, {"name": f"{on_replica} by {thread}-{i}"})
+                tx.update("ObsUnit", made_in_block, {"name": f"{made_in_block} by {thread}-{i}"})
+                own = tx.create("ObsUnit", {"id": 1000 + thread * each + i, "name": f"own {thread}-{i}"})
+                tx.update("ObsUnit", own["id"], {"name": f"own {thread}-{i} updated"})
+                seen_inside.append((buf.get("ObsUnit", on_replica), buf.get("ObsUnit", made_in_block),
+                                    buf.get("ObsUnit", own["id"])))
+        except BaseException as error:  # noqa: BLE001 - reported by the test's thread
+            errors.append(error)
+
+    with buf.transaction(endpoint="threads") as tx:
+        tx.create("ObsUnit", {"id": made_in_block, "name": "made in the block"})
+        workers = [threading.Thread(target=write, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    assert not errors, errors
+    assert len(won) == 1 and len(refused) == threads - 1, (won, refused)
+    assert all(f"ObsUnit {contested} is created twice in this transaction" in r for r in refused), refused
+    assert seen_inside == [(before, None, None)] * (threads * each), "a read inside the block saw part of it"
+
+    steps = json.loads(buf.store.status_json(tx.transaction_id))["steps"]
+    ids = [step["step_id"] for step in steps]
+    assert len(steps) == 2 + 4 * threads * each
+    assert ids == [f"step{n}" for n in range(1, len(steps) + 1)], "step ids not distinct, or not in order"
+
+    def written(step: dict) -> tuple:
+        key = step["conditions"]["id"] if step["operation"] == "update" else step["data"]["id"]
+        return step["operation"], key, step["data"]["name"]
+
+    expected = {("create", made_in_block, "made in the block"), ("create", contested, f"contested by {won[0]}")}
+    for thread in range(threads):
+        for i in range(each):
+            own = 1000 + thread * each + i
+            expected |= {("update", on_replica, f"{on_replica} by {thread}-{i}"),
+                         ("update", made_in_block, f"{made_in_block} by {thread}-{i}"),
+                         ("create", own, f"own {thread}-{i}"), ("update", own, f"own {thread}-{i} updated")}
+    writes = [written(step) for step in steps]
+    assert len(set(writes)) == len(writes) and set(writes) == expected
+    creator = {key: step["step_id"] for step, (op, key, _) in zip(steps, writes) if op == "create"}
+    for step, (op, key, name) in zip(steps, writes):
+        if op == "update":  # an update depends on the create of its record in the block, if any
+            assert step.get("dependencies", []) == ([creator[key]] if key in creator else []), step
+    for thread in range(threads):  # each thread's updates of one key in the order it made them
+        mine = [name for op, key, name in writes if op == "update" and key == on_replica
+                and name.startswith(f"{on_replica} by {thread}-")]
+        assert mine == [f"{on_replica} by {thread}-{i}" for i in range(each)]
+    last = {key: name for _, key, name in writes}  # each key's last write, in step order
+
+    def read_back() -> dict:
+        keys = [on_replica, made_in_block, contested] + [1000 + n for n in range(threads * each)]
+        return {key: (buf.get("ObsUnit", key) or {}).get("name") for key in keys}
+
+    assert read_back() == last
+    drain_until_empty(settings)
+    assert buf.status(tx.transaction_id) in ("applied", "replicated")
+    with main_engine.connect() as conn:
+        on_main = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id >= :first"),
+                                    {"first": on_replica}).all())  # (clean_db's own units are below)
+    assert on_main == last
+    drain_until_settled(settings)
+    assert buf.status(tx.transaction_id) == "replicated" and read_back() == last
     buf.close()
 
 
