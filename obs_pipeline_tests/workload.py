@@ -187,7 +187,11 @@ def exec_answered_late(pipe, seconds: float = 1.5, timeout_s: float = 0.3) -> No
     and the client times out waiting for the EXEC's reply, as a `retry --all` of a million letters
     did past the CLI's 5 s."""
     pipe.eval(HOLD_REDIS, 0, seconds)
-    pipe.connection.update_current_socket_timeout(timeout_s)
+    conn = pipe.connection
+    if hasattr(conn, "update_current_socket_timeout"):
+        conn.update_current_socket_timeout(timeout_s)
+    else:  # redis-py < 7.0 has no such method: the socket's own timeout (the timeout drops the connection)
+        conn._sock.settimeout(timeout_s)
 
 
 def kill_connection(redis_client, pipe) -> None:
