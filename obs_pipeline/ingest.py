@@ -11,6 +11,10 @@ trip. Light on purpose: no dagster, no pandas (pandas only inside `search_frame`
 
 from __future__ import annotations
 
+# A connect's lookup encodes the host with this codec, imported at a process's first: a script's
+# signal handler that buffered while the main thread's first connect imported it found it
+# half-loaded (`LookupError: unknown encoding: idna` out of the handler's call). Loaded with ingest.
+import encodings.idna  # noqa: F401
 import itertools
 import json
 import threading

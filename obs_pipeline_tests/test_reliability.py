@@ -2027,6 +2027,39 @@ def test_a_signal_handler_that_buffers_while_its_thread_is_inside_the_spool_neit
     assert queue == [dict(printed)[name] for name in expected]
 
 
+# A timer's handler looks a host up (a connect does) while the main thread's first lookup is under
+# way; argv[1]: what the script imports first. Prints the handler's errors, or "ok".
+_SCRIPT_LOOKUP_IN_A_HANDLER = r"""
+import importlib, signal, socket, sys
+importlib.import_module(sys.argv[1])
+errors = []
+
+
+def handler(signum, frame):
+    try:
+        socket.getaddrinfo("127.0.0.1", 1)
+    except LookupError as error:
+        errors.append(repr(error))
+
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+socket.getaddrinfo("127.0.0.1", 1)
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(errors[0] if errors else "ok")
+"""
+
+
+def test_a_signal_handler_s_first_connect_inside_the_main_thread_s_finds_the_idna_codec_loaded():
+    """A host name is encoded with the `idna` codec, imported at a process's first lookup (its
+    first connect). A script's signal handler that buffers while that import is under way found
+    it half-loaded: `LookupError: unknown encoding: idna` out of the handler's call (the `anywhere`
+    case of the test above failed so, now and then). Importing ingest loads the codec."""
+    said = [subprocess.run([sys.executable, "-c", _SCRIPT_LOOKUP_IN_A_HANDLER, "obs_pipeline.ingest"],
+                           capture_output=True, text=True, timeout=60) for _ in range(3)]
+    assert [(run.returncode, run.stdout.strip()) for run in said] == [(0, "ok")] * 3, [r.stderr for r in said]
+
+
 def test_a_spool_line_whose_blocks_a_power_loss_left_unwritten_is_not_taken_for_a_transaction(
         settings, redis_client, tmp_path):
     """A power loss while a spool line is fsync'd can leave it whole in length, newline included,
