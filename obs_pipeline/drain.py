@@ -509,13 +509,8 @@ class Drain:
             try:
                 self.main.identify()
                 requeued = self._settle_failover()
-            except (ConfigError, TransientError):
-                # as when main refuses or does not answer the apply (below): "pending", not what a
-                # drain marks as it applies; a producer's entry pushed without a status key gets
-                # one, as it did there (its status read None, as if never buffered)
-                with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
-                    by_id = {t.transaction_id: t for t in batch.transactions}
-                    self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
+            except (ConfigError, TransientError):  # as when main refuses or does not answer the apply (below)
+                self._back_to_pending(batch.transactions)
                 raise
             if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
@@ -554,11 +549,7 @@ class Drain:
             if isinstance(error, StatementTimeout):
                 self.timeouts.timed_out(error)
             elif isinstance(error, (ConfigError, TransientError)) and txs:
-                # main refused the login (until the URL is fixed and a drain runs), or did not answer:
-                # nothing applies them meanwhile (a retry marks them again); "processing" said a drain
-                # did, after the Dagster run that gave up on main had failed, until the next run
-                with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
-                    self.store.set_status(list(by_id), "pending")
+                self._back_to_pending(txs)
             raise
         if txs and self.timeouts.in_effect:
             self.timeouts.passed(self.batch_size)
@@ -895,6 +886,15 @@ class Drain:
             log.warning("%s; committed batches wait for its replay, their caches kept", refusal)
         self._replica_refusal_logged = refusal
         return refusal is not None
+
+    def _back_to_pending(self, transactions: list[Transaction]) -> None:
+        """Main refused the login (until the URL is fixed and a drain runs) or did not answer:
+        nothing applies them meanwhile (a retry marks them again). "pending", not "processing",
+        which said a drain did after the Dagster run that gave up on main had failed; a producer's
+        entry pushed without a status key gets one (its status read None, as if never buffered)."""
+        by_id = {t.transaction_id: t for t in transactions}
+        with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
+            self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
 
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
                replayed: int | None = None) -> tuple[str | None, list[str]]:
