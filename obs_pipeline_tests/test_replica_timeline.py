@@ -671,15 +671,21 @@ def test_a_batch_that_reached_the_standby_before_the_failover_is_not_applied_aga
 
 
 def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_main_is_idle(
-        settings, async_standby, redis_client, caplog):
+        settings, async_standby, redis_client, caplog, monkeypatch):
     """M wrote on for long after its asynchronous standby S stopped, then committed a batch; S is
     promoted, the site's replica T follows it, and nothing new is written. T's position on the
     new timeline stays below the lost batch's LSN (S forked well before it): the sensor asked main
     its timeline, took the batch for one the replica had not replayed yet and launched no run
     ("await the replica"), so nothing asked main for its ids, and the batch read `applied`,
     on neither server, until new work came. Main writing another timeline than the last
-    acknowledgement recorded is a failover the drain must settle: a run is launched."""
-    from dagster import RunRequest, instance_for_test
+    acknowledgement recorded is a failover the drain must settle: a run is launched. Where that
+    run fails (main out of the run's reach, its op retries spent), the next after the failed-run
+    pause has a run key of its own: under the same key the daemon dropped it as a repeat, and
+    nothing settled the failover until new work came."""
+    from dagster import DagsterRunStatus, RunRequest, instance_for_test
+
+    from obs_pipeline.dagster_defs import sensors
+    from obs_pipeline.dagster_defs.jobs import drain_buffer
 
     from obs_pipeline.stack.osutil import wait_until
 
@@ -711,9 +717,16 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
         replica.dispose()
     site = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
     with instance_for_test() as instance:
-        tick, _ = _tick(instance, site, None)
-    assert isinstance(tick, RunRequest), tick.skip_message
-    assert tick.run_key == f"{site.site}:failover:1:2"  # (one run per failover)
+        tick, cursor = _tick(instance, site, None)
+        assert isinstance(tick, RunRequest), tick.skip_message
+        assert tick.run_key == f"{site.site}:failover:1:2"  # (one run per failover, unless it fails)
+        failed = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
+                                             status=DagsterRunStatus.STARTED)
+        instance.report_run_failed(failed)
+        monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # the pause over
+        again, _ = _tick(instance, site, cursor)
+        assert isinstance(again, RunRequest), again.skip_message
+        assert again.run_key not in {r.tags.get("dagster/run_key") for r in instance.get_runs()}, again.run_key
     assert buf.status(tx_id) == "applied"  # (until the run)
     caplog.clear()
     summary = _drain_once(site, caplog, replication_timeout_s=10)

@@ -24,7 +24,9 @@ It asks so too while they await a replica that has not replayed them: main writi
 timeline than recorded is a failover, and a failover to an asynchronous standby loses commits
 whose LSNs the new timeline may not pass for long (it forked before them). Where batches were
 committed on another timeline than main's, a run settles it (Drain._settle_failover buffers
-again what main lost, and records the rest on main's): one per failover, by its run key."""
+again what main lost, and records the rest on main's): one per failover by its run key, and one
+more after each that failed (FAILOVER_TAG counts them): under one key for good, the daemon
+dropped the next as a repeat, and a failover whose run failed stayed unsettled until new work."""
 
 import contextlib
 import json
@@ -56,6 +58,7 @@ WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instanc
 AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"  # on that run once its retry is created
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
+FAILOVER_TAG = "obs_pipeline/failover"  # "SITE:OLD:NEW" on a run launched to settle that failover
 
 
 class SiteRedisTrouble(Exception):
@@ -191,6 +194,16 @@ def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_p
     return ask
 
 
+def _failover_run(instance: DagsterInstance, site: str, old: int, new: int) -> RunRequest:
+    """The run that settles main's failover from timeline `old` to `new`: one, and one more after
+    each that failed (the failed-run pause spaces them), keyed so that the daemon drops a repeat."""
+    failover = f"{site}:{old}:{new}"
+    failed = len(instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, tags={FAILOVER_TAG: failover},
+                                                             statuses=[DagsterRunStatus.FAILURE])))
+    return RunRequest(run_key=f"{site}:failover:{old}:{new}" + (f":after-{failed}-failed" if failed else ""),
+                      tags={SITE_TAG: site, FAILOVER_TAG: failover})
+
+
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
@@ -258,8 +271,8 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
             if moved is not None and moved != timeline:
                 with _reading(store):
                     unsettled = store.chunks_off_timeline(moved)
-                if unsettled:  # one run per failover: the daemon drops a repeated run key
-                    return RunRequest(run_key=f"{site}:failover:{timeline}:{moved}", tags={SITE_TAG: site})
+                if unsettled:
+                    return _failover_run(context.instance, site, timeline, moved)
             where = (refusal if refusal else
                      "does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
                      if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
