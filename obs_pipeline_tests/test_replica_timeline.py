@@ -679,10 +679,11 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
     ("await the replica"), so nothing asked main for its ids, and the batch read `applied`,
     on neither server, until new work came. Main writing another timeline than the last
     acknowledgement recorded is a failover the drain must settle: a run is launched. Where that
-    run fails (main out of the run's reach, its op retries spent), the next after the failed-run
-    pause has a run key of its own: under the same key the daemon dropped it as a repeat, and
-    nothing settled the failover until new work came."""
-    from dagster import DagsterRunStatus, RunRequest, instance_for_test
+    run ends with it unsettled (main out of the run's reach: failed, its op retries spent, or
+    done with nothing it could settle), the next, after a pause, has a run key of its own: under
+    the same key the daemon dropped it as a repeat, and nothing settled the failover until new
+    work came."""
+    from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus, RunRequest, SkipReason, instance_for_test
 
     from obs_pipeline.dagster_defs import sensors
     from obs_pipeline.dagster_defs.jobs import drain_buffer
@@ -720,13 +721,26 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
         tick, cursor = _tick(instance, site, None)
         assert isinstance(tick, RunRequest), tick.skip_message
         assert tick.run_key == f"{site.site}:failover:1:2"  # (one run per failover, unless it fails)
-        failed = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
-                                             status=DagsterRunStatus.STARTED)
-        instance.report_run_failed(failed)
-        monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # the pause over
-        again, _ = _tick(instance, site, cursor)
-        assert isinstance(again, RunRequest), again.skip_message
-        assert again.run_key not in {r.tags.get("dagster/run_key") for r in instance.get_runs()}, again.run_key
+        keys = [tick.run_key]
+        for ended in (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS):
+            run = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
+                                              status=DagsterRunStatus.STARTED)
+            if ended == DagsterRunStatus.FAILURE:
+                instance.report_run_failed(run)
+                monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # (that pause over)
+            else:
+                instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value,
+                                                           job_name=run.job_name), run_id=run.run_id)
+            held, _ = _tick(instance, site, cursor)
+            assert isinstance(held, SkipReason), held
+            assert (f"drain run {run.run_id} ended ({ended.value}) with main's failover from timeline 1 to 2 "
+                    "unsettled (main out of its reach? see its log); the next in") in held.skip_message, held
+            monkeypatch.setattr(sensors, "FAILOVER_RUN_PAUSE_S", 0.0)  # the pause over
+            tick, _ = _tick(instance, site, cursor)
+            assert isinstance(tick, RunRequest), tick.skip_message
+            assert tick.run_key not in keys, tick.run_key  # (the daemon drops a key it has launched a run for)
+            keys.append(tick.run_key)
+            monkeypatch.undo()
     assert buf.status(tx_id) == "applied"  # (until the run)
     caplog.clear()
     summary = _drain_once(site, caplog, replication_timeout_s=10)

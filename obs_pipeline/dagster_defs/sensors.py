@@ -25,8 +25,9 @@ timeline than recorded is a failover, and a failover to an asynchronous standby 
 whose LSNs the new timeline may not pass for long (it forked before them). Where batches were
 committed on another timeline than main's, a run settles it (Drain._settle_failover buffers
 again what main lost, and records the rest on main's): one per failover by its run key, and one
-more after each that failed (FAILOVER_TAG counts them): under one key for good, the daemon
-dropped the next as a repeat, and a failover whose run failed stayed unsettled until new work."""
+more, FAILOVER_RUN_PAUSE_S after, for each that ended without settling it (main out of the run's
+reach: failed, or done with nothing it could settle). Under one key for good, the daemon dropped
+the next as a repeat, and the failover stayed unsettled until new work came."""
 
 import contextlib
 import json
@@ -59,6 +60,7 @@ AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"  # on that run once its retr
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
 FAILOVER_TAG = "obs_pipeline/failover"  # "SITE:OLD:NEW" on a run launched to settle that failover
+FAILOVER_RUN_PAUSE_S = 60.0  # after such a run that ended with the failover unsettled
 
 
 class SiteRedisTrouble(Exception):
@@ -194,13 +196,22 @@ def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_p
     return ask
 
 
-def _failover_run(instance: DagsterInstance, site: str, old: int, new: int) -> RunRequest:
-    """The run that settles main's failover from timeline `old` to `new`: one, and one more after
-    each that failed (the failed-run pause spaces them), keyed so that the daemon drops a repeat."""
+def _failover_run(instance: DagsterInstance, site: str, old: int, new: int) -> RunRequest | SkipReason:
+    """The run that settles main's failover from timeline `old` to `new` (its chunks still wait):
+    one, and one more FAILOVER_RUN_PAUSE_S after each that ended, keyed so that the daemon drops a
+    repeat. (A failed one also holds the next for the failed-run pause, checked before.)"""
     failover = f"{site}:{old}:{new}"
-    failed = len(instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, tags={FAILOVER_TAG: failover},
-                                                             statuses=[DagsterRunStatus.FAILURE])))
-    return RunRequest(run_key=f"{site}:failover:{old}:{new}" + (f":after-{failed}-failed" if failed else ""),
+    ended = instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, tags={FAILOVER_TAG: failover},
+                                                        statuses=[DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
+                                                                  DagsterRunStatus.CANCELED]))
+    if ended:
+        last = ended[0]
+        wait = FAILOVER_RUN_PAUSE_S - (time.time() - (last.end_time or last.update_timestamp.timestamp()))
+        if wait > 0:
+            return SkipReason(f"site {site}: drain run {last.dagster_run.run_id} ended "
+                              f"({last.dagster_run.status.value}) with main's failover from timeline {old} to {new} "
+                              f"unsettled (main out of its reach? see its log); the next in {wait:.0f} s")
+    return RunRequest(run_key=f"{site}:failover:{old}:{new}" + (f":after-{len(ended)}-runs" if ended else ""),
                       tags={SITE_TAG: site, FAILOVER_TAG: failover})
 
 
