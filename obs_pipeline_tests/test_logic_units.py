@@ -653,7 +653,7 @@ def test_a_date_column_takes_numpy_days_and_refuses_their_times_and_nat():
 
 def test_search_frame_takes_every_datetime_and_date_that_ingest_takes():
     """Ingest takes years 1-9999 (an end time of 9999-12-31 for "open", say). pandas before 3.0
-    (pyproject allows 2.1 and up) parses text to nanoseconds, which hold years 1677-2262 only:
+    (pyproject allows 2.2 and up) parses text to nanoseconds, which hold years 1677-2262 only:
     search_frame raised OutOfBoundsDatetime, a page of it, for any such row of the model. The
     columns are built at microseconds, as PostgreSQL keeps them, under either pandas."""
     import datetime as dt
