@@ -260,7 +260,8 @@ def test_numpy_floats_and_booleans_are_taken_in_a_schema_of_its_own(settings, en
             with pytest.raises(InvalidTransaction, match="Exposure.seconds: .*(no exact float|not a finite|not a "
                                                          "number)"):
                 buf.update("Exposure", exposure["id"], {"seconds": value})
-        with pytest.raises(InvalidTransaction, match="Exposure.instrument_code: np.True_ is not an integer"):
+        # (numpy 2 shows the value as np.True_, numpy 1, which pandas 2.2.0 and matplotlib 3.8 allow, as True)
+        with pytest.raises(InvalidTransaction, match=r"Exposure.instrument_code: (np\.True_|True) is not an integer"):
             buf.update("Exposure", exposure["id"], {"instrument_code": np.bool_(True)})
         drain_once({**env, "OBS_MODELS": models})
         assert buf.status(tx.transaction_id) == "replicated"
