@@ -471,6 +471,8 @@ def test_where_main_is_far_wait_until_applied_returns_at_the_commit_not_when_the
     import threading
 
     from obs_pipeline.drain import Drain, DrainConfig
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline.stack.osutil import wait_until
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 100, finish_every=0)
@@ -483,7 +485,10 @@ def test_where_main_is_far_wait_until_applied_returns_at_the_commit_not_when_the
     try:
         for waiter in waiters:
             waiter.start()
-        time.sleep(0.5)  # subscribed and waiting
+        # all subscribed (a fixed 0.5 s was not always enough): one subscribing after the commit's
+        # event reads "processing" and waits for its timeout
+        events = SiteKeys(settings.site).events
+        assert wait_until(lambda: buf.redis.pubsub_numsub(events)[0][1] == len(waiters), 30)
         drain.acquire()
         assert drain.step().applied == 100
         for waiter in waiters:
