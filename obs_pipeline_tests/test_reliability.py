@@ -3461,6 +3461,9 @@ def test_a_drain_interrupted_while_main_applies_keeps_the_lease_until_main_answe
         finally:
             blocker.commit()  # the lock goes: main applies the batch
 
+    # Ctrl-C as in a terminal: pytest started with `&` from a script (a CI step, nohup) inherits
+    # SIGINT ignored, and the drain ran to the end uninterrupted ("DID NOT RAISE")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with main_engine.connect() as blocker:
         blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 1 FOR UPDATE"))
         looker = threading.Thread(target=interrupt_then_look, args=(blocker,))
@@ -3471,6 +3474,7 @@ def test_a_drain_interrupted_while_main_applies_keeps_the_lease_until_main_answe
         finally:
             looker.join()
             drain.close()
+            signal.signal(signal.SIGINT, previous)
     assert seen["applied"] == 0, seen  # main was still applying when the lease was looked at
     assert seen["token"] and seen["lease"] == seen["token"].encode(), seen
     assert redis_client.get(keys.lease) is None  # let go once main answered
