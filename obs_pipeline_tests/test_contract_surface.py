@@ -194,7 +194,9 @@ def test_transactions_read_processing_while_main_applies_their_batch(settings, m
         while time.monotonic() < deadline and "processing" not in seen and worker.is_alive():
             seen.add(buf.status(first))
             time.sleep(0.01)
-        assert entered.is_set(), f"main's apply was not reached; statuses seen {seen}, {outcome}"
+        # the drain marks the batch "processing" as it hands it to its apply thread, which may
+        # not have reached main yet: wait for it
+        assert entered.wait(10), f"main's apply was not reached; statuses seen {seen}, {outcome}"
         assert "processing" in seen, f"statuses seen while main applied: {seen}"
         assert buf.status(second) == "processing"
     finally:
