@@ -18,6 +18,7 @@ from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.stack.osutil import wait_until
 from obs_pipeline_tests.conftest import site_keys, wait_for_replica
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
 from obs_pipeline_tests.workload import replay_paused
@@ -540,7 +541,9 @@ def test_status_is_applied_once_main_committed_while_the_replica_lags(buf, setti
             drain.acquire()
             stepping.start()
             assert buf.wait(tx_id, until="applied", timeout=20)
-            assert buf.status(tx_id) == "applied"
+            # wait() takes the drain's "applied" event, published as it acknowledges the batch; it
+            # sets the status just after: within moments, not replication_timeout_s (60 s) later
+            assert wait_until(lambda: buf.status(tx_id) == "applied", 5, interval=0.01), buf.status(tx_id)
             assert stepping.is_alive()  # still waiting for the paused replica
             with main_engine.connect() as conn:
                 assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
