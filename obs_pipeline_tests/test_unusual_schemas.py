@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
-from obs_pipeline_tests.workload import drain_one_batch, drain_until_settled
+from obs_pipeline_tests.workload import drain_until_settled
 
 MODELS = "obs_pipeline_tests.unusual_models:Base"
 
@@ -830,6 +830,8 @@ def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, m
     replicated, and main holds each row once."""
     import random
 
+    from obs_pipeline_tests.test_smart_query import drain_steps
+
     buf = TransactionBuffer(settings=odd)
     n = random.randrange(10**6, 10**9)
     with buf.transaction() as first:
@@ -863,7 +865,7 @@ def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, m
                 sorted(r["number"] for r in buf.search("Unit", {"low": 1, "number": keys})))
 
     reads = [read()]  # buffered
-    drain_one_batch(odd, batch_size=1)
+    drain_steps(odd, 1)  # `second` alone (a full batch: cleaned in its step once the replica has replayed it)
     assert [buf.status(t.transaction_id) for t in (second, tx)] == ["replicated", "pending"]
     reads.append(read())  # `second` cleaned, which must not take the key's new record with it
     drain_until_settled(odd, retry_base_s=0.05)
