@@ -454,7 +454,19 @@ def test_a_reply_slower_than_ingests_polling_is_still_read(settings, redis_clien
         warm_up.create("ObsUnit", {"id": 901, "name": "warm-up"})
     blocker = threading.Thread(target=redis_client.eval, args=(busy, 0))
     blocker.start()
-    time.sleep(0.3)  # the script is running by now, even on a busy machine; it runs 0.7 s more
+
+    def script_running() -> bool:  # Redis answers no one while it runs (it ends within lua-time-limit)
+        probe = redis.Redis.from_url(settings.redis_url, socket_timeout=0.1, socket_connect_timeout=0.1)
+        try:
+            probe.ping()
+            return False
+        except redis.TimeoutError:
+            return True
+        finally:
+            probe.close()
+
+    # (a fixed 0.3 s for the thread's EVAL to reach Redis was not always enough on a loaded machine)
+    assert wait_until(script_running, 10, interval=0.01)  # it runs for about 0.9 s more
     began = time.monotonic()
     with buf.transaction() as tx:
         tx.create("ObsUnit", {"id": 902, "name": "late reply"})
