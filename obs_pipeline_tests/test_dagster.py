@@ -383,6 +383,21 @@ def test_a_run_being_canceled_that_holds_the_lease_is_named_by_the_sensor(settin
     assert redis_client.llen(keys.buffer) == 1
 
 
+def _sensor_clock(monkeypatch) -> list[float]:
+    """The sensor's clock (time.time in sensors), moved by hand for the ticks that must find a
+    run alive: how long it has been quiet is then what the test says, not that plus however long
+    a busy machine took over the ticks (a limit of 1 s here; a tick took up to 0.3 s on a loaded
+    2-core machine). Set back to the real one (`monkeypatch.setattr(sensors, "time", time)`)
+    before a tick that fails a run: the pause after it counts from its end, on the real clock."""
+    import types
+
+    clock = [time.time()]
+    fake = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    fake.time = lambda: clock[0]
+    monkeypatch.setattr(sensors, "time", fake)
+    return clock
+
+
 @pytest.mark.parametrize("run_retries", [False, True])
 def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(settings, resource, redis_client,
                                                                            monkeypatch, run_retries):
@@ -395,18 +410,21 @@ def test_a_started_run_whose_worker_is_gone_is_failed_and_draining_resumes(setti
     store = BufferStore(redis_client, settings.site)
     with instance_for_test(overrides={"run_retries": {"enabled": run_retries, "max_retries": 3}}) as instance:
         run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED)
+        clock = _sensor_clock(monkeypatch)
         skip = _sensor(instance, resource)  # just started: alive
         assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
         token = store.acquire_lease(30)
-        time.sleep(1.5)
+        clock[0] += 1.5
         skip = _sensor(instance, resource)  # quiet, but holding the lease: alive (draining a long batch)
         assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
         store.release_lease(token)
         instance.report_engine_event("still here", run)
+        clock[0] = time.time()
         skip = _sensor(instance, resource)  # the lease between op retries, but it logs: alive
         assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
         assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
 
+        monkeypatch.setattr(sensors, "time", time)
         time.sleep(1.5)  # lease free and quiet: its worker is gone
         decision = _sensor(instance, resource)
         assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
@@ -437,11 +455,13 @@ def test_a_run_waiting_for_a_dead_workers_longer_lease_is_not_taken_for_dead(set
         run = instance.create_run_for_job(
             drain_buffer, tags={SITE_TAG: settings.site}, status=DagsterRunStatus.STARTED,
             run_config={"ops": {"drain_batches": {"config": {"lease_ttl_s": 2.5}}}})
-        time.sleep(1.5)  # quiet beyond DEAD_RUN_QUIET_S, the lease free: still within its lease wait
+        clock = _sensor_clock(monkeypatch)
+        clock[0] += 1.5  # quiet beyond DEAD_RUN_QUIET_S, the lease free: still within its lease wait
         skip = _sensor(instance, resource)
         assert isinstance(skip, SkipReason) and "in flight" in skip.skip_message
         assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
-        time.sleep(2)  # and beyond it: gone
+        monkeypatch.setattr(sensors, "time", time)
+        time.sleep(3.5)  # and beyond it (2.5 s + 0.5 s since its creation): gone
         _sensor(instance, resource)
         assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
         [failure] = [e.dagster_event.message for e in instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)]
