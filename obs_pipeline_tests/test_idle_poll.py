@@ -28,7 +28,7 @@ def test_an_idle_step_with_idle_poll_0_does_not_wait_the_replication_timeout(set
             began = time.monotonic()
             assert drain.step() is None  # nothing to claim, nothing replayed to clean
             took = time.monotonic() - began
-        assert took < 1.0, f"an idle step with idle_poll_s=0 took {took:.1f} s"
+        assert took < 2.0, f"an idle step with idle_poll_s=0 took {took:.1f} s"  # (the bug: 3 s)
         assert buf.status(tx.transaction_id) == "applied"
     finally:
         drain.close()

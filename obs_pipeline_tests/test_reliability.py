@@ -1374,7 +1374,7 @@ def test_while_the_flusher_retries_a_hung_redis_no_call_waits_for_it(settings, r
         began = time.monotonic()
         later = buffer_observations(buf, 2)  # 2 starts, 1 finish: an update of a spooled create
         took = time.monotonic() - began
-        assert took < 1.0, f"3 calls took {took:.1f} s: one asked the hung Redis"
+        assert took < 2.5, f"3 calls took {took:.1f} s: one asked the hung Redis"  # (it waits 5 s; 3 fsyncs on a busy disk)
         assert buf.spool.pending() == 1 + 2 + 1
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -1420,7 +1420,7 @@ def test_a_script_that_finds_redis_hung_after_another_did_holds_none_of_its_call
         later = buffer_observations(first, 2)  # 2 starts, 1 finish
         took = time.monotonic() - began
         asking.join(30)
-        assert took < 1.0, f"the first script's 3 calls took {took:.1f} s: they waited too"
+        assert took < 2.5, f"the first script's 3 calls took {took:.1f} s: they waited too"  # (5 s if they wait)
         assert len(theirs) == 2 and first.spool.pending() == 1 + 3 + 1
     finally:
         os.kill(pid, signal.SIGCONT)
