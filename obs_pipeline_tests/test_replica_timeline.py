@@ -723,24 +723,24 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
         assert tick.run_key == f"{site.site}:failover:1:2"  # (one run per failover, unless it fails)
         keys = [tick.run_key]
         for ended in (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS):
-            run = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
-                                              status=DagsterRunStatus.STARTED)
-            if ended == DagsterRunStatus.FAILURE:
-                instance.report_run_failed(run)
-                monkeypatch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # (that pause over)
-            else:
-                instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value,
-                                                           job_name=run.job_name), run_id=run.run_id)
-            held, _ = _tick(instance, site, cursor)
-            assert isinstance(held, SkipReason), held
-            assert (f"drain run {run.run_id} ended ({ended.value}) with main's failover from timeline 1 to 2 "
-                    "unsettled (main out of its reach? see its log); the next in") in held.skip_message, held
-            monkeypatch.setattr(sensors, "FAILOVER_RUN_PAUSE_S", 0.0)  # the pause over
-            tick, _ = _tick(instance, site, cursor)
-            assert isinstance(tick, RunRequest), tick.skip_message
-            assert tick.run_key not in keys, tick.run_key  # (the daemon drops a key it has launched a run for)
-            keys.append(tick.run_key)
-            monkeypatch.undo()
+            with monkeypatch.context() as patch:  # (each pause over for this round only)
+                run = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
+                                                  status=DagsterRunStatus.STARTED)
+                if ended == DagsterRunStatus.FAILURE:
+                    instance.report_run_failed(run)
+                    patch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # (that pause over)
+                else:
+                    instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value,
+                                                               job_name=run.job_name), run_id=run.run_id)
+                held, _ = _tick(instance, site, cursor)
+                assert isinstance(held, SkipReason), held
+                assert (f"drain run {run.run_id} ended ({ended.value}) with main's failover from timeline 1 to 2 "
+                        "unsettled (main out of its reach? see its log); the next in") in held.skip_message, held
+                patch.setattr(sensors, "FAILOVER_RUN_PAUSE_S", 0.0)  # the pause over
+                tick, _ = _tick(instance, site, cursor)
+                assert isinstance(tick, RunRequest), tick.skip_message
+                assert tick.run_key not in keys, tick.run_key  # (the daemon drops a key it has launched a run for)
+                keys.append(tick.run_key)
     assert buf.status(tx_id) == "applied"  # (until the run)
     caplog.clear()
     summary = _drain_once(site, caplog, replication_timeout_s=10)

@@ -335,11 +335,12 @@ def _drain_recording_order(settings, config, main_engine, replica_engine) -> lis
     until empty. Whenever the drain asks how far the replica has replayed, the replica has
     first caught up with main: the order does not hang on timing."""
     from obs_pipeline.drain import Drain
-    from obs_pipeline_tests.conftest import wait_for_replica
+    from obs_pipeline_tests.workload import look_once_the_replica_caught_up
 
     events: list[tuple[str, int]] = []
     drain = Drain(settings, config)
-    apply_batch, clean_replicated, replay_lsn = drain.main.apply_batch, drain.store.clean_replicated, drain._replay_lsn
+    look_once_the_replica_caught_up(drain, main_engine, replica_engine)
+    apply_batch, clean_replicated = drain.main.apply_batch, drain.store.clean_replicated
     set_status = drain.store.set_status
 
     def applying(txs, *more):
@@ -354,16 +355,11 @@ def _drain_recording_order(settings, config, main_engine, replica_engine) -> lis
         events.append(("clean", len(cleaned)))
         return cleaned
 
-    def replayed():
-        wait_for_replica(main_engine, replica_engine)
-        return replay_lsn()
-
     def marking(ids, status):
         if status == "applied":
             events.append(("status applied", len(ids)))
         return set_status(ids, status)
 
-    drain._replay_lsn = replayed
     drain.main.apply_batch, drain.store.clean_replicated, drain.store.set_status = applying, cleaning, marking
     try:
         summary = drain.run(until_empty=True, budget_s=60)

@@ -19,9 +19,9 @@ from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.stack.osutil import wait_until
-from obs_pipeline_tests.conftest import site_keys, wait_for_replica
+from obs_pipeline_tests.conftest import site_keys
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
-from obs_pipeline_tests.workload import replay_paused
+from obs_pipeline_tests.workload import drain_steps, replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -42,33 +42,6 @@ def start_observation(buf: TransactionBuffer, unit: int = 123, start: str = T0, 
         made = tx.bulk_create("RawDataFile", [{"name": f"f{i}.fits", "raw_data_package_id": pkg["id"]}
                                               for i in range(files)]) if files else []
     return obs, pkg, made, tx.transaction_id
-
-
-def drain_steps(settings, steps: int, batch_size: int = 1) -> None:
-    """`steps` drain cycles of `batch_size` transactions: apply, await replay, clean.
-
-    A full batch (with more behind it) is cleaned in its own step only if the replica has
-    replayed it when the step looks, a few ms after the commit, else in the next step's
-    overlap: a replica late by that much on a busy machine left the caches the test expects
-    gone. Here the step looks once the replica has caught up with main."""
-    drain = Drain(settings, DrainConfig(batch_size=batch_size))
-    main = sa.create_engine(settings.main_db_url, poolclass=sa.pool.NullPool)
-    replica = sa.create_engine(settings.replica_db_url, poolclass=sa.pool.NullPool)
-    looks = drain._replay_lsn
-
-    def caught_up() -> int | None:
-        wait_for_replica(main, replica)
-        return looks()
-
-    drain._replay_lsn = caught_up
-    try:
-        drain.acquire()
-        for _ in range(steps):
-            drain.step()
-    finally:
-        drain.close()
-        main.dispose()
-        replica.dispose()
 
 
 def cache_keys(redis_client, site: str) -> list[str]:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
-from obs_pipeline_tests.workload import drain_until_settled
+from obs_pipeline_tests.workload import drain_steps, drain_until_settled
 
 MODELS = "obs_pipeline_tests.unusual_models:Base"
 
@@ -829,8 +829,6 @@ def test_a_key_deleted_and_created_again_in_one_transaction(odd, redis_client, m
     one's unique title, so main takes it only after the delete. Read the same buffered and
     replicated, and main holds each row once."""
     import random
-
-    from obs_pipeline_tests.test_smart_query import drain_steps
 
     buf = TransactionBuffer(settings=odd)
     n = random.randrange(10**6, 10**9)

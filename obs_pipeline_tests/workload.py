@@ -58,6 +58,39 @@ def assert_applied_exactly_once(engine: sa.Engine, observations: list[Observatio
     assert applied == expected_txs
 
 
+def look_once_the_replica_caught_up(drain: Drain, main_engine: sa.Engine, replica_engine: sa.Engine) -> None:
+    """Whenever `drain` asks how far the replica has replayed, the replica first catches up with
+    main: a full batch is cleaned in its own step only if the replica has replayed it when the
+    step looks, a few ms after the commit, else in the next step's overlap, and a replica late by
+    that much on a busy machine changed what a test saw."""
+    from obs_pipeline_tests.conftest import wait_for_replica
+
+    looks = drain._replay_lsn
+
+    def caught_up() -> int | None:
+        wait_for_replica(main_engine, replica_engine)
+        return looks()
+
+    drain._replay_lsn = caught_up
+
+
+def drain_steps(settings, steps: int, batch_size: int = 1) -> None:
+    """`steps` drain cycles of `batch_size` transactions: apply, await replay, clean, each step
+    looking at the replica once it has caught up (look_once_the_replica_caught_up)."""
+    drain = Drain(settings, DrainConfig(batch_size=batch_size))
+    main = sa.create_engine(settings.main_db_url, poolclass=sa.pool.NullPool)
+    replica = sa.create_engine(settings.replica_db_url, poolclass=sa.pool.NullPool)
+    look_once_the_replica_caught_up(drain, main, replica)
+    try:
+        drain.acquire()
+        for _ in range(steps):
+            drain.step()
+    finally:
+        drain.close()
+        main.dispose()
+        replica.dispose()
+
+
 def drain_one_batch(settings, **config):
     """One claim/apply/acknowledge/clean cycle under the lease; its BatchReport."""
     drain = Drain(settings, DrainConfig(**config))
