@@ -234,6 +234,12 @@ def replica_of_another_cluster(url: sa.URL, cluster: int, main: int | None) -> s
             "OBS_REPLICA_DB_URL at the site's replica of main, or clone it afresh from main (pg_basebackup)")
 
 
+class RecordedTimeline(int):
+    """Main's timeline as the acknowledgement of its last commit here recorded it, where main
+    did not answer: a replica on another may have followed main's failover since, not been
+    left behind (replica_on_another_timeline says which to find out)."""
+
+
 def replica_on_another_timeline(url: sa.URL, replica: int, main: int | None) -> str:
     """Why the replica's replay cannot be compared with main's commits: it replays another
     timeline of main's cluster (a failover or a restore forked them; past the fork the same LSNs
@@ -241,6 +247,10 @@ def replica_on_another_timeline(url: sa.URL, replica: int, main: int | None) -> 
     where = f"the replica at {_where(url)} (OBS_REPLICA_DB_URL)"
     if main is None:
         return f"cannot tell whether {where} replays the timeline main writes until main answers"
+    if isinstance(main, RecordedTimeline):  # (it said "point OBS_REPLICA_DB_URL at ..." of a replica that was right)
+        return (f"{where} replays timeline {replica} of main's cluster; main did not answer (OBS_MAIN_DB_URL) and "
+                f"wrote timeline {main} at its last commit here: if main failed over since, the drain settles that "
+                "once it reaches main; if not, point OBS_REPLICA_DB_URL at a standby that follows main")
     return (f"{where} replays timeline {replica} of main's cluster, main writes timeline {main} (a failover or a "
             "restore forked them): point OBS_REPLICA_DB_URL at a standby that follows main "
             "(recovery_target_timeline = 'latest'), or clone it afresh from main (pg_basebackup)")

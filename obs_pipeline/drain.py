@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import redis
 
-from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, ReplicaDatabase, StatementTimeout,
-                                TransientError, make_engine)
+from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
+                                StatementTimeout, TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.column_values import seconds, whole_number
 from obs_pipeline.config import ConfigError, Settings
@@ -284,7 +284,7 @@ class MainIdentity:
             return self.main.timeline
         if self._timeline is None:
             self._timeline = self.store.main_timeline()
-        return self._timeline
+        return RecordedTimeline(self._timeline) if self._timeline is not None else None
 
 
 class Drain:

@@ -682,8 +682,10 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
     run ends with it unsettled (main out of the run's reach: failed, its op retries spent, or
     done with nothing it could settle), the next, after a pause, has a run key of its own: under
     the same key the daemon dropped it as a repeat, and nothing settled the failover until new
-    work came."""
-    from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus, RunRequest, SkipReason, instance_for_test
+    work came. A run out of main's reach (run here) ends in SUCCESS with the batch as it was;
+    it and the sensor told the operator to point the replica, which follows the new main, at
+    another standby or clone it afresh: main had not answered, its timeline was the recorded one."""
+    from dagster import DagsterRunStatus, RunRequest, SkipReason, instance_for_test
 
     from obs_pipeline.dagster_defs import sensors
     from obs_pipeline.dagster_defs.jobs import drain_buffer
@@ -724,14 +726,24 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
         keys = [tick.run_key]
         for ended in (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS):
             with monkeypatch.context() as patch:  # (each pause over for this round only)
-                run = instance.create_run_for_job(drain_buffer, tags={**tick.tags, "dagster/run_key": tick.run_key},
-                                                  status=DagsterRunStatus.STARTED)
                 if ended == DagsterRunStatus.FAILURE:
+                    run = instance.create_run_for_job(drain_buffer, status=DagsterRunStatus.STARTED,
+                                                      tags={**tick.tags, "dagster/run_key": tick.run_key})
                     instance.report_run_failed(run)
                     patch.setattr(sensors, "FAILED_RUN_PAUSE_S", 0.0)  # (that pause over)
-                else:
-                    instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value,
-                                                               job_name=run.job_name), run_id=run.run_id)
+                else:  # a run that cannot reach main: done, with the lost batch as it was
+                    caplog.clear()
+                    run = _drain_run_without_main(instance, site, async_standby.nowhere, tick, caplog)
+                    assert run.status == ended, run.status
+                    assert buf.status(tx_id) == "applied" and _on_main(async_standby.standby, obs_id, [tx_id])[0] == 0
+                    (chunk,) = [json.loads(m) for m in redis_client.zrange(SiteKeys(settings.site).awaiting_replication,
+                                                                          0, -1)]
+                    assert chunk["tl"] == 1 and chunk["t"] == [tx_id], chunk
+                    said = [r.getMessage() for r in caplog.records if "replays timeline 2" in r.getMessage()]
+                    assert said and all("main did not answer" in line and "timeline 1 at its last commit here" in line
+                                        for line in said), said  # (it told the operator to move the replica)
+                    blind, _ = _tick(instance, dataclasses.replace(site, main_db_url=async_standby.nowhere), None)
+                    assert isinstance(blind, SkipReason) and "main did not answer" in blind.skip_message, blind
                 held, _ = _tick(instance, site, cursor)
                 assert isinstance(held, SkipReason), held
                 assert (f"drain run {run.run_id} ended ({ended.value}) with main's failover from timeline 1 to 2 "
@@ -749,6 +761,23 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
     buf.close()
+
+
+def _drain_run_without_main(instance, site, nowhere: str, request, caplog):
+    """One drain_buffer run as the daemon launches `request`, main out of its reach (`nowhere`):
+    the run's record."""
+    from obs_pipeline.dagster_defs.jobs import drain_buffer
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+
+    resource = ObsPipelineResource(site=site.site, redis_url=site.redis_url, main_db_url=nowhere,
+                                   replica_db_url=site.replica_db_url)
+    config = {"idle_exit_s": 0, "replication_timeout_s": 1}
+    with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                                 tags={**request.tags, "dagster/run_key": request.run_key},
+                                                 run_config={"ops": {"drain_batches": {"config": config}}},
+                                                 raise_on_error=False)
+    return instance.get_run_by_id(result.run_id)
 
 
 def test_a_run_settles_a_failover_that_lost_a_batch_while_the_site_s_replica_does_not_answer(

@@ -11,7 +11,7 @@ import redis
 import sqlalchemy as sa
 from dagster import ConfigurableResource
 
-from obs_pipeline.apply import ReplicaDatabase, make_engine
+from obs_pipeline.apply import RecordedTimeline, ReplicaDatabase, make_engine
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.dead_letters import DeadLetters
@@ -64,7 +64,7 @@ class ObsPipelineResource(ConfigurableResource):
             if replica.timeline == main_timeline:
                 return main_timeline
             now = (ask_main or self.main_timeline)()
-            return now if now is not None else main_timeline
+            return now if now is not None else RecordedTimeline(main_timeline)
 
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),
                                   main_cluster=(lambda: main_cluster) if main_cluster is not None else None,
