@@ -9,8 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import (hot_standby_off, main_is_standby, replica_hot_standby_off, replica_of_another_cluster,
-                                replica_on_another_timeline)
+from obs_pipeline.apply import (RecordedTimeline, hot_standby_off, main_is_standby, replica_hot_standby_off,
+                                replica_of_another_cluster, replica_on_another_timeline)
 from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -201,13 +201,16 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     replayed, waiting only for a drain to clean it, was counted as lag, the replica at main's LSN)."""
     out: dict[str, Any] = {}
     errors = []  # each database on its own: one that is down must not hide the other, nor be unnamed
-    main_lsn = replica_lsn = main_cluster = replica_cluster = main_wal = replica_timeline = None
+    main_lsn = replica_lsn = main_cluster = replica_cluster = main_wal = replica_timeline = recorded_timeline = None
     try:
         standby, main_lsn, main_cluster, main_wal = (_row(main, MAIN_LSN_SQL) if main is not None
                                                      else (False, None, None, None))
     except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
         errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
                       else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
+        # as the last acknowledgement recorded them, as the drain compares: the replay of another timeline
+        # counted as of main's WAL, and a batch a failover lost as replayed
+        main_cluster, recorded_timeline = store.main_cluster(), store.main_timeline()
     else:
         if standby:
             errors.append(main_is_standby(main.url))
@@ -221,6 +224,8 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     if foreign:  # its replay is of other WAL: it replays none of our batches (the drain cleans none)
         errors.append(replica_of_another_cluster(replica.url, replica_cluster, main_cluster))
     main_timeline = timeline_of_wal_file(main_wal)
+    if main_timeline is None and recorded_timeline is not None:
+        main_timeline = RecordedTimeline(recorded_timeline)
     if not foreign and None not in (replica_lsn, main_timeline) and replica_timeline != main_timeline:
         foreign = True  # past their fork its replay is of other WAL too
         errors.append(replica_on_another_timeline(replica.url, replica_timeline, main_timeline))

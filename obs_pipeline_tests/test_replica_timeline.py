@@ -591,6 +591,15 @@ def _lost_line(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "not on it" in r.getMessage()]
 
 
+def _status_without_main(site, nowhere: str) -> dict:
+    """`obs-pipeline status --json` of `site` with main out of reach (`nowhere`)."""
+    from obs_pipeline_tests.test_cli import cli
+
+    return json.loads(cli("status", "--json", env={"OBS_SITE": site.site, "OBS_REDIS_URL": site.redis_url,
+                                                   "OBS_MAIN_DB_URL": nowhere,
+                                                   "OBS_REPLICA_DB_URL": site.replica_db_url}).stdout)
+
+
 def _drain_on_the_new_main(settings, async_standby, caplog, lsn: int):
     """After the failover: S written past the batch's LSN and replayed so by its follower T,
     one drain with OBS_MAIN_DB_URL at S and the replica at T. Its settings and summary."""
@@ -610,6 +619,11 @@ def test_a_batch_an_asynchronous_failover_lost_is_applied_again_on_the_new_main(
     async_standby.stop_standby()
     buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
     async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    blind = _status_without_main(dataclasses.replace(settings, replica_db_url=async_standby.follower),
+                                 async_standby.nowhere)  # (it took the replay past the lost batch for main's)
+    assert blind["replication_lag"]["awaiting_batches"] == 1, blind["replication_lag"]
+    assert any("main did not answer" in p for p in blind["problems"]), blind["problems"]
     site, summary = _drain_on_the_new_main(settings, async_standby, caplog, lsn)
     assert _on_main(async_standby.standby, obs_id, [tx_id]) == (1, 1, "running")
     assert summary.applied == 1 and summary.stopped_because == "buffer empty", summary
@@ -744,6 +758,9 @@ def test_the_sensor_launches_a_run_for_a_batch_a_failover_lost_while_the_new_mai
                                         for line in said), said  # (it told the operator to move the replica)
                     blind, _ = _tick(instance, dataclasses.replace(site, main_db_url=async_standby.nowhere), None)
                     assert isinstance(blind, SkipReason) and "main did not answer" in blind.skip_message, blind
+                    report = _status_without_main(site, async_standby.nowhere)
+                    assert any("main did not answer" in p for p in report["problems"]), report["problems"]
+                    assert report["replication_lag"]["awaiting_batches"] == 1, report["replication_lag"]
                 held, _ = _tick(instance, site, cursor)
                 assert isinstance(held, SkipReason), held
                 assert (f"drain run {run.run_id} ended ({ended.value}) with main's failover from timeline 1 to 2 "
