@@ -208,8 +208,8 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
     except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
         errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
                       else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
-        # as the last acknowledgement recorded them, as the drain compares: the replay of another timeline
-        # counted as of main's WAL, and a batch a failover lost as replayed
+        # main's as the last acknowledgement recorded them, which the drain compares with too: without them a
+        # replay of another timeline passed for main's WAL, and a batch a failover lost for replayed
         main_cluster, recorded_timeline = store.main_cluster(), store.main_timeline()
     else:
         if standby:
