@@ -280,6 +280,16 @@ def refuse_standby(engine: sa.Engine) -> None:
         raise ConfigError(main_is_standby(engine.url))
 
 
+def refused_privilege(error: BaseException) -> bool:
+    """Main refusing the drain's role a privilege (42501 "permission denied for table ...", a
+    sequence, a schema): a missing GRANT, which no retry fixes and no transaction is at fault
+    for (each was charged with it, the backlog dead-lettered). A row-level security policy's
+    refusal has the same SQLSTATE ("new row violates row-level security policy"): that is the
+    row's own, and stays so."""
+    orig = getattr(error, "orig", None) or error
+    return getattr(orig, "pgcode", None) == "42501" and str(orig).startswith("permission denied for ")
+
+
 def refused_by_configuration(error: BaseException) -> bool:
     """A connect that main refused for its role, password or database: a wrong URL, which no
     retry fixes."""
@@ -476,6 +486,12 @@ class MainDatabase:
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url, hot_standby=False)}; "
                                   "the transactions stay buffered until then") from error
+            if refused_privilege(error):
+                self.close()
+                raise ConfigError(f"main refuses the drain's role ({describe(error)}): grant the role in "
+                                  "OBS_MAIN_DB_URL SELECT, INSERT, UPDATE and DELETE on the models' tables and "
+                                  "obs_pipeline_applied (USAGE on their sequences); the transactions stay buffered "
+                                  "until then") from error
             if is_transient(error):
                 self.close()  # a new session next time
                 kind = timeout_kind(error)
@@ -518,7 +534,7 @@ class MainDatabase:
         try:
             self._run(cur, [b"BEGIN", applied, *statements, _FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
-            if is_transient(error):
+            if is_transient(error) or refused_privilege(error):  # (_session says which)
                 raise
             self._rollback(cur, [b"ROLLBACK"])
             return self._apply_carefully(cur, txs, blocked)
@@ -595,7 +611,7 @@ class MainDatabase:
                 try:
                     self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
                 except psycopg2.Error as failure:
-                    if is_transient(failure):
+                    if is_transient(failure) or refused_privilege(failure):  # (_session says which)
                         raise
                     self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
                     if alone:

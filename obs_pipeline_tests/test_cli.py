@@ -1570,6 +1570,96 @@ def test_a_main_url_naming_a_standby_stops_the_drain_in_one_line_and_dead_letter
     assert redis_client.llen(keys.failed) == 0
 
 
+@pytest.fixture
+def weak_role(settings, main_engine):
+    """A login role of main's with no privileges on its tables: OBS_MAIN_DB_URL for it, and a
+    function granting it some (dropped at the end)."""
+    role = f"weak_{settings.site}"
+    url = sa.engine.make_url(settings.main_db_url).set(username=role)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+
+    def grant(tables: str) -> None:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"GRANT ALL ON {tables} TO {role}"))
+
+    try:
+        yield url.render_as_string(hide_password=False), grant
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_drain_role_without_privileges_on_a_model_table_stops_in_one_line_and_dead_letters_nothing(
+        env, weak_role, settings, redis_client, main_engine):
+    """Main refusing the drain's role a table ("permission denied for table executed_obs_unit",
+    42501) was charged to each transaction as its data's fault: retried, then the whole backlog
+    dead-lettered (each `drain --once` exited 0); refused obs_pipeline_applied, the drain exited
+    with the batch left `processing`. No retry fixes a missing GRANT, and the transactions are
+    not at fault: the drain stops in one line naming the privilege and the fix, dead-letters
+    nothing, leaves the statuses `pending`; granted, it applies each once."""
+    url, grant = weak_role
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=2)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    try:
+        weak = {**env, "OBS_MAIN_DB_URL": url}
+        for refused in ("obs_pipeline_applied", "executed_obs_unit", "executed_obs_unit"):
+            line = one_line_error(cli("drain", "--once", env=weak))
+            assert line == (f"obs-pipeline: error: main refuses the drain's role (InsufficientPrivilege: permission "
+                            f"denied for table {refused}): grant the role in OBS_MAIN_DB_URL SELECT, INSERT, UPDATE "
+                            "and DELETE on the models' tables and obs_pipeline_applied (USAGE on their sequences); "
+                            "the transactions stay buffered until then"), line
+            assert redis_client.llen(keys.failed) == 0 and redis_client.zcard(keys.retry) == 0
+            assert not redis_client.exists(keys.lease)
+            assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
+            grant("obs_pipeline_applied")
+        grant("ALL TABLES IN SCHEMA public")
+        result = cli("drain", "--once", env=weak)
+        assert result.returncode == 0, result.stderr
+        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    finally:
+        buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+    assert redis_client.llen(keys.failed) == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_row_level_security_refusal_is_the_transaction_s_own_and_the_drain_goes_on(
+        env, weak_role, settings, redis_client, main_engine):
+    """A row-level security policy refuses rows with the same SQLSTATE (42501, "new row violates
+    row-level security policy"): that is the transaction's data, not the role's privileges, so
+    it is charged to that transaction alone, and the others apply."""
+    url, grant = weak_role
+    grant("ALL TABLES IN SCHEMA public")
+    keys = SiteKeys(settings.site)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE raw_data_file ENABLE ROW LEVEL SECURITY"))
+        conn.execute(sa.text("CREATE POLICY no_bad_files ON raw_data_file USING (true) WITH CHECK (name <> 'bad.fits')"))
+    buf = TransactionBuffer(settings=settings)
+    try:
+        good = buffer_observations(buf, 2, finish_every=0)
+        with buf.transaction(endpoint="start_observation") as tx:
+            obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                "status": "running"})
+            pkg = tx.create("RawDataPackage", {"name": "refused", "executed_obs_unit_id": obs["id"]})
+            tx.create("RawDataFile", {"name": "bad.fits", "raw_data_package_id": pkg["id"]})
+        result = cli("drain", "--once", env={**env, "OBS_MAIN_DB_URL": url})
+        assert result.returncode == 0, result.stderr
+        assert [buf.status(o.start_tx) for o in good] == ["replicated"] * 2
+        assert buf.status(tx.transaction_id) == "pending" and redis_client.zcard(keys.retry) == 1
+    finally:
+        buf.close()
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP POLICY no_bad_files ON raw_data_file"))
+            conn.execute(sa.text("ALTER TABLE raw_data_file DISABLE ROW LEVEL SECURITY"))
+    assert_applied_exactly_once(main_engine, good)
+
+
 def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env, standby_as_main):
     """It said "main unreachable (OBS_MAIN_DB_URL): recovery is in progress" (the flush LSN's
     55000 on a hot standby), or "... the database system is not accepting connections" (one with
