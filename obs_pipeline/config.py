@@ -161,15 +161,23 @@ def _without_password(url: str) -> str:
 
 
 def postgresql_url(name: str, url: str) -> str:
-    """The URL if SQLAlchemy can read it and it names PostgreSQL; otherwise one line naming the
-    variable (never the URL: it may hold a password)."""
+    """The URL if SQLAlchemy can read it and it names PostgreSQL through psycopg2; otherwise one
+    line naming the variable (never the URL: it may hold a password). Main's batches are quoted
+    by psycopg2's mogrify in the dialect's paramstyle and the replica's rows read as psycopg2
+    gives them: another driver (psycopg 3, asyncpg, pg8000) failed mid-run on a traceback
+    (`No module named 'psycopg'`, `dict is not a sequence` with a batch claimed)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        backend = make_url(url).get_backend_name()
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
     except ArgumentError:
         raise ConfigError(f"{name} is not a database URL (e.g. postgresql+psycopg2://user@host:5432/obs)") from None
     if backend != "postgresql":
         raise ConfigError(f"{name} must name PostgreSQL (postgresql+psycopg2://...), not {backend}")
+    driver = parsed.drivername.partition("+")[2]  # none: psycopg2 (Settings says so)
+    if driver not in ("", "psycopg2"):
+        raise ConfigError(f"{name} names the driver {driver}: obs-pipeline talks to PostgreSQL through psycopg2 "
+                          "(postgresql+psycopg2://... or postgresql://...)")
     return url

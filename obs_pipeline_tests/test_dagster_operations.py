@@ -624,6 +624,12 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
     ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
     ({}, "main role", 'role "no_such_role" does not exist'),
     ({}, "redis database name", "names the database 'obs': Redis databases are numbers"),
+    # a driver obs-pipeline does not use: a traceback (No module named 'psycopg'; pg8000's
+    # paramstyle in psycopg2's mogrify, a batch claimed) and "Exceeded max_retries of 3"
+    ({}, "main driver pg8000", "OBS_MAIN_DB_URL names the driver pg8000: obs-pipeline talks to PostgreSQL through "
+                               "psycopg2 (postgresql+psycopg2://... or postgresql://...)"),
+    ({}, "replica driver psycopg", "OBS_REPLICA_DB_URL names the driver psycopg: obs-pipeline talks to PostgreSQL "
+                                   "through psycopg2"),
 ])
 def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, resource, redis_client, monkeypatch,
                                                                       op_config, unset, message):
@@ -636,6 +642,11 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
         url = sa.engine.make_url(settings.main_db_url).set(username="no_such_role")
         resource = ObsPipelineResource(**{**resource.__dict__,
                                           "main_db_url": url.render_as_string(hide_password=False)})
+    elif unset and " driver " in unset:  # e.g. "main driver pg8000"
+        server, _, driver = unset.split()
+        field = f"{server}_db_url"
+        url = sa.engine.make_url(getattr(settings, field)).set(drivername=f"postgresql+{driver}")
+        resource = ObsPipelineResource(**{**resource.__dict__, field: url.render_as_string(hide_password=False)})
     elif unset == "redis database name":  # redis-py would quietly drain database 0
         resource = ObsPipelineResource(**{**resource.__dict__, "redis_url": settings.redis_url.rsplit("/", 1)[0] + "/obs"})
     elif unset:
