@@ -68,15 +68,16 @@ _CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
                    b"c.connamespace AND o.conname = c.conname AND NOT o.condeferrable); IF names IS NOT NULL THEN "
                    b"EXECUTE 'SET CONSTRAINTS ' || names || ' DEFERRED'; END IF; END $obs$")
 # Asked as each session starts (see MainDatabase._time_round_trip): whether obs_pipeline_applied
-# has steps_digest, whether "main" is a hot standby (the site's replica, or main demoted by a
-# failover), which refuses every write (25006) and the flush LSN (55000) for as long as it is one,
-# and main's system identifier, which the replica's must be (ReplicaDatabase.replay_lsn), and
-# the timeline main writes (a primary's stays until it restarts): a failover or a restore forks
-# one, and a replica that replays another timeline of the same cluster has other WAL at the same
-# LSNs. (Its WAL file name's first 8 hex digits: pg_control_checkpoint's lags a promotion.)
-_SESSION_SQL = (f"SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass("
-                f"'{applied_transactions.name}') AND attname = 'steps_digest' "
-                "AND NOT attisdropped), pg_is_in_recovery(), "
+# has steps_digest (NULL: there is no such table, `db init` never ran on that database), whether
+# "main" is a hot standby (the site's replica, or main demoted by a failover), which refuses
+# every write (25006) and the flush LSN (55000) for as long as it is one, and main's system
+# identifier, which the replica's must be (ReplicaDatabase.replay_lsn), and the timeline main
+# writes (a primary's stays until it restarts): a failover or a restore forks one, and a replica
+# that replays another timeline of the same cluster has other WAL at the same LSNs. (Its WAL
+# file name's first 8 hex digits: pg_control_checkpoint's lags a promotion.)
+_SESSION_SQL = (f"SELECT CASE WHEN to_regclass('{applied_transactions.name}') IS NOT NULL THEN EXISTS ("
+                f"SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{applied_transactions.name}') "
+                "AND attname = 'steps_digest' AND NOT attisdropped) END, pg_is_in_recovery(), "
                 "(SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION).encode()
 # ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
 # as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
@@ -264,20 +265,31 @@ def hot_standby_off(error: BaseException) -> bool:
             and _HOT_STANDBY_OFF.search(str(orig)) is not None)
 
 
-def refuse_standby(engine: sa.Engine) -> None:
+def main_without_schema(url: sa.URL) -> str:
+    """Why a main URL naming a database without obs_pipeline_applied is refused (the server's
+    `postgres`, one `db init` never ran on): every batch, every prune, failed on a traceback."""
+    return (f"main at {_where(url)} has no {applied_transactions.name} table: OBS_MAIN_DB_URL names another "
+            "database than the pipeline's, or `obs-pipeline db init` was not run on it")
+
+
+def refuse_standby(engine: sa.Engine, schema: bool = False) -> None:
     """ConfigError in main_is_standby's line where `engine` names a standby, asked before a
     command writes to main (`db init`, the prune job): a hot one failed the first write with
     "cannot execute ALTER TABLE in a read-only transaction", one with hot_standby off said main
-    was unreachable. Any other connect error is raised as it is."""
+    was unreachable; with `schema`, in main_without_schema's where it lacks obs_pipeline_applied
+    (the prune job: `db init` makes it). Any other connect error is raised as it is."""
     try:
         with engine.connect() as conn:
-            in_recovery = conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar()
+            in_recovery, has_schema = conn.execute(sa.text(
+                f"SELECT pg_is_in_recovery(), to_regclass('{applied_transactions.name}') IS NOT NULL")).one()
     except exc.OperationalError as error:
         if hot_standby_off(error):
             raise ConfigError(main_is_standby(engine.url, hot_standby=False)) from error
         raise
     if in_recovery:
         raise ConfigError(main_is_standby(engine.url))
+    if schema and not has_schema:
+        raise ConfigError(main_without_schema(engine.url))
 
 
 def refused_privilege(error: BaseException) -> bool:
@@ -342,7 +354,7 @@ class MainDatabase:
         self.last_run_round_trip_s: float | None = None  # as the last drain run measured it (_time_round_trip)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
         self._conn: Any = None
-        self.records_digest = True  # main's obs_pipeline_applied has steps_digest (see _connection)
+        self.records_digest: bool | None = True  # main's obs_pipeline_applied has steps_digest (see _connection)
         self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
         self.timeline: int | None = None  # the timeline main writes, as its last session said (identify)
         self._warned_no_digest = False
@@ -365,6 +377,9 @@ class MainDatabase:
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url)}; "
                                   "the transactions stay buffered until then")
+            if self.records_digest is None:  # every batch would fail on it, a traceback (op retries in Dagster)
+                self.close()
+                raise ConfigError(f"{main_without_schema(self.url)}; the transactions stay buffered until then")
             if not self.records_digest and not self._warned_no_digest:
                 self._warned_no_digest = True
                 log.warning("main's %s has no steps_digest column (made by an earlier version): a transaction id "
@@ -374,8 +389,8 @@ class MainDatabase:
 
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
-                         tables: list[str] | None = None) -> tuple[float, bool, bool, list[str] | None, int | None,
-                                                                   int | None]:
+                         tables: list[str] | None = None) -> tuple[float, bool | None, bool, list[str] | None,
+                                                                   int | None, int | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -383,9 +398,9 @@ class MainDatabase:
         far replies within 10 % of each other do too (a hiccup is not that regular): at 250 ms,
         0.5 s per drain run, where three samples took 0.75. The query asks the catalog whether
         obs_pipeline_applied records the steps' digest (a table made before it does not, until
-        `obs-pipeline db init` adds the column; until then ids are recorded alone, as then): a
-        question each session needs answered, asked in a round trip it makes anyway; and so is
-        whether main is a hot standby (the third value). `last_run_s`, the round trip the last
+        `obs-pipeline db init` adds the column; until then ids are recorded alone, as then; None
+        where there is no such table): a question each session needs answered, asked in a round
+        trip it makes anyway; and so is whether main is a hot standby (the third value). `last_run_s`, the round trip the last
         drain run measured (the key `link`), counts as a far reply taken before: a first reply
         within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run.
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
@@ -400,7 +415,7 @@ class MainDatabase:
                 cur.execute(sql)
                 taken.append(time.perf_counter() - began)
                 row = cur.fetchone()
-                present, standby = bool(row[0]), bool(row[1])
+                present, standby = None if row[0] is None else bool(row[0]), bool(row[1])
                 system_identifier = row[2] if len(row) > 2 else None
                 timeline = timeline_of_wal_file(row[3]) if len(row) > 3 else None
                 triggered = row[4] if len(row) > 4 else None

@@ -740,6 +740,50 @@ def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_
     assert redis_client.llen(keys.failed) == 0
 
 
+def test_a_main_url_naming_a_database_without_the_schema_fails_the_run_in_one_line(
+        settings, resource, redis_client, main_engine):
+    """OBS_MAIN_DB_URL naming another database of main's server than the pipeline's (`/postgres`),
+    or one `obs-pipeline db init` was never run on: the batch's first statement found no
+    obs_pipeline_applied, and the run failed after 3 op retries on Dagster's "Exceeded max_retries
+    of 3", the batch claimed, and so did the sensor's next run. It fails at once now saying which
+    database and what to do; the transactions stay buffered, `pending`, and apply once later."""
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 2)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    empty = f"empty_{settings.site}"
+    server = sa.create_engine(main_engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{empty}"'))
+    url = main_engine.url.set(database=empty)
+    try:
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": ObsPipelineResource(**{**resource.__dict__, "main_db_url": url.render_as_string(
+                hide_password=False)})}, run_config=FAST, raise_on_error=False)
+        assert not result.success
+        assert not [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        failure = next(e for e in result.all_events
+                       if e.event_type == DagsterEventType.STEP_FAILURE).event_specific_data.error.message
+        assert failure.startswith(
+            f"dagster._core.definitions.events.Failure: main at {url.host}:{url.port}/{empty} has no "
+            "obs_pipeline_applied table: OBS_MAIN_DB_URL names another database than the pipeline's, or "
+            "`obs-pipeline db init` was not run on it; the transactions stay buffered until then"), failure
+        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
+        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
+        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    finally:
+        buf.close()
+        with server.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{empty}" WITH (FORCE)'))
+        server.dispose()
+    assert_applied_exactly_once(main_engine, observations)
+
+
 @pytest.mark.parametrize("tags, op_config, message", [
     ({}, {"budget_s": 1000}, "budget_s 1000 s + lease_ttl_s + replication_timeout_s (70 s: a lease wait, the batch "
      "in hand) outlasts the run's max runtime of 900 s (run_monitoring.max_runtime_seconds in dagster.yaml), after "
@@ -1485,7 +1529,9 @@ def test_a_drain_run_re_executed_from_the_ui_applies_nothing_twice(settings, red
     ("main role", 'main refuses the connection (OperationalError: connection to server at'),
     ("main not postgresql", "OBS_MAIN_DB_URL must name PostgreSQL"),
     ("main down", "main unreachable (OperationalError: connection to server at"),
-], ids=["main url unset", "main role", "main not postgresql", "main down"])
+    # ProgrammingError's traceback (relation "obs_pipeline_applied" does not exist)
+    ("main's other database", "/postgres has no obs_pipeline_applied table: OBS_MAIN_DB_URL names another database"),
+], ids=["main url unset", "main role", "main not postgresql", "main down", "main's other database"])
 def test_the_prune_job_with_a_wrong_main_setting_fails_in_one_line_and_prunes_nothing(
         settings, resource, main_engine, monkeypatch, setting, message):
     """The schedule's run in a daemon whose OBS_MAIN_DB_URL is unset or wrong: the run says so
@@ -1503,6 +1549,8 @@ def test_the_prune_job_with_a_wrong_main_setting_fails_in_one_line_and_prunes_no
         from obs_pipeline.stack.osutil import pick_free_ports
         url = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0]).render_as_string(
             hide_password=False)
+    elif setting == "main's other database":  # the server's, without the pipeline's schema
+        url = sa.engine.make_url(settings.main_db_url).set(database="postgres").render_as_string(hide_password=False)
     else:
         url = "mysql://127.0.0.1/obs"
     wrong = ObsPipelineResource(**{**resource.__dict__, "main_db_url": url})

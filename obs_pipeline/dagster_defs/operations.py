@@ -146,7 +146,7 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
         settings = obs_pipeline.settings()
         engine = make_engine(settings.require_main())
         store = obs_pipeline.buffer_store()
-        refuse_standby(engine)
+        refuse_standby(engine, schema=True)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
             keep = store.processing_ids() | store.awaiting_ids()
             before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
