@@ -228,7 +228,14 @@ REDIS_RETRIES = 3  # drain_batches' retry policy: Redis down, not answering or f
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
     try:
-        return _drain_batches(context, config, obs_pipeline)
+        try:
+            return _drain_batches(context, config, obs_pipeline)
+        except RetryRequested as retry:  # main unreachable: the wait for the op retry is the op's own.
+            # Waited in Dagster's executor, an interrupt without a termination request (`dev`
+            # stopped) was raised as the retry began, before this op could end the run CANCELED:
+            # it ended FAILURE ("interrupted unexpectedly"), most likely so while main was down.
+            time.sleep(retry.seconds_to_wait)
+            raise RetryRequested(max_retries=retry.max_retries, seconds_to_wait=0) from retry.__cause__
     except (DagsterExecutionInterruptedError, KeyboardInterrupt) as interrupt:
         # Terminate interrupts the run worker. Under the in-process executor the retry policy
         # takes an interrupt for a failure and retries the op (dagster-io/dagster#15026): the
