@@ -303,11 +303,28 @@ def refused_privilege(error: BaseException) -> bool:
 
 
 def refused_by_configuration(error: BaseException) -> bool:
-    """A connect that main refused for its role, password or database: a wrong URL, which no
-    retry fixes."""
+    """A connect that main refused for its role, password or database, or that libpq refused
+    before asking main, for an option's value (refused_by_libpq): a wrong URL, which no retry
+    fixes."""
     orig = getattr(error, "orig", None) or error
     return (isinstance(orig, psycopg2.OperationalError) and not getattr(orig, "pgcode", None)
-            and _REFUSED_BY_CONFIGURATION.search(str(orig)) is not None)
+            and (_REFUSED_BY_CONFIGURATION.search(str(orig)) is not None or refused_by_libpq(orig)))
+
+
+# What libpq says of a connection option's value it cannot use, before it sends anything (its
+# connectOptions2): `?sslmode=bogus`, a port out of range, a hostaddr that is no address
+_REFUSED_BY_LIBPQ = re.compile(r'invalid "?\w+"? value: |invalid port number: |invalid integer value .* for connection '
+                               r'option |could not match \d+ (host names|port numbers) to |could not parse network '
+                               r'address |invalid value .* for (minimum|maximum) SSL protocol version|invalid SSL '
+                               r'protocol version range|weak sslmode ')
+
+
+def refused_by_libpq(error: BaseException) -> bool:
+    """A connect libpq refused for a connection option's value, never having asked the server:
+    main or the replica may be up; it said "main unreachable" and the drain retried for ever."""
+    orig = getattr(error, "orig", None) or error
+    return (isinstance(orig, psycopg2.OperationalError) and not getattr(orig, "pgcode", None)
+            and _REFUSED_BY_LIBPQ.match(str(orig)) is not None)
 
 
 # how main words the failed cast of batch_sql's "exists" check: the message is the reason
@@ -495,7 +512,8 @@ class MainDatabase:
         except psycopg2.Error as error:
             if refused_by_configuration(error):  # at connect: not an outage, retrying would never end
                 self.close()
-                raise ConfigError(f"main refuses the drain's connection ({describe(error)}): "
+                who = "libpq refuses an option of" if refused_by_libpq(error) else "main refuses"
+                raise ConfigError(f"{who} the drain's connection ({describe(error)}): "
                                   "check OBS_MAIN_DB_URL") from error
             if hot_standby_off(error):  # at connect, as a hot standby is refused once connected
                 self.close()

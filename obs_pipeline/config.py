@@ -161,23 +161,37 @@ def _without_password(url: str) -> str:
 
 
 def postgresql_url(name: str, url: str) -> str:
-    """The URL if SQLAlchemy can read it and it names PostgreSQL through psycopg2; otherwise one
-    line naming the variable (never the URL: it may hold a password). Main's batches are quoted
-    by psycopg2's mogrify in the dialect's paramstyle and the replica's rows read as psycopg2
-    gives them: another driver (psycopg 3, asyncpg, pg8000) failed mid-run on a traceback
-    (`No module named 'psycopg'`, `dict is not a sequence` with a batch claimed)."""
+    """The URL if SQLAlchemy can read it, it names PostgreSQL through psycopg2, and psycopg2's
+    libpq knows its options; otherwise one line naming the variable (never the URL: it may hold
+    a password). Main's batches are quoted by psycopg2's mogrify in the dialect's paramstyle and
+    the replica's rows read as psycopg2 gives them: another driver (psycopg 3, asyncpg, pg8000)
+    failed mid-run on a traceback (`No module named 'psycopg'`, `dict is not a sequence` with a
+    batch claimed). The rest said "invalid literal for int() with base 10" or 'invalid dsn:
+    invalid connection option "sslmod"', naming no variable, some only once the drain had
+    claimed a batch. An option's value libpq judges only as it connects (see
+    apply.refused_by_configuration)."""
+    import re
+
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import make_dsn
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = make_url(url)
-        backend = parsed.get_backend_name()
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # (ValueError: a port that is no number)
         raise ConfigError(f"{name} is not a database URL (e.g. postgresql+psycopg2://user@host:5432/obs)") from None
+    backend = parsed.get_backend_name()
     if backend != "postgresql":
         raise ConfigError(f"{name} must name PostgreSQL (postgresql+psycopg2://...), not {backend}")
     driver = parsed.drivername.partition("+")[2]  # none: psycopg2 (Settings says so)
     if driver not in ("", "psycopg2"):
         raise ConfigError(f"{name} names the driver {driver}: obs-pipeline talks to PostgreSQL through psycopg2 "
                           "(postgresql+psycopg2://... or postgresql://...)")
+    try:  # the drain's session is libpq's, given these arguments
+        make_dsn(**parsed.get_dialect()().create_connect_args(parsed)[1])
+    except ProgrammingError as error:  # 'invalid dsn: invalid connection option "sslmod"'
+        option = re.search(r'option (".*")', str(error))  # (the rest of libpq's text may quote a password)
+        raise ConfigError(f"{name} gives libpq an option it does not know"
+                          + (f" ({option.group(1)})" if option else "") + ": correct or remove it") from None
     return url

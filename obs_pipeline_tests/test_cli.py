@@ -25,10 +25,10 @@ from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_obs
                                          drain_until_settled, slow_file_inserts, with_statement_timeout)
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("OBS_")}
     return subprocess.run([sys.executable, "-m", "obs_pipeline.cli", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -86,10 +86,21 @@ def test_v_gives_the_traceback_before_or_after_the_command(env, where):
     ("OBS_MAIN_DB_URL", "garbage", "OBS_MAIN_DB_URL is not a database URL"),
     ("OBS_REPLICA_DB_URL", "garbage", "OBS_REPLICA_DB_URL is not a database URL"),
     ("OBS_REPLICA_DB_URL", "mysql://u:secret@host/db", "OBS_REPLICA_DB_URL must name PostgreSQL"),
+    ("OBS_MAIN_DB_URL", "postgresql://u:secret@127.0.0.1:5432x/obs", "OBS_MAIN_DB_URL is not a database URL"),
+    ("OBS_REPLICA_DB_URL", "postgresql+pg8000://u:secret@127.0.0.1/obs",
+     "OBS_REPLICA_DB_URL names the driver pg8000: obs-pipeline talks to PostgreSQL through psycopg2"),
+    ("OBS_MAIN_DB_URL", "postgresql+psycopg2x://u:secret@127.0.0.1/obs",
+     "OBS_MAIN_DB_URL names the driver psycopg2x: obs-pipeline talks to PostgreSQL through psycopg2"),
+    ("OBS_MAIN_DB_URL", "postgresql://u:secret@127.0.0.1/obs?sslmod=require",
+     'OBS_MAIN_DB_URL gives libpq an option it does not know ("sslmod")'),
 ])
 def test_a_malformed_database_url_names_its_variable(env, command, name, value, message):
     """It said "Could not parse SQLAlchemy URL from given URL string" (which of the two?) or "No
-    module named 'MySQLdb'"; the line names the variable, and never prints a password."""
+    module named 'MySQLdb'"; the line names the variable, and never prints a password. So for a
+    port that is no number, another driver than psycopg2 and an option libpq does not know: they
+    said "invalid literal for int() with base 10: '5432x'", "No module named 'pg8000'" and
+    'invalid dsn: invalid connection option "sslmod"' (after `drain` had claimed a batch), or,
+    with the buffer empty, nothing (the drain never connected: exit 0)."""
     env[name] = value
     line = one_line_error(cli(*command, env=env))
     assert message in line and "secret" not in line, line
@@ -1520,6 +1531,32 @@ def test_a_main_url_main_refuses_is_one_line_not_a_drain_retrying_for_ever(env, 
     assert not redis_client.exists(keys.lease)
     assert [buf.status(tx_id) for tx_id in [*buffered, pushed["transaction_id"]]] == ["pending"] * 4
     buf.close()
+
+
+@pytest.mark.parametrize("option, refused", [
+    ({"sslmode": "bogus"}, 'invalid sslmode value: "bogus"'),
+    ({"target_session_attrs": "primary-only"}, 'invalid target_session_attrs value: "primary-only"'),
+    ({"hostaddr": "not-an-address"}, 'could not parse network address "not-an-address"'),
+])
+def test_a_main_url_option_libpq_refuses_is_one_line_not_a_drain_retrying_for_ever(env, settings, redis_client,
+                                                                                   option, refused):
+    """An option value libpq refuses before it asks main anything (a typo in `?sslmode=`) is a
+    wrong OBS_MAIN_DB_URL, as a role main does not know is: `drain --once` took it for main
+    unreachable and retried for ever ("retrying the same batch in 30.0 s"). It stops with one
+    line naming the variable and libpq's reason; the transactions stay buffered, `pending`."""
+    env["OBS_MAIN_DB_URL"] = sa.engine.make_url(env["OBS_MAIN_DB_URL"]).update_query_dict(option) \
+        .render_as_string(hide_password=False)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    try:
+        buffered = [o.start_tx for o in buffer_observations(buf, 3, finish_every=0)]
+        line = one_line_error(cli("drain", "--once", env=env, timeout=30))
+        assert "OBS_MAIN_DB_URL" in line and refused in line, line
+        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(buffered)
+        assert not redis_client.exists(keys.lease)
+        assert [buf.status(tx_id) for tx_id in buffered] == ["pending"] * len(buffered)
+    finally:
+        buf.close()
 
 
 @pytest.fixture(params=[True, False], ids=["hot standby", "hot_standby off"])
