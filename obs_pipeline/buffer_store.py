@@ -71,8 +71,9 @@ def redis_is_full(error: BaseException) -> bool:
 
 
 def redis_trouble(error: BaseException) -> str | None:
-    """One line an operator can act on when Redis is unreachable, loading, hung or full; None for
-    any other error. redis-py's own is a page of stack that names no setting."""
+    """One line an operator can act on when Redis is unreachable, loading, hung or full, or has
+    not the database OBS_REDIS_URL names; None for any other error. redis-py's own is a page of
+    stack that names no setting."""
     if isinstance(error, redis.BusyLoadingError):  # (a ConnectionError: "is the stack up?" sent the operator astray)
         return ("Redis is loading its data into memory (restarted; seconds per million keys) and answers nothing "
                 "until it is done; wait, then run this again (`obs-pipeline stack status`)")
@@ -81,6 +82,9 @@ def redis_trouble(error: BaseException) -> str | None:
     if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer
         return (f"Redis did not answer in time ({error}); is it hung or overloaded? Is OBS_REDIS_URL right "
                 "(`obs-pipeline stack status`)?")
+    if isinstance(error, redis.ResponseError) and str(error) == "DB index is out of range":  # its SELECT, at connect
+        return ("Redis has no database of the number OBS_REDIS_URL ends with (DB index is out of range): give one "
+                "below its `databases` setting (16 unless its redis.conf says otherwise)")
     if redis_is_full(error):  # also a claim script refused mid-run
         return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
                 "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")

@@ -1774,6 +1774,21 @@ def test_a_redis_that_does_not_answer_is_one_line_naming_redis(command, tmp_path
         assert "1 transaction(s)" in line and str(tmp_path) in line, line
 
 
+@pytest.mark.usefixtures("clean_db")  # obs units for simulate
+@pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["drain", "--once"], ["simulate", "--count", "1"]])
+def test_a_redis_database_the_server_has_not_is_one_line_naming_obs_redis_url(env, redis_client, tmp_path, command):
+    """`/16` on a Redis of the default `databases 16` reads like any URL, and Redis refuses it
+    at each connect: every command said only redis-py's "DB index is out of range", naming
+    neither the setting nor what to give instead. Nothing is spooled either: not an outage."""
+    databases = int(redis_client.config_get("databases")["databases"])
+    env["OBS_REDIS_URL"] = f"{env['OBS_REDIS_URL'].rpartition('/')[0]}/{databases}"
+    env["OBS_SPOOL_DIR"] = str(tmp_path / "spool")
+    line = one_line_error(cli(*command, env=env))
+    assert line == ("obs-pipeline: error: Redis has no database of the number OBS_REDIS_URL ends with (DB index is out "
+                    "of range): give one below its `databases` setting (16 unless its redis.conf says otherwise)"), line
+    assert not any((tmp_path / "spool").glob("*.jsonl"))
+
+
 @pytest.mark.usefixtures("clean_db")  # the replica has the schema
 @pytest.mark.parametrize("command", [["failed", "list"], ["drain", "--once"], ["db", "init"]])
 @pytest.mark.parametrize("models, message", [
