@@ -622,11 +622,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, ImportError):  # every dependency is required: one missing, or not loading (a compiled
+        # one after the venv's Python changed), is the installation's; importing it again here to word the error
+        # (buffer_store's hiredis, redis) printed two tracebacks
+        return (f"{_first_line(error)}: a package obs-pipeline needs is missing or does not load in this Python "
+                f"({sys.executable}): reinstall obs-pipeline and its dependencies there")
     from obs_pipeline.buffer_store import redis_trouble
 
     trouble = redis_trouble(error)
     if trouble:
         return trouble
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
     text = str(getattr(error, "orig", None) or error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

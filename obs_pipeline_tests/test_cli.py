@@ -1860,6 +1860,21 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     assert spool.read_text() == json.dumps(SPOOLED) + "\n"
 
 
+@pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["spool"]])
+def test_an_installation_whose_redis_client_does_not_load_is_one_line_saying_to_reinstall(tmp_path, command):
+    """A compiled dependency that no longer loads (hiredis after the venv's Python was upgraded,
+    a package half-installed) made every command print two tracebacks: the error-line code
+    imported the same module to word the error, and failed again. One line, what to do."""
+    broken = tmp_path / "hiredis"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise ImportError("hiredis was built for another Python")\n')
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    line = one_line_error(cli(*command, env={"PYTHONPATH": path}))
+    assert line == ("obs-pipeline: error: hiredis was built for another Python: a package obs-pipeline needs is missing "
+                    f"or does not load in this Python ({sys.executable}): reinstall obs-pipeline and its dependencies "
+                    "there"), line
+
+
 def test_failed_list_into_head_stops_quietly(env, settings, redis_client):
     """`obs-pipeline failed list | head` on a long list (what an operator types when thousands are
     dead-lettered) printed "obs-pipeline: error: [Errno 32] Broken pipe" and Python's "Exception
