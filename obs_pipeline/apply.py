@@ -292,14 +292,26 @@ def refuse_standby(engine: sa.Engine, schema: bool = False) -> None:
         raise ConfigError(main_without_schema(engine.url))
 
 
-def refused_privilege(error: BaseException) -> bool:
-    """Main refusing the drain's role a privilege (42501 "permission denied for table ...", a
-    sequence, a schema): a missing GRANT, which no retry fixes and no transaction is at fault
-    for (each was charged with it, the backlog dead-lettered). A row-level security policy's
-    refusal has the same SQLSTATE ("new row violates row-level security policy"): that is the
-    row's own, and stays so."""
+def main_setup_refusal(error: BaseException) -> str | None:
+    """What main's refusal says is wrong with the drain's role or main's schema, not with a
+    batch's data, as one line saying what to do; None for anything else. A missing GRANT (42501
+    "permission denied for table ...", a sequence, a schema), a model's table or column main
+    lacks (42P01, 42703: a model added to OBS_MODELS, `db init` not run since): no retry fixes
+    them and no transaction is at fault (each was charged with it, retried, and the backlog
+    dead-lettered). A row-level security policy's refusal has 42501 too ("new row violates
+    row-level security policy"): that is the row's own, and stays so."""
     orig = getattr(error, "orig", None) or error
-    return getattr(orig, "pgcode", None) == "42501" and str(orig).startswith("permission denied for ")
+    code = getattr(orig, "pgcode", None)
+    if code == "42501" and str(orig).startswith("permission denied for "):
+        return (f"main refuses the drain's role ({describe(error)}): grant the role in OBS_MAIN_DB_URL SELECT, "
+                "INSERT, UPDATE and DELETE on the models' tables and obs_pipeline_applied (USAGE on their sequences)")
+    if code == "42P01":
+        return (f"main has no table of a model of OBS_MODELS ({describe(error)}): run `obs-pipeline db init` with "
+                "this OBS_MODELS, which creates it")
+    if code == "42703":
+        return (f"main lacks a column OBS_MODELS maps ({describe(error)}): add the column to the table on main "
+                "(`db init` creates missing tables, not columns), or drop it from the model")
+    return None
 
 
 def refused_by_configuration(error: BaseException) -> bool:
@@ -519,12 +531,10 @@ class MainDatabase:
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url, hot_standby=False)}; "
                                   "the transactions stay buffered until then") from error
-            if refused_privilege(error):
+            refusal = main_setup_refusal(error)
+            if refusal:
                 self.close()
-                raise ConfigError(f"main refuses the drain's role ({describe(error)}): grant the role in "
-                                  "OBS_MAIN_DB_URL SELECT, INSERT, UPDATE and DELETE on the models' tables and "
-                                  "obs_pipeline_applied (USAGE on their sequences); the transactions stay buffered "
-                                  "until then") from error
+                raise ConfigError(f"{refusal}; the transactions stay buffered until then") from error
             if is_transient(error):
                 self.close()  # a new session next time
                 kind = timeout_kind(error)
@@ -567,7 +577,7 @@ class MainDatabase:
         try:
             self._run(cur, [b"BEGIN", applied, *statements, _FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN])
         except psycopg2.Error as error:
-            if is_transient(error) or refused_privilege(error):  # (_session says which)
+            if is_transient(error) or main_setup_refusal(error):  # (_session says which)
                 raise
             self._rollback(cur, [b"ROLLBACK"])
             return self._apply_carefully(cur, txs, blocked)
@@ -644,7 +654,7 @@ class MainDatabase:
                 try:
                     self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
                 except psycopg2.Error as failure:
-                    if is_transient(failure) or refused_privilege(failure):  # (_session says which)
+                    if is_transient(failure) or main_setup_refusal(failure):  # (_session says which)
                         raise
                     self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
                     if alone:

@@ -1697,6 +1697,61 @@ def test_a_row_level_security_refusal_is_the_transaction_s_own_and_the_drain_goe
     assert_applied_exactly_once(main_engine, good)
 
 
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("model, record, refusal, fix, undo", [
+    ("Telescope", {"id": 1, "name": "main"},
+     "main has no table of a model of OBS_MODELS (UndefinedTable: relation \"unmigrated_telescope\" does not exist): "
+     "run `obs-pipeline db init` with this OBS_MODELS, which creates it",
+     None, "DROP TABLE unmigrated_telescope"),
+    ("ObsUnit", {"id": 9001, "name": "unit 9001", "priority": 1},
+     "main lacks a column OBS_MODELS maps (UndefinedColumn: column \"priority\" of relation \"obs_unit\" does not "
+     "exist): add the column to the table on main (`db init` creates missing tables, not columns), or drop it from "
+     "the model", "ALTER TABLE obs_unit ADD COLUMN priority integer",
+     "DELETE FROM obs_unit WHERE id = 9001; ALTER TABLE obs_unit DROP COLUMN priority"),
+], ids=["a table", "a column"])
+def test_a_model_whose_table_or_column_main_lacks_stops_the_drain_in_one_line_and_dead_letters_nothing(
+        env, settings, redis_client, main_engine, replica_engine, model, record, refusal, fix, undo):
+    """A model added to OBS_MODELS without `db init` since (or a column added to a model, not to
+    its table): main refused each of its transactions (42P01, 42703), charged to each as its
+    data's fault, retried, then dead-lettered. The transactions are not at fault: the drain stops
+    in one line saying what to do, dead-letters nothing; once main has it, each applies once."""
+    import dataclasses
+
+    models = "obs_pipeline_tests.unmigrated_models:Base"
+    keys = SiteKeys(settings.site)
+    # (buffered unchecked against the replica, which lacks it too: ingest refuses a given key it cannot look up)
+    buf = TransactionBuffer(settings=dataclasses.replace(settings, models=models, replica_db_url=None))
+    try:
+        with buf.transaction() as tx:
+            tx.create(model, record)
+        site = {**env, "OBS_MODELS": models}
+        for _ in range(2):
+            line = one_line_error(cli("drain", "--once", env=site))
+            assert line == f"obs-pipeline: error: {refusal}; the transactions stay buffered until then", line
+            assert redis_client.llen(keys.failed) == 0 and redis_client.zcard(keys.retry) == 0
+            assert buf.status(tx.transaction_id) == "pending"
+        if fix:
+            with main_engine.begin() as conn:
+                conn.execute(sa.text(fix))
+        else:
+            assert cli("db", "init", env=site).returncode == 0
+        try:
+            result = cli("drain", "--once", env=site)
+            assert result.returncode == 0, result.stderr
+            assert buf.status(tx.transaction_id) == "replicated"
+            table = "unmigrated_telescope" if model == "Telescope" else "obs_unit"
+            with main_engine.connect() as conn:
+                assert conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE id = :i"),
+                                    {"i": record["id"]}).scalar() == 1
+        finally:
+            with main_engine.begin() as conn:  # (as the other tests expect main)
+                conn.execute(sa.text(undo))
+            wait_for_replica(main_engine, replica_engine)
+    finally:
+        buf.close()
+    assert redis_client.llen(keys.failed) == 0
+
+
 def test_status_with_a_main_url_naming_a_standby_says_so_and_exits_4(env, standby_as_main):
     """It said "main unreachable (OBS_MAIN_DB_URL): recovery is in progress" (the flush LSN's
     55000 on a hot standby), or "... the database system is not accepting connections" (one with
