@@ -134,8 +134,13 @@ def cmd_db_init(args: argparse.Namespace) -> int:
 
 # --- drain ----------------------------------------------------------------------------------
 
+# A running `drain` that lost Redis starts a new run after this wait, doubling up to the most.
+REDIS_LOST_WAIT_S, REDIS_LOST_WAIT_MAX_S = 1.0, 30.0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
-    from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig
+    from obs_pipeline.buffer_store import redis_trouble
+    from obs_pipeline.drain import BACKGROUND_NICENESS, Drain, DrainConfig, DrainSummary
 
     if args.max_batch_size is not None and args.max_batch_size < args.batch_size:  # (each alone is checked by its type)
         args.usage(f"argument --max-batch-size: {args.max_batch_size} is below --batch-size {args.batch_size}: "
@@ -150,9 +155,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
     except ValueError as error:
         args.usage(str(error))
     drain = Drain(settings, config)
+    total = DrainSummary()  # of every run: a running drain starts a new one after Redis was lost
 
     def on_batch(report) -> None:
-        print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
+        total.batches += 1
+        total.applied += report.applied
+        total.already_applied += report.already_applied
+        total.dead_lettered += len(report.dead_lettered)
+        if args.verbose:
+            print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
 
     # A service manager stops a drain with SIGTERM: finish the batch in hand, release the lease
     # (the next drain need not wait it out) and exit 0. Ctrl-C stops at once, as before. (Only
@@ -160,10 +171,28 @@ def cmd_drain(args: argparse.Namespace) -> int:
     stop = threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set()) if on_main_thread else None
+    lease_wait_s, wait_s = (args.lease_ttl if args.once else 0.0), REDIS_LOST_WAIT_S
     try:
-        summary = drain.run(until_empty=args.once, lease_wait_s=args.lease_ttl if args.once else 0.0,
-                            replica_patience_s=args.replication_timeout, should_stop=stop.is_set,
-                            on_batch=on_batch if args.verbose else None)
+        while True:
+            try:
+                total.stopped_because = drain.run(
+                    until_empty=args.once, lease_wait_s=lease_wait_s, replica_patience_s=args.replication_timeout,
+                    should_stop=stop.is_set, on_batch=on_batch).stopped_because
+                break
+            except Exception as error:
+                # Redis lost (down, restarting, loading, full): a running drain rides it out as it does
+                # main's outages. It exited 1, and a service manager's restart limit could end it for good.
+                trouble = redis_trouble(error)
+                if args.once or trouble is None:
+                    raise
+            drain.close()
+            print(f"obs-pipeline: {trouble}; the drain starts again in {wait_s:.0f} s", file=sys.stderr, flush=True)
+            if stop.wait(wait_s):
+                total.stopped_because = "asked to stop"
+                break
+            # the lost run's lease, which it could not release, expires within its TTL
+            lease_wait_s, wait_s = args.lease_ttl, min(wait_s * 2, REDIS_LOST_WAIT_MAX_S)
+            drain = Drain(settings, config)
     except KeyboardInterrupt:
         print("obs-pipeline: interrupted; a batch it had claimed stays in processing for the next drain",
               file=sys.stderr)
@@ -172,8 +201,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
         drain.close()
-    print(f"{summary.drained_line()}, {summary.dead_lettered} dead-lettered ({summary.stopped_because})",
-          file=sys.stderr)
+    print(f"{total.drained_line()}, {total.dead_lettered} dead-lettered ({total.stopped_because})", file=sys.stderr)
     return 0
 
 

@@ -313,6 +313,47 @@ def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_clie
     assert redis_client.exists(keys.lease, keys.processing) == 0
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_a_running_drain_rides_out_a_redis_outage_and_drains_what_comes_after(stack, env, settings, redis_client,
+                                                                                 main_engine, tmp_path):
+    """`drain` runs until SIGTERM or Ctrl-C, and rides out main's outages; Redis stopped (a
+    restart, maintenance) ended it, exit 1 with two lines, and a service manager's restart limit
+    (systemd's: 5 in 10 s) could leave the site undrained for good. It says so in one line each
+    time, starts again after a wait that doubles, its new run waiting out the lease the lost one
+    could not release, and drains what comes after; SIGTERM still ends it, exit 0."""
+    buf = TransactionBuffer(settings=settings)
+    keys = SiteKeys(settings.site)
+    log = tmp_path / "drain.log"
+    drain = start_cli("drain", "--lease-ttl", "3", env=env, log=log)
+    try:
+        assert buf.wait(buffer_start(buf), "replicated", timeout=WAIT), tail(log)
+        stack.stop_service("redis")
+        try:
+            time.sleep(3)  # (it exited within a second)
+            assert drain.poll() is None, tail(log)
+        finally:
+            stack.start_service("redis")
+        after = [buffer_start(buf, obs_unit_id=i) for i in OBS_UNIT_IDS[:3]]
+        assert all(buf.wait(tx_id, "replicated", timeout=WAIT) for tx_id in after), tail(log)
+        drain.send_signal(signal.SIGTERM)
+        code = drain.wait(timeout=120)
+    finally:
+        if drain.poll() is None:
+            os.killpg(drain.pid, signal.SIGKILL)
+            drain.wait()
+        buf.close()
+    lines = tail(log).strip().splitlines()
+    assert code == 0 and re.fullmatch(r"drained 4 transactions in [2-4] batches, 0 dead-lettered \(asked to stop\)",
+                                      lines[-1]), lines  # (what each of its runs drained)
+    down = [line for line in lines if "Redis unreachable" in line]
+    assert down and all(line.startswith("obs-pipeline: Redis unreachable (") and
+                        re.search(r"; the drain starts again in \d+ s$", line) for line in down), lines
+    assert "Traceback" not in tail(log)
+    assert redis_client.exists(keys.lease, keys.processing) == 0
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 4
+
+
 # --- 4. status, as text -----------------------------------------------------------------------
 
 def test_status_text_names_the_site_the_buffer_size_and_the_replication_lag(env, settings, redis_client):
