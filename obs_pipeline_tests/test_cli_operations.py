@@ -54,6 +54,13 @@ def start_cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def kill_if_running(process: subprocess.Popen | None) -> None:
+    """A test's cleanup whatever it asserted: SIGKILL to what `start_cli` started, its group too."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -279,9 +286,7 @@ def test_drain_without_once_drains_before_and_after_it_started_and_stops_on_sigi
         drain.send_signal(signal.SIGINT)
         assert drain.wait(timeout=120) == 130, tail(log)  # cmd_drain: KeyboardInterrupt -> 130
     finally:
-        if drain.poll() is None:
-            os.killpg(drain.pid, signal.SIGKILL)
-            drain.wait()
+        kill_if_running(drain)
         buf.close()
     left = {"lease_pttl": redis_client.pttl(keys.lease), "processing": redis_client.lrange(keys.processing, 0, -1)}
     assert left == {"lease_pttl": -2, "processing": []}, (left, tail(log))
@@ -305,9 +310,7 @@ def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_clie
         drain.send_signal(signal.SIGTERM)
         code = drain.wait(timeout=120)
     finally:
-        if drain.poll() is None:
-            os.killpg(drain.pid, signal.SIGKILL)
-            drain.wait()
+        kill_if_running(drain)
         buf.close()
     assert code == 0 and "(asked to stop)" in tail(log), tail(log)  # a clean stop, said so
     assert redis_client.exists(keys.lease, keys.processing) == 0
@@ -338,9 +341,7 @@ def test_a_running_drain_rides_out_a_redis_outage_and_drains_what_comes_after(st
         drain.send_signal(signal.SIGTERM)
         code = drain.wait(timeout=120)
     finally:
-        if drain.poll() is None:
-            os.killpg(drain.pid, signal.SIGKILL)
-            drain.wait()
+        kill_if_running(drain)
         buf.close()
     lines = tail(log).strip().splitlines()
     assert code == 0 and re.fullmatch(r"drained 4 transactions in [2-4] batches, 0 dead-lettered \(asked to stop\)",
@@ -854,9 +855,7 @@ def replicated(client: redis_lib.Redis, key: str) -> bool:
 
 def kill_what_dev_left(dev: subprocess.Popen | None, started: set[int], dagster_home: str, folder: Path) -> None:
     """A dev test's cleanup whatever it asserted: dev, what it started, and its stack."""
-    if dev is not None and dev.poll() is None:
-        os.killpg(dev.pid, signal.SIGKILL)
-        dev.wait()
+    kill_if_running(dev)
     for pid in started | with_environment("DAGSTER_HOME", dagster_home):
         for kill in (os.killpg, os.kill):  # its group if it leads one, and itself
             try:
@@ -1255,9 +1254,7 @@ def test_dev_on_a_stack_partly_up_stops_only_what_it_started(stack):  # noqa: F8
         for name in ("main", "redis"):
             assert after[name]["pid"] == before[name]["pid"], name  # the operator's, untouched
     finally:
-        if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait()
+        kill_if_running(dev)
         stack.up()
 
 
@@ -1367,6 +1364,4 @@ def test_dev_stopped_while_a_drain_run_applies_ends_it_canceled_and_the_next_sen
         assert_applied_exactly_once(main_engine, observations)
     finally:
         buf.close()
-        if dev is not None and dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait()
+        kill_if_running(dev)
