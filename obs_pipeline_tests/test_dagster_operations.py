@@ -170,6 +170,17 @@ def test_main_unreachable_shows_as_op_retries_then_succeeds(stack, settings, res
     assert redis_client.llen(SiteKeys(settings.site).failed) == 0
 
 
+def _kept_for_the_next_run(redis_client, keys, buf, ids: list[str], resource) -> None:
+    """After a run that failed on main (out of reach, or a URL naming what is not main's):
+    nothing claimed, lost or dead-lettered, the statuses `pending` (they said "processing" until
+    the next run), the lease free; the next run, against main, applies each."""
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
+    assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+    assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+
+
 @pytest.mark.parametrize("budget_s", [300, 1], ids=["within its budget", "past its budget"])
 def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_the_batch(settings, resource,
                                                                                          redis_client, main_engine,
@@ -207,12 +218,7 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
         assert (f"port {closed.port} failed: Connection refused) at each of the run's {retries + 1} attempts; is "
                 "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the next run" in message), message
         assert "\n" not in message.strip()
-        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
-        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
-        # no drain applies them until the next run (they said "processing" until then)
-        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
-        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
-        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+        _kept_for_the_next_run(redis_client, keys, buf, ids, resource)
     finally:
         buf.close()
     assert_applied_exactly_once(main_engine, observations)
@@ -728,12 +734,7 @@ def test_a_main_url_naming_a_standby_fails_the_run_in_one_line_and_dead_letters_
                 'a standby with hot_standby off (it refuses every connection: "Hot standby mode is disabled")')
         assert (f"main at {where.host}:{where.port}/{where.database} is {what}: point OBS_MAIN_DB_URL at the "
                 "primary; the transactions stay buffered until then" in failure.message), failure
-        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
-        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
-        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
-        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource},
-                                               run_config=FAST).success
-        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+        _kept_for_the_next_run(redis_client, keys, buf, ids, resource)
     finally:
         buf.close()
     assert_applied_exactly_once(main_engine, observations)
@@ -771,11 +772,7 @@ def test_a_main_url_naming_a_database_without_the_schema_fails_the_run_in_one_li
             f"dagster._core.definitions.events.Failure: main at {url.host}:{url.port}/{empty} has no "
             "obs_pipeline_applied table: OBS_MAIN_DB_URL names another database than the pipeline's, or "
             "`obs-pipeline db init` was not run on it; the transactions stay buffered until then"), failure
-        assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == len(ids)
-        assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
-        assert [buf.status(tx_id) for tx_id in ids] == ["pending"] * len(ids)
-        assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
-        assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+        _kept_for_the_next_run(redis_client, keys, buf, ids, resource)
     finally:
         buf.close()
         with server.connect() as conn:
