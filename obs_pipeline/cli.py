@@ -100,7 +100,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_db_init(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
-    from obs_pipeline.apply import make_engine, refuse_standby
+    from obs_pipeline.apply import describe, make_engine, refuse_standby
     from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline.schema import create_schema, has_demo_obs_units
 
@@ -117,12 +117,19 @@ def cmd_db_init(args: argparse.Namespace) -> int:
         except sa.exc.OperationalError as error:  # the one line must say which server and what to do
             raise RuntimeError(f"main unreachable ({_one_line(error)}); is OBS_MAIN_DB_URL right and the stack "
                                "up (`obs-pipeline stack status`)?") from error
-        create_schema(engine, registry)
-        if args.demo_data:
-            with engine.begin() as conn:
-                conn.execute(sa.text(
-                    "INSERT INTO obs_unit (id, name) SELECT n, 'obs unit ' || n FROM generate_series(1, 200) n "
-                    "ON CONFLICT (id) DO NOTHING"))
+        try:
+            create_schema(engine, registry)
+            if args.demo_data:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(
+                        "INSERT INTO obs_unit (id, name) SELECT n, 'obs unit ' || n FROM generate_series(1, 200) n "
+                        "ON CONFLICT (id) DO NOTHING"))
+        except sa.exc.ProgrammingError as error:  # PostgreSQL's line named neither the variable nor what to do
+            if getattr(error.orig, "pgcode", None) != "42501":  # insufficient_privilege
+                raise
+            raise RuntimeError(f"main refuses `db init` the role in OBS_MAIN_DB_URL ({describe(error)}): run it as the "
+                               "role that owns the tables and may create tables in their schema (the one that made "
+                               "them, or postgres)") from error
     finally:
         engine.dispose()
     print(f"schema ready on main ({len(registry.models)} models)" + (", demo obs units 1-200" if args.demo_data else ""),

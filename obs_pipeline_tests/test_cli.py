@@ -1665,6 +1665,17 @@ def test_a_drain_role_without_privileges_on_a_model_table_stops_in_one_line_and_
     assert redis_client.llen(keys.failed) == 0
 
 
+def test_db_init_by_a_role_that_may_not_change_main_s_tables_says_whose_to_use(env, weak_role):
+    """`db init` as a role that does not own the tables (or may not create them) said only
+    PostgreSQL's "must be owner of table obs_pipeline_applied", naming neither the variable nor
+    what to do."""
+    url, _ = weak_role
+    line = one_line_error(cli("db", "init", env={**env, "OBS_MAIN_DB_URL": url}))
+    assert line == ("obs-pipeline: error: main refuses `db init` the role in OBS_MAIN_DB_URL (InsufficientPrivilege: "
+                    "must be owner of table obs_pipeline_applied): run it as the role that owns the tables and may "
+                    "create tables in their schema (the one that made them, or postgres)"), line
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_row_level_security_refusal_is_the_transaction_s_own_and_the_drain_goes_on(
         env, weak_role, settings, redis_client, main_engine):
