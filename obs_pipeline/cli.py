@@ -662,11 +662,17 @@ def _one_line(error: BaseException) -> str:
         # (buffer_store's hiredis, redis) printed two tracebacks
         return (f"{_first_line(error)}: a package obs-pipeline needs is missing or does not load in this Python "
                 f"({sys.executable}): reinstall obs-pipeline and its dependencies there")
+    import redis
+
     from obs_pipeline.buffer_store import redis_trouble
 
     trouble = redis_trouble(error)
     if trouble:
         return trouble
+    if isinstance(error, redis.exceptions.NoPermissionError):  # (Redis's line named neither Redis nor the setting)
+        return (f"Redis refuses the user of OBS_REDIS_URL a command obs-pipeline needs ({_first_line(error)}): "
+                "give that user read and write on the site's keys and scripting (ACL SETUSER), or give OBS_REDIS_URL "
+                "a user that has them")
     return _first_line(error)
 
 

@@ -20,7 +20,7 @@ from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
-from obs_pipeline_tests.examples import seed_example
+from obs_pipeline_tests.examples import seed_example, seed_example_json
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
                                          drain_until_settled, slow_file_inserts, with_statement_timeout)
 
@@ -109,6 +109,27 @@ def test_a_malformed_database_url_names_its_variable(env, command, name, value, 
 def test_redis_unreachable_is_one_actionable_line(env):
     env["OBS_REDIS_URL"] = "redis://127.0.0.1:1/0"
     assert "Redis unreachable" in one_line_error(cli("status", env=env))
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_redis_user_without_the_drain_s_commands_is_one_line_naming_the_variable(env, settings, redis_client):
+    """A Redis user of OBS_REDIS_URL allowed reads only (a monitor's, given to the drain): `drain`
+    said Redis's own "this user has no permissions to run the 'set' command", naming neither
+    Redis nor the variable. Nothing is claimed."""
+    user = f"reader_{settings.site}"
+    redis_client.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@read", "+ping", "+select")
+    try:
+        url = settings.redis_url.replace("redis://", f"redis://{user}:secret@", 1)
+        redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+        line = one_line_error(cli("drain", "--once", env={**env, "OBS_REDIS_URL": url}))
+        assert line.startswith("obs-pipeline: error: Redis refuses the user of OBS_REDIS_URL a command obs-pipeline "
+                               "needs (this user has no permissions to run the '"), line
+        assert line.endswith("): give that user read and write on the site's keys and scripting (ACL SETUSER), or "
+                             "give OBS_REDIS_URL a user that has them"), line
+        assert "secret" not in line
+        assert redis_client.llen(SiteKeys(settings.site).buffer) == 1
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
 
 
 def test_db_init_with_main_down_is_one_actionable_line(env):
