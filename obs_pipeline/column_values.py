@@ -64,16 +64,17 @@ def whole_number(value: Any, refusal: str, least: int = 0, most: int | None = No
     raise ValueError(f"{refusal}, not {shown(value)}")
 
 
-def seconds(value: Any, refusal: str, least: float = -math.inf, finite: bool = False) -> float:
+def seconds(value: Any, refusal: str, least: float = -math.inf, finite: bool = False,
+            most: float = math.inf) -> float:
     """Seconds given by a caller (wait's timeout, DrainConfig's pauses) as a float: any real
-    number (np.float32, a Fraction, a Decimal), but a bool or NaN, at least `least`, and finite
-    if asked; else ValueError starting with `refusal`."""
+    number (np.float32, a Fraction, a Decimal), but a bool or NaN, from `least` to `most`, and
+    finite if asked; else ValueError starting with `refusal`."""
     if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
         try:
             as_float = float(value)
         except (ValueError, OverflowError):  # a signalling NaN, a Fraction beyond a float
             as_float = math.nan
-        if least <= as_float and (as_float < math.inf or not finite):  # (NaN is neither)
+        if least <= as_float <= most and (as_float < math.inf or not finite):  # (NaN is neither)
             return as_float
     raise ValueError(f"{refusal}, not {shown(value)}")
 

@@ -49,6 +49,8 @@ FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's pea
 # most this often (a failover since that session; a new one costs main a connection)
 MAIN_TIMELINE_RECHECK_S = 30.0
 
+LEASE_TTL_MAX_S = 86400.0  # a day: a finite, Redis-safe lease (SET PX), its renewals' timestamps in range
+
 
 @dataclass(frozen=True)
 class DrainConfig:
@@ -84,9 +86,10 @@ class DrainConfig:
         if self.niceness is not None:
             self._set("niceness", whole_number(self.niceness, "niceness must be a whole number from -20 to 19",
                                                least=-20, most=19))
-        # SET PX takes whole milliseconds, at least 1
-        self._set("lease_ttl_s", seconds(self.lease_ttl_s, "lease_ttl_s must be at least 0.001 s and finite "
-                                                           "(the lease's Redis expiry)", least=0.001, finite=True))
+        # SET PX takes whole milliseconds, at least 1; one beyond a day overflowed a timestamp waiting for main
+        self._set("lease_ttl_s", seconds(self.lease_ttl_s, f"lease_ttl_s must be 0.001 to {LEASE_TTL_MAX_S:.0f} s "
+                                                           "(the lease's Redis expiry)", least=0.001,
+                                         most=LEASE_TTL_MAX_S))
         for name in ("replication_timeout_s", "retry_base_s", "idle_poll_s", "backoff_initial_s", "backoff_max_s"):
             # (NaN too; inf would wait for ever)
             self._set(name, seconds(getattr(self, name), f"{name} must be 0 or more seconds, and finite",

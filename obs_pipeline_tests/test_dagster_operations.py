@@ -625,7 +625,9 @@ def test_the_drain_runs_aof_compaction_is_a_run_config_switch():
     ({"replication_timeout_s": float("inf")}, None,  # it waited for the replica for ever
      "replication_timeout_s must be 0 or more seconds, and finite, not inf"),
     ({"lease_ttl_s": float("inf")}, None,  # an OverflowError's traceback at the lease's SET PX
-     "lease_ttl_s must be at least 0.001 s and finite (the lease's Redis expiry), not inf"),
+     "lease_ttl_s must be 0.001 to 86400 s (the lease's Redis expiry), not inf"),
+    ({"lease_ttl_s": 1e12}, None,  # an OverflowError's traceback waiting for main (timestamp out of range)
+     "lease_ttl_s must be 0.001 to 86400 s (the lease's Redis expiry), not 1000000000000.0"),
     ({"retry_base_s": -5}, None, "retry_base_s must be 0 or more seconds, and finite, not -5.0"),
     ({}, "main_db_url", "OBS_MAIN_DB_URL is not set"),
     ({}, "main role", 'role "no_such_role" does not exist'),

@@ -329,7 +329,7 @@ def test_numpy_counts_and_seconds_are_taken_as_ints_and_floats():
     ({"batch_size": True}, "batch_size must be a whole number of transactions >= 1, not True"),
     ({"max_batch_size": 2500.0}, "max_batch_size must be a whole number >= batch_size (2000), not 2500.0"),
     ({"niceness": 40}, "niceness must be a whole number from -20 to 19, not 40"),
-    ({"lease_ttl_s": "60"}, "lease_ttl_s must be at least 0.001 s and finite (the lease's Redis expiry), not '60'"),
+    ({"lease_ttl_s": "60"}, "lease_ttl_s must be 0.001 to 86400 s (the lease's Redis expiry), not '60'"),
     ({"idle_poll_s": -0.2}, "idle_poll_s must be 0 or more seconds, and finite, not -0.2"),
     ({"backoff_initial_s": float("nan")}, "backoff_initial_s must be 0 or more seconds, and finite, not nan"),
     ({"backoff_max_s": False}, "backoff_max_s must be 0 or more seconds, and finite, not False"),
