@@ -429,9 +429,10 @@ class MainDatabase:
         obs_pipeline_applied records the steps' digest (a table made before it does not, until
         `obs-pipeline db init` adds the column; until then ids are recorded alone, as then; None
         where there is no such table): a question each session needs answered, asked in a round
-        trip it makes anyway; and so is whether main is a hot standby (the third value). `last_run_s`, the round trip the last
-        drain run measured (the key `link`), counts as a far reply taken before: a first reply
-        within 10 % of it ends the sampling, one round trip (0.25 s at 250 ms) less per run.
+        trip it makes anyway; and so is whether main is a hot standby (the third value).
+        `last_run_s`, the round trip the last drain run measured (the key `link`), counts as a
+        far reply taken before: a first reply within 10 % of it ends the sampling, one round trip
+        (0.25 s at 250 ms) less per run.
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
         fifth is main's system identifier, the sixth its timeline (None on a standby)."""
         taken: list[float] = []
