@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from obs_pipeline.config import DAY_S
+
 DEFAULT_STACK_DIR = ".obs-stack"
 
 
@@ -165,10 +167,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     total = DrainSummary()  # of every run: a running drain starts a new one after Redis was lost
 
     def on_batch(report) -> None:
-        total.batches += 1
-        total.applied += report.applied
-        total.already_applied += report.already_applied
-        total.dead_lettered += len(report.dead_lettered)
+        total.count(report)
         if args.verbose:
             print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
 
@@ -437,7 +436,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # `--count -1` buffered nothing and exited 0, `--port 0` served on a random port, `bench
 # --batch-size 0` quietly benchmarked 2000.
 
-DAY_S = 86400.0  # the most a drain's timeouts take: a finite, Redis-safe lease (SET PX) and wait
 # the files of an observation are one transaction: at most buffer_store.MAX_TRANSACTION_WRITES rows (not
 # imported: the parser imports no Redis client); more was refused after its start had been buffered
 MAX_FILES = 100_000

@@ -42,6 +42,11 @@ def stack_env_hint() -> str:
     return f'`eval "$({own_command()} stack env)"`'
 
 
+# The most a drain's lease and waits take (DrainConfig, `drain` flags): a finite lease Redis
+# takes (SET PX), and its renewals' timestamps in range (1e12 s overflowed one).
+DAY_S = 86400.0
+
+
 @dataclass(frozen=True)
 class Settings:
     site: str = DEFAULT_SITE

@@ -25,7 +25,7 @@ from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, Rec
                                 StatementTimeout, TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.column_values import seconds, whole_number
-from obs_pipeline.config import ConfigError, Settings
+from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.timeout_pieces import TimeoutPieces
@@ -48,9 +48,6 @@ FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's pea
 # While the replica replays another timeline than main's session said, main is asked again at
 # most this often (a failover since that session; a new one costs main a connection)
 MAIN_TIMELINE_RECHECK_S = 30.0
-
-LEASE_TTL_MAX_S = 86400.0  # a day: a finite, Redis-safe lease (SET PX), its renewals' timestamps in range
-
 
 @dataclass(frozen=True)
 class DrainConfig:
@@ -86,10 +83,9 @@ class DrainConfig:
         if self.niceness is not None:
             self._set("niceness", whole_number(self.niceness, "niceness must be a whole number from -20 to 19",
                                                least=-20, most=19))
-        # SET PX takes whole milliseconds, at least 1; one beyond a day overflowed a timestamp waiting for main
-        self._set("lease_ttl_s", seconds(self.lease_ttl_s, f"lease_ttl_s must be 0.001 to {LEASE_TTL_MAX_S:.0f} s "
-                                                           "(the lease's Redis expiry)", least=0.001,
-                                         most=LEASE_TTL_MAX_S))
+        # SET PX takes whole milliseconds, at least 1
+        self._set("lease_ttl_s", seconds(self.lease_ttl_s, f"lease_ttl_s must be 0.001 to {DAY_S:.0f} s "
+                                                           "(the lease's Redis expiry)", least=0.001, most=DAY_S))
         for name in ("replication_timeout_s", "retry_base_s", "idle_poll_s", "backoff_initial_s", "backoff_max_s"):
             # (NaN too; inf would wait for ever)
             self._set(name, seconds(getattr(self, name), f"{name} must be 0 or more seconds, and finite",
@@ -191,6 +187,14 @@ class DrainSummary:
     stopped_because: str = ""
     replica_stalled: bool = False  # stopped with committed batches the replica has not replayed
     lease_lost: str = ""  # how another drain took the lease mid-run ("another drain took the lease")
+
+    def count(self, report: BatchReport) -> None:
+        """One more batch done (the run's loop; `drain`'s total over the runs it starts)."""
+        self.batches += 1
+        self.applied += report.applied
+        self.already_applied += report.already_applied
+        self.dead_lettered += len(report.dead_lettered)
+        self.replicated += report.replicated
 
     def drained_line(self) -> str:
         """What the run applied, for its last log line (the CLI's, the Dagster op's). What it found
@@ -435,11 +439,7 @@ class Drain:
                     time.sleep(self.config.idle_poll_s)
                     continue
                 idle_since = None
-                summary.batches += 1
-                summary.applied += report.applied
-                summary.already_applied += report.already_applied
-                summary.dead_lettered += len(report.dead_lettered)
-                summary.replicated += report.replicated
+                summary.count(report)
                 if on_batch:
                     on_batch(report)
         finally:
