@@ -442,7 +442,7 @@ class SmartQuery:
                 if attempt == 2 or getattr(error.orig, "pgcode", None) != "40001":
                     raise _unreadable(f"reading {spec.name}", self.engine, error) from error
             except exc.ProgrammingError as error:
-                missing = _missing_schema(spec, error)
+                missing = _replica_setup_refusal(spec, error)
                 if missing is None:
                     raise
                 raise missing from None
@@ -456,18 +456,23 @@ class SmartQuery:
         return out
 
 
-_UNDEFINED_TABLE, _UNDEFINED_COLUMN = "42P01", "42703"
+_UNDEFINED_TABLE, _UNDEFINED_COLUMN, _INSUFFICIENT_PRIVILEGE = "42P01", "42703", "42501"
 
 
-def _missing_schema(spec: ModelSpec, error: exc.ProgrammingError) -> ConfigError | None:
+def _replica_setup_refusal(spec: ModelSpec, error: exc.ProgrammingError) -> ConfigError | None:
     """A model of OBS_MODELS whose table, or one of whose columns, the replica lacks (`db init`
-    not run since the model was added; a column added to the model, not to main's table), as
-    one line saying what to do; None for another error. It was SQLAlchemy's page of
+    not run since the model was added; a column added to the model, not to main's table), or a
+    readers' role not granted SELECT on it, as one line saying what to do; None for another
+    error (a row-level security policy refuses no SELECT: it hides rows). It was SQLAlchemy's page of
     UndefinedTable from every read of the model, and from a create that gives its key."""
     code = getattr(error.orig, "pgcode", None)
+    first = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
+    if code == _INSUFFICIENT_PRIVILEGE and first.startswith("permission denied for "):
+        return ConfigError(f"reading {spec.name}: the site's replica refuses the role of OBS_REPLICA_DB_URL ({first}): "
+                           "grant it SELECT on the models' tables on main (deploy/main-setup.sql); the replica "
+                           "replays the grant")
     if code not in (_UNDEFINED_TABLE, _UNDEFINED_COLUMN):
         return None
-    first = (str(error.orig).strip().splitlines() or [type(error.orig).__name__])[0]
     table = spec.table.fullname
     if code == _UNDEFINED_TABLE:
         return ConfigError(f"reading {spec.name}: the site's replica (OBS_REPLICA_DB_URL) has no table {table} "

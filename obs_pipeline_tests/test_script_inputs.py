@@ -5,6 +5,7 @@ and replicated alike; bad input is one line saying what to fix, with nothing buf
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline_tests.conftest import site_keys
@@ -453,3 +454,43 @@ def test_a_model_whose_table_or_column_the_replica_lacks_is_one_line_saying_what
     finally:
         buffer.close()
     assert buf.get("ObsUnit", 123) == {"id": 123, "name": "unit 123"}
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_a_replica_role_without_select_is_one_line_saying_what_to_grant(settings, main_engine, replica_engine,
+                                                                        redis_client):
+    """OBS_REPLICA_DB_URL naming a role that may not read the models' tables (the readers' role
+    made without deploy/main-setup.sql's GRANT): get, search, an update's check of its id and a
+    create that gives its key raised SQLAlchemy's ProgrammingError, "permission denied for table
+    obs_unit", over several lines. Now one line naming the variable and the grant, nothing
+    buffered."""
+    import dataclasses
+
+    from obs_pipeline.config import ConfigError
+    from obs_pipeline_tests.conftest import wait_for_replica
+
+    role = f"noread_{settings.site}"
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    wait_for_replica(main_engine, replica_engine)
+    url = sa.engine.make_url(settings.replica_db_url).set(username=role).render_as_string(hide_password=False)
+    buffer = TransactionBuffer(settings=dataclasses.replace(settings, replica_db_url=url))
+    try:
+        line = (r"^reading ObsUnit: the site's replica refuses the role of OBS_REPLICA_DB_URL \(permission denied for "
+                r"table obs_unit\): grant it SELECT on the models' tables on main \(deploy/main-setup.sql\); the "
+                r"replica replays the grant$")
+
+        def create_with_its_key():
+            with buffer.transaction() as tx:
+                tx.create("ObsUnit", {"id": 9002, "name": "given key"})
+
+        for call in (lambda: buffer.get("ObsUnit", 123), lambda: buffer.search("ObsUnit", {"name": "unit 1"}),
+                     lambda: buffer.update("ObsUnit", 123, {"name": "renamed"}), create_with_its_key):
+            with pytest.raises(ConfigError, match=line):
+                call()
+        assert site_keys(redis_client, settings.site) == []
+    finally:
+        buffer.close()
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
