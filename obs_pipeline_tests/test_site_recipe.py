@@ -6,6 +6,7 @@ and the venv's bin folder for /opt/obs-pipeline/.venv/bin."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -195,6 +196,11 @@ def test_the_drain_unit_drains_with_the_sites_own_roles_and_stops_on_sigterm(
     try:
         buf, ids, obs_id = _observe(monkeypatch, site_env)
         _finish(buf, ids, obs_id, log)
+        # the README's check, with the site's settings and roles: a healthy site
+        status = subprocess.run([str(Path(sys.executable).parent / "obs-pipeline"), "status", "--check", "--json"],
+                                env=site_env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert json.loads(status.stdout)["status"] == "healthy", status.stdout
         drain.send_signal(signal.SIGTERM)  # systemd's stop
         assert drain.wait(60) == 0, log.read_text()[-3000:]
     finally:
