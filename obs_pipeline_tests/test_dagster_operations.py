@@ -1640,3 +1640,54 @@ def test_a_drain_run_terminated_while_its_op_waits_to_retry_is_not_retried(setti
     assert not redis_client.exists(keys.lease)
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
     assert redis_client.llen(keys.failed) == 0
+
+
+@pytest.mark.parametrize("requested", [True, False], ids=["terminated from the UI", "dev stopped"])
+def test_a_drain_run_stopped_while_its_op_waits_to_retry_on_redis_ends_canceled(settings, resource, redis_client,
+                                                                                   monkeypatch, requested):
+    """As for main unreachable (above), so for the site's Redis down: stopped while drain_batches
+    waits for its op retry, the run ends CANCELED, its drain not started again. That wait was
+    the retry policy's, in Dagster's executor: stopped without a termination request (`dev`
+    stopped), the run ended FAILURE, and the next buffer_sensor, taking it for a failure with a
+    cause, launched no drain for 60 s; terminated from the UI, the retry began, to be
+    interrupted at once."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    down = ObsPipelineResource(**{**resource.__dict__, "redis_url": f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"})
+    # the first wait 4 s, its jitter at its top (2 s, +-2 s), time to stop the run in it
+    monkeypatch.setattr("dagster._core.definitions.policy.random", lambda: 1.0)
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": 60}}}}
+    with instance_for_test() as instance:
+        def waiting(run_id: str) -> bool:  # the first attempt failed on Redis: Dagster's retry event
+            # where its executor waits for the retry, the op's warning where the op does
+            return bool(instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)) or any(
+                "op retry 1 of 3 in 4.0 s" in (e.user_message or "") for e in instance.all_logs(run_id))
+
+        def stop():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                runs = instance.get_runs()
+                if runs and waiting(runs[0].run_id):
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            time.sleep(0.5)  # in the wait, before the retry starts
+            if requested:
+                instance.report_run_canceling(runs[0])
+            os.kill(os.getpid(), signal.SIGINT)
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        try:
+            result = drain_buffer.execute_in_process(resources={"obs_pipeline": down}, instance=instance,
+                                                     run_config=config, raise_on_error=False)
+        finally:
+            stopper.join()
+        kinds = [e.dagster_event.event_type for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
+        assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED, kinds
+        assert kinds.count(DagsterEventType.STEP_START) == 1 and DagsterEventType.STEP_RESTARTED not in kinds, kinds
+    assert not redis_client.exists(keys.lease)
+    assert redis_client.llen(keys.buffer) == 1 and redis_client.llen(keys.failed) == 0

@@ -3,10 +3,10 @@ everything committed is replayed by the replica and its caches are cleaned.
 
 Each batch is reported as an asset materialization of the main database (one main committed
 none of, all dead-lettered say, as an observation of it); each replication pass as one of the
-site replica. Transient failures (main unreachable) surface as op retries with exponential
-backoff, unless Dagster's storage (on main) is down too: then the drain retries the batch
-itself and the run goes on once main is back. A crashed run is retried by the instance's run
-retries.
+site replica. Transient failures (main unreachable, the site's Redis down or full) surface as
+op retries with exponential backoff, waited for in the op, unless Dagster's storage (on main) is
+down too: then the drain retries the batch itself and the run goes on once main is back. A
+crashed run is retried by the instance's run retries.
 """
 
 import time
@@ -220,20 +220,29 @@ TERMINATED = ("interrupted (the run was terminated): the drain stopped and relea
               "claimed and not committed is taken back by the next drain")
 
 
-REDIS_RETRIES = 3  # drain_batches' retry policy: Redis down, not answering or full
+REDIS_RETRIES = 3  # Redis down, not answering or full: op retries after 2, 6, 14 s (+-2 s)
+# Its waits, and drain_batches' retry policy for any other error (a Failure saying what to do
+# has none). Redis trouble was left to the policy, waited for in Dagster's executor (see drain_batches).
+OP_RETRY_POLICY = RetryPolicy(max_retries=REDIS_RETRIES, delay=2, backoff=Backoff.EXPONENTIAL,
+                              jitter=Jitter.PLUS_MINUS)
 
 
-@op(retry_policy=RetryPolicy(max_retries=REDIS_RETRIES, delay=2, backoff=Backoff.EXPONENTIAL,
-                             jitter=Jitter.PLUS_MINUS))
+class RedisTrouble(Exception):
+    """The site's Redis down, not answering or full: the cause of an op retry of drain_batches,
+    its one line the message (the retry event shows it, as main's shows its TransientError)."""
+
+
+@op(retry_policy=OP_RETRY_POLICY)
 def drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """Claim, apply, acknowledge, await replay and clean, batch after batch, until empty or budget."""
     try:
         try:
             return _drain_batches(context, config, obs_pipeline)
-        except RetryRequested as retry:  # main unreachable: the wait for the op retry is the op's own.
-            # Waited in Dagster's executor, an interrupt without a termination request (`dev`
-            # stopped) was raised as the retry began, before this op could end the run CANCELED:
-            # it ended FAILURE ("interrupted unexpectedly"), most likely so while main was down.
+        except RetryRequested as retry:  # main unreachable or Redis trouble: the wait for the op retry
+            # is the op's own. Waited in Dagster's executor, an interrupt without a termination
+            # request (`dev` stopped) was raised as the retry began, before this op could end the
+            # run CANCELED: it ended FAILURE ("interrupted unexpectedly"), and the next
+            # buffer_sensor, taking it for a failure with a cause, launched no drain for 60 s.
             time.sleep(retry.seconds_to_wait)
             raise RetryRequested(max_retries=retry.max_retries, seconds_to_wait=0) from retry.__cause__
     except (DagsterExecutionInterruptedError, KeyboardInterrupt) as interrupt:
@@ -336,11 +345,17 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         trouble = redis_trouble(error)
         if trouble is None:
             raise
-        # the op retries; the last attempt fails the run on this line without retries (a Failure
-        # past the retry policy's retries failed it on Dagster's "Exceeded max_retries of 3",
-        # which names neither Redis nor what to check, the line only in its description)
-        raise Failure(description=f"site {site}: {trouble}",
-                      allow_retries=context.retry_number < REDIS_RETRIES) from error
+        line = f"site {site}: {trouble}"
+        # past the retries, the run fails on this line without retries (a Failure past the
+        # retry policy's retries failed it on Dagster's "Exceeded max_retries of 3", which names
+        # neither Redis nor what to check, the line only in its description)
+        if context.retry_number >= REDIS_RETRIES:
+            raise Failure(description=line, allow_retries=False) from error
+        wait = OP_RETRY_POLICY.calculate_delay(context.retry_number + 1)
+        context.log.warning(f"{line}: op retry {context.retry_number + 1} of {REDIS_RETRIES} in {wait:.1f} s")
+        cause = RedisTrouble(line)
+        cause.__cause__ = error
+        raise RetryRequested(max_retries=REDIS_RETRIES, seconds_to_wait=wait) from cause
     finally:
         drain.close()
     for name, value in earlier.items():
