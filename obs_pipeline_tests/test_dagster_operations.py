@@ -1691,3 +1691,67 @@ def test_a_drain_run_stopped_while_its_op_waits_to_retry_on_redis_ends_canceled(
         assert kinds.count(DagsterEventType.STEP_START) == 1 and DagsterEventType.STEP_RESTARTED not in kinds, kinds
     assert not redis_client.exists(keys.lease)
     assert redis_client.llen(keys.buffer) == 1 and redis_client.llen(keys.failed) == 0
+
+
+@pytest.mark.parametrize("first", ["main", "redis"], ids=["main unreachable first", "Redis full first"])
+def test_main_and_redis_each_have_their_own_op_retries_in_a_run(settings, resource, redis_client, first):
+    """Main unreachable gets 8 op retries and the site's Redis down or full 3, whatever the
+    other cause took in the run: they shared Dagster's one count of attempts, so after 4 retries
+    for main one Redis error failed the run at once, and after Redis's 3 main got 5. Main stays
+    unreachable (a closed port); Redis is full (maxmemory 1: the claim is refused) after main's
+    4th retry, or until its own 3rd."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
+    unreachable = ObsPipelineResource(**{**resource.__dict__,
+                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": 120,
+                                                   "transient_retry_wait_s": 0.2 if first == "main" else 0.01}}}}
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    with instance_for_test() as instance:
+        def said(run_id: str, text: str) -> bool:  # main's op-retry observation, or Redis's warning
+            return any(text in (e.user_message or "") or text in (
+                getattr(getattr(e.dagster_event, "event_specific_data", None), "asset_observation", None)
+                and e.dagster_event.event_specific_data.asset_observation.description or "")
+                for e in instance.all_logs(run_id))
+
+        def switch():  # Redis full once main has had 4 retries, or no longer once Redis has had its 3
+            text = "op retry 4 of 8" if first == "main" else "op retry 3 of 3"
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                runs = instance.get_runs()
+                if runs and said(runs[0].run_id, text):
+                    break
+                time.sleep(0.02)
+            redis_client.config_set("maxmemory", 1 if first == "main" else limit)
+
+        if first == "redis":
+            redis_client.config_set("maxmemory", 1)
+        switcher = threading.Thread(target=switch)
+        switcher.start()
+        try:
+            result = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
+                                                     run_config=config, raise_on_error=False)
+        finally:
+            switcher.join()
+            redis_client.config_set("maxmemory", limit)
+        events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
+    assert not result.success
+    retries = len([e for e in events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY])
+    main = len([e for e in events if e.event_type == DagsterEventType.ASSET_OBSERVATION
+                and "main unreachable" in (e.event_specific_data.asset_observation.description or "")])
+    [failure] = [e for e in events if e.event_type == DagsterEventType.STEP_FAILURE]
+    message = failure.event_specific_data.error.message
+    assert "\n" not in message.strip(), message
+    if first == "main":  # its 4 retries (5 if Redis filled up late), then Redis's own 3
+        assert (main in (4, 5), retries - main) == (True, 3), (main, retries, message)
+        assert f"site {settings.site}: Redis is full (its maxmemory is reached)" in message, message
+    else:  # Redis's 3, then main's own 8
+        assert (retries - main, main) == (3, 8), (main, retries, message)
+        assert (f"site {settings.site}: main unreachable (" in message
+                and "at 9 of the run's 12 attempts; is OBS_MAIN_DB_URL right and main up?" in message), message
+    assert not redis_client.exists(keys.lease)
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
+    assert redis_client.llen(keys.failed) == 0

@@ -216,6 +216,22 @@ def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
     return totals
 
 
+def _op_retries(context: OpExecutionContext) -> tuple[int, int]:
+    """How many of this op's earlier attempts were retried for main unreachable, and how many for
+    the site's Redis, from their retry events' causes (TransientError, RedisTrouble): each cause
+    has retries of its own. Counted by Dagster's one count of attempts (context.retry_number),
+    after 4 retries for main one Redis error failed the run at once, and after Redis's 3 main
+    had 5. Read once, on a retry only."""
+    if not context.retry_number:
+        return 0, 0
+    step_key = str(context.op_handle)
+    causes = [getattr(getattr(entry.dagster_event.event_specific_data, "error", None), "cause", None)
+              for entry in context.instance.all_logs(context.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)
+              if entry.step_key == step_key and entry.dagster_event is not None]
+    names = [cause.cls_name for cause in causes if cause is not None]
+    return names.count(TransientError.__name__), names.count(RedisTrouble.__name__)
+
+
 TERMINATED = ("interrupted (the run was terminated): the drain stopped and released its lease; a batch it had "
               "claimed and not committed is taken back by the next drain")
 
@@ -275,6 +291,7 @@ def _cancel_if_stopped_from_outside(context: OpExecutionContext) -> None:
 
 def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
     earlier = _earlier_attempts(context)
+    main_retries, redis_retries = _op_retries(context)
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
         _check_run_config(config, _max_runtime(context))
         drain = obs_pipeline.drain(_drain_config(config))
@@ -318,16 +335,20 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             return
         # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
         # which names neither main nor what to check), or a retry's try past the budget failed too
-        if context.retry_number >= TRANSIENT_RETRIES or retry_past_budget:
-            raise Failure(description=f"site {site}: main unreachable ({error}) at each of the run's "
-                                      f"{context.retry_number + 1} attempts; is OBS_MAIN_DB_URL right and main up? "
-                                      "The transactions stay buffered for the next run",
+        if main_retries >= TRANSIENT_RETRIES or retry_past_budget:
+            attempts = context.retry_number + 1  # (some Redis's, see _op_retries)
+            at = (f"each of the run's {attempts}" if main_retries + 1 == attempts
+                  else f"{main_retries + 1} of the run's {attempts}")
+            raise Failure(description=f"site {site}: main unreachable ({error}) at {at} attempts; is "
+                                      "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the "
+                                      "next run",
                           allow_retries=False) from TransientError(error)
-        wait = min(config.transient_retry_wait_s * 2 ** context.retry_number, 60)
-        retry = f"op retry {context.retry_number + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
+        wait = min(config.transient_retry_wait_s * 2 ** main_retries, 60)
+        retry = f"op retry {main_retries + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
                                            metadata={"site": site, RETRIED: transient_errors}))
-        raise RetryRequested(max_retries=TRANSIENT_RETRIES, seconds_to_wait=wait) from TransientError(error)
+        # this op counts each cause's retries, Dagster all attempts: it is told this one is within them
+        raise RetryRequested(max_retries=context.retry_number + 1, seconds_to_wait=wait) from TransientError(error)
 
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
@@ -349,13 +370,13 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         # past the retries, the run fails on this line without retries (a Failure past the
         # retry policy's retries failed it on Dagster's "Exceeded max_retries of 3", which names
         # neither Redis nor what to check, the line only in its description)
-        if context.retry_number >= REDIS_RETRIES:
+        if redis_retries >= REDIS_RETRIES:
             raise Failure(description=line, allow_retries=False) from error
-        wait = OP_RETRY_POLICY.calculate_delay(context.retry_number + 1)
-        context.log.warning(f"{line}: op retry {context.retry_number + 1} of {REDIS_RETRIES} in {wait:.1f} s")
+        wait = OP_RETRY_POLICY.calculate_delay(redis_retries + 1)
+        context.log.warning(f"{line}: op retry {redis_retries + 1} of {REDIS_RETRIES} in {wait:.1f} s")
         cause = RedisTrouble(line)
         cause.__cause__ = error
-        raise RetryRequested(max_retries=REDIS_RETRIES, seconds_to_wait=wait) from cause
+        raise RetryRequested(max_retries=context.retry_number + 1, seconds_to_wait=wait) from cause  # (as main's)
     finally:
         drain.close()
     for name, value in earlier.items():
