@@ -670,6 +670,25 @@ def test_a_bad_run_config_or_setting_fails_the_run_at_once_saying_why(settings, 
     assert not redis_client.exists(keys.lease)
 
 
+@pytest.mark.parametrize("budget_s", [1e-9, 0.001])
+def test_a_run_whose_budget_is_spent_as_it_starts_still_drains_a_batch(settings, resource, redis_client, budget_s):
+    """A budget_s above 0 but shorter than the run takes to start (1e-9, a millisecond; or a few
+    seconds where the daemon is slow to start it) ended the run green having drained nothing,
+    "drained 0 transactions in 0 batches (time budget spent)", and the sensor, work still
+    buffered, launched the next at once, to do the same. A run drains one batch whatever its
+    budget (as an op retry tries main and Redis once), then stops for it."""
+    keys = SiteKeys(settings.site)
+    for _ in range(3):
+        redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": budget_s,
+                                                   "batch_size": 1}}}}
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=config)
+    drained = result.output_for_node("drain_batches")
+    assert (drained["batches"], drained["applied"], drained["stopped_because"]) == (1, 1, "time budget spent"), drained
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 2  # for the next run
+    assert redis_client.llen(keys.failed) == 0 and not redis_client.exists(keys.lease)
+
+
 @pytest.mark.parametrize("check", ["no_dead_letters", "replica_replays"])
 @pytest.mark.parametrize("trouble, message", [
     ("redis down", "site {site}: Redis unreachable (Error 111 connecting to 127.0.0.1:{port}. Connection refused.); "

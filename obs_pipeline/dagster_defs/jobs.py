@@ -304,19 +304,20 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     record = context.instance.get_run_record_by_id(context.run_id)
     started = record.start_time if record is not None and record.start_time else time.time()
     deadline = time.monotonic() + max(0.0, config.budget_s - (time.time() - started))
-    # An op retry tries main and Redis once, whatever the budget: stopped before it tried, a retry
-    # that came after the budget ended the run green, "drained 0 transactions in 0 batches
+    # Each attempt tries main and Redis once, a batch, whatever the budget: stopped before it tried,
+    # a retry that came after the budget ended the run green, "drained 0 transactions in 0 batches
     # (time budget spent)", main or Redis unreachable all along, and the sensor launched the next
-    # at once.
+    # at once; so did a run whose budget was spent as it started (a budget_s of 1e-9, or shorter
+    # than the daemon took to start it), the work still buffered, run after run.
     # A try past the budget that fails too ends the run on its cause (below), not on more retries.
-    retry_owed, retry_past_budget = context.retry_number > 0, False
+    try_owed, tried_past_budget = True, False
     # as the drain's summary counts them, which an op retry loses: said on the retry's observation
     transient_errors = 0
 
     def budget_spent() -> bool:  # not while Dagster's storage is down: the run could not record its end
-        nonlocal retry_owed, retry_past_budget
-        if retry_owed:  # (asked before the attempt's first batch)
-            retry_owed, retry_past_budget = False, time.monotonic() >= deadline
+        nonlocal try_owed, tried_past_budget
+        if try_owed:  # (asked before the attempt's first batch)
+            try_owed, tried_past_budget = False, time.monotonic() >= deadline
             return False
         return time.monotonic() >= deadline and _storage_answers(context)
 
@@ -334,8 +335,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
                                 f"retrying the batch in {backoff:.1f} s")
             return
         # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
-        # which names neither main nor what to check), or a retry's try past the budget failed too
-        if main_retries >= TRANSIENT_RETRIES or retry_past_budget:
+        # which names neither main nor what to check), or a try past the budget failed too
+        if main_retries >= TRANSIENT_RETRIES or tried_past_budget:
             attempts = context.retry_number + 1  # (some Redis's, see _op_retries)
             at = (f"each of the run's {attempts}" if main_retries + 1 == attempts
                   else f"{main_retries + 1} of the run's {attempts}")
