@@ -1531,6 +1531,16 @@ def test_a_drain_run_re_executed_from_the_ui_applies_nothing_twice(settings, red
             assert steps == {"report_replication"}
         assert applied() == 1 and redis_client.llen(keys.buffer) == 1  # nothing drained, nothing again
 
+        def told(run_id: str, name: str) -> list[int]:  # what the run's materializations say under `name`
+            events = [e.dagster_event for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)]
+            return [m.metadata[name].value for m in (e.event_specific_data.materialization for e in events)
+                    if name in m.metadata]
+
+        # the parent's drain is told once over the two runs: its batch by the parent, the report
+        # (failed in the parent before it logged anything) by the re-execution, from the parent's output
+        assert (sum(told(parent.run_id, "applied")), told(retried.run_id, "applied")) == (1, [])
+        assert (told(parent.run_id, "applied_this_run"), told(retried.run_id, "applied_this_run")) == ([], [1])
+
         for _ in range(2):  # all steps of a run that succeeded: drains what is new, once
             with execute_job(job_, instance, reexecution_options=ReexecutionOptions(
                     parent_run_id=retried.run_id)) as again:
