@@ -243,6 +243,12 @@ OP_RETRY_POLICY = RetryPolicy(max_retries=REDIS_RETRIES, delay=2, backoff=Backof
                               jitter=Jitter.PLUS_MINUS)
 
 
+# What Dagster is told of drain_batches' retries, which it counts together: the op keeps each
+# cause's own count (_op_retries) and fails the run first, in its line; this only bounds the
+# attempts should that count read nothing (a Dagster whose retry events name no cause).
+MAX_OP_RETRIES = TRANSIENT_RETRIES + REDIS_RETRIES + OP_RETRY_POLICY.max_retries
+
+
 class RedisTrouble(Exception):
     """The site's Redis down, not answering or full: the cause of an op retry of drain_batches,
     its one line the message (the retry event shows it, as main's shows its TransientError)."""
@@ -348,8 +354,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         retry = f"op retry {main_retries + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
                                            metadata={"site": site, RETRIED: transient_errors}))
-        # this op counts each cause's retries, Dagster all attempts: it is told this one is within them
-        raise RetryRequested(max_retries=context.retry_number + 1, seconds_to_wait=wait) from TransientError(error)
+        raise RetryRequested(max_retries=MAX_OP_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
@@ -377,7 +382,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         context.log.warning(f"{line}: op retry {redis_retries + 1} of {REDIS_RETRIES} in {wait:.1f} s")
         cause = RedisTrouble(line)
         cause.__cause__ = error
-        raise RetryRequested(max_retries=context.retry_number + 1, seconds_to_wait=wait) from cause  # (as main's)
+        raise RetryRequested(max_retries=MAX_OP_RETRIES, seconds_to_wait=wait) from cause
     finally:
         drain.close()
     for name, value in earlier.items():
