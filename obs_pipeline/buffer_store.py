@@ -74,6 +74,11 @@ def redis_trouble(error: BaseException) -> str | None:
     """One line an operator can act on when Redis is unreachable, loading, hung or full, or has
     not the database OBS_REDIS_URL names; None for any other error. redis-py's own is a page of
     stack that names no setting."""
+    handshake = tls_handshake_failure(error)
+    if handshake:  # before ConnectionError and TimeoutError: "is it hung?" sent the operator to the server
+        return (f"Redis did not complete TLS's handshake (OBS_REDIS_URL is rediss://: TLS): {handshake}; a Redis "
+                "without TLS answers none: give redis:// for it, or the port of its tls-port (one that serves TLS "
+                "there may be hung: `obs-pipeline stack status`)")
     if isinstance(error, redis.BusyLoadingError):  # (a ConnectionError: "is the stack up?" sent the operator astray)
         return ("Redis is loading its data into memory (restarted; seconds per million keys) and answers nothing "
                 "until it is done; wait, then run this again (`obs-pipeline stack status`)")
@@ -88,6 +93,26 @@ def redis_trouble(error: BaseException) -> str | None:
     if redis_is_full(error):  # also a claim script refused mid-run
         return ("Redis is full (its maxmemory is reached) and refuses writes, the drain's claim among them; "
                 "raise maxmemory (CONFIG SET maxmemory ..., and in redis.conf). Ingest spools to disk meanwhile")
+    return None
+
+
+def tls_handshake_failure(error: BaseException) -> str | None:
+    """What failed, where the error is a rediss:// connection whose TLS handshake failed or
+    went unanswered (redis-py says only "Timeout connecting to server", or "Error 1 connecting
+    to ..."): a Redis without TLS takes the handshake's hello for a command line not yet ended,
+    and answers nothing (or an error TLS cannot read). None for any other error, a certificate
+    refused among them (its own line says so)."""
+    import re
+    import ssl
+
+    seen = error
+    for _ in range(5):  # redis-py raises its error from (or while handling) the socket's
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, ssl.SSLCertVerificationError) or (
+                isinstance(seen, (TimeoutError, socket.timeout)) and "handshake" in str(seen)):
+            return re.sub(r"^_ssl\.c:\d+: ", "", str(seen))
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

@@ -115,7 +115,49 @@ class Settings:
         if parsed.scheme != "unix" and database and not database.isdigit():
             raise ConfigError(f"OBS_REDIS_URL={shown!r} names the database {database!r}: Redis databases are "
                               f"numbers ({example})")
+        why = _redis_option_refused(self.redis_url, parsed.scheme)
+        if why:
+            raise ConfigError(f"OBS_REDIS_URL={shown!r} gives {why} ({example})")
         return self.redis_url
+
+
+def _redis_option_refused(url: str, scheme: str) -> str | None:
+    """What is wrong with an option of a Redis URL that redis-py reads but that fails only as
+    each connection opens, naming no setting: a timeout not above 0 ("Timeout value out of
+    range", or 0: a socket that never waits), an option its connection does not take (a TLS
+    one on redis://, a misspelt one: "unexpected keyword argument"), a value it refuses
+    ("Invalid SSL Certificate Requirements Flag"), a client name Redis refuses ("Client names
+    cannot contain spaces..."). None if there is none. Makes a connection object, never connects."""
+    import math
+    import re
+    from urllib.parse import parse_qs, urlparse
+
+    import redis
+
+    given = {name: values[0] for name, values in parse_qs(urlparse(url).query).items() if values}
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if name in given:
+            try:
+                seconds = float(given[name])
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and seconds > 0):
+                return f"{name} {given[name]!r}: give a number of seconds above 0, or leave it out"
+    name = given.get("client_name")
+    if name is not None and not all("!" <= c <= "~" for c in name):  # as Redis's CLIENT SETNAME checks it
+        return (f"client_name {name!r}, which Redis refuses: a client name is printable ASCII without spaces; "
+                "correct it or leave it out")
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except TypeError as error:  # "__init__() got an unexpected keyword argument 'ssl_cert_reqs'"
+        option = re.search(r"argument '(\w+)'", str(error))
+        option = option.group(1) if option else str(error)
+        if option.startswith("ssl_") and scheme != "rediss":
+            return f"{option}, an option of TLS: give rediss:// for a Redis that serves TLS, or leave it out"
+        return f"an option redis-py does not know ({option!r}): correct or remove it"
+    except (ValueError, redis.RedisError) as error:  # "Invalid SSL Certificate Requirements Flag: bogus"
+        return f"an option redis-py refuses ({error}): correct or remove it"
+    return None
 
 
 def refuse_site(site: object) -> None:

@@ -1923,6 +1923,29 @@ def test_database_urls_without_a_driver_work(env, settings, redis_client, main_e
         buf.close()
 
 
+# Options of an OBS_REDIS_URL that redis-py reads but that fail as each connection opens: they said
+# "Timeout value out of range", "AbstractConnection.__init__() got an unexpected keyword argument
+# 'ssl_cert_reqs'", "Invalid SSL Certificate Requirements Flag: bogus" and Redis's "Client names
+# cannot contain spaces, newlines or special characters.", naming no setting
+REDIS_OPTIONS_REFUSED = [
+    ("redis://{host}/0?socket_timeout=-1", "OBS_REDIS_URL='redis://{host}/0?socket_timeout=-1' gives socket_timeout "
+                                           "'-1': give a number of seconds above 0, or leave it out"),
+    ("redis://{host}/0?socket_connect_timeout=0", "OBS_REDIS_URL='redis://{host}/0?socket_connect_timeout=0' gives "
+                                                  "socket_connect_timeout '0': give a number of seconds above 0"),
+    ("redis://{host}/0?ssl_cert_reqs=bogus", "OBS_REDIS_URL='redis://{host}/0?ssl_cert_reqs=bogus' gives ssl_cert_reqs, "
+                                             "an option of TLS: give rediss:// for a Redis that serves TLS, or leave "
+                                             "it out"),
+    ("rediss://{host}/0?ssl_cert_reqs=bogus", "OBS_REDIS_URL='rediss://{host}/0?ssl_cert_reqs=bogus' gives an option "
+                                              "redis-py refuses (Invalid SSL Certificate Requirements Flag: bogus): "
+                                              "correct or remove it"),
+    ("redis://{host}/0?client_name=has%20spaces", "OBS_REDIS_URL='redis://{host}/0?client_name=has%20spaces' gives "
+                                                  "client_name 'has spaces', which Redis refuses: a client name is "
+                                                  "printable ASCII without spaces"),
+    ("redis://{host}/0?sokcet_timeout=5", "OBS_REDIS_URL='redis://{host}/0?sokcet_timeout=5' gives an option "
+                                          "redis-py does not know ('sokcet_timeout'): correct or remove it"),
+]
+
+
 @pytest.mark.usefixtures("clean_db")  # the replica has the schema
 @pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["drain", "--once"], ["spool", "push"]])
 @pytest.mark.parametrize("url, message", [
@@ -1931,7 +1954,7 @@ def test_database_urls_without_a_driver_work(env, settings, redis_client, main_e
     ("redis://u:secret@127.0.0.1:notaport/0", "OBS_REDIS_URL='redis://***@127.0.0.1:notaport/0' is not a Redis URL "
                                               "(Port could not be cast to integer"),
     ("redis://{host}/obs", "OBS_REDIS_URL='redis://{host}/obs' names the database 'obs': Redis databases are numbers"),
-])
+] + REDIS_OPTIONS_REFUSED)
 def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, settings, redis_client, tmp_path,
                                                                          command, url, message):
     """A malformed OBS_REDIS_URL said redis-py's "Port could not be cast to integer value as ..."
@@ -1945,6 +1968,23 @@ def test_a_malformed_redis_url_is_one_line_naming_it_and_changes_nothing(env, se
     assert line.startswith(f"obs-pipeline: error: {message}") and "secret" not in line, line
     assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
     assert spool.read_text() == json.dumps(SPOOLED) + "\n"
+
+
+@pytest.mark.usefixtures("clean_db")  # the replica has the schema
+@pytest.mark.parametrize("command", [["status"], ["drain", "--once"]])
+def test_a_rediss_url_of_a_redis_without_tls_is_one_line_naming_the_variable(env, settings, redis_client, tmp_path,
+                                                                             command):
+    """rediss:// given for a Redis that serves no TLS: Redis takes TLS's hello for a command
+    line never ended and answers nothing, and every command said "Redis did not answer in time
+    (Timeout connecting to server); is it hung or overloaded?", which sent the operator to the
+    server rather than to the URL's scheme."""
+    keys, queued = buffer_one_and_see_the_queue(settings, redis_client, 955)
+    url = "rediss://" + env["OBS_REDIS_URL"].removeprefix("redis://")
+    line = one_line_error(cli(*command, env={**env, "OBS_REDIS_URL": url, "OBS_SPOOL_DIR": str(tmp_path)}))
+    assert line.startswith("obs-pipeline: error: Redis did not complete TLS's handshake (OBS_REDIS_URL is rediss://: "
+                           "TLS): "), line
+    assert "a Redis without TLS answers none: give redis:// for it" in line, line
+    assert redis_client.lrange(keys.buffer, 0, -1) == queued and not redis_client.exists(keys.processing, keys.lease)
 
 
 @pytest.mark.parametrize("command", [["status"], ["failed", "list"], ["spool"]])

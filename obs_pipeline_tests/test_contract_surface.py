@@ -24,7 +24,7 @@ from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import site_keys
 from obs_pipeline_tests.examples import seed_example
-from obs_pipeline_tests.test_cli import cli, one_line_error
+from obs_pipeline_tests.test_cli import REDIS_OPTIONS_REFUSED, cli, one_line_error
 from obs_pipeline_tests.workload import drain_until_settled
 
 
@@ -117,7 +117,7 @@ def test_transaction_buffer_keyword_form_uses_its_arguments_without_any_environm
                                               r"Redis URL \(Port could not be cast to integer value as 'notaport'\)"),
     ("redis://{host}/obs", r"OBS_REDIS_URL='redis://{host}/obs' names the database 'obs': Redis databases are "
                            r"numbers \("),
-])
+] + [(url, re.escape(message).replace(r"\{host\}", "{host}")) for url, message in REDIS_OPTIONS_REFUSED])
 def test_a_malformed_redis_url_is_one_line_naming_it_and_buffers_nothing(stack_urls, site, redis_client, tmp_path,
                                                                          monkeypatch, url, message):
     """TransactionBuffer() and from_env() with a malformed OBS_REDIS_URL gave an observing
