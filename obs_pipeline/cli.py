@@ -80,8 +80,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
         from obs_pipeline.config import DEFAULT_MODELS, DEFAULT_SITE, refuse_site
 
         # before anything prints: exports of a site every later command refuses (an empty one is
-        # `observatory` to them, as to Settings.from_env)
+        # `observatory` to them, as to Settings.from_env), or of models every command that loads
+        # them refuses (they were printed as given, exit 0)
         refuse_site(os.environ.get("OBS_SITE") or DEFAULT_SITE)
+        from obs_pipeline.model_registry import ModelRegistry
+
+        ModelRegistry.from_path(os.environ.get("OBS_MODELS") or DEFAULT_MODELS)
         env = dict(stack.env())
         stopped = [name for name, s in stack.status().items()
                    if not s["running"] and (name != "proxy" or s["latency_ms"])]

@@ -246,12 +246,32 @@ def test_stack_env_lines_give_a_shell_the_values_as_they_are(stack, tmp_path):
     ("export OBS_SITE=north dome": OBS_SITE=north, and `dome` exported empty) and ran what a
     value held (`$(...)`). Each value is quoted for the shell now."""
     site, models = "north dome $(touch pwned)", "my_models:Base"
-    out = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_SITE": site, "OBS_MODELS": models}).stdout
+    (tmp_path / "my_models.py").write_text("from obs_pipeline.models import Base\n")  # (a refused one prints none)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    out = cli("stack", "env", "--dir", str(stack.directory),
+              env={"OBS_SITE": site, "OBS_MODELS": models, "PYTHONPATH": path}).stdout
     shell = subprocess.run(["bash", "-c", 'eval "$1" && printf "%s\\n" "$OBS_SITE" "$OBS_MODELS" "$OBS_REDIS_URL"',
                             "-", out], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.splitlines() == [site, models, stack.env()["OBS_REDIS_URL"]]
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("models, message", [
+    ("garbage", "OBS_MODELS='garbage' is not of the form module:Base (e.g. obs_pipeline.models:Base)"),
+    ("site_models_missing:Base", "OBS_MODELS='site_models_missing:Base' cannot be loaded: No module named "
+                                 "'site_models_missing'"),
+    ("os:path", "OBS_MODELS='os:path' is not a SQLAlchemy declarative base: give the class your models derive "
+                "from, as module:Base (e.g. obs_pipeline.models:Base)"),
+])
+def test_stack_env_refuses_a_wrong_obs_models_in_one_line_and_prints_no_exports(stack, models, message):
+    """`stack env` printed an OBS_MODELS from the environment as given, exit 0, where every
+    command that loads the models (db init, drain, failed, simulate, dev) refuses it: once
+    eval'd, the shell held a setting nothing could use. Refused now as they refuse it, as a
+    wrong OBS_SITE is, with no export line printed."""
+    result = cli("stack", "env", "--dir", str(stack.directory), env={"OBS_MODELS": models})
+    assert one_line_error(result) == f"obs-pipeline: error: {message}"
+    assert result.stdout == ""
 
 
 def test_stack_env_prints_the_defaults_for_an_empty_obs_site_and_obs_models(stack):
