@@ -246,6 +246,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         report = health_report(store, main, replica, spool=spool)
     except (redis.ConnectionError, redis.TimeoutError) as error:  # one line, with what waits in this host's spool
+        unusable = spool.unusable()
+        if unusable:  # (Redis down, and scripts cannot spool: it said Redis alone)
+            raise RuntimeError(f"{_one_line(error)}; and {unusable}") from error
         try:
             pending = spool.pending()
         except OSError as unreadable:
@@ -289,6 +292,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     import redis
 
     from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.config import ConfigError
     from obs_pipeline.health import spool_unreadable
     from obs_pipeline.spool import Spool
 
@@ -296,6 +300,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=5)
     spool = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(client, settings.site))
     try:
+        unusable = spool.unusable()
+        if unusable:  # ("[Errno 21] Is a directory", or "0 transaction(s) waiting" from a file for OBS_SPOOL_DIR)
+            raise ConfigError(unusable)
         return _spool_action(args, settings, spool)
     except PermissionError as error:  # another user's spool (0600): it said "[Errno 13] Permission denied: ..."
         raise RuntimeError(spool_unreadable(spool, error, "spool" if args.action == "show" else "spool push")) \

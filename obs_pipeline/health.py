@@ -77,7 +77,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"
         problems.append(f"Redis is {how_full} (maxmemory {memory['maxmemory_bytes']:,} bytes): "
                         "beyond it ingest spools to disk and the drain cannot claim; raise maxmemory")
-    local_spool = _spool_summary(spool) if spool is not None else None
+    unusable = spool.unusable() if spool is not None else None  # no script could spool: as a database down
+    local_spool = _spool_summary(spool) if spool is not None and not unusable else None
+    if unusable:
+        local_spool = {"file": str(spool.path), "pending": None, "oldest_seconds": None, "error": unusable}
     if local_spool and local_spool.get("error"):
         problems.append(local_spool["error"])
     elif local_spool and local_spool["pending"]:
@@ -86,7 +89,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         + (f" (oldest {spooled_oldest:.0f} s old)" if spooled_oldest is not None else "")
                         + ": run `obs-pipeline spool push` (on this host, with the same OBS_SPOOL_DIR)")
     report = {
-        "status": "healthy" if not problems else ("unhealthy" if lag.get("error") else "degraded"),
+        "status": "healthy" if not problems else ("unhealthy" if lag.get("error") or unusable else "degraded"),
         "problems": problems,
         "site": store.keys.site,
         "transaction_buffer": {

@@ -314,6 +314,10 @@ class TransactionBuffer:
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
         self._open_blocks: set[TransactionBuilder] = set()  # see _require_no_open_block_creates
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
+        unusable = self.spool.unusable()
+        if unusable:  # said now, not as the next outage's transaction is lost to a SpoolError
+            self.redis.close()
+            raise ConfigError(unusable)
         self.spool.push_when_the_script_exits()  # what its forked children spool too
         if self.spool.exists():  # left by a script that ended during an outage: pushed in the background
             self.spool.start_flusher()

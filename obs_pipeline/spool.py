@@ -295,6 +295,37 @@ class Spool:
         if isinstance(error, redis.TimeoutError):
             self._redis_failed_at = time.monotonic()
 
+    def unusable(self) -> str | None:
+        """One line naming OBS_SPOOL_DIR where no script could spool: the folder is a file (or
+        lies under one), or one of the spool's files is a folder. None otherwise (a folder not
+        made yet is fine; one this user may not read is spool_unreadable's to say). It showed
+        as healthy, or as "[Errno 21] Is a directory", and scripts lost their transactions to
+        a SpoolError at the next outage."""
+        import stat
+
+        why = "scripts could not spool there while Redis cannot take their transactions"
+        for folder in (self.directory, *self.directory.parents):
+            try:
+                mode = folder.stat().st_mode
+            except (FileNotFoundError, NotADirectoryError):  # (the latter: under a file, found further up)
+                continue
+            except OSError:
+                return None
+            if not stat.S_ISDIR(mode):
+                where = "is a file" if folder == self.directory else f"lies under {folder}, a file"
+                return (f"the spool folder {self.directory} (OBS_SPOOL_DIR) {where}: {why}; give OBS_SPOOL_DIR a "
+                        "folder (made if missing), or move that file aside")
+            break
+        for path in (self.path, self.lock_path, self.offset_path, self.offset_check_path):
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue
+            if stat.S_ISDIR(mode):
+                return (f"{path} is a folder where the spool keeps a file (OBS_SPOOL_DIR {self.directory}): {why}; "
+                        "move that folder aside, or give OBS_SPOOL_DIR another folder")
+        return None
+
     def exists(self) -> bool:
         """Is anything spooled? (A stat: the file is removed once pushed.)"""
         return self.path.exists()

@@ -521,6 +521,55 @@ def test_spool_and_spool_push_with_a_spool_they_may_not_read_say_what_to_do(env,
             f"`obs-pipeline {' '.join(command)}` as the user the observing scripts run as, or set OBS_SPOOL_DIR to "
             "their spool folder, or give this user read and write access to it"), command
 
+def spool_folder_gone_wrong(settings, tmp_path, layout: str) -> tuple[Path, str]:
+    """OBS_SPOOL_DIR where no script could spool: a file (`file`), or a folder holding a folder
+    where the spool keeps its file (`spool file`, `lock file`), or under a file (`under a file`); and
+    the one line that says so."""
+    why = "scripts could not spool there while Redis cannot take their transactions"
+    if layout in ("file", "under a file"):
+        (tmp_path / "spool").write_text("")
+        folder = tmp_path / "spool" / ("sub" if layout == "under a file" else "")
+        where = "is a file" if layout == "file" else f"lies under {tmp_path / 'spool'}, a file"
+        return folder, (f"the spool folder {folder} (OBS_SPOOL_DIR) {where}: {why}; give OBS_SPOOL_DIR a folder "
+                        "(made if missing), or move that file aside")
+    folder = tmp_path / "spool"
+    inside = folder / f"{settings.site}.{'jsonl' if layout == 'spool file' else 'lock'}"
+    inside.mkdir(parents=True)
+    return folder, (f"{inside} is a folder where the spool keeps a file (OBS_SPOOL_DIR {folder}): {why}; move that "
+                    "folder aside, or give OBS_SPOOL_DIR another folder")
+
+
+@pytest.mark.parametrize("layout", ["file", "under a file", "spool file", "lock file"])
+def test_status_with_a_spool_folder_no_script_could_spool_in_is_unhealthy_naming_obs_spool_dir(env, settings, tmp_path,
+                                                                                             layout):
+    """OBS_SPOOL_DIR a file, or holding a folder where the spool keeps its lock file, showed as
+    healthy ("local spool 0"), and its spool file a folder as degraded with advice about another
+    user's permissions ("Is a directory"): every script would fail on the next outage (SpoolError)
+    and none of them said so. Unhealthy now, one line naming OBS_SPOOL_DIR and what to do."""
+    folder, line = spool_folder_gone_wrong(settings, tmp_path, layout)
+    spool_env = {**env, "OBS_SPOOL_DIR": str(folder)}
+    text = cli("status", "--check", env=spool_env)
+    assert text.returncode == 4, (text.stdout, text.stderr)
+    assert one_line_error(text) == f"obs-pipeline: site {settings.site} is unhealthy: {line}"
+    assert f"  local spool: {line}\n" in text.stdout, text.stdout
+    report = json.loads(cli("status", "--json", env=spool_env).stdout)
+    assert report["status"] == "unhealthy" and report["local_spool"]["error"] == line, report
+    down = one_line_error(cli("status", env={**spool_env, "OBS_REDIS_URL": "redis://127.0.0.1:1/0"}))
+    assert down.startswith("obs-pipeline: error: Redis unreachable (") and down.endswith(f"; and {line}"), down
+
+
+@pytest.mark.parametrize("layout", ["file", "under a file", "spool file", "lock file"])
+def test_spool_and_spool_push_with_a_spool_folder_no_script_could_spool_in_are_one_line_naming_obs_spool_dir(
+        env, settings, tmp_path, layout):
+    """They said "[Errno 21] Is a directory: '.../site.jsonl'", or, OBS_SPOOL_DIR a file or the
+    lock file a folder, "0 transaction(s) waiting" and exit 0."""
+    folder, line = spool_folder_gone_wrong(settings, tmp_path, layout)
+    for command in (["spool"], ["spool", "push"]):
+        done = cli(*command, env={**env, "OBS_SPOOL_DIR": str(folder)})
+        assert one_line_error(done) == f"obs-pipeline: error: {line}", command
+        assert done.stdout == "", command
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_a_script_ending_with_a_spool_pushes_it_at_exit_if_redis_takes_it(env, settings, redis_client, main_engine,
                                                                           tmp_path):

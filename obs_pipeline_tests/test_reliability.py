@@ -708,8 +708,8 @@ def test_a_spool_that_cannot_take_a_transaction_says_so_in_one_line_and_keeps_no
     from obs_pipeline.ingest import SpoolError
 
     down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
-    (tmp_path / "a-file").write_text("")
     blocked = TransactionBuffer(settings=dataclasses.replace(down, spool_dir=str(tmp_path / "a-file" / "spool")))
+    (tmp_path / "a-file").write_text("")  # after: one there already refuses the buffer (Spool.unusable)
     with pytest.raises(SpoolError) as refused:
         with blocked.transaction() as tx:
             tx.create("ObsUnit", {"id": 960, "name": "no spool folder"})

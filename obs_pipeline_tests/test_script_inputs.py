@@ -4,12 +4,15 @@ and replicated alike; bad input is one line saying what to fix, with nothing buf
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sqlalchemy as sa
 
-from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
+from obs_pipeline.ingest import ConfigError, InvalidTransaction, TransactionBuffer
 from obs_pipeline_tests.conftest import site_keys
 from obs_pipeline_tests.test_cli import cli
+from obs_pipeline_tests.test_cli_operations import spool_folder_gone_wrong
 from obs_pipeline_tests.test_contract_review import drain_once, env  # noqa: F401  (env: a fixture)
 
 OBS = {"obs_unit_id": 123, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
@@ -494,3 +497,17 @@ def test_a_replica_role_without_select_is_one_line_saying_what_to_grant(settings
         with main_engine.begin() as conn:
             conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
             conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+@pytest.mark.parametrize("layout", ["file", "under a file", "spool file", "lock file"])
+def test_a_spool_folder_no_script_could_spool_in_is_refused_as_the_buffer_is_made(settings, redis_client, tmp_path,
+                                                                                 layout):
+    """OBS_SPOOL_DIR a file, or a folder where the spool keeps a file: a script ran as if all
+    were well until Redis could not take a transaction, then lost it to a SpoolError saying
+    "[Errno 21] Is a directory" or "[Errno 20] Not a directory". Refused now as the buffer is
+    made, in one line naming OBS_SPOOL_DIR; nothing buffered."""
+    folder, line = spool_folder_gone_wrong(settings, tmp_path, layout)
+    with pytest.raises(ConfigError) as refused:
+        TransactionBuffer(settings=dataclasses.replace(settings, spool_dir=str(folder)))
+    assert str(refused.value) == line
+    assert site_keys(redis_client, settings.site) == []
