@@ -116,6 +116,31 @@ def tls_handshake_failure(error: BaseException) -> str | None:
     return None
 
 
+def refuse_a_redis_without_tls(client: redis.Redis, error: BaseException) -> None:
+    """ConfigError, naming OBS_REDIS_URL, where `client` is a rediss:// one whose TLS handshake
+    failed (tls_handshake_failure) and the server answers a plain PING: a Redis without TLS,
+    which the URL's scheme is wrong for. Ingest took it for Redis down and spooled every
+    transaction, for a push that could never get through. Nothing where the server answers
+    no PING either: a TLS Redis that hangs looks so, and its transactions are spooled."""
+    handshake = tls_handshake_failure(error)
+    if not handshake:
+        return
+    options = client.connection_pool.connection_kwargs
+    if not options.get("host"):
+        return
+    address = (options["host"], int(options.get("port") or 6379))
+    try:
+        with socket.create_connection(address, timeout=1.0) as probe:
+            probe.sendall(b"PING\r\n")
+            answer = probe.recv(1)  # "+PONG", or "-NOAUTH ...": Redis's own protocol, no TLS
+    except OSError:
+        return
+    if answer in (b"+", b"-"):
+        raise ConfigError(f"Redis at {address[0]}:{address[1]} serves no TLS, and OBS_REDIS_URL is rediss:// (TLS): "
+                          f"give redis:// for it, or the port of its tls-port (the TLS handshake: {handshake}); "
+                          "nothing was buffered or spooled") from error
+
+
 def lost_while_watching(error: redis.WatchError) -> BaseException | None:
     """The ConnectionError or TimeoutError behind this WatchError; None for a real conflict (a
     watched key changed). redis-py raises a connection reset or a socket timeout that happens

@@ -26,7 +26,7 @@ from sqlalchemy import exc as sa_exc
 
 from obs_pipeline import forks, json_codec
 from obs_pipeline.buffer_store import (MAX_TRANSACTION_WRITES, BufferStore, CacheWrites, KeyTaken, overlay_entry,
-                                       redis_unavailable)
+                                       redis_unavailable, refuse_a_redis_without_tls)
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, seconds, shown, whole_number
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
@@ -404,6 +404,7 @@ class TransactionBuffer:
             try:
                 client = redis.Redis(connection_pool=self.redis.connection_pool, single_connection_client=True)
             except (redis.ConnectionError, redis.TimeoutError) as error:
+                refuse_a_redis_without_tls(self.redis, error)  # the URL, not an outage: nothing spooled
                 self.spool.note_redis_failure(error)
                 return self.store  # Redis is down: the spool takes the transaction; try again next time
             store = self._thread.store = BufferStore(client, self.site)

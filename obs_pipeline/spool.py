@@ -45,7 +45,8 @@ from typing import Iterator, NamedTuple
 import redis
 
 from obs_pipeline import forks
-from obs_pipeline.buffer_store import BufferStore, CacheWrites, KeyTaken, RedisRefusesWrites
+from obs_pipeline.buffer_store import (BufferStore, CacheWrites, KeyTaken, RedisRefusesWrites,
+                                       refuse_a_redis_without_tls)
 from obs_pipeline.wire import is_storable_id, status_header
 
 RETRY_INTERVAL_S = 1.0
@@ -237,6 +238,7 @@ class Spool:
                     store.buffer(tx_id, tx_json, caches)
                     return
                 except REDIS_CANNOT_TAKE_IT as error:
+                    refuse_a_redis_without_tls(store.redis, error)  # the URL, not an outage: not spooled
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
                 with self._locked():
@@ -261,6 +263,7 @@ class Spool:
                 try:
                     store.buffer(tx_id, tx_json, caches)
                 except REDIS_CANNOT_TAKE_IT as error:
+                    refuse_a_redis_without_tls(store.redis, error)
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
                     self._append(tx_id, tx_json, caches)

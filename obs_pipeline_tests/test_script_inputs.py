@@ -511,3 +511,24 @@ def test_a_spool_folder_no_script_could_spool_in_is_refused_as_the_buffer_is_mad
         TransactionBuffer(settings=dataclasses.replace(settings, spool_dir=str(folder)))
     assert str(refused.value) == line
     assert site_keys(redis_client, settings.site) == []
+
+
+def test_a_rediss_url_of_a_redis_without_tls_is_refused_at_the_first_write_and_nothing_is_spooled(
+        settings, redis_client, tmp_path):
+    """rediss:// given for a Redis that serves no TLS: its TLS handshake goes unanswered, which
+    ingest took for Redis down: every transaction was spooled, for a push that could never get
+    through, and the script was told it had buffered. The server answers a plain PING, so this
+    is the URL, not an outage: one line naming OBS_REDIS_URL, nothing spooled or buffered."""
+    url = "rediss://" + settings.redis_url.removeprefix("redis://")
+    buf = TransactionBuffer(settings=dataclasses.replace(settings, redis_url=url))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            with buf.transaction() as tx:
+                tx.create("ExecutedObsUnit", OBS)
+        line = str(refused.value)
+        assert line.startswith("Redis at ") and "serves no TLS, and OBS_REDIS_URL is rediss:// (TLS): give redis:// " \
+                                                 "for it" in line and "\n" not in line, line
+        assert not buf.spool.exists()
+    finally:
+        buf.close()
+    assert site_keys(redis_client, settings.site) == [] and not list(tmp_path.glob("**/*.jsonl"))
