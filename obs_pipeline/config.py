@@ -127,7 +127,8 @@ def _redis_option_refused(url: str, scheme: str) -> str | None:
     range", or 0: a socket that never waits), an option its connection does not take (a TLS
     one on redis://, a misspelt one: "unexpected keyword argument"), a value it refuses
     ("Invalid SSL Certificate Requirements Flag"), a client name Redis refuses ("Client names
-    cannot contain spaces..."). None if there is none. Makes a connection object, never connects."""
+    cannot contain spaces..."), a health check interval below 0, a TLS file that is not there.
+    None if there is none. Makes a connection object, never connects."""
     import math
     import re
     from urllib.parse import parse_qs, urlparse
@@ -143,6 +144,19 @@ def _redis_option_refused(url: str, scheme: str) -> str | None:
                 seconds = math.nan
             if not (math.isfinite(seconds) and seconds > 0):
                 return f"{name} {given[name]!r}: give a number of seconds above 0, or leave it out"
+    if "health_check_interval" in given:  # (below 0: a CLIENT command Redis refuses, naming no setting)
+        try:
+            seconds = float(given["health_check_interval"])
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            return (f"health_check_interval {given['health_check_interval']!r}: give a number of seconds, 0 or more, "
+                    "or leave it out")
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs") if scheme == "rediss" else ():
+        path = given.get(name)  # (missing: "Redis unreachable (Error 2 ...)", taken for an outage)
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            where = "no file on this machine" if not os.path.exists(path) else "not a file this user can read"
+            return f"{name} {path!r}, which is {where}: give the path of one this user can read"
     name = given.get("client_name")
     if name is not None and not all("!" <= c <= "~" for c in name):  # as Redis's CLIENT SETNAME checks it
         return (f"client_name {name!r}, which Redis refuses: a client name is printable ASCII without spaces; "

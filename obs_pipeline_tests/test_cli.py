@@ -1963,6 +1963,15 @@ REDIS_OPTIONS_REFUSED = [
                                                   "printable ASCII without spaces"),
     ("redis://{host}/0?sokcet_timeout=5", "OBS_REDIS_URL='redis://{host}/0?sokcet_timeout=5' gives an option "
                                           "redis-py does not know ('sokcet_timeout'): correct or remove it"),
+    # (said "Unknown subcommand or wrong number of arguments for 'MAINT_NOTIFICATIONS'", and "Redis unreachable
+    # (Error 2 ... No such file or directory.)": taken for an outage, a script spooled for good)
+    ("redis://{host}/0?health_check_interval=-1", "OBS_REDIS_URL='redis://{host}/0?health_check_interval=-1' gives "
+                                                  "health_check_interval '-1': give a number of seconds, 0 or more, "
+                                                  "or leave it out"),
+    ("rediss://{host}/0?ssl_certfile=/nonexistent/client.crt", "OBS_REDIS_URL='rediss://{host}/0?ssl_certfile="
+                                                               "/nonexistent/client.crt' gives ssl_certfile "
+                                                               "'/nonexistent/client.crt', which is no file on this "
+                                                               "machine: give the path of one this user can read"),
 ]
 
 
