@@ -41,6 +41,9 @@ READS = 20  # a retry or discard reads the list at most this often before it giv
 # Letters per LPUSH when the list is written anew (_remove): one LPUSH of every letter kept passed
 # the 1,048,576 arguments Redis takes with a million letters (it resets the connection)
 REWRITE_CHUNK = 10_000
+# Letters per LRANGE when the list is read (_read_pages): Redis, and every script's ingest, waits
+# while it builds a reply, and one LRANGE of 300,000 letters (190 MB) held it 977 ms
+LIST_PAGE = 2_000
 # The socket timeout a retry or discard gives its MULTI: the client's own plus this per argument
 # queued. Redis ran a retry of 50,000 letters (350,000 arguments) in 1.5 s, ~4 us each; a
 # million outlasted the CLI's 5 s, and Redis applied what the CLI was told had timed out.
@@ -115,8 +118,27 @@ class DeadLetters:
         self.keys = store.keys
 
     def list(self, client: Any = None) -> list[DeadLetter]:
-        """Oldest failure first (read on `client`: a pipeline that WATCHes the list)."""
-        return _letters((client or self.store.redis).lrange(self.keys.failed, 0, -1))
+        """Oldest failure first (read on `client`: a pipeline that WATCHes the list), LIST_PAGE
+        letters per LRANGE. Without `client`, the pages are read under a WATCH of their own and
+        read again if the list changed meanwhile (a retry or discard that removed letters would
+        shift a page, and a letter be read twice or missed); a list that changed at every read
+        (the drain dead-lettering as it goes: new letters at the head, which pages from the
+        oldest end do not read) is taken as last read."""
+        if client is not None:
+            return _letters(_read_pages(client, self.keys.failed))
+        for _ in range(READS):
+            with self.store.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.failed)
+                    raws = _read_pages(pipe, self.keys.failed)
+                    pipe.multi()
+                    pipe.execute()  # an empty MULTI: it fails if the list changed since the WATCH
+                    break
+                except redis.WatchError as error:
+                    lost = lost_while_watching(error)
+                    if lost is not None:
+                        raise lost from None
+        return _letters(raws)
 
     def count_and_oldest(self) -> tuple[int, DeadLetter | None]:
         """How many letters are listed, and the oldest, in one round trip without reading the
@@ -400,6 +422,16 @@ class DeadLetters:
             if tx is not None:
                 rows.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
         return rows
+
+
+def _read_pages(client: Any, key: str) -> list[bytes]:
+    """The list as LRANGE 0 -1 reads it (newest first), LIST_PAGE letters per call, from the
+    oldest end: letters the drain pushes at the head meanwhile move no page (and are not read)."""
+    pages = []
+    count = client.llen(key)
+    for done in range(0, count, LIST_PAGE):
+        pages.append(client.lrange(key, -min(done + LIST_PAGE, count), -done - 1))
+    return [raw for page in reversed(pages) for raw in page]
 
 
 def _letters(raws: list[bytes]) -> list[DeadLetter]:

@@ -2192,6 +2192,86 @@ def test_retry_all_of_thousands_of_dead_letters_keeps_redis_answering(env, setti
     assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
 
 
+def test_every_failed_command_reads_a_long_list_a_page_at_a_time(env, settings, redis_client):
+    """`failed list`, `show`, `discard` and `retry` each read the whole list in one LRANGE, and
+    Redis, with every script's ingest, waits while it builds that reply: 300,000 letters (190 MB)
+    held it 977 ms at each command (measured here; a backlog dead-lettered whole is a million).
+    Every read is now LRANGEs of dead_letters.LIST_PAGE letters from the oldest end, and each
+    command still sees the whole list, in order."""
+    from obs_pipeline.dead_letters import LIST_PAGE
+
+    keys = SiteKeys(settings.site)
+    ids = [f"tx-{n:05d}" for n in range(2 * LIST_PAGE + 7)]  # oldest first
+    letter = {"endpoint": "flood", "steps": [], "status": "failed",
+              "failure": {"reason": "a cause since fixed", "kind": "permanent"}}
+    for part in range(0, len(ids), 10_000):  # the drain pushes the newest at the head
+        redis_client.lpush(keys.failed, *[json.dumps({**letter, "transaction_id": tx_id})
+                                          for tx_id in ids[part:part + 10_000]])
+    logged = {key: redis_client.config_get(key)[key] for key in ("slowlog-log-slower-than", "slowlog-max-len")}
+    redis_client.config_set("slowlog-max-len", 100_000)
+    redis_client.config_set("slowlog-log-slower-than", 0)  # every command, with its arguments
+    redis_client.slowlog_reset()
+    try:
+        listed = cli("failed", "list", env=env)
+        shown = cli("failed", "show", ids[0], env=env)
+        discarded = cli("failed", "discard", ids[-1], env=env)
+        retried = cli("failed", "retry", ids[LIST_PAGE], env=env)
+        log = redis_client.slowlog_get(100_000)
+    finally:
+        for key, value in logged.items():
+            redis_client.config_set(key, value)
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ids, listed.stderr
+    assert json.loads(shown.stdout)["transaction_id"] == ids[0], shown.stderr
+    assert discarded.stderr == f"discarded {ids[-1]}\n" and retried.stderr == "requeued 1 transaction(s)\n", \
+        (discarded.stderr, retried.stderr)
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.buffer, 0, -1)] == [ids[LIST_PAGE]]
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)][::-1] == [
+        tx_id for tx_id in ids[:-1] if tx_id != ids[LIST_PAGE]]
+    reads = [entry["command"].decode().split(" ") for entry in log
+             if entry["command"].startswith(b"LRANGE " + keys.failed.encode() + b" ")]
+    assert len(reads) >= 4 * 3, reads  # each command read every page
+    for _, _, start, stop in reads:
+        assert int(start) < 0 and int(stop) < 0 and int(stop) - int(start) < LIST_PAGE, reads
+
+
+def test_a_list_read_in_pages_while_a_retry_removes_letters_is_read_again(settings, redis_client, monkeypatch):
+    """Read in pages, a list that a retry or discard shortens between two pages shifts the later
+    ones, and a letter would be read twice and another missed (`failed show` of it saying it is
+    not listed). The pages are read under a WATCH, and again if the list changed."""
+    from obs_pipeline import dead_letters
+
+    monkeypatch.setattr(dead_letters, "LIST_PAGE", 3)
+    keys = SiteKeys(settings.site)
+    ids = [f"tx-{n}" for n in range(8)]
+    redis_client.lpush(keys.failed, *[json.dumps({"transaction_id": tx_id, "steps": []}) for tx_id in ids])
+    read_pages = dead_letters._read_pages
+    meanwhile = [lambda: redis_client.lrem(keys.failed, 1, json.dumps({"transaction_id": "tx-1", "steps": []})),
+                 lambda: redis_client.lpush(keys.failed, json.dumps({"transaction_id": "newer", "steps": []}))]
+
+    def pages_with_a_change_after_the_first(client, key):
+        lrange = client.lrange
+        calls = []
+
+        def lrange_then_change(*args):
+            page = lrange(*args)
+            calls.append(args)
+            if len(calls) == 1 and meanwhile:
+                meanwhile.pop(0)()
+            return page
+
+        client.lrange = lrange_then_change
+        try:
+            return read_pages(client, key)
+        finally:
+            del client.lrange
+
+    monkeypatch.setattr(dead_letters, "_read_pages", pages_with_a_change_after_the_first)
+    listed = [letter.transaction_id for letter in dead_letters_of(settings, redis_client).list()]
+    # read again after each change: the last read whole, in order
+    assert listed == [tx_id for tx_id in ids if tx_id != "tx-1"] + ["newer"]
+    assert meanwhile == []
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_retry_all_while_a_drain_dead_letters_as_it_goes_ends(env, settings, redis_client, main_engine):
     """`failed retry --all` WATCHes the list and reads it again if it changed. Reading and preparing
