@@ -264,12 +264,13 @@ class DeadLetters:
             while changed:
                 changed = False
                 for letter in letters:
-                    blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
+                    blocker = _blocker(letter)
                     if blocker in wanted and id(letter) not in taken:
                         chosen.append(letter)
                         taken.add(id(letter))
                         wanted.add(letter.transaction_id)
                         changed = True
+            self._refuse_blocked(transaction_ids, letters, wanted)
         ordered = _blockers_first(chosen)
         # a letter pushed twice by a producer is requeued once; its copies leave the list with it
         requeued, of_id = [], {}
@@ -314,6 +315,21 @@ class DeadLetters:
                        left=left_listed(letters, chosen) if transaction_ids is None else [],
                        renamed=[{"transaction_id": prepared[letter.raw][2], "reused_id": letter.transaction_id}
                                 for letter in requeued if letter.reused_id])
+
+    def _refuse_blocked(self, refs: list[str], letters: list[DeadLetter], wanted: set[str | None]) -> None:
+        """A letter named, blocked by a transaction still listed and not retried with it: its
+        blocker's dead mark stays on the row, and requeued it was dead-lettered again at once,
+        the retry having said "requeued 1 transaction(s)". Nothing is changed; the line names
+        the blocker, whose retry takes it along."""
+        listed = {letter.transaction_id for letter in letters} - {None}
+        for ref in refs:
+            blocker = _blocker(self.get(ref, letters))
+            if blocker is not None and blocker in listed and blocker not in wanted:
+                raise CannotBeRetried(f"dead letter {ref} is blocked by {one_line(blocker)}, which is still "
+                                      f"dead-lettered: retried alone it would be dead-lettered again behind it; "
+                                      f"nothing was changed: `obs-pipeline failed retry {one_line(blocker)}` "
+                                      f"requeues both, in order, once its cause is fixed (or `failed discard "
+                                      f"{one_line(blocker)}` first)")
 
     def _requeued(self, letter: DeadLetter) -> tuple[str, set[str] | None, str]:
         """The JSON that requeues the letter, the rows it writes (None: it does not parse), and
@@ -576,6 +592,11 @@ def _copies(letter: DeadLetter, other: DeadLetter) -> bool:
                                and letter.doc.get("steps") == other.doc.get("steps"))
 
 
+def _blocker(letter: DeadLetter) -> str | None:
+    """The id its reason names, for a letter dead-lettered as blocked by another (`blocked by <id>`)."""
+    return letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
+
+
 def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
     """Original order (oldest first), but a transaction always after the one that blocked it
     (after each letter of its id: a producer may have reused it)."""
@@ -589,7 +610,7 @@ def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
         if id(letter) in placed:
             return
         placed.add(id(letter))
-        blocker = letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
+        blocker = _blocker(letter)
         for first in by_id.get(blocker, []) if blocker is not None else []:
             place(first)
         ordered.append(letter)

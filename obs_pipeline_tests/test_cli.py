@@ -850,6 +850,38 @@ def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, red
                               "dead-lettered: retry or discard this one)"), listed
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_retrying_a_letter_whose_blocker_is_still_listed_is_refused_and_changes_nothing(env, redis_client,
+                                                                                        settings):
+    """`failed retry B`, B dead-lettered as blocked by A and A still listed: B was requeued, said
+    "requeued 1 transaction(s)", and the drain dead-lettered it again at once, blocked by A's dead
+    mark (nothing but A's retry or discard frees its row). Refused in one line naming A and what
+    to do, nothing changed; `failed retry A` requeues both, in order."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    blocker, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    before = (redis_client.lrange(keys.failed, 0, -1), redis_client.hgetall(keys.held_ids),
+              redis_client.mget([keys.transaction(blocker), keys.transaction(dependent)]))
+    assert [json.loads(raw)["failure"]["reason"] for raw in before[0]][0] == f"blocked by {blocker}"
+    line = one_line_error(cli("failed", "retry", dependent, env=env))
+    assert line == (f"obs-pipeline: error: dead letter {dependent} is blocked by {blocker}, which is still "
+                    f"dead-lettered: retried alone it would be dead-lettered again behind it; nothing was changed: "
+                    f"`obs-pipeline failed retry {blocker}` requeues both, in order, once its cause is fixed (or "
+                    f"`failed discard {blocker}` first)"), line
+    assert (redis_client.lrange(keys.failed, 0, -1), redis_client.hgetall(keys.held_ids),
+            redis_client.mget([keys.transaction(blocker), keys.transaction(dependent)])) == before
+    assert redis_client.llen(keys.buffer) == 0
+    retried = cli("failed", "retry", blocker, env=env)
+    assert retried.stderr == "requeued 2 transaction(s)\n", retried.stderr
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.buffer, 0, -1)] == [
+        dependent, blocker]  # the blocker at the consuming end
+
+
 def test_retries_left_waiting_with_no_drain_make_the_site_degraded(settings, redis_client, main_engine,
                                                                    replica_engine):
     """With the drain stopped and only a retrying transaction left (the buffer empty, so no
