@@ -384,10 +384,21 @@ def cmd_failed(args: argparse.Namespace) -> int:
                  if len(left) > len(named) else ""),
               file=sys.stderr)
     elif args.action == "discard":
-        removed = letters.discard(ref)  # said, as retry says what it requeued (it was silent)
-        print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else ""),
-              file=sys.stderr)
+        (removed,), blocked = letters.drop([ref])  # said, as retry says what it requeued (it was silent)
+        print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else "")
+              + _blocked_left(blocked, "it"), file=sys.stderr)
     return 0
+
+
+def _blocked_left(blocked: list[str], by: str) -> str:
+    """What a discard says of the letters blocked by what it dropped: they stay listed (it said
+    only `discarded ID`, and they were left there), the first LEFT_NAMED named."""
+    if not blocked:
+        return ""
+    more = len(blocked) - LEFT_NAMED
+    return (f"; {len(blocked)} dead letter(s) blocked by {by} stay listed, to retry or discard on their own: "
+            + ", ".join(blocked[:LEFT_NAMED])
+            + (f"; and {more} more (`obs-pipeline failed list` shows them)" if more > 0 else ""))
 
 
 def _one_id(args: argparse.Namespace) -> str:

@@ -111,6 +111,12 @@ class Retried(NamedTuple):
     renamed: list[dict[str, str]]  # requeued under a new id: {transaction_id: the new one, reused_id}
 
 
+class Discarded(NamedTuple):
+    """What a discard did, as its own reading of the list found it."""
+    counts: list[int]   # letters dropped per ref (copies of one push are several)
+    blocked: list[str]  # the letters left listed that were blocked by one it dropped, as `failed list` names them
+
+
 class DeadLetters:
     def __init__(self, store: BufferStore, registry: ModelRegistry):
         self.store = store
@@ -195,6 +201,11 @@ class DeadLetters:
     def discard_each(self, refs: list[str]) -> list[int]:
         """`discard` of each, all named in one reading of the list and dropped in one MULTI: one
         that names no letter changes nothing (UnknownTransaction), not the ones before it."""
+        return self.drop(refs).counts
+
+    def drop(self, refs: list[str]) -> "Discarded":
+        """`discard_each`, saying also which letters it leaves listed that were blocked by one it
+        dropped: they stay dead-lettered, and the operator is to retry or discard them."""
         return self._while_unchanged(lambda pipe: self._discard(pipe, refs), "discard")
 
     def _while_unchanged(self, act: Any, action: str) -> Any:
@@ -370,7 +381,7 @@ class DeadLetters:
                                      f"failed list` ({places}), after `failed show #N`")
         return copies
 
-    def _discard(self, pipe: Any, refs: list[str]) -> list[int]:
+    def _discard(self, pipe: Any, refs: list[str]) -> "Discarded":
         """As _retry: reads on `pipe`, queues the writes in its MULTI."""
         letters = self.list(pipe)
         meant = [self._meant(ref, letters, "discard") for ref in refs]  # all found before any write
@@ -405,7 +416,7 @@ class DeadLetters:
             if footprint and its_own:
                 self.store.forget(footprint, pipe)
         _remove(pipe, self.keys.failed, letters, removed)
-        return [len(copies) for copies in meant]
+        return Discarded([len(copies) for copies in meant], blocked_left(letters, removed))
 
     def _owned_elsewhere(self, pipe: Any, letters: list[DeadLetter]) -> set[str]:
         """The ids of these letters whose status is not "failed": main applied a copy of the
@@ -565,6 +576,16 @@ def left_listed(letters: list[DeadLetter], requeued: list[DeadLetter]) -> list[d
                    f"`obs-pipeline failed discard {ref}`)")
         out.append({"letter": ref, "transaction_id": letter.transaction_id, "why": why, "reason": letter.reason})
     return out
+
+
+def blocked_left(letters: list[DeadLetter], removed: list[DeadLetter]) -> list[str]:
+    """The letters of `letters` (the list, oldest first) left once `removed` are gone that were
+    blocked by an id none of the letters left has, named as `failed list` shows them then."""
+    gone = {id(letter) for letter in removed}
+    kept = [letter for letter in letters if id(letter) not in gone]
+    dropped = {letter.transaction_id for letter in removed} - {letter.transaction_id for letter in kept} - {None}
+    return [one_line(letter.transaction_id) if letter.transaction_id is not None else f"#{place}@{letter.handle}"
+            for place, letter in enumerate(kept, start=1) if _blocker(letter) in dropped]
 
 
 def _parse(doc: dict[str, Any]) -> Transaction | None:

@@ -882,6 +882,26 @@ def test_retrying_a_letter_whose_blocker_is_still_listed_is_refused_and_changes_
         dependent, blocker]  # the blocker at the consuming end
 
 
+@pytest.mark.usefixtures("clean_db")
+def test_discarding_a_letter_others_are_blocked_by_says_they_stay_listed(env, redis_client, settings):
+    """`failed discard A` said `discarded A`, and nothing of B, dead-lettered as blocked by A: B
+    stays listed (its row is free now: it may apply when retried, or fail on its own), and an
+    operator who took the line for the end of it left B there. The line names what stays."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    blocker, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    discarded = cli("failed", "discard", blocker, env=env)
+    assert discarded.returncode == 0 and discarded.stderr == (
+        f"discarded {blocker}; 1 dead letter(s) blocked by it stay listed, to retry or discard on their own: "
+        f"{dependent}\n"), discarded.stderr
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [dependent]
+
+
 def test_retries_left_waiting_with_no_drain_make_the_site_degraded(settings, redis_client, main_engine,
                                                                    replica_engine):
     """With the drain stopped and only a retrying transaction left (the buffer empty, so no

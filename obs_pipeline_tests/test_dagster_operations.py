@@ -895,6 +895,7 @@ def test_the_discard_job_drops_the_letters_named_all_or_none_and_evaluates_the_c
 
     dropped = discard([first])
     assert dropped.success and check_passed(dropped) == [False]  # the second is still listed
+    assert dropped.output_for_node("drop_dead_letters") == {"discarded": {first: 1}, "blocked_left": []}
     assert not redis_client.exists(keys.transaction(first)) and redis_client.exists(keys.transaction(second))
     assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [second]
 
@@ -905,6 +906,32 @@ def test_the_discard_job_drops_the_letters_named_all_or_none_and_evaluates_the_c
     assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
     with main_engine.connect() as conn:  # discarded: neither reached main
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+def test_the_discard_job_names_the_letters_blocked_by_what_it_dropped(settings, resource, redis_client):
+    """The job's log said only what went; a letter dead-lettered as blocked by it stays listed,
+    now named in a warning and its output (`blocked_left`), as `failed discard` names it."""
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.test_cli import dead_poison
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(settings.site)
+    blocker, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    with DagsterInstance.ephemeral() as instance:
+        result = discard_dead_letters.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance,
+            run_config={"ops": {"drop_dead_letters": {"config": {"transaction_ids": [blocker]}}}})
+        warned = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert result.success
+    assert result.output_for_node("drop_dead_letters") == {"discarded": {blocker: 1}, "blocked_left": [dependent]}
+    assert warned == [f"1 dead letter(s) blocked by what was discarded stay listed, to retry or discard on their "
+                      f"own: {dependent}"], warned
+    assert [json.loads(raw)["transaction_id"] for raw in redis_client.lrange(keys.failed, 0, -1)] == [dependent]
 
 
 # --- Dagster's own history ---------------------------------------------------------------------

@@ -107,18 +107,24 @@ class DiscardDeadLettersConfig(Config):
 
 @op
 def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersConfig,
-                      obs_pipeline: ObsPipelineResource) -> None:
-    """`obs-pipeline failed discard` of each, in one MULTI: an id not listed changes nothing."""
+                      obs_pipeline: ObsPipelineResource) -> dict:
+    """`obs-pipeline failed discard` of each, in one MULTI: an id not listed changes nothing. The
+    letters blocked by those dropped stay listed, and are named (`blocked_left`), as the CLI
+    names them: the log said only what went."""
     if not config.transaction_ids:
         raise Failure(description="list the `transaction_ids` to discard (`obs-pipeline failed list` shows them)")
     letters = _dead_letters_or_one_line(obs_pipeline)
     try:
         with _redis_trouble_in_one_line(letters.keys.site):  # as in requeue_dead_letters
-            counts = letters.discard_each(config.transaction_ids)
+            counts, blocked = letters.drop(config.transaction_ids)
             context.log.info("discarded " + ", ".join(
                 ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
                 for ref, n in zip(config.transaction_ids, counts)))
+            if blocked:
+                context.log.warning(f"{len(blocked)} dead letter(s) blocked by what was discarded stay listed, to "
+                                    f"retry or discard on their own: {', '.join(blocked)}")
             context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
+            return {"discarded": dict(zip(config.transaction_ids, counts)), "blocked_left": blocked}
     except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # as in requeue_dead_letters
         raise Failure(description=str(error)) from error
     finally:
