@@ -144,6 +144,9 @@ class DeadLetters:
                     lost = lost_while_watching(error)
                     if lost is not None:
                         raise lost from None
+                except redis.exceptions.NoPermissionError:  # a monitor's user allowed reads only
+                    # (no WATCH, MULTI): the pages as they come (`failed list` and `show` exited 1)
+                    return _letters(_read_pages(self.store.redis, self.keys.failed))
         return _letters(raws)
 
     def count_and_oldest(self) -> tuple[int, DeadLetter | None]:

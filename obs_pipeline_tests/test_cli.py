@@ -2286,6 +2286,26 @@ def test_every_failed_command_reads_a_long_list_a_page_at_a_time(env, settings, 
         assert int(start) < 0 and int(stop) < 0 and int(stop) - int(start) < LIST_PAGE, reads
 
 
+def test_failed_list_and_show_for_a_redis_user_allowed_only_reads(env, redis_client, settings):
+    """A monitor's Redis user may be allowed reads only (see status, above): `failed list` and
+    `show` read the list in pages under a WATCH, which such a user may not send; they read it
+    without one, from its oldest end (letters the drain pushes at the head move no page)."""
+    keys = SiteKeys(settings.site)
+    ids = [f"tx-{n}" for n in range(5)]
+    redis_client.lpush(keys.failed, *[json.dumps({"transaction_id": tx_id, "steps": []}) for tx_id in ids])
+    user, password = f"monitor-{settings.site}", "secret-of-the-monitor"
+    redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~site:{settings.site}:*",
+                                 "+@read", "+info", "+ping", "+hello", "+client")
+    try:
+        monitor = {**env, "OBS_REDIS_URL": settings.redis_url.replace("redis://", f"redis://{user}:{password}@", 1)}
+        listed = cli("failed", "list", env=monitor)
+        shown = cli("failed", "show", ids[-1], env=monitor)
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", user)
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ids, listed.stderr
+    assert json.loads(shown.stdout)["transaction_id"] == ids[-1], shown.stderr
+
+
 def test_a_list_read_in_pages_while_a_retry_removes_letters_is_read_again(settings, redis_client, monkeypatch):
     """Read in pages, a list that a retry or discard shortens between two pages shifts the later
     ones, and a letter would be read twice and another missed (`failed show` of it saying it is
