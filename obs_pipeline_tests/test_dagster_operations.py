@@ -46,6 +46,8 @@ from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dev import DAGSTER_YAML, dagster_environment
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
+from obs_pipeline_tests.test_cli import dead_poison  # (imported inside a test, deep in its stack, Python 3.11's
+# compiler failed on test_cli.py: "AST constructor recursion depth mismatch")
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 FAST = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "retry_base_s": 0.05,
@@ -913,7 +915,6 @@ def test_the_discard_job_names_the_letters_blocked_by_what_it_dropped(settings, 
     """The job's log said only what went; a letter dead-lettered as blocked by it stays listed,
     now named in a warning and its output (`blocked_left`), as `failed discard` names it."""
     from obs_pipeline.ingest import TransactionBuffer
-    from obs_pipeline_tests.test_cli import dead_poison
     from obs_pipeline_tests.workload import drain_until_settled
 
     keys = SiteKeys(settings.site)
