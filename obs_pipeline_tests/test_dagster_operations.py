@@ -1478,6 +1478,42 @@ def test_a_retry_says_which_ids_are_new_for_reused_ones(settings, resource, redi
     assert output.event_specific_data.metadata["renamed"].value == f"{new_id} (for obs-1)"
 
 
+def test_a_retry_of_thousands_lists_the_first_of_them_in_its_log_and_metadata(settings, resource, redis_client):
+    """retry_dead_letters put every id it requeued in its log line, and every letter it left in a
+    warning and in its metadata: 100,000 letters a producer's garbage left made each a 17 MB
+    event (measured here), a million 170 MB, in Dagster's storage on main and on the run's page.
+    They list the first DEAD_LETTERS_LISTED (50), then how many more, as a drain's run lists
+    what it dead-lettered; the output keeps them all."""
+    from obs_pipeline.dagster_defs.jobs import DEAD_LETTERS_LISTED
+
+    keys = SiteKeys(settings.site)
+    good = [{**seed_example(settings.site, obs_unit_id=n)[0], "failure": {"reason": "x", "kind": "permanent"}}
+            for n in range(DEAD_LETTERS_LISTED + 5)]
+    idless = [{"endpoint": f"e{n}", "failure": {"reason": "unreadable", "kind": "invalid"}}
+              for n in range(DEAD_LETTERS_LISTED + 10)]
+    redis_client.lpush(keys.failed, *[json.dumps(doc) for doc in good + idless])  # oldest first
+    with DagsterInstance.ephemeral() as instance:
+        result = retry_dead_letters.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance,
+            run_config={"ops": {"requeue_dead_letters": {"config": {"all": True}}}})
+        said = [(e.level, e.user_message) for e in instance.all_logs(result.run_id)
+                if (e.user_message or "").startswith(("requeued ", f"{len(idless)} dead letter(s)"))]
+    assert result.success
+    out = result.output_for_node("requeue_dead_letters")
+    assert out["requeued"] == [doc["transaction_id"] for doc in good] and len(out["left"]) == len(idless)
+    [(_, requeued), (level, left)] = said
+    assert requeued == (f"requeued {len(good)} transaction(s): "
+                        + ", ".join(doc["transaction_id"] for doc in good[:DEAD_LETTERS_LISTED]) + "; and 5 more")
+    named = [f"{kept['letter']}: {kept['why']}" for kept in out["left"][:DEAD_LETTERS_LISTED]]
+    assert level == logging.WARNING and left == (
+        f"{len(idless)} dead letter(s) stay listed, as they cannot be retried: " + "; ".join(named)
+        + "; and 10 more (`obs-pipeline failed list` shows them)"), left
+    [output] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_OUTPUT]
+    metadata = output.event_specific_data.metadata
+    assert metadata["left"].value == len(idless) and metadata["requeued"].value == len(good)
+    assert metadata["left_letters"].value == "\n".join(named) + "\n... and 10 more", metadata["left_letters"]
+
+
 def test_a_retry_of_all_names_the_letters_it_leaves_and_why(settings, resource, redis_client):
     """retry_dead_letters with `all: true` said only how many it requeued: the letters it left
     listed (a spooled line Redis could not take, a letter without a usable id) went unnamed, the

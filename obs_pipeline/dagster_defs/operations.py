@@ -35,6 +35,7 @@ from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
     DEAD_LETTER_CHECK,
+    DEAD_LETTERS_LISTED,
     MAIN_ASSET,
     REPLICA_ASSET,
     REPLICA_CHECK,
@@ -76,16 +77,22 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
     try:  # (what it left and renamed, as the retry's own reading found them)
         with _redis_trouble_in_one_line(letters.keys.site):  # Redis down, not answering or full: the drain's line
             ids, left, renamed = letters.requeue(None if config.all else config.transaction_ids)
+            # the log and metadata list the first DEAD_LETTERS_LISTED, as a drain's run does: each
+            # named every one, 17 MB an event with 100,000 letters left (the output keeps them all)
             new_ids = [f"{one['transaction_id']} (for {one['reused_id']})" for one in renamed]
-            context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids)}"
-                             + (f"; under new ids, as a producer had reused theirs: {', '.join(new_ids)}"
+            context.log.info(f"requeued {len(ids)} transaction(s): {', '.join(ids[:DEAD_LETTERS_LISTED])}"
+                             + _and_more(len(ids))
+                             + (f"; under new ids, as a producer had reused theirs: "
+                                f"{', '.join(new_ids[:DEAD_LETTERS_LISTED])}{_and_more(len(new_ids))}"
                                 if new_ids else ""))
-            lines = [f"{kept['letter']}: {kept['why']}" for kept in left]
+            lines = [f"{kept['letter']}: {kept['why']}" for kept in left[:DEAD_LETTERS_LISTED]]
             if lines:
-                context.log.warning(f"{len(lines)} dead letter(s) stay listed, as they cannot be retried: "
-                                    + "; ".join(lines))
-            context.add_output_metadata({"requeued": len(ids), "left": len(left), "left_letters": "\n".join(lines),
-                                         "renamed": "\n".join(new_ids)})
+                context.log.warning(f"{len(left)} dead letter(s) stay listed, as they cannot be retried: "
+                                    + "; ".join(lines) + _and_more(len(left), " (`obs-pipeline failed list` shows them)"))
+            context.add_output_metadata({"requeued": len(ids), "left": len(left),
+                                         "left_letters": "\n".join(lines) + _and_more(len(left), sep="\n..."),
+                                         "renamed": "\n".join(new_ids[:DEAD_LETTERS_LISTED])
+                                         + _and_more(len(new_ids), sep="\n...")})
             context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
             return {"requeued": ids, "left": left, "renamed": renamed}
     except (UnknownTransaction, CannotBeRetried, ListKeepsChanging, RedisLostMidChange) as error:  # a mistyped
@@ -94,6 +101,12 @@ def requeue_dead_letters(context: OpExecutionContext, config: RetryDeadLettersCo
         raise Failure(description=str(error)) from error
     finally:
         letters.store.redis.close()
+
+
+def _and_more(count: int, then: str = "", sep: str = ";") -> str:
+    """What follows the first DEAD_LETTERS_LISTED of `count` names: how many more."""
+    more = count - DEAD_LETTERS_LISTED
+    return f"{sep} and {more} more{then}" if more > 0 else ""
 
 
 @job(executor_def=in_process_executor)
@@ -122,7 +135,8 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
                 for ref, n in zip(config.transaction_ids, counts)))
             if blocked:
                 context.log.warning(f"{len(blocked)} dead letter(s) blocked by what was discarded stay listed, to "
-                                    f"retry or discard on their own: {', '.join(blocked)}")
+                                    f"retry or discard on their own: {', '.join(blocked[:DEAD_LETTERS_LISTED])}"
+                                    + _and_more(len(blocked), " (`obs-pipeline failed list` shows them)"))
             context.log_event(dead_letter_check(letters.store.redis.llen(letters.keys.failed)))
             return {"discarded": dict(zip(config.transaction_ids, counts)), "blocked_left": blocked}
     except (UnknownTransaction, ListKeepsChanging, RedisLostMidChange) as error:  # as in requeue_dead_letters
