@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import redis
 
@@ -149,6 +149,25 @@ class DeadLetters:
                     return _letters(_read_pages(self.store.redis, self.keys.failed))
         return _letters(raws)
 
+    def pages(self) -> Iterator[list[DeadLetter]]:
+        """The list oldest first, a page (LIST_PAGE letters) at a time as read, for `failed list`,
+        which prints each as it comes (it held every letter, parsed, before the first line: 1.27 GB
+        for 200,000). No WATCH, as nothing is read again once printed; the letters the drain pushes
+        at the head meanwhile are not read (the count is taken first, the pages from the oldest end)."""
+        client = self.store.redis
+        count = client.llen(self.keys.failed)
+        for done in range(0, count, LIST_PAGE):
+            yield _letters(client.lrange(self.keys.failed, -min(done + LIST_PAGE, count), -done - 1))
+
+    def dead(self, tx_ids: set[str]) -> set[str]:
+        """Those of `tx_ids` whose status is `failed`: dead-lettered, as their letter is listed
+        (a discard deletes the status, a retry makes it `pending`)."""
+        ids = sorted(tx_id for tx_id in tx_ids if is_storable_id(tx_id))
+        if not ids:
+            return set()
+        raws = self.store.redis.mget([self.keys.transaction(tx_id) for tx_id in ids])
+        return {tx_id for tx_id, raw in zip(ids, raws) if _status(raw) == "failed"}
+
     def count_and_oldest(self) -> tuple[int, DeadLetter | None]:
         """How many letters are listed, and the oldest, in one round trip without reading the
         list: a backlog dead-lettered whole can be a million letters, gigabytes."""
@@ -278,7 +297,7 @@ class DeadLetters:
             while changed:
                 changed = False
                 for letter in letters:
-                    blocker = _blocker(letter)
+                    blocker = blocked_by(letter)
                     if blocker in wanted and id(letter) not in taken:
                         chosen.append(letter)
                         taken.add(id(letter))
@@ -337,7 +356,7 @@ class DeadLetters:
         the blocker, whose retry takes it along."""
         listed = {letter.transaction_id for letter in letters} - {None}
         for ref in refs:
-            blocker = _blocker(self.get(ref, letters))
+            blocker = blocked_by(self.get(ref, letters))
             if blocker is not None and blocker in listed and blocker not in wanted:
                 raise CannotBeRetried(f"dead letter {ref} is blocked by {one_line(blocker)}, which is still "
                                       f"dead-lettered: retried alone it would be dead-lettered again behind it; "
@@ -588,7 +607,7 @@ def blocked_left(letters: list[DeadLetter], removed: list[DeadLetter]) -> list[s
     kept = [letter for letter in letters if id(letter) not in gone]
     dropped = {letter.transaction_id for letter in removed} - {letter.transaction_id for letter in kept} - {None}
     return [one_line(letter.transaction_id) if letter.transaction_id is not None else f"#{place}@{letter.handle}"
-            for place, letter in enumerate(kept, start=1) if _blocker(letter) in dropped]
+            for place, letter in enumerate(kept, start=1) if blocked_by(letter) in dropped]
 
 
 def _parse(doc: dict[str, Any]) -> Transaction | None:
@@ -616,7 +635,7 @@ def _copies(letter: DeadLetter, other: DeadLetter) -> bool:
                                and letter.doc.get("steps") == other.doc.get("steps"))
 
 
-def _blocker(letter: DeadLetter) -> str | None:
+def blocked_by(letter: DeadLetter) -> str | None:
     """The id its reason names, for a letter dead-lettered as blocked by another (`blocked by <id>`)."""
     return letter.reason.removeprefix("blocked by ") if letter.reason.startswith("blocked by ") else None
 
@@ -634,7 +653,7 @@ def _blockers_first(letters: list[DeadLetter]) -> list[DeadLetter]:
         if id(letter) in placed:
             return
         placed.add(id(letter))
-        blocker = _blocker(letter)
+        blocker = blocked_by(letter)
         for first in by_id.get(blocker, []) if blocker is not None else []:
             place(first)
         ordered.append(letter)
