@@ -857,14 +857,8 @@ def test_retrying_a_letter_whose_blocker_is_still_listed_is_refused_and_changes_
     "requeued 1 transaction(s)", and the drain dead-lettered it again at once, blocked by A's dead
     mark (nothing but A's retry or discard frees its row). Refused in one line naming A and what
     to do, nothing changed; `failed retry A` requeues both, in order."""
-    from obs_pipeline_tests.workload import drain_until_settled
-
     keys = SiteKeys(settings.site)
-    blocker, obs_id = dead_poison(settings)
-    buf = TransactionBuffer(settings=settings)
-    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
-    buf.close()
-    drain_until_settled(settings, retry_base_s=0.05)
+    blocker, dependent = dead_poison_and_its_dependent(settings)
     before = (redis_client.lrange(keys.failed, 0, -1), redis_client.hgetall(keys.held_ids),
               redis_client.mget([keys.transaction(blocker), keys.transaction(dependent)]))
     assert [json.loads(raw)["failure"]["reason"] for raw in before[0]][0] == f"blocked by {blocker}"
@@ -887,14 +881,8 @@ def test_discarding_a_letter_others_are_blocked_by_says_they_stay_listed(env, re
     """`failed discard A` said `discarded A`, and nothing of B, dead-lettered as blocked by A: B
     stays listed (its row is free now: it may apply when retried, or fail on its own), and an
     operator who took the line for the end of it left B there. The line names what stays."""
-    from obs_pipeline_tests.workload import drain_until_settled
-
     keys = SiteKeys(settings.site)
-    blocker, obs_id = dead_poison(settings)
-    buf = TransactionBuffer(settings=settings)
-    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
-    buf.close()
-    drain_until_settled(settings, retry_base_s=0.05)
+    blocker, dependent = dead_poison_and_its_dependent(settings)
     discarded = cli("failed", "discard", blocker, env=env)
     assert discarded.returncode == 0 and discarded.stderr == (
         f"discarded {blocker}; 1 dead letter(s) blocked by it stay listed, to retry or discard on their own: "
@@ -985,6 +973,19 @@ def dead_poison(settings) -> tuple[str, str]:
     buf.close()
     drain_until_settled(settings, retry_base_s=0.05)
     return poison.transaction_id, obs["id"]
+
+
+def dead_poison_and_its_dependent(settings) -> tuple[str, str]:
+    """dead_poison, and an update of its record dead-lettered behind it (`blocked by` it): their
+    transaction ids."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    blocker, obs_id = dead_poison(settings)
+    buf = TransactionBuffer(settings=settings)
+    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
+    buf.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    return blocker, dependent
 
 
 def dead_letters_of(settings, client):

@@ -46,8 +46,9 @@ from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dev import DAGSTER_YAML, dagster_environment
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
-from obs_pipeline_tests.test_cli import dead_poison  # (imported inside a test, deep in its stack, Python 3.11's
-# compiler failed on test_cli.py: "AST constructor recursion depth mismatch")
+# (imported inside a test, deep in its stack, Python 3.11's compiler failed on test_cli.py: "AST
+# constructor recursion depth mismatch")
+from obs_pipeline_tests.test_cli import dead_poison_and_its_dependent
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 FAST = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "retry_base_s": 0.05,
@@ -914,15 +915,8 @@ def test_the_discard_job_drops_the_letters_named_all_or_none_and_evaluates_the_c
 def test_the_discard_job_names_the_letters_blocked_by_what_it_dropped(settings, resource, redis_client):
     """The job's log said only what went; a letter dead-lettered as blocked by it stays listed,
     now named in a warning and its output (`blocked_left`), as `failed discard` names it."""
-    from obs_pipeline.ingest import TransactionBuffer
-    from obs_pipeline_tests.workload import drain_until_settled
-
     keys = SiteKeys(settings.site)
-    blocker, obs_id = dead_poison(settings)
-    buf = TransactionBuffer(settings=settings)
-    dependent = buf.update("ExecutedObsUnit", obs_id, {"status": "completed"})
-    buf.close()
-    drain_until_settled(settings, retry_base_s=0.05)
+    blocker, dependent = dead_poison_and_its_dependent(settings)
     with DagsterInstance.ephemeral() as instance:
         result = discard_dead_letters.execute_in_process(
             resources={"obs_pipeline": resource}, instance=instance,
@@ -1700,27 +1694,9 @@ def test_a_drain_run_terminated_while_its_op_waits_to_retry_is_not_retried(setti
                                                     or "")
                        for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_OBSERVATION))
 
-        def terminate():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                runs = instance.get_runs()
-                if runs and op_retry_said(runs[0].run_id):
-                    break
-                time.sleep(0.05)
-            else:
-                return
-            time.sleep(0.5)  # in the wait, before the retry starts
-            if requested:
-                instance.report_run_canceling(runs[0])
-            os.kill(os.getpid(), signal.SIGINT)
-
-        terminator = threading.Thread(target=terminate)
-        terminator.start()
-        try:
-            result = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
-                                                     run_config=config, raise_on_error=False)
-        finally:
-            terminator.join()
+        result = _stopped_in_its_op_retry_wait(instance, op_retry_said, requested, lambda: (
+            drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
+                                            run_config=config, raise_on_error=False)))
         logs = [e for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
         kinds = [e.dagster_event.event_type for e in logs]
         assert DagsterEventType.ASSET_OBSERVATION in kinds, kinds  # the op retry's
@@ -1733,6 +1709,32 @@ def test_a_drain_run_terminated_while_its_op_waits_to_retry_is_not_retried(setti
     assert not redis_client.exists(keys.lease)
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1
     assert redis_client.llen(keys.failed) == 0
+
+
+def _stopped_in_its_op_retry_wait(instance, waiting, requested: bool, run):
+    """`run()` (a drain_buffer run in this process), stopped once `waiting(run_id)` says its op
+    waits for a retry: SIGINT to this process, as `dev` stopping sends it, after a termination
+    request where `requested` (the UI's Terminate). Its result."""
+    def stop():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            runs = instance.get_runs()
+            if runs and waiting(runs[0].run_id):
+                break
+            time.sleep(0.05)
+        else:
+            return
+        time.sleep(0.5)  # in the wait, before the retry starts
+        if requested:
+            instance.report_run_canceling(runs[0])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    try:
+        return run()
+    finally:
+        stopper.join()
 
 
 @pytest.mark.parametrize("requested", [True, False], ids=["terminated from the UI", "dev stopped"])
@@ -1758,27 +1760,9 @@ def test_a_drain_run_stopped_while_its_op_waits_to_retry_on_redis_ends_canceled(
             return bool(instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)) or any(
                 "op retry 1 of 3 in 4.0 s" in (e.user_message or "") for e in instance.all_logs(run_id))
 
-        def stop():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                runs = instance.get_runs()
-                if runs and waiting(runs[0].run_id):
-                    break
-                time.sleep(0.05)
-            else:
-                return
-            time.sleep(0.5)  # in the wait, before the retry starts
-            if requested:
-                instance.report_run_canceling(runs[0])
-            os.kill(os.getpid(), signal.SIGINT)
-
-        stopper = threading.Thread(target=stop)
-        stopper.start()
-        try:
-            result = drain_buffer.execute_in_process(resources={"obs_pipeline": down}, instance=instance,
-                                                     run_config=config, raise_on_error=False)
-        finally:
-            stopper.join()
+        result = _stopped_in_its_op_retry_wait(instance, waiting, requested, lambda: (
+            drain_buffer.execute_in_process(resources={"obs_pipeline": down}, instance=instance,
+                                            run_config=config, raise_on_error=False)))
         kinds = [e.dagster_event.event_type for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
         assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED, kinds
         assert kinds.count(DagsterEventType.STEP_START) == 1 and DagsterEventType.STEP_RESTARTED not in kinds, kinds
