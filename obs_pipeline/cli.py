@@ -390,7 +390,7 @@ def cmd_failed(args: argparse.Namespace) -> int:
                  if len(left) > len(named) else ""),
               file=sys.stderr)
     elif args.action == "discard":
-        (removed,), blocked = letters.drop([ref])  # said, as retry says what it requeued (it was silent)
+        (removed,), blocked = letters.discard([ref])  # said, as retry says what it requeued (it was silent)
         print(f"discarded {ref}" + (f" ({removed} letters: copies of one push)" if removed > 1 else "")
               + _blocked_left(blocked, "it"), file=sys.stderr)
     return 0

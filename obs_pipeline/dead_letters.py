@@ -213,21 +213,12 @@ class DeadLetters:
         prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
         return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared), "retry")
 
-    def discard(self, ref: str) -> int:
-        """Drop it for good (by id: every letter of that id; or `#N` of the list), with its status,
-        caches, overlays (unless another copy owns them: _owned_elsewhere) and its marks in
-        `held_ids`; what it blocked stays dead-lettered (retry or discard those too). Returns how
-        many letters went (copies of one push are several)."""
-        return self.discard_each([ref])[0]
-
-    def discard_each(self, refs: list[str]) -> list[int]:
-        """`discard` of each, all named in one reading of the list and dropped in one MULTI: one
-        that names no letter changes nothing (UnknownTransaction), not the ones before it."""
-        return self.drop(refs).counts
-
-    def drop(self, refs: list[str]) -> "Discarded":
-        """`discard_each`, saying also which letters it leaves listed that were blocked by one it
-        dropped: they stay dead-lettered, and the operator is to retry or discard them."""
+    def discard(self, refs: list[str]) -> "Discarded":
+        """Drop each for good (by id: every letter of that id; or `#N` of the list), with its
+        status, caches, overlays (unless another copy owns them: _owned_elsewhere) and its marks
+        in `held_ids`: all named in one reading of the list and dropped in one MULTI, so one that
+        names no letter changes nothing (UnknownTransaction), not the ones before it. What they
+        blocked stays dead-lettered, named in the result for the operator to retry or discard."""
         return self._while_unchanged(lambda pipe: self._discard(pipe, refs), "discard")
 
     def _while_unchanged(self, act: Any, action: str) -> Any:

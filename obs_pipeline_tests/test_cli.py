@@ -1009,7 +1009,7 @@ def test_discarding_many_letters_at_once_keeps_the_others_in_their_order(setting
         ids.append(doc["transaction_id"])
     letters = dead_letters_of(settings, redis_client)
     named = ids[1:13:2] + ids[2:13:2]  # twelve of fourteen, out of order
-    assert letters.discard_each(named) == [1] * 12
+    assert letters.discard(named).counts == [1] * 12
     assert [letter.transaction_id for letter in letters.list()] == [ids[0], ids[13]]
     assert [bool(redis_client.exists(keys.transaction(i))) for i in ids] == [True] + [False] * 12 + [True]
 
@@ -1038,12 +1038,12 @@ def test_two_operators_acting_on_one_dead_letter_at_once_do_it_once(settings, re
         """The other operator acts just before ours reaches Redis with what it read."""
         if armed[0] and pipe.transaction and pipe.connection_pool is ours.store.redis.connection_pool:
             armed[0] = False
-            getattr(other, first)([tx_id] if first == "retry" else tx_id)
+            getattr(other, first)([tx_id])
         return execute(pipe, *args, **kwargs)
 
     monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_after_the_other)
     try:
-        getattr(ours, then)([tx_id] if then == "retry" else tx_id)
+        getattr(ours, then)([tx_id])
     except UnknownTransaction:
         pass  # it was gone from the list by then: the right answer
     assert not armed[0]
@@ -1098,7 +1098,7 @@ def test_a_retry_or_discard_redis_applied_past_the_socket_timeout_says_so_and_ac
 
     monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_answered_late)
     with pytest.raises(RedisLostMidChange) as lost:
-        getattr(ours, action)([tx_id] if action == "retry" else tx_id)
+        getattr(ours, action)([tx_id])
     monkeypatch.undo()
     line = str(lost.value)
     assert line.startswith("Redis did not answer in time (Timeout reading from ") and line.endswith(
@@ -1220,12 +1220,12 @@ def test_a_discard_that_dies_after_its_first_write_can_be_finished(settings, red
     monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_and_die_after)
     monkeypatch.setattr(redis_lib.connection.Connection, "send_packed_command", send_unless_dead)
     try:
-        letters.discard(tx_id)
+        letters.discard([tx_id])
     except Killed:
         pass
     monkeypatch.undo()
     try:  # the operator runs it again
-        dead_letters_of(settings, redis_client).discard(tx_id)
+        dead_letters_of(settings, redis_client).discard([tx_id])
     except UnknownTransaction:
         pass
     assert redis_client.llen(keys.failed) == 0

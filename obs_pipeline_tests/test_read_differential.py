@@ -346,7 +346,7 @@ def test_a_dead_lettered_transactions_writes_are_read_until_it_is_discarded_or_r
     assert reads() == while_buffered
     letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
     if then == "discard":
-        letters.discard_each([finish, files.transaction_id, poison.transaction_id])
+        letters.discard([finish, files.transaction_id, poison.transaction_id])
         assert reads() == (None, [], [])
         assert cache_keys(redis_client, settings.site) == []
     else:

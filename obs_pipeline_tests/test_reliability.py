@@ -2381,8 +2381,8 @@ def test_a_refused_spooled_line_set_aside_again_after_a_crash_is_listed_once(set
         (None, True), ("reused", True)]
     assert redis_client.get(keys.transaction("reused")).decode() == other  # the earlier one's, kept
     assert _queued_ids(redis_client, keys) == ["a1", "a2"]
-    letters.discard("#1")
-    letters.discard("reused")  # (by its id, as `failed list` shows it: a place names it no more)
+    letters.discard(["#1"])
+    letters.discard(["reused"])  # (by its id, as `failed list` shows it: a place names it no more)
     assert letters.list() == [] and redis_client.get(keys.transaction("reused")).decode() == other
     assert not list(redis_client.scan_iter(f"{keys.prefix}set_aside:*"))
 

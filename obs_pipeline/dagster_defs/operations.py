@@ -129,7 +129,7 @@ def drop_dead_letters(context: OpExecutionContext, config: DiscardDeadLettersCon
     letters = _dead_letters_or_one_line(obs_pipeline)
     try:
         with _redis_trouble_in_one_line(letters.keys.site):  # as in requeue_dead_letters
-            counts, blocked = letters.drop(config.transaction_ids)
+            counts, blocked = letters.discard(config.transaction_ids)
             context.log.info("discarded " + ", ".join(
                 ref + (f" ({n} letters: copies of one push)" if n > 1 else "")
                 for ref, n in zip(config.transaction_ids, counts)))
