@@ -154,10 +154,8 @@ class DeadLetters:
         which prints each as it comes (it held every letter, parsed, before the first line: 1.27 GB
         for 200,000). No WATCH, as nothing is read again once printed; the letters the drain pushes
         at the head meanwhile are not read (the count is taken first, the pages from the oldest end)."""
-        client = self.store.redis
-        count = client.llen(self.keys.failed)
-        for done in range(0, count, LIST_PAGE):
-            yield _letters(client.lrange(self.keys.failed, -min(done + LIST_PAGE, count), -done - 1))
+        for page in _raw_pages(self.store.redis, self.keys.failed):
+            yield _letters(page)
 
     def dead(self, tx_ids: set[str]) -> set[str]:
         """Those of `tx_ids` whose status is `failed`: dead-lettered, as their letter is listed
@@ -464,14 +462,18 @@ class DeadLetters:
         return rows
 
 
-def _read_pages(client: Any, key: str) -> list[bytes]:
-    """The list as LRANGE 0 -1 reads it (newest first), LIST_PAGE letters per call, from the
-    oldest end: letters the drain pushes at the head meanwhile move no page (and are not read)."""
-    pages = []
+def _raw_pages(client: Any, key: str) -> Iterator[list[bytes]]:
+    """The list's entries as LRANGE reads them (newest first within a page), LIST_PAGE per call,
+    the pages from the oldest end: letters the drain pushes at the head meanwhile move no page
+    (and are not read; the count is taken first)."""
     count = client.llen(key)
     for done in range(0, count, LIST_PAGE):
-        pages.append(client.lrange(key, -min(done + LIST_PAGE, count), -done - 1))
-    return [raw for page in reversed(pages) for raw in page]
+        yield client.lrange(key, -min(done + LIST_PAGE, count), -done - 1)
+
+
+def _read_pages(client: Any, key: str) -> list[bytes]:
+    """The list as LRANGE 0 -1 reads it (newest first), read by _raw_pages."""
+    return [raw for page in reversed(list(_raw_pages(client, key))) for raw in page]
 
 
 def _letters(raws: list[bytes]) -> list[DeadLetter]:

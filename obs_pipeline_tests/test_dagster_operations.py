@@ -197,16 +197,13 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
     stay buffered, "pending" (not "processing", which said a drain applied them, until the next
     run), and a run against main applies each once."""
     from obs_pipeline.ingest import TransactionBuffer
-    from obs_pipeline.stack.osutil import pick_free_ports
     from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
 
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 3)
     ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
-    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
-    unreachable = ObsPipelineResource(**{**resource.__dict__,
-                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    unreachable = _with_main_unreachable(resource)
     config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": budget_s,
                                                    "transient_retry_wait_s": 0.01 if budget_s > 1 else 0.4}}}}
     try:
@@ -218,7 +215,8 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
         [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
         message = failure.event_specific_data.error.message
         assert f"site {settings.site}: main unreachable (" in message, message
-        assert (f"port {closed.port} failed: Connection refused) at each of the run's {retries + 1} attempts; is "
+        closed_port = sa.engine.make_url(unreachable.main_db_url).port
+        assert (f"port {closed_port} failed: Connection refused) at each of the run's {retries + 1} attempts; is "
                 "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the next run" in message), message
         assert "\n" not in message.strip()
         _kept_for_the_next_run(redis_client, keys, buf, ids, resource)
@@ -1282,13 +1280,8 @@ def test_a_terminated_drain_run_stops_and_its_op_is_not_retried(settings, resour
             instance.report_run_canceling(run)  # what the run launcher's terminate() does, then the
             os.kill(os.getpid(), signal.SIGINT)  # code server interrupts the run worker's main thread
 
-        terminator = threading.Thread(target=terminate)
-        terminator.start()
-        try:
-            result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
-                                                     run_config=config, raise_on_error=False)
-        finally:
-            terminator.join()
+        result = _beside(terminate, lambda: drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance, run_config=config, raise_on_error=False))
         events = [e.event_type for e in result.all_events if e.step_key == "drain_batches"]
         assert DagsterEventType.STEP_UP_FOR_RETRY not in events, events
         assert events.count(DagsterEventType.STEP_START) == 1
@@ -1679,13 +1672,9 @@ def test_a_drain_run_terminated_while_its_op_waits_to_retry_is_not_retried(setti
     stopped, the daemon's service): Dagster waited for the retry in its executor, the interrupt
     was raised as the retry began, before drain_batches could say so, and the run ended FAILURE,
     "Execution was interrupted unexpectedly" (where dev's stop promises CANCELED)."""
-    from obs_pipeline.stack.osutil import pick_free_ports
-
     keys = SiteKeys(settings.site)
     redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
-    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
-    unreachable = ObsPipelineResource(**{**resource.__dict__,
-                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    unreachable = _with_main_unreachable(resource)
     config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": 60,
                                                    "transient_retry_wait_s": 4}}}}
     with instance_for_test() as instance:
@@ -1729,12 +1718,26 @@ def _stopped_in_its_op_retry_wait(instance, waiting, requested: bool, run):
             instance.report_run_canceling(runs[0])
         os.kill(os.getpid(), signal.SIGINT)
 
-    stopper = threading.Thread(target=stop)
-    stopper.start()
+    return _beside(stop, run)
+
+
+def _with_main_unreachable(resource: ObsPipelineResource) -> ObsPipelineResource:
+    """The resource, its main URL on a port nothing listens on."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    closed = sa.engine.make_url(resource.main_db_url).set(port=pick_free_ports(1)[0])
+    return ObsPipelineResource(**{**resource.__dict__, "main_db_url": closed.render_as_string(hide_password=False)})
+
+
+def _beside(side, run):
+    """`run()`'s result, with `side()` in a thread of its own beside it (it stops the run, or
+    changes what the run meets), joined before it returns."""
+    thread = threading.Thread(target=side)
+    thread.start()
     try:
         return run()
     finally:
-        stopper.join()
+        thread.join()
 
 
 @pytest.mark.parametrize("requested", [True, False], ids=["terminated from the UI", "dev stopped"])
@@ -1777,13 +1780,9 @@ def test_main_and_redis_each_have_their_own_op_retries_in_a_run(settings, resour
     for main one Redis error failed the run at once, and after Redis's 3 main got 5. Main stays
     unreachable (a closed port); Redis is full (maxmemory 1: the claim is refused) after main's
     4th retry, or until its own 3rd."""
-    from obs_pipeline.stack.osutil import pick_free_ports
-
     keys = SiteKeys(settings.site)
     redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
-    closed = sa.engine.make_url(settings.main_db_url).set(port=pick_free_ports(1)[0])
-    unreachable = ObsPipelineResource(**{**resource.__dict__,
-                                         "main_db_url": closed.render_as_string(hide_password=False)})
+    unreachable = _with_main_unreachable(resource)
     config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "budget_s": 120,
                                                    "transient_retry_wait_s": 0.2 if first == "main" else 0.01}}}}
     limit = redis_client.config_get("maxmemory")["maxmemory"]
@@ -1806,13 +1805,10 @@ def test_main_and_redis_each_have_their_own_op_retries_in_a_run(settings, resour
 
         if first == "redis":
             redis_client.config_set("maxmemory", 1)
-        switcher = threading.Thread(target=switch)
-        switcher.start()
         try:
-            result = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
-                                                     run_config=config, raise_on_error=False)
+            result = _beside(switch, lambda: drain_buffer.execute_in_process(
+                resources={"obs_pipeline": unreachable}, instance=instance, run_config=config, raise_on_error=False))
         finally:
-            switcher.join()
             redis_client.config_set("maxmemory", limit)
         events = [e.dagster_event for e in instance.all_logs(result.run_id) if e.dagster_event is not None]
     assert not result.success
