@@ -141,6 +141,18 @@ def refuse_a_redis_without_tls(client: redis.Redis, error: BaseException) -> Non
                           "nothing was buffered or spooled") from error
 
 
+def entry_id(raw: Any) -> str | None:
+    """The `transaction_id` of a queued entry (a list's entry, or a retry-set member with its
+    score), or None where it has no usable one."""
+    if isinstance(raw, tuple):
+        raw = raw[0]
+    try:
+        tx_id = json.loads(raw).get("transaction_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return tx_id if isinstance(tx_id, str) else None
+
+
 def lost_while_watching(error: redis.WatchError) -> BaseException | None:
     """The ConnectionError or TimeoutError behind this WatchError; None for a real conflict (a
     watched key changed). redis-py raises a connection reset or a socket timeout that happens
@@ -471,15 +483,17 @@ class BufferStore:
         while True:
             entries = self.redis.lrange(self.keys.processing, start, start + chunk - 1)
             start += chunk
-            for raw in entries:
-                try:
-                    tx_id = json.loads(raw).get("transaction_id")
-                except (ValueError, AttributeError, RecursionError):
-                    continue
-                if isinstance(tx_id, str):
-                    ids.add(tx_id)
+            ids.update(filter(None, map(entry_id, entries)))
             if len(entries) < chunk:
                 return ids
+
+    def retry_ids(self) -> set[str]:
+        """The transaction ids in the retry set: waiting for their next attempt, or parked behind
+        a transaction that fails (scored +inf). The drain claims them from there again, never
+        through the buffer: a copy of an applied transaction held there must still find its
+        record (a prune keeps it). A scan returns every member there for its whole length."""
+        return set(filter(None, map(entry_id, self.redis.zscan_iter(self.keys.retry, count=1000,
+                                                                    score_cast_func=lambda _: None))))
 
     def _awaiting_records(self, start: int = 0, stop: int = -1) -> list[tuple[dict[str, Any], bytes]]:
         """The chunk records of `awaiting_replication`'s members `start` to `stop` (ZRANGE's

@@ -11,7 +11,7 @@ from typing import Any, Iterator, NamedTuple
 import redis
 
 from obs_pipeline import redis_scripts as scripts
-from obs_pipeline.buffer_store import BufferStore, lost_while_watching
+from obs_pipeline.buffer_store import BufferStore, entry_id, lost_while_watching
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, new_uuid, one_line, validate,
                                written_ids)
@@ -460,6 +460,30 @@ class DeadLetters:
             if tx is not None:
                 rows.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
         return rows
+
+
+def listed_ids(store: BufferStore) -> set[str]:
+    """The transaction ids of the listed letters, for a prune: a letter retried goes back through
+    the drain, and where it is a copy of an applied transaction (pushed again by a producer, and
+    dead-lettered as blocked by another), that one's record must still be there. Read under a
+    WATCH, and again if the list changed meanwhile: a letter retried or discarded during the read
+    shifts the pages, and a letter not read would have its record pruned. ListKeepsChanging
+    after READS reads that each found it changed."""
+    for _ in range(READS):
+        with store.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(store.keys.failed)
+                ids = {tx_id for page in _raw_pages(pipe, store.keys.failed) for tx_id in map(entry_id, page)
+                       if tx_id is not None}
+                pipe.multi()
+                pipe.execute()  # an empty MULTI: it fails if the list changed since the WATCH
+                return ids
+            except redis.WatchError as error:
+                lost = lost_while_watching(error)
+                if lost is not None:
+                    raise lost from None
+    raise ListKeepsChanging(f"the dead-letter list of site {store.keys.site} changed each of the {READS} times "
+                            "it was read (the drain dead-lettering as it goes?)")
 
 
 def _raw_pages(client: Any, key: str) -> Iterator[list[bytes]]:

@@ -9,6 +9,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -44,11 +46,16 @@ from obs_pipeline.dagster_defs.operations import (
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dev import DAGSTER_YAML, dagster_environment
+from obs_pipeline.drain import Drain, DrainConfig
+from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.examples import seed_example
 # (imported inside a test, deep in its stack, Python 3.11's compiler failed on test_cli.py: "AST
 # constructor recursion depth mismatch")
 from obs_pipeline_tests.test_cli import dead_poison_and_its_dependent
+from obs_pipeline_tests.test_reliability import (cli_env, copy_blocked_behind_a_dead_update, due_now,
+                                                 replicated_observation)
+from obs_pipeline_tests.workload import drain_until_settled
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 FAST = {"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "retry_base_s": 0.05,
@@ -429,6 +436,124 @@ def test_prune_keeps_the_records_of_a_batch_still_awaiting_the_replica(settings,
         kept = conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied WHERE site = :s"),
                             {"s": settings.site}).scalars().all()
     assert kept == ["waits"]
+
+
+@pytest.mark.parametrize("holder_dead", [True, False], ids=["blocker dead-lettered", "holder waiting to retry"])
+def test_prune_keeps_the_record_of_an_applied_transaction_whose_copy_waits_behind_a_failing_one(
+        settings, resource, redis_client, main_engine, holder_dead):
+    """A producer pushes an applied update again (its reply was lost) after a later update of
+    the row began to fail: the copy is held behind it, parked in the retry set, or dead-lettered
+    as blocked by it once its retries are spent. Neither is in the buffer or the processing list,
+    so a prune more than `older_than_days` after the original was applied dropped its record;
+    when the failing update was mended (retried from the dead letters, or its next attempt), the
+    copy came back through the drain and was applied a second time: the row's status went back
+    from the later "completed" to the copy's "started"."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
+    copy = redis_client.get(keys.transaction(done))
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        if holder_dead:
+            copy_blocked_behind_a_dead_update(drain, redis_client, keys, failing, copy)
+        else:
+            assert drain.step().retried == 1
+            redis_client.lpush(keys.buffer, copy)
+            assert drain.step().held == 1
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                             "WHERE site = :s"), {"s": settings.site})
+    assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    with main_engine.begin() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    if holder_dead:
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", failing],
+                       env=cli_env(settings), check=True, capture_output=True)
+    else:
+        due_now(redis_client, keys, failing)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
+                           {"i": obs["id"]}).one()
+    assert tuple(row) == (31337, "completed")
+    assert done in kept
+    assert redis_client.llen(keys.failed) == 0
+    buf.close()
+
+
+def _listed_with_aged_records(settings, redis_client, main_engine, count: int) -> list[str]:
+    """`count` dead letters (the oldest first), each the copy of a transaction applied 10 days ago."""
+    ids = [f"listed-{n}" for n in range(count)]
+    for tx_id in ids:
+        redis_client.lpush(SiteKeys(settings.site).failed, json.dumps(
+            {"transaction_id": tx_id, "steps": [], "failure": {"reason": "blocked by another"}}))
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) "
+                             "SELECT unnest(CAST(:ids AS text[])), :s, now() - interval '10 days'"),
+                     {"ids": ids, "s": settings.site})
+    return ids
+
+
+def test_prune_reads_the_dead_letters_again_when_a_retry_shifted_them_under_its_read(
+        settings, resource, redis_client, main_engine, monkeypatch):
+    """The list is read in pages from its oldest end; a letter retried (or discarded) while it is
+    read moves those not yet read into pages already read, and one of them was not read: its
+    record would be pruned. The read is made again until the list stood still through it."""
+    from obs_pipeline import dead_letters
+
+    ids = _listed_with_aged_records(settings, redis_client, main_engine, 5)
+    monkeypatch.setattr(dead_letters, "LIST_PAGE", 2)
+    read_pages, reads = dead_letters._raw_pages, []
+
+    def retried_after_the_first_page(client, key):
+        reads.append(key)
+        for place, page in enumerate(read_pages(client, key)):
+            yield page
+            if len(reads) == 1 and place == 0:
+                redis_client.rpop(key)  # the oldest letter, read already, leaves the list
+
+    monkeypatch.setattr(dead_letters, "_raw_pages", retried_after_the_first_page)
+    assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    with main_engine.connect() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+    assert kept == set(ids[1:]) and len(reads) == 2
+
+
+def test_prune_with_a_dead_letter_list_changing_at_every_read_fails_in_one_line_and_prunes_nothing(
+        settings, resource, redis_client, main_engine, monkeypatch):
+    from obs_pipeline import dead_letters
+
+    ids = _listed_with_aged_records(settings, redis_client, main_engine, 2)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_pipeline_applied (transaction_id, site, applied_at) VALUES "
+                             "('old', :s, now() - interval '10 days')"), {"s": settings.site})
+    read_pages = dead_letters._raw_pages
+
+    def dead_lettering_meanwhile(client, key):
+        yield from read_pages(client, key)
+        redis_client.lpush(key, json.dumps({"transaction_id": str(uuid.uuid4()), "steps": [],
+                                            "failure": {"reason": "dead-lettered meanwhile"}}))
+
+    monkeypatch.setattr(dead_letters, "_raw_pages", dead_lettering_meanwhile)
+    result = prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource},
+                                                           raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message.strip()
+    assert "\n" not in message and "changed each of the 20 times it was read" in message, message
+    assert message.endswith("nothing pruned (the records of the transactions it lists are kept, and it could not "
+                            "be read whole): the next prune tries again"), message
+    with main_engine.connect() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+    assert kept == set(ids) | {"old"}
 
 
 def _stamp(days_ago: float) -> str:

@@ -2523,7 +2523,7 @@ def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_rep
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
         drain.acquire()
-        _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
+        copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
     finally:
         drain.close()
     assert buf.status(done) == "replicated"
@@ -2531,7 +2531,7 @@ def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_rep
     buf.close()
 
 
-def _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy):
+def copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy):
     """`first`'s retries are spent (dead-lettered), then a producer's `copy` of an applied
     transaction writing its row is pushed, and dead-lettered as blocked by it."""
     for _ in range(3):
@@ -2567,7 +2567,7 @@ def test_discarding_a_copy_of_an_applied_transaction_keeps_its_status_and_caches
             if not replayed:
                 assert drain.step().applied == 1
             first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
-            _copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
+            copy_blocked_behind_a_dead_update(drain, redis_client, keys, first, copy)
         finally:
             drain.close()
         assert buf.status(done) == status

@@ -31,7 +31,7 @@ import redis
 import sqlalchemy as sa
 
 from obs_pipeline.apply import describe, make_engine, refuse_standby, refused_by_configuration
-from obs_pipeline.buffer_store import redis_trouble
+from obs_pipeline.buffer_store import BufferStore, redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
     DEAD_LETTER_CHECK,
@@ -44,7 +44,8 @@ from obs_pipeline.dagster_defs.jobs import (
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
+from obs_pipeline.dead_letters import (CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction,
+                                       listed_ids)
 from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, oldest_waiting, replication_lag
 from obs_pipeline.schema import PRUNE_NOTHING, check_prune_days, prune_applied, prune_cutoff, too_many_days
 
@@ -156,10 +157,10 @@ class PruneConfig(Config):
 
 @op
 def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> dict:
-    """The site's applied-id records older than `older_than_days`, but those of a batch in the
-    processing list or awaiting the replica (a failover of main is told by them), and none applied `older_than_days` before the oldest transaction still
-    waiting or later (schema.prune_cutoff): the log and the output say when that moved the cutoff
-    back, and why."""
+    """The site's applied-id records older than `older_than_days`, but those of the transactions
+    the drain may take again without the buffer (ids_that_may_come_back), and none applied
+    `older_than_days` before the oldest transaction still waiting or later (schema.prune_cutoff):
+    the log and the output say when that moved the cutoff back, and why."""
     engine = store = None
     try:  # an OBS_* setting unset or wrong (the schedule's daemon): its line, as the drain's run says it
         check_prune_days(config.older_than_days)  # before anything is asked: a bad config is said as such
@@ -168,13 +169,17 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
         store = obs_pipeline.buffer_store()
         refuse_standby(engine, schema=True)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
-            keep = store.processing_ids() | store.awaiting_ids()
+            keep = ids_that_may_come_back(store)
             before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
         except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
             trouble = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise Failure(description=f"site {settings.site}: {trouble}; nothing "
                                       "pruned (the records of a batch left in its processing list are kept, and "
                                       "that list could not be read)") from error
+        except ListKeepsChanging as error:
+            raise Failure(description=f"{error}; nothing pruned (the records of the transactions it lists "
+                                      "are kept, and it could not be read whole): the next prune tries again") \
+                from error
         with engine.begin() as conn:
             removed = prune_applied(conn, config.older_than_days, settings.site, keep, before)
     except (ValueError, ConfigError) as error:  # too few days, main a standby: its line, not a wrapped traceback
@@ -199,6 +204,17 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
     cutoff = "" if before in (None, PRUNE_NOTHING) else before.isoformat()
     context.add_output_metadata({"pruned": removed, "cutoff_moved_back_to": cutoff, "moved_back": why or ""})
     return {"pruned": removed, "cutoff_moved_back_to": cutoff or None, "moved_back": why}
+
+
+def ids_that_may_come_back(store: BufferStore) -> set[str]:
+    """The ids of the transactions the drain may take again without the buffer, whose records a
+    prune keeps however old: a copy of an applied one among them is skipped by its record, and
+    applied again without it. The processing list is read before and after the retry set, as a
+    transaction goes from one to the other both ways (held, then claimed when due); the
+    dead-letter list (a retried letter comes back) and the batches awaiting the replica (a
+    failover of main) after."""
+    return (store.processing_ids() | store.retry_ids() | store.processing_ids() | listed_ids(store)
+            | store.awaiting_ids())
 
 
 @job(executor_def=in_process_executor)
