@@ -45,8 +45,8 @@ from typing import Iterator, NamedTuple
 import redis
 
 from obs_pipeline import forks
-from obs_pipeline.buffer_store import (BufferStore, CacheWrites, KeyTaken, RedisRefusesWrites,
-                                       refuse_a_redis_without_tls)
+from obs_pipeline.buffer_store import (REPLICATED_STATUS_TTL_S, BufferStore, CacheWrites, KeyTaken,
+                                       RedisRefusesWrites, refuse_a_redis_without_tls)
 from obs_pipeline.wire import is_storable_id, status_header
 
 RETRY_INTERVAL_S = 1.0
@@ -92,6 +92,18 @@ SIZE_LIMITS_FLOOR = 1024 * 1024
 # behind, removing the count alone, whose `lines` its later count reaches, makes that count look
 # stale: its lines are pushed again, harmless, with the warning.)
 OFFSET_HEAD_BYTES = 4096
+# A spooled line may be a copy of a transaction Redis took: its push lost the connection or timed
+# out after Redis ran the buffer script (ingest spools it all the same: Redis may not have it), or
+# a push sent it and died before recording it. Pushed again, the buffer script leaves it alone
+# while its status key exists, which is until REPLICATED_STATUS_TTL_S after it was replicated; the
+# drain skips it while main's applied-id record stays, until the prune after `older_than_days`.
+# Past both (a host switched off for a week with its spool), the copy was buffered and applied
+# again: an update set its row back to its older value. Such a line (marked MAYBE_IN_REDIS when it
+# was spooled, or the first line a push takes where this process did not send the one before it)
+# older than this, whose status key is gone, cannot be told from a transaction never buffered: it
+# goes to the dead-letter list with the line (Spool._set_aside), for an operator to check its rows.
+STALE_COPY_AFTER_S = REPLICATED_STATUS_TTL_S
+MAYBE_IN_REDIS = "maybe_in_redis"
 log = logging.getLogger(__name__)
 # Redis cannot take the transaction now: down, too slow, full (`maxmemory` reached under
 # `noeviction`, the only policy a buffer can have: Redis refuses the write and keeps nothing),
@@ -241,8 +253,9 @@ class Spool:
                     refuse_a_redis_without_tls(store.redis, error)  # the URL, not an outage: not spooled
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
+                    sent = _may_have_reached_redis(error)
                 with self._locked():
-                    self._append(tx_id, tx_json, caches)
+                    self._append(tx_id, tx_json, caches, maybe_in_redis=sent)
                 return
             if not self.redis_failed_recently():
                 self._ask_redis_outside_the_lock(store)
@@ -266,7 +279,7 @@ class Spool:
                     refuse_a_redis_without_tls(store.redis, error)
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
-                    self._append(tx_id, tx_json, caches)
+                    self._append(tx_id, tx_json, caches, maybe_in_redis=_may_have_reached_redis(error))
         except OSError as error:  # the spool's own files: Redis's errors are not OSErrors
             raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
                              f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
@@ -486,11 +499,15 @@ class Spool:
                 finally:
                     self._holder = None  # last: the flock is released
 
-    def _append(self, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
-        """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd."""
+    def _append(self, tx_id: str, tx_json: str, caches: CacheWrites, maybe_in_redis: bool = False) -> None:
+        """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd.
+        `maybe_in_redis`: its own push failed in a way that may come after Redis ran it (see
+        STALE_COPY_AFTER_S)."""
         entry = {"id": tx_id, "tx": tx_json, "created": caches.created, "overlays": caches.overlays}
         if caches.checked:  # (only then: a line as earlier versions write it otherwise; they ignore it)
             entry["checked"] = caches.checked
+        if maybe_in_redis:  # (likewise)
+            entry[MAYBE_IN_REDIS] = True
         line = (json.dumps(entry) + "\n").encode()
         try:
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND), False
@@ -578,8 +595,11 @@ class Spool:
             self._find_unpushed(cursor, file)
             deadline, pushed = time.monotonic() + PUSH_SLICE_S, 0
             for line, end in _counted_lines(file, cursor.position):
+                # a line this process is not known to send for the first time: a push before may have
+                # sent it and lost its reply, or died before recording it (see STALE_COPY_AFTER_S)
+                maybe_in_redis, cursor.at_untried_line = not cursor.at_untried_line, False
                 try:  # only the lines pushed now are parsed
-                    _buffer_line(store, line)
+                    _buffer_line(store, line, maybe_in_redis)
                     pushed += 1
                 except _CannotBePushed as refused:
                     self._set_aside(store, line, str(refused))
@@ -594,6 +614,7 @@ class Spool:
                     # there is room
                     pass
                 cursor.index, cursor.position, cursor.head = progress
+                cursor.at_untried_line = True
                 if time.monotonic() >= deadline:
                     return pushed, False
             torn = _torn_tail(file.fileno())
@@ -835,9 +856,11 @@ class _CannotBePushed(ValueError):
     """A spooled line the buffer script cannot take for what it is, however often it is pushed."""
 
 
-def _buffer_line(store: BufferStore, line: bytes) -> None:
-    """Buffer one spooled line. Raises _CannotBePushed for a line that is not the buffer script's
-    arguments (not JSON, another layout: a hand's edit, another version's line), whose text
+def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) -> None:
+    """Buffer one spooled line. Raises _CannotBePushed for a line that may be a copy of a
+    transaction Redis took and has forgotten since (`maybe_in_redis`, or so marked when spooled;
+    older than STALE_COPY_AFTER_S and without a status key), for a line that is not the buffer
+    script's arguments (not JSON, another layout: a hand's edit, another version's line), whose text
     cannot be sent (a lone surrogate: refused as it is packed, before anything is sent), or that
     is over Redis's size limits (asked first, see _over_a_size_limit; or, where Redis does not
     say them, "Protocol error: invalid bulk length"), or a create of a key it found free when it
@@ -853,6 +876,12 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
         if too_large:
             raise _CannotBePushed(too_large)
     try:
+        if maybe_in_redis or entry.get(MAYBE_IN_REDIS) is True:
+            age_s = _tx_age_s(tx_json)  # (ingest stamps every transaction: a line without is a hand's)
+            if age_s is not None and age_s >= STALE_COPY_AFTER_S:
+                if store.redis.exists(store.keys.transaction(tx_id)):
+                    return  # in Redis already: the buffer script would leave it as it is
+                raise _CannotBePushed(_stale_copy_reason(age_s))
         store.buffer(tx_id, tx_json, CacheWrites(**caches))
     except UnicodeEncodeError as error:
         raise _CannotBePushed(f"it holds text that cannot be sent as UTF-8 ({_one_line(error)})") from None
@@ -863,6 +892,21 @@ def _buffer_line(store: BufferStore, line: bytes) -> None:
         if not str(error).startswith("Protocol error"):
             raise
         raise _CannotBePushed(f"Redis refuses it: {_one_line(error)} (larger than its proto-max-bulk-len?)") from None
+
+
+def _may_have_reached_redis(error: BaseException) -> bool:
+    """A connection lost or a reply timed out may come after Redis ran the buffer script; a full
+    Redis, one refusing writes or the script's password refuses it before anything is written."""
+    return (isinstance(error, (redis.ConnectionError, redis.TimeoutError))
+            and not isinstance(error, redis.AuthenticationError))
+
+
+def _stale_copy_reason(age_s: float) -> str:
+    """Why a line that may be a forgotten copy (see STALE_COPY_AFTER_S) is not pushed, in one line."""
+    return (f"it is {age_s / 86400:.1f} days old, an earlier push of it may have reached Redis (its reply was lost, "
+            f"or the push was cut short), and Redis no longer knows its id (a status is kept "
+            f"{STALE_COPY_AFTER_S / 86400:g} days after replication, main's applied-id record until the prune's "
+            "`older_than_days`, 7 by default): if it was applied, pushed now it would be applied again")
 
 
 def _spooled_entry(line: bytes) -> dict:
@@ -949,10 +993,13 @@ class _PushCursor:
         self.offset = _NO_OFFSET
         self.index = self.position = 0
         self.head = ""
+        # the line at `position` follows one this process pushed and recorded: no push sent it yet
+        self.at_untried_line = False
 
     def forget(self) -> None:
         fd, self.fd = self.fd, None
         _close_quietly(fd)
+        self.at_untried_line = False
 
 
 def _close_quietly(fd: int | None) -> None:
@@ -1028,8 +1075,16 @@ def _push_all_at_exit() -> None:
 def _age_of(line: bytes) -> float | None:
     """Seconds since a spooled transaction's timestamp (ISO-8601, UTC when it has no offset)."""
     try:
-        stamp = dt.datetime.fromisoformat(json.loads(json.loads(line)["tx"])["timestamp"])
+        return _tx_age_s(json.loads(line)["tx"])
     except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _tx_age_s(tx_json: str) -> float | None:
+    """Seconds since the timestamp of a transaction's JSON; None if it has none readable."""
+    try:
+        stamp = dt.datetime.fromisoformat(json.loads(tx_json)["timestamp"])
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.timezone.utc)

@@ -1,0 +1,152 @@
+"""Nothing lost, nothing doubled across the time-based expiries: a transaction's status record
+(a week after `replicated`), its applied-id record on main (pruned after `older_than_days`),
+against a copy of it that reaches Redis only after both are gone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import replace
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from obs_pipeline.buffer_store import REPLICATED_STATUS_TTL_S, BufferStore
+from obs_pipeline.health import oldest_waiting
+from obs_pipeline.ingest import TransactionBuffer
+from obs_pipeline.keys import SiteKeys
+from obs_pipeline.schema import prune_applied, prune_cutoff
+from obs_pipeline.spool import REFUSED_KIND
+from obs_pipeline_tests.workload import drain_until_settled
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+def _script_host_whose_reply_is_lost(monkeypatch, buf: TransactionBuffer) -> None:
+    """The script's next push reaches Redis but its reply is lost (a timeout: it is spooled),
+    and from then on its host reaches no Redis (switched off): its spool stays on its disk."""
+    real_buffer, host_stores, lost = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}, []
+
+    def buffer(self, *args):
+        if self not in host_stores:
+            return real_buffer(self, *args)
+        if lost:
+            raise redis.ConnectionError("the script's host is off (test)")
+        real_buffer(self, *args)
+        lost.append(True)
+        raise redis.TimeoutError("Timeout reading from socket (test: Redis ran it, its reply was lost)")
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer)
+
+
+def _aged(line: bytes, days: float) -> bytes:
+    """A spooled line as if it had been spooled `days` earlier (its transaction's timestamp)."""
+    entry = json.loads(line)
+    tx = json.loads(entry["tx"])
+    tx["timestamp"] = (dt.datetime.fromisoformat(tx["timestamp"]) - dt.timedelta(days=days)).isoformat()
+    entry["tx"] = entry["tx"][:entry["tx"].index('"transaction_id"')] + json.dumps(
+        {k: v for k, v in tx.items() if k != "status"})[1:]
+    return (json.dumps(entry) + "\n").encode()
+
+
+def _a_week_passes(buf: TransactionBuffer, settings, main_engine, redis_client, tx_id: str) -> None:
+    """What the week does: the spooled line is 8 days old, the transaction's status record (kept
+    REPLICATED_STATUS_TTL_S after `replicated`) has expired, and the daily prune has removed its
+    applied-id record, as the prune job does."""
+    status_key = SiteKeys(settings.site).transaction(tx_id)
+    assert 0 < redis_client.ttl(status_key) <= REPLICATED_STATUS_TTL_S
+    redis_client.delete(status_key)
+    with buf.spool._locked():
+        lines = buf.spool.path.read_bytes().splitlines(keepends=True)
+        buf.spool.path.write_bytes(b"".join(_aged(line, days=8) for line in lines))
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = applied_at - interval '8 days'"))
+    from obs_pipeline.dagster_defs.operations import ids_that_may_come_back  # (the prune job's own reading)
+
+    store = BufferStore(redis_client, settings.site)
+    before, _ = prune_cutoff(7.0, oldest_waiting(store))
+    with main_engine.begin() as conn:
+        pruned = prune_applied(conn, 7.0, settings.site, ids_that_may_come_back(store), before)
+    assert pruned >= 1
+
+
+def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applied_again(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """An update whose push reached Redis but whose reply was lost is spooled (Redis may not have
+    it); its host is then off for over a week. Meanwhile the drain applied the update, a later
+    update of the row from another host was applied, the status record expired and the prune
+    removed the applied-id record. The spool pushed then must not apply the copy again: it did,
+    and the row went back to the older value."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    drain_until_settled(settings)
+
+    _script_host_whose_reply_is_lost(monkeypatch, buf)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1  # in Redis all the same
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    later = other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+    assert other_host.status(later) == "replicated"
+
+    _a_week_passes(buf, settings, main_engine, redis_client, finish)
+    back = TransactionBuffer(settings=settings)  # the host is on again: its next script pushes the spool
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar_one()
+    assert row == "aborted"
+    letters = [json.loads(letter) for letter in redis_client.lrange(keys.failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    assert "it is 8.0 days old, an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
+    assert back.get("ExecutedObsUnit", obs["id"])["status"] == "aborted"
+    for b in (buf, other_host, back):
+        b.close()
+
+
+def test_old_spooled_lines_redis_never_took_or_still_knows_are_pushed_as_before(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """The refusal above is for a line that may be a forgotten copy alone: a week-old line whose
+    transaction Redis still knows (its status key) is left as it is, as before, and the lines
+    spooled behind it without reaching Redis (their host cut off) are pushed and applied, however
+    old."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    drain_until_settled(settings)
+
+    _script_host_whose_reply_is_lost(monkeypatch, buf)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    behind = []
+    for n in range(2):
+        with buf.transaction(endpoint="start_observation") as tx:
+            behind.append(tx.create("ExecutedObsUnit", {"obs_unit_id": 2, "start_time": "2025-01-02T00:00:00Z",
+                                                        "status": f"behind {n}"})["id"])
+    assert buf.spool.pending() == 3 and redis_client.llen(keys.buffer) == 1
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+
+    with buf.spool._locked():  # 8 days pass with the status record kept (a site's longer TTL, say)
+        lines = buf.spool.path.read_bytes().splitlines(keepends=True)
+        buf.spool.path.write_bytes(b"".join(_aged(line, days=8) for line in lines))
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+
+    assert redis_client.lrange(keys.failed, 0, -1) == []
+    with main_engine.connect() as conn:
+        rows = dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit")).all())
+    assert rows == {obs["id"]: "aborted", behind[0]: "behind 0", behind[1]: "behind 1"}
+    assert back.status(finish) == "replicated"
+    for b in (buf, other_host, back):
+        b.close()
