@@ -150,3 +150,53 @@ def test_old_spooled_lines_redis_never_took_or_still_knows_are_pushed_as_before(
     assert back.status(finish) == "replicated"
     for b in (buf, other_host, back):
         b.close()
+
+
+def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_later_is_not_applied_again(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """The other way a spooled line becomes a copy: a push sends it, Redis takes it, and the push
+    dies before it records that (its offset). The line was spooled as Redis was full (nothing of
+    it taken then, so it is not marked); pushed again by the next script over a week later, once
+    the status had expired and the prune had taken the applied-id record, it was applied again."""
+    from obs_pipeline.spool import Spool
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    drain_until_settled(settings)
+
+    real_buffer, host_stores = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}
+
+    def buffer(self, *args):
+        if self in host_stores:
+            raise redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory' (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    assert b"maybe_in_redis" not in buf.spool.path.read_bytes()  # a full Redis took none of it
+    real_offset = Spool._write_offset
+    monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):  # another script's push: sent, then it died
+        Spool(settings.spool_dir, settings.site, flush_store=BufferStore(redis_client, settings.site)).flush()
+    monkeypatch.setattr(Spool, "_write_offset", real_offset)
+    assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+
+    _a_week_passes(buf, settings, main_engine, redis_client, finish)
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar_one()
+    assert row == "aborted"
+    letters = [json.loads(letter) for letter in redis_client.lrange(keys.failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    for b in (buf, other_host, back):
+        b.close()
