@@ -94,12 +94,13 @@ SIZE_LIMITS_FLOOR = 1024 * 1024
 OFFSET_HEAD_BYTES = 4096
 # A spooled line may be a copy of a transaction Redis took: its push lost the connection or timed
 # out after Redis ran the buffer script (ingest spools it all the same: Redis may not have it), or
-# a push sent it and died before recording it. Pushed again, the buffer script leaves it alone
+# a push sent it and died before recording it (`{site}.pushing`, made as a push starts and removed
+# once every line it sent is recorded, is left behind). Pushed again, the buffer script leaves it alone
 # while its status key exists, which is until REPLICATED_STATUS_TTL_S after it was replicated; the
 # drain skips it while main's applied-id record stays, until the prune after `older_than_days`.
 # Past both (a host switched off for a week with its spool), the copy was buffered and applied
 # again: an update set its row back to its older value. Such a line (marked MAYBE_IN_REDIS when it
-# was spooled, or the first line a push takes where this process did not send the one before it)
+# was spooled, or the first line a push takes after a push that left `{site}.pushing`)
 # older than this, whose status key is gone, cannot be told from a transaction never buffered: it
 # goes to the dead-letter list with the line (Spool._set_aside), for an operator to check its rows.
 STALE_COPY_AFTER_S = REPLICATED_STATUS_TTL_S
@@ -146,6 +147,8 @@ class Spool:
         self.offset_path = self.directory / f"{site}.offset"
         self.offset_check_path = self.directory / f"{site}.offset-check"
         self.lock_path = self.directory / f"{site}.lock"
+        # there while a push is under way (see STALE_COPY_AFTER_S): one that died left it
+        self.pushing_path = self.directory / f"{site}.pushing"
         # Re-entrant, as is _flusher_lock: a signal handler that buffers runs in the thread it
         # interrupted, maybe holding them (see _inside)
         self._lock = threading.RLock()
@@ -593,7 +596,10 @@ class Spool:
             return 0, True
         with file:
             self._find_unpushed(cursor, file)
-            deadline, pushed = time.monotonic() + PUSH_SLICE_S, 0
+            if not cursor.at_untried_line:  # (this process did not just record the line before it)
+                cursor.at_untried_line = not self.pushing_path.exists()
+            self.pushing_path.touch(mode=0o600)
+            deadline, pushed, recorded = time.monotonic() + PUSH_SLICE_S, 0, True
             for line, end in _counted_lines(file, cursor.position):
                 # a line this process is not known to send for the first time: a push before may have
                 # sent it and lost its reply, or died before recording it (see STALE_COPY_AFTER_S)
@@ -603,6 +609,11 @@ class Spool:
                     pushed += 1
                 except _CannotBePushed as refused:
                     self._set_aside(store, line, str(refused))
+                except REDIS_CANNOT_TAKE_IT as error:
+                    if recorded and not maybe_in_redis and not _may_have_reached_redis(error):
+                        cursor.at_untried_line = True  # nothing of this line was sent, by any push
+                        self.pushing_path.unlink(missing_ok=True)
+                    raise
                 head = cursor.head if cursor.position >= OFFSET_HEAD_BYTES else _head_digest(file, end)
                 progress = _Offset(cursor.index + 1, end, head)
                 try:
@@ -612,10 +623,12 @@ class Spool:
                     # a full disk, say: this line is pushed again by the next push that does not
                     # know it (harmless), while stopping here would stop every script until
                     # there is room
-                    pass
+                    recorded = False
                 cursor.index, cursor.position, cursor.head = progress
                 cursor.at_untried_line = True
                 if time.monotonic() >= deadline:
+                    if recorded:  # every line sent is recorded: the next push's first is untried
+                        self.pushing_path.unlink(missing_ok=True)
                     return pushed, False
             torn = _torn_tail(file.fileno())
             if torn is not None:
@@ -627,6 +640,7 @@ class Spool:
         self._remove_offset()
         _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
         self.path.unlink()
+        self.pushing_path.unlink(missing_ok=True)
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed, True
 
@@ -896,9 +910,14 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
 
 def _may_have_reached_redis(error: BaseException) -> bool:
     """A connection lost or a reply timed out may come after Redis ran the buffer script; a full
-    Redis, one refusing writes or the script's password refuses it before anything is written."""
-    return (isinstance(error, (redis.ConnectionError, redis.TimeoutError))
-            and not isinstance(error, redis.AuthenticationError))
+    Redis, one refusing writes or the script's password refuses it before anything is written,
+    and so does a connect that failed (redis-py's "Error 111 connecting to host:port", "Timeout
+    connecting to server"): marked, a Redis down for a week had a line dead-lettered at each of
+    a script's attempts to reach it."""
+    if not isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or isinstance(error, redis.AuthenticationError):
+        return False
+    text = str(error)
+    return " connecting to " not in text and not text.startswith("Timeout connecting")
 
 
 def _stale_copy_reason(age_s: float) -> str:

@@ -200,3 +200,32 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
     assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
     for b in (buf, other_host, back):
         b.close()
+
+
+def test_a_line_spooled_as_redis_refused_the_connection_is_pushed_however_old(
+        settings, redis_client, main_engine, tmp_path):
+    """A connect refused (Redis down, the site's Redis switched off for a week) cannot have sent
+    anything: such a line is no copy, and is pushed and applied whatever its age. Marked as a
+    lost reply's, a week-long Redis outage dead-lettered a line at each attempt to reach it."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    keys = SiteKeys(settings.site)
+    down = replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    buf = TransactionBuffer(settings=down)
+    with buf.transaction(endpoint="start_observation") as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "spooled as Redis was down"})
+    with buf.spool._locked():
+        lines = buf.spool.path.read_bytes().splitlines(keepends=True)
+        assert len(lines) == 1 and "maybe_in_redis" not in json.loads(lines[0]), lines
+        buf.spool.path.write_bytes(b"".join(_aged(line, days=8) for line in lines))
+    buf.close()
+
+    back = TransactionBuffer(settings=settings)  # Redis is back, a week later
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+    assert redis_client.lrange(keys.failed, 0, -1) == []
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "spooled as Redis was down"
+    back.close()
