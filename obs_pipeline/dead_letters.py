@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import redis
@@ -56,16 +55,40 @@ KIND_WHOLE_BYTES = 16 * 1024
 KINDS_BYTES = 4 * 1024 * 1024
 
 
-@dataclass
 class DeadLetter:
-    raw: bytes | str  # as listed: what LREM removes, exactly
-    doc: dict[str, Any]
+    """A listed letter: its bytes, and what every letter is looked at for (its id, its failure's
+    reason and kind); the rest of its document is parsed again when asked for (`doc`), not kept:
+    kept parsed, a letter of 1.4 KB held 6.5 KB more, and `failed retry --all` of 200,000 letters
+    took 3.3 GB (a backlog dead-lettered whole can be a million)."""
+
+    __slots__ = ("raw", "transaction_id", "reason", "kind")
+
+    def __init__(self, raw: bytes | str, alike: dict[Any, Any] | None = None):
+        """`alike`: texts already kept (by _letters), for a reason or kind many letters share."""
+        doc = _document(raw)
+        self.raw = raw  # as listed: what LREM removes, exactly
+        tx_id = doc.get("transaction_id")
+        # None for an entry whose id is missing or unusable (`#N` of the list names it)
+        self.transaction_id: str | None = tx_id if is_storable_id(tx_id) else None
+        failure = _failure_of(doc)
+        reason, kind = str(failure.get("reason", "?")), failure.get("kind")
+        self.reason: str = alike.setdefault(reason, reason) if alike is not None else reason
+        # (any JSON a hand wrote; a text compared with the kinds below)
+        self.kind: Any = alike.setdefault(kind, kind) if alike is not None and isinstance(kind, str) else kind
+
+    def __eq__(self, other: object) -> bool:
+        """As the letters' bytes (their documents, read from them, then are too)."""
+        return self.raw == other.raw if isinstance(other, DeadLetter) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (as the dataclass it was: mutable, compared by value)
+
+    def __repr__(self) -> str:
+        return f"DeadLetter({self.raw!r})"
 
     @property
-    def transaction_id(self) -> str | None:
-        """None for an entry whose id is missing or unusable (`#N` of the list names it)."""
-        tx_id = self.doc.get("transaction_id")
-        return tx_id if is_storable_id(tx_id) else None
+    def doc(self) -> dict[str, Any]:
+        """Its document, parsed anew at each call (see the class)."""
+        return _document(self.raw)
 
     @property
     def handle(self) -> str:
@@ -77,30 +100,26 @@ class DeadLetter:
     @property
     def failure(self) -> dict[str, Any]:
         """Its `failure` ({} if it has none, or one that is no object: a hand's letter)."""
-        failure = self.doc.get("failure")
-        return failure if isinstance(failure, dict) else {}
-
-    @property
-    def reason(self) -> str:
-        return str(self.failure.get("reason", "?"))
+        return _failure_of(self.doc)
 
     @property
     def reused_id(self) -> bool:
         """Dead-lettered because a producer reused its id for other steps (see apply.py): its
         status and caches are the applied transaction's (the drain cleans its own with those),
         and it is requeued under a new id."""
-        return self.failure.get("kind") == "reused_id"
+        return self.kind == "reused_id"
 
     @property
     def refused_spool_line(self) -> bool:
         """A spooled line the buffer script could not take for what it is (spool.py): it never
         reached Redis as a transaction, and pushed again it would be refused again."""
-        return self.failure.get("kind") == "refused_spool_line"
+        return self.kind == "refused_spool_line"
 
     def summary(self) -> dict[str, Any]:
-        failure = self.failure
-        return {"transaction_id": self.transaction_id, "endpoint": self.doc.get("endpoint"),
-                "reason": self.reason, "kind": failure.get("kind"), "attempts": failure.get("attempts"),
+        doc = self.doc
+        failure = _failure_of(doc)
+        return {"transaction_id": self.transaction_id, "endpoint": doc.get("endpoint"),
+                "reason": self.reason, "kind": self.kind, "attempts": failure.get("attempts"),
                 "failed_at": failure.get("failed_at")}
 
 
@@ -208,7 +227,7 @@ class DeadLetters:
     def requeue(self, transaction_ids: list[str] | None = None) -> "Retried":
         """`retry`, saying also what it left listed and what it renamed, from its own reading of the
         list: worked out from an earlier read, a letter dead-lettered in between was miscounted."""
-        prepared: dict[str, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
+        prepared: dict[bytes, tuple[str, set[str] | None, str]] = {}  # kept across reads, see _retry
         return self._while_unchanged(lambda pipe: self._retry(pipe, transaction_ids, prepared), "retry")
 
     def discard(self, refs: list[str]) -> "Discarded":
@@ -257,8 +276,8 @@ class DeadLetters:
                                   "running it again")
 
     def _retry(self, pipe: Any, transaction_ids: list[str] | None,
-               prepared: dict[str, tuple[str, set[str] | None, str]]) -> "Retried":
-        """`prepared`: each letter's JSON to queue and rows, by its raw text, worked out once: a
+               prepared: dict[bytes, tuple[str, set[str] | None, str]]) -> "Retried":
+        """`prepared`: each letter's JSON to queue and rows, by its digest (_digest), worked out once: a
         read that found the list changed costs the next little (4,500 letters took 1.2 s each, and
         a drain dead-lettering every batch changed the list before every one of them ended).
         Queues its writes in `pipe`'s MULTI; _while_unchanged sends it."""
@@ -303,12 +322,15 @@ class DeadLetters:
                 requeued.append(letter)
         pipe.multi()
         _remove(pipe, self.keys.failed, letters, ordered)
-        for letter in requeued:
-            if letter.raw not in prepared:
-                prepared[letter.raw] = self._requeued(letter)
+        # the JSON queued, not the letters, is what is held while the MULTI is sent (redis-py packs it
+        # whole, a copy of every argument): keyed by the letters' bytes, `prepared` held those too
+        mine = [_digest(letter.raw) for letter in requeued]
+        for letter, key in zip(requeued, mine):
+            if key not in prepared:
+                prepared[key] = self._requeued(letter)
         # RPUSH puts an entry at the consuming end: push the last-to-run first.
-        for letter in reversed(requeued):
-            tx_json, _, tx_id = prepared[letter.raw]
+        for key in reversed(mine):
+            tx_json, _, tx_id = prepared[key]
             pipe.rpush(self.keys.buffer, tx_json)
             pipe.set(self.keys.transaction(tx_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
@@ -320,8 +342,8 @@ class DeadLetters:
         revived: dict[str, set[str]] = {}
         released: dict[str, set[str]] = {}
         renamed: dict[str, set[str]] = {}
-        for letter in requeued:
-            _, rows, tx_id = prepared[letter.raw]
+        for letter, key in zip(requeued, mine):
+            _, rows, tx_id = prepared[key]
             if letter.reused_id:
                 released.setdefault(letter.transaction_id, set()).update(rows or ())
                 renamed[tx_id] = rows or set()
@@ -333,10 +355,10 @@ class DeadLetters:
             own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
             self.store.unhold(own, pipe, dead_only=True)
             self.store.hold(renamed, pipe)
-        return Retried(ids=[prepared[letter.raw][2] for letter in requeued],
+        return Retried(ids=[prepared[key][2] for key in mine],
                        left=left_listed(letters, chosen) if transaction_ids is None else [],
-                       renamed=[{"transaction_id": prepared[letter.raw][2], "reused_id": letter.transaction_id}
-                                for letter in requeued if letter.reused_id])
+                       renamed=[{"transaction_id": prepared[key][2], "reused_id": letter.transaction_id}
+                                for letter, key in zip(requeued, mine) if letter.reused_id])
 
     def _refuse_blocked(self, refs: list[str], letters: list[DeadLetter], wanted: set[str | None]) -> None:
         """A letter named, blocked by a transaction still listed and not retried with it: its
@@ -357,7 +379,8 @@ class DeadLetters:
         """The JSON that requeues the letter, the rows it writes (None: it does not parse), and
         its id: a new one where a producer had reused the id (that one names an applied
         transaction; the original goes into metadata as `reused_id`)."""
-        doc = {k: v for k, v in letter.doc.items() if k != "failure"}
+        listed = letter.doc  # (parsed once here: DeadLetter keeps only its bytes)
+        doc = {k: v for k, v in listed.items() if k != "failure"}
         # last_error: once applied, the drain releases its holds and what is parked behind it
         doc.update(status="pending", retry_count=0)
         if isinstance(doc.get("metadata") or {}, dict):  # (an invalid one stays as it was)
@@ -365,7 +388,7 @@ class DeadLetters:
         if letter.reused_id:
             doc["transaction_id"] = new_uuid()
             doc["metadata"] = {**doc["metadata"], "reused_id": letter.transaction_id}
-        original = _parse(letter.doc)
+        original = _parse(listed)
         return (_canonical_json(doc, _parse(doc)),
                 written_ids(original, self.registry) if original is not None else None, doc["transaction_id"])
 
@@ -501,21 +524,31 @@ def _read_pages(client: Any, key: str) -> list[bytes]:
 
 
 def _letters(raws: list[bytes]) -> list[DeadLetter]:
-    """The list's entries as read (newest first), oldest first. A byte that is not UTF-8 (a hand's
-    edit, another producer's list) is read as a lone surrogate, which `failed list` and `show`
-    escape: one such letter made every `failed` command exit with "'utf-8' codec can't decode"."""
-    out = []
-    for raw in reversed(raws):
-        text = raw.decode("utf-8", "surrogateescape")
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError):
-            doc = None
-        if not isinstance(doc, dict):  # (JSON that is no object, `[1, 2]`, failed every command with
-            # "'list' object has no attribute 'get'")
-            doc = {"raw": text, "failure": {"reason": "unreadable entry"}}
-        out.append(DeadLetter(raw, doc))
-    return out
+    """The list's entries as read (newest first), oldest first; a reason or kind that many share
+    (a backlog dead-lettered whole for one cause) kept once."""
+    alike: dict[Any, Any] = {}
+    return [DeadLetter(raw, alike) for raw in reversed(raws)]
+
+
+def _document(raw: bytes | str) -> dict[str, Any]:
+    """A letter's document. A byte that is not UTF-8 (a hand's edit, another producer's list) is
+    read as a lone surrogate, which `failed list` and `show` escape: one such letter made every
+    `failed` command exit with "'utf-8' codec can't decode"."""
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):  # (JSON that is no object, `[1, 2]`, failed every command with
+        # "'list' object has no attribute 'get'")
+        doc = {"raw": text, "failure": {"reason": "unreadable entry"}}
+    return doc
+
+
+def _failure_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """A document's `failure` ({} if it has none, or one that is no object: a hand's letter)."""
+    failure = doc.get("failure")
+    return failure if isinstance(failure, dict) else {}
 
 
 def not_retryable(store: BufferStore, most: int = KINDS_READ) -> tuple[int, int, int]:
@@ -644,6 +677,11 @@ def _canonical_json(doc: dict[str, Any], tx: Transaction | None) -> str:
         except (TypeError, ValueError, RecursionError):
             pass
     return json.dumps(doc, separators=(",", ":"))
+
+
+def _digest(raw: bytes | str) -> bytes:
+    """A letter's bytes as `_retry` keeps its work by them: 32 bytes, not the letter's 1.4 KB."""
+    return hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")).digest()
 
 
 def _copies(letter: DeadLetter, other: DeadLetter) -> bool:
