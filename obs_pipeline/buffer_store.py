@@ -795,7 +795,7 @@ class BufferStore:
                              "EX", REPLICATED_STATUS_TTL_S) for tx_id in ids)
             event = json_codec.dumps({"event": "replicated", "transaction_ids": ids})
             commands.append(("EVAL", scripts.FINISH_CLEANUP, 3, k.awaiting_replication, k.stats, k.events,
-                             member, len(ids), event))
+                             member, len(ids), event, f"{int(record.get('lsn') or 0):016X}"))
         return commands
 
     def _send_all(self, commands: list[tuple]) -> list[Any]:

@@ -8,7 +8,9 @@ Order of reads, and why a reader never sees a record vanish or go back in time:
    without an overlay that was cleaned together with it, and an id cleaned between reading
    the index and reading its record cannot happen.
 2. Then one replica statement. Whatever the caches no longer held at step 1 was replayed by
-   the replica before it was cleaned, so the later replica read has it, or something newer.
+   the replica before it was cleaned, so the later replica read has it, or something newer;
+   unless the replica restarted since and replays its WAL again: step 1 also reads how far the
+   drain has cleaned, and the statement waits for the replica to have replayed that (_caught_up).
 
 Transactions in ingest's local spool (Redis could not take them: down, full, not answering)
 are read first, before step 1, and go on top of the caches: while anything is spooled, ingest
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +53,7 @@ from obs_pipeline import spool as spool_module
 from obs_pipeline.buffer_store import BufferStore, redis_unavailable
 from obs_pipeline.column_values import ascii_lower, unicode_lower
 from obs_pipeline.config import ConfigError, postgresql_url, stack_env_hint
+from obs_pipeline.lsn import REPLAY_SQL, int_to_lsn, lsn_to_int
 from obs_pipeline.model_registry import ModelRegistry, ModelSpec
 from obs_pipeline.read_filters import Filters, compile_filters, refused_key, refused_value, series
 from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns, from_db, read_forms, sort_key,
@@ -59,9 +63,11 @@ from obs_pipeline.wire import record_id
 
 # The buffered state of records of one model, read atomically (see the module docstring).
 # ARGV[1] key prefix, ARGV[2] model, ARGV[3..] ids (none: the whole model, through its indexes);
-# KEYS: status keys of spooled transactions. Returns {records, overlays, known}: a JSON array of
-# the created records still buffered (each holds its own id), a JSON array of [id, [overlay, ...]]
-# for the ids with pending overlays, and 1 or 0 per KEYS, for a status key that exists or not.
+# KEYS: status keys of spooled transactions. Returns {records, overlays, known, cleaned}: a JSON
+# array of the created records still buffered (each holds its own id), a JSON array of [id,
+# [overlay, ...]] for the ids with pending overlays, 1 or 0 per KEYS, for a status key that
+# exists or not, and how far the replica must have replayed for what the caches no longer hold
+# (stats' cleaned_lsn, '' for none: see _caught_up).
 # The script holds Redis while it runs, so it does as little as it can: raw JSON is passed
 # through, never decoded; the records come from one native SORT ... GET over the model index
 # (one GET per id if the prefix holds SORT's `*` or `->`, or if Redis is full: SORT may write,
@@ -99,7 +105,8 @@ else
 end
 local known = {}
 for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
-return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']', known}
+local cleaned = redis.call('HGET', prefix .. 'stats', 'cleaned_lsn') or ''
+return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']', known, cleaned}
 """
 
 
@@ -114,6 +121,23 @@ local known = {}
 for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
 return known
 """
+
+
+# How long a read waits for a replica behind what the drain cleaned (SmartQuery._caught_up).
+REPLICA_CATCH_UP_S = 5.0
+_REPLAYED = "obs_pipeline_replayed"  # in a replica connection's info: (its system identifier, or False for no
+#                                      standby; the highest replay LSN seen on it)
+
+
+def _cleaned_through(text: Any) -> tuple[int | None, int] | None:
+    """stats' cleaned_lsn ("<system identifier>:<16 hex digits>") as (identifier or None, LSN)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    cluster, _, lsn = (text or "").partition(":")
+    try:
+        return (int(cluster) if cluster else None), int(lsn, 16)
+    except ValueError:
+        return None
 
 
 class RedisUnreadable(redis.ConnectionError):
@@ -132,6 +156,14 @@ class ReplicaUnreadable(exc.OperationalError):
         return self.line
 
 
+class ReplicaBehind(ReplicaUnreadable):
+    """The replica has not replayed what the drain cleaned from the caches (see
+    SmartQuery._caught_up): read now, it would miss those records or show older values."""
+
+    def __init__(self, line: str):
+        super().__init__(line, exc.OperationalError(None, None, RuntimeError(line)))
+
+
 def _unreadable(what: str, engine: sa.Engine, error: exc.OperationalError) -> ReplicaUnreadable:
     """ReplicaUnreadable in one line: the driver's error, or what to do where the replica is a
     standby with hot_standby off (it said "not accepting connections", as if it were down)."""
@@ -148,6 +180,8 @@ class Buffered:
     """What the caches held, at one instant, for records of one model."""
     created: dict[str, dict[str, Any]]         # id -> record as created, while its create is buffered
     overlays: dict[str, list[dict[str, Any]]]  # id -> pending updates/deletes, in buffering order
+    cleaned: tuple[int | None, int] | None = None  # (main's system identifier, LSN): what the replica
+    #                                            must have replayed for what the caches no longer hold
 
     def deleted(self, rid: str) -> bool:
         """A pending delete hides the record unless a create of the same key comes after it."""
@@ -223,7 +257,8 @@ class SmartQuery:
             return _merge(spec, created, overlays)
         pk = spec.sql_columns[spec.primary_key]
         try:
-            base = self._select(spec, sa.select(spec.table).where(pk == bound_key(spec, value))).get(rid)  # 2. replica
+            base = self._select(spec, sa.select(spec.table).where(pk == bound_key(spec, value)), None,
+                                state.cleaned).get(rid)  # 2. replica
         except (exc.ProgrammingError, exc.DataError) as error:
             refused = refused_key(spec, value, error, where)
             if refused is None:
@@ -244,7 +279,8 @@ class SmartQuery:
         ask = [v for v, rid in zip(values, rids) if rid not in state.created and not state.deleted(rid)]
         if ask:
             pk = spec.sql_columns[spec.primary_key]
-            taken.update(self._select(spec, sa.select(spec.table).where(pk.in_([bound_key(spec, v) for v in ask]))))
+            taken.update(self._select(spec, sa.select(spec.table).where(pk.in_([bound_key(spec, v) for v in ask])),
+                                      None, state.cleaned))
         return [v for v, rid in zip(values, rids) if rid in taken]
 
     def search(self, model: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -286,7 +322,7 @@ class SmartQuery:
         recheck = set(by_id)
         said: dict[str, tuple[Any, ...]] = {}
         try:
-            replicated = self._select(spec, stmt, said)      # 2. replica
+            replicated = self._select(spec, stmt, said, state.cleaned)  # 2. replica
         except (exc.ProgrammingError, exc.DataError) as error:
             refused = refused_value(spec, compiled, error)
             if refused is None:
@@ -345,7 +381,7 @@ class SmartQuery:
             return Buffered({}, {})
         spooled = self._spooled(spec, ids)  # before Redis: a line pushed in between is known there
         try:
-            records, overlays, known = self._read_redis(spec, ids, [tx["id"] for tx in spooled])
+            records, overlays, known, cleaned = self._read_redis(spec, ids, [tx["id"] for tx in spooled])
         except RedisUnreadable:
             alone = _with_spooled(Buffered({}, {}), spooled)
             if ids is not None and all(rid in alone.created or alone.deleted(rid) for rid in ids):
@@ -362,7 +398,8 @@ class SmartQuery:
                 made = next((e.get("data") for e in entries if e.get("op") == "create"), None)
                 if isinstance(made, dict):
                     created[rid] = made
-        return _with_spooled(Buffered(created, pending), [tx for tx, there in zip(spooled, known) if not there])
+        return _with_spooled(Buffered(created, pending, _cleaned_through(cleaned)),
+                             [tx for tx, there in zip(spooled, known) if not there])
 
     def _spooled(self, spec: ModelSpec, ids: list[str] | None) -> list[dict[str, Any]]:
         """The spooled transactions, not pushed yet, that write these ids (None: any record of
@@ -414,8 +451,39 @@ class SmartQuery:
                 pipe.eval(_READ_BUFFERED, len(chunk), *chunk, *args)
             else:
                 pipe.eval(_KNOWN, len(chunk), *chunk)
-        (records, overlays, known), *rest = pipe.execute()
-        return [records, overlays, known + [flag for flags in rest for flag in flags]]
+        (records, overlays, known, cleaned), *rest = pipe.execute()
+        return [records, overlays, known + [flag for flags in rest for flag in flags], cleaned]
+
+    def _caught_up(self, conn: sa.Connection, spec: ModelSpec, cleaned: tuple[int | None, int] | None) -> None:
+        """Before a replica read, on its connection: the replica has replayed the commits whose
+        caches the drain cleaned (it cleans only once they are replayed, and a replica's replay
+        never goes back while it runs; but a replica restarted replays its WAL again from its
+        last restartpoint, and its queries open before that ends: a record created, replicated
+        and cleaned read None, an update an older value). Waits up to REPLICA_CATCH_UP_S, then
+        raises ReplicaBehind. A connection lives no longer than its server: the replay seen on
+        it is kept with it, and a read asks again only once the drain has cleaned past that.
+        Not checked where the server is no standby, or one of another cluster than the cleanup's."""
+        if cleaned is None:
+            return
+        cluster, needed = cleaned
+        deadline, delay = None, 0.002
+        while True:
+            standby, replayed = conn.info.get(_REPLAYED, (None, -1))
+            if standby is False or cluster is not None and standby not in (None, cluster) or replayed >= needed:
+                return
+            if deadline is None:
+                deadline = time.monotonic() + REPLICA_CATCH_UP_S
+            elif time.monotonic() >= deadline:
+                raise ReplicaBehind(f"reading {spec.name} needs the site's replica (OBS_REPLICA_DB_URL) to have "
+                                    f"replayed main's WAL up to {int_to_lsn(needed)}, whose records the buffer no "
+                                    f"longer holds, and it is at {int_to_lsn(replayed)} (restarted, and replaying "
+                                    f"its WAL again?): waited {REPLICA_CATCH_UP_S:g} s; read again once it has "
+                                    "caught up")
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            lsn, system = conn.execute(sa.text(REPLAY_SQL)).one()
+            conn.info[_REPLAYED] = (False, -1) if lsn is None else (int(system), lsn_to_int(lsn))
 
     def _require_replica(self) -> None:
         if not self.replica_url:
@@ -424,10 +492,11 @@ class SmartQuery:
         if self._engine is None:  # (`postgres://...` raised SQLAlchemy's NoSuchModuleError, naming no variable)
             postgresql_url("OBS_REPLICA_DB_URL", self.replica_url)
 
-    def _select(self, spec: ModelSpec, stmt: sa.Select,
-                said: dict[str, tuple[Any, ...]] | None = None) -> dict[str, dict[str, Any]]:
+    def _select(self, spec: ModelSpec, stmt: sa.Select, said: dict[str, tuple[Any, ...]] | None = None,
+                cleaned: tuple[int | None, int] | None = None) -> dict[str, dict[str, Any]]:
         """id -> row in read form; `said`: filled with id -> what the statement selects after
-        the table's columns (see search)."""
+        the table's columns (see search); `cleaned`: Buffered.cleaned, how far the replica must
+        have replayed first (_caught_up)."""
         names = list(spec.sql_columns)  # by attribute, in the table's order, as the select gives them
         forms = dict(read_forms(spec))
         convert = [forms.get(n) or from_db(spec.columns[n]) for n in names]
@@ -435,8 +504,11 @@ class SmartQuery:
         for attempt in (1, 2):
             try:
                 with self.engine.connect() as conn:
+                    self._caught_up(conn, spec, cleaned)
                     rows = conn.execute(stmt).all()
                 break
+            except ReplicaBehind:
+                raise
             except exc.OperationalError as error:
                 # A hot standby may cancel a query that conflicts with replay: try once more.
                 if attempt == 2 or getattr(error.orig, "pgcode", None) != "40001":

@@ -280,8 +280,17 @@ return 1
 
 # The chunk's last command: drop its record; only the cleaner that removed it counts its
 # transactions and announces them (a drain that lost its lease may clean the same chunk: the
-# rest is idempotent). KEYS = awaiting_replication, stats, events; ARGV = record, count, event.
+# rest is idempotent). First, `cleaned_lsn` in stats keeps the highest commit LSN whose caches
+# are gone, as "<main's system identifier>:<16 hex digits>" (so that text compares as the LSN;
+# another cluster's starts it again): reads need a replica that has replayed that far (a
+# restarted replica replays its WAL again from its last restartpoint, its queries open before:
+# a record cleaned here read None). KEYS = awaiting_replication, stats, events; ARGV = record,
+# count, event, the chunk's LSN as 16 hex digits.
 FINISH_CLEANUP = """
+local cluster = redis.call('HGET', KEYS[2], 'main_system_identifier') or ''
+local was = redis.call('HGET', KEYS[2], 'cleaned_lsn')
+local was_cluster, was_lsn = string.match(was or '', '^(%d*):(%x+)$')
+if was_cluster ~= cluster or was_lsn < ARGV[4] then redis.call('HSET', KEYS[2], 'cleaned_lsn', cluster .. ':' .. ARGV[4]) end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[2], 'replicated_total', ARGV[2])

@@ -545,3 +545,64 @@ def test_while_the_replica_is_down_updates_are_buffered_and_reads_say_why_in_one
         assert buf.get("ObsUnit", 1) == {"id": 1, "name": "renamed"}
     finally:
         buf.close()
+
+
+def test_a_replica_restarted_behind_what_the_drain_cleaned_is_waited_for_and_not_read_short(
+        stack, settings, main_engine, replica_engine, monkeypatch):
+    """The drain cleans a commit's caches once the replica has replayed it, and reads then take
+    the record from the replica. A replica that restarts (here it crashes, and its replay of
+    commits is held back an hour: a long WAL to replay again) opens for queries at its last
+    restartpoint's consistent state, behind what was cleaned: a record created, replicated and
+    cleaned read None, its search nothing, and an update of it was refused as unknown. Reads
+    wait for the replica to catch up (query.REPLICA_CATCH_UP_S), then say so in one line; once
+    it has, they read the record."""
+    from obs_pipeline import query
+    from obs_pipeline.ingest import ReplicaUnreadable
+
+    monkeypatch.setattr(query, "REPLICA_CATCH_UP_S", 0.5, raising=False)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("CHECKPOINT"))
+    wait_for_replica(main_engine, replica_engine)
+    with replica_engine.connect() as conn:
+        conn.execute(sa.text("CHECKPOINT"))  # the replica's restartpoint, before the writes below
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 123, "start_time": START, "status": "running"})
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed", "end_time": END})
+    drain_until_empty(settings)
+    assert buf.status(finish) == "replicated"
+    expected = {"id": obs["id"], "obs_unit_id": 123, "start_time": "2025-03-01T23:59:00+00:00",
+                "end_time": "2025-03-02T00:09:30+00:00", "status": "completed"}
+    assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+    settings_file = stack.directory / "postgres" / "replica" / "postgresql.auto.conf"
+    kept = settings_file.read_text()
+    stack.stop_service("replica", mode="immediate")
+    try:
+        settings_file.write_text(kept + "recovery_min_apply_delay = '1h'\n")
+        _, replica, _ = stack._services(stack._require(), stack._pg_user(create=False))
+        replica.start()  # (start_service waits for it to catch up with main)
+        reads = {"get": lambda: buf.get("ExecutedObsUnit", obs["id"]),
+                 "search": lambda: buf.search("ExecutedObsUnit", {"obs_unit_id": 123})}
+        for name, read in reads.items():
+            with pytest.raises(ReplicaUnreadable) as error:
+                print(f"{name} read {read()!r}")
+            line = str(error.value)
+            assert line.startswith("reading ExecutedObsUnit needs the site's replica (OBS_REPLICA_DB_URL) to have "
+                                   "replayed main's WAL up to ") and "\n" not in line, line
+        # an update's check that the record exists is a read too: it was refused as "neither
+        # buffered nor on the replica"; buffered unchecked now, as while the replica is down
+        archived = buf.update("ExecutedObsUnit", obs["id"], {"status": "archived"})
+        assert buf.status(archived) == "pending"
+    finally:
+        stack.stop_service("replica", mode="fast")
+        settings_file.write_text(kept)
+        stack.start_service("replica")
+    try:
+        expected["status"] = "archived"
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+        assert buf.search("ExecutedObsUnit", {"obs_unit_id": 123}) == [expected]
+        drain_until_empty(settings)
+        assert buf.status(archived) == "replicated"
+        assert buf.get("ExecutedObsUnit", obs["id"]) == expected
+    finally:
+        buf.close()
