@@ -349,6 +349,13 @@ return 1
 # Each call drops from its lists what it made due, in the same call, and keeps the next score in
 # KEYS[4] (the next call's entries come after this one's), so calls one after the other do what
 # one did, and a drain that dies between them leaves the rest queued for the next one.
+# Their scores start a second before `now`, a microsecond apart (counted in whole microseconds
+# and written as their decimal text: Lua writes a number with 14 digits, 0.1 ms at today's
+# epoch, and 1e-6 added to it is a few ulps, which rounded two scores alike), so a claim takes
+# them all, in order, before anything buffered since. Only the first waiter for a row holds its mark, and gives it up
+# once applied: made due 1 ms apart from `now` on, a claim a moment later took the first waiters,
+# then a newer write of the row from the buffer, applied before the waiters behind them (main
+# went back to an older value, and kept it).
 # KEYS = retry, held_ids, unparking, its next score; ARGV = key prefix, now, the most entries
 # to make due, then holders to queue first (in order). Returns the holders still queued.
 UNPARK = """
@@ -358,7 +365,9 @@ for i = 4, #ARGV do  -- (most have nothing parked behind them)
     redis.call('RPUSH', queue, ARGV[i])
   end
 end
-local score = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', next_score) or 0))
+local us = math.max(math.floor(tonumber(ARGV[2]) * 1e6) - 1e6,
+                   math.floor(tonumber(redis.call('GET', next_score) or 0) * 1e6 + 0.5))
+local function score() return string.format('%d.%06d', math.floor(us / 1e6), us % 1e6) end
 local budget = tonumber(ARGV[3])
 while budget > 0 do
   local holder = redis.call('LINDEX', queue, 0)
@@ -368,8 +377,8 @@ while budget > 0 do
   for _, item in ipairs(items) do
     local entry = cjson.decode(item)
     if redis.call('ZSCORE', retry, entry[1]) then
-      redis.call('ZADD', retry, 'XX', score, entry[1])
-      score = score + 0.001
+      redis.call('ZADD', retry, 'XX', score(), entry[1])
+      us = us + 1
       for _, row in ipairs(entry[3]) do
         local current = redis.call('HGET', held, row)
         if not current or string.gsub(current, '^!', '') == entry[2] then
@@ -383,6 +392,6 @@ while budget > 0 do
   if redis.call('EXISTS', parked) == 0 then redis.call('LPOP', queue) end
 end
 local left = redis.call('LLEN', queue)
-if left > 0 then redis.call('SET', next_score, score) else redis.call('DEL', next_score) end
+if left > 0 then redis.call('SET', next_score, score()) else redis.call('DEL', next_score) end
 return left
 """

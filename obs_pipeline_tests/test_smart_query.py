@@ -677,3 +677,58 @@ def test_site_names_with_sort_pattern_characters(settings, redis_client):
         keys = [k for k in redis_client.scan_iter(count=1000) if k.startswith(f"site:{site}:".encode())]
         if keys:
             redis_client.delete(*keys)
+
+
+def test_updates_parked_behind_a_retry_are_all_applied_before_a_newer_update_of_their_row(buf, settings, main_engine,
+                                                                                          redis_client, monkeypatch):
+    """An update main refuses for a while waits to retry, holding its row; the updates of the row
+    buffered after it wait parked behind it. Once it is applied they all come due together, the
+    first taking the row's mark. They were made due at scores after the acknowledgement's clock
+    (1 ms apart), so a claim a moment later took the first, not the rest, then a newer update
+    of the row from the buffer: that one was applied before them, main went back to an older
+    value and kept it (a lost update), and reads showed the older value after the newer."""
+    from obs_pipeline import buffer_store
+
+    obs, *_ = start_observation(buf, files=0)
+    drain_until_empty(settings)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS parking_gate (open boolean NOT NULL)"))
+        conn.execute(sa.text("TRUNCATE parking_gate; INSERT INTO parking_gate VALUES (false)"))
+        conn.execute(sa.text("CREATE OR REPLACE FUNCTION parking_gate() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                             "BEGIN IF NOT (SELECT open FROM parking_gate) THEN RAISE EXCEPTION 'gate closed'; "
+                             "END IF; RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER parking_gate BEFORE UPDATE ON executed_obs_unit "
+                             "FOR EACH ROW EXECUTE FUNCTION parking_gate()"))
+    drain = Drain(settings, DrainConfig(batch_size=100, retry_base_s=3600))
+    try:
+        drain.acquire()
+        first = buf.update("ExecutedObsUnit", obs["id"], {"status": "first"})
+        drain.step()  # refused: waits to retry (in an hour), holding the row
+        for i in range(20):
+            buf.update("ExecutedObsUnit", obs["id"], {"status": f"later {i:02d}"})
+        drain.step()  # parked behind it
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE parking_gate SET open = true"))
+        retry = SiteKeys(settings.site).retry
+        member = next(m for m, due in redis_client.zrange(retry, 0, -1, withscores=True)
+                      if first in m.decode() and due != float("inf"))
+        redis_client.zadd(retry, {member: 0})  # due now
+        clock = [time.time()]
+        import types
+        monkeypatch.setattr(buffer_store, "time", types.SimpleNamespace(
+            time=lambda: clock[0], monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=time.sleep))
+        drain.step()  # applied: the 20 come due
+        assert buf.status(first) in ("applied", "replicated")
+        newest = buf.update("ExecutedObsUnit", obs["id"], {"status": "newest"})
+        clock[0] += 0.0015  # the next claim, a moment later
+        drain.step()
+        monkeypatch.undo()
+    finally:
+        drain.close()
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER IF EXISTS parking_gate ON executed_obs_unit"))
+    drain_until_empty(settings)
+    assert buf.status(newest) == "replicated"
+    with main_engine.connect() as conn:
+        on_main = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar()
+    assert (on_main, buf.get("ExecutedObsUnit", obs["id"])["status"]) == ("newest", "newest")
