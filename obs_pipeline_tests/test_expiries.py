@@ -18,6 +18,7 @@ from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.schema import prune_applied, prune_cutoff
 from obs_pipeline.spool import REFUSED_KIND
+from obs_pipeline_tests.test_reliability import replicated_observation
 from obs_pipeline_tests.workload import drain_until_settled
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -71,6 +72,23 @@ def _a_week_passes(buf: TransactionBuffer, settings, main_engine, redis_client, 
     assert pruned >= 1
 
 
+def _pushed_a_week_later(buf: TransactionBuffer, settings, main_engine, redis_client, obs: dict,
+                         finish: str) -> tuple[TransactionBuffer, list[dict]]:
+    """A week passes (_a_week_passes), the host is on again and its next script pushes the spool;
+    checks that the row kept the later "aborted" and that the copy `finish` alone was set aside.
+    Returns that script's buffer and the letters."""
+    _a_week_passes(buf, settings, main_engine, redis_client, finish)
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar_one()
+    assert row == "aborted"
+    letters = [json.loads(letter) for letter in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    return back, letters
+
+
 def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applied_again(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """An update whose push reached Redis but whose reply was lost is spooled (Redis may not have
@@ -80,10 +98,7 @@ def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applie
     and the row went back to the older value."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction(endpoint="start_observation") as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
 
     _script_host_whose_reply_is_lost(monkeypatch, buf)
     finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
@@ -94,16 +109,7 @@ def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applie
     drain_until_settled(settings)
     assert other_host.status(later) == "replicated"
 
-    _a_week_passes(buf, settings, main_engine, redis_client, finish)
-    back = TransactionBuffer(settings=settings)  # the host is on again: its next script pushes the spool
-    assert back.spool.flush() and back.spool.pending() == 0
-    drain_until_settled(settings)
-
-    with main_engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar_one()
-    assert row == "aborted"
-    letters = [json.loads(letter) for letter in redis_client.lrange(keys.failed, 0, -1)]
-    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
     assert "it is 8.0 days old, an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
     assert back.get("ExecutedObsUnit", obs["id"])["status"] == "aborted"
     for b in (buf, other_host, back):
@@ -118,10 +124,7 @@ def test_old_spooled_lines_redis_never_took_or_still_knows_are_pushed_as_before(
     old."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction(endpoint="start_observation") as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
 
     _script_host_whose_reply_is_lost(monkeypatch, buf)
     finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
@@ -162,10 +165,7 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
 
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction(endpoint="start_observation") as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
 
     real_buffer, host_stores = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}
 
@@ -188,16 +188,7 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
     other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
     drain_until_settled(settings)
 
-    _a_week_passes(buf, settings, main_engine, redis_client, finish)
-    back = TransactionBuffer(settings=settings)
-    assert back.spool.flush() and back.spool.pending() == 0
-    drain_until_settled(settings)
-
-    with main_engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar_one()
-    assert row == "aborted"
-    letters = [json.loads(letter) for letter in redis_client.lrange(keys.failed, 0, -1)]
-    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    back, _ = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
     for b in (buf, other_host, back):
         b.close()
 
