@@ -151,21 +151,11 @@ class DeadLetters:
         oldest end do not read) is taken as last read."""
         if client is not None:
             return _letters(_read_pages(client, self.keys.failed))
-        for _ in range(READS):
-            with self.store.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(self.keys.failed)
-                    raws = _read_pages(pipe, self.keys.failed)
-                    pipe.multi()
-                    pipe.execute()  # an empty MULTI: it fails if the list changed since the WATCH
-                    break
-                except redis.WatchError as error:
-                    lost = lost_while_watching(error)
-                    if lost is not None:
-                        raise lost from None
-                except redis.exceptions.NoPermissionError:  # a monitor's user allowed reads only
-                    # (no WATCH, MULTI): the pages as they come (`failed list` and `show` exited 1)
-                    return _letters(_read_pages(self.store.redis, self.keys.failed))
+        try:
+            raws, _ = _read_watched(self.store.redis, self.keys.failed, lambda pipe: _read_pages(pipe, self.keys.failed))
+        except redis.exceptions.NoPermissionError:  # a monitor's user allowed reads only
+            # (no WATCH, MULTI): the pages as they come (`failed list` and `show` exited 1)
+            raws = _read_pages(self.store.redis, self.keys.failed)
         return _letters(raws)
 
     def pages(self) -> Iterator[list[DeadLetter]]:
@@ -488,25 +478,38 @@ class DeadLetters:
 def listed_ids(store: BufferStore) -> set[str]:
     """The transaction ids of the listed letters, for a prune: a letter retried goes back through
     the drain, and where it is a copy of an applied transaction (pushed again by a producer, and
-    dead-lettered as blocked by another), that one's record must still be there. Read under a
-    WATCH, and again if the list changed meanwhile: a letter retried or discarded during the read
-    shifts the pages, and a letter not read would have its record pruned. ListKeepsChanging
-    after READS reads that each found it changed."""
+    dead-lettered as blocked by another), that one's record must still be there. Read whole
+    (_read_watched): a letter not read would have its record pruned. ListKeepsChanging after
+    READS reads that each found the list changed."""
+    def read(pipe: Any) -> set[str]:
+        return {tx_id for page in _raw_pages(pipe, store.keys.failed) for tx_id in map(entry_id, page)
+                if tx_id is not None}
+
+    ids, unchanged = _read_watched(store.redis, store.keys.failed, read)
+    if not unchanged:
+        raise ListKeepsChanging(f"the dead-letter list of site {store.keys.site} changed each of the {READS} times "
+                                "it was read (the drain dead-lettering as it goes?)")
+    return ids
+
+
+def _read_watched(client: Any, key: str, read: Any) -> tuple[Any, bool]:
+    """`read(pipe)` of the list at `key` on a pipeline that WATCHes it, done again if the list
+    changed meanwhile (a retry or discard that removed letters shifts the pages: a letter read
+    twice or missed), at most READS times; the last reading, and whether it was unchanged. The
+    letters the drain pushes at the head change it too, though no page from the oldest end moves."""
     for _ in range(READS):
-        with store.redis.pipeline(transaction=True) as pipe:
+        with client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(store.keys.failed)
-                ids = {tx_id for page in _raw_pages(pipe, store.keys.failed) for tx_id in map(entry_id, page)
-                       if tx_id is not None}
+                pipe.watch(key)
+                value = read(pipe)
                 pipe.multi()
                 pipe.execute()  # an empty MULTI: it fails if the list changed since the WATCH
-                return ids
+                return value, True
             except redis.WatchError as error:
                 lost = lost_while_watching(error)
                 if lost is not None:
                     raise lost from None
-    raise ListKeepsChanging(f"the dead-letter list of site {store.keys.site} changed each of the {READS} times "
-                            "it was read (the drain dead-lettering as it goes?)")
+    return value, False
 
 
 def _raw_pages(client: Any, key: str) -> Iterator[list[bytes]]:

@@ -16,6 +16,7 @@ from obs_pipeline.buffer_store import REPLICATED_STATUS_TTL_S, BufferStore
 from obs_pipeline.health import oldest_waiting
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.prune import ids_that_may_come_back
 from obs_pipeline.schema import prune_applied, prune_cutoff
 from obs_pipeline.spool import REFUSED_KIND
 from obs_pipeline_tests.test_reliability import replicated_observation
@@ -63,7 +64,6 @@ def _a_week_passes(buf: TransactionBuffer, settings, main_engine, redis_client, 
         buf.spool.path.write_bytes(b"".join(_aged(line, days=8) for line in lines))
     with main_engine.begin() as conn:
         conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = applied_at - interval '8 days'"))
-    from obs_pipeline.dagster_defs.operations import ids_that_may_come_back  # (the prune job's own reading)
 
     store = BufferStore(redis_client, settings.site)
     before, _ = prune_cutoff(7.0, oldest_waiting(store))

@@ -31,7 +31,7 @@ import redis
 import sqlalchemy as sa
 
 from obs_pipeline.apply import describe, make_engine, refuse_standby, refused_by_configuration
-from obs_pipeline.buffer_store import BufferStore, redis_trouble
+from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
 from obs_pipeline.dagster_defs.jobs import (
     DEAD_LETTER_CHECK,
@@ -44,9 +44,9 @@ from obs_pipeline.dagster_defs.jobs import (
     dead_letter_check,
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
-from obs_pipeline.dead_letters import (CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction,
-                                       listed_ids)
+from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
 from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, oldest_waiting, replication_lag
+from obs_pipeline.prune import ids_that_may_come_back
 from obs_pipeline.schema import PRUNE_NOTHING, check_prune_days, prune_applied, prune_cutoff, too_many_days
 
 
@@ -204,17 +204,6 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
     cutoff = "" if before in (None, PRUNE_NOTHING) else before.isoformat()
     context.add_output_metadata({"pruned": removed, "cutoff_moved_back_to": cutoff, "moved_back": why or ""})
     return {"pruned": removed, "cutoff_moved_back_to": cutoff or None, "moved_back": why}
-
-
-def ids_that_may_come_back(store: BufferStore) -> set[str]:
-    """The ids of the transactions the drain may take again without the buffer, whose records a
-    prune keeps however old: a copy of an applied one among them is skipped by its record, and
-    applied again without it. The processing list is read before and after the retry set, as a
-    transaction goes from one to the other both ways (held, then claimed when due); the
-    dead-letter list (a retried letter comes back) and the batches awaiting the replica (a
-    failover of main) after."""
-    return (store.processing_ids() | store.retry_ids() | store.processing_ids() | listed_ids(store)
-            | store.awaiting_ids())
 
 
 @job(executor_def=in_process_executor)
