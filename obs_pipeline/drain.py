@@ -912,13 +912,28 @@ class Drain:
         self.main_identity.timeline()
         if wait_for is not None:
             timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s  # (0: one look)
-            replay = self.replica.wait_for_replay(wait_for or lowest, timeout_s)
+            replay = self._wait_for_replay(wait_for or lowest, timeout_s)
             self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
         if not self._failover_settled() or replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)
+
+    def _wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
+        """The replica's wait_for_replay, renewing the lease every lease_ttl_s / 3 as _await_apply
+        does: a replication_timeout_s longer than lease_ttl_s let it lapse while the last batch
+        waited, and another drain took the site beside this one (`obs-pipeline drain`; or past
+        75 s the sensor took the run, quiet with the lease free, for dead, and launched the next).
+        Taken meanwhile, the wait ends: the next step() stops on it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = self.replica.wait_for_replay(lsn, max(0.0, min(deadline - time.monotonic(),
+                                                                  self.config.lease_ttl_s / 3)))
+            if seen is not None and seen >= lsn or time.monotonic() >= deadline:
+                return seen
+            if not (self.token and self.store.renew_lease(self.token, self.config.lease_ttl_s)):
+                return seen
 
     def _failover_settled(self) -> bool:
         """Whether chunks may be cleaned by a replay of main's timeline: each waiting one is known

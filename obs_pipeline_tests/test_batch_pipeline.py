@@ -18,7 +18,7 @@ from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.test_cli import cli
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
-                                         drain_one_batch, drain_until_settled)
+                                         drain_one_batch, drain_until_settled, replay_paused)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -756,6 +756,43 @@ def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(s
         drain.close()
     assert report.applied == 3
     assert all(TransactionBuffer(settings=settings).status(o.start_tx) in ("applied", "replicated") for o in observations)
+
+
+def test_the_lease_is_renewed_while_the_last_batch_waits_longer_than_it_for_the_replicas_replay(
+        settings, redis_client, main_engine, replica_engine):
+    """A replication_timeout_s longer than lease_ttl_s (a far, lagging replica given more time):
+    the lease lapsed while the last batch waited for its replay, and another drain took the site
+    beside this one (`obs-pipeline drain`; or, past 75 s, the sensor's next run, the sensor taking
+    the run, quiet with the lease free, for dead). It is held until the wait ends, then released."""
+    import threading
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 3, finish_every=0)
+    buf.close()
+    other = BufferStore(redis_client, settings.site)
+    taken: list[str | None] = []
+    drain = Drain(settings, DrainConfig(lease_ttl_s=1.0, replication_timeout_s=3.0))
+    try:
+        with replay_paused(replica_engine):
+            drain.acquire()
+            # another drain tries for the site 2 s in, the batch committed and waiting for its replay
+            trier = threading.Timer(2.0, lambda: taken.append(other.acquire_lease(60.0)))
+            trier.start()
+            began = time.monotonic()
+            report = drain.step()
+            waited = time.monotonic() - began
+            trier.join()
+    finally:
+        if taken and taken[0]:
+            other.release_lease(taken[0])
+        drain.close()
+    assert report.applied == 3 and waited >= 2.5, (report, waited)  # it did wait past the lease's TTL
+    assert taken == [None], "another drain took the lease while this one waited for the replica"
+    assert not redis_client.exists(SiteKeys(settings.site).lease)  # released at close
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
 
 
 def test_a_drain_whose_lease_another_took_stops_and_leaves_the_batch_to_it(settings, redis_client, main_engine,
