@@ -468,6 +468,35 @@ def test_a_run_waiting_for_a_dead_workers_longer_lease_is_not_taken_for_dead(set
         assert "logged nothing for over 3 s" in failure
 
 
+def test_a_run_waiting_longer_than_its_lease_for_the_replica_is_not_taken_for_dead(settings, resource, redis_client,
+                                                                                  replica_engine, monkeypatch):
+    """A run whose replication_timeout_s is longer than its lease_ttl_s, its last batch waiting
+    for a replica that lags: the lease lapsed mid-wait, and the sensor, finding it free and the
+    run quiet past its limit, marked the live run failed (its worker gone) for another to drain
+    beside it. The wait renews the lease: the run stays in flight, and drains the batch once."""
+    import threading
+
+    monkeypatch.setattr(sensors, "DEAD_RUN_QUIET_S", 1.0)
+    monkeypatch.setattr(sensors, "LEASE_WAIT_MARGIN_S", 0.5)  # its quiet limit: 1 s + 0.5 s
+    redis_client.lpush(SiteKeys(settings.site).buffer, seed_example_json(settings.site)[0])
+    ticks: list = []
+    with replay_paused(replica_engine), instance_for_test() as instance:
+        # a tick 3 s in: the batch committed, waiting for its replay, the run quiet since it began
+        tick = threading.Timer(3.0, lambda: ticks.append(_sensor(instance, resource)))
+        tick.start()
+        result = drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, instance=instance, raise_on_error=False,
+            run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0, "lease_ttl_s": 1.0,
+                                                              "replication_timeout_s": 5.0}}}})
+        tick.join()
+        assert [e.dagster_event.message for e in instance.all_logs(result.run_id, of_type=DagsterEventType.RUN_FAILURE)
+                ] == []
+        [decision] = ticks
+        assert isinstance(decision, SkipReason) and "in flight" in decision.skip_message, decision
+        assert result.success and result.output_for_node("drain_batches")["applied"] == 1
+    assert not redis_client.exists(SiteKeys(settings.site).lease)
+
+
 def _replica_events(result) -> tuple[list, list, list]:
     """The run's materializations and observations of the site replica, and its replica_replays evaluations."""
     materialized = [e for e in result.all_events if e.event_type == DagsterEventType.ASSET_MATERIALIZATION
