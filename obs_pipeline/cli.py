@@ -289,15 +289,14 @@ def cmd_spool(args: argparse.Namespace) -> int:
     """What a script spooled on this host while Redis could not take it (OBS_SPOOL_DIR, OBS_SITE):
     `spool` shows it, `spool push` pushes it to Redis in order (a script that ended during an
     outage leaves it behind)."""
-    import redis
-
     from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.config import ConfigError
     from obs_pipeline.health import spool_unreadable
+    from obs_pipeline.redis_connections import redis_from_url
     from obs_pipeline.spool import Spool
 
     settings = _settings()
-    client = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=5)
+    client = redis_from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=5)  # (see ingest's)
     spool = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(client, settings.site))
     try:
         unusable = spool.unusable()

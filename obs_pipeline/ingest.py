@@ -31,6 +31,7 @@ from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, seconds, shown, whole_number
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
+from obs_pipeline.redis_connections import redis_from_url
 from obs_pipeline.spool import Spool, SpoolError
 from obs_pipeline.wire import (STATUSES, Step, Transaction, new_transaction, new_uuid, normalize_values, record_id,
                                record_key, validate)
@@ -309,7 +310,8 @@ class TransactionBuffer:
         self.site = settings.site
         self.max_retries = whole_number(max_retries, "max_retries must be a whole number >= 0")
         self.registry = ModelRegistry.from_path(settings.models)
-        self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
+        # connections that say so when their connect fails (spool._may_have_reached_redis)
+        self.redis = redis_from_url(settings.require_redis(), socket_timeout=5, socket_connect_timeout=2)
         self.store = BufferStore(self.redis, self.site)
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
         self._open_blocks: set[TransactionBuilder] = set()  # see _require_no_open_block_creates

@@ -47,6 +47,7 @@ import redis
 from obs_pipeline import forks
 from obs_pipeline.buffer_store import (REPLICATED_STATUS_TTL_S, BufferStore, CacheWrites, KeyTaken,
                                        RedisRefusesWrites, refuse_a_redis_without_tls)
+from obs_pipeline.redis_connections import ConnectFailed, sockets_lost
 from obs_pipeline.wire import is_storable_id, status_header
 
 RETRY_INTERVAL_S = 1.0
@@ -249,6 +250,7 @@ class Spool:
         why = "transactions spooled before it go first"
         try:
             if not os.path.exists(self.path) and not self.redis_failed_recently():
+                lost = sockets_lost()
                 try:
                     store.buffer(tx_id, tx_json, caches)
                     return
@@ -256,7 +258,7 @@ class Spool:
                     refuse_a_redis_without_tls(store.redis, error)  # the URL, not an outage: not spooled
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
-                    sent = _may_have_reached_redis(error)
+                    sent = _may_have_reached_redis(error, lost)
                 with self._locked():
                     self._append(tx_id, tx_json, caches, maybe_in_redis=sent)
                 return
@@ -276,13 +278,14 @@ class Spool:
                     if not emptied:
                         self._append(tx_id, tx_json, caches)
                         return
+                lost = sockets_lost()
                 try:
                     store.buffer(tx_id, tx_json, caches)
                 except REDIS_CANNOT_TAKE_IT as error:
                     refuse_a_redis_without_tls(store.redis, error)
                     why = "Redis cannot take it: " + _one_line(error)
                     self.note_redis_failure(error)
-                    self._append(tx_id, tx_json, caches, maybe_in_redis=_may_have_reached_redis(error))
+                    self._append(tx_id, tx_json, caches, maybe_in_redis=_may_have_reached_redis(error, lost))
         except OSError as error:  # the spool's own files: Redis's errors are not OSErrors
             raise SpoolError(f"transaction {tx_id} was not buffered ({why}), and the spool cannot take it: "
                              f"{_one_line(error)} (its folder is OBS_SPOOL_DIR)") from error
@@ -604,13 +607,14 @@ class Spool:
                 # a line this process is not known to send for the first time: a push before may have
                 # sent it and lost its reply, or died before recording it (see STALE_COPY_AFTER_S)
                 maybe_in_redis, cursor.at_untried_line = not cursor.at_untried_line, False
+                lost = sockets_lost()
                 try:  # only the lines pushed now are parsed
                     _buffer_line(store, line, maybe_in_redis)
                     pushed += 1
                 except _CannotBePushed as refused:
                     self._set_aside(store, line, str(refused))
                 except REDIS_CANNOT_TAKE_IT as error:
-                    if recorded and not maybe_in_redis and not _may_have_reached_redis(error):
+                    if recorded and not maybe_in_redis and not _may_have_reached_redis(error, lost):
                         cursor.at_untried_line = True  # nothing of this line was sent, by any push
                         self.pushing_path.unlink(missing_ok=True)
                     raise
@@ -908,16 +912,18 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
         raise _CannotBePushed(f"Redis refuses it: {_one_line(error)} (larger than its proto-max-bulk-len?)") from None
 
 
-def _may_have_reached_redis(error: BaseException) -> bool:
+def _may_have_reached_redis(error: BaseException, lost_before: int) -> bool:
     """A connection lost or a reply timed out may come after Redis ran the buffer script; a full
     Redis, one refusing writes or the script's password refuses it before anything is written,
-    and so does a connect that failed (redis-py's "Error 111 connecting to host:port", "Timeout
-    connecting to server"): marked, a Redis down for a week had a line dead-lettered at each of
-    a script's attempts to reach it."""
+    and so does a connect that failed (ConnectFailed: said by ingest's own connections, not read
+    from redis-py's wording, which a release may change), unless a connected socket of ours was
+    lost in the same call (`lost_before`: sockets_lost() as it began): redis-py may have sent the
+    script on it, lost the reply, and ended with the reconnect's failure. Marked, a Redis down for
+    a week had a line dead-lettered at each of a script's attempts to reach it. (A client not of
+    obs_pipeline.redis_connections says no connect failure: its errors count as lost replies.)"""
     if not isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or isinstance(error, redis.AuthenticationError):
         return False
-    text = str(error)
-    return " connecting to " not in text and not text.startswith("Timeout connecting")
+    return not (isinstance(error, ConnectFailed) and sockets_lost() == lost_before)
 
 
 def _stale_copy_reason(age_s: float) -> str:

@@ -220,3 +220,121 @@ def test_a_line_spooled_as_redis_refused_the_connection_is_pushed_however_old(
         assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
                             {"i": obs["id"]}).scalar_one() == "spooled as Redis was down"
     back.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss", "unix"])
+def test_a_line_spooled_as_redis_refused_the_connection_is_no_copy_whatever_redis_py_says(
+        settings, redis_client, monkeypatch, tmp_path, scheme):
+    """The connect refused above, told by what failed (the connect of ingest's own connection), not by
+    redis-py's wording: told by its text (" connecting to "), a reworded message made every line a
+    script spooled while Redis was down a possible copy, set aside once a week old. So for each
+    scheme of OBS_REDIS_URL, on the connection class redis-py picks for it (TLS, a unix socket)."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    said = []
+
+    def reworded(where, error) -> str:
+        said.append(f"Redis at {where} would not take a connection ({error})")
+        return said[-1]
+
+    monkeypatch.setattr(redis.connection, "format_error_message", reworded)
+    url = (f"unix://{tmp_path / 'no-redis.sock'}" if scheme == "unix"
+           else f"{scheme}://127.0.0.1:{pick_free_ports(1)[0]}/0")
+    buf = TransactionBuffer(settings=replace(settings, redis_url=url))
+    try:
+        picked = {"redis": redis.Connection, "rediss": redis.SSLConnection,
+                  "unix": redis.UnixDomainSocketConnection}[scheme]
+        assert issubclass(buf.redis.connection_pool.connection_class, picked)
+        with buf.transaction(endpoint="start_observation") as tx:
+            tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                          "status": "spooled as Redis was down"})
+        with buf.spool._locked():
+            lines = buf.spool.path.read_bytes().splitlines()
+        assert len(lines) == 1 and "maybe_in_redis" not in json.loads(lines[0]), lines
+        assert said and " connecting to " not in said[-1]  # redis-py's error, reworded
+    finally:
+        buf.close()
+
+
+def test_a_push_whose_reply_is_lost_once_connected_is_still_marked_a_possible_copy(
+        settings, redis_client, monkeypatch):
+    """The other side of the test above: a push sent on a connection that was up, run by Redis, whose
+    connection is then cut before its reply comes (killed on Redis's side) may have reached Redis, and
+    its line is marked so."""
+    import select
+    import time
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    buf.update("ObsUnit", 1, {"name": "connected first"})  # this thread's connection is up
+    real_await, cut = BufferStore._await_reply, []
+
+    def await_reply(self, conn):
+        if not cut:
+            cut.append(True)
+            deadline = time.monotonic() + 5
+            while redis_client.llen(keys.buffer) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until Redis has run the script
+            select.select([conn._sock], [], [], 5)
+            conn._sock.recv(65536)  # its reply, lost on the way
+            host, port = conn._sock.getsockname()[:2]
+            redis_client.client_kill(f"{host}:{port}")  # and the connection cut
+        return real_await(self, conn)
+
+    monkeypatch.setattr(BufferStore, "_await_reply", await_reply)
+    try:
+        tx_id = buf.update("ObsUnit", 1, {"name": "its reply lost"})
+        assert cut and redis_client.llen(keys.buffer) == 2  # Redis took it
+        with buf.spool._locked():
+            lines = buf.spool.path.read_bytes().splitlines()
+        assert [(json.loads(line)["id"], json.loads(line).get("maybe_in_redis")) for line in lines] == [(tx_id, True)]
+    finally:
+        monkeypatch.undo()
+        buf.close()
+
+
+def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refused_is_not_applied_again(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """With a Redis URL asking redis-py to retry, a spooled line's push is sent, Redis runs it and its
+    reply is lost; redis-py reconnects to send it again, and that connect is refused. The error the
+    push ends with is the refused connect's, but the line was sent once: taken for never sent, it was
+    pushed again a week later, applied again, and its row went back to the older value."""
+    from obs_pipeline.spool import Spool
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    monkeypatch.setattr(Spool, "start_flusher", lambda self: None)  # the test's pushes alone
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    dead_port = pick_free_ports(1)[0]
+    down = TransactionBuffer(settings=replace(settings, redis_url=f"redis://127.0.0.1:{dead_port}/0"))
+    finish = down.update("ExecutedObsUnit", obs["id"], {"status": "completed"})  # spooled: Redis refused it
+    down.close()
+    assert b"maybe_in_redis" not in buf.spool.path.read_bytes()
+
+    retrying = TransactionBuffer(settings=replace(settings, redis_url=settings.redis_url + "?retry_on_timeout=yes"))
+    send_and_read, lost = redis.Redis._send_command_parse_response, []
+
+    def reply_lost_then_refused(client, conn, command_name, *args, **options):
+        reply = send_and_read(client, conn, command_name, *args, **options)
+        if command_name == "EVALSHA" and finish in args and not lost:
+            lost.append(True)
+            conn.port = dead_port  # Redis ran it; redis-py's reconnect to send it again is refused
+            raise redis.TimeoutError("Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_then_refused)
+    try:
+        assert not retrying.spool.flush()
+    finally:
+        monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
+        retrying.close()
+    assert lost and redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+
+    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
+    assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
+    for b in (buf, other_host, back):
+        b.close()
