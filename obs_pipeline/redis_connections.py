@@ -42,6 +42,8 @@ class LoadingAtConnect(redis.BusyLoadingError, ConnectFailed):
 
 _AT_CONNECT = {redis.ConnectionError: ConnectionErrorAtConnect, redis.TimeoutError: TimeoutAtConnect,
                redis.BusyLoadingError: LoadingAtConnect}
+
+
 class _Lost(threading.local):
     count = 0  # connected sockets our connections closed in this thread (a default: no getattr's miss, 0.3 us)
 
