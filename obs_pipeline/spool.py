@@ -599,8 +599,10 @@ class Spool:
             return 0, True
         with file:
             self._find_unpushed(cursor, file)
-            if not cursor.at_untried_line:  # (this process did not just record the line before it)
-                cursor.at_untried_line = not self.pushing_path.exists()
+            # untried only where no push left `{site}.pushing` behind, whatever this process knows (it
+            # recorded the line before, or failed at the connect): another script's push may have sent
+            # the line since and lost its reply, and taken for untried here its mark was removed
+            cursor.at_untried_line = not self.pushing_path.exists()
             self.pushing_path.touch(mode=0o600)
             deadline, pushed, recorded = time.monotonic() + PUSH_SLICE_S, 0, True
             for line, end in _counted_lines(file, cursor.position):

@@ -338,3 +338,52 @@ def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refus
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
     for b in (buf, other_host, back):
         b.close()
+
+
+def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_stays_a_possible_copy(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """Two scripts on one host push one spool. A's push of a line fails at the connect (nothing sent:
+    the next line is untried, for A); B's push of it then reaches Redis and loses its reply, leaving
+    `{site}.pushing`; A's next push, failing at the connect again, took the line for untried on its
+    own word and removed that mark. The host then off for a week, the line was pushed as no copy, and
+    applied again (the row went back to the older value)."""
+    from obs_pipeline.redis_connections import redis_from_url
+    from obs_pipeline.spool import Spool
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    monkeypatch.setattr(Spool, "start_flusher", lambda self: None)  # the test's pushes alone
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    dead_url = f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"
+    down = TransactionBuffer(settings=replace(settings, redis_url=dead_url))
+    finish = down.update("ExecutedObsUnit", obs["id"], {"status": "completed"})  # spooled: Redis refused it
+    down.close()
+
+    a_client = redis_from_url(dead_url, socket_connect_timeout=2)  # A's Redis: unreachable from A just now
+    script_a = Spool(settings.spool_dir, settings.site, flush_store=BufferStore(a_client, settings.site))
+    b_store = BufferStore(redis_from_url(settings.redis_url), settings.site)
+    script_b = Spool(settings.spool_dir, settings.site, flush_store=b_store)
+    real_buffer = BufferStore.buffer
+
+    def reply_lost(self, *args):
+        real_buffer(self, *args)
+        if self is b_store:
+            raise redis.TimeoutError("Timeout reading from socket (test: Redis ran it, its reply was lost)")
+
+    monkeypatch.setattr(BufferStore, "buffer", reply_lost)
+    assert not script_a.flush()  # refused at the connect: nothing sent
+    assert not script_b.flush()  # sent, run by Redis, its reply lost
+    assert not script_a.flush()  # refused at the connect again
+    monkeypatch.setattr(BufferStore, "buffer", real_buffer)
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+
+    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
+    assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
+    a_client.close()
+    b_store.redis.close()
+    for b in (buf, other_host, back):
+        b.close()
