@@ -599,16 +599,17 @@ class Spool:
             return 0, True
         with file:
             self._find_unpushed(cursor, file)
-            # untried only where no push left `{site}.pushing` behind, whatever this process knows (it
-            # recorded the line before, or failed at the connect): another script's push may have sent
-            # the line since and lost its reply, and taken for untried here its mark was removed
-            cursor.at_untried_line = not self.pushing_path.exists()
+            # the first line is untried only where no push left `{site}.pushing` behind, whatever this
+            # process knows (it recorded the line before, or failed at the connect): another script's
+            # push may have sent it since and lost its reply, and taken for untried here, that mark was
+            # removed. Within the slice, a line after one this push recorded is untried.
+            untried = not self.pushing_path.exists()
             self.pushing_path.touch(mode=0o600)
             deadline, pushed, recorded = time.monotonic() + PUSH_SLICE_S, 0, True
             for line, end in _counted_lines(file, cursor.position):
                 # a line this process is not known to send for the first time: a push before may have
                 # sent it and lost its reply, or died before recording it (see STALE_COPY_AFTER_S)
-                maybe_in_redis, cursor.at_untried_line = not cursor.at_untried_line, False
+                maybe_in_redis, untried = not untried, False
                 lost = sockets_lost()
                 try:  # only the lines pushed now are parsed
                     _buffer_line(store, line, maybe_in_redis)
@@ -617,8 +618,7 @@ class Spool:
                     self._set_aside(store, line, str(refused))
                 except REDIS_CANNOT_TAKE_IT as error:
                     if recorded and not maybe_in_redis and not _may_have_reached_redis(error, lost):
-                        cursor.at_untried_line = True  # nothing of this line was sent, by any push
-                        self.pushing_path.unlink(missing_ok=True)
+                        self.pushing_path.unlink(missing_ok=True)  # nothing of this line was sent, by any push
                     raise
                 head = cursor.head if cursor.position >= OFFSET_HEAD_BYTES else _head_digest(file, end)
                 progress = _Offset(cursor.index + 1, end, head)
@@ -631,7 +631,7 @@ class Spool:
                     # there is room
                     recorded = False
                 cursor.index, cursor.position, cursor.head = progress
-                cursor.at_untried_line = True
+                untried = True
                 if time.monotonic() >= deadline:
                     if recorded:  # every line sent is recorded: the next push's first is untried
                         self.pushing_path.unlink(missing_ok=True)
@@ -1020,13 +1020,10 @@ class _PushCursor:
         self.offset = _NO_OFFSET
         self.index = self.position = 0
         self.head = ""
-        # the line at `position` follows one this process pushed and recorded: no push sent it yet
-        self.at_untried_line = False
 
     def forget(self) -> None:
         fd, self.fd = self.fd, None
         _close_quietly(fd)
-        self.at_untried_line = False
 
 
 def _close_quietly(fd: int | None) -> None:
