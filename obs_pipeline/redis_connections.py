@@ -12,7 +12,8 @@ ConnectFailed, its message and cause as redis-py made them.
 redis-py may send a command again after a lost reply (a URL asking it to retry): the error it then
 ends with can be the refused reconnect's, after a first send. So a connect failure counts as
 nothing sent only where no connection of ours lost a connected socket in the same call
-(sockets_lost, read before it: no round trip, nothing on a connected connection's path).
+(sockets_lost, read before it: no round trip, nothing on a connected connection's path). A
+handshake that fails closes a socket that was connected, and so counts as lost: cautious.
 """
 
 from __future__ import annotations
