@@ -368,7 +368,7 @@ class BufferStore:
         self._poller: tuple[Any, Any] | None = None  # (socket, poll object) of ingest's connection
 
     # --- ingest -----------------------------------------------------------------------------
-    def buffer(self, transaction_id: str, tx_json: str, caches: CacheWrites) -> None:
+    def buffer(self, transaction_id: str, tx_json: str, caches: CacheWrites) -> bool:
         """Queue entry, status and caches in one Lua call: atomic, one round trip, one command
         to pack and parse. Measured against a MULTI/EXEC of the same commands packed by
         hiredis: that cost Redis ~20 us less per call, but this thread 13-17 us more (seven
@@ -379,7 +379,8 @@ class BufferStore:
         RedisRefusesWrites (the spool takes the transaction in both cases). A transaction
         already buffered (its status key exists) is left as it is: pushing one again is harmless.
         One with a checked key (caches.checked) that another transaction took since ingest's
-        check raises KeyTaken, and nothing of it is written."""
+        check raises KeyTaken, and nothing of it is written. False, nothing written, for a copy of
+        a transaction `failed discard` dropped (SiteKeys.discarded): the spool's push says so."""
         args = [self.keys.prefix, transaction_id, tx_json, len(caches.created), len(caches.checked)]
         for pair in caches.checked:
             args.extend(pair)
@@ -395,6 +396,26 @@ class BufferStore:
         if isinstance(reply, list):  # a checked key taken since: nothing was written
             raise KeyTaken(*(part.decode("utf-8", "surrogateescape") if isinstance(part, bytes) else str(part)
                              for part in reply))
+        return reply != 2
+
+    def remember_discarded(self, transaction_id: str, steps_digest: str, pipe: Any) -> None:
+        """Queue on `pipe` (the discard's MULTI, which deletes the id's status key) the id's
+        `discarded` key, for as long as a final status is kept: a copy pushed since is not buffered
+        nor applied (see SiteKeys.discarded). Appended: a producer's id reused for other steps may
+        be discarded twice within that time."""
+        k = self.keys
+        pipe.append(k.discarded(transaction_id), " " + steps_digest)
+        pipe.expire(k.discarded(transaction_id), REPLICATED_STATUS_TTL_S)
+        pipe.set(k.discarded_lately, "1", ex=REPLICATED_STATUS_TTL_S)
+
+    def discarded_steps(self, transaction_ids: list[str]) -> dict[str, set[str]]:
+        """By id, the digests of the steps `failed discard` dropped under these ids (see
+        remember_discarded); {} after one EXISTS where no discard was made for a week."""
+        if not transaction_ids or not self.redis.exists(self.keys.discarded_lately):
+            return {}
+        values = [v for part in _parts(transaction_ids, MAX_COMMAND_ARGS - 1)
+                  for v in self.redis.mget([self.keys.discarded(tx_id) for tx_id in part])]
+        return {tx_id: set(v.decode().split()) for tx_id, v in zip(transaction_ids, values) if v}
 
     def set_aside_spooled(self, transaction_id: str | None, letter: str, line_digest: str) -> bool:
         """Dead-letter a spooled line the buffer script cannot take (see spool.py), with the status

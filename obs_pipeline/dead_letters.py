@@ -9,11 +9,12 @@ from typing import Any, Iterator, NamedTuple
 
 import redis
 
+from obs_pipeline import json_codec
 from obs_pipeline import redis_scripts as scripts
 from obs_pipeline.buffer_store import BufferStore, entry_id, lost_while_watching
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
-from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, new_uuid, one_line, validate,
-                               written_ids)
+from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, listed_steps_digest, new_uuid, one_line,
+                               validate, written_ids)
 
 
 class UnknownTransaction(LookupError):
@@ -222,7 +223,8 @@ class DeadLetters:
 
     def discard(self, refs: list[str]) -> "Discarded":
         """Drop each for good (by id: every letter of that id; or `#N` of the list), with its
-        status, caches, overlays (unless another copy owns them: _owned_elsewhere) and its marks
+        status (its id stays known for a week, SiteKeys.discarded: a copy pushed since is not
+        applied), caches, overlays (unless another copy owns them: _owned_elsewhere) and its marks
         in `held_ids`: all named in one reading of the list and dropped in one MULTI, so one that
         names no letter changes nothing (UnknownTransaction), not the ones before it. What they
         blocked stays dead-lettered, named in the result for the operator to retry or discard."""
@@ -430,6 +432,10 @@ class DeadLetters:
             its_own = not letter.reused_id and letter.transaction_id not in owned_elsewhere
             if letter.transaction_id and its_own:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
+                # the id stays known: a copy pushed since (a spooled line whose push's reply was lost,
+                # a producer pushing again) was taken for a new transaction, and applied after all
+                steps = listed_steps_digest(tx) if tx is not None else json_codec.digest(letter.doc.get("steps"))
+                self.store.remember_discarded(letter.transaction_id, steps, pipe)
             for copy in copies:  # a refused spooled line's mark goes with its letter
                 digest = copy.doc.get("spool_line_digest")
                 if copy.refused_spool_line and isinstance(digest, str):

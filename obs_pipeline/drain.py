@@ -29,8 +29,8 @@ from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.timeout_pieces import TimeoutPieces
-from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line, referenced_ids,
-                               validate, written_ids)
+from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, listed_steps_digest, one_line,
+                               referenced_ids, validate, written_ids)
 
 log = logging.getLogger("obs_pipeline.drain")
 # The cyclic collector's first threshold while draining. A parsed transaction keeps 25 objects
@@ -518,7 +518,7 @@ class Drain:
             if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
         full = batch.outcome.claimed >= batch.size
-        txs = self._hold_dependents(batch.transactions, outcome, report)
+        txs = self._hold_dependents(self._without_discarded_copies(batch.transactions), outcome, report)
         applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
         self.main_identity.applying = applying
         try:
@@ -714,6 +714,27 @@ class Drain:
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             txs.append(tx)
         return txs
+
+    def _without_discarded_copies(self, txs: list[Transaction]) -> list[Transaction]:
+        """Leave out the copies of transactions an operator discarded (`failed discard`) that a
+        producer pushed since (its push's reply was lost): the discard deleted the id's status key,
+        and the copy was applied as a new transaction. Dropped with a warning, given no status (the
+        id's stays None, as after the discard), acknowledged with the batch. Only the steps the
+        discard dropped: other steps under the id (a producer reused it) go on as before. Looked
+        up just before the batch goes to main: a discard that lands between this and the batch's
+        `processing` mark (_owned_elsewhere then keeps the status) does not stop the copy."""
+        discarded = self.store.discarded_steps([tx.transaction_id for tx in txs])
+        if not discarded:
+            return txs
+        kept = []
+        for tx in txs:
+            if tx.transaction_id in discarded and listed_steps_digest(tx) in discarded[tx.transaction_id]:
+                log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
+                            "pushed since (its producer's reply was lost?) is dropped, not applied",
+                            one_line(tx.transaction_id), self.settings.site)
+                continue
+            kept.append(tx)
+        return kept
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """A transaction that uses a row written by one waiting to retry is parked behind it,

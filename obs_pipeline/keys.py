@@ -87,6 +87,20 @@ class SiteKeys:
         sets the line aside again, and lists it once."""
         return f"{self.prefix}set_aside:{line_digest}"
 
+    def discarded(self, transaction_id: str) -> str:
+        """String with the expiry of a final status (REPLICATED_STATUS_TTL_S): a transaction whose
+        letter `failed discard` dropped with its status key, as the space-separated digests of the
+        steps dropped (wire.listed_steps_digest). A copy pushed after the discard (a spooled line
+        whose push's reply was lost, a producer pushing again) is not buffered (scripts.BUFFER) nor
+        applied (Drain): with the status key gone, the id was unknown and the copy was applied."""
+        return f"{self.prefix}discarded:{transaction_id}"
+
+    @property
+    def discarded_lately(self) -> str:
+        """String with the same expiry, set again by each discard: while it exists, the drain
+        looks up the `discarded` keys of the ids it claims (without it, one EXISTS a batch)."""
+        return f"{self.prefix}discarded_lately"
+
     def parked(self, holder: str) -> str:
         """List: what is held behind `holder`, in the order it was held, each entry a JSON array
         [its retry-zset member (transaction JSON), its id, the rows it writes]; those members are

@@ -136,11 +136,16 @@ end
 # last create or delete of its read buffer is a delete; without one, no record is buffered),
 # or nothing is written. (The replica's part of the check is not made again: only a create
 # buffered here adds the row there, and one buffered, applied, replayed and cleaned between the
-# check and this call, all of it, is left to the drain, as before.) Returns 1 if buffered, 0 if
-# it was there already, {model, id} of a checked key that is taken.
+# check and this call, all of it, is left to the drain, as before.) An id whose letter `failed
+# discard` dropped with its status key (its `discarded` key, see SiteKeys.discarded) is a copy of
+# that transaction: ingest makes a new id for each, so only a spooled line whose push's reply was
+# lost, pushed again, has it; taken for new, it was applied after the discard. Returns 1 if
+# buffered, 0 if it was there already, 2 if its id was discarded (nothing written), {model, id}
+# of a checked key that is taken.
 BUFFER = IN_PARTS + """
 local p = ARGV[1]
 local status = p .. 'transaction:' .. ARGV[2]
+if redis.call('EXISTS', p .. 'discarded:' .. ARGV[2]) == 1 and redis.call('EXISTS', status) == 0 then return 2 end
 local i = 6
 local checked = tonumber(ARGV[5])
 if checked > 0 then

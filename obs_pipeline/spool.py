@@ -9,7 +9,8 @@ push holds the spool's lock a slice at a time (PUSH_SLICE_S): a call that finds 
 spooled after its slice appends its own behind them. After Redis
 did not answer in time, calls spool without asking it for REDIS_RETRY_AFTER_S. A crash while pushing can push one line twice, and a push whose reply timed out
 may have been buffered after all: the buffer script leaves a transaction that is already in
-Redis as it is, so nothing is doubled. A line the buffer script cannot take for what it is (see
+Redis as it is, and leaves out one an operator discarded since (`failed discard`), so nothing
+is doubled or comes back. A line the buffer script cannot take for what it is (see
 _buffer_line) would stop every push there for good: it goes to the site's dead-letter list
 instead (Spool._set_aside), and the push goes on with the next line.
 
@@ -885,7 +886,9 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
     is over Redis's size limits (asked first, see _over_a_size_limit; or, where Redis does not
     say them, "Protocol error: invalid bulk length"), or a create of a key it found free when it
     was spooled that another transaction created since (KeyTaken: the buffer script refuses it
-    at every push, as main would). Whatever Redis refuses for a while (down,
+    at every push, as main would). A copy of a transaction an operator discarded since (an earlier
+    push reached Redis, its reply lost) is dropped, with a warning: the discard stands, and the copy
+    holds nothing the operator did not see in its letter. Whatever Redis refuses for a while (down,
     full, read-only, BUSY, NOPERM, a connection reset...) raises as it is: the push stops there
     and is tried again later, in order."""
     entry = _spooled_entry(line)
@@ -901,8 +904,12 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
             if age_s is not None and age_s >= STALE_COPY_AFTER_S:
                 if store.redis.exists(store.keys.transaction(tx_id)):
                     return  # in Redis already: the buffer script would leave it as it is
-                raise _CannotBePushed(_stale_copy_reason(age_s))
-        store.buffer(tx_id, tx_json, CacheWrites(**caches))
+                if not store.redis.exists(store.keys.discarded(tx_id)):  # (if it is, the buffer script drops it)
+                    raise _CannotBePushed(_stale_copy_reason(age_s))
+        if store.buffer(tx_id, tx_json, CacheWrites(**caches)) is False:  # (only False says so)
+            log.warning("spooled transaction %s was not buffered: an operator discarded it (`obs-pipeline failed "
+                        "discard`, site %s) after an earlier push of it reached Redis and its reply was lost; this "
+                        "copy is dropped with it", tx_id, store.keys.site)
     except UnicodeEncodeError as error:
         raise _CannotBePushed(f"it holds text that cannot be sent as UTF-8 ({_one_line(error)})") from None
     except KeyTaken as error:  # nothing of it was buffered

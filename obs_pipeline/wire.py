@@ -148,6 +148,14 @@ class Transaction:
                    max_retries, parsed, metadata, overlaid or None)
 
 
+def listed_steps_digest(tx: Transaction) -> str:
+    """Its steps' digest as its dead letter lists them (Transaction.to_dict: each step with every
+    field, those a producer left out written with their defaults), for `failed discard` to know a
+    copy pushed since (see SiteKeys.discarded): steps_digest is of the steps as pushed, and a
+    producer's copy left out what the letter wrote."""
+    return json_codec.digest(tx.to_dict()["steps"])
+
+
 def is_storable_id(value: Any) -> bool:
     """A transaction id that PostgreSQL (the applied-id record) and Redis (key names) can both
     hold: 1-200 characters, no NUL, valid Unicode. Anything else from a producer would stop

@@ -387,3 +387,72 @@ def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_sta
     b_store.redis.close()
     for b in (buf, other_host, back):
         b.close()
+
+
+@pytest.mark.parametrize("producer", ["spool", "lpush"])
+def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
+        settings, redis_client, main_engine, monkeypatch, tmp_path, caplog, producer):
+    """A transaction's push reaches Redis and its reply is lost: the script spools it, and its
+    host reaches no Redis for a while (`spool`); or a producer that only LPUSHes pushes it again
+    once its reply was lost (`lpush`). The one in Redis fails on main and is dead-lettered, and
+    the operator discards it; its cause goes away later (the obs unit is created). Then the copy
+    is pushed: the discard had deleted the id's status key, so the buffer script took the copy for
+    a new transaction (the drain too, for a producer's entry), and it was applied after all."""
+    import subprocess
+    import sys
+
+    from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty, cli_env
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    wrong = {"obs_unit_id": 31337, "status": "discarded"}  # no such unit, for now
+    if producer == "spool":
+        _script_host_whose_reply_is_lost(monkeypatch, buf)
+        tx_id = buf.update("ExecutedObsUnit", obs["id"], wrong)
+        assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1  # in Redis all the same
+    else:
+        tx_id = "producer-tx-0001"
+        pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
+            {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+             "conditions": {"id": obs["id"]}, "data": wrong}]})
+        redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "discard", tx_id],
+                   env=cli_env(settings), check=True)
+    retried = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", tx_id],
+                             env=cli_env(settings), capture_output=True, text=True)
+    assert retried.returncode == 1 and "no dead-lettered transaction" in retried.stderr, retried.stderr
+    with main_engine.begin() as conn:  # the unit it named is created later, for other reasons
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+
+    caplog.set_level("WARNING")
+    seen = len(caplog.records)
+    if producer == "spool":  # the host is on again: its next script pushes the spool
+        back = TransactionBuffer(settings=settings)
+        assert back.spool.flush() and back.spool.pending() == 0
+        back.close()
+    else:  # all the producer knew was that its push's reply was lost
+        redis_client.lpush(keys.buffer, pushed)
+    buffered_again = redis_client.llen(keys.buffer) if producer == "spool" else 0
+    drain_until_settled(settings, retry_base_s=0.05)
+
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "running")
+    assert buffered_again == 0
+    assert_queues_empty(redis_client, settings.site)  # not dead-lettered again either
+    assert redis_client.get(keys.transaction(tx_id)) is None
+    reader = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "reader")))
+    assert reader.status(tx_id) is None  # as after any discard
+    assert reader.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+    said = [r.getMessage() for r in caplog.records[seen:] if tx_id in r.getMessage() and "discarded" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records[seen:]]  # dropped, saying so once
+    if producer == "lpush":  # the producer reuses the id for other steps: no copy, applied as before
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
+            {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+             "conditions": {"id": obs["id"]}, "data": {"status": "reused id"}}]}))
+        drain_until_settled(settings)
+        assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "reused id")
+        assert reader.status(tx_id) == "replicated"
+    for b in (buf, reader):
+        b.close()
