@@ -699,6 +699,8 @@ class BufferStore:
                         record.update(at=now, lsn=outcome.commit_lsn)
                         if outcome.main_timeline is not None:  # which WAL holds it: see requeue_lost
                             record["tl"] = outcome.main_timeline
+                        if outcome.main_cluster is not None:  # ... of which cluster: see chunks_off_timeline
+                            record["cl"] = outcome.main_cluster
                         pipe.zadd(k.awaiting_replication,
                                   {json_codec.dumps(record): outcome.commit_lsn})
                 # last_batch_at: every batch a drain ran, for the health report's last_run (a drain whose
@@ -855,30 +857,37 @@ class BufferStore:
         value = self.redis.hget(self.keys.stats, MAIN_TIMELINE_FIELD)
         return int(value) if value is not None else None
 
-    def chunks_off_timeline(self, timeline: int) -> list[tuple[dict[str, Any], bytes]]:
+    def chunks_off_timeline(self, timeline: int, cluster: int | None = None) -> list[tuple[dict[str, Any], bytes]]:
         """The committed chunks awaiting the replica that were committed on another timeline than
-        `timeline` (a chunk without "tl", acknowledged by an earlier version, on the one `stats`
-        recorded), as (record, member), in commit and batch order."""
+        `timeline`, or (`cluster` given) by another cluster than `cluster` (main replaced by a new
+        initdb restored from a dump: its timeline may be the same, its LSNs pass theirs without
+        them), as (record, member), in commit and batch order. A chunk without "tl" or "cl",
+        acknowledged by an earlier version, is on the one `stats` recorded; with none recorded
+        either, its cluster is unknown and not compared."""
         recorded = self.main_timeline()
+        recorded_cluster = self.main_cluster() if cluster is not None else None
         found: list[tuple[dict[str, Any], bytes]] = []
         start = 0
         while True:
             chunks = self._awaiting_records(start, start + CLEAN_PASS * 10 - 1)
             start += len(chunks)
-            found.extend(chunk for chunk in chunks if chunk[0].get("tl", recorded) != timeline)
+            found.extend(chunk for chunk in chunks if chunk[0].get("tl", recorded) != timeline
+                         or cluster is not None and chunk[0].get("cl", recorded_cluster) not in (None, cluster))
             if len(chunks) < CLEAN_PASS * 10:
                 return found
 
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
-                     kept: list[tuple[dict[str, Any], bytes]]) -> tuple[list[str], list[str]]:
-        """After main failed over to a timeline that lacks the commits of the `lost` chunks: put
-        their transactions back at the oldest end of the processing list, in their order (claimed
-        again first, before whatever waits there or in the buffer, as after a crash; an id main has
-        applied after all is skipped there), statuses "pending", and drop their records without
-        cleaning their caches (reads keep showing them until the new commit is replayed). The
-        `kept` chunks (main has their ids) are recorded as on `timeline`. One MULTI, fenced by the
-        lease, so a crash leaves all or nothing of it. Returns (ids requeued, ids whose transaction
-        JSON is gone, which cannot be)."""
+                     kept: list[tuple[dict[str, Any], bytes]],
+                     cluster: int | None = None) -> tuple[list[str], list[str]]:
+        """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
+        the `lost` chunks: put their transactions back at the oldest end of the processing list, in
+        their order (claimed again first, before whatever waits there or in the buffer, as after a
+        crash; an id main has applied after all is skipped there), statuses "pending", and drop
+        their records without cleaning their caches (reads keep showing them until the new commit
+        is replayed). The `kept` chunks (main has their ids) are recorded as on `timeline` (and
+        `cluster`, recorded in `stats` too). One MULTI, fenced by the lease, so a crash leaves all
+        or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
+        be)."""
         k = self.keys
         ids = list(dict.fromkeys(tx_id for record, _ in lost for tx_id in record.get("t") or ()))
         with self.redis.pipeline(transaction=True) as pipe:
@@ -901,8 +910,9 @@ class BufferStore:
                     pipe.multi()
                     for _, member in lost + kept:
                         pipe.zrem(k.awaiting_replication, member)
+                    on = {"tl": timeline, **({"cl": cluster} if cluster is not None else {})}
                     for record, member in kept:
-                        pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, "tl": timeline}): record["lsn"]})
+                        pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, **on}): record["lsn"]})
                     if entries:  # the first of them rightmost: the oldest end
                         pipe.rpush(k.processing, *reversed(entries.values()))
                         for tx_id, entry in entries.items():
@@ -911,6 +921,8 @@ class BufferStore:
                         pipe.hincrby(k.stats, "applied_total", -len(entries))
                         pipe.hincrby(k.stats, "lost_in_failover_total", len(entries))
                     pipe.hset(k.stats, MAIN_TIMELINE_FIELD, timeline)
+                    if cluster is not None:
+                        pipe.hset(k.stats, MAIN_CLUSTER_FIELD, cluster)
                     pipe.execute()
                     return list(entries), gone
                 except redis.WatchError as error:

@@ -245,6 +245,11 @@ class MainIdentity:
         if outcome.commit_lsn is not None and outcome.main_cluster is not None:
             self._cluster = outcome.main_cluster
 
+    def settled(self, cluster: int) -> None:
+        """After Drain._settle_failover: every waiting chunk is of main's cluster now (those of
+        another were asked for on it), so its replica's replay counts, before a commit records it."""
+        self._cluster = cluster
+
     def main_idle(self) -> bool:
         """Whether main's session may be used here: not while the worker thread has it."""
         return self.applying is None or self.applying.done()
@@ -317,7 +322,8 @@ class Drain:
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
-        self._settled_timeline: int | None = None  # every waiting chunk is known on it (_settle_failover)
+        # (main's cluster, its timeline): every waiting chunk is known on them (_settle_failover)
+        self._settled: tuple[int | None, int] | None = None
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -958,10 +964,11 @@ class Drain:
 
     def _failover_settled(self) -> bool:
         """Whether chunks may be cleaned by a replay of main's timeline: each waiting one is known
-        to be on it (_settle_failover), or no session of main said one (main down: the recorded
-        one counts, as every chunk's). Settled here only while main's session is free."""
+        to be on it and of main's cluster (_settle_failover), or no session of main said one (main
+        down: the recorded one counts, as every chunk's). Settled here only while main's session
+        is free."""
         timeline = self.main.timeline
-        if timeline is None or timeline == self._settled_timeline:
+        if timeline is None or (self.main.system_identifier, timeline) == self._settled:
             return True
         if not self.main_identity.main_idle():
             return False
@@ -969,41 +976,50 @@ class Drain:
             self._settle_failover()
         except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
             return False
-        return self._settled_timeline == self.main.timeline
+        return self._settled == (self.main.system_identifier, self.main.timeline)
 
     def _settle_failover(self) -> int:
         """Before anything applies on main's session, or is cleaned by its timeline: the chunks
         awaiting the replica that were committed on another timeline (main failed over since, or
-        was restored) are asked for on main. A failover to an asynchronous standby loses what main
-        had not sent it, and the new timeline's LSNs pass those commits' without them: their caches
-        were cleaned, and the rows were on neither server. Ids main has applied made it across (a
-        batch commits whole): those chunks count as on the new timeline. The rest are buffered
-        again, to apply first (BufferStore.requeue_lost). Returns how many; main's errors raise."""
-        timeline = self.main.timeline
-        if timeline is None or timeline == self._settled_timeline:
+        was restored), or by another cluster (main replaced by a new initdb restored from a dump,
+        on timeline 1 again, say), are asked for on main. A failover to an asynchronous standby
+        loses what main had not sent it, a dump taken before them lacks them, and the new WAL's
+        LSNs pass those commits' without them: their caches were cleaned, and the rows were on
+        neither server. Ids main has applied made it across (a batch commits whole): those chunks
+        count as on main's timeline and cluster. The rest are buffered again, to apply first
+        (BufferStore.requeue_lost). Returns how many; main's errors raise."""
+        timeline, cluster = self.main.timeline, self.main.system_identifier
+        if timeline is None or (cluster, timeline) == self._settled:
             return 0
-        chunks = self.store.chunks_off_timeline(timeline)
+        chunks = self.store.chunks_off_timeline(timeline, cluster)
         requeued: list[str] = []
         if chunks:
             ids = sorted({tx_id for record, _ in chunks for tx_id in record.get("t") or ()})
             present = self.main.applied_among(ids) if ids else set()
-            if self.main.timeline != timeline:  # a new session in between (main failed over again)
-                return 0
+            if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):  # a new session in
+                return 0  # between (main failed over, or moved, again)
             lost, kept = [], []
             for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
                 (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
-            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept)
+            recorded = self.store.main_cluster() if lost else None  # (a chunk without "cl" is of it)
+            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster)
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
-                log.warning("main now writes timeline %d: %d committed transaction(s) of %d batch(es) were not on it "
-                            "(an asynchronous failover lost them); buffered again, to apply first, their caches "
-                            "kept meanwhile%s", timeline, len(missing), len({r.get("lsn") for r, _ in lost}),
+                moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})  # (else another timeline)
+                now, cause = ((f"main is now another cluster (system identifier {cluster}, timeline {timeline})",
+                               "a restore from before their commits lost them") if moved else
+                              (f"main now writes timeline {timeline}", "an asynchronous failover lost them"))
+                log.warning("%s: %d committed transaction(s) of %d batch(es) were not on it (%s); buffered again, to "
+                            "apply first, their caches kept meanwhile%s", now, len(missing),
+                            len({r.get("lsn") for r, _ in lost}), cause,
                             f"; {len(gone)} could not be, their transaction JSON gone from Redis (their caches stay: "
                             f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''})" if gone else "")
             if requeued:
                 done = set(requeued)
                 self._unmarked = [i for i in self._unmarked if i not in done]  # "pending" now, not "applied"
-        self._settled_timeline = timeline
+        self._settled = (cluster, timeline)
+        if cluster is not None:
+            self.main_identity.settled(cluster)
         return len(requeued)
 
 

@@ -857,3 +857,96 @@ def test_requeue_lost_puts_the_lost_first_in_order_and_records_the_rest_on_the_n
         {**kept[0][0], "tl": 2}]
     assert redis_client.exists(keys.buffered("M", "1")) == 1
     assert store.main_timeline() == 2
+
+
+@pytest.fixture
+def other_cluster(stack):
+    """Main moved to another cluster: Y ("main"), a primary of its own initdb (timeline 1, as
+    the stack's main writes) with the schema and obs units, none of the stack main's rows (a
+    restore of a dump taken before them), and R ("replica"), a standby cloned from it: the
+    site's replica rebuilt from the new main."""
+    from types import SimpleNamespace
+
+    from obs_pipeline.stack.osutil import wait_until
+
+    servers, url, _ = _servers(stack, "cm_main", "cm_replica")
+    y, r = servers
+    try:
+        target = _primary_with_units(y, url[y], "CREATE TABLE filler (x text)")
+        r.clone_from(y)
+        r.set_upstream(y.port)
+        r.start()
+        assert wait_until(lambda: _replayed(url[r], target), 60)
+        yield SimpleNamespace(main=url[y], replica=url[r])
+    finally:
+        for server in reversed(servers):
+            server.stop(mode="immediate")
+            shutil.rmtree(server.datadir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("restore", ["before", "before, chunk of an earlier version", "after"])
+def test_a_batch_awaiting_the_replica_when_main_moves_to_another_cluster_is_applied_on_it(
+        settings, other_cluster, main_engine, replica_engine, redis_client, clean_db, caplog, restore):
+    """A batch committed on main X waits for the replica's replay; main is then replaced by
+    another cluster Y (its own initdb, restored from a dump taken before that commit, on
+    timeline 1 again) and the site's replica rebuilt from Y. The chunk's timeline is Y's, so
+    nothing settled it: the next commit on Y recorded Y as the cluster to compare the replica
+    with, and once Y's replay passed the old commit's LSN (of X's WAL) its caches were cleaned,
+    status "replicated", its rows on neither server. A chunk of another cluster is settled as
+    one of another timeline: Y is asked for its ids and what it lacks is buffered again (a
+    chunk an earlier version recorded without its cluster is of the one `stats` recorded); a
+    dump taken after the commit has it: nothing applied twice."""
+    from obs_pipeline import json_codec
+    from obs_pipeline_tests.workload import replay_paused
+
+    keys = SiteKeys(settings.site)
+    buf, tx_id, obs_id = _buffer_one(settings)
+    with replay_paused(replica_engine):
+        _drain_once(settings, caplog, replication_timeout_s=0.2)
+    assert buf.status(tx_id) == "applied"
+    (member,) = redis_client.zrange(keys.awaiting_replication, 0, -1)
+    chunk = json.loads(member)
+    assert chunk["t"] == [tx_id] and chunk["tl"] == 1, chunk
+    if "earlier version" in restore:
+        redis_client.zrem(keys.awaiting_replication, member)
+        chunk.pop("cl", None)
+        redis_client.zadd(keys.awaiting_replication, {json_codec.dumps(chunk): chunk["lsn"]})
+    if restore == "after":  # the dump has the batch's rows and its applied-id record
+        with main_engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT * FROM executed_obs_unit WHERE id = :i"), {"i": obs_id}).mappings().one()
+            record = conn.execute(sa.text("SELECT * FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                                  {"t": tx_id}).mappings().one()
+        engine = sa.create_engine(other_cluster.main)
+        with engine.begin() as conn:
+            for table, values in (("executed_obs_unit", row), ("obs_pipeline_applied", record)):
+                conn.execute(sa.text(f"INSERT INTO {table} ({', '.join(values)}) "
+                                     f"VALUES ({', '.join(':' + c for c in values)})"), dict(values))
+        engine.dispose()
+    buf.close()
+    moved = dataclasses.replace(settings, main_db_url=other_cluster.main, replica_db_url=other_cluster.replica)
+    buf = TransactionBuffer(settings=moved)
+    with buf.transaction(endpoint="start_observation") as tx:
+        later = tx.create("ExecutedObsUnit", {"obs_unit_id": 2, "start_time": "2025-01-02T00:00:00Z",
+                                              "status": "running"})
+    _drain_once(moved, caplog, replication_timeout_s=0.2)  # the new one applied on Y ...
+    assert _on_main(other_cluster.main, later["id"], [tx.transaction_id]) == (1, 1, "running")
+    said = _lost_line(caplog)
+    assert len(said) == (restore != "after") and all(
+        line.startswith("main is now another cluster") and "timeline 1): 1 committed transaction(s)" in line
+        for line in said), said
+    _write_past(other_cluster.main, other_cluster.replica, int(chunk["lsn"]))  # ... and Y written past X's commit
+    caplog.clear()
+    summary = _drain_once(moved, caplog, replication_timeout_s=10)
+    assert _on_main(other_cluster.main, obs_id, [tx_id]) == (1, 1, "running")  # not lost
+    assert _on_main(other_cluster.main, later["id"], [tx.transaction_id]) == (1, 1, "running")  # not doubled
+    assert summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated" and buf.status(tx.transaction_id) == "replicated"
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from Y's standby
+    stats = redis_client.hgetall(keys.stats)
+    assert int(stats[b"applied_total"]) == 2, stats
+    assert int(stats.get(b"lost_in_failover_total", 0)) == (restore != "after"), stats
+    with main_engine.connect() as conn:  # (X has it once, as it had)
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs_id}).scalar() == 1
+    buf.close()
