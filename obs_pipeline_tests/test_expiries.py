@@ -89,6 +89,21 @@ def _pushed_a_week_later(buf: TransactionBuffer, settings, main_engine, redis_cl
     return back, letters
 
 
+def _overtaken_then_pushed_a_week_later(buf: TransactionBuffer, settings, main_engine, redis_client, obs: dict,
+                                       finish: str, tmp_path) -> list[dict]:
+    """`finish`, in Redis once, is applied; a later update of its row from another host is applied;
+    then a week passes and the host's spool is pushed (_pushed_a_week_later, which checks the row
+    kept the later update). Closes the buffers; returns the letters."""
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
+    for b in (buf, other_host, back):
+        b.close()
+    return letters
+
+
 def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applied_again(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """An update whose push reached Redis but whose reply was lost is spooled (Redis may not have
@@ -329,15 +344,8 @@ def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refus
         monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
         retrying.close()
     assert lost and redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
-    drain_until_settled(settings)
-    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
-    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
-    drain_until_settled(settings)
-
-    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
+    letters = _overtaken_then_pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish, tmp_path)
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
-    for b in (buf, other_host, back):
-        b.close()
 
 
 def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_stays_a_possible_copy(
@@ -376,17 +384,10 @@ def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_sta
     assert not script_a.flush()  # refused at the connect again
     monkeypatch.setattr(BufferStore, "buffer", real_buffer)
     assert redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
-    drain_until_settled(settings)
-    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
-    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
-    drain_until_settled(settings)
-
-    back, letters = _pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish)
-    assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
     a_client.close()
     b_store.redis.close()
-    for b in (buf, other_host, back):
-        b.close()
+    letters = _overtaken_then_pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish, tmp_path)
+    assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
 
 
 @pytest.mark.parametrize("producer", ["spool", "lpush"])
