@@ -269,6 +269,7 @@ def test_a_line_spooled_as_redis_refused_the_connection_is_no_copy_whatever_redi
         assert said and " connecting to " not in said[-1]  # redis-py's error, reworded
     finally:
         buf.close()
+        buf.spool.path.unlink(missing_ok=True)  # (no Redis to push it to: not told of at the suite's exit)
 
 
 def test_a_push_whose_reply_is_lost_once_connected_is_still_marked_a_possible_copy(
