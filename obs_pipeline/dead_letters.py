@@ -11,7 +11,8 @@ import redis
 
 from obs_pipeline import json_codec
 from obs_pipeline import redis_scripts as scripts
-from obs_pipeline.buffer_store import BufferStore, entry_id, lost_while_watching
+from obs_pipeline.buffer_store import REPLICATED_STATUS_TTL_S, BufferStore, entry_id, lost_while_watching
+from obs_pipeline.config import DAY_S
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.wire import (Transaction, cache_footprint, is_storable_id, listed_steps_digest, new_uuid, one_line,
                                validate, written_ids)
@@ -208,6 +209,11 @@ class DeadLetters:
                                      "(see `obs-pipeline failed list`)")
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]
+        if is_storable_id(ref) and self.store.redis.exists(self.keys.discarded(ref)):  # (said as such: "no
+            # dead-lettered transaction" sent the operator looking for one that another had discarded)
+            raise UnknownTransaction(f"transaction {ref!r} of site {self.keys.site} was discarded (`obs-pipeline "
+                                     f"failed discard`) within the last {REPLICATED_STATUS_TTL_S / DAY_S:g} days: "
+                                     "no letter of it is left; buffer its steps again if they are still wanted")
         raise UnknownTransaction(f"no dead-lettered transaction {ref!r} at site {self.keys.site} "
                                  "(see `obs-pipeline failed list`)")
 

@@ -425,7 +425,10 @@ def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
                    env=cli_env(settings), check=True)
     retried = subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", tx_id],
                              env=cli_env(settings), capture_output=True, text=True)
-    assert retried.returncode == 1 and "no dead-lettered transaction" in retried.stderr, retried.stderr
+    assert retried.returncode == 1 and retried.stderr.splitlines() == [
+        f"obs-pipeline: error: transaction {tx_id!r} of site {settings.site} was discarded (`obs-pipeline failed "
+        "discard`) within the last 7 days: no letter of it is left; buffer its steps again if they are still "
+        "wanted"], retried.stderr
     with main_engine.begin() as conn:  # the unit it named is created later, for other reasons
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
 
