@@ -417,7 +417,7 @@ class Drain:
                         on_timeout(line, backoff)
                     elif on_transient:
                         on_transient(str(timeout), backoff)
-                    time.sleep(backoff)
+                    self._back_off(backoff)
                     backoff = min(backoff * 2, self.config.backoff_max_s)
                     continue
                 except TransientError as error:
@@ -425,7 +425,7 @@ class Drain:
                     log.warning("main unreachable (%s); retrying the same batch in %.1f s", error, backoff)
                     if on_transient:
                         on_transient(str(error), backoff)
-                    time.sleep(backoff)
+                    self._back_off(backoff)
                     backoff = min(backoff * 2, self.config.backoff_max_s)
                     continue
                 backoff = self.config.backoff_initial_s
@@ -454,6 +454,19 @@ class Drain:
             self._mark_applied_now()
             self._release_lease()
         return summary
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before trying main again, renewing the lease every lease_ttl_s / 3 as the other
+        waits do: with a lease shorter than the back-off (`drain --lease-ttl 10`, backoff_max_s
+        30) it lapsed, and another drain took the site beside this one. Redis's errors are the
+        next step's to say; a lease taken meanwhile ends the wait (the next step stops on it)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.config.lease_ttl_s / 3))
+            if time.monotonic() < deadline and self.token:
+                with contextlib.suppress(redis.RedisError):
+                    if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
+                        return
 
     def acquire(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s

@@ -795,6 +795,41 @@ def test_the_lease_is_renewed_while_the_last_batch_waits_longer_than_it_for_the_
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_the_lease_is_renewed_while_the_drain_backs_off_longer_than_it_after_main_went_away(
+        settings, redis_client, main_engine):
+    """main unreachable, the drain backing off 3 s before trying the batch again, its lease 1 s
+    (`drain --lease-ttl 1`): the lease lapsed during the back-off, and another drain took the site
+    beside this one. It is held until the drain stops, then released; the batch is applied once."""
+    import dataclasses
+    import threading
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 2, finish_every=0)
+    buf.close()
+    gone = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://obs@127.0.0.1:{pick_free_ports(1)[0]}/obs")
+    other = BufferStore(redis_client, settings.site)
+    taken: list[str | None] = []
+    drain = Drain(gone, DrainConfig(lease_ttl_s=1.0, backoff_initial_s=3.0, backoff_max_s=3.0))
+    try:
+        # another drain tries for the site 2 s in, this one backing off after main's refusal
+        trier = threading.Timer(2.0, lambda: taken.append(other.acquire_lease(60.0)))
+        trier.start()
+        summary = drain.run(budget_s=2.5)
+        trier.join()
+    finally:
+        if taken and taken[0]:
+            other.release_lease(taken[0])
+        drain.close()
+    assert summary.transient_errors >= 1 and not summary.lease_lost, summary
+    assert taken == [None], "another drain took the lease while this one backed off"
+    assert not redis_client.exists(SiteKeys(settings.site).lease)  # released as it stopped
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+
+
 def test_a_drain_whose_lease_another_took_stops_and_leaves_the_batch_to_it(settings, redis_client, main_engine,
                                                                           monkeypatch):
     from obs_pipeline.apply import MainDatabase
