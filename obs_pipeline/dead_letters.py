@@ -440,7 +440,7 @@ class DeadLetters:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
                 # the id stays known: a copy pushed since (a spooled line whose push's reply was lost,
                 # a producer pushing again) was taken for a new transaction, and applied after all
-                steps = listed_steps_digest(tx) if tx is not None else json_codec.digest(letter.doc.get("steps"))
+                steps = listed_steps_digest(tx, self.registry) if tx is not None else json_codec.digest(letter.doc.get("steps"))
                 self.store.remember_discarded(letter.transaction_id, steps, pipe)
             for copy in copies:  # a refused spooled line's mark goes with its letter
                 digest = copy.doc.get("spool_line_digest")

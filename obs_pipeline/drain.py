@@ -747,7 +747,7 @@ class Drain:
             return txs
         kept = []
         for tx in txs:
-            if tx.transaction_id in discarded and listed_steps_digest(tx) in discarded[tx.transaction_id]:
+            if tx.transaction_id in discarded and listed_steps_digest(tx, self.registry) in discarded[tx.transaction_id]:
                 log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
                             "pushed since (its producer's reply was lost?) is dropped, not applied",
                             one_line(tx.transaction_id), self.settings.site)

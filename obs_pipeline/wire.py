@@ -148,12 +148,30 @@ class Transaction:
                    max_retries, parsed, metadata, overlaid or None)
 
 
-def listed_steps_digest(tx: Transaction) -> str:
+def listed_steps_digest(tx: Transaction, registry: ModelRegistry) -> str:
     """Its steps' digest as its dead letter lists them (Transaction.to_dict: each step with every
     field, those a producer left out written with their defaults), for `failed discard` to know a
     copy pushed since (see SiteKeys.discarded): steps_digest is of the steps as pushed, and a
-    producer's copy left out what the letter wrote."""
-    return json_codec.digest(tx.to_dict()["steps"])
+    producer's copy left out what the letter wrote. Without the columns SQLAlchemy computes (a
+    callable default of a create, an onupdate of an update): the drain fills those as it checks
+    each copy (validate), the letter listed the first one's (a time), a copy got its own, and a
+    producer's copy of a discarded update was applied."""
+    steps = tx.to_dict()["steps"]  # (each step a dict of its own: changed here, not in tx)
+    for step in steps:
+        model = registry.models.get(step["model_class"]) if isinstance(step["model_class"], str) else None
+        if model is None:
+            continue
+        computed = (model.computed_defaults if step["operation"] in ("create", "bulk_create")
+                    else model.onupdates if step["operation"] == "update" else None)
+        if computed:
+            data = step["data"]
+            step["data"] = ([_without(row, computed) for row in data] if isinstance(data, list)
+                            else _without(data, computed))
+    return json_codec.digest(steps)
+
+
+def _without(row: Any, columns: dict[str, Any]) -> Any:
+    return {k: v for k, v in row.items() if k not in columns} if isinstance(row, dict) else row
 
 
 def is_storable_id(value: Any) -> bool:

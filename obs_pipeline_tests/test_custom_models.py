@@ -619,3 +619,43 @@ def test_a_default_that_needs_more_than_the_row_from_sqlalchemys_context_is_one_
         assert conn.execute(sa.text("SELECT serial FROM custom_ticket WHERE id = :i"),
                             {"i": ticket["id"]}).scalar_one() == 7
     buf.close()
+
+
+def test_a_producers_copy_of_a_discarded_update_the_drain_filled_an_onupdate_for_is_not_applied(
+        custom_schema, redis_client, main_engine):
+    """A producer that only LPUSHes pushes an update of an Entry (whose `updated` SQLAlchemy
+    computes, onupdate=datetime.utcnow) again after its push's reply was lost. The first fails on
+    main (no such row, for now), is dead-lettered and discarded; the row is created later. The
+    drain filled `updated` when it checked each: the letter listed the first one's time, the
+    copy got its own, the digests differed, and the copy was applied after the discard."""
+    import json
+    import uuid
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline.redis_connections import redis_from_url
+    from obs_pipeline_tests.test_reliability import assert_queues_empty
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    keys = SiteKeys(custom_schema.site)
+    entry_id, tx_id = str(uuid.uuid4()), "producer-entry-0001"
+    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "producer", "site": custom_schema.site,
+                         "steps": [{"step_id": "s1", "operation": "update", "model_class": "Entry",
+                                    "conditions": {"id": entry_id}, "data": {"title": "discarded"}}]})
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(custom_schema, retry_base_s=0.05)  # its retries spent: dead-lettered
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
+    store = BufferStore(redis_from_url(custom_schema.redis_url), custom_schema.site)
+    DeadLetters(store, ModelRegistry.from_path(MODELS)).discard([tx_id])
+    with main_engine.begin() as conn:  # the row it named is created later, for other reasons
+        conn.execute(sa.text("INSERT INTO custom_entry (id, title, created, token, slug, stamped, revised) "
+                             "VALUES (:i, 'kept', now(), gen_random_uuid(), 'kept-slug', now(), false)"),
+                     {"i": entry_id})
+    redis_client.lpush(keys.buffer, pushed)  # all the producer knew was that its push's reply was lost
+    drain_until_settled(custom_schema, retry_base_s=0.05)
+    assert _entry_on_main(main_engine, entry_id)["title"] == "kept"
+    assert_queues_empty(redis_client, custom_schema.site)
+    assert redis_client.get(keys.transaction(tx_id)) is None
+    store.redis.close()
