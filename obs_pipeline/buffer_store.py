@@ -309,6 +309,7 @@ class Outcome:
     release: dict[str, set[str]] = field(default_factory=dict)  # tx -> its rows whose marks go, see unhold
     park: list[tuple[str, str, set[str], str]] = field(default_factory=list)  # (holder, tx id, its rows, tx JSON), see scripts.UNPARK
     unpark: list[str] = field(default_factory=list)  # applied or dead: those parked behind them come due
+    forget: list[str] = field(default_factory=list)  # status keys to delete: copies of discarded ones, dropped
     cleanup: list[dict[str, list]] = field(default_factory=list)  # per transaction: {"c", "o", "t"}
     commit_lsn: int | None = None
     main_cluster: int | None = None  # main's system identifier: the cluster whose WAL holds the commit
@@ -673,6 +674,8 @@ class BufferStore:
                 pipe.multi()
                 pipe.ltrim(k.processing, 0, -outcome.claimed - 1)
                 applied_ids = outcome.applied_ids
+                for tx_id in outcome.forget:  # (before the statuses: one of them may be another's of the id)
+                    pipe.delete(k.transaction(tx_id))
                 statuses = [x for pair in outcome.statuses for x in pair]
                 for part in range(0, len(statuses), 2 * STATUS_CHUNK):  # never over a committed one
                     pipe.eval(scripts.SET_UNLESS_COMMITTED, 0, k.prefix, *statuses[part:part + 2 * STATUS_CHUNK])

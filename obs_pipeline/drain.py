@@ -537,7 +537,7 @@ class Drain:
             if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
         full = batch.outcome.claimed >= batch.size
-        txs = self._hold_dependents(self._without_discarded_copies(batch.transactions), outcome, report)
+        txs = self._hold_dependents(self._without_discarded_copies(batch.transactions, outcome), outcome, report)
         applying = self._worker.submit(self.timeouts.apply, txs) if txs else None  # garbage only: main not needed
         self.main_identity.applying = applying
         try:
@@ -734,14 +734,18 @@ class Drain:
             txs.append(tx)
         return txs
 
-    def _without_discarded_copies(self, txs: list[Transaction]) -> list[Transaction]:
+    def _without_discarded_copies(self, txs: list[Transaction], outcome: Outcome) -> list[Transaction]:
         """Leave out the copies of transactions an operator discarded (`failed discard`) that a
         producer pushed since (its push's reply was lost): the discard deleted the id's status key,
         and the copy was applied as a new transaction. Dropped with a warning, given no status (the
         id's stays None, as after the discard), acknowledged with the batch. Only the steps the
         discard dropped: other steps under the id (a producer reused it) go on as before. Looked
         up just before the batch goes to main: a discard that lands between this and the batch's
-        `processing` mark (_owned_elsewhere then keeps the status) does not stop the copy."""
+        `processing` mark (_owned_elsewhere then keeps the status) does not stop the copy: failing,
+        it waits to retry, holding its rows, and is dropped then. One dropped after it waited
+        (to retry, or parked behind another) lets go of its rows and of what was parked behind
+        it, as an applied one does, and its status goes (unless another entry of the id waits):
+        left, every later write of its rows was parked behind it for ever."""
         discarded = self.store.discarded_steps([tx.transaction_id for tx in txs])
         if not discarded:
             return txs
@@ -751,6 +755,11 @@ class Drain:
                 log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
                             "pushed since (its producer's reply was lost?) is dropped, not applied",
                             one_line(tx.transaction_id), self.settings.site)
+                if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:  # (as _record_result)
+                    outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
+                    outcome.unpark.append(tx.transaction_id)
+                    if not self.store.waits_to_retry(tx.transaction_id):
+                        outcome.forget.append(tx.transaction_id)
                 continue
             kept.append(tx)
         return kept

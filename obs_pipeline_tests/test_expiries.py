@@ -461,3 +461,48 @@ def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
         assert reader.status(tx_id) == "replicated"
     for b in (buf, reader):
         b.close()
+
+
+def test_a_copy_dropped_after_a_discard_leaves_no_hold_behind(settings, redis_client, main_engine, monkeypatch):
+    """A producer's copy of a dead-lettered update is claimed just as the operator discards the
+    letter: the drain looked for `discarded:{id}` before the discard, and sends the copy to main
+    (the window `_without_discarded_copies` names). It fails (no such obs unit), waits to retry
+    holding its row, and at its retry the drain drops it, as the discard's copy. Its hold on the
+    row stayed in `held_ids`, and every later update of the row was parked behind it for ever."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    tx_id = "producer-tx-0002"
+    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "discarded"}}]})
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
+
+    store = BufferStore(redis_client, settings.site)
+    letters = DeadLetters(store, ModelRegistry.from_path(settings.models))
+    real = BufferStore.discarded_steps
+
+    def discarded_just_after(self, ids):
+        found = real(self, ids)
+        if tx_id in ids and redis_client.llen(keys.failed):  # the operator's discard lands now
+            letters.discard([tx_id])
+        return found
+
+    monkeypatch.setattr(BufferStore, "discarded_steps", discarded_just_after)
+    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
+    drain_until_settled(settings, retry_base_s=0.05)
+    monkeypatch.setattr(BufferStore, "discarded_steps", real)
+    later = buf.update("ExecutedObsUnit", obs["id"], {"status": "later"})
+    drain_until_settled(settings, timeout_s=15, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "later")
+    assert buf.status(later) == "replicated"
+    assert redis_client.hgetall(keys.held_ids) == {}
+    assert redis_client.get(keys.transaction(tx_id)) is None  # as after the discard
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
