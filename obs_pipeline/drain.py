@@ -532,7 +532,11 @@ class Drain:
                 self.main.identify()
                 requeued = self._settle_failover()
             except (ConfigError, TransientError):  # as when main refuses or does not answer the apply (below)
-                self._back_to_pending(batch.transactions)
+                with contextlib.suppress(redis.RedisError):  # (the error that stopped it is main's)
+                    # not a copy of a discarded one, dropped at the next attempt: it got a status key
+                    # here, and status() said "pending" for ever for what the operator discarded
+                    discarded = self.store.discarded_steps([tx.transaction_id for tx in batch.transactions])
+                    self._back_to_pending([tx for tx in batch.transactions if not self._copy_of(discarded, tx)])
                 raise
             if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
@@ -751,7 +755,7 @@ class Drain:
             return txs
         kept = []
         for tx in txs:
-            if tx.transaction_id in discarded and listed_steps_digest(tx, self.registry) in discarded[tx.transaction_id]:
+            if self._copy_of(discarded, tx):
                 log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
                             "pushed since (its producer's reply was lost?) is dropped, not applied",
                             one_line(tx.transaction_id), self.settings.site)
@@ -763,6 +767,10 @@ class Drain:
                 continue
             kept.append(tx)
         return kept
+
+    def _copy_of(self, discarded: dict[str, set[str]], tx: Transaction) -> bool:
+        """Whether `tx` is a copy of what `failed discard` dropped (`discarded`: discarded_steps)."""
+        return tx.transaction_id in discarded and listed_steps_digest(tx, self.registry) in discarded[tx.transaction_id]
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """A transaction that uses a row written by one waiting to retry is parked behind it,

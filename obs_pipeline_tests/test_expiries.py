@@ -506,3 +506,44 @@ def test_a_copy_dropped_after_a_discard_leaves_no_hold_behind(settings, redis_cl
     assert redis_client.get(keys.transaction(tx_id)) is None  # as after the discard
     assert_queues_empty(redis_client, settings.site)
     buf.close()
+
+
+def test_a_copy_of_a_discarded_transaction_claimed_while_main_is_down_gets_no_status(
+        settings, redis_client, main_engine, monkeypatch):
+    """A producer's copy of a discarded transaction is claimed while main does not answer: the
+    batch goes back to `pending` (a producer's entry gets a status key then) before the drain
+    drops the copy. It wrote `pending` for the copy too, and once main was back and the copy
+    dropped, status() said `pending` for ever, for a transaction the operator had discarded."""
+    from obs_pipeline.apply import MainDatabase, TransientError
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    tx_id = "producer-tx-0003"
+    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "discarded"}}]})
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
+    DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).discard([tx_id])
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
+    real, down = MainDatabase.identify, [True]
+
+    def unreachable_once(self):
+        if down.pop() if down else False:
+            raise TransientError("test: main does not answer")
+        return real(self)
+
+    monkeypatch.setattr(MainDatabase, "identify", unreachable_once)
+    drain_until_settled(settings, retry_base_s=0.05, backoff_initial_s=0.05)
+    assert not down  # main did not answer once
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "running")
+    assert redis_client.get(keys.transaction(tx_id)) is None  # as after the discard
+    assert buf.status(tx_id) is None
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
