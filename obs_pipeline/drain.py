@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import redis
 
+from obs_pipeline import json_codec
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
                                 StatementTimeout, TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
@@ -720,6 +721,8 @@ class Drain:
                 # one printable line: it may quote a producer's text (a step id with a newline, a lone surrogate)
                 reason = one_line(error) if isinstance(error, InvalidTransaction) else f"unreadable: {error!r}"
                 tx_id = _guess_id(raw)
+                if tx_id and self._invalid_copy_of_discarded(tx_id, raw):
+                    continue
                 entry = _failed_entry(raw, reason, kind="invalid")
                 outcome.dead.append((tx_id, entry))
                 if tx_id:
@@ -767,6 +770,29 @@ class Drain:
                 continue
             kept.append(tx)
         return kept
+
+    def _invalid_copy_of_discarded(self, tx_id: str, raw: str) -> bool:
+        """Whether an entry that fails validation is a copy of one `failed discard` dropped (its
+        steps digested as the discard digested its letter's, which holds them as pushed), said with
+        the warning of _without_discarded_copies: dead-lettered, it was listed again, its status
+        `failed` again, the discard undone. One EXISTS per such entry where no discard was made."""
+        discarded = self.store.discarded_steps([tx_id]).get(tx_id)
+        if not discarded:
+            return False
+        try:
+            doc = json.loads(raw)
+            try:
+                steps = listed_steps_digest(Transaction.from_dict(doc), self.registry)
+            except (InvalidTransaction, TypeError, ValueError):  # as DeadLetters' _parse: the steps as listed
+                steps = json_codec.digest(doc.get("steps"))
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            return False
+        if steps not in discarded:
+            return False
+        log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
+                    "pushed since (its producer's reply was lost?) is dropped, not applied",
+                    one_line(tx_id), self.settings.site)
+        return True
 
     def _copy_of(self, discarded: dict[str, set[str]], tx: Transaction) -> bool:
         """Whether `tx` is a copy of what `failed discard` dropped (`discarded`: discarded_steps)."""

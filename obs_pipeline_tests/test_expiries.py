@@ -547,3 +547,30 @@ def test_a_copy_of_a_discarded_transaction_claimed_while_main_is_down_gets_no_st
     assert buf.status(tx_id) is None
     assert_queues_empty(redis_client, settings.site)
     buf.close()
+
+
+def test_an_invalid_copy_of_a_discarded_transaction_is_not_listed_again(settings, redis_client, caplog):
+    """A producer's entry the drain cannot take (a column the model lacks) is dead-lettered and
+    the operator discards it; the producer pushes it again after its push's reply was lost. The
+    drain checked it before it looked for `discarded:{id}`, and listed it again, its status
+    `failed` again: the discard undone, for the operator to make again."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline_tests.test_reliability import assert_queues_empty
+
+    keys = SiteKeys(settings.site)
+    tx_id = "producer-tx-0004"
+    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": "0b6c4a1e-4f3c-4d59-9a43-3f1f5f0c2b11"}, "data": {"no_such_column": 1}}]})
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings)
+    assert [json.loads(e)["failure"]["kind"] for e in redis_client.lrange(keys.failed, 0, -1)] == ["invalid"]
+    DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).discard([tx_id])
+    caplog.set_level("WARNING")
+    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
+    drain_until_settled(settings)
+    assert_queues_empty(redis_client, settings.site)
+    assert redis_client.get(keys.transaction(tx_id)) is None  # as after the discard
+    said = [r.getMessage() for r in caplog.records if tx_id in r.getMessage() and "discarded" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
