@@ -318,7 +318,13 @@ class DeadLetters:
             if not any(_copies(letter, other) for other in namesakes):
                 namesakes.append(letter)
                 requeued.append(letter)
+        left_discarded = self._undiscarded(requeued)
         pipe.multi()
+        for key, digests in left_discarded.items():  # KEEPTTL: the rest stays discarded as long as it was
+            if digests:
+                pipe.set(key, " " + " ".join(sorted(digests)), keepttl=True, xx=True)
+            else:
+                pipe.delete(key)
         _remove(pipe, self.keys.failed, letters, ordered)
         # the JSON queued, not the letters, is what is held while the MULTI is sent (redis-py packs it
         # whole, a copy of every argument): keyed by the letters' bytes, `prepared` held those too
@@ -440,8 +446,7 @@ class DeadLetters:
                 pipe.delete(self.keys.transaction(letter.transaction_id))
                 # the id stays known: a copy pushed since (a spooled line whose push's reply was lost,
                 # a producer pushing again) was taken for a new transaction, and applied after all
-                steps = listed_steps_digest(tx, self.registry) if tx is not None else json_codec.digest(letter.doc.get("steps"))
-                self.store.remember_discarded(letter.transaction_id, steps, pipe)
+                self.store.remember_discarded(letter.transaction_id, self._steps_digest(letter), pipe)
             for copy in copies:  # a refused spooled line's mark goes with its letter
                 digest = copy.doc.get("spool_line_digest")
                 if copy.refused_spool_line and isinstance(digest, str):
@@ -453,6 +458,28 @@ class DeadLetters:
                 self.store.forget(footprint, pipe)
         _remove(pipe, self.keys.failed, letters, removed)
         return Discarded([len(copies) for copies in meant], blocked_left(letters, removed))
+
+    def _steps_digest(self, letter: DeadLetter) -> str:
+        """Its steps' digest as `discarded:{id}` keeps it (wire.listed_steps_digest, or of the
+        steps as listed where they do not parse: the drain digests an invalid copy alike)."""
+        tx = _parse(letter.doc)
+        return listed_steps_digest(tx, self.registry) if tx is not None else json_codec.digest(letter.doc.get("steps"))
+
+    def _undiscarded(self, requeued: list[DeadLetter]) -> dict[str, set[str]]:
+        """By `discarded` key, the digests it keeps once these letters are requeued (those that
+        change): a retried letter's steps are the operator's to apply again. Left there (a copy
+        of the discarded letter, claimed as the discard landed, was listed again), the drain
+        dropped the requeued transaction as a copy of the discarded one, the retry having said it
+        requeued it. Written back XX, KEEPTTL: one that expired meanwhile is not made again."""
+        ids = sorted({letter.transaction_id for letter in requeued if letter.transaction_id and not letter.reused_id})
+        found = self.store.discarded_steps(ids)  # (a discard meanwhile changes the list: WATCHed)
+        changed = {}
+        for letter in requeued:
+            digests = found.get(letter.transaction_id) if not letter.reused_id else None
+            if digests and self._steps_digest(letter) in digests:
+                digests.discard(self._steps_digest(letter))
+                changed[self.keys.discarded(letter.transaction_id)] = digests
+        return changed
 
     def _owned_elsewhere(self, pipe: Any, letters: list[DeadLetter]) -> set[str]:
         """The ids of these letters whose status is not "failed": main applied a copy of the

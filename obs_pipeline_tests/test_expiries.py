@@ -574,3 +574,46 @@ def test_an_invalid_copy_of_a_discarded_transaction_is_not_listed_again(settings
     assert redis_client.get(keys.transaction(tx_id)) is None  # as after the discard
     said = [r.getMessage() for r in caplog.records if tx_id in r.getMessage() and "discarded" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_retried_letter_of_a_discarded_transaction_is_applied(settings, redis_client, main_engine, monkeypatch):
+    """A producer's copy of a dead-lettered update is claimed just as the operator discards the
+    letter (the window `_without_discarded_copies` names) and is dead-lettered in turn (its
+    max_retries 0). The operator, seeing it listed again, fixes its cause and runs `failed retry`:
+    it said `requeued 1 transaction(s)`, and the drain dropped the requeued one as a copy of the
+    discarded one (`discarded:{id}`), with a warning in its log only: the retry was lost."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    tx_id = "producer-tx-0005"
+    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "max_retries": 0, "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "wanted"}}]})
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    real = BufferStore.discarded_steps
+
+    def discarded_just_after(self, ids):
+        found = real(self, ids)
+        if tx_id in ids and redis_client.llen(keys.failed):  # the operator's discard lands now
+            letters.discard([tx_id])
+        return found
+
+    monkeypatch.setattr(BufferStore, "discarded_steps", discarded_just_after)
+    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
+    drain_until_settled(settings)
+    monkeypatch.setattr(BufferStore, "discarded_steps", real)
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
+    with main_engine.begin() as conn:  # the operator fixes its cause, and retries it
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    assert letters.retry([tx_id]) == [tx_id]
+    drain_until_settled(settings)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "wanted")
+    assert buf.status(tx_id) == "replicated"
+    assert_queues_empty(redis_client, settings.site)
+    buf.close()
