@@ -509,6 +509,15 @@ class MainDatabase:
                 found.update(row[0] for row in cur.fetchall())
         return found
 
+    def wal_position(self) -> int:
+        """Main's WAL insert position now: past the commit of every row it shows, flushed or not
+        (synchronous_commit = off), so a replica that has replayed it has them. Main's errors as a
+        batch's."""
+        with self._session() as conn, conn.cursor() as cur:
+            self.round_trips += 1
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+            return lsn_to_int(cur.fetchone()[0])
+
     def _records_of(self, cur: Any, txs: list[Transaction], also: str) -> bytes:
         """The query for the applied-id records of `txs`: (transaction_id, steps_digest, `also`)."""
         digest = "steps_digest" if self.records_digest else "NULL"

@@ -881,14 +881,16 @@ class BufferStore:
 
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
                      kept: list[tuple[dict[str, Any], bytes]],
-                     cluster: int | None = None) -> tuple[list[str], list[str]]:
+                     cluster: int | None = None,
+                     lsn_of: dict[bytes, int] | None = None) -> tuple[list[str], list[str]]:
         """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
         the `lost` chunks: put their transactions back at the oldest end of the processing list, in
         their order (claimed again first, before whatever waits there or in the buffer, as after a
         crash; an id main has applied after all is skipped there), statuses "pending", and drop
         their records without cleaning their caches (reads keep showing them until the new commit
         is replayed). The `kept` chunks (main has their ids) are recorded as on `timeline` (and
-        `cluster`, recorded in `stats` too). One MULTI, fenced by the lease, so a crash leaves all
+        `cluster`, recorded in `stats` too), at the LSN `lsn_of` gives a member, if it does (one
+        of another cluster's WAL). One MULTI, fenced by the lease, so a crash leaves all
         or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
         be)."""
         k = self.keys
@@ -915,7 +917,8 @@ class BufferStore:
                         pipe.zrem(k.awaiting_replication, member)
                     on = {"tl": timeline, **({"cl": cluster} if cluster is not None else {})}
                     for record, member in kept:
-                        pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, **on}): record["lsn"]})
+                        lsn = (lsn_of or {}).get(member, record["lsn"])
+                        pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, **on, "lsn": lsn}): lsn})
                     if entries:  # the first of them rightmost: the oldest end
                         pipe.rpush(k.processing, *reversed(entries.values()))
                         for tx_id, entry in entries.items():

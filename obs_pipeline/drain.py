@@ -1057,8 +1057,16 @@ class Drain:
             lost, kept = [], []
             for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
                 (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
-            recorded = self.store.main_cluster() if lost else None  # (a chunk without "cl" is of it)
-            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster)
+            recorded = self.store.main_cluster()  # (a chunk without "cl" is of it)
+            # A kept chunk of another cluster: its LSN is of that cluster's WAL, and a replica of
+            # main's that replayed past it may still lack the restore that brought its rows (its
+            # caches were cleaned, the site read nothing until it caught up). It waits for main's
+            # position now, read after main showed them.
+            of_another = [m for r, m in kept if cluster is not None and r.get("cl", recorded) not in (None, cluster)]
+            lsn_of = dict.fromkeys(of_another, self.main.wal_position()) if of_another else {}
+            if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):
+                return 0  # (as above)
+            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of)
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
                 moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})  # (else another timeline)

@@ -950,3 +950,48 @@ def test_a_batch_awaiting_the_replica_when_main_moves_to_another_cluster_is_appl
         assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
                             {"i": obs_id}).scalar() == 1
     buf.close()
+
+
+def test_a_batch_a_restore_on_another_cluster_kept_is_not_cleaned_before_its_replica_replays_the_restore(
+        settings, other_cluster, main_engine, replica_engine, redis_client, clean_db, caplog):
+    """A batch committed on main X waits for the replica; main is replaced by Y, restored from
+    a dump taken after that commit (Y has it: the chunk is kept, re-recorded as Y's), while the
+    site's replica R already streams from Y and lags behind the restore. The chunk's LSN is of
+    X's WAL: R's replay passing it says nothing of the restore's rows. Cleaned then, the caches
+    went while R lacked the rows, and the site read nothing until R caught up."""
+    from obs_pipeline_tests.workload import replay_paused
+
+    keys = SiteKeys(settings.site)
+    buf, tx_id, obs_id = _buffer_one(settings)
+    with replay_paused(replica_engine):
+        _drain_once(settings, caplog, replication_timeout_s=0.2)
+    assert buf.status(tx_id) == "applied"
+    (member, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT * FROM executed_obs_unit WHERE id = :i"), {"i": obs_id}).mappings().one()
+        record = conn.execute(sa.text("SELECT * FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                              {"t": tx_id}).mappings().one()
+    _write_past(other_cluster.main, other_cluster.replica, int(lsn))  # R replays past X's commit's LSN ...
+    moved = dataclasses.replace(settings, main_db_url=other_cluster.main, replica_db_url=other_cluster.replica)
+    r_engine = sa.create_engine(other_cluster.replica)
+    try:
+        with replay_paused(r_engine):  # ... and then lags behind the restore
+            engine = sa.create_engine(other_cluster.main)
+            with engine.begin() as conn:  # the dump, with the batch's rows and its applied-id record
+                for table, values in (("executed_obs_unit", row), ("obs_pipeline_applied", record)):
+                    conn.execute(sa.text(f"INSERT INTO {table} ({', '.join(values)}) "
+                                         f"VALUES ({', '.join(':' + c for c in values)})"), dict(values))
+            engine.dispose()
+            summary = _drain_once(moved, caplog, replication_timeout_s=0.2)
+            assert not _lost_line(caplog)  # Y has it: nothing buffered again
+            assert _read(moved, obs_id) is not None, "the caches were cleaned while R lacked the restored rows"
+            assert buf.status(tx_id) == "applied", summary
+            assert redis_client.zcard(keys.awaiting_replication) == 1
+        summary = _drain_once(moved, caplog, replication_timeout_s=10)  # R replays the restore: cleaned
+    finally:
+        r_engine.dispose()
+    assert summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    assert _read(moved, obs_id)["status"] == "running"  # from R
+    assert _on_main(other_cluster.main, obs_id, [tx_id]) == (1, 1, "running")  # not doubled
+    buf.close()
