@@ -460,14 +460,21 @@ class Drain:
         """Wait before trying main again, renewing the lease every lease_ttl_s / 3 as the other
         waits do: with a lease shorter than the back-off (`drain --lease-ttl 10`, backoff_max_s
         30) it lapsed, and another drain took the site beside this one. Redis's errors are the
-        next step's to say; a lease taken meanwhile ends the wait (the next step stops on it)."""
+        next step's to say; a lease taken meanwhile ends the wait (the next step stops on it).
+        Renewed first as it begins: the step that failed may have taken most of the lease (main
+        blackholed: 10 s to its connect_timeout), and a first renewal a slice later came after it
+        had lapsed (`--lease-ttl 12`)."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, self.config.lease_ttl_s / 3))
-            if time.monotonic() < deadline and self.token:
+        while True:
+            if self.token:
                 with contextlib.suppress(redis.RedisError):
                     if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
                         return
+            if (left := deadline - time.monotonic()) <= 0:
+                return
+            time.sleep(min(left, self.config.lease_ttl_s / 3))
+            if time.monotonic() >= deadline:  # (the next step renews it)
+                return
 
     def acquire(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s

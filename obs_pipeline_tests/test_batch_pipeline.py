@@ -830,6 +830,47 @@ def test_the_lease_is_renewed_while_the_drain_backs_off_longer_than_it_after_mai
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_the_lease_is_renewed_as_the_back_off_begins_after_main_took_most_of_it_to_time_out(
+        settings, redis_client, main_engine):
+    """main blackholed (it takes the connection and never answers: a far link down), so each try
+    ends at its connect_timeout, 10 s, with nothing renewing the lease meanwhile, and the drain
+    backs off; its lease 12 s (`drain --lease-ttl 12`). The back-off renewed first a third of the
+    lease (4 s) after it began, 14 s after the step's renewal: the lease lapsed at 12 s and another
+    drain took the site beside this one. The back-off renews as it begins."""
+    import dataclasses
+    import socket
+    import threading
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 2, finish_every=0)
+    buf.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog and are never answered
+    port = silent.getsockname()[1]
+    gone = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://obs@127.0.0.1:{port}/obs")
+    other = BufferStore(redis_client, settings.site)
+    taken: list[str | None] = []
+    drain = Drain(gone, DrainConfig(lease_ttl_s=12.0, backoff_initial_s=5.0, backoff_max_s=5.0))
+    try:
+        # another drain tries for the site 12.5 s in: this one timed out on main at 10 s and backs off
+        trier = threading.Timer(12.5, lambda: taken.append(other.acquire_lease(60.0)))
+        trier.start()
+        summary = drain.run(budget_s=13.0)
+        trier.join()
+    finally:
+        if taken and taken[0]:
+            other.release_lease(taken[0])
+        drain.close()
+        silent.close()
+    assert summary.transient_errors >= 1 and not summary.lease_lost, summary
+    assert taken == [None], "another drain took the lease while this one backed off"
+    drain_until_settled(settings)
+    assert_applied_exactly_once(main_engine, observations)
+
+
 def test_a_drain_whose_lease_another_took_stops_and_leaves_the_batch_to_it(settings, redis_client, main_engine,
                                                                           monkeypatch):
     from obs_pipeline.apply import MainDatabase
