@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -758,35 +759,48 @@ def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(s
     assert all(TransactionBuffer(settings=settings).status(o.start_tx) in ("applied", "replicated") for o in observations)
 
 
+def _another_drain_tries_for_the_lease(redis_client, site: str, at_s: float, run: Callable[[], Any]
+                                       ) -> tuple[Any, list[str | None]]:
+    """`run()`, with another drain trying for the site's lease `at_s` s in: its result, and what
+    that drain got ([None]: refused; its token, released here, where it took the lease)."""
+    import threading
+
+    from obs_pipeline.buffer_store import BufferStore
+
+    other = BufferStore(redis_client, site)
+    taken: list[str | None] = []
+    trier = threading.Timer(at_s, lambda: taken.append(other.acquire_lease(60.0)))
+    trier.start()
+    try:
+        result = run()
+    finally:
+        trier.join()
+        if taken and taken[0]:
+            other.release_lease(taken[0])
+    return result, taken
+
+
 def test_the_lease_is_renewed_while_the_last_batch_waits_longer_than_it_for_the_replicas_replay(
         settings, redis_client, main_engine, replica_engine):
     """A replication_timeout_s longer than lease_ttl_s (a far, lagging replica given more time):
     the lease lapsed while the last batch waited for its replay, and another drain took the site
     beside this one (`obs-pipeline drain`; or, past 75 s, the sensor's next run, the sensor taking
     the run, quiet with the lease free, for dead). It is held until the wait ends, then released."""
-    import threading
-
-    from obs_pipeline.buffer_store import BufferStore
-
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 3, finish_every=0)
     buf.close()
-    other = BufferStore(redis_client, settings.site)
-    taken: list[str | None] = []
     drain = Drain(settings, DrainConfig(lease_ttl_s=1.0, replication_timeout_s=3.0))
+
+    def one_step():
+        drain.acquire()
+        began = time.monotonic()
+        return drain.step(), time.monotonic() - began
+
     try:
         with replay_paused(replica_engine):
-            drain.acquire()
             # another drain tries for the site 2 s in, the batch committed and waiting for its replay
-            trier = threading.Timer(2.0, lambda: taken.append(other.acquire_lease(60.0)))
-            trier.start()
-            began = time.monotonic()
-            report = drain.step()
-            waited = time.monotonic() - began
-            trier.join()
+            (report, waited), taken = _another_drain_tries_for_the_lease(redis_client, settings.site, 2.0, one_step)
     finally:
-        if taken and taken[0]:
-            other.release_lease(taken[0])
         drain.close()
     assert report.applied == 3 and waited >= 2.5, (report, waited)  # it did wait past the lease's TTL
     assert taken == [None], "another drain took the lease while this one waited for the replica"
@@ -801,27 +815,19 @@ def test_the_lease_is_renewed_while_the_drain_backs_off_longer_than_it_after_mai
     (`drain --lease-ttl 1`): the lease lapsed during the back-off, and another drain took the site
     beside this one. It is held until the drain stops, then released; the batch is applied once."""
     import dataclasses
-    import threading
 
-    from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.stack.osutil import pick_free_ports
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 2, finish_every=0)
     buf.close()
     gone = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://obs@127.0.0.1:{pick_free_ports(1)[0]}/obs")
-    other = BufferStore(redis_client, settings.site)
-    taken: list[str | None] = []
     drain = Drain(gone, DrainConfig(lease_ttl_s=1.0, backoff_initial_s=3.0, backoff_max_s=3.0))
     try:
         # another drain tries for the site 2 s in, this one backing off after main's refusal
-        trier = threading.Timer(2.0, lambda: taken.append(other.acquire_lease(60.0)))
-        trier.start()
-        summary = drain.run(budget_s=2.5)
-        trier.join()
+        summary, taken = _another_drain_tries_for_the_lease(redis_client, settings.site, 2.0,
+                                                            lambda: drain.run(budget_s=2.5))
     finally:
-        if taken and taken[0]:
-            other.release_lease(taken[0])
         drain.close()
     assert summary.transient_errors >= 1 and not summary.lease_lost, summary
     assert taken == [None], "another drain took the lease while this one backed off"
@@ -839,9 +845,6 @@ def test_the_lease_is_renewed_as_the_back_off_begins_after_main_took_most_of_it_
     drain took the site beside this one. The back-off renews as it begins."""
     import dataclasses
     import socket
-    import threading
-
-    from obs_pipeline.buffer_store import BufferStore
 
     buf = TransactionBuffer(settings=settings)
     observations = buffer_observations(buf, 2, finish_every=0)
@@ -851,18 +854,12 @@ def test_the_lease_is_renewed_as_the_back_off_begins_after_main_took_most_of_it_
     silent.listen(8)  # connections complete in the backlog and are never answered
     port = silent.getsockname()[1]
     gone = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://obs@127.0.0.1:{port}/obs")
-    other = BufferStore(redis_client, settings.site)
-    taken: list[str | None] = []
     drain = Drain(gone, DrainConfig(lease_ttl_s=12.0, backoff_initial_s=5.0, backoff_max_s=5.0))
     try:
         # another drain tries for the site 12.5 s in: this one timed out on main at 10 s and backs off
-        trier = threading.Timer(12.5, lambda: taken.append(other.acquire_lease(60.0)))
-        trier.start()
-        summary = drain.run(budget_s=13.0)
-        trier.join()
+        summary, taken = _another_drain_tries_for_the_lease(redis_client, settings.site, 12.5,
+                                                            lambda: drain.run(budget_s=13.0))
     finally:
-        if taken and taken[0]:
-            other.release_lease(taken[0])
         drain.close()
         silent.close()
     assert summary.transient_errors >= 1 and not summary.lease_lost, summary

@@ -13,9 +13,11 @@ import redis
 import sqlalchemy as sa
 
 from obs_pipeline.buffer_store import REPLICATED_STATUS_TTL_S, BufferStore
+from obs_pipeline.dead_letters import DeadLetters
 from obs_pipeline.health import oldest_waiting
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.prune import ids_that_may_come_back
 from obs_pipeline.schema import prune_applied, prune_cutoff
 from obs_pipeline.spool import REFUSED_KIND
@@ -463,14 +465,36 @@ def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
         b.close()
 
 
+def _discard_lands_as_its_copy_is_claimed(settings, redis_client, monkeypatch, tx_id: str, pushed: str,
+                                          **drain) -> DeadLetters:
+    """The producer pushes `pushed` (the listed letter `tx_id`'s copy: its push's reply was lost)
+    again, and the operator's discard of the letter lands just after the drain looked for
+    `discarded:{id}` (the window `_without_discarded_copies` names); drained until settled, with
+    `drain` (drain_until_settled's options). Returns the DeadLetters the discard used."""
+
+    keys = SiteKeys(settings.site)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    real = BufferStore.discarded_steps
+
+    def discarded_just_after(self, ids):
+        found = real(self, ids)
+        if tx_id in ids and redis_client.llen(keys.failed):  # the operator's discard lands now
+            letters.discard([tx_id])
+        return found
+
+    monkeypatch.setattr(BufferStore, "discarded_steps", discarded_just_after)
+    redis_client.lpush(keys.buffer, pushed)
+    drain_until_settled(settings, **drain)
+    monkeypatch.setattr(BufferStore, "discarded_steps", real)
+    return letters
+
+
 def test_a_copy_dropped_after_a_discard_leaves_no_hold_behind(settings, redis_client, main_engine, monkeypatch):
     """A producer's copy of a dead-lettered update is claimed just as the operator discards the
     letter: the drain looked for `discarded:{id}` before the discard, and sends the copy to main
     (the window `_without_discarded_copies` names). It fails (no such obs unit), waits to retry
     holding its row, and at its retry the drain drops it, as the discard's copy. Its hold on the
     row stayed in `held_ids`, and every later update of the row was parked behind it for ever."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
 
     keys = SiteKeys(settings.site)
@@ -484,20 +508,7 @@ def test_a_copy_dropped_after_a_discard_leaves_no_hold_behind(settings, redis_cl
     drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
 
-    store = BufferStore(redis_client, settings.site)
-    letters = DeadLetters(store, ModelRegistry.from_path(settings.models))
-    real = BufferStore.discarded_steps
-
-    def discarded_just_after(self, ids):
-        found = real(self, ids)
-        if tx_id in ids and redis_client.llen(keys.failed):  # the operator's discard lands now
-            letters.discard([tx_id])
-        return found
-
-    monkeypatch.setattr(BufferStore, "discarded_steps", discarded_just_after)
-    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
-    drain_until_settled(settings, retry_base_s=0.05)
-    monkeypatch.setattr(BufferStore, "discarded_steps", real)
+    _discard_lands_as_its_copy_is_claimed(settings, redis_client, monkeypatch, tx_id, pushed, retry_base_s=0.05)
     later = buf.update("ExecutedObsUnit", obs["id"], {"status": "later"})
     drain_until_settled(settings, timeout_s=15, retry_base_s=0.05)
     assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "later")
@@ -515,8 +526,6 @@ def test_a_copy_of_a_discarded_transaction_claimed_while_main_is_down_gets_no_st
     drops the copy. It wrote `pending` for the copy too, and once main was back and the copy
     dropped, status() said `pending` for ever, for a transaction the operator had discarded."""
     from obs_pipeline.apply import MainDatabase, TransientError
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
 
     keys = SiteKeys(settings.site)
@@ -554,8 +563,6 @@ def test_an_invalid_copy_of_a_discarded_transaction_is_not_listed_again(settings
     the operator discards it; the producer pushes it again after its push's reply was lost. The
     drain checked it before it looked for `discarded:{id}`, and listed it again, its status
     `failed` again: the discard undone, for the operator to make again."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline_tests.test_reliability import assert_queues_empty
 
     keys = SiteKeys(settings.site)
@@ -582,8 +589,6 @@ def test_a_retried_letter_of_a_discarded_transaction_is_applied(settings, redis_
     max_retries 0). The operator, seeing it listed again, fixes its cause and runs `failed retry`:
     it said `requeued 1 transaction(s)`, and the drain dropped the requeued one as a copy of the
     discarded one (`discarded:{id}`), with a warning in its log only: the retry was lost."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
     from obs_pipeline_tests.test_reliability import _obs_unit_and_status, assert_queues_empty
 
     keys = SiteKeys(settings.site)
@@ -595,19 +600,7 @@ def test_a_retried_letter_of_a_discarded_transaction_is_applied(settings, redis_
          "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "wanted"}}]})
     redis_client.lpush(keys.buffer, pushed)
     drain_until_settled(settings)
-    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
-    real = BufferStore.discarded_steps
-
-    def discarded_just_after(self, ids):
-        found = real(self, ids)
-        if tx_id in ids and redis_client.llen(keys.failed):  # the operator's discard lands now
-            letters.discard([tx_id])
-        return found
-
-    monkeypatch.setattr(BufferStore, "discarded_steps", discarded_just_after)
-    redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
-    drain_until_settled(settings)
-    monkeypatch.setattr(BufferStore, "discarded_steps", real)
+    letters = _discard_lands_as_its_copy_is_claimed(settings, redis_client, monkeypatch, tx_id, pushed)
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
     with main_engine.begin() as conn:  # the operator fixes its cause, and retries it
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
