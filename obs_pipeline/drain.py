@@ -17,7 +17,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import redis
 
@@ -457,23 +457,27 @@ class Drain:
         return summary
 
     def _back_off(self, seconds: float) -> None:
-        """Wait before trying main again, renewing the lease every lease_ttl_s / 3 as the other
-        waits do: with a lease shorter than the back-off (`drain --lease-ttl 10`, backoff_max_s
-        30) it lapsed, and another drain took the site beside this one. Redis's errors are the
-        next step's to say; a lease taken meanwhile ends the wait (the next step stops on it).
-        Renewed first as it begins: the step that failed may have taken most of the lease (main
-        blackholed: 10 s to its connect_timeout), and a first renewal a slice later came after it
-        had lapsed (`--lease-ttl 12`)."""
+        """Wait before trying main again, the lease kept (_lease_kept): with a lease shorter than
+        the back-off (`drain --lease-ttl 10`, backoff_max_s 30) it lapsed, and another drain took
+        the site beside this one."""
+        for part in self._lease_kept(seconds):
+            time.sleep(part)
+
+    def _lease_kept(self, seconds: float) -> Iterator[float]:
+        """The parts of a wait of `seconds`, each at most lease_ttl_s / 3, the lease renewed before
+        each, the first included: the step before may have taken most of the lease (main
+        blackholed: 10 s to its connect_timeout), and a first renewal a part later came after it
+        had lapsed (`--lease-ttl 12`). Ends where the lease was taken meanwhile (the next step
+        stops on it); Redis's errors are the next step's to say; not renewed at the end (the next
+        step renews it)."""
         deadline = time.monotonic() + seconds
         while True:
             if self.token:
                 with contextlib.suppress(redis.RedisError):
                     if not self.store.renew_lease(self.token, self.config.lease_ttl_s):
                         return
-            if (left := deadline - time.monotonic()) <= 0:
-                return
-            time.sleep(min(left, self.config.lease_ttl_s / 3))
-            if time.monotonic() >= deadline:  # (the next step renews it)
+            yield max(0.0, min(deadline - time.monotonic(), self.config.lease_ttl_s / 3))
+            if time.monotonic() >= deadline:
                 return
 
     def acquire(self, wait_s: float = 0.0) -> None:
@@ -1011,19 +1015,16 @@ class Drain:
         return int_to_lsn(replay), self.store.clean_replicated(replay)
 
     def _wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
-        """The replica's wait_for_replay, renewing the lease every lease_ttl_s / 3 as _await_apply
-        does: a replication_timeout_s longer than lease_ttl_s let it lapse while the last batch
-        waited, and another drain took the site beside this one (`obs-pipeline drain`; or past
-        75 s the sensor took the run, quiet with the lease free, for dead, and launched the next).
-        Taken meanwhile, the wait ends: the next step() stops on it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            seen = self.replica.wait_for_replay(lsn, max(0.0, min(deadline - time.monotonic(),
-                                                                  self.config.lease_ttl_s / 3)))
-            if seen is not None and seen >= lsn or time.monotonic() >= deadline:
-                return seen
-            if not (self.token and self.store.renew_lease(self.token, self.config.lease_ttl_s)):
-                return seen
+        """The replica's wait_for_replay (0: one look), the lease kept (_lease_kept): a
+        replication_timeout_s longer than lease_ttl_s let it lapse while the last batch waited,
+        and another drain took the site beside this one (`obs-pipeline drain`; or past 75 s the
+        sensor took the run, quiet with the lease free, for dead, and launched the next)."""
+        seen = None
+        for part in self._lease_kept(timeout_s):
+            seen = self.replica.wait_for_replay(lsn, part)
+            if seen is not None and seen >= lsn:
+                break
+        return seen
 
     def _failover_settled(self) -> bool:
         """Whether chunks may be cleaned by a replay of main's timeline: each waiting one is known
