@@ -770,9 +770,7 @@ class Drain:
         kept = []
         for tx in txs:
             if self._copy_of(discarded, tx):
-                log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
-                            "pushed since (its producer's reply was lost?) is dropped, not applied",
-                            one_line(tx.transaction_id), self.settings.site)
+                self._say_dropped(tx.transaction_id)
                 if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:  # (as _record_result)
                     outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
                     outcome.unpark.append(tx.transaction_id)
@@ -800,10 +798,13 @@ class Drain:
             return False
         if steps not in discarded:
             return False
+        self._say_dropped(tx_id)
+        return True
+
+    def _say_dropped(self, tx_id: str) -> None:
         log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
                     "pushed since (its producer's reply was lost?) is dropped, not applied",
                     one_line(tx_id), self.settings.site)
-        return True
 
     def _copy_of(self, discarded: dict[str, set[str]], tx: Transaction) -> bool:
         """Whether `tx` is a copy of what `failed discard` dropped (`discarded`: discarded_steps)."""
