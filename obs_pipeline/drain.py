@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from obs_pipeline import json_codec
+from obs_pipeline import discarded_copies
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
                                 StatementTimeout, TransientError, make_engine)
 from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
@@ -30,7 +30,7 @@ from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.timeout_pieces import TimeoutPieces
-from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, listed_steps_digest, one_line,
+from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line,
                                referenced_ids, validate, written_ids)
 
 log = logging.getLogger("obs_pipeline.drain")
@@ -547,8 +547,7 @@ class Drain:
                 with contextlib.suppress(redis.RedisError):  # (the error that stopped it is main's)
                     # not a copy of a discarded one, dropped at the next attempt: it got a status key
                     # here, and status() said "pending" for ever for what the operator discarded
-                    discarded = self.store.discarded_steps([tx.transaction_id for tx in batch.transactions])
-                    self._back_to_pending([tx for tx in batch.transactions if not self._copy_of(discarded, tx)])
+                    self._back_to_pending(discarded_copies.split_off(self.store, self.registry, batch.transactions)[0])
                 raise
             if requeued:  # (nothing prefetched yet)
                 raise FailoverRequeued()
@@ -732,7 +731,8 @@ class Drain:
                 # one printable line: it may quote a producer's text (a step id with a newline, a lone surrogate)
                 reason = one_line(error) if isinstance(error, InvalidTransaction) else f"unreadable: {error!r}"
                 tx_id = _guess_id(raw)
-                if tx_id and self._invalid_copy_of_discarded(tx_id, raw):
+                if tx_id and discarded_copies.is_invalid_copy(self.store, self.registry, tx_id, raw):
+                    discarded_copies.say_dropped(tx_id, self.settings.site)  # (listed again: the discard undone)
                     continue
                 entry = _failed_entry(raw, reason, kind="invalid")
                 outcome.dead.append((tx_id, entry))
@@ -753,62 +753,24 @@ class Drain:
         return txs
 
     def _without_discarded_copies(self, txs: list[Transaction], outcome: Outcome) -> list[Transaction]:
-        """Leave out the copies of transactions an operator discarded (`failed discard`) that a
-        producer pushed since (its push's reply was lost): the discard deleted the id's status key,
-        and the copy was applied as a new transaction. Dropped with a warning, given no status (the
-        id's stays None, as after the discard), acknowledged with the batch. Only the steps the
-        discard dropped: other steps under the id (a producer reused it) go on as before. Looked
-        up just before the batch goes to main: a discard that lands between this and the batch's
-        `processing` mark (_owned_elsewhere then keeps the status) does not stop the copy: failing,
-        it waits to retry, holding its rows, and is dropped then. One dropped after it waited
-        (to retry, or parked behind another) lets go of its rows and of what was parked behind
-        it, as an applied one does, and its status goes (unless another entry of the id waits):
-        left, every later write of its rows was parked behind it for ever."""
-        discarded = self.store.discarded_steps([tx.transaction_id for tx in txs])
-        if not discarded:
-            return txs
-        kept = []
-        for tx in txs:
-            if self._copy_of(discarded, tx):
-                self._say_dropped(tx.transaction_id)
-                if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:  # (as _record_result)
-                    outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
-                    outcome.unpark.append(tx.transaction_id)
-                    if not self.store.waits_to_retry(tx.transaction_id):
-                        outcome.forget.append(tx.transaction_id)
-                continue
-            kept.append(tx)
+        """Leave out the copies of transactions an operator discarded that a producer pushed
+        since (discarded_copies): dropped with a warning, given no status (the id's stays None, as
+        after the discard), acknowledged with the batch. Looked up just before the batch goes to
+        main: a discard that lands between this and the batch's `processing` mark (_owned_elsewhere
+        then keeps the status) does not stop the copy: failing, it waits to retry, holding its
+        rows, and is dropped then. One dropped after it waited (to retry, or parked behind another)
+        lets go of its rows and of what was parked behind it, as an applied one does, and its
+        status goes (unless another entry of the id waits): left, every later write of its rows
+        was parked behind it for ever."""
+        kept, copies = discarded_copies.split_off(self.store, self.registry, txs)
+        for tx in copies:
+            discarded_copies.say_dropped(tx.transaction_id, self.settings.site)
+            if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:  # (as _record_result)
+                outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
+                outcome.unpark.append(tx.transaction_id)
+                if not self.store.waits_to_retry(tx.transaction_id):
+                    outcome.forget.append(tx.transaction_id)
         return kept
-
-    def _invalid_copy_of_discarded(self, tx_id: str, raw: str) -> bool:
-        """Whether an entry that fails validation is a copy of one `failed discard` dropped (its
-        steps digested as the discard digested its letter's, which holds them as pushed), said with
-        the warning of _without_discarded_copies: dead-lettered, it was listed again, its status
-        `failed` again, the discard undone. One EXISTS per such entry where no discard was made."""
-        discarded = self.store.discarded_steps([tx_id]).get(tx_id)
-        if not discarded:
-            return False
-        try:
-            doc = json.loads(raw)
-            try:
-                steps = listed_steps_digest(Transaction.from_dict(doc), self.registry)
-            except (InvalidTransaction, TypeError, ValueError):  # as DeadLetters' _parse: the steps as listed
-                steps = json_codec.digest(doc.get("steps"))
-        except (ValueError, TypeError, AttributeError, RecursionError):
-            return False
-        if steps not in discarded:
-            return False
-        self._say_dropped(tx_id)
-        return True
-
-    def _say_dropped(self, tx_id: str) -> None:
-        log.warning("transaction %s of site %s was discarded (`obs-pipeline failed discard`); a copy of it "
-                    "pushed since (its producer's reply was lost?) is dropped, not applied",
-                    one_line(tx_id), self.settings.site)
-
-    def _copy_of(self, discarded: dict[str, set[str]], tx: Transaction) -> bool:
-        """Whether `tx` is a copy of what `failed discard` dropped (`discarded`: discarded_steps)."""
-        return tx.transaction_id in discarded and listed_steps_digest(tx, self.registry) in discarded[tx.transaction_id]
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """A transaction that uses a row written by one waiting to retry is parked behind it,
