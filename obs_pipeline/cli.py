@@ -326,10 +326,12 @@ def _spool_action(args: argparse.Namespace, settings: Any, spool: Any) -> int:
             from error
     aside = (f"; {spool.set_aside} line(s) Redis could not take moved to the dead-letter list (`obs-pipeline "
              "failed list`)" if spool.set_aside else "")
+    dropped = (f"; {spool.dropped} line(s) dropped: copies of transactions an operator discarded (`obs-pipeline "
+               "failed discard`)" if spool.dropped else "")  # (counted as pushed, they were not)
     # the file named: run as another user (sudo) or with another OBS_SPOOL_DIR it looked at its own,
     # and "the spool of site S is empty" was said with the scripts' spool still waiting
     print(f"pushed {pushed} spooled transaction(s) to Redis, in order; the spool of site {settings.site} in "
-          f"{spool.path} is empty" + aside, file=sys.stderr)
+          f"{spool.path} is empty" + aside + dropped, file=sys.stderr)
     return 0
 
 

@@ -165,6 +165,7 @@ class Spool:
         self._cursor = _PushCursor()  # where this process's push stopped (used under the lock)
         self._stale_offset_told: _Offset | None = None  # the stale offset last warned of (_offset_in)
         self.set_aside = 0  # lines this process's pushes moved to the dead-letter list (_set_aside)
+        self.dropped = 0  # lines this process's pushes dropped: copies of discarded transactions
         forks.renew_in_forked_children(self)
 
     def _after_fork_in_child(self) -> None:
@@ -613,8 +614,10 @@ class Spool:
                 maybe_in_redis, untried = not untried, False
                 lost = sockets_lost()
                 try:  # only the lines pushed now are parsed
-                    _buffer_line(store, line, maybe_in_redis)
-                    pushed += 1
+                    if _buffer_line(store, line, maybe_in_redis):
+                        pushed += 1
+                    else:
+                        self.dropped += 1
                 except _CannotBePushed as refused:
                     self._set_aside(store, line, str(refused))
                 except REDIS_CANNOT_TAKE_IT as error:
@@ -877,8 +880,8 @@ class _CannotBePushed(ValueError):
     """A spooled line the buffer script cannot take for what it is, however often it is pushed."""
 
 
-def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) -> None:
-    """Buffer one spooled line. Raises _CannotBePushed for a line that may be a copy of a
+def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) -> bool:
+    """Buffer one spooled line (False: dropped, see below). Raises _CannotBePushed for a line that may be a copy of a
     transaction Redis took and has forgotten since (`maybe_in_redis`, or so marked when spooled;
     older than STALE_COPY_AFTER_S and without a status key), for a line that is not the buffer
     script's arguments (not JSON, another layout: a hand's edit, another version's line), whose text
@@ -903,13 +906,15 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
             age_s = _tx_age_s(tx_json)  # (ingest stamps every transaction: a line without is a hand's)
             if age_s is not None and age_s >= STALE_COPY_AFTER_S:
                 if store.redis.exists(store.keys.transaction(tx_id)):
-                    return  # in Redis already: the buffer script would leave it as it is
+                    return True  # in Redis already: the buffer script would leave it as it is
                 if not store.redis.exists(store.keys.discarded(tx_id)):  # (if it is, the buffer script drops it)
                     raise _CannotBePushed(_stale_copy_reason(age_s))
         if store.buffer(tx_id, tx_json, CacheWrites(**caches)) is False:  # (only False says so)
             log.warning("spooled transaction %s was not buffered: an operator discarded it (`obs-pipeline failed "
                         "discard`, site %s) after an earlier push of it reached Redis and its reply was lost; this "
                         "copy is dropped with it", tx_id, store.keys.site)
+            return False
+        return True
     except UnicodeEncodeError as error:
         raise _CannotBePushed(f"it holds text that cannot be sent as UTF-8 ({_one_line(error)})") from None
     except KeyTaken as error:  # nothing of it was buffered
