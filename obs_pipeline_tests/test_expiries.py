@@ -393,6 +393,22 @@ def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_sta
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
 
 
+MISSING_UNIT = 31337  # an obs unit main lacks until _the_missing_unit_is_created
+
+
+def _producers_update_to_the_missing_unit(tx_id: str, obs_id: str, status: str, **fields) -> str:
+    """A producer's entry (pushed with LPUSH, no status key) moving an observation to an obs unit
+    main lacks: it fails on main until the unit is created."""
+    return json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", **fields, "steps": [
+        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
+         "conditions": {"id": obs_id}, "data": {"obs_unit_id": MISSING_UNIT, "status": status}}]})
+
+
+def _the_missing_unit_is_created(main_engine) -> None:
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO obs_unit (id, name) VALUES ({MISSING_UNIT}, 'late unit')"))
+
+
 @pytest.mark.parametrize("producer", ["spool", "lpush"])
 def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
         settings, redis_client, main_engine, monkeypatch, tmp_path, caplog, producer):
@@ -410,16 +426,13 @@ def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    wrong = {"obs_unit_id": 31337, "status": "discarded"}  # no such unit, for now
     if producer == "spool":
         _script_host_whose_reply_is_lost(monkeypatch, buf)
-        tx_id = buf.update("ExecutedObsUnit", obs["id"], wrong)
+        tx_id = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": MISSING_UNIT, "status": "discarded"})
         assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1  # in Redis all the same
     else:
         tx_id = "producer-tx-0001"
-        pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
-            {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
-             "conditions": {"id": obs["id"]}, "data": wrong}]})
+        pushed = _producers_update_to_the_missing_unit(tx_id, obs["id"], "discarded")
         redis_client.lpush(keys.buffer, pushed)
     drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
@@ -431,8 +444,7 @@ def test_a_copy_pushed_after_its_transaction_was_discarded_is_not_applied(
         f"obs-pipeline: error: transaction {tx_id!r} of site {settings.site} was discarded (`obs-pipeline failed "
         "discard`) within the last 7 days: no letter of it is left; buffer its steps again if they are still "
         "wanted"], retried.stderr
-    with main_engine.begin() as conn:  # the unit it named is created later, for other reasons
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    _the_missing_unit_is_created(main_engine)  # later, for other reasons
 
     caplog.set_level("WARNING")
     seen = len(caplog.records)
@@ -507,9 +519,7 @@ def test_a_copy_dropped_after_a_discard_leaves_no_hold_behind(settings, redis_cl
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
     tx_id = "producer-tx-0002"
-    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
-        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
-         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "discarded"}}]})
+    pushed = _producers_update_to_the_missing_unit(tx_id, obs["id"], "discarded")
     redis_client.lpush(keys.buffer, pushed)
     drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
@@ -538,14 +548,11 @@ def test_a_copy_of_a_discarded_transaction_claimed_while_main_is_down_gets_no_st
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
     tx_id = "producer-tx-0003"
-    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "steps": [
-        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
-         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "discarded"}}]})
+    pushed = _producers_update_to_the_missing_unit(tx_id, obs["id"], "discarded")
     redis_client.lpush(keys.buffer, pushed)
     drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
     DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).discard([tx_id])
-    with main_engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    _the_missing_unit_is_created(main_engine)
     redis_client.lpush(keys.buffer, pushed)  # the producer's copy: its push's reply was lost
     real, down = MainDatabase.identify, [True]
 
@@ -601,18 +608,15 @@ def test_a_retried_letter_of_a_discarded_transaction_is_applied(settings, redis_
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
     tx_id = "producer-tx-0005"
-    pushed = json.dumps({"transaction_id": tx_id, "endpoint": "fix_unit", "max_retries": 0, "steps": [
-        {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit",
-         "conditions": {"id": obs["id"]}, "data": {"obs_unit_id": 31337, "status": "wanted"}}]})
+    pushed = _producers_update_to_the_missing_unit(tx_id, obs["id"], "wanted", max_retries=0)
     redis_client.lpush(keys.buffer, pushed)
     drain_until_settled(settings)
     letters = _discard_lands_as_its_copy_is_claimed(settings, redis_client, monkeypatch, tx_id, pushed)
     assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx_id]
-    with main_engine.begin() as conn:  # the operator fixes its cause, and retries it
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    _the_missing_unit_is_created(main_engine)  # the operator fixes its cause, and retries it
     assert letters.retry([tx_id]) == [tx_id]
     drain_until_settled(settings)
-    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "wanted")
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (MISSING_UNIT, "wanted")
     assert buf.status(tx_id) == "replicated"
     assert_queues_empty(redis_client, settings.site)
     buf.close()
