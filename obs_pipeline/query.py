@@ -16,8 +16,9 @@ Transactions in ingest's local spool (Redis could not take them: down, full, not
 are read first, before step 1, and go on top of the caches: while anything is spooled, ingest
 appends behind it, so nothing in Redis is newer. Step 1 also tells which of them have a status
 key in Redis by then (pushed since, perhaps cleaned too): those are left out, Redis or the
-replica has them. (More of them than one call takes are asked in further calls, in one
-MULTI/EXEC with step 1: still one instant.) While Redis does not answer, `get` answers from
+replica has them; so are copies of transactions discarded since (their push drops them).
+(More of them than one call takes are asked in further calls, in one MULTI/EXEC with step 1:
+still one instant.) While Redis does not answer, `get` answers from
 the spool alone for a record a spooled transaction created or deleted (Redis can hold nothing
 newer of it); any other read raises RedisUnreadable, one line.
 
@@ -61,19 +62,31 @@ from obs_pipeline.read_forms import (bound_key, datetime_columns, float_columns,
 from obs_pipeline.wire import record_id
 
 
+# Is a spooled transaction Redis's to answer for (1) or the spool's (0)? Its status key exists
+# (pushed since); or, without one, its id is `discarded:{id}` (SiteKeys.discarded): an earlier
+# push reached Redis, its reply lost, and the operator discarded the transaction since; the push
+# drops this copy (scripts.BUFFER), and read from the spool it showed what will never be applied.
+_KNOWN_OF = """
+local function known_of(prefix, status)
+  if redis.call('EXISTS', status) == 1 then return 1 end
+  return redis.call('EXISTS', prefix .. 'discarded:' .. string.sub(status, #prefix + #'transaction:' + 1))
+end
+"""
+
+
 # The buffered state of records of one model, read atomically (see the module docstring).
 # ARGV[1] key prefix, ARGV[2] model, ARGV[3..] ids (none: the whole model, through its indexes);
 # KEYS: status keys of spooled transactions. Returns {records, overlays, known, cleaned}: a JSON
 # array of the created records still buffered (each holds its own id), a JSON array of [id,
-# [overlay, ...]] for the ids with pending overlays, 1 or 0 per KEYS, for a status key that
-# exists or not, and how far the replica must have replayed for what the caches no longer hold
-# (stats' cleaned_lsn, '' for none: see _caught_up).
+# [overlay, ...]] for the ids with pending overlays, 1 or 0 per KEYS, for a transaction Redis
+# answers for or not (_KNOWN_OF), and how far the replica must have replayed for what the caches
+# no longer hold (stats' cleaned_lsn, '' for none: see _caught_up).
 # The script holds Redis while it runs, so it does as little as it can: raw JSON is passed
 # through, never decoded; the records come from one native SORT ... GET over the model index
 # (one GET per id if the prefix holds SORT's `*` or `->`, or if Redis is full: SORT may write,
 # and Redis at its maxmemory refuses it), and only the read buffers of
 # the ids in the overlay index are read.
-_READ_BUFFERED = """
+_READ_BUFFERED = _KNOWN_OF + """
 local prefix, model = ARGV[1], ARGV[2]
 local created = prefix .. 'buffered:' .. model .. ':'
 local overlaid = prefix .. 'read_buffer:' .. model .. ':'
@@ -104,7 +117,7 @@ else
   for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'overlaid:' .. model)) do overlays_of(id) end
 end
 local known = {}
-for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
+for i = 1, #KEYS do known[i] = known_of(prefix, KEYS[i]) end
 local cleaned = redis.call('HGET', prefix .. 'stats', 'cleaned_lsn') or ''
 return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') .. ']', known, cleaned}
 """
@@ -115,10 +128,10 @@ return {'[' .. table.concat(recs, ',') .. ']', '[' .. table.concat(ovls, ',') ..
 # model failed, RedisUnreadable); the rest goes in calls of _KNOWN, in the same MULTI/EXEC.
 SPOOLED_KEYS_CHUNK = 10_000
 
-# 1 or 0 per KEYS, for a status key that exists or not (_READ_BUFFERED's `known`, continued).
-_KNOWN = """
+# 1 or 0 per KEYS (_READ_BUFFERED's `known`, continued); ARGV[1] the key prefix.
+_KNOWN = _KNOWN_OF + """
 local known = {}
-for i = 1, #KEYS do known[i] = redis.call('EXISTS', KEYS[i]) end
+for i = 1, #KEYS do known[i] = known_of(ARGV[1], KEYS[i]) end
 return known
 """
 
@@ -450,7 +463,7 @@ class SmartQuery:
             if part == 0:
                 pipe.eval(_READ_BUFFERED, len(chunk), *chunk, *args)
             else:
-                pipe.eval(_KNOWN, len(chunk), *chunk)
+                pipe.eval(_KNOWN, len(chunk), *chunk, args[0])
         (records, overlays, known, cleaned), *rest = pipe.execute()
         return [records, overlays, known + [flag for flags in rest for flag in flags], cleaned]
 

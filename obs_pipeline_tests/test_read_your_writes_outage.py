@@ -10,6 +10,7 @@ always started again, and the replica streaming again, before the test ends.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import uuid
@@ -606,3 +607,76 @@ def test_a_replica_restarted_behind_what_the_drain_cleaned_is_waited_for_and_not
         assert buf.get("ExecutedObsUnit", obs["id"]) == expected
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize("listed_before", [False, True])
+def test_a_spooled_copy_of_a_discarded_transaction_is_not_read(settings, redis_client, main_engine, monkeypatch,
+                                                                tmp_path, listed_before):
+    """A script's push reaches Redis and its reply is lost: the transaction is spooled too, and the
+    script's host reaches no Redis for a while. The one in Redis fails on main, is dead-lettered,
+    and the operator discards it. The host is back: a script starts there and reads before its
+    spool's flusher pushes (it waits spool.RETRY_INTERVAL_S first, and the push drops the copy).
+    The discard had deleted the status key, so reads took the spooled copy for a transaction not
+    pushed yet and put it on top of the caches: get and search showed the package it creates and
+    the update it makes, which will never be applied, and an update of that package was let
+    through (main has no such row). `listed_before`: a line pushed just before it is still listed
+    (its offset could not be written: a full disk), and the read asks Redis about the copy in a
+    call of its own (query.SPOOLED_KEYS_CHUNK)."""
+    from obs_pipeline import query
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline.model_registry import ModelRegistry
+    from obs_pipeline_tests.test_expiries import _script_host_whose_reply_is_lost
+    from obs_pipeline_tests.test_large_counts import push, written_while_redis_was_down
+    from obs_pipeline_tests.test_reliability import _obs_unit_and_status, replicated_observation
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # the flushers wait: the reads come first
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    kept, before = [], ""
+    if listed_before:  # pushed just before, its offset not written
+        monkeypatch.setattr(query, "SPOOLED_KEYS_CHUNK", 1)
+
+        def earlier(down) -> None:
+            with down.transaction() as t:
+                t.create("RawDataPackage", {"name": "kept", "executed_obs_unit_id": obs["id"]})
+
+        [before] = written_while_redis_was_down(settings, tmp_path, earlier)
+        kept = [json.loads(before)["created"][0][1]]
+        push(buf.store, before)
+    real_buffer = BufferStore.buffer
+    _script_host_whose_reply_is_lost(monkeypatch, buf)
+    with buf.transaction() as tx:
+        pkg = tx.create("RawDataPackage", {"name": "discarded", "executed_obs_unit_id": obs["id"]})
+        tx.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "discarded"})  # no such unit
+    assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1 + len(kept)  # in Redis all the same
+    buf.spool.path.write_text(before + buf.spool.path.read_text())
+    drain_until_settled(settings, retry_base_s=0.05)  # its retries spent: dead-lettered
+    assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.failed, 0, -1)] == [tx.transaction_id]
+    DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).discard(
+        [tx.transaction_id])
+    buf.close()
+    monkeypatch.setattr(BufferStore, "buffer", real_buffer)  # the host is back
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.pending() == 1 + len(kept)
+
+    def check() -> None:
+        assert [r["id"] for r in back.search("RawDataPackage", {"executed_obs_unit_id": obs["id"]})] == kept
+        assert back.get("RawDataPackage", pkg["id"]) is None
+        assert back.get("ExecutedObsUnit", obs["id"])["status"] == "running"
+        assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["running"]
+        with pytest.raises(InvalidTransaction, match="is neither buffered nor on the replica"):
+            back.update("RawDataPackage", pkg["id"], {"name": "renamed"})
+
+    try:
+        check()  # the spooled copy not pushed yet
+        assert back.spool.flush() and back.spool.pending() == 0  # the push drops it
+        check()
+        drain_until_settled(settings)
+        assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "running")
+        assert redis_client.llen(keys.failed) == 0
+    finally:
+        back.close()
