@@ -423,6 +423,8 @@ class SmartQuery:
         wanted = None if ids is None else set(ids)
         out = []
         for tx in self.spool.unpushed(json.dumps(ids[0] if wanted is not None and len(wanted) == 1 else spec.name)):
+            if spool_module.stale_copy(tx):  # a week-old copy of what Redis took: its push never buffers it
+                continue
             writes = {part: [(rid, value) for model, rid, value in tx[part]
                              if model == spec.name and (wanted is None or rid in wanted)]
                       for part in ("created", "overlays")}

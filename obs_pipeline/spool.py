@@ -940,6 +940,18 @@ def _may_have_reached_redis(error: BaseException, lost_before: int) -> bool:
     return not (isinstance(error, ConnectFailed) and sockets_lost() == lost_before)
 
 
+def stale_copy(entry: dict) -> bool:
+    """A spooled line (as `Spool.unpushed` gives it) that its push never buffers as a transaction
+    not pushed yet: marked as one an earlier push may have sent, and older than STALE_COPY_AFTER_S.
+    Redis knows its id (left as it is), or it was discarded (dropped), or it is set aside (see
+    _buffer_line); reads leave it out (they showed its writes, the status key expired, over newer
+    ones that main holds)."""
+    if entry.get(MAYBE_IN_REDIS) is not True:
+        return False
+    age_s = _tx_age_s(entry["tx"])
+    return age_s is not None and age_s >= STALE_COPY_AFTER_S
+
+
 def _stale_copy_reason(age_s: float) -> str:
     """Why a line that may be a forgotten copy (see STALE_COPY_AFTER_S) is not pushed, in one line."""
     return (f"it is {age_s / 86400:.1f} days old, an earlier push of it may have reached Redis (its reply was lost, "

@@ -133,6 +133,42 @@ def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applie
         b.close()
 
 
+def test_a_copy_spooled_after_a_lost_reply_is_not_read_a_week_later(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """As above, and the host's next script reads before its spool's flusher pushes (it waits
+    spool.RETRY_INTERVAL_S first). The status key had expired, so reads took the week-old copy for
+    a line not pushed yet and put it on top: get and search showed its "completed" over the later
+    "aborted" main holds, a value the push then sets aside, never to be applied."""
+    from obs_pipeline import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # the flushers wait: the reads come first
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    _script_host_whose_reply_is_lost(monkeypatch, buf)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    later = other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+    assert other_host.status(later) == "replicated"
+    _a_week_passes(buf, settings, main_engine, redis_client, finish)
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.pending() == 1
+
+    def check() -> None:
+        assert back.get("ExecutedObsUnit", obs["id"])["status"] == "aborted"
+        assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["aborted"]
+        assert back.search("ExecutedObsUnit", {"status": "completed"}) == []
+
+    check()  # the copy not pushed yet
+    assert back.spool.flush() and back.spool.pending() == 0  # the push sets it aside
+    check()
+    letters = [json.loads(letter) for letter in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    for b in (buf, other_host, back):
+        b.close()
+
+
 def test_old_spooled_lines_redis_never_took_or_still_knows_are_pushed_as_before(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """The refusal above is for a line that may be a forgotten copy alone: a week-old line whose
