@@ -409,6 +409,10 @@ class BufferStore:
         pipe.expire(k.discarded(transaction_id), REPLICATED_STATUS_TTL_S)
         pipe.set(k.discarded_lately, "1", ex=REPLICATED_STATUS_TTL_S)
 
+    def was_discarded(self, transaction_id: str) -> bool:
+        """Did `failed discard` drop a transaction of this id within the week (SiteKeys.discarded)?"""
+        return bool(self.redis.exists(self.keys.discarded(transaction_id)))
+
     def discarded_steps(self, transaction_ids: list[str]) -> dict[str, set[str]]:
         """By id, the digests of the steps `failed discard` dropped under these ids (see
         remember_discarded); {} after one EXISTS where no discard was made for a week."""

@@ -209,7 +209,7 @@ class DeadLetters:
                                      "(see `obs-pipeline failed list`)")
         if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
             return letters[int(ref[1:]) - 1]
-        if is_storable_id(ref) and self.store.redis.exists(self.keys.discarded(ref)):  # (said as such: "no
+        if is_storable_id(ref) and self.store.was_discarded(ref):  # (said as such: "no
             # dead-lettered transaction" sent the operator looking for one that another had discarded)
             raise UnknownTransaction(f"transaction {ref!r} of site {self.keys.site} was discarded (`obs-pipeline "
                                      f"failed discard`) within the last {REPLICATED_STATUS_TTL_S / DAY_S:g} days: "

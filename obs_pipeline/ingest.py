@@ -432,8 +432,8 @@ class TransactionBuffer:
                 return "pending"
             raise
         if raw is None:
-            if self.spool.holds(transaction_id):
-                return "pending"
+            if self.spool.holds(transaction_id):  # (a copy of one discarded since: its push drops it)
+                return None if self.store.was_discarded(transaction_id) else "pending"
             if not spooled:
                 return None
             raw = self.store.status_json(transaction_id)  # pushed from the spool after Redis was asked

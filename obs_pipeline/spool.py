@@ -907,7 +907,7 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
             if age_s is not None and age_s >= STALE_COPY_AFTER_S:
                 if store.redis.exists(store.keys.transaction(tx_id)):
                     return True  # in Redis already: the buffer script would leave it as it is
-                if not store.redis.exists(store.keys.discarded(tx_id)):  # (if it is, the buffer script drops it)
+                if not store.was_discarded(tx_id):  # (if it is, the buffer script drops it)
                     raise _CannotBePushed(_stale_copy_reason(age_s))
         if store.buffer(tx_id, tx_json, CacheWrites(**caches)) is False:  # (only False says so)
             log.warning("spooled transaction %s was not buffered: an operator discarded it (`obs-pipeline failed "

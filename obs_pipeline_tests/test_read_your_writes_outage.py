@@ -670,6 +670,8 @@ def test_a_spooled_copy_of_a_discarded_transaction_is_not_read(settings, redis_c
         assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["running"]
         with pytest.raises(InvalidTransaction, match="is neither buffered nor on the replica"):
             back.update("RawDataPackage", pkg["id"], {"name": "renamed"})
+        assert back.status(tx.transaction_id) is None  # as after any discard (it said "pending")
+        assert not back.wait(tx.transaction_id, until="pending", timeout=0.1)
 
     try:
         check()  # the spooled copy not pushed yet
