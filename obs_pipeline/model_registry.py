@@ -173,10 +173,23 @@ class ModelRegistry:
     @classmethod
     def from_base(cls, base: Any) -> "ModelRegistry":
         models, refused, classes = {}, {}, {}
-        for mapper in base.registry.mappers:
+        mapped: dict[sa.Table, tuple[str, dict[sa.Column, str]]] = {}  # a table's first model, its attributes
+        for mapper in sorted(base.registry.mappers, key=lambda m: m.class_.__name__):  # (a set: its order varies)
             name, table = mapper.class_.__name__, mapper.local_table
             classes[mapper.class_] = name
-            if not isinstance(table, sa.Table):
+            if table in mapped and not mapper.inherits:  # a table mapped again (`__table__ = Other.__table__`)
+                first, keys = mapped[table]
+                if first in refused:
+                    refused[name] = refused[first]
+                elif _attributes(mapper, table) == keys:
+                    # one model under both names: its records filed under one, read through either
+                    # (each its own, a create through one read None through the other)
+                    models[name] = models[first]
+                else:
+                    refused[name] = (f"it maps table {table.fullname}, as model {first!r} does, under other "
+                                     f"attribute names: write it through {first!r}, or give both classes the "
+                                     "same attribute names")
+            elif not isinstance(table, sa.Table):
                 refused[name] = "it is not mapped to one table"
             elif len(table.primary_key.columns) != 1:
                 refused[name] = (f"its primary key has {len(table.primary_key.columns)} columns "
@@ -198,6 +211,8 @@ class ModelRegistry:
                                      "Identity() BY DEFAULT key, or use a UUID key)")
                 else:
                     models[name] = _model_spec(name, table, keys)
+            if isinstance(table, sa.Table) and table not in mapped and not mapper.inherits:
+                mapped[table] = (name, _attributes(mapper, table))
         return cls(models, base.metadata, refused, classes)
 
     @classmethod

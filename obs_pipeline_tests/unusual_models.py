@@ -4,6 +4,7 @@ arrays, a float, a single-precision float (REAL, and an array of FLOAT(24)), a d
 tables in a PostgreSQL schema of their own with an integer key the site gives and a
 self-referencing foreign key; attributes whose columns are named otherwise (mapped_column("name", ...));
 a TypeDecorator over a type this project does not know (INET);
+a table mapped by two classes (under the same attribute names, and under others);
 and models this cannot write (a primary key of two columns, inheritance, a type that converts values as
 SQLAlchemy binds or reads them)."""
 
@@ -89,6 +90,11 @@ class Station(Base):
     parent_number: Mapped[int | None] = mapped_column(ForeignKey(f"{SCHEMA}.station.number"), nullable=True)
 
 
+class CodeNote(Base):
+    """Code's table mapped by a second class, under the same attribute names: one model, two names."""
+    __table__ = Code.__table__
+
+
 class Reading(Base):
     """A primary key of two columns."""
     __tablename__ = "odd_reading"
@@ -130,6 +136,11 @@ class Unit(Base):
     ratio: Mapped[float | None] = mapped_column("unit ratio %", REAL, nullable=True)
     kind: Mapped[str] = mapped_column("unit_kind", Text, default="plain")
     slug: Mapped[str | None] = mapped_column("unit_slug", Text, default=_slug)
+
+
+class UnitByColumn(Base):
+    """Unit's table mapped again, its attributes named as its columns are (Unit's are not)."""
+    __table__ = Unit.__table__
 
 
 class Visit(Base):
