@@ -12,8 +12,11 @@ ConnectFailed, its message and cause as redis-py made them.
 redis-py may send a command again after a lost reply (a URL asking it to retry): the error it then
 ends with can be the refused reconnect's, after a first send. So a connect failure counts as
 nothing sent only where no connection of ours lost a connected socket in the same call
-(sockets_lost, read before it: no round trip, nothing on a connected connection's path). A
-handshake that fails closes a socket that was connected, and so counts as lost: cautious.
+(sockets_lost, read before it: no round trip, nothing on a connected connection's path), and
+then whatever the call ends with (the reconnect's AUTH refused, READONLY from the resend). A
+handshake that fails closes a socket that was connected, and so counts as lost: cautious; but a
+refused AUTH does not (that socket carried the AUTH alone), or a script whose password Redis
+refuses would mark every line it spools.
 """
 
 from __future__ import annotations
@@ -65,11 +68,14 @@ class _SaysWhenConnectFails:
     _sock: Any
 
     def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        lost = _lost.count
         try:
             return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
         except (redis.ConnectionError, redis.TimeoutError) as error:
             marked = _AT_CONNECT.get(type(error))  # (another subclass keeps its type: AuthenticationError, say)
             if marked is None:
+                if isinstance(error, redis.AuthenticationError):
+                    _lost.count = lost  # its socket carried the refused AUTH alone: no lost reply of a script's
                 raise
             failure = marked(*error.args).with_traceback(error.__traceback__)
             if error.__cause__ is not None:  # the socket's OSError, as redis-py gave it: its retry checks read it

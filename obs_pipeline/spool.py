@@ -932,12 +932,17 @@ def _may_have_reached_redis(error: BaseException, lost_before: int) -> bool:
     and so does a connect that failed (ConnectFailed: said by ingest's own connections, not read
     from redis-py's wording, which a release may change), unless a connected socket of ours was
     lost in the same call (`lost_before`: sockets_lost() as it began): redis-py may have sent the
-    script on it, lost the reply, and ended with the reconnect's failure. Marked, a Redis down for
-    a week had a line dead-lettered at each of a script's attempts to reach it. (A client not of
-    obs_pipeline.redis_connections says no connect failure: its errors count as lost replies.)"""
+    script on it, lost the reply, and ended with its reconnect's failure, or its resend's refusal
+    (the password changed meanwhile; READONLY, Redis a replica by then: taken for refused before
+    anything was sent, such a line was pushed again a week later and applied again). Marked, a
+    Redis down for a week had a line dead-lettered at each of a script's attempts to reach it. (A
+    client not of obs_pipeline.redis_connections says no connect failure: its errors count as lost
+    replies.)"""
+    if sockets_lost() != lost_before:
+        return True
     if not isinstance(error, (redis.ConnectionError, redis.TimeoutError)) or isinstance(error, redis.AuthenticationError):
         return False
-    return not (isinstance(error, ConnectFailed) and sockets_lost() == lost_before)
+    return not isinstance(error, ConnectFailed)
 
 
 def stale_copy(entry: dict) -> bool:

@@ -387,6 +387,59 @@ def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refus
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
 
 
+@pytest.mark.parametrize("refusal", ["password", "readonly"])
+def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_resend_redis_refused_is_not_applied_again(
+        settings, redis_client, main_engine, monkeypatch, tmp_path, refusal):
+    """As above, but redis-py's reconnect after the lost reply is refused otherwise: its AUTH (the
+    user's password changed meanwhile: AuthenticationError), or the script it sent again (Redis made a
+    replica meanwhile, as by a failover: READONLY). Either was taken for a refusal before anything was
+    sent, whatever socket was lost: the line was pushed again a week later, applied again, and its row
+    went back to the older value. A line spooled as Redis refused the script's password from the start
+    is still no copy."""
+    import contextlib
+
+    from obs_pipeline.spool import Spool
+    from obs_pipeline_tests.test_reliability import redis_refusing_writes
+
+    monkeypatch.setattr(Spool, "start_flusher", lambda self: None)  # the test's pushes alone
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    user, host_port = f"script_{settings.site}", settings.redis_url.split("//", 1)[1]
+    redis_client.acl_setuser(user, enabled=True, passwords=["+first"], keys=["*"], channels=["*"], commands=["+@all"])
+    refusing = contextlib.ExitStack()
+    refusing.callback(redis_client.acl_deluser, user)
+    wrong = TransactionBuffer(settings=replace(settings, redis_url=f"redis://{user}:wrong@{host_port}"))
+    finish = wrong.update("ExecutedObsUnit", obs["id"], {"status": "completed"})  # spooled: its password refused
+    wrong.close()
+    assert b"maybe_in_redis" not in buf.spool.path.read_bytes()
+
+    retrying = TransactionBuffer(settings=replace(
+        settings, redis_url=f"redis://{user}:first@{host_port}?retry_on_timeout=yes"))
+    send_and_read, lost = redis.Redis._send_command_parse_response, []
+
+    def reply_lost_then_refused(client, conn, command_name, *args, **options):
+        reply = send_and_read(client, conn, command_name, *args, **options)
+        if command_name == "EVALSHA" and finish in args and not lost:
+            lost.append(True)  # Redis ran it; redis-py's reconnect to send it again is refused
+            if refusal == "password":
+                redis_client.acl_setuser(user, enabled=True, reset_passwords=True, passwords=["+second"])
+            else:
+                refusing.enter_context(redis_refusing_writes(redis_client, "readonly", tmp_path))
+            raise redis.TimeoutError("Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_then_refused)
+    with refusing:
+        try:
+            assert not retrying.spool.flush()
+        finally:
+            monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
+            retrying.close()
+    assert lost and redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
+    letters = _overtaken_then_pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish, tmp_path)
+    assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
+
+
 def test_a_line_another_process_sent_between_two_clean_failures_of_this_ones_stays_a_possible_copy(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """Two scripts on one host push one spool. A's push of a line fails at the connect (nothing sent:
