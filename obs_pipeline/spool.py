@@ -521,7 +521,8 @@ class Spool:
             fd, created = os.open(self.path, os.O_RDWR | os.O_APPEND), False
         except FileNotFoundError:
             # an offset left behind counts the lines of a spool file moved aside or removed by
-            # hand, not this one's: kept, the next push skipped as many of this spool's lines
+            # hand (or pushed whole by a push that died before it removed the offset), not this
+            # one's: kept, the next push skipped as many of this spool's lines
             # (and removed it whole if it held fewer); its removal is made durable with the
             # new file's name, by the folder's fsync below
             self._remove_offset()
@@ -645,11 +646,12 @@ class Spool:
                 self._tell_torn_tail(file.fileno(), torn,
                                      "it is removed with the spool, and the lines before it were pushed")
         cursor.forget()
-        # the offset first: a crash between the two leaves a spool pushed again from its start
-        # (harmless: nothing is buffered twice), never an offset that skips a new spool's lines
-        self._remove_offset()
-        _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
+        # the spool first: a crash between the two leaves an offset without its spool, which the next
+        # spool's first line drops (_append), never a spool whose pushed lines lost their offset: the
+        # next push took all but the first for untried, and a week later they were applied again
         self.path.unlink()
+        _fsync_folder(self.directory)  # ... durably first, whatever order the file system keeps
+        self._remove_offset()
         self.pushing_path.unlink(missing_ok=True)
         self._redis_failed_at = None  # Redis took them all: calls try it again at once
         return pushed, True

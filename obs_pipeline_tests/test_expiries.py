@@ -246,6 +246,59 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
         b.close()
 
 
+def test_a_spool_whose_push_died_as_it_removed_the_pushed_spool_is_not_applied_again_a_week_later(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """A push that got every line into Redis removes its progress (the offset) and the spool, with
+    the folder's fsync between the two. Killed there (a power loss), it left the spool without its
+    offset: the next push took every line of it for untried but the first (`{site}.pushing` marks
+    that one alone), and a host that stayed off for a week had them buffered and applied again once
+    their statuses had expired and the prune had taken their applied-id records: the row went back
+    to the older value."""
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline.spool import Spool
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    class Killed(BaseException):
+        pass
+
+    monkeypatch.setattr(Spool, "start_flusher", lambda self: None)  # the test's pushes alone
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    down = TransactionBuffer(settings=replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"))
+    spooled = [down.update("ObsUnit", 2, {"name": "spooled first"}),
+               down.update("ExecutedObsUnit", obs["id"], {"status": "completed"})]  # spooled: Redis refused them
+    down.close()
+    monkeypatch.setattr(spool_module, "_fsync_folder", lambda folder: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # every line pushed; killed between the removals of its offset and of the spool
+        buf.spool.flush()
+    monkeypatch.undo()
+    assert redis_client.llen(keys.buffer) == 2  # Redis took both, once
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+
+    redis_client.delete(*(keys.transaction(tx_id) for tx_id in spooled))  # a week passes: statuses expired,
+    if buf.spool.path.exists():  # the spooled lines 8 days old,
+        with buf.spool._locked():
+            lines = buf.spool.path.read_bytes().splitlines(keepends=True)
+            buf.spool.path.write_bytes(b"".join(_aged(line, days=8) for line in lines))
+    with main_engine.begin() as conn:  # and the prune took the applied-id records
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = applied_at - interval '8 days'"))
+        before, _ = prune_cutoff(7.0, oldest_waiting(BufferStore(redis_client, settings.site)))
+        assert prune_applied(conn, 7.0, settings.site, ids_that_may_come_back(BufferStore(redis_client, settings.site)),
+                             before) >= 2
+    back = TransactionBuffer(settings=settings)  # the host on again: its next script pushes what its spool holds
+    assert back.spool.flush() and back.spool.pending() == 0
+    drain_until_settled(settings)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"),
+                            {"i": obs["id"]}).scalar_one() == "aborted"
+    for b in (buf, other_host, back):
+        b.close()
+
+
 def test_a_line_spooled_as_redis_refused_the_connection_is_pushed_however_old(
         settings, redis_client, main_engine, tmp_path):
     """A connect refused (Redis down, the site's Redis switched off for a week) cannot have sent
