@@ -365,12 +365,20 @@ class Spool:
         """The spooled transactions not pushed yet, oldest first, each {"id", "tx", "created",
         "overlays"} as appended (a line that is not one is skipped, see _readable); `containing`:
         only lines holding this text (reads look for a model's or a record's writes here while
-        Redis cannot take them)."""
+        Redis cannot take them). The first is marked MAYBE_IN_REDIS where a push left
+        `{site}.pushing` behind, as the next push takes it (see stale_copy)."""
         if not self.path.exists():
             return []
         needle = containing.encode() if containing is not None else None
         with self._locked(shared=True):
-            return list(_readable(line for line in self._unpushed_lines() if needle is None or needle in line))
+            first_maybe_sent = self.pushing_path.exists()
+            out = []
+            for line in self._unpushed_lines():
+                maybe_sent, first_maybe_sent = first_maybe_sent, False
+                if needle is None or needle in line:
+                    for entry in _readable([line]):
+                        out.append({**entry, MAYBE_IN_REDIS: True} if maybe_sent else entry)
+            return out
 
     def pending(self) -> int:
         if not self.path.exists():
@@ -949,7 +957,8 @@ def _may_have_reached_redis(error: BaseException, lost_before: int) -> bool:
 
 def stale_copy(entry: dict) -> bool:
     """A spooled line (as `Spool.unpushed` gives it) that its push never buffers as a transaction
-    not pushed yet: marked as one an earlier push may have sent, and older than STALE_COPY_AFTER_S.
+    not pushed yet: marked as one an earlier push may have sent (Spool.unpushed marks the first line
+    after a push that left `{site}.pushing`, as the push takes it), and older than STALE_COPY_AFTER_S.
     Redis knows its id (left as it is), or it was discarded (dropped), or it is set aside (see
     _buffer_line); reads leave it out (they showed its writes, the status key expired, over newer
     ones that main holds)."""

@@ -246,6 +246,53 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
         b.close()
 
 
+def test_a_spooled_line_whose_push_died_before_recording_it_is_not_read_a_week_later(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """As above, and the host's next script reads before its spool's flusher pushes. Reads left out
+    a week-old line marked as one Redis may hold, but not the first line after a push that died
+    (`{site}.pushing` left behind), which the push treats the same: get and search showed its
+    "completed" over the later "aborted" main holds, a value the push then sets aside."""
+    from obs_pipeline import spool as spool_module
+    from obs_pipeline.spool import Spool
+
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # the flushers wait: the reads come first
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    real_buffer, host_stores = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}
+
+    def buffer(self, *args):
+        if self in host_stores:
+            raise redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory' (test)")
+        return real_buffer(self, *args)
+
+    monkeypatch.setattr(BufferStore, "buffer", buffer)
+    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})  # spooled, not marked
+    monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):  # another script's push: sent, then it died
+        Spool(settings.spool_dir, settings.site, flush_store=BufferStore(redis_client, settings.site)).flush()
+    monkeypatch.undo()
+    monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)
+    drain_until_settled(settings)
+    other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
+    other_host.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+    drain_until_settled(settings)
+    _a_week_passes(buf, settings, main_engine, redis_client, finish)
+    back = TransactionBuffer(settings=settings)
+    assert back.spool.pending() == 1 and b"maybe_in_redis" not in back.spool.path.read_bytes()
+
+    def check() -> None:
+        assert back.get("ExecutedObsUnit", obs["id"])["status"] == "aborted"
+        assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["aborted"]
+
+    check()  # the copy not pushed yet
+    assert back.spool.flush() and back.spool.pending() == 0  # the push sets it aside
+    check()
+    letters = [json.loads(letter) for letter in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    for b in (buf, other_host, back):
+        b.close()
+
+
 def test_a_spool_whose_push_died_as_it_removed_the_pushed_spool_is_not_applied_again_a_week_later(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """A push that got every line into Redis removes its progress (the offset) and the spool, with
