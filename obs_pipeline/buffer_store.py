@@ -864,19 +864,23 @@ class BufferStore:
         value = self.redis.hget(self.keys.stats, MAIN_TIMELINE_FIELD)
         return int(value) if value is not None else None
 
-    def chunks_off_timeline(self, timeline: int, cluster: int | None = None) -> list[tuple[dict[str, Any], bytes]]:
+    def chunks_off_timeline(self, timeline: int, cluster: int | None = None,
+                            upto: int | None = None) -> list[tuple[dict[str, Any], bytes]]:
         """The committed chunks awaiting the replica that were committed on another timeline than
         `timeline`, or (`cluster` given) by another cluster than `cluster` (main replaced by a new
         initdb restored from a dump: its timeline may be the same, its LSNs pass theirs without
         them), as (record, member), in commit and batch order. A chunk without "tl" or "cl",
         acknowledged by an earlier version, is on the one `stats` recorded; with none recorded
-        either, its cluster is unknown and not compared."""
+        either, its cluster is unknown and not compared. `upto`: only those of commit LSN up to it
+        (the replica's replay: the health report's, which need not read every waiting one)."""
         recorded = self.main_timeline()
         recorded_cluster = self.main_cluster() if cluster is not None else None
         found: list[tuple[dict[str, Any], bytes]] = []
         start = 0
         while True:
-            chunks = self._awaiting_records(start, start + CLEAN_PASS * 10 - 1)
+            chunks = (self._awaiting_records(start, start + CLEAN_PASS * 10 - 1) if upto is None else
+                      [(json_codec.loads(member), member) for member in self.redis.zrangebyscore(
+                          self.keys.awaiting_replication, "-inf", upto, start=start, num=CLEAN_PASS * 10)])
             start += len(chunks)
             found.extend(chunk for chunk in chunks if chunk[0].get("tl", recorded) != timeline
                          or cluster is not None and chunk[0].get("cl", recorded_cluster) not in (None, cluster))

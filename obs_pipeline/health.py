@@ -72,6 +72,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         "kept): check its WAL receiver (pg_stat_wal_receiver) and that replay is not paused")
     elif lag.get("replica_lsn") is None and replica is not None:
         problems.append(NO_REPLAY_POSITION)
+    if lag.get("unsettled"):
+        problems.append(lag["unsettled"])
     memory = redis_memory(store)
     if memory["full_percent"] is not None and memory["full_percent"] >= REDIS_FULL_WARNING_PERCENT:
         how_full = "full" if memory["full_percent"] >= 100 else f"{memory['full_percent']:.0f}% full"
@@ -233,16 +235,42 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
         foreign = True  # past their fork its replay is of other WAL too
         errors.append(replica_on_another_timeline(replica.url, replica_timeline, main_timeline))
     replayed = lsn_to_int(replica_lsn) if replica_lsn and not foreign else None
-    count, lowest = store.awaiting_replication(after=replayed)
-    out["seconds"], out["awaiting_batches"] = round(oldest_batch_age_s(store, after=replayed), 3), count
+    behind, lowest = store.awaiting_replication(after=replayed)
+    count, seconds = behind, oldest_batch_age_s(store, after=replayed)
+    if main_wal is not None and replayed is not None:  # main answered: see unsettled_line
+        # (those above the replay are counted already; one of no known timeline, of an earlier
+        # version with none recorded, is not compared)
+        recorded = store.main_timeline()
+        unsettled = [r for r, _ in store.chunks_off_timeline(main_timeline, main_cluster, upto=replayed)
+                     if r.get("tl", recorded) is not None]
+        if unsettled:  # awaiting, though not the replica's to replay: a drain's to settle
+            count += len(unsettled)
+            seconds = max([seconds] + [time.time() - float(r.get("at") or time.time()) for r in unsettled])
+            out["unsettled"] = unsettled_line(store, unsettled, main_timeline, main_cluster)
+    out["seconds"], out["awaiting_batches"] = round(max(seconds, 0.0), 3), count
     out["main_lsn"], out["replica_lsn"] = main_lsn, replica_lsn
     if errors:
         out["error"] = "; ".join(errors)
         return out
     if main_lsn and replica_lsn:
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
-    out["replica_behind_oldest_batch"] = replica_behind(count, lowest, replayed)
+    out["replica_behind_oldest_batch"] = replica_behind(behind, lowest, replayed)
     return out
+
+
+def unsettled_line(store: BufferStore, chunks: list[dict[str, Any]], timeline: int, cluster: int | None) -> str:
+    """The problem of chunks committed on another timeline or cluster than main's now, which the
+    replica's replay has passed: past a failover's fork (or of another cluster's WAL) that says
+    nothing of their rows, which the failover may have lost, until a drain asks main which it
+    holds and buffers the rest again (Drain._settle_failover). Counted as replayed, `status` said
+    healthy with their rows on neither server."""
+    recorded_timeline, recorded_cluster = store.main_timeline(), store.main_cluster()
+    moved = cluster is not None and any(r.get("cl", recorded_cluster) not in (None, cluster) for r in chunks)
+    where = ("by another cluster than main's now" if moved else "on timeline " + ", ".join(
+        str(t) for t in sorted({r.get("tl", recorded_timeline) for r in chunks}, key=str)))
+    return (f"{len(chunks)} chunk(s) of committed transactions were committed {where}, main writes timeline "
+            f"{timeline}: the replica's replay says nothing of them, and main may lack them, until a drain "
+            "settles them (it asks main which it holds, and buffers the rest again): is a drain running?")
 
 
 def oldest_batch_age_s(store: BufferStore, after: int | None = None) -> float:

@@ -995,3 +995,33 @@ def test_a_batch_a_restore_on_another_cluster_kept_is_not_cleaned_before_its_rep
     assert _read(moved, obs_id)["status"] == "running"  # from R
     assert _on_main(other_cluster.main, obs_id, [tx_id]) == (1, 1, "running")  # not doubled
     buf.close()
+
+
+def test_status_with_main_answering_does_not_count_a_batch_a_failover_lost_as_replayed(
+        settings, async_standby, redis_client, caplog):
+    """The lost batch of the asynchronous failover, main (S, timeline 2) answering, the site's
+    replica following it past the batch's LSN, no drain run since. `status` compared the
+    replica's replay with main's timeline and took the batch committed on timeline 1 for
+    replayed: healthy, nothing awaiting, while its rows were on neither server (with main out
+    of reach it said a batch awaited). It counts as awaiting, and says a drain must settle it."""
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.health import health_report
+
+    async_standby.stop_standby()
+    buf, tx_id, obs_id, lsn = _committed_on_m(settings, async_standby, caplog)
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, lsn)
+    main, replica = sa.create_engine(async_standby.standby), sa.create_engine(async_standby.follower)
+    try:
+        report = health_report(BufferStore(redis_client, settings.site), main, replica)
+        assert report["replication_lag"]["awaiting_batches"] == 1, report["replication_lag"]
+        assert report["status"] != "healthy" and any(
+            "committed on timeline 1" in p and "main writes timeline 2" in p for p in report["problems"]), report
+        site, summary = _drain_on_the_new_main(settings, async_standby, caplog, lsn)  # it settles: applied again
+        assert summary.applied == 1 and buf.status(tx_id) == "replicated", summary
+        report = health_report(BufferStore(redis_client, settings.site), main, replica)
+        assert report["status"] == "healthy" and report["replication_lag"]["awaiting_batches"] == 0, report
+    finally:
+        main.dispose()
+        replica.dispose()
+    buf.close()
