@@ -320,10 +320,18 @@ class Outcome:
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
 
 
-def _pending_entry(raw: bytes | None) -> str | None:
+# A transaction buffered again after a failover lost its commit (metadata key; the value: the
+# timeline or cluster's line of the settlement). It was applied once before whatever holds its
+# rows now (a newer update of a row of it waiting to retry, parked or dead): it waits behind none
+# of them (Drain._hold_dependents), or it applied after the newer update and undid it.
+LOST_IN_FAILOVER = "lost_in_failover"
+
+
+def _pending_entry(raw: bytes | None, lost_on: str = "") -> str | None:
     """A transaction's status key (its whole JSON, "applied") as an entry to claim again,
-    "pending"; None if it holds no transaction (gone, or another record). Only the status
-    changes: the steps stay as pushed, so their digest is the one main recorded with the id."""
+    "pending", marked LOST_IN_FAILOVER (`lost_on`); None if it holds no transaction (gone, or
+    another record). The steps stay as they were, so their digest is the one main recorded
+    with the id."""
     if raw is None:
         return None
     text = raw.decode("utf-8", "surrogateescape")
@@ -333,10 +341,13 @@ def _pending_entry(raw: bytes | None) -> str | None:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         return None
+    metadata = doc.get("metadata") or {}
+    if isinstance(metadata, dict):
+        doc["metadata"] = {**metadata, LOST_IN_FAILOVER: lost_on}
     slot = text[len(STATUS_OPENING):STATUS_HEADER_LEN - 1].rstrip(" ")
     if (text.startswith(STATUS_OPENING) and text[STATUS_HEADER_LEN - 1:STATUS_HEADER_LEN] == ","
-            and slot.endswith('"') and slot[:-1].isalpha()):  # our layout: the slot alone changes
-        return status_header("pending") + text[STATUS_HEADER_LEN:]
+            and slot.endswith('"') and slot[:-1].isalpha()):  # our layout: the status in its slot
+        return status_header("pending") + json_codec.dumps({k: v for k, v in doc.items() if k != "status"})[1:]
     doc["status"] = "pending"
     return json_codec.dumps(doc)
 
@@ -915,7 +926,8 @@ class BufferStore:
                     raws = [raw for part in _parts(ids, MAX_COMMAND_ARGS - 1)
                             for raw in pipe.mget([k.transaction(i) for i in part])] if ids else []
                     for tx_id, raw in zip(ids, raws):
-                        entry = _pending_entry(raw)
+                        entry = _pending_entry(raw, f"timeline {timeline}" + (f" of cluster {cluster}"
+                                                                               if cluster is not None else ""))
                         if entry is None:
                             gone.append(tx_id)
                         else:

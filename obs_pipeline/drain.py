@@ -24,7 +24,7 @@ import redis
 from obs_pipeline import discarded_copies
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
                                 StatementTimeout, TransientError, make_engine)
-from obs_pipeline.buffer_store import BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
+from obs_pipeline.buffer_store import LOST_IN_FAILOVER, BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
 from obs_pipeline.column_values import seconds, whole_number
 from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
@@ -797,7 +797,7 @@ class Drain:
                         if i in holders and holders[i] != tx.transaction_id
                         and (holders[i] not in ahead or holders[i] in waited_on)
                         and holders[i] != "!" + tx.transaction_id), None)
-            if row is None:
+            if row is None or LOST_IN_FAILOVER in tx.metadata:  # (one a failover lost waits behind none)
                 ready.append(tx)
                 ahead.add(tx.transaction_id)
                 continue

@@ -825,7 +825,7 @@ def test_a_run_settles_a_failover_that_lost_a_batch_while_the_site_s_replica_doe
 def test_requeue_lost_puts_the_lost_first_in_order_and_records_the_rest_on_the_new_timeline(settings, redis_client):
     """Redis alone (BufferStore.requeue_lost): the lost chunks' transactions at the oldest end of
     `processing`, in their order, ahead of what waits there; statuses "pending", the steps as
-    they were (another producer's layout too); a status key gone is named, not requeued; the
+    they were (another producer's layout too), marked lost_in_failover; a status key gone is named, not requeued; the
     kept chunk recorded on the new timeline; nothing cleaned."""
     from obs_pipeline import json_codec
     from obs_pipeline.buffer_store import BufferStore
@@ -850,8 +850,10 @@ def test_requeue_lost_puts_the_lost_first_in_order_and_records_the_rest_on_the_n
     claimed = store.claim(token, 10)
     assert claimed.reclaimed and [json.loads(e)["transaction_id"] for e in claimed.entries] == [
         "a", "b", "claimed after them"]
-    assert claimed.entries[0] == ours.replace('"applied"   ', '"pending"   ')
-    assert json.loads(claimed.entries[1]) == {**json.loads(theirs), "status": "pending"}
+    lost_mark = {"metadata": {"lost_in_failover": "timeline 2"}}  # (it waits behind no newer holder)
+    assert claimed.entries[0].startswith('{"status":"pending"   ,"transaction_id":"a",')  # (the slot kept)
+    assert json.loads(claimed.entries[0]) == {**json.loads(ours), "status": "pending", **lost_mark}
+    assert json.loads(claimed.entries[1]) == {**json.loads(theirs), "status": "pending", **lost_mark}
     assert store.status_json("a") == claimed.entries[0]
     assert [json_codec.loads(m) for m in redis_client.zrange(keys.awaiting_replication, 0, -1)] == [
         {**kept[0][0], "tl": 2}]
@@ -1024,4 +1026,46 @@ def test_status_with_main_answering_does_not_count_a_batch_a_failover_lost_as_re
     finally:
         main.dispose()
         replica.dispose()
+    buf.close()
+
+
+def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_retry(
+        settings, async_standby, redis_client, caplog):
+    """The record reached S; an update of it (L, status "lost") committed on M only, S down; a
+    newer update of it (Q, status "newer") failed on M (it also creates an observation of obs
+    unit 999, which M lacks) and waits to retry, holding the row. M fails, S is promoted, obs
+    unit 999 is made there. L, buffered again, is older than Q: it must apply first, and the
+    row end as Q left it. Parked behind Q's hold, it applied after Q and undid Q's update."""
+    import time
+
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, created_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()  # the record is on S
+    async_standby.stop_standby()
+    lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost_id) == "applied"
+    with buf.transaction(endpoint="finish") as tx:
+        tx.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+        tx.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z", "status": "running"})
+    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=4.0)
+    keys = SiteKeys(settings.site)
+    (_, due), = redis_client.zrange(keys.retry, 0, -1, withscores=True)  # Q waits to retry, holding the row
+    async_standby.fail_over()
+    engine = sa.create_engine(async_standby.standby)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (999, 'made after the failover')"))
+    finally:
+        engine.dispose()
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
+    time.sleep(max(0.0, due - time.time()) + 0.2)  # Q due again
+    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.2)
+    assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, tx.transaction_id]) == (1, 3, "newer")
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     buf.close()
