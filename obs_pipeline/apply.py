@@ -867,6 +867,7 @@ class ReplicaDatabase:
         # timeline of main's cluster by a failover or a restore, past their fork
         self.main_timeline = main_timeline
         self.timeline: int | None = None  # the timeline it replayed, as the last ask said (replay_lsn)
+        self.cluster: int | None = None  # ... and its system identifier
 
     def replay_lsn(self) -> int | None:
         """The replay position; None where there is none, or (with `main_cluster`, `main_timeline`)
@@ -874,7 +875,7 @@ class ReplicaDatabase:
         try:
             with self.engine.connect() as conn:
                 lsn, cluster, timeline = conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()
-            self.timeline = timeline
+            self.timeline, self.cluster = timeline, cluster
         except exc.SQLAlchemyError as error:
             self.refusal = replica_hot_standby_off(self.engine.url) if hot_standby_off(error) else None
             raise

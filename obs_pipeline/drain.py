@@ -231,10 +231,12 @@ class MainIdentity:
     """Which cluster main is and which timeline it writes, as the drain knows them: the replica's
     replay counts only where it replays that WAL (ReplicaDatabase.main_cluster, .main_timeline)."""
 
-    def __init__(self, main: MainDatabase, store: BufferStore, replica_timeline: Callable[[], int | None]):
+    def __init__(self, main: MainDatabase, store: BufferStore, replica_timeline: Callable[[], int | None],
+                 replica_cluster: Callable[[], int | None] = lambda: None):
         self.main = main
         self.store = store
         self.replica_timeline = replica_timeline  # the timeline the replica replayed, as its last ask said
+        self.replica_cluster = replica_cluster  # ... and its system identifier
         self.applying: Any = None  # the worker's apply in flight (its future), if any: see cluster()
         self._cluster: int | None = None  # see cluster()
         self._timeline: int | None = None  # as the last acknowledgement recorded it: see timeline()
@@ -280,9 +282,14 @@ class MainIdentity:
         Asked again in a new session, at most every MAIN_TIMELINE_RECHECK_S, while the replica
         replays another timeline than the session said: main failed over since (an idle drain's
         session predates it), and the commits before the fork are on the new timeline too (the
-        old held their caches until new work came, the log line blaming the replica)."""
+        old held their caches until new work came, the log line blaming the replica). So while it
+        is a standby of another cluster than the session said: main moved to another cluster
+        behind the same address, the replica rebuilt from it (the batches a restore lost stayed
+        `applied`, on neither server, until new work came)."""
         idle = self.main_idle()
-        recheck = (self.main.timeline is not None and self.replica_timeline() not in (None, self.main.timeline)
+        recheck = (self.main.timeline is not None
+                   and (self.replica_timeline() not in (None, self.main.timeline)
+                        or self.replica_cluster() not in (None, self.main.system_identifier))
                    and time.monotonic() - self._timeline_rechecked_at >= MAIN_TIMELINE_RECHECK_S)
         if idle and recheck:
             self._timeline_rechecked_at = time.monotonic()
@@ -308,7 +315,8 @@ class Drain:
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
         self.main = MainDatabase(settings.require_main(), self.registry, settings.site, DRAIN_APPLICATION_NAME)
-        self.main_identity = MainIdentity(self.main, self.store, replica_timeline=lambda: self.replica.timeline)
+        self.main_identity = MainIdentity(self.main, self.store, replica_timeline=lambda: self.replica.timeline,
+                                          replica_cluster=lambda: self.replica.cluster)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME),
                                        main_cluster=self.main_identity.cluster,
                                        main_timeline=self.main_identity.timeline)

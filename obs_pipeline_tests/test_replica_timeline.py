@@ -1069,3 +1069,55 @@ def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_re
     assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, tx.transaction_id]) == (1, 3, "newer")
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     buf.close()
+
+
+def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work(
+        settings, other_cluster, main_engine, replica_engine, redis_client, clean_db, tmp_path, caplog):
+    """A long-running `obs-pipeline drain` behind addresses that stay the same (a DNS name or a
+    VIP for main, another for the site's replica): a batch committed on main X awaits the
+    replica (its replay paused); main is then replaced by another cluster Y (restored from a
+    dump taken before the batch) and the site's replica by Y's standby, with nothing buffered
+    since. The drain kept main's cluster as its session on X said, and a replica of Y's for one
+    of another cluster: it blamed the replica and left the batch `applied`, on neither server,
+    until new work came. It asks main again, as for another timeline, and settles the move."""
+    import threading
+
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+    from obs_pipeline_tests.workload import replay_paused
+
+    main_port, replica_port = pick_free_ports(2)
+    proxies = {name: (tmp_path / f"{name}.json", tmp_path / f"{name}.log") for name in ("main", "replica")}
+
+    def forward(name: str, port: int, url: str) -> None:
+        stop_proxy(proxies[name][0])
+        start_proxy(port, sa.engine.make_url(url).port, 0, *proxies[name])
+
+    forward("main", main_port, settings.main_db_url)
+    forward("replica", replica_port, settings.replica_db_url)
+    site = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://postgres@{HOST}:{main_port}/obs",
+                               replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{replica_port}/obs")
+    buf, tx_id, obs_id = _buffer_one(site)
+    drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
+    try:
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"), replay_paused(replica_engine):
+            worker.start()
+            assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
+            forward("main", main_port, other_cluster.main)  # main is Y now, the site's replica Y's standby
+            forward("replica", replica_port, other_cluster.replica)
+            settled = wait_until(lambda: _on_main(other_cluster.main, obs_id, [tx_id])[:2] == (1, 1), 45)
+            blamed = [r.getMessage() for r in caplog.records if "another cluster" in r.getMessage()]
+            assert settled, f"the batch is not on the new main; the drain said {blamed}"
+            assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
+            assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from Y's standby
+    finally:
+        stop.set()
+        worker.join(60)
+        drain.close()
+        for pidfile, _ in proxies.values():
+            stop_proxy(pidfile)
+    assert len(_lost_line(caplog)) == 1 and _lost_line(caplog)[0].startswith("main is now another cluster")
+    buf.close()
