@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -856,8 +857,13 @@ class ReplicaDatabase:
     """The site's streaming replica: how far it has replayed main's WAL."""
 
     def __init__(self, engine: sa.Engine, main_cluster: Callable[[], int | None] | None = None,
-                 main_timeline: Callable[[], int | None] | None = None):
+                 main_timeline: Callable[[], int | None] | None = None, ask_timeout_s: float | None = None):
         self.engine = engine
+        # how long one ask may take (None: as long as it takes): a hung replica (its machine
+        # stalled, the kernel still taking the query) held a pooled session's query, and the
+        # drain's wait for the replay with it, for as long as it hung (see _ask)
+        self.ask_timeout_s = ask_timeout_s
+        self._asking: threading.Thread | None = None  # the last ask's thread, which may hang
         self.refusal: str | None = None  # replica_hot_standby_off's line while the last ask was refused so
         # main's system identifier (None: main unknown), for a caller that compares the replay with
         # main's commits: a standby of another cluster replays other WAL, whose positions, larger,
@@ -873,8 +879,7 @@ class ReplicaDatabase:
         """The replay position; None where there is none, or (with `main_cluster`, `main_timeline`)
         where it is not of main's WAL, `refusal` saying why."""
         try:
-            with self.engine.connect() as conn:
-                lsn, cluster, timeline = conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()
+            lsn, cluster, timeline = self._ask()
             self.timeline, self.cluster = timeline, cluster
         except exc.SQLAlchemyError as error:
             self.refusal = replica_hot_standby_off(self.engine.url) if hot_standby_off(error) else None
@@ -891,6 +896,35 @@ class ReplicaDatabase:
                 self.refusal = replica_on_another_timeline(self.engine.url, timeline, main)
                 return None
         return lsn_to_int(lsn) if lsn else None
+
+    def _query(self) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()
+
+    def _ask(self) -> Any:
+        """REPLAY_TIMELINE_SQL's row, within ask_timeout_s: asked on a daemon thread, left to
+        hang where the replica does (no process waits for it at exit), each later ask failing at
+        once while it hangs (sqlalchemy's TimeoutError: the replica as one that does not answer)."""
+        if self.ask_timeout_s is None:
+            return self._query()
+        if self._asking is not None and self._asking.is_alive():
+            raise exc.TimeoutError(f"the replica has not answered an ask for over {self.ask_timeout_s:g} s (hung?)")
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                answer["row"] = self._query()
+            except BaseException as error:  # noqa: BLE001 - raised on the asking thread
+                answer["error"] = error
+
+        self._asking = threading.Thread(target=ask, name="obs-replica-ask", daemon=True)
+        self._asking.start()
+        self._asking.join(self.ask_timeout_s)
+        if self._asking.is_alive():
+            raise exc.TimeoutError(f"the replica did not answer in {self.ask_timeout_s:g} s (hung?)")
+        if "error" in answer:
+            raise answer["error"]
+        return answer["row"]
 
     def wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
         """Poll until replay passes `lsn` (fast at first, then every 50 ms); the last LSN seen."""

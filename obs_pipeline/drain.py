@@ -49,6 +49,14 @@ FAR_BATCH_SIZE = 10_000   # how far batches may grow by default: the drain's pea
 # While the replica replays another timeline than main's session said, main is asked again at
 # most this often (a failover since that session; a new one costs main a connection)
 MAIN_TIMELINE_RECHECK_S = 30.0
+REPLICA_ASK_TIMEOUT_S = 10.0  # a replica that takes longer to say how far it replayed is taken for down
+
+
+def replica_ask_timeout_s(lease_ttl_s: float) -> float:
+    """How long the drain waits for one answer of the replica: the lease is renewed around the
+    asks (_lease_kept), so at most a third of it, as the parts between renewals; but a second at
+    least (a busy replica's first connect), whatever a short lease says."""
+    return max(1.0, min(REPLICA_ASK_TIMEOUT_S, lease_ttl_s / 3))
 
 @dataclass(frozen=True)
 class DrainConfig:
@@ -319,7 +327,8 @@ class Drain:
                                           replica_cluster=lambda: self.replica.cluster)
         self.replica = ReplicaDatabase(make_engine(settings.require_replica(), DRAIN_APPLICATION_NAME),
                                        main_cluster=self.main_identity.cluster,
-                                       main_timeline=self.main_identity.timeline)
+                                       main_timeline=self.main_identity.timeline,
+                                       ask_timeout_s=replica_ask_timeout_s(config.lease_ttl_s))
         self.token: str | None = None
         self.batch_size = config.batch_size  # the next claim's; see _resize
         self.timeouts = TimeoutPieces(self.store, self.main, self.registry, config.timeout_attempts)

@@ -1291,3 +1291,51 @@ def test_a_table_made_before_the_digest_is_drained_as_before_and_db_init_upgrade
     assert {f["transaction_id"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))} == {"new-1"}
     assert _obs_units(main_engine, [911, 912, 913, 914]) == {911: "recorded without digest",
                                                              913: "recorded with digest"}
+
+
+def test_a_hung_replica_does_not_hold_the_drain_past_its_replication_timeout(settings, clean_db, tmp_path):
+    """The site's replica hangs (SIGSTOP of what serves its address: the kernel still takes the
+    drain's query, nothing answers) while a running drain waits for its replay. The wait is
+    bounded by replication_timeout_s (caches kept, a later pass cleans); the drain's pooled
+    session to the replica blocked in its query for as long as the replica hung: the run never
+    ended, nothing more was applied, and its lease lapsed for another drain to take."""
+    import dataclasses
+    import os
+    import signal
+    import threading
+
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.postgres import HOST
+    from obs_pipeline.stack.proxy_process import proxy_pid, start_proxy, stop_proxy
+
+    port, = pick_free_ports(1)
+    pidfile = tmp_path / "replica-proxy.json"
+    start_proxy(port, sa.engine.make_url(settings.replica_db_url).port, 0, pidfile, tmp_path / "replica-proxy.log")
+    site = dataclasses.replace(settings, replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{port}/obs")
+    drain = Drain(site, DrainConfig(replication_timeout_s=1.0, lease_ttl_s=3.0))
+    pid = proxy_pid(pidfile)
+    buf = TransactionBuffer(settings=settings)  # (ingest reads the replica directly)
+
+    def start(unit: int) -> None:
+        with buf.transaction(endpoint="start_observation") as tx:
+            tx.create("ExecutedObsUnit", {"obs_unit_id": unit, "start_time": "2025-01-01T00:00:00Z",
+                                          "status": "running"})
+
+    try:
+        start(1)
+        summary = drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)  # (its replica session pooled)
+        assert summary.replicated == 1, summary
+        os.kill(pid, signal.SIGSTOP)
+        start(2)
+        ended = []
+        worker = threading.Thread(target=lambda: ended.append(
+            drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)), daemon=True)
+        worker.start()
+        worker.join(20)
+        assert ended, "the drain still waits for a hung replica, 20 s on"
+        assert ended[0].applied == 1 and ended[0].replica_stalled, ended[0]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        drain.close()
+        stop_proxy(pidfile)
+        buf.close()
