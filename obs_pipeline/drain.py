@@ -1069,6 +1069,11 @@ class Drain:
             if requeued:
                 done = set(requeued)
                 self._unmarked = [i for i in self._unmarked if i not in done]  # "pending" now, not "applied"
+                # a batch claimed before (settled after a commit, its next claimed meanwhile) waits
+                # in `processing` behind them, claimed again with them: applied first, it went to
+                # main ahead of older transactions, and one of them, applied after, undid a newer
+                # update of its row
+                self._prefetched = None
         self._settled = (cluster, timeline)
         if cluster is not None:
             self.main_identity.settled(cluster)

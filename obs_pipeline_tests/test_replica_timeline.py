@@ -1121,3 +1121,39 @@ def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work
             stop_proxy(pidfile)
     assert len(_lost_line(caplog)) == 1 and _lost_line(caplog)[0].startswith("main is now another cluster")
     buf.close()
+
+
+def test_a_batch_claimed_before_a_failover_is_settled_waits_behind_what_it_buffered_again(
+        settings, forked, redis_client, caplog):
+    """Main's address moves to the promoted S while the old primary M still serves the drain's
+    open session (a VIP moved, M not fenced yet); the site's replica follows S. The drain applies
+    a full batch on M and claims the next behind it; its ask of the replica after the commit
+    asks main again (another timeline), and the settlement buffers the batch again, lost on S,
+    at the oldest end of `processing`. The next batch, claimed before and kept in memory, was
+    applied on S ahead of it: an older update of a row, applied again after a newer one,
+    undid it. It waits in `processing` behind what the settlement buffered again."""
+    site = dataclasses.replace(settings, main_db_url=forked["old"], replica_db_url=forked["follower"])
+    _runs_ahead(forked["promoted"], forked["follower"], main=forked["old"])  # the replica past M's commits
+    buf = TransactionBuffer(settings=site)
+    ids = [buf.update("ObsUnit", 1, {"name": "older"}), buf.update("ObsUnit", 2, {"name": "older"}),
+           buf.update("ObsUnit", 1, {"name": "newer"}), buf.update("ObsUnit", 3, {"name": "newer"})]
+    drain = Drain(site, DrainConfig(batch_size=2, replication_timeout_s=0.5))
+    try:
+        drain.main.identify()  # its session on M ...
+        drain.main.url = sa.engine.make_url(forked["promoted"])  # ... the address names S for the next
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            summary = drain.run(until_empty=True, replica_patience_s=1.0, budget_s=30)
+    finally:
+        drain.close()
+    assert len(_lost_line(caplog)) == 1, (_lost_line(caplog), summary)
+    engine = sa.create_engine(forked["promoted"])
+    try:
+        with engine.connect() as conn:
+            names = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id IN (1, 2, 3)")).all())
+            recorded = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied "
+                                            "WHERE transaction_id = ANY(:ids)"), {"ids": ids}).scalar()
+    finally:
+        engine.dispose()
+    assert names == {1: "newer", 2: "older", 3: "newer"}, names
+    assert recorded == 4 and summary.dead_lettered == 0, (recorded, summary)
+    buf.close()
