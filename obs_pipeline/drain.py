@@ -809,12 +809,15 @@ class Drain:
         # in the batch: those parked go first
         waited_on = self.store.waited_on(sorted({h for h in holders.values() if h in in_batch}))
         ready, ahead = [], set()
+        lost_too: dict[str, bool] = {}  # holder -> whether a failover lost it too (_lost_in_failover)
         for tx in txs:
+            lost = LOST_IN_FAILOVER in tx.metadata
             row = next((i for i in refs_of[tx.transaction_id]
                         if i in holders and holders[i] != tx.transaction_id
                         and (holders[i] not in ahead or holders[i] in waited_on)
-                        and holders[i] != "!" + tx.transaction_id), None)
-            if row is None or LOST_IN_FAILOVER in tx.metadata:  # (one a failover lost waits behind none)
+                        and holders[i] != "!" + tx.transaction_id
+                        and (not lost or self._lost_in_failover(holders[i], lost_too))), None)
+            if row is None:
                 ready.append(tx)
                 ahead.add(tx.transaction_id)
                 continue
@@ -840,6 +843,21 @@ class Drain:
                 waited_on.add(holder)
                 report.held += 1
         return ready
+
+    def _lost_in_failover(self, holder: str, seen: dict[str, bool]) -> bool:
+        """Whether `holder` (a mark in held_ids: "!" + id if dead) was buffered again after a
+        failover too (LOST_IN_FAILOVER in its status key's metadata). One a failover lost waits
+        behind such a holder only: buffered again with it, ahead of it, it is older; any other
+        began to hold its rows after it was applied once, and is newer (parked behind one, a lost
+        update applied after a newer one and undid it)."""
+        if holder not in seen:
+            raw = self.store.status_json(holder.removeprefix("!"))
+            try:
+                metadata = json_codec.loads(raw).get("metadata") if raw else None
+            except (ValueError, AttributeError, RecursionError):
+                metadata = None
+            seen[holder] = isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
+        return seen[holder]
 
     def _record_result(self, result, outcome: Outcome, report: BatchReport,
                        footprints: dict[tuple[str, str | None], dict[str, list]]) -> None:

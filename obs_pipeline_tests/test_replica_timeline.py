@@ -1157,3 +1157,59 @@ def test_a_batch_claimed_before_a_failover_is_settled_waits_behind_what_it_buffe
     assert names == {1: "newer", 2: "older", 3: "newer"}, names
     assert recorded == 4 and summary.dead_lettered == 0, (recorded, summary)
     buf.close()
+
+
+def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refuses(
+        settings, async_standby, redis_client, caplog):
+    """Two updates of a record (H older, L newer) committed on M only, S down; H also renames obs
+    unit 777, made on M by hand after S stopped. M fails, S is promoted: both are buffered again,
+    H first; S refuses H (no obs unit 777), which is dead-lettered, L behind it as blocked. Once
+    777 is made on S, `failed retry --all` applies H, then L: the record ends as L left it. (A
+    transaction buffered again waits behind no holder that was not buffered again with it: one
+    that was is older.)"""
+    import time
+
+    from obs_pipeline_tests.test_cli import cli
+
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, _, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()
+    async_standby.stop_standby()
+    m = sa.create_engine(async_standby.main)
+    try:
+        with m.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (777, 'by hand')"))
+    finally:
+        m.dispose()
+    with buf.transaction(endpoint="finish") as older:
+        older.update("ExecutedObsUnit", obs_id, {"status": "older"})
+        older.update("ObsUnit", 777, {"name": "renamed"})
+    newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(older.transaction_id) == "applied" and buf.status(newer_id) == "applied"
+    keys = SiteKeys(settings.site)
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
+    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    for _ in range(20):  # (H's retries, 0.05 s apart and more, until it is dead-lettered)
+        summary = _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
+        if buf.status(older.transaction_id) == "failed":
+            break
+        time.sleep(0.5)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(older.transaction_id) == "failed" and buf.status(newer_id) == "failed", summary
+    s = sa.create_engine(async_standby.standby)
+    try:
+        with s.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (777, 'made again')"))
+    finally:
+        s.dispose()
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [older.transaction_id, newer_id]) == (1, 2, "newer")
+    buf.close()
