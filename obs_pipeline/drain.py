@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 
-from obs_pipeline import discarded_copies
+from obs_pipeline import discarded_copies, json_codec
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
                                 StatementTimeout, TransientError, make_engine)
 from obs_pipeline.buffer_store import LOST_IN_FAILOVER, BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
