@@ -35,7 +35,7 @@ from obs_pipeline.config import installed_script
 from obs_pipeline.dev import dagster_environment, stop_processes
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.conftest import wait_for_replica
-from obs_pipeline_tests.examples import seed_example_json
+from obs_pipeline_tests.examples import seed_example, seed_example_json
 from obs_pipeline_tests.workload import replay_paused
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -564,6 +564,33 @@ def test_the_replica_check_fails_where_the_replica_url_names_a_primary(settings,
     check = replica_replays(obs_pipeline=primary)
     assert not check.passed and check.description == problem, (check, problem)
     assert replica_replays(obs_pipeline=resource).passed  # the real replica
+
+
+@pytest.mark.parametrize("replica", ["down", "a primary"])
+def test_a_run_with_nothing_awaiting_replay_does_not_report_a_replica_that_does_not_answer_healthy(
+        settings, resource, redis_client, replica):
+    """A run whose batch main committed none of (dead-lettered whole), nothing awaiting replay,
+    never asked the replica: with the replica down (or OBS_REPLICA_DB_URL naming a primary) it
+    materialized site_replica and passed replica_replays, where `status` and the check
+    evaluated on demand fail at once. It judges the replica as they do now."""
+    from obs_pipeline.dagster_defs import jobs
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    url = (sa.engine.make_url(settings.replica_db_url).set(port=pick_free_ports(1)[0]).render_as_string(
+        hide_password=False) if replica == "down" else settings.main_db_url)
+    bad = ObsPipelineResource(**{**resource.__dict__, "replica_db_url": url})
+    poison, _ = seed_example(settings.site, obs_unit_id=4242)  # no such obs unit: main refuses it
+    poison["max_retries"] = 0
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(poison))
+    result = drain_buffer.execute_in_process(resources={"obs_pipeline": bad},
+                                             run_config={"ops": {"drain_batches": {"config": {"idle_exit_s": 0}}}})
+    assert result.output_for_node("drain_batches")["dead_lettered"] == 1
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    on_demand = replica_replays(obs_pipeline=bad)
+    assert not on_demand.passed
+    materialized, observed, [check] = _replica_events(result)
+    assert not check.passed and not materialized, check
+    assert check.description == observed[0].description == jobs.REPLICA_SILENT, check
 
 
 def test_a_dead_run_that_run_retries_relaunch_gets_no_second_run_from_the_next_tick(settings, resource, redis_client,

@@ -415,7 +415,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
     try:
         with _redis_trouble_in_one_line(store.keys.site):  # Redis lost since the drain ended: as drain_batches says it
             depths = store.depths()
-            replayed = _replica_replayed(store, obs_pipeline) if depths["awaiting_replication"] else None
+            replayed, silent = (_replica_replayed(store, obs_pipeline) if depths["awaiting_replication"] or not busy
+                                else (None, None))
             awaiting = store.awaiting_replication(after=replayed)[0] if depths["awaiting_replication"] else 0
             metadata = {
                 "site": store.keys.site,
@@ -426,8 +427,8 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
             }
             why = ((drained.get("stopped_because") or "the replica replays nothing")
                    if drained.get("replica_stalled") else None)
-            if why is None and not busy and depths["awaiting_replication"]:
-                why = _replica_stuck(store, replayed)
+            if why is None and not busy:
+                why = (_replica_stuck(store, replayed) if depths["awaiting_replication"] else None) or silent
             if why or busy:
                 context.log_event(AssetObservation(asset_key=REPLICA_ASSET, metadata=metadata,
                                                    description=why or drained.get("stopped_because")))
@@ -442,18 +443,28 @@ def report_replication(context: OpExecutionContext, drained: dict, obs_pipeline:
         store.redis.close()
 
 
-def _replica_replayed(store: BufferStore, obs_pipeline: ObsPipelineResource) -> int | None:
-    """How far the replica has replayed main's WAL, as `status` asks it: None where it does not
-    answer, or replays other WAL (a standby of another cluster, or on another timeline than
-    the last acknowledgement recorded, main not on it either), or no replica URL is set.
-    Asked once a report: for the chunks awaiting replay (`status`'s `chunks awaiting replay`:
-    one the replica has replayed, waiting only for a drain to clean it, is not one) and for
-    whether the replica is stuck (it read the bare position: a replica of another cluster past
-    the batch's LSN passed the check)."""
+def _replica_replayed(store: BufferStore, obs_pipeline: ObsPipelineResource) -> tuple[int | None, str | None]:
+    """How far the replica has replayed main's WAL, as `status` asks it, and, where that is None
+    (it does not answer, reports no replay position, or replays other WAL: a standby of another
+    cluster, or on another timeline than the last acknowledgement recorded, main not on it
+    either), why, in one line: `status` and the check evaluated on demand fail on that at once.
+    Asked once a report, whatever awaits the replica: for the chunks awaiting replay (`status`'s
+    `chunks awaiting replay`: one the replica has replayed, waiting only for a drain to clean it,
+    is not one) and for whether the replica is stuck (it read the bare position: a replica of
+    another cluster past the batch's LSN passed the check). Asked only while batches awaited it,
+    a run with none (its batch dead-lettered whole) materialized site_replica and passed the
+    check with the replica down; so did one ended by its budget before REPLICA_STUCK_AFTER_S."""
     try:
-        return obs_pipeline.replica_position(store.main_cluster(), store.main_timeline())[0]
-    except ConfigError:  # no replica URL: nothing says what it replayed
-        return None
+        replayed, refusal = obs_pipeline.replica_position(store.main_cluster(), store.main_timeline())
+    except ConfigError as error:  # no replica URL: nothing says what it replayed
+        return None, str(error).strip().splitlines()[0]
+    if replayed is not None:
+        return replayed, None
+    return None, f"the replica {refusal}" if refusal else REPLICA_SILENT
+
+
+REPLICA_SILENT = ("the replica does not answer or reports no replay position (is it down, or does "
+                  "OBS_REPLICA_DB_URL name a primary?)")
 
 
 def _replica_stuck(store: BufferStore, replayed: int | None) -> str | None:
