@@ -342,6 +342,8 @@ class Drain:
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
         # (main's cluster, its timeline): every waiting chunk is known on them (_settle_failover)
         self._settled: tuple[int | None, int] | None = None
+        # the step's batch once Redis took its acknowledgement: done, whatever fails after (see run)
+        self._acknowledged: BatchReport | None = None
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -413,7 +415,11 @@ class Drain:
                     summary.stopped_because = "time budget spent"
                     break
                 try:
-                    report = self.step()
+                    try:
+                        report = self.step()
+                    except BaseException:
+                        self._count_acknowledged(summary, on_batch)
+                        raise
                 except LeaseLost as lost:  # another drain works the site now: leave it to that one
                     log.warning("%s; stopping", lost)
                     summary.stopped_because, summary.lease_lost = "another drain took the lease", str(lost)
@@ -472,6 +478,17 @@ class Drain:
             self._mark_applied_now()
             self._release_lease()
         return summary
+
+    def _count_acknowledged(self, summary: DrainSummary, on_batch: Callable[[BatchReport], None] | None) -> None:
+        """A step that failed after Redis took its batch's acknowledgement (Redis lost as the
+        drain marked it applied or cleaned it): main committed the batch and no drain takes it
+        again, so it is counted and reported here. It was not: a Dagster op retry found nothing
+        of it, and the run said "drained 0 transactions", no event of what main committed."""
+        report, self._acknowledged = self._acknowledged, None
+        if report is not None:
+            summary.count(report)
+            if on_batch:
+                on_batch(report)
 
     def _back_off(self, seconds: float) -> None:
         """Wait before trying main again, the lease kept (_lease_kept): with a lease shorter than
@@ -545,6 +562,7 @@ class Drain:
                 self.acquire()
             except DrainBusy as busy:  # it expired and another drain took it: that one works the site
                 raise LeaseLost(str(busy)) from None
+        self._acknowledged = None
         self.timeouts.load()
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
@@ -595,6 +613,7 @@ class Drain:
                 self._resize(result)
             self._record_result(result, outcome, report, batch.footprints)
             self.store.acknowledge(self.token, outcome)
+            self._acknowledged = report
             self.main_identity.acknowledged(outcome)
         except BaseException as error:
             if applying:  # interrupted while main applies (Ctrl-C, Dagster ending the run)
@@ -634,6 +653,7 @@ class Drain:
                 cleaned = set(ids)
                 self.store.set_status([i for i in outcome.applied_ids if i not in cleaned], "applied")
         report.duration_s = time.monotonic() - began
+        self._acknowledged = None  # (counted by run as the step's answer)
         return report
 
     def _mark_applied(self, cleaned: list[str]) -> None:

@@ -1336,6 +1336,44 @@ def test_a_batch_committed_before_an_op_retry_is_counted_by_the_run(settings, re
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_a_batch_acknowledged_before_redis_was_lost_is_counted_by_the_run(settings, resource, redis_client, main_engine,
+                                                                         monkeypatch):
+    """Main committed a batch and Redis took its acknowledgement, then Redis was lost as the
+    drain marked it applied: the op retry had nothing left to find of it (acknowledged), and the
+    run said "drained 0 transactions", applied_this_run 0, with no event of the batch main
+    committed in it. It is counted and reported as the batch it is."""
+    import redis as redis_lib
+
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.ingest import TransactionBuffer
+    from obs_pipeline_tests.workload import assert_applied_exactly_once, buffer_observations
+
+    buf = TransactionBuffer(settings=settings)
+    observations = buffer_observations(buf, 4)
+    ids = [tx for o in observations for tx in (o.start_tx, o.finish_tx) if tx]
+    set_status, lost = BufferStore.set_status, []
+
+    def lost_as_the_batch_is_marked_applied(self, transaction_ids, status):
+        if status == "applied" and not lost:
+            lost.append(status)
+            raise redis_lib.ConnectionError("Connection closed by server.")
+        return set_status(self, transaction_ids, status)
+    monkeypatch.setattr(BufferStore, "set_status", lost_as_the_batch_is_marked_applied)
+    with DagsterInstance.ephemeral() as instance:
+        result = drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, instance=instance,
+                                                 run_config=FAST)
+        assert result.success and lost
+        assert [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        drained = result.output_for_node("drain_batches")
+        assert drained["applied"] + drained.get("already_applied", 0) == len(ids), drained
+        main = [e.asset_materialization for e in instance.all_logs(result.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+                if e.asset_materialization.asset_key == MAIN_ASSET]
+        assert sum(m.metadata["applied"].value for m in main) == drained["applied"] > 0, [m.metadata for m in main]
+    assert [buf.status(tx_id) for tx_id in ids] == ["replicated"] * len(ids)
+    buf.close()
+    assert_applied_exactly_once(main_engine, observations)
+
+
 def test_a_retry_run_that_finds_the_list_changing_fails_saying_what_to_do(settings, resource, redis_client,
                                                                          monkeypatch):
     """The sensor's drain runs dead-letter as they go: a retry_dead_letters run that found the
