@@ -30,6 +30,7 @@ from sqlalchemy import exc
 from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
+from obs_pipeline.column_values import unicode_lower
 from obs_pipeline.config import ConfigError
 from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.model_registry import ModelRegistry
@@ -374,6 +375,9 @@ class MainDatabase:
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
         self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
+        # models whose key main compares without case (CITEXT): 'abc' and 'ABC' are one row (fold's `case_folded`)
+        self.case_folded = frozenset(m.name for m in registry.models.values()
+                                     if m.columns[m.primary_key].case_insensitive) or None
         # models each update of whose rows must reach main (fold's `unmerged`): those with an
         # onupdate that reads the row, and those whose rows main runs triggers on (asked per session)
         self._row_onupdates = frozenset(m.name for m in registry.models.values() if _onupdate_reads_row(m.table))
@@ -577,7 +581,7 @@ class MainDatabase:
         if blocked and any(i in blocked for tx in txs for i in referenced_ids(tx, self.registry)):
             return self._apply_carefully(cur, txs, blocked)  # it holds back those that use them
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
-        folded = fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged)
+        folded = fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged, self.case_folded)
         if folded is None:
             return self._apply_carefully(cur, txs, blocked)
         try:
@@ -654,7 +658,8 @@ class MainDatabase:
         # Several transactions go folded (or split if they cannot be); one alone goes in its own
         # step order: folding puts a table's inserts before its deletes, which a unique key or a
         # self-referencing foreign key may refuse.
-        folded = None if alone else fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged)
+        folded = None if alone else fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged,
+                                         self.case_folded)
         if alone or folded is not None:
             try:
                 statements, rows = (self.sql.writes_in_order(cur, writes) if alone else self.sql.writes(cur, folded))
@@ -699,7 +704,8 @@ def reused_id_reason(applied_at: Any) -> str:
 def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], frozenset[str]]] | None = None,
          kept_updates: frozenset[str] | None = None,
          cascades: dict[str, frozenset[str]] | None = None,
-         unmerged: frozenset[str] | None = None) -> list[RowWrite] | None:
+         unmerged: frozenset[str] | None = None,
+         case_folded: frozenset[str] | None = None) -> list[RowWrite] | None:
     """Net effect per row, in first-touch order (a row deleted after its insert or update: the
     delete at the end); None where folding would hide from main a write it may refuse, so the
     batch goes the careful way (each transaction under its own savepoint when need be).
@@ -727,6 +733,11 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
     (`revision + 1`): each update of their rows stays a statement of its own,
     after the row's insert or earlier update, in order (BatchSql.writes keeps the updates'
     order), so the triggers see every write a transaction made, as it made it.
+
+    `case_folded`: models whose key main compares without case (CITEXT). None for a row written
+    under two texts of its key ('abc', 'ABC'): taken for two rows, a delete of 'abc' went after
+    an update of 'ABC' that main refuses in their order. (Folded as record_key folds: more than
+    a C-locale main does, which at worst sends a batch the careful way.)
     """
     net: dict[tuple[str, Any], RowWrite] = {}
     deleted_after: dict[tuple[str, Any], RowWrite] = {}
@@ -740,6 +751,11 @@ def fold(writes: list[RowWrite], refusable: dict[str, tuple[frozenset[str], froz
         elif w.model in changed_by_delete:
             return None
         key = (w.model, str(w.record_id))
+        if case_folded and w.model in case_folded:
+            key = (w.model, unicode_lower(key[1]))
+            seen = net.get(key)
+            if seen is not None and str(seen.record_id) != str(w.record_id):
+                return None
         prev = net.get(key)
         if prev is None:
             net[key] = w

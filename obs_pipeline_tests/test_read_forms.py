@@ -843,6 +843,33 @@ def test_a_citext_foreign_key_in_another_case_holds_the_child_behind_its_failed_
     buf.close()
 
 
+def test_an_update_of_a_citext_row_deleted_earlier_in_the_batch_by_another_case_is_refused(
+        forms, redis_client, main_engine):
+    """A producer deletes the row 'key', the next transaction of the batch updates 'KEY' (main's
+    one row). Folded per row by the key's text, they were two rows: the update went before the
+    delete (a table's deletes go last), found the row and was reported applied, though main
+    refuses it in their order (no row to update)."""
+    buf = TransactionBuffer(settings=forms)
+    key = f"key{uuid.uuid4().hex[:8]}"
+    with buf.transaction() as tx:
+        tx.create("Handled", {"name": key})
+    drain_until_empty(forms)
+    keys = SiteKeys(forms.site)
+    for tx_id, step in [("delete", {"operation": "delete", "conditions": {"name": key}}),
+                        ("update-deleted", {"operation": "update", "conditions": {"name": key.upper()},
+                                            "data": {"note": "gone"}})]:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": f"{tx_id}-{key}", "steps": [
+            {"step_id": "s1", "model_class": "Handled", "data": {}, **step}]}))
+    drain_until_settled(forms, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert failed == {f"update-deleted-{key}": f"no read_forms_handled row {key.upper()} to update"}, failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM read_forms_handled WHERE name = :k"),
+                            {"k": key}).scalar_one() == 0
+    buf.close()
+
+
 @pytest.fixture
 def unicode_forms(forms, main_engine, replica_engine):
     """`forms` in a database of another locale than the stack's C: PostgreSQL's builtin
