@@ -124,11 +124,14 @@ class BatchSql:
             # An update that would find no row is an error of its transaction, not a write lost
             # in silence (a delete that finds none has its result: the row is gone). One check
             # per table and batch; the cast of the message raises it, naming the first missing key.
+            # Each row found is locked (FOR KEY SHARE, as a foreign key check locks its parent):
+            # another session's delete, uncommitted as the check saw the row, then committed, left
+            # the UPDATE 0 rows and the write reported applied; the check now waits for it.
             quote = self.dialect.identifier_preparer
             name, key = quote.format_table(table).replace("%", "%%"), quote.quote(pk.name).replace("%", "%%")
             return (f"SELECT CAST('no ' || %(table)s || ' row ' || batch.key || ' to update' AS integer) "
                     f"FROM unnest(CAST(%(keys)s AS {pk.type.compile(dialect=self.dialect)}[])) AS batch(key) "
-                    f"WHERE NOT EXISTS (SELECT 1 FROM {name} WHERE {name}.{key} = batch.key) LIMIT 1")
+                    f"WHERE NOT EXISTS (SELECT 1 FROM {name} WHERE {name}.{key} = batch.key FOR KEY SHARE) LIMIT 1")
         # Values bind by position (v0, v1, ...), never by column name: a name with a space or a
         # % in it would be escaped in the compiled statement and no longer match its parameter.
         key = _key_param(pk)

@@ -5,6 +5,7 @@ Each test checks that nothing is lost or doubled when that machinery is cut shor
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -996,6 +997,36 @@ def test_an_update_of_a_row_main_does_not_have_is_dead_lettered_not_counted_appl
         assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = 'ghost-update'")
                             ).scalar_one() == 0
 
+
+
+def test_an_update_of_a_row_another_session_on_main_deletes_meanwhile_is_dead_lettered(settings, redis_client,
+                                                                                      main_engine):
+    """Another session on main deletes a row (not yet committed) as the drain applies an update
+    of it: the batch's check that the row exists saw it, the UPDATE waited on the row's lock and,
+    the delete committed, updated 0 rows, and the update was reported applied, lost without a
+    word. Main refuses it as of a row it no longer has, as if the delete had come first."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    drain_until_settled(settings)
+    with main_engine.connect() as deleter:
+        deleter.execute(sa.text("DELETE FROM executed_obs_unit WHERE id = :id"), {"id": obs["id"]})
+        update = buf.update("ExecutedObsUnit", obs["id"], {"status": "done"})  # the replica still has it
+        commit = threading.Timer(1.0, deleter.commit)
+        commit.start()
+        try:
+            drain_until_settled(settings, retry_base_s=0.05)
+        finally:
+            commit.join()
+    buf.close()
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert failed == {update: f"no executed_obs_unit row {obs['id']} to update"}, failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                            {"t": update}).scalar_one() == 0
 
 def _obs_units(main_engine, ids: list[int]) -> dict[int, str]:
     with main_engine.connect() as conn:
