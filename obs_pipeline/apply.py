@@ -86,6 +86,17 @@ _SESSION_SQL = (f"SELECT CASE WHEN to_regclass('{applied_transactions.name}') IS
 _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
                   "WHERE tgrelid = to_regclass(n) AND NOT tgisinternal AND tgenabled <> 'D' AND tgtype & 1 = 1 "
                   "AND tgtype & 20 <> 0))")  # (tgtype: 1 a row trigger, 4 on insert, 16 on update)
+# ... and the columns of those tables whose values main may refuse though the models do not say
+# so (a constraint, a unique index, a domain or enum, a length or precision limit, NOT NULL,
+# added on main): [table, column, whether only NULL is refused], for fold's `refusable`.
+_CONSTRAINED_SQL = (", (SELECT json_agg(json_build_array(n, a.attname, NOT r.refused)) FROM unnest(%s::text[]) AS n "
+                    "JOIN pg_attribute a ON a.attrelid = to_regclass(n) AND a.attnum > 0 AND NOT a.attisdropped "
+                    "JOIN pg_type t ON t.oid = a.atttypid CROSS JOIN LATERAL (SELECT t.typtype IN ('d', 'e') "
+                    "OR a.atttypmod <> -1 AND t.typcategory NOT IN ('D', 'T') "  # (a time's precision rounds)
+                    "OR EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = a.attrelid AND c.contype IN "
+                    "('c', 'f', 'u', 'x') AND a.attnum = ANY(c.conkey)) OR EXISTS (SELECT 1 FROM pg_index i WHERE "
+                    "i.indrelid = a.attrelid AND i.indisunique AND (a.attnum = ANY(i.indkey) OR i.indexprs IS NOT "
+                    "NULL OR i.indpred IS NOT NULL)) AS refused) AS r WHERE a.attnotnull OR r.refused)")
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
 # string with ValueError, an encoder a lone surrogate), should one pass validation: that
 # transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
@@ -371,7 +382,8 @@ class MainDatabase:
         self.site = site
         self.application_name = application_name
         self.sql = BatchSql(registry, self.dialect)
-        self.refusable = refusable_columns(registry)  # what fold must not hide from main
+        self._declared_refusable = refusable_columns(registry)  # what fold must not hide from main
+        self.refusable = self._declared_refusable  # ... and what main's own constraints add (asked per session)
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
         self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
@@ -404,9 +416,11 @@ class MainDatabase:
             kwargs.update(_FAR_CONNECT_ARGS, application_name=self.application_name)
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
-            self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier, self.timeline = (
-                self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables)))
+            (self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier, self.timeline,
+             constrained) = self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s,
+                                                  tables=list(self._tables))
             self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
+            self.refusable = self._with_mains_constraints(constrained or ())
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url)}; "
@@ -421,10 +435,26 @@ class MainDatabase:
                             "as applied; run `obs-pipeline db init` to add the column", applied_transactions.name)
         return self._conn
 
+    def _with_mains_constraints(self, constrained: Any) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+        """refusable_columns' sets, with the columns main's own constraints name (_CONSTRAINED_SQL):
+        a value main refuses by a constraint only it has, overwritten by a later transaction of
+        the batch, was folded away and both reported applied."""
+        added: dict[str, tuple[set[str], set[str]]] = {}
+        for table, column, null_only in constrained:
+            spec = self.registry.model(self._tables[table])
+            key = next((k for k, c in spec.sql_columns.items() if c.name == column), None)
+            if key is not None:
+                added.setdefault(spec.name, (set(), set()))[1 if null_only else 0].add(key)
+        out = dict(self._declared_refusable)
+        for model, (values, nulls) in added.items():
+            declared, not_null = out.get(model, (frozenset(), frozenset()))
+            out[model] = (declared | values, not_null | nulls)
+        return out
+
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
                          tables: list[str] | None = None) -> tuple[float, bool | None, bool, list[str] | None,
-                                                                   int | None, int | None]:
+                                                                   int | None, int | None, list | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -439,12 +469,14 @@ class MainDatabase:
         far reply taken before: a first reply within 10 % of it ends the sampling, one round trip
         (0.25 s at 250 ms) less per run.
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
-        fifth is main's system identifier, the sixth its timeline (None on a standby)."""
+        fifth is main's system identifier, the sixth its timeline (None on a standby), the seventh
+        the columns of `tables` main may refuse values of (_CONSTRAINED_SQL)."""
         taken: list[float] = []
         present = standby = False
-        triggered = system_identifier = timeline = None
+        triggered = system_identifier = timeline = constrained = None
         with conn.cursor() as cur:
-            sql = cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL, (tables,)) if tables else _SESSION_SQL
+            sql = (cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL + _CONSTRAINED_SQL, (tables, tables)) if tables
+                   else _SESSION_SQL)
             while len(taken) < samples:
                 began = time.perf_counter()
                 cur.execute(sql)
@@ -454,11 +486,12 @@ class MainDatabase:
                 system_identifier = row[2] if len(row) > 2 else None
                 timeline = timeline_of_wal_file(row[3]) if len(row) > 3 else None
                 triggered = row[4] if len(row) > 4 else None
+                constrained = row[5] if len(row) > 5 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby, triggered, system_identifier, timeline
+        return min(taken), present, standby, triggered, system_identifier, timeline, constrained
 
     def identify(self) -> int | None:
         """Main's system identifier, starting a session if none is open (main's errors as a

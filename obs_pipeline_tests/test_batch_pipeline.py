@@ -740,6 +740,38 @@ def test_rows_main_runs_triggers_on_get_each_write_of_the_batch_in_order(setting
     assert rows == {other["id"]: "completed 2025-01-01 01:00:00+00", obs["id"]: "completed 2025-01-01 02:00:00+00"}
 
 
+
+def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_later_update(settings, redis_client,
+                                                                                         main_engine):
+    """Main checks executed_obs_unit.status with a constraint the models do not declare (added
+    on main). An update main refuses, overwritten by the next transaction's update of the row
+    in the same batch, was folded into it: main saw only the later value, and both were
+    reported applied. The drain asks main which columns its constraints name."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    drain_until_settled(settings)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE executed_obs_unit ADD CONSTRAINT obs_test_status "
+                             "CHECK (status <> 'refused') NOT VALID"))
+    try:
+        refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "refused"})
+        later = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        drain_until_settled(settings, retry_base_s=0.05)
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE executed_obs_unit DROP CONSTRAINT IF EXISTS obs_test_status"))
+        buf.close()
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {refused, later}, failed
+    assert "CheckViolation" in failed[refused] and failed[later] == f"blocked by {refused}", failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
+                            {"id": obs["id"]}).scalar_one() == "running"
+
 def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
     """A batch bisected over a far link can take minutes; the lease (here 1 s) must not lapse
     meanwhile, or the acknowledgement finds it gone and the work is done again."""
