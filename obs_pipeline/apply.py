@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,12 @@ _CONSTRAINED_SQL = (", (SELECT json_agg(json_build_array(n, a.attname, NOT r.ref
                     "('c', 'f', 'u', 'x') AND a.attnum = ANY(c.conkey)) OR EXISTS (SELECT 1 FROM pg_index i WHERE "
                     "i.indrelid = a.attrelid AND i.indisunique AND (a.attnum = ANY(i.indkey) OR i.indexprs IS NOT "
                     "NULL OR i.indpred IS NOT NULL)) AS refused) AS r WHERE a.attnotnull OR r.refused)")
+# ... and main's foreign keys between those tables that delete or change the child rows as their
+# parent is deleted (ON DELETE CASCADE, SET NULL, SET DEFAULT), declared by the models or not:
+# [parent, child, whether the child rows are deleted], for fold's `cascades`.
+_CASCADING_SQL = (", (SELECT json_agg(json_build_array(p.n, ch.n, c.confdeltype = 'c')) FROM pg_constraint c "
+                  "JOIN unnest(%s::text[]) AS p(n) ON c.confrelid = to_regclass(p.n) JOIN unnest(%s::text[]) AS ch(n) "
+                  "ON c.conrelid = to_regclass(ch.n) WHERE c.contype = 'f' AND c.confdeltype IN ('c', 'n', 'd'))")
 # What building a batch's SQL raises for a value SQL cannot carry (psycopg2 refuses a NUL in a
 # string with ValueError, an encoder a lone surrogate), should one pass validation: that
 # transaction's error, never the drain's. (Not KeyError or TypeError: those are our bugs.)
@@ -386,7 +392,8 @@ class MainDatabase:
         self.refusable = self._declared_refusable  # ... and what main's own constraints add (asked per session)
         # models whose updates fold must keep apart from the row's insert (ModelSpec.main_onupdate)
         self.kept_updates = frozenset(m.name for m in registry.models.values() if m.main_onupdate) or None
-        self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row
+        self.cascades = cascading_deletes(registry) or None  # what a delete changes on main beyond its row (and
+        #                                                       what main's own foreign keys add: asked per session)
         # models whose key main compares without case (CITEXT): 'abc' and 'ABC' are one row (fold's `case_folded`)
         self.case_folded = frozenset(m.name for m in registry.models.values()
                                      if m.columns[m.primary_key].case_insensitive) or None
@@ -417,10 +424,12 @@ class MainDatabase:
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
             (self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier, self.timeline,
-             constrained) = self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s,
+             constrained, cascading) = self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s,
                                                   tables=list(self._tables))
             self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
             self.refusable = self._with_mains_constraints(constrained or ())
+            self.cascades = cascading_deletes(self.registry, [(self._tables[parent], self._tables[child], deleted)
+                                                              for parent, child, deleted in cascading or ()]) or None
             if standby:  # every batch would fail as "read-only" (transient): retried for ever
                 self.close()
                 raise ConfigError(f"{main_is_standby(self.url)}; "
@@ -454,7 +463,7 @@ class MainDatabase:
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
                          tables: list[str] | None = None) -> tuple[float, bool | None, bool, list[str] | None,
-                                                                   int | None, int | None, list | None]:
+                                                                   int | None, int | None, list | None, list | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -470,13 +479,14 @@ class MainDatabase:
         (0.25 s at 250 ms) less per run.
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
         fifth is main's system identifier, the sixth its timeline (None on a standby), the seventh
-        the columns of `tables` main may refuse values of (_CONSTRAINED_SQL)."""
+        the columns of `tables` main may refuse values of (_CONSTRAINED_SQL), the eighth its foreign
+        keys between them that cascade a delete (_CASCADING_SQL)."""
         taken: list[float] = []
         present = standby = False
-        triggered = system_identifier = timeline = constrained = None
+        triggered = system_identifier = timeline = constrained = cascading = None
         with conn.cursor() as cur:
-            sql = (cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL + _CONSTRAINED_SQL, (tables, tables)) if tables
-                   else _SESSION_SQL)
+            sql = (cur.mogrify(_SESSION_SQL.decode() + _TRIGGERED_SQL + _CONSTRAINED_SQL + _CASCADING_SQL,
+                               (tables,) * 4) if tables else _SESSION_SQL)
             while len(taken) < samples:
                 began = time.perf_counter()
                 cur.execute(sql)
@@ -487,11 +497,12 @@ class MainDatabase:
                 timeline = timeline_of_wal_file(row[3]) if len(row) > 3 else None
                 triggered = row[4] if len(row) > 4 else None
                 constrained = row[5] if len(row) > 5 else None
+                cascading = row[6] if len(row) > 6 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby, triggered, system_identifier, timeline, constrained
+        return min(taken), present, standby, triggered, system_identifier, timeline, constrained, cascading
 
     def identify(self) -> int | None:
         """Main's system identifier, starting a session if none is open (main's errors as a
@@ -854,9 +865,12 @@ def _onupdate_reads_row(table: sa.Table) -> bool:
     return False
 
 
-def cascading_deletes(registry: ModelRegistry) -> dict[str, frozenset[str]]:
+def cascading_deletes(registry: ModelRegistry,
+                      on_main: Iterable[tuple[str, str, bool]] = ()) -> dict[str, frozenset[str]]:
     """Per model: the models whose rows main deletes or changes when one of its rows is deleted
-    (a foreign key ON DELETE CASCADE, SET NULL or SET DEFAULT; through the cascades' own)."""
+    (a foreign key ON DELETE CASCADE, SET NULL or SET DEFAULT; through the cascades' own).
+    `on_main`: main's own such foreign keys, (parent, child, whether its rows are deleted), which
+    the models may not declare (see _CASCADING_SQL)."""
     by_table = {spec.table: spec.name for spec in registry.models.values()}
     direct: dict[str, list[tuple[str, bool]]] = {}  # parent -> (child, whether its rows are deleted)
     for spec in registry.models.values():
@@ -865,6 +879,8 @@ def cascading_deletes(registry: ModelRegistry) -> dict[str, frozenset[str]]:
             parent = by_table.get(constraint.referred_table)
             if parent is not None and action in ("CASCADE", "SET NULL", "SET DEFAULT"):
                 direct.setdefault(parent, []).append((spec.name, action == "CASCADE"))
+    for parent, child, deleted in on_main:
+        direct.setdefault(parent, []).append((child, deleted))
     out = {}
     for model in direct:
         reached: set[str] = set()

@@ -772,6 +772,41 @@ def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_late
         assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
                             {"id": obs["id"]}).scalar_one() == "running"
 
+
+def test_a_create_a_cascade_only_main_has_deletes_is_not_sent_before_the_delete(settings, redis_client, main_engine):
+    """Main's foreign key from raw_data_package to executed_obs_unit deletes packages ON DELETE
+    CASCADE, which the models do not declare. In one batch: the delete of an executed obs unit,
+    then a package of it, which main refuses in that order. Folded, the package went first and
+    the cascade took it: reported applied, nothing of it on main. The drain asks main which of
+    its foreign keys cascade."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    buf.close()
+    drain_until_settled(settings)
+    fkey = "raw_data_package_executed_obs_unit_id_fkey"
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE raw_data_package DROP CONSTRAINT {fkey}, ADD CONSTRAINT {fkey} FOREIGN "
+                             "KEY (executed_obs_unit_id) REFERENCES executed_obs_unit (id) ON DELETE CASCADE"))
+    package = str(uuid.uuid4())
+    try:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "delete-obs", "steps": [
+            {"step_id": "s1", "operation": "delete", "model_class": "ExecutedObsUnit", "data": {},
+             "conditions": {"id": obs["id"]}}]}))
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "package-of-deleted", "steps": [
+            {"step_id": "s1", "operation": "create", "model_class": "RawDataPackage",
+             "data": {"id": package, "name": "late", "executed_obs_unit_id": obs["id"]}}]}))
+        drain_until_settled(settings, retry_base_s=0.05)
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE raw_data_package DROP CONSTRAINT {fkey}, ADD CONSTRAINT {fkey} "
+                                 "FOREIGN KEY (executed_obs_unit_id) REFERENCES executed_obs_unit (id)"))
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {"package-of-deleted"} and "ForeignKeyViolation" in failed["package-of-deleted"], failed
+
 def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
     """A batch bisected over a far link can take minutes; the lease (here 1 s) must not lapse
     meanwhile, or the acknowledgement finds it gone and the work is done again."""
