@@ -88,15 +88,18 @@ _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXI
                   "AND tgtype & 20 <> 0))")  # (tgtype: 1 a row trigger, 4 on insert, 16 on update)
 # ... and the columns of those tables whose values main may refuse though the models do not say
 # so (a constraint, a unique index, a domain or enum, a length or precision limit, NOT NULL,
-# added on main): [table, column, whether only NULL is refused], for fold's `refusable`.
+# added on main): [table, column, whether only NULL is refused], for fold's `refusable`. A unique
+# index names the columns of its expressions and predicate too (pg_depend), not every column.
 _CONSTRAINED_SQL = (", (SELECT json_agg(json_build_array(n, a.attname, NOT r.refused)) FROM unnest(%s::text[]) AS n "
                     "JOIN pg_attribute a ON a.attrelid = to_regclass(n) AND a.attnum > 0 AND NOT a.attisdropped "
                     "JOIN pg_type t ON t.oid = a.atttypid CROSS JOIN LATERAL (SELECT t.typtype IN ('d', 'e') "
                     "OR a.atttypmod <> -1 AND t.typcategory NOT IN ('D', 'T') "  # (a time's precision rounds)
                     "OR EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = a.attrelid AND c.contype IN "
                     "('c', 'f', 'u', 'x') AND a.attnum = ANY(c.conkey)) OR EXISTS (SELECT 1 FROM pg_index i WHERE "
-                    "i.indrelid = a.attrelid AND i.indisunique AND (a.attnum = ANY(i.indkey) OR i.indexprs IS NOT "
-                    "NULL OR i.indpred IS NOT NULL)) AS refused) AS r WHERE a.attnotnull OR r.refused)")
+                    "i.indrelid = a.attrelid AND i.indisunique AND (a.attnum = ANY(i.indkey) OR EXISTS (SELECT 1 "
+                    "FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid AND "
+                    "d.refobjid = a.attrelid AND d.refobjsubid = a.attnum))) AS refused) AS r "
+                    "WHERE a.attnotnull OR r.refused)")
 # ... and main's foreign keys between those tables that delete or change the child rows as their
 # parent is deleted (ON DELETE CASCADE, SET NULL, SET DEFAULT), declared by the models or not:
 # [parent, child, whether the child rows are deleted], for fold's `cascades`.
