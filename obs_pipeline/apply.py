@@ -35,7 +35,7 @@ from obs_pipeline.config import ConfigError
 from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions
-from obs_pipeline.wire import RowWrite, Transaction, claim_rows, referenced_ids, row_writes, written_ids
+from obs_pipeline.wire import RowWrite, Transaction, referenced_ids, row_writes, written_ids
 
 log = logging.getLogger("obs_pipeline.drain")
 
@@ -409,6 +409,10 @@ class MainDatabase:
         self.round_trip_s: float | None = None  # the link's, measured once per session (see _connection)
         self.last_run_round_trip_s: float | None = None  # as the last drain run measured it (_time_round_trip)
         self._carry: list[bytes] = []  # a savepoint rollback sent with the next script
+        # the careful path's claims on rows (see _claim): the place in the batch of the transaction
+        # that made each, and each transaction's place
+        self._claimed_at: dict[str, int] = {}
+        self._place: dict[int, int] = {}
         self._conn: Any = None
         self.records_digest: bool | None = True  # main's obs_pipeline_applied has steps_digest (see _connection)
         self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
@@ -650,6 +654,7 @@ class MainDatabase:
 
     def _apply_carefully(self, cur: Any, txs: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
         result = BatchResult(slow_path=True)
+        self._claimed_at, self._place = {}, {id(tx): at for at, tx in enumerate(txs)}
         self._run(cur, [b"BEGIN", self._records_of(cur, txs, "applied_at")])
         done = {r[0]: r[1:] for r in cur.fetchall()}
         blocked = {} if blocked is None else blocked
@@ -669,7 +674,7 @@ class MainDatabase:
                 continue
             # never applied: those using the rows it writes wait with it, as behind any failed one
             result.reused_ids.append((tx, reason))
-            claim_rows(blocked, written_ids(tx, self.registry), "!" + tx_id)  # ("!": dead, as in held_ids)
+            self._claim(blocked, tx, "!" + tx_id)  # ("!": dead, as in held_ids)
         self._bisect(cur, list(fresh.values()), result, blocked)
         tail = [_FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN]
         if result.applied:
@@ -688,8 +693,10 @@ class MainDatabase:
         transaction ("!" + id in `blocked`), dead-lettered with it."""
         ready = []
         for tx in txs:
+            at = self._place.get(id(tx), 0)
             blocker = next((blocked[i] for i in referenced_ids(tx, self.registry)  # (not by an id reused in the batch)
-                            if i in blocked and blocked[i].removeprefix("!") != tx.transaction_id), None)
+                            if i in blocked and blocked[i].removeprefix("!") != tx.transaction_id
+                            and self._claimed_at.get(i, -1) < at), None)
             if blocker is None:
                 ready.append(tx)
                 continue
@@ -697,7 +704,7 @@ class MainDatabase:
                 result.dead_blocked.append((tx, f"blocked by {blocker[1:]}"))
             else:
                 result.failed.append((tx, f"blocked by {blocker}"))
-            claim_rows(blocked, written_ids(tx, self.registry), blocker)
+            self._claim(blocked, tx, blocker)
         if not ready:
             return
         writes = [w for tx in ready for w in row_writes(tx, self.registry)]
@@ -736,7 +743,21 @@ class MainDatabase:
     def _fail(self, tx: Transaction, reason: str, result: BatchResult, blocked: dict[str, str]) -> None:
         """A transaction that failed alone: the rows it writes block those that use them."""
         result.failed.append((tx, reason))
-        claim_rows(blocked, written_ids(tx, self.registry), tx.transaction_id)
+        self._claim(blocked, tx, tx.transaction_id)
+
+    def _claim(self, blocked: dict[str, str], tx: Transaction, value: str) -> None:
+        """The rows `tx` writes, held by `value` (wire.claim_rows), for the transactions after it
+        in the batch: the first in the batch's order keeps a row. A transaction held back claims
+        its rows before those ahead of it are applied (a split checks them again): it held them
+        back too, behind a transaction they do not use. (A row held before this batch, or its
+        piece, was claimed ahead of all of it.)"""
+        at = self._place.get(id(tx), 0)
+        owner = value.removeprefix("!")
+        for row in written_ids(tx, self.registry):
+            held = blocked.get(row)
+            if held is None or held.removeprefix("!") == owner or self._claimed_at.get(row, -1) > at:
+                blocked[row] = value
+                self._claimed_at[row] = at
 
 
 def reused_id_reason(applied_at: Any) -> str:

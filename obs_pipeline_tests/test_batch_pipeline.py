@@ -696,6 +696,41 @@ def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_b
     assert applied == {"doomed", "start", "delete"}
 
 
+
+def test_a_transaction_held_back_in_the_batch_holds_none_of_those_ahead_of_it(settings, redis_client, main_engine):
+    """An update main refuses (no such row), then three updates of another row that cannot be
+    folded together (each repoints its obs unit), then a transaction that uses the refused
+    one's row and writes the other. Held back, the last claimed the other row for the refused
+    one; the careful path's split then checked the three again and held them back too, behind
+    a transaction they do not use: dead-lettered with it as `blocked by`. Only what comes
+    after a held-back transaction waits for it."""
+    keys = SiteKeys(settings.site)
+    ghost = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    buf.close()
+    drain_until_settled(settings)
+
+    def update(rid: str, data: dict) -> dict:
+        return {"step_id": f"s{rid[:4]}", "operation": "update", "model_class": "ExecutedObsUnit", "data": data,
+                "conditions": {"id": rid}}
+
+    for tx_id, steps in [("refused", [update(ghost, {"status": "x"})]),
+                         ("first", [update(obs["id"], {"obs_unit_id": 2})]),
+                         ("second", [update(obs["id"], {"obs_unit_id": 1})]),
+                         ("third", [update(obs["id"], {"obs_unit_id": 2, "status": "third"})]),
+                         ("held", [update(ghost, {"status": "y"}), update(obs["id"], {"status": "held"})])]:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": steps}))
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert failed == {"refused": f"no executed_obs_unit row {ghost} to update", "held": "blocked by refused"}, failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :id"),
+                            {"id": obs["id"]}).one() == (2, "third")
+
 def test_rows_main_runs_triggers_on_get_each_write_of_the_batch_in_order(settings, main_engine):
     """Main keeps an audit trail of executed_obs_unit (a row trigger on update). Folded per row,
     a start and its two updates in one batch were one insert: the trigger saw none of the
