@@ -731,6 +731,35 @@ def test_a_transaction_held_back_in_the_batch_holds_none_of_those_ahead_of_it(se
         assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :id"),
                             {"id": obs["id"]}).one() == (2, "third")
 
+
+def test_a_transaction_ahead_of_a_reused_id_in_the_batch_is_applied(settings, redis_client, main_engine):
+    """A producer reuses an applied id for an update of a row; the transaction just ahead of it
+    in the batch updates the same row. The reused id's claim on the row held back the one
+    ahead of it too: dead-lettered as `blocked by` it, its update lost. It is applied."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as tx:
+        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                            "status": "running"})
+    buf.close()
+
+    def push(tx_id: str, status: str) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
+            {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit", "data": {"status": status},
+             "conditions": {"id": obs["id"]}}]}))
+
+    push("counter-1", "first")
+    drain_until_settled(settings)
+    push("ahead", "ahead")
+    push("counter-1", "reused")
+    drain_until_settled(settings, retry_base_s=0.05)
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {"counter-1"} and "a producer reused the id" in failed["counter-1"], failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
+                            {"id": obs["id"]}).scalar_one() == "ahead"
+
 def test_rows_main_runs_triggers_on_get_each_write_of_the_batch_in_order(settings, main_engine):
     """Main keeps an audit trail of executed_obs_unit (a row trigger on update). Folded per row,
     a start and its two updates in one batch were one insert: the trigger saw none of the
