@@ -755,9 +755,11 @@ class MainDatabase:
         owner = value.removeprefix("!")
         for row in written_ids(tx, self.registry):
             held = blocked.get(row)
-            if held is None or held.removeprefix("!") == owner or self._claimed_at.get(row, -1) > at:
+            if held is None or self._claimed_at.get(row, -1) > at:
                 blocked[row] = value
                 self._claimed_at[row] = at
+            elif held.removeprefix("!") == owner:  # (its own again, from a transaction after it: at its place)
+                blocked[row] = value
 
 
 def reused_id_reason(applied_at: Any) -> str:
