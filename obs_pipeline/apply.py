@@ -676,6 +676,10 @@ class MainDatabase:
             result.reused_ids.append((tx, reason))
             self._claim(blocked, tx, "!" + tx_id)  # ("!": dead, as in held_ids)
         self._bisect(cur, list(fresh.values()), result, blocked)
+        # in the batch's order, as the drain marks their rows (the first keeps one): a transaction
+        # held back is listed when checked, which may be before one ahead of it fails
+        for listed in (result.failed, result.dead_blocked):
+            listed.sort(key=lambda failure: self._place[id(failure[0])])
         tail = [_FLUSHED_COMMIT, b"COMMIT", _FLUSH_LSN]
         if result.applied:
             tail.insert(0, self.sql.record_applied(cur, result.applied, self.site, self.records_digest))

@@ -732,6 +732,46 @@ def test_a_transaction_held_back_in_the_batch_holds_none_of_those_ahead_of_it(se
                             {"id": obs["id"]}).one() == (2, "third")
 
 
+
+def test_a_failure_ahead_of_a_held_back_transaction_keeps_the_row_they_both_write(settings, redis_client, main_engine):
+    """In one batch: an update main refuses for now (no row g1), an update of another row, one
+    of obs unit row X that also fails for now (no row g2), then one that uses g1 and updates X.
+    The last, held back behind the first, was listed failed before the third (the careful
+    path checked it before the third failed) and took the mark on X: once g1 came and the
+    first applied, it was applied too, and the third, applied later, overwrote the newer X."""
+    keys = SiteKeys(settings.site)
+    g1, g2 = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21", "9f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d22"
+    buf = TransactionBuffer(settings=settings)
+    start = {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "running"}
+    with buf.transaction() as tx:
+        x, y = tx.create("ExecutedObsUnit", start), tx.create("ExecutedObsUnit", start)
+    buf.close()
+    drain_until_settled(settings)
+
+    def update(rid: str, status: str) -> dict:
+        return {"step_id": f"u{rid[:4]}", "operation": "update", "model_class": "ExecutedObsUnit",
+                "data": {"status": status}, "conditions": {"id": rid}}
+
+    def create(rid: str) -> dict:
+        return {"step_id": "c", "operation": "create", "model_class": "ExecutedObsUnit", "data": {"id": rid, **start}}
+
+    for tx_id, steps, retries in [("refused", [update(g1, "refused")], 50), ("other", [update(y["id"], "other")], 50),
+                                  ("third", [update(x["id"], "third"), update(g2, "third")], 50),
+                                  ("held", [update(g1, "held"), update(x["id"], "held")], 50),
+                                  ("make-g1", [create(g1)], 50)]:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": steps, "max_retries": retries}))
+    drain = Drain(settings, DrainConfig(retry_base_s=0.05))
+    try:
+        drain.run(until_empty=False, budget_s=3)  # g1 is there: "refused" applies on its retry
+    finally:
+        drain.close()
+    redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "make-g2", "steps": [create(g2)]}))
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert not redis_client.llen(keys.failed), redis_client.lrange(keys.failed, 0, -1)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
+                            {"id": x["id"]}).scalar_one() == "held"
+
 def test_a_transaction_ahead_of_a_reused_id_in_the_batch_is_applied(settings, redis_client, main_engine):
     """A producer reuses an applied id for an update of a row; the transaction just ahead of it
     in the batch updates the same row. The reused id's claim on the row held back the one
