@@ -4,8 +4,11 @@ transaction is skipped by its record, and applied again without it."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.dead_letters import listed_ids
+from obs_pipeline.health import oldest_waiting
 
 
 def ids_that_may_come_back(store: BufferStore) -> set[str]:
@@ -16,3 +19,20 @@ def ids_that_may_come_back(store: BufferStore) -> set[str]:
     failover of main) after. The buffer's own are kept by age (schema.prune_cutoff)."""
     return (store.processing_ids() | store.retry_ids() | store.processing_ids() | listed_ids(store)
             | store.awaiting_ids())
+
+
+def what_to_keep(store: BufferStore) -> tuple[set[str], dict[str, datetime | None]]:
+    """ids_that_may_come_back, and the oldest entries waiting (health.oldest_waiting, for
+    schema.prune_cutoff) read both before and after them, the earlier of each (an unreadable one
+    stays unreadable). Read only after, a copy in the buffer that the drain held back to retry
+    or dead-lettered while the ids were read (a long dead-letter list) was in neither: its record
+    was pruned, and the copy applied again. Read only before, a letter retried meanwhile (back in
+    the buffer) would be."""
+    before = oldest_waiting(store)
+    ids = ids_that_may_come_back(store)
+    after = oldest_waiting(store)
+    waiting = {}
+    for where in before.keys() | after.keys():
+        stamps = [readings[where] for readings in (before, after) if where in readings]
+        waiting[where] = None if None in stamps else min(stamps)
+    return ids, waiting

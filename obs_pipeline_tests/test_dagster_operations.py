@@ -489,6 +489,58 @@ def test_prune_keeps_the_record_of_an_applied_transaction_whose_copy_waits_behin
     buf.close()
 
 
+def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_reads(
+        settings, resource, redis_client, main_engine, monkeypatch):
+    """A copy of an applied update (a producer's retried push, as old as its original) waits in
+    the buffer, the week since its original's apply past, and the drain claims it and holds it
+    behind a failing update of its row while the prune reads the dead-letter list: read first,
+    the retry set did not hold it yet; read after, the buffer no longer did. Its record was
+    pruned, and the copy applied again once the failing update was mended: the row's status
+    went back from "completed" to the copy's "started"."""
+    from obs_pipeline import prune
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
+    copy = json.loads(redis_client.get(keys.transaction(done)))
+    copy["timestamp"] = _stamp(10.5)  # the original's, applied 10 days ago (below)
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    read_letters = prune.listed_ids
+
+    def the_drain_holding_the_copy_meanwhile(store):
+        listed = read_letters(store)
+        assert drain.step().held == 1
+        return listed
+
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        redis_client.lpush(keys.buffer, json.dumps(copy))
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                                 "WHERE site = :s"), {"s": settings.site})
+        monkeypatch.setattr(prune, "listed_ids", the_drain_holding_the_copy_meanwhile)
+        assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    assert done in kept
+    due_now(redis_client, keys, failing)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
+                           {"i": obs["id"]}).one()
+    assert tuple(row) == (31337, "completed")
+    assert redis_client.llen(keys.failed) == 0
+    buf.close()
+
+
 def _listed_with_aged_records(settings, redis_client, main_engine, count: int) -> list[str]:
     """`count` dead letters (the oldest first), each the copy of a transaction applied 10 days ago."""
     ids = [f"listed-{n}" for n in range(count)]

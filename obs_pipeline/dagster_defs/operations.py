@@ -45,8 +45,8 @@ from obs_pipeline.dagster_defs.jobs import (
 )
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.dead_letters import CannotBeRetried, ListKeepsChanging, RedisLostMidChange, UnknownTransaction
-from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, oldest_waiting, replication_lag
-from obs_pipeline.prune import ids_that_may_come_back
+from obs_pipeline.health import NO_REPLAY_POSITION, REPLICA_STUCK_AFTER_S, replication_lag
+from obs_pipeline.prune import what_to_keep
 from obs_pipeline.schema import PRUNE_NOTHING, check_prune_days, prune_applied, prune_cutoff, too_many_days
 
 
@@ -159,8 +159,9 @@ class PruneConfig(Config):
 def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_pipeline: ObsPipelineResource) -> dict:
     """The site's applied-id records older than `older_than_days`, but those of the transactions
     the drain may take again without the buffer (ids_that_may_come_back), and none applied
-    `older_than_days` before the oldest transaction still waiting or later (schema.prune_cutoff):
-    the log and the output say when that moved the cutoff back, and why."""
+    `older_than_days` before the oldest transaction still waiting or later (schema.prune_cutoff;
+    both read by prune.what_to_keep): the log and the output say when that moved the cutoff back,
+    and why."""
     engine = store = None
     try:  # an OBS_* setting unset or wrong (the schedule's daemon): its line, as the drain's run says it
         check_prune_days(config.older_than_days)  # before anything is asked: a bad config is said as such
@@ -169,8 +170,8 @@ def prune_applied_records(context: OpExecutionContext, config: PruneConfig, obs_
         store = obs_pipeline.buffer_store()
         refuse_standby(engine, schema=True)
         try:  # read before the DELETE: a batch claimed meanwhile is newer than the records pruned
-            keep = ids_that_may_come_back(store)
-            before, why = prune_cutoff(config.older_than_days, oldest_waiting(store))
+            keep, waiting = what_to_keep(store)
+            before, why = prune_cutoff(config.older_than_days, waiting)
         except redis.RedisError as error:  # not known: pruning could drop what a reclaimed batch needs
             trouble = redis_trouble(error) or (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise Failure(description=f"site {settings.site}: {trouble}; nothing "
