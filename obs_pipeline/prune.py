@@ -16,9 +16,13 @@ def ids_that_may_come_back(store: BufferStore) -> set[str]:
     prune keeps however old. The processing list is read before and after the retry set, as a
     transaction goes from one to the other both ways (held, then claimed when due); the
     dead-letter list (a retried letter comes back) and the batches awaiting the replica (a
-    failover of main) after. The buffer's own are kept by age (schema.prune_cutoff)."""
-    return (store.processing_ids() | store.retry_ids() | store.processing_ids() | listed_ids(store)
-            | store.awaiting_ids())
+    failover of main) after. Both are read again after the dead-letter list, which may take
+    seconds: a letter retried meanwhile and held back by the drain (in the retry set again) was
+    in none of them. The buffer's own are kept by age (schema.prune_cutoff)."""
+    def held() -> set[str]:
+        return store.processing_ids() | store.retry_ids() | store.processing_ids()
+
+    return held() | listed_ids(store) | held() | store.awaiting_ids()
 
 
 def what_to_keep(store: BufferStore) -> tuple[set[str], dict[str, datetime | None]]:

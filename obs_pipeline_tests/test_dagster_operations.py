@@ -541,6 +541,62 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
     buf.close()
 
 
+def test_prune_keeps_the_record_of_a_dead_letter_retried_and_held_back_while_the_prune_reads(
+        settings, resource, redis_client, main_engine, monkeypatch):
+    """A copy of an applied update, dead-lettered as blocked by a failing update of its row, is
+    retried with it (`failed retry`) while the prune reads the dead-letter list, and the drain
+    claims both, the failing one failing again and the copy held behind it in the retry set: the
+    list, read again as the retry changed it, no longer held the copy, and the retry set had
+    been read before. Its record was pruned, and the copy applied again once the failing update
+    was mended: the row's status went back from "completed" to "started"."""
+    from obs_pipeline import dead_letters
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
+    copy = redis_client.get(keys.transaction(done))
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    read_pages, reads = dead_letters._raw_pages, []
+
+    def retried_and_claimed_meanwhile(client, key):
+        reads.append(key)
+        yield from read_pages(client, key)
+        if len(reads) == 1:
+            subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", failing],
+                           env=cli_env(settings), check=True, capture_output=True)
+            drain.batch_size = 1  # one at a time: a copy in the failing one's batch is skipped there
+            assert drain.step().retried == 1
+            assert drain.step().held == 1
+
+    try:
+        drain.acquire()
+        copy_blocked_behind_a_dead_update(drain, redis_client, keys, failing, copy)
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                                 "WHERE site = :s"), {"s": settings.site})
+        monkeypatch.setattr(dead_letters, "_raw_pages", retried_and_claimed_meanwhile)
+        assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    assert len(reads) == 2
+    assert done in kept
+    due_now(redis_client, keys, failing)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
+                           {"i": obs["id"]}).one()
+    assert tuple(row) == (31337, "completed")
+    assert redis_client.llen(keys.failed) == 0
+    buf.close()
+
+
 def _listed_with_aged_records(settings, redis_client, main_engine, count: int) -> list[str]:
     """`count` dead letters (the oldest first), each the copy of a transaction applied 10 days ago."""
     ids = [f"listed-{n}" for n in range(count)]
