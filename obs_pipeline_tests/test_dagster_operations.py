@@ -493,11 +493,11 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
         settings, resource, redis_client, main_engine, monkeypatch):
     """A copy of an applied update (a producer's retried push, as old as its original) waits in
     the buffer, the week since its original's apply past, and the drain claims it and holds it
-    behind a failing update of its row while the prune reads the dead-letter list: read first,
-    the retry set did not hold it yet; read after, the buffer no longer did. Its record was
-    pruned, and the copy applied again once the failing update was mended: the row's status
-    went back from "completed" to the copy's "started"."""
-    from obs_pipeline import prune
+    behind a failing update of its row while the prune reads: after the ids of the lists (the
+    retry set did not hold it yet), before the oldest waiting entries (the buffer no longer
+    did). Its record was pruned, and the copy applied again once the failing update was mended:
+    the row's status went back from "completed" to the copy's "started"."""
+    from obs_pipeline.buffer_store import BufferStore
 
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
@@ -509,12 +509,12 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
     drain_until_settled(settings)
     failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
-    read_letters = prune.listed_ids
+    read_awaiting = BufferStore.awaiting_ids
 
     def the_drain_holding_the_copy_meanwhile(store):
-        listed = read_letters(store)
+        awaiting = read_awaiting(store)
         assert drain.step().held == 1
-        return listed
+        return awaiting
 
     try:
         drain.acquire()
@@ -523,7 +523,7 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
         with main_engine.begin() as conn:
             conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
                                  "WHERE site = :s"), {"s": settings.site})
-        monkeypatch.setattr(prune, "listed_ids", the_drain_holding_the_copy_meanwhile)
+        monkeypatch.setattr(BufferStore, "awaiting_ids", the_drain_holding_the_copy_meanwhile)
         assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
     finally:
         drain.close()
