@@ -207,8 +207,9 @@ class DeadLetters:
                     return letter
             raise UnknownTransaction(f"no dead letter {ref!r} at site {self.keys.site}: it has left the list "
                                      "(see `obs-pipeline failed list`)")
-        if ref.startswith("#") and ref[1:].isdigit() and 0 < int(ref[1:]) <= len(letters):
-            return letters[int(ref[1:]) - 1]
+        place_n = _place(ref)
+        if place_n is not None and 0 < place_n <= len(letters):
+            return letters[place_n - 1]
         if is_storable_id(ref) and self.store.was_discarded(ref):  # (said as such: "no
             # dead-lettered transaction" sent the operator looking for one that another had discarded)
             raise UnknownTransaction(f"transaction {ref!r} of site {self.keys.site} was discarded (`obs-pipeline "
@@ -636,6 +637,13 @@ def _status(raw: bytes | None) -> str | None:
         return None
     status = doc.get("status") if isinstance(doc, dict) else None
     return status if isinstance(status, str) else None
+
+
+def _place(ref: str) -> int | None:
+    """N of a `#N` ref, None for any other (no list has 10**18 letters): str.isdigit() takes `²`
+    for a digit, and int() refuses it, or 5,000 digits, with a line that named no letter."""
+    digits = ref[1:].lstrip("0") if ref.startswith("#") else ""
+    return int(digits or "0") if ref[1:].isascii() and ref[1:].isdigit() and len(digits) <= 18 else None
 
 
 def _by_place(ref: str, letter: DeadLetter) -> bool:

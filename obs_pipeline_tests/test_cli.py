@@ -539,6 +539,23 @@ def test_dead_letters_without_a_usable_id_are_shown_and_discarded_by_their_place
 
 
 @pytest.mark.usefixtures("clean_db")
+def test_a_place_that_is_no_whole_number_of_the_list_is_one_line_and_changes_nothing(env, redis_client, settings):
+    """`#²` (str.isdigit() takes a superscript two for a digit, int() does not) and a place of
+    5,000 digits (past the digits int() reads) are no place in the list: `failed show`, `retry`
+    and `discard` said `invalid literal for int() with base 10: '²'`, or `Exceeds the limit
+    (4300 digits) for integer string conversion`, naming neither the letter nor the list."""
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, b"not json at all")
+    assert cli("drain", "--once", env=env).returncode == 0
+    before = redis_client.lrange(keys.failed, 0, -1)
+    for place in ("#\u00b2", "#" + "9" * 5000):
+        for action in ("show", "retry", "discard"):
+            line = one_line_error(cli("failed", action, place, env=env))
+            assert f"no dead-lettered transaction {place!r}" in line, (action, line[:200])
+    assert redis_client.lrange(keys.failed, 0, -1) == before
+
+
+@pytest.mark.usefixtures("clean_db")
 def test_retry_says_which_letters_it_cannot_retry_and_leaves_them_listed(env, redis_client, settings):
     """`failed retry --all` left the letters without a usable id listed without a word
     ("requeued 1 transaction(s)"), the site still degraded; and `failed retry #N` of a spooled line
