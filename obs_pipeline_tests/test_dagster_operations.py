@@ -438,6 +438,41 @@ def test_prune_keeps_the_records_of_a_batch_still_awaiting_the_replica(settings,
     assert kept == ["waits"]
 
 
+def _applied_then_failing(settings, redis_client) -> tuple:
+    """An update applied ("started"), the JSON of its status key (a producer's copy of it), a
+    later update applied ("completed"), and a later one main refuses until obs unit 31337 exists:
+    (buffer, observation, the first's id, its copy, the refused one's id)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
+    copy = redis_client.get(keys.transaction(done))
+    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+    drain_until_settled(settings)
+    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    return buf, obs, done, copy, failing
+
+
+def _records_applied_ten_days_ago(main_engine, settings) -> None:
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
+                             "WHERE site = :s"), {"s": settings.site})
+
+
+def _records_kept_then_unit_mended(main_engine) -> set[str]:
+    """The applied-id records the prune kept; then the obs unit the failing update names is made."""
+    with main_engine.begin() as conn:
+        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    return kept
+
+
+def _unit_and_status(main_engine, obs_id: str) -> tuple:
+    with main_engine.connect() as conn:
+        return tuple(conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
+                                  {"i": obs_id}).one())
+
+
 @pytest.mark.parametrize("holder_dead", [True, False], ids=["blocker dead-lettered", "holder waiting to retry"])
 def test_prune_keeps_the_record_of_an_applied_transaction_whose_copy_waits_behind_a_failing_one(
         settings, resource, redis_client, main_engine, holder_dead):
@@ -449,13 +484,7 @@ def test_prune_keeps_the_record_of_an_applied_transaction_whose_copy_waits_behin
     copy came back through the drain and was applied a second time: the row's status went back
     from the later "completed" to the copy's "started"."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
-    copy = redis_client.get(keys.transaction(done))
-    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-    drain_until_settled(settings)
-    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    buf, obs, done, copy, failing = _applied_then_failing(settings, redis_client)
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
         drain.acquire()
@@ -467,23 +496,16 @@ def test_prune_keeps_the_record_of_an_applied_transaction_whose_copy_waits_behin
             assert drain.step().held == 1
     finally:
         drain.close()
-    with main_engine.begin() as conn:
-        conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
-                             "WHERE site = :s"), {"s": settings.site})
+    _records_applied_ten_days_ago(main_engine, settings)
     assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
-    with main_engine.begin() as conn:
-        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    kept = _records_kept_then_unit_mended(main_engine)
     if holder_dead:
         subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", failing],
                        env=cli_env(settings), check=True, capture_output=True)
     else:
         due_now(redis_client, keys, failing)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
-                           {"i": obs["id"]}).one()
-    assert tuple(row) == (31337, "completed")
+    assert _unit_and_status(main_engine, obs["id"]) == (31337, "completed")
     assert done in kept
     assert redis_client.llen(keys.failed) == 0
     buf.close()
@@ -500,14 +522,9 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
     from obs_pipeline.buffer_store import BufferStore
 
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
-    copy = json.loads(redis_client.get(keys.transaction(done)))
+    buf, obs, done, copy, failing = _applied_then_failing(settings, redis_client)
+    copy = json.loads(copy)
     copy["timestamp"] = _stamp(10.5)  # the original's, applied 10 days ago (below)
-    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-    drain_until_settled(settings)
-    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     read_awaiting = BufferStore.awaiting_ids
 
@@ -520,23 +537,16 @@ def test_prune_keeps_the_record_of_a_copy_the_drain_holds_back_while_the_prune_r
         drain.acquire()
         assert drain.step().retried == 1
         redis_client.lpush(keys.buffer, json.dumps(copy))
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
-                                 "WHERE site = :s"), {"s": settings.site})
+        _records_applied_ten_days_ago(main_engine, settings)
         monkeypatch.setattr(BufferStore, "awaiting_ids", the_drain_holding_the_copy_meanwhile)
         assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
     finally:
         drain.close()
-    with main_engine.begin() as conn:
-        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    kept = _records_kept_then_unit_mended(main_engine)
     assert done in kept
     due_now(redis_client, keys, failing)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
-                           {"i": obs["id"]}).one()
-    assert tuple(row) == (31337, "completed")
+    assert _unit_and_status(main_engine, obs["id"]) == (31337, "completed")
     assert redis_client.llen(keys.failed) == 0
     buf.close()
 
@@ -552,13 +562,7 @@ def test_prune_keeps_the_record_of_a_dead_letter_retried_and_held_back_while_the
     from obs_pipeline import dead_letters
 
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    done = buf.update("ExecutedObsUnit", obs["id"], {"status": "started"})
-    copy = redis_client.get(keys.transaction(done))
-    buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-    drain_until_settled(settings)
-    failing = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    buf, obs, done, copy, failing = _applied_then_failing(settings, redis_client)
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     read_pages, reads = dead_letters._raw_pages, []
 
@@ -575,24 +579,17 @@ def test_prune_keeps_the_record_of_a_dead_letter_retried_and_held_back_while_the
     try:
         drain.acquire()
         copy_blocked_behind_a_dead_update(drain, redis_client, keys, failing, copy)
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("UPDATE obs_pipeline_applied SET applied_at = now() - interval '10 days' "
-                                 "WHERE site = :s"), {"s": settings.site})
+        _records_applied_ten_days_ago(main_engine, settings)
         monkeypatch.setattr(dead_letters, "_raw_pages", retried_and_claimed_meanwhile)
         assert prune_applied_transactions.execute_in_process(resources={"obs_pipeline": resource}).success
     finally:
         drain.close()
-    with main_engine.begin() as conn:
-        kept = set(conn.execute(sa.text("SELECT transaction_id FROM obs_pipeline_applied")).scalars())
-        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'mended')"))
+    kept = _records_kept_then_unit_mended(main_engine)
     assert len(reads) == 2
     assert done in kept
     due_now(redis_client, keys, failing)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        row = conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :i"),
-                           {"i": obs["id"]}).one()
-    assert tuple(row) == (31337, "completed")
+    assert _unit_and_status(main_engine, obs["id"]) == (31337, "completed")
     assert redis_client.llen(keys.failed) == 0
     buf.close()
 
