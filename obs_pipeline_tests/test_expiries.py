@@ -208,17 +208,12 @@ def test_old_spooled_lines_redis_never_took_or_still_knows_are_pushed_as_before(
         b.close()
 
 
-def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_later_is_not_applied_again(
-        settings, redis_client, main_engine, monkeypatch, tmp_path):
-    """The other way a spooled line becomes a copy: a push sends it, Redis takes it, and the push
-    dies before it records that (its offset). The line was spooled as Redis was full (nothing of
-    it taken then, so it is not marked); pushed again by the next script over a week later, once
-    the status had expired and the prune had taken the applied-id record, it was applied again."""
+def _spooled_as_redis_is_full_then_sent_by_a_push_that_dies(monkeypatch, buf: TransactionBuffer, settings,
+                                                            redis_client, obs: dict) -> str:
+    """`buf`'s host finds Redis full (its stores only, from now on): its update of `obs` to
+    "completed" is spooled, not marked (a full Redis took none of it); another script's push
+    sends it and dies before recording it (`{site}.pushing` left behind). The update's id."""
     from obs_pipeline.spool import Spool
-
-    keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
 
     real_buffer, host_stores = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}
 
@@ -235,6 +230,19 @@ def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_la
     with pytest.raises(RuntimeError, match="crash"):  # another script's push: sent, then it died
         Spool(settings.spool_dir, settings.site, flush_store=BufferStore(redis_client, settings.site)).flush()
     monkeypatch.setattr(Spool, "_write_offset", real_offset)
+    return finish
+
+
+def test_a_spooled_line_whose_push_died_before_recording_it_and_pushed_a_week_later_is_not_applied_again(
+        settings, redis_client, main_engine, monkeypatch, tmp_path):
+    """The other way a spooled line becomes a copy: a push sends it, Redis takes it, and the push
+    dies before it records that (its offset). The line was spooled as Redis was full (nothing of
+    it taken then, so it is not marked); pushed again by the next script over a week later, once
+    the status had expired and the prune had taken the applied-id record, it was applied again."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    finish = _spooled_as_redis_is_full_then_sent_by_a_push_that_dies(monkeypatch, buf, settings, redis_client, obs)
     assert buf.spool.pending() == 1 and redis_client.llen(keys.buffer) == 1
     drain_until_settled(settings)
     other_host = TransactionBuffer(settings=replace(settings, spool_dir=str(tmp_path / "other-host")))
@@ -253,23 +261,11 @@ def test_a_spooled_line_whose_push_died_before_recording_it_is_not_read_a_week_l
     (`{site}.pushing` left behind), which the push treats the same: get and search showed its
     "completed" over the later "aborted" main holds, a value the push then sets aside."""
     from obs_pipeline import spool as spool_module
-    from obs_pipeline.spool import Spool
 
     monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)  # the flushers wait: the reads come first
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    real_buffer, host_stores = BufferStore.buffer, {buf.store, buf._store_of_this_thread()}
-
-    def buffer(self, *args):
-        if self in host_stores:
-            raise redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory' (test)")
-        return real_buffer(self, *args)
-
-    monkeypatch.setattr(BufferStore, "buffer", buffer)
-    finish = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})  # spooled, not marked
-    monkeypatch.setattr(Spool, "_write_offset", lambda self, value: (_ for _ in ()).throw(RuntimeError("crash")))
-    with pytest.raises(RuntimeError, match="crash"):  # another script's push: sent, then it died
-        Spool(settings.spool_dir, settings.site, flush_store=BufferStore(redis_client, settings.site)).flush()
+    finish = _spooled_as_redis_is_full_then_sent_by_a_push_that_dies(monkeypatch, buf, settings, redis_client, obs)
     monkeypatch.undo()
     monkeypatch.setattr(spool_module, "RETRY_INTERVAL_S", 600.0)
     drain_until_settled(settings)
