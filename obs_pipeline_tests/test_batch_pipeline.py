@@ -19,6 +19,7 @@ from obs_pipeline.drain import Drain, DrainConfig
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.test_cli import cli
+from obs_pipeline_tests.test_reliability import replicated_observation
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
                                          drain_one_batch, drain_until_settled, replay_paused)
 
@@ -853,10 +854,7 @@ def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_late
     reported applied. The drain asks main which columns its constraints name."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     with main_engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE executed_obs_unit ADD CONSTRAINT obs_test_status "
                              "CHECK (status <> 'refused') NOT VALID"))
@@ -1178,10 +1176,7 @@ def test_an_update_of_a_row_another_session_on_main_deletes_meanwhile_is_dead_le
     word. Main refuses it as of a row it no longer has, as if the delete had come first."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
-    drain_until_settled(settings)
+    obs = replicated_observation(settings, buf)
     with main_engine.connect() as deleter:
         deleter.execute(sa.text("DELETE FROM executed_obs_unit WHERE id = :id"), {"id": obs["id"]})
         update = buf.update("ExecutedObsUnit", obs["id"], {"status": "done"})  # the replica still has it
