@@ -150,6 +150,16 @@ def _run(settings, caplog):
             drain.close()
 
 
+def _obs_unit_made_by_hand(url: str, unit_id: int, name: str) -> None:
+    """An obs unit made on the server at `url` by hand, not through the buffer."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:i, :n)"), {"i": unit_id, "n": name})
+    finally:
+        engine.dispose()
+
+
 def test_a_replica_left_on_the_old_timeline_after_a_failover_never_has_the_drain_clean_caches(
         settings, forked, redis_client, caplog):
     failed_over = dataclasses.replace(settings, main_db_url=forked["promoted"], replica_db_url=forked["replica"])
@@ -1053,12 +1063,7 @@ def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_re
     keys = SiteKeys(settings.site)
     (_, due), = redis_client.zrange(keys.retry, 0, -1, withscores=True)  # Q waits to retry, holding the row
     async_standby.fail_over()
-    engine = sa.create_engine(async_standby.standby)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (999, 'made after the failover')"))
-    finally:
-        engine.dispose()
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
     _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
         keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
     time.sleep(max(0.0, due - time.time()) + 0.2)  # Q due again
@@ -1176,12 +1181,7 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert async_standby.standby_has_main_s_wal()
     async_standby.stop_standby()
-    m = sa.create_engine(async_standby.main)
-    try:
-        with m.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (777, 'by hand')"))
-    finally:
-        m.dispose()
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
     with buf.transaction(endpoint="finish") as older:
         older.update("ExecutedObsUnit", obs_id, {"status": "older"})
         older.update("ObsUnit", 777, {"name": "renamed"})
@@ -1201,12 +1201,7 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
         time.sleep(0.5)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert buf.status(older.transaction_id) == "failed" and buf.status(newer_id) == "failed", summary
-    s = sa.create_engine(async_standby.standby)
-    try:
-        with s.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (777, 'made again')"))
-    finally:
-        s.dispose()
+    _obs_unit_made_by_hand(async_standby.standby, 777, "made again")
     env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
            "OBS_REPLICA_DB_URL": new.replica_db_url}
     assert cli("failed", "retry", "--all", env=env).returncode == 0
