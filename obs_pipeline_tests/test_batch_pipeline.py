@@ -708,11 +708,8 @@ def test_a_transaction_held_back_in_the_batch_holds_none_of_those_ahead_of_it(se
     keys = SiteKeys(settings.site)
     ghost = "8f3e1c8e-7a43-4f0e-9d8e-0c1f5a7b9d21"
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
+    obs = replicated_observation(settings, buf)
     buf.close()
-    drain_until_settled(settings)
 
     def update(rid: str, data: dict) -> dict:
         return {"step_id": f"s{rid[:4]}", "operation": "update", "model_class": "ExecutedObsUnit", "data": data,
@@ -883,11 +880,8 @@ def test_a_create_a_cascade_only_main_has_deletes_is_not_sent_before_the_delete(
     its foreign keys cascade."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
-    with buf.transaction() as tx:
-        obs = tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
-                                            "status": "running"})
+    obs = replicated_observation(settings, buf)
     buf.close()
-    drain_until_settled(settings)
     fkey = "raw_data_package_executed_obs_unit_id_fkey"
     with main_engine.begin() as conn:
         conn.execute(sa.text(f"ALTER TABLE raw_data_package DROP CONSTRAINT {fkey}, ADD CONSTRAINT {fkey} FOREIGN "

@@ -106,6 +106,16 @@ def _overtaken_then_pushed_a_week_later(buf: TransactionBuffer, settings, main_e
     return letters
 
 
+def _read_then_set_aside_by_its_push(back: TransactionBuffer, check, redis_client, finish: str) -> None:
+    """`check` the reads with the week-old copy of `finish` in `back`'s spool, push it (the push
+    sets it aside as a possible copy, a dead letter), and `check` them again."""
+    check()  # the copy not pushed yet
+    assert back.spool.flush() and back.spool.pending() == 0  # the push sets it aside
+    check()
+    letters = [json.loads(letter) for letter in redis_client.lrange(back.store.keys.failed, 0, -1)]
+    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+
+
 def test_a_copy_spooled_after_a_lost_reply_and_pushed_a_week_later_is_not_applied_again(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """An update whose push reached Redis but whose reply was lost is spooled (Redis may not have
@@ -160,11 +170,7 @@ def test_a_copy_spooled_after_a_lost_reply_is_not_read_a_week_later(
         assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["aborted"]
         assert back.search("ExecutedObsUnit", {"status": "completed"}) == []
 
-    check()  # the copy not pushed yet
-    assert back.spool.flush() and back.spool.pending() == 0  # the push sets it aside
-    check()
-    letters = [json.loads(letter) for letter in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
-    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    _read_then_set_aside_by_its_push(back, check, redis_client, finish)
     for b in (buf, other_host, back):
         b.close()
 
@@ -280,11 +286,7 @@ def test_a_spooled_line_whose_push_died_before_recording_it_is_not_read_a_week_l
         assert back.get("ExecutedObsUnit", obs["id"])["status"] == "aborted"
         assert [r["status"] for r in back.search("ExecutedObsUnit", {"obs_unit_id": 1})] == ["aborted"]
 
-    check()  # the copy not pushed yet
-    assert back.spool.flush() and back.spool.pending() == 0  # the push sets it aside
-    check()
-    letters = [json.loads(letter) for letter in redis_client.lrange(SiteKeys(settings.site).failed, 0, -1)]
-    assert [(letter["transaction_id"], letter["failure"]["kind"]) for letter in letters] == [(finish, REFUSED_KIND)]
+    _read_then_set_aside_by_its_push(back, check, redis_client, finish)
     for b in (buf, other_host, back):
         b.close()
 
