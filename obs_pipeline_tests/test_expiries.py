@@ -445,6 +445,29 @@ def test_a_push_whose_reply_is_lost_once_connected_is_still_marked_a_possible_co
         buf.close()
 
 
+def _pushed_with_its_reply_lost(monkeypatch, retrying: TransactionBuffer, finish: str, refuse) -> None:
+    """`retrying`'s spool pushed (a Redis URL asking redis-py to retry): Redis runs the buffer script
+    for `finish`, its reply is lost, and `refuse(connection)` has redis-py's attempt to send it
+    again refused; the push fails. Closes `retrying`."""
+    send_and_read, lost = redis.Redis._send_command_parse_response, []
+
+    def reply_lost_then_refused(client, conn, command_name, *args, **options):
+        reply = send_and_read(client, conn, command_name, *args, **options)
+        if command_name == "EVALSHA" and finish in args and not lost:
+            lost.append(True)  # Redis ran it
+            refuse(conn)
+            raise redis.TimeoutError("Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_then_refused)
+    try:
+        assert not retrying.spool.flush()
+    finally:
+        monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
+        retrying.close()
+    assert lost
+
+
 def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refused_is_not_applied_again(
         settings, redis_client, main_engine, monkeypatch, tmp_path):
     """With a Redis URL asking redis-py to retry, a spooled line's push is sent, Redis runs it and its
@@ -464,23 +487,12 @@ def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_reconnect_was_refus
     assert b"maybe_in_redis" not in buf.spool.path.read_bytes()
 
     retrying = TransactionBuffer(settings=replace(settings, redis_url=settings.redis_url + "?retry_on_timeout=yes"))
-    send_and_read, lost = redis.Redis._send_command_parse_response, []
 
-    def reply_lost_then_refused(client, conn, command_name, *args, **options):
-        reply = send_and_read(client, conn, command_name, *args, **options)
-        if command_name == "EVALSHA" and finish in args and not lost:
-            lost.append(True)
-            conn.port = dead_port  # Redis ran it; redis-py's reconnect to send it again is refused
-            raise redis.TimeoutError("Timeout reading from socket")
-        return reply
+    def refused(conn) -> None:
+        conn.port = dead_port  # redis-py's reconnect to send it again is refused
 
-    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_then_refused)
-    try:
-        assert not retrying.spool.flush()
-    finally:
-        monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
-        retrying.close()
-    assert lost and redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
+    _pushed_with_its_reply_lost(monkeypatch, retrying, finish, refused)
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
     letters = _overtaken_then_pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish, tmp_path)
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
 
@@ -513,27 +525,16 @@ def test_a_push_redis_py_sent_again_after_a_lost_reply_whose_resend_redis_refuse
 
     retrying = TransactionBuffer(settings=replace(
         settings, redis_url=f"redis://{user}:first@{host_port}?retry_on_timeout=yes"))
-    send_and_read, lost = redis.Redis._send_command_parse_response, []
 
-    def reply_lost_then_refused(client, conn, command_name, *args, **options):
-        reply = send_and_read(client, conn, command_name, *args, **options)
-        if command_name == "EVALSHA" and finish in args and not lost:
-            lost.append(True)  # Redis ran it; redis-py's reconnect to send it again is refused
-            if refusal == "password":
-                redis_client.acl_setuser(user, enabled=True, reset_passwords=True, passwords=["+second"])
-            else:
-                refusing.enter_context(redis_refusing_writes(redis_client, "readonly", tmp_path))
-            raise redis.TimeoutError("Timeout reading from socket")
-        return reply
+    def refused(conn) -> None:  # redis-py's reconnect to send it again is refused
+        if refusal == "password":
+            redis_client.acl_setuser(user, enabled=True, reset_passwords=True, passwords=["+second"])
+        else:
+            refusing.enter_context(redis_refusing_writes(redis_client, "readonly", tmp_path))
 
-    monkeypatch.setattr(redis.Redis, "_send_command_parse_response", reply_lost_then_refused)
     with refusing:
-        try:
-            assert not retrying.spool.flush()
-        finally:
-            monkeypatch.setattr(redis.Redis, "_send_command_parse_response", send_and_read)
-            retrying.close()
-    assert lost and redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
+        _pushed_with_its_reply_lost(monkeypatch, retrying, finish, refused)
+    assert redis_client.llen(SiteKeys(settings.site).buffer) == 1  # Redis took it, once
     letters = _overtaken_then_pushed_a_week_later(buf, settings, main_engine, redis_client, obs, finish, tmp_path)
     assert "an earlier push of it may have reached Redis" in letters[0]["failure"]["reason"]
 
