@@ -912,13 +912,11 @@ def _buffer_line(store: BufferStore, line: bytes, maybe_in_redis: bool = False) 
         if too_large:
             raise _CannotBePushed(too_large)
     try:
-        if maybe_in_redis or entry.get(MAYBE_IN_REDIS) is True:
-            age_s = _tx_age_s(tx_json)  # (ingest stamps every transaction: a line without is a hand's)
-            if age_s is not None and age_s >= STALE_COPY_AFTER_S:
-                if store.redis.exists(store.keys.transaction(tx_id)):
-                    return True  # in Redis already: the buffer script would leave it as it is
-                if not store.was_discarded(tx_id):  # (if it is, the buffer script drops it)
-                    raise _CannotBePushed(_stale_copy_reason(age_s))
+        if stale_copy({**entry, MAYBE_IN_REDIS: True} if maybe_in_redis else entry):  # (as reads take it)
+            if store.redis.exists(store.keys.transaction(tx_id)):
+                return True  # in Redis already: the buffer script would leave it as it is
+            if not store.was_discarded(tx_id):  # (if it is, the buffer script drops it)
+                raise _CannotBePushed(_stale_copy_reason(_tx_age_s(tx_json)))
         if store.buffer(tx_id, tx_json, CacheWrites(**caches)) is False:  # (only False says so)
             log.warning("spooled transaction %s was not buffered: an operator discarded it (`obs-pipeline failed "
                         "discard`, site %s) after an earlier push of it reached Redis and its reply was lost; this "
@@ -956,15 +954,15 @@ def _may_have_reached_redis(error: BaseException, lost_before: int) -> bool:
 
 
 def stale_copy(entry: dict) -> bool:
-    """A spooled line (as `Spool.unpushed` gives it) that its push never buffers as a transaction
-    not pushed yet: marked as one an earlier push may have sent (Spool.unpushed marks the first line
+    """A spooled line (as `Spool.unpushed` gives it) that its push (_buffer_line, which asks this)
+    never buffers as a transaction not pushed yet: marked as one an earlier push may have sent (Spool.unpushed marks the first line
     after a push that left `{site}.pushing`, as the push takes it), and older than STALE_COPY_AFTER_S.
     Redis knows its id (left as it is), or it was discarded (dropped), or it is set aside (see
     _buffer_line); reads leave it out (they showed its writes, the status key expired, over newer
     ones that main holds)."""
     if entry.get(MAYBE_IN_REDIS) is not True:
         return False
-    age_s = _tx_age_s(entry["tx"])
+    age_s = _tx_age_s(entry["tx"])  # (ingest stamps every transaction: a line without is a hand's)
     return age_s is not None and age_s >= STALE_COPY_AFTER_S
 
 
