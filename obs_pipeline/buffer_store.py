@@ -26,7 +26,7 @@ from obs_pipeline import redis_scripts as scripts
 from obs_pipeline.config import ConfigError
 from obs_pipeline.keys import SiteKeys
 from obs_pipeline.lsn import int_to_lsn
-from obs_pipeline.wire import STATUS_HEADER_LEN, STATUS_OPENING, STATUS_SLOT, status_header, status_slot
+from obs_pipeline.wire import STATUS_HEADER_LEN, STATUS_OPENING, STATUS_SLOT, claim_rows, status_header, status_slot
 
 MINIMUM_REDIS = (6, 2)
 REPLICATED_STATUS_TTL_S = 7 * 24 * 3600  # `status()` answers "replicated" for a week
@@ -220,13 +220,14 @@ def _parts(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _eval_pairs(target: Any, script: str, key: str, args: list[Any]) -> None:
-    """`script` (one key, ARGV in independent pairs: HOLD, UNHOLD, REVIVE) over `args`, in
-    calls within MAX_COMMAND_ARGS: the holds of two failed bulk_creates of 300,000 rows were one
-    call of 1.2 million arguments, which Redis refused by resetting the connection; in the
-    acknowledgement's WATCH that read as the lease lost, and the batch stayed 'processing'."""
-    for part in _parts(args, (MAX_COMMAND_ARGS - 4) // 2 * 2):
-        target.eval(script, 1, key, *part)
+def _eval_pairs(target: Any, script: str, keys: SiteKeys, args: list[Any]) -> None:
+    """`script` (on held_ids, ARGV the key prefix then pairs, each independent of the others:
+    HOLD, UNHOLD, REVIVE) over `args`, in calls within MAX_COMMAND_ARGS: the holds of two failed
+    bulk_creates of 300,000 rows were one call of 1.2 million arguments, which Redis refused by
+    resetting the connection; in the acknowledgement's WATCH that read as the lease lost, and the
+    batch stayed 'processing'."""
+    for part in _parts(args, (MAX_COMMAND_ARGS - 6) // 2 * 2):
+        target.eval(script, 1, keys.held_ids, keys.prefix, *part)
 
 
 def _glob_escaped(text: str) -> str:
@@ -305,7 +306,9 @@ class Outcome:
     applied_ids: list[str] = field(default_factory=list)
     retry: list[tuple[float, str]] = field(default_factory=list)         # (due epoch, tx JSON)
     dead: list[tuple[str | None, str]] = field(default_factory=list)     # (tx_id, failed JSON)
-    hold: dict[str, str] = field(default_factory=dict)     # row -> holder tx ("!" + tx if dead), see scripts.HOLD
+    hold: dict[str, str] = field(default_factory=dict)     # row -> its head as this batch leaves it (claim)
+    claims: list[tuple[int, str, str]] = field(default_factory=list)  # (place in the batch, row, value), see claim
+    places: dict[str, int] = field(default_factory=dict)  # tx id -> its place in the batch (its first entry)
     release: dict[str, set[str]] = field(default_factory=dict)  # tx -> its rows whose marks go, see unhold
     park: list[tuple[str, str, set[str], str]] = field(default_factory=list)  # (holder, tx id, its rows, tx JSON), see scripts.UNPARK
     unpark: list[str] = field(default_factory=list)  # applied or dead: those parked behind them come due
@@ -318,6 +321,21 @@ class Outcome:
     oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
+    dead_queued: dict[str, str] = field(default_factory=dict)  # row -> the same, read from its queue
+
+    def claim(self, rows: set[str], value: str, head: bool = True) -> None:
+        """`value` (a transaction id, "!" + id once dead) waits to write `rows`: the head of each
+        row nobody holds (`hold`), else in the row's queue (`head` False: it knows the rows are
+        another's). Sent in batch order (hold_pairs): a transaction decided on after the apply (it
+        failed) comes ahead of a later one of the batch parked before the apply."""
+        if head:
+            claim_rows(self.hold, rows, value)
+        place = self.places.get(value.removeprefix("!"), len(self.places))
+        self.claims.extend((place, row, value) for row in sorted(rows))
+
+    def hold_pairs(self) -> list[str]:
+        """The claims as scripts.HOLD's (row, value) pairs, in batch order."""
+        return [x for _, row, value in sorted(self.claims, key=lambda c: c[0]) for x in (row, value)]
 
 
 # A transaction buffered again after a failover lost its commit (metadata key; the value: the
@@ -669,9 +687,10 @@ class BufferStore:
         the first UNPARK_CHUNK of it, the rest right after (finish_unparking)."""
         k = self.keys
         rows = sorted(outcome.dead_marks)
+        queued = sorted(outcome.dead_queued)
         with self.redis.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(*([k.lease, k.held_ids] if rows else [k.lease]))
+                pipe.watch(*([k.lease, k.held_ids] if rows else [k.lease]), *map(k.waiting, queued))
                 held = pipe.get(k.lease)
                 if (held.decode() if held else None) != token:
                     raise LeaseLost(f"the drain lease of site {k.site} expired before acknowledgement")
@@ -683,7 +702,8 @@ class BufferStore:
                 # blocked by a dead transaction that an operator has requeued (or discarded) since:
                 # acknowledged, it would stay dead-lettered behind one that applies
                 if rows and [v.decode() if v else None for v in pipe.hmget(k.held_ids, rows)] != [
-                        outcome.dead_marks[row] for row in rows]:
+                        outcome.dead_marks[row] for row in rows] or any(
+                        pipe.zscore(k.waiting(row), outcome.dead_queued[row]) is None for row in queued):
                     raise HoldsChanged(f"a dead letter of site {k.site} was retried or discarded while main "
                                        "applied transactions it blocks: claiming the batch again")
                 pipe.multi()
@@ -695,8 +715,8 @@ class BufferStore:
                 for part in range(0, len(statuses), 2 * STATUS_CHUNK):  # never over a committed one
                     pipe.eval(scripts.SET_UNLESS_COMMITTED, 0, k.prefix, *statuses[part:part + 2 * STATUS_CHUNK])
                 self.unhold(outcome.release, pipe)
-                if outcome.hold:
-                    _eval_pairs(pipe, scripts.HOLD, k.held_ids, [x for pair in outcome.hold.items() for x in pair])
+                if outcome.claims:
+                    _eval_pairs(pipe, scripts.HOLD, k, outcome.hold_pairs())
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
                 for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
@@ -742,7 +762,7 @@ class BufferStore:
                 lost = lost_while_watching(error)
                 if lost is not None:  # as any Redis error of a step: the run ends, and the next claims
                     raise lost from None  # what the processing list holds (the EXEC may have run, or not)
-                if rows and self.lease_holder() == token:
+                if (rows or queued) and self.lease_holder() == token:
                     raise HoldsChanged(f"the holds of site {k.site} changed during acknowledgement: "
                                        "claiming the batch again") from None
                 raise LeaseLost(f"the drain lease of site {k.site} changed before acknowledgement") from None
@@ -1024,21 +1044,28 @@ class BufferStore:
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
             script = scripts.UNHOLD_DEAD if dead_only else scripts.UNHOLD
-            _eval_pairs(pipe or self.redis, script, self.keys.held_ids, args)
+            _eval_pairs(pipe or self.redis, script, self.keys, args)
 
     def hold(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these transactions (tx id -> its rows) hold the rows nobody else
         holds, see scripts.HOLD."""
         args = [x for tx_id, rows in rows_of.items() for row in sorted(rows) for x in (row, tx_id)]
         if args:
-            _eval_pairs(pipe, scripts.HOLD, self.keys.held_ids, args)
+            _eval_pairs(pipe, scripts.HOLD, self.keys, args)
+
+    def rename(self, renamed: list[tuple[str, str, set[str]]], pipe: Any) -> None:
+        """Queue on `pipe`: each requeued transaction (new id, old id, rows) takes the places of its
+        old id's dead marks on these rows, see scripts.RENAME."""
+        args = [x for new, old, rows in renamed for row in sorted(rows) for x in (row, f"{new}:{old}")]
+        if args:
+            _eval_pairs(pipe, scripts.RENAME, self.keys, args)
 
     def revive(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these requeued transactions' dead marks (tx id -> its rows) become
         live holds again, see scripts.REVIVE."""
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
-            _eval_pairs(pipe, scripts.REVIVE, self.keys.held_ids, args)
+            _eval_pairs(pipe, scripts.REVIVE, self.keys, args)
 
     def waits_to_retry(self, transaction_id: str) -> bool:
         """Whether an entry of this id is in `retry` (waiting to retry, or parked): there once a
@@ -1048,6 +1075,13 @@ class BufferStore:
         pattern = prefix + _glob_escaped(json_codec.dumps(transaction_id)) + ",*"
         entries = self.redis.zscan_iter(self.keys.retry, match=pattern, count=1000)
         return next(entries, None) is not None
+
+    def queued(self, rows: list[str], most: int) -> dict[str, list[str]]:
+        """The first `most` of those waiting behind each row's head (SiteKeys.waiting), in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.zrange(self.keys.waiting(row), 0, most - 1)
+        return {row: [v.decode() for v in values] for row, values in zip(rows, pipe.execute()) if values}
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

@@ -340,26 +340,23 @@ class DeadLetters:
             pipe.set(self.keys.transaction(tx_id), tx_json)
         # their dead marks become live holds in the same MULTI: what uses their rows waits behind
         # them (a drain that read a mark as dead meanwhile sees it change, see HoldsChanged); one
-        # requeued under a new id takes over its own dead marks only: a live mark of the id, or a
-        # dead one on a row another letter of the id still writes, is the first of the reused id's
-        # (it waits to retry, or stays listed), and the requeued one waits behind it
-        # (unions by old id: letters of one id with other steps each bring their own rows)
+        # requeued under a new id takes over its own dead marks only, in their places (the row's
+        # head, or its place in the row's queue): a live mark of the id, or a dead one on a row
+        # another letter of the id still writes, is the first of the reused id's (it waits to
+        # retry, or stays listed), and the requeued one waits behind it
         revived: dict[str, set[str]] = {}
-        released: dict[str, set[str]] = {}
-        renamed: dict[str, set[str]] = {}
+        renamed: list[tuple[str, str, set[str]]] = []  # (new id, old id, its rows)
         for letter, key in zip(requeued, mine):
             _, rows, tx_id = prepared[key]
             if letter.reused_id:
-                released.setdefault(letter.transaction_id, set()).update(rows or ())
-                renamed[tx_id] = rows or set()
+                renamed.append((tx_id, letter.transaction_id, rows or set()))
             elif rows is not None:
                 revived.setdefault(letter.transaction_id, set()).update(rows)
         self.store.revive(revived, pipe)
         if renamed:
             still_dead = self._rows_still_dead(letters, ordered)
-            own = {tx_id: rows - still_dead.get(tx_id, set()) for tx_id, rows in released.items()}
-            self.store.unhold(own, pipe, dead_only=True)
-            self.store.hold(renamed, pipe)
+            self.store.rename([(new, old, rows - still_dead.get(old, set())) for new, old, rows in renamed], pipe)
+            self.store.hold({new: rows & still_dead.get(old, set()) for new, old, rows in renamed}, pipe)
         return Retried(ids=[prepared[key][2] for key in mine],
                        left=left_listed(letters, chosen) if transaction_ids is None else [],
                        renamed=[{"transaction_id": prepared[key][2], "reused_id": letter.transaction_id}

@@ -29,6 +29,7 @@ from obs_pipeline.column_values import seconds, whole_number
 from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
+from obs_pipeline.row_order import RowOrder
 from obs_pipeline.timeout_pieces import TimeoutPieces
 from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line,
                                referenced_ids, validate, written_ids)
@@ -761,7 +762,7 @@ class Drain:
     def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """The buffer is a trust boundary: anything malformed is dead-lettered with the reason."""
         txs, seen = [], set()
-        for raw in entries:
+        for place, raw in enumerate(entries):
             try:
                 tx = validate(Transaction.from_json(raw), self.registry)
             except Exception as error:  # noqa: BLE001 - whatever the payload does, it must not stop the drain
@@ -774,10 +775,11 @@ class Drain:
                 entry = _failed_entry(raw, reason, kind="invalid")
                 outcome.dead.append((tx_id, entry))
                 if tx_id:
+                    outcome.places.setdefault(tx_id, place)
                     outcome.statuses.append((tx_id, entry))
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
-                    claim_rows(outcome.hold, _rows_written_by(raw, self.registry), "!" + tx_id)
+                    outcome.claim(_rows_written_by(raw, self.registry), "!" + tx_id)
                     # a requeued dead letter that is still invalid: those parked behind it (its live
                     # holds again, see DeadLetters.retry) come due, to be blocked with it
                     outcome.unpark.append(tx_id)
@@ -786,6 +788,7 @@ class Drain:
             if _one_of_batch(tx) in seen:  # pushed twice: applied once
                 continue
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
+            outcome.places.setdefault(tx.transaction_id, place)
             txs.append(tx)
         return txs
 
@@ -810,9 +813,13 @@ class Drain:
         return kept
 
     def _hold_dependents(self, txs: list[Transaction], outcome: Outcome, report: BatchReport) -> list[Transaction]:
-        """A transaction that uses a row written by one waiting to retry is parked behind it,
-        unless that one is in this batch ahead of it with nothing parked behind it (the batch
-        keeps their order); behind a dead-lettered one it is dead-lettered too, as blocked."""
+        """A transaction that uses a row written by one waiting to retry, or behind such a one
+        in the row's queue (SiteKeys.waiting), is parked behind the first of them, unless those
+        are in this batch ahead of it with nothing parked behind them (the batch keeps their
+        order); behind a dead-lettered one it is dead-lettered too, as blocked (at once, if any of
+        its rows is behind a dead one: parked first, it was listed after a newer transaction
+        blocked by the same one, and `failed retry` applies the list in its order). It takes its
+        place in the queue of each row it writes that another holds."""
         if not outcome.hold and not self.store.holds_any():  # the usual case: nothing waits or is dead
             return txs
         refs_of = {t.transaction_id: referenced_ids(t, self.registry) for t in txs}
@@ -824,6 +831,8 @@ class Drain:
                 holders[row] = outcome.hold[row]
         if not holders:
             return txs
+        # behind each head, those waiting after it: this batch may pass all of them, and one more
+        order = RowOrder(holders, self.store.queued(sorted(in_redis), len(txs) + 1))
         in_batch = {t.transaction_id for t in txs}
         # a holder with others parked behind it lets nothing through, not even from behind it
         # in the batch: those parked go first
@@ -831,19 +840,19 @@ class Drain:
         ready, ahead = [], set()
         lost_too: dict[str, bool] = {}  # holder -> whether a failover lost it too (_lost_in_failover)
         for tx in txs:
-            lost = LOST_IN_FAILOVER in tx.metadata
-            row = next((i for i in refs_of[tx.transaction_id]
-                        if i in holders and holders[i] != tx.transaction_id
-                        and (holders[i] not in ahead or holders[i] in waited_on)
-                        and holders[i] != "!" + tx.transaction_id
-                        and (not lost or self._lost_in_failover(holders[i], lost_too))), None)
-            if row is None:
+            passes = ((lambda mark: not self._lost_in_failover(mark, lost_too))
+                      if LOST_IN_FAILOVER in tx.metadata else None)
+            blocked = [(row, mark) for row in sorted(refs_of[tx.transaction_id])
+                       if (mark := order.blocker(row, tx.transaction_id, ahead, waited_on, passes))]
+            if not blocked:
                 ready.append(tx)
                 ahead.add(tx.transaction_id)
                 continue
-            holder = holders[row]
+            row, holder = next(((r, m) for r, m in blocked if m.startswith("!")), blocked[0])
             if holder.startswith("!") and in_redis.get(row) == holder:
                 outcome.dead_marks[row] = holder
+            elif holder.startswith("!") and order.was_read(row, holder):
+                outcome.dead_queued[row] = holder
             written = written_ids(tx, self.registry)
             # rows a copy of it waiting to retry holds stay that one's, for the rest of this batch
             # too: what uses them waits behind it (see _held_by_copy)
@@ -851,10 +860,15 @@ class Drain:
             written -= copy_holds
             # Its marks go only on rows nobody holds: a row held by another stays that one's in
             # this batch's outcome too, or its holder, failing later in the batch, could not mark
-            # it dead there (claim_rows keeps the first mark) and this one would wait for ever.
+            # it dead there (claim_rows keeps the first mark) and this one would wait for ever. On
+            # the others it waits in the row's queue, after those already there.
             value = ("!" if holder.startswith("!") else "") + tx.transaction_id
             claim_rows(holders, written, value)
-            written = {row for row in written if holders.get(row) == value}
+            behind = {row for row in written if holders.get(row) != value}
+            for row in behind:
+                order.join(row, value)
+            outcome.claim(behind, value, head=False)
+            written -= behind
             if holder.startswith("!"):
                 self._dead_letter(tx, f"blocked by {holder[1:]}", outcome, report, kind="blocked",
                                   rows=written, copy_holds=copy_holds)
@@ -922,7 +936,7 @@ class Drain:
                 continue
             tx.retry_count += 1
             outcome.retry.append((time.time() + retry_delay(self.config.retry_base_s, tx.retry_count), tx.to_json()))
-            claim_rows(outcome.hold, written_ids(tx, self.registry), tx.transaction_id)
+            outcome.claim(written_ids(tx, self.registry), tx.transaction_id)
         report.applied = len(result.applied)
         report.already_applied = len(result.already_applied)
         report.rows_per_model = result.rows_per_model
@@ -940,7 +954,7 @@ class Drain:
         due first and overtake an older one. `claim`: the rows it marks now."""
         tx.metadata = {**tx.metadata, "held_by": holder}
         outcome.park.append((holder, tx.transaction_id, written_ids(tx, self.registry), tx.to_json()))
-        claim_rows(outcome.hold, claim, tx.transaction_id)
+        outcome.claim(claim, tx.transaction_id)
 
     def _dead_letter(self, tx: Transaction, reason: str, outcome: Outcome, report: BatchReport, kind: str,
                      rows: set[str] | None = None, status: bool = True, attempts: int | None = None,
@@ -957,7 +971,7 @@ class Drain:
             # marked "processing" in this batch)
             current = _status_json(tx, "pending") if copy_holds else entry
             outcome.statuses.append((tx.transaction_id, current))
-        claim_rows(outcome.hold, rows - copy_holds, "!" + tx.transaction_id)
+        outcome.claim(rows - copy_holds, "!" + tx.transaction_id)
         outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
         return bool(copy_holds)

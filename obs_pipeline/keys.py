@@ -77,9 +77,14 @@ class SiteKeys:
 
     @property
     def held_ids(self) -> str:
-        """Hash: id -> transaction that creates it and is waiting to retry ("!" + id if dead-lettered).
-        Transactions that use such an id are held back behind it."""
+        """Hash: row -> the first transaction waiting to retry (or parked) that writes it ("!" +
+        id if dead-lettered): the row's head. Transactions that use such a row wait behind it."""
         return f"{self.prefix}held_ids"
+
+    def waiting(self, row: str) -> str:
+        """Sorted set: the other transactions waiting to write `row`, behind its head in held_ids,
+        scored in the order they came ("!" + id if dead-lettered); see redis_scripts.ROW_QUEUES."""
+        return f"{self.prefix}waiting:{row}"
 
     def set_aside(self, line_digest: str) -> str:
         """String: a spooled line set aside as a dead letter (spool.Spool._set_aside), by its

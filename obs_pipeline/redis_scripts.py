@@ -305,40 +305,81 @@ return 1
 """
 
 
-# held_ids: row -> the transaction waiting to retry that writes it ("!" + id once dead). HOLD
-# marks rows, never one that another transaction holds (wire.claim_rows is the same rule);
-# UNHOLD removes a transaction's own marks only. ARGV: (row, value) pairs / (row, owner) pairs.
-HOLD = """
-for i = 1, #ARGV, 2 do
-  local owner = string.gsub(ARGV[i + 1], '^!', '')
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if not current or string.gsub(current, '^!', '') == owner then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+# held_ids: row -> the first of the transactions waiting to retry (or parked) that write it, the
+# row's head ("!" + id once dead); site:waiting:{row} (SiteKeys.waiting): the others, in the order
+# they came (a sorted set scored from the site's counter `waiting_seq`: a place is found, kept
+# and left in O(log n), where a list's LPOS made 300,000 parked behind one holder quadratic).
+# One holder a row was not enough: a transaction writing two rows held by two others waited
+# behind one of them, and a newer update of its other row, waiting behind that row's holder
+# only, went first and was then overwritten.
+# ARGV[1] = the key prefix, then (row, value) pairs. HOLD gives each row its head where it has none
+# or the head is the same transaction (a live mark turned dead, or back), else puts the value in
+# the row's queue: in the place the transaction already has there, or last (wire.claim_rows is
+# the rule for heads). UNHOLD: the transaction leaves its rows (applied, dropped): where it is the
+# head, the next in the queue becomes the head; else it leaves the queue. UNHOLD_DEAD: its dead
+# marks only (a discarded dead letter: a live mark of the same id is another transaction's, waiting
+# to retry, a copy pushed again or the first of an id a producer reused). REVIVE: its dead marks
+# become live ones (a requeued dead letter: what uses its rows waits behind it again, in its place).
+# RENAME (values "new:old"): a dead letter requeued under a new id takes its dead marks' places.
+ROW_QUEUES = """
+local function strip(mark) return (string.gsub(mark, '^!', '')) end
+local function queue(row) return ARGV[1] .. 'waiting:' .. row end
+local function replace(q, old, value)  -- `old`'s place in q now `value`'s; false if it has none
+  local score = redis.call('ZSCORE', q, old)
+  if not score then return false end
+  if old ~= value then
+    redis.call('ZREM', q, old)
+    redis.call('ZADD', q, score, value)
+  end
+  return true
 end
-return 1
-"""
-UNHOLD = """
-for i = 1, #ARGV, 2 do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if current == ARGV[i + 1] or current == '!' .. ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
-end
-return 1
-"""
-# UNHOLD_DEAD removes a discarded dead letter's marks, only its dead ones ("!" + id): a live mark
-# of the same id is another transaction's, waiting to retry (a copy pushed again, or the first
-# of an id a producer reused). ARGV: (row, owner) pairs.
-UNHOLD_DEAD = """
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == '!' .. ARGV[i + 1] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
+local function hold(row, value)
+  local owner, head = strip(value), redis.call('HGET', KEYS[1], row)
+  if not head or strip(head) == owner then redis.call('HSET', KEYS[1], row, value) return end
+  local q = queue(row)
+  if not (replace(q, owner, value) or replace(q, '!' .. owner, value)) then
+    redis.call('ZADD', q, redis.call('INCR', ARGV[1] .. 'waiting_seq'), value)
   end
 end
+local function leave(row, owner, dead_only)
+  local head = redis.call('HGET', KEYS[1], row)
+  if head == '!' .. owner or (not dead_only and head == owner) then
+    local next = redis.call('ZPOPMIN', queue(row))
+    if next[1] then redis.call('HSET', KEYS[1], row, next[1]) else redis.call('HDEL', KEYS[1], row) end
+  elseif head then
+    redis.call('ZREM', queue(row), '!' .. owner)
+    if not dead_only then redis.call('ZREM', queue(row), owner) end
+  end
+end
+local function revive(row, owner)
+  if redis.call('HGET', KEYS[1], row) == '!' .. owner then redis.call('HSET', KEYS[1], row, owner) return end
+  replace(queue(row), '!' .. owner, owner)
+end
+local function rename(row, new, old)
+  if redis.call('HGET', KEYS[1], row) == '!' .. old then redis.call('HSET', KEYS[1], row, new) return end
+  if not replace(queue(row), '!' .. old, new) then hold(row, new) end
+end
+"""
+HOLD = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
 return 1
 """
-# REVIVE turns a requeued dead letter's dead marks into live holds: what uses its rows waits
-# behind it again instead of being dead-lettered or overtaking it. ARGV: (row, owner) pairs.
-REVIVE = """
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == '!' .. ARGV[i + 1] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+UNHOLD = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do leave(ARGV[i], ARGV[i + 1], false) end
+return 1
+"""
+UNHOLD_DEAD = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do leave(ARGV[i], ARGV[i + 1], true) end
+return 1
+"""
+REVIVE = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do revive(ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+RENAME = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do
+  local new, old = string.match(ARGV[i + 1], '^([^:]*):(.*)$')
+  rename(ARGV[i], new, old)
 end
 return 1
 """

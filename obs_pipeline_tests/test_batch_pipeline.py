@@ -221,6 +221,42 @@ def test_a_prefetched_transaction_that_depends_on_a_failed_one_is_held_back(sett
         buf.close()
 
 
+def test_a_rows_waiting_transactions_keep_their_order_in_redis(settings, redis_client):
+    """held_ids keeps a row's head, waiting:{row} those behind it (redis_scripts.ROW_QUEUES): a
+    claim takes the head where the row has none, else a place in the queue, its own if it has
+    one (dead or live); the head's successor takes its place when it leaves; one queued leaves
+    from the middle; a requeued dead letter is revived, or renamed, in its place."""
+    from obs_pipeline.buffer_store import BufferStore, Outcome
+
+    keys = SiteKeys(settings.site)
+    store = BufferStore(redis_client, settings.site)
+    token = store.acquire_lease(30)
+
+    def state() -> tuple[str | None, list[str]]:
+        head = redis_client.hget(keys.held_ids, "r")
+        return (head.decode() if head else None), [m.decode() for m in redis_client.zrange(keys.waiting("r"), 0, -1)]
+
+    outcome = Outcome(places={"H": 0, "A": 1, "B": 2, "C": 3})
+    for tx_id in ("C", "A", "H", "B"):  # decided on out of order (C parked before A failed): sent in batch order
+        outcome.claim({"r"}, tx_id)
+    store.acknowledge(token, outcome)
+    assert state() == ("H", ["A", "B", "C"])
+    store.hold({"B": {"r"}, "!A": {"r"}}, redis_client)  # dead-lettered where it waits; B again: no second place
+    assert state() == ("H", ["!A", "B", "C"])
+    store.unhold({"B": {"r"}})  # left from the middle (a dropped copy)
+    store.unhold({"H": {"r"}})
+    assert state() == ("!A", ["C"])
+    store.revive({"A": {"r"}}, redis_client)
+    assert state() == ("A", ["C"])
+    store.hold({"!A": {"r"}, "!C": {"r"}}, redis_client)
+    store.rename([("N", "C", {"r"})], redis_client)  # C requeued under a new id (a producer reused its id)
+    store.unhold({"A": {"r"}}, dead_only=True)  # a discarded dead letter
+    assert state() == ("N", [])
+    store.unhold({"N": {"r"}})
+    assert state() == (None, []) and not redis_client.exists(keys.waiting("r"))
+    store.release_lease(token)
+
+
 def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_client):
     """The chunks of one batch share a score (its commit LSN); a sorted set orders them by their
     bytes. Were that order not the batch's, an update's overlay could be cleaned before the

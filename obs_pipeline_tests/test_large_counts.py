@@ -204,7 +204,7 @@ def parked_behind(settings, tmp_path, drain, holder: str, obs_id: str, count: in
                 new_package = str(uuid.uuid4())
                 tx_json = tx_json.replace(package, new_package)
                 rows = {row.replace(package, new_package) for row in rows}
-                outcome.hold.update(dict.fromkeys(rows, tx_id))
+                outcome.claim(rows, tx_id)
             outcome.park.append((holder, tx_id, rows, tx_json))
             members.append(tx_json)
         drain.store.acknowledge(drain.token, outcome)

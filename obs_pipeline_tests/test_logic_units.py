@@ -729,3 +729,50 @@ def test_filters_keep_each_columns_clauses_and_tests_apart():
     assert compiled.match({"obs_unit_id": 3, "status": None, "start_time": "2025-01-01T00:00:00Z"})
     assert str(compiled.verdicts()[0][1].compile()) == (
         "executed_obs_unit.obs_unit_id > :obs_unit_id_1 AND executed_obs_unit.obs_unit_id < :obs_unit_id_2")
+
+
+# --- the order of those waiting to write a row (row_order) ----------------------------------------
+
+def test_a_transaction_waits_for_the_head_of_its_row_unless_the_head_goes_before_it_in_the_batch():
+    from obs_pipeline.row_order import RowOrder
+
+    order = RowOrder({"r": "H"}, {})
+    assert order.blocker("r", "X", ahead=set(), waited_on=set()) == "H"
+    assert order.blocker("r", "X", ahead={"H"}, waited_on=set()) is None
+    assert order.blocker("r", "X", ahead={"H"}, waited_on={"H"}) == "H"  # others parked behind H go first
+    assert order.blocker("r", "H", ahead=set(), waited_on=set()) is None
+    assert RowOrder({"r": "!X"}, {}).blocker("r", "X", ahead=set(), waited_on=set()) is None  # its own dead mark
+    assert RowOrder({"r": "!H"}, {}).blocker("r", "X", ahead={"H"}, waited_on=set()) == "!H"
+    assert order.blocker("s", "X", ahead=set(), waited_on=set()) is None  # nobody holds s
+
+
+def test_a_transaction_waits_for_each_one_queued_before_it_that_is_not_applied_before_it_in_the_batch():
+    from obs_pipeline.row_order import RowOrder
+
+    order = RowOrder({"r": "H"}, {"r": ["A", "!B", "X", "C"]})
+    assert order.blocker("r", "X", ahead={"H"}, waited_on=set()) == "A"
+    assert order.blocker("r", "X", ahead={"H", "A"}, waited_on=set()) == "!B"  # a dead one is never passed
+    assert order.blocker("r", "A", ahead={"H"}, waited_on=set()) is None
+    assert order.blocker("r", "N", ahead={"H", "A"}, waited_on=set()) == "!B"  # one not queued comes last
+    assert RowOrder({"r": "H"}, {"r": ["A", "X"]}).blocker("r", "N", ahead={"H", "A", "X"}, waited_on=set()) is None
+
+
+def test_a_failovers_lost_transaction_passes_those_it_need_not_wait_for():
+    from obs_pipeline.row_order import RowOrder
+
+    order = RowOrder({"r": "H"}, {"r": ["A", "L2", "X"]})
+    lost = {"L2"}.__contains__
+    assert order.blocker("r", "X", ahead=set(), waited_on=set(), passes=lambda m: not lost(m)) == "L2"
+    assert order.blocker("r", "X", ahead={"L2"}, waited_on=set(), passes=lambda m: not lost(m)) is None
+
+
+def test_joining_a_rows_queue_keeps_a_transactions_place():
+    from obs_pipeline.row_order import RowOrder
+
+    order = RowOrder({"r": "H"}, {"r": ["A", "X", "B"]})
+    order.join("r", "!X")  # dead-lettered where it waits: in its place
+    order.join("r", "N")  # a newcomer: last
+    order.join("s", "N")
+    assert order.queues == {"r": ["A", "!X", "B", "N"], "s": ["N"]}
+    assert order.blocker("r", "N", ahead={"H", "A", "B"}, waited_on=set()) == "!X"
+    assert order.was_read("r", "X") and not order.was_read("r", "N")

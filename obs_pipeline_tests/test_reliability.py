@@ -2506,16 +2506,14 @@ def test_a_holder_dead_lettered_in_the_batch_of_one_it_holds_back_still_blocks_i
     buf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="unfixed: a transaction that waits holds only the rows nobody else holds "
-                   "(held_ids keeps one holder a row): a newer writer of its other rows overtakes it")
+@pytest.mark.parametrize("fixed_first", ["its holder", "the other holder"])
 def test_an_update_of_two_rows_two_retrying_transactions_hold_is_not_overtaken_by_newer_updates_of_either(
-        settings, redis_client, main_engine):
-    """An update of rows A and R, each held by an update waiting to retry. It is parked behind
-    one of them (the first of its rows the drain comes to, by set order) and marks neither row:
-    a newer update of the other row is parked behind that row's holder only, and once that
-    holder is applied (its cause fixed first) the newer update is applied before the older
-    one, which main then applies over it. No dead letter, no operator: main keeps the older
-    value."""
+        settings, redis_client, main_engine, fixed_first):
+    """An update of rows A and R, each held by an update waiting to retry. It was parked behind
+    one of them and marked neither row: a newer update of the other row was parked behind that
+    row's holder only, and once that holder was applied (its cause fixed first) the newer update
+    was applied before the older one, which main then applied over it. No dead letter, no
+    operator: main kept the older value. It now waits in the other row's queue too."""
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
@@ -2535,7 +2533,7 @@ def test_an_update_of_two_rows_two_retrying_transactions_hold_is_not_overtaken_b
         waiting = {json.loads(m)["transaction_id"]: json.loads(m)["metadata"]
                    for m in redis_client.zrange(keys.retry, 0, -1)}
         behind = waiting[older.transaction_id]["held_by"]
-        for holder in sorted(units, key=lambda h: h == behind):  # the other holder's cause fixed first
+        for holder in sorted(units, key=lambda h: (h == behind) == (fixed_first == "the other holder")):
             with main_engine.begin() as conn:
                 conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit')"), {"u": units[holder]})
             due_now(redis_client, keys, holder)
@@ -2549,20 +2547,19 @@ def test_an_update_of_two_rows_two_retrying_transactions_hold_is_not_overtaken_b
                                  {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
             str(a_obs["id"]): "checked", str(r_obs["id"]): "completed"}
     assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, SiteKeys(settings.site))
     buf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="unfixed: a transaction that waits holds only the rows nobody else holds "
-                   "(held_ids keeps one holder a row): a newer writer of its other rows overtakes it")
 def test_an_update_of_two_rows_that_two_others_hold_is_not_overtaken_by_newer_updates_of_either(
         settings, redis_client, main_engine):
     """An update of rows A and R, with A held by H (waiting to retry) and R by the dead letter B.
-    It waits behind one of them (the first of its rows the drain comes to, by set order) and
-    marks neither row, both another's: a newer update of the other row waits only for that
-    one. Parked behind H, the newer update of R is dead-lettered as blocked by B ahead of it,
-    and `failed retry B` applies the two in the list's order, the older last; dead-lettered as
-    blocked by B, the newer update of A is applied once H is, and `failed retry B` applies
-    the older one over it. Either way main keeps an older value of one row."""
+    It waited behind one of them and marked neither row, both another's: a newer update of the
+    other row waited only for that one. Parked behind H, the newer update of R was dead-lettered
+    as blocked by B ahead of it, and `failed retry B` applied the two in the list's order, the
+    older last; dead-lettered as blocked by B, the newer update of A was applied once H was, and
+    `failed retry B` applied the older one over it. Either way main kept an older value of one
+    row. It is now dead-lettered at once (B is ahead of it) and waits in A's queue too."""
     from obs_pipeline.dead_letters import DeadLetters
     from obs_pipeline.model_registry import ModelRegistry
 
@@ -2602,7 +2599,119 @@ def test_an_update_of_two_rows_that_two_others_hold_is_not_overtaken_by_newer_up
                                  {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
             str(a_obs["id"]): "checked", str(r_obs["id"]): "completed"}
     assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, SiteKeys(settings.site))
     buf.close()
+
+
+def test_an_update_parked_behind_one_holder_is_not_overtaken_in_its_batch_by_a_newer_update_of_its_other_row(
+        settings, redis_client, main_engine):
+    """One batch: H (waiting to retry, the head of row R, due now and applied), then T (updates A
+    and R; A held by K, waiting to retry: T is parked behind K), then U (updates R). U's row was
+    held by H, ahead of it in the batch, and nothing was parked behind H: U was applied, and T,
+    applied once K was, overwrote it with the older value. T now waits in R's queue, and U
+    behind it."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        k = buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338})  # no such units yet
+        h = buf.update("ExecutedObsUnit", r_obs["id"], {"obs_unit_id": 31337})
+        assert drain.step().retried == 2
+        with main_engine.begin() as conn:  # H's cause fixed: it is due, ahead of T and U
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        due_now(redis_client, keys, h)
+        with buf.transaction() as older:
+            older.update("ExecutedObsUnit", a_obs["id"], {"status": "aborted"})
+            older.update("ExecutedObsUnit", r_obs["id"], {"status": "aborted"})
+        buf.update("ExecutedObsUnit", r_obs["id"], {"status": "completed"})
+        report = drain.step()
+        assert (report.transactions, report.applied, report.held) == (3, 1, 2)
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # K's cause fixed
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31338, 'late unit')"))
+    due_now(redis_client, keys, k)
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id IN (:a, :r)"),
+                                 {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
+            str(a_obs["id"]): "aborted", str(r_obs["id"]): "completed"}
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_updates_held_back_by_failures_reach_main_in_the_order_they_were_buffered(
+        settings, redis_client, main_engine, seed):
+    """Updates of one to three of three rows, a quarter of them naming a unit main does not
+    have yet (they wait to retry, and what writes their rows waits behind them), buffered and
+    drained in random steps, the missing units added at random moments; those whose retries run
+    out are dead-lettered (with what they block) and retried by the operator at the end. Each
+    row ends with the value of its last update buffered, and nothing is left holding a row."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    rng = random.Random(seed)
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    rows = [str(replicated_observation(settings, buf)["id"]) for _ in range(3)]
+    missing = [41000 + 10 * seed + i for i in range(3)]
+
+    def add_unit(unit: int) -> None:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit') ON CONFLICT DO NOTHING"),
+                         {"u": unit})
+
+    def waiting_due_now() -> None:  # (not those parked behind another: +inf)
+        waiting = {m: 0 for m, score in redis_client.zrange(keys.retry, 0, -1, withscores=True) if score != float("inf")}
+        if waiting:
+            redis_client.zadd(keys.retry, waiting)
+
+    last: dict[str, str] = {}
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        for i in range(16):
+            with buf.transaction() as tx:
+                for row in rng.sample(rows, rng.choice([1, 1, 2, 3])):
+                    values = {"status": f"s{i}"}
+                    if rng.random() < 0.25:
+                        values["obs_unit_id"] = rng.choice(missing)
+                    tx.update("ExecutedObsUnit", row, values)
+                    last[row] = values["status"]
+            for _ in range(rng.choice([0, 1, 1, 2])):
+                drain.step()
+            if rng.random() < 0.2:
+                add_unit(rng.choice(missing))
+            if rng.random() < 0.4:
+                waiting_due_now()
+    finally:
+        drain.close()
+    for unit in missing:
+        add_unit(unit)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    for _ in range(6):
+        waiting_due_now()
+        drain_until_settled(settings, retry_base_s=0.05)
+        if not redis_client.llen(keys.failed):
+            break
+        letters.retry()
+    with main_engine.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id::text IN :rows"
+                                         ).bindparams(sa.bindparam("rows", expanding=True)), {"rows": rows}).all()) == {
+            row: last[row] for row in rows if row in last} | {row: "running" for row in rows if row not in last}
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def assert_no_holds(redis_client, keys: SiteKeys) -> None:
+    """Nothing waits, so nothing holds a row or waits in a row's queue."""
+    assert redis_client.hgetall(keys.held_ids) == {}
+    assert list(redis_client.scan_iter(keys.waiting("*"))) == []
 
 
 def test_a_copy_of_an_applied_transaction_blocked_by_a_dead_letter_keeps_its_replicated_status(

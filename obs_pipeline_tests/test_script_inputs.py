@@ -292,7 +292,10 @@ def test_the_holds_of_failed_large_bulk_creates_are_acknowledged_on_the_real_red
     store = BufferStore(client, settings.site)
     token = store.acquire_lease(120)
     failed = {f"{n:08d}-0000-4000-8000-{i:012d}": f"tx{n}" for n in range(2) for i in range(300_000)}
-    store.acknowledge(token, Outcome(hold=failed))
+    outcome = Outcome()
+    for tx_id in ("tx0", "tx1"):
+        outcome.claim({row for row, tx in failed.items() if tx == tx_id}, tx_id)
+    store.acknowledge(token, outcome)
     assert client.hlen(f"site:{settings.site}:held_ids") == 600_000
     rows = sorted(failed) + sorted(failed)[:MAX_COMMAND_ARGS - 600_000]  # more ids than one HMGET takes
     assert store.holders(rows) == failed
