@@ -845,7 +845,9 @@ def test_failed_list_on_a_terminal_that_is_not_utf8_shows_every_letter_and_takes
 def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, redis_client, settings):
     """A dead-lettered transaction marks the rows it creates as dead, so that dependents are
     blocked. Discarded, it must take the marks with it: while any mark stays, every batch looks
-    up the references of every transaction it holds."""
+    up the references of every transaction it holds. The dependent, blocked and still listed,
+    waits in the row's queue behind it and takes the row's mark: a newer update of the row is
+    blocked by it, not applied before it is retried; discarded too, nothing holds the row."""
     from obs_pipeline_tests.workload import drain_until_settled
 
     buf = TransactionBuffer(settings=settings)
@@ -859,12 +861,16 @@ def test_discard_also_clears_the_dead_mark_its_rows_left_for_dependents(env, red
     assert redis_client.llen(keys.failed) == 2 and redis_client.hkeys(keys.held_ids) in (  # the row, whether it exists
         [obs["id"].encode(), b"exists " + obs["id"].encode()], [b"exists " + obs["id"].encode(), obs["id"].encode()])
     assert cli("failed", "discard", poison.transaction_id, env=env).returncode == 0
-    assert redis_client.llen(keys.failed) == 1 and redis_client.hlen(keys.held_ids) == 0
+    assert redis_client.llen(keys.failed) == 1
+    assert redis_client.hgetall(keys.held_ids) == {obs["id"].encode(): b"!" + dependent.encode()}
     # what it blocked stays, and the list says why it may go now
     listed = cli("failed", "list", env=env).stdout.strip().splitlines()
     assert len(listed) == 1 and listed[0].startswith(dependent), listed
     assert listed[0].endswith(f"blocked by {poison.transaction_id} ({poison.transaction_id} is no longer "
                               "dead-lettered: retry or discard this one)"), listed
+    assert cli("failed", "discard", dependent, env=env).returncode == 0
+    assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
+    assert list(redis_client.scan_iter(keys.waiting("*"))) == []
 
 
 @pytest.mark.usefixtures("clean_db")
