@@ -2711,6 +2711,42 @@ def test_updates_held_back_by_failures_reach_main_in_the_order_they_were_buffere
     buf.close()
 
 
+def test_a_newer_update_waits_behind_a_blocked_letter_whose_blocker_was_discarded(settings, redis_client, main_engine):
+    """P (an update naming a unit main does not have) is dead-lettered, then D (a later update of
+    its row) as blocked by it. The operator discards P: D stays listed, and its row was free, so
+    a newer update N was applied at once, and `failed retry D` then applied the older D over it.
+    D now takes the row's mark (next in its queue): N is blocked by D, and retried with it, after it."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        poison = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
+        report = drain.step()
+        while not report.dead_lettered:
+            due_now(redis_client, keys, poison)
+            report = drain.step()
+        older = buf.update("ExecutedObsUnit", obs["id"], {"status": "aborted"})
+        assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {poison}"]
+        letters.discard([poison])
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+        assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {older}"]
+    finally:
+        drain.close()
+    assert letters.retry([older]) == [older, newer]
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :i"), {"i": obs["id"]}).scalar() == "completed"
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def assert_no_holds(redis_client, keys: SiteKeys) -> None:
     """Nothing waits, so nothing holds a row or waits in a row's queue."""
     assert redis_client.hgetall(keys.held_ids) == {}
