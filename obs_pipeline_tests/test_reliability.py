@@ -2515,13 +2515,9 @@ def test_an_update_of_two_rows_two_retrying_transactions_hold_is_not_overtaken_b
     was applied before the older one, which main then applied over it. No dead letter, no
     operator: main kept the older value. It now waits in the other row's queue too."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
-    units = {buf.update("ExecutedObsUnit", r_obs["id"], {"obs_unit_id": 31337}): 31337,  # no such units yet
-             buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338}): 31338}
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
+    with two_rows_and_a_drain(settings) as (buf, a_obs, r_obs, drain):
+        units = {buf.update("ExecutedObsUnit", r_obs["id"], {"obs_unit_id": 31337}): 31337,  # no such units yet
+                 buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338}): 31338}
         assert drain.step().retried == 2
         with buf.transaction() as older:
             older.update("ExecutedObsUnit", a_obs["id"], {"status": "aborted"})
@@ -2539,15 +2535,8 @@ def test_an_update_of_two_rows_two_retrying_transactions_hold_is_not_overtaken_b
             due_now(redis_client, keys, holder)
             while drain.step() is not None:
                 pass
-    finally:
-        drain.close()
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id IN (:a, :r)"),
-                                 {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
-            str(a_obs["id"]): "checked", str(r_obs["id"]): "completed"}
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, SiteKeys(settings.site))
+    assert_rows_end_as(settings, redis_client, main_engine, {a_obs["id"]: "checked", r_obs["id"]: "completed"})
     buf.close()
 
 
@@ -2564,11 +2553,7 @@ def test_an_update_of_two_rows_that_two_others_hold_is_not_overtaken_by_newer_up
     from obs_pipeline.model_registry import ModelRegistry
 
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
+    with two_rows_and_a_drain(settings) as (buf, a_obs, r_obs, drain):
         blocker = buf.update("ExecutedObsUnit", r_obs["id"], {"obs_unit_id": 31337})  # no such unit
         report = drain.step()
         while not report.dead_lettered:  # its retries spent: R dead, B's
@@ -2584,8 +2569,6 @@ def test_an_update_of_two_rows_that_two_others_hold_is_not_overtaken_by_newer_up
         buf.update("ExecutedObsUnit", a_obs["id"], {"status": "checked"})
         while redis_client.llen(keys.buffer):
             drain.step()
-    finally:
-        drain.close()
     with main_engine.begin() as conn:  # H's cause fixed
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31338, 'late unit')"))
     due_now(redis_client, keys, holder)
@@ -2594,12 +2577,7 @@ def test_an_update_of_two_rows_that_two_others_hold_is_not_overtaken_by_newer_up
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
     DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).retry([blocker])
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id IN (:a, :r)"),
-                                 {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
-            str(a_obs["id"]): "checked", str(r_obs["id"]): "completed"}
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, SiteKeys(settings.site))
+    assert_rows_end_as(settings, redis_client, main_engine, {a_obs["id"]: "checked", r_obs["id"]: "completed"})
     buf.close()
 
 
@@ -2611,11 +2589,7 @@ def test_an_update_parked_behind_one_holder_is_not_overtaken_in_its_batch_by_a_n
     applied once K was, overwrote it with the older value. T now waits in R's queue, and U
     behind it."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
+    with two_rows_and_a_drain(settings) as (buf, a_obs, r_obs, drain):
         k = buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338})  # no such units yet
         h = buf.update("ExecutedObsUnit", r_obs["id"], {"obs_unit_id": 31337})
         assert drain.step().retried == 2
@@ -2628,18 +2602,11 @@ def test_an_update_parked_behind_one_holder_is_not_overtaken_in_its_batch_by_a_n
         buf.update("ExecutedObsUnit", r_obs["id"], {"status": "completed"})
         report = drain.step()
         assert (report.transactions, report.applied, report.held) == (3, 1, 2)
-    finally:
-        drain.close()
     with main_engine.begin() as conn:  # K's cause fixed
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31338, 'late unit')"))
     due_now(redis_client, keys, k)
     drain_until_settled(settings, retry_base_s=0.05)
-    with main_engine.connect() as conn:
-        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id IN (:a, :r)"),
-                                 {"a": a_obs["id"], "r": r_obs["id"]}).all()) == {
-            str(a_obs["id"]): "aborted", str(r_obs["id"]): "completed"}
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    assert_rows_end_as(settings, redis_client, main_engine, {a_obs["id"]: "aborted", r_obs["id"]: "completed"})
     buf.close()
 
 
@@ -2745,6 +2712,30 @@ def test_a_newer_update_waits_behind_a_blocked_letter_whose_blocker_was_discarde
     assert_queues_empty(redis_client, settings.site)
     assert_no_holds(redis_client, keys)
     buf.close()
+
+
+@contextlib.contextmanager
+def two_rows_and_a_drain(settings):
+    """Two replicated observations (rows A and R), and a drain holding the lease whose retries
+    come a minute apart (the tests make them due): (buffer, A, R, drain)."""
+    buf = TransactionBuffer(settings=settings)
+    a_obs, r_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        yield buf, a_obs, r_obs, drain
+    finally:
+        drain.close()
+
+
+def assert_rows_end_as(settings, redis_client, main_engine, statuses: dict) -> None:
+    """Main holds these statuses (observation id -> status), and nothing waits or holds a row."""
+    with main_engine.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id::text IN :ids")
+                                 .bindparams(sa.bindparam("ids", expanding=True)),
+                                 {"ids": [str(i) for i in statuses]}).all()) == {str(i): v for i, v in statuses.items()}
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, SiteKeys(settings.site))
 
 
 def assert_no_holds(redis_client, keys: SiteKeys) -> None:
