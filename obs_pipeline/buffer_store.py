@@ -322,6 +322,8 @@ class Outcome:
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
     dead_queued: dict[str, str] = field(default_factory=dict)  # row -> the same, read from its queue
+    lost: set[str] = field(default_factory=set)  # ids buffered again after a failover (LOST_IN_FAILOVER):
+    #                                          their claims go ahead of the others' (scripts.HOLD_AHEAD)
 
     def claim(self, rows: set[str], value: str, head: bool = True) -> None:
         """`value` (a transaction id, "!" + id once dead) waits to write `rows`: the head of each
@@ -333,9 +335,11 @@ class Outcome:
         place = self.places.get(value.removeprefix("!"), len(self.places))
         self.claims.extend((place, row, value) for row in sorted(rows))
 
-    def hold_pairs(self) -> list[str]:
-        """The claims as scripts.HOLD's (row, value) pairs, in batch order."""
-        return [x for _, row, value in sorted(self.claims, key=lambda c: c[0]) for x in (row, value)]
+    def hold_pairs(self, lost: bool = False) -> list[str]:
+        """The claims as scripts.HOLD's (row, value) pairs, in batch order: those of the transactions
+        buffered again after a failover if `lost` (scripts.HOLD_AHEAD's), else the others'."""
+        return [x for _, row, value in sorted(self.claims, key=lambda c: c[0])
+                if (value.removeprefix("!") in self.lost) == lost for x in (row, value)]
 
 
 # A transaction buffered again after a failover lost its commit (metadata key; the value: the
@@ -715,8 +719,11 @@ class BufferStore:
                 for part in range(0, len(statuses), 2 * STATUS_CHUNK):  # never over a committed one
                     pipe.eval(scripts.SET_UNLESS_COMMITTED, 0, k.prefix, *statuses[part:part + 2 * STATUS_CHUNK])
                 self.unhold(outcome.release, pipe)
-                if outcome.claims:
-                    _eval_pairs(pipe, scripts.HOLD, k, outcome.hold_pairs())
+                if outcome.claims:  # those buffered again after a failover first: they are the older
+                    for script, pairs in ((scripts.HOLD_AHEAD, outcome.hold_pairs(lost=True)),
+                                          (scripts.HOLD, outcome.hold_pairs())):
+                        if pairs:
+                            _eval_pairs(pipe, script, k, pairs)
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
                 for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
@@ -1076,12 +1083,19 @@ class BufferStore:
         entries = self.redis.zscan_iter(self.keys.retry, match=pattern, count=1000)
         return next(entries, None) is not None
 
-    def queued(self, rows: list[str], most: int) -> dict[str, list[str]]:
-        """The first `most` of those waiting behind each row's head (SiteKeys.waiting), in order."""
+    def queued(self, rows: list[str], most: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """The first `most` of those waiting behind each row's head (SiteKeys.waiting), in order,
+        and, of those, the ones buffered again after a failover (scored below zero: scripts.HOLD_AHEAD)."""
         pipe = self.redis.pipeline(transaction=False)
         for row in rows:
-            pipe.zrange(self.keys.waiting(row), 0, most - 1)
-        return {row: [v.decode() for v in values] for row, values in zip(rows, pipe.execute()) if values}
+            pipe.zrange(self.keys.waiting(row), 0, most - 1, withscores=True)
+        queues, lost = {}, {}
+        for row, values in zip(rows, pipe.execute()):
+            if values:
+                queues[row] = [v.decode() for v, _ in values]
+                if values[0][1] < 0:
+                    lost[row] = [v.decode() for v, score in values if score < 0]
+        return queues, lost
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

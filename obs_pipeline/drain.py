@@ -789,6 +789,8 @@ class Drain:
                 continue
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             outcome.places.setdefault(tx.transaction_id, place)
+            if LOST_IN_FAILOVER in tx.metadata:  # its marks go ahead of the others' (scripts.HOLD_AHEAD)
+                outcome.lost.add(tx.transaction_id)
             txs.append(tx)
         return txs
 
@@ -832,7 +834,7 @@ class Drain:
         if not holders:
             return txs
         # behind each head, those waiting after it: this batch may pass all of them, and one more
-        order = RowOrder(holders, self.store.queued(sorted(in_redis), len(txs) + 1))
+        order = RowOrder(holders, *self.store.queued(sorted(in_redis), len(txs) + 1))
         in_batch = {t.transaction_id for t in txs}
         # a holder with others parked behind it lets nothing through, not even from behind it
         # in the batch: those parked go first
@@ -866,7 +868,7 @@ class Drain:
             claim_rows(holders, written, value)
             behind = {row for row in written if holders.get(row) != value}
             for row in behind:
-                order.join(row, value)
+                order.join(row, value, lost=LOST_IN_FAILOVER in tx.metadata)
             outcome.claim(behind, value, head=False)
             written -= behind
             if holder.startswith("!"):

@@ -18,11 +18,15 @@ def owner(mark: str) -> str:
 
 class RowOrder:
     """`heads`: row -> its head's mark (the drain's `holders`, shared: it takes free rows in it);
-    `queues`: row -> the first marks behind the head, in order (as many as the batch can pass)."""
+    `queues`: row -> the first marks behind the head, in order (as many as the batch can pass);
+    `lost`: row -> those of them buffered again after a failover (redis_scripts.HOLD_AHEAD): older
+    than any other waiter, the head included, they go before all of them."""
 
-    def __init__(self, heads: dict[str, str], queues: dict[str, list[str]]) -> None:
+    def __init__(self, heads: dict[str, str], queues: dict[str, list[str]],
+                 lost: dict[str, list[str]] | None = None) -> None:
         self.heads = heads
         self.queues = {row: list(marks) for row, marks in queues.items()}
+        self.lost = {row: list(marks) for row, marks in (lost or {}).items()}
         self._read = {row: set(marks) for row, marks in queues.items()}
         self._places = {row: {owner(m): i for i, m in enumerate(marks)} for row, marks in self.queues.items()}
         self._fronts: dict[str, int] = {}  # row -> how many of its queue are passed (in `ahead`)
@@ -34,10 +38,16 @@ class RowOrder:
         first) lets nothing through; `passes`: a mark it need not wait for (a failover's lost
         transaction waits only behind others it lost)."""
         head = self.heads.get(row)
-        if head is None or owner(head) == tx_id:
+        if head is None:
             return None
-        if (head not in ahead or head in waited_on) and not (passes and passes(head)):
+        if owner(head) != tx_id and (head not in ahead or head in waited_on) and not (passes and passes(head)):
             return head
+        if passes is None:  # one buffered again after a failover goes first, whatever its place
+            lost = next((m for m in self.lost.get(row, ()) if m not in ahead and owner(m) != tx_id), None)
+            if lost is not None:
+                return lost
+        if owner(head) == tx_id:
+            return None
         queue = self.queues.get(row, [])
         mine = self._places.get(row, {}).get(tx_id, len(queue))
         if passes is not None:
@@ -48,8 +58,12 @@ class RowOrder:
         self._fronts[row] = front
         return queue[front] if front < mine else None
 
-    def join(self, row: str, mark: str) -> None:
-        """`mark` waits on `row` behind the others: in the place its transaction has, else last."""
+    def join(self, row: str, mark: str, lost: bool = False) -> None:
+        """`mark` waits on `row` behind the others: in the place its transaction has, else last
+        (`lost`: buffered again after a failover, it goes before the others all the same)."""
+        if lost:
+            marks = self.lost.setdefault(row, [])
+            marks[:] = [m for m in marks if owner(m) != owner(mark)] + [mark]
         queue = self.queues.setdefault(row, [])
         places = self._places.setdefault(row, {})
         at = places.setdefault(owner(mark), len(queue))

@@ -1208,3 +1208,50 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     _drain_once(new, caplog, replication_timeout_s=10)
     assert _on_main(async_standby.standby, obs_id, [older.transaction_id, newer_id]) == (1, 2, "newer")
     buf.close()
+
+
+def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update_of_its_row_that_waits_to_retry(
+        settings, async_standby, redis_client, caplog):
+    """As above (Q, newer, waits to retry holding the row; L, lost, buffered again, is older),
+    but L also renames obs unit 777, made on M by hand after S stopped: S refuses it, and it
+    waits to retry too. It joined the row's queue behind Q, which is newer: Q, due first, was
+    applied, and L after it undid Q's update (main kept "lost"). L stays ahead of Q."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, created_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()  # the record is on S
+    async_standby.stop_standby()
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="finish") as lost:
+        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+        lost.update("ObsUnit", 777, {"name": "renamed"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    with buf.transaction(endpoint="finish") as newer:
+        newer.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+        newer.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z",
+                                         "status": "running"})
+    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    keys = SiteKeys(settings.site)
+    assert redis_client.zcard(keys.retry) == 1  # Q waits to retry, holding the row
+    async_standby.fail_over()
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")  # Q can apply now; L cannot
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
+    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert redis_client.zcard(keys.retry) == 2 and buf.status(lost.transaction_id) == "pending"  # L waits too
+    due_now(redis_client, keys, newer.transaction_id)  # Q due first
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    _obs_unit_made_by_hand(async_standby.standby, 777, "made again")  # L's cause fixed
+    due_now(redis_client, keys, lost.transaction_id)
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.05)
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
+        1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
