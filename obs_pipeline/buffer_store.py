@@ -1097,6 +1097,15 @@ class BufferStore:
                     lost[row] = [v.decode() for v, score in values if score < 0]
         return queues, lost
 
+    def queued_as(self, rows: list[str], mark: str) -> set[str]:
+        """Those of `rows` whose queue (SiteKeys.waiting) holds `mark`."""
+        if not rows:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.zscore(self.keys.waiting(row), mark)
+        return {row for row, score in zip(rows, pipe.execute()) if score is not None}
+
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""
         if not ids:

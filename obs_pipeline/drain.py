@@ -984,9 +984,13 @@ class Drain:
         Marks and statuses are kept by id: dead-lettering this one turned that one's holds into
         dead marks (what uses its rows was dead-lettered as blocked by a transaction still to be
         applied) and its "pending" into "failed". Scans `retry` only where the id holds a live
-        mark of these rows (usually this one's own: it waited to retry too)."""
+        mark of these rows (usually this one's own: it waited to retry too). A live mark is the
+        row's head or a place in its queue (parked behind another row's holder, it waits in this
+        one's queue): only heads were looked at, and a newer update claimed with the row's head
+        was dead-lettered as blocked by the copy still to be applied."""
         marks = self.store.holders(sorted(rows))
         live = {row for row, mark in marks.items() if mark == tx.transaction_id}
+        live |= self.store.queued_as(sorted(rows - live), tx.transaction_id)
         return live if live and self.store.waits_to_retry(tx.transaction_id) else set()
 
     def _compact_aof(self) -> int:

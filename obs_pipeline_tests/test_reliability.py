@@ -3129,6 +3129,67 @@ def test_a_copy_dead_lettered_while_another_waits_to_retry_leaves_that_ones_hold
     buf.close()
 
 
+def test_a_copy_dead_lettered_while_the_first_push_waits_in_its_rows_queue_leaves_that_ones_place_and_status(
+        settings, redis_client, main_engine):
+    """As above, but the first push (it updates rows A and B, held by H and K, which wait to
+    retry) is parked behind one of them and waits in the other's queue, not at its head. Only
+    heads were looked at for a copy's holds: the copy's dead letter turned the first's places into
+    dead marks and its status into "failed", and a newer update of the other row, claimed with its
+    holder (applied: its cause fixed), was dead-lettered as blocked by the first, still to be
+    applied. The first keeps both; the newer waits behind it."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    a_obs, b_obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
+    units = {buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338}): (31338, a_obs["id"]),  # no such
+             buf.update("ExecutedObsUnit", b_obs["id"], {"obs_unit_id": 31339}): (31339, b_obs["id"])}  # units yet
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 2
+        with buf.transaction() as first:
+            first.update("ExecutedObsUnit", a_obs["id"], {"status": "first", "obs_unit_id": 31337})
+            first.update("ExecutedObsUnit", b_obs["id"], {"status": "first"})
+        copy = redis_client.get(keys.transaction(first.transaction_id))  # as it was pushed
+        assert drain.step().held == 1
+        behind = json.loads(redis_client.zrange(keys.retry, -1, -1)[0])["metadata"]["held_by"]
+        other = next(h for h in units if h != behind)  # its row's queue holds the first
+        step = {"step_id": "s1", "operation": "create", "model_class": "ObsUnit", "data": {"id": 31337}}
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": "doomed-unit", "steps": [step]}))
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == ["doomed-unit"]  # invalid: no name
+        redis_client.lpush(keys.buffer, copy)
+        assert [d["reason"] for d in drain.step().dead_lettered] == ["blocked by doomed-unit"]
+        assert buf.status(first.transaction_id) == "pending"
+        assert redis_client.zrange(keys.waiting(str(units[other][1])), 0, -1) == [first.transaction_id.encode()]
+        letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+        letters.discard(["doomed-unit"])  # the operator: the unit is made by hand instead
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'by hand'), (:u, 'late unit')"),
+                         {"u": units[other][0]})
+        due_now(redis_client, keys, other)
+        newer = buf.update("ExecutedObsUnit", units[other][1], {"status": "newer"})  # claimed with its holder
+        report = drain.step()
+        assert (report.applied, report.held, report.dead_lettered) == (1, 1, []), report
+    finally:
+        drain.close()
+    with main_engine.begin() as conn:  # the other holder's cause fixed
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit')"), {"u": units[behind][0]})
+    due_now(redis_client, keys, behind)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert buf.status(first.transaction_id) == buf.status(newer) == "replicated"
+    letters.retry([first.transaction_id])  # the copy's letter: found applied, it changes nothing
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id IN (:o, :b)"),
+                                 {"o": units[other][1], "b": units[behind][1]}).all()) == {
+            str(units[other][1]): "newer", str(units[behind][1]): "first"}
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
