@@ -322,6 +322,9 @@ class Outcome:
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
     #                                          dead-lettered a transaction as blocked: checked at acknowledgement
     dead_queued: dict[str, str] = field(default_factory=dict)  # row -> the same, read from its queue
+    # ids of entries left out as pushed twice that had waited (to retry, parked): a copy claimed ahead
+    # of one (a processing list claimed again whole) is the one applied, and lets go of its rows
+    waited: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)  # ids buffered again after a failover (LOST_IN_FAILOVER):
     #                                          their claims go ahead of the others' (scripts.HOLD_AHEAD)
 

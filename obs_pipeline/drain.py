@@ -786,6 +786,8 @@ class Drain:
                 report.dead_lettered.append({"transaction_id": tx_id, "reason": reason})
                 continue
             if _one_of_batch(tx) in seen:  # pushed twice: applied once
+                if _waited(tx):  # (the first of them, a copy claimed ahead of it, lets go of its rows)
+                    outcome.waited.add(tx.transaction_id)
                 continue
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             outcome.places.setdefault(tx.transaction_id, place)
@@ -807,7 +809,7 @@ class Drain:
         kept, copies = discarded_copies.split_off(self.store, self.registry, txs)
         for tx in copies:
             discarded_copies.say_dropped(tx.transaction_id, self.settings.site)
-            if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:  # (as _record_result)
+            if _waited(tx) or tx.transaction_id in outcome.waited:  # (as _record_result)
                 outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
                 outcome.unpark.append(tx.transaction_id)
                 if not self.store.waits_to_retry(tx.transaction_id):
@@ -900,7 +902,7 @@ class Drain:
         done = result.applied + result.already_applied
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
-            if tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata:
+            if _waited(tx) or tx.transaction_id in outcome.waited:
                 # only these ever put rows in held_ids, or have others parked behind them
                 outcome.release[tx.transaction_id] = written_ids(tx, self.registry)
                 outcome.unpark.append(tx.transaction_id)
@@ -1141,6 +1143,12 @@ class Drain:
 def _one_of_batch(tx: Transaction) -> tuple[str, str | None]:
     """What tells a batch's transactions apart: its id, and its steps (_parse keeps one of each)."""
     return tx.transaction_id, tx.steps_digest
+
+
+def _waited(tx: Transaction) -> bool:
+    """Whether it waited to retry or was parked (or is a requeued dead letter): only such a
+    transaction ever put rows in held_ids, or has others parked behind it."""
+    return bool(tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata)
 
 
 def _status_json(tx: Transaction, status: str) -> str:

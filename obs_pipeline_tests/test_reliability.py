@@ -3190,6 +3190,56 @@ def test_a_copy_dead_lettered_while_the_first_push_waits_in_its_rows_queue_leave
     buf.close()
 
 
+def test_a_copy_reclaimed_ahead_of_the_retry_it_copies_releases_that_ones_row(settings, redis_client, main_engine,
+                                                                               monkeypatch):
+    """T waits to retry, holding its row; a producer's copy of it is claimed (its cause fixed
+    meanwhile), T comes due as the next batch is prefetched, and main cancels the copy's batch
+    (lock_timeout: another session locks the row). Claimed again, the processing list is one
+    batch, the copy ahead of T's retry: T's entry was dropped as pushed twice, and the copy,
+    applied, did not let go of the row (only a transaction that waited does): T's mark stayed,
+    and every later update of the row was parked behind it for ever."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})  # no such unit
+    copy = redis_client.get(keys.transaction(first))  # as it was pushed
+    drain = Drain(with_statement_timeout(settings, 300, "lock_timeout"),
+                  DrainConfig(batch_size=1, retry_base_s=60, backoff_initial_s=0.1))
+    try:
+        drain.acquire()
+        assert drain.step().retried == 1
+        assert drain.step() is None  # (the batch prefetched behind it: empty)
+        with main_engine.begin() as conn:  # T's cause fixed
+            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+        redis_client.lpush(keys.buffer, copy)
+        real_mark = drain.store.mark_processing
+
+        def mark_processing(ids, full_json):  # T due just as the next batch is prefetched
+            due_now(redis_client, keys, first)
+            return real_mark(ids, full_json)
+
+        monkeypatch.setattr(drain.store, "mark_processing", mark_processing)
+        with main_engine.connect() as blocker:
+            blocker.execute(sa.text("SELECT id FROM executed_obs_unit WHERE id = :i FOR UPDATE"), {"i": obs["id"]})
+            with pytest.raises(Exception, match="lock timeout"):
+                drain.step()
+            blocker.commit()
+        monkeypatch.undo()
+        assert redis_client.llen(keys.processing) == 2  # the copy, then T's retry
+        assert drain.step().applied == 1
+        assert redis_client.hgetall(keys.held_ids) == {}
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        assert drain.step().applied == 1
+    finally:
+        drain.close()
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert buf.status(first) == buf.status(newer) == "replicated"
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
