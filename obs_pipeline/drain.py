@@ -776,10 +776,15 @@ class Drain:
                 outcome.dead.append((tx_id, entry))
                 if tx_id:
                     outcome.places.setdefault(tx_id, place)
-                    outcome.statuses.append((tx_id, entry))
+                    rows = _rows_written_by(raw, self.registry)
+                    # another entry of the id that waits to retry (a producer reused the id) keeps
+                    # its status and live holds, as in _dead_letter: status() said "failed" for it
+                    copy_holds = self._held_by_copy(tx_id, rows)
+                    if not (copy_holds or self.store.waits_to_retry(tx_id)):
+                        outcome.statuses.append((tx_id, entry))
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
-                    outcome.claim(_rows_written_by(raw, self.registry), "!" + tx_id)
+                    outcome.claim(rows - copy_holds, "!" + tx_id)
                     # a requeued dead letter that is still invalid: those parked behind it (its live
                     # holds again, see DeadLetters.retry) come due, to be blocked with it
                     outcome.unpark.append(tx_id)
@@ -860,7 +865,7 @@ class Drain:
             written = written_ids(tx, self.registry)
             # rows a copy of it waiting to retry holds stay that one's, for the rest of this batch
             # too: what uses them waits behind it (see _held_by_copy)
-            copy_holds = self._held_by_copy(tx, written) if holder.startswith("!") else set()
+            copy_holds = self._held_by_copy(tx.transaction_id, written) if holder.startswith("!") else set()
             written -= copy_holds
             # Its marks go only on rows nobody holds: a row held by another stays that one's in
             # this batch's outcome too, or its holder, failing later in the batch, could not mark
@@ -970,7 +975,7 @@ class Drain:
         entry = _failed_entry(tx.to_dict(), reason, kind=kind, attempts=attempts)
         outcome.dead.append((tx.transaction_id, entry))
         rows = written_ids(tx, self.registry) if rows is None else rows
-        copy_holds = self._held_by_copy(tx, rows) if copy_holds is None else copy_holds
+        copy_holds = self._held_by_copy(tx.transaction_id, rows) if copy_holds is None else copy_holds
         if status:  # while a copy waits, the id's status is its "pending" (this one may have been
             # marked "processing" in this batch)
             current = _status_json(tx, "pending") if copy_holds else entry
@@ -980,8 +985,8 @@ class Drain:
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
         return bool(copy_holds)
 
-    def _held_by_copy(self, tx: Transaction, rows: set[str]) -> set[str]:
-        """Those of `rows` held live by a copy of `tx` that waits to retry or is parked: a producer
+    def _held_by_copy(self, tx_id: str, rows: set[str]) -> set[str]:
+        """Those of `rows` held live by a copy of `tx_id` that waits to retry or is parked: a producer
         pushed it again (and the copy failed too, or this one was pushed while that one waited).
         Marks and statuses are kept by id: dead-lettering this one turned that one's holds into
         dead marks (what uses its rows was dead-lettered as blocked by a transaction still to be
@@ -991,9 +996,9 @@ class Drain:
         one's queue): only heads were looked at, and a newer update claimed with the row's head
         was dead-lettered as blocked by the copy still to be applied."""
         marks = self.store.holders(sorted(rows))
-        live = {row for row, mark in marks.items() if mark == tx.transaction_id}
-        live |= self.store.queued_as(sorted(rows - live), tx.transaction_id)
-        return live if live and self.store.waits_to_retry(tx.transaction_id) else set()
+        live = {row for row, mark in marks.items() if mark == tx_id}
+        live |= self.store.queued_as(sorted(rows - live), tx_id)
+        return live if live and self.store.waits_to_retry(tx_id) else set()
 
     def _compact_aof(self) -> int:
         try:

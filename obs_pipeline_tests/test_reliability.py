@@ -3240,6 +3240,33 @@ def test_a_copy_reclaimed_ahead_of_the_retry_it_copies_releases_that_ones_row(se
     buf.close()
 
 
+def test_an_invalid_entry_under_the_id_of_one_waiting_to_retry_leaves_that_ones_hold_and_status(
+        settings, redis_client, main_engine):
+    """A producer reuses the id of an update that waits to retry, holding its row, for an entry the
+    drain finds invalid (a column the model lacks) that updates the same row. Dead-lettered, its
+    letter was written over the waiting one's status: status() said "failed" for a transaction
+    still to be applied (and applied later). The waiting one keeps its status and its hold (a dead
+    claim of the invalid entry leaves out the rows it holds live); the newer waits behind it."""
+    keys = SiteKeys(settings.site)
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, first, drain):
+        step = {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit", "record_id": obs["id"],
+                "data": {"no_such_column": 1}}
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": first, "steps": [step]}))
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [first]
+        assert buf.status(first) == "pending"
+        assert redis_client.hgetall(keys.held_ids) == {str(obs["id"]).encode(): first.encode()}
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        assert drain.step().held == 1
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    due_now(redis_client, keys, first)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "newer")
+    assert buf.status(newer) == "replicated"
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
