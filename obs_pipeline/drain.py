@@ -780,7 +780,7 @@ class Drain:
                     # another entry of the id that waits to retry (a producer reused the id) keeps
                     # its status and live holds, as in _dead_letter: status() said "failed" for it
                     copy_holds = self._held_by_copy(tx_id, rows)
-                    if not (copy_holds or self.store.waits_to_retry(tx_id)):
+                    if not (copy_holds or self._status_says_waiting(tx_id) and self.store.waits_to_retry(tx_id)):
                         outcome.statuses.append((tx_id, entry))
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
@@ -886,6 +886,21 @@ class Drain:
                 waited_on.add(holder)
                 report.held += 1
         return ready
+
+    def _status_says_waiting(self, tx_id: str) -> bool:
+        """Whether the id's status key is that of a transaction that waits (pending, having
+        failed or been parked): only then may an entry of it be in `retry`, whose look-up
+        (store.waits_to_retry) scans the whole set, 300,000 parked ones for each invalid entry."""
+        raw = self.store.status_json(tx_id)
+        try:
+            doc = json_codec.loads(raw) if raw else None
+        except (ValueError, RecursionError):
+            return False
+        if not isinstance(doc, dict) or doc.get("status") != "pending":
+            return False
+        metadata = doc.get("metadata")
+        return bool(doc.get("retry_count")) or isinstance(metadata, dict) and (
+            "held_by" in metadata or "last_error" in metadata)
 
     def _lost_in_failover(self, holder: str, seen: dict[str, bool]) -> bool:
         """Whether `holder` (a mark in held_ids: "!" + id if dead) was buffered again after a
