@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -3501,6 +3502,26 @@ def test_an_invalid_entry_under_the_id_of_one_waiting_to_retry_leaves_that_ones_
     assert buf.status(newer) == "replicated"
     assert_no_holds(redis_client, keys)
     buf.close()
+
+
+def test_an_invalid_entry_of_a_new_id_does_not_scan_the_retry_set_for_its_id(settings, redis_client, monkeypatch):
+    """Only an id whose status says it waits may have an entry in `retry`: the look-up scans the
+    whole set (BufferStore.waits_to_retry), and made once for each invalid entry it cost a burst
+    of garbage a full scan of every parked transaction each. A fresh id's status key says pending,
+    never having waited: no scan, and its letter is its status."""
+    keys = SiteKeys(settings.site)
+    with an_update_failing_on_a_missing_obs_unit(settings) as (buf, obs, first, drain):
+        scanned = []
+        monkeypatch.setattr(BufferStore, "waits_to_retry", lambda store, tx_id: scanned.append(tx_id) or False)
+        fresh = str(uuid.uuid4())
+        step = {"step_id": "s1", "operation": "update", "model_class": "ExecutedObsUnit", "record_id": obs["id"],
+                "data": {"no_such_column": 1}}
+        buf.redis.set(keys.transaction(fresh), json.dumps({"transaction_id": fresh, "status": "pending",
+                                                           "retry_count": 0, "steps": [step]}))
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": fresh, "steps": [step]}))
+        assert [d["transaction_id"] for d in drain.step().dead_lettered] == [fresh]
+        assert scanned == [] and buf.status(fresh) == "failed"
+        assert redis_client.hgetall(keys.held_ids) == {str(obs["id"]).encode(): first.encode()}
 
 
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
