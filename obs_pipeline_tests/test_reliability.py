@@ -2611,71 +2611,69 @@ def test_an_update_parked_behind_one_holder_is_not_overtaken_in_its_batch_by_a_n
     buf.close()
 
 
+# (updates, share naming a missing unit, chance a step adds one, chance retries are made due now,
+# chance the operator discards a dead letter, chance the operator retries them all)
+OPERATORS = {"retrying now and then": (16, 0.25, 0.2, 0.4, 0.0, 0.1),
+             "discarding now and then": (18, 0.4, 0.1, 0.7, 0.35, 0.15)}
+
+
 @pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("operator", OPERATORS)
 def test_updates_held_back_by_failures_reach_main_in_the_order_they_were_buffered(
-        settings, redis_client, main_engine, seed):
-    """Updates of one to three of three rows, a quarter of them naming a unit main does not
-    have yet (they wait to retry, and what writes their rows waits behind them), buffered and
-    drained in random steps, the missing units added at random moments; those whose retries run
-    out are dead-lettered (with what they block) and retried by the operator, now and then and
-    at the end. Each row ends with the value of its last update buffered, and nothing is left
-    holding a row."""
+        settings, redis_client, main_engine, operator, seed):
+    """Updates of one to three of three rows, some naming a unit main does not have yet (they
+    wait to retry, and what writes their rows waits behind them), buffered and drained in random
+    steps, the missing units added at random moments; those whose retries run out are
+    dead-lettered (with what they block), and the operator retries them now and then, or also
+    discards one now and then (what it blocked stays listed), and retries them at the end. Each
+    row ends with its last update buffered that was not discarded, and nothing is left in a row's
+    head or queue (a discarded head's place goes to the next in its queue)."""
     from obs_pipeline.dead_letters import DeadLetters
     from obs_pipeline.model_registry import ModelRegistry
 
-    rng = random.Random(seed)
+    updates, failing, adding, due, discarding, retrying = OPERATORS[operator]
+    rng = random.Random(seed + 1000 * bool(discarding))
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     rows = [str(replicated_observation(settings, buf)["id"]) for _ in range(3)]
-    missing = [41000 + 10 * seed + i for i in range(3)]
-
-    def add_unit(unit: int) -> None:
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit') ON CONFLICT DO NOTHING"),
-                         {"u": unit})
-
-    def waiting_due_now() -> None:  # (not those parked behind another: +inf)
-        waiting = {m: 0 for m, score in redis_client.zrange(keys.retry, 0, -1, withscores=True) if score != float("inf")}
-        if waiting:
-            redis_client.zadd(keys.retry, waiting)
-
-    last: dict[str, str] = {}
+    missing = [41000 + 100 * bool(discarding) + 10 * seed + i for i in range(3)]
+    writes: list[tuple[str, dict[str, str]]] = []
+    discarded: set[str] = set()
     letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
         drain.acquire()
-        for i in range(16):
+        for i in range(updates):
             with buf.transaction() as tx:
+                wrote = {}
                 for row in rng.sample(rows, rng.choice([1, 1, 2, 3])):
                     values = {"status": f"s{i}"}
-                    if rng.random() < 0.25:
+                    if rng.random() < failing:
                         values["obs_unit_id"] = rng.choice(missing)
                     tx.update("ExecutedObsUnit", row, values)
-                    last[row] = values["status"]
+                    wrote[row] = values["status"]
+            writes.append((tx.transaction_id, wrote))
             for _ in range(rng.choice([0, 1, 1, 2])):
                 drain.step()
-            if rng.random() < 0.2:
-                add_unit(rng.choice(missing))
-            if rng.random() < 0.4:
-                waiting_due_now()
-            if rng.random() < 0.1 and redis_client.llen(keys.failed):
-                letters.retry()  # the operator, before every cause is fixed
+            if rng.random() < adding:
+                add_unit(main_engine, rng.choice(missing))
+            if rng.random() < due:
+                retries_due_now(redis_client, keys)
+            listed = letters.list() if redis_client.llen(keys.failed) else []
+            if listed and rng.random() < discarding:
+                victim = rng.choice(listed).transaction_id
+                letters.discard([victim])
+                discarded.add(victim)
+            elif listed and rng.random() < retrying:
+                letters.retry()  # before every cause is fixed
     finally:
         drain.close()
-    for unit in missing:
-        add_unit(unit)
-    for _ in range(6):
-        waiting_due_now()
-        drain_until_settled(settings, retry_base_s=0.05)
-        if not redis_client.llen(keys.failed):
-            break
-        letters.retry()
-    with main_engine.connect() as conn:
-        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id::text IN :rows"
-                                         ).bindparams(sa.bindparam("rows", expanding=True)), {"rows": rows}).all()) == {
-            row: last[row] for row in rows if row in last} | {row: "running" for row in rows if row not in last}
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    settle_with_every_cause_fixed(settings, redis_client, main_engine, letters, missing)
+    last = {}
+    for tx_id, wrote in writes:
+        if tx_id not in discarded:
+            last.update(wrote)
+    assert_rows_end_as(settings, redis_client, main_engine, {row: last.get(row, "running") for row in rows})
     buf.close()
 
 
@@ -2684,15 +2682,8 @@ def test_a_newer_update_waits_behind_a_blocked_letter_whose_blocker_was_discarde
     its row) as blocked by it. The operator discards P: D stays listed, and its row was free, so
     a newer update N was applied at once, and `failed retry D` then applied the older D over it.
     D now takes the row's mark (next in its queue): N is blocked by D, and retried with it, after it."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
-
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
+    with a_row_its_letters_and_a_drain(settings, redis_client) as (buf, obs, letters, drain):
         drain.acquire()
         poison = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit
         report = drain.step()
@@ -2704,8 +2695,6 @@ def test_a_newer_update_waits_behind_a_blocked_letter_whose_blocker_was_discarde
         letters.discard([poison])
         newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
         assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {older}"]
-    finally:
-        drain.close()
     assert letters.retry([older]) == [older, newer]
     drain_until_settled(settings, retry_base_s=0.05)
     with main_engine.connect() as conn:
@@ -2713,6 +2702,23 @@ def test_a_newer_update_waits_behind_a_blocked_letter_whose_blocker_was_discarde
     assert_queues_empty(redis_client, settings.site)
     assert_no_holds(redis_client, keys)
     buf.close()
+
+
+@contextlib.contextmanager
+def a_row_its_letters_and_a_drain(settings, redis_client):
+    """A replicated observation, the site's dead letters and a drain (its retries a minute apart):
+    (buffer, observation, DeadLetters, drain)."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        yield buf, obs, letters, drain
+    finally:
+        drain.close()
 
 
 @contextlib.contextmanager
@@ -2739,82 +2745,31 @@ def assert_rows_end_as(settings, redis_client, main_engine, statuses: dict) -> N
     assert_no_holds(redis_client, SiteKeys(settings.site))
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_updates_held_back_by_failures_with_letters_discarded_end_with_the_newest_write_kept(
-        settings, redis_client, main_engine, seed):
-    """As above, and the operator discards a random dead letter now and then (what it blocked
-    stays listed, retried at the end): each row ends with the value of its last update buffered
-    that was not discarded, and nothing is left in a row's head or queue (a discarded head's
-    place goes to the next in its queue)."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
+def add_unit(main_engine, unit: int) -> None:
+    """The obs unit an update named before main had it (its cause fixed)."""
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit') ON CONFLICT DO NOTHING"),
+                     {"u": unit})
 
-    rng = random.Random(1000 + seed)
+
+def retries_due_now(redis_client, keys: SiteKeys) -> None:
+    """Every transaction waiting to retry is due now (not those parked behind another: +inf)."""
+    waiting = {m: 0 for m, score in redis_client.zrange(keys.retry, 0, -1, withscores=True) if score != float("inf")}
+    if waiting:
+        redis_client.zadd(keys.retry, waiting)
+
+
+def settle_with_every_cause_fixed(settings, redis_client, main_engine, letters, units: list[int]) -> None:
+    """The missing units added, then drained until settled, the dead letters retried in between."""
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    rows = [str(replicated_observation(settings, buf)["id"]) for _ in range(3)]
-    missing = [42000 + 10 * seed + i for i in range(3)]
-
-    def add_unit(unit: int) -> None:
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (:u, 'late unit') ON CONFLICT DO NOTHING"),
-                         {"u": unit})
-
-    def waiting_due_now() -> None:
-        waiting = {m: 0 for m, score in redis_client.zrange(keys.retry, 0, -1, withscores=True) if score != float("inf")}
-        if waiting:
-            redis_client.zadd(keys.retry, waiting)
-
-    writes: list[tuple[str, dict[str, str]]] = []
-    discarded: set[str] = set()
-    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
-        for i in range(18):
-            with buf.transaction() as tx:
-                wrote = {}
-                for row in rng.sample(rows, rng.choice([1, 1, 2, 3])):
-                    values = {"status": f"s{i}"}
-                    if rng.random() < 0.4:
-                        values["obs_unit_id"] = rng.choice(missing)
-                    tx.update("ExecutedObsUnit", row, values)
-                    wrote[row] = values["status"]
-            writes.append((tx.transaction_id, wrote))
-            for _ in range(rng.choice([0, 1, 1, 2])):
-                drain.step()
-            if rng.random() < 0.1:
-                add_unit(rng.choice(missing))
-            if rng.random() < 0.7:
-                waiting_due_now()
-            listed = letters.list()
-            if listed and rng.random() < 0.35:
-                victim = rng.choice(listed).transaction_id
-                letters.discard([victim])
-                discarded.add(victim)
-            elif listed and rng.random() < 0.15:
-                letters.retry()
-    finally:
-        drain.close()
-    for unit in missing:
-        add_unit(unit)
+    for unit in units:
+        add_unit(main_engine, unit)
     for _ in range(8):
-        waiting_due_now()
+        retries_due_now(redis_client, keys)
         drain_until_settled(settings, retry_base_s=0.05)
         if not redis_client.llen(keys.failed):
-            break
+            return
         letters.retry()
-    last = {}
-    for tx_id, wrote in writes:
-        if tx_id not in discarded:
-            last.update(wrote)
-    with main_engine.connect() as conn:
-        assert dict(conn.execute(sa.text("SELECT id::text, status FROM executed_obs_unit WHERE id::text IN :rows"
-                                         ).bindparams(sa.bindparam("rows", expanding=True)), {"rows": rows}).all()) == {
-            row: last.get(row, "running") for row in rows}, (writes, discarded)
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
-    buf.close()
 
 
 def assert_no_holds(redis_client, keys: SiteKeys) -> None:
@@ -3138,20 +3093,11 @@ def test_a_reused_ids_letter_requeued_behind_its_dead_first_is_not_overtaken_by_
     (which the reused letter shares). Retried, the reused letter under its new id was put last in
     the row's queue, behind the newer update: the newer was applied first, and the reused one, buffered
     before it, then overwrote it (main kept the older write)."""
-    from obs_pipeline.dead_letters import DeadLetters
-    from obs_pipeline.model_registry import ModelRegistry
-
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
+    with a_row_its_letters_and_a_drain(settings, redis_client) as (buf, obs, letters, drain):
         first_id, _ = _an_update_and_its_reused_id(buf, obs, drain, redis_client, first_dead=True)
         newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
         assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first_id}"]
-    finally:
-        drain.close()
     with main_engine.begin() as conn:  # the cause is fixed
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
     if retried == "--all":
@@ -3219,20 +3165,12 @@ def test_a_reuse_of_a_waiting_updates_id_for_its_row_is_not_applied_ahead_of_it(
     from obs_pipeline.model_registry import ModelRegistry
 
     keys = SiteKeys(settings.site)
-    buf = TransactionBuffer(settings=settings)
-    obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
-    drain = Drain(settings, DrainConfig(retry_base_s=60))
-    try:
-        drain.acquire()
-        assert drain.step().retried == 1
+    with an_update_failing_on_a_missing_obs_unit(settings, status="first") as (buf, obs, first, drain):
         reused = json.loads(redis_client.get(keys.transaction(first)))
         reused = {"transaction_id": first, "steps": reused["steps"]}
         reused["steps"][0]["data"] = {"status": "reused"}
         redis_client.lpush(keys.buffer, json.dumps(reused))
         drain.step()
-    finally:
-        drain.close()
     with main_engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
     due_now(redis_client, keys, first)
@@ -3580,13 +3518,14 @@ def test_a_new_update_claimed_with_the_holder_waits_behind_those_parked_before_i
 
 
 @contextlib.contextmanager
-def an_update_failing_on_a_missing_obs_unit(settings):
-    """A replicated observation whose update (to obs unit 31337, not there yet) has failed once
-    and waits in retry, and the drain that tried it, holding the lease: the tests hold later
-    updates of the row behind that update."""
+def an_update_failing_on_a_missing_obs_unit(settings, status: str | None = None):
+    """A replicated observation whose update (to obs unit 31337, not there yet; and to `status`
+    if given) has failed once and waits in retry, and the drain that tried it, holding the lease:
+    the tests hold later updates of the row behind that update."""
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337})  # no such unit yet
+    values = {"obs_unit_id": 31337} | ({"status": status} if status else {})
+    first = buf.update("ExecutedObsUnit", obs["id"], values)  # no such unit yet
     drain = Drain(settings, DrainConfig(retry_base_s=60))
     try:
         drain.acquire()
