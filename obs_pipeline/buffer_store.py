@@ -1100,14 +1100,21 @@ class BufferStore:
                     lost[row] = [v.decode() for v, score in values if score < 0]
         return queues, lost
 
-    def queued_as(self, rows: list[str], mark: str) -> set[str]:
-        """Those of `rows` whose queue (SiteKeys.waiting) holds `mark`."""
+    def held_live_by(self, rows: list[str], mark: str) -> set[str]:
+        """Those of `rows` whose head (held_ids) is `mark` or whose queue (SiteKeys.waiting) holds
+        it, in one round trip."""
         if not rows:
             return set()
         pipe = self.redis.pipeline(transaction=False)
+        for part in _parts(rows, MAX_COMMAND_ARGS - 2):
+            pipe.hmget(self.keys.held_ids, part)
         for row in rows:
             pipe.zscore(self.keys.waiting(row), mark)
-        return {row for row, score in zip(rows, pipe.execute()) if score is not None}
+        replies = pipe.execute()
+        parts = len(replies) - len(rows)
+        heads = [v for part in replies[:parts] for v in part]
+        return {row for row, head, score in zip(rows, heads, replies[parts:])
+                if head is not None and head.decode() == mark or score is not None}
 
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""

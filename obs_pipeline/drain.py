@@ -1010,9 +1010,7 @@ class Drain:
         row's head or a place in its queue (parked behind another row's holder, it waits in this
         one's queue): only heads were looked at, and a newer update claimed with the row's head
         was dead-lettered as blocked by the copy still to be applied."""
-        marks = self.store.holders(sorted(rows))
-        live = {row for row, mark in marks.items() if mark == tx_id}
-        live |= self.store.queued_as(sorted(rows - live), tx_id)
+        live = self.store.held_live_by(sorted(rows), tx_id)
         return live if live and self.store.waits_to_retry(tx_id) else set()
 
     def _compact_aof(self) -> int:
