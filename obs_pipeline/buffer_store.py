@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Collection, NamedTuple
 
 import hiredis
 import redis
@@ -1037,15 +1037,6 @@ class BufferStore:
     def holds_any(self) -> bool:
         return bool(self.redis.hlen(self.keys.held_ids))
 
-    def waited_on(self, holders: list[str]) -> set[str]:
-        """Which of these transactions have others parked behind them."""
-        if not holders:
-            return set()
-        pipe = self.redis.pipeline(transaction=False)
-        for holder in holders:
-            pipe.exists(self.keys.parked(holder))
-        return {h for h, n in zip(holders, pipe.execute()) if n}
-
     def unhold(self, rows_of: dict[str, set[str]], pipe: Any = None,
                dead_only: bool = False) -> None:
         """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs
@@ -1086,19 +1077,27 @@ class BufferStore:
         entries = self.redis.zscan_iter(self.keys.retry, match=pattern, count=1000)
         return next(entries, None) is not None
 
-    def queued(self, rows: list[str], most: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """The first `most` of those waiting behind each row's head (SiteKeys.waiting), in order,
-        and, of those, the ones buffered again after a failover (scored below zero: scripts.HOLD_AHEAD)."""
+    def behind(self, heads: dict[str, str], most: int,
+               in_batch: Collection[str]) -> tuple[dict[str, list[str]], dict[str, list[str]], set[str]]:
+        """What waits behind these rows' heads (row -> its head's mark), in one round trip: the
+        first `most` in each row's queue (SiteKeys.waiting), in order; of those, the ones buffered
+        again after a failover (scored below zero: scripts.HOLD_AHEAD); and which of the heads
+        whose transactions are `in_batch` have others parked behind them."""
+        rows = sorted(heads)
+        waited = sorted({head for head in heads.values() if head in in_batch})
         pipe = self.redis.pipeline(transaction=False)
         for row in rows:
             pipe.zrange(self.keys.waiting(row), 0, most - 1, withscores=True)
+        for head in waited:
+            pipe.exists(self.keys.parked(head))
+        replies = pipe.execute()
         queues, lost = {}, {}
-        for row, values in zip(rows, pipe.execute()):
+        for row, values in zip(rows, replies):
             if values:
                 queues[row] = [v.decode() for v, _ in values]
                 if values[0][1] < 0:
                     lost[row] = [v.decode() for v, score in values if score < 0]
-        return queues, lost
+        return queues, lost, {head for head, n in zip(waited, replies[len(rows):]) if n}
 
     def held_live_by(self, rows: list[str], mark: str) -> set[str]:
         """Those of `rows` whose head (held_ids) is `mark` or whose queue (SiteKeys.waiting) holds

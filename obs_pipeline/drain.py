@@ -840,12 +840,11 @@ class Drain:
                 holders[row] = outcome.hold[row]
         if not holders:
             return txs
-        # behind each head, those waiting after it: this batch may pass all of them, and one more
-        order = RowOrder(holders, *self.store.queued(sorted(in_redis), len(txs) + 1))
-        in_batch = {t.transaction_id for t in txs}
-        # a holder with others parked behind it lets nothing through, not even from behind it
-        # in the batch: those parked go first
-        waited_on = self.store.waited_on(sorted({h for h in holders.values() if h in in_batch}))
+        # behind each head, those waiting after it: this batch may pass all of them, and one more;
+        # a holder in this batch with others parked behind it lets nothing through, not even from
+        # behind it in the batch: those parked go first
+        queues, lost, waited_on = self.store.behind(in_redis, len(txs) + 1, set(refs_of))
+        order = RowOrder(holders, queues, lost)
         ready, ahead = [], set()
         lost_too: dict[str, bool] = {}  # holder -> whether a failover lost it too (_lost_in_failover)
         for tx in txs:
@@ -891,12 +890,8 @@ class Drain:
         """Whether the id's status key is that of a transaction that waits (pending, having
         failed or been parked): only then may an entry of it be in `retry`, whose look-up
         (store.waits_to_retry) scans the whole set, 300,000 parked ones for each invalid entry."""
-        raw = self.store.status_json(tx_id)
-        try:
-            doc = json_codec.loads(raw) if raw else None
-        except (ValueError, RecursionError):
-            return False
-        if not isinstance(doc, dict) or doc.get("status") != "pending":
+        doc = self._status_doc(tx_id)
+        if doc.get("status") != "pending":
             return False
         metadata = doc.get("metadata")
         return bool(doc.get("retry_count")) or isinstance(metadata, dict) and (
@@ -909,13 +904,19 @@ class Drain:
         began to hold its rows after it was applied once, and is newer (parked behind one, a lost
         update applied after a newer one and undid it)."""
         if holder not in seen:
-            raw = self.store.status_json(holder.removeprefix("!"))
-            try:
-                metadata = json_codec.loads(raw).get("metadata") if raw else None
-            except (ValueError, AttributeError, RecursionError):
-                metadata = None
+            metadata = self._status_doc(holder.removeprefix("!")).get("metadata")
             seen[holder] = isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
         return seen[holder]
+
+    def _status_doc(self, tx_id: str) -> dict:
+        """The id's status key as a dict; {} if it has none or it is not one (a producer may
+        have written anything there)."""
+        raw = self.store.status_json(tx_id)
+        try:
+            doc = json_codec.loads(raw) if raw else None
+        except (ValueError, RecursionError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def _record_result(self, result, outcome: Outcome, report: BatchReport,
                        footprints: dict[tuple[str, str | None], dict[str, list]]) -> None:
