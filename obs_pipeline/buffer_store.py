@@ -325,8 +325,6 @@ class Outcome:
     # ids of entries left out as pushed twice that had waited (to retry, parked): a copy claimed ahead
     # of one (a processing list claimed again whole) is the one applied, and lets go of its rows
     waited: set[str] = field(default_factory=set)
-    lost: set[str] = field(default_factory=set)  # ids buffered again after a failover (LOST_IN_FAILOVER):
-    #                                          their claims go ahead of the others' (scripts.HOLD_AHEAD)
 
     def claim(self, rows: set[str], value: str, head: bool = True) -> None:
         """`value` (a transaction id, "!" + id once dead) waits to write `rows`: the head of each
@@ -338,17 +336,15 @@ class Outcome:
         place = self.places.get(value.removeprefix("!"), len(self.places))
         self.claims.extend((place, row, value) for row in sorted(rows))
 
-    def hold_pairs(self, lost: bool = False) -> list[str]:
-        """The claims as scripts.HOLD's (row, value) pairs, in batch order: those of the transactions
-        buffered again after a failover if `lost` (scripts.HOLD_AHEAD's), else the others'."""
-        return [x for _, row, value in sorted(self.claims, key=lambda c: c[0])
-                if (value.removeprefix("!") in self.lost) == lost for x in (row, value)]
+    def hold_pairs(self) -> list[str]:
+        """The claims as scripts.HOLD's (row, value) pairs, in batch order."""
+        return [x for _, row, value in sorted(self.claims, key=lambda c: c[0]) for x in (row, value)]
 
 
 # A transaction buffered again after a failover lost its commit (metadata key; the value: the
 # timeline or cluster's line of the settlement). It was applied once before whatever holds its
-# rows now (a newer update of a row of it waiting to retry, parked or dead): it waits behind none
-# of them (Drain._hold_dependents), or it applied after the newer update and undid it.
+# rows now (a newer update of a row of it waiting to retry, parked or dead): it goes first in the
+# order of every row it uses (requeue_lost), or it applied after the newer update and undid it.
 LOST_IN_FAILOVER = "lost_in_failover"
 
 
@@ -722,11 +718,8 @@ class BufferStore:
                 for part in range(0, len(statuses), 2 * STATUS_CHUNK):  # never over a committed one
                     pipe.eval(scripts.SET_UNLESS_COMMITTED, 0, k.prefix, *statuses[part:part + 2 * STATUS_CHUNK])
                 self.unhold(outcome.release, pipe)
-                if outcome.claims:  # those buffered again after a failover first: they are the older
-                    for script, pairs in ((scripts.HOLD_AHEAD, outcome.hold_pairs(lost=True)),
-                                          (scripts.HOLD, outcome.hold_pairs())):
-                        if pairs:
-                            _eval_pairs(pipe, script, k, pairs)
+                if outcome.claims:
+                    _eval_pairs(pipe, scripts.HOLD, k, outcome.hold_pairs())
                 for due, tx_json in outcome.retry:
                     pipe.zadd(k.retry, {tx_json: due})
                 for holder, tx_id, rows, tx_json in outcome.park:  # parked before any release of this batch
@@ -930,17 +923,19 @@ class BufferStore:
 
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
                      kept: list[tuple[dict[str, Any], bytes]],
-                     cluster: int | None = None,
-                     lsn_of: dict[bytes, int] | None = None) -> tuple[list[str], list[str]]:
+                     cluster: int | None = None, lsn_of: dict[bytes, int] | None = None,
+                     rows_of: Callable[[str], set[str]] | None = None) -> tuple[list[str], list[str]]:
         """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
         the `lost` chunks: put their transactions back at the oldest end of the processing list, in
         their order (claimed again first, before whatever waits there or in the buffer, as after a
         crash; an id main has applied after all is skipped there), statuses "pending", and drop
         their records without cleaning their caches (reads keep showing them until the new commit
-        is replayed). The `kept` chunks (main has their ids) are recorded as on `timeline` (and
-        `cluster`, recorded in `stats` too), at the LSN `lsn_of` gives a member, if it does (one
-        of another cluster's WAL). One MULTI, fenced by the lease, so a crash leaves all
-        or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
+        is replayed). Each goes first in the order of the rows it uses (`rows_of` an entry:
+        scripts.HOLD_FIRST), ahead of whatever waits there now: it was applied before any of them
+        began to wait, and it holds them until it is applied (or dead-lettered). The `kept`
+        chunks (main has their ids) are recorded as on `timeline` (and `cluster`, recorded in
+        `stats` too), at the LSN `lsn_of` gives a member, if it does (one of another cluster's
+        WAL). One MULTI, fenced by the lease, so a crash leaves all or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
         be)."""
         k = self.keys
         ids = list(dict.fromkeys(tx_id for record, _ in lost for tx_id in record.get("t") or ()))
@@ -971,6 +966,10 @@ class BufferStore:
                         pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, **on, "lsn": lsn}): lsn})
                     if entries:  # the first of them rightmost: the oldest end
                         pipe.rpush(k.processing, *reversed(entries.values()))
+                        if rows_of is not None:  # the newest first: the oldest ends each row's head
+                            _eval_pairs(pipe, scripts.HOLD_FIRST, k, [
+                                x for tx_id, entry in reversed(entries.items())
+                                for row in sorted(rows_of(entry)) for x in (row, tx_id)])
                         for tx_id, entry in entries.items():
                             pipe.set(k.transaction(tx_id), entry)
                         # counted again when applied again
@@ -1077,27 +1076,20 @@ class BufferStore:
         entries = self.redis.zscan_iter(self.keys.retry, match=pattern, count=1000)
         return next(entries, None) is not None
 
-    def behind(self, heads: dict[str, str], most: int,
-               in_batch: Collection[str]) -> tuple[dict[str, list[str]], dict[str, list[str]], set[str]]:
+    def behind(self, heads: dict[str, str], most: int, in_batch: Collection[str]) -> tuple[dict[str, list[str]], set[str]]:
         """What waits behind these rows' heads (row -> its head's mark), in one round trip: the
-        first `most` in each row's queue (SiteKeys.waiting), in order; of those, the ones buffered
-        again after a failover (scored below zero: scripts.HOLD_AHEAD); and which of the heads
+        first `most` in each row's queue (SiteKeys.waiting), in order, and which of the heads
         whose transactions are `in_batch` have others parked behind them."""
         rows = sorted(heads)
         waited = sorted({head for head in heads.values() if head in in_batch})
         pipe = self.redis.pipeline(transaction=False)
         for row in rows:
-            pipe.zrange(self.keys.waiting(row), 0, most - 1, withscores=True)
+            pipe.zrange(self.keys.waiting(row), 0, most - 1)
         for head in waited:
             pipe.exists(self.keys.parked(head))
         replies = pipe.execute()
-        queues, lost = {}, {}
-        for row, values in zip(rows, replies):
-            if values:
-                queues[row] = [v.decode() for v, _ in values]
-                if values[0][1] < 0:
-                    lost[row] = [v.decode() for v, score in values if score < 0]
-        return queues, lost, {head for head, n in zip(waited, replies[len(rows):]) if n}
+        queues = {row: [v.decode() for v in values] for row, values in zip(rows, replies) if values}
+        return queues, {head for head, n in zip(waited, replies[len(rows):]) if n}
 
     def held_live_by(self, rows: list[str], mark: str) -> set[str]:
         """Those of `rows` whose head (held_ids) is `mark` or whose queue (SiteKeys.waiting) holds

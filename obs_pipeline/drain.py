@@ -785,6 +785,8 @@ class Drain:
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
                     outcome.claim(rows - copy_holds, "!" + tx_id)
+                    if _lost_in_failover(raw):  # the rows it only reads, held for its order, go
+                        outcome.release.setdefault(tx_id, set()).update(_rows_used_by(raw, self.registry) - rows)
                     # a requeued dead letter that is still invalid: those parked behind it (its live
                     # holds again, see DeadLetters.retry) come due, to be blocked with it
                     outcome.unpark.append(tx_id)
@@ -796,8 +798,6 @@ class Drain:
                 continue
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             outcome.places.setdefault(tx.transaction_id, place)
-            if LOST_IN_FAILOVER in tx.metadata:  # its marks go ahead of the others' (scripts.HOLD_AHEAD)
-                outcome.lost.add(tx.transaction_id)
             txs.append(tx)
         return txs
 
@@ -815,7 +815,7 @@ class Drain:
         for tx in copies:
             discarded_copies.say_dropped(tx.transaction_id, self.settings.site)
             if _waited(tx) or tx.transaction_id in outcome.waited:  # (as _record_result)
-                outcome.release.setdefault(tx.transaction_id, set()).update(written_ids(tx, self.registry))
+                outcome.release.setdefault(tx.transaction_id, set()).update(self._rows_held(tx))
                 outcome.unpark.append(tx.transaction_id)
                 if not self.store.waits_to_retry(tx.transaction_id):
                     outcome.forget.append(tx.transaction_id)
@@ -843,15 +843,12 @@ class Drain:
         # behind each head, those waiting after it: this batch may pass all of them, and one more;
         # a holder in this batch with others parked behind it lets nothing through, not even from
         # behind it in the batch: those parked go first
-        queues, lost, waited_on = self.store.behind(in_redis, len(txs) + 1, set(refs_of))
-        order = RowOrder(holders, queues, lost)
+        queues, waited_on = self.store.behind(in_redis, len(txs) + 1, set(refs_of))
+        order = RowOrder(holders, queues)
         ready, ahead = [], set()
-        lost_too: dict[str, bool] = {}  # holder -> whether a failover lost it too (_lost_in_failover)
         for tx in txs:
-            passes = ((lambda mark: not self._lost_in_failover(mark, lost_too))
-                      if LOST_IN_FAILOVER in tx.metadata else None)
             blocked = [(row, mark) for row in sorted(refs_of[tx.transaction_id])
-                       if (mark := order.blocker(row, tx.transaction_id, ahead, waited_on, passes))]
+                       if (mark := order.blocker(row, tx.transaction_id, ahead, waited_on))]
             if not blocked:
                 ready.append(tx)
                 ahead.add(tx.transaction_id)
@@ -874,7 +871,7 @@ class Drain:
             claim_rows(holders, written, value)
             behind = {row for row in written if holders.get(row) != value}
             for row in behind:
-                order.join(row, value, lost=LOST_IN_FAILOVER in tx.metadata)
+                order.join(row, value)
             outcome.claim(behind, value, head=False)
             written -= behind
             if holder.startswith("!"):
@@ -897,17 +894,6 @@ class Drain:
         return bool(doc.get("retry_count")) or isinstance(metadata, dict) and (
             "held_by" in metadata or "last_error" in metadata)
 
-    def _lost_in_failover(self, holder: str, seen: dict[str, bool]) -> bool:
-        """Whether `holder` (a mark in held_ids: "!" + id if dead) was buffered again after a
-        failover too (LOST_IN_FAILOVER in its status key's metadata). One a failover lost waits
-        behind such a holder only: buffered again with it, ahead of it, it is older; any other
-        began to hold its rows after it was applied once, and is newer (parked behind one, a lost
-        update applied after a newer one and undid it)."""
-        if holder not in seen:
-            metadata = self._status_doc(holder.removeprefix("!")).get("metadata")
-            seen[holder] = isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
-        return seen[holder]
-
     def _status_doc(self, tx_id: str) -> dict:
         """The id's status key as a dict; {} if it has none or it is not one (a producer may
         have written anything there)."""
@@ -925,7 +911,7 @@ class Drain:
             outcome.applied_ids.append(tx.transaction_id)
             if _waited(tx) or tx.transaction_id in outcome.waited:
                 # only these ever put rows in held_ids, or have others parked behind them
-                outcome.release[tx.transaction_id] = written_ids(tx, self.registry)
+                outcome.release[tx.transaction_id] = self._rows_held(tx)
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[_one_of_batch(tx)])
         outcome.commit_lsn = result.commit_lsn
@@ -997,9 +983,18 @@ class Drain:
             current = _status_json(tx, "pending") if copy_holds else entry
             outcome.statuses.append((tx.transaction_id, current))
         outcome.claim(rows - copy_holds, "!" + tx.transaction_id)
+        if LOST_IN_FAILOVER in tx.metadata:  # the rows it only reads, held for its order, go
+            outcome.release.setdefault(tx.transaction_id, set()).update(
+                self._rows_held(tx) - written_ids(tx, self.registry))
         outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
         return bool(copy_holds)
+
+    def _rows_held(self, tx: Transaction) -> set[str]:
+        """The rows whose marks it holds while it waits: those it writes; one a failover lost, every
+        row it writes or reads (BufferStore.requeue_lost put it first in their order)."""
+        written = written_ids(tx, self.registry)
+        return written | referenced_ids(tx, self.registry) if LOST_IN_FAILOVER in tx.metadata else written
 
     def _held_by_copy(self, tx_id: str, rows: set[str]) -> set[str]:
         """Those of `rows` held live by a copy of `tx_id` that waits to retry or is parked: a producer
@@ -1133,7 +1128,8 @@ class Drain:
             lsn_of = dict.fromkeys(of_another, self.main.wal_position()) if of_another else {}
             if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):
                 return 0  # (as above)
-            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of)
+            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
+                                                     rows_of=lambda entry: _rows_used_by(entry, self.registry))
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
                 moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})  # (else another timeline)
@@ -1165,9 +1161,11 @@ def _one_of_batch(tx: Transaction) -> tuple[str, str | None]:
 
 
 def _waited(tx: Transaction) -> bool:
-    """Whether it waited to retry or was parked (or is a requeued dead letter): only such a
-    transaction ever put rows in held_ids, or has others parked behind it."""
-    return bool(tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata)
+    """Whether it waited to retry or was parked (or is a requeued dead letter, or one a failover
+    lost, first in its rows' order): only such a transaction ever put rows in held_ids, or has
+    others parked behind it."""
+    return bool(tx.retry_count or "held_by" in tx.metadata or "last_error" in tx.metadata
+                or LOST_IN_FAILOVER in tx.metadata)
 
 
 def _status_json(tx: Transaction, status: str) -> str:
@@ -1201,6 +1199,24 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
         return written_ids(Transaction.from_json(raw), registry)
     except Exception:  # noqa: BLE001 - unreadable: nothing to name
         return set()
+
+
+def _rows_used_by(raw: str, registry: ModelRegistry) -> set[str]:
+    """The rows an entry writes or reads (wire.referenced_ids), as far as it can be read."""
+    try:
+        tx = Transaction.from_json(raw)
+        return written_ids(tx, registry) | referenced_ids(tx, registry)
+    except Exception:  # noqa: BLE001 - unreadable: nothing to name
+        return set()
+
+
+def _lost_in_failover(raw: str) -> bool:
+    """Whether an entry (one that failed validation) is marked LOST_IN_FAILOVER."""
+    try:
+        metadata = json.loads(raw).get("metadata")
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
 
 
 def _guess_id(raw: str) -> str | None:

@@ -321,12 +321,11 @@ return 1
 # to retry, a copy pushed again or the first of an id a producer reused). REVIVE: its dead marks
 # become live ones (a requeued dead letter: what uses its rows waits behind it again, in its place).
 # RENAME (values "new:old"): a dead letter requeued under a new id takes its dead marks' places.
-# HOLD_AHEAD: HOLD for transactions buffered again after a failover lost their commit (drain.
-# LOST_IN_FAILOVER): applied once before any other waiter began to wait, they are older than all
-# of them, so a new place is scored below zero, ahead of every other (and after those so scored
-# before); the head, if another's, stays, and row_order.RowOrder lets none of theirs pass. Queued
-# last, one that main now refuses waited behind a newer update that was applied first, and was
-# then applied over it.
+# HOLD_FIRST: the transaction goes first in each row's order, its head, the head it finds put first
+# in the queue (BufferStore.requeue_lost: buffered again after a failover lost its commit, it was
+# applied once before any that waits now began to wait; pairs are given newest first, so the
+# oldest ends the head). Queued last, one that main now refuses waited behind a newer update that
+# was applied first, and was then applied over it.
 ROW_QUEUES = """
 local function strip(mark) return (string.gsub(mark, '^!', '')) end
 local function queue(row) return ARGV[1] .. 'waiting:' .. row end
@@ -339,14 +338,23 @@ local function replace(q, old, value)  -- `old`'s place in q now `value`'s; fals
   end
   return true
 end
-local function hold(row, value, ahead)
+local function hold(row, value)
   local owner, head = strip(value), redis.call('HGET', KEYS[1], row)
   if not head or strip(head) == owner then redis.call('HSET', KEYS[1], row, value) return end
   local q = queue(row)
   if not (replace(q, owner, value) or replace(q, '!' .. owner, value)) then
-    local seq = redis.call('INCR', ARGV[1] .. 'waiting_seq')
-    redis.call('ZADD', q, ahead and string.format('%d', seq - 1e13) or seq, value)
+    redis.call('ZADD', q, redis.call('INCR', ARGV[1] .. 'waiting_seq'), value)
   end
+end
+local function first(row, value)
+  local head, q = redis.call('HGET', KEYS[1], row), queue(row)
+  redis.call('ZREM', q, value, '!' .. value)
+  if head and strip(head) ~= value then
+    local front = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+    local score = front[2] and math.min(tonumber(front[2]), 1) - 1 or 0
+    redis.call('ZADD', q, string.format('%d', score), head)
+  end
+  redis.call('HSET', KEYS[1], row, value)
 end
 local function leave(row, owner, dead_only)
   local head = redis.call('HGET', KEYS[1], row)
@@ -371,8 +379,8 @@ HOLD = ROW_QUEUES + """
 for i = 2, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1]) end
 return 1
 """
-HOLD_AHEAD = ROW_QUEUES + """
-for i = 2, #ARGV, 2 do hold(ARGV[i], ARGV[i + 1], true) end
+HOLD_FIRST = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do first(ARGV[i], ARGV[i + 1]) end
 return 1
 """
 UNHOLD = ROW_QUEUES + """

@@ -8,7 +8,7 @@ it is applied before it in this batch; else it waits, and joins the queues of th
 
 from __future__ import annotations
 
-from typing import Callable, Collection
+from typing import Collection
 
 
 def owner(mark: str) -> str:
@@ -18,52 +18,34 @@ def owner(mark: str) -> str:
 
 class RowOrder:
     """`heads`: row -> its head's mark (the drain's `holders`, shared: it takes free rows in it);
-    `queues`: row -> the first marks behind the head, in order (as many as the batch can pass);
-    `lost`: row -> those of them buffered again after a failover (redis_scripts.HOLD_AHEAD): older
-    than any other waiter, the head included, they go before all of them."""
+    `queues`: row -> the first marks behind the head, in order (as many as the batch can pass)."""
 
-    def __init__(self, heads: dict[str, str], queues: dict[str, list[str]],
-                 lost: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, heads: dict[str, str], queues: dict[str, list[str]]) -> None:
         self.heads = heads
         self.queues = {row: list(marks) for row, marks in queues.items()}
-        self.lost = {row: list(marks) for row, marks in (lost or {}).items()}
         self._read = {row: set(marks) for row, marks in queues.items()}
         self._places = {row: {owner(m): i for i, m in enumerate(marks)} for row, marks in self.queues.items()}
         self._fronts: dict[str, int] = {}  # row -> how many of its queue are passed (in `ahead`)
 
-    def blocker(self, row: str, tx_id: str, ahead: Collection[str], waited_on: Collection[str],
-                passes: Callable[[str], bool] | None = None) -> str | None:
+    def blocker(self, row: str, tx_id: str, ahead: Collection[str], waited_on: Collection[str]) -> str | None:
         """The first mark ahead of `tx_id` on `row` that it must wait for, or None. `ahead`: those
         applied before it in this batch; a head in `waited_on` (others are parked behind it, and go
-        first) lets nothing through; `passes`: a mark it need not wait for (a failover's lost
-        transaction waits only behind others it lost)."""
+        first) lets nothing through."""
         head = self.heads.get(row)
-        if head is None:
+        if head is None or owner(head) == tx_id:
             return None
-        if owner(head) != tx_id and (head not in ahead or head in waited_on) and not (passes and passes(head)):
+        if head not in ahead or head in waited_on:
             return head
-        if passes is None:  # one buffered again after a failover goes first, whatever its place
-            lost = next((m for m in self.lost.get(row, ()) if m not in ahead and owner(m) != tx_id), None)
-            if lost is not None:
-                return lost
-        if owner(head) == tx_id:
-            return None
         queue = self.queues.get(row, [])
         mine = self._places.get(row, {}).get(tx_id, len(queue))
-        if passes is not None:
-            return next((m for m in queue[:mine] if m not in ahead and not passes(m)), None)
         front = self._fronts.get(row, 0)  # `ahead` only grows: each row's queue is walked once a batch
         while front < len(queue) and queue[front] in ahead:
             front += 1
         self._fronts[row] = front
         return queue[front] if front < mine else None
 
-    def join(self, row: str, mark: str, lost: bool = False) -> None:
-        """`mark` waits on `row` behind the others: in the place its transaction has, else last
-        (`lost`: buffered again after a failover, it goes before the others all the same)."""
-        if lost:
-            marks = self.lost.setdefault(row, [])
-            marks[:] = [m for m in marks if owner(m) != owner(mark)] + [mark]
+    def join(self, row: str, mark: str) -> None:
+        """`mark` waits on `row` behind the others: in the place its transaction has, else last."""
         queue = self.queues.setdefault(row, [])
         places = self._places.setdefault(row, {})
         at = places.setdefault(owner(mark), len(queue))

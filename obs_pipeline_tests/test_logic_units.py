@@ -757,27 +757,6 @@ def test_a_transaction_waits_for_each_one_queued_before_it_that_is_not_applied_b
     assert RowOrder({"r": "H"}, {"r": ["A", "X"]}).blocker("r", "N", ahead={"H", "A", "X"}, waited_on=set()) is None
 
 
-def test_a_failovers_lost_transaction_passes_those_it_need_not_wait_for():
-    from obs_pipeline.row_order import RowOrder
-
-    order = RowOrder({"r": "H"}, {"r": ["A", "L2", "X"]})
-    lost = {"L2"}.__contains__
-    assert order.blocker("r", "X", ahead=set(), waited_on=set(), passes=lambda m: not lost(m)) == "L2"
-    assert order.blocker("r", "X", ahead={"L2"}, waited_on=set(), passes=lambda m: not lost(m)) is None
-
-
-def test_a_failovers_lost_transaction_queued_behind_a_newer_head_still_goes_before_it():
-    from obs_pipeline.row_order import RowOrder
-
-    order = RowOrder({"r": "Q"}, {"r": ["L", "X"]}, {"r": ["L"]})  # L scored ahead (redis_scripts.HOLD_AHEAD)
-    assert order.blocker("r", "Q", ahead=set(), waited_on=set()) == "L"  # the head waits for it
-    assert order.blocker("r", "Q", ahead={"L"}, waited_on=set()) is None
-    assert order.blocker("r", "L", ahead=set(), waited_on=set(), passes=lambda m: m != "L") is None
-    later = RowOrder({"r": "Q"}, {})
-    later.join("r", "L2", lost=True)  # lost too, and held back in this batch
-    assert later.blocker("r", "Q", ahead=set(), waited_on=set()) == "L2"
-
-
 def test_joining_a_rows_queue_keeps_a_transactions_place():
     from obs_pipeline.row_order import RowOrder
 

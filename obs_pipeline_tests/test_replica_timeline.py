@@ -871,6 +871,37 @@ def test_requeue_lost_puts_the_lost_first_in_order_and_records_the_rest_on_the_n
     assert store.main_timeline() == 2
 
 
+def test_requeue_lost_puts_the_lost_first_in_the_order_of_every_row_they_use(settings, redis_client):
+    """Redis alone: a row held by a newer update (Q, waiting to retry) with another behind it
+    (P), and one held dead (!D): the lost transactions, applied once before any of them began to
+    wait, become the heads, the oldest first, the one they found first in the queue, and the
+    others keep their order behind them. (Queued last, one that main now refuses waited behind a
+    newer update, which was applied first: the lost one undid it.)"""
+    from obs_pipeline import json_codec
+    from obs_pipeline.buffer_store import BufferStore
+    from obs_pipeline.row_order import RowOrder
+
+    store = BufferStore(redis_client, settings.site)
+    keys = store.keys
+    token = store.acquire_lease(30)
+    for tx_id in ("a", "b"):
+        redis_client.set(keys.transaction(tx_id), json.dumps({"transaction_id": tx_id, "steps": [], "status": "applied"}))
+    redis_client.hset(keys.held_ids, mapping={"r1": "Q", "r2": "!D"})
+    redis_client.zadd(keys.waiting("r1"), {"P": 1})
+    record = {"n": "000000000", "c": [], "o": [], "t": ["a", "b"], "at": 0, "lsn": 7, "tl": 1}
+    redis_client.zadd(keys.awaiting_replication, {json_codec.dumps(record): 7})
+    uses = {"a": {"r1", "r2", "r3"}, "b": {"r1", "r3"}}
+    assert store.requeue_lost(token, 2, [(record, json_codec.dumps(record).encode())], [],
+                              rows_of=lambda entry: uses[json.loads(entry)["transaction_id"]]) == (["a", "b"], [])
+    queue = {row: [m.decode() for m in redis_client.zrange(keys.waiting(row), 0, -1)] for row in ("r1", "r2", "r3")}
+    assert redis_client.hgetall(keys.held_ids) == {b"r1": b"a", b"r2": b"a", b"r3": b"a"}
+    assert queue == {"r1": ["b", "Q", "P"], "r2": ["!D"], "r3": ["b"]}
+    order = RowOrder(store.holders(["r1"]), store.behind({"r1": "a"}, 10, set())[0])
+    assert order.blocker("r1", "Q", ahead=set(), waited_on=set()) == "a"  # the newer waits for both
+    assert order.blocker("r1", "Q", ahead={"a"}, waited_on=set()) == "b"
+    assert order.blocker("r1", "b", ahead={"a"}, waited_on=set()) is None
+
+
 @pytest.fixture
 def other_cluster(stack):
     """Main moved to another cluster: Y ("main"), a primary of its own initdb (timeline 1, as
@@ -1073,6 +1104,110 @@ def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_re
     assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
     assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, tx.transaction_id]) == (1, 3, "newer")
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    buf.close()
+
+
+def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_once_and_lets_go_of_it(
+        settings, async_standby, redis_client, caplog):
+    """As above, but the lost transaction (L) makes a data package of the observation: it reads
+    the row the newer update (Q) holds, and writes another. Buffered again, it goes first in the
+    order of both rows (BufferStore.requeue_lost), so it is applied at once, ahead of Q, which
+    still waits; applied, it lets go of both, and the row is Q's alone again."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, created_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()  # the record is on S
+    async_standby.stop_standby()
+    with buf.transaction(endpoint="package") as lost:
+        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    with buf.transaction(endpoint="finish") as newer:
+        newer.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+        newer.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z",
+                                         "status": "running"})
+    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    keys = SiteKeys(settings.site)
+    assert redis_client.zcard(keys.retry) == 1  # Q waits to retry, holding the row
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
+    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(lost.transaction_id) == "replicated" and buf.status(newer.transaction_id) == "pending"
+    engine = sa.create_engine(async_standby.standby)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT name FROM raw_data_package WHERE id = :i"),
+                                {"i": package["id"]}).scalar() == "lost package"
+    finally:
+        engine.dispose()
+    assert set(redis_client.hvals(keys.held_ids)) == {newer.transaction_id.encode()}  # Q's rows only
+    assert list(redis_client.scan_iter(keys.waiting("*"))) == []
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
+    due_now(redis_client, keys, newer.transaction_id)
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
+        1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it_only_reads(
+        settings, async_standby, redis_client, caplog):
+    """The lost transaction (L) makes a data package of the observation and renames obs unit 777,
+    made on M by hand after S stopped: S refuses it until it is dead-lettered. It held the
+    observation's row (it reads it) as well as the package's: dead, it keeps the package's row
+    (dead: what writes it waits for its retry) and lets go of the observation's, so a later
+    update of the observation is applied at once, not blocked by it."""
+    import time
+
+    from obs_pipeline_tests.test_cli import cli
+    from obs_pipeline_tests.test_reliability import assert_no_holds
+
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, created_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()
+    async_standby.stop_standby()
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="package") as lost:
+        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
+        lost.update("ObsUnit", 777, {"name": "renamed"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    keys = SiteKeys(settings.site)
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
+    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    caplog.clear()
+    for _ in range(20):  # (L's retries, 0.05 s apart and more, until it is dead-lettered)
+        _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
+        if buf.status(lost.transaction_id) == "failed":
+            break
+        time.sleep(0.5)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(lost.transaction_id) == "failed"
+    held = redis_client.hgetall(keys.held_ids)  # the package's rows and obs unit 777's, dead; not the observation's
+    assert package["id"].encode() in held and obs_id.encode() not in held, held
+    assert set(held.values()) == {b"!" + lost.transaction_id.encode()}, held
+    later = buf.update("ExecutedObsUnit", obs_id, {"status": "later"})
+    summary = _drain_once(new, caplog, replication_timeout_s=10)
+    assert summary.dead_lettered == 0 and buf.status(later) == "replicated", summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, later]) == (1, 2, "later")
+    _obs_unit_made_by_hand(async_standby.standby, 777, "made again")
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert buf.status(lost.transaction_id) == "replicated"
+    assert_no_holds(redis_client, keys)
     buf.close()
 
 
