@@ -1107,6 +1107,28 @@ class BufferStore:
         return {row for row, head, score in zip(rows, heads, replies[parts:])
                 if head is not None and head.decode() == mark or score is not None}
 
+    def rows_held_live(self, marks: list[str]) -> dict[str, set[str]]:
+        """For each of these live marks (transaction ids), the rows whose head (held_ids) or queue
+        (SiteKeys.waiting) holds it, found by reading all of both: for transactions whose rows
+        cannot be named from their steps (Drain._parse: a model gone from the models file since
+        they took them). A pass over held_ids and over the keys of Redis: rare, once a batch."""
+        found: dict[str, set[str]] = {mark: set() for mark in marks}
+        for row, head in self.redis.hscan_iter(self.keys.held_ids, count=1000):
+            if head.decode() in found:
+                found[head.decode()].add(row.decode())
+        prefix = self.keys.waiting("")
+        queues = [key.decode()[len(prefix):]
+                  for key in self.redis.scan_iter(match=_glob_escaped(prefix) + "*", count=1000)]
+        for part in _parts(queues, 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            for row in part:
+                pipe.zmscore(self.keys.waiting(row), marks)
+            for row, scores in zip(part, pipe.execute()):
+                for mark, score in zip(marks, scores):
+                    if score is not None:
+                        found[mark].add(row)
+        return found
+
     def holders(self, ids: list[str]) -> dict[str, str]:
         """Which of these ids are created by a transaction that is waiting to retry or dead."""
         if not ids:

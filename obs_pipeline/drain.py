@@ -762,6 +762,7 @@ class Drain:
     def _parse(self, entries: list[str], outcome: Outcome, report: BatchReport) -> list[Transaction]:
         """The buffer is a trust boundary: anything malformed is dead-lettered with the reason."""
         txs, seen = [], set()
+        unnamed: list[str] = []  # invalid ones holding rows their steps no longer name (_holds_unnamed_rows)
         for place, raw in enumerate(entries):
             try:
                 tx = validate(Transaction.from_json(raw), self.registry)
@@ -785,7 +786,9 @@ class Drain:
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
                     outcome.claim(rows - copy_holds, "!" + tx_id)
-                    if _lost_in_failover(raw):  # the rows it only reads, held for its order, go
+                    if _holds_unnamed_rows(raw, self.registry):  # its live marks are found in Redis
+                        unnamed.append(tx_id)
+                    elif _lost_in_failover(raw):  # the rows it only reads, held for its order, go
                         outcome.release.setdefault(tx_id, set()).update(_rows_used_by(raw, self.registry) - rows)
                     # a requeued dead letter that is still invalid: those parked behind it (its live
                     # holds again, see DeadLetters.retry) come due, to be blocked with it
@@ -799,7 +802,20 @@ class Drain:
             seen.add(_one_of_batch(tx))  # (one id with other steps: see MainDatabase)
             outcome.places.setdefault(tx.transaction_id, place)
             txs.append(tx)
+        if unnamed:
+            self._kill_unnamed_holds(unnamed, outcome)
         return txs
+
+    def _kill_unnamed_holds(self, tx_ids: list[str], outcome: Outcome) -> None:
+        """Invalid entries that waited (to retry, or parked) and name a model the models file no
+        longer has (revised since they took their rows): their rows, worked out from their steps,
+        left those of that model out, and their marks there stayed live, held by a transaction no
+        drain would ever apply or dead-letter again (discarded, every later write of its rows
+        waited behind it for ever). Their live marks are found in Redis instead and turned dead,
+        but a copy's that waits to retry (as _held_by_copy)."""
+        held = self.store.rows_held_live(sorted(set(tx_ids)))
+        for tx_id, rows in held.items():
+            outcome.claim(rows - self._held_by_copy(tx_id, rows), "!" + tx_id)
 
     def _without_discarded_copies(self, txs: list[Transaction], outcome: Outcome) -> list[Transaction]:
         """Leave out the copies of transactions an operator discarded that a producer pushed
@@ -1217,6 +1233,17 @@ def _lost_in_failover(raw: str) -> bool:
     except (ValueError, AttributeError, RecursionError):
         return False
     return isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
+
+
+def _holds_unnamed_rows(raw: str, registry: ModelRegistry) -> bool:
+    """Whether an entry that failed validation waited (it holds rows) and has a step of a model
+    the registry lacks, whose rows _rows_written_by cannot name."""
+    try:
+        tx = Transaction.from_json(raw)
+    except Exception:  # noqa: BLE001 - unreadable: it never waited
+        return False
+    return _waited(tx) and any(not isinstance(step.model_class, str) or step.model_class not in registry.models
+                               for step in tx.steps)
 
 
 def _guess_id(raw: str) -> str | None:

@@ -3462,6 +3462,127 @@ def test_an_invalid_entry_of_a_new_id_does_not_scan_the_retry_set_for_its_id(set
         assert redis_client.hgetall(keys.held_ids) == {str(obs["id"]).encode(): first.encode()}
 
 
+@pytest.mark.parametrize("operator", ["retries all", "discards it"])
+@pytest.mark.parametrize("waited", ["to retry", "parked behind another"])
+@pytest.mark.parametrize("revised", ["ColumnGone", "ModelRenamed"])
+def test_a_waiting_update_the_revised_models_refuse_is_dead_lettered_with_its_rows_held_dead(
+        settings, redis_client, main_engine, revised, waited, operator):
+    """An update waits (to retry, or parked behind another row's holder, then made due by UNPARK),
+    holding its rows, with a newer update parked behind it; the operator revises the models file
+    (obs_pipeline_tests.revised_models: a column it sets gone, or its model renamed) and a drain
+    runs. It is dead-lettered as invalid; its rows, worked out under the revised models, were
+    none where its model was unknown: its marks stayed live, held by a transaction that no drain
+    would ever apply or dead-letter again, and once it was discarded every later write of its rows
+    waited behind it for ever. Its marks are dead: what comes after it is blocked by it, and once
+    the models are restored, everything is applied in order (its letter retried or discarded)."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    a_obs, obs = replicated_observation(settings, buf), replicated_observation(settings, buf)
+    parked = waited == "parked behind another"
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        if parked:  # A's holder waits to retry; the update of A and R waits behind it
+            holder = buf.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31338})  # no such unit yet
+            assert drain.step().retried == 1
+            with buf.transaction() as tx:
+                tx.update("ExecutedObsUnit", a_obs["id"], {"obs_unit_id": 31337, "status": "first"})
+                tx.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})
+            first = tx.transaction_id
+            assert drain.step().held == 1
+        else:
+            first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})  # no such unit
+            assert drain.step().retried == 1
+        behind = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 2})
+        assert drain.step().held == 1
+        if parked:  # the holder is applied: the update comes due, the first waiter for A and R
+            add_unit(main_engine, 31338)
+            due_now(redis_client, keys, holder)
+            assert drain.step().applied == 1
+        else:
+            due_now(redis_client, keys, first)
+    finally:
+        drain.close()
+    rows = {str(obs["id"])} | ({str(a_obs["id"])} if parked else set())
+    assert redis_client.hgetall(keys.held_ids) == {row.encode(): first.encode() for row in rows}
+    revised_settings = dataclasses.replace(settings, models=f"obs_pipeline_tests.revised_models:{revised}")
+    drain = Drain(revised_settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        report = drain.step()
+        assert [d["transaction_id"] for d in report.dead_lettered] == [first], report
+        assert json.loads(redis_client.lindex(keys.failed, 0))["failure"]["kind"] == "invalid"
+        assert redis_client.hgetall(keys.held_ids) == {row.encode(): f"!{first}".encode() for row in rows}
+        report = drain.step()  # the one parked behind it: blocked by it (or invalid too)
+        assert [d["transaction_id"] for d in report.dead_lettered] == [behind], report
+    finally:
+        drain.close()
+    # the models file restored
+    newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+    drain = Drain(settings, DrainConfig(retry_base_s=60))
+    try:
+        drain.acquire()
+        assert [d["reason"] for d in drain.step().dead_lettered] == [f"blocked by {first}"]
+    finally:
+        drain.close()
+    letters = DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models))
+    add_unit(main_engine, 31337)
+    if operator == "discards it":
+        letters.discard([first])
+    letters.retry()
+    drain_until_settled(settings, timeout_s=30, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (2, "newer")
+    if parked:
+        assert _obs_unit_and_status(main_engine, a_obs["id"]) == ((31337, "first") if operator == "retries all"
+                                                                  else (31338, "running"))
+    assert buf.status(behind) == buf.status(newer) == "replicated"
+    assert buf.status(first) == ("replicated" if operator == "retries all" else None)
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def test_a_waiting_update_the_revised_models_refuse_turns_its_place_in_its_rows_queue_dead(
+        settings, redis_client, main_engine):
+    """As above, but the refused update waits in its row's queue, behind an older update that
+    also waits to retry (both failed in one batch): its place there stayed live, and became the
+    row's head once the older one was applied. Turned dead, the newer update behind it is blocked
+    by it, and applied after it once the models are restored and its letter retried."""
+    keys = SiteKeys(settings.site)
+    with a_row_its_letters_and_a_drain(settings, redis_client) as (buf, obs, letters, drain):
+        older = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31338, "status": "older"})  # no such unit
+        first = buf.update("ExecutedObsUnit", obs["id"], {"obs_unit_id": 31337, "status": "first"})  # ... yet
+        drain.acquire()
+        assert drain.step().retried == 2
+        assert redis_client.zrange(keys.waiting(str(obs["id"])), 0, -1) == [first.encode()]
+    revised = Drain(dataclasses.replace(settings, models="obs_pipeline_tests.revised_models:ModelRenamed"),
+                    DrainConfig(retry_base_s=60))
+    try:
+        due_now(redis_client, keys, first)
+        revised.acquire()
+        assert [d["transaction_id"] for d in revised.step().dead_lettered] == [first]
+        assert redis_client.zrange(keys.waiting(str(obs["id"])), 0, -1) == [f"!{first}".encode()]
+    finally:
+        revised.close()
+    add_unit(main_engine, 31338)  # the models file restored; the older one's cause fixed
+    due_now(redis_client, keys, older)
+    drain_until_settled(settings, timeout_s=30, retry_base_s=0.05)
+    newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+    drain_until_settled(settings, timeout_s=30, retry_base_s=0.05)
+    assert buf.status(newer) == "failed"  # blocked by the refused one
+    add_unit(main_engine, 31337)
+    letters.retry()
+    drain_until_settled(settings, timeout_s=30, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "newer")
+    assert buf.status(first) == buf.status(newer) == "replicated"
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
