@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -418,6 +418,7 @@ class MainDatabase:
         # that made each, and each transaction's place
         self._claimed_at: dict[str, int] = {}
         self._place: dict[int, int] = {}
+        self._ahead: Collection[str] = ()  # the ids of earlier pieces of the batch (see apply_batch)
         self._conn: Any = None
         self.records_digest: bool | None = True  # main's obs_pipeline_applied has steps_digest (see _connection)
         self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
@@ -526,13 +527,19 @@ class MainDatabase:
             pass
         return self.system_identifier
 
-    def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None) -> BatchResult:
+    def apply_batch(self, transactions: list[Transaction], blocked: dict[str, str] | None = None,
+                    ahead: Collection[str] = ()) -> BatchResult:
         """Commit every transaction of the batch that can be, each whole or not at all.
         `blocked`: rows written by transactions of earlier pieces of the batch that failed
         (row -> holder, "!" + id if dead), as the careful path keeps them; those that use
-        them are held back, and the dict gains this piece's."""
+        them are held back, and the dict gains this piece's. `ahead`: the ids of the
+        transactions of those earlier pieces: one used again here (with other steps: the drain
+        keeps one of each id and steps) is a reused id, as in one batch, also where the first
+        did not commit (it failed, or timed out alone) and the applied record does not have it:
+        the second was applied under the id, its status "applied" over the first's."""
         before = self.round_trips
         self._carry = []
+        self._ahead = ahead
         with self._session() as conn:
             began = time.perf_counter()
             with conn.cursor() as cur:
@@ -639,6 +646,8 @@ class MainDatabase:
         result = BatchResult()
         if blocked and any(i in blocked for tx in txs for i in referenced_ids(tx, self.registry)):
             return self._apply_carefully(cur, txs, blocked)  # it holds back those that use them
+        if self._ahead and any(tx.transaction_id in self._ahead for tx in txs):
+            return self._apply_carefully(cur, txs, blocked)  # it tells the reused ids
         writes = [w for tx in txs for w in row_writes(tx, self.registry)]
         folded = fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged, self.case_folded)
         if folded is None:
@@ -675,7 +684,7 @@ class MainDatabase:
                     result.already_applied.append(tx)  # the same transaction, claimed again
                     continue
                 reason = reused_id_reason(applied_at)
-            elif tx_id in fresh:  # (the drain keeps one of each id and steps)
+            elif tx_id in fresh or tx_id in self._ahead:  # (the drain keeps one of each id and steps)
                 reason = reused_id_reason(None)
             else:
                 fresh[tx_id] = tx

@@ -42,7 +42,9 @@ class TimeoutPieces:
     def apply(self, txs: list[Transaction]) -> BatchResult:
         """Main's answer for the batch (in the drain's worker thread): whole, or in pieces of
         `piece` transactions. What a failed transaction of a piece writes holds back those of
-        later pieces that use it, as in one batch. A piece that times out raises
+        later pieces that use it, as in one batch; an id of an earlier piece used again in a
+        later one (a producer reused it) is dead-lettered there as reused, as in one batch,
+        whether or not the first committed. A piece that times out raises
         StatementTimeout, saying its size (then `timed_out` halves the pieces); the batch is
         claimed again from the processing list, and what committed is skipped (applied_already).
         A transaction given up is in the result's `timed_out`."""
@@ -59,11 +61,12 @@ class TimeoutPieces:
         done = {id(tx) for tx in merged.already_applied}
         txs = [tx for tx in txs if id(tx) not in done]
         blocked: dict[str, str] = {}
+        ahead: set[str] = set()  # the ids of the earlier pieces' transactions
         for start in range(0, len(txs), piece):
             part = txs[start:start + piece]
             trial = dict(blocked)  # kept only if the piece commits
             try:
-                merged.add(self.main.apply_batch(part, trial))
+                merged.add(self.main.apply_batch(part, trial, ahead))
                 merged.pieces += 1
             except StatementTimeout as timeout:
                 if not self._given_up(timeout, part):
@@ -71,6 +74,7 @@ class TimeoutPieces:
                 merged.timed_out.append((part[0], self._reason(timeout, part[0])))
                 claim_rows(trial, written_ids(part[0], self.registry), "!" + part[0].transaction_id)
             blocked = trial
+            ahead.update(tx.transaction_id for tx in part)
         return merged
 
     def timed_out(self, timeout: StatementTimeout) -> None:

@@ -543,7 +543,7 @@ class _MainCancelling:
         self.most, self.slow, self.committed = most, slow, []
         self.url = make_url("postgresql://drainer@main/obs")
 
-    def apply_batch(self, txs, blocked=None):
+    def apply_batch(self, txs, blocked=None, ahead=()):
         from obs_pipeline.apply import BatchResult, StatementTimeout
         if len(txs) > self.most or any(tx.transaction_id in self.slow for tx in txs):
             raise StatementTimeout("canceling statement due to statement timeout", "statement timeout")

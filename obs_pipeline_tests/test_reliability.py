@@ -4477,6 +4477,106 @@ def test_an_id_reused_in_a_batch_applied_in_pieces_applies_the_first_and_dead_le
     assert_queues_empty(redis_client, settings.site)
 
 
+@pytest.mark.parametrize("first_fails", ["for now", "by timing out alone"])
+def test_an_id_reused_in_a_later_piece_after_the_first_failed_is_dead_lettered_not_applied(
+        settings, redis_client, main_engine, first_fails):
+    """A producer reuses the id "obs-9" in one batch that main applies in pieces of 2: the first
+    "obs-9" (creates obs unit 921, renames unit 930 or 3) fails in the first piece, for now (no
+    unit 930 yet) or for good (it times out alone: another session holds unit 3's row lock past
+    the drain's lock_timeout, `timeout_attempts` 2); the second, other steps (creates 922),
+    comes in a later piece. As when the batch is applied whole: the second is dead-lettered as
+    reused (nothing of it applied), with what uses its row; the first keeps its status, and what
+    uses its row waits for it (or is dead-lettered with it). Each piece asked only its own
+    transactions and the applied record, in which the first was not: the second was applied under
+    the id, its status "applied" over the first's, and the first, retried, was dead-lettered as
+    reused instead. A copy of "dup-1" pushed twice (the same steps) is applied once."""
+    from obs_pipeline.apply import reused_id_reason
+
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, *steps: dict) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
+            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
+
+    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
+                                 "data": {"id": unit, "name": name}}
+    rename = lambda unit, name: {"operation": "update", "model_class": "ObsUnit",  # noqa: E731
+                                 "conditions": {"id": unit}, "data": {"name": name}}
+    waits_on = 930 if first_fails == "for now" else 3
+    # the second dup-1 dropped as pushed twice: pieces [dup-1, obs-9], [uses-921, obs-9], [uses-922]
+    push("dup-1", create(923, "pushed twice"))
+    push("obs-9", create(921, "first"), rename(waits_on, "renamed by the first"))
+    push("uses-921", rename(921, "first, renamed"))
+    push("dup-1", create(923, "pushed twice"))
+    push("obs-9", create(922, "second, the id reused"))
+    push("uses-922", rename(922, "never"))
+    BufferStore(redis_client, settings.site).save_timeouts(2, {})  # as a drain left them after timeouts
+    reports = []
+    if first_fails == "for now":
+        drain = Drain(settings, DrainConfig(batch_size=6, retry_base_s=0.5))
+        try:
+            drain.acquire()
+            reports.append(drain.step())
+        finally:
+            drain.close()
+    else:
+        with main_engine.connect() as blocker:
+            blocker.execute(sa.text("SELECT id FROM obs_unit WHERE id = 3 FOR UPDATE"))
+            drain = Drain(with_statement_timeout(settings, 200, "lock_timeout"),
+                          DrainConfig(batch_size=6, backoff_initial_s=0.05, backoff_max_s=0.1, timeout_attempts=2))
+            try:
+                summary = drain.run(until_empty=True, budget_s=60, on_batch=reports.append)
+            finally:
+                drain.close()
+            blocker.commit()
+        assert summary.stopped_because == "buffer empty", summary
+    # (timing out: pieces of 2, then 1; claimed again, dup-1, committed alone, is skipped)
+    assert [(r.applied, r.already_applied, r.pieces) for r in reports if r.transactions] == [
+        (1, 0, 3) if first_fails == "for now" else (0, 1, 3)], reports
+    letters = {(f["transaction_id"], f["failure"]["kind"]): (f["failure"]["reason"], [s["data"] for s in f["steps"]])
+               for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    second_and_its_user = {
+        ("obs-9", "reused_id"): (reused_id_reason(None), [{"id": 922, "name": "second, the id reused"}]),
+        ("uses-922", "blocked"): ("blocked by obs-9", [{"name": "never"}])}
+    if first_fails == "for now":
+        assert letters == second_and_its_user, letters
+    else:
+        assert sorted(letters) == [("obs-9", "reused_id"), ("obs-9", "timeout"), ("uses-921", "blocked"),
+                                   ("uses-922", "blocked")], letters
+        assert {key: letters[key] for key in second_and_its_user} == second_and_its_user, letters
+        assert letters[("obs-9", "timeout")][1] == [{"id": 921, "name": "first"}, {"name": "renamed by the first"}]
+        assert letters[("uses-921", "blocked")][0] == "blocked by obs-9"
+    with main_engine.connect() as conn:
+        recorded = dict(conn.execute(sa.text("SELECT transaction_id, count(*) FROM obs_pipeline_applied "
+                                             "GROUP BY 1")).all())
+    assert recorded == {"dup-1": 1}, recorded
+    assert _obs_unit_names(main_engine, [3, 921, 922, 923, 930]) == {3: "unit 3", 923: "pushed twice"}
+    check = TransactionBuffer(settings=settings)
+    try:  # the first's own status: waiting to retry, or its dead letter's
+        assert [check.status(i) for i in ("obs-9", "dup-1")] == [
+            "pending" if first_fails == "for now" else "failed", "replicated"]
+    finally:
+        check.close()
+    if first_fails == "for now":  # its cause fixed: the first, then what uses its row, applied once
+        push("makes-930", create(930, "now there"))
+        drain_until_settled(settings, retry_base_s=0.05)
+        assert _obs_unit_names(main_engine, [921, 922, 923, 930]) == {
+            921: "first, renamed", 923: "pushed twice", 930: "renamed by the first"}
+        check = TransactionBuffer(settings=settings)
+        try:
+            assert [check.status(i) for i in ("obs-9", "uses-921")] == ["replicated", "replicated"]
+        finally:
+            check.close()
+        assert [(f["transaction_id"], f["failure"]["kind"]) for f in map(
+            json.loads, reversed(redis_client.lrange(keys.failed, 0, -1)))] == [
+            ("obs-9", "reused_id"), ("uses-922", "blocked")]
+
+
+def _obs_unit_names(main_engine, ids: list[int]) -> dict[int, str]:
+    with main_engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id = ANY(:ids)"), {"ids": ids}).all())
+
+
 @pytest.mark.parametrize("path", ["fast", "careful"])
 def test_a_commit_whose_reply_never_came_back_is_skipped_when_the_batch_is_retried(settings, redis_client,
                                                                                    main_engine, monkeypatch, path):
