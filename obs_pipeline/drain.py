@@ -847,7 +847,8 @@ class Drain:
         place in the queue of each row it writes that another holds."""
         if not outcome.hold and not self.store.holds_any():  # the usual case: nothing waits or is dead
             return txs
-        refs_of = {t.transaction_id: referenced_ids(t, self.registry) for t in txs}
+        # by id and steps: a producer's reuse of an id in the batch uses other rows
+        refs_of = {_one_of_batch(t): referenced_ids(t, self.registry) for t in txs}
         refs = sorted(set().union(*refs_of.values()))
         holders = self.store.holders(refs)
         in_redis = dict(holders)  # what acknowledge checks again: an operator may requeue a dead holder
@@ -859,11 +860,11 @@ class Drain:
         # behind each head, those waiting after it: this batch may pass all of them, and one more;
         # a holder in this batch with others parked behind it lets nothing through, not even from
         # behind it in the batch: those parked go first
-        queues, waited_on = self.store.behind(in_redis, len(txs) + 1, set(refs_of))
+        queues, waited_on = self.store.behind(in_redis, len(txs) + 1, {t.transaction_id for t in txs})
         order = RowOrder(holders, queues)
         ready, ahead = [], set()
         for tx in txs:
-            blocked = [(row, mark) for row in sorted(refs_of[tx.transaction_id])
+            blocked = [(row, mark) for row in sorted(refs_of[_one_of_batch(tx)])
                        if (mark := order.blocker(row, tx.transaction_id, ahead, waited_on))]
             if not blocked:
                 ready.append(tx)

@@ -3185,6 +3185,51 @@ def test_a_reuse_of_a_waiting_updates_id_for_its_row_is_not_applied_ahead_of_it(
     buf.close()
 
 
+def test_a_reused_id_in_one_batch_does_not_take_the_first_of_its_id_past_an_older_update_of_its_row(
+        settings, redis_client, main_engine):
+    """An older rename of obs unit 3 fails for now (it also renames unit 930, not there yet) and
+    waits to retry, holding the row. A raw producer then pushes obs-9 (rename unit 3 to "newer")
+    and obs-9 again, with other steps (make unit 922), claimed in one batch. The rows each uses
+    were kept by id: the second's replaced the first's, so the first was not held back behind
+    the older rename; applied at once, the older one, applied later, overwrote it, and the
+    newer rename was lost. Held back now, it is dead-lettered as reused once due (the second,
+    applied under the id, took the id's record), and `failed retry` applies it last."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+
+    def push(tx_id: str, *steps: dict) -> None:
+        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
+            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
+
+    def rename(unit: int, name: str) -> dict:
+        return {"operation": "update", "model_class": "ObsUnit", "conditions": {"id": unit}, "data": {"name": name}}
+
+    drain = Drain(settings, DrainConfig(batch_size=10, retry_base_s=0.5))
+    try:
+        drain.acquire()
+        push("older", rename(3, "older"), rename(930, "older"))
+        assert drain.step().retried == 1
+        push("obs-9", rename(3, "newer"))
+        push("obs-9", {"operation": "create", "model_class": "ObsUnit", "data": {"id": 922, "name": "second"}})
+        drain.step()
+    finally:
+        drain.close()
+    add_unit(main_engine, 930)
+    drain_until_settled(settings, retry_base_s=0.05)
+    letters = [json.loads(f) for f in redis_client.lrange(keys.failed, 0, -1)]
+    assert [(f["transaction_id"], f["failure"]["kind"], f["steps"][0]["data"]) for f in letters] == [
+        ("obs-9", "reused_id", {"name": "newer"})]
+    DeadLetters(BufferStore(redis_client, settings.site), ModelRegistry.from_path(settings.models)).retry()
+    drain_until_settled(settings, retry_base_s=0.05)
+    with main_engine.connect() as conn:
+        units = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id IN (3, 922, 930)")).all())
+    assert units == {3: "newer", 922: "second", 930: "older"}
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+
+
 @pytest.mark.xfail(strict=True, reason="not fixed: a reused id's dead marks go when the first of the id is applied")
 def test_a_reused_ids_letter_still_blocks_a_newer_update_once_the_first_of_its_id_is_applied(
         settings, redis_client, main_engine):
