@@ -21,7 +21,8 @@ from obs_pipeline.keys import SiteKeys
 from obs_pipeline_tests.test_cli import cli
 from obs_pipeline_tests.test_reliability import replicated_observation
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations,
-                                         drain_one_batch, drain_until_settled, replay_paused)
+                                         drain_one_batch, drain_until_settled, push_raw, rename_unit,
+                                         create_unit, replay_paused)
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -1306,13 +1307,9 @@ def test_a_reused_id_in_a_batch_dead_letters_what_uses_its_rows_and_parks_what_w
     keys = SiteKeys(settings.site)
 
     def push(tx_id: str, *steps: dict) -> None:
-        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
-            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
+        push_raw(redis_client, settings.site, tx_id, *steps)
 
-    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
-                                 "data": {"id": unit, "name": name}}
-    rename = lambda unit, name: {"operation": "update", "model_class": "ObsUnit",  # noqa: E731
-                                 "conditions": {"id": unit}, "data": {"name": name}}
+    create, rename = create_unit, rename_unit
     push("obs-9", create(921, "first"), rename(930, "not there yet"))
     push("uses-921", rename(921, "first, renamed"))
     push("obs-9", create(922, "second, the id reused"))

@@ -32,7 +32,7 @@ from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import (assert_applied_exactly_once, buffer_observations, drain_one_batch,
                                          cancelled_once_while_sleeping, drain_until_settled, slow_file_inserts,
                                          with_statement_timeout)
-from obs_pipeline_tests.workload import replay_paused
+from obs_pipeline_tests.workload import create_unit, push_raw, rename_unit, replay_paused
 from obs_pipeline_tests.test_walking_skeleton import drain_until_empty
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -3198,21 +3198,13 @@ def test_a_reused_id_in_one_batch_does_not_take_the_first_of_its_id_past_an_olde
     from obs_pipeline.model_registry import ModelRegistry
 
     keys = SiteKeys(settings.site)
-
-    def push(tx_id: str, *steps: dict) -> None:
-        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
-            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
-
-    def rename(unit: int, name: str) -> dict:
-        return {"operation": "update", "model_class": "ObsUnit", "conditions": {"id": unit}, "data": {"name": name}}
-
     drain = Drain(settings, DrainConfig(batch_size=10, retry_base_s=0.5))
     try:
         drain.acquire()
-        push("older", rename(3, "older"), rename(930, "older"))
+        push_raw(redis_client, settings.site, "older", rename_unit(3, "older"), rename_unit(930, "older"))
         assert drain.step().retried == 1
-        push("obs-9", rename(3, "newer"))
-        push("obs-9", {"operation": "create", "model_class": "ObsUnit", "data": {"id": 922, "name": "second"}})
+        push_raw(redis_client, settings.site, "obs-9", rename_unit(3, "newer"))
+        push_raw(redis_client, settings.site, "obs-9", create_unit(922, "second"))
         drain.step()
     finally:
         drain.close()
@@ -4435,13 +4427,9 @@ def test_an_id_reused_in_a_batch_applied_in_pieces_applies_the_first_and_dead_le
     pushed: dict[str, list[str]] = {}
 
     def push(tx_id: str, *steps: dict) -> None:
-        raw = json.dumps({"transaction_id": tx_id, "steps": [{"step_id": f"s{n}", **step}
-                                                              for n, step in enumerate(steps)]})
-        pushed.setdefault(tx_id, []).append(raw)
-        redis_client.lpush(keys.buffer, raw)
+        pushed.setdefault(tx_id, []).append(push_raw(redis_client, settings.site, tx_id, *steps))
 
-    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
-                                 "data": {"id": unit, "name": name}}
+    create = create_unit
     buf = TransactionBuffer(settings=settings)
     try:
         observations = buffer_observations(buf, 2)  # 0-2
@@ -4540,13 +4528,9 @@ def test_an_id_reused_in_a_later_piece_after_the_first_failed_is_dead_lettered_n
     keys = SiteKeys(settings.site)
 
     def push(tx_id: str, *steps: dict) -> None:
-        redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": [
-            {"step_id": f"s{n}", **step} for n, step in enumerate(steps)]}))
+        push_raw(redis_client, settings.site, tx_id, *steps)
 
-    create = lambda unit, name: {"operation": "create", "model_class": "ObsUnit",  # noqa: E731
-                                 "data": {"id": unit, "name": name}}
-    rename = lambda unit, name: {"operation": "update", "model_class": "ObsUnit",  # noqa: E731
-                                 "conditions": {"id": unit}, "data": {"name": name}}
+    create, rename = create_unit, rename_unit
     waits_on = 930 if first_fails == "for now" else 3
     # the second dup-1 dropped as pushed twice: pieces [dup-1, obs-9], [uses-921, obs-9], [uses-922]
     push("dup-1", create(923, "pushed twice"))

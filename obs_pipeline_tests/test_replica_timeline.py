@@ -553,6 +553,40 @@ def _write_past(writer: str, reader: str, lsn: int) -> None:
         engine.dispose()
 
 
+def _recorded_then_on_main_only(settings, async_standby, caplog) -> tuple:
+    """An observation made and drained to M, and on S; S stopped then: what M commits next is
+    on M only, lost in the failover. (site, buffer, the create's id, the observation's id.)"""
+    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
+    buf, created_id, obs_id = _buffer_one(site)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert async_standby.standby_has_main_s_wal()  # the record is on S
+    async_standby.stop_standby()
+    return site, buf, created_id, obs_id
+
+
+def _a_newer_update_waiting(site, buf: TransactionBuffer, obs_id: str, redis_client, caplog,
+                            retry_base_s: float = 60):
+    """Q: a newer update of the observation (status "newer") that main refuses for now (it also
+    creates an observation of obs unit 999, which main lacks): it waits to retry, holding the row."""
+    with buf.transaction(endpoint="finish") as newer:
+        newer.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+        newer.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z",
+                                         "status": "running"})
+    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=retry_base_s)
+    assert redis_client.zcard(SiteKeys(site.site).retry) == 1  # Q waits to retry, holding the row
+    return newer
+
+
+def _fail_over_past_the_last_commit(settings, async_standby, redis_client):
+    """M fails, S is promoted; S writes past the last commit the drain made on M, and the
+    site's replica (T, following S) replays it: its LSN is passed without its rows. The site's
+    settings now (main S, replica T)."""
+    async_standby.fail_over()
+    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
+        SiteKeys(settings.site).awaiting_replication, -1, -1, withscores=True)[0][1]))
+    return dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+
+
 def _drain_once(site, caplog, **config):
     drain = Drain(site, DrainConfig(**config))
     with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
@@ -1079,26 +1113,16 @@ def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_re
     row end as Q left it. Parked behind Q's hold, it applied after Q and undid Q's update."""
     import time
 
-    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
-    buf, created_id, obs_id = _buffer_one(site)
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert async_standby.standby_has_main_s_wal()  # the record is on S
-    async_standby.stop_standby()
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(lost_id) == "applied"
-    with buf.transaction(endpoint="finish") as tx:
-        tx.update("ExecutedObsUnit", obs_id, {"status": "newer"})
-        tx.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z", "status": "running"})
-    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=4.0)
+    tx = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog, retry_base_s=4.0)
     keys = SiteKeys(settings.site)
-    (_, due), = redis_client.zrange(keys.retry, 0, -1, withscores=True)  # Q waits to retry, holding the row
-    async_standby.fail_over()
+    (_, due), = redis_client.zrange(keys.retry, 0, -1, withscores=True)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
-    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
-        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
     time.sleep(max(0.0, due - time.time()) + 0.2)  # Q due again
-    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
     caplog.clear()
     summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.2)
     assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
@@ -1115,26 +1139,14 @@ def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_onc
     still waits; applied, it lets go of both, and the row is Q's alone again."""
     from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
 
-    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
-    buf, created_id, obs_id = _buffer_one(site)
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert async_standby.standby_has_main_s_wal()  # the record is on S
-    async_standby.stop_standby()
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     with buf.transaction(endpoint="package") as lost:
         package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(lost.transaction_id) == "applied"
-    with buf.transaction(endpoint="finish") as newer:
-        newer.update("ExecutedObsUnit", obs_id, {"status": "newer"})
-        newer.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z",
-                                         "status": "running"})
-    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
     keys = SiteKeys(settings.site)
-    assert redis_client.zcard(keys.retry) == 1  # Q waits to retry, holding the row
-    async_standby.fail_over()
-    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
-        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
-    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
@@ -1170,11 +1182,7 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     from obs_pipeline_tests.test_cli import cli
     from obs_pipeline_tests.test_reliability import assert_no_holds
 
-    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
-    buf, created_id, obs_id = _buffer_one(site)
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert async_standby.standby_has_main_s_wal()
-    async_standby.stop_standby()
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
     with buf.transaction(endpoint="package") as lost:
         package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
@@ -1182,10 +1190,7 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(lost.transaction_id) == "applied"
     keys = SiteKeys(settings.site)
-    async_standby.fail_over()
-    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
-        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
-    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
     for _ in range(20):  # (L's retries, 0.05 s apart and more, until it is dead-lettered)
         _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
@@ -1311,11 +1316,7 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
 
     from obs_pipeline_tests.test_cli import cli
 
-    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
-    buf, _, obs_id = _buffer_one(site)
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert async_standby.standby_has_main_s_wal()
-    async_standby.stop_standby()
+    site, buf, _, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
     with buf.transaction(endpoint="finish") as older:
         older.update("ExecutedObsUnit", obs_id, {"status": "older"})
@@ -1323,11 +1324,7 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(older.transaction_id) == "applied" and buf.status(newer_id) == "applied"
-    keys = SiteKeys(settings.site)
-    async_standby.fail_over()
-    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
-        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
-    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
     for _ in range(20):  # (H's retries, 0.05 s apart and more, until it is dead-lettered)
         summary = _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
@@ -1353,29 +1350,17 @@ def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update
     applied, and L after it undid Q's update (main kept "lost"). L stays ahead of Q."""
     from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
 
-    site = dataclasses.replace(settings, main_db_url=async_standby.main, replica_db_url=async_standby.nowhere)
-    buf, created_id, obs_id = _buffer_one(site)
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert async_standby.standby_has_main_s_wal()  # the record is on S
-    async_standby.stop_standby()
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
     with buf.transaction(endpoint="finish") as lost:
         lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
         lost.update("ObsUnit", 777, {"name": "renamed"})
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(lost.transaction_id) == "applied"
-    with buf.transaction(endpoint="finish") as newer:
-        newer.update("ExecutedObsUnit", obs_id, {"status": "newer"})
-        newer.create("ExecutedObsUnit", {"obs_unit_id": 999, "start_time": "2025-01-03T00:00:00Z",
-                                         "status": "running"})
-    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
     keys = SiteKeys(settings.site)
-    assert redis_client.zcard(keys.retry) == 1  # Q waits to retry, holding the row
-    async_standby.fail_over()
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")  # Q can apply now; L cannot
-    _write_past(async_standby.standby, async_standby.follower, int(redis_client.zrange(
-        keys.awaiting_replication, -1, -1, withscores=True)[0][1]))
-    new = dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
     caplog.clear()
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)

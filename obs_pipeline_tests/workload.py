@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,27 @@ def look_once_the_replica_caught_up(drain: Drain, main_engine: sa.Engine, replic
         return looks()
 
     drain._replay_lsn = caught_up
+
+
+def push_raw(redis_client, site: str, tx_id: str, *steps: dict) -> str:
+    """Push as a raw producer does (contract section 4): the id and its steps only, no status and
+    no caches, the steps numbered. Returns the entry."""
+    from obs_pipeline.keys import SiteKeys
+
+    raw = json.dumps({"transaction_id": tx_id, "steps": [{"step_id": f"s{n}", **step}
+                                                         for n, step in enumerate(steps)]})
+    redis_client.lpush(SiteKeys(site).buffer, raw)
+    return raw
+
+
+def create_unit(unit: int, name: str) -> dict:
+    """A raw producer's step: make obs unit `unit`."""
+    return {"operation": "create", "model_class": "ObsUnit", "data": {"id": unit, "name": name}}
+
+
+def rename_unit(unit: int, name: str) -> dict:
+    """A raw producer's step: rename obs unit `unit`."""
+    return {"operation": "update", "model_class": "ObsUnit", "conditions": {"id": unit}, "data": {"name": name}}
 
 
 def drain_steps(settings, steps: int, batch_size: int = 1) -> None:
