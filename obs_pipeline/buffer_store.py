@@ -1109,22 +1109,22 @@ class BufferStore:
 
     def rows_held_live(self, marks: list[str]) -> dict[str, set[str]]:
         """For each of these live marks (transaction ids), the rows whose head (held_ids) or queue
-        (SiteKeys.waiting) holds it, found by reading all of both: for transactions whose rows
+        (SiteKeys.waiting) holds it, found by reading all of held_ids and the queues of its rows (a
+        row has a queue only behind a head: redis_scripts.ROW_QUEUES): for transactions whose rows
         cannot be named from their steps (Drain._parse: a model gone from the models file since
-        they took them). A pass over held_ids and over the keys of Redis: rare, once a batch."""
+        they took them). Rare: once a batch at most."""
         found: dict[str, set[str]] = {mark: set() for mark in marks}
+        rows = set()
         for row, head in self.redis.hscan_iter(self.keys.held_ids, count=1000):
+            rows.add(row.decode())
             if head.decode() in found:
                 found[head.decode()].add(row.decode())
-        prefix = self.keys.waiting("")
-        queues = [key.decode()[len(prefix):]
-                  for key in self.redis.scan_iter(match=_glob_escaped(prefix) + "*", count=1000)]
-        for part in _parts(queues, 1000):
+        for part in _parts(sorted(rows), 1000):
             pipe = self.redis.pipeline(transaction=False)
             for row in part:
                 pipe.zmscore(self.keys.waiting(row), marks)
             for row, scores in zip(part, pipe.execute()):
-                for mark, score in zip(marks, scores):
+                for mark, score in zip(marks, scores or ()):
                     if score is not None:
                         found[mark].add(row)
         return found
