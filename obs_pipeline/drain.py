@@ -593,7 +593,9 @@ class Drain:
         self.main_identity.applying = applying
         try:
             if txs:  # while main applies (statuses are read, never waited on: no order to keep with main)
-                by_id = {t.transaction_id: t for t in txs}
+                by_id: dict[str, Transaction] = {}  # the first of an id: the one main applies (_parse)
+                for t in txs:
+                    by_id.setdefault(t.transaction_id, t)
                 self.store.mark_processing(list(by_id), lambda tx_id: _status_json(by_id[tx_id], "processing"))
             if full and not batch.report.reclaimed:  # (a reclaimed batch may hold a prefetched one:
                 # claiming more behind it at every failed attempt would grow it without bound)
@@ -924,6 +926,12 @@ class Drain:
     def _record_result(self, result, outcome: Outcome, report: BatchReport,
                        footprints: dict[tuple[str, str | None], dict[str, list]]) -> None:
         done = result.applied + result.already_applied
+        # an id a producer reused in this batch: its status key is the applied one's whole JSON, from
+        # which requeue_lost buffers it again should a failover lose it (it may hold the other's)
+        reused = {tx.transaction_id for tx, _ in result.reused_ids} | {tx_id for _, tx_id, _, _ in outcome.park}
+        for tx in result.applied:
+            if tx.transaction_id in reused:
+                outcome.statuses.append((tx.transaction_id, _status_json(tx, "processing")))
         for tx in done:
             outcome.applied_ids.append(tx.transaction_id)
             if _waited(tx) or tx.transaction_id in outcome.waited:

@@ -1216,6 +1216,84 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     buf.close()
 
 
+def test_a_reused_id_in_a_batch_a_failover_lost_is_buffered_again_as_the_transaction_that_was_applied(
+        settings, async_standby, redis_client, caplog):
+    """A raw producer (no status key) pushes obs-9 (make unit 921) and obs-9 again with other
+    steps (make unit 922), drained in one batch on M only: the first applied, the second
+    dead-lettered as reused. M fails, S is promoted without the batch. What the failover lost is
+    buffered again from the id's status key, which the drain had written from the last entry of
+    the id in the batch, the second: S got unit 922 under obs-9 and never unit 921 (lost), and
+    the second's letter, retried, would make 922 twice. The status key is the applied one's."""
+    from obs_pipeline_tests.workload import create_unit, push_raw
+
+    site, buf, _, _ = _recorded_then_on_main_only(settings, async_standby, caplog)
+    push_raw(redis_client, site.site, "obs-9", create_unit(921, "first"))
+    push_raw(redis_client, site.site, "obs-9", create_unit(922, "second, the id reused"))
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    keys = SiteKeys(settings.site)
+    letters = [(f["transaction_id"], f["failure"]["kind"], f["steps"][0]["data"]["id"])
+               for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
+    assert letters == [("obs-9", "reused_id", 922)] and buf.status("obs-9") == "applied"
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    engine = sa.create_engine(async_standby.standby)
+    try:
+        with engine.connect() as conn:
+            units = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id IN (921, 922)")).all())
+    finally:
+        engine.dispose()
+    assert units == {921: "first"}, units
+    assert buf.status("obs-9") == "replicated" and redis_client.llen(keys.failed) == 1
+    buf.close()
+
+
+def test_a_reused_id_applied_while_the_first_of_it_waits_is_buffered_again_after_a_failover_as_itself(
+        settings, async_standby, redis_client, caplog):
+    """An older update (Q) of the observation waits to retry, holding its row; T, a newer update
+    of it from ingest (its status key the whole JSON), and a raw producer's reuse of T's id (make
+    unit 922), in one batch on M only: T waits behind Q, the reuse is applied under the id. M
+    fails, S is promoted without that batch. Buffered again from the id's status key, which was
+    T's: T's update went first on the row, ahead of the older Q (the row ended as Q left it), and
+    unit 922 was never made again (lost). Once Q applies, T is dead-lettered as reused, and
+    `failed retry` applies it last."""
+    from obs_pipeline_tests.test_cli import cli
+    from obs_pipeline_tests.test_reliability import assert_no_holds, due_now
+    from obs_pipeline_tests.workload import create_unit, push_raw
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    older = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)  # (older than T)
+    keys = SiteKeys(settings.site)
+    t_id = buf.update("ExecutedObsUnit", obs_id, {"status": "T"})
+    push_raw(redis_client, site.site, t_id, create_unit(922, "the id reused"))
+    _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    assert buf.status(t_id) == "applied" and redis_client.zcard(keys.retry) == 2  # Q, and T behind it
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    due_now(redis_client, keys, older.transaction_id)
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.05)
+    letters = [(f["transaction_id"], f["failure"]["kind"]) for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
+    assert letters == [(t_id, "reused_id")], letters
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _drain_once(new, caplog, replication_timeout_s=10)
+    engine = sa.create_engine(async_standby.standby)
+    try:
+        with engine.connect() as conn:
+            units = dict(conn.execute(sa.text("SELECT id, name FROM obs_unit WHERE id = 922")).all())
+    finally:
+        engine.dispose()
+    assert units == {922: "the id reused"}, units
+    assert _on_main(async_standby.standby, obs_id, [created_id, older.transaction_id])[::2] == (1, "T")
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work(
         settings, other_cluster, main_engine, replica_engine, redis_client, clean_db, tmp_path, caplog):
     """A long-running `obs-pipeline drain` behind addresses that stay the same (a DNS name or a
