@@ -1227,9 +1227,16 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
 
 
 def _rows_used_by(raw: str, registry: ModelRegistry) -> set[str]:
-    """The rows an entry writes or reads (wire.referenced_ids), as far as it can be read."""
+    """The rows an entry writes or reads (wire.referenced_ids), as far as it can be read: named as
+    the drain names them once it is validated (a key canonical, a UUID in lower case), where it
+    validates. A producer that writes its own status key (seed 000's) keeps its steps as pushed
+    there, and a failover's lost transaction buffered again from it held rows named so, which
+    the claim (validated) neither waited behind nor let go of."""
     try:
-        tx = Transaction.from_json(raw)
+        try:
+            tx = validate(Transaction.from_json(raw), registry)
+        except Exception:  # noqa: BLE001 - invalid: named as pushed, as _parse names its rows
+            tx = Transaction.from_json(raw)
         return written_ids(tx, registry) | referenced_ids(tx, registry)
     except Exception:  # noqa: BLE001 - unreadable: nothing to name
         return set()

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -1128,6 +1129,45 @@ def test_a_lost_update_applies_before_a_newer_update_of_its_row_that_waits_to_re
     assert summary.dead_lettered == 0 and redis_client.llen(keys.failed) == 0, summary
     assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, tx.transaction_id]) == (1, 3, "newer")
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    buf.close()
+
+
+def test_a_lost_update_a_producer_keyed_in_capitals_still_applies_before_a_newer_update_of_its_row(
+        settings, async_standby, redis_client, caplog):
+    """As above, but L comes from a producer that writes its own status key (seed 000's existing
+    system): its update names the observation by its UUID in capitals, which the drain makes
+    canonical when it validates L. Buffered again from that status key, L must go first in the
+    order of the row as the drain names it (its canonical UUID), and let go of it once applied.
+    Its rows worked out from the entry as pushed named another row (`executed_obs_unit:<UUID in
+    capitals>`): Q kept the observation's head, L was parked behind it and undid it, and the mark
+    on the other row stayed for good."""
+    import time
+
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    keys = SiteKeys(settings.site)
+    lost_id = str(uuid.uuid4())
+    entry = json.dumps({"status": "pending", "transaction_id": lost_id, "endpoint": "finish", "site": site.site,
+                        "timestamp": "2025-01-02T00:00:00Z", "retry_count": 0,
+                        "steps": [{"step_id": "s0", "operation": "update", "model_class": "ExecutedObsUnit",
+                                   "conditions": {"id": obs_id.upper()}, "data": {"status": "lost"}}]})
+    redis_client.set(keys.transaction(lost_id), entry)  # as the existing system's producer writes it
+    redis_client.lpush(keys.buffer, entry)
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost_id) == "applied"
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog, retry_base_s=4.0)
+    (_, due), = redis_client.zrange(keys.retry, 0, -1, withscores=True)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
+    time.sleep(max(0.0, due - time.time()) + 0.2)  # Q due again
+    caplog.clear()
+    summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.2)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert summary.dead_lettered == 0, summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, newer.transaction_id]) == (1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
     buf.close()
 
 
