@@ -325,7 +325,11 @@ return 1
 # in the queue (BufferStore.requeue_lost: buffered again after a failover lost its commit, it was
 # applied once before any that waits now began to wait; pairs are given newest first, so the
 # oldest ends the head). Queued last, one that main now refuses waited behind a newer update that
-# was applied first, and was then applied over it.
+# was applied first, and was then applied over it. A dead mark of its id is another letter's (it
+# was applied since any of its own: a producer's reuse of the id, or a copy pushed again,
+# dead-lettered after it): displaced or left in the queue like any other, not taken for its own
+# (taken, the letter's hold went with its release: a newer write applied, and the letter's retry
+# undid it).
 ROW_QUEUES = """
 local function strip(mark) return (string.gsub(mark, '^!', '')) end
 local function queue(row) return ARGV[1] .. 'waiting:' .. row end
@@ -348,8 +352,8 @@ local function hold(row, value)
 end
 local function first(row, value)
   local head, q = redis.call('HGET', KEYS[1], row), queue(row)
-  redis.call('ZREM', q, value, '!' .. value)
-  if head and strip(head) ~= value then
+  redis.call('ZREM', q, value)
+  if head and head ~= value then  -- '!' .. value too: another letter's of the id, see HOLD_FIRST
     local front = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
     local score = front[2] and math.min(tonumber(front[2]), 1) - 1 or 0
     redis.call('ZADD', q, string.format('%d', score), head)

@@ -1171,6 +1171,51 @@ def test_a_lost_update_a_producer_keyed_in_capitals_still_applies_before_a_newer
     buf.close()
 
 
+
+def test_a_lost_update_whose_id_a_producer_reused_leaves_the_reused_letter_s_dead_mark_on_its_row(
+        settings, async_standby, redis_client, caplog):
+    """An update of the record (L) committed on M only, S down; a raw producer then reused L's id
+    for another update of the record (R, "reused"), dead-lettered on M as a reused id: its dead
+    mark ("!" + the id) holds the row, and a newer update waits for R's retry. M fails, S is
+    promoted: L, buffered again, goes first in the row's order and applies; R's letter is still
+    listed, so its mark must stay: a newer update (N) is dead-lettered as blocked by it, and
+    `failed retry --all` applies R (under a new id), then N. L's HOLD_FIRST took the row's head
+    "!" + id for its own, and its release then freed the row: N applied at once, and R, retried,
+    undid it."""
+    from obs_pipeline_tests.test_cli import cli
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
+    from obs_pipeline_tests.workload import push_raw
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost_id) == "applied"
+    keys = SiteKeys(settings.site)
+    push_raw(redis_client, site.site, lost_id, {"operation": "update", "model_class": "ExecutedObsUnit",
+                                                "conditions": {"id": obs_id}, "data": {"status": "reused"}})
+    summary = _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert summary.dead_lettered == 1 and json.loads(redis_client.lindex(keys.failed, 0))["failure"]["kind"] == (
+        "reused_id"), summary
+    assert redis_client.hget(keys.held_ids, obs_id) == b"!" + lost_id.encode()
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(lost_id) == "replicated"
+    assert redis_client.hget(keys.held_ids, obs_id) == b"!" + lost_id.encode()  # R's letter still holds the row
+    newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+    summary = _drain_once(new, caplog, replication_timeout_s=10)
+    assert buf.status(newer_id) == "failed", summary  # blocked by R's letter
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, newer_id]) == (1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_once_and_lets_go_of_it(
         settings, async_standby, redis_client, caplog):
     """As above, but the lost transaction (L) makes a data package of the observation: it reads
