@@ -1171,6 +1171,102 @@ def test_a_lost_update_a_producer_keyed_in_capitals_still_applies_before_a_newer
     buf.close()
 
 
+def test_two_lost_updates_of_a_row_and_a_newer_one_waiting_apply_oldest_first_once_main_takes_the_oldest(
+        settings, async_standby, redis_client, caplog):
+    """Two updates of the record lost in the failover (H older, also renaming obs unit 777, made
+    on M by hand after S stopped; L newer) and a newer update (Q) that waits to retry, holding
+    the row. Buffered again, H heads the row, L and Q wait behind it in that order: S refuses H
+    (L parked behind it), Q, due, waits behind H too; once 777 is made on S and H is due, H, L
+    and Q apply in that order, the row ends as Q left it and nothing holds a row."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="finish") as older:
+        older.update("ExecutedObsUnit", obs_id, {"status": "older"})
+        older.update("ObsUnit", 777, {"name": "renamed"})
+    lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(older.transaction_id) == "applied" and buf.status(lost_id) == "applied"
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    keys = SiteKeys(settings.site)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")  # Q can apply now; H cannot
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert redis_client.hget(keys.held_ids, obs_id) == older.transaction_id.encode()
+    assert [m.decode() for m in redis_client.zrange(keys.waiting(obs_id), 0, -1)] == [
+        lost_id, newer.transaction_id]
+    due_now(redis_client, keys, newer.transaction_id)  # Q due first: it waits behind H
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert buf.status(newer.transaction_id) == "pending" and buf.status(lost_id) == "pending"
+    _obs_unit_made_by_hand(async_standby.standby, 777, "made again")  # H's cause fixed
+    due_now(redis_client, keys, older.transaction_id)
+    summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert summary.dead_lettered == 0, summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, older.transaction_id, lost_id,
+                                                    newer.transaction_id]) == (1, 4, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def test_a_dead_letter_a_lost_update_displaced_from_its_rows_head_retried_while_the_lost_one_waits_applies_after_it(
+        settings, async_standby, redis_client, caplog):
+    """A newer update of the record (D, also making an observation of obs unit 888, which M
+    lacks) is dead-lettered on M, holding the row dead; an older update (L, also renaming obs
+    unit 777, made on M by hand after S stopped) was lost in the failover. Buffered again, L
+    heads the row, D's dead mark first behind it; S refuses L, which waits to retry. The
+    operator makes 888 and retries D meanwhile: D waits behind L (parked), and once 777 is made
+    on S, L applies, then D: the row ends as D left it, nothing holds a row."""
+    import time
+
+    from obs_pipeline_tests.test_cli import cli
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="finish") as lost:
+        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+        lost.update("ObsUnit", 777, {"name": "renamed"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    with buf.transaction(endpoint="finish") as dead:
+        dead.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+        dead.create("ExecutedObsUnit", {"obs_unit_id": 888, "start_time": "2025-01-03T00:00:00Z",
+                                        "status": "running"})
+    for _ in range(20):  # (D's retries, 0.05 s apart and more, until it is dead-lettered)
+        _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=0.05)
+        if buf.status(dead.transaction_id) == "failed":
+            break
+        time.sleep(0.5)
+    assert buf.status(dead.transaction_id) == "failed"
+    keys = SiteKeys(settings.site)
+    assert redis_client.hget(keys.held_ids, obs_id) == b"!" + dead.transaction_id.encode()
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(lost.transaction_id) == "pending" and redis_client.zcard(keys.retry) == 1  # S refuses L
+    assert redis_client.hget(keys.held_ids, obs_id) == lost.transaction_id.encode()
+    assert redis_client.zrange(keys.waiting(obs_id), 0, -1) == [b"!" + dead.transaction_id.encode()]
+    _obs_unit_made_by_hand(async_standby.standby, 888, "made by the operator")
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "retry", dead.transaction_id, env=env).returncode == 0
+    _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert buf.status(dead.transaction_id) == "pending" and buf.status(lost.transaction_id) == "pending"  # D behind L
+    _obs_unit_made_by_hand(async_standby.standby, 777, "made again")  # L's cause fixed
+    due_now(redis_client, keys, lost.transaction_id)
+    summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert summary.dead_lettered == 0, summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, dead.transaction_id]) == (
+        1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
 
 def test_a_lost_update_whose_id_a_producer_reused_leaves_the_reused_letter_s_dead_mark_on_its_row(
         settings, async_standby, redis_client, caplog):
@@ -1250,6 +1346,47 @@ def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_onc
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
         1, 3, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def test_a_drain_stopped_between_buffering_a_lost_transaction_again_and_claiming_it_leaves_its_order_to_the_next(
+        settings, async_standby, redis_client, caplog):
+    """As above (L, lost, makes a data package of the observation; Q, newer, waits to retry
+    holding its row), but the drain that settles the failover stops right after it: L is back
+    in `processing`, first in the order of both rows, and no drain has claimed it. The next
+    drain claims it again with Q (due): L applies first, then Q, and nothing holds a row."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    with buf.transaction(endpoint="package") as lost:
+        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    keys = SiteKeys(settings.site)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    drain = Drain(new, DrainConfig(replication_timeout_s=10, retry_base_s=60))
+    try:
+        drain.acquire()
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            drain.step()  # nothing to claim: its cleanup settles the failover, then it stops
+    finally:
+        drain.close()
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert redis_client.llen(keys.processing) == 1 and buf.status(lost.transaction_id) == "pending"
+    assert redis_client.hget(keys.held_ids, obs_id) == redis_client.hget(keys.held_ids, package["id"]) == (
+        lost.transaction_id.encode())
+    assert redis_client.zrange(keys.waiting(obs_id), 0, -1) == [newer.transaction_id.encode()]
+    _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
+    due_now(redis_client, keys, newer.transaction_id)
+    summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
+    assert summary.dead_lettered == 0 and summary.applied == 2, summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
+        1, 3, "newer")
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)  # settled once
     assert_queues_empty(redis_client, settings.site)
     assert_no_holds(redis_client, keys)
     buf.close()
