@@ -329,7 +329,9 @@ return 1
 # was applied since any of its own: a producer's reuse of the id, or a copy pushed again,
 # dead-lettered after it): displaced or left in the queue like any other, not taken for its own
 # (taken, the letter's hold went with its release: a newer write applied, and the letter's retry
-# undid it).
+# undid it). Dead-lettered in turn, the lost one's head becomes "!" + id, the one dead mark of the
+# id on the row (HOLD drops the other letter's from the queue, as its head was always shared):
+# left in the queue too, it became the head again once both letters were discarded, for good.
 ROW_QUEUES = """
 local function strip(mark) return (string.gsub(mark, '^!', '')) end
 local function queue(row) return ARGV[1] .. 'waiting:' .. row end
@@ -344,7 +346,11 @@ local function replace(q, old, value)  -- `old`'s place in q now `value`'s; fals
 end
 local function hold(row, value)
   local owner, head = strip(value), redis.call('HGET', KEYS[1], row)
-  if not head or strip(head) == owner then redis.call('HSET', KEYS[1], row, value) return end
+  if not head or strip(head) == owner then
+    redis.call('HSET', KEYS[1], row, value)
+    if head and value ~= owner then redis.call('ZREM', queue(row), value) end  -- one dead mark of an id
+    return
+  end
   local q = queue(row)
   if not (replace(q, owner, value) or replace(q, '!' .. owner, value)) then
     redis.call('ZADD', q, redis.call('INCR', ARGV[1] .. 'waiting_seq'), value)

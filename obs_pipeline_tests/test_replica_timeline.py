@@ -1312,6 +1312,54 @@ def test_a_lost_update_whose_id_a_producer_reused_leaves_the_reused_letter_s_dea
     buf.close()
 
 
+def test_a_lost_update_whose_id_a_producer_reused_dead_lettered_on_the_new_main_leaves_one_dead_mark_of_the_id(
+        settings, async_standby, redis_client, caplog):
+    """As above (R, a reused id of the lost L, dead-lettered on M), but L also renames obs unit
+    777, made on M by hand after S stopped: S refuses it until it is dead-lettered too. Both
+    letters of the id now hold the row dead, under one mark ("!" + the id, as the letters of a
+    reused id always did); discarded one after the other, they leave the row free, and a newer
+    update applies."""
+    import time
+
+    from obs_pipeline_tests.test_cli import cli
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
+    from obs_pipeline_tests.workload import push_raw
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="finish") as lost:
+        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+        lost.update("ObsUnit", 777, {"name": "renamed"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    keys = SiteKeys(settings.site)
+    push_raw(redis_client, site.site, lost.transaction_id, {
+        "operation": "update", "model_class": "ExecutedObsUnit", "conditions": {"id": obs_id},
+        "data": {"status": "reused"}})
+    summary = _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert summary.dead_lettered == 1, summary  # R, as a reused id: the first letter listed
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    for _ in range(20):  # (L's retries, 0.05 s apart and more, until it is dead-lettered)
+        _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
+        if buf.status(lost.transaction_id) == "failed":
+            break
+        time.sleep(0.5)
+    assert buf.status(lost.transaction_id) == "failed" and redis_client.llen(keys.failed) == 2
+    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
+           "OBS_REPLICA_DB_URL": new.replica_db_url}
+    assert cli("failed", "discard", "#2", env=env).returncode == 0  # L's letter
+    assert redis_client.hget(keys.held_ids, obs_id) == b"!" + lost.transaction_id.encode()  # R's, still listed
+    assert cli("failed", "discard", lost.transaction_id, env=env).returncode == 0  # R's, the id's only letter now
+    newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
+    summary = _drain_once(new, caplog, replication_timeout_s=10)
+    assert summary.dead_lettered == 0 and buf.status(newer_id) == "replicated", summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, newer_id]) == (1, 2, "newer")
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_once_and_lets_go_of_it(
         settings, async_standby, redis_client, caplog):
     """As above, but the lost transaction (L) makes a data package of the observation: it reads
