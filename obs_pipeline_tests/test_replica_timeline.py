@@ -522,9 +522,18 @@ def async_standby(stack):
             t.set_upstream(s.port)
             t.start()
 
+        def fail_over_again() -> None:
+            """A second failover: S stops, T (stopped by `stop_follower`, with what S had sent
+            it) is promoted (timeline 3)."""
+            s.stop(mode="immediate")
+            if not t.running:
+                t.start()
+            assert t.query("SELECT pg_promote(true, 60)") == (True,)
+
         yield SimpleNamespace(main=url[m], standby=url[s], follower=url[t],
                               nowhere=f"postgresql+psycopg2://postgres@{HOST}:{closed}/obs",
                               stop_standby=lambda: s.stop(mode="immediate"),
+                              stop_follower=lambda: t.stop(mode="immediate"), fail_over_again=fail_over_again,
                               standby_has_main_s_wal=lambda: wait_until(lambda: _replayed(
                                   url[s], m.query("SELECT pg_current_wal_flush_lsn()::text")[0]), 30),
                               fail_over=fail_over)
@@ -1356,6 +1365,44 @@ def test_a_lost_update_whose_id_a_producer_reused_dead_lettered_on_the_new_main_
     assert summary.dead_lettered == 0 and buf.status(newer_id) == "replicated", summary
     assert _on_main(async_standby.standby, obs_id, [created_id, newer_id]) == (1, 2, "newer")
     assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
+def test_a_lost_update_lost_again_in_a_second_failover_still_applies_before_a_newer_update_of_its_row(
+        settings, async_standby, redis_client, caplog):
+    """L (an update of the record) committed on M only; Q, newer, waits to retry holding the
+    row. M fails over to S: L, buffered again, goes first and applies on S, while T (S's
+    standby, the site's replica) is down; S fails over to T (timeline 3), which lacks L again.
+    Buffered a second time, L again goes first, ahead of Q: the row ends as Q left it, and
+    nothing holds a row."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, due_now
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost_id) == "applied"
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    keys = SiteKeys(settings.site)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    async_standby.stop_follower()  # what S commits next is on S only
+    caplog.clear()
+    _drain_once(new, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert buf.status(lost_id) == "applied" and buf.status(newer.transaction_id) == "pending"
+    assert redis_client.hget(keys.held_ids, obs_id) == newer.transaction_id.encode()  # L let go of it
+    async_standby.fail_over_again()
+    third = dataclasses.replace(settings, main_db_url=async_standby.follower, replica_db_url=async_standby.nowhere)
+    _obs_unit_made_by_hand(async_standby.follower, 999, "made after the second failover")
+    due_now(redis_client, keys, newer.transaction_id)
+    caplog.clear()
+    summary = _drain_once(third, caplog, replication_timeout_s=0.2, retry_base_s=60)
+    assert len(_lost_line(caplog)) == 1 and "timeline 3" in _lost_line(caplog)[0], _lost_line(caplog)
+    assert summary.dead_lettered == 0, summary
+    assert _on_main(async_standby.follower, obs_id, [created_id, lost_id, newer.transaction_id]) == (1, 3, "newer")
+    for queue in (keys.buffer, keys.processing, keys.failed):
+        assert redis_client.llen(queue) == 0
+    assert redis_client.zcard(keys.retry) == 0
     assert_no_holds(redis_client, keys)
     buf.close()
 
