@@ -597,6 +597,55 @@ def _fail_over_past_the_last_commit(settings, async_standby, redis_client):
     return dataclasses.replace(settings, main_db_url=async_standby.standby, replica_db_url=async_standby.follower)
 
 
+def _drain_until_dead_lettered(site, caplog, buf: TransactionBuffer, tx_id: str, **config):
+    """Drain, retries 0.05 s apart and more, until `tx_id` is dead-lettered (20 runs at most); the
+    last run's summary."""
+    import time
+
+    for _ in range(20):
+        summary = _drain_once(site, caplog, retry_base_s=0.05, **config)
+        if buf.status(tx_id) == "failed":
+            break
+        time.sleep(0.5)
+    return summary
+
+
+def _operator(site, *args: str) -> None:
+    """`obs-pipeline ARGS` as the site's operator runs it (its Redis, main and replica)."""
+    from obs_pipeline_tests.test_cli import cli
+
+    env = {"OBS_SITE": site.site, "OBS_REDIS_URL": site.redis_url, "OBS_MAIN_DB_URL": site.main_db_url,
+           "OBS_REPLICA_DB_URL": site.replica_db_url}
+    result = cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def _assert_settled(async_standby, redis_client, site: str, obs_id: str, tx_ids: list[str], status: str) -> None:
+    """On S, the new main: the observation once, each of `tx_ids` applied once, its status
+    `status`; in Redis, nothing queued, retrying or holding a row."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
+
+    assert _on_main(async_standby.standby, obs_id, tx_ids) == (1, len(tx_ids), status)
+    assert_queues_empty(redis_client, site)
+    assert_no_holds(redis_client, SiteKeys(site))
+
+
+def _a_lost_package_and_a_newer_update_waiting(settings, async_standby, redis_client, caplog) -> tuple:
+    """L, a data package of the observation (it reads the observation's row, writes its own),
+    committed on M only; Q, a newer update of the observation, waits to retry holding its row;
+    then the failover that loses L. (The site's settings now, the buffer, the create's id, the
+    observation's id, L, the package, Q.)"""
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    with buf.transaction(endpoint="package") as lost:
+        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    return new, buf, created_id, obs_id, lost, package, newer
+
+
 def _drain_once(site, caplog, **config):
     drain = Drain(site, DrainConfig(**config))
     with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
@@ -1152,7 +1201,6 @@ def test_a_lost_update_a_producer_keyed_in_capitals_still_applies_before_a_newer
     on the other row stayed for good."""
     import time
 
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     keys = SiteKeys(settings.site)
@@ -1174,9 +1222,8 @@ def test_a_lost_update_a_producer_keyed_in_capitals_still_applies_before_a_newer
     summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.2)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert summary.dead_lettered == 0, summary
-    assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, newer.transaction_id]) == (1, 3, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id,
+                    [created_id, lost_id, newer.transaction_id], "newer")
     buf.close()
 
 
@@ -1187,7 +1234,7 @@ def test_two_lost_updates_of_a_row_and_a_newer_one_waiting_apply_oldest_first_on
     the row. Buffered again, H heads the row, L and Q wait behind it in that order: S refuses H
     (L parked behind it), Q, due, waits behind H too; once 777 is made on S and H is due, H, L
     and Q apply in that order, the row ends as Q left it and nothing holds a row."""
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+    from obs_pipeline_tests.test_reliability import due_now
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
@@ -1214,10 +1261,8 @@ def test_two_lost_updates_of_a_row_and_a_newer_one_waiting_apply_oldest_first_on
     due_now(redis_client, keys, older.transaction_id)
     summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert summary.dead_lettered == 0, summary
-    assert _on_main(async_standby.standby, obs_id, [created_id, older.transaction_id, lost_id,
-                                                    newer.transaction_id]) == (1, 4, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id,
+                    [created_id, older.transaction_id, lost_id, newer.transaction_id], "newer")
     buf.close()
 
 
@@ -1229,10 +1274,8 @@ def test_a_dead_letter_a_lost_update_displaced_from_its_rows_head_retried_while_
     heads the row, D's dead mark first behind it; S refuses L, which waits to retry. The
     operator makes 888 and retries D meanwhile: D waits behind L (parked), and once 777 is made
     on S, L applies, then D: the row ends as D left it, nothing holds a row."""
-    import time
 
-    from obs_pipeline_tests.test_cli import cli
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+    from obs_pipeline_tests.test_reliability import due_now
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
@@ -1245,11 +1288,7 @@ def test_a_dead_letter_a_lost_update_displaced_from_its_rows_head_retried_while_
         dead.update("ExecutedObsUnit", obs_id, {"status": "newer"})
         dead.create("ExecutedObsUnit", {"obs_unit_id": 888, "start_time": "2025-01-03T00:00:00Z",
                                         "status": "running"})
-    for _ in range(20):  # (D's retries, 0.05 s apart and more, until it is dead-lettered)
-        _drain_once(site, caplog, replication_timeout_s=0.2, retry_base_s=0.05)
-        if buf.status(dead.transaction_id) == "failed":
-            break
-        time.sleep(0.5)
+    _drain_until_dead_lettered(site, caplog, buf, dead.transaction_id, replication_timeout_s=0.2)  # (D's retries)
     assert buf.status(dead.transaction_id) == "failed"
     keys = SiteKeys(settings.site)
     assert redis_client.hget(keys.held_ids, obs_id) == b"!" + dead.transaction_id.encode()
@@ -1261,19 +1300,15 @@ def test_a_dead_letter_a_lost_update_displaced_from_its_rows_head_retried_while_
     assert redis_client.hget(keys.held_ids, obs_id) == lost.transaction_id.encode()
     assert redis_client.zrange(keys.waiting(obs_id), 0, -1) == [b"!" + dead.transaction_id.encode()]
     _obs_unit_made_by_hand(async_standby.standby, 888, "made by the operator")
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "retry", dead.transaction_id, env=env).returncode == 0
+    _operator(new, "failed", "retry", dead.transaction_id)
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert buf.status(dead.transaction_id) == "pending" and buf.status(lost.transaction_id) == "pending"  # D behind L
     _obs_unit_made_by_hand(async_standby.standby, 777, "made again")  # L's cause fixed
     due_now(redis_client, keys, lost.transaction_id)
     summary = _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert summary.dead_lettered == 0, summary
-    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, dead.transaction_id]) == (
-        1, 3, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id,
+                    [created_id, lost.transaction_id, dead.transaction_id], "newer")
     buf.close()
 
 
@@ -1287,8 +1322,6 @@ def test_a_lost_update_whose_id_a_producer_reused_leaves_the_reused_letter_s_dea
     `failed retry --all` applies R (under a new id), then N. L's HOLD_FIRST took the row's head
     "!" + id for its own, and its release then freed the row: N applied at once, and R, retried,
     undid it."""
-    from obs_pipeline_tests.test_cli import cli
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
     from obs_pipeline_tests.workload import push_raw
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
@@ -1311,13 +1344,9 @@ def test_a_lost_update_whose_id_a_producer_reused_leaves_the_reused_letter_s_dea
     newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
     summary = _drain_once(new, caplog, replication_timeout_s=10)
     assert buf.status(newer_id) == "failed", summary  # blocked by R's letter
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _operator(new, "failed", "retry", "--all")
     _drain_once(new, caplog, replication_timeout_s=10)
-    assert _on_main(async_standby.standby, obs_id, [created_id, lost_id, newer_id]) == (1, 3, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id, [created_id, lost_id, newer_id], "newer")
     buf.close()
 
 
@@ -1328,10 +1357,7 @@ def test_a_lost_update_whose_id_a_producer_reused_dead_lettered_on_the_new_main_
     letters of the id now hold the row dead, under one mark ("!" + the id, as the letters of a
     reused id always did); discarded one after the other, they leave the row free, and a newer
     update applies."""
-    import time
 
-    from obs_pipeline_tests.test_cli import cli
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty
     from obs_pipeline_tests.workload import push_raw
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
@@ -1349,23 +1375,15 @@ def test_a_lost_update_whose_id_a_producer_reused_dead_lettered_on_the_new_main_
     assert summary.dead_lettered == 1, summary  # R, as a reused id: the first letter listed
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
-    for _ in range(20):  # (L's retries, 0.05 s apart and more, until it is dead-lettered)
-        _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
-        if buf.status(lost.transaction_id) == "failed":
-            break
-        time.sleep(0.5)
+    _drain_until_dead_lettered(new, caplog, buf, lost.transaction_id, replication_timeout_s=1)  # (L's retries)
     assert buf.status(lost.transaction_id) == "failed" and redis_client.llen(keys.failed) == 2
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "discard", "#2", env=env).returncode == 0  # L's letter
+    _operator(new, "failed", "discard", "#2")  # L's letter
     assert redis_client.hget(keys.held_ids, obs_id) == b"!" + lost.transaction_id.encode()  # R's, still listed
-    assert cli("failed", "discard", lost.transaction_id, env=env).returncode == 0  # R's, the id's only letter now
+    _operator(new, "failed", "discard", lost.transaction_id)  # R's, the id's only letter now
     newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
     summary = _drain_once(new, caplog, replication_timeout_s=10)
     assert summary.dead_lettered == 0 and buf.status(newer_id) == "replicated", summary
-    assert _on_main(async_standby.standby, obs_id, [created_id, newer_id]) == (1, 2, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id, [created_id, newer_id], "newer")
     buf.close()
 
 
@@ -1413,17 +1431,11 @@ def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_onc
     the row the newer update (Q) holds, and writes another. Buffered again, it goes first in the
     order of both rows (BufferStore.requeue_lost), so it is applied at once, ahead of Q, which
     still waits; applied, it lets go of both, and the row is Q's alone again."""
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+    from obs_pipeline_tests.test_reliability import due_now
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    with buf.transaction(endpoint="package") as lost:
-        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(lost.transaction_id) == "applied"
-    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    new, buf, created_id, obs_id, lost, package, newer = _a_lost_package_and_a_newer_update_waiting(
+        settings, async_standby, redis_client, caplog)
     keys = SiteKeys(settings.site)
-    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
-    caplog.clear()
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert buf.status(lost.transaction_id) == "replicated" and buf.status(newer.transaction_id) == "pending"
@@ -1439,10 +1451,8 @@ def test_a_lost_transaction_that_reads_a_row_a_newer_update_holds_applies_at_onc
     _obs_unit_made_by_hand(async_standby.standby, 999, "made after the failover")
     due_now(redis_client, keys, newer.transaction_id)
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=60)
-    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
-        1, 3, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id,
+                    [created_id, lost.transaction_id, newer.transaction_id], "newer")
     buf.close()
 
 
@@ -1454,15 +1464,9 @@ def test_a_drain_stopped_between_buffering_a_lost_transaction_again_and_claiming
     drain claims it again with Q (due): L applies first, then Q, and nothing holds a row."""
     from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    with buf.transaction(endpoint="package") as lost:
-        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(lost.transaction_id) == "applied"
-    newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
+    new, buf, created_id, obs_id, lost, package, newer = _a_lost_package_and_a_newer_update_waiting(
+        settings, async_standby, redis_client, caplog)
     keys = SiteKeys(settings.site)
-    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
-    caplog.clear()
     drain = Drain(new, DrainConfig(replication_timeout_s=10, retry_base_s=60))
     try:
         drain.acquire()
@@ -1494,9 +1498,7 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     observation's row (it reads it) as well as the package's: dead, it keeps the package's row
     (dead: what writes it waits for its retry) and lets go of the observation's, so a later
     update of the observation is applied at once, not blocked by it."""
-    import time
 
-    from obs_pipeline_tests.test_cli import cli
     from obs_pipeline_tests.test_reliability import assert_no_holds
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
@@ -1509,11 +1511,7 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     keys = SiteKeys(settings.site)
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
-    for _ in range(20):  # (L's retries, 0.05 s apart and more, until it is dead-lettered)
-        _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
-        if buf.status(lost.transaction_id) == "failed":
-            break
-        time.sleep(0.5)
+    _drain_until_dead_lettered(new, caplog, buf, lost.transaction_id, replication_timeout_s=1)  # (L's retries)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert buf.status(lost.transaction_id) == "failed"
     held = redis_client.hgetall(keys.held_ids)  # the package's rows and obs unit 777's, dead; not the observation's
@@ -1524,9 +1522,7 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     assert summary.dead_lettered == 0 and buf.status(later) == "replicated", summary
     assert _on_main(async_standby.standby, obs_id, [created_id, later]) == (1, 2, "later")
     _obs_unit_made_by_hand(async_standby.standby, 777, "made again")
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _operator(new, "failed", "retry", "--all")
     _drain_once(new, caplog, replication_timeout_s=10)
     assert buf.status(lost.transaction_id) == "replicated"
     assert_no_holds(redis_client, keys)
@@ -1575,7 +1571,6 @@ def test_a_reused_id_applied_while_the_first_of_it_waits_is_buffered_again_after
     T's: T's update went first on the row, ahead of the older Q (the row ended as Q left it), and
     unit 922 was never made again (lost). Once Q applies, T is dead-lettered as reused, and
     `failed retry` applies it last."""
-    from obs_pipeline_tests.test_cli import cli
     from obs_pipeline_tests.test_reliability import assert_no_holds, due_now
     from obs_pipeline_tests.workload import create_unit, push_raw
 
@@ -1595,9 +1590,7 @@ def test_a_reused_id_applied_while_the_first_of_it_waits_is_buffered_again_after
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.05)
     letters = [(f["transaction_id"], f["failure"]["kind"]) for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))]
     assert letters == [(t_id, "reused_id")], letters
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _operator(new, "failed", "retry", "--all")
     _drain_once(new, caplog, replication_timeout_s=10)
     engine = sa.create_engine(async_standby.standby)
     try:
@@ -1707,9 +1700,6 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     777 is made on S, `failed retry --all` applies H, then L: the record ends as L left it. (A
     transaction buffered again waits behind no holder that was not buffered again with it: one
     that was is older.)"""
-    import time
-
-    from obs_pipeline_tests.test_cli import cli
 
     site, buf, _, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
@@ -1721,17 +1711,11 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     assert buf.status(older.transaction_id) == "applied" and buf.status(newer_id) == "applied"
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
-    for _ in range(20):  # (H's retries, 0.05 s apart and more, until it is dead-lettered)
-        summary = _drain_once(new, caplog, replication_timeout_s=1, retry_base_s=0.05)
-        if buf.status(older.transaction_id) == "failed":
-            break
-        time.sleep(0.5)
+    summary = _drain_until_dead_lettered(new, caplog, buf, older.transaction_id, replication_timeout_s=1)  # (H's retries)
     assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
     assert buf.status(older.transaction_id) == "failed" and buf.status(newer_id) == "failed", summary
     _obs_unit_made_by_hand(async_standby.standby, 777, "made again")
-    env = {"OBS_SITE": new.site, "OBS_REDIS_URL": new.redis_url, "OBS_MAIN_DB_URL": new.main_db_url,
-           "OBS_REPLICA_DB_URL": new.replica_db_url}
-    assert cli("failed", "retry", "--all", env=env).returncode == 0
+    _operator(new, "failed", "retry", "--all")
     _drain_once(new, caplog, replication_timeout_s=10)
     assert _on_main(async_standby.standby, obs_id, [older.transaction_id, newer_id]) == (1, 2, "newer")
     buf.close()
@@ -1743,7 +1727,7 @@ def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update
     but L also renames obs unit 777, made on M by hand after S stopped: S refuses it, and it
     waits to retry too. It joined the row's queue behind Q, which is newer: Q, due first, was
     applied, and L after it undid Q's update (main kept "lost"). L stays ahead of Q."""
-    from obs_pipeline_tests.test_reliability import assert_no_holds, assert_queues_empty, due_now
+    from obs_pipeline_tests.test_reliability import due_now
 
     site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
     _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
@@ -1765,8 +1749,6 @@ def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update
     _obs_unit_made_by_hand(async_standby.standby, 777, "made again")  # L's cause fixed
     due_now(redis_client, keys, lost.transaction_id)
     _drain_once(new, caplog, replication_timeout_s=10, retry_base_s=0.05)
-    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, newer.transaction_id]) == (
-        1, 3, "newer")
-    assert_queues_empty(redis_client, settings.site)
-    assert_no_holds(redis_client, keys)
+    _assert_settled(async_standby, redis_client, settings.site, obs_id,
+                    [created_id, lost.transaction_id, newer.transaction_id], "newer")
     buf.close()
