@@ -13,44 +13,43 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
-class ColumnGone(DeclarativeBase):
-    pass
-
-
-class ObsUnit(ColumnGone):
+class _ObsUnitColumns:
     __tablename__ = "obs_unit"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(Text, nullable=False)
 
 
-class ExecutedObsUnit(ColumnGone):
-    """Without `status`."""
+class _ExecutionColumnsButStatus:
     __tablename__ = "executed_obs_unit"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     obs_unit_id: Mapped[int] = mapped_column(ForeignKey("obs_unit.id"), nullable=False, index=True)
     start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ColumnGone(DeclarativeBase):
+    pass
+
+
+class ObsUnit(_ObsUnitColumns, ColumnGone):
+    pass
+
+
+class ExecutedObsUnit(_ExecutionColumnsButStatus, ColumnGone):
+    """Without `status`."""
 
 
 class ModelRenamed(DeclarativeBase):
     pass
 
 
-class RenamedObsUnit(ModelRenamed):
-    __tablename__ = "obs_unit"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(Text, nullable=False)
+class RenamedObsUnit(_ObsUnitColumns, ModelRenamed):
+    pass
 
 
-class Execution(ModelRenamed):
+class Execution(_ExecutionColumnsButStatus, ModelRenamed):
     """ExecutedObsUnit under another name."""
-    __tablename__ = "executed_obs_unit"
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    obs_unit_id: Mapped[int] = mapped_column(ForeignKey("obs_unit.id"), nullable=False, index=True)
-    start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     status: Mapped[str] = mapped_column(Text, nullable=False)
