@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from obs_pipeline.ingest import InvalidTransaction, TransactionBuffer
 from obs_pipeline.keys import SiteKeys
+from obs_pipeline_tests.conftest import wait_for_replica
 from obs_pipeline_tests.workload import drain_steps, drain_until_settled
 
 MODELS = "obs_pipeline_tests.unusual_models:Base"
@@ -723,7 +724,7 @@ def _unit_on_main(main_engine, number: int) -> dict | None:
 
 
 def test_attributes_whose_columns_are_named_otherwise_are_written_and_read_as_the_orm_does(
-        odd, redis_client, main_engine):
+        odd, redis_client, main_engine, replica_engine):
     """`low: Mapped[int] = mapped_column("high", ...)`: the script names the attribute, as with
     the ORM, and main's column is named otherwise. Columns were known by their names alone:
     {"number": ...} was refused ("no column 'number'"), and {"low": 1} was taken and written to
@@ -767,6 +768,7 @@ def test_attributes_whose_columns_are_named_otherwise_are_written_and_read_as_th
     with Session(main_engine) as session:  # what the ORM writes for the same attributes
         session.add(Unit(number=n + 2, title=f"o{n}", low=1, high=9, ratio=0.1))
         session.commit()
+    wait_for_replica(main_engine, replica_engine)  # the ORM's row, read at the site below
     ours, orms = _unit_on_main(main_engine, n), _unit_on_main(main_engine, n + 2)
     assert (ours["high"], ours["low"], ours["unit_slug"], orms["unit_slug"]) == (1, 9, f"p{n}-slug", f"o{n}-slug")
     same = lambda row: {k: v for k, v in row.items() if k not in ("unit_number", "unit_title", "unit_slug")}  # noqa
