@@ -230,17 +230,17 @@ def test_the_sensor_launches_no_run_for_a_replica_on_another_timeline(settings, 
 
 
 def _counted_asks_of_main(monkeypatch) -> list:
-    """The calls to ObsPipelineResource.main_timeline (each a new connection to main), counted."""
+    """The calls to ObsPipelineResource.main_identity (each a new connection to main), counted."""
     from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 
     asked = []
-    ask = ObsPipelineResource.main_timeline
+    ask = ObsPipelineResource.main_identity
 
     def counted(resource):
         asked.append(1)
         return ask(resource)
 
-    monkeypatch.setattr(ObsPipelineResource, "main_timeline", counted)
+    monkeypatch.setattr(ObsPipelineResource, "main_identity", counted)
     return asked
 
 
@@ -572,6 +572,22 @@ def _recorded_then_on_main_only(settings, async_standby, caplog) -> tuple:
     assert async_standby.standby_has_main_s_wal()  # the record is on S
     async_standby.stop_standby()
     return site, buf, created_id, obs_id
+
+
+def _refused_once_lost(settings, async_standby, caplog, status: str = "lost", then: str | None = None) -> tuple:
+    """H, committed on M only: an update of the observation (status `status`) that also renames
+    obs unit 777, made on M by hand after S stopped, so that the promoted S refuses H until 777
+    is made there too; `then`: an update of the observation to that status buffered after H and
+    drained with it. (site, buffer, the create's id, the observation's id, H, that update's id.)"""
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
+    with buf.transaction(endpoint="finish") as refused:
+        refused.update("ExecutedObsUnit", obs_id, {"status": status})
+        refused.update("ObsUnit", 777, {"name": "renamed"})
+    then_id = buf.update("ExecutedObsUnit", obs_id, {"status": then}) if then is not None else None
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(refused.transaction_id) == "applied" and (then_id is None or buf.status(then_id) == "applied")
+    return site, buf, created_id, obs_id, refused, then_id
 
 
 def _a_newer_update_waiting(site, buf: TransactionBuffer, obs_id: str, redis_client, caplog,
@@ -1236,14 +1252,7 @@ def test_two_lost_updates_of_a_row_and_a_newer_one_waiting_apply_oldest_first_on
     and Q apply in that order, the row ends as Q left it and nothing holds a row."""
     from obs_pipeline_tests.test_reliability import due_now
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
-    with buf.transaction(endpoint="finish") as older:
-        older.update("ExecutedObsUnit", obs_id, {"status": "older"})
-        older.update("ObsUnit", 777, {"name": "renamed"})
-    lost_id = buf.update("ExecutedObsUnit", obs_id, {"status": "lost"})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(older.transaction_id) == "applied" and buf.status(lost_id) == "applied"
+    site, buf, created_id, obs_id, older, lost_id = _refused_once_lost(settings, async_standby, caplog, "older", then="lost")
     newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
     keys = SiteKeys(settings.site)
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
@@ -1277,13 +1286,7 @@ def test_a_dead_letter_a_lost_update_displaced_from_its_rows_head_retried_while_
 
     from obs_pipeline_tests.test_reliability import due_now
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
-    with buf.transaction(endpoint="finish") as lost:
-        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
-        lost.update("ObsUnit", 777, {"name": "renamed"})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(lost.transaction_id) == "applied"
+    site, buf, created_id, obs_id, lost, _ = _refused_once_lost(settings, async_standby, caplog)
     with buf.transaction(endpoint="finish") as dead:
         dead.update("ExecutedObsUnit", obs_id, {"status": "newer"})
         dead.create("ExecutedObsUnit", {"obs_unit_id": 888, "start_time": "2025-01-03T00:00:00Z",
@@ -1360,13 +1363,7 @@ def test_a_lost_update_whose_id_a_producer_reused_dead_lettered_on_the_new_main_
 
     from obs_pipeline_tests.workload import push_raw
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
-    with buf.transaction(endpoint="finish") as lost:
-        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
-        lost.update("ObsUnit", 777, {"name": "renamed"})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(lost.transaction_id) == "applied"
+    site, buf, created_id, obs_id, lost, _ = _refused_once_lost(settings, async_standby, caplog)
     keys = SiteKeys(settings.site)
     push_raw(redis_client, site.site, lost.transaction_id, {
         "operation": "update", "model_class": "ExecutedObsUnit", "conditions": {"id": obs_id},
@@ -1656,6 +1653,35 @@ def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work
     buf.close()
 
 
+def test_the_sensor_launches_a_run_when_main_moved_to_another_cluster_with_no_new_work(
+        settings, other_cluster, replica_engine, redis_client, clean_db, caplog):
+    """A batch committed on main X awaits the replica (its replay paused); main is then replaced
+    by another cluster Y (restored from a dump taken before the batch, on timeline 1 as X was)
+    and the site's replica by Y's standby, with nothing buffered since. The sensor asked main
+    only which timeline it writes: 1, as recorded, so it saw no move and launched no run, its
+    skip reason blaming the replica (a standby of another cluster), and the batch stayed
+    `applied`, on neither server, until new work came. It asks main's cluster too: a run is
+    launched, and it settles the move."""
+    from dagster import RunRequest, instance_for_test
+
+    from obs_pipeline_tests.workload import replay_paused
+
+    buf, tx_id, obs_id = _buffer_one(settings)
+    with replay_paused(replica_engine):
+        _drain_once(settings, caplog, replication_timeout_s=0.2)
+    assert buf.status(tx_id) == "applied"
+    moved = dataclasses.replace(settings, main_db_url=other_cluster.main, replica_db_url=other_cluster.replica)
+    with instance_for_test() as instance:
+        tick, _ = _tick(instance, moved, None)
+    assert isinstance(tick, RunRequest), tick.skip_message
+    caplog.clear()
+    _drain_once(moved, caplog, replication_timeout_s=10)
+    assert len(_lost_line(caplog)) == 1 and _lost_line(caplog)[0].startswith("main is now another cluster")
+    assert _on_main(other_cluster.main, obs_id, [tx_id]) == (1, 1, "running")
+    assert buf.status(tx_id) == "replicated"
+    assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) == 0
+    buf.close()
+
 def test_a_batch_claimed_before_a_failover_is_settled_waits_behind_what_it_buffered_again(
         settings, forked, redis_client, caplog):
     """Main's address moves to the promoted S while the old primary M still serves the drain's
@@ -1701,14 +1727,7 @@ def test_a_lost_update_waits_behind_an_older_one_lost_with_it_that_main_now_refu
     transaction buffered again waits behind no holder that was not buffered again with it: one
     that was is older.)"""
 
-    site, buf, _, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
-    with buf.transaction(endpoint="finish") as older:
-        older.update("ExecutedObsUnit", obs_id, {"status": "older"})
-        older.update("ObsUnit", 777, {"name": "renamed"})
-    newer_id = buf.update("ExecutedObsUnit", obs_id, {"status": "newer"})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(older.transaction_id) == "applied" and buf.status(newer_id) == "applied"
+    site, buf, _, obs_id, older, newer_id = _refused_once_lost(settings, async_standby, caplog, "older", then="newer")
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
     summary = _drain_until_dead_lettered(new, caplog, buf, older.transaction_id, replication_timeout_s=1)  # (H's retries)
@@ -1729,13 +1748,7 @@ def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update
     applied, and L after it undid Q's update (main kept "lost"). L stays ahead of Q."""
     from obs_pipeline_tests.test_reliability import due_now
 
-    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
-    _obs_unit_made_by_hand(async_standby.main, 777, "by hand")
-    with buf.transaction(endpoint="finish") as lost:
-        lost.update("ExecutedObsUnit", obs_id, {"status": "lost"})
-        lost.update("ObsUnit", 777, {"name": "renamed"})
-    _drain_once(site, caplog, replication_timeout_s=0.2)
-    assert buf.status(lost.transaction_id) == "applied"
+    site, buf, created_id, obs_id, lost, _ = _refused_once_lost(settings, async_standby, caplog)
     newer = _a_newer_update_waiting(site, buf, obs_id, redis_client, caplog)
     keys = SiteKeys(settings.site)
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)

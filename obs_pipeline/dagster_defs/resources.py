@@ -50,7 +50,7 @@ class ObsPipelineResource(ConfigurableResource):
         return self.replica_position()[0]
 
     def replica_position(self, main_cluster: int | None = None, main_timeline: int | None = None,
-                         ask_main: Callable[[], int | None] | None = None) -> tuple[int | None, str | None]:
+                         ask_main: Callable[[], tuple[int, int] | None] | None = None) -> tuple[int | None, str | None]:
         """replica_replay_lsn, and for the sensor's skip reason what to do where the replica
         refuses every connection (ReplicaDatabase.refusal: hot_standby off) or, given
         `main_cluster` (BufferStore.main_cluster), is a standby of another cluster, or given
@@ -58,13 +58,13 @@ class ObsPipelineResource(ConfigurableResource):
         position, of other WAL, launched a run at each tick that could clean nothing. Where the
         replica's timeline is not `main_timeline` (as the last acknowledgement recorded it), main
         is asked, by `ask_main` if given (the sensor's keeps main's answer a while), else by
-        main_timeline: a failover since, with no new work, moved it (the run that cleans was
+        main_identity: a failover since, with no new work, moved it (the run that cleans was
         never launched, the skip reason blaming the replica)."""
         def timeline() -> int | None:
             if replica.timeline == main_timeline:
                 return main_timeline
-            now = (ask_main or self.main_timeline)()
-            return now if now is not None else RecordedTimeline(main_timeline)
+            now = (ask_main or self.main_identity)()
+            return now[1] if now is not None else RecordedTimeline(main_timeline)
 
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),
                                   main_cluster=(lambda: main_cluster) if main_cluster is not None else None,
@@ -77,17 +77,20 @@ class ObsPipelineResource(ConfigurableResource):
             replica.engine.dispose()
         return replayed, f"replays other WAL: {replica.refusal}" if replica.refusal else None
 
-    def main_timeline(self) -> int | None:
-        """The timeline main writes now; None if it is not set, does not answer or is a standby."""
+    def main_identity(self) -> tuple[int, int] | None:
+        """Which cluster main is (its system identifier) and which timeline it writes now; None
+        if it is not set, does not answer or is a standby."""
         try:
             engine = make_engine(self.settings().require_main(), "obs-pipeline sensor")
         except ConfigError:
             return None
         try:
             with engine.connect() as conn:
-                wal_file = conn.execute(sa.text("SELECT " + MAIN_TIMELINE_EXPRESSION)).scalar()
+                cluster, wal_file = conn.execute(sa.text(
+                    "SELECT (SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION)).one()
         except sa.exc.SQLAlchemyError:
             return None
         finally:
             engine.dispose()
-        return timeline_of_wal_file(wal_file)
+        timeline = timeline_of_wal_file(wal_file)
+        return (int(cluster), timeline) if timeline is not None else None

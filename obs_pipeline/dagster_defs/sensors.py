@@ -22,8 +22,10 @@ MAIN_TIMELINE_RECHECK_S as the drain does, keeping main's answer in its cursor: 
 tick, a replica left on another timeline cost a far main a new connection a second, for hours.
 It asks so too while they await a replica that has not replayed them: main writing another
 timeline than recorded is a failover, and a failover to an asynchronous standby loses commits
-whose LSNs the new timeline may not pass for long (it forked before them). Where batches were
-committed on another timeline than main's, a run settles it (Drain._settle_failover buffers
+whose LSNs the new timeline may not pass for long (it forked before them). Main is asked which
+cluster it is as well: moved to a new initdb restored from a dump, it writes timeline 1 again,
+and its replica refuses as a standby of another cluster. Where batches were committed on
+another timeline or cluster than main's, a run settles it (Drain._settle_failover buffers
 again what main lost, and records the rest on main's): one per failover by its run key, and one
 more, FAILOVER_RUN_PAUSE_S after, for each that ended without settling it (main out of the run's
 reach: failed, or done with nothing it could settle). Under one key for good, the daemon dropped
@@ -59,7 +61,7 @@ WILL_RETRY_TAG = "dagster/will_retry"  # "true" on a failed run that the instanc
 AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"  # on that run once its retry is created
 # its run id, on a run the sensor marked failed for that (a retry of it inherits the tag, not the id)
 WORKER_GONE_TAG = "obs_pipeline/worker_gone"
-FAILOVER_TAG = "obs_pipeline/failover"  # "SITE:OLD:NEW" on a run launched to settle that failover
+FAILOVER_TAG = "obs_pipeline/failover"  # "SITE:OLD:NEW" (timelines; CLUSTER/TIMELINE each if main moved) on a run launched to settle it
 FAILOVER_RUN_PAUSE_S = 60.0  # after such a run that ended with the failover unsettled
 
 
@@ -161,46 +163,56 @@ def _site_runs(instance: DagsterInstance, site: str, statuses: list) -> list:
             if r.dagster_run.tags.get(SITE_TAG, site) == site]
 
 
-def _kept_main_timeline(cursor: str | None, recorded: int | None) -> tuple[bool, int | None]:
-    """Whether the cursor keeps an answer of main's asked less than MAIN_TIMELINE_RECHECK_S ago,
-    with the same timeline recorded, and that answer. A cursor of another shape (none yet, or
-    reset from the UI) keeps none."""
+def _kept_main_identity(cursor: str | None, recorded: tuple[int | None, int | None]) -> tuple[bool, tuple[int, int] | None]:
+    """Whether the cursor keeps an answer of main's (ObsPipelineResource.main_identity) asked less
+    than MAIN_TIMELINE_RECHECK_S ago, with the same cluster and timeline recorded, and that
+    answer. A cursor of another shape (none yet, an earlier version's, reset from the UI) keeps
+    none."""
     try:
         kept = json.loads(cursor) if cursor else {}
-        answer, age = kept["main_timeline"], time.time() - float(kept["main_timeline_asked_at"])
-        fresh = (kept["recorded_timeline"] == recorded and (answer is None or type(answer) is int)
-                 and 0 <= age < MAIN_TIMELINE_RECHECK_S)  # (a clock set back: asked again)
+        answer, age = kept["main_identity"], time.time() - float(kept["main_identity_asked_at"])
+        fresh = (kept["recorded"] == list(recorded) and 0 <= age < MAIN_TIMELINE_RECHECK_S  # (a clock set back: asked again)
+                 and (answer is None or len(answer) == 2 and all(type(x) is int for x in answer)))
     except (ValueError, TypeError, KeyError):
         return False, None
-    return fresh, answer
+    return fresh, tuple(answer) if answer is not None else None
 
 
-def _main_timeline_at_most_every_recheck(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource,
-                                         recorded: int | None) -> Callable[[], int | None]:
-    """How a tick learns the timeline main writes (ObsPipelineResource.replica_position asks only
-    where the replica's is not `recorded`): main's answer as the cursor keeps it, else main's
-    now, kept for the next ticks. A new one recorded since (new commits) asks main again."""
-    answered: list[int | None] = []  # this tick's answer: asked at most once a tick
+def _main_identity_at_most_every_recheck(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource,
+                                         recorded: tuple[int | None, int | None]) -> Callable[[], tuple[int, int] | None]:
+    """How a tick learns which cluster main is and which timeline it writes (ObsPipelineResource.
+    replica_position asks only where the replica's timeline is not the recorded one): main's
+    answer as the cursor keeps it, else main's now, kept for the next ticks. Another cluster or
+    timeline recorded since (new commits) asks main again."""
+    answered: list[tuple[int, int] | None] = []  # this tick's answer: asked at most once a tick
 
-    def ask() -> int | None:
+    def ask() -> tuple[int, int] | None:
         if answered:
             return answered[0]
-        fresh, answer = _kept_main_timeline(context.cursor, recorded)
+        fresh, answer = _kept_main_identity(context.cursor, recorded)
         if not fresh:
             asked_at = time.time()
-            answer = obs_pipeline.main_timeline()
-            context.update_cursor(json.dumps({"main_timeline": answer, "main_timeline_asked_at": asked_at,
-                                              "recorded_timeline": recorded}))
+            answer = obs_pipeline.main_identity()
+            context.update_cursor(json.dumps({"main_identity": answer, "main_identity_asked_at": asked_at,
+                                              "recorded": list(recorded)}))
         answered.append(answer)
         return answer
     return ask
 
 
-def _failover_run(instance: DagsterInstance, site: str, old: int, new: int) -> RunRequest | SkipReason:
-    """The run that settles main's failover from timeline `old` to `new` (its chunks still wait):
-    one, and one more FAILOVER_RUN_PAUSE_S after each that ended, keyed so that the daemon drops a
-    repeat. (A failed one also holds the next for the failed-run pause, checked before.)"""
-    failover = f"{site}:{old}:{new}"
+def _failover_run(instance: DagsterInstance, site: str, old: tuple[int | None, int],
+                  new: tuple[int, int]) -> RunRequest | SkipReason:
+    """The run that settles main's failover from (cluster, timeline) `old` to `new` (its chunks
+    still wait): one, and one more FAILOVER_RUN_PAUSE_S after each that ended, keyed so that the
+    daemon drops a repeat. (A failed one also holds the next for the failed-run pause, checked
+    before.) Main moved to another cluster (a new initdb restored from a dump) may write the
+    same timeline number: the clusters tell the two apart."""
+    if old[0] in (None, new[0]):
+        change, what = f"{old[1]}:{new[1]}", f"main's failover from timeline {old[1]} to {new[1]}"
+    else:
+        change = f"{old[0]}/{old[1]}:{new[0]}/{new[1]}"
+        what = f"main's move from cluster {old[0]} (timeline {old[1]}) to cluster {new[0]} (timeline {new[1]})"
+    failover = f"{site}:{change}"
     ended = instance.get_run_records(filters=RunsFilter(job_name=drain_buffer.name, tags={FAILOVER_TAG: failover},
                                                         statuses=[DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
                                                                   DagsterRunStatus.CANCELED]))
@@ -209,9 +221,9 @@ def _failover_run(instance: DagsterInstance, site: str, old: int, new: int) -> R
         wait = FAILOVER_RUN_PAUSE_S - (time.time() - (last.end_time or last.update_timestamp.timestamp()))
         if wait > 0:
             return SkipReason(f"site {site}: drain run {last.dagster_run.run_id} ended "
-                              f"({last.dagster_run.status.value}) with main's failover from timeline {old} to {new} "
+                              f"({last.dagster_run.status.value}) with {what} "
                               f"unsettled (main out of its reach? see its log); the next in {wait:.0f} s")
-    return RunRequest(run_key=f"{site}:failover:{old}:{new}" + (f":after-{len(ended)}-runs" if ended else ""),
+    return RunRequest(run_key=f"{site}:failover:{change}" + (f":after-{len(ended)}-runs" if ended else ""),
                       tags={SITE_TAG: site, FAILOVER_TAG: failover})
 
 
@@ -272,18 +284,18 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                           f"(`obs-pipeline drain`, or a run that died), for {lease_left_s:.0f} s more "
                           "unless renewed; a run would only wait for it")
     if lowest is not None:
-        main_now = _main_timeline_at_most_every_recheck(context, obs_pipeline, timeline)
+        main_now = _main_identity_at_most_every_recheck(context, obs_pipeline, (cluster, timeline))
         try:
             replayed, refusal = obs_pipeline.replica_position(cluster, timeline, main_now)
         except ConfigError:  # the run fails on it, saying so in one line
             replayed, refusal = lowest, None
         if replayed is None or replayed < lowest:
-            moved = main_now() if timeline is not None else None  # (asked already where the replica's differs)
-            if moved is not None and moved != timeline:
+            now = main_now() if timeline is not None else None  # (asked already where the replica's differs)
+            if now is not None and (now[1] != timeline or cluster not in (None, now[0])):
                 with _reading(store):
-                    unsettled = store.chunks_off_timeline(moved)
+                    unsettled = store.chunks_off_timeline(now[1], now[0])
                 if unsettled:
-                    return _failover_run(context.instance, site, timeline, moved)
+                    return _failover_run(context.instance, site, (cluster, timeline), now)
             where = (refusal if refusal else
                      "does not answer or reports no replay position (is OBS_REPLICA_DB_URL a primary?)"
                      if replayed is None else f"has replayed up to {int_to_lsn(replayed)}, the oldest is at "
