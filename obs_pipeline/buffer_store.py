@@ -222,10 +222,10 @@ def _parts(items: list[Any], size: int) -> list[list[Any]]:
 
 def _eval_pairs(target: Any, script: str, keys: SiteKeys, args: list[Any]) -> None:
     """`script` (on held_ids, ARGV the key prefix then pairs, each independent of the others:
-    HOLD, UNHOLD, REVIVE) over `args`, in calls within MAX_COMMAND_ARGS: the holds of two failed
-    bulk_creates of 300,000 rows were one call of 1.2 million arguments, which Redis refused by
-    resetting the connection; in the acknowledgement's WATCH that read as the lease lost, and the
-    batch stayed 'processing'."""
+    HOLD, UNHOLD, REVIVE, REVIVE_AHEAD) over `args`, in calls within MAX_COMMAND_ARGS: the holds
+    of two failed bulk_creates of 300,000 rows were one call of 1.2 million arguments, which Redis
+    refused by resetting the connection; in the acknowledgement's WATCH that read as the lease
+    lost, and the batch stayed 'processing'."""
     for part in _parts(args, (MAX_COMMAND_ARGS - 6) // 2 * 2):
         target.eval(script, 1, keys.held_ids, keys.prefix, *part)
 
@@ -1066,6 +1066,13 @@ class BufferStore:
         args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
         if args:
             _eval_pairs(pipe, scripts.REVIVE, self.keys, args)
+
+    def revive_ahead(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
+        """Queue on `pipe`: as `revive`, on rows another letter of the id still writes, whose dead
+        mark stays right behind the live one, see scripts.REVIVE_AHEAD."""
+        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
+        if args:
+            _eval_pairs(pipe, scripts.REVIVE_AHEAD, self.keys, args)
 
     def waits_to_retry(self, transaction_id: str) -> bool:
         """Whether an entry of this id is in `retry` (waiting to retry, or parked): there once a

@@ -320,6 +320,11 @@ return 1
 # marks only (a discarded dead letter: a live mark of the same id is another transaction's, waiting
 # to retry, a copy pushed again or the first of an id a producer reused). REVIVE: its dead marks
 # become live ones (a requeued dead letter: what uses its rows waits behind it again, in its place).
+# REVIVE_AHEAD: as REVIVE, on a row that another letter of the id (a producer reused it) still
+# writes and keeps dead: the live mark takes the dead one's place and the dead one stays right
+# behind it (a head's is put first in the queue, as HOLD_FIRST puts it), so that once the requeued
+# one is applied the row is still that letter's (revived, the one mark was the requeued one's: its
+# release freed the row, a newer write was applied, and the listed letter's retry undid it).
 # RENAME (values "new:old"): a dead letter requeued under a new id takes its dead marks' places.
 # HOLD_FIRST: the transaction goes first in each row's order, its head, the head it finds put first
 # in the queue (BufferStore.requeue_lost: buffered again after a failover lost its commit, it was
@@ -380,6 +385,15 @@ local function revive(row, owner)
   if redis.call('HGET', KEYS[1], row) == '!' .. owner then redis.call('HSET', KEYS[1], row, owner) return end
   replace(queue(row), '!' .. owner, owner)
 end
+local function revive_ahead(row, owner)
+  local dead, q = '!' .. owner, queue(row)
+  if redis.call('HGET', KEYS[1], row) == dead then first(row, owner) return end
+  local score = redis.call('ZSCORE', q, dead)
+  if not score then return end
+  local before = redis.call('ZREVRANGEBYSCORE', q, '(' .. score, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local at = before[2] and (tonumber(before[2]) + tonumber(score)) / 2 or tonumber(score) - 1
+  redis.call('ZADD', q, string.format('%.17g', at), owner)
+end
 local function rename(row, new, old)
   if redis.call('HGET', KEYS[1], row) == '!' .. old then redis.call('HSET', KEYS[1], row, new) return end
   if not replace(queue(row), '!' .. old, new) then hold(row, new) end
@@ -403,6 +417,10 @@ return 1
 """
 REVIVE = ROW_QUEUES + """
 for i = 2, #ARGV, 2 do revive(ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+REVIVE_AHEAD = ROW_QUEUES + """
+for i = 2, #ARGV, 2 do revive_ahead(ARGV[i], ARGV[i + 1]) end
 return 1
 """
 RENAME = ROW_QUEUES + """

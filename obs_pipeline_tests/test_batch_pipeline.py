@@ -258,6 +258,36 @@ def test_a_rows_waiting_transactions_keep_their_order_in_redis(settings, redis_c
     store.release_lease(token)
 
 
+def test_a_letter_requeued_while_another_of_its_id_stays_listed_goes_right_ahead_of_that_ones_dead_mark(
+        settings, redis_client):
+    """`failed retry` of one of two letters under one id (a producer reused it) where both write a
+    row: the requeued one's mark goes live right ahead of the id's dead mark, which stays the
+    listed letter's, as the row's head or in its place in the row's queue; once the requeued one
+    leaves (applied) the dead mark is next, still ahead of what came after it."""
+    from obs_pipeline.buffer_store import BufferStore
+
+    keys = SiteKeys(settings.site)
+    store = BufferStore(redis_client, settings.site)
+
+    def state(row: str) -> tuple[str | None, list[str]]:
+        head = redis_client.hget(keys.held_ids, row)
+        return (head.decode() if head else None), [m.decode() for m in redis_client.zrange(keys.waiting(row), 0, -1)]
+
+    for mark in ("!X", "W"):  # the id's dead mark the head, a newer write behind it
+        store.hold({mark: {"r"}}, redis_client)
+    for mark in ("H", "A", "!X", "B"):  # the id's dead mark in the row's queue
+        store.hold({mark: {"s"}}, redis_client)
+    store.revive_ahead({"X": {"r", "s"}}, redis_client)
+    assert state("r") == ("X", ["!X", "W"])
+    assert state("s") == ("H", ["A", "X", "!X", "B"])
+    for leaving in ("H", "A"):
+        store.unhold({leaving: {"s"}})
+    store.unhold({"X": {"r", "s"}})  # the requeued one applied
+    assert (state("r"), state("s")) == (("!X", ["W"]), ("!X", ["B"]))
+    store.unhold({"X": {"r", "s"}}, dead_only=True)  # the listed one discarded
+    assert (state("r"), state("s")) == (("W", []), ("B", []))
+
+
 def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_client):
     """The chunks of one batch share a score (its commit LSN); a sorted set orders them by their
     bytes. Were that order not the batch's, an update's overlay could be cleaned before the

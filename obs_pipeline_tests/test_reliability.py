@@ -3078,6 +3078,53 @@ def test_retrying_a_reused_ids_letter_keeps_the_first_transaction_of_that_id_ahe
     buf.close()
 
 
+@pytest.mark.parametrize("newer_comes", ["once the first is applied", "while the first waits to retry"])
+def test_retrying_the_first_of_an_ids_two_letters_alone_keeps_the_reused_ones_dead_mark_on_their_row(
+        settings, redis_client, main_engine, newer_comes):
+    """The reused update is dead-lettered in the batch of the first of its id, which then dies
+    too: two letters under one id, one dead mark of their row ("!" + id). `failed retry` of the
+    first alone (by its place) made that mark live, the first's, without looking whether the
+    other letter of the id still writes the row (as `failed discard` and a retry under a new id
+    look): applied, the first released the row while the reused letter was still listed, a newer
+    update of the row was applied at once, and the reused one's retry then applied the older
+    write over it (main kept 'reused'). The retried one now goes first in the row's order, the
+    listed letter's dead mark right behind it: the newer update is blocked by that one, and
+    requeued with it, after it."""
+    keys = SiteKeys(settings.site)
+    with a_row_its_letters_and_a_drain(settings, redis_client) as (buf, obs, letters, drain):
+        first_id, _ = _an_update_and_its_reused_id(buf, obs, drain, redis_client, first_dead=True)
+        assert [(letter.transaction_id, letter.kind) for letter in letters.list()] == [
+            (first_id, "reused_id"), (first_id, "permanent")]
+        subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", "#2"],
+                       env=cli_env(settings), check=True)
+        assert [letter.kind for letter in letters.list()] == ["reused_id"]
+        if newer_comes == "while the first waits to retry":
+            assert drain.step().retried == 1  # its cause is not fixed yet
+            newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+            assert drain.step().held == 1, "parked behind the first"
+    with main_engine.begin() as conn:  # the first's cause is fixed: it is applied
+        conn.execute(sa.text("INSERT INTO obs_unit (id, name) VALUES (31337, 'late unit')"))
+    if newer_comes == "while the first waits to retry":
+        due_now(redis_client, keys, first_id)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"])[0] == 31337
+    if newer_comes == "once the first is applied":
+        newer = buf.update("ExecutedObsUnit", obs["id"], {"status": "newer"})
+        drain_until_settled(settings, retry_base_s=0.05)
+    assert [(letter.transaction_id, letter.reason) for letter in letters.list()][1:] == [
+        (newer, f"blocked by {first_id}")]  # behind the listed letter of the id, not applied before it
+    # the reused letter, by its id now that it is the id's only one (with what it blocks)
+    subprocess.run([sys.executable, "-m", "obs_pipeline.cli", "failed", "retry", first_id],
+                   env=cli_env(settings), check=True)
+    drain_until_settled(settings, retry_base_s=0.05)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (31337, "newer")  # the newest write, last
+    assert buf.status(first_id) == buf.status(newer) == "replicated"
+    assert redis_client.llen(keys.failed) == 0
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 # Known, not fixed: a producer's reuse of an id shares that id's marks (they are kept by id), so
 # a reused id's letter, requeued under a new id, has no place of its own in the row's order.
 REUSED_ID_HAS_NO_PLACE_OF_ITS_OWN = pytest.mark.xfail(
