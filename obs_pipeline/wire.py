@@ -539,16 +539,24 @@ def written_ids(tx: Transaction, registry: ModelRegistry) -> set[str]:
     """The rows this transaction writes (creates, updates or deletes), as `record_key`s, and the
     `existence_key` of each it creates or deletes. While it waits to retry, later transactions
     that use any of them wait behind it: an update held back by a failure must not be overtaken
-    by a newer update of the same row, nor a delete by a create of its key again."""
+    by a newer update of the same row, nor a delete by a create of its key again. A step of a
+    model the registry lacks (an entry the drain dead-letters as invalid: its model renamed or
+    gone from the models file since it was buffered) names the rows it updates or deletes by a
+    UUID key, which needs no table: held nothing, its letter let a newer write of the row apply
+    first, and retried once the models file was fixed, it wrote the older value over it."""
     created = created_ids(tx, registry)
     out = created | {existence_key(key) for key in created}
     for step in tx.steps:
+        if step.operation not in ("update", "delete"):
+            continue
         model = _model_of(step, registry)
-        if model is not None and step.operation in ("update", "delete"):
+        if model is not None:
             keys = [record_key(model.table.fullname, v, _key_folds(model)) for v in step.conditions.values()]
-            out.update(keys)
-            if step.operation == "delete":
-                out.update(map(existence_key, keys))
+        else:  # (its table unknown: another key cannot be named)
+            keys = [v.lower() for v in step.conditions.values() if isinstance(v, str) and _looks_like_uuid(v.lower())]
+        out.update(keys)
+        if step.operation == "delete":
+            out.update(map(existence_key, keys))
     return out
 
 

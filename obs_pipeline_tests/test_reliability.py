@@ -3667,6 +3667,46 @@ def test_a_waiting_update_the_revised_models_refuse_turns_its_place_in_its_rows_
     buf.close()
 
 
+@pytest.mark.parametrize("newer_as", ["Execution", "ExecutedObsUnit"])
+def test_an_update_of_a_model_the_models_file_lacks_holds_its_row_dead_from_its_first_claim(
+        settings, redis_client, main_engine, newer_as):
+    """An update buffered under a model the models file no longer has (ExecutedObsUnit, renamed
+    Execution in obs_pipeline_tests.revised_models) is dead-lettered as invalid at its first claim,
+    never having waited. Its rows, worked out from its steps, were none (its model unknown): it
+    held nothing, so a newer update of the row (under the model's current name, or its old one once
+    the models file was restored) was applied at once, and `failed retry` of the letter, the models
+    file restored, then wrote the older value over it. A UUID names its row whatever the model: the
+    letter holds it dead, the newer update waits behind it (blocked by it), and retried they are
+    applied in their order (the newer under the models that name it)."""
+    from obs_pipeline.dead_letters import DeadLetters
+    from obs_pipeline.model_registry import ModelRegistry
+
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    older = buf.update("ExecutedObsUnit", obs["id"], {"status": "older"})
+    renamed = dataclasses.replace(settings, models="obs_pipeline_tests.revised_models:ModelRenamed")
+    drain_until_settled(renamed, timeout_s=30)
+    assert buf.status(older) == "failed"
+    newer_settings = renamed if newer_as == "Execution" else settings
+    writer = TransactionBuffer(settings=newer_settings)
+    newer = writer.update(newer_as, obs["id"], {"status": "newer"})
+    drain_until_settled(newer_settings, timeout_s=30)
+    # the operator restores the models file, the letter's cause, and retries it (with what it blocked)
+    store = BufferStore(redis_client, settings.site)
+    DeadLetters(store, ModelRegistry.from_path(settings.models)).retry([older])
+    drain_until_settled(settings, timeout_s=30)
+    if newer_as == "Execution":  # taken along, invalid under the restored models: retried under its own
+        DeadLetters(store, ModelRegistry.from_path(renamed.models)).retry()
+        drain_until_settled(renamed, timeout_s=30)
+    assert _obs_unit_and_status(main_engine, obs["id"]) == (1, "newer")
+    assert buf.status(older) == writer.status(newer) == "replicated"
+    assert_queues_empty(redis_client, settings.site)
+    assert_no_holds(redis_client, keys)
+    writer.close()
+    buf.close()
+
+
 def test_two_updates_held_behind_one_failure_are_applied_in_their_order(settings, redis_client, main_engine):
     """Two updates of a row wait behind an older failing one. They were looked at again each on
     its own schedule (1, 2, 4 ... 30 s from when it was first held), so once the failing one was
