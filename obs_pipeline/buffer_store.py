@@ -346,13 +346,17 @@ class Outcome:
 # rows now (a newer update of a row of it waiting to retry, parked or dead): it goes first in the
 # order of every row it uses (requeue_lost), or it applied after the newer update and undid it.
 LOST_IN_FAILOVER = "lost_in_failover"
+# Beside it, the rows it only reads, of those it holds (metadata key; a sorted list), as the models
+# named them when it was buffered again: dead-lettered, it lets go of them, and the models file
+# revised meanwhile (its model renamed or gone) names none of its rows, nor tells which it reads.
+LOST_READS = "lost_in_failover_reads"
 
 
-def _pending_entry(raw: bytes | None, lost_on: str = "") -> str | None:
+def _pending_entry(raw: bytes | None, lost_on: str = "", reads: set[str] | None = None) -> str | None:
     """A transaction's status key (its whole JSON, "applied") as an entry to claim again,
-    "pending", marked LOST_IN_FAILOVER (`lost_on`); None if it holds no transaction (gone, or
-    another record). The steps stay as they were, so their digest is the one main recorded
-    with the id."""
+    "pending", marked LOST_IN_FAILOVER (`lost_on`) and, given `reads`, LOST_READS; None if it
+    holds no transaction (gone, or another record). The steps stay as they were, so their digest
+    is the one main recorded with the id."""
     if raw is None:
         return None
     text = raw.decode("utf-8", "surrogateescape")
@@ -364,7 +368,8 @@ def _pending_entry(raw: bytes | None, lost_on: str = "") -> str | None:
         return None
     metadata = doc.get("metadata") or {}
     if isinstance(metadata, dict):
-        doc["metadata"] = {**metadata, LOST_IN_FAILOVER: lost_on}
+        doc["metadata"] = {**metadata, LOST_IN_FAILOVER: lost_on, **({LOST_READS: sorted(reads)} if reads is not None
+                                                                     else {})}
     slot = text[len(STATUS_OPENING):STATUS_HEADER_LEN - 1].rstrip(" ")
     if (text.startswith(STATUS_OPENING) and text[STATUS_HEADER_LEN - 1:STATUS_HEADER_LEN] == ","
             and slot.endswith('"') and slot[:-1].isalpha()):  # our layout: the status in its slot
@@ -924,7 +929,8 @@ class BufferStore:
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
                      kept: list[tuple[dict[str, Any], bytes]],
                      cluster: int | None = None, lsn_of: dict[bytes, int] | None = None,
-                     rows_of: Callable[[str], set[str]] | None = None) -> tuple[list[str], list[str]]:
+                     rows_of: Callable[[str], set[str]] | None = None,
+                     reads_of: Callable[[str], set[str]] | None = None) -> tuple[list[str], list[str]]:
         """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
         the `lost` chunks: put their transactions back at the oldest end of the processing list, in
         their order (claimed again first, before whatever waits there or in the buffer, as after a
@@ -932,7 +938,8 @@ class BufferStore:
         their records without cleaning their caches (reads keep showing them until the new commit
         is replayed). Each goes first in the order of the rows it uses (`rows_of` an entry:
         scripts.HOLD_FIRST), ahead of whatever waits there now: it was applied before any of them
-        began to wait, and it holds them until it is applied (or dead-lettered). The `kept`
+        began to wait, and it holds them until it is applied (or dead-lettered); those of them it
+        only reads (`reads_of` its status key's JSON) are recorded in it (LOST_READS). The `kept`
         chunks (main has their ids) are recorded as on `timeline` (and `cluster`, recorded in
         `stats` too), at the LSN `lsn_of` gives a member, if it does (one of another cluster's
         WAL). One MULTI, fenced by the lease, so a crash leaves all or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
@@ -951,8 +958,9 @@ class BufferStore:
                     raws = [raw for part in _parts(ids, MAX_COMMAND_ARGS - 1)
                             for raw in pipe.mget([k.transaction(i) for i in part])] if ids else []
                     for tx_id, raw in zip(ids, raws):
+                        reads = reads_of(raw.decode("utf-8", "surrogateescape")) if reads_of and raw else None
                         entry = _pending_entry(raw, f"timeline {timeline}" + (f" of cluster {cluster}"
-                                                                               if cluster is not None else ""))
+                                                                               if cluster is not None else ""), reads)
                         if entry is None:
                             gone.append(tx_id)
                         else:

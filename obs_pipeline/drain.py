@@ -24,7 +24,8 @@ import redis
 from obs_pipeline import discarded_copies, json_codec
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
                                 StatementTimeout, TransientError, make_engine)
-from obs_pipeline.buffer_store import LOST_IN_FAILOVER, BufferStore, HoldsChanged, LeaseLost, Outcome, ProcessingChanged
+from obs_pipeline.buffer_store import (LOST_IN_FAILOVER, LOST_READS, BufferStore, HoldsChanged, LeaseLost, Outcome,
+                                        ProcessingChanged)
 from obs_pipeline.column_values import seconds, whole_number
 from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
@@ -788,10 +789,11 @@ class Drain:
                     # what it would have written is dead too: a later update of a row it creates
                     # is blocked with it, not applied to no row (and lost once it is fixed)
                     outcome.claim(rows - copy_holds, "!" + tx_id)
-                    if _holds_unnamed_rows(raw, self.registry):  # its live marks are found in Redis
+                    # one a failover lost: the rows it only reads, held for its order, go
+                    if reads := _rows_only_read_if_lost(raw, self.registry, rows):
+                        outcome.release.setdefault(tx_id, set()).update(reads)
+                    if _holds_unnamed_rows(raw, self.registry):  # its other live marks are found in Redis
                         unnamed.append(tx_id)
-                    elif _lost_in_failover(raw):  # the rows it only reads, held for its order, go
-                        outcome.release.setdefault(tx_id, set()).update(_rows_used_by(raw, self.registry) - rows)
                     # a requeued dead letter that is still invalid: those parked behind it (its live
                     # holds again, see DeadLetters.retry) come due, to be blocked with it
                     outcome.unpark.append(tx_id)
@@ -814,9 +816,11 @@ class Drain:
         left those of that model out, and their marks there stayed live, held by a transaction no
         drain would ever apply or dead-letter again (discarded, every later write of its rows
         waited behind it for ever). Their live marks are found in Redis instead and turned dead,
-        but a copy's that waits to retry (as _held_by_copy)."""
+        but a copy's that waits to retry (as _held_by_copy), and those of rows a failover's lost one
+        only reads, which it lets go of (_parse): dead, every newer write of them was blocked by it."""
         held = self.store.rows_held_live(sorted(set(tx_ids)))
         for tx_id, rows in held.items():
+            rows -= outcome.release.get(tx_id, set())
             outcome.claim(rows - self._held_by_copy(tx_id, rows), "!" + tx_id)
 
     def _without_discarded_copies(self, txs: list[Transaction], outcome: Outcome) -> list[Transaction]:
@@ -1009,17 +1013,20 @@ class Drain:
             outcome.statuses.append((tx.transaction_id, current))
         outcome.claim(rows - copy_holds, "!" + tx.transaction_id)
         if LOST_IN_FAILOVER in tx.metadata:  # the rows it only reads, held for its order, go
-            outcome.release.setdefault(tx.transaction_id, set()).update(
-                self._rows_held(tx) - written_ids(tx, self.registry))
+            outcome.release.setdefault(tx.transaction_id, set()).update(_only_read(
+                tx.metadata, lambda: self._rows_held(tx) - written_ids(tx, self.registry)))
         outcome.unpark.append(tx.transaction_id)  # those parked behind it come due, to be blocked too
         report.dead_lettered.append({"transaction_id": tx.transaction_id, "reason": reason})
         return bool(copy_holds)
 
     def _rows_held(self, tx: Transaction) -> set[str]:
         """The rows whose marks it holds while it waits: those it writes; one a failover lost, every
-        row it writes or reads (BufferStore.requeue_lost put it first in their order)."""
+        row it writes or reads (BufferStore.requeue_lost put it first in their order, and recorded
+        those it reads as the models named them then)."""
         written = written_ids(tx, self.registry)
-        return written | referenced_ids(tx, self.registry) if LOST_IN_FAILOVER in tx.metadata else written
+        if LOST_IN_FAILOVER not in tx.metadata:
+            return written
+        return written | referenced_ids(tx, self.registry) | _only_read(tx.metadata, set)
 
     def _held_by_copy(self, tx_id: str, rows: set[str]) -> set[str]:
         """Those of `rows` held live by a copy of `tx_id` that waits to retry or is parked: a producer
@@ -1154,7 +1161,8 @@ class Drain:
             if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):
                 return 0  # (as above)
             requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
-                                                     rows_of=lambda entry: _rows_used_by(entry, self.registry))
+                                                     rows_of=lambda entry: _rows_used_by(entry, self.registry),
+                                                     reads_of=lambda entry: _rows_only_read_by(entry, self.registry))
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
                 moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})  # (else another timeline)
@@ -1232,23 +1240,49 @@ def _rows_used_by(raw: str, registry: ModelRegistry) -> set[str]:
     validates. A producer that writes its own status key (seed 000's) keeps its steps as pushed
     there, and a failover's lost transaction buffered again from it held rows named so, which
     the claim (validated) neither waited behind nor let go of."""
+    written, read = _rows_written_and_read(raw, registry)
+    return written | read
+
+
+def _rows_only_read_by(raw: str, registry: ModelRegistry) -> set[str]:
+    """Those of _rows_used_by that the entry does not write."""
+    written, read = _rows_written_and_read(raw, registry)
+    return read - written
+
+
+def _rows_written_and_read(raw: str, registry: ModelRegistry) -> tuple[set[str], set[str]]:
+    """(wire.written_ids, wire.referenced_ids) of an entry, named as _rows_used_by says."""
     try:
         try:
             tx = validate(Transaction.from_json(raw), registry)
         except Exception:  # noqa: BLE001 - invalid: named as pushed, as _parse names its rows
             tx = Transaction.from_json(raw)
-        return written_ids(tx, registry) | referenced_ids(tx, registry)
+        return written_ids(tx, registry), referenced_ids(tx, registry)
     except Exception:  # noqa: BLE001 - unreadable: nothing to name
-        return set()
+        return set(), set()
 
 
-def _lost_in_failover(raw: str) -> bool:
-    """Whether an entry (one that failed validation) is marked LOST_IN_FAILOVER."""
+def _rows_only_read_if_lost(raw: str, registry: ModelRegistry, written: set[str]) -> set[str]:
+    """For an entry that failed validation and is marked LOST_IN_FAILOVER: the rows it only reads
+    (_only_read; `written`, those it writes as named now); none for another."""
     try:
         metadata = json.loads(raw).get("metadata")
     except (ValueError, AttributeError, RecursionError):
-        return False
-    return isinstance(metadata, dict) and LOST_IN_FAILOVER in metadata
+        return set()
+    if not isinstance(metadata, dict) or LOST_IN_FAILOVER not in metadata:
+        return set()
+    return _only_read(metadata, lambda: _rows_used_by(raw, registry)) - written
+
+
+def _only_read(metadata: dict[str, Any], named_now: Callable[[], set[str]]) -> set[str]:
+    """The rows a failover's lost transaction only reads, of those it holds: as requeue_lost
+    recorded them (LOST_READS), named under the models of then; `named_now()` for one an earlier
+    version buffered again. Named now, under a models file revised since, a step of a model gone
+    names none: its reads were held dead with its rows, every newer write of them blocked by it."""
+    recorded = metadata.get(LOST_READS)
+    if isinstance(recorded, list):
+        return {row for row in recorded if isinstance(row, str)}
+    return named_now()
 
 
 def _holds_unnamed_rows(raw: str, registry: ModelRegistry) -> bool:

@@ -1526,6 +1526,53 @@ def test_a_lost_transaction_dead_lettered_on_the_new_main_lets_go_of_the_rows_it
     buf.close()
 
 
+def test_a_lost_transaction_whose_model_the_models_file_lost_since_lets_go_of_the_rows_it_only_reads(
+        settings, async_standby, redis_client, caplog):
+    """The lost transaction (L) makes a data package of the observation. Buffered again by the
+    drain that settles the failover, which stops then, it holds the package's rows and the
+    observation's (it reads it). The operator revises the models file before the next drain claims
+    it (obs_pipeline_tests.revised_models:ModelRenamed has no RawDataPackage): L is dead-lettered as
+    invalid, and its live marks, found in Redis as its steps name none of its rows, were all turned
+    dead, the observation's too: a later update of the observation, the models file restored, was
+    dead-lettered as blocked by it. Its reads, recorded when it was buffered again, are let go of,
+    as by a lost transaction dead-lettered for any other reason; its own rows stay dead."""
+    from obs_pipeline_tests.test_reliability import assert_no_holds
+
+    site, buf, created_id, obs_id = _recorded_then_on_main_only(settings, async_standby, caplog)
+    with buf.transaction(endpoint="package") as lost:
+        package = lost.create("RawDataPackage", {"name": "lost package", "executed_obs_unit_id": obs_id})
+    _drain_once(site, caplog, replication_timeout_s=0.2)
+    assert buf.status(lost.transaction_id) == "applied"
+    keys = SiteKeys(settings.site)
+    new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
+    caplog.clear()
+    drain = Drain(new, DrainConfig(replication_timeout_s=10))
+    try:
+        drain.acquire()
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            drain.step()  # nothing to claim: its cleanup settles the failover, then it stops
+    finally:
+        drain.close()
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    assert redis_client.hget(keys.held_ids, obs_id) == lost.transaction_id.encode()
+    revised = dataclasses.replace(new, models="obs_pipeline_tests.revised_models:ModelRenamed")
+    summary = _drain_once(revised, caplog, replication_timeout_s=10)
+    assert summary.dead_lettered == 1 and buf.status(lost.transaction_id) == "failed", summary
+    held = redis_client.hgetall(keys.held_ids)  # the package's rows, dead; not the observation's
+    assert package["id"].encode() in held and obs_id.encode() not in held, held
+    assert set(held.values()) == {b"!" + lost.transaction_id.encode()}, held
+    later = buf.update("ExecutedObsUnit", obs_id, {"status": "later"})  # the models file restored
+    summary = _drain_once(new, caplog, replication_timeout_s=10)
+    assert summary.dead_lettered == 0 and buf.status(later) == "replicated", summary
+    assert _on_main(async_standby.standby, obs_id, [created_id, later]) == (1, 2, "later")
+    _operator(new, "failed", "retry", "--all")
+    _drain_once(new, caplog, replication_timeout_s=10)
+    assert buf.status(lost.transaction_id) == "replicated"
+    assert _on_main(async_standby.standby, obs_id, [created_id, lost.transaction_id, later]) == (1, 3, "later")
+    assert_no_holds(redis_client, keys)
+    buf.close()
+
+
 def test_a_reused_id_in_a_batch_a_failover_lost_is_buffered_again_as_the_transaction_that_was_applied(
         settings, async_standby, redis_client, caplog):
     """A raw producer (no status key) pushes obs-9 (make unit 921) and obs-9 again with other
