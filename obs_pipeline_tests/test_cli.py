@@ -2262,7 +2262,9 @@ def test_retry_all_of_thousands_of_dead_letters_keeps_redis_answering(env, setti
         redis_client.config_set("latency-monitor-threshold", threshold)
     assert result.returncode == 0 and result.stderr == "requeued 4500 transaction(s)\n", result.stderr
     worst = {event[0].decode(): event[3] for event in events}  # name, when, latest, all-time max (ms)
-    assert worst.get("command", 0) < 150, worst
+    # (the one MULTI took 600 ms and more; now none reaches the monitor's 100 ms alone, but a 2-core host
+    # busy with other work stretched one to 220)
+    assert worst.get("command", 0) < 400, worst
     drain_until_settled(settings)
     assert_applied_exactly_once(main_engine, observations)
     assert redis_client.llen(keys.failed) == 0 and redis_client.hlen(keys.held_ids) == 0
