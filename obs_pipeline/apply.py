@@ -32,7 +32,8 @@ from sqlalchemy.sql import visitors as sa_visitors
 from obs_pipeline.batch_sql import BatchSql
 from obs_pipeline.column_values import unicode_lower
 from obs_pipeline.config import ConfigError
-from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
+from obs_pipeline.lsn import (MAIN_STARTED_EXPRESSION, MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int,
+                              timeline_of_wal_file)
 from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import applied_transactions
 from obs_pipeline.wire import RowWrite, Transaction, referenced_ids, row_writes, written_ids
@@ -76,11 +77,14 @@ _CHECK_DEFERRED = (b"SET CONSTRAINTS ALL IMMEDIATE",
 # identifier, which the replica's must be (ReplicaDatabase.replay_lsn), and the timeline main
 # writes (a primary's stays until it restarts): a failover or a restore forks one, and a replica
 # that replays another timeline of the same cluster has other WAL at the same LSNs. (Its WAL
-# file name's first 8 hex digits: pg_control_checkpoint's lags a promotion.)
+# file name's first 8 hex digits: pg_control_checkpoint's lags a promotion.) And when main's
+# server started (microseconds since the epoch), which tells two standbys promoted to one timeline
+# number apart (MAIN_STARTED_EXPRESSION).
 _SESSION_SQL = (f"SELECT CASE WHEN to_regclass('{applied_transactions.name}') IS NOT NULL THEN EXISTS ("
                 f"SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{applied_transactions.name}') "
                 "AND attname = 'steps_digest' AND NOT attisdropped) END, pg_is_in_recovery(), "
-                "(SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION).encode()
+                "(SELECT system_identifier FROM pg_control_system()), " + MAIN_TIMELINE_EXPRESSION + ", "
+                + MAIN_STARTED_EXPRESSION).encode()
 # ... and which of the models' tables (their names, a text[] bound in) main runs row triggers on
 # as rows are inserted or updated, enabled: fold must not merge those rows' writes (see fold).
 _TRIGGERED_SQL = (", (SELECT array_agg(n) FROM unnest(%s::text[]) AS n WHERE EXISTS (SELECT 1 FROM pg_trigger "
@@ -423,6 +427,7 @@ class MainDatabase:
         self.records_digest: bool | None = True  # main's obs_pipeline_applied has steps_digest (see _connection)
         self.system_identifier: int | None = None  # main's cluster, as its last session said (identify)
         self.timeline: int | None = None  # the timeline main writes, as its last session said (identify)
+        self.started: int | None = None  # when main's server started, as its last session said (identify)
         self._warned_no_digest = False
 
     def close(self) -> None:
@@ -437,8 +442,8 @@ class MainDatabase:
             self._conn = psycopg2.connect(*args, **kwargs)
             self._conn.autocommit = True  # the scripts carry their own BEGIN/COMMIT
             (self.round_trip_s, self.records_digest, standby, triggered, self.system_identifier, self.timeline,
-             constrained, cascading) = self._time_round_trip(self._conn, last_run_s=self.last_run_round_trip_s,
-                                                  tables=list(self._tables))
+             constrained, cascading, self.started) = self._time_round_trip(
+                self._conn, last_run_s=self.last_run_round_trip_s, tables=list(self._tables))
             self.unmerged = frozenset(self._tables[name] for name in triggered or ()) | self._row_onupdates or None
             self.refusable = self._with_mains_constraints(constrained or ())
             self.cascades = cascading_deletes(self.registry, [(self._tables[parent], self._tables[child], deleted)
@@ -476,7 +481,8 @@ class MainDatabase:
     @staticmethod
     def _time_round_trip(conn: Any, samples: int = 3, last_run_s: float | None = None,
                          tables: list[str] | None = None) -> tuple[float, bool | None, bool, list[str] | None,
-                                                                   int | None, int | None, list | None, list | None]:
+                                                                   int | None, int | None, list | None, list | None,
+                                                                   int | None]:
         """A near-empty query's round trip, the least of up to `samples`: what each batch pays
         for the link whatever its size (the drain sizes far batches by it). Once per session.
         The least, because one slow reply on a busy machine would make a near main look far; so
@@ -493,10 +499,11 @@ class MainDatabase:
         Of `tables` (the models'), it asks which main runs row triggers on (the fourth value); the
         fifth is main's system identifier, the sixth its timeline (None on a standby), the seventh
         the columns of `tables` main may refuse values of (_CONSTRAINED_SQL), the eighth its foreign
-        keys between them that cascade a delete (_CASCADING_SQL)."""
+        keys between them that cascade a delete (_CASCADING_SQL), the ninth when main's server
+        started (MAIN_STARTED_EXPRESSION)."""
         taken: list[float] = []
         present = standby = False
-        triggered = system_identifier = timeline = constrained = cascading = None
+        triggered = system_identifier = timeline = constrained = cascading = started = None
         with conn.cursor() as cur:
             sql = (cur.mogrify(_SERVER_TIMED_SQL.format(_SESSION_SQL.decode() + _TRIGGERED_SQL + _CONSTRAINED_SQL
                                                         + _CASCADING_SQL), (tables,) * 4) if tables else _SESSION_SQL)
@@ -507,18 +514,19 @@ class MainDatabase:
                 row = cur.fetchone()
                 # the link's share: without main's own time on the catalog queries (about 1 ms
                 # with 4 models, more with a site's dozens): counted, a near main read as far
-                taken.append(max(elapsed - float(row[7]), 0.0) if len(row) > 7 and row[7] is not None else elapsed)
+                taken.append(max(elapsed - float(row[8]), 0.0) if len(row) > 8 and row[8] is not None else elapsed)
                 present, standby = None if row[0] is None else bool(row[0]), bool(row[1])
                 system_identifier = row[2] if len(row) > 2 else None
                 timeline = timeline_of_wal_file(row[3]) if len(row) > 3 else None
-                triggered = row[4] if len(row) > 4 else None
-                constrained = row[5] if len(row) > 5 else None
-                cascading = row[6] if len(row) > 6 else None
+                started = row[4] if len(row) > 4 else None
+                triggered = row[5] if len(row) > 5 else None
+                constrained = row[6] if len(row) > 6 else None
+                cascading = row[7] if len(row) > 7 else None
                 best = min(taken)
                 agreeing = taken[-2:] if len(taken) >= 2 else [taken[0], last_run_s] if last_run_s else []
                 if best < FAR_ROUND_TRIP_S or (agreeing and max(agreeing) <= 1.1 * min(agreeing)):
                     break
-        return min(taken), present, standby, triggered, system_identifier, timeline, constrained, cascading
+        return min(taken), present, standby, triggered, system_identifier, timeline, constrained, cascading, started
 
     def identify(self) -> int | None:
         """Main's system identifier, starting a session if none is open (main's errors as a

@@ -317,6 +317,7 @@ class Outcome:
     commit_lsn: int | None = None
     main_cluster: int | None = None  # main's system identifier: the cluster whose WAL holds the commit
     main_timeline: int | None = None  # ... and the timeline of that WAL main wrote it on
+    main_started: int | None = None  # ... and when the server that wrote it started: see chunks_off_timeline
     claimed: int = 0  # entries of the batch in the processing list (the oldest there)
     oldest: str | None = None  # the batch's oldest entry: still the list's oldest at acknowledgement
     dead_marks: dict[str, str] = field(default_factory=dict)  # row -> the "!" mark read from held_ids that
@@ -747,6 +748,8 @@ class BufferStore:
                             record["tl"] = outcome.main_timeline
                         if outcome.main_cluster is not None:  # ... of which cluster: see chunks_off_timeline
                             record["cl"] = outcome.main_cluster
+                        if outcome.main_started is not None:  # ... by which server: see chunks_off_timeline
+                            record["st"] = outcome.main_started
                         pipe.zadd(k.awaiting_replication,
                                   {json_codec.dumps(record): outcome.commit_lsn})
                 # last_batch_at: every batch a drain ran, for the health report's last_run (a drain whose
@@ -904,14 +907,18 @@ class BufferStore:
         return int(value) if value is not None else None
 
     def chunks_off_timeline(self, timeline: int, cluster: int | None = None,
-                            upto: int | None = None) -> list[tuple[dict[str, Any], bytes]]:
+                            upto: int | None = None, started: int | None = None) -> list[tuple[dict[str, Any], bytes]]:
         """The committed chunks awaiting the replica that were committed on another timeline than
         `timeline`, or (`cluster` given) by another cluster than `cluster` (main replaced by a new
         initdb restored from a dump: its timeline may be the same, its LSNs pass theirs without
-        them), as (record, member), in commit and batch order. A chunk without "tl" or "cl",
-        acknowledged by an earlier version, is on the one `stats` recorded; with none recorded
-        either, its cluster is unknown and not compared. `upto`: only those of commit LSN up to it
-        (the replica's replay: the health report's, which need not read every waiting one)."""
+        them), or (`started` given) by a server started at another time than main's ("st": two
+        standbys of one primary promoted in turn both write timeline 2 of its cluster, the second
+        without what the first committed; or main restarted, which loses none of them), as
+        (record, member), in commit and batch order. A chunk without "tl" or "cl", acknowledged
+        by an earlier version, is on the one `stats` recorded; with none recorded either, its
+        cluster is unknown and not compared; nor is its server without "st". `upto`: only those of
+        commit LSN up to it (the replica's replay: the health report's, which need not read every
+        waiting one)."""
         recorded = self.main_timeline()
         recorded_cluster = self.main_cluster() if cluster is not None else None
         found: list[tuple[dict[str, Any], bytes]] = []
@@ -922,7 +929,8 @@ class BufferStore:
                           self.keys.awaiting_replication, "-inf", upto, start=start, num=CLEAN_PASS * 10)])
             start += len(chunks)
             found.extend(chunk for chunk in chunks if chunk[0].get("tl", recorded) != timeline
-                         or cluster is not None and chunk[0].get("cl", recorded_cluster) not in (None, cluster))
+                         or cluster is not None and chunk[0].get("cl", recorded_cluster) not in (None, cluster)
+                         or started is not None and chunk[0].get("st") not in (None, started))
             if len(chunks) < CLEAN_PASS * 10:
                 return found
 
@@ -930,7 +938,8 @@ class BufferStore:
                      kept: list[tuple[dict[str, Any], bytes]],
                      cluster: int | None = None, lsn_of: dict[bytes, int] | None = None,
                      rows_of: Callable[[str], set[str]] | None = None,
-                     reads_of: Callable[[str], set[str]] | None = None) -> tuple[list[str], list[str]]:
+                     reads_of: Callable[[str], set[str]] | None = None,
+                     started: int | None = None) -> tuple[list[str], list[str]]:
         """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
         the `lost` chunks: put their transactions back at the oldest end of the processing list, in
         their order (claimed again first, before whatever waits there or in the buffer, as after a
@@ -941,9 +950,9 @@ class BufferStore:
         began to wait, and it holds them until it is applied (or dead-lettered); those of them it
         only reads (`reads_of` its status key's JSON) are recorded in it (LOST_READS). The `kept`
         chunks (main has their ids) are recorded as on `timeline` (and `cluster`, recorded in
-        `stats` too), at the LSN `lsn_of` gives a member, if it does (one of another cluster's
-        WAL). One MULTI, fenced by the lease, so a crash leaves all or nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot
-        be)."""
+        `stats` too, and main's server, `started`), at the LSN `lsn_of` gives a member, if it does
+        (one of another cluster's WAL). One MULTI, fenced by the lease, so a crash leaves all or
+        nothing of it. Returns (ids requeued, ids whose transaction JSON is gone, which cannot be)."""
         k = self.keys
         ids = list(dict.fromkeys(tx_id for record, _ in lost for tx_id in record.get("t") or ()))
         with self.redis.pipeline(transaction=True) as pipe:
@@ -968,7 +977,8 @@ class BufferStore:
                     pipe.multi()
                     for _, member in lost + kept:
                         pipe.zrem(k.awaiting_replication, member)
-                    on = {"tl": timeline, **({"cl": cluster} if cluster is not None else {})}
+                    on = {"tl": timeline, **({"cl": cluster} if cluster is not None else {}),
+                          **({"st": started} if started is not None else {})}
                     for record, member in kept:
                         lsn = (lsn_of or {}).get(member, record["lsn"])
                         pipe.zadd(k.awaiting_replication, {json_codec.dumps({**record, **on, "lsn": lsn}): lsn})

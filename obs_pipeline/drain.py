@@ -342,8 +342,9 @@ class Drain:
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
-        # (main's cluster, its timeline): every waiting chunk is known on them (_settle_failover)
-        self._settled: tuple[int | None, int] | None = None
+        # (main's cluster, its timeline, its server's start): every waiting chunk is known on them
+        # (_settle_failover)
+        self._settled: tuple[int | None, int | None, int | None] | None = None
         # the step's batch once Redis took its acknowledgement: done, whatever fails after (see run)
         self._acknowledged: BatchReport | None = None
 
@@ -944,7 +945,7 @@ class Drain:
                 outcome.unpark.append(tx.transaction_id)
             outcome.cleanup.append(footprints[_one_of_batch(tx)])
         outcome.commit_lsn = result.commit_lsn
-        outcome.main_cluster, outcome.main_timeline = self.main.system_identifier, self.main.timeline
+        outcome.main_cluster, outcome.main_timeline, outcome.main_started = self._main_server()
         for tx, reason in result.timed_out:  # alone, timeout_attempts times in a row: the rest drains
             self._dead_letter(tx, reason, outcome, report, kind="timeout", attempts=self.config.timeout_attempts)
         not_applied = result.failed + result.timed_out + result.dead_blocked
@@ -1117,8 +1118,7 @@ class Drain:
         to be on it and of main's cluster (_settle_failover), or no session of main said one (main
         down: the recorded one counts, as every chunk's). Settled here only while main's session
         is free."""
-        timeline = self.main.timeline
-        if timeline is None or (self.main.system_identifier, timeline) == self._settled:
+        if self.main.timeline is None or self._main_server() == self._settled:
             return True
         if not self.main_identity.main_idle():
             return False
@@ -1126,49 +1126,62 @@ class Drain:
             self._settle_failover()
         except (TransientError, ConfigError):  # said where main applies a batch; caches stay meanwhile
             return False
-        return self._settled == (self.main.system_identifier, self.main.timeline)
+        return self._settled == self._main_server()
+
+    def _main_server(self) -> tuple[int | None, int | None, int | None]:
+        """Main's cluster, the timeline it writes and when its server started, as its last session
+        said: a chunk committed under others may not be on main (_settle_failover)."""
+        return self.main.system_identifier, self.main.timeline, self.main.started
 
     def _settle_failover(self) -> int:
         """Before anything applies on main's session, or is cleaned by its timeline: the chunks
         awaiting the replica that were committed on another timeline (main failed over since, or
         was restored), or by another cluster (main replaced by a new initdb restored from a dump,
-        on timeline 1 again, say), are asked for on main. A failover to an asynchronous standby
-        loses what main had not sent it, a dump taken before them lacks them, and the new WAL's
-        LSNs pass those commits' without them: their caches were cleaned, and the rows were on
-        neither server. Ids main has applied made it across (a batch commits whole): those chunks
-        count as on main's timeline and cluster. The rest are buffered again, to apply first
+        on timeline 1 again, say), or by another server than main's (another standby of the old
+        primary promoted to the same timeline number, say; or main restarted), are asked for on
+        main. A failover to an asynchronous standby loses what main had not sent it, a dump taken
+        before them lacks them, and the new WAL's LSNs pass those commits' without them: their
+        caches were cleaned, and the rows were on neither server. Ids main has applied made it
+        across (a batch commits whole): those chunks count as on main's timeline, cluster and
+        server. The rest are buffered again, to apply first
         (BufferStore.requeue_lost). Returns how many; main's errors raise."""
-        timeline, cluster = self.main.timeline, self.main.system_identifier
-        if timeline is None or (cluster, timeline) == self._settled:
+        server = cluster, timeline, started = self._main_server()
+        if timeline is None or server == self._settled:
             return 0
-        chunks = self.store.chunks_off_timeline(timeline, cluster)
+        chunks = self.store.chunks_off_timeline(timeline, cluster, started=started)
         requeued: list[str] = []
         if chunks:
             ids = sorted({tx_id for record, _ in chunks for tx_id in record.get("t") or ()})
             present = self.main.applied_among(ids) if ids else set()
-            if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):  # a new session in
-                return 0  # between (main failed over, or moved, again)
+            if self._main_server() != server:  # a new session in between (main failed over, or moved,
+                return 0  # again)
             lost, kept = [], []
             for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
                 (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
             recorded = self.store.main_cluster()  # (a chunk without "cl" is of it)
+            recorded_timeline = self.store.main_timeline()  # (... without "tl", on it)
             # A kept chunk of another cluster: its LSN is of that cluster's WAL, and a replica of
             # main's that replayed past it may still lack the restore that brought its rows (its
             # caches were cleaned, the site read nothing until it caught up). It waits for main's
             # position now, read after main showed them.
             of_another = [m for r, m in kept if cluster is not None and r.get("cl", recorded) not in (None, cluster)]
             lsn_of = dict.fromkeys(of_another, self.main.wal_position()) if of_another else {}
-            if (self.main.system_identifier, self.main.timeline) != (cluster, timeline):
+            if self._main_server() != server:
                 return 0  # (as above)
             requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
                                                      rows_of=lambda entry: _rows_used_by(entry, self.registry),
-                                                     reads_of=lambda entry: _rows_only_read_by(entry, self.registry))
+                                                     reads_of=lambda entry: _rows_only_read_by(entry, self.registry),
+                                                     started=started)
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
-                moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})  # (else another timeline)
+                moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})
+                # else the same timeline's number on another server: another standby of the old primary
+                forked = any(r.get("tl", recorded_timeline) != timeline for r, _ in lost)
                 now, cause = ((f"main is now another cluster (system identifier {cluster}, timeline {timeline})",
                                "a restore from before their commits lost them") if moved else
-                              (f"main now writes timeline {timeline}", "an asynchronous failover lost them"))
+                              (f"main now writes timeline {timeline}", "an asynchronous failover lost them") if forked
+                              else (f"main is now another server on timeline {timeline} than the one that committed "
+                                    "them", "a failover to a standby that had not followed that one lost them"))
                 log.warning("%s: %d committed transaction(s) of %d batch(es) were not on it (%s); buffered again, to "
                             "apply first, their caches kept meanwhile%s", now, len(missing),
                             len({r.get("lsn") for r, _ in lost}), cause,
@@ -1182,7 +1195,7 @@ class Drain:
                 # main ahead of older transactions, and one of them, applied after, undid a newer
                 # update of its row
                 self._prefetched = None
-        self._settled = (cluster, timeline)
+        self._settled = server
         if cluster is not None:
             self.main_identity.settled(cluster)
         return len(requeued)

@@ -27,6 +27,11 @@ REPLAY_TIMELINE_SQL = (REPLAY_SQL + ", COALESCE((SELECT received_tli FROM pg_sta
 # first 8 hex digits); NULL on a standby. pg_control_checkpoint()'s lags a promotion until the
 # next checkpoint, which would hide a failover's fork (see apply._SESSION_SQL).
 MAIN_TIMELINE_EXPRESSION = "CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END"
+# When main's server started, in microseconds since the epoch. Two standbys of one primary
+# promoted in turn (the second never followed the first) both write timeline 2 of its cluster,
+# with other WAL past their fork: the timeline's number does not tell them apart, the server's
+# start does (so does a restart, which loses no flushed commit: the drain then asks main once).
+MAIN_STARTED_EXPRESSION = "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8"
 
 
 def timeline_of_wal_file(name: str | None) -> int | None:

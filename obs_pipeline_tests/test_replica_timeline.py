@@ -1812,3 +1812,136 @@ def test_a_lost_update_that_main_now_refuses_still_applies_before_a_newer_update
     _assert_settled(async_standby, redis_client, settings.site, obs_id,
                     [created_id, lost.transaction_id, newer.transaction_id], "newer")
     buf.close()
+
+
+@pytest.fixture
+def twin_standbys(stack):
+    """Two standbys of one primary promoted in turn, each to timeline 2: P ("main", timeline 1)
+    with A ("first") and B ("second"), asynchronous standbys of it that stream its WAL alone.
+    `promote_first()` stops P and promotes A (timeline 2); `promote_second()` stops A and
+    promotes B, which never followed A: timeline 2 too, of the same cluster, another history past
+    the fork. It clones R ("follower") from B: the site's replica after it."""
+    from types import SimpleNamespace
+
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline.stack.postgres import HOST
+
+    servers, url, closed = _servers(stack, "tw_main", "tw_first", "tw_second", "tw_follower")
+    p, a, b, r = servers
+    try:
+        target = _primary_with_units(p, url[p], "CREATE TABLE filler (x text)")
+        a.clone_from(p)
+        a.set_upstream(p.port)
+        b._tool("pg_basebackup", ["-D", str(b.datadir), "-h", HOST, "-p", str(p.port), "-U", "postgres", "-R",
+                                  "-X", "stream", "--checkpoint=fast"], "pg_basebackup from tw_main")
+        b.set_upstream(p.port)
+        a.start()
+        b.start()
+        assert wait_until(lambda: _replayed(url[a], target) and _replayed(url[b], target), 60)
+
+        def promote_first() -> None:
+            p.stop(mode="immediate")
+            assert a.query("SELECT pg_promote(true, 60)") == (True,)
+
+        def promote_second() -> None:
+            a.stop(mode="immediate")
+            assert b.query("SELECT pg_promote(true, 60)") == (True,)
+            r.clone_from(b)
+            r.set_upstream(b.port)
+            r.start()
+
+        yield SimpleNamespace(main=url[p], first=url[a], second=url[b], follower=url[r],
+                              nowhere=f"postgresql+psycopg2://postgres@{HOST}:{closed}/obs",
+                              promote_first=promote_first, promote_second=promote_second)
+    finally:
+        for server in reversed(servers):
+            server.stop(mode="immediate")
+            shutil.rmtree(server.datadir, ignore_errors=True)
+
+
+def _timeline_and_cluster(url: str) -> tuple[int, int]:
+    """The timeline the primary at `url` writes, and its system identifier."""
+    from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, timeline_of_wal_file
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            wal_file, cluster = conn.execute(sa.text(
+                f"SELECT {MAIN_TIMELINE_EXPRESSION}, (SELECT system_identifier FROM pg_control_system())")).one()
+    finally:
+        engine.dispose()
+    return timeline_of_wal_file(wal_file), cluster
+
+
+def test_a_batch_committed_on_a_promoted_standby_lost_when_another_is_promoted_to_the_same_timeline_is_applied_again(
+        settings, twin_standbys, redis_client, caplog):
+    """P fails, its standby A is promoted (timeline 2) and the drain commits a batch on A (its
+    chunk recorded on timeline 2), the site's replica out of reach. A fails, and P's other standby
+    B, which never followed A, is promoted: timeline 2 as well, of the same cluster, without the
+    batch. B writes past the batch's LSN and the site's replica R (following B) replays it. Main's
+    timeline and cluster were those recorded, so nothing asked B for the batch's ids: its caches
+    were cleaned as replicated, and its rows were on neither server. Main is another server than
+    the one that committed it: the drain asks it for the ids, and buffers the batch again."""
+    twin_standbys.promote_first()
+    on_a = dataclasses.replace(settings, main_db_url=twin_standbys.first, replica_db_url=twin_standbys.nowhere)
+    buf, tx_id, obs_id = _buffer_one(on_a)
+    _drain_once(on_a, caplog, replication_timeout_s=0.2)
+    assert buf.status(tx_id) == "applied"
+    keys = SiteKeys(settings.site)
+    (member, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+    twin_standbys.promote_second()
+    recorded = json.loads(member)
+    assert _timeline_and_cluster(twin_standbys.second) == (recorded["tl"], recorded["cl"]) == (
+        2, recorded["cl"])  # B: the timeline and cluster the batch's chunk recorded
+    _write_past(twin_standbys.second, twin_standbys.follower, int(lsn))
+    site = dataclasses.replace(settings, main_db_url=twin_standbys.second, replica_db_url=twin_standbys.follower)
+    caplog.clear()
+    summary = _drain_once(site, caplog, replication_timeout_s=10)
+    assert _on_main(twin_standbys.second, obs_id, [tx_id]) == (1, 1, "running")
+    assert summary.applied == 1 and summary.stopped_because == "buffer empty", summary
+    assert buf.status(tx_id) == "replicated"
+    assert redis_client.zcard(keys.awaiting_replication) == 0
+    assert _read(site, obs_id)["status"] == "running"  # from the follower
+    said = _lost_line(caplog)
+    assert len(said) == 1 and said[0].startswith(
+        "main is now another server on timeline 2 than the one that committed them: 1 committed transaction(s) of 1 "
+        "batch(es)"), said
+    stats = redis_client.hgetall(keys.stats)
+    assert int(stats[b"applied_total"]) == 1 and int(stats[b"lost_in_failover_total"]) == 1, stats
+    buf.close()
+
+
+def test_a_batch_awaiting_the_replica_when_main_restarts_is_asked_for_once_and_kept(
+        settings, stack, redis_client, clean_db, caplog, monkeypatch):
+    """Main (the stack's) restarts with a batch awaiting the replica (out of reach: its caches
+    kept): its server's start is not the one the batch's chunk recorded, so the next drain asks
+    main for its ids, once (a restart loses no flushed commit: main has them), and records the
+    chunk as of main's server now. Nothing is buffered again or doubled, no warning; cleaned once
+    the replica answers."""
+    from obs_pipeline.apply import MainDatabase
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.postgres import HOST
+
+    asked, applied_among = [], MainDatabase.applied_among
+    monkeypatch.setattr(MainDatabase, "applied_among", lambda self, ids, **kw: asked.append(list(ids))
+                        or applied_among(self, ids, **kw))
+    keys = SiteKeys(settings.site)
+    unreplicated = dataclasses.replace(
+        settings, replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{pick_free_ports(1)[0]}/obs")
+    buf, tx_id, obs_id = _buffer_one(settings)
+    _drain_once(unreplicated, caplog, replication_timeout_s=0.2)
+    (before, _), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+    stack.stop_service("main", mode="fast")
+    stack.start_service("main")
+    caplog.clear()
+    _drain_once(unreplicated, caplog, replication_timeout_s=0.2)
+    (after, _), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+    assert asked == [[tx_id]], asked
+    assert json.loads(after)["st"] != json.loads(before)["st"] and buf.status(tx_id) == "applied"
+    summary = _drain_once(settings, caplog, replication_timeout_s=10)
+    assert asked == [[tx_id]] and summary.replicated == 1 and buf.status(tx_id) == "replicated", (asked, summary)
+    assert _on_main(settings.main_db_url, obs_id, [tx_id]) == (1, 1, "running")
+    assert not _lost_line(caplog) and redis_client.zcard(keys.awaiting_replication) == 0
+    assert int(redis_client.hget(keys.stats, "applied_total")) == 1
+    buf.close()
+

@@ -629,7 +629,7 @@ def test_main_s_own_time_on_the_session_s_questions_is_not_counted_as_the_link_s
     clock = [0.0]
     monkeypatch.setattr(apply.time, "perf_counter", lambda: clock[0])
     cursor = _Cursor([0.0062] * 3, clock)
-    cursor.fetchone = lambda: (True, False, 7, "000000010000000000000001", None, None, None, 0.006)
+    cursor.fetchone = lambda: (True, False, 7, "000000010000000000000001", 1765000000000000, None, None, None, 0.006)
     conn = type("Conn", (), {"cursor": lambda self: cursor})()
     cursor.mogrify = lambda sql, params: sql
     round_trip, *_ = apply.MainDatabase._time_round_trip(conn, tables=["obs_unit"])
@@ -655,4 +655,4 @@ def test_the_session_s_questions_report_main_s_own_time(main_engine):
             row = cur.fetchone()
     finally:
         conn.close()
-    assert len(row) == 8 and 0 < row[7] < elapsed
+    assert len(row) == 9 and 0 < row[8] < elapsed
