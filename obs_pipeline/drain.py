@@ -267,6 +267,25 @@ class MainIdentity:
         """Whether main's session may be used here: not while the worker thread has it."""
         return self.applying is None or self.applying.done()
 
+    def confirm(self) -> None:
+        """Before an idle drain cleans chunks by the replica's replay: main asked again in a new
+        session, at most every MAIN_TIMELINE_RECHECK_S. Its session may predate a failover to a
+        standby promoted to the timeline number the session said (another standby of the old
+        primary, which never followed the one lost): the replica, following the new main,
+        replays that timeline of that cluster, so nothing else showed the move, and a batch
+        committed on the lost one was cleaned, on neither server. Where main does not answer,
+        its last session's answer stands (as when it is down)."""
+        now = time.monotonic()
+        if (self.main.timeline is None or not self.main_idle()
+                or now - self._timeline_rechecked_at < MAIN_TIMELINE_RECHECK_S):
+            return
+        self._timeline_rechecked_at = now
+        self.main.close()  # a new session says which server main is now
+        try:
+            self.main.identify()
+        except (TransientError, ConfigError):  # said where main applies a batch
+            pass
+
     def cluster(self) -> int | None:
         """The system identifier of the main whose commits await the replica, which the
         replica's must be for its replay to count (ReplicaDatabase.main_cluster): as the
@@ -570,7 +589,7 @@ class Drain:
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
-            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
+            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s, confirm=True)
             self._mark_applied(cleaned[1])
             if not cleaned[1]:
                 return None
@@ -1081,9 +1100,11 @@ class Drain:
             self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
 
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
-               replayed: int | None = None) -> tuple[str | None, list[str]]:
+               replayed: int | None = None, confirm: bool = False) -> tuple[str | None, list[str]]:
         """Wait (bounded) for the replica to replay `wait_for` (0: the oldest commit still
-        awaiting it), then clean what it has replayed (`replayed`: just read, no need to ask)."""
+        awaiting it), then clean what it has replayed (`replayed`: just read, no need to ask).
+        `confirm`: with nothing applied (an idle drain), main is asked again first
+        (MainIdentity.confirm)."""
         count, lowest = self.store.awaiting_replication()
         if not count:
             return None, []
@@ -1097,6 +1118,8 @@ class Drain:
             self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
+        if confirm and replay is not None and replay >= lowest:  # is main still the server it said?
+            self.main_identity.confirm()
         if not self._failover_settled() or replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
         return int_to_lsn(replay), self.store.clean_replicated(replay)

@@ -1945,3 +1945,59 @@ def test_a_batch_awaiting_the_replica_when_main_restarts_is_asked_for_once_and_k
     assert int(redis_client.hget(keys.stats, "applied_total")) == 1
     buf.close()
 
+
+def test_a_running_drain_idle_across_two_promotions_to_one_timeline_number_applies_the_lost_batch_again(
+        settings, twin_standbys, redis_client, tmp_path, caplog):
+    """As above, under a long-running `obs-pipeline drain` behind addresses that stay the same:
+    it commits the batch on A, the site's replica out of reach, and then has nothing to do. A
+    fails, B is promoted to timeline 2 too, the addresses move to B and its standby R, and R
+    replays past the batch's LSN. The drain's session, opened on A, said the timeline and
+    cluster that R replays: nothing asked main again, and the batch was cleaned, on neither server.
+    With nothing to apply, the drain asks main again in a new session before it cleans (at most
+    every 30 s) and settles the failover."""
+    import threading
+
+    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
+    from obs_pipeline.stack.postgres import HOST
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+
+    main_port, replica_port = pick_free_ports(2)
+    proxies = {name: (tmp_path / f"{name}.json", tmp_path / f"{name}.log") for name in ("main", "replica")}
+
+    def forward(name: str, port: int, url: str) -> None:
+        stop_proxy(proxies[name][0])
+        start_proxy(port, sa.engine.make_url(url).port, 0, *proxies[name])
+
+    twin_standbys.promote_first()
+    forward("main", main_port, twin_standbys.first)
+    forward("replica", replica_port, twin_standbys.nowhere)
+    site = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://postgres@{HOST}:{main_port}/obs",
+                               replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{replica_port}/obs")
+    buf, tx_id, obs_id = _buffer_one(site)
+    keys = SiteKeys(settings.site)
+    drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
+    try:
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            worker.start()
+            assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
+            (_, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+            twin_standbys.promote_second()
+            forward("main", main_port, twin_standbys.second)  # main is B now, the site's replica B's standby
+            _write_past(twin_standbys.second, twin_standbys.follower, int(lsn))
+            forward("replica", replica_port, twin_standbys.follower)
+            assert wait_until(lambda: buf.status(tx_id) == "replicated"
+                              or _on_main(twin_standbys.second, obs_id, [tx_id])[:2] == (1, 1), 45)
+            assert _on_main(twin_standbys.second, obs_id, [tx_id]) == (1, 1, "running"), buf.status(tx_id)
+            assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
+            assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from B's standby
+    finally:
+        stop.set()
+        worker.join(60)
+        drain.close()
+        for pidfile, _ in proxies.values():
+            stop_proxy(pidfile)
+    said = _lost_line(caplog)
+    assert len(said) == 1 and said[0].startswith("main is now another server on timeline 2"), said
+    buf.close()
