@@ -366,6 +366,7 @@ class Drain:
         self._settled: tuple[int | None, int | None, int | None] | None = None
         # the step's batch once Redis took its acknowledgement: done, whatever fails after (see run)
         self._acknowledged: BatchReport | None = None
+        self._committed_at = -math.inf  # (monotonic) this drain's last commit on main: see _confirms_main
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -589,7 +590,7 @@ class Drain:
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
-            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s, confirm=True)
+            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s, confirm=self._confirms_main())
             self._mark_applied(cleaned[1])
             if not cleaned[1]:
                 return None
@@ -651,6 +652,7 @@ class Drain:
         if txs and self.timeouts.in_effect:
             self.timeouts.passed(self.batch_size)
         if outcome.commit_lsn is not None:
+            self._committed_at = time.monotonic()
             # A full claim means more work is waiting: where main is near and the replica has
             # replayed this commit already, clean it now, skipping "applied" (the drain is short
             # of CPU there, not of time); otherwise mark it applied and go on - the next batch's
@@ -1098,6 +1100,14 @@ class Drain:
         by_id = {t.transaction_id: t for t in transactions}
         with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
             self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
+
+    def _confirms_main(self) -> bool:
+        """Whether an idle step asks main again before it cleans (MainIdentity.confirm): not within
+        replication_timeout_s of this drain's last commit. The replica replaying it by then is
+        the usual case, a full last batch of a run left to the idle step to clean (a new session
+        there cost a far main about 1 s at the end of each run); later, it replayed late, and main
+        may have moved meanwhile."""
+        return time.monotonic() - self._committed_at >= self.config.replication_timeout_s
 
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
                replayed: int | None = None, confirm: bool = False) -> tuple[str | None, list[str]]:
