@@ -9,6 +9,7 @@ while R followed S past F.)"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -69,26 +70,32 @@ def _servers(stack, *names: str) -> tuple[list, dict, int]:
     return servers, {x: f"postgresql+psycopg2://postgres@{HOST}:{x.port}/obs" for x in servers}, spare
 
 
+def _primary_with_two_standbys(primary, first, second, url: dict) -> None:
+    """`primary` made (_primary_with_units), `first` a standby of it by its slot and `second` one
+    without (pg_basebackup -R: it streams the primary's WAL alone), both started and caught up."""
+    from obs_pipeline.stack.osutil import wait_until
+    from obs_pipeline.stack.postgres import HOST
+
+    target = _primary_with_units(primary, url[primary], "CREATE TABLE filler (x text)")
+    first.clone_from(primary)
+    first.set_upstream(primary.port)
+    second._tool("pg_basebackup", ["-D", str(second.datadir), "-h", HOST, "-p", str(primary.port), "-U", "postgres",
+                                   "-R", "-X", "stream", "--checkpoint=fast"], f"pg_basebackup from {primary.datadir.name}")
+    second.set_upstream(primary.port)
+    first.start()
+    second.start()
+    assert wait_until(lambda: _replayed(url[first], target) and _replayed(url[second], target), 60)
+
+
 @pytest.fixture(scope="module")
 def forked(stack):
     """URLs by name: M ("old") with standbys R ("replica", by slot) and S; S promoted ("promoted",
     timeline 2), and T ("follower"), a standby cloned from S. Each test makes the standby it
     drains with replay past main's LSNs (_runs_ahead)."""
-    from obs_pipeline.stack.osutil import wait_until
-    from obs_pipeline.stack.postgres import HOST
-
     servers, url, _ = _servers(stack, "tl_main", "tl_replica", "tl_standby", "tl_follower")
     m, r, s, t = servers
     try:
-        target = _primary_with_units(m, url[m], "CREATE TABLE filler (x text)")
-        r.clone_from(m)
-        r.set_upstream(m.port)
-        s._tool("pg_basebackup", ["-D", str(s.datadir), "-h", HOST, "-p", str(m.port), "-U", "postgres", "-R",
-                                  "-X", "stream", "--checkpoint=fast"], "pg_basebackup from tl_main")
-        s.set_upstream(m.port)
-        r.start()
-        s.start()
-        assert wait_until(lambda: _replayed(url[r], target) and _replayed(url[s], target), 60)
+        _primary_with_two_standbys(m, r, s, url)
         assert s.query("SELECT pg_promote(true, 60)") == (True,)
         t.clone_from(s)
         t.set_upstream(s.port)
@@ -588,6 +595,19 @@ def _refused_once_lost(settings, async_standby, caplog, status: str = "lost", th
     _drain_once(site, caplog, replication_timeout_s=0.2)
     assert buf.status(refused.transaction_id) == "applied" and (then_id is None or buf.status(then_id) == "applied")
     return site, buf, created_id, obs_id, refused, then_id
+
+
+def _settled_by_an_idle_step(site, caplog, **config) -> None:
+    """One step of a drain with nothing to claim: its cleanup settles the failover (one line
+    says what main lost), then it stops, what it buffered again left unclaimed in `processing`."""
+    drain = Drain(site, DrainConfig(replication_timeout_s=10, **config))
+    try:
+        drain.acquire()
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            drain.step()
+    finally:
+        drain.close()
+    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
 
 
 def _a_newer_update_waiting(site, buf: TransactionBuffer, obs_id: str, redis_client, caplog,
@@ -1464,14 +1484,7 @@ def test_a_drain_stopped_between_buffering_a_lost_transaction_again_and_claiming
     new, buf, created_id, obs_id, lost, package, newer = _a_lost_package_and_a_newer_update_waiting(
         settings, async_standby, redis_client, caplog)
     keys = SiteKeys(settings.site)
-    drain = Drain(new, DrainConfig(replication_timeout_s=10, retry_base_s=60))
-    try:
-        drain.acquire()
-        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-            drain.step()  # nothing to claim: its cleanup settles the failover, then it stops
-    finally:
-        drain.close()
-    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    _settled_by_an_idle_step(new, caplog, retry_base_s=60)
     assert redis_client.llen(keys.processing) == 1 and buf.status(lost.transaction_id) == "pending"
     assert redis_client.hget(keys.held_ids, obs_id) == redis_client.hget(keys.held_ids, package["id"]) == (
         lost.transaction_id.encode())
@@ -1546,14 +1559,7 @@ def test_a_lost_transaction_whose_model_the_models_file_lost_since_lets_go_of_th
     keys = SiteKeys(settings.site)
     new = _fail_over_past_the_last_commit(settings, async_standby, redis_client)
     caplog.clear()
-    drain = Drain(new, DrainConfig(replication_timeout_s=10))
-    try:
-        drain.acquire()
-        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-            drain.step()  # nothing to claim: its cleanup settles the failover, then it stops
-    finally:
-        drain.close()
-    assert len(_lost_line(caplog)) == 1, _lost_line(caplog)
+    _settled_by_an_idle_step(new, caplog)
     assert redis_client.hget(keys.held_ids, obs_id) == lost.transaction_id.encode()
     revised = dataclasses.replace(new, models="obs_pipeline_tests.revised_models:ModelRenamed")
     summary = _drain_once(revised, caplog, replication_timeout_s=10)
@@ -1648,6 +1654,47 @@ def test_a_reused_id_applied_while_the_first_of_it_waits_is_buffered_again_after
     buf.close()
 
 
+@contextlib.contextmanager
+def _a_drain_running_behind_proxies(settings, tmp_path, caplog, main_url: str, replica_url: str):
+    """A long-running `obs-pipeline drain` (a Drain.run thread, its warnings in caplog) behind
+    addresses that stay the same, as a DNS name or a VIP: main and the site's replica behind
+    proxies, forwarding at first to `main_url` and `replica_url`. Yields (the site's settings,
+    forward(name, url)), which moves "main" or "replica" to another server."""
+    import threading
+
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.postgres import HOST
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+
+    ports = dict(zip(("main", "replica"), pick_free_ports(2)))
+    proxies = {name: (tmp_path / f"{name}.json", tmp_path / f"{name}.log") for name in ports}
+
+    def forward(name: str, url: str) -> None:
+        stop_proxy(proxies[name][0])
+        start_proxy(ports[name], sa.engine.make_url(url).port, 0, *proxies[name])
+
+    site = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://postgres@{HOST}:{ports['main']}/obs",
+                               replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{ports['replica']}/obs")
+    stop = threading.Event()
+    drain = worker = None
+    try:
+        forward("main", main_url)
+        forward("replica", replica_url)
+        drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
+        worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            worker.start()
+            yield site, forward
+    finally:
+        stop.set()
+        if worker is not None and worker.ident is not None:
+            worker.join(60)
+        if drain is not None:
+            drain.close()
+        for pidfile, _ in proxies.values():
+            stop_proxy(pidfile)
+
+
 def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work(
         settings, other_cluster, main_engine, replica_engine, redis_client, clean_db, tmp_path, caplog):
     """A long-running `obs-pipeline drain` behind addresses that stay the same (a DNS name or a
@@ -1657,45 +1704,20 @@ def test_a_running_drain_settles_main_s_move_to_another_cluster_with_no_new_work
     since. The drain kept main's cluster as its session on X said, and a replica of Y's for one
     of another cluster: it blamed the replica and left the batch `applied`, on neither server,
     until new work came. It asks main again, as for another timeline, and settles the move."""
-    import threading
-
-    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
-    from obs_pipeline.stack.postgres import HOST
-    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+    from obs_pipeline.stack.osutil import wait_until
     from obs_pipeline_tests.workload import replay_paused
 
-    main_port, replica_port = pick_free_ports(2)
-    proxies = {name: (tmp_path / f"{name}.json", tmp_path / f"{name}.log") for name in ("main", "replica")}
-
-    def forward(name: str, port: int, url: str) -> None:
-        stop_proxy(proxies[name][0])
-        start_proxy(port, sa.engine.make_url(url).port, 0, *proxies[name])
-
-    forward("main", main_port, settings.main_db_url)
-    forward("replica", replica_port, settings.replica_db_url)
-    site = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://postgres@{HOST}:{main_port}/obs",
-                               replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{replica_port}/obs")
-    buf, tx_id, obs_id = _buffer_one(site)
-    drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
-    stop = threading.Event()
-    worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
-    try:
-        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"), replay_paused(replica_engine):
-            worker.start()
-            assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
-            forward("main", main_port, other_cluster.main)  # main is Y now, the site's replica Y's standby
-            forward("replica", replica_port, other_cluster.replica)
-            settled = wait_until(lambda: _on_main(other_cluster.main, obs_id, [tx_id])[:2] == (1, 1), 45)
-            blamed = [r.getMessage() for r in caplog.records if "another cluster" in r.getMessage()]
-            assert settled, f"the batch is not on the new main; the drain said {blamed}"
-            assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
-            assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from Y's standby
-    finally:
-        stop.set()
-        worker.join(60)
-        drain.close()
-        for pidfile, _ in proxies.values():
-            stop_proxy(pidfile)
+    with replay_paused(replica_engine), _a_drain_running_behind_proxies(
+            settings, tmp_path, caplog, settings.main_db_url, settings.replica_db_url) as (site, forward):
+        buf, tx_id, obs_id = _buffer_one(site)
+        assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
+        forward("main", other_cluster.main)  # main is Y now, the site's replica Y's standby
+        forward("replica", other_cluster.replica)
+        settled = wait_until(lambda: _on_main(other_cluster.main, obs_id, [tx_id])[:2] == (1, 1), 45)
+        blamed = [r.getMessage() for r in caplog.records if "another cluster" in r.getMessage()]
+        assert settled, f"the batch is not on the new main; the drain said {blamed}"
+        assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
+        assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from Y's standby
     assert len(_lost_line(caplog)) == 1 and _lost_line(caplog)[0].startswith("main is now another cluster")
     buf.close()
 
@@ -1823,21 +1845,12 @@ def twin_standbys(stack):
     the fork. It clones R ("follower") from B: the site's replica after it."""
     from types import SimpleNamespace
 
-    from obs_pipeline.stack.osutil import wait_until
     from obs_pipeline.stack.postgres import HOST
 
     servers, url, closed = _servers(stack, "tw_main", "tw_first", "tw_second", "tw_follower")
     p, a, b, r = servers
     try:
-        target = _primary_with_units(p, url[p], "CREATE TABLE filler (x text)")
-        a.clone_from(p)
-        a.set_upstream(p.port)
-        b._tool("pg_basebackup", ["-D", str(b.datadir), "-h", HOST, "-p", str(p.port), "-U", "postgres", "-R",
-                                  "-X", "stream", "--checkpoint=fast"], "pg_basebackup from tw_main")
-        b.set_upstream(p.port)
-        a.start()
-        b.start()
-        assert wait_until(lambda: _replayed(url[a], target) and _replayed(url[b], target), 60)
+        _primary_with_two_standbys(p, a, b, url)
 
         def promote_first() -> None:
             p.stop(mode="immediate")
@@ -1955,49 +1968,24 @@ def test_a_running_drain_idle_across_two_promotions_to_one_timeline_number_appli
     cluster that R replays: nothing asked main again, and the batch was cleaned, on neither server.
     With nothing to apply, the drain asks main again in a new session before it cleans (at most
     every 30 s) and settles the failover."""
-    import threading
+    from obs_pipeline.stack.osutil import wait_until
 
-    from obs_pipeline.stack.osutil import pick_free_ports, wait_until
-    from obs_pipeline.stack.postgres import HOST
-    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
-
-    main_port, replica_port = pick_free_ports(2)
-    proxies = {name: (tmp_path / f"{name}.json", tmp_path / f"{name}.log") for name in ("main", "replica")}
-
-    def forward(name: str, port: int, url: str) -> None:
-        stop_proxy(proxies[name][0])
-        start_proxy(port, sa.engine.make_url(url).port, 0, *proxies[name])
-
-    twin_standbys.promote_first()
-    forward("main", main_port, twin_standbys.first)
-    forward("replica", replica_port, twin_standbys.nowhere)
-    site = dataclasses.replace(settings, main_db_url=f"postgresql+psycopg2://postgres@{HOST}:{main_port}/obs",
-                               replica_db_url=f"postgresql+psycopg2://postgres@{HOST}:{replica_port}/obs")
-    buf, tx_id, obs_id = _buffer_one(site)
     keys = SiteKeys(settings.site)
-    drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
-    stop = threading.Event()
-    worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
-    try:
-        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-            worker.start()
-            assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
-            (_, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
-            twin_standbys.promote_second()
-            forward("main", main_port, twin_standbys.second)  # main is B now, the site's replica B's standby
-            _write_past(twin_standbys.second, twin_standbys.follower, int(lsn))
-            forward("replica", replica_port, twin_standbys.follower)
-            assert wait_until(lambda: buf.status(tx_id) == "replicated"
-                              or _on_main(twin_standbys.second, obs_id, [tx_id])[:2] == (1, 1), 45)
-            assert _on_main(twin_standbys.second, obs_id, [tx_id]) == (1, 1, "running"), buf.status(tx_id)
-            assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
-            assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from B's standby
-    finally:
-        stop.set()
-        worker.join(60)
-        drain.close()
-        for pidfile, _ in proxies.values():
-            stop_proxy(pidfile)
+    twin_standbys.promote_first()
+    with _a_drain_running_behind_proxies(settings, tmp_path, caplog, twin_standbys.first,
+                                         twin_standbys.nowhere) as (site, forward):
+        buf, tx_id, obs_id = _buffer_one(site)
+        assert wait_until(lambda: buf.status(tx_id) == "applied", 30)
+        (_, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+        twin_standbys.promote_second()
+        forward("main", twin_standbys.second)  # main is B now, the site's replica B's standby
+        _write_past(twin_standbys.second, twin_standbys.follower, int(lsn))
+        forward("replica", twin_standbys.follower)
+        assert wait_until(lambda: buf.status(tx_id) == "replicated"
+                          or _on_main(twin_standbys.second, obs_id, [tx_id])[:2] == (1, 1), 45)
+        assert _on_main(twin_standbys.second, obs_id, [tx_id]) == (1, 1, "running"), buf.status(tx_id)
+        assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
+        assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from B's standby
     said = _lost_line(caplog)
     assert len(said) == 1 and said[0].startswith("main is now another server on timeline 2"), said
     buf.close()
