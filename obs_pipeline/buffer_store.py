@@ -225,9 +225,14 @@ def _eval_pairs(target: Any, script: str, keys: SiteKeys, args: list[Any]) -> No
     HOLD, UNHOLD, REVIVE, REVIVE_AHEAD) over `args`, in calls within MAX_COMMAND_ARGS: the holds
     of two failed bulk_creates of 300,000 rows were one call of 1.2 million arguments, which Redis
     refused by resetting the connection; in the acknowledgement's WATCH that read as the lease
-    lost, and the batch stayed 'processing'."""
-    for part in _parts(args, (MAX_COMMAND_ARGS - 6) // 2 * 2):
+    lost, and the batch stayed 'processing'. No pairs, no call."""
+    for part in _parts(args, (MAX_COMMAND_ARGS - 6) // 2 * 2) if args else []:
         target.eval(script, 1, keys.held_ids, keys.prefix, *part)
+
+
+def _row_pairs(rows_of: dict[str, set[str]]) -> list[str]:
+    """The (row, tx id) pairs of `rows_of` (tx id -> its rows), flat, as _eval_pairs takes them."""
+    return [x for tx_id, rows in rows_of.items() for row in sorted(rows) for x in (row, tx_id)]
 
 
 def _glob_escaped(text: str) -> str:
@@ -937,18 +942,17 @@ class BufferStore:
     def requeue_lost(self, token: str, timeline: int, lost: list[tuple[dict[str, Any], bytes]],
                      kept: list[tuple[dict[str, Any], bytes]],
                      cluster: int | None = None, lsn_of: dict[bytes, int] | None = None,
-                     rows_of: Callable[[str], set[str]] | None = None,
-                     reads_of: Callable[[str], set[str]] | None = None,
+                     rows_of: Callable[[str], tuple[set[str], set[str]]] | None = None,
                      started: int | None = None) -> tuple[list[str], list[str]]:
         """After main failed over to a timeline (or moved to a `cluster`) that lacks the commits of
         the `lost` chunks: put their transactions back at the oldest end of the processing list, in
         their order (claimed again first, before whatever waits there or in the buffer, as after a
         crash; an id main has applied after all is skipped there), statuses "pending", and drop
         their records without cleaning their caches (reads keep showing them until the new commit
-        is replayed). Each goes first in the order of the rows it uses (`rows_of` an entry:
-        scripts.HOLD_FIRST), ahead of whatever waits there now: it was applied before any of them
-        began to wait, and it holds them until it is applied (or dead-lettered); those of them it
-        only reads (`reads_of` its status key's JSON) are recorded in it (LOST_READS). The `kept`
+        is replayed). Each goes first in the order of the rows it uses (`rows_of` its status key's
+        JSON: the rows it writes, and those it reads; scripts.HOLD_FIRST), ahead of whatever waits
+        there now: it was applied before any of them began to wait, and it holds them until it is
+        applied (or dead-lettered); those it only reads are recorded in it (LOST_READS). The `kept`
         chunks (main has their ids) are recorded as on `timeline` (and `cluster`, recorded in
         `stats` too, and main's server, `started`), at the LSN `lsn_of` gives a member, if it does
         (one of another cluster's WAL). One MULTI, fenced by the lease, so a crash leaves all or
@@ -963,17 +967,20 @@ class BufferStore:
                     if (held.decode() if held else None) != token:
                         raise LeaseLost(f"the drain lease of site {k.site} is no longer ours")
                     entries: dict[str, str] = {}  # id -> its entry, in order
+                    used: dict[str, set[str]] = {}  # id -> the rows it writes or reads
                     gone = []
                     raws = [raw for part in _parts(ids, MAX_COMMAND_ARGS - 1)
                             for raw in pipe.mget([k.transaction(i) for i in part])] if ids else []
                     for tx_id, raw in zip(ids, raws):
-                        reads = reads_of(raw.decode("utf-8", "surrogateescape")) if reads_of and raw else None
+                        written, read = rows_of(raw.decode("utf-8", "surrogateescape")) if rows_of and raw else (
+                            set(), None)
                         entry = _pending_entry(raw, f"timeline {timeline}" + (f" of cluster {cluster}"
-                                                                               if cluster is not None else ""), reads)
+                                                                               if cluster is not None else ""),
+                                               read - written if read is not None else None)
                         if entry is None:
                             gone.append(tx_id)
                         else:
-                            entries[tx_id] = entry
+                            entries[tx_id], used[tx_id] = entry, written | (read or set())
                     pipe.multi()
                     for _, member in lost + kept:
                         pipe.zrem(k.awaiting_replication, member)
@@ -985,9 +992,7 @@ class BufferStore:
                     if entries:  # the first of them rightmost: the oldest end
                         pipe.rpush(k.processing, *reversed(entries.values()))
                         if rows_of is not None:  # the newest first: the oldest ends each row's head
-                            _eval_pairs(pipe, scripts.HOLD_FIRST, k, [
-                                x for tx_id, entry in reversed(entries.items())
-                                for row in sorted(rows_of(entry)) for x in (row, tx_id)])
+                            _eval_pairs(pipe, scripts.HOLD_FIRST, k, _row_pairs({i: used[i] for i in reversed(entries)}))
                         for tx_id, entry in entries.items():
                             pipe.set(k.transaction(tx_id), entry)
                         # counted again when applied again
@@ -1059,38 +1064,29 @@ class BufferStore:
         """Remove these transactions' marks (tx id -> its rows) from held_ids, and only theirs
         (queued on `pipe` if given, to run in its MULTI); `dead_only`: only their dead marks,
         see scripts.UNHOLD_DEAD."""
-        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
-        if args:
-            script = scripts.UNHOLD_DEAD if dead_only else scripts.UNHOLD
-            _eval_pairs(pipe or self.redis, script, self.keys, args)
+        _eval_pairs(pipe or self.redis, scripts.UNHOLD_DEAD if dead_only else scripts.UNHOLD, self.keys,
+                    _row_pairs(rows_of))
 
     def hold(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these transactions (tx id -> its rows) hold the rows nobody else
         holds, see scripts.HOLD."""
-        args = [x for tx_id, rows in rows_of.items() for row in sorted(rows) for x in (row, tx_id)]
-        if args:
-            _eval_pairs(pipe, scripts.HOLD, self.keys, args)
+        _eval_pairs(pipe, scripts.HOLD, self.keys, _row_pairs(rows_of))
 
     def rename(self, renamed: list[tuple[str, str, set[str]]], pipe: Any) -> None:
         """Queue on `pipe`: each requeued transaction (new id, old id, rows) takes the places of its
         old id's dead marks on these rows, see scripts.RENAME."""
-        args = [x for new, old, rows in renamed for row in sorted(rows) for x in (row, f"{new}:{old}")]
-        if args:
-            _eval_pairs(pipe, scripts.RENAME, self.keys, args)
+        _eval_pairs(pipe, scripts.RENAME, self.keys,
+                    [x for new, old, rows in renamed for row in sorted(rows) for x in (row, f"{new}:{old}")])
 
     def revive(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: these requeued transactions' dead marks (tx id -> its rows) become
         live holds again, see scripts.REVIVE."""
-        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
-        if args:
-            _eval_pairs(pipe, scripts.REVIVE, self.keys, args)
+        _eval_pairs(pipe, scripts.REVIVE, self.keys, _row_pairs(rows_of))
 
     def revive_ahead(self, rows_of: dict[str, set[str]], pipe: Any) -> None:
         """Queue on `pipe`: as `revive`, on rows another letter of the id still writes, whose dead
         mark stays right behind the live one, see scripts.REVIVE_AHEAD."""
-        args = [x for tx_id, rows in rows_of.items() for row in rows for x in (row, tx_id)]
-        if args:
-            _eval_pairs(pipe, scripts.REVIVE_AHEAD, self.keys, args)
+        _eval_pairs(pipe, scripts.REVIVE_AHEAD, self.keys, _row_pairs(rows_of))
 
     def waits_to_retry(self, transaction_id: str) -> bool:
         """Whether an entry of this id is in `retry` (waiting to retry, or parked): there once a

@@ -1202,8 +1202,7 @@ class Drain:
             if self._main_server() != server:
                 return 0  # (as above)
             requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
-                                                     rows_of=lambda entry: _rows_used_by(entry, self.registry),
-                                                     reads_of=lambda entry: _rows_only_read_by(entry, self.registry),
+                                                     rows_of=lambda raw: _rows_written_and_read(raw, self.registry),
                                                      started=started)
             if lost:
                 missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
@@ -1288,12 +1287,6 @@ def _rows_used_by(raw: str, registry: ModelRegistry) -> set[str]:
     the claim (validated) neither waited behind nor let go of."""
     written, read = _rows_written_and_read(raw, registry)
     return written | read
-
-
-def _rows_only_read_by(raw: str, registry: ModelRegistry) -> set[str]:
-    """Those of _rows_used_by that the entry does not write."""
-    written, read = _rows_written_and_read(raw, registry)
-    return read - written
 
 
 def _rows_written_and_read(raw: str, registry: ModelRegistry) -> tuple[set[str], set[str]]:

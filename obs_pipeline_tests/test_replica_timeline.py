@@ -1021,7 +1021,7 @@ def test_requeue_lost_puts_the_lost_first_in_the_order_of_every_row_they_use(set
     redis_client.zadd(keys.awaiting_replication, {json_codec.dumps(record): 7})
     uses = {"a": {"r1", "r2", "r3"}, "b": {"r1", "r3"}}
     assert store.requeue_lost(token, 2, [(record, json_codec.dumps(record).encode())], [],
-                              rows_of=lambda entry: uses[json.loads(entry)["transaction_id"]]) == (["a", "b"], [])
+                              rows_of=lambda raw: (uses[json.loads(raw)["transaction_id"]], set())) == (["a", "b"], [])
     queue = {row: [m.decode() for m in redis_client.zrange(keys.waiting(row), 0, -1)] for row in ("r1", "r2", "r3")}
     assert redis_client.hgetall(keys.held_ids) == {b"r1": b"a", b"r2": b"a", b"r3": b"a"}
     assert queue == {"r1": ["b", "Q", "P"], "r2": ["!D"], "r3": ["b"]}
