@@ -1105,8 +1105,8 @@ class Drain:
         """Whether an idle step asks main again before it cleans (MainIdentity.confirm): not within
         replication_timeout_s of this drain's last commit. The replica replaying it by then is
         the usual case, a full last batch of a run left to the idle step to clean (a new session
-        there cost a far main about 1 s at the end of each run); later, it replayed late, and main
-        may have moved meanwhile."""
+        there, a connection and the session's questions, cost a far main several round trips at the
+        end of each run); later, it replayed late, and main may have moved meanwhile."""
         return time.monotonic() - self._committed_at >= self.config.replication_timeout_s
 
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
