@@ -27,6 +27,7 @@ import psycopg2
 import sqlalchemy as sa
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import visitors as sa_visitors
 
 from obs_pipeline.batch_sql import BatchSql
@@ -1017,23 +1018,38 @@ class ReplicaDatabase:
                 return None
         return lsn_to_int(lsn) if lsn else None
 
+    def applied_among(self, transaction_ids: list[str]) -> set[str]:
+        """Which of these ids the replica's obs_pipeline_applied shows, in one query (within
+        ask_timeout_s): a commit whose position the replica has replayed is there only where the
+        replica replays the WAL of the server that committed it (see Drain._clean)."""
+        ids = sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))
+        query = sa.select(applied_transactions.c.transaction_id).where(applied_transactions.c.transaction_id == sa.any_(ids))
+
+        def shown() -> set[str]:
+            with self.engine.connect() as conn:
+                return set(conn.execute(query, {"ids": transaction_ids}).scalars())
+
+        return self._ask(shown)
+
     def _query(self) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(sa.text(REPLAY_TIMELINE_SQL)).one()
 
-    def _ask(self) -> Any:
-        """REPLAY_TIMELINE_SQL's row, within ask_timeout_s: asked on a daemon thread, left to
-        hang where the replica does (no process waits for it at exit), each later ask failing at
-        once while it hangs (sqlalchemy's TimeoutError: the replica as one that does not answer)."""
+    def _ask(self, query: Callable[[], Any] | None = None) -> Any:
+        """`query`'s answer (REPLAY_TIMELINE_SQL's row by default), within ask_timeout_s: asked
+        on a daemon thread, left to hang where the replica does (no process waits for it at exit),
+        each later ask failing at once while it hangs (sqlalchemy's TimeoutError: the replica as
+        one that does not answer)."""
+        query = query or self._query
         if self.ask_timeout_s is None:
-            return self._query()
+            return query()
         if self._asking is not None and self._asking.is_alive():
             raise exc.TimeoutError(f"the replica has not answered an ask for over {self.ask_timeout_s:g} s (hung?)")
         answer: dict[str, Any] = {}
 
         def ask() -> None:
             try:
-                answer["row"] = self._query()
+                answer["row"] = query()
             except BaseException as error:  # noqa: BLE001 - raised on the asking thread
                 answer["error"] = error
 

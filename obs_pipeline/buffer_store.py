@@ -799,21 +799,35 @@ class BufferStore:
         return target.eval(scripts.UNPARK, 4, k.retry, k.held_ids, k.unparking, k.unparking_score,
                            k.prefix, time.time(), UNPARK_CHUNK, *holders)
 
-    def clean_replicated(self, replay_lsn: int) -> list[str]:
+    def clean_replicated(self, replay_lsn: int, on_replica: Callable[[list[str]], set[str] | None] | None = None
+                         ) -> tuple[list[str], list[tuple[dict[str, Any], bytes]]]:
         """Clean the caches of every committed chunk the replica has replayed (score <= replay
-        LSN), in commit and batch order; returns the transaction ids that became "replicated".
-        Each chunk is a MULTI/EXEC of its own, so ingest never waits long behind a cleanup; the
-        chunks of one pass share a round trip."""
+        LSN), in commit and batch order. Each chunk is a MULTI/EXEC of its own, so ingest never
+        waits long behind a cleanup; the chunks of one pass share a round trip. `on_replica`
+        (ReplicaDatabase.applied_among) says which of a pass's ids the replica shows (None: it
+        did not answer): a chunk is cleaned only with all of its own, and none after the first
+        without (a replay past a commit's position lacks it where the replica replays another
+        server's WAL; the caches are then all the site has of it). Returns the ids that became
+        "replicated", and the chunks (record, member) the replica passed without."""
         k = self.keys
         cleaned: list[str] = []
         while True:
             due = self.redis.zrangebyscore(k.awaiting_replication, "-inf", replay_lsn, start=0, num=CLEAN_PASS)
             chunks = [(json_codec.loads(member), member) for member in due]
+            unseen: list[tuple[dict[str, Any], bytes]] = []
+            if on_replica is not None and chunks:
+                ids = [tx_id for record, _ in chunks for tx_id in record.get("t") or ()]
+                shown = on_replica(ids) if ids else set()
+                if shown is None:
+                    return cleaned, []
+                unseen = [chunk for chunk in chunks if not shown.issuperset(chunk[0].get("t") or ())]
+                if unseen:
+                    chunks = chunks[:chunks.index(unseen[0])]
             for (record, _), done in zip(chunks, self._clean_chunks(chunks)):
                 if done:
                     cleaned.extend(record["t"])
-            if len(due) < CLEAN_PASS:
-                return cleaned
+            if unseen or len(due) < CLEAN_PASS:
+                return cleaned, unseen
 
     def forget(self, cleanup: dict[str, list], pipe: Any) -> None:
         """Queue on `pipe` (in the discard's MULTI) the removal of a discarded transaction's

@@ -361,6 +361,7 @@ class Drain:
         self._parse_s_per_transaction: float | None = None  # of the last full claim (_claim)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
+        self._unseen_logged: bytes | None = None  # the first chunk _replica_passed last logged as kept
         # (main's cluster, its timeline, its server's start): every waiting chunk is known on them
         # (_settle_failover)
         self._settled: tuple[int | None, int | None, int | None] | None = None
@@ -1132,7 +1133,37 @@ class Drain:
             self.main_identity.confirm()
         if not self._failover_settled() or replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
-        return int_to_lsn(replay), self.store.clean_replicated(replay)
+        cleaned, unseen = self.store.clean_replicated(replay, self._shown_on_replica)
+        if unseen:
+            self._replica_passed(unseen)
+        return int_to_lsn(replay), cleaned
+
+    def _shown_on_replica(self, ids: list[str]) -> set[str] | None:
+        """Which of these ids the replica shows (ReplicaDatabase.applied_among); None where it
+        does not answer (caches stay, a later pass cleans)."""
+        try:
+            return self.replica.applied_among(ids)
+        except Exception as error:  # noqa: BLE001 - as _replay_lsn
+            log.warning("the site's replica did not say which committed transactions it shows (%s); caches kept",
+                        one_line(str(error)))
+            return None
+
+    def _replica_passed(self, unseen: list[tuple[dict[str, Any], bytes]]) -> None:
+        """Chunks the replica replayed past without (BufferStore.clean_replicated): it replays
+        another server's WAL at those positions (another standby of main's old primary promoted
+        to the same timeline; the old primary still up behind main's address), so the position
+        told nothing. Main is asked for them (_buffer_again_if_lost) once its session is free
+        and it answers; their caches, and those of every later chunk, stay meanwhile."""
+        if self.main.timeline is not None and self.main_identity.main_idle():
+            try:
+                if self._buffer_again_if_lost(unseen, self._main_server(), replica_passed=True) is not None:
+                    return
+            except (TransientError, ConfigError):  # said where main applies a batch
+                pass
+        if unseen[0][1] != self._unseen_logged:  # once per chunk first kept so, not at each idle poll
+            self._unseen_logged = unseen[0][1]
+            log.warning("the site's replica replayed past the commits of %d batch(es) without them; their caches "
+                        "kept until main says which it has", len({r.get("lsn") for r, _ in unseen}))
 
     def _wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
         """The replica's wait_for_replay (0: one look), the lease kept (_lease_kept): a
@@ -1172,65 +1203,83 @@ class Drain:
         was restored), or by another cluster (main replaced by a new initdb restored from a dump,
         on timeline 1 again, say), or by another server than main's (another standby of the old
         primary promoted to the same timeline number, say; or main restarted), are asked for on
-        main. A failover to an asynchronous standby loses what main had not sent it, a dump taken
-        before them lacks them, and the new WAL's LSNs pass those commits' without them: their
-        caches were cleaned, and the rows were on neither server. Ids main has applied made it
-        across (a batch commits whole): those chunks count as on main's timeline, cluster and
-        server. The rest are buffered again, to apply first
-        (BufferStore.requeue_lost). Returns how many; main's errors raise."""
+        main (_buffer_again_if_lost). A failover to an asynchronous standby loses what main had
+        not sent it, a dump taken before them lacks them, and the new WAL's LSNs pass those
+        commits' without them: their caches were cleaned, and the rows were on neither server.
+        Returns how many were buffered again; main's errors raise."""
         server = cluster, timeline, started = self._main_server()
         if timeline is None or server == self._settled:
             return 0
         chunks = self.store.chunks_off_timeline(timeline, cluster, started=started)
-        requeued: list[str] = []
-        if chunks:
-            ids = sorted({tx_id for record, _ in chunks for tx_id in record.get("t") or ()})
-            present = self.main.applied_among(ids) if ids else set()
-            if self._main_server() != server:  # a new session in between (main failed over, or moved,
-                return 0  # again)
-            lost, kept = [], []
-            for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
-                (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
-            recorded = self.store.main_cluster()  # (a chunk without "cl" is of it)
-            recorded_timeline = self.store.main_timeline()  # (... without "tl", on it)
-            # A kept chunk of another cluster: its LSN is of that cluster's WAL, and a replica of
-            # main's that replayed past it may still lack the restore that brought its rows (its
-            # caches were cleaned, the site read nothing until it caught up). It waits for main's
-            # position now, read after main showed them.
-            of_another = [m for r, m in kept if cluster is not None and r.get("cl", recorded) not in (None, cluster)]
-            lsn_of = dict.fromkeys(of_another, self.main.wal_position()) if of_another else {}
-            if self._main_server() != server:
-                return 0  # (as above)
-            requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
-                                                     rows_of=lambda raw: _rows_written_and_read(raw, self.registry),
-                                                     started=started)
-            if lost:
-                missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
-                moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})
-                # else the same timeline's number on another server: another standby of the old primary
-                forked = any(r.get("tl", recorded_timeline) != timeline for r, _ in lost)
-                now, cause = ((f"main is now another cluster (system identifier {cluster}, timeline {timeline})",
-                               "a restore from before their commits lost them") if moved else
-                              (f"main now writes timeline {timeline}", "an asynchronous failover lost them") if forked
-                              else (f"main is now another server on timeline {timeline} than the one that committed "
-                                    "them", "a failover to a standby that had not followed that one lost them"))
-                log.warning("%s: %d committed transaction(s) of %d batch(es) were not on it (%s); buffered again, to "
-                            "apply first, their caches kept meanwhile%s", now, len(missing),
-                            len({r.get("lsn") for r, _ in lost}), cause,
-                            f"; {len(gone)} could not be, their transaction JSON gone from Redis (their caches stay: "
-                            f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''})" if gone else "")
-            if requeued:
-                done = set(requeued)
-                self._unmarked = [i for i in self._unmarked if i not in done]  # "pending" now, not "applied"
-                # a batch claimed before (settled after a commit, its next claimed meanwhile) waits
-                # in `processing` behind them, claimed again with them: applied first, it went to
-                # main ahead of older transactions, and one of them, applied after, undid a newer
-                # update of its row
-                self._prefetched = None
+        requeued = self._buffer_again_if_lost(chunks, server) if chunks else []
+        if requeued is None:  # a new session in between (main failed over, or moved, again)
+            return 0
         self._settled = server
         if cluster is not None:
             self.main_identity.settled(cluster)
         return len(requeued)
+
+    def _buffer_again_if_lost(self, chunks: list[tuple[dict[str, Any], bytes]],
+                              server: tuple[int | None, int | None, int | None],
+                              replica_passed: bool = False) -> list[str] | None:
+        """Ask main for the ids of `chunks`, committed on a server main may not be now (or, with
+        `replica_passed`, that the site's replica replayed past without: Drain._clean). Ids main
+        has applied made it across (a batch commits whole): those chunks count as on main's
+        timeline, cluster and server. The rest are buffered again, to apply first
+        (BufferStore.requeue_lost). Returns the ids buffered again; None where main's session
+        changed meanwhile (asked again by the next _settle_failover). Main's errors raise."""
+        cluster, timeline, started = server
+        ids = sorted({tx_id for record, _ in chunks for tx_id in record.get("t") or ()})
+        present = self.main.applied_among(ids) if ids else set()
+        if self._main_server() != server:
+            return None
+        lost, kept = [], []
+        for chunk in chunks:  # (a chunk is part of one batch: a batch commits whole, but for pieces)
+            (lost if any(i not in present for i in chunk[0].get("t") or ()) else kept).append(chunk)
+        recorded = self.store.main_cluster()  # (a chunk without "cl" is of it)
+        recorded_timeline = self.store.main_timeline()  # (... without "tl", on it)
+        # A kept chunk of another cluster: its LSN is of that cluster's WAL, and a replica of
+        # main's that replayed past it may still lack the restore that brought its rows (its
+        # caches were cleaned, the site read nothing until it caught up). It waits for main's
+        # position now, read after main showed them. So does one the replica passed without:
+        # main has it, the replica replays other WAL at those positions (another server's).
+        waits = [m for r, m in kept if replica_passed or cluster is not None and r.get("cl", recorded) not in (None, cluster)]
+        lsn_of = dict.fromkeys(waits, self.main.wal_position()) if waits else {}
+        if self._main_server() != server:
+            return None
+        requeued, gone = self.store.requeue_lost(self.token, timeline, lost, kept, cluster, lsn_of,
+                                                 rows_of=lambda raw: _rows_written_and_read(raw, self.registry),
+                                                 started=started)
+        if lost:
+            missing = {i for r, _ in lost for i in r.get("t") or () if i not in present}
+            moved = bool({r.get("cl", recorded) for r, _ in lost} - {None, cluster})
+            # else the same timeline's number on another server: another standby of the old primary
+            forked = any(r.get("tl", recorded_timeline) != timeline for r, _ in lost)
+            now, cause = ((f"main is now another cluster (system identifier {cluster}, timeline {timeline})",
+                           "a restore from before their commits lost them") if moved else
+                          (f"main now writes timeline {timeline}", "an asynchronous failover lost them") if forked
+                          else ("the site's replica replayed past their commits without them, and main lacks them",
+                                "a failover to a server that had not received them lost them") if replica_passed
+                          else (f"main is now another server on timeline {timeline} than the one that committed "
+                                "them", "a failover to a standby that had not followed that one lost them"))
+            log.warning("%s: %d committed transaction(s) of %d batch(es) were not on it (%s); buffered again, to "
+                        "apply first, their caches kept meanwhile%s", now, len(missing),
+                        len({r.get("lsn") for r, _ in lost}), cause,
+                        f"; {len(gone)} could not be, their transaction JSON gone from Redis (their caches stay: "
+                        f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''})" if gone else "")
+        if kept and replica_passed:
+            log.warning("the site's replica replayed past the commits of %d batch(es) main has, without them (it "
+                        "replays another server's WAL: point OBS_REPLICA_DB_URL at a replica of main); their caches "
+                        "kept until it replays main's position now", len({r.get("lsn") for r, _ in kept}))
+        if requeued:
+            done = set(requeued)
+            self._unmarked = [i for i in self._unmarked if i not in done]  # "pending" now, not "applied"
+            # a batch claimed before (settled after a commit, its next claimed meanwhile) waits
+            # in `processing` behind them, claimed again with them: applied first, it went to
+            # main ahead of older transactions, and one of them, applied after, undid a newer
+            # update of its row
+            self._prefetched = None
+        return requeued
 
 
 def _one_of_batch(tx: Transaction) -> tuple[str, str | None]:

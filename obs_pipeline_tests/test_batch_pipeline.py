@@ -303,7 +303,37 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
     store.acknowledge(token, Outcome(commit_lsn=1234, cleanup=cleanup, claimed=0))
     members = [json.loads(m) for m in redis_client.zrange(SiteKeys(settings.site).awaiting_replication, 0, -1)]
     assert [m["t"][0] for m in members] == ["tx0", "tx-last"]
-    assert store.clean_replicated(1234)[:2] == ["tx0", "tx1"]
+    assert store.clean_replicated(1234)[0][:2] == ["tx0", "tx1"]
+    store.release_lease(token)
+
+
+def test_a_chunk_the_replica_does_not_show_is_kept_with_every_later_one(settings, redis_client):
+    """clean_replicated cleans a chunk only where the replica shows its ids (asked once per pass):
+    a replay past a commit's position lacks it where the replica replays another server's WAL,
+    and its caches are then all the site has of it. What follows it waits too (in commit order,
+    as ever); the chunks it lacks are returned, for the drain to ask main about. A replica that
+    does not answer (None) cleans nothing."""
+    from obs_pipeline.buffer_store import BufferStore, Outcome
+
+    store = BufferStore(redis_client, settings.site)
+    keys = SiteKeys(settings.site)
+    token = store.acquire_lease(30)
+    for lsn, tx_id in ((100, "tx-a"), (200, "tx-b"), (300, "tx-c")):
+        store.acknowledge(token, Outcome(commit_lsn=lsn, cleanup=[{"c": [], "o": [], "t": [tx_id]}], claimed=0))
+    asked = []
+
+    def replica_lacking(*missing):
+        return lambda ids: asked.append(ids) or set(ids) - set(missing)
+
+    assert store.clean_replicated(300, lambda ids: None) == ([], [])
+    cleaned, unseen = store.clean_replicated(300, replica_lacking("tx-b"))
+    assert asked == [["tx-a", "tx-b", "tx-c"]]
+    assert cleaned == ["tx-a"] and [(record["t"], record["lsn"]) for record, _ in unseen] == [(["tx-b"], 200)]
+    assert [json.loads(m)["t"] for m in redis_client.zrange(keys.awaiting_replication, 0, -1)] == [["tx-b"], ["tx-c"]]
+    assert statuses(redis_client, settings.site, ["tx-a"]) == ["replicated"]
+    assert redis_client.exists(keys.transaction("tx-b"), keys.transaction("tx-c")) == 0  # not cleaned
+    assert store.clean_replicated(300, replica_lacking()) == (["tx-b", "tx-c"], [])
+    assert redis_client.zcard(keys.awaiting_replication) == 0
     store.release_lease(token)
 
 
@@ -342,7 +372,7 @@ def test_a_status_never_turns_back_from_replicated(settings, redis_client):
     store = BufferStore(redis_client, settings.site)
     token = store.acquire_lease(30)  # the first copy committed and cleaned: its short "replicated" record
     store.acknowledge(token, Outcome(commit_lsn=1234, cleanup=[{"c": [], "o": [], "t": [replicated]}], claimed=0))
-    assert store.clean_replicated(1234) == [replicated]
+    assert store.clean_replicated(1234) == ([replicated], [])
     store.release_lease(token)
     assert store.set_status([replicated, pending, "never-buffered"], "processing") == ["never-buffered"]
     assert statuses(redis_client, settings.site, [replicated, pending]) == ["replicated", "processing"]
@@ -501,7 +531,7 @@ def test_the_cleanup_survives_a_connection_redis_dropped_and_an_error_reply_leav
     store.acknowledge(token, Outcome(commit_lsn=1234, claimed=0,
                                      cleanup=[cache_footprint(tx, registry) for tx in txs]))
     redis_client.client_kill_filter(_id=client.client_id())  # the pooled connection, closed by Redis
-    assert sorted(store.clean_replicated(1234)) == sorted(o.start_tx for o in observations)
+    assert sorted(store.clean_replicated(1234)[0]) == sorted(o.start_tx for o in observations)
     assert redis_client.zcard(keys.awaiting_replication) == 0
     assert redis_client.exists(*cached) == 0
     assert statuses(redis_client, settings.site, [o.start_tx for o in observations]) == ["replicated"] * 3

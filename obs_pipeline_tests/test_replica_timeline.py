@@ -1655,11 +1655,12 @@ def test_a_reused_id_applied_while_the_first_of_it_waits_is_buffered_again_after
 
 
 @contextlib.contextmanager
-def _a_drain_running_behind_proxies(settings, tmp_path, caplog, main_url: str, replica_url: str):
+def _a_drain_running_behind_proxies(settings, tmp_path, caplog, main_url: str, replica_url: str, **config):
     """A long-running `obs-pipeline drain` (a Drain.run thread, its warnings in caplog) behind
     addresses that stay the same, as a DNS name or a VIP: main and the site's replica behind
     proxies, forwarding at first to `main_url` and `replica_url`. Yields (the site's settings,
-    forward(name, url)), which moves "main" or "replica" to another server."""
+    forward(name, url)), which moves "main" or "replica" to another server. `config`: the
+    DrainConfig's (replication_timeout_s 0.5 unless given)."""
     import threading
 
     from obs_pipeline.stack.osutil import pick_free_ports
@@ -1680,7 +1681,7 @@ def _a_drain_running_behind_proxies(settings, tmp_path, caplog, main_url: str, r
     try:
         forward("main", main_url)
         forward("replica", replica_url)
-        drain = Drain(site, DrainConfig(replication_timeout_s=0.5))
+        drain = Drain(site, DrainConfig(**{"replication_timeout_s": 0.5, **config}))
         worker = threading.Thread(target=lambda: drain.run(until_empty=False, should_stop=stop.is_set))
         with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
             worker.start()
@@ -1988,4 +1989,37 @@ def test_a_running_drain_idle_across_two_promotions_to_one_timeline_number_appli
         assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from B's standby
     said = _lost_line(caplog)
     assert len(said) == 1 and said[0].startswith("main is now another server on timeline 2"), said
+    buf.close()
+
+
+def test_a_batch_the_site_s_replica_replays_past_without_is_not_cleaned_but_applied_again(
+        settings, twin_standbys, redis_client, tmp_path, caplog):
+    """As above, but the drain is still waiting for the replica to replay its last batch when R
+    passes the batch's LSN (within replication_timeout_s of the commit: the idle step's new
+    session on main comes later, if at all). The session that committed the batch said
+    timeline 2 of the cluster R replays, by the server that recorded it: the position counted,
+    and the batch was cleaned, on neither server. The replica must show the batch's ids before
+    its caches go: it does not, main (B, once its session is new) lacks them, and the batch is
+    buffered again and applied on B."""
+    from obs_pipeline.stack.osutil import wait_until
+
+    keys = SiteKeys(settings.site)
+    twin_standbys.promote_first()
+    with _a_drain_running_behind_proxies(settings, tmp_path, caplog, twin_standbys.first, twin_standbys.nowhere,
+                                         replication_timeout_s=300) as (site, forward):
+        buf, tx_id, obs_id = _buffer_one(site)
+        assert wait_until(lambda: redis_client.zcard(keys.awaiting_replication) == 1, 30)
+        (_, lsn), = redis_client.zrange(keys.awaiting_replication, 0, -1, withscores=True)
+        twin_standbys.promote_second()
+        forward("main", twin_standbys.second)
+        _write_past(twin_standbys.second, twin_standbys.follower, int(lsn))
+        forward("replica", twin_standbys.follower)  # replayed past the batch's LSN at the first look
+        assert wait_until(lambda: buf.status(tx_id) == "replicated"
+                          or _on_main(twin_standbys.second, obs_id, [tx_id])[:2] == (1, 1), 45)
+        assert _on_main(twin_standbys.second, obs_id, [tx_id]) == (1, 1, "running"), buf.status(tx_id)
+        assert wait_until(lambda: buf.status(tx_id) == "replicated", 30)
+        assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # from B's standby
+    said = _lost_line(caplog)
+    assert len(said) == 1 and said[0].startswith("main is now another server on timeline 2"), said
+    assert int(redis_client.hget(keys.stats, "lost_in_failover_total")) == 1
     buf.close()

@@ -350,9 +350,9 @@ def _drain_recording_order(settings, config, main_engine, replica_engine) -> lis
         finally:
             events.append(("applied", len(txs)))
 
-    def cleaning(replay):
-        cleaned = clean_replicated(replay)
-        events.append(("clean", len(cleaned)))
+    def cleaning(replay, *more):
+        cleaned = clean_replicated(replay, *more)
+        events.append(("clean", len(cleaned[0])))
         return cleaned
 
     def marking(ids, status):
