@@ -1018,18 +1018,20 @@ class ReplicaDatabase:
                 return None
         return lsn_to_int(lsn) if lsn else None
 
-    def applied_among(self, transaction_ids: list[str]) -> set[str]:
-        """Which of these ids the replica's obs_pipeline_applied shows, in one query (within
+    def missing_among(self, transaction_ids: list[str]) -> set[str]:
+        """Which of these ids the replica's obs_pipeline_applied lacks, in one query (within
         ask_timeout_s): a commit whose position the replica has replayed is there only where the
-        replica replays the WAL of the server that committed it (see Drain._clean)."""
-        ids = sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))
-        query = sa.select(applied_transactions.c.transaction_id).where(applied_transactions.c.transaction_id == sa.any_(ids))
+        replica replays the WAL of the server that committed it (see Drain._clean). The answer
+        is usually empty: the drain checks thousands of ids per batch, and reading them all back
+        cost it about 5 % of its throughput at 0 ms (bench)."""
+        ids = sa.func.unnest(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))).column_valued("id")
+        query = sa.select(ids).where(~sa.exists().where(applied_transactions.c.transaction_id == ids))
 
-        def shown() -> set[str]:
+        def missing() -> set[str]:
             with self.engine.connect() as conn:
                 return set(conn.execute(query, {"ids": transaction_ids}).scalars())
 
-        return self._ask(shown)
+        return self._ask(missing)
 
     def _query(self) -> Any:
         with self.engine.connect() as conn:

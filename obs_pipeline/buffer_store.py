@@ -799,14 +799,14 @@ class BufferStore:
         return target.eval(scripts.UNPARK, 4, k.retry, k.held_ids, k.unparking, k.unparking_score,
                            k.prefix, time.time(), UNPARK_CHUNK, *holders)
 
-    def clean_replicated(self, replay_lsn: int, on_replica: Callable[[list[str]], set[str] | None] | None = None
+    def clean_replicated(self, replay_lsn: int, replica_lacks: Callable[[list[str]], set[str] | None] | None = None
                          ) -> tuple[list[str], list[tuple[dict[str, Any], bytes]]]:
         """Clean the caches of every committed chunk the replica has replayed (score <= replay
         LSN), in commit and batch order. Each chunk is a MULTI/EXEC of its own, so ingest never
-        waits long behind a cleanup; the chunks of one pass share a round trip. `on_replica`
-        (ReplicaDatabase.applied_among) says which of a pass's ids the replica shows (None: it
-        did not answer): a chunk is cleaned only with all of its own, and none after the first
-        without (a replay past a commit's position lacks it where the replica replays another
+        waits long behind a cleanup; the chunks of one pass share a round trip. `replica_lacks`
+        (ReplicaDatabase.missing_among) says which of a pass's ids the replica lacks (None: it
+        did not answer): a chunk is cleaned only with none of its own lacking, and none after the
+        first with (a replay past a commit's position lacks it where the replica replays another
         server's WAL; the caches are then all the site has of it). Returns the ids that became
         "replicated", and the chunks (record, member) the replica passed without."""
         k = self.keys
@@ -815,12 +815,12 @@ class BufferStore:
             due = self.redis.zrangebyscore(k.awaiting_replication, "-inf", replay_lsn, start=0, num=CLEAN_PASS)
             chunks = [(json_codec.loads(member), member) for member in due]
             unseen: list[tuple[dict[str, Any], bytes]] = []
-            if on_replica is not None and chunks:
+            if replica_lacks is not None and chunks:
                 ids = [tx_id for record, _ in chunks for tx_id in record.get("t") or ()]
-                shown = on_replica(ids) if ids else set()
-                if shown is None:
+                lacking = replica_lacks(ids) if ids else set()
+                if lacking is None:
                     return cleaned, []
-                unseen = [chunk for chunk in chunks if not shown.issuperset(chunk[0].get("t") or ())]
+                unseen = [chunk for chunk in chunks if not lacking.isdisjoint(chunk[0].get("t") or ())]
                 if unseen:
                     chunks = chunks[:chunks.index(unseen[0])]
             for (record, _), done in zip(chunks, self._clean_chunks(chunks)):

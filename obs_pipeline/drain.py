@@ -31,6 +31,7 @@ from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.row_order import RowOrder
+from obs_pipeline.schema import applied_transactions
 from obs_pipeline.timeout_pieces import TimeoutPieces
 from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line,
                                referenced_ids, validate, written_ids)
@@ -267,25 +268,6 @@ class MainIdentity:
         """Whether main's session may be used here: not while the worker thread has it."""
         return self.applying is None or self.applying.done()
 
-    def confirm(self) -> None:
-        """Before an idle drain cleans chunks by the replica's replay: main asked again in a new
-        session, at most every MAIN_TIMELINE_RECHECK_S. Its session may predate a failover to a
-        standby promoted to the timeline number the session said (another standby of the old
-        primary, which never followed the one lost): the replica, following the new main,
-        replays that timeline of that cluster, so nothing else showed the move, and a batch
-        committed on the lost one was cleaned, on neither server. Where main does not answer,
-        its last session's answer stands (as when it is down)."""
-        now = time.monotonic()
-        if (self.main.timeline is None or not self.main_idle()
-                or now - self._timeline_rechecked_at < MAIN_TIMELINE_RECHECK_S):
-            return
-        self._timeline_rechecked_at = now
-        self.main.close()  # a new session says which server main is now
-        try:
-            self.main.identify()
-        except (TransientError, ConfigError):  # said where main applies a batch
-            pass
-
     def cluster(self) -> int | None:
         """The system identifier of the main whose commits await the replica, which the
         replica's must be for its replay to count (ReplicaDatabase.main_cluster): as the
@@ -362,12 +344,12 @@ class Drain:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="obs-drain-apply")
         self._replica_refusal_logged: str | None = None  # see _log_replica_refusal
         self._unseen_logged: bytes | None = None  # the first chunk _replica_passed last logged as kept
+        self._replica_error_logged: str | None = None  # see _lacking_on_replica
         # (main's cluster, its timeline, its server's start): every waiting chunk is known on them
         # (_settle_failover)
         self._settled: tuple[int | None, int | None, int | None] | None = None
         # the step's batch once Redis took its acknowledgement: done, whatever fails after (see run)
         self._acknowledged: BatchReport | None = None
-        self._committed_at = -math.inf  # (monotonic) this drain's last commit on main: see _confirms_main
 
     def close(self) -> None:
         """Release the lease and close every connection. A lease that cannot be released (Redis
@@ -591,7 +573,7 @@ class Drain:
         began = time.monotonic()
         batch, self._prefetched = self._prefetched or self._claim(after_unacknowledged=False), None
         if not batch.outcome.claimed:  # nothing new: clean what waits for the replica, waiting a little for it
-            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s, confirm=self._confirms_main())
+            cleaned = self._clean(wait_for=0, timeout_s=self.config.idle_poll_s)
             self._mark_applied(cleaned[1])
             if not cleaned[1]:
                 return None
@@ -653,7 +635,6 @@ class Drain:
         if txs and self.timeouts.in_effect:
             self.timeouts.passed(self.batch_size)
         if outcome.commit_lsn is not None:
-            self._committed_at = time.monotonic()
             # A full claim means more work is waiting: where main is near and the replica has
             # replayed this commit already, clean it now, skipping "applied" (the drain is short
             # of CPU there, not of time); otherwise mark it applied and go on - the next batch's
@@ -1102,20 +1083,11 @@ class Drain:
         with contextlib.suppress(redis.RedisError):  # the error that stopped it is main's
             self.store.mark_status(list(by_id), "pending", lambda tx_id: _status_json(by_id[tx_id], "pending"))
 
-    def _confirms_main(self) -> bool:
-        """Whether an idle step asks main again before it cleans (MainIdentity.confirm): not within
-        replication_timeout_s of this drain's last commit. The replica replaying it by then is
-        the usual case, a full last batch of a run left to the idle step to clean (a new session
-        there, a connection and the session's questions, cost a far main several round trips at the
-        end of each run); later, it replayed late, and main may have moved meanwhile."""
-        return time.monotonic() - self._committed_at >= self.config.replication_timeout_s
-
     def _clean(self, wait_for: int | None, timeout_s: float | None = None,
-               replayed: int | None = None, confirm: bool = False) -> tuple[str | None, list[str]]:
+               replayed: int | None = None) -> tuple[str | None, list[str]]:
         """Wait (bounded) for the replica to replay `wait_for` (0: the oldest commit still
-        awaiting it), then clean what it has replayed (`replayed`: just read, no need to ask).
-        `confirm`: with nothing applied (an idle drain), main is asked again first
-        (MainIdentity.confirm)."""
+        awaiting it), then clean what it has replayed (`replayed`: just read, no need to ask)
+        and shows (BufferStore.clean_replicated; what it passed without: _replica_passed)."""
         count, lowest = self.store.awaiting_replication()
         if not count:
             return None, []
@@ -1129,24 +1101,31 @@ class Drain:
             self._log_replica_refusal()
         else:
             replay = replayed if replayed is not None else self._replay_lsn()
-        if confirm and replay is not None and replay >= lowest:  # is main still the server it said?
-            self.main_identity.confirm()
         if not self._failover_settled() or replay is None or replay < lowest:
             return (int_to_lsn(replay) if replay is not None else None), []
-        cleaned, unseen = self.store.clean_replicated(replay, self._shown_on_replica)
+        cleaned, unseen = self.store.clean_replicated(replay, self._lacking_on_replica)
         if unseen:
             self._replica_passed(unseen)
         return int_to_lsn(replay), cleaned
 
-    def _shown_on_replica(self, ids: list[str]) -> set[str] | None:
-        """Which of these ids the replica shows (ReplicaDatabase.applied_among); None where it
-        does not answer (caches stay, a later pass cleans)."""
+    def _lacking_on_replica(self, ids: list[str]) -> set[str] | None:
+        """Which of these ids the replica lacks (ReplicaDatabase.missing_among); None where it
+        does not answer (caches stay, a later pass cleans), said once while the same error lasts
+        (not at each idle poll)."""
         try:
-            return self.replica.applied_among(ids)
+            lacking = self.replica.missing_among(ids)
         except Exception as error:  # noqa: BLE001 - as _replay_lsn
-            log.warning("the site's replica did not say which committed transactions it shows (%s); caches kept",
-                        one_line(str(error)))
+            first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__])[0]
+            line = (f"the site's replica refuses the role of OBS_REPLICA_DB_URL ({first}): grant it SELECT on "
+                    f"{applied_transactions.name} on main (deploy/main-setup.sql); the replica replays the grant"
+                    if first.startswith("permission denied for ") else
+                    f"the site's replica did not say which committed transactions it shows ({first})")
+            if line != self._replica_error_logged:
+                log.warning("%s; caches kept", line)
+            self._replica_error_logged = line
             return None
+        self._replica_error_logged = None
+        return lacking
 
     def _replica_passed(self, unseen: list[tuple[dict[str, Any], bytes]]) -> None:
         """Chunks the replica replayed past without (BufferStore.clean_replicated): it replays
@@ -1328,18 +1307,12 @@ def _rows_written_by(raw: str, registry: ModelRegistry) -> set[str]:
         return set()
 
 
-def _rows_used_by(raw: str, registry: ModelRegistry) -> set[str]:
-    """The rows an entry writes or reads (wire.referenced_ids), as far as it can be read: named as
+def _rows_written_and_read(raw: str, registry: ModelRegistry) -> tuple[set[str], set[str]]:
+    """(wire.written_ids, wire.referenced_ids) of an entry, as far as it can be read: named as
     the drain names them once it is validated (a key canonical, a UUID in lower case), where it
     validates. A producer that writes its own status key (seed 000's) keeps its steps as pushed
     there, and a failover's lost transaction buffered again from it held rows named so, which
     the claim (validated) neither waited behind nor let go of."""
-    written, read = _rows_written_and_read(raw, registry)
-    return written | read
-
-
-def _rows_written_and_read(raw: str, registry: ModelRegistry) -> tuple[set[str], set[str]]:
-    """(wire.written_ids, wire.referenced_ids) of an entry, named as _rows_used_by says."""
     try:
         try:
             tx = validate(Transaction.from_json(raw), registry)
@@ -1359,7 +1332,7 @@ def _rows_only_read_if_lost(raw: str, registry: ModelRegistry, written: set[str]
         return set()
     if not isinstance(metadata, dict) or LOST_IN_FAILOVER not in metadata:
         return set()
-    return _only_read(metadata, lambda: _rows_used_by(raw, registry)) - written
+    return _only_read(metadata, lambda: set().union(*_rows_written_and_read(raw, registry))) - written
 
 
 def _only_read(metadata: dict[str, Any], named_now: Callable[[], set[str]]) -> set[str]:

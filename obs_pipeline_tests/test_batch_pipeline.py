@@ -308,11 +308,11 @@ def test_cleanup_chunks_of_a_batch_are_cleaned_in_batch_order(settings, redis_cl
 
 
 def test_a_chunk_the_replica_does_not_show_is_kept_with_every_later_one(settings, redis_client):
-    """clean_replicated cleans a chunk only where the replica shows its ids (asked once per pass):
-    a replay past a commit's position lacks it where the replica replays another server's WAL,
-    and its caches are then all the site has of it. What follows it waits too (in commit order,
-    as ever); the chunks it lacks are returned, for the drain to ask main about. A replica that
-    does not answer (None) cleans nothing."""
+    """clean_replicated cleans a chunk only where the replica lacks none of its ids (asked once
+    per pass): a replay past a commit's position lacks it where the replica replays another
+    server's WAL, and its caches are then all the site has of it. What follows it waits too (in
+    commit order, as ever); the chunks it lacks are returned, for the drain to ask main about. A
+    replica that does not answer (None) cleans nothing."""
     from obs_pipeline.buffer_store import BufferStore, Outcome
 
     store = BufferStore(redis_client, settings.site)
@@ -323,7 +323,7 @@ def test_a_chunk_the_replica_does_not_show_is_kept_with_every_later_one(settings
     asked = []
 
     def replica_lacking(*missing):
-        return lambda ids: asked.append(ids) or set(ids) - set(missing)
+        return lambda ids: asked.append(ids) or set(missing) & set(ids)
 
     assert store.clean_replicated(300, lambda ids: None) == ([], [])
     cleaned, unseen = store.clean_replicated(300, replica_lacking("tx-b"))

@@ -225,3 +225,38 @@ def test_the_replica_replays_check_fails_for_a_replica_of_another_cluster(settin
     result = replica_replays(obs_pipeline=resource)
     assert not result.passed
     assert "is a standby of another cluster" in result.description, result.description
+
+
+def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_says_what_to_grant(
+        settings, redis_client, main_engine, replica_engine, caplog):
+    """The cleanup asks the site's replica which of a batch's ids it shows (obs_pipeline_applied)
+    before it cleans their caches. A readers' role made without deploy/main-setup.sql's GRANT
+    may not read that table: nothing is cleaned (reads keep showing the buffered records), and
+    the drain says so in one line naming the variable and the grant, once however many times it
+    looks; granted, the next run cleans."""
+    role = f"noapplied_{settings.site}"
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    try:
+        buf, tx_id, obs_id = _applied_not_cleaned(settings, replica_engine, main_engine)
+        url = sa.engine.make_url(settings.replica_db_url).set(username=role).render_as_string(hide_password=False)
+        refused = dataclasses.replace(settings, replica_db_url=url)
+        with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
+            summary = _drain(refused, idle_exit_s=1.0)
+        assert summary.replicated == 0 and buf.status(tx_id) == "applied"
+        assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # the buffered record, kept
+        said = [r.getMessage() for r in caplog.records if "OBS_REPLICA_DB_URL" in r.getMessage()]
+        assert said == [
+            f"the site's replica refuses the role of OBS_REPLICA_DB_URL (permission denied for table "
+            f"obs_pipeline_applied): grant it SELECT on obs_pipeline_applied on main (deploy/main-setup.sql); the "
+            f"replica replays the grant; caches kept"], said
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"GRANT SELECT ON obs_pipeline_applied TO {role}"))
+        wait_for_replica(main_engine, replica_engine)
+        assert _drain(refused).replicated == 1 and buf.status(tx_id) == "replicated"
+        buf.close()
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))

@@ -1967,8 +1967,8 @@ def test_a_running_drain_idle_across_two_promotions_to_one_timeline_number_appli
     fails, B is promoted to timeline 2 too, the addresses move to B and its standby R, and R
     replays past the batch's LSN. The drain's session, opened on A, said the timeline and
     cluster that R replays: nothing asked main again, and the batch was cleaned, on neither server.
-    With nothing to apply, the drain asks main again in a new session before it cleans (at most
-    every 30 s) and settles the failover."""
+    R does not show the batch's id, so its caches stay and main is asked for it: the session on
+    A fails, the next is B's, and the failover is settled."""
     from obs_pipeline.stack.osutil import wait_until
 
     keys = SiteKeys(settings.site)
