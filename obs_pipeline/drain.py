@@ -550,7 +550,7 @@ class Drain:
             return ""
         return (f"buffer empty; {work['awaiting_replication']} chunk(s) of committed transactions still await the "
                 f"replica, which replayed nothing for {idle_s:.0f} s: their caches stay until a later drain sees "
-                "the replay" + (f"; {self.replica.refusal}" if self.replica.refusal else ""))
+                "the replay" + "".join(f"; {said}" for said in (self.replica.refusal, self._replica_error_logged) if said))
 
     # --- one batch ----------------------------------------------------------------------------
     def step(self) -> BatchReport | None:

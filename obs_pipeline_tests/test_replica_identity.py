@@ -233,7 +233,7 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
     before it cleans their caches. A readers' role made without deploy/main-setup.sql's GRANT
     may not read that table: nothing is cleaned (reads keep showing the buffered records), and
     the drain says so in one line naming the variable and the grant, once however many times it
-    looks; granted, the next run cleans."""
+    looks, and so does the reason it stops; granted, the next run cleans."""
     role = f"noapplied_{settings.site}"
     with main_engine.begin() as conn:
         conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
@@ -242,8 +242,11 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
         url = sa.engine.make_url(settings.replica_db_url).set(username=role).render_as_string(hide_password=False)
         refused = dataclasses.replace(settings, replica_db_url=url)
         with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
-            summary = _drain(refused, idle_exit_s=1.0)
+            summary = _drain(refused, idle_exit_s=1.0, replica_patience_s=2.0)
         assert summary.replicated == 0 and buf.status(tx_id) == "applied"
+        assert summary.stopped_because.endswith(  # (a Dagster run's end says it too)
+            "grant it SELECT on obs_pipeline_applied on main (deploy/main-setup.sql); the replica replays the grant"), \
+            summary.stopped_because
         assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # the buffered record, kept
         said = [r.getMessage() for r in caplog.records if "OBS_REPLICA_DB_URL" in r.getMessage()]
         assert said == [
