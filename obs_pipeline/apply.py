@@ -257,6 +257,16 @@ def replica_hot_standby_off(url: sa.URL) -> str:
             "postgresql.conf and restart it")
 
 
+def applied_records_refused(error: BaseException) -> str | None:
+    """Why the drain may not check that the replica has a batch's ids (ReplicaDatabase.missing_among):
+    a readers' role made without deploy/main-setup.sql's GRANT; None for another error."""
+    first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [""])[0]
+    if not first.startswith("permission denied for "):
+        return None
+    return (f"the site's replica refuses the role of OBS_REPLICA_DB_URL ({first}): grant it SELECT on "
+            f"{applied_transactions.name} on main (deploy/main-setup.sql); the replica replays the grant")
+
+
 def replica_of_another_cluster(url: sa.URL, cluster: int, main: int | None) -> str:
     """Why the replica's replay cannot be compared with main's commits: it is of another
     cluster's WAL (its system identifier is not main's), or main, down, cannot say whose."""

@@ -23,7 +23,7 @@ import redis
 
 from obs_pipeline import discarded_copies, json_codec
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
-                                StatementTimeout, TransientError, make_engine)
+                                StatementTimeout, TransientError, applied_records_refused, make_engine)
 from obs_pipeline.buffer_store import (LOST_IN_FAILOVER, LOST_READS, BufferStore, HoldsChanged, LeaseLost, Outcome,
                                         ProcessingChanged)
 from obs_pipeline.column_values import seconds, whole_number
@@ -31,7 +31,6 @@ from obs_pipeline.config import DAY_S, ConfigError, Settings
 from obs_pipeline.lsn import int_to_lsn
 from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry
 from obs_pipeline.row_order import RowOrder
-from obs_pipeline.schema import applied_transactions
 from obs_pipeline.timeout_pieces import TimeoutPieces
 from obs_pipeline.wire import (Transaction, cache_footprint, claim_rows, is_storable_id, one_line,
                                referenced_ids, validate, written_ids)
@@ -1116,10 +1115,8 @@ class Drain:
             lacking = self.replica.missing_among(ids)
         except Exception as error:  # noqa: BLE001 - as _replay_lsn
             first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__])[0]
-            line = (f"the site's replica refuses the role of OBS_REPLICA_DB_URL ({first}): grant it SELECT on "
-                    f"{applied_transactions.name} on main (deploy/main-setup.sql); the replica replays the grant"
-                    if first.startswith("permission denied for ") else
-                    f"the site's replica did not say which committed transactions it shows ({first})")
+            line = applied_records_refused(error) or (
+                f"the site's replica did not say which committed transactions it shows ({first})")
             if line != self._replica_error_logged:
                 log.warning("%s; caches kept", line)
             self._replica_error_logged = line

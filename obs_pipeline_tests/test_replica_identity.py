@@ -233,7 +233,13 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
     before it cleans their caches. A readers' role made without deploy/main-setup.sql's GRANT
     may not read that table: nothing is cleaned (reads keep showing the buffered records), and
     the drain says so in one line naming the variable and the grant, once however many times it
-    looks, and so does the reason it stops; granted, the next run cleans."""
+    looks, and so does the reason it stops; the sensor launches no run for it (each would idle,
+    then end saying so), and says why. Granted, the sensor launches one and it cleans."""
+    from dagster import RunRequest, SkipReason, build_sensor_context, instance_for_test
+
+    from obs_pipeline.dagster_defs.resources import ObsPipelineResource
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
     role = f"noapplied_{settings.site}"
     with main_engine.begin() as conn:
         conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
@@ -241,6 +247,8 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
         buf, tx_id, obs_id = _applied_not_cleaned(settings, replica_engine, main_engine)
         url = sa.engine.make_url(settings.replica_db_url).set(username=role).render_as_string(hide_password=False)
         refused = dataclasses.replace(settings, replica_db_url=url)
+        resource = ObsPipelineResource(site=refused.site, redis_url=refused.redis_url,
+                                       main_db_url=refused.main_db_url, replica_db_url=refused.replica_db_url)
         with caplog.at_level(logging.WARNING, logger="obs_pipeline.drain"):
             summary = _drain(refused, idle_exit_s=1.0, replica_patience_s=2.0)
         assert summary.replicated == 0 and buf.status(tx_id) == "applied"
@@ -250,12 +258,21 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
         assert buf.get("ExecutedObsUnit", obs_id)["status"] == "running"  # the buffered record, kept
         said = [r.getMessage() for r in caplog.records if "OBS_REPLICA_DB_URL" in r.getMessage()]
         assert said == [
-            f"the site's replica refuses the role of OBS_REPLICA_DB_URL (permission denied for table "
-            f"obs_pipeline_applied): grant it SELECT on obs_pipeline_applied on main (deploy/main-setup.sql); the "
-            f"replica replays the grant; caches kept"], said
+            "the site's replica refuses the role of OBS_REPLICA_DB_URL (permission denied for table "
+            "obs_pipeline_applied): grant it SELECT on obs_pipeline_applied on main (deploy/main-setup.sql); the "
+            "replica replays the grant; caches kept"], said
+        with instance_for_test() as instance:  # nor does the sensor launch a run at each tick to say it
+            skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
+        assert isinstance(skip, SkipReason), skip
+        assert skip.skip_message == (
+            f"site {settings.site}: 1 committed batch(es) await their cleanup, which a drain cannot do: {said[0]}"
+            .removesuffix("; caches kept")), skip.skip_message
         with main_engine.begin() as conn:
             conn.execute(sa.text(f"GRANT SELECT ON obs_pipeline_applied TO {role}"))
         wait_for_replica(main_engine, replica_engine)
+        with instance_for_test() as instance:
+            assert isinstance(buffer_sensor(build_sensor_context(instance=instance, resources={
+                "obs_pipeline": resource})), RunRequest)
         assert _drain(refused).replicated == 1 and buf.status(tx_id) == "replicated"
         buf.close()
     finally:

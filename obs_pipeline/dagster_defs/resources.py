@@ -11,7 +11,7 @@ import redis
 import sqlalchemy as sa
 from dagster import ConfigurableResource
 
-from obs_pipeline.apply import RecordedTimeline, ReplicaDatabase, make_engine
+from obs_pipeline.apply import RecordedTimeline, ReplicaDatabase, applied_records_refused, make_engine
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.dead_letters import DeadLetters
@@ -59,7 +59,9 @@ class ObsPipelineResource(ConfigurableResource):
         replica's timeline is not `main_timeline` (as the last acknowledgement recorded it), main
         is asked, by `ask_main` if given (the sensor's keeps main's answer a while), else by
         main_identity: a failover since, with no new work, moved it (the run that cleans was
-        never launched, the skip reason blaming the replica)."""
+        never launched, the skip reason blaming the replica). And where the replica's role may
+        not read obs_pipeline_applied (applied_records_refused): the drain cleans nothing it
+        cannot check there, and a run was launched at each tick, to end saying so."""
         def timeline() -> int | None:
             if replica.timeline == main_timeline:
                 return main_timeline
@@ -69,9 +71,14 @@ class ObsPipelineResource(ConfigurableResource):
         replica = ReplicaDatabase(make_engine(self.settings().require_replica(), "obs-pipeline sensor"),
                                   main_cluster=(lambda: main_cluster) if main_cluster is not None else None,
                                   main_timeline=timeline if main_timeline is not None else None)
+        replayed = None
         try:
             replayed = replica.replay_lsn()
-        except sa.exc.SQLAlchemyError:
+            if replayed is not None:  # may the drain check that it has a batch's ids before cleaning?
+                replica.missing_among([])
+        except sa.exc.SQLAlchemyError as error:
+            if replayed is not None and (refused := applied_records_refused(error)):
+                return replayed, refused
             return None, f"refuses every connection: {replica.refusal}" if replica.refusal else None
         finally:
             replica.engine.dispose()

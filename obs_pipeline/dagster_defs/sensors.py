@@ -302,4 +302,7 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
                      f"{int_to_lsn(lowest)}")
             return SkipReason(f"site {site}: {work['awaiting_replication']} committed batch(es) await the replica, "
                               f"which {where}; a drain starts to clean their caches once it replays them")
+        if refusal:  # replayed, but a drain could not check it has their ids (applied_records_refused)
+            return SkipReason(f"site {site}: {work['awaiting_replication']} committed batch(es) await their cleanup, "
+                              f"which a drain cannot do: {refusal}")
     return RunRequest(tags={SITE_TAG: site})
