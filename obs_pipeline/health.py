@@ -9,8 +9,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import (RecordedTimeline, hot_standby_off, main_is_standby, replica_hot_standby_off,
-                                replica_of_another_cluster, replica_on_another_timeline)
+from obs_pipeline.apply import (RecordedTimeline, ReplicaDatabase, applied_records_refused, hot_standby_off,
+                                main_is_standby, replica_hot_standby_off, replica_of_another_cluster,
+                                replica_on_another_timeline)
 from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -72,6 +73,9 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         "kept): check its WAL receiver (pg_stat_wal_receiver) and that replay is not paused")
     elif lag.get("replica_lsn") is None and replica is not None:
         problems.append(NO_REPLAY_POSITION)
+    elif replica is not None and (refused := cleanup_refusal(replica)):
+        problems.append(f"{refused}; until then no drain cleans a batch's caches "
+                        f"({store.awaiting_replication()[0]} chunk(s) of committed transactions waiting)")
     if lag.get("unsettled"):
         problems.append(lag["unsettled"])
     memory = redis_memory(store)
@@ -256,6 +260,17 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
         out["bytes"] = max(0, lsn_to_int(main_lsn) - lsn_to_int(replica_lsn))
     out["replica_behind_oldest_batch"] = replica_behind(behind, lowest, replayed)
     return out
+
+
+def cleanup_refusal(replica: sa.Engine) -> str | None:
+    """Why no drain can clean a batch the replica replayed (apply.applied_records_refused: its
+    role may not read obs_pipeline_applied, where the drain checks that it has the batch's ids),
+    or None. `status` said healthy while every batch's caches stayed."""
+    try:
+        ReplicaDatabase(replica).missing_among([])
+    except sa.exc.SQLAlchemyError as error:
+        return applied_records_refused(error)
+    return None
 
 
 def unsettled_line(store: BufferStore, chunks: list[dict[str, Any]], timeline: int, cluster: int | None) -> str:

@@ -234,11 +234,14 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
     may not read that table: nothing is cleaned (reads keep showing the buffered records), and
     the drain says so in one line naming the variable and the grant, once however many times it
     looks, and so does the reason it stops; the sensor launches no run for it (each would idle,
-    then end saying so), and says why. Granted, the sensor launches one and it cleans."""
+    then end saying so), and says why, as does `status`. Granted, the sensor launches one and it
+    cleans."""
     from dagster import RunRequest, SkipReason, build_sensor_context, instance_for_test
 
+    from obs_pipeline.buffer_store import BufferStore
     from obs_pipeline.dagster_defs.resources import ObsPipelineResource
     from obs_pipeline.dagster_defs.sensors import buffer_sensor
+    from obs_pipeline.health import health_report
 
     role = f"noapplied_{settings.site}"
     with main_engine.begin() as conn:
@@ -261,6 +264,14 @@ def test_a_replica_role_that_may_not_read_the_applied_records_keeps_caches_and_s
             "the site's replica refuses the role of OBS_REPLICA_DB_URL (permission denied for table "
             "obs_pipeline_applied): grant it SELECT on obs_pipeline_applied on main (deploy/main-setup.sql); the "
             "replica replays the grant; caches kept"], said
+        refused_engine = sa.create_engine(url)
+        try:  # `status` says so too (it said healthy)
+            report = health_report(BufferStore(redis_client, settings.site), main_engine, refused_engine)
+        finally:
+            refused_engine.dispose()
+        assert report["status"] == "degraded" and report["problems"] == [
+            said[0].removesuffix("; caches kept") + "; until then no drain cleans a batch's caches (1 chunk(s) of "
+            "committed transactions waiting)"], report["problems"]
         with instance_for_test() as instance:  # nor does the sensor launch a run at each tick to say it
             skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": resource}))
         assert isinstance(skip, SkipReason), skip
