@@ -257,10 +257,17 @@ def replica_hot_standby_off(url: sa.URL) -> str:
             "postgresql.conf and restart it")
 
 
+def first_line(error: BaseException) -> str:
+    """A database error's first line (SQLAlchemy's wraps the driver's in `orig`): its text, not
+    SQLAlchemy's page."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def applied_records_refused(error: BaseException) -> str | None:
     """Why the drain may not check that the replica has a batch's ids (ReplicaDatabase.missing_among):
     a readers' role made without deploy/main-setup.sql's GRANT; None for another error."""
-    first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [""])[0]
+    first = first_line(error)
     if not first.startswith("permission denied for "):
         return None
     return (f"the site's replica refuses the role of OBS_REPLICA_DB_URL ({first}): grant it SELECT on "

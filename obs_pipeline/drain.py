@@ -23,7 +23,8 @@ import redis
 
 from obs_pipeline import discarded_copies, json_codec
 from obs_pipeline.apply import (FAR_ROUND_TRIP_S, BatchResult, MainDatabase, RecordedTimeline, ReplicaDatabase,
-                                StatementTimeout, TransientError, applied_records_refused, make_engine)
+                                StatementTimeout, TransientError, applied_records_refused, first_line,
+                                make_engine)
 from obs_pipeline.buffer_store import (LOST_IN_FAILOVER, LOST_READS, BufferStore, HoldsChanged, LeaseLost, Outcome,
                                         ProcessingChanged)
 from obs_pipeline.column_values import seconds, whole_number
@@ -1114,9 +1115,8 @@ class Drain:
         try:
             lacking = self.replica.missing_among(ids)
         except Exception as error:  # noqa: BLE001 - as _replay_lsn
-            first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__])[0]
             line = applied_records_refused(error) or (
-                f"the site's replica did not say which committed transactions it shows ({first})")
+                f"the site's replica did not say which committed transactions it shows ({first_line(error)})")
             if line != self._replica_error_logged:
                 log.warning("%s; caches kept", line)
             self._replica_error_logged = line

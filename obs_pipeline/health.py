@@ -9,9 +9,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from obs_pipeline.apply import (RecordedTimeline, ReplicaDatabase, applied_records_refused, hot_standby_off,
-                                main_is_standby, replica_hot_standby_off, replica_of_another_cluster,
-                                replica_on_another_timeline)
+from obs_pipeline.apply import (RecordedTimeline, ReplicaDatabase, applied_records_refused, first_line,
+                                hot_standby_off, main_is_standby, replica_hot_standby_off,
+                                replica_of_another_cluster, replica_on_another_timeline)
 from obs_pipeline.lsn import MAIN_TIMELINE_EXPRESSION, REPLAY_TIMELINE_SQL, lsn_to_int, timeline_of_wal_file
 from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.config import stack_env_hint
@@ -216,7 +216,7 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
                                                      else (False, None, None, None))
     except sa.exc.SQLAlchemyError as error:  # (a standby with hot_standby off refuses the connect)
         errors.append(main_is_standby(main.url, hot_standby=False) if hot_standby_off(error)
-                      else f"main unreachable (OBS_MAIN_DB_URL): {_first_line(error)}")
+                      else f"main unreachable (OBS_MAIN_DB_URL): {first_line(error)}")
         # main's as the last acknowledgement recorded them, which the drain compares with too: without them a
         # replay of another timeline passed for main's WAL, and a batch a failover lost for replayed
         main_cluster, recorded_timeline = store.main_cluster(), store.main_timeline()
@@ -228,7 +228,7 @@ def replication_lag(store: BufferStore, main: sa.Engine | None, replica: sa.Engi
                                                           else (None, None, None))
     except sa.exc.SQLAlchemyError as error:  # (one with hot_standby off is up: it refuses every connect)
         errors.append(replica_hot_standby_off(replica.url) if hot_standby_off(error)
-                      else f"replica unreachable (OBS_REPLICA_DB_URL): {_first_line(error)}")
+                      else f"replica unreachable (OBS_REPLICA_DB_URL): {first_line(error)}")
     foreign = None not in (replica_lsn, main_cluster) and replica_cluster != main_cluster
     if foreign:  # its replay is of other WAL: it replays none of our batches (the drain cleans none)
         errors.append(replica_of_another_cluster(replica.url, replica_cluster, main_cluster))
@@ -301,11 +301,6 @@ def replica_behind(count: int, lowest: int, replayed: int | None) -> bool:
     """The replica itself is late only if it has not reached the oldest waiting commit; if it
     has, the batch merely waits for a drain to clean it."""
     return bool(count) and (replayed is None or replayed < lowest)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _row(engine: sa.Engine, sql: str) -> tuple:
