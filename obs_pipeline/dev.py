@@ -120,7 +120,17 @@ def _say(line: str) -> None:
 
 
 def _interrupt(signum, frame):  # noqa: ARG001
+    """The first stop signal; the others do nothing from here on. Two at once (systemd's SIGTERM,
+    then SIGHUP with `SendSIGHUP=yes`) ran the second's handler as the first's KeyboardInterrupt
+    unwound, before the cleanup ignored them: it was cut short, and everything stayed up. (Not
+    SIG_IGN here: Python prints a traceback for a signal that arrived before it was ignored.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stopping)
     raise KeyboardInterrupt
+
+
+def _stopping(signum, frame):  # noqa: ARG001
+    """A stop signal once dev stops (_interrupt): it is stopping already."""
 
 
 def hold_dev_lock(stack):

@@ -1035,6 +1035,36 @@ def test_dev_whose_terminal_closes_stops_everything_and_a_second_dev_starts(tmp_
         kill_what_dev_left(dev, started, dagster_home, folder)
 
 
+@pytest.mark.slow
+def test_dev_stopped_by_two_signals_at_once_still_stops_everything(tmp_path):
+    """systemd stops a unit with SIGTERM and, with `SendSIGHUP=yes`, SIGHUP right after it (so
+    does a terminal closing while a service manager stops its job). The second signal's handler
+    ran while the first's KeyboardInterrupt unwound, before the cleanup ignored stop signals:
+    dev exited 130 without a word, leaving the Dagster daemon, its webserver and the stack up."""
+    folder = tmp_path / "dev_stack"
+    port = pick_free_ports(1)[0]
+    log = tmp_path / "dev.log"
+    dagster_home = str(folder / "dagster_home")
+    dev = start_cli("dev", "--dir", str(folder), "--port", str(port), env={}, log=log)
+    started: set[int] = set()
+    try:
+        assert until(lambda: webserver_answers(port), WAIT, 1.0, alive=dev, log=log), tail(log)
+        services = LocalStack(folder).status()
+        started = descendants(dev.pid) | with_environment("DAGSTER_HOME", dagster_home) | {
+            services[name]["pid"] for name in ("main", "replica", "redis")}
+        assert until(lambda: "Ctrl-C stops everything" in log.read_text(), WAIT, 0.2), tail(log)
+        time.sleep(2)  # dev waits in its loop
+        dev.send_signal(signal.SIGTERM)
+        dev.send_signal(signal.SIGHUP)
+        assert dev.wait(timeout=WAIT) == 0, tail(log)
+        assert "stopping (up to 20 s" in log.read_text() and "Traceback" not in log.read_text(), tail(log)
+        assert until(lambda: not any(pid_alive(p) for p in started), 30), [p for p in started if pid_alive(p)]
+        assert not any(s["running"] for s in LocalStack(folder).status().values())
+        assert until(lambda: port_is_free(port), 30)
+    finally:
+        kill_what_dev_left(dev, started, dagster_home, folder)
+
+
 def group_leaders(dagster_home: str) -> set[int]:
     """The process groups of Dagster processes on DAGSTER_HOME (dev starts the daemon and the
     webserver each in a session of its own; their code servers and run workers join them)."""
