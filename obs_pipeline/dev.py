@@ -24,9 +24,9 @@ from obs_pipeline.schema import cannot_simulate, has_demo_obs_units
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.local_stack import SERVICES
 from obs_pipeline.stack.osutil import pid_alive, port_holder, port_is_free
+from obs_pipeline.stop_signals import ignore_stop_signals, stop_on_signals
 
 DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RECORD = "dev.json"  # in the stack folder: what the running `dev` started, for the next if it is killed
 
 
@@ -117,20 +117,6 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except OSError:
         pass
-
-
-def _interrupt(signum, frame):  # noqa: ARG001
-    """The first stop signal; the others do nothing from here on. Two at once (systemd's SIGTERM,
-    then SIGHUP with `SendSIGHUP=yes`) ran the second's handler as the first's KeyboardInterrupt
-    unwound, before the cleanup ignored them: it was cut short, and everything stayed up. (Not
-    SIG_IGN here: Python prints a traceback for a signal that arrived before it was ignored.)"""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _stopping)
-    raise KeyboardInterrupt
-
-
-def _stopping(signum, frame):  # noqa: ARG001
-    """A stop signal once dev stops (_interrupt): it is stopping already."""
 
 
 def hold_dev_lock(stack):
@@ -239,10 +225,8 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
         raise StackError(f"port {port} for the Dagster UI is in use by {holder} (another `obs-pipeline dev`?): "
                          "stop it, or choose another port with --port")
     # Ctrl-C, `kill` from a service manager, and the terminal closing (SIGHUP: its processes
-    # are in sessions of their own and would outlive it) stop everything (even where SIGINT
-    # was ignored).
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _interrupt)
+    # are in sessions of their own and would outlive it) stop everything
+    stop_on_signals()
     # what runs already is the operator's (a stack up, scripts using its Redis): dev stops only what it starts
     before = stack.status() if (Path(stack.directory) / "stack.json").exists() else {}
     ran_before = {name for name, s in before.items() if s.get("running")} - adopted
@@ -281,9 +265,7 @@ def run_dev(stack, *, port: int, simulate_rate: float | None, main_latency_ms: i
     except KeyboardInterrupt:
         return 0
     finally:
-        # a second Ctrl-C must not cut the cleanup short and leave processes behind
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals()  # a second Ctrl-C must not cut the cleanup short and leave processes behind
         _say("stopping (up to 20 s: a drain run finishes its batch) ...")
         stop_processes(processes)
         if not ran_before:

@@ -7,8 +7,11 @@ cores, so the figures are reported against targets, not asserted.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -84,3 +87,38 @@ def test_quick_bench_writes_every_section(tmp_path):
     for chart in ("throughput_vs_rtt.png", "backlog_memory.png"):
         assert (out / chart).read_bytes()[:8] == PNG_MAGIC
     assert "ingest" in proc.stdout and "seed 000 loop" in proc.stdout  # the table was printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "SIGTERM, then SIGHUP at once"])
+def test_a_bench_stopped_by_a_signal_stops_its_stack_and_removes_its_work_folder(tmp_path, stop):
+    """`timeout` and service managers stop a command with SIGTERM, a closing terminal with SIGHUP.
+    Either killed the bench at once: its own stack (Redis, main, the replica) and Dagster daemon
+    ran on, and its work folder (160 MB) stayed in the temporary folder, unsaid. Ctrl-C already
+    cleaned up; now the others do as it does (exit 130)."""
+    from obs_pipeline_tests.test_cli_operations import tail, until, with_environment
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    mark = str(uuid.uuid4())  # in the environment of every process the bench starts
+    log = tmp_path / "bench.log"
+    env = {**os.environ, "TMPDIR": str(temp), "OBS_BENCH_TEST_MARK": mark}
+    bench = subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "bench", "--quick", "--out",
+                              str(tmp_path / "out")], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        assert until(lambda: "Dagster burst ..." in log.read_text(), 170, 0.2, alive=bench, log=log), tail(log)
+        assert until(lambda: len(with_environment("OBS_BENCH_TEST_MARK", mark)) >= 4, 30), \
+            with_environment("OBS_BENCH_TEST_MARK", mark)  # Redis, main, the replica, the daemon
+        for sig in stop.split(", then "):
+            bench.send_signal(getattr(signal, sig.removesuffix(" at once")))
+        assert bench.wait(timeout=120) == 130, tail(log)
+        assert until(lambda: not with_environment("OBS_BENCH_TEST_MARK", mark), 30), \
+            with_environment("OBS_BENCH_TEST_MARK", mark)
+        assert list(temp.iterdir()) == [], tail(log)
+        assert "Traceback" not in log.read_text(), tail(log)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+        for pid in with_environment("OBS_BENCH_TEST_MARK", mark):
+            os.kill(pid, signal.SIGKILL)

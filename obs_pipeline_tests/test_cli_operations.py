@@ -30,6 +30,7 @@ from obs_pipeline.keys import SiteKeys
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.stack import LocalStack
 from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
+from obs_pipeline.stop_signals import STOP_SIGNALS
 from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
 from obs_pipeline_tests.examples import seed_example_json
 from obs_pipeline_tests.test_cli import cli, env, one_line_error  # noqa: F401  (env is a fixture)
@@ -1278,7 +1279,7 @@ def test_a_ctrl_c_as_the_webserver_starts_still_stops_the_daemon(stack, monkeypa
         launched.append(proc)
         return proc
 
-    handlers = {sig: signal.getsignal(sig) for sig in dev.STOP_SIGNALS}
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     monkeypatch.setattr(dev.subprocess, "Popen", popen)
     try:
         assert dev.run_dev(stack, port=pick_free_ports(1)[0], simulate_rate=None, main_latency_ms=None) == 0
@@ -1353,7 +1354,7 @@ def test_dev_given_a_main_latency_on_a_stack_up_leaves_the_replica_streaming(sta
 
     before = stack.status()
     assert not before["proxy"]["running"] and all(before[name]["running"] for name in ("main", "replica", "redis"))
-    handlers = {sig: signal.getsignal(sig) for sig in dev.STOP_SIGNALS}
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     monkeypatch.setattr(dev.subprocess, "Popen", popen)
     streaming = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
     try:

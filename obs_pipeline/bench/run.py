@@ -20,6 +20,7 @@ from typing import Any, Callable
 from obs_pipeline.bench.context import BenchContext
 from obs_pipeline.bench.table import build_rows, chart_points
 from obs_pipeline.stack import LocalStack
+from obs_pipeline.stop_signals import ignore_stop_signals, stop_on_signals
 
 DEFAULT_BATCH = 2000  # DrainConfig's and the Dagster job's default
 
@@ -70,21 +71,30 @@ def run_bench(args: Any) -> int:
     errors: list[str] = []
     began = time.monotonic()
     print(f"[bench] {results['command']}  (work folder {work})", flush=True)
+    stop_on_signals()  # `timeout`, a service manager, a closing terminal: its stack and Dagster stopped, as by Ctrl-C
     try:
-        stack.up(main_latency_ms=0)
-        ctx = BenchContext(stack, work, quick=bool(args.quick))
         try:
-            results["settle_s"] = ctx.settle()
-            results["machine"] = _machine(ctx)
-            _measure_all(ctx, sizes, batch, args, results, errors, out)
+            stack.up(main_latency_ms=0)
+            ctx = BenchContext(stack, work, quick=bool(args.quick))
+            try:
+                results["settle_s"] = ctx.settle()
+                results["machine"] = _machine(ctx)
+                _measure_all(ctx, sizes, batch, args, results, errors, out)
+            finally:
+                ctx.close()
         finally:
-            ctx.close()
-    finally:
-        try:
-            if args.dir and original_latency:
-                stack.up(main_latency_ms=original_latency)
-        finally:
-            stack.down()
+            ignore_stop_signals()
+            try:
+                if args.dir and original_latency:
+                    stack.up(main_latency_ms=original_latency)
+            finally:
+                stack.down()
+    except KeyboardInterrupt:  # stopped: nothing in it is wanted (a whole stack's data: 160 MB)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        print(f"[bench] stopped by an error; work folder kept for its logs: {work}", flush=True)
+        raise
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     return _report(results, errors, out, work)
 
