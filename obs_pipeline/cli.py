@@ -175,12 +175,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
         if args.verbose:
             print(json.dumps({k: v for k, v in report.metadata().items()}), flush=True)
 
-    # A service manager stops a drain with SIGTERM: finish the batch in hand, release the lease
-    # (the next drain need not wait it out) and exit 0. Ctrl-C stops at once, as before. (Only
-    # the main thread may take signals: called from another, the caller's handlers stay.)
+    # A service manager stops a drain with SIGTERM, a closing terminal with SIGHUP (which killed it
+    # at once, the lease held for its TTL): finish the batch in hand, release the lease (the next
+    # drain need not wait it out) and exit 0. Ctrl-C stops at once, as before. (Only the main
+    # thread may take signals: called from another, the caller's handlers stay.)
     stop = threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set()) if on_main_thread else None
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGHUP)} if on_main_thread else {}
     lease_wait_s, wait_s = (args.lease_ttl if args.once else 0.0), REDIS_LOST_WAIT_S
     try:
         while True:
@@ -208,8 +210,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         drain.close()
     print(f"{total.drained_line()}, {total.dead_lettered} dead-lettered ({total.stopped_because})", file=sys.stderr)
     return 0

@@ -298,9 +298,11 @@ def test_drain_without_once_drains_before_and_after_it_started_and_stops_on_sigi
 
 
 @pytest.mark.usefixtures("clean_db")
-def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_client, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_client, tmp_path, sig):
     """A service manager (systemd, supervisord) stops a long-running drain with SIGTERM, as
-    dev.py says of its own processes; the next drain should not wait out the lease."""
+    dev.py says of its own processes; the next drain should not wait out the lease. So does the
+    terminal it runs in closing (SIGHUP): it killed the drain at once, the lease held for its TTL."""
     buf = TransactionBuffer(settings=settings)
     keys = SiteKeys(settings.site)
     log = tmp_path / "drain.log"
@@ -308,7 +310,7 @@ def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_clie
     try:
         assert buf.wait(buffer_start(buf), "replicated", timeout=WAIT), tail(log)
         assert redis_client.exists(keys.lease) == 1
-        drain.send_signal(signal.SIGTERM)
+        drain.send_signal(getattr(signal, sig))
         code = drain.wait(timeout=120)
     finally:
         kill_if_running(drain)
