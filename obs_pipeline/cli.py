@@ -59,6 +59,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
             "nothing stopped; give its folder with --dir (or OBS_STACK_DIR)" if args.action == "down" else
             "give its folder with --dir (or OBS_STACK_DIR), or make one with `obs-pipeline stack up --dir "
             f"{shlex.quote(str(stack.directory))}`"))
+    if args.action in ("up", "down", "stop", "start"):
+        # `timeout` or a service manager (SIGTERM to this process alone), or a closing terminal: as
+        # Ctrl-C, the pg tool it runs stopped with it (a pg_basebackup left cloning the replica held
+        # its slot on main, and an `up` run again meanwhile failed: the slot "already exists")
+        from obs_pipeline.stop_signals import stop_on_signals
+
+        stop_on_signals()
     if args.action == "up":
         stack.up(main_latency_ms=args.main_latency_ms)
         from obs_pipeline.config import own_command

@@ -1,4 +1,4 @@
-"""Stop signals as Ctrl-C, for the commands that start servers of their own (`dev`, `bench`).
+"""Stop signals as Ctrl-C, for the commands that start servers of their own (`dev`, `bench`, `stack`).
 
 SIGTERM (`kill`, `timeout`, a service manager) and SIGHUP (the terminal closing) would kill such
 a command at once, its servers, in sessions of their own, running on. Here the first of SIGINT,

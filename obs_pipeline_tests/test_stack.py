@@ -763,6 +763,54 @@ def test_a_first_up_cut_short_during_initdb_is_redone_by_the_next(tmp_path):
         stack.down()
 
 
+def _cloning(folder) -> list[int]:
+    """The pg_basebackup processes writing a replica into `folder`."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"pg_basebackup") and any(str(folder).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_an_up_stopped_by_a_signal_while_it_clones_the_replica_leaves_no_clone_running(tmp_path, sig):
+    """`timeout` (SIGTERM to the command, not to its process group) or a closing terminal stopped a
+    first `stack up` while pg_basebackup cloned the replica: Python died at once, the clone ran
+    on, holding the replica's slot on main, and an `up` run again meanwhile failed (`replication
+    slot "obs_replica" already exists`), having wiped the folder the clone was writing into. The
+    clone is stopped with the command now, as by Ctrl-C (exit 130)."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "stack"
+    up = subprocess.Popen([sys.executable, "-m", "obs_pipeline.cli", "stack", "up", "--dir", str(folder)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _cloning(folder) and up.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _cloning(folder), up.communicate()[1]
+        up.send_signal(getattr(signal, sig))
+        assert up.wait(timeout=60) == 130, up.communicate()[1]
+        assert _cloning(folder) == []
+        stack = LocalStack(folder)
+        stack.up()  # at once: the slot is free
+        assert run(stack.env()["OBS_REPLICA_DB_URL"], "SELECT pg_is_in_recovery()") is True
+    finally:
+        for pid in _cloning(folder):
+            os.kill(pid, 9)
+        if up.poll() is None:
+            up.kill()
+        LocalStack(folder).down()
+
+
 def test_the_users_pg_variables_for_another_server_do_not_reach_the_stacks_connections(stack, monkeypatch):  # noqa: F811
     """A user with PGSSLMODE=require or PGTARGETSESSIONATTRS=read-write set for the real
     database: the stack's own control connections must not take them up (the replica, read

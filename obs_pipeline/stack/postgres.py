@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +64,25 @@ class PgServer:
         with open(self.ctl_log, "ab") as out:
             out.write(f"\n$ {' '.join(cmd)}\n".encode())
             out.flush()
+            # in a group of its own, stopped whole with the command: pg_basebackup streams WAL from
+            # a forked child, which outlived a killed parent by up to its status interval (10 s),
+            # holding the replica's slot on main (an `up` run again meanwhile failed on it)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=clean_env(),
+                                    cwd=self.datadir.parent, start_new_session=True, **user_kwargs(self.run_user))
             try:
-                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=timeout,
-                                      env=clean_env(), cwd=self.datadir.parent, check=False,
-                                      **user_kwargs(self.run_user))
-            except subprocess.TimeoutExpired:
-                raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s",
-                                    log or self.ctl_log) from None
-        if proc.returncode != 0:
-            raise service_error(f"{self.role} PostgreSQL: {what} failed (exit {proc.returncode})", log or self.ctl_log)
+                returncode = proc.wait(timeout=timeout)
+            except BaseException as error:  # its timeout, or a stop signal (stop_signals: KeyboardInterrupt)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass  # gone already
+                proc.wait()
+                if isinstance(error, subprocess.TimeoutExpired):
+                    raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s",
+                                        log or self.ctl_log) from None
+                raise
+        if returncode != 0:
+            raise service_error(f"{self.role} PostgreSQL: {what} failed (exit {returncode})", log or self.ctl_log)
 
     def _options(self) -> str:
         return f"-p {self.port} -c listen_addresses={HOST} -c unix_socket_directories=''"
