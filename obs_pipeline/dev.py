@@ -23,7 +23,7 @@ from obs_pipeline.model_registry import ModelRegistry
 from obs_pipeline.schema import cannot_simulate, has_demo_obs_units
 from obs_pipeline.stack.errors import StackError
 from obs_pipeline.stack.local_stack import SERVICES
-from obs_pipeline.stack.osutil import pid_alive, port_holder, port_is_free
+from obs_pipeline.stack.osutil import pid_alive, port_holder, port_is_free, signal_group
 from obs_pipeline.stop_signals import ignore_stop_signals, stop_on_signals
 
 DAGSTER_YAML = Path(__file__).parent / "dagster_defs" / "dagster.yaml"
@@ -62,7 +62,7 @@ def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> 
     killed at once, the run stays STARTED until the next daemon's sensor finds its lease free and
     the run quiet for 75 s, and marks it failed)."""
     for proc in processes:
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for proc in processes:
         try:
@@ -78,7 +78,7 @@ def _wait_groups_then_kill(pgids: list[int], deadline: float) -> None:
     while time.monotonic() < deadline and any(_group_alive(pgid) for pgid in pgids):
         time.sleep(0.1)
     for pgid in pgids:
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -102,13 +102,6 @@ def _group_alive(pgid: int) -> bool:
             if int(pgrp) == pgid and state not in ("Z", "X"):
                 return True
     return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the whole group is gone already
 
 
 def _say(line: str) -> None:
@@ -203,7 +196,7 @@ def stop_leftovers(directory: Path) -> set[str]:
              "running when it ended without cleaning up (kill -9?): "
              + ", ".join(f"{command} (pid {pid})" for pid, command in left))
         for pid, _command in left:
-            _signal_group(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
         _wait_groups_then_kill([pid for pid, _command in left], time.monotonic() + 20.0)
     path.unlink()
     return services

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import sqlalchemy as sa
 
 from obs_pipeline.stack import LocalStack
+from obs_pipeline.stack.osutil import pid_alive
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +99,17 @@ def starting_standby_url(stack):
                                                            "user=postgres'\n",
                         "the database system is starting up") as url:
         yield url
+
+
+def live_processes(matches: Callable[[Path], bool]) -> set[int]:
+    """Live processes but this one whose /proc entry `matches` (one that ends meanwhile, or is
+    another user's, is passed over)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if matches(entry) and pid_alive(int(entry.name)):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -92,23 +92,12 @@ def test_quick_bench_writes_every_section(tmp_path):
 def _processes_of(temp, mark: str) -> set[int]:
     """The live processes a bench run started: with `mark` in their environment, or working or
     named under its temporary folder (Redis is started with an environment of its own)."""
-    from pathlib import Path
+    from obs_pipeline_tests.stack_fixtures import live_processes
 
-    from obs_pipeline.stack.osutil import pid_alive
-
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or entry.name == str(os.getpid()):
-            continue
-        try:
-            mine = (f"OBS_BENCH_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes().split(b"\0")
-                    or os.readlink(entry / "cwd").startswith(str(temp))
-                    or str(temp).encode() in (entry / "cmdline").read_bytes())
-        except OSError:
-            continue
-        if mine and pid_alive(int(entry.name)):
-            found.add(int(entry.name))
-    return found
+    return live_processes(lambda entry: (
+        f"OBS_BENCH_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes().split(b"\0")
+        or os.readlink(entry / "cwd").startswith(str(temp))
+        or str(temp).encode() in (entry / "cmdline").read_bytes()))
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from obs_pipeline.stack import LocalStack
 from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free
 from obs_pipeline.stop_signals import STOP_SIGNALS
 from obs_pipeline_tests.conftest import OBS_UNIT_IDS, wait_for_replica
+from obs_pipeline_tests.stack_fixtures import live_processes
 from obs_pipeline_tests.examples import seed_example_json
 from obs_pipeline_tests.test_cli import cli, env, one_line_error  # noqa: F401  (env is a fixture)
 from obs_pipeline_tests.test_stack import run as run_sql
@@ -884,15 +885,7 @@ def descendants(pid: int) -> set[int]:
 def with_environment(name: str, value: str) -> set[int]:
     """Live processes started with NAME=VALUE in their environment."""
     wanted = f"{name}={value}".encode()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                if wanted in (entry / "environ").read_bytes().split(b"\0") and pid_alive(int(entry.name)):
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return live_processes(lambda entry: wanted in (entry / "environ").read_bytes().split(b"\0"))
 
 
 def webserver_answers(port: int) -> bool:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from obs_pipeline.stack import LocalStack, StackError
 from obs_pipeline.stack.osutil import pick_free_ports, pid_alive, port_is_free, read_pid
 from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
-from obs_pipeline_tests.stack_fixtures import stack  # noqa: F401 - session fixture
+from obs_pipeline_tests.stack_fixtures import live_processes, stack  # noqa: F401 - session fixture
 
 WAIT = 30  # seconds for anything that polls
 
@@ -765,17 +765,10 @@ def test_a_first_up_cut_short_during_initdb_is_redone_by_the_next(tmp_path):
 
 def _cloning(folder) -> list[int]:
     """The pg_basebackup processes writing a replica into `folder`."""
-    from pathlib import Path
-
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"pg_basebackup") and any(str(folder).encode() in a for a in argv):
-            found.append(int(entry.name))
-    return found
+    def clones(entry) -> bool:
+        argv = (entry / "cmdline").read_bytes().split(b"\0")
+        return argv[0].endswith(b"pg_basebackup") and any(str(folder).encode() in a for a in argv)
+    return sorted(live_processes(clones))
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])

@@ -246,3 +246,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(extra)
     return env
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send `sig` to a process group; one that is gone already is no error."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -20,7 +20,7 @@ import psycopg2
 
 from .binaries import pg_bin_dir
 from .errors import StackError, service_error
-from .osutil import chown, clean_env, pid_alive, read_pid, user_kwargs, wait_until
+from .osutil import chown, clean_env, pid_alive, read_pid, signal_group, user_kwargs, wait_until
 
 HOST = "127.0.0.1"
 SLOT = "obs_replica"
@@ -72,10 +72,7 @@ class PgServer:
             try:
                 returncode = proc.wait(timeout=timeout)
             except BaseException as error:  # its timeout, or a stop signal (stop_signals: KeyboardInterrupt)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass  # gone already
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
                 if isinstance(error, subprocess.TimeoutExpired):
                     raise service_error(f"{self.role} PostgreSQL: {what} timed out after {timeout:.0f}s",
