@@ -245,7 +245,7 @@ def test_the_redis_settings_are_taken_by_the_stacks_redis(tmp_path):
         settings = {name: client.config_get(name)[name] for name in (
             "appendonly", "appendfsync", "save", "maxmemory-policy", "auto-aof-rewrite-percentage",
             "auto-aof-rewrite-min-size")}
-        assert settings == {"appendonly": "yes", "appendfsync": "everysec", "save": "",
+        assert settings == {"appendonly": "yes", "appendfsync": "always", "save": "",
                             "maxmemory-policy": "noeviction", "auto-aof-rewrite-percentage": "1000",
                             "auto-aof-rewrite-min-size": str(2**30)}
     finally:
