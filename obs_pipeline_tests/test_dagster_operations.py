@@ -232,6 +232,89 @@ def test_main_unreachable_at_every_op_retry_fails_the_run_in_one_line_and_keeps_
     assert_applied_exactly_once(main_engine, observations)
 
 
+def test_main_unreachable_again_after_the_run_drained_backs_off_afresh_with_all_its_op_retries(
+        settings, resource, redis_client, main_engine, tmp_path):
+    """A link that drops often: the run rides out one outage (5 op retries), drains once main
+    answers, and the link drops again. The run's op retries counted every outage in it: the
+    second began at "op retry 6 of 8", its longest waits (main back, the drain still waited up
+    to 60 s), and the run failed at its 8th in all, though main had answered between. Counted
+    since the run last drained a batch, each outage backs off from the shortest wait with all 8."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+    from obs_pipeline.stack.proxy_process import start_proxy, stop_proxy
+
+    keys = SiteKeys(settings.site)
+    main_url = sa.engine.make_url(resource.main_db_url)
+    port, = pick_free_ports(1)
+    pidfile, log = tmp_path / "main-proxy.json", tmp_path / "main-proxy.log"
+    linked = ObsPipelineResource(**{**resource.__dict__, "main_db_url": main_url.set(port=port).render_as_string(
+        hide_password=False)})
+    first, second = seed_example(settings.site)[0], seed_example(settings.site)[0]
+    redis_client.lpush(keys.buffer, json.dumps(first))
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "idle_exit_s": 10,
+                                                   "transient_retry_wait_s": 0.05}}}}
+    with instance_for_test() as instance:
+        def outages(run_id: str) -> list[str]:  # main's op-retry observations, in order
+            return [e.dagster_event.event_specific_data.asset_observation.description
+                    for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_OBSERVATION)
+                    if "main unreachable" in (e.dagster_event.event_specific_data.asset_observation.description
+                                              or "")]
+
+        def link() -> None:  # down for 5 op retries, up until the first is applied, down for 5 more
+            deadline = time.monotonic() + 60
+            for retries in (5, 10):
+                while time.monotonic() < deadline:
+                    runs = instance.get_runs()
+                    if runs and (len(outages(runs[0].run_id)) >= retries or runs[0].is_finished):
+                        break
+                    time.sleep(0.01)
+                start_proxy(port, main_url.port, 0, pidfile, log)
+                if retries == 5:
+                    while time.monotonic() < deadline and buf.status(first["transaction_id"]) != "replicated":
+                        time.sleep(0.01)
+                    stop_proxy(pidfile)
+                    redis_client.lpush(keys.buffer, json.dumps(second))
+
+        buf = TransactionBuffer(settings=settings)
+        try:
+            result = _beside(link, lambda: drain_buffer.execute_in_process(
+                resources={"obs_pipeline": linked}, instance=instance, run_config=config, raise_on_error=False))
+        finally:
+            stop_proxy(pidfile)
+            buf.close()
+        said = outages(result.run_id)
+    assert result.success, said
+    numbers = [int(re.search(r": op retry (\d) of 8 in [0-9.]+ s$", line).group(1)) for line in said]
+    again = numbers.index(1, 1)  # the second outage's first: from the shortest wait
+    assert numbers == [*range(1, again + 1), *range(1, len(numbers) - again + 1)], said
+    assert again >= 5 and len(numbers) - again >= 5, said  # 10 or more in all, past the 8 of one outage
+    assert said[again].endswith("op retry 1 of 8 in 0.05 s"), said
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id IN (:a, :b)"), {
+            "a": first["steps"][0]["data"]["id"], "b": second["steps"][0]["data"]["id"]}).scalar_one() == 2
+    assert redis_client.llen(keys.failed) == 0
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0
+
+
+def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_so():
+    """The counts drain_batches' op retries and its failure line go by (a Dagster run's events
+    read in order: see the test above for them on a real run)."""
+    from obs_pipeline.dagster_defs.jobs import OpRetries
+
+    retries = OpRetries()
+    for cause in ["TransientError", "RedisTrouble", "TransientError"]:
+        retries.retried(cause)
+    assert (retries.main, retries.redis, retries.attempts) == (2, 1, 4)
+    assert retries.main_unreachable_at() == "at 3 of the run's 4 attempts"
+    retries.drained()
+    retries.retried("TransientError")
+    retries.retried(None)  # a cause Dagster did not record: an attempt, no cause's
+    assert (retries.main, retries.redis, retries.attempts) == (1, 0, 3)
+    assert retries.main_unreachable_at() == "at 2 of the 3 attempts since the run last drained a batch"
+    retries.drained()
+    assert retries.main_unreachable_at() == "at each of the 1 attempts since the run last drained a batch"
+    assert OpRetries().main_unreachable_at() == "at each of the run's 1 attempts"
+
+
 @pytest.mark.parametrize("trouble", ["down", "full"])
 def test_redis_down_or_full_fails_the_tick_or_the_run_in_one_line_and_loses_nothing(
         stack, settings, resource, redis_client, main_engine, trouble):

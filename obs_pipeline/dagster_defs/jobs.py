@@ -11,6 +11,7 @@ crashed run is retried by the instance's run retries.
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 from dagster import (
@@ -185,18 +186,56 @@ SUMMED = ("batches", "applied", "already_applied", "dead_lettered", "replicated"
 RETRIED = "transient_errors"  # also summed: an attempt's, on the observation of main its op retry logs
 
 
-def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
+@dataclass
+class OpRetries:
+    """This op's retries since the run last drained a batch, each cause its own: main's 8 and
+    Redis's 3 bound one outage, and its backoff starts from the shortest wait again once main
+    has answered. They counted the whole run: on a link that drops often its second outage
+    began at "op retry 6 of 8" (waits of 32 and 60 s, main back meanwhile), and the run failed at
+    its 8th in all. Dagster counts the op's attempts as one (context.retry_number): after 4
+    retries for main one Redis error failed the run at once, after Redis's 3 main had 5."""
+
+    main: int = 0
+    redis: int = 0
+    attempts: int = 1  # since the run last drained a batch, this one included
+    after_a_batch: bool = False
+
+    def retried(self, cause: str | None) -> None:
+        self.attempts += 1
+        self.main += cause == TransientError.__name__
+        self.redis += cause == RedisTrouble.__name__
+
+    def drained(self) -> None:
+        self.main = self.redis = 0
+        self.attempts, self.after_a_batch = 1, True
+
+    def main_unreachable_at(self) -> str:
+        """'at each of the run's 9 attempts', 'at 9 of the 12 attempts since the run last drained a batch'."""
+        tries = self.main + 1
+        counted = "each of" if tries == self.attempts else f"{tries} of"
+        if self.after_a_batch:
+            return f"at {counted} the {self.attempts} attempts since the run last drained a batch"
+        return f"at {counted} the run's {self.attempts} attempts"
+
+
+def _earlier_attempts(context: OpExecutionContext) -> tuple[dict[str, int], OpRetries]:
     """What this op's earlier attempts drained, from their batches' events (one each, see
     _report_batch), and how often main failed them, from their op retries' observations: an
     op retry (main unreachable) starts a new summary, and the run's output, log line and
-    applied_this_run counted its last attempt alone. Read once, on a retry only."""
-    totals = dict.fromkeys((*SUMMED, RETRIED), 0)
+    applied_this_run counted its last attempt alone. With them, the op retries since its last
+    batch, from their retry events' causes (TransientError, RedisTrouble). Read once, on a retry only."""
+    totals, retries = dict.fromkeys((*SUMMED, RETRIED), 0), OpRetries()
     if not context.retry_number:
-        return totals
+        return totals, retries
     step_key = str(context.op_handle)  # the step key of a top-level op
     for entry in context.instance.all_logs(context.run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION,
-                                                                    DagsterEventType.ASSET_OBSERVATION}):
-        if entry.step_key != step_key:
+                                                                    DagsterEventType.ASSET_OBSERVATION,
+                                                                    DagsterEventType.STEP_UP_FOR_RETRY}):
+        if entry.step_key != step_key or entry.dagster_event is None:
+            continue
+        if entry.dagster_event.event_type == DagsterEventType.STEP_UP_FOR_RETRY:
+            cause = getattr(getattr(entry.dagster_event.event_specific_data, "error", None), "cause", None)
+            retries.retried(cause.cls_name if cause is not None else None)
             continue
         if entry.asset_materialization is not None:
             metadata = entry.asset_materialization.metadata
@@ -209,27 +248,13 @@ def _earlier_attempts(context: OpExecutionContext) -> dict[str, int]:
         # an op retry's
         batch = entry.asset_materialization is not None or "applied" in metadata
         totals["batches"] += batch
+        if batch and (entry.asset_materialization is None or entry.asset_materialization.asset_key == MAIN_ASSET):
+            retries.drained()  # (not a pass that only cleaned: the replica's)
         names = SUMMED[1:] if batch else (RETRIED,)
         for name in names:
             value = metadata.get(name)
             totals[name] += int(value.value) if value is not None and value.value is not None else 0
-    return totals
-
-
-def _op_retries(context: OpExecutionContext) -> tuple[int, int]:
-    """How many of this op's earlier attempts were retried for main unreachable, and how many for
-    the site's Redis, from their retry events' causes (TransientError, RedisTrouble): each cause
-    has retries of its own. Counted by Dagster's one count of attempts (context.retry_number),
-    after 4 retries for main one Redis error failed the run at once, and after Redis's 3 main
-    had 5. Read once, on a retry only."""
-    if not context.retry_number:
-        return 0, 0
-    step_key = str(context.op_handle)
-    causes = [getattr(getattr(entry.dagster_event.event_specific_data, "error", None), "cause", None)
-              for entry in context.instance.all_logs(context.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)
-              if entry.step_key == step_key and entry.dagster_event is not None]
-    names = [cause.cls_name for cause in causes if cause is not None]
-    return names.count(TransientError.__name__), names.count(RedisTrouble.__name__)
+    return totals, retries
 
 
 TERMINATED = ("interrupted (the run was terminated): the drain stopped and released its lease; a batch it had "
@@ -243,10 +268,11 @@ OP_RETRY_POLICY = RetryPolicy(max_retries=REDIS_RETRIES, delay=2, backoff=Backof
                               jitter=Jitter.PLUS_MINUS)
 
 
-# What Dagster is told of drain_batches' retries, which it counts together: the op keeps each
-# cause's own count (_op_retries) and fails the run first, in its line; this only bounds the
-# attempts should that count read nothing (a Dagster whose retry events name no cause).
-MAX_OP_RETRIES = TRANSIENT_RETRIES + REDIS_RETRIES + OP_RETRY_POLICY.max_retries
+# What Dagster is told of drain_batches' retries, which it counts together, over the whole run:
+# the op keeps each cause's own count since the run last drained a batch (OpRetries) and fails
+# the run first, in its line; a run that drains between outages may have many more, and its
+# budget ends it (a try past it that fails ends the run). This bound is Dagster's, never reached.
+MAX_OP_RETRIES = 10_000
 
 
 class RedisTrouble(Exception):
@@ -296,8 +322,7 @@ def _cancel_if_stopped_from_outside(context: OpExecutionContext) -> None:
 
 
 def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipeline: ObsPipelineResource) -> dict:
-    earlier = _earlier_attempts(context)
-    main_retries, redis_retries = _op_retries(context)
+    earlier, retries = _earlier_attempts(context)
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
         _check_run_config(config, _max_runtime(context))
         drain = obs_pipeline.drain(_drain_config(config))
@@ -327,6 +352,11 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             return False
         return time.monotonic() >= deadline and _storage_answers(context)
 
+    def on_batch(report: BatchReport) -> None:
+        if report.transactions:  # a batch, not a pass that only cleaned: the next outage starts afresh
+            retries.drained()
+        _report_batch(context, site, report)
+
     def on_timeout(line: str, backoff: float) -> None:
         nonlocal transient_errors
         transient_errors += 1
@@ -342,16 +372,13 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
             return
         # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
         # which names neither main nor what to check), or a try past the budget failed too
-        if main_retries >= TRANSIENT_RETRIES or tried_past_budget:
-            attempts = context.retry_number + 1  # (some Redis's, see _op_retries)
-            at = (f"each of the run's {attempts}" if main_retries + 1 == attempts
-                  else f"{main_retries + 1} of the run's {attempts}")
-            raise Failure(description=f"site {site}: main unreachable ({error}) at {at} attempts; is "
+        if retries.main >= TRANSIENT_RETRIES or tried_past_budget:
+            raise Failure(description=f"site {site}: main unreachable ({error}) {retries.main_unreachable_at()}; is "
                                       "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the "
                                       "next run",
                           allow_retries=False) from TransientError(error)
-        wait = min(config.transient_retry_wait_s * 2 ** main_retries, 60)
-        retry = f"op retry {main_retries + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
+        wait = min(config.transient_retry_wait_s * 2 ** retries.main, 60)
+        retry = f"op retry {retries.main + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
                                            metadata={"site": site, RETRIED: transient_errors}))
         raise RetryRequested(max_retries=MAX_OP_RETRIES, seconds_to_wait=wait) from TransientError(error)
@@ -359,7 +386,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     try:
         summary = drain.run(until_empty=True, idle_exit_s=config.idle_exit_s, should_stop=budget_spent,
                             lease_wait_s=config.lease_ttl_s, replica_patience_s=config.replication_timeout_s,
-                            on_batch=lambda r: _report_batch(context, site, r), on_transient=on_transient,
+                            on_batch=on_batch, on_transient=on_transient,
                             # main answers: the drain retries in smaller pieces within the run (op
                             # retries would end the run after 8 halvings, red, and start the next)
                             on_timeout=on_timeout)
@@ -376,10 +403,10 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         # past the retries, the run fails on this line without retries (a Failure past the
         # retry policy's retries failed it on Dagster's "Exceeded max_retries of 3", which names
         # neither Redis nor what to check, the line only in its description)
-        if redis_retries >= REDIS_RETRIES:
+        if retries.redis >= REDIS_RETRIES:
             raise Failure(description=line, allow_retries=False) from error
-        wait = OP_RETRY_POLICY.calculate_delay(redis_retries + 1)
-        context.log.warning(f"{line}: op retry {redis_retries + 1} of {REDIS_RETRIES} in {wait:.1f} s")
+        wait = OP_RETRY_POLICY.calculate_delay(retries.redis + 1)
+        context.log.warning(f"{line}: op retry {retries.redis + 1} of {REDIS_RETRIES} in {wait:.1f} s")
         cause = RedisTrouble(line)
         cause.__cause__ = error
         raise RetryRequested(max_retries=MAX_OP_RETRIES, seconds_to_wait=wait) from cause
