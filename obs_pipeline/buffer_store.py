@@ -406,6 +406,7 @@ class BufferStore:
         self.redis = client
         self.keys = SiteKeys(site)
         self._claim = client.register_script(scripts.CLAIM)
+        self._acquire = client.register_script(scripts.ACQUIRE)
         self._renew = client.register_script(scripts.RENEW)
         self._release = client.register_script(scripts.RELEASE)
         self._buffer = client.register_script(scripts.BUFFER)
@@ -525,12 +526,15 @@ class BufferStore:
                               f"{at_least[0]}.{at_least[1]} or newer (the claim uses LMOVE)")
 
     # --- lease ------------------------------------------------------------------------------
-    def acquire_lease(self, ttl_s: float) -> str | None:
-        """A new token if the lease was free. A SET refused may be our own sent again (a client
-        that retries after a lost reply: Redis had set it), so the holder is read then."""
-        token = uuid.uuid4().hex
-        ok = self.redis.set(self.keys.lease, token, nx=True, px=int(ttl_s * 1000))
-        return token if ok or self.lease_holder() == token else None
+    def acquire_lease(self, ttl_s: float, owner: str = "") -> str | None:
+        """A new token if the lease was free, or held by a drain of the same `owner` that has
+        ended (its tokens are `owner/...`): a Dagster run's attempt that lost Redis could not
+        release it, and the run's next attempt waited out its TTL. A drain of that owner must
+        not still be running: each owner's drains run one after another (the run's attempts,
+        `obs-pipeline drain`'s runs in its one process)."""
+        token = f"{owner}/{uuid.uuid4().hex}" if owner else uuid.uuid4().hex
+        ok = self._acquire(keys=[self.keys.lease], args=[token, int(ttl_s * 1000), f"{owner}/" if owner else ""])
+        return token if ok else None
 
     def renew_lease(self, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.keys.lease], args=[token, int(ttl_s * 1000)]))

@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -174,7 +175,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
                              aof_check_s=None if args.no_aof_compaction else DrainConfig.aof_check_s)
     except ValueError as error:
         args.usage(str(error))
-    drain = Drain(settings, config)
+    # its runs, one after another: a run that lost Redis could not release the lease, and the next
+    # waited out its TTL; it takes it back now (Drain's owner)
+    owner = f"obs-pipeline-drain-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    drain = Drain(settings, config, owner)
     total = DrainSummary()  # of every run: a running drain starts a new one after Redis was lost
 
     def on_batch(report) -> None:
@@ -209,9 +213,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
             if stop.wait(wait_s):
                 total.stopped_because = "asked to stop"
                 break
-            # the lost run's lease, which it could not release, expires within its TTL
+            # (the lost run's lease, which it could not release, is taken back: another drain may
+            # have taken it since it expired, and is waited for)
             lease_wait_s, wait_s = args.lease_ttl, min(wait_s * 2, REDIS_LOST_WAIT_MAX_S)
-            drain = Drain(settings, config)
+            drain = Drain(settings, config, owner)
     except KeyboardInterrupt:
         print("obs-pipeline: interrupted; a batch it had claimed stays in processing for the next drain",
               file=sys.stderr)

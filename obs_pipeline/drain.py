@@ -319,9 +319,12 @@ class MainIdentity:
 
 
 class Drain:
-    def __init__(self, settings: Settings, config: DrainConfig = DrainConfig()):
+    def __init__(self, settings: Settings, config: DrainConfig = DrainConfig(), owner: str = ""):
+        """`owner`: who runs this drain and the ones before it, one after another (a Dagster run,
+        an `obs-pipeline drain` process): it takes back a lease one of them left (see acquire_lease)."""
         self.settings = settings
         self.config = config
+        self.owner = owner
         self.registry = ModelRegistry.from_path(settings.models)
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
@@ -373,8 +376,9 @@ class Drain:
             if self.token:
                 self.store.release_lease(self.token)
         except redis.RedisError as exc:
-            log.warning("could not release the drain lease of site %s (%s); it expires within %.0f s",
-                        self.settings.site, one_line(exc), self.config.lease_ttl_s)
+            log.warning("could not release the drain lease of site %s (%s); it expires within %.0f s%s",
+                        self.settings.site, one_line(exc), self.config.lease_ttl_s,
+                        f" (the next drain of {self.owner} takes it back at once)" if self.owner else "")
         finally:
             self.token = None
 
@@ -523,7 +527,7 @@ class Drain:
     def acquire(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s
         while True:
-            self.token = self.store.acquire_lease(self.config.lease_ttl_s)
+            self.token = self.store.acquire_lease(self.config.lease_ttl_s, self.owner)
             if self.token:
                 return
             if time.monotonic() >= deadline:

@@ -247,6 +247,18 @@ end
 return out
 """
 
+# The drain lease: free, ours (a SET sent again after a lost reply), or left by one of our own
+# drains that has ended (ARGV[3], the owner's prefix: a Dagster run's earlier attempt, which could
+# not release it with Redis down) is taken; another drain's is not.
+ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and (ARGV[3] == '' or string.sub(held, 1, string.len(ARGV[3])) ~= ARGV[3]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0

@@ -295,6 +295,51 @@ def test_main_unreachable_again_after_the_run_drained_backs_off_afresh_with_all_
     assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 0
 
 
+def test_a_run_that_lost_redis_takes_back_its_own_lease_when_redis_is_back(stack, settings, resource, redis_client,
+                                                                           main_engine):
+    """The site's Redis restarted while a run drained: the attempt that met it could not release
+    the lease (Redis down), which Redis's AOF kept, and the run's next attempt waited it out,
+    its whole TTL (60 s by default; a drill by hand: 66 s undrained after Redis was back). The
+    run's own lease, left by an attempt that has ended, is taken back at once; another drain's
+    still fences it (the tests of the lease, and of two drains, stand)."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"], "idle_exit_s": 8,
+                                                   "lease_ttl_s": 120}}}}
+    said: dict[str, object] = {}
+
+    def start(unit: int) -> str:
+        with buf.transaction(endpoint="start_observation") as tx:
+            tx.create("ExecutedObsUnit", {"obs_unit_id": unit, "start_time": "2025-01-01T00:00:00Z", "status": "running"})
+        return tx.transaction_id
+
+    def redis_restarted() -> None:
+        before = start(1)
+        said["before"] = buf.wait(before, "replicated", timeout=60)
+        said["lease held"] = bool(redis_client.exists(keys.lease))
+        stack.stop_service("redis")  # (a clean stop: the lease is in its AOF, with its expiry)
+        try:
+            time.sleep(1)
+        finally:
+            stack.start_service("redis")
+        after, began = start(2), time.monotonic()
+        said["after"] = buf.wait(after, "replicated", timeout=45)  # the lease's TTL is 120 s
+        said["took"] = time.monotonic() - began
+
+    try:
+        result = _beside(redis_restarted, lambda: drain_buffer.execute_in_process(
+            resources={"obs_pipeline": resource}, run_config=config, raise_on_error=False))
+    finally:
+        buf.close()
+    assert said["before"] and said["lease held"], said
+    assert said["after"], said
+    assert result.success
+    assert [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY], "Redis was lost"
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit")).scalar_one() == 2
+    assert not redis_client.exists(keys.lease, keys.processing)
+
+
 def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_so():
     """The counts drain_batches' op retries and its failure line go by (a Dagster run's events
     read in order: see the test above for them on a real run)."""

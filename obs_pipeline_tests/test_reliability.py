@@ -165,7 +165,8 @@ def test_a_lease_whose_reply_is_lost_and_that_redis_py_sends_again_is_the_drains
                                                                                      monkeypatch):
     """With a Redis URL asking redis-py to retry, a lease's SET NX whose reply was lost after
     Redis set it is sent again and answered "not set" (the key is there: its own): the drain
-    said another drain held the site, and would have waited for its own lease's TTL."""
+    said another drain held the site, and would have waited for its own lease's TTL. (The lease
+    is set by a script now, ACQUIRE, which takes a lease holding its own token.)"""
     retrying = dataclasses.replace(settings, redis_url=settings.redis_url + "?retry_on_timeout=yes")
     drain = Drain(retrying, DrainConfig(lease_ttl_s=60.0))
     lease = SiteKeys(settings.site).lease
@@ -174,8 +175,8 @@ def test_a_lease_whose_reply_is_lost_and_that_redis_py_sends_again_is_the_drains
 
     def reply_lost_once(client, conn, command_name, *args, **options):
         reply = send_and_read(client, conn, command_name, *args, **options)
-        if command_name == "SET" and args[1] == lease:
-            sets.append(args[2])
+        if command_name == "EVALSHA" and args[1:4] == (drain.store._acquire.sha, 1, lease):
+            sets.append(args[4])
             if len(sets) == 1:
                 raise redis.TimeoutError("Timeout reading from socket")  # Redis set it; redis-py retries
         return reply
@@ -189,6 +190,29 @@ def test_a_lease_whose_reply_is_lost_and_that_redis_py_sends_again_is_the_drains
         monkeypatch.undo()
         drain.close()
     assert redis_client.get(lease) is None  # released: it was the drain's own
+
+
+def test_a_lease_left_by_a_drain_of_the_same_owner_is_taken_back_and_no_other_drains_is(settings, redis_client):
+    """A Dagster run's attempt that lost Redis could not release its lease, and the run's next
+    attempt waited out its TTL; it takes it back now (its owner, the run, is the same), and the
+    old token is fenced. Another owner's lease, or one without an owner, still keeps it out."""
+    store = BufferStore(redis_client, settings.site)
+    lease = SiteKeys(settings.site).lease
+    left = store.acquire_lease(60, owner="dagster-run-1")
+    assert left and left.startswith("dagster-run-1/")
+    for other in ("dagster-run-2", "dagster-run", ""):  # ("dagster-run" is a prefix of its name, not it)
+        assert store.acquire_lease(60, owner=other) is None, other
+    taken = store.acquire_lease(60, owner="dagster-run-1")
+    assert taken and taken != left and redis_client.get(lease).decode() == taken
+    assert not store.renew_lease(left, 60)  # the attempt before it is fenced
+    store.release_lease(left)
+    assert redis_client.get(lease).decode() == taken
+    store.release_lease(taken)
+    anonymous = store.acquire_lease(60)
+    assert anonymous and "/" not in anonymous
+    assert store.acquire_lease(60, owner="dagster-run-1") is None and store.acquire_lease(60) is None
+    store.release_lease(anonymous)
+    assert redis_client.get(lease) is None
 
 
 @pytest.mark.parametrize("mode", ["first", "extend", "next"])

@@ -325,7 +325,7 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     earlier, retries = _earlier_attempts(context)
     try:  # a bad run config or OBS_* setting: waiting will not fix it, so no op retries
         _check_run_config(config, _max_runtime(context))
-        drain = obs_pipeline.drain(_drain_config(config))
+        drain = obs_pipeline.drain(_drain_config(config), owner=f"dagster-run-{context.run_id}")  # its attempts'
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
     site = drain.settings.site

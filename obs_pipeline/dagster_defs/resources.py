@@ -42,8 +42,8 @@ class ObsPipelineResource(ConfigurableResource):
     def dead_letters(self) -> DeadLetters:
         return DeadLetters(self.buffer_store(), ModelRegistry.from_path(self.settings().models))
 
-    def drain(self, config: DrainConfig) -> Drain:
-        return Drain(self.settings(), config)
+    def drain(self, config: DrainConfig, owner: str = "") -> Drain:
+        return Drain(self.settings(), config, owner)
 
     def replica_replay_lsn(self) -> int | None:
         """How far the replica has replayed; None if it does not answer or reports no position."""
