@@ -340,6 +340,52 @@ def test_a_run_that_lost_redis_takes_back_its_own_lease_when_redis_is_back(stack
     assert not redis_client.exists(keys.lease, keys.processing)
 
 
+def test_after_a_run_failed_on_main_out_of_reach_the_next_starts_as_soon_as_main_answers(settings, resource,
+                                                                                         redis_client, main_engine):
+    """The pause after failed runs (60 s, doubling up to 300 s) is for causes that stay (a setting
+    missing, Redis full all night); a run that failed because main was out of reach was followed
+    only after it too, so after a long outage main's backlog waited up to 5 minutes more once
+    the link was back. The run says why it failed (a tag); while main does not answer the sensor
+    keeps the pause, saying it looks at each tick, and once main answers it launches the next."""
+    from dagster import SkipReason, build_sensor_context
+
+    from obs_pipeline.dagster_defs.jobs import SITE_TAG
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    keys = SiteKeys(settings.site)
+    doc, ids = seed_example(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(doc))
+    unreachable = _with_main_unreachable(resource)
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"],
+                                                   "transient_retry_wait_s": 0.01}}}}
+    with instance_for_test() as instance:
+        failed = drain_buffer.execute_in_process(resources={"obs_pipeline": unreachable}, instance=instance,
+                                                 run_config=config, tags={SITE_TAG: settings.site},
+                                                 raise_on_error=False)
+        assert not failed.success
+
+        def tick(with_resource):
+            return buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": with_resource}))
+
+        still = tick(unreachable)
+        assert isinstance(still, SkipReason), still
+        assert re.search(rf"drain run {failed.run_id} failed with main out of reach; the next once main answers "
+                         r"\(looked at each tick\), or in (\d+) s", still.skip_message), still.skip_message
+        assert isinstance(tick(resource), RunRequest)  # main answers: at once, not 60 s later
+        # a run that failed on another cause keeps its pause, main answering or not
+        other = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site},
+                                            status=DagsterRunStatus.STARTED)
+        instance.report_run_failed(other)
+        paused = tick(resource)
+        assert isinstance(paused, SkipReason) and f"drain run {other.run_id} failed" in paused.skip_message, paused
+        assert "once main answers" not in paused.skip_message, paused.skip_message
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # kept for the next run
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                            {"i": ids["uuid-1"]}).scalar_one() == 1
+
+
 def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_so():
     """The counts drain_batches' op retries and its failure line go by (a Dagster run's events
     read in order: see the test above for them on a real run)."""

@@ -10,6 +10,7 @@ crashed run is retried by the instance's run retries.
 """
 
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -45,6 +46,9 @@ from obs_pipeline.drain import BACKGROUND_NICENESS, BatchReport, DrainBusy, Drai
 from obs_pipeline.health import REPLICA_STUCK_AFTER_S, oldest_batch_age_s, replica_behind
 
 SITE_TAG = "obs_pipeline/site"
+# on a drain run that failed because main was out of reach: buffer_sensor launches the next as
+# soon as main answers, not after its pause for failed runs (for causes that stay)
+FAILED_ON_TAG, MAIN_OUT_OF_REACH = "obs_pipeline/failed_on", "main out of reach"
 MAIN_ASSET = AssetKey(["obs_pipeline", "main_database"])
 REPLICA_ASSET = AssetKey(["obs_pipeline", "site_replica"])
 TRANSIENT_RETRIES = 8
@@ -373,6 +377,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         # past the retries (a RetryRequested fails the run on Dagster's "Exceeded max_retries of 8",
         # which names neither main nor what to check), or a try past the budget failed too
         if retries.main >= TRANSIENT_RETRIES or tried_past_budget:
+            with contextlib.suppress(Exception):  # (without it, the sensor's pause alone)
+                context.instance.add_run_tags(context.run_id, {FAILED_ON_TAG: MAIN_OUT_OF_REACH})
             raise Failure(description=f"site {site}: main unreachable ({error}) {retries.main_unreachable_at()}; is "
                                       "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the "
                                       "next run",

@@ -41,7 +41,7 @@ from dagster import DagsterInstance, DagsterRunStatus, DefaultSensorStatus, RunR
 
 from obs_pipeline.buffer_store import redis_trouble
 from obs_pipeline.config import ConfigError
-from obs_pipeline.dagster_defs.jobs import SITE_TAG, drain_buffer
+from obs_pipeline.dagster_defs.jobs import FAILED_ON_TAG, MAIN_OUT_OF_REACH, SITE_TAG, drain_buffer
 from obs_pipeline.dagster_defs.resources import ObsPipelineResource
 from obs_pipeline.drain import MAIN_TIMELINE_RECHECK_S
 from obs_pipeline.lsn import int_to_lsn
@@ -268,9 +268,16 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if pause - since > 0:  # unless a run succeeded since (launched by hand, once fixed)
             pause, streak = _failed_run_pause(last, _newest_success(context.instance, site, last[-1]))
         wait = pause - since
-        if wait > 0:  # (none after a run whose worker was gone)
+        out_of_reach = failed.tags.get(FAILED_ON_TAG) == MAIN_OUT_OF_REACH
+        # (none after a run whose worker was gone; after one that failed with main out of reach,
+        # none once main answers: the backlog of a long outage waited up to 300 s more)
+        if wait > 0 and not (out_of_reach and obs_pipeline.main_identity() is not None):
             in_a_row = (f", the last {streak}{' or more' if streak == len(last) == FAILED_RUNS_COUNTED else ''} "
                         "drain runs in a row" if streak > 1 else "")
+            if out_of_reach:
+                return SkipReason(f"site {site}: drain run {failed.run_id} failed with main out of reach{in_a_row}; "
+                                  f"the next once main answers (looked at each tick), or in {wait:.0f} s (see that "
+                                  "run's log; a run launched by hand starts at once)")
             return SkipReason(f"site {site}: drain run {failed.run_id} failed{in_a_row}; the next in {wait:.0f} s "
                               f"(see that run's log; the pause doubles with each failed run, up to "
                               f"{FAILED_RUN_PAUSE_MAX_S:.0f} s; a run launched by hand starts at once)")
