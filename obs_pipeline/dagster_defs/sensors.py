@@ -4,7 +4,9 @@ again within FAILED_RUN_PAUSE_S of a failed one: a run fails only once its op re
 spent, so the cause (no main URL, a full Redis...) will not be gone a second later. The pause
 doubles with each failed run in a row, up to FAILED_RUN_PAUSE_MAX_S: a cause that stays (a
 setting missing from the daemon's environment, Redis full all night) made a failed run every
-minute or so, over a thousand a day in the UI, more than prune_run_history deletes. Nor while
+minute or so, over a thousand a day in the UI, more than prune_run_history deletes. After a run
+that failed with main out of reach (FAILED_ON_TAG), main is asked at each tick meanwhile, and the
+next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
