@@ -402,8 +402,8 @@ def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_
     assert (retries.main, retries.redis, retries.attempts) == (1, 0, 3)
     assert retries.main_unreachable_at() == "at 2 of the 3 attempts since the run last drained a batch"
     retries.drained()
-    assert retries.main_unreachable_at() == "at each of the 1 attempts since the run last drained a batch"
-    assert OpRetries().main_unreachable_at() == "at each of the run's 1 attempts"
+    assert retries.main_unreachable_at() == "at the one attempt since the run last drained a batch"
+    assert OpRetries().main_unreachable_at() == "at the run's one attempt"
 
 
 @pytest.mark.parametrize("trouble", ["down", "full"])

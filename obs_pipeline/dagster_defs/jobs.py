@@ -9,8 +9,8 @@ down too: then the drain retries the batch itself and the run goes on once main 
 crashed run is retried by the instance's run retries.
 """
 
-import time
 import contextlib
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -217,6 +217,8 @@ class OpRetries:
         """'at each of the run's 9 attempts', 'at 9 of the 12 attempts since the run last drained a batch'."""
         tries = self.main + 1
         counted = "each of" if tries == self.attempts else f"{tries} of"
+        if self.attempts == 1:  # (a try past the budget)
+            return "at the one attempt since the run last drained a batch" if self.after_a_batch else "at the run's one attempt"
         if self.after_a_batch:
             return f"at {counted} the {self.attempts} attempts since the run last drained a batch"
         return f"at {counted} the run's {self.attempts} attempts"
