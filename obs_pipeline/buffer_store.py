@@ -532,9 +532,9 @@ class BufferStore:
         release it, and the run's next attempt waited out its TTL. A drain of that owner must
         not still be running: each owner's drains run one after another (the run's attempts,
         `obs-pipeline drain`'s runs in its one process)."""
-        token = f"{owner}/{uuid.uuid4().hex}" if owner else uuid.uuid4().hex
-        ok = self._acquire(keys=[self.keys.lease], args=[token, int(ttl_s * 1000), f"{owner}/" if owner else ""])
-        return token if ok else None
+        prefix = f"{owner}/" if owner else ""
+        token = prefix + uuid.uuid4().hex
+        return token if self._acquire(keys=[self.keys.lease], args=[token, int(ttl_s * 1000), prefix]) else None
 
     def renew_lease(self, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.keys.lease], args=[token, int(ttl_s * 1000)]))
