@@ -386,6 +386,37 @@ def test_after_a_run_failed_on_main_out_of_reach_the_next_starts_as_soon_as_main
                             {"i": ids["uuid-1"]}).scalar_one() == 1
 
 
+def test_in_a_long_outage_of_main_failed_runs_come_ever_further_apart(settings, resource, redis_client):
+    """Main out of reach all night (the link down for hours) failed a run every 5 minutes or so:
+    8 op retries (4 minutes), the pause capped at 300 s, the next run: about 12 red runs an hour
+    in the UI, hiding any that failed on something else. The sensor asks main at each tick during
+    the pause after such a run and launches the next as soon as it answers, so that pause may
+    grow further, up to 30 minutes, without keeping the backlog a moment once the link is back."""
+    from dagster import SkipReason, build_sensor_context
+
+    from obs_pipeline.dagster_defs.jobs import FAILED_ON_TAG, MAIN_OUT_OF_REACH, SITE_TAG
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
+    unreachable = _with_main_unreachable(resource)
+    with instance_for_test() as instance:
+        def next_in(**tags) -> int:
+            run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site, **tags},
+                                              status=DagsterRunStatus.STARTED)
+            instance.report_run_failed(run)
+            skip = buffer_sensor(build_sensor_context(instance=instance, resources={"obs_pipeline": unreachable}))
+            assert isinstance(skip, SkipReason), skip
+            match = re.search(rf"drain run {run.run_id} failed[^;]*; the next (?:once main answers \(looked at "
+                              r"each tick\), or )?in (\d+) s", skip.skip_message)
+            assert match, skip.skip_message
+            return int(match.group(1))
+
+        waits = [next_in(**{FAILED_ON_TAG: MAIN_OUT_OF_REACH}) for _ in range(7)]
+        for wait, expected in zip(waits, [60, 120, 240, 480, 960, 1800, 1800]):
+            assert expected - 3 <= wait <= expected, waits
+        assert 297 <= next_in() <= 300, "a run that failed on another cause keeps the 300 s cap"
+
+
 def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_so():
     """The counts drain_batches' op retries and its failure line go by (a Dagster run's events
     read in order: see the test above for them on a real run)."""

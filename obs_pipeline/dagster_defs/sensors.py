@@ -6,7 +6,9 @@ doubles with each failed run in a row, up to FAILED_RUN_PAUSE_MAX_S: a cause tha
 setting missing from the daemon's environment, Redis full all night) made a failed run every
 minute or so, over a thousand a day in the UI, more than prune_run_history deletes. After a run
 that failed with main out of reach (FAILED_ON_TAG), main is asked at each tick meanwhile, and the
-next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. Nor while
+next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. That
+pause may so grow to OUT_OF_REACH_PAUSE_MAX_S: a night without the link made a red run every 5
+minutes, hiding the runs that failed on something else. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
@@ -51,8 +53,11 @@ from obs_pipeline.lsn import int_to_lsn
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
 FAILED_RUN_PAUSE_S = 60.0  # after a failed run; doubled for each failed run before it, in a row
-FAILED_RUN_PAUSE_MAX_S = 300.0  # the most a site waits for its drain once the cause is gone (a long outage of main)
-FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 4th in a row the pause is the cap)
+FAILED_RUN_PAUSE_MAX_S = 300.0  # the most a site waits for its drain once the cause is gone
+# after a run that failed with main out of reach: main is asked at each tick meanwhile, so the
+# pause keeps no backlog once main answers, and a night's outage makes a red run every half hour
+OUT_OF_REACH_PAUSE_MAX_S = 1800.0
+FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 4th in a row the pause is the cap; 6th, main out of reach)
 # A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
 # with the lease free, and its worker is gone.
 DEAD_RUN_QUIET_S = 75.0
@@ -119,7 +124,8 @@ def _retry_pending(run) -> bool:
     return run.tags.get(WILL_RETRY_TAG) == "true" and not run.tags.get(AUTO_RETRY_RUN_ID_TAG)
 
 
-def _failed_run_pause(recent: list, succeeded: int | None = None) -> tuple[float, int]:
+def _failed_run_pause(recent: list, succeeded: int | None = None,
+                      cap_s: float = FAILED_RUN_PAUSE_MAX_S) -> tuple[float, int]:
     """The pause after the site's last run, newest first in `recent`, and how many failed in a
     row. A run whose worker was gone (the sensor marked it failed) failed on no cause of its own:
     no pause after it, and it ends a streak. So does a success (`succeeded`: the storage id of
@@ -133,7 +139,7 @@ def _failed_run_pause(recent: list, succeeded: int | None = None) -> tuple[float
         streak += 1
     if not streak:
         return 0.0, 0
-    return min(FAILED_RUN_PAUSE_S * 2 ** (streak - 1), FAILED_RUN_PAUSE_MAX_S), streak
+    return min(FAILED_RUN_PAUSE_S * 2 ** (streak - 1), cap_s), streak
 
 
 def _newest_success(instance: DagsterInstance, site: str, oldest) -> int | None:
@@ -266,11 +272,12 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if _retry_pending(failed) and FAILED_RUN_PAUSE_S - since > 0:  # their daemon looks every 5 s
             return SkipReason(f"site {site}: drain run {failed.run_id} failed, and run retries relaunch it "
                               f"(the sensor does if they have not in {FAILED_RUN_PAUSE_S - since:.0f} s)")
-        pause, streak = _failed_run_pause(last)
-        if pause - since > 0:  # unless a run succeeded since (launched by hand, once fixed)
-            pause, streak = _failed_run_pause(last, _newest_success(context.instance, site, last[-1]))
-        wait = pause - since
         out_of_reach = failed.tags.get(FAILED_ON_TAG) == MAIN_OUT_OF_REACH
+        cap_s = OUT_OF_REACH_PAUSE_MAX_S if out_of_reach else FAILED_RUN_PAUSE_MAX_S
+        pause, streak = _failed_run_pause(last, cap_s=cap_s)
+        if pause - since > 0:  # unless a run succeeded since (launched by hand, once fixed)
+            pause, streak = _failed_run_pause(last, _newest_success(context.instance, site, last[-1]), cap_s)
+        wait = pause - since
         # (none after a run whose worker was gone; after one that failed with main out of reach,
         # none once main answers: the backlog of a long outage waited up to 300 s more)
         if wait > 0 and not (out_of_reach and obs_pipeline.main_identity() is not None):
