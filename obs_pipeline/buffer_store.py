@@ -36,6 +36,7 @@ REPLY_SPIN_S = 0.0002  # ingest polls this long for Redis's reply before it slee
 CLAIM_CHUNK = 250   # entries moved to the processing list per Lua call, for the same reason
 CLEAN_PASS = 100    # cleanup records read, and cleaned, per round trip
 UNPARK_CHUNK = 1000  # parked transactions made due per Lua call, about 25 ms (scripts.UNPARK)
+DRAIN_WAITING_MARGIN_S = 15.0  # a drain run's note that it waits outlives the wait by this (its start)
 AOF_COMPACT_MIN_BYTES = 64 * 2**20  # compact_aof: an AOF this big (Redis's default rewrite minimum)
 AOF_COMPACT_FILE_PER_MEMORY = 8     # ... and 8x the data it describes
 # Redis 6 refuses a command of more arguments than this: it resets the connection, which reads
@@ -585,6 +586,22 @@ class BufferStore:
     def lease_holder(self) -> str | None:
         raw = self.redis.get(self.keys.lease)
         return raw.decode() if raw else None
+
+    def note_drain_waiting(self, why: str, wait_s: float) -> None:
+        """A drain run that let go of the lease to wait `wait_s` for its next attempt (a Dagster op
+        retry) says so, for `status`, which said `idle` all through an outage of main."""
+        self.redis.set(self.keys.drain_waiting, why, px=max(1, round((wait_s + DRAIN_WAITING_MARGIN_S) * 1000)))
+
+    def drain_waiting(self) -> tuple[str, float] | None:
+        """The note above and the seconds until that attempt (0 once due); None when none waits."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            why, left_ms = pipe.get(self.keys.drain_waiting).pttl(self.keys.drain_waiting).execute()
+        if why is None:
+            return None
+        return why.decode(errors="replace"), max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S)
+
+    def clear_drain_waiting(self) -> None:
+        self.redis.delete(self.keys.drain_waiting)
 
     # --- drain ------------------------------------------------------------------------------
     def remember_link(self, round_trip_s: float, apply_s_per_transaction: float | None,

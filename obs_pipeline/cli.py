@@ -279,7 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                                                                if report["problems"] else ""))
         print(f"  buffer {buf['size']}, processing {buf['processing']}, retrying {buf['retrying']}, "
               f"failed {buf['failed']}, oldest pending {_age(buf['oldest_pending_seconds'])}")
-        print(f"  drain {proc['status']}, last run {proc['last_run'] or 'never'}, processed {proc['transactions_processed']}")
+        print(f"  drain {proc['status']}" + (f" ({proc['waiting']})" if proc["waiting"] else "")
+              + f", last run {proc['last_run'] or 'never'}, processed {proc['transactions_processed']}")
         if "drain_timeouts" in report:  # main cancelled the drain's statements: one line, what to check
             print(f"  drain timeouts: {report['drain_timeouts']['note']}\n    {report['drain_timeouts']['check']}")
         print(f"  replication lag {_age(lag.get('seconds'))}, {lag.get('bytes', 'unknown')} bytes "

@@ -94,6 +94,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         problems.append(f"{local_spool['pending']} transaction(s) wait in the local spool {local_spool['file']}"
                         + (f" (oldest {spooled_oldest:.0f} s old)" if spooled_oldest is not None else "")
                         + ": run `obs-pipeline spool push` (on this host, with the same OBS_SPOOL_DIR)")
+    holder = store.lease_holder()
+    waiting = store.drain_waiting() if holder is None else None
     report = {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") or unusable else "degraded"),
         "problems": problems,
@@ -108,7 +110,9 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
             "retry_overdue_seconds": round(max(overdue, 0.0), 3) if overdue is not None else None,
         },
         "background_processor": {
-            "status": "running" if store.lease_holder() else "idle",
+            "status": "running" if holder or waiting else "idle",
+            # a drain run between its op retries (main out of reach) holds no lease: why it waits
+            "waiting": f"{waiting[0]}, the next attempt in {waiting[1]:.0f} s" if waiting else None,
             "last_run": _iso(last_run),
             "transactions_processed": int(stats.get("applied_total", 0)),
             "transactions_replicated": int(stats.get("replicated_total", 0)),

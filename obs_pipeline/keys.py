@@ -66,6 +66,12 @@ class SiteKeys:
         return f"{self.prefix}drain_lease"
 
     @property
+    def drain_waiting(self) -> str:
+        """String with PX expiry: why a drain run that holds no lease waits for its next attempt
+        (an op retry, main out of reach), until a little past that attempt."""
+        return f"{self.prefix}drain_waiting"
+
+    @property
     def awaiting_replication(self) -> str:
         """Sorted set: committed batches scored by commit LSN, until the replica replays them."""
         return f"{self.prefix}awaiting_replication"

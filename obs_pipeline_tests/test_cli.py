@@ -303,6 +303,19 @@ def test_status_json_has_the_seed_health_shape(env, redis_client, settings):
     assert after["status"] == "healthy"
 
 
+def test_status_text_says_why_a_drain_run_waits_and_until_when(env, redis_client, settings):
+    """The text report's drain line with a drain run waiting for its op retry (the note is the
+    run's: see test_dagster_operations for a real run's), and after the wait, the note gone."""
+    store = BufferStore(redis_client, settings.site)
+    store.note_drain_waiting("drain run r1: main unreachable (refused): op retry 2 of 8", 30.0)
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert re.fullmatch(r"  drain running \(drain run r1: main unreachable \(refused\): op retry 2 of 8, the next "
+                        r"attempt in (29|30) s\), last run never, processed 0", line), line
+    store.clear_drain_waiting()
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert line == "  drain idle, last run never, processed 0", line
+
+
 @pytest.mark.usefixtures("clean_db")
 def test_status_last_run_is_the_drains_last_batch_even_one_that_only_dead_lettered(env, redis_client, settings):
     """`last run` was the last time a batch applied something: a drain whose every transaction

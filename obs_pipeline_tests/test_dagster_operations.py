@@ -35,6 +35,7 @@ from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
+from obs_pipeline.buffer_store import BufferStore
 from obs_pipeline.dagster_defs import operations
 from obs_pipeline.dagster_defs.jobs import MAIN_ASSET, drain_buffer
 from obs_pipeline.dagster_defs.operations import (
@@ -417,6 +418,41 @@ def test_in_a_long_outage_of_main_failed_runs_come_ever_further_apart(settings, 
         assert 297 <= next_in() <= 300, "a run that failed on another cause keeps the 300 s cap"
 
 
+def test_status_says_a_run_waiting_for_its_op_retry_with_main_out_of_reach_is_running_and_why(
+        settings, resource, redis_client, main_engine, replica_engine, monkeypatch):
+    """Between its op retries a run holds no lease (a run that is not trying keeps no other drain
+    out), and `obs-pipeline status` said `drain idle` for the whole of an outage, as if nothing
+    drained the site: the run notes its wait in Redis for the wait's length, and status shows
+    the drain running, waiting, why and how long. The run's failure, its retries spent, ends it."""
+    from obs_pipeline.dagster_defs import jobs
+    from obs_pipeline.health import health_report
+
+    monkeypatch.setattr(jobs, "TRANSIENT_RETRIES", 1)
+    keys = SiteKeys(settings.site)
+    redis_client.lpush(keys.buffer, json.dumps(seed_example(settings.site)[0]))
+    store = BufferStore(redis_client, settings.site)
+    config = {"ops": {"drain_batches": {"config": {**FAST["ops"]["drain_batches"]["config"],
+                                                   "transient_retry_wait_s": 4.0}}}}
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(p["status"] == "running" for p in seen):
+            seen.append(health_report(store, main_engine, replica_engine)["background_processor"])
+            time.sleep(0.2)
+
+    result = _beside(watch, lambda: drain_buffer.execute_in_process(
+        resources={"obs_pipeline": _with_main_unreachable(resource)}, run_config=config, raise_on_error=False))
+    assert not result.success
+    waiting = next((p for p in seen if p["status"] == "running"), None)
+    assert waiting is not None, seen[-3:]
+    assert re.fullmatch(rf"drain run {result.run_id}: main unreachable \(.+\): op retry 1 of 1, the next attempt "
+                        r"in \d+ s", waiting["waiting"]), waiting
+    after = health_report(store, main_engine, replica_engine)["background_processor"]
+    assert (after["status"], after["waiting"]) == ("idle", None), after  # the run failed: nothing waits
+    assert redis_client.llen(keys.buffer) + redis_client.llen(keys.processing) == 1  # kept for the next run
+
+
 def test_op_retries_count_each_cause_since_the_run_last_drained_a_batch_and_say_so():
     """The counts drain_batches' op retries and its failure line go by (a Dagster run's events
     read in order: see the test above for them on a real run)."""
@@ -499,8 +535,6 @@ def test_redis_lost_after_the_drain_fails_the_report_in_one_line(settings, resou
     redis-py's own error, a page of stack naming no setting, where every other step says which
     site's Redis and what to check. It says so in that line now; what the drain did stands."""
     import redis as redis_lib
-
-    from obs_pipeline.buffer_store import BufferStore
 
     doc, _ = seed_example(settings.site)
     redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(doc))

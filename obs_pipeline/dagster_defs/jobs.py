@@ -335,6 +335,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
     site = drain.settings.site
+    with contextlib.suppress(Exception):  # an earlier attempt's note that it waited (Redis down: the run says so below)
+        drain.store.clear_drain_waiting()
 
     # The budget is the run's, not this attempt's: every op retry (a link down) would start it
     # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.
@@ -381,6 +383,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         if retries.main >= TRANSIENT_RETRIES or tried_past_budget:
             with contextlib.suppress(Exception):  # (without it, the sensor's pause alone)
                 context.instance.add_run_tags(context.run_id, {FAILED_ON_TAG: MAIN_OUT_OF_REACH})
+            with contextlib.suppress(Exception):  # (else it expires past the wait it said)
+                drain.store.clear_drain_waiting()
             raise Failure(description=f"site {site}: main unreachable ({error}) {retries.main_unreachable_at()}; is "
                                       "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the "
                                       "next run",
@@ -389,6 +393,9 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         retry = f"op retry {retries.main + 1} of {TRANSIENT_RETRIES} in {wait:g} s"
         context.log_event(AssetObservation(asset_key=MAIN_ASSET, description=f"main unreachable ({error}): {retry}",
                                            metadata={"site": site, RETRIED: transient_errors}))
+        with contextlib.suppress(Exception):  # for `status`: the run lets go of the lease as it waits
+            drain.store.note_drain_waiting(f"drain run {context.run_id}: main unreachable ({error}): op retry "
+                                           f"{retries.main + 1} of {TRANSIENT_RETRIES}", wait)
         raise RetryRequested(max_retries=MAX_OP_RETRIES, seconds_to_wait=wait) from TransientError(error)
 
     try:
