@@ -232,9 +232,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
 # --- status ---------------------------------------------------------------------------------
 
 # `status --check` exits by the site's health: 0 healthy, 3 degraded (an operator should look:
-# dead letters, an old backlog, a full Redis, a local spool), 4 unhealthy (main or the replica does
-# not answer); `status` exits 0 once it printed the report. 1 is any error that left no report
-# (Redis down), 2 a usage error, as for every command.
+# dead letters, an old backlog, a full Redis, a local spool), 4 unhealthy (main, the replica or
+# Redis does not answer); `status` exits 0 once it printed the report. 1 is any error that left
+# no report (Redis down, without --check), 2 a usage error, as for every command.
 STATUS_EXIT = {"healthy": 0, "degraded": 3, "unhealthy": 4}
 
 
@@ -260,17 +260,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         report = health_report(store, main, replica, spool=spool)
     except (redis.ConnectionError, redis.TimeoutError) as error:  # one line, with what waits in this host's spool
+        line = _one_line(error)
         unusable = spool.unusable()
         if unusable:  # (Redis down, and scripts cannot spool: it said Redis alone)
-            raise RuntimeError(f"{_one_line(error)}; and {unusable}") from error
-        try:
-            pending = spool.pending()
-        except OSError as unreadable:
-            raise RuntimeError(f"{_one_line(error)}; and {spool_unreadable(spool, unreadable)}") from error
-        if not pending:
-            raise
-        raise RuntimeError(f"{_one_line(error)} ({pending} transaction(s) wait in the local spool {spool.path})") \
-            from error
+            line += f"; and {unusable}"
+        else:
+            try:
+                pending = spool.pending()
+            except OSError as unreadable:
+                line += f"; and {spool_unreadable(spool, unreadable)}"
+            else:
+                line += f" ({pending} transaction(s) wait in the local spool {spool.path})" if pending else ""
+        if not args.check:  # no report: an error, exit 1
+            raise RuntimeError(line) from error
+        # for a monitor, the site's worst state: 1 read as a check that could not run
+        print(f"obs-pipeline: site {settings.site} is unhealthy: {line}", file=sys.stderr)
+        return STATUS_EXIT["unhealthy"]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

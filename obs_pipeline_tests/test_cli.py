@@ -1377,6 +1377,22 @@ def test_status_exits_0_when_healthy_and_3_when_degraded(env, redis_client, sett
     assert cli("status", "--check", env=env).returncode == 0
 
 
+def test_status_check_with_redis_down_exits_4_as_unhealthy(env, settings):
+    """A monitor's `status --check` exited 1 with Redis down, the exit it gets for a check that
+    could not run (a usage error is 2): the site's worst state (scripts spool to disk, nothing
+    drains) read as the monitor's own fault. With --check it is 4, unhealthy, in one line;
+    without it, 1 as for every command that left no report."""
+    from obs_pipeline.stack.osutil import pick_free_ports
+
+    down = {**env, "OBS_REDIS_URL": f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"}
+    for args, code in ((["status"], 1), (["status", "--check"], 4), (["status", "--json", "--check"], 4)):
+        result = cli(*args, env=down)
+        assert result.returncode == code and result.stdout == "", (args, result.returncode, result.stdout)
+        line = one_line_error(result)
+        assert line.startswith(f"obs-pipeline: site {settings.site} is unhealthy: Redis unreachable ("
+                               if code == 4 else "obs-pipeline: error: Redis unreachable ("), (args, line)
+
+
 def test_status_check_exits_3_when_the_replica_url_names_a_primary(env, settings):
     """OBS_REPLICA_DB_URL naming a primary (here the stack's main) answers, but reports no replay
     position: no replay will ever clean a batch's caches. `status` calls the site degraded and
