@@ -112,7 +112,8 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
         "background_processor": {
             "status": "running" if holder or waiting else "idle",
             # a drain run between its op retries (main out of reach) holds no lease: why it waits
-            "waiting": f"{waiting[0]}, the next attempt in {waiting[1]:.0f} s" if waiting else None,
+            "waiting": (f"{waiting[0]}, the next attempt " + (f"in {waiting[1]:.0f} s" if waiting[1] >= 0.5 else
+                                                              "due now (Dagster starting it)")) if waiting else None,
             "last_run": _iso(last_run),
             "transactions_processed": int(stats.get("applied_total", 0)),
             "transactions_replicated": int(stats.get("replicated_total", 0)),

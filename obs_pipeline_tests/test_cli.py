@@ -311,6 +311,9 @@ def test_status_text_says_why_a_drain_run_waits_and_until_when(env, redis_client
     line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
     assert re.fullmatch(r"  drain running \(drain run r1: main unreachable \(refused\): op retry 2 of 8, the next "
                         r"attempt in (29|30) s\), last run never, processed 0", line), line
+    store.note_drain_waiting("drain run r1: main unreachable (refused): op retry 2 of 8", 0.0)
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert "op retry 2 of 8, the next attempt due now (Dagster starting it))" in line, line  # (it said "in 0 s")
     store.clear_drain_waiting()
     line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
     assert line == "  drain idle, last run never, processed 0", line
