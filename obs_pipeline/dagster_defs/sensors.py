@@ -6,9 +6,9 @@ doubles with each failed run in a row, up to FAILED_RUN_PAUSE_MAX_S: a cause tha
 setting missing from the daemon's environment, Redis full all night) made a failed run every
 minute or so, over a thousand a day in the UI, more than prune_run_history deletes. After a run
 that failed with main out of reach (FAILED_ON_TAG), main is asked at each tick meanwhile, and the
-next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. That
-pause may so grow to OUT_OF_REACH_PAUSE_MAX_S: a night without the link made a red run every 5
-minutes, hiding the runs that failed on something else. Nor while
+next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. So that
+pause grows on up to OUT_OF_REACH_PAUSE_MAX_S, not 300 s: a night without the link made a red
+run every 5 minutes, hiding the runs that failed on something else. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
