@@ -383,8 +383,6 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
         if retries.main >= TRANSIENT_RETRIES or tried_past_budget:
             with contextlib.suppress(Exception):  # (without it, the sensor's pause alone)
                 context.instance.add_run_tags(context.run_id, {FAILED_ON_TAG: MAIN_OUT_OF_REACH})
-            with contextlib.suppress(Exception):  # (else it expires past the wait it said)
-                drain.store.clear_drain_waiting()
             raise Failure(description=f"site {site}: main unreachable ({error}) {retries.main_unreachable_at()}; is "
                                       "OBS_MAIN_DB_URL right and main up? The transactions stay buffered for the "
                                       "next run",
