@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -924,6 +927,28 @@ def test_stopping_a_proxy_that_exits_meanwhile_is_no_error(tmp_path, monkeypatch
     # (gone: an exiting process has no command line before it is gone, and the check above,
     # by its command line, may see it gone first: the last assertion failed so on a slow host)
     assert not pidfile.exists() and eventually(lambda: not pid_alive(pid))
+
+
+def test_a_proxy_stopped_as_it_starts_removes_its_pidfile(tmp_path):
+    """The proxy wrote its pidfile, then started its event loop and only there took SIGTERM as a
+    stop: a SIGTERM between the two (a `stack stop` right after `up`, on a loaded host) killed it
+    at once, its pidfile left behind (the test above then waited 30 s for it to go, in vain).
+    Here its start is made slow (2 s before its loop) to hold that moment open."""
+    listen, target = pick_free_ports(2)
+    pidfile = tmp_path / "proxy.pid"
+    slow_start = ("import asyncio, sys, time; from obs_pipeline.stack import latency_proxy; real = asyncio.run; "
+                  "asyncio.run = lambda coro: (time.sleep(2), real(coro))[1]; "
+                  f"sys.exit(latency_proxy.main(['--listen', '{listen}', '--target', '127.0.0.1:{target}', "
+                  f"'--delay-ms', '5', '--pidfile', '{pidfile}']))")
+    proc = subprocess.Popen([sys.executable, "-c", slow_start], stderr=subprocess.DEVNULL)
+    try:
+        assert eventually(pidfile.exists, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (code, pidfile.exists()) == (0, False)
 
 
 @pytest.mark.parametrize("value", [True, False])

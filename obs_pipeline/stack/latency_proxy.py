@@ -103,6 +103,10 @@ async def _serve(sock: socket.socket, target: tuple[str, int], delay: float) -> 
     await asyncio.gather(*connections, return_exceptions=True)
 
 
+def _exit_before_serving(signum, frame) -> None:  # noqa: ARG001
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--listen", required=True, help="PORT or HOST:PORT (host defaults to 127.0.0.1)")
@@ -129,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(0)  # the launcher then waits for the child's pidfile
         os.setsid()
     pidfile = Path(args.pidfile) if args.pidfile else None
-    if pidfile:
-        info = {"pid": os.getpid(), "listen": args.listen, "target": args.target, "delay_ms": args.delay_ms}
-        pidfile.write_text(json.dumps(info) + "\n")
-    print(f"latency_proxy pid {os.getpid()}: {args.listen} -> {args.target}, +{args.delay_ms} ms each way",
-          file=sys.stderr, flush=True)
+    # A stop before the event loop takes it (in _serve) exits through the `finally` below: killed
+    # at once, the proxy left its pidfile behind (a `stack stop` right after `up`, a loaded host).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_serving)
     try:
+        if pidfile:
+            info = {"pid": os.getpid(), "listen": args.listen, "target": args.target, "delay_ms": args.delay_ms}
+            pidfile.write_text(json.dumps(info) + "\n")
+        print(f"latency_proxy pid {os.getpid()}: {args.listen} -> {args.target}, +{args.delay_ms} ms each way",
+              file=sys.stderr, flush=True)
         asyncio.run(_serve(sock, target, args.delay_ms / 1000.0))
     finally:
         if pidfile and pidfile.is_file() and json.loads(pidfile.read_text()).get("pid") == os.getpid():
