@@ -388,8 +388,8 @@ def test_after_a_run_failed_on_main_out_of_reach_the_next_starts_as_soon_as_main
 
 
 def test_in_a_long_outage_of_main_failed_runs_come_ever_further_apart(settings, resource, redis_client):
-    """Main out of reach all night (the link down for hours) failed a run every 5 minutes or so:
-    8 op retries (4 minutes), the pause capped at 300 s, the next run: about 12 red runs an hour
+    """Main out of reach all night (the link down for hours) failed a run every 9 minutes or so:
+    8 op retries (4 minutes), the pause capped at 300 s, the next run: about 7 red runs an hour
     in the UI, hiding any that failed on something else. The sensor asks main at each tick during
     the pause after such a run and launches the next as soon as it answers, so that pause may
     grow further, up to 30 minutes, without keeping the backlog a moment once the link is back."""

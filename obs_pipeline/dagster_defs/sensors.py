@@ -8,7 +8,8 @@ minute or so, over a thousand a day in the UI, more than prune_run_history delet
 that failed with main out of reach (FAILED_ON_TAG), main is asked at each tick meanwhile, and the
 next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. So that
 pause grows on up to OUT_OF_REACH_PAUSE_MAX_S, not 300 s: a night without the link made a red
-run every 5 minutes, hiding the runs that failed on something else. Nor while
+run every 9 minutes or so (4 of op retries, then the pause), hiding the runs that failed on
+something else. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
@@ -55,7 +56,7 @@ IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunSt
 FAILED_RUN_PAUSE_S = 60.0  # after a failed run; doubled for each failed run before it, in a row
 FAILED_RUN_PAUSE_MAX_S = 300.0  # the most a site waits for its drain once the cause is gone
 # after a run that failed with main out of reach: main is asked at each tick meanwhile, so the
-# pause keeps no backlog once main answers, and a night's outage makes a red run every half hour
+# pause keeps no backlog once main answers, and a night's outage makes a red run every 34 minutes or so
 OUT_OF_REACH_PAUSE_MAX_S = 1800.0
 FAILED_RUNS_COUNTED = 10  # read of the site's last runs (from the 4th in a row the pause is the cap; 6th, main out of reach)
 # A live run without the lease is quiet for at most an op retry's wait (60 s at most): longer,
