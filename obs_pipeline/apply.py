@@ -1081,8 +1081,9 @@ class ReplicaDatabase:
             raise answer["error"]
         return answer["row"]
 
-    def wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
-        """Poll until replay passes `lsn` (fast at first, then every 50 ms); the last LSN seen."""
+    def wait_for_replay(self, lsn: int, timeout_s: float, give_up: Callable[[], bool] | None = None) -> int | None:
+        """Poll until replay passes `lsn` (fast at first, then every 50 ms), or `give_up()` says
+        to stop waiting; the last LSN seen."""
         deadline = time.monotonic() + timeout_s
         delay = 0.002
         seen = None
@@ -1093,7 +1094,7 @@ class ReplicaDatabase:
                 seen = None
             if seen is not None and seen >= lsn:
                 return seen
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or give_up is not None and give_up():
                 return seen
             time.sleep(delay)
             delay = min(delay * 2, 0.05)

@@ -1221,6 +1221,14 @@ class BufferStore:
         batches waiting for the replica. One round trip; the sensor asks it."""
         return any(self.work().values())
 
+    def has_claimable(self) -> bool:
+        """Whether a claim would take something now (entries queued, a retry that is due), in
+        one round trip: a drain waiting for the replica stops waiting for it (Drain._work_waits)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.keys.buffer)
+        pipe.zcount(self.keys.retry, "-inf", time.time())
+        return any(pipe.execute())
+
     def work(self) -> dict[str, int]:
         """What is left for a drain, in one round trip: entries queued and left in processing,
         retries that are due, committed batches waiting for the replica."""

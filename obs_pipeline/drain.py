@@ -1146,16 +1146,33 @@ class Drain:
                         "kept until main says which it has", len({r.get("lsn") for r, _ in unseen}))
 
     def _wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
-        """The replica's wait_for_replay (0: one look), the lease kept (_lease_kept): a
+        """The replica's wait_for_replay (0: one look), ended once work waits to be claimed
+        (_work_waits), the lease kept (_lease_kept): a
         replication_timeout_s longer than lease_ttl_s let it lapse while the last batch waited,
         and another drain took the site beside this one (`obs-pipeline drain`; or past 75 s the
         sensor took the run, quiet with the lease free, for dead, and launched the next)."""
-        seen = None
+        seen, gave_up = None, False
+
+        def work_waits() -> bool:
+            nonlocal gave_up
+            gave_up = self._work_waits()
+            return gave_up
+
         for part in self._lease_kept(timeout_s):
-            seen = self.replica.wait_for_replay(lsn, part)
-            if seen is not None and seen >= lsn:
+            seen = self.replica.wait_for_replay(lsn, part, give_up=work_waits)
+            if seen is not None and seen >= lsn or gave_up:
                 break
         return seen
+
+    def _work_waits(self) -> bool:
+        """Whether something waits to be claimed: a wait for the replica ends for it. A replica
+        down or lagging held what was buffered meanwhile up to replication_timeout_s (10 s) per
+        batch from main, for as long as it lasted; what the wait was for is cleaned by a later
+        step. Redis's errors are the next step's to say."""
+        try:
+            return self.store.has_claimable()
+        except redis.RedisError:
+            return False
 
     def _failover_settled(self) -> bool:
         """Whether chunks may be cleaned by a replay of main's timeline: each waiting one is known

@@ -427,6 +427,59 @@ def test_replica_down_keeps_caches_and_applied_status_until_it_replays(stack, se
     buf.close()
 
 
+@contextlib.contextmanager
+def _replica_out(stack, replica_engine, how: str):
+    """The replica stopped, or its replay paused (it answers, lagging), inside the block."""
+    if how == "replay paused":
+        with replay_paused(replica_engine):
+            yield
+        return
+    stack.stop_service("replica")
+    try:
+        yield
+    finally:
+        stack.start_service("replica")
+
+
+@pytest.mark.parametrize("how", ["stopped", "replay paused"])
+def test_what_is_buffered_while_a_batch_waits_for_the_replica_goes_to_main_at_once(
+        how, stack, settings, redis_client, main_engine, replica_engine):
+    """A batch that is not full waits, up to replication_timeout_s, for the replica to replay it
+    (to clean its caches at once). With the replica down or lagging that wait held back what was
+    buffered meanwhile: in a drill with the replica stopped, transactions reached main up to 9 s
+    late (the default 10 s), for as long as it was down. The wait ends once work waits to be
+    claimed; what it waited for is cleaned by a later step, and nothing is applied twice."""
+    buf = TransactionBuffer(settings=settings)
+    first = buffer_observations(buf, 1)
+    drain = Drain(settings, DrainConfig(replication_timeout_s=60))
+    stepping = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with _replica_out(stack, replica_engine, how):
+            drain.acquire()
+            step = stepping.submit(drain.step)
+            assert wait_until(lambda: buf.status(first[0].finish_tx) == "applied", 30)  # now waiting for its replay
+            second = buffer_observations(buf, 1)
+            report = step.result(timeout=30)  # (not the 60 s of replication_timeout_s)
+            assert (report.transactions, report.replicated) == (2, 0)
+            step = stepping.submit(drain.step)
+            assert wait_until(lambda: buf.status(second[0].finish_tx) == "applied", 30)
+            with main_engine.connect() as conn:  # on main while the replica is still out
+                assert conn.execute(sa.text("SELECT count(*) FROM executed_obs_unit WHERE id = :i"),
+                                    {"i": second[0].obs_id}).scalar_one() == 1
+            assert redis_client.zcard(SiteKeys(settings.site).awaiting_replication) >= 1
+        assert step.result(timeout=60).transactions == 2  # its wait ends with the replay
+        drain.store.release_lease(drain.token)  # (taken again by the run)
+        drain.run(until_empty=True, budget_s=60)
+    finally:
+        stepping.shutdown(wait=True)
+        drain.close()
+    assert [buf.status(o.start_tx) for o in first + second] == ["replicated"] * 2
+    assert_applied_exactly_once(main_engine, first + second)
+    assert_queues_empty(redis_client, settings.site)
+    assert not list(redis_client.scan_iter(match=f"site:{settings.site}:buffered:*"))
+    buf.close()
+
+
 def test_poison_transaction_is_dead_lettered_with_its_dependents_and_retry_all_applies_them(
         settings, redis_client, main_engine):
     buf = TransactionBuffer(settings=settings)

@@ -325,7 +325,7 @@ def test_a_link_that_drops_under_grown_batches_loses_nothing_and_doubles_nothing
 def _replica_replays_nothing(drain) -> None:
     """As the drain sees it: the replica answers no replay position, now or after a wait."""
     drain._replay_lsn = lambda: None
-    drain.replica.wait_for_replay = lambda lsn, timeout_s: None
+    drain.replica.wait_for_replay = lambda lsn, timeout_s, give_up=None: None
 
 
 def _drain_recording_order(settings, config, main_engine, replica_engine) -> list[tuple[str, int]]:
