@@ -600,8 +600,28 @@ class BufferStore:
             return None
         return why.decode(errors="replace"), max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S)
 
-    def clear_drain_waiting(self) -> None:
-        self.redis.delete(self.keys.drain_waiting)
+    def note_drain_paused(self, why: str, wait_s: float, until_main_answers: bool) -> None:
+        """The sensor, pausing after a failed drain run, says so for `status`, which said `idle`
+        (the pause is Dagster's, which status does not read); `until_main_answers`: main
+        answering ends it (the run failed with main out of reach)."""
+        note = json.dumps({"why": why, "until_main_answers": until_main_answers})
+        self.redis.set(self.keys.drain_paused, note, px=max(1, round((wait_s + DRAIN_WAITING_MARGIN_S) * 1000)))
+
+    def drain_paused(self) -> tuple[str, float, bool] | None:
+        """The note above, the seconds left of the pause (0 once over) and whether main answering
+        ends it; None when none is noted (or it is unreadable: a note, not a record)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            raw, left_ms = pipe.get(self.keys.drain_paused).pttl(self.keys.drain_paused).execute()
+        try:
+            note = json.loads(raw)
+            return str(note["why"]), max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S), bool(note["until_main_answers"])
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def clear_drain_notes(self) -> None:
+        """A drain run starts (or the sensor launches one): neither an earlier attempt's wait nor
+        the sensor's pause holds any longer."""
+        self.redis.delete(self.keys.drain_waiting, self.keys.drain_paused)
 
     # --- drain ------------------------------------------------------------------------------
     def remember_link(self, round_trip_s: float, apply_s_per_transaction: float | None,

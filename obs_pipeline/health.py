@@ -96,6 +96,7 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
                         + ": run `obs-pipeline spool push` (on this host, with the same OBS_SPOOL_DIR)")
     holder = store.lease_holder()
     waiting = store.drain_waiting() if holder is None else None
+    paused = store.drain_paused() if holder is None and waiting is None else None
     report = {
         "status": "healthy" if not problems else ("unhealthy" if lag.get("error") or unusable else "degraded"),
         "problems": problems,
@@ -110,10 +111,10 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
             "retry_overdue_seconds": round(max(overdue, 0.0), 3) if overdue is not None else None,
         },
         "background_processor": {
-            "status": "running" if holder or waiting else "idle",
-            # a drain run between its op retries (main out of reach) holds no lease: why it waits
-            "waiting": (f"{waiting[0]}, the next attempt " + (f"in {waiting[1]:.0f} s" if waiting[1] >= 0.5 else
-                                                              "due now (Dagster starting it)")) if waiting else None,
+            "status": "running" if holder or waiting else "paused" if paused else "idle",
+            # a drain run between its op retries (main out of reach) holds no lease: why it waits;
+            # or the sensor's pause after a failed run: why, and when the next starts
+            "waiting": _waiting_line(waiting, paused),
             "last_run": _iso(last_run),
             "transactions_processed": int(stats.get("applied_total", 0)),
             "transactions_replicated": int(stats.get("replicated_total", 0)),
@@ -130,6 +131,18 @@ def health_report(store: BufferStore, main: sa.Engine | None, replica: sa.Engine
     if timeouts is not None:
         report["drain_timeouts"] = timeouts
     return report
+
+
+def _waiting_line(waiting: tuple[str, float] | None, paused: tuple[str, float, bool] | None) -> str | None:
+    """Why no drain works the site right now, and until when (BufferStore.drain_waiting, drain_paused)."""
+    if waiting:
+        return f"{waiting[0]}, the next attempt " + (f"in {waiting[1]:.0f} s" if waiting[1] >= 0.5 else
+                                                     "due now (Dagster starting it)")
+    if paused:
+        why, left, until_main_answers = paused
+        when = f"in {left:.0f} s" if left >= 0.5 else "due now (the sensor launching it)"
+        return f"{why}: the next run {'once main answers, or ' if until_main_answers and left >= 0.5 else ''}{when}"
+    return None
 
 
 def dead_letters_problem(store: BufferStore, failed: int) -> str:

@@ -72,6 +72,12 @@ class SiteKeys:
         return f"{self.prefix}drain_waiting"
 
     @property
+    def drain_paused(self) -> str:
+        """String (JSON) with PX expiry: why the sensor launches no drain run for now (the pause
+        after a failed one), and whether main answering ends it; until a little past the pause."""
+        return f"{self.prefix}drain_paused"
+
+    @property
     def awaiting_replication(self) -> str:
         """Sorted set: committed batches scored by commit LSN, until the replica replays them."""
         return f"{self.prefix}awaiting_replication"

@@ -314,7 +314,24 @@ def test_status_text_says_why_a_drain_run_waits_and_until_when(env, redis_client
     store.note_drain_waiting("drain run r1: main unreachable (refused): op retry 2 of 8", 0.0)
     line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
     assert "op retry 2 of 8, the next attempt due now (Dagster starting it))" in line, line  # (it said "in 0 s")
-    store.clear_drain_waiting()
+    store.clear_drain_notes()
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert line == "  drain idle, last run never, processed 0", line
+
+
+def test_status_text_says_the_sensor_pauses_after_a_failed_run_and_until_when(env, redis_client, settings):
+    """The text report's drain line during the sensor's pause after a failed run (the note is the
+    sensor's: see test_dagster_operations for a real tick's): it said `drain idle`."""
+    store = BufferStore(redis_client, settings.site)
+    store.note_drain_paused("drain run r1 failed with main out of reach, the last 2 drain runs in a row", 120.0, True)
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert re.fullmatch(r"  drain paused \(drain run r1 failed with main out of reach, the last 2 drain runs in a "
+                        r"row: the next run once main answers, or in (119|120) s\), last run never, processed 0",
+                        line), line
+    store.note_drain_paused("drain run r1 failed", 0.0, False)
+    line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
+    assert "(drain run r1 failed: the next run due now (the sensor launching it))" in line, line
+    redis_client.set(SiteKeys(settings.site).drain_paused, "not json")  # a note, not a record: no error
     line = next(l for l in cli("status", env=env).stdout.splitlines() if l.startswith("  drain "))
     assert line == "  drain idle, last run never, processed 0", line
 

@@ -418,6 +418,51 @@ def test_in_a_long_outage_of_main_failed_runs_come_ever_further_apart(settings, 
         assert 297 <= next_in() <= 300, "a run that failed on another cause keeps the 300 s cap"
 
 
+def test_status_says_the_drain_is_paused_after_a_failed_run_why_and_until_when(settings, resource, redis_client,
+                                                                           main_engine, replica_engine):
+    """In the sensor's pause after a failed run (up to 30 minutes in a long outage of main) no run
+    is in flight, and `obs-pipeline status` said `drain idle`, as if nothing would drain the site:
+    the sensor notes its pause in Redis, status shows the drain paused, why and until when, and
+    the note goes once the sensor launches the next run."""
+    from dagster import RunRequest, SkipReason, build_sensor_context
+
+    from obs_pipeline.dagster_defs.jobs import FAILED_ON_TAG, MAIN_OUT_OF_REACH, SITE_TAG
+    from obs_pipeline.dagster_defs.sensors import buffer_sensor
+    from obs_pipeline.health import health_report
+
+    redis_client.lpush(SiteKeys(settings.site).buffer, json.dumps(seed_example(settings.site)[0]))
+    store = BufferStore(redis_client, settings.site)
+    unreachable = _with_main_unreachable(resource)
+    with instance_for_test() as instance:
+        def tick(resource_now, **tags):
+            run = instance.create_run_for_job(drain_buffer, tags={SITE_TAG: settings.site, **tags},
+                                              status=DagsterRunStatus.STARTED)
+            instance.report_run_failed(run)
+            return run.run_id, buffer_sensor(build_sensor_context(instance=instance,
+                                                                  resources={"obs_pipeline": resource_now}))
+
+        def drain_report() -> dict:
+            return health_report(store, main_engine, replica_engine)["background_processor"]
+
+        first, skip = tick(unreachable, **{FAILED_ON_TAG: MAIN_OUT_OF_REACH})
+        assert isinstance(skip, SkipReason), skip
+        report = drain_report()
+        assert report["status"] == "paused", report  # before: "idle", waiting None
+        assert re.fullmatch(rf"drain run {first} failed with main out of reach: the next run once main answers, "
+                            r"or in (59|60) s", report["waiting"]), report
+        second, skip = tick(unreachable, **{FAILED_ON_TAG: MAIN_OUT_OF_REACH})
+        assert re.fullmatch(rf"drain run {second} failed with main out of reach, the last 2 drain runs in a row: "
+                            r"the next run once main answers, or in 1[12]\d s", drain_report()["waiting"])
+        _, launched = tick(resource, **{FAILED_ON_TAG: MAIN_OUT_OF_REACH})  # main answers: the next at once
+        assert isinstance(launched, RunRequest), launched
+        assert drain_report()["status"] == "idle" and not redis_client.exists(SiteKeys(settings.site).drain_paused)
+        other, skip = tick(resource)  # failed on another cause: no end but the pause's own
+        assert re.fullmatch(rf"drain run {other} failed, the last 4 drain runs in a row: the next run in (29\d|300) s",
+                            drain_report()["waiting"]), skip
+    assert drain_buffer.execute_in_process(resources={"obs_pipeline": resource}, run_config=FAST).success  # by hand
+    assert drain_report()["status"] == "idle" and not redis_client.exists(SiteKeys(settings.site).drain_paused)
+
+
 def test_status_says_a_run_waiting_for_its_op_retry_with_main_out_of_reach_is_running_and_why(
         settings, resource, redis_client, main_engine, replica_engine, monkeypatch):
     """Between its op retries a run holds no lease (a run that is not trying keeps no other drain

@@ -335,8 +335,8 @@ def _drain_batches(context: OpExecutionContext, config: DrainRunConfig, obs_pipe
     except (ValueError, ConfigError, sa.exc.ArgumentError) as error:
         raise Failure(description=str(error).strip().splitlines()[0], allow_retries=False) from error
     site = drain.settings.site
-    with contextlib.suppress(Exception):  # an earlier attempt's note that it waited (Redis down: the run says so below)
-        drain.store.clear_drain_waiting()
+    with contextlib.suppress(Exception):  # an earlier attempt's note that it waited, the sensor's pause (Redis down: the run says so below)
+        drain.store.clear_drain_notes()
 
     # The budget is the run's, not this attempt's: every op retry (a link down) would start it
     # anew, and a run past the instance's max_runtime_seconds is killed mid-batch.

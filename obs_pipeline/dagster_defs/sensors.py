@@ -9,7 +9,8 @@ that failed with main out of reach (FAILED_ON_TAG), main is asked at each tick m
 next starts as soon as it answers: the backlog of a long outage waited up to 300 s more. So that
 pause grows on up to OUT_OF_REACH_PAUSE_MAX_S, not 300 s: a night without the link made a red
 run every 9 minutes or so (4 of op retries, then the pause), hiding the runs that failed on
-something else. Nor while
+something else. Each tick of a pause notes it in the site's Redis (`drain_paused`, cleared as the
+next run is launched), for `obs-pipeline status`, which said `drain idle` meanwhile. Nor while
 another drain holds the site's lease (`obs-pipeline drain`), nor while all that is left is
 committed batches the replica has not replayed: a run could only wait for them (a replica
 that is down would otherwise get a run every few seconds).
@@ -239,6 +240,22 @@ def _failover_run(instance: DagsterInstance, site: str, old: tuple[int | None, i
 @sensor(job=drain_buffer, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=1)
 def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource):
     store = obs_pipeline.buffer_store()
+    decision = _tick(context, obs_pipeline, store)
+    if isinstance(decision, RunRequest):  # the pause noted for `status` (_pause_noted) is over
+        with contextlib.suppress(SiteRedisTrouble), _reading(store):
+            store.clear_drain_notes()
+    return decision
+
+
+def _pause_noted(store, skip: SkipReason, why: str, wait: float, until_main_answers: bool) -> SkipReason:
+    """The skip of a tick in the pause after a failed run, the pause noted in Redis for `obs-pipeline
+    status`, which said `drain idle` (no run in flight, and status does not read Dagster)."""
+    with contextlib.suppress(SiteRedisTrouble), _reading(store):  # a note: the tick's answer is the skip
+        store.note_drain_paused(why, wait, until_main_answers)
+    return skip
+
+
+def _tick(context: SensorEvaluationContext, obs_pipeline: ObsPipelineResource, store) -> RunRequest | SkipReason:
     site = store.keys.site
     with _reading(store):
         work = store.work()
@@ -284,13 +301,15 @@ def buffer_sensor(context: SensorEvaluationContext, obs_pipeline: ObsPipelineRes
         if wait > 0 and not (out_of_reach and obs_pipeline.main_identity() is not None):
             in_a_row = (f", the last {streak}{' or more' if streak == len(last) == FAILED_RUNS_COUNTED else ''} "
                         "drain runs in a row" if streak > 1 else "")
+            why = f"drain run {failed.run_id} failed{' with main out of reach' if out_of_reach else ''}{in_a_row}"
             if out_of_reach:
-                return SkipReason(f"site {site}: drain run {failed.run_id} failed with main out of reach{in_a_row}; "
-                                  f"the next once main answers (looked at each tick), or in {wait:.0f} s (see that "
-                                  "run's log; a run launched by hand starts at once)")
-            return SkipReason(f"site {site}: drain run {failed.run_id} failed{in_a_row}; the next in {wait:.0f} s "
-                              f"(see that run's log; the pause doubles with each failed run, up to "
-                              f"{FAILED_RUN_PAUSE_MAX_S:.0f} s; a run launched by hand starts at once)")
+                return _pause_noted(store, SkipReason(
+                    f"site {site}: {why}; the next once main answers (looked at each tick), or in {wait:.0f} s "
+                    "(see that run's log; a run launched by hand starts at once)"), why, wait, True)
+            return _pause_noted(store, SkipReason(
+                f"site {site}: {why}; the next in {wait:.0f} s (see that run's log; the pause doubles with each "
+                f"failed run, up to {FAILED_RUN_PAUSE_MAX_S:.0f} s; a run launched by hand starts at once)"),
+                why, wait, False)
     if lease_left_s is not None:  # a drain outside this Dagster (`obs-pipeline drain`), or a run that died
         canceling = _site_runs(context.instance, site, [DagsterRunStatus.CANCELING])
         if canceling:  # terminated: it keeps the lease until main answers its batch in flight
