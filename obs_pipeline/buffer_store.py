@@ -590,33 +590,40 @@ class BufferStore:
     def note_drain_waiting(self, why: str, wait_s: float) -> None:
         """A drain run that let go of the lease to wait `wait_s` for its next attempt (a Dagster op
         retry) says so, for `status`, which said `idle` all through an outage of main."""
-        self.redis.set(self.keys.drain_waiting, why, px=max(1, round((wait_s + DRAIN_WAITING_MARGIN_S) * 1000)))
+        self._note(self.keys.drain_waiting, why, wait_s)
 
     def drain_waiting(self) -> tuple[str, float] | None:
         """The note above and the seconds until that attempt (0 once due); None when none waits."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            why, left_ms = pipe.get(self.keys.drain_waiting).pttl(self.keys.drain_waiting).execute()
-        if why is None:
-            return None
-        return why.decode(errors="replace"), max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S)
+        noted = self._noted(self.keys.drain_waiting)
+        return (noted[0].decode(errors="replace"), noted[1]) if noted else None
 
     def note_drain_paused(self, why: str, wait_s: float, until_main_answers: bool) -> None:
         """The sensor, pausing after a failed drain run, says so for `status`, which said `idle`
         (the pause is Dagster's, which status does not read); `until_main_answers`: main
         answering ends it (the run failed with main out of reach)."""
-        note = json.dumps({"why": why, "until_main_answers": until_main_answers})
-        self.redis.set(self.keys.drain_paused, note, px=max(1, round((wait_s + DRAIN_WAITING_MARGIN_S) * 1000)))
+        self._note(self.keys.drain_paused, json.dumps({"why": why, "until_main_answers": until_main_answers}), wait_s)
 
     def drain_paused(self) -> tuple[str, float, bool] | None:
         """The note above, the seconds left of the pause (0 once over) and whether main answering
         ends it; None when none is noted (or it is unreadable: a note, not a record)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            raw, left_ms = pipe.get(self.keys.drain_paused).pttl(self.keys.drain_paused).execute()
+        noted = self._noted(self.keys.drain_paused)
+        if noted is None:
+            return None
         try:
-            note = json.loads(raw)
-            return str(note["why"]), max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S), bool(note["until_main_answers"])
+            note = json.loads(noted[0])
+            return str(note["why"]), noted[1], bool(note["until_main_answers"])
         except (TypeError, ValueError, KeyError):
             return None
+
+    def _note(self, key: str, value: str, wait_s: float) -> None:
+        """A note for `status` that outlives the wait it tells of by DRAIN_WAITING_MARGIN_S."""
+        self.redis.set(key, value, px=max(1, round((wait_s + DRAIN_WAITING_MARGIN_S) * 1000)))
+
+    def _noted(self, key: str) -> tuple[bytes, float] | None:
+        """A note (_note) and the seconds left of its wait (0 once over), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            raw, left_ms = pipe.get(key).pttl(key).execute()
+        return (raw, max(0.0, left_ms / 1000 - DRAIN_WAITING_MARGIN_S)) if raw is not None else None
 
     def clear_drain_notes(self) -> None:
         """A drain run starts (or the sensor launches one): neither an earlier attempt's wait nor
