@@ -136,7 +136,10 @@ def _one_line(error: BaseException) -> str:
 
 
 def default_spool_dir() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    """A relative XDG_STATE_HOME is ignored, as its specification asks (see Spool's folder)."""
+    state = os.environ.get("XDG_STATE_HOME")
+    if not state or not os.path.isabs(state):
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "obs-pipeline" / "spool"
 
 
@@ -144,7 +147,9 @@ class Spool:
     def __init__(self, directory: str | os.PathLike | None, site: str, flush_store: BufferStore):
         """`flush_store`: what the background flusher pushes with. A store on a connection pool,
         never a thread's own connection: that thread may be sending on it at the same time."""
-        self.directory = Path(directory) if directory else default_spool_dir()
+        # fixed now: a relative folder taken against each call's working folder lost the script's
+        # spooled lines once it changed folder (its next went to another file, pushed before them)
+        self.directory = (Path(directory).expanduser() if directory else default_spool_dir()).absolute()
         self.path = self.directory / f"{site}.jsonl"
         self.offset_path = self.directory / f"{site}.offset"
         self.offset_check_path = self.directory / f"{site}.offset-check"

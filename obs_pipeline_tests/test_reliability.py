@@ -1611,6 +1611,49 @@ def test_two_scripts_sharing_the_sites_spool_never_lose_each_others_lines(settin
     assert queue == ["a1", "a2", "b1", "b2"]
 
 
+@pytest.mark.parametrize("given", ["spool", "./spool", "~/spool", "XDG_STATE_HOME relative"])
+def test_a_spool_folder_given_relative_stays_where_it_was_when_the_script_changes_folder(
+        settings, redis_client, tmp_path, monkeypatch, given):
+    """A script gives OBS_SPOOL_DIR (or spool_dir=) relative to its folder, or as ~/...; it spools
+    during an outage, then changes folder (os.chdir into its data folder, say). The spool's path
+    was taken against each call's folder: status() said None for what it had spooled, the next
+    lines went to another file, pushed ahead of the first (which only a `spool push` run from the
+    old folder would find), and `~` was a folder named `~`. The folder is fixed as the buffer is
+    made; a relative XDG_STATE_HOME is ignored, as its specification says."""
+    from obs_pipeline.spool import Spool
+
+    home, start, elsewhere = tmp_path / "home", tmp_path / "start", tmp_path / "elsewhere"
+    for folder in (home, start, elsewhere):
+        folder.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", "state")
+    monkeypatch.chdir(start)
+    down = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0",
+                               spool_dir=None if given.startswith("XDG") else given)
+    expected = {"~/spool": home / "spool", "XDG_STATE_HOME relative": home / ".local/state/obs-pipeline/spool"
+                }.get(given, start / "spool")
+    buf = TransactionBuffer(settings=down)
+
+    def observation() -> str:
+        with buf.transaction() as tx:
+            tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": "x"})
+        return tx.transaction_id
+
+    try:
+        first = observation()
+        monkeypatch.chdir(elsewhere)
+        assert buf.status(first) == "pending"
+        second = observation()
+    finally:
+        buf.close()
+    spool = Spool(expected, settings.site, flush_store=BufferStore(redis_client, settings.site))
+    assert [entry["id"] for entry in spool.unpushed()] == [first, second]
+    assert spool.push() == 2
+    assert _queued_ids(redis_client, SiteKeys(settings.site)) == [first, second]
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in start.iterdir()) == (
+        ["spool"] if expected == start / "spool" else [])
+
+
 def _write_spool(spool, tx_ids: list[str]) -> None:
     """A spool holding one line per id, as the spool writes them (thousands at once: appending
     them one fsync'd call at a time would take minutes)."""
