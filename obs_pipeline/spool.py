@@ -156,17 +156,13 @@ class Spool:
         self.lock_path = self.directory / f"{site}.lock"
         # there while a push is under way (see STALE_COPY_AFTER_S): one that died left it
         self.pushing_path = self.directory / f"{site}.pushing"
-        # Re-entrant, as is _flusher_lock: a signal handler that buffers runs in the thread it
-        # interrupted, maybe holding them (see _inside)
-        self._lock = threading.RLock()
-        self._holder: int | None = None  # the thread inside _locked (holding _lock and the flock)
-        self._here = threading.local()  # per thread: depth inside the spool, calls deferred (_inside)
+        # shared by every Spool of this file in the process (a signal handler's own TransactionBuffer)
+        self._shared = _SHARED.of(self.lock_path)
         self._flusher_lock = threading.RLock()  # guards _flusher_running (never held around a push)
         self._flusher_running = False
         self._redis_failed_at: float | None = None  # monotonic; see REDIS_RETRY_AFTER_S
         self._probing = False  # the flusher's PING of a Redis that did not answer is out
         self._flush_store = flush_store
-        self._lock_fd: int | None = None  # the lock file's descriptor while _locked holds it
         self._cursor = _PushCursor()  # where this process's push stopped (used under the lock)
         self._stale_offset_told: _Offset | None = None  # the stale offset last warned of (_offset_in)
         self.set_aside = 0  # lines this process's pushes moved to the dead-letter list (_set_aside)
@@ -174,24 +170,19 @@ class Spool:
         forks.renew_in_forked_children(self)
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child (see obs_pipeline.forks): fresh locks, no flusher (the parent's
-        thread is not in the child; the next spooled line starts one), and the parent's copy
-        of the lock file's descriptor closed, never unlocked (the lock is the parent's)."""
-        self._lock = threading.RLock()
-        self._holder = None
-        self._here = threading.local()
+        """In a forked child (see obs_pipeline.forks): fresh locks (the shared ones renew
+        themselves, _SharedLock), no flusher (the parent's thread is not in the child; the next
+        spooled line starts one)."""
         self._flusher_lock = threading.RLock()
         self._flusher_running = False
         self._probing = False
         self._cursor.forget()  # a plain descriptor of the spool file: the child's copy is its own
-        fd, self._lock_fd = self._lock_fd, None
-        _close_quietly(fd)
 
     def buffer(self, store: BufferStore, tx_id: str, tx_json: str, caches: CacheWrites) -> None:
         """Buffer in Redis, or spool if Redis is unreachable; spooled work always goes first
         (_buffer_now). A call made while this thread is inside the spool already (a signal
         handler's: see _inside) is deferred until it leaves it."""
-        here = self._here
+        here = self._shared.here
         if getattr(here, "depth", 0):
             here.deferred.append((store, tx_id, tx_json, caches))
             return
@@ -211,7 +202,7 @@ class Spool:
         made inside is kept until the outermost block ends, and made then (its call returned
         before: the handler cannot wait for a call it interrupted); a read made inside reads
         under the lock already held (_locked)."""
-        here = self._here
+        here = self._shared.here
         outermost = not getattr(here, "depth", 0)
         if outermost:
             here.depth = 0
@@ -492,24 +483,25 @@ class Spool:
         handler's push could land in the middle of the slice it interrupted, and is refused."""
         me = threading.get_ident()
         with self._inside():
-            if self._holder == me:
+            common = self._shared
+            if common.holder == me:
                 if not shared:
                     raise RuntimeError(f"the spool {self.path} cannot be pushed from a signal handler that "
                                        "interrupted its own thread's use of it: the flusher pushes it")
                 yield
                 return
-            with self._lock:
-                self._holder = me  # (before the flock: one not taken yet is taken by the handler's own)
+            with common.lock:
+                common.holder = me  # (before the flock: one not taken yet is taken by the handler's own)
                 try:
                     if not self.directory.is_dir():
                         _make_durable_folder(self.directory)
-                    fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                    fd = common.fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
                     pid = os.getpid()
                     try:
                         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                         yield
                     finally:
-                        self._lock_fd = None  # first: a child forked from now on does not close the number
+                        common.fd = None  # first: a child forked from now on does not close the number
                         try:
                             # explicitly: a child forked meanwhile holds a copy of the descriptor, and
                             # closing this one would not release the lock while that copy is open
@@ -518,7 +510,7 @@ class Spool:
                         finally:
                             os.close(fd)
                 finally:
-                    self._holder = None  # last: the flock is released
+                    common.holder = None  # last: the flock is released
 
     def _append(self, tx_id: str, tx_json: str, caches: CacheWrites, maybe_in_redis: bool = False) -> None:
         """One line, written whole (or an error: a full disk must not be taken for spooled) and fsync'd.
@@ -1112,6 +1104,51 @@ def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
     return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
 
 
+class _SharedLock:
+    """What every Spool of one spool file in this process shares: the thread lock, the thread
+    inside (holding it and the flock), each thread's depth inside and the calls it deferred
+    (Spool._inside), and the lock file's descriptor. Kept per Spool, a signal handler that
+    buffered through a TransactionBuffer of its own (made in it, or a library's) while its thread
+    held the script's flock took a flock of its own on the file, and waited for it for ever: the
+    script hung, and every script of the site on the host with it."""
+
+    def __init__(self) -> None:
+        # re-entrant: a signal handler that buffers runs in the thread it interrupted
+        self.lock = threading.RLock()
+        self.holder: int | None = None  # the thread inside Spool._locked (holding `lock` and the flock)
+        self.here = threading.local()  # per thread: depth inside the spool, calls deferred
+        self.fd: int | None = None  # the lock file's descriptor while Spool._locked holds it
+        forks.renew_in_forked_children(self)
+
+    def _after_fork_in_child(self) -> None:
+        """Fresh locks, and the parent's copy of the lock file's descriptor closed, never
+        unlocked (the lock is the parent's)."""
+        self.lock, self.holder, self.here = threading.RLock(), None, threading.local()
+        fd, self.fd = self.fd, None
+        _close_quietly(fd)
+
+
+class _SharedLocks:
+    """The _SharedLock of each spool file in use in this process, by its real path."""
+
+    def __init__(self) -> None:
+        self._guard = threading.RLock()  # (re-entrant: a handler may make a buffer while one is made)
+        self._by_path: "weakref.WeakValueDictionary[str, _SharedLock]" = weakref.WeakValueDictionary()
+
+    def of(self, lock_path: Path) -> _SharedLock:
+        forks.renew_in_forked_children(self)
+        key = os.path.realpath(lock_path)
+        with self._guard:
+            shared = self._by_path.get(key)
+            if shared is None:
+                shared = self._by_path[key] = _SharedLock()
+            return shared
+
+    def _after_fork_in_child(self) -> None:
+        self._guard = threading.RLock()
+
+
+_SHARED = _SharedLocks()
 _AT_EXIT: "weakref.WeakSet[Spool]" = weakref.WeakSet()
 
 

@@ -2065,19 +2065,20 @@ def test_a_script_killed_mid_append_loses_and_doubles_no_line_before_it_and_its_
 # (the lock held), or reading it for status(). `anywhere`: a signal every 10 ms while it buffers
 # 300 observations (every 1 ms, 2,000, with Redis up), and more until the handler has buffered 20,
 # wherever the main thread is. It prints each
-# call's endpoint and id at its end, in the order the calls returned.
+# call's endpoint and id at its end, in the order the calls returned. argv[5] "second": the handler
+# buffers through a TransactionBuffer of its own, made in it (a library's, say).
 _SCRIPT_SIGNALLED_INSIDE_THE_SPOOL = r"""
 import os, signal, sys
 from obs_pipeline.ingest import TransactionBuffer
 from obs_pipeline.spool import Spool
 
 buf = TransactionBuffer(redis_url=sys.argv[1], spool_dir=sys.argv[2])
-where, redis_up = sys.argv[3], sys.argv[4] == "up"
+where, redis_up, its_own = sys.argv[3], sys.argv[4] == "up", sys.argv[5] == "second"
 returned, busy, sent = [], [], []
 
 
-def observation(endpoint):
-    with buf.transaction(endpoint=endpoint) as tx:
+def observation(endpoint, through=None):
+    with (through or buf).transaction(endpoint=endpoint) as tx:
         tx.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z", "status": endpoint})
     returned.append(f"{endpoint} {tx.transaction_id}")  # (printed at the end: a print in a handler can interrupt one)
     return tx.transaction_id
@@ -2086,7 +2087,7 @@ def observation(endpoint):
 def aborted(signum, frame):
     if not busy:  # (one at a time, as a script's handler of one signal is)
         busy.append(1)
-        observation("aborted")
+        observation("aborted", TransactionBuffer(redis_url=sys.argv[1], spool_dir=sys.argv[2]) if its_own else None)
         busy.clear()
 
 
@@ -2122,10 +2123,12 @@ print("\n".join(returned), flush=True)
 """
 
 
-@pytest.mark.parametrize("where, redis_up", [("appending", False), ("pushing", False), ("reading", False),
-                                             ("anywhere", False), ("anywhere", True)])
+@pytest.mark.parametrize("where, redis_up, handler_buffer", [
+    ("appending", False, "the script's"), ("pushing", False, "the script's"), ("reading", False, "the script's"),
+    ("anywhere", False, "the script's"), ("anywhere", True, "the script's"), ("appending", False, "a second"),
+    ("pushing", False, "a second"), ("reading", False, "a second"), ("anywhere", False, "a second")])
 def test_a_signal_handler_that_buffers_while_its_thread_is_inside_the_spool_neither_hangs_nor_loses_it(
-        settings, redis_client, tmp_path, where, redis_up):
+        settings, redis_client, tmp_path, where, redis_up, handler_buffer):
     """A script's signal handler buffers the observation as aborted. Python runs it in the main
     thread, inside whatever that thread was doing. Redis down, that was appending to the spool,
     or pushing or reading it, with the spool's lock held: the handler's call waited for that lock
@@ -2133,14 +2136,17 @@ def test_a_signal_handler_that_buffers_while_its_thread_is_inside_the_spool_neit
     takes to spool. Redis up, the interrupted call was waiting for Redis's reply, and the
     handler's sent its own on the same connection: `RuntimeError: concurrent poll() invocation`
     out of the script's call. Now it is buffered as the interrupted call leaves the spool: every
-    call is kept, once, in order."""
+    call is kept, once, in order. So with a second TransactionBuffer of the site made in the
+    handler: its spool, another object, took a flock of its own on the lock file, and waited for
+    the script's for ever."""
     from obs_pipeline.spool import Spool
 
     folder = tmp_path / "spool"
     url = settings.redis_url if redis_up else f"redis://127.0.0.1:{pick_free_ports(1)[0]}/0"
     try:
         script = subprocess.run([sys.executable, "-c", _SCRIPT_SIGNALLED_INSIDE_THE_SPOOL, url, str(folder), where,
-                                 "up" if redis_up else "down"], env=cli_env(settings), capture_output=True,
+                                 "up" if redis_up else "down", handler_buffer.split()[-1]], env=cli_env(settings),
+                                capture_output=True,
                                 text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the script hung in its signal handler ({where})")
@@ -4041,7 +4047,7 @@ def test_a_child_forked_while_a_thread_holds_the_spools_locks_spools_and_pushes_
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_spools_locks() -> None:
-        with buf.spool._lock, buf.spool._flusher_lock:
+        with buf.spool._shared.lock, buf.spool._flusher_lock:
             holding.set()
             release.wait(120)
 
