@@ -316,7 +316,7 @@ class TransactionBuffer:
         self._thread = threading.local()  # each thread's own BufferStore, see _store_of_this_thread
         self._open_blocks: set[TransactionBuilder] = set()  # see _require_no_open_block_creates
         self.spool = Spool(settings.spool_dir, self.site, flush_store=self.store)
-        unusable = self.spool.unusable()
+        unusable = self.spool.unusable(scripts_user=True)
         if unusable:  # said now, not as the next outage's transaction is lost to a SpoolError
             self.redis.close()
             raise ConfigError(unusable)

@@ -315,12 +315,16 @@ class Spool:
         if isinstance(error, redis.TimeoutError):
             self._redis_failed_at = time.monotonic()
 
-    def unusable(self) -> str | None:
+    def unusable(self, scripts_user: bool = False) -> str | None:
         """One line naming OBS_SPOOL_DIR where no script could spool: the folder is a file (or
-        lies under one), or one of the spool's files is a folder. None otherwise (a folder not
-        made yet is fine; one this user may not read is spool_unreadable's to say). It showed
-        as healthy, or as "[Errno 21] Is a directory", and scripts lost their transactions to
-        a SpoolError at the next outage."""
+        lies under one), this user may not write it (or make it: the folder it would be made in),
+        or one of the spool's files is a folder. None otherwise (a folder not made yet is fine;
+        one this user may not read is spool_unreadable's to say). It showed as healthy, or as
+        "[Errno 21] Is a directory", and scripts lost their transactions to a SpoolError at the
+        next outage ("[Errno 13] Permission denied", "[Errno 30] Read-only file system").
+        `scripts_user`: this process is a script (a TransactionBuffer). Otherwise (`status`, `spool`)
+        it may be an operator looking at the scripts' folder: one of another owner that it may not
+        write (not for being read-only) may be theirs to write, and is not said."""
         import stat
 
         why = "scripts could not spool there while Redis cannot take their transactions"
@@ -335,6 +339,15 @@ class Spool:
                 where = "is a file" if folder == self.directory else f"lies under {folder}, a file"
                 return (f"the spool folder {self.directory} (OBS_SPOOL_DIR) {where}: {why}; give OBS_SPOOL_DIR a "
                         "folder (made if missing), or move that file aside")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                read_only = _read_only(folder)
+                if not (scripts_user or read_only or folder.stat().st_uid == os.geteuid()):
+                    return None
+                read_only = " (a read-only file system)" if read_only else ""
+                where = ("may not be written by this user" if folder == self.directory else
+                         f"cannot be made: {folder} may not be written by this user")
+                return (f"the spool folder {self.directory} (OBS_SPOOL_DIR) {where}{read_only}: {why}; give "
+                        "OBS_SPOOL_DIR a folder this user may write (made if missing)")
             break
         for path in (self.path, self.lock_path, self.offset_path, self.offset_check_path):
             try:
@@ -1059,6 +1072,13 @@ class _PushCursor:
     def forget(self) -> None:
         fd, self.fd = self.fd, None
         _close_quietly(fd)
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _close_quietly(fd: int | None) -> None:

@@ -563,6 +563,58 @@ def test_status_with_a_spool_folder_no_script_could_spool_in_is_unhealthy_naming
     assert down.startswith("obs-pipeline: error: Redis unreachable (") and down.endswith(f"; and {line}"), down
 
 
+_MAKES_A_BUFFER = r"""
+from obs_pipeline.config import ConfigError
+from obs_pipeline.ingest import TransactionBuffer
+try:
+    TransactionBuffer.from_env().close()
+    print("made")
+except ConfigError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("where", ["the folder", "its parent (the folder not made yet)", "another user's folder"])
+def test_a_spool_folder_this_user_may_not_write_is_unhealthy_and_refused_as_a_buffer_is_made(env, settings, tmp_path,
+                                                                                           where):
+    """OBS_SPOOL_DIR a folder the scripts' user may not write (another user's, a read-only file
+    system), or one not made yet under such a folder: `status --check` said healthy and exited 0,
+    TransactionBuffer() was made, and at the next outage every script lost its transaction to a
+    SpoolError ("[Errno 13] Permission denied", "[Errno 30] Read-only file system"). Unhealthy
+    now, and refused as a buffer is made, in one line naming OBS_SPOOL_DIR; nothing made there.
+    (A read-only file system adds so to the line.) Another user's folder is not said by `status`:
+    an operator may be looking at the scripts' folder, theirs to write."""
+    why = "scripts could not spool there while Redis cannot take their transactions"
+    locked = tmp_path / "spool"
+    locked.mkdir(mode=0o555)
+    locked.chmod(0o555)
+    if where == "another user's folder":
+        if os.geteuid() != 0:
+            pytest.skip("a folder of another owner is made as root")
+        os.chown(locked, 65534, 65534)
+    folder = locked if where == "the folder" else locked / "obs"
+    line = (f"the spool folder {folder} (OBS_SPOOL_DIR) may not be written by this user" if folder == locked else
+            f"the spool folder {folder} (OBS_SPOOL_DIR) cannot be made: {locked} may not be written by this "
+            f"user") + f": {why}; give OBS_SPOOL_DIR a folder this user may write (made if missing)"
+    spool_env = {**{k: v for k, v in os.environ.items() if not k.startswith("OBS_")}, **env,
+                 "OBS_SPOOL_DIR": str(folder)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*_obeying_file_permissions(), sys.executable, *args], env=spool_env,
+                              capture_output=True, text=True, timeout=120)
+
+    text = run("-m", "obs_pipeline.cli", "status", "--check")
+    if where == "another user's folder":
+        assert text.returncode == 0 and "local spool 0, oldest none" in text.stdout, (text.stdout, text.stderr)
+    else:
+        assert text.returncode == 4, (text.stdout, text.stderr)
+        assert one_line_error(text) == f"obs-pipeline: site {settings.site} is unhealthy: {line}"
+        assert f"  local spool: {line}\n" in text.stdout, text.stdout
+    made = run("-c", _MAKES_A_BUFFER)
+    assert (made.returncode, made.stdout.strip()) == (0, line), made.stderr
+    assert list(locked.iterdir()) == []
+
+
 @pytest.mark.parametrize("layout", ["file", "under a file", "spool file", "lock file"])
 def test_spool_and_spool_push_with_a_spool_folder_no_script_could_spool_in_are_one_line_naming_obs_spool_dir(
         env, settings, tmp_path, layout):
