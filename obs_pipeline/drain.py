@@ -325,6 +325,7 @@ class Drain:
         self.settings = settings
         self.config = config
         self.owner = owner
+        self._should_stop: Callable[[], bool] = lambda: False  # run()'s: a wait for the replica ends for it too
         self.registry = ModelRegistry.from_path(settings.models)
         self.redis = redis.Redis.from_url(settings.require_redis(), socket_timeout=30, socket_connect_timeout=5)
         self.store = BufferStore(self.redis, settings.site)
@@ -409,7 +410,10 @@ class Drain:
         start = aof_checked = time.monotonic()
         idle_since: float | None = None
         self.store.require_redis()
-        self.acquire(lease_wait_s)
+        self._should_stop = should_stop
+        if not self.acquire(lease_wait_s, should_stop):
+            summary.stopped_because = "asked to stop"
+            return summary
         self._mark_left_applied()
         self.store.finish_unparking()  # left by a drain that died while it made them due
         self._size_by_last_run()
@@ -524,12 +528,17 @@ class Drain:
             if time.monotonic() >= deadline:
                 return
 
-    def acquire(self, wait_s: float = 0.0) -> None:
+    def acquire(self, wait_s: float = 0.0, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Take the site's lease, waiting up to `wait_s` for another drain's; False where
+        `should_stop` said so meanwhile (SIGTERM to `drain --once` waited out the whole wait,
+        then exited 1 saying another drain held the lease)."""
         deadline = time.monotonic() + wait_s
         while True:
             self.token = self.store.acquire_lease(self.config.lease_ttl_s, self.owner)
             if self.token:
-                return
+                return True
+            if should_stop():
+                return False
             if time.monotonic() >= deadline:
                 left_s = self.store.lease_left_s()  # that drain's TTL, not ours
                 if left_s is None:  # released since: take it
@@ -1147,7 +1156,8 @@ class Drain:
 
     def _wait_for_replay(self, lsn: int, timeout_s: float) -> int | None:
         """The replica's wait_for_replay (0: one look), ended once work waits to be claimed
-        (_work_waits), the lease kept (_lease_kept): a
+        (_work_waits) or the run is asked to stop (SIGTERM to `drain` waited out all of
+        --replication-timeout first), the lease kept (_lease_kept): a
         replication_timeout_s longer than lease_ttl_s let it lapse while the last batch waited,
         and another drain took the site beside this one (`obs-pipeline drain`; or past 75 s the
         sensor took the run, quiet with the lease free, for dead, and launched the next)."""
@@ -1155,7 +1165,7 @@ class Drain:
 
         def work_waits() -> bool:
             nonlocal gave_up
-            gave_up = self._work_waits()
+            gave_up = self._should_stop() or self._work_waits()
             return gave_up
 
         for part in self._lease_kept(timeout_s):

@@ -4,6 +4,7 @@ a long-running `drain` stopped by a signal, `status`, `simulate`, the Dagster wo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -318,6 +319,59 @@ def test_drain_stops_on_sigterm_and_releases_its_lease(env, settings, redis_clie
         buf.close()
     assert code == 0 and "(asked to stop)" in tail(log), tail(log)  # a clean stop, said so
     assert redis_client.exists(keys.lease, keys.processing) == 0
+
+
+@pytest.mark.usefixtures("clean_db")
+@pytest.mark.parametrize("waiting_for", ["another drain's lease", "the replica's replay"])
+def test_drain_once_stops_on_sigterm_while_it_waits(env, settings, redis_client, main_engine, replica_engine, tmp_path,
+                                                   waiting_for):
+    """SIGTERM is to finish the batch in hand, release the lease and exit 0. A `drain --once`
+    waiting for another drain's lease (up to --lease-ttl), or for the replica's replay of its
+    batch (up to --replication-timeout), went on waiting all of it (89 s after the signal with
+    --lease-ttl 90, then exit 1 saying another drain held the lease; 115 s with the replica
+    stopped and --replication-timeout 120): a service manager's stop timeout (systemd's 90 s)
+    ended it with SIGKILL, its lease held. Both waits now end at the signal: what it had not
+    claimed stays buffered, what it applied is applied once, its caches kept for a later drain."""
+    from obs_pipeline_tests.workload import replay_paused
+
+    buf = TransactionBuffer(settings=settings)
+    keys = SiteKeys(settings.site)
+    log = tmp_path / "drain.log"
+    tx_id = buffer_start(buf)
+    drain = None
+    with contextlib.ExitStack() as stack:
+        if waiting_for == "another drain's lease":
+            redis_client.set(keys.lease, "another-drain/held", px=300_000)
+            stack.callback(redis_client.delete, keys.lease)
+            args, reached = ("--lease-ttl", "90"), lambda: True
+        else:
+            stack.enter_context(replay_paused(replica_engine))
+            args, reached = ("--replication-timeout", "120"), lambda: buf.status(tx_id) == "applied"
+        try:
+            drain = start_cli("drain", "--once", *args, env=env, log=log)
+            assert until(reached, alive=drain, log=log), tail(log)
+            time.sleep(2)  # waiting
+            assert drain.poll() is None, tail(log)
+            drain.send_signal(signal.SIGTERM)
+            try:
+                code = drain.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"drain --once waited on for {waiting_for} after SIGTERM: {tail(log)}")
+        finally:
+            kill_if_running(drain)
+            buf.close()
+        lines = tail(log).strip().splitlines()
+        assert code == 0 and lines[-1].endswith("(asked to stop)") and "Traceback" not in tail(log), lines
+        if waiting_for == "another drain's lease":
+            assert redis_client.get(keys.lease) == b"another-drain/held"  # not ours to touch
+            assert [json.loads(e)["transaction_id"] for e in redis_client.lrange(keys.buffer, 0, -1)] == [tx_id]
+        else:
+            assert redis_client.exists(keys.lease, keys.processing) == 0
+            assert redis_client.zcard(keys.awaiting_replication) == 1  # its caches, for a later drain
+    with main_engine.connect() as conn:
+        applied = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                               {"t": tx_id}).scalar_one()
+    assert applied == (0 if waiting_for == "another drain's lease" else 1)
 
 
 @pytest.mark.usefixtures("clean_db")
