@@ -161,21 +161,29 @@ def _float_json(value: Any) -> float | int:
 
 
 def float_key(convert: Callable[[Any], Any], numeric: tuple[int, int] | None,
-               float_bits: int = 64) -> Callable[[Any], float]:
+               float_bits: int = 64, exact_numeric: bool = False) -> Callable[[Any], float]:
     """A float column that names a row (its key, or a foreign key to one) takes the value main
     stores: a float, rounded to a NUMERIC(p, s)'s s places, or a REAL's single precision (as
     it reads: 0.123456789 as 0.12345679). Records are filed under their key's text, and the
     replica's row reads as "5.0", "1.23" or "0.12345679": kept as given (5, 1.234,
     0.123456789), a buffered record, its overlays and its replicated row went under different
-    ids."""
+    ids. A NUMERIC key (`exact_numeric`) a float does not hold is refused: main keeps NUMERIC
+    exactly, and took the float sent for 1735689600000000001 (1735689600000000000), while another
+    key given, ...002, was refused as "created twice"."""
     step = None if numeric is None else decimal.Decimal(1).scaleb(-numeric[1])
     # as numeric_of's: the default context's 28 digits refuse a NUMERIC(38, 10)'s 1e20 rounded
     exact = None if numeric is None else decimal.Context(prec=numeric[0] + abs(numeric[1]) + 330)
 
     def check(value: Any) -> float:
-        value = convert(value)
+        value = given = convert(value)
         if step is not None:
             value = decimal.Decimal(repr(value)).quantize(step, rounding=decimal.ROUND_HALF_UP, context=exact)
+        if exact_numeric:  # main keeps the float's text (repr), which the drain sends
+            sent = decimal.Decimal(repr(float(value)))
+            if sent != (value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))):
+                raise ValueError(f"{given!r} would not be kept as given: a NUMERIC key is filed and read as a float, "
+                                 f"which main would keep as {sent:f}; give it 15 significant digits or fewer, or "
+                                 "make the column an integer (BIGINT)")
         # + 0.0: -0.0 as 0.0 (a NUMERIC has no negative zero, -0.001 in a NUMERIC(10, 2) is 0.00,
         # and -0 = 0 for a REAL or a double too): filed under "-0.0", the row read "0.0"
         return (single_float(float(value)) if float_bits == 32 else float(value)) + 0.0

@@ -48,6 +48,9 @@ class ColumnSpec:
     # NUMERIC(p, s): (p, s). Main rounds a value to s places and refuses one that then needs more
     # than p - s digits before the point: refused at once
     numeric: tuple[int, int] | None = None
+    # NUMERIC of any size (not a float type): main keeps its values exactly, and compares them so
+    # (filters compare a buffered value so too), and a key of it must be a number a float holds
+    exact_numeric: bool = False
     # TIMESTAMP(p), TIME(p), INTERVAL(p): the microseconds main rounds their seconds to (fraction_step)
     fraction_step: int | None = None
     # INTERVAL of fields (INTERVAL DAY, HOUR TO MINUTE): the microseconds main cuts its time of day
@@ -89,7 +92,7 @@ class ColumnSpec:
             if self.network is not None:
                 convert = values.network_of(convert, self.network)
         if self.kind == "float" and (self.primary_key or self.foreign_key):
-            convert = values.float_key(convert, self.numeric, self.float_bits)
+            convert = values.float_key(convert, self.numeric, self.float_bits, self.exact_numeric)
         elif self.fraction_step is not None and (self.primary_key or self.foreign_key):
             convert = values.fraction_key(convert, self.kind, self.fraction_step)
         object.__setattr__(self, "convert", convert)
@@ -317,6 +320,7 @@ def _model_spec(name: str, table: sa.Table, keys: dict[sa.Column, str]) -> Model
             foreign_key_folds=fk is not None and (isinstance(column.type, postgresql.CITEXT)
                                                   or _references_citext(fk)),
             numeric=_numeric_size(item if item is not None else column.type),
+            exact_numeric=kind == "float" and _is_numeric(column.type),
             fraction_step=values.fraction_step(column.type),
             interval_unit=values.interval_unit(item if item is not None else column.type),
             item=_kind(item) if item is not None else None,
@@ -509,6 +513,12 @@ def _network(type_: sqltypes.TypeEngine) -> str | None:
             return None
         return name if name in ("cidr", "inet", "macaddr") else None
     return None
+
+
+def _is_numeric(type_: sqltypes.TypeEngine) -> bool:
+    """NUMERIC of any size (a TypeDecorator's impl too), not a float type."""
+    type_ = getattr(type_, "impl_instance", type_)
+    return isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float)
 
 
 def _numeric_size(type_: sqltypes.TypeEngine) -> tuple[int, int] | None:

@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql
 
 from obs_pipeline.column_values import fraction_step, kind_check, one_line_text, round_micros
 from obs_pipeline.model_registry import ColumnSpec, InvalidTransaction, ModelSpec, is_single_precision
-from obs_pipeline.read_forms import (as_real, datetime_rounded, interval_rounded, numeric_places, numeric_rounded,
+from obs_pipeline.read_forms import (as_real, datetime_rounded, interval_rounded, numeric_exact, numeric_places,
                                      parse_utc, unchanged)
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
@@ -69,8 +69,8 @@ def _value_key(column: ColumnSpec, type_: sa.types.TypeEngine, key: Callable[[An
     """The key of a filter's value: the row's, but a NUMERIC(p, s) column's rows are rounded
     to s places, and a TIMESTAMP(p)'s, TIME(p)'s or INTERVAL(p)'s seconds to p places, and the
     value is not (PostgreSQL compares `amount >= 1.234` as given)."""
-    if column.kind == "float" and numeric_places(type_) is not None:
-        return float
+    if column.exact_numeric:
+        return numeric_exact
     return key_of(column, type_, rounded=False) if fraction_step(type_) is not None else key
 
 
@@ -100,8 +100,9 @@ def key_of(column: ColumnSpec, type_: sa.types.TypeEngine, rounded: bool = True,
     if column.kind == "float":
         if is_single_precision(type_):
             return as_real
-        places = numeric_places(type_)
-        return float if places is None else functools.partial(numeric_rounded, places=places)
+        if column.exact_numeric:
+            return functools.partial(numeric_exact, places=numeric_places(type_))
+        return float
     if column.kind == "interval":
         return column.to_python if step is None else lambda v: column.to_python(interval_rounded(v, step))
     return unchanged  # uuid (canonical lower-case text sorts like the bytes), int, str, bool, any
@@ -340,8 +341,9 @@ def type_name(type_: sa.types.TypeEngine) -> str:
 
 def _bound(col: ColumnSpec, key: Callable[[Any], Any], value: Any) -> Any:
     """A filter value bound to the replica's statement: for a `real` column, at single
-    precision, as the Python test takes it (see as_real)."""
-    return key(value) if key is as_real else col.to_python(value)
+    precision, as the Python test takes it (see as_real); a NUMERIC's exactly (as a float,
+    2**53 + 1 was sent as 2**53)."""
+    return key(value) if key is as_real or key is numeric_exact else col.to_python(value)
 
 
 def series(pd: Any, column: ColumnSpec, values: list[Any]) -> Any:

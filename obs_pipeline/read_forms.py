@@ -114,6 +114,17 @@ def numeric_rounded(value: Any, places: decimal.Decimal) -> Any:
         return value
 
 
+def numeric_exact(value: Any, places: decimal.Decimal | None = None) -> Any:
+    """A number as a NUMERIC column compares it, for filters: exactly (its decimal text, as
+    the drain sends it), rounded to s places for a NUMERIC(p, s), half away from zero. Compared
+    as floats, a buffered 2**53 + 1 matched == 2**53, which the replica's row did not."""
+    try:
+        exact = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
+        return exact if places is None else exact.quantize(places, decimal.ROUND_HALF_UP, context=_QUANTIZING)
+    except (decimal.InvalidOperation, ValueError, TypeError):  # not a number: main refuses it
+        return value
+
+
 def _time_of_day(value: Any, zone: bool, step: int | None = None) -> Any:
     """ISO text; `time` without a zone drops one given (text Python cannot parse is left as is);
     a TIME(p)'s seconds rounded to p places (23:59:59.6 in a TIME(0) reads 00:00:00, as

@@ -152,6 +152,23 @@ class UnscaledKeyed(Base):
     key: Mapped[object] = mapped_column(Numeric(scale=2), primary_key=True, autoincrement=False)
     note: Mapped[object] = mapped_column(sa.Text, nullable=True)
 
+class Counted(Base):
+    """NUMERIC(20, 0) and plain NUMERIC: integers past 2**53 kept exactly (nanoseconds, bytes)."""
+    __tablename__ = "read_forms_counted"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    count: Mapped[object] = mapped_column(Numeric(20, 0), nullable=True)
+    plain: Mapped[object] = mapped_column(Numeric, nullable=True)
+
+
+class Timed(Base):
+    """A NUMERIC(20, 0) key the site gives (a frame's time in nanoseconds)."""
+    __tablename__ = "read_forms_timed"
+
+    ns: Mapped[object] = mapped_column(Numeric(20, 0), primary_key=True, autoincrement=False)
+    note: Mapped[object] = mapped_column(sa.Text, nullable=True)
+
+
 class Lettered(Base):
     """CITEXT (PostgreSQL's extension): text kept as given, compared without case."""
     __tablename__ = "read_forms_lettered"
@@ -400,6 +417,55 @@ def test_a_numeric_of_a_scale_without_a_precision_keeps_every_digit_buffered_and
         on_main = [float(conn.execute(sa.text("SELECT amount FROM read_forms_unscaled WHERE id = :i"),
                                       {"i": rid}).scalar_one()) for rid in ids]
     assert replicated[0] == on_main == given
+    buf.close()
+
+
+BIG = 2**53 + 1  # the first integer a float does not hold: as one, it is 2**53
+
+
+def test_numeric_filters_on_integers_past_2_53_match_the_same_buffered_and_replicated(forms):
+    """Main keeps NUMERIC values exactly, and the replica compares them so; a buffered record's
+    were compared as floats: 2**53 + 1 matched == 2**53 while buffered and not once replicated,
+    and > 2**53 the other way round. (Reads give them as floats, as documented.)"""
+    buf = TransactionBuffer(settings=forms)
+    values = [BIG, 2**53, 1735689600000000001, 7]
+    with buf.transaction() as tx:
+        ids = [tx.create("Counted", {"count": v, "plain": v})["id"] for v in values]
+    filters = [{column: f} for column in ("count", "plain") for f in (
+        2**53, BIG, {">": 2**53}, {"<": BIG}, {">=": BIG}, [BIG, 1735689600000000000], 1735689600000000000,
+        {"!=": 2**53}, 7, 7.0)]
+    buffered = _rows_and_matches(buf, "Counted", ids, filters)[1]
+    drain_until_empty(forms)
+    replicated = _rows_and_matches(buf, "Counted", ids, filters)[1]
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated["{'count': 9007199254740992}"] == [1] and replicated["{'plain': {'>': 9007199254740992}}"] == [0, 2]
+    buf.close()
+
+
+@pytest.mark.parametrize("model, key", [("Timed", "ns"), ("UnscaledKeyed", "key")])
+def test_a_numeric_key_a_float_does_not_hold_is_refused_not_changed(forms, main_engine, model, key):
+    """A NUMERIC key is filed, and read, as a float; one of more digits than a float's text
+    keeps was taken as its float: main stored 1735689600000000000 for the 1735689600000000001
+    given, and another key, 1735689600000000002, was refused as "created twice" in the same
+    transaction, "exists already" in a later one. Refused now, saying what main would keep; a key
+    a float's text holds is kept."""
+    buf = TransactionBuffer(settings=forms)
+    with pytest.raises(InvalidTransaction) as refused:
+        with buf.transaction() as tx:
+            tx.create(model, {key: 1735689600000000001, "note": "not kept"})
+    assert str(refused.value) == (
+        f"create of {model}: {model}.{key}: 1735689600000000001 would not be kept as given: a NUMERIC key is filed "
+        "and read as a float, which main would keep as 1735689600000000000; give it 15 significant digits or "
+        "fewer, or make the column an integer (BIGINT)"), str(refused.value)
+    kept = 1735689600000000000 + uuid.uuid4().int % 10**6 * 10**8  # (11 significant digits)
+    with buf.transaction() as tx:
+        tx.create(model, {key: kept, "note": "kept"})
+    drain_until_empty(forms)
+    table = {"Timed": "read_forms_timed", "UnscaledKeyed": "read_forms_unscaled_keyed"}[model]
+    with main_engine.connect() as conn:
+        notes = conn.execute(sa.text(f"SELECT {key}::text, note FROM {table} WHERE {key} >= 1735689600000000000")).all()
+    assert (str(kept), "kept") in [(k.split(".")[0], n) for k, n in notes] and "not kept" not in [n for _, n in notes]
+    assert buf.get(model, kept)["note"] == "kept"
     buf.close()
 
 
