@@ -69,6 +69,9 @@ class TransactionBuilder:
         # (model, key) of the creates whose key of the caller's the check found free: the buffer
         # script checks again that each still is, atomically with its writes (CacheWrites.checked)
         self._checked: list[tuple[str, str]] = []
+        # (model, key, "delete" | "update", data, step_id): rows of other models its deletes take
+        # with them or empty a key of (TransactionBuffer._delete_effects), overlaid for reads
+        self._cascades: list[tuple[str, str, str, dict[str, Any], str]] = []
         self._writes = 0  # records the steps so far write, as _buffer_transaction counts them
         self.committed = False
         self._entered = False  # steps are buffered when the `with` block ends: one is needed
@@ -113,6 +116,12 @@ class TransactionBuilder:
             step = self._add_step("delete", spec, {}, {spec.primary_key: rid})
             self._writes += 1
             self._deleted[self._record(spec, rid)] = step.step_id
+            registry = self._buffer.registry
+            for model, key, op, data in self._buffer._delete_effects(spec, step.conditions[spec.primary_key],
+                                                                     self._tx.steps[:-1]):
+                self._cascades.append((model, key, op, data, step.step_id))
+                if op == "delete":  # a later step of the block naming it is refused, as main would
+                    self._deleted.setdefault(self._record(registry.model(model), key), step.step_id)
 
     # --- internals ----------------------------------------------------------------------------
     def _add_creates(self, operation: str, model: str, rows: list[Any]) -> list[dict[str, Any]]:
@@ -264,7 +273,7 @@ class TransactionBuilder:
         if not self._tx.steps:
             raise InvalidTransaction(f"transaction {self.transaction_id} ({self._tx.endpoint}) has no steps")
         validate(self._tx, self._buffer.registry, values_checked=True)  # each step was checked when added
-        self._buffer._buffer_transaction(self._tx, self._checked)
+        self._buffer._buffer_transaction(self._tx, self._checked, self._cascades)
         self.committed = True
 
     def _refuse_ended(self) -> None:
@@ -358,12 +367,16 @@ class TransactionBuffer:
             tx.delete(model, record_id_)
         return tx.transaction_id
 
-    def _buffer_transaction(self, tx: Transaction, checked: list[tuple[str, str]]) -> None:
+    def _buffer_transaction(self, tx: Transaction, checked: list[tuple[str, str]],
+                            cascades: list[tuple[str, str, str, dict[str, Any], str]] = ()) -> None:
         """`checked`: the creates' keys found free (CacheWrites.checked). A transaction of another
         script that buffered a create of one of them since the check makes the buffer script
         refuse this one, with the check's own line: both passed the check, and the second
-        overwrote the first's caches (reads showed it until the drain dead-lettered it)."""
-        tx_json = tx.to_json()
+        overwrote the first's caches (reads showed it until the drain dead-lettered it).
+        `cascades`: what its deletes do to rows of other models (TransactionBuilder._cascades),
+        overlaid after its steps' overlays, and named in the transaction for their cleanup
+        (left out where they would pass MAX_TRANSACTION_WRITES: the delete is not refused for
+        them, and reads show it alone, as before)."""
         caches = CacheWrites(checked=checked)
         created, overlays = caches.created, caches.overlays
         given_keys = tx.overlaid_creates
@@ -385,6 +398,13 @@ class TransactionBuffer:
             else:
                 overlays.append((name, str(step.conditions[pk]),
                                  overlay_entry(tx.transaction_id, step.operation, step.data, step.step_id)))
+        if cascades and len(created) + len(overlays) + len(cascades) <= MAX_TRANSACTION_WRITES:
+            named: dict[str, list[str]] = {}
+            for model, key, op, data, step_id in cascades:
+                overlays.append((model, key, overlay_entry(tx.transaction_id, op, data, step_id)))
+                named.setdefault(model, []).append(key)
+            tx.cascaded = named
+        tx_json = tx.to_json()  # (with `cascaded`)
         if len(created) + len(overlays) > MAX_TRANSACTION_WRITES:
             # Redis would reset the connection (beyond MAX_CACHE_WRITES), or run the script for
             # seconds with every other script waiting: spooled as if Redis were down, it was
@@ -593,6 +613,53 @@ class TransactionBuffer:
                 raise InvalidTransaction(f"{record[0]} {rid} is created by transaction {block.transaction_id}, whose "
                                          f"`with` block is still open and buffers it as it ends: write the {verb} "
                                          f"in that block (tx.{verb}); nothing was buffered")
+
+    def _delete_effects(self, spec: ModelSpec, key: Any, steps: list[Step]) -> list[tuple[str, str, str, dict]]:
+        """The rows a delete of `key` takes with it, or empties a key of, as main's foreign keys
+        do (ModelRegistry.delete_effects), through every level: (model, key text, "delete" or
+        "update", data). Found as reads find them (the replica's rows, what is buffered or
+        spooled) and among the creates in `steps` (the block's, before the delete). Reads showed
+        a buffered delete alone: its cascade's rows read as before until it was replayed, and an
+        update of one was taken, then dead-lettered. None while the replica or Redis cannot be
+        asked, or without a replica (reads show the delete alone then)."""
+        if not self.registry.delete_effects(spec.name) or self.settings.replica_db_url is None:
+            return []
+        found: list[tuple[str, str, str, dict]] = []
+        seen: set[tuple[str, str]] = {(spec.name, str(key))}
+        level: list[tuple[ModelSpec, list[Any]]] = [(spec, [key])]
+        try:
+            while level:
+                below: list[tuple[ModelSpec, list[Any]]] = []
+                for parent, keys in level:
+                    for effect in self.registry.delete_effects(parent.name):
+                        values = keys if effect.references == parent.primary_key else [
+                            row[effect.references] for row in (self.query.get(parent.name, k) for k in keys)
+                            if row is not None and row[effect.references] is not None]
+                        if not values:
+                            continue
+                        child = self.registry.model(effect.model)
+                        texts = {str(v) for v in values}
+                        rows = self.query.search(child.name, {effect.column: values}) + [
+                            row for step in steps if step.model_class == child.name
+                            and step.operation in ("create", "bulk_create")
+                            for row in step.records() if str(row.get(effect.column)) in texts]
+                        taken = []
+                        for row in rows:
+                            child_key = row[child.primary_key]
+                            if (child.name, str(child_key)) in seen:
+                                continue
+                            seen.add((child.name, str(child_key)))
+                            if effect.action == "CASCADE":
+                                found.append((child.name, str(child_key), "delete", {}))
+                                taken.append(child_key)
+                            else:
+                                found.append((child.name, str(child_key), "update", {effect.column: None}))
+                        if taken:
+                            below.append((child, taken))
+                level = below
+        except (ReplicaUnreadable, RedisUnreadable, redis.RedisError, ConfigError, sa_exc.SQLAlchemyError):
+            return []
+        return found
 
     def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While

@@ -12,7 +12,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -164,6 +164,16 @@ class ModelSpec:
             ) from None
 
 
+class DeleteEffect(NamedTuple):
+    """What main does, as the models declare it, to a row of `model` whose `column` references
+    (`references`, a column of the deleted row's model) a deleted row: `action` "CASCADE"
+    deletes it, "SET NULL" empties the column."""
+    model: str
+    column: str
+    references: str
+    action: str
+
+
 class ModelRegistry:
     def __init__(self, models: dict[str, ModelSpec], metadata: sa.MetaData, refused: dict[str, str] | None = None,
                  classes: dict[type, str] | None = None):
@@ -172,6 +182,15 @@ class ModelRegistry:
         self.refused = refused or {}  # mapped classes that cannot be written here -> why
         self.classes = classes or {}  # the mapped classes -> their model names (see model())
         self.table_order = {t.fullname: i for i, t in enumerate(metadata.sorted_tables)}
+        self._delete_effects: dict[str, tuple[DeleteEffect, ...]] | None = None  # (delete_effects)
+
+    def delete_effects(self, model: str) -> tuple[DeleteEffect, ...]:
+        """What a delete of a row of `model` does to the rows of other models that reference it
+        (ON DELETE CASCADE or SET NULL, single-column foreign keys, as the models declare them):
+        reads show a buffered delete with them (ingest.TransactionBuilder.delete)."""
+        if self._delete_effects is None:
+            self._delete_effects = _delete_effects(self.models)
+        return self._delete_effects.get(model, ())
 
     @classmethod
     def from_base(cls, base: Any) -> "ModelRegistry":
@@ -259,6 +278,28 @@ class ModelRegistry:
             if spec.table.name == table_name:
                 return spec
         return None
+
+
+def _delete_effects(models: dict[str, ModelSpec]) -> dict[str, tuple[DeleteEffect, ...]]:
+    specs = list({id(spec): spec for spec in models.values()}.values())  # (a table mapped twice: one spec)
+    by_table = {spec.table: spec for spec in reversed(specs)}
+    effects: dict[str, list[DeleteEffect]] = {}
+    for child in specs:
+        for name, column in child.sql_columns.items():
+            for fk in column.foreign_keys:
+                action = (fk.ondelete or "").upper()
+                constraint = fk.constraint
+                if action not in ("CASCADE", "SET NULL") or constraint is None or len(constraint.columns) != 1:
+                    continue
+                try:
+                    target = fk.column
+                except sa.exc.SQLAlchemyError:  # its table is not in the metadata: not known
+                    continue
+                parent = by_table.get(target.table)
+                references = next((n for n, c in parent.sql_columns.items() if c is target), None) if parent else None
+                if references is not None:
+                    effects.setdefault(parent.name, []).append(DeleteEffect(child.name, name, references, action))
+    return {model: tuple(found) for model, found in effects.items()}
 
 
 def _attributes(mapper: orm.Mapper, table: sa.Table) -> dict[sa.Column, str]:

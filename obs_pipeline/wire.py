@@ -73,6 +73,10 @@ class Transaction:
     # ingest overlaid like an integer key's (see cache_footprint); None for the rest. Not a step
     # field: cache bookkeeping, outside steps_digest.
     overlaid_creates: dict[str, list[str]] | None = None
+    # {model: [id, ...]}: rows of other models its deletes take with them or empty a key of, as
+    # main's foreign keys do (ON DELETE CASCADE / SET NULL), which ingest overlaid for reads (see
+    # cache_footprint); None for the rest. Cache bookkeeping too, outside steps_digest.
+    cascaded: dict[str, list[str]] | None = None
     # What the steps were as pushed (json_codec.digest), set by from_json: the drain records it
     # with the applied id, to tell an id a producer reused for other steps from this one claimed again.
     steps_digest: str | None = field(default=None, compare=False)
@@ -93,6 +97,8 @@ class Transaction:
         }
         if self.overlaid_creates:  # only ingest's transactions with a given uuid key carry it
             doc["overlaid_creates"] = self.overlaid_creates
+        if self.cascaded:  # only ingest's deletes whose foreign keys cascade carry it
+            doc["cascaded"] = self.cascaded
         return doc
 
     def to_json(self) -> str:
@@ -140,12 +146,15 @@ class Transaction:
         overlaid = doc.get("overlaid_creates")
         if overlaid is not None and not _is_id_lists(overlaid):
             overlaid = None  # a producer's own field of that name: ingest wrote no overlay for it
+        cascaded = doc.get("cascaded")
+        if cascaded is not None and not _is_id_lists(cascaded):
+            cascaded = None  # (likewise)
         parsed = []  # (a loop: a comprehension here would make tx_id a cell, paid by every call)
         for index, step in enumerate(steps):
             parsed.append(_step_from_dict(tx_id, index, step))
         # positional, as in _step_from_dict: keywords cost two conversions of a dict per call
         return cls(tx_id, endpoint, site, timestamp, status if status in STATUSES else "pending", retry_count,
-                   max_retries, parsed, metadata, overlaid or None)
+                   max_retries, parsed, metadata, overlaid or None, cascaded or None)
 
 
 def listed_steps_digest(tx: Transaction, registry: ModelRegistry) -> str:
@@ -203,7 +212,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_id_lists(value: Any) -> bool:
-    """`overlaid_creates`' shape: {model: [id, ...]}, names and ids as text."""
+    """`overlaid_creates`' and `cascaded`'s shape: {model: [id, ...]}, names and ids as text."""
     if not isinstance(value, dict):
         return False
     for model, ids in value.items():
@@ -516,6 +525,9 @@ def cache_footprint(tx: Transaction, registry: ModelRegistry) -> dict[str, list]
                     overlays.append([name, str(row[pk]), tx_id])
         else:
             overlays.append([spec.name, str(step.conditions[spec.primary_key]), tx_id])
+    for name, ids in (tx.cascaded or {}).items():  # what its deletes take or change, overlaid by ingest
+        for rid in ids:
+            overlays.append([name, rid, tx_id])
     for name, rid, made in tx.rekeyed or ():  # the caches of a key as an earlier ingest filed them
         if made:
             created.append([name, rid])

@@ -52,6 +52,25 @@ class Reading(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class Calibration(Base):
+    """Deleted by main with its reading (ON DELETE CASCADE): so with the reading's instrument."""
+    __tablename__ = "custom_calibration"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    reading_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("custom_reading.id", ondelete="CASCADE"), nullable=False)
+    factor: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Remark(Base):
+    """Kept by main when its instrument is deleted, without it (ON DELETE SET NULL)."""
+    __tablename__ = "custom_remark"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    instrument_code: Mapped[int | None] = mapped_column(ForeignKey("custom_instrument.code", ondelete="SET NULL"),
+                                                        nullable=True)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class Note(Base):
     __table__ = Table("custom_note", Base.metadata,
                       Column("id", UUID(as_uuid=True), primary_key=True),

@@ -52,7 +52,7 @@ def test_a_schema_of_its_own_from_db_init_to_the_replica(custom, main_engine, re
     env = {"OBS_SITE": custom.site, "OBS_REDIS_URL": custom.redis_url, "OBS_MAIN_DB_URL": custom.main_db_url,
            "OBS_REPLICA_DB_URL": custom.replica_db_url, "OBS_MODELS": MODELS}
     init = cli("db", "init", env=env)
-    assert init.returncode == 0 and "9 models" in init.stderr, init.stderr
+    assert init.returncode == 0 and "11 models" in init.stderr, init.stderr
     code = random.randrange(10**6, 10**9)
     buf = TransactionBuffer(settings=custom)
     with buf.transaction() as tx:
@@ -322,7 +322,9 @@ def test_a_write_after_its_rows_cascading_delete_in_the_same_batch_is_not_applie
         gone.delete("Instrument", code)
     with buf.transaction() as late:
         late.create("Reading", {"instrument_code": code, "value": 2.0})
-    updated = buf.update("Reading", old["id"], {"value": 3.0})
+    unchecked = TransactionBuffer(settings=dataclasses.replace(custom_schema, replica_db_url=None))
+    updated = unchecked.update("Reading", old["id"], {"value": 3.0})  # (ingest refuses it: see the test below)
+    unchecked.close()
     drain_until_settled(custom_schema, retry_base_s=0.05)
     assert buf.status(gone.transaction_id) == "replicated"
     failed = {f["transaction_id"]: f["failure"]["reason"]
@@ -333,6 +335,83 @@ def test_a_write_after_its_rows_cascading_delete_in_the_same_batch_is_not_applie
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM custom_reading WHERE instrument_code = :c"),
                             {"c": code}).scalar_one() == 0
+    buf.close()
+
+
+def test_a_buffered_delete_hides_what_its_cascades_delete_and_reads_what_they_set_null(custom_schema, redis_client):
+    """The models declare ON DELETE CASCADE (an instrument's readings, and their calibrations)
+    and SET NULL (its remarks). A buffered delete of the instrument hid the instrument alone:
+    until the delete was replayed, its readings and their calibrations read as before, and its
+    remarks still named it; and ingest, checking against the same reads, took an update of a
+    reading the delete takes away, which the drain then dead-lettered (no row to update). Reads
+    now agree before and after the drain, the update is refused, and the cascades' caches go
+    with the delete's."""
+    from obs_pipeline.keys import SiteKeys
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    keys = SiteKeys(custom_schema.site)
+    code = random.randrange(10**6, 10**9)
+    with buf.transaction() as setup:
+        setup.create("Instrument", {"code": code, "name": "cam"})
+        reading = setup.create("Reading", {"instrument_code": code, "value": 1.0})
+        calibration = setup.create("Calibration", {"reading_id": reading["id"], "factor": 2.0})
+        remark = setup.create("Remark", {"instrument_code": code, "text": "replicated"})
+    drain_until_settled(custom_schema)
+    with buf.transaction() as more:  # buffered, not on the replica yet
+        buffered_reading = more.create("Reading", {"instrument_code": code, "value": 5.0})
+        buffered_remark = more.create("Remark", {"instrument_code": code, "text": "buffered"})
+    remarks = [remark["id"], buffered_remark["id"]]
+
+    def reads() -> dict:
+        return {"readings": buf.search("Reading", {"instrument_code": code}),
+                "reading": [buf.get("Reading", r["id"]) for r in (reading, buffered_reading)],
+                "calibration": buf.get("Calibration", calibration["id"]),
+                "calibrations": buf.search("Calibration", {"reading_id": [reading["id"]]}),
+                "remarks": sorted((r["text"], r["instrument_code"]) for r in buf.search("Remark", {"id": remarks})),
+                "without": sorted(r["text"] for r in buf.search("Remark", {"id": remarks, "instrument_code": None})),
+                "with": buf.search("Remark", {"instrument_code": code})}
+
+    gone = buf.delete("Instrument", code)
+    for model, rid, values in [("Reading", reading["id"], {"value": 3.0}),
+                               ("Reading", buffered_reading["id"], {"value": 3.0}),
+                               ("Calibration", calibration["id"], {"factor": 3.0})]:
+        with pytest.raises(InvalidTransaction, match=f"{model} {rid} is neither buffered nor on the replica"):
+            buf.update(model, rid, values)
+    assert buf.update("Remark", remark["id"], {"text": "kept"})  # set null, not deleted
+    buffered = reads()
+    drain_until_settled(custom_schema)
+    assert buf.status(gone) == "replicated"
+    replicated = reads()
+    assert buffered == replicated, (buffered, replicated)
+    assert replicated == {"readings": [], "reading": [None, None], "calibration": None, "calibrations": [],
+                          "remarks": [("buffered", None), ("kept", None)], "without": ["buffered", "kept"], "with": []}
+    assert redis_client.llen(keys.failed) == 0
+    assert redis_client.exists(*(key for m, r in [
+        ("Reading", reading["id"]), ("Reading", buffered_reading["id"]), ("Calibration", calibration["id"]),
+        ("Remark", remark["id"]), ("Remark", buffered_remark["id"])] for key in (keys.buffered(m, r), keys.read_buffer(m, r)))) == 0
+    buf.close()
+
+
+def test_a_delete_cascades_to_rows_its_own_block_created(custom_schema, redis_client):
+    """A block creates an instrument and a reading of it, then deletes the instrument: main
+    deletes the reading with it. A later step of the block naming the reading is refused, as
+    one naming the instrument is, and reads show neither, buffered or replicated."""
+    from obs_pipeline_tests.workload import drain_until_settled
+
+    buf = TransactionBuffer(settings=custom_schema)
+    code = random.randrange(10**6, 10**9)
+    with buf.transaction() as tx:
+        buf_instrument = tx.create("Instrument", {"code": code, "name": "short-lived"})
+        reading = tx.create("Reading", {"instrument_code": buf_instrument["code"], "value": 1.0})
+        tx.delete("Instrument", code)
+        with pytest.raises(InvalidTransaction, match=f"Reading {reading['id']} is deleted earlier in this transaction"):
+            tx.update("Reading", reading["id"], {"value": 2.0})
+    buffered = buf.get("Reading", reading["id"]), buf.search("Reading", {"instrument_code": code})
+    drain_until_settled(custom_schema)
+    assert buf.status(tx.transaction_id) == "replicated"
+    assert buffered == (buf.get("Reading", reading["id"]), buf.search("Reading", {"instrument_code": code})) == (
+        None, [])
     buf.close()
 
 
