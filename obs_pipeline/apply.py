@@ -913,13 +913,23 @@ def _merged(prev: RowWrite, update: RowWrite,
 
 def _overwrites_refusable(before: dict[str, Any], after: dict[str, Any],
                           refusable: tuple[frozenset[str], frozenset[str]] | None) -> bool:
+    """Whether `after` changes a value of `before` main may refuse, or sets another constrained
+    column beside one `before` set: a constraint over both (a CHECK of two columns, a unique key
+    or foreign key of several) may refuse `before` alone and take the two merged. ("completed"
+    without an end time, then the end time: folded, both were reported applied.)"""
     if refusable is None:
         return False
     constrained, not_null = refusable
+    sets_constrained = None  # whether `before` sets a constrained column: asked once, if needed
     for column, value in after.items():
         if column in before:
             old = before[column]
             if old != value and (column in constrained or old is None and column in not_null):
+                return True
+        elif column in constrained:
+            if sets_constrained is None:
+                sets_constrained = any(c in constrained for c in before)
+            if sets_constrained:
                 return True
     return False
 

@@ -969,6 +969,45 @@ def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_late
                             {"id": obs["id"]}).scalar_one() == "running"
 
 
+@pytest.mark.parametrize("first", ["an update", "a create"])
+def test_a_value_a_constraint_over_two_columns_refuses_is_not_folded_with_a_later_update_of_the_other(
+        settings, redis_client, main_engine, first):
+    """Main checks two columns together ("completed" needs an end time). A transaction that sets
+    status "completed" (an update, or the create of the row) without an end time is refused by
+    main in order; the next transaction, in the same batch, sets the end time. Folded, the two
+    went as one write main took, and both were reported applied, where one per batch dead-letters
+    the first (and the second, blocked by it): only a later write of the same column was kept
+    apart."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    obs = replicated_observation(settings, buf)
+    with main_engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE executed_obs_unit ADD CONSTRAINT obs_test_done CHECK "
+                             "(status <> 'completed' OR end_time IS NOT NULL) NOT VALID"))
+    try:
+        if first == "an update":
+            refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+            row = obs["id"]
+        else:
+            with buf.transaction() as tx:
+                row = tx.create("ExecutedObsUnit", {"obs_unit_id": obs["obs_unit_id"], "status": "completed",
+                                                    "start_time": "2025-01-01T00:00:00Z"})["id"]
+            refused = tx.transaction_id
+        later = buf.update("ExecutedObsUnit", row, {"end_time": "2025-01-01T01:00:00Z"})
+        drain_until_settled(settings, retry_base_s=0.05)
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE executed_obs_unit DROP CONSTRAINT IF EXISTS obs_test_done"))
+        buf.close()
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == {refused, later}, failed
+    assert "CheckViolation" in failed[refused] and failed[later] == f"blocked by {refused}", failed
+    with main_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status, end_time FROM executed_obs_unit WHERE id = :id"),
+                            {"id": row}).all() == ([("running", None)] if first == "an update" else [])
+
+
 def test_a_create_a_cascade_only_main_has_deletes_is_not_sent_before_the_delete(settings, redis_client, main_engine):
     """Main's foreign key from raw_data_package to executed_obs_unit deletes packages ON DELETE
     CASCADE, which the models do not declare. In one batch: the delete of an executed obs unit,
