@@ -775,6 +775,8 @@ class MainDatabase:
                         raise
                     self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
                     if alone:
+                        if self._applied_in_the_batch_order(cur, ready[0], writes, result):
+                            return
                         return self._fail(ready[0], describe(failure), result, blocked)
                 else:
                     result.applied.extend(ready)
@@ -786,6 +788,32 @@ class MainDatabase:
         self._bisect(cur, ready[:middle], result, blocked)
         self._bisect(cur, ready[middle:], result, blocked)
 
+
+    def _applied_in_the_batch_order(self, cur: Any, tx: Transaction, writes: list[RowWrite],
+                                    result: BatchResult) -> bool:
+        """A transaction main refused in its own step order, tried once more in the order a batch
+        sends (fold: parents' inserts first, children's deletes first), as it went in a batch that
+        main took whole. One that deletes a row, then a row referencing it, was applied so, and
+        dead-lettered where something else in its batch failed (its fate hung on its batch)."""
+        folded = fold(writes, self.refusable, self.kept_updates, self.cascades, self.unmerged, self.case_folded)
+        if folded is None:
+            return False
+        try:
+            statements, rows = self.sql.writes(cur, folded)
+        except _UNWRITABLE:
+            return False
+        try:
+            self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
+        except psycopg2.Error as failure:
+            if is_transient(failure) or main_setup_refusal(failure):
+                raise
+            self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
+            return False
+        result.applied.append(tx)
+        result.add_rows(rows)
+        result.writes_before_fold += len(writes)
+        result.writes_after_fold += len(folded)
+        return True
 
     def _fail(self, tx: Transaction, reason: str, result: BatchResult, blocked: dict[str, str]) -> None:
         """A transaction that failed alone: the rows it writes block those that use them."""

@@ -1008,6 +1008,44 @@ def test_a_value_a_constraint_over_two_columns_refuses_is_not_folded_with_a_late
                             {"id": row}).all() == ([("running", None)] if first == "an update" else [])
 
 
+@pytest.mark.parametrize("beside", ["nothing", "a transaction main refuses"])
+def test_a_transaction_main_takes_only_in_the_batch_order_is_applied_whatever_else_is_in_its_batch(
+        settings, redis_client, main_engine, beside):
+    """One transaction deletes an executed obs unit, then its package: main refuses that order
+    (the package still references the unit), and takes the batch's order (children's deletes
+    first). Alone in its batch, or in one that went whole, it was applied; beside a transaction
+    main refuses, the batch was applied one transaction at a time, each in its own step order:
+    it failed (ForeignKeyViolation), was retried with the other each time, and was dead-lettered
+    with it. Its fate hung on what else was in its batch.
+    A transaction applied alone now goes in the batch's order too before it is refused."""
+    keys = SiteKeys(settings.site)
+    buf = TransactionBuffer(settings=settings)
+    with buf.transaction() as setup:
+        obs = setup.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                               "status": "running"})
+        package = setup.create("RawDataPackage", {"name": "p", "executed_obs_unit_id": obs["id"]})
+        other = setup.create("ExecutedObsUnit", {"obs_unit_id": 1, "start_time": "2025-01-01T00:00:00Z",
+                                                 "status": "running"})
+    drain_until_settled(settings)
+    with buf.transaction() as both:
+        both.delete("ExecutedObsUnit", obs["id"])
+        both.delete("RawDataPackage", package["id"])
+    if beside != "nothing":  # another row: an obs unit main lacks (retried with it, as it came with it)
+        refused = buf.update("ExecutedObsUnit", other["id"], {"obs_unit_id": 999_999_999})
+    drain_until_settled(settings, retry_base_s=0.05)
+    buf.close()
+    failed = {f["transaction_id"]: f["failure"]["reason"]
+              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    assert set(failed) == (set() if beside == "nothing" else {refused}), failed
+    with main_engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT (SELECT count(*) FROM executed_obs_unit WHERE id = :o), "
+                                    "(SELECT count(*) FROM raw_data_package WHERE id = :p)"),
+                            {"o": obs["id"], "p": package["id"]}).one()
+        applied = conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),
+                               {"t": both.transaction_id}).scalar_one()
+    assert (tuple(left), applied) == ((0, 0), 1)
+
+
 def test_a_create_a_cascade_only_main_has_deletes_is_not_sent_before_the_delete(settings, redis_client, main_engine):
     """Main's foreign key from raw_data_package to executed_obs_unit deletes packages ON DELETE
     CASCADE, which the models do not declare. In one batch: the delete of an executed obs unit,
