@@ -112,6 +112,23 @@ def test_row_on_main_reaches_replica(stack, probe):  # noqa: F811
     assert stack.status()["replica"]["replay_lsn"]
 
 
+@pytest.mark.parametrize("spelled", ["through a symlink", "with .."])
+def test_the_stack_s_folder_spelled_otherwise_finds_its_running_servers(stack, tmp_path, spelled):  # noqa: F811
+    """`--dir ../.obs-stack` from a subfolder, or a path through a symlink ($PWD): PostgreSQL's
+    servers were found by `-D <folder as typed>` in their command lines, so `status` showed main
+    and the replica down, `down` left them running (and exited 0), and `up` or `dev` said their
+    ports were taken by them. Each server's folder is compared as a folder now, however spelled."""
+    if spelled == "through a symlink":
+        other = tmp_path / "link"
+        other.symlink_to(stack.directory)
+    else:
+        other = stack.directory / "logs" / ".."
+    seen, spelled_so = stack.status(), LocalStack(other).status()
+    assert {n: (seen[n]["running"], seen[n]["pid"]) for n in ("main", "replica")} == {
+        n: (spelled_so[n]["running"], spelled_so[n]["pid"]) for n in ("main", "replica")}
+    assert spelled_so["main"]["running"] and spelled_so["replica"]["running"], spelled_so
+
+
 def test_up_again_is_a_fast_noop(stack):  # noqa: F811
     pids = {name: s["pid"] for name, s in stack.status().items()}
     started = time.monotonic()

@@ -48,6 +48,27 @@ def pid_alive(pid: int | None, needle: str | None = None) -> bool:
     return True
 
 
+def serves_folder(pid: int | None, flag: str, folder: Path) -> bool:
+    """Whether `pid` is a live process given `flag <folder>` (`postgres -D <dir>`), the folder
+    however spelled (`..`, a symlink): matched as typed, a server started through another
+    spelling of the stack's folder was taken for none. Without /proc (macOS), kill(0) alone."""
+    if not pid_alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").is_dir()
+    except OSError:
+        return False
+    given = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag), None)
+    if given is None:  # (a process title set in one piece)
+        return f"{flag} {folder}" in " ".join(args)
+    try:
+        return os.path.samefile(given, folder)
+    except OSError:  # (a folder gone, or another user's we may not look into)
+        return os.path.abspath(given) == os.path.abspath(folder)
+
+
 def read_pid(path: Path) -> int | None:
     """First line of a pidfile as int, or None if missing/garbled."""
     try:

@@ -20,7 +20,7 @@ import psycopg2
 
 from .binaries import pg_bin_dir
 from .errors import StackError, service_error
-from .osutil import chown, clean_env, pid_alive, read_pid, signal_group, user_kwargs, wait_until
+from .osutil import chown, clean_env, read_pid, serves_folder, signal_group, user_kwargs, wait_until
 
 HOST = "127.0.0.1"
 SLOT = "obs_replica"
@@ -103,7 +103,7 @@ class PgServer:
     def pid(self) -> int | None:
         pid = read_pid(self.datadir / "postmaster.pid")
         # this data directory's postmaster ("postgres -D <dir>"), not any postgres a stale pid may name now
-        return pid if pid_alive(pid, f"-D {self.datadir}") else None
+        return pid if serves_folder(pid, "-D", self.datadir) else None
 
     @property
     def running(self) -> bool:
@@ -213,7 +213,7 @@ class PgServer:
         the shared memory still refuses a second server if one does run here."""
         lock = self.datadir / "postmaster.pid"
         pid = read_pid(lock)
-        if pid is None or pid_alive(pid, f"-D {self.datadir}"):
+        if pid is None or serves_folder(pid, "-D", self.datadir):
             return
         try:
             os.kill(pid, 0)
