@@ -129,6 +129,35 @@ def test_the_stack_s_folder_spelled_otherwise_finds_its_running_servers(stack, t
     assert spelled_so["main"]["running"] and spelled_so["replica"]["running"], spelled_so
 
 
+@pytest.mark.parametrize("service", ["redis", "main"])
+def test_a_running_service_s_port_moved_in_stack_json_is_refused_by_up(stack, service):  # noqa: F811
+    """stack.json edited while its services run: a new port for Redis, and `up` took the running
+    Redis (found by its port) for stopped and started a second one on the same data folder and
+    AOF, which `down` then stopped alone (the first kept running, its writes lost at the next
+    rewrite); a new one for main, and `up` waited 60 s for main on it, then failed quoting main's
+    log line 'ready to accept connections'. Refused now in one line, at once, nothing started."""
+    config = json.loads(stack.config_path.read_text())
+    old, new = config["ports"][service], pick_free_ports(1)[0]
+    before = stack.status()[service]["pid"]
+    moved = {**config, "ports": {**config["ports"], service: new}}
+    stack.config_path.write_text(json.dumps(moved))
+    try:
+        started = time.monotonic()
+        with pytest.raises(StackError) as refused:
+            stack.up()
+        took = time.monotonic() - started
+    finally:
+        stack.config_path.write_text(json.dumps(config))
+    label = {"redis": "Redis", "main": "main PostgreSQL"}[service]
+    assert str(refused.value) == (
+        f"{label} of this stack runs on port {old} (pid {before}), and {stack.config_path} now gives {new}: put "
+        f"{old} back in that file, stop the stack (obs-pipeline stack down --dir {stack.directory}), then move "
+        "the port"), str(refused.value)
+    assert took < 30, took  # (it waited 60 s for main)
+    assert port_is_free(new)
+    assert stack.status()[service]["pid"] == before
+
+
 def test_up_again_is_a_fast_noop(stack):  # noqa: F811
     pids = {name: s["pid"] for name, s in stack.status().items()}
     started = time.monotonic()

@@ -231,6 +231,7 @@ class LocalStack:
             user = self._pg_user(create=True)
             main, replica, redis = self._services(cfg, user)
             stopped = {"main": main, "replica": replica, "redis": redis}
+            self._refuse_moved_while_running(stopped)
             wanted = {name: cfg["ports"][name] for name, svc in stopped.items() if not svc.running}
             if cfg["main_latency_ms"] and proxy_pid(self._proxy_pidfile) is None:
                 wanted["proxy"] = cfg["ports"]["proxy"]
@@ -250,6 +251,19 @@ class LocalStack:
                                      f"could not be set back ({failed}): run `obs-pipeline stack "
                                      f"up --dir {folder}` once the cause is fixed") from error
                 raise
+
+    def _refuse_moved_while_running(self, services: dict) -> None:
+        """A service whose port stack.json moved while it ran, in one line: `up` started a second
+        Redis on the same data folder and AOF (which `down` then stopped alone, the first left
+        running, its writes lost at the next rewrite), or waited 60 s for main on its new port."""
+        for name, service in services.items():
+            elsewhere = service.running_elsewhere()
+            if elsewhere is not None:
+                label = "Redis" if name == "redis" else f"{name} PostgreSQL"
+                (pid, port), folder = elsewhere, shlex.quote(str(self.directory))
+                raise StackError(f"{label} of this stack runs on port {port} (pid {pid}), and {self.config_path} "
+                                 f"now gives {service.port}: put {port} back in that file, stop the stack "
+                                 f"(obs-pipeline stack down --dir {folder}), then move the port")
 
     def _set_back(self, cfg: dict, proxy_before: float | None, user: str | None) -> None:
         """After a failed `up`, running services as the saved settings `cfg` have them: the proxy

@@ -54,19 +54,38 @@ def serves_folder(pid: int | None, flag: str, folder: Path) -> bool:
     spelling of the stack's folder was taken for none. Without /proc (macOS), kill(0) alone."""
     if not pid_alive(pid):
         return False
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except FileNotFoundError:
+    args = process_args(pid)
+    if args is None:
         return not Path("/proc/self").is_dir()
-    except OSError:
-        return False
-    given = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag), None)
+    given = argument_of(args, flag)
     if given is None:  # (a process title set in one piece)
         return f"{flag} {folder}" in " ".join(args)
     try:
         return os.path.samefile(given, folder)
     except OSError:  # (a folder gone, or another user's we may not look into)
         return os.path.abspath(given) == os.path.abspath(folder)
+
+
+def process_args(pid: int) -> list[str] | None:
+    """A process's command line, argument by argument (a process title set in one piece is
+    one); None where it cannot be read (gone, no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+
+
+def argument_of(args: list[str], flag: str) -> str | None:
+    """The argument after `flag` (`-D <dir>`, `-p <port>`), if given so."""
+    return next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag), None)
+
+
+def works_in(pid: int, folder: Path) -> bool:
+    """Whether the process's working folder is `folder` (False where it cannot be told)."""
+    try:
+        return os.path.samefile(f"/proc/{pid}/cwd", folder)
+    except OSError:
+        return False
 
 
 def read_pid(path: Path) -> int | None:

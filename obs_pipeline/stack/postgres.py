@@ -20,7 +20,7 @@ import psycopg2
 
 from .binaries import pg_bin_dir
 from .errors import StackError, service_error
-from .osutil import chown, clean_env, read_pid, serves_folder, signal_group, user_kwargs, wait_until
+from .osutil import argument_of, chown, clean_env, process_args, read_pid, serves_folder, signal_group, user_kwargs, wait_until
 
 HOST = "127.0.0.1"
 SLOT = "obs_replica"
@@ -108,6 +108,13 @@ class PgServer:
     @property
     def running(self) -> bool:
         return self.pid is not None
+
+    def running_elsewhere(self) -> tuple[int, int] | None:
+        """(pid, port) where this folder's server runs on another port than stack.json now gives
+        (the file edited while it ran): `up` waited 60 s for it on the new one."""
+        pid = self.pid
+        port = argument_of(process_args(pid) or [], "-p") if pid is not None else None
+        return (pid, int(port)) if port is not None and port.isdigit() and int(port) != self.port else None
 
     def connect(self, dbname: str = "postgres", timeout: int = 3):
         """A control connection. Its options are all given: libpq would fill the rest from the

@@ -7,6 +7,7 @@ so snapshots are off and `appendfsync` is configurable (everysec by default).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from redis.retry import Retry
 
 from .binaries import redis_server_path
 from .errors import service_error
-from .osutil import clean_env, pid_alive, read_pid, wait_until
+from .osutil import clean_env, pid_alive, process_args, read_pid, wait_until, works_in
 
 HOST = "127.0.0.1"
 APPENDFSYNC_CHOICES = ("always", "everysec", "no")
@@ -83,6 +84,18 @@ class RedisServer:
     @property
     def running(self) -> bool:
         return self.pid is not None
+
+    def running_elsewhere(self) -> tuple[int, int] | None:
+        """(pid, port) where this folder's Redis (its pidfile's, working in the folder) runs on
+        another port than stack.json now gives (the file edited while it ran): `up` took it for
+        stopped and started a second Redis on the same data folder and AOF."""
+        pid = read_pid(self.pidfile)
+        if pid is None or not pid_alive(pid, f"{HOST}:") or not works_in(pid, self.folder):
+            return None
+        title = " ".join(process_args(pid) or [])
+        found = re.search(re.escape(HOST) + r":(\d+)", title)
+        port = int(found.group(1)) if found else None
+        return (pid, port) if port is not None and port != self.port else None
 
     def _write_conf(self) -> None:
         self.conf.write_text("\n".join([
