@@ -146,6 +146,8 @@ def test_a_running_service_s_port_moved_in_stack_json_is_refused_by_up(stack, se
         with pytest.raises(StackError) as refused:
             stack.up()
         took = time.monotonic() - started
+        with pytest.raises(StackError) as refused_too:
+            stack.start_service(service)  # (`stack start redis`)
     finally:
         stack.config_path.write_text(json.dumps(config))
     label = {"redis": "Redis", "main": "main PostgreSQL"}[service]
@@ -153,6 +155,7 @@ def test_a_running_service_s_port_moved_in_stack_json_is_refused_by_up(stack, se
         f"{label} of this stack runs on port {old} (pid {before}), and {stack.config_path} now gives {new}: put "
         f"{old} back in that file, stop the stack (obs-pipeline stack down --dir {stack.directory}), then move "
         "the port"), str(refused.value)
+    assert str(refused_too.value) == str(refused.value)
     assert took < 30, took  # (it waited 60 s for main)
     assert port_is_free(new)
     assert stack.status()[service]["pid"] == before

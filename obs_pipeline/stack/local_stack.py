@@ -409,6 +409,7 @@ class LocalStack:
                              f"{shlex.quote(str(self.directory))}` first")
         with self._locked():
             main, replica, redis = self._services(cfg, self._pg_user(create=True))
+            self._refuse_moved_while_running({"main": main, "replica": replica, "redis": redis})
             running = {"main": main.running, "replica": replica.running, "redis": redis.running,
                        "proxy": proxy_pid(self._proxy_pidfile) is not None}
             server = {"main": main, "replica": replica}.get(name)
