@@ -83,6 +83,9 @@ def redis_trouble(error: BaseException) -> str | None:
     if isinstance(error, redis.BusyLoadingError):  # (a ConnectionError: "is the stack up?" sent the operator astray)
         return ("Redis is loading its data into memory (restarted; seconds per million keys) and answers nothing "
                 "until it is done; wait, then run this again (`obs-pipeline stack status`)")
+    if isinstance(error, redis.AuthenticationError):  # (a ConnectionError: "is the stack up?" sent the operator astray)
+        return (f"Redis refuses OBS_REDIS_URL's user or password ({error}): give the right ones in OBS_REDIS_URL "
+                "(redis://USER:PASSWORD@HOST:PORT/DB, or redis://:PASSWORD@... for the default user)")
     if isinstance(error, redis.ConnectionError):
         return f"Redis unreachable ({error}); is OBS_REDIS_URL right and the stack up (`obs-pipeline stack status`)?"
     if isinstance(error, redis.TimeoutError):  # it accepts connections but does not answer

@@ -1413,6 +1413,22 @@ def test_status_check_with_redis_down_exits_4_as_unhealthy(env, settings):
                                if code == 4 else "obs-pipeline: error: Redis unreachable ("), (args, line)
 
 
+def test_a_redis_refusing_the_url_s_user_or_password_is_said_so_not_unreachable(env, settings):
+    """A wrong password (or user) in OBS_REDIS_URL: every command said `Redis unreachable (invalid
+    username-password pair ...); is OBS_REDIS_URL right and the stack up?`, sending the operator
+    to the network and the stack, which answered. It says which setting to fix."""
+    host_port = settings.redis_url.split("//", 1)[1]
+    refused = {**env, "OBS_REDIS_URL": f"redis://nobody:wrong@{host_port}"}
+    for args, code in ((["status"], 1), (["status", "--check"], 4), (["failed", "list"], 1), (["drain", "--once"], 1)):
+        result = cli(*args, env=refused)
+        assert result.returncode == code, (args, result.returncode, result.stderr)
+        line = one_line_error(result)
+        assert line.endswith("Redis refuses OBS_REDIS_URL's user or password (invalid username-password pair or user "
+                             "is disabled.): give the right ones in OBS_REDIS_URL "
+                             "(redis://USER:PASSWORD@HOST:PORT/DB, or redis://:PASSWORD@... for the default user)"), \
+            (args, line)
+
+
 def test_status_check_exits_3_when_the_replica_url_names_a_primary(env, settings):
     """OBS_REPLICA_DB_URL naming a primary (here the stack's main) answers, but reports no replay
     position: no replay will ever clean a batch's caches. `status` calls the site degraded and
