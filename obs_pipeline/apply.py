@@ -768,22 +768,13 @@ class MainDatabase:
                 if alone:
                     return self._fail(ready[0], f"cannot be written as SQL: {unwritable!r}", result, blocked)
             else:
-                try:
-                    self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
-                except psycopg2.Error as failure:
-                    if is_transient(failure) or main_setup_refusal(failure):  # (_session says which)
-                        raise
-                    self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
-                    if alone:
-                        if self._applied_in_the_batch_order(cur, ready[0], writes, result):
-                            return
-                        return self._fail(ready[0], describe(failure), result, blocked)
-                else:
-                    result.applied.extend(ready)
-                    result.add_rows(rows)
-                    result.writes_before_fold += len(writes)
-                    result.writes_after_fold += len(writes) if alone else len(folded)
-                    return
+                failure = self._in_savepoint(cur, statements)
+                if failure is None:
+                    return self._count_applied(result, ready, rows, writes, len(writes) if alone else len(folded))
+                if alone:
+                    if self._applied_in_the_batch_order(cur, ready[0], writes, result):
+                        return
+                    return self._fail(ready[0], describe(failure), result, blocked)
         middle = len(ready) // 2
         self._bisect(cur, ready[:middle], result, blocked)
         self._bisect(cur, ready[middle:], result, blocked)
@@ -802,18 +793,31 @@ class MainDatabase:
             statements, rows = self.sql.writes(cur, folded)
         except _UNWRITABLE:
             return False
+        if self._in_savepoint(cur, statements) is not None:
+            return False
+        self._count_applied(result, [tx], rows, writes, len(folded))
+        return True
+
+    def _in_savepoint(self, cur: Any, statements: list[bytes]) -> psycopg2.Error | None:
+        """Run a part of the batch under a savepoint: main's refusal of its data, rolled back with
+        the next script; None once it is applied. Main unreachable, or refusing the drain itself,
+        is raised (_session says which)."""
         try:
             self._run(cur, [b"SAVEPOINT obs_part", *statements, *_CHECK_DEFERRED, b"RELEASE SAVEPOINT obs_part"])
         except psycopg2.Error as failure:
             if is_transient(failure) or main_setup_refusal(failure):
                 raise
             self._carry = [b"ROLLBACK TO SAVEPOINT obs_part", b"RELEASE SAVEPOINT obs_part"]
-            return False
-        result.applied.append(tx)
+            return failure
+        return None
+
+    @staticmethod
+    def _count_applied(result: BatchResult, txs: list[Transaction], rows: dict[str, int], writes: list[RowWrite],
+                       sent: int) -> None:
+        result.applied.extend(txs)
         result.add_rows(rows)
         result.writes_before_fold += len(writes)
-        result.writes_after_fold += len(folded)
-        return True
+        result.writes_after_fold += sent
 
     def _fail(self, tx: Transaction, reason: str, result: BatchResult, blocked: dict[str, str]) -> None:
         """A transaction that failed alone: the rows it writes block those that use them."""

@@ -4,6 +4,7 @@ Each test checks that nothing is lost or doubled when that machinery is cut shor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -780,8 +781,7 @@ def test_a_write_main_refuses_is_not_folded_away_by_a_later_transaction_of_the_b
     push("delete", "delete", "ObsUnit", 990)
     push("update-deleted", "update", "ObsUnit", 990, {"name": "gone"})
     drain_until_settled(settings, retry_base_s=0.05)
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == {"refused", "repoint", "ghost-update", "ghost-delete", "update-deleted"}, failed
     assert "ForeignKeyViolation" in failed["refused"] and failed["repoint"] == "blocked by refused"
     assert failed["ghost-update"] == f"no executed_obs_unit row {ghost} to update"
@@ -819,8 +819,7 @@ def test_a_transaction_held_back_in_the_batch_holds_none_of_those_ahead_of_it(se
                          ("held", [update(ghost, {"status": "y"}), update(obs["id"], {"status": "held"})])]:
         redis_client.lpush(keys.buffer, json.dumps({"transaction_id": tx_id, "steps": steps}))
     drain_until_settled(settings, retry_base_s=0.05)
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert failed == {"refused": f"no executed_obs_unit row {ghost} to update", "held": "blocked by refused"}, failed
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT obs_unit_id, status FROM executed_obs_unit WHERE id = :id"),
@@ -888,8 +887,7 @@ def test_a_transaction_ahead_of_a_reused_id_in_the_batch_is_applied(settings, re
     push("ahead", "ahead")
     push("counter-1", "reused")
     drain_until_settled(settings, retry_base_s=0.05)
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == {"counter-1"} and "a producer reused the id" in failed["counter-1"], failed
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT status FROM executed_obs_unit WHERE id = :id"),
@@ -940,6 +938,23 @@ def test_rows_main_runs_triggers_on_get_each_write_of_the_batch_in_order(setting
 
 
 
+def letter_reasons(redis_client, keys: SiteKeys) -> dict[str, str]:
+    """The dead letters' reasons, by transaction id."""
+    return {f["transaction_id"]: f["failure"]["reason"] for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+
+
+@contextlib.contextmanager
+def a_check_on_main(main_engine, name: str, condition: str):
+    """A CHECK on executed_obs_unit that main has and the models do not declare, for the block."""
+    with main_engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE executed_obs_unit ADD CONSTRAINT {name} CHECK ({condition}) NOT VALID"))
+    try:
+        yield
+    finally:
+        with main_engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE executed_obs_unit DROP CONSTRAINT IF EXISTS {name}"))
+
+
 def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_later_update(settings, redis_client,
                                                                                          main_engine):
     """Main checks executed_obs_unit.status with a constraint the models do not declare (added
@@ -949,19 +964,14 @@ def test_a_value_a_constraint_only_main_has_refuses_is_not_folded_away_by_a_late
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    with main_engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE executed_obs_unit ADD CONSTRAINT obs_test_status "
-                             "CHECK (status <> 'refused') NOT VALID"))
     try:
-        refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "refused"})
-        later = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-        drain_until_settled(settings, retry_base_s=0.05)
+        with a_check_on_main(main_engine, "obs_test_status", "status <> 'refused'"):
+            refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "refused"})
+            later = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+            drain_until_settled(settings, retry_base_s=0.05)
     finally:
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE executed_obs_unit DROP CONSTRAINT IF EXISTS obs_test_status"))
         buf.close()
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == {refused, later}, failed
     assert "CheckViolation" in failed[refused] and failed[later] == f"blocked by {refused}", failed
     with main_engine.connect() as conn:
@@ -981,26 +991,21 @@ def test_a_value_a_constraint_over_two_columns_refuses_is_not_folded_with_a_late
     keys = SiteKeys(settings.site)
     buf = TransactionBuffer(settings=settings)
     obs = replicated_observation(settings, buf)
-    with main_engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE executed_obs_unit ADD CONSTRAINT obs_test_done CHECK "
-                             "(status <> 'completed' OR end_time IS NOT NULL) NOT VALID"))
     try:
-        if first == "an update":
-            refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
-            row = obs["id"]
-        else:
-            with buf.transaction() as tx:
-                row = tx.create("ExecutedObsUnit", {"obs_unit_id": obs["obs_unit_id"], "status": "completed",
-                                                    "start_time": "2025-01-01T00:00:00Z"})["id"]
-            refused = tx.transaction_id
-        later = buf.update("ExecutedObsUnit", row, {"end_time": "2025-01-01T01:00:00Z"})
-        drain_until_settled(settings, retry_base_s=0.05)
+        with a_check_on_main(main_engine, "obs_test_done", "status <> 'completed' OR end_time IS NOT NULL"):
+            if first == "an update":
+                refused = buf.update("ExecutedObsUnit", obs["id"], {"status": "completed"})
+                row = obs["id"]
+            else:
+                with buf.transaction() as tx:
+                    row = tx.create("ExecutedObsUnit", {"obs_unit_id": obs["obs_unit_id"], "status": "completed",
+                                                        "start_time": "2025-01-01T00:00:00Z"})["id"]
+                refused = tx.transaction_id
+            later = buf.update("ExecutedObsUnit", row, {"end_time": "2025-01-01T01:00:00Z"})
+            drain_until_settled(settings, retry_base_s=0.05)
     finally:
-        with main_engine.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE executed_obs_unit DROP CONSTRAINT IF EXISTS obs_test_done"))
         buf.close()
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == {refused, later}, failed
     assert "CheckViolation" in failed[refused] and failed[later] == f"blocked by {refused}", failed
     with main_engine.connect() as conn:
@@ -1034,8 +1039,7 @@ def test_a_transaction_main_takes_only_in_the_batch_order_is_applied_whatever_el
         refused = buf.update("ExecutedObsUnit", other["id"], {"obs_unit_id": 999_999_999})
     drain_until_settled(settings, retry_base_s=0.05)
     buf.close()
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == (set() if beside == "nothing" else {refused}), failed
     with main_engine.connect() as conn:
         left = conn.execute(sa.text("SELECT (SELECT count(*) FROM executed_obs_unit WHERE id = :o), "
@@ -1073,8 +1077,7 @@ def test_a_create_a_cascade_only_main_has_deletes_is_not_sent_before_the_delete(
         with main_engine.begin() as conn:
             conn.execute(sa.text(f"ALTER TABLE raw_data_package DROP CONSTRAINT {fkey}, ADD CONSTRAINT {fkey} "
                                  "FOREIGN KEY (executed_obs_unit_id) REFERENCES executed_obs_unit (id)"))
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert set(failed) == {"package-of-deleted"} and "ForeignKeyViolation" in failed["package-of-deleted"], failed
 
 def test_the_lease_is_renewed_while_main_takes_longer_than_it_to_apply_a_batch(settings, redis_client, monkeypatch):
@@ -1355,8 +1358,7 @@ def test_an_update_of_a_row_another_session_on_main_deletes_meanwhile_is_dead_le
         finally:
             commit.join()
     buf.close()
-    failed = {f["transaction_id"]: f["failure"]["reason"]
-              for f in map(json.loads, redis_client.lrange(keys.failed, 0, -1))}
+    failed = letter_reasons(redis_client, keys)
     assert failed == {update: f"no executed_obs_unit row {obs['id']} to update"}, failed
     with main_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM obs_pipeline_applied WHERE transaction_id = :t"),

@@ -42,7 +42,7 @@ def pid_alive(pid: int | None, needle: str | None = None) -> bool:
         if state in ("Z", "X"):
             return False
         if needle:
-            return needle in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            return needle in " ".join(process_args(pid) or ())
     except (OSError, IndexError):
         return False
     return True
