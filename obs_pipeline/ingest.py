@@ -29,7 +29,7 @@ from obs_pipeline.buffer_store import (MAX_TRANSACTION_WRITES, BufferStore, Cach
                                        redis_unavailable, refuse_a_redis_without_tls)
 from obs_pipeline.config import ConfigError, Settings
 from obs_pipeline.column_values import CANONICAL_UUID, ascii_lower, seconds, shown, whole_number
-from obs_pipeline.model_registry import InvalidTransaction, ModelRegistry, ModelSpec
+from obs_pipeline.model_registry import DeleteEffect, InvalidTransaction, ModelRegistry, ModelSpec
 from obs_pipeline.query import RedisUnreadable, ReplicaUnreadable, SmartQuery
 from obs_pipeline.redis_connections import redis_from_url
 from obs_pipeline.spool import Spool, SpoolError
@@ -632,19 +632,9 @@ class TransactionBuffer:
                 below: list[tuple[ModelSpec, list[Any]]] = []
                 for parent, keys in level:
                     for effect in self.registry.delete_effects(parent.name):
-                        values = keys if effect.references == parent.primary_key else [
-                            row[effect.references] for row in (self.query.get(parent.name, k) for k in keys)
-                            if row is not None and row[effect.references] is not None]
-                        if not values:
-                            continue
                         child = self.registry.model(effect.model)
-                        texts = {str(v) for v in values}
-                        rows = self.query.search(child.name, {effect.column: values}) + [
-                            row for step in steps if step.model_class == child.name
-                            and step.operation in ("create", "bulk_create")
-                            for row in step.records() if str(row.get(effect.column)) in texts]
                         taken = []
-                        for row in rows:
+                        for row in self._referencing(parent, keys, effect, steps):
                             child_key = row[child.primary_key]
                             if (child.name, str(child_key)) in seen:
                                 continue
@@ -660,6 +650,20 @@ class TransactionBuffer:
         except (ReplicaUnreadable, RedisUnreadable, redis.RedisError, ConfigError, sa_exc.SQLAlchemyError):
             return []
         return found
+
+    def _referencing(self, parent: ModelSpec, keys: list[Any], effect: DeleteEffect,
+                     steps: list[Step]) -> list[dict[str, Any]]:
+        """The rows of `effect.model` whose `effect.column` references one of the `parent` rows
+        named by `keys`, as reads find them, and among the creates in `steps`."""
+        values = keys if effect.references == parent.primary_key else [
+            row[effect.references] for row in (self.query.get(parent.name, k) for k in keys)
+            if row is not None and row[effect.references] is not None]
+        if not values:
+            return []
+        texts = {str(v) for v in values}
+        return self.query.search(effect.model, {effect.column: values}) + [
+            row for step in steps if step.model_class == effect.model and step.operation in ("create", "bulk_create")
+            for row in step.records() if str(row.get(effect.column)) in texts]
 
     def _require_exists(self, model: str, rid: Any, where: str) -> Any:
         """An update or delete must name a record that is buffered or on the replica. While
